@@ -1,0 +1,62 @@
+"""Shared CLI helpers: lake option, output formats, clean error exits."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+LakeOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--lake", help="Lake folder (default: $FINOPS_LAKE or data/lake of this project)."
+    ),
+]
+
+
+def resolve_lake(lake: Path | None) -> Path:
+    from finops.db import default_lake_path
+
+    return lake if lake is not None else default_lake_path()
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Print one clear line to stderr and exit (no traceback for user errors)."""
+    typer.echo(f"error: {message}", err=True)
+    raise typer.Exit(code)
+
+
+def print_frame(df: Any, fmt: str = "table", *, title: str | None = None) -> None:
+    """Print a Polars frame as a rich table, CSV or JSON rows."""
+    import polars as pl
+
+    if fmt == "csv":
+        sys.stdout.write(df.write_csv())
+        return
+    if fmt == "json":
+        typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
+        return
+    if fmt != "table":
+        fail(f"--format must be table, csv or json, got {fmt!r}")
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=title, show_lines=False)
+    for name, dtype in zip(df.columns, df.dtypes, strict=True):
+        table.add_column(name, justify="right" if dtype.is_numeric() else "left")
+    for row in df.iter_rows():
+        table.add_row(*[_cell(v) for v in row])
+    Console(width=max(120, Console().width)).print(table)
+    if isinstance(df, pl.DataFrame) and df.height == 0:
+        typer.echo("(no rows)")
+
+
+def _cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+    return str(v)

@@ -1,0 +1,71 @@
+"""`finops lake info|compact` and `finops sql`: look at the lake without Python."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+import typer
+
+from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+
+lake_app = typer.Typer(help="Inspect and maintain the Parquet lake.", no_args_is_help=True)
+
+
+@lake_app.command("info")
+def info(
+    lake: LakeOption = None, format: str = typer.Option("table", "--format", help="table|csv|json")
+) -> None:
+    """Tables, rows, files, bytes and the date range each covers."""
+    from finops.lake import Lake
+
+    path = resolve_lake(lake)
+    if not path.exists():
+        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
+    print_frame(Lake(path).info(), format, title=f"lake {path}")
+
+
+@lake_app.command("compact")
+def compact(
+    lake: LakeOption = None,
+    table: Annotated[str | None, typer.Option(help="Only this table.")] = None,
+) -> None:
+    """Merge each partition's small files into one; query results stay the same."""
+    import polars as pl
+
+    from finops.lake import Lake
+    from finops.schemas import TABLES
+
+    path = resolve_lake(lake)
+    if table is not None and table not in TABLES:
+        fail(f"--table: unknown table {table!r}; expected one of {sorted(TABLES)}")
+    results = Lake(path).compact(table)
+    print_frame(pl.DataFrame([r.__dict__ for r in results]), "table", title="compaction")
+
+
+def sql(
+    query: Annotated[str, typer.Argument(help="SQL over the lake's views (raw., clean., marts.)")],
+    lake: LakeOption = None,
+    format: str = typer.Option("table", "--format", help="table|csv|json"),
+    limit: int = typer.Option(1000, help="At most this many rows in table format (0: all)."),
+) -> None:
+    """Run SQL against the lake, e.g. finops sql "SELECT * FROM marts.tenant_daily"."""
+    import duckdb
+
+    import finops
+
+    db = finops.connect(resolve_lake(lake))
+    try:
+        df = db.sql(query).pl()
+    except duckdb.Error as exc:
+        fail(f"SQL error: {exc}")
+    if format == "table" and limit and df.height > limit:
+        typer.echo(
+            f"(showing {limit} of {df.height} rows; --limit 0 for all or --format csv)", err=True
+        )
+        df = df.head(limit)
+    print_frame(df, format)
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(lake_app, name="lake")
+    app.command("sql")(sql)

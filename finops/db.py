@@ -1,0 +1,125 @@
+"""`finops.connect()`: a DuckDB connection whose views read the lake.
+
+Layers follow dbt's habit: `raw` (the Parquet files as written), `clean`
+(deduplicated, counter resets handled), `marts` (what analysts and reports
+read). The search path puts marts and clean first, so `SELECT * FROM
+requests` reads the clean view. Named SQL lives in `finops/sql/<layer>/`,
+applied in file-name order; each file is plain DuckDB SQL.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import duckdb
+import polars as pl
+
+from finops.prices import load_prices
+from finops.schemas import TABLES, TableSchema
+
+SQL_DIR = Path(__file__).parent / "sql"
+LAYERS = ("clean", "marts")
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+_DUCK_TYPES = {
+    pl.String: "VARCHAR",
+    pl.Int32: "INTEGER",
+    pl.Int64: "BIGINT",
+    pl.Float64: "DOUBLE",
+    pl.Boolean: "BOOLEAN",
+}
+
+
+def default_lake_path() -> Path:
+    """`$FINOPS_LAKE`, else `data/lake` in the project (works from notebooks/ too)."""
+    env = os.environ.get("FINOPS_LAKE")
+    if env:
+        return Path(env)
+    cwd = Path.cwd()
+    for base in (cwd, *cwd.parents):
+        if (
+            (base / "data" / "lake").is_dir()
+            or ((base / "pyproject.toml").is_file()
+            and (base / "finops").is_dir())
+        ):
+            return base / "data" / "lake"
+    return PROJECT_ROOT / "data" / "lake"
+
+
+def _duck_type(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime):
+        return "TIMESTAMPTZ"
+    return _DUCK_TYPES[dtype]  # type: ignore[index]
+
+
+def _raw_view_sql(lake: Path, schema: TableSchema) -> str:
+    cols = ", ".join(f'CAST("{c}" AS {_duck_type(t)}) AS "{c}"' for c, t in schema.columns.items())
+    files = sorted((lake / schema.name).glob("date=*/*.parquet"))
+    if not files:
+        nulls = ", ".join(
+            f'CAST(NULL AS {_duck_type(t)}) AS "{c}"' for c, t in schema.columns.items()
+        )
+        return f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {nulls} WHERE false"
+    glob = str(lake / schema.name / "date=*" / "*.parquet").replace("'", "''")
+    return (
+        f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {cols} "
+        f"FROM read_parquet('{glob}', union_by_name = true, hive_partitioning = false)"
+    )
+
+
+def sql_files() -> list[Path]:
+    """The named SQL files, in the order they are applied."""
+    return [f for layer in LAYERS for f in sorted((SQL_DIR / layer).glob("*.sql"))]
+
+
+def refresh(db: duckdb.DuckDBPyConnection, lake: str | os.PathLike[str] | None = None) -> None:
+    """(Re)create every view; call after a table gets its first file.
+
+    Views over a table that already had files see new files on every query;
+    a table that had none at connect time is an empty typed view until this.
+    """
+    _refresh_views(db, Path(lake) if lake is not None else lake_dir(db))
+
+
+def connect(
+    lake: str | os.PathLike[str] | None = None,
+    *,
+    prices: str | os.PathLike[str] | None = None,
+    database: str = ":memory:",
+    threads: int | None = None,
+) -> duckdb.DuckDBPyConnection:
+    """Open DuckDB with raw/clean/marts views over the lake and `ref.prices`.
+
+    >>> db = finops.connect()                  # data/lake of this project
+    >>> db.sql("SELECT * FROM marts.tenant_daily").pl()
+    """
+    lake_path = Path(lake) if lake is not None else default_lake_path()
+    db = duckdb.connect(database)
+    db.execute("SET TimeZone = 'UTC'")
+    if threads:
+        db.execute(f"SET threads = {int(threads)}")
+    db.execute("SET VARIABLE finops_lake_dir = ?", [str(lake_path)])
+    for schema in ("raw", "clean", "marts", "ref"):
+        db.execute(f"CREATE SCHEMA IF NOT EXISTS {schema}")
+    db.register("__prices", load_prices(prices).to_arrow())
+    db.execute("CREATE OR REPLACE TABLE ref.prices AS SELECT * FROM __prices")
+    db.unregister("__prices")
+    _refresh_views(db, lake_path)
+    db.execute("SET search_path = 'marts,clean,ref,main'")
+    return db
+
+
+def _refresh_views(db: duckdb.DuckDBPyConnection, lake_path: Path) -> None:
+    for schema in TABLES.values():
+        db.execute(_raw_view_sql(lake_path, schema))
+    for path in sql_files():
+        try:
+            db.execute(path.read_text())
+        except duckdb.Error as exc:
+            raise RuntimeError(f"{path.relative_to(SQL_DIR.parent)}: {exc}") from exc
+
+
+def lake_dir(db: duckdb.DuckDBPyConnection) -> Path:
+    """The lake folder a connection from `connect()` reads."""
+    return Path(db.execute("SELECT getvariable('finops_lake_dir')").fetchone()[0])  # type: ignore[index]

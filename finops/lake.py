@@ -1,0 +1,634 @@
+"""The Parquet lake: one writer API that every collector and the demo use.
+
+Why files and not a DuckDB database: a DuckDB file admits one writer process,
+and collectors run for weeks while analysts open notebooks. So writers append
+immutable Parquet files under `<lake>/<table>/date=YYYY-MM-DD/`, each written
+to a temporary name and renamed into place (a reader never sees half a file),
+and `finops.connect()` puts DuckDB views on top.
+
+Guarantees of `Lake.append`:
+- validated: every row is coerced to the table's schema (`finops.schemas`);
+- lossless: a row that fails is written to `rejects` with its location and
+  reason, and `read == loaded + rejected` in the returned counts;
+- idempotent: the file name is a fingerprint of its content, so appending the
+  same batch twice writes nothing new, and clean views keep one row per key.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import os
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import polars as pl
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from finops.schemas import REJECTS, TABLES, TableSchema, schema_for
+
+LOCATION_COLUMN = "_location"
+"""Optional input column naming where each row came from (e.g. `file.jsonl:12`)."""
+
+RAW_COLUMN = "_raw"
+"""Optional input column with the original text of each row, kept for rejects."""
+
+MAX_RAW_CHARS = 500
+FUTURE_TOLERANCE = dt.timedelta(minutes=10)
+EARLIEST_TS = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
+_TS_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
+_TS_FORMATS_NAIVE = ("%Y-%m-%dT%H:%M:%S%.f", "%Y-%m-%d %H:%M:%S%.f", "%Y-%m-%d")
+_TRUE = ("true", "1", "yes", "t", "y")
+_FALSE = ("false", "0", "no", "f", "n")
+_TYPE_WORDS = {
+    pl.Int32: "an integer",
+    pl.Int64: "an integer",
+    pl.Float64: "a number",
+    pl.Boolean: "a boolean",
+    pl.String: "a string",
+}
+
+
+class LakeError(ValueError):
+    """Input the lake cannot take at all (as opposed to a row it rejects)."""
+
+
+@dataclass
+class AppendResult:
+    """What one append did; `read == loaded + rejected` always holds."""
+
+    table: str
+    read: int = 0
+    loaded: int = 0
+    rejected: int = 0
+    files: list[Path] = field(default_factory=list)
+    duplicate_files: int = 0
+    ignored_columns: list[str] = field(default_factory=list)
+
+    def __iadd__(self, other: AppendResult) -> AppendResult:
+        self.read += other.read
+        self.loaded += other.loaded
+        self.rejected += other.rejected
+        self.files += other.files
+        self.duplicate_files += other.duplicate_files
+        self.ignored_columns = sorted(set(self.ignored_columns) | set(other.ignored_columns))
+        return self
+
+
+@dataclass
+class CompactResult:
+    table: str
+    partitions: int = 0
+    files_before: int = 0
+    files_after: int = 0
+    rows_before: int = 0
+    rows_after: int = 0
+
+
+def canonical_json(value: Any) -> str | None:
+    """Sorted-key compact JSON: equal label sets give equal strings (and keys)."""
+    if value is None:
+        return None
+    if isinstance(value, str):
+        return value
+    return orjson.dumps(value, option=orjson.OPT_SORT_KEYS | orjson.OPT_NON_STR_KEYS).decode()
+
+
+def _fsync_dir(path: Path) -> None:
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def write_parquet_atomic(table: pa.Table, dest: Path, *, fsync: bool = True) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename.
+
+    The temporary name does not end in `.parquet`, so globs never match it;
+    a writer killed mid-way leaves only a `*.tmp-*` file that readers ignore.
+    """
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "wb") as fh:
+            pq.write_table(table, fh, compression="zstd", write_statistics=True)
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(dest.parent)
+
+
+def _to_frame(data: Any) -> pl.DataFrame:
+    """Accept Polars, Arrow, pandas-like or an iterable of dict rows."""
+    if isinstance(data, pl.DataFrame):
+        return data
+    if isinstance(data, pl.LazyFrame):
+        return data.collect()
+    if isinstance(data, pa.Table | pa.RecordBatch):
+        return pl.from_arrow(data)  # type: ignore[return-value]
+    if hasattr(data, "to_dict") and hasattr(data, "columns") and hasattr(data, "dtypes"):
+        return pl.from_pandas(data)
+    if isinstance(data, Mapping):
+        raise LakeError("append() takes rows (a list of dicts) or a frame, not a single dict")
+    rows = data if isinstance(data, Sequence) else list(data)
+    if not rows:
+        return pl.DataFrame()
+    names: dict[str, None] = {}
+    for row in rows:
+        if not isinstance(row, Mapping):
+            raise LakeError(f"append() rows must be dicts, got {type(row).__name__}")
+        names.update(dict.fromkeys(row))
+    columns = {}
+    for name in names:
+        values = [row.get(name) for row in rows]
+        columns[name] = _series_from_python(name, values)
+    return pl.DataFrame(columns)
+
+
+def _series_from_python(name: str, values: list[Any]) -> pl.Series:
+    """Build a column from Python values without losing what a bad value was."""
+    if any(isinstance(v, dict | list) for v in values):
+        values = [canonical_json(v) if isinstance(v, dict | list) else v for v in values]
+    try:
+        return pl.Series(name, values, strict=False)
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
+        return pl.Series(
+            name,
+            [
+                None if v is None else (v.isoformat() if hasattr(v, "isoformat") else str(v))
+                for v in values
+            ],
+            dtype=pl.String,
+        )
+
+
+def _parse_ts_strings(s: pl.Series) -> pl.Series:
+    out = pl.Series(s.name, [None] * len(s), dtype=pl.Datetime("us", "UTC"))
+    for fmt in _TS_FORMATS_TZ:
+        out = out.fill_null(s.str.strptime(pl.Datetime("us", "UTC"), fmt, strict=False))
+    for fmt in _TS_FORMATS_NAIVE:
+        parsed = s.str.strptime(pl.Datetime("us"), fmt, strict=False).dt.replace_time_zone("UTC")
+        out = out.fill_null(parsed)
+    return out
+
+
+def _epoch_to_ts(s: pl.Series) -> pl.Series:
+    """Numbers as epoch time; the unit follows from the magnitude (s, ms, us)."""
+    f = s.cast(pl.Float64, strict=False)
+    us = (
+        pl.select(
+            pl.when(f.abs() >= 1e14)
+            .then(f)
+            .when(f.abs() >= 1e11)
+            .then(f * 1e3)
+            .otherwise(f * 1e6)
+            .round(0)
+        )
+        .to_series()
+        .cast(pl.Int64, strict=False)
+    )
+    return us.cast(pl.Datetime("us")).dt.replace_time_zone("UTC").alias(s.name)
+
+
+def coerce(s: pl.Series, target: pl.DataType) -> pl.Series:
+    """Cast a column to its schema type; values that cannot be cast become null.
+
+    The caller compares nulls before and after to find the bad values, so a
+    bad value is reported instead of silently vanishing.
+    """
+    src = s.dtype
+    if src == target:
+        return s
+    if src == pl.Null:
+        return s.cast(target)
+    if isinstance(target, pl.Datetime):
+        if isinstance(src, pl.Datetime):
+            return (
+                s.dt.replace_time_zone("UTC")
+                if src.time_zone is None
+                else s.dt.convert_time_zone("UTC")
+            ).dt.cast_time_unit("us")
+        if src == pl.Date:
+            return s.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+        if src.is_numeric():
+            return _epoch_to_ts(s)
+        if src == pl.String:
+            parsed = _parse_ts_strings(s)
+            numeric = s.cast(pl.Float64, strict=False)
+            return parsed.fill_null(_epoch_to_ts(numeric))
+        return pl.Series(s.name, [None] * len(s), dtype=target)
+    if target == pl.Boolean:
+        if src.is_numeric():
+            return (
+                pl.select(pl.when(s == 1).then(True).when(s == 0).then(False))
+                .to_series()
+                .alias(s.name)
+            )
+        if src == pl.String:
+            low = s.str.strip_chars().str.to_lowercase()
+            return (
+                pl.select(pl.when(low.is_in(_TRUE)).then(True).when(low.is_in(_FALSE)).then(False))
+                .to_series()
+                .alias(s.name)
+            )
+        return pl.Series(s.name, [None] * len(s), dtype=pl.Boolean)
+    if target.is_integer():
+        if src.is_float():
+            ok = s.is_finite() & (s == s.round(0))
+            return (
+                pl.select(pl.when(ok).then(s)).to_series().cast(target, strict=False).alias(s.name)
+            )
+        if src == pl.String:
+            stripped = s.str.strip_chars()
+            as_float = stripped.cast(pl.Float64, strict=False)
+            ok = as_float.is_finite() & (as_float == as_float.round(0))
+            return (
+                pl.select(pl.when(ok).then(as_float))
+                .to_series()
+                .cast(target, strict=False)
+                .alias(s.name)
+            )
+        if src == pl.Boolean:
+            return pl.Series(s.name, [None] * len(s), dtype=target)
+        return s.cast(target, strict=False)
+    if target.is_float():
+        if src == pl.String:
+            return s.str.strip_chars().cast(target, strict=False)
+        if src == pl.Boolean:
+            return pl.Series(s.name, [None] * len(s), dtype=target)
+        return s.cast(target, strict=False)
+    if target == pl.String:
+        if isinstance(src, pl.Struct | pl.List):
+            return (
+                s.to_frame()
+                .select(
+                    pl.col(s.name).struct.json_encode()
+                    if isinstance(src, pl.Struct)
+                    else pl.col(s.name).cast(pl.String, strict=False)
+                )
+                .to_series()
+            )
+        if isinstance(src, pl.Datetime):
+            return s.dt.to_string("%Y-%m-%dT%H:%M:%S%.fZ")
+        return s.cast(pl.String, strict=False)
+    return s.cast(target, strict=False)
+
+
+def _describe(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime):
+        return "a timestamp (ISO 8601 or epoch s/ms/us)"
+    return _TYPE_WORDS.get(dtype, str(dtype))  # type: ignore[call-overload]
+
+
+@dataclass
+class _Validated:
+    good: pl.DataFrame
+    bad: pl.DataFrame  # columns: location, raw, reason
+
+
+def validate(
+    df: pl.DataFrame,
+    schema: TableSchema,
+    *,
+    source: str,
+    now: dt.datetime | None = None,
+) -> tuple[_Validated, list[str]]:
+    """Coerce a frame to `schema` and split it into good rows and rejects."""
+    now = now or dt.datetime.now(dt.UTC)
+    n = df.height
+    location = (
+        df[LOCATION_COLUMN].cast(pl.String)
+        if LOCATION_COLUMN in df.columns
+        else pl.Series(LOCATION_COLUMN, [f"{source} row {i + 1}" for i in range(n)])
+        if n
+        else pl.Series(LOCATION_COLUMN, [], dtype=pl.String)
+    )
+    ignored = [
+        c for c in df.columns if c not in schema.columns and c not in (LOCATION_COLUMN, RAW_COLUMN)
+    ]
+
+    cols: dict[str, pl.Series] = {}
+    reason_exprs: list[pl.Expr] = []
+    checks: dict[str, pl.Series] = {}
+    for name, dtype in schema.columns.items():
+        if name not in df.columns:
+            cols[name] = pl.Series(name, [None] * n, dtype=dtype)
+            continue
+        raw = df[name]
+        try:
+            cast = coerce(raw, dtype)
+        except (pl.exceptions.PolarsError, TypeError, ValueError) as exc:
+            raise LakeError(
+                f"{schema.name}.{name}: cannot read column of type {raw.dtype}: {exc}"
+            ) from exc
+        cols[name] = cast.alias(name)
+        bad = cast.is_null() & raw.is_not_null()
+        if bad.any():
+            flag = f"__bad_{name}"
+            checks[flag] = bad
+            shown = (
+                raw.cast(pl.String, strict=False).str.slice(0, 60)
+                if raw.dtype != pl.String
+                else raw.str.slice(0, 60)
+            )
+            checks[f"__val_{name}"] = shown.fill_null("?")
+            reason_exprs.append(
+                pl.when(pl.col(flag)).then(
+                    pl.format(
+                        "field '{}': expected {}, got '{}'",
+                        pl.lit(name),
+                        pl.lit(_describe(dtype)),
+                        pl.col(f"__val_{name}"),
+                    )
+                )
+            )
+    out = pl.DataFrame(list(cols.values()))
+    for name in schema.required:
+        flag = f"__missing_{name}"
+        checks[flag] = out[name].is_null() & ~checks.get(f"__bad_{name}", pl.Series([False] * n))
+        reason_exprs.append(
+            pl.when(pl.col(flag)).then(pl.lit(f"field '{name}': required, missing or null"))
+        )
+    for name in schema.non_negative:
+        flag = f"__neg_{name}"
+        checks[flag] = (out[name] < 0).fill_null(False)
+        checks[f"__negval_{name}"] = out[name].cast(pl.String)
+        reason_exprs.append(
+            pl.when(pl.col(flag)).then(
+                pl.format(
+                    "field '{}': must be >= 0, got {}", pl.lit(name), pl.col(f"__negval_{name}")
+                )
+            )
+        )
+    ts_col = schema.ts_column
+    if schema.name != REJECTS.name:
+        ts = out[ts_col]
+        checks["__future"] = (ts > (now + FUTURE_TOLERANCE)).fill_null(False)
+        checks["__ancient"] = (ts < EARLIEST_TS).fill_null(False)
+        checks["__tsval"] = ts.dt.to_string("%Y-%m-%dT%H:%M:%SZ")
+        reason_exprs.append(
+            pl.when(pl.col("__future")).then(
+                pl.format(
+                    "field '{}': timestamp {} is in the future", pl.lit(ts_col), pl.col("__tsval")
+                )
+            )
+        )
+        reason_exprs.append(
+            pl.when(pl.col("__ancient")).then(
+                pl.format(
+                    "field '{}': timestamp {} is before 2000 (epoch unit wrong?)",
+                    pl.lit(ts_col),
+                    pl.col("__tsval"),
+                )
+            )
+        )
+    if not reason_exprs or n == 0:
+        return _Validated(out, _empty_bad()), ignored
+    check_df = (
+        pl.DataFrame(list(checks.values()), schema=list(checks)) if checks else pl.DataFrame()
+    )
+    reasons = check_df.select(pl.coalesce(reason_exprs).alias("reason")).to_series()
+    is_bad = reasons.is_not_null()
+    if not is_bad.any():
+        return _Validated(out, _empty_bad()), ignored
+    bad_idx = is_bad.arg_true()
+    if RAW_COLUMN in df.columns:
+        raw_text = df[RAW_COLUMN].gather(bad_idx).cast(pl.String)
+    else:
+        raw_text = _row_excerpts(
+            df.drop([c for c in (LOCATION_COLUMN,) if c in df.columns]).gather(bad_idx)
+        )
+    bad = pl.DataFrame(
+        {
+            "location": location.gather(bad_idx),
+            "raw": raw_text.str.slice(0, MAX_RAW_CHARS),
+            "reason": reasons.gather(bad_idx),
+        }
+    )
+    return _Validated(out.filter(~is_bad), bad), ignored
+
+
+def _row_excerpts(df: pl.DataFrame) -> pl.Series:
+    rows = df.to_dicts()
+    return pl.Series(
+        "raw",
+        [orjson.dumps(r, default=str).decode()[:MAX_RAW_CHARS] for r in rows],
+        dtype=pl.String,
+    )
+
+
+def _empty_bad() -> pl.DataFrame:
+    return pl.DataFrame(schema={"location": pl.String, "raw": pl.String, "reason": pl.String})
+
+
+def _fingerprint(df: pl.DataFrame) -> str:
+    """Content fingerprint of a partition: same rows (any order) -> same name."""
+    if df.height == 0:
+        return "empty"
+    h = df.hash_rows(seed=0).to_numpy()
+    total = int(h.sum(dtype="uint64"))
+    xor = int(np.bitwise_xor.reduce(h))
+    return f"{total:016x}{xor:016x}{df.height:x}"
+
+
+class Lake:
+    """A folder of Parquet tables partitioned by event date.
+
+    >>> lake = Lake("data/lake")
+    >>> result = lake.append("requests", rows, source="shim")
+    >>> result.read == result.loaded + result.rejected
+    True
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
+        self.path = Path(path)
+        self.fsync = fsync
+
+    def __repr__(self) -> str:
+        return f"Lake({str(self.path)!r})"
+
+    def table_path(self, table: str) -> Path:
+        schema_for(table)
+        return self.path / table
+
+    def files(self, table: str) -> list[Path]:
+        """The visible (fully written) Parquet files of one table."""
+        root = self.table_path(table)
+        if not root.exists():
+            return []
+        return sorted(root.glob("date=*/*.parquet"))
+
+    def tables(self) -> list[str]:
+        return [t for t in TABLES if self.files(t)]
+
+    def append(
+        self,
+        table: str,
+        data: Any,
+        *,
+        source: str | None = None,
+        now: dt.datetime | None = None,
+    ) -> AppendResult:
+        """Validate and write rows; rejected rows go to `rejects` with a reason.
+
+        `data` may be a Polars/Arrow frame or an iterable of dicts. Two optional
+        input columns help reporting: `_location` (e.g. `file.jsonl:12`) and
+        `_raw` (the original text). When `source` is given and the table has a
+        `source` column that the rows leave empty, it is filled in.
+        """
+        schema = schema_for(table)
+        src = source or table
+        df = _to_frame(data)
+        result = AppendResult(table=table, read=df.height)
+        if df.height == 0:
+            return result
+        if source is not None and "source" in schema.columns:
+            if "source" in df.columns:
+                df = df.with_columns(pl.col("source").cast(pl.String).fill_null(source))
+            else:
+                df = df.with_columns(pl.lit(source).alias("source"))
+        checked, ignored = validate(df, schema, source=src, now=now)
+        result.ignored_columns = ignored
+        result.loaded = checked.good.height
+        result.rejected = checked.bad.height
+        if checked.good.height:
+            written, dups = self._write_partitions(schema, checked.good)
+            result.files += written
+            result.duplicate_files += dups
+        if checked.bad.height:
+            self.reject(table, checked.bad, source=src, now=now)
+        return result
+
+    def reject(
+        self,
+        table: str,
+        bad: pl.DataFrame | Iterable[Mapping[str, Any]],
+        *,
+        source: str,
+        now: dt.datetime | None = None,
+    ) -> int:
+        """Record rows that could not be loaded (columns: location, raw, reason).
+
+        Collectors call this directly for input that never became a row at
+        all (a malformed exposition line, a JSON line that does not parse).
+        """
+        frame = (
+            bad
+            if isinstance(bad, pl.DataFrame)
+            else pl.DataFrame(
+                list(bad),
+                schema_overrides={"location": pl.String, "raw": pl.String, "reason": pl.String},
+            )
+        )
+        if frame.height == 0:
+            return 0
+        when = now or dt.datetime.now(dt.UTC)
+        for col in ("location", "raw", "reason"):
+            if col not in frame.columns:
+                frame = frame.with_columns(pl.lit(None, dtype=pl.String).alias(col))
+        rows = frame.select(
+            pl.lit(when).cast(pl.Datetime("us", "UTC")).alias("ts"),
+            pl.lit(table).alias("table_name"),
+            pl.lit(source).alias("source"),
+            pl.col("location").cast(pl.String),
+            pl.col("raw").cast(pl.String).str.slice(0, MAX_RAW_CHARS),
+            pl.col("reason").cast(pl.String).fill_null("unknown"),
+        )
+        self._write_partitions(REJECTS, rows)
+        return rows.height
+
+    def _write_partitions(self, schema: TableSchema, df: pl.DataFrame) -> tuple[list[Path], int]:
+        df = df.select(list(schema.columns))
+        dated = df.with_columns(pl.col(schema.ts_column).dt.date().alias("__date"))
+        written: list[Path] = []
+        dups = 0
+        for part in dated.partition_by("__date", as_dict=False, maintain_order=True):
+            date = part["__date"][0]
+            body = part.drop("__date")
+            # rejects carry the time of rejection; the same bad row rejected twice
+            # must still name the same file, so the fingerprint leaves ts out.
+            content = body.drop("ts") if schema is REJECTS else body
+            dest = (
+                self.path
+                / schema.name
+                / f"date={date.isoformat()}"
+                / f"part-{_fingerprint(content)}.parquet"
+            )
+            if dest.exists():
+                dups += 1
+                continue
+            write_parquet_atomic(body.to_arrow(), dest, fsync=self.fsync)
+            written.append(dest)
+        return written, dups
+
+    def compact(self, table: str | None = None, *, min_files: int = 2) -> list[CompactResult]:
+        """Merge each partition's files into one, dropping exact key duplicates.
+
+        Safe while readers are open: the merged file is written and renamed
+        into place first, then the old files are removed. A reader that listed
+        files before the swap may see both for an instant; the clean views
+        dedupe by key, so query results stay the same.
+        """
+        results = []
+        for name in [table] if table else list(TABLES):
+            schema = schema_for(name)
+            res = CompactResult(table=name)
+            root = self.path / name
+            for part_dir in sorted(root.glob("date=*")) if root.exists() else []:
+                files = sorted(part_dir.glob("*.parquet"))
+                res.files_before += len(files)
+                if len(files) < min_files:
+                    res.files_after += len(files)
+                    res.rows_before += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+                    res.rows_after += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+                    continue
+                frames = [pl.read_parquet(f) for f in files]
+                merged = pl.concat(frames, how="diagonal_relaxed").select(list(schema.columns))
+                res.rows_before += merged.height
+                merged = merged.unique(subset=list(schema.key), keep="first", maintain_order=True)
+                merged = merged.sort(list(schema.key), nulls_last=True)
+                dest = part_dir / f"compact-{_fingerprint(merged)}.parquet"
+                if not dest.exists():
+                    write_parquet_atomic(merged.to_arrow(), dest, fsync=self.fsync)
+                for f in files:
+                    if f != dest:
+                        f.unlink(missing_ok=True)
+                res.partitions += 1
+                res.files_after += 1
+                res.rows_after += merged.height
+            results.append(res)
+        return results
+
+    def info(self) -> pl.DataFrame:
+        """Tables, rows, files, bytes and the date range they cover."""
+        rows = []
+        for name in TABLES:
+            files = self.files(name)
+            dates = sorted({f.parent.name.removeprefix("date=") for f in files})
+            rows.append(
+                {
+                    "table": name,
+                    "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
+                    "files": len(files),
+                    "bytes": sum(f.stat().st_size for f in files),
+                    "first_date": dates[0] if dates else None,
+                    "last_date": dates[-1] if dates else None,
+                }
+            )
+        return pl.DataFrame(rows)

@@ -1,0 +1,55 @@
+-- Mart: one row per GPU (or MIG instance) per hour.
+-- Utilization means SM activity when the exporter has it: DCGM_FI_PROF_SM_ACTIVE,
+-- else DCGM_FI_PROF_GR_ENGINE_ACTIVE, else DCGM_FI_DEV_GPU_UTIL (which only says
+-- a kernel was running, so it flatters). `util_signal` says which one was used;
+-- `util` is a 0-1 ratio whatever the signal.
+CREATE OR REPLACE VIEW marts.gpu_hourly AS
+WITH per_field AS (
+    SELECT
+        date_trunc('hour', ts) AS hour,
+        host, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
+        any_value(gpu_model) AS gpu_model,
+        any_value(namespace) AS namespace,
+        any_value(pod) AS pod,
+        any_value(labels) AS labels,
+        field,
+        avg(value) AS avg_value,
+        count(*) AS samples
+    FROM clean.gpu_samples
+    GROUP BY ALL
+),
+wide AS (
+    SELECT
+        hour, host, gpu_uuid, mig_instance,
+        any_value(gpu_model) AS gpu_model,
+        any_value(namespace) AS namespace,
+        any_value(pod) AS pod,
+        any_value(labels) AS labels,
+        max(avg_value) FILTER (field IN ('DCGM_FI_PROF_SM_ACTIVE')) AS sm_active,
+        max(avg_value) FILTER (field IN ('DCGM_FI_PROF_GR_ENGINE_ACTIVE')) AS gr_engine_active,
+        max(avg_value) FILTER (field IN ('DCGM_FI_PROF_PIPE_TENSOR_ACTIVE')) AS tensor_active,
+        max(avg_value) FILTER (field IN ('DCGM_FI_DEV_GPU_UTIL', 'nvml_gpu_util_percent')) / 100.0 AS gpu_util,
+        max(avg_value) FILTER (field IN ('DCGM_FI_DEV_FB_USED', 'nvml_memory_used_mib')) AS fb_used_mib,
+        max(avg_value) FILTER (field IN ('DCGM_FI_DEV_POWER_USAGE', 'nvml_power_w')) AS power_w,
+        sum(samples) AS samples
+    FROM per_field
+    GROUP BY ALL
+),
+energy AS (
+    SELECT date_trunc('hour', ts) AS hour, host, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
+           sum(increase) / 3.6e9 AS energy_kwh
+    FROM clean.gpu_counter_increase
+    GROUP BY ALL
+)
+SELECT
+    w.hour, w.host, w.gpu_uuid, w.mig_instance, w.gpu_model, w.namespace, w.pod,
+    coalesce(json_extract_string(w.labels, '$.tier'), json_extract_string(w.labels, '$."finops.dev/tier"')) AS tier,
+    coalesce(w.sm_active, w.gr_engine_active, w.gpu_util) AS util,
+    CASE WHEN w.sm_active IS NOT NULL THEN 'DCGM_FI_PROF_SM_ACTIVE'
+         WHEN w.gr_engine_active IS NOT NULL THEN 'DCGM_FI_PROF_GR_ENGINE_ACTIVE'
+         WHEN w.gpu_util IS NOT NULL THEN 'DCGM_FI_DEV_GPU_UTIL'
+    END AS util_signal,
+    w.sm_active, w.gr_engine_active, w.tensor_active, w.gpu_util,
+    w.fb_used_mib, w.power_w, e.energy_kwh, w.samples
+FROM wide w
+LEFT JOIN energy e USING (hour, host, gpu_uuid, mig_instance);

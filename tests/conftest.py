@@ -1,0 +1,68 @@
+"""Shared fixtures: temporary lakes and the real vLLM CPU server.
+
+The vLLM fixtures start `python -m vllm.entrypoints.openai.api_server` from
+`.venv-vllm` (installed by `make vllm-env` on first use) with a tiny random
+model. Where vLLM cannot be installed they skip with the reason, except under
+CI=true, where they fail: CI must run them. Set FINOPS_VLLM_URL (and
+FINOPS_VLLM_URL_2) to reuse servers you already started
+(`python -m finops.vllm_local 18000`).
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from finops.lake import Lake
+from finops.vllm_local import VLLMServer, VLLMUnavailable, attach, start
+
+ARTIFACTS = Path(__file__).parent / "artifacts"
+
+
+def _in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in ("true", "1", "yes")
+
+
+def _vllm(tmp_path_factory: pytest.TempPathFactory, env_var: str) -> Iterator[VLLMServer]:
+    url = os.environ.get(env_var)
+    if url:
+        yield attach(url)
+        return
+    try:
+        server = start(log_dir=tmp_path_factory.mktemp("vllm-logs"))
+    except VLLMUnavailable as exc:
+        if _in_ci():
+            pytest.fail(f"CI=true: the real vLLM server must run here, but: {exc}")
+        pytest.skip(f"vLLM CPU server unavailable: {exc}")
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """A real vLLM server serving the tiny model as `small`, `mid` and `large`."""
+    yield from _vllm(tmp_path_factory, "FINOPS_VLLM_URL")
+
+
+@pytest.fixture(scope="session")
+def vllm_server_2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServer]:
+    """A second, independent vLLM server (for fallback and failover tests)."""
+    yield from _vllm(tmp_path_factory, "FINOPS_VLLM_URL_2")
+
+
+@pytest.fixture
+def lake(tmp_path: Path) -> Lake:
+    """An empty lake in a temporary folder (real Parquet files on disk)."""
+    return Lake(tmp_path / "lake")
+
+
+@pytest.fixture(scope="session")
+def artifacts_dir() -> Path:
+    """Where tests keep what a person may want to look at (screenshots, reports)."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    return ARTIFACTS
