@@ -1,0 +1,198 @@
+"""Per-replica, per-interval serving features read from the lake.
+
+The models fit on what Prometheus would compute: counter increases (with
+reset handling, from `clean.serving_increase`) over an interval, averaged
+gauges, and histogram bucket increases turned into quantiles the way
+`histogram_quantile()` does. One row = one replica (scrape target + served
+model) in one interval.
+"""
+
+from __future__ import annotations
+
+import duckdb
+import numpy as np
+import polars as pl
+
+GEN = "vllm:generation_tokens_total"
+PROMPT = "vllm:prompt_tokens_total"
+DONE = "vllm:request_success_total"
+PREFILL_SUM = "vllm:request_prefill_time_seconds_sum"
+PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
+RUNNING = "vllm:num_requests_running"
+WAITING = "vllm:num_requests_waiting"
+KV = "vllm:kv_cache_usage_perc"
+SM_FIELDS = ("DCGM_FI_PROF_SM_ACTIVE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE")
+
+TIER_SQL = "coalesce(json_extract_string(labels, '$.tier'), model_name, target)"
+POD_SQL = "coalesce(json_extract_string(labels, '$.pod'), target)"
+
+
+class NoServingData(ValueError):
+    """The lake has no usable vLLM serving metrics for what was asked."""
+
+
+def _bucket(interval_s: int) -> str:
+    if interval_s <= 0:
+        raise ValueError(f"interval_s must be a positive number of seconds, got {interval_s}")
+    return f"time_bucket(INTERVAL '{int(interval_s)} seconds', ts)"
+
+
+def known_tiers(db: duckdb.DuckDBPyConnection) -> list[str]:
+    """Tiers (or served model names) that have vLLM token counters in the lake."""
+    rows = db.execute(
+        f"SELECT DISTINCT {TIER_SQL} FROM clean.serving_samples WHERE metric = ? ORDER BY 1",
+        [GEN],
+    ).fetchall()
+    return [r[0] for r in rows if r[0] is not None]
+
+
+def check_tier(db: duckdb.DuckDBPyConnection, tier: str | None) -> None:
+    """Raise a clear error for a tier the lake has no serving data for."""
+    if tier is None:
+        return
+    tiers = known_tiers(db)
+    if tier not in tiers:
+        raise ValueError(f"unknown tier {tier!r}; the lake has serving metrics for {tiers}")
+
+
+def serving_intervals(
+    db: duckdb.DuckDBPyConnection, *, interval_s: int = 300, tier: str | None = None
+) -> pl.DataFrame:
+    """Offered load and throughput per replica per interval.
+
+    Columns: t, tier, target, pod, seconds, generation_tokens, prompt_tokens,
+    requests (completed), gen_tps, prompt_tps, request_rate, mean_prompt,
+    mean_output, running, waiting, kv_usage, sm_active (None without DCGM
+    profiling metrics), prefill_s_per_request, day.
+    """
+    check_tier(db, tier)
+    b = _bucket(interval_s)
+    tier_filter = f"AND {TIER_SQL} = $tier" if tier is not None else ""
+    params: dict[str, object] = {"tier": tier} if tier is not None else {}
+    sql = f"""
+    WITH inc AS (
+        SELECT {b} AS t, target, {TIER_SQL} AS tier, {POD_SQL} AS pod, metric, increase, seconds
+        FROM clean.serving_increase
+        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}')
+        {tier_filter}
+    ),
+    counters AS (
+        SELECT t, target, tier, any_value(pod) AS pod,
+            sum(seconds) FILTER (metric = '{GEN}') AS seconds,
+            sum(increase) FILTER (metric = '{GEN}') AS generation_tokens,
+            sum(increase) FILTER (metric = '{PROMPT}') AS prompt_tokens,
+            sum(increase) FILTER (metric = '{DONE}') AS requests,
+            sum(increase) FILTER (metric = '{PREFILL_SUM}') AS prefill_seconds,
+            sum(increase) FILTER (metric = '{PREFILL_COUNT}') AS prefills
+        FROM inc GROUP BY ALL
+    ),
+    gauges AS (
+        SELECT {b} AS t, target, {TIER_SQL} AS tier,
+            avg(value) FILTER (metric = '{RUNNING}') AS running,
+            avg(value) FILTER (metric = '{WAITING}') AS waiting,
+            avg(value) FILTER (metric = '{KV}') AS kv_usage
+        FROM clean.serving_samples
+        WHERE metric IN ('{RUNNING}', '{WAITING}', '{KV}') AND NOT isnan(value) {tier_filter}
+        GROUP BY ALL
+    ),
+    sm AS (
+        SELECT {b} AS t, pod, avg(value) AS sm_active
+        FROM clean.gpu_samples WHERE field = '{SM_FIELDS[0]}' AND pod IS NOT NULL
+        GROUP BY ALL
+    )
+    SELECT c.t, c.tier, c.target, c.pod, c.seconds, c.generation_tokens, c.prompt_tokens,
+        c.requests, g.running, g.waiting, g.kv_usage, sm.sm_active,
+        c.prefill_seconds / nullif(c.prefills, 0) AS prefill_s_per_request
+    FROM counters c
+    LEFT JOIN gauges g USING (t, target, tier)
+    LEFT JOIN sm ON sm.t = c.t AND sm.pod = c.pod
+    WHERE c.seconds > 0
+    ORDER BY c.tier, c.target, c.t
+    """
+    df = db.sql(sql, params=params).pl()
+    if df.height == 0:
+        where = f" for tier {tier!r}" if tier else ""
+        raise NoServingData(
+            f"no vLLM token counters ({GEN}) with at least two samples{where} in the lake"
+        )
+    return df.with_columns(
+        gen_tps=pl.col("generation_tokens") / pl.col("seconds"),
+        prompt_tps=pl.col("prompt_tokens") / pl.col("seconds"),
+        request_rate=pl.col("requests") / pl.col("seconds"),
+        mean_prompt=pl.col("prompt_tokens") / pl.when(pl.col("requests") > 0).then("requests"),
+        mean_output=pl.col("generation_tokens") / pl.when(pl.col("requests") > 0).then("requests"),
+        day=pl.col("t").dt.date(),
+    )
+
+
+def histogram_quantiles(
+    db: duckdb.DuckDBPyConnection,
+    metric: str,
+    quantiles: tuple[float, ...] = (0.5, 0.95),
+    *,
+    interval_s: int = 300,
+    tier: str | None = None,
+) -> pl.DataFrame:
+    """Quantiles of a vLLM histogram per replica per interval (Prometheus semantics).
+
+    `metric` is the base name, e.g. `vllm:time_to_first_token_seconds`. Bucket
+    counter increases over the interval are interpolated linearly inside the
+    bucket holding the rank, like `histogram_quantile(q, increase(..._bucket))`;
+    a rank in the +Inf bucket returns the highest finite bound.
+    Columns: t, tier, target, count, q50, q95 (one per quantile, named q<100*q>).
+    """
+    check_tier(db, tier)
+    for q in quantiles:
+        if not 0 < q < 1:
+            raise ValueError(f"quantiles must lie strictly between 0 and 1, got {q}")
+    b = _bucket(interval_s)
+    tier_filter = f"AND {TIER_SQL} = $tier" if tier is not None else ""
+    params: dict[str, object] = {"tier": tier} if tier is not None else {}
+    sql = f"""
+    SELECT {b} AS t, {TIER_SQL} AS tier, target,
+        CAST(json_extract_string(labels, '$.le') AS DOUBLE) AS le, sum(increase) AS inc
+    FROM clean.serving_increase
+    WHERE metric = '{metric}_bucket' {tier_filter}
+    GROUP BY ALL
+    """
+    long = db.sql(sql, params=params).pl()
+    names = [f"q{round(q * 100):d}" for q in quantiles]
+    if long.height == 0:
+        raise NoServingData(f"no {metric}_bucket series in the lake")
+    wide = long.pivot(on="le", index=["t", "tier", "target"], values="inc", sort_columns=False)
+    les = sorted(float(c) for c in wide.columns if c not in ("t", "tier", "target"))
+    cols = [
+        c for le in les for c in wide.columns if c not in ("t", "tier", "target") and float(c) == le
+    ]
+    counts = wide.select(cols).fill_null(0.0).to_numpy()
+    # Buckets are cumulative; enforce monotonicity against scrape skew.
+    counts = np.maximum.accumulate(counts, axis=1)
+    bounds = np.array(les)
+    qs = bucket_quantiles(bounds, counts, quantiles)
+    out = wide.select("t", "tier", "target").with_columns(count=pl.Series(counts[:, -1]))
+    for name, col in zip(names, qs.T, strict=True):
+        out = out.with_columns(pl.Series(name, col))
+    return out.filter(pl.col("count") > 0).sort("tier", "target", "t")
+
+
+def bucket_quantiles(
+    bounds: np.ndarray, cumulative: np.ndarray, quantiles: tuple[float, ...]
+) -> np.ndarray:
+    """histogram_quantile over rows of cumulative bucket counts (last bound may be inf)."""
+    total = cumulative[:, -1]
+    finite = bounds[np.isfinite(bounds)]
+    top = finite[-1] if finite.size else np.nan
+    out = np.full((cumulative.shape[0], len(quantiles)), np.nan)
+    for j, q in enumerate(quantiles):
+        rank = q * total
+        idx = np.array([np.searchsorted(row, r, side="left") for row, r in zip(cumulative, rank)])
+        idx = np.minimum(idx, len(bounds) - 1)
+        upper = bounds[idx]
+        lower = np.where(idx > 0, bounds[np.maximum(idx - 1, 0)], 0.0)
+        c_hi = cumulative[np.arange(len(idx)), idx]
+        c_lo = np.where(idx > 0, cumulative[np.arange(len(idx)), np.maximum(idx - 1, 0)], 0.0)
+        width = np.where(c_hi - c_lo > 0, c_hi - c_lo, 1.0)
+        val = lower + (upper - lower) * (rank - c_lo) / width
+        val = np.where(np.isinf(upper), top, val)
+        out[:, j] = np.where(total > 0, val, np.nan)
+    return out

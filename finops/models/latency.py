@@ -1,0 +1,121 @@
+"""Latency vs load from vLLM's own histograms.
+
+TTFT and inter-token latency quantiles per replica per interval come from
+bucket increases (Prometheus `histogram_quantile` semantics, see
+`finops.models.data.histogram_quantiles`); a power curve in the number of
+requests in the replica (running + waiting) captures the queueing knee.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import duckdb
+import numpy as np
+import polars as pl
+
+from finops.models.data import NoServingData, histogram_quantiles, serving_intervals
+from finops.models.regressors import LoadLatencyRegressor, mape
+
+METRICS = {
+    "ttft": "vllm:time_to_first_token_seconds",
+    "itl": "vllm:inter_token_latency_seconds",
+    "e2e": "vllm:e2e_request_latency_seconds",
+}
+
+
+@dataclass
+class LatencyFit:
+    tier: str
+    metric: str  # ttft | itl | e2e
+    quantile: str  # q50 | q95
+    model: LoadLatencyRegressor
+    mape_holdout: float
+    n_train: int
+    n_test: int
+    data: pl.DataFrame  # t, target, load, observed (s), predicted, residual, split
+
+    def summary(self) -> dict[str, object]:
+        return {
+            "tier": self.tier,
+            "metric": self.metric,
+            "quantile": self.quantile,
+            "t0_ms": round(1000 * self.model.t0_, 2),
+            "exponent": round(self.model.exponent_, 3),
+            "mape_holdout_pct": round(100 * self.mape_holdout, 2),
+            "n_train": self.n_train,
+            "n_test": self.n_test,
+        }
+
+    def predict_ms(self, load: float | np.ndarray) -> np.ndarray:
+        x = np.atleast_1d(np.asarray(load, float)).reshape(-1, 1)
+        return 1000 * self.model.predict(x)
+
+
+def latency_frame(
+    db: duckdb.DuckDBPyConnection, tier: str | None = None, *, interval_s: int = 300
+) -> pl.DataFrame:
+    """Per replica-interval load with TTFT/ITL quantiles (seconds) side by side."""
+    load = serving_intervals(db, interval_s=interval_s, tier=tier).select(
+        "t", "tier", "target", "day", "running", "waiting", "request_rate"
+    )
+    out = load.with_columns(load=pl.col("running").fill_null(0) + pl.col("waiting").fill_null(0))
+    for short, metric in METRICS.items():
+        try:
+            q = histogram_quantiles(db, metric, (0.5, 0.95), interval_s=interval_s, tier=tier)
+        except NoServingData:
+            continue
+        q = q.rename({"q50": f"{short}_p50", "q95": f"{short}_p95", "count": f"{short}_count"})
+        out = out.join(q, on=["t", "tier", "target"], how="left")
+    return out
+
+
+def fit_latency(
+    db: duckdb.DuckDBPyConnection,
+    tier: str,
+    *,
+    metric: str = "ttft",
+    quantile: str = "q95",
+    interval_s: int = 300,
+    min_count: int = 5,
+) -> LatencyFit:
+    """Fit a latency quantile vs requests in the replica; the last day is held out."""
+    if metric not in METRICS:
+        raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
+    if quantile not in ("q50", "q95"):
+        raise ValueError(f"quantile must be q50 or q95, got {quantile!r}")
+    df = latency_frame(db, tier, interval_s=interval_s)
+    col = f"{metric}_{quantile.replace('q', 'p')}"
+    if col not in df.columns:
+        raise NoServingData(f"no {METRICS[metric]} histogram for tier {tier!r} in the lake")
+    rows = df.filter(
+        pl.col(col).is_not_null() & (pl.col(col) > 0) & (pl.col(f"{metric}_count") >= min_count)
+    )
+    if rows.height < 8:
+        raise NoServingData(f"tier {tier!r}: only {rows.height} intervals with {col}; need 8")
+    days = sorted(rows["day"].unique().to_list())
+    holdout = days[-1] if len(days) > 1 else None
+    split = (pl.col("day") == holdout) if holdout is not None else pl.lit(False)
+    rows = rows.with_columns(
+        split=pl.when(split).then(pl.lit("holdout")).otherwise(pl.lit("train"))
+    )
+    train = rows.filter(pl.col("split") == "train")
+    model = LoadLatencyRegressor().fit(train.select("load").to_numpy(), train[col].to_numpy())
+    rows = rows.with_columns(
+        observed=pl.col(col), predicted=pl.Series(model.predict(rows.select("load").to_numpy()))
+    ).with_columns(residual=pl.col("observed") - pl.col("predicted"))
+    te = rows.filter(pl.col("split") == "holdout")
+    return LatencyFit(
+        tier=tier,
+        metric=metric,
+        quantile=quantile,
+        model=model,
+        mape_holdout=mape(te["observed"].to_numpy(), te["predicted"].to_numpy())
+        if te.height
+        else float("nan"),
+        n_train=train.height,
+        n_test=te.height,
+        data=rows.select(
+            "t", "tier", "target", "split", "load", "observed", "predicted", "residual"
+        ),
+    )
