@@ -1,0 +1,958 @@
+"""Request logs into the lake: the shim's JSONL log, OpenAI usage records, any mapped file.
+
+Three input kinds share one path:
+- the routing shim's request log: JSONL whose fields are the `requests`
+  table's own column names (`ts` ISO-8601 UTC); its response-cache hits are
+  written to `cache_events` in the same pass;
+- OpenAI-style response/usage records (a `chat.completion` object, or a log
+  record with `id`, `created`, `model`, `usage`, optional `metadata`),
+  read through the shipped `openai-usage` mapping;
+- any CSV/JSONL/Parquet with a mapping file (`collectors.mapping`), e.g. the
+  public Azure and Mooncake traces (`azure-llm-2023`, `mooncake-fast25`).
+
+Speed comes from parsing whole chunks with Polars' NDJSON/CSV readers; only
+when a chunk holds a bad line does a per-line pass run, to find and reject
+exactly those lines (`file:line` + reason) while every valid line still loads.
+Counts always reconcile: records read = loaded + rejected.
+
+`LogSource` follows growing and rotated files with durable checkpoints
+(`collectors.checkpoint`): the lake batch is written first, then the
+checkpoint, so a crash never loses a line, and deterministic request ids plus
+content-fingerprinted Parquet files mean it never duplicates one either.
+"""
+
+from __future__ import annotations
+
+import csv
+import datetime as dt
+import glob as globlib
+import io
+import os
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import orjson
+import polars as pl
+
+from collectors.checkpoint import FINGERPRINT_BYTES, Checkpoint, FileState, head_fingerprint
+from collectors.mapping import (
+    LINE_COLUMN,
+    Mapping,
+    MappingError,
+    apply_mapping,
+    check_columns,
+    load_mapping,
+    shipped_mappings,
+    stable_hash,
+)
+from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake, coerce
+from finops.schemas import CACHE_EVENTS, REQUESTS, schema_for
+
+CHUNK_BYTES = 32 * 1024 * 1024
+MAX_LINE_BYTES = 1024 * 1024
+"""Longer lines are rejected (a request-log record is a few hundred bytes;
+a multi-megabyte line is a bug upstream, and loading it would hurt every query)."""
+
+MAX_RAW = 500
+SHIM_CACHE_STATUSES = ("hit", "coalesced")
+ProgressFn = Callable[[int, int], None]
+
+
+class LogError(OSError):
+    """A file that cannot be read at all (missing, unreadable, unknown format)."""
+
+
+@dataclass
+class FileReport:
+    """What ingesting one file did. `read == loaded + rejected` (records, not lines)."""
+
+    path: str
+    format: str = ""
+    mapping: str = ""
+    read: int = 0
+    loaded: int = 0
+    rejected: int = 0
+    cache_events: int = 0
+    duplicate_files: int = 0
+    error: str | None = None
+    files: list[Path] = field(default_factory=list)
+
+    def add(self, read: int, loaded: int, rejected: int) -> None:
+        self.read += read
+        self.loaded += loaded
+        self.rejected += rejected
+
+
+# --------------------------------------------------------------------------- formats
+
+
+def _format_of(path: Path, mapping: Mapping | None) -> str:
+    if mapping is not None and mapping.format:
+        return mapping.format
+    name = path.name.lower()
+    for suffix, fmt in (
+        (".parquet", "parquet"),
+        (".pq", "parquet"),
+        (".csv", "csv"),
+        (".tsv", "csv"),
+        (".jsonl", "jsonl"),
+        (".ndjson", "jsonl"),
+        (".json", "jsonl"),
+        (".log", "jsonl"),
+    ):
+        if name.endswith(suffix) or suffix + "." in name:
+            return fmt
+    return "jsonl"
+
+
+@dataclass
+class _Plan:
+    """How to read one file: its format and either the native schema or a mapping."""
+
+    format: str
+    table: str
+    mapping: Mapping | None  # None: the file already uses the table's column names
+    source: str
+    shim: bool = False  # shim request log: also derive cache events
+
+    @property
+    def label(self) -> str:
+        if self.mapping is not None:
+            return self.mapping.name
+        return "shim" if self.shim else f"{self.table} (native)"
+
+
+def _first_records(path: Path, limit: int = 20) -> list[dict[str, Any]]:
+    """The first few JSON objects of a file (bad lines skipped), for detection."""
+    out = []
+    with open(path, "rb") as fh:
+        for _ in range(limit * 5):
+            line = fh.readline(MAX_LINE_BYTES + 1)
+            if not line:
+                break
+            if not line.strip() or len(line) > MAX_LINE_BYTES:
+                continue
+            try:
+                obj = orjson.loads(line)
+            except orjson.JSONDecodeError:
+                continue
+            if isinstance(obj, dict):
+                out.append(obj)
+                if len(out) >= limit:
+                    break
+    return out
+
+
+def plan_for(
+    path: Path,
+    table: str,
+    mapping: Mapping | None,
+    *,
+    base_ts: dt.datetime | None = None,
+) -> _Plan:
+    """Pick the reader: an explicit mapping, else detect shim/OpenAI/native JSONL."""
+    if mapping is not None:
+        if mapping.table != table:
+            raise MappingError(
+                f"{mapping.origin}: maps to the {mapping.table} table, but this command "
+                f"ingests {table}"
+            )
+        if base_ts is not None:
+            mapping = mapping.with_base_time(base_ts)
+        fmt = _format_of(path, mapping)
+        return _Plan(fmt, table, mapping, mapping.source or f"ingest:{path.name}")
+    fmt = _format_of(path, None)
+    if fmt != "jsonl":
+        raise MappingError(
+            f"{path}: a {fmt.upper()} file needs --mapping (shipped mappings: "
+            f"{', '.join(shipped_mappings())}; or write one, see `finops ingest --help`)"
+        )
+    records = _first_records(path)
+    if not records:
+        # nothing parseable yet (empty, or only bad lines): read it natively so bad
+        # lines are rejected with their reasons; a growing file is re-detected later.
+        return _Plan("jsonl", table, None, "shim" if table == "requests" else "ingest", True)
+    keys = set().union(*(r.keys() for r in records))
+    cols = set(schema_for(table).columns)
+    if table == "requests" and {"request_id", "ts"} <= keys:
+        return _Plan("jsonl", table, None, "shim", shim=True)
+    if table == "cache_events" and {"ts", "layer", "event"} <= keys:
+        return _Plan("jsonl", table, None, f"ingest:{path.name}")
+    if table == "requests" and (
+        "usage" in keys or str(records[0].get("object", "")).endswith("completion")
+    ):
+        m = load_mapping("openai-usage")
+        return _Plan("jsonl", table, m, m.source or f"ingest:{path.name}")
+    raise MappingError(
+        f"{path}: cannot tell the log format: the first records have keys "
+        f"{sorted(keys)[:12]}, not the {table} columns ({', '.join(sorted(cols)[:8])}, ...) "
+        f"nor OpenAI usage; pass --mapping FILE or a shipped name "
+        f"({', '.join(shipped_mappings())})"
+    )
+
+
+# --------------------------------------------------------------------------- chunk parsing
+
+
+@dataclass
+class _Chunk:
+    src: pl.DataFrame  # parsed records + __line, _location, _raw
+    rejects: list[dict[str, str]]  # lines that never became records
+    records: int  # non-blank lines (or CSV rows) seen
+
+
+def _split_lines(data: bytes) -> pl.Series:
+    """The chunk's lines as strings, one per physical line (blank lines kept as null/'')."""
+    expected = data.count(b"\n") + (0 if data.endswith(b"\n") or not data else 1)
+    try:
+        s = pl.read_csv(
+            data,
+            has_header=False,
+            separator="\x1f",
+            quote_char=None,
+            schema={"line": pl.String},
+            encoding="utf8-lossy",
+            raise_if_empty=False,
+        ).to_series()
+        if s.len() == expected:
+            return s.str.strip_chars_end("\r")
+    except pl.exceptions.PolarsError:
+        pass
+    parts = data.decode("utf-8", "replace").split("\n")
+    if data.endswith(b"\n"):
+        parts.pop()
+    return pl.Series("line", parts, dtype=pl.String).str.strip_chars_end("\r")
+
+
+def _native_read_schema(table: str) -> dict[str, pl.DataType]:
+    """Typed JSON schema for native logs; timestamps are read as text and parsed after."""
+    return {
+        c: (pl.String if isinstance(t, pl.Datetime) else t)
+        for c, t in schema_for(table).columns.items()
+    }
+
+
+def _parse_ndjson(text: bytes, schema: dict[str, pl.DataType] | None) -> pl.DataFrame:
+    """Parse NDJSON fast; typed first, then all-text (so Lake reports bad values)."""
+    if schema is None:
+        return pl.read_ndjson(io.BytesIO(text), infer_schema_length=None)
+    try:
+        return pl.read_ndjson(io.BytesIO(text), schema=schema)
+    except pl.exceptions.PolarsError:
+        return pl.read_ndjson(io.BytesIO(text), schema=dict.fromkeys(schema, pl.String))
+
+
+def _value_series(name: str, values: list[Any]) -> pl.Series:
+    try:
+        return pl.Series(name, values, strict=False)
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
+        return pl.Series(
+            name,
+            [
+                None
+                if v is None
+                else v
+                if isinstance(v, str)
+                else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+                for v in values
+            ],
+            dtype=pl.String,
+        )
+
+
+def _get_path(obj: Any, path: str) -> Any:
+    if isinstance(obj, dict) and path in obj:
+        return obj[path]
+    cur = obj
+    for part in path.split("."):
+        if isinstance(cur, dict):
+            cur = cur.get(part)
+        elif isinstance(cur, list) and part.isdigit():
+            idx = int(part)
+            cur = cur[idx] if idx < len(cur) else None
+        else:
+            return None
+        if cur is None:
+            return None
+    return cur
+
+
+def _path_expr(schema: pl.Schema, path: str) -> pl.Expr | None:
+    """A Polars expression reading a dotted path from (nested) columns, or None."""
+    if path in schema:
+        return pl.col(path)
+    parts = path.split(".")
+    for cut in range(len(parts) - 1, 0, -1):
+        head = ".".join(parts[:cut])
+        if head not in schema:
+            continue
+        expr: pl.Expr = pl.col(head)
+        dtype: Any = schema[head]
+        for part in parts[cut:]:
+            if isinstance(dtype, pl.Struct):
+                fields = {f.name: f.dtype for f in dtype.fields}
+                if part not in fields:
+                    return None
+                expr, dtype = expr.struct.field(part), fields[part]
+            elif isinstance(dtype, pl.List) and part.isdigit():
+                expr = expr.list.get(int(part), null_on_oob=True)
+                dtype = dtype.inner
+            else:
+                return None
+        return expr
+    return None
+
+
+def _select_paths(df: pl.DataFrame, paths: list[str]) -> pl.DataFrame:
+    exprs = []
+    for p in paths:
+        e = _path_expr(df.schema, p)
+        if e is not None:
+            exprs.append(e.alias(p))
+    return df.select(exprs) if exprs else pl.DataFrame({"__n": [None] * df.height}).drop("__n")
+
+
+def _with_meta(df: pl.DataFrame, line_no: np.ndarray, raw: pl.Series, label: str) -> pl.DataFrame:
+    lines = pl.Series(LINE_COLUMN, line_no, dtype=pl.Int64)
+    return df.with_columns(
+        lines,
+        pl.format("{}:{}", pl.lit(label), lines).alias(LOCATION_COLUMN),
+        raw.str.slice(0, MAX_RAW).alias(RAW_COLUMN),
+    )
+
+
+def parse_jsonl_chunk(
+    data: bytes,
+    *,
+    first_line: int,
+    label: str,
+    schema: dict[str, pl.DataType] | None = None,
+    paths: list[str] | None = None,
+    max_line_bytes: int = MAX_LINE_BYTES,
+) -> _Chunk:
+    """Parse complete JSONL lines; bad lines become rejects with `label:line` and a reason.
+
+    `schema` reads native logs (typed columns); `paths` reads mapped logs (any
+    nesting, then the dotted paths are pulled out). The fast path parses the
+    whole chunk at once; a failure switches to a per-line pass over this chunk.
+    """
+    lines = _split_lines(data)
+    n = lines.len()
+    line_no = np.arange(first_line + 1, first_line + 1 + n, dtype=np.int64)
+    blank = (lines.is_null() | (lines.str.strip_chars() == "")).to_numpy()
+    too_long = lines.str.len_bytes().fill_null(0).to_numpy() > max_line_bytes
+    keep = ~blank
+    records = int(keep.sum())
+    rejects: list[dict[str, str]] = []
+    if too_long.any():
+        for i in np.flatnonzero(too_long):
+            rejects.append(
+                {
+                    "location": f"{label}:{line_no[i]}",
+                    "raw": lines[int(i)][:MAX_RAW],
+                    "reason": f"line is {int(lines.str.len_bytes()[int(i)]):,} bytes, over the "
+                    f"{max_line_bytes:,}-byte limit for one record",
+                }
+            )
+        keep &= ~too_long
+    kept_idx = np.flatnonzero(keep)
+    df: pl.DataFrame | None = None
+    if records and not too_long.any():
+        try:
+            df = _parse_ndjson(data, schema)
+            if df.height != len(kept_idx):
+                df = None
+        except pl.exceptions.PolarsError:
+            df = None
+    if df is None and len(kept_idx):
+        df, kept_idx, bad = _parse_slow(lines, kept_idx, line_no, label, schema, paths)
+        rejects += bad
+    if df is None:
+        cols = schema or {}
+        df = pl.DataFrame(schema=cols)
+    kept_lines = lines.gather(kept_idx) if len(kept_idx) else pl.Series("line", [], pl.String)
+    if paths is not None:
+        df = _select_paths(df, paths)
+    src = _with_meta(df, line_no[kept_idx], kept_lines, label)
+    return _Chunk(src, rejects, records)
+
+
+def _parse_slow(
+    lines: pl.Series,
+    kept_idx: np.ndarray,
+    line_no: np.ndarray,
+    label: str,
+    schema: dict[str, pl.DataType] | None,
+    paths: list[str] | None,
+) -> tuple[pl.DataFrame | None, np.ndarray, list[dict[str, str]]]:
+    """Per-line pass: find the lines that are not JSON objects, parse the rest."""
+    good_idx: list[int] = []
+    objs: list[dict[str, Any]] = []
+    bad: list[dict[str, str]] = []
+    texts = lines.gather(kept_idx).to_list()
+    for i, text in zip(kept_idx.tolist(), texts, strict=True):
+        try:
+            obj = orjson.loads(text)
+        except orjson.JSONDecodeError as exc:
+            reason = f"invalid JSON: {exc}"
+            if text.rstrip().endswith(("}", "]")) is False:
+                reason += " (truncated line?)"
+            bad.append(
+                {"location": f"{label}:{line_no[i]}", "raw": text[:MAX_RAW], "reason": reason}
+            )
+            continue
+        if not isinstance(obj, dict):
+            bad.append(
+                {
+                    "location": f"{label}:{line_no[i]}",
+                    "raw": text[:MAX_RAW],
+                    "reason": f"expected a JSON object, got {type(obj).__name__}",
+                }
+            )
+            continue
+        good_idx.append(i)
+        objs.append(obj)
+    good = np.asarray(good_idx, dtype=np.int64)
+    if not objs:
+        return None, good, bad
+    joined = "\n".join(lines.gather(good).to_list()).encode()
+    try:
+        df = _parse_ndjson(joined, schema)
+        if df.height == len(objs):
+            return df, good, bad
+    except pl.exceptions.PolarsError:
+        pass
+    names = list(schema) if schema is not None else (paths or [])
+    df = pl.DataFrame([_value_series(c, [_get_path(o, c) for o in objs]) for c in names])
+    return df, good, bad
+
+
+def parse_csv_chunk(
+    data: bytes, *, header: str, first_line: int, label: str, separator: str = ","
+) -> _Chunk:
+    """Parse CSV rows (all as text; the mapping and the lake convert types)."""
+    names = next(csv.reader([header], delimiter=separator))
+    ncols = len(names)
+    rejects: list[dict[str, str]] = []
+    if b'"' not in data:
+        lines = _split_lines(data)
+        n = lines.len()
+        line_no = np.arange(first_line + 1, first_line + 1 + n, dtype=np.int64)
+        blank = (lines.is_null() | (lines.str.strip_chars() == "")).to_numpy()
+        fields = (lines.str.count_matches(separator, literal=True) + 1).fill_null(0).to_numpy()
+        ragged = ~blank & (fields != ncols)
+        for i in np.flatnonzero(ragged):
+            rejects.append(
+                {
+                    "location": f"{label}:{line_no[i]}",
+                    "raw": (lines[int(i)] or "")[:MAX_RAW],
+                    "reason": f"expected {ncols} fields ({header.strip()}), got {fields[i]}",
+                }
+            )
+        keep = np.flatnonzero(~blank & ~ragged)
+        records = int((~blank).sum())
+        kept = lines.gather(keep) if len(keep) else pl.Series("line", [], pl.String)
+        if len(keep):
+            body = "\n".join(kept.to_list()).encode()
+            df = pl.read_csv(
+                io.BytesIO(body),
+                has_header=False,
+                new_columns=names,
+                separator=separator,
+                infer_schema=False,
+                quote_char=None,
+            )
+        else:
+            df = pl.DataFrame(schema=dict.fromkeys(names, pl.String))
+        return _Chunk(_with_meta(df, line_no[keep], kept, label), rejects, records)
+    # quoted fields (maybe spanning lines): the csv module tracks physical lines
+    text = data.decode("utf-8", "replace")
+    reader = csv.reader(io.StringIO(text), delimiter=separator)
+    rows: list[list[str]] = []
+    nums: list[int] = []
+    raws: list[str] = []
+    records = 0
+    prev = 0
+    try:
+        for row in reader:
+            start, prev = prev, reader.line_num
+            if not row or all(not c.strip() for c in row):
+                continue
+            records += 1
+            raw = separator.join(row)
+            if len(row) != ncols:
+                rejects.append(
+                    {
+                        "location": f"{label}:{first_line + start + 1}",
+                        "raw": raw[:MAX_RAW],
+                        "reason": f"expected {ncols} fields ({header.strip()}), got {len(row)}",
+                    }
+                )
+                continue
+            rows.append(row)
+            nums.append(first_line + start + 1)
+            raws.append(raw)
+    except csv.Error as exc:
+        records += 1
+        rejects.append(
+            {
+                "location": f"{label}:{first_line + prev + 1}",
+                "raw": "",
+                "reason": f"CSV error: {exc}; the rest of this chunk was not read",
+            }
+        )
+    df = pl.DataFrame(
+        {n_: [r[j] for r in rows] for j, n_ in enumerate(names)},
+        schema=dict.fromkeys(names, pl.String),
+    )
+    return _Chunk(
+        _with_meta(df, np.asarray(nums, dtype=np.int64), pl.Series(raws, dtype=pl.String), label),
+        rejects,
+        records,
+    )
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _prepare_native(df: pl.DataFrame, table: str, file: str) -> pl.DataFrame:
+    """Native rows: parse ISO timestamps in one pass; fill a missing key deterministically."""
+    schema = schema_for(table)
+    ts = schema.ts_column
+    if ts in df.columns and df.schema[ts] == pl.String:
+        parsed = df[ts].str.strptime(
+            pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.f%#z", strict=False
+        )
+        if parsed.null_count() == df[ts].null_count():
+            df = df.with_columns(parsed.alias(ts))
+    key = schema.key[0]
+    if key not in df.columns or df[key].null_count():
+        data_cols = [c for c in df.columns if c in schema.columns and c != key]
+        text = df.select(
+            pl.concat_str(
+                [pl.col(c).cast(pl.String).fill_null("\x00") for c in data_cols]
+                + [pl.col(LINE_COLUMN).cast(pl.String)],
+                separator="\x1f",
+            )
+        ).to_series()
+        made = pl.Series(key, [f"{table}-{h}" for h in stable_hash(text)], dtype=pl.String)
+        df = df.with_columns(pl.col(key).fill_null(made) if key in df.columns else made.alias(key))
+    return df
+
+
+def shim_cache_events(rows: pl.DataFrame, source: str) -> pl.DataFrame:
+    """Response-cache hits of a shim request log as `cache_events` rows.
+
+    A hit (or a request coalesced onto an identical in-flight one) spent no
+    upstream tokens: the event records the input + output tokens it avoided,
+    so the marts can price the shim_response layer. The event id derives from
+    the request id, so re-reading the log adds nothing.
+    """
+    need = ("request_id", "ts", "cache_status")
+    if rows.height == 0 or any(c not in rows.columns for c in need):
+        return pl.DataFrame(schema=CACHE_EVENTS.polars_schema)
+    hits = rows.filter(pl.col("cache_status").cast(pl.String).is_in(SHIM_CACHE_STATUSES))
+    if hits.height == 0:
+        return pl.DataFrame(schema=CACHE_EVENTS.polars_schema)
+    typed = {
+        c: coerce(hits[c], REQUESTS.columns[c]).alias(c)
+        for c in ("ts", "input_tokens", "output_tokens", "tenant", "tier", "response_model")
+        if c in hits.columns
+    }
+    hits = hits.with_columns(list(typed.values()))
+    zero = pl.lit(0, dtype=pl.Int64)
+    tokens = pl.col("input_tokens").fill_null(0) if "input_tokens" in hits.columns else zero
+    tokens = tokens + (
+        pl.col("output_tokens").fill_null(0) if "output_tokens" in hits.columns else zero
+    )
+    ok = pl.col("request_id").is_not_null() & pl.col("ts").is_not_null() & (tokens >= 0)
+
+    def opt(c: str) -> pl.Expr:
+        return pl.col(c).cast(pl.String) if c in hits.columns else pl.lit(None, dtype=pl.String)
+
+    return hits.filter(ok).select(
+        pl.format("shim_response:{}", pl.col("request_id")).alias("event_id"),
+        pl.col("ts"),
+        pl.lit(source).alias("source"),
+        pl.lit("shim_response").alias("layer"),
+        pl.lit("hit").alias("event"),
+        opt("tenant").alias("tenant"),
+        opt("tier").alias("tier"),
+        opt("response_model").alias("model"),
+        pl.col("request_id").cast(pl.String),
+        tokens.cast(pl.Int64).alias("tokens"),
+        pl.lit(1, dtype=pl.Int64).alias("requests"),
+    )
+
+
+def _load_chunk(
+    chunk: _Chunk,
+    plan: _Plan,
+    lake: Lake,
+    file: str,
+    report: FileReport,
+    *,
+    check: bool,
+) -> AppendResult:
+    """Write one parsed chunk: rows through Lake.append, unparsable lines to rejects."""
+    table = plan.table
+    result = AppendResult(table=table)
+    rejected = 0
+    if chunk.rejects:
+        rejected += lake.reject(table, chunk.rejects, source=plan.source)
+    src = chunk.src
+    if plan.mapping is not None:
+        if check:
+            available = [
+                c for c in src.columns if c not in (LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)
+            ]
+            check_columns(plan.mapping, available, file)
+        applied = apply_mapping(plan.mapping, src, file=file)
+        if applied.rejects.height:
+            rejected += lake.reject(table, applied.rejects, source=plan.source)
+        rows = applied.frame
+    else:
+        rows = _prepare_native(src, table, file) if src.height else src
+    appended = lake.append(table, rows.drop(LINE_COLUMN, strict=False), source=plan.source)
+    result.read = chunk.records
+    result.loaded = appended.loaded
+    result.rejected = rejected + appended.rejected
+    result.files = appended.files
+    result.duplicate_files = appended.duplicate_files
+    report.add(result.read, result.loaded, result.rejected)
+    report.duplicate_files += appended.duplicate_files
+    report.files += appended.files
+    if plan.shim and rows.height:
+        events = shim_cache_events(rows, plan.source)
+        if events.height:
+            ev = lake.append("cache_events", events, source=plan.source)
+            report.cache_events += ev.loaded
+    return result
+
+
+# --------------------------------------------------------------------------- reading files
+
+
+def _open_checked(path: Path) -> Any:
+    try:
+        return open(path, "rb")
+    except FileNotFoundError:
+        raise LogError(f"{path}: no such file") from None
+    except PermissionError:
+        raise LogError(f"{path}: permission denied (cannot read)") from None
+    except IsADirectoryError:
+        raise LogError(f"{path}: is a directory, expected a log file") from None
+    except OSError as exc:
+        raise LogError(f"{path}: cannot read: {exc.strerror or exc}") from None
+
+
+def _iter_blocks(
+    fh: Any, offset: int, size: int, *, final: bool, chunk_bytes: int
+) -> Iterator[tuple[bytes, int]]:
+    """Blocks of complete lines from `offset`; yields (data, new_offset).
+
+    A partial last line waits for its newline unless `final` (a file that is
+    complete, as in a one-shot ingest). A line longer than a block extends it.
+    """
+    fh.seek(offset)
+    pending = b""
+    pos = offset
+    while pos < size:
+        block = fh.read(min(chunk_bytes, size - pos))
+        if not block:
+            break
+        pos += len(block)
+        data = pending + block
+        cut = data.rfind(b"\n")
+        if cut < 0:
+            pending = data
+            continue
+        yield data[: cut + 1], pos - (len(data) - cut - 1)
+        pending = data[cut + 1 :]
+    if pending and final:
+        yield pending, pos
+
+
+def _read_header(fh: Any) -> tuple[str, int, bool]:
+    """The CSV header line, its length in bytes, and whether it is complete."""
+    line = fh.readline(MAX_LINE_BYTES)
+    text = line.decode("utf-8", "replace").rstrip("\r\n").lstrip("\ufeff")
+    return text, len(line), line.endswith(b"\n")
+
+
+def ingest_file(
+    path: str | os.PathLike[str],
+    lake: Lake,
+    *,
+    table: str = "requests",
+    mapping: Mapping | str | None = None,
+    base_ts: dt.datetime | None = None,
+    progress: ProgressFn | None = None,
+    chunk_bytes: int = CHUNK_BYTES,
+) -> FileReport:
+    """Read a whole file into the lake (one-shot; no checkpoint). Idempotent.
+
+    Raises `LogError` when the file cannot be read at all and `MappingError`
+    when the mapping does not fit it; bad records are rejected, not raised.
+    """
+    p = Path(path)
+    if isinstance(mapping, str):
+        mapping = load_mapping(mapping)
+    with _open_checked(p) as fh:
+        plan = plan_for(p, table, mapping, base_ts=base_ts)
+        report = FileReport(path=str(p), format=plan.format, mapping=plan.label)
+        state = FileState(path=str(p), dev=0, ino=0)
+        size = os.fstat(fh.fileno()).st_size
+        for _ in _read_from(
+            fh, p, plan, lake, state, report, size, final=True, chunk_bytes=chunk_bytes
+        ):
+            if progress:
+                progress(state.offset, size)
+    return report
+
+
+def _read_from(
+    fh: Any,
+    p: Path,
+    plan: _Plan,
+    lake: Lake,
+    state: FileState,
+    report: FileReport,
+    size: int,
+    *,
+    final: bool,
+    chunk_bytes: int,
+) -> Iterator[AppendResult]:
+    """Load what follows `state.offset`, advancing `state` after each written batch."""
+    label = str(p)
+    if plan.format == "parquet":
+        if state.done:
+            return
+        try:
+            df = pl.read_parquet(p)
+        except (pl.exceptions.PolarsError, OSError) as exc:
+            raise LogError(f"{p}: not a readable Parquet file: {exc}") from None
+        line_no = np.arange(1, df.height + 1, dtype=np.int64)
+        raw = (
+            df.select(pl.struct(pl.all()).struct.json_encode()).to_series()
+            if df.width
+            else pl.Series([""] * df.height)
+        )
+        src = _with_meta(df, line_no, raw, label).with_columns(
+            pl.format("{} row {}", pl.lit(label), pl.col(LINE_COLUMN)).alias(LOCATION_COLUMN)
+        )
+        if plan.mapping is not None:
+            paths = plan.mapping.source_columns()
+            src = pl.concat(
+                [_select_paths(df, paths), src.select(LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)],
+                how="horizontal",
+            )
+        res = _load_chunk(_Chunk(src, [], df.height), plan, lake, label, report, check=True)
+        state.done = True
+        state.offset = size
+        yield res
+        return
+    if plan.format == "csv" and state.header is None:
+        fh.seek(0)
+        header, consumed, complete = _read_header(fh)
+        if not complete and not final:
+            return  # the header itself is still being written
+        if not header.strip():
+            raise LogError(f"{p}: empty CSV file (no header line)")
+        state.header = header
+        state.offset = consumed
+        state.line = 1
+    sep = plan.mapping.csv_separator if plan.mapping else ","
+    paths = plan.mapping.source_columns() if plan.mapping is not None else None
+    native = _native_read_schema(plan.table) if plan.mapping is None else None
+    for data, new_offset in _iter_blocks(
+        fh, state.offset, size, final=final, chunk_bytes=chunk_bytes
+    ):
+        first_check = state.line <= (1 if plan.format == "csv" else 0)
+        if plan.format == "csv":
+            chunk = parse_csv_chunk(
+                data, header=state.header or "", first_line=state.line, label=label, separator=sep
+            )
+        else:
+            chunk = parse_jsonl_chunk(
+                data, first_line=state.line, label=label, schema=native, paths=paths
+            )
+        res = _load_chunk(
+            chunk, plan, lake, label, report, check=first_check or plan.format == "csv"
+        )
+        state.line += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+        state.offset = new_offset
+        yield res
+
+
+# --------------------------------------------------------------------------- following
+
+
+class LogSource:
+    """Follow log files (a path or a glob) into the lake with durable checkpoints.
+
+    >>> src = LogSource("/var/log/shim/requests.jsonl", lake, "data/lake/_state")
+    >>> src.poll()   # call on a schedule; each call loads what is new
+
+    `poll()` reads the complete lines added since the checkpoint, writes the
+    lake batch, then the checkpoint. A file renamed away by rotation
+    (`shim.log` -> `shim.log.1`) with unread lines is finished first, found by
+    its inode among its siblings; a file truncated or replaced in place starts
+    over (its head fingerprint no longer matches).
+    """
+
+    def __init__(
+        self,
+        path_or_glob: str | os.PathLike[str],
+        lake: Lake,
+        checkpoint_dir: str | os.PathLike[str],
+        mapping: Mapping | str | None = None,
+        *,
+        table: str = "requests",
+        base_ts: dt.datetime | None = None,
+        chunk_bytes: int = CHUNK_BYTES,
+        settle_seconds: float = 30.0,
+        progress: ProgressFn | None = None,
+    ) -> None:
+        self.pattern = os.path.abspath(os.fspath(path_or_glob))
+        self.lake = lake
+        self.table = table
+        self.mapping = load_mapping(mapping) if isinstance(mapping, str) else mapping
+        self.base_ts = base_ts
+        self.chunk_bytes = chunk_bytes
+        self.settle_seconds = settle_seconds
+        self.progress = progress
+        self.checkpoint = Checkpoint.for_source(Path(checkpoint_dir), self.pattern, table)
+        self.reports: dict[str, FileReport] = {}
+        self.errors: list[str] = []
+
+    def __repr__(self) -> str:
+        return f"LogSource({self.pattern!r}, table={self.table!r})"
+
+    def _candidates(self) -> list[Path]:
+        if globlib.has_magic(self.pattern):
+            return [Path(p) for p in globlib.glob(self.pattern) if os.path.isfile(p)]
+        return [Path(self.pattern)] if os.path.isfile(self.pattern) else []
+
+    def _find_moved(self, state: FileState) -> Path | None:
+        """Where a tracked file went (rotation renames it next to the original)."""
+        old = Path(state.path)
+        try:
+            st = old.stat()
+            if (st.st_dev, st.st_ino) == (state.dev, state.ino):
+                return old
+        except OSError:
+            pass
+        base = Path(self.pattern).name if not globlib.has_magic(self.pattern) else ""
+        folder = old.parent
+        try:
+            entries = list(os.scandir(folder))
+        except OSError:
+            return None
+        for entry in entries:
+            if base and not entry.name.startswith(base):
+                continue
+            try:
+                st = entry.stat()
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (state.dev, state.ino) and entry.is_file():
+                return Path(entry.path)
+        return None
+
+    def poll(self, *, final: bool = False) -> AppendResult:
+        """Load everything new; returns the `requests` (or cache_events) counts of this poll.
+
+        Unreadable files are recorded in `self.errors` (and skipped) instead of
+        raising, so one bad file never stops a follower; a wrong mapping raises.
+        """
+        self.errors = []
+        total = AppendResult(table=self.table)
+        cp = self.checkpoint
+        current = {}
+        for p in self._candidates():
+            try:
+                st = p.stat()
+            except OSError:
+                continue
+            current[f"{st.st_dev}:{st.st_ino}"] = (p, st)
+        order: list[tuple[Path, os.stat_result, bool]] = []
+        # 1. files rotated away with unread data: finish them first
+        for key, state in list(cp.files.items()):
+            if key in current:
+                continue
+            moved = self._find_moved(state)
+            if moved is None:
+                del cp.files[key]  # deleted: nothing left to read
+                continue
+            st = moved.stat()
+            if st.st_size > state.offset and not state.done:
+                order.append((moved, st, True))
+        # 2. the live files, oldest first
+        for p, st in sorted(current.values(), key=lambda x: (x[1].st_mtime_ns, str(x[0]))):
+            order.append((p, st, False))
+        for p, st, rotated in order:
+            try:
+                total += self._poll_file(p, st, final=final or (rotated and self._settled(st)))
+            except LogError as exc:
+                self.errors.append(str(exc))
+        if cp.files:
+            cp.save()
+        return total
+
+    def _settled(self, st: os.stat_result) -> bool:
+        return time.time() - st.st_mtime >= self.settle_seconds
+
+    def _poll_file(self, p: Path, st: os.stat_result, *, final: bool) -> AppendResult:
+        cp = self.checkpoint
+        key = f"{st.st_dev}:{st.st_ino}"
+        state = cp.files.get(key)
+        if state is not None:
+            stale = st.st_size < state.offset or (
+                state.fp_len and head_fingerprint(p, state.fp_len) != state.fp
+            )
+            if stale:  # truncated in place, or a new file on a reused inode
+                state = None
+        if state is None:
+            state = FileState(path=str(p), dev=st.st_dev, ino=st.st_ino)
+        state.path = str(p)
+        result = AppendResult(table=self.table)
+        if st.st_size <= state.offset or state.done:
+            cp.files[key] = state
+            return result
+        with _open_checked(p) as fh:
+            plan = plan_for(p, self.table, self.mapping, base_ts=self.base_ts)
+            report = self.reports.setdefault(
+                str(p), FileReport(path=str(p), format=plan.format, mapping=plan.label)
+            )
+            for res in _read_from(
+                fh,
+                p,
+                plan,
+                self.lake,
+                state,
+                report,
+                st.st_size,
+                final=final,
+                chunk_bytes=self.chunk_bytes,
+            ):
+                result += res
+                if state.fp_len < FINGERPRINT_BYTES:
+                    state.fp_len = min(FINGERPRINT_BYTES, state.offset)
+                    state.fp = head_fingerprint(p, state.fp_len)
+                cp.files[key] = state
+                cp.save()  # after the lake batch: a crash re-reads, never skips
+                if self.progress:
+                    self.progress(state.offset, st.st_size)
+        cp.files[key] = state
+        return result
+
+    def follow(self, interval: float = 1.0, stop: Callable[[], bool] | None = None) -> None:
+        """Poll until `stop()` says so (or forever); the CLI's `--follow`."""
+        while stop is None or not stop():
+            self.poll()
+            time.sleep(interval)
