@@ -1,0 +1,139 @@
+"""`finops shim serve|hash-key|check`: run the OpenAI-compatible routing shim."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finops.cli._common import fail
+
+shim_app = typer.Typer(help="The live routing shim in front of vLLM tiers.", no_args_is_help=True)
+
+
+def _build_config(
+    config: Path | None,
+    upstream: list[str] | None,
+    router: Path | None,
+    api_key: list[str] | None,
+    log: Path | None,
+    host: str | None,
+    port: int | None,
+):  # -> ShimConfig
+    from finops.shim.config import ConfigError, from_flags, load_config, with_overrides
+
+    try:
+        if config is not None:
+            if upstream:
+                fail("give either --config FILE or --upstream TIER=URL flags, not both")
+            cfg = load_config(config)
+            changes: dict = {"host": host, "port": port, "log_dir": log, "router_path": router}
+            if api_key:
+                from finops.shim.config import hash_key
+
+                keys = dict(cfg.api_keys)
+                for spec in api_key:
+                    k, sep, tenant = spec.partition("=")
+                    if not (sep and k and tenant):
+                        fail(f"--api-key: expected KEY=TENANT, got {spec.split('=')[0][:4]}...")
+                    keys[hash_key(k)] = tenant
+                changes["api_keys"] = keys
+            return with_overrides(cfg, **changes)
+        if not upstream:
+            fail("give --config FILE, or at least one --upstream TIER=URL (tiers cheapest first)")
+        return from_flags(
+            upstream,
+            router=router,
+            api_keys=api_key,
+            log_dir=log,
+            host=host or "127.0.0.1",
+            port=port or 8080,
+        )
+    except ConfigError as exc:
+        fail(str(exc))
+
+
+@shim_app.command("serve")
+def serve(
+    config: Annotated[
+        Path | None, typer.Option("--config", help="TOML config (see examples/shim.toml).")
+    ] = None,
+    host: Annotated[str | None, typer.Option(help="Listen address (default 127.0.0.1).")] = None,
+    port: Annotated[int | None, typer.Option(help="Listen port (default 8080).")] = None,
+    upstream: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--upstream",
+            help="TIER=URL of a vLLM server; repeat for replicas and tiers, cheapest tier first.",
+        ),
+    ] = None,
+    router: Annotated[
+        Path | None,
+        typer.Option("--router", help="Trained router artifact folder (default: the rule policy)."),
+    ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--api-key", help="KEY=TENANT; repeatable. None given: auth is off, tenant 'default'."
+        ),
+    ] = None,
+    log: Annotated[
+        Path | None, typer.Option("--log", help="Folder for the JSONL request log.")
+    ] = None,
+    log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
+) -> None:
+    """Serve the OpenAI-compatible shim (SIGHUP reloads config and router)."""
+    cfg = _build_config(config, upstream, router, api_key, log, host, port)
+    from finops.shim.app import build_router
+    from finops.shim.server import serve as _serve
+
+    try:
+        build_router(
+            cfg
+        )  # verify the artifact before binding the port: a clear error, not a traceback
+    except Exception as exc:
+        fail(f"router {cfg.router_path}: {exc}")
+    if not cfg.auth_enabled:
+        typer.secho(
+            f"WARNING: AUTH IS OFF - no API keys configured; every request is tenant '{cfg.default_tenant}'.",
+            fg="red",
+            bold=True,
+            err=True,
+        )
+    typer.echo(
+        f"finops shim on http://{cfg.host}:{cfg.port}/v1  tiers: "
+        + ", ".join(f"{n}->{list(t.upstreams)}" for n, t in cfg.tiers.items())
+        + f"  alias: {cfg.alias}  router: {cfg.router_path or 'rules-v1'}  log: {cfg.log_dir or 'off'}",
+        err=True,
+    )
+    _serve(cfg, log_level=log_level)
+
+
+@shim_app.command("hash-key")
+def hash_key_cmd(
+    key: Annotated[str, typer.Argument(help="The API key to hash (for [auth] keys).")],
+) -> None:
+    """Print the sha256 form an API key is stored in."""
+    from finops.shim.config import hash_key
+
+    typer.echo(hash_key(key))
+
+
+@shim_app.command("check")
+def check(config: Annotated[Path, typer.Argument(help="TOML config to validate.")]) -> None:
+    """Validate a config file and its router artifact without serving."""
+    cfg = _build_config(config, None, None, None, None, None, None)
+    from finops.shim.app import build_router
+
+    try:
+        r = build_router(cfg)
+    except Exception as exc:
+        fail(f"router {cfg.router_path}: {exc}")
+    typer.echo(
+        f"ok: {len(cfg.tiers)} tiers {cfg.tier_names}, router {r.version}, auth {'on' if cfg.auth_enabled else 'OFF'}, {len(cfg.caps)} cap rules"
+    )
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(shim_app, name="shim")

@@ -1,0 +1,408 @@
+"""The shim application: shared state (`Shim`), hot reload, and the ASGI app factory.
+
+`create_app(cfg)` returns an ASGI callable. The hot paths
+(`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`) are
+dispatched by a dict lookup on the path before Starlette sees the request, so
+they skip its middleware stack; everything else (`/v1/models`, `/healthz`,
+`/readyz`, `/metrics`, lifespan) is a plain Starlette app.
+
+Hot reload (`Shim.reload()`, SIGHUP, or a file watch with `[server] watch =
+true`): the new config and router are built and verified first, then swapped
+in as whole objects. Requests in flight keep the objects they started with,
+so nothing is dropped; a config or artifact that fails validation is refused
+and the old one keeps serving (metric `finops_shim_reloads{result="refused"}`).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import time
+from collections.abc import AsyncIterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import orjson
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+
+from finops.shim.auth import AuthError, tenant_for
+from finops.shim.cache import Coalescer, MemoryCache, RedisCache
+from finops.shim.config import ConfigError, ShimConfig, load_config
+from finops.shim.metrics import ShimMetrics
+from finops.shim.policy import Router, load_policy
+from finops.shim.proxy import (
+    EmbeddingsEndpoint,
+    HTTPError,
+    ProxyEndpoint,
+    circuit_snapshot,
+    error_body,
+)
+from finops.shim.requestlog import RequestLog
+from finops.shim.upstreams import Pool
+
+logger = logging.getLogger("finops.shim")
+
+
+def build_router(cfg: ShimConfig) -> Router:
+    """Load (and verify) the configured router; raises on a bad artifact."""
+    policy = load_policy(cfg.router_path, cfg.tier_names, cfg.rules)
+    return Router(
+        policy,
+        cfg.tier_names,
+        exploration_rate=cfg.exploration_rate,
+        seed=cfg.exploration_seed,
+        path=cfg.router_path,
+    )
+
+
+class Shim:
+    """Everything a request needs, swapped atomically on reload."""
+
+    def __init__(self, cfg: ShimConfig, *, router: Router | None = None) -> None:
+        self.cfg = cfg
+        self.logger = logger
+        self.metrics = ShimMetrics()
+        self.router = router if router is not None else build_router(cfg)
+        self.metrics.set_router(self.router.version)
+        self.pool = Pool(cfg)
+        self.log = RequestLog(
+            cfg.log_dir, rotate_bytes=cfg.log_rotate_bytes, rotate_s=cfg.log_rotate_s
+        )
+        self.coalescer = Coalescer()
+        self.redis: RedisCache | None = RedisCache(cfg.redis_url) if cfg.redis_url else None
+        self.cache = self.redis or MemoryCache(cfg.cache_max_entries, cfg.cache_max_bytes)
+        self.idem = self.redis or MemoryCache(max(1000, cfg.cache_max_entries), cfg.cache_max_bytes)
+        self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in start()
+        self.started_at = time.time()
+        self.last_reload_error: str | None = None
+        self._tasks: list[asyncio.Task] = []
+        self._names = self._model_names(cfg)
+
+    # -- model names --
+    @staticmethod
+    def _model_names(cfg: ShimConfig) -> dict[str, Any]:
+        names: dict[str, Any] = {}
+        for t in cfg.tiers.values():
+            names.setdefault(t.model, t.name)
+        for t in cfg.tiers:
+            names[t] = t
+        for a, target in cfg.model_aliases.items():
+            names[a] = "@route" if target in cfg.aliases else target
+        if cfg.explicit == "deny":
+            for n in list(names):
+                names[n] = HTTPError(
+                    403,
+                    f"Model `{n}` may not be requested directly here; use `{cfg.alias}`.",
+                    "permission_error",
+                    "model_not_allowed",
+                )
+        if cfg.explicit == "reroute":
+            for src, target in cfg.reroute.items():
+                names[src] = "@route" if target in cfg.aliases else target
+        for a in cfg.aliases:
+            names[a] = "@route"
+        return names
+
+    def resolve_model(self, model: str) -> Any:
+        """'@route' for the alias, a tier name, an HTTPError (denied), or None (unknown)."""
+        return self._names.get(model)
+
+    # -- cache and idempotency storage: meta JSON line + payload --
+    @staticmethod
+    def _pack(meta: dict, payload: bytes) -> bytes:
+        return orjson.dumps(meta) + b"\n" + payload
+
+    @staticmethod
+    def _unpack(v: bytes) -> tuple[dict, bytes]:
+        i = v.index(b"\n")
+        return orjson.loads(v[:i]), v[i + 1 :]
+
+    async def _get(self, store: Any, key: str) -> tuple[dict, bytes] | None:
+        try:
+            v = await store.get(key)
+        except Exception as exc:  # a Redis outage must not fail requests
+            self.logger.warning("cache get failed: %s", exc)
+            return None
+        return None if v is None else self._unpack(v)
+
+    async def _set(self, store: Any, key: str, meta: dict, payload: bytes, ttl: float) -> None:
+        try:
+            await store.set(key, self._pack(meta, payload), ttl)
+        except Exception as exc:
+            self.logger.warning("cache set failed: %s", exc)
+
+    async def cache_get(self, key: str) -> tuple[dict, bytes] | None:
+        return await self._get(self.cache, key)
+
+    async def cache_put(self, key: str, meta: dict, payload: bytes) -> None:
+        await self._set(self.cache, key, meta, payload, self.cfg.cache_ttl_s)
+
+    async def idem_get(self, key: str) -> tuple[dict, bytes] | None:
+        return await self._get(self.idem, key)
+
+    async def idem_put(self, key: str, meta: dict, payload: bytes) -> None:
+        await self._set(self.idem, key, meta, payload, self.cfg.idempotency_ttl_s)
+
+    # -- lifecycle --
+    async def start(self) -> None:
+        cfg = self.cfg
+        self.client = httpx.AsyncClient(
+            limits=httpx.Limits(
+                max_connections=cfg.max_connections,
+                max_keepalive_connections=cfg.max_connections,
+                keepalive_expiry=30,
+            ),
+            timeout=httpx.Timeout(
+                connect=cfg.connect_timeout_s,
+                read=cfg.read_timeout_s,
+                write=30.0,
+                pool=cfg.first_byte_timeout_s,
+            ),
+            trust_env=False,
+        )
+        if not cfg.auth_enabled:
+            self.logger.warning(
+                "AUTH IS OFF: no API keys configured, every request is accepted as tenant %r. "
+                "Give --api-key KEY=TENANT or [auth] keys to turn it on.",
+                cfg.default_tenant,
+            )
+        self.logger.info("router %s serving tiers %s", self.router.version, cfg.tier_names)
+        self._tasks.append(asyncio.create_task(self._health_loop()))
+        if cfg.watch:
+            self._tasks.append(asyncio.create_task(self._watch_loop()))
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self._on_sighup)
+
+    def _on_sighup(self) -> None:
+        self.logger.info("SIGHUP: reloading config and router")
+        self.reload()
+
+    async def stop(self) -> None:
+        for t in self._tasks:
+            t.cancel()
+        for t in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await t
+        with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
+            asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+        if self.client is not None:
+            await self.client.aclose()
+        if self.redis is not None:
+            await self.redis.close()
+        self.log.close()
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read config (when it came from a file) and the router; swap only if both are valid."""
+        old = self.cfg
+        try:
+            cfg = load_config(old.source_path) if old.source_path is not None else old
+            if cfg.source_path is not None:
+                import dataclasses
+
+                cfg = dataclasses.replace(
+                    cfg, host=old.host, port=old.port, log_dir=old.log_dir, redis_url=old.redis_url
+                )
+            router = build_router(cfg)
+        except Exception as exc:  # ConfigError, ArtifactError, OSError...
+            msg = f"reload refused, still serving router {self.router.version}: {type(exc).__name__}: {exc}"
+            self.logger.error(msg)
+            self.last_reload_error = msg
+            self.metrics.reloads.labels("refused").inc()
+            return False, msg
+        self.pool = Pool(cfg, previous=self.pool)
+        self._names = self._model_names(cfg)
+        self.cfg = cfg
+        self.router = router
+        self.metrics.set_router(router.version)
+        self.metrics.reloads.labels("ok").inc()
+        self.last_reload_error = None
+        msg = f"reloaded: router {router.version}, tiers {cfg.tier_names}"
+        self.logger.info(msg)
+        return True, msg
+
+    async def check_upstreams(self) -> None:
+        async def probe(u: Any) -> None:
+            try:
+                r = await self.client.get(
+                    u.url + "/health", timeout=min(2.0, self.cfg.connect_timeout_s + 1)
+                )
+                u.reachable = r.status_code < 500
+            except httpx.HTTPError:
+                u.reachable = False
+
+        await asyncio.gather(*(probe(u) for u in self.pool.all()))
+
+    async def _health_loop(self) -> None:
+        while True:
+            try:
+                await self.check_upstreams()
+            except Exception as exc:
+                self.logger.warning("health check failed: %s", exc)
+            self.metrics.log_records.set(self.log.written)
+            self.metrics.log_errors.set(self.log.errors)
+            await asyncio.sleep(max(0.5, self.cfg.health_interval_s))
+
+    async def _watch_loop(self) -> None:
+        from watchfiles import awatch
+
+        paths = [
+            p
+            for p in (self.cfg.source_path, self.cfg.router_path)
+            if p is not None and Path(p).exists()
+        ]
+        if not paths:
+            return
+        async for _changes in awatch(*paths):
+            self.reload()
+
+    def readiness(self) -> tuple[bool, dict]:
+        tiers = {}
+        ok = self.router is not None
+        for name, reps in self.pool.tiers.items():
+            up = [u.url for u in reps if u.reachable]
+            tiers[name] = {"reachable": up, "replicas": len(reps)}
+            ok = ok and bool(up)
+        return ok, {
+            "ready": ok,
+            "router_version": self.router.version if self.router else None,
+            "tiers": tiers,
+            "last_reload_error": self.last_reload_error,
+        }
+
+
+class ShimASGI:
+    """Path-dict dispatch for the hot endpoints; Starlette for the rest."""
+
+    def __init__(self, shim: Shim, rest: Starlette) -> None:
+        self.shim = shim
+        self.rest = rest
+        self.state = rest.state
+        self.fast = {
+            "/v1/chat/completions": ProxyEndpoint(shim, "chat"),
+            "/v1/completions": ProxyEndpoint(shim, "text_completion"),
+            "/v1/embeddings": EmbeddingsEndpoint(shim),
+        }
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "http":
+            ep = self.fast.get(scope["path"].rstrip("/") or "/")
+            if ep is not None:
+                await ep(scope, receive, send)
+                return
+        await self.rest(scope, receive, send)
+
+
+def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
+    """The shim as an ASGI app (serve with uvicorn); `app.shim` is its state."""
+    shim = Shim(cfg, router=router)
+
+    async def models(request: Request) -> Response:
+        try:
+            tenant_for(
+                request.headers.get("authorization", "").encode() or None,
+                shim.cfg.api_keys,
+                shim.cfg.default_tenant,
+            )
+        except AuthError as exc:
+            return Response(
+                error_body(exc.message, "invalid_request_error", "invalid_api_key"),
+                401,
+                media_type="application/json",
+            )
+        created = int(shim.started_at)
+        c = shim.cfg
+        data = [
+            {
+                "id": a,
+                "object": "model",
+                "created": created,
+                "owned_by": "finops-shim",
+                "finops": {
+                    "kind": "alias",
+                    "router_version": shim.router.version,
+                    "tiers": c.tier_names,
+                },
+            }
+            for a in c.aliases
+        ]
+        for name, t in c.tiers.items():
+            data.append(
+                {
+                    "id": name,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "finops-shim",
+                    "finops": {
+                        "kind": "tier",
+                        "upstream_model": t.model,
+                        "replicas": len(t.upstreams),
+                        "explicit": c.explicit,
+                    },
+                }
+            )
+        for a, target in c.model_aliases.items():
+            data.append(
+                {
+                    "id": a,
+                    "object": "model",
+                    "created": created,
+                    "owned_by": "finops-shim",
+                    "finops": {"kind": "alias", "target": target},
+                }
+            )
+        return Response(
+            orjson.dumps({"object": "list", "data": data}), media_type="application/json"
+        )
+
+    async def healthz(request: Request) -> Response:
+        return JSONResponse({"status": "ok", "router_version": shim.router.version})
+
+    async def readyz(request: Request) -> Response:
+        ok, detail = shim.readiness()
+        detail["circuits"] = circuit_snapshot(shim)
+        return Response(orjson.dumps(detail), 200 if ok else 503, media_type="application/json")
+
+    async def metrics(request: Request) -> Response:
+        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+        m = shim.metrics
+        for u in shim.pool.all():
+            m.circuit_state.labels(u.tier, u.url).set(u.breaker.state)
+            m.outstanding.labels(u.tier, u.url).set(u.outstanding)
+        m.log_records.set(shim.log.written)
+        m.log_errors.set(shim.log.errors)
+        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette) -> AsyncIterator[None]:
+        await shim.start()
+        try:
+            yield
+        finally:
+            await shim.stop()
+
+    rest = Starlette(
+        routes=[
+            Route("/v1/models", models, methods=["GET"]),
+            Route("/healthz", healthz, methods=["GET"]),
+            Route("/readyz", readyz, methods=["GET"]),
+            Route("/metrics", metrics, methods=["GET"]),
+        ],
+        lifespan=lifespan,
+    )
+    rest.state.shim = shim
+    return ShimASGI(shim, rest)
+
+
+def load_app(config_path: Path) -> ShimASGI:
+    """create_app from a TOML file (raises ConfigError with file/key on bad input)."""
+    return create_app(load_config(config_path))
+
+
+__all__ = ["ConfigError", "Shim", "ShimASGI", "build_router", "create_app", "load_app"]

@@ -1,0 +1,35 @@
+"""API keys -> tenants. Keys are kept only as sha256 hex digests (config and memory).
+
+The client's `Authorization` header is read here and nowhere else: the proxy
+builds upstream headers from scratch, so the key is never forwarded, and no
+header is ever written to the request log.
+"""
+
+from __future__ import annotations
+
+import hashlib
+
+
+class AuthError(Exception):
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+def tenant_for(
+    headers_authorization: bytes | None, api_keys: dict[str, str], default_tenant: str
+) -> str:
+    """The tenant of a request; raises AuthError (-> 401) when auth is on and the key is bad."""
+    if not api_keys:
+        return default_tenant
+    if not headers_authorization:
+        raise AuthError("Missing API key: send `Authorization: Bearer <key>`.")
+    value = headers_authorization.strip()
+    scheme, _, token = value.partition(b" ")
+    if scheme.lower() != b"bearer" or not token.strip():
+        raise AuthError("Malformed Authorization header: expected `Bearer <key>`.")
+    digest = hashlib.sha256(token.strip()).hexdigest()
+    tenant = api_keys.get(digest)
+    if tenant is None:
+        raise AuthError("Incorrect API key provided.")
+    return tenant

@@ -1,0 +1,274 @@
+"""Exact response cache, in-flight coalescing and idempotency records.
+
+Only deterministic requests are cached: `temperature == 0` or a fixed
+`seed` (and a single choice, no logprobs sampling beyond that). The key is
+sha256 over the tenant and the *normalized* request: keys sorted, message
+text with leading/trailing whitespace stripped and CRLF turned into LF,
+OpenAI defaults filled in (`n=1`, `top_p=1`, penalties 0, ...), and
+transport-only fields (`stream`, `stream_options`, `user`) removed, so a
+streaming and a non-streaming request share an entry (streaming hits are
+replayed as SSE). The tenant is part of the key: one tenant can never read
+another's entry.
+
+Backends: `MemoryCache` (per process; TTL, entry and byte bounds, LRU) and
+`RedisCache` (redis-py asyncio; replicas share entries; TTL via SETEX, size
+bounded by Redis' own `maxmemory` + `allkeys-lru`). Coalescing of identical
+in-flight requests is per process.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import time
+from collections import OrderedDict
+from typing import Any, Protocol
+
+import orjson
+
+DEFAULTS = {
+    "n": 1,
+    "top_p": 1.0,
+    "presence_penalty": 0.0,
+    "frequency_penalty": 0.0,
+    "logprobs": False,
+    "echo": False,
+}
+TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
+
+
+def is_deterministic(body: dict) -> bool:
+    n = body.get("n", 1)
+    if n not in (1, None):
+        return False
+    t = body.get("temperature", 1.0)
+    if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
+        return True
+    seed = body.get("seed")
+    return isinstance(seed, int) and not isinstance(seed, bool)
+
+
+def _norm_text(s: str) -> str:
+    return s.replace("\r\n", "\n").strip()
+
+
+def _norm(v: Any) -> Any:
+    if isinstance(v, str):
+        return _norm_text(v)
+    if isinstance(v, dict):
+        return {k: _norm(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_norm(x) for x in v]
+    if isinstance(v, float) and v.is_integer():
+        return int(v)  # 0.0 == 0 in the key
+    return v
+
+
+def normalized_request(body: dict, target: str) -> bytes:
+    """Canonical bytes of a request as the cache sees it (see module docstring)."""
+    d = {k: v for k, v in body.items() if k not in TRANSPORT_ONLY}
+    for k, default in DEFAULTS.items():
+        d.setdefault(k, default)
+    if d.get("seed") is None:
+        d.pop("seed", None)
+    d["_target"] = target  # the resolved tier: "auto" and an explicit tier share when routed alike
+    return orjson.dumps(_norm(d), option=orjson.OPT_SORT_KEYS)
+
+
+def cache_key(tenant: str, endpoint: str, body: dict, target: str) -> str:
+    h = hashlib.sha256()
+    h.update(tenant.encode())
+    h.update(b"\x00")
+    h.update(endpoint.encode())
+    h.update(b"\x00")
+    h.update(normalized_request(body, target))
+    return h.hexdigest()
+
+
+class Backend(Protocol):
+    async def get(self, key: str) -> bytes | None: ...
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None: ...
+    async def close(self) -> None: ...
+
+
+class MemoryCache:
+    """LRU with per-entry expiry and entry/byte bounds (single event loop, no locks needed)."""
+
+    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024) -> None:
+        self.max_entries = max_entries
+        self.max_bytes = max_bytes
+        self.bytes = 0
+        self._d: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
+        self.evictions = 0
+
+    def __len__(self) -> int:
+        return len(self._d)
+
+    async def get(self, key: str) -> bytes | None:
+        item = self._d.get(key)
+        if item is None:
+            return None
+        expires, value = item
+        if expires < time.monotonic():
+            self._drop(key)
+            return None
+        self._d.move_to_end(key)
+        return value
+
+    def _drop(self, key: str) -> None:
+        _, v = self._d.pop(key)
+        self.bytes -= len(v)
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        if len(value) > self.max_bytes:
+            return
+        if key in self._d:
+            self._drop(key)
+        self._d[key] = (time.monotonic() + ttl_s, value)
+        self.bytes += len(value)
+        while len(self._d) > self.max_entries or self.bytes > self.max_bytes:
+            oldest = next(iter(self._d))
+            self._drop(oldest)
+            self.evictions += 1
+
+    async def close(self) -> None:
+        self._d.clear()
+        self.bytes = 0
+
+
+class RedisCache:
+    """Shared cache on Redis: values are the same bytes MemoryCache holds."""
+
+    def __init__(self, url: str, prefix: str = "finops:shim:") -> None:
+        import redis.asyncio as aioredis
+
+        self.url = url
+        self.prefix = prefix
+        self._r = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+
+    async def ping(self) -> bool:
+        return bool(await self._r.ping())
+
+    async def get(self, key: str) -> bytes | None:
+        return await self._r.get(self.prefix + key)
+
+    async def set(self, key: str, value: bytes, ttl_s: float) -> None:
+        await self._r.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+
+    async def close(self) -> None:
+        await self._r.aclose()
+
+
+class Coalescer:
+    """Identical in-flight requests wait for the first one's result (one upstream call)."""
+
+    def __init__(self) -> None:
+        self._inflight: dict[str, asyncio.Future] = {}
+
+    def join(self, key: str) -> asyncio.Future | None:
+        """The leader's future if one is in flight, else None (the caller becomes leader)."""
+        fut = self._inflight.get(key)
+        if fut is not None:
+            return fut
+        self._inflight[key] = asyncio.get_running_loop().create_future()
+        return None
+
+    def finish(self, key: str, result: Any) -> None:
+        """Hand `result` (None = failed, followers do their own call) to waiting followers."""
+        fut = self._inflight.pop(key, None)
+        if fut is not None and not fut.done():
+            fut.set_result(result)
+
+    def __len__(self) -> int:
+        return len(self._inflight)
+
+
+def assemble_stream(events: list[dict], operation: str) -> dict | None:
+    """Rebuild the non-streaming response object from streamed chunks (for caching)."""
+    if not events:
+        return None
+    first = events[0]
+    choices: dict[int, dict] = {}
+    usage = None
+    for ev in events:
+        if ev.get("usage"):
+            usage = ev["usage"]
+        for ch in ev.get("choices") or ():
+            i = ch.get("index", 0)
+            c = choices.setdefault(
+                i, {"index": i, "text": [], "role": "assistant", "finish_reason": None}
+            )
+            if operation == "chat":
+                delta = ch.get("delta") or {}
+                if delta.get("role"):
+                    c["role"] = delta["role"]
+                if delta.get("content"):
+                    c["text"].append(delta["content"])
+            elif ch.get("text"):
+                c["text"].append(ch["text"])
+            if ch.get("finish_reason"):
+                c["finish_reason"] = ch["finish_reason"]
+    out_choices = []
+    for i in sorted(choices):
+        c = choices[i]
+        text = "".join(c["text"])
+        if operation == "chat":
+            out_choices.append(
+                {
+                    "index": i,
+                    "message": {"role": c["role"], "content": text},
+                    "finish_reason": c["finish_reason"],
+                }
+            )
+        else:
+            out_choices.append(
+                {"index": i, "text": text, "finish_reason": c["finish_reason"], "logprobs": None}
+            )
+    return {
+        "id": first.get("id"),
+        "object": "chat.completion" if operation == "chat" else "text_completion",
+        "created": first.get("created"),
+        "model": first.get("model"),
+        "choices": out_choices,
+        "usage": usage,
+    }
+
+
+def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes]:
+    """SSE events for a cached response: role, content, finish, optional usage, [DONE]."""
+    base = {"id": resp.get("id"), "created": resp.get("created"), "model": resp.get("model")}
+    out: list[bytes] = []
+    obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
+    for ch in resp.get("choices") or ():
+        i = ch.get("index", 0)
+        if operation == "chat":
+            msg = ch.get("message") or {}
+            chunks = [
+                {
+                    "index": i,
+                    "delta": {"role": msg.get("role", "assistant"), "content": ""},
+                    "finish_reason": None,
+                },
+                {"index": i, "delta": {"content": msg.get("content") or ""}, "finish_reason": None},
+                {"index": i, "delta": {}, "finish_reason": ch.get("finish_reason")},
+            ]
+        else:
+            chunks = [
+                {"index": i, "text": ch.get("text") or "", "finish_reason": None, "logprobs": None},
+                {
+                    "index": i,
+                    "text": "",
+                    "finish_reason": ch.get("finish_reason"),
+                    "logprobs": None,
+                },
+            ]
+        for c in chunks:
+            out.append(b"data: " + orjson.dumps({**base, "object": obj, "choices": [c]}) + b"\n\n")
+    if include_usage and resp.get("usage"):
+        out.append(
+            b"data: "
+            + orjson.dumps({**base, "object": obj, "choices": [], "usage": resp["usage"]})
+            + b"\n\n"
+        )
+    out.append(b"data: [DONE]\n\n")
+    return out

@@ -1,0 +1,214 @@
+"""Context caps: a maximum input size per tier/feature/tenant, enforced before routing cost.
+
+Token counts come from one of two counters (config `[caps] token_counter`):
+
+- ``estimate`` (default, no network): ``ceil(utf8_bytes / 4)`` for every text
+  part plus 4 tokens per chat message and 3 for the reply primer, the
+  OpenAI-documented rule of thumb for English BPE vocabularies. It can be off
+  by 2x for code or small vocabularies, so caps set against it need headroom.
+- ``upstream``: the tier's vLLM ``POST /tokenize`` (exact, chat template
+  included), one extra loopback round trip, only for requests a cap applies to.
+  If the call fails the estimate is used and the request still goes through.
+
+When several rules match a request the strictest (smallest) wins. Policy
+``reject`` answers an OpenAI-style 400 (code ``context_length_exceeded``);
+``truncate`` drops the oldest non-system *turns* (a user message and the
+replies that follow it) and never the system prompt or the last user turn; if
+that is still too long the request is rejected. What was cut is logged as
+``truncated_tokens``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+import orjson
+
+from finops.shim.config import CapRule
+
+PER_MESSAGE = 4
+PRIMER = 3
+
+
+def _text_bytes(content: Any) -> int:
+    if isinstance(content, str):
+        return len(content.encode())
+    if isinstance(content, list):  # multi-part content
+        n = 0
+        for part in content:
+            if isinstance(part, dict):
+                t = part.get("text")
+                if isinstance(t, str):
+                    n += len(t.encode())
+        return n
+    return 0
+
+
+def estimate_message_tokens(msg: Any) -> int:
+    if not isinstance(msg, dict):
+        return PER_MESSAGE
+    n = math.ceil(_text_bytes(msg.get("content")) / 4) + PER_MESSAGE
+    if msg.get("tool_calls"):
+        n += math.ceil(len(orjson.dumps(msg["tool_calls"])) / 4)
+    return n
+
+
+def estimate_body_tokens(body: dict) -> int:
+    """Documented estimate of a request's input tokens (see module docstring)."""
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        n = sum(estimate_message_tokens(m) for m in msgs) + PRIMER
+        if body.get("tools"):
+            n += math.ceil(len(orjson.dumps(body["tools"])) / 4)
+        return n
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return math.ceil(len(prompt.encode()) / 4)
+    if isinstance(prompt, list):
+        if prompt and all(isinstance(p, int) for p in prompt):
+            return len(prompt)
+        return sum(math.ceil(_text_bytes(p) / 4) for p in prompt if isinstance(p, str))
+    return 0
+
+
+def applicable_cap(
+    rules: tuple[CapRule, ...], tier: str, feature: str, tenant: str
+) -> CapRule | None:
+    best: CapRule | None = None
+    for r in rules:
+        if r.matches(tier, feature, tenant) and (
+            best is None or r.max_input_tokens < best.max_input_tokens
+        ):
+            best = r
+    return best
+
+
+async def upstream_token_count(
+    client: httpx.AsyncClient, root_url: str, model: str, body: dict, timeout: float
+) -> int | None:
+    """Exact count from vLLM's /tokenize, or None when the upstream cannot say."""
+    req: dict[str, Any] = {"model": model}
+    if isinstance(body.get("messages"), list):
+        req["messages"] = body["messages"]
+        if body.get("tools"):
+            req["tools"] = body["tools"]
+    elif isinstance(body.get("prompt"), str):
+        req["prompt"] = body["prompt"]
+    else:
+        return None
+    try:
+        r = await client.post(
+            root_url + "/tokenize",
+            content=orjson.dumps(req),
+            headers={"content-type": "application/json"},
+            timeout=timeout,
+        )
+        if r.status_code != 200:
+            return None
+        count = orjson.loads(r.content).get("count")
+        return int(count) if isinstance(count, int) else None
+    except (httpx.HTTPError, orjson.JSONDecodeError, ValueError):
+        return None
+
+
+@dataclass
+class CapOutcome:
+    body: dict
+    input_tokens: int
+    truncated_tokens: int = 0
+    error: str | None = None  # set when the request must be rejected
+
+
+def _turns(msgs: list) -> tuple[list[int], list[list[int]]]:
+    """Indexes of system messages, and the other messages grouped into turns."""
+    system: list[int] = []
+    turns: list[list[int]] = []
+    for i, m in enumerate(msgs):
+        role = m.get("role") if isinstance(m, dict) else None
+        if role in ("system", "developer"):
+            system.append(i)
+        elif role == "user" or not turns:
+            turns.append([i])
+        else:
+            turns[-1].append(i)
+    return system, turns
+
+
+def truncate_messages(body: dict, count: int, cap: int, *, scale: float = 1.0) -> tuple[dict, int]:
+    """Drop the oldest non-system turns until the estimate fits; returns (body, dropped_tokens).
+
+    `scale` corrects the per-message estimate towards an exact total (exact /
+    estimated), so that a count from /tokenize and the per-turn estimates agree.
+    """
+    msgs = body.get("messages")
+    if not isinstance(msgs, list):
+        return body, 0
+    _, turns = _turns(msgs)
+    drop: set[int] = set()
+    dropped = 0
+    remaining = count
+    for turn in turns[:-1]:  # never the last turn
+        if remaining <= cap:
+            break
+        t = round(sum(estimate_message_tokens(msgs[i]) for i in turn) * scale)
+        drop.update(turn)
+        dropped += t
+        remaining -= t
+    if not drop:
+        return body, 0
+    new = dict(body)
+    new["messages"] = [m for i, m in enumerate(msgs) if i not in drop]
+    return new, dropped
+
+
+async def apply_cap(
+    rule: CapRule,
+    body: dict,
+    *,
+    counter: str,
+    client: httpx.AsyncClient | None = None,
+    root_url: str | None = None,
+    model: str | None = None,
+    timeout: float = 5.0,
+) -> CapOutcome:
+    """Enforce one cap rule on a request body (reject or truncate)."""
+    est = estimate_body_tokens(body)
+    count: int | None = None
+    if counter == "upstream" and client is not None and root_url is not None and model is not None:
+        count = await upstream_token_count(client, root_url, model, body, timeout)
+    exact = count is not None
+    if count is None:
+        count = est
+    if count <= rule.max_input_tokens:
+        return CapOutcome(body, count)
+    if rule.policy == "truncate" and isinstance(body.get("messages"), list):
+        scale = count / est if est else 1.0
+        new, dropped = truncate_messages(body, count, rule.max_input_tokens, scale=scale)
+        if exact and new is not body and client is not None:
+            recount = await upstream_token_count(client, root_url or "", model or "", new, timeout)
+            if recount is not None:
+                dropped = count - recount
+        after = count - dropped
+        if new is not body and after <= rule.max_input_tokens:
+            return CapOutcome(new, after, truncated_tokens=dropped)
+        return CapOutcome(
+            body,
+            count,
+            error=(
+                f"This request has {count} input tokens; the cap for it is {rule.max_input_tokens} "
+                f"(tier {rule.tier}, feature {rule.feature}, tenant {rule.tenant}) and dropping older "
+                "turns cannot fit it: shorten the last message or the system prompt."
+            ),
+        )
+    return CapOutcome(
+        body,
+        count,
+        error=(
+            f"This request has {count} input tokens, more than the cap of {rule.max_input_tokens} "
+            f"(tier {rule.tier}, feature {rule.feature}, tenant {rule.tenant}, counted by the "
+            f"{'upstream tokenizer' if exact else 'byte estimate'}). Shorten the context."
+        ),
+    )

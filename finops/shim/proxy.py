@@ -1,0 +1,1087 @@
+"""The fast path: one raw ASGI endpoint per OpenAI operation.
+
+Raw ASGI (not Starlette Request/Response objects) because every microsecond
+here is added latency for every token stream: headers are scanned once,
+the body is parsed once with orjson, the upstream body is re-serialized once
+per attempt, and non-streaming upstream bytes are passed through untouched.
+
+Order of work for a request: auth -> parse -> resolve model (alias ->
+router, explicit name -> policy) -> context cap -> idempotency -> cache /
+coalescing -> upstream attempts with fallback (before the first byte) ->
+respond -> one request-log record (queued, never blocking).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import time
+import uuid
+from typing import TYPE_CHECKING, Any
+
+import httpx
+import orjson
+
+from finops.shim.auth import AuthError, tenant_for
+from finops.shim.cache import assemble_stream, cache_key, is_deterministic, replay_as_sse
+from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
+from finops.shim.requestlog import iso_utc, new_record, redact
+from finops.shim.upstreams import STATE_NAMES, Upstream
+
+if TYPE_CHECKING:
+    from finops.shim.app import Shim
+
+JSON_CT = (b"content-type", b"application/json")
+SSE_HEADERS = [
+    (b"content-type", b"text/event-stream; charset=utf-8"),
+    (b"cache-control", b"no-cache"),
+    (b"x-accel-buffering", b"no"),
+]
+DONE = b"data: [DONE]\n\n"
+
+
+class ClientGone(Exception):
+    """The client disconnected while we were streaming to it."""
+
+
+class UpstreamFailure(Exception):
+    def __init__(self, reason: str, status: int, message: str, body: bytes | None = None) -> None:
+        super().__init__(message)
+        self.reason = reason  # connect | timeout | http_5xx | rate_limited | disconnect
+        self.status = status
+        self.message = message
+        self.body = body
+
+
+def error_body(
+    message: str, type_: str, code: str | None = None, param: str | None = None
+) -> bytes:
+    return orjson.dumps(
+        {"error": {"message": message, "type": type_, "param": param, "code": code}}
+    )
+
+
+class HTTPError(Exception):
+    """An error answered to the client in OpenAI's shape."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        type_: str,
+        code: str | None = None,
+        error_type: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.body = error_body(message, type_, code)
+        self.error_type = error_type or code or type_
+
+
+async def read_body(receive: Any, limit: int, timeout: float, declared: int | None) -> bytes:
+    if declared is not None and declared > limit:
+        raise HTTPError(
+            413,
+            f"Request body of {declared} bytes exceeds the limit of {limit} bytes.",
+            "invalid_request_error",
+            "request_too_large",
+        )
+    chunks: list[bytes] = []
+    size = 0
+    try:
+        async with asyncio.timeout(timeout):
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    raise ClientGone()
+                b = msg.get("body", b"")
+                if b:
+                    size += len(b)
+                    if size > limit:
+                        raise HTTPError(
+                            413,
+                            f"Request body exceeds the limit of {limit} bytes.",
+                            "invalid_request_error",
+                            "request_too_large",
+                        )
+                    chunks.append(b)
+                if not msg.get("more_body", False):
+                    break
+    except TimeoutError:
+        raise HTTPError(
+            408,
+            f"Request body not received within {timeout:g} s.",
+            "invalid_request_error",
+            "request_timeout",
+        ) from None
+    return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+
+def _fingerprint_prompt(body: dict) -> str:
+    src = body.get("messages") if "messages" in body else body.get("prompt")
+    return hashlib.sha256(orjson.dumps(src, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
+
+
+def _prompt_text(body: dict) -> str:
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        parts = []
+        for m in msgs:
+            if isinstance(m, dict):
+                c = m.get("content")
+                if isinstance(c, list):
+                    c = " ".join(p.get("text", "") for p in c if isinstance(p, dict))
+                parts.append(f"{m.get('role')}: {c}")
+        return redact("\n".join(parts))
+    p = body.get("prompt")
+    return redact(p if isinstance(p, str) else orjson.dumps(p).decode())
+
+
+class Ctx:
+    """Per-request state that ends up in the request-log record."""
+
+    __slots__ = (
+        "body",
+        "cache_header",
+        "fallbacks",
+        "first_byte_at",
+        "include_usage",
+        "operation",
+        "rec",
+        "result",
+        "routed",
+        "shim",
+        "stream",
+        "t0",
+        "tier",
+        "upstream_wait",
+    )
+
+    def __init__(self, shim: Shim, operation: str) -> None:
+        self.shim = shim
+        self.operation = operation
+        self.t0 = time.perf_counter()
+        self.rec = new_record()
+        self.upstream_wait = 0.0
+        self.first_byte_at: float | None = None
+        self.tier: str | None = None
+        self.cache_header = b"bypass"
+        self.stream = False
+        self.include_usage = False
+        self.routed = None
+        self.fallbacks = 0
+        self.body: dict = {}
+        self.result: tuple[dict, bytes] | None = None
+
+    def overhead_ms(self, now: float) -> float:
+        return max(0.0, (now - self.t0 - self.upstream_wait) * 1000.0)
+
+    def headers(self, now: float) -> list[tuple[bytes, bytes]]:
+        ov = self.overhead_ms(now)
+        self.first_byte_at = now
+        return [
+            (b"x-finops-tier", (self.tier or "none").encode()),
+            (b"x-finops-cache", self.cache_header),
+            (b"x-finops-overhead-ms", f"{ov:.3f}".encode()),
+            (b"x-request-id", self.rec["request_id"].encode()),
+        ]
+
+
+class ProxyEndpoint:
+    """ASGI app for /v1/chat/completions (operation chat) and /v1/completions (text_completion)."""
+
+    def __init__(self, shim: Shim, operation: str) -> None:
+        self.shim = shim
+        self.operation = operation
+        self.endpoint = "chat" if operation == "chat" else "completions"
+        self.path = "/v1/chat/completions" if operation == "chat" else "/v1/completions"
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        shim = self.shim
+        if scope["method"] != "POST":
+            await _send_simple(
+                send,
+                405,
+                error_body("Use POST.", "invalid_request_error", "method_not_allowed"),
+                [],
+            )
+            return
+        ctx = Ctx(shim, self.operation)
+        rec = ctx.rec
+        now_wall = time.time()
+        rec["request_id"] = "req-" + uuid.uuid4().hex
+        rec["ts"] = iso_utc(now_wall)
+        rec["source"] = "shim"
+        rec["operation"] = self.operation
+        rec["attempt"] = 1
+        rec["truncated_tokens"] = 0
+        auth = None
+        declared = None
+        idem = None
+        feature = None
+        fh = shim.cfg.feature_header.encode()
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = None
+            elif k == b"idempotency-key":
+                idem = v.decode("latin-1")
+            elif k == fh:
+                feature = v.decode("latin-1")
+        try:
+            try:
+                rec["tenant"] = tenant_for(auth, shim.cfg.api_keys, shim.cfg.default_tenant)
+            except AuthError as exc:
+                raise HTTPError(
+                    401, exc.message, "invalid_request_error", "invalid_api_key", "auth"
+                ) from None
+            raw = await read_body(
+                receive, shim.cfg.max_body_bytes, shim.cfg.body_timeout_s, declared
+            )
+            await self._handle(ctx, raw, feature or shim.cfg.default_feature, idem, receive, send)
+        except HTTPError as exc:
+            rec["status_code"] = exc.status
+            rec["error_type"] = exc.error_type
+            await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+        except ClientGone:
+            rec["status_code"] = 499
+            rec["error_type"] = "client_disconnected"
+        except Exception as exc:  # a bug must still answer and log
+            shim.logger.exception("unexpected error in %s", self.path)
+            rec["status_code"] = 500
+            rec["error_type"] = f"internal:{type(exc).__name__}"
+            if ctx.first_byte_at is None:
+                with contextlib.suppress(Exception):
+                    await _send_simple(
+                        send,
+                        500,
+                        error_body(
+                            "Internal error in the finops shim.", "server_error", "internal_error"
+                        ),
+                        ctx.headers(time.perf_counter()),
+                    )
+        finally:
+            self._finish(ctx)
+
+    # ------------------------------------------------------------------
+    async def _handle(
+        self, ctx: Ctx, raw: bytes, feature: str, idem: str | None, receive: Any, send: Any
+    ) -> None:
+        shim = self.shim
+        cfg = shim.cfg
+        rec = ctx.rec
+        rec["feature"] = feature
+        tenant = rec["tenant"]
+        try:
+            body = orjson.loads(raw)
+        except orjson.JSONDecodeError as exc:
+            raise HTTPError(
+                400,
+                f"Request body is not valid JSON: {exc}",
+                "invalid_request_error",
+                "invalid_json",
+            ) from None
+        if not isinstance(body, dict):
+            raise HTTPError(
+                400, "Request body must be a JSON object.", "invalid_request_error", "invalid_json"
+            )
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise HTTPError(
+                400,
+                "`model` is required (a tier name or the routing alias).",
+                "invalid_request_error",
+                "missing_model",
+            )
+        rec["request_model"] = model
+        if self.operation == "chat":
+            msgs = body.get("messages")
+            if not isinstance(msgs, list) or not msgs:
+                raise HTTPError(
+                    400,
+                    "`messages` must be a non-empty list.",
+                    "invalid_request_error",
+                    "invalid_messages",
+                )
+            rec["turn_count"] = sum(
+                1 for m in msgs if isinstance(m, dict) and m.get("role") == "user"
+            )
+        elif "prompt" not in body:
+            raise HTTPError(400, "`prompt` is required.", "invalid_request_error", "missing_prompt")
+        rec["has_tools"] = bool(body.get("tools") or body.get("functions"))
+        ctx.stream = stream = body.get("stream") is True
+        rec["stream"] = stream
+        so = body.get("stream_options")
+        ctx.include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))
+        rec["prompt_fingerprint"] = _fingerprint_prompt(body)
+        if cfg.log_prompts:
+            rec["prompt_text"] = _prompt_text(body)
+
+        # -- resolve the target tier --
+        router = shim.router
+        rec["router_version"] = router.version
+        tier = shim.resolve_model(model)
+        if tier is None:
+            raise HTTPError(
+                404,
+                f"The model `{model}` does not exist here; use `{cfg.alias}` or one of {list(cfg.tiers)}.",
+                "invalid_request_error",
+                "model_not_found",
+            )
+        if isinstance(tier, HTTPError):
+            raise tier
+        if tier == "@route":
+            routed = router.route(body, feature, tenant)
+            ctx.routed = routed
+            tier = routed.tier
+            rec["router_score"] = routed.score
+            rec["route_propensity"] = routed.propensity
+            m = shim.metrics
+            m.router_decisions.labels(
+                tier, routed.version, "yes" if routed.explored else "no"
+            ).inc()
+            if routed.score is not None:
+                m.router_score.labels(routed.version).observe(routed.score)
+        ctx.tier = tier
+
+        # -- context caps --
+        rule = applicable_cap(cfg.caps, tier, feature, tenant)
+        if rule is not None:
+            up = shim.pool.pick_first(tier)
+            t = time.perf_counter()
+            out = await apply_cap(
+                rule,
+                body,
+                counter=cfg.token_counter,
+                client=shim.client,
+                root_url=up.url,
+                model=up.model,
+                timeout=cfg.connect_timeout_s + 3,
+            )
+            ctx.upstream_wait += time.perf_counter() - t
+            if out.error is not None:
+                shim.metrics.cap_rejections.labels(tier).inc()
+                rec["input_tokens"] = out.input_tokens
+                raise HTTPError(400, out.error, "invalid_request_error", "context_length_exceeded")
+            if out.truncated_tokens:
+                rec["truncated_tokens"] = out.truncated_tokens
+                shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
+                body = out.body
+                rec["turn_count"] = sum(
+                    1 for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"
+                )
+        ctx.body = body
+
+        # -- idempotency --
+        idem_id = None
+        if idem:
+            idem_id = "idem:" + hashlib.sha256(f"{tenant}\x00{idem}".encode()).hexdigest()
+            rec["idempotency_key"] = idem[:200]
+            fp = hashlib.sha256(raw).hexdigest()
+            while True:
+                stored = await shim.idem_get(idem_id)
+                if stored is not None:
+                    meta, payload = stored
+                    if meta.get("fp") != fp:
+                        raise HTTPError(
+                            422,
+                            "This Idempotency-Key was already used with a different request body.",
+                            "invalid_request_error",
+                            "idempotency_key_reused",
+                        )
+                    meta["attempts"] = int(meta.get("attempts", 1)) + 1
+                    await shim.idem_put(idem_id, meta, payload)
+                    rec["retry_of"] = meta["request_id"]
+                    rec["attempt"] = meta["attempts"]
+                    shim.metrics.idempotent_replays.inc()
+                    ctx.cache_header = b"hit"
+                    rec["cache_status"] = "hit"
+                    await self._respond_cached(ctx, meta, payload, send)
+                    return
+                waiter = shim.coalescer.join(idem_id)
+                if waiter is None:
+                    break
+                await waiter  # the original is in flight: wait, then read its record
+
+        # -- cache / coalescing --
+        key = None
+        leader_key = idem_id
+        try:
+            if cfg.cache_enabled and is_deterministic(body):
+                key = "resp:" + cache_key(tenant, self.endpoint, body, tier)
+                hit = await shim.cache_get(key)
+                if hit is not None:
+                    shim.metrics.cache.labels("hit").inc()
+                    ctx.cache_header = b"hit"
+                    rec["cache_status"] = "hit"
+                    meta, payload = hit
+                    await self._respond_cached(ctx, meta, payload, send)
+                    if idem_id is not None:
+                        await shim.idem_put(
+                            idem_id,
+                            {
+                                "request_id": rec["request_id"],
+                                "fp": hashlib.sha256(raw).hexdigest(),
+                                "attempts": 1,
+                                **_meta_of(meta),
+                            },
+                            payload,
+                        )
+                    return
+                if cfg.coalesce:
+                    waiter = shim.coalescer.join(key)
+                    if waiter is not None:
+                        result = await waiter
+                        if result is not None:
+                            shim.metrics.coalesced.inc()
+                            ctx.cache_header = b"hit"
+                            rec["cache_status"] = "coalesced"
+                            meta, payload = result
+                            await self._respond_cached(ctx, meta, payload, send)
+                            return
+                        # leader failed: do our own call (no coalescing for this one)
+                        key_for_store = key
+                        key = None
+                        shim.metrics.cache.labels("miss").inc()
+                        ctx.cache_header = b"miss"
+                        rec["cache_status"] = "miss"
+                        await self._forward(ctx, send, receive, key_for_store)
+                        return
+                shim.metrics.cache.labels("miss").inc()
+                ctx.cache_header = b"miss"
+                rec["cache_status"] = "miss"
+            else:
+                shim.metrics.cache.labels("bypass").inc()
+                rec["cache_status"] = "bypass"
+            result = await self._forward(ctx, send, receive, key)
+            if idem_id is not None and result is not None:
+                meta, payload = result
+                await shim.idem_put(
+                    idem_id,
+                    {
+                        "request_id": rec["request_id"],
+                        "fp": hashlib.sha256(raw).hexdigest(),
+                        "attempts": 1,
+                        **meta,
+                    },
+                    payload,
+                )
+        finally:
+            if key is not None and cfg.coalesce:
+                shim.coalescer.finish(key, ctx.result)
+            if leader_key is not None:
+                shim.coalescer.finish(leader_key, True)
+
+    # ------------------------------------------------------------------
+    async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
+        rec = ctx.rec
+        shim = self.shim
+        rec["tier"] = meta.get("tier")
+        ctx.tier = meta.get("tier") or ctx.tier
+        rec["upstream"] = meta.get("upstream")
+        rec["response_model"] = meta.get("response_model")
+        rec["finish_reason"] = meta.get("finish_reason")
+        rec["input_tokens"] = 0  # served without upstream work: nothing billed again
+        rec["output_tokens"] = 0
+        rec["cached_input_tokens"] = 0
+        rec["status_code"] = 200
+        if ctx.stream:
+            resp = orjson.loads(payload)
+            events = replay_as_sse(resp, self.operation, ctx.include_usage)
+            now = time.perf_counter()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": SSE_HEADERS + ctx.headers(now),
+                }
+            )
+            rec["ttft_ms"] = (time.perf_counter() - ctx.t0) * 1000
+            await send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
+        else:
+            now = time.perf_counter()
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [JSON_CT, *ctx.headers(now)],
+                }
+            )
+            await send({"type": "http.response.body", "body": payload, "more_body": False})
+        shim.metrics.added_latency.labels("yes" if ctx.stream else "no").observe(
+            ctx.overhead_ms(now) / 1000
+        )
+
+    # ------------------------------------------------------------------
+    def _upstream_payload(self, ctx: Ctx, up: Upstream) -> bytes:
+        body = ctx.body
+        if ctx.stream and not ctx.include_usage:
+            so = body.get("stream_options")
+            so = dict(so) if isinstance(so, dict) else {}
+            so["include_usage"] = True
+            body = {**body, "model": up.model, "stream_options": so}
+        else:
+            body = {**body, "model": up.model}
+        return orjson.dumps(body)
+
+    async def _attempt(self, ctx: Ctx, up: Upstream) -> tuple[httpx.Response, bytes]:
+        """Send to one replica; return the response and its first bytes (whole body if not streaming)."""
+        shim = self.shim
+        headers = {
+            "content-type": "application/json",
+            "accept": "text/event-stream" if ctx.stream else "application/json",
+        }
+        if up.api_key:
+            headers["authorization"] = "Bearer " + up.api_key
+        req = shim.client.build_request(
+            "POST", up.url + self.path, content=self._upstream_payload(ctx, up), headers=headers
+        )
+        resp: httpx.Response | None = None
+        try:
+            async with asyncio.timeout(shim.cfg.first_byte_timeout_s):
+                resp = await shim.client.send(req, stream=True)
+                if resp.status_code >= 500 or resp.status_code == 429:
+                    data = await resp.aread()
+                    await resp.aclose()
+                    reason = "rate_limited" if resp.status_code == 429 else "http_5xx"
+                    raise UpstreamFailure(
+                        reason,
+                        resp.status_code,
+                        f"upstream {up.url} answered {resp.status_code}",
+                        data,
+                    )
+                if not ctx.stream or resp.status_code != 200:
+                    data = await resp.aread()
+                    await resp.aclose()
+                    return resp, data
+                it = resp.aiter_raw()
+                first = b""
+                async for chunk in it:
+                    if chunk:
+                        first = chunk
+                        break
+                if not first:
+                    await resp.aclose()
+                    raise UpstreamFailure(
+                        "disconnect",
+                        502,
+                        f"upstream {up.url} closed the stream before the first byte",
+                    )
+                resp.extensions["finops_iter"] = it
+                return resp, first
+        except TimeoutError:
+            if resp is not None:
+                await resp.aclose()
+            raise UpstreamFailure(
+                "timeout",
+                504,
+                f"upstream {up.url} sent no first byte within {shim.cfg.first_byte_timeout_s:g} s",
+            ) from None
+        except httpx.TimeoutException as exc:
+            if resp is not None:
+                await resp.aclose()
+            kind = "connect" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
+            raise UpstreamFailure(
+                kind, 504 if kind == "timeout" else 502, f"upstream {up.url}: {type(exc).__name__}"
+            ) from None
+        except httpx.ConnectError as exc:
+            raise UpstreamFailure(
+                "connect", 502, f"upstream {up.url} refused or unreachable: {exc}"
+            ) from None
+        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
+            if resp is not None:
+                await resp.aclose()
+            raise UpstreamFailure(
+                "disconnect",
+                502,
+                f"upstream {up.url} dropped the connection before the first byte: {type(exc).__name__}",
+            ) from None
+
+    async def _forward(
+        self, ctx: Ctx, send: Any, receive: Any, store_key: str | None
+    ) -> tuple[dict, bytes] | None:
+        """Try replicas/tiers until one gives a first byte; then respond. Returns (meta, payload) if cacheable."""
+        shim = self.shim
+        rec = ctx.rec
+        tier0 = ctx.tier
+        last: UpstreamFailure | None = None
+        attempts = 0
+        for up in shim.pool.candidates(tier0):
+            now = time.monotonic()
+            if not up.breaker.allow(now):
+                continue
+            if attempts > 0 and not up.budget.try_retry(now):
+                up.breaker.release_probe()
+                shim.metrics.retry_budget_exhausted.labels(up.url).inc()
+                continue
+            if attempts > 0 and last is not None:
+                shim.metrics.fallbacks.labels(ctx.tier, up.tier, last.reason).inc()
+                ctx.fallbacks += 1
+            attempts += 1
+            up.budget.record_request(now)
+            up.outstanding += 1
+            t_send = time.perf_counter()
+            try:
+                try:
+                    resp, first = await self._attempt(ctx, up)
+                except UpstreamFailure as exc:
+                    ctx.upstream_wait += time.perf_counter() - t_send
+                    up.breaker.failure(time.monotonic())
+                    shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
+                    shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
+                    last = exc
+                    ctx.tier = up.tier
+                    continue
+                except asyncio.CancelledError:
+                    up.breaker.release_probe()
+                    raise
+                t_first = time.perf_counter()
+                ctx.upstream_wait += t_first - t_send
+                if resp.status_code < 400:
+                    up.breaker.success()
+                else:
+                    up.breaker.release_probe()
+                shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
+                ctx.tier = up.tier
+                rec["tier"] = up.tier
+                rec["upstream"] = up.url
+                if not ctx.stream or resp.status_code != 200:
+                    shim.metrics.upstream_latency.labels(up.tier).observe(t_first - t_send)
+                    return await self._respond_full(ctx, up, resp, first, send, store_key)
+                return await self._respond_stream(
+                    ctx, up, resp, first, t_send, send, receive, store_key
+                )
+            finally:
+                up.outstanding -= 1
+        # every candidate failed or was unavailable
+        rec["tier"] = ctx.tier
+        if last is None:
+            raise HTTPError(
+                503,
+                f"No upstream of tier `{tier0}` or above is available (circuits open or retry budgets spent).",
+                "server_error",
+                "upstream_unavailable",
+                "upstream_unavailable",
+            )
+        status = (
+            504
+            if last.reason == "timeout"
+            else (last.status if last.status >= 500 or last.status == 429 else 502)
+        )
+        raise HTTPError(
+            status,
+            f"All upstreams failed; last error: {last.message}",
+            "server_error",
+            f"upstream_{last.reason}",
+            f"upstream_{last.reason}",
+        )
+
+    async def _respond_full(
+        self,
+        ctx: Ctx,
+        up: Upstream,
+        resp: httpx.Response,
+        data: bytes,
+        send: Any,
+        store_key: str | None,
+    ) -> tuple[dict, bytes] | None:
+        shim = self.shim
+        rec = ctx.rec
+        rec["status_code"] = resp.status_code
+        meta = None
+        if resp.status_code == 200:
+            try:
+                obj = orjson.loads(data)
+            except orjson.JSONDecodeError:
+                obj = None
+            if isinstance(obj, dict):
+                self._usage_into(rec, obj.get("usage"), up.tier)
+                rec["response_model"] = obj.get("model")
+                ch = obj.get("choices")
+                if ch and isinstance(ch, list) and isinstance(ch[0], dict):
+                    rec["finish_reason"] = ch[0].get("finish_reason")
+                meta = {
+                    "tier": up.tier,
+                    "upstream": up.url,
+                    "response_model": rec["response_model"],
+                    "finish_reason": rec["finish_reason"],
+                }
+        else:
+            rec["error_type"] = f"upstream_{resp.status_code}"
+        now = time.perf_counter()
+        ct = resp.headers.get("content-type", "application/json").encode()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": resp.status_code,
+                "headers": [(b"content-type", ct), *ctx.headers(now)],
+            }
+        )
+        await send({"type": "http.response.body", "body": data, "more_body": False})
+        shim.metrics.added_latency.labels("no").observe(ctx.overhead_ms(now) / 1000)
+        if meta is None:
+            return None
+        result = (meta, data)
+        ctx.result = result
+        if store_key is not None:
+            await shim.cache_put(store_key, meta, data)
+        return result
+
+    def _usage_into(self, rec: dict, usage: Any, tier: str) -> None:
+        if not isinstance(usage, dict):
+            return
+        pi = usage.get("prompt_tokens")
+        co = usage.get("completion_tokens")
+        rec["input_tokens"] = pi
+        rec["output_tokens"] = co
+        det = usage.get("prompt_tokens_details")
+        cached = det.get("cached_tokens") if isinstance(det, dict) else None
+        rec["cached_input_tokens"] = cached if cached is not None else 0
+
+    async def _respond_stream(
+        self,
+        ctx: Ctx,
+        up: Upstream,
+        resp: httpx.Response,
+        first: bytes,
+        t_send: float,
+        send: Any,
+        receive: Any,
+        store_key: str | None,
+    ) -> tuple[dict, bytes] | None:
+        shim = self.shim
+        rec = ctx.rec
+        it = resp.extensions["finops_iter"]
+        strip_usage = not ctx.include_usage
+        collect: list[dict] | None = [] if store_key is not None else None
+        state = {"content_chunks": 0, "usage": None, "done": False, "first_token": None}
+        now = time.perf_counter()
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": SSE_HEADERS + ctx.headers(now),
+            }
+        )
+        shim.metrics.added_latency.labels("yes").observe(ctx.overhead_ms(now) / 1000)
+
+        me = asyncio.current_task()
+        gone = asyncio.Event()
+
+        async def watch() -> None:
+            while True:
+                msg = await receive()
+                if msg["type"] == "http.disconnect":
+                    gone.set()
+                    if me is not None:
+                        me.cancel()
+                    return
+
+        watcher = asyncio.create_task(watch())
+        buf = b""
+        upstream_error: str | None = None
+        try:
+            chunk = first
+            while True:
+                buf += chunk
+                out: list[bytes] = []
+                while True:
+                    i = buf.find(b"\n\n")
+                    if i < 0:
+                        break
+                    ev = buf[: i + 2]
+                    buf = buf[i + 2 :]
+                    fwd = self._inspect_event(ev, state, strip_usage, collect, ctx)
+                    if fwd:
+                        out.append(ev)
+                if out:
+                    await send(
+                        {
+                            "type": "http.response.body",
+                            "body": b"".join(out) if len(out) > 1 else out[0],
+                            "more_body": True,
+                        }
+                    )
+                if state["done"]:
+                    break
+                try:
+                    chunk = await it.__anext__()
+                except StopAsyncIteration:
+                    break
+            if not state["done"]:
+                upstream_error = "upstream ended the stream without [DONE]"
+        except (httpx.HTTPError, httpx.StreamError) as exc:
+            upstream_error = f"upstream {up.url} failed mid-stream: {type(exc).__name__}"
+        except asyncio.CancelledError:
+            if not gone.is_set():
+                raise
+            if me is not None:
+                me.uncancel()
+            rec["status_code"] = 499
+            rec["error_type"] = "client_disconnected"
+            shim.logger.info(
+                "client disconnected mid-stream; upstream request %s cancelled", rec["request_id"]
+            )
+        finally:
+            watcher.cancel()
+            await resp.aclose()  # closes the upstream connection: vLLM aborts the sequence
+            up.breaker.success() if upstream_error is None else up.breaker.failure(time.monotonic())
+            elapsed = time.perf_counter() - t_send
+            shim.metrics.upstream_latency.labels(up.tier).observe(elapsed)
+        usage = state["usage"]
+        if usage:
+            self._usage_into(rec, usage, up.tier)
+        else:  # partial: count streamed content chunks (vLLM sends one token per chunk)
+            rec["output_tokens"] = state["content_chunks"]
+            rec["input_tokens"] = estimate_body_tokens(ctx.body)
+            rec["cached_input_tokens"] = 0
+        if state["first_token"] is not None:
+            rec["ttft_ms"] = (state["first_token"] - ctx.t0) * 1000
+            shim.metrics.ttft.labels(up.tier).observe(state["first_token"] - ctx.t0)
+        if upstream_error is not None:
+            rec["status_code"] = 502
+            rec["error_type"] = "upstream_stream_error"
+            shim.logger.warning("%s (request %s)", upstream_error, rec["request_id"])
+            err = orjson.dumps(
+                {
+                    "error": {
+                        "message": upstream_error + "; the response is incomplete.",
+                        "type": "server_error",
+                        "param": None,
+                        "code": "upstream_stream_error",
+                    }
+                }
+            )
+            with contextlib.suppress(Exception):
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + err + b"\n\n" + DONE,
+                        "more_body": False,
+                    }
+                )
+            return None
+        if rec["status_code"] == 499:
+            return None
+        rec["status_code"] = 200
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if collect is not None:
+            full = assemble_stream(collect, self.operation)
+            if full is not None:
+                meta = {
+                    "tier": up.tier,
+                    "upstream": up.url,
+                    "response_model": rec["response_model"],
+                    "finish_reason": rec["finish_reason"],
+                }
+                payload = orjson.dumps(full)
+                ctx.result = (meta, payload)
+                if store_key is not None:
+                    await shim.cache_put(store_key, meta, payload)
+                return meta, payload
+        return None
+
+    def _inspect_event(
+        self, ev: bytes, state: dict, strip_usage: bool, collect: list | None, ctx: Ctx
+    ) -> bool:
+        """Read one SSE event; return False to drop it (the injected usage chunk)."""
+        j = ev.find(b"data:")
+        if j < 0:
+            return True
+        data = ev[j + 5 :].strip()
+        if data == b"[DONE]":
+            state["done"] = True
+            return True
+        try:
+            obj = orjson.loads(data)
+        except orjson.JSONDecodeError:
+            return True
+        if not isinstance(obj, dict):
+            return True
+        rec = ctx.rec
+        if rec["response_model"] is None:
+            rec["response_model"] = obj.get("model")
+        choices = obj.get("choices")
+        usage = obj.get("usage")
+        if usage:
+            state["usage"] = usage
+        if collect is not None:
+            collect.append(obj)
+        if choices:
+            for ch in choices:
+                if ctx.operation == "chat":
+                    d = ch.get("delta") or {}
+                    has = bool(
+                        d.get("content") or d.get("tool_calls") or d.get("reasoning_content")
+                    )
+                else:
+                    has = bool(ch.get("text"))
+                if has:
+                    state["content_chunks"] += 1
+                    if state["first_token"] is None:
+                        state["first_token"] = time.perf_counter()
+                fr = ch.get("finish_reason")
+                if fr:
+                    rec["finish_reason"] = fr
+            return True
+        # no choices: the usage-only chunk we injected
+        return not (usage and strip_usage)
+
+    def _finish(self, ctx: Ctx) -> None:
+        """Log the record and the per-request metrics (never raises)."""
+        shim = self.shim
+        rec = ctx.rec
+        try:
+            rec["latency_ms"] = (time.perf_counter() - ctx.t0) * 1000
+            if rec["tier"] is None:
+                rec["tier"] = ctx.tier
+            if rec["status_code"] is None:
+                rec["status_code"] = 499 if ctx.first_byte_at is None else 200
+                if ctx.first_byte_at is None:
+                    rec["error_type"] = rec["error_type"] or "client_disconnected"
+            if (
+                not ctx.stream
+                and rec["ttft_ms"] is None
+                and rec["status_code"] == 200
+                and ctx.first_byte_at is not None
+            ):
+                rec["ttft_ms"] = (ctx.first_byte_at - ctx.t0) * 1000
+            m = shim.metrics
+            tier = rec["tier"] or "none"
+            m.requests.labels(
+                tier, str(rec["status_code"]), rec["tenant"] or "unauthenticated"
+            ).inc()
+            if rec["input_tokens"]:
+                m.tokens.labels(tier, "input").inc(rec["input_tokens"])
+            if rec["output_tokens"]:
+                m.tokens.labels(tier, "output").inc(rec["output_tokens"])
+            if rec["cached_input_tokens"]:
+                m.tokens.labels(tier, "cached_input").inc(rec["cached_input_tokens"])
+            shim.log.write(rec)
+        except Exception:
+            shim.logger.exception("could not log request %s", rec.get("request_id"))
+
+
+def _meta_of(meta: dict) -> dict:
+    return {k: meta.get(k) for k in ("tier", "upstream", "response_model", "finish_reason")}
+
+
+async def _send_simple(
+    send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
+) -> None:
+    await send({"type": "http.response.start", "status": status, "headers": [JSON_CT, *headers]})
+    await send({"type": "http.response.body", "body": body, "more_body": False})
+
+
+class EmbeddingsEndpoint:
+    """Pass-through for /v1/embeddings: auth, model -> tier, fallback, one log record."""
+
+    def __init__(self, shim: Shim) -> None:
+        self.shim = shim
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        shim = self.shim
+        if scope["method"] != "POST":
+            await _send_simple(
+                send,
+                405,
+                error_body("Use POST.", "invalid_request_error", "method_not_allowed"),
+                [],
+            )
+            return
+        ep = ProxyEndpoint(shim, "embeddings")
+        ep.path = "/v1/embeddings"
+        ctx = Ctx(shim, "embeddings")
+        rec = ctx.rec
+        rec["request_id"] = "req-" + uuid.uuid4().hex
+        rec["ts"] = iso_utc(time.time())
+        rec["source"] = "shim"
+        rec["operation"] = "embeddings"
+        rec["attempt"] = 1
+        rec["stream"] = False
+        rec["cache_status"] = "bypass"
+        auth = None
+        declared = None
+        feature = None
+        fh = shim.cfg.feature_header.encode()
+        for k, v in scope["headers"]:
+            if k == b"authorization":
+                auth = v
+            elif k == b"content-length":
+                try:
+                    declared = int(v)
+                except ValueError:
+                    declared = None
+            elif k == fh:
+                feature = v.decode("latin-1")
+        rec["feature"] = feature or shim.cfg.default_feature
+        try:
+            try:
+                rec["tenant"] = tenant_for(auth, shim.cfg.api_keys, shim.cfg.default_tenant)
+            except AuthError as exc:
+                raise HTTPError(
+                    401, exc.message, "invalid_request_error", "invalid_api_key", "auth"
+                ) from None
+            raw = await read_body(
+                receive, shim.cfg.max_body_bytes, shim.cfg.body_timeout_s, declared
+            )
+            try:
+                body = orjson.loads(raw)
+            except orjson.JSONDecodeError as exc:
+                raise HTTPError(
+                    400,
+                    f"Request body is not valid JSON: {exc}",
+                    "invalid_request_error",
+                    "invalid_json",
+                ) from None
+            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+                raise HTTPError(
+                    400,
+                    "Request body must be a JSON object with a `model`.",
+                    "invalid_request_error",
+                    "missing_model",
+                )
+            model = body["model"]
+            rec["request_model"] = model
+            tier = shim.resolve_model(model)
+            if tier == "@route":
+                tier = shim.cfg.tier_names[0]  # embeddings are not classified: cheapest tier
+            if tier is None:
+                raise HTTPError(
+                    404,
+                    f"The model `{model}` does not exist here.",
+                    "invalid_request_error",
+                    "model_not_found",
+                )
+            if isinstance(tier, HTTPError):
+                raise tier
+            ctx.tier = tier
+            ctx.body = body
+            await ep._forward(ctx, send, receive, None)
+        except HTTPError as exc:
+            rec["status_code"] = exc.status
+            rec["error_type"] = exc.error_type
+            await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+        except ClientGone:
+            rec["status_code"] = 499
+            rec["error_type"] = "client_disconnected"
+        finally:
+            ep._finish(ctx)
+
+
+def circuit_snapshot(shim: Shim) -> list[dict]:
+    return [
+        {
+            "tier": u.tier,
+            "upstream": u.url,
+            "circuit": STATE_NAMES[u.breaker.state],
+            "outstanding": u.outstanding,
+            "reachable": u.reachable,
+        }
+        for u in shim.pool.all()
+    ]

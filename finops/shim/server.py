@@ -1,0 +1,123 @@
+"""Run the shim under uvicorn: in the foreground (CLI) or in a background thread.
+
+`serve_in_thread` exists for tests, notebooks and the demo: the shim runs on
+its own event loop in a daemon thread, on a loopback port, and `stop()`
+shuts it down gracefully (in-flight requests finish, the request log is
+fsynced and closed).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import uvicorn
+
+from finops.shim.app import ShimASGI, create_app
+from finops.shim.config import ShimConfig
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
+    # no access log: the request log is the access log, and printing a line per request costs latency
+    return uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level=log_level,
+        access_log=False,
+        lifespan="on",
+        timeout_keep_alive=30,
+        timeout_graceful_shutdown=30,
+        backlog=4096,
+    )
+
+
+def serve(cfg: ShimConfig, *, log_level: str = "info") -> None:
+    """Serve in the foreground until SIGINT/SIGTERM (SIGHUP reloads)."""
+    logging.basicConfig(
+        level=getattr(logging, log_level.upper(), logging.INFO),
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    app = create_app(cfg)
+    uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level)).run()
+
+
+@dataclass
+class ServerHandle:
+    app: ShimASGI
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    @property
+    def base_url(self) -> str:
+        return self.url + "/v1"
+
+    @property
+    def shim(self) -> Any:
+        return self.app.shim
+
+    def call(self, coro: Any, timeout: float = 30) -> Any:
+        """Run a coroutine on the server's loop (e.g. a health check) and wait for it."""
+        loop = self.server_loop
+        return asyncio.run_coroutine_threadsafe(coro, loop).result(timeout)
+
+    server_loop: Any = None
+
+    def stop(self, timeout: float = 30) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+    def __enter__(self) -> ServerHandle:
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.stop()
+
+
+def serve_in_thread(
+    cfg_or_app: ShimConfig | ShimASGI,
+    *,
+    host: str = "127.0.0.1",
+    port: int | None = None,
+    ready_timeout: float = 20,
+) -> ServerHandle:
+    """Start the shim on a loopback port in a daemon thread; returns when it accepts requests."""
+    app = cfg_or_app if isinstance(cfg_or_app, ShimASGI) else create_app(cfg_or_app)
+    port = port or _free_port()
+    server = uvicorn.Server(uvicorn_config(app, host, port))
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
+    handle = ServerHandle(app=app, server=server, thread=None, host=host, port=port)  # type: ignore[arg-type]
+
+    def run() -> None:
+        loop = asyncio.new_event_loop()
+        handle.server_loop = loop
+        asyncio.set_event_loop(loop)
+        loop.run_until_complete(server.serve())
+        loop.close()
+
+    t = threading.Thread(target=run, name=f"finops-shim-{port}", daemon=True)
+    handle.thread = t
+    t.start()
+    deadline = time.monotonic() + ready_timeout
+    while not server.started:
+        if not t.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"the shim did not start on {host}:{port}")
+        time.sleep(0.02)
+    return handle

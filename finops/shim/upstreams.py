@@ -1,0 +1,170 @@
+"""Upstream replicas: least-outstanding balancing, a retry budget and a circuit breaker.
+
+Why each piece:
+- least-outstanding (not round-robin): vLLM latency depends on how many
+  sequences a replica is already decoding, so the replica with the fewest
+  requests in flight from this shim is the best cheap guess;
+- retry budget: a fallback attempt sent to a replica is allowed only while
+  retries are at most `ratio` of that replica's recent requests (plus a small
+  floor), so an outage cannot turn into a retry storm on the survivors;
+- circuit breaker: after `failures` consecutive failures a replica is taken
+  out for `cooldown` seconds, then exactly one live request probes it
+  (half-open); success closes the circuit, failure re-opens it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from finops.shim.config import ShimConfig
+
+CLOSED, OPEN, HALF_OPEN = 0, 1, 2
+STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
+
+
+@dataclass
+class CircuitBreaker:
+    failures_to_open: int = 5
+    cooldown_s: float = 10.0
+    state: int = CLOSED
+    consecutive_failures: int = 0
+    opened_at: float = 0.0
+    probe_in_flight: bool = False
+
+    def allow(self, now: float) -> bool:
+        """May a request go to this replica now? (Claims the probe when half-open.)"""
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            if now - self.opened_at < self.cooldown_s:
+                return False
+            self.state = HALF_OPEN
+            self.probe_in_flight = False
+        if self.probe_in_flight:
+            return False
+        self.probe_in_flight = True
+        return True
+
+    def would_allow(self, now: float) -> bool:
+        if self.state == CLOSED:
+            return True
+        if self.state == OPEN:
+            return now - self.opened_at >= self.cooldown_s
+        return not self.probe_in_flight
+
+    def success(self) -> None:
+        self.state = CLOSED
+        self.consecutive_failures = 0
+        self.probe_in_flight = False
+
+    def failure(self, now: float) -> None:
+        self.consecutive_failures += 1
+        if self.state == HALF_OPEN or (
+            self.failures_to_open > 0 and self.consecutive_failures >= self.failures_to_open
+        ):
+            self.state = OPEN
+            self.opened_at = now
+            self.probe_in_flight = False
+
+    def release_probe(self) -> None:
+        """A probe that ended without a verdict (e.g. client went away) frees the slot."""
+        self.probe_in_flight = False
+
+
+@dataclass
+class RetryBudget:
+    ratio: float = 0.2
+    minimum: int = 10
+    window_s: float = 10.0
+    requests: deque = field(default_factory=deque)
+    retries: deque = field(default_factory=deque)
+
+    def _trim(self, now: float) -> None:
+        cut = now - self.window_s
+        for q in (self.requests, self.retries):
+            while q and q[0] < cut:
+                q.popleft()
+
+    def record_request(self, now: float) -> None:
+        self.requests.append(now)
+        if len(self.requests) > 4096:
+            self._trim(now)
+
+    def try_retry(self, now: float) -> bool:
+        self._trim(now)
+        if len(self.retries) >= self.minimum + self.ratio * len(self.requests):
+            return False
+        self.retries.append(now)
+        return True
+
+
+class Upstream:
+    """One vLLM replica of one tier."""
+
+    __slots__ = ("api_key", "breaker", "budget", "model", "outstanding", "reachable", "tier", "url")
+
+    def __init__(
+        self, tier: str, url: str, model: str, cfg: ShimConfig, api_key: str | None
+    ) -> None:
+        self.tier = tier
+        self.url = url
+        self.model = model
+        self.api_key = api_key
+        self.outstanding = 0
+        self.reachable: bool | None = None  # from the health checker; None = not yet known
+        self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
+        self.budget = RetryBudget(
+            cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window_s
+        )
+
+    def __repr__(self) -> str:
+        return f"Upstream({self.tier}, {self.url}, out={self.outstanding}, {STATE_NAMES[self.breaker.state]})"
+
+
+class Pool:
+    """All replicas by tier, in cost order (cheapest tier first)."""
+
+    def __init__(self, cfg: ShimConfig, previous: Pool | None = None) -> None:
+        old = {(u.tier, u.url): u for u in previous.all()} if previous is not None else {}
+        self.tiers: dict[str, list[Upstream]] = {}
+        for name, t in cfg.tiers.items():
+            reps = []
+            for url in t.upstreams:
+                u = old.get((name, url))
+                if u is None or u.model != t.model:
+                    u = Upstream(name, url, t.model, cfg, t.api_key)
+                else:  # keep breaker/budget/outstanding state across a reload
+                    u.api_key = t.api_key
+                reps.append(u)
+            self.tiers[name] = reps
+        self.order = list(self.tiers)
+
+    def all(self) -> Iterator[Upstream]:
+        for reps in self.tiers.values():
+            yield from reps
+
+    def candidates(self, tier: str) -> Iterator[Upstream]:
+        """Replicas of `tier` by fewest outstanding, then every tier above it in cost order.
+
+        Lazily evaluated, so outstanding counts are re-read at each fallback step.
+        """
+        start = self.order.index(tier)
+        tried: set[int] = set()
+        for t in self.order[start:]:
+            reps = self.tiers[t]
+            while True:
+                now = time.monotonic()
+                left = [u for u in reps if id(u) not in tried]
+                if not left:
+                    break
+                # closed circuits first, then least outstanding; open circuits still get skipped by allow()
+                best = min(left, key=lambda u: (not u.breaker.would_allow(now), u.outstanding))
+                tried.add(id(best))
+                yield best
+
+    def pick_first(self, tier: str) -> Upstream:
+        """Least-outstanding replica of a tier, circuit state ignored (for /tokenize)."""
+        return min(self.tiers[tier], key=lambda u: u.outstanding)
