@@ -1,0 +1,492 @@
+"""The router artifact: a skops model file plus a manifest, verified on every load.
+
+An artifact is a directory::
+
+    model.skops      the fitted sklearn Pipeline, in skops' format (no pickle)
+    manifest.json    format version, tiers, upstream models, decision thresholds with the
+                     quality target and confidence they were calibrated to, feature
+                     schema, training-data fingerprint, evaluation figures, drift
+                     reference, library versions, sha256 of every file, probe rows
+
+`load_router(path)` refuses anything it cannot vouch for, with an `ArtifactError` that
+says what is wrong: unknown format version, a manifest edited after export, a file whose
+bytes changed or that was swapped, types in the model file outside an explicit trusted
+list, a different scikit-learn major version, or a model that does not reproduce the
+probability the manifest recorded for its probe rows.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import os
+import platform
+import shutil
+import tempfile
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from finops.router import features as F
+
+FORMAT = "finops-router"
+FORMAT_VERSION = 1
+SUPPORTED_FORMAT_VERSIONS = (1,)
+MODEL_FILE = "model.skops"
+MANIFEST_FILE = "manifest.json"
+PROBE_TOLERANCE = 1e-6
+
+# Every type the model file may contain beyond skops' own safe defaults. Loading refuses
+# a file that asks for anything else (skops.io.get_untrusted_types is checked first).
+TRUSTED_TYPES: tuple[str, ...] = (
+    "sklearn.calibration.CalibratedClassifierCV",
+    "sklearn.calibration._CalibratedClassifier",
+    "sklearn.calibration._TemperatureScaling",
+    "sklearn.compose._column_transformer.ColumnTransformer",
+    "sklearn.feature_extraction.text.HashingVectorizer",
+    "sklearn.linear_model._logistic.LogisticRegression",
+    "sklearn.model_selection._split.StratifiedKFold",
+    "sklearn.pipeline.Pipeline",
+    "sklearn.preprocessing._data.StandardScaler",
+    "sklearn.preprocessing._encoders.OneHotEncoder",
+    "builtins.slice",
+    "numpy.dtypes.Float64DType",
+    "numpy.dtypes.ObjectDType",
+    "numpy.dtypes.StrDType",
+    "numpy.float64",
+    "numpy.int64",
+    "numpy.ndarray",
+)
+
+REQUIRED_KEYS: dict[str, type | tuple[type, ...]] = {
+    "format": str,
+    "format_version": int,
+    "created": str,
+    "version": str,
+    "tiers": list,
+    "upstream_models": dict,
+    "decision": dict,
+    "feature_schema": list,
+    "uses_prompt_text": bool,
+    "training_data": dict,
+    "evaluation": dict,
+    "drift": dict,
+    "libraries": dict,
+    "model": dict,
+    "probes": list,
+    "files": dict,
+    "manifest_sha256": str,
+}
+
+
+class ArtifactError(RuntimeError):
+    """The artifact is missing, malformed, tampered with or incompatible."""
+
+
+@dataclass(frozen=True)
+class Decision:
+    """One routing decision.
+
+    `score` is the calibrated probability that `tier` is good enough for the request
+    (P(needed tier <= tier)); `probabilities` is P(needed tier == t) for every tier.
+    """
+
+    tier: str
+    score: float
+    probabilities: dict[str, float]
+    cumulative: dict[str, float] = field(default_factory=dict)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for chunk in iter(lambda: fh.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _canonical(obj: Any) -> bytes:
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False).encode()
+
+
+def manifest_digest(manifest: Mapping[str, Any]) -> str:
+    """sha256 of the canonical JSON of the manifest without its own digest field."""
+    body = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(_canonical(body)).hexdigest()
+
+
+def library_versions() -> dict[str, str]:
+    import scipy
+    import sklearn
+    import skops
+
+    return {
+        "python": platform.python_version(),
+        "sklearn": sklearn.__version__,
+        "skops": skops.__version__,
+        "numpy": np.__version__,
+        "scipy": scipy.__version__,
+    }
+
+
+def decide(cumulative: np.ndarray, thresholds: list[float | None]) -> int:
+    """Index of the cheapest tier whose P(good enough) clears its threshold.
+
+    `thresholds[t]` is None for "never" (and the last tier is always acceptable).
+    """
+    last = len(cumulative) - 1
+    for t in range(last):
+        th = thresholds[t]
+        if th is not None and cumulative[t] >= th:
+            return t
+    return last
+
+
+PROBE_REQUESTS: tuple[dict[str, Any], ...] = (
+    {"text": "Translate to French: the meeting moved to Tuesday.", "feature": "translate"},
+    {"text": "Summarize this support ticket and draft a reply to the customer.", "tenant": "t"},
+    {
+        "text": "Refactor this module to remove the global state, step by step:\n"
+        "def f(x):\n    global y\n    return x + y\n" * 4,
+        "has_tools": True,
+        "turn_count": 3,
+    },
+    {"text": None, "prompt_tokens": 812, "feature": "rag-qa", "turn_count": 2},
+    {"text": "", "prompt_tokens": 0},
+)
+
+
+def probe_rows() -> list[dict[str, Any]]:
+    """Fixed synthetic rows (never training data: the manifest is not a place for prompts)."""
+    return [F.extract(**p) for p in PROBE_REQUESTS]
+
+
+class Router:
+    """A verified router artifact, ready to route requests in-process."""
+
+    def __init__(self, path: Path, manifest: dict[str, Any], pipeline: Any, scorer: Any):
+        self.path = path
+        self.manifest = manifest
+        self.pipeline = pipeline
+        self._scorer = scorer
+        self.version: str = manifest["version"]
+        self.tiers: list[str] = list(manifest["tiers"])
+        self.upstream_models: dict[str, str] = dict(manifest["upstream_models"])
+        self.feature_schema: list[dict[str, str]] = list(manifest["feature_schema"])
+        self.uses_prompt_text: bool = bool(manifest["uses_prompt_text"])
+        th = manifest["decision"]["thresholds"]
+        self.thresholds: list[float | None] = [th.get(t) for t in self.tiers[:-1]]
+        self.quality_target: float = float(manifest["decision"]["quality_target"])
+        self.confidence: float = float(manifest["decision"]["confidence"])
+        # scorer classes are tier indices 0..K-1 (cheapest first)
+        self._order = [int(c) for c in scorer.classes]
+
+    def probabilities_for_row(self, row: Mapping[str, Any]) -> np.ndarray:
+        """P(needed tier == t) in tier order for a feature row (see `features.extract`)."""
+        p = self._scorer.predict_proba(row)
+        out = np.zeros(len(self.tiers))
+        out[self._order] = p
+        return out
+
+    def decide_row(self, row: Mapping[str, Any]) -> Decision:
+        p = self.probabilities_for_row(row)
+        cum = np.minimum(np.cumsum(p), 1.0)
+        cum[-1] = 1.0
+        t = decide(cum, self.thresholds)
+        return Decision(
+            tier=self.tiers[t],
+            score=float(cum[t]),
+            probabilities={tier: float(v) for tier, v in zip(self.tiers, p, strict=True)},
+            cumulative={tier: float(v) for tier, v in zip(self.tiers, cum, strict=True)},
+        )
+
+    def route(
+        self, body: Mapping[str, Any], *, feature: str | None = None, tenant: str | None = None
+    ) -> Decision:
+        """Pick the cheapest adequate tier for an OpenAI chat/completions request body."""
+        return self.decide_row(F.from_body(body, feature=feature, tenant=tenant))
+
+    def __repr__(self) -> str:
+        return f"Router(version={self.version!r}, tiers={self.tiers}, path='{self.path}')"
+
+
+def _check_manifest_shape(m: Any, where: Path) -> None:
+    if not isinstance(m, dict):
+        raise ArtifactError(f"{where}: manifest must be a JSON object")
+    if m.get("format") != FORMAT:
+        raise ArtifactError(
+            f"{where}: field 'format': expected {FORMAT!r}, got {m.get('format')!r}"
+        )
+    fv = m.get("format_version")
+    if fv not in SUPPORTED_FORMAT_VERSIONS:
+        raise ArtifactError(
+            f"{where}: field 'format_version': this finops reads {list(SUPPORTED_FORMAT_VERSIONS)},"
+            f" got {fv!r} (re-export the artifact with a matching finops)"
+        )
+    for key, typ in REQUIRED_KEYS.items():
+        if key not in m:
+            raise ArtifactError(f"{where}: missing field {key!r}")
+        if not isinstance(m[key], typ) or (typ is int and isinstance(m[key], bool)):
+            raise ArtifactError(
+                f"{where}: field {key!r}: expected {getattr(typ, '__name__', typ)}, "
+                f"got {type(m[key]).__name__}"
+            )
+    tiers = m["tiers"]
+    if (
+        len(tiers) < 2
+        or not all(isinstance(t, str) and t for t in tiers)
+        or len(set(tiers)) != len(tiers)
+    ):
+        raise ArtifactError(f"{where}: field 'tiers': expected 2+ distinct tier names")
+    missing = [t for t in tiers if not isinstance(m["upstream_models"].get(t), str)]
+    if missing:
+        raise ArtifactError(
+            f"{where}: field 'upstream_models': no model name for tier(s) {missing}"
+        )
+    dec = m["decision"]
+    th = dec.get("thresholds")
+    if not isinstance(th, dict) or set(th) != set(tiers[:-1]):
+        raise ArtifactError(
+            f"{where}: field 'decision.thresholds': expected one threshold per tier "
+            f"except the last ({tiers[:-1]}), got {th!r}"
+        )
+    for t, v in th.items():
+        if v is not None and not (isinstance(v, int | float) and math.isfinite(v)):
+            raise ArtifactError(f"{where}: field 'decision.thresholds.{t}': expected number|null")
+    for k in ("quality_target", "confidence"):
+        if not isinstance(dec.get(k), int | float):
+            raise ArtifactError(f"{where}: field 'decision.{k}': expected a number")
+    if m["model"].get("file") != MODEL_FILE or m["model"].get("format") != "skops":
+        raise ArtifactError(
+            f"{where}: field 'model': expected file {MODEL_FILE!r} in skops format, "
+            f"got {m['model']!r}"
+        )
+    names = [c.get("name") for c in m["feature_schema"] if isinstance(c, dict)]
+    allowed = set(F.FEATURE_DOCS)
+    if len(names) != len(m["feature_schema"]) or not set(names) <= allowed:
+        raise ArtifactError(
+            f"{where}: field 'feature_schema': expected features among {sorted(allowed)}, "
+            f"got {names}"
+        )
+    if m["uses_prompt_text"] != ("text" in names):
+        raise ArtifactError(f"{where}: 'uses_prompt_text' disagrees with 'feature_schema'")
+
+
+def _check_sklearn(m: dict[str, Any], where: Path) -> None:
+    import sklearn
+
+    built = str(m["libraries"].get("sklearn", ""))
+    here = sklearn.__version__
+    if not built:
+        raise ArtifactError(f"{where}: field 'libraries.sklearn' is missing")
+    if built.split(".")[0] != here.split(".")[0]:
+        raise ArtifactError(
+            f"{where}: built with scikit-learn {built}, this environment has {here} "
+            "(different major version); retrain or re-export with a matching scikit-learn"
+        )
+    if built.split(".")[:2] != here.split(".")[:2]:
+        warnings.warn(
+            f"{where}: built with scikit-learn {built}, running {here}; probe rows are "
+            "checked, but consider re-exporting",
+            stacklevel=3,
+        )
+
+
+def load_router(path: str | os.PathLike[str]) -> Router:
+    """Load and verify an artifact directory; raise `ArtifactError` on any mismatch."""
+    import skops.io as sio
+
+    root = Path(path)
+    mpath = root / MANIFEST_FILE
+    if not root.is_dir():
+        raise ArtifactError(f"{root}: not a directory (expected a router artifact directory)")
+    if not mpath.is_file():
+        raise ArtifactError(f"{root}: no {MANIFEST_FILE} (not a router artifact)")
+    try:
+        manifest = json.loads(mpath.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{mpath}: not valid JSON: {exc}") from None
+    _check_manifest_shape(manifest, mpath)
+    if manifest_digest(manifest) != manifest["manifest_sha256"]:
+        raise ArtifactError(
+            f"{mpath}: manifest was modified after export (manifest_sha256 does not match)"
+        )
+    files = manifest["files"]
+    if MODEL_FILE not in files:
+        raise ArtifactError(f"{mpath}: field 'files' does not list {MODEL_FILE}")
+    for name, digest in files.items():
+        fpath = root / name
+        if Path(name).name != name:
+            raise ArtifactError(f"{mpath}: field 'files': {name!r} is not a plain file name")
+        if not fpath.is_file():
+            raise ArtifactError(f"{fpath}: listed in the manifest but missing")
+        actual = sha256_file(fpath)
+        if actual != digest:
+            raise ArtifactError(
+                f"{fpath}: sha256 {actual[:12]}… does not match the manifest's {str(digest)[:12]}…"
+                " (file changed or swapped)"
+            )
+    _check_sklearn(manifest, mpath)
+    model_path = root / MODEL_FILE
+    try:
+        untrusted = sio.get_untrusted_types(file=model_path)
+    except Exception as exc:  # skops raises several types for corrupt files
+        raise ArtifactError(f"{model_path}: not a readable skops file: {exc}") from None
+    unexpected = sorted(set(untrusted) - set(TRUSTED_TYPES))
+    if unexpected:
+        raise ArtifactError(
+            f"{model_path}: contains types outside the trusted list: {unexpected}; refusing to load"
+        )
+    try:
+        pipeline = sio.load(model_path, trusted=list(TRUSTED_TYPES))
+    except Exception as exc:
+        raise ArtifactError(f"{model_path}: could not be loaded: {exc}") from None
+    from finops.router.model import CompiledScorer, CompileError
+
+    try:
+        scorer = CompiledScorer(pipeline)
+    except CompileError as exc:
+        raise ArtifactError(f"{model_path}: not a finops router model: {exc}") from None
+    if scorer.uses_text != manifest["uses_prompt_text"]:
+        raise ArtifactError(f"{model_path}: model text use disagrees with the manifest")
+    if [int(c) for c in scorer.classes] != list(range(len(manifest["tiers"]))):
+        raise ArtifactError(
+            f"{model_path}: model predicts {len(scorer.classes)} classes, manifest has "
+            f"{len(manifest['tiers'])} tiers"
+        )
+    _check_probes(manifest, pipeline, scorer, mpath)
+    return Router(root, manifest, pipeline, scorer)
+
+
+def _probe_frame(rows: list[dict[str, Any]]) -> Any:
+    import polars as pl
+
+    return pl.DataFrame(rows, schema=_FRAME_SCHEMA())
+
+
+def _FRAME_SCHEMA() -> dict[str, Any]:
+    import polars as pl
+
+    return {
+        **{c: pl.String for c in F.TEXT_COLUMNS},
+        **{c: pl.Float64 for c in F.NUMERIC_COLUMNS},
+        **{c: pl.String for c in F.CATEGORICAL_COLUMNS},
+    }
+
+
+def _check_probes(manifest: dict[str, Any], pipeline: Any, scorer: Any, where: Path) -> None:
+    probes = manifest["probes"]
+    rows = probe_rows()
+    if len(probes) != len(rows):
+        raise ArtifactError(f"{where}: field 'probes': expected {len(rows)} probe results")
+    expected = np.asarray(probes, dtype=np.float64)
+    via_sklearn = pipeline.predict_proba(_probe_frame(rows))
+    via_fast = np.vstack([scorer.predict_proba(r) for r in rows])
+    if expected.shape != via_sklearn.shape or not np.allclose(
+        via_sklearn, expected, atol=PROBE_TOLERANCE, rtol=0
+    ):
+        raise ArtifactError(
+            f"{where}: the model file does not reproduce the manifest's probe predictions "
+            "(model swapped, or an incompatible library version)"
+        )
+    if not np.allclose(via_fast, via_sklearn, atol=PROBE_TOLERANCE, rtol=0):
+        raise ArtifactError(
+            f"{where}: the fast scorer disagrees with scikit-learn on probe rows "
+            f"(max diff {np.abs(via_fast - via_sklearn).max():.2e}); refusing to route with it"
+        )
+
+
+def utc_now() -> str:
+    return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def write_artifact(
+    out: str | os.PathLike[str],
+    pipeline: Any,
+    *,
+    tiers: list[str],
+    upstream_models: Mapping[str, str],
+    decision: Mapping[str, Any],
+    uses_prompt_text: bool,
+    training_data: Mapping[str, Any],
+    evaluation: Mapping[str, Any],
+    drift: Mapping[str, Any],
+    created: str | None = None,
+    extra_files: Mapping[str, bytes] | None = None,
+) -> Path:
+    """Write model.skops + manifest.json into `out` (atomically: a temp dir, then rename)."""
+    import skops.io as sio
+
+    out = Path(out)
+    if out.exists() and any(out.iterdir()):
+        raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        sio.dump(pipeline, tmp / MODEL_FILE)
+        untrusted = set(sio.get_untrusted_types(file=tmp / MODEL_FILE)) - set(TRUSTED_TYPES)
+        if untrusted:
+            raise ArtifactError(f"model contains types outside TRUSTED_TYPES: {sorted(untrusted)}")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
+        files = {p.name: sha256_file(p) for p in sorted(tmp.iterdir()) if p.is_file()}
+        created = created or utc_now()
+        probes = pipeline.predict_proba(_probe_frame(probe_rows())).tolist()
+        manifest: dict[str, Any] = {
+            "format": FORMAT,
+            "format_version": FORMAT_VERSION,
+            "created": created,
+            "version": f"{created}-{files[MODEL_FILE][:8]}",
+            "tiers": list(tiers),
+            "upstream_models": {t: upstream_models[t] for t in tiers},
+            "decision": dict(decision),
+            "feature_schema": F.feature_schema(uses_prompt_text),
+            "uses_prompt_text": uses_prompt_text,
+            "training_data": dict(training_data),
+            "evaluation": dict(evaluation),
+            "drift": dict(drift),
+            "libraries": library_versions(),
+            "model": {
+                "file": MODEL_FILE,
+                "format": "skops",
+                "trusted_types": list(TRUSTED_TYPES),
+                "classes": "tier indices, cheapest first",
+            },
+            "probes": probes,
+            "files": files,
+        }
+        manifest["manifest_sha256"] = manifest_digest(manifest)
+        (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out
+
+
+def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Router:
+    """Verify `src` and copy exactly its listed files to `dst` (atomically); return `dst` loaded."""
+    router = load_router(src)
+    dst = Path(dst)
+    if dst.exists() and any(dst.iterdir()):
+        raise ArtifactError(f"{dst}: exists and is not empty; choose a new directory")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    try:
+        for name in [*router.manifest["files"], MANIFEST_FILE]:
+            shutil.copy2(Path(src) / name, tmp / name)
+        if dst.exists():
+            dst.rmdir()
+        os.replace(tmp, dst)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return load_router(dst)

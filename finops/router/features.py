@@ -1,0 +1,135 @@
+"""Turn a request (an OpenAI request body, or a labeled training row) into router features.
+
+One function, `extract`, serves both training and the live shim, so the model sees the
+same features in production that it was trained on. It is deliberately cheap (no
+tokenizer, no regex over the whole prompt): the router sits on the request path and
+must answer in well under a millisecond.
+
+Text is clipped before the n-gram analyzers see it: the head of a prompt carries the
+instruction and the tail the question, while the middle of a long paste (a document, a
+code file) mostly adds cost. Lengths are measured on the full text.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+WORD_HEAD_CHARS = 1200
+WORD_TAIL_CHARS = 400
+CHAR_HEAD_CHARS = 240
+CHARS_PER_TOKEN = 4.0  # the usual English estimate when a request carries no token count
+
+TEXT_COLUMNS = ("text", "text_head")
+NUMERIC_COLUMNS = ("log_prompt_tokens", "turn_count", "has_tools")
+CATEGORICAL_COLUMNS = ("feature", "tenant")
+
+FEATURE_DOCS: dict[str, tuple[str, str]] = {
+    "text": ("text", "prompt text (all message contents), head+tail clipped; word n-grams"),
+    "text_head": ("text", "first characters of the prompt text; char n-grams"),
+    "log_prompt_tokens": ("numeric", "log1p(prompt tokens); estimated as chars/4 when absent"),
+    "turn_count": ("numeric", "user turns in the conversation (1 for a completion prompt)"),
+    "has_tools": ("numeric", "1 when the request offers tools/functions, else 0"),
+    "feature": ("categorical", "the product feature the request came from (x-finops-feature)"),
+    "tenant": ("categorical", "the tenant the request came from"),
+}
+
+
+def feature_schema(uses_text: bool) -> list[dict[str, str]]:
+    """The input features a model uses, as stored in the artifact's manifest."""
+    cols = (*(TEXT_COLUMNS if uses_text else ()), *NUMERIC_COLUMNS, *CATEGORICAL_COLUMNS)
+    return [{"name": c, "kind": FEATURE_DOCS[c][0], "doc": FEATURE_DOCS[c][1]} for c in cols]
+
+
+def _content_text(content: Any) -> str:
+    """Message content: a string, or a list of parts ({"type": "text", "text": ...})."""
+    if content is None:
+        return ""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, str):
+                parts.append(part)
+            elif isinstance(part, Mapping) and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+        return "\n".join(parts)
+    return ""
+
+
+def messages_text(messages: Any) -> tuple[str, int]:
+    """All message contents joined, and the number of user turns."""
+    if not isinstance(messages, list):
+        return "", 0
+    texts = []
+    turns = 0
+    for m in messages:
+        if not isinstance(m, Mapping):
+            continue
+        if m.get("role") == "user":
+            turns += 1
+        t = _content_text(m.get("content"))
+        if t:
+            texts.append(t)
+    return "\n".join(texts), turns
+
+
+def body_text(body: Mapping[str, Any]) -> tuple[str | None, int]:
+    """(prompt text or None, user turns) of a chat or completions request body."""
+    if "messages" in body:
+        text, turns = messages_text(body.get("messages"))
+        return text, max(turns, 1)
+    prompt = body.get("prompt")
+    if isinstance(prompt, str):
+        return prompt, 1
+    if isinstance(prompt, list) and prompt and all(isinstance(p, str) for p in prompt):
+        return "\n".join(prompt), 1
+    return None, 1
+
+
+def clip_words(text: str) -> str:
+    if len(text) <= WORD_HEAD_CHARS + WORD_TAIL_CHARS:
+        return text
+    return f"{text[:WORD_HEAD_CHARS]}\n{text[-WORD_TAIL_CHARS:]}"
+
+
+def extract(
+    *,
+    text: str | None,
+    prompt_tokens: float | None = None,
+    turn_count: int | None = None,
+    has_tools: bool | None = None,
+    feature: str | None = None,
+    tenant: str | None = None,
+) -> dict[str, Any]:
+    """One feature row.
+
+    When text is present the token count is always estimated from it (chars/4), because
+    that is what the shim can compute on the request path; a logged count is used only
+    when the text is absent (prompt capture off).
+    """
+    if text:
+        prompt_tokens = len(text) / CHARS_PER_TOKEN
+    elif prompt_tokens is None or prompt_tokens < 0:
+        prompt_tokens = 0.0
+    t = text or ""
+    return {
+        "text": clip_words(t),
+        "text_head": t[:CHAR_HEAD_CHARS],
+        "log_prompt_tokens": math.log1p(float(prompt_tokens)),
+        "turn_count": float(turn_count if turn_count is not None else 1),
+        "has_tools": 1.0 if has_tools else 0.0,
+        "feature": feature or "",
+        "tenant": tenant or "",
+    }
+
+
+def from_body(
+    body: Mapping[str, Any], *, feature: str | None = None, tenant: str | None = None
+) -> dict[str, Any]:
+    """Features of an OpenAI /v1/chat/completions or /v1/completions request body."""
+    text, turns = body_text(body)
+    has_tools = bool(body.get("tools") or body.get("functions"))
+    return extract(text=text, turn_count=turns, has_tools=has_tools, feature=feature, tenant=tenant)
