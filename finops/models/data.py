@@ -39,9 +39,9 @@ def _bucket(interval_s: int) -> str:
 
 def known_tiers(db: duckdb.DuckDBPyConnection) -> list[str]:
     """Tiers (or served model names) that have vLLM token counters in the lake."""
-    rows = db.execute(
-        f"SELECT DISTINCT {TIER_SQL} FROM clean.serving_samples WHERE metric = ? ORDER BY 1",
-        [GEN],
+    rows = db.sql(
+        f"SELECT DISTINCT {TIER_SQL} FROM clean.serving_samples WHERE metric = $m ORDER BY 1",
+        params={"m": GEN},
     ).fetchall()
     return [r[0] for r in rows if r[0] is not None]
 
@@ -185,7 +185,9 @@ def bucket_quantiles(
     out = np.full((cumulative.shape[0], len(quantiles)), np.nan)
     for j, q in enumerate(quantiles):
         rank = q * total
-        idx = np.array([np.searchsorted(row, r, side="left") for row, r in zip(cumulative, rank)])
+        idx = np.array(
+            [np.searchsorted(row, r, side="left") for row, r in zip(cumulative, rank, strict=True)]
+        )
         idx = np.minimum(idx, len(bounds) - 1)
         upper = bounds[idx]
         lower = np.where(idx > 0, bounds[np.maximum(idx - 1, 0)], 0.0)

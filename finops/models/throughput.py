@@ -79,7 +79,7 @@ def fit_frame(
         raise NoServingData(
             f"tier {tier!r}: only {rows.height} intervals with {need} present; need at least 8"
         )
-    train, test, holdout = _split(rows)
+    train, _, holdout = _split(rows)
     model = SaturatingRegressor().fit(train.select(features).to_numpy(), train[target].to_numpy())
     pred = model.predict(rows.select(features).to_numpy())
     out = rows.with_columns(
