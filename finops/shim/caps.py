@@ -10,7 +10,8 @@ Token counts come from one of two counters (config `[caps] token_counter`):
   included), one extra loopback round trip, only for requests a cap applies to.
   If the call fails the estimate is used and the request still goes through.
 
-When several rules match a request the strictest (smallest) wins. Policy
+When several rules match a request the strictest (smallest) wins; on a tie
+the more specific rule, then `reject`. Policy
 ``reject`` answers an OpenAI-style 400 (code ``context_length_exceeded``);
 ``truncate`` drops the oldest non-system *turns* (a user message and the
 replies that follow it) and never the system prompt or the last user turn; if

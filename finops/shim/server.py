@@ -121,3 +121,50 @@ def serve_in_thread(
             raise RuntimeError(f"the shim did not start on {host}:{port}")
         time.sleep(0.02)
     return handle
+
+
+@dataclass
+class AppHandle:
+    """Any ASGI app on a loopback port in a daemon thread (fake upstreams in tests and benches)."""
+
+    app: Any
+    server: uvicorn.Server
+    thread: threading.Thread
+    host: str
+    port: int
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.host}:{self.port}"
+
+    def stop(self, timeout: float = 10) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout)
+
+
+def run_app_in_thread(
+    app: Any, *, host: str = "127.0.0.1", port: int | None = None, ready_timeout: float = 20
+) -> AppHandle:
+    port = port or _free_port()
+    cfg = uvicorn.Config(
+        app,
+        host=host,
+        port=port,
+        log_level="error",
+        access_log=False,
+        lifespan="off",
+        timeout_graceful_shutdown=1,
+        backlog=4096,
+    )
+    server = uvicorn.Server(cfg)
+    server.install_signal_handlers = lambda: None  # type: ignore[method-assign]
+    t = threading.Thread(
+        target=lambda: asyncio.run(server.serve()), name=f"asgi-{port}", daemon=True
+    )
+    t.start()
+    deadline = time.monotonic() + ready_timeout
+    while not server.started:
+        if not t.is_alive() or time.monotonic() > deadline:
+            raise RuntimeError(f"app did not start on {host}:{port}")
+        time.sleep(0.02)
+    return AppHandle(app, server, t, host, port)

@@ -1,0 +1,257 @@
+"""A canned OpenAI-compatible upstream on loopback, for benchmarks and failure tests.
+
+It answers `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
+`/tokenize` and `/health` in vLLM's shapes (usage included, one token per
+SSE chunk, a usage-only chunk when `stream_options.include_usage` is set)
+with almost no work of its own, so that measuring the shim against it shows
+the shim's cost. `mode` makes it misbehave on purpose:
+
+- ``ok``: answer normally (``tokens`` output tokens, ``delay_s`` between chunks);
+- ``error500``: answer 500 with an OpenAI error body;
+- ``hang``: accept the request and never answer;
+- ``die_mid_stream``: stream ``die_after`` chunks, then drop the connection;
+- ``slow``: like ok with ``delay_s`` between chunks (for disconnect tests).
+
+It counts calls, completed streams and the client disconnects it saw.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from typing import Any
+
+import orjson
+
+
+class FakeUpstream:
+    def __init__(
+        self,
+        mode: str = "ok",
+        *,
+        tokens: int = 8,
+        delay_s: float = 0.0,
+        die_after: int = 2,
+        name: str = "fake",
+    ) -> None:
+        self.mode = mode
+        self.tokens = tokens
+        self.delay_s = delay_s
+        self.die_after = die_after
+        self.name = name
+        self.calls = 0
+        self.completed = 0
+        self.disconnects = 0
+        self.bodies: list[dict] = []
+        self.headers: list[dict[str, str]] = []
+        self.keep_bodies = True
+        self._canned: dict[tuple[str, int], bytes] = {}
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                msg = await receive()
+                if msg["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif msg["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path = scope["path"]
+        if path == "/health":
+            await _reply(send, 200, b"")
+            return
+        chunks = []
+        while True:
+            m = await receive()
+            chunks.append(m.get("body", b""))
+            if not m.get("more_body"):
+                break
+        raw = b"".join(chunks)
+        body = orjson.loads(raw) if raw else {}
+        if path == "/tokenize":
+            n = _count(body)
+            await _reply(
+                send,
+                200,
+                orjson.dumps({"count": n, "max_model_len": 4096, "tokens": list(range(n))}),
+            )
+            return
+        self.calls += 1
+        if self.keep_bodies:
+            self.bodies.append(body)
+            self.headers.append({k.decode(): v.decode() for k, v in scope["headers"]})
+        mode = self.mode
+        if mode == "error500":
+            await _reply(
+                send,
+                500,
+                b'{"error":{"message":"injected failure","type":"server_error","code":500}}',
+            )
+            return
+        if mode == "hang":
+            await asyncio.sleep(3600)
+            return
+        model = body.get("model", self.name)
+        if path == "/v1/embeddings":
+            inp = body.get("input")
+            n = len(inp) if isinstance(inp, list) else 1
+            data = [
+                {"object": "embedding", "index": i, "embedding": [0.1, 0.2, 0.3]} for i in range(n)
+            ]
+            await _reply(
+                send,
+                200,
+                orjson.dumps(
+                    {
+                        "object": "list",
+                        "data": data,
+                        "model": model,
+                        "usage": {"prompt_tokens": 3 * n, "total_tokens": 3 * n},
+                    }
+                ),
+            )
+            return
+        chat = path == "/v1/chat/completions"
+        ptoks = _count(body)
+        ntok = int(body.get("max_tokens") or self.tokens)
+        ntok = min(ntok, self.tokens) if self.tokens else ntok
+        if not body.get("stream"):
+            key = (model, ptoks * 100000 + ntok + (1 << 40 if chat else 0))
+            payload = self._canned.get(key)
+            if payload is None:
+                payload = _full(chat, model, ptoks, ntok)
+                if len(self._canned) < 1000:
+                    self._canned[key] = payload
+            if self.delay_s:
+                await asyncio.sleep(self.delay_s * ntok)
+            await _reply(send, 200, payload)
+            self.completed += 1
+            return
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        base = {
+            "id": "cmpl-fake",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+        }
+        watcher = asyncio.create_task(_watch_disconnect(receive))
+        try:
+            for i in range(ntok):
+                if mode == "die_mid_stream" and i >= self.die_after:
+                    raise ConnectionAbortedError("injected mid-stream death")
+                if watcher.done():
+                    self.disconnects += 1
+                    return
+                if chat:
+                    delta = {"role": "assistant", "content": ""} if i == 0 else {}
+                    delta["content"] = f"t{i} "
+                    ch = {
+                        "index": 0,
+                        "delta": delta,
+                        "finish_reason": "length" if i == ntok - 1 else None,
+                    }
+                else:
+                    ch = {
+                        "index": 0,
+                        "text": f"t{i} ",
+                        "finish_reason": "length" if i == ntok - 1 else None,
+                    }
+                ev = {**base, "choices": [ch]}
+                await send(
+                    {
+                        "type": "http.response.body",
+                        "body": b"data: " + orjson.dumps(ev) + b"\n\n",
+                        "more_body": True,
+                    }
+                )
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+            tail = b""
+            if include_usage:
+                tail = (
+                    b"data: "
+                    + orjson.dumps(
+                        {
+                            **base,
+                            "choices": [],
+                            "usage": {
+                                "prompt_tokens": ptoks,
+                                "completion_tokens": ntok,
+                                "total_tokens": ptoks + ntok,
+                            },
+                        }
+                    )
+                    + b"\n\n"
+                )
+            await send(
+                {
+                    "type": "http.response.body",
+                    "body": tail + b"data: [DONE]\n\n",
+                    "more_body": False,
+                }
+            )
+            self.completed += 1
+        finally:
+            watcher.cancel()
+
+
+async def _watch_disconnect(receive: Any) -> None:
+    while True:
+        m = await receive()
+        if m["type"] == "http.disconnect":
+            return
+
+
+def _count(body: dict) -> int:
+    msgs = body.get("messages")
+    if isinstance(msgs, list):
+        return (
+            sum(len(str(m.get("content", "")).split()) + 4 for m in msgs if isinstance(m, dict)) + 3
+        )
+    p = body.get("prompt")
+    return len(p.split()) if isinstance(p, str) else 1
+
+
+def _full(chat: bool, model: str, ptoks: int, ntok: int) -> bytes:
+    text = "".join(f"t{i} " for i in range(ntok))
+    if chat:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": text},
+            "finish_reason": "length",
+        }
+    else:
+        choice = {"index": 0, "text": text, "finish_reason": "length", "logprobs": None}
+    return orjson.dumps(
+        {
+            "id": "cmpl-fake",
+            "object": "chat.completion" if chat else "text_completion",
+            "created": int(time.time()),
+            "model": model,
+            "choices": [choice],
+            "usage": {
+                "prompt_tokens": ptoks,
+                "completion_tokens": ntok,
+                "total_tokens": ptoks + ntok,
+                "prompt_tokens_details": {"cached_tokens": 0},
+            },
+        }
+    )
+
+
+async def _reply(send: Any, status: int, body: bytes) -> None:
+    await send(
+        {
+            "type": "http.response.start",
+            "status": status,
+            "headers": [(b"content-type", b"application/json")],
+        }
+    )
+    await send({"type": "http.response.body", "body": body})

@@ -1,0 +1,579 @@
+"""The shim against loopback upstreams we control: failures, caching, auth, caps, logging.
+
+Real parts: the shim served by uvicorn on a loopback port, real HTTP clients
+(httpx and the official openai client), upstreams that are real HTTP servers
+(`finops.shim.fakeupstream`) told to hang, fail, refuse or die mid-stream.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import dataclasses
+import socket
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from finops.lake import Lake
+from finops.shim import from_flags, serve_in_thread
+from finops.shim.config import CapRule, hash_key, parse_config
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.server import run_app_in_thread
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
+
+
+def _dead_url() -> str:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
+
+
+@pytest.fixture
+def fakes():
+    made = []
+
+    def make(mode: str = "ok", **kw):
+        f = FakeUpstream(mode, **kw)
+        h = run_app_in_thread(f)
+        made.append(h)
+        return f, h.url
+
+    yield make
+    for h in made:
+        h.stop(2)
+
+
+def _serve(tmp_path: Path, upstreams: list[str], **changes):
+    cfg = from_flags(upstreams, log_dir=tmp_path / "log")
+    cfg = dataclasses.replace(cfg, **changes)
+    return serve_in_thread(cfg)
+
+
+def _records(shim, n: int | None = None, timeout: float = 5.0) -> list[dict]:
+    """The request-log records on disk; with `n`, wait until that many are there.
+
+    A record is queued right after the response is sent, so a client can see
+    its response a moment before the record exists.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        shim.log.flush()
+        out = []
+        for p in sorted(Path(shim.cfg.log_dir).glob("requests-*.jsonl*")):
+            out += [orjson.loads(line) for line in p.read_bytes().splitlines()]
+        if n is None or len(out) >= n or time.monotonic() > deadline:
+            return sorted(out, key=lambda r: r["ts"])
+        time.sleep(0.02)
+
+
+def test_non_stream_headers_usage_and_log(tmp_path, fakes):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}", f"large={url}"]) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions", json=CHAT, headers={"X-Feature": "chat-assistant"}
+        )
+        assert r.status_code == 200
+        assert r.headers["x-finops-tier"] == "small"
+        assert r.headers["x-finops-cache"] == "bypass"
+        assert float(r.headers["x-finops-overhead-ms"]) >= 0
+        assert r.json()["usage"]["completion_tokens"] == 4
+        assert f.bodies[-1]["model"] == "small"  # the upstream gets the tier's model name
+        recs = _records(h.shim, 1)
+    (rec,) = recs
+    assert rec["tier"] == "small" and rec["upstream"] == url and rec["status_code"] == 200
+    assert rec["feature"] == "chat-assistant" and rec["tenant"] == "default"
+    assert rec["request_model"] == "auto" and rec["output_tokens"] == 4 and rec["input_tokens"] > 0
+    assert rec["router_version"] == "rules-v1" and rec["route_propensity"] == 1.0
+    assert rec["prompt_text"] is None  # prompts are off by default
+    res = Lake(tmp_path / "lake").append("requests", recs, source="shim")
+    assert (res.loaded, res.rejected) == (1, 0)
+
+
+def test_stream_strips_injected_usage_chunk_unless_asked(tmp_path, fakes):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**CHAT, "stream": True}
+        r = httpx.post(h.base_url + "/chat/completions", json=body)
+        events = [e for e in r.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        objs = [orjson.loads(e[6:]) for e in events[:-1]]
+        assert all(o["choices"] for o in objs), "the usage-only chunk must be stripped"
+        assert f.bodies[-1]["stream_options"] == {"include_usage": True}  # injected upstream
+        r2 = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**body, "stream_options": {"include_usage": True}},
+        )
+        objs2 = [
+            orjson.loads(e[6:]) for e in r2.content.split(b"\n\n") if e and e != b"data: [DONE]"
+        ]
+        assert objs2[-1]["usage"]["completion_tokens"] == 4
+        recs = _records(h.shim, 2)
+    assert [r["output_tokens"] for r in recs] == [4, 4]
+    assert all(r["stream"] and r["ttft_ms"] > 0 and r["finish_reason"] == "length" for r in recs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("bad", ["error500", "hang", "refused"])
+def test_fallback_before_first_byte(tmp_path, fakes, bad, stream):
+    good, good_url = fakes()
+    if bad == "refused":
+        bad_url = _dead_url()
+    else:
+        _, bad_url = fakes(bad)
+    # two replicas of small: the bad one has fewer outstanding requests at the start, so it is tried first
+    with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"], first_byte_timeout_s=0.5) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions", json={**CHAT, "stream": stream}, timeout=10
+        )
+        assert r.status_code == 200, r.text
+        assert good.calls == 1
+        if stream:
+            assert r.content.endswith(b"data: [DONE]\n\n") and b'"error"' not in r.content
+        metrics = httpx.get(h.url + "/metrics").text
+        recs = _records(h.shim, 1)
+    assert "finops_shim_fallbacks_total" in metrics
+    assert recs[0]["upstream"] == good_url and recs[0]["status_code"] == 200
+
+
+def test_fallback_to_next_tier_up(tmp_path, fakes):
+    mid, mid_url = fakes()
+    with _serve(tmp_path, [f"small={_dead_url()}", f"mid={mid_url}"]) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+        assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
+        assert mid.bodies[-1]["model"] == "mid"
+
+
+def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):
+    _, bad = fakes("error500")
+    with _serve(tmp_path, [f"small={bad}"]) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+        assert r.status_code == 500
+        assert r.json()["error"]["code"] == "upstream_http_5xx"
+        recs = _records(h.shim, 1)
+    assert recs[0]["status_code"] == 500 and recs[0]["error_type"] == "upstream_http_5xx"
+
+
+def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):
+    f, url = fakes("die_mid_stream", die_after=3)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**CHAT, "stream": True, "max_tokens": 8},
+            timeout=10,
+        )
+        assert r.status_code == 200  # headers were already sent
+        events = [e for e in r.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        err = orjson.loads(events[-2][6:])
+        assert err["error"]["code"] == "upstream_stream_error"
+        assert sum(1 for e in events[:-2] if b'"delta"' in e) == 3
+        recs = _records(h.shim, 1)
+    (rec,) = recs
+    assert rec["status_code"] == 502 and rec["error_type"] == "upstream_stream_error"
+    assert rec["output_tokens"] == 3 and rec["input_tokens"] > 0 and rec["latency_ms"] > 0
+
+
+def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path, fakes):
+    f, url = fakes("slow", tokens=200, delay_s=0.02)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        with httpx.stream(
+            "POST",
+            h.base_url + "/chat/completions",
+            json={**CHAT, "stream": True, "max_tokens": 200},
+        ) as r:
+            got = 0
+            for _ in r.iter_raw():
+                got += 1
+                if got >= 3:
+                    break
+        deadline = time.monotonic() + 5
+        while f.disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f.disconnects == 1, "the upstream request must be cancelled"
+        assert f.completed == 0
+        time.sleep(0.2)
+        recs = _records(h.shim, 1)
+    (rec,) = recs
+    assert rec["status_code"] == 499 and rec["error_type"] == "client_disconnected"
+    assert 0 < rec["output_tokens"] < 200
+
+
+def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
+    bad, bad_url = fakes("error500")
+    good, good_url = fakes()
+    with _serve(
+        tmp_path,
+        [f"small={bad_url}", f"small={good_url}"],
+        breaker_failures=2,
+        breaker_cooldown_s=0.5,
+    ) as h:
+        for _ in range(6):
+            assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+        assert bad.calls == 2, "after 2 failures the circuit is open and the replica is skipped"
+        state = {
+            c["upstream"]: c["circuit"] for c in httpx.get(h.url + "/readyz").json()["circuits"]
+        }
+        assert state[bad_url] == "open"
+        bad.mode = "ok"
+        time.sleep(0.6)
+        for _ in range(3):
+            assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+        assert bad.calls == 5, "the half-open probe succeeded, so the replica is back in rotation"
+        state = {
+            c["upstream"]: c["circuit"] for c in httpx.get(h.url + "/readyz").json()["circuits"]
+        }
+        assert state[bad_url] == "closed"
+
+
+def test_retry_budget_limits_fallbacks(tmp_path, fakes):
+    bad, bad_url = fakes("error500")
+    good, good_url = fakes()
+    # breaker off (0 = never opens) so every request hits the bad replica first when it is least loaded
+    cfg_changes = {"breaker_failures": 0, "retry_budget_min": 2, "retry_budget_ratio": 0.0}
+    with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"], **cfg_changes) as h:
+        codes = []
+        for _ in range(6):
+            codes.append(httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code)
+        m = httpx.get(h.url + "/metrics").text
+    fallbacks = sum(
+        float(ln.split()[-1])
+        for ln in m.splitlines()
+        if ln.startswith("finops_shim_fallbacks_total")
+    )
+    # ties in outstanding go to the first replica (the bad one); the good one takes 2 retries, then refuses
+    assert codes == [200, 200, 500, 500, 500, 500]
+    assert fallbacks == 2 and good.calls == 2 and bad.calls == 6
+    assert f'finops_shim_retry_budget_exhausted_total{{upstream="{good_url}"}} 4.0' in m
+
+
+def test_cache_hit_replay_stream_and_tenant_isolation(tmp_path, fakes):
+    f, url = fakes()
+    keys = ["--", "k1=acme", "k2=globex"][1:]
+    cfg = from_flags([f"small={url}"], api_keys=keys, log_dir=tmp_path / "log")
+    det = {**CHAT, "temperature": 0}
+    with serve_in_thread(cfg) as h:
+        a = {"authorization": "Bearer k1"}
+        b = {"authorization": "Bearer k2"}
+        r1 = httpx.post(h.base_url + "/chat/completions", json=det, headers=a)
+        assert r1.headers["x-finops-cache"] == "miss"
+        # same request, different whitespace and key order: a hit
+        det2 = {
+            "temperature": 0.0,
+            "max_tokens": 4,
+            "messages": [{"content": "  hello there\n", "role": "user"}],
+            "model": "auto",
+        }
+        r2 = httpx.post(h.base_url + "/chat/completions", json=det2, headers=a)
+        assert r2.headers["x-finops-cache"] == "hit" and r2.json() == r1.json()
+        # streaming hit is replayed as SSE with the same text
+        r3 = httpx.post(h.base_url + "/chat/completions", json={**det, "stream": True}, headers=a)
+        assert r3.headers["x-finops-cache"] == "hit"
+        text = "".join(
+            (orjson.loads(e[6:])["choices"][0]["delta"].get("content") or "")
+            for e in r3.content.split(b"\n\n")
+            if e.startswith(b"data: {")
+        )
+        assert text == r1.json()["choices"][0]["message"]["content"]
+        # the other tenant never gets acme's entry
+        r4 = httpx.post(h.base_url + "/chat/completions", json=det, headers=b)
+        assert r4.headers["x-finops-cache"] == "miss"
+        # non-deterministic requests bypass
+        r5 = httpx.post(
+            h.base_url + "/chat/completions", json={**CHAT, "temperature": 0.7}, headers=a
+        )
+        assert r5.headers["x-finops-cache"] == "bypass"
+        assert f.calls == 3
+        assert all("authorization" not in hd for hd in f.headers), "client keys are never forwarded"
+        recs = _records(h.shim, 5)
+    assert [r["cache_status"] for r in recs] == ["miss", "hit", "hit", "miss", "bypass"]
+    assert recs[1]["input_tokens"] == 0 and recs[1]["output_tokens"] == 0  # not billed twice
+    assert [r["tenant"] for r in recs] == ["acme", "acme", "acme", "globex", "acme"]
+    logged = b"".join(p.read_bytes() for p in (tmp_path / "log").iterdir())
+    assert b"k1" not in logged.replace(b"k1=", b"") and b"Bearer" not in logged
+
+
+def test_auth_missing_and_unknown_key_401(tmp_path, fakes):
+    _, url = fakes()
+    cfg = from_flags([f"small={url}"], api_keys=["sekret=acme"], log_dir=tmp_path / "log")
+    with serve_in_thread(cfg) as h:
+        assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 401
+        r = httpx.post(
+            h.base_url + "/chat/completions", json=CHAT, headers={"authorization": "Bearer nope"}
+        )
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        assert httpx.get(h.base_url + "/models").status_code == 401
+        assert (
+            httpx.get(
+                h.base_url + "/models", headers={"authorization": "Bearer sekret"}
+            ).status_code
+            == 200
+        )
+        recs = _records(h.shim, 2)
+    assert [r["status_code"] for r in recs] == [401, 401]
+    assert b"sekret" not in b"".join(p.read_bytes() for p in (tmp_path / "log").iterdir())
+    assert cfg.api_keys == {hash_key("sekret"): "acme"}
+
+
+def test_coalescing_identical_in_flight_requests(tmp_path, fakes):
+    f, url = fakes("slow", tokens=5, delay_s=0.05)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        det = {**CHAT, "temperature": 0, "max_tokens": 5}
+        with cf.ThreadPoolExecutor(8) as ex:
+            rs = list(
+                ex.map(
+                    lambda _: httpx.post(h.base_url + "/chat/completions", json=det, timeout=10),
+                    range(8),
+                )
+            )
+        assert all(r.status_code == 200 for r in rs)
+        assert len({r.json()["choices"][0]["message"]["content"] for r in rs}) == 1
+        assert f.calls == 1, "identical in-flight requests make one upstream call"
+        recs = _records(h.shim, 8)
+        m = httpx.get(h.url + "/metrics").text
+    statuses = sorted(r["cache_status"] for r in recs)
+    assert statuses.count("miss") == 1 and set(statuses) <= {"miss", "coalesced", "hit"}
+    assert "finops_shim_coalesced_total" in m
+
+
+def test_idempotency_key_replays_and_logs_retry(tmp_path, fakes):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**CHAT, "temperature": 0.9}
+        hd = {"idempotency-key": "order-42"}
+        r1 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hd)
+        r2 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hd)
+        r3 = httpx.post(
+            h.base_url + "/chat/completions", json={**body, "max_tokens": 2}, headers=hd
+        )
+        assert r1.json() == r2.json() and f.calls == 1
+        assert r2.headers["x-finops-cache"] == "hit"
+        assert r3.status_code == 422
+        recs = _records(h.shim, 3)
+    assert recs[1]["retry_of"] == recs[0]["request_id"] and recs[1]["attempt"] == 2
+    assert recs[1]["output_tokens"] == 0 and recs[0]["output_tokens"] == 4
+    assert recs[0]["idempotency_key"] == "order-42"
+
+
+def test_bad_requests_400_404_413_405(tmp_path, fakes):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"], max_body_bytes=10_000) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            content=b"{not json",
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "gpt-17"})
+        assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        r = httpx.post(h.base_url + "/chat/completions", json={"model": "auto"})
+        assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 20_000}]}
+        r = httpx.post(h.base_url + "/chat/completions", json=big)
+        assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
+
+        def chunks():  # no content-length: the limit is enforced while reading
+            for _ in range(20):
+                yield b"x" * 1000
+
+        r = httpx.post(h.base_url + "/chat/completions", content=chunks())
+        assert r.status_code == 413
+        assert httpx.get(h.base_url + "/chat/completions").status_code == 405
+        for resp in [r]:
+            assert "x-finops-overhead-ms" in resp.headers
+        assert f.calls == 0
+        recs = _records(h.shim, 5)
+    assert [r["status_code"] for r in recs] == [400, 404, 400, 413, 413]
+    Lake(tmp_path / "lake").append("requests", recs, source="shim")
+
+
+def test_caps_reject_and_truncate(tmp_path, fakes):
+    f, url = fakes()
+    caps = (CapRule(60, "truncate", tier="small"), CapRule(50, "reject", feature="strict"))
+    with _serve(tmp_path, [f"small={url}"], caps=caps) as h:
+        msgs = [{"role": "system", "content": "be brief"}]
+        for i in range(6):
+            msgs += [
+                {"role": "user", "content": f"question {i} " + "word " * 20},
+                {"role": "assistant", "content": "answer " * 10},
+            ]
+        msgs.append({"role": "user", "content": "last question"})
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "messages": msgs})
+        assert r.status_code == 200
+        sent = f.bodies[-1]["messages"]
+        assert sent[0]["content"] == "be brief" and sent[-1]["content"] == "last question"
+        assert len(sent) < len(msgs)
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**CHAT, "messages": msgs},
+            headers={"x-feature": "strict"},
+        )
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+        assert "cap of 50" in r.json()["error"]["message"]
+        recs = _records(h.shim, 2)
+    assert recs[0]["truncated_tokens"] > 0 and recs[1]["status_code"] == 400
+
+
+def test_prompt_capture_is_redacted(tmp_path, fakes):
+    _, url = fakes()
+    with _serve(tmp_path, [f"small={url}"], log_prompts=True) as h:
+        msg = "mail jane.doe@example.com or call +1 415-555-0100, card 4111111111111111"
+        httpx.post(
+            h.base_url + "/chat/completions",
+            json={**CHAT, "messages": [{"role": "user", "content": msg}]},
+        )
+        (rec,) = _records(h.shim, 1)
+    t = rec["prompt_text"]
+    assert "[EMAIL]" in t and "[PHONE]" in t and "[NUMBER]" in t
+    assert "example.com" not in t and "4111" not in t and "555" not in t
+
+
+def test_embeddings_pass_through(tmp_path, fakes):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(h.base_url + "/embeddings", json={"model": "small", "input": ["a", "b"]})
+        assert r.status_code == 200 and len(r.json()["data"]) == 2
+        assert r.headers["x-finops-tier"] == "small"
+        (rec,) = _records(h.shim, 1)
+    assert rec["operation"] == "embeddings" and rec["input_tokens"] == 6
+
+
+def test_slow_client_does_not_stall_others(tmp_path, fakes):
+    f, url = fakes(tokens=2000)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**CHAT, "stream": True, "max_tokens": 2000}
+        s = socket.create_connection(("127.0.0.1", h.port))
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        payload = orjson.dumps(body)
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\ncontent-length: "
+            + str(len(payload)).encode()
+            + b"\r\n\r\n"
+            + payload
+        )
+        s.recv(100)  # read a little, then stall
+        t0 = time.monotonic()
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT, timeout=5)
+        assert r.status_code == 200 and time.monotonic() - t0 < 2
+        s.close()
+        time.sleep(0.5)
+        recs = _records(h.shim, 2)
+    assert len(recs) == 2
+
+
+def test_openai_client_sync_async_stream(tmp_path, fakes):
+    import asyncio
+
+    import openai
+
+    _, url = fakes()
+    with _serve(tmp_path, [f"small={url}", f"large={url}"]) as h:
+        c = openai.OpenAI(base_url=h.base_url, api_key="unused", max_retries=0)
+        out = c.chat.completions.create(
+            model="auto", messages=[{"role": "user", "content": "hi"}], max_tokens=3
+        )
+        assert out.usage.completion_tokens == 3
+        ids = [m.id for m in c.models.list()]
+        assert ids[:3] == ["auto", "small", "large"]
+        chunks = list(c.completions.create(model="large", prompt="hi", max_tokens=3, stream=True))
+        assert "".join(ch.choices[0].text for ch in chunks if ch.choices) == "t0 t1 t2 "
+
+        async def go():
+            ac = openai.AsyncOpenAI(base_url=h.base_url, api_key="unused", max_retries=0)
+            stream = await ac.chat.completions.create(
+                model="auto",
+                messages=[{"role": "user", "content": "hi"}],
+                max_tokens=3,
+                stream=True,
+                stream_options={"include_usage": True},
+            )
+            last = None
+            async for ch in stream:
+                last = ch
+            await ac.close()
+            return last
+
+        last = asyncio.run(go())
+        assert last.usage.completion_tokens == 3
+        with pytest.raises(openai.NotFoundError):
+            c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+
+
+def test_reload_refuses_bad_config_and_keeps_serving(tmp_path, fakes):
+    _, url = fakes()
+    conf = tmp_path / "shim.toml"
+    conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\n[routing]\nalias = "auto"\n')
+    from finops.shim.config import load_config
+
+    cfg = dataclasses.replace(load_config(conf), log_dir=tmp_path / "log")
+    with serve_in_thread(cfg) as h:
+        conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\n[routing]\nalias = "router"\n')
+        ok, msg = h.shim.reload()
+        assert (
+            ok
+            and httpx.post(
+                h.base_url + "/chat/completions", json={**CHAT, "model": "router"}
+            ).status_code
+            == 200
+        )
+        conf.write_text("[tiers.small]\nupstreams = []\n")
+        ok, msg = h.shim.reload()
+        assert not ok and "upstreams" in msg
+        assert (
+            httpx.post(
+                h.base_url + "/chat/completions", json={**CHAT, "model": "router"}
+            ).status_code
+            == 200
+        )
+        assert (
+            'finops_shim_reloads_total{result="refused"} 1.0' in httpx.get(h.url + "/metrics").text
+        )
+
+
+def test_config_errors_name_file_and_key(tmp_path):
+    from finops.shim.config import ConfigError, load_config
+
+    p = tmp_path / "bad.toml"
+    p.write_text('[tiers.small]\nupstreams = ["ftp://x"]\n')
+    with pytest.raises(ConfigError, match=r"bad.toml: \[tiers.small\] upstreams: expected an http"):
+        load_config(p)
+    with pytest.raises(ConfigError, match=r"max_input_tokens: expected a positive integer"):
+        parse_config(
+            {
+                "tiers": {"s": {"upstreams": ["http://a"]}},
+                "caps": {"rule": [{"max_input_tokens": 0}]},
+            }
+        )
+    with pytest.raises(ConfigError, match="sha256"):
+        parse_config(
+            {
+                "tiers": {"s": {"upstreams": ["http://a"]}},
+                "auth": {"keys": [{"sha256": "plainkey", "tenant": "t"}]},
+            }
+        )
+    with pytest.raises(ConfigError, match="unknown sections"):
+        parse_config({"tiers": {"s": {"upstreams": ["http://a"]}}, "cahce": {}})
+
+
+def test_concurrent_load_logs_every_request(tmp_path, fakes):
+    _, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        with httpx.Client() as c, cf.ThreadPoolExecutor(16) as ex:
+            codes = list(
+                ex.map(
+                    lambda i: (
+                        c.post(
+                            h.base_url + "/chat/completions", json={**CHAT, "stream": i % 2 == 0}
+                        ).status_code
+                    ),
+                    range(200),
+                )
+            )
+        assert codes.count(200) == 200
+        recs = _records(h.shim, 200)
+    assert len(recs) == 200 and len({r["request_id"] for r in recs}) == 200
+    assert threading.active_count() < 200
