@@ -159,7 +159,7 @@ def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):
 
 
 def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):
-    f, url = fakes("die_mid_stream", die_after=3)
+    _f, url = fakes("die_mid_stream", die_after=3)
     with _serve(tmp_path, [f"small={url}"]) as h:
         r = httpx.post(
             h.base_url + "/chat/completions",
@@ -186,9 +186,7 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path
             h.base_url + "/chat/completions",
             json={**CHAT, "stream": True, "max_tokens": 200},
         ) as r:
-            got = 0
-            for _ in r.iter_raw():
-                got += 1
+            for got, _ in enumerate(r.iter_raw(), 1):
                 if got >= 3:
                     break
         deadline = time.monotonic() + 5
@@ -205,7 +203,7 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path
 
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
     bad, bad_url = fakes("error500")
-    good, good_url = fakes()
+    _good, good_url = fakes()
     with _serve(
         tmp_path,
         [f"small={bad_url}", f"small={good_url}"],
@@ -433,7 +431,7 @@ def test_prompt_capture_is_redacted(tmp_path, fakes):
 
 
 def test_embeddings_pass_through(tmp_path, fakes):
-    f, url = fakes()
+    _f, url = fakes()
     with _serve(tmp_path, [f"small={url}"]) as h:
         r = httpx.post(h.base_url + "/embeddings", json={"model": "small", "input": ["a", "b"]})
         assert r.status_code == 200 and len(r.json()["data"]) == 2
@@ -443,7 +441,7 @@ def test_embeddings_pass_through(tmp_path, fakes):
 
 
 def test_slow_client_does_not_stall_others(tmp_path, fakes):
-    f, url = fakes(tokens=2000)
+    _f, url = fakes(tokens=2000)
     with _serve(tmp_path, [f"small={url}"]) as h:
         body = {**CHAT, "stream": True, "max_tokens": 2000}
         s = socket.create_connection(("127.0.0.1", h.port))
