@@ -38,6 +38,7 @@ import numpy as np
 import orjson
 import polars as pl
 
+from collectors.cache_events import shim_cache_events
 from collectors.checkpoint import FINGERPRINT_BYTES, Checkpoint, FileState, head_fingerprint
 from collectors.mapping import (
     LINE_COLUMN,
@@ -49,8 +50,8 @@ from collectors.mapping import (
     shipped_mappings,
     stable_hash,
 )
-from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake, coerce
-from finops.schemas import CACHE_EVENTS, REQUESTS, schema_for
+from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake
+from finops.schemas import schema_for
 
 CHUNK_BYTES = 32 * 1024 * 1024
 MAX_LINE_BYTES = 1024 * 1024
@@ -58,7 +59,6 @@ MAX_LINE_BYTES = 1024 * 1024
 a multi-megabyte line is a bug upstream, and loading it would hurt every query)."""
 
 MAX_RAW = 500
-SHIM_CACHE_STATUSES = ("hit", "coalesced")
 ProgressFn = Callable[[int, int], None]
 
 
@@ -91,8 +91,18 @@ class FileReport:
 
 
 def _format_of(path: Path, mapping: Mapping | None) -> str:
+    by_name = _format_by_name(path)
     if mapping is not None and mapping.format:
+        if by_name not in (None, mapping.format):
+            raise MappingError(
+                f"{mapping.origin}: maps {mapping.format.upper()} files, but {path} is "
+                f"{by_name.upper()} by its name"
+            )
         return mapping.format
+    return by_name or "jsonl"
+
+
+def _format_by_name(path: Path) -> str | None:
     name = path.name.lower()
     for suffix, fmt in (
         (".parquet", "parquet"),
@@ -102,11 +112,10 @@ def _format_of(path: Path, mapping: Mapping | None) -> str:
         (".jsonl", "jsonl"),
         (".ndjson", "jsonl"),
         (".json", "jsonl"),
-        (".log", "jsonl"),
     ):
         if name.endswith(suffix) or suffix + "." in name:
             return fmt
-    return "jsonl"
+    return None
 
 
 @dataclass
@@ -180,7 +189,12 @@ def plan_for(
     cols = set(schema_for(table).columns)
     if table == "requests" and {"request_id", "ts"} <= keys:
         return _Plan("jsonl", table, None, "shim", shim=True)
-    if table == "cache_events" and {"ts", "layer", "event"} <= keys:
+    if table == "cache_events" and {"request_id", "ts", "cache_status"} <= keys:
+        raise MappingError(
+            f"{path}: this is a shim request log; ingest it with `finops ingest requests`, "
+            "which writes its response-cache hits to cache_events in the same pass"
+        )
+    if table == "cache_events" and {"ts", "event"} <= keys:
         return _Plan("jsonl", table, None, f"ingest:{path.name}")
     if table == "requests" and (
         "usage" in keys or str(records[0].get("object", "")).endswith("completion")
@@ -203,6 +217,7 @@ class _Chunk:
     src: pl.DataFrame  # parsed records + __line, _location, _raw
     rejects: list[dict[str, str]]  # lines that never became records
     records: int  # non-blank lines (or CSV rows) seen
+    columns: list[str] = field(default_factory=list)  # what the file has, for error messages
 
 
 def _split_lines(data: bytes) -> pl.Series:
@@ -307,6 +322,18 @@ def _path_expr(schema: pl.Schema, path: str) -> pl.Expr | None:
     return None
 
 
+def _leaf_paths(schema: pl.Schema, prefix: str = "", limit: int = 60) -> list[str]:
+    """Column names with nested struct fields spelled as dotted paths (for messages)."""
+    out: list[str] = []
+    for name, dtype in schema.items():
+        full = f"{prefix}{name}"
+        if isinstance(dtype, pl.Struct) and len(out) < limit:
+            out += _leaf_paths(pl.Schema({f.name: f.dtype for f in dtype.fields}), f"{full}.")
+        else:
+            out.append(full)
+    return out[:limit]
+
+
 def _select_paths(df: pl.DataFrame, paths: list[str]) -> pl.DataFrame:
     exprs = []
     for p in paths:
@@ -375,10 +402,11 @@ def parse_jsonl_chunk(
         cols = schema or {}
         df = pl.DataFrame(schema=cols)
     kept_lines = lines.gather(kept_idx) if len(kept_idx) else pl.Series("line", [], pl.String)
+    columns = _leaf_paths(df.schema)
     if paths is not None:
         df = _select_paths(df, paths)
     src = _with_meta(df, line_no[kept_idx], kept_lines, label)
-    return _Chunk(src, rejects, records)
+    return _Chunk(src, rejects, records, columns)
 
 
 def _parse_slow(
@@ -468,7 +496,7 @@ def parse_csv_chunk(
             )
         else:
             df = pl.DataFrame(schema=dict.fromkeys(names, pl.String))
-        return _Chunk(_with_meta(df, line_no[keep], kept, label), rejects, records)
+        return _Chunk(_with_meta(df, line_no[keep], kept, label), rejects, records, names)
     # quoted fields (maybe spanning lines): the csv module tracks physical lines
     text = data.decode("utf-8", "replace")
     reader = csv.reader(io.StringIO(text), delimiter=separator)
@@ -506,13 +534,14 @@ def parse_csv_chunk(
             }
         )
     df = pl.DataFrame(
-        {n_: [r[j] for r in rows] for j, n_ in enumerate(names)},
+        {n_: [r[j] or None for r in rows] for j, n_ in enumerate(names)},  # "" is null
         schema=dict.fromkeys(names, pl.String),
     )
     return _Chunk(
         _with_meta(df, np.asarray(nums, dtype=np.int64), pl.Series(raws, dtype=pl.String), label),
         rejects,
         records,
+        names,
     )
 
 
@@ -529,6 +558,12 @@ def _prepare_native(df: pl.DataFrame, table: str, file: str) -> pl.DataFrame:
         )
         if parsed.null_count() == df[ts].null_count():
             df = df.with_columns(parsed.alias(ts))
+    if table == "cache_events":
+        df = df.with_columns(
+            pl.col("layer").cast(pl.String).fill_null("generic")
+            if "layer" in df.columns
+            else pl.lit("generic").alias("layer")
+        )
     key = schema.key[0]
     if key not in df.columns or df[key].null_count():
         data_cols = [c for c in df.columns if c in schema.columns and c != key]
@@ -544,51 +579,6 @@ def _prepare_native(df: pl.DataFrame, table: str, file: str) -> pl.DataFrame:
     return df
 
 
-def shim_cache_events(rows: pl.DataFrame, source: str) -> pl.DataFrame:
-    """Response-cache hits of a shim request log as `cache_events` rows.
-
-    A hit (or a request coalesced onto an identical in-flight one) spent no
-    upstream tokens: the event records the input + output tokens it avoided,
-    so the marts can price the shim_response layer. The event id derives from
-    the request id, so re-reading the log adds nothing.
-    """
-    need = ("request_id", "ts", "cache_status")
-    if rows.height == 0 or any(c not in rows.columns for c in need):
-        return pl.DataFrame(schema=CACHE_EVENTS.polars_schema)
-    hits = rows.filter(pl.col("cache_status").cast(pl.String).is_in(SHIM_CACHE_STATUSES))
-    if hits.height == 0:
-        return pl.DataFrame(schema=CACHE_EVENTS.polars_schema)
-    typed = {
-        c: coerce(hits[c], REQUESTS.columns[c]).alias(c)
-        for c in ("ts", "input_tokens", "output_tokens", "tenant", "tier", "response_model")
-        if c in hits.columns
-    }
-    hits = hits.with_columns(list(typed.values()))
-    zero = pl.lit(0, dtype=pl.Int64)
-    tokens = pl.col("input_tokens").fill_null(0) if "input_tokens" in hits.columns else zero
-    tokens = tokens + (
-        pl.col("output_tokens").fill_null(0) if "output_tokens" in hits.columns else zero
-    )
-    ok = pl.col("request_id").is_not_null() & pl.col("ts").is_not_null() & (tokens >= 0)
-
-    def opt(c: str) -> pl.Expr:
-        return pl.col(c).cast(pl.String) if c in hits.columns else pl.lit(None, dtype=pl.String)
-
-    return hits.filter(ok).select(
-        pl.format("shim_response:{}", pl.col("request_id")).alias("event_id"),
-        pl.col("ts"),
-        pl.lit(source).alias("source"),
-        pl.lit("shim_response").alias("layer"),
-        pl.lit("hit").alias("event"),
-        opt("tenant").alias("tenant"),
-        opt("tier").alias("tier"),
-        opt("response_model").alias("model"),
-        pl.col("request_id").cast(pl.String),
-        tokens.cast(pl.Int64).alias("tokens"),
-        pl.lit(1, dtype=pl.Int64).alias("requests"),
-    )
-
-
 def _load_chunk(
     chunk: _Chunk,
     plan: _Plan,
@@ -602,15 +592,14 @@ def _load_chunk(
     table = plan.table
     result = AppendResult(table=table)
     rejected = 0
+    src = chunk.src
+    if plan.mapping is not None and check:
+        # before anything is written: a mapping that does not fit the file is an error
+        available = [c for c in src.columns if c not in (LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)]
+        check_columns(plan.mapping, available, file, shown=chunk.columns)
     if chunk.rejects:
         rejected += lake.reject(table, chunk.rejects, source=plan.source)
-    src = chunk.src
     if plan.mapping is not None:
-        if check:
-            available = [
-                c for c in src.columns if c not in (LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)
-            ]
-            check_columns(plan.mapping, available, file)
         applied = apply_mapping(plan.mapping, src, file=file)
         if applied.rejects.height:
             rejected += lake.reject(table, applied.rejects, source=plan.source)
@@ -751,7 +740,14 @@ def _read_from(
                 [_select_paths(df, paths), src.select(LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)],
                 how="horizontal",
             )
-        res = _load_chunk(_Chunk(src, [], df.height), plan, lake, label, report, check=True)
+        res = _load_chunk(
+            _Chunk(src, [], df.height, _leaf_paths(df.schema)),
+            plan,
+            lake,
+            label,
+            report,
+            check=True,
+        )
         state.done = True
         state.offset = size
         yield res

@@ -348,12 +348,17 @@ class Applied:
     rejects: pl.DataFrame  # location, raw, reason
 
 
-def check_columns(mapping: Mapping, available: list[str], file: str) -> None:
+def check_columns(
+    mapping: Mapping, available: list[str], file: str, *, shown: list[str] | None = None
+) -> None:
     """Raise when the mapping names a column the file does not have.
 
     The message names the mapping file, the key and the file's columns, which
-    is what a person needs to fix a typo.
+    is what a person needs to fix a typo. `shown` is the list to print (the
+    file's own columns, nested fields as dotted paths) when it differs from
+    the resolved `available` ones.
     """
+    listed = ", ".join(shown if shown is not None else available) or "(none)"
     for target, spec in mapping.columns.items():
         needed = [list(spec.sources)] if spec.sources else []
         needed += [[c] for c in spec.hash if c not in _SPECIAL]
@@ -364,14 +369,14 @@ def check_columns(mapping: Mapping, available: list[str], file: str) -> None:
                 shown = group[0] if len(group) == 1 else " or ".join(group)
                 raise MappingError(
                     f"{mapping.origin}: [columns] {target}: column {shown!r} not found in "
-                    f"{file}; available columns: {', '.join(available) or '(none)'}"
+                    f"{file}; available columns: {listed}"
                 )
     if mapping.key is not None:
         for c in mapping.key.hash:
             if c not in _SPECIAL and c not in available:
                 raise MappingError(
                     f"{mapping.origin}: [key] hash: column {c!r} not found in {file}; "
-                    f"available columns: {', '.join(available) or '(none)'}"
+                    f"available columns: {listed}"
                 )
 
 
@@ -420,8 +425,10 @@ def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
         else:
             present = [s for s in spec.sources if s in available]
             if not present:
-                exprs[target] = pl.lit(spec.default).cast(dtype) if spec.default is not None else (
-                    pl.lit(None, dtype=dtype)
+                exprs[target] = (
+                    pl.lit(spec.default).cast(dtype)
+                    if spec.default is not None
+                    else (pl.lit(None, dtype=dtype))
                 )
                 continue
             kinds = {src.schema[s] for s in present}
