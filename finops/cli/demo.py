@@ -1,0 +1,162 @@
+"""`finops demo`: generate the demo week, build the views, print the headline numbers.
+
+`run_demo()` is a list of steps so later features (economics, router,
+report) add a step instead of rewriting the command.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from finops.cli._common import LakeOption, fail, resolve_lake
+
+
+@dataclass
+class DemoContext:
+    """What the steps share: options, the lake, the connection, and each step's output."""
+
+    lake: Path
+    days: int
+    seed: int
+    gpus: int
+    start: dt.date
+    scale: float = 1.0
+    db: Any = None
+    results: dict[str, Any] = field(default_factory=dict)
+
+
+Step = tuple[str, Callable[[DemoContext, Callable[[str], None]], None]]
+
+
+def _generate(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    from finops.demo import generate
+
+    ctx.results["generate"] = generate(
+        ctx.lake, days=ctx.days, seed=ctx.seed, gpus=ctx.gpus, start=ctx.start,
+        scale=ctx.scale, progress=note,
+    )  # fmt: skip
+
+
+def _views(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    import finops
+
+    ctx.db = finops.connect(ctx.lake)
+    ctx.db.execute("SET enable_progress_bar = false")
+
+
+def _summary(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    from finops.demo.summary import summarize
+
+    ctx.results["summary"] = summarize(ctx.db)
+
+
+STEPS: list[Step] = [
+    ("generate the demo week", _generate),
+    ("build the views", _views),
+    ("summarize", _summary),
+]
+
+
+def run_demo(ctx: DemoContext, steps: list[Step] | None = None) -> DemoContext:
+    """Run each step with a rich progress line; later issues append to `STEPS`."""
+    from rich.console import Console
+    from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
+
+    console = Console(stderr=True)
+    with Progress(
+        SpinnerColumn(), TextColumn("{task.description}"), TimeElapsedColumn(), console=console
+    ) as progress:
+        for title, fn in steps or STEPS:
+            task = progress.add_task(title, total=None)
+            t0 = time.perf_counter()
+
+            def note(msg: str, task: Any = task, title: str = title) -> None:
+                progress.update(task, description=f"{title}: {msg}")
+
+            fn(ctx, note)
+            progress.update(
+                task, description=f"{title} ({time.perf_counter() - t0:.1f}s)", total=1,
+                completed=1,
+            )  # fmt: skip
+    return ctx
+
+
+def print_summary(summary: dict[str, Any]) -> None:
+    """The few numbers that tell the story of the week."""
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    t = Table(title="demo week", show_header=False)
+    t.add_column("", style="bold")
+    t.add_column("", justify="right")
+
+    def add(k: str, v: str) -> None:
+        t.add_row(k, v)
+
+    first, last = summary["first_ts"], summary["last_ts"]
+    if first and last:
+        add("period", f"{first:%Y-%m-%d} .. {last:%Y-%m-%d}")
+    add(
+        f"GPU spend ({summary['pricing_kind'].replace('_', '-')})",
+        f"${summary['spend_usd']:,.0f} for {summary['gpu_hours']:,.0f} GPU-hours",
+    )
+    for g in summary["gpus"]:
+        add(
+            f"  {g['gpu_model']}",
+            f"{g['gpu_hours']:,} h x ${g['usd_per_gpu_hour']:.2f} = ${g['spend_usd']:,.0f}",
+        )
+    add("requests", f"{summary['requests']:,} ({summary['failed_requests']:,} failed)")
+    add("input tokens", f"{summary['input_tokens']:,} ({summary['cached_input_tokens']:,} "
+        "from vLLM prefix cache)")  # fmt: skip
+    add("output tokens", f"{summary['output_tokens']:,}")
+    if summary["gpu_utilization"] is not None:
+        add(
+            "GPU utilization",
+            f"{summary['gpu_utilization']:.1%} ({summary['utilization_signal']}); "
+            f"GPU_UTIL says {summary['gpu_util_reported']:.1%}",
+        )
+    if summary["cost_per_1k_requests_usd"] is not None:
+        add("cost per 1k requests", f"${summary['cost_per_1k_requests_usd']:,.2f}")
+    for i, tenant in enumerate(summary["top_tenants"], 1):
+        share = tenant["requests"] / summary["requests"] if summary["requests"] else 0
+        add(
+            f"top tenant #{i}", f"{tenant['tenant']}: {tenant['requests']:,} requests ({share:.0%})"
+        )
+    console.print(t)
+
+
+def demo(
+    lake: LakeOption = None,
+    days: Annotated[int, typer.Option(min=1, max=62, help="Days to simulate.")] = 7,
+    seed: Annotated[int, typer.Option(help="Random seed; same seed, same lake.")] = 42,
+    gpus: Annotated[int, typer.Option(min=6, help="Fleet size (>= 6).")] = 16,
+    start: Annotated[
+        str, typer.Option(help="First day (UTC midnight), YYYY-MM-DD.")
+    ] = "2026-11-16",
+) -> None:
+    """Generate a realistic demo week into the lake, build the views, print a summary."""
+    from finops.demo import DemoError, TracesMissing
+
+    try:
+        first = dt.date.fromisoformat(start)
+    except ValueError:
+        fail(f"--start: expected a date YYYY-MM-DD, got {start!r}")
+    ctx = DemoContext(lake=resolve_lake(lake), days=days, seed=seed, gpus=gpus, start=first)
+    try:
+        run_demo(ctx)
+    except (DemoError, TracesMissing) as exc:
+        fail(str(exc))
+    print_summary(ctx.results["summary"])
+    typer.echo(f'lake: {ctx.lake}  (try: finops sql "SELECT * FROM marts.tenant_daily")')
+
+
+def register(app: typer.Typer) -> None:
+    app.command("demo")(demo)
