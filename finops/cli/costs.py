@@ -1,0 +1,138 @@
+"""`finops costs`: the GPU bill and cost per request by tenant, feature, tier, model or hour."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+
+_TOTAL_KEYS = (
+    "gpu_cost",
+    "allocated_cost",
+    "idle_cost",
+    "idle_capacity_cost",
+    "busy_cost",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "cached_input_tokens",
+    "gpu_hours",
+    "gpus",
+    "utilization",
+    "usd_per_1k_requests",
+    "usd_per_1m_input_tokens",
+    "usd_per_1m_output_tokens",
+    "leakage_cost",
+)
+
+
+def costs(
+    lake: LakeOption = None,
+    week: Annotated[str | None, typer.Option(help="ISO week, e.g. 2026-W47.")] = None,
+    from_: Annotated[
+        str | None, typer.Option("--from", help="First day (YYYY-MM-DD, inclusive).")
+    ] = None,
+    to: Annotated[
+        str | None, typer.Option("--to", help="Last day (YYYY-MM-DD, inclusive).")
+    ] = None,
+    by: Annotated[
+        str, typer.Option("--by", help="tenant|feature|tier|model|hour|day|operation")
+    ] = "tenant",
+    basis: Annotated[
+        str, typer.Option(help="allocation (idle capacity included) | usage (busy time only)")
+    ] = "allocation",
+    format: Annotated[str, typer.Option("--format", help="table|csv|json")] = "table",
+    deployments: Annotated[
+        Path | None,
+        typer.Option(help="TOML mapping of pods/labels to deployments, tiers, pricing kinds."),
+    ] = None,
+    pricing_kind: Annotated[
+        str | None, typer.Option(help="Default price kind: on_demand|reserved|spot.")
+    ] = None,
+) -> None:
+    """Unit economics for a period: GPU bill, allocated vs idle, cost per request and per token.
+
+    Allocation basis: each tier-hour's whole GPU cost (idle included) is shared by its
+    requests by token work, so allocated + idle = the bill. Usage basis: only busy
+    (SM-active) GPU time is shared.
+    """
+    import finops
+    import finops.costs as fc
+
+    if format not in ("table", "csv", "json"):
+        fail(f"--format must be table, csv or json, got {format!r}")
+    if by not in fc.DIMENSIONS:
+        fail(f"--by must be one of {'|'.join(fc.DIMENSIONS)}, got {by!r}")
+    if basis not in fc.BASES:
+        fail(f"--basis must be allocation or usage, got {basis!r}")
+    path = resolve_lake(lake)
+    if not path.exists():
+        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
+    try:
+        per = fc.period(week, from_, to)
+        db = finops.connect(path)
+        if deployments is not None:
+            fc.load_deployments(db, deployments)
+        if pricing_kind is not None:
+            fc.configure(db, pricing_kind=pricing_kind)
+        tot = fc.totals(db, per=per, basis=basis)  # type: ignore[arg-type]
+        rows = fc.by(db, by, per=per, basis=basis)  # type: ignore[arg-type]
+    except fc.CostError as exc:
+        fail(str(exc))
+        return
+    for note in tot["notes"]:
+        typer.echo(f"warning: {note}", err=True)
+    if format == "json":
+        doc = {
+            "period": tot["period"],
+            "start": tot["start"],
+            "end": tot["end"],
+            "basis": basis,
+            "by": by,
+            "totals": {k: tot[k] for k in _TOTAL_KEYS},
+            "notes": tot["notes"],
+            "rows": rows.to_dicts(),
+        }
+        typer.echo(json.dumps(doc, default=_json_default, indent=2))
+        return
+    if format == "csv":
+        print_frame(rows, "csv")
+        return
+    print_frame(
+        rows.select(
+            by,
+            "requests",
+            "failed",
+            "input_tokens",
+            "output_tokens",
+            "cost",
+            "share",
+            "cost_per_request",
+            "usd_per_1k_requests",
+            "usd_per_1m_input_tokens",
+            "usd_per_1m_output_tokens",
+            "leakage_cost",
+        ),
+        "table",
+        title=f"cost by {by}, {tot['period']} ({basis} basis)",
+    )
+    typer.echo(
+        f"GPU bill ${tot['gpu_cost']:,.2f} ({tot['gpu_hours']:,.0f} GPU-hours, {tot['gpus']} GPUs)"
+        f" = allocated ${tot['allocated_cost']:,.2f} + idle ${tot['idle_cost']:,.2f}; "
+        f"idle capacity ${tot['idle_capacity_cost']:,.2f}; {tot['requests']:,} requests"
+    )
+
+
+def _json_default(v: object) -> str:
+    if isinstance(v, dt.datetime | dt.date):
+        return v.isoformat()
+    return str(v)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("costs")(costs)

@@ -1,0 +1,1185 @@
+"""True unit economics: what GPUs cost, who used them, and where the money leaks.
+
+Every figure comes from the SQL marts in `finops/sql/marts/30_*.sql`..`39_*.sql`
+(views `marts.gpu_cost_hourly`, `marts.tier_cost_hourly`, `marts.tier_token_prices`,
+`marts.request_costs`, ...), so a notebook, the CLI and plain SQL agree. The
+formulas are documented in those files; in short:
+
+- the bill: each GPU that reported in a clock hour costs one GPU-hour at its
+  catalog price (`ref.prices`, pricing kind per deployment, default on_demand);
+- GPUs belong to tiers by their Kubernetes labels or a user mapping
+  (`load_deployments`), and each tier-hour's cost is shared by the requests of
+  that tier-hour in proportion to token work (uncached input tokens for the
+  prefill share, output tokens for the decode share, the shares split by the
+  measured prefill/decode time when vLLM reports it);
+- two bases, as OpenCost names them: **allocation** (the whole GPU cost of a
+  tier-hour, idle included, goes to its requests; `allocated + idle = bill` to
+  the cent, where idle is the cost no request could carry) and **usage** (only
+  the busy share, SM activity x cost, goes to requests).
+
+One line from a notebook::
+
+    import finops, finops.costs as fc
+    db = finops.connect()
+    fc.by_tenant(db, week="2026-W47")
+    fc.totals(db, week="2026-W47")
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import math
+import os
+import re
+import tomllib
+from collections import OrderedDict
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Literal
+
+import duckdb
+import polars as pl
+
+Basis = Literal["allocation", "usage"]
+BASES: tuple[str, ...] = ("allocation", "usage")
+DIMENSIONS: dict[str, str] = {
+    "tenant": "coalesce(tenant, '(none)')",
+    "feature": "coalesce(feature, '(none)')",
+    "tier": "coalesce(tier, '(none)')",
+    "model": "coalesce(model, '(none)')",
+    "operation": "coalesce(operation, '(none)')",
+    "hour": "hour",
+    "day": "CAST(hour AS DATE)",
+}
+_WEEK_RE = re.compile(r"^(\d{4})-W(\d{2})$")
+
+
+class CostError(ValueError):
+    """A cost question the lake cannot answer (bad period, no data); the message says why."""
+
+
+# ----------------------------------------------------------------------------- periods
+
+
+@dataclass(frozen=True)
+class Period:
+    """A half-open UTC time range [start, end); None on a side means unbounded."""
+
+    start: dt.datetime | None
+    end: dt.datetime | None
+    label: str
+
+    def where(self, column: str = "hour") -> str:
+        """SQL predicate on a TIMESTAMPTZ column (values are ISO literals, not user text)."""
+        parts = []
+        if self.start is not None:
+            parts.append(f"{column} >= TIMESTAMPTZ '{self.start.isoformat()}'")
+        if self.end is not None:
+            parts.append(f"{column} < TIMESTAMPTZ '{self.end.isoformat()}'")
+        return " AND ".join(parts) or "true"
+
+    @property
+    def hours(self) -> float | None:
+        if self.start is None or self.end is None:
+            return None
+        return (self.end - self.start).total_seconds() / 3600.0
+
+
+def _as_date(value: str | dt.date | dt.datetime, name: str) -> dt.datetime:
+    if isinstance(value, dt.datetime):
+        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+    if isinstance(value, dt.date):
+        return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
+    try:
+        d = dt.date.fromisoformat(str(value).strip())
+    except ValueError:
+        raise CostError(f"{name}: expected a date like 2026-11-16, got {value!r}") from None
+    return dt.datetime(d.year, d.month, d.day, tzinfo=dt.UTC)
+
+
+def period(
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+) -> Period:
+    """Parse an ISO week ("2026-W47") or from/to dates (both inclusive) into a Period.
+
+    `end` as a date is inclusive (the whole day counts), as people say "from the
+    16th to the 22nd"; a datetime `end` is exclusive. Nothing given: all data.
+    """
+    if week is not None and (start is not None or end is not None):
+        raise CostError("give either a week or from/to dates, not both")
+    if week is not None:
+        m = _WEEK_RE.match(str(week).strip())
+        if not m:
+            raise CostError(f"week: expected an ISO week like 2026-W47, got {week!r}")
+        year, num = int(m.group(1)), int(m.group(2))
+        try:
+            monday = dt.date.fromisocalendar(year, num, 1)
+        except ValueError:
+            raise CostError(
+                f"week: {week!r} does not exist (year {year} has no week {num})"
+            ) from None
+        s = dt.datetime(monday.year, monday.month, monday.day, tzinfo=dt.UTC)
+        return Period(s, s + dt.timedelta(days=7), f"{year}-W{num:02d}")
+    s = _as_date(start, "from") if start is not None else None
+    e = None
+    if end is not None:
+        e = _as_date(end, "to")
+        if not isinstance(end, dt.datetime):
+            e += dt.timedelta(days=1)
+    if s is not None and e is not None and e <= s:
+        raise CostError(
+            f"from/to: the period is empty ({start} .. {end}); 'to' must not precede 'from'"
+        )
+    label = f"{s.date() if s else '…'}..{(e - dt.timedelta(days=1)).date() if e else '…'}"
+    return Period(s, e, label if (s or e) else "all data")
+
+
+def _p(week: str | None, start: Any, end: Any, per: Period | None = None) -> Period:
+    return per if per is not None else period(week, start, end)
+
+
+# ----------------------------------------------------------------------------- settings
+
+
+def configure(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    pricing_kind: str | None = None,
+    output_token_weight: float | None = None,
+    duplicate_window_s: float | None = None,
+    storm_min_retries: float | None = None,
+    storm_factor: float | None = None,
+) -> None:
+    """Set the knobs the marts read (session variables of this connection).
+
+    pricing_kind: default price kind for GPUs no deployment rule prices
+    (on_demand | reserved | spot). output_token_weight: R of the token-ratio
+    fallback (an output token costs R input tokens). duplicate_window_s: how close
+    two equal prompts must be to count as a duplicate. storm_*: retry-storm test.
+    """
+    from finops.prices import PRICING_KINDS
+
+    if pricing_kind is not None:
+        if pricing_kind not in PRICING_KINDS:
+            raise CostError(f"pricing_kind: expected one of {PRICING_KINDS}, got {pricing_kind!r}")
+        db.execute("SET VARIABLE finops_pricing_kind = ?", [pricing_kind])
+    for name, value in (
+        ("finops_output_token_weight", output_token_weight),
+        ("finops_duplicate_window_s", duplicate_window_s),
+        ("finops_storm_min_retries", storm_min_retries),
+        ("finops_storm_factor", storm_factor),
+    ):
+        if value is None:
+            continue
+        if not isinstance(value, int | float) or not math.isfinite(value) or value < 0:
+            raise CostError(
+                f"{name.removeprefix('finops_')}: expected a number >= 0, got {value!r}"
+            )
+        db.execute(f"SET VARIABLE {name} = ?", [float(value)])
+
+
+def load_deployments(db: duckdb.DuckDBPyConnection, path: str | os.PathLike[str]) -> pl.DataFrame:
+    """Load a pods/labels -> deployment/tier/pricing mapping (TOML) into `ref.deployments`.
+
+    Format (see data/deployments.example.toml)::
+
+        [[deployment]]
+        name = "chat-small"          # deployment name in reports
+        tier = "small"               # tier its requests carry (requests.tier)
+        pricing_kind = "reserved"    # on_demand | reserved | spot (optional)
+        match = { namespace = "llm-serving", pod = "vllm-small-*", label = "app=vllm-small" }
+
+    Rules apply in file order; the first that matches a GPU wins. Replaces the
+    rules loaded before, and returns them as a frame.
+    """
+    from finops.prices import PRICING_KINDS
+
+    p = Path(path)
+    try:
+        data = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise CostError(f"{p}: deployments file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise CostError(f"{p}: not valid TOML: {exc}") from None
+    entries = data.get("deployment", [])
+    if not isinstance(entries, list) or not entries:
+        raise CostError(f"{p}: expected one or more [[deployment]] tables")
+    known_match = {"namespace", "pod", "label", "gpu_model"}
+    rows = []
+    for i, e in enumerate(entries, start=1):
+        where = f"{p}: [[deployment]] #{i}"
+        if not isinstance(e, dict):
+            raise CostError(f"{where}: expected a table")
+        unknown = set(e) - {"name", "tier", "pricing_kind", "match"}
+        if unknown:
+            raise CostError(
+                f"{where}: unknown key(s) {sorted(unknown)}; expected name, tier, "
+                "pricing_kind, match"
+            )
+        name = e.get("name")
+        if not isinstance(name, str) or not name:
+            raise CostError(f"{where}: field 'name': expected a non-empty string")
+        tier = e.get("tier")
+        if tier is not None and not isinstance(tier, str):
+            raise CostError(f"{where}: field 'tier': expected a string, got {tier!r}")
+        kind = e.get("pricing_kind")
+        if kind is not None and kind not in PRICING_KINDS:
+            raise CostError(
+                f"{where}: field 'pricing_kind': expected one of {PRICING_KINDS}, got {kind!r}"
+            )
+        match = e.get("match", {})
+        if not isinstance(match, dict) or not match:
+            raise CostError(
+                f"{where}: field 'match': expected a table such as {{ pod = \"vllm-small-*\" }}"
+            )
+        bad = set(match) - known_match
+        if bad:
+            raise CostError(
+                f"{where}: match: unknown key(s) {sorted(bad)}; expected {sorted(known_match)}"
+            )
+        label_key = label_value = None
+        if "label" in match:
+            lab = match["label"]
+            if not isinstance(lab, str) or "=" not in lab:
+                raise CostError(f"{where}: match.label: expected 'key=value', got {lab!r}")
+            label_key, label_value = (x.strip() for x in lab.split("=", 1))
+        rows.append(
+            {
+                "priority": i,
+                "namespace": match.get("namespace"),
+                "pod_glob": match.get("pod"),
+                "label_key": label_key,
+                "label_value": label_value,
+                "gpu_model": match.get("gpu_model"),
+                "deployment": name,
+                "tier": tier,
+                "pricing_kind": kind,
+            }
+        )
+    frame = pl.DataFrame(
+        rows,
+        schema={
+            "priority": pl.Int32,
+            "namespace": pl.String,
+            "pod_glob": pl.String,
+            "label_key": pl.String,
+            "label_value": pl.String,
+            "gpu_model": pl.String,
+            "deployment": pl.String,
+            "tier": pl.String,
+            "pricing_kind": pl.String,
+        },
+    )
+    db.execute("DELETE FROM ref.deployments")
+    db.register("__deployments", frame.to_arrow())
+    try:
+        db.execute("INSERT INTO ref.deployments BY NAME SELECT * FROM __deployments")
+    finally:
+        db.unregister("__deployments")
+    return frame
+
+
+def _ensure(db: duckdb.DuckDBPyConnection) -> None:
+    """Load $FINOPS_DEPLOYMENTS once per connection, when set."""
+    env = os.environ.get("FINOPS_DEPLOYMENTS")
+    if not env:
+        return
+    loaded = db.execute("SELECT getvariable('finops_deployments_loaded')").fetchall()[0][0]
+    if loaded != env:
+        load_deployments(db, env)
+        db.execute("SET VARIABLE finops_deployments_loaded = ?", [env])
+
+
+def _q(db: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
+    _ensure(db)
+    return db.sql(sql).pl()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[str, Any]:
+    """What the lake holds for a period, and sentences for what is missing.
+
+    Cost figures need GPU samples (the bill) and requests (who to bill); the
+    prefill/decode split needs vLLM's phase histograms. Missing inputs are
+    stated here rather than turning into crashes or silent zeros.
+    """
+    per = per or Period(None, None, "all data")
+    row = (
+        db.sql(f"""
+        SELECT
+          (SELECT count(*) FROM marts.gpu_cost_hourly WHERE {per.where()}) AS gpu_hour_rows,
+          (SELECT count(*) FROM marts.gpu_cost_hourly
+            WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
+          (SELECT list(DISTINCT gpu_model) FROM marts.gpu_cost_hourly
+            WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_models,
+          (SELECT count(*) FROM marts.gpu_cost_hourly
+            WHERE {per.where()} AND tier IS NULL) AS untiered_gpu_hours,
+          (SELECT count(*) FROM marts.gpu_cost_hourly
+            WHERE {per.where()} AND util_signal IS NULL) AS no_util_gpu_hours,
+          (SELECT count(*) FROM marts.request_work WHERE {per.where()}) AS requests,
+          (SELECT count(*) FROM marts.request_costs WHERE {per.where()} AND unpriced)
+              AS unpriced_requests,
+          (SELECT count(*) FROM marts.tier_token_prices
+            WHERE {per.where()} AND split_method = 'prefill_decode_time') AS measured_tier_hours,
+          (SELECT count(*) FROM marts.tier_token_prices WHERE {per.where()}) AS tier_hours,
+          (SELECT min(hour) FROM marts.request_work) AS first_request_hour,
+          (SELECT max(hour) FROM marts.request_work) AS last_request_hour,
+          (SELECT min(hour) FROM marts.gpu_hourly) AS first_gpu_hour,
+          (SELECT max(hour) FROM marts.gpu_hourly) AS last_gpu_hour
+    """)
+        .pl()
+        .row(0, named=True)
+    )
+    notes: list[str] = []
+    if row["gpu_hour_rows"] == 0:
+        notes.append(
+            "no GPU samples (gpu_samples) in this period: GPU cost is unknown; "
+            "collect DCGM/NVML metrics (finops collect) or run finops demo"
+        )
+    if row["unpriced_gpu_hours"]:
+        notes.append(
+            f"{row['unpriced_gpu_hours']} GPU-hours of {row['unpriced_models']} have no "
+            "price in the catalog (data/prices.csv or $FINOPS_PRICES): counted as $0"
+        )
+    if row["untiered_gpu_hours"]:
+        notes.append(
+            f"{row['untiered_gpu_hours']} GPU-hours carry no tier label and match no "
+            "deployment rule: their cost stays unallocated"
+        )
+    if row["no_util_gpu_hours"]:
+        notes.append(
+            f"{row['no_util_gpu_hours']} GPU-hours have no utilization signal: "
+            "counted as idle on the usage basis"
+        )
+    if row["requests"] == 0:
+        notes.append("no requests in this period: cost cannot be allocated to tenants/features")
+    if row["unpriced_requests"]:
+        notes.append(
+            f"{row['unpriced_requests']} requests ran on tier-hours with no GPU data: "
+            "their cost is NULL"
+        )
+    if row["tier_hours"] and row["measured_tier_hours"] < row["tier_hours"]:
+        notes.append(
+            f"input/output split: {row['tier_hours'] - row['measured_tier_hours']} of "
+            f"{row['tier_hours']} tier-hours lack vLLM prefill/decode histograms; "
+            "the token-ratio fallback was used there"
+        )
+    row["notes"] = notes
+    return row
+
+
+def _coverage(src: Mapping[str, Any]) -> str:
+    spans = []
+    for name, a, b in (
+        ("requests", "first_request_hour", "last_request_hour"),
+        ("GPU samples", "first_gpu_hour", "last_gpu_hour"),
+    ):
+        if src[a] is not None:
+            spans.append(f"{name} {src[a]:%Y-%m-%d %H:00}..{src[b]:%Y-%m-%d %H:00} UTC")
+    return "; ".join(spans) if spans else "the lake is empty"
+
+
+def require_data(db: duckdb.DuckDBPyConnection, per: Period) -> dict[str, Any]:
+    """Sources for `per`, or CostError when the period holds neither requests nor GPU data."""
+    src = sources(db, per)
+    if src["gpu_hour_rows"] == 0 and src["requests"] == 0:
+        raise CostError(
+            f"no requests and no GPU samples in {per.label}; the lake has: {_coverage(src)}"
+        )
+    return src
+
+
+def _basis(basis: str) -> str:
+    if basis not in BASES:
+        raise CostError(f"basis: expected one of {BASES}, got {basis!r}")
+    return basis
+
+
+# ----------------------------------------------------------------------------- the bill
+
+
+def gpu_bill(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """The GPU bill by tier, deployment, GPU model and pricing kind.
+
+    gpu_cost = GPU-hours x usd_per_gpu_hour; busy_cost = SM-activity share of it;
+    idle_cost = the rest. Sum of gpu_cost is the bill the other tables reconcile to.
+    """
+    per = _p(week, start, end, per)
+    return _q(
+        db,
+        f"""
+        SELECT tier, deployment, gpu_model, pricing_kind, usd_per_gpu_hour,
+               count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus,
+               sum(gpu_hours) AS gpu_hours,
+               sum(busy_gpu_hours) AS busy_gpu_hours,
+               sum(busy_gpu_hours) / sum(gpu_hours) AS util,
+               any_value(util_signal) AS util_signal,
+               sum(gpu_cost) AS gpu_cost, sum(busy_cost) AS busy_cost,
+               sum(idle_cost) AS idle_cost
+        FROM marts.gpu_cost_hourly
+        WHERE {per.where()}
+        GROUP BY ALL
+        ORDER BY gpu_cost DESC NULLS LAST, tier
+    """,
+    )
+
+
+# ----------------------------------------------------------------------------- by dimension
+
+
+def by(
+    db: duckdb.DuckDBPyConnection,
+    dim: str,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    basis: Basis = "allocation",
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """Requests, tokens and cost per value of `dim` (tenant|feature|tier|model|operation|hour|day).
+
+    cost = sum of per-request costs on `basis`; cost_per_request = cost / requests
+    (all requests, failed and cache hits included: what a request really costs);
+    usd_per_1k_requests = 1000 x that; usd_per_1m_input_tokens = input_cost /
+    input_tokens x 1e6 (input_tokens as logged, cached ones included);
+    usd_per_1m_output_tokens likewise; leakage_cost = cost of retried/failed
+    requests, aborted streams and duplicates (see `leakage`).
+    """
+    if dim not in DIMENSIONS:
+        raise CostError(f"by: expected one of {list(DIMENSIONS)}, got {dim!r}")
+    b = _basis(basis)
+    per = _p(week, start, end, per)
+    expr = DIMENSIONS[dim]
+    df = _q(
+        db,
+        f"""
+        SELECT {expr} AS {dim},
+               count(*) AS requests,
+               count(*) FILTER (failed) AS failed,
+               count(*) FILTER (is_retry) AS retries,
+               count(*) FILTER (cache_status = 'hit') AS cache_hits,
+               CAST(sum(input_tokens) AS BIGINT) AS input_tokens,
+               CAST(sum(output_tokens) AS BIGINT) AS output_tokens,
+               CAST(sum(cached_input_tokens) AS BIGINT) AS cached_input_tokens,
+               sum(input_cost_{b}) AS input_cost,
+               sum(output_cost_{b}) AS output_cost,
+               sum(cost_{b}) AS cost,
+               sum(cost_{b}) FILTER (leak IS NOT NULL) AS leakage_cost
+        FROM marts.request_costs
+        WHERE {per.where()}
+        GROUP BY ALL
+    """,
+    )
+    total = df["cost"].sum() if df.height else 0.0
+    return (
+        df.with_columns(
+            pl.col("leakage_cost").fill_null(0.0),
+            (pl.col("cost") / pl.col("requests")).alias("cost_per_request"),
+            (pl.col("cost") / pl.col("requests") * 1000).alias("usd_per_1k_requests"),
+            (pl.col("input_cost") / pl.col("input_tokens") * 1e6).alias("usd_per_1m_input_tokens"),
+            (pl.col("output_cost") / pl.col("output_tokens") * 1e6).alias(
+                "usd_per_1m_output_tokens"
+            ),
+            (pl.col("cost") / total if total else pl.lit(None, dtype=pl.Float64)).alias("share"),
+        )
+        .with_columns(
+            pl.when(pl.col(c).is_infinite() | pl.col(c).is_nan())
+            .then(None)
+            .otherwise(pl.col(c))
+            .alias(c)
+            for c in ("usd_per_1m_input_tokens", "usd_per_1m_output_tokens")
+        )
+        .sort(
+            dim if dim in ("hour", "day") else "cost",
+            descending=dim not in ("hour", "day"),
+            nulls_last=True,
+        )
+    )
+
+
+def by_tenant(db: duckdb.DuckDBPyConnection, **kw: Any) -> pl.DataFrame:
+    """`by(db, "tenant", ...)`."""
+    return by(db, "tenant", **kw)
+
+
+def by_feature(db: duckdb.DuckDBPyConnection, **kw: Any) -> pl.DataFrame:
+    """`by(db, "feature", ...)`."""
+    return by(db, "feature", **kw)
+
+
+def by_tier(db: duckdb.DuckDBPyConnection, **kw: Any) -> pl.DataFrame:
+    """`by(db, "tier", ...)`."""
+    return by(db, "tier", **kw)
+
+
+def by_model(db: duckdb.DuckDBPyConnection, **kw: Any) -> pl.DataFrame:
+    """`by(db, "model", ...)`."""
+    return by(db, "model", **kw)
+
+
+def by_hour(db: duckdb.DuckDBPyConnection, **kw: Any) -> pl.DataFrame:
+    """`by(db, "hour", ...)`."""
+    return by(db, "hour", **kw)
+
+
+# ----------------------------------------------------------------------------- totals
+
+
+def totals(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    basis: Basis = "allocation",
+    per: Period | None = None,
+) -> dict[str, Any]:
+    """The period's bill and how it splits; allocated_cost + idle_cost == gpu_cost.
+
+    gpu_cost: GPU-hours x price. allocated_cost: the sum of per-request costs on
+    `basis`. idle_cost: gpu_cost - allocated_cost, i.e. on the allocation basis the
+    cost of tier-hours no request ran on (and GPUs of no tier), on the usage basis
+    also the idle share of busy tier-hours. idle_capacity_cost: the physical idle
+    capacity, sum((1 - util) x cost), the same on both bases. busy_cost: the rest.
+    """
+    b = _basis(basis)
+    per = _p(week, start, end, per)
+    src = require_data(db, per)
+    g = (
+        db.sql(f"""
+        SELECT coalesce(sum(gpu_hours), 0) AS gpu_hours,
+               coalesce(sum(busy_gpu_hours), 0) AS busy_gpu_hours,
+               coalesce(sum(gpu_cost), 0) AS gpu_cost,
+               coalesce(sum(busy_cost), 0) AS busy_cost,
+               coalesce(sum(idle_cost), 0) AS idle_capacity_cost,
+               count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus
+        FROM marts.gpu_cost_hourly WHERE {per.where()}
+    """)
+        .pl()
+        .row(0, named=True)
+    )
+    r = _q(
+        db,
+        f"""
+        SELECT count(*) AS requests,
+               CAST(coalesce(sum(input_tokens), 0) AS BIGINT) AS input_tokens,
+               CAST(coalesce(sum(output_tokens), 0) AS BIGINT) AS output_tokens,
+               CAST(coalesce(sum(cached_input_tokens), 0) AS BIGINT) AS cached_input_tokens,
+               coalesce(sum(cost_{b}), 0) AS allocated_cost,
+               coalesce(sum(input_cost_{b}), 0) AS input_cost,
+               coalesce(sum(output_cost_{b}), 0) AS output_cost,
+               coalesce(sum(cost_{b}) FILTER (leak IS NOT NULL), 0) AS leakage_cost,
+               count(*) FILTER (failed) AS failed_requests
+        FROM marts.request_costs WHERE {per.where()}
+    """,
+    ).row(0, named=True)
+    out: dict[str, Any] = {
+        "period": per.label,
+        "start": per.start.isoformat() if per.start else None,
+        "end": per.end.isoformat() if per.end else None,
+        "basis": b,
+        "gpus": g["gpus"],
+        "gpu_hours": g["gpu_hours"],
+        "busy_gpu_hours": g["busy_gpu_hours"],
+        "utilization": g["busy_gpu_hours"] / g["gpu_hours"] if g["gpu_hours"] else None,
+        "gpu_cost": g["gpu_cost"],
+        "busy_cost": g["busy_cost"],
+        "idle_capacity_cost": g["idle_capacity_cost"],
+        "allocated_cost": r["allocated_cost"],
+        "idle_cost": g["gpu_cost"] - r["allocated_cost"],
+        "input_cost": r["input_cost"],
+        "output_cost": r["output_cost"],
+        "leakage_cost": r["leakage_cost"],
+        "requests": r["requests"],
+        "failed_requests": r["failed_requests"],
+        "input_tokens": r["input_tokens"],
+        "output_tokens": r["output_tokens"],
+        "cached_input_tokens": r["cached_input_tokens"],
+    }
+    n = out["requests"]
+    out["cost_per_request"] = out["gpu_cost"] / n if n else None
+    out["usd_per_1k_requests"] = 1000 * out["gpu_cost"] / n if n else None
+    out["usd_per_1m_input_tokens"] = (
+        out["input_cost"] / out["input_tokens"] * 1e6 if out["input_tokens"] else None
+    )
+    out["usd_per_1m_output_tokens"] = (
+        out["output_cost"] / out["output_tokens"] * 1e6 if out["output_tokens"] else None
+    )
+    out["notes"] = src["notes"]
+    return out
+
+
+# ----------------------------------------------------------------------------- idle & utilization
+
+
+def idle(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+    per_tier: bool = True,
+) -> pl.DataFrame:
+    """Idle capacity by hour of day x day of week (the troughs), per tier.
+
+    idle_gpu_hours = sum(1 - util) over GPU-hours; idle_cost = sum((1 - util) x
+    price); idle_share = idle_gpu_hours / gpu_hours. dow: 1 = Monday .. 7 = Sunday
+    (ISO); hours are UTC.
+    """
+    per = _p(week, start, end, per)
+    tier = "coalesce(tier, '(none)') AS tier," if per_tier else ""
+    return _q(
+        db,
+        f"""
+        SELECT {tier}
+               isodow(hour) AS dow, strftime(hour, '%a') AS day_name,
+               hour(hour) AS hour_of_day,
+               sum(gpu_hours) AS gpu_hours,
+               sum(idle_gpu_hours) AS idle_gpu_hours,
+               sum(idle_cost) AS idle_cost,
+               sum(idle_gpu_hours) / sum(gpu_hours) AS idle_share,
+               count(DISTINCT CAST(hour AS DATE)) AS days
+        FROM marts.gpu_cost_hourly
+        WHERE {per.where()}
+        GROUP BY ALL
+        ORDER BY ALL
+    """,
+    )
+
+
+def utilization(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """Per tier per hour: SM activity vs DCGM_FI_DEV_GPU_UTIL (0-1), GPUs and cost.
+
+    GPU_UTIL counts the fraction of time *any* kernel ran, so a GPU running one
+    small kernel all the time shows 100%; SM activity is the fraction of SMs busy.
+    The gap between the two is how much GPU_UTIL flatters.
+    """
+    per = _p(week, start, end, per)
+    return _q(
+        db,
+        f"""
+        SELECT hour, coalesce(tier, '(none)') AS tier,
+               count(*) AS gpus,
+               avg(sm_active) AS sm_active,
+               avg(gpu_util) AS gpu_util,
+               avg(util) AS util,
+               sum(gpu_cost) AS gpu_cost,
+               sum(idle_cost) AS idle_cost
+        FROM marts.gpu_cost_hourly
+        WHERE {per.where()}
+        GROUP BY ALL
+        ORDER BY hour, tier
+    """,
+    )
+
+
+# ----------------------------------------------------------------------------- leakage
+
+
+_LEAK_NOTES = {
+    "retried_failure": "failed attempts that the client retried: paid twice",
+    "failed": "failed requests never retried: GPU work with no answer",
+    "stream_aborted": "streams that ended without a normal finish: tokens thrown away",
+    "duplicate": "same tenant + prompt fingerprint within the duplicate window: a response "
+    "cache would have answered",
+}
+
+
+def leakage(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    basis: Basis = "allocation",
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """What requests really cost beyond useful answers, one line per cause.
+
+    kind 'leak' lines are disjoint (a request is counted under the first of
+    retried_failure, failed, stream_aborted, duplicate) and add up with 'useful'
+    to the allocated cost; 'idle' is the unallocated GPU cost (totals' idle_cost);
+    kind 'info' lines overlap the others: retry_storm (failed/retry requests in a
+    storm window), retries (all attempt >= 2), embeddings, streaming.
+    """
+    b = _basis(basis)
+    per = _p(week, start, end, per)
+    t = totals(db, per=per, basis=b)
+    df = _q(
+        db,
+        f"""
+        SELECT coalesce(leak, 'useful') AS category, count(*) AS requests,
+               coalesce(sum(cost_{b}), 0) AS cost
+        FROM marts.request_costs WHERE {per.where()} GROUP BY ALL
+        UNION ALL
+        SELECT 'retry_storm', count(*), coalesce(sum(cost_{b}), 0)
+        FROM marts.request_costs WHERE {per.where()} AND in_storm
+        UNION ALL
+        SELECT 'retries', count(*), coalesce(sum(cost_{b}), 0)
+        FROM marts.request_costs WHERE {per.where()} AND is_retry
+        UNION ALL
+        SELECT 'embeddings', count(*), coalesce(sum(cost_{b}), 0)
+        FROM marts.request_costs WHERE {per.where()} AND operation = 'embeddings'
+        UNION ALL
+        SELECT 'streaming', count(*), coalesce(sum(cost_{b}), 0)
+        FROM marts.request_costs WHERE {per.where()} AND stream
+    """,
+    )
+    kinds = {"useful": "useful", **{k: "leak" for k in _LEAK_NOTES}}
+    notes = {
+        **_LEAK_NOTES,
+        "useful": "requests that did useful, non-duplicate work",
+        "retry_storm": "failures and retries inside retry-storm windows (subset of the above)",
+        "retries": "all retry attempts (attempt >= 2), whatever their outcome",
+        "embeddings": "embeddings calls (input tokens only)",
+        "streaming": "streamed requests (all outcomes)",
+        "idle": "GPU cost no request carried (tier-hours without traffic, untiered GPUs"
+        + (", and idle time of busy tier-hours)" if b == "usage" else ")"),
+    }
+    idle_row = pl.DataFrame(
+        {"category": ["idle"], "requests": [0], "cost": [t["idle_cost"]]}, schema=df.schema
+    )
+    df = pl.concat([df, idle_row])
+    order = [
+        "retried_failure",
+        "failed",
+        "stream_aborted",
+        "duplicate",
+        "idle",
+        "useful",
+        "retry_storm",
+        "retries",
+        "embeddings",
+        "streaming",
+    ]
+    gpu = t["gpu_cost"]
+    return (
+        df.with_columns(
+            pl.col("category")
+            .replace_strict({**kinds, "idle": "idle"}, default="info")
+            .alias("kind"),
+            pl.col("category").replace_strict(notes, default="").alias("note"),
+            (pl.col("cost") / gpu if gpu else pl.lit(None, dtype=pl.Float64)).alias(
+                "share_of_bill"
+            ),
+            pl.col("category")
+            .replace_strict({c: i for i, c in enumerate(order)}, default=99)
+            .alias("_o"),
+        )
+        .sort("_o")
+        .drop("_o")
+        .select("category", "kind", "requests", "cost", "share_of_bill", "note")
+    )
+
+
+# ----------------------------------------------------------------------------- caches
+
+
+def cache_savings(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    basis: Basis = "usage",
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """Dollars the caches saved, and what a response cache would save on duplicates.
+
+    - vllm_prefix: sum over requests of cached_input_tokens x the tier-hour's
+      marginal input-token price (prefill cost / uncached input tokens);
+    - shim_response: each response-cache hit valued at what it would have cost
+      upstream: input_tokens x input price + output_tokens x output price of its
+      tier-hour (tier from the request, else the tier its model ran on);
+    - response_cache_potential: the cost of observed exact duplicates that did
+      reach the GPUs (leak = 'duplicate').
+    Default basis is usage: a cache frees busy GPU time; idle capacity is paid
+    for either way until the fleet shrinks.
+    """
+    b = _basis(basis)
+    per = _p(week, start, end, per)
+    return _q(
+        db,
+        f"""
+        WITH model_tier AS (
+            SELECT model, mode(tier) AS tier FROM marts.request_work
+            WHERE tier IS NOT NULL GROUP BY ALL
+        ),
+        tier_avg AS (
+            SELECT tier,
+                   sum(pool_{b} * input_share) / nullif(sum(w_in), 0) AS in_price,
+                   sum(pool_{b} * (1 - input_share)) / nullif(sum(w_out), 0) AS out_price
+            FROM marts.tier_token_prices WHERE {per.where()} GROUP BY ALL
+        ),
+        r AS (
+            SELECT w.*, coalesce(w.tier, mt.tier) AS price_tier
+            FROM marts.request_work w LEFT JOIN model_tier mt USING (model)
+            WHERE {per.where("w.hour")}
+        ),
+        priced AS (
+            SELECT r.*,
+                   coalesce(p.usd_per_input_token_{b}, a.in_price) AS in_price,
+                   coalesce(p.usd_per_output_token_{b}, a.out_price) AS out_price
+            FROM r
+            LEFT JOIN marts.tier_token_prices p ON p.hour = r.hour AND p.tier = r.price_tier
+            LEFT JOIN tier_avg a ON a.tier = r.price_tier
+        )
+        SELECT 'vllm_prefix' AS layer,
+               count(*) FILTER (cached_input_tokens > 0 AND worked) AS requests,
+               CAST(coalesce(sum(cached_input_tokens) FILTER (worked), 0) AS BIGINT) AS tokens,
+               coalesce(sum(cached_input_tokens * in_price) FILTER (worked), 0) AS usd_saved,
+               'cached prompt tokens x marginal input-token price' AS how
+        FROM priced
+        UNION ALL
+        SELECT 'shim_response', count(*) FILTER (cache_status = 'hit'),
+               CAST(coalesce(sum(input_tokens + output_tokens) FILTER (cache_status = 'hit'), 0) AS BIGINT),
+               coalesce(sum(input_tokens * in_price + output_tokens * out_price)
+                        FILTER (cache_status = 'hit'), 0),
+               'response-cache hits x what they would have cost upstream'
+        FROM priced
+        UNION ALL
+        SELECT 'response_cache_potential', count(*),
+               CAST(coalesce(sum(input_tokens + output_tokens), 0) AS BIGINT), coalesce(sum(cost_{b}), 0),
+               'exact duplicates that reached the GPUs (a response cache would answer them)'
+        FROM marts.request_costs WHERE {per.where()} AND leak = 'duplicate'
+    """,
+    )
+
+
+def prefix_reuse_potential(
+    trace: str | os.PathLike[str] | pl.DataFrame | Iterable[Mapping[str, Any]],
+    *,
+    block_size: int = 512,
+    capacity_blocks: int | None = None,
+) -> dict[str, Any]:
+    """Potential prefix-cache hit rate of a trace with per-request block hashes.
+
+    Each request lists `hash_ids`, the hashes of its consecutive `block_size`-token
+    prompt blocks (Mooncake's format; a hash names the whole prefix up to it). In
+    arrival order, a request hits the cache for its leading blocks that are
+    already cached (a prefix cache cannot reuse a block after a miss); then all its
+    blocks are cached. `capacity_blocks` bounds the cache (LRU); None = unbounded,
+    the upper bound. hit_rate = hit tokens / input tokens, where a hit block
+    counts block_size tokens (the last block only what remains of input_length).
+    """
+    if block_size <= 0:
+        raise CostError(f"block_size: expected a positive integer, got {block_size!r}")
+    if capacity_blocks is not None and capacity_blocks <= 0:
+        raise CostError(f"capacity_blocks: expected a positive integer, got {capacity_blocks!r}")
+    if isinstance(trace, pl.DataFrame):
+        frame = trace
+    elif isinstance(trace, str | os.PathLike):
+        p = Path(trace)
+        if not p.exists():
+            raise CostError(f"{p}: trace file not found")
+        try:
+            frame = pl.read_ndjson(p)
+        except Exception as exc:  # polars raises several error types for bad JSON
+            raise CostError(f"{p}: not a JSON-lines trace: {exc}") from None
+    else:
+        frame = pl.DataFrame(list(trace))
+    missing = [c for c in ("hash_ids", "input_length") if c not in frame.columns]
+    if missing:
+        raise CostError(
+            f"trace: missing column(s) {missing}; expected Mooncake's timestamp, "
+            "input_length, output_length, hash_ids"
+        )
+    if "timestamp" in frame.columns:
+        frame = frame.with_row_index("__i").sort(["timestamp", "__i"])
+    cache: OrderedDict[Any, None] = OrderedDict()
+    total_tokens = hit_tokens = hit_blocks = total_blocks = requests_hit = 0
+    for n, (hashes, length) in enumerate(
+        zip(frame["hash_ids"].to_list(), frame["input_length"].to_list(), strict=True), start=1
+    ):
+        if hashes is None or length is None or length < 0:
+            raise CostError(f"trace row {n}: expected hash_ids (a list) and input_length >= 0")
+        length = int(length)
+        total_tokens += length
+        total_blocks += len(hashes)
+        k = 0
+        while k < len(hashes) and hashes[k] in cache:
+            k += 1
+        if k:
+            requests_hit += 1
+            hit_blocks += k
+            hit_tokens += min(k * block_size, length)
+        for h in hashes:
+            if h in cache:
+                cache.move_to_end(h)
+            else:
+                cache[h] = None
+                if capacity_blocks is not None and len(cache) > capacity_blocks:
+                    cache.popitem(last=False)
+    return {
+        "requests": frame.height,
+        "input_tokens": total_tokens,
+        "blocks": total_blocks,
+        "hit_blocks": hit_blocks,
+        "hit_tokens": hit_tokens,
+        "hit_rate": hit_tokens / total_tokens if total_tokens else 0.0,
+        "requests_with_hit": requests_hit,
+        "block_size": block_size,
+        "capacity_blocks": capacity_blocks,
+    }
+
+
+# ----------------------------------------------------------------------------- context discipline
+
+
+def token_distribution(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    feature: str | None = None,
+    caps: Mapping[str, int] | None = None,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """Input-token percentiles per feature, and the share above its cap (if given).
+
+    Requests served by the response cache are left out (they sent no tokens upstream).
+    """
+    per = _p(week, start, end, per)
+    cond = per.where()
+    if feature is not None:
+        cond += " AND feature = $feature"
+    df = db.sql(
+        f"""
+        SELECT coalesce(feature, '(none)') AS feature, count(*) AS requests,
+               quantile_cont(input_tokens, 0.5) AS p50,
+               quantile_cont(input_tokens, 0.9) AS p90,
+               quantile_cont(input_tokens, 0.99) AS p99,
+               max(input_tokens) AS max,
+               avg(input_tokens) AS mean
+        FROM marts.request_work WHERE {cond} AND worked
+        GROUP BY ALL ORDER BY ALL
+    """,
+        params={"feature": feature} if feature is not None else None,
+    ).pl()
+    caps = dict(caps or {})
+    cap_col = pl.Series("cap", [caps.get(f) for f in df["feature"]], dtype=pl.Int64)
+    df = df.with_columns(cap_col)
+    if caps:
+        over = db.sql(
+            f"""
+            SELECT coalesce(feature, '(none)') AS feature, input_tokens
+            FROM marts.request_work WHERE {cond} AND worked
+        """,
+            params={"feature": feature} if feature is not None else None,
+        ).pl()
+        over = (
+            over.join(df.select("feature", "cap"), on="feature")
+            .group_by("feature")
+            .agg((pl.col("input_tokens") > pl.col("cap")).mean().alias("share_over_cap"))
+        )
+        df = df.join(over, on="feature", how="left")
+    else:
+        df = df.with_columns(pl.lit(None, dtype=pl.Float64).alias("share_over_cap"))
+    return df
+
+
+def token_samples(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+    limit_per_feature: int = 5000,
+) -> pl.DataFrame:
+    """Per-request input/output tokens per feature (a sample per feature, for charts)."""
+    per = _p(week, start, end, per)
+    return _q(
+        db,
+        f"""
+        SELECT coalesce(feature, '(none)') AS feature, input_tokens, output_tokens
+        FROM marts.request_work WHERE {per.where()} AND worked
+        QUALIFY row_number() OVER (PARTITION BY feature ORDER BY hash(request_id))
+                <= {int(limit_per_feature)}
+    """,
+    )
+
+
+@dataclass(frozen=True)
+class CapSavings:
+    """What a cap on input tokens would have done to one feature's traffic."""
+
+    feature: str
+    cap: int
+    requests: int
+    touched: int
+    touched_share: float
+    tokens_saved: int
+    usd_saved: float
+    feature_cost: float
+    basis: str
+    period: str
+
+    def sentence(self) -> str:
+        return (
+            f"a cap of {self.cap:,} tokens on {self.feature} would have saved "
+            f"${self.usd_saved:,.2f} ({self.basis} basis, {self.period}) and touched "
+            f"{100 * self.touched_share:.1f}% of requests ({self.touched:,} of {self.requests:,})"
+        )
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "sentence": self.sentence()}
+
+
+def cap_savings(
+    db: duckdb.DuckDBPyConnection,
+    feature: str,
+    cap: int,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    basis: Basis = "allocation",
+    per: Period | None = None,
+) -> CapSavings:
+    """Dollars a hard cap of `cap` input tokens on `feature` would have saved.
+
+    For each request of the feature that did GPU work with input_tokens > cap:
+    tokens_saved = input_tokens - cap, priced at its tier-hour's input-token price
+    (prefill pool / uncached input tokens) on `basis`. Assumes the cut tokens would
+    have been uncached and that answers keep their length (a lower bound: shorter
+    context also shortens some answers). touched_share = touched / requests.
+    """
+    if not isinstance(cap, int) or isinstance(cap, bool) or cap < 0:
+        raise CostError(f"cap: expected a whole number of tokens >= 0, got {cap!r}")
+    b = _basis(basis)
+    per = _p(week, start, end, per)
+    _ensure(db)
+    row = db.execute(
+        f"""
+        SELECT count(*) AS requests,
+               count(*) FILTER (w.input_tokens > $cap) AS touched,
+               CAST(coalesce(sum(w.input_tokens - $cap) FILTER (w.input_tokens > $cap), 0) AS BIGINT) AS tokens,
+               coalesce(sum((w.input_tokens - $cap) * p.usd_per_input_token_{b})
+                        FILTER (w.input_tokens > $cap), 0) AS usd,
+               (SELECT coalesce(sum(cost_{b}), 0) FROM marts.request_costs
+                 WHERE feature = $feature AND {per.where()}) AS feature_cost
+        FROM marts.request_work w
+        LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier
+        WHERE w.feature = $feature AND w.worked AND {per.where("w.hour")}
+    """,
+        {"cap": cap, "feature": feature},
+    ).fetchall()[0]
+    requests, touched, tokens, usd, fcost = row
+    if requests == 0:
+        known = [
+            r[0]
+            for r in db.execute(
+                "SELECT DISTINCT feature FROM marts.request_work WHERE feature IS NOT NULL "
+                "ORDER BY 1"
+            ).fetchall()
+        ]
+        raise CostError(
+            f"cap_savings: no requests of feature {feature!r} in {per.label}; "
+            f"features in the lake: {known}"
+        )
+    return CapSavings(
+        feature,
+        cap,
+        requests,
+        touched,
+        touched / requests,
+        int(tokens),
+        float(usd),
+        float(fcost),
+        b,
+        per.label,
+    )
+
+
+# ----------------------------------------------------------------------------- headline
+
+
+def headline(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> dict[str, Any]:
+    """The numbers `make demo` prints: bill, idle, cost per request, leakage, cache savings."""
+    per = _p(week, start, end, per)
+    t = totals(db, per=per, basis="allocation")
+    u = totals(db, per=per, basis="usage")
+    leak = leakage(db, per=per)
+    cache = cache_savings(db, per=per)
+    leak_cost = float(leak.filter(pl.col("kind") == "leak")["cost"].sum())
+    return {
+        "period": t["period"],
+        "gpus": t["gpus"],
+        "gpu_hours": t["gpu_hours"],
+        "gpu_cost": t["gpu_cost"],
+        "utilization": t["utilization"],
+        "idle_capacity_cost": t["idle_capacity_cost"],
+        "idle_capacity_share": t["idle_capacity_cost"] / t["gpu_cost"] if t["gpu_cost"] else None,
+        "requests": t["requests"],
+        "cost_per_1k_requests": t["usd_per_1k_requests"],
+        "usage_cost_per_1k_requests": (
+            1000 * u["allocated_cost"] / u["requests"] if u["requests"] else None
+        ),
+        "usd_per_1m_input_tokens": t["usd_per_1m_input_tokens"],
+        "usd_per_1m_output_tokens": t["usd_per_1m_output_tokens"],
+        "leakage_cost": leak_cost,
+        "leakage_share": leak_cost / t["gpu_cost"] if t["gpu_cost"] else None,
+        "cache_saved": float(
+            cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum()
+        ),
+        "response_cache_potential": float(
+            cache.filter(pl.col("layer") == "response_cache_potential")["usd_saved"].sum()
+        ),
+        "notes": t["notes"],
+    }
+
+
+def format_headline(h: Mapping[str, Any]) -> str:
+    """One line: the week's bill, idle share, cost per 1k requests, leakage, cache savings."""
+
+    def pct(x: float | None) -> str:
+        return "n/a" if x is None else f"{100 * x:.0f}%"
+
+    def usd(x: float | None) -> str:
+        return "n/a" if x is None else f"${x:,.2f}"
+
+    return (
+        f"{h['period']}: GPU bill {usd(h['gpu_cost'])} for {h['gpu_hours']:,.0f} GPU-hours "
+        f"({h['gpus']} GPUs, SM-active {pct(h['utilization'])}, idle {pct(h['idle_capacity_share'])}"
+        f" = {usd(h['idle_capacity_cost'])}); {h['requests']:,} requests at "
+        f"{usd(h['cost_per_1k_requests'])}/1k (busy-time only {usd(h['usage_cost_per_1k_requests'])}"
+        f"/1k); leakage {usd(h['leakage_cost'])} ({pct(h['leakage_share'])}); caches saved "
+        f"{usd(h['cache_saved'])}, a response cache would save {usd(h['response_cache_potential'])}"
+        " more"
+    )
+
+
+def to_json(obj: Any) -> str:
+    """JSON for totals/headline dicts (datetimes as ISO strings)."""
+    return json.dumps(obj, default=str, indent=2)

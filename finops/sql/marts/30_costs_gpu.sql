@@ -1,0 +1,142 @@
+-- Cost marts, step 1: what the GPUs cost, hour by hour.
+--
+-- Formulas (one row per GPU, or MIG instance, per clock hour it reported):
+--   gpu_hours        = 1.0  (a GPU that reported any sample in an hour is billed for
+--                       that hour, as an instance is billed while it is up)
+--   usd_per_gpu_hour = ref.prices for (gpu_model, pricing_kind); model names match
+--                       with the 'NVIDIA ' prefix stripped, exactly or by prefix
+--   pricing_kind     = the deployment rule's kind (ref.deployments), else the session
+--                       variable finops_pricing_kind, else 'on_demand'
+--   gpu_cost         = gpu_hours x usd_per_gpu_hour            (the bill)
+--   util             = marts.gpu_hourly.util clamped to 0..1 (SM activity when the
+--                       exporter has it; util_signal names the signal); 0 when absent
+--   busy_cost        = util x gpu_cost                          (usage basis)
+--   idle_cost        = gpu_cost - busy_cost                     (idle capacity)
+-- Tier: the first matching ref.deployments rule (lowest priority number), else the
+-- pod label `tier` (or `finops.dev/tier`), else the `app` label, else no tier
+-- (such GPUs are never allocated to requests: their cost stays unallocated).
+
+-- User mapping from pods/labels to deployments and tiers (finops.costs.load_deployments
+-- fills it from a TOML file, see data/deployments.example.toml). A NULL match column
+-- matches anything; pod_glob uses GLOB syntax (vllm-small-*).
+CREATE TABLE IF NOT EXISTS ref.deployments (
+    priority INTEGER,
+    namespace VARCHAR,
+    pod_glob VARCHAR,
+    label_key VARCHAR,
+    label_value VARCHAR,
+    gpu_model VARCHAR,
+    deployment VARCHAR,
+    tier VARCHAR,
+    pricing_kind VARCHAR
+);
+
+-- Pod labels per GPU and pod (labels are constant for a pod; one lookup per pod).
+CREATE OR REPLACE VIEW marts.gpu_pod_labels AS
+SELECT gpu_uuid, coalesce(mig_instance, '') AS mig_instance, pod, any_value(labels) AS labels
+FROM raw.gpu_samples
+WHERE labels IS NOT NULL
+GROUP BY ALL;
+
+CREATE OR REPLACE VIEW marts.gpu_cost_hourly AS
+WITH g AS (
+    SELECT h.*, l.labels
+    FROM marts.gpu_hourly h
+    LEFT JOIN marts.gpu_pod_labels l
+      ON l.gpu_uuid = h.gpu_uuid AND l.mig_instance = h.mig_instance
+     AND l.pod IS NOT DISTINCT FROM h.pod
+),
+matched AS (
+    SELECT g.*,
+           d.deployment AS map_deployment, d.tier AS map_tier, d.pricing_kind AS map_kind
+    FROM g
+    LEFT JOIN ref.deployments d
+      ON (d.namespace IS NULL OR d.namespace = g.namespace)
+     AND (d.pod_glob IS NULL OR g.pod GLOB d.pod_glob)
+     AND (d.gpu_model IS NULL OR g.gpu_model = d.gpu_model)
+     AND (d.label_key IS NULL
+          OR json_extract_string(g.labels, '$."' || d.label_key || '"') = d.label_value)
+    QUALIFY row_number() OVER (
+        PARTITION BY g.hour, g.host, g.gpu_uuid, g.mig_instance
+        ORDER BY d.priority NULLS LAST) = 1
+),
+resolved AS (
+    SELECT *,
+           coalesce(map_tier, tier, json_extract_string(labels, '$.app')) AS cost_tier,
+           coalesce(map_deployment, json_extract_string(labels, '$.app'), pod) AS deployment,
+           coalesce(map_kind, CAST(getvariable('finops_pricing_kind') AS VARCHAR), 'on_demand')
+               AS pricing_kind,
+           regexp_replace(trim(gpu_model), '^NVIDIA\s+', '') AS model_key
+    FROM matched
+),
+priced AS (
+    SELECT r.*, p.usd_per_gpu_hour
+    FROM resolved r
+    LEFT JOIN (SELECT *, regexp_replace(trim(gpu_model), '^NVIDIA\s+', '') AS cat_key
+               FROM ref.prices) p
+      ON p.pricing_kind = r.pricing_kind
+     AND (p.cat_key = r.model_key OR starts_with(r.model_key, p.cat_key)
+          OR starts_with(p.cat_key, r.model_key))
+    QUALIFY row_number() OVER (
+        PARTITION BY r.hour, r.host, r.gpu_uuid, r.mig_instance
+        ORDER BY (p.cat_key = r.model_key) DESC, length(p.cat_key) DESC) = 1
+)
+SELECT
+    hour, host, gpu_uuid, mig_instance, gpu_model, namespace, pod, deployment,
+    cost_tier AS tier, pricing_kind, usd_per_gpu_hour,
+    1.0::DOUBLE AS gpu_hours,
+    util_signal,
+    least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util,
+    sm_active, gpu_util,
+    1.0::DOUBLE * usd_per_gpu_hour AS gpu_cost,
+    least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) * usd_per_gpu_hour AS busy_cost,
+    usd_per_gpu_hour - least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) * usd_per_gpu_hour
+        AS idle_cost,
+    least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS busy_gpu_hours,
+    1.0::DOUBLE - least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS idle_gpu_hours
+FROM priced;
+
+-- One row per tier per hour: the cost pool that requests of that tier-hour share.
+-- GPUs without a price are counted in unpriced_gpu_hours and cost nothing here
+-- (finops.costs states them as a missing source).
+CREATE OR REPLACE VIEW marts.tier_cost_hourly AS
+SELECT
+    hour, tier,
+    count(*) AS gpus,
+    sum(gpu_hours) AS gpu_hours,
+    sum(gpu_hours) FILTER (usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
+    sum(busy_gpu_hours) AS busy_gpu_hours,
+    sum(idle_gpu_hours) AS idle_gpu_hours,
+    coalesce(sum(gpu_cost), 0.0::DOUBLE) AS gpu_cost,
+    coalesce(sum(busy_cost), 0.0::DOUBLE) AS busy_cost,
+    coalesce(sum(idle_cost), 0.0::DOUBLE) AS idle_cost,
+    avg(sm_active) AS sm_active,
+    avg(gpu_util) AS gpu_util
+FROM marts.gpu_cost_hourly
+GROUP BY ALL;
+
+-- Measured prefill vs decode seconds per tier-hour, from vLLM's
+-- vllm:request_prefill_time_seconds / vllm:request_decode_time_seconds histograms
+-- (increase of _sum, resets handled by clean.serving_increase). Tier: the series'
+-- `tier` label, else the tier of the GPU pod named by its `pod` label or target.
+CREATE OR REPLACE VIEW marts.tier_phase_hourly AS
+WITH pods AS (
+    SELECT DISTINCT pod, tier FROM marts.gpu_cost_hourly WHERE pod IS NOT NULL AND tier IS NOT NULL
+),
+s AS (
+    SELECT date_trunc('hour', ts) AS hour, metric, increase,
+           coalesce(json_extract_string(labels, '$.tier'),
+                    json_extract_string(labels, '$."finops.dev/tier"')) AS label_tier,
+           coalesce(json_extract_string(labels, '$.pod'), target) AS pod
+    FROM clean.serving_increase
+    WHERE metric IN ('vllm:request_prefill_time_seconds_sum',
+                     'vllm:request_decode_time_seconds_sum')
+)
+SELECT
+    s.hour, coalesce(s.label_tier, p.tier) AS tier,
+    sum(s.increase) FILTER (s.metric = 'vllm:request_prefill_time_seconds_sum') AS prefill_s,
+    sum(s.increase) FILTER (s.metric = 'vllm:request_decode_time_seconds_sum') AS decode_s
+FROM s
+LEFT JOIN pods p ON p.pod = s.pod
+WHERE coalesce(s.label_tier, p.tier) IS NOT NULL
+GROUP BY ALL;

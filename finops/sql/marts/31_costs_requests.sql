@@ -1,0 +1,183 @@
+-- Cost marts, step 2: what each request really cost.
+--
+-- Token work. A request does GPU work on its tier when it has a tier and was not
+-- served by the shim's response cache (cache_status = 'hit' spends no upstream tokens):
+--   work_in  = max(input_tokens - cached_input_tokens, 0)   (prefill actually computed;
+--              vLLM prefix-cache hits skip prefill, so they do not draw input cost)
+--   work_out = output_tokens                                 (decode steps)
+-- Per tier-hour (h, t) with cost pool C (C = gpu_cost on the allocation basis, which
+-- includes that tier-hour's idle capacity; C = busy_cost on the usage basis):
+--   W_in = sum(work_in), W_out = sum(work_out), N = requests doing work
+--   f    = prefill_s / (prefill_s + decode_s)        when vLLM reports the prefill/decode
+--          histograms for the tier-hour  (split_method 'prefill_decode_time')
+--        = W_in / (W_in + R x W_out)                 otherwise (split_method 'token_ratio'),
+--          R = finops_output_token_weight (default 4: decode is memory-bound, one token
+--          per step, so an output token costs several times an input token; 4 is the
+--          input:output ratio of most public API price lists)
+--   f is forced to 0 when W_in = 0 and to 1 when W_out = 0 (a pool without tokens to
+--   carry it moves to the other side); when W_in = W_out = 0, C is split equally over
+--   the N requests (split_method 'per_request').
+--   input_cost_i  = C x f x work_in_i / W_in
+--   output_cost_i = C x (1 - f) x work_out_i / W_out
+--   cost_i        = input_cost_i + output_cost_i
+-- So sum(cost_i) over a tier-hour = C exactly: the allocation basis reconciles to the bill.
+-- Requests whose tier-hour has no GPU data get NULL cost (stated by finops.costs).
+CREATE OR REPLACE VIEW marts.request_work AS
+SELECT
+    request_id, ts, date_trunc('hour', ts) AS hour,
+    tenant, feature, coalesce(operation, 'chat') AS operation, tier,
+    coalesce(response_model, request_model) AS model,
+    coalesce(stream, false) AS stream, status_code, error_type, finish_reason,
+    retry_of, attempt, cache_status, prompt_fingerprint,
+    coalesce(input_tokens, 0) AS input_tokens,
+    coalesce(output_tokens, 0) AS output_tokens,
+    coalesce(cached_input_tokens, 0) AS cached_input_tokens,
+    (tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit') AS worked,
+    CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
+         THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
+         ELSE 0 END AS work_in,
+    CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
+         THEN coalesce(output_tokens, 0) ELSE 0 END AS work_out
+FROM clean.requests;
+
+-- Per tier-hour pools and the marginal (average) price of one token of work.
+CREATE OR REPLACE VIEW marts.tier_token_prices AS
+WITH agg AS (
+    SELECT hour, tier,
+           count(*) FILTER (worked) AS n_work,
+           CAST(sum(work_in) AS BIGINT) AS w_in, CAST(sum(work_out) AS BIGINT) AS w_out
+    FROM marts.request_work
+    WHERE tier IS NOT NULL
+    GROUP BY ALL
+),
+j AS (
+    SELECT a.*, t.gpu_cost, t.busy_cost, t.gpus, p.prefill_s, p.decode_s,
+           coalesce(CAST(getvariable('finops_output_token_weight') AS DOUBLE), 4.0::DOUBLE) AS r
+    FROM agg a
+    LEFT JOIN marts.tier_cost_hourly t USING (hour, tier)
+    LEFT JOIN marts.tier_phase_hourly p USING (hour, tier)
+),
+f AS (
+    SELECT *,
+        CASE WHEN w_in = 0 AND w_out = 0 THEN 'per_request'
+             WHEN coalesce(prefill_s, 0) + coalesce(decode_s, 0) > 0 THEN 'prefill_decode_time'
+             ELSE 'token_ratio' END AS split_method,
+        CASE WHEN w_in = 0 AND w_out = 0 THEN NULL
+             WHEN w_in = 0 THEN 0.0::DOUBLE
+             WHEN w_out = 0 THEN 1.0::DOUBLE
+             WHEN coalesce(prefill_s, 0) + coalesce(decode_s, 0) > 0
+                  THEN coalesce(prefill_s, 0) / (coalesce(prefill_s, 0) + coalesce(decode_s, 0))
+             ELSE w_in / (w_in + r * w_out) END AS input_share
+    FROM j
+)
+SELECT
+    hour, tier, gpus, n_work, w_in, w_out, prefill_s, decode_s, split_method, input_share,
+    gpu_cost AS pool_allocation, busy_cost AS pool_usage,
+    gpu_cost * input_share / nullif(w_in, 0) AS usd_per_input_token_allocation,
+    gpu_cost * (1 - input_share) / nullif(w_out, 0) AS usd_per_output_token_allocation,
+    busy_cost * input_share / nullif(w_in, 0) AS usd_per_input_token_usage,
+    busy_cost * (1 - input_share) / nullif(w_out, 0) AS usd_per_output_token_usage
+FROM f;
+
+-- Flags that say what a request really was (see finops.costs.leakage):
+--   failed          status_code >= 400 or an error_type
+--   is_retry        retry_of set or attempt >= 2
+--   was_retried     a later request names it in retry_of
+--   is_duplicate    same tenant + prompt_fingerprint as an earlier request within
+--                   finops_duplicate_window_s (default 600 s), not a retry
+--   in_storm        failed or retry inside a (tier, 5-minute) window whose retries are
+--                   >= max(finops_storm_min_retries (5),
+--                          finops_storm_factor (3) x the tier's mean retries per window)
+--   stream_aborted  streamed, not failed, produced tokens, finish_reason not a normal end
+--   leak            the first of: retried_failure, failed, stream_aborted, duplicate
+CREATE OR REPLACE VIEW marts.request_flags AS
+WITH base AS (
+    SELECT request_id, ts, tier, tenant, prompt_fingerprint, retry_of, attempt,
+           status_code, error_type, finish_reason, stream, output_tokens, cache_status,
+           (coalesce(status_code, 0) >= 400 OR error_type IS NOT NULL) AS failed,
+           (retry_of IS NOT NULL OR coalesce(attempt, 1) >= 2) AS is_retry,
+           time_bucket(INTERVAL 5 MINUTE, ts) AS bucket
+    FROM marts.request_work
+),
+retried AS (SELECT DISTINCT retry_of AS request_id FROM base WHERE retry_of IS NOT NULL),
+dup AS (
+    SELECT request_id,
+           lag(ts) OVER (PARTITION BY tenant, prompt_fingerprint ORDER BY ts, request_id)
+               AS prev_same_ts
+    FROM base
+    WHERE prompt_fingerprint IS NOT NULL
+),
+buckets AS (
+    SELECT tier, bucket, count(*) FILTER (is_retry) AS retries
+    FROM base GROUP BY ALL
+),
+storms AS (
+    SELECT b.tier, b.bucket
+    FROM buckets b
+    JOIN (SELECT tier, avg(retries) AS mean_retries FROM buckets GROUP BY ALL) m
+      ON m.tier IS NOT DISTINCT FROM b.tier
+    WHERE b.retries >= greatest(
+        coalesce(CAST(getvariable('finops_storm_min_retries') AS DOUBLE), 5.0::DOUBLE),
+        coalesce(CAST(getvariable('finops_storm_factor') AS DOUBLE), 3.0::DOUBLE) * m.mean_retries)
+),
+flags AS (
+    SELECT
+        b.request_id, b.failed, b.is_retry,
+        (r.request_id IS NOT NULL) AS was_retried,
+        (NOT b.is_retry AND d.prev_same_ts IS NOT NULL
+         AND epoch(b.ts - d.prev_same_ts)
+             <= coalesce(CAST(getvariable('finops_duplicate_window_s') AS DOUBLE), 600.0::DOUBLE))
+            AS is_duplicate,
+        ((b.failed OR b.is_retry) AND s.bucket IS NOT NULL) AS in_storm,
+        (b.stream AND NOT b.failed AND b.output_tokens > 0
+         AND coalesce(b.finish_reason, '') NOT IN ('stop', 'length', 'tool_calls',
+                                                    'content_filter', 'function_call'))
+            AS stream_aborted
+    FROM base b
+    LEFT JOIN retried r ON r.request_id = b.request_id
+    LEFT JOIN dup d ON d.request_id = b.request_id
+    LEFT JOIN storms s ON s.tier IS NOT DISTINCT FROM b.tier AND s.bucket = b.bucket
+)
+SELECT *,
+    CASE WHEN failed AND was_retried THEN 'retried_failure'
+         WHEN failed THEN 'failed'
+         WHEN stream_aborted THEN 'stream_aborted'
+         WHEN is_duplicate THEN 'duplicate'
+    END AS leak
+FROM flags;
+
+-- One row per request with its cost on both bases (formulas at the top of this file).
+CREATE OR REPLACE VIEW marts.request_costs AS
+WITH c AS (
+SELECT
+    w.request_id, w.ts, w.hour, w.tenant, w.feature, w.operation, w.tier, w.model,
+    w.stream, w.status_code, w.cache_status, w.worked,
+    w.input_tokens, w.output_tokens, w.cached_input_tokens, w.work_in, w.work_out,
+    p.split_method, p.input_share,
+    f.failed, f.is_retry, f.was_retried, f.is_duplicate, f.in_storm, f.stream_aborted, f.leak,
+    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+         WHEN p.split_method = 'per_request' THEN p.pool_allocation / p.n_work
+         ELSE p.pool_allocation * p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
+    END AS input_cost_allocation,
+    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+         WHEN p.split_method = 'per_request' THEN p.pool_allocation * 0.0::DOUBLE
+         ELSE p.pool_allocation * (1 - p.input_share)
+              * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
+    END AS output_cost_allocation,
+    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+         WHEN p.split_method = 'per_request' THEN p.pool_usage / p.n_work
+         ELSE p.pool_usage * p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
+    END AS input_cost_usage,
+    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+         WHEN p.split_method = 'per_request' THEN p.pool_usage * 0.0::DOUBLE
+         ELSE p.pool_usage * (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
+    END AS output_cost_usage,
+    (w.worked AND p.pool_allocation IS NULL) AS unpriced
+FROM marts.request_work w
+LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier
+LEFT JOIN marts.request_flags f ON f.request_id = w.request_id
+)
+SELECT *,
+    input_cost_allocation + output_cost_allocation AS cost_allocation,
+    input_cost_usage + output_cost_usage AS cost_usage
+FROM c;

@@ -1,0 +1,568 @@
+"""finops.costs: marts vs hand-written SQL, reconciliation to the bill, bad inputs."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import finops
+import finops.costs as fc
+from finops.cli import app
+from finops.lake import Lake
+
+T0 = dt.datetime(2026, 11, 16, tzinfo=dt.UTC)  # Monday of 2026-W47
+L4, H100 = 0.75, 3.90  # on_demand prices of data/prices.csv
+
+
+def _gpu_rows() -> list[dict]:
+    """3 GPUs for 4 hours: small (L4) and large (H100) tiers, plus an untiered L4."""
+    rows = []
+    gpus = [
+        ("gpu-s0", "NVIDIA L4", "vllm-small-0", {"tier": "small", "app": "vllm-small"}),
+        ("gpu-l0", "NVIDIA H100 80GB HBM3", "vllm-large-0", {"tier": "large", "app": "vllm-large"}),
+        ("gpu-x0", "NVIDIA L4", "notebook-0", {"app": "jupyter"}),
+    ]
+    for h in range(4):
+        for k, (uuid, model, pod, labels) in enumerate(gpus):
+            for m in range(0, 60, 15):
+                ts = T0 + dt.timedelta(hours=h, minutes=m)
+                sm = 0.2 + 0.1 * k + 0.05 * h
+                for field, value in (
+                    ("DCGM_FI_PROF_SM_ACTIVE", sm),
+                    ("DCGM_FI_DEV_GPU_UTIL", min(100.0, 100 * sm + 40)),
+                ):
+                    rows.append(
+                        {
+                            "ts": ts,
+                            "source": "test",
+                            "host": "node-1",
+                            "gpu_uuid": uuid,
+                            "gpu_index": k,
+                            "gpu_model": model,
+                            "namespace": "llm-serving",
+                            "pod": pod,
+                            "container": "vllm",
+                            "labels": json.dumps(labels),
+                            "field": field,
+                            "value": value,
+                        }
+                    )
+    return rows
+
+
+def _request_rows() -> list[dict]:
+    rows = []
+    tenants = ["acme", "globex"]
+    features = ["chat", "summarize", "embeddings"]
+    i = 0
+    for h in range(3):  # hour 3 has GPUs but no traffic: its cost stays idle
+        for j in range(12):
+            i += 1
+            tier = "small" if j % 3 else "large"
+            feat = features[j % 3]
+            ts = T0 + dt.timedelta(hours=h, minutes=j * 4)
+            row = {
+                "request_id": f"r{i}",
+                "ts": ts,
+                "source": "test",
+                "tenant": tenants[j % 2],
+                "feature": feat,
+                "operation": "embeddings" if feat == "embeddings" else "chat",
+                "request_model": "auto",
+                "response_model": f"model-{tier}",
+                "tier": tier,
+                "input_tokens": 100 + 37 * j,
+                "output_tokens": 0 if feat == "embeddings" else 20 + j,
+                "cached_input_tokens": 16 * (j % 4),
+                "status_code": 200,
+                "stream": j % 2 == 0,
+                "finish_reason": "stop",
+                "cache_status": "miss",
+                "prompt_fingerprint": f"fp{i}",
+                "attempt": 1,
+            }
+            rows.append(row)
+        # a failed request retried, an exact duplicate, a cache hit, an aborted stream
+        base = T0 + dt.timedelta(hours=h, minutes=50)
+        rows += [
+            {
+                "request_id": f"f{h}",
+                "ts": base,
+                "tenant": "acme",
+                "feature": "chat",
+                "tier": "small",
+                "response_model": "model-small",
+                "input_tokens": 400,
+                "output_tokens": 5,
+                "status_code": 504,
+                "error_type": "timeout",
+                "attempt": 1,
+                "prompt_fingerprint": f"fpf{h}",
+                "cache_status": "miss",
+            },
+            {
+                "request_id": f"f{h}b",
+                "ts": base + dt.timedelta(seconds=5),
+                "tenant": "acme",
+                "feature": "chat",
+                "tier": "small",
+                "response_model": "model-small",
+                "input_tokens": 400,
+                "output_tokens": 30,
+                "status_code": 200,
+                "retry_of": f"f{h}",
+                "attempt": 2,
+                "prompt_fingerprint": f"fpf{h}",
+                "cache_status": "miss",
+            },
+            {
+                "request_id": f"d{h}",
+                "ts": base + dt.timedelta(seconds=60),
+                "tenant": "globex",
+                "feature": "summarize",
+                "tier": "large",
+                "response_model": "model-large",
+                "input_tokens": 100 + 37 * 1,
+                "output_tokens": 21,
+                "status_code": 200,
+                "prompt_fingerprint": f"fp{12 * h + 2}",
+                "cache_status": "miss",
+            },
+            {
+                "request_id": f"h{h}",
+                "ts": base + dt.timedelta(seconds=90),
+                "tenant": "globex",
+                "feature": "summarize",
+                "tier": "large",
+                "response_model": "model-large",
+                "input_tokens": 137,
+                "output_tokens": 21,
+                "status_code": 200,
+                "cache_status": "hit",
+                "prompt_fingerprint": f"fp{12 * h + 2}",
+            },
+            {
+                "request_id": f"s{h}",
+                "ts": base + dt.timedelta(seconds=120),
+                "tenant": "acme",
+                "feature": "chat",
+                "tier": "large",
+                "response_model": "model-large",
+                "input_tokens": 300,
+                "output_tokens": 50,
+                "status_code": 200,
+                "stream": True,
+                "finish_reason": "abort",
+                "cache_status": "miss",
+                "prompt_fingerprint": f"fps{h}",
+            },
+        ]
+    return rows
+
+
+def _serving_rows() -> list[dict]:
+    """Prefill/decode histogram sums for the large tier only (small uses the fallback)."""
+    rows = []
+    for h in range(4):
+        for m in (0, 30):
+            ts = T0 + dt.timedelta(hours=h, minutes=m)
+            n = 2 * h + (m // 30)
+            for metric, rate in (
+                ("vllm:request_prefill_time_seconds_sum", 10.0),
+                ("vllm:request_decode_time_seconds_sum", 30.0),
+            ):
+                rows.append(
+                    {
+                        "ts": ts,
+                        "source": "test",
+                        "target": "vllm-large-0",
+                        "metric": metric,
+                        "type": "histogram",
+                        "model_name": "model-large",
+                        "labels": json.dumps(
+                            {"model_name": "model-large", "pod": "vllm-large-0", "tier": "large"},
+                            sort_keys=True,
+                        ),
+                        "value": rate * n,
+                    }
+                )
+    return rows
+
+
+@pytest.fixture(scope="module")
+def cost_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("costs") / "lake"
+    lake = Lake(path, fsync=False)
+    now = T0 + dt.timedelta(days=30)
+    assert lake.append("gpu_samples", _gpu_rows(), source="test", now=now).rejected == 0
+    assert lake.append("requests", _request_rows(), source="test", now=now).rejected == 0
+    assert lake.append("serving_samples", _serving_rows(), source="test", now=now).rejected == 0
+    return path
+
+
+@pytest.fixture()
+def db(cost_lake: Path):
+    con = finops.connect(cost_lake)
+    yield con
+    con.close()
+
+
+def test_bill_matches_hand_sql(db) -> None:
+    t = fc.totals(db, week="2026-W47")
+    # hand-written: one GPU-hour per GPU per hour that reported, times the catalog price
+    hand = db.execute(f"""
+        SELECT sum(CASE WHEN gpu_model LIKE '%H100%' THEN {H100}::DOUBLE ELSE {L4}::DOUBLE END)
+        FROM (SELECT DISTINCT gpu_uuid, gpu_model, date_trunc('hour', ts) h FROM raw.gpu_samples)
+    """).fetchall()[0][0]
+    assert t["gpu_cost"] == pytest.approx(hand, abs=1e-9)
+    assert t["gpu_hours"] == 12 and t["gpus"] == 3
+    busy = db.execute(f"""
+        SELECT sum(v * CASE WHEN gpu_model LIKE '%H100%' THEN {H100}::DOUBLE ELSE {L4}::DOUBLE END) FROM (
+          SELECT gpu_uuid, gpu_model, date_trunc('hour', ts) h, avg(value) v FROM raw.gpu_samples
+          WHERE field = 'DCGM_FI_PROF_SM_ACTIVE' GROUP BY ALL)
+    """).fetchall()[0][0]
+    assert t["busy_cost"] == pytest.approx(busy, abs=1e-9)
+    assert t["idle_capacity_cost"] == pytest.approx(hand - busy, abs=1e-9)
+
+
+def test_request_totals_match_raw(db) -> None:
+    t = fc.totals(db, week="2026-W47")
+    n, i, o, c = db.execute("""SELECT count(*), sum(input_tokens), sum(output_tokens),
+                           sum(coalesce(cached_input_tokens, 0)) FROM raw.requests""").fetchall()[0]
+    assert (t["requests"], t["input_tokens"], t["output_tokens"], t["cached_input_tokens"]) == (
+        n,
+        i,
+        o,
+        c,
+    )
+    by_tenant = fc.by_tenant(db, week="2026-W47")
+    assert by_tenant["requests"].sum() == n
+    assert by_tenant["cost"].sum() == pytest.approx(t["allocated_cost"], abs=1e-9)
+
+
+@pytest.mark.parametrize("basis", ["allocation", "usage"])
+def test_allocation_reconciles_to_the_cent(db, basis: str) -> None:
+    t = fc.totals(db, week="2026-W47", basis=basis)
+    assert abs(t["allocated_cost"] + t["idle_cost"] - t["gpu_cost"]) < 0.005
+    # allocation basis: allocated = cost of tier-hours with traffic, computed by hand
+    hand = db.execute(f"""
+        SELECT sum(CASE WHEN gpu_model LIKE '%H100%' THEN {H100}::DOUBLE ELSE {L4}::DOUBLE END) FROM (
+          SELECT DISTINCT gpu_uuid, gpu_model, date_trunc('hour', ts) h,
+                 json_extract_string(labels, '$.tier') tier FROM raw.gpu_samples) g
+        WHERE (h, tier) IN (SELECT DISTINCT date_trunc('hour', ts), tier FROM raw.requests
+                            WHERE coalesce(cache_status, '') <> 'hit')
+    """).fetchall()[0][0]
+    if basis == "allocation":
+        assert t["allocated_cost"] == pytest.approx(hand, abs=0.005)
+        # untiered GPU (4 h) and hour 3 of both tiers stay idle
+        assert t["idle_cost"] == pytest.approx(4 * L4 + L4 + H100, abs=0.005)
+
+
+def test_usage_never_exceeds_allocation(db) -> None:
+    rc = db.sql("SELECT cost_usage, cost_allocation FROM marts.request_costs").pl()
+    assert (rc["cost_usage"] <= rc["cost_allocation"] + 1e-12).all()
+    a = fc.by_feature(db, week="2026-W47")
+    u = fc.by_feature(db, week="2026-W47", basis="usage")
+    j = a.join(u, on="feature", suffix="_u")
+    assert (j["cost_u"] <= j["cost"] + 1e-12).all()
+    assert u["cost"].sum() < a["cost"].sum()
+
+
+def test_input_output_split(db) -> None:
+    p = db.sql("SELECT * FROM marts.tier_token_prices ORDER BY hour, tier").pl()
+    large = p.filter(pl.col("tier") == "large")
+    # measured: prefill 10 s per 30 s of decode at every interval -> 25% input share
+    assert (large["split_method"] == "prefill_decode_time").all()
+    assert large["input_share"].to_list() == pytest.approx([0.25] * large.height)
+    small = p.filter(pl.col("tier") == "small")
+    assert (small["split_method"] == "token_ratio").all()
+    row = small.row(0, named=True)
+    assert row["input_share"] == pytest.approx(row["w_in"] / (row["w_in"] + 4 * row["w_out"]))
+    # changing R changes the fallback, not the measured tier
+    fc.configure(db, output_token_weight=1.0)
+    row2 = (
+        db.sql("SELECT * FROM marts.tier_token_prices WHERE tier='small' ORDER BY hour LIMIT 1")
+        .pl()
+        .row(0, named=True)
+    )
+    assert row2["input_share"] == pytest.approx(row["w_in"] / (row["w_in"] + row["w_out"]))
+    # per request: cost = pool x share x own tokens / all tokens of the tier-hour
+    rc = db.sql("SELECT * FROM marts.request_costs WHERE request_id = 'r2'").pl().row(0, named=True)
+    pr = (
+        db.sql(
+            f"SELECT * FROM marts.tier_token_prices WHERE tier = 'small' AND hour = "
+            f"TIMESTAMPTZ '{T0.isoformat()}'"
+        )
+        .pl()
+        .row(0, named=True)
+    )
+    assert rc["input_cost_allocation"] == pytest.approx(
+        pr["pool_allocation"] * pr["input_share"] * rc["work_in"] / pr["w_in"]
+    )
+    assert rc["work_in"] == rc["input_tokens"] - rc["cached_input_tokens"]
+
+
+def test_cache_hit_costs_nothing_and_is_valued(db) -> None:
+    rc = db.sql("SELECT * FROM marts.request_costs WHERE request_id = 'h0'").pl().row(0, named=True)
+    assert rc["cost_allocation"] == 0 and not rc["worked"]
+    cs = fc.cache_savings(db, week="2026-W47")
+    shim = cs.filter(pl.col("layer") == "shim_response").row(0, named=True)
+    assert shim["requests"] == 3 and shim["usd_saved"] > 0
+    prefix = cs.filter(pl.col("layer") == "vllm_prefix").row(0, named=True)
+    hand = db.execute("""
+        SELECT sum(w.cached_input_tokens * p.usd_per_input_token_usage)
+        FROM marts.request_work w JOIN marts.tier_token_prices p USING (hour, tier)
+        WHERE w.worked""").fetchall()[0][0]
+    assert prefix["usd_saved"] == pytest.approx(hand)
+    pot = cs.filter(pl.col("layer") == "response_cache_potential").row(0, named=True)
+    assert pot["requests"] == 3  # d0, d1, d2
+
+
+def test_leakage_lines(db) -> None:
+    lk = fc.leakage(db, week="2026-W47")
+    cat = {r["category"]: r for r in lk.iter_rows(named=True)}
+    assert cat["retried_failure"]["requests"] == 3
+    assert cat["duplicate"]["requests"] == 3
+    assert cat["stream_aborted"]["requests"] == 3
+    assert cat["embeddings"]["requests"] == 12
+    assert cat["retries"]["requests"] == 3
+    t = fc.totals(db, week="2026-W47")
+    disjoint = lk.filter(pl.col("kind").is_in(["leak", "useful", "idle"]))["cost"].sum()
+    assert disjoint == pytest.approx(t["gpu_cost"], abs=0.005)
+    assert t["leakage_cost"] == pytest.approx(lk.filter(pl.col("kind") == "leak")["cost"].sum())
+
+
+def test_idle_by_hour_and_dow(db) -> None:
+    idl = fc.idle(db, week="2026-W47")
+    assert set(idl["tier"]) == {"small", "large", "jupyter"}  # app label fallback
+    assert (idl["dow"] == 1).all()
+    t = fc.totals(db, week="2026-W47")
+    assert idl["idle_cost"].sum() == pytest.approx(t["idle_capacity_cost"])
+    assert idl["idle_gpu_hours"].sum() == pytest.approx(t["gpu_hours"] - t["busy_gpu_hours"])
+
+
+def test_by_dimensions_and_units(db) -> None:
+    for dim in ("tenant", "feature", "tier", "model", "hour", "operation", "day"):
+        df = fc.by(db, dim, week="2026-W47")
+        assert df["requests"].sum() == 51
+    tiers = fc.by_tier(db, week="2026-W47").filter(pl.col("tier") == "large").row(0, named=True)
+    assert tiers["cost_per_request"] == pytest.approx(tiers["cost"] / tiers["requests"])
+    assert tiers["usd_per_1m_output_tokens"] == pytest.approx(
+        tiers["output_cost"] / tiers["output_tokens"] * 1e6
+    )
+    emb = fc.by_feature(db, week="2026-W47").filter(pl.col("feature") == "embeddings")
+    assert emb["output_cost"][0] == 0 and emb["usd_per_1m_output_tokens"][0] is None
+
+
+def test_periods() -> None:
+    p = fc.period(week="2026-W47")
+    assert p.start == T0 and p.end == T0 + dt.timedelta(days=7)
+    q = fc.period(start="2026-11-16", end="2026-11-22")
+    assert (q.start, q.end) == (p.start, p.end)
+    for bad in ("2026-47", "2026-W54", "W47", ""):
+        with pytest.raises(fc.CostError, match="week"):
+            fc.period(week=bad)
+    with pytest.raises(fc.CostError, match="from"):
+        fc.period(start="16/11/2026")
+    with pytest.raises(fc.CostError, match="empty"):
+        fc.period(start="2026-11-20", end="2026-11-16")
+    with pytest.raises(fc.CostError, match="not both"):
+        fc.period(week="2026-W47", start="2026-11-16")
+
+
+def test_empty_period_and_missing_gpu_data(db, tmp_path: Path) -> None:
+    with pytest.raises(
+        fc.CostError, match=r"no requests and no GPU samples in 2026-W40.*2026-11-16"
+    ):
+        fc.totals(db, week="2026-W40")
+    lake = Lake(tmp_path / "lake", fsync=False)
+    lake.append("requests", _request_rows()[:5], source="test", now=T0 + dt.timedelta(days=30))
+    con = finops.connect(lake.path)
+    t = fc.totals(con, week="2026-W47")
+    assert t["gpu_cost"] == 0 and t["requests"] == 5
+    assert any("no GPU samples" in n for n in t["notes"])
+    assert any("no GPU data" in n for n in t["notes"])
+    rows = fc.by_tenant(con, week="2026-W47")
+    assert rows["cost"].null_count() == rows.height
+
+
+def test_cap_savings(db) -> None:
+    cs = fc.cap_savings(db, "chat", 300, week="2026-W47")
+    hand = db.execute("""
+        SELECT count(*) FILTER (input_tokens > 300), count(*),
+               sum((input_tokens - 300) * p.usd_per_input_token_allocation)
+                 FILTER (input_tokens > 300)
+        FROM marts.request_work w JOIN marts.tier_token_prices p USING (hour, tier)
+        WHERE feature = 'chat' AND worked""").fetchall()[0]
+    assert (cs.touched, cs.requests) == hand[:2]
+    assert cs.usd_saved == pytest.approx(hand[2])
+    assert "a cap of 300 tokens on chat would have saved $" in cs.sentence()
+    with pytest.raises(fc.CostError, match="no requests of feature 'nope'"):
+        fc.cap_savings(db, "nope", 10)
+    with pytest.raises(fc.CostError, match="cap"):
+        fc.cap_savings(db, "chat", -1)
+    dist = fc.token_distribution(db, caps={"chat": 300})
+    chat = dist.filter(pl.col("feature") == "chat").row(0, named=True)
+    assert chat["share_over_cap"] == pytest.approx(cs.touched / cs.requests)
+
+
+def test_deployment_mapping_and_pricing_kind(db, tmp_path: Path) -> None:
+    before = fc.totals(db, week="2026-W47")["gpu_cost"]
+    f = tmp_path / "deploy.toml"
+    f.write_text("""
+[[deployment]]
+name = "nb"
+tier = "small"
+pricing_kind = "spot"
+match = { pod = "notebook-*" }
+""")
+    fc.load_deployments(db, f)
+    t = fc.totals(db, week="2026-W47")
+    assert t["gpu_cost"] == pytest.approx(before - 4 * L4 + 4 * 0.30)
+    bill = fc.gpu_bill(db, week="2026-W47")
+    assert "nb" in bill["deployment"].to_list()
+    fc.configure(db, pricing_kind="reserved")
+    assert fc.totals(db, week="2026-W47")["gpu_cost"] == pytest.approx(
+        4 * 0.30 + 4 * 0.47 + 4 * 2.45
+    )
+    for text, msg in (
+        ("[[deployment]]\nname='x'\n", "match"),
+        ("[[deployment]]\nname='x'\npricing_kind='free'\nmatch={pod='a'}\n", "pricing_kind"),
+        ("[[deployment]]\nname='x'\nmatch={label='novalue'}\n", "key=value"),
+        ("nonsense = [", "not valid TOML"),
+    ):
+        f.write_text(text)
+        with pytest.raises(fc.CostError, match=msg):
+            fc.load_deployments(db, f)
+    with pytest.raises(fc.CostError, match="pricing_kind"):
+        fc.configure(db, pricing_kind="cheap")
+
+
+def test_prefix_reuse_potential(tmp_path: Path) -> None:
+    rows = [
+        {"timestamp": 0, "input_length": 1024, "hash_ids": [1, 2]},
+        {"timestamp": 1, "input_length": 1200, "hash_ids": [1, 2, 3]},
+        {"timestamp": 2, "input_length": 600, "hash_ids": [1, 9]},
+        {"timestamp": 3, "input_length": 100, "hash_ids": [7]},
+    ]
+    r = fc.prefix_reuse_potential(rows)
+    assert r["hit_tokens"] == 1024 + 512 and r["hit_rate"] == pytest.approx(1536 / 2924)
+    small = fc.prefix_reuse_potential(rows, capacity_blocks=1)
+    assert small["hit_tokens"] < r["hit_tokens"]
+    mooncake = Path("/work/shared/data/traces/mooncake-fast25-conversation.jsonl")
+    if mooncake.exists():
+        m = fc.prefix_reuse_potential(mooncake)
+        assert 0 < m["hit_rate"] < 1 and m["requests"] == 12031
+    bad = tmp_path / "t.jsonl"
+    bad.write_text('{"timestamp": 0, "input_length": 5}\n')
+    with pytest.raises(fc.CostError, match="hash_ids"):
+        fc.prefix_reuse_potential(bad)
+
+
+def test_headline(db) -> None:
+    h = fc.headline(db, week="2026-W47")
+    line = fc.format_headline(h)
+    assert line.startswith("2026-W47: GPU bill $")
+    assert f"{h['requests']:,} requests" in line
+
+
+def test_marts_reachable_from_sql(db) -> None:
+    n = db.execute("SELECT count(*) FROM marts.request_costs").fetchall()[0][0]
+    assert n == 51
+    s = db.execute("SELECT sum(cost_allocation) FROM request_costs").fetchall()[0][0]
+    assert s == pytest.approx(fc.totals(db)["allocated_cost"])
+
+
+# ----------------------------------------------------------------------------- CLI
+
+
+def test_cli_costs_json(cost_lake: Path) -> None:
+    res = CliRunner().invoke(
+        app,
+        [
+            "costs",
+            "--lake",
+            str(cost_lake),
+            "--week",
+            "2026-W47",
+            "--by",
+            "tenant",
+            "--format",
+            "json",
+        ],
+    )
+    assert res.exit_code == 0, res.output
+    doc = json.loads(res.stdout)
+    tot = doc["totals"]
+    for k in (
+        "gpu_cost",
+        "allocated_cost",
+        "idle_cost",
+        "requests",
+        "input_tokens",
+        "output_tokens",
+    ):
+        assert k in tot
+    assert abs(tot["allocated_cost"] + tot["idle_cost"] - tot["gpu_cost"]) < 0.005
+    assert {r["tenant"] for r in doc["rows"]} == {"acme", "globex"}
+    assert sum(r["cost"] for r in doc["rows"]) == pytest.approx(tot["allocated_cost"])
+
+
+def test_cli_costs_table_and_csv(cost_lake: Path) -> None:
+    r = CliRunner().invoke(
+        app,
+        [
+            "costs",
+            "--lake",
+            str(cost_lake),
+            "--from",
+            "2026-11-16",
+            "--to",
+            "2026-11-16",
+            "--by",
+            "tier",
+            "--basis",
+            "usage",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    assert "large" in r.stdout and "GPU bill" in r.stdout
+    r = CliRunner().invoke(
+        app, ["costs", "--lake", str(cost_lake), "--by", "hour", "--format", "csv"]
+    )
+    assert r.exit_code == 0, r.output
+    assert pl.read_csv(r.stdout.encode()).height == 3
+
+
+@pytest.mark.parametrize(
+    ("args", "msg"),
+    [
+        (["--week", "2026-47"], "expected an ISO week"),
+        (["--week", "2026-W40"], "no requests and no GPU samples in 2026-W40"),
+        (["--by", "color"], "--by"),
+        (["--basis", "cash"], "--basis"),
+        (["--format", "xml"], "--format"),
+        (["--week", "2026-W47", "--from", "2026-11-16"], "not both"),
+    ],
+)
+def test_cli_costs_bad_input(cost_lake: Path, args: list[str], msg: str) -> None:
+    r = CliRunner().invoke(app, ["costs", "--lake", str(cost_lake), *args])
+    assert r.exit_code == 2
+    assert msg in r.output
+    assert "Traceback" not in r.output
+
+
+def test_cli_costs_missing_lake_and_gpu_data(tmp_path: Path) -> None:
+    r = CliRunner().invoke(app, ["costs", "--lake", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no lake" in r.output
+    lake = Lake(tmp_path / "lake", fsync=False)
+    lake.append("requests", _request_rows()[:5], source="test", now=T0 + dt.timedelta(days=30))
+    r = CliRunner().invoke(app, ["costs", "--lake", str(lake.path), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert "no GPU samples" in r.stderr
+    assert json.loads(r.stdout)["totals"]["gpu_cost"] == 0
