@@ -66,3 +66,17 @@ def artifacts_dir() -> Path:
     """Where tests keep what a person may want to look at (screenshots, reports)."""
     ARTIFACTS.mkdir(exist_ok=True)
     return ARTIFACTS
+
+
+@pytest.fixture(scope="session")
+def demo_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A small generated demo lake (2 days from 2026-11-16, 16 GPUs, 5% of the request volume).
+
+    Shared by the whole session: treat it as read-only (copy it to change it).
+    Full-rate GPU and vLLM telemetry, one vLLM restart on day 2, one incident.
+    """
+    from finops.demo import generate
+
+    path = tmp_path_factory.mktemp("demo") / "lake"
+    generate(path, days=2, seed=42, gpus=16, scale=0.05)
+    return path

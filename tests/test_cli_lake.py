@@ -1,0 +1,111 @@
+"""`finops lake info|compact` and `finops sql` through typer's CliRunner."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+from finops.cli import app
+from finops.lake import Lake
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def small_lake(tmp_path: Path) -> Path:
+    lake = Lake(tmp_path / "lake", fsync=False)
+    for day in (16, 17):
+        for part in range(2):  # two files per partition, so compaction has work
+            lake.append(
+                "requests",
+                [
+                    {
+                        "request_id": f"r-{day}-{part}-{i}",
+                        "ts": f"2026-11-{day}T{10 + i}:00:00Z",
+                        "tenant": "acme" if i % 2 else "globex",
+                        "input_tokens": 100 * (i + 1),
+                        "output_tokens": 10,
+                    }
+                    for i in range(3)
+                ],
+                source="test",
+            )
+    return lake.path
+
+
+def test_lake_info_lists_tables_rows_and_dates(small_lake: Path) -> None:
+    res = runner.invoke(app, ["lake", "info", "--lake", str(small_lake), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = {r["table"]: r for r in json.loads(res.stdout)}
+    assert rows["requests"]["rows"] == 12
+    assert rows["requests"]["files"] == 4
+    assert (rows["requests"]["first_date"], rows["requests"]["last_date"]) == (
+        "2026-11-16",
+        "2026-11-17",
+    )
+    assert rows["gpu_samples"]["rows"] == 0
+
+
+def test_lake_info_missing_lake_is_a_clean_error(tmp_path: Path) -> None:
+    res = runner.invoke(app, ["lake", "info", "--lake", str(tmp_path / "nope")])
+    assert res.exit_code == 2
+    assert "no lake here" in res.stderr
+    assert "Traceback" not in res.output
+
+
+def test_lake_compact_merges_files_and_keeps_results(small_lake: Path) -> None:
+    query = (
+        "SELECT tenant, count(*) AS n, sum(input_tokens) AS t FROM requests GROUP BY 1 ORDER BY 1"
+    )
+    before = runner.invoke(app, ["sql", query, "--lake", str(small_lake), "--format", "csv"])
+    res = runner.invoke(app, ["lake", "compact", "--lake", str(small_lake)])
+    assert res.exit_code == 0, res.output
+    assert len(Lake(small_lake).files("requests")) == 2
+    after = runner.invoke(app, ["sql", query, "--lake", str(small_lake), "--format", "csv"])
+    assert before.stdout == after.stdout
+    assert "globex" in after.stdout
+
+
+def test_lake_compact_rejects_unknown_table(small_lake: Path) -> None:
+    res = runner.invoke(app, ["lake", "compact", "--lake", str(small_lake), "--table", "nope"])
+    assert res.exit_code == 2
+    assert "unknown table 'nope'" in res.stderr
+
+
+def test_sql_csv_and_json(small_lake: Path) -> None:
+    q = "SELECT request_id, input_tokens FROM requests ORDER BY request_id LIMIT 2"
+    csv = runner.invoke(app, ["sql", q, "--lake", str(small_lake), "--format", "csv"])
+    assert csv.exit_code == 0, csv.output
+    df = pl.read_csv(csv.stdout.encode())
+    assert df.columns == ["request_id", "input_tokens"]
+    assert df["request_id"].to_list() == ["r-16-0-0", "r-16-0-1"]
+    js = runner.invoke(app, ["sql", q, "--lake", str(small_lake), "--format", "json"])
+    assert js.exit_code == 0, js.output
+    assert json.loads(js.stdout) == [
+        {"request_id": "r-16-0-0", "input_tokens": 100},
+        {"request_id": "r-16-0-1", "input_tokens": 200},
+    ]
+    table = runner.invoke(app, ["sql", q, "--lake", str(small_lake)])
+    assert table.exit_code == 0 and "r-16-0-0" in table.stdout
+
+
+@pytest.mark.parametrize(
+    ("query", "needle"),
+    [("SELEC 1", "syntax error"), ("SELECT * FROM no_such_table", "no_such_table")],
+)
+def test_sql_bad_query_is_a_clean_error(small_lake: Path, query: str, needle: str) -> None:
+    res = runner.invoke(app, ["sql", query, "--lake", str(small_lake)])
+    assert res.exit_code == 2
+    assert res.stderr.startswith("error: SQL error")
+    assert needle in res.stderr.lower()
+    assert "Traceback" not in res.output
+
+
+def test_sql_bad_format_is_a_clean_error(small_lake: Path) -> None:
+    res = runner.invoke(app, ["sql", "SELECT 1", "--lake", str(small_lake), "--format", "xml"])
+    assert res.exit_code == 2
+    assert "--format must be table, csv or json" in res.stderr
