@@ -1,0 +1,372 @@
+"""NVIDIA dcgm-exporter (`http://host:9400/metrics`) -> `gpu_samples`.
+
+Field names stay the exporter's own (`DCGM_FI_DEV_GPU_UTIL`, ...), and so do
+its units, which the `gpu_samples` contract documents: `*_UTIL` percent 0-100,
+`DCGM_FI_PROF_*` ratios 0-1, `FB_*` MiB, `POWER_USAGE` W,
+`TOTAL_ENERGY_CONSUMPTION` mJ (a counter), temperatures C, clocks MHz.
+
+Labels differ between exporter releases and deployment modes; all of these
+read the same:
+
+| lake column   | exporter labels (first present wins)            |
+|---------------|-------------------------------------------------|
+| host          | `Hostname` (releases), `hostname` (newer), else the target's host |
+| gpu_uuid      | `UUID`, `uuid` (old-namespace flag)             |
+| gpu_index     | `gpu`                                           |
+| gpu_model     | `modelName`                                     |
+| mig_profile   | `GPU_I_PROFILE`                                 |
+| mig_instance  | `GPU_I_ID`                                      |
+| namespace     | `namespace`, `pod_namespace`                    |
+| pod           | `pod`, `pod_name`                               |
+| container     | `container`, `container_name`                   |
+
+Empty Kubernetes labels (the exporter prints `pod=""` for GPUs no pod holds)
+become null. Every other label (`device`, `pci_bus_id`,
+`DCGM_FI_DRIVER_VERSION`, `err_code`, custom pod labels...) goes to the
+`labels` JSON column.
+
+Blank values: DCGM reports "no data" as sentinels at or above
+9223372036854775792 (`DCGM_INT64_BLANK` and its siblings). They are not
+measurements, so they are stored with a null `value` (the raw table shows the
+field exists but was blank; `clean.gpu_samples` drops them) and counted as
+`blank` in the collection result, never as a huge number.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import random
+import zlib
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import polars as pl
+
+from collectors.exposition import ParseResult
+
+DCGM_BLANK_MIN = 9223372036854775792.0
+"""Values at or above this are DCGM 'blank' sentinels (no data), not numbers."""
+
+DEFAULT_PORT = 9400
+
+_COLUMN_LABELS: dict[str, tuple[str, ...]] = {
+    "host": ("Hostname", "hostname"),
+    "gpu_uuid": ("UUID", "uuid"),
+    "gpu_index": ("gpu",),
+    "gpu_model": ("modelName",),
+    "mig_profile": ("GPU_I_PROFILE",),
+    "mig_instance": ("GPU_I_ID",),
+    "namespace": ("namespace", "pod_namespace"),
+    "pod": ("pod", "pod_name"),
+    "container": ("container", "container_name"),
+}
+_KNOWN = {lab for labs in _COLUMN_LABELS.values() for lab in labs}
+
+GPU_SAMPLE_COLUMNS = (
+    "ts",
+    "source",
+    "host",
+    "gpu_uuid",
+    "gpu_index",
+    "gpu_model",
+    "mig_profile",
+    "mig_instance",
+    "namespace",
+    "pod",
+    "container",
+    "labels",
+    "field",
+    "value",
+)
+
+
+@dataclass
+class GpuRows:
+    """`gpu_samples` rows made from one payload, plus what was left out and why."""
+
+    rows: pl.DataFrame  # gpu_samples columns + _location, _raw
+    skipped: int  # samples that are not DCGM fields (exporter/process metrics)
+    blank: int  # DCGM blank sentinels, stored with a null value
+
+
+def default_url(url: str) -> str:
+    """`host` or `host:port` -> `http://host:9400/metrics` (the exporter's default)."""
+    if "://" not in url:
+        url = f"http://{url}"
+    parts = urlsplit(url)
+    netloc = parts.netloc if parts.port else f"{parts.netloc}:{DEFAULT_PORT}"
+    return f"{parts.scheme}://{netloc}{parts.path or '/metrics'}"
+
+
+def gpu_rows(
+    parsed: ParseResult,
+    *,
+    ts: dt.datetime,
+    target: str,
+    source: str = "dcgm",
+    prefix: str = "DCGM_",
+) -> GpuRows:
+    """Map parsed exporter samples to `gpu_samples` rows (vectorized).
+
+    `ts` is the scrape time, used when a sample carries no timestamp. Rows
+    without a GPU UUID label are kept with a null `gpu_uuid`, so the lake
+    rejects them with a reason that names the line.
+    """
+    s = parsed.samples.filter(pl.col("name").str.starts_with(prefix))
+    skipped = parsed.samples.height - s.height
+    host_default = urlsplit(target if "://" in target else f"http://{target}").hostname or target
+    if s.height == 0:
+        return GpuRows(pl.DataFrame(schema=_rows_schema()), skipped, 0)
+    s = s.with_row_index("__i")
+    pairs = (
+        s.select("__i", "labels")
+        .explode("labels")
+        .filter(pl.col("labels").is_not_null())
+        .unnest("labels")
+    )
+    known = pairs.filter(pl.col("name").is_in(list(_KNOWN)))
+    extra = pairs.filter(~pl.col("name").is_in(list(_KNOWN)))
+    wide = known.pivot(on="name", index="__i", values="value") if known.height else None
+    cols: dict[str, pl.Expr] = {}
+    for col, labs in _COLUMN_LABELS.items():
+        present = [lab for lab in labs if wide is not None and lab in wide.columns]
+        if present:
+            cols[col] = pl.coalesce(
+                [pl.when(pl.col(lab) != "").then(pl.col(lab)) for lab in present]
+            )
+        else:
+            cols[col] = pl.lit(None, dtype=pl.String)
+    base = s.select("__i", "name", "value", "timestamp_ms", "line", "labels_json")
+    if wide is not None:
+        base = base.join(wide, on="__i", how="left", maintain_order="left")
+    ex = (
+        extra.sort("__i", "name")
+        .group_by("__i", maintain_order=True)
+        .agg(
+            __extra=pl.format(
+                '"{}":{}', pl.col("name"), pl.col("value").map_batches(_json_strings)
+            ).str.join(",")
+        )
+        .with_columns(__extra=pl.concat_str(pl.lit("{"), pl.col("__extra"), pl.lit("}")))
+    )
+    base = base.join(ex, on="__i", how="left", maintain_order="left")
+    scrape_ms = int(ts.timestamp() * 1000)
+    blank = pl.col("value") >= DCGM_BLANK_MIN
+    rows = base.select(
+        ts=pl.from_epoch(pl.col("timestamp_ms").fill_null(scrape_ms), time_unit="ms")
+        .dt.cast_time_unit("us")
+        .dt.replace_time_zone("UTC"),
+        source=pl.lit(source),
+        host=cols["host"].fill_null(pl.lit(host_default)),
+        gpu_uuid=cols["gpu_uuid"],
+        gpu_index=cols["gpu_index"].cast(pl.Int32, strict=False),
+        gpu_model=cols["gpu_model"],
+        mig_profile=cols["mig_profile"],
+        mig_instance=cols["mig_instance"],
+        namespace=cols["namespace"],
+        pod=cols["pod"],
+        container=cols["container"],
+        labels=pl.col("__extra").fill_null("{}"),
+        field=pl.col("name"),
+        value=pl.when(blank).then(None).otherwise(pl.col("value")),
+        _location=pl.format("{}:{}", pl.lit(target), pl.col("line")),
+        _raw=pl.format("{}{} {}", pl.col("name"), pl.col("labels_json"), pl.col("value")),
+    )
+    n_blank = int(base.select(blank.sum()).item() or 0)
+    return GpuRows(rows, skipped, n_blank)
+
+
+def _json_strings(s: pl.Series) -> pl.Series:
+    """JSON string literals for label values (escapes quotes, backslashes, controls)."""
+    return (
+        s.to_frame("v")
+        .select(pl.struct(pl.col("v")).struct.json_encode().str.slice(5).str.head(-1))
+        .to_series()
+    )
+
+
+def _rows_schema() -> dict[str, pl.DataType]:
+    from finops.schemas import GPU_SAMPLES
+
+    schema = dict(GPU_SAMPLES.columns)
+    schema["_location"] = pl.String
+    schema["_raw"] = pl.String
+    return schema
+
+
+# --------------------------------------------------------------------------- recorded formats
+
+# (field, type, help, kind): kind picks a plausible value generator and formatting
+FIELDS: tuple[tuple[str, str, str, str], ...] = (
+    ("DCGM_FI_DEV_SM_CLOCK", "gauge", "SM clock frequency (in MHz).", "clock"),
+    ("DCGM_FI_DEV_MEM_CLOCK", "gauge", "Memory clock frequency (in MHz).", "memclock"),
+    ("DCGM_FI_DEV_MEMORY_TEMP", "gauge", "Memory temperature (in C).", "temp"),
+    ("DCGM_FI_DEV_GPU_TEMP", "gauge", "GPU temperature (in C).", "temp"),
+    ("DCGM_FI_DEV_POWER_USAGE", "gauge", "Power draw (in W).", "power"),
+    (
+        "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION",
+        "counter",
+        "Total energy consumption since boot (in mJ).",
+        "energy",
+    ),
+    ("DCGM_FI_DEV_PCIE_REPLAY_COUNTER", "counter", "Total number of PCIe retries.", "zero"),
+    ("DCGM_FI_DEV_GPU_UTIL", "gauge", "GPU utilization (in %).", "pct"),
+    ("DCGM_FI_DEV_MEM_COPY_UTIL", "gauge", "Memory utilization (in %).", "pct"),
+    ("DCGM_FI_DEV_ENC_UTIL", "gauge", "Encoder utilization (in %).", "zero"),
+    ("DCGM_FI_DEV_DEC_UTIL", "gauge", "Decoder utilization (in %).", "zero"),
+    ("DCGM_FI_DEV_XID_ERRORS", "gauge", "Value of the last XID error encountered.", "zero"),
+    ("DCGM_FI_DEV_FB_FREE", "gauge", "Framebuffer memory free (in MiB).", "fbfree"),
+    ("DCGM_FI_DEV_FB_USED", "gauge", "Framebuffer memory used (in MiB).", "fbused"),
+    ("DCGM_FI_DEV_FB_RESERVED", "gauge", "Framebuffer memory reserved (in MiB).", "fbres"),
+    (
+        "DCGM_FI_DEV_NVLINK_BANDWIDTH_TOTAL",
+        "counter",
+        "Total number of NVLink bandwidth counters for all lanes.",
+        "zero",
+    ),
+    ("DCGM_FI_DEV_VGPU_LICENSE_STATUS", "gauge", "vGPU License status", "zero"),
+    (
+        "DCGM_FI_DEV_UNCORRECTABLE_REMAPPED_ROWS",
+        "counter",
+        "Number of remapped rows for uncorrectable errors",
+        "zero",
+    ),
+    (
+        "DCGM_FI_DEV_CORRECTABLE_REMAPPED_ROWS",
+        "counter",
+        "Number of remapped rows for correctable errors",
+        "zero",
+    ),
+    ("DCGM_FI_DEV_ROW_REMAP_FAILED", "gauge", "Whether remapping of rows has failed", "zero"),
+    (
+        "DCGM_FI_PROF_GR_ENGINE_ACTIVE",
+        "gauge",
+        "Ratio of time the graphics engine is active.",
+        "ratio",
+    ),
+    (
+        "DCGM_FI_PROF_PIPE_TENSOR_ACTIVE",
+        "gauge",
+        "Ratio of cycles the tensor (HMMA) pipe is active.",
+        "ratio",
+    ),
+    (
+        "DCGM_FI_PROF_DRAM_ACTIVE",
+        "gauge",
+        "Ratio of cycles the device memory interface is active sending or receiving data.",
+        "ratio",
+    ),
+    (
+        "DCGM_FI_PROF_PCIE_TX_BYTES",
+        "counter",
+        "The number of bytes of active pcie tx data including both header and payload.",
+        "bytes",
+    ),
+    (
+        "DCGM_FI_PROF_PCIE_RX_BYTES",
+        "counter",
+        "The number of bytes of active pcie rx data including both header and payload.",
+        "bytes",
+    ),
+)
+SM_ACTIVE = (
+    "DCGM_FI_PROF_SM_ACTIVE",
+    "gauge",
+    "The ratio of cycles an SM has at least 1 warp assigned.",
+    "ratio",
+)
+
+VARIANTS = ("v2", "v3", "v4", "mig", "old", "k8s")
+"""Label layouts of exporter releases (see `render_payload`)."""
+
+
+def _value(kind: str, rng: random.Random, step: int) -> str:
+    if kind == "clock":
+        return str(rng.choice((210, 1410, 1755, 1980)))
+    if kind == "memclock":
+        return str(rng.choice((1215, 1593, 2619)))
+    if kind == "temp":
+        return str(rng.randint(28, 78))
+    if kind == "power":
+        return f"{rng.uniform(55, 690):f}"  # Go's %f: six decimals
+    if kind == "energy":
+        return str(10_000_000_000 + step * 4_000_000 + rng.randint(0, 3_000_000))
+    if kind == "pct":
+        return str(rng.randint(0, 100))
+    if kind == "fbfree":
+        return str(rng.randint(1000, 40000))
+    if kind == "fbused":
+        return str(rng.randint(400, 80000))
+    if kind == "fbres":
+        return str(rng.choice((329, 523, 613)))
+    if kind == "ratio":
+        return f"{rng.random():f}"
+    if kind == "bytes":
+        return str(step * 1_000_000 + rng.randint(0, 999_999))
+    return "0"
+
+
+def render_payload(
+    gpus: int = 8,
+    *,
+    variant: str = "v3",
+    hostname: str = "gpu-node-1",
+    model: str = "NVIDIA H100 80GB HBM3",
+    sm_active: bool = True,
+    seed: int = 0,
+    step: int = 0,
+    blank_fields: tuple[str, ...] = (),
+    pods: dict[int, tuple[str, str, str]] | None = None,
+) -> str:
+    """Exposition text in dcgm-exporter's exact layout, for tests, benchmarks and demos.
+
+    Variants (label order as each release prints it):
+    - `v2`: gpu, UUID, device, modelName, Hostname (2.x releases, no pci_bus_id);
+    - `v3`: gpu, UUID, pci_bus_id, device, modelName, Hostname, DCGM_FI_DRIVER_VERSION;
+    - `v4`: as v3 but `hostname` lower-case (newer releases);
+    - `mig`: v3 + GPU_I_PROFILE, GPU_I_ID (two 3g instances per GPU);
+    - `old`: `uuid` and pod_name/pod_namespace/container_name (old-namespace flag);
+    - `k8s`: v3 + container, namespace, pod (empty for GPUs no pod holds).
+    `pods` maps a GPU index to (namespace, pod, container). `step` advances
+    counters so consecutive payloads read as consecutive scrapes.
+    """
+    if variant not in VARIANTS:
+        raise ValueError(f"variant must be one of {VARIANTS}, got {variant!r}")
+    rng = random.Random(f"{seed}:{step}:{variant}:{hostname}")
+    fields = (*FIELDS, SM_ACTIVE) if sm_active else FIELDS
+    pods = pods or {}
+    out: list[str] = []
+    instances = [(g, None) for g in range(gpus)]
+    if variant == "mig":
+        instances = [(g, i) for g in range(gpus) for i in (1, 2)]
+    for name, typ, help_, kind in fields:
+        out.append(f"# HELP {name} {help_}")
+        out.append(f"# TYPE {name} {typ}")
+        for g, mig in instances:
+            uuid = f"GPU-{seed:08x}-{zlib.crc32(hostname.encode()) % 0xFFFF:04x}-4{g:03x}-8000-{g:012x}"
+            ns, pod, ctr = pods.get(g, ("", "", ""))
+            if variant == "v2":
+                lab = (
+                    f'gpu="{g}",UUID="{uuid}",device="nvidia{g}",modelName="{model}",'
+                    f'Hostname="{hostname}"'
+                )
+            elif variant == "old":
+                lab = (
+                    f'gpu="{g}",uuid="{uuid}",device="nvidia{g}",modelName="{model}",'
+                    f'Hostname="{hostname}",container_name="{ctr}",pod_name="{pod}",'
+                    f'pod_namespace="{ns}"'
+                )
+            else:
+                host_label = "hostname" if variant == "v4" else "Hostname"
+                lab = (
+                    f'gpu="{g}",UUID="{uuid}",pci_bus_id="00000000:{0x18 + g:02X}:00.0",'
+                    f'device="nvidia{g}",modelName="{model}",'
+                )
+                if variant == "mig":
+                    lab += f'GPU_I_PROFILE="3g.40gb",GPU_I_ID="{mig}",'
+                lab += f'{host_label}="{hostname}",DCGM_FI_DRIVER_VERSION="550.54.15"'
+                if variant == "k8s":
+                    lab += f',container="{ctr}",namespace="{ns}",pod="{pod}"'
+            value = "9223372036854775794" if name in blank_fields else _value(kind, rng, step)
+            out.append(f"{name}{{{lab}}} {value}")
+    return "\n".join(out) + "\n"
