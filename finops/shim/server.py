@@ -49,6 +49,7 @@ def serve(cfg: ShimConfig, *, log_level: str = "info") -> None:
         level=getattr(logging, log_level.upper(), logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
     app = create_app(cfg)
     uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level)).run()
 
