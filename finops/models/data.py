@@ -18,6 +18,7 @@ PROMPT = "vllm:prompt_tokens_total"
 DONE = "vllm:request_success_total"
 PREFILL_SUM = "vllm:request_prefill_time_seconds_sum"
 PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
+E2E_SUM = "vllm:e2e_request_latency_seconds_sum"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV = "vllm:kv_cache_usage_perc"
@@ -61,7 +62,8 @@ def serving_intervals(
     """Offered load and throughput per replica per interval.
 
     Columns: t, tier, target, pod, seconds, generation_tokens, prompt_tokens,
-    requests (completed), gen_tps, prompt_tps, request_rate, mean_prompt,
+    requests (completed), concurrency (time-average requests in the replica, by
+    Little's law from the e2e-latency histogram sum; else the sampled gauges), gen_tps, prompt_tps, request_rate, mean_prompt,
     mean_output, running, waiting, kv_usage, sm_active (None without DCGM
     profiling metrics), prefill_s_per_request, day.
     """
@@ -73,7 +75,7 @@ def serving_intervals(
     WITH inc AS (
         SELECT {b} AS t, target, {TIER_SQL} AS tier, {POD_SQL} AS pod, metric, increase, seconds
         FROM clean.serving_increase
-        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}')
+        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}', '{E2E_SUM}')
         {tier_filter}
     ),
     counters AS (
@@ -83,7 +85,8 @@ def serving_intervals(
             sum(increase) FILTER (metric = '{PROMPT}') AS prompt_tokens,
             sum(increase) FILTER (metric = '{DONE}') AS requests,
             sum(increase) FILTER (metric = '{PREFILL_SUM}') AS prefill_seconds,
-            sum(increase) FILTER (metric = '{PREFILL_COUNT}') AS prefills
+            sum(increase) FILTER (metric = '{PREFILL_COUNT}') AS prefills,
+            sum(increase) FILTER (metric = '{E2E_SUM}') AS e2e_seconds
         FROM inc GROUP BY ALL
     ),
     gauges AS (
@@ -102,7 +105,9 @@ def serving_intervals(
     )
     SELECT c.t, c.tier, c.target, c.pod, c.seconds, c.generation_tokens, c.prompt_tokens,
         c.requests, g.running, g.waiting, g.kv_usage, sm.sm_active,
-        c.prefill_seconds / nullif(c.prefills, 0) AS prefill_s_per_request
+        c.prefill_seconds / nullif(c.prefills, 0) AS prefill_s_per_request,
+        -- Little's law: request-seconds spent in the replica per second = mean concurrency
+        coalesce(c.e2e_seconds / c.seconds, g.running + coalesce(g.waiting, 0)) AS concurrency
     FROM counters c
     LEFT JOIN gauges g USING (t, target, tier)
     LEFT JOIN sm ON sm.t = c.t AND sm.pod = c.pod

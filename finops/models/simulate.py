@@ -30,7 +30,8 @@ from finops.models.throughput import fit_frame
 from finops.prices import price_for
 
 DEFAULT_SLO_TTFT_P95_MS = 1000.0
-C_GRID = (1, 2, 4, 8, 16)
+C_GRID = (1, 4, 16)
+DEFAULT_MAX_NUM_SEQS = 256  # vLLM's default batch limit
 
 
 @dataclass(frozen=True)
@@ -40,10 +41,10 @@ class Levers:
     route_small_share: share of the requests on larger tiers moved to the smallest tier.
     cache_hit_rate: share of all requests answered by the response cache (None: as observed).
     token_cap: cap on input tokens per request (context discipline; None: no cap).
-    max_num_seqs: batch limit per replica (None: the observed operating point, the p99 of
-        `vllm:num_requests_running` per replica: the decode speed the team already accepts).
+    max_num_seqs: vLLM batch limit per replica (None: 256, vLLM's default); a lower limit
+        trades throughput for decode speed.
     autoscale: replicas follow the hourly need (queue-depth autoscaling) instead of a
-        fixed fleet sized for the week's peak hour.
+        fixed fleet: the observed fleet, grown to the week's peak need when that is larger.
     reserved_baseline: the always-on floor of the fleet is bought at the reserved price.
     spot_share: share of the GPU-hours above the floor bought as spot.
     """
@@ -99,7 +100,7 @@ class TierProfile:
                 [max(self.prompt_tokens.mean(), 1.0), max(self.output_tokens.mean(), 1.0)]
             )
             vmax = vmax * float(np.exp(np.log(now / base) @ np.array(self.length_coef)))
-        b = levers.max_num_seqs or self.observed_batch
+        b = levers.max_num_seqs or DEFAULT_MAX_NUM_SEQS
         return ServiceModel.from_curve(
             vmax, self.k, self.hill, max_num_seqs=b, prefill_tokens_per_s=self.prefill_tokens_per_s
         )
@@ -224,6 +225,14 @@ def load_trace(
     return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices)
 
 
+def _observed_batch(rows: pl.DataFrame) -> int:
+    """p99 of running sequences per replica (gauges; else Little's-law concurrency)."""
+    col = rows["running"].drop_nulls()
+    if col.len() == 0:
+        col = rows["concurrency"].drop_nulls()
+    return max(1, math.ceil(float(col.quantile(0.99) or 1.0)))
+
+
 def _prefill_speed(rows: pl.DataFrame) -> float:
     """Prompt tokens/s of prefill at low load (lowest quartile of running sequences)."""
     r = rows.drop_nulls(["prefill_s_per_request", "mean_prompt", "running"]).filter(
@@ -248,14 +257,14 @@ def max_rate_for_slo(
     slo_ttft_p95_s: float,
     n_requests: int | None = None,
     seed: int = 0,
-    steps: int = 10,
+    steps: int = 8,
 ) -> float:
     """Highest Poisson rate (req/s) at which p95 TTFT stays within the SLO.
 
     Bisection with common random numbers (same inter-arrival draws and sizes,
     time-scaled), so the p95 is a smooth function of the rate.
     """
-    n = n_requests or int(min(12000, 2500 + 600 * replicas))
+    n = n_requests or int(min(8000, 2000 + 400 * replicas))
     rng = np.random.default_rng(seed)
     base = np.cumsum(rng.exponential(1.0, n))
     pick = rng.integers(0, len(output), n)
@@ -352,14 +361,16 @@ class Simulator:
         self,
         trace: Trace,
         *,
-        slo_ttft_p95_ms: float = DEFAULT_SLO_TTFT_P95_MS,
+        slo_ttft_p95_ms: float | None = None,
         seed: int = 0,
         c_grid: tuple[int, ...] = C_GRID,
     ) -> None:
-        if slo_ttft_p95_ms <= 0:
+        if slo_ttft_p95_ms is not None and not slo_ttft_p95_ms > 0:
             raise ValueError(f"slo_ttft_p95_ms must be positive, got {slo_ttft_p95_ms}")
         self.trace = trace
-        self.slo_ttft_p95_ms = float(slo_ttft_p95_ms)
+        self.explicit_slo = slo_ttft_p95_ms is not None
+        self.slo_ttft_p95_ms = float(slo_ttft_p95_ms or DEFAULT_SLO_TTFT_P95_MS)
+        self.tier_slo_ms: dict[str, float] = {}
         self.seed = seed
         self.c_grid = c_grid
         self._curves: dict[tuple, CapacityCurve] = {}
@@ -390,21 +401,45 @@ class Simulator:
         key = (tier, levers.token_cap, levers.max_num_seqs)
         if key not in self._curves:
             svc = p.service(levers, prompt, output)
+            slo = self.slo_for(tier)
             curve = capacity_curve(
-                svc,
-                prompt,
-                output,
-                self.slo_ttft_p95_ms / 1000.0,
-                c_grid=self.c_grid,
-                seed=self.seed,
+                svc, prompt, output, slo / 1000.0, c_grid=self.c_grid, seed=self.seed
             )
             if curve.per_replica.max() <= 0:
                 raise ValueError(
-                    f"tier {tier!r}: no replica count meets p95 TTFT <= {self.slo_ttft_p95_ms:g} ms "
-                    "even at near-zero load; relax --slo-ttft-p95-ms"
+                    f"tier {tier!r}: no replica count meets p95 TTFT <= {slo:g} ms even at "
+                    f"near-zero load (unloaded p95 prefill is {self.ttft_floor_ms(tier):.0f} ms);"
+                    " relax --slo-ttft-p95-ms"
                 )
             self._curves[key] = curve
         return self._curves[key]
+
+    def ttft_floor_ms(self, tier: str) -> float:
+        """p95 TTFT of an idle replica: prefill of the tier's observed prompts."""
+        p = self.trace.profiles[tier]
+        if math.isinf(p.prefill_tokens_per_s):
+            return 0.0
+        return 1000.0 * float(np.quantile(p.prompt_tokens, 0.95)) / p.prefill_tokens_per_s
+
+    def slo_for(self, tier: str) -> float:
+        """The tier's p95 TTFT SLO in ms.
+
+        An explicit SLO applies to every tier as given. The default is 1 s, raised
+        to 1.5x the tier's unloaded p95 prefill time where long prompts (RAG,
+        summarisation) make 1 s impossible on any number of replicas; the plan's
+        notes say so.
+        """
+        if tier not in self.tier_slo_ms:
+            slo = self.slo_ttft_p95_ms
+            floor = self.ttft_floor_ms(tier)
+            if not self.explicit_slo and floor * 1.2 > slo:
+                slo = 1.5 * floor
+                self.trace.profiles[tier].notes.append(
+                    f"default SLO raised to {slo:.0f} ms p95 TTFT: unloaded p95 prefill of "
+                    f"this tier's prompts is {floor:.0f} ms"
+                )
+            self.tier_slo_ms[tier] = slo
+        return self.tier_slo_ms[tier]
 
     def hourly_rates(self, growth: float, levers: Levers) -> pl.DataFrame:
         """Upstream req/s per tier per hour after growth, cache and routing levers."""
@@ -459,7 +494,8 @@ class Simulator:
             sat_rps = svc.saturation_tokens_per_s() / max(float(output.mean()), 1e-9)
             r = rates.filter(pl.col("tier") == tier)
             need = [curve.replicas_for(x) for x in r["rate_rps"].to_list()]
-            reps = need if levers.autoscale else [max(need)] * len(need)
+            fixed = max(max(need), p.observed_replicas)
+            reps = need if levers.autoscale else [fixed] * len(need)
             util = [min(x / (c * sat_rps), 1.0) for x, c in zip(r["rate_rps"], reps, strict=True)]
             g = p.gpus_per_replica
             gpu_h = float(sum(reps) * g)
@@ -494,6 +530,7 @@ class Simulator:
                     "idle_share": 1 - busy / gpu_h if gpu_h else 0.0,
                     "cost_usd": cost,
                     "max_num_seqs": svc.max_num_seqs,
+                    "slo_ttft_p95_ms": self.slo_for(tier),
                     "replica_capacity_rps": curve.per_replica.max(),
                 }
             )
@@ -558,7 +595,7 @@ def headline(
     db: duckdb.DuckDBPyConnection,
     growth: float = 5.0,
     *,
-    slo_ttft_p95_ms: float = DEFAULT_SLO_TTFT_P95_MS,
+    slo_ttft_p95_ms: float | None = None,
     after: Levers | None = None,
     simulator: Simulator | None = None,
 ) -> dict[str, object]:

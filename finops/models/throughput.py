@@ -18,7 +18,7 @@ import polars as pl
 from finops.models.data import NoServingData, serving_intervals
 from finops.models.regressors import SaturatingRegressor, mape
 
-LOAD_FEATURES = ("running", "mean_prompt", "mean_output")
+LOAD_FEATURES = ("concurrency", "mean_prompt", "mean_output")
 TARGETS = {"tokens": "gen_tps", "sm_active": "sm_active"}
 
 

@@ -1,0 +1,164 @@
+"""`finops simulate` and `finops recommend autoscaling`: capacity at growth, with levers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+
+recommend_app = typer.Typer(
+    help="Recommendations derived from the fitted models.", no_args_is_help=True
+)
+
+
+def _open(lake: Path | None):
+    import finops
+
+    path = resolve_lake(lake)
+    if not path.exists():
+        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
+    return finops.connect(path)
+
+
+def simulate(
+    lake: LakeOption = None,
+    growth: Annotated[float, typer.Option(help="Traffic growth factor (5 = 5x the week).")] = 5.0,
+    slo_ttft_p95_ms: Annotated[
+        float | None, typer.Option(help="p95 time-to-first-token SLO (default 1000 ms).")
+    ] = None,
+    route_small_share: Annotated[
+        float, typer.Option(help="Share of larger-tier requests routed to the smallest tier.")
+    ] = 0.0,
+    cache_hit_rate: Annotated[
+        float | None, typer.Option(help="Response-cache hit rate (default: as observed).")
+    ] = None,
+    token_cap: Annotated[int | None, typer.Option(help="Cap on input tokens per request.")] = None,
+    max_num_seqs: Annotated[
+        int | None, typer.Option(help="vLLM batch limit (default 256).")
+    ] = None,
+    autoscale: Annotated[
+        bool, typer.Option("--autoscale/--fixed", help="Queue-depth autoscaling vs fixed fleet.")
+    ] = False,
+    reserved_baseline: Annotated[
+        bool, typer.Option(help="Buy the always-on floor at reserved prices.")
+    ] = False,
+    spot_share: Annotated[float, typer.Option(help="Share of burst GPU-hours on spot.")] = 0.0,
+    format: str = typer.Option("table", "--format", help="table|json"),
+) -> None:
+    """Replicas, GPU-hours and cost per request at a growth factor, before vs with levers."""
+    if format not in ("table", "json"):
+        fail(f"--format must be table or json, got {format!r}")
+    from finops.models.data import NoServingData
+    from finops.models.simulate import Levers, Simulator
+
+    try:
+        levers = Levers(
+            route_small_share=route_small_share,
+            cache_hit_rate=cache_hit_rate,
+            token_cap=token_cap,
+            max_num_seqs=max_num_seqs,
+            autoscale=autoscale,
+            reserved_baseline=reserved_baseline,
+            spot_share=spot_share,
+        )
+        if not growth > 0:
+            raise ValueError(f"--growth must be a positive factor, got {growth}")
+        sim = Simulator.from_lake(_open(lake), slo_ttft_p95_ms=slo_ttft_p95_ms)
+        before = sim.plan(growth)
+        after = sim.plan(growth, levers)
+    except (ValueError, NoServingData) as exc:
+        fail(str(exc))
+        return
+    b, a = before.cost_per_1k(), after.cost_per_1k()
+    if format == "json":
+        out = {
+            "growth": growth,
+            "levers": levers.__dict__,
+            "before": {**before.totals, "tiers": before.tiers.to_dicts()},
+            "after": {**after.totals, "tiers": after.tiers.to_dicts()},
+            "notes": {t: p.notes for t, p in sim.trace.profiles.items() if p.notes},
+        }
+        typer.echo(json.dumps(out, default=str, indent=2))
+        return
+    import polars as pl
+
+    view = before.tiers.select("tier", "peak_replicas", "gpu_hours", "cost_usd").join(
+        after.tiers.select(
+            "tier",
+            pl.col("peak_replicas").alias("peak_replicas_levers"),
+            pl.col("gpu_hours").alias("gpu_hours_levers"),
+            pl.col("cost_usd").alias("cost_usd_levers"),
+            "idle_share",
+            "slo_ttft_p95_ms",
+        ),
+        on="tier",
+    )
+    print_frame(view, "table", title=f"{growth:g}x growth: per tier, no levers vs these levers")
+    typer.echo(
+        f"{growth:g}x growth: ${b:,.2f}/1k requests with no levers "
+        f"({before.totals['gpu_hours']:,.0f} GPU-h), ${a:,.2f} with these levers "
+        f"({after.totals['gpu_hours']:,.0f} GPU-h, idle {100 * after.totals['idle_share']:.0f}%)"
+    )
+    for t, p in sim.trace.profiles.items():
+        for note in p.notes:
+            typer.echo(f"note ({t}): {note}")
+
+
+@recommend_app.command("autoscaling")
+def autoscaling(
+    lake: LakeOption = None,
+    slo_ttft_p95_ms: Annotated[float | None, typer.Option(help="p95 TTFT SLO, ms.")] = None,
+    namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "llm-serving",
+    prometheus: Annotated[str | None, typer.Option(help="Prometheus URL for KEDA.")] = None,
+    format: str = typer.Option("table", "--format", help="table|yaml|json"),
+) -> None:
+    """Queue-depth targets per tier as KEDA ScaledObject / HPA YAML, and last week's cost."""
+    if format not in ("table", "yaml", "json"):
+        fail(f"--format must be table, yaml or json, got {format!r}")
+    from finops.models.autoscaling import (
+        PROMETHEUS_DEFAULT,
+        observed_week_cost,
+        recommend,
+        validate_manifests,
+    )
+    from finops.models.data import NoServingData
+    from finops.models.simulate import Simulator
+
+    try:
+        db = _open(lake)
+        sim = Simulator.from_lake(db, slo_ttft_p95_ms=slo_ttft_p95_ms)
+        adv = recommend(
+            sim,
+            namespace=namespace,
+            prometheus=prometheus or PROMETHEUS_DEFAULT,
+            observed_cost_usd=observed_week_cost(db),
+        )
+    except (ValueError, NoServingData) as exc:
+        fail(str(exc))
+        return
+    if format == "yaml":
+        text = adv.to_yaml()
+        validate_manifests(text)
+        typer.echo(text, nl=False)
+        return
+    cmp_ = adv.cost_comparison()
+    if format == "json":
+        typer.echo(json.dumps({"tiers": adv.table().to_dicts(), "cost": cmp_}, indent=2))
+        return
+    print_frame(adv.table(), "table", title="target vllm:num_requests_waiting per replica")
+    typer.echo(
+        f"last week: fixed fleet ${cmp_['fixed_fleet_usd']:,.0f} "
+        f"({cmp_['fixed_gpu_hours']:,.0f} GPU-h) vs queue-depth autoscaling "
+        f"${cmp_['autoscaled_usd']:,.0f} ({cmp_['autoscaled_gpu_hours']:,.0f} GPU-h): "
+        f"saves ${cmp_['saving_usd']:,.0f} ({cmp_['saving_pct']:.0f}%)"
+    )
+    typer.echo("YAML: finops recommend autoscaling --format yaml")
+
+
+def register(app: typer.Typer) -> None:
+    app.command("simulate")(simulate)
+    app.add_typer(recommend_app, name="recommend")

@@ -1,0 +1,253 @@
+"""Queue-depth autoscaling advice: a target for `vllm:num_requests_waiting`.
+
+Why queue depth and not CPU or GPU utilization: a vLLM replica shows ~100%
+GPU utilization at any batch size, while the requests waiting for a batch slot
+are exactly what turns into time-to-first-token. The target comes from the
+fitted service model: at the SLO-limited operating point (simulated), a
+queue of q requests per replica drains at the replica's completion rate r, so
+the extra wait is about q / r (Little's law). The TTFT headroom left after
+prefill at that operating point, times r, is the queue a replica may hold
+before it needs help. KEDA and HPA both divide the summed metric by the
+current replicas (AverageValue), so the target is per replica.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+import yaml
+
+from finops.models.queueing import simulate
+from finops.models.simulate import Levers, Plan, Simulator
+
+PROMETHEUS_DEFAULT = "http://prometheus-operated.monitoring.svc:9090"
+
+
+@dataclass
+class TierAdvice:
+    tier: str
+    target_waiting: float  # per replica, as emitted (>= 0.5)
+    raw_target_waiting: float  # what the headroom arithmetic gave
+    min_replicas: int
+    max_replicas: int
+    drain_rps: float  # completions/s per replica at the operating point
+    ttft_p95_no_queue_ms: float
+    slo_ttft_p95_ms: float
+
+
+@dataclass
+class AutoscalingAdvice:
+    tiers: list[TierAdvice]
+    namespace: str
+    prometheus: str
+    fixed: Plan  # the observed week on a fixed, peak-sized fleet
+    autoscaled: Plan  # the same week, replicas following the hourly need
+    observed_cost_usd: float | None  # what the lake's GPUs cost (finops.costs), if available
+
+    def table(self) -> pl.DataFrame:
+        return pl.DataFrame([t.__dict__ for t in self.tiers])
+
+    def cost_comparison(self) -> dict[str, float | None]:
+        f, a = self.fixed.totals, self.autoscaled.totals
+        return {
+            "fixed_fleet_usd": f["cost_usd"],
+            "autoscaled_usd": a["cost_usd"],
+            "saving_usd": f["cost_usd"] - a["cost_usd"],
+            "saving_pct": 100 * (1 - a["cost_usd"] / f["cost_usd"]) if f["cost_usd"] else None,
+            "fixed_gpu_hours": f["gpu_hours"],
+            "autoscaled_gpu_hours": a["gpu_hours"],
+            "observed_cost_usd": self.observed_cost_usd,
+        }
+
+    def manifests(self) -> list[dict]:
+        """One KEDA ScaledObject and one HPA (external metric) per tier."""
+        docs: list[dict] = []
+        for t in self.tiers:
+            docs.append(keda_scaled_object(t, self.namespace, self.prometheus))
+            docs.append(hpa_external(t, self.namespace))
+        return docs
+
+    def to_yaml(self) -> str:
+        head = (
+            "# finops recommend autoscaling: scale vLLM on queue depth (vllm:num_requests_waiting)\n"
+            "# Apply EITHER the KEDA ScaledObject OR the HPA of a tier, not both.\n"
+        )
+        return head + yaml.safe_dump_all(self.manifests(), sort_keys=False)
+
+
+def _qty(x: float) -> str:
+    """Kubernetes quantity string (milli-units for fractions)."""
+    return str(int(x)) if float(x).is_integer() else f"{round(x * 1000)}m"
+
+
+def keda_scaled_object(t: TierAdvice, namespace: str, prometheus: str) -> dict:
+    return {
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": f"vllm-{t.tier}", "namespace": namespace},
+        "spec": {
+            "scaleTargetRef": {"name": f"vllm-{t.tier}"},
+            "minReplicaCount": t.min_replicas,
+            "maxReplicaCount": t.max_replicas,
+            "pollingInterval": 15,
+            "cooldownPeriod": 300,
+            "triggers": [
+                {
+                    "type": "prometheus",
+                    "metricType": "AverageValue",
+                    "metadata": {
+                        "serverAddress": prometheus,
+                        "query": (
+                            f'sum(vllm:num_requests_waiting{{namespace="{namespace}",'
+                            f'tier="{t.tier}"}})'
+                        ),
+                        "threshold": f"{t.target_waiting:g}",
+                    },
+                }
+            ],
+        },
+    }
+
+
+def hpa_external(t: TierAdvice, namespace: str) -> dict:
+    return {
+        "apiVersion": "autoscaling/v2",
+        "kind": "HorizontalPodAutoscaler",
+        "metadata": {
+            "name": f"vllm-{t.tier}",
+            "namespace": namespace,
+            "annotations": {
+                "finops.dev/metric-source": "prometheus-adapter rule exposing "
+                "vllm:num_requests_waiting as external metric vllm_num_requests_waiting"
+            },
+        },
+        "spec": {
+            "scaleTargetRef": {
+                "apiVersion": "apps/v1",
+                "kind": "Deployment",
+                "name": f"vllm-{t.tier}",
+            },
+            "minReplicas": t.min_replicas,
+            "maxReplicas": t.max_replicas,
+            "metrics": [
+                {
+                    "type": "External",
+                    "external": {
+                        "metric": {
+                            "name": "vllm_num_requests_waiting",
+                            "selector": {"matchLabels": {"tier": t.tier}},
+                        },
+                        "target": {"type": "AverageValue", "averageValue": _qty(t.target_waiting)},
+                    },
+                }
+            ],
+            "behavior": {
+                "scaleUp": {"stabilizationWindowSeconds": 0},
+                "scaleDown": {"stabilizationWindowSeconds": 300},
+            },
+        },
+    }
+
+
+def validate_manifests(text: str) -> list[dict]:
+    """Load YAML and check each document is a ScaledObject or HPA with the needed fields."""
+    docs = [d for d in yaml.safe_load_all(text) if d is not None]
+    if not docs:
+        raise ValueError("no YAML documents")
+    for i, d in enumerate(docs):
+        kind = d.get("kind")
+        where = f"document {i + 1} ({kind})"
+        if kind == "ScaledObject":
+            if d.get("apiVersion") != "keda.sh/v1alpha1":
+                raise ValueError(f"{where}: apiVersion must be keda.sh/v1alpha1")
+            spec = d["spec"]
+            trig = spec["triggers"][0]
+            if trig["type"] != "prometheus" or not trig["metadata"].get("query"):
+                raise ValueError(f"{where}: needs a prometheus trigger with a query")
+            float(trig["metadata"]["threshold"])
+            if spec["minReplicaCount"] > spec["maxReplicaCount"]:
+                raise ValueError(f"{where}: minReplicaCount > maxReplicaCount")
+        elif kind == "HorizontalPodAutoscaler":
+            if d.get("apiVersion") != "autoscaling/v2":
+                raise ValueError(f"{where}: apiVersion must be autoscaling/v2")
+            spec = d["spec"]
+            m = spec["metrics"][0]
+            if m["type"] != "External" or m["external"]["target"]["type"] != "AverageValue":
+                raise ValueError(f"{where}: needs an External metric with an AverageValue target")
+            if spec["minReplicas"] > spec["maxReplicas"]:
+                raise ValueError(f"{where}: minReplicas > maxReplicas")
+        else:
+            raise ValueError(f"{where}: unexpected kind")
+        if not d.get("metadata", {}).get("name"):
+            raise ValueError(f"{where}: metadata.name missing")
+    return docs
+
+
+def recommend(
+    sim: Simulator,
+    *,
+    namespace: str = "llm-serving",
+    prometheus: str = PROMETHEUS_DEFAULT,
+    max_growth: float = 2.0,
+    observed_cost_usd: float | None = None,
+) -> AutoscalingAdvice:
+    """Per-tier queue-depth targets and the week's cost with vs without autoscaling."""
+    fixed = sim.plan(1.0, Levers(autoscale=False))
+    auto = sim.plan(1.0, Levers(autoscale=True))
+    peak = sim.plan(max_growth, Levers(autoscale=False)) if max_growth > 1 else fixed
+    advice = []
+    for tier, p in sim.trace.profiles.items():
+        lv = Levers()
+        curve = sim.curve(tier, lv)
+        prompt, output = sim._sizes(p, lv)
+        svc = p.service(lv, prompt, output)
+        rate = float(curve.per_replica[0])  # one replica at its SLO-limited rate
+        rng = np.random.default_rng(sim.seed)
+        n = 4000
+        arr = np.cumsum(rng.exponential(1.0 / rate, n))
+        pick = rng.integers(0, len(output), n)
+        res = simulate(arr, output[pick], svc, replicas=1, prompt_tokens=prompt[pick])
+        keep = slice(n // 5, None)
+        no_queue = res.wait_s[keep] <= 1e-12
+        prefill_p95 = (
+            float(np.quantile((res.ttft_s - res.wait_s)[keep][no_queue], 0.95))
+            if no_queue.any()
+            else float(np.quantile((res.ttft_s - res.wait_s)[keep], 0.95))
+        )
+        drain = float(len(res.e2e_s[keep]) / max(res.arrival_s[-1] - res.arrival_s[n // 5], 1e-9))
+        slo_ms = sim.slo_for(tier)
+        raw = max(slo_ms / 1000.0 - prefill_p95, 0.0) * drain
+        target = max(round(raw * 2) / 2, 0.5)
+        hourly = auto.hourly.filter(pl.col("tier") == tier)
+        max_reps = int(peak.hourly.filter(pl.col("tier") == tier)["replicas"].max())
+        advice.append(
+            TierAdvice(
+                tier=tier,
+                target_waiting=target,
+                raw_target_waiting=raw,
+                min_replicas=max(1, int(hourly["replicas"].min())),
+                max_replicas=max(max_reps, int(hourly["replicas"].max()), 1),
+                drain_rps=drain,
+                ttft_p95_no_queue_ms=1000 * prefill_p95,
+                slo_ttft_p95_ms=slo_ms,
+            )
+        )
+    return AutoscalingAdvice(advice, namespace, prometheus, fixed, auto, observed_cost_usd)
+
+
+def observed_week_cost(db) -> float | None:
+    """The lake's GPU bill via finops.costs when that module can answer, else None."""
+    try:
+        import finops.costs as fc
+
+        tot = fc.totals(db)
+        return float(tot["gpu_cost"]) if tot.get("gpu_cost") is not None else None
+    except Exception:  # costs marts missing or no prices for a GPU: report without it
+        return None
+
+
+def is_finite(x: float) -> bool:
+    return x is not None and math.isfinite(x)
