@@ -478,8 +478,9 @@ def _finish(
     restart: Restart,
 ) -> Traffic:
     """Sort by time, derive latencies from per-replica load, and build the frames."""
-    order = np.argsort(f.t, kind="stable")
-    rank = np.empty_like(order)
+    inside = np.flatnonzero(f.t < horizon)  # a duplicate of a late request may fall past the end
+    order = inside[np.argsort(f.t[inside], kind="stable")]
+    rank = np.full(len(f), -1)
     rank[order] = np.arange(order.size)
     f = f.take(order)
     f.dup_of = np.where(f.dup_of >= 0, rank[np.maximum(f.dup_of, 0)], -1)

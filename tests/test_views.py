@@ -1,0 +1,159 @@
+"""The clean and marts views on the demo week: dedup, counter resets, utilization signal."""
+
+from __future__ import annotations
+
+import datetime as dt
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pytest
+
+import finops
+from finops.lake import Lake
+
+
+@pytest.fixture(scope="module")
+def db(demo_lake: Path):
+    con = finops.connect(demo_lake)
+    con.execute("SET enable_progress_bar = false")
+    return con
+
+
+def test_every_table_and_mart_has_rows(db) -> None:
+    for view in (
+        "clean.gpu_samples", "clean.serving_samples", "clean.requests", "clean.cache_events",
+        "clean.scrape_health", "clean.rejects", "clean.serving_increase",
+        "clean.gpu_counter_increase", "marts.gpu_hourly", "marts.requests_hourly",
+        "marts.tenant_daily",
+    ):  # fmt: skip
+        assert db.sql(f"SELECT count(*) FROM (FROM {view} LIMIT 1)").fetchall()[0][0] == 1, view
+
+
+def test_clean_views_dedupe_a_reloaded_batch(demo_lake: Path, tmp_path: Path) -> None:
+    copy = tmp_path / "lake"
+    shutil.copytree(demo_lake, copy)
+    con = finops.connect(copy)
+    q = {
+        "requests": "SELECT count(*), sum(input_tokens) FROM requests",
+        "hourly": "SELECT sum(requests), sum(output_tokens) FROM marts.requests_hourly",
+        "serving": "SELECT count(*), round(sum(increase), 2) FROM serving_increase "
+        "WHERE target = 'vllm-mid-0' AND metric LIKE 'vllm:%_total'",
+    }
+    before = {k: con.sql(v).fetchall() for k, v in q.items()}
+    raw_before = con.sql("SELECT count(*) FROM raw.requests").fetchall()[0][0]
+    # a collector re-sends an overlapping slice: other file contents, same keys
+    some = con.sql("SELECT * FROM raw.requests USING SAMPLE 500 ROWS (reservoir, 1)").pl()
+    scrape = con.sql(
+        "SELECT * FROM raw.serving_samples WHERE target = 'vllm-mid-0' "
+        "AND ts < TIMESTAMPTZ '2026-11-16 06:00:00+00'"
+    ).pl()
+    now = dt.datetime(2026, 11, 28, tzinfo=dt.UTC)
+    lake = Lake(copy)
+    assert lake.append("requests", some, now=now).files
+    assert lake.append("serving_samples", scrape, now=now).files
+    assert con.sql("SELECT count(*) FROM raw.requests").fetchall()[0][0] == raw_before + 500
+    assert {k: con.sql(v).fetchall() for k, v in q.items()} == before
+
+
+def test_counter_resets_never_give_negative_increases(db) -> None:
+    inc = db.sql(
+        "SELECT target, min(increase) AS low, count(*) FILTER (reset) AS resets "
+        "FROM serving_increase WHERE metric LIKE '%\\_total' ESCAPE '\\' GROUP BY 1"
+    ).pl()
+    assert inc["low"].min() >= 0
+    # the one restart of the demo: every counter of that replica resets once
+    assert inc.filter(pl.col("resets") > 0)["target"].to_list() == ["vllm-mid-3"]
+    low, resets = db.sql(
+        "SELECT min(increase), count(*) FILTER (reset) FROM gpu_counter_increase"
+    ).fetchall()[0]
+    assert low > 0 and resets == 0  # the GPU energy counter survives a vLLM restart
+    raw_drop = db.sql(
+        """
+        SELECT count(*) FROM (
+          SELECT value < lag(value) OVER (PARTITION BY target, metric, labels ORDER BY ts) AS down
+          FROM clean.serving_samples WHERE metric = 'vllm:prompt_tokens_total'
+        ) WHERE down
+        """
+    ).fetchall()[0][0]
+    assert raw_drop == 1  # the raw counter really goes down once, and the view absorbs it
+
+
+def test_serving_counters_match_the_request_log(db) -> None:
+    counters = db.sql(
+        """
+        SELECT target, sum(increase) AS prompt FROM serving_increase
+        WHERE metric = 'vllm:prompt_tokens_total' GROUP BY 1
+        """
+    ).pl()
+    logged = db.sql(
+        """
+        SELECT regexp_extract(upstream, '//([^.]+)\\.', 1) AS target,
+               sum(input_tokens)::DOUBLE AS prompt
+        FROM requests WHERE status_code = 200 AND upstream IS NOT NULL GROUP BY 1
+        """
+    ).pl()
+    both = counters.join(logged, on="target", suffix="_log")
+    assert both.height == 10
+    # equal up to scrape granularity: the last interval, and the restart's lost one
+    rel = (both["prompt"] - both["prompt_log"]).abs() / both["prompt_log"]
+    assert rel.max() < 0.02, both
+
+
+def test_histogram_buckets_are_cumulative(db) -> None:
+    bad = db.sql(
+        """
+        WITH b AS (
+          SELECT ts, target, metric, value,
+                 CAST(json_extract_string(labels, '$.le') AS DOUBLE) AS le
+          FROM clean.serving_samples WHERE metric LIKE '%\\_bucket' ESCAPE '\\'
+        )
+        SELECT count(*) FROM (
+          SELECT value < lag(value) OVER (PARTITION BY ts, target, metric ORDER BY le) AS down
+          FROM b
+        ) WHERE down
+        """
+    ).fetchall()[0][0]
+    assert bad == 0
+    inf_vs_count = db.sql(
+        """
+        SELECT count(*) FROM clean.serving_samples c
+        JOIN clean.serving_samples b ON b.ts = c.ts AND b.target = c.target
+         AND b.metric = replace(c.metric, '_count', '_bucket')
+         AND json_extract_string(b.labels, '$.le') = '+Inf'
+        WHERE c.metric LIKE '%\\_count' ESCAPE '\\' AND b.value <> c.value
+        """
+    ).fetchall()[0][0]
+    assert inf_vs_count == 0
+
+
+def test_gpu_hourly_util_signal(db, tmp_path: Path) -> None:
+    sig = db.sql("SELECT DISTINCT util_signal FROM marts.gpu_hourly").pl()["util_signal"]
+    assert sig.to_list() == ["DCGM_FI_PROF_SM_ACTIVE"]
+    flatter = db.sql("SELECT avg(gpu_util) > 1.5 * avg(util) FROM marts.gpu_hourly").fetchall()
+    assert flatter[0][0], "GPU_UTIL should read well above SM activity"
+    # a GPU that only reports GPU_UTIL (no profiling metrics) falls back and says so
+    lake = Lake(tmp_path / "lake")
+    lake.append(
+        "gpu_samples",
+        [
+            {"ts": f"2026-11-16T10:{m:02d}:00Z", "source": "nvml", "gpu_uuid": "GPU-x",
+             "field": "DCGM_FI_DEV_GPU_UTIL", "value": 80.0}
+            for m in range(3)
+        ],
+        now=dt.datetime(2026, 11, 28, tzinfo=dt.UTC),
+    )  # fmt: skip
+    row = finops.connect(lake.path).sql("SELECT util, util_signal FROM gpu_hourly").pl()
+    assert row.to_dicts() == [{"util": 0.8, "util_signal": "DCGM_FI_DEV_GPU_UTIL"}]
+
+
+def test_marts_agree_with_clean_requests(db) -> None:
+    clean = db.sql("SELECT count(*), sum(input_tokens) FROM requests").fetchall()[0]
+    hourly = db.sql("SELECT sum(requests), sum(input_tokens) FROM requests_hourly").fetchall()[0]
+    daily = db.sql("SELECT sum(requests), sum(input_tokens) FROM tenant_daily").fetchall()[0]
+    assert clean == hourly == daily
+    hours = db.sql("SELECT count(DISTINCT hour) FROM gpu_hourly").fetchall()[0][0]
+    assert hours == 48
+    per_gpu = db.sql("SELECT count(DISTINCT gpu_uuid) FROM gpu_hourly").pl()
+    assert per_gpu.item() == 16
+    assert isinstance(per_gpu, pl.DataFrame)
