@@ -40,9 +40,11 @@ import zlib
 from dataclasses import dataclass
 from urllib.parse import urlsplit
 
+import orjson
 import polars as pl
 
 from collectors.exposition import ParseResult
+from finops.lake import canonical_json
 
 DCGM_BLANK_MIN = 9223372036854775792.0
 """Values at or above this are DCGM 'blank' sentinels (no data), not numbers."""
@@ -117,71 +119,59 @@ def gpu_rows(
     host_default = urlsplit(target if "://" in target else f"http://{target}").hostname or target
     if s.height == 0:
         return GpuRows(pl.DataFrame(schema=_rows_schema()), skipped, 0)
-    s = s.with_row_index("__i")
-    pairs = (
-        s.select("__i", "labels")
-        .explode("labels")
-        .filter(pl.col("labels").is_not_null())
-        .unnest("labels")
-    )
-    known = pairs.filter(pl.col("name").is_in(list(_KNOWN)))
-    extra = pairs.filter(~pl.col("name").is_in(list(_KNOWN)))
-    wide = known.pivot(on="name", index="__i", values="value") if known.height else None
-    cols: dict[str, pl.Expr] = {}
-    for col, labs in _COLUMN_LABELS.items():
-        present = [lab for lab in labs if wide is not None and lab in wide.columns]
-        if present:
-            cols[col] = pl.coalesce(
-                [pl.when(pl.col(lab) != "").then(pl.col(lab)) for lab in present]
-            )
-        else:
-            cols[col] = pl.lit(None, dtype=pl.String)
-    base = s.select("__i", "name", "value", "timestamp_ms", "line", "labels_json")
-    if wide is not None:
-        base = base.join(wide, on="__i", how="left", maintain_order="left")
-    ex = (
-        extra.sort("__i", "name")
-        .group_by("__i", maintain_order=True)
-        .agg(
-            __extra=pl.format(
-                '"{}":{}', pl.col("name"), pl.col("value").map_batches(_json_strings)
-            ).str.join(",")
-        )
-        .with_columns(__extra=pl.concat_str(pl.lit("{"), pl.col("__extra"), pl.lit("}")))
-    )
-    base = base.join(ex, on="__i", how="left", maintain_order="left")
+    lab = label_table(s["labels"].unique())
     scrape_ms = int(ts.timestamp() * 1000)
     blank = pl.col("value") >= DCGM_BLANK_MIN
-    rows = base.select(
-        ts=pl.from_epoch(pl.col("timestamp_ms").fill_null(scrape_ms), time_unit="ms")
-        .dt.cast_time_unit("us")
-        .dt.replace_time_zone("UTC"),
-        source=pl.lit(source),
-        host=cols["host"].fill_null(pl.lit(host_default)),
-        gpu_uuid=cols["gpu_uuid"],
-        gpu_index=cols["gpu_index"].cast(pl.Int32, strict=False),
-        gpu_model=cols["gpu_model"],
-        mig_profile=cols["mig_profile"],
-        mig_instance=cols["mig_instance"],
-        namespace=cols["namespace"],
-        pod=cols["pod"],
-        container=cols["container"],
-        labels=pl.col("__extra").fill_null("{}"),
-        field=pl.col("name"),
-        value=pl.when(blank).then(None).otherwise(pl.col("value")),
-        _location=pl.format("{}:{}", pl.lit(target), pl.col("line")),
-        _raw=pl.format("{}{} {}", pl.col("name"), pl.col("labels_json"), pl.col("value")),
+    rows = (
+        s.lazy()
+        .join(lab.lazy(), on="labels", how="left", maintain_order="left")
+        .select(
+            ts=pl.from_epoch(pl.col("timestamp_ms").fill_null(scrape_ms), time_unit="ms")
+            .dt.cast_time_unit("us")
+            .dt.replace_time_zone("UTC"),
+            source=pl.lit(source),
+            host=pl.col("host").fill_null(pl.lit(host_default)),
+            gpu_uuid="gpu_uuid",
+            gpu_index=pl.col("gpu_index").cast(pl.Int32, strict=False),
+            gpu_model="gpu_model",
+            mig_profile="mig_profile",
+            mig_instance="mig_instance",
+            namespace="namespace",
+            pod="pod",
+            container="container",
+            labels="extra",
+            field=pl.col("name"),
+            value=pl.when(blank).then(None).otherwise(pl.col("value")),
+            _location=pl.format("{}:{}", pl.lit(target), pl.col("line")),
+            _raw=pl.format("{}{} {}", pl.col("name"), pl.col("labels"), pl.col("value")),
+        )
+        .collect()
     )
-    n_blank = int(base.select(blank.sum()).item() or 0)
+    n_blank = int(s.select(blank.sum()).item() or 0)
     return GpuRows(rows, skipped, n_blank)
 
 
-def _json_strings(s: pl.Series) -> pl.Series:
-    """JSON string literals for label values (escapes quotes, backslashes, controls)."""
-    return (
-        s.to_frame("v")
-        .select(pl.struct(pl.col("v")).struct.json_encode().str.slice(5).str.head(-1))
-        .to_series()
+def label_table(labels: pl.Series) -> pl.DataFrame:
+    """Lake columns for each distinct label set (an exporter repeats a few per GPU).
+
+    Empty strings (`pod=""`) become null; labels without a column go to
+    `extra` as canonical JSON.
+    """
+    rows = []
+    for lab in labels.to_list():
+        d = orjson.loads(lab) if lab else {}
+        cols: dict[str, str | None] = {}
+        for col, names in _COLUMN_LABELS.items():
+            cols[col] = next((d[n] for n in names if d.get(n)), None)
+        extra = {k: v for k, v in d.items() if k not in _KNOWN}
+        rows.append({"labels": lab, **cols, "extra": canonical_json(extra)})
+    return pl.DataFrame(
+        rows,
+        schema={
+            "labels": pl.String,
+            **dict.fromkeys(_COLUMN_LABELS, pl.String),
+            "extra": pl.String,
+        },
     )
 
 

@@ -1,0 +1,244 @@
+"""`collectors.toml`: what `finops collect` scrapes, how often, and where it writes.
+
+See `examples/collectors.toml` for every option with its default. Errors
+name the file, the target and the option, and say what was expected.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+KINDS = ("dcgm", "vllm", "nvml", "prometheus", "log")
+
+
+class ConfigError(ValueError):
+    """A collectors.toml (or command line) that cannot run; the message says where."""
+
+
+_DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
+_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+
+
+def duration(value: Any, what: str) -> float:
+    """`"10s"`, `"5m"`, `"1h"`, `"250ms"` or a number of seconds -> seconds (> 0)."""
+    if isinstance(value, bool):
+        raise ConfigError(f"{what}: expected a duration like '10s', got {value!r}")
+    if isinstance(value, int | float):
+        seconds = float(value)
+    else:
+        m = _DURATION.match(str(value))
+        if not m:
+            raise ConfigError(
+                f"{what}: expected a duration like '10s', '5m', '1h' or seconds, got {value!r}"
+            )
+        seconds = float(m.group(1)) * _UNITS[m.group(2)]
+    if seconds <= 0:
+        raise ConfigError(f"{what}: must be > 0, got {value!r}")
+    return seconds
+
+
+@dataclass
+class TargetConfig:
+    """One thing to collect from."""
+
+    kind: str
+    name: str
+    url: str | None = None
+    interval: float = 10.0
+    timeout: float = 5.0
+    # vllm
+    metric_prefixes: tuple[str, ...] = ("vllm:",)
+    # prometheus
+    query: str | None = None
+    step: float = 15.0
+    lookback: float = 3600.0
+    lag: float = 60.0
+    max_points: int = 11_000
+    # log
+    path: str | None = None
+    mapping: str | None = None
+    table: str = "requests"
+    # nvml
+    host: str | None = None
+    max_bytes: int = 64 * 1024 * 1024
+
+
+@dataclass
+class CollectConfig:
+    """The daemon's settings and its targets."""
+
+    lake: Path
+    checkpoint_dir: Path
+    targets: list[TargetConfig] = field(default_factory=list)
+    flush_interval: float = 10.0
+    flush_rows: int = 200_000
+    status_interval: float = 30.0
+    jitter: float = 0.1
+    backoff_initial: float = 1.0
+    backoff_max: float = 300.0
+
+
+_GLOBAL_KEYS = {
+    "lake",
+    "checkpoint_dir",
+    "flush_interval",
+    "flush_rows",
+    "status_interval",
+    "jitter",
+    "backoff_initial",
+    "backoff_max",
+    "defaults",
+}
+_TARGET_KEYS = {
+    "kind",
+    "name",
+    "url",
+    "interval",
+    "timeout",
+    "metric_prefixes",
+    "query",
+    "step",
+    "lookback",
+    "lag",
+    "max_points",
+    "path",
+    "mapping",
+    "table",
+    "host",
+    "max_bytes",
+}
+_DURATIONS = ("interval", "timeout", "step", "lookback", "lag")
+
+
+def make_target(
+    raw: dict[str, Any], where: str, defaults: dict[str, Any] | None = None
+) -> TargetConfig:
+    """Validate one target table (from TOML or built from CLI flags)."""
+    merged = {**(defaults or {}), **raw}
+    unknown = sorted(set(merged) - _TARGET_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{where}: unknown option(s) {unknown}; expected some of {sorted(_TARGET_KEYS)}"
+        )
+    kind = merged.get("kind")
+    if kind not in KINDS:
+        raise ConfigError(f"{where}: kind must be one of {list(KINDS)}, got {kind!r}")
+    kw: dict[str, Any] = {"kind": kind}
+    for key in _DURATIONS:
+        if key in merged:
+            kw[key] = duration(merged[key], f"{where}.{key}")
+    for key in ("url", "query", "path", "mapping", "table", "host"):
+        if key in merged:
+            if not isinstance(merged[key], str) or not merged[key]:
+                raise ConfigError(
+                    f"{where}.{key}: expected a non-empty string, got {merged[key]!r}"
+                )
+            kw[key] = merged[key]
+    for key in ("max_points", "max_bytes"):
+        if key in merged:
+            v = merged[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 2:
+                raise ConfigError(f"{where}.{key}: expected an integer >= 2, got {v!r}")
+            kw[key] = v
+    if "metric_prefixes" in merged:
+        v = merged["metric_prefixes"]
+        if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
+            raise ConfigError(f"{where}.metric_prefixes: expected a list of strings, got {v!r}")
+        kw["metric_prefixes"] = tuple(v)
+    if kind in ("dcgm", "vllm", "prometheus") and not kw.get("url"):
+        raise ConfigError(f"{where}: a {kind} target needs url")
+    if kind == "prometheus" and not kw.get("query"):
+        raise ConfigError(f"{where}: a prometheus target needs query (PromQL)")
+    if kind == "log" and not kw.get("path"):
+        raise ConfigError(f"{where}: a log target needs path (a file or a glob)")
+    if kind == "dcgm":
+        from collectors.dcgm import default_url
+
+        kw["url"] = default_url(kw["url"])
+    if kind == "vllm" and not kw["url"].rstrip("/").endswith("/metrics"):
+        kw["url"] = kw["url"].rstrip("/").removesuffix("/v1") + "/metrics"
+    if kw.get("timeout", 5.0) > kw.get("interval", 10.0) and kind != "prometheus":
+        raise ConfigError(
+            f"{where}: timeout ({kw.get('timeout', 5.0):g}s) must not exceed interval "
+            f"({kw.get('interval', 10.0):g}s), or scrapes would overlap"
+        )
+    default_name = kw.get("url") or kw.get("path") or os.uname().nodename
+    if kind == "prometheus":
+        default_name = f"{kw['url']} {kw['query']}"
+    name = merged.get("name", default_name)
+    if not isinstance(name, str) or not name:
+        raise ConfigError(f"{where}.name: expected a non-empty string, got {name!r}")
+    kw["name"] = name
+    return TargetConfig(**kw)
+
+
+def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectConfig:
+    """Read and validate a collectors.toml; `lake` (from --lake) overrides the file's."""
+    p = Path(path)
+    try:
+        doc = tomllib.loads(p.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{p}: no such config file") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError(f"{p}: not valid TOML ({exc})") from None
+    glob = doc.get("collect", {})
+    if not isinstance(glob, dict):
+        raise ConfigError(f"{p}: [collect] must be a table")
+    unknown = sorted(set(glob) - _GLOBAL_KEYS)
+    if unknown:
+        raise ConfigError(
+            f"{p} [collect]: unknown option(s) {unknown}; expected some of {sorted(_GLOBAL_KEYS)}"
+        )
+    extra_top = sorted(set(doc) - {"collect", "target"})
+    if extra_top:
+        raise ConfigError(f"{p}: unknown section(s) {extra_top}; expected [collect] and [[target]]")
+    base = p.parent
+    lake_path = lake or (base / glob["lake"] if "lake" in glob else None)
+    if lake_path is None:
+        from finops.db import default_lake_path
+
+        lake_path = default_lake_path()
+    cfg = CollectConfig(
+        lake=Path(lake_path),
+        checkpoint_dir=Path(base / glob["checkpoint_dir"])
+        if "checkpoint_dir" in glob
+        else Path(lake_path) / "_state",
+    )
+    for key in ("flush_interval", "status_interval", "backoff_initial", "backoff_max"):
+        if key in glob:
+            setattr(cfg, key, duration(glob[key], f"{p} [collect].{key}"))
+    if "flush_rows" in glob:
+        v = glob["flush_rows"]
+        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+            raise ConfigError(f"{p} [collect].flush_rows: expected an integer >= 1, got {v!r}")
+        cfg.flush_rows = v
+    if "jitter" in glob:
+        v = glob["jitter"]
+        if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:
+            raise ConfigError(f"{p} [collect].jitter: expected a fraction in [0, 1), got {v!r}")
+        cfg.jitter = float(v)
+    if cfg.backoff_max < cfg.backoff_initial:
+        raise ConfigError(f"{p} [collect]: backoff_max must be >= backoff_initial")
+    defaults = glob.get("defaults", {})
+    if not isinstance(defaults, dict):
+        raise ConfigError(f"{p} [collect.defaults]: must be a table")
+    targets = doc.get("target", [])
+    if not isinstance(targets, list) or not targets:
+        raise ConfigError(f"{p}: no [[target]] entries: nothing to collect")
+    for i, raw in enumerate(targets, start=1):
+        t = make_target(raw, f"{p} target #{i}", defaults)
+        if t.kind == "log":
+            t.path = str(base / t.path) if not os.path.isabs(t.path or "") else t.path
+            if t.mapping and not os.path.isabs(t.mapping):
+                t.mapping = str(base / t.mapping)
+        cfg.targets.append(t)
+    names = [t.name for t in cfg.targets]
+    dup = sorted({n for n in names if names.count(n) > 1})
+    if dup:
+        raise ConfigError(f"{p}: target names must be unique, repeated: {dup} (set name = ...)")
+    return cfg

@@ -1,0 +1,576 @@
+"""The `finops collect` daemon: many targets, one lake, never stalled by one target.
+
+Design:
+- one asyncio task per target, each on its own jittered schedule; HTTP via
+  one shared `httpx.AsyncClient`; NVML reads and log polls (blocking calls)
+  run in worker threads. Every attempt is bounded by the target's timeout
+  (`asyncio.wait_for` around the whole attempt, so a server that drips one
+  byte a second is cut off too); a failed target backs off exponentially
+  (`backoff_initial` doubling up to `backoff_max`, jittered) while the others
+  keep their cadence;
+- every attempt yields one `scrape_health` row (up, duration_ms, samples,
+  rejected, error);
+- rows are buffered and written in batches (every `flush_interval` or
+  `flush_rows`, whichever first) in a worker thread: few, larger Parquet
+  files; after a batch is in the lake the checkpoints that depend on it are
+  committed (Prometheus range positions);
+- log targets use `collectors.logs.LogSource`, which writes its own batches
+  and checkpoints (lake first, then checkpoint);
+- SIGTERM/SIGINT: stop scheduling, flush what is buffered, commit
+  checkpoints, exit 0. A kill -9 loses at most the unflushed scrapes of one
+  flush interval (never a log line: those are re-read from the checkpoint),
+  and never duplicates rows: file names are content fingerprints and every
+  table has a deterministic key that the clean views deduplicate on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import random
+import signal
+import sys
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any, TextIO
+
+import httpx
+import polars as pl
+
+from collectors.config import CollectConfig, TargetConfig
+from finops.lake import Lake
+
+ACCEPT = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1"
+
+
+class ScrapeError(RuntimeError):
+    """An attempt failed; the message is what `scrape_health.error` says."""
+
+
+@dataclass
+class Outcome:
+    """What one attempt produced: rows per table, rejects, and its health row."""
+
+    target: str
+    kind: str
+    ts: dt.datetime
+    up: bool = False
+    duration_ms: float = 0.0
+    samples: int = 0
+    rejected: int = 0
+    error: str | None = None
+    frames: dict[str, list[Any]] = field(default_factory=dict)
+    rejects: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    on_flushed: list[Callable[[], None]] = field(default_factory=list)
+
+    def add(self, table: str, data: Any) -> None:
+        if data is None or (isinstance(data, pl.DataFrame | list) and len(data) == 0):
+            return
+        self.frames.setdefault(table, []).append(data)
+
+    def rows(self) -> int:
+        return sum(len(d) for ds in self.frames.values() for d in ds)
+
+    def health(self) -> dict[str, Any]:
+        return {
+            "ts": self.ts,
+            "target": self.target,
+            "kind": self.kind,
+            "up": self.up,
+            "duration_ms": round(self.duration_ms, 3),
+            "samples": self.samples,
+            "rejected": self.rejected,
+            "error": self.error,
+        }
+
+
+# --------------------------------------------------------------------------- targets
+
+
+class Target:
+    """Base: one configured source; `attempt()` fills an Outcome or raises ScrapeError."""
+
+    blocking = False
+
+    def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
+        self.cfg = cfg
+        self.ctx = ctx
+        self.failures = 0
+        self.attempts = 0
+        self.last: Outcome | None = None
+
+    async def attempt(self, out: Outcome) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    async def restore(self) -> Outcome | None:
+        """Rebuild state from the lake after a restart (optional)."""
+        return None
+
+    def close(self) -> None:
+        """Release resources at shutdown (optional)."""
+
+
+async def fetch_exposition(
+    client: httpx.AsyncClient, url: str, *, timeout: float, max_bytes: int
+) -> tuple[bytes, str]:
+    """GET a /metrics page with clear errors for the ways it goes wrong."""
+    try:
+        async with client.stream("GET", url, timeout=timeout, headers={"Accept": ACCEPT}) as r:
+            ctype = r.headers.get("content-type", "")
+            if r.status_code != 200:
+                body = (await r.aread())[:200].decode("utf-8", "replace").strip()
+                raise ScrapeError(
+                    f"HTTP {r.status_code} {r.reason_phrase}: {body!r}"
+                    if body
+                    else f"HTTP {r.status_code} {r.reason_phrase}"
+                )
+            chunks: list[bytes] = []
+            size = 0
+            async for chunk in r.aiter_bytes():
+                size += len(chunk)
+                if size > max_bytes:
+                    raise ScrapeError(
+                        f"payload larger than max_bytes={max_bytes:,} bytes: refused "
+                        "(raise max_bytes if this exporter is really that big)"
+                    )
+                chunks.append(chunk)
+    except httpx.TimeoutException:
+        raise ScrapeError(f"timed out after {timeout:g}s") from None
+    except httpx.ConnectError as exc:
+        raise ScrapeError(f"cannot connect: {exc or 'connection refused'}") from None
+    except httpx.HTTPError as exc:
+        raise ScrapeError(f"HTTP failure: {type(exc).__name__}: {exc}") from None
+    body = b"".join(chunks)
+    head = body[:200].lstrip().lower()
+    if "html" in ctype or head.startswith((b"<!doctype", b"<html", b"<?xml", b"<")):
+        raise ScrapeError(
+            f"answered HTML, not Prometheus exposition text (Content-Type {ctype or '?'}; "
+            f"starts {body[:40].decode('utf-8', 'replace')!r}): is the URL the /metrics path?"
+        )
+    return body, ctype
+
+
+class _ExpositionTarget(Target):
+    source = ""
+    table = ""
+
+    async def attempt(self, out: Outcome) -> None:
+        body, ctype = await fetch_exposition(
+            self.ctx.http,
+            self.cfg.url or "",
+            timeout=self.cfg.timeout,
+            max_bytes=self.cfg.max_bytes,
+        )
+        openmetrics = True if "openmetrics" in ctype else None
+        await asyncio.to_thread(self._process, body, openmetrics, out)
+
+    def _process(self, body: bytes, openmetrics: bool | None, out: Outcome) -> None:
+        from collectors.exposition import parse
+
+        parsed = parse(body, openmetrics=openmetrics)
+        for line, raw, reason in parsed.rejects.iter_rows():
+            out.rejects.append(
+                (self.table, {"location": f"{self.cfg.url}:{line}", "raw": raw, "reason": reason})
+            )
+        out.rejected += parsed.rejects.height
+        self._map(parsed, out)
+        out.up = True
+
+    def _map(self, parsed: Any, out: Outcome) -> None:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+
+class DcgmTarget(_ExpositionTarget):
+    source = "dcgm"
+    table = "gpu_samples"
+
+    def _map(self, parsed: Any, out: Outcome) -> None:
+        from collectors.dcgm import gpu_rows
+
+        res = gpu_rows(parsed, ts=out.ts, target=self.cfg.url or "", source="dcgm")
+        out.add("gpu_samples", res.rows)
+        out.samples += res.rows.height
+        if res.rows.height == 0 and parsed.samples.height:
+            out.error = "no DCGM_* metrics in the payload: is this a dcgm-exporter?"
+
+
+class VllmTarget(_ExpositionTarget):
+    source = "vllm"
+    table = "serving_samples"
+
+    def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
+        super().__init__(cfg, ctx)
+        from collectors.vllm import PrefixCacheTracker
+
+        self.tracker = PrefixCacheTracker(target=cfg.url or cfg.name)
+        self._lock = threading.Lock()
+
+    async def restore(self) -> Outcome | None:
+        events = await asyncio.to_thread(self.tracker.restore, str(self.ctx.lake.path))
+        if not events:
+            return None
+        out = Outcome(self.cfg.name, "vllm", dt.datetime.now(dt.UTC), up=True)
+        out.add("cache_events", events)
+        return out
+
+    def _map(self, parsed: Any, out: Outcome) -> None:
+        from collectors.vllm import serving_rows
+
+        rows = serving_rows(
+            parsed, ts=out.ts, target=self.cfg.url or "", prefixes=self.cfg.metric_prefixes
+        )
+        out.add("serving_samples", rows)
+        out.samples += rows.height
+        with self._lock:
+            events = self.tracker.update(rows)
+        out.add("cache_events", events)
+        if rows.height == 0 and parsed.samples.height:
+            out.error = f"no metrics starting with {list(self.cfg.metric_prefixes)}: is this vLLM?"
+
+
+class NvmlTarget(Target):
+    blocking = True
+
+    def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
+        super().__init__(cfg, ctx)
+        from collectors.nvml import NvmlCollector
+
+        self.collector = NvmlCollector(nvml=ctx.nvml_module, host=cfg.host)
+
+    async def attempt(self, out: Outcome) -> None:
+        from collectors.nvml import NvmlUnavailable
+
+        try:
+            rows = await asyncio.to_thread(self.collector.read, out.ts)
+        except NvmlUnavailable as exc:
+            raise ScrapeError(str(exc)) from None
+        except Exception as exc:
+            from collectors.nvml import explain
+
+            raise ScrapeError(explain(exc)) from None
+        out.add("gpu_samples", rows)
+        out.samples += len(rows)
+        out.up = True
+
+    def close(self) -> None:
+        with contextlib.suppress(Exception):
+            self.collector.close()
+
+
+class PrometheusTarget(Target):
+    def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
+        super().__init__(cfg, ctx)
+        from collectors.prometheus_api import RangeCheckpoint
+
+        self.checkpoint = RangeCheckpoint.for_query(
+            ctx.cfg.checkpoint_dir, cfg.url or "", cfg.query or ""
+        )
+        self.pending_until: dt.datetime | None = None
+
+    async def attempt(self, out: Outcome) -> None:
+        from collectors.prometheus_api import PrometheusAPIError, query_range
+
+        cfg = self.cfg
+        loaded = self.pending_until or self.checkpoint.load()
+        end = out.ts - dt.timedelta(seconds=cfg.lag)
+        start = (
+            loaded + dt.timedelta(seconds=cfg.step)
+            if loaded
+            else end - dt.timedelta(seconds=cfg.lookback)
+        )
+        out.up = True
+        if end < start:
+            return
+        try:
+            res = await query_range(
+                self.ctx.http,
+                cfg.url or "",
+                cfg.query or "",
+                start,
+                end,
+                cfg.step,
+                timeout=cfg.timeout,
+                max_points=cfg.max_points,
+            )
+        except PrometheusAPIError as exc:
+            raise ScrapeError(str(exc)) from None
+        except httpx.TimeoutException:
+            raise ScrapeError(f"timed out after {cfg.timeout:g}s") from None
+        except httpx.ConnectError as exc:
+            raise ScrapeError(f"cannot connect: {exc or 'connection refused'}") from None
+        except httpx.HTTPError as exc:
+            raise ScrapeError(f"HTTP failure: {type(exc).__name__}: {exc}") from None
+        out.add("gpu_samples", res.gpu)
+        out.add("serving_samples", res.serving)
+        out.samples += res.points
+        if res.warnings:
+            out.error = "warnings: " + "; ".join(res.warnings)[:500]
+        if res.end is not None:
+            until = res.end
+            self.pending_until = until
+
+            def commit(until: dt.datetime = until) -> None:
+                self.checkpoint.save(until, url=cfg.url or "", query=cfg.query or "")
+
+            out.on_flushed.append(commit)
+
+
+class LogTarget(Target):
+    blocking = True
+
+    def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
+        super().__init__(cfg, ctx)
+        from collectors.logs import LogSource
+
+        self.source = LogSource(
+            cfg.path or "", ctx.lake, ctx.cfg.checkpoint_dir, cfg.mapping, table=cfg.table
+        )
+
+    async def attempt(self, out: Outcome) -> None:
+        try:
+            res = await asyncio.to_thread(self._poll)
+        except OSError as exc:
+            raise ScrapeError(f"{self.cfg.path}: {exc}") from None
+        out.samples += res.loaded
+        out.rejected += res.rejected
+        out.up = True
+        errors = getattr(self.source, "errors", None)
+        if errors:
+            out.error = "; ".join(str(e) for e in errors[-3:])[:500]
+            errors.clear()
+
+    def _poll(self) -> Any:
+        with self.ctx.write_lock:
+            return self.source.poll(final=self.ctx.stopping)
+
+
+TARGET_TYPES: dict[str, type[Target]] = {
+    "dcgm": DcgmTarget,
+    "vllm": VllmTarget,
+    "nvml": NvmlTarget,
+    "prometheus": PrometheusTarget,
+    "log": LogTarget,
+}
+
+
+# --------------------------------------------------------------------------- the collector
+
+
+@dataclass
+class Stats:
+    attempts: int = 0
+    up: int = 0
+    down: int = 0
+    samples: int = 0
+    rejected: int = 0
+    flushes: int = 0
+    files: int = 0
+    last_flush: float | None = None
+
+
+class Collector:
+    """Runs targets on schedule and writes their rows to the lake in batches."""
+
+    def __init__(
+        self,
+        cfg: CollectConfig,
+        *,
+        status: TextIO | None = sys.stderr,
+        nvml_module: Any = None,
+        rng: random.Random | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.lake = Lake(cfg.lake)
+        self.status_out = status
+        self.nvml_module = nvml_module
+        self.rng = rng or random.Random()
+        self.buffer: list[Outcome] = []
+        self.buffered_rows = 0
+        self.write_lock = threading.Lock()
+        self.stats = Stats()
+        self.stopping = False
+        self.stop_event: asyncio.Event | None = None
+        self.http: httpx.AsyncClient = None  # type: ignore[assignment]
+        self.targets = [TARGET_TYPES[t.kind](t, self) for t in cfg.targets]
+        self._flush_lock: asyncio.Lock | None = None
+
+    # ---- scheduling
+    def _delay(self, t: Target) -> float:
+        base = t.cfg.interval
+        if t.failures:
+            backoff = min(self.cfg.backoff_max, self.cfg.backoff_initial * 2 ** (t.failures - 1))
+            base = max(base, backoff)
+        j = self.cfg.jitter
+        return base * (1 + self.rng.uniform(-j, j)) if j else base
+
+    async def run_attempt(self, t: Target) -> Outcome:
+        """One bounded attempt of one target; never raises (the outcome says what failed)."""
+        out = Outcome(t.cfg.name, t.cfg.kind, dt.datetime.now(dt.UTC))
+        t0 = time.perf_counter()
+        try:
+            await asyncio.wait_for(t.attempt(out), timeout=t.cfg.timeout + 1.0)
+        except TimeoutError:
+            out.up, out.error = False, f"timed out after {t.cfg.timeout:g}s"
+            out.frames.clear()
+        except ScrapeError as exc:
+            out.up, out.error = False, str(exc)
+            out.frames.clear()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:  # a bug or an unforeseen input: report, keep running
+            out.up, out.error = False, f"{type(exc).__name__}: {exc}"
+            out.frames.clear()
+        out.duration_ms = (time.perf_counter() - t0) * 1000
+        t.attempts += 1
+        t.failures = 0 if out.up else t.failures + 1
+        t.last = out
+        self.stats.attempts += 1
+        self.stats.up += out.up
+        self.stats.down += not out.up
+        self.stats.samples += out.samples
+        self.stats.rejected += out.rejected
+        self.buffer.append(out)
+        self.buffered_rows += out.rows() + 1
+        if self.buffered_rows >= self.cfg.flush_rows:
+            await self.flush()
+        return out
+
+    async def _target_loop(self, t: Target) -> None:
+        assert self.stop_event is not None
+        await self._sleep(self.rng.uniform(0, t.cfg.interval * max(self.cfg.jitter, 0.0)))
+        while not self.stop_event.is_set():
+            started = time.monotonic()
+            await self.run_attempt(t)
+            delay = self._delay(t) - (time.monotonic() - started)
+            await self._sleep(max(delay, 0.0))
+
+    async def _sleep(self, seconds: float) -> None:
+        assert self.stop_event is not None
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
+
+    # ---- writing
+    async def flush(self) -> None:
+        """Write buffered rows (in a worker thread), then commit dependent checkpoints."""
+        assert self._flush_lock is not None
+        async with self._flush_lock:
+            batch, self.buffer, self.buffered_rows = self.buffer, [], 0
+            if batch:
+                await asyncio.to_thread(self._write, batch)
+
+    def _write(self, batch: list[Outcome]) -> None:
+        by_table: dict[tuple[str, str], list[Any]] = {}
+        rejects: dict[tuple[str, str], list[dict[str, str]]] = {}
+        for out in batch:
+            for table, datas in out.frames.items():
+                by_table.setdefault((table, out.kind), []).extend(datas)
+            for table, rej in out.rejects:
+                rejects.setdefault((table, out.kind), []).append(rej)
+        files = 0
+        with self.write_lock:
+            # samples before the cache events derived from them (see collectors.vllm)
+            order = {"gpu_samples": 0, "serving_samples": 1, "cache_events": 2}
+            for (table, kind), datas in sorted(
+                by_table.items(), key=lambda kv: order.get(kv[0][0], 9)
+            ):
+                frames = [d if isinstance(d, pl.DataFrame) else pl.DataFrame(d) for d in datas]
+                frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+                res = self.lake.append(table, frame, source=kind)
+                files += len(res.files)
+            for (table, kind), rows in rejects.items():
+                self.lake.reject(table, rows, source=kind)
+            self.lake.append("scrape_health", [o.health() for o in batch], source="collect")
+        for out in batch:
+            for commit in out.on_flushed:
+                commit()
+        self.stats.flushes += 1
+        self.stats.files += files
+        self.stats.last_flush = time.monotonic()
+
+    # ---- status
+    def status_line(self) -> str:
+        down = [t for t in self.targets if t.last is not None and not t.last.up]
+        parts = [
+            f"{len(self.targets)} targets",
+            f"{sum(1 for t in self.targets if t.last is not None and t.last.up)} up",
+            f"{len(down)} down",
+            f"{self.stats.samples:,} samples",
+            f"{self.stats.rejected:,} rejected",
+            f"{self.stats.flushes} flushes",
+        ]
+        line = "collect: " + ", ".join(parts)
+        if down:
+            t = down[0]
+            line += f" | {t.cfg.name}: {(t.last.error or '')[:120]}"  # type: ignore[union-attr]
+        return line
+
+    def _print(self, line: str) -> None:
+        if self.status_out is not None:
+            print(line, file=self.status_out, flush=True)
+
+    async def _status_loop(self) -> None:
+        assert self.stop_event is not None
+        while not self.stop_event.is_set():
+            await self._sleep(self.cfg.status_interval)
+            self._print(self.status_line())
+
+    async def _flush_loop(self) -> None:
+        assert self.stop_event is not None
+        while not self.stop_event.is_set():
+            await self._sleep(self.cfg.flush_interval)
+            await self.flush()
+
+    # ---- entry points
+    async def _open(self) -> None:
+        self.stop_event = asyncio.Event()
+        self._flush_lock = asyncio.Lock()
+        self.http = httpx.AsyncClient(
+            follow_redirects=True, limits=httpx.Limits(max_connections=256)
+        )
+        for t in self.targets:
+            restored = await t.restore()
+            if restored is not None:
+                self.buffer.append(restored)
+
+    async def _close(self) -> None:
+        self.stopping = True
+        await self.flush()
+        for t in self.targets:
+            t.close()
+        await self.http.aclose()
+
+    async def run_once(self) -> list[Outcome]:
+        """Try every target once (concurrently), flush, return the outcomes."""
+        await self._open()
+        try:
+            outs = await asyncio.gather(*(self.run_attempt(t) for t in self.targets))
+        finally:
+            await self._close()
+        return list(outs)
+
+    async def run_forever(self, *, install_signals: bool = True) -> None:
+        """Collect until SIGTERM/SIGINT (or `stop()`), then flush and return."""
+        await self._open()
+        assert self.stop_event is not None
+        loop = asyncio.get_running_loop()
+        if install_signals:
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                loop.add_signal_handler(sig, self.stop_event.set)
+        self._print(f"collect: {len(self.targets)} targets -> {self.cfg.lake}")
+        tasks = [asyncio.create_task(self._target_loop(t), name=t.cfg.name) for t in self.targets]
+        tasks += [asyncio.create_task(self._flush_loop()), asyncio.create_task(self._status_loop())]
+        try:
+            await self.stop_event.wait()
+        finally:
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+            await self._close()
+            self._print(self.status_line() + " | stopped")
+
+    def stop(self) -> None:
+        if self.stop_event is not None:
+            self.stop_event.set()

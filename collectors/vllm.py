@@ -1,0 +1,221 @@
+"""vLLM `/metrics` -> `serving_samples`, and prefix-cache hits -> `cache_events`.
+
+Metric names changed across vLLM releases; a mixed fleet must read as one, so
+old names are renamed to the current ones (V1 engine) before they reach the
+lake:
+
+| old name (V0 / early V1)                  | lake name                         |
+|-------------------------------------------|-----------------------------------|
+| `vllm:gpu_cache_usage_perc`               | `vllm:kv_cache_usage_perc`        |
+| `vllm:gpu_prefix_cache_queries[_total]`   | `vllm:prefix_cache_queries[_total]` |
+| `vllm:gpu_prefix_cache_hits[_total]`      | `vllm:prefix_cache_hits[_total]`  |
+| `vllm:time_per_output_token_seconds_*`    | `vllm:inter_token_latency_seconds_*` |
+
+When a release exports both names, the current one wins. Histogram buckets
+are taken as exported (`le` stays in the labels): nothing assumes bucket
+bounds. Labels keep `model_name` and `engine` and are stored as canonical
+JSON; `model_name` is also lifted into its own column.
+
+Prefix-cache savings: vLLM counts prefix-cache *queried* and *hit* tokens.
+Between two consecutive scrapes of a target, the increase of each (a
+decrease means vLLM restarted: the increase is the new value, as Prometheus'
+`increase()` reads it) becomes two `cache_events` rows of layer
+`vllm_prefix`: `hit` (tokens served from the cache) and `miss` (queried but
+not cached). Event ids are deterministic (target, labels, event, scrape
+time), and after a restart the collector takes its baseline from the lake
+itself and re-emits the last interval's events (idempotent), so a crash
+between writing samples and events neither loses nor doubles tokens.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import hashlib
+from dataclasses import dataclass, field
+
+import orjson
+import polars as pl
+
+from collectors.exposition import ParseResult
+
+RENAMES: dict[str, str] = {
+    "vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc",
+    "vllm:gpu_prefix_cache_queries": "vllm:prefix_cache_queries",
+    "vllm:gpu_prefix_cache_hits": "vllm:prefix_cache_hits",
+    "vllm:time_per_output_token_seconds": "vllm:inter_token_latency_seconds",
+}
+"""Old family name -> current family name (suffixes `_total`, `_bucket`... follow)."""
+
+HITS = "vllm:prefix_cache_hits_total"
+QUERIES = "vllm:prefix_cache_queries_total"
+
+SERVING_COLUMNS = ("ts", "source", "target", "metric", "type", "labels", "model_name", "value")
+
+
+def normalize_names(names: pl.Expr) -> pl.Expr:
+    """Rename old vLLM metric names (any suffix) to the current ones."""
+    out = names
+    for old, new in RENAMES.items():
+        out = (
+            pl.when(out.str.starts_with(old + "_") | (out == old))
+            .then(pl.concat_str(pl.lit(new), out.str.slice(len(old))))
+            .otherwise(out)
+        )
+    return out
+
+
+def serving_rows(
+    parsed: ParseResult,
+    *,
+    ts: dt.datetime,
+    target: str,
+    source: str = "vllm",
+    prefixes: tuple[str, ...] = ("vllm:",),
+) -> pl.DataFrame:
+    """`serving_samples` rows of one payload (plus `_location`/`_raw` for rejects).
+
+    Only metrics whose names start with one of `prefixes` are kept (process
+    and Python runtime metrics are the exporter's, not serving's); pass `("",)`
+    to keep all.
+    """
+    s = parsed.samples
+    if prefixes and prefixes != ("",):
+        keep = pl.any_horizontal([pl.col("name").str.starts_with(p) for p in prefixes])
+        s = s.filter(keep)
+    scrape_ms = int(ts.timestamp() * 1000)
+    rows = s.with_columns(
+        metric=normalize_names(pl.col("name")),
+        renamed=normalize_names(pl.col("name")) != pl.col("name"),
+    )
+    # a release exporting old and new names: keep the current one
+    rows = rows.sort("renamed").unique(
+        subset=["metric", "labels"], keep="first", maintain_order=True
+    )
+    rows = rows.sort("line")
+    return rows.select(
+        ts=pl.from_epoch(pl.col("timestamp_ms").fill_null(scrape_ms), time_unit="ms")
+        .dt.cast_time_unit("us")
+        .dt.replace_time_zone("UTC"),
+        source=pl.lit(source),
+        target=pl.lit(target),
+        metric="metric",
+        type="type",
+        labels="labels",
+        model_name=pl.col("labels").str.json_path_match("$.model_name"),
+        value="value",
+        _location=pl.format("{}:{}", pl.lit(target), pl.col("line")),
+        _raw=pl.format("{}{} {}", pl.col("name"), pl.col("labels"), pl.col("value")),
+    )
+
+
+@dataclass
+class PrefixCacheTracker:
+    """Turns prefix-cache counters into `cache_events` rows, scrape after scrape.
+
+    State is `labels -> (ts, hits, queries)` of the last scrape; `restore()`
+    rebuilds it from the lake after a restart.
+    """
+
+    target: str
+    source: str = "vllm"
+    last: dict[str, tuple[dt.datetime, float, float]] = field(default_factory=dict)
+
+    def update(self, rows: pl.DataFrame) -> list[dict]:
+        """Feed one scrape's serving rows; return the cache_events of the interval."""
+        cur = _prefix_values(rows)
+        events: list[dict] = []
+        for labels, (ts, hits, queries) in cur.items():
+            prev = self.last.get(labels)
+            if prev is not None and ts > prev[0]:
+                events += self._events(labels, prev, (ts, hits, queries))
+            if prev is None or ts >= prev[0]:
+                self.last[labels] = (ts, hits, queries)
+        return events
+
+    def restore(self, lake_path: str | None, days: int = 2) -> list[dict]:
+        """Baseline from the lake's last two samples per series; re-emit their events.
+
+        Re-emitting is idempotent (same event ids, same content), and it
+        repairs a crash that wrote the samples but not their events.
+        """
+        if lake_path is None:
+            return []
+        from pathlib import Path
+
+        root = Path(lake_path) / "serving_samples"
+        parts = sorted(root.glob("date=*"))[-days:] if root.exists() else []
+        files = [f for p in parts for f in sorted(p.glob("*.parquet"))]
+        if not files:
+            return []
+        df = (
+            pl.scan_parquet(files)
+            .filter(
+                (pl.col("target") == self.target)
+                & (pl.col("source") == self.source)
+                & pl.col("metric").is_in([HITS, QUERIES])
+            )
+            .select("ts", "metric", "labels", "value")
+            .unique()
+            .sort("ts")
+            .collect()
+        )
+        if df.height == 0:
+            return []
+        ts_list = df["ts"].unique().sort()
+        prev_ts = ts_list[-2] if ts_list.len() >= 2 else None
+        events: list[dict] = []
+        if prev_ts is not None:
+            self.update(df.filter(pl.col("ts") == prev_ts))
+            events = self.update(df.filter(pl.col("ts") == ts_list[-1]))
+        else:
+            self.update(df.filter(pl.col("ts") == ts_list[-1]))
+        return events
+
+    def _events(
+        self,
+        labels: str,
+        prev: tuple[dt.datetime, float, float],
+        cur: tuple[dt.datetime, float, float],
+    ) -> list[dict]:
+        ts, hits, queries = cur
+        d_hits = hits if hits < prev[1] else hits - prev[1]
+        d_queries = queries if queries < prev[2] else queries - prev[2]
+        lab = orjson.loads(labels)
+        model = lab.get("model_name")
+        tier = lab.get("tier")
+        digest = hashlib.blake2b(labels.encode(), digest_size=6).hexdigest()
+        stamp = ts.strftime("%Y%m%dT%H%M%S.%f")
+        out = []
+        for event, tokens in (("hit", d_hits), ("miss", max(d_queries - d_hits, 0.0))):
+            out.append(
+                {
+                    "event_id": f"vllm_prefix:{self.target}:{digest}:{event}:{stamp}",
+                    "ts": ts,
+                    "source": self.source,
+                    "layer": "vllm_prefix",
+                    "event": event,
+                    "tenant": None,
+                    "tier": tier,
+                    "model": model,
+                    "request_id": None,
+                    "tokens": round(tokens),
+                    "requests": None,
+                }
+            )
+        return out
+
+
+def _prefix_values(rows: pl.DataFrame) -> dict[str, tuple[dt.datetime, float, float]]:
+    """labels (without nothing removed: hits and queries share them) -> (ts, hits, queries)."""
+    sub = rows.filter(pl.col("metric").is_in([HITS, QUERIES]) & pl.col("value").is_not_nan())
+    if sub.height == 0:
+        return {}
+    wide = sub.pivot(on="metric", index=["labels"], values=["value"], aggregate_function="last")
+    ts = sub.group_by("labels").agg(pl.col("ts").max())
+    wide = wide.join(ts, on="labels")
+    out = {}
+    for row in wide.iter_rows(named=True):
+        if row.get(HITS) is None or row.get(QUERIES) is None:
+            continue
+        out[row["labels"]] = (row["ts"], float(row[HITS]), float(row[QUERIES]))
+    return out

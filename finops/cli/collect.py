@@ -1,0 +1,131 @@
+"""`finops collect`: scrape DCGM / vLLM / NVML / Prometheus and tail logs into the lake."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finops.cli._common import LakeOption, fail, resolve_lake
+
+
+def collect(
+    config: Annotated[
+        Path | None, typer.Option("--config", "-c", help="collectors.toml (see examples/).")
+    ] = None,
+    once: Annotated[
+        bool, typer.Option("--once", help="Try every target once, write, exit 0.")
+    ] = False,
+    lake: LakeOption = None,
+    dcgm: Annotated[
+        list[str] | None, typer.Option("--dcgm", help="dcgm-exporter URL or host[:port].")
+    ] = None,
+    vllm: Annotated[
+        list[str] | None, typer.Option("--vllm", help="vLLM base or /metrics URL.")
+    ] = None,
+    nvml: Annotated[bool, typer.Option("--nvml", help="Read this host's GPUs via NVML.")] = False,
+    prometheus: Annotated[
+        list[str] | None, typer.Option("--prometheus", help="Prometheus/Thanos base URL.")
+    ] = None,
+    query: Annotated[
+        list[str] | None, typer.Option("--query", help="PromQL for each --prometheus URL.")
+    ] = None,
+    log: Annotated[
+        list[str] | None, typer.Option("--log", help="Request/usage log file or glob to tail.")
+    ] = None,
+    mapping: Annotated[
+        str | None, typer.Option("--mapping", help="Column mapping for --log files.")
+    ] = None,
+    interval: Annotated[str, typer.Option(help="Scrape interval for flag targets.")] = "10s",
+    timeout: Annotated[str, typer.Option(help="Per-attempt timeout for flag targets.")] = "5s",
+    step: Annotated[str, typer.Option(help="query_range step for --prometheus.")] = "15s",
+    since: Annotated[
+        str, typer.Option(help="How far back a first --prometheus query reaches.")
+    ] = "1h",
+    checkpoint_dir: Annotated[
+        Path | None, typer.Option(help="Checkpoints (default: <lake>/_state).")
+    ] = None,
+) -> None:
+    """Collect into the lake: from a config file, or ad hoc from flags.
+
+    With --once every target is tried once and the command exits 0 even when
+    some were down (their scrape_health rows say why); otherwise it runs until
+    SIGTERM/SIGINT, then flushes and exits 0.
+    """
+    import asyncio
+
+    from collectors import config as cfgmod
+    from collectors.daemon import Collector
+
+    flags = any([dcgm, vllm, nvml, prometheus, log])
+    if query and not prometheus:
+        fail("--query needs --prometheus URL")
+    if prometheus and not query:
+        fail("--prometheus needs at least one --query PROMQL")
+    try:
+        if config is not None:
+            if flags:
+                fail("give either --config or target flags (--dcgm, --vllm, ...), not both")
+            cfg = cfgmod.load(config, lake=lake)
+        else:
+            if not flags:
+                fail(
+                    "nothing to collect: give --config FILE or --dcgm/--vllm/--nvml/--prometheus/--log"
+                )
+            path = resolve_lake(lake)
+            cfg = cfgmod.CollectConfig(
+                lake=path, checkpoint_dir=checkpoint_dir or path / "_state", status_interval=30.0
+            )
+            common = {"interval": interval, "timeout": timeout}
+            raw: list[dict] = []
+            raw += [{"kind": "dcgm", "url": u, **common} for u in dcgm or []]
+            raw += [{"kind": "vllm", "url": u, **common} for u in vllm or []]
+            if nvml:
+                raw.append({"kind": "nvml", **common})
+            raw += [
+                {
+                    "kind": "prometheus",
+                    "url": u,
+                    "query": q,
+                    "step": step,
+                    "lookback": since,
+                    "timeout": "60s",
+                    "interval": interval,
+                }
+                for u in prometheus or []
+                for q in query or []
+            ]
+            raw += [
+                {"kind": "log", "path": p, **({"mapping": mapping} if mapping else {}), **common}
+                for p in log or []
+            ]
+            for i, r in enumerate(raw, start=1):
+                cfg.targets.append(cfgmod.make_target(r, f"target #{i} ({r['kind']})"))
+            names = [t.name for t in cfg.targets]
+            if len(set(names)) != len(names):
+                fail(f"the same target is given twice: {sorted(names)}")
+        if checkpoint_dir is not None:
+            cfg.checkpoint_dir = checkpoint_dir
+    except cfgmod.ConfigError as exc:
+        fail(str(exc))
+    collector = Collector(cfg)
+    if once:
+        outcomes = asyncio.run(collector.run_once())
+        for o in outcomes:
+            state = "up  " if o.up else "DOWN"
+            msg = f"{state} {o.kind:<10} {o.target}  {o.samples:,} samples"
+            if o.rejected:
+                msg += f", {o.rejected:,} rejected"
+            msg += f", {o.duration_ms:.0f} ms"
+            if o.error:
+                msg += f"  ({o.error})"
+            typer.echo(msg)
+        up = sum(o.up for o in outcomes)
+        typer.echo(f"{up}/{len(outcomes)} targets up; lake: {cfg.lake}")
+        return
+    asyncio.run(collector.run_forever())
+
+
+def register(app: typer.Typer) -> None:
+    app.command("collect")(collect)
