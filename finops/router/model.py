@@ -26,7 +26,7 @@ CHAR_HASH_FEATURES = 2**16
 
 
 def build_pipeline(
-    uses_text: bool, *, C: float = 2.0, cv: int = 3, max_iter: int = 200, seed: int = 0
+    uses_text: bool, *, C: float = 0.5, cv: int = 3, max_iter: int = 200, seed: int = 0
 ) -> Any:
     """An unfitted Pipeline; input is a Polars frame with the columns of `features.extract`."""
     from sklearn.calibration import CalibratedClassifierCV
@@ -71,7 +71,7 @@ def build_pipeline(
     )
     features = ColumnTransformer(parts, remainder="drop", sparse_threshold=1.0)
     clf = CalibratedClassifierCV(
-        LogisticRegression(C=C, max_iter=max_iter, tol=1e-3, solver="saga"),
+        LogisticRegression(C=C, max_iter=max_iter, tol=2e-3, solver="saga"),
         method="temperature",
         cv=StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed),
         ensemble=False,

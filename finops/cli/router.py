@@ -1,0 +1,240 @@
+"""`finops router ...`: make demo data, train, evaluate, export, inspect and verify routers."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from finops.cli._common import fail
+
+router_app = typer.Typer(
+    help="Train a request classifier and ship it as a verified artifact.", no_args_is_help=True
+)
+
+
+def _parse_upstream(items: list[str] | None) -> dict[str, str]:
+    out = {}
+    for it in items or []:
+        tier, sep, model = it.partition("=")
+        if not sep or not tier or not model:
+            fail(f"--upstream: expected TIER=MODEL, got {it!r}")
+        out[tier.strip()] = model.strip()
+    return out
+
+
+def _json(obj: object) -> str:
+    return json.dumps(obj, indent=2, default=str)
+
+
+@router_app.command("demo-data")
+def demo_data(
+    out: Annotated[Path, typer.Option("--out", help="File to write (.jsonl, .csv or .parquet).")],
+    n: Annotated[int, typer.Option("--n", help="Rows.")] = 20_000,
+    seed: Annotated[int, typer.Option(help="Random seed (same seed, same file).")] = 0,
+    scores: Annotated[bool, typer.Option(help="Per-tier judge scores instead of labels.")] = False,
+) -> None:
+    """Write the demo labeled set: realistic prompt families, noisy labels, 55/30/15 shares."""
+    from finops.router.data import write_demo_labeled
+
+    if n < 1:
+        fail("--n must be >= 1")
+    path = write_demo_labeled(out, n, seed, scores=scores)
+    typer.echo(f"wrote {n} labeled requests to {path}")
+
+
+@router_app.command("train")
+def train_cmd(
+    data: Annotated[Path, typer.Option("--data", help="Labeled set (JSONL/CSV/Parquet).")],
+    out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
+    tiers: Annotated[str, typer.Option(help="Tiers, cheapest first.")] = "small,mid,large",
+    quality_target: Annotated[float, typer.Option(help="Quality kept vs all-large.")] = 0.98,
+    confidence: Annotated[float, typer.Option(help="Confidence of the guarantee.")] = 0.95,
+    upstream: Annotated[
+        list[str] | None, typer.Option(help="TIER=MODEL upstream model name (repeatable).")
+    ] = None,
+    text: Annotated[str, typer.Option(help="Use prompt text: auto|on|off.")] = "auto",
+    lake: Annotated[
+        Path | None, typer.Option(help="Lake whose cost marts price the tiers (optional).")
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="With --data lake: labels file keyed by request_id.")
+    ] = None,
+    quality_bar: Annotated[float, typer.Option(help="Score that counts as good enough.")] = 0.7,
+    cv_folds: Annotated[int, typer.Option(help="Cross-validation folds for the report.")] = 3,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Fit, calibrate thresholds to the quality target, evaluate on held-out rows, export."""
+    from finops.router.artifact import ArtifactError
+    from finops.router.data import DataError, load_labeled, load_lake
+    from finops.router.train import one_line, train
+
+    try:
+        if labels is not None:
+            ds = load_lake(data, labels, tiers=tiers, quality_bar=quality_bar)
+        else:
+            ds = load_labeled(data, tiers=tiers, quality_bar=quality_bar)
+    except DataError as exc:
+        fail(str(exc))
+    for b in ds.bad_rows[:10]:
+        typer.echo(f"skipped {b}", err=True)
+    if ds.bad_rows:
+        typer.echo(
+            f"{len(ds.bad_rows)} bad row(s) skipped of {ds.read} read; {ds.frame.height} loaded",
+            err=True,
+        )
+    for note in ds.notes:
+        typer.echo(f"note: {note}", err=True)
+    try:
+        res = train(
+            ds,
+            out,
+            upstream=_parse_upstream(upstream),
+            quality_target=quality_target,
+            confidence=confidence,
+            text=text,
+            seed=seed,
+            cv_folds=cv_folds,
+            lake=lake,
+        )
+    except (DataError, ArtifactError, ValueError) as exc:
+        fail(str(exc))
+    assert res.router is not None
+    typer.echo(f"artifact {res.path} version {res.router.version}")
+    typer.echo(f"decision: {res.decision['guarantee']}; lambda={res.decision['lambda']}")
+    typer.echo(one_line(res.evaluation, ds.tiers))
+
+
+@router_app.command("evaluate")
+def evaluate_cmd(
+    artifact: Annotated[Path, typer.Option("--artifact", help="Artifact directory.")],
+    data: Annotated[Path | None, typer.Option("--data", help="Labeled set to evaluate on.")] = None,
+    lake: Annotated[
+        Path | None, typer.Option("--lake", help="Replay this lake's last week for dollars.")
+    ] = None,
+    format: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+) -> None:
+    """Accuracy, AUC per tier, CPT(50/80), APGR, shares, quality retained, $ vs all-large."""
+    from finops.router.artifact import ArtifactError, _probe_frame, load_router
+    from finops.router.data import DataError, load_labeled
+    from finops.router.evaluate import replay_lake
+    from finops.router.train import evaluate_split, one_line
+
+    if format not in ("table", "json"):
+        fail(f"--format must be table or json, got {format!r}")
+    if data is None and lake is None:
+        fail("give --data (labeled set) and/or --lake (traffic to replay)")
+    try:
+        router = load_router(artifact)
+    except ArtifactError as exc:
+        fail(str(exc))
+    result: dict = {"artifact": str(artifact), "version": router.version}
+    if data is not None:
+        try:
+            ds = load_labeled(data, tiers=router.tiers)
+        except DataError as exc:
+            fail(str(exc))
+        X = ds.features(router.uses_prompt_text)
+        proba = router.pipeline.predict_proba(_probe_frame(X.to_dicts()))
+        ev = evaluate_split(proba, ds, router.thresholds[0], lake=lake)
+        ev["bad_rows"] = len(ds.bad_rows)
+        result["evaluation"] = ev
+        result["line"] = one_line(ev, router.tiers)
+    if lake is not None:
+        if not lake.exists():
+            fail(f"{lake}: no lake here")
+        result["replay"] = replay_lake(router, lake)
+    if format == "json":
+        typer.echo(_json(result))
+        return
+    if "evaluation" in result:
+        ev = result["evaluation"]
+        m, at = ev["routellm"], ev["at_threshold"]
+        typer.echo(f"rows {ev['rows']} (bad rows skipped: {ev['bad_rows']})")
+        typer.echo(f"accuracy {ev['accuracy']:.3f}  log loss {ev['log_loss']:.3f}")
+        typer.echo(
+            "AUC per tier: " + ", ".join(f"{t} {v:.3f}" for t, v in ev["auc_per_tier"].items())
+        )
+        typer.echo(
+            f"APGR {m['apgr']:.3f}  AUC {m['auc']:.3f}  CPT50 {m['cpt50']}  CPT80 {m['cpt80']}"
+        )
+        for name, b in ev["baselines"].items():
+            typer.echo(
+                f"  baseline {name:<12} APGR {b['apgr']:.3f}  CPT50 {b['cpt50']}  CPT80 {b['cpt80']}"
+            )
+        typer.echo("shares: " + ", ".join(f"{t} {s:.1%}" for t, s in at["shares"].items()))
+        typer.echo(f"quality retained {at['quality_retained']:.2%}")
+        typer.echo(f"prices: {ev['prices']['source']}")
+        typer.echo(result["line"])
+    if "replay" in result:
+        typer.echo(result["replay"]["line"])
+
+
+@router_app.command("export")
+def export_cmd(
+    src: Annotated[Path, typer.Argument(help="Artifact (or training run) directory.")],
+    dst: Annotated[Path, typer.Argument(help="New directory to write.")],
+) -> None:
+    """Verify an artifact and copy exactly its listed files to a new directory."""
+    from finops.router.artifact import ArtifactError, copy_verified
+
+    try:
+        router = copy_verified(src, dst)
+    except ArtifactError as exc:
+        fail(str(exc))
+    typer.echo(f"exported {router.version} to {dst} (verified)")
+
+
+@router_app.command("inspect")
+def inspect_cmd(
+    path: Annotated[Path, typer.Argument(help="Artifact directory.")],
+    format: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+) -> None:
+    """Show an artifact's manifest (it is verified first)."""
+    from finops.router.artifact import ArtifactError, load_router
+
+    try:
+        router = load_router(path)
+    except ArtifactError as exc:
+        fail(str(exc))
+    m = router.manifest
+    if format == "json":
+        typer.echo(_json(m))
+        return
+    td = m["training_data"]
+    at = m["evaluation"].get("at_threshold", {})
+    typer.echo(f"version      {m['version']}  (format {m['format']} v{m['format_version']})")
+    typer.echo("tiers        " + ", ".join(f"{t} -> {m['upstream_models'][t]}" for t in m["tiers"]))
+    typer.echo(f"decision     {m['decision']['rule']}; lambda={m['decision']['lambda']}")
+    typer.echo(f"guarantee    {m['decision']['guarantee']}")
+    typer.echo(f"features     {[c['name'] for c in m['feature_schema']]}")
+    typer.echo(f"prompt text  {'used' if m['uses_prompt_text'] else 'not used (metadata only)'}")
+    typer.echo(
+        f"training     {td.get('rows_loaded')} rows ({td.get('rows_bad')} bad) sha256 "
+        f"{str(td.get('sha256'))[:16]}… from {td.get('source')}"
+    )
+    if at:
+        typer.echo(
+            f"test         quality retained {at['quality_retained']:.2%}, saved "
+            f"{at['saved_pct']:.1%} vs all-large, shares {at['shares']}"
+        )
+    typer.echo(f"libraries    {m['libraries']}")
+    typer.echo(f"drift ref    tier shares {m['drift'].get('tier_shares')}")
+
+
+@router_app.command("verify")
+def verify_cmd(path: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
+    """Check hashes, schema, trusted types, library versions and probe predictions."""
+    from finops.router.artifact import ArtifactError, load_router
+
+    try:
+        router = load_router(path)
+    except ArtifactError as exc:
+        fail(str(exc), code=1)
+    typer.echo(f"ok {router.version} ({len(router.manifest['files'])} file(s) verified)")
+
+
+def register(app: typer.Typer) -> None:
+    app.add_typer(router_app, name="router")

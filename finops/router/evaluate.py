@@ -1,0 +1,388 @@
+"""Judge a router the RouteLLM way, extended to three or more tiers and to dollars.
+
+For every lambda of the decision rule we get a routing: share of calls per tier, mean
+quality, and cost. Over the curve of quality vs share of calls sent to the largest
+tier: CPT(x) = the smallest share of large calls that recovers x of the quality gap
+between always-cheapest (weak) and always-large (strong); AUC = area under that curve
+(upper envelope, share in [0, 1]); APGR = (AUC - weak_AUC) / (strong_AUC - weak_AUC).
+The same is computed for baselines: random (mean of 10 runs), a prompt-length
+heuristic, and the oracle (knows the needed tier), so "good" has a scale.
+
+Dollars: per-tier $/token comes from the lake's cost marts (`marts.tier_token_prices`,
+allocation basis, week average) when the lake has them, else from `ref.prices` with a
+stated per-replica throughput assumption (`FALLBACK_DEPLOYMENTS`).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from finops.router.calibrate import GRID, losses, route_indices
+
+# Fallback when the lake has no cost marts: (GPU model in ref.prices, GPUs per replica,
+# sustained processed tokens/s per replica at a healthy batch, prompt+output counted
+# with output tokens weighted 4x as decode-bound work). Assumptions, stated in outputs.
+FALLBACK_DEPLOYMENTS: dict[str, tuple[str, int, float]] = {
+    "small": ("NVIDIA L4", 1, 6000.0),
+    "mid": ("NVIDIA L4", 1, 1800.0),
+    "large": ("H100 80GB HBM3", 4, 3500.0),
+}
+OUTPUT_TOKEN_WEIGHT = 4.0
+
+
+def cumulative(proba: np.ndarray) -> np.ndarray:
+    cum = np.minimum(np.cumsum(proba, axis=1), 1.0)
+    cum[:, -1] = 1.0
+    return cum
+
+
+def sweep(
+    cum: np.ndarray,
+    quality: np.ndarray,
+    cost: np.ndarray | None = None,
+    grid: Sequence[float | None] | None = None,
+) -> list[dict[str, Any]]:
+    """One point per lambda: shares per tier, quality, quality retained, cost ratio."""
+    lams: list[float | None] = [*(grid if grid is not None else GRID[::-1]), None]
+    strong_q = float(quality[:, -1].mean())
+    all_large = float(cost[:, -1].sum()) if cost is not None else None
+    pts = []
+    n, k = cum.shape
+    for lam in lams:
+        idx = route_indices(cum, lam)
+        q = float(quality[np.arange(n), idx].mean())
+        shares = np.bincount(idx, minlength=k) / n
+        pt: dict[str, Any] = {
+            "lambda": lam,
+            "shares": [float(s) for s in shares],
+            "share_large": float(shares[-1]),
+            "quality": q,
+            "quality_retained": q / strong_q if strong_q > 0 else float("nan"),
+            "loss": float(losses(quality, idx).mean()),
+        }
+        if cost is not None:
+            c = float(cost[np.arange(n), idx].sum())
+            pt["cost"] = c
+            pt["cost_ratio"] = c / all_large if all_large else float("nan")
+        pts.append(pt)
+    return pts
+
+
+def routellm_metrics(points: list[dict[str, Any]], quality: np.ndarray) -> dict[str, Any]:
+    """CPT(50%), CPT(80%), AUC, APGR over quality vs share of large calls."""
+    weak = float(quality[:, 0].mean())
+    strong = float(quality[:, -1].mean())
+    xs = np.array([p["share_large"] for p in points])
+    ys = np.array([p["quality"] for p in points])
+    order = np.argsort(xs, kind="stable")
+    xs, ys = xs[order], ys[order]
+    ux = np.unique(xs)
+    uy = np.array([ys[xs == x].max() for x in ux])
+    uy = np.maximum.accumulate(uy)  # upper envelope: more large calls never has to hurt
+    if ux[0] > 0:
+        ux, uy = np.r_[0.0, ux], np.r_[weak, uy]
+    if ux[-1] < 1:
+        ux, uy = np.r_[ux, 1.0], np.r_[uy, strong]
+    auc = float(np.trapezoid(uy, ux))
+    gap = strong - weak
+    pgr = (uy - weak) / gap if gap > 0 else np.ones_like(uy)
+
+    def cpt(x: float) -> float | None:
+        hit = np.nonzero(pgr >= x - 1e-12)[0]
+        return float(ux[hit[0]]) if hit.size else None
+
+    return {
+        "weak_quality": weak,
+        "strong_quality": strong,
+        "auc": auc,
+        "apgr": (auc - weak) / gap if gap > 0 else float("nan"),
+        "cpt50": cpt(0.5),
+        "cpt80": cpt(0.8),
+    }
+
+
+def length_cumulative(log_tokens: np.ndarray, k: int) -> np.ndarray:
+    """Prompt-length heuristic: longer prompts go up the tiers (rank-based score)."""
+    from scipy.stats import rankdata
+
+    d = (rankdata(log_tokens) - 0.5) / len(log_tokens)
+    cum = np.column_stack([1.0 - d * (1.0 - t / (k - 1)) for t in range(k)])
+    cum[:, -1] = 1.0
+    return cum
+
+
+def oracle_cumulative(labels: np.ndarray, k: int, seed: int = 0) -> np.ndarray:
+    """Knows the needed tier; below-needed rows get a random spread so the curve is full."""
+    rng = np.random.default_rng(seed)
+    u = rng.random(len(labels))
+    t = np.arange(k)[None, :]
+    cum = (labels[:, None] <= t).astype(float)
+    # a row that needs the last tier is sent one tier lower when lambda <= u
+    last = labels == k - 1
+    cum[last, k - 2] = u[last]
+    cum[:, -1] = 1.0
+    return cum
+
+
+def random_cumulative(n: int, k: int, seed: int) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    return cumulative(rng.dirichlet(np.ones(k), size=n))
+
+
+def baselines(
+    quality: np.ndarray,
+    labels: np.ndarray,
+    log_tokens: np.ndarray,
+    cost: np.ndarray | None = None,
+    runs: int = 10,
+) -> dict[str, dict[str, Any]]:
+    """RouteLLM metrics (and cost at the quality target, when priced) for each baseline."""
+    n, k = quality.shape
+    out: dict[str, dict[str, Any]] = {}
+    strong = float(quality[:, -1].mean())
+    out["always_large"] = {
+        "auc": strong,
+        "apgr": 1.0,
+        "cpt50": 1.0,
+        "cpt80": 1.0,
+        "share_large": 1.0,
+        "quality": strong,
+    }
+    rand = [
+        routellm_metrics(sweep(random_cumulative(n, k, s), quality, cost), quality)
+        for s in range(runs)
+    ]
+    out["random"] = {
+        key: float(np.mean([r[key] for r in rand if r[key] is not None]))
+        for key in ("auc", "apgr", "cpt50", "cpt80")
+    }
+    out["random"]["runs"] = runs
+    out["length"] = routellm_metrics(
+        sweep(length_cumulative(log_tokens, k), quality, cost), quality
+    )
+    out["oracle"] = routellm_metrics(sweep(oracle_cumulative(labels, k), quality, cost), quality)
+    return out
+
+
+def calibration_report(proba: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict[str, Any]:
+    """Reliability data and ECE of the cumulative probabilities P(needed <= t)."""
+    k = proba.shape[1]
+    cum = cumulative(proba)
+    edges = np.linspace(0, 1, bins + 1)
+    per_tier = {}
+    eces = []
+    for t in range(k - 1):
+        p = cum[:, t]
+        y = (labels <= t).astype(float)
+        b = np.clip(np.digitize(p, edges[1:-1]), 0, bins - 1)
+        rows = []
+        ece = 0.0
+        for i in range(bins):
+            m = b == i
+            if m.any():
+                conf, acc = float(p[m].mean()), float(y[m].mean())
+                ece += m.mean() * abs(conf - acc)
+                rows.append({"bin": i, "confidence": conf, "observed": acc, "count": int(m.sum())})
+        per_tier[str(t)] = rows
+        eces.append(ece)
+    top = proba.argmax(axis=1)
+    conf = proba.max(axis=1)
+    b = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    top_ece = sum(
+        (b == i).mean() * abs(conf[b == i].mean() - (top[b == i] == labels[b == i]).mean())
+        for i in range(bins)
+        if (b == i).any()
+    )
+    return {
+        "ece_cumulative": [float(e) for e in eces],
+        "ece_top": float(top_ece),
+        "reliability": per_tier,
+    }
+
+
+def classification_report(
+    proba: np.ndarray, labels: np.ndarray, tiers: Sequence[str]
+) -> dict[str, Any]:
+    """Accuracy, log loss, one-vs-rest AUC per tier, and AUC of P(needed <= t) per boundary."""
+    from sklearn.metrics import log_loss, roc_auc_score
+
+    k = len(tiers)
+    out: dict[str, Any] = {
+        "accuracy": float((proba.argmax(axis=1) == labels).mean()),
+        "log_loss": float(log_loss(labels, proba, labels=list(range(k)))),
+        "auc_per_tier": {},
+        "auc_cumulative": {},
+    }
+    cum = cumulative(proba)
+    for t, name in enumerate(tiers):
+        y = labels == t
+        if 0 < y.sum() < len(y):
+            out["auc_per_tier"][name] = float(roc_auc_score(y, proba[:, t]))
+        if t < k - 1:
+            y2 = labels <= t
+            if 0 < y2.sum() < len(y2):
+                out["auc_cumulative"][f"<= {name}"] = float(roc_auc_score(y2, cum[:, t]))
+    return out
+
+
+# ------------------------------------------------------------------------------ dollars
+
+
+def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None) -> dict[str, Any]:
+    """$/input token and $/output token per tier, and where the figures came from.
+
+    Prefers the lake's cost marts (finops.costs: measured GPU cost shared by token work,
+    idle included), else the price catalog with `FALLBACK_DEPLOYMENTS` throughputs.
+    """
+    import finops
+
+    if lake is not None:
+        try:
+            db = finops.connect(lake, prices=prices)
+            df = db.sql(
+                "SELECT tier, sum(pool_allocation * input_share) / nullif(sum(w_in), 0) AS pin, "
+                "sum(pool_allocation * (1 - input_share)) / nullif(sum(w_out), 0) AS pout "
+                "FROM marts.tier_token_prices WHERE pool_allocation IS NOT NULL GROUP BY tier"
+            ).pl()
+            got = {r["tier"]: (r["pin"], r["pout"]) for r in df.iter_rows(named=True)}
+            if all(t in got and got[t][0] and got[t][1] for t in tiers):
+                return {
+                    "source": f"lake cost marts ({lake}): marts.tier_token_prices, allocation "
+                    "basis (idle included), averaged over the lake's period",
+                    "usd_per_input_token": {t: float(got[t][0]) for t in tiers},
+                    "usd_per_output_token": {t: float(got[t][1]) for t in tiers},
+                }
+        except Exception:  # no cost marts in this lake/build: fall back, and say so
+            pass
+    from finops.prices import load_prices, price_for
+
+    cat = load_prices(prices)
+    pin, pout = {}, {}
+    for i, t in enumerate(tiers):
+        gpu, count, tps = FALLBACK_DEPLOYMENTS.get(
+            t, list(FALLBACK_DEPLOYMENTS.values())[min(i, 2)]
+        )
+        usd_s = price_for(cat, gpu, "on_demand") * count / 3600.0
+        pin[t] = usd_s / tps
+        pout[t] = usd_s * OUTPUT_TOKEN_WEIGHT / tps
+    return {
+        "source": "price catalog (ref.prices, on_demand) with assumed throughput per replica: "
+        + ", ".join(f"{t}={FALLBACK_DEPLOYMENTS.get(t, ('?', 0, 0))[2]:g} tok/s" for t in tiers)
+        + f" (output tokens weigh {OUTPUT_TOKEN_WEIGHT:g}x)",
+        "usd_per_input_token": pin,
+        "usd_per_output_token": pout,
+    }
+
+
+def cost_matrix(
+    input_tokens: np.ndarray,
+    output_tokens: np.ndarray,
+    prices: Mapping[str, Any],
+    tiers: Sequence[str],
+) -> np.ndarray:
+    """(n, K) dollars of serving each request with each tier."""
+    pin = np.array([prices["usd_per_input_token"][t] for t in tiers])
+    pout = np.array([prices["usd_per_output_token"][t] for t in tiers])
+    return input_tokens[:, None] * pin[None, :] + output_tokens[:, None] * pout[None, :]
+
+
+def dollars_line(saved: float, pct: float, quality: float) -> str:
+    return f"this router would have saved ${saved:,.2f} ({pct:.1%}) at {quality:.1%} quality"
+
+
+def replay_lake(
+    router: Any,
+    lake: Any,
+    *,
+    prices: Any = None,
+    days: int = 7,
+) -> dict[str, Any]:
+    """Replay the lake's last `days` of generation traffic through the router's decision rule.
+
+    Cost per request and tier = its logged input/output tokens at that tier's $/token;
+    requests served from the shim's response cache and embeddings are left out (they
+    spend no generation tokens). Quality is the router's own calibrated estimate
+    (mean P(chosen tier good enough)); the held-out test figure is in the manifest.
+    """
+    import finops
+    from finops.router import features as F
+
+    db = finops.connect(lake, prices=prices)
+    df = db.sql(
+        f"""
+        SELECT prompt_text, feature, tenant, input_tokens, output_tokens, turn_count, has_tools
+        FROM clean.requests
+        WHERE ts >= (SELECT max(ts) FROM clean.requests) - INTERVAL {int(days)} DAY
+          AND coalesce(operation, 'chat') <> 'embeddings'
+          AND coalesce(cache_status, 'miss') <> 'hit'
+          AND coalesce(status_code, 200) < 400
+        """
+    ).pl()
+    if df.height == 0:
+        return {"requests": 0, "line": f"{lake}: no generation requests to replay"}
+    has_text = int(df["prompt_text"].is_not_null().sum())
+    rows = [
+        F.extract(
+            text=r["prompt_text"] if router.uses_prompt_text else None,
+            prompt_tokens=r["input_tokens"],
+            turn_count=r["turn_count"] if (r["turn_count"] or 0) >= 1 else None,
+            has_tools=r["has_tools"],
+            feature=r["feature"],
+            tenant=r["tenant"],
+        )
+        for r in df.iter_rows(named=True)
+    ]
+    from finops.router.artifact import _probe_frame
+
+    proba = router.pipeline.predict_proba(_probe_frame(rows))
+    tiers = router.tiers
+    cum = cumulative(proba)
+    price = tier_token_prices(tiers, lake=lake, prices=prices)
+    cost = cost_matrix(
+        df["input_tokens"].fill_null(0).to_numpy().astype(float),
+        df["output_tokens"].fill_null(0).to_numpy().astype(float),
+        price,
+        tiers,
+    )
+    lam = router.thresholds[0]
+    idx = route_indices(cum, lam)
+    n = len(idx)
+    routed = float(cost[np.arange(n), idx].sum())
+    all_large = float(cost[:, -1].sum())
+    est_quality = float(cum[np.arange(n), idx].mean())
+    test_q = router.manifest["evaluation"].get("at_threshold", {}).get("quality_retained")
+    q = test_q if test_q is not None else est_quality
+    curve = []
+    for lam_i in [*GRID[::10], None]:
+        ii = route_indices(cum, lam_i)
+        curve.append(
+            {
+                "lambda": lam_i,
+                "cost_usd": float(cost[np.arange(n), ii].sum()),
+                "share_large": float((ii == len(tiers) - 1).mean()),
+                "estimated_quality": float(cum[np.arange(n), ii].mean()),
+            }
+        )
+    saved = all_large - routed
+    return {
+        "requests": n,
+        "with_prompt_text": has_text,
+        "text_used": router.uses_prompt_text and has_text > 0,
+        "all_large_cost_usd": all_large,
+        "routed_cost_usd": routed,
+        "saved_usd": saved,
+        "saved_pct": saved / all_large if all_large else 0.0,
+        "shares": {
+            t: float(s)
+            for t, s in zip(tiers, np.bincount(idx, minlength=len(tiers)) / n, strict=True)
+        },
+        "estimated_quality": est_quality,
+        "test_quality_retained": test_q,
+        "prices": price,
+        "curve": curve,
+        "line": dollars_line(saved, saved / all_large if all_large else 0.0, q)
+        + f" over the last {days} days of {lake} ({n} requests)",
+    }

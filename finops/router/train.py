@@ -1,0 +1,253 @@
+"""Train, calibrate, evaluate and export a router in one call (the CLI and notebook use it).
+
+Splits the labeled set (stratified) into train / calibration / test. The model is fitted
+on train only; the calibration split picks the threshold (see `calibrate`) and stores the
+drift reference; the test split gives the evaluation figures in the manifest, so every
+number in an artifact was measured on requests the model and the threshold never saw.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from finops.router import evaluate as E
+from finops.router.artifact import Router, load_router, write_artifact
+from finops.router.calibrate import calibrate, route_indices
+from finops.router.data import DataError, LabeledData
+from finops.router.model import build_pipeline
+
+DEFAULT_UPSTREAM = {
+    "small": "llama-3.2-1b-instruct",
+    "mid": "llama-3.1-8b-instruct",
+    "large": "llama-3.1-70b-instruct",
+}
+
+
+@dataclass
+class TrainResult:
+    router: Router | None
+    pipeline: Any
+    decision: dict[str, Any]
+    evaluation: dict[str, Any]
+    drift: dict[str, Any]
+    uses_text: bool
+    test_proba: np.ndarray
+    test: LabeledData
+    path: Path | None
+
+
+def _split(labels: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[np.ndarray, ...]:
+    from sklearn.model_selection import train_test_split
+
+    idx = np.arange(len(labels))
+    train, rest = train_test_split(idx, train_size=fractions[0], stratify=labels, random_state=seed)
+    cal_share = fractions[1] / (1.0 - fractions[0])
+    cal, test = train_test_split(
+        rest, train_size=cal_share, stratify=labels[rest], random_state=seed + 1
+    )
+    return train, cal, test
+
+
+def _fit(pipeline: Any, X: pl.DataFrame, y: np.ndarray) -> list[str]:
+    from sklearn.exceptions import ConvergenceWarning
+
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ConvergenceWarning)
+        pipeline.fit(X, y)
+    return sorted({str(w.message)[:120] for w in caught if w.category is ConvergenceWarning})
+
+
+def cross_validate(data: LabeledData, uses_text: bool, folds: int = 3, seed: int = 0) -> dict:
+    """k-fold scores of the calibrated pipeline on (a subset of) the training rows."""
+    from sklearn.metrics import log_loss, roc_auc_score
+    from sklearn.model_selection import StratifiedKFold
+
+    X = data.features(uses_text)
+    y = data.labels
+    acc, ll, auc = [], [], []
+    for tr, te in StratifiedKFold(folds, shuffle=True, random_state=seed).split(
+        np.zeros(len(y)), y
+    ):
+        p = build_pipeline(uses_text, seed=seed)
+        _fit(p, X[tr], y[tr])
+        pr = p.predict_proba(X[te])
+        acc.append(float((pr.argmax(1) == y[te]).mean()))
+        ll.append(float(log_loss(y[te], pr, labels=list(range(len(data.tiers))))))
+        cum = E.cumulative(pr)
+        auc.append(float(roc_auc_score(y[te] == 0, cum[:, 0])))
+    return {
+        "folds": folds,
+        "accuracy": acc,
+        "log_loss": ll,
+        f"auc_needed_<=_{data.tiers[0]}": auc,
+        "accuracy_mean": float(np.mean(acc)),
+        "log_loss_mean": float(np.mean(ll)),
+    }
+
+
+def train(
+    data: LabeledData,
+    out: str | os.PathLike[str] | None = None,
+    *,
+    upstream: Mapping[str, str] | None = None,
+    quality_target: float = 0.98,
+    confidence: float = 0.95,
+    text: str = "auto",
+    seed: int = 0,
+    cv_folds: int = 3,
+    lake: str | os.PathLike[str] | None = None,
+    prices: str | os.PathLike[str] | None = None,
+    fractions: tuple[float, float] = (0.6, 0.2),
+) -> TrainResult:
+    """Fit, calibrate to `quality_target` at `confidence`, evaluate, and export to `out`."""
+    tiers = data.tiers
+    if text not in ("auto", "on", "off"):
+        raise DataError(f"text must be auto, on or off, got {text!r}")
+    if text == "on" and not data.has_text:
+        raise DataError(f"{data.source}: --text on, but not every row has prompt text")
+    uses_text = data.has_text if text == "auto" else text == "on"
+    counts = np.bincount(data.labels, minlength=len(tiers))
+    thin = [t for t, c in zip(tiers, counts, strict=True) if c < 10]
+    if thin:
+        raise DataError(
+            f"{data.source}: tier(s) {thin} have fewer than 10 labeled rows "
+            f"(counts {dict(zip(tiers, counts.tolist(), strict=True))}); need examples of every tier"
+        )
+    up = {t: (upstream or {}).get(t) or DEFAULT_UPSTREAM.get(t, t) for t in tiers}
+    tr, cal, te = _split(data.labels, seed, fractions)
+    X = data.features(uses_text)
+    y = data.labels
+    cv = cross_validate(data.take(tr), uses_text, cv_folds, seed) if cv_folds >= 2 else None
+    pipeline = build_pipeline(uses_text, seed=seed)
+    conv = _fit(pipeline, X[tr], y[tr])
+    p_cal = pipeline.predict_proba(X[cal])
+    p_test = pipeline.predict_proba(X[te])
+    Q = data.quality
+    decision = calibrate(
+        E.cumulative(p_cal), Q[cal], quality_target=quality_target, confidence=confidence
+    )
+    lam = decision["lambda"]
+    decision["thresholds"] = {t: lam for t in tiers[:-1]}
+    test = data.take(te)
+    evaluation = evaluate_split(p_test, test, lam, lake=lake, prices=prices)
+    if cv is not None:
+        evaluation["cross_validation"] = cv
+    if conv:
+        evaluation["convergence_warnings"] = conv
+    drift = drift_reference(p_cal, lam, tiers)
+    summary = data.summary()
+    summary["splits"] = {"train": len(tr), "calibration": len(cal), "test": len(te), "seed": seed}
+    summary["bad_row_examples"] = [str(b) for b in data.bad_rows[:5]]
+    summary["notes"] = data.notes
+    path = None
+    router = None
+    if out is not None:
+        path = write_artifact(
+            out,
+            pipeline,
+            tiers=tiers,
+            upstream_models=up,
+            decision=decision,
+            uses_prompt_text=uses_text,
+            training_data=summary,
+            evaluation=evaluation,
+            drift=drift,
+        )
+        router = load_router(path)
+    return TrainResult(router, pipeline, decision, evaluation, drift, uses_text, p_test, test, path)
+
+
+def drift_reference(proba: np.ndarray, lam: float | None, tiers: list[str]) -> dict[str, Any]:
+    """Histograms of the calibration split's scores and its tier shares, for production to compare."""
+    cum = E.cumulative(proba)
+    idx = route_indices(cum, lam)
+    score = cum[np.arange(len(idx)), idx]
+    edges = np.linspace(0, 1, 21)
+    return {
+        "bins": [float(e) for e in edges],
+        "score_histogram": np.histogram(score, edges)[0].tolist(),
+        "p_cheapest_histogram": np.histogram(cum[:, 0], edges)[0].tolist(),
+        "tier_shares": {
+            t: float(s)
+            for t, s in zip(tiers, np.bincount(idx, minlength=len(tiers)) / len(idx), strict=True)
+        },
+        "rows": len(idx),
+        "note": "score = calibrated P(chosen tier is good enough) on the calibration split",
+    }
+
+
+def evaluate_split(
+    proba: np.ndarray,
+    data: LabeledData,
+    lam: float | None,
+    *,
+    lake: str | os.PathLike[str] | None = None,
+    prices: str | os.PathLike[str] | None = None,
+) -> dict[str, Any]:
+    """All evaluation figures of a router's probabilities on a labeled split."""
+    tiers = data.tiers
+    Q = data.quality
+    y = data.labels
+    cum = E.cumulative(proba)
+    price = E.tier_token_prices(tiers, lake=lake, prices=prices)
+    out_tok = data.frame["output_tokens"].fill_null(0.0).to_numpy()
+    cost = E.cost_matrix(data.frame["input_tokens"].to_numpy(), out_tok, price, tiers)
+    curve = E.sweep(cum, Q, cost)
+    metrics = E.routellm_metrics(curve, Q)
+    at = E.sweep(cum, Q, cost, grid=[lam])[0] if lam is not None else curve[-1]
+    all_large = float(cost[:, -1].sum())
+    saved = all_large - at["cost"]
+    return {
+        "rows": len(y),
+        **E.classification_report(proba, y, tiers),
+        "calibration": E.calibration_report(proba, y),
+        "routellm": metrics,
+        "baselines": E.baselines(Q, y, data.frame["log_prompt_tokens"].to_numpy(), cost),
+        "at_threshold": {
+            "lambda": lam,
+            "shares": {t: s for t, s in zip(tiers, at["shares"], strict=True)},
+            "quality_retained": at["quality_retained"],
+            "quality_loss": at["loss"],
+            "cost_usd": at["cost"],
+            "all_large_cost_usd": all_large,
+            "saved_usd": saved,
+            "saved_pct": saved / all_large if all_large else 0.0,
+        },
+        "prices": price,
+        "curve": [
+            {
+                k: v
+                for k, v in p.items()
+                if k in ("lambda", "share_large", "quality_retained", "cost_ratio", "shares")
+            }
+            for p in [*curve[::5], curve[-1]]
+        ],
+        "output_tokens_missing": int(data.frame["output_tokens"].null_count()),
+    }
+
+
+def one_line(evaluation: Mapping[str, Any], tiers: list[str]) -> str:
+    """The headline of an evaluation, e.g. for `make demo`."""
+    at = evaluation["at_threshold"]
+    m = evaluation["routellm"]
+    shares = " ".join(f"{t}={at['shares'][t]:.0%}" for t in tiers)
+    return (
+        f"router: accuracy {evaluation['accuracy']:.2f}, APGR {m['apgr']:.2f} "
+        f"(length heuristic {evaluation['baselines']['length']['apgr']:.2f}, random "
+        f"{evaluation['baselines']['random']['apgr']:.2f}), CPT50 {_pct(m['cpt50'])} CPT80 "
+        f"{_pct(m['cpt80'])}; at lambda={at['lambda']}: {shares}; "
+        + E.dollars_line(at["saved_usd"], at["saved_pct"], at["quality_retained"])
+        + f" on {evaluation['rows']} held-out requests"
+    )
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.0%}"
