@@ -29,7 +29,9 @@ import glob as globlib
 import io
 import os
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -218,6 +220,17 @@ class _Chunk:
     rejects: list[dict[str, str]]  # lines that never became records
     records: int  # non-blank lines (or CSV rows) seen
     columns: list[str] = field(default_factory=list)  # what the file has, for error messages
+    raw: Callable[[], pl.Series] | None = None  # original text per row, built on demand
+    suspicious: bool = False  # the typed fast parse failed: some values are off
+
+    def with_raw(self) -> pl.DataFrame:
+        """`src` plus `_raw` (the original text), for chunks whose rejects need it."""
+        if RAW_COLUMN in self.src.columns:
+            return self.src
+        raw = self.raw() if self.raw is not None else None
+        if raw is None or raw.len() != self.src.height:
+            raw = pl.Series(RAW_COLUMN, [None] * self.src.height, dtype=pl.String)
+        return self.src.with_columns(raw.alias(RAW_COLUMN))
 
 
 def _split_lines(data: bytes) -> pl.Series:
@@ -244,21 +257,31 @@ def _split_lines(data: bytes) -> pl.Series:
 
 
 def _native_read_schema(table: str) -> dict[str, pl.DataType]:
-    """Typed JSON schema for native logs; timestamps are read as text and parsed after."""
+    """Typed JSON schema for native logs.
+
+    Timestamps are read as text and parsed after with one explicit format
+    (several times faster than the reader's own datetime inference). Any value
+    that does not fit (a string token count) fails the typed read, and the
+    chunk is re-read as text so the lake converts or rejects each value with
+    its own message.
+    """
     return {
         c: (pl.String if isinstance(t, pl.Datetime) else t)
         for c, t in schema_for(table).columns.items()
     }
 
 
-def _parse_ndjson(text: bytes, schema: dict[str, pl.DataType] | None) -> pl.DataFrame:
-    """Parse NDJSON fast; typed first, then all-text (so Lake reports bad values)."""
+def _parse_ndjson(text: bytes, schema: dict[str, pl.DataType] | None) -> tuple[pl.DataFrame, bool]:
+    """Parse NDJSON fast; typed first, then all-text (so Lake reports bad values).
+
+    Returns the frame and whether the typed read succeeded.
+    """
     if schema is None:
-        return pl.read_ndjson(io.BytesIO(text), infer_schema_length=None)
+        return pl.read_ndjson(io.BytesIO(text), infer_schema_length=None), True
     try:
-        return pl.read_ndjson(io.BytesIO(text), schema=schema)
+        return pl.read_ndjson(io.BytesIO(text), schema=schema), True
     except pl.exceptions.PolarsError:
-        return pl.read_ndjson(io.BytesIO(text), schema=dict.fromkeys(schema, pl.String))
+        return pl.read_ndjson(io.BytesIO(text), schema=dict.fromkeys(schema, pl.String)), False
 
 
 def _value_series(name: str, values: list[Any]) -> pl.Series:
@@ -343,13 +366,46 @@ def _select_paths(df: pl.DataFrame, paths: list[str]) -> pl.DataFrame:
     return df.select(exprs) if exprs else pl.DataFrame({"__n": [None] * df.height}).drop("__n")
 
 
-def _with_meta(df: pl.DataFrame, line_no: np.ndarray, raw: pl.Series, label: str) -> pl.DataFrame:
+def _with_meta(df: pl.DataFrame, line_no: np.ndarray, label: str) -> pl.DataFrame:
     lines = pl.Series(LINE_COLUMN, line_no, dtype=pl.Int64)
-    return df.with_columns(
-        lines,
-        pl.format("{}:{}", pl.lit(label), lines).alias(LOCATION_COLUMN),
-        raw.str.slice(0, MAX_RAW).alias(RAW_COLUMN),
-    )
+    return df.with_columns(lines, pl.format("{}:{}", pl.lit(label), lines).alias(LOCATION_COLUMN))
+
+
+class _Lines:
+    """Line boundaries of a chunk, found with NumPy; text is materialized only on demand.
+
+    Splitting a 32 MB chunk into Python strings costs more than parsing it, and
+    the text of a line is only needed when that line is rejected.
+    """
+
+    def __init__(self, data: bytes) -> None:
+        self.data = data
+        buf = np.frombuffer(data, dtype=np.uint8)
+        nl = np.flatnonzero(buf == 10)
+        ends = nl if data.endswith(b"\n") or not data else np.append(nl, len(data))
+        starts = np.zeros(len(ends), dtype=np.int64)
+        if len(ends) > 1:
+            starts[1:] = ends[:-1] + 1
+        # a CRLF line ends before its \r
+        cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13) if len(ends) else ends > 0
+        self.starts = starts
+        self.ends = ends - cr.astype(np.int64)
+        self.lengths = self.ends - self.starts
+
+    def __len__(self) -> int:
+        return len(self.starts)
+
+    def text(self, i: int, limit: int | None = None) -> str:
+        end = self.ends[i] if limit is None else min(self.ends[i], self.starts[i] + limit)
+        return self.data[self.starts[i] : end].decode("utf-8", "replace")
+
+    def texts(self, idx: np.ndarray, limit: int | None = None) -> list[str]:
+        return [self.text(int(i), limit) for i in idx]
+
+    def series(self, idx: np.ndarray, limit: int = MAX_RAW) -> pl.Series:
+        return pl.Series(RAW_COLUMN, self.texts(idx, limit * 4), dtype=pl.String).str.slice(
+            0, limit
+        )
 
 
 def parse_jsonl_chunk(
@@ -367,30 +423,34 @@ def parse_jsonl_chunk(
     nesting, then the dotted paths are pulled out). The fast path parses the
     whole chunk at once; a failure switches to a per-line pass over this chunk.
     """
-    lines = _split_lines(data)
-    n = lines.len()
+    lines = _Lines(data)
+    n = len(lines)
     line_no = np.arange(first_line + 1, first_line + 1 + n, dtype=np.int64)
-    blank = (lines.is_null() | (lines.str.strip_chars() == "")).to_numpy()
-    too_long = lines.str.len_bytes().fill_null(0).to_numpy() > max_line_bytes
+    blank = lines.lengths == 0
+    if blank.any() or n < 1000:  # whitespace-only lines count as blank too
+        for i in np.flatnonzero(~blank & (lines.lengths < 64)):
+            if not lines.text(int(i)).strip():
+                blank[i] = True
+    too_long = lines.lengths > max_line_bytes
     keep = ~blank
     records = int(keep.sum())
     rejects: list[dict[str, str]] = []
-    if too_long.any():
-        for i in np.flatnonzero(too_long):
-            rejects.append(
-                {
-                    "location": f"{label}:{line_no[i]}",
-                    "raw": lines[int(i)][:MAX_RAW],
-                    "reason": f"line is {int(lines.str.len_bytes()[int(i)]):,} bytes, over the "
-                    f"{max_line_bytes:,}-byte limit for one record",
-                }
-            )
-        keep &= ~too_long
+    for i in np.flatnonzero(too_long):
+        rejects.append(
+            {
+                "location": f"{label}:{line_no[i]}",
+                "raw": lines.text(int(i), MAX_RAW),
+                "reason": f"line is {int(lines.lengths[i]):,} bytes, over the "
+                f"{max_line_bytes:,}-byte limit for one record",
+            }
+        )
+    keep &= ~too_long
     kept_idx = np.flatnonzero(keep)
     df: pl.DataFrame | None = None
+    typed = True
     if records and not too_long.any():
         try:
-            df = _parse_ndjson(data, schema)
+            df, typed = _parse_ndjson(data, schema)
             if df.height != len(kept_idx):
                 df = None
         except pl.exceptions.PolarsError:
@@ -398,19 +458,21 @@ def parse_jsonl_chunk(
     if df is None and len(kept_idx):
         df, kept_idx, bad = _parse_slow(lines, kept_idx, line_no, label, schema, paths)
         rejects += bad
+        typed = False
     if df is None:
-        cols = schema or {}
-        df = pl.DataFrame(schema=cols)
-    kept_lines = lines.gather(kept_idx) if len(kept_idx) else pl.Series("line", [], pl.String)
+        df = pl.DataFrame(schema=schema or {})
     columns = _leaf_paths(df.schema)
     if paths is not None:
         df = _select_paths(df, paths)
-    src = _with_meta(df, line_no[kept_idx], kept_lines, label)
-    return _Chunk(src, rejects, records, columns)
+    src = _with_meta(df, line_no[kept_idx], label)
+    final_idx = kept_idx
+    return _Chunk(
+        src, rejects, records, columns, lambda: lines.series(final_idx), suspicious=not typed
+    )
 
 
 def _parse_slow(
-    lines: pl.Series,
+    lines: _Lines,
     kept_idx: np.ndarray,
     line_no: np.ndarray,
     label: str,
@@ -421,7 +483,8 @@ def _parse_slow(
     good_idx: list[int] = []
     objs: list[dict[str, Any]] = []
     bad: list[dict[str, str]] = []
-    texts = lines.gather(kept_idx).to_list()
+    texts = lines.texts(kept_idx)
+    good_texts: list[str] = []
     for i, text in zip(kept_idx.tolist(), texts, strict=True):
         try:
             obj = orjson.loads(text)
@@ -443,13 +506,14 @@ def _parse_slow(
             )
             continue
         good_idx.append(i)
+        good_texts.append(text)
         objs.append(obj)
     good = np.asarray(good_idx, dtype=np.int64)
     if not objs:
         return None, good, bad
-    joined = "\n".join(lines.gather(good).to_list()).encode()
+    joined = "\n".join(good_texts).encode()
     try:
-        df = _parse_ndjson(joined, schema)
+        df, _ = _parse_ndjson(joined, schema)
         if df.height == len(objs):
             return df, good, bad
     except pl.exceptions.PolarsError:
@@ -496,7 +560,7 @@ def parse_csv_chunk(
             )
         else:
             df = pl.DataFrame(schema=dict.fromkeys(names, pl.String))
-        return _Chunk(_with_meta(df, line_no[keep], kept, label), rejects, records, names)
+        return _Chunk(_with_meta(df, line_no[keep], label), rejects, records, names, lambda: kept)
     # quoted fields (maybe spanning lines): the csv module tracks physical lines
     text = data.decode("utf-8", "replace")
     reader = csv.reader(io.StringIO(text), delimiter=separator)
@@ -538,14 +602,42 @@ def parse_csv_chunk(
         schema=dict.fromkeys(names, pl.String),
     )
     return _Chunk(
-        _with_meta(df, np.asarray(nums, dtype=np.int64), pl.Series(raws, dtype=pl.String), label),
+        _with_meta(df, np.asarray(nums, dtype=np.int64), label),
         rejects,
         records,
         names,
+        lambda: pl.Series(RAW_COLUMN, raws, dtype=pl.String).str.slice(0, MAX_RAW),
     )
 
 
 # --------------------------------------------------------------------------- loading
+
+
+def _may_reject(df: pl.DataFrame, table: str) -> bool:
+    """Cheap check whether the lake could reject any row (then we attach the original text).
+
+    Conservative: a False means every row passes the lake's rules for
+    required, non-negative and timestamp-range checks given the typed columns.
+    """
+    schema = schema_for(table)
+    for c in schema.required:
+        if c not in df.columns or df[c].null_count():
+            return True
+    ts = df[schema.ts_column]
+    if not isinstance(ts.dtype, pl.Datetime):
+        return True
+    now = dt.datetime.now(dt.UTC)
+    if ts.min() < dt.datetime(2000, 1, 1, tzinfo=dt.UTC) or ts.max() > now:  # type: ignore[operator]
+        return True
+    for c in schema.non_negative:
+        if c in df.columns:
+            col = df[c]
+            if not col.dtype.is_numeric():
+                return True
+            low = col.min()
+            if low is not None and low < 0:  # type: ignore[operator]
+                return True
+    return False
 
 
 def _prepare_native(df: pl.DataFrame, table: str, file: str) -> pl.DataFrame:
@@ -600,12 +692,14 @@ def _load_chunk(
     if chunk.rejects:
         rejected += lake.reject(table, chunk.rejects, source=plan.source)
     if plan.mapping is not None:
-        applied = apply_mapping(plan.mapping, src, file=file)
+        applied = apply_mapping(plan.mapping, chunk.with_raw(), file=file)
         if applied.rejects.height:
             rejected += lake.reject(table, applied.rejects, source=plan.source)
         rows = applied.frame
     else:
         rows = _prepare_native(src, table, file) if src.height else src
+        if chunk.suspicious or _may_reject(rows, table):
+            rows = rows.with_columns(chunk.with_raw()[RAW_COLUMN])
     appended = lake.append(table, rows.drop(LINE_COLUMN, strict=False), source=plan.source)
     result.read = chunk.records
     result.loaded = appended.loaded
@@ -645,25 +739,32 @@ def _iter_blocks(
     """Blocks of complete lines from `offset`; yields (data, new_offset).
 
     A partial last line waits for its newline unless `final` (a file that is
-    complete, as in a one-shot ingest). A line longer than a block extends it.
+    complete, as in a one-shot ingest). A line longer than a block grows the
+    read until its newline. Each block is read once and cut at its last
+    newline; the next read starts right after it (no buffer concatenation).
     """
-    fh.seek(offset)
-    pending = b""
     pos = offset
+    want = chunk_bytes
     while pos < size:
-        block = fh.read(min(chunk_bytes, size - pos))
+        fh.seek(pos)
+        block = fh.read(min(want, size - pos))
         if not block:
             break
-        pos += len(block)
-        data = pending + block
-        cut = data.rfind(b"\n")
+        cut = block.rfind(b"\n")
         if cut < 0:
-            pending = data
+            if pos + len(block) >= size:
+                if final:
+                    yield block, pos + len(block)
+                return
+            want *= 2  # one line longer than the block: read more
             continue
-        yield data[: cut + 1], pos - (len(data) - cut - 1)
-        pending = data[cut + 1 :]
-    if pending and final:
-        yield pending, pos
+        want = chunk_bytes
+        if cut == len(block) - 1:
+            pos += len(block)
+            yield block, pos
+        else:
+            pos += cut + 1
+            yield block[: cut + 1], pos  # the partial line is read again next time
 
 
 def _read_header(fh: Any) -> tuple[str, int, bool]:
@@ -726,22 +827,23 @@ def _read_from(
         except (pl.exceptions.PolarsError, OSError) as exc:
             raise LogError(f"{p}: not a readable Parquet file: {exc}") from None
         line_no = np.arange(1, df.height + 1, dtype=np.int64)
-        raw = (
-            df.select(pl.struct(pl.all()).struct.json_encode()).to_series()
-            if df.width
-            else pl.Series([""] * df.height)
-        )
-        src = _with_meta(df, line_no, raw, label).with_columns(
+        src = _with_meta(df, line_no, label).with_columns(
             pl.format("{} row {}", pl.lit(label), pl.col(LINE_COLUMN)).alias(LOCATION_COLUMN)
         )
         if plan.mapping is not None:
             paths = plan.mapping.source_columns()
             src = pl.concat(
-                [_select_paths(df, paths), src.select(LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)],
+                [_select_paths(df, paths), src.select(LINE_COLUMN, LOCATION_COLUMN)],
                 how="horizontal",
             )
+
+        def raw() -> pl.Series:
+            if not df.width:
+                return pl.Series(RAW_COLUMN, [""] * df.height, dtype=pl.String)
+            return df.select(pl.struct(pl.all()).struct.json_encode()).to_series()
+
         res = _load_chunk(
-            _Chunk(src, [], df.height, _leaf_paths(df.schema)),
+            _Chunk(src, [], df.height, _leaf_paths(df.schema), raw),
             plan,
             lake,
             label,
@@ -765,24 +867,41 @@ def _read_from(
     sep = plan.mapping.csv_separator if plan.mapping else ","
     paths = plan.mapping.source_columns() if plan.mapping is not None else None
     native = _native_read_schema(plan.table) if plan.mapping is None else None
-    for data, new_offset in _iter_blocks(
-        fh, state.offset, size, final=final, chunk_bytes=chunk_bytes
-    ):
-        first_check = state.line <= (1 if plan.format == "csv" else 0)
+    header_lines = 1 if plan.format == "csv" else 0
+
+    def parse(data: bytes, first_line: int) -> _Chunk:
         if plan.format == "csv":
-            chunk = parse_csv_chunk(
-                data, header=state.header or "", first_line=state.line, label=label, separator=sep
+            return parse_csv_chunk(
+                data, header=state.header or "", first_line=first_line, label=label, separator=sep
             )
-        else:
-            chunk = parse_jsonl_chunk(
-                data, first_line=state.line, label=label, schema=native, paths=paths
-            )
-        res = _load_chunk(
-            chunk, plan, lake, label, report, check=first_check or plan.format == "csv"
+        return parse_jsonl_chunk(
+            data, first_line=first_line, label=label, schema=native, paths=paths
         )
-        state.line += data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
-        state.offset = new_offset
-        yield res
+
+    # parse the next block while the current one is validated and written: Polars and
+    # Arrow release the GIL, so the two stages overlap on separate cores. Batches are
+    # still written, and the state advanced, strictly in file order.
+    line = state.line
+    queue: deque[tuple[Future[_Chunk], int, int, bool]] = deque()
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-parse") as pool:
+        blocks = _iter_blocks(fh, state.offset, size, final=final, chunk_bytes=chunk_bytes)
+        while True:
+            block = next(blocks, None)
+            if block is not None:
+                data, new_offset = block
+                nlines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+                first = line <= header_lines or plan.format == "csv"
+                queue.append((pool.submit(parse, data, line), nlines, new_offset, first))
+                line += nlines
+                if len(queue) < 2:
+                    continue
+            if not queue:
+                break
+            fut, nlines, new_offset, first = queue.popleft()
+            res = _load_chunk(fut.result(), plan, lake, label, report, check=first)
+            state.line += nlines
+            state.offset = new_offset
+            yield res
 
 
 # --------------------------------------------------------------------------- following
