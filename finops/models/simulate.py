@@ -99,7 +99,10 @@ class TierProfile:
             base = np.array(
                 [max(self.prompt_tokens.mean(), 1.0), max(self.output_tokens.mean(), 1.0)]
             )
-            vmax = vmax * float(np.exp(np.log(now / base) @ np.array(self.length_coef)))
+            # a shorter prompt never lowers the ceiling: clip the prompt exponent at 0
+            coef = np.array(self.length_coef)
+            coef[0] = min(coef[0], 0.0)
+            vmax = vmax * float(np.exp(np.log(now / base) @ coef))
         b = levers.max_num_seqs or DEFAULT_MAX_NUM_SEQS
         return ServiceModel.from_curve(
             vmax, self.k, self.hill, max_num_seqs=b, prefill_tokens_per_s=self.prefill_tokens_per_s

@@ -1,0 +1,193 @@
+"""Growth simulation: closed-form M/M/c check, monotonicity in load, levers, bad inputs."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from typer.testing import CliRunner
+
+import finops
+from finops.cli import app
+from finops.lake import Lake
+from finops.models.data import NoServingData
+from finops.models.queueing import (
+    ServiceModel,
+    erlang_c,
+    mmc_mean_wait,
+    poisson_arrivals,
+    simulate,
+)
+from finops.models.simulate import Levers, Simulator, headline, load_trace
+from finops.models.synthetic import SyntheticSpec, TierTruth, write_synthetic_lake
+
+SPEC = SyntheticSpec(
+    days=2,
+    scrape_s=180,
+    tiers={
+        "small": TierTruth(vmax=120.0, k=12.0, replicas=2, peak_concurrency=30.0),
+        "large": TierTruth(
+            vmax=60.0, k=6.0, replicas=1, gpus_per_replica=4,
+            gpu_model="NVIDIA H100 80GB HBM3", peak_concurrency=12.0, mean_output=300.0,
+        ),
+    },
+)
+
+
+@pytest.fixture(scope="module")
+def syn_lake(tmp_path_factory: pytest.TempPathFactory):
+    lake = Lake(tmp_path_factory.mktemp("sim") / "lake")
+    write_synthetic_lake(lake, SPEC)
+    return lake.path
+
+
+@pytest.fixture(scope="module")
+def sim(syn_lake) -> Simulator:
+    return Simulator.from_lake(finops.connect(syn_lake), slo_ttft_p95_ms=1000)
+
+
+def test_erlang_c_closed_form_values() -> None:
+    assert erlang_c(1, 0.5) == pytest.approx(0.5)  # M/M/1: P(wait) = rho
+    # textbook value: c=2, a=1 -> C = 1/3
+    assert erlang_c(2, 1.0) == pytest.approx(1 / 3)
+    assert mmc_mean_wait(1, 0.5, 1.0) == pytest.approx(1.0)  # rho/(mu-lambda)
+    with pytest.raises(ValueError):
+        erlang_c(0, 1.0)
+
+
+@pytest.mark.parametrize(("c", "rho"), [(1, 0.6), (3, 0.7), (8, 0.75)])
+def test_simulation_matches_mmc_within_5_percent(c: int, rho: float) -> None:
+    """Batch size 1, exponential work, Poisson arrivals, no prefill: exactly M/M/c."""
+    mu = 2.0  # service rate per server: T(1) = 2 tokens/s, work ~ Exp(mean 1 token)
+    lam = rho * c * mu
+    service = ServiceModel((0.0, mu))
+    waits, pwait = [], []
+    for seed in range(2):
+        rng = np.random.default_rng(100 + seed)
+        n = 80_000
+        res = simulate(poisson_arrivals(lam, n, rng), rng.exponential(1.0, n), service,
+                       replicas=c)
+        waits.append(res.mean("wait"))
+        pwait.append(float(np.mean(res.wait_s[n // 10 :] > 0)))
+    assert np.mean(waits) == pytest.approx(mmc_mean_wait(c, lam, mu), rel=0.05)
+    assert np.mean(pwait) == pytest.approx(erlang_c(c, lam / mu), rel=0.05)
+
+
+def test_continuous_batching_is_monotone_in_load() -> None:
+    """Same arrival pattern compressed in time (common random numbers): never faster."""
+    svc = ServiceModel.from_curve(120, 12, 1.0, max_num_seqs=32, prefill_tokens_per_s=6000)
+    rng = np.random.default_rng(5)
+    n = 3000
+    base = np.cumsum(rng.exponential(1.0, n))
+    out = rng.geometric(1 / 150, n).astype(float)
+    prompt = rng.poisson(500, n).astype(float)
+    p95 = []
+    e2e = []
+    for rate in (0.1, 0.2, 0.35, 0.5, 0.6, 0.7):
+        r = simulate(base / rate, out, svc, replicas=1, prompt_tokens=prompt)
+        p95.append(r.quantile("ttft", 0.95))
+        e2e.append(r.mean("e2e"))
+    assert all(b >= a - 1e-9 for a, b in zip(p95, p95[1:], strict=False)), p95
+    assert all(b >= a - 1e-9 for a, b in zip(e2e, e2e[1:], strict=False)), e2e
+    assert p95[-1] > 3 * p95[0]  # the knee is visible
+
+
+def test_growth_never_needs_fewer_replicas(sim: Simulator) -> None:
+    prev_hourly = None
+    prev_gpu_h = 0.0
+    for g in (0.5, 1, 2, 5, 10):
+        plan = sim.plan(g, Levers(autoscale=True))
+        per_hour = plan.hourly.sort("tier", "hour")["replicas"].to_numpy()
+        if prev_hourly is not None:
+            assert (per_hour >= prev_hourly).all()
+        assert plan.totals["gpu_hours"] >= prev_gpu_h
+        prev_hourly, prev_gpu_h = per_hour, plan.totals["gpu_hours"]
+    # 10x the traffic needs clearly more than 1x
+    assert sim.plan(10).totals["gpu_hours"] > 2 * sim.plan(1).totals["gpu_hours"]
+
+
+def test_plan_reports_gpus_cost_and_idle(sim: Simulator) -> None:
+    plan = sim.plan(1.0)
+    t = {r["tier"]: r for r in plan.tiers.to_dicts()}
+    assert t["large"]["gpus_per_replica"] == 4 and t["small"]["gpus_per_replica"] == 1
+    # fixed fleet: never below the observed fleet, the same every hour
+    assert t["small"]["peak_replicas"] >= 2
+    hours = plan.hourly["hour"].n_unique()
+    assert t["large"]["gpu_hours"] == t["large"]["peak_replicas"] * 4 * hours
+    # cost = GPU-hours x on-demand catalog price
+    assert t["large"]["cost_usd"] == pytest.approx(t["large"]["gpu_hours"] * 3.90)
+    assert t["small"]["cost_usd"] == pytest.approx(t["small"]["gpu_hours"] * 0.75)
+    assert 0 <= plan.totals["idle_share"] < 1
+    assert plan.totals["cost_per_1k_requests"] == pytest.approx(
+        1000 * plan.totals["cost_usd"] / plan.totals["requests"]
+    )
+
+
+def test_levers_move_cost_the_right_way(sim: Simulator) -> None:
+    base = sim.plan(5).totals
+    auto = sim.plan(5, Levers(autoscale=True)).totals
+    assert auto["gpu_hours"] <= base["gpu_hours"]
+    cached = sim.plan(5, Levers(autoscale=True, cache_hit_rate=0.5)).totals
+    assert cached["gpu_hours"] <= auto["gpu_hours"]
+    reserved = sim.plan(5, Levers(autoscale=True, reserved_baseline=True, spot_share=1.0)).totals
+    assert reserved["gpu_hours"] == auto["gpu_hours"]
+    assert reserved["cost_usd"] < auto["cost_usd"]
+    rates = sim.hourly_rates(1, Levers(route_small_share=0.5))
+    plain = sim.hourly_rates(1, Levers())
+    # routing moves requests between tiers but loses none
+    assert rates["upstream"].sum() == pytest.approx(plain["upstream"].sum())
+    small = rates.filter(rates["tier"] == "small")["upstream"].sum()
+    assert small > plain.filter(plain["tier"] == "small")["upstream"].sum()
+    # a context cap never raises the need
+    capped = sim.plan(5, Levers(autoscale=True, token_cap=100)).totals
+    assert capped["gpu_hours"] <= auto["gpu_hours"]
+
+
+def test_headline_before_and_after(syn_lake, sim: Simulator) -> None:
+    h = headline(finops.connect(syn_lake), 5, simulator=sim)
+    assert h["after_usd_per_1k"] < h["before_usd_per_1k"]
+    assert h["line"].startswith("5x growth: $") and "before levers" in h["line"]
+
+
+@pytest.mark.parametrize("g", [0, -1, float("nan")])
+def test_bad_growth(sim: Simulator, g: float) -> None:
+    with pytest.raises(ValueError, match="growth must be a positive factor"):
+        sim.plan(g)
+
+
+def test_bad_levers_and_slo() -> None:
+    with pytest.raises(ValueError, match="route_small_share"):
+        Levers(route_small_share=1.5)
+    with pytest.raises(ValueError, match="token_cap"):
+        Levers(token_cap=0)
+    with pytest.raises(ValueError, match="max_num_seqs"):
+        Levers(max_num_seqs=0)
+
+
+def test_unreachable_slo_is_a_clear_error(syn_lake) -> None:
+    s = Simulator.from_lake(finops.connect(syn_lake), slo_ttft_p95_ms=1)
+    with pytest.raises(ValueError, match="no replica count meets p95 TTFT <= 1 ms"):
+        s.plan(1)
+
+
+def test_empty_lake_and_unknown_tier(syn_lake, lake) -> None:
+    with pytest.raises(NoServingData, match="no requests"):
+        load_trace(finops.connect(lake.path))
+    with pytest.raises(ValueError, match="unknown tier"):
+        load_trace(finops.connect(syn_lake), tiers=["nope"])
+
+
+def test_simulate_cli(syn_lake, tmp_path) -> None:
+    runner = CliRunner()
+    r = runner.invoke(app, ["simulate", "--lake", str(syn_lake), "--growth", "2",
+                            "--route-small-share", "0.2", "--autoscale", "--format", "json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.output)
+    assert out["growth"] == 2 and out["after"]["gpu_hours"] <= out["before"]["gpu_hours"]
+    r = runner.invoke(app, ["simulate", "--lake", str(syn_lake), "--growth", "-2"])
+    assert r.exit_code == 2 and "growth must be a positive factor" in r.output
+    r = runner.invoke(app, ["simulate", "--lake", str(tmp_path / "none")])
+    assert r.exit_code == 2 and "no lake here" in r.output
+    r = runner.invoke(app, ["simulate", "--lake", str(syn_lake), "--format", "xml"])
+    assert r.exit_code == 2 and "--format" in r.output
