@@ -24,7 +24,7 @@ _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d)?\s*$")
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
 
 
-def duration(value: Any, what: str) -> float:
+def duration(value: Any, what: str, *, allow_zero: bool = False) -> float:
     """`"10s"`, `"5m"`, `"1h"`, `"250ms"` or a number of seconds -> seconds (> 0)."""
     if isinstance(value, bool):
         raise ConfigError(f"{what}: expected a duration like '10s', got {value!r}")
@@ -37,8 +37,8 @@ def duration(value: Any, what: str) -> float:
                 f"{what}: expected a duration like '10s', '5m', '1h' or seconds, got {value!r}"
             )
         seconds = float(m.group(1)) * _UNITS[m.group(2)]
-    if seconds <= 0:
-        raise ConfigError(f"{what}: must be > 0, got {value!r}")
+    if seconds < 0 or (seconds == 0 and not allow_zero):
+        raise ConfigError(f"{what}: must be {'>=' if allow_zero else '>'} 0, got {value!r}")
     return seconds
 
 
@@ -131,7 +131,7 @@ def make_target(
     kw: dict[str, Any] = {"kind": kind}
     for key in _DURATIONS:
         if key in merged:
-            kw[key] = duration(merged[key], f"{where}.{key}")
+            kw[key] = duration(merged[key], f"{where}.{key}", allow_zero=key == "lag")
     for key in ("url", "query", "path", "mapping", "table", "host"):
         if key in merged:
             if not isinstance(merged[key], str) or not merged[key]:

@@ -92,12 +92,17 @@ class GpuRows:
 
 
 def default_url(url: str) -> str:
-    """`host` or `host:port` -> `http://host:9400/metrics` (the exporter's default)."""
+    """`host` or `host:port` -> `http://host:9400/metrics` (the exporter's defaults).
+
+    A full URL keeps its scheme and port (a proxy may serve it); only a
+    missing path becomes `/metrics`.
+    """
     if "://" not in url:
-        url = f"http://{url}"
+        parts = urlsplit(f"http://{url}")
+        netloc = parts.netloc if parts.port else f"{parts.netloc}:{DEFAULT_PORT}"
+        return f"http://{netloc}{parts.path or '/metrics'}"
     parts = urlsplit(url)
-    netloc = parts.netloc if parts.port else f"{parts.netloc}:{DEFAULT_PORT}"
-    return f"{parts.scheme}://{netloc}{parts.path or '/metrics'}"
+    return f"{parts.scheme}://{parts.netloc}{parts.path or '/metrics'}"
 
 
 def gpu_rows(

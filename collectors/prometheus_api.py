@@ -162,7 +162,6 @@ def result_to_rows(
             rejects=pl.DataFrame(),
         )
         gpu = dcgm_mod.gpu_rows(parsed, ts=now, target=url, source="prometheus").rows
-        # labels map: the exporter's labels came as a JSON string here
         gpu = gpu.with_columns(pl.lit(f"{url} query {query!r}").alias("_location"))
     if serving_part.height:
         metric = normalize_names(pl.col("name"))
@@ -189,6 +188,17 @@ def _num(v: Any) -> float:
         return math.nan
 
 
+def atomic_write_text(path: Path, text: str) -> None:
+    """Temp file, fsync, rename: a crash leaves the old checkpoint or the new one."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "w") as fh:
+        fh.write(text)
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+
+
 @dataclass
 class RangeCheckpoint:
     """The end of the last chunk that reached the lake, per (URL, query)."""
@@ -212,9 +222,6 @@ class RangeCheckpoint:
         return dt.datetime.fromisoformat(doc["loaded_until"])
 
     def save(self, until: dt.datetime, *, url: str, query: str) -> None:
-        from collectors.checkpoint import atomic_write_text
-
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         atomic_write_text(
             self.path,
             json.dumps({"url": url, "query": query, "loaded_until": until.isoformat()}),
