@@ -303,8 +303,12 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
             return
         for row in reader:
             loc = f"{path}:{reader.line_num}"
-            if None in row:
-                yield loc, _RowError("<line>", f"{len(reader.fieldnames)} columns", "<extra cells>")
+            if None in row or None in row.values():
+                cells = len(row.get(None) or []) + sum(v is not None for k, v in row.items() if k)
+                yield (
+                    loc,
+                    _RowError("<line>", f"{len(reader.fieldnames)} cells", f"<{cells} cells>"),
+                )
                 continue
             yield loc, row
 

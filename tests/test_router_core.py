@@ -1,0 +1,212 @@
+"""Router: learnable rule, conformal guarantee, data contract errors, fast scorer parity."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from finops.router import data as D
+from finops.router import evaluate as E
+from finops.router.artifact import load_router
+from finops.router.calibrate import calibrate, losses, route_indices
+from finops.router.train import train
+
+TIERS = ["small", "mid", "large"]
+
+
+def rule_rows(n: int, seed: int) -> list[dict]:
+    """A learnable rule: the verb decides the tier; fillers overlap across tiers."""
+    rng = np.random.default_rng(seed)
+    verbs = {0: ["reformat", "translate"], 1: ["summarize", "draft"], 2: ["prove", "audit"]}
+    fill = [
+        "the",
+        "invoice",
+        "order",
+        "customer",
+        "ticket",
+        "code",
+        "data",
+        "report",
+        "table",
+        "please",
+        "quickly",
+    ]
+    rows = []
+    for _ in range(n):
+        t = int(rng.choice(3, p=[0.5, 0.3, 0.2]))
+        words = [str(rng.choice(verbs[t])), *rng.choice(fill, int(rng.integers(3, 30)))]
+        rows.append({"prompt": " ".join(words), "label": TIERS[t], "feature": "f"})
+    return rows
+
+
+def write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return path
+
+
+@pytest.fixture(scope="module")
+def rule_artifact(tmp_path_factory: pytest.TempPathFactory):
+    tmp = tmp_path_factory.mktemp("rule")
+    ds = D.load_labeled(write_jsonl(tmp / "rule.jsonl", rule_rows(900, 1)))
+    res = train(ds, tmp / "art", cv_folds=0, quality_target=0.9, confidence=0.9)
+    return res, tmp
+
+
+def test_learnable_rule_reaches_clear_auc(rule_artifact) -> None:
+    res, _ = rule_artifact
+    ev = res.evaluation
+    assert min(ev["auc_per_tier"].values()) > 0.9, ev["auc_per_tier"]
+    assert ev["routellm"]["apgr"] > ev["baselines"]["random"]["apgr"] + 0.1
+    assert ev["accuracy"] > 0.85
+
+
+def test_fast_scorer_matches_sklearn_on_many_rows(rule_artifact) -> None:
+    _, tmp = rule_artifact
+    router = load_router(tmp / "art")
+    ds = D.load_labeled(write_jsonl(tmp / "fresh.jsonl", rule_rows(200, 7)))
+    X = ds.features(True)
+    via_sklearn = router.pipeline.predict_proba(X)
+    fast = np.vstack([router.probabilities_for_row(r) for r in X.to_dicts()])
+    np.testing.assert_allclose(fast, via_sklearn, atol=1e-9)
+
+
+def test_route_on_openai_bodies(rule_artifact) -> None:
+    _, tmp = rule_artifact
+    router = load_router(tmp / "art")
+    chat = {"model": "auto", "messages": [{"role": "user", "content": "translate the table"}]}
+    d = router.route(chat, feature="f")
+    assert d.tier in router.tiers
+    assert abs(sum(d.probabilities.values()) - 1) < 1e-9
+    assert d.score == pytest.approx(d.cumulative[d.tier])
+    hard = router.route({"prompt": "prove and audit the data report"}, feature="f")
+    easy = router.route({"prompt": "reformat the invoice"}, feature="f")
+    assert hard.probabilities["large"] > easy.probabilities["large"]
+    assert router.tiers.index(hard.tier) >= router.tiers.index(easy.tier)
+    assert any(c["name"] == "text" for c in router.feature_schema)
+
+
+def test_conformal_threshold_meets_target_on_fresh_samples() -> None:
+    """LTT guarantee: P(risk > alpha) <= delta; check the failure rate over many draws."""
+    k, alpha, delta = 3, 0.05, 0.1
+
+    def draw(n: int, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+        logits = rng.normal(size=(n, k)) * 2.0
+        p = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        y = np.array([rng.choice(k, p=pi) for pi in p])  # calibrated by construction
+        q = (np.arange(k)[None, :] >= y[:, None]).astype(float)
+        return E.cumulative(p), q
+
+    rng = np.random.default_rng(0)
+    big_cum, big_q = draw(60_000, rng)
+    fails = 0
+    trials = 30
+    saved = []
+    for s in range(trials):
+        cum, q = draw(600, np.random.default_rng(100 + s))
+        dec = calibrate(cum, q, quality_target=1 - alpha, confidence=1 - delta)
+        risk = losses(big_q, route_indices(big_cum, dec["lambda"])).mean()
+        fails += risk > alpha
+        saved.append(1 - (route_indices(big_cum, dec["lambda"]) == k - 1).mean())
+    # failures ~ Binomial(30, <=0.1): P(X >= 8) < 0.03
+    assert fails <= 7, fails
+    assert np.mean(saved) > 0.2  # and it is not trivially "always large"
+
+
+def test_conformal_with_scores_uses_bounded_losses() -> None:
+    rng = np.random.default_rng(3)
+    n = 2000
+    p = rng.dirichlet(np.ones(3), size=n)
+    q = np.clip(rng.normal(0.6, 0.2, size=(n, 3)) + np.array([0, 0.1, 0.3]), 0, 1)
+    dec = calibrate(E.cumulative(p), q, quality_target=0.95, confidence=0.9)
+    assert "Hoeffding-Bentkus" in dec["method"]
+    if dec["lambda"] is not None:
+        assert dec["calibration_loss"] <= 0.05
+
+
+def test_trained_threshold_holds_on_fresh_data(rule_artifact) -> None:
+    _, tmp = rule_artifact
+    router = load_router(tmp / "art")
+    ds = D.load_labeled(write_jsonl(tmp / "fresh2.jsonl", rule_rows(3000, 99)))
+    proba = router.pipeline.predict_proba(ds.features(True))
+    idx = route_indices(E.cumulative(proba), router.thresholds[0])
+    loss = losses(ds.quality, idx).mean()
+    assert loss <= 1 - router.quality_target + 0.01
+
+
+def test_bad_rows_are_reported_with_location(tmp_path: Path) -> None:
+    good = rule_rows(40, 3)
+    lines = [json.dumps(r) for r in good]
+    lines.insert(2, "{not json")
+    lines.insert(5, json.dumps({"prompt": "x", "label": "huge"}))
+    lines.insert(7, json.dumps({"prompt": "x", "scores": {"small": 2, "mid": 0.1, "large": 1}}))
+    lines.insert(9, json.dumps({"prompt": "x", "label": "small", "turn_count": -1}))
+    lines.insert(11, json.dumps({"label": "small"}))
+    p = tmp_path / "bad.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    ds = D.load_labeled(p)
+    assert ds.frame.height == 40 and ds.read == 45 and len(ds.bad_rows) == 5
+    msgs = [str(b) for b in ds.bad_rows]
+    assert msgs[0].startswith(f"{p}:3: field '<line>'")
+    assert f"{p}:6: field 'label': expected one of ['small', 'mid', 'large'], got 'huge'" in msgs
+    assert any(f"{p}:8: field 'scores.small'" in m for m in msgs)
+    assert any(f"{p}:10: field 'turn_count'" in m for m in msgs)
+    assert any(f"{p}:12: field 'prompt'" in m for m in msgs)
+
+
+def test_csv_and_parquet_loaders_and_scores(tmp_path: Path) -> None:
+    csv_path = D.write_demo_labeled(tmp_path / "d.csv", 300, seed=2, scores=True)
+    pq_path = D.write_demo_labeled(tmp_path / "d.parquet", 300, seed=2, scores=True)
+    a = D.load_labeled(csv_path)
+    b = D.load_labeled(pq_path)
+    assert a.frame.height == b.frame.height == 300
+    assert a.label_kind == "scores"
+    np.testing.assert_array_equal(a.labels, b.labels)
+    np.testing.assert_allclose(a.quality, b.quality)
+    with open(csv_path, "a") as fh:
+        fh.write("x,y\n")
+    c = D.load_labeled(csv_path)
+    last_line = len(csv_path.read_text().splitlines())  # quoted fields span lines
+    assert len(c.bad_rows) == 1 and c.bad_rows[0].location == f"{csv_path}:{last_line}"
+    assert c.bad_rows[0].got == "<2 cells>"
+    assert "cells" in c.bad_rows[0].expected
+
+
+def test_demo_set_is_deterministic_imbalanced_and_not_trivial(tmp_path: Path) -> None:
+    a = D.demo_labeled_rows(3000, seed=5)
+    assert a == D.demo_labeled_rows(3000, seed=5)
+    assert a != D.demo_labeled_rows(3000, seed=6)
+    labels = np.array([TIERS.index(r["label"]) for r in a])
+    shares = np.bincount(labels, minlength=3) / len(labels)
+    assert shares[0] > shares[1] > shares[2] > 0.08
+    # length alone is a weak signal
+    from sklearn.metrics import roc_auc_score
+
+    lengths = [len(r.get("prompt") or json.dumps(r.get("messages"))) for r in a]
+    assert roc_auc_score(labels == 2, lengths) < 0.8
+
+
+def test_metadata_only_training_when_capture_off(tmp_path: Path) -> None:
+    rows = D.demo_labeled_rows(1200, seed=4)
+    for r in rows:
+        text = r.pop("prompt", None) or json.dumps(r.pop("messages"))
+        r["prompt_tokens"] = len(text) // 4
+    ds = D.load_labeled(write_jsonl(tmp_path / "meta.jsonl", rows))
+    assert not ds.has_text
+    res = train(ds, tmp_path / "art", cv_folds=0, quality_target=0.9, confidence=0.9)
+    router = load_router(tmp_path / "art")
+    assert router.uses_prompt_text is False
+    assert all(c["kind"] != "text" for c in router.feature_schema)
+    assert res.evaluation["routellm"]["apgr"] > res.evaluation["baselines"]["random"]["apgr"]
+    d = router.route({"messages": [{"role": "user", "content": "hi"}]}, feature="translate")
+    assert d.tier in TIERS
+
+
+def test_too_few_rows_for_a_tier_is_a_clear_error(tmp_path: Path) -> None:
+    rows = [{"prompt": f"p {i}", "label": "small" if i % 2 else "mid"} for i in range(60)]
+    rows[0]["label"] = "large"
+    ds = D.load_labeled(write_jsonl(tmp_path / "thin.jsonl", rows))
+    with pytest.raises(D.DataError, match=r"tier\(s\) \['large'\] have fewer than 10"):
+        train(ds, None, cv_folds=0)
