@@ -176,6 +176,8 @@ def plan_for(
             mapping = mapping.with_base_time(base_ts)
         fmt = _format_of(path, mapping)
         return _Plan(fmt, table, mapping, mapping.source or f"ingest:{path.name}")
+    if base_ts is not None:
+        raise MappingError("--base-ts needs a mapping whose timestamps are relative (relative_to)")
     fmt = _format_of(path, None)
     if fmt != "jsonl":
         raise MappingError(
@@ -186,7 +188,8 @@ def plan_for(
     if not records:
         # nothing parseable yet (empty, or only bad lines): read it natively so bad
         # lines are rejected with their reasons; a growing file is re-detected later.
-        return _Plan("jsonl", table, None, "shim" if table == "requests" else "ingest", True)
+        shim = table == "requests"
+        return _Plan("jsonl", table, None, "shim" if shim else f"ingest:{path.name}", shim)
     keys = set().union(*(r.keys() for r in records))
     cols = set(schema_for(table).columns)
     if table == "requests" and {"request_id", "ts"} <= keys:
@@ -456,6 +459,12 @@ def parse_jsonl_chunk(
         except pl.exceptions.PolarsError:
             df = None
     if df is None and len(kept_idx):
+        # whitespace-only lines are blank, not bad JSON (the fast check looked at few lines)
+        for i in kept_idx[lines.lengths[kept_idx] < 256]:
+            if not lines.text(int(i)).strip():
+                blank[i], keep[i] = True, False
+        records = int((~blank).sum())
+        kept_idx = np.flatnonzero(keep)
         df, kept_idx, bad = _parse_slow(lines, kept_idx, line_no, label, schema, paths)
         rejects += bad
         typed = False

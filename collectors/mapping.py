@@ -140,8 +140,12 @@ class Mapping:
 
     def with_base_time(self, base: dt.datetime) -> Mapping:
         """A copy whose relative timestamps count from `base` (CLI `--base-ts`)."""
+        if not any(v.relative_to is not None for v in self.columns.values()):
+            raise MappingError(
+                f"{self.origin}: --base-ts given, but no column of this mapping has relative_to"
+            )
         cols = {
-            k: (_replace(v, relative_to=base) if v.relative_to is not None or v.unit else v)
+            k: (_replace(v, relative_to=base) if v.relative_to is not None else v)
             for k, v in self.columns.items()
         }
         return Mapping(**{**self.__dict__, "columns": cols})

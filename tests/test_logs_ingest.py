@@ -657,3 +657,55 @@ def test_kill9_mid_ingest_no_loss_no_duplicates(tmp_path: Path) -> None:
     hits = q(lake, "SELECT count(*) FROM cache_events").item()
     assert hits == sum(1 for i in range(total) if i % 10 == 0)
     assert rejects(lake).height == 0
+
+
+def test_cli_follow_tails_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    log = tmp_path / "shim.jsonl"
+    lake_dir = tmp_path / "lake"
+    write_jsonl(log, [shim_record(i) for i in range(5)])
+    entry = "import sys; from finops.cli import main; sys.argv[0] = 'finops'; main()"
+    cmd = [sys.executable, "-c", entry, "ingest", "requests", str(log), "--lake", str(lake_dir)]
+    proc = subprocess.Popen(
+        [*cmd, "--follow", "--interval", "0.1"], cwd=ROOT, stderr=subprocess.PIPE, text=True
+    )
+    try:
+        lake = Lake(lake_dir)
+
+        def count() -> int:
+            return q(lake, "SELECT count(*) FROM requests").item() if lake.files("requests") else 0
+
+        deadline = time.monotonic() + 60
+        while count() < 5 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        write_jsonl(log, [shim_record(i) for i in range(5, 9)], mode="a")
+        while count() < 9 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err
+    assert count() == 9
+    assert "stopped: 9 read, 9 loaded, 0 rejected" in err
+    assert list((lake_dir / "_state" / "logs").glob("requests-*.json"))
+
+
+def test_crlf_and_whitespace_lines(lake: Lake, tmp_path: Path) -> None:
+    lines = [json.dumps(shim_record(i)) for i in range(1500)]
+    lines.insert(700, "   \t ")
+    path = tmp_path / "crlf.jsonl"
+    path.write_bytes(("\r\n".join(lines) + "\r\n").encode())
+    report = ingest_file(path, lake)
+    assert (report.read, report.loaded, report.rejected) == (1500, 1500, 0)
+    assert q(lake, "SELECT count(*) FROM requests WHERE request_id LIKE '%\r'").item() == 0
+
+
+def test_base_ts_needs_a_relative_mapping(lake: Lake, tmp_path: Path) -> None:
+    path = tmp_path / "shim.jsonl"
+    write_jsonl(path, [shim_record(1)])
+    base = dt.datetime(2025, 1, 1, tzinfo=UTC)
+    with pytest.raises(MappingError, match="--base-ts"):
+        ingest_file(path, lake, base_ts=base)
+    with pytest.raises(MappingError, match="no column of this mapping has relative_to"):
+        ingest_file(path, lake, mapping="openai-usage", base_ts=base)
