@@ -214,7 +214,7 @@ def test_fake_nvml_through_the_daemon_feeds_the_marts(tmp_path: Path) -> None:
     inc = db.execute(
         "SELECT sum(increase) FROM clean.gpu_counter_increase "
         "WHERE field = 'nvml_total_energy_consumption_mj'"
-    ).fetchone()[0]
+    ).fetchall()[0][0]
     assert inc == 3_600_000
 
 
@@ -235,7 +235,7 @@ def test_no_driver_cli_is_one_line_and_exit_0(tmp_path: Path) -> None:
     assert "Traceback" not in res.output
     assert "DOWN nvml" in res.output and "NVML unavailable (NVMLError_" in res.output
     db = finops.connect(tmp_path / "lake")
-    up, err = db.execute("SELECT up, error FROM scrape_health").fetchone()
+    up, err = db.execute("SELECT up, error FROM scrape_health").fetchall()[0]
     assert up is False
     assert "libnvidia-ml.so" in err or "driver" in err
 

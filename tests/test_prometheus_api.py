@@ -175,7 +175,7 @@ def test_long_range_is_split_loaded_with_gaps_and_resumed(tmp_path: Path) -> Non
         assert fake.requests[0]["start"] == pytest.approx(resumed + 15, abs=0.002)
         # the re-fetched overlap adds nothing to the clean view; only points newer
         # than `last` (a few seconds' worth) are new
-        after = db.execute("SELECT count(*) FROM clean.gpu_samples").fetchone()[0]
+        after = db.execute("SELECT count(*) FROM clean.gpu_samples").fetchall()[0][0]
         assert gpu.height <= after <= gpu.height + 2 * 2
 
 
@@ -205,7 +205,7 @@ def test_errors_are_reported_and_leave_the_checkpoint_alone(tmp_path: Path) -> N
         outs = run(tmp_path / "lake", url, "up")
     assert not outs[0].up and "not Prometheus API JSON" in outs[0].error
     db = finops.connect(tmp_path / "lake")
-    assert db.execute("SELECT count(*) FROM scrape_health WHERE NOT up").fetchone()[0] == 2
+    assert db.execute("SELECT count(*) FROM scrape_health WHERE NOT up").fetchall()[0][0] == 2
 
 
 def test_parse_response_envelopes() -> None:
