@@ -621,11 +621,11 @@ def test_kill9_mid_ingest_no_loss_no_duplicates(tmp_path: Path) -> None:
     lake_dir, cp = tmp_path / "lake", tmp_path / "cp"
     script = tmp_path / "follower.py"
     script.write_text(FOLLOWER)
-    total = 4000
+    total = 2500
     write_jsonl(log, [shim_record(i) for i in range(total)])
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
     # small batches: many lake-write/checkpoint pairs, so the kill lands between them
-    args = [sys.executable, str(script), str(log), str(lake_dir), str(cp), "16000"]
+    args = [sys.executable, str(script), str(log), str(lake_dir), str(cp), "24000"]
     proc = subprocess.Popen([*args, "forever"], stdout=subprocess.PIPE, env=env, cwd=ROOT)
     try:
         deadline = time.monotonic() + 60
