@@ -22,16 +22,21 @@ from finops.schemas import TABLES
 NOW = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
 
 
-def _requests(n: int, day: int = 16, prefix: str = "r") -> pl.DataFrame:
+def _requests(
+    n: int, day: int = 16, prefix: str = "r", offset: int = 0, days: int = 1
+) -> pl.DataFrame:
+    ids = range(offset, offset + n)
     return pl.DataFrame(
         {
-            "request_id": [f"{prefix}-{i}" for i in range(n)],
-            "ts": [dt.datetime(2026, 11, day, i % 24, i % 60, tzinfo=dt.UTC) for i in range(n)],
-            "tenant": [f"t{i % 3}" for i in range(n)],
-            "input_tokens": [10 * i for i in range(n)],
-            "output_tokens": [i for i in range(n)],
-            "stream": [i % 2 == 0 for i in range(n)],
-            "latency_ms": [1.5 * i for i in range(n)],
+            "request_id": [f"{prefix}-{i}" for i in ids],
+            "ts": [
+                dt.datetime(2026, 11, day + i % days, i % 24, i % 60, tzinfo=dt.UTC) for i in ids
+            ],
+            "tenant": [f"t{i % 3}" for i in ids],
+            "input_tokens": [10 * i for i in ids],
+            "output_tokens": list(ids),
+            "stream": [i % 2 == 0 for i in ids],
+            "latency_ms": [1.5 * i for i in ids],
         }
     )
 
@@ -216,8 +221,8 @@ def test_rejects_keep_given_location_and_raw_text(lake: Lake) -> None:
 
 
 def _busy_lake(lake: Lake) -> None:
-    for k in range(4):
-        lake.append("requests", _requests(30, day=16 + k % 2, prefix=f"b{k % 3}"), now=NOW)
+    for k in range(4):  # overlapping batches: the same rows land in several files
+        lake.append("requests", _requests(30, prefix="b", offset=10 * k, days=2), now=NOW)
     for k in range(3):
         lake.append(
             "serving_samples",
