@@ -42,6 +42,8 @@ class TrainResult:
     test_proba: np.ndarray
     test: LabeledData
     path: Path | None
+    cal_proba: np.ndarray | None = None
+    cal: LabeledData | None = None
 
 
 def _split(labels: np.ndarray, seed: int, fractions: tuple[float, float]) -> tuple[np.ndarray, ...]:
@@ -162,7 +164,19 @@ def train(
             drift=drift,
         )
         router = load_router(path)
-    return TrainResult(router, pipeline, decision, evaluation, drift, uses_text, p_test, test, path)
+    return TrainResult(
+        router,
+        pipeline,
+        decision,
+        evaluation,
+        drift,
+        uses_text,
+        p_test,
+        test,
+        path,
+        p_cal,
+        data.take(cal),
+    )
 
 
 def drift_reference(proba: np.ndarray, lam: float | None, tiers: list[str]) -> dict[str, Any]:
