@@ -16,9 +16,7 @@ import time
 from pathlib import Path
 
 import httpx
-import numpy as np
 import orjson
-import polars as pl
 import pytest
 
 from finops.shim import from_flags, serve_in_thread
@@ -26,6 +24,7 @@ from finops.shim.config import RuleRouterConfig
 from finops.shim.fakeupstream import FakeUpstream
 from finops.shim.policy import Router, RulePolicy
 from finops.shim.server import run_app_in_thread
+from finops.shim.testing import train_demo_router
 
 TIERS = ["small", "mid", "large"]
 CHAT = {
@@ -36,49 +35,7 @@ CHAT = {
 
 
 def train_tiny_router(out: Path, *, n: int = 600, seed: int = 1) -> Path:
-    """Fit the router pipeline on the demo labeled set and export a verified artifact."""
-    import warnings
-
-    from finops.router import features as F
-    from finops.router.artifact import _FRAME_SCHEMA, write_artifact
-    from finops.router.data import demo_labeled_rows
-    from finops.router.model import build_pipeline
-
-    rows = demo_labeled_rows(n, seed)
-    feats, labels = [], []
-    for r in rows:
-        body = {"messages": r["messages"]} if "messages" in r else {"prompt": r["prompt"]}
-        text, turns = F.body_text(body)
-        feats.append(
-            F.extract(
-                text=text,
-                turn_count=turns,
-                has_tools=r["has_tools"],
-                feature=r["feature"],
-                tenant=r["tenant"],
-            )
-        )
-        labels.append(TIERS.index(r["label"]))
-    X = pl.DataFrame(feats, schema=_FRAME_SCHEMA())
-    y = np.asarray(labels)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        pipe = build_pipeline(True, cv=2, max_iter=100, seed=seed).fit(X, y)
-    return write_artifact(
-        out,
-        pipe,
-        tiers=TIERS,
-        upstream_models={t: t for t in TIERS},
-        decision={
-            "thresholds": {"small": 0.6, "mid": 0.7},
-            "quality_target": 0.9,
-            "confidence": 0.9,
-        },
-        uses_prompt_text=True,
-        training_data={"rows": n, "seed": seed, "source": "demo_labeled_rows"},
-        evaluation={"train_accuracy": float((pipe.predict(X) == y).mean())},
-        drift={},
-    )
+    return train_demo_router(out, n=n, seed=seed)
 
 
 @pytest.fixture(scope="module")

@@ -34,6 +34,7 @@ from starlette.routing import Route
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import Coalescer, MemoryCache, RedisCache
 from finops.shim.config import ConfigError, ShimConfig, load_config
+from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
 from finops.shim.policy import Router, load_policy
 from finops.shim.proxy import (
@@ -78,7 +79,8 @@ class Shim:
         self.redis: RedisCache | None = RedisCache(cfg.redis_url) if cfg.redis_url else None
         self.cache = self.redis or MemoryCache(cfg.cache_max_entries, cfg.cache_max_bytes)
         self.idem = self.redis or MemoryCache(max(1000, cfg.cache_max_entries), cfg.cache_max_bytes)
-        self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # made in start()
+        self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # control plane, made in start()
+        self.h1: H1Client = None  # type: ignore[assignment]  # the proxy's upstream connections
         self.started_at = time.time()
         self.last_reload_error: str | None = None
         self._tasks: list[asyncio.Task] = []
@@ -166,6 +168,7 @@ class Shim:
             ),
             trust_env=False,
         )
+        self.h1 = H1Client(cfg.max_connections, cfg.connect_timeout_s)
         if not cfg.auth_enabled:
             self.logger.warning(
                 "AUTH IS OFF: no API keys configured, every request is accepted as tenant %r. "
@@ -193,6 +196,8 @@ class Shim:
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
         if self.client is not None:
             await self.client.aclose()
+        if self.h1 is not None:
+            self.h1.close()
         if self.redis is not None:
             await self.redis.close()
         self.log.close()

@@ -255,3 +255,118 @@ async def _reply(send: Any, status: int, body: bytes) -> None:
         }
     )
     await send({"type": "http.response.body", "body": body})
+
+
+# --------------------------------------------------------------------------- the fast one
+
+
+def _canned_http(stream: bool, chat: bool, tokens: int) -> bytes:
+    if stream:
+        base = {
+            "id": "cmpl-fast",
+            "object": "chat.completion.chunk" if chat else "text_completion",
+            "created": 1,
+            "model": "fast",
+        }
+        parts = []
+        for i in range(tokens):
+            ch = (
+                {"index": 0, "delta": {"content": f"t{i} "}, "finish_reason": None}
+                if chat
+                else {"index": 0, "text": f"t{i} ", "finish_reason": None}
+            )
+            parts.append(b"data: " + orjson.dumps({**base, "choices": [ch]}) + b"\n\n")
+        parts.append(
+            b"data: "
+            + orjson.dumps(
+                {
+                    **base,
+                    "choices": [],
+                    "usage": {
+                        "prompt_tokens": 12,
+                        "completion_tokens": tokens,
+                        "total_tokens": 12 + tokens,
+                    },
+                }
+            )
+            + b"\n\n"
+        )
+        parts.append(b"data: [DONE]\n\n")
+        body = b"".join(parts)
+        ct = b"text/event-stream"
+    else:
+        body = _full(chat, "fast", 12, tokens)
+        ct = b"application/json"
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: "
+        + ct
+        + b"\r\ncontent-length: "
+        + str(len(body)).encode()
+        + b"\r\n\r\n"
+        + body
+    )
+
+
+class _FastProtocol(asyncio.Protocol):
+    """HTTP/1.1 keep-alive, Content-Length bodies only; answers from precomputed bytes."""
+
+    def __init__(self, canned: dict[tuple[bool, bool], bytes]) -> None:
+        self.canned = canned
+        self.buf = b""
+        self.transport: Any = None
+
+    def connection_made(self, transport: Any) -> None:
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.buf += data
+        while True:
+            i = self.buf.find(b"\r\n\r\n")
+            if i < 0:
+                return
+            head = self.buf[:i].lower()
+            j = head.find(b"content-length:")
+            n = (
+                int(head[j + 15 : head.find(b"\r\n", j) if head.find(b"\r\n", j) > 0 else None])
+                if j >= 0
+                else 0
+            )
+            if len(self.buf) < i + 4 + n:
+                return
+            body = self.buf[i + 4 : i + 4 + n]
+            self.buf = self.buf[i + 4 + n :]
+            if head.startswith(b"get /health"):
+                self.transport.write(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\n\r\n")
+                continue
+            stream = b'"stream":true' in body
+            chat = b"/chat/" in head[:60]
+            self.transport.write(self.canned[(stream, chat)])
+
+
+async def serve_fast(port: int, tokens: int = 8, host: str = "127.0.0.1") -> None:
+    """A minimal fast OpenAI-shaped upstream (for measuring the shim's own cost)."""
+    canned = {(s, c): _canned_http(s, c, tokens) for s in (False, True) for c in (False, True)}
+    loop = asyncio.get_running_loop()
+    server = await loop.create_server(lambda: _FastProtocol(canned), host, port, backlog=4096)
+    async with server:
+        await server.serve_forever()
+
+
+if __name__ == "__main__":
+    import argparse
+
+    ap = argparse.ArgumentParser(description="Canned OpenAI-compatible upstream on loopback.")
+    ap.add_argument("--port", type=int, required=True)
+    ap.add_argument("--tokens", type=int, default=8)
+    ap.add_argument(
+        "--fast", action="store_true", help="raw asyncio server (no ASGI), for benchmarks"
+    )
+    a = ap.parse_args()
+    if a.fast:
+        asyncio.run(serve_fast(a.port, a.tokens))
+    else:
+        import uvicorn
+
+        uvicorn.run(
+            FakeUpstream(tokens=a.tokens), host="127.0.0.1", port=a.port, log_level="warning"
+        )

@@ -20,12 +20,12 @@ import time
 import uuid
 from typing import TYPE_CHECKING, Any
 
-import httpx
 import orjson
 
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import assemble_stream, cache_key, is_deterministic, replay_as_sse
 from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
+from finops.shim.h1client import ConnectError, Disconnected, Response
 from finops.shim.requestlog import iso_utc, new_record, redact
 from finops.shim.upstreams import STATE_NAMES, Upstream
 
@@ -509,7 +509,11 @@ class ProxyEndpoint:
                 {
                     "type": "http.response.start",
                     "status": 200,
-                    "headers": [JSON_CT, *ctx.headers(now)],
+                    "headers": [
+                        JSON_CT,
+                        (b"content-length", str(len(payload)).encode()),
+                        *ctx.headers(now),
+                    ],
                 }
             )
             await send({"type": "http.response.body", "body": payload, "more_body": False})
@@ -529,78 +533,68 @@ class ProxyEndpoint:
             body = {**body, "model": up.model}
         return orjson.dumps(body)
 
-    async def _attempt(self, ctx: Ctx, up: Upstream) -> tuple[httpx.Response, bytes]:
-        """Send to one replica; return the response and its first bytes (whole body if not streaming)."""
+    async def _attempt(self, ctx: Ctx, up: Upstream) -> tuple[Response, bytes, Any]:
+        """Send to one replica; return (response, first bytes, chunk iterator or None).
+
+        Not streaming (or an error status): the whole body is the "first bytes".
+        Everything up to here may fail over to another replica; nothing has
+        been sent to the client yet.
+        """
         shim = self.shim
-        headers = {
-            "content-type": "application/json",
-            "accept": "text/event-stream" if ctx.stream else "application/json",
-        }
+        hdrs = [
+            (b"content-type", b"application/json"),
+            (b"accept", b"text/event-stream" if ctx.stream else b"application/json"),
+        ]
         if up.api_key:
-            headers["authorization"] = "Bearer " + up.api_key
-        req = shim.client.build_request(
-            "POST", up.url + self.path, content=self._upstream_payload(ctx, up), headers=headers
-        )
-        resp: httpx.Response | None = None
+            hdrs.append((b"authorization", b"Bearer " + up.api_key.encode()))
+        payload = self._upstream_payload(ctx, up)
+        pool = shim.h1.pool(up.url)
+        resp: Response | None = None
         try:
             async with asyncio.timeout(shim.cfg.first_byte_timeout_s):
-                resp = await shim.client.send(req, stream=True)
-                if resp.status_code >= 500 or resp.status_code == 429:
-                    data = await resp.aread()
-                    await resp.aclose()
-                    reason = "rate_limited" if resp.status_code == 429 else "http_5xx"
+                resp = await pool.request(b"POST", self.path, payload, hdrs)
+                if resp.status >= 500 or resp.status == 429:
+                    data = await resp.read()
+                    reason = "rate_limited" if resp.status == 429 else "http_5xx"
                     raise UpstreamFailure(
-                        reason,
-                        resp.status_code,
-                        f"upstream {up.url} answered {resp.status_code}",
-                        data,
+                        reason, resp.status, f"upstream {up.url} answered {resp.status}", data
                     )
-                if not ctx.stream or resp.status_code != 200:
-                    data = await resp.aread()
-                    await resp.aclose()
-                    return resp, data
-                it = resp.aiter_raw()
+                if not ctx.stream or resp.status != 200:
+                    return resp, await resp.read(), None
+                it = resp.iter_chunks(shim.cfg.read_timeout_s).__aiter__()
                 first = b""
-                async for chunk in it:
-                    if chunk:
-                        first = chunk
-                        break
-                if not first:
-                    await resp.aclose()
-                    raise UpstreamFailure(
-                        "disconnect",
-                        502,
-                        f"upstream {up.url} closed the stream before the first byte",
-                    )
-                resp.extensions["finops_iter"] = it
-                return resp, first
+                while not first:
+                    try:
+                        first = await it.__anext__()
+                    except StopAsyncIteration:
+                        raise UpstreamFailure(
+                            "disconnect",
+                            502,
+                            f"upstream {up.url} ended the stream before the first byte",
+                        ) from None
+                return resp, first, it
         except TimeoutError:
             if resp is not None:
-                await resp.aclose()
+                resp.close()
             raise UpstreamFailure(
                 "timeout",
                 504,
                 f"upstream {up.url} sent no first byte within {shim.cfg.first_byte_timeout_s:g} s",
             ) from None
-        except httpx.TimeoutException as exc:
-            if resp is not None:
-                await resp.aclose()
-            kind = "connect" if isinstance(exc, httpx.ConnectTimeout) else "timeout"
-            raise UpstreamFailure(
-                kind, 504 if kind == "timeout" else 502, f"upstream {up.url}: {type(exc).__name__}"
-            ) from None
-        except httpx.ConnectError as exc:
+        except ConnectError as exc:
             raise UpstreamFailure(
                 "connect", 502, f"upstream {up.url} refused or unreachable: {exc}"
             ) from None
-        except (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError) as exc:
-            if resp is not None:
-                await resp.aclose()
+        except Disconnected as exc:
             raise UpstreamFailure(
                 "disconnect",
                 502,
-                f"upstream {up.url} dropped the connection before the first byte: {type(exc).__name__}",
+                f"upstream {up.url} dropped the connection before the first byte: {exc}",
             ) from None
+        except BaseException:
+            if resp is not None:
+                resp.close()
+            raise
 
     async def _forward(
         self, ctx: Ctx, send: Any, receive: Any, store_key: str | None
@@ -628,7 +622,7 @@ class ProxyEndpoint:
             t_send = time.perf_counter()
             try:
                 try:
-                    resp, first = await self._attempt(ctx, up)
+                    resp, first, it = await self._attempt(ctx, up)
                 except UpstreamFailure as exc:
                     ctx.upstream_wait += time.perf_counter() - t_send
                     up.breaker.failure(time.monotonic())
@@ -642,7 +636,7 @@ class ProxyEndpoint:
                     raise
                 t_first = time.perf_counter()
                 ctx.upstream_wait += t_first - t_send
-                if resp.status_code < 400:
+                if resp.status < 400:
                     up.breaker.success()
                 else:
                     up.breaker.release_probe()
@@ -650,11 +644,11 @@ class ProxyEndpoint:
                 ctx.tier = up.tier
                 rec["tier"] = up.tier
                 rec["upstream"] = up.url
-                if not ctx.stream or resp.status_code != 200:
+                if it is None:
                     shim.metrics.upstream_latency.labels(up.tier).observe(t_first - t_send)
                     return await self._respond_full(ctx, up, resp, first, send, store_key)
                 return await self._respond_stream(
-                    ctx, up, resp, first, t_send, send, receive, store_key
+                    ctx, up, resp, first, it, t_send, send, receive, store_key
                 )
             finally:
                 up.outstanding -= 1
@@ -685,16 +679,16 @@ class ProxyEndpoint:
         self,
         ctx: Ctx,
         up: Upstream,
-        resp: httpx.Response,
+        resp: Response,
         data: bytes,
         send: Any,
         store_key: str | None,
     ) -> tuple[dict, bytes] | None:
         shim = self.shim
         rec = ctx.rec
-        rec["status_code"] = resp.status_code
+        rec["status_code"] = resp.status
         meta = None
-        if resp.status_code == 200:
+        if resp.status == 200:
             try:
                 obj = orjson.loads(data)
             except orjson.JSONDecodeError:
@@ -712,13 +706,13 @@ class ProxyEndpoint:
                     "finish_reason": rec["finish_reason"],
                 }
         else:
-            rec["error_type"] = f"upstream_{resp.status_code}"
+            rec["error_type"] = f"upstream_{resp.status}"
         now = time.perf_counter()
         ct = resp.headers.get("content-type", "application/json").encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": resp.status_code,
+                "status": resp.status,
                 "headers": [(b"content-type", ct), *ctx.headers(now)],
             }
         )
@@ -747,8 +741,9 @@ class ProxyEndpoint:
         self,
         ctx: Ctx,
         up: Upstream,
-        resp: httpx.Response,
+        resp: Response,
         first: bytes,
+        it: Any,
         t_send: float,
         send: Any,
         receive: Any,
@@ -756,7 +751,6 @@ class ProxyEndpoint:
     ) -> tuple[dict, bytes] | None:
         shim = self.shim
         rec = ctx.rec
-        it = resp.extensions["finops_iter"]
         strip_usage = not ctx.include_usage
         collect: list[dict] | None = [] if store_key is not None else None
         state = {"content_chunks": 0, "usage": None, "done": False, "first_token": None}
@@ -808,15 +802,24 @@ class ProxyEndpoint:
                         }
                     )
                 if state["done"]:
+                    # read the body's end (chunked terminator) so the connection can be reused
+                    with contextlib.suppress(Exception):
+                        async with asyncio.timeout(1.0):
+                            async for _ in it:
+                                pass
                     break
                 try:
                     chunk = await it.__anext__()
                 except StopAsyncIteration:
                     break
             if not state["done"]:
-                upstream_error = "upstream ended the stream without [DONE]"
-        except (httpx.HTTPError, httpx.StreamError) as exc:
-            upstream_error = f"upstream {up.url} failed mid-stream: {type(exc).__name__}"
+                upstream_error = f"upstream {up.url} ended the stream without [DONE]"
+        except Disconnected as exc:
+            upstream_error = f"upstream {up.url} failed mid-stream: {exc}"
+        except TimeoutError:
+            upstream_error = (
+                f"upstream {up.url} sent nothing for {shim.cfg.read_timeout_s:g} s mid-stream"
+            )
         except asyncio.CancelledError:
             if not gone.is_set():
                 raise
@@ -829,7 +832,7 @@ class ProxyEndpoint:
             )
         finally:
             watcher.cancel()
-            await resp.aclose()  # closes the upstream connection: vLLM aborts the sequence
+            resp.close()  # no-op when the body was read to its end; else vLLM sees the abort
             up.breaker.success() if upstream_error is None else up.breaker.failure(time.monotonic())
             elapsed = time.perf_counter() - t_send
             shim.metrics.upstream_latency.labels(up.tier).observe(elapsed)

@@ -1,8 +1,8 @@
 """The request log: one JSONL record per request, in the lake's `requests` columns.
 
-Why a thread and a queue: the response path only does `queue.put` (a C-level
-append, never blocks, never touches the disk); a daemon thread batches
-records, serializes them with orjson and writes them. Files live in the log
+Why a thread and a deque: the response path only does `deque.append` (atomic
+under the GIL, never blocks, never wakes another thread, never touches the
+disk); a daemon thread wakes every `interval` seconds, takes the batch, serializes them with orjson and writes them. Files live in the log
 folder as `requests-<UTC start>-<pid>-<seq>.jsonl`; the one being written
 ends in `.jsonl.open` and is renamed to `.jsonl` when it rotates (size or age)
 or the shim stops, after an fsync, so an ingester that reads `*.jsonl` never
@@ -17,10 +17,10 @@ from __future__ import annotations
 
 import datetime as dt
 import os
-import queue
 import re
 import threading
 import time
+from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -57,9 +57,6 @@ def new_record() -> dict[str, Any]:
     return dict.fromkeys(COLUMNS)
 
 
-_STOP = object()
-
-
 class RequestLog:
     """Background JSONL writer with rotation; `write(record)` never blocks."""
 
@@ -70,6 +67,7 @@ class RequestLog:
         rotate_bytes: int = 64 << 20,
         rotate_s: float = 300.0,
         fsync: bool = True,
+        interval: float = 0.05,
     ) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.rotate_bytes = rotate_bytes
@@ -79,7 +77,10 @@ class RequestLog:
         self.errors = 0
         self.last_error: str | None = None
         self.files: list[Path] = []
-        self._q: queue.SimpleQueue = queue.SimpleQueue()
+        self.interval = interval
+        self._q: deque = deque()
+        self._wake = threading.Event()
+        self._stop = False
         self._seq = 0
         self._fh: Any = None
         self._path: Path | None = None
@@ -102,11 +103,12 @@ class RequestLog:
     def write(self, record: dict[str, Any]) -> None:
         if self._thread is not None:
             self._enqueued += 1
-            self._q.put(record)
+            self._q.append(record)
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything enqueued so far is written (tests, shutdown)."""
         target = self._enqueued
+        self._wake.set()
         deadline = time.monotonic() + timeout
         with self._flushed:
             while self.written + self.errors < target:
@@ -120,7 +122,8 @@ class RequestLog:
         """Write what is queued, fsync and close the current file (rename to .jsonl)."""
         if self._thread is None:
             return
-        self._q.put(_STOP)
+        self._stop = True
+        self._wake.set()
         self._thread.join(timeout=30)
         self._thread = None
 
@@ -155,31 +158,19 @@ class RequestLog:
         self._path = None
 
     def _run(self) -> None:
-        stop = False
-        while not stop:
-            try:
-                item = self._q.get(timeout=min(1.0, max(0.05, self.rotate_s)))
-            except queue.Empty:
-                item = None
+        while True:
+            self._wake.wait(self.interval)
+            self._wake.clear()
+            stop = self._stop
             batch = []
-            if item is _STOP:
-                stop = True
-            elif item is not None:
-                batch.append(item)
-            while True:  # drain without blocking
-                try:
-                    nxt = self._q.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is _STOP:
-                    stop = True
-                    break
-                batch.append(nxt)
+            q = self._q
+            while q:
+                batch.append(q.popleft())
             try:
                 if batch:
                     if self._fh is None:
                         self._open()
-                    data = b"".join(orjson.dumps(r) + b"\n" for r in batch)
+                    data = b"".join([orjson.dumps(r) + b"\n" for r in batch])
                     self._fh.write(data)
                     self._fh.flush()
                     self._size += len(data)
@@ -198,3 +189,5 @@ class RequestLog:
             with self._flushed:
                 self.written += ok
                 self._flushed.notify_all()
+            if stop and not self._q:
+                return

@@ -1,0 +1,313 @@
+"""Added latency of the finops shim vs calling the upstream directly (same run, same client).
+
+Setup (all loopback, separate processes so they do not share a GIL):
+- upstream: `finops.shim.fakeupstream --fast`, a raw asyncio server answering
+  canned OpenAI responses (8 tokens; SSE when streaming), so its own cost is tiny;
+- shim: `finops shim serve` with the three tiers on that upstream, the request
+  log on, and the trained router (classifier included) when finops.router can
+  train one, else the rule policy (said in the output);
+- client: an asyncio raw-socket HTTP/1.1 keep-alive load generator (no client
+  library overhead), `c` connections each sending requests back to back.
+
+For each concurrency (1, 32, 128) and stream/non-stream it prints the direct
+and the shim's p50/p99 latency to the full response, the added p50/p99 (shim
+minus direct) and the throughput ratio (shim / direct). Goals: added p50 <=
+1 ms, p99 <= 5 ms, throughput >= 0.8x. Note the machine: every process here
+shares its cores, so at high concurrency the shim competes with the load
+generator and the upstream for CPU. `--vllm URL` (or FINOPS_VLLM_URL) adds the
+same comparison against a real vLLM server for the record. `--quick` is small.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+import numpy as np
+import orjson
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def wait_http(url: str, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=1).status_code < 500:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.1)
+    raise RuntimeError(f"{url} did not come up")
+
+
+async def _read_response(reader: asyncio.StreamReader) -> bytes:
+    head = await reader.readuntil(b"\r\n\r\n")
+    low = head.lower()
+    i = low.find(b"content-length:")
+    if i >= 0:
+        n = int(low[i + 15 : low.find(b"\r\n", i)])
+        return await reader.readexactly(n)
+    # chunked
+    out = []
+    while True:
+        line = await reader.readuntil(b"\r\n")
+        size = int(line.split(b";")[0], 16)
+        if size == 0:
+            await reader.readuntil(b"\r\n")
+            return b"".join(out)
+        out.append(await reader.readexactly(size))
+        await reader.readexactly(2)
+
+
+async def load(
+    host: str, port: int, path: str, body: bytes, concurrency: int, total: int
+) -> tuple[np.ndarray, float]:
+    req = (
+        f"POST {path} HTTP/1.1\r\nhost: {host}\r\ncontent-type: application/json\r\n"
+        f"content-length: {len(body)}\r\n\r\n"
+    ).encode() + body
+    lat: list[float] = []
+    per = [total // concurrency + (1 if i < total % concurrency else 0) for i in range(concurrency)]
+
+    async def worker(n: int) -> None:
+        reader, writer = await asyncio.open_connection(host, port)
+        try:
+            for _ in range(n):
+                t = time.perf_counter()
+                writer.write(req)
+                data = await _read_response(reader)
+                lat.append(time.perf_counter() - t)
+                if not data:
+                    raise RuntimeError("empty response")
+        finally:
+            writer.close()
+
+    # warm-up: open connections, JIT the paths
+    await asyncio.gather(*(worker(2) for _ in range(min(concurrency, 8))))
+    lat.clear()
+    t0 = time.perf_counter()
+    await asyncio.gather(*(worker(n) for n in per if n))
+    wall = time.perf_counter() - t0
+    return np.asarray(lat) * 1000.0, len(lat) / wall
+
+
+def body_for(model: str, stream: bool, max_tokens: int = 8) -> bytes:
+    return orjson.dumps(
+        {
+            "model": model,
+            "messages": [
+                {"role": "user", "content": "Translate to French: the meeting moved to Tuesday."}
+            ],
+            "max_tokens": max_tokens,
+            "temperature": 0.7,
+            "stream": stream,
+        }
+    )
+
+
+def run_case(
+    label: str,
+    direct: tuple[str, int],
+    shim: tuple[str, int],
+    direct_model: str,
+    concurrency: int,
+    total: int,
+    stream: bool,
+    max_tokens: int = 8,
+) -> dict:
+    path = "/v1/chat/completions"
+    d_lat, d_rps = asyncio.run(
+        load(*direct, path, body_for(direct_model, stream, max_tokens), concurrency, total)
+    )
+    s_lat, s_rps = asyncio.run(
+        load(*shim, path, body_for("auto", stream, max_tokens), concurrency, total)
+    )
+    r = {
+        "case": label,
+        "c": concurrency,
+        "stream": stream,
+        "n": total,
+        "direct_p50": float(np.percentile(d_lat, 50)),
+        "direct_p99": float(np.percentile(d_lat, 99)),
+        "shim_p50": float(np.percentile(s_lat, 50)),
+        "shim_p99": float(np.percentile(s_lat, 99)),
+        "direct_rps": d_rps,
+        "shim_rps": s_rps,
+    }
+    r["added_p50"] = r["shim_p50"] - r["direct_p50"]
+    r["added_p99"] = r["shim_p99"] - r["direct_p99"]
+    r["ratio"] = s_rps / d_rps
+    return r
+
+
+def print_rows(rows: list[dict]) -> None:
+    print(
+        f"{'case':<10}{'conc':>5}{'stream':>7}{'n':>6} | {'direct p50/p99 ms':>18} | {'shim p50/p99 ms':>16} | {'added p50/p99 ms':>17} | {'rps direct/shim':>16} | ratio"
+    )
+    for r in rows:
+        print(
+            f"{r['case']:<10}{r['c']:>5}{('yes' if r['stream'] else 'no'):>7}{r['n']:>6} | "
+            f"{r['direct_p50']:>8.2f} / {r['direct_p99']:>7.2f} | {r['shim_p50']:>7.2f} / {r['shim_p99']:>6.2f} | "
+            f"{r['added_p50']:>+8.2f} / {r['added_p99']:>+6.2f} | {r['direct_rps']:>7.0f} / {r['shim_rps']:>6.0f} | {r['ratio']:.2f}x"
+        )
+
+
+def hist_quantiles(
+    text: str, name: str, labels: dict[str, str], qs: tuple[float, ...]
+) -> list[float]:
+    """Upper bucket bounds holding the quantiles qs, from Prometheus exposition text."""
+    buckets = []
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    for line in text.splitlines():
+        if line.startswith(name + "_bucket{") and all(w in line for w in want):
+            le = line.split('le="')[1].split('"')[0]
+            buckets.append((float("inf") if le == "+Inf" else float(le), float(line.split()[-1])))
+    buckets.sort()
+    total = buckets[-1][1] if buckets else 0
+    out = []
+    for q in qs:
+        out.append(next((le for le, c in buckets if total and c >= q * total), float("nan")))
+    return out
+
+
+def start_shim(upstream: str, log_dir: Path, router: Path | None) -> tuple[subprocess.Popen, int]:
+    port = free_port()
+    cmd = [
+        str(Path(sys.executable).parent / "finops"),
+        "shim",
+        "serve",
+        "--port",
+        str(port),
+        "--log",
+        str(log_dir),
+        "--log-level",
+        "warning",
+    ]
+    for t in ("small", "mid", "large"):
+        cmd += ["--upstream", f"{t}={upstream}"]
+    if router is not None:
+        cmd += ["--router", str(router)]
+    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return p, port
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="fewer requests (about 30 s)")
+    ap.add_argument(
+        "--vllm",
+        default=os.environ.get("FINOPS_VLLM_URL"),
+        help="also measure against this vLLM root URL",
+    )
+    ap.add_argument(
+        "--no-router", action="store_true", help="use the rule policy instead of training a router"
+    )
+    a = ap.parse_args()
+    tmp = Path(tempfile.mkdtemp(prefix="bench-shim-"))
+    procs: list[subprocess.Popen] = []
+    try:
+        router = None
+        if not a.no_router:
+            try:
+                from finops.shim.testing import train_demo_router
+
+                router = train_demo_router(tmp / "router", n=400)
+                print(
+                    f"classifier: trained router artifact {router} (finops.router, 400 demo rows)"
+                )
+            except (
+                Exception
+            ) as exc:  # finops.router missing or broken: say so, measure the rule policy
+                print(f"classifier: rule policy rules-v1 (could not train a router: {exc})")
+        else:
+            print("classifier: rule policy rules-v1")
+        up_port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [sys.executable, "-m", "finops.shim.fakeupstream", "--fast", "--port", str(up_port)]
+            )
+        )
+        wait_http(f"http://127.0.0.1:{up_port}/health")
+        shim, shim_port = start_shim(f"http://127.0.0.1:{up_port}", tmp / "log", router)
+        procs.append(shim)
+        print(f"cpus: {os.cpu_count()} (shared by load generator, shim and upstream)")
+        scale = 0.25 if a.quick else 1.0
+        rows = []
+        for stream in (False, True):
+            for c, n in ((1, 600), (32, 4000), (128, 6000)):
+                rows.append(
+                    run_case(
+                        "loopback",
+                        ("127.0.0.1", up_port),
+                        ("127.0.0.1", shim_port),
+                        "small",
+                        c,
+                        max(c * 4, int(n * scale)),
+                        stream,
+                    )
+                )
+        print(
+            "\n== shim vs the fast loopback upstream (goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
+        )
+        print_rows(rows)
+        if a.vllm:
+            from urllib.parse import urlparse
+
+            u = urlparse(a.vllm)
+            vshim, vport = start_shim(
+                a.vllm.rstrip("/").removesuffix("/v1"), tmp / "log-vllm", router
+            )
+            procs.append(vshim)
+            vrows = []
+            for stream in (False, True):
+                for c, n in ((1, 40), (8, 80)):
+                    vrows.append(
+                        run_case(
+                            "vllm",
+                            (u.hostname or "127.0.0.1", u.port or 80),
+                            ("127.0.0.1", vport),
+                            "small",
+                            c,
+                            max(c, int(n * scale)),
+                            stream,
+                            max_tokens=16,
+                        )
+                    )
+            print(f"\n== shim vs real vLLM at {a.vllm} (16 tokens; for the record)")
+            print_rows(vrows)
+        m = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
+        for line in m.splitlines():
+            if line.startswith("finops_shim_added_latency_seconds_sum") or line.startswith(
+                "finops_shim_added_latency_seconds_count"
+            ):
+                print("shim self-reported:", line)
+    finally:
+        for p in procs:
+            p.terminate()
+        for p in procs:
+            try:
+                p.wait(10)
+            except subprocess.TimeoutExpired:
+                p.kill()
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()
