@@ -1,0 +1,437 @@
+"""The collect daemon: bad endpoints, isolation, backoff, config, SIGTERM and kill -9."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import finops
+from collectors.config import CollectConfig, ConfigError, load, make_target
+from collectors.daemon import Collector
+from collectors.dcgm import render_payload
+from finops.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+TEXT = "text/plain; version=0.0.4; charset=utf-8"
+Route = Callable[[BaseHTTPRequestHandler], None]
+
+
+def reply(status: int, ctype: str, body: bytes) -> Route:
+    def send(h: BaseHTTPRequestHandler) -> None:
+        h.send_response(status)
+        h.send_header("Content-Type", ctype)
+        h.send_header("Content-Length", str(len(body)))
+        h.end_headers()
+        h.wfile.write(body)
+
+    return send
+
+
+def hang(h: BaseHTTPRequestHandler) -> None:
+    time.sleep(30)
+
+
+def drip(h: BaseHTTPRequestHandler) -> None:
+    """Headers at once, then one byte a second: per-read timeouts never fire."""
+    h.send_response(200)
+    h.send_header("Content-Type", TEXT)
+    h.end_headers()
+    with contextlib.suppress(OSError):
+        for _ in range(30):
+            h.wfile.write(b"#")
+            h.wfile.flush()
+            time.sleep(1)
+
+
+@contextlib.contextmanager
+def serve(routes: dict[str, Route | Callable[[], Route]]) -> Iterator[str]:
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            route = routes.get(self.path)
+            if route is None:
+                reply(404, "text/plain", b"no such path")(self)
+            else:
+                route(self)
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    server.daemon_threads = True
+    server.block_on_close = False
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        yield f"http://127.0.0.1:{server.server_address[1]}"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def config(lake: Path, targets: list[dict], **kw: object) -> CollectConfig:
+    cfg = CollectConfig(lake=lake, checkpoint_dir=lake / "_state", **kw)  # type: ignore[arg-type]
+    for i, t in enumerate(targets):
+        cfg.targets.append(make_target(t, f"target #{i}"))
+    return cfg
+
+
+GOOD = render_payload(4, variant="v3", hostname="good", seed=1).encode()
+
+
+def test_bad_endpoints_each_get_a_clear_error_and_nothing_valid_is_lost(tmp_path: Path) -> None:
+    huge = (
+        "# TYPE DCGM_FI_DEV_GPU_UTIL gauge\n"
+        'DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-big",Hostname="big"} 42\n'
+        'DCGM_FI_DEV_GPU_UTIL{gpu="1",UUID="GPU-big1",Hostname="big",note="'
+        + "x"
+        * 10_000_000
+        + "\n"
+        'DCGM_FI_DEV_GPU_UTIL{gpu="2",UUID="GPU-big2",Hostname="big"} 43\n'
+    ).encode()
+    routes = {
+        "/good": reply(200, TEXT, GOOD),
+        "/hang": hang,
+        "/drip": drip,
+        "/500": reply(500, "text/plain", b"exporter crashed: DCGM not initialized"),
+        "/html": reply(200, "text/html", b"<!DOCTYPE html><html><body>Login</body></html>"),
+        "/huge": reply(200, TEXT, huge),
+        "/malformed": reply(
+            200,
+            TEXT,
+            b'DCGM_FI_DEV_GPU_UTIL{gpu="0",UUID="GPU-m",Hostname="m"} 1\nthis is not a metric line\n',
+        ),
+    }
+    with serve(routes) as base:
+        targets = [
+            {"kind": "dcgm", "url": f"{base}/{p}", "timeout": "1.5s", "name": p}
+            for p in ("good", "hang", "drip", "500", "html", "malformed")
+        ]
+        # 10 MB through loopback and the parser: give it room on a busy 2-core box
+        targets.append(
+            {
+                "kind": "dcgm",
+                "url": f"{base}/huge",
+                "timeout": "20s",
+                "interval": "30s",
+                "name": "huge",
+            }
+        )
+        targets.append({"kind": "dcgm", "url": "http://127.0.0.1:9/metrics", "name": "refused"})
+        t0 = time.monotonic()
+        outs = asyncio.run(Collector(config(tmp_path / "lake", targets), status=None).run_once())
+        elapsed = time.monotonic() - t0
+    by = {o.target: o for o in outs}
+    # attempts run side by side: the run lasts as long as the slowest, not the sum
+    assert elapsed < max(o.duration_ms for o in outs) / 1000 + 3
+    assert by["hang"].duration_ms < 3000 and by["drip"].duration_ms < 3000
+    assert by["good"].up and by["good"].samples == 4 * 26
+    assert not by["hang"].up and by["hang"].error == "timed out after 1.5s"
+    assert not by["drip"].up and "timed out" in by["drip"].error
+    assert not by["500"].up
+    assert by["500"].error.startswith("HTTP 500 Internal Server Error: 'exporter crashed")
+    assert not by["html"].up and "answered HTML, not Prometheus exposition text" in by["html"].error
+    assert not by["refused"].up and by["refused"].error.startswith("cannot connect")
+    assert by["huge"].up and by["huge"].samples == 2 and by["huge"].rejected == 1, by["huge"].error
+    assert by["malformed"].up and by["malformed"].samples == 1 and by["malformed"].rejected == 1
+
+    db = finops.connect(tmp_path / "lake")
+    health = db.sql("SELECT target, up, samples, rejected, error FROM scrape_health").pl()
+    assert health.height == 8
+    assert dict(health.select("target", "up").iter_rows()) == {t: by[t].up for t in by}
+    rej = db.sql(
+        "SELECT table_name, source, location, reason, raw FROM rejects ORDER BY location"
+    ).pl()
+    assert rej.height == 2
+    huge_rej = rej.filter(pl.col("location").str.ends_with("/huge:3")).row(0, named=True)
+    assert huge_rej["table_name"] == "gpu_samples" and "missing closing" in huge_rej["reason"]
+    assert len(huge_rej["raw"]) == 500
+    bad = rej.filter(pl.col("location").str.ends_with("/malformed:2")).row(0, named=True)
+    assert bad["raw"] == "this is not a metric line"
+    gpus = set(db.sql("SELECT DISTINCT gpu_uuid FROM gpu_samples").pl()["gpu_uuid"])
+    assert {"GPU-big", "GPU-big2", "GPU-m"} <= gpus and len(gpus) == 4 + 3
+
+
+def test_a_dead_target_never_stalls_the_others(tmp_path: Path) -> None:
+    with serve({"/good": reply(200, TEXT, GOOD), "/hang": hang}) as base:
+        cfg = config(
+            tmp_path / "lake",
+            [
+                {
+                    "kind": "dcgm",
+                    "url": f"{base}/good",
+                    "interval": "0.5s",
+                    "timeout": "0.4s",
+                    "name": "good",
+                },
+                {
+                    "kind": "dcgm",
+                    "url": f"{base}/hang",
+                    "interval": "1s",
+                    "timeout": "1s",
+                    "name": "hang",
+                },
+            ],
+            flush_interval=0.5,
+            jitter=0.0,
+            backoff_initial=1.0,
+            backoff_max=2.0,
+        )
+        c = Collector(cfg, status=None)
+
+        async def main() -> None:
+            task = asyncio.create_task(c.run_forever(install_signals=False))
+            await asyncio.sleep(4.5)
+            c.stop()
+            await task
+
+        asyncio.run(main())
+    good, dead = c.targets
+    assert good.attempts >= 7, good.attempts  # ~ every 0.5 s while 'hang' kept timing out
+    assert 1 <= dead.attempts <= 3 and dead.failures == dead.attempts  # backing off
+    db = finops.connect(tmp_path / "lake")
+    n = db.sql("SELECT target, count(*) AS n FROM scrape_health GROUP BY target").pl()
+    assert dict(n.iter_rows()) == {"good": good.attempts, "hang": dead.attempts}
+
+
+def test_backoff_doubles_to_the_cap_with_bounded_jitter(tmp_path: Path) -> None:
+    cfg = config(
+        tmp_path / "lake",
+        [{"kind": "dcgm", "url": "h", "interval": "10s"}],
+        backoff_initial=5.0,
+        backoff_max=60.0,
+        jitter=0.0,
+    )
+    c = Collector(cfg, status=None)
+    t = c.targets[0]
+    delays = []
+    for failures in range(8):
+        t.failures = failures
+        delays.append(c._delay(t))
+    assert delays == [10.0, 10.0, 10.0, 20.0, 40.0, 60.0, 60.0, 60.0]
+    c.cfg.jitter = 0.2
+    c.rng = random.Random(1)
+    t.failures = 0
+    js = [c._delay(t) for _ in range(200)]
+    assert 8.0 <= min(js) < 9.0 and 11.0 < max(js) <= 12.0
+
+
+def test_example_config_is_valid_and_errors_name_the_option(tmp_path: Path) -> None:
+    cfg = load(ROOT / "examples" / "collectors.toml", lake=tmp_path / "lake")
+    assert {t.kind for t in cfg.targets} == {"dcgm", "vllm", "nvml", "prometheus", "log"}
+    assert cfg.lake == tmp_path / "lake"
+    bad = tmp_path / "bad.toml"
+    cases = {
+        '[[target]]\nkind = "dcgm"\nurl = "h"\nintervall = "10s"\n': "unknown option(s) ['intervall']",
+        '[[target]]\nkind = "dcgm"\nurl = "h"\ninterval = "ten"\n': "target #1.interval: expected a duration",
+        '[[target]]\nkind = "vllm"\n': "a vllm target needs url",
+        '[[target]]\nkind = "prometheus"\nurl = "http://p"\n': "needs query",
+        '[[target]]\nkind = "redis"\n': "kind must be one of",
+        '[[target]]\nkind = "dcgm"\nurl = "h"\n[[target]]\nkind = "dcgm"\nurl = "h"\n': "target names must be unique",
+        '[collect]\njitter = 2\n[[target]]\nkind = "nvml"\n': "jitter: expected a fraction",
+        "[collect]\n": "no [[target]] entries",
+        "not toml ==": "not valid TOML",
+        '[[target]]\nkind = "dcgm"\nurl = "h"\ninterval = "2s"\ntimeout = "5s"\n': "must not exceed interval",
+    }
+    for text, message in cases.items():
+        bad.write_text(text)
+        with pytest.raises(ConfigError) as err:
+            load(bad)
+        assert message in str(err.value), (text, str(err.value))
+        assert str(bad) in str(err.value)
+
+
+def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
+    runner = CliRunner()
+    res = runner.invoke(app, ["collect", "--once", "--lake", str(tmp_path)])
+    assert res.exit_code == 2 and "nothing to collect" in res.output
+    res = runner.invoke(app, ["collect", "--once", "--query", "up"])
+    assert res.exit_code == 2 and "--query needs --prometheus" in res.output
+    res = runner.invoke(app, ["collect", "--config", str(tmp_path / "missing.toml")])
+    assert res.exit_code == 2 and "no such config file" in res.output
+    assert "Traceback" not in res.output
+
+
+def test_once_with_flags_exit_0_even_when_targets_are_down(tmp_path: Path) -> None:
+    with serve({"/metrics": reply(200, TEXT, GOOD)}) as base:
+        res = CliRunner().invoke(
+            app,
+            ["collect", "--once", "--lake", str(tmp_path / "lake"), "--dcgm", f"{base}/metrics",
+             "--dcgm", "127.0.0.1:9", "--timeout", "2s"],
+        )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert "1/2 targets up" in res.output and "DOWN dcgm" in res.output
+
+
+# --------------------------------------------------------------------------- processes
+
+
+class FakeVllm:
+    """/metrics whose prefix-cache counters grow by a known amount per scrape."""
+
+    def __init__(self) -> None:
+        self.scrapes = 0
+        self.lock = threading.Lock()
+
+    def route(self, h: BaseHTTPRequestHandler) -> None:
+        with self.lock:
+            self.scrapes += 1
+            k = self.scrapes
+        body = (
+            "# TYPE vllm:prefix_cache_queries_total counter\n"
+            f'vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {30 * k}.0\n'
+            "# TYPE vllm:prefix_cache_hits_total counter\n"
+            f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {10 * k}.0\n'
+        ).encode()
+        reply(200, TEXT, body)(h)
+
+
+def _daemon(cfg_path: Path, *extra: str) -> subprocess.Popen:
+    return subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "from finops.cli import main; main()",
+            "collect",
+            "--config",
+            str(cfg_path),
+            *extra,
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+
+
+def _wait_started(proc: subprocess.Popen, timeout: float = 60) -> list[str]:
+    """Read the daemon's output until it says it runs (imports take a while on CI)."""
+    seen: list[str] = []
+    deadline = time.monotonic() + timeout
+    assert proc.stdout is not None
+    while time.monotonic() < deadline:
+        line = proc.stdout.readline()
+        if not line:
+            break
+        seen.append(line)
+        if " targets -> " in line:
+            return seen
+    raise AssertionError(f"daemon did not start: {''.join(seen)}")
+
+
+def _write_requests(path: Path, start: int, n: int) -> None:
+    with open(path, "a") as fh:
+        for i in range(start, start + n):
+            rec = {
+                "request_id": f"req-{i:05d}",
+                "ts": f"2026-11-28T10:{i // 60 % 60:02d}:{i % 60:02d}Z",
+                "tenant": "acme",
+                "input_tokens": 100 + i,
+                "output_tokens": 10,
+            }
+            fh.write(json.dumps(rec) + "\n")
+
+
+@pytest.mark.slow
+def test_sigterm_flushes_and_exits_0(tmp_path: Path) -> None:
+    with serve({"/metrics": reply(200, TEXT, GOOD)}) as base:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            f'[collect]\nlake = "lake"\nflush_interval = "1h"\nstatus_interval = "0.5s"\n'
+            f'[[target]]\nkind = "dcgm"\nurl = "{base}/metrics"\ninterval = "0.5s"\ntimeout = "0.5s"\n'
+        )
+        proc = _daemon(cfg)
+        head = _wait_started(proc)
+        time.sleep(3)
+        proc.send_signal(signal.SIGTERM)
+        out, _ = proc.communicate(timeout=30)
+        out = "".join(head) + out
+    assert proc.returncode == 0, out
+    assert "collect: 1 targets, 1 up, 0 down" in out and "stopped" in out
+    db = finops.connect(tmp_path / "lake")
+    n_health = db.execute("SELECT count(*) FROM scrape_health").fetchall()[0][0]
+    assert n_health >= 2  # flush_interval is an hour: only the shutdown flush wrote these
+    n = db.execute("SELECT count(*) FROM gpu_samples").fetchall()[0][0]
+    assert n == n_health * 4 * 26
+
+
+@pytest.mark.slow
+def test_kill_9_and_restart_loses_and_doubles_nothing(tmp_path: Path) -> None:
+    fake = FakeVllm()
+    log = tmp_path / "requests.jsonl"
+    _write_requests(log, 0, 500)
+    with serve({"/metrics": fake.route}) as base:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            '[collect]\nlake = "lake"\nflush_interval = "0.3s"\n'
+            f'[[target]]\nkind = "vllm"\nurl = "{base}/metrics"\ninterval = "0.3s"\ntimeout = "0.3s"\n'
+            f'[[target]]\nkind = "log"\npath = "{log}"\ninterval = "0.2s"\ntimeout = "0.2s"\n'
+        )
+        proc = _daemon(cfg)
+        _wait_started(proc)
+        writer_stop = threading.Event()
+
+        def keep_writing() -> None:
+            i = 500
+            while not writer_stop.is_set():
+                _write_requests(log, i, 37)
+                i += 37
+                time.sleep(0.05)
+            keep_writing.total = i  # type: ignore[attr-defined]
+
+        w = threading.Thread(target=keep_writing)
+        w.start()
+        time.sleep(4)
+        proc.kill()  # SIGKILL mid-run: no flush, no goodbye
+        proc.wait(timeout=10)
+        writer_stop.set()
+        w.join()
+        total = keep_writing.total  # type: ignore[attr-defined]
+        proc = _daemon(cfg, "--once")
+        out, _ = proc.communicate(timeout=60)
+        assert proc.returncode == 0, out
+    db = finops.connect(tmp_path / "lake")
+    ids = db.sql("SELECT request_id FROM requests").pl()["request_id"]
+    assert ids.len() == total and ids.n_unique() == total  # every line once
+    assert set(ids) == {f"req-{i:05d}" for i in range(total)}
+    # prefix-cache tokens reconcile with the counters the lake saw: nothing lost or doubled
+    hits = (
+        db.sql(
+            "SELECT min(value) AS lo, max(value) AS hi FROM serving_samples "
+            "WHERE metric = 'vllm:prefix_cache_hits_total'"
+        )
+        .pl()
+        .row(0)
+    )
+    ev = dict(db.sql("SELECT event, sum(tokens) FROM cache_events GROUP BY event").pl().iter_rows())
+    assert ev["hit"] == hits[1] - hits[0]
+    assert ev["miss"] == 2 * (hits[1] - hits[0])
+    dup_keys = db.execute(
+        "SELECT count(*) - count(DISTINCT (target, metric, labels, ts)) FROM raw.serving_samples"
+    ).fetchall()[0][0]
+    assert dup_keys == 0
+
+
+def test_status_line_names_the_failing_target(tmp_path: Path) -> None:
+    buf = io.StringIO()
+    cfg = config(tmp_path / "lake", [{"kind": "dcgm", "url": "127.0.0.1:9", "name": "gpu-7"}])
+    c = Collector(cfg, status=buf)
+    asyncio.run(c.run_once())
+    line = c.status_line()
+    assert line.startswith("collect: 1 targets, 0 up, 1 down")
+    assert "gpu-7: cannot connect" in line
