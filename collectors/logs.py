@@ -40,7 +40,7 @@ import numpy as np
 import orjson
 import polars as pl
 
-from collectors.cache_events import shim_cache_events
+from collectors.cache_events import AvoidedTokens, shim_cache_events
 from collectors.checkpoint import FINGERPRINT_BYTES, Checkpoint, FileState, head_fingerprint
 from collectors.mapping import (
     LINE_COLUMN,
@@ -688,6 +688,7 @@ def _load_chunk(
     report: FileReport,
     *,
     check: bool,
+    resolver: AvoidedTokens | None = None,
 ) -> AppendResult:
     """Write one parsed chunk: rows through Lake.append, unparsable lines to rejects."""
     table = plan.table
@@ -719,7 +720,7 @@ def _load_chunk(
     report.duplicate_files += appended.duplicate_files
     report.files += appended.files
     if plan.shim and rows.height:
-        events = shim_cache_events(rows, plan.source)
+        events = shim_cache_events(rows, plan.source, resolver or AvoidedTokens(lake))
         if events.height:
             ev = lake.append("cache_events", events, source=plan.source)
             report.cache_events += ev.loaded
@@ -806,8 +807,18 @@ def ingest_file(
         report = FileReport(path=str(p), format=plan.format, mapping=plan.label)
         state = FileState(path=str(p), dev=0, ino=0)
         size = os.fstat(fh.fileno()).st_size
+        resolver = AvoidedTokens(lake)
         for _ in _read_from(
-            fh, p, plan, lake, state, report, size, final=True, chunk_bytes=chunk_bytes
+            fh,
+            p,
+            plan,
+            lake,
+            state,
+            report,
+            size,
+            final=True,
+            chunk_bytes=chunk_bytes,
+            resolver=resolver,
         ):
             if progress:
                 progress(state.offset, size)
@@ -825,6 +836,7 @@ def _read_from(
     *,
     final: bool,
     chunk_bytes: int,
+    resolver: AvoidedTokens | None = None,
 ) -> Iterator[AppendResult]:
     """Load what follows `state.offset`, advancing `state` after each written batch."""
     label = str(p)
@@ -907,7 +919,9 @@ def _read_from(
             if not queue:
                 break
             fut, nlines, new_offset, first = queue.popleft()
-            res = _load_chunk(fut.result(), plan, lake, label, report, check=first)
+            res = _load_chunk(
+                fut.result(), plan, lake, label, report, check=first, resolver=resolver
+            )
             state.line += nlines
             state.offset = new_offset
             yield res
@@ -953,6 +967,7 @@ class LogSource:
         self.checkpoint = Checkpoint.for_source(Path(checkpoint_dir), self.pattern, table)
         self.reports: dict[str, FileReport] = {}
         self.errors: list[str] = []
+        self.resolver = AvoidedTokens(lake)  # remembers originals of later cache hits
 
     def __repr__(self) -> str:
         return f"LogSource({self.pattern!r}, table={self.table!r})"
@@ -1063,6 +1078,7 @@ class LogSource:
                 st.st_size,
                 final=final,
                 chunk_bytes=self.chunk_bytes,
+                resolver=self.resolver,
             ):
                 result += res
                 if state.fp_len < FINGERPRINT_BYTES:

@@ -175,3 +175,63 @@ def test_cli_cache_events(tmp_path: Path) -> None:
     (row,) = json.loads(res.stdout)
     assert (row["read"], row["loaded"], row["rejected"]) == (1, 1, 0)
     assert "cache_events" not in row
+
+
+def test_zero_token_hits_get_the_replayed_usage(lake: Lake, tmp_path: Path) -> None:
+    """The shim bills a hit as 0 tokens; the event carries what the original spent."""
+    first = tmp_path / "requests-1.jsonl"
+    write_jsonl(
+        first,
+        [
+            _req(1, "miss", tenant="acme", prompt_fingerprint="fpX"),  # 101 + 21 tokens
+            _req(
+                2, "hit", tenant="acme", prompt_fingerprint="fpX", input_tokens=0, output_tokens=0
+            ),
+            _req(
+                3, "hit", tenant="globex", prompt_fingerprint="fpX", input_tokens=0, output_tokens=0
+            ),
+            _req(
+                4, "hit", tenant="acme", prompt_fingerprint="fpY", input_tokens=0, output_tokens=0
+            ),
+        ],
+    )
+    ingest_file(first, lake)
+    second = tmp_path / "requests-2.jsonl"  # a later file: the originals are in the lake
+    write_jsonl(
+        second,
+        [
+            _req(
+                5, "miss", tenant="acme", prompt_fingerprint="fpX", input_tokens=7, output_tokens=3
+            ),
+            _req(
+                6,
+                "coalesced",
+                tenant="acme",
+                prompt_fingerprint="fpX",
+                input_tokens=0,
+                output_tokens=0,
+            ),
+            _req(
+                7,
+                "hit",
+                tenant="acme",
+                retry_of="r1",
+                prompt_fingerprint="other",
+                input_tokens=0,
+                output_tokens=0,
+            ),
+            _req(
+                8, "hit", tenant="globex", prompt_fingerprint="fpY", input_tokens=0, output_tokens=0
+            ),
+        ],
+    )
+    ingest_file(second, lake)
+    got = dict(q(lake, "SELECT request_id, tokens FROM cache_events").iter_rows())
+    assert got == {
+        "r2": 122,  # same tenant + fingerprint, earlier miss
+        "r3": None,  # other tenant: the response cache is tenant-scoped, nothing known
+        "r4": None,  # no original seen
+        "r6": 10,  # the latest earlier original (r5), not r1
+        "r7": 122,  # idempotent replay: the original named by retry_of (from the lake)
+        "r8": None,
+    }
