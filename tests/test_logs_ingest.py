@@ -709,3 +709,37 @@ def test_base_ts_needs_a_relative_mapping(lake: Lake, tmp_path: Path) -> None:
         ingest_file(path, lake, base_ts=base)
     with pytest.raises(MappingError, match="no column of this mapping has relative_to"):
         ingest_file(path, lake, mapping="openai-usage", base_ts=base)
+
+
+def test_real_shim_request_log_writer_files_follow(lake: Lake, tmp_path: Path) -> None:
+    """Files written by the shim's own RequestLog (with rotation) load exactly once."""
+    from finops.shim.requestlog import RequestLog, iso_utc, new_record
+
+    folder = tmp_path / "shimlog"
+    writer = RequestLog(folder, rotate_bytes=4096, fsync=False, interval=0.01)
+    start = dt.datetime(2026, 11, 16, 9, tzinfo=UTC).timestamp()
+    src = LogSource(str(folder / "requests-*.jsonl"), lake, tmp_path / "cp")
+    expected = 0
+    for batch in range(3):
+        for i in range(40):
+            rec = new_record()
+            n = batch * 40 + i
+            rec.update(
+                request_id=f"shim-{n}",
+                ts=iso_utc(start + n),
+                tenant="acme",
+                input_tokens=10 + n,
+                output_tokens=5,
+                cache_status="miss",
+                status_code=200,
+            )
+            writer.write(rec)
+        expected += 40
+        assert writer.flush()
+        src.poll()  # closed (rotated) files only; the .open one waits for its rename
+    writer.close()
+    src.poll()
+    assert len(writer.files) >= 3  # rotated at least once per batch
+    stats = q(lake, "SELECT count(*), count(DISTINCT request_id), sum(input_tokens) FROM requests")
+    assert stats.row(0) == (expected, expected, sum(10 + n for n in range(expected)))
+    assert rejects(lake).height == 0
