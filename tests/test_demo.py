@@ -204,7 +204,9 @@ def test_cache_events_scrape_health_and_rejects(db) -> None:
 def test_finops_demo_command(tmp_path: Path) -> None:
     runner = CliRunner()
     lake = tmp_path / "lake"
-    res = runner.invoke(app, ["demo", "--lake", str(lake), "--days", "1", "--gpus", "6"])
+    res = runner.invoke(
+        app, ["demo", "--lake", str(lake), "--days", "1", "--gpus", "6", "--scale", "0.2"]
+    )
     assert res.exit_code == 0, res.output
     for needle in ("GPU spend", "requests", "cost per 1k requests", "top tenant #1",
                    "DCGM_FI_PROF_SM_ACTIVE"):  # fmt: skip

@@ -141,6 +141,9 @@ def demo(
     start: Annotated[
         str, typer.Option(help="First day (UTC midnight), YYYY-MM-DD.")
     ] = "2026-11-16",
+    scale: Annotated[
+        float, typer.Option(min=0.001, max=10.0, help="Request volume factor (1.0: ~440k/week).")
+    ] = 1.0,
 ) -> None:
     """Generate a realistic demo week into the lake, build the views, print a summary."""
     from finops.demo import DemoError, TracesMissing
@@ -149,7 +152,9 @@ def demo(
         first = dt.date.fromisoformat(start)
     except ValueError:
         fail(f"--start: expected a date YYYY-MM-DD, got {start!r}")
-    ctx = DemoContext(lake=resolve_lake(lake), days=days, seed=seed, gpus=gpus, start=first)
+    ctx = DemoContext(
+        lake=resolve_lake(lake), days=days, seed=seed, gpus=gpus, start=first, scale=scale
+    )
     try:
         run_demo(ctx)
     except (DemoError, TracesMissing) as exc:
