@@ -51,6 +51,7 @@ from collectors.mapping import (
     load_mapping,
     shipped_mappings,
     stable_hash,
+    substitute,
 )
 from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake
 from finops.schemas import schema_for
@@ -175,7 +176,8 @@ def plan_for(
         if base_ts is not None:
             mapping = mapping.with_base_time(base_ts)
         fmt = _format_of(path, mapping)
-        return _Plan(fmt, table, mapping, mapping.source or f"ingest:{path.name}")
+        source = mapping.source or "ingest:{file}"
+        return _Plan(fmt, table, mapping, substitute(source, path.name))
     if base_ts is not None:
         raise MappingError("--base-ts needs a mapping whose timestamps are relative (relative_to)")
     fmt = _format_of(path, None)
@@ -205,7 +207,7 @@ def plan_for(
         "usage" in keys or str(records[0].get("object", "")).endswith("completion")
     ):
         m = load_mapping("openai-usage")
-        return _Plan("jsonl", table, m, m.source or f"ingest:{path.name}")
+        return _Plan("jsonl", table, m, substitute(m.source or "ingest:{file}", path.name))
     raise MappingError(
         f"{path}: cannot tell the log format: the first records have keys "
         f"{sorted(keys)[:12]}, not the {table} columns ({', '.join(sorted(cols)[:8])}, ...) "

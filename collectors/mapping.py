@@ -338,7 +338,8 @@ def _as_text(expr: pl.Expr, dtype: pl.DataType) -> pl.Expr:
     return expr.cast(pl.String)
 
 
-def _substitute(value: Any, file: str) -> Any:
+def substitute(value: Any, file: str) -> Any:
+    """Replace `{file}` and `{stem}` in a string value (constants, prefixes, source)."""
     if isinstance(value, str):
         return value.replace("{file}", file).replace("{stem}", Path(file).stem)
     return value
@@ -410,7 +411,7 @@ def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
     for target, spec in mapping.columns.items():
         dtype = schema.columns[target]
         if spec.value is not None:
-            expr = pl.lit(_substitute(spec.value, file))
+            expr = pl.lit(substitute(spec.value, file))
         elif spec.template is not None:
             parts: list[pl.Expr] = []
             for lit, fld, _, _ in string.Formatter().parse(spec.template):
@@ -511,7 +512,7 @@ def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
     )
     good = out.filter(~bad).drop("__error", LINE_COLUMN)
     if mapping.source is not None and "source" not in mapping.columns:
-        good = good.with_columns(pl.lit(_substitute(mapping.source, file)).alias("source"))
+        good = good.with_columns(pl.lit(substitute(mapping.source, file)).alias("source"))
     return Applied(good, rejects)
 
 
@@ -536,7 +537,7 @@ def _key_series(
     text = src.select(
         pl.concat_str([text_of(c) for c in cols], separator="\x1f").alias("t")
     ).to_series()
-    prefix = _substitute(key.prefix, file)
+    prefix = substitute(key.prefix, file)
     return pl.Series(key_col, [prefix + h for h in stable_hash(text)], dtype=pl.String)
 
 

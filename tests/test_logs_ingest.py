@@ -349,6 +349,7 @@ stream = "streamed"
     assert (r1["tenant"], r2["tenant"]) == ("acme", "globex")
     assert r2["output_tokens"] == 0 and r1["stream"] is True and r2["stream"] is False
     assert got["gw-r5-6"]["input_tokens"] == 5 and r1["source"] == "gw:gw"
+    assert set(rejects(lake)["source"]) == {"gw:gw"}
     rej = {r["location"]: r["reason"] for r in rejects(lake).to_dicts()}
     assert "latency_ms (from latency_s)" in rej[f"{data}:4"] and "'slow'" in rej[f"{data}:4"]
     assert "input_tokens" in rej[f"{data}:5"] and "4O" in rej[f"{data}:5"]
