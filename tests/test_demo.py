@@ -59,15 +59,13 @@ def test_refuses_to_wipe_a_foreign_lake_but_regenerates_its_own(tmp_path: Path) 
 
 
 def test_missing_traces_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    load_traces()  # cached for the real folder; the override must still be honoured
     monkeypatch.setenv("FINOPS_TRACES_DIR", str(tmp_path / "none"))
-    load_traces.cache_clear()
-    try:
-        with pytest.raises(TracesMissing, match="FINOPS_TRACES_DIR") as err:
-            generate(tmp_path / "lake", days=1, gpus=6)
-        assert "azure-llm-2023-conv.csv" in str(err.value)
-        assert not (tmp_path / "lake").exists()  # nothing written
-    finally:
-        load_traces.cache_clear()
+    with pytest.raises(TracesMissing, match="FINOPS_TRACES_DIR") as err:
+        generate(tmp_path / "lake", days=1, gpus=6)
+    assert "azure-llm-2023-conv.csv" in str(err.value)
+    assert str(tmp_path / "none") in str(err.value)
+    assert not (tmp_path / "lake").exists()  # nothing written
 
 
 def test_bad_arguments(tmp_path: Path) -> None:

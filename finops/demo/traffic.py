@@ -94,10 +94,17 @@ def _prefix_hits(hash_ids: list[list[int]]) -> np.ndarray:
     return out
 
 
+def load_traces(path: str | os.PathLike[str] | None = None) -> Traces:
+    """Read the four public traces; a clear error names what is missing and how to fix it.
+
+    `path` defaults to `traces_dir()`; results are cached per resolved folder.
+    """
+    return _load_traces(str(Path(path) if path else traces_dir()))
+
+
 @lru_cache(maxsize=4)
-def load_traces(path: str | None = None) -> Traces:
-    """Read the four public traces; a clear error names what is missing and how to fix it."""
-    base = Path(path) if path else traces_dir()
+def _load_traces(path: str) -> Traces:
+    base = Path(path)
     missing = [name for name in TRACE_FILES.values() if not (base / name).is_file()]
     if missing:
         raise TracesMissing(
