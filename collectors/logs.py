@@ -1021,6 +1021,9 @@ class LogSource:
             except OSError:
                 continue
             current[f"{st.st_dev}:{st.st_ino}"] = (p, st)
+        if not current and not cp.files:
+            what = "no file matches" if globlib.has_magic(self.pattern) else "no such file"
+            self.errors.append(f"{self.pattern}: {what} (yet)")
         order: list[tuple[Path, os.stat_result, bool]] = []
         # 1. files rotated away with unread data: finish them first
         for key, state in list(cp.files.items()):

@@ -744,3 +744,16 @@ def test_real_shim_request_log_writer_files_follow(lake: Lake, tmp_path: Path) -
     stats = q(lake, "SELECT count(*), count(DISTINCT request_id), sum(input_tokens) FROM requests")
     assert stats.row(0) == (expected, expected, sum(10 + n for n in range(expected)))
     assert rejects(lake).height == 0
+
+
+def test_follower_reports_missing_file_and_bad_checkpoint(lake: Lake, tmp_path: Path) -> None:
+    log = tmp_path / "later.jsonl"
+    src = LogSource(log, lake, tmp_path / "cp")
+    assert src.poll().read == 0
+    assert src.errors == [f"{log}: no such file (yet)"]
+    write_jsonl(log, [shim_record(1)])
+    assert src.poll().loaded == 1 and src.errors == []
+    (cp_file,) = (tmp_path / "cp").glob("*.json")
+    cp_file.write_text("{not json")
+    with pytest.raises(ValueError, match=r"checkpoint unreadable.*move it away"):
+        LogSource(log, lake, tmp_path / "cp")
