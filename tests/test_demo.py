@@ -216,6 +216,11 @@ def test_finops_demo_command(tmp_path: Path) -> None:
     (foreign / "x").write_text("x")
     res = runner.invoke(app, ["demo", "--lake", str(foreign)])
     assert res.exit_code == 2 and "refusing to wipe" in res.stderr
+    res = runner.invoke(
+        app, ["demo", "--lake", str(lake)], env={"FINOPS_TRACES_DIR": str(tmp_path / "none")}
+    )
+    assert res.exit_code == 2 and "demo traces not found" in res.stderr
+    assert "Traceback" not in res.output
     res = runner.invoke(app, ["demo", "--lake", str(lake), "--start", "16/11/2026"])
     assert res.exit_code == 2 and "--start" in res.stderr
     assert dt.date(2026, 11, 16).isoformat() in res.stderr or "YYYY-MM-DD" in res.stderr
