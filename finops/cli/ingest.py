@@ -131,7 +131,7 @@ def _run(
     started = dt.datetime.now(dt.UTC)
     reports: list[FileReport] = []
     unreadable: list[str] = []
-    for path in paths:
+    for path in _expand(paths):
         try:
             size = path.stat().st_size if path.is_file() else 0
             if size >= PROGRESS_MIN_BYTES and fmt == "table":
@@ -182,6 +182,20 @@ def _run(
         typer.echo(f"error: {message}", err=True)
     if unreadable:
         raise typer.Exit(1)
+
+
+def _expand(paths: list[Path]) -> list[Path]:
+    """Quoted globs (`'logs/requests-*.jsonl'`) expand here, as a shell would."""
+    import glob
+
+    out: list[Path] = []
+    for p in paths:
+        if not p.exists() and glob.has_magic(str(p)):
+            matches = sorted(glob.glob(str(p)))
+            out += [Path(m) for m in matches] if matches else [p]
+        else:
+            out.append(p)
+    return out
 
 
 def _with_progress(
