@@ -435,3 +435,22 @@ def test_status_line_names_the_failing_target(tmp_path: Path) -> None:
     line = c.status_line()
     assert line.startswith("collect: 1 targets, 0 up, 1 down")
     assert "gpu-7: cannot connect" in line
+
+
+def test_log_flag_tails_a_request_log_once_and_resumes(tmp_path: Path) -> None:
+    log = tmp_path / "shim.jsonl"
+    _write_requests(log, 0, 20)
+    with open(log, "a") as fh:
+        fh.write('{"request_id": "broken", "ts": \n')  # a truncated line: rejected, not fatal
+    runner = CliRunner()
+    args = ["collect", "--once", "--lake", str(tmp_path / "lake"), "--log", str(log)]
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert "up   log" in res.output and "20 samples, 1 rejected" in res.output
+    _write_requests(log, 20, 5)
+    res = runner.invoke(app, args)
+    assert "5 samples" in res.output  # only the new lines: the checkpoint held
+    db = finops.connect(tmp_path / "lake")
+    assert db.execute("SELECT count(*) FROM requests").fetchall()[0][0] == 25
+    health = db.sql("SELECT kind, up, samples, rejected FROM scrape_health ORDER BY ts").pl()
+    assert health.rows() == [("log", True, 20, 1), ("log", True, 5, 0)]
