@@ -65,6 +65,7 @@ def train_cmd(
     quality_bar: Annotated[float, typer.Option(help="Score that counts as good enough.")] = 0.7,
     cv_folds: Annotated[int, typer.Option(help="Cross-validation folds for the report.")] = 3,
     seed: Annotated[int, typer.Option()] = 0,
+    force: Annotated[bool, typer.Option(help="Replace an existing artifact at --out.")] = False,
 ) -> None:
     """Fit, calibrate thresholds to the quality target, evaluate on held-out rows, export."""
     from finops.router.artifact import ArtifactError
@@ -98,6 +99,7 @@ def train_cmd(
             seed=seed,
             cv_folds=cv_folds,
             lake=lake,
+            overwrite=force,
         )
     except (DataError, ArtifactError, ValueError) as exc:
         fail(str(exc))
@@ -105,6 +107,67 @@ def train_cmd(
     typer.echo(f"artifact {res.path} version {res.router.version}")
     typer.echo(f"decision: {res.decision['guarantee']}; lambda={res.decision['lambda']}")
     typer.echo(one_line(res.evaluation, ds.tiers))
+
+
+@router_app.command("demo")
+def demo_cmd(
+    out: Annotated[Path, typer.Option(help="Artifact directory (replaced).")] = Path(
+        "data/router/demo-artifact"
+    ),
+    n: Annotated[int, typer.Option("--n", help="Demo labeled rows.")] = 8000,
+    lake: Annotated[
+        Path | None, typer.Option(help="Lake to price tiers and replay (default: the project's).")
+    ] = None,
+    seed: Annotated[int, typer.Option()] = 0,
+) -> None:
+    """Demo: train a router on the demo labeled set, print its one-line evaluation and $."""
+    from finops.cli._common import resolve_lake
+    from finops.router.data import load_labeled, write_demo_labeled
+    from finops.router.evaluate import replay_lake
+    from finops.router.train import one_line, train
+
+    lake_path = resolve_lake(lake)
+    has_lake = (lake_path / "requests").is_dir()
+    data = write_demo_labeled(out.parent / "demo-labeled.jsonl", n, seed)
+    res = train(
+        load_labeled(data),
+        out,
+        cv_folds=0,
+        seed=seed,
+        lake=lake_path if has_lake else None,
+        overwrite=True,
+    )
+    assert res.router is not None
+    typer.echo(f"router {res.router.version} -> {out}")
+    typer.echo(one_line(res.evaluation, res.router.tiers))
+    if has_lake:
+        import finops
+
+        captured = (
+            finops.connect(lake_path)
+            .sql("SELECT count(prompt_text) FROM clean.requests")
+            .fetchall()[0][0]
+        )
+        replay_router = res.router
+        if not captured:
+            # capture is off in this lake: replay with a metadata-only router, as production would
+            meta = train(
+                load_labeled(data),
+                out.with_name(f"{out.name}-metadata"),
+                cv_folds=0,
+                seed=seed,
+                text="off",
+                lake=lake_path,
+                overwrite=True,
+            )
+            assert meta.router is not None
+            replay_router = meta.router
+            typer.echo(
+                f"lake has no captured prompt text: metadata-only router "
+                f"{meta.router.version} -> {meta.path}"
+            )
+            typer.echo(one_line(meta.evaluation, meta.router.tiers))
+        typer.echo(replay_lake(replay_router, lake_path)["line"])
 
 
 @router_app.command("evaluate")

@@ -419,13 +419,23 @@ def write_artifact(
     drift: Mapping[str, Any],
     created: str | None = None,
     extra_files: Mapping[str, bytes] | None = None,
+    overwrite: bool = False,
 ) -> Path:
-    """Write model.skops + manifest.json into `out` (atomically: a temp dir, then rename)."""
+    """Write model.skops + manifest.json into `out` (atomically: a temp dir, then rename).
+
+    `overwrite=True` replaces an existing *artifact* directory (one with a manifest.json);
+    any other non-empty directory is refused so a typo cannot delete unrelated files.
+    """
     import skops.io as sio
 
     out = Path(out)
+    replace = False
     if out.exists() and any(out.iterdir()):
-        raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
+        if not overwrite:
+            raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
+        if not (out / MANIFEST_FILE).is_file():
+            raise ArtifactError(f"{out}: not a router artifact; refusing to replace it")
+        replace = True
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
@@ -463,9 +473,15 @@ def write_artifact(
         }
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
-        if out.exists():
-            out.rmdir()
-        os.replace(tmp, out)
+        if replace:
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            if out.exists():
+                out.rmdir()
+            os.replace(tmp, out)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

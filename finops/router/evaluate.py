@@ -354,7 +354,9 @@ def replay_lake(
     all_large = float(cost[:, -1].sum())
     est_quality = float(cum[np.arange(n), idx].mean())
     test_q = router.manifest["evaluation"].get("at_threshold", {}).get("quality_retained")
-    q = test_q if test_q is not None else est_quality
+    text_missing = router.uses_prompt_text and has_text < df.height
+    # The held-out figure only applies when the router sees the inputs it was tested on.
+    q = test_q if test_q is not None and not text_missing else est_quality
     curve = []
     for lam_i in [*GRID[::10], None]:
         ii = route_indices(cum, lam_i)
@@ -384,5 +386,13 @@ def replay_lake(
         "prices": price,
         "curve": curve,
         "line": dollars_line(saved, saved / all_large if all_large else 0.0, q)
-        + f" over the last {days} days of {lake} ({n} requests)",
+        + f" over the last {days} days of {lake} ({n} requests)"
+        + (
+            f"; caution: {df.height - has_text} requests have no captured prompt text and this "
+            "router uses text, so quality is the model's own estimate on degraded inputs "
+            "(train with --text off for capture-off traffic)"
+            if text_missing
+            else ""
+        ),
+        "quality_basis": "model estimate" if q == est_quality else "held-out test split",
     }

@@ -108,6 +108,7 @@ def train(
     lake: str | os.PathLike[str] | None = None,
     prices: str | os.PathLike[str] | None = None,
     fractions: tuple[float, float] = (0.6, 0.2),
+    overwrite: bool = False,
 ) -> TrainResult:
     """Fit, calibrate to `quality_target` at `confidence`, evaluate, and export to `out`."""
     tiers = data.tiers
@@ -162,6 +163,7 @@ def train(
             training_data=summary,
             evaluation=evaluation,
             drift=drift,
+            overwrite=overwrite,
         )
         router = load_router(path)
     return TrainResult(

@@ -1,0 +1,52 @@
+"""Router on the lake: labels joined to logged requests, replay of last week's traffic in $."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+
+import finops
+from finops.router import data as D
+from finops.router.evaluate import replay_lake, tier_token_prices
+from finops.router.train import train
+
+
+def test_lake_labels_metadata_only_and_replay(demo_lake: Path, tmp_path: Path) -> None:
+    db = finops.connect(demo_lake)
+    reqs = db.sql(
+        "SELECT request_id, feature, input_tokens FROM clean.requests "
+        "WHERE coalesce(operation, 'chat') <> 'embeddings' ORDER BY request_id LIMIT 1500"
+    ).pl()
+    assert reqs.height > 500
+    rng = np.random.default_rng(0)
+    lines = []
+    for r in reqs.iter_rows(named=True):
+        hard = (r["input_tokens"] or 0) > 4000 or r["feature"] == "code-complete"
+        tier = 2 if hard and rng.random() < 0.8 else int(rng.choice(2))
+        lines.append(json.dumps({"request_id": r["request_id"], "label": D.DEFAULT_TIERS[tier]}))
+    lines.append(json.dumps({"request_id": "nope", "label": "small"}))
+    lines.append(json.dumps({"label": "small"}))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(lines) + "\n")
+    ds = D.load_lake(demo_lake, labels)
+    assert ds.frame.height == reqs.height
+    assert [b.field for b in ds.bad_rows] == ["request_id", "request_id"]
+    assert not ds.has_text  # the demo lake has prompt capture off
+    res = train(ds, tmp_path / "art", cv_folds=0, lake=demo_lake, quality_target=0.9)
+    assert res.router is not None and not res.router.uses_prompt_text
+    assert "lake cost marts" in res.evaluation["prices"]["source"]
+    rep = replay_lake(res.router, demo_lake)
+    assert rep["requests"] > 0
+    assert rep["routed_cost_usd"] <= rep["all_large_cost_usd"] + 1e-9
+    assert rep["line"].startswith("this router would have saved $")
+    costs = [p["cost_usd"] for p in rep["curve"]]
+    assert costs[-1] == max(costs)  # all-large (lambda None) is the most expensive point
+
+
+def test_price_fallback_is_stated(tmp_path: Path) -> None:
+    p = tier_token_prices(["small", "mid", "large"], lake=tmp_path / "empty")
+    assert "price catalog" in p["source"] and "tok/s" in p["source"]
+    pin = p["usd_per_input_token"]
+    assert pin["small"] < pin["mid"] < pin["large"]
