@@ -757,3 +757,26 @@ def test_follower_reports_missing_file_and_bad_checkpoint(lake: Lake, tmp_path: 
     cp_file.write_text("{not json")
     with pytest.raises(ValueError, match=r"checkpoint unreadable.*move it away"):
         LogSource(log, lake, tmp_path / "cp")
+
+
+def test_csv_ragged_rows_and_bad_times_rejected(lake: Lake, tmp_path: Path) -> None:
+    path = tmp_path / "azure-like.csv"
+    path.write_text(
+        "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+        "2023-11-16 18:15:46.6805900,374,44\n"
+        "2023-11-16 18:15:47.0000000,12\n"
+        "\n"
+        "2023-11-16 18:15:48.1000000,5,6,7\n"
+        "16/11/2023 18:15,5,6\n"
+        "2023-11-16 18:15:49.5000000,-3,6\n"
+        "2023-11-16 18:15:50.0000000,8,9"  # no final newline: still read by a one-shot ingest
+    )
+    report = ingest_file(path, lake, mapping="azure-llm-2023")
+    assert (report.read, report.loaded, report.rejected) == (6, 2, 4)
+    got = q(lake, "SELECT input_tokens FROM requests ORDER BY ts")["input_tokens"].to_list()
+    assert got == [374, 8]
+    rej = {r["location"]: r["reason"] for r in rejects(lake).to_dicts()}
+    assert "expected 3 fields" in rej[f"{path}:3"] and "got 2" in rej[f"{path}:3"]
+    assert "got 4" in rej[f"{path}:5"]
+    assert "ts (from TIMESTAMP)" in rej[f"{path}:6"] and "16/11/2023" in rej[f"{path}:6"]
+    assert "input_tokens" in rej[f"{path}:7"] and ">= 0" in rej[f"{path}:7"]
