@@ -210,3 +210,43 @@ def test_too_few_rows_for_a_tier_is_a_clear_error(tmp_path: Path) -> None:
     ds = D.load_labeled(write_jsonl(tmp_path / "thin.jsonl", rows))
     with pytest.raises(D.DataError, match=r"tier\(s\) \['large'\] have fewer than 10"):
         train(ds, None, cv_folds=0)
+
+
+def test_training_on_judge_scores_uses_bounded_loss(tmp_path: Path) -> None:
+    path = D.write_demo_labeled(tmp_path / "scores.jsonl", 900, seed=8, scores=True)
+    ds = D.load_labeled(path)
+    assert ds.label_kind == "scores" and not np.isin(ds.quality, (0.0, 1.0)).all()
+    res = train(ds, None, cv_folds=0, quality_target=0.9, confidence=0.9)
+    assert "Hoeffding-Bentkus" in res.decision["method"]
+    at = res.evaluation["at_threshold"]
+    assert 0 < at["quality_retained"] <= 1.0 + 1e-9
+
+
+def test_overwrite_only_replaces_artifacts(rule_artifact, tmp_path: Path) -> None:
+    res, _ = rule_artifact
+    from finops.router.artifact import ArtifactError, write_artifact
+
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    kw = dict(
+        tiers=TIERS,
+        upstream_models={t: t for t in TIERS},
+        decision=res.decision,
+        uses_prompt_text=True,
+        training_data={},
+        evaluation={},
+        drift={},
+    )
+    with pytest.raises(ArtifactError, match="not empty"):
+        write_artifact(other, res.pipeline, **kw)
+    with pytest.raises(ArtifactError, match="not a router artifact"):
+        write_artifact(other, res.pipeline, overwrite=True, **kw)
+    assert (other / "keep.txt").read_text() == "mine"
+    a = write_artifact(tmp_path / "a", res.pipeline, **kw)
+    v1 = load_router(a).version
+    write_artifact(a, res.pipeline, overwrite=True, created="2030-01-01T00:00:00Z", **kw)
+    assert load_router(a).version != v1 and sorted(p.name for p in a.iterdir()) == [
+        "manifest.json",
+        "model.skops",
+    ]
