@@ -497,17 +497,13 @@ def _label_table(blocks: pl.Series) -> pl.DataFrame:
             jsons.append("{}")
             continue
         items = _PAIR_RX.findall(block) if _STRICT_RX.match(block) else None
-        if (
-            items is None
-            or len({k for k, _ in items}) != len(items)
-            or any(k == "__name__" for k, _ in items)
-        ):
+        d = dict(items) if items is not None else None
+        if d is None or len(d) != len(items) or "__name__" in d:  # type: ignore[arg-type]
             oks.append(False)  # the slow path explains what is wrong
             jsons.append("{}")
             continue
-        items.sort()
         oks.append(True)
-        jsons.append("{" + ",".join(f'"{k}":"{v}"' for k, v in items) + "}")
+        jsons.append("{" + ",".join([f'"{k}":"{d[k]}"' for k in sorted(d)]) + "}")
     return pl.DataFrame(
         {"block": keep, "ok": oks, "labels": jsons},
         schema={"block": pl.String, "ok": pl.Boolean, "labels": pl.String},
