@@ -28,6 +28,7 @@ One line from a notebook::
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 import json
 import math
 import os
@@ -294,9 +295,95 @@ def _ensure(db: duckdb.DuckDBPyConnection) -> None:
         db.execute("SET VARIABLE finops_deployments_loaded = ?", [env])
 
 
-def _q(db: duckdb.DuckDBPyConnection, sql: str) -> pl.DataFrame:
+# ----------------------------------------------------------------------------- materialization
+
+COST_VIEWS: tuple[str, ...] = (
+    "gpu_pod_labels",
+    "gpu_cost_hourly",
+    "tier_cost_hourly",
+    "tier_phase_hourly",
+    "request_work",
+    "tier_token_prices",
+    "request_flags",
+    "request_costs",
+)
+"""The cost marts, in dependency order (views in `marts.`, defined in sql/marts/3*.sql)."""
+
+_VIEW_RE = re.compile(r"CREATE OR REPLACE VIEW marts\.(\w+) AS\s*(.*?);\s*(?=CREATE|--|$)", re.S)
+_MARTS_REF = re.compile(r"\bmarts\.(" + "|".join(COST_VIEWS) + r")\b")
+
+
+def _view_bodies() -> dict[str, str]:
+    from finops.db import SQL_DIR
+
+    bodies: dict[str, str] = {}
+    for f in sorted((SQL_DIR / "marts").glob("3*.sql")):
+        text = "\n".join(
+            line for line in f.read_text().splitlines() if not line.lstrip().startswith("--")
+        )
+        for m in _VIEW_RE.finditer(text + "\n"):
+            bodies[m.group(1)] = m.group(2)
+    missing = [v for v in COST_VIEWS if v not in bodies]
+    if missing:
+        raise RuntimeError(f"finops/sql/marts/3*.sql: view(s) {missing} not found")
+    return bodies
+
+
+def _cached(sql: str) -> str:
+    """Point references to the cost marts at this connection's materialized copies."""
+    return _MARTS_REF.sub(lambda m: f"temp.main._fc_{m.group(1)}", sql)
+
+
+def _signature(db: duckdb.DuckDBPyConnection) -> str:
+    from finops.db import lake_dir
+
+    lake = lake_dir(db)
+    h = hashlib.sha256()
+    for table in ("gpu_samples", "serving_samples", "requests"):
+        for f in sorted((lake / table).glob("date=*/*.parquet")):
+            st = f.stat()
+            h.update(f"{f}|{st.st_size}|{st.st_mtime_ns}\n".encode())
+    knobs = db.execute(
+        "SELECT getvariable('finops_pricing_kind'), getvariable('finops_output_token_weight'),"
+        " getvariable('finops_duplicate_window_s'), getvariable('finops_storm_min_retries'),"
+        " getvariable('finops_storm_factor'),"
+        " (SELECT string_agg(d::VARCHAR, '|' ORDER BY priority) FROM ref.deployments d),"
+        " (SELECT string_agg(p::VARCHAR, '|' ORDER BY p.gpu_model, p.pricing_kind) FROM ref.prices p)"
+    ).fetchall()[0]
+    h.update(repr(knobs).encode())
+    return h.hexdigest()
+
+
+def materialize(db: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
+    """Compute the cost marts once into temp tables that the API functions read.
+
+    The views in `marts.` stay the definition (and what SQL users query); this
+    evaluates each of them once, in dependency order, so a notebook asking ten
+    questions pays for the GPU and request pipelines once, not ten times. The
+    copies are rebuilt when the lake's files, the prices, the deployment rules or
+    the knobs of `configure` change.
+    """
     _ensure(db)
-    return db.sql(sql).pl()
+    sig = _signature(db)
+    current = db.execute("SELECT getvariable('finops_costs_signature')").fetchall()[0][0]
+    if current == sig and not force:
+        return
+    bodies = _view_bodies()
+    for name in COST_VIEWS:
+        db.execute(f"CREATE OR REPLACE TEMP TABLE _fc_{name} AS {_cached(bodies[name])}")
+    db.execute("SET VARIABLE finops_costs_signature = ?", [sig])
+
+
+def _q(
+    db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None
+) -> pl.DataFrame:
+    materialize(db)
+    return db.sql(_cached(sql), params=params).pl()
+
+
+def _row(db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None) -> tuple:
+    materialize(db)
+    return db.execute(_cached(sql), params).fetchall()[0]
 
 
 # ----------------------------------------------------------------------------- sources
@@ -310,8 +397,9 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
     stated here rather than turning into crashes or silent zeros.
     """
     per = per or Period(None, None, "all data")
-    row = (
-        db.sql(f"""
+    row = _q(
+        db,
+        f"""
         SELECT
           (SELECT count(*) FROM marts.gpu_cost_hourly WHERE {per.where()}) AS gpu_hour_rows,
           (SELECT count(*) FROM marts.gpu_cost_hourly
@@ -330,12 +418,10 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
           (SELECT count(*) FROM marts.tier_token_prices WHERE {per.where()}) AS tier_hours,
           (SELECT min(hour) FROM marts.request_work) AS first_request_hour,
           (SELECT max(hour) FROM marts.request_work) AS last_request_hour,
-          (SELECT min(hour) FROM marts.gpu_hourly) AS first_gpu_hour,
-          (SELECT max(hour) FROM marts.gpu_hourly) AS last_gpu_hour
-    """)
-        .pl()
-        .row(0, named=True)
-    )
+          (SELECT min(hour) FROM marts.gpu_cost_hourly) AS first_gpu_hour,
+          (SELECT max(hour) FROM marts.gpu_cost_hourly) AS last_gpu_hour
+    """,
+    ).row(0, named=True)
     notes: list[str] = []
     if row["gpu_hour_rows"] == 0:
         notes.append(
@@ -559,8 +645,9 @@ def totals(
     b = _basis(basis)
     per = _p(week, start, end, per)
     src = require_data(db, per)
-    g = (
-        db.sql(f"""
+    g = _q(
+        db,
+        f"""
         SELECT coalesce(sum(gpu_hours), 0) AS gpu_hours,
                coalesce(sum(busy_gpu_hours), 0) AS busy_gpu_hours,
                coalesce(sum(gpu_cost), 0) AS gpu_cost,
@@ -568,10 +655,8 @@ def totals(
                coalesce(sum(idle_cost), 0) AS idle_capacity_cost,
                count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus
         FROM marts.gpu_cost_hourly WHERE {per.where()}
-    """)
-        .pl()
-        .row(0, named=True)
-    )
+    """,
+    ).row(0, named=True)
     r = _q(
         db,
         f"""
@@ -966,7 +1051,8 @@ def token_distribution(
     cond = per.where()
     if feature is not None:
         cond += " AND feature = $feature"
-    df = db.sql(
+    df = _q(
+        db,
         f"""
         SELECT coalesce(feature, '(none)') AS feature, count(*) AS requests,
                quantile_cont(input_tokens, 0.5) AS p50,
@@ -978,18 +1064,19 @@ def token_distribution(
         GROUP BY ALL ORDER BY ALL
     """,
         params={"feature": feature} if feature is not None else None,
-    ).pl()
+    )
     caps = dict(caps or {})
     cap_col = pl.Series("cap", [caps.get(f) for f in df["feature"]], dtype=pl.Int64)
     df = df.with_columns(cap_col)
     if caps:
-        over = db.sql(
+        over = _q(
+            db,
             f"""
             SELECT coalesce(feature, '(none)') AS feature, input_tokens
             FROM marts.request_work WHERE {cond} AND worked
         """,
             params={"feature": feature} if feature is not None else None,
-        ).pl()
+        )
         over = (
             over.join(df.select("feature", "cap"), on="feature")
             .group_by("feature")
@@ -1072,8 +1159,8 @@ def cap_savings(
         raise CostError(f"cap: expected a whole number of tokens >= 0, got {cap!r}")
     b = _basis(basis)
     per = _p(week, start, end, per)
-    _ensure(db)
-    row = db.execute(
+    row = _row(
+        db,
         f"""
         SELECT count(*) AS requests,
                count(*) FILTER (w.input_tokens > $cap) AS touched,
@@ -1087,15 +1174,16 @@ def cap_savings(
         WHERE w.feature = $feature AND w.worked AND {per.where("w.hour")}
     """,
         {"cap": cap, "feature": feature},
-    ).fetchall()[0]
+    )
     requests, touched, tokens, usd, fcost = row
     if requests == 0:
         known = [
             r[0]
-            for r in db.execute(
+            for r in _q(
+                db,
                 "SELECT DISTINCT feature FROM marts.request_work WHERE feature IS NOT NULL "
-                "ORDER BY 1"
-            ).fetchall()
+                "ORDER BY 1",
+            ).rows()
         ]
         raise CostError(
             f"cap_savings: no requests of feature {feature!r} in {per.label}; "

@@ -566,3 +566,19 @@ def test_cli_costs_missing_lake_and_gpu_data(tmp_path: Path) -> None:
     assert r.exit_code == 0, r.output
     assert "no GPU samples" in r.stderr
     assert json.loads(r.stdout)["totals"]["gpu_cost"] == 0
+
+
+def test_materialized_copies_equal_views_and_follow_the_lake(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake", fsync=False)
+    now = T0 + dt.timedelta(days=30)
+    lake.append("gpu_samples", _gpu_rows(), source="test", now=now)
+    lake.append("requests", _request_rows()[:20], source="test", now=now)
+    con = finops.connect(lake.path)
+    fc.materialize(con)
+    for name in fc.COST_VIEWS:
+        view = con.sql(f"SELECT * FROM marts.{name}").pl()
+        copy = con.sql(f"SELECT * FROM temp.main._fc_{name}").pl()
+        assert view.sort(view.columns).equals(copy.sort(copy.columns)), name
+    assert fc.totals(con)["requests"] == 20
+    lake.append("requests", _request_rows()[20:], source="test", now=now)
+    assert fc.totals(con)["requests"] == 51  # new file -> rebuilt
