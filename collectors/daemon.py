@@ -368,6 +368,7 @@ class Stats:
     rejected: int = 0
     flushes: int = 0
     files: int = 0
+    write_errors: int = 0
     last_flush: float | None = None
 
 
@@ -458,8 +459,17 @@ class Collector:
         assert self._flush_lock is not None
         async with self._flush_lock:
             batch, self.buffer, self.buffered_rows = self.buffer, [], 0
-            if batch:
+            if not batch:
+                return
+            try:
                 await asyncio.to_thread(self._write, batch)
+            except Exception as exc:  # disk full, permissions...: keep the rows, retry later
+                self.buffer[:0] = batch
+                self.buffered_rows += sum(o.rows() + 1 for o in batch)
+                self.stats.write_errors += 1
+                self._print(f"collect: writing to {self.cfg.lake} failed, will retry: {exc}")
+                if self.stopping:
+                    raise
 
     def _write(self, batch: list[Outcome]) -> None:
         by_table: dict[tuple[str, str], list[Any]] = {}

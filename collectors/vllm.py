@@ -206,7 +206,7 @@ class PrefixCacheTracker:
 
 
 def _prefix_values(rows: pl.DataFrame) -> dict[str, tuple[dt.datetime, float, float]]:
-    """labels (without nothing removed: hits and queries share them) -> (ts, hits, queries)."""
+    """Label set (hits and queries share it) -> (ts, hits, queries) of one scrape."""
     sub = rows.filter(pl.col("metric").is_in([HITS, QUERIES]) & pl.col("value").is_not_nan())
     if sub.height == 0:
         return {}

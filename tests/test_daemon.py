@@ -454,3 +454,27 @@ def test_log_flag_tails_a_request_log_once_and_resumes(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM requests").fetchall()[0][0] == 25
     health = db.sql("SELECT kind, up, samples, rejected FROM scrape_health ORDER BY ts").pl()
     assert health.rows() == [("log", True, 20, 1), ("log", True, 5, 0)]
+
+
+def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path: Path) -> None:
+    with serve({"/metrics": reply(200, TEXT, GOOD)}) as base:
+        blocker = tmp_path / "lake"
+        blocker.write_text("a file where the lake folder should be")
+        c = Collector(
+            config(blocker, [{"kind": "dcgm", "url": f"{base}/metrics"}]), status=io.StringIO()
+        )
+
+        async def main() -> None:
+            await c._open()
+            await c.run_attempt(c.targets[0])
+            await c.flush()  # fails: the lake path is a file
+            assert c.stats.write_errors == 1 and len(c.buffer) == 1
+            blocker.unlink()
+            await c.flush()  # the same rows, written now
+            assert c.buffer == []
+            await c.http.aclose()
+
+        asyncio.run(main())
+    db = finops.connect(blocker)
+    assert db.execute("SELECT count(*) FROM gpu_samples").fetchall()[0][0] == 4 * 26
+    assert "failed, will retry" in c.status_out.getvalue()  # type: ignore[union-attr]
