@@ -682,37 +682,61 @@ def _prepare_native(df: pl.DataFrame, table: str, file: str) -> pl.DataFrame:
     return df
 
 
-def _load_chunk(
+@dataclass
+class _Prepared:
+    """A chunk turned into lake rows, ready to write (computed off the writer's thread)."""
+
+    chunk: _Chunk
+    rows: pl.DataFrame
+    mapped_rejects: pl.DataFrame | None = None
+    events: pl.DataFrame | None = None
+
+
+def _prepare(
     chunk: _Chunk,
     plan: _Plan,
-    lake: Lake,
     file: str,
-    report: FileReport,
     *,
     check: bool,
-    resolver: AvoidedTokens | None = None,
-) -> AppendResult:
-    """Write one parsed chunk: rows through Lake.append, unparsable lines to rejects."""
+    resolver: AvoidedTokens | None,
+) -> _Prepared:
+    """Map/convert a parsed chunk and derive its cache events; writes nothing.
+
+    A mapping that does not fit the file raises here, before anything of the
+    chunk is written.
+    """
+    src = chunk.src
+    if plan.mapping is not None:
+        if check:
+            available = [
+                c for c in src.columns if c not in (LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)
+            ]
+            check_columns(plan.mapping, available, file, shown=chunk.columns)
+        applied = apply_mapping(plan.mapping, chunk.with_raw(), file=file)
+        rows, mapped_rejects = applied.frame, applied.rejects
+    else:
+        rows = _prepare_native(src, plan.table, file) if src.height else src
+        if chunk.suspicious or _may_reject(rows, plan.table):
+            rows = rows.with_columns(chunk.with_raw()[RAW_COLUMN])
+        mapped_rejects = None
+    rows = rows.drop(LINE_COLUMN, strict=False)
+    events = None
+    if plan.shim and rows.height:
+        events = shim_cache_events(rows, plan.source, resolver)
+    return _Prepared(chunk, rows, mapped_rejects, events)
+
+
+def _load_chunk(prep: _Prepared, plan: _Plan, lake: Lake, report: FileReport) -> AppendResult:
+    """Write one prepared chunk: rows through Lake.append, unparsable lines to rejects."""
     table = plan.table
+    chunk = prep.chunk
     result = AppendResult(table=table)
     rejected = 0
-    src = chunk.src
-    if plan.mapping is not None and check:
-        # before anything is written: a mapping that does not fit the file is an error
-        available = [c for c in src.columns if c not in (LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)]
-        check_columns(plan.mapping, available, file, shown=chunk.columns)
     if chunk.rejects:
         rejected += lake.reject(table, chunk.rejects, source=plan.source)
-    if plan.mapping is not None:
-        applied = apply_mapping(plan.mapping, chunk.with_raw(), file=file)
-        if applied.rejects.height:
-            rejected += lake.reject(table, applied.rejects, source=plan.source)
-        rows = applied.frame
-    else:
-        rows = _prepare_native(src, table, file) if src.height else src
-        if chunk.suspicious or _may_reject(rows, table):
-            rows = rows.with_columns(chunk.with_raw()[RAW_COLUMN])
-    appended = lake.append(table, rows.drop(LINE_COLUMN, strict=False), source=plan.source)
+    if prep.mapped_rejects is not None and prep.mapped_rejects.height:
+        rejected += lake.reject(table, prep.mapped_rejects, source=plan.source)
+    appended = lake.append(table, prep.rows, source=plan.source)
     result.read = chunk.records
     result.loaded = appended.loaded
     result.rejected = rejected + appended.rejected
@@ -721,11 +745,9 @@ def _load_chunk(
     report.add(result.read, result.loaded, result.rejected)
     report.duplicate_files += appended.duplicate_files
     report.files += appended.files
-    if plan.shim and rows.height:
-        events = shim_cache_events(rows, plan.source, resolver or AvoidedTokens(lake))
-        if events.height:
-            ev = lake.append("cache_events", events, source=plan.source)
-            report.cache_events += ev.loaded
+    if prep.events is not None and prep.events.height:
+        ev = lake.append("cache_events", prep.events, source=plan.source)
+        report.cache_events += ev.loaded
     return result
 
 
@@ -865,14 +887,14 @@ def _read_from(
                 return pl.Series(RAW_COLUMN, [""] * df.height, dtype=pl.String)
             return df.select(pl.struct(pl.all()).struct.json_encode()).to_series()
 
-        res = _load_chunk(
+        prep = _prepare(
             _Chunk(src, [], df.height, _leaf_paths(df.schema), raw),
             plan,
-            lake,
             label,
-            report,
             check=True,
+            resolver=resolver or AvoidedTokens(lake),
         )
+        res = _load_chunk(prep, plan, lake, report)
         state.done = True
         state.offset = size
         yield res
@@ -892,20 +914,25 @@ def _read_from(
     native = _native_read_schema(plan.table) if plan.mapping is None else None
     header_lines = 1 if plan.format == "csv" else 0
 
-    def parse(data: bytes, first_line: int) -> _Chunk:
+    resolver = resolver or AvoidedTokens(lake)
+
+    def parse(data: bytes, first_line: int, check: bool) -> _Prepared:
         if plan.format == "csv":
-            return parse_csv_chunk(
+            chunk = parse_csv_chunk(
                 data, header=state.header or "", first_line=first_line, label=label, separator=sep
             )
-        return parse_jsonl_chunk(
-            data, first_line=first_line, label=label, schema=native, paths=paths
-        )
+        else:
+            chunk = parse_jsonl_chunk(
+                data, first_line=first_line, label=label, schema=native, paths=paths
+            )
+        return _prepare(chunk, plan, label, check=check, resolver=resolver)
 
-    # parse the next block while the current one is validated and written: Polars and
-    # Arrow release the GIL, so the two stages overlap on separate cores. Batches are
-    # still written, and the state advanced, strictly in file order.
+    # parse and prepare the next block while the current one is validated and written:
+    # Polars and Arrow release the GIL, so the two stages overlap on separate cores.
+    # Batches are still written, and the state advanced, strictly in file order (one
+    # worker: cache-hit resolution also sees the chunks in order).
     line = state.line
-    queue: deque[tuple[Future[_Chunk], int, int, bool]] = deque()
+    queue: deque[tuple[Future[_Prepared], int, int]] = deque()
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-parse") as pool:
         blocks = _iter_blocks(fh, state.offset, size, final=final, chunk_bytes=chunk_bytes)
         while True:
@@ -914,16 +941,14 @@ def _read_from(
                 data, new_offset = block
                 nlines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
                 first = line <= header_lines or plan.format == "csv"
-                queue.append((pool.submit(parse, data, line), nlines, new_offset, first))
+                queue.append((pool.submit(parse, data, line, first), nlines, new_offset))
                 line += nlines
                 if len(queue) < 2:
                     continue
             if not queue:
                 break
-            fut, nlines, new_offset, first = queue.popleft()
-            res = _load_chunk(
-                fut.result(), plan, lake, label, report, check=first, resolver=resolver
-            )
+            fut, nlines, new_offset = queue.popleft()
+            res = _load_chunk(fut.result(), plan, lake, report)
             state.line += nlines
             state.offset = new_offset
             yield res
