@@ -25,6 +25,10 @@ def _parse_upstream(items: list[str] | None) -> dict[str, str]:
     return out
 
 
+def _f(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.3f}"
+
+
 def _json(obj: object) -> str:
     return json.dumps(obj, indent=2, default=str)
 
@@ -221,11 +225,11 @@ def evaluate_cmd(
             "AUC per tier: " + ", ".join(f"{t} {v:.3f}" for t, v in ev["auc_per_tier"].items())
         )
         typer.echo(
-            f"APGR {m['apgr']:.3f}  AUC {m['auc']:.3f}  CPT50 {m['cpt50']}  CPT80 {m['cpt80']}"
+            f"APGR {m['apgr']:.3f}  AUC {m['auc']:.3f}  CPT50 {_f(m['cpt50'])}  CPT80 {_f(m['cpt80'])}"
         )
         for name, b in ev["baselines"].items():
             typer.echo(
-                f"  baseline {name:<12} APGR {b['apgr']:.3f}  CPT50 {b['cpt50']}  CPT80 {b['cpt80']}"
+                f"  baseline {name:<12} APGR {b['apgr']:.3f}  CPT50 {_f(b['cpt50'])}  CPT80 {_f(b['cpt80'])}"
             )
         typer.echo("shares: " + ", ".join(f"{t} {s:.1%}" for t, s in at["shares"].items()))
         typer.echo(f"quality retained {at['quality_retained']:.2%}")
