@@ -1,0 +1,247 @@
+"""Shim parts on their own: request-log rotation, explicit-model policy, Redis-shared cache, file watch."""
+
+from __future__ import annotations
+
+import dataclasses
+import shutil
+import socket
+import subprocess
+import time
+
+import httpx
+import orjson
+import pytest
+
+from finops.lake import Lake
+from finops.shim import from_flags, serve_in_thread
+from finops.shim.cache import MemoryCache, cache_key, is_deterministic
+from finops.shim.config import load_config
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.requestlog import RequestLog, new_record, redact
+from finops.shim.server import run_app_in_thread
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+
+
+@pytest.fixture
+def upstream():
+    f = FakeUpstream()
+    h = run_app_in_thread(f)
+    yield f, h.url
+    h.stop(2)
+
+
+def _rec(i: int) -> dict:
+    r = new_record()
+    r.update(
+        request_id=f"r{i}",
+        ts="2026-11-28T10:00:00.000001Z",
+        source="shim",
+        status_code=200,
+        input_tokens=i,
+    )
+    return r
+
+
+def test_requestlog_rotates_by_size_and_time_and_closes_cleanly(tmp_path):
+    log = RequestLog(tmp_path, rotate_bytes=2000, rotate_s=3600, interval=0.01)
+    for i in range(60):
+        log.write(_rec(i))
+        if i % 10 == 9:
+            log.flush()
+    log.close()
+    files = sorted(tmp_path.iterdir())
+    assert len(files) > 2 and all(p.name.endswith(".jsonl") for p in files)
+    rows = [orjson.loads(x) for p in files for x in p.read_bytes().splitlines()]
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(60)]
+    res = Lake(tmp_path.parent / "lake").append("requests", rows, source="shim")
+    assert (res.loaded, res.rejected) == (60, 0)
+    # time rotation: an idle open file is closed (renamed) once it is older than rotate_s
+    t = tmp_path / "t"
+    log = RequestLog(t, rotate_s=0.2, interval=0.05)
+    log.write(_rec(1))
+    log.flush()
+    deadline = time.monotonic() + 5
+    while not list(t.glob("*.jsonl")) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert list(t.glob("*.jsonl")) and not list(t.glob("*.open"))
+    log.close()
+
+
+def test_requestlog_survives_write_errors(tmp_path):
+    d = tmp_path / "gone"
+    log = RequestLog(d, interval=0.01)
+    log.write(_rec(1))
+    assert log.flush()
+    log._close_file()  # simulate the folder vanishing (disk unmounted) between files
+    shutil.rmtree(d)
+    log.write(_rec(2))
+    log.flush(timeout=2)
+    assert log.errors == 1 and "FileNotFoundError" in (log.last_error or "")
+    d.mkdir()
+    log.write(_rec(3))
+    assert log.flush()
+    log.close()
+    assert log.written == 2
+
+
+def test_redaction():
+    s = redact(
+        "Reach me at a.b-c@corp.example.org, +44 20 7946 0958 or (415) 555-0100; acct 0012345678."
+    )
+    assert "corp.example" not in s and "7946" not in s and "555" not in s and "12345678" not in s
+    assert s.count("[EMAIL]") == 1 and s.count("[PHONE]") == 2 and s.count("[NUMBER]") == 1
+    assert redact("order 42 shipped in 2026") == "order 42 shipped in 2026"
+
+
+def test_cache_key_normalization_and_determinism():
+    a = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": "hi\r\n"}]}
+    b = {
+        "messages": [{"content": "  hi", "role": "user"}],
+        "temperature": 0.0,
+        "n": 1,
+        "top_p": 1,
+        "stream": True,
+        "model": "x",
+    }
+    assert cache_key("t", "chat", a, "small") == cache_key("t", "chat", b, "small")
+    assert cache_key("t", "chat", a, "small") != cache_key("u", "chat", a, "small")
+    assert cache_key("t", "chat", a, "small") != cache_key(
+        "t", "chat", {**a, "max_tokens": 5}, "small"
+    )
+    assert (
+        is_deterministic(a)
+        and is_deterministic({"seed": 3})
+        and not is_deterministic({"temperature": 0.2})
+    )
+    assert not is_deterministic({"temperature": 0, "n": 2}) and not is_deterministic({})
+
+
+async def test_memory_cache_ttl_and_bounds():
+    c = MemoryCache(max_entries=3, max_bytes=100)
+    for i in range(4):
+        await c.set(f"k{i}", b"x" * 10, 60)
+    assert await c.get("k0") is None and len(c) == 3  # LRU entry bound
+    await c.set("big", b"x" * 90, 60)
+    assert c.bytes <= 100
+    await c.set("short", b"y", 0.01)
+    time.sleep(0.02)
+    assert await c.get("short") is None
+
+
+def test_explicit_model_policies(tmp_path, upstream):
+    f, url = upstream
+    base = from_flags([f"small={url}", f"large={url}"], log_dir=tmp_path / "log")
+    deny = dataclasses.replace(base, explicit="deny")
+    with serve_in_thread(deny) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "large"})
+        assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+    rr = dataclasses.replace(base, explicit="reroute", reroute={"large": "auto", "gpt-4o": "small"})
+    with serve_in_thread(rr) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "large"})
+        assert r.headers["x-finops-tier"] == "small"  # classified by the router instead
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "gpt-4o"})
+        assert r.status_code == 200 and f.bodies[-1]["model"] == "small"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def redis_url(tmp_path):
+    exe = shutil.which("redis-server")
+    if exe is None:
+        pytest.skip(
+            "redis-server is not installed (Debian: apt-get install -y redis-server; .ci/run installs it)"
+        )
+    port = _free_port()
+    p = subprocess.Popen(
+        [
+            exe,
+            "--port",
+            str(port),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+            "--dir",
+            str(tmp_path),
+        ],
+        stdout=subprocess.DEVNULL,
+    )
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            socket.create_connection(("127.0.0.1", port), timeout=0.2).close()
+            break
+        except OSError:
+            time.sleep(0.05)
+    yield f"redis://127.0.0.1:{port}/0"
+    p.terminate()
+    p.wait(10)
+
+
+def test_redis_backend_shares_cache_and_idempotency_across_replicas(tmp_path, upstream, redis_url):
+    f, url = upstream
+    cfg = from_flags([f"small={url}"], api_keys=["k1=acme", "k2=globex"], log_dir=tmp_path / "log")
+    cfg = dataclasses.replace(cfg, redis_url=redis_url)
+    a = {"authorization": "Bearer k1"}
+    det = {**CHAT, "temperature": 0}
+    with (
+        serve_in_thread(cfg) as r1,
+        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as r2,
+    ):
+        x = httpx.post(r1.base_url + "/chat/completions", json=det, headers=a)
+        y = httpx.post(r2.base_url + "/chat/completions", json=det, headers=a)
+        assert (x.headers["x-finops-cache"], y.headers["x-finops-cache"]) == ("miss", "hit")
+        assert x.json() == y.json() and f.calls == 1
+        z = httpx.post(
+            r2.base_url + "/chat/completions", json=det, headers={"authorization": "Bearer k2"}
+        )
+        assert z.headers["x-finops-cache"] == "miss"  # another tenant never shares the entry
+        hd = {**a, "idempotency-key": "pay-1"}
+        i1 = httpx.post(
+            r1.base_url + "/chat/completions", json={**CHAT, "temperature": 1}, headers=hd
+        )
+        i2 = httpx.post(
+            r2.base_url + "/chat/completions", json={**CHAT, "temperature": 1}, headers=hd
+        )
+        assert i1.json() == i2.json() and i2.headers["x-finops-cache"] == "hit" and f.calls == 3
+
+
+def test_redis_outage_does_not_fail_requests(tmp_path, upstream):
+    _, url = upstream
+    cfg = dataclasses.replace(
+        from_flags([f"small={url}"], log_dir=tmp_path / "log"),
+        redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+    )
+    with serve_in_thread(cfg) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "temperature": 0})
+        assert r.status_code == 200
+
+
+def test_file_watch_reloads_config(tmp_path, upstream):
+    _, url = upstream
+    conf = tmp_path / "shim.toml"
+    conf.write_text(f'[server]\nwatch = true\n[tiers.small]\nupstreams = ["{url}"]\n')
+    with serve_in_thread(load_config(conf)) as h:
+        time.sleep(0.3)
+        conf.write_text(
+            f'[server]\nwatch = true\n[tiers.small]\nupstreams = ["{url}"]\n[routing]\nextra_aliases = ["cheap"]\n'
+        )
+        deadline = time.monotonic() + 10
+        code = None
+        while time.monotonic() < deadline:
+            code = httpx.post(
+                h.base_url + "/chat/completions", json={**CHAT, "model": "cheap"}
+            ).status_code
+            if code == 200:
+                break
+            time.sleep(0.2)
+        assert code == 200
