@@ -1,0 +1,302 @@
+"""Altair charts over `finops.costs` frames, shared by the notebooks and the weekly report.
+
+Every function takes the Polars frame a `finops.costs` function returns and
+gives back an `alt.Chart` (or a layered/concatenated chart) with tooltips.
+`to_svg(chart)` renders offline through vl-convert (no browser, no network),
+which is how the report embeds them.
+
+>>> import finops, finops.costs as fc, finops.charts as ch
+>>> db = finops.connect()
+>>> ch.idle_heatmap(fc.idle(db, week="2026-W47"))
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import altair as alt
+import polars as pl
+
+_DOW = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
+_USD = "$,.2f"
+
+
+def _require(df: pl.DataFrame, cols: Sequence[str], what: str) -> None:
+    missing = [c for c in cols if c not in df.columns]
+    if missing:
+        raise ValueError(
+            f"{what}: frame lacks column(s) {missing}; pass the frame from finops.costs "
+            f"(it has {df.columns})"
+        )
+
+
+def utilization_over_time(util: pl.DataFrame, *, width: int = 640) -> alt.Chart:
+    """SM activity vs GPU_UTIL per tier over time (from `finops.costs.utilization`).
+
+    Two lines per tier: the solid one is SM activity (how busy the SMs were),
+    the dashed one GPU_UTIL (whether any kernel ran); the gap is how much
+    GPU_UTIL flatters.
+    """
+    _require(util, ["hour", "tier", "sm_active", "gpu_util"], "utilization_over_time")
+    long = (
+        util.select("hour", "tier", "gpus", "sm_active", "gpu_util")
+        .unpivot(index=["hour", "tier", "gpus"], variable_name="signal", value_name="value")
+        .with_columns(
+            pl.col("signal").replace_strict(
+                {
+                    "sm_active": "SM activity (DCGM_FI_PROF_SM_ACTIVE)",
+                    "gpu_util": "GPU_UTIL (DCGM_FI_DEV_GPU_UTIL)",
+                }
+            )
+        )
+    )
+    return (
+        alt.Chart(long.drop_nulls("value"))
+        .mark_line(strokeWidth=1.5)
+        .encode(
+            x=alt.X("hour:T", title="hour (UTC)"),
+            y=alt.Y(
+                "value:Q",
+                title="utilization",
+                axis=alt.Axis(format="%"),
+                scale=alt.Scale(domain=[0, 1]),
+            ),
+            color=alt.Color("tier:N", title="tier"),
+            strokeDash=alt.StrokeDash("signal:N", title="signal"),
+            tooltip=[
+                alt.Tooltip("hour:T", format="%a %d %H:00"),
+                "tier:N",
+                "signal:N",
+                alt.Tooltip("value:Q", format=".1%"),
+                alt.Tooltip("gpus:Q", title="GPUs"),
+            ],
+        )
+        .properties(
+            width=width, height=260, title="GPU utilization per tier: SM activity vs GPU_UTIL"
+        )
+    )
+
+
+def idle_heatmap(
+    idle: pl.DataFrame, *, tier: str | None = None, value: str = "idle_cost"
+) -> alt.Chart:
+    """Idle capacity by hour of day x day of week (from `finops.costs.idle`).
+
+    `tier` picks one tier; None sums all tiers. `value`: idle_cost (default),
+    idle_gpu_hours or idle_share.
+    """
+    _require(
+        idle, ["dow", "hour_of_day", "gpu_hours", "idle_gpu_hours", "idle_cost"], "idle_heatmap"
+    )
+    if value not in ("idle_cost", "idle_gpu_hours", "idle_share"):
+        raise ValueError(
+            f"idle_heatmap: value must be idle_cost, idle_gpu_hours or idle_share, got {value!r}"
+        )
+    df = idle
+    if tier is not None:
+        if "tier" not in df.columns or tier not in df["tier"].to_list():
+            known = sorted(set(df["tier"])) if "tier" in df.columns else []
+            raise ValueError(f"idle_heatmap: no tier {tier!r}; the frame has {known}")
+        df = df.filter(pl.col("tier") == tier)
+    df = (
+        df.group_by("dow", "hour_of_day")
+        .agg(pl.col("gpu_hours").sum(), pl.col("idle_gpu_hours").sum(), pl.col("idle_cost").sum())
+        .with_columns(
+            (pl.col("idle_gpu_hours") / pl.col("gpu_hours")).alias("idle_share"),
+            pl.col("dow").map_elements(lambda d: _DOW[d - 1], return_dtype=pl.String).alias("day"),
+        )
+    )
+    fmt = {"idle_cost": _USD, "idle_gpu_hours": ",.1f", "idle_share": ".0%"}[value]
+    return (
+        alt.Chart(df)
+        .mark_rect()
+        .encode(
+            x=alt.X("hour_of_day:O", title="hour of day (UTC)"),
+            y=alt.Y("day:N", sort=_DOW, title=None),
+            color=alt.Color(
+                f"{value}:Q",
+                title=value.replace("_", " "),
+                scale=alt.Scale(scheme="oranges"),
+                legend=alt.Legend(format=fmt),
+            ),
+            tooltip=[
+                "day:N",
+                alt.Tooltip("hour_of_day:O", title="hour"),
+                alt.Tooltip("idle_cost:Q", format=_USD, title="idle $"),
+                alt.Tooltip("idle_gpu_hours:Q", format=",.1f", title="idle GPU-hours"),
+                alt.Tooltip("idle_share:Q", format=".0%", title="idle share"),
+            ],
+        )
+        .properties(
+            title=f"Idle capacity{'' if tier is None else f' ({tier})'}: hour of day x day of week"
+        )
+    )
+
+
+def cost_bars(
+    by: pl.DataFrame, dim: str | None = None, *, value: str = "cost", top: int = 15
+) -> alt.Chart:
+    """Cost per value of a dimension (from `finops.costs.by`), leakage shown as its own segment."""
+    dim = dim or by.columns[0]
+    _require(by, [dim, value, "requests"], "cost_bars")
+    df = by.sort(value, descending=True, nulls_last=True).head(top)
+    if value == "cost" and "leakage_cost" in df.columns:
+        df = df.with_columns((pl.col("cost") - pl.col("leakage_cost")).alias("useful_cost"))
+        long = df.unpivot(
+            index=[c for c in df.columns if c not in ("useful_cost", "leakage_cost")],
+            on=["useful_cost", "leakage_cost"],
+            variable_name="part",
+            value_name="usd",
+        ).with_columns(
+            pl.col("part").replace_strict({"useful_cost": "useful", "leakage_cost": "leakage"})
+        )
+        color = alt.Color(
+            "part:N",
+            title=None,
+            scale=alt.Scale(domain=["useful", "leakage"], range=["#4c78a8", "#e45756"]),
+        )
+        x = alt.X("sum(usd):Q", title="cost (USD)", axis=alt.Axis(format="$,.0f"))
+    else:
+        long, color = df.with_columns(pl.col(value).alias("usd")), alt.value("#4c78a8")
+        x = alt.X("usd:Q", title=value.replace("_", " "))
+    tips = [alt.Tooltip(f"{dim}:N"), alt.Tooltip("requests:Q", format=",")]
+    for c, f in (
+        ("cost", _USD),
+        ("cost_per_request", "$,.5f"),
+        ("usd_per_1m_input_tokens", _USD),
+        ("usd_per_1m_output_tokens", _USD),
+        ("share", ".1%"),
+    ):
+        if c in long.columns:
+            tips.append(alt.Tooltip(f"{c}:Q", format=f))
+    return (
+        alt.Chart(long)
+        .mark_bar()
+        .encode(y=alt.Y(f"{dim}:N", sort="-x", title=None), x=x, color=color, tooltip=tips)
+        .properties(title=f"{value.replace('_', ' ')} by {dim}")
+    )
+
+
+def leakage_waterfall(leak: pl.DataFrame) -> alt.Chart:
+    """The GPU bill as a waterfall: leakage lines, idle, then useful work (from `finops.costs.leakage`).
+
+    Only the disjoint lines (kind leak/idle/useful) stack to the bill; the
+    overlapping 'info' lines are left out.
+    """
+    _require(leak, ["category", "kind", "cost"], "leakage_waterfall")
+    df = leak.filter(pl.col("kind").is_in(["leak", "idle", "useful"])).with_columns(
+        pl.col("cost").clip(lower_bound=0.0)
+    )
+    df = df.with_columns(pl.col("cost").cum_sum().alias("end")).with_columns(
+        (pl.col("end") - pl.col("cost")).alias("start"),
+        pl.int_range(pl.len()).alias("order"),
+    )
+    bill = df["cost"].sum()
+    total = pl.DataFrame(
+        {
+            "category": ["GPU bill"],
+            "kind": ["bill"],
+            "cost": [bill],
+            "start": [0.0],
+            "end": [bill],
+            "order": [df.height],
+        }
+    )
+    df = pl.concat([df.select(total.columns), total], how="vertical_relaxed")
+    order = df.sort("order")["category"].to_list()
+    return (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X("category:N", sort=order, title=None),
+            y=alt.Y("start:Q", title="USD", axis=alt.Axis(format="$,.0f")),
+            y2="end:Q",
+            color=alt.Color(
+                "kind:N",
+                scale=alt.Scale(
+                    domain=["leak", "idle", "useful", "bill"],
+                    range=["#e45756", "#f58518", "#4c78a8", "#54a24b"],
+                ),
+            ),
+            tooltip=["category:N", "kind:N", alt.Tooltip("cost:Q", format=_USD)],
+        )
+        .properties(title="Where the GPU bill went", width=420)
+    )
+
+
+def cache_savings_bars(cache: pl.DataFrame) -> alt.Chart:
+    """Dollars saved per cache layer and the response-cache potential (from `finops.costs.cache_savings`)."""
+    _require(cache, ["layer", "usd_saved", "tokens", "requests"], "cache_savings_bars")
+    return (
+        alt.Chart(
+            cache.with_columns(
+                pl.when(pl.col("layer") == "response_cache_potential")
+                .then(pl.lit("potential"))
+                .otherwise(pl.lit("saved"))
+                .alias("status")
+            )
+        )
+        .mark_bar()
+        .encode(
+            y=alt.Y("layer:N", sort="-x", title=None),
+            x=alt.X("usd_saved:Q", title="USD", axis=alt.Axis(format="$,.0f")),
+            color=alt.Color(
+                "status:N",
+                scale=alt.Scale(domain=["saved", "potential"], range=["#54a24b", "#bab0ac"]),
+            ),
+            tooltip=[
+                "layer:N",
+                alt.Tooltip("usd_saved:Q", format=_USD),
+                alt.Tooltip("tokens:Q", format=","),
+                alt.Tooltip("requests:Q", format=","),
+            ]
+            + (["how:N"] if "how" in cache.columns else []),
+        )
+        .properties(title="Cache economics")
+    )
+
+
+def token_distribution_chart(dist: pl.DataFrame) -> alt.LayerChart:
+    """Input tokens per feature: p50-p90 bar, p99 and max ticks, and the cap (from `token_distribution`)."""
+    _require(dist, ["feature", "p50", "p90", "p99", "max"], "token_distribution_chart")
+    base = alt.Chart(dist).encode(y=alt.Y("feature:N", title=None))
+    tips = [
+        "feature:N",
+        alt.Tooltip("requests:Q", format=","),
+        alt.Tooltip("p50:Q", format=",.0f"),
+        alt.Tooltip("p90:Q", format=",.0f"),
+        alt.Tooltip("p99:Q", format=",.0f"),
+        alt.Tooltip("max:Q", format=","),
+    ]
+    if "cap" in dist.columns:
+        tips += [alt.Tooltip("cap:Q", format=","), alt.Tooltip("share_over_cap:Q", format=".1%")]
+    x = alt.X("p50:Q", title="input tokens (log)", scale=alt.Scale(type="log"))
+    layers = [
+        base.mark_rule(color="#9ecae9").encode(x=x, x2="max:Q", tooltip=tips),
+        base.mark_bar(height=10, color="#4c78a8").encode(x=x, x2="p90:Q", tooltip=tips),
+        base.mark_tick(color="#1f3b73", thickness=2).encode(x="p99:Q", tooltip=tips),
+    ]
+    if "cap" in dist.columns and dist["cap"].is_not_null().any():
+        layers.append(
+            alt.Chart(dist.filter(pl.col("cap").is_not_null()))
+            .mark_tick(color="#e45756", thickness=3, size=22)
+            .encode(y="feature:N", x="cap:Q", tooltip=tips)
+        )
+    return alt.layer(*layers).properties(
+        title="Input tokens per feature: p50-p90 (bar), p99 (tick), max (line), cap (red)"
+    )
+
+
+def to_svg(chart: alt.TopLevelMixin) -> str:
+    """Render a chart to SVG offline (vl-convert; no browser, no network)."""
+    import vl_convert as vlc
+
+    return vlc.vegalite_to_svg(chart.to_json(), vl_version=_vl_version())
+
+
+def _vl_version() -> str | None:
+    """The Vega-Lite version vl-convert should compile with: Altair's own, when bundled."""
+    import vl_convert as vlc
+
+    want = ".".join(alt.SCHEMA_VERSION.lstrip("v").split(".")[:2])
+    return want if want in vlc.get_vegalite_versions() else None
