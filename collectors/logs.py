@@ -385,17 +385,18 @@ class _Lines:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        buf = np.frombuffer(data, dtype=np.uint8)
-        nl = np.flatnonzero(buf == 10)
+        nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
         ends = nl if data.endswith(b"\n") or not data else np.append(nl, len(data))
         starts = np.zeros(len(ends), dtype=np.int64)
         if len(ends) > 1:
             starts[1:] = ends[:-1] + 1
-        # a CRLF line ends before its \r
-        cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13) if len(ends) else ends > 0
+        if b"\r" in data:  # a CRLF line ends before its \r
+            buf = np.frombuffer(data, dtype=np.uint8)
+            cr = (ends > starts) & (buf[np.maximum(ends - 1, 0)] == 13)
+            ends = ends - cr.astype(np.int64)
         self.starts = starts
-        self.ends = ends - cr.astype(np.int64)
-        self.lengths = self.ends - self.starts
+        self.ends = ends
+        self.lengths = ends - starts
 
     def __len__(self) -> int:
         return len(self.starts)
