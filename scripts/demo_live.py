@@ -101,7 +101,7 @@ def build_requests(trace: list[tuple[float, int, int]], seed: int) -> list[dict]
     for i, (at, ctx, gen) in enumerate(trace):
         row = pool[i % len(pool)]
         # sizes scaled to the tiny model (max_model_len 1024): prompt ~ctx/8 tokens, output ~gen/4
-        target_chars = min(1300, max(40, ctx // 2))  # the tiny BPE model: ~2 chars/token, 1024 max
+        target_chars = min(900, max(40, ctx // 2))  # the tiny BPE model: ~2 chars/token, 1024 max
         if "messages" in row:
             msgs = [dict(m) for m in row["messages"]]
         else:

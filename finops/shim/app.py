@@ -184,7 +184,8 @@ class Shim:
 
     def _on_sighup(self) -> None:
         self.logger.info("SIGHUP: reloading config and router")
-        self.reload()
+        self._tasks = [t for t in self._tasks if not t.done()]
+        self._tasks.append(asyncio.get_running_loop().create_task(self.areload()))
 
     async def stop(self) -> None:
         for t in self._tasks:
@@ -202,24 +203,28 @@ class Shim:
             await self.redis.close()
         self.log.close()
 
-    def reload(self) -> tuple[bool, str]:
-        """Re-read config (when it came from a file) and the router; swap only if both are valid."""
+    def _build(self) -> tuple[ShimConfig, Router]:
+        """New config (re-read when it came from a file) and router, verified; raises if bad."""
         old = self.cfg
-        try:
-            cfg = load_config(old.source_path) if old.source_path is not None else old
-            if cfg.source_path is not None:
-                import dataclasses
+        cfg = load_config(old.source_path) if old.source_path is not None else old
+        if cfg.source_path is not None:
+            import dataclasses
 
-                cfg = dataclasses.replace(
-                    cfg, host=old.host, port=old.port, log_dir=old.log_dir, redis_url=old.redis_url
-                )
-            router = build_router(cfg)
-        except Exception as exc:  # ConfigError, ArtifactError, OSError...
-            msg = f"reload refused, still serving router {self.router.version}: {type(exc).__name__}: {exc}"
-            self.logger.error(msg)
-            self.last_reload_error = msg
-            self.metrics.reloads.labels("refused").inc()
-            return False, msg
+            # listen address, log folder and cache backend are fixed for the process
+            cfg = dataclasses.replace(
+                cfg, host=old.host, port=old.port, log_dir=old.log_dir, redis_url=old.redis_url
+            )
+        return cfg, build_router(cfg)
+
+    def _refused(self, exc: BaseException) -> tuple[bool, str]:
+        msg = f"reload refused, still serving router {self.router.version}: {type(exc).__name__}: {exc}"
+        self.logger.error(msg)
+        self.last_reload_error = msg
+        self.metrics.reloads.labels("refused").inc()
+        return False, msg
+
+    def _swap(self, cfg: ShimConfig, router: Router) -> tuple[bool, str]:
+        # whole-object swaps: requests in flight keep the router/pool they already hold
         self.pool = Pool(cfg, previous=self.pool)
         self._names = self._model_names(cfg)
         self.cfg = cfg
@@ -230,6 +235,22 @@ class Shim:
         msg = f"reloaded: router {router.version}, tiers {cfg.tier_names}"
         self.logger.info(msg)
         return True, msg
+
+    def reload(self) -> tuple[bool, str]:
+        """Re-read config and router now (blocking); swap only if both are valid."""
+        try:
+            cfg, router = self._build()
+        except Exception as exc:  # ConfigError, ArtifactError, OSError...
+            return self._refused(exc)
+        return self._swap(cfg, router)
+
+    async def areload(self) -> tuple[bool, str]:
+        """Like reload(), but loads the artifact in a thread so serving never pauses."""
+        try:
+            cfg, router = await asyncio.to_thread(self._build)
+        except Exception as exc:
+            return self._refused(exc)
+        return self._swap(cfg, router)
 
     async def check_upstreams(self) -> None:
         async def probe(u: Any) -> None:
@@ -264,7 +285,7 @@ class Shim:
         if not paths:
             return
         async for _changes in awatch(*paths):
-            self.reload()
+            await self.areload()
 
     def readiness(self) -> tuple[bool, dict]:
         tiers = {}
