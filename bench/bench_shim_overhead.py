@@ -293,11 +293,24 @@ def main() -> None:
             print(f"\n== shim vs real vLLM at {a.vllm} (16 tokens; for the record)")
             print_rows(vrows)
         m = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
-        for line in m.splitlines():
-            if line.startswith("finops_shim_added_latency_seconds_sum") or line.startswith(
-                "finops_shim_added_latency_seconds_count"
-            ):
-                print("shim self-reported:", line)
+        print("\n== the shim's own added-latency histogram (finops_shim_added_latency_seconds)")
+        for stream in ("no", "yes"):
+            q = hist_quantiles(
+                m, "finops_shim_added_latency_seconds", {"stream": stream}, (0.5, 0.99)
+            )
+            print(
+                f"stream={stream}: p50 <= {q[0] * 1000:.2f} ms, p99 <= {q[1] * 1000:.2f} ms (bucket bounds)"
+            )
+        try:
+            import httptools  # noqa: F401
+            import uvloop  # noqa: F401
+
+            stack = "uvicorn with uvloop + httptools"
+        except ImportError:
+            stack = "uvicorn with asyncio + h11 (uvicorn[standard] = uvloop + httptools is ~2.5x faster)"
+        print(
+            f"server stack: {stack}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
+        )
     finally:
         for p in procs:
             p.terminate()
