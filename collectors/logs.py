@@ -1034,6 +1034,11 @@ class LogSource:
     def poll(self, *, final: bool = False) -> AppendResult:
         """Load everything new; returns the `requests` (or cache_events) counts of this poll.
 
+        A last line without its newline waits for it. It is taken as a record
+        only when the file has not changed for `settle_seconds` and either
+        `final` is set (shutdown) or the file was rotated away: a writer may
+        still be in the middle of that line, and reading half of it would lose it.
+
         Unreadable files are recorded in `self.errors` (and skipped) instead of
         raising, so one bad file never stops a follower; a wrong mapping raises.
         """
@@ -1067,7 +1072,7 @@ class LogSource:
             order.append((p, st, False))
         for p, st, rotated in order:
             try:
-                total += self._poll_file(p, st, final=final or (rotated and self._settled(st)))
+                total += self._poll_file(p, st, final=(final or rotated) and self._settled(st))
             except LogError as exc:
                 self.errors.append(str(exc))
         if cp.files:

@@ -780,3 +780,19 @@ def test_csv_ragged_rows_and_bad_times_rejected(lake: Lake, tmp_path: Path) -> N
     assert "got 4" in rej[f"{path}:5"]
     assert "ts (from TIMESTAMP)" in rej[f"{path}:6"] and "16/11/2023" in rej[f"{path}:6"]
     assert "input_tokens" in rej[f"{path}:7"] and ">= 0" in rej[f"{path}:7"]
+
+
+def test_final_poll_takes_a_partial_line_only_once_settled(lake: Lake, tmp_path: Path) -> None:
+    log = tmp_path / "shim.jsonl"
+    line = json.dumps(shim_record(1))
+    log.write_text(json.dumps(shim_record(0)) + "\n" + line[:25])
+    src = LogSource(log, lake, tmp_path / "cp", settle_seconds=30)
+    # shutdown while the writer may be mid-line: the half line must not be consumed
+    assert src.poll(final=True).read == 1
+    with open(log, "a") as fh:
+        fh.write(line[25:])  # completed, but still no newline
+    old = time.time() - 60
+    os.utime(log, (old, old))  # unchanged for a minute: the writer is gone
+    res = src.poll(final=True)
+    assert (res.read, res.loaded, res.rejected) == (1, 1, 0)
+    assert q(lake, "SELECT count(*) FROM requests").item() == 2
