@@ -245,3 +245,33 @@ def test_file_watch_reloads_config(tmp_path, upstream):
                 break
             time.sleep(0.2)
         assert code == 200
+
+
+def test_least_outstanding_spreads_concurrent_load(tmp_path):
+    import concurrent.futures as cf
+
+    fa, fb = (
+        FakeUpstream("slow", tokens=5, delay_s=0.05),
+        FakeUpstream("slow", tokens=5, delay_s=0.05),
+    )
+    ha, hb = run_app_in_thread(fa), run_app_in_thread(fb)
+    try:
+        cfg = from_flags([f"small={ha.url}", f"small={hb.url}"], log_dir=tmp_path / "log")
+        with serve_in_thread(cfg) as h, cf.ThreadPoolExecutor(8) as ex:
+            codes = list(
+                ex.map(
+                    lambda _: (
+                        httpx.post(
+                            h.base_url + "/chat/completions",
+                            json={**CHAT, "max_tokens": 5},
+                            timeout=10,
+                        ).status_code
+                    ),
+                    range(16),
+                )
+            )
+        assert codes == [200] * 16
+        assert fa.calls + fb.calls == 16 and min(fa.calls, fb.calls) >= 5, (fa.calls, fb.calls)
+    finally:
+        ha.stop(2)
+        hb.stop(2)
