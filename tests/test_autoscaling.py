@@ -41,8 +41,9 @@ def test_manifests_load_and_carry_the_target(advice) -> None:
     kinds = [(d["apiVersion"], d["kind"]) for d in docs]
     assert kinds.count(("keda.sh/v1alpha1", "ScaledObject")) == 2
     assert kinds.count(("autoscaling/v2", "HorizontalPodAutoscaler")) == 2
-    so = next(d for d in docs if d["kind"] == "ScaledObject" and d["metadata"]["name"]
-              == "vllm-small")
+    so = next(
+        d for d in docs if d["kind"] == "ScaledObject" and d["metadata"]["name"] == "vllm-small"
+    )
     trig = so["spec"]["triggers"][0]
     assert trig["type"] == "prometheus"
     assert "vllm:num_requests_waiting" in trig["metadata"]["query"]
@@ -61,9 +62,14 @@ def test_validate_rejects_broken_manifests() -> None:
     with pytest.raises(ValueError, match="unexpected kind"):
         validate_manifests(bad)
     so = {
-        "apiVersion": "keda.sh/v1alpha1", "kind": "ScaledObject", "metadata": {"name": "x"},
-        "spec": {"minReplicaCount": 3, "maxReplicaCount": 1, "triggers": [
-            {"type": "prometheus", "metadata": {"query": "q", "threshold": "1"}}]},
+        "apiVersion": "keda.sh/v1alpha1",
+        "kind": "ScaledObject",
+        "metadata": {"name": "x"},
+        "spec": {
+            "minReplicaCount": 3,
+            "maxReplicaCount": 1,
+            "triggers": [{"type": "prometheus", "metadata": {"query": "q", "threshold": "1"}}],
+        },
     }
     with pytest.raises(ValueError, match="minReplicaCount > maxReplicaCount"):
         validate_manifests(yaml.safe_dump(so))
@@ -77,8 +83,9 @@ def test_autoscaling_costs_no_more_than_fixed(advice) -> None:
 
 
 def test_recommend_cli(syn_lake, tmp_path) -> None:
-    r = CliRunner().invoke(app, ["recommend", "autoscaling", "--lake", str(syn_lake),
-                                 "--format", "yaml"])
+    r = CliRunner().invoke(
+        app, ["recommend", "autoscaling", "--lake", str(syn_lake), "--format", "yaml"]
+    )
     assert r.exit_code == 0, r.output
     docs = validate_manifests(r.output)
     assert len(docs) == 4

@@ -27,8 +27,13 @@ SPEC = SyntheticSpec(
     tiers={
         "small": TierTruth(vmax=120.0, k=12.0, replicas=2, peak_concurrency=30.0),
         "large": TierTruth(
-            vmax=60.0, k=6.0, replicas=1, gpus_per_replica=4,
-            gpu_model="NVIDIA H100 80GB HBM3", peak_concurrency=12.0, mean_output=300.0,
+            vmax=60.0,
+            k=6.0,
+            replicas=1,
+            gpus_per_replica=4,
+            gpu_model="NVIDIA H100 80GB HBM3",
+            peak_concurrency=12.0,
+            mean_output=300.0,
         ),
     },
 )
@@ -85,7 +90,7 @@ def test_latency_regressor_recovers_power_curve() -> None:
         (np.ones((5, 1)), np.array([1, 2, np.nan, 3, 4.0]), "NaN"),
     ],
 )
-def test_saturating_regressor_rejects_bad_input(X, y, match) -> None:  # noqa: N803
+def test_saturating_regressor_rejects_bad_input(X, y, match) -> None:
     with pytest.raises(ValueError, match=match):
         SaturatingRegressor().fit(X, y)
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import itertools
 import json
 
 import numpy as np
@@ -28,8 +29,13 @@ SPEC = SyntheticSpec(
     tiers={
         "small": TierTruth(vmax=120.0, k=12.0, replicas=2, peak_concurrency=30.0),
         "large": TierTruth(
-            vmax=60.0, k=6.0, replicas=1, gpus_per_replica=4,
-            gpu_model="NVIDIA H100 80GB HBM3", peak_concurrency=12.0, mean_output=300.0,
+            vmax=60.0,
+            k=6.0,
+            replicas=1,
+            gpus_per_replica=4,
+            gpu_model="NVIDIA H100 80GB HBM3",
+            peak_concurrency=12.0,
+            mean_output=300.0,
         ),
     },
 )
@@ -66,8 +72,7 @@ def test_simulation_matches_mmc_within_5_percent(c: int, rho: float) -> None:
     for seed in range(2):
         rng = np.random.default_rng(100 + seed)
         n = 80_000
-        res = simulate(poisson_arrivals(lam, n, rng), rng.exponential(1.0, n), service,
-                       replicas=c)
+        res = simulate(poisson_arrivals(lam, n, rng), rng.exponential(1.0, n), service, replicas=c)
         waits.append(res.mean("wait"))
         pwait.append(float(np.mean(res.wait_s[n // 10 :] > 0)))
     assert np.mean(waits) == pytest.approx(mmc_mean_wait(c, lam, mu), rel=0.05)
@@ -88,8 +93,8 @@ def test_continuous_batching_is_monotone_in_load() -> None:
         r = simulate(base / rate, out, svc, replicas=1, prompt_tokens=prompt)
         p95.append(r.quantile("ttft", 0.95))
         e2e.append(r.mean("e2e"))
-    assert all(b >= a - 1e-9 for a, b in zip(p95, p95[1:], strict=False)), p95
-    assert all(b >= a - 1e-9 for a, b in zip(e2e, e2e[1:], strict=False)), e2e
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(p95)), p95
+    assert all(b >= a - 1e-9 for a, b in itertools.pairwise(e2e)), e2e
     assert p95[-1] > 3 * p95[0]  # the knee is visible
 
 
@@ -180,8 +185,21 @@ def test_empty_lake_and_unknown_tier(syn_lake, lake) -> None:
 
 def test_simulate_cli(syn_lake, tmp_path) -> None:
     runner = CliRunner()
-    r = runner.invoke(app, ["simulate", "--lake", str(syn_lake), "--growth", "2",
-                            "--route-small-share", "0.2", "--autoscale", "--format", "json"])
+    r = runner.invoke(
+        app,
+        [
+            "simulate",
+            "--lake",
+            str(syn_lake),
+            "--growth",
+            "2",
+            "--route-small-share",
+            "0.2",
+            "--autoscale",
+            "--format",
+            "json",
+        ],
+    )
     assert r.exit_code == 0, r.output
     out = json.loads(r.output)
     assert out["growth"] == 2 and out["after"]["gpu_hours"] <= out["before"]["gpu_hours"]

@@ -1,0 +1,127 @@
+"""Altair charts for the models: fitted curves with residuals, growth, replicas per hour.
+
+Kept beside the models (not in finops.charts) so the report and notebooks can
+reuse them without pulling the cost charts; every chart has tooltips.
+"""
+
+from __future__ import annotations
+
+import altair as alt
+import numpy as np
+import polars as pl
+
+from finops.models.latency import LatencyFit
+from finops.models.simulate import Plan
+from finops.models.throughput import ThroughputFit
+
+
+def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcatChart:
+    """Observed vs fitted tokens/s against concurrency, and the residuals by split."""
+    load = fit.features[0]
+    d = fit.data.select("t", load, fit.target, "predicted", "residual", "split")
+    grid_x = np.linspace(0, float(fit.data[load].max()) * 1.2 + 1e-9, 80)
+    cov = np.tile(fit.model.covariate_ref_, (grid_x.size, 1))
+    curve = pl.DataFrame(
+        {load: grid_x, "fitted": fit.model.predict(np.column_stack([grid_x, cov]))}
+    )
+    pts = (
+        alt.Chart(d)
+        .mark_circle(size=18, opacity=0.5)
+        .encode(
+            x=alt.X(f"{load}:Q", title=f"{load} (requests in replica)"),
+            y=alt.Y(f"{fit.target}:Q", title=fit.target),
+            color=alt.Color("split:N"),
+            tooltip=["t:T", f"{load}:Q", f"{fit.target}:Q", "predicted:Q", "split:N"],
+        )
+    )
+    line = alt.Chart(curve).mark_line(color="black").encode(x=f"{load}:Q", y="fitted:Q")
+    left = (pts + line).properties(
+        width=width,
+        height=240,
+        title=f"{fit.tier}: {fit.target} vs load (held-out MAPE {100 * fit.mape_holdout:.1f}%)",
+    )
+    right = (
+        alt.Chart(d)
+        .mark_circle(size=18, opacity=0.5)
+        .encode(
+            x=alt.X("predicted:Q"),
+            y=alt.Y("residual:Q"),
+            color="split:N",
+            tooltip=["t:T", "predicted:Q", "residual:Q"],
+        )
+        .properties(width=width, height=240, title=f"{fit.tier}: residuals")
+    )
+    return alt.hconcat(left, right)
+
+
+def latency_fit_chart(fit: LatencyFit, *, width: int = 360) -> alt.LayerChart:
+    d = fit.data.with_columns(
+        observed_ms=pl.col("observed") * 1000, predicted_ms=pl.col("predicted") * 1000
+    )
+    pts = (
+        alt.Chart(d)
+        .mark_circle(size=18, opacity=0.5)
+        .encode(
+            x=alt.X("load:Q", title="requests in replica (running + waiting)"),
+            y=alt.Y("observed_ms:Q", title=f"{fit.metric} {fit.quantile} (ms)"),
+            color="split:N",
+            tooltip=["t:T", "load:Q", "observed_ms:Q", "predicted_ms:Q"],
+        )
+    )
+    line = alt.Chart(d.sort("load")).mark_line(color="black").encode(x="load:Q", y="predicted_ms:Q")
+    return (pts + line).properties(
+        width=width,
+        height=240,
+        title=f"{fit.tier}: {fit.metric} {fit.quantile} vs load "
+        f"(held-out MAPE {100 * fit.mape_holdout:.0f}%)",
+    )
+
+
+def growth_chart(table: pl.DataFrame) -> alt.Chart:
+    """Cost per 1k requests by growth factor, before vs after the levers."""
+    d = table.with_columns(growth_label=pl.format("{}x", pl.col("growth")))
+    return (
+        alt.Chart(d)
+        .mark_bar()
+        .encode(
+            x=alt.X("growth_label:N", title="traffic growth", sort=None),
+            xOffset="scenario:N",
+            y=alt.Y("cost_per_1k_requests:Q", title="$ per 1k requests"),
+            color=alt.Color("scenario:N", sort=["before", "after"]),
+            tooltip=[
+                "growth:Q",
+                "scenario:N",
+                alt.Tooltip("cost_per_1k_requests:Q", format="$.2f"),
+                alt.Tooltip("gpu_hours:Q", format=",.0f"),
+                alt.Tooltip("idle_share:Q", format=".0%"),
+                "peak_gpus:Q",
+            ],
+        )
+        .properties(width=420, height=260, title="Cost per 1k requests as traffic grows")
+    )
+
+
+def replicas_chart(plan: Plan) -> alt.Chart:
+    """Replicas per tier per hour in a plan (the diurnal shape the autoscaler follows)."""
+    return (
+        alt.Chart(plan.hourly)
+        .mark_line(interpolate="step-after")
+        .encode(
+            x=alt.X("hour:T"),
+            y=alt.Y("replicas:Q"),
+            color="tier:N",
+            tooltip=[
+                "hour:T",
+                "tier:N",
+                "replicas:Q",
+                alt.Tooltip("rate_rps:Q", format=".2f"),
+                alt.Tooltip("util:Q", format=".0%"),
+            ],
+        )
+        .properties(
+            width=600,
+            height=220,
+            title=f"Replicas per hour at {plan.growth:g}x "
+            f"({'autoscaled' if plan.levers.autoscale else 'fixed fleet'})",
+        )
+    )
