@@ -91,7 +91,9 @@ def load_trace(path: Path, minutes: float, rate: float, seed: int) -> list[tuple
     return [((ts(s) - t0) * scale, c, g) for s, c, g in sel]
 
 
-def build_requests(trace: list[tuple[float, int, int]], seed: int) -> list[dict]:
+def build_requests(
+    trace: list[tuple[float, int, int]], seed: int, max_chars: int = 900, max_out: int = 64
+) -> list[dict]:
     from finops.router.data import demo_labeled_rows
 
     rng = random.Random(seed)
@@ -101,7 +103,7 @@ def build_requests(trace: list[tuple[float, int, int]], seed: int) -> list[dict]
     for i, (at, ctx, gen) in enumerate(trace):
         row = pool[i % len(pool)]
         # sizes scaled to the tiny model (max_model_len 1024): prompt ~ctx/8 tokens, output ~gen/4
-        target_chars = min(900, max(40, ctx // 2))  # the tiny BPE model: ~2 chars/token, 1024 max
+        target_chars = min(max_chars, max(40, ctx // 2))  # tiny model: ~2 chars/token, 1024 max
         if "messages" in row:
             msgs = [dict(m) for m in row["messages"]]
         else:
@@ -135,7 +137,7 @@ def build_requests(trace: list[tuple[float, int, int]], seed: int) -> list[dict]
             "body": {
                 "model": "auto",
                 "messages": msgs,
-                "max_tokens": max(4, min(64, gen // 4)),
+                "max_tokens": max(4, min(max_out, gen // 4)),
                 "stream": rng.random() < 0.5,
             },
             "idem": None,
@@ -346,6 +348,15 @@ def main() -> None:
         help="work folder (lake, logs, router, config)",
     )
     ap.add_argument("--seed", type=int, default=7)
+    ap.add_argument(
+        "--max-prompt-chars",
+        type=int,
+        default=900,
+        help="prompt size cap (raise it for real models)",
+    )
+    ap.add_argument(
+        "--max-output-tokens", type=int, default=64, help="output cap (raise it for real models)"
+    )
     a = ap.parse_args()
     if not a.trace.exists():
         raise SystemExit(f"{a.trace}: trace not found (set FINOPS_TRACES or --trace)")
@@ -432,7 +443,7 @@ def main() -> None:
         log(f"collector: finops {' '.join(collect_args)}")
 
         trace = load_trace(a.trace, a.minutes, a.rate, a.seed)
-        reqs = build_requests(trace, a.seed)
+        reqs = build_requests(trace, a.seed, a.max_prompt_chars, a.max_output_tokens)
         log(f"replaying {len(reqs)} requests from {a.trace.name} over {a.minutes:g} min...")
         stats = asyncio.run(replay(base + "/v1", reqs))
         log(f"load done: {stats}")
