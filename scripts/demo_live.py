@@ -376,13 +376,25 @@ def main() -> None:
             )
             log(f"using the running vLLM servers {urls} (FINOPS_VLLM_URL)")
         if not urls:
+            import concurrent.futures as cf
+
             from finops.vllm_local import start
 
-            log("starting two real vLLM CPU servers (about 2 minutes)...")
-            for _ in range(2):
-                s = start(port=free_port(), log_dir=run / "vllm-logs")
-                servers.append(s)
-                urls.append(s.root_url)
+            log("starting two real vLLM CPU servers in parallel (about 2-3 minutes)...")
+            with cf.ThreadPoolExecutor(2) as ex:
+                futs = [
+                    ex.submit(start, port=free_port(), log_dir=run / f"vllm-logs-{i}")
+                    for i in range(2)
+                ]
+                errors = []
+                for f in futs:
+                    try:
+                        servers.append(f.result())
+                    except Exception as exc:
+                        errors.append(str(exc))
+            if errors:  # the finally block stops the one that did start
+                raise SystemExit(f"could not start vLLM: {errors[0]}")
+            urls += [s.root_url for s in servers]
         urls = [u.rstrip("/").removesuffix("/v1") for u in urls]
         served = dict(s.split("=", 1) for s in a.served)
         tiers = {"small": [urls[0]], "mid": [urls[0]], "large": [urls[-1]]}
