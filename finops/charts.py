@@ -138,7 +138,7 @@ def cost_bars(
 ) -> alt.Chart:
     """Cost per value of a dimension (from `finops.costs.by`), leakage shown as its own segment."""
     dim = dim or by.columns[0]
-    _require(by, [dim, value, "requests"], "cost_bars")
+    _require(by, [dim, value], "cost_bars")
     df = by.sort(value, descending=True, nulls_last=True).head(top)
     if value == "cost" and "leakage_cost" in df.columns:
         df = df.with_columns((pl.col("cost") - pl.col("leakage_cost")).alias("useful_cost"))
@@ -159,9 +159,16 @@ def cost_bars(
     else:
         long, color = df.with_columns(pl.col(value).alias("usd")), alt.value("#4c78a8")
         x = alt.X("usd:Q", title=value.replace("_", " "))
-    tips = [alt.Tooltip(f"{dim}:N"), alt.Tooltip("requests:Q", format=",")]
+    tips = [alt.Tooltip(f"{dim}:N")]
     for c, f in (
+        ("requests", ","),
+        ("gpus", ","),
         ("cost", _USD),
+        ("gpu_cost", _USD),
+        ("idle_cost", _USD),
+        ("idle_share", ".0%"),
+        ("util", ".1%"),
+        ("gpu_util", ".0%"),
         ("cost_per_request", "$,.5f"),
         ("usd_per_1m_input_tokens", _USD),
         ("usd_per_1m_output_tokens", _USD),

@@ -27,6 +27,7 @@ One line from a notebook::
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import hashlib
 import json
@@ -141,6 +142,19 @@ def period(
 
 def _p(week: str | None, start: Any, end: Any, per: Period | None = None) -> Period:
     return per if per is not None else period(week, start, end)
+
+
+def latest_week(db: duckdb.DuckDBPyConnection) -> str:
+    """The ISO week (e.g. "2026-W47") of the newest request or GPU sample in the lake."""
+    last = _row(
+        db,
+        "SELECT greatest((SELECT max(hour) FROM marts.request_work),"
+        " (SELECT max(hour) FROM marts.gpu_cost_hourly))",
+    )[0]
+    if last is None:
+        raise CostError("the lake holds no requests and no GPU samples")
+    year, week, _ = last.isocalendar()
+    return f"{year}-W{week:02d}"
 
 
 # ----------------------------------------------------------------------------- settings
@@ -354,6 +368,12 @@ def _signature(db: duckdb.DuckDBPyConnection) -> str:
     return h.hexdigest()
 
 
+def _set_progress_bar(db: duckdb.DuckDBPyConnection, on: bool) -> None:
+    # Under Jupyter without ipywidgets DuckDB refuses to touch the setting; leave it then.
+    with contextlib.suppress(duckdb.Error):
+        db.execute(f"SET enable_progress_bar = {'true' if on else 'false'}")
+
+
 def materialize(db: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
     """Compute the cost marts once into temp tables that the API functions read.
 
@@ -369,8 +389,15 @@ def materialize(db: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
     if current == sig and not force:
         return
     bodies = _view_bodies()
-    for name in COST_VIEWS:
-        db.execute(f"CREATE OR REPLACE TEMP TABLE _fc_{name} AS {_cached(bodies[name])}")
+    # DuckDB's progress bar would print into notebooks and CLI output; it comes back after.
+    bar = db.execute("SELECT current_setting('enable_progress_bar')").fetchall()[0][0]
+    _set_progress_bar(db, False)
+    try:
+        for name in COST_VIEWS:
+            db.execute(f"CREATE OR REPLACE TEMP TABLE _fc_{name} AS {_cached(bodies[name])}")
+    finally:
+        if bar:
+            _set_progress_bar(db, True)
     db.execute("SET VARIABLE finops_costs_signature = ?", [sig])
 
 
@@ -512,6 +539,7 @@ def gpu_bill(
                sum(gpu_hours) AS gpu_hours,
                sum(busy_gpu_hours) AS busy_gpu_hours,
                sum(busy_gpu_hours) / sum(gpu_hours) AS util,
+               avg(gpu_util) AS gpu_util,
                any_value(util_signal) AS util_signal,
                sum(gpu_cost) AS gpu_cost, sum(busy_cost) AS busy_cost,
                sum(idle_cost) AS idle_cost
@@ -776,6 +804,39 @@ def utilization(
         WHERE {per.where()}
         GROUP BY ALL
         ORDER BY hour, tier
+    """,
+    )
+
+
+def tier_utilization(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """Per tier: SM-active share, GPU_UTIL, how much GPU_UTIL flatters, and idle dollars.
+
+    util = busy GPU-hours / GPU-hours (SM activity where reported); gpu_util = mean
+    DCGM_FI_DEV_GPU_UTIL (0-1); flatter = gpu_util / util (how many times higher
+    GPU_UTIL reads); idle_share = idle_cost / gpu_cost.
+    """
+    per = _p(week, start, end, per)
+    return _q(
+        db,
+        f"""
+        SELECT coalesce(tier, '(none)') AS tier,
+               count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus,
+               sum(gpu_hours) AS gpu_hours,
+               sum(busy_gpu_hours) / sum(gpu_hours) AS util,
+               avg(gpu_util) AS gpu_util,
+               avg(gpu_util) / nullif(sum(busy_gpu_hours) / sum(gpu_hours), 0) AS flatter,
+               sum(gpu_cost) AS gpu_cost, sum(busy_cost) AS busy_cost,
+               sum(idle_cost) AS idle_cost,
+               sum(idle_cost) / nullif(sum(gpu_cost), 0) AS idle_share
+        FROM marts.gpu_cost_hourly WHERE {per.where()}
+        GROUP BY ALL ORDER BY gpu_cost DESC
     """,
     )
 
