@@ -1,0 +1,139 @@
+"""`finops report`: figures -> JSON, Markdown summary, FOCUS export, and the HTML report.
+
+The figures are computed once in this process (DuckDB over the lake); the notebook
+`notebooks/04_weekly_report.ipynb` is then executed with papermill on that JSON, so
+an analyst who edits the notebook changes the report without touching this code,
+and the kernel does no heavy work (it starts in seconds).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import finops
+from finops.report import figures as F
+from finops.report.focus import focus_rows, write_focus
+from finops.report.render import notebook_to_html
+
+NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "04_weekly_report.ipynb"
+
+
+@dataclass(frozen=True)
+class ReportPaths:
+    """Files one report run wrote."""
+
+    html: Path
+    summary: Path
+    json: Path
+    focus_csv: Path
+    focus_parquet: Path
+    seconds: float
+
+    def as_dict(self) -> dict[str, str]:
+        return {k: str(v) for k, v in self.__dict__.items() if isinstance(v, Path)}
+
+
+def summary_markdown(r: dict[str, Any]) -> str:
+    """Ten lines for Slack or e-mail: headline numbers, then the top findings."""
+    h, t = r["headline"], r["takeaways"]
+
+    def val(key: str, fmt: Callable[[float], str]) -> str:
+        v, ch = h[key]["value"], h[key]["change"]
+        s = "n/a" if v is None else fmt(v)
+        return s + ("" if ch is None else f" ({'+' if ch >= 0 else ''}{100 * ch:.1f}%)")
+
+    lines = [
+        f"*GPU cost report {r['week']}* (vs {r['compare_to']})",
+        f"- Spend {val('spend_usd', lambda v: f'${v:,.2f}')}, "
+        f"requests {val('requests', lambda v: f'{v:,.0f}')}, "
+        f"tokens {val('tokens', lambda v: f'{v / 1e6:,.1f}M')}",
+        f"- Cost per 1k requests {val('usd_per_1k_requests', lambda v: f'${v:,.2f}')}, "
+        f"per 1M tokens {val('usd_per_1m_tokens', lambda v: f'${v:,.2f}')}",
+        f"- GPU-hours {val('gpu_hours', lambda v: f'{v:,.0f}')}, utilization "
+        f"{val('utilization', lambda v: f'{100 * v:.1f}%')} "
+        f"({h.get('util_signal') or 'no signal'})",
+    ]
+    for s in r["findings"][:4]:
+        lines.append(f"- {s}")
+    if t.get("forecast"):
+        lines.append(f"- {t['forecast']}")
+    if t.get("growth"):
+        lines.append(f"- {t['growth']}")
+    if r["sources"]["missing"]:
+        lines.append(f"- Missing: {r['sources']['missing'][0]}")
+    return "\n".join(lines[:10]) + "\n"
+
+
+def execute_notebook(
+    figures_json: Path, out_dir: Path, *, week: str, notebook: Path = NOTEBOOK
+) -> Path:
+    """Run the report notebook with papermill on precomputed figures; returns the executed copy."""
+    import papermill as pm
+
+    if not notebook.exists():
+        raise F.ReportError(f"{notebook}: report notebook not found")
+    executed = out_dir / f".report-{week}.ipynb"
+    pm.execute_notebook(
+        str(notebook),
+        str(executed),
+        parameters={"week": week, "out": str(out_dir), "figures_json": str(figures_json)},
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(out_dir),
+    )
+    return executed
+
+
+def build_report(
+    lake: str | os.PathLike[str] | None,
+    week: str,
+    out: str | os.PathLike[str],
+    compare_to: str | None = None,
+    router: str | os.PathLike[str] | None = None,
+    *,
+    growth: bool = True,
+    notebook: Path = NOTEBOOK,
+    log: Callable[[str], None] | None = None,
+) -> ReportPaths:
+    """Write report-<week>.html, summary-<week>.md, report-<week>.json and focus-<week>.csv/.parquet.
+
+    Returns their paths. Missing sources (no GPU metrics, no previous week, no
+    router, a partial or empty week) are stated in the report, never an error;
+    a malformed week or a lake folder that does not exist raise ReportError.
+    """
+    t0 = time.perf_counter()
+    lake_path = Path(lake) if lake is not None else finops.db.default_lake_path()
+    if not lake_path.exists():
+        raise F.ReportError(f"{lake_path}: lake folder not found")
+    out_dir = Path(out)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    db = finops.connect(lake_path)
+    db.execute("SET enable_progress_bar = false").fetchall()
+    r = F.compute(db, week, compare_to=compare_to, router=router, growth=growth, log=log)
+    label = r["week"]
+    json_path = out_dir / f"report-{label}.json"
+    json_path.write_text(json.dumps(r, indent=2, default=str))
+    summary = out_dir / f"summary-{label}.md"
+    summary.write_text(summary_markdown(r))
+    csv, parquet = write_focus(focus_rows(db, label), out_dir, label)
+    db.close()
+    if log:
+        log(f"figures, json, focus: {time.perf_counter() - t0:.1f}s")
+    with tempfile.TemporaryDirectory(prefix="finops-report-") as tmp:
+        executed = execute_notebook(json_path, Path(tmp), week=label, notebook=notebook)
+        page = notebook_to_html(executed, title=f"GPU cost report {label}")
+    html_path = out_dir / f"report-{label}.html"
+    tmp_html = html_path.with_suffix(".html.tmp")
+    tmp_html.write_text(page, encoding="utf-8")
+    tmp_html.replace(html_path)
+    seconds = time.perf_counter() - t0
+    if log:
+        log(f"report: {seconds:.1f}s")
+    return ReportPaths(html_path, summary, json_path, csv, parquet, seconds)

@@ -1,0 +1,816 @@
+"""Every number of the weekly report, computed once as a JSON-ready dict.
+
+All cost figures come from `finops.costs` (the marts in `finops/sql/marts/3x_*.sql`);
+this module only chooses periods, compares weeks, and adds what the cost API has no
+function for: idle capacity by hour of day, a leakage line for over-long context,
+router impact from the request log, anomalies (robust z-scores) and a simple
+forecast. The notebook, the Markdown summary, the JSON and the FOCUS export all read
+this dict, so they cannot disagree.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import polars as pl
+
+import finops
+import finops.costs as fc
+
+# Robust z-score threshold (Iglewicz & Hoaglin): |0.6745 (x - median) / MAD| > 3.5 is an outlier.
+Z_THRESHOLD = 3.5
+HISTORY_WEEKS = 4
+TREND_CLIP = (0.8, 1.25)
+HEADLINE_KEYS = (
+    "spend_usd",
+    "requests",
+    "input_tokens",
+    "output_tokens",
+    "tokens",
+    "usd_per_1k_requests",
+    "usd_per_1m_tokens",
+    "gpu_hours",
+    "gpus",
+    "utilization",
+    "idle_capacity_usd",
+    "leakage_usd",
+    "cache_saved_usd",
+)
+
+
+class ReportError(ValueError):
+    """A report that cannot be built at all (bad week, unreadable lake); the message says why."""
+
+
+def _f(x: Any) -> float | None:
+    """JSON-safe float: None for missing, NaN or infinite values."""
+    if x is None:
+        return None
+    x = float(x)
+    return x if math.isfinite(x) else None
+
+
+def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
+    out = []
+    for row in df.iter_rows(named=True):
+        rec = {}
+        for k, v in row.items():
+            if isinstance(v, float):
+                v = _f(v)
+            elif isinstance(v, dt.datetime | dt.date):
+                v = v.isoformat()
+            rec[k] = v
+        out.append(rec)
+    return out
+
+
+def previous_week(week: str) -> str:
+    """The ISO week before `week` ("2026-W47" -> "2026-W46"), across year ends."""
+    per = fc.period(week)
+    assert per.start is not None
+    y, w, _ = (per.start - dt.timedelta(days=7)).isocalendar()
+    return f"{y}-W{w:02d}"
+
+
+# ----------------------------------------------------------------------------- materialize
+
+_MATERIALIZE = (
+    "gpu_cost_hourly",
+    "tier_cost_hourly",
+    "request_work",
+    "tier_token_prices",
+    "request_flags",
+    "request_costs",
+)
+
+
+def materialize(
+    db: duckdb.DuckDBPyConnection,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
+) -> None:
+    """Compute the cost marts once for this connection (tables instead of views).
+
+    The report asks `finops.costs` some twenty questions; each would re-run the
+    window functions of `marts.request_flags` over every request. Each view is
+    renamed `<name>__view` and replaced by a table of its rows, in dependency
+    order, so later views read the tables. Results are identical; only this
+    connection changes. `start`/`end` bound the hours kept of the per-GPU hourly
+    mart (each GPU-hour stands alone, so bounding changes no figure inside them).
+    """
+    window = fc.Period(start, end, "window").where()
+    for name in _MATERIALIZE:
+        kind = db.execute(
+            "SELECT table_type FROM information_schema.tables "
+            "WHERE table_schema = 'marts' AND table_name = ?",
+            [name],
+        ).fetchall()
+        if not kind or kind[0][0] != "VIEW":
+            continue
+        db.execute(f"ALTER VIEW marts.{name} RENAME TO {name}__view").fetchall()
+        cond = window if name == "gpu_cost_hourly" else "true"
+        db.execute(
+            f"CREATE TABLE marts.{name} AS SELECT * FROM marts.{name}__view WHERE {cond}"
+        ).fetchall()
+
+
+# ----------------------------------------------------------------------------- sources
+
+
+def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
+    """What the week holds, with one sentence per missing input."""
+    src = fc.sources(db, per)
+    signals = db.sql(
+        f"""SELECT util_signal, count(*) AS n FROM marts.gpu_cost_hourly
+            WHERE {per.where()} GROUP BY ALL ORDER BY n DESC"""
+    ).fetchall()
+    req_hours = db.sql(
+        f"SELECT count(DISTINCT hour) FROM marts.request_work WHERE {per.where()}"
+    ).fetchall()[0][0]
+    gpu_hours = db.sql(
+        f"SELECT count(DISTINCT hour) FROM marts.gpu_cost_hourly WHERE {per.where()}"
+    ).fetchall()[0][0]
+    missing: list[str] = []
+    if src["gpu_hour_rows"] == 0:
+        missing.append(
+            "No GPU metrics (DCGM/NVML) this week: spend, GPU-hours, utilization, idle "
+            "capacity and the FOCUS rows are unknown. Collect them with `finops collect`."
+        )
+    if src["requests"] == 0:
+        missing.append(
+            "No requests this week: cost cannot be allocated to tenants, features or tiers."
+        )
+    sig = [s for s, _ in signals if s is not None]
+    if src["gpu_hour_rows"] and "DCGM_FI_PROF_SM_ACTIVE" not in sig:
+        missing.append(
+            "No SM-activity metric (DCGM_FI_PROF_SM_ACTIVE): utilization uses "
+            f"{sig[0] if sig else 'no signal (counted as idle)'}, which flatters busy time."
+        )
+    hours = per.hours or 168
+    covered = max(req_hours, gpu_hours)
+    if 0 < covered < hours:
+        missing.append(
+            f"Partial week: data covers {covered} of {hours:.0f} hours; week-over-week "
+            "changes compare unequal spans."
+        )
+    for note in src["notes"]:
+        if not note.startswith(("no GPU samples", "no requests")):
+            missing.append(note[0].upper() + note[1:] + ".")
+    return {
+        "gpu_samples": bool(src["gpu_hour_rows"]),
+        "requests": bool(src["requests"]),
+        "util_signals": {str(s): int(n) for s, n in signals},
+        "util_signal": sig[0] if sig else None,
+        "hours_with_requests": int(req_hours),
+        "hours_with_gpu_samples": int(gpu_hours),
+        "hours_in_period": hours,
+        "missing": missing,
+    }
+
+
+# ----------------------------------------------------------------------------- headline
+
+
+def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any] | None:
+    """Headline numbers of one period via finops.costs; None when the period is empty."""
+    try:
+        t = fc.totals(db, per=per, basis="allocation")
+    except fc.CostError:
+        return None
+    leak = fc.leakage(db, per=per)
+    cache = fc.cache_savings(db, per=per)
+    tokens = int(t["input_tokens"]) + int(t["output_tokens"])
+    spend = float(t["gpu_cost"])
+    n = int(t["requests"])
+    return {
+        "spend_usd": spend,
+        "requests": n,
+        "input_tokens": int(t["input_tokens"]),
+        "output_tokens": int(t["output_tokens"]),
+        "tokens": tokens,
+        "usd_per_1k_requests": 1000 * spend / n if n else None,
+        "usd_per_1m_tokens": 1e6 * spend / tokens if tokens else None,
+        "gpu_hours": float(t["gpu_hours"]),
+        "gpus": int(t["gpus"]),
+        "utilization": _f(t["utilization"]),
+        "idle_capacity_usd": float(t["idle_capacity_cost"]),
+        "leakage_usd": float(leak.filter(pl.col("kind") == "leak")["cost"].sum()),
+        "cache_saved_usd": float(
+            cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum()
+        ),
+    }
+
+
+def _headline(cur: dict[str, Any] | None, prev: dict[str, Any] | None) -> dict[str, Any]:
+    out = {}
+    for k in HEADLINE_KEYS:
+        v = cur.get(k) if cur else None
+        p = prev.get(k) if prev else None
+        change = (v - p) / p if (v is not None and p not in (None, 0)) else None
+        out[k] = {
+            "value": _f(v) if isinstance(v, float) else v,
+            "previous": p,
+            "change": _f(change),
+        }
+    return out
+
+
+# ----------------------------------------------------------------------------- sections
+
+
+def _breakdowns(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, list[dict]]:
+    out = {}
+    for dim in ("tenant", "feature", "tier", "model"):
+        df = fc.by(db, dim, per=per)
+        out[dim] = _records(
+            df.select(
+                dim,
+                "requests",
+                "failed",
+                "cache_hits",
+                "input_tokens",
+                "output_tokens",
+                "cost",
+                "share",
+                "usd_per_1k_requests",
+                "leakage_cost",
+            )
+        )
+    return out
+
+
+def _idle(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
+    df = fc.idle(db, per=per, per_tier=False)
+    if df.height == 0:
+        return {"by_hour": [], "troughs": [], "idle_cost": None, "idle_share": None}
+    by_hour = (
+        df.group_by("hour_of_day")
+        .agg(
+            pl.col("gpu_hours").sum(),
+            pl.col("idle_gpu_hours").sum(),
+            pl.col("idle_cost").sum(),
+        )
+        .with_columns((pl.col("idle_gpu_hours") / pl.col("gpu_hours")).alias("idle_share"))
+        .sort("hour_of_day")
+    )
+    troughs = by_hour.sort("idle_share", descending=True).head(3)
+    total_h = float(by_hour["gpu_hours"].sum())
+    return {
+        "by_hour": _records(by_hour),
+        "troughs": _records(troughs),
+        "idle_cost": float(by_hour["idle_cost"].sum()),
+        "idle_share": float(by_hour["idle_gpu_hours"].sum()) / total_h if total_h else None,
+    }
+
+
+def _context_leak(db: duckdb.DuckDBPyConnection, per: fc.Period) -> list[dict[str, Any]]:
+    """Per feature: what a cap at its own p90 input length would have saved (fc.cap_savings)."""
+    dist = fc.token_distribution(db, per=per)
+    rows = []
+    for r in dist.iter_rows(named=True):
+        if r["feature"] == "(none)" or not r["p99"] or r["requests"] < 20:
+            continue
+        cap = math.ceil(r["p90"])
+        if cap <= 0 or r["max"] <= cap:
+            continue
+        cs = fc.cap_savings(db, r["feature"], cap, per=per)
+        rows.append({**cs.as_dict(), "p50": _f(r["p50"]), "max": int(r["max"])})
+    rows.sort(key=lambda x: -x["usd_saved"])
+    return rows
+
+
+def _leakage(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
+    df = fc.leakage(db, per=per)
+    ctx = _context_leak(db, per)
+    leak = df.filter(pl.col("kind") == "leak")
+    return {
+        "categories": _records(df),
+        "leak_usd": float(leak["cost"].sum()),
+        "duplicates_usd": float(leak.filter(pl.col("category") == "duplicate")["cost"].sum()),
+        "retries_usd": float(df.filter(pl.col("category") == "retries")["cost"].sum()),
+        "failed_usd": float(
+            leak.filter(pl.col("category").is_in(["retried_failure", "failed"]))["cost"].sum()
+        ),
+        "context": ctx,
+        "context_usd": float(sum(r["usd_saved"] for r in ctx)),
+    }
+
+
+def _cache(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
+    df = fc.cache_savings(db, per=per)
+    return {
+        "layers": _records(df),
+        "saved_usd": float(
+            df.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum()
+        ),
+        "potential_usd": float(
+            df.filter(pl.col("layer") == "response_cache_potential")["usd_saved"].sum()
+        ),
+    }
+
+
+def _psi(expected: list[float], actual: list[float]) -> float | None:
+    """Population stability index between two histograms (0.1: watch, 0.25: drifted)."""
+    e_tot, a_tot = sum(expected), sum(actual)
+    if not e_tot or not a_tot:
+        return None
+    psi = 0.0
+    for e, a in zip(expected, actual, strict=True):
+        pe, pa = max(e / e_tot, 1e-4), max(a / a_tot, 1e-4)
+        psi += (pa - pe) * math.log(pa / pe)
+    return psi
+
+
+def _router(
+    db: duckdb.DuckDBPyConnection, per: fc.Period, router_dir: str | Path | None
+) -> dict[str, Any]:
+    """Tier shares and dollars vs sending everything to the priciest tier (from the log).
+
+    all_large_usd prices each request's token work at the priciest tier's average
+    $/token this week (allocation basis, from marts.tier_token_prices); saved =
+    all_large - actual allocated cost of the same requests. Quality and drift
+    need the router artifact (`--router DIR`).
+    """
+    w = per.where("w.hour")
+    shares = db.sql(
+        f"""SELECT w.tier, count(*) AS requests,
+                   count(*) FILTER (r.router_version IS NOT NULL) AS routed
+            FROM marts.request_work w JOIN clean.requests r USING (request_id)
+            WHERE {w} AND w.worked GROUP BY ALL ORDER BY requests DESC"""
+    ).pl()
+    routed_n = int(shares["routed"].sum()) if shares.height else 0
+    out: dict[str, Any] = {
+        "tier_shares": _records(
+            shares.with_columns((pl.col("requests") / pl.col("requests").sum()).alias("share"))
+        ),
+        "routed_requests": routed_n,
+        "artifact": None,
+        "quality_estimate": None,
+        "drift": None,
+    }
+    prices = db.sql(
+        f"""SELECT tier, sum(pool_allocation * input_share) / nullif(sum(w_in), 0) AS in_p,
+                   sum(pool_allocation * (1 - input_share)) / nullif(sum(w_out), 0) AS out_p
+            FROM marts.tier_token_prices WHERE {per.where()} AND tier IS NOT NULL
+            GROUP BY ALL"""
+    ).pl()
+    prices = prices.drop_nulls()
+    if prices.height >= 2 and routed_n:
+        top = prices.sort("out_p", descending=True).row(0, named=True)
+        row = db.sql(
+            f"""SELECT sum(work_in * {top["in_p"]} + work_out * {top["out_p"]}) AS all_large,
+                       sum(cost_allocation) AS actual
+                FROM marts.request_costs WHERE {per.where()} AND worked
+                  AND request_id IN (SELECT request_id FROM clean.requests
+                                     WHERE router_version IS NOT NULL)"""
+        ).fetchall()[0]
+        all_large, actual = float(row[0] or 0), float(row[1] or 0)
+        out.update(
+            reference_tier=top["tier"],
+            all_large_usd=all_large,
+            routed_usd=actual,
+            saved_usd=all_large - actual,
+            saved_share=(all_large - actual) / all_large if all_large else None,
+        )
+    if router_dir is None:
+        out["note"] = "no router artifact given (--router DIR): quality and drift not estimated"
+        return out
+    from finops.router.artifact import load_router
+    from finops.router.evaluate import replay_lake
+
+    router = load_router(router_dir)
+    manifest = router.manifest
+    out["artifact"] = {"path": str(router_dir), "version": manifest.get("version")}
+    replay = replay_lake(router, finops.db.lake_dir(db), days=int((per.hours or 168) // 24))
+    out["quality_estimate"] = _f(replay.get("estimated_quality"))
+    out["replay"] = {
+        k: replay.get(k)
+        for k in ("requests", "saved_usd", "saved_pct", "shares", "test_quality_retained", "line")
+    }
+    ref = manifest.get("drift") or {}
+    drift: dict[str, Any] = {}
+    if ref.get("tier_shares") and replay.get("shares"):
+        diff = {t: replay["shares"].get(t, 0.0) - s for t, s in ref["tier_shares"].items()}
+        drift["share_shift"] = diff
+        drift["max_share_shift"] = max(abs(v) for v in diff.values())
+    if ref.get("bins") and ref.get("score_histogram"):
+        edges = ref["bins"]
+        scores = db.sql(
+            f"""SELECT router_score FROM clean.requests
+                WHERE {per.where("date_trunc('hour', ts)")} AND router_score IS NOT NULL"""
+        ).pl()["router_score"]
+        if scores.len():
+            import numpy as np
+
+            hist = np.histogram(scores.clip(0, 1).to_numpy(), edges)[0].tolist()
+            drift["score_psi"] = _psi(ref["score_histogram"], hist)
+    out["drift"] = drift or None
+    return out
+
+
+def _hourly_series(
+    db: duckdb.DuckDBPyConnection, start: dt.datetime, end: dt.datetime
+) -> pl.DataFrame:
+    """Requests and GPU spend per hour over [start, end) (hours without data omitted)."""
+    where = f"hour >= TIMESTAMPTZ '{start.isoformat()}' AND hour < TIMESTAMPTZ '{end.isoformat()}'"
+    return db.sql(
+        f"""
+        WITH r AS (SELECT hour, count(*) AS requests FROM marts.request_work WHERE {where}
+                   GROUP BY ALL),
+             g AS (SELECT hour, sum(gpu_cost) AS spend FROM marts.gpu_cost_hourly
+                   WHERE {where} GROUP BY ALL)
+        SELECT hour, coalesce(r.requests, 0) AS requests, coalesce(g.spend, 0.0) AS spend,
+               g.spend IS NOT NULL AS has_gpu
+        FROM r FULL JOIN g USING (hour) ORDER BY hour
+        """
+    ).pl()
+
+
+def _robust_z(x: pl.Expr, group: str | list[str]) -> pl.Expr:
+    med = x.median().over(group)
+    mad = (x - med).abs().median().over(group)
+    return pl.when(mad > 0).then(0.6745 * (x - med) / mad).otherwise(None)
+
+
+def _anomalies(
+    db: duckdb.DuckDBPyConnection, per: fc.Period, series: pl.DataFrame
+) -> dict[str, Any]:
+    """Hours and tenant-days far off their usual (robust z-score, |z| > 3.5).
+
+    Hours: each hour's requests vs the same hour of day over the report week and up
+    to four weeks before it (hour of week when three or more weeks are present).
+    Tenants: each tenant's daily cost vs its own median day over the same window.
+    """
+    assert per.start is not None and per.end is not None
+    weeks = (
+        series.select(pl.col("hour").dt.truncate("1w").n_unique()).item() if series.height else 0
+    )
+    use_how = weeks >= 3
+    s = series.with_columns(
+        pl.col("hour").dt.hour().alias("hour_of_day"),
+        (
+            (pl.col("hour").dt.weekday().cast(pl.Int32) - 1) * 24
+            + pl.col("hour").dt.hour().cast(pl.Int32)
+        ).alias("hour_of_week"),
+    )
+    key = "hour_of_week" if use_how else "hour_of_day"
+    s = s.with_columns(
+        _robust_z(pl.col("requests").cast(pl.Float64), key).alias("z"),
+        pl.col("requests").median().over(key).alias("usual"),
+    ).filter((pl.col("hour") >= per.start) & (pl.col("hour") < per.end))
+    hours = s.filter(pl.col("z").abs() > Z_THRESHOLD).sort(pl.col("z").abs(), descending=True)
+    t = db.sql(
+        f"""SELECT CAST(hour AS DATE) AS day, coalesce(tenant, '(none)') AS tenant,
+                   sum(cost_allocation) AS cost, count(*) AS requests
+            FROM marts.request_costs
+            WHERE hour >= TIMESTAMPTZ '{(per.start - dt.timedelta(weeks=HISTORY_WEEKS)).isoformat()}'
+              AND {per.where()} IS NOT NULL AND hour < TIMESTAMPTZ '{per.end.isoformat()}'
+            GROUP BY ALL"""
+    ).pl()
+    tenants = (
+        t.with_columns(
+            _robust_z(pl.col("cost"), "tenant").alias("z"),
+            pl.col("cost").median().over("tenant").alias("usual"),
+        )
+        .filter(pl.col("day") >= per.start.date())
+        .filter(pl.col("z").abs() > Z_THRESHOLD)
+        .sort(pl.col("z").abs(), descending=True)
+    )
+    return {
+        "method": f"robust z-score 0.6745 (x - median) / MAD > {Z_THRESHOLD}; hours vs the same "
+        f"{'hour of week' if use_how else 'hour of day'} over up to {HISTORY_WEEKS + 1} weeks, "
+        "tenants' daily cost vs their median day",
+        "hours": _records(hours.select("hour", "requests", "usual", "z").head(20)),
+        "tenants": _records(tenants.select("day", "tenant", "cost", "usual", "z").head(20)),
+    }
+
+
+def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
+    """Next week = mean of each hour of week over up to 4 weeks x the week-over-week trend.
+
+    trend = this week / the week before (totals), clipped to 0.8..1.25 so one odd
+    week cannot run away; 1 when there is no earlier week. Hours of week never seen
+    fall back to the mean of the same hour of day.
+    """
+    assert per.start is not None and per.end is not None
+    if series.height == 0:
+        return {"requests": None, "spend_usd": None, "hourly": [], "trend": None}
+    s = series.with_columns(
+        (
+            (pl.col("hour").dt.weekday().cast(pl.Int32) - 1) * 24
+            + pl.col("hour").dt.hour().cast(pl.Int32)
+        ).alias("how"),
+        pl.col("hour").dt.hour().cast(pl.Int32).alias("hod"),
+    )
+    cur = s.filter(pl.col("hour") >= per.start)
+    prev = s.filter(
+        (pl.col("hour") >= per.start - dt.timedelta(days=7)) & (pl.col("hour") < per.start)
+    )
+    trend = {}
+    for col in ("requests", "spend"):
+        a, b = float(cur[col].sum()), float(prev[col].sum())
+        trend[col] = min(max(a / b, TREND_CLIP[0]), TREND_CLIP[1]) if a and b else 1.0
+    by_how = s.group_by("how").agg(pl.col("requests").mean(), pl.col("spend").mean())
+    by_hod = s.group_by("hod").agg(
+        pl.col("requests").mean().alias("r_hod"), pl.col("spend").mean().alias("s_hod")
+    )
+    grid = pl.DataFrame({"how": pl.int_range(0, 168, eager=True).cast(pl.Int32)})
+    grid = grid.with_columns((pl.col("how") % 24).alias("hod"))
+    f = (
+        grid.join(by_how, on="how", how="left")
+        .join(by_hod, on="hod", how="left")
+        .with_columns(
+            (pl.coalesce("requests", "r_hod").fill_null(0) * trend["requests"]).alias("requests"),
+            (pl.coalesce("spend", "s_hod").fill_null(0) * trend["spend"]).alias("spend"),
+        )
+        .with_columns((pl.lit(per.end) + pl.duration(hours=pl.col("how"))).alias("hour"))
+        .select("hour", "requests", "spend")
+        .sort("hour")
+    )
+    req, spend = float(f["requests"].sum()), float(f["spend"].sum())
+    return {
+        "method": "mean of each hour of week over up to 4 weeks x week-over-week trend "
+        f"(clipped to {TREND_CLIP[0]}..{TREND_CLIP[1]})",
+        "weeks_of_history": int(s.select(pl.col("hour").dt.truncate("1w").n_unique()).item()),
+        "trend": trend,
+        "requests": req,
+        "spend_usd": spend,
+        "usd_per_1k_requests": 1000 * spend / req if req else None,
+        "hourly": _records(f),
+    }
+
+
+def _growth(db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
+    """5x growth line and queue-depth autoscaling vs the fixed fleet (finops.models)."""
+    from finops.models.simulate import Levers, Simulator, headline
+
+    sim = Simulator.from_lake(db)
+    h = headline(db, 5.0, simulator=sim)
+    fixed = sim.plan(1.0, Levers(autoscale=False)).totals
+    auto = sim.plan(1.0, Levers(autoscale=True)).totals
+    return {
+        "growth": h["growth"],
+        "line": h["line"],
+        "before_usd_per_1k": _f(h["before_usd_per_1k"]),
+        "after_usd_per_1k": _f(h["after_usd_per_1k"]),
+        "saving_pct": _f(h["saving_pct"]),
+        "slo_ttft_p95_ms": _f(h["slo_ttft_p95_ms"]),
+        "autoscaling": {
+            "fixed_fleet_usd": _f(fixed["cost_usd"]),
+            "autoscaled_usd": _f(auto["cost_usd"]),
+            "saved_usd": _f(fixed["cost_usd"] - auto["cost_usd"]),
+            "fixed_gpu_hours": _f(fixed["gpu_hours"]),
+            "autoscaled_gpu_hours": _f(auto["gpu_hours"]),
+        },
+    }
+
+
+# ----------------------------------------------------------------------------- takeaways
+
+
+def usd(x: float | None, digits: int = 2) -> str:
+    return "n/a" if x is None else f"${x:,.{digits}f}"
+
+
+def pct(x: float | None, digits: int = 0) -> str:
+    return "n/a" if x is None else f"{100 * x:.{digits}f}%"
+
+
+def change(x: float | None) -> str:
+    return "" if x is None else f" ({'+' if x >= 0 else ''}{100 * x:.1f}% vs previous week)"
+
+
+def _takeaways(r: dict[str, Any]) -> dict[str, str]:
+    h = r["headline"]
+    t: dict[str, str] = {}
+    if h["spend_usd"]["value"] is not None and r["sources"]["gpu_samples"]:
+        t["headline"] = (
+            f"The GPU bill was {usd(h['spend_usd']['value'])}{change(h['spend_usd']['change'])} "
+            f"for {h['requests']['value']:,} requests, {usd(h['usd_per_1k_requests']['value'])} "
+            f"per 1k requests and {usd(h['usd_per_1m_tokens']['value'])} per 1M tokens."
+        )
+    b = r["breakdown"]
+    if b.get("tenant"):
+        top = b["tenant"][0]
+        t["tenant"] = (
+            f"{top['tenant']} is the largest tenant at {usd(top['cost'])} "
+            f"({pct(top['share'])} of allocated spend)."
+        )
+    if b.get("feature"):
+        top = b["feature"][0]
+        t["feature"] = (
+            f"{top['feature']} costs the most: {usd(top['cost'])}, "
+            f"{usd(top['usd_per_1k_requests'])} per 1k requests."
+        )
+    if b.get("tier"):
+        top = b["tier"][0]
+        t["tier"] = (
+            f"The {top['tier']} tier carries {pct(top['share'])} of spend ({usd(top['cost'])})."
+        )
+    idle = r["idle"]
+    if idle["troughs"]:
+        tr = idle["troughs"][0]
+        t["idle"] = (
+            f"{pct(idle['idle_share'])} of GPU time was idle ({usd(idle['idle_cost'])}); the "
+            f"deepest trough is {tr['hour_of_day']:02d}:00 UTC at {pct(tr['idle_share'])} idle."
+        )
+    g = r.get("growth") or {}
+    if g.get("autoscaling") and g["autoscaling"].get("saved_usd") is not None:
+        a = g["autoscaling"]
+        t["autoscaling"] = (
+            f"Queue-depth autoscaling would have cost {usd(a['autoscaled_usd'])} instead of "
+            f"{usd(a['fixed_fleet_usd'])} for the fixed fleet in the simulation, "
+            f"saving {usd(a['saved_usd'])}."
+        )
+    c = r["cache"]
+    if c["layers"]:
+        best = max(c["layers"], key=lambda x: x["usd_saved"] or 0)
+        t["cache"] = (
+            f"Caches saved {usd(c['saved_usd'])}; a response cache on the duplicates would save "
+            f"{usd(c['potential_usd'])} more (largest line: {best['layer']}, {usd(best['usd_saved'])})."
+        )
+    lk = r["leakage"]
+    if lk["categories"]:
+        t["leakage"] = (
+            f"Leakage cost {usd(lk['leak_usd'])}: failed and retried work {usd(lk['failed_usd'])}, "
+            f"duplicates {usd(lk['duplicates_usd'])}; capping each feature's context at its p90 would save "
+            f"{usd(lk['context_usd'])}."
+        )
+    ro = r["router"]
+    if ro.get("saved_usd") is not None:
+        t["router"] = (
+            f"Routing saved {usd(ro['saved_usd'])} ({pct(ro['saved_share'])}) vs sending all "
+            f"{ro['routed_requests']:,} routed requests to {ro['reference_tier']}"
+            + (
+                f", at an estimated quality of {pct(ro['quality_estimate'], 1)}."
+                if ro.get("quality_estimate") is not None
+                else "."
+            )
+        )
+    an = r["anomalies"]
+    t["anomalies"] = (
+        f"{len(an['hours'])} hours and {len(an['tenants'])} tenant-days were far off their "
+        "usual (robust z > 3.5)."
+    )
+    fo = r["forecast"]
+    if fo.get("requests") is not None:
+        t["forecast"] = (
+            f"Next week: about {fo['requests']:,.0f} requests and {usd(fo['spend_usd'])} of GPU "
+            f"spend (trend x{fo['trend']['requests']:.2f})."
+        )
+    if g.get("line"):
+        t["growth"] = (
+            f"At 5x traffic a request would cost {usd(g['before_usd_per_1k'])}/1k before the "
+            f"levers and {usd(g['after_usd_per_1k'])}/1k after ({g['saving_pct']:.0f}% less)."
+        )
+    return t
+
+
+def _findings(r: dict[str, Any]) -> list[str]:
+    """Top findings, biggest dollars first (for the Markdown summary)."""
+    cand: list[tuple[float, str]] = []
+    idle = r["idle"]
+    if idle.get("idle_cost"):
+        cand.append((idle["idle_cost"], r["takeaways"].get("idle", "")))
+    lk = r["leakage"]
+    if lk["leak_usd"]:
+        cand.append((lk["leak_usd"], r["takeaways"].get("leakage", "")))
+    c = r["cache"]
+    if c["potential_usd"]:
+        cand.append((c["potential_usd"], r["takeaways"].get("cache", "")))
+    ro = r["router"]
+    if ro.get("saved_usd"):
+        cand.append((abs(ro["saved_usd"]), r["takeaways"].get("router", "")))
+    a = (r.get("growth") or {}).get("autoscaling") or {}
+    if a.get("saved_usd"):
+        cand.append((a["saved_usd"], r["takeaways"].get("autoscaling", "")))
+    for x in r["anomalies"]["tenants"][:1]:
+        cand.append(
+            (
+                abs(x["cost"] - (x["usual"] or 0)),
+                f"Anomaly: {x['tenant']} spent {usd(x['cost'])} on {x['day']} vs a usual "
+                f"{usd(x['usual'])} (z = {x['z']:.1f}).",
+            )
+        )
+    cand.sort(key=lambda x: -x[0])
+    return [s for _, s in cand if s]
+
+
+# ----------------------------------------------------------------------------- entry point
+
+
+def compute(
+    lake: str | Path | duckdb.DuckDBPyConnection,
+    week: str,
+    *,
+    compare_to: str | None = None,
+    router: str | Path | None = None,
+    growth: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
+    """All figures of the weekly report for `week` as a JSON-ready dict.
+
+    compare_to defaults to the ISO week before. An empty or partial week, missing
+    GPU metrics, a missing previous week or no router still give a report: the
+    `sources.missing` sentences say what is absent.
+    """
+    try:
+        per = fc.period(week)
+    except fc.CostError as exc:
+        raise ReportError(str(exc)) from None
+    prev_label = compare_to or previous_week(week)
+    try:
+        prev_per = fc.period(prev_label)
+    except fc.CostError as exc:
+        raise ReportError(f"compare_to: {exc}") from None
+    if isinstance(lake, duckdb.DuckDBPyConnection):
+        db = lake
+    else:
+        if not Path(lake).exists():
+            raise ReportError(f"{lake}: lake folder not found")
+        db = finops.connect(lake)
+    db.execute("SET enable_progress_bar = false").fetchall()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+
+    def step(name: str) -> None:
+        nonlocal t0
+        now = time.perf_counter()
+        timings[name] = round(now - t0, 3)
+        t0 = now
+        if log:
+            log(f"{name}: {timings[name]:.2f}s")
+
+    assert per.start is not None and per.end is not None
+    history = min(per.start - dt.timedelta(weeks=HISTORY_WEEKS), prev_per.start or per.start)
+    materialize(db, history, max(per.end, prev_per.end or per.end))
+    step("materialize")
+    r: dict[str, Any] = {
+        "week": per.label,
+        "start": per.start.isoformat() if per.start else None,
+        "end": per.end.isoformat() if per.end else None,
+        "compare_to": prev_per.label,
+        "lake": str(finops.db.lake_dir(db)),
+    }
+    r["sources"] = _sources(db, per)
+    cur = _week_numbers(db, per)
+    prev = _week_numbers(db, prev_per)
+    r["sources"]["previous_week"] = prev is not None
+    if prev is None:
+        r["sources"]["missing"].append(
+            f"No data for the comparison week {prev_per.label}: changes are not shown."
+        )
+    if cur is None:
+        r["sources"]["missing"].insert(0, f"The lake holds no data for {per.label}.")
+    r["headline"] = _headline(cur, prev)
+    r["headline"]["util_signal"] = r["sources"]["util_signal"]
+    step("headline")
+    empty = cur is None
+    r["breakdown"] = {} if empty else _breakdowns(db, per)
+    r["idle"] = _idle(db, per)
+    r["cache"] = (
+        {"layers": [], "saved_usd": 0.0, "potential_usd": 0.0} if empty else _cache(db, per)
+    )
+    r["leakage"] = (
+        {
+            "categories": [],
+            "leak_usd": 0.0,
+            "duplicates_usd": 0.0,
+            "retries_usd": 0.0,
+            "failed_usd": 0.0,
+            "context": [],
+            "context_usd": 0.0,
+        }
+        if empty
+        else _leakage(db, per)
+    )
+    step("sections")
+    r["router"] = _router(db, per, router)
+    step("router")
+    assert per.start is not None and per.end is not None
+    series = _hourly_series(db, per.start - dt.timedelta(weeks=HISTORY_WEEKS), per.end)
+    r["hourly"] = _records(
+        series.filter(pl.col("hour") >= per.start).select("hour", "requests", "spend")
+    )
+    r["anomalies"] = _anomalies(db, per, series)
+    r["forecast"] = _forecast(series, per)
+    step("anomalies+forecast")
+    r["growth"] = None
+    if growth and not empty and r["sources"]["requests"]:
+        try:
+            r["growth"] = _growth(db)
+        except Exception as exc:  # the simulator needs serving metrics; say why it is absent
+            r["sources"]["missing"].append(f"Growth simulation unavailable: {exc}")
+    elif growth:
+        r["sources"]["missing"].append("Growth simulation unavailable: no requests this week.")
+    step("growth")
+    r["takeaways"] = _takeaways(r)
+    r["findings"] = _findings(r)
+    r["timings_s"] = timings
+    return r
