@@ -275,3 +275,28 @@ def test_least_outstanding_spreads_concurrent_load(tmp_path):
     finally:
         ha.stop(2)
         hb.stop(2)
+
+
+def test_readyz_reports_unreachable_tiers(tmp_path, upstream):
+    _, url = upstream
+    dead = f"http://127.0.0.1:{_free_port()}"
+    with serve_in_thread(
+        from_flags([f"small={url}", f"large={dead}"], log_dir=tmp_path / "log")
+    ) as h:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            r = httpx.get(h.url + "/readyz")
+            if (
+                r.json()["tiers"]["large"]["reachable"] == []
+                and r.json()["tiers"]["small"]["reachable"]
+            ):
+                break
+            time.sleep(0.1)
+        assert r.status_code == 503 and r.json()["ready"] is False
+        assert r.json()["router_version"] == "rules-v1"
+        assert httpx.get(h.url + "/healthz").status_code == 200
+    with serve_in_thread(from_flags([f"small={url}"], log_dir=tmp_path / "log2")) as h:
+        deadline = time.monotonic() + 10
+        while httpx.get(h.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(h.url + "/readyz").status_code == 200
