@@ -603,9 +603,18 @@ class ProxyEndpoint:
         shim = self.shim
         rec = ctx.rec
         tier0 = ctx.tier
+        pool = shim.pool  # one pool for all attempts, even if a reload swaps it meanwhile
+        if tier0 not in pool.tiers:
+            raise HTTPError(
+                503,
+                f"Tier `{tier0}` was removed by a config reload; retry the request.",
+                "server_error",
+                "tier_unavailable",
+                "tier_unavailable",
+            )
         last: UpstreamFailure | None = None
         attempts = 0
-        for up in shim.pool.candidates(tier0):
+        for up in pool.candidates(tier0):
             now = time.monotonic()
             if not up.breaker.allow(now):
                 continue
