@@ -34,6 +34,9 @@ lint: .venv/.synced
 format: .venv/.synced
 	$(UV) run ruff check --fix . && $(UV) run ruff format .
 
+demo-live: .venv/.synced vllm-env  ## real vLLM + shim with a trained router + collectors + a replayed trace
+	$(UV) run python scripts/demo_live.py
+
 vllm-env: .venv-vllm/.installed  ## vLLM's CPU build in its own venv (~3 GB)
 
 .venv-vllm/.installed:
