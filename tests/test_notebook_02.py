@@ -53,6 +53,10 @@ def test_notebook_02_executes(demo_lake: Path, artifacts_dir: Path) -> None:
         for c in nb.cells
         if c.cell_type == "code"
         for o in c.get("outputs", [])
-        if "data" in o and any("vegalite" in k for k in o["data"])
+        if "data" in o
+        and (
+            any("vegalite" in k for k in o["data"])
+            or "vegaEmbed" in str(o["data"].get("text/html", ""))
+        )
     ]
     assert len(charts) >= 4

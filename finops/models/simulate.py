@@ -191,6 +191,13 @@ def load_trace(
         pick = rng.choice(sizes.height, min(sample, sizes.height), replace=False)
         prompt = sizes["p"].to_numpy()[pick].astype(float)
         output = sizes["o"].to_numpy()[pick].astype(float)
+        max_load = float(rows["concurrency"].drop_nulls().max() or 0.0)
+        if fit.model.k_ > 2 * max_load:
+            notes.append(
+                f"throughput ceiling extrapolated: half-saturation at {fit.model.k_:.1f} "
+                f"concurrent requests, the lake never saw more than {max_load:.1f}; capacity "
+                "at high growth is uncertain until busier hours are observed"
+            )
         prefill = _prefill_speed(rows)
         if math.isinf(prefill):
             notes.append("no prefill-time histogram: TTFT modelled as queueing delay only")
