@@ -508,6 +508,10 @@ def require_data(db: duckdb.DuckDBPyConnection, per: Period) -> dict[str, Any]:
     return src
 
 
+def _crumb(x: float) -> float:
+    return 0.0 if abs(x) < 1e-6 else x
+
+
 def _basis(basis: str) -> str:
     if basis not in BASES:
         raise CostError(f"basis: expected one of {BASES}, got {basis!r}")
@@ -713,7 +717,8 @@ def totals(
         "busy_cost": g["busy_cost"],
         "idle_capacity_cost": g["idle_capacity_cost"],
         "allocated_cost": r["allocated_cost"],
-        "idle_cost": g["gpu_cost"] - r["allocated_cost"],
+        # float sums leave ~1e-10 crumbs where everything was allocated: show 0, not -0.00
+        "idle_cost": _crumb(g["gpu_cost"] - r["allocated_cost"]),
         "input_cost": r["input_cost"],
         "output_cost": r["output_cost"],
         "leakage_cost": r["leakage_cost"],

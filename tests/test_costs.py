@@ -582,3 +582,18 @@ def test_materialized_copies_equal_views_and_follow_the_lake(tmp_path: Path) -> 
     assert fc.totals(con)["requests"] == 20
     lake.append("requests", _request_rows()[20:], source="test", now=now)
     assert fc.totals(con)["requests"] == 51  # new file -> rebuilt
+
+
+def test_example_deployments_file_loads(db) -> None:
+    example = Path(__file__).resolve().parent.parent / "data" / "deployments.example.toml"
+    rules = fc.load_deployments(db, example)
+    assert rules["tier"].to_list() == ["large", "mid", "small"]
+    bill = fc.gpu_bill(db, week="2026-W47")
+    small = bill.filter(pl.col("tier") == "small").row(0, named=True)
+    assert (small["deployment"], small["pricing_kind"], small["usd_per_gpu_hour"]) == (
+        "chat-small",
+        "spot",
+        0.30,
+    )
+    large = bill.filter(pl.col("tier") == "large").row(0, named=True)
+    assert large["pricing_kind"] == "reserved" and large["usd_per_gpu_hour"] == 2.45
