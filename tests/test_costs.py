@@ -597,3 +597,16 @@ def test_example_deployments_file_loads(db) -> None:
     )
     large = bill.filter(pl.col("tier") == "large").row(0, named=True)
     assert large["pricing_kind"] == "reserved" and large["usd_per_gpu_hour"] == 2.45
+
+
+def test_cli_costs_headline(cost_lake: Path) -> None:
+    r = CliRunner().invoke(
+        app, ["costs", "--lake", str(cost_lake), "--week", "2026-W47", "--headline"]
+    )
+    assert r.exit_code == 0, r.output
+    assert r.stdout.startswith("2026-W47: GPU bill $") and r.stdout.count("\n") == 1
+    r = CliRunner().invoke(
+        app, ["costs", "--lake", str(cost_lake), "--headline", "--format", "json"]
+    )
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["requests"] == 51

@@ -54,6 +54,9 @@ def costs(
     pricing_kind: Annotated[
         str | None, typer.Option(help="Default price kind: on_demand|reserved|spot.")
     ] = None,
+    headline: Annotated[
+        bool, typer.Option("--headline", help="Print the one-line headline economics only.")
+    ] = False,
 ) -> None:
     """Unit economics for a period: GPU bill, allocated vs idle, cost per request and per token.
 
@@ -80,6 +83,15 @@ def costs(
             fc.load_deployments(db, deployments)
         if pricing_kind is not None:
             fc.configure(db, pricing_kind=pricing_kind)
+        if headline:
+            head = fc.headline(db, per=per)
+            if format == "json":
+                typer.echo(json.dumps(head, default=_json_default, indent=2))
+            else:
+                typer.echo(fc.format_headline(head))
+            for note in head["notes"]:
+                typer.echo(f"warning: {note}", err=True)
+            return
         tot = fc.totals(db, per=per, basis=basis)  # type: ignore[arg-type]
         rows = fc.by(db, by, per=per, basis=basis)  # type: ignore[arg-type]
     except fc.CostError as exc:
