@@ -124,7 +124,7 @@ def focus_rows(
         )
         SELECT * FROM usage_rows
         UNION ALL
-        SELECT * FROM idle_rows WHERE abs(cost) > 1e-12
+        SELECT * FROM idle_rows WHERE cost > 1e-6  -- drop float residue of fully used tier-days
         ORDER BY day, tier, idle, tenant, feature
         """
     ).pl()

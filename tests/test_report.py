@@ -1,0 +1,418 @@
+"""The weekly report: JSON vs independent SQL, FOCUS 1.3 column rules, self-contained HTML,
+missing sources, CLI errors, and a headless-Chromium screenshot."""
+
+from __future__ import annotations
+
+import datetime as dt
+import json
+import os
+import re
+import shutil
+import struct
+import subprocess
+import zlib
+from pathlib import Path
+
+import numpy as np
+import polars as pl
+import pytest
+from typer.testing import CliRunner
+
+import finops
+from finops.report.build import build_report, summary_markdown
+from finops.report.figures import ReportError, compute
+from finops.report.focus import COLUMNS
+
+WEEK = "2026-W47"
+START = "TIMESTAMPTZ '2026-11-16 00:00:00+00'"
+END = "TIMESTAMPTZ '2026-11-23 00:00:00+00'"
+IN_WEEK = f"ts >= {START} AND ts < {END}"
+
+
+@pytest.fixture(scope="module")
+def built(demo_lake: Path, tmp_path_factory: pytest.TempPathFactory):
+    out = tmp_path_factory.mktemp("report")
+    paths = build_report(demo_lake, WEEK, out, growth=False)
+    return paths, json.loads(paths.json.read_text())
+
+
+@pytest.fixture(scope="module")
+def raw(demo_lake: Path):
+    db = finops.connect(demo_lake)
+    yield db
+    db.close()
+
+
+def one(db, sql: str):
+    return db.sql(sql).fetchall()[0][0]
+
+
+# ----------------------------------------------------------------------------- independent SQL
+
+GPU_HOURS_SQL = f"""
+    WITH s AS (
+        SELECT date_trunc('hour', ts) AS hour, gpu_uuid, coalesce(mig_instance, '') AS mig,
+               any_value(gpu_model) AS gpu_model,
+               avg(value) FILTER (field = 'DCGM_FI_PROF_SM_ACTIVE') AS sm
+        FROM raw.gpu_samples
+        WHERE {IN_WEEK} AND value IS NOT NULL AND NOT isnan(value)
+        GROUP BY ALL
+    ),
+    p AS (SELECT replace(gpu_model, 'NVIDIA ', '') AS m, usd_per_gpu_hour
+          FROM read_csv_auto('{Path(finops.__file__).parents[1] / "data" / "prices.csv"}')
+          WHERE pricing_kind = 'on_demand')
+    SELECT s.*, p.usd_per_gpu_hour AS price
+    FROM s JOIN p ON replace(s.gpu_model, 'NVIDIA ', '') = p.m
+"""
+REQ_SQL = f"""
+    SELECT request_id, any_value(tenant) AS tenant, any_value(input_tokens) AS i,
+           any_value(output_tokens) AS o, any_value(cache_status) AS cache_status
+    FROM raw.requests WHERE {IN_WEEK} GROUP BY request_id
+"""
+
+
+def test_json_headline_equals_independent_sql(built, raw) -> None:
+    _, r = built
+    h = r["headline"]
+    n_gpu_rows = one(raw, f"SELECT count(*) FROM ({GPU_HOURS_SQL})")
+    assert n_gpu_rows == one(
+        raw,
+        f"SELECT count(DISTINCT (date_trunc('hour', ts), gpu_uuid)) FROM raw.gpu_samples "
+        f"WHERE {IN_WEEK}",
+    ), "every GPU model of the demo has a catalog price"
+    spend = one(raw, f"SELECT sum(price) FROM ({GPU_HOURS_SQL})")
+    util = one(raw, f"SELECT avg(least(greatest(sm, 0), 1)) FROM ({GPU_HOURS_SQL})")
+    idle = one(raw, f"SELECT sum((1 - least(greatest(sm, 0), 1)) * price) FROM ({GPU_HOURS_SQL})")
+    n, i, o = raw.sql(f"SELECT count(*), sum(i), sum(o) FROM ({REQ_SQL})").fetchall()[0]
+    assert h["requests"]["value"] == n > 0
+    assert h["input_tokens"]["value"] == i and h["output_tokens"]["value"] == o
+    assert h["tokens"]["value"] == i + o
+    assert h["gpu_hours"]["value"] == n_gpu_rows
+    assert h["gpus"]["value"] == one(
+        raw, f"SELECT count(DISTINCT gpu_uuid) FROM raw.gpu_samples WHERE {IN_WEEK}"
+    )
+    assert h["spend_usd"]["value"] == pytest.approx(spend, abs=0.005)
+    assert h["utilization"]["value"] == pytest.approx(util, rel=1e-9)
+    assert h["idle_capacity_usd"]["value"] == pytest.approx(idle, abs=0.005)
+    assert h["usd_per_1k_requests"]["value"] == pytest.approx(1000 * spend / n, rel=1e-9)
+    assert h["usd_per_1m_tokens"]["value"] == pytest.approx(1e6 * spend / (i + o), rel=1e-9)
+    assert h["util_signal"] == "DCGM_FI_PROF_SM_ACTIVE"
+    # the demo lake has no week before: no change figures, and the report says so
+    assert h["spend_usd"]["previous"] is None and h["spend_usd"]["change"] is None
+    assert any("2026-W46" in m for m in r["sources"]["missing"])
+
+
+def test_json_sections_equal_independent_sql(built, raw) -> None:
+    _, r = built
+    tenants = dict(
+        raw.sql(
+            f"SELECT coalesce(tenant, '(none)'), count(*) FROM ({REQ_SQL}) GROUP BY 1"
+        ).fetchall()
+    )
+    assert {x["tenant"]: x["requests"] for x in r["breakdown"]["tenant"]} == tenants
+    spend = one(raw, f"SELECT sum(price) FROM ({GPU_HOURS_SQL})")
+    allocated = sum(x["cost"] for x in r["breakdown"]["tenant"])
+    idle_unallocated = next(
+        x["cost"] for x in r["leakage"]["categories"] if x["category"] == "idle"
+    )
+    assert allocated + idle_unallocated == pytest.approx(spend, abs=0.005)
+    by_hour = dict(
+        raw.sql(
+            f"""SELECT hour(hour), sum(1 - least(greatest(sm, 0), 1)) / count(*)
+                FROM ({GPU_HOURS_SQL}) GROUP BY 1"""
+        ).fetchall()
+    )
+    got = {x["hour_of_day"]: x["idle_share"] for x in r["idle"]["by_hour"]}
+    assert got.keys() == by_hour.keys()
+    for k, v in by_hour.items():
+        assert got[k] == pytest.approx(v, rel=1e-9)
+    assert r["idle"]["troughs"][0]["idle_share"] == pytest.approx(max(by_hour.values()))
+    hourly = dict(
+        raw.sql(
+            f"""SELECT date_trunc('hour', ts), count(DISTINCT request_id) FROM raw.requests
+                WHERE {IN_WEEK} GROUP BY 1"""
+        ).fetchall()
+    )
+    assert {dt.datetime.fromisoformat(x["hour"]): x["requests"] for x in r["hourly"]} == hourly
+    hits = one(raw, f"SELECT count(*) FROM ({REQ_SQL}) WHERE cache_status = 'hit'")
+    shim = next(x for x in r["cache"]["layers"] if x["layer"] == "shim_response")
+    assert shim["requests"] == hits
+    routed = one(
+        raw,
+        f"""SELECT count(DISTINCT request_id) FROM raw.requests WHERE {IN_WEEK}
+            AND router_version IS NOT NULL AND tier IS NOT NULL
+            AND coalesce(cache_status, '') <> 'hit'""",
+    )
+    assert r["router"]["routed_requests"] == routed
+    assert r["router"]["artifact"] is None and "no router" in r["router"]["note"]
+    # every sentence of the report carries its number
+    for key in ("headline", "tenant", "idle", "leakage", "cache"):
+        assert re.search(r"\d", r["takeaways"][key]), key
+
+
+def test_forecast_and_anomalies_are_documented_and_consistent(built) -> None:
+    _, r = built
+    fo = r["forecast"]
+    assert len(fo["hourly"]) == 168
+    assert fo["requests"] == pytest.approx(sum(x["requests"] for x in fo["hourly"]))
+    assert fo["trend"]["requests"] == 1.0  # no week before: no trend
+    assert fo["hourly"][0]["hour"].startswith("2026-11-23T00:00")
+    assert "hour of" in r["anomalies"]["method"]
+    for a in r["anomalies"]["hours"]:
+        assert abs(a["z"]) > 3.5
+
+
+# ----------------------------------------------------------------------------- FOCUS
+
+ISO_UTC = re.compile(r"^\d{4}-\d{2}-\d{2}T\d{2}:\d{2}:\d{2}Z$")
+REQUIRED_NON_NULL = (
+    "BilledCost",
+    "BillingAccountId",
+    "BillingCurrency",
+    "BillingPeriodStart",
+    "BillingPeriodEnd",
+    "ChargeCategory",
+    "ChargeDescription",
+    "ChargePeriodStart",
+    "ChargePeriodEnd",
+    "ContractedCost",
+    "EffectiveCost",
+    "InvoiceIssuerName",
+    "ListCost",
+    "ProviderName",
+    "PublisherName",
+    "ServiceCategory",
+    "ServiceName",
+    "ConsumedQuantity",
+    "ConsumedUnit",
+    "PricingQuantity",
+    "PricingUnit",
+)
+
+
+def test_focus_export_follows_the_column_rules(built, raw) -> None:
+    paths, _ = built
+    df = pl.read_parquet(paths.focus_parquet)
+    csv = pl.read_csv(paths.focus_csv, infer_schema_length=0)
+    assert df.height == csv.height > 0
+    assert list(df.columns) == list(COLUMNS) == list(csv.columns)
+    for c in REQUIRED_NON_NULL:
+        assert df[c].null_count() == 0, c
+    for c in ("BillingPeriodStart", "BillingPeriodEnd", "ChargePeriodStart", "ChargePeriodEnd"):
+        assert df[c].dtype == pl.Datetime("us", "UTC"), c
+        assert csv[c].str.contains(ISO_UTC.pattern).all(), c
+    for c in ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost", "PricingQuantity"):
+        assert df[c].dtype == pl.Float64 and df[c].is_finite().all(), c
+        csv[c].cast(pl.Float64)  # decimal text, parseable
+    assert set(df["BillingCurrency"]) == {"USD"}
+    assert set(df["ChargeCategory"]) <= {"Usage", "Purchase", "Tax", "Credit", "Adjustment"}
+    assert df["ChargeClass"].is_null().all() or set(df["ChargeClass"].drop_nulls()) == {
+        "Correction"
+    }
+    assert set(df["ServiceCategory"]) == {"AI and Machine Learning"}
+    assert (df["ChargePeriodEnd"] > df["ChargePeriodStart"]).all()
+    assert (df["ChargePeriodStart"] >= df["BillingPeriodStart"]).all()
+    assert (df["ChargePeriodEnd"] <= df["BillingPeriodEnd"]).all()
+    assert set(df["ConsumedUnit"]) == {"Tokens", "GPU-Hours"}
+    assert (df["ConsumedQuantity"] >= 0).all()
+    assert df.filter(pl.col("x_IdleCapacity"))["ConsumedUnit"].unique().to_list() == ["GPU-Hours"]
+    for t in df["Tags"]:
+        assert set(json.loads(t)) == {"tenant", "feature", "tier"}
+    for c in df.columns:
+        assert c in COLUMNS and (c[0].isupper() or c.startswith("x_")), c
+    # costs reconcile: the rows add up to the week's GPU bill, to the cent
+    bill = one(raw, f"SELECT sum(price) FROM ({GPU_HOURS_SQL})")
+    assert round(df["BilledCost"].sum(), 2) == round(bill, 2)
+    assert (df["BilledCost"] == df["EffectiveCost"]).all()
+    assert df["PricingQuantity"].sum() == pytest.approx(
+        one(raw, f"SELECT count(*) FROM ({GPU_HOURS_SQL})"), rel=1e-9
+    )
+
+
+# ----------------------------------------------------------------------------- HTML, summary
+
+
+def test_html_is_self_contained(built) -> None:
+    paths, r = built
+    page = paths.html.read_text()
+    assert "<script" not in page.lower()
+    assert "http" not in page.lower(), re.findall(r".{40}http.{40}", page)[:3]
+    assert "<svg" in page and page.count("<svg") >= 6
+    assert 'name="viewport"' in page and "@media print" in page and "@media (max-width" in page
+    assert "def " not in page and "import " not in page  # code cells hidden
+    assert f"GPU cost report {WEEK}" in page
+    assert r["takeaways"]["headline"].split(" for ")[0].replace("$", "") in page.replace("$", "")
+
+
+def test_summary_is_ten_lines_with_the_numbers(built) -> None:
+    paths, r = built
+    lines = paths.summary.read_text().splitlines()
+    assert 4 <= len(lines) <= 10
+    assert f"${r['headline']['spend_usd']['value']:,.2f}" in lines[1]
+    assert summary_markdown(r) == paths.summary.read_text()
+
+
+# ----------------------------------------------------------------------------- missing sources
+
+
+def _copy_without(src: Path, dst: Path, *tables: str) -> Path:
+    shutil.copytree(src, dst, ignore=shutil.ignore_patterns(*tables))
+    return dst
+
+
+def test_report_without_gpu_metrics_says_so(demo_lake: Path, tmp_path: Path) -> None:
+    lake = _copy_without(demo_lake, tmp_path / "lake", "gpu_samples")
+    paths = build_report(lake, WEEK, tmp_path / "out", growth=False)
+    r = json.loads(paths.json.read_text())
+    assert r["sources"]["gpu_samples"] is False
+    assert any("No GPU metrics" in m for m in r["sources"]["missing"])
+    assert r["headline"]["requests"]["value"] > 0
+    assert r["headline"]["spend_usd"]["value"] == 0.0
+    assert "No GPU metrics" in paths.html.read_text()
+    assert pl.read_parquet(paths.focus_parquet).height == 0
+
+
+def test_empty_week_gives_a_report_that_says_what_is_missing(
+    demo_lake: Path, tmp_path: Path
+) -> None:
+    paths = build_report(demo_lake, "2026-W40", tmp_path, growth=False)
+    r = json.loads(paths.json.read_text())
+    assert r["sources"]["missing"][0] == "The lake holds no data for 2026-W40."
+    assert r["headline"]["spend_usd"]["value"] is None
+    page = paths.html.read_text()
+    assert "The lake holds no data for 2026-W40." in page and "<script" not in page
+    assert "Traceback" not in page
+    assert pl.read_csv(paths.focus_csv).columns == list(COLUMNS)
+
+
+def test_partial_week_and_compare_to(demo_lake: Path) -> None:
+    r = compute(demo_lake, WEEK, compare_to="2026-W47", growth=False)
+    assert any(m.startswith("Partial week: data covers 48 of 168") for m in r["sources"]["missing"])
+    assert r["headline"]["spend_usd"]["change"] == 0.0  # same week: no change
+    assert r["compare_to"] == "2026-W47"
+
+
+def test_no_sm_activity_names_the_fallback_signal(demo_lake: Path, tmp_path: Path) -> None:
+    lake = tmp_path / "lake"
+    shutil.copytree(demo_lake, lake)
+    db = finops.connect(lake)
+    files = db.sql(
+        "SELECT DISTINCT filename FROM read_parquet(?, filename=true)",
+        params=[str(lake / "gpu_samples" / "**" / "*.parquet")],
+    ).fetchall()
+    for (f,) in files:
+        t = pl.read_parquet(f).filter(pl.col("field") != "DCGM_FI_PROF_SM_ACTIVE")
+        t.write_parquet(f)
+    db.close()
+    r = compute(lake, WEEK, growth=False)
+    assert r["sources"]["util_signal"] == "DCGM_FI_PROF_GR_ENGINE_ACTIVE"
+    assert any("No SM-activity metric" in m for m in r["sources"]["missing"])
+
+
+def test_bad_input_fails_clearly(demo_lake: Path, tmp_path: Path) -> None:
+    with pytest.raises(ReportError, match="ISO week"):
+        compute(demo_lake, "2026-47", growth=False)
+    with pytest.raises(ReportError, match="compare_to"):
+        compute(demo_lake, WEEK, compare_to="last week", growth=False)
+    with pytest.raises(ReportError, match="lake folder not found"):
+        build_report(tmp_path / "nope", WEEK, tmp_path / "out")
+    from finops.cli import app
+
+    res = CliRunner().invoke(app, ["report", "--week", "2026-W99", "--lake", str(demo_lake)])
+    assert res.exit_code == 2
+    assert "2026-W99" in res.output and "Traceback" not in res.output
+
+
+# ----------------------------------------------------------------------------- chromium
+
+
+def _png_pixels(path: Path) -> np.ndarray:
+    """Decode an 8-bit RGB/RGBA non-interlaced PNG (what Chromium writes) into an array."""
+    b = path.read_bytes()
+    assert b[:8] == b"\x89PNG\r\n\x1a\n"
+    pos, idat, hdr = 8, b"", None
+    while pos < len(b):
+        (n,) = struct.unpack(">I", b[pos : pos + 4])
+        kind, data = b[pos + 4 : pos + 8], b[pos + 8 : pos + 8 + n]
+        pos += 12 + n
+        if kind == b"IHDR":
+            hdr = struct.unpack(">IIBBBBB", data)
+        elif kind == b"IDAT":
+            idat += data
+    assert hdr is not None
+    w, h, depth, ctype, _, _, interlace = hdr
+    assert depth == 8 and ctype in (2, 6) and interlace == 0, hdr
+    bpp = 3 if ctype == 2 else 4
+    raw = np.frombuffer(zlib.decompress(idat), np.uint8).reshape(h, w * bpp + 1)
+    out = np.zeros((h, w * bpp), np.uint8)
+    prev = np.zeros(w * bpp, np.uint8)
+    for y in range(h):
+        f, line = raw[y, 0], raw[y, 1:].copy()
+        if f == 1:
+            line = np.cumsum(line.reshape(w, bpp), axis=0, dtype=np.uint8).reshape(-1)
+        elif f == 2:
+            line = line + prev
+        elif f in (3, 4):
+            p = prev.astype(np.int32)
+            cur = line.astype(np.int32)
+            for x in range(w * bpp):
+                a = cur[x - bpp] if x >= bpp else 0
+                c = p[x - bpp] if x >= bpp else 0
+                if f == 3:
+                    pred = (a + p[x]) // 2
+                else:
+                    pa, pb, pc = abs(p[x] - c), abs(a - c), abs(a + p[x] - 2 * c)
+                    pred = a if pa <= pb and pa <= pc else (p[x] if pb <= pc else c)
+                cur[x] = (cur[x] + pred) & 0xFF
+            line = cur.astype(np.uint8)
+        out[y] = line
+        prev = line
+    return out.reshape(h, w, bpp)[:, :, :3]
+
+
+@pytest.mark.chromium
+def test_html_screenshot_in_headless_chromium(built, artifacts_dir: Path, tmp_path: Path) -> None:
+    chromium = shutil.which("chromium") or "/usr/bin/chromium"
+    if not Path(chromium).exists():
+        if os.environ.get("CI", "").lower() in ("true", "1", "yes"):
+            pytest.fail("CI=true: chromium must be installed (apt-get install chromium)")
+        pytest.skip("chromium not installed")
+    paths, _ = built
+    png = artifacts_dir / "report-2026-W47.png"
+    png.unlink(missing_ok=True)
+    log = tmp_path / "chrome.log"
+    cmd = [
+        chromium,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={tmp_path / 'profile'}",
+        "--host-resolver-rules=MAP * ~NOTFOUND",
+        "--proxy-server=127.0.0.1:9",
+        "--enable-logging=stderr",
+        "--v=1",
+        f"--screenshot={png}",
+        "--window-size=1280,4000",
+        paths.html.resolve().as_uri(),
+    ]
+    res = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    log.write_text(res.stderr)
+    assert png.exists(), res.stderr[-2000:]
+    # no request left the page: every URL chromium loaded is the page itself or one of the
+    # browser's own background services (update/time/account checks, blocked by the proxy)
+    loaded = re.findall(r"NotifyBeforeURLRequest: (\S+)", res.stderr)
+    browser_own = re.compile(r"^https?://[^/]*\b(google\.com|googleapis\.com|gvt1\.com)/")
+    from_page = [u for u in loaded if not u.startswith("file://") and not browser_own.match(u)]
+    assert not from_page, from_page[:5]
+    px = _png_pixels(png)
+    assert px.shape == (4000, 1280, 3)
+    non_white = (px.min(axis=2) < 235).mean()
+    assert non_white > 0.03, f"screenshot nearly blank: {non_white:.1%} non-white"
+    assert px.std() > 20
+    # coloured chart marks (the blue bars) are on screen, not just text
+    blue = (px[:, :, 2].astype(int) - px[:, :, 0].astype(int) > 60).mean()
+    assert blue > 0.002
