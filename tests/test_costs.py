@@ -122,7 +122,7 @@ def _request_rows() -> list[dict]:
             },
             {
                 "request_id": f"d{h}",
-                "ts": base + dt.timedelta(seconds=60),
+                "ts": T0 + dt.timedelta(hours=h, minutes=5),  # 1 min after r(12h+2)
                 "tenant": "globex",
                 "feature": "summarize",
                 "tier": "large",
@@ -135,7 +135,7 @@ def _request_rows() -> list[dict]:
             },
             {
                 "request_id": f"h{h}",
-                "ts": base + dt.timedelta(seconds=90),
+                "ts": T0 + dt.timedelta(hours=h, minutes=5, seconds=30),
                 "tenant": "globex",
                 "feature": "summarize",
                 "tier": "large",
@@ -328,6 +328,8 @@ def test_leakage_lines(db) -> None:
     cat = {r["category"]: r for r in lk.iter_rows(named=True)}
     assert cat["retried_failure"]["requests"] == 3
     assert cat["duplicate"]["requests"] == 3
+    dups = db.sql("SELECT request_id FROM marts.request_costs WHERE leak = 'duplicate' ORDER BY 1")
+    assert [r[0] for r in dups.fetchall()] == ["d0", "d1", "d2"]  # not the cache hits h0..h2
     assert cat["stream_aborted"]["requests"] == 3
     assert cat["embeddings"]["requests"] == 12
     assert cat["retries"]["requests"] == 3

@@ -83,7 +83,8 @@ FROM f;
 --   failed          status_code >= 400 or an error_type
 --   is_retry        retry_of set or attempt >= 2
 --   was_retried     a later request names it in retry_of
---   is_duplicate    same tenant + prompt_fingerprint as an earlier request within
+--   is_duplicate    not a response-cache hit, and same tenant + prompt_fingerprint as
+--                   an earlier request within
 --                   finops_duplicate_window_s (default 600 s), not a retry
 --   in_storm        failed or retry inside a (tier, 5-minute) window whose retries are
 --                   >= max(finops_storm_min_retries (5),
@@ -124,7 +125,7 @@ flags AS (
     SELECT
         b.request_id, b.failed, b.is_retry,
         (r.request_id IS NOT NULL) AS was_retried,
-        (NOT b.is_retry AND d.prev_same_ts IS NOT NULL
+        (NOT b.is_retry AND coalesce(b.cache_status, '') <> 'hit' AND d.prev_same_ts IS NOT NULL
          AND epoch(b.ts - d.prev_same_ts)
              <= coalesce(CAST(getvariable('finops_duplicate_window_s') AS DOUBLE), 600.0::DOUBLE))
             AS is_duplicate,
