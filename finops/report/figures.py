@@ -78,46 +78,18 @@ def previous_week(week: str) -> str:
     return f"{y}-W{w:02d}"
 
 
-# ----------------------------------------------------------------------------- materialize
-
-_MATERIALIZE = (
-    "gpu_cost_hourly",
-    "tier_cost_hourly",
-    "request_work",
-    "tier_token_prices",
-    "request_flags",
-    "request_costs",
-)
+# ----------------------------------------------------------------------------- SQL
 
 
-def materialize(
-    db: duckdb.DuckDBPyConnection,
-    start: dt.datetime | None = None,
-    end: dt.datetime | None = None,
-) -> None:
-    """Compute the cost marts once for this connection (tables instead of views).
+def sql(db: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation:
+    """Run report SQL over the cost marts, reading finops.costs' materialized copies.
 
-    The report asks `finops.costs` some twenty questions; each would re-run the
-    window functions of `marts.request_flags` over every request. Each view is
-    renamed `<name>__view` and replaced by a table of its rows, in dependency
-    order, so later views read the tables. Results are identical; only this
-    connection changes. `start`/`end` bound the hours kept of the per-GPU hourly
-    mart (each GPU-hour stands alone, so bounding changes no figure inside them).
+    `finops.costs.materialize` evaluates the mart views once per connection; the
+    report's own queries go through the same rewrite so they never re-run the
+    view chain (the window functions of marts.request_flags over every request).
     """
-    window = fc.Period(start, end, "window").where()
-    for name in _MATERIALIZE:
-        kind = db.execute(
-            "SELECT table_type FROM information_schema.tables "
-            "WHERE table_schema = 'marts' AND table_name = ?",
-            [name],
-        ).fetchall()
-        if not kind or kind[0][0] != "VIEW":
-            continue
-        db.execute(f"ALTER VIEW marts.{name} RENAME TO {name}__view").fetchall()
-        cond = window if name == "gpu_cost_hourly" else "true"
-        db.execute(
-            f"CREATE TABLE marts.{name} AS SELECT * FROM marts.{name}__view WHERE {cond}"
-        ).fetchall()
+    fc.materialize(db)
+    return db.sql(fc._cached(query))
 
 
 # ----------------------------------------------------------------------------- sources
@@ -126,15 +98,16 @@ def materialize(
 def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     """What the week holds, with one sentence per missing input."""
     src = fc.sources(db, per)
-    signals = db.sql(
+    signals = sql(
+        db,
         f"""SELECT util_signal, count(*) AS n FROM marts.gpu_cost_hourly
-            WHERE {per.where()} GROUP BY ALL ORDER BY n DESC"""
+            WHERE {per.where()} GROUP BY ALL ORDER BY n DESC""",
     ).fetchall()
-    req_hours = db.sql(
-        f"SELECT count(DISTINCT hour) FROM marts.request_work WHERE {per.where()}"
+    req_hours = sql(
+        db, f"SELECT count(DISTINCT hour) FROM marts.request_work WHERE {per.where()}"
     ).fetchall()[0][0]
-    gpu_hours = db.sql(
-        f"SELECT count(DISTINCT hour) FROM marts.gpu_cost_hourly WHERE {per.where()}"
+    gpu_hours = sql(
+        db, f"SELECT count(DISTINCT hour) FROM marts.gpu_cost_hourly WHERE {per.where()}"
     ).fetchall()[0][0]
     missing: list[str] = []
     if src["gpu_hour_rows"] == 0:
@@ -338,11 +311,12 @@ def _router(
     need the router artifact (`--router DIR`).
     """
     w = per.where("w.hour")
-    shares = db.sql(
+    shares = sql(
+        db,
         f"""SELECT w.tier, count(*) AS requests,
                    count(*) FILTER (r.router_version IS NOT NULL) AS routed
             FROM marts.request_work w JOIN clean.requests r USING (request_id)
-            WHERE {w} AND w.worked GROUP BY ALL ORDER BY requests DESC"""
+            WHERE {w} AND w.worked GROUP BY ALL ORDER BY requests DESC""",
     ).pl()
     routed_n = int(shares["routed"].sum()) if shares.height else 0
     out: dict[str, Any] = {
@@ -354,21 +328,23 @@ def _router(
         "quality_estimate": None,
         "drift": None,
     }
-    prices = db.sql(
+    prices = sql(
+        db,
         f"""SELECT tier, sum(pool_allocation * input_share) / nullif(sum(w_in), 0) AS in_p,
                    sum(pool_allocation * (1 - input_share)) / nullif(sum(w_out), 0) AS out_p
             FROM marts.tier_token_prices WHERE {per.where()} AND tier IS NOT NULL
-            GROUP BY ALL"""
+            GROUP BY ALL""",
     ).pl()
     prices = prices.drop_nulls()
     if prices.height >= 2 and routed_n:
         top = prices.sort("out_p", descending=True).row(0, named=True)
-        row = db.sql(
+        row = sql(
+            db,
             f"""SELECT sum(work_in * {top["in_p"]} + work_out * {top["out_p"]}) AS all_large,
                        sum(cost_allocation) AS actual
                 FROM marts.request_costs WHERE {per.where()} AND worked
                   AND request_id IN (SELECT request_id FROM clean.requests
-                                     WHERE router_version IS NOT NULL)"""
+                                     WHERE router_version IS NOT NULL)""",
         ).fetchall()[0]
         all_large, actual = float(row[0] or 0), float(row[1] or 0)
         out.update(
@@ -401,9 +377,10 @@ def _router(
         drift["max_share_shift"] = max(abs(v) for v in diff.values())
     if ref.get("bins") and ref.get("score_histogram"):
         edges = ref["bins"]
-        scores = db.sql(
+        scores = sql(
+            db,
             f"""SELECT router_score FROM clean.requests
-                WHERE {per.where("date_trunc('hour', ts)")} AND router_score IS NOT NULL"""
+                WHERE {per.where("date_trunc('hour', ts)")} AND router_score IS NOT NULL""",
         ).pl()["router_score"]
         if scores.len():
             import numpy as np
@@ -419,7 +396,8 @@ def _hourly_series(
 ) -> pl.DataFrame:
     """Requests and GPU spend per hour over [start, end) (hours without data omitted)."""
     where = f"hour >= TIMESTAMPTZ '{start.isoformat()}' AND hour < TIMESTAMPTZ '{end.isoformat()}'"
-    return db.sql(
+    return sql(
+        db,
         f"""
         WITH r AS (SELECT hour, count(*) AS requests FROM marts.request_work WHERE {where}
                    GROUP BY ALL),
@@ -428,7 +406,7 @@ def _hourly_series(
         SELECT hour, coalesce(r.requests, 0) AS requests, coalesce(g.spend, 0.0) AS spend,
                g.spend IS NOT NULL AS has_gpu
         FROM r FULL JOIN g USING (hour) ORDER BY hour
-        """
+        """,
     ).pl()
 
 
@@ -465,13 +443,14 @@ def _anomalies(
         pl.col("requests").median().over(key).alias("usual"),
     ).filter((pl.col("hour") >= per.start) & (pl.col("hour") < per.end))
     hours = s.filter(pl.col("z").abs() > Z_THRESHOLD).sort(pl.col("z").abs(), descending=True)
-    t = db.sql(
+    t = sql(
+        db,
         f"""SELECT CAST(hour AS DATE) AS day, coalesce(tenant, '(none)') AS tenant,
                    sum(cost_allocation) AS cost, count(*) AS requests
             FROM marts.request_costs
             WHERE hour >= TIMESTAMPTZ '{(per.start - dt.timedelta(weeks=HISTORY_WEEKS)).isoformat()}'
               AND {per.where()} IS NOT NULL AND hour < TIMESTAMPTZ '{per.end.isoformat()}'
-            GROUP BY ALL"""
+            GROUP BY ALL""",
     ).pl()
     tenants = (
         t.with_columns(
@@ -747,9 +726,7 @@ def compute(
         if log:
             log(f"{name}: {timings[name]:.2f}s")
 
-    assert per.start is not None and per.end is not None
-    history = min(per.start - dt.timedelta(weeks=HISTORY_WEEKS), prev_per.start or per.start)
-    materialize(db, history, max(per.end, prev_per.end or per.end))
+    fc.materialize(db)
     step("materialize")
     r: dict[str, Any] = {
         "week": per.label,

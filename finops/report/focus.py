@@ -16,6 +16,7 @@ import duckdb
 import polars as pl
 
 import finops.costs as fc
+from finops.report.figures import sql
 
 FOCUS_VERSION = "1.3"
 PROVIDER = "Self-hosted (finops)"
@@ -84,7 +85,8 @@ def focus_rows(
     per = fc.period(week)
     assert per.start is not None and per.end is not None
     where = per.where()
-    df = db.sql(
+    df = sql(
+        db,
         f"""
         WITH tierday AS (
             SELECT CAST(hour AS DATE) AS day, coalesce(tier, '(untiered)') AS tier,
@@ -126,7 +128,7 @@ def focus_rows(
         UNION ALL
         SELECT * FROM idle_rows WHERE cost > 1e-6  -- drop float residue of fully used tier-days
         ORDER BY day, tier, idle, tenant, feature
-        """
+        """,
     ).pl()
     if df.height == 0:
         return pl.DataFrame(schema={c: _dtype(c) for c in COLUMNS})
