@@ -13,6 +13,10 @@
    a naive baseline measured in the same run (latency as at the highest fitted
    rate; throughput extrapolated linearly from light load, i.e. no saturation).
 
+By default a short closed-loop probe first sets the fit rates to 30/55/80% and
+the unseen rate to 90% of this machine's capacity (a fit that never sees the
+curve bend cannot place the ceiling); `--fixed-rates` uses --rates/--high-rate.
+
     uv run python bench/bench_vllm_capacity_validation.py [--quick] [--url URL]
 
 Without --url (or $FINOPS_VLLM_URL) it starts its own server (clean numbers,
@@ -158,6 +162,28 @@ async def run(args: argparse.Namespace, base: str) -> dict:
     comp = f"{base}/v1/completions"
     async with httpx.AsyncClient(timeout=300, limits=httpx.Limits(max_connections=200)) as c:
         await one_request(c, comp, args.model, args.prompt_words, args.max_tokens)  # warm
+        if args.auto_rates:
+            # A short closed-loop probe sets the rates as fractions of this machine's capacity
+            # (it is not used by the fit; saturation is measured again at the end).
+            t0 = time.perf_counter()
+            n = await closed_loop(
+                c,
+                comp,
+                args.model,
+                args.sat_concurrency,
+                args.probe_s,
+                args.prompt_words,
+                args.max_tokens,
+            )
+            cap = n / (time.perf_counter() - t0)
+            args.probe_tps = cap * args.max_tokens
+            args.rates = [round(f * cap, 2) for f in (0.3, 0.55, 0.8)]
+            args.high_rate = round(0.9 * cap, 2)
+            print(
+                f"probe: ~{cap:.1f} req/s at saturation -> fit rates {args.rates}, "
+                f"unseen rate {args.high_rate}"
+            )
+            await asyncio.sleep(2)
         scraper = Scraper(c, f"{base}/metrics", period=1.0)
         await scraper.scrape_once()
         scraper.start()
@@ -285,7 +311,14 @@ def main() -> None:
     ap.add_argument("--quick", action="store_true", help="shorter phases")
     ap.add_argument("--url", default=os.environ.get("FINOPS_VLLM_URL"))
     ap.add_argument("--model", default="small")
-    ap.add_argument("--rates", default="3,6,9")
+    ap.add_argument("--rates", default="3,6,9", help="fit rates (req/s) with --fixed-rates")
+    ap.add_argument(
+        "--fixed-rates",
+        dest="auto_rates",
+        action="store_false",
+        help="use --rates/--high-rate as given instead of fractions of a capacity probe",
+    )
+    ap.add_argument("--probe-s", type=float, default=8.0)
     ap.add_argument("--high-rate", type=float, default=12.0)
     ap.add_argument("--phase-s", type=float, default=25.0)
     ap.add_argument("--sat-concurrency", type=int, default=32)
@@ -297,7 +330,7 @@ def main() -> None:
     args = ap.parse_args()
     args.rates = [float(r) for r in args.rates.split(",")]
     if args.quick:
-        args.phase_s, args.sat_s = 15.0, 10.0
+        args.phase_s, args.sat_s, args.probe_s = 15.0, 10.0, 5.0
     server = None
     t_all = time.perf_counter()
     if args.url:
