@@ -416,3 +416,34 @@ def test_html_screenshot_in_headless_chromium(built, artifacts_dir: Path, tmp_pa
     # coloured chart marks (the blue bars) are on screen, not just text
     blue = (px[:, :, 2].astype(int) - px[:, :, 0].astype(int) > 60).mean()
     assert blue > 0.002
+
+
+def test_router_artifact_adds_quality_and_drift(demo_lake: Path, tmp_path: Path) -> None:
+    from finops.router import data as D
+    from finops.router.train import train
+
+    db = finops.connect(demo_lake)
+    reqs = db.sql(
+        """SELECT request_id, input_tokens, feature FROM clean.requests
+           WHERE coalesce(operation, 'chat') <> 'embeddings' ORDER BY request_id LIMIT 600"""
+    ).pl()
+    db.close()
+    rng = np.random.default_rng(0)
+    lines = []
+    for r in reqs.iter_rows(named=True):
+        hard = (r["input_tokens"] or 0) > 4000 or r["feature"] == "code-complete"
+        tier = 2 if hard and rng.random() < 0.8 else int(rng.choice(2))
+        lines.append(json.dumps({"request_id": r["request_id"], "label": D.DEFAULT_TIERS[tier]}))
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("\n".join(lines) + "\n")
+    art = tmp_path / "art"
+    train(D.load_lake(demo_lake, labels), art, cv_folds=0, lake=demo_lake, quality_target=0.9)
+    r = compute(demo_lake, WEEK, router=art, growth=False)["router"]
+    assert r["artifact"]["path"] == str(art) and "note" not in r
+    assert 0 < r["quality_estimate"] <= 1
+    assert r["replay"]["requests"] > 0
+    d = r["drift"]
+    assert set(d["share_shift"]) == set(D.DEFAULT_TIERS)
+    assert d["max_share_shift"] == max(abs(v) for v in d["share_shift"].values())
+    if "score_psi" in d:
+        assert d["score_psi"] >= 0

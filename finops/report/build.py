@@ -60,15 +60,15 @@ def summary_markdown(r: dict[str, Any]) -> str:
         f"{val('utilization', lambda v: f'{100 * v:.1f}%')} "
         f"({h.get('util_signal') or 'no signal'})",
     ]
-    for s in r["findings"][:4]:
-        lines.append(f"- {s}")
-    if t.get("forecast"):
-        lines.append(f"- {t['forecast']}")
-    if t.get("growth"):
-        lines.append(f"- {t['growth']}")
+    tail = [f"- {t[k]}" for k in ("forecast", "growth") if t.get(k)]
     if r["sources"]["missing"]:
-        lines.append(f"- Missing: {r['sources']['missing'][0]}")
-    return "\n".join(lines[:10]) + "\n"
+        more = len(r["sources"]["missing"]) - 1
+        tail.append(
+            f"- Missing: {r['sources']['missing'][0]}" + (f" (+{more} more)" if more else "")
+        )
+    room = 10 - len(lines) - len(tail)
+    lines += [f"- {s}" for s in r["findings"][: max(room, 0)]]
+    return "\n".join([*lines, *tail][:10]) + "\n"
 
 
 def execute_notebook(

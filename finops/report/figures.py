@@ -786,6 +786,8 @@ def compute(
             r["sources"]["missing"].append(f"Growth simulation unavailable: {exc}")
     elif growth:
         r["sources"]["missing"].append("Growth simulation unavailable: no requests this week.")
+    else:
+        r["sources"]["missing"].append("Growth and autoscaling simulation skipped (--no-growth).")
     step("growth")
     r["takeaways"] = _takeaways(r)
     r["findings"] = _findings(r)
