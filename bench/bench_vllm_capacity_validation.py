@@ -375,6 +375,15 @@ def main() -> None:
         f"{err(p['pred_p95_s'], meas_p95):+.1f}% (baseline: p95 at {max(args.rates):g} req/s = "
         f"{1000 * p['naive_p95_s']:.0f} ms, error {err(p['naive_p95_s'], meas_p95):+.1f}%)"
     )
+    if getattr(args, "probe_tps", None):
+        drift = 100.0 * (meas_sat - args.probe_tps) / args.probe_tps
+        print(
+            f"capacity drift between the probe and the final saturation run: {drift:+.0f}% "
+            "(beyond ~10% the machine's load changed during the run; the errors then measure "
+            "that, not the model)"
+        )
+    if FAILURES:
+        print(f"failed requests: {len(FAILURES)} (first: {FAILURES[0]})")
     ratio = abs(err(p["naive_p95_s"], meas_p95)) / max(abs(err(p["pred_p95_s"], meas_p95)), 1e-9)
     print(
         f"model vs baseline: latency error {ratio:.1f}x smaller; load phases {load_s:.0f}s, "
