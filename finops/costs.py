@@ -312,7 +312,7 @@ def _ensure(db: duckdb.DuckDBPyConnection) -> None:
 # ----------------------------------------------------------------------------- materialization
 
 COST_VIEWS: tuple[str, ...] = (
-    "gpu_pod_labels",
+    "gpu_util_hourly",
     "gpu_cost_hourly",
     "tier_cost_hourly",
     "tier_phase_hourly",

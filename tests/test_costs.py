@@ -575,6 +575,7 @@ def test_materialized_copies_equal_views_and_follow_the_lake(tmp_path: Path) -> 
     now = T0 + dt.timedelta(days=30)
     lake.append("gpu_samples", _gpu_rows(), source="test", now=now)
     lake.append("requests", _request_rows()[:20], source="test", now=now)
+    lake.append("requests", _request_rows()[10:15], source="test", now=now)  # re-loaded rows
     con = finops.connect(lake.path)
     fc.materialize(con)
     for name in fc.COST_VIEWS:
@@ -612,3 +613,24 @@ def test_cli_costs_headline(cost_lake: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["requests"] == 51
+
+
+def test_gpu_util_hourly_agrees_with_gpu_hourly_and_ignores_reloads(tmp_path: Path) -> None:
+    lake = Lake(tmp_path / "lake", fsync=False)
+    now = T0 + dt.timedelta(days=30)
+    rows = _gpu_rows()
+    lake.append("gpu_samples", rows, source="test", now=now)
+    lake.append("gpu_samples", rows[: len(rows) // 3], source="test", now=now)  # overlap re-load
+    con = finops.connect(lake.path)
+    mine = con.sql(
+        "SELECT hour, gpu_uuid, util, util_signal, sm_active, gpu_util "
+        "FROM marts.gpu_util_hourly ORDER BY ALL"
+    ).pl()
+    ref = con.sql(
+        "SELECT hour, gpu_uuid, util, util_signal, sm_active, gpu_util "
+        "FROM marts.gpu_hourly ORDER BY ALL"
+    ).pl()
+    assert mine.height == ref.height == 12
+    for c in ("util", "sm_active", "gpu_util"):
+        assert mine[c].to_list() == pytest.approx(ref[c].to_list())
+    assert mine["util_signal"].to_list() == ref["util_signal"].to_list()

@@ -8,7 +8,7 @@
 --   pricing_kind     = the deployment rule's kind (ref.deployments), else the session
 --                       variable finops_pricing_kind, else 'on_demand'
 --   gpu_cost         = gpu_hours x usd_per_gpu_hour            (the bill)
---   util             = marts.gpu_hourly.util clamped to 0..1 (SM activity when the
+--   util             = marts.gpu_util_hourly.util clamped to 0..1 (SM activity when the
 --                       exporter has it; util_signal names the signal); 0 when absent
 --   busy_cost        = util x gpu_cost                          (usage basis)
 --   idle_cost        = gpu_cost - busy_cost                     (idle capacity)
@@ -31,20 +31,46 @@ CREATE TABLE IF NOT EXISTS ref.deployments (
     pricing_kind VARCHAR
 );
 
--- Pod labels per GPU and pod (labels are constant for a pod; one lookup per pod).
-CREATE OR REPLACE VIEW marts.gpu_pod_labels AS
-SELECT gpu_uuid, coalesce(mig_instance, '') AS mig_instance, pod, any_value(labels) AS labels
-FROM raw.gpu_samples
-WHERE labels IS NOT NULL
-GROUP BY ALL;
+-- Hourly GPU signals, read straight from raw.gpu_samples. Same rules as marts.gpu_hourly
+-- (util = SM_ACTIVE > GR_ENGINE_ACTIVE > GPU_UTIL/100) without its dedup pass: an hourly
+-- average is unchanged by exact duplicate samples (a re-loaded scrape), so skipping the
+-- DISTINCT ON of clean.gpu_samples gives the same numbers several times faster.
+-- A GPU-hour exists when the GPU reported any field (power alone still bills the hour).
+CREATE OR REPLACE VIEW marts.gpu_util_hourly AS
+WITH per_field AS (
+    SELECT date_trunc('hour', ts) AS hour, host, gpu_uuid,
+           coalesce(mig_instance, '') AS mig_instance, field,
+           any_value(gpu_model) AS gpu_model, any_value(namespace) AS namespace,
+           any_value(pod) AS pod, any_value(labels) AS labels,
+           avg(value) AS avg_value
+    FROM raw.gpu_samples
+    WHERE value IS NOT NULL AND NOT isnan(value)
+    GROUP BY ALL
+),
+wide AS (
+    SELECT hour, host, gpu_uuid, mig_instance,
+           any_value(gpu_model) AS gpu_model, any_value(namespace) AS namespace,
+           any_value(pod) AS pod, any_value(labels) AS labels,
+           max(avg_value) FILTER (field = 'DCGM_FI_PROF_SM_ACTIVE') AS sm_active,
+           max(avg_value) FILTER (field = 'DCGM_FI_PROF_GR_ENGINE_ACTIVE') AS gr_engine_active,
+           max(avg_value) FILTER (field IN ('DCGM_FI_DEV_GPU_UTIL', 'nvml_gpu_util_percent'))
+               / 100.0::DOUBLE AS gpu_util
+    FROM per_field
+    GROUP BY ALL
+)
+SELECT *,
+    coalesce(json_extract_string(labels, '$.tier'),
+             json_extract_string(labels, '$."finops.dev/tier"')) AS tier,
+    coalesce(sm_active, gr_engine_active, gpu_util) AS util,
+    CASE WHEN sm_active IS NOT NULL THEN 'DCGM_FI_PROF_SM_ACTIVE'
+         WHEN gr_engine_active IS NOT NULL THEN 'DCGM_FI_PROF_GR_ENGINE_ACTIVE'
+         WHEN gpu_util IS NOT NULL THEN 'DCGM_FI_DEV_GPU_UTIL'
+    END AS util_signal
+FROM wide;
 
 CREATE OR REPLACE VIEW marts.gpu_cost_hourly AS
 WITH g AS (
-    SELECT h.*, l.labels
-    FROM marts.gpu_hourly h
-    LEFT JOIN marts.gpu_pod_labels l
-      ON l.gpu_uuid = h.gpu_uuid AND l.mig_instance = h.mig_instance
-     AND l.pod IS NOT DISTINCT FROM h.pod
+    SELECT * FROM marts.gpu_util_hourly
 ),
 matched AS (
     SELECT g.*,
