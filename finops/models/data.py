@@ -19,6 +19,7 @@ DONE = "vllm:request_success_total"
 PREFILL_SUM = "vllm:request_prefill_time_seconds_sum"
 PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
 E2E_SUM = "vllm:e2e_request_latency_seconds_sum"
+QUEUE_SUM = "vllm:request_queue_time_seconds_sum"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV = "vllm:kv_cache_usage_perc"
@@ -62,8 +63,9 @@ def serving_intervals(
     """Offered load and throughput per replica per interval.
 
     Columns: t, tier, target, pod, seconds, generation_tokens, prompt_tokens,
-    requests (completed), concurrency (time-average requests in the replica, by
-    Little's law from the e2e-latency histogram sum; else the sampled gauges), gen_tps, prompt_tps, request_rate, mean_prompt,
+    requests (completed), concurrency (time-average sequences in the batch, by
+    Little's law from the e2e-latency minus queue-time histogram sums; else the
+    sampled running gauge), gen_tps, prompt_tps, request_rate, mean_prompt,
     mean_output, running, waiting, kv_usage, sm_active (None without DCGM
     profiling metrics), prefill_s_per_request, day.
     """
@@ -75,7 +77,7 @@ def serving_intervals(
     WITH inc AS (
         SELECT {b} AS t, target, {TIER_SQL} AS tier, {POD_SQL} AS pod, metric, increase, seconds
         FROM clean.serving_increase
-        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}', '{E2E_SUM}')
+        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}', '{E2E_SUM}', '{QUEUE_SUM}')
         {tier_filter}
     ),
     counters AS (
@@ -86,7 +88,8 @@ def serving_intervals(
             sum(increase) FILTER (metric = '{DONE}') AS requests,
             sum(increase) FILTER (metric = '{PREFILL_SUM}') AS prefill_seconds,
             sum(increase) FILTER (metric = '{PREFILL_COUNT}') AS prefills,
-            sum(increase) FILTER (metric = '{E2E_SUM}') AS e2e_seconds
+            sum(increase) FILTER (metric = '{E2E_SUM}') AS e2e_seconds,
+            sum(increase) FILTER (metric = '{QUEUE_SUM}') AS queue_seconds
         FROM inc GROUP BY ALL
     ),
     gauges AS (
@@ -106,8 +109,11 @@ def serving_intervals(
     SELECT c.t, c.tier, c.target, c.pod, c.seconds, c.generation_tokens, c.prompt_tokens,
         c.requests, g.running, g.waiting, g.kv_usage, sm.sm_active,
         c.prefill_seconds / nullif(c.prefills, 0) AS prefill_s_per_request,
-        -- Little's law: request-seconds spent in the replica per second = mean concurrency
-        coalesce(c.e2e_seconds / c.seconds, g.running + coalesce(g.waiting, 0)) AS concurrency
+        -- Little's law: request-seconds spent in the batch (e2e minus queue time) per second
+        -- = mean running sequences; waiting requests generate nothing, so they are left out
+        CASE WHEN c.e2e_seconds IS NOT NULL
+             THEN greatest(c.e2e_seconds - coalesce(c.queue_seconds, 0), 0) / c.seconds
+             ELSE g.running END AS concurrency
     FROM counters c
     LEFT JOIN gauges g USING (t, target, tier)
     LEFT JOIN sm ON sm.t = c.t AND sm.pod = c.pod
