@@ -447,3 +447,16 @@ def test_router_artifact_adds_quality_and_drift(demo_lake: Path, tmp_path: Path)
     assert d["max_share_shift"] == max(abs(v) for v in d["share_shift"].values())
     if "score_psi" in d:
         assert d["score_psi"] >= 0
+
+
+def test_growth_and_autoscaling_cover_the_report_week(demo_lake: Path) -> None:
+    r = compute(demo_lake, WEEK)
+    g = r["growth"]
+    assert g["growth"] == 5.0 and g["before_usd_per_1k"] > g["after_usd_per_1k"] > 0
+    a = g["autoscaling"]
+    assert a["autoscaled_usd"] <= a["fixed_fleet_usd"]
+    assert a["saved_usd"] == pytest.approx(a["fixed_fleet_usd"] - a["autoscaled_usd"])
+    # the simulated fixed fleet is the observed fleet of this week: its cost is the bill
+    assert a["fixed_fleet_usd"] == pytest.approx(r["headline"]["spend_usd"]["value"], rel=0.01)
+    assert f"${g['before_usd_per_1k']:,.2f}/1k" in r["takeaways"]["growth"]
+    assert f"${a['saved_usd']:,.2f}" in r["takeaways"]["autoscaling"]

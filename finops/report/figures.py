@@ -449,7 +449,7 @@ def _anomalies(
                    sum(cost_allocation) AS cost, count(*) AS requests
             FROM marts.request_costs
             WHERE hour >= TIMESTAMPTZ '{(per.start - dt.timedelta(weeks=HISTORY_WEEKS)).isoformat()}'
-              AND {per.where()} IS NOT NULL AND hour < TIMESTAMPTZ '{per.end.isoformat()}'
+              AND hour < TIMESTAMPTZ '{per.end.isoformat()}'
             GROUP BY ALL""",
     ).pl()
     tenants = (
@@ -525,10 +525,30 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
     }
 
 
-def _growth(db: duckdb.DuckDBPyConnection) -> dict[str, Any]:
-    """5x growth line and queue-depth autoscaling vs the fixed fleet (finops.models)."""
+def week_connection(lake: str | Path, per: fc.Period) -> duckdb.DuckDBPyConnection:
+    """A connection whose clean.* tables hold only `per` (so lake-wide tools see one week).
+
+    finops.models simulates whatever the lake holds; a lake with several weeks would
+    otherwise mix them into the report week's autoscaling and growth figures.
+    """
+    db = finops.connect(lake)
+    db.execute("SET enable_progress_bar = false").fetchall()
+    for table in ("requests", "gpu_samples", "serving_samples", "cache_events"):
+        db.execute(f"ALTER VIEW clean.{table} RENAME TO {table}__all").fetchall()
+        db.execute(
+            f"CREATE VIEW clean.{table} AS SELECT * FROM clean.{table}__all WHERE {per.where('ts')}"
+        ).fetchall()
+    return db
+
+
+def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
+    """5x growth line and queue-depth autoscaling vs the fixed fleet (finops.models).
+
+    Runs on the report week only (see `week_connection`).
+    """
     from finops.models.simulate import Levers, Simulator, headline
 
+    db = week_connection(finops.db.lake_dir(db), per)
     sim = Simulator.from_lake(db)
     h = headline(db, 5.0, simulator=sim)
     fixed = sim.plan(1.0, Levers(autoscale=False)).totals
@@ -781,7 +801,7 @@ def compute(
     r["growth"] = None
     if growth and not empty and r["sources"]["requests"]:
         try:
-            r["growth"] = _growth(db)
+            r["growth"] = _growth(db, per)
         except Exception as exc:  # the simulator needs serving metrics; say why it is absent
             r["sources"]["missing"].append(f"Growth simulation unavailable: {exc}")
     elif growth:
