@@ -97,6 +97,8 @@ def connect(
     lake_path = Path(lake) if lake is not None else default_lake_path()
     db = duckdb.connect(database)
     db.execute("SET TimeZone = 'UTC'")
+    # DuckDB's progress bar writes into CLI output and notebook cells alike.
+    db.execute("SET enable_progress_bar = false")
     if threads:
         db.execute(f"SET threads = {int(threads)}")
     db.execute("SET VARIABLE finops_lake_dir = ?", [str(lake_path)])
