@@ -9,6 +9,7 @@ applied in file-name order; each file is plain DuckDB SQL.
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
@@ -98,7 +99,9 @@ def connect(
     db = duckdb.connect(database)
     db.execute("SET TimeZone = 'UTC'")
     # DuckDB's progress bar writes into CLI output and notebook cells alike.
-    db.execute("SET enable_progress_bar = false")
+    # (inside a Jupyter kernel without ipywidgets DuckDB refuses to change it: it stays on)
+    with contextlib.suppress(duckdb.InvalidInputException):
+        db.execute("SET enable_progress_bar = false")
     if threads:
         db.execute(f"SET threads = {int(threads)}")
     db.execute("SET VARIABLE finops_lake_dir = ?", [str(lake_path)])
