@@ -460,3 +460,23 @@ def test_growth_and_autoscaling_cover_the_report_week(demo_lake: Path) -> None:
     assert a["fixed_fleet_usd"] == pytest.approx(r["headline"]["spend_usd"]["value"], rel=0.01)
     assert f"${g['before_usd_per_1k']:,.2f}/1k" in r["takeaways"]["growth"]
     assert f"${a['saved_usd']:,.2f}" in r["takeaways"]["autoscaling"]
+
+
+def test_notebook_runs_standalone_for_analysts(demo_lake: Path, tmp_path: Path) -> None:
+    """Opened in Jupyter without `finops report`, the notebook computes its own figures."""
+    import papermill as pm
+
+    from finops.report.build import NOTEBOOK
+    from finops.report.render import notebook_to_html
+
+    executed = tmp_path / "run.ipynb"
+    pm.execute_notebook(
+        str(NOTEBOOK),
+        str(executed),
+        parameters={"week": WEEK, "lake": str(demo_lake)},
+        kernel_name="python3",
+        progress_bar=False,
+        cwd=str(tmp_path),
+    )
+    page = notebook_to_html(executed, title="t")
+    assert "GPU cost report 2026-W47" in page and "<svg" in page and "<script" not in page

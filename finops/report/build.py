@@ -115,7 +115,7 @@ def build_report(
     out_dir = Path(out)
     out_dir.mkdir(parents=True, exist_ok=True)
     db = finops.connect(lake_path)
-    db.execute("SET enable_progress_bar = false").fetchall()
+    F.quiet(db)
     r = F.compute(db, week, compare_to=compare_to, router=router, growth=growth, log=log)
     label = r["week"]
     json_path = out_dir / f"report-{label}.json"

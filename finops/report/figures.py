@@ -10,6 +10,7 @@ this dict, so they cannot disagree.
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import math
 import time
@@ -79,6 +80,12 @@ def previous_week(week: str) -> str:
 
 
 # ----------------------------------------------------------------------------- SQL
+
+
+def quiet(db: duckdb.DuckDBPyConnection) -> None:
+    """No DuckDB progress bar in CLI output (Jupyter without ipywidgets refuses: keep it)."""
+    with contextlib.suppress(duckdb.Error):
+        db.execute("SET enable_progress_bar = false").fetchall()
 
 
 def sql(db: duckdb.DuckDBPyConnection, query: str) -> duckdb.DuckDBPyRelation:
@@ -532,7 +539,7 @@ def week_connection(lake: str | Path, per: fc.Period) -> duckdb.DuckDBPyConnecti
     otherwise mix them into the report week's autoscaling and growth figures.
     """
     db = finops.connect(lake)
-    db.execute("SET enable_progress_bar = false").fetchall()
+    quiet(db)
     for table in ("requests", "gpu_samples", "serving_samples", "cache_events"):
         db.execute(f"ALTER VIEW clean.{table} RENAME TO {table}__all").fetchall()
         db.execute(
@@ -734,7 +741,7 @@ def compute(
         if not Path(lake).exists():
             raise ReportError(f"{lake}: lake folder not found")
         db = finops.connect(lake)
-    db.execute("SET enable_progress_bar = false").fetchall()
+    quiet(db)
     timings: dict[str, float] = {}
     t0 = time.perf_counter()
 
