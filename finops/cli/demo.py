@@ -57,10 +57,49 @@ def _summary(ctx: DemoContext, note: Callable[[str], None]) -> None:
     ctx.results["summary"] = summarize(ctx.db)
 
 
+def _week(ctx: DemoContext) -> str:
+    """The ISO week the demo starts in (2026-W47 for the default start)."""
+    year, week, _ = ctx.start.isocalendar()
+    return f"{year}-W{week:02d}"
+
+
+def _economics(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    import finops.costs as fc
+
+    end = ctx.start + dt.timedelta(days=ctx.days - 1)
+    ctx.results["economics"] = fc.format_headline(fc.headline(ctx.db, start=ctx.start, end=end))
+
+
+def _growth(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    from finops.models.simulate import headline
+
+    ctx.results["growth"] = headline(ctx.db, 5)["line"]
+
+
+DEMO_ROUTER_ROWS = 4000
+
+
+def _router(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    """Train the demo router (labeled demo prompts) and price it on the lake's tiers."""
+    from finops.router.data import load_labeled, write_demo_labeled
+    from finops.router.train import one_line, train
+
+    out = ctx.lake.parent / "router" / "demo-artifact"
+    data = write_demo_labeled(out.parent / "demo-labeled.jsonl", DEMO_ROUTER_ROWS, ctx.seed)
+    note(f"training on {DEMO_ROUTER_ROWS} labeled requests")
+    res = train(load_labeled(data), out, cv_folds=0, seed=ctx.seed, lake=ctx.lake, overwrite=True)
+    assert res.router is not None
+    ctx.results["router_path"] = out
+    ctx.results["router"] = one_line(res.evaluation, res.router.tiers)
+
+
 STEPS: list[Step] = [
     ("generate the demo week", _generate),
     ("build the views", _views),
     ("summarize", _summary),
+    ("unit economics", _economics),
+    ("5x growth simulation", _growth),
+    ("train the router", _router),
 ]
 
 
@@ -160,6 +199,13 @@ def demo(
     except (DemoError, TracesMissing) as exc:
         fail(str(exc))
     print_summary(ctx.results["summary"])
+    for key in ("economics", "growth", "router"):
+        if key in ctx.results:
+            typer.echo(ctx.results[key])
+    if "router_path" in ctx.results:
+        typer.echo(f"router artifact: {ctx.results['router_path']} (finops router inspect ...)")
+    if "report" in ctx.results:
+        typer.echo(f"weekly report: {ctx.results['report']}")
     typer.echo(f'lake: {ctx.lake}  (try: finops sql "SELECT * FROM marts.tenant_daily")')
 
 
