@@ -41,6 +41,7 @@ import httpx
 import polars as pl
 
 from collectors.config import CollectConfig, TargetConfig
+from collectors.mapping import MappingError
 from finops.lake import Lake
 
 ACCEPT = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1"
@@ -332,7 +333,9 @@ class LogTarget(Target):
     async def attempt(self, out: Outcome) -> None:
         try:
             res = await asyncio.to_thread(self._poll)
-        except OSError as exc:
+        except (OSError, MappingError) as exc:
+            # A wrong mapping is a configuration error of this target only: it is
+            # reported in scrape_health and the other targets keep running.
             raise ScrapeError(f"{self.cfg.path}: {exc}") from None
         out.samples += res.loaded
         out.rejected += res.rejected

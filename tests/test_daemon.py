@@ -478,3 +478,22 @@ def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path: Path) -> Non
     db = finops.connect(blocker)
     assert db.execute("SELECT count(*) FROM gpu_samples").fetchall()[0][0] == 4 * 26
     assert "failed, will retry" in c.status_out.getvalue()  # type: ignore[union-attr]
+
+
+def test_log_target_with_a_wrong_mapping_is_down_not_fatal(tmp_path: Path) -> None:
+    """A mapping naming a missing column takes that target down, with the reason, and exit 0."""
+    from finops.cli import app
+
+    data = tmp_path / "gateway.csv"
+    data.write_text("a,b\n1,2\n")
+    mapping = tmp_path / "bad.toml"
+    mapping.write_text('[mapping]\nname = "x"\n[columns]\nts = "nope"\nrequest_id = "a"\n')
+    lake_dir = tmp_path / "lake"
+    args = ["collect", "--once", "--lake", str(lake_dir), "--log", str(data)]
+    result = CliRunner().invoke(app, [*args, "--mapping", str(mapping)])
+    assert result.exit_code == 0, result.output
+    health = finops.connect(lake_dir).sql("SELECT up, error FROM scrape_health").fetchall()
+    assert len(health) == 1
+    up, error = health[0]
+    assert up is False
+    assert "column 'nope' not found" in error and "available columns: a, b" in error

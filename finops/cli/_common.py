@@ -55,8 +55,10 @@ def print_frame(df: Any, fmt: str = "table", *, title: str | None = None) -> Non
 
 
 def _cell(v: Any) -> str:
+    from rich.markup import escape
+
     if v is None:
         return ""
     if isinstance(v, float):
         return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
-    return str(v)
+    return escape(str(v))  # a value like "[columns]" is text, not rich markup
