@@ -93,6 +93,14 @@ def _router(ctx: DemoContext, note: Callable[[str], None]) -> None:
     ctx.results["router"] = one_line(res.evaluation, res.router.tiers)
 
 
+def _report(ctx: DemoContext, note: Callable[[str], None]) -> None:
+    """The weekly report for people who never open a notebook (HTML, Markdown, JSON, FOCUS)."""
+    from finops.report import build_report
+
+    paths = build_report(ctx.lake, _week(ctx), ctx.lake.parent / "reports")
+    ctx.results["report"] = paths.html
+
+
 STEPS: list[Step] = [
     ("generate the demo week", _generate),
     ("build the views", _views),
@@ -100,6 +108,7 @@ STEPS: list[Step] = [
     ("unit economics", _economics),
     ("5x growth simulation", _growth),
     ("train the router", _router),
+    ("write the weekly report", _report),
 ]
 
 

@@ -183,6 +183,7 @@ def load_trace(
             FROM clean.requests
             WHERE coalesce(tier, response_model) = $tier AND coalesce(cache_status, '') <> 'hit'
               AND coalesce(status_code, 200) < 400
+            ORDER BY request_id  -- a seeded sample must see rows in the same order every run
             """,
             params={"tier": tier},
         ).pl()
