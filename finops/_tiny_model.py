@@ -20,7 +20,45 @@ CHAT_TEMPLATE = (
 def corpus() -> list[str]:
     import string
 
-    words = ["the", "gpu", "serves", "requests", "tokens", "cost", "per", "hour", "cache", "prefix", "batch", "queue", "latency", "model", "route", "tier", "small", "mid", "large", "tenant", "feature", "summarize", "translate", "classify", "extract", "answer", "explain", "code", "python", "json", "table", "report", "week", "spend", "idle", "capacity", "utilization"]
+    words = [
+        "the",
+        "gpu",
+        "serves",
+        "requests",
+        "tokens",
+        "cost",
+        "per",
+        "hour",
+        "cache",
+        "prefix",
+        "batch",
+        "queue",
+        "latency",
+        "model",
+        "route",
+        "tier",
+        "small",
+        "mid",
+        "large",
+        "tenant",
+        "feature",
+        "summarize",
+        "translate",
+        "classify",
+        "extract",
+        "answer",
+        "explain",
+        "code",
+        "python",
+        "json",
+        "table",
+        "report",
+        "week",
+        "spend",
+        "idle",
+        "capacity",
+        "utilization",
+    ]
     lines = []
     for i in range(4000):
         lines.append(" ".join(words[(i * k) % len(words)] for k in range(1, 12)) + f" {i}.")

@@ -39,10 +39,8 @@ def default_lake_path() -> Path:
         return Path(env)
     cwd = Path.cwd()
     for base in (cwd, *cwd.parents):
-        if (
-            (base / "data" / "lake").is_dir()
-            or ((base / "pyproject.toml").is_file()
-            and (base / "finops").is_dir())
+        if (base / "data" / "lake").is_dir() or (
+            (base / "pyproject.toml").is_file() and (base / "finops").is_dir()
         ):
             return base / "data" / "lake"
     return PROJECT_ROOT / "data" / "lake"
