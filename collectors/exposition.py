@@ -27,6 +27,7 @@ from __future__ import annotations
 import math
 import re
 from dataclasses import dataclass, field
+from itertools import compress, count, repeat
 
 import orjson
 import polars as pl
@@ -295,9 +296,8 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     n_lines = len(lines)
 
     # ---- comments, blank lines, family boundaries: a cheap pass in C-level str methods
-    comment_at = [
-        i for i, ln in enumerate(lines) if ln[:1] in _COMMENT_START and ln.lstrip()[:1] == "#"
-    ]
+    starts = map(str.startswith, lines, repeat(_COMMENT_START))
+    comment_at = [i for i in compress(count(), starts) if lines[i].lstrip()[:1] == "#"]
     eof = next((i for i in comment_at if lines[i].strip() == "# EOF"), None)
     if openmetrics is None:
         openmetrics = eof is not None
@@ -343,7 +343,7 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     metadata = _metadata(meta)
 
     # ---- sample lines: cut by position in one Polars pass
-    sample_lines = [lines[i] for i in idx]
+    sample_lines = list(map(lines.__getitem__, idx))
     df = pl.DataFrame(
         {"line": pl.Series(idx, dtype=pl.Int64) + 1, "s": sample_lines},
         schema={"line": pl.Int64, "s": pl.String},
@@ -421,7 +421,9 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
     s = pl.col("s")
     brace, space, close = pl.col("brace"), pl.col("space"), pl.col("close")
     has_lbl = brace.is_not_null() & (space.is_null() | (brace < space))
-    tail = s.str.slice(pl.when(has_lbl).then(close + 1).otherwise(space)).str.strip_chars_start(" ")
+    # the tail keeps its leading space: ' value[ timestamp]' splits into '', value, ts
+    # (runs of spaces leave an empty token, which fails a cast: slow path)
+    tail = s.str.slice(pl.when(has_lbl).then(close + 1).otherwise(space))
     if exemplars:
         tail = tail.str.splitn(" #", 2).struct.field("field_0").str.strip_chars_end(" ")
     if openmetrics:
@@ -434,6 +436,7 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
         ts = pl.col("ttok").cast(pl.Int64, strict=False)
     ok = (
         (pl.col("name") != "")
+        & (pl.col("lead") == "")
         & pl.col("value").is_not_null()
         & (pl.col("ttok").is_null() | pl.col("timestamp_ms").is_not_null())
         & pl.col("blen").is_not_null()
@@ -449,12 +452,13 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
             name=s.str.slice(0, pl.when(has_lbl).then(brace).otherwise(space)),
             # label block length: 0 = no labels; null = '{' without '}' (slow path)
             blen=pl.when(has_lbl).then(close - brace + 1).otherwise(0),
-            vt=tail.str.splitn(" ", 2),
+            vt=tail.str.splitn(" ", 3),
         )
         .with_columns(
             block=s.str.slice(brace.fill_null(0), pl.col("blen").fill_null(0)),
-            vtok=pl.col("vt").struct.field("field_0"),
-            ttok=pl.col("vt").struct.field("field_1"),
+            lead=pl.col("vt").struct.field("field_0"),
+            vtok=pl.col("vt").struct.field("field_1"),
+            ttok=pl.col("vt").struct.field("field_2"),
         )
         .with_columns(value=pl.col("vtok").cast(pl.Float64, strict=False), timestamp_ms=ts)
         .select("line", "name", "block", "value", "timestamp_ms", ok=ok)
