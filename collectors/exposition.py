@@ -360,16 +360,18 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     blocks = x["block"].to_list()
     table = _label_table(blocks)
     labels = pl.Series("labels", list(map(table.__getitem__, blocks)), dtype=pl.String)
-    pairs = list(zip(x["name"].to_list(), fams, strict=True))
+    names = x["name"].to_list()
     kinds = {
         (n, f): _sample_type(n, f, ftypes.get(f)) if _NAME_FULL_RX.fullmatch(n) else None
-        for n, f in set(pairs)
+        for n, f in set(zip(names, fams, strict=True))
     }  # None: not a plain metric name, the slow path decides
-    types = pl.Series("type", list(map(kinds.__getitem__, pairs)), dtype=pl.String)
-    good = x["ok"] & labels.is_not_null() & types.is_not_null()
+    types = pl.Series(
+        "type", list(map(kinds.__getitem__, zip(names, fams, strict=True))), dtype=pl.String
+    )
     out = x.select("name", labels, "value", "timestamp_ms", types, "line")
     slow_lines: list[int] = []
-    if not good.all():
+    if labels.null_count() or types.null_count() or not x["ok"].all():
+        good = x["ok"] & labels.is_not_null() & types.is_not_null()
         slow_lines = out.filter(good.not_())["line"].to_list()
         out = out.filter(good)
 
@@ -468,8 +470,9 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
 
 _PY_LABEL_BLOCKS = 2000
 """Up to this many distinct blocks, compiled Python regex beats Polars' per-call overhead."""
-_STRICT_RX = re.compile(_LBLOCK_STRICT)
-_PAIR_RX = re.compile(rf'({_LNAME})[ \t]*=[ \t]*"([^"]*)"')
+_TILE_RX = re.compile(rf"([ \t]*({_LNAME})[ \t]*=[ \t]*({_QS})[ \t]*(?:,|\Z))")
+"""One `name="value",` piece of a label block; pieces that tile the whole block
+(total length = block length) prove it well formed, as `_LBLOCK_STRICT` would."""
 
 
 def _label_table(blocks: list[str]) -> dict[str, str | None]:
@@ -489,15 +492,20 @@ def _label_table(blocks: list[str]) -> dict[str, str | None]:
         if block == "":  # a sample without labels
             table[block] = "{}"
             continue
-        items = _PAIR_RX.findall(block) if _STRICT_RX.match(block) else None
-        keys = {k for k, _ in items} if items is not None else None
-        if keys is None or len(keys) != len(items) or "__name__" in keys:  # type: ignore[arg-type]
+        inner = block[1:-1].rstrip(" \t") if block[0] == "{" and block[-1] == "}" else "\n"
+        pieces = _TILE_RX.findall(inner)
+        keys = {k for _, k, _ in pieces}
+        if (
+            sum([len(p) for p, _, _ in pieces]) != len(inner)
+            or len(keys) != len(pieces)
+            or "__name__" in keys
+        ):
             table[block] = None  # the slow path explains what is wrong
-        elif not items:
+        elif not pieces:
             table[block] = "{}"  # `{}`
         else:
-            items.sort()
-            table[block] = '{"' + '","'.join([f'{k}":"{v}' for k, v in items]) + '"}'
+            items = sorted([(k, v) for _, k, v in pieces])
+            table[block] = "{" + ",".join([f'"{k}":{v}' for k, v in items]) + "}"
     return table
 
 
