@@ -24,6 +24,7 @@ reason). Family metadata: `ParseResult.metadata` (name, type, help, unit).
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass, field
@@ -344,9 +345,8 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
 
     # ---- sample lines: cut by position in one Polars pass
     sample_lines = list(map(lines.__getitem__, idx))
-    df = pl.DataFrame(
-        {"line": pl.Series(idx, dtype=pl.Int64) + 1, "s": sample_lines},
-        schema={"line": pl.Int64, "s": pl.String},
+    df = pl.DataFrame(  # 'line' holds 0-based indexes; `_split` makes them line numbers
+        [pl.Series("line", idx, dtype=pl.Int64), pl.Series("s", sample_lines, dtype=pl.String)]
     )
     # exemplars (`... # {trace_id="..."} 1 2`) need an extra cut; only look when
     # some '#' sits outside comment lines (str.count is a C loop over the payload)
@@ -368,7 +368,7 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     types = pl.Series(
         "type", list(map(kinds.__getitem__, zip(names, fams, strict=True))), dtype=pl.String
     )
-    out = x.select("name", labels, "value", "timestamp_ms", types, "line")
+    out = pl.DataFrame([x["name"], labels, x["value"], x["timestamp_ms"], types, x["line"]])
     slow_lines: list[int] = []
     if labels.null_count() or types.null_count() or not x["ok"].all():
         good = x["ok"] & labels.is_not_null() & types.is_not_null()
@@ -420,6 +420,15 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
     and goes to the slow path: a `}` inside a label value breaks the block
     check or the number casts; tabs, extra tokens and bad numbers fail casts.
     """
+    lf = df.lazy()
+    for stage in _split_plan(openmetrics, exemplars):
+        lf = lf.with_columns(**stage)
+    return lf.select("line", "name", "block", "value", "timestamp_ms", "ok").collect()
+
+
+@functools.cache
+def _split_plan(openmetrics: bool, exemplars: bool) -> tuple[dict[str, pl.Expr], ...]:
+    """The stages of `_split`, built once per format: building them costs a scrape's worth."""
     s = pl.col("s")
     brace, space, close = pl.col("brace"), pl.col("space"), pl.col("close")
     has_lbl = brace.is_not_null() & (space.is_null() | (brace < space))
@@ -444,27 +453,26 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
         & pl.col("blen").is_not_null()
     ).fill_null(False)
     return (
-        df.lazy()
-        .with_columns(
-            brace=s.str.find("{", literal=True),
-            space=s.str.find(" ", literal=True),
-            close=s.str.find("}", literal=True),
-        )
-        .with_columns(
-            name=s.str.slice(0, pl.when(has_lbl).then(brace).otherwise(space)),
+        {
+            "line": pl.col("line") + 1,
+            "brace": s.str.find("{", literal=True),
+            "space": s.str.find(" ", literal=True),
+            "close": s.str.find("}", literal=True),
+        },
+        {
+            "name": s.str.slice(0, pl.when(has_lbl).then(brace).otherwise(space)),
             # label block length: 0 = no labels; null = '{' without '}' (slow path)
-            blen=pl.when(has_lbl).then(close - brace + 1).otherwise(0),
-            vt=tail.str.splitn(" ", 3),
-        )
-        .with_columns(
-            block=s.str.slice(brace.fill_null(0), pl.col("blen").fill_null(0)),
-            lead=pl.col("vt").struct.field("field_0"),
-            vtok=pl.col("vt").struct.field("field_1"),
-            ttok=pl.col("vt").struct.field("field_2"),
-        )
-        .with_columns(value=pl.col("vtok").cast(pl.Float64, strict=False), timestamp_ms=ts)
-        .select("line", "name", "block", "value", "timestamp_ms", ok=ok)
-        .collect()
+            "blen": pl.when(has_lbl).then(close - brace + 1).otherwise(0),
+            "vt": tail.str.splitn(" ", 3),
+        },
+        {
+            "block": s.str.slice(brace.fill_null(0), pl.col("blen").fill_null(0)),
+            "lead": pl.col("vt").struct.field("field_0"),
+            "vtok": pl.col("vt").struct.field("field_1"),
+            "ttok": pl.col("vt").struct.field("field_2"),
+        },
+        {"value": pl.col("vtok").cast(pl.Float64, strict=False), "timestamp_ms": ts},
+        {"ok": ok},
     )
 
 
