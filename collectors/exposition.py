@@ -350,8 +350,12 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     )
     # exemplars (`... # {trace_id="..."} 1 2`) need an extra cut; only look when
     # some '#' sits outside comment lines (str.count is a C loop over the payload)
-    hashes = payload.count("#") if isinstance(payload, str) else payload.count(b"#")
-    exemplars = hashes > sum(lines[i].count("#") for i in comment_at)
+    # (0.0.4 text has no exemplars: a stray ' #' there fails the fast casts and the
+    # slow path, which cuts at ' #' too, takes the line)
+    exemplars = bool(openmetrics) and (
+        (payload.count("#") if isinstance(payload, str) else payload.count(b"#"))
+        > sum(lines[i].count("#") for i in comment_at)
+    )
     ftypes = {name: text for kind, name, text in meta if kind == "TYPE"}
     x = _split(df, openmetrics, exemplars=exemplars)
     # labels and type: each distinct label block / (name, family) pair is worked
@@ -420,14 +424,15 @@ def _split(df: pl.DataFrame, openmetrics: bool, *, exemplars: bool) -> pl.DataFr
     and goes to the slow path: a `}` inside a label value breaks the block
     check or the number casts; tabs, extra tokens and bad numbers fail casts.
     """
+    *stages, ok = _split_plan(openmetrics, exemplars)
     lf = df.lazy()
-    for stage in _split_plan(openmetrics, exemplars):
+    for stage in stages:
         lf = lf.with_columns(**stage)
-    return lf.select("line", "name", "block", "value", "timestamp_ms", "ok").collect()
+    return lf.select("line", "name", "block", "value", "timestamp_ms", ok=ok).collect()
 
 
 @functools.cache
-def _split_plan(openmetrics: bool, exemplars: bool) -> tuple[dict[str, pl.Expr], ...]:
+def _split_plan(openmetrics: bool, exemplars: bool) -> tuple:
     """The stages of `_split`, built once per format: building them costs a scrape's worth."""
     s = pl.col("s")
     brace, space, close = pl.col("brace"), pl.col("space"), pl.col("close")
@@ -437,14 +442,11 @@ def _split_plan(openmetrics: bool, exemplars: bool) -> tuple[dict[str, pl.Expr],
     tail = s.str.slice(pl.when(has_lbl).then(close + 1).otherwise(space))
     if exemplars:
         tail = tail.str.splitn(" #", 2).struct.field("field_0").str.strip_chars_end(" ")
+    ttok = pl.col("vt").struct.field("field_2")
     if openmetrics:
-        ts = (
-            (pl.col("ttok").cast(pl.Float64, strict=False) * 1000.0)
-            .round(0)
-            .cast(pl.Int64, strict=False)
-        )
+        ts = (ttok.cast(pl.Float64, strict=False) * 1000.0).round(0).cast(pl.Int64, strict=False)
     else:
-        ts = pl.col("ttok").cast(pl.Int64, strict=False)
+        ts = ttok.cast(pl.Int64, strict=False)
     ok = (
         (pl.col("name") != "")
         & (pl.col("lead") == "")
@@ -468,11 +470,11 @@ def _split_plan(openmetrics: bool, exemplars: bool) -> tuple[dict[str, pl.Expr],
         {
             "block": s.str.slice(brace.fill_null(0), pl.col("blen").fill_null(0)),
             "lead": pl.col("vt").struct.field("field_0"),
-            "vtok": pl.col("vt").struct.field("field_1"),
-            "ttok": pl.col("vt").struct.field("field_2"),
+            "ttok": ttok,
+            "value": pl.col("vt").struct.field("field_1").cast(pl.Float64, strict=False),
+            "timestamp_ms": ts,
         },
-        {"value": pl.col("vtok").cast(pl.Float64, strict=False), "timestamp_ms": ts},
-        {"ok": ok},
+        ok,
     )
 
 
@@ -560,7 +562,11 @@ def _metadata(meta: list[tuple[str, str, str | None]]) -> pl.DataFrame:
         d = fams.setdefault(name, {"type": None, "help": None, "unit": None})
         d[kind.lower()] = _unescape_help(text) if kind == "HELP" else text
     return pl.DataFrame(
-        [(n, d["type"], d["help"], d["unit"]) for n, d in fams.items()],
+        {
+            "name": list(fams),
+            "type": [d["type"] for d in fams.values()],
+            "help": [d["help"] for d in fams.values()],
+            "unit": [d["unit"] for d in fams.values()],
+        },
         schema={"name": pl.String, "type": pl.String, "help": pl.String, "unit": pl.String},
-        orient="row",
     )
