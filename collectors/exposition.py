@@ -243,7 +243,10 @@ def _slow_sample(line: str, openmetrics: bool) -> tuple[str, dict[str, str], flo
         t = _parse_float(tokens[1], "timestamp")
         if not math.isfinite(t):
             raise ExpositionError(f"timestamp: expected a finite number, got {tokens[1]!r}")
-        ts = round(t * 1000) if openmetrics else round(t)
+        ms = t * 1000 if openmetrics else t
+        if not -(2.0**63) <= ms < 2.0**63:  # Int64 milliseconds
+            raise ExpositionError(f"timestamp: {tokens[1]!r} is out of range")
+        ts = round(ms)
     return name, labels, value, ts
 
 
@@ -485,6 +488,15 @@ _TILE_RX = re.compile(rf"([ \t]*({_LNAME})[ \t]*=[ \t]*({_QS})[ \t]*(?:,|\Z))")
 (total length = block length) prove it well formed, as `_LBLOCK_STRICT` would."""
 
 
+_BLOCK_CACHE: dict[str, str | None] = {}
+_BLOCK_CACHE_MAX = 20_000
+_BLOCK_CACHE_MAX_LEN = 1_024
+"""Label blocks of earlier payloads -> their labels. A collector scrapes the same
+targets every few seconds and their series rarely change (Prometheus' scrape loop
+keeps the same kind of cache), so a steady-state scrape skips the block regex.
+Bounded: at most this many blocks of at most this many characters; cleared when full."""
+
+
 def _label_table(blocks: list[str]) -> dict[str, str | None]:
     """Parse each distinct label block once: exporters repeat the same few blocks.
 
@@ -493,10 +505,22 @@ def _label_table(blocks: list[str]) -> dict[str, str | None]:
     JSON (`{}` for samples without labels), or None: the slow path decides.
     """
     uniq = set(blocks)
-    if len(uniq) > _PY_LABEL_BLOCKS:
-        lab = _label_table_pl(pl.Series("block", list(uniq), dtype=pl.String))
-        vals = lab.select(pl.when("ok").then("labels"))
-        return dict(zip(lab["block"].to_list(), vals.to_series().to_list(), strict=True))
+    cache = _BLOCK_CACHE
+    miss = object()
+    table = {b: v for b in uniq if (v := cache.get(b, miss)) is not miss}
+    if len(table) == len(uniq):
+        return table
+    todo = uniq.difference(table)
+    fresh = _label_table_py(todo) if len(todo) <= _PY_LABEL_BLOCKS else _label_table_pl(todo)
+    table.update(fresh)
+    if len(cache) + len(fresh) > _BLOCK_CACHE_MAX:
+        cache.clear()
+    cache.update((b, v) for b, v in fresh.items() if len(b) <= _BLOCK_CACHE_MAX_LEN)
+    return table
+
+
+def _label_table_py(uniq: set[str]) -> dict[str, str | None]:
+    """`_label_table` for a few blocks: compiled Python regex beats Polars' per-call cost."""
     table: dict[str, str | None] = {}
     for block in uniq:
         if block == "":  # a sample without labels
@@ -519,9 +543,10 @@ def _label_table(blocks: list[str]) -> dict[str, str | None]:
     return table
 
 
-def _label_table_pl(uniq: pl.Series) -> pl.DataFrame:
-    """The same as `_label_table`, vectorized, for payloads with many distinct series."""
-    u = uniq.to_frame("block").with_columns(ok=pl.col("block").str.contains(_LBLOCK_STRICT))
+def _label_table_pl(blocks: set[str]) -> dict[str, str | None]:
+    """`_label_table`, vectorized, for payloads with many distinct series."""
+    u = pl.DataFrame({"block": list(blocks)}, schema={"block": pl.String})
+    u = u.with_columns(ok=pl.col("block").str.contains(_LBLOCK_STRICT))
     pairs = (
         u.filter(pl.col("ok"))
         .select("block", pair=pl.col("block").str.extract_all(_PAIR))
@@ -544,9 +569,13 @@ def _label_table_pl(uniq: pl.Series) -> pl.DataFrame:
         .agg(labels=pl.format('"{}":"{}"', pl.col("k"), pl.col("v")).str.join(","))
         .with_columns(labels=pl.concat_str(pl.lit("{"), pl.col("labels"), pl.lit("}")))
     )
-    return u.join(lab, on="block", how="left").with_columns(
-        ok=pl.col("ok") | (pl.col("block") == ""), labels=pl.col("labels").fill_null("{}")
+    out = u.join(lab, on="block", how="left").select(
+        "block",
+        labels=pl.when(pl.col("ok") | (pl.col("block") == "")).then(
+            pl.col("labels").fill_null("{}")
+        ),
     )
+    return dict(zip(out["block"].to_list(), out["labels"].to_list(), strict=True))
 
 
 def _unescape_help(text: str | None) -> str | None:
