@@ -30,6 +30,8 @@ from finops.shim.requestlog import iso_utc, new_record, redact
 from finops.shim.upstreams import STATE_NAMES, Upstream
 
 if TYPE_CHECKING:
+    from collections.abc import Coroutine, Iterable
+
     from finops.shim.app import Shim
 
 JSON_CT = (b"content-type", b"application/json")
@@ -188,6 +190,94 @@ class Ctx:
         ]
 
 
+def _start_record(rec: dict, operation: str) -> None:
+    """Stamp the fields every endpoint's log record starts with (one place, same order)."""
+    rec["request_id"] = "req-" + uuid.uuid4().hex
+    rec["ts"] = iso_utc(time.time())
+    rec["source"] = "shim"
+    rec["operation"] = operation
+    rec["attempt"] = 1
+
+
+def _scan_headers(
+    headers: Iterable[tuple[bytes, bytes]], feature_header: bytes
+) -> tuple[bytes | None, int | None, bytes | None, str | None]:
+    """One pass over the ASGI headers: (authorization, content-length, idempotency-key, feature).
+
+    The idempotency key comes back undecoded so an endpoint that ignores it pays nothing for it.
+    """
+    auth = None
+    declared = None
+    idem = None
+    feature = None
+    for k, v in headers:
+        if k == b"authorization":
+            auth = v
+        elif k == b"content-length":
+            try:
+                declared = int(v)
+            except ValueError:
+                declared = None
+        elif k == b"idempotency-key":
+            idem = v
+        elif k == feature_header:
+            feature = v.decode("latin-1")
+    return auth, declared, idem, feature
+
+
+def _auth_then_read_body(
+    shim: Shim, rec: dict, auth: bytes | None, declared: int | None, receive: Any
+) -> Coroutine[Any, Any, bytes]:
+    """Authenticate (tenant into `rec`, 401 on failure), then start reading the body.
+
+    Returns `read_body`'s coroutine for the caller to await, so the hot path keeps a single
+    await for the body rather than gaining a wrapper coroutine.
+    """
+    cfg = shim.cfg
+    try:
+        rec["tenant"] = tenant_for(auth, cfg.api_keys, cfg.default_tenant)
+    except AuthError as exc:
+        raise HTTPError(
+            401, exc.message, "invalid_request_error", "invalid_api_key", "auth"
+        ) from None
+    return read_body(receive, cfg.max_body_bytes, cfg.body_timeout_s, declared)
+
+
+def _parse_json_body(raw: bytes) -> Any:
+    """Parse the request body once with orjson; invalid JSON is a 400 in OpenAI's shape."""
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError as exc:
+        raise HTTPError(
+            400,
+            f"Request body is not valid JSON: {exc}",
+            "invalid_request_error",
+            "invalid_json",
+        ) from None
+
+
+async def _send_method_not_allowed(send: Any) -> None:
+    await _send_simple(
+        send,
+        405,
+        error_body("Use POST.", "invalid_request_error", "method_not_allowed"),
+        [],
+    )
+
+
+async def _answer_http_error(ctx: Ctx, exc: HTTPError, send: Any) -> None:
+    """Record an OpenAI-shaped error on the log record and answer it to the client."""
+    rec = ctx.rec
+    rec["status_code"] = exc.status
+    rec["error_type"] = exc.error_type
+    await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+
+
+def _mark_client_gone(rec: dict) -> None:
+    rec["status_code"] = 499
+    rec["error_type"] = "client_disconnected"
+
+
 class ProxyEndpoint:
     """ASGI app for /v1/chat/completions (operation chat) and /v1/completions (text_completion)."""
 
@@ -200,57 +290,23 @@ class ProxyEndpoint:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         shim = self.shim
         if scope["method"] != "POST":
-            await _send_simple(
-                send,
-                405,
-                error_body("Use POST.", "invalid_request_error", "method_not_allowed"),
-                [],
-            )
+            await _send_method_not_allowed(send)
             return
         ctx = Ctx(shim, self.operation)
         rec = ctx.rec
-        now_wall = time.time()
-        rec["request_id"] = "req-" + uuid.uuid4().hex
-        rec["ts"] = iso_utc(now_wall)
-        rec["source"] = "shim"
-        rec["operation"] = self.operation
-        rec["attempt"] = 1
+        _start_record(rec, self.operation)
         rec["truncated_tokens"] = 0
-        auth = None
-        declared = None
-        idem = None
-        feature = None
-        fh = shim.cfg.feature_header.encode()
-        for k, v in scope["headers"]:
-            if k == b"authorization":
-                auth = v
-            elif k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    declared = None
-            elif k == b"idempotency-key":
-                idem = v.decode("latin-1")
-            elif k == fh:
-                feature = v.decode("latin-1")
+        auth, declared, idem_raw, feature = _scan_headers(
+            scope["headers"], shim.cfg.feature_header.encode()
+        )
+        idem = idem_raw.decode("latin-1") if idem_raw is not None else None
         try:
-            try:
-                rec["tenant"] = tenant_for(auth, shim.cfg.api_keys, shim.cfg.default_tenant)
-            except AuthError as exc:
-                raise HTTPError(
-                    401, exc.message, "invalid_request_error", "invalid_api_key", "auth"
-                ) from None
-            raw = await read_body(
-                receive, shim.cfg.max_body_bytes, shim.cfg.body_timeout_s, declared
-            )
+            raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
             await self._handle(ctx, raw, feature or shim.cfg.default_feature, idem, receive, send)
         except HTTPError as exc:
-            rec["status_code"] = exc.status
-            rec["error_type"] = exc.error_type
-            await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+            await _answer_http_error(ctx, exc, send)
         except ClientGone:
-            rec["status_code"] = 499
-            rec["error_type"] = "client_disconnected"
+            _mark_client_gone(rec)
         except Exception as exc:  # a bug must still answer and log
             shim.logger.exception("unexpected error in %s", self.path)
             rec["status_code"] = 500
@@ -277,15 +333,7 @@ class ProxyEndpoint:
         rec = ctx.rec
         rec["feature"] = feature
         tenant = rec["tenant"]
-        try:
-            body = orjson.loads(raw)
-        except orjson.JSONDecodeError as exc:
-            raise HTTPError(
-                400,
-                f"Request body is not valid JSON: {exc}",
-                "invalid_request_error",
-                "invalid_json",
-            ) from None
+        body = _parse_json_body(raw)
         if not isinstance(body, dict):
             raise HTTPError(
                 400, "Request body must be a JSON object.", "invalid_request_error", "invalid_json"
@@ -422,16 +470,7 @@ class ProxyEndpoint:
                     meta, payload = hit
                     await self._respond_cached(ctx, meta, payload, send)
                     if idem_id is not None:
-                        await shim.idem_put(
-                            idem_id,
-                            {
-                                "request_id": rec["request_id"],
-                                "fp": hashlib.sha256(raw).hexdigest(),
-                                "attempts": 1,
-                                **_meta_of(meta),
-                            },
-                            payload,
-                        )
+                        await shim.idem_put(idem_id, _idem_entry(rec, raw, _meta_of(meta)), payload)
                     return
                 if cfg.coalesce:
                     waiter = shim.coalescer.join(key)
@@ -461,16 +500,7 @@ class ProxyEndpoint:
             result = await self._forward(ctx, send, receive, key)
             if idem_id is not None and result is not None:
                 meta, payload = result
-                await shim.idem_put(
-                    idem_id,
-                    {
-                        "request_id": rec["request_id"],
-                        "fp": hashlib.sha256(raw).hexdigest(),
-                        "attempts": 1,
-                        **meta,
-                    },
-                    payload,
-                )
+                await shim.idem_put(idem_id, _idem_entry(rec, raw, meta), payload)
         finally:
             if key is not None and cfg.coalesce:
                 shim.coalescer.finish(key, ctx.result)
@@ -494,13 +524,7 @@ class ProxyEndpoint:
             resp = orjson.loads(payload)
             events = replay_as_sse(resp, self.operation, ctx.include_usage)
             now = time.perf_counter()
-            await send(
-                {
-                    "type": "http.response.start",
-                    "status": 200,
-                    "headers": SSE_HEADERS + ctx.headers(now),
-                }
-            )
+            await send(_sse_start(ctx, now))
             rec["ttft_ms"] = (time.perf_counter() - ctx.t0) * 1000
             await send({"type": "http.response.body", "body": b"".join(events), "more_body": False})
         else:
@@ -764,13 +788,7 @@ class ProxyEndpoint:
         collect: list[dict] | None = [] if store_key is not None else None
         state = {"content_chunks": 0, "usage": None, "done": False, "first_token": None}
         now = time.perf_counter()
-        await send(
-            {
-                "type": "http.response.start",
-                "status": 200,
-                "headers": SSE_HEADERS + ctx.headers(now),
-            }
-        )
+        await send(_sse_start(ctx, now))
         shim.metrics.added_latency.labels("yes").observe(ctx.overhead_ms(now) / 1000)
 
         me = asyncio.current_task()
@@ -979,8 +997,28 @@ class ProxyEndpoint:
             shim.logger.exception("could not log request %s", rec.get("request_id"))
 
 
+def _sse_start(ctx: Ctx, now: float) -> dict:
+    """The 200 `http.response.start` of an event stream, with the finops headers as of `now`."""
+    return {
+        "type": "http.response.start",
+        "status": 200,
+        "headers": SSE_HEADERS + ctx.headers(now),
+    }
+
+
 def _meta_of(meta: dict) -> dict:
     return {k: meta.get(k) for k in ("tier", "upstream", "response_model", "finish_reason")}
+
+
+def _idem_entry(rec: dict, raw: bytes, meta: dict) -> dict:
+    """What an Idempotency-Key stores: the first request's id, the body's fingerprint
+    (a reuse with another body is a 422), the attempt count and the response meta."""
+    return {
+        "request_id": rec["request_id"],
+        "fp": hashlib.sha256(raw).hexdigest(),
+        "attempts": 1,
+        **meta,
+    }
 
 
 async def _send_simple(
@@ -999,58 +1037,22 @@ class EmbeddingsEndpoint:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         shim = self.shim
         if scope["method"] != "POST":
-            await _send_simple(
-                send,
-                405,
-                error_body("Use POST.", "invalid_request_error", "method_not_allowed"),
-                [],
-            )
+            await _send_method_not_allowed(send)
             return
         ep = ProxyEndpoint(shim, "embeddings")
         ep.path = "/v1/embeddings"
         ctx = Ctx(shim, "embeddings")
         rec = ctx.rec
-        rec["request_id"] = "req-" + uuid.uuid4().hex
-        rec["ts"] = iso_utc(time.time())
-        rec["source"] = "shim"
-        rec["operation"] = "embeddings"
-        rec["attempt"] = 1
+        _start_record(rec, "embeddings")
         rec["stream"] = False
         rec["cache_status"] = "bypass"
-        auth = None
-        declared = None
-        feature = None
-        fh = shim.cfg.feature_header.encode()
-        for k, v in scope["headers"]:
-            if k == b"authorization":
-                auth = v
-            elif k == b"content-length":
-                try:
-                    declared = int(v)
-                except ValueError:
-                    declared = None
-            elif k == fh:
-                feature = v.decode("latin-1")
+        auth, declared, _idem, feature = _scan_headers(
+            scope["headers"], shim.cfg.feature_header.encode()
+        )
         rec["feature"] = feature or shim.cfg.default_feature
         try:
-            try:
-                rec["tenant"] = tenant_for(auth, shim.cfg.api_keys, shim.cfg.default_tenant)
-            except AuthError as exc:
-                raise HTTPError(
-                    401, exc.message, "invalid_request_error", "invalid_api_key", "auth"
-                ) from None
-            raw = await read_body(
-                receive, shim.cfg.max_body_bytes, shim.cfg.body_timeout_s, declared
-            )
-            try:
-                body = orjson.loads(raw)
-            except orjson.JSONDecodeError as exc:
-                raise HTTPError(
-                    400,
-                    f"Request body is not valid JSON: {exc}",
-                    "invalid_request_error",
-                    "invalid_json",
-                ) from None
+            raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+            body = _parse_json_body(raw)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise HTTPError(
                     400,
@@ -1076,12 +1078,9 @@ class EmbeddingsEndpoint:
             ctx.body = body
             await ep._forward(ctx, send, receive, None)
         except HTTPError as exc:
-            rec["status_code"] = exc.status
-            rec["error_type"] = exc.error_type
-            await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+            await _answer_http_error(ctx, exc, send)
         except ClientGone:
-            rec["status_code"] = 499
-            rec["error_type"] = "client_disconnected"
+            _mark_client_gone(rec)
         finally:
             ep._finish(ctx)
 
