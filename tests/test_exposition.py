@@ -245,3 +245,15 @@ def test_empty_and_comment_only_payloads() -> None:
     for text in ("", "\n\n", "# just a comment\n", "# HELP a x\n# TYPE a gauge\n"):
         r = parse(text)
         assert r.samples.height == 0 and r.rejects.height == 0
+
+
+def test_out_of_range_timestamp_is_rejected_not_fatal() -> None:
+    """A timestamp beyond Int64 milliseconds rejects that line; the others still load."""
+    from collectors.exposition import parse
+
+    res = parse("m 1 67031658000000000000\nm 2\n")
+    assert res.samples.height == 1
+    assert res.samples["value"].to_list() == [2.0]
+    assert res.rejects.height == 1
+    assert res.rejects["line"].to_list() == [1]
+    assert "out of range" in res.rejects["reason"][0]

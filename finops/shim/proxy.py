@@ -852,11 +852,15 @@ class ProxyEndpoint:
                 raise
             if me is not None:
                 me.uncancel()
-            rec["status_code"] = 499
-            rec["error_type"] = "client_disconnected"
-            shim.logger.info(
-                "client disconnected mid-stream; upstream request %s cancelled", rec["request_id"]
-            )
+            # A client that closes right after reading [DONE] (the openai client does)
+            # got the whole answer: that is a served request, not an abort.
+            if not state["done"]:
+                rec["status_code"] = 499
+                rec["error_type"] = "client_disconnected"
+                shim.logger.info(
+                    "client disconnected mid-stream; upstream request %s cancelled",
+                    rec["request_id"],
+                )
         finally:
             watcher.cancel()
             resp.close()  # no-op when the body was read to its end; else vLLM sees the abort
@@ -899,7 +903,8 @@ class ProxyEndpoint:
         if rec["status_code"] == 499:
             return None
         rec["status_code"] = 200
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
+        if not gone.is_set():
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
         if collect is not None:
             full = assemble_stream(collect, self.operation)
             if full is not None:
