@@ -301,13 +301,10 @@ def main() -> None:
             print(
                 f"stream={stream}: p50 <= {q[0] * 1000:.2f} ms, p99 <= {q[1] * 1000:.2f} ms (bucket bounds)"
             )
-        try:
-            import httptools  # noqa: F401
-            import uvloop  # noqa: F401
+        from finops.shim.server import uvicorn_config
 
-            stack = "uvicorn with uvloop + httptools"
-        except ImportError:
-            stack = "uvicorn with asyncio + h11 (uvicorn[standard] = uvloop + httptools is ~2.5x faster)"
+        ucfg = uvicorn_config(None, "127.0.0.1", 0)
+        stack = f"uvicorn loop={ucfg.loop} (uvloop when installed), http={ucfg.http}, as `finops shim serve` runs"
         print(
             f"server stack: {stack}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
         )
