@@ -25,6 +25,7 @@ Design:
 
 from __future__ import annotations
 
+import abc
 import asyncio
 import contextlib
 import datetime as dt
@@ -91,7 +92,7 @@ class Outcome:
 # --------------------------------------------------------------------------- targets
 
 
-class Target:
+class Target(abc.ABC):
     """Base: one configured source; `attempt()` fills an Outcome or raises ScrapeError."""
 
     blocking = False
@@ -103,14 +104,15 @@ class Target:
         self.attempts = 0
         self.last: Outcome | None = None
 
-    async def attempt(self, out: Outcome) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    async def attempt(self, out: Outcome) -> None:
+        """One scrape/poll of this target; fills `out` or raises ScrapeError."""
 
     async def restore(self) -> Outcome | None:
         """Rebuild state from the lake after a restart (optional)."""
         return None
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 - optional hook; most targets hold nothing
         """Release resources at shutdown (optional)."""
 
 
@@ -180,8 +182,9 @@ class _ExpositionTarget(Target):
         self._map(parsed, out)
         out.up = True
 
-    def _map(self, parsed: Any, out: Outcome) -> None:  # pragma: no cover - abstract
-        raise NotImplementedError
+    @abc.abstractmethod
+    def _map(self, parsed: Any, out: Outcome) -> None:
+        """Turn a parsed exposition payload into this target's lake rows."""
 
 
 class DcgmTarget(_ExpositionTarget):
