@@ -11,7 +11,6 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -20,6 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
+
+from finops.loopback import free_port
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 VLLM_ENV = Path(os.environ.get("FINOPS_VLLM_ENV", PROJECT_ROOT / ".venv-vllm"))
@@ -64,12 +65,6 @@ def ensure_model(out: Path = MODEL_DIR) -> Path:
     if proc.returncode != 0:
         raise VLLMUnavailable(f"building the tiny model failed: {proc.stderr[-2000:]}")
     return out
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @dataclass

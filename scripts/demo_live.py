@@ -30,13 +30,14 @@ import csv
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import httpx
+
+from finops.loopback import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
 TRACES = Path(os.environ.get("FINOPS_TRACES", ROOT.parent / "shared" / "data" / "traces"))
@@ -47,24 +48,6 @@ TIER_GPUS = {"small": ("NVIDIA L4", 1), "mid": ("NVIDIA L4", 1), "large": ("H100
 
 def log(msg: str) -> None:
     print(f"[demo-live {time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def wait_http(url: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.3)
-    raise SystemExit(f"{url} did not come up within {timeout:.0f} s")
 
 
 def finops_cmd(*args: str) -> list[str]:
@@ -430,7 +413,10 @@ def main() -> None:
         )
         procs.append(shim)
         base = f"http://127.0.0.1:{port}"
-        wait_http(base + "/healthz", 60)
+        try:
+            wait_http(base + "/healthz", 60, interval=0.3)
+        except TimeoutError as exc:
+            raise SystemExit(str(exc)) from None
         log(f"shim on {base}/v1 with router {router.name}")
 
         collect_args = [

@@ -18,25 +18,10 @@ from finops.models.data import (
 )
 from finops.models.latency import fit_latency
 from finops.models.regressors import LoadLatencyRegressor, SaturatingRegressor, hill, mape
-from finops.models.synthetic import SyntheticSpec, TierTruth, write_synthetic_lake
+from finops.models.synthetic import busy_spec, write_synthetic_lake
 from finops.models.throughput import fit_all, fit_throughput
 
-SPEC = SyntheticSpec(
-    days=2,
-    scrape_s=120,
-    tiers={
-        "small": TierTruth(vmax=120.0, k=12.0, replicas=2, peak_concurrency=30.0),
-        "large": TierTruth(
-            vmax=60.0,
-            k=6.0,
-            replicas=1,
-            gpus_per_replica=4,
-            gpu_model="NVIDIA H100 80GB HBM3",
-            peak_concurrency=12.0,
-            mean_output=300.0,
-        ),
-    },
-)
+SPEC = busy_spec(scrape_s=120)
 
 
 @pytest.fixture(scope="module")

@@ -19,6 +19,7 @@ import httpx
 import orjson
 import pytest
 
+from finops.loopback import free_port, wait_http
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.config import RuleRouterConfig
 from finops.shim.fakeupstream import FakeUpstream
@@ -164,7 +165,7 @@ def test_sighup_reloads_cli_server_and_bad_artifact_is_refused(tmp_path, artifac
     """`finops shim serve --config` in a subprocess; SIGHUP after editing the config."""
     _, url = upstream
     r1, _ = artifacts
-    port = _free_port()
+    port = free_port()
     conf = tmp_path / "shim.toml"
     body = "\n".join(f'[tiers.{t}]\nupstreams = ["{url}"]' for t in TIERS)
     conf.write_text(f'[server]\nport = {port}\n{body}\n[router]\npath = "{r1}"\n')
@@ -183,7 +184,7 @@ def test_sighup_reloads_cli_server_and_bad_artifact_is_refused(tmp_path, artifac
     )
     base = f"http://127.0.0.1:{port}"
     try:
-        _wait(base)
+        wait_http(base)
         assert httpx.post(base + "/v1/chat/completions", json=CHAT).status_code == 200
         conf.write_text(
             f'[server]\nport = {port}\n{body}\n[routing]\nalias = "cheapest-good"\n[router]\npath = "{r1}"\n'
@@ -270,23 +271,3 @@ def test_rule_policy_is_a_real_policy():
         == "mid"
     )
     assert pol.route(short).score < pol.route(long).score
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(base: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(base + "/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    raise AssertionError(f"shim at {base} did not start")

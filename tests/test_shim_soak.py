@@ -11,7 +11,6 @@ import asyncio
 import os
 import random
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -21,28 +20,12 @@ import httpx
 import orjson
 import pytest
 
+from finops.loopback import free_port, wait_http
+
 pytestmark = pytest.mark.slow
 
 SOAK_SECONDS = float(os.environ.get("FINOPS_SOAK_SECONDS", "45"))
 CONCURRENCY = 16
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait(url: str, timeout: float = 60) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=1).status_code < 500:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.1)
-    raise AssertionError(f"{url} did not come up")
 
 
 def _rss_kib(pid: int) -> int:
@@ -94,7 +77,7 @@ async def _drive(base: str, seconds: float, pid: int) -> tuple[int, dict[int, in
 
 
 def test_soak_no_lost_records_and_flat_memory(tmp_path):
-    up_port, port = _free_port(), _free_port()
+    up_port, port = free_port(), free_port()
     up = subprocess.Popen(
         [sys.executable, "-m", "finops.shim.fakeupstream", "--fast", "--port", str(up_port)]
     )
@@ -116,8 +99,8 @@ def test_soak_no_lost_records_and_flat_memory(tmp_path):
         cmd += ["--upstream", f"{t}=http://127.0.0.1:{up_port}"]
     shim = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     try:
-        _wait(f"http://127.0.0.1:{up_port}/health")
-        _wait(f"http://127.0.0.1:{port}/healthz")
+        wait_http(f"http://127.0.0.1:{up_port}/health")
+        wait_http(f"http://127.0.0.1:{port}/healthz")
         sent, codes, rss = asyncio.run(_drive(f"http://127.0.0.1:{port}", SOAK_SECONDS, shim.pid))
     finally:
         shim.send_signal(signal.SIGTERM)

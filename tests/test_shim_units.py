@@ -13,6 +13,7 @@ import orjson
 import pytest
 
 from finops.lake import Lake
+from finops.loopback import free_port
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.cache import MemoryCache, cache_key, is_deterministic
 from finops.shim.config import load_config
@@ -145,12 +146,6 @@ def test_explicit_model_policies(tmp_path, upstream):
         assert r.status_code == 200 and f.bodies[-1]["model"] == "small"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def redis_url(tmp_path):
     exe = shutil.which("redis-server")
@@ -158,7 +153,7 @@ def redis_url(tmp_path):
         pytest.skip(
             "redis-server is not installed (Debian: apt-get install -y redis-server; .ci/run installs it)"
         )
-    port = _free_port()
+    port = free_port()
     p = subprocess.Popen(
         [
             exe,
@@ -219,7 +214,7 @@ def test_redis_outage_does_not_fail_requests(tmp_path, upstream):
     _, url = upstream
     cfg = dataclasses.replace(
         from_flags([f"small={url}"], log_dir=tmp_path / "log"),
-        redis_url=f"redis://127.0.0.1:{_free_port()}/0",
+        redis_url=f"redis://127.0.0.1:{free_port()}/0",
     )
     with serve_in_thread(cfg) as h:
         r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "temperature": 0})
@@ -279,7 +274,7 @@ def test_least_outstanding_spreads_concurrent_load(tmp_path):
 
 def test_readyz_reports_unreachable_tiers(tmp_path, upstream):
     _, url = upstream
-    dead = f"http://127.0.0.1:{_free_port()}"
+    dead = f"http://127.0.0.1:{free_port()}"
     with serve_in_thread(
         from_flags([f"small={url}", f"large={dead}"], log_dir=tmp_path / "log")
     ) as h:

@@ -21,24 +21,9 @@ from finops.models.queueing import (
     simulate,
 )
 from finops.models.simulate import Levers, Simulator, headline, load_trace
-from finops.models.synthetic import SyntheticSpec, TierTruth, write_synthetic_lake
+from finops.models.synthetic import busy_spec, write_synthetic_lake
 
-SPEC = SyntheticSpec(
-    days=2,
-    scrape_s=180,
-    tiers={
-        "small": TierTruth(vmax=120.0, k=12.0, replicas=2, peak_concurrency=30.0),
-        "large": TierTruth(
-            vmax=60.0,
-            k=6.0,
-            replicas=1,
-            gpus_per_replica=4,
-            gpu_model="NVIDIA H100 80GB HBM3",
-            peak_concurrency=12.0,
-            mean_output=300.0,
-        ),
-    },
-)
+SPEC = busy_spec(scrape_s=180)
 
 
 @pytest.fixture(scope="module")

@@ -108,6 +108,26 @@ class SyntheticSpec:
     )
 
 
+def busy_spec(scrape_s: int = 120, days: int = 2) -> SyntheticSpec:
+    """The tests' two-tier lake: peaks past half-saturation so the fitted curves bend."""
+    return SyntheticSpec(
+        days=days,
+        scrape_s=scrape_s,
+        tiers={
+            "small": TierTruth(vmax=120.0, k=12.0, replicas=2, peak_concurrency=30.0),
+            "large": TierTruth(
+                vmax=60.0,
+                k=6.0,
+                replicas=1,
+                gpus_per_replica=4,
+                gpu_model="NVIDIA H100 80GB HBM3",
+                peak_concurrency=12.0,
+                mean_output=300.0,
+            ),
+        },
+    )
+
+
 def diurnal(hours: np.ndarray) -> np.ndarray:
     """Load shape 0.25..1.0 peaking mid-afternoon UTC, lower at weekends."""
     hod = hours % 24

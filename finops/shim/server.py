@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -18,14 +17,9 @@ from typing import Any
 
 import uvicorn
 
+from finops.loopback import free_port
 from finops.shim.app import ShimASGI, create_app
 from finops.shim.config import ShimConfig
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
@@ -105,7 +99,7 @@ def serve_in_thread(
 ) -> ServerHandle:
     """Start the shim on a loopback port in a daemon thread; returns when it accepts requests."""
     app = cfg_or_app if isinstance(cfg_or_app, ShimASGI) else create_app(cfg_or_app)
-    port = port or _free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn_config(app, host, port))
     server.install_signal_handlers = lambda: None  # type: ignore[method-assign]  # not the main thread
     handle = ServerHandle(app=app, server=server, thread=None, host=host, port=port)  # type: ignore[arg-type]
@@ -150,7 +144,7 @@ class AppHandle:
 def run_app_in_thread(
     app: Any, *, host: str = "127.0.0.1", port: int | None = None, ready_timeout: float = 20
 ) -> AppHandle:
-    port = port or _free_port()
+    port = port or free_port()
     cfg = uvicorn.Config(
         app,
         host=host,
