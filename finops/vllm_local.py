@@ -108,6 +108,51 @@ class VLLMServer:
             self.process.wait(timeout=10)
 
 
+def _group_threads(pgid: int) -> list[tuple[int, str]]:
+    """(thread id, process name) for every thread of every process in process group `pgid`."""
+    out = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            stat = (d / "stat").read_text()
+            # the fields after ")" are: state ppid pgrp ...
+            if int(stat.rsplit(")", 1)[1].split()[2]) != pgid:
+                continue
+            name = (d / "comm").read_text().strip()
+            out += [(int(t.name), name) for t in (d / "task").iterdir()]
+        except (OSError, ValueError, IndexError):
+            continue  # the process ended while we looked
+    return out
+
+
+def pin_engine(server: VLLMServer, engine_cpus: set[int]) -> set[int]:
+    """Pin vLLM's engine processes (EngineCore, Worker) to `engine_cpus`, the rest elsewhere.
+
+    Why: on a small CPU box the engine's two processes hand work to each other through
+    shared memory with spin-and-yield loops. Left to the OS scheduler they land on
+    either core, share it with the HTTP frontend by chance, and capacity swings 3x
+    from one minute to the next (measured 4.8-15 req/s at 32 concurrent). With the
+    engine on its own core and the frontend (and a load generator) on the others it
+    is steady within about 5% (34-37 req/s): the layout of a GPU server, where the
+    engine runs on the device and the frontend on the host. Returns the CPUs left
+    for the frontend, so a load generator can pin itself there too.
+    """
+    if server.process is None:
+        raise ValueError("only a server this process started can be pinned")
+    allowed = os.sched_getaffinity(0)
+    frontend = allowed - engine_cpus
+    if not engine_cpus <= allowed or not frontend:
+        raise ValueError(
+            f"engine CPUs {sorted(engine_cpus)} must be a strict subset of the "
+            f"allowed CPUs {sorted(allowed)}"
+        )
+    for tid, name in _group_threads(server.process.pid):
+        with contextlib.suppress(OSError):  # a thread that ended meanwhile
+            os.sched_setaffinity(tid, engine_cpus if name.startswith("VLLM::") else frontend)
+    return frontend
+
+
 def wait_ready(
     root_url: str, timeout: float, process: subprocess.Popen[bytes] | None = None
 ) -> None:
@@ -134,8 +179,13 @@ def start(
     timeout: float = 600,
     max_model_len: int = 1024,
     extra_args: Sequence[str] = (),
+    engine_cpus: set[int] | None = None,
 ) -> VLLMServer:
-    """Start a server serving the tiny model under each of `names` (tiers)."""
+    """Start a server serving the tiny model under each of `names` (tiers).
+
+    `engine_cpus` pins the engine there and the HTTP frontend elsewhere (see
+    `pin_engine`); benchmarks that compare load levels want it.
+    """
     py = ensure_env()
     model = ensure_model()
     port = port or free_port()
@@ -150,6 +200,9 @@ def start(
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
     }
+    if engine_cpus:
+        # the worker's OpenMP threads on the engine's cores from their first instruction
+        env["VLLM_CPU_OMP_THREADS_BIND"] = ",".join(map(str, sorted(engine_cpus)))
     cmd = [
         str(py), "-m", "vllm.entrypoints.openai.api_server",
         "--model", str(model),
@@ -168,6 +221,8 @@ def start(
     server = VLLMServer(port=port, names=tuple(names), process=proc, log_path=log_path)
     try:
         wait_ready(server.root_url, timeout, proc)
+        if engine_cpus:
+            pin_engine(server, engine_cpus)
     except BaseException:
         server.stop()
         tail = log_path.read_text(errors="replace")[-3000:] if log_path.exists() else ""
