@@ -17,9 +17,15 @@ from finops.models.data import (
     serving_intervals,
 )
 from finops.models.latency import fit_latency
-from finops.models.regressors import LoadLatencyRegressor, SaturatingRegressor, hill, mape
+from finops.models.regressors import (
+    LoadLatencyRegressor,
+    SaturatingRegressor,
+    StepTimeRegressor,
+    hill,
+    mape,
+)
 from finops.models.synthetic import busy_spec, write_synthetic_lake
-from finops.models.throughput import fit_all, fit_throughput
+from finops.models.throughput import fit_all, fit_step_time, fit_throughput
 
 SPEC = busy_spec(scrape_s=120)
 
@@ -78,6 +84,52 @@ def test_latency_regressor_recovers_power_curve() -> None:
 def test_saturating_regressor_rejects_bad_input(X, y, match) -> None:
     with pytest.raises(ValueError, match=match):
         SaturatingRegressor().fit(X, y)
+
+
+def test_step_time_regressor_is_the_michaelis_menten_curve() -> None:
+    # step time a + b*n at light load only (n <= 12, where T(n) still looks linear),
+    # plus a few windows a prefill burst stretched: the line still finds the ceiling
+    rng = np.random.default_rng(5)
+    a, b = 0.0026, 0.00015  # seconds: vmax = 1/b = 6667 tok/s, k = a/b = 17.3
+    n = rng.uniform(1, 12, 200)
+    y = (a + b * n) * rng.normal(1, 0.03, n.size)
+    y[:10] *= 3.0
+    m = StepTimeRegressor().fit(n[:, None], y, sample_weight=rng.uniform(100, 3000, n.size))
+    assert m.vmax_ == pytest.approx(1 / b, rel=0.08)
+    assert m.k_ == pytest.approx(a / b, rel=0.1)
+    assert m.throughput([32])[0] == pytest.approx(hill(32, 1 / b, a / b, 1.0), rel=0.05)
+    assert m.predict(np.array([[10.0]]))[0] == pytest.approx(a + 10 * b, rel=0.03)
+    # a straight least-squares line through the same points is pulled by the outliers
+    plain_b = np.polyfit(n, y, 1)[0]
+    assert abs(m.slope_ - b) < abs(plain_b - b)
+    assert clone(m).get_params() == {"huber_scale": 1.5}
+
+
+@pytest.mark.parametrize(
+    ("X", "y", "w", "match"),
+    [
+        (np.ones((2, 1)), np.ones(2), None, "at least 3"),
+        (np.ones((4, 2)), np.ones(4), None, "one load column"),
+        (np.arange(4.0)[:, None], np.array([1.0, 1.0, 0.0, 1.0]), None, "positive step"),
+        (np.full((4, 1), 3.0), np.ones(4), None, "more than one load level"),
+        (np.arange(4.0)[:, None], np.ones(4), np.array([1.0, -1.0, 1.0, 1.0]), "sample_weight"),
+    ],
+)
+def test_step_time_regressor_rejects_bad_input(X, y, w, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        StepTimeRegressor().fit(X, y, sample_weight=w)
+
+
+def test_step_time_fit_recovers_synthetic_truth(syn_db) -> None:
+    df = serving_intervals(syn_db, interval_s=300)
+    assert df["itl_s"].drop_nulls().len() > 0.9 * df.height  # the ITL histogram is read
+    for tier in ("small", "large"):
+        truth = SPEC.tiers[tier]
+        m = fit_step_time(df, tier=tier)
+        assert m.vmax_ == pytest.approx(truth.vmax, rel=0.08)
+        assert m.k_ == pytest.approx(truth.k, rel=0.12)
+    with pytest.raises(NoServingData, match="inter-token-latency"):
+        fit_step_time(df.with_columns(itl_s=pl.lit(None, dtype=pl.Float64)), tier="small")
 
 
 def test_bucket_quantiles_match_prometheus_interpolation() -> None:

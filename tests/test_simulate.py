@@ -97,6 +97,24 @@ def test_growth_never_needs_fewer_replicas(sim: Simulator) -> None:
     assert sim.plan(10).totals["gpu_hours"] > 2 * sim.plan(1).totals["gpu_hours"]
 
 
+def test_service_curve_from_the_step_time_where_vllm_reports_it(syn_lake, sim) -> None:
+    for tier, p in sim.trace.profiles.items():
+        truth = SPEC.tiers[tier]
+        assert p.curve_source == "decode step time"
+        assert p.vmax == pytest.approx(truth.vmax, rel=0.1) and p.hill == 1.0
+        assert p.k == pytest.approx(truth.k, rel=0.15)
+    # without the inter-token-latency histogram, the tokens/s curve is used
+    db = finops.connect(syn_lake)
+    db.execute(
+        "CREATE TABLE no_itl AS SELECT * FROM clean.serving_increase "
+        "WHERE metric NOT LIKE 'vllm:inter_token_latency_seconds%'"
+    )
+    db.execute("CREATE OR REPLACE VIEW clean.serving_increase AS SELECT * FROM no_itl")
+    fallback = load_trace(db, tiers=["small"]).profiles["small"]
+    assert fallback.curve_source == "tokens/s curve"
+    assert fallback.vmax == pytest.approx(SPEC.tiers["small"].vmax, rel=0.1)
+
+
 def test_plan_reports_gpus_cost_and_idle(sim: Simulator) -> None:
     plan = sim.plan(1.0)
     t = {r["tier"]: r for r in plan.tiers.to_dicts()}

@@ -20,6 +20,8 @@ PREFILL_SUM = "vllm:request_prefill_time_seconds_sum"
 PREFILL_COUNT = "vllm:request_prefill_time_seconds_count"
 E2E_SUM = "vllm:e2e_request_latency_seconds_sum"
 QUEUE_SUM = "vllm:request_queue_time_seconds_sum"
+ITL_SUM = "vllm:inter_token_latency_seconds_sum"
+ITL_COUNT = "vllm:inter_token_latency_seconds_count"
 RUNNING = "vllm:num_requests_running"
 WAITING = "vllm:num_requests_waiting"
 KV = "vllm:kv_cache_usage_perc"
@@ -67,7 +69,9 @@ def serving_intervals(
     Little's law from the e2e-latency minus queue-time histogram sums; else the
     sampled running gauge), gen_tps, prompt_tps, request_rate, mean_prompt,
     mean_output, running, waiting, kv_usage, sm_active (None without DCGM
-    profiling metrics), prefill_s_per_request, day.
+    profiling metrics), prefill_s_per_request, itl_s (mean time between two
+    tokens of one sequence: the decode step time; None without the histogram),
+    day.
     """
     check_tier(db, tier)
     b = _bucket(interval_s)
@@ -77,7 +81,8 @@ def serving_intervals(
     WITH inc AS (
         SELECT {b} AS t, target, {TIER_SQL} AS tier, {POD_SQL} AS pod, metric, increase, seconds
         FROM clean.serving_increase
-        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}', '{E2E_SUM}', '{QUEUE_SUM}')
+        WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}', '{E2E_SUM}', '{QUEUE_SUM}',
+                         '{ITL_SUM}', '{ITL_COUNT}')
         {tier_filter}
     ),
     counters AS (
@@ -89,7 +94,9 @@ def serving_intervals(
             sum(increase) FILTER (metric = '{PREFILL_SUM}') AS prefill_seconds,
             sum(increase) FILTER (metric = '{PREFILL_COUNT}') AS prefills,
             sum(increase) FILTER (metric = '{E2E_SUM}') AS e2e_seconds,
-            sum(increase) FILTER (metric = '{QUEUE_SUM}') AS queue_seconds
+            sum(increase) FILTER (metric = '{QUEUE_SUM}') AS queue_seconds,
+            sum(increase) FILTER (metric = '{ITL_SUM}') AS itl_seconds,
+            sum(increase) FILTER (metric = '{ITL_COUNT}') AS itl_count
         FROM inc GROUP BY ALL
     ),
     gauges AS (
@@ -109,6 +116,7 @@ def serving_intervals(
     SELECT c.t, c.tier, c.target, c.pod, c.seconds, c.generation_tokens, c.prompt_tokens,
         c.requests, g.running, g.waiting, g.kv_usage, sm.sm_active,
         c.prefill_seconds / nullif(c.prefills, 0) AS prefill_s_per_request,
+        c.itl_seconds / nullif(c.itl_count, 0) AS itl_s,
         -- Little's law: request-seconds spent in the batch (e2e minus queue time) per second
         -- = mean running sequences; waiting requests generate nothing, so they are left out
         CASE WHEN c.e2e_seconds IS NOT NULL

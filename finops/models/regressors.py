@@ -100,6 +100,72 @@ class SaturatingRegressor(RegressorMixin, BaseEstimator):
         return float(self.vmax_ * np.exp(z @ self.coef_))
 
 
+class StepTimeRegressor(RegressorMixin, BaseEstimator):
+    """Decode step time vs running sequences, s(n) = a + b * n (robust linear fit).
+
+    Why: a continuous-batching engine emits one token per running sequence per
+    step, so throughput is T(n) = n / s(n) = (1/b) * n / (a/b + n): the
+    Michaelis-Menten curve with vmax = 1/b and k = a/b. vLLM measures s(n)
+    directly (the inter-token-latency histogram), window by window, and a line
+    through those points pins the ceiling far better than a curve through noisy
+    tokens/s at light load, where T(n) is nearly linear and says little about
+    where it bends. The Huber loss keeps a window stretched by a prefill burst
+    from tilting the line.
+
+    X has one column: mean running sequences per window; y: mean step time (s).
+    `sample_weight` (e.g. tokens per window) weights the better-measured windows.
+    """
+
+    def __init__(self, huber_scale: float = 1.5) -> None:
+        self.huber_scale = huber_scale
+
+    def fit(
+        self, X: np.ndarray, y: np.ndarray, sample_weight: np.ndarray | None = None
+    ) -> StepTimeRegressor:
+        X, y = validate_data(self, X, y, dtype=np.float64, y_numeric=True)
+        if X.shape[1] != 1:
+            raise ValueError(f"StepTimeRegressor takes one load column, got {X.shape[1]}")
+        if X.shape[0] < 3:
+            raise ValueError(f"StepTimeRegressor needs at least 3 samples, got {X.shape[0]}")
+        if np.any(y <= 0) or np.any(X < 0):
+            raise ValueError("StepTimeRegressor expects positive step times and non-negative load")
+        x = X[:, 0]
+        if np.ptp(x) <= 1e-9:
+            raise ValueError("StepTimeRegressor needs windows at more than one load level")
+        w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, float)
+        if w.shape != y.shape or np.any(w < 0) or w.sum() <= 0:
+            raise ValueError("sample_weight must be non-negative, one per sample, not all zero")
+        sw = np.sqrt(w / w.mean())
+        ys = float(np.median(y))  # work in units of the typical step: well-conditioned
+        b0, a0 = np.polyfit(x, y / ys, 1, w=sw)
+        mad = float(np.median(np.abs(y / ys - (a0 + b0 * x)))) * 1.4826
+        sol = least_squares(
+            lambda p: sw * (p[0] + p[1] * x - y / ys),
+            [max(a0, 1e-6), max(b0, 1e-6)],
+            bounds=([1e-9, 1e-9], [np.inf, np.inf]),
+            loss="huber",
+            f_scale=max(self.huber_scale * mad, 1e-6),
+        )
+        self.intercept_ = float(sol.x[0] * ys)
+        self.slope_ = float(sol.x[1] * ys)
+        self.vmax_ = 1.0 / self.slope_
+        self.k_ = self.intercept_ / self.slope_
+        self.hill_ = 1.0
+        return self
+
+    def predict(self, X: np.ndarray) -> np.ndarray:
+        """The step time (s) at the given running sequences."""
+        check_is_fitted(self, "slope_")
+        X = validate_data(self, X, dtype=np.float64, reset=False)
+        return self.intercept_ + self.slope_ * np.maximum(X[:, 0], 0.0)
+
+    def throughput(self, n: np.ndarray) -> np.ndarray:
+        """Generation tokens/s with `n` running sequences: n / s(n)."""
+        check_is_fitted(self, "slope_")
+        n = np.maximum(np.asarray(n, dtype=float), 0.0)
+        return n / (self.intercept_ + self.slope_ * n)
+
+
 class LoadLatencyRegressor(RegressorMixin, BaseEstimator):
     """Latency that grows with load: y = t0 + a * x^p (fitted on relative error).
 

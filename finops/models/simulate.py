@@ -17,6 +17,7 @@ raise the ceiling through the fitted length coefficients).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import asdict, dataclass, field, replace
 
@@ -26,7 +27,7 @@ import polars as pl
 
 from finops.models.data import NoServingData, serving_intervals
 from finops.models.queueing import ServiceModel, simulate
-from finops.models.throughput import fit_frame
+from finops.models.throughput import fit_frame, fit_step_time
 from finops.prices import price_for
 
 DEFAULT_SLO_TTFT_P95_MS = 1000.0
@@ -90,6 +91,7 @@ class TierProfile:
     mape_holdout: float
     observed_batch: int  # p99 of running sequences per replica
     notes: list[str] = field(default_factory=list)
+    curve_source: str = "tokens/s curve"  # what vmax/k were read from (see load_trace)
 
     def service(self, levers: Levers, prompt: np.ndarray, output: np.ndarray) -> ServiceModel:
         """The per-replica service model under the levers' sizes and batch limit."""
@@ -193,12 +195,6 @@ def load_trace(
         prompt = sizes["p"].to_numpy()[pick].astype(float)
         output = sizes["o"].to_numpy()[pick].astype(float)
         max_load = float(rows["concurrency"].drop_nulls().max() or 0.0)
-        if fit.model.k_ > 2 * max_load:
-            notes.append(
-                f"throughput ceiling extrapolated: half-saturation at {fit.model.k_:.1f} "
-                f"concurrent requests, the lake never saw more than {max_load:.1f}; capacity "
-                "at high growth is uncertain until busier hours are observed"
-            )
         prefill = _prefill_speed(rows)
         if math.isinf(prefill):
             notes.append("no prefill-time histogram: TTFT modelled as queueing delay only")
@@ -213,11 +209,25 @@ def load_trace(
         mean_o = float(rows["mean_output"].drop_nulls().mean() or 1.0)
         m = fit.model
         vmax = m.ceiling(np.array([mean_p, mean_o])) if len(m.coef_) == 2 else m.vmax_
+        k, h, source = m.k_, m.hill_, "tokens/s curve"
+        # Where vLLM reports its inter-token latency, the decode step time vs running
+        # sequences pins the same curve more tightly (validated on a real server in
+        # bench/bench_vllm_capacity_validation.py); the tokens/s fit keeps the length
+        # coefficients, which scale this ceiling when a lever changes request sizes.
+        with contextlib.suppress(NoServingData, ValueError):
+            step = fit_step_time(rows)
+            vmax, k, h, source = step.vmax_, step.k_, 1.0, "decode step time"
+        if k > 2 * max_load:
+            notes.append(
+                f"throughput ceiling extrapolated: half-saturation at {k:.1f} "
+                f"concurrent requests, the lake never saw more than {max_load:.1f}; capacity "
+                "at high growth is uncertain until busier hours are observed"
+            )
         profiles[tier] = TierProfile(
             tier=tier,
             vmax=float(vmax),
-            k=m.k_,
-            hill=m.hill_,
+            k=float(k),
+            hill=float(h),
             length_coef=tuple(float(c) for c in m.coef_),
             length_ref=tuple(float(c) for c in m.covariate_ref_),
             prefill_tokens_per_s=prefill,
@@ -232,6 +242,7 @@ def load_trace(
                 1, math.ceil(float(rows["running"].drop_nulls().quantile(0.99) or 1))
             ),
             notes=notes,
+            curve_source=source,
         )
     return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices)
 

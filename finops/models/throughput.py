@@ -16,7 +16,7 @@ import numpy as np
 import polars as pl
 
 from finops.models.data import NoServingData, serving_intervals
-from finops.models.regressors import SaturatingRegressor, mape
+from finops.models.regressors import SaturatingRegressor, StepTimeRegressor, mape
 
 LOAD_FEATURES = ("concurrency", "mean_prompt", "mean_output")
 TARGETS = {"tokens": "gen_tps", "sm_active": "sm_active"}
@@ -144,6 +144,29 @@ def fit_all(
         except NoServingData:
             continue
     return out
+
+
+def fit_step_time(df: pl.DataFrame, *, tier: str | None = None) -> StepTimeRegressor:
+    """The decode step time vs concurrency line from a `serving_intervals` frame.
+
+    Its `vmax_`/`k_` are the Michaelis-Menten throughput curve the capacity
+    simulation needs (see `StepTimeRegressor`); each window is weighted by the
+    tokens behind its mean step time.
+    """
+    rows = df.filter(pl.col("tier") == tier) if tier is not None and "tier" in df.columns else df
+    rows = rows.drop_nulls(["concurrency", "itl_s", "generation_tokens"]).filter(
+        (pl.col("itl_s") > 0) & (pl.col("concurrency") > 0) & (pl.col("generation_tokens") > 0)
+    )
+    if rows.height < 3:
+        raise NoServingData(
+            f"tier {tier!r}: only {rows.height} intervals with an inter-token-latency histogram "
+            "(vllm:inter_token_latency_seconds) and running sequences; need at least 3"
+        )
+    return StepTimeRegressor().fit(
+        rows.select("concurrency").to_numpy(),
+        rows["itl_s"].to_numpy(),
+        sample_weight=rows["generation_tokens"].to_numpy(),
+    )
 
 
 def summary_table(fits: dict[str, ThroughputFit]) -> pl.DataFrame:
