@@ -16,6 +16,13 @@ minus direct) and the throughput ratio (shim / direct). Goals: added p50 <=
 shares its cores, so at high concurrency the shim competes with the load
 generator and the upstream for CPU. `--vllm URL` (or FINOPS_VLLM_URL) adds the
 same comparison against a real vLLM server for the record. `--quick` is small.
+
+A second table does the same against a *paced* upstream (`--paced-ms`, default
+50 ms per response: a short completion's latency on a GPU replica, held by a
+timer so it costs no CPU). The fast upstream measures the shim's CPU cost per
+request (its throughput ratio is CPU-bound: on shared cores it is shim cost vs
+a raw-socket server's); the paced one measures whether the shim limits
+throughput in front of a server that takes a model's time to answer.
 """
 
 from __future__ import annotations
@@ -202,6 +209,9 @@ def main() -> None:
     ap.add_argument(
         "--no-router", action="store_true", help="use the rule policy instead of training a router"
     )
+    ap.add_argument(
+        "--paced-ms", type=float, default=50.0, help="the paced upstream's response time"
+    )
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp(prefix="bench-shim-"))
     procs: list[subprocess.Popen] = []
@@ -230,6 +240,18 @@ def main() -> None:
         wait_http(f"http://127.0.0.1:{up_port}/health")
         shim, shim_port = start_shim(f"http://127.0.0.1:{up_port}", tmp / "log", router)
         procs.append(shim)
+        paced_port = free_port()
+        procs.append(
+            subprocess.Popen(
+                [
+                    sys.executable, "-m", "finops.shim.fakeupstream", "--fast",
+                    "--port", str(paced_port), "--delay-ms", str(a.paced_ms),
+                ]
+            )
+        )  # fmt: skip
+        wait_http(f"http://127.0.0.1:{paced_port}/health")
+        pshim, pshim_port = start_shim(f"http://127.0.0.1:{paced_port}", tmp / "log-paced", router)
+        procs.append(pshim)
         print(f"cpus: {os.cpu_count()} (shared by load generator, shim and upstream)")
         scale = 0.25 if a.quick else 1.0
         rows = []
@@ -250,6 +272,25 @@ def main() -> None:
             "\n== shim vs the fast loopback upstream (goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
         )
         print_rows(rows)
+        prows = []
+        for stream in (False, True):
+            for c, n in ((1, 80), (32, 2000), (128, 5000)):
+                prows.append(
+                    run_case(
+                        "paced",
+                        ("127.0.0.1", paced_port),
+                        ("127.0.0.1", pshim_port),
+                        "small",
+                        c,
+                        max(c * 4, int(n * scale)),
+                        stream,
+                    )
+                )
+        print(
+            f"\n== shim vs an upstream that answers in {a.paced_ms:g} ms "
+            "(a model's latency, no CPU): does the shim limit throughput?"
+        )
+        print_rows(prows)
         if a.vllm:
             from urllib.parse import urlparse
 

@@ -310,8 +310,9 @@ def _canned_http(stream: bool, chat: bool, tokens: int) -> bytes:
 class _FastProtocol(asyncio.Protocol):
     """HTTP/1.1 keep-alive, Content-Length bodies only; answers from precomputed bytes."""
 
-    def __init__(self, canned: dict[tuple[bool, bool], bytes]) -> None:
+    def __init__(self, canned: dict[tuple[bool, bool], bytes], delay_s: float = 0.0) -> None:
         self.canned = canned
+        self.delay_s = delay_s
         self.buf = b""
         self.transport: Any = None
 
@@ -340,14 +341,32 @@ class _FastProtocol(asyncio.Protocol):
                 continue
             stream = b'"stream":true' in body
             chat = b"/chat/" in head[:60]
-            self.transport.write(self.canned[(stream, chat)])
+            reply = self.canned[(stream, chat)]
+            if self.delay_s > 0:
+                # a timer, not a task: pacing costs the upstream next to no CPU, so the
+                # shim's throughput is measured against a model server's latency alone
+                asyncio.get_running_loop().call_later(self.delay_s, self._send, reply)
+            else:
+                self.transport.write(reply)
+
+    def _send(self, reply: bytes) -> None:
+        if not self.transport.is_closing():
+            self.transport.write(reply)
 
 
-async def serve_fast(port: int, tokens: int = 8, host: str = "127.0.0.1") -> None:
-    """A minimal fast OpenAI-shaped upstream (for measuring the shim's own cost)."""
+async def serve_fast(
+    port: int, tokens: int = 8, host: str = "127.0.0.1", delay_s: float = 0.0
+) -> None:
+    """A minimal fast OpenAI-shaped upstream (for measuring the shim's own cost).
+
+    `delay_s` holds each whole response that long (a model server's latency
+    without its CPU cost; responses on one connection keep their order).
+    """
     canned = {(s, c): _canned_http(s, c, tokens) for s in (False, True) for c in (False, True)}
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(lambda: _FastProtocol(canned), host, port, backlog=4096)
+    server = await loop.create_server(
+        lambda: _FastProtocol(canned, delay_s), host, port, backlog=4096
+    )
     async with server:
         await server.serve_forever()
 
@@ -361,9 +380,15 @@ if __name__ == "__main__":
     ap.add_argument(
         "--fast", action="store_true", help="raw asyncio server (no ASGI), for benchmarks"
     )
+    ap.add_argument(
+        "--delay-ms",
+        type=float,
+        default=0.0,
+        help="with --fast: answer each request after this long (a model's latency)",
+    )
     a = ap.parse_args()
     if a.fast:
-        asyncio.run(serve_fast(a.port, a.tokens))
+        asyncio.run(serve_fast(a.port, a.tokens, delay_s=a.delay_ms / 1000))
     else:
         import uvicorn
 
