@@ -786,7 +786,13 @@ class ProxyEndpoint:
         rec = ctx.rec
         strip_usage = not ctx.include_usage
         collect: list[dict] | None = [] if store_key is not None else None
-        state = {"content_chunks": 0, "usage": None, "done": False, "first_token": None}
+        state = {
+            "content_chunks": 0,
+            "usage": None,
+            "done": False,
+            "delivered": False,
+            "first_token": None,
+        }
         now = time.perf_counter()
         await send(_sse_start(ctx, now))
         shim.metrics.added_latency.labels("yes").observe(ctx.overhead_ms(now) / 1000)
@@ -821,6 +827,12 @@ class ProxyEndpoint:
                     if fwd:
                         out.append(ev)
                 if out:
+                    if state["done"]:
+                        # A shim starved of CPU can read the rest of a stream in one go and
+                        # reach [DONE] without yielding; let a disconnect already on the wire
+                        # surface first: a client gone before [DONE] did not get the answer.
+                        for _ in range(3):
+                            await asyncio.sleep(0)
                     await send(
                         {
                             "type": "http.response.body",
@@ -828,6 +840,7 @@ class ProxyEndpoint:
                             "more_body": True,
                         }
                     )
+                    state["delivered"] = state["done"]
                 if state["done"]:
                     # read the body's end (chunked terminator) so the connection can be reused
                     with contextlib.suppress(Exception):
@@ -854,7 +867,7 @@ class ProxyEndpoint:
                 me.uncancel()
             # A client that closes right after reading [DONE] (the openai client does)
             # got the whole answer: that is a served request, not an abort.
-            if not state["done"]:
+            if not state["delivered"]:
                 rec["status_code"] = 499
                 rec["error_type"] = "client_disconnected"
                 shim.logger.info(
