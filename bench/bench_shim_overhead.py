@@ -146,6 +146,25 @@ def run_case(
     return r
 
 
+def grid(
+    label: str, up_port: int, shim_port: int, sizes: tuple[tuple[int, int], ...], scale: float
+) -> list[dict]:
+    """Every (concurrency, requests) in `sizes`, non-streaming then streaming."""
+    return [
+        run_case(
+            label,
+            ("127.0.0.1", up_port),
+            ("127.0.0.1", shim_port),
+            "small",
+            c,
+            max(c * 4, int(n * scale)),
+            stream,
+        )
+        for stream in (False, True)
+        for c, n in sizes
+    ]
+
+
 def print_rows(rows: list[dict]) -> None:
     print(
         f"{'case':<10}{'conc':>5}{'stream':>7}{'n':>6} | {'direct p50/p99 ms':>18} | {'shim p50/p99 ms':>16} | {'added p50/p99 ms':>17} | {'rps direct/shim':>16} | ratio"
@@ -174,6 +193,19 @@ def hist_quantiles(
     for q in qs:
         out.append(next((le for le, c in buckets if total and c >= q * total), float("nan")))
     return out
+
+
+def start_upstream(delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
+    """The raw-socket fake upstream; `delay_ms` > 0 holds each answer that long."""
+    port = free_port()
+    cmd = [sys.executable, "-m", "finops.shim.fakeupstream", "--fast", "--port", str(port)]
+    p = subprocess.Popen([*cmd, "--delay-ms", str(delay_ms)])
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+    except BaseException:
+        p.kill()
+        raise
+    return p, port
 
 
 def start_shim(upstream: str, log_dir: Path, router: Path | None) -> tuple[subprocess.Popen, int]:
@@ -231,61 +263,22 @@ def main() -> None:
                 print(f"classifier: rule policy rules-v1 (could not train a router: {exc})")
         else:
             print("classifier: rule policy rules-v1")
-        up_port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [sys.executable, "-m", "finops.shim.fakeupstream", "--fast", "--port", str(up_port)]
-            )
-        )
-        wait_http(f"http://127.0.0.1:{up_port}/health")
+        up, up_port = start_upstream()
+        procs.append(up)
         shim, shim_port = start_shim(f"http://127.0.0.1:{up_port}", tmp / "log", router)
         procs.append(shim)
-        paced_port = free_port()
-        procs.append(
-            subprocess.Popen(
-                [
-                    sys.executable, "-m", "finops.shim.fakeupstream", "--fast",
-                    "--port", str(paced_port), "--delay-ms", str(a.paced_ms),
-                ]
-            )
-        )  # fmt: skip
-        wait_http(f"http://127.0.0.1:{paced_port}/health")
+        paced, paced_port = start_upstream(a.paced_ms)
+        procs.append(paced)
         pshim, pshim_port = start_shim(f"http://127.0.0.1:{paced_port}", tmp / "log-paced", router)
         procs.append(pshim)
         print(f"cpus: {os.cpu_count()} (shared by load generator, shim and upstream)")
         scale = 0.25 if a.quick else 1.0
-        rows = []
-        for stream in (False, True):
-            for c, n in ((1, 600), (32, 4000), (128, 6000)):
-                rows.append(
-                    run_case(
-                        "loopback",
-                        ("127.0.0.1", up_port),
-                        ("127.0.0.1", shim_port),
-                        "small",
-                        c,
-                        max(c * 4, int(n * scale)),
-                        stream,
-                    )
-                )
+        rows = grid("loopback", up_port, shim_port, ((1, 600), (32, 4000), (128, 6000)), scale)
         print(
             "\n== shim vs the fast loopback upstream (goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
         )
         print_rows(rows)
-        prows = []
-        for stream in (False, True):
-            for c, n in ((1, 80), (32, 2000), (128, 5000)):
-                prows.append(
-                    run_case(
-                        "paced",
-                        ("127.0.0.1", paced_port),
-                        ("127.0.0.1", pshim_port),
-                        "small",
-                        c,
-                        max(c * 4, int(n * scale)),
-                        stream,
-                    )
-                )
+        prows = grid("paced", paced_port, pshim_port, ((1, 80), (32, 2000), (128, 5000)), scale)
         print(
             f"\n== shim vs an upstream that answers in {a.paced_ms:g} ms "
             "(a model's latency, no CPU): does the shim limit throughput?"
