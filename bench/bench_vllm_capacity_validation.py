@@ -130,21 +130,6 @@ async def one_request(
     return time.perf_counter() - t0
 
 
-async def open_loop(client, url, model, rate, seconds, prompt_words, max_tokens, rng) -> list:
-    """Poisson arrivals at `rate` for `seconds`; returns client-side latencies (s)."""
-    tasks = []
-    t_start = time.perf_counter()
-    t_next = rng.exponential(1 / rate)
-    while t_next < seconds:
-        delay = t_start + t_next - time.perf_counter()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        tasks.append(asyncio.create_task(one_request(client, url, model, prompt_words, max_tokens)))
-        t_next += rng.exponential(1 / rate)
-    lats = np.array(await asyncio.gather(*tasks))
-    return list(lats[~np.isnan(lats)])
-
-
 async def closed_loop(client, url, model, conc, seconds, prompt_words, max_tokens) -> int:
     """`conc` clients back to back for `seconds`; returns completed requests."""
     stop = time.perf_counter() + seconds
