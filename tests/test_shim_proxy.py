@@ -159,7 +159,9 @@ def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):
 
 
 def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):
-    _f, url = fakes("die_mid_stream", die_after=3)
+    # every other token streams empty text (vLLM's token that ends mid-character): the
+    # partial usage still counts it
+    _f, url = fakes("die_mid_stream", die_after=3, empty_every=2)
     with _serve(tmp_path, [f"small={url}"]) as h:
         r = httpx.post(
             h.base_url + "/chat/completions",
@@ -171,7 +173,9 @@ def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):
         assert events[-1] == b"data: [DONE]"
         err = orjson.loads(events[-2][6:])
         assert err["error"]["code"] == "upstream_stream_error"
-        assert sum(1 for e in events[:-2] if b'"delta"' in e) == 3
+        deltas = [orjson.loads(e[6:])["choices"][0]["delta"] for e in events[:-2]]
+        assert deltas[0] == {"role": "assistant", "content": ""}
+        assert [d["content"] for d in deltas[1:]] == ["t0 ", "", "t2 "]
         recs = _records(h.shim, 1)
     (rec,) = recs
     assert rec["status_code"] == 502 and rec["error_type"] == "upstream_stream_error"

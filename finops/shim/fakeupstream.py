@@ -33,12 +33,16 @@ class FakeUpstream:
         delay_s: float = 0.0,
         die_after: int = 2,
         name: str = "fake",
+        empty_every: int = 0,
     ) -> None:
         self.mode = mode
         self.tokens = tokens
         self.delay_s = delay_s
         self.die_after = die_after
         self.name = name
+        # every n-th streamed token has empty text, as vLLM sends a token that ends
+        # mid-UTF-8 character: usage must count chunks, not text
+        self.empty_every = empty_every
         self.calls = 0
         self.completed = 0
         self.disconnects = 0
@@ -149,9 +153,19 @@ class FakeUpstream:
                 if watcher.done():
                     self.disconnects += 1
                     return
+                text = "" if self.empty_every and i % self.empty_every == 1 else f"t{i} "
                 if chat:
-                    delta = {"role": "assistant", "content": ""} if i == 0 else {}
-                    delta["content"] = f"t{i} "
+                    if i == 0:  # vLLM announces the role in a chunk of its own
+                        role = {"index": 0, "delta": {"role": "assistant", "content": ""}}
+                        ev = {**base, "choices": [{**role, "finish_reason": None}]}
+                        await send(
+                            {
+                                "type": "http.response.body",
+                                "body": b"data: " + orjson.dumps(ev) + b"\n\n",
+                                "more_body": True,
+                            }
+                        )
+                    delta = {"content": text}
                     ch = {
                         "index": 0,
                         "delta": delta,
@@ -160,7 +174,7 @@ class FakeUpstream:
                 else:
                     ch = {
                         "index": 0,
-                        "text": f"t{i} ",
+                        "text": text,
                         "finish_reason": "length" if i == ntok - 1 else None,
                     }
                 ev = {**base, "choices": [ch]}

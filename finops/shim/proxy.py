@@ -41,6 +41,8 @@ SSE_HEADERS = [
     (b"x-accel-buffering", b"no"),
 ]
 DONE = b"data: [DONE]\n\n"
+# a long stream yields to the event loop at least this often, so a client disconnect is seen
+YIELD_EVERY_S = 0.005
 
 
 class ClientGone(Exception):
@@ -812,6 +814,7 @@ class ProxyEndpoint:
         watcher = asyncio.create_task(watch())
         buf = b""
         upstream_error: str | None = None
+        yielded = time.perf_counter()
         try:
             chunk = first
             while True:
@@ -841,6 +844,13 @@ class ProxyEndpoint:
                         }
                     )
                     state["delivered"] = state["done"]
+                    now = time.perf_counter()
+                    if now - yielded > YIELD_EVERY_S:
+                        # Reading an upstream whose bytes are already buffered never suspends,
+                        # so the loop would not poll the client's socket: a client gone
+                        # mid-stream would go unnoticed (GPU time spent) until the end.
+                        await asyncio.sleep(0)
+                        yielded = now
                 if state["done"]:
                     # read the body's end (chunked terminator) so the connection can be reused
                     with contextlib.suppress(Exception):
@@ -962,13 +972,19 @@ class ProxyEndpoint:
             collect.append(obj)
         if choices:
             for ch in choices:
+                # vLLM sends one chunk per generated token, and its content can be empty (a
+                # token that ends mid-UTF-8 character): count the chunk, not the text. The
+                # chat stream's first chunk may only announce the role (empty content).
                 if ctx.operation == "chat":
                     d = ch.get("delta") or {}
-                    has = bool(
-                        d.get("content") or d.get("tool_calls") or d.get("reasoning_content")
-                    )
+                    if d.get("role"):
+                        has = bool(
+                            d.get("content") or d.get("tool_calls") or d.get("reasoning_content")
+                        )
+                    else:
+                        has = "content" in d or "tool_calls" in d or "reasoning_content" in d
                 else:
-                    has = bool(ch.get("text"))
+                    has = "text" in ch
                 if has:
                     state["content_chunks"] += 1
                     if state["first_token"] is None:
