@@ -18,6 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import signal
 import time
 from collections.abc import AsyncIterator
@@ -210,9 +211,14 @@ class Shim:
         if cfg.source_path is not None:
             import dataclasses
 
-            # listen address, log folder and cache backend are fixed for the process
+            # listen address, workers, log folder and cache backend are fixed for the process
             cfg = dataclasses.replace(
-                cfg, host=old.host, port=old.port, log_dir=old.log_dir, redis_url=old.redis_url
+                cfg,
+                host=old.host,
+                port=old.port,
+                workers=old.workers,
+                log_dir=old.log_dir,
+                redis_url=old.redis_url,
             )
         return cfg, build_router(cfg)
 
@@ -270,9 +276,21 @@ class Shim:
                 await self.check_upstreams()
             except Exception as exc:
                 self.logger.warning("health check failed: %s", exc)
-            self.metrics.log_records.set(self.log.written)
-            self.metrics.log_errors.set(self.log.errors)
+            self.refresh_gauges()
             await asyncio.sleep(max(0.5, self.cfg.health_interval_s))
+
+    def refresh_gauges(self) -> None:
+        """Set the gauges read from state (circuits, in flight, log counts).
+
+        Called on every scrape and by the health loop: with several workers a scrape
+        reaches one of them, and the others' values must not be older than one interval.
+        """
+        m = self.metrics
+        for u in self.pool.all():
+            m.circuit_state.labels(u.tier, u.url).set(u.breaker.state)
+            m.outstanding.labels(u.tier, u.url).set(u.outstanding)
+        m.log_records.set(self.log.written)
+        m.log_errors.set(self.log.errors)
 
     async def _watch_loop(self) -> None:
         from watchfiles import awatch
@@ -387,7 +405,10 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
         )
 
     async def healthz(request: Request) -> Response:
-        return JSONResponse({"status": "ok", "router_version": shim.router.version})
+        # the pid says which worker answered when several share the port
+        return JSONResponse(
+            {"status": "ok", "router_version": shim.router.version, "pid": os.getpid()}
+        )
 
     async def readyz(request: Request) -> Response:
         ok, detail = shim.readiness()
@@ -395,15 +416,10 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
         return Response(orjson.dumps(detail), 200 if ok else 503, media_type="application/json")
 
     async def metrics(request: Request) -> Response:
-        from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+        from prometheus_client import CONTENT_TYPE_LATEST
 
-        m = shim.metrics
-        for u in shim.pool.all():
-            m.circuit_state.labels(u.tier, u.url).set(u.breaker.state)
-            m.outstanding.labels(u.tier, u.url).set(u.outstanding)
-        m.log_records.set(shim.log.written)
-        m.log_errors.set(shim.log.errors)
-        return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)
+        shim.refresh_gauges()
+        return Response(shim.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:

@@ -65,6 +65,7 @@ class ShimConfig:
     tiers: dict[str, TierConfig]  # insertion order = cheapest first
     host: str = "127.0.0.1"
     port: int = 8080
+    workers: int = 1  # shim processes sharing the port (finops.shim.workers)
     alias: str = "auto"
     extra_aliases: tuple[str, ...] = ()
     explicit: str = "allow"
@@ -184,6 +185,12 @@ def parse_config(
     kw["host"] = _get(server, "host", str, f"{source}: [server]", "127.0.0.1")
     kw["port"] = _get(server, "port", int, f"{source}: [server]", 8080)
     kw["watch"] = _get(server, "watch", bool, f"{source}: [server]", False)
+    kw["workers"] = _get(server, "workers", int, f"{source}: [server]", 1)
+    _expect(
+        1 <= kw["workers"] <= 256,
+        f"{source}: [server]",
+        f"workers: expected 1..256, got {kw['workers']}",
+    )
 
     tiers_raw = data.get("tiers")
     _expect(
@@ -378,6 +385,7 @@ def from_flags(
     log_dir: Path | None = None,
     host: str = "127.0.0.1",
     port: int = 8080,
+    workers: int = 1,
 ) -> ShimConfig:
     """Build a config from `--upstream TIER=URL` / `--api-key KEY=TENANT` flags.
 
@@ -400,7 +408,7 @@ def from_flags(
         )
         keys.append({"sha256": hash_key(key), "tenant": tenant})
     data: dict[str, Any] = {
-        "server": {"host": host, "port": port},
+        "server": {"host": host, "port": port, "workers": workers},
         "tiers": {t: {"upstreams": u} for t, u in tiers.items()},
         "auth": {"keys": keys},
     }

@@ -3,11 +3,26 @@
 `finops_shim_added_latency_seconds` is the shim's overhead alone: time spent
 in the shim before the client got its first byte, minus the time waited on
 the upstream. Buckets start at 100 µs because the goal is p50 <= 1 ms.
+
+With several workers (`finops shim serve --workers N`) prometheus_client's
+multiprocess mode is on (`PROMETHEUS_MULTIPROC_DIR`, set by the supervisor):
+counters and histograms are summed over the workers, and each gauge says how
+its workers' values combine (`multiprocess_mode`).
 """
 
 from __future__ import annotations
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+import os
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+def multiprocess_dir() -> str | None:
+    """The folder workers share metric files in, when the shim runs several workers."""
+    return os.environ.get(MULTIPROC_ENV) or None
+
 
 OVERHEAD_BUCKETS = (
     0.0001,
@@ -30,6 +45,7 @@ LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 
 class ShimMetrics:
     def __init__(self) -> None:
         r = self.registry = CollectorRegistry(auto_describe=True)
+        self._router_version: str | None = None
         self.requests = Counter(
             "finops_shim_requests",
             "Requests by tier, HTTP status and tenant.",
@@ -96,12 +112,14 @@ class ShimMetrics:
             "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open.",
             ["tier", "upstream"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.outstanding = Gauge(
             "finops_shim_upstream_outstanding",
             "Requests in flight per upstream.",
             ["tier", "upstream"],
             registry=r,
+            multiprocess_mode="livesum",
         )
         self.router_decisions = Counter(
             "finops_shim_router_decisions",
@@ -121,6 +139,7 @@ class ShimMetrics:
             "1 for the router version now serving.",
             ["router_version"],
             registry=r,
+            multiprocess_mode="livemax",
         )
         self.truncated_tokens = Counter(
             "finops_shim_truncated_tokens",
@@ -140,13 +159,34 @@ class ShimMetrics:
             ["result"],
             registry=r,
         )
+        # per worker since it started; summed over workers, ended ones included
         self.log_records = Gauge(
-            "finops_shim_log_records_written", "Request-log records written to disk.", registry=r
+            "finops_shim_log_records_written",
+            "Request-log records written to disk.",
+            registry=r,
+            multiprocess_mode="sum",
         )
         self.log_errors = Gauge(
-            "finops_shim_log_write_errors", "Request-log records lost to write errors.", registry=r
+            "finops_shim_log_write_errors",
+            "Request-log records lost to write errors.",
+            registry=r,
+            multiprocess_mode="sum",
         )
 
     def set_router(self, version: str) -> None:
-        self.router_info.clear()
+        # not clear(): under multiprocess mode the old value stays in the worker's file
+        if self._router_version is not None and self._router_version != version:
+            self.router_info.labels(self._router_version).set(0)
         self.router_info.labels(version).set(1)
+        self._router_version = version
+
+    def exposition(self) -> bytes:
+        """Prometheus text: this app's registry, or all workers' files in multiprocess mode."""
+        path = multiprocess_dir()
+        if path is None:
+            return generate_latest(self.registry)
+        from prometheus_client import multiprocess
+
+        merged = CollectorRegistry()
+        multiprocess.MultiProcessCollector(merged, path=path)
+        return generate_latest(merged)

@@ -57,6 +57,30 @@ def new_record() -> dict[str, Any]:
     return dict.fromkeys(COLUMNS)
 
 
+def recover_open_files(folder: Path, pid: int) -> list[Path]:
+    """Close out the files a dead writer (process `pid`) left open; returns them.
+
+    A process killed hard never renames its `.jsonl.open` file, so ingesters that read
+    `*.jsonl` would skip every record in it. The supervisor of several workers calls
+    this when one dies: the file is cut after its last complete line (a half-written
+    record is dropped; the whole ones are kept) and renamed to `.jsonl`.
+    """
+    done = []
+    for path in sorted(Path(folder).glob(f"requests-*-{pid}-*.jsonl.open")):
+        data = path.read_bytes()
+        keep = data[: data.rfind(b"\n") + 1]
+        if len(keep) != len(data):
+            with open(path, "r+b") as fh:
+                fh.truncate(len(keep))
+        final = path.with_suffix("")
+        if keep:
+            path.rename(final)
+            done.append(final)
+        else:
+            path.unlink()
+    return done
+
+
 class RequestLog:
     """Background JSONL writer with rotation; `write(record)` never blocks."""
 

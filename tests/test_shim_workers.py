@@ -1,0 +1,192 @@
+"""`finops shim serve --workers N`: several shim processes on one port, as users run it.
+
+The real CLI in a subprocess, a fake upstream on loopback, plain HTTP clients: the
+workers share the traffic, /metrics adds them up, SIGHUP reloads each, a killed
+worker is replaced (and its request log closed out), SIGTERM drains them all with
+every request logged, and a worker that cannot start stops the supervisor.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from finops.loopback import free_port, wait_http
+from finops.shim.config import from_flags
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.server import run_app_in_thread
+from finops.shim.workers import Supervisor
+
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
+FINOPS = str(Path(sys.executable).parent / "finops")
+
+
+@pytest.fixture
+def upstream():
+    f = FakeUpstream()
+    f.keep_bodies = False
+    h = run_app_in_thread(f)
+    yield h.url
+    h.stop(2)
+
+
+def _workers(master: int) -> set[int]:
+    """Pids of the supervisor's worker processes (multiprocessing spawn children)."""
+    out = set()
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            ppid = int((d / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            cmd = (d / "cmdline").read_bytes()
+        except (OSError, IndexError, ValueError):
+            continue
+        if ppid == master and b"spawn_main" in cmd:
+            out.add(int(d.name))
+    return out
+
+
+def _metric(text: str, name: str, **labels: str) -> float:
+    want = [f'{k}="{v}"' for k, v in labels.items()]
+    return sum(
+        float(line.split()[-1])
+        for line in text.splitlines()
+        if line.startswith(name) and all(w in line for w in want)
+    )
+
+
+def _burst(url: str, n: int) -> list[int]:
+    """n requests from 16 threads, each on a new connection (so the kernel spreads them)."""
+
+    def one(_: int) -> int:
+        return httpx.post(url + "/v1/chat/completions", json=CHAT, timeout=20).status_code
+
+    with ThreadPoolExecutor(16) as ex:
+        return list(ex.map(one, range(n)))
+
+
+def _wait(cond, timeout: float = 30, what: str = "condition") -> None:
+    deadline = time.monotonic() + timeout
+    while not cond():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what}")
+        time.sleep(0.1)
+
+
+def test_workers_share_the_port_reload_restart_and_drain(tmp_path, upstream):
+    port = free_port()
+    log_dir = tmp_path / "log"
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [
+            *(FINOPS, "shim", "serve", "--port", str(port), "--workers", "2"),
+            *("--log", str(log_dir), "--upstream", f"small={upstream}", "--upstream"),
+            f"mid={upstream}",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", timeout=60)
+        _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
+        first = _workers(proc.pid)
+        _wait(lambda: all(_burst(url, 8)), what="both workers answering")  # warm-up
+        sent = 8
+        codes = _burst(url, 200)
+        sent += len(codes)
+        assert codes == [200] * 200
+        # any worker's /metrics reports all of them
+        m = httpx.get(url + "/metrics").text
+        assert {httpx.get(url + "/healthz").json()["pid"] for _ in range(20)} <= first
+        assert _metric(m, "finops_shim_requests_total", status="200") == sent
+        assert _metric(m, "finops_shim_router_info", router_version="rules-v1") == 1
+
+        proc.send_signal(signal.SIGHUP)  # reload: every worker, once
+        _wait(
+            lambda: _metric(httpx.get(url + "/metrics").text, "finops_shim_reloads_total") == 2,
+            what="two reloads",
+        )
+
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)  # a worker dies hard: it is replaced
+        _wait(
+            lambda: len(_workers(proc.pid)) == 2 and victim not in _workers(proc.pid),
+            what="a replacement worker",
+        )
+        assert not list(log_dir.glob(f"requests-*-{victim}-*.jsonl.open")), (
+            "the dead worker's open log file is closed out"
+        )
+        (new,) = _workers(proc.pid) - first
+        _wait(
+            lambda: httpx.get(url + "/healthz").json()["pid"] == new,
+            what="the replacement answering",
+        )
+        _wait(lambda: all(c == 200 for c in _burst(url, 16)), what="service after the restart")
+        sent += 16
+        codes = _burst(url, 100)
+        sent += len(codes)
+        assert codes == [200] * 100
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+    assert f"(pid {victim}) exited with -9" in out, out
+    files = sorted(log_dir.glob("requests-*"))
+    assert files and all(f.suffix == ".jsonl" for f in files), files
+    pids = {f.name.split("-")[2] for f in files}
+    assert len(pids) >= 3, "two first workers and the replacement each wrote a log"
+    recs = [orjson.loads(line) for f in files for line in f.read_bytes().splitlines()]
+    assert len({r["request_id"] for r in recs}) == len(recs)
+    assert [f for f in files if f.name.split("-")[2] == str(victim)], "closed out, kept"
+    # The log writer flushes every 50 ms and the kill came well after the burst, so even
+    # the killed worker's records are on disk; a few are allowed for a slow writer thread.
+    assert sent - 8 <= len(recs) <= sent
+    assert not any(tmp.iterdir()), "the metrics folder is removed at exit"
+
+
+def test_workers_that_cannot_start_stop_the_supervisor(tmp_path, upstream):
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    cfg = from_flags([f"small={upstream}"], log_dir=not_a_dir / "log", port=free_port())
+    t0 = time.monotonic()
+    status = Supervisor(cfg, 2, log_level="error").run()
+    assert status == 1
+    assert time.monotonic() - t0 < 120
+
+
+def test_workers_flag_and_config_are_validated(tmp_path):
+    r = subprocess.run(
+        [FINOPS, "shim", "serve", "--workers", "0", "--upstream", "small=http://127.0.0.1:9"],
+        capture_output=True,
+        text=True,
+    )
+    assert r.returncode != 0 and "workers" in r.stderr and "got 0" in r.stderr
+    cfg = tmp_path / "shim.toml"
+    cfg.write_text('[server]\nworkers = "two"\n[tiers.small]\nupstreams = ["http://127.0.0.1:9"]\n')
+    r = subprocess.run([FINOPS, "shim", "check", str(cfg)], capture_output=True, text=True)
+    assert r.returncode != 0 and "[server]" in r.stderr and "workers" in r.stderr
+    # a log folder that cannot exist is said before any worker starts
+    not_a_dir = tmp_path / "file"
+    not_a_dir.write_text("x")
+    r = subprocess.run(
+        [
+            *(FINOPS, "shim", "serve", "--workers", "2", "--upstream", "small=http://127.0.0.1:9"),
+            *("--log", str(not_a_dir / "log")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert r.returncode != 0 and "request log folder" in r.stderr and "worker" not in r.stdout
