@@ -23,6 +23,10 @@ timer so it costs no CPU). The fast upstream measures the shim's CPU cost per
 request (its throughput ratio is CPU-bound: on shared cores it is shim cost vs
 a raw-socket server's); the paced one measures whether the shim limits
 throughput in front of a server that takes a model's time to answer.
+
+Both tables are printed for each `--workers` count (default: 1 and the number
+of cores, at most 4): `finops shim serve --workers N` runs N shim processes on
+one port, which is how a host past one core's worth of requests deploys it.
 """
 
 from __future__ import annotations
@@ -208,7 +212,9 @@ def start_upstream(delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     return p, port
 
 
-def start_shim(upstream: str, log_dir: Path, router: Path | None) -> tuple[subprocess.Popen, int]:
+def start_shim(
+    upstream: str, log_dir: Path, router: Path | None, workers: int = 1
+) -> tuple[subprocess.Popen, int]:
     port = free_port()
     cmd = [
         str(Path(sys.executable).parent / "finops"),
@@ -220,6 +226,8 @@ def start_shim(upstream: str, log_dir: Path, router: Path | None) -> tuple[subpr
         str(log_dir),
         "--log-level",
         "warning",
+        "--workers",
+        str(workers),
     ]
     for t in ("small", "mid", "large"):
         cmd += ["--upstream", f"{t}={upstream}"]
@@ -228,6 +236,14 @@ def start_shim(upstream: str, log_dir: Path, router: Path | None) -> tuple[subpr
     p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     wait_http(f"http://127.0.0.1:{port}/healthz")
     return p, port
+
+
+def stop(p: subprocess.Popen) -> None:
+    p.terminate()
+    try:
+        p.wait(40)
+    except subprocess.TimeoutExpired:
+        p.kill()
 
 
 def main() -> None:
@@ -244,7 +260,13 @@ def main() -> None:
     ap.add_argument(
         "--paced-ms", type=float, default=50.0, help="the paced upstream's response time"
     )
+    ap.add_argument(
+        "--workers",
+        default=f"1,{min(os.cpu_count() or 1, 4)}",
+        help="comma-separated shim worker counts to measure (default: 1 and the cores, <= 4)",
+    )
     a = ap.parse_args()
+    worker_counts = sorted({max(1, int(w)) for w in a.workers.split(",") if w.strip()})
     tmp = Path(tempfile.mkdtemp(prefix="bench-shim-"))
     procs: list[subprocess.Popen] = []
     try:
@@ -265,25 +287,40 @@ def main() -> None:
             print("classifier: rule policy rules-v1")
         up, up_port = start_upstream()
         procs.append(up)
-        shim, shim_port = start_shim(f"http://127.0.0.1:{up_port}", tmp / "log", router)
-        procs.append(shim)
         paced, paced_port = start_upstream(a.paced_ms)
         procs.append(paced)
-        pshim, pshim_port = start_shim(f"http://127.0.0.1:{paced_port}", tmp / "log-paced", router)
-        procs.append(pshim)
         print(f"cpus: {os.cpu_count()} (shared by load generator, shim and upstream)")
         scale = 0.25 if a.quick else 1.0
-        rows = grid("loopback", up_port, shim_port, ((1, 600), (32, 4000), (128, 6000)), scale)
-        print(
-            "\n== shim vs the fast loopback upstream (goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
-        )
-        print_rows(rows)
-        prows = grid("paced", paced_port, pshim_port, ((1, 80), (32, 2000), (128, 5000)), scale)
-        print(
-            f"\n== shim vs an upstream that answers in {a.paced_ms:g} ms "
-            "(a model's latency, no CPU): does the shim limit throughput?"
-        )
-        print_rows(prows)
+        shim_port = 0
+        for w in worker_counts:
+            # one shim at a time: idle shims would still share the cores' caches
+            shim, shim_port = start_shim(
+                f"http://127.0.0.1:{up_port}", tmp / f"log-{w}", router, workers=w
+            )
+            rows = grid(
+                f"fast w={w}", up_port, shim_port, ((1, 600), (32, 4000), (128, 6000)), scale
+            )
+            print(
+                f"\n== shim ({w} worker{'s' if w > 1 else ''}) vs the fast loopback upstream "
+                "(goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
+            )
+            print_rows(rows)
+            if w == worker_counts[-1]:
+                procs.append(shim)  # kept for its /metrics below
+            else:
+                stop(shim)
+            pshim, pshim_port = start_shim(
+                f"http://127.0.0.1:{paced_port}", tmp / f"log-paced-{w}", router, workers=w
+            )
+            prows = grid(
+                f"paced w={w}", paced_port, pshim_port, ((1, 80), (32, 2000), (128, 5000)), scale
+            )
+            stop(pshim)
+            print(
+                f"\n== shim ({w} worker{'s' if w > 1 else ''}) vs an upstream that answers in "
+                f"{a.paced_ms:g} ms (a model's latency, no CPU): does the shim limit throughput?"
+            )
+            print_rows(prows)
         if a.vllm:
             from urllib.parse import urlparse
 
@@ -310,7 +347,10 @@ def main() -> None:
             print(f"\n== shim vs real vLLM at {a.vllm} (16 tokens; for the record)")
             print_rows(vrows)
         m = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
-        print("\n== the shim's own added-latency histogram (finops_shim_added_latency_seconds)")
+        print(
+            f"\n== the shim's own added-latency histogram (finops_shim_added_latency_seconds, "
+            f"fast upstream, {worker_counts[-1]} worker(s))"
+        )
         for stream in ("no", "yes"):
             q = hist_quantiles(
                 m, "finops_shim_added_latency_seconds", {"stream": stream}, (0.5, 0.99)
@@ -327,12 +367,7 @@ def main() -> None:
         )
     finally:
         for p in procs:
-            p.terminate()
-        for p in procs:
-            try:
-                p.wait(10)
-            except subprocess.TimeoutExpired:
-                p.kill()
+            stop(p)
         shutil.rmtree(tmp, ignore_errors=True)
 
 

@@ -190,3 +190,23 @@ def test_workers_flag_and_config_are_validated(tmp_path):
         timeout=60,
     )
     assert r.returncode != 0 and "request log folder" in r.stderr and "worker" not in r.stdout
+
+
+def test_workers_exit_when_the_supervisor_is_killed(tmp_path, upstream):
+    port = free_port()
+    up = f"small={upstream}"
+    proc = subprocess.Popen(
+        [*(FINOPS, "shim", "serve", "--port", str(port)), "--workers", "2", "--upstream", up],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+    _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
+    pids = _workers(proc.pid)
+    proc.kill()
+    proc.wait(10)
+
+    def gone() -> bool:
+        return not any(Path(f"/proc/{p}").exists() for p in pids)
+
+    _wait(gone, timeout=40, what="orphaned workers to exit")

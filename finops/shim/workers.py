@@ -56,7 +56,21 @@ def bind_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
     return sock
 
 
-def _worker(cfg: ShimConfig, sock: socket.socket, index: int, log_level: str) -> None:
+def _exit_with_parent(parent: int) -> None:
+    """Have the kernel SIGTERM this worker when the supervisor dies (Linux), so a
+    supervisor killed hard does not leave workers serving the port unsupervised."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.getppid() != parent:  # it died before prctl took effect
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _worker(cfg: ShimConfig, sock: socket.socket, index: int, log_level: str, parent: int) -> None:
     """One worker process: the ordinary shim app under uvicorn, on the shared socket."""
     import uvicorn
 
@@ -65,6 +79,7 @@ def _worker(cfg: ShimConfig, sock: socket.socket, index: int, log_level: str) ->
 
     # a reload forwarded before the app installs its handler must not kill the worker
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    _exit_with_parent(parent)
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
         format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
@@ -94,7 +109,7 @@ class Supervisor:
     def _spawn(self, index: int, sock: socket.socket) -> Any:
         p = self._ctx.Process(
             target=_worker,
-            args=(self.cfg, sock, index, self.log_level),
+            args=(self.cfg, sock, index, self.log_level, os.getpid()),
             name=f"finops-shim-worker-{index}",
             daemon=False,
         )
@@ -110,10 +125,10 @@ class Supervisor:
 
     def run(self) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status (0 clean, 1 crash loop)."""
+        sock = bind_socket(self.cfg.host, self.cfg.port)  # first: a busy port is the usual error
         metrics_dir = tempfile.mkdtemp(prefix="finops-shim-metrics-")
         previous = os.environ.get(MULTIPROC_ENV)
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
-        sock = bind_socket(self.cfg.host, self.cfg.port)
         handlers = {
             s: signal.signal(s, self._on_signal)
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
