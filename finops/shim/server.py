@@ -39,6 +39,9 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
         # came from the proxy's stream loop not yielding (fixed there: it yields every
         # 5 ms); both servers report a disconnect through the same receive() path.
         http="httptools",
+        # the shim never uses the client's address (tenants come from API keys), so
+        # uvicorn's X-Forwarded-For middleware would be per-request work for nothing
+        proxy_headers=False,
     )
 
 
