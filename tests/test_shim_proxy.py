@@ -580,3 +580,27 @@ def test_concurrent_load_logs_every_request(tmp_path, fakes):
         recs = _records(h.shim, 200)
     assert len(recs) == 200 and len({r["request_id"] for r in recs}) == 200
     assert threading.active_count() < 200
+
+
+def test_upstream_silent_mid_stream_times_out_cleanly(tmp_path, fakes):
+    """A stream whose upstream stops sending for longer than read_timeout_s ends with
+    a clean SSE error; the upstream request is dropped."""
+    f, url = fakes("slow", tokens=5, delay_s=1.5)
+    with _serve(tmp_path, [f"small={url}"], read_timeout_s=0.3) as h:
+        t0 = time.monotonic()
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**CHAT, "stream": True, "max_tokens": 5},
+            timeout=10,
+        )
+        assert time.monotonic() - t0 < 1.4, "gave up after 0.3 s, not at the next token"
+        events = [e for e in r.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        err = orjson.loads(events[-2][6:])["error"]
+        assert err["code"] == "upstream_stream_error" and "0.3 s mid-stream" in err["message"]
+        recs = _records(h.shim, 1)
+        deadline = time.monotonic() + 5
+        while f.disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f.disconnects == 1 and f.completed == 0
+    assert recs[0]["status_code"] == 502 and recs[0]["output_tokens"] == 1

@@ -295,3 +295,51 @@ def test_readyz_reports_unreachable_tiers(tmp_path, upstream):
         while httpx.get(h.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
             time.sleep(0.1)
         assert httpx.get(h.url + "/readyz").status_code == 200
+
+
+def test_read_deadline_counts_only_time_spent_reading():
+    """One lazy timer per stream: a slow reader times out, a slow consumer does not, and
+    a cancel from elsewhere stays a cancel."""
+    import asyncio
+
+    from finops.shim.h1client import ReadDeadline
+
+    async def reads(dl: ReadDeadline, waits: list[float]) -> int:
+        done = 0
+        for w in waits:
+            dl.start()
+            try:
+                await asyncio.sleep(w)
+            except asyncio.CancelledError:
+                if dl.expired():
+                    raise TimeoutError from None
+                raise
+            finally:
+                dl.active = False
+            done += 1
+            await asyncio.sleep(0.15)  # the consumer's own time (a slow client)
+        return done
+
+    async def main() -> None:
+        dl = ReadDeadline(0.1)
+        assert await reads(dl, [0.01, 0.01, 0.01]) == 3  # 0.45 s in all, reads are quick
+        dl.close()
+        dl = ReadDeadline(0.1)
+        with pytest.raises(TimeoutError):
+            await reads(dl, [0.01, 0.5])
+        dl.close()
+
+        async def cancelled_from_outside() -> None:
+            dl = ReadDeadline(0.2)
+            try:
+                await reads(dl, [5.0])
+            finally:
+                dl.close()
+
+        t = asyncio.create_task(cancelled_from_outside())
+        await asyncio.sleep(0.05)
+        t.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await t
+
+    asyncio.run(main())

@@ -56,6 +56,53 @@ class _Conn:
             self.writer.transport.abort()
 
 
+class ReadDeadline:
+    """Cancel the task when one read waits longer than `timeout` s, for a whole stream.
+
+    `asyncio.timeout` around every chunk of a token stream costs a timer per chunk
+    (about 6 us each, hundreds of chunks per answer); this keeps one timer per stream
+    and re-arms it lazily when it fires: marking a read's start and end is two stores.
+    Time the consumer spends between reads (a slow client) does not count.
+    """
+
+    __slots__ = ("_cancelling", "_handle", "_loop", "_task", "active", "fired", "since", "timeout")
+
+    def __init__(self, timeout: float) -> None:
+        self._loop = asyncio.get_running_loop()
+        task = asyncio.current_task()
+        assert task is not None
+        self._task = task
+        self._cancelling = task.cancelling()
+        self.timeout = timeout
+        self.since = 0.0
+        self.active = False
+        self.fired = False
+        self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
+
+    def start(self) -> None:
+        self.since = self._loop.time()
+        self.active = True
+
+    def _check(self) -> None:
+        now = self._loop.time()
+        if self.active and now - self.since >= self.timeout:
+            self.fired = True
+            self._handle = None
+            self._task.cancel()
+            return
+        due = self.since + self.timeout if self.active else now + self.timeout
+        self._handle = self._loop.call_at(due, self._check)
+
+    def expired(self) -> bool:
+        """After a CancelledError: was it this deadline's (then it is consumed)?"""
+        return self.fired and self._task.uncancel() <= self._cancelling
+
+    def close(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class Response:
     """Status and headers are read; the body is read with `read()` or `iter_chunks()`."""
 
@@ -104,17 +151,25 @@ class Response:
             yield data[:-2]
 
     async def iter_chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
-        """Body pieces as they arrive (de-chunked); `idle_timeout` bounds each wait."""
+        """Body pieces as they arrive (de-chunked); a wait over `idle_timeout` raises
+        TimeoutError."""
         r = self.conn.reader
+        dl = ReadDeadline(idle_timeout)
         try:
             if self.headers.get("transfer-encoding", "").lower() == "chunked":
                 it = self._chunked().__aiter__()
                 while True:
-                    async with asyncio.timeout(idle_timeout):
-                        try:
-                            piece = await it.__anext__()
-                        except StopAsyncIteration:
-                            break
+                    dl.start()
+                    try:
+                        piece = await it.__anext__()
+                    except StopAsyncIteration:
+                        break
+                    except asyncio.CancelledError:
+                        if dl.expired():
+                            raise TimeoutError(f"no data for {idle_timeout:g} s") from None
+                        raise
+                    finally:
+                        dl.active = False
                     yield piece
             else:
                 left = (
@@ -125,8 +180,15 @@ class Response:
                 if left is None:
                     self.reusable = False
                 while left is None or left > 0:
-                    async with asyncio.timeout(idle_timeout):
+                    dl.start()
+                    try:
                         piece = await r.read(65536 if left is None else min(65536, left))
+                    except asyncio.CancelledError:
+                        if dl.expired():
+                            raise TimeoutError(f"no data for {idle_timeout:g} s") from None
+                        raise
+                    finally:
+                        dl.active = False
                     if not piece:
                         if left:
                             raise asyncio.IncompleteReadError(b"", left)
@@ -139,6 +201,8 @@ class Response:
             raise Disconnected(
                 f"upstream closed the connection mid-stream: {type(exc).__name__}"
             ) from None
+        finally:
+            dl.close()
         self.release()
 
     def release(self) -> None:
