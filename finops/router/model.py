@@ -14,8 +14,6 @@ checked against `predict_proba` on probe rows every time an artifact is loaded.
 
 from __future__ import annotations
 
-import math
-import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -194,17 +192,10 @@ class CompiledScorer:
             self.scale
         )
         self._b = self.intercept - self._w_num @ self.mean
-        # Rows of coef.T are a feature's weights for every class, side by side: a gather of
-        # the row indices a request touches reads one cache line per feature, not one per
-        # class (the matrix is megabytes; under load it is not in cache).
-        self._coef_t = np.ascontiguousarray(self.coef.T)
-        self._num_cols = list(self.num_cols)
 
-    def _hash_block(self, k: int, h: _Hashed, text: str) -> tuple[list[int], list[float]]:
-        """Feature indices (with this block's offset) and values of one hashed text block."""
+    def _hash_block(self, k: int, h: _Hashed, text: str) -> tuple[np.ndarray, np.ndarray]:
         cache = self._hash_cache[k]
         counts: dict[int, float] = {}
-        get = counts.get
         for tok in h.analyzer(text):
             idx = cache.get(tok)
             if idx is None:
@@ -213,46 +204,37 @@ class CompiledScorer:
                     (2147483647 - (h.n_features - 1)) % h.n_features
                     if hv == -2147483648
                     else abs(hv) % h.n_features
-                ) + h.offset
+                )
                 if len(cache) < self._cache_limit:
                     cache[tok] = idx
-            counts[idx] = get(idx, 0.0) + 1.0
-        vals = list(counts.values())
+            counts[idx] = counts.get(idx, 0.0) + 1.0
+        if not counts:
+            return np.empty(0, dtype=np.intp), np.empty(0)
+        idx = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
+        val = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
         if h.binary:
-            vals = [1.0] * len(vals)
-        if h.norm == "l2" and vals:
-            inv = 1.0 / math.sqrt(sum(map(operator.mul, vals, vals)))
-            vals = [v * inv for v in vals]
-        return list(counts), vals
+            val[:] = 1.0
+        if h.norm == "l2":
+            val /= np.sqrt(val @ val)
+        return idx + h.offset, val
 
     def logits(self, row: dict[str, Any]) -> np.ndarray:
-        """Uncalibrated decision values of the LogisticRegression for one row.
-
-        Every active feature (hashed n-grams, one-hot categories) is gathered in one go
-        and weighted in one product: a request touches a few hundred of the model's
-        columns, and per-block NumPy calls cost more than the arithmetic.
-        """
-        idx: list[int] = []
-        val: list[float] = []
+        """Uncalibrated decision values of the LogisticRegression for one row."""
+        z = self._b + self._w_num @ np.array([float(row[c]) for c in self.num_cols])
         for k, h in enumerate(self.hashed):
-            i, v = self._hash_block(k, h, row[h.column])
-            idx += i
-            val += v
-        for m, c in zip(self.cat_index, self.cat_cols, strict=True):
-            j = m.get(row[c])
-            if j is not None:
-                idx.append(j)
-                val.append(1.0)
-        z = self._b + self._w_num @ np.array([float(row[c]) for c in self._num_cols])
-        if idx:
-            z = z + np.array(val) @ self._coef_t[idx]
+            idx, val = self._hash_block(k, h, row[h.column])
+            if idx.size:
+                z = z + self.coef[:, idx] @ val
+        cat_idx = [
+            m[v] for m, c in zip(self.cat_index, self.cat_cols, strict=True) if (v := row[c]) in m
+        ]
+        if cat_idx:
+            z = z + self.coef[:, cat_idx].sum(axis=1)
         return z
 
     def predict_proba(self, row: dict[str, Any]) -> np.ndarray:
         """Calibrated class probabilities (order: `self.classes`)."""
-        # a handful of classes: plain floats beat NumPy's per-call overhead here
-        z = self.logits(row).tolist()
-        top = max(z)
-        e = [math.exp(self.beta * (v - top)) for v in z]
-        total = math.fsum(e)
-        return np.array([v / total for v in e])
+        z = self.beta * self.logits(row)
+        z -= z.max()
+        e = np.exp(z)
+        return e / e.sum()
