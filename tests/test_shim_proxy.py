@@ -604,3 +604,12 @@ def test_upstream_silent_mid_stream_times_out_cleanly(tmp_path, fakes):
             time.sleep(0.05)
         assert f.disconnects == 1 and f.completed == 0
     assert recs[0]["status_code"] == 502 and recs[0]["output_tokens"] == 1
+
+
+def test_whole_responses_carry_their_length(tmp_path, fakes):
+    """A non-streaming answer is sent with Content-Length, not chunked framing."""
+    _f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+    assert r.status_code == 200 and "transfer-encoding" not in r.headers
+    assert int(r.headers["content-length"]) == len(r.content)

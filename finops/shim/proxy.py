@@ -748,7 +748,12 @@ class ProxyEndpoint:
             {
                 "type": "http.response.start",
                 "status": resp.status,
-                "headers": [(b"content-type", ct), *ctx.headers(now)],
+                # a length, not chunked framing: the body is whole already
+                "headers": [
+                    (b"content-type", ct),
+                    (b"content-length", str(len(data)).encode()),
+                    *ctx.headers(now),
+                ],
             }
         )
         await send({"type": "http.response.body", "body": data, "more_body": False})
