@@ -22,6 +22,7 @@ import asyncio
 import contextlib
 import time
 from collections.abc import AsyncIterator
+from typing import Any
 from urllib.parse import urlsplit
 
 KEEPALIVE_EXPIRY_S = 30.0
@@ -79,10 +80,6 @@ class ReadDeadline:
         self.fired = False
         self._handle: asyncio.TimerHandle | None = self._loop.call_later(timeout, self._check)
 
-    def start(self) -> None:
-        self.since = self._loop.time()
-        self.active = True
-
     def _check(self) -> None:
         now = self._loop.time()
         if self.active and now - self.since >= self.timeout:
@@ -92,6 +89,19 @@ class ReadDeadline:
             return
         due = self.since + self.timeout if self.active else now + self.timeout
         self._handle = self._loop.call_at(due, self._check)
+
+    async def read(self, aw: Any) -> Any:
+        """Await one read under the deadline; TimeoutError when it waited too long."""
+        self.since = self._loop.time()
+        self.active = True
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if self.expired():
+                raise TimeoutError(f"no data for {self.timeout:g} s") from None
+            raise
+        finally:
+            self.active = False
 
     def expired(self) -> bool:
         """After a CancelledError: was it this deadline's (then it is consumed)?"""
@@ -159,17 +169,10 @@ class Response:
             if self.headers.get("transfer-encoding", "").lower() == "chunked":
                 it = self._chunked().__aiter__()
                 while True:
-                    dl.start()
                     try:
-                        piece = await it.__anext__()
+                        piece = await dl.read(it.__anext__())
                     except StopAsyncIteration:
                         break
-                    except asyncio.CancelledError:
-                        if dl.expired():
-                            raise TimeoutError(f"no data for {idle_timeout:g} s") from None
-                        raise
-                    finally:
-                        dl.active = False
                     yield piece
             else:
                 left = (
@@ -180,15 +183,7 @@ class Response:
                 if left is None:
                     self.reusable = False
                 while left is None or left > 0:
-                    dl.start()
-                    try:
-                        piece = await r.read(65536 if left is None else min(65536, left))
-                    except asyncio.CancelledError:
-                        if dl.expired():
-                            raise TimeoutError(f"no data for {idle_timeout:g} s") from None
-                        raise
-                    finally:
-                        dl.active = False
+                    piece = await dl.read(r.read(65536 if left is None else min(65536, left)))
                     if not piece:
                         if left:
                             raise asyncio.IncompleteReadError(b"", left)
