@@ -175,39 +175,56 @@ def test_caps_counted_by_vllm_tokenizer(tmp_path, vllm_server):
 
 
 def test_client_disconnect_aborts_vllm_request(tmp_path, vllm_server):
+    """A client that leaves after 3 tokens of 900: vLLM stops generating, the record
+    says 499 with the tokens streamed so far.
+
+    On a starved machine vLLM can finish all 900 tokens, and the shim hand them to the
+    client's socket, before the client has read 3: the answer was then served in full
+    and there is nothing left to cancel (the record rightly says 200). Such a try proves
+    nothing either way, so it is repeated (up to 5 tries; if every one is like that the
+    test is skipped, saying so); any try where the client left while the shim was still
+    streaming must show the abort.
+    """
     url = vllm_server.root_url
     cfg = from_flags([f"small={url}"], log_dir=tmp_path / "log")
+    body = {"model": "small", "messages": MSG, "max_tokens": 900, "stream": True}
+    body["ignore_eos"] = True
+    tries = []
     with serve_in_thread(cfg) as h:
-        body = {
-            "model": "small",
-            "messages": MSG,
-            "max_tokens": 900,
-            "stream": True,
-            "ignore_eos": True,
-        }
-        with httpx.stream("POST", h.base_url + "/chat/completions", json=body, timeout=30) as r:
-            # leave after 3 tokens: far from the 900 asked for, and never before the first one
-            content_events = 0
-            for line in r.iter_lines():
-                if line.startswith("data: {") and '"content"' in line:
-                    content_events += 1
-                    if content_events >= 3:
-                        break
-        recs = _records(tmp_path / "log", 1)
-        # vLLM saw the abort: nothing is left running there
-        deadline = time.monotonic() + 10
-        running = None
-        while time.monotonic() < deadline:
-            m = httpx.get(vllm_server.metrics_url).text
-            running = sum(
-                float(ln.split()[-1])
-                for ln in m.splitlines()
-                if ln.startswith("vllm:num_requests_running")
-            )
-            if running == 0:
+        for attempt in range(1, 6):
+            t0 = time.monotonic()
+            with httpx.stream("POST", h.base_url + "/chat/completions", json=body, timeout=30) as r:
+                content_events = 0
+                for line in r.iter_lines():
+                    if line.startswith("data: {") and '"content"' in line:
+                        content_events += 1
+                        if content_events >= 3:
+                            break
+            left_after = time.monotonic() - t0
+            rec = _records(tmp_path / "log", attempt)[-1]
+            # vLLM saw the abort (or finished): nothing is left running there
+            deadline = time.monotonic() + 10
+            running = None
+            while time.monotonic() < deadline:
+                m = httpx.get(vllm_server.metrics_url).text
+                running = sum(
+                    float(ln.split()[-1])
+                    for ln in m.splitlines()
+                    if ln.startswith("vllm:num_requests_running")
+                )
+                if running == 0:
+                    break
+                time.sleep(0.2)
+            assert running == 0
+            tries.append((round(left_after, 3), rec["status_code"], rec["latency_ms"]))
+            served_before_leaving = rec["latency_ms"] / 1000 <= left_after
+            if not (rec["status_code"] == 200 and served_before_leaving):
                 break
-            time.sleep(0.2)
-        assert running == 0
+        else:
+            pytest.skip(
+                "inconclusive: in every try vLLM had streamed all 900 tokens before the client"
+                f" read 3 (machine starved); (left after s, status, shim ms): {tries}"
+            )
+    assert rec["status_code"] == 499, tries
     # the role chunk carries no token; every later chunk is one, its text empty or not
-    assert recs[0]["status_code"] == 499
-    assert content_events - 1 <= recs[0]["output_tokens"] < 900
+    assert content_events - 1 <= rec["output_tokens"] < 900, rec
