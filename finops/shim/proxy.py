@@ -835,14 +835,17 @@ class ProxyEndpoint:
                     if fwd:
                         out.append(ev)
                 if out:
-                    if state["done"] and time.perf_counter() - yielded > YIELD_EVERY_S:
-                        # A shim starved of CPU can read the rest of a stream in one go and
-                        # reach [DONE] without yielding; let a disconnect already on the wire
-                        # surface first (the loop sees it, then the watcher cancels us): a
-                        # client gone before [DONE] did not get the answer. A stream shorter
-                        # than YIELD_EVERY_S skips this: three loop turns per request.
+                    now = time.perf_counter()
+                    if now - yielded > YIELD_EVERY_S:
+                        # Reading an upstream whose bytes are already buffered never suspends,
+                        # so the loop would not poll the client's socket: a client gone
+                        # mid-stream would go unnoticed (GPU time spent), and one gone before
+                        # [DONE] would be logged as served. Three turns: the loop sees the
+                        # close, the watcher wakes, it cancels us. A stream shorter than
+                        # YIELD_EVERY_S never pays them.
                         for _ in range(3):
                             await asyncio.sleep(0)
+                        yielded = now
                     await send(
                         {
                             "type": "http.response.body",
@@ -851,15 +854,6 @@ class ProxyEndpoint:
                         }
                     )
                     state["delivered"] = state["done"]
-                    now = time.perf_counter()
-                    if now - yielded > YIELD_EVERY_S:
-                        # Reading an upstream whose bytes are already buffered never suspends,
-                        # so the loop would not poll the client's socket: a client gone
-                        # mid-stream would go unnoticed (GPU time spent) until the end. Three
-                        # turns: the loop sees the close, the watcher wakes, we get cancelled.
-                        for _ in range(3):
-                            await asyncio.sleep(0)
-                        yielded = now
                 if state["done"]:
                     # read the body's end (chunked terminator) so the connection can be reused
                     with contextlib.suppress(Exception):
