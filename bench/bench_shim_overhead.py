@@ -291,7 +291,7 @@ def main() -> None:
         procs.append(paced)
         print(f"cpus: {os.cpu_count()} (shared by load generator, shim and upstream)")
         scale = 0.25 if a.quick else 1.0
-        shim_port = 0
+        metrics = ""  # the last fast-upstream shim's /metrics, read before it stops
         for w in worker_counts:
             # one shim at a time: idle shims would still share the cores' caches
             shim, shim_port = start_shim(
@@ -305,10 +305,8 @@ def main() -> None:
                 "(goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
             )
             print_rows(rows)
-            if w == worker_counts[-1]:
-                procs.append(shim)  # kept for its /metrics below
-            else:
-                stop(shim)
+            metrics = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
+            stop(shim)
             pshim, pshim_port = start_shim(
                 f"http://127.0.0.1:{paced_port}", tmp / f"log-paced-{w}", router, workers=w
             )
@@ -346,7 +344,7 @@ def main() -> None:
                     )
             print(f"\n== shim vs real vLLM at {a.vllm} (16 tokens; for the record)")
             print_rows(vrows)
-        m = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
+        m = metrics
         print(
             f"\n== the shim's own added-latency histogram (finops_shim_added_latency_seconds, "
             f"fast upstream, {worker_counts[-1]} worker(s))"
