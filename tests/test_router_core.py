@@ -73,6 +73,46 @@ def test_fast_scorer_matches_sklearn_on_many_rows(rule_artifact) -> None:
     np.testing.assert_allclose(fast, via_sklearn, atol=1e-9)
 
 
+TRICKY_TEXTS = [
+    "",
+    "   \t\n ",
+    "a",
+    "I",
+    "Translate  the\tinvoice\n\nplease",
+    "TRANSLATE The Invoice",
+    "nbsp\u00a0joined em\u2003space ideographic\u3000space",
+    "\u0130stanbul STRASSE \u1e9e \u03a3\u039f\u03a3 caf\u00e9 cafe\u0301",
+    "emoji \U0001f600\U0001f600 tabs\x0bvertical\x1cfile-sep\x1funit",
+    "audit " + "x" * 300,
+    "prove the code " * 40,
+    "summarize, draft; reformat: translate! (audit) [prove]",
+]
+
+
+@pytest.mark.parametrize("piece_limit", [50_000, 0])
+def test_fast_scorer_matches_sklearn_on_tricky_text(rule_artifact, piece_limit: int) -> None:
+    """Word-by-word char n-grams equal sklearn's analyzer on odd whitespace, case and
+    Unicode, cached or not (limit 0: nothing is kept), twice over (second pass cached)."""
+    from finops.router import features as F
+    from finops.router.artifact import _probe_frame
+
+    _, tmp = rule_artifact
+    router = load_router(tmp / "art")
+    router._scorer._pieces = [{} for _ in router._scorer.hashed]
+    router._scorer._piece_limit = piece_limit
+    rows = [
+        F.extract(text=t, feature=f, tenant="acme")
+        for t in TRICKY_TEXTS
+        for f in ("f", "never-seen-feature")
+    ]
+    via_sklearn = router.pipeline.predict_proba(_probe_frame(rows))
+    for _ in range(2):
+        fast = np.vstack([router.probabilities_for_row(r) for r in rows])
+        np.testing.assert_allclose(fast, via_sklearn, atol=1e-9)
+    kept = sum(len(c) for c in router._scorer._pieces)
+    assert (kept > 0) == (piece_limit > 0)
+
+
 def test_route_on_openai_bodies(rule_artifact) -> None:
     _, tmp = rule_artifact
     router = load_router(tmp / "art")

@@ -198,7 +198,7 @@ class Router:
     def decide_row(self, row: Mapping[str, Any]) -> Decision:
         # plain floats: on the request path, NumPy calls on three values cost more than
         # the arithmetic (same numbers as probabilities_for_row + cumsum)
-        p = self._scorer.predict_proba(row).tolist()
+        p = self._scorer.proba_list(row)
         probs = [0.0] * len(self.tiers)
         for i, o in enumerate(self._order):
             probs[o] = p[i]

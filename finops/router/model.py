@@ -8,12 +8,22 @@ keeps the model independent of a fitted vocabulary and the artifact small.
 On the request path, calling `pipeline.predict_proba` on one row costs several
 milliseconds of validation and sparse-matrix overhead. `CompiledScorer` reads the fitted
 pieces (the vectorizers' own analyzers, scaler means, encoder categories, coefficients,
-the temperature) and evaluates the same function with a few NumPy operations. It is
-checked against `predict_proba` on probe rows every time an artifact is loaded.
+the temperature) and evaluates the same function on plain floats. It is checked against
+`predict_proba` on probe rows every time an artifact is loaded.
+
+Why plain floats and per-word caches: inside the shim, between requests, the network
+code evicts the CPU caches, and a NumPy call costs several times its warm cost there
+(the old gather-per-block scorer took 52 us in a loop but 134-166 us of CPU per request
+in the running shim). The hot path now touches one dict entry per word or token and a
+few dozen float operations; NumPy runs only when a word is seen for the first time.
 """
 
 from __future__ import annotations
 
+import math
+import operator
+from array import array
+from collections import Counter
 from dataclasses import dataclass
 from typing import Any
 
@@ -87,6 +97,9 @@ class _Hashed:
     n_features: int
     norm: str | None
     binary: bool
+    # char_wb n-grams never cross whitespace, so a text's n-grams are its words' n-grams:
+    # the block can be scored word by word from a per-word cache (exact, not an estimate)
+    per_word: bool
 
 
 class CompileError(ValueError):
@@ -94,7 +107,7 @@ class CompileError(ValueError):
 
 
 class CompiledScorer:
-    """Evaluate a fitted router Pipeline on one feature row with plain NumPy.
+    """Evaluate a fitted router Pipeline on one feature row with plain Python floats.
 
     Supports exactly the pieces `build_pipeline` produces; anything else raises
     `CompileError` (so a foreign model file cannot silently be scored wrongly).
@@ -146,6 +159,11 @@ class CompiledScorer:
                 if trans.alternate_sign or trans.norm not in ("l2", None):
                     raise CompileError("hashing vectorizer must use alternate_sign=False")
                 col = cols if isinstance(cols, str) else cols[0]
+                per_word = (
+                    trans.analyzer == "char_wb"
+                    and trans.preprocessor is None
+                    and trans.strip_accents is None
+                )
                 self.hashed.append(
                     _Hashed(
                         trans.build_analyzer(),
@@ -154,6 +172,7 @@ class CompiledScorer:
                         trans.n_features,
                         trans.norm,
                         trans.binary,
+                        per_word,
                     )
                 )
                 offset += trans.n_features
@@ -184,57 +203,105 @@ class CompiledScorer:
         from sklearn.utils import murmurhash3_32
 
         self._murmur = murmurhash3_32
-        self._hash_cache: list[dict[str, int]] = [{} for _ in self.hashed]
-        self._cache_limit = 200_000
         self.uses_text = bool(self.hashed)
         # Numeric block folded into the coefficients: W_num @ ((x - mean) / scale).
         self._w_num = self.coef[:, self.num_offset : self.num_offset + len(self.num_cols)] / (
             self.scale
         )
         self._b = self.intercept - self._w_num @ self.mean
+        # The same numbers as Python floats, read on every request.
+        self._b_list: list[float] = self._b.tolist()
+        self._w_num_rows: list[list[float]] = self._w_num.tolist()
+        # Rows of coef.T: one feature's weights for every class, side by side.
+        self._coef_t = np.ascontiguousarray(self.coef.T)
+        self._cat_weights: list[dict[Any, tuple[float, ...]]] = [
+            {v: tuple(self._coef_t[i].tolist()) for v, i in m.items()} for m in self.cat_index
+        ]
+        # Per block: word (char_wb) or token -> (feature indices, summed class weights).
+        # Bounded: once full, new pieces are scored without being kept (about 300 bytes
+        # an entry, so at most ~30 MB for the two blocks).
+        self._pieces: list[dict[str, tuple[array, tuple[float, ...]]]] = [{} for _ in self.hashed]
+        self._piece_limit = 50_000
 
-    def _hash_block(self, k: int, h: _Hashed, text: str) -> tuple[np.ndarray, np.ndarray]:
-        cache = self._hash_cache[k]
-        counts: dict[int, float] = {}
-        for tok in h.analyzer(text):
-            idx = cache.get(tok)
-            if idx is None:
-                hv = self._murmur(tok, seed=0)
-                idx = (
-                    (2147483647 - (h.n_features - 1)) % h.n_features
-                    if hv == -2147483648
-                    else abs(hv) % h.n_features
-                )
-                if len(cache) < self._cache_limit:
-                    cache[tok] = idx
-            counts[idx] = counts.get(idx, 0.0) + 1.0
-        if not counts:
-            return np.empty(0, dtype=np.intp), np.empty(0)
-        idx = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
-        val = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
-        if h.binary:
-            val[:] = 1.0
-        if h.norm == "l2":
-            val /= np.sqrt(val @ val)
-        return idx + h.offset, val
+    def _feature_index(self, h: _Hashed, gram: str) -> int:
+        """The column sklearn's FeatureHasher gives `gram` (alternate_sign=False)."""
+        hv = self._murmur(gram, seed=0)
+        if hv == -2147483648:
+            return h.offset + (2147483647 - (h.n_features - 1)) % h.n_features
+        return h.offset + abs(hv) % h.n_features
+
+    def _piece(self, k: int, h: _Hashed, piece: str) -> tuple[array, tuple[float, ...]]:
+        """Indices and summed weights of one word's n-grams (or of one token); cached."""
+        grams = h.analyzer(piece) if h.per_word else (piece,)
+        ids = array("q", [self._feature_index(h, g) for g in grams])
+        if len(ids):
+            w = tuple(self._coef_t[ids].sum(axis=0).tolist())
+        else:
+            w = (0.0,) * len(self.classes)
+        entry = (ids, w)
+        cache = self._pieces[k]
+        if len(cache) < self._piece_limit:
+            cache[piece] = entry
+        return entry
+
+    def _block(self, k: int, h: _Hashed, text: str) -> list[float] | None:
+        """One hashed text block's contribution to the logits (None when it has no n-grams).
+
+        The block's value is W @ (counts / ||counts||): the weighted sum comes from the
+        cached per-piece sums, the norm from the counts per column (n-grams shared by
+        several words, or hash collisions, land in the same column).
+        """
+        cache = self._pieces[k]
+        ids: list[int] = []
+        sums: list[tuple[float, ...]] = []
+        for piece in text.split() if h.per_word else h.analyzer(text):
+            entry = cache.get(piece)
+            if entry is None:
+                entry = self._piece(k, h, piece)
+            ids += entry[0]
+            sums.append(entry[1])
+        if not ids:
+            return None
+        counts = Counter(ids)
+        if h.binary:  # each column counts once, whatever its count
+            ws = self._coef_t[list(counts)].sum(axis=0).tolist()
+            norm = math.sqrt(len(counts))
+        else:
+            ws = [math.fsum(col) for col in zip(*sums, strict=True)]
+            norm = math.hypot(*counts.values())
+        if h.norm != "l2":
+            return ws
+        return [v / norm for v in ws]
+
+    def logit_list(self, row: dict[str, Any]) -> list[float]:
+        """Uncalibrated decision values of the LogisticRegression for one row, as floats."""
+        xs = [float(row[c]) for c in self.num_cols]
+        z = [
+            b + math.fsum(map(operator.mul, w, xs))
+            for b, w in zip(self._b_list, self._w_num_rows, strict=True)
+        ]
+        for k, h in enumerate(self.hashed):
+            ws = self._block(k, h, row[h.column])
+            if ws is not None:
+                z = [a + v for a, v in zip(z, ws, strict=True)]
+        for m, c in zip(self._cat_weights, self.cat_cols, strict=True):
+            ws = m.get(row[c])
+            if ws is not None:
+                z = [a + v for a, v in zip(z, ws, strict=True)]
+        return z
 
     def logits(self, row: dict[str, Any]) -> np.ndarray:
         """Uncalibrated decision values of the LogisticRegression for one row."""
-        z = self._b + self._w_num @ np.array([float(row[c]) for c in self.num_cols])
-        for k, h in enumerate(self.hashed):
-            idx, val = self._hash_block(k, h, row[h.column])
-            if idx.size:
-                z = z + self.coef[:, idx] @ val
-        cat_idx = [
-            m[v] for m, c in zip(self.cat_index, self.cat_cols, strict=True) if (v := row[c]) in m
-        ]
-        if cat_idx:
-            z = z + self.coef[:, cat_idx].sum(axis=1)
-        return z
+        return np.array(self.logit_list(row))
+
+    def proba_list(self, row: dict[str, Any]) -> list[float]:
+        """Calibrated class probabilities (order: `self.classes`), as floats."""
+        z = [self.beta * v for v in self.logit_list(row)]
+        top = max(z)
+        e = [math.exp(v - top) for v in z]
+        total = math.fsum(e)
+        return [v / total for v in e]
 
     def predict_proba(self, row: dict[str, Any]) -> np.ndarray:
         """Calibrated class probabilities (order: `self.classes`)."""
-        z = self.beta * self.logits(row)
-        z -= z.max()
-        e = np.exp(z)
-        return e / e.sum()
+        return np.array(self.proba_list(row))
