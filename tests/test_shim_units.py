@@ -18,7 +18,7 @@ from finops.shim import from_flags, serve_in_thread
 from finops.shim.cache import MemoryCache, cache_key, is_deterministic
 from finops.shim.config import load_config
 from finops.shim.fakeupstream import FakeUpstream
-from finops.shim.requestlog import RequestLog, new_record, redact
+from finops.shim.requestlog import RequestLog, iso_utc, new_record, redact
 from finops.shim.server import run_app_in_thread
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
@@ -84,6 +84,23 @@ def test_requestlog_survives_write_errors(tmp_path):
     assert log.flush()
     log.close()
     assert log.written == 2
+
+
+def test_iso_utc_matches_datetime_including_rounding_carries():
+    """The per-second cached stamp equals datetime's own text, microsecond rounding too."""
+    import datetime as dt
+    import random
+
+    def ref(ts: float) -> str:
+        d = dt.datetime.fromtimestamp(ts, dt.UTC)
+        return d.isoformat(timespec="microseconds").replace("+00:00", "Z")
+
+    rng = random.Random(7)
+    edges = [0.0, 1.9999995, 1.9999994999, 1700000000.4999995, 86399.9999996, -1.5, -4e-7]
+    stamps = edges + [rng.uniform(-1e9, 4e9) for _ in range(20_000)]
+    stamps += [round(rng.uniform(1e9, 2e9), 6) + 5e-7 for _ in range(20_000)]  # half-way cases
+    stamps += [1764000000 + i / 7 for i in range(2_000)]  # runs within one second (cache hits)
+    assert [iso_utc(t) for t in stamps] == [ref(t) for t in stamps]
 
 
 def test_redaction():
