@@ -218,8 +218,9 @@ class CompiledScorer:
             {v: tuple(self._coef_t[i].tolist()) for v, i in m.items()} for m in self.cat_index
         ]
         # Per block: word (char_wb) or token -> (feature indices, summed class weights).
-        # Bounded: once full, new pieces are scored without being kept (about 300 bytes
-        # an entry, so at most ~30 MB for the two blocks).
+        # Bounded: once full, new pieces are scored without being kept (measured 420 bytes
+        # an entry: at most ~42 MB for the two blocks; the token cache it replaces allowed
+        # 200k entries a block).
         self._pieces: list[dict[str, tuple[array, tuple[float, ...]]]] = [{} for _ in self.hashed]
         self._piece_limit = 50_000
 
