@@ -27,6 +27,14 @@ throughput in front of a server that takes a model's time to answer.
 Both tables are printed for each `--workers` count (default: 1 and the number
 of cores, at most 4): `finops shim serve --workers N` runs N shim processes on
 one port, which is how a host past one core's worth of requests deploys it.
+
+A reference table puts the fast-upstream ratios in context: nginx (C, keep-alive
+upstream pool, no routing, no log) as a plain pass-through proxy with the same
+worker count, in front of the same upstream, measured the same way. It is the
+ceiling for any proxy on this machine: a proxy parses and answers like the
+upstream does and also makes the upstream call, so on shared cores it cannot
+keep 0.8x of a server that does no work. Printed when `nginx` is on PATH
+(Debian: `apt-get install nginx-light`); `--no-reference` skips it.
 """
 
 from __future__ import annotations
@@ -238,6 +246,48 @@ def start_shim(
     return p, port
 
 
+NGINX_CONF = """
+daemon off; master_process on; worker_processes {workers};
+pid {dir}/nginx.pid; error_log {dir}/error.log warn;
+events {{ worker_connections 4096; }}
+http {{
+  access_log off;
+  client_body_temp_path {dir}/body; proxy_temp_path {dir}/proxy;
+  fastcgi_temp_path {dir}/fcgi; uwsgi_temp_path {dir}/uwsgi; scgi_temp_path {dir}/scgi;
+  upstream up {{ server 127.0.0.1:{up_port}; keepalive 256; }}
+  server {{
+    listen 127.0.0.1:{port} backlog=4096;
+    keepalive_requests 1000000;
+    location / {{
+      proxy_pass http://up; proxy_http_version 1.1; proxy_set_header Connection "";
+      proxy_buffering off;
+    }}
+  }}
+}}
+"""
+
+
+def start_nginx(
+    nginx: str, up_port: int, workers: int, folder: Path
+) -> tuple[subprocess.Popen, int]:
+    """nginx as a plain keep-alive reverse proxy to the upstream (the reference proxy)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = folder / "nginx.conf"
+    conf.write_text(NGINX_CONF.format(workers=workers, dir=folder, up_port=up_port, port=port))
+    p = subprocess.Popen(
+        [nginx, "-c", str(conf), "-p", str(folder)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_http(f"http://127.0.0.1:{port}/health")
+    except BaseException:
+        p.kill()
+        raise
+    return p, port
+
+
 def stop(p: subprocess.Popen) -> None:
     p.terminate()
     try:
@@ -259,6 +309,11 @@ def main() -> None:
     )
     ap.add_argument(
         "--paced-ms", type=float, default=50.0, help="the paced upstream's response time"
+    )
+    ap.add_argument(
+        "--no-reference",
+        action="store_true",
+        help="skip the nginx pass-through reference table",
     )
     ap.add_argument(
         "--workers",
@@ -307,6 +362,24 @@ def main() -> None:
             print_rows(rows)
             metrics = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
             stop(shim)
+            nginx = None if a.no_reference else shutil.which("nginx")
+            if nginx:
+                ng, ng_port = start_nginx(nginx, up_port, w, tmp / f"nginx-{w}")
+                try:
+                    nrows = grid(
+                        f"nginx w={w}", up_port, ng_port, ((1, 600), (32, 4000), (128, 6000)), scale
+                    )
+                finally:
+                    stop(ng)
+                print(
+                    f"\n== reference: nginx pass-through ({w} worker{'s' if w > 1 else ''}; C, no "
+                    "routing, no log) vs the same fast upstream: the ceiling for any proxy here"
+                )
+                print_rows(nrows)
+            elif not a.no_reference:
+                print(
+                    "\n(reference proxy skipped: nginx is not on PATH; apt-get install nginx-light)"
+                )
             pshim, pshim_port = start_shim(
                 f"http://127.0.0.1:{paced_port}", tmp / f"log-paced-{w}", router, workers=w
             )
