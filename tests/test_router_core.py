@@ -86,30 +86,35 @@ TRICKY_TEXTS = [
     "audit " + "x" * 300,
     "prove the code " * 40,
     "summarize, draft; reformat: translate! (audit) [prove]",
+    # hundreds of distinct words: the word block sums its columns with one NumPy gather
+    " ".join(f"w{i} x{i * 7 % 13}" for i in range(300)),
 ]
 
 
 @pytest.mark.parametrize("piece_limit", [50_000, 0])
 def test_fast_scorer_matches_sklearn_on_tricky_text(rule_artifact, piece_limit: int) -> None:
     """Word-by-word char n-grams equal sklearn's analyzer on odd whitespace, case and
-    Unicode, cached or not (limit 0: nothing is kept), twice over (second pass cached)."""
+    Unicode, cached or not (limit 0: nothing is kept), three times over (later passes
+    partly cached; long texts of new words are scored whole while a few are learned)."""
     from finops.router import features as F
     from finops.router.artifact import _probe_frame
 
     _, tmp = rule_artifact
     router = load_router(tmp / "art")
-    router._scorer._pieces = [{} for _ in router._scorer.hashed]
-    router._scorer._piece_limit = piece_limit
+    router._scorer._words = [{} for _ in router._scorer.hashed]
+    router._scorer._columns = [{} for _ in router._scorer.hashed]
+    router._scorer._word_limit = piece_limit
+    router._scorer._column_limit = piece_limit
     rows = [
         F.extract(text=t, feature=f, tenant="acme")
         for t in TRICKY_TEXTS
         for f in ("f", "never-seen-feature")
     ]
     via_sklearn = router.pipeline.predict_proba(_probe_frame(rows))
-    for _ in range(2):
+    for _ in range(3):
         fast = np.vstack([router.probabilities_for_row(r) for r in rows])
         np.testing.assert_allclose(fast, via_sklearn, atol=1e-9)
-    kept = sum(len(c) for c in router._scorer._pieces)
+    kept = sum(len(c) for c in router._scorer._words + router._scorer._columns)
     assert (kept > 0) == (piece_limit > 0)
 
 

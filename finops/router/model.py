@@ -24,6 +24,7 @@ import math
 import operator
 from array import array
 from collections import Counter
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -33,6 +34,12 @@ from finops.router.features import CATEGORICAL_COLUMNS, NUMERIC_COLUMNS
 
 WORD_HASH_FEATURES = 2**17
 CHAR_HASH_FEATURES = 2**16
+# Up to this many distinct columns a block's weights are summed on plain floats; past
+# it one NumPy gather is cheaper (a long prompt touches hundreds).
+_FEW_COLUMNS = 32
+# A char_wb block learns at most this many new words per request; text with more is
+# scored whole (one analyzer pass), so novel text costs what it cost before the cache.
+_NEW_WORDS_PER_BLOCK = 8
 
 
 def build_pipeline(
@@ -217,12 +224,16 @@ class CompiledScorer:
         self._cat_weights: list[dict[Any, tuple[float, ...]]] = [
             {v: tuple(self._coef_t[i].tolist()) for v, i in m.items()} for m in self.cat_index
         ]
-        # Per block: word (char_wb) or token -> (feature indices, summed class weights).
-        # Bounded: once full, new pieces are scored without being kept (measured 420 bytes
-        # an entry: at most ~42 MB for the two blocks; the token cache it replaces allowed
-        # 200k entries a block).
-        self._pieces: list[dict[str, tuple[array, tuple[float, ...]]]] = [{} for _ in self.hashed]
-        self._piece_limit = 50_000
+        self._n = len(self.classes)
+        # The same matrix flat, to read a few weights as Python floats without NumPy.
+        self._w_flat = memoryview(self._coef_t).cast("B").cast("d")
+        # Per block: n-gram -> column, and for char_wb blocks word -> (its n-grams'
+        # columns, their summed class weights). Bounded: once full, new entries are
+        # computed and not kept (a word entry measured ~420 bytes: ~21 MB at the limit).
+        self._words: list[dict[str, tuple[array, tuple[float, ...]]]] = [{} for _ in self.hashed]
+        self._columns: list[dict[str, int]] = [{} for _ in self.hashed]
+        self._word_limit = 50_000
+        self._column_limit = 200_000
 
     def _feature_index(self, h: _Hashed, gram: str) -> int:
         """The column sklearn's FeatureHasher gives `gram` (alternate_sign=False)."""
@@ -231,44 +242,80 @@ class CompiledScorer:
             return h.offset + (2147483647 - (h.n_features - 1)) % h.n_features
         return h.offset + abs(hv) % h.n_features
 
-    def _piece(self, k: int, h: _Hashed, piece: str) -> tuple[array, tuple[float, ...]]:
-        """Indices and summed weights of one word's n-grams (or of one token); cached."""
-        grams = h.analyzer(piece) if h.per_word else (piece,)
-        ids = array("q", [self._feature_index(h, g) for g in grams])
-        if len(ids):
-            w = tuple(self._coef_t[ids].sum(axis=0).tolist())
-        else:
-            w = (0.0,) * len(self.classes)
-        entry = (ids, w)
-        cache = self._pieces[k]
-        if len(cache) < self._piece_limit:
-            cache[piece] = entry
+    def _weighted(self, counts: Mapping[int, float]) -> list[float]:
+        """sum_i counts[i] * coef_t[i]: plain floats for a few columns, one gather for many."""
+        if len(counts) > _FEW_COLUMNS:
+            idx = np.fromiter(counts.keys(), dtype=np.intp, count=len(counts))
+            val = np.fromiter(counts.values(), dtype=np.float64, count=len(counts))
+            return (val @ self._coef_t[idx]).tolist()
+        n = self._n
+        w = self._w_flat
+        ws = [0.0] * n
+        for i, c in counts.items():
+            base = i * n
+            for j in range(n):
+                ws[j] += c * w[base + j]
+        return ws
+
+    def _columns_of(self, k: int, h: _Hashed, grams: Iterable[str]) -> list[int]:
+        """The columns of n-grams, from the block's gram cache (kept while there is room)."""
+        columns = self._columns[k]
+        out = []
+        for gram in grams:
+            i = columns.get(gram)
+            if i is None:
+                i = self._feature_index(h, gram)
+                if len(columns) < self._column_limit:
+                    columns[gram] = i
+            out.append(i)
+        return out
+
+    def _word(self, k: int, h: _Hashed, word: str) -> tuple[array, tuple[float, ...]]:
+        """One word's char n-gram columns and their summed weights (kept while there is room)."""
+        ids = array("q", self._columns_of(k, h, h.analyzer(word)))
+        entry = (ids, tuple(self._weighted(Counter(ids))))
+        cache = self._words[k]
+        if len(cache) < self._word_limit:
+            cache[word] = entry
         return entry
 
     def _block(self, k: int, h: _Hashed, text: str) -> list[float] | None:
         """One hashed text block's contribution to the logits (None when it has no n-grams).
 
-        The block's value is W @ (counts / ||counts||): the weighted sum comes from the
-        cached per-piece sums, the norm from the counts per column (n-grams shared by
-        several words, or hash collisions, land in the same column).
+        The block's value is W @ (counts / ||counts||), counts per column (n-grams shared
+        by several words, or hash collisions, land in the same column). A char_wb block
+        sums its words' cached weight sums; other blocks weigh their columns' counts.
         """
-        cache = self._pieces[k]
         ids: list[int] = []
-        sums: list[tuple[float, ...]] = []
-        for piece in text.split() if h.per_word else h.analyzer(text):
-            entry = cache.get(piece)
-            if entry is None:
-                entry = self._piece(k, h, piece)
-            ids += entry[0]
-            sums.append(entry[1])
+        ws: list[float] | None = None
+        whole = not h.per_word
+        if h.per_word:
+            words = self._words[k]
+            sums: list[tuple[float, ...]] = []
+            new = 0
+            for word in text.split():
+                entry = words.get(word)
+                if entry is None:
+                    new += 1
+                    if new > _NEW_WORDS_PER_BLOCK:
+                        whole = True  # mostly new words: one analyzer pass over the text
+                        break
+                    entry = self._word(k, h, word)
+                ids += entry[0]
+                sums.append(entry[1])
+            if not whole and sums and not h.binary:
+                ws = [math.fsum(col) for col in zip(*sums, strict=True)]
+        if whole:
+            ids = self._columns_of(k, h, h.analyzer(text))
         if not ids:
             return None
         counts = Counter(ids)
         if h.binary:  # each column counts once, whatever its count
-            ws = self._coef_t[list(counts)].sum(axis=0).tolist()
+            ws = self._weighted(dict.fromkeys(counts, 1.0))
             norm = math.sqrt(len(counts))
         else:
-            ws = [math.fsum(col) for col in zip(*sums, strict=True)]
+            if ws is None:
+                ws = self._weighted(counts)
             norm = math.hypot(*counts.values())
         if h.norm != "l2":
             return ws
