@@ -8,14 +8,15 @@ keeps the model independent of a fitted vocabulary and the artifact small.
 On the request path, calling `pipeline.predict_proba` on one row costs several
 milliseconds of validation and sparse-matrix overhead. `CompiledScorer` reads the fitted
 pieces (the vectorizers' own analyzers, scaler means, encoder categories, coefficients,
-the temperature) and evaluates the same function on plain floats. It is checked against
-`predict_proba` on probe rows every time an artifact is loaded.
+the temperature) and evaluates the same function, mostly on plain floats. It is checked
+against `predict_proba` on probe rows every time an artifact is loaded.
 
 Why plain floats and per-word caches: inside the shim, between requests, the network
 code evicts the CPU caches, and a NumPy call costs several times its warm cost there
 (the old gather-per-block scorer took 52 us in a loop but 134-166 us of CPU per request
-in the running shim). The hot path now touches one dict entry per word or token and a
-few dozen float operations; NumPy runs only when a word is seen for the first time.
+in the running shim). A short prompt now costs one dict entry per word or n-gram and a
+few dozen float operations; NumPy runs once per block only when a block touches more
+than a few dozen columns (long prompts, where one gather beats a Python loop).
 """
 
 from __future__ import annotations
