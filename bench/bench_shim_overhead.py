@@ -48,6 +48,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 import numpy as np
@@ -207,16 +208,22 @@ def hist_quantiles(
     return out
 
 
+def launch(cmd: list[str], ready_url: str, **popen: Any) -> subprocess.Popen:
+    """Start a server process and wait until `ready_url` answers (killed if it never does)."""
+    p = subprocess.Popen(cmd, **popen)
+    try:
+        wait_http(ready_url)
+    except BaseException:
+        p.kill()
+        raise
+    return p
+
+
 def start_upstream(delay_ms: float = 0.0) -> tuple[subprocess.Popen, int]:
     """The raw-socket fake upstream; `delay_ms` > 0 holds each answer that long."""
     port = free_port()
     cmd = [sys.executable, "-m", "finops.shim.fakeupstream", "--fast", "--port", str(port)]
-    p = subprocess.Popen([*cmd, "--delay-ms", str(delay_ms)])
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health")
-    except BaseException:
-        p.kill()
-        raise
+    p = launch([*cmd, "--delay-ms", str(delay_ms)], f"http://127.0.0.1:{port}/health")
     return p, port
 
 
@@ -241,8 +248,9 @@ def start_shim(
         cmd += ["--upstream", f"{t}={upstream}"]
     if router is not None:
         cmd += ["--router", str(router)]
-    p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_http(f"http://127.0.0.1:{port}/healthz")
+    p = launch(
+        cmd, f"http://127.0.0.1:{port}/healthz", stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
     return p, port
 
 
@@ -275,16 +283,12 @@ def start_nginx(
     port = free_port()
     conf = folder / "nginx.conf"
     conf.write_text(NGINX_CONF.format(workers=workers, dir=folder, up_port=up_port, port=port))
-    p = subprocess.Popen(
+    p = launch(
         [nginx, "-c", str(conf), "-p", str(folder)],
+        f"http://127.0.0.1:{port}/health",
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    try:
-        wait_http(f"http://127.0.0.1:{port}/health")
-    except BaseException:
-        p.kill()
-        raise
     return p, port
 
 
