@@ -117,6 +117,30 @@ def test_stream_strips_injected_usage_chunk_unless_asked(tmp_path, fakes):
     assert all(r["stream"] and r["ttft_ms"] > 0 and r["finish_reason"] == "length" for r in recs)
 
 
+def test_stream_ends_at_done_without_waiting_for_the_upstreams_end(tmp_path, fakes):
+    """[DONE] ends the client's response at once, though the upstream ends its body 0.8 s
+    later; the shim still reads that end (the connection is reused) and logs a 200."""
+    f, url = fakes(linger_s=0.8)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        with httpx.Client(timeout=10) as c:
+            for _ in range(2):
+                t0 = time.perf_counter()
+                with c.stream(
+                    "POST", h.base_url + "/chat/completions", json={**CHAT, "stream": True}
+                ) as r:
+                    body = r.read()  # returns when the chunked body has ended
+                took = time.perf_counter() - t0
+                assert body.endswith(b"data: [DONE]\n\n")
+                assert took < 0.6, f"the client waited {took:.2f} s for the upstream's end"
+        recs = _records(h.shim, 2)  # written once the upstream's end was read
+        pools = list(h.shim.h1._pools.values())
+        # every upstream connection went back to the pool (a body not read to its end
+        # would have been closed instead)
+        assert [(p.open, len(p._idle)) for p in pools] in ([(1, 1)], [(2, 2)])
+    assert f.completed == 2 and f.disconnects == 0  # neither upstream answer was cut short
+    assert [(r["status_code"], r["output_tokens"]) for r in recs] == [(200, 4), (200, 4)]
+
+
 @pytest.mark.parametrize("stream", [False, True])
 @pytest.mark.parametrize("bad", ["error500", "hang", "refused"])
 def test_fallback_before_first_byte(tmp_path, fakes, bad, stream):

@@ -34,6 +34,7 @@ class FakeUpstream:
         die_after: int = 2,
         name: str = "fake",
         empty_every: int = 0,
+        linger_s: float = 0.0,
     ) -> None:
         self.mode = mode
         self.tokens = tokens
@@ -43,6 +44,9 @@ class FakeUpstream:
         # every n-th streamed token has empty text, as vLLM sends a token that ends
         # mid-UTF-8 character: usage must count chunks, not text
         self.empty_every = empty_every
+        # hold the end of a streamed body this long after [DONE] (the chunked terminator
+        # comes late): the shim must end its own response at [DONE], not wait for it
+        self.linger_s = linger_s
         self.calls = 0
         self.completed = 0
         self.disconnects = 0
@@ -208,9 +212,12 @@ class FakeUpstream:
                 {
                     "type": "http.response.body",
                     "body": tail + b"data: [DONE]\n\n",
-                    "more_body": False,
+                    "more_body": self.linger_s > 0,
                 }
             )
+            if self.linger_s > 0:
+                await asyncio.sleep(self.linger_s)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
             self.completed += 1
         finally:
             watcher.cancel()

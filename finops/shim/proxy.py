@@ -848,14 +848,21 @@ class ProxyEndpoint:
                         for _ in range(3):
                             await asyncio.sleep(0)
                         yielded = now
+                    last = state["done"]
+                    if last:
+                        # [DONE] is in this batch: it ends the response (one write, and the
+                        # client is not kept waiting while the upstream's end is read). The
+                        # watcher goes first: once the response is complete, the server
+                        # reports any receive() as a disconnect.
+                        watcher.cancel()
                     await send(
                         {
                             "type": "http.response.body",
                             "body": b"".join(out) if len(out) > 1 else out[0],
-                            "more_body": True,
+                            "more_body": not last,
                         }
                     )
-                    state["delivered"] = state["done"]
+                    state["delivered"] = last
                 if state["done"]:
                     # read the body's end (chunked terminator) so the connection can be reused
                     with contextlib.suppress(Exception):
@@ -931,7 +938,7 @@ class ProxyEndpoint:
         if rec["status_code"] == 499:
             return None
         rec["status_code"] = 200
-        if not gone.is_set():
+        if not gone.is_set() and not state["delivered"]:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if collect is not None:
             full = assemble_stream(collect, self.operation)
