@@ -188,20 +188,21 @@ class Router:
         # scorer classes are tier indices 0..K-1 (cheapest first)
         self._order = [int(c) for c in scorer.classes]
 
-    def probabilities_for_row(self, row: Mapping[str, Any]) -> np.ndarray:
-        """P(needed tier == t) in tier order for a feature row (see `features.extract`)."""
-        p = self._scorer.predict_proba(row)
-        out = np.zeros(len(self.tiers))
-        out[self._order] = p
-        return out
-
-    def decide_row(self, row: Mapping[str, Any]) -> Decision:
+    def _tier_probabilities(self, row: Mapping[str, Any]) -> list[float]:
         # plain floats: on the request path, NumPy calls on three values cost more than
-        # the arithmetic (same numbers as probabilities_for_row + cumsum)
+        # the arithmetic
         p = self._scorer.proba_list(row)
         probs = [0.0] * len(self.tiers)
         for i, o in enumerate(self._order):
             probs[o] = p[i]
+        return probs
+
+    def probabilities_for_row(self, row: Mapping[str, Any]) -> np.ndarray:
+        """P(needed tier == t) in tier order for a feature row (see `features.extract`)."""
+        return np.array(self._tier_probabilities(row))
+
+    def decide_row(self, row: Mapping[str, Any]) -> Decision:
+        probs = self._tier_probabilities(row)
         cum = list(itertools.accumulate(probs))
         cum = [min(v, 1.0) for v in cum[:-1]] + [1.0]
         t = decide(cum, self.thresholds)
