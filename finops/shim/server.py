@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from dataclasses import dataclass
@@ -45,15 +46,32 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
     )
 
 
-def serve(cfg: ShimConfig, *, log_level: str = "info") -> None:
-    """Serve in the foreground until SIGINT/SIGTERM (SIGHUP reloads)."""
+def configure_logging(log_level: str, tag: str = "") -> None:
+    """Process-wide log format for `finops shim serve` (`tag` names a worker)."""
     logging.basicConfig(
         level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        format=f"%(asctime)s %(levelname)s {tag + ' ' if tag else ''}%(name)s: %(message)s",
     )
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
+
+
+def serve(
+    cfg: ShimConfig,
+    *,
+    log_level: str = "info",
+    sockets: list[socket.socket] | None = None,
+    log_tag: str = "",
+) -> None:
+    """Serve in the foreground until SIGINT/SIGTERM (SIGHUP reloads).
+
+    `sockets`: listen on these already-bound sockets (a worker of `serve_workers`)
+    instead of binding cfg.host:cfg.port.
+    """
+    configure_logging(log_level, log_tag)
     app = create_app(cfg)
-    uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level)).run()
+    uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level)).run(
+        sockets=sockets
+    )
 
 
 @dataclass

@@ -72,22 +72,12 @@ def _exit_with_parent(parent: int) -> None:
 
 def _worker(cfg: ShimConfig, sock: socket.socket, index: int, log_level: str, parent: int) -> None:
     """One worker process: the ordinary shim app under uvicorn, on the shared socket."""
-    import uvicorn
-
-    from finops.shim.app import create_app
-    from finops.shim.server import uvicorn_config
+    from finops.shim.server import serve
 
     # a reload forwarded before the app installs its handler must not kill the worker
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_parent(parent)
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format=f"%(asctime)s %(levelname)s worker-{index} %(name)s: %(message)s",
-    )
-    logging.getLogger("httpx").setLevel(logging.WARNING)
-    app = create_app(cfg)
-    server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level))
-    server.run(sockets=[sock])
+    serve(cfg, log_level=log_level, sockets=[sock], log_tag=f"worker-{index}")
 
 
 class Supervisor:
@@ -218,8 +208,7 @@ class Supervisor:
 
 def serve_workers(cfg: ShimConfig, workers: int, *, log_level: str = "info") -> int:
     """Serve with `workers` processes in the foreground; returns the exit status."""
-    logging.basicConfig(
-        level=getattr(logging, log_level.upper(), logging.INFO),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    from finops.shim.server import configure_logging
+
+    configure_logging(log_level)
     return Supervisor(cfg, workers, log_level=log_level).run()
