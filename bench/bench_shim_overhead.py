@@ -57,6 +57,9 @@ import orjson
 from finops.loopback import free_port, wait_http
 
 ROOT = Path(__file__).resolve().parent.parent
+# (concurrency, requests) per case; the paced upstream takes 50 ms a request, so fewer
+FAST_SIZES = ((1, 600), (32, 4000), (128, 6000))
+PACED_SIZES = ((1, 80), (32, 2000), (128, 5000))
 
 
 async def _read_response(reader: asyncio.StreamReader) -> bytes:
@@ -351,14 +354,13 @@ def main() -> None:
         print(f"cpus: {os.cpu_count()} (shared by load generator, shim and upstream)")
         scale = 0.25 if a.quick else 1.0
         metrics = ""  # the last fast-upstream shim's /metrics, read before it stops
+        nginx = None if a.no_reference else shutil.which("nginx")
         for w in worker_counts:
             # one shim at a time: idle shims would still share the cores' caches
             shim, shim_port = start_shim(
                 f"http://127.0.0.1:{up_port}", tmp / f"log-{w}", router, workers=w
             )
-            rows = grid(
-                f"fast w={w}", up_port, shim_port, ((1, 600), (32, 4000), (128, 6000)), scale
-            )
+            rows = grid(f"fast w={w}", up_port, shim_port, FAST_SIZES, scale)
             print(
                 f"\n== shim ({w} worker{'s' if w > 1 else ''}) vs the fast loopback upstream "
                 "(goal: added p50 <= 1 ms, p99 <= 5 ms, throughput >= 0.8x)"
@@ -366,13 +368,10 @@ def main() -> None:
             print_rows(rows)
             metrics = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
             stop(shim)
-            nginx = None if a.no_reference else shutil.which("nginx")
             if nginx:
                 ng, ng_port = start_nginx(nginx, up_port, w, tmp / f"nginx-{w}")
                 try:
-                    nrows = grid(
-                        f"nginx w={w}", up_port, ng_port, ((1, 600), (32, 4000), (128, 6000)), scale
-                    )
+                    nrows = grid(f"nginx w={w}", up_port, ng_port, FAST_SIZES, scale)
                 finally:
                     stop(ng)
                 print(
@@ -387,9 +386,7 @@ def main() -> None:
             pshim, pshim_port = start_shim(
                 f"http://127.0.0.1:{paced_port}", tmp / f"log-paced-{w}", router, workers=w
             )
-            prows = grid(
-                f"paced w={w}", paced_port, pshim_port, ((1, 80), (32, 2000), (128, 5000)), scale
-            )
+            prows = grid(f"paced w={w}", paced_port, pshim_port, PACED_SIZES, scale)
             stop(pshim)
             print(
                 f"\n== shim ({w} worker{'s' if w > 1 else ''}) vs an upstream that answers in "
