@@ -22,15 +22,26 @@ def _build_config(
     port: int | None,
     workers: int | None = None,
 ):  # -> ShimConfig
-    from finops.shim.config import ConfigError, from_flags, load_config, with_overrides
+    from finops.shim.config import (
+        ConfigError,
+        check_port,
+        check_workers,
+        from_flags,
+        hash_key,
+        load_config,
+        with_overrides,
+    )
 
     try:
+        # flag values first: a bad --port must not be wrapped (70000 -> 4464) or reported late
+        if port is not None:
+            check_port(port, "--port")
+        if workers is not None:
+            check_workers(workers, "--workers")
         if config is not None:
             if upstream:
                 fail("give either --config FILE or --upstream TIER=URL flags, not both")
             cfg = load_config(config)
-            if workers is not None and workers < 1:
-                fail(f"--workers: expected 1 or more, got {workers}")
             changes: dict = {
                 "host": host,
                 "port": port,
@@ -39,15 +50,14 @@ def _build_config(
                 "router_path": router,
             }
             if api_key:
-                from finops.shim.config import hash_key
-
-                keys = dict(cfg.api_keys)
+                keys = {}
                 for spec in api_key:
                     k, sep, tenant = spec.partition("=")
                     if not (sep and k and tenant):
                         fail(f"--api-key: expected KEY=TENANT, got {spec.split('=')[0][:4]}...")
                     keys[hash_key(k)] = tenant
-                changes["api_keys"] = keys
+                # added to the file's keys, and again after every reload (cfg.overrides)
+                changes["extra_api_keys"] = keys
             return with_overrides(cfg, **changes)
         if not upstream:
             fail("give --config FILE, or at least one --upstream TIER=URL (tiers cheapest first)")
@@ -57,7 +67,7 @@ def _build_config(
             api_keys=api_key,
             log_dir=log,
             host=host or "127.0.0.1",
-            port=port or 8080,
+            port=8080 if port is None else port,
             workers=1 if workers is None else workers,
         )
     except ConfigError as exc:

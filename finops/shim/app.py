@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import os
 import signal
@@ -28,13 +29,14 @@ from typing import Any
 import httpx
 import orjson
 from starlette.applications import Starlette
+from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import Coalescer, MemoryCache, RedisCache
-from finops.shim.config import ConfigError, ShimConfig, load_config
+from finops.shim.config import ConfigError, ShimConfig, load_config, reapply_overrides
 from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
 from finops.shim.policy import Router, load_policy
@@ -90,6 +92,13 @@ class Shim:
     # -- model names --
     @staticmethod
     def _model_names(cfg: ShimConfig) -> dict[str, Any]:
+        """Every name a client may send as `model`, resolved once per config.
+
+        The explicit policy applies to every name that picks a tier: the tier's
+        name, its upstream model name, and `model_aliases` that target a tier.
+        Names that resolve to the routing alias (the alias, `extra_aliases`,
+        `model_aliases` that target one of them) are always routed.
+        """
         names: dict[str, Any] = {}
         for t in cfg.tiers.values():
             names.setdefault(t.model, t.name)
@@ -98,16 +107,26 @@ class Shim:
         for a, target in cfg.model_aliases.items():
             names[a] = "@route" if target in cfg.aliases else target
         if cfg.explicit == "deny":
-            for n in list(names):
-                names[n] = HTTPError(
-                    403,
-                    f"Model `{n}` may not be requested directly here; use `{cfg.alias}`.",
-                    "permission_error",
-                    "model_not_allowed",
-                )
+            for n, v in names.items():
+                if v != "@route":
+                    names[n] = HTTPError(
+                        403,
+                        f"Model `{n}` may not be requested directly here; use `{cfg.alias}`.",
+                        "permission_error",
+                        "model_not_allowed",
+                    )
         if cfg.explicit == "reroute":
-            for src, target in cfg.reroute.items():
-                names[src] = "@route" if target in cfg.aliases else target
+            to = {
+                src: "@route" if target in cfg.aliases else target
+                for src, target in cfg.reroute.items()
+            }
+            # a rerouted tier is rerouted under every name that reaches it (not only its own)
+            for n, v in names.items():
+                if v in cfg.tiers and v in to:
+                    names[n] = to[v]
+            for src in to:
+                if src not in cfg.tiers:  # a client name, e.g. {"gpt-4o" = "small"}
+                    names[src] = to[src]
         for a in cfg.aliases:
             names[a] = "@route"
         return names
@@ -205,21 +224,24 @@ class Shim:
         self.log.close()
 
     def _build(self) -> tuple[ShimConfig, Router]:
-        """New config (re-read when it came from a file) and router, verified; raises if bad."""
-        old = self.cfg
-        cfg = load_config(old.source_path) if old.source_path is not None else old
-        if cfg.source_path is not None:
-            import dataclasses
+        """New config (re-read when it came from a file) and router, verified; raises if bad.
 
-            # listen address, workers, log folder and cache backend are fixed for the process
-            cfg = dataclasses.replace(
-                cfg,
-                host=old.host,
-                port=old.port,
-                workers=old.workers,
-                log_dir=old.log_dir,
-                redis_url=old.redis_url,
-            )
+        The command-line flags the process started with (`cfg.overrides`: `--api-key`,
+        `--router`, `--log`, ...) are applied again over the re-read file, as at start.
+        """
+        old = self.cfg
+        if old.source_path is None:
+            return old, build_router(old)
+        cfg = reapply_overrides(load_config(old.source_path), old.overrides)
+        # listen address, workers, log folder and cache backend are fixed for the process
+        cfg = dataclasses.replace(
+            cfg,
+            host=old.host,
+            port=old.port,
+            workers=old.workers,
+            log_dir=old.log_dir,
+            redis_url=old.redis_url,
+        )
         return cfg, build_router(cfg)
 
     def _refused(self, exc: BaseException) -> tuple[bool, str]:
@@ -429,7 +451,28 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
         finally:
             await shim.stop()
 
+    async def http_error(request: Request, exc: StarletteHTTPException) -> Response:
+        # unknown paths and wrong methods on the Starlette routes, in OpenAI's error shape
+        path = request.url.path[:200]
+        if exc.status_code == 404:
+            msg, code = (
+                f"Unknown path `{path}`. The shim serves POST /v1/chat/completions, "
+                "/v1/completions, /v1/embeddings and GET /v1/models.",
+                "not_found",
+            )
+        elif exc.status_code == 405:
+            msg, code = f"Method {request.method} is not allowed on `{path}`.", "method_not_allowed"
+        else:
+            msg, code = str(exc.detail), None
+        return Response(
+            error_body(msg, "invalid_request_error", code),
+            exc.status_code,
+            headers=exc.headers,
+            media_type="application/json",
+        )
+
     rest = Starlette(
+        exception_handlers={StarletteHTTPException: http_error},
         routes=[
             Route("/v1/models", models, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),

@@ -11,7 +11,8 @@ Token counts come from one of two counters (config `[caps] token_counter`):
   If the call fails the estimate is used and the request still goes through.
 
 When several rules match a request the strictest (smallest) wins; on a tie
-the more specific rule, then `reject`. Policy
+the more specific rule (fewer ``*`` among tier/feature/tenant), then `reject`,
+then the first in config order. Policy
 ``reject`` answers an OpenAI-style 400 (code ``context_length_exceeded``);
 ``truncate`` drops the oldest non-system *turns* (a user message and the
 replies that follow it) and never the system prompt or the last user turn; if
@@ -75,14 +76,20 @@ def estimate_body_tokens(body: dict) -> int:
     return 0
 
 
+def _cap_rank(r: CapRule) -> tuple[int, int, int]:
+    """Smaller is stricter: the cap, then more specific (fewer "*"), then `reject` first."""
+    specific = sum(v != "*" for v in (r.tier, r.feature, r.tenant))
+    return (r.max_input_tokens, -specific, 0 if r.policy == "reject" else 1)
+
+
 def applicable_cap(
     rules: tuple[CapRule, ...], tier: str, feature: str, tenant: str
 ) -> CapRule | None:
+    """The rule that applies (see the module docstring); None when no rule matches."""
     best: CapRule | None = None
     for r in rules:
-        if r.matches(tier, feature, tenant) and (
-            best is None or r.max_input_tokens < best.max_input_tokens
-        ):
+        # strict <: on a full tie the first rule in config order stays
+        if r.matches(tier, feature, tenant) and (best is None or _cap_rank(r) < _cap_rank(best)):
             best = r
     return best
 

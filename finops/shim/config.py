@@ -9,6 +9,7 @@ before it can touch live traffic. See `examples/shim.toml` for every key.
 from __future__ import annotations
 
 import hashlib
+import math
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -112,6 +113,9 @@ class ShimConfig:
     # hot reload
     watch: bool = False
     source_path: Path | None = None
+    # command-line flags applied over the file (`with_overrides`): a reload re-reads the
+    # file and applies these again, so `--api-key`/`--router`/`--log` survive SIGHUP
+    overrides: dict[str, Any] = field(default_factory=dict)
 
     @property
     def auth_enabled(self) -> bool:
@@ -150,6 +154,53 @@ def _get(
     return v
 
 
+def _table(d: dict[str, Any], key: str, where: str) -> dict[str, Any]:
+    """Sub-table `key` of d ({} when absent); a non-table is an error."""
+    v = d.get(key, {})
+    _expect(isinstance(v, dict), f"{where}", f"expected a table, got {v!r}")
+    return v
+
+
+def _only(d: dict[str, Any], allowed: tuple[str, ...], where: str) -> None:
+    """Refuse keys a table does not have (a typo must not silently fall back to a default)."""
+    unknown = [k for k in d if k not in allowed]
+    _expect(
+        not unknown,
+        where,
+        f"unknown key{'s' if len(unknown) > 1 else ''} {', '.join(map(repr, unknown))}; "
+        f"allowed: {', '.join(allowed)}",
+    )
+
+
+def _positive(v: float, where: str, *, zero_ok: bool = False) -> None:
+    """A finite number > 0 (>= 0 with zero_ok)."""
+    ok = math.isfinite(v) and (v >= 0 if zero_ok else v > 0)
+    _expect(ok, where, f"expected a finite number {'>=' if zero_ok else '>'} 0, got {v!r}")
+
+
+def _at_least(v: int, lo: int, where: str) -> None:
+    _expect(v >= lo, where, f"expected an integer >= {lo}, got {v!r}")
+
+
+def check_port(port: Any, where: str) -> int:
+    """A TCP port 1..65535 (uvicorn would wrap 70000 to 4464, and 0 binds a random one)."""
+    _expect(
+        isinstance(port, int) and not isinstance(port, bool) and 1 <= port <= 65535,
+        where,
+        f"expected a port 1..65535, got {port!r}",
+    )
+    return port
+
+
+def check_workers(workers: Any, where: str) -> int:
+    _expect(
+        isinstance(workers, int) and not isinstance(workers, bool) and 1 <= workers <= 256,
+        where,
+        f"expected 1..256, got {workers!r}",
+    )
+    return workers
+
+
 def _check_url(url: Any, where: str) -> str:
     _expect(
         isinstance(url, str) and url.startswith(("http://", "https://")),
@@ -165,7 +216,12 @@ def _check_url(url: Any, where: str) -> str:
 def parse_config(
     data: dict[str, Any], *, source: str = "<config>", base: Path | None = None
 ) -> ShimConfig:
-    """Validate a TOML document (already parsed) into a ShimConfig."""
+    """Validate a TOML document (already parsed) into a ShimConfig.
+
+    Every table accepts only its documented keys (see examples/shim.toml), so a
+    typo such as `[cache] enable = false` is an error naming the key, not a
+    silently ignored line.
+    """
     known = {
         "server",
         "tiers",
@@ -180,17 +236,15 @@ def parse_config(
     }
     unknown = set(data) - known
     _expect(not unknown, source, f"unknown sections {sorted(unknown)}; expected {sorted(known)}")
-    server = data.get("server", {})
+    w = f"{source}: [server]"
+    server = _table(data, "server", w)
+    _only(server, ("host", "port", "watch", "workers"), w)
     kw: dict[str, Any] = {}
-    kw["host"] = _get(server, "host", str, f"{source}: [server]", "127.0.0.1")
-    kw["port"] = _get(server, "port", int, f"{source}: [server]", 8080)
-    kw["watch"] = _get(server, "watch", bool, f"{source}: [server]", False)
-    kw["workers"] = _get(server, "workers", int, f"{source}: [server]", 1)
-    _expect(
-        1 <= kw["workers"] <= 256,
-        f"{source}: [server]",
-        f"workers: expected 1..256, got {kw['workers']}",
-    )
+    kw["host"] = _get(server, "host", str, w, "127.0.0.1")
+    _expect(bool(kw["host"]), f"{w} host", "expected a non-empty address")
+    kw["port"] = check_port(_get(server, "port", int, w, 8080), f"{w} port")
+    kw["watch"] = _get(server, "watch", bool, w, False)
+    kw["workers"] = check_workers(_get(server, "workers", int, w, 1), f"{w} workers")
 
     tiers_raw = data.get("tiers")
     _expect(
@@ -202,6 +256,12 @@ def parse_config(
     for name, t in tiers_raw.items():
         where = f"{source}: [tiers.{name}]"
         _expect(isinstance(t, dict), where, "expected a table")
+        _only(t, ("upstreams", "upstream", "model", "api_key"), where)
+        _expect(
+            not ("upstreams" in t and "upstream" in t),
+            where,
+            "give `upstreams` or `upstream`, not both",
+        )
         ups = t.get("upstreams", t.get("upstream"))
         if isinstance(ups, str):
             ups = [ups]
@@ -210,36 +270,94 @@ def parse_config(
             where,
             "upstreams: expected a non-empty list of URLs",
         )
+        model = _get(t, "model", str, where, name)
+        _expect(bool(model), f"{where} model", "expected a non-empty model name")
         tiers[name] = TierConfig(
             name=name,
             upstreams=tuple(_check_url(u, f"{where} upstreams") for u in ups),
-            model=_get(t, "model", str, where, name),
+            model=model,
             api_key=_get(t, "api_key", str, where, None),
         )
     kw["tiers"] = tiers
 
-    routing = data.get("routing", {})
     w = f"{source}: [routing]"
+    routing = _table(data, "routing", w)
+    _only(
+        routing,
+        (
+            "alias",
+            "extra_aliases",
+            "explicit",
+            "reroute",
+            "model_aliases",
+            "feature_header",
+            "default_feature",
+        ),
+        w,
+    )
     kw["alias"] = _get(routing, "alias", str, w, "auto")
-    kw["extra_aliases"] = tuple(_get(routing, "extra_aliases", list, w, []))
+    extra = _get(routing, "extra_aliases", list, w, [])
+    for i, a in enumerate(extra):
+        _expect(
+            isinstance(a, str) and a != "",
+            f"{w} extra_aliases[{i}]",
+            f"expected a non-empty string, got {a!r}",
+        )
+    kw["extra_aliases"] = tuple(extra)
+    aliases = [kw["alias"], *extra]
+    _expect(kw["alias"] != "", f"{w} alias", "expected a non-empty string")
+    dup = sorted({a for a in aliases if aliases.count(a) > 1})
+    _expect(not dup, f"{w} extra_aliases", f"{dup} listed more than once (alias included)")
+    clash = [a for a in aliases if a in tiers]
+    _expect(
+        not clash,
+        f"{w} alias",
+        f"{clash} is also a tier name; a name is either the routing alias or a tier",
+    )
     kw["explicit"] = _get(routing, "explicit", str, w, "allow")
     _expect(
-        kw["explicit"] in EXPLICIT_POLICIES, f"{w} explicit", f"expected one of {EXPLICIT_POLICIES}"
+        kw["explicit"] in EXPLICIT_POLICIES,
+        f"{w} explicit",
+        f"expected one of {EXPLICIT_POLICIES}, got {kw['explicit']!r}",
     )
     kw["reroute"] = dict(_get(routing, "reroute", dict, w, {}))
     kw["model_aliases"] = dict(_get(routing, "model_aliases", dict, w, {}))
-    valid_targets = set(tiers) | {kw["alias"], *kw["extra_aliases"]}
-    for k, v in {**kw["reroute"], **kw["model_aliases"]}.items():
+    valid_targets = set(tiers) | set(aliases)
+    for table in ("reroute", "model_aliases"):
+        for k, v in kw[table].items():
+            _expect(
+                isinstance(v, str) and v in valid_targets,
+                f"{w} {table}.{k}",
+                f"target {v!r} is not a tier or the alias; tiers: {list(tiers)}, "
+                f"aliases: {aliases}",
+            )
+            _expect(
+                k not in aliases,
+                f"{w} {table}.{k}",
+                f"{k!r} is the routing alias already (always routed)",
+            )
+    _expect(
+        not kw["reroute"] or kw["explicit"] == "reroute",
+        f"{w} reroute",
+        f'only used with explicit = "reroute" (explicit is {kw["explicit"]!r})',
+    )
+    if kw["explicit"] == "deny":
+        # deny refuses every name that picks a tier, model_aliases included: such an alias
+        # could never be served, so say so now rather than answer 403 to every request
+        dead = [k for k, v in kw["model_aliases"].items() if v in tiers]
         _expect(
-            v in valid_targets,
-            f"{w} {k}",
-            f"target {v!r} is not a tier or the alias; tiers: {list(tiers)}",
+            not dead,
+            f"{w} model_aliases",
+            f'{dead} point at a tier, which explicit = "deny" refuses; point them at '
+            f'{kw["alias"]!r} or use explicit = "allow"',
         )
     kw["feature_header"] = _get(routing, "feature_header", str, w, "x-feature").lower()
+    _expect(bool(kw["feature_header"]), f"{w} feature_header", "expected a header name")
     kw["default_feature"] = _get(routing, "default_feature", str, w, "default")
 
-    router = data.get("router", {})
     w = f"{source}: [router]"
+    router = _table(data, "router", w)
+    _only(router, ("path", "exploration_rate", "exploration_seed", "rules"), w)
     rp = _get(router, "path", str, w, None)
     if rp is not None:
         p = Path(rp)
@@ -248,25 +366,40 @@ def parse_config(
     _expect(0.0 <= rate < 1.0, f"{w} exploration_rate", f"expected 0 <= rate < 1, got {rate}")
     kw["exploration_rate"] = rate
     kw["exploration_seed"] = _get(router, "exploration_seed", int, w, None)
-    rules = router.get("rules", {})
     wr = f"{source}: [router.rules]"
+    rules = _table(router, "rules", wr)
+    _only(
+        rules,
+        ("small_max_tokens", "mid_max_tokens", "tools_min_tier", "code_min_tier", "features"),
+        wr,
+    )
     feats = dict(_get(rules, "features", dict, wr, {}))
     for f, tier in feats.items():
         _expect(tier in tiers, f"{wr} features.{f}", f"unknown tier {tier!r}; tiers: {list(tiers)}")
-    kw["rules"] = RuleRouterConfig(
-        small_max_tokens=_get(rules, "small_max_tokens", int, wr, 400),
-        mid_max_tokens=_get(rules, "mid_max_tokens", int, wr, 2000),
-        tools_min_tier=_get(rules, "tools_min_tier", int, wr, 1),
-        code_min_tier=_get(rules, "code_min_tier", int, wr, 1),
-        features=feats,
+    rr: dict[str, int] = {}
+    for key, default in (
+        ("small_max_tokens", 400),
+        ("mid_max_tokens", 2000),
+        ("tools_min_tier", 1),
+        ("code_min_tier", 1),
+    ):
+        rr[key] = _get(rules, key, int, wr, default)
+        _at_least(rr[key], 0, f"{wr} {key}")
+    _expect(
+        rr["mid_max_tokens"] >= rr["small_max_tokens"],
+        f"{wr} mid_max_tokens",
+        f"expected >= small_max_tokens ({rr['small_max_tokens']}), got {rr['mid_max_tokens']}",
     )
+    kw["rules"] = RuleRouterConfig(**rr, features=feats)
 
-    auth = data.get("auth", {})
     w = f"{source}: [auth]"
+    auth = _table(data, "auth", w)
+    _only(auth, ("keys", "default_tenant"), w)
     keys: dict[str, str] = {}
     for i, entry in enumerate(_get(auth, "keys", list, w, [])):
         we = f"{w} keys[{i}]"
         _expect(isinstance(entry, dict), we, 'expected {sha256 = "<hex>", tenant = "name"}')
+        _only(entry, ("sha256", "tenant"), we)
         h = entry.get("sha256")
         _expect(
             isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h.lower()),
@@ -275,12 +408,18 @@ def parse_config(
         )
         tenant = entry.get("tenant")
         _expect(isinstance(tenant, str) and tenant, f"{we} tenant", "expected a non-empty string")
+        _expect(
+            h.lower() not in keys,
+            f"{we} sha256",
+            f"the same key is listed twice (tenants {keys.get(h.lower())!r} and {tenant!r})",
+        )
         keys[h.lower()] = tenant
     kw["api_keys"] = keys
     kw["default_tenant"] = _get(auth, "default_tenant", str, w, "default")
 
-    caps = data.get("caps", {})
     w = f"{source}: [caps]"
+    caps = _table(data, "caps", w)
+    _only(caps, ("token_counter", "rule"), w)
     kw["token_counter"] = _get(caps, "token_counter", str, w, "estimate")
     _expect(
         kw["token_counter"] in TOKEN_COUNTERS,
@@ -291,6 +430,7 @@ def parse_config(
     for i, r in enumerate(_get(caps, "rule", list, w, [])):
         wr = f"{source}: [[caps.rule]] #{i + 1}"
         _expect(isinstance(r, dict), wr, "expected a table")
+        _only(r, ("max_input_tokens", "policy", "tier", "feature", "tenant"), wr)
         mx = r.get("max_input_tokens")
         _expect(
             isinstance(mx, int) and not isinstance(mx, bool) and mx > 0,
@@ -312,46 +452,80 @@ def parse_config(
         )
     kw["caps"] = tuple(rules_out)
 
-    cache = data.get("cache", {})
     w = f"{source}: [cache]"
+    cache = _table(data, "cache", w)
+    _only(
+        cache,
+        (
+            "enabled",
+            "ttl_s",
+            "max_entries",
+            "max_bytes",
+            "redis_url",
+            "idempotency_ttl_s",
+            "coalesce",
+        ),
+        w,
+    )
     kw["cache_enabled"] = _get(cache, "enabled", bool, w, True)
     kw["cache_ttl_s"] = _get(cache, "ttl_s", float, w, 300.0)
+    _positive(kw["cache_ttl_s"], f"{w} ttl_s")
     kw["cache_max_entries"] = _get(cache, "max_entries", int, w, 10_000)
+    _at_least(kw["cache_max_entries"], 1, f"{w} max_entries")
     kw["cache_max_bytes"] = _get(cache, "max_bytes", int, w, 256 * 1024 * 1024)
+    _at_least(kw["cache_max_bytes"], 1, f"{w} max_bytes")
     kw["redis_url"] = _get(cache, "redis_url", str, w, None)
+    _expect(
+        kw["redis_url"] is None or kw["redis_url"].startswith(("redis://", "rediss://", "unix://")),
+        f"{w} redis_url",
+        f"expected redis://, rediss:// or unix:// URL, got {kw['redis_url']!r}",
+    )
     kw["idempotency_ttl_s"] = _get(cache, "idempotency_ttl_s", float, w, 86_400.0)
+    _positive(kw["idempotency_ttl_s"], f"{w} idempotency_ttl_s")
     kw["coalesce"] = _get(cache, "coalesce", bool, w, True)
 
-    up = data.get("upstream", {})
     w = f"{source}: [upstream]"
-    for key, typ, default in (
-        ("connect_timeout_s", float, 2.0),
-        ("first_byte_timeout_s", float, 60.0),
-        ("read_timeout_s", float, 120.0),
-        ("max_connections", int, 512),
-        ("retry_budget_ratio", float, 0.2),
-        ("retry_budget_min", int, 10),
-        ("retry_budget_window_s", float, 10.0),
-        ("breaker_failures", int, 5),
-        ("breaker_cooldown_s", float, 10.0),
-        ("health_interval_s", float, 5.0),
-    ):
+    up = _table(data, "upstream", w)
+    # (key, type, default, lower bound: ">0" a positive finite number, ">=0", or a minimum int)
+    up_keys: tuple[tuple[str, type, Any, Any], ...] = (
+        ("connect_timeout_s", float, 2.0, ">0"),
+        ("first_byte_timeout_s", float, 60.0, ">0"),
+        ("read_timeout_s", float, 120.0, ">0"),
+        ("max_connections", int, 512, 1),
+        ("retry_budget_ratio", float, 0.2, ">=0"),
+        ("retry_budget_min", int, 10, 0),
+        ("retry_budget_window_s", float, 10.0, ">0"),
+        ("breaker_failures", int, 5, 0),  # 0: no breaker
+        ("breaker_cooldown_s", float, 10.0, ">=0"),
+        ("health_interval_s", float, 5.0, ">0"),
+    )
+    _only(up, tuple(k for k, *_ in up_keys), w)
+    for key, typ, default, lo in up_keys:
         kw[key] = _get(up, key, typ, w, default)
-        _expect(kw[key] >= 0, f"{w} {key}", f"expected >= 0, got {kw[key]}")
+        if typ is float:
+            _positive(kw[key], f"{w} {key}", zero_ok=lo == ">=0")
+        else:
+            _at_least(kw[key], lo, f"{w} {key}")
 
-    lim = data.get("limits", {})
     w = f"{source}: [limits]"
+    lim = _table(data, "limits", w)
+    _only(lim, ("max_body_bytes", "body_timeout_s"), w)
     kw["max_body_bytes"] = _get(lim, "max_body_bytes", int, w, 4 * 1024 * 1024)
+    _at_least(kw["max_body_bytes"], 1, f"{w} max_body_bytes")
     kw["body_timeout_s"] = _get(lim, "body_timeout_s", float, w, 30.0)
+    _positive(kw["body_timeout_s"], f"{w} body_timeout_s")
 
-    log = data.get("log", {})
     w = f"{source}: [log]"
+    log = _table(data, "log", w)
+    _only(log, ("dir", "rotate_bytes", "rotate_s", "prompts"), w)
     ld = _get(log, "dir", str, w, None)
     if ld is not None:
         p = Path(ld)
         kw["log_dir"] = p if p.is_absolute() or base is None else base / p
     kw["log_rotate_bytes"] = _get(log, "rotate_bytes", int, w, 64 * 1024 * 1024)
+    _at_least(kw["log_rotate_bytes"], 1, f"{w} rotate_bytes")
     kw["log_rotate_s"] = _get(log, "rotate_s", float, w, 300.0)
+    _positive(kw["log_rotate_s"], f"{w} rotate_s")
     kw["log_prompts"] = _get(log, "prompts", bool, w, False)
     return ShimConfig(**kw)
 
@@ -392,6 +566,8 @@ def from_flags(
     Repeating a tier adds replicas; tier order on the command line is cost
     order (cheapest first). The tier name is also the upstream model name.
     """
+    check_port(port, "--port")
+    check_workers(workers, "--workers")
     tiers: dict[str, list[str]] = {}
     for spec in upstreams:
         tier, sep, url = spec.partition("=")
@@ -420,5 +596,25 @@ def from_flags(
 
 
 def with_overrides(cfg: ShimConfig, **changes: Any) -> ShimConfig:
-    """Copy of cfg with some fields changed (CLI --host/--port over the file)."""
-    return _replace(cfg, **{k: v for k, v in changes.items() if v is not None})
+    """Copy of cfg with command-line flags applied over it (None: flag not given).
+
+    Besides ShimConfig fields, `extra_api_keys` ({sha256: tenant}) adds keys to
+    those the file lists instead of replacing them. The flags are kept in
+    `cfg.overrides`, and `reapply_overrides` applies them to a re-read file, so
+    a hot reload keeps e.g. `--api-key` (without it auth would turn off).
+    """
+    given = {k: v for k, v in changes.items() if v is not None}
+    if "port" in given:
+        check_port(given["port"], "--port")
+    if "workers" in given:
+        check_workers(given["workers"], "--workers")
+    return reapply_overrides(cfg, {**cfg.overrides, **given})
+
+
+def reapply_overrides(cfg: ShimConfig, overrides: dict[str, Any]) -> ShimConfig:
+    """cfg (typically just re-read from its file) with `overrides` applied and recorded."""
+    fields = dict(overrides)
+    extra = fields.pop("extra_api_keys", None)
+    if extra:
+        fields["api_keys"] = {**fields.get("api_keys", cfg.api_keys), **extra}
+    return _replace(cfg, **fields, overrides=dict(overrides))

@@ -1,0 +1,304 @@
+"""Shim configuration: validation of every table, CLI overrides across hot reload,
+explicit-model policies, cap precedence, and OpenAI-shaped errors for unknown paths."""
+
+from __future__ import annotations
+
+import dataclasses
+import pickle
+import tomllib
+from pathlib import Path
+
+import httpx
+import pytest
+from typer.testing import CliRunner
+
+from finops.shim import serve_in_thread
+from finops.shim.app import Shim
+from finops.shim.caps import applicable_cap
+from finops.shim.config import CapRule, ConfigError, load_config, parse_config
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.server import run_app_in_thread
+
+EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shim.toml"
+CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
+TIER = '[tiers.small]\nupstreams = ["http://127.0.0.1:8000"]\n'
+
+
+@pytest.fixture
+def upstream():
+    f = FakeUpstream()
+    h = run_app_in_thread(f)
+    yield f, h.url
+    h.stop(2)
+
+
+def _two_tiers(url: str, routing: str) -> str:
+    return (
+        f'[tiers.small]\nupstreams = ["{url}"]\nmodel = "llama-8b"\n'
+        f'[tiers.large]\nupstreams = ["{url}"]\nmodel = "llama-70b"\n[routing]\n{routing}\n'
+    )
+
+
+def _cfg(text: str, tmp_path: Path):
+    cfg = parse_config(tomllib.loads(text), source="shim.toml")
+    return dataclasses.replace(cfg, log_dir=tmp_path / "log")
+
+
+# -- 1. command-line overrides survive a hot reload --
+
+
+def test_reload_keeps_cli_api_keys(tmp_path, upstream):
+    from finops.cli.shim import _build_config
+
+    _, url = upstream
+    conf = tmp_path / "shim.toml"
+    conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\n')
+    cfg = _build_config(conf, None, None, ["sk-secret=acme"], tmp_path / "log", None, None)
+    good = {"authorization": "Bearer sk-secret"}
+    with serve_in_thread(cfg) as h:
+        post = h.base_url + "/chat/completions"
+        assert httpx.post(post, json=CHAT).status_code == 401
+        ok, msg = h.call(h.shim.areload())  # what SIGHUP and the file watch run
+        assert ok, msg
+        assert h.shim.cfg.auth_enabled
+        assert httpx.post(post, json=CHAT).status_code == 401  # auth still on
+        assert httpx.post(post, json=CHAT, headers=good).status_code == 200
+        # a key added to the file joins the command-line key; both work after the reload
+        file_key = "a" * 64
+        conf.write_text(
+            f'[tiers.small]\nupstreams = ["{url}"]\n'
+            f'[auth]\nkeys = [{{sha256 = "{file_key}", tenant = "filed"}}]\n'
+        )
+        ok, msg = h.shim.reload()
+        assert ok, msg
+        assert h.shim.cfg.api_keys[file_key] == "filed"
+        assert httpx.post(post, json=CHAT, headers=good).status_code == 200
+
+
+def test_reload_keeps_cli_router_path_and_workers_get_the_overrides(tmp_path, monkeypatch):
+    from finops.cli.shim import _build_config
+    from finops.shim import app as app_mod
+    from finops.shim.policy import Router, RulePolicy
+
+    # any path loads the rule policy here: the test is about which path the config keeps
+    monkeypatch.setattr(
+        app_mod,
+        "build_router",
+        lambda cfg: Router(RulePolicy(cfg.tier_names, cfg.rules), cfg.tier_names),
+    )
+    conf = tmp_path / "shim.toml"
+    conf.write_text(TIER + '[router]\npath = "from-file"\n')
+    cli_router = tmp_path / "from-cli"
+    cfg = _build_config(conf, None, cli_router, ["sk-secret=acme"], None, None, None)
+    # worker processes get the config pickled (multiprocessing spawn): overrides travel with it
+    cfg = pickle.loads(pickle.dumps(cfg))
+    shim = Shim(cfg)
+    ok, msg = shim.reload()
+    assert ok, msg
+    assert shim.cfg.router_path == cli_router
+    assert list(shim.cfg.api_keys.values()) == ["acme"]
+
+
+# -- 2. explicit policies --
+
+
+def test_reroute_covers_the_upstream_model_name(tmp_path, upstream):
+    f, url = upstream
+    cfg = _cfg(_two_tiers(url, 'explicit = "reroute"\nreroute = {large = "auto"}'), tmp_path)
+    with serve_in_thread(cfg) as h:
+        for name in ("large", "llama-70b"):
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": name})
+            assert r.status_code == 200, r.text
+            assert r.headers["x-finops-tier"] == "small", name  # routed, not sent to large
+            assert f.bodies[-1]["model"] == "llama-8b"
+
+
+def test_deny_routes_aliases_of_the_alias_and_refuses_tier_names(tmp_path, upstream):
+    _, url = upstream
+    cfg = _cfg(_two_tiers(url, 'explicit = "deny"\nmodel_aliases = {"gpt-4o" = "auto"}'), tmp_path)
+    with serve_in_thread(cfg) as h:
+        post = h.base_url + "/chat/completions"
+        assert httpx.post(post, json={**CHAT, "model": "gpt-4o"}).status_code == 200
+        for name in ("large", "llama-70b"):
+            r = httpx.post(post, json={**CHAT, "model": name})
+            assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+    # an alias to a tier could never be served under deny: refused at load time
+    with pytest.raises(ConfigError, match=r"model_aliases: \['cheap'\] point at a tier"):
+        parse_config(
+            tomllib.loads(_two_tiers(url, 'explicit = "deny"\nmodel_aliases = {cheap = "small"}'))
+        )
+    with pytest.raises(ConfigError, match=r'reroute: only used with explicit = "reroute"'):
+        parse_config(tomllib.loads(_two_tiers(url, 'reroute = {large = "auto"}')))
+
+
+# -- 3. cap precedence --
+
+
+def test_cap_tie_prefers_the_more_specific_rule_then_reject(tmp_path, upstream):
+    generic = CapRule(100, "truncate")
+    specific = CapRule(100, "reject", tier="small", tenant="acme")
+    assert applicable_cap((generic, specific), "small", "default", "acme") is specific
+    assert applicable_cap((specific, generic), "small", "default", "acme") is specific
+    same = (CapRule(100, "truncate"), CapRule(100, "reject"))
+    assert applicable_cap(same, "small", "f", "t").policy == "reject"
+    assert (
+        applicable_cap((CapRule(50, "truncate"), specific), "small", "f", "acme").max_input_tokens
+        == 50
+    )
+    # live: the rule order in the file does not decide
+    _, url = upstream
+    cfg = _cfg(
+        f'[tiers.small]\nupstreams = ["{url}"]\n'
+        '[[caps.rule]]\nmax_input_tokens = 20\npolicy = "truncate"\n'
+        '[[caps.rule]]\ntier = "small"\nmax_input_tokens = 20\npolicy = "reject"\n',
+        tmp_path,
+    )
+    msgs = [
+        {"role": "user", "content": "x" * 200},
+        {"role": "assistant", "content": "ok"},
+        {"role": "user", "content": "last"},
+    ]
+    with serve_in_thread(cfg) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "messages": msgs})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
+
+
+# -- 4. validation --
+
+
+@pytest.mark.parametrize(
+    ("extra", "table", "key"),
+    [
+        ("[cache]\nenable = false\n", r"\[cache\]", "enable"),
+        ("[cache]\nttl = 60\n", r"\[cache\]", "ttl"),
+        (
+            '[[caps.rule]]\nmax_input_tokens = 100\npolcy = "truncate"\n',
+            r"\[\[caps.rule\]\] #1",
+            "polcy",
+        ),
+        ('modle = "llama"\n', r"\[tiers.small\]", "modle"),
+        ('[routing]\nexplict = "deny"\n', r"\[routing\]", "explict"),
+        ("[server]\nprot = 1\n", r"\[server\]", "prot"),
+        ("[router.rules]\nsmall_max = 1\n", r"\[router.rules\]", "small_max"),
+        ("[upstream]\nconnect_timeout = 1\n", r"\[upstream\]", "connect_timeout"),
+        (
+            '[auth]\nkeys = [{sha256 = "' + "a" * 64 + '", tenant = "t", name = "x"}]\n',
+            r"\[auth\] keys\[0\]",
+            "name",
+        ),
+    ],
+)
+def test_unknown_keys_name_file_table_key_and_the_allowed_ones(tmp_path, extra, table, key):
+    p = tmp_path / "bad.toml"
+    p.write_text(TIER + extra)
+    with pytest.raises(
+        ConfigError, match=rf"bad.toml: {table}: unknown key '{key}'; allowed: "
+    ) as e:
+        load_config(p)
+    assert len(str(e.value).split("allowed: ")[1].split(", ")) >= 2
+
+
+@pytest.mark.parametrize(
+    ("extra", "match"),
+    [
+        ("[cache]\nttl_s = -5\n", r"\[cache\] ttl_s: expected a finite number > 0"),
+        ("[cache]\nttl_s = nan\n", r"\[cache\] ttl_s: expected a finite number > 0, got nan"),
+        ("[cache]\nmax_entries = -1\n", r"\[cache\] max_entries: expected an integer >= 1"),
+        ("[cache]\nmax_bytes = 0\n", r"\[cache\] max_bytes: expected an integer >= 1"),
+        ("[cache]\nidempotency_ttl_s = -1\n", r"\[cache\] idempotency_ttl_s"),
+        ("[limits]\nmax_body_bytes = -1\n", r"\[limits\] max_body_bytes"),
+        ("[limits]\nbody_timeout_s = -1\n", r"\[limits\] body_timeout_s"),
+        ("[log]\nrotate_bytes = -1\n", r"\[log\] rotate_bytes"),
+        (
+            "[upstream]\nmax_connections = 0\n",
+            r"\[upstream\] max_connections: expected an integer >= 1",
+        ),
+        ("[upstream]\nread_timeout_s = inf\n", r"\[upstream\] read_timeout_s"),
+        ("[server]\nport = 70000\n", r"\[server\] port: expected a port 1..65535, got 70000"),
+        ("[server]\nport = -1\n", r"\[server\] port: expected a port 1..65535"),
+        ("[server]\nport = 0\n", r"\[server\] port: expected a port 1..65535"),
+        ("[routing]\nextra_aliases = [1, 2]\n", r"extra_aliases\[0\]: expected a non-empty string"),
+        ('[routing]\nalias = "small"\n', r"\[routing\] alias: \['small'\] is also a tier name"),
+        ('[routing]\nextra_aliases = ["small"]\n', r"is also a tier name"),
+        ("[routing]\nmodel_aliases = {x = 1}\n", r"model_aliases.x: target 1 is not a tier"),
+        (
+            "[router.rules]\nsmall_max_tokens = 5000\nmid_max_tokens = 10\n",
+            r"mid_max_tokens: expected >=",
+        ),
+        ('[cache]\nredis_url = "localhost:6379"\n', r"\[cache\] redis_url"),
+        ("[server]\nworkers = 0\n", r"\[server\] workers: expected 1..256"),
+        ("cache = 5\n", r"\[cache\]: expected a table"),
+    ],
+)
+def test_out_of_range_values_are_refused(extra, match):
+    text = extra + TIER if extra.startswith("cache =") else TIER + extra  # a top-level key first
+    with pytest.raises(ConfigError, match=rf"shim.toml: .*{match}"):
+        parse_config(tomllib.loads(text), source="shim.toml")
+
+
+def test_example_config_with_every_option_parses():
+    cfg = load_config(EXAMPLE)
+    assert cfg.tier_names == ["small", "mid", "large"] and len(cfg.caps) == 2
+    # the commented-out options, switched on, parse too
+    text = EXAMPLE.read_text()
+    for line, on in (
+        ('# path = "artifacts/router-v3"', 'path = "artifacts/router-v3"'),
+        ('# redis_url = "redis://127.0.0.1:6379/0"', 'redis_url = "redis://127.0.0.1:6379/0"'),
+        ('# dir = "logs/shim"', 'dir = "logs/shim"'),
+        ('# api_key = "..."', 'api_key = "..."'),
+    ):
+        assert line in text
+        text = text.replace(line, on)
+    cfg = parse_config(tomllib.loads(text), source="example")
+    assert cfg.redis_url and cfg.log_dir and cfg.router_path and cfg.tiers["large"].api_key
+
+
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--port", "70000"], "--port: expected a port 1..65535, got 70000"),
+        (["--port", "-1"], "--port: expected a port 1..65535, got -1"),
+        (["--workers", "0"], "--workers: expected 1..256, got 0"),
+    ],
+)
+def test_cli_flag_values_are_checked(tmp_path, monkeypatch, flags, message):
+    from finops.cli import app
+    from finops.shim import server, workers
+
+    def must_not_serve(*_a, **_kw):
+        raise AssertionError("a bad flag value got as far as serving")
+
+    monkeypatch.setattr(server, "serve", must_not_serve)
+    monkeypatch.setattr(workers, "serve_workers", must_not_serve)
+    conf = tmp_path / "shim.toml"
+    conf.write_text(TIER)
+    runner = CliRunner()
+    for source in (["--upstream", "small=http://127.0.0.1:1"], ["--config", str(conf)]):
+        res = runner.invoke(app, ["shim", "serve", *source, *flags])
+        assert res.exit_code == 2, res.output
+        assert message in res.output
+
+
+# -- 5. unknown paths --
+
+
+def test_unknown_paths_get_an_openai_shaped_404(tmp_path, upstream):
+    _, url = upstream
+    cfg = _cfg(f'[tiers.small]\nupstreams = ["{url}"]\n', tmp_path)
+    with serve_in_thread(cfg) as h:
+        for method, path in (("GET", "/v1/nope"), ("POST", "/v1/chat/complete"), ("GET", "/x")):
+            r = httpx.request(method, h.url + path, json=CHAT)
+            assert r.status_code == 404
+            assert r.headers["content-type"] == "application/json"
+            err = r.json()["error"]
+            assert (err["type"], err["param"], err["code"]) == (
+                "invalid_request_error",
+                None,
+                "not_found",
+            )
+            assert path in err["message"]
+        r = httpx.post(h.base_url + "/models")
+        assert r.status_code == 405 and r.json()["error"]["code"] == "method_not_allowed"
+        # (Starlette builds the header from a set: the order varies)
+        assert sorted(m.strip() for m in r.headers["allow"].split(",")) == ["GET", "HEAD"]
+        assert httpx.get(h.base_url + "/models").status_code == 200
