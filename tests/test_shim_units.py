@@ -15,7 +15,13 @@ import pytest
 from finops.lake import Lake
 from finops.loopback import free_port
 from finops.shim import from_flags, serve_in_thread
-from finops.shim.cache import MemoryCache, cache_key, is_deterministic
+from finops.shim.cache import (
+    MemoryCache,
+    assemble_stream,
+    cache_key,
+    is_deterministic,
+    replay_as_sse,
+)
 from finops.shim.config import load_config
 from finops.shim.fakeupstream import FakeUpstream
 from finops.shim.requestlog import RequestLog, iso_utc, new_record, redact
@@ -133,6 +139,99 @@ def test_cache_key_normalization_and_determinism():
         and not is_deterministic({"temperature": 0.2})
     )
     assert not is_deterministic({"temperature": 0, "n": 2}) and not is_deterministic({})
+    # a replay cannot rebuild logprobs: such requests are not cached
+    assert not is_deterministic({"temperature": 0, "logprobs": True, "top_logprobs": 2})
+    assert not is_deterministic({"temperature": 0, "logprobs": 3})
+
+
+def test_cache_key_keeps_every_string_but_message_text_as_sent():
+    chat = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    stops = [cache_key("t", "chat", {**chat, "stop": s}, "small") for s in ("\n", "\n\n", " ", "")]
+    assert len(set(stops)) == 4, "a stop sequence is not text to tidy"
+    tool = {"type": "function", "function": {"name": "f", "description": "x "}}
+    assert cache_key("t", "chat", {**chat, "tools": [tool]}, "small") != cache_key(
+        "t",
+        "chat",
+        {**chat, "tools": [{**tool, "function": {"name": "f", "description": "x"}}]},
+        "small",
+    )
+    comp = {"model": "auto", "temperature": 0, "prompt": "Hello "}
+    assert cache_key("t", "completions", comp, "small") != cache_key(
+        "t", "completions", {**comp, "prompt": "Hello"}, "small"
+    ), "a trailing space in a prompt changes the tokens"
+    parts = {
+        **chat,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": " hi\r\n"}]}],
+    }
+    same = {**chat, "messages": [{"role": "user", "content": [{"type": "text", "text": "hi"}]}]}
+    assert cache_key("t", "chat", parts, "small") == cache_key("t", "chat", same, "small")
+    # the tier's model is part of the target: another model is another entry
+    assert cache_key("t", "chat", chat, "small\x00llama-8b") != cache_key(
+        "t", "chat", chat, "small\x00qwen-7b"
+    )
+
+
+def test_assembled_stream_rebuilds_text_tool_calls_and_refuses_what_it_cannot():
+    base = {"id": "c1", "object": "chat.completion.chunk", "created": 5, "model": "m"}
+
+    def ev(delta, finish=None, **extra):
+        return {**base, "choices": [{"index": 0, "delta": delta, "finish_reason": finish, **extra}]}
+
+    usage = {"prompt_tokens": 3, "completion_tokens": 4, "total_tokens": 7}
+    events = [
+        ev({"role": "assistant", "content": "", "reasoning_content": None}),
+        ev({"reasoning_content": "think"}),
+        ev(
+            {
+                "tool_calls": [
+                    {
+                        "index": 0,
+                        "id": "a",
+                        "type": "function",
+                        "function": {"name": "f", "arguments": ""},
+                    }
+                ]
+            }
+        ),
+        ev({"tool_calls": [{"index": 0, "function": {"arguments": '{"x": '}}]}),
+        ev(
+            {
+                "tool_calls": [
+                    {
+                        "index": 1,
+                        "id": "b",
+                        "type": "function",
+                        "function": {"name": "g", "arguments": "{}"},
+                    }
+                ]
+            }
+        ),
+        ev({"tool_calls": [{"index": 0, "function": {"arguments": "1}"}}]}),
+        ev({}, "tool_calls", stop_reason=None),
+        {**base, "choices": [], "usage": usage},
+    ]
+    full = assemble_stream(events, "chat")
+    assert full is not None
+    msg = full["choices"][0]["message"]
+    assert msg["content"] is None and msg["reasoning_content"] == "think"
+    assert [c["function"] for c in msg["tool_calls"]] == [
+        {"name": "f", "arguments": '{"x": 1}'},
+        {"name": "g", "arguments": "{}"},
+    ]
+    assert [c["id"] for c in msg["tool_calls"]] == ["a", "b"] and full["usage"] == usage
+    # the replay of the rebuilt answer streams the same calls back
+    replayed = [orjson.loads(e[6:]) for e in replay_as_sse(full, "chat", True) if e[6:7] == b"{"]
+    assert assemble_stream(replayed, "chat") == full
+    # what a replay could not give back is not cached at all
+    assert assemble_stream([ev({"content": "a"}, logprobs={"content": []})], "chat") is None
+    assert assemble_stream([ev({"function_call": {"name": "f"}})], "chat") is None
+    assert assemble_stream([{**base, "choices": [None]}], "chat") is None
+    assert (
+        assemble_stream([{**base, "choices": [{"index": 0, "text": "a "}]}], "completions")[
+            "choices"
+        ][0]["text"]
+        == "a "
+    )
 
 
 async def test_memory_cache_ttl_and_bounds():

@@ -1,14 +1,18 @@
 """Exact response cache, in-flight coalescing and idempotency records.
 
 Only deterministic requests are cached: `temperature == 0` or a fixed
-`seed` (and a single choice, no logprobs sampling beyond that). The key is
-sha256 over the tenant and the *normalized* request: keys sorted, message
-text with leading/trailing whitespace stripped and CRLF turned into LF,
+`seed`, a single choice, and no logprobs (a replay could not rebuild them).
+The key is sha256 over the tenant and the *normalized* request: keys
+sorted, chat message text with leading/trailing whitespace stripped and
+CRLF turned into LF (every other string, such as `stop` or a completions
+`prompt`, is kept as sent: a trailing space there changes the answer),
 OpenAI defaults filled in (`n=1`, `top_p=1`, penalties 0, ...), and
 transport-only fields (`stream`, `stream_options`, `user`) removed, so a
 streaming and a non-streaming request share an entry (streaming hits are
-replayed as SSE). The tenant is part of the key: one tenant can never read
-another's entry.
+replayed as SSE, tool calls included). The resolved tier and the model it
+serves are part of the key (a reload that changes a tier's model does not
+serve the old model's answers), and so is the tenant: one tenant can never
+read another's entry.
 
 Backends: `MemoryCache` (per process; TTL, entry and byte bounds, LRU) and
 `RedisCache` (redis-py asyncio; replicas share entries; TTL via SETEX, size
@@ -38,8 +42,11 @@ TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
 
 
 def is_deterministic(body: dict) -> bool:
+    """Cacheable: one choice, no logprobs, and temperature 0 or a fixed seed."""
     n = body.get("n", 1)
     if n not in (1, None):
+        return False
+    if body.get("logprobs") or body.get("top_logprobs"):
         return False
     t = body.get("temperature", 1.0)
     if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
@@ -52,16 +59,28 @@ def _norm_text(s: str) -> str:
     return s.replace("\r\n", "\n").strip()
 
 
-def _norm(v: Any) -> Any:
-    if isinstance(v, str):
-        return _norm_text(v)
+def _norm_numbers(v: Any) -> Any:
     if isinstance(v, dict):
-        return {k: _norm(x) for k, x in v.items()}
+        return {k: _norm_numbers(x) for k, x in v.items()}
     if isinstance(v, list):
-        return [_norm(x) for x in v]
+        return [_norm_numbers(x) for x in v]
     if isinstance(v, float) and v.is_integer():
         return int(v)  # 0.0 == 0 in the key
     return v
+
+
+def _norm_content(content: Any) -> Any:
+    """A chat message's text, whitespace-normalized (a string or a list of text parts)."""
+    if isinstance(content, str):
+        return _norm_text(content)
+    if isinstance(content, list):
+        return [
+            {**p, "text": _norm_text(p["text"])}
+            if isinstance(p, dict) and isinstance(p.get("text"), str)
+            else p
+            for p in content
+        ]
+    return content
 
 
 def normalized_request(body: dict, target: str) -> bytes:
@@ -71,8 +90,16 @@ def normalized_request(body: dict, target: str) -> bytes:
         d.setdefault(k, default)
     if d.get("seed") is None:
         d.pop("seed", None)
+    msgs = d.get("messages")
+    if isinstance(msgs, list):
+        d["messages"] = [
+            {**m, "content": _norm_content(m["content"])}
+            if isinstance(m, dict) and "content" in m
+            else m
+            for m in msgs
+        ]
     d["_target"] = target  # the resolved tier: "auto" and an explicit tier share when routed alike
-    return orjson.dumps(_norm(d), option=orjson.OPT_SORT_KEYS)
+    return orjson.dumps(_norm_numbers(d), option=orjson.OPT_SORT_KEYS)
 
 
 def cache_key(tenant: str, endpoint: str, body: dict, target: str) -> str:
@@ -183,8 +210,17 @@ class Coalescer:
         return len(self._inflight)
 
 
+_TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
+
+
 def assemble_stream(events: list[dict], operation: str) -> dict | None:
-    """Rebuild the non-streaming response object from streamed chunks (for caching)."""
+    """Rebuild the non-streaming response object from streamed chunks (for caching).
+
+    Text fields are joined and tool calls merged by index (OpenAI streams a call's
+    id and name once, then its arguments in pieces). A stream carrying anything this
+    cannot rebuild (logprobs, a legacy `function_call`, malformed chunks) gives None:
+    it is not cached rather than replayed wrong.
+    """
     if not events:
         return None
     first = events[0]
@@ -193,37 +229,66 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
     for ev in events:
         if ev.get("usage"):
             usage = ev["usage"]
-        for ch in ev.get("choices") or ():
+        chs = ev.get("choices")
+        if not chs:
+            continue
+        if not isinstance(chs, list):
+            return None
+        for ch in chs:
+            if not isinstance(ch, dict) or ch.get("logprobs") is not None:
+                return None
             i = ch.get("index", 0)
-            c = choices.setdefault(
-                i, {"index": i, "text": [], "role": "assistant", "finish_reason": None}
-            )
+            c = choices.get(i)
+            if c is None:
+                c = choices[i] = {"role": "assistant", "finish_reason": None, "tools": {}}
+                c.update((f, []) for f in (*_TEXT_FIELDS, "text"))
             if operation == "chat":
                 delta = ch.get("delta") or {}
-                if delta.get("role"):
-                    c["role"] = delta["role"]
-                if delta.get("content"):
-                    c["text"].append(delta["content"])
-            elif ch.get("text"):
+                if not isinstance(delta, dict):
+                    return None
+                for k, v in delta.items():
+                    if v is None:
+                        continue
+                    if k == "role":
+                        c["role"] = v
+                    elif k in _TEXT_FIELDS and isinstance(v, str):
+                        c[k].append(v)
+                    elif k == "tool_calls" and isinstance(v, list):
+                        if not _merge_tool_calls(c["tools"], v):
+                            return None
+                    else:
+                        return None
+            elif isinstance(ch.get("text"), str):
                 c["text"].append(ch["text"])
             if ch.get("finish_reason"):
                 c["finish_reason"] = ch["finish_reason"]
+            if ch.get("stop_reason") is not None:
+                c["stop_reason"] = ch["stop_reason"]
     out_choices = []
     for i in sorted(choices):
         c = choices[i]
-        text = "".join(c["text"])
         if operation == "chat":
-            out_choices.append(
-                {
-                    "index": i,
-                    "message": {"role": c["role"], "content": text},
-                    "finish_reason": c["finish_reason"],
-                }
-            )
+            msg: dict[str, Any] = {"role": c["role"]}
+            tools = [c["tools"][k] for k in sorted(c["tools"])]
+            # OpenAI's shape: no text beside tool calls is a null content
+            text = "".join(c["content"])
+            msg["content"] = text if text or not tools else None
+            for f in ("reasoning_content", "reasoning", "refusal"):
+                if c[f]:
+                    msg[f] = "".join(c[f])
+            if tools:
+                msg["tool_calls"] = tools
+            out = {"index": i, "message": msg, "finish_reason": c["finish_reason"]}
         else:
-            out_choices.append(
-                {"index": i, "text": text, "finish_reason": c["finish_reason"], "logprobs": None}
-            )
+            out = {
+                "index": i,
+                "text": "".join(c["text"]),
+                "finish_reason": c["finish_reason"],
+                "logprobs": None,
+            }
+        if "stop_reason" in c:
+            out["stop_reason"] = c["stop_reason"]
+        out_choices.append(out)
     return {
         "id": first.get("id"),
         "object": "chat.completion" if operation == "chat" else "text_completion",
@@ -234,8 +299,36 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
     }
 
 
+def _merge_tool_calls(tools: dict[int, dict], deltas: list) -> bool:
+    """Fold streamed tool-call pieces into whole calls by index; False if malformed."""
+    for d in deltas:
+        if not isinstance(d, dict):
+            return False
+        k = d.get("index", 0)
+        call = tools.get(k)
+        if call is None:
+            call = tools[k] = {
+                "id": None,
+                "type": "function",
+                "function": {"name": "", "arguments": ""},
+            }
+        if d.get("id"):
+            call["id"] = d["id"]
+        if d.get("type"):
+            call["type"] = d["type"]
+        fn = d.get("function")
+        if fn is not None:
+            if not isinstance(fn, dict):
+                return False
+            if isinstance(fn.get("name"), str):
+                call["function"]["name"] += fn["name"]
+            if isinstance(fn.get("arguments"), str):
+                call["function"]["arguments"] += fn["arguments"]
+    return True
+
+
 def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes]:
-    """SSE events for a cached response: role, content, finish, optional usage, [DONE]."""
+    """SSE events for a cached response: role, text, tool calls, finish, optional usage, [DONE]."""
     base = {"id": resp.get("id"), "created": resp.get("created"), "model": resp.get("model")}
     out: list[bytes] = []
     obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
@@ -248,10 +341,28 @@ def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes
                     "index": i,
                     "delta": {"role": msg.get("role", "assistant"), "content": ""},
                     "finish_reason": None,
-                },
-                {"index": i, "delta": {"content": msg.get("content") or ""}, "finish_reason": None},
-                {"index": i, "delta": {}, "finish_reason": ch.get("finish_reason")},
+                }
             ]
+            for f in ("reasoning_content", "reasoning", "refusal"):
+                if msg.get(f):
+                    chunks.append({"index": i, "delta": {f: msg[f]}, "finish_reason": None})
+            if msg.get("content") or not msg.get("tool_calls"):
+                chunks.append(
+                    {
+                        "index": i,
+                        "delta": {"content": msg.get("content") or ""},
+                        "finish_reason": None,
+                    }
+                )
+            for k, call in enumerate(msg.get("tool_calls") or ()):
+                chunks.append(
+                    {
+                        "index": i,
+                        "delta": {"tool_calls": [{"index": k, **call}]},
+                        "finish_reason": None,
+                    }
+                )
+            chunks.append({"index": i, "delta": {}, "finish_reason": ch.get("finish_reason")})
         else:
             chunks = [
                 {"index": i, "text": ch.get("text") or "", "finish_reason": None, "logprobs": None},
