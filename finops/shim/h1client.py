@@ -140,10 +140,16 @@ class Response:
             else:
                 data = await r.read()
                 self.reusable = False
-        except (asyncio.IncompleteReadError, ConnectionError) as exc:
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,  # a chunk size or Content-Length that is not a number
+        ) as exc:
             self.close()
             raise Disconnected(
-                f"upstream closed the connection mid-body: {type(exc).__name__}"
+                f"upstream closed the connection or broke HTTP framing mid-body: "
+                f"{type(exc).__name__}"
             ) from None
         self.release()
         return data
@@ -191,10 +197,16 @@ class Response:
                     if left is not None:
                         left -= len(piece)
                     yield piece
-        except (asyncio.IncompleteReadError, ConnectionError, ValueError) as exc:
+        except (
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+            ConnectionError,
+            ValueError,
+        ) as exc:
             self.close()
             raise Disconnected(
-                f"upstream closed the connection mid-stream: {type(exc).__name__}"
+                f"upstream closed the connection or broke HTTP framing mid-stream: "
+                f"{type(exc).__name__}"
             ) from None
         finally:
             dl.close()
