@@ -229,6 +229,214 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path
     assert 0 < rec["output_tokens"] < 200
 
 
+def _wait_for(cond, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not cond() and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_client_gone_before_the_first_byte_is_not_retried_and_is_logged_499(
+    tmp_path, fakes, stream
+):
+    hang, hang_url = fakes("hang")
+    large, large_url = fakes()
+    with _serve(
+        tmp_path, [f"small={hang_url}", f"large={large_url}"], first_byte_timeout_s=1.5
+    ) as h:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                h.base_url + "/chat/completions",
+                json={**CHAT, "model": "small", "stream": stream},
+                timeout=httpx.Timeout(5, read=0.3),
+            )
+        (rec,) = _records(h.shim, 1)
+        time.sleep(1.5)  # past the first-byte timeout: a fallback would have happened by now
+        assert large.calls == 0, "nobody is waiting: no other tier is asked"
+        assert hang.calls == 1
+    assert rec["status_code"] == 499 and rec["error_type"] == "client_disconnected"
+    assert rec["latency_ms"] < 1000
+    assert h.shim.pool.tiers["small"][0].outstanding == 0
+
+
+def test_non_stream_client_abort_cancels_the_upstream_request(tmp_path, fakes):
+    f, url = fakes("slow", tokens=200, delay_s=0.05)  # a 10 s answer
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(
+                h.base_url + "/chat/completions",
+                json={**CHAT, "max_tokens": 200},
+                timeout=httpx.Timeout(5, read=0.3),
+            )
+        _wait_for(lambda: f.disconnects == 1)
+        assert f.disconnects == 1, "the upstream must see the abort (vLLM frees the GPU)"
+        assert f.completed == 0
+        (rec,) = _records(h.shim, 1)
+    assert rec["status_code"] == 499 and rec["error_type"] == "client_disconnected"
+    assert rec["latency_ms"] < 3000
+
+
+def _sse_tool_calls(content: bytes) -> tuple[list[dict], str | None]:
+    """Tool calls as the openai client accumulates them from an event stream."""
+    calls: dict[int, dict] = {}
+    finish = None
+    for e in content.split(b"\n\n"):
+        if not e.startswith(b"data: {"):
+            continue
+        for ch in orjson.loads(e[6:])["choices"]:
+            finish = ch.get("finish_reason") or finish
+            for tc in ch["delta"].get("tool_calls") or ():
+                c = calls.setdefault(tc["index"], {"function": {"name": "", "arguments": ""}})
+                c["id"] = tc.get("id") or c.get("id")
+                c["type"] = tc.get("type") or c.get("type")
+                fn = tc.get("function") or {}
+                c["function"]["name"] += fn.get("name") or ""
+                c["function"]["arguments"] += fn.get("arguments") or ""
+    return [calls[k] for k in sorted(calls)], finish
+
+
+def test_cached_tool_calls_survive_stream_and_non_stream_replays(tmp_path, fakes):
+    from finops.shim.fakeupstream import TOOL_CALL
+
+    f, url = fakes(tool_calls=True)
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {}}}]
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        for i, first_stream in enumerate((True, False)):
+            body = {
+                **CHAT,
+                "messages": [{"role": "user", "content": f"weather {i}?"}],
+                "temperature": 0,
+                "tools": tools,
+            }
+            answers = []
+            for stream in (first_stream, not first_stream, first_stream):
+                r = httpx.post(h.base_url + "/chat/completions", json={**body, "stream": stream})
+                assert r.status_code == 200
+                if stream:
+                    answers.append(_sse_tool_calls(r.content))
+                else:
+                    ch = r.json()["choices"][0]
+                    assert ch["message"]["content"] is None
+                    answers.append((ch["message"]["tool_calls"], ch["finish_reason"]))
+            assert answers == [([TOOL_CALL], "tool_calls")] * 3, (
+                f"first answer streamed: {first_stream}"
+            )
+        assert f.calls == 2, "one upstream call per request body; the replays were hits"
+        recs = _records(h.shim, 6)
+    assert [r["cache_status"] for r in recs] == ["miss", "hit", "hit"] * 2
+
+
+def test_event_stream_with_crlf_lines_is_forwarded_and_billed(tmp_path, fakes):
+    _f, url = fakes(crlf=True, tokens=5)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions", json={**CHAT, "stream": True, "max_tokens": 5}
+        )
+        assert r.status_code == 200
+        events = [e for e in r.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        text = "".join(
+            orjson.loads(e[6:])["choices"][0]["delta"].get("content") or "" for e in events[:-1]
+        )
+        assert text == "t0 t1 t2 t3 t4 "
+        (rec,) = _records(h.shim, 1)
+    assert (
+        rec["status_code"] == 200 and rec["output_tokens"] == 5 and rec["finish_reason"] == "length"
+    )
+
+
+def test_idempotency_key_replays_a_streamed_sampled_answer(tmp_path, fakes):
+    f, url = fakes(tokens=6)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**CHAT, "stream": True, "temperature": 0.8, "max_tokens": 6}
+        hdr = {"idempotency-key": "job-7"}
+        r1 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        r2 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        assert r1.headers["x-finops-cache"] == "bypass" and r2.headers["x-finops-cache"] == "hit"
+
+        def text(r):
+            return "".join(
+                orjson.loads(e[6:])["choices"][0]["delta"].get("content") or ""
+                for e in r.content.split(b"\n\n")
+                if e.startswith(b"data: {") and b'"choices":[]' not in e
+            )
+
+        assert text(r2) == text(r1) == "t0 t1 t2 t3 t4 t5 "
+        assert f.calls == 1, "a retried sampled request is not sent (or billed) again"
+        recs = _records(h.shim, 2)
+    assert recs[1]["retry_of"] == recs[0]["request_id"] and recs[1]["attempt"] == 2
+    assert recs[1]["output_tokens"] == 0
+
+
+def test_idempotency_key_is_kept_when_the_answer_came_from_a_coalesced_call(tmp_path, fakes):
+    f, url = fakes("slow", tokens=4, delay_s=0.1)
+    with _serve(tmp_path, [f"small={url}"], cache_ttl_s=0.5) as h:
+        body = {**CHAT, "temperature": 0}
+
+        def post(headers):
+            return httpx.post(h.base_url + "/chat/completions", json=body, headers=headers)
+
+        with cf.ThreadPoolExecutor(2) as ex:
+            lead = ex.submit(post, {})
+            time.sleep(0.1)  # the first one is in flight
+            follower = ex.submit(post, {"idempotency-key": "k-1"})
+            assert lead.result().status_code == follower.result().status_code == 200
+        assert follower.result().headers["x-finops-cache"] == "hit"
+        time.sleep(0.7)  # the cache entry expires; the idempotency record must not
+        again = post({"idempotency-key": "k-1"})
+        assert again.json() == follower.result().json()
+        assert f.calls == 1
+        recs = _records(h.shim, 3)
+    assert [r["cache_status"] for r in recs] == ["miss", "coalesced", "hit"]
+    assert recs[2]["retry_of"] == recs[1]["request_id"]
+
+
+def test_broken_chunked_framing_fails_over_to_another_replica(tmp_path, fakes):
+    """An upstream whose chunked body is not HTTP (a chunk size that is not hex)."""
+    good, good_url = fakes()
+    srv = socket.socket()
+    srv.bind(("127.0.0.1", 0))
+    srv.listen()
+    bad_url = f"http://127.0.0.1:{srv.getsockname()[1]}"
+    stop = threading.Event()
+
+    def serve_bad() -> None:
+        srv.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                conn, _ = srv.accept()
+            except OSError:
+                continue
+            with conn:
+                conn.recv(65536)
+                conn.sendall(
+                    b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                    b"transfer-encoding: chunked\r\n\r\nzz\r\n{}\r\n0\r\n\r\n"
+                )
+                time.sleep(0.2)
+
+    t = threading.Thread(target=serve_bad, daemon=True)
+    t.start()
+    try:
+        with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"]) as h:
+            # least-outstanding puts the bad replica first on an idle pool
+            for path, body in (
+                ("/chat/completions", CHAT),
+                ("/embeddings", {"model": "small", "input": "hi"}),
+            ):
+                r = httpx.post(h.base_url + path, json=body)
+                assert r.status_code == 200, r.text
+                assert "x-finops-tier" in r.headers
+            recs = _records(h.shim, 2)
+    finally:
+        stop.set()
+        t.join(2)
+        srv.close()
+    assert [r["status_code"] for r in recs] == [200, 200]
+    assert all(r["upstream"] == good_url for r in recs)
+    assert good.calls == 2
+
+
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
     bad, bad_url = fakes("error500")
     _good, good_url = fakes()
@@ -409,12 +617,19 @@ def test_bad_requests_400_404_413_405(tmp_path, fakes):
 
         r = httpx.post(h.base_url + "/chat/completions", content=chunks())
         assert r.status_code == 413
-        assert httpx.get(h.base_url + "/chat/completions").status_code == 405
-        for resp in [r]:
-            assert "x-finops-overhead-ms" in resp.headers
+        assert "x-finops-overhead-ms" in r.headers
+        for v in ("yes", 1, "true"):  # vLLM would take these for true and stream to us
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": v})
+            assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_stream"
+        r = httpx.get(h.base_url + "/chat/completions")
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        assert r.json()["error"]["code"] == "method_not_allowed"
+        assert "x-finops-overhead-ms" in r.headers
         assert f.calls == 0
-        recs = _records(h.shim, 5)
-    assert [r["status_code"] for r in recs] == [400, 404, 400, 413, 413]
+        recs = _records(h.shim, 9)
+    # every request is logged, the refused ones included
+    assert [r["status_code"] for r in recs] == [400, 404, 400, 413, 413, 400, 400, 400, 405]
+    assert recs[-1]["error_type"] == "method_not_allowed"
     Lake(tmp_path / "lake").append("requests", recs, source="shim")
 
 

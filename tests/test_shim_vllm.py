@@ -102,6 +102,30 @@ def test_openai_sync_async_stream_against_vllm(tmp_path, vllm_server, lake):
     assert (res.loaded, res.rejected) == (10, 0)
 
 
+def test_vllm_streamed_answer_is_cached_and_replayed_both_ways(tmp_path, vllm_server):
+    """vLLM's real chunks (logprobs: null, token_ids, stop_reason, a usage chunk) rebuild
+    into a cached answer that a non-streaming and a streaming client both get back."""
+    cfg = from_flags([f"small={vllm_server.root_url}"], log_dir=tmp_path / "log")
+    with serve_in_thread(cfg) as h:
+        c = openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0)
+        kw = {"model": "small", "max_tokens": 6, "temperature": 0, "extra_body": EXACT}
+        msgs = [{"role": "user", "content": "Cache this answer."}]
+        streamed = "".join(
+            ch.choices[0].delta.content or ""
+            for ch in c.chat.completions.create(messages=msgs, stream=True, **kw)
+            if ch.choices
+        )
+        raw = c.chat.completions.with_raw_response.create(messages=msgs, **kw)
+        assert raw.headers["x-finops-cache"] == "hit"
+        assert raw.parse().choices[0].message.content == streamed
+        again = c.chat.completions.with_raw_response.create(messages=msgs, stream=True, **kw)
+        assert again.headers["x-finops-cache"] == "hit"
+        assert "".join(ch.choices[0].delta.content or "" for ch in again.parse()) == streamed
+        recs = _records(tmp_path / "log", 3)
+    assert [r["cache_status"] for r in recs] == ["miss", "hit", "hit"]
+    assert recs[0]["output_tokens"] == 6 and recs[1]["output_tokens"] == 0
+
+
 @pytest.mark.parametrize("stream", [False, True])
 def test_failover_across_real_vllm_servers(tmp_path, vllm_server, vllm_server_2, stream):
     """small: a 500-ing, a hanging and a refusing replica, then vLLM #1; large: vLLM #2."""

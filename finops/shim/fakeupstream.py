@@ -12,7 +12,12 @@ the shim's cost. `mode` makes it misbehave on purpose:
 - ``die_mid_stream``: stream ``die_after`` chunks, then drop the connection;
 - ``slow``: like ok with ``delay_s`` between chunks (for disconnect tests).
 
-It counts calls, completed streams and the client disconnects it saw.
+``tool_calls=True`` answers chat requests with a tool call instead of text (streamed
+as OpenAI and vLLM do: id and name first, the arguments in pieces); ``crlf=True``
+ends SSE lines with CRLF, as servers built on sse-starlette do. A non-streaming
+answer with ``delay_s`` watches for the client leaving, as vLLM does.
+
+It counts calls, completed answers and the client disconnects it saw.
 """
 
 from __future__ import annotations
@@ -22,6 +27,12 @@ import time
 from typing import Any
 
 import orjson
+
+TOOL_CALL = {
+    "id": "call_fake1",
+    "type": "function",
+    "function": {"name": "get_weather", "arguments": '{"city": "Paris", "unit": "C"}'},
+}
 
 
 class FakeUpstream:
@@ -35,6 +46,8 @@ class FakeUpstream:
         name: str = "fake",
         empty_every: int = 0,
         linger_s: float = 0.0,
+        tool_calls: bool = False,
+        crlf: bool = False,
     ) -> None:
         self.mode = mode
         self.tokens = tokens
@@ -47,6 +60,8 @@ class FakeUpstream:
         # hold the end of a streamed body this long after [DONE] (the chunked terminator
         # comes late): the shim must end its own response at [DONE], not wait for it
         self.linger_s = linger_s
+        self.tool_calls = tool_calls
+        self.crlf = crlf
         self.calls = 0
         self.completed = 0
         self.disconnects = 0
@@ -123,17 +138,26 @@ class FakeUpstream:
         ptoks = _count(body)
         ntok = int(body.get("max_tokens") or self.tokens)
         ntok = min(ntok, self.tokens) if self.tokens else ntok
+        tools = self.tool_calls and chat
         if not body.get("stream"):
             key = (model, ptoks * 100000 + ntok + (1 << 40 if chat else 0))
             payload = self._canned.get(key)
             if payload is None:
-                payload = _full(chat, model, ptoks, ntok)
+                payload = _full(chat, model, ptoks, ntok, tools)
                 if len(self._canned) < 1000:
                     self._canned[key] = payload
             if self.delay_s:
-                await asyncio.sleep(self.delay_s * ntok)
+                watcher = asyncio.create_task(_watch_disconnect(receive))
+                done, _ = await asyncio.wait([watcher], timeout=self.delay_s * ntok)
+                watcher.cancel()
+                if done:
+                    self.disconnects += 1
+                    return
             await _reply(send, 200, payload)
             self.completed += 1
+            return
+        if tools:
+            await self._stream_tool_call(send, receive, body, model, ptoks)
             return
         await send(
             {
@@ -165,7 +189,7 @@ class FakeUpstream:
                         await send(
                             {
                                 "type": "http.response.body",
-                                "body": b"data: " + orjson.dumps(ev) + b"\n\n",
+                                "body": self._event(ev),
                                 "more_body": True,
                             }
                         )
@@ -185,7 +209,7 @@ class FakeUpstream:
                 await send(
                     {
                         "type": "http.response.body",
-                        "body": b"data: " + orjson.dumps(ev) + b"\n\n",
+                        "body": self._event(ev),
                         "more_body": True,
                     }
                 )
@@ -193,25 +217,16 @@ class FakeUpstream:
                     await asyncio.sleep(self.delay_s)
             tail = b""
             if include_usage:
-                tail = (
-                    b"data: "
-                    + orjson.dumps(
-                        {
-                            **base,
-                            "choices": [],
-                            "usage": {
-                                "prompt_tokens": ptoks,
-                                "completion_tokens": ntok,
-                                "total_tokens": ptoks + ntok,
-                            },
-                        }
-                    )
-                    + b"\n\n"
-                )
+                usage = {
+                    "prompt_tokens": ptoks,
+                    "completion_tokens": ntok,
+                    "total_tokens": ptoks + ntok,
+                }
+                tail = self._event({**base, "choices": [], "usage": usage})
             await send(
                 {
                     "type": "http.response.body",
-                    "body": tail + b"data: [DONE]\n\n",
+                    "body": tail + self._event("[DONE]"),
                     "more_body": self.linger_s > 0,
                 }
             )
@@ -221,6 +236,56 @@ class FakeUpstream:
             self.completed += 1
         finally:
             watcher.cancel()
+
+    def _event(self, obj: Any) -> bytes:
+        data = b"[DONE]" if obj == "[DONE]" else orjson.dumps(obj)
+        return b"data: " + data + (b"\r\n\r\n" if self.crlf else b"\n\n")
+
+    async def _stream_tool_call(
+        self, send: Any, receive: Any, body: dict, model: str, ptoks: int
+    ) -> None:
+        """One tool call, streamed in OpenAI's pieces: id, type and name, then the arguments."""
+        base = {
+            "id": "chatcmpl-fake",
+            "object": "chat.completion.chunk",
+            "created": int(time.time()),
+            "model": model,
+        }
+        args = TOOL_CALL["function"]["arguments"]
+        first = {**TOOL_CALL, "index": 0, "function": {"name": "get_weather", "arguments": ""}}
+        deltas = [
+            {"role": "assistant", "content": None},
+            {"tool_calls": [first]},
+            *(
+                {"tool_calls": [{"index": 0, "function": {"arguments": args[i : i + 9]}}]}
+                for i in range(0, len(args), 9)
+            ),
+        ]
+        events = [
+            {**base, "choices": [{"index": 0, "delta": d, "finish_reason": None}]} for d in deltas
+        ]
+        events.append(
+            {**base, "choices": [{"index": 0, "delta": {}, "finish_reason": "tool_calls"}]}
+        )
+        ntok = len(deltas) - 1
+        if (body.get("stream_options") or {}).get("include_usage"):
+            usage = {
+                "prompt_tokens": ptoks,
+                "completion_tokens": ntok,
+                "total_tokens": ptoks + ntok,
+            }
+            events.append({**base, "choices": [], "usage": usage})
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream")],
+            }
+        )
+        for ev in events:
+            await send({"type": "http.response.body", "body": self._event(ev), "more_body": True})
+        await send({"type": "http.response.body", "body": self._event("[DONE]")})
+        self.completed += 1
 
 
 async def _watch_disconnect(receive: Any) -> None:
@@ -240,9 +305,15 @@ def _count(body: dict) -> int:
     return len(p.split()) if isinstance(p, str) else 1
 
 
-def _full(chat: bool, model: str, ptoks: int, ntok: int) -> bytes:
+def _full(chat: bool, model: str, ptoks: int, ntok: int, tools: bool = False) -> bytes:
     text = "".join(f"t{i} " for i in range(ntok))
-    if chat:
+    if tools:
+        choice = {
+            "index": 0,
+            "message": {"role": "assistant", "content": None, "tool_calls": [TOOL_CALL]},
+            "finish_reason": "tool_calls",
+        }
+    elif chat:
         choice = {
             "index": 0,
             "message": {"role": "assistant", "content": text},

@@ -27,7 +27,7 @@ from finops.shim.cache import assemble_stream, cache_key, is_deterministic, repl
 from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
 from finops.shim.h1client import ConnectError, Disconnected, Response
 from finops.shim.requestlog import iso_utc, new_record, redact
-from finops.shim.upstreams import STATE_NAMES, Upstream
+from finops.shim.upstreams import STATE_NAMES, Pool, Upstream
 
 if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterable
@@ -43,10 +43,66 @@ SSE_HEADERS = [
 DONE = b"data: [DONE]\n\n"
 # a long stream yields to the event loop at least this often, so a client disconnect is seen
 YIELD_EVERY_S = 0.005
+# a request still waiting on its upstream after this long starts watching for its client leaving
+WATCH_AFTER_S = 0.02
 
 
 class ClientGone(Exception):
-    """The client disconnected while we were streaming to it."""
+    """The client disconnected before its answer was complete."""
+
+
+class DisconnectWatch:
+    """Cancel the request's task when its client disconnects while the upstream works.
+
+    Created once the body is read (until then `receive()` carries the body) and stopped
+    before the response's last write: once a response is complete, the server answers
+    every `receive()` with `http.disconnect`. The cancellation reaches whatever the request
+    awaits (the upstream call, a token read): the upstream connection is closed, so vLLM
+    aborts the generation, and no fallback is tried for a client that is gone.
+
+    The watching task starts only after `WATCH_AFTER_S`: most answers of a fast upstream
+    are done by then and never pay for a task, while a client leaving a generation that
+    runs for seconds is still seen within that delay.
+    """
+
+    __slots__ = ("_me", "_receive", "_start", "_task", "gone")
+
+    def __init__(self, receive: Any) -> None:
+        self.gone = False
+        me = self._me = asyncio.current_task()
+        self._receive = receive
+        self._task: asyncio.Task | None = None
+        self._start: asyncio.TimerHandle | None = (
+            me.get_loop().call_later(WATCH_AFTER_S, self._begin) if me is not None else None
+        )
+
+    def _begin(self) -> None:
+        self._start = None
+        self._task = asyncio.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        while True:
+            msg = await self._receive()
+            if msg["type"] == "http.disconnect":
+                self.gone = True
+                if self._me is not None:
+                    self._me.cancel()
+                return
+
+    def stop(self) -> None:
+        if self._start is not None:
+            self._start.cancel()
+            self._start = None
+        if self._task is not None:
+            self._task.cancel()
+
+    def absorb(self) -> bool:
+        """After a CancelledError: True (and the cancellation consumed) if it was ours."""
+        if not self.gone or self._me is None:
+            return False
+        self._me.uncancel()
+        self._me = None
+        return True
 
 
 class UpstreamFailure(Exception):
@@ -151,6 +207,7 @@ class Ctx:
         "fallbacks",
         "first_byte_at",
         "include_usage",
+        "keep_result",
         "operation",
         "rec",
         "result",
@@ -177,6 +234,7 @@ class Ctx:
         self.fallbacks = 0
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
+        self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
 
     def overhead_ms(self, now: float) -> float:
         return max(0.0, (now - self.t0 - self.upstream_wait) * 1000.0)
@@ -260,13 +318,18 @@ def _parse_json_body(raw: bytes) -> Any:
         ) from None
 
 
-async def _send_method_not_allowed(send: Any) -> None:
-    await _send_simple(
-        send,
-        405,
-        error_body("Use POST.", "invalid_request_error", "method_not_allowed"),
-        [],
-    )
+async def _method_not_allowed(ep: ProxyEndpoint, send: Any) -> None:
+    """405 in OpenAI's shape with `Allow: POST`, logged like any other request."""
+    ctx = Ctx(ep.shim, ep.operation)
+    _start_record(ctx.rec, ep.operation)
+    try:
+        exc = HTTPError(405, "Use POST.", "invalid_request_error", "method_not_allowed")
+        ctx.rec["status_code"] = exc.status
+        ctx.rec["error_type"] = exc.error_type
+        headers = [(b"allow", b"POST"), *ctx.headers(time.perf_counter())]
+        await _send_simple(send, exc.status, exc.body, headers)
+    finally:
+        ep._finish(ctx)
 
 
 async def _answer_http_error(ctx: Ctx, exc: HTTPError, send: Any) -> None:
@@ -275,6 +338,21 @@ async def _answer_http_error(ctx: Ctx, exc: HTTPError, send: Any) -> None:
     rec["status_code"] = exc.status
     rec["error_type"] = exc.error_type
     await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+
+
+async def _answer_internal_error(ctx: Ctx, exc: Exception, path: str, send: Any) -> None:
+    """A bug: log it with its traceback, answer 500 if nothing was sent yet, mark the record."""
+    ctx.shim.logger.exception("unexpected error in %s", path)
+    ctx.rec["status_code"] = 500
+    ctx.rec["error_type"] = f"internal:{type(exc).__name__}"
+    if ctx.first_byte_at is None:
+        with contextlib.suppress(Exception):
+            await _send_simple(
+                send,
+                500,
+                error_body("Internal error in the finops shim.", "server_error", "internal_error"),
+                ctx.headers(time.perf_counter()),
+            )
 
 
 def _mark_client_gone(rec: dict) -> None:
@@ -294,7 +372,7 @@ class ProxyEndpoint:
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         shim = self.shim
         if scope["method"] != "POST":
-            await _send_method_not_allowed(send)
+            await _method_not_allowed(self, send)
             return
         ctx = Ctx(shim, self.operation)
         rec = ctx.rec
@@ -312,19 +390,7 @@ class ProxyEndpoint:
         except ClientGone:
             _mark_client_gone(rec)
         except Exception as exc:  # a bug must still answer and log
-            shim.logger.exception("unexpected error in %s", self.path)
-            rec["status_code"] = 500
-            rec["error_type"] = f"internal:{type(exc).__name__}"
-            if ctx.first_byte_at is None:
-                with contextlib.suppress(Exception):
-                    await _send_simple(
-                        send,
-                        500,
-                        error_body(
-                            "Internal error in the finops shim.", "server_error", "internal_error"
-                        ),
-                        ctx.headers(time.perf_counter()),
-                    )
+            await _answer_internal_error(ctx, exc, self.path, send)
         finally:
             self._finish(ctx)
 
@@ -366,7 +432,18 @@ class ProxyEndpoint:
         elif "prompt" not in body:
             raise HTTPError(400, "`prompt` is required.", "invalid_request_error", "missing_prompt")
         rec["has_tools"] = bool(body.get("tools") or body.get("functions"))
-        ctx.stream = stream = body.get("stream") is True
+        stream = body.get("stream")
+        if stream is None:
+            stream = False
+        elif not isinstance(stream, bool):
+            # vLLM would read "yes" or 1 as true and stream to a shim that expects JSON
+            raise HTTPError(
+                400,
+                f"`stream` must be true or false, not {orjson.dumps(stream).decode()[:40]}.",
+                "invalid_request_error",
+                "invalid_stream",
+            )
+        ctx.stream = stream
         rec["stream"] = stream
         so = body.get("stream_options")
         ctx.include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))
@@ -432,6 +509,7 @@ class ProxyEndpoint:
         # -- idempotency --
         idem_id = None
         if idem:
+            ctx.keep_result = True
             idem_id = "idem:" + hashlib.sha256(f"{tenant}\x00{idem}".encode()).hexdigest()
             rec["idempotency_key"] = idem[:200]
             fp = hashlib.sha256(raw).hexdigest()
@@ -461,55 +539,63 @@ class ProxyEndpoint:
                 await waiter  # the original is in flight: wait, then read its record
 
         # -- cache / coalescing --
-        key = None
-        leader_key = idem_id
         try:
-            if cfg.cache_enabled and is_deterministic(body):
-                key = "resp:" + cache_key(tenant, self.endpoint, body, tier)
-                hit = await shim.cache_get(key)
-                if hit is not None:
-                    shim.metrics.cache.labels("hit").inc()
-                    ctx.cache_header = b"hit"
-                    rec["cache_status"] = "hit"
-                    meta, payload = hit
-                    await self._respond_cached(ctx, meta, payload, send)
-                    if idem_id is not None:
-                        await shim.idem_put(idem_id, _idem_entry(rec, raw, _meta_of(meta)), payload)
-                    return
-                if cfg.coalesce:
-                    waiter = shim.coalescer.join(key)
-                    if waiter is not None:
-                        result = await waiter
-                        if result is not None:
-                            shim.metrics.coalesced.inc()
-                            ctx.cache_header = b"hit"
-                            rec["cache_status"] = "coalesced"
-                            meta, payload = result
-                            await self._respond_cached(ctx, meta, payload, send)
-                            return
-                        # leader failed: do our own call (no coalescing for this one)
-                        key_for_store = key
-                        key = None
-                        shim.metrics.cache.labels("miss").inc()
-                        ctx.cache_header = b"miss"
-                        rec["cache_status"] = "miss"
-                        await self._forward(ctx, send, receive, key_for_store)
-                        return
-                shim.metrics.cache.labels("miss").inc()
-                ctx.cache_header = b"miss"
-                rec["cache_status"] = "miss"
-            else:
-                shim.metrics.cache.labels("bypass").inc()
-                rec["cache_status"] = "bypass"
-            result = await self._forward(ctx, send, receive, key)
+            result = await self._cached_or_forward(ctx, body, tier, send, receive)
             if idem_id is not None and result is not None:
                 meta, payload = result
-                await shim.idem_put(idem_id, _idem_entry(rec, raw, meta), payload)
+                await shim.idem_put(idem_id, _idem_entry(rec, raw, _meta_of(meta)), payload)
         finally:
-            if key is not None and cfg.coalesce:
-                shim.coalescer.finish(key, ctx.result)
-            if leader_key is not None:
-                shim.coalescer.finish(leader_key, True)
+            if idem_id is not None:
+                shim.coalescer.finish(idem_id, True)
+
+    async def _cached_or_forward(
+        self, ctx: Ctx, body: dict, tier: str, send: Any, receive: Any
+    ) -> tuple[dict, bytes] | None:
+        """Answer from the cache, an identical in-flight request, or the upstream.
+
+        Returns the answer's (meta, payload) when there is one to keep (for an
+        Idempotency-Key), whichever of the three gave it.
+        """
+        shim = self.shim
+        cfg = shim.cfg
+        rec = ctx.rec
+        if not (cfg.cache_enabled and is_deterministic(body)):
+            shim.metrics.cache.labels("bypass").inc()
+            rec["cache_status"] = "bypass"
+            return await self._forward(ctx, send, receive, None)
+        # the tier and the model it serves: a reload that changes a tier's model starts afresh
+        t = cfg.tiers.get(tier)
+        target = tier if t is None else f"{tier}\x00{t.model}"
+        key = "resp:" + cache_key(rec["tenant"], self.endpoint, body, target)
+        hit = await shim.cache_get(key)
+        if hit is not None:
+            shim.metrics.cache.labels("hit").inc()
+            ctx.cache_header = b"hit"
+            rec["cache_status"] = "hit"
+            await self._respond_cached(ctx, hit[0], hit[1], send)
+            return hit
+        leader = None
+        if cfg.coalesce:
+            waiter = shim.coalescer.join(key)
+            if waiter is not None:
+                result = await waiter
+                if result is not None:
+                    shim.metrics.coalesced.inc()
+                    ctx.cache_header = b"hit"
+                    rec["cache_status"] = "coalesced"
+                    await self._respond_cached(ctx, result[0], result[1], send)
+                    return result
+                # the leader failed: make our own call (not a leader: others do theirs too)
+            else:
+                leader = key
+        shim.metrics.cache.labels("miss").inc()
+        ctx.cache_header = b"miss"
+        rec["cache_status"] = "miss"
+        try:
+            return await self._forward(ctx, send, receive, key)
+        finally:
+            if leader is not None:
+                shim.coalescer.finish(leader, ctx.result)
 
     # ------------------------------------------------------------------
     async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
@@ -628,18 +714,31 @@ class ProxyEndpoint:
         self, ctx: Ctx, send: Any, receive: Any, store_key: str | None
     ) -> tuple[dict, bytes] | None:
         """Try replicas/tiers until one gives a first byte; then respond. Returns (meta, payload) if cacheable."""
-        shim = self.shim
-        rec = ctx.rec
-        tier0 = ctx.tier
-        pool = shim.pool  # one pool for all attempts, even if a reload swaps it meanwhile
-        if tier0 not in pool.tiers:
+        pool = self.shim.pool  # one pool for all attempts, even if a reload swaps it meanwhile
+        if ctx.tier not in pool.tiers:
             raise HTTPError(
                 503,
-                f"Tier `{tier0}` was removed by a config reload; retry the request.",
+                f"Tier `{ctx.tier}` was removed by a config reload; retry the request.",
                 "server_error",
                 "tier_unavailable",
                 "tier_unavailable",
             )
+        watch = DisconnectWatch(receive)
+        try:
+            return await self._attempts(ctx, pool, send, watch, store_key)
+        except asyncio.CancelledError:
+            if not watch.absorb():
+                raise
+            raise ClientGone() from None
+        finally:
+            watch.stop()
+
+    async def _attempts(
+        self, ctx: Ctx, pool: Pool, send: Any, watch: DisconnectWatch, store_key: str | None
+    ) -> tuple[dict, bytes] | None:
+        shim = self.shim
+        rec = ctx.rec
+        tier0 = ctx.tier
         last: UpstreamFailure | None = None
         attempts = 0
         for up in pool.candidates(tier0):
@@ -668,7 +767,7 @@ class ProxyEndpoint:
                     last = exc
                     ctx.tier = up.tier
                     continue
-                except asyncio.CancelledError:
+                except BaseException:  # client gone, or a bug: a half-open probe is not left taken
                     up.breaker.release_probe()
                     raise
                 t_first = time.perf_counter()
@@ -682,14 +781,16 @@ class ProxyEndpoint:
                 rec["tier"] = up.tier
                 rec["upstream"] = up.url
                 if it is None:
+                    watch.stop()  # the whole answer is here: nothing left to cancel
                     shim.metrics.upstream_latency.labels(up.tier).observe(t_first - t_send)
                     return await self._respond_full(ctx, up, resp, first, send, store_key)
                 return await self._respond_stream(
-                    ctx, up, resp, first, it, t_send, send, receive, store_key
+                    ctx, up, resp, first, it, t_send, send, watch, store_key
                 )
             finally:
                 up.outstanding -= 1
         # every candidate failed or was unavailable
+        watch.stop()
         rec["tier"] = ctx.tier
         if last is None:
             raise HTTPError(
@@ -788,13 +889,14 @@ class ProxyEndpoint:
         it: Any,
         t_send: float,
         send: Any,
-        receive: Any,
+        watch: DisconnectWatch,
         store_key: str | None,
     ) -> tuple[dict, bytes] | None:
         shim = self.shim
         rec = ctx.rec
         strip_usage = not ctx.include_usage
-        collect: list[dict] | None = [] if store_key is not None else None
+        # the assembled answer is kept for the cache and for an Idempotency-Key's replay
+        collect: list[dict] | None = [] if store_key is not None or ctx.keep_result else None
         state = {
             "content_chunks": 0,
             "usage": None,
@@ -802,30 +904,26 @@ class ProxyEndpoint:
             "delivered": False,
             "first_token": None,
         }
-        now = time.perf_counter()
-        await send(_sse_start(ctx, now))
-        shim.metrics.added_latency.labels("yes").observe(ctx.overhead_ms(now) / 1000)
-
-        me = asyncio.current_task()
-        gone = asyncio.Event()
-
-        async def watch() -> None:
-            while True:
-                msg = await receive()
-                if msg["type"] == "http.disconnect":
-                    gone.set()
-                    if me is not None:
-                        me.cancel()
-                    return
-
-        watcher = asyncio.create_task(watch())
         buf = b""
-        upstream_error: str | None = None
+        crlf = False
+        eof = False
+        failure: tuple[int, str, str] | None = None  # (status, error_type, message)
         yielded = time.perf_counter()
         try:
+            now = time.perf_counter()
+            await send(_sse_start(ctx, now))
+            shim.metrics.added_latency.labels("yes").observe(ctx.overhead_ms(now) / 1000)
             chunk = first
             while True:
-                buf += chunk
+                if crlf or b"\r" in chunk:
+                    # SSE allows CRLF line ends (sse-starlette servers use them): events are
+                    # split and forwarded with LF; a CR at a read's end meets its LF next time
+                    crlf = True
+                    buf = (buf + chunk).replace(b"\r\n", b"\n")
+                else:
+                    buf += chunk
+                if eof and buf.strip():
+                    buf = buf.rstrip(b"\n") + b"\n\n"  # the last event may lack its blank line
                 out: list[bytes] = []
                 while True:
                     i = buf.find(b"\n\n")
@@ -854,7 +952,7 @@ class ProxyEndpoint:
                         # client is not kept waiting while the upstream's end is read). The
                         # watcher goes first: once the response is complete, the server
                         # reports any receive() as a disconnect.
-                        watcher.cancel()
+                        watch.stop()
                     await send(
                         {
                             "type": "http.response.body",
@@ -870,23 +968,30 @@ class ProxyEndpoint:
                             async for _ in it:
                                 pass
                     break
+                if eof:
+                    break
                 try:
                     chunk = await it.__anext__()
                 except StopAsyncIteration:
-                    break
+                    eof = True
+                    chunk = b""
             if not state["done"]:
-                upstream_error = f"upstream {up.url} ended the stream without [DONE]"
+                failure = (
+                    502,
+                    "upstream_stream_error",
+                    f"upstream {up.url} ended the stream without [DONE]",
+                )
         except Disconnected as exc:
-            upstream_error = f"upstream {up.url} failed mid-stream: {exc}"
+            failure = (502, "upstream_stream_error", f"upstream {up.url} failed mid-stream: {exc}")
         except TimeoutError:
-            upstream_error = (
-                f"upstream {up.url} sent nothing for {shim.cfg.read_timeout_s:g} s mid-stream"
+            failure = (
+                502,
+                "upstream_stream_error",
+                f"upstream {up.url} sent nothing for {shim.cfg.read_timeout_s:g} s mid-stream",
             )
         except asyncio.CancelledError:
-            if not gone.is_set():
+            if not watch.absorb():
                 raise
-            if me is not None:
-                me.uncancel()
             # A client that closes right after reading [DONE] (the openai client does)
             # got the whole answer: that is a served request, not an abort.
             if not state["delivered"]:
@@ -896,10 +1001,13 @@ class ProxyEndpoint:
                     "client disconnected mid-stream; upstream request %s cancelled",
                     rec["request_id"],
                 )
+        except Exception as exc:  # a bug here must still end the stream cleanly and log
+            shim.logger.exception("unexpected error while streaming %s", rec["request_id"])
+            failure = (500, f"internal:{type(exc).__name__}", "internal error in the finops shim")
         finally:
-            watcher.cancel()
+            watch.stop()
             resp.close()  # no-op when the body was read to its end; else vLLM sees the abort
-            up.breaker.success() if upstream_error is None else up.breaker.failure(time.monotonic())
+            up.breaker.success() if failure is None else up.breaker.failure(time.monotonic())
             elapsed = time.perf_counter() - t_send
             shim.metrics.upstream_latency.labels(up.tier).observe(elapsed)
         usage = state["usage"]
@@ -912,17 +1020,18 @@ class ProxyEndpoint:
         if state["first_token"] is not None:
             rec["ttft_ms"] = (state["first_token"] - ctx.t0) * 1000
             shim.metrics.ttft.labels(up.tier).observe(state["first_token"] - ctx.t0)
-        if upstream_error is not None:
-            rec["status_code"] = 502
-            rec["error_type"] = "upstream_stream_error"
-            shim.logger.warning("%s (request %s)", upstream_error, rec["request_id"])
+        if failure is not None:
+            status, error_type, message = failure
+            rec["status_code"] = status
+            rec["error_type"] = error_type
+            shim.logger.warning("%s (request %s)", message, rec["request_id"])
             err = orjson.dumps(
                 {
                     "error": {
-                        "message": upstream_error + "; the response is incomplete.",
+                        "message": message + "; the response is incomplete.",
                         "type": "server_error",
                         "param": None,
-                        "code": "upstream_stream_error",
+                        "code": "upstream_stream_error" if status == 502 else "internal_error",
                     }
                 }
             )
@@ -938,7 +1047,7 @@ class ProxyEndpoint:
         if rec["status_code"] == 499:
             return None
         rec["status_code"] = 200
-        if not gone.is_set() and not state["delivered"]:
+        if not watch.gone and not state["delivered"]:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
         if collect is not None:
             full = assemble_stream(collect, self.operation)
@@ -982,19 +1091,31 @@ class ProxyEndpoint:
             state["usage"] = usage
         if collect is not None:
             collect.append(obj)
-        if choices:
+        if choices and isinstance(choices, list):
             for ch in choices:
+                if not isinstance(ch, dict):
+                    continue
                 # vLLM sends one chunk per generated token, and its content can be empty (a
                 # token that ends mid-UTF-8 character): count the chunk, not the text. The
                 # chat stream's first chunk may only announce the role (empty content).
                 if ctx.operation == "chat":
-                    d = ch.get("delta") or {}
+                    d = ch.get("delta")
+                    if not isinstance(d, dict):
+                        d = {}
                     if d.get("role"):
                         has = bool(
-                            d.get("content") or d.get("tool_calls") or d.get("reasoning_content")
+                            d.get("content")
+                            or d.get("tool_calls")
+                            or d.get("reasoning_content")
+                            or d.get("reasoning")
                         )
                     else:
-                        has = "content" in d or "tool_calls" in d or "reasoning_content" in d
+                        has = (
+                            "content" in d
+                            or "tool_calls" in d
+                            or "reasoning_content" in d
+                            or "reasoning" in d
+                        )
                 else:
                     has = "text" in ch
                 if has:
@@ -1082,11 +1203,11 @@ class EmbeddingsEndpoint:
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         shim = self.shim
-        if scope["method"] != "POST":
-            await _send_method_not_allowed(send)
-            return
         ep = ProxyEndpoint(shim, "embeddings")
         ep.path = "/v1/embeddings"
+        if scope["method"] != "POST":
+            await _method_not_allowed(ep, send)
+            return
         ctx = Ctx(shim, "embeddings")
         rec = ctx.rec
         _start_record(rec, "embeddings")
@@ -1127,6 +1248,8 @@ class EmbeddingsEndpoint:
             await _answer_http_error(ctx, exc, send)
         except ClientGone:
             _mark_client_gone(rec)
+        except Exception as exc:  # a bug must still answer and log
+            await _answer_internal_error(ctx, exc, ep.path, send)
         finally:
             ep._finish(ctx)
 
