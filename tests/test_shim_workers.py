@@ -156,6 +156,51 @@ def test_workers_share_the_port_reload_restart_and_drain(tmp_path, upstream):
     assert not any(tmp.iterdir()), "the metrics folder is removed at exit"
 
 
+def test_a_replacement_worker_serves_the_config_file_as_it_is_now(tmp_path, upstream):
+    """A worker restarted after the file changed must not bring the start's config back."""
+    port = free_port()
+    conf = tmp_path / "shim.toml"
+    tiers = f'[tiers.small]\nupstreams = ["{upstream}"]\n'
+    conf.write_text(f"[server]\nport = {port}\nworkers = 2\n{tiers}")
+    proc = subprocess.Popen(
+        [FINOPS, "shim", "serve", "--config", str(conf), "--api-key", "sk-a=acme"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    auth = {"authorization": "Bearer sk-a"}
+
+    def models_by_pid() -> dict[int, list[str]]:
+        out = {}
+        for _ in range(30):  # new connections: the kernel spreads them over the workers
+            with httpx.Client() as c:
+                pid = c.get(url + "/healthz").json()["pid"]
+                out[pid] = [m["id"] for m in c.get(url + "/v1/models", headers=auth).json()["data"]]
+        return out
+
+    try:
+        wait_http(url + "/healthz", timeout=60)
+        _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
+        first = _workers(proc.pid)
+        conf.write_text(conf.read_text() + f'[tiers.mid]\nupstreams = ["{upstream}"]\n')
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)  # no reload was asked: only the replacement re-reads
+        _wait(lambda: len(_workers(proc.pid) - first) == 1, what="a replacement worker")
+        (new,) = _workers(proc.pid) - first
+        (old,) = first - {victim}
+        _wait(lambda: new in models_by_pid(), what="the replacement answering")
+        seen = models_by_pid()
+        assert "mid" in seen[new], seen
+        assert "mid" not in seen.get(old, []), "the other worker was not reloaded"
+        # the command line's key is kept by the replacement: auth did not turn off
+        r = httpx.post(url + "/v1/chat/completions", json=CHAT)
+        assert r.status_code == 401
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out = proc.communicate(timeout=60)[0].decode()
+    assert proc.returncode == 0, out
+
+
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path, upstream):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")

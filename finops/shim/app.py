@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import dataclasses
 import logging
 import os
 import signal
@@ -36,7 +35,7 @@ from starlette.routing import Route
 
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import Coalescer, MemoryCache, RedisCache
-from finops.shim.config import ConfigError, ShimConfig, load_config, reapply_overrides
+from finops.shim.config import ConfigError, ShimConfig, load_config, reread_config
 from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
 from finops.shim.policy import Router, load_policy
@@ -229,19 +228,7 @@ class Shim:
         The command-line flags the process started with (`cfg.overrides`: `--api-key`,
         `--router`, `--log`, ...) are applied again over the re-read file, as at start.
         """
-        old = self.cfg
-        if old.source_path is None:
-            return old, build_router(old)
-        cfg = reapply_overrides(load_config(old.source_path), old.overrides)
-        # listen address, workers, log folder and cache backend are fixed for the process
-        cfg = dataclasses.replace(
-            cfg,
-            host=old.host,
-            port=old.port,
-            workers=old.workers,
-            log_dir=old.log_dir,
-            redis_url=old.redis_url,
-        )
+        cfg = reread_config(self.cfg)
         return cfg, build_router(cfg)
 
     def _refused(self, exc: BaseException) -> tuple[bool, str]:

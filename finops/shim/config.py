@@ -618,3 +618,23 @@ def reapply_overrides(cfg: ShimConfig, overrides: dict[str, Any]) -> ShimConfig:
     if extra:
         fields["api_keys"] = {**fields.get("api_keys", cfg.api_keys), **extra}
     return _replace(cfg, **fields, overrides=dict(overrides))
+
+
+def reread_config(old: ShimConfig) -> ShimConfig:
+    """The config as its file says now, with the command-line flags applied again.
+
+    Used by a reload and by a worker (re)started after one, so both serve what the
+    file says now. The listen address, worker count, log folder and cache backend
+    stay as the process started with them. Raises ConfigError if the file is bad.
+    """
+    if old.source_path is None:
+        return old
+    cfg = reapply_overrides(load_config(old.source_path), old.overrides)
+    return _replace(
+        cfg,
+        host=old.host,
+        port=old.port,
+        workers=old.workers,
+        log_dir=old.log_dir,
+        redis_url=old.redis_url,
+    )

@@ -32,7 +32,7 @@ import tempfile
 import time
 from typing import Any
 
-from finops.shim.config import ShimConfig
+from finops.shim.config import ConfigError, ShimConfig, reread_config
 from finops.shim.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("finops.shim.workers")
@@ -77,6 +77,14 @@ def _worker(cfg: ShimConfig, sock: socket.socket, index: int, log_level: str, pa
     # a reload forwarded before the app installs its handler must not kill the worker
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_parent(parent)
+    # a worker restarted after a reload serves what the file says now, like its siblings
+    # (the supervisor's copy is the config at start); a file broken since keeps that copy
+    try:
+        cfg = reread_config(cfg)
+    except ConfigError as exc:
+        logging.getLogger("finops.shim").error(
+            "worker-%d: config file refused, serving the config of the start: %s", index, exc
+        )
     serve(cfg, log_level=log_level, sockets=[sock], log_tag=f"worker-{index}")
 
 
