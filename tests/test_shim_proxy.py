@@ -8,6 +8,7 @@ Real parts: the shim served by uvicorn on a loopback port, real HTTP clients
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import socket
 import threading
@@ -435,6 +436,110 @@ def test_broken_chunked_framing_fails_over_to_another_replica(tmp_path, fakes):
     assert [r["status_code"] for r in recs] == [200, 200]
     assert all(r["upstream"] == good_url for r in recs)
     assert good.calls == 2
+
+
+def test_a_follower_that_leaves_is_499_and_the_others_still_get_the_answer(tmp_path, fakes):
+    f, url = fakes("slow", tokens=5, delay_s=0.1)  # a 0.5 s answer
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**CHAT, "temperature": 0, "max_tokens": 5}
+
+        def post(read_timeout: float) -> httpx.Response:
+            return httpx.post(
+                h.base_url + "/chat/completions",
+                json=body,
+                timeout=httpx.Timeout(5, read=read_timeout),
+            )
+
+        with cf.ThreadPoolExecutor(3) as ex:
+            lead = ex.submit(post, 5)
+            time.sleep(0.1)
+            quitter = ex.submit(post, 0.15)
+            stayer = ex.submit(post, 5)
+            with pytest.raises(httpx.ReadTimeout):
+                quitter.result()
+            assert lead.result().json() == stayer.result().json()
+        assert stayer.result().headers["x-finops-cache"] == "hit"
+        # waiting on the leader is upstream time, not the shim's overhead
+        assert float(stayer.result().headers["x-finops-overhead-ms"]) < 100
+        assert f.calls == 1
+        recs = _records(h.shim, 3)
+    by_status = sorted((r["status_code"], r["cache_status"]) for r in recs)
+    assert by_status == [(200, "coalesced"), (200, "miss"), (499, "coalesced")]
+
+
+def test_cap_rejections_and_cache_hits_add_no_tokens_to_metrics(tmp_path, fakes):
+    f, url = fakes(tokens=4)
+    with _serve(tmp_path, [f"small={url}"], caps=(CapRule(50, "reject"),)) as h:
+        big = {**CHAT, "messages": [{"role": "user", "content": "word " * 400}]}
+        assert httpx.post(h.base_url + "/chat/completions", json=big).status_code == 400
+        det = {**CHAT, "temperature": 0}
+        for _ in range(2):
+            assert httpx.post(h.base_url + "/chat/completions", json=det).status_code == 200
+        recs = _records(h.shim, 3)
+        text = httpx.get(h.url + "/metrics").text
+    assert recs[0]["input_tokens"] > 50, "the record keeps the size that was refused"
+
+    def tokens(kind: str) -> float:
+        return sum(
+            float(line.split()[-1])
+            for line in text.splitlines()
+            if line.startswith("finops_shim_tokens_total{") and f'kind="{kind}"' in line
+        )
+
+    assert tokens("input") == recs[1]["input_tokens"] > 0, "only the upstream call's tokens"
+    assert tokens("output") == 4
+    assert f.calls == 1
+
+
+def test_logged_prompts_and_client_names_are_cut_to_size(tmp_path, fakes):
+    _f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"], log_prompts=True) as h:
+        huge = "call me at 555-123-4567 " + "lorem " * 200_000  # 1.2 MB, under the body limit
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**CHAT, "messages": [{"role": "user", "content": huge}]},
+            headers={"x-feature": "f" * 5000},
+        )
+        assert r.status_code == 200
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "m" * 5000})
+        assert r.status_code == 404
+        recs = _records(h.shim, 2)
+    line = orjson.dumps(recs[0])
+    assert len(line) < 40_000, "a record stays far below the ingester's 1 MiB line limit"
+    assert recs[0]["prompt_text"].endswith("more characters]")
+    assert "555-123-4567" not in recs[0]["prompt_text"]
+    assert len(recs[0]["feature"]) == 200 and len(recs[1]["request_model"]) == 200
+
+
+def test_a_stream_cut_by_shutdown_is_not_logged_as_served(tmp_path, fakes):
+    _f, url = fakes("slow", tokens=200, delay_s=0.02)  # a 4 s stream
+    h = _serve(tmp_path, [f"small={url}"])
+    h.server.config.timeout_graceful_shutdown = 0.5
+    got = []
+
+    def client() -> None:
+        with (
+            contextlib.suppress(httpx.HTTPError),
+            httpx.stream(
+                "POST",
+                h.base_url + "/chat/completions",
+                json={**CHAT, "stream": True, "max_tokens": 200},
+            ) as r,
+        ):
+            for chunk in r.iter_raw():
+                got.append(chunk)
+
+    t = threading.Thread(target=client)
+    t.start()
+    _wait_for(lambda: len(got) >= 3)
+    h.stop()
+    t.join(10)
+    recs = []
+    for p in sorted((tmp_path / "log").glob("requests-*.jsonl")):
+        recs += [orjson.loads(x) for x in p.read_bytes().splitlines()]
+    (rec,) = recs
+    assert (rec["status_code"], rec["error_type"]) == (503, "shim_shutdown")
+    assert 0 < rec["output_tokens"] < 200
 
 
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):

@@ -183,6 +183,13 @@ def _fingerprint_prompt(body: dict) -> str:
     return hashlib.sha256(orjson.dumps(src, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
+# a logged prompt is cut to this many characters: a record must stay loadable (the log
+# ingester refuses lines over 1 MiB) and the log is for looking, not for replaying
+PROMPT_LOG_CHARS = 32_768
+# names a client chooses (model, feature header) are cut to this in the record
+NAME_LOG_CHARS = 200
+
+
 def _prompt_text(body: dict) -> str:
     msgs = body.get("messages")
     if isinstance(msgs, list):
@@ -193,9 +200,14 @@ def _prompt_text(body: dict) -> str:
                 if isinstance(c, list):
                     c = " ".join(p.get("text", "") for p in c if isinstance(p, dict))
                 parts.append(f"{m.get('role')}: {c}")
-        return redact("\n".join(parts))
-    p = body.get("prompt")
-    return redact(p if isinstance(p, str) else orjson.dumps(p).decode())
+        text = "\n".join(parts)
+    else:
+        p = body.get("prompt")
+        text = p if isinstance(p, str) else orjson.dumps(p).decode()
+    text = redact(text)  # before the cut: a cut must not leave half a number unredacted
+    if len(text) > PROMPT_LOG_CHARS:
+        text = f"{text[:PROMPT_LOG_CHARS]} [... {len(text) - PROMPT_LOG_CHARS} more characters]"
+    return text
 
 
 class Ctx:
@@ -355,6 +367,26 @@ async def _answer_internal_error(ctx: Ctx, exc: Exception, path: str, send: Any)
             )
 
 
+async def _wait_for_leader(ctx: Ctx, leader: asyncio.Future, receive: Any) -> Any:
+    """Wait for an identical request in flight (coalescing, or the original of an
+    Idempotency-Key); its result, or ClientGone if our client leaves meanwhile.
+
+    The wait is upstream time, not the shim's overhead. The leader's future is
+    shielded: the other followers still get its result when this one leaves.
+    """
+    watch = DisconnectWatch(receive)
+    t = time.perf_counter()
+    try:
+        return await asyncio.shield(leader)
+    except asyncio.CancelledError:
+        if not watch.absorb():
+            raise
+        raise ClientGone() from None
+    finally:
+        watch.stop()
+        ctx.upstream_wait += time.perf_counter() - t
+
+
 def _mark_client_gone(rec: dict) -> None:
     rec["status_code"] = 499
     rec["error_type"] = "client_disconnected"
@@ -389,6 +421,11 @@ class ProxyEndpoint:
             await _answer_http_error(ctx, exc, send)
         except ClientGone:
             _mark_client_gone(rec)
+        except asyncio.CancelledError:
+            if rec["status_code"] is None:  # not the client (see DisconnectWatch): shutdown
+                rec["status_code"] = 503
+                rec["error_type"] = "shim_shutdown"
+            raise
         except Exception as exc:  # a bug must still answer and log
             await _answer_internal_error(ctx, exc, self.path, send)
         finally:
@@ -401,7 +438,7 @@ class ProxyEndpoint:
         shim = self.shim
         cfg = shim.cfg
         rec = ctx.rec
-        rec["feature"] = feature
+        rec["feature"] = feature[:NAME_LOG_CHARS]
         tenant = rec["tenant"]
         body = _parse_json_body(raw)
         if not isinstance(body, dict):
@@ -416,7 +453,7 @@ class ProxyEndpoint:
                 "invalid_request_error",
                 "missing_model",
             )
-        rec["request_model"] = model
+        rec["request_model"] = model[:NAME_LOG_CHARS]
         if self.operation == "chat":
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
@@ -536,7 +573,7 @@ class ProxyEndpoint:
                 waiter = shim.coalescer.join(idem_id)
                 if waiter is None:
                     break
-                await waiter  # the original is in flight: wait, then read its record
+                await _wait_for_leader(ctx, waiter, receive)  # then read the original's record
 
         # -- cache / coalescing --
         try:
@@ -578,11 +615,11 @@ class ProxyEndpoint:
         if cfg.coalesce:
             waiter = shim.coalescer.join(key)
             if waiter is not None:
-                result = await waiter
+                rec["cache_status"] = "coalesced"  # also if the client leaves while waiting
+                result = await _wait_for_leader(ctx, waiter, receive)
                 if result is not None:
                     shim.metrics.coalesced.inc()
                     ctx.cache_header = b"hit"
-                    rec["cache_status"] = "coalesced"
                     await self._respond_cached(ctx, result[0], result[1], send)
                     return result
                 # the leader failed: make our own call (not a leader: others do theirs too)
@@ -832,7 +869,7 @@ class ProxyEndpoint:
             except orjson.JSONDecodeError:
                 obj = None
             if isinstance(obj, dict):
-                self._usage_into(rec, obj.get("usage"), up.tier)
+                self._usage_into(rec, obj.get("usage"))
                 rec["response_model"] = obj.get("model")
                 ch = obj.get("choices")
                 if ch and isinstance(ch, list) and isinstance(ch[0], dict):
@@ -869,7 +906,7 @@ class ProxyEndpoint:
             await shim.cache_put(store_key, meta, data)
         return result
 
-    def _usage_into(self, rec: dict, usage: Any, tier: str) -> None:
+    def _usage_into(self, rec: dict, usage: Any) -> None:
         if not isinstance(usage, dict):
             return
         pi = usage.get("prompt_tokens")
@@ -991,6 +1028,10 @@ class ProxyEndpoint:
             )
         except asyncio.CancelledError:
             if not watch.absorb():
+                # not the client: the shim is stopping (a drain past its grace period)
+                rec["status_code"] = 503
+                rec["error_type"] = "shim_shutdown"
+                self._stream_usage(ctx, state)
                 raise
             # A client that closes right after reading [DONE] (the openai client does)
             # got the whole answer: that is a served request, not an abort.
@@ -1010,13 +1051,7 @@ class ProxyEndpoint:
             up.breaker.success() if failure is None else up.breaker.failure(time.monotonic())
             elapsed = time.perf_counter() - t_send
             shim.metrics.upstream_latency.labels(up.tier).observe(elapsed)
-        usage = state["usage"]
-        if usage:
-            self._usage_into(rec, usage, up.tier)
-        else:  # partial: count streamed content chunks (vLLM sends one token per chunk)
-            rec["output_tokens"] = state["content_chunks"]
-            rec["input_tokens"] = estimate_body_tokens(ctx.body)
-            rec["cached_input_tokens"] = 0
+        self._stream_usage(ctx, state)
         if state["first_token"] is not None:
             rec["ttft_ms"] = (state["first_token"] - ctx.t0) * 1000
             shim.metrics.ttft.labels(up.tier).observe(state["first_token"] - ctx.t0)
@@ -1064,6 +1099,16 @@ class ProxyEndpoint:
                     await shim.cache_put(store_key, meta, payload)
                 return meta, payload
         return None
+
+    def _stream_usage(self, ctx: Ctx, state: dict) -> None:
+        """Tokens of a stream into the record: the upstream's usage, else what was streamed."""
+        rec = ctx.rec
+        if state["usage"]:
+            self._usage_into(rec, state["usage"])
+        else:  # partial: count streamed content chunks (vLLM sends one token per chunk)
+            rec["output_tokens"] = state["content_chunks"]
+            rec["input_tokens"] = estimate_body_tokens(ctx.body)
+            rec["cached_input_tokens"] = 0
 
     def _inspect_event(
         self, ev: bytes, state: dict, strip_usage: bool, collect: list | None, ctx: Ctx
@@ -1153,12 +1198,13 @@ class ProxyEndpoint:
             m.requests.labels(
                 tier, str(rec["status_code"]), rec["tenant"] or "unauthenticated"
             ).inc()
-            if rec["input_tokens"]:
-                m.tokens.labels(tier, "input").inc(rec["input_tokens"])
-            if rec["output_tokens"]:
-                m.tokens.labels(tier, "output").inc(rec["output_tokens"])
-            if rec["cached_input_tokens"]:
-                m.tokens.labels(tier, "cached_input").inc(rec["cached_input_tokens"])
+            if rec["upstream"] is not None:  # tokens an upstream processed (a cap's count is not)
+                if rec["input_tokens"]:
+                    m.tokens.labels(tier, "input").inc(rec["input_tokens"])
+                if rec["output_tokens"]:
+                    m.tokens.labels(tier, "output").inc(rec["output_tokens"])
+                if rec["cached_input_tokens"]:
+                    m.tokens.labels(tier, "cached_input").inc(rec["cached_input_tokens"])
             shim.log.write(rec)
         except Exception:
             shim.logger.exception("could not log request %s", rec.get("request_id"))
@@ -1213,10 +1259,11 @@ class EmbeddingsEndpoint:
         _start_record(rec, "embeddings")
         rec["stream"] = False
         rec["cache_status"] = "bypass"
+        shim.metrics.cache.labels("bypass").inc()
         auth, declared, _idem, feature = _scan_headers(
             scope["headers"], shim.cfg.feature_header.encode()
         )
-        rec["feature"] = feature or shim.cfg.default_feature
+        rec["feature"] = (feature or shim.cfg.default_feature)[:NAME_LOG_CHARS]
         try:
             raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
             body = _parse_json_body(raw)
@@ -1228,7 +1275,7 @@ class EmbeddingsEndpoint:
                     "missing_model",
                 )
             model = body["model"]
-            rec["request_model"] = model
+            rec["request_model"] = model[:NAME_LOG_CHARS]
             tier = shim.resolve_model(model)
             if tier == "@route":
                 tier = shim.cfg.tier_names[0]  # embeddings are not classified: cheapest tier
