@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
+import errno
+import os
 import shutil
 import socket
 import subprocess
@@ -92,6 +94,145 @@ def test_requestlog_survives_write_errors(tmp_path):
     assert log.written == 2
 
 
+class _FailingFile:
+    """Wraps a real file; once `budget` is set, lets that many more bytes in, then ENOSPC."""
+
+    budget: int | None = None
+
+    def __init__(self, fh):
+        self._fh = fh
+
+    def write(self, data):
+        budget = _FailingFile.budget
+        if budget is None:
+            return self._fh.write(data)
+        if budget == 0:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        part = bytes(data[:budget])
+        _FailingFile.budget = budget - len(part)
+        self._fh.write(part)
+        if hasattr(self._fh, "flush"):
+            self._fh.flush()
+        return len(part)
+
+    def __getattr__(self, name):
+        return getattr(self._fh, name)
+
+
+def _lines(folder, pattern="*.jsonl"):
+    return [
+        orjson.loads(x) for p in sorted(folder.glob(pattern)) for x in p.read_bytes().splitlines()
+    ]
+
+
+def test_requestlog_write_error_closes_the_file_out_and_keeps_whole_records(tmp_path, monkeypatch):
+    """Disk full mid-batch: the whole lines stay (renamed to .jsonl), only the rest is lost."""
+    import builtins
+
+    from finops.shim import requestlog as rl
+
+    def failing_open(*a, **k):
+        return _FailingFile(builtins.open(*a, **k))
+
+    monkeypatch.setattr(rl, "open", failing_open, raising=False)
+    monkeypatch.setattr(_FailingFile, "budget", None)
+    log = RequestLog(tmp_path, rotate_bytes=1 << 30, rotate_s=3600, fsync=False, interval=0.01)
+    for i in range(5):
+        log.write(_rec(i))
+    assert log.flush()
+    one = len(orjson.dumps(_rec(5))) + 1
+    _FailingFile.budget = one + 10  # r5 whole, r6 cut short, r7 not at all
+    for i in range(5, 8):
+        log.write(_rec(i))
+    assert log.flush()
+    # closed out right away, not only at exit: an ingester of *.jsonl sees every whole record
+    assert not list(tmp_path.glob("*.open"))
+    assert [r["request_id"] for r in _lines(tmp_path)] == [f"r{i}" for i in range(6)]
+    assert (log.written, log.errors) == (6, 2)
+    assert "No space left" in (log.last_error or "")
+    _FailingFile.budget = None  # space again: a new file
+    for i in range(8, 11):
+        log.write(_rec(i))
+    assert log.flush()
+    log.close()
+    rows = _lines(tmp_path)
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in (0, 1, 2, 3, 4, 5, 8, 9, 10)]
+    assert (log.written, log.errors) == (9, 2) and len(rows) == log.written
+    assert sorted(tmp_path.iterdir()) == sorted(log.files) and len(log.files) == 2
+
+
+def test_requestlog_failed_rotation_keeps_the_records_and_renames_later(tmp_path, monkeypatch):
+    """A batch that was written counts as written even if the rename fails; it is retried."""
+    real = {name: getattr(os, name) for name in ("link", "rename", "replace")}
+    broken = {"on": True}
+
+    def failing(name):
+        def call(*a, **k):
+            if broken["on"]:
+                raise OSError(errno.EIO, "Input/output error")
+            return real[name](*a, **k)
+
+        return call
+
+    for name in real:
+        monkeypatch.setattr(os, name, failing(name))
+    log = RequestLog(tmp_path, rotate_bytes=1, rotate_s=3600, fsync=False, interval=0.01)
+    log.write(_rec(1))
+    assert log.flush()
+    assert (log.written, log.errors) == (1, 0)
+    assert "Input/output" in (log.last_error or "")
+    assert len(list(tmp_path.glob("*.jsonl.open"))) == 1  # closed, waiting for its rename
+    broken["on"] = False
+    log.write(_rec(2))
+    assert log.flush()
+    log.close()
+    assert not list(tmp_path.glob("*.open"))
+    assert sorted(r["request_id"] for r in _lines(tmp_path)) == ["r1", "r2"]
+    assert (log.written, log.errors) == (2, 0)
+
+
+def test_requestlog_names_are_unique_and_never_overwritten(tmp_path, monkeypatch):
+    """Two writers of one pid in one second (or pid 1 restarted) keep every record."""
+    import datetime as dt
+    import types
+
+    from finops.shim import requestlog as rl
+
+    class Frozen(dt.datetime):
+        @classmethod
+        def now(cls, tz=None):
+            return dt.datetime(2026, 11, 28, 10, 0, 0, tzinfo=tz)
+
+    monkeypatch.setattr(rl, "dt", types.SimpleNamespace(datetime=Frozen, UTC=dt.UTC))
+    tokens = iter(["same", "same"] + [f"t{i}" for i in range(100)])  # 2nd writer: taken name
+    monkeypatch.setattr(rl, "_token", lambda: next(tokens), raising=False)
+    a = RequestLog(tmp_path, fsync=False, interval=0.01)
+    for i in range(3):
+        a.write(_rec(i))
+    a.close()
+    b = RequestLog(tmp_path, fsync=False, interval=0.01)
+    for i in range(3, 5):
+        b.write(_rec(i))
+    b.close()
+    files = sorted(tmp_path.iterdir())
+    assert len(files) == 2 and sorted(a.files + b.files) == files
+    assert sorted(r["request_id"] for r in _lines(tmp_path)) == [f"r{i}" for i in range(5)]
+    assert {f.name.split("-")[2] for f in files} == {str(os.getpid())}  # the pid field
+    # recovery of a dead pid touches only that pid's files, not a seq that equals it
+    other = tmp_path / "o"
+    other.mkdir()
+    (other / "requests-20261128T100000Z-999-1234-abcd.jsonl.open").write_bytes(b"{}\n")
+    (other / "requests-20261128T100000Z-1234-0001-abcd.jsonl.open").write_bytes(b"{}\n{")
+    (other / "requests-20261128T100000Z-1234-0001-abcd.jsonl").write_bytes(b"{}\n")
+    (done,) = rl.recover_open_files(other, 1234)
+    assert done.name.split("-")[2] == "1234" and done.read_bytes() == b"{}\n"
+    assert sorted(p.name for p in other.iterdir()) == [
+        "requests-20261128T100000Z-1234-0001-abcd.jsonl",  # kept, not overwritten
+        done.name,
+        "requests-20261128T100000Z-999-1234-abcd.jsonl.open",
+    ]
+
+
 def test_iso_utc_matches_datetime_including_rounding_carries():
     """The per-second cached stamp equals datetime's own text, microsecond rounding too."""
     import datetime as dt
@@ -116,6 +257,31 @@ def test_redaction():
     assert "corp.example" not in s and "7946" not in s and "555" not in s and "12345678" not in s
     assert s.count("[EMAIL]") == 1 and s.count("[PHONE]") == 2 and s.count("[NUMBER]") == 1
     assert redact("order 42 shipped in 2026") == "order 42 shipped in 2026"
+    assert redact("mail john.doe+work@example.co.uk now") == "mail [EMAIL] now"
+    phones = [
+        "+44 20 7946 0958",
+        "+33 1 23 45 67 89",
+        "+91 98765 43210",
+        "+49 30 1234567",
+        "+1 (555) 123-4567",
+        "(555) 123-4567",
+        "555-123-4567",
+        "020 7946 0958",
+    ]
+    for phone in phones:
+        assert redact(f"call {phone} today") == "call [PHONE] today", phone
+    cards = ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "3782 822463 10005"]
+    for card in cards:
+        assert redact(f"card {card} ok") == "card [NUMBER] ok", card
+    for text in [
+        "in 2023 1500 people came",
+        "ip 192.168.100.200 and 10.0.0.1",
+        "between 1990 and 2000 years",
+        "meeting 2024-01-15 at 10:30",
+        "version 1.2.3 and 3.11.4",
+        "price 1,234,567 dollars, code 12345",
+    ]:
+        assert redact(text) == text
 
 
 def test_cache_key_normalization_and_determinism():

@@ -3,22 +3,30 @@
 Why a thread and a deque: the response path only does `deque.append` (atomic
 under the GIL, never blocks, never wakes another thread, never touches the
 disk); a daemon thread wakes every `interval` seconds, takes the batch, serializes them with orjson and writes them. Files live in the log
-folder as `requests-<UTC start>-<pid>-<seq>.jsonl`; the one being written
-ends in `.jsonl.open` and is renamed to `.jsonl` when it rotates (size or age)
-or the shim stops, after an fsync, so an ingester that reads `*.jsonl` never
-sees half a line. Every record is ingestible by `Lake.append("requests", ...)`.
+folder as `requests-<UTC start>-<pid>-<seq>-<token>.jsonl` (the pid is always the
+third dash-separated field; the random token keeps two writers of one pid in one
+second apart); the one being written ends in `.jsonl.open` and is renamed to
+`.jsonl` when it rotates (size or age) or the shim stops, after an fsync, so an
+ingester that reads `*.jsonl` never sees half a line. A rename never replaces a
+file: a name that is taken gets a fresh token. A write that fails (disk full)
+closes the file out after its last whole line, counts only the records that did
+not reach it as errors, and the next batch starts a new file. Every record is
+ingestible by `Lake.append("requests", ...)`.
 
 Prompt text is only written when enabled, and then redacted: e-mail
-addresses, phone numbers and runs of 6+ digits (cards, accounts, IDs) become
-`[EMAIL]`, `[PHONE]`, `[NUMBER]`.
+addresses, phone numbers, card/account numbers (13+ digits, in groups or not) and
+other runs of 6+ digits (accounts, IDs) become `[EMAIL]`, `[PHONE]`, `[NUMBER]`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
+import errno
 import math
 import os
 import re
+import secrets
 import threading
 import time
 from collections import deque
@@ -32,15 +40,46 @@ from finops.schemas import REQUESTS
 COLUMNS: tuple[str, ...] = tuple(REQUESTS.columns)
 
 _EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Digits in groups of 3+ (a short last group allowed: IBANs, 19-digit cards) split by
+# one space or dash; 13+ digits in all (checked in `_long`) is a card or an account.
+_DIGIT_GROUPS = re.compile(r"(?<![\w+])\d{3,}(?:[ -]\d{3,})*(?:[ -]\d{1,4})?(?!\w)")
+# `+` country code, then up to 5 groups (an area code in brackets allowed); 7+ digits in all.
+_PHONE_INTL = re.compile(
+    r"(?<!\w)\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]\d{1,8}){1,5}(?![\w(]|[.,]\d)"
+)
+# National: [1-3 digit prefix] (area) or area, then 3-4 and 4 digits (555-123-4567,
+# 020 7946 0958, (415) 555-0100); a trunk 0 and one long group (07700 900123);
+# 555-0100. The last group has 4+ digits, so dotted quads (IP addresses) never match.
 _PHONE = re.compile(
-    r"(?<!\w)(?:\+?\d{1,3}[\s.-]?)?(?:\(\d{2,4}\)[\s.-]?)?\d{3,4}[\s.-]\d{3,4}(?:[\s.-]\d{2,4})?(?!\w)"
+    r"(?<![\w.+])(?:"
+    r"(?:\d{1,3}[\s.-])?(?:\(\d{2,4}\)[\s.-]?|\d{2,5}[\s.-])\d{3,4}[\s.-]\d{4}"
+    r"|0\d{2,4}[\s-]\d{6,8}"
+    r"|\d{3}-\d{4}"
+    r")(?![\w(]|[.,]\d)"
 )
 _DIGITS = re.compile(r"\d{6,}")
+_DIGIT = re.compile(r"\d")
+
+
+def _ndigits(text: str) -> int:
+    return sum(c.isdigit() for c in text)
+
+
+def _long(m: re.Match) -> str:
+    return "[NUMBER]" if _ndigits(m.group(0)) >= 13 else m.group(0)
+
+
+def _intl(m: re.Match) -> str:
+    return "[PHONE]" if _ndigits(m.group(0)) >= 7 else m.group(0)
 
 
 def redact(text: str) -> str:
-    """Mask e-mails, phone numbers and long digit runs (in that order)."""
+    """Mask e-mails, long digit groups (cards), phone numbers and long digit runs (in that order)."""
     text = _EMAIL.sub("[EMAIL]", text)
+    if _DIGIT.search(text) is None:  # nothing else to mask: skip the other passes
+        return text
+    text = _DIGIT_GROUPS.sub(_long, text)
+    text = _PHONE_INTL.sub(_intl, text)
     text = _PHONE.sub("[PHONE]", text)
     return _DIGITS.sub("[NUMBER]", text)
 
@@ -79,6 +118,48 @@ def new_record() -> dict[str, Any]:
     return dict.fromkeys(COLUMNS)
 
 
+def _token() -> str:
+    return secrets.token_hex(4)
+
+
+def _fresh_name(final: Path) -> Path:
+    """`final` with a new random token as the last dash-separated part of its name."""
+    name = final.name
+    stem, suffix = name.split(".", 1)
+    parts = stem.split("-")
+    if len(parts) >= 5:  # requests-<stamp>-<pid>-<seq>-<token>
+        parts[-1] = _token()
+    else:  # an older name without a token
+        parts.append(_token())
+    return final.with_name("-".join(parts) + "." + suffix)
+
+
+def _rename_no_replace(src: Path, final: Path) -> Path:
+    """Rename `src` to `final`, or to a fresh name if `final` is taken; returns the name.
+
+    A hard link fails if the target exists, so nothing is ever overwritten; where the
+    file system has no hard links, the target is checked first, then renamed.
+    """
+    for _ in range(100):
+        try:
+            os.link(src, final)
+        except FileExistsError:
+            final = _fresh_name(final)
+            continue
+        except OSError as exc:
+            if exc.errno not in (errno.EPERM, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EMLINK):
+                raise
+            if os.path.lexists(final):
+                final = _fresh_name(final)
+                continue
+            os.rename(src, final)
+            return final
+        with contextlib.suppress(OSError):  # published under `final`: never link it twice
+            os.unlink(src)
+        return final
+    raise FileExistsError(errno.EEXIST, "no free name", str(final))
+
+
 def recover_open_files(folder: Path, pid: int) -> list[Path]:
     """Close out the files a dead writer (process `pid`) left open; returns them.
 
@@ -89,15 +170,15 @@ def recover_open_files(folder: Path, pid: int) -> list[Path]:
     """
     done = []
     for path in sorted(Path(folder).glob(f"requests-*-{pid}-*.jsonl.open")):
+        if path.name.split("-")[2] != str(pid):  # the glob also matches seq/token == pid
+            continue
         data = path.read_bytes()
         keep = data[: data.rfind(b"\n") + 1]
         if len(keep) != len(data):
             with open(path, "r+b") as fh:
                 fh.truncate(len(keep))
-        final = path.with_suffix("")
         if keep:
-            path.rename(final)
-            done.append(final)
+            done.append(_rename_no_replace(path, path.with_suffix("")))
         else:
             path.unlink()
     return done
@@ -132,6 +213,7 @@ class RequestLog:
         self._path: Path | None = None
         self._opened_at = 0.0
         self._size = 0
+        self._pending: list[tuple[Path, int]] = []  # closed, not yet renamed
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
         self._enqueued = 0
@@ -178,30 +260,110 @@ class RequestLog:
         assert self.folder is not None
         self._seq += 1
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        self._path = self.folder / f"requests-{stamp}-{os.getpid()}-{self._seq:04d}.jsonl.open"
-        self._fh = open(self._path, "ab", buffering=1 << 16)  # noqa: SIM115 (kept open across batches)
+        head = f"requests-{stamp}-{os.getpid()}-{self._seq:04d}"
+        while True:  # a fresh name, never one another writer (same pid, same second) has
+            path = self.folder / f"{head}-{_token()}.jsonl.open"
+            try:
+                # unbuffered: one write per batch, and a failed write says how much got in
+                self._fh = open(path, "xb", buffering=0)  # noqa: SIM115 (kept open across batches)
+            except FileExistsError:
+                continue
+            break
+        self._path = path
         self._opened_at = time.monotonic()
         self._size = 0
+        if self._pending:  # writes work again: close out what an earlier failure left
+            self._finish_pending()
 
-    def _close_file(self) -> None:
-        if self._fh is None or self._path is None:
+    def _note(self, exc: OSError) -> None:
+        self.last_error = f"{type(exc).__name__}: {exc}"
+
+    def _write_batch(self, lines: list[bytes]) -> int:
+        """Append `lines` to the current file (opening one if needed); returns how many got in.
+
+        On an error the file is cut after its last whole line and closed out; the records
+        that did not get in whole are the caller's to count as errors.
+        """
+        try:
+            if self._fh is None:
+                self._open()
+        except OSError as exc:
+            self._note(exc)
+            return 0
+        data = memoryview(b"".join(lines))
+        done = 0
+        try:
+            while done < len(data):
+                n = self._fh.write(data[done:])
+                if not n:
+                    raise OSError(errno.EIO, "write made no progress")
+                done += n
+        except OSError as exc:
+            self._note(exc)
+            whole = kept = 0
+            for line in lines:
+                if kept + len(line) > done:
+                    break
+                kept += len(line)
+                whole += 1
+            self._size += kept
+            self._close_file(cut=True)
+            return whole
+        self._size += done
+        return len(lines)
+
+    def _close_file(self, cut: bool = False) -> None:
+        """Fsync, close and rename the current file; a failed rename is retried later.
+
+        `cut`: a write failed, so drop whatever is past the last whole line first.
+        """
+        fh, path, size = self._fh, self._path, self._size
+        if fh is None or path is None:
             return
-        self._fh.flush()
-        if self.fsync:
-            os.fsync(self._fh.fileno())
-        self._fh.close()
-        final = self._path.with_suffix("")  # drop ".open"
-        os.replace(self._path, final)
-        if self.fsync:
-            try:
-                fd = os.open(self._path.parent, os.O_RDONLY)
-                os.fsync(fd)
-                os.close(fd)
-            except OSError:
-                pass
-        self.files.append(final)
         self._fh = None
         self._path = None
+        try:
+            if cut:
+                os.ftruncate(fh.fileno(), size)
+            if self.fsync:
+                os.fsync(fh.fileno())
+        except OSError as exc:
+            self._note(exc)  # the records are written; the rename below still publishes them
+        try:
+            fh.close()
+        except OSError as exc:
+            self._note(exc)
+        self._pending.append((path, size))
+        self._finish_pending()
+
+    def _finish_pending(self) -> None:
+        """Rename closed `.jsonl.open` files to `.jsonl` (an empty one is removed)."""
+        left = []
+        renamed = False
+        for path, size in self._pending:
+            try:
+                if os.stat(path).st_size > size:  # the cut after a failed write did not happen
+                    os.truncate(path, size)
+                if size == 0:
+                    path.unlink()
+                    continue
+                final = _rename_no_replace(path, path.with_suffix(""))  # drop ".open"
+            except OSError as exc:
+                self._note(exc)
+                left.append((path, size))
+                continue
+            self.files.append(final)
+            renamed = True
+        self._pending = left
+        if renamed and self.fsync and self.folder is not None:
+            try:
+                fd = os.open(self.folder, os.O_RDONLY)
+                try:
+                    os.fsync(fd)
+                finally:
+                    os.close(fd)
+            except OSError:
+                pass
 
     def _run(self) -> None:
         while True:
@@ -212,28 +374,24 @@ class RequestLog:
             q = self._q
             while q:
                 batch.append(q.popleft())
-            try:
-                if batch:
-                    if self._fh is None:
-                        self._open()
-                    data = b"".join([orjson.dumps(r) + b"\n" for r in batch])
-                    self._fh.write(data)
-                    self._fh.flush()
-                    self._size += len(data)
-                if self._fh is not None and (
-                    stop
-                    or self._size >= self.rotate_bytes
-                    or time.monotonic() - self._opened_at >= self.rotate_s
-                ):
-                    self._close_file()
-                ok = len(batch)
-            except OSError as exc:  # disk full etc.: count, keep serving
-                self.last_error = f"{type(exc).__name__}: {exc}"
-                self.errors += len(batch)
-                ok = 0
-                self._fh = None
+            lines = []
+            for r in batch:
+                try:
+                    lines.append(orjson.dumps(r) + b"\n")
+                except TypeError as exc:  # orjson.JSONEncodeError: counted as an error
+                    self.last_error = f"{type(exc).__name__}: {exc}"
+            ok = self._write_batch(lines) if lines else 0
+            if self._fh is not None and (
+                stop
+                or self._size >= self.rotate_bytes
+                or time.monotonic() - self._opened_at >= self.rotate_s
+            ):
+                self._close_file()
+            if stop and self._pending:
+                self._finish_pending()
             with self._flushed:
                 self.written += ok
+                self.errors += len(batch) - ok
                 self._flushed.notify_all()
             if stop and not self._q:
                 return
