@@ -131,6 +131,45 @@ def test_deny_routes_aliases_of_the_alias_and_refuses_tier_names(tmp_path, upstr
         parse_config(tomllib.loads(_two_tiers(url, 'reroute = {large = "auto"}')))
 
 
+def _model_ids(h) -> list[str]:
+    return [m["id"] for m in httpx.get(h.base_url + "/models").json()["data"]]
+
+
+def test_model_aliases_key_may_not_name_a_tier_and_models_lists_each_name_once(tmp_path, upstream):
+    _, url = upstream
+    # a key equal to a tier name or a tier's upstream model name would be served by two rules
+    for key, tier in (("small", "small"), ("llama-70b", "large")):
+        with pytest.raises(
+            ConfigError,
+            match=rf"shim.toml: \[routing\] model_aliases.{key}: '{key}' already names tier '{tier}'",
+        ):
+            _cfg(_two_tiers(url, f'model_aliases = {{"{key}" = "auto"}}'), tmp_path)
+    # reroute keys are tier names by design
+    cfg = _cfg(_two_tiers(url, 'explicit = "reroute"\nreroute = {small = "auto"}'), tmp_path)
+    assert cfg.reroute == {"small": "auto"}
+    # /v1/models never lists a name twice, even for a config built past the checks
+    cfg = _cfg(_two_tiers(url, 'model_aliases = {"gpt-4o" = "auto"}'), tmp_path)
+    cfg = dataclasses.replace(cfg, model_aliases={"small": "large", "gpt-4o": "auto"})
+    with serve_in_thread(cfg) as h:
+        assert _model_ids(h) == ["auto", "small", "large", "gpt-4o"]
+
+
+def test_models_lists_only_usable_names_under_deny(tmp_path, upstream):
+    _, url = upstream
+    routing = 'model_aliases = {"gpt-4o" = "auto"}\nextra_aliases = ["router"]\n'
+    cfg = _cfg(_two_tiers(url, routing + 'explicit = "deny"'), tmp_path)
+    with serve_in_thread(cfg) as h:
+        ids = _model_ids(h)
+        assert ids == ["auto", "router", "gpt-4o"]  # not the tiers, which answer 403
+        for name in ids:
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": name})
+            assert r.status_code == 200, (name, r.text)
+    # allow (and reroute) keep listing the tiers
+    cfg = _cfg(_two_tiers(url, routing + 'explicit = "allow"'), tmp_path)
+    with serve_in_thread(cfg) as h:
+        assert _model_ids(h) == ["auto", "router", "small", "large", "gpt-4o"]
+
+
 # -- 3. cap precedence --
 
 
@@ -302,3 +341,62 @@ def test_unknown_paths_get_an_openai_shaped_404(tmp_path, upstream):
         # (Starlette builds the header from a set: the order varies)
         assert sorted(m.strip() for m in r.headers["allow"].split(",")) == ["GET", "HEAD"]
         assert httpx.get(h.base_url + "/models").status_code == 200
+
+
+# -- 6. metrics across reload --
+
+
+def test_reload_stops_reporting_removed_upstreams(tmp_path, upstream):
+    _, url = upstream
+    gone = "http://127.0.0.1:9"
+    conf = tmp_path / "shim.toml"
+
+    def write(ups: list[str]) -> None:
+        listed = ", ".join(f'"{u}"' for u in ups)
+        conf.write_text(f'[tiers.small]\nupstreams = [{listed}]\n[log]\ndir = "log"\n')
+
+    def gauges(h) -> list[str]:
+        text = httpx.get(h.url + "/metrics").text
+        return [
+            line
+            for line in text.splitlines()
+            if line.startswith(("finops_shim_circuit_state{", "finops_shim_upstream_outstanding{"))
+        ]
+
+    write([gone, url])
+    with serve_in_thread(load_config(conf)) as h:
+        h.shim.pool.tiers["small"][0].breaker.state = 1  # open
+        before = gauges(h)
+        assert f'finops_shim_circuit_state{{tier="small",upstream="{gone}"}} 1.0' in before
+        write([url])
+        ok, msg = h.shim.reload()
+        assert ok, msg
+        after = gauges(h)
+        assert len(after) == 2 and not any(gone in line for line in after), after
+        assert [c["upstream"] for c in httpx.get(h.url + "/readyz").json()["circuits"]] == [url]
+        # an upstream added back is reported again
+        write([gone, url])
+        assert h.shim.reload()[0]
+        assert sum(gone in line for line in gauges(h)) == 2
+
+
+def test_removed_upstream_gauges_read_zero_in_multiprocess_mode(tmp_path, monkeypatch):
+    import warnings
+
+    from finops.shim.metrics import MULTIPROC_ENV, ShimMetrics
+
+    m = ShimMetrics()
+    m.circuit_state.labels("small", "http://a").set(1)
+    m.outstanding.labels("small", "http://a").set(3)
+    # removing would not reach the other workers' files (prometheus_client only warns)
+    monkeypatch.setenv(MULTIPROC_ENV, str(tmp_path))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        m.drop_upstream("small", "http://a")
+    labels = {"tier": "small", "upstream": "http://a"}
+    assert m.registry.get_sample_value("finops_shim_circuit_state", labels) == 0
+    assert m.registry.get_sample_value("finops_shim_upstream_outstanding", labels) == 0
+    monkeypatch.delenv(MULTIPROC_ENV)
+    m.drop_upstream("small", "http://a")
+    assert m.registry.get_sample_value("finops_shim_circuit_state", labels) is None
+    m.drop_upstream("small", "http://never-made")  # a no-op

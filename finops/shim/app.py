@@ -20,6 +20,7 @@ import contextlib
 import logging
 import os
 import signal
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -87,6 +88,9 @@ class Shim:
         self.last_reload_error: str | None = None
         self._tasks: list[asyncio.Task] = []
         self._names = self._model_names(cfg)
+        # (tier, url) label sets the per-upstream gauges report now; see refresh_gauges
+        self._gauged: set[tuple[str, str]] = set()
+        self._gauge_lock = threading.Lock()
 
     # -- model names --
     @staticmethod
@@ -247,6 +251,7 @@ class Shim:
         self.metrics.set_router(router.version)
         self.metrics.reloads.labels("ok").inc()
         self.last_reload_error = None
+        self.refresh_gauges()  # drops the gauges of upstreams the new pool no longer has
         msg = f"reloaded: router {router.version}, tiers {cfg.tier_names}"
         self.logger.info(msg)
         return True, msg
@@ -291,13 +296,22 @@ class Shim:
     def refresh_gauges(self) -> None:
         """Set the gauges read from state (circuits, in flight, log counts).
 
-        Called on every scrape and by the health loop: with several workers a scrape
-        reaches one of them, and the others' values must not be older than one interval.
+        Called on every scrape, by the health loop and after a reload: with several
+        workers a scrape reaches one of them, and the others' values must not be older
+        than one interval. Upstreams a reload removed stop being reported (they would
+        otherwise keep their last circuit state forever). The lock keeps a refresh from
+        a reload in another thread from interleaving with one holding the old pool.
         """
         m = self.metrics
-        for u in self.pool.all():
-            m.circuit_state.labels(u.tier, u.url).set(u.breaker.state)
-            m.outstanding.labels(u.tier, u.url).set(u.outstanding)
+        with self._gauge_lock:
+            seen = set()
+            for u in self.pool.all():
+                seen.add((u.tier, u.url))
+                m.circuit_state.labels(u.tier, u.url).set(u.breaker.state)
+                m.outstanding.labels(u.tier, u.url).set(u.outstanding)
+            for tier, url in self._gauged - seen:
+                m.drop_upstream(tier, url)
+            self._gauged = seen
         m.log_records.set(self.log.written)
         m.log_errors.set(self.log.errors)
 
@@ -370,45 +384,40 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
             )
         created = int(shim.started_at)
         c = shim.cfg
-        data = [
-            {
-                "id": a,
-                "object": "model",
-                "created": created,
-                "owned_by": "finops-shim",
-                "finops": {
-                    "kind": "alias",
-                    "router_version": shim.router.version,
-                    "tiers": c.tier_names,
-                },
-            }
-            for a in c.aliases
-        ]
-        for name, t in c.tiers.items():
-            data.append(
-                {
-                    "id": name,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "finops-shim",
-                    "finops": {
+        # the names a client may send: with explicit = "deny" the tiers answer 403, so only
+        # the aliases and the model_aliases that route are listed; each name once
+        data: list[dict] = []
+        seen: set[str] = set()
+
+        def add(name: str, info: dict) -> None:
+            if name not in seen:
+                seen.add(name)
+                data.append(
+                    {
+                        "id": name,
+                        "object": "model",
+                        "created": created,
+                        "owned_by": "finops-shim",
+                        "finops": info,
+                    }
+                )
+
+        for a in c.aliases:
+            add(a, {"kind": "alias", "router_version": shim.router.version, "tiers": c.tier_names})
+        if c.explicit != "deny":
+            for name, t in c.tiers.items():
+                add(
+                    name,
+                    {
                         "kind": "tier",
                         "upstream_model": t.model,
                         "replicas": len(t.upstreams),
                         "explicit": c.explicit,
                     },
-                }
-            )
+                )
         for a, target in c.model_aliases.items():
-            data.append(
-                {
-                    "id": a,
-                    "object": "model",
-                    "created": created,
-                    "owned_by": "finops-shim",
-                    "finops": {"kind": "alias", "target": target},
-                }
-            )
+            if c.explicit != "deny" or target in c.aliases:
+                add(a, {"kind": "alias", "target": target})
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )

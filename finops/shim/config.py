@@ -336,6 +336,16 @@ def parse_config(
                 f"{w} {table}.{k}",
                 f"{k!r} is the routing alias already (always routed)",
             )
+    # a model_aliases key is a new client name: one that already picks a tier (its name
+    # or its upstream model name) would be served by two rules, and listed twice
+    tier_names_of = {**{t.model: n for n, t in tiers.items()}, **{n: n for n in tiers}}
+    for k in kw["model_aliases"]:
+        _expect(
+            k not in tier_names_of,
+            f"{w} model_aliases.{k}",
+            f"{k!r} already names tier {tier_names_of.get(k)!r}; a model_aliases key must be "
+            'a new name (to send a tier\'s names elsewhere use explicit = "reroute")',
+        )
     _expect(
         not kw["reroute"] or kw["explicit"] == "reroute",
         f"{w} reroute",

@@ -48,8 +48,9 @@ class CachedLabels:
     """A labelled metric whose children are found in a plain dict.
 
     prometheus_client's `labels()` validates the values and takes a lock on every call
-    (0.8 us; the proxy path makes about eight a request). Children are never removed
-    here, so a child once made stays the right one. Everything else goes to the metric.
+    (0.8 us; the proxy path makes about eight a request). A child is dropped only by
+    `remove()`, which drops it from the metric too, so a cached child is always the
+    metric's own. Everything else goes to the metric.
     """
 
     __slots__ = ("_children", "metric")
@@ -63,6 +64,11 @@ class CachedLabels:
         if child is None:
             child = self._children[values] = self.metric.labels(*values)
         return child
+
+    def remove(self, *values: Any) -> None:
+        """Drop one label set (no-op when it was never made), here and in the metric."""
+        self._children.pop(values, None)
+        self.metric.remove(*values)
 
     def __getattr__(self, name: str) -> Any:
         return getattr(self.metric, name)
@@ -209,6 +215,26 @@ class ShimMetrics:
             self.router_info.labels(self._router_version).set(0)
         self.router_info.labels(version).set(1)
         self._router_version = version
+
+    def drop_upstream(self, tier: str, url: str) -> None:
+        """Stop reporting an upstream a reload removed (its circuit and in-flight gauges).
+
+        In multiprocess mode removing a child does not reach the worker files the
+        scrape reads (prometheus_client does not implement it there and only warns),
+        so the last value would stay forever: the gauges are set to 0 instead, which
+        is neutral for both modes. `outstanding` is `livesum`: 0 adds nothing to the
+        other workers' sum. `circuit_state` is `livemax`: 0 (closed) never hides
+        another worker's value, so a worker that has not reloaded yet still shows its
+        own; once all have, the series reads 0 (nothing open) and stays until the
+        workers restart, as `router_info` does for an old router version.
+        """
+        gauges = (self.circuit_state, self.outstanding)
+        if multiprocess_dir() is None:
+            for g in gauges:
+                g.remove(tier, url)
+        else:
+            for g in gauges:
+                g.labels(tier, url).set(0)
 
     def exposition(self) -> bytes:
         """Prometheus text: this app's registry, or all workers' files in multiprocess mode."""
