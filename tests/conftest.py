@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from finops.lake import Lake
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.server import run_app_in_thread
 from finops.vllm_local import VLLMServer, VLLMUnavailable, attach, start
 
 ARTIFACTS = Path(__file__).parent / "artifacts"
@@ -80,3 +82,12 @@ def demo_lake(tmp_path_factory: pytest.TempPathFactory) -> Path:
     path = tmp_path_factory.mktemp("demo") / "lake"
     generate(path, days=2, seed=42, gpus=16, scale=0.05)
     return path
+
+
+@pytest.fixture
+def upstream() -> Iterator[tuple[FakeUpstream, str]]:
+    """A fake OpenAI-compatible upstream on a loopback port: (the fake, its root URL)."""
+    f = FakeUpstream()
+    h = run_app_in_thread(f)
+    yield f, h.url
+    h.stop(2)

@@ -16,20 +16,10 @@ from finops.shim import serve_in_thread
 from finops.shim.app import Shim
 from finops.shim.caps import applicable_cap
 from finops.shim.config import CapRule, ConfigError, load_config, parse_config
-from finops.shim.fakeupstream import FakeUpstream
-from finops.shim.server import run_app_in_thread
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shim.toml"
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 TIER = '[tiers.small]\nupstreams = ["http://127.0.0.1:8000"]\n'
-
-
-@pytest.fixture
-def upstream():
-    f = FakeUpstream()
-    h = run_app_in_thread(f)
-    yield f, h.url
-    h.stop(2)
 
 
 def _two_tiers(url: str, routing: str) -> str:

@@ -45,14 +45,6 @@ def artifacts(tmp_path_factory):
     return train_tiny_router(d / "r1", seed=1), train_tiny_router(d / "r2", seed=2)
 
 
-@pytest.fixture
-def upstream():
-    f = FakeUpstream()
-    h = run_app_in_thread(f)
-    yield f, h.url
-    h.stop(2)
-
-
 def _records(log_dir: Path, n: int) -> list[dict]:
     deadline = time.monotonic() + 5
     while True:

@@ -32,14 +32,6 @@ from finops.shim.server import run_app_in_thread
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
 
 
-@pytest.fixture
-def upstream():
-    f = FakeUpstream()
-    h = run_app_in_thread(f)
-    yield f, h.url
-    h.stop(2)
-
-
 def _rec(i: int) -> dict:
     r = new_record()
     r.update(

@@ -96,6 +96,17 @@ class DisconnectWatch:
         if self._task is not None:
             self._task.cancel()
 
+    async def run(self, aw: Any) -> Any:
+        """Await `aw` under this watch (then stopped); ClientGone if the client leaves."""
+        try:
+            return await aw
+        except asyncio.CancelledError:
+            if not self.absorb():
+                raise
+            raise ClientGone() from None
+        finally:
+            self.stop()
+
     def absorb(self) -> bool:
         """After a CancelledError: True (and the cancellation consumed) if it was ours."""
         if not self.gone or self._me is None:
@@ -374,16 +385,10 @@ async def _wait_for_leader(ctx: Ctx, leader: asyncio.Future, receive: Any) -> An
     The wait is upstream time, not the shim's overhead. The leader's future is
     shielded: the other followers still get its result when this one leaves.
     """
-    watch = DisconnectWatch(receive)
     t = time.perf_counter()
     try:
-        return await asyncio.shield(leader)
-    except asyncio.CancelledError:
-        if not watch.absorb():
-            raise
-        raise ClientGone() from None
+        return await DisconnectWatch(receive).run(asyncio.shield(leader))
     finally:
-        watch.stop()
         ctx.upstream_wait += time.perf_counter() - t
 
 
@@ -761,14 +766,7 @@ class ProxyEndpoint:
                 "tier_unavailable",
             )
         watch = DisconnectWatch(receive)
-        try:
-            return await self._attempts(ctx, pool, send, watch, store_key)
-        except asyncio.CancelledError:
-            if not watch.absorb():
-                raise
-            raise ClientGone() from None
-        finally:
-            watch.stop()
+        return await watch.run(self._attempts(ctx, pool, send, watch, store_key))
 
     async def _attempts(
         self, ctx: Ctx, pool: Pool, send: Any, watch: DisconnectWatch, store_key: str | None
