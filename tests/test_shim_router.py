@@ -263,3 +263,54 @@ def test_rule_policy_is_a_real_policy():
         == "mid"
     )
     assert pol.route(short).score < pol.route(long).score
+
+
+def _wait_version(h, version: str, timeout: float = 15.0) -> str:
+    deadline = time.monotonic() + timeout
+    while h.shim.router.version != version and time.monotonic() < deadline:
+        time.sleep(0.1)
+    return h.shim.router.version
+
+
+def test_file_watch_follows_swapped_in_artifact_folders(tmp_path, artifacts, upstream):
+    """A deploy that swaps the folder (rename over), twice: both swaps are picked up."""
+    import os
+    import shutil
+
+    from finops.router.artifact import load_router
+
+    _, url = upstream
+    r1, r2 = artifacts
+    live = tmp_path / "router"
+    shutil.copytree(r1, live)
+    cfg = dataclasses.replace(
+        from_flags([f"{t}={url}" for t in TIERS], router=live, log_dir=tmp_path / "log"),
+        watch=True,
+    )
+    v1, v2 = load_router(r1).version, load_router(r2).version
+
+    def swap_in(src: Path, name: str) -> None:
+        staged = tmp_path / name
+        shutil.copytree(src, staged)
+        old = tmp_path / f"{name}-old"
+        os.rename(live, old)
+        os.rename(staged, live)
+        shutil.rmtree(old)
+
+    with serve_in_thread(cfg) as h:
+        time.sleep(0.5)
+        swap_in(r2, "stage-a")
+        assert _wait_version(h, v2) == v2
+        swap_in(r1, "stage-b")  # the first swap replaced the watched folder
+        assert _wait_version(h, v1) == v1
+        # a bad artifact swapped in is refused; the last good one keeps serving
+        staged = tmp_path / "stage-c"
+        shutil.copytree(r2, staged)
+        (staged / "manifest.json").write_text("{not json")
+        os.rename(live, tmp_path / "stage-c-old")
+        os.rename(staged, live)
+        deadline = time.monotonic() + 15
+        while h.shim.last_reload_error is None and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert h.shim.last_reload_error and h.shim.router.version == v1
+        assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200

@@ -514,6 +514,21 @@ def test_file_watch_reloads_config(tmp_path, upstream):
                 break
             time.sleep(0.2)
         assert code == 200
+        # an editor's save: a new file renamed over the old one (the old file's watch dies)
+        tmp = tmp_path / ".shim.toml.swp"
+        tmp.write_text(
+            f'[server]\nwatch = true\n[tiers.small]\nupstreams = ["{url}"]\n[routing]\nextra_aliases = ["thrifty"]\n'
+        )
+        tmp.replace(conf)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            code = httpx.post(
+                h.base_url + "/chat/completions", json={**CHAT, "model": "thrifty"}
+            ).status_code
+            if code == 200:
+                break
+            time.sleep(0.2)
+        assert code == 200
 
 
 def test_least_outstanding_spreads_concurrent_load(tmp_path):

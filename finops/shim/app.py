@@ -315,18 +315,70 @@ class Shim:
         m.log_records.set(self.log.written)
         m.log_errors.set(self.log.errors)
 
+    def _watch_targets(self) -> tuple[list[Path], list[Path]]:
+        """(files and folders that trigger a reload, folders to watch for them)."""
+        targets = [
+            Path(p).resolve() for p in (self.cfg.source_path, self.cfg.router_path) if p is not None
+        ]
+        dirs = {t.parent for t in targets if t.parent.is_dir()}
+        dirs.update(t for t in targets if t.is_dir())
+        return targets, sorted(dirs)
+
+    def _watch_signature(self, targets: list[Path]) -> tuple:
+        sig = []
+        for t in targets:
+            for p in [t, *(sorted(t.iterdir()) if t.is_dir() else [])]:
+                try:
+                    st = p.stat()
+                except OSError:
+                    sig.append((str(p), None))
+                else:
+                    sig.append((str(p), st.st_ino, st.st_mtime_ns, st.st_size))
+        return tuple(sig)
+
     async def _watch_loop(self) -> None:
+        """Reload when the config file or the router folder changes.
+
+        The watch is on their parent folders (and the router folder's own files), not
+        on the things themselves: a watch on a file or folder dies with it when it is
+        replaced rather than edited in place, which is how editors save (write a new
+        file, rename it over) and how artifacts are deployed (swap in a new folder).
+        After each change the watch is rebuilt, so a swapped-in folder, or a router
+        path the reload changed, is the one watched next; a signature of the watched
+        files catches a change that landed while it was being rebuilt.
+        """
         from watchfiles import awatch
 
-        paths = [
-            p
-            for p in (self.cfg.source_path, self.cfg.router_path)
-            if p is not None and Path(p).exists()
-        ]
-        if not paths:
-            return
-        async for _changes in awatch(*paths):
-            await self.areload()
+        seen = None
+        while True:
+            targets, dirs = self._watch_targets()
+            if not dirs:
+                return
+            sig = await asyncio.to_thread(self._watch_signature, targets)
+            if seen is not None and sig != seen:
+                seen = await self._reload_from_watch()
+                continue
+            wanted = set(targets)
+
+            def relevant(_change: object, path: str, wanted: set[Path] = wanted) -> bool:
+                p = Path(path)
+                return p in wanted or p.parent in wanted
+
+            try:
+                async with contextlib.aclosing(
+                    awatch(*dirs, watch_filter=relevant, recursive=False)
+                ) as changes:
+                    async for _batch in changes:
+                        break
+            except Exception as exc:  # a watched folder vanished mid-setup: look again soon
+                self.logger.warning("file watch restarting: %s", exc)
+                await asyncio.sleep(1.0)
+                continue
+            seen = await self._reload_from_watch()
+
+    async def _reload_from_watch(self) -> tuple:
+        await self.areload()
+        return await asyncio.to_thread(self._watch_signature, self._watch_targets()[0])
 
     def readiness(self) -> tuple[bool, dict]:
         tiers = {}
