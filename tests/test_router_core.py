@@ -295,3 +295,17 @@ def test_overwrite_only_replaces_artifacts(rule_artifact, tmp_path: Path) -> Non
         "manifest.json",
         "model.skops",
     ]
+
+
+def test_token_id_prompts_count_their_tokens() -> None:
+    """A pre-tokenized prompt is sized exactly, not read as empty."""
+    from finops.router import features as F
+
+    small = F.from_body({"prompt": [1, 2, 3]})
+    big = F.from_body({"prompt": list(range(4000))})
+    batch = F.from_body({"prompt": [[1, 2], [3, 4, 5]]})
+    assert big["log_prompt_tokens"] == pytest.approx(np.log1p(4000))
+    assert small["log_prompt_tokens"] == pytest.approx(np.log1p(3))
+    assert batch["log_prompt_tokens"] == pytest.approx(np.log1p(5))
+    assert F.from_body({"prompt": "x" * 40})["log_prompt_tokens"] == pytest.approx(np.log1p(10))
+    assert F.token_id_count([1, "a"]) is None and F.token_id_count([]) is None

@@ -171,6 +171,14 @@ def test_fallback_to_next_tier_up(tmp_path, fakes):
         r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
         assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
         assert mid.bodies[-1]["model"] == "mid"
+        # routed to small, served by mid: the record keeps the router's version and score,
+        # but not small's propensity next to tier=mid
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+        assert r.headers["x-finops-tier"] == "mid"
+        explicit, routed = _records(h.shim, 2)
+    assert explicit["router_version"] is None and explicit["route_propensity"] is None
+    assert routed["tier"] == "mid" and routed["router_version"] == "rules-v1"
+    assert routed["router_score"] is not None and routed["route_propensity"] is None
 
 
 def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):

@@ -263,6 +263,12 @@ def test_rule_policy_is_a_real_policy():
         == "mid"
     )
     assert pol.route(short).score < pol.route(long).score
+    # code in list-of-parts content and in completions prompts lifts the tier too
+    parts = [{"type": "text", "text": "why does"}, {"type": "text", "text": "def f(): pass"}]
+    assert pol.route({"messages": [{"role": "user", "content": parts}]}).tier == "mid"
+    assert pol.route({"prompt": ["fix this", "import os"]}).tier == "mid"
+    assert pol.route({"prompt": "fix this: SELECT * FROM t"}).tier == "mid"
+    assert pol.route({"prompt": ["hello", "there"]}).tier == "small"
 
 
 def _wait_version(h, version: str, timeout: float = 15.0) -> str:

@@ -132,4 +132,26 @@ def from_body(
     """Features of an OpenAI /v1/chat/completions or /v1/completions request body."""
     text, turns = body_text(body)
     has_tools = bool(body.get("tools") or body.get("functions"))
-    return extract(text=text, turn_count=turns, has_tools=has_tools, feature=feature, tenant=tenant)
+    return extract(
+        text=text,
+        prompt_tokens=None if text is not None else token_id_count(body.get("prompt")),
+        turn_count=turns,
+        has_tools=has_tools,
+        feature=feature,
+        tenant=tenant,
+    )
+
+
+def token_id_count(prompt: Any) -> int | None:
+    """Tokens in a pre-tokenized /v1/completions prompt ([ids] or [[ids], ...]), else None.
+
+    Such a prompt has no text to estimate from, but its size is exact; without this it
+    would look like an empty prompt and be routed as the smallest request there is.
+    """
+    if not isinstance(prompt, list) or not prompt:
+        return None
+    if all(isinstance(t, int) for t in prompt):
+        return len(prompt)
+    if all(isinstance(p, list) and all(isinstance(t, int) for t in p) for p in prompt):
+        return sum(len(p) for p in prompt)
+    return None

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from finops.router.features import body_text
 from finops.shim.caps import estimate_body_tokens
 from finops.shim.config import RuleRouterConfig
 
@@ -56,18 +57,9 @@ _CODE_MARKERS = ("```", "def ", "class ", "function ", "#include", "import ", "S
 
 
 def _has_code(body: dict) -> bool:
-    msgs = body.get("messages")
-    texts: list[str] = []
-    if isinstance(msgs, list):
-        for m in msgs:
-            c = m.get("content") if isinstance(m, dict) else None
-            if isinstance(c, str):
-                texts.append(c)
-    else:
-        p = body.get("prompt")
-        if isinstance(p, str):
-            texts.append(p)
-    return any(mk in t for t in texts for mk in _CODE_MARKERS)
+    """Code markers anywhere in the prompt: string or list-of-parts content, or prompts."""
+    text, _ = body_text(body)
+    return bool(text) and any(mk in text for mk in _CODE_MARKERS)
 
 
 class RulePolicy:

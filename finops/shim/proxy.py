@@ -495,7 +495,6 @@ class ProxyEndpoint:
 
         # -- resolve the target tier --
         router = shim.router
-        rec["router_version"] = router.version
         tier = shim.resolve_model(model)
         if tier is None:
             raise HTTPError(
@@ -510,6 +509,7 @@ class ProxyEndpoint:
             routed = router.route(body, feature, tenant)
             ctx.routed = routed
             tier = routed.tier
+            rec["router_version"] = routed.version  # set for routed requests only
             rec["router_score"] = routed.score
             rec["route_propensity"] = routed.propensity
             m = shim.metrics
@@ -1180,6 +1180,11 @@ class ProxyEndpoint:
             rec["latency_ms"] = (time.perf_counter() - ctx.t0) * 1000
             if rec["tier"] is None:
                 rec["tier"] = ctx.tier
+            if ctx.routed is not None and rec["tier"] != ctx.routed.tier:
+                # a fallback served another tier: the propensity is the routed tier's, and an
+                # off-policy evaluation reading (tier, propensity) must not mistake it for
+                # this one's; the router's score and version stay
+                rec["route_propensity"] = None
             if rec["status_code"] is None:
                 rec["status_code"] = 499 if ctx.first_byte_at is None else 200
                 if ctx.first_byte_at is None:
