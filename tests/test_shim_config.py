@@ -288,6 +288,8 @@ def test_example_config_with_every_option_parses():
         (["--port", "70000"], "--port: expected a port 1..65535, got 70000"),
         (["--port", "-1"], "--port: expected a port 1..65535, got -1"),
         (["--workers", "0"], "--workers: expected 1..256, got 0"),
+        (["--log-level", "loud"], "--log-level: expected one of debug|info|warning|error"),
+        (["--api-key", "sk-secret-value"], "--api-key: expected KEY=TENANT"),
     ],
 )
 def test_cli_flag_values_are_checked(tmp_path, monkeypatch, flags, message):
@@ -306,6 +308,18 @@ def test_cli_flag_values_are_checked(tmp_path, monkeypatch, flags, message):
         res = runner.invoke(app, ["shim", "serve", *source, *flags])
         assert res.exit_code == 2, res.output
         assert message in res.output
+        assert "sk-s" not in res.output  # a malformed key is never echoed, not even a prefix
+
+
+def test_empty_api_key_is_refused_in_cli_and_config():
+    from finops.cli import app
+    from finops.shim.config import EMPTY_KEY_SHA256
+
+    res = CliRunner().invoke(app, ["shim", "hash-key", ""])
+    assert res.exit_code == 2 and "the key is empty" in res.output
+    text = TIER + f'[auth]\nkeys = [{{sha256 = "{EMPTY_KEY_SHA256}", tenant = "t"}}]\n'
+    with pytest.raises(ConfigError, match=r"keys\[0\] sha256: this is the hash of the empty key"):
+        parse_config(tomllib.loads(text), source="shim.toml")
 
 
 # -- 5. unknown paths --

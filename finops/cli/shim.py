@@ -9,6 +9,8 @@ import typer
 
 from finops.cli._common import fail
 
+LOG_LEVELS = ("debug", "info", "warning", "error")
+
 shim_app = typer.Typer(help="The live routing shim in front of vLLM tiers.", no_args_is_help=True)
 
 
@@ -54,7 +56,11 @@ def _build_config(
                 for spec in api_key:
                     k, sep, tenant = spec.partition("=")
                     if not (sep and k and tenant):
-                        fail(f"--api-key: expected KEY=TENANT, got {spec.split('=')[0][:4]}...")
+                        # the value is a secret: say what is wrong with it, not what it is
+                        fail(
+                            "--api-key: expected KEY=TENANT (the key is hashed in memory, "
+                            "never stored); one value has no '=' or an empty side"
+                        )
                     keys[hash_key(k)] = tenant
                 # added to the file's keys, and again after every reload (cfg.overrides)
                 changes["extra_api_keys"] = keys
@@ -112,6 +118,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible shim (SIGHUP reloads config and router)."""
+    if log_level.lower() not in LOG_LEVELS:
+        fail(f"--log-level: expected one of {'|'.join(LOG_LEVELS)}, got {log_level!r}")
+    log_level = log_level.lower()
     cfg = _build_config(config, upstream, router, api_key, log, host, port, workers)
     from finops.shim.app import build_router
     from finops.shim.server import serve as _serve
@@ -159,6 +168,8 @@ def hash_key_cmd(
     """Print the sha256 form an API key is stored in."""
     from finops.shim.config import hash_key
 
+    if not key.strip():
+        fail("hash-key: the key is empty; give the API key clients will send")
     typer.echo(hash_key(key))
 
 

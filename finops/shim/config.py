@@ -135,6 +135,9 @@ def hash_key(key: str) -> str:
     return hashlib.sha256(key.encode()).hexdigest()
 
 
+EMPTY_KEY_SHA256 = hash_key("")
+
+
 def _expect(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{where}: {msg}")
@@ -415,6 +418,12 @@ def parse_config(
             isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h.lower()),
             f"{we} sha256",
             "expected 64 hex characters (make one with `finops shim hash-key KEY`); plain keys are not accepted in files",
+        )
+        _expect(
+            h.lower() != EMPTY_KEY_SHA256,
+            f"{we} sha256",
+            "this is the hash of the empty key, which would let in any client that sends "
+            "an empty bearer token",
         )
         tenant = entry.get("tenant")
         _expect(isinstance(tenant, str) and tenant, f"{we} tenant", "expected a non-empty string")
