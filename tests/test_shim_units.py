@@ -86,6 +86,38 @@ def test_requestlog_survives_write_errors(tmp_path):
     assert log.written == 2
 
 
+def test_requestlog_backlog_is_measured_and_warned_about(tmp_path, upstream, monkeypatch, caplog):
+    """A stuck disk: records wait in memory (none dropped), the gauge and a warning say so."""
+    import threading
+
+    from finops.shim import app as shim_app
+
+    _, url = upstream
+    monkeypatch.setattr(shim_app, "LOG_BACKLOG_WARN", 5)
+    with serve_in_thread(from_flags([f"small={url}"], log_dir=tmp_path / "log")) as h:
+        log = h.shim.log
+        stuck = threading.Event()
+        real = log._write_batch
+        monkeypatch.setattr(log, "_write_batch", lambda lines: stuck.wait(20) and real(lines))
+        for _ in range(8):
+            assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+        deadline = time.monotonic() + 5
+        while log.backlog < 7 and time.monotonic() < deadline:  # one batch may be in the writer
+            time.sleep(0.02)
+        with caplog.at_level("WARNING", logger="finops.shim"):
+            h.shim.refresh_gauges()
+        m = httpx.get(h.url + "/metrics").text
+        value = float(m.split("\nfinops_shim_log_backlog ")[1].split()[0])
+        assert value >= 7
+        assert "records waiting for the disk" in caplog.text
+        stuck.set()
+        assert log.flush()
+        h.shim.refresh_gauges()
+        assert log.backlog == 0 and log.written == 8
+        m = httpx.get(h.url + "/metrics").text
+        assert "\nfinops_shim_log_backlog 0.0" in m
+
+
 class _FailingFile:
     """Wraps a real file; once `budget` is set, lets that many more bytes in, then ENOSPC."""
 

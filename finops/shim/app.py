@@ -52,6 +52,10 @@ from finops.shim.upstreams import Pool
 
 logger = logging.getLogger("finops.shim")
 
+# queued request-log records past which the shim warns (once per episode): ~100 MB of
+# records in memory, which only a stuck or full disk produces
+LOG_BACKLOG_WARN = 100_000
+
 
 def build_router(cfg: ShimConfig) -> Router:
     """Load (and verify) the configured router; raises on a bad artifact."""
@@ -91,6 +95,7 @@ class Shim:
         # (tier, url) label sets the per-upstream gauges report now; see refresh_gauges
         self._gauged: set[tuple[str, str]] = set()
         self._gauge_lock = threading.Lock()
+        self._backlog_warned = False
 
     # -- model names --
     @staticmethod
@@ -314,6 +319,15 @@ class Shim:
             self._gauged = seen
         m.log_records.set(self.log.written)
         m.log_errors.set(self.log.errors)
+        backlog = self.log.backlog
+        m.log_backlog.set(backlog)
+        if backlog >= LOG_BACKLOG_WARN and not self._backlog_warned:
+            self.logger.warning(
+                "request log: %d records waiting for the disk (%s); they are kept in memory",
+                backlog,
+                self.log.last_error or "writes are slow",
+            )
+        self._backlog_warned = backlog >= LOG_BACKLOG_WARN
 
     def _watch_targets(self) -> tuple[list[Path], list[Path]]:
         """(files and folders that trigger a reload, folders to watch for them)."""

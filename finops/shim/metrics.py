@@ -204,6 +204,13 @@ class ShimMetrics:
             registry=r,
             multiprocess_mode="sum",
         )
+        self.log_backlog = Gauge(
+            "finops_shim_log_backlog",
+            "Request-log records queued in memory, not yet on disk (grows while the disk "
+            "is stuck or full: records are kept, not dropped).",
+            registry=r,
+            multiprocess_mode="livesum",
+        )
 
         for name, metric in list(vars(self).items()):
             if isinstance(metric, MetricWrapperBase) and metric._labelnames:

@@ -233,6 +233,11 @@ class RequestLog:
             self._enqueued += 1
             self._q.append(record)
 
+    @property
+    def backlog(self) -> int:
+        """Records queued and not yet written (nor counted as errors)."""
+        return max(0, self._enqueued - self.written - self.errors)
+
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until everything enqueued so far is written (tests, shutdown)."""
         target = self._enqueued
