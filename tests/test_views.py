@@ -159,3 +159,25 @@ def test_marts_agree_with_clean_requests(db) -> None:
     per_gpu = db.sql("SELECT count(DISTINCT gpu_uuid) FROM gpu_hourly").pl()
     assert per_gpu.item() == 16
     assert isinstance(per_gpu, pl.DataFrame)
+
+
+def test_requests_refused_for_context_length_did_no_work(tmp_path: Path) -> None:
+    """A cap (or vLLM) refusing an over-long prompt logs its size in input_tokens, but no
+    model ran: it must not take a share of the tier-hour's GPU cost."""
+    ts = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
+    base = {"ts": ts, "tier": "small", "tenant": "t", "feature": "f", "operation": "chat"}
+    rows = [
+        {**base, "request_id": "ok", "status_code": 200, "input_tokens": 100, "output_tokens": 10},
+        {
+            **base,
+            "request_id": "capped",
+            "status_code": 400,
+            "error_type": "context_length_exceeded",
+            "input_tokens": 90_000,
+            "output_tokens": 0,
+        },
+    ]
+    Lake(tmp_path / "lake").append("requests", rows, source="test")
+    con = finops.connect(tmp_path / "lake")
+    got = dict(con.sql("SELECT request_id, (worked, work_in) FROM marts.request_work").fetchall())
+    assert got == {"ok": (True, 100), "capped": (False, 0)}

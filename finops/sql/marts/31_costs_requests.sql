@@ -34,11 +34,17 @@ SELECT DISTINCT ON (request_id)
     coalesce(input_tokens, 0) AS input_tokens,
     coalesce(output_tokens, 0) AS output_tokens,
     coalesce(cached_input_tokens, 0) AS cached_input_tokens,
-    (tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit') AS worked,
+    -- worked: a model ran for it. Not a cache hit, and not a request refused for its
+    -- context length (a shim cap or vLLM's own check: its input_tokens is the count
+    -- that was refused, never processed).
+    (tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
+     AND coalesce(error_type, '') <> 'context_length_exceeded') AS worked,
     CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
+              AND coalesce(error_type, '') <> 'context_length_exceeded'
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
          ELSE 0 END AS work_in,
     CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
+              AND coalesce(error_type, '') <> 'context_length_exceeded'
          THEN coalesce(output_tokens, 0) ELSE 0 END AS work_out
 FROM raw.requests;
 
