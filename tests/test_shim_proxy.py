@@ -104,7 +104,19 @@ def test_stream_strips_injected_usage_chunk_unless_asked(tmp_path, fakes):
         assert events[-1] == b"data: [DONE]"
         objs = [orjson.loads(e[6:]) for e in events[:-1]]
         assert all(o["choices"] for o in objs), "the usage-only chunk must be stripped"
-        assert f.bodies[-1]["stream_options"] == {"include_usage": True}  # injected upstream
+        # injected upstream, and per-chunk usage kept off (vLLM sends it when both are set)
+        assert f.bodies[-1]["stream_options"] == {
+            "include_usage": True,
+            "continuous_usage_stats": False,
+        }
+        r3 = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**body, "stream_options": {"continuous_usage_stats": True}},
+        )
+        objs3 = [
+            orjson.loads(e[6:]) for e in r3.content.split(b"\n\n") if e and e != b"data: [DONE]"
+        ]
+        assert objs3 and not any("usage" in o for o in objs3)  # as vLLM answers it directly
         r2 = httpx.post(
             h.base_url + "/chat/completions",
             json={**body, "stream_options": {"include_usage": True}},
@@ -113,9 +125,39 @@ def test_stream_strips_injected_usage_chunk_unless_asked(tmp_path, fakes):
             orjson.loads(e[6:]) for e in r2.content.split(b"\n\n") if e and e != b"data: [DONE]"
         ]
         assert objs2[-1]["usage"]["completion_tokens"] == 4
-        recs = _records(h.shim, 2)
-    assert [r["output_tokens"] for r in recs] == [4, 4]
+        recs = _records(h.shim, 3)
+    assert [r["output_tokens"] for r in recs] == [4, 4, 4]
     assert all(r["stream"] and r["ttft_ms"] > 0 and r["finish_reason"] == "length" for r in recs)
+
+
+@pytest.mark.parametrize("stream_first", [True, False])
+def test_in_band_stream_error_is_a_failure_never_cached(tmp_path, fakes, stream_first):
+    """vLLM reports a failure mid-stream as an error event then [DONE]: the client gets it
+    as sent, the record says 502, and the partial answer is neither cached, stored for an
+    Idempotency-Key nor handed on."""
+    bad, bad_url = fakes("error_mid_stream", die_after=2)
+    body = {**CHAT, "temperature": 0, "stream": True}
+    with _serve(tmp_path, [f"small={bad_url}"]) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions", json=body, headers={"Idempotency-Key": "k-e"}
+        )
+        assert r.status_code == 200  # the stream had begun
+        events = [e for e in r.content.split(b"\n\n") if e]
+        assert events[-1] == b"data: [DONE]"
+        assert orjson.loads(events[-2][6:])["error"]["message"] == "injected engine failure"
+        assert sum(b'"error"' in e for e in events) == 1  # not a second one from the shim
+        bad.mode = "ok"
+        again = {**body, "stream": not stream_first}
+        r2 = httpx.post(h.base_url + "/chat/completions", json=again)
+        assert r2.headers["x-finops-cache"] == "miss" and bad.calls == 2
+        r3 = httpx.post(
+            h.base_url + "/chat/completions", json=body, headers={"Idempotency-Key": "k-e"}
+        )
+        assert r3.status_code == 200 and b'"error"' not in r3.content
+        recs = _records(h.shim, 3)
+    first = recs[0]
+    assert (first["status_code"], first["error_type"]) == (502, "upstream_stream_error")
+    assert first["output_tokens"] == 2 and first["finish_reason"] is None
 
 
 def test_stream_ends_at_done_without_waiting_for_the_upstreams_end(tmp_path, fakes):
@@ -773,6 +815,76 @@ def test_caps_reject_and_truncate(tmp_path, fakes):
     assert recs[0]["truncated_tokens"] > 0 and recs[1]["status_code"] == 400
 
 
+def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
+    _f, url = fakes()
+    caps = (CapRule(50, "reject"),)
+    with _serve(tmp_path, [f"small={url}"], caps=caps) as h:
+        for prompt in ([list(range(5000))], list(range(5000)), [[1, 2], list(range(60))]):
+            r = httpx.post(h.base_url + "/completions", json={"model": "small", "prompt": prompt})
+            assert r.status_code == 400, prompt[:1]
+            assert r.json()["error"]["code"] == "context_length_exceeded"
+        image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400}}
+        content = [{"type": "text", "text": "what is this?"}, image]
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**CHAT, "messages": [{"role": "user", "content": content}]},
+        )
+        assert r.status_code == 400  # the image counts (765), not just its 13 characters
+        text_only = [{"role": "user", "content": content[:1]}]
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "messages": text_only})
+        assert r.status_code == 200
+        ok = httpx.post(h.base_url + "/completions", json={"model": "small", "prompt": [[1, 2]]})
+        assert ok.status_code == 200
+
+
+def test_truncate_with_exact_counter_drops_more_when_the_recount_is_over(tmp_path, fakes):
+    """The first turn looks big to the byte estimate (long words) and is small to the
+    tokenizer; the second is the reverse. Dropping the first is not enough by the exact
+    recount: the shim drops the second too rather than refusing a request that fits."""
+    f, url = fakes()
+    msgs = [
+        {"role": "user", "content": " ".join(["x" * 40] * 10)},
+        {"role": "user", "content": "a " * 60},
+        {"role": "user", "content": "last question"},
+    ]
+    caps = (CapRule(50, "truncate"),)
+    with _serve(tmp_path, [f"small={url}"], caps=caps, token_counter="upstream") as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "messages": msgs})
+        assert r.status_code == 200, r.text
+        assert f.bodies[-1]["messages"] == [msgs[-1]]
+        (rec,) = _records(h.shim, 1)
+    assert rec["truncated_tokens"] == 87 - 9  # exact counts before and after (fake tokenizer)
+
+
+def test_fallback_skips_a_tier_whose_cap_the_request_exceeds(tmp_path, fakes):
+    _bad, bad_url = fakes("error500")
+    large, large_url = fakes()
+    caps = (CapRule(20, "reject", tier="large"),)
+    with _serve(tmp_path, [f"small={bad_url}", f"large={large_url}"], caps=caps) as h:
+        long = {**CHAT, "model": "small", "messages": [{"role": "user", "content": "w " * 100}]}
+        r = httpx.post(h.base_url + "/chat/completions", json=long)
+        assert r.status_code == 500 and large.calls == 0  # small's own failure, not large
+        short = {**CHAT, "model": "small"}
+        r = httpx.post(h.base_url + "/chat/completions", json=short)
+        assert r.status_code == 200 and r.headers["x-finops-tier"] == "large"
+
+
+def test_a_fallback_answer_is_not_cached_for_the_tier_asked_for(tmp_path, fakes):
+    small, small_url = fakes("error500")
+    _large, large_url = fakes()
+    body = {**CHAT, "model": "small", "temperature": 0}
+    with _serve(tmp_path, [f"small={small_url}", f"large={large_url}"]) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json=body)
+        assert r.headers["x-finops-tier"] == "large"
+        small.mode = "ok"
+        calls = small.calls
+        r = httpx.post(h.base_url + "/chat/completions", json=body)
+        assert r.headers["x-finops-tier"] == "small" and r.headers["x-finops-cache"] == "miss"
+        assert small.calls == calls + 1
+        r = httpx.post(h.base_url + "/chat/completions", json=body)
+        assert r.headers["x-finops-tier"] == "small" and r.headers["x-finops-cache"] == "hit"
+
+
 def test_prompt_capture_is_redacted(tmp_path, fakes):
     _, url = fakes()
     with _serve(tmp_path, [f"small={url}"], log_prompts=True) as h:
@@ -795,6 +907,7 @@ def test_embeddings_pass_through(tmp_path, fakes):
         assert r.headers["x-finops-tier"] == "small"
         (rec,) = _records(h.shim, 1)
     assert rec["operation"] == "embeddings" and rec["input_tokens"] == 6
+    assert rec["ttft_ms"] is None  # nothing is generated: no time to a first token
 
 
 def test_slow_client_does_not_stall_others(tmp_path, fakes):

@@ -332,6 +332,11 @@ def test_cache_key_normalization_and_determinism():
     # a replay cannot rebuild logprobs: such requests are not cached
     assert not is_deterministic({"temperature": 0, "logprobs": True, "top_logprobs": 2})
     assert not is_deterministic({"temperature": 0, "logprobs": 3})
+    # logprobs 0 still returns the sampled token's logprob; prompt_logprobs is vLLM's
+    assert not is_deterministic({"temperature": 0, "logprobs": 0})
+    assert not is_deterministic({"temperature": 0, "prompt_logprobs": 0})
+    assert is_deterministic({"temperature": 0, "logprobs": False, "logprobs_x": 1})
+    assert is_deterministic({"temperature": 0, "logprobs": None})
 
 
 def test_cache_key_keeps_every_string_but_message_text_as_sent():
@@ -416,12 +421,15 @@ def test_assembled_stream_rebuilds_text_tool_calls_and_refuses_what_it_cannot():
     assert assemble_stream([ev({"content": "a"}, logprobs={"content": []})], "chat") is None
     assert assemble_stream([ev({"function_call": {"name": "f"}})], "chat") is None
     assert assemble_stream([{**base, "choices": [None]}], "chat") is None
+    done = {"index": 0, "text": "a ", "finish_reason": "stop"}
     assert (
-        assemble_stream([{**base, "choices": [{"index": 0, "text": "a "}]}], "completions")[
-            "choices"
-        ][0]["text"]
-        == "a "
+        assemble_stream([{**base, "choices": [done]}], "completions")["choices"][0]["text"] == "a "
     )
+    # an answer cut short: a choice that never finished, or an in-band error event
+    unfinished = {"index": 0, "text": "a "}
+    assert assemble_stream([{**base, "choices": [unfinished]}], "completions") is None
+    err = {"error": {"message": "engine died", "code": 500}}
+    assert assemble_stream([{**base, "choices": [done]}, err], "completions") is None
 
 
 async def test_memory_cache_ttl_and_bounds():

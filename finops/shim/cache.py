@@ -42,12 +42,16 @@ TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
 
 
 def is_deterministic(body: dict) -> bool:
-    """Cacheable: one choice, no logprobs, and temperature 0 or a fixed seed."""
+    """Cacheable: one choice, no logprobs of any kind, and temperature 0 or a fixed seed."""
     n = body.get("n", 1)
     if n not in (1, None):
         return False
-    if body.get("logprobs") or body.get("top_logprobs"):
-        return False
+    # logprobs: 0 still asks for the sampled token's logprob (OpenAI and vLLM), which a
+    # replay cannot rebuild; prompt_logprobs is vLLM's
+    for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
+        v = body.get(field)
+        if v is not None and v is not False:
+            return False
     t = body.get("temperature", 1.0)
     if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
         return True
@@ -227,6 +231,8 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
     choices: dict[int, dict] = {}
     usage = None
     for ev in events:
+        if "error" in ev or ev.get("object") == "error":
+            return None  # the upstream failed partway: never a complete answer
         if ev.get("usage"):
             usage = ev["usage"]
         chs = ev.get("choices")
@@ -267,6 +273,8 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
     out_choices = []
     for i in sorted(choices):
         c = choices[i]
+        if not c["finish_reason"]:
+            return None  # a choice that never finished is not an answer to replay
         if operation == "chat":
             msg: dict[str, Any] = {"role": c["role"]}
             tools = [c["tools"][k] for k in sorted(c["tools"])]

@@ -6,6 +6,9 @@ Token counts come from one of two counters (config `[caps] token_counter`):
   part plus 4 tokens per chat message and 3 for the reply primer, the
   OpenAI-documented rule of thumb for English BPE vocabularies. It can be off
   by 2x for code or small vocabularies, so caps set against it need headroom.
+  Every image, audio, video or file part counts 765 tokens (OpenAI's price of a
+  1024x1024 image at high detail; vision models differ, but free media parts
+  would let any cap be bypassed). Token-ID prompts count their IDs.
 - ``upstream``: the tier's vLLM ``POST /tokenize`` (exact, chat template
   included), one extra loopback round trip, only for requests a cap applies to.
   If the call fails the estimate is used and the request still goes through.
@@ -33,6 +36,8 @@ from finops.shim.config import CapRule
 
 PER_MESSAGE = 4
 PRIMER = 3
+MEDIA_PART = 765
+TRUNCATE_ROUNDS = 4
 
 
 def _text_bytes(content: Any) -> int:
@@ -49,10 +54,22 @@ def _text_bytes(content: Any) -> int:
     return 0
 
 
+def _media_parts(content: Any) -> int:
+    """Parts of multi-part content that are not text (images, audio, video, files)."""
+    if not isinstance(content, list):
+        return 0
+    return sum(
+        1
+        for part in content
+        if isinstance(part, dict) and part.get("type") not in (None, "text", "input_text")
+    )
+
+
 def estimate_message_tokens(msg: Any) -> int:
     if not isinstance(msg, dict):
         return PER_MESSAGE
-    n = math.ceil(_text_bytes(msg.get("content")) / 4) + PER_MESSAGE
+    content = msg.get("content")
+    n = math.ceil(_text_bytes(content) / 4) + PER_MESSAGE + MEDIA_PART * _media_parts(content)
     if msg.get("tool_calls"):
         n += math.ceil(len(orjson.dumps(msg["tool_calls"])) / 4)
     return n
@@ -72,7 +89,12 @@ def estimate_body_tokens(body: dict) -> int:
     if isinstance(prompt, list):
         if prompt and all(isinstance(p, int) for p in prompt):
             return len(prompt)
-        return sum(math.ceil(_text_bytes(p) / 4) for p in prompt if isinstance(p, str))
+        # a batch: strings, or token-ID lists ([[ids], [ids]])
+        return sum(
+            math.ceil(_text_bytes(p) / 4) if isinstance(p, str) else len(p)
+            for p in prompt
+            if isinstance(p, str | list)
+        )
     return 0
 
 
@@ -193,15 +215,26 @@ async def apply_cap(
     if count <= rule.max_input_tokens:
         return CapOutcome(body, count)
     if rule.policy == "truncate" and isinstance(body.get("messages"), list):
-        scale = count / est if est else 1.0
-        new, dropped = truncate_messages(body, count, rule.max_input_tokens, scale=scale)
-        if exact and new is not body and client is not None:
-            recount = await upstream_token_count(client, root_url or "", model or "", new, timeout)
-            if recount is not None:
-                dropped = count - recount
-        after = count - dropped
-        if new is not body and after <= rule.max_input_tokens:
-            return CapOutcome(new, after, truncated_tokens=dropped)
+        cur, cur_count, cur_est = body, count, est
+        # With an exact counter the per-turn estimates are scaled to the exact total; when
+        # the dropped turns' real share was smaller than their estimate (code, CJK, images)
+        # the recount is still over the cap, so drop more (a few /tokenize calls at most).
+        for _ in range(TRUNCATE_ROUNDS):
+            scale = cur_count / cur_est if cur_est else 1.0
+            new, dropped = truncate_messages(cur, cur_count, rule.max_input_tokens, scale=scale)
+            if new is cur:
+                break  # only the last turn (and system prompts) left
+            if exact and client is not None:
+                recount = await upstream_token_count(
+                    client, root_url or "", model or "", new, timeout
+                )
+                if recount is not None:
+                    dropped = cur_count - recount
+            cur, cur_count, cur_est = new, cur_count - dropped, estimate_body_tokens(new)
+            if cur_count <= rule.max_input_tokens:
+                return CapOutcome(cur, cur_count, truncated_tokens=count - cur_count)
+            if not exact:
+                break  # the estimate already dropped all it could
         return CapOutcome(
             body,
             count,

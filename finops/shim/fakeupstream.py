@@ -10,6 +10,8 @@ the shim's cost. `mode` makes it misbehave on purpose:
 - ``error500``: answer 500 with an OpenAI error body;
 - ``hang``: accept the request and never answer;
 - ``die_mid_stream``: stream ``die_after`` chunks, then drop the connection;
+- ``error_mid_stream``: stream ``die_after`` chunks, then an error event and
+  ``[DONE]``, as vLLM reports a failure inside a stream;
 - ``slow``: like ok with ``delay_s`` between chunks (for disconnect tests).
 
 ``tool_calls=True`` answers chat requests with a tool call instead of text (streamed
@@ -166,7 +168,10 @@ class FakeUpstream:
                 "headers": [(b"content-type", b"text/event-stream")],
             }
         )
-        include_usage = bool((body.get("stream_options") or {}).get("include_usage"))
+        so = body.get("stream_options") or {}
+        include_usage = bool(so.get("include_usage"))
+        # vLLM adds usage to every chunk only when both are set
+        per_chunk = include_usage and bool(so.get("continuous_usage_stats"))
         base = {
             "id": "cmpl-fake",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -178,6 +183,11 @@ class FakeUpstream:
             for i in range(ntok):
                 if mode == "die_mid_stream" and i >= self.die_after:
                     raise ConnectionAbortedError("injected mid-stream death")
+                if mode == "error_mid_stream" and i >= self.die_after:
+                    err = {"message": "injected engine failure", "type": "Internal", "code": 500}
+                    body = self._event({"error": err}) + self._event("[DONE]")
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+                    return
                 if watcher.done():
                     self.disconnects += 1
                     return
@@ -206,6 +216,12 @@ class FakeUpstream:
                         "finish_reason": "length" if i == ntok - 1 else None,
                     }
                 ev = {**base, "choices": [ch]}
+                if per_chunk:
+                    ev["usage"] = {
+                        "prompt_tokens": ptoks,
+                        "completion_tokens": i + 1,
+                        "total_tokens": ptoks + i + 1,
+                    }
                 await send(
                     {
                         "type": "http.response.body",

@@ -228,8 +228,10 @@ class Ctx:
         "body",
         "cache_header",
         "fallbacks",
+        "feature",
         "first_byte_at",
         "include_usage",
+        "input_count",
         "keep_result",
         "operation",
         "rec",
@@ -255,6 +257,8 @@ class Ctx:
         self.include_usage = False
         self.routed = None
         self.fallbacks = 0
+        self.feature = ""
+        self.input_count: int | None = None  # the cap step's count, once there is one
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
         self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
@@ -444,6 +448,7 @@ class ProxyEndpoint:
         cfg = shim.cfg
         rec = ctx.rec
         rec["feature"] = feature[:NAME_LOG_CHARS]
+        ctx.feature = feature
         tenant = rec["tenant"]
         body = _parse_json_body(raw)
         if not isinstance(body, dict):
@@ -535,6 +540,7 @@ class ProxyEndpoint:
                 timeout=cfg.connect_timeout_s + 3,
             )
             ctx.upstream_wait += time.perf_counter() - t
+            ctx.input_count = out.input_tokens
             if out.error is not None:
                 shim.metrics.cap_rejections.labels(tier).inc()
                 rec["input_tokens"] = out.input_tokens
@@ -684,6 +690,9 @@ class ProxyEndpoint:
             so = body.get("stream_options")
             so = dict(so) if isinstance(so, dict) else {}
             so["include_usage"] = True
+            # vLLM adds usage to every chunk when continuous_usage_stats is set too: the
+            # client did not get that without include_usage, so it must not now
+            so["continuous_usage_stats"] = False
             body = {**body, "model": up.model, "stream_options": so}
         else:
             body = {**body, "model": up.model}
@@ -768,6 +777,18 @@ class ProxyEndpoint:
         watch = DisconnectWatch(receive)
         return await watch.run(self._attempts(ctx, pool, send, watch, store_key))
 
+    def _over_cap(self, ctx: Ctx, tier: str) -> bool:
+        """Whether the request is over the cap that applies to it on `tier`."""
+        caps = self.shim.cfg.caps
+        if not caps:
+            return False
+        rule = applicable_cap(caps, tier, ctx.feature, ctx.rec["tenant"])
+        if rule is None:
+            return False
+        if ctx.input_count is None:
+            ctx.input_count = estimate_body_tokens(ctx.body)
+        return ctx.input_count > rule.max_input_tokens
+
     async def _attempts(
         self, ctx: Ctx, pool: Pool, send: Any, watch: DisconnectWatch, store_key: str | None
     ) -> tuple[dict, bytes] | None:
@@ -777,6 +798,8 @@ class ProxyEndpoint:
         last: UpstreamFailure | None = None
         attempts = 0
         for up in pool.candidates(tier0):
+            if up.tier != tier0 and self._over_cap(ctx, up.tier):
+                continue  # a fallback must not get round a stricter cap on another tier
             now = time.monotonic()
             if not up.breaker.allow(now):
                 continue
@@ -815,12 +838,15 @@ class ProxyEndpoint:
                 ctx.tier = up.tier
                 rec["tier"] = up.tier
                 rec["upstream"] = up.url
+                # a fallback tier's answer is not cached under the key of the tier asked
+                # for: that tier, once healthy again, must answer for itself
+                key = store_key if up.tier == tier0 else None
                 if it is None:
                     watch.stop()  # the whole answer is here: nothing left to cancel
                     shim.metrics.upstream_latency.labels(up.tier).observe(t_first - t_send)
-                    return await self._respond_full(ctx, up, resp, first, send, store_key)
+                    return await self._respond_full(ctx, up, resp, first, send, key)
                 return await self._respond_stream(
-                    ctx, up, resp, first, it, t_send, send, watch, store_key
+                    ctx, up, resp, first, it, t_send, send, watch, key
                 )
             finally:
                 up.outstanding -= 1
@@ -938,11 +964,13 @@ class ProxyEndpoint:
             "done": False,
             "delivered": False,
             "first_token": None,
+            "error": None,  # an error event the upstream sent in the stream
         }
         buf = b""
         crlf = False
         eof = False
         failure: tuple[int, str, str] | None = None  # (status, error_type, message)
+        failure_sent = False
         yielded = time.perf_counter()
         try:
             now = time.perf_counter()
@@ -1016,6 +1044,15 @@ class ProxyEndpoint:
                     "upstream_stream_error",
                     f"upstream {up.url} ended the stream without [DONE]",
                 )
+            elif state["error"] is not None:
+                err = state["error"]
+                failure = (
+                    502,
+                    "upstream_stream_error",
+                    f"upstream {up.url} reported an error mid-stream: "
+                    f"{str(err.get('message') or err)[:300]}",
+                )
+                failure_sent = True  # its error event and [DONE] reached the client
         except Disconnected as exc:
             failure = (502, "upstream_stream_error", f"upstream {up.url} failed mid-stream: {exc}")
         except TimeoutError:
@@ -1058,6 +1095,8 @@ class ProxyEndpoint:
             rec["status_code"] = status
             rec["error_type"] = error_type
             shim.logger.warning("%s (request %s)", message, rec["request_id"])
+            if failure_sent:
+                return None
             err = orjson.dumps(
                 {
                     "error": {
@@ -1169,6 +1208,11 @@ class ProxyEndpoint:
                 if fr:
                     rec["finish_reason"] = fr
             return True
+        if "error" in obj or obj.get("object") == "error":
+            # vLLM reports a failure mid-stream in band: an error event, then [DONE]. The
+            # client gets it as sent; the request is a failure, not an answer to keep.
+            state["error"] = obj.get("error") if isinstance(obj.get("error"), dict) else obj
+            return True
         # no choices: the usage-only chunk we injected
         return not (usage and strip_usage)
 
@@ -1191,6 +1235,7 @@ class ProxyEndpoint:
                     rec["error_type"] = rec["error_type"] or "client_disconnected"
             if (
                 not ctx.stream
+                and ctx.operation != "embeddings"  # no token is generated
                 and rec["ttft_ms"] is None
                 and rec["status_code"] == 200
                 and ctx.first_byte_at is not None
