@@ -419,6 +419,51 @@ def test_idempotency_key_replays_a_streamed_sampled_answer(tmp_path, fakes):
     assert recs[1]["output_tokens"] == 0
 
 
+def test_idempotency_key_replays_a_stream_with_logprobs_verbatim(tmp_path, fakes):
+    """A stream that cannot be rebuilt into one answer (logprobs) is replayed as sent."""
+    f, url = fakes(tokens=3)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**CHAT, "stream": True, "logprobs": True, "top_logprobs": 0}
+        hdr = {"idempotency-key": "lp-1"}
+        r1 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        r2 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        assert b'"logprobs":{"content"' in r1.content
+        assert r2.content == r1.content and r2.headers["x-finops-cache"] == "hit"
+        assert f.calls == 1
+        recs = _records(h.shim, 2)
+    assert recs[1]["retry_of"] == recs[0]["request_id"] and recs[1]["attempt"] == 2
+    assert recs[1]["output_tokens"] == 0 and recs[0]["output_tokens"] == 3
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_idempotency_key_retry_after_a_failure_is_logged_as_a_retry(tmp_path, fakes, stream):
+    """The first attempt fails: the retry runs again (it must), says it is attempt 2 of
+    the first request, and a third is a replay of the second's answer."""
+    f, url = fakes("error500")
+    body = {**CHAT, "temperature": 0.7, "stream": stream}
+    hdr = {"idempotency-key": "pay-9"}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r1 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        assert r1.status_code == 500
+        f.mode = "ok"
+        r2 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        r3 = httpx.post(h.base_url + "/chat/completions", json=body, headers=hdr)
+        assert r2.status_code == r3.status_code == 200 and f.calls == 2
+        assert r3.headers["x-finops-cache"] == "hit"
+        r4 = httpx.post(
+            h.base_url + "/chat/completions", json={**body, "max_tokens": 1}, headers=hdr
+        )
+        assert r4.status_code == 422  # still bound to the first body
+        recs = _records(h.shim, 4)
+    first = recs[0]["request_id"]
+    assert [(r["status_code"], r["retry_of"], r["attempt"]) for r in recs[:3]] == [
+        (500, None, 1),
+        (200, first, 2),
+        (200, first, 3),
+    ]
+    assert recs[1]["output_tokens"] == 4 and recs[2]["output_tokens"] == 0
+
+
 def test_idempotency_key_is_kept_when_the_answer_came_from_a_coalesced_call(tmp_path, fakes):
     f, url = fakes("slow", tokens=4, delay_s=0.1)
     with _serve(tmp_path, [f"small={url}"], cache_ttl_s=0.5) as h:

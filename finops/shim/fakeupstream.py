@@ -172,6 +172,8 @@ class FakeUpstream:
         include_usage = bool(so.get("include_usage"))
         # vLLM adds usage to every chunk only when both are set
         per_chunk = include_usage and bool(so.get("continuous_usage_stats"))
+        lp = body.get("logprobs")
+        want_logprobs = lp is not None and lp is not False
         base = {
             "id": "cmpl-fake",
             "object": "chat.completion.chunk" if chat else "text_completion",
@@ -215,6 +217,12 @@ class FakeUpstream:
                         "text": text,
                         "finish_reason": "length" if i == ntok - 1 else None,
                     }
+                if want_logprobs:  # as vLLM streams them: one entry per token
+                    ch["logprobs"] = (
+                        {"content": [{"token": text, "logprob": -0.5, "top_logprobs": []}]}
+                        if chat
+                        else {"tokens": [text], "token_logprobs": [-0.5], "top_logprobs": None}
+                    )
                 ev = {**base, "choices": [ch]}
                 if per_chunk:
                     ev["usage"] = {

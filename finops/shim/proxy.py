@@ -561,6 +561,7 @@ class ProxyEndpoint:
             idem_id = "idem:" + hashlib.sha256(f"{tenant}\x00{idem}".encode()).hexdigest()
             rec["idempotency_key"] = idem[:200]
             fp = hashlib.sha256(raw).hexdigest()
+            prior = None  # the key's record of earlier attempts that got no answer
             while True:
                 stored = await shim.idem_get(idem_id)
                 if stored is not None:
@@ -572,6 +573,9 @@ class ProxyEndpoint:
                             "invalid_request_error",
                             "idempotency_key_reused",
                         )
+                if stored is not None and meta.get("failed"):
+                    prior = meta  # no answer to replay: this retry runs again, as a retry
+                elif stored is not None:
                     meta["attempts"] = int(meta.get("attempts", 1)) + 1
                     await shim.idem_put(idem_id, meta, payload)
                     rec["retry_of"] = meta["request_id"]
@@ -585,16 +589,25 @@ class ProxyEndpoint:
                 if waiter is None:
                     break
                 await _wait_for_leader(ctx, waiter, receive)  # then read the original's record
+            if prior is not None:
+                rec["retry_of"] = prior["request_id"]
+                rec["attempt"] = int(prior.get("attempts", 1)) + 1
 
         # -- cache / coalescing --
+        result = None
         try:
             result = await self._cached_or_forward(ctx, body, tier, send, receive)
-            if idem_id is not None and result is not None:
-                meta, payload = result
-                await shim.idem_put(idem_id, _idem_entry(rec, raw, _meta_of(meta)), payload)
         finally:
             if idem_id is not None:
-                shim.coalescer.finish(idem_id, True)
+                try:
+                    # no answer (upstream failure, client gone): the attempt is still
+                    # recorded, so a retry with the key is logged as one (retry_of, attempt)
+                    entry = _idem_entry(
+                        rec, raw, {"failed": True} if result is None else _meta_of(result[0])
+                    )
+                    await shim.idem_put(idem_id, entry, b"" if result is None else result[1])
+                finally:
+                    shim.coalescer.finish(idem_id, True)
 
     async def _cached_or_forward(
         self, ctx: Ctx, body: dict, tier: str, send: Any, receive: Any
@@ -659,8 +672,10 @@ class ProxyEndpoint:
         rec["cached_input_tokens"] = 0
         rec["status_code"] = 200
         if ctx.stream:
-            resp = orjson.loads(payload)
-            events = replay_as_sse(resp, self.operation, ctx.include_usage)
+            if meta.get("sse"):  # the original stream as the client got it
+                events = [payload]
+            else:
+                events = replay_as_sse(orjson.loads(payload), self.operation, ctx.include_usage)
             now = time.perf_counter()
             await send(_sse_start(ctx, now))
             rec["ttft_ms"] = (time.perf_counter() - ctx.t0) * 1000
@@ -958,6 +973,9 @@ class ProxyEndpoint:
         strip_usage = not ctx.include_usage
         # the assembled answer is kept for the cache and for an Idempotency-Key's replay
         collect: list[dict] | None = [] if store_key is not None or ctx.keep_result else None
+        # what the client got, verbatim: an Idempotency-Key replays it when the stream
+        # cannot be rebuilt into one answer (logprobs, legacy function_call)
+        sent: list[bytes] | None = [] if ctx.keep_result else None
         state = {
             "content_chunks": 0,
             "usage": None,
@@ -997,6 +1015,8 @@ class ProxyEndpoint:
                     fwd = self._inspect_event(ev, state, strip_usage, collect, ctx)
                     if fwd:
                         out.append(ev)
+                        if sent is not None:
+                            sent.append(ev)
                 if out:
                     now = time.perf_counter()
                     if now - yielded > YIELD_EVERY_S:
@@ -1135,6 +1155,17 @@ class ProxyEndpoint:
                 if store_key is not None:
                     await shim.cache_put(store_key, meta, payload)
                 return meta, payload
+        if sent is not None:
+            # for this request's Idempotency-Key only: not ctx.result, which coalesced
+            # followers (streaming or not) read
+            meta = {
+                "tier": up.tier,
+                "upstream": up.url,
+                "response_model": rec["response_model"],
+                "finish_reason": rec["finish_reason"],
+                "sse": True,
+            }
+            return meta, b"".join(sent)
         return None
 
     def _stream_usage(self, ctx: Ctx, state: dict) -> None:
@@ -1268,16 +1299,17 @@ def _sse_start(ctx: Ctx, now: float) -> dict:
 
 
 def _meta_of(meta: dict) -> dict:
-    return {k: meta.get(k) for k in ("tier", "upstream", "response_model", "finish_reason")}
+    return {k: meta.get(k) for k in ("tier", "upstream", "response_model", "finish_reason", "sse")}
 
 
 def _idem_entry(rec: dict, raw: bytes, meta: dict) -> dict:
     """What an Idempotency-Key stores: the first request's id, the body's fingerprint
-    (a reuse with another body is a 422), the attempt count and the response meta."""
+    (a reuse with another body is a 422), the attempt count and the response meta
+    (`failed` when no attempt got an answer yet)."""
     return {
-        "request_id": rec["request_id"],
+        "request_id": rec["retry_of"] or rec["request_id"],
         "fp": hashlib.sha256(raw).hexdigest(),
-        "attempts": 1,
+        "attempts": rec["attempt"] or 1,
         **meta,
     }
 
