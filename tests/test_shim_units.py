@@ -535,6 +535,37 @@ def test_redis_outage_does_not_fail_requests(tmp_path, upstream):
         assert r.status_code == 200
 
 
+def test_a_redis_that_stops_answering_costs_requests_little(tmp_path, upstream, caplog):
+    """A Redis that accepts connections and never answers (hung, or a black-holed route):
+    one call waits out a short timeout, then Redis is skipped for a cool-down."""
+    _, url = upstream
+    hole = socket.socket()
+    hole.bind(("127.0.0.1", 0))
+    hole.listen(16)  # accepted by the kernel, never read or answered
+    cfg = dataclasses.replace(
+        from_flags([f"small={url}"], log_dir=tmp_path / "log"),
+        redis_url=f"redis://127.0.0.1:{hole.getsockname()[1]}/0",
+    )
+    try:
+        with serve_in_thread(cfg) as h:
+            took = []
+            for i in range(6):
+                t0 = time.perf_counter()
+                r = httpx.post(
+                    h.base_url + "/chat/completions",
+                    json={**CHAT, "temperature": 0},
+                    headers={"idempotency-key": f"k{i}"},
+                    timeout=30,
+                )
+                took.append(time.perf_counter() - t0)
+                assert r.status_code == 200
+            assert took[0] < 1.5, took  # one timeout (0.25 s), not 2 s per call
+            assert sum(took[1:]) < took[0] + 0.5, took  # then skipped, not waited on again
+            assert caplog.text.count("cache get failed") == 1
+    finally:
+        hole.close()
+
+
 def test_file_watch_reloads_config(tmp_path, upstream):
     _, url = upstream
     conf = tmp_path / "shim.toml"

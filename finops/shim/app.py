@@ -35,7 +35,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from finops.shim.auth import AuthError, tenant_for
-from finops.shim.cache import Coalescer, MemoryCache, RedisCache
+from finops.shim.cache import Coalescer, MemoryCache, RedisCache, RedisUnavailable
 from finops.shim.config import ConfigError, ShimConfig, load_config, reread_config
 from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
@@ -156,16 +156,20 @@ class Shim:
     async def _get(self, store: Any, key: str) -> tuple[dict, bytes] | None:
         try:
             v = await store.get(key)
+        except RedisUnavailable:  # said once, when it failed
+            return None
         except Exception as exc:  # a Redis outage must not fail requests
-            self.logger.warning("cache get failed: %s", exc)
+            self.logger.warning("cache get failed (skipped for a few seconds): %s", exc)
             return None
         return None if v is None else self._unpack(v)
 
     async def _set(self, store: Any, key: str, meta: dict, payload: bytes, ttl: float) -> None:
         try:
             await store.set(key, self._pack(meta, payload), ttl)
+        except RedisUnavailable:
+            return
         except Exception as exc:
-            self.logger.warning("cache set failed: %s", exc)
+            self.logger.warning("cache set failed (skipped for a few seconds): %s", exc)
 
     async def cache_get(self, key: str) -> tuple[dict, bytes] | None:
         return await self._get(self.cache, key)

@@ -167,24 +167,58 @@ class MemoryCache:
         self.bytes = 0
 
 
-class RedisCache:
-    """Shared cache on Redis: values are the same bytes MemoryCache holds."""
+class RedisUnavailable(Exception):
+    """Redis failed recently: calls are skipped until the cool-down ends."""
 
-    def __init__(self, url: str, prefix: str = "finops:shim:") -> None:
+
+class RedisCache:
+    """Shared cache on Redis: values are the same bytes MemoryCache holds.
+
+    Every call is on the request path, so a Redis that stops answering must cost a
+    request little: calls time out after `timeout_s`, and after a failure Redis is
+    skipped for `cooldown_s` (gets miss, sets are dropped: requests are served, just
+    without the shared cache and Idempotency-Key records), then tried again.
+    """
+
+    def __init__(
+        self,
+        url: str,
+        prefix: str = "finops:shim:",
+        *,
+        timeout_s: float = 0.25,
+        cooldown_s: float = 5.0,
+    ) -> None:
         import redis.asyncio as aioredis
 
         self.url = url
         self.prefix = prefix
-        self._r = aioredis.from_url(url, socket_connect_timeout=2, socket_timeout=2)
+        self.cooldown_s = cooldown_s
+        self.skip_until = 0.0
+        self._r = aioredis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+
+    def _check(self) -> None:
+        if self.skip_until and time.monotonic() < self.skip_until:
+            raise RedisUnavailable(f"redis {self.url} is skipped after a failure")
+
+    async def _call(self, coro: Any) -> Any:
+        try:
+            out = await coro
+        except Exception:
+            self.skip_until = time.monotonic() + self.cooldown_s
+            raise
+        self.skip_until = 0.0
+        return out
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())
 
     async def get(self, key: str) -> bytes | None:
-        return await self._r.get(self.prefix + key)
+        self._check()
+        return await self._call(self._r.get(self.prefix + key))
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
-        await self._r.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000)))
+        self._check()
+        await self._call(self._r.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000))))
 
     async def close(self) -> None:
         await self._r.aclose()
