@@ -880,6 +880,11 @@ def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
         assert r.status_code == 200
         ok = httpx.post(h.base_url + "/completions", json={"model": "small", "prompt": [[1, 2]]})
         assert ok.status_code == 200
+        # vLLM's prompt_embeds stand in for a prompt; neither is a 400
+        embeds = {"model": "small", "prompt_embeds": "AAAA"}
+        assert httpx.post(h.base_url + "/completions", json=embeds).status_code == 200
+        r = httpx.post(h.base_url + "/completions", json={"model": "small"})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "missing_prompt"
 
 
 def test_truncate_with_exact_counter_drops_more_when_the_recount_is_over(tmp_path, fakes):

@@ -320,6 +320,11 @@ def test_cache_key_normalization_and_determinism():
     }
     assert cache_key("t", "chat", a, "small") == cache_key("t", "chat", b, "small")
     assert cache_key("t", "chat", a, "small") != cache_key("u", "chat", a, "small")
+    # seeded sampling: a missing top_p is the model's generation-config default, not 1.0
+    s1 = {**a, "temperature": 0.7, "seed": 1}
+    assert cache_key("t", "chat", s1, "small") != cache_key(
+        "t", "chat", {**s1, "top_p": 1}, "small"
+    )
     assert cache_key("t", "chat", a, "small") != cache_key(
         "t", "chat", {**a, "max_tokens": 5}, "small"
     )

@@ -6,7 +6,8 @@ The key is sha256 over the tenant and the *normalized* request: keys
 sorted, chat message text with leading/trailing whitespace stripped and
 CRLF turned into LF (every other string, such as `stop` or a completions
 `prompt`, is kept as sent: a trailing space there changes the answer),
-OpenAI defaults filled in (`n=1`, `top_p=1`, penalties 0, ...), and
+OpenAI defaults filled in (`n=1`, penalties 0, ...; `top_p`/`top_k`/`min_p`
+dropped for greedy requests, never filled for sampled ones), and
 transport-only fields (`stream`, `stream_options`, `user`) removed, so a
 streaming and a non-streaming request share an entry (streaming hits are
 replayed as SSE, tool calls included). The resolved tier and the model it
@@ -30,9 +31,13 @@ from typing import Any, Protocol
 
 import orjson
 
+# API-level defaults. Sampling knobs such as top_p are not filled: vLLM takes a missing
+# one from the model's generation_config (its default `--generation-config auto`), so
+# "missing" and "1.0" can differ for a seeded sampled request; greedy (temperature 0)
+# requests ignore them, and their key leaves them out altogether.
+SAMPLING_ONLY = ("top_p", "top_k", "min_p")
 DEFAULTS = {
     "n": 1,
-    "top_p": 1.0,
     "presence_penalty": 0.0,
     "frequency_penalty": 0.0,
     "logprobs": False,
@@ -92,6 +97,10 @@ def normalized_request(body: dict, target: str) -> bytes:
     d = {k: v for k, v in body.items() if k not in TRANSPORT_ONLY}
     for k, default in DEFAULTS.items():
         d.setdefault(k, default)
+    t = d.get("temperature")
+    if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
+        for k in SAMPLING_ONLY:  # greedy decoding: the same answer whatever they are
+            d.pop(k, None)
     if d.get("seed") is None:
         d.pop("seed", None)
     msgs = d.get("messages")

@@ -476,7 +476,7 @@ class ProxyEndpoint:
             rec["turn_count"] = sum(
                 1 for m in msgs if isinstance(m, dict) and m.get("role") == "user"
             )
-        elif "prompt" not in body:
+        elif "prompt" not in body and "prompt_embeds" not in body:  # the latter: vLLM's
             raise HTTPError(400, "`prompt` is required.", "invalid_request_error", "missing_prompt")
         rec["has_tools"] = bool(body.get("tools") or body.get("functions"))
         stream = body.get("stream")
