@@ -464,6 +464,42 @@ def test_idempotency_key_retry_after_a_failure_is_logged_as_a_retry(tmp_path, fa
     assert recs[1]["output_tokens"] == 4 and recs[2]["output_tokens"] == 0
 
 
+def test_a_failed_attempt_never_overwrites_an_answer_stored_meanwhile(tmp_path, fakes):
+    """Workers share Idempotency-Key records through Redis but wait on a key only within
+    their own process: a retry on another worker may store its answer while the first
+    attempt still hangs. The first attempt's failure must not replace that answer."""
+    import concurrent.futures as cf
+    import hashlib
+
+    from finops.shim.proxy import _idem_entry
+
+    _f, url = fakes("hang")
+    raw = orjson.dumps({**CHAT, "temperature": 0.9})
+    hdr = {"idempotency-key": "ord-1", "content-type": "application/json"}
+    with (
+        _serve(tmp_path, [f"small={url}"], first_byte_timeout_s=1.0) as h,
+        cf.ThreadPoolExecutor(1) as ex,
+    ):
+        first = ex.submit(
+            httpx.post, h.base_url + "/chat/completions", content=raw, headers=hdr, timeout=10
+        )
+        time.sleep(0.3)
+        # what the other worker's successful retry stores
+        rec = {"request_id": "req-other", "retry_of": None, "attempt": 2}
+        meta = {
+            "tier": "small",
+            "upstream": url,
+            "response_model": "small",
+            "finish_reason": "stop",
+        }
+        answer = orjson.dumps({"id": "other", "choices": [], "object": "chat.completion"})
+        key = "idem:" + hashlib.sha256(b"default\x00ord-1").hexdigest()
+        h.call(h.shim.idem_put(key, _idem_entry(rec, raw, meta), answer))
+        assert first.result().status_code == 504
+        again = httpx.post(h.base_url + "/chat/completions", content=raw, headers=hdr)
+        assert again.headers["x-finops-cache"] == "hit" and again.json()["id"] == "other"
+
+
 def test_idempotency_key_is_kept_when_the_answer_came_from_a_coalesced_call(tmp_path, fakes):
     f, url = fakes("slow", tokens=4, delay_s=0.1)
     with _serve(tmp_path, [f"small={url}"], cache_ttl_s=0.5) as h:
@@ -880,11 +916,14 @@ def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
         assert r.status_code == 200
         ok = httpx.post(h.base_url + "/completions", json={"model": "small", "prompt": [[1, 2]]})
         assert ok.status_code == 200
-        # vLLM's prompt_embeds stand in for a prompt; neither is a 400
+        # vLLM's prompt_embeds cannot be counted: refused under a cap, served without one
         embeds = {"model": "small", "prompt_embeds": "AAAA"}
-        assert httpx.post(h.base_url + "/completions", json=embeds).status_code == 200
+        r = httpx.post(h.base_url + "/completions", json=embeds)
+        assert r.status_code == 400 and "prompt_embeds" in r.json()["error"]["message"]
         r = httpx.post(h.base_url + "/completions", json={"model": "small"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "missing_prompt"
+    with _serve(tmp_path / "nocap", [f"small={url}"]) as h:
+        assert httpx.post(h.base_url + "/completions", json=embeds).status_code == 200
 
 
 def test_truncate_with_exact_counter_drops_more_when_the_recount_is_over(tmp_path, fakes):
@@ -906,11 +945,17 @@ def test_truncate_with_exact_counter_drops_more_when_the_recount_is_over(tmp_pat
     assert rec["truncated_tokens"] == 87 - 9  # exact counts before and after (fake tokenizer)
 
 
-def test_fallback_skips_a_tier_whose_cap_the_request_exceeds(tmp_path, fakes):
+@pytest.mark.parametrize("counter", ["estimate", "upstream"])
+def test_fallback_skips_a_tier_whose_cap_the_request_exceeds(tmp_path, fakes, counter):
+    """small (no cap) fails; large's cap is 80. 100 one-letter words are ~57 tokens to the
+    byte estimate and 107 to the (fake) tokenizer: with the exact counter the fallback
+    must count as large's own cap would."""
     _bad, bad_url = fakes("error500")
     large, large_url = fakes()
-    caps = (CapRule(20, "reject", tier="large"),)
-    with _serve(tmp_path, [f"small={bad_url}", f"large={large_url}"], caps=caps) as h:
+    limit = 20 if counter == "estimate" else 80
+    caps = (CapRule(limit, "reject", tier="large"),)
+    ups = [f"small={bad_url}", f"large={large_url}"]
+    with _serve(tmp_path, ups, caps=caps, token_counter=counter) as h:
         long = {**CHAT, "model": "small", "messages": [{"role": "user", "content": "w " * 100}]}
         r = httpx.post(h.base_url + "/chat/completions", json=long)
         assert r.status_code == 500 and large.calls == 0  # small's own failure, not large

@@ -279,7 +279,9 @@ def _wait_version(h, version: str, timeout: float = 15.0) -> str:
 
 
 def test_file_watch_follows_swapped_in_artifact_folders(tmp_path, artifacts, upstream):
-    """A deploy that swaps the folder (rename over), twice: both swaps are picked up."""
+    """Deploys that swap the artifact rather than edit it: a folder renamed in (twice:
+    the first swap replaced the folder the watch was on), a symlink re-pointed, and a
+    bad artifact swapped in (refused; the last good one keeps serving)."""
     import os
     import shutil
 
@@ -287,36 +289,48 @@ def test_file_watch_follows_swapped_in_artifact_folders(tmp_path, artifacts, ups
 
     _, url = upstream
     r1, r2 = artifacts
+    v1, v2 = load_router(r1).version, load_router(r2).version
+
+    def swap_folder(live: Path, src: Path, name: str) -> None:
+        staged = tmp_path / name
+        shutil.copytree(src, staged)
+        os.rename(live, tmp_path / f"{name}-old")
+        os.rename(staged, live)
+
+    def swap_link(link: Path, src: Path, name: str, tamper: bool = False) -> None:
+        release = tmp_path / "releases" / name
+        shutil.copytree(src, release)
+        if tamper:  # the manifest edited after export: the artifact must be refused
+            man = json.loads((release / "manifest.json").read_text())
+            man["decision"]["thresholds"]["small"] = 0.01
+            (release / "manifest.json").write_text(json.dumps(man))
+        tmp = tmp_path / f"{name}.link"
+        tmp.symlink_to(release)
+        os.replace(tmp, link)  # atomic, as `ln -sfn` is not
+
     live = tmp_path / "router"
     shutil.copytree(r1, live)
     cfg = dataclasses.replace(
         from_flags([f"{t}={url}" for t in TIERS], router=live, log_dir=tmp_path / "log"),
         watch=True,
     )
-    v1, v2 = load_router(r1).version, load_router(r2).version
-
-    def swap_in(src: Path, name: str) -> None:
-        staged = tmp_path / name
-        shutil.copytree(src, staged)
-        old = tmp_path / f"{name}-old"
-        os.rename(live, old)
-        os.rename(staged, live)
-        shutil.rmtree(old)
-
     with serve_in_thread(cfg) as h:
-        time.sleep(0.5)
-        swap_in(r2, "stage-a")
+        swap_folder(live, r2, "stage-a")
         assert _wait_version(h, v2) == v2
-        swap_in(r1, "stage-b")  # the first swap replaced the watched folder
+        swap_folder(live, r1, "stage-b")
         assert _wait_version(h, v1) == v1
-        # a bad artifact swapped in is refused; the last good one keeps serving
-        staged = tmp_path / "stage-c"
-        shutil.copytree(r2, staged)
-        (staged / "manifest.json").write_text("{not json")
-        os.rename(live, tmp_path / "stage-c-old")
-        os.rename(staged, live)
+
+    link = tmp_path / "current"
+    swap_link(link, r1, "v1")
+    cfg = dataclasses.replace(cfg, router_path=link)
+    with serve_in_thread(cfg) as h:
+        assert h.shim.router.version == v1
+        swap_link(link, r2, "v2")
+        assert _wait_version(h, v2) == v2
+        swap_link(link, r1, "v3-bad", tamper=True)
         deadline = time.monotonic() + 15
         while h.shim.last_reload_error is None and time.monotonic() < deadline:
             time.sleep(0.1)
-        assert h.shim.last_reload_error and h.shim.router.version == v1
+        assert "manifest" in (h.shim.last_reload_error or ""), h.shim.last_reload_error
+        assert h.shim.router.version == v2
         assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200

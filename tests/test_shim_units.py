@@ -564,8 +564,8 @@ def test_a_redis_that_stops_answering_costs_requests_little(tmp_path, upstream, 
                 )
                 took.append(time.perf_counter() - t0)
                 assert r.status_code == 200
-            assert took[0] < 1.5, took  # one timeout (0.25 s), not 2 s per call
-            assert sum(took[1:]) < took[0] + 0.5, took  # then skipped, not waited on again
+            # one short timeout (0.25 s a call, was 2 s), then skipped, not waited on again
+            assert took[0] < 1.5 and max(took[1:]) < 1.0, took
             assert caplog.text.count("cache get failed") == 1
     finally:
         hole.close()

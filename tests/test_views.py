@@ -162,7 +162,7 @@ def test_marts_agree_with_clean_requests(db) -> None:
 
 
 def test_requests_refused_for_context_length_did_no_work(tmp_path: Path) -> None:
-    """A cap (or vLLM) refusing an over-long prompt logs its size in input_tokens, but no
+    """A shim cap refusing an over-long prompt logs its size in input_tokens, but no
     model ran: it must not take a share of the tier-hour's GPU cost."""
     ts = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
     base = {"ts": ts, "tier": "small", "tenant": "t", "feature": "f", "operation": "chat"}

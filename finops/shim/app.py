@@ -55,6 +55,8 @@ logger = logging.getLogger("finops.shim")
 # queued request-log records past which the shim warns (once per episode): ~100 MB of
 # records in memory, which only a stuck or full disk produces
 LOG_BACKLOG_WARN = 100_000
+# the file watch also compares the watched files' signature this often (ms)
+WATCH_POLL_MS = 2000
 
 
 def build_router(cfg: ShimConfig) -> Router:
@@ -334,24 +336,45 @@ class Shim:
         self._backlog_warned = backlog >= LOG_BACKLOG_WARN
 
     def _watch_targets(self) -> tuple[list[Path], list[Path]]:
-        """(files and folders that trigger a reload, folders to watch for them)."""
-        targets = [
-            Path(p).resolve() for p in (self.cfg.source_path, self.cfg.router_path) if p is not None
-        ]
+        """(paths whose change triggers a reload, folders to watch for them).
+
+        Each configured path counts as given (absolute) and resolved: a symlink swap
+        (`current -> releases/v7`) changes the link's folder, an edit changes the target.
+        """
+        targets: list[Path] = []
+        for p in (self.cfg.source_path, self.cfg.router_path):
+            if p is None:
+                continue
+            given = Path(p).absolute()
+            targets.append(given)
+            real = given.resolve()
+            if real != given:
+                targets.append(real)
         dirs = {t.parent for t in targets if t.parent.is_dir()}
         dirs.update(t for t in targets if t.is_dir())
         return targets, sorted(dirs)
 
-    def _watch_signature(self, targets: list[Path]) -> tuple:
-        sig = []
+    @staticmethod
+    def _watch_signature(targets: list[Path]) -> tuple:
+        """What the watched paths are now: (inode, mtime, size) of each and of a folder's files."""
+        sig: list[tuple] = []
+
+        def add(p: Path) -> None:
+            try:
+                st = p.stat()
+            except OSError:
+                sig.append((str(p), None))
+            else:
+                sig.append((str(p), st.st_ino, st.st_mtime_ns, st.st_size))
+
         for t in targets:
-            for p in [t, *(sorted(t.iterdir()) if t.is_dir() else [])]:
-                try:
-                    st = p.stat()
-                except OSError:
-                    sig.append((str(p), None))
-                else:
-                    sig.append((str(p), st.st_ino, st.st_mtime_ns, st.st_size))
+            add(t)
+            try:
+                inside = sorted(t.iterdir()) if t.is_dir() else []
+            except OSError:  # swapped away between the two calls: the next look sees it
+                inside = []
+            for f in inside:
+                add(f)
         return tuple(sig)
 
     async def _watch_loop(self) -> None:
@@ -360,43 +383,59 @@ class Shim:
         The watch is on their parent folders (and the router folder's own files), not
         on the things themselves: a watch on a file or folder dies with it when it is
         replaced rather than edited in place, which is how editors save (write a new
-        file, rename it over) and how artifacts are deployed (swap in a new folder).
-        After each change the watch is rebuilt, so a swapped-in folder, or a router
-        path the reload changed, is the one watched next; a signature of the watched
-        files catches a change that landed while it was being rebuilt.
+        file, rename it over) and how artifacts are deployed (swap in a new folder or
+        a symlink). After each change the watch is rebuilt, so a swapped-in folder, or
+        a router path the reload changed, is the one watched next. A signature of the
+        watched paths, taken before each reload and compared every couple of seconds,
+        catches what lands while a reload runs or the watch is being set up.
         """
         from watchfiles import awatch
 
         seen = None
         while True:
-            targets, dirs = self._watch_targets()
-            if not dirs:
-                return
-            sig = await asyncio.to_thread(self._watch_signature, targets)
-            if seen is not None and sig != seen:
-                seen = await self._reload_from_watch()
-                continue
-            wanted = set(targets)
-
-            def relevant(_change: object, path: str, wanted: set[Path] = wanted) -> bool:
-                p = Path(path)
-                return p in wanted or p.parent in wanted
-
             try:
+                targets, dirs = self._watch_targets()
+                if not dirs:
+                    return
+                sig = await asyncio.to_thread(self._watch_signature, targets)
+                if seen is not None and sig != seen:
+                    seen = await self._reload_from_watch()
+                    continue
+                seen = sig
+                wanted = set(targets)
+
+                def relevant(_change: object, path: str, wanted: set[Path] = wanted) -> bool:
+                    p = Path(path)
+                    return p in wanted or p.parent in wanted
+
                 async with contextlib.aclosing(
-                    awatch(*dirs, watch_filter=relevant, recursive=False)
+                    awatch(
+                        *dirs,
+                        watch_filter=relevant,
+                        recursive=False,
+                        rust_timeout=WATCH_POLL_MS,
+                        yield_on_timeout=True,
+                    )
                 ) as changes:
-                    async for _batch in changes:
-                        break
+                    async for batch in changes:
+                        if batch:
+                            break
+                        now = await asyncio.to_thread(self._watch_signature, targets)
+                        if now != seen:
+                            break
+                seen = await self._reload_from_watch()
+            except asyncio.CancelledError:
+                raise
             except Exception as exc:  # a watched folder vanished mid-setup: look again soon
                 self.logger.warning("file watch restarting: %s", exc)
                 await asyncio.sleep(1.0)
-                continue
-            seen = await self._reload_from_watch()
 
     async def _reload_from_watch(self) -> tuple:
+        """Reload; returns the signature taken *before* it, so a change made while the
+        reload ran differs from it and is reloaded next."""
+        sig = await asyncio.to_thread(self._watch_signature, self._watch_targets()[0])
         await self.areload()
-        return await asyncio.to_thread(self._watch_signature, self._watch_targets()[0])
+        return sig
 
     def readiness(self) -> tuple[bool, dict]:
         tiers = {}

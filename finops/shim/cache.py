@@ -211,12 +211,12 @@ class RedisCache:
 
     async def _call(self, coro: Any) -> Any:
         try:
-            out = await coro
+            return await coro
         except Exception:
+            # the cool-down runs out on its own: a slow call that succeeds meanwhile
+            # must not end it early
             self.skip_until = time.monotonic() + self.cooldown_s
             raise
-        self.skip_until = 0.0
-        return out
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())

@@ -37,6 +37,7 @@ from finops.shim.config import CapRule
 PER_MESSAGE = 4
 PRIMER = 3
 MEDIA_PART = 765
+TEXT_PART_TYPES = (None, "text", "input_text", "output_text", "refusal")
 TRUNCATE_ROUNDS = 4
 
 
@@ -59,9 +60,7 @@ def _media_parts(content: Any) -> int:
     if not isinstance(content, list):
         return 0
     return sum(
-        1
-        for part in content
-        if isinstance(part, dict) and part.get("type") not in (None, "text", "input_text")
+        1 for part in content if isinstance(part, dict) and part.get("type") not in TEXT_PART_TYPES
     )
 
 
@@ -205,6 +204,17 @@ async def apply_cap(
     timeout: float = 5.0,
 ) -> CapOutcome:
     """Enforce one cap rule on a request body (reject or truncate)."""
+    if body.get("prompt_embeds") is not None and body.get("prompt") is None:
+        # vLLM's embedded prompts: no text or IDs to count, so a cap cannot be kept
+        return CapOutcome(
+            body,
+            0,
+            error=(
+                f"This request sends `prompt_embeds`, whose size cannot be checked against "
+                f"the cap of {rule.max_input_tokens} input tokens (tier {rule.tier}, feature "
+                f"{rule.feature}, tenant {rule.tenant}); send the prompt as text or token IDs."
+            ),
+        )
     est = estimate_body_tokens(body)
     count: int | None = None
     if counter == "upstream" and client is not None and root_url is not None and model is not None:

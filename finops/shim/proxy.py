@@ -24,7 +24,12 @@ import orjson
 
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import assemble_stream, cache_key, is_deterministic, replay_as_sse
-from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
+from finops.shim.caps import (
+    applicable_cap,
+    apply_cap,
+    estimate_body_tokens,
+    upstream_token_count,
+)
 from finops.shim.h1client import ConnectError, Disconnected, Response
 from finops.shim.requestlog import iso_utc, new_record, redact
 from finops.shim.upstreams import STATE_NAMES, Pool, Upstream
@@ -600,12 +605,18 @@ class ProxyEndpoint:
         finally:
             if idem_id is not None:
                 try:
-                    # no answer (upstream failure, client gone): the attempt is still
-                    # recorded, so a retry with the key is logged as one (retry_of, attempt)
-                    entry = _idem_entry(
-                        rec, raw, {"failed": True} if result is None else _meta_of(result[0])
-                    )
-                    await shim.idem_put(idem_id, entry, b"" if result is None else result[1])
+                    if result is not None:
+                        entry = _idem_entry(rec, raw, _meta_of(result[0]))
+                        await shim.idem_put(idem_id, entry, result[1])
+                    else:
+                        # no answer (upstream failure, client gone): the attempt is still
+                        # recorded, so a retry with the key is logged as one (retry_of,
+                        # attempt), but never over an answer a concurrent retry on another
+                        # worker stored meanwhile (only this process waits on a key)
+                        now = await shim.idem_get(idem_id)
+                        if now is None or now[0].get("failed"):
+                            entry = _idem_entry(rec, raw, {"failed": True})
+                            await shim.idem_put(idem_id, entry, b"")
                 finally:
                     shim.coalescer.finish(idem_id, True)
 
@@ -792,16 +803,24 @@ class ProxyEndpoint:
         watch = DisconnectWatch(receive)
         return await watch.run(self._attempts(ctx, pool, send, watch, store_key))
 
-    def _over_cap(self, ctx: Ctx, tier: str) -> bool:
-        """Whether the request is over the cap that applies to it on `tier`."""
-        caps = self.shim.cfg.caps
-        if not caps:
+    async def _over_cap(self, ctx: Ctx, up: Upstream) -> bool:
+        """Whether the request is over the cap that applies to it on `up`'s tier,
+        counted as the configured counter counts (once per request)."""
+        cfg = self.shim.cfg
+        if not cfg.caps:
             return False
-        rule = applicable_cap(caps, tier, ctx.feature, ctx.rec["tenant"])
+        rule = applicable_cap(cfg.caps, up.tier, ctx.feature, ctx.rec["tenant"])
         if rule is None:
             return False
         if ctx.input_count is None:
-            ctx.input_count = estimate_body_tokens(ctx.body)
+            count = None
+            if cfg.token_counter == "upstream":
+                t = time.perf_counter()
+                count = await upstream_token_count(
+                    self.shim.client, up.url, up.model, ctx.body, cfg.connect_timeout_s + 3
+                )
+                ctx.upstream_wait += time.perf_counter() - t
+            ctx.input_count = count if count is not None else estimate_body_tokens(ctx.body)
         return ctx.input_count > rule.max_input_tokens
 
     async def _attempts(
@@ -813,7 +832,7 @@ class ProxyEndpoint:
         last: UpstreamFailure | None = None
         attempts = 0
         for up in pool.candidates(tier0):
-            if up.tier != tier0 and self._over_cap(ctx, up.tier):
+            if up.tier != tier0 and await self._over_cap(ctx, up):
                 continue  # a fallback must not get round a stricter cap on another tier
             now = time.monotonic()
             if not up.breaker.allow(now):
@@ -989,6 +1008,7 @@ class ProxyEndpoint:
         eof = False
         failure: tuple[int, str, str] | None = None  # (status, error_type, message)
         failure_sent = False
+        blame_upstream = True
         yielded = time.perf_counter()
         try:
             now = time.perf_counter()
@@ -1073,6 +1093,9 @@ class ProxyEndpoint:
                     f"{str(err.get('message') or err)[:300]}",
                 )
                 failure_sent = True  # its error event and [DONE] reached the client
+                code = err.get("code")
+                # vLLM labels a request's own fault 4xx: not a sign of a sick replica
+                blame_upstream = not (isinstance(code, int) and 400 <= code < 500)
         except Disconnected as exc:
             failure = (502, "upstream_stream_error", f"upstream {up.url} failed mid-stream: {exc}")
         except TimeoutError:
@@ -1103,7 +1126,10 @@ class ProxyEndpoint:
         finally:
             watch.stop()
             resp.close()  # no-op when the body was read to its end; else vLLM sees the abort
-            up.breaker.success() if failure is None else up.breaker.failure(time.monotonic())
+            if failure is None or not blame_upstream:
+                up.breaker.success()
+            else:
+                up.breaker.failure(time.monotonic())
             elapsed = time.perf_counter() - t_send
             shim.metrics.upstream_latency.labels(up.tier).observe(elapsed)
         self._stream_usage(ctx, state)

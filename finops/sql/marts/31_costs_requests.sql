@@ -35,8 +35,8 @@ SELECT DISTINCT ON (request_id)
     coalesce(output_tokens, 0) AS output_tokens,
     coalesce(cached_input_tokens, 0) AS cached_input_tokens,
     -- worked: a model ran for it. Not a cache hit, and not a request refused for its
-    -- context length (a shim cap or vLLM's own check: its input_tokens is the count
-    -- that was refused, never processed).
+    -- context length (error_type context_length_exceeded, as the shim's caps log it:
+    -- its input_tokens is the size that was refused, never processed).
     (tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
      AND coalesce(error_type, '') <> 'context_length_exceeded') AS worked,
     CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
