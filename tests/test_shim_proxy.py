@@ -945,6 +945,22 @@ def test_truncate_with_exact_counter_drops_more_when_the_recount_is_over(tmp_pat
     assert rec["truncated_tokens"] == 87 - 9  # exact counts before and after (fake tokenizer)
 
 
+def test_a_failing_tokenizer_is_skipped_for_a_while(tmp_path, fakes):
+    """/tokenize broken: the estimate counts, and the endpoint is not asked again for
+    every capped request (a hung one would cost each its timeout)."""
+    f, url = fakes(tokenize_fails=True)
+    caps = (CapRule(1000, "reject"),)
+    with _serve(tmp_path, [f"small={url}"], caps=caps, token_counter="upstream") as h:
+        for _ in range(3):
+            assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+        assert f.tokenize_calls == 1 and f.calls == 3
+        h.shim.tokenize_gate.cooldown_s = 0.0  # the cool-down over: asked again
+        h.shim.tokenize_gate._until.clear()
+        f.tokenize_fails = False
+        assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+        assert f.tokenize_calls == 2
+
+
 @pytest.mark.parametrize("counter", ["estimate", "upstream"])
 def test_fallback_skips_a_tier_whose_cap_the_request_exceeds(tmp_path, fakes, counter):
     """small (no cap) fails; large's cap is 80. 100 one-letter words are ~57 tokens to the

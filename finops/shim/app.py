@@ -36,6 +36,7 @@ from starlette.routing import Route
 
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import Coalescer, MemoryCache, RedisCache, RedisUnavailable
+from finops.shim.caps import TokenizeGate
 from finops.shim.config import ConfigError, ShimConfig, load_config, reread_config
 from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
@@ -98,6 +99,7 @@ class Shim:
         self._gauged: set[tuple[str, str]] = set()
         self._gauge_lock = threading.Lock()
         self._backlog_warned = False
+        self.tokenize_gate = TokenizeGate()
 
     # -- model names --
     @staticmethod

@@ -11,7 +11,8 @@ Token counts come from one of two counters (config `[caps] token_counter`):
   would let any cap be bypassed). Token-ID prompts count their IDs.
 - ``upstream``: the tier's vLLM ``POST /tokenize`` (exact, chat template
   included), one extra loopback round trip, only for requests a cap applies to.
-  If the call fails the estimate is used and the request still goes through.
+  If the call fails the estimate is used and the request still goes through, and
+  that upstream's /tokenize is skipped (estimate used) for 30 s.
 
 When several rules match a request the strictest (smallest) wins; on a tie
 the more specific rule (fewer ``*`` among tier/feature/tenant), then `reject`,
@@ -26,6 +27,7 @@ that is still too long the request is rejected. What was cut is logged as
 from __future__ import annotations
 
 import math
+import time
 from dataclasses import dataclass
 from typing import Any
 
@@ -115,8 +117,32 @@ def applicable_cap(
     return best
 
 
+class TokenizeGate:
+    """Skips an upstream's /tokenize for `cooldown_s` after a call to it failed.
+
+    A hung or broken /tokenize would otherwise cost every capped request its timeout;
+    meanwhile those requests are counted by the estimate (as when the call fails).
+    """
+
+    def __init__(self, cooldown_s: float = 30.0) -> None:
+        self.cooldown_s = cooldown_s
+        self._until: dict[str, float] = {}
+
+    def allows(self, url: str) -> bool:
+        until = self._until.get(url)
+        return until is None or time.monotonic() >= until
+
+    def failed(self, url: str) -> None:
+        self._until[url] = time.monotonic() + self.cooldown_s
+
+
 async def upstream_token_count(
-    client: httpx.AsyncClient, root_url: str, model: str, body: dict, timeout: float
+    client: httpx.AsyncClient,
+    root_url: str,
+    model: str,
+    body: dict,
+    timeout: float,
+    gate: TokenizeGate | None = None,
 ) -> int | None:
     """Exact count from vLLM's /tokenize, or None when the upstream cannot say."""
     req: dict[str, Any] = {"model": model}
@@ -128,6 +154,9 @@ async def upstream_token_count(
         req["prompt"] = body["prompt"]
     else:
         return None
+    if gate is not None and not gate.allows(root_url):
+        return None
+    count = None
     try:
         r = await client.post(
             root_url + "/tokenize",
@@ -135,12 +164,14 @@ async def upstream_token_count(
             headers={"content-type": "application/json"},
             timeout=timeout,
         )
-        if r.status_code != 200:
-            return None
-        count = orjson.loads(r.content).get("count")
-        return int(count) if isinstance(count, int) else None
+        if r.status_code == 200:
+            n = orjson.loads(r.content).get("count")
+            count = int(n) if isinstance(n, int) else None
     except (httpx.HTTPError, orjson.JSONDecodeError, ValueError):
-        return None
+        pass
+    if count is None and gate is not None:
+        gate.failed(root_url)
+    return count
 
 
 @dataclass
@@ -202,6 +233,7 @@ async def apply_cap(
     root_url: str | None = None,
     model: str | None = None,
     timeout: float = 5.0,
+    gate: TokenizeGate | None = None,
 ) -> CapOutcome:
     """Enforce one cap rule on a request body (reject or truncate)."""
     if body.get("prompt_embeds") is not None and body.get("prompt") is None:
@@ -218,7 +250,7 @@ async def apply_cap(
     est = estimate_body_tokens(body)
     count: int | None = None
     if counter == "upstream" and client is not None and root_url is not None and model is not None:
-        count = await upstream_token_count(client, root_url, model, body, timeout)
+        count = await upstream_token_count(client, root_url, model, body, timeout, gate)
     exact = count is not None
     if count is None:
         count = est
@@ -236,7 +268,7 @@ async def apply_cap(
                 break  # only the last turn (and system prompts) left
             if exact and client is not None:
                 recount = await upstream_token_count(
-                    client, root_url or "", model or "", new, timeout
+                    client, root_url or "", model or "", new, timeout, gate
                 )
                 if recount is not None:
                     dropped = cur_count - recount

@@ -16,7 +16,8 @@ the shim's cost. `mode` makes it misbehave on purpose:
 
 ``tool_calls=True`` answers chat requests with a tool call instead of text (streamed
 as OpenAI and vLLM do: id and name first, the arguments in pieces); ``crlf=True``
-ends SSE lines with CRLF, as servers built on sse-starlette do. A non-streaming
+ends SSE lines with CRLF, as servers built on sse-starlette do; ``tokenize_fails=True``
+answers /tokenize with a 500. A non-streaming
 answer with ``delay_s`` watches for the client leaving, as vLLM does.
 
 It counts calls, completed answers and the client disconnects it saw.
@@ -50,8 +51,11 @@ class FakeUpstream:
         linger_s: float = 0.0,
         tool_calls: bool = False,
         crlf: bool = False,
+        tokenize_fails: bool = False,
     ) -> None:
         self.mode = mode
+        self.tokenize_fails = tokenize_fails
+        self.tokenize_calls = 0
         self.tokens = tokens
         self.delay_s = delay_s
         self.die_after = die_after
@@ -94,6 +98,10 @@ class FakeUpstream:
         raw = b"".join(chunks)
         body = orjson.loads(raw) if raw else {}
         if path == "/tokenize":
+            self.tokenize_calls += 1
+            if self.tokenize_fails:
+                await _reply(send, 500, b'{"error": {"message": "tokenizer down"}}')
+                return
             n = _count(body)
             await _reply(
                 send,

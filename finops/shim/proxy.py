@@ -539,6 +539,7 @@ class ProxyEndpoint:
                 rule,
                 body,
                 counter=cfg.token_counter,
+                gate=shim.tokenize_gate,
                 client=shim.client,
                 root_url=up.url,
                 model=up.model,
@@ -817,7 +818,12 @@ class ProxyEndpoint:
             if cfg.token_counter == "upstream":
                 t = time.perf_counter()
                 count = await upstream_token_count(
-                    self.shim.client, up.url, up.model, ctx.body, cfg.connect_timeout_s + 3
+                    self.shim.client,
+                    up.url,
+                    up.model,
+                    ctx.body,
+                    cfg.connect_timeout_s + 3,
+                    self.shim.tokenize_gate,
                 )
                 ctx.upstream_wait += time.perf_counter() - t
             ctx.input_count = count if count is not None else estimate_body_tokens(ctx.body)
