@@ -404,3 +404,28 @@ def test_removed_upstream_gauges_read_zero_in_multiprocess_mode(tmp_path, monkey
     m.drop_upstream("small", "http://a")
     assert m.registry.get_sample_value("finops_shim_circuit_state", labels) is None
     m.drop_upstream("small", "http://never-made")  # a no-op
+
+
+def test_model_flag_names_what_the_tier_serves(tmp_path, upstream):
+    """`--upstream small=URL --model small=llama-8b`: the upstream gets the name its vLLM
+    serves, and that name also picks the tier."""
+    from finops.cli import app
+    from finops.shim import from_flags
+
+    f, url = upstream
+    cfg = from_flags([f"small={url}", f"large={url}"], models=["small=llama-8b"])
+    assert cfg.tiers["small"].model == "llama-8b" and cfg.tiers["large"].model == "large"
+    with serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log")) as h:
+        for name in ("small", "llama-8b"):
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": name})
+            assert r.status_code == 200 and r.headers["x-finops-tier"] == "small"
+            assert f.bodies[-1]["model"] == "llama-8b"
+    for flags, message in (
+        (["--model", "mid=x"], "--model: tier 'mid' has no --upstream"),
+        (["--model", "small"], "--model: expected TIER=NAME"),
+        (["--model", "small=a", "--model", "small=b"], "--model: tier 'small' is given twice"),
+    ):
+        res = CliRunner().invoke(
+            app, ["shim", "serve", "--upstream", f"small={url}", *flags, "--port", "1"]
+        )
+        assert res.exit_code == 2 and message in res.output, res.output

@@ -23,6 +23,7 @@ def _build_config(
     host: str | None,
     port: int | None,
     workers: int | None = None,
+    model: list[str] | None = None,
 ):  # -> ShimConfig
     from finops.shim.config import (
         ConfigError,
@@ -41,8 +42,11 @@ def _build_config(
         if workers is not None:
             check_workers(workers, "--workers")
         if config is not None:
-            if upstream:
-                fail("give either --config FILE or --upstream TIER=URL flags, not both")
+            if upstream or model:
+                fail(
+                    "give either --config FILE or --upstream TIER=URL (and --model TIER=NAME) "
+                    "flags, not both; a config file names models in [tiers.X] model"
+                )
             cfg = load_config(config)
             changes: dict = {
                 "host": host,
@@ -75,6 +79,7 @@ def _build_config(
             host=host or "127.0.0.1",
             port=8080 if port is None else port,
             workers=1 if workers is None else workers,
+            models=model,
         )
     except ConfigError as exc:
         fail(str(exc))
@@ -97,6 +102,13 @@ def serve(
     router: Annotated[
         Path | None,
         typer.Option("--router", help="Trained router artifact folder (default: the rule policy)."),
+    ] = None,
+    model: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--model",
+            help="TIER=NAME: the model name that tier's vLLM serves (default: the tier name).",
+        ),
     ] = None,
     api_key: Annotated[
         list[str] | None,
@@ -121,7 +133,7 @@ def serve(
     if log_level.lower() not in LOG_LEVELS:
         fail(f"--log-level: expected one of {'|'.join(LOG_LEVELS)}, got {log_level!r}")
     log_level = log_level.lower()
-    cfg = _build_config(config, upstream, router, api_key, log, host, port, workers)
+    cfg = _build_config(config, upstream, router, api_key, log, host, port, workers, model)
     from finops.shim.app import build_router
     from finops.shim.server import serve as _serve
 

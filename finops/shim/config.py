@@ -579,11 +579,14 @@ def from_flags(
     host: str = "127.0.0.1",
     port: int = 8080,
     workers: int = 1,
+    models: list[str] | None = None,
 ) -> ShimConfig:
-    """Build a config from `--upstream TIER=URL` / `--api-key KEY=TENANT` flags.
+    """Build a config from `--upstream TIER=URL` / `--api-key KEY=TENANT` /
+    `--model TIER=NAME` flags.
 
     Repeating a tier adds replicas; tier order on the command line is cost
-    order (cheapest first). The tier name is also the upstream model name.
+    order (cheapest first). The upstream model name is the tier name unless
+    `--model TIER=NAME` gives the name the tier's vLLM serves.
     """
     check_port(port, "--port")
     check_workers(workers, "--workers")
@@ -593,6 +596,17 @@ def from_flags(
         _expect(bool(sep and tier and url), "--upstream", f"expected TIER=URL, got {spec!r}")
         tiers.setdefault(tier, []).append(url)
     _expect(bool(tiers), "--upstream", "give at least one --upstream TIER=URL (or --config FILE)")
+    served: dict[str, str] = {}
+    for spec in models or []:
+        tier, sep, name = spec.partition("=")
+        _expect(bool(sep and tier and name), "--model", f"expected TIER=NAME, got {spec!r}")
+        _expect(
+            tier in tiers,
+            "--model",
+            f"tier {tier!r} has no --upstream (tiers: {', '.join(tiers)})",
+        )
+        _expect(tier not in served, "--model", f"tier {tier!r} is given twice")
+        served[tier] = name
     keys = []
     for spec in api_keys or []:
         key, sep, tenant = spec.partition("=")
@@ -604,7 +618,10 @@ def from_flags(
         keys.append({"sha256": hash_key(key), "tenant": tenant})
     data: dict[str, Any] = {
         "server": {"host": host, "port": port, "workers": workers},
-        "tiers": {t: {"upstreams": u} for t, u in tiers.items()},
+        "tiers": {
+            t: {"upstreams": u, **({"model": served[t]} if t in served else {})}
+            for t, u in tiers.items()
+        },
         "auth": {"keys": keys},
     }
     if router is not None:
