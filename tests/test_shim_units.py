@@ -50,13 +50,17 @@ def test_requestlog_rotates_by_size_and_time_and_closes_cleanly(tmp_path):
         log.write(_rec(i))
         if i % 10 == 9:
             log.flush()
+    for i in range(60, 100):  # one batch far larger than a file: split at record boundaries
+        log.write(_rec(i))
     log.close()
-    files = sorted(tmp_path.iterdir())
-    assert len(files) > 2 and all(p.name.endswith(".jsonl") for p in files)
+    files = sorted(tmp_path.iterdir(), key=lambda p: int(p.name.split("-")[3]))  # by sequence
+    assert len(files) > 4 and all(p.name.endswith(".jsonl") for p in files)
+    one = len(orjson.dumps(_rec(99))) + 1
+    assert max(p.stat().st_size for p in files) <= 2000 + one
     rows = [orjson.loads(x) for p in files for x in p.read_bytes().splitlines()]
-    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(60)]
+    assert [r["request_id"] for r in rows] == [f"r{i}" for i in range(100)]
     res = Lake(tmp_path.parent / "lake").append("requests", rows, source="shim")
-    assert (res.loaded, res.rejected) == (60, 0)
+    assert (res.loaded, res.rejected) == (100, 0)
     # time rotation: an idle open file is closed (renamed) once it is older than rotate_s
     t = tmp_path / "t"
     log = RequestLog(t, rotate_s=0.2, interval=0.05)

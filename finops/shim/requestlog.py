@@ -385,7 +385,23 @@ class RequestLog:
                     lines.append(orjson.dumps(r) + b"\n")
                 except TypeError as exc:  # orjson.JSONEncodeError: counted as an error
                     self.last_error = f"{type(exc).__name__}: {exc}"
-            ok = self._write_batch(lines) if lines else 0
+            ok = 0
+            # size rotation at record boundaries: a file ends once it reaches
+            # rotate_bytes, even mid-batch (it overshoots by at most one record)
+            while lines:
+                room = self.rotate_bytes - (self._size if self._fh is not None else 0)
+                n = used = 0
+                while n < len(lines) and (n == 0 or used + len(lines[n]) <= room):
+                    used += len(lines[n])
+                    n += 1
+                got = self._write_batch(lines[:n])
+                ok += got
+                if got < n:
+                    # a failed write: the rest of this batch is lost with it (counted)
+                    break
+                lines = lines[n:]
+                if lines and self._fh is not None:
+                    self._close_file()
             if self._fh is not None and (
                 stop
                 or self._size >= self.rotate_bytes
