@@ -157,6 +157,7 @@ async def upstream_token_count(
     if gate is not None and not gate.allows(root_url):
         return None
     count = None
+    broken = True  # the endpoint's fault (not this request's): skip it for a while
     try:
         r = await client.post(
             root_url + "/tokenize",
@@ -164,12 +165,14 @@ async def upstream_token_count(
             headers={"content-type": "application/json"},
             timeout=timeout,
         )
+        broken = r.status_code >= 500 or r.status_code in (404, 405)
         if r.status_code == 200:
             n = orjson.loads(r.content).get("count")
             count = int(n) if isinstance(n, int) else None
+            broken = count is None
     except (httpx.HTTPError, orjson.JSONDecodeError, ValueError):
         pass
-    if count is None and gate is not None:
+    if count is None and broken and gate is not None:
         gate.failed(root_url)
     return count
 
