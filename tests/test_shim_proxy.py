@@ -24,6 +24,7 @@ from finops.shim import from_flags, serve_in_thread
 from finops.shim.config import CapRule, hash_key, parse_config
 from finops.shim.fakeupstream import FakeUpstream
 from finops.shim.server import run_app_in_thread
+from finops.shim.upstreams import STATE_NAMES
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 
@@ -692,31 +693,49 @@ def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
         bad.mode = "ok"
         rep = next(u for u in h.shim.pool.all() if u.url == bad_url)
         rep.breaker.opened_at -= 30  # the cooldown has passed (no sleeping on a busy machine)
-        for _ in range(3):
+        for _ in range(4):
             assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
-        assert bad.calls == 5, "the half-open probe succeeded, so the replica is back in rotation"
+        # the probe succeeded, so the replica is back in rotation: it takes turns again
+        assert bad.calls == 4, "the half-open probe succeeded, so the replica is back in rotation"
         state = {
             c["upstream"]: c["circuit"] for c in httpx.get(h.url + "/readyz").json()["circuits"]
         }
         assert state[bad_url] == "closed"
 
 
+@pytest.mark.parametrize("mode", ["die_mid_stream", "error_mid_stream"])
+def test_streams_failing_partway_open_the_circuit(tmp_path, fakes, mode):
+    """A replica whose streams all break after the first byte: the first byte is not a
+    verdict, the end is, so its circuit opens and traffic moves to the healthy one."""
+    bad, bad_url = fakes(mode, die_after=2)
+    good, good_url = fakes()
+    ups = [f"small={bad_url}", f"small={good_url}"]
+    with _serve(tmp_path, ups, breaker_failures=3, breaker_cooldown_s=60) as h:
+        for _ in range(12):
+            httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True})
+        rep = next(u for u in h.shim.pool.all() if u.url == bad_url)
+        assert STATE_NAMES[rep.breaker.state] == "open"
+    assert bad.calls == 3 and good.calls == 9  # turns taken until the circuit opened
+
+
 def test_retry_budget_limits_fallbacks(tmp_path, fakes):
     bad, bad_url = fakes("error500")
     good, good_url = fakes()
-    # breaker off (0 = never opens) so every request hits the bad replica first when it is least loaded
+    # breaker off (0 = never opens) so every request tries the bad small replica first and
+    # falls back to mid
     cfg_changes = {"breaker_failures": 0, "retry_budget_min": 2, "retry_budget_ratio": 0.0}
-    with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"], **cfg_changes) as h:
+    with _serve(tmp_path, [f"small={bad_url}", f"mid={good_url}"], **cfg_changes) as h:
         codes = []
         for _ in range(6):
-            codes.append(httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code)
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+            codes.append(r.status_code)
         m = httpx.get(h.url + "/metrics").text
     fallbacks = sum(
         float(ln.split()[-1])
         for ln in m.splitlines()
         if ln.startswith("finops_shim_fallbacks_total")
     )
-    # ties in outstanding go to the first replica (the bad one); the good one takes 2 retries, then refuses
+    # mid takes 2 retries, then its budget refuses
     assert codes == [200, 200, 500, 500, 500, 500]
     assert fallbacks == 2 and good.calls == 2 and bad.calls == 6
     assert f'finops_shim_retry_budget_exhausted_total{{upstream="{good_url}"}} 4.0' in m

@@ -870,10 +870,12 @@ class ProxyEndpoint:
                     raise
                 t_first = time.perf_counter()
                 ctx.upstream_wait += t_first - t_send
-                if resp.status < 400:
-                    up.breaker.success()
-                else:
+                if resp.status >= 400:
                     up.breaker.release_probe()
+                elif it is None:
+                    up.breaker.success()
+                # a stream's verdict waits for its end (_respond_stream): a replica whose
+                # streams all fail partway must still open its circuit
                 shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
                 ctx.tier = up.tier
                 rec["tier"] = up.tier

@@ -141,6 +141,7 @@ class Pool:
                 reps.append(u)
             self.tiers[name] = reps
         self.order = list(self.tiers)
+        self._turn = 0  # rotates the tie-break among equally loaded replicas
 
     def all(self) -> Iterator[Upstream]:
         for reps in self.tiers.values():
@@ -153,15 +154,27 @@ class Pool:
         """
         start = self.order.index(tier)
         tried: set[int] = set()
+        turn = self._turn
+        self._turn += 1
         for t in self.order[start:]:
             reps = self.tiers[t]
+            n = len(reps)
             while True:
                 now = time.monotonic()
-                left = [u for u in reps if id(u) not in tried]
+                left = [(i, u) for i, u in enumerate(reps) if id(u) not in tried]
                 if not left:
                     break
-                # closed circuits first, then least outstanding; open circuits still get skipped by allow()
-                best = min(left, key=lambda u: (not u.breaker.would_allow(now), u.outstanding))
+                # closed circuits first, then least outstanding, then taking turns (with
+                # one request at a time every replica has 0 outstanding: without turns the
+                # first would get them all); open circuits still get skipped by allow()
+                _, best = min(
+                    left,
+                    key=lambda iu: (
+                        not iu[1].breaker.would_allow(now),
+                        iu[1].outstanding,
+                        (iu[0] - turn) % n,
+                    ),
+                )
                 tried.add(id(best))
                 yield best
 
