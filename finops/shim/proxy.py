@@ -1175,15 +1175,15 @@ class ProxyEndpoint:
         rec["status_code"] = 200
         if not watch.gone and not state["delivered"]:
             await send({"type": "http.response.body", "body": b"", "more_body": False})
+        meta = {
+            "tier": up.tier,
+            "upstream": up.url,
+            "response_model": rec["response_model"],
+            "finish_reason": rec["finish_reason"],
+        }
         if collect is not None:
             full = assemble_stream(collect, self.operation)
             if full is not None:
-                meta = {
-                    "tier": up.tier,
-                    "upstream": up.url,
-                    "response_model": rec["response_model"],
-                    "finish_reason": rec["finish_reason"],
-                }
                 payload = orjson.dumps(full)
                 ctx.result = (meta, payload)
                 if store_key is not None:
@@ -1192,14 +1192,7 @@ class ProxyEndpoint:
         if sent is not None:
             # for this request's Idempotency-Key only: not ctx.result, which coalesced
             # followers (streaming or not) read
-            meta = {
-                "tier": up.tier,
-                "upstream": up.url,
-                "response_model": rec["response_model"],
-                "finish_reason": rec["finish_reason"],
-                "sse": True,
-            }
-            return meta, b"".join(sent)
+            return {**meta, "sse": True}, b"".join(sent)
         return None
 
     def _stream_usage(self, ctx: Ctx, state: dict) -> None:
