@@ -107,6 +107,19 @@ def test_edited_manifest_refused(art: Path) -> None:
         (lambda m: m["feature_schema"].append({"name": "ssn"}), "feature_schema"),
         (lambda m: m["upstream_models"].pop("large"), "no model name for tier"),
         (lambda m: m["files"].update({"../etc": "0"}), "not a plain file name|missing"),
+        (
+            lambda m: (
+                m["tiers"].remove("mid"),
+                m["upstream_models"].pop("mid"),
+                m["decision"]["thresholds"].pop("mid"),
+            ),
+            r"field 'tiers': expected 3\+ distinct tier names",
+        ),
+        # wrong types in probes: an ArtifactError naming the field, not NumPy's ValueError
+        (lambda m: m["probes"][0].__setitem__(0, "x"), "field 'probes'"),
+        (lambda m: m["probes"][1].pop(), "field 'probes'"),
+        (lambda m: m["probes"].__setitem__(2, {"small": 1}), "field 'probes'"),
+        (lambda m: m["probes"][3].__setitem__(1, True), "field 'probes'"),
     ],
 )
 def test_wrong_schema_or_version_refused(art: Path, edit, match: str) -> None:
@@ -205,9 +218,125 @@ def test_cli_train_and_evaluate_json(tmp_path: Path) -> None:
         app, ["router", "evaluate", "--artifact", str(out), "--data", str(data), "--format", "json"]
     )
     assert r.exit_code == 0, r.output
-    ev = json.loads(r.output)["evaluation"]
+    ev = json.loads(r.stdout)["evaluation"]
     for key in ("accuracy", "auc_per_tier", "routellm", "at_threshold", "baselines"):
         assert key in ev
     assert ev["at_threshold"]["saved_usd"] >= 0 and "cpt80" in ev["routellm"]
     r = runner.invoke(app, ["router", "train", "--data", str(tmp_path / "no.jsonl"), "--out", "x"])
     assert r.exit_code == 2 and "no such file" in r.output
+
+
+def _two_class_pipeline():
+    """A fitted router pipeline that learned only two classes (the scorer cannot load it)."""
+    from finops.router import features as F
+    from finops.router.artifact import _probe_frame
+    from finops.router.model import build_pipeline
+
+    rows = [F.extract(text=None, prompt_tokens=10 + i, feature="f") for i in range(40)]
+    pipe = build_pipeline(False, cv=2)
+    pipe.fit(_probe_frame(rows), [i % 2 for i in range(40)])
+    return pipe
+
+
+def test_export_that_cannot_load_is_never_left_at_out(tmp_path: Path) -> None:
+    """write_artifact loads its temp dir before the rename: a model the scorer refuses
+    raises there, and neither --out nor a temp dir is left behind."""
+    from finops.router.artifact import write_artifact
+
+    tiers = ["small", "mid", "large"]
+    with pytest.raises(ArtifactError, match="does not load, so nothing was written"):
+        write_artifact(
+            tmp_path / "out",
+            _two_class_pipeline(),
+            tiers=tiers,
+            upstream_models={t: t for t in tiers},
+            decision={
+                "thresholds": {"small": 0.5, "mid": 0.5},
+                "quality_target": 0.9,
+                "confidence": 0.9,
+            },
+            uses_prompt_text=False,
+            training_data={},
+            evaluation={},
+            drift={},
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_nan_in_manifest_is_named(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    """An undefined figure says which field, not json's "Out of range float values"."""
+    from finops.router.artifact import write_artifact
+
+    r = load_router(artifacts[0])
+    m = r.manifest
+    with pytest.raises(ArtifactError, match=r"field 'evaluation.routellm.apgr' is nan"):
+        write_artifact(
+            tmp_path / "out",
+            r.pipeline,
+            tiers=r.tiers,
+            upstream_models=r.upstream_models,
+            decision=m["decision"],
+            uses_prompt_text=r.uses_prompt_text,
+            training_data={},
+            evaluation={"routellm": {"apgr": float("nan")}},
+            drift={},
+        )
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_cli_evaluate_names_skipped_rows(artifacts: tuple[Path, Path], tmp_path: Path) -> None:
+    """evaluate used to skip bad rows with only a count; it names them as train does."""
+    data = D.write_demo_labeled(tmp_path / "h.jsonl", 300, seed=5)
+    with open(data, "a") as fh:
+        fh.write('{"prompt": "x", "label": "xl"}\n{oops\n')
+    want = [
+        f"{data}:301: field 'label': expected one of ['small', 'mid', 'large'], got 'xl'",
+        f"{data}:302: field '<line>': expected a JSON object, got <invalid JSON: "
+        "Expecting property name enclosed in double quotes>",
+    ]
+    args = ["router", "evaluate", "--artifact", str(artifacts[0]), "--data", str(data)]
+    r = CliRunner().invoke(app, [*args, "--format", "json"])
+    assert r.exit_code == 0, r.output
+    ev = json.loads(r.stdout)["evaluation"]
+    assert ev["bad_rows"] == 2 and ev["skipped_rows"] == want
+    assert [f"skipped {w}" for w in want] == r.stderr.splitlines()[:2]
+    assert "2 bad row(s) skipped of 302 read; 300 loaded" in r.stderr
+    t = CliRunner().invoke(app, args)
+    assert t.exit_code == 0 and f"skipped {want[0]}" in t.stderr
+
+
+def test_cli_train_refuses_unknown_upstream_tier(tmp_path: Path) -> None:
+    """--upstream lrage=... was ignored; it is refused before the data is even read."""
+    upstream = ["--upstream", "large=my-70b", "--upstream", "lrage=foo"]
+    r = CliRunner().invoke(
+        app,
+        ["router", "train", "--data", str(tmp_path / "later.jsonl"), "--out", "a", *upstream],
+    )
+    assert r.exit_code == 2, r.output
+    assert "unknown tier 'lrage'; the tiers are ['small', 'mid', 'large']" in r.output
+    r = CliRunner().invoke(
+        app, ["router", "train", "--data", "x.jsonl", "--out", "a", "--tiers", "small,large"]
+    )
+    assert r.exit_code == 2 and "expected 3+ tiers" in r.output
+
+
+def test_cli_refuses_bad_out_and_format(art: Path, tmp_path: Path) -> None:
+    """Unknown suffixes, unwritable --out and unknown --format: rc 2, one line, no traceback."""
+    runner = CliRunner()
+    r = runner.invoke(app, ["router", "demo-data", "--out", str(tmp_path / "x.txt"), "--n", "5"])
+    assert r.exit_code == 2 and "unknown format '.txt'" in r.output and ".parquet" in r.output
+    assert not (tmp_path / "x.txt").exists()
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    r = runner.invoke(app, ["router", "demo-data", "--out", str(blocker / "d.jsonl"), "--n", "5"])
+    assert r.exit_code == 2 and f"--out {blocker / 'd.jsonl'}: cannot write" in r.output
+    data = D.write_demo_labeled(tmp_path / "d.jsonl", 300, seed=1)
+    for out, why in [
+        (blocker / "art", "cannot create the artifact directory"),
+        (blocker, "not a directory"),
+    ]:
+        r = runner.invoke(app, ["router", "train", "--data", str(data), "--out", str(out)])
+        assert r.exit_code == 2 and f"{out}: " in r.output and why in r.output, r.output
+        assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)
+    r = runner.invoke(app, ["router", "inspect", str(art), "--format", "xml"])
+    assert r.exit_code == 2 and "--format must be table or json, got 'xml'" in r.output

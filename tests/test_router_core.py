@@ -309,3 +309,127 @@ def test_token_id_prompts_count_their_tokens() -> None:
     assert batch["log_prompt_tokens"] == pytest.approx(np.log1p(5))
     assert F.from_body({"prompt": "x" * 40})["log_prompt_tokens"] == pytest.approx(np.log1p(10))
     assert F.token_id_count([1, "a"]) is None and F.token_id_count([]) is None
+
+
+def test_fewer_than_three_tiers_refused_before_fitting(tmp_path: Path) -> None:
+    """Two tiers used to train into an artifact that can never load (the scorer is
+    multinomial); the tier list is refused before any file is read or model fitted."""
+    with pytest.raises(D.DataError, match=r"expected 3\+ tiers.*'small,large'"):
+        D.parse_tiers("small,large")
+    with pytest.raises(D.DataError, match=r"3\+ tiers"):
+        D.load_labeled(write_jsonl(tmp_path / "two.jsonl", rule_rows(30, 1)), tiers="a,b")
+    with pytest.raises(D.DataError, match=r"3\+ tiers"):
+        D.from_records(
+            [("x:1", {"prompt": "p", "label": "a"})], tiers=["a", "b"], source="x", sha256=""
+        )
+    assert D.parse_tiers(" xs, s ,m,l ") == ["xs", "s", "m", "l"]
+
+
+def test_unknown_upstream_tier_refused(tmp_path: Path) -> None:
+    """`upstream={"lrage": ...}` (a typo) used to be ignored, leaving large on its default."""
+    ds = D.load_labeled(write_jsonl(tmp_path / "u.jsonl", rule_rows(120, 2)))
+    with pytest.raises(
+        D.DataError, match=r"unknown tier\(s\) \['lrage'\].*\['small', 'mid', 'large'\]"
+    ):
+        train(ds, None, cv_folds=0, upstream={"lrage": "my-70b"})
+
+
+def test_huge_numbers_are_row_errors(tmp_path: Path) -> None:
+    """An int past 1e308 overflows float(): a bad row naming the field, not a traceback."""
+    big = 10**400
+    rows = rule_rows(20, 4)
+    rows += [
+        {"prompt": "x", "label": "small", "prompt_tokens": big},
+        {"prompt": "x", "label": "small", "turn_count": big},
+        {"prompt": "x", "scores": {"small": big, "mid": 0, "large": 1}},
+        {"prompt": "x", "scores": {"small": 0, "mid": 0, "large": -big}},
+    ]
+    ds = D.load_labeled(write_jsonl(tmp_path / "big.jsonl", rows))
+    assert ds.frame.height == 20 and ds.read == 24
+    assert [(b.location.rsplit(":", 1)[1], b.field) for b in ds.bad_rows] == [
+        ("21", "prompt_tokens"),
+        ("22", "turn_count"),
+        ("23", "scores.small"),
+        ("24", "scores.large"),
+    ]
+    assert ds.bad_rows[0].expected == "a number >= 0" and ds.bad_rows[0].got.startswith("1000")
+
+
+def test_overlong_integer_line_is_a_bad_row(tmp_path: Path) -> None:
+    """json.loads raises plain ValueError (not JSONDecodeError) past 4300 digits."""
+    p = write_jsonl(tmp_path / "digits.jsonl", rule_rows(20, 5))
+    with open(p, "a") as fh:
+        fh.write('{"prompt": "x", "label": "small", "prompt_tokens": ' + "9" * 5000 + "}\n")
+        fh.write(json.dumps(rule_rows(1, 6)[0]) + "\n")
+    ds = D.load_labeled(p)
+    assert ds.frame.height == 21 and ds.read == 22 and len(ds.bad_rows) == 1
+    b = ds.bad_rows[0]
+    assert (b.location, b.field, b.expected) == (f"{p}:21", "<line>", "a JSON object")
+    assert "4300 digits" in b.got and "set_int_max_str_digits" not in b.got
+
+
+def test_lone_surrogates_are_row_errors(tmp_path: Path) -> None:
+    """ "\\ud800" is valid JSON to Python but not UTF-8: the frame (and any writer) would
+    fail on it, so each field that can carry it is a row error; the other rows load."""
+    lines = [json.dumps(r) for r in rule_rows(20, 8)]
+    lines += [
+        '{"prompt": "hi \\ud800 there", "label": "small"}',
+        '{"messages": [{"role": "user", "content": "a\\udfff"}], "label": "small"}',
+        '{"prompt": "ok", "feature": "f\\ud800", "label": "small"}',
+        '{"prompt": "ok", "tenant": "\\udc00", "label": "small"}',
+        '{"prompt": "paired \\ud83d\\ude00 is fine", "label": "small"}',
+    ]
+    p = tmp_path / "sur.jsonl"
+    p.write_text("\n".join(lines) + "\n")
+    ds = D.load_labeled(p)
+    assert ds.frame.height == 21 and ds.read == 25
+    assert [(b.location, b.field) for b in ds.bad_rows] == [
+        (f"{p}:21", "prompt"),
+        (f"{p}:22", "messages"),
+        (f"{p}:23", "feature"),
+        (f"{p}:24", "tenant"),
+    ]
+    assert ds.bad_rows[0].got == "<lone surrogate at character 3>"
+    assert "\U0001f600" in ds.frame["text"][-1]
+
+
+def test_route_never_raises_on_lone_surrogates(rule_artifact) -> None:
+    """The shim parses bodies with Python's json; a lone surrogate must still be routed
+    (as '?'), not fail the request inside the n-gram hashing."""
+    from finops.router import features as F
+
+    _, tmp = rule_artifact
+    router = load_router(tmp / "art")
+    body = json.loads('{"messages": [{"role": "user", "content": "audit \\ud800 the report"}]}')
+    d = router.route(body, feature="f")
+    want = router.route(
+        {"messages": [{"role": "user", "content": "audit ? the report"}]}, feature="f"
+    )
+    assert d == want
+    assert router.route(json.loads('{"prompt": "\\udfff"}')).tier in router.tiers
+    long = "prove " * 500 + "\udfff"  # in the clipped tail, past the head
+    assert F.extract(text=long)["text"].endswith("?") and len(F.extract(text=long)["text"]) == 1601
+
+
+def test_undefined_figures_are_null_not_nan(tmp_path: Path) -> None:
+    """No quality gap (every tier scores 1) leaves APGR undefined; it is None in the JSON
+    (NaN is not JSON) and "n/a" in text, and training says why instead of failing."""
+    weak = np.ones((50, 3))
+    m = E.routellm_metrics(E.sweep(E.random_cumulative(50, 3, 0), weak), weak)
+    assert m["apgr"] is None
+    zero = np.zeros((50, 3))
+    pts = E.sweep(E.random_cumulative(50, 3, 0), zero, np.zeros((50, 3)))
+    assert all(p["quality_retained"] is None and p["cost_ratio"] is None for p in pts)
+    assert E.baselines(weak, np.zeros(50, dtype=int), np.ones(50))["random"]["apgr"] is None
+    rows = rule_rows(400, 9)
+    for r in rows:
+        r["scores"] = {t: 1 for t in TIERS}  # labels kept; scores say every tier is fine
+    ds = D.load_labeled(write_jsonl(tmp_path / "flat.jsonl", rows))
+    res = train(ds, tmp_path / "art", cv_folds=0)
+    json.dumps(res.evaluation, allow_nan=False)
+    assert res.evaluation["routellm"]["apgr"] is None
+    assert any("APGR n/a" in n and "no quality gap" in n for n in res.evaluation["notes"])
+    from finops.router.train import one_line
+
+    assert "APGR n/a (length heuristic n/a, random n/a)" in one_line(res.evaluation, TIERS)
+    assert load_router(tmp_path / "art").manifest["evaluation"]["routellm"]["apgr"] is None

@@ -50,3 +50,24 @@ def test_price_fallback_is_stated(tmp_path: Path) -> None:
     assert "price catalog" in p["source"] and "tok/s" in p["source"]
     pin = p["usd_per_input_token"]
     assert pin["small"] < pin["mid"] < pin["large"]
+
+
+def test_lake_repeated_request_id_is_a_bad_row(demo_lake: Path, tmp_path: Path) -> None:
+    """A second label for a request used to replace the first silently (a dict keyed by
+    request_id): the first is kept, the repeat is reported, and every line is counted."""
+    ids = (
+        finops.connect(demo_lake)
+        .sql("SELECT request_id FROM clean.requests ORDER BY request_id LIMIT 3")
+        .pl()["request_id"]
+        .to_list()
+    )
+    labels = tmp_path / "labels.jsonl"
+    lines = [{"request_id": i, "label": "small"} for i in ids]
+    lines.append({"request_id": ids[0], "label": "large"})
+    labels.write_text("".join(json.dumps(r) + "\n" for r in lines))
+    ds = D.load_lake(demo_lake, labels)
+    assert ds.read == 4 and ds.frame.height == 3
+    assert ds.frame["label"].to_list() == [0, 0, 0]  # the first label of ids[0] kept
+    (b,) = ds.bad_rows
+    assert (b.location, b.field) == (f"{labels}:4", "request_id")
+    assert f"first labeled at {labels}:1" in b.expected and ids[0] in b.got

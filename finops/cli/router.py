@@ -4,29 +4,59 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
 from finops.cli._common import fail
+
+if TYPE_CHECKING:
+    from finops.router.data import LabeledData
 
 router_app = typer.Typer(
     help="Train a request classifier and ship it as a verified artifact.", no_args_is_help=True
 )
 
 
-def _parse_upstream(items: list[str] | None) -> dict[str, str]:
+def _parse_upstream(items: list[str] | None, tiers: list[str]) -> dict[str, str]:
+    """TIER=MODEL pairs; a tier not among `tiers` (a typo) is refused, not ignored."""
     out = {}
     for it in items or []:
         tier, sep, model = it.partition("=")
-        if not sep or not tier or not model:
+        if not sep or not tier.strip() or not model.strip():
             fail(f"--upstream: expected TIER=MODEL, got {it!r}")
+        if tier.strip() not in tiers:
+            fail(f"--upstream {it!r}: unknown tier {tier.strip()!r}; the tiers are {tiers}")
         out[tier.strip()] = model.strip()
     return out
 
 
+def _check_format(format: str) -> None:
+    if format not in ("table", "json"):
+        fail(f"--format must be table or json, got {format!r}")
+
+
+def _report_bad_rows(ds: LabeledData) -> list[str]:
+    """Print a labeled set's skipped rows (first 10, then a count) to stderr; return all.
+
+    Nothing is skipped silently: `train` and `evaluate` name the same rows the same way.
+    """
+    bad = [str(b) for b in ds.bad_rows]
+    for b in bad[:10]:
+        typer.echo(f"skipped {b}", err=True)
+    if bad:
+        typer.echo(
+            f"{len(bad)} bad row(s) skipped of {ds.read} read; {ds.frame.height} loaded", err=True
+        )
+    return bad
+
+
 def _f(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.3f}"
+
+
+def _pct(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2%}"
 
 
 def _json(obj: object) -> str:
@@ -41,11 +71,17 @@ def demo_data(
     scores: Annotated[bool, typer.Option(help="Per-tier judge scores instead of labels.")] = False,
 ) -> None:
     """Write the demo labeled set: realistic prompt families, noisy labels, 55/30/15 shares."""
-    from finops.router.data import write_demo_labeled
+    from finops.router.data import DataError, file_format, write_demo_labeled
 
     if n < 1:
         fail("--n must be >= 1")
-    path = write_demo_labeled(out, n, seed, scores=scores)
+    try:
+        file_format(out)  # before generating: only formats `train` reads
+        path = write_demo_labeled(out, n, seed, scores=scores)
+    except DataError as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"--out {out}: cannot write: {exc.strerror or exc}")
     typer.echo(f"wrote {n} labeled requests to {path}")
 
 
@@ -53,7 +89,9 @@ def demo_data(
 def train_cmd(
     data: Annotated[Path, typer.Option("--data", help="Labeled set (JSONL/CSV/Parquet).")],
     out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
-    tiers: Annotated[str, typer.Option(help="Tiers, cheapest first.")] = "small,mid,large",
+    tiers: Annotated[
+        str, typer.Option(help="Tiers, cheapest first (3 or more).")
+    ] = "small,mid,large",
     quality_target: Annotated[float, typer.Option(help="Quality kept vs all-large.")] = 0.98,
     confidence: Annotated[float, typer.Option(help="Confidence of the guarantee.")] = 0.95,
     upstream: Annotated[
@@ -73,30 +111,29 @@ def train_cmd(
 ) -> None:
     """Fit, calibrate thresholds to the quality target, evaluate on held-out rows, export."""
     from finops.router.artifact import ArtifactError
-    from finops.router.data import DataError, load_labeled, load_lake
+    from finops.router.data import DataError, load_labeled, load_lake, parse_tiers
     from finops.router.train import one_line, train
 
     try:
-        if labels is not None:
-            ds = load_lake(data, labels, tiers=tiers, quality_bar=quality_bar)
-        else:
-            ds = load_labeled(data, tiers=tiers, quality_bar=quality_bar)
+        tier_list = parse_tiers(tiers)
     except DataError as exc:
         fail(str(exc))
-    for b in ds.bad_rows[:10]:
-        typer.echo(f"skipped {b}", err=True)
-    if ds.bad_rows:
-        typer.echo(
-            f"{len(ds.bad_rows)} bad row(s) skipped of {ds.read} read; {ds.frame.height} loaded",
-            err=True,
-        )
+    up = _parse_upstream(upstream, tier_list)  # options first: no minutes lost to a typo
+    try:
+        if labels is not None:
+            ds = load_lake(data, labels, tiers=tier_list, quality_bar=quality_bar)
+        else:
+            ds = load_labeled(data, tiers=tier_list, quality_bar=quality_bar)
+    except DataError as exc:
+        fail(str(exc))
+    _report_bad_rows(ds)
     for note in ds.notes:
         typer.echo(f"note: {note}", err=True)
     try:
         res = train(
             ds,
             out,
-            upstream=_parse_upstream(upstream),
+            upstream=up,
             quality_target=quality_target,
             confidence=confidence,
             text=text,
@@ -107,7 +144,11 @@ def train_cmd(
         )
     except (DataError, ArtifactError, ValueError) as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"--out {out}: cannot write: {exc.strerror or exc}")
     assert res.router is not None
+    for note in res.evaluation.get("notes", []):
+        typer.echo(f"note: {note}", err=True)
     typer.echo(f"artifact {res.path} version {res.router.version}")
     typer.echo(f"decision: {res.decision['guarantee']}; lambda={res.decision['lambda']}")
     typer.echo(one_line(res.evaluation, ds.tiers))
@@ -189,8 +230,7 @@ def evaluate_cmd(
     from finops.router.evaluate import replay_lake
     from finops.router.train import evaluate_split, one_line
 
-    if format not in ("table", "json"):
-        fail(f"--format must be table or json, got {format!r}")
+    _check_format(format)
     if data is None and lake is None:
         fail("give --data (labeled set) and/or --lake (traffic to replay)")
     try:
@@ -203,10 +243,12 @@ def evaluate_cmd(
             ds = load_labeled(data, tiers=router.tiers)
         except DataError as exc:
             fail(str(exc))
+        skipped = _report_bad_rows(ds)
         X = ds.features(router.uses_prompt_text)
         proba = router.pipeline.predict_proba(_probe_frame(X.to_dicts()))
         ev = evaluate_split(proba, ds, router.thresholds[0], lake=lake)
-        ev["bad_rows"] = len(ds.bad_rows)
+        ev["bad_rows"] = len(skipped)
+        ev["skipped_rows"] = skipped  # `file:line: field ...`, as printed
         result["evaluation"] = ev
         result["line"] = one_line(ev, router.tiers)
     if lake is not None:
@@ -225,14 +267,16 @@ def evaluate_cmd(
             "AUC per tier: " + ", ".join(f"{t} {v:.3f}" for t, v in ev["auc_per_tier"].items())
         )
         typer.echo(
-            f"APGR {m['apgr']:.3f}  AUC {m['auc']:.3f}  CPT50 {_f(m['cpt50'])}  CPT80 {_f(m['cpt80'])}"
+            f"APGR {_f(m['apgr'])}  AUC {m['auc']:.3f}  CPT50 {_f(m['cpt50'])}  CPT80 {_f(m['cpt80'])}"
         )
         for name, b in ev["baselines"].items():
             typer.echo(
-                f"  baseline {name:<12} APGR {b['apgr']:.3f}  CPT50 {_f(b['cpt50'])}  CPT80 {_f(b['cpt80'])}"
+                f"  baseline {name:<12} APGR {_f(b['apgr'])}  CPT50 {_f(b['cpt50'])}  CPT80 {_f(b['cpt80'])}"
             )
         typer.echo("shares: " + ", ".join(f"{t} {s:.1%}" for t, s in at["shares"].items()))
-        typer.echo(f"quality retained {at['quality_retained']:.2%}")
+        typer.echo(f"quality retained {_pct(at['quality_retained'])}")
+        for note in ev.get("notes", []):
+            typer.echo(f"note: {note}")
         typer.echo(f"prices: {ev['prices']['source']}")
         typer.echo(result["line"])
     if "replay" in result:
@@ -262,6 +306,7 @@ def inspect_cmd(
     """Show an artifact's manifest (it is verified first)."""
     from finops.router.artifact import ArtifactError, load_router
 
+    _check_format(format)
     try:
         router = load_router(path)
     except ArtifactError as exc:
@@ -284,7 +329,7 @@ def inspect_cmd(
     )
     if at:
         typer.echo(
-            f"test         quality retained {at['quality_retained']:.2%}, saved "
+            f"test         quality retained {_pct(at.get('quality_retained'))}, saved "
             f"{at['saved_pct']:.1%} vs all-large, shares {at['shares']}"
         )
     typer.echo(f"libraries    {m['libraries']}")

@@ -35,6 +35,7 @@ from typing import Any
 import numpy as np
 
 from finops.router import features as F
+from finops.router.model import MIN_TIERS
 
 FORMAT = "finops-router"
 FORMAT_VERSION = 1
@@ -246,11 +247,14 @@ def _check_manifest_shape(m: Any, where: Path) -> None:
             )
     tiers = m["tiers"]
     if (
-        len(tiers) < 2
+        len(tiers) < MIN_TIERS
         or not all(isinstance(t, str) and t for t in tiers)
         or len(set(tiers)) != len(tiers)
     ):
-        raise ArtifactError(f"{where}: field 'tiers': expected 2+ distinct tier names")
+        # 3+: the model is multinomial (see finops.router.data.parse_tiers)
+        raise ArtifactError(
+            f"{where}: field 'tiers': expected {MIN_TIERS}+ distinct tier names, got {tiers!r}"
+        )
     missing = [t for t in tiers if not isinstance(m["upstream_models"].get(t), str)]
     if missing:
         raise ArtifactError(
@@ -283,6 +287,17 @@ def _check_manifest_shape(m: Any, where: Path) -> None:
         )
     if m["uses_prompt_text"] != ("text" in names):
         raise ArtifactError(f"{where}: 'uses_prompt_text' disagrees with 'feature_schema'")
+    probes, n = m["probes"], len(PROBE_REQUESTS)
+    if len(probes) != n or not all(
+        isinstance(p, list)
+        and len(p) == len(tiers)
+        and all(isinstance(v, int | float) and not isinstance(v, bool) for v in p)
+        for p in probes
+    ):  # checked here so a wrong type is this error, not NumPy's ValueError later
+        raise ArtifactError(
+            f"{where}: field 'probes': expected {n} lists of {len(tiers)} numbers "
+            "(one probability per tier for each probe row)"
+        )
 
 
 def _check_sklearn(m: dict[str, Any], where: Path) -> None:
@@ -388,11 +403,8 @@ def _FRAME_SCHEMA() -> dict[str, Any]:
 
 
 def _check_probes(manifest: dict[str, Any], pipeline: Any, scorer: Any, where: Path) -> None:
-    probes = manifest["probes"]
     rows = probe_rows()
-    if len(probes) != len(rows):
-        raise ArtifactError(f"{where}: field 'probes': expected {len(rows)} probe results")
-    expected = np.asarray(probes, dtype=np.float64)
+    expected = np.asarray(manifest["probes"], dtype=np.float64)  # shape checked on load
     via_sklearn = pipeline.predict_proba(_probe_frame(rows))
     via_fast = np.vstack([scorer.predict_proba(r) for r in rows])
     if expected.shape != via_sklearn.shape or not np.allclose(
@@ -413,6 +425,31 @@ def utc_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
+def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> bool:
+    """Refuse an `out` that `write_artifact` could not fill; True when it would replace one.
+
+    Cheap, so `train` calls it before fitting: a wrong --out fails in a second, not after
+    the model is trained.
+    """
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ArtifactError(f"{out}: exists and is not a directory; choose a new directory")
+    if out.is_dir() and any(out.iterdir()):
+        if not overwrite:
+            raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
+        if not (out / MANIFEST_FILE).is_file():
+            raise ArtifactError(f"{out}: not a router artifact; refusing to replace it")
+        return True
+    base = out.parent
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if not base.is_dir() or not os.access(base, os.W_OK | os.X_OK):
+        raise ArtifactError(
+            f"{out}: cannot create the artifact directory here ({base} is not a writable directory)"
+        )
+    return False
+
+
 def write_artifact(
     out: str | os.PathLike[str],
     pipeline: Any,
@@ -430,21 +467,22 @@ def write_artifact(
 ) -> Path:
     """Write model.skops + manifest.json into `out` (atomically: a temp dir, then rename).
 
+    The temp dir is loaded with `load_router` before the rename, so what lands at `out`
+    is an artifact that loads (a model the fast scorer cannot evaluate never does).
     `overwrite=True` replaces an existing *artifact* directory (one with a manifest.json);
     any other non-empty directory is refused so a typo cannot delete unrelated files.
     """
     import skops.io as sio
 
     out = Path(out)
-    replace = False
-    if out.exists() and any(out.iterdir()):
-        if not overwrite:
-            raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
-        if not (out / MANIFEST_FILE).is_file():
-            raise ArtifactError(f"{out}: not a router artifact; refusing to replace it")
-        replace = True
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    replace = check_out_dir(out, overwrite=overwrite)
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ArtifactError(
+            f"{out}: cannot create the artifact directory here: {exc.strerror or exc}"
+        ) from None
     try:
         sio.dump(pipeline, tmp / MODEL_FILE)
         untrusted = set(sio.get_untrusted_types(file=tmp / MODEL_FILE)) - set(TRUSTED_TYPES)
@@ -478,8 +516,20 @@ def write_artifact(
             "probes": probes,
             "files": files,
         }
+        undefined = _non_finite(manifest)
+        if undefined:  # say which figure, not json's "Out of range float values"
+            raise ArtifactError(
+                f"{out}: manifest field {undefined[0]!r} is {undefined[1]} (not valid JSON); "
+                "that figure is undefined on this data"
+            )
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+        try:
+            load_router(tmp)
+        except ArtifactError as exc:
+            raise ArtifactError(
+                f"{out}: the exported artifact does not load, so nothing was written: {exc}"
+            ) from None
         if replace:
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -493,6 +543,23 @@ def write_artifact(
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _non_finite(obj: Any, path: str = "") -> tuple[str, float] | None:
+    """(dotted path, value) of the first NaN or infinity in a JSON-like object, else None."""
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return path, obj
+    if isinstance(obj, Mapping):
+        items: Any = obj.items()
+    elif isinstance(obj, list | tuple):
+        items = enumerate(obj)
+    else:
+        return None
+    for k, v in items:
+        found = _non_finite(v, f"{path}.{k}" if path else str(k))
+        if found:
+            return found
+    return None
 
 
 def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> Router:

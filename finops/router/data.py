@@ -31,6 +31,7 @@ import numpy as np
 import polars as pl
 
 from finops.router import features as F
+from finops.router.model import MIN_TIERS
 
 DEFAULT_TIERS = ("small", "mid", "large")
 DEFAULT_QUALITY_BAR = 0.7
@@ -127,12 +128,22 @@ _FRAME_SCHEMA: dict[str, Any] = {
 
 
 def parse_tiers(spec: str | Sequence[str] | None) -> list[str]:
-    """`small,mid,large` (cheapest first) -> list; at least two distinct names."""
+    """`small,mid,large` (cheapest first) -> list of 3+ distinct names.
+
+    Three or more, because the model is a multinomial classifier whose fast scorer (and
+    so every artifact's load check) needs one row of coefficients per tier; with two
+    tiers training would export an artifact that can never be loaded.
+    """
     if spec is None:
         return list(DEFAULT_TIERS)
-    tiers = [t.strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
-    if len(tiers) < 2 or any(not t for t in tiers) or len(set(tiers)) != len(tiers):
-        raise DataError(f"--tiers: expected 2+ distinct names, cheapest first, got {spec!r}")
+    tiers = [str(t).strip() for t in (spec.split(",") if isinstance(spec, str) else spec)]
+    if any(not t for t in tiers) or len(set(tiers)) != len(tiers):
+        raise DataError(f"--tiers: expected distinct non-empty names, cheapest first, got {spec!r}")
+    if len(tiers) < MIN_TIERS:
+        raise DataError(
+            f"--tiers: expected {MIN_TIERS}+ tiers, cheapest first, got {len(tiers)} ({spec!r}); "
+            "the router's model ranks three or more tiers (with fewer, route by rule instead)"
+        )
     return tiers
 
 
@@ -161,9 +172,25 @@ def _maybe_json(v: Any, field: str, expected: str) -> Any:
     if isinstance(v, str):
         try:
             return json.loads(v)
-        except json.JSONDecodeError:
+        except ValueError:  # JSONDecodeError, or an integer too long to convert
             raise _RowError(field, expected, v) from None
     return v
+
+
+def _utf8(field: str, s: str | None) -> str | None:
+    """`s` unchanged, or a row error when it holds a lone surrogate (JSON's "\\ud800").
+
+    Python's json accepts such escapes, but the text cannot be encoded, so the frame,
+    the hashing vectorizers and any UTF-8 writer would fail on it later.
+    """
+    if s is not None:
+        try:
+            s.encode()
+        except UnicodeEncodeError as exc:
+            raise _RowError(
+                field, "text that encodes to UTF-8", f"<lone surrogate at character {exc.start}>"
+            ) from None
+    return s
 
 
 def _num(raw: Mapping[str, Any], key: str, *, integer: bool = False, minimum: float = 0) -> Any:
@@ -172,7 +199,7 @@ def _num(raw: Mapping[str, Any], key: str, *, integer: bool = False, minimum: fl
         return None
     try:
         x = float(v) if not isinstance(v, bool) else None
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, OverflowError):  # OverflowError: an int past 1e308
         x = None
     if x is None or not math.isfinite(x) or x < minimum or (integer and x != int(x)):
         kind = "an integer" if integer else "a number"
@@ -217,15 +244,17 @@ def parse_row(
         ):
             raise _RowError("messages", "a list of {role, content} objects", msgs)
         text, turns = F.messages_text(msgs)
+        text = _utf8("messages", text)
         turns = max(turns, 1)
     elif not _missing(raw.get("prompt")):
         if not isinstance(raw["prompt"], str):
             raise _RowError("prompt", "a string", raw["prompt"])
-        text = raw["prompt"]
+        text = _utf8("prompt", raw["prompt"])
     prompt_tokens = _num(raw, "prompt_tokens")
     turn_count = _num(raw, "turn_count", integer=True, minimum=1)
     has_tools = _bool(raw, "has_tools")
-    feature, tenant = _str(raw, "feature"), _str(raw, "tenant")
+    feature = _utf8("feature", _str(raw, "feature"))
+    tenant = _utf8("tenant", _str(raw, "tenant"))
     output_tokens = _num(raw, "output_tokens")
     if text is None and prompt_tokens is None and feature is None:
         raise _RowError(
@@ -246,11 +275,13 @@ def parse_row(
         q = []
         for t in tiers:
             v = sc[t]
-            if isinstance(v, bool):
-                v = float(v)
-            if not isinstance(v, int | float) or not 0.0 <= float(v) <= 1.0:
+            try:  # bool counts as 0/1; an int past 1e308 overflows float()
+                x = float(v) if isinstance(v, int | float) else math.nan
+            except OverflowError:
+                x = math.nan
+            if not 0.0 <= x <= 1.0:
                 raise _RowError(f"scores.{t}", "a number in [0, 1]", v)
-            q.append(float(v))
+            q.append(x)
         if label is None:
             label = next((i for i, v in enumerate(q) if v >= quality_bar), k - 1)
     if label is None:
@@ -290,6 +321,10 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
             except json.JSONDecodeError as exc:
                 yield loc, _RowError("<line>", "a JSON object", f"<invalid JSON: {exc.msg}>")
                 continue
+            except ValueError as exc:  # e.g. an integer past Python's 4300-digit limit
+                why = str(exc).split(";")[0]  # drop the hint about sys.set_int_max_str_digits
+                yield loc, _RowError("<line>", "a JSON object", f"<unreadable JSON: {why}>")
+                continue
             if not isinstance(obj, dict):
                 yield loc, _RowError("<line>", "a JSON object", f"<{type(obj).__name__}>")
                 continue
@@ -319,15 +354,28 @@ def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
         yield f"{path}:row {n}", row
 
 
-def _reader(path: Path) -> Iterator[tuple[str, Any]]:
+# file suffix -> format, for reading labeled sets and writing the demo one
+FORMATS = {
+    ".jsonl": "jsonl",
+    ".ndjson": "jsonl",
+    ".json": "jsonl",
+    ".csv": "csv",
+    ".parquet": "parquet",
+}
+
+
+def file_format(path: str | os.PathLike[str]) -> str:
+    """jsonl, csv or parquet by the file's suffix; DataError for anything else."""
+    path = Path(path)
     suffix = "".join(path.suffixes[-2:]) if path.suffix == ".gz" else path.suffix
-    if suffix in (".jsonl", ".ndjson", ".json"):
-        return _iter_jsonl(path)
-    if suffix == ".csv":
-        return _iter_csv(path)
-    if suffix == ".parquet":
-        return _iter_parquet(path)
-    raise DataError(f"{path}: unknown format {suffix!r}; expected .jsonl, .csv or .parquet")
+    if suffix not in FORMATS:
+        raise DataError(f"{path}: unknown format {suffix!r}; expected one of {', '.join(FORMATS)}")
+    return FORMATS[suffix]
+
+
+def _reader(path: Path) -> Iterator[tuple[str, Any]]:
+    readers = {"jsonl": _iter_jsonl, "csv": _iter_csv, "parquet": _iter_parquet}
+    return readers[file_format(path)](path)
 
 
 def sha256_path(path: Path) -> str:
@@ -347,7 +395,7 @@ def from_records(
     quality_bar: float = DEFAULT_QUALITY_BAR,
 ) -> LabeledData:
     """Validate (location, raw row) pairs into LabeledData; bad rows are kept as BadRow."""
-    tiers = list(tiers)
+    tiers = parse_tiers(tiers)
     rows: list[dict[str, Any]] = []
     bad: list[BadRow] = []
     read = 0
@@ -440,7 +488,7 @@ def load_lake(
         raise DataError(f"{lp}: no such labels file")
     label_rows: dict[str, tuple[str, Any]] = {}
     bad: list[BadRow] = []
-    read = 0
+    read = 0  # lines that never reach from_records (which counts the rest)
     for loc, raw in _reader(lp):
         if isinstance(raw, _RowError):
             read += 1
@@ -450,7 +498,19 @@ def load_lake(
             read += 1
             bad.append(BadRow(loc, "request_id", "a request id from the lake", "<none>"))
             continue
-        label_rows[str(raw["request_id"])] = (loc, raw)
+        rid = str(raw["request_id"])
+        if rid in label_rows:  # keep the first label; a later one must not replace it silently
+            read += 1
+            bad.append(
+                BadRow(
+                    loc,
+                    "request_id",
+                    f"one label per request (first labeled at {label_rows[rid][0]})",
+                    _show(raw["request_id"]),
+                )
+            )
+            continue
+        label_rows[rid] = (loc, raw)
     db = finops.connect(lake)
     reqs = db.sql(
         "SELECT request_id, prompt_text, feature, tenant, input_tokens, output_tokens, "
@@ -755,11 +815,16 @@ def demo_labeled_rows(
 def write_demo_labeled(
     out: str | os.PathLike[str], n: int = 20_000, seed: int = 0, *, scores: bool = False
 ) -> Path:
-    """Write the demo labeled set as JSONL (or .csv / .parquet by the suffix of `out`)."""
+    """Write the demo labeled set as JSONL, CSV or Parquet by the suffix of `out`.
+
+    The suffixes are the ones `load_labeled` reads (anything else is refused before
+    writing), so the file written can always be trained on.
+    """
     p = Path(out)
+    fmt = file_format(p)
     p.parent.mkdir(parents=True, exist_ok=True)
     rows = demo_labeled_rows(n, seed, scores=scores)
-    if p.suffix == ".parquet":
+    if fmt == "parquet":
         df = pl.DataFrame(
             [
                 {
@@ -772,7 +837,7 @@ def write_demo_labeled(
             infer_schema_length=None,
         )
         df.write_parquet(p)
-    elif p.suffix == ".csv":
+    elif fmt == "csv":
         buf = io.StringIO()
         cols = sorted({k for r in rows for k in r})
         w = csv.DictWriter(buf, fieldnames=cols)

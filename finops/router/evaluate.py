@@ -60,13 +60,14 @@ def sweep(
             "shares": [float(s) for s in shares],
             "share_large": float(shares[-1]),
             "quality": q,
-            "quality_retained": q / strong_q if strong_q > 0 else float("nan"),
+            # None, not NaN: undefined when the large tier never succeeds (and NaN is not JSON)
+            "quality_retained": q / strong_q if strong_q > 0 else None,
             "loss": float(losses(quality, idx).mean()),
         }
         if cost is not None:
             c = float(cost[np.arange(n), idx].sum())
             pt["cost"] = c
-            pt["cost_ratio"] = c / all_large if all_large else float("nan")
+            pt["cost_ratio"] = c / all_large if all_large else None
         pts.append(pt)
     return pts
 
@@ -98,7 +99,8 @@ def routellm_metrics(points: list[dict[str, Any]], quality: np.ndarray) -> dict[
         "weak_quality": weak,
         "strong_quality": strong,
         "auc": auc,
-        "apgr": (auc - weak) / gap if gap > 0 else float("nan"),
+        # undefined (None) when the cheapest tier is as good as the largest: no gap to recover
+        "apgr": (auc - weak) / gap if gap > 0 else None,
         "cpt50": cpt(0.5),
         "cpt80": cpt(0.8),
     }
@@ -156,8 +158,7 @@ def baselines(
         for s in range(runs)
     ]
     out["random"] = {
-        key: float(np.mean([r[key] for r in rand if r[key] is not None]))
-        for key in ("auc", "apgr", "cpt50", "cpt80")
+        key: _mean([r[key] for r in rand]) for key in ("auc", "apgr", "cpt50", "cpt80")
     }
     out["random"]["runs"] = runs
     out["length"] = routellm_metrics(
@@ -165,6 +166,12 @@ def baselines(
     )
     out["oracle"] = routellm_metrics(sweep(oracle_cumulative(labels, k), quality, cost), quality)
     return out
+
+
+def _mean(values: list[float | None]) -> float | None:
+    """Mean of the defined values; None when none is (np.mean([]) would be NaN)."""
+    xs = [v for v in values if v is not None]
+    return float(np.mean(xs)) if xs else None
 
 
 def calibration_report(proba: np.ndarray, labels: np.ndarray, bins: int = 10) -> dict[str, Any]:
@@ -289,8 +296,9 @@ def cost_matrix(
     return input_tokens[:, None] * pin[None, :] + output_tokens[:, None] * pout[None, :]
 
 
-def dollars_line(saved: float, pct: float, quality: float) -> str:
-    return f"this router would have saved ${saved:,.2f} ({pct:.1%}) at {quality:.1%} quality"
+def dollars_line(saved: float, pct: float, quality: float | None) -> str:
+    at = f"at {quality:.1%} quality" if quality is not None else "(quality retained n/a)"
+    return f"this router would have saved ${saved:,.2f} ({pct:.1%}) {at}"
 
 
 def replay_lake(

@@ -115,15 +115,30 @@ def extract(
     elif prompt_tokens is None or prompt_tokens < 0:
         prompt_tokens = 0.0
     t = text or ""
+    words = clip_words(t)
+    head = t[:CHAR_HEAD_CHARS]  # a prefix of `words`: checking `words` covers both
+    try:
+        words.encode()
+    except UnicodeEncodeError:  # a lone surrogate ("\ud800" in the JSON): hashing would raise
+        words, head = _utf8_safe(words), _utf8_safe(head)
     return {
-        "text": clip_words(t),
-        "text_head": t[:CHAR_HEAD_CHARS],
+        "text": words,
+        "text_head": head,
         "log_prompt_tokens": math.log1p(float(prompt_tokens)),
         "turn_count": float(turn_count if turn_count is not None else 1),
         "has_tools": 1.0 if has_tools else 0.0,
         "feature": feature or "",
         "tenant": tenant or "",
     }
+
+
+def _utf8_safe(s: str) -> str:
+    """`s` with characters UTF-8 cannot encode (lone surrogates) replaced by '?'.
+
+    Python's json accepts "\\ud800" in a request body; the n-gram hashing encodes text to
+    UTF-8 and would raise, so the router would fail the request instead of routing it.
+    """
+    return s.encode("utf-8", "replace").decode("utf-8")
 
 
 def from_body(

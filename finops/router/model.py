@@ -41,6 +41,9 @@ _FEW_COLUMNS = 32
 # A char_wb block learns at most this many new words per request; text with more is
 # scored whole (one analyzer pass), so novel text costs what it cost before the cache.
 _NEW_WORDS_PER_BLOCK = 8
+# Tiers a router ranks, at least: the scorer reads one coefficient row per tier, which a
+# multinomial LogisticRegression has only for three or more classes (two give one row).
+MIN_TIERS = 3
 
 
 def build_pipeline(
@@ -147,8 +150,8 @@ class CompiledScorer:
         self.classes = np.asarray(clf.classes_)
         self.coef = np.ascontiguousarray(lr.coef_, dtype=np.float64)
         self.intercept = np.asarray(lr.intercept_, dtype=np.float64)
-        if self.coef.shape[0] != len(self.classes) or len(self.classes) < 3:
-            raise CompileError("expected a multinomial model over three or more tiers")
+        if self.coef.shape[0] != len(self.classes) or len(self.classes) < MIN_TIERS:
+            raise CompileError(f"expected a multinomial model over {MIN_TIERS} or more tiers")
         self.beta = float(cal.calibrators[0].beta_)
         self.hashed: list[_Hashed] = []
         self.num_cols: list[str] = []

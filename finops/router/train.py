@@ -19,9 +19,9 @@ import numpy as np
 import polars as pl
 
 from finops.router import evaluate as E
-from finops.router.artifact import Router, load_router, write_artifact
+from finops.router.artifact import Router, check_out_dir, load_router, write_artifact
 from finops.router.calibrate import calibrate, route_indices
-from finops.router.data import DataError, LabeledData
+from finops.router.data import DataError, LabeledData, parse_tiers
 from finops.router.model import build_pipeline
 
 DEFAULT_UPSTREAM = {
@@ -111,7 +111,12 @@ def train(
     overwrite: bool = False,
 ) -> TrainResult:
     """Fit, calibrate to `quality_target` at `confidence`, evaluate, and export to `out`."""
-    tiers = data.tiers
+    tiers = parse_tiers(data.tiers)  # 3+ tiers, refused before any fitting
+    unknown = sorted(set(upstream or {}) - set(tiers))
+    if unknown:  # a typo (lrage=...) would otherwise leave that tier on its default model
+        raise DataError(f"--upstream: unknown tier(s) {unknown}; the tiers are {tiers}")
+    if out is not None:
+        check_out_dir(out, overwrite=overwrite)
     if text not in ("auto", "on", "off"):
         raise DataError(f"text must be auto, on or off, got {text!r}")
     if text == "on" and not data.has_text:
@@ -218,6 +223,18 @@ def evaluate_split(
     cost = E.cost_matrix(data.frame["input_tokens"].to_numpy(), out_tok, price, tiers)
     curve = E.sweep(cum, Q, cost)
     metrics = E.routellm_metrics(curve, Q)
+    notes = []
+    if metrics["apgr"] is None:
+        notes.append(
+            f"APGR n/a: always-{tiers[0]} is as good as always-{tiers[-1]} on these "
+            f"{len(y)} requests (mean quality {metrics['weak_quality']:.3f} vs "
+            f"{metrics['strong_quality']:.3f}), so there is no quality gap to recover"
+        )
+    if metrics["strong_quality"] <= 0:
+        notes.append(
+            f"quality retained n/a: tier {tiers[-1]!r} has mean quality 0 on these "
+            f"{len(y)} requests (check the labels or scores)"
+        )
     at = E.sweep(cum, Q, cost, grid=[lam])[0] if lam is not None else curve[-1]
     all_large = float(cost[:, -1].sum())
     saved = all_large - at["cost"]
@@ -247,6 +264,7 @@ def evaluate_split(
             for p in [*curve[::5], curve[-1]]
         ],
         "output_tokens_missing": int(data.frame["output_tokens"].null_count()),
+        "notes": notes,
     }
 
 
@@ -256,9 +274,9 @@ def one_line(evaluation: Mapping[str, Any], tiers: list[str]) -> str:
     m = evaluation["routellm"]
     shares = " ".join(f"{t}={at['shares'][t]:.0%}" for t in tiers)
     return (
-        f"router: accuracy {evaluation['accuracy']:.2f}, APGR {m['apgr']:.2f} "
-        f"(length heuristic {evaluation['baselines']['length']['apgr']:.2f}, random "
-        f"{evaluation['baselines']['random']['apgr']:.2f}), CPT50 {_pct(m['cpt50'])} CPT80 "
+        f"router: accuracy {evaluation['accuracy']:.2f}, APGR {_num(m['apgr'])} "
+        f"(length heuristic {_num(evaluation['baselines']['length']['apgr'])}, random "
+        f"{_num(evaluation['baselines']['random']['apgr'])}), CPT50 {_pct(m['cpt50'])} CPT80 "
         f"{_pct(m['cpt80'])}; at lambda={at['lambda']}: {shares}; "
         + E.dollars_line(at["saved_usd"], at["saved_pct"], at["quality_retained"])
         + f" on {evaluation['rows']} held-out requests"
@@ -267,3 +285,7 @@ def one_line(evaluation: Mapping[str, Any], tiers: list[str]) -> str:
 
 def _pct(x: float | None) -> str:
     return "n/a" if x is None else f"{x:.0%}"
+
+
+def _num(x: float | None) -> str:
+    return "n/a" if x is None else f"{x:.2f}"
