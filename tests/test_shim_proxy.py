@@ -234,6 +234,15 @@ def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):
     assert recs[0]["status_code"] == 500 and recs[0]["error_type"] == "upstream_http_5xx"
 
 
+def test_all_upstreams_rate_limited_passes_on_retry_after(tmp_path, fakes):
+    _, url = fakes("rate_limited")
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+        assert r.status_code == 429 and r.headers["retry-after"] == "7"
+        assert r.json()["error"]["code"] == "upstream_rate_limited"
+        assert r.headers["x-finops-tier"] == "small"
+
+
 def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):
     # every other token streams empty text (vLLM's token that ends mid-character): the
     # partial usage still counts it

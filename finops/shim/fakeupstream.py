@@ -8,6 +8,7 @@ the shim's cost. `mode` makes it misbehave on purpose:
 
 - ``ok``: answer normally (``tokens`` output tokens, ``delay_s`` between chunks);
 - ``error500``: answer 500 with an OpenAI error body;
+- ``rate_limited``: answer 429 with ``Retry-After: 7``;
 - ``hang``: accept the request and never answer;
 - ``die_mid_stream``: stream ``die_after`` chunks, then drop the connection;
 - ``error_mid_stream``: stream ``die_after`` chunks, then an error event and
@@ -119,6 +120,14 @@ class FakeUpstream:
                 send,
                 500,
                 b'{"error":{"message":"injected failure","type":"server_error","code":500}}',
+            )
+            return
+        if mode == "rate_limited":
+            await _reply(
+                send,
+                429,
+                b'{"error":{"message":"slow down","type":"rate_limit_error","code":429}}',
+                [(b"retry-after", b"7")],
             )
             return
         if mode == "hang":
@@ -370,12 +379,14 @@ def _full(chat: bool, model: str, ptoks: int, ntok: int, tools: bool = False) ->
     )
 
 
-async def _reply(send: Any, status: int, body: bytes) -> None:
+async def _reply(
+    send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]] | None = None
+) -> None:
     await send(
         {
             "type": "http.response.start",
             "status": status,
-            "headers": [(b"content-type", b"application/json")],
+            "headers": [(b"content-type", b"application/json"), *(headers or [])],
         }
     )
     await send({"type": "http.response.body", "body": body})

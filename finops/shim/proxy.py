@@ -122,12 +122,20 @@ class DisconnectWatch:
 
 
 class UpstreamFailure(Exception):
-    def __init__(self, reason: str, status: int, message: str, body: bytes | None = None) -> None:
+    def __init__(
+        self,
+        reason: str,
+        status: int,
+        message: str,
+        body: bytes | None = None,
+        retry_after: str | None = None,
+    ) -> None:
         super().__init__(message)
         self.reason = reason  # connect | timeout | http_5xx | rate_limited | disconnect
         self.status = status
         self.message = message
         self.body = body
+        self.retry_after = retry_after  # the upstream's Retry-After (429, 503)
 
 
 def error_body(
@@ -153,6 +161,7 @@ class HTTPError(Exception):
         self.status = status
         self.body = error_body(message, type_, code)
         self.error_type = error_type or code or type_
+        self.headers: list[tuple[bytes, bytes]] = []  # extra response headers
 
 
 async def read_body(receive: Any, limit: int, timeout: float, declared: int | None) -> bytes:
@@ -369,7 +378,9 @@ async def _answer_http_error(ctx: Ctx, exc: HTTPError, send: Any) -> None:
     rec = ctx.rec
     rec["status_code"] = exc.status
     rec["error_type"] = exc.error_type
-    await _send_simple(send, exc.status, exc.body, ctx.headers(time.perf_counter()))
+    await _send_simple(
+        send, exc.status, exc.body, [*ctx.headers(time.perf_counter()), *exc.headers]
+    )
 
 
 async def _answer_internal_error(ctx: Ctx, exc: Exception, path: str, send: Any) -> None:
@@ -749,7 +760,11 @@ class ProxyEndpoint:
                     data = await resp.read()
                     reason = "rate_limited" if resp.status == 429 else "http_5xx"
                     raise UpstreamFailure(
-                        reason, resp.status, f"upstream {up.url} answered {resp.status}", data
+                        reason,
+                        resp.status,
+                        f"upstream {up.url} answered {resp.status}",
+                        data,
+                        resp.headers.get("retry-after"),
                     )
                 if not ctx.stream or resp.status != 200:
                     return resp, await resp.read(), None
@@ -908,13 +923,17 @@ class ProxyEndpoint:
             if last.reason == "timeout"
             else (last.status if last.status >= 500 or last.status == 429 else 502)
         )
-        raise HTTPError(
+        err = HTTPError(
             status,
             f"All upstreams failed; last error: {last.message}",
             "server_error",
             f"upstream_{last.reason}",
             f"upstream_{last.reason}",
         )
+        if last.retry_after and status == last.status:
+            # a rate-limited (or unavailable) upstream's hint: clients back off by it
+            err.headers.append((b"retry-after", last.retry_after.encode("latin-1")))
+        raise err
 
     async def _respond_full(
         self,
