@@ -234,6 +234,19 @@ def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):
     assert recs[0]["status_code"] == 500 and recs[0]["error_type"] == "upstream_http_5xx"
 
 
+def test_stream_options_without_stream_is_refused_even_when_cached(tmp_path, fakes):
+    f, url = fakes()
+    body = {**CHAT, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        assert httpx.post(h.base_url + "/chat/completions", json=body).status_code == 200
+        bad = {**body, "stream_options": {"include_usage": True}}
+        r = httpx.post(h.base_url + "/chat/completions", json=bad)
+        assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_stream_options"
+        ok = {**body, "stream_options": None}  # null is "not set", as vLLM reads it
+        assert httpx.post(h.base_url + "/chat/completions", json=ok).status_code == 200
+    assert f.calls == 1
+
+
 def test_all_upstreams_rate_limited_passes_on_retry_after(tmp_path, fakes):
     _, url = fakes("rate_limited")
     with _serve(tmp_path, [f"small={url}"]) as h:

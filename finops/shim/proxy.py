@@ -509,6 +509,14 @@ class ProxyEndpoint:
         ctx.stream = stream
         rec["stream"] = stream
         so = body.get("stream_options")
+        if so and not stream:
+            # vLLM refuses this too; checked here so a cache hit cannot answer it 200
+            raise HTTPError(
+                400,
+                "`stream_options` can only be set when `stream` is true.",
+                "invalid_request_error",
+                "invalid_stream_options",
+            )
         ctx.include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))
         rec["prompt_fingerprint"] = _fingerprint_prompt(body)
         if cfg.log_prompts:
