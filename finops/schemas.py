@@ -113,7 +113,8 @@ REQUESTS = TableSchema(
         "has_tools": pl.Boolean,
         "router_version": pl.String,
         "router_score": pl.Float64,
-        "route_propensity": pl.Float64,
+        "route_propensity": pl.Float64,  # P(logging policy picks routed_tier), exploration included
+        "routed_tier": pl.String,  # the router's pick; `tier` differs when a fallback served it
         "prompt_text": pl.String,  # only when capture is on, redacted
     },
     key=("request_id",),

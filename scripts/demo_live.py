@@ -266,7 +266,8 @@ def economics(lake: Path, shim_metrics: str) -> None:
     print("\n=== by tenant ===")
     print(by_tenant)
     router = db.sql(
-        "SELECT router_version, tier, count(*) AS decisions, round(avg(router_score), 3) AS mean_score, "
+        "SELECT router_version, routed_tier, count(*) AS decisions, "
+        "count(*) FILTER (tier <> routed_tier) AS served_by_fallback, round(avg(router_score), 3) AS mean_score, "
         "round(avg(route_propensity), 3) AS mean_propensity FROM clean.requests WHERE request_model = 'auto' GROUP BY ALL ORDER BY 2"
     ).pl()
     print("\n=== router decisions (logged with propensities for offline evaluation) ===")

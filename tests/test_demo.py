@@ -173,6 +173,10 @@ def test_request_log_has_the_expected_messes(db) -> None:
     routed = r.filter(pl.col("request_model") == "auto")
     assert routed["router_version"].null_count() == 0
     assert routed["route_propensity"].is_between(0, 1).all()
+    assert (routed["routed_tier"] == routed["tier"]).all()
+    assert r.filter(pl.col("request_model") != "auto")["routed_tier"].null_count() == (
+        r.height - routed.height
+    )
     assert set(r["request_model"]) == {"auto", "small", "mid", "large"}
     assert r["stream"].any() and not r["stream"].all()
     assert (r["cached_input_tokens"] <= r["input_tokens"]).all()

@@ -91,6 +91,7 @@ def test_non_stream_headers_usage_and_log(tmp_path, fakes):
     assert rec["feature"] == "chat-assistant" and rec["tenant"] == "default"
     assert rec["request_model"] == "auto" and rec["output_tokens"] == 4 and rec["input_tokens"] > 0
     assert rec["router_version"] == "rules-v1" and rec["route_propensity"] == 1.0
+    assert rec["routed_tier"] == "small"
     assert rec["prompt_text"] is None  # prompts are off by default
     res = Lake(tmp_path / "lake").append("requests", recs, source="shim")
     assert (res.loaded, res.rejected) == (1, 0)
@@ -214,14 +215,16 @@ def test_fallback_to_next_tier_up(tmp_path, fakes):
         r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
         assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
         assert mid.bodies[-1]["model"] == "mid"
-        # routed to small, served by mid: the record keeps the router's version and score,
-        # but not small's propensity next to tier=mid
+        # routed to small, served by mid: the record says both, and the propensity is the
+        # routed tier's (what an off-policy evaluation of a new router reads)
         r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
         assert r.headers["x-finops-tier"] == "mid"
         explicit, routed = _records(h.shim, 2)
     assert explicit["router_version"] is None and explicit["route_propensity"] is None
-    assert routed["tier"] == "mid" and routed["router_version"] == "rules-v1"
-    assert routed["router_score"] is not None and routed["route_propensity"] is None
+    assert explicit["routed_tier"] is None
+    assert routed["tier"] == "mid" and routed["routed_tier"] == "small"
+    assert routed["router_version"] == "rules-v1" and routed["router_score"] is not None
+    assert routed["route_propensity"] == 1.0
 
 
 def test_all_upstreams_fail_gives_openai_error_and_log(tmp_path, fakes):

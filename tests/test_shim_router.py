@@ -90,7 +90,8 @@ def test_trained_router_routes_live_and_is_logged(tmp_path, artifacts, upstream)
     for rec in recs:
         d = expected[rec["feature"]]
         assert rec["router_version"] == version
-        assert rec["tier"] == d.tier and rec["router_score"] == pytest.approx(d.score)
+        assert rec["tier"] == rec["routed_tier"] == d.tier
+        assert rec["router_score"] == pytest.approx(d.score)
         assert rec["route_propensity"] == 1.0
 
 

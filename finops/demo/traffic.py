@@ -601,6 +601,7 @@ def _finish(
         strict=False,
     ).with_columns(
         pl.col("ttft_ms", "router_score", "route_propensity").fill_nan(None),
+        pl.when(pl.Series(routed)).then(pl.col("tier")).alias("routed_tier"),
         pl.when(pl.Series(f.retry_of >= 0)).then(pl.col("retry_of")),
         pl.when(pl.Series(sends_key)).then(pl.col("idempotency_key")),
     )

@@ -541,6 +541,7 @@ class ProxyEndpoint:
             rec["router_version"] = routed.version  # set for routed requests only
             rec["router_score"] = routed.score
             rec["route_propensity"] = routed.propensity
+            rec["routed_tier"] = tier
             m = shim.metrics
             m.router_decisions.labels(
                 tier, routed.version, "yes" if routed.explored else "no"
@@ -1309,11 +1310,6 @@ class ProxyEndpoint:
             rec["latency_ms"] = (time.perf_counter() - ctx.t0) * 1000
             if rec["tier"] is None:
                 rec["tier"] = ctx.tier
-            if ctx.routed is not None and rec["tier"] != ctx.routed.tier:
-                # a fallback served another tier: the propensity is the routed tier's, and an
-                # off-policy evaluation reading (tier, propensity) must not mistake it for
-                # this one's; the router's score and version stay
-                rec["route_propensity"] = None
             if rec["status_code"] is None:
                 rec["status_code"] = 499 if ctx.first_byte_at is None else 200
                 if ctx.first_byte_at is None:
