@@ -584,31 +584,27 @@ def test_file_watch_reloads_config(tmp_path, upstream):
         conf.write_text(
             f'[server]\nwatch = true\n[tiers.small]\nupstreams = ["{url}"]\n[routing]\nextra_aliases = ["cheap"]\n'
         )
-        deadline = time.monotonic() + 10
-        code = None
-        while time.monotonic() < deadline:
-            code = httpx.post(
-                h.base_url + "/chat/completions", json={**CHAT, "model": "cheap"}
-            ).status_code
-            if code == 200:
-                break
-            time.sleep(0.2)
-        assert code == 200
+        assert _status_once_served(h, "cheap") == 200
         # an editor's save: a new file renamed over the old one (the old file's watch dies)
         tmp = tmp_path / ".shim.toml.swp"
         tmp.write_text(
             f'[server]\nwatch = true\n[tiers.small]\nupstreams = ["{url}"]\n[routing]\nextra_aliases = ["thrifty"]\n'
         )
         tmp.replace(conf)
-        deadline = time.monotonic() + 10
-        while time.monotonic() < deadline:
-            code = httpx.post(
-                h.base_url + "/chat/completions", json={**CHAT, "model": "thrifty"}
-            ).status_code
-            if code == 200:
-                break
-            time.sleep(0.2)
-        assert code == 200
+        assert _status_once_served(h, "thrifty") == 200
+
+
+def _status_once_served(h, model: str, timeout: float = 10.0) -> int | None:
+    """Ask for `model` until it is served (a reload picked it up) or time runs out."""
+    deadline = time.monotonic() + timeout
+    code = None
+    while time.monotonic() < deadline:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": model})
+        code = r.status_code
+        if code == 200:
+            break
+        time.sleep(0.2)
+    return code
 
 
 def test_least_outstanding_spreads_concurrent_load(tmp_path):

@@ -227,17 +227,31 @@ def truncate_messages(body: dict, count: int, cap: int, *, scale: float = 1.0) -
     return new, dropped
 
 
-async def apply_cap(
-    rule: CapRule,
-    body: dict,
-    *,
-    counter: str,
-    client: httpx.AsyncClient | None = None,
-    root_url: str | None = None,
-    model: str | None = None,
-    timeout: float = 5.0,
-    gate: TokenizeGate | None = None,
-) -> CapOutcome:
+@dataclass
+class TokenCounter:
+    """How a request's input is counted against one upstream: its /tokenize when
+    `counter` is ``upstream`` (and it answers), else the documented estimate."""
+
+    counter: str = "estimate"
+    client: httpx.AsyncClient | None = None
+    root_url: str | None = None
+    model: str | None = None
+    timeout: float = 5.0
+    gate: TokenizeGate | None = None
+
+    async def exact(self, body: dict) -> int | None:
+        """The upstream's count, or None (estimate counter, or the upstream cannot say)."""
+        client, url, model = self.client, self.root_url, self.model
+        if self.counter != "upstream" or client is None or url is None or model is None:
+            return None
+        return await upstream_token_count(client, url, model, body, self.timeout, self.gate)
+
+    async def count(self, body: dict) -> int:
+        n = await self.exact(body)
+        return estimate_body_tokens(body) if n is None else n
+
+
+async def apply_cap(rule: CapRule, body: dict, counter: TokenCounter) -> CapOutcome:
     """Enforce one cap rule on a request body (reject or truncate)."""
     if body.get("prompt_embeds") is not None and body.get("prompt") is None:
         # vLLM's embedded prompts: no text or IDs to count, so a cap cannot be kept
@@ -251,12 +265,9 @@ async def apply_cap(
             ),
         )
     est = estimate_body_tokens(body)
-    count: int | None = None
-    if counter == "upstream" and client is not None and root_url is not None and model is not None:
-        count = await upstream_token_count(client, root_url, model, body, timeout, gate)
-    exact = count is not None
-    if count is None:
-        count = est
+    n = await counter.exact(body)
+    exact = n is not None
+    count = est if n is None else n
     if count <= rule.max_input_tokens:
         return CapOutcome(body, count)
     if rule.policy == "truncate" and isinstance(body.get("messages"), list):
@@ -269,10 +280,8 @@ async def apply_cap(
             new, dropped = truncate_messages(cur, cur_count, rule.max_input_tokens, scale=scale)
             if new is cur:
                 break  # only the last turn (and system prompts) left
-            if exact and client is not None:
-                recount = await upstream_token_count(
-                    client, root_url or "", model or "", new, timeout, gate
-                )
+            if exact:
+                recount = await counter.exact(new)
                 if recount is not None:
                     dropped = cur_count - recount
             cur, cur_count, cur_est = new, cur_count - dropped, estimate_body_tokens(new)

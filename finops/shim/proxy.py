@@ -25,10 +25,10 @@ import orjson
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import assemble_stream, cache_key, is_deterministic, replay_as_sse
 from finops.shim.caps import (
+    TokenCounter,
     applicable_cap,
     apply_cap,
     estimate_body_tokens,
-    upstream_token_count,
 )
 from finops.shim.h1client import ConnectError, Disconnected, Response
 from finops.shim.requestlog import iso_utc, new_record, redact
@@ -555,16 +555,7 @@ class ProxyEndpoint:
         if rule is not None:
             up = shim.pool.pick_first(tier)
             t = time.perf_counter()
-            out = await apply_cap(
-                rule,
-                body,
-                counter=cfg.token_counter,
-                gate=shim.tokenize_gate,
-                client=shim.client,
-                root_url=up.url,
-                model=up.model,
-                timeout=cfg.connect_timeout_s + 3,
-            )
+            out = await apply_cap(rule, body, self._token_counter(up))
             ctx.upstream_wait += time.perf_counter() - t
             ctx.input_count = out.input_tokens
             if out.error is not None:
@@ -634,8 +625,8 @@ class ProxyEndpoint:
                         # recorded, so a retry with the key is logged as one (retry_of,
                         # attempt), but never over an answer a concurrent retry on another
                         # worker stored meanwhile (only this process waits on a key)
-                        now = await shim.idem_get(idem_id)
-                        if now is None or now[0].get("failed"):
+                        current = await shim.idem_get(idem_id)
+                        if current is None or current[0].get("failed"):
                             entry = _idem_entry(rec, raw, {"failed": True})
                             await shim.idem_put(idem_id, entry, b"")
                 finally:
@@ -838,20 +829,22 @@ class ProxyEndpoint:
         if rule is None:
             return False
         if ctx.input_count is None:
-            count = None
-            if cfg.token_counter == "upstream":
-                t = time.perf_counter()
-                count = await upstream_token_count(
-                    self.shim.client,
-                    up.url,
-                    up.model,
-                    ctx.body,
-                    cfg.connect_timeout_s + 3,
-                    self.shim.tokenize_gate,
-                )
-                ctx.upstream_wait += time.perf_counter() - t
-            ctx.input_count = count if count is not None else estimate_body_tokens(ctx.body)
+            t = time.perf_counter()
+            ctx.input_count = await self._token_counter(up).count(ctx.body)
+            ctx.upstream_wait += time.perf_counter() - t
         return ctx.input_count > rule.max_input_tokens
+
+    def _token_counter(self, up: Upstream) -> TokenCounter:
+        """How caps count tokens against `up` (its /tokenize, or the estimate)."""
+        shim = self.shim
+        return TokenCounter(
+            shim.cfg.token_counter,
+            shim.client,
+            up.url,
+            up.model,
+            shim.cfg.connect_timeout_s + 3,
+            shim.tokenize_gate,
+        )
 
     async def _attempts(
         self, ctx: Ctx, pool: Pool, send: Any, watch: DisconnectWatch, store_key: str | None

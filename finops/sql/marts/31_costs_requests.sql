@@ -39,13 +39,10 @@ SELECT DISTINCT ON (request_id)
     -- its input_tokens is the size that was refused, never processed).
     (tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
      AND coalesce(error_type, '') <> 'context_length_exceeded') AS worked,
-    CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
-              AND coalesce(error_type, '') <> 'context_length_exceeded'
+    CASE WHEN worked  -- the alias above (DuckDB reuses select-list aliases)
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
          ELSE 0 END AS work_in,
-    CASE WHEN tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
-              AND coalesce(error_type, '') <> 'context_length_exceeded'
-         THEN coalesce(output_tokens, 0) ELSE 0 END AS work_out
+    CASE WHEN worked THEN coalesce(output_tokens, 0) ELSE 0 END AS work_out
 FROM raw.requests;
 
 -- Per tier-hour pools and the marginal (average) price of one token of work.
