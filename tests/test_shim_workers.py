@@ -271,3 +271,38 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path, upstream):
         return not any(Path(f"/proc/{p}").exists() for p in pids)
 
     _wait(gone, timeout=40, what="orphaned workers to exit")
+
+
+def test_a_single_shim_drains_and_exits_0_on_sigterm(tmp_path):
+    """Without --workers the shim is one uvicorn process: SIGTERM finishes the request in
+    flight, closes the log and exits 0 (uvicorn alone re-raises the signal: status 143)."""
+    f = FakeUpstream(tokens=4, delay_s=0.3)  # 1.2 s to answer
+    h = run_app_in_thread(f)
+    port = free_port()
+    log_dir = tmp_path / "log"
+    proc = subprocess.Popen(
+        [
+            *(FINOPS, "shim", "serve", "--port", str(port), "--log", str(log_dir)),
+            *("--upstream", f"small={h.url}"),
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", timeout=60)
+        with ThreadPoolExecutor(1) as ex:
+            pending = ex.submit(httpx.post, url + "/v1/chat/completions", json=CHAT, timeout=20)
+            _wait(lambda: f.calls > 0, what="the request upstream")
+            proc.send_signal(signal.SIGTERM)
+            assert pending.result().status_code == 200, "in flight when stopped, answered"
+        out = proc.communicate(timeout=60)[0].decode()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        h.stop(2)
+    assert proc.returncode == 0, out
+    files = list(log_dir.glob("requests-*"))
+    assert files and all(p.suffix == ".jsonl" for p in files), files
+    recs = [orjson.loads(line) for p in files for line in p.read_bytes().splitlines()]
+    assert [r["status_code"] for r in recs] == [200]

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import signal
 import socket
 import threading
 import time
@@ -69,9 +70,22 @@ def serve(
     """
     configure_logging(log_level, log_tag)
     app = create_app(cfg)
-    uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level)).run(
-        sockets=sockets
-    )
+    server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level))
+
+    # uvicorn re-raises a SIGTERM it caught once it has drained, under the handler that was
+    # there before it; with the default one the process then dies by the signal (status
+    # 143) after a clean shutdown. A handler of ours makes a drained stop exit 0, as the
+    # multi-worker supervisor does, so a service manager sees one answer for both.
+    # The handler also asks for a stop, so a SIGTERM before uvicorn's own handler is in
+    # place still stops the server (uvicorn checks should_exit after its startup).
+    def stop(_signum: int, _frame: Any) -> None:
+        server.should_exit = True
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        server.run(sockets=sockets)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 @dataclass
