@@ -340,3 +340,17 @@ def test_cli_refuses_bad_out_and_format(art: Path, tmp_path: Path) -> None:
         assert "Traceback" not in r.output and isinstance(r.exception, SystemExit)
     r = runner.invoke(app, ["router", "inspect", str(art), "--format", "xml"])
     assert r.exit_code == 2 and "--format must be table or json, got 'xml'" in r.output
+
+
+def test_route_names_a_wrong_argument_type(art: Path) -> None:
+    r = load_router(art)
+    body = {"messages": [{"role": "user", "content": "hi"}]}
+    with pytest.raises(TypeError, match=r"route\(\): tenant must be a str or None, got list"):
+        r.route(body, tenant=["a"])
+    with pytest.raises(TypeError, match=r"route\(\): feature must be a str or None, got int"):
+        r.route(body, feature=3)
+    with pytest.raises(
+        TypeError, match=r"route\(\): body must be a request body \(a dict\), got str"
+    ):
+        r.route("hi")  # type: ignore[arg-type]
+    assert r.route(body, feature="chat", tenant="acme").tier in r.tiers

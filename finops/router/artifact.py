@@ -217,7 +217,20 @@ class Router:
     def route(
         self, body: Mapping[str, Any], *, feature: str | None = None, tenant: str | None = None
     ) -> Decision:
-        """Pick the cheapest adequate tier for an OpenAI chat/completions request body."""
+        """Pick the cheapest adequate tier for an OpenAI chat/completions request body.
+
+        The arguments are checked here because a wrong type deep in the feature hashing
+        fails with a message that names neither the argument nor what was expected.
+        """
+        if not isinstance(body, Mapping):
+            raise TypeError(
+                f"route(): body must be a request body (a dict), got {type(body).__name__}"
+            )
+        for name, value in (("feature", feature), ("tenant", tenant)):
+            if value is not None and not isinstance(value, str):
+                raise TypeError(
+                    f"route(): {name} must be a str or None, got {type(value).__name__}"
+                )
         return self.decide_row(F.from_body(body, feature=feature, tenant=tenant))
 
     def __repr__(self) -> str:
