@@ -298,9 +298,32 @@ def test_redaction():
     ]
     for phone in phones:
         assert redact(f"call {phone} today") == "call [PHONE] today", phone
+    more_phones = [
+        "0033 1 23 45 67 89",  # 00 instead of +
+        "0044 20 7946 0958",
+        "+33 (0)6 12 34 56 78",  # trunk 0 in brackets
+        "01 23 45 67 89",  # French national, spaces or dots
+        "06.12.34.56.78",
+        "8 (495) 123-45-67",  # Russian
+        "(11) 91234-5678",  # Brazilian
+        "555 0100",
+    ]
+    for phone in more_phones:
+        assert redact(f"call {phone} today") == "call [PHONE] today", phone
     cards = ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "3782 822463 10005"]
+    cards += [
+        "4111.1111.1111.1111",
+        "4111 1111  1111 1111",
+        "4111 - 1111 - 1111 - 1111",
+        "4111_1111_1111_1111",
+        "123-45-6789",  # US SSN
+        "123 45 6789",
+    ]
     for card in cards:
         assert redact(f"card {card} ok") == "card [NUMBER] ok", card
+    for email in ["josé@exemple.fr", "bob@例え.jp", "john.o'brien@example.com"]:
+        assert redact(f"mail {email} now") == "mail [EMAIL] now", email
+    assert redact("say 'bob@x.io' ok") == "say '[EMAIL]' ok"
     for text in [
         "in 2023 1500 people came",
         "ip 192.168.100.200 and 10.0.0.1",
@@ -308,8 +331,45 @@ def test_redaction():
         "meeting 2024-01-15 at 10:30",
         "version 1.2.3 and 3.11.4",
         "price 1,234,567 dollars, code 12345",
+        "at 2026-12-03 10:30:00, and 03.12.2026",
+        "scores 10 20 30 40 50",
     ]:
         assert redact(text) == text
+
+
+def test_redaction_is_linear_on_long_runs():
+    """Runs the patterns can start anywhere in (no @, no separators to stop at) once took
+    seconds for 40 kB (quadratic): the log redacts prompts on the event loop."""
+    import time
+
+    small, big = 4_000, 40_000
+    for unit in ("1-", "a.", "a", "0", "1.2.", "a'"):
+        t0 = time.perf_counter()
+        redact(unit * (small // len(unit)))
+        t_small = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        redact(unit * (big // len(unit)))
+        t_big = time.perf_counter() - t0
+        # 10x the text: linear is ~10x, quadratic ~100x; generous for noisy machines
+        assert t_big < 40 * t_small + 0.05, (unit, t_small, t_big)
+
+
+def test_prompt_log_text_redacts_every_prompt_and_the_cut():
+    from finops.shim.proxy import PROMPT_LOG_CHARS, _prompt_text
+
+    got = _prompt_text(
+        {"prompt": ["Card:\n4111 1111 1111 1111", "tab\t415-555-0100", "x\tbob@x.io"]}
+    )
+    assert got == "Card:\n[NUMBER]\ntab\t[PHONE]\nx\t[EMAIL]"
+    assert _prompt_text({"prompt": [[1, 2], [3]]}) == "[[1,2],[3]]"
+    tool_turn = {"role": "assistant", "content": None, "tool_calls": []}
+    assert _prompt_text({"messages": [tool_turn]}) == "assistant: "
+    # a card across the cut: no part of it is kept, wherever the cut falls
+    for offset in range(-20, 300, 7):
+        text = "x" * (PROMPT_LOG_CHARS + offset) + " 4111 1111 1111 1111 " + "y" * 500
+        got = _prompt_text({"prompt": text})
+        assert "4111" not in got and "1111" not in got, offset
+        assert got.endswith("more characters]") and len(got) < PROMPT_LOG_CHARS + 50
 
 
 def test_cache_key_normalization_and_determinism():

@@ -39,24 +39,41 @@ from finops.schemas import REQUESTS
 
 COLUMNS: tuple[str, ...] = tuple(REQUESTS.columns)
 
-_EMAIL = re.compile(r"[A-Za-z0-9._%+-]+@[A-Za-z0-9.-]+\.[A-Za-z]{2,}")
+# Local part: letters of any script, digits and . % + ' - (not leading '); domain labels
+# of any script; a top-level domain of letters. Starts only where a run of such
+# characters starts and the parts are bounded (RFC 5321 sizes), so a long run without
+# an @ costs one scan, not one per character (quadratic: seconds on a 40 kB prompt).
+_EMAIL = re.compile(
+    r"(?<![\w.%+-])[\w.%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}"
+)
 # Digits in groups of 3+ (a short last group allowed: IBANs, 19-digit cards) split by
-# one space or dash; 13+ digits in all (checked in `_long`) is a card or an account.
-_DIGIT_GROUPS = re.compile(r"(?<![\w+])\d{3,}(?:[ -]\d{3,})*(?:[ -]\d{1,4})?(?!\w)")
-# `+` country code, then up to 5 groups (an area code in brackets allowed); 7+ digits in all.
+# one or two spaces, or a dash, dot or underscore (spaces around it allowed); 13+ digits
+# in all (checked in `_long`) is a card or an account.
+_SEP = r"(?:[ \t]{1,2}|[ \t]?[-._][ \t]?)"
+_DIGIT_GROUPS = re.compile(rf"(?<![\w+])\d{{3,}}(?:{_SEP}\d{{3,}})*(?:{_SEP}\d{{1,4}})?(?!\w)")
+# `+` or `00` then the country code, an area code in brackets (a trunk "(0)" included)
+# and up to 5 groups; 7+ digits in all.
 _PHONE_INTL = re.compile(
-    r"(?<!\w)\+\d{1,3}(?:[\s.-]?\(\d{1,4}\))?(?:[\s.-]\d{1,8}){1,5}(?![\w(]|[.,]\d)"
+    r"(?<!\w)(?:\+|00)\d{1,3}(?:[\s.-]?\(\d{1,4}\)\d{0,8})?(?:[\s.-]\d{1,8}){1,5}"
+    r"(?![\w(]|[.,]\d)"
 )
 # National: [1-3 digit prefix] (area) or area, then 3-4 and 4 digits (555-123-4567,
-# 020 7946 0958, (415) 555-0100); a trunk 0 and one long group (07700 900123);
-# 555-0100. The last group has 4+ digits, so dotted quads (IP addresses) never match.
+# 020 7946 0958, (415) 555-0100); an area code in brackets then 2-5 digit groups
+# (8 (495) 123-45-67, (11) 91234-5678); five pairs from a trunk 0 (01 23 45 67 89,
+# 06.12.34.56.78); a trunk 0 and one long group (07700 900123); 555-0100, 555 0100.
+# The last group has 4+ digits or the pairs start with 0, so dotted quads (IP
+# addresses) and dates never match.
 _PHONE = re.compile(
     r"(?<![\w.+])(?:"
     r"(?:\d{1,3}[\s.-])?(?:\(\d{2,4}\)[\s.-]?|\d{2,5}[\s.-])\d{3,4}[\s.-]\d{4}"
+    r"|(?:\d{1,3}[\s.-]?)?\(\d{2,5}\)[\s.-]?\d{2,5}(?:[\s.-]\d{2,4}){1,3}"
+    r"|0\d(?:[\s.-]\d{2}){4}"
     r"|0\d{2,4}[\s-]\d{6,8}"
-    r"|\d{3}-\d{4}"
+    r"|\d{3}[- .]\d{4}"
     r")(?![\w(]|[.,]\d)"
 )
+# US social security numbers: 3-2-4 digits
+_SSN = re.compile(r"(?<![\w.+-])\d{3}([- ])\d{2}\1\d{4}(?![\w-]|[.,]\d)")
 _DIGITS = re.compile(r"\d{6,}")
 _DIGIT = re.compile(r"\d")
 
@@ -80,6 +97,7 @@ def redact(text: str) -> str:
         return text
     text = _DIGIT_GROUPS.sub(_long, text)
     text = _PHONE_INTL.sub(_intl, text)
+    text = _SSN.sub("[NUMBER]", text)
     text = _PHONE.sub("[PHONE]", text)
     return _DIGITS.sub("[NUMBER]", text)
 
