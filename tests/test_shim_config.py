@@ -322,6 +322,16 @@ def test_empty_api_key_is_refused_in_cli_and_config():
         parse_config(tomllib.loads(text), source="shim.toml")
 
 
+def test_help_keeps_config_table_names():
+    """Rich reads "[server]" in a help text as markup and drops it."""
+    from finops.cli import app
+
+    serve = CliRunner().invoke(app, ["shim", "serve", "--help"], env={"COLUMNS": "200"})
+    assert "[server] workers" in serve.output and "[cache] redis_url" in serve.output
+    hash_key = CliRunner().invoke(app, ["shim", "hash-key", "--help"], env={"COLUMNS": "200"})
+    assert "[auth] keys" in hash_key.output
+
+
 # -- 5. unknown paths --
 
 

@@ -123,8 +123,8 @@ def serve(
         int | None,
         typer.Option(
             "--workers",
-            help="Shim processes sharing the port (default 1, or [server] workers); "
-            "about one per core above ~1,000 req/s. Share the cache with [cache] redis_url.",
+            help="Shim processes sharing the port (default 1, or \\[server] workers); "
+            "about one per core above ~1,000 req/s. Share the cache with \\[cache] redis_url.",
         ),
     ] = None,
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
@@ -175,7 +175,7 @@ def serve(
 
 @shim_app.command("hash-key")
 def hash_key_cmd(
-    key: Annotated[str, typer.Argument(help="The API key to hash (for [auth] keys).")],
+    key: Annotated[str, typer.Argument(help="The API key to hash (for \\[auth] keys).")],
 ) -> None:
     """Print the sha256 form an API key is stored in."""
     from finops.shim.config import hash_key
