@@ -15,7 +15,7 @@ from typer.testing import CliRunner
 from finops.shim import serve_in_thread
 from finops.shim.app import Shim
 from finops.shim.caps import applicable_cap
-from finops.shim.config import CapRule, ConfigError, load_config, parse_config
+from finops.shim.config import CapRule, ConfigError, from_flags, load_config, parse_config
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shim.toml"
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
@@ -330,6 +330,39 @@ def test_help_keeps_config_table_names():
     assert "[server] workers" in serve.output and "[cache] redis_url" in serve.output
     hash_key = CliRunner().invoke(app, ["shim", "hash-key", "--help"], env={"COLUMNS": "200"})
     assert "[auth] keys" in hash_key.output
+
+
+@pytest.mark.parametrize(
+    ("url", "message"),
+    [
+        ("http://", "has no host"),
+        ("http://127.0.0.1:99999", "the port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:0", "the port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:80a", "the port must be a number from 1 to 65535"),
+        ("http://127.0.0.1:8000/?x=1", "without a query or fragment"),
+        ("http://admin:s3cret@10.0.0.5:8000", "credentials in the URL are not sent"),
+    ],
+)
+def test_upstream_urls_are_checked(url, message):
+    for data in (
+        {"tiers": {"small": {"upstreams": [url]}}},
+        None,  # the same through --upstream
+    ):
+        with pytest.raises(ConfigError, match=message) as exc:
+            if data is None:
+                from_flags([f"small={url}"])
+            else:
+                parse_config(data, source="shim.toml")
+        assert "s3cret" not in str(exc.value)
+
+
+def test_an_upstream_listed_twice_in_a_tier_is_refused():
+    ups = ["http://h:8000", "http://h:8000/", "http://h:8000/v1"]
+    with pytest.raises(ConfigError, match=r"'http://h:8000/' is listed twice"):
+        parse_config({"tiers": {"small": {"upstreams": ups}}}, source="shim.toml")
+    # one server for several tiers is fine (several served model names)
+    cfg = from_flags(["small=http://h:8000", "large=http://h:8000/v1"])
+    assert cfg.tiers["small"].upstreams == cfg.tiers["large"].upstreams == ("http://h:8000",)
 
 
 # -- 5. unknown paths --

@@ -14,6 +14,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 CAP_POLICIES = ("reject", "truncate")
 EXPLICIT_POLICIES = ("allow", "deny", "reroute")
@@ -205,15 +206,49 @@ def check_workers(workers: Any, where: str) -> int:
 
 
 def _check_url(url: Any, where: str) -> str:
+    """An upstream's root URL (no trailing slash or /v1), or a ConfigError saying why not.
+
+    The host and port are checked here: an empty host used to send the traffic to
+    127.0.0.1:80, and a port out of range failed every request with a 500.
+    """
     _expect(
         isinstance(url, str) and url.startswith(("http://", "https://")),
         where,
         f"expected an http(s) URL of a vLLM server, got {url!r}",
     )
+    u = urlsplit(url)
+    if "@" in u.netloc:
+        shown = f"{u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}"
+        raise ConfigError(
+            f"{where}: {shown}: credentials in the URL are not sent (they would also show in"
+            " /metrics and the log); give the upstream's key as the tier's api_key"
+        )
+    _expect(bool(u.hostname), where, f"{url!r} has no host")
+    try:
+        u.port  # noqa: B018  (raises ValueError when out of range or not a number)
+    except ValueError:
+        raise ConfigError(f"{where}: {url!r}: the port must be a number from 1 to 65535") from None
+    _expect(u.port != 0, where, f"{url!r}: the port must be a number from 1 to 65535")
+    _expect(
+        not u.query and not u.fragment,
+        where,
+        f"{url!r}: expected a server's root URL, without a query or fragment",
+    )
     url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
     return url
+
+
+def _check_urls(urls: list[Any], where: str) -> tuple[str, ...]:
+    """Every URL checked; one listed twice (as http://h:8000/ and http://h:8000/v1, say)
+    is refused: the replicas would share one metric series and one circuit."""
+    out: list[str] = []
+    for u in urls:
+        url = _check_url(u, where)
+        _expect(url not in out, where, f"{u!r} is listed twice (as {url!r})")
+        out.append(url)
+    return tuple(out)
 
 
 def parse_config(
@@ -277,7 +312,7 @@ def parse_config(
         _expect(bool(model), f"{where} model", "expected a non-empty model name")
         tiers[name] = TierConfig(
             name=name,
-            upstreams=tuple(_check_url(u, f"{where} upstreams") for u in ups),
+            upstreams=_check_urls(ups, f"{where} upstreams"),
             model=model,
             api_key=_get(t, "api_key", str, where, None),
         )
