@@ -1233,3 +1233,78 @@ def test_whole_responses_carry_their_length(tmp_path, fakes):
         r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
     assert r.status_code == 200 and "transfer-encoding" not in r.headers
     assert int(r.headers["content-length"]) == len(r.content)
+
+
+def _slow_upload(port: int, body: bytes, pause: float) -> bytes:
+    """POST whose headers come first and body `pause` seconds later; the raw response."""
+    with socket.create_connection(("127.0.0.1", port)) as s:
+        s.sendall(
+            b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+            + f"content-length: {len(body)}\r\n\r\n".encode()
+        )
+        time.sleep(pause)
+        with contextlib.suppress(OSError):  # a 408 may have closed the connection
+            s.sendall(body)
+        s.settimeout(10)
+        out = b""
+        while b"\r\n\r\n" not in out:
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            out += chunk
+        return out
+
+
+def test_a_slow_upload_is_not_the_shims_overhead(tmp_path, fakes):
+    """The added-latency figure is the shim's own cost: a client that takes 0.6 s to send
+    its body (or never does: 408) must not show up as 600 ms of shim overhead."""
+    _, url = fakes()
+    with _serve(tmp_path, [f"small={url}"], body_timeout_s=0.8) as h:
+        body = orjson.dumps(CHAT)
+        slow = _slow_upload(h.port, body, 0.6)
+        assert slow.startswith(b"HTTP/1.1 200"), slow[:200]
+        never = _slow_upload(h.port, body, 1.5)
+        assert never.startswith(b"HTTP/1.1 408"), never[:200]
+        for raw in (slow, never):
+            head = dict(
+                line.split(b": ", 1) for line in raw.split(b"\r\n\r\n")[0].split(b"\r\n")[1:]
+            )
+            assert float(head[b"x-finops-overhead-ms"]) < 300, head
+        m = httpx.get(h.url + "/metrics").text
+        total = sum(
+            float(line.split()[-1])
+            for line in m.splitlines()
+            if line.startswith("finops_shim_added_latency_seconds_sum")
+        )
+        assert total < 0.3, total
+        recs = _records(h.shim, 2)
+        assert sorted(r["status_code"] for r in recs) == [200, 408]
+
+
+def test_embeddings_refused_before_forwarding_have_no_cache_status(tmp_path, fakes):
+    """Counted like chat: the cache counter and cache_status are the cache step's, which a
+    request refused before it (401, unknown model) never reaches."""
+    _, url = fakes()
+    cfg = dataclasses.replace(
+        from_flags([f"small={url}"], log_dir=tmp_path / "log", api_keys=["sk-a=acme"])
+    )
+    with serve_in_thread(cfg) as h:
+        emb = {"model": "small", "input": "hi"}
+        assert httpx.post(h.base_url + "/embeddings", json=emb).status_code == 401
+        auth = {"authorization": "Bearer sk-a"}
+        nope = {**emb, "model": "nope"}
+        assert httpx.post(h.base_url + "/embeddings", json=nope, headers=auth).status_code == 404
+        assert httpx.post(h.base_url + "/embeddings", json=emb, headers=auth).status_code == 200
+        m = httpx.get(h.url + "/metrics").text
+        bypass = [
+            line
+            for line in m.splitlines()
+            if line.startswith('finops_shim_cache_total{result="bypass"')
+        ]
+        assert [float(line.split()[-1]) for line in bypass] == [1.0], bypass
+        recs = _records(h.shim, 3)
+        assert sorted((r["status_code"], r["cache_status"]) for r in recs) == [
+            (200, "bypass"),
+            (401, None),
+            (404, None),
+        ]

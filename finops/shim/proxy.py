@@ -275,7 +275,7 @@ class Ctx:
         "stream",
         "t0",
         "tier",
-        "upstream_wait",
+        "waited",
     )
 
     def __init__(self, shim: Shim, operation: str) -> None:
@@ -283,7 +283,9 @@ class Ctx:
         self.operation = operation
         self.t0 = time.perf_counter()
         self.rec = new_record()
-        self.upstream_wait = 0.0
+        # time spent waiting on others (the client's upload, the upstream), which the
+        # overhead figure leaves out: a slow upload is not the shim's cost
+        self.waited = 0.0
         self.first_byte_at: float | None = None
         self.tier: str | None = None
         self.cache_header = b"bypass"
@@ -298,7 +300,7 @@ class Ctx:
         self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
 
     def overhead_ms(self, now: float) -> float:
-        return max(0.0, (now - self.t0 - self.upstream_wait) * 1000.0)
+        return max(0.0, (now - self.t0 - self.waited) * 1000.0)
 
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         ov = self.overhead_ms(now)
@@ -429,7 +431,7 @@ async def _wait_for_leader(ctx: Ctx, leader: asyncio.Future, receive: Any) -> An
     try:
         return await DisconnectWatch(receive).run(asyncio.shield(leader))
     finally:
-        ctx.upstream_wait += time.perf_counter() - t
+        ctx.waited += time.perf_counter() - t
 
 
 def _mark_client_gone(rec: dict) -> None:
@@ -460,7 +462,11 @@ class ProxyEndpoint:
         )
         idem = idem_raw.decode("latin-1") if idem_raw is not None else None
         try:
-            raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+            t = time.perf_counter()
+            try:
+                raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+            finally:  # a 408 waited for the client too
+                ctx.waited += time.perf_counter() - t
             await self._handle(ctx, raw, feature or shim.cfg.default_feature, idem, receive, send)
         except HTTPError as exc:
             await _answer_http_error(ctx, exc, send)
@@ -576,7 +582,7 @@ class ProxyEndpoint:
             up = shim.pool.pick_first(tier)
             t = time.perf_counter()
             out = await apply_cap(rule, body, self._token_counter(up))
-            ctx.upstream_wait += time.perf_counter() - t
+            ctx.waited += time.perf_counter() - t
             ctx.input_count = out.input_tokens
             if out.error is not None:
                 shim.metrics.cap_rejections.labels(tier).inc()
@@ -851,7 +857,7 @@ class ProxyEndpoint:
         if ctx.input_count is None:
             t = time.perf_counter()
             ctx.input_count = await self._token_counter(up).count(ctx.body)
-            ctx.upstream_wait += time.perf_counter() - t
+            ctx.waited += time.perf_counter() - t
         return ctx.input_count > rule.max_input_tokens
 
     def _token_counter(self, up: Upstream) -> TokenCounter:
@@ -895,7 +901,7 @@ class ProxyEndpoint:
                 try:
                     resp, first, it = await self._attempt(ctx, up)
                 except UpstreamFailure as exc:
-                    ctx.upstream_wait += time.perf_counter() - t_send
+                    ctx.waited += time.perf_counter() - t_send
                     up.breaker.failure(time.monotonic())
                     shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
@@ -906,7 +912,7 @@ class ProxyEndpoint:
                     up.breaker.release_probe()
                     raise
                 t_first = time.perf_counter()
-                ctx.upstream_wait += t_first - t_send
+                ctx.waited += t_first - t_send
                 if resp.status >= 400:
                     up.breaker.release_probe()
                 elif it is None:
@@ -1401,14 +1407,16 @@ class EmbeddingsEndpoint:
         rec = ctx.rec
         _start_record(rec, "embeddings")
         rec["stream"] = False
-        rec["cache_status"] = "bypass"
-        shim.metrics.cache.labels("bypass").inc()
         auth, declared, _idem, feature = _scan_headers(
             scope["headers"], shim.cfg.feature_header.encode()
         )
         rec["feature"] = (feature or shim.cfg.default_feature)[:NAME_LOG_CHARS]
         try:
-            raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+            t = time.perf_counter()
+            try:
+                raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+            finally:  # a 408 waited for the client too
+                ctx.waited += time.perf_counter() - t
             body = _parse_json_body(raw)
             if not isinstance(body, dict) or not isinstance(body.get("model"), str):
                 raise HTTPError(
@@ -1433,6 +1441,10 @@ class EmbeddingsEndpoint:
                 raise tier
             ctx.tier = tier
             ctx.body = body
+            # counted where chat counts it: at the cache step, which rejected requests
+            # never reach (embeddings are never cached)
+            rec["cache_status"] = "bypass"
+            shim.metrics.cache.labels("bypass").inc()
             await ep._forward(ctx, send, receive, None)
         except HTTPError as exc:
             await _answer_http_error(ctx, exc, send)
