@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import time
 import tomllib
 from pathlib import Path
 
@@ -16,6 +17,8 @@ from finops.shim import serve_in_thread
 from finops.shim.app import Shim
 from finops.shim.caps import applicable_cap
 from finops.shim.config import CapRule, ConfigError, from_flags, load_config, parse_config
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.server import run_app_in_thread
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "shim.toml"
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 3}
@@ -425,6 +428,91 @@ def test_reload_stops_reporting_removed_upstreams(tmp_path, upstream):
         write([gone, url])
         assert h.shim.reload()[0]
         assert sum(gone in line for line in gauges(h)) == 2
+
+
+def test_overlapping_reloads_end_on_what_the_file_says_now(tmp_path, upstream):
+    """A slow reload (an artifact takes seconds to load) overtaken by a second one must
+    not be swapped in last: the shim would serve the old file with no error shown."""
+    import asyncio
+
+    _, url = upstream
+    conf = tmp_path / "shim.toml"
+
+    def write(model: str) -> None:
+        conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\nmodel = "{model}"\n')
+
+    write("m0")
+    with serve_in_thread(load_config(conf)) as h:
+        real, read = h.shim._build, []
+
+        def slow_first_build():
+            built = real()
+            read.append(built[0].tiers["small"].model)
+            if len(read) == 1:
+                time.sleep(0.6)  # the first reload is still loading when the file changes
+            return built
+
+        h.shim._build = slow_first_build
+
+        async def two_reloads():
+            write("m1")
+            first = asyncio.create_task(h.shim.areload())
+            await asyncio.sleep(0.2)
+            write("m2")
+            return await asyncio.gather(first, h.shim.areload())
+
+        results = h.call(two_reloads())
+        assert all(ok for ok, _ in results), results
+        assert read == ["m1", "m2"]
+        assert h.shim.cfg.tiers["small"].model == "m2"
+        assert h.shim.pool.tiers["small"][0].model == "m2"
+
+
+def test_readyz_stays_ready_across_a_reload_that_changes_upstreams(tmp_path, upstream):
+    """A reload that renames a tier's model or adds a replica made new upstream objects of
+    unknown reachability: /readyz said 503 until the next health round, which takes a
+    replica out of its load balancer on every deploy."""
+    _, url = upstream
+    other = run_app_in_thread(FakeUpstream())
+    conf = tmp_path / "shim.toml"
+    conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\nmodel = "a"\n')
+    try:
+        with serve_in_thread(dataclasses.replace(load_config(conf), health_interval_s=60)) as h:
+            deadline = time.monotonic() + 10
+            while httpx.get(h.url + "/readyz").status_code != 200:
+                assert time.monotonic() < deadline, "never ready"
+                time.sleep(0.05)
+            conf.write_text(f'[tiers.small]\nupstreams = ["{url}", "{other.url}"]\nmodel = "b"\n')
+            ok, msg = h.call(h.shim.areload())
+            assert ok, msg
+            r = httpx.get(h.url + "/readyz")
+            assert r.status_code == 200, r.text
+            assert sorted(r.json()["tiers"]["small"]["reachable"]) == sorted([url, other.url])
+    finally:
+        other.stop(2)
+
+
+def test_reload_applies_what_it_can_and_names_what_needs_a_restart(tmp_path, upstream, caplog):
+    _, url = upstream
+    conf = tmp_path / "shim.toml"
+    base = f'[tiers.small]\nupstreams = ["{url}"]\n'
+    conf.write_text(base)
+    with serve_in_thread(load_config(conf)) as h:
+        conf.write_text(
+            base + "[cache]\nmax_entries = 1\n[upstream]\nmax_connections = 1\n"
+            "breaker_failures = 2\nretry_budget_min = 3\n[log]\nrotate_s = 1\n"
+        )
+        with caplog.at_level("WARNING", logger="finops.shim"):
+            ok, msg = h.shim.reload()
+        assert ok, msg
+        warned = [r.getMessage() for r in caplog.records if "restarts" in r.getMessage()]
+        assert len(warned) == 1 and "[cache] max_entries, [upstream] max_connections" in warned[0]
+        # kept (and shown as kept), since the running objects were built with them
+        assert h.shim.cfg.cache_max_entries == 10_000 and h.shim.cfg.max_connections == 512
+        # applied to the running objects
+        (u,) = h.shim.pool.tiers["small"]
+        assert u.breaker.failures_to_open == 2 and u.budget.minimum == 3
+        assert h.shim.log.rotate_s == 1
 
 
 def test_removed_upstream_gauges_read_zero_in_multiprocess_mode(tmp_path, monkeypatch):

@@ -100,6 +100,7 @@ class Shim:
         self._gauge_lock = threading.Lock()
         self._backlog_warned = False
         self.tokenize_gate = TokenizeGate()
+        self._reload_lock = asyncio.Lock()
 
     # -- model names --
     @staticmethod
@@ -258,6 +259,8 @@ class Shim:
     def _swap(self, cfg: ShimConfig, router: Router) -> tuple[bool, str]:
         # whole-object swaps: requests in flight keep the router/pool they already hold
         self.pool = Pool(cfg, previous=self.pool)
+        self.log.rotate_bytes = cfg.log_rotate_bytes  # read by the writer at each batch
+        self.log.rotate_s = cfg.log_rotate_s
         self._names = self._model_names(cfg)
         self.cfg = cfg
         self.router = router
@@ -278,12 +281,24 @@ class Shim:
         return self._swap(cfg, router)
 
     async def areload(self) -> tuple[bool, str]:
-        """Like reload(), but loads the artifact in a thread so serving never pauses."""
-        try:
-            cfg, router = await asyncio.to_thread(self._build)
-        except Exception as exc:
-            return self._refused(exc)
-        return self._swap(cfg, router)
+        """Like reload(), but loads the artifact in a thread so serving never pauses.
+
+        One at a time: two overlapping reloads (two SIGHUPs, or SIGHUP and the file
+        watch) could finish out of order, and the older file's reading, loaded slower,
+        would win over what the file says now. Queued behind the lock, the later one
+        reads the file after the earlier one is done. Upstreams new to the pool are
+        probed at once, so /readyz does not report them unknown until the next round.
+        """
+        async with self._reload_lock:
+            try:
+                cfg, router = await asyncio.to_thread(self._build)
+            except Exception as exc:
+                return self._refused(exc)
+            result = self._swap(cfg, router)
+        if any(u.reachable is None for u in self.pool.all()) and self.client is not None:
+            with contextlib.suppress(Exception):  # the health loop reports failures
+                await self.check_upstreams()
+        return result
 
     async def check_upstreams(self) -> None:
         async def probe(u: Any) -> None:

@@ -9,6 +9,7 @@ before it can touch live traffic. See `examples/shim.toml` for every key.
 from __future__ import annotations
 
 import hashlib
+import logging
 import math
 import tomllib
 from dataclasses import dataclass, field
@@ -691,21 +692,40 @@ def reapply_overrides(cfg: ShimConfig, overrides: dict[str, Any]) -> ShimConfig:
     return _replace(cfg, **fields, overrides=dict(overrides))
 
 
+# Settings a running process cannot change (the listen socket, the worker count, objects
+# built once at start: log writer folder, cache store, upstream connection pools, the
+# file watch): a reload keeps the start's values and says which ones the file changed.
+RESTART_ONLY: dict[str, str] = {
+    "host": "[server] host",
+    "port": "[server] port",
+    "workers": "[server] workers",
+    "watch": "[server] watch",
+    "log_dir": "[log] dir",
+    "redis_url": "[cache] redis_url",
+    "cache_max_entries": "[cache] max_entries",
+    "cache_max_bytes": "[cache] max_bytes",
+    "connect_timeout_s": "[upstream] connect_timeout_s",
+    "max_connections": "[upstream] max_connections",
+}
+
+
 def reread_config(old: ShimConfig) -> ShimConfig:
     """The config as its file says now, with the command-line flags applied again.
 
     Used by a reload and by a worker (re)started after one, so both serve what the
-    file says now. The listen address, worker count, log folder and cache backend
-    stay as the process started with them. Raises ConfigError if the file is bad.
+    file says now. RESTART_ONLY settings stay as the process started with them, with a
+    warning naming those the file changed (a reload used to report success while they
+    silently did not apply). Raises ConfigError if the file is bad.
     """
     if old.source_path is None:
         return old
     cfg = reapply_overrides(load_config(old.source_path), old.overrides)
-    return _replace(
-        cfg,
-        host=old.host,
-        port=old.port,
-        workers=old.workers,
-        log_dir=old.log_dir,
-        redis_url=old.redis_url,
-    )
+    changed = [key for f, key in RESTART_ONLY.items() if getattr(cfg, f) != getattr(old, f)]
+    if changed:
+        logging.getLogger("finops.shim").warning(
+            "%s: %s changed; these apply when the shim restarts (still serving the values"
+            " it started with)",
+            old.source_path,
+            ", ".join(changed),
+        )
+    return _replace(cfg, **{f: getattr(old, f) for f in RESTART_ONLY})

@@ -129,6 +129,8 @@ class Pool:
 
     def __init__(self, cfg: ShimConfig, previous: Pool | None = None) -> None:
         old = {(u.tier, u.url): u for u in previous.all()} if previous is not None else {}
+        # reachability is the server's, whatever tier or model name it serves under
+        reachable = {u.url: u.reachable for u in old.values() if u.reachable is not None}
         self.tiers: dict[str, list[Upstream]] = {}
         for name, t in cfg.tiers.items():
             reps = []
@@ -136,8 +138,14 @@ class Pool:
                 u = old.get((name, url))
                 if u is None or u.model != t.model:
                     u = Upstream(name, url, t.model, cfg, t.api_key)
+                    u.reachable = reachable.get(url)
                 else:  # keep breaker/budget/outstanding state across a reload
-                    u.api_key = t.api_key
+                    u.api_key = t.api_key  # and take the new settings
+                    u.breaker.failures_to_open = cfg.breaker_failures
+                    u.breaker.cooldown_s = cfg.breaker_cooldown_s
+                    u.budget.ratio = cfg.retry_budget_ratio
+                    u.budget.minimum = cfg.retry_budget_min
+                    u.budget.window_s = cfg.retry_budget_window_s
                 reps.append(u)
             self.tiers[name] = reps
         self.order = list(self.tiers)
