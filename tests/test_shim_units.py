@@ -760,3 +760,38 @@ def test_read_deadline_counts_only_time_spent_reading():
             await t
 
     asyncio.run(main())
+
+
+def test_cache_fidelity_to_vllm():
+    """Found against a real vLLM: ids asked for per token cannot be replayed; with tools a
+    stream and a plain request get different answers; a hit keeps vLLM's fingerprint and
+    stop_reason, and chat chunks carry `logprobs: null` as vLLM's do."""
+    greedy = {"model": "m", "messages": [{"role": "user", "content": "x"}], "temperature": 0}
+    assert is_deterministic(greedy)
+    assert not is_deterministic({**greedy, "return_token_ids": True})
+    assert is_deterministic({**greedy, "return_token_ids": False})
+    key = lambda b: cache_key("t", "chat", b, "small")  # noqa: E731
+    assert key({**greedy, "stream": True}) == key(greedy)
+    tools = {**greedy, "tools": [{"type": "function", "function": {"name": "f"}}]}
+    assert key({**tools, "stream": True}) != key(tools)
+    assert key({**tools, "stream": False}) == key(tools)
+
+    base = {"id": "c1", "created": 1, "model": "m", "object": "chat.completion.chunk"}
+    events = [
+        {**base, "choices": [{"index": 0, "delta": {"role": "assistant", "content": "hi"}}]},
+        {
+            **base,
+            "choices": [{"index": 0, "delta": {}, "finish_reason": "stop", "stop_reason": "###"}],
+        },
+        {**base, "choices": [], "usage": {"prompt_tokens": 2}, "system_fingerprint": "vllm-0.32"},
+    ]
+    resp = assemble_stream(events, "chat")
+    assert resp["system_fingerprint"] == "vllm-0.32"
+    assert resp["choices"][0]["stop_reason"] == "###"
+    replay = [orjson.loads(e[6:]) for e in replay_as_sse(resp, "chat", True)[:-1]]
+    assert all(e["system_fingerprint"] == "vllm-0.32" for e in replay)
+    assert all(c["logprobs"] is None for e in replay for c in e["choices"])
+    finish = [c for e in replay for c in e["choices"] if c.get("finish_reason")]
+    assert finish == [
+        {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None, "stop_reason": "###"}
+    ]

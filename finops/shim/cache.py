@@ -10,7 +10,8 @@ OpenAI defaults filled in (`n=1`, penalties 0, ...; `top_p`/`top_k`/`min_p`
 dropped for greedy requests, never filled for sampled ones), and
 transport-only fields (`stream`, `stream_options`, `user`) removed, so a
 streaming and a non-streaming request share an entry (streaming hits are
-replayed as SSE, tool calls included). The resolved tier and the model it
+replayed as SSE) unless the request has tools (vLLM's tool parsers answer
+the two differently). The resolved tier and the model it
 serves are part of the key (a reload that changes a tier's model does not
 serve the old model's answers), and so is the tenant: one tenant can never
 read another's entry.
@@ -52,8 +53,9 @@ def is_deterministic(body: dict) -> bool:
     if n not in (1, None):
         return False
     # logprobs: 0 still asks for the sampled token's logprob (OpenAI and vLLM), which a
-    # replay cannot rebuild; prompt_logprobs is vLLM's
-    for field in ("logprobs", "top_logprobs", "prompt_logprobs"):
+    # replay cannot rebuild; prompt_logprobs and return_token_ids are vLLM's (the ids are
+    # per token, as logprobs are)
+    for field in ("logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids"):
         v = body.get(field)
         if v is not None and v is not False:
             return False
@@ -111,6 +113,10 @@ def normalized_request(body: dict, target: str) -> bytes:
             else m
             for m in msgs
         ]
+    if d.get("tools") or d.get("functions"):
+        # vLLM's tool parsers answer a stream and a plain request differently (a cut-off
+        # call is `tool_calls` streamed, `<tool_call>` text otherwise): no sharing
+        d["_stream"] = body.get("stream") is True
     d["_target"] = target  # the resolved tier: "auto" and an explicit tier share when routed alike
     return orjson.dumps(_norm_numbers(d), option=orjson.OPT_SORT_KEYS)
 
@@ -273,11 +279,14 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
     first = events[0]
     choices: dict[int, dict] = {}
     usage = None
+    fingerprint = None
     for ev in events:
         if "error" in ev or ev.get("object") == "error":
             return None  # the upstream failed partway: never a complete answer
         if ev.get("usage"):
             usage = ev["usage"]
+        if ev.get("system_fingerprint"):  # vLLM sends it on the last chunk
+            fingerprint = ev["system_fingerprint"]
         chs = ev.get("choices")
         if not chs:
             continue
@@ -340,7 +349,7 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
         if "stop_reason" in c:
             out["stop_reason"] = c["stop_reason"]
         out_choices.append(out)
-    return {
+    out_resp = {
         "id": first.get("id"),
         "object": "chat.completion" if operation == "chat" else "text_completion",
         "created": first.get("created"),
@@ -348,6 +357,9 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
         "choices": out_choices,
         "usage": usage,
     }
+    if fingerprint is not None:
+        out_resp["system_fingerprint"] = fingerprint
+    return out_resp
 
 
 def _merge_tool_calls(tools: dict[int, dict], deltas: list) -> bool:
@@ -381,6 +393,8 @@ def _merge_tool_calls(tools: dict[int, dict], deltas: list) -> bool:
 def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes]:
     """SSE events for a cached response: role, text, tool calls, finish, optional usage, [DONE]."""
     base = {"id": resp.get("id"), "created": resp.get("created"), "model": resp.get("model")}
+    if resp.get("system_fingerprint"):
+        base["system_fingerprint"] = resp["system_fingerprint"]
     out: list[bytes] = []
     obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
     for ch in resp.get("choices") or ():
@@ -414,6 +428,8 @@ def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes
                     }
                 )
             chunks.append({"index": i, "delta": {}, "finish_reason": ch.get("finish_reason")})
+            for c in chunks:
+                c["logprobs"] = None  # as OpenAI and vLLM send it on every chat chunk
         else:
             chunks = [
                 {"index": i, "text": ch.get("text") or "", "finish_reason": None, "logprobs": None},
@@ -424,6 +440,8 @@ def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes
                     "logprobs": None,
                 },
             ]
+        if "stop_reason" in ch:  # vLLM's: the stop string or token that ended it
+            chunks[-1]["stop_reason"] = ch["stop_reason"]
         for c in chunks:
             out.append(b"data: " + orjson.dumps({**base, "object": obj, "choices": [c]}) + b"\n\n")
     if include_usage and resp.get("usage"):
