@@ -1310,3 +1310,21 @@ def test_embeddings_refused_before_forwarding_have_no_cache_status(tmp_path, fak
             (401, None),
             (404, None),
         ]
+
+
+def test_a_clients_request_id_reaches_vllm(tmp_path, fakes):
+    """vLLM names its response after X-Request-Id; through the shim it must see it too."""
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        httpx.post(h.base_url + "/chat/completions", json=CHAT, headers={"x-request-id": "t-1"})
+        httpx.post(
+            h.base_url + "/embeddings",
+            json={"model": "small", "input": "x"},
+            headers={"x-request-id": "t-2"},
+        )
+        httpx.post(h.base_url + "/chat/completions", json={**CHAT, "max_tokens": 5})
+    assert [hd.get("x-request-id") for hd in f.headers] == [
+        "t-1",
+        "t-2",
+        None,
+    ]

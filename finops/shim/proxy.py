@@ -261,6 +261,7 @@ class Ctx:
     __slots__ = (
         "body",
         "cache_header",
+        "client_request_id",
         "fallbacks",
         "feature",
         "first_byte_at",
@@ -289,6 +290,7 @@ class Ctx:
         self.first_byte_at: float | None = None
         self.tier: str | None = None
         self.cache_header = b"bypass"
+        self.client_request_id: bytes | None = None
         self.stream = False
         self.include_usage = False
         self.routed = None
@@ -325,17 +327,22 @@ def _start_record(rec: dict, operation: str) -> None:
 
 
 def _scan_headers(
-    headers: Iterable[tuple[bytes, bytes]], feature_header: bytes
+    headers: Iterable[tuple[bytes, bytes]], feature_header: bytes, ctx: Ctx
 ) -> tuple[bytes | None, int | None, bytes | None, str | None]:
     """One pass over the ASGI headers: (authorization, content-length, idempotency-key, feature).
 
     The idempotency key comes back undecoded so an endpoint that ignores it pays nothing for it.
+    A client's X-Request-Id goes into `ctx`, to be passed on to vLLM as a direct call would
+    (vLLM names its response after it).
     """
     auth = None
     declared = None
     idem = None
     feature = None
     for k, v in headers:
+        if k == b"x-request-id":
+            ctx.client_request_id = v
+            continue
         if k == b"authorization":
             auth = v
         elif k == b"content-length":
@@ -458,7 +465,7 @@ class ProxyEndpoint:
         _start_record(rec, self.operation)
         rec["truncated_tokens"] = 0
         auth, declared, idem_raw, feature = _scan_headers(
-            scope["headers"], shim.cfg.feature_header.encode()
+            scope["headers"], shim.cfg.feature_header.encode(), ctx
         )
         idem = idem_raw.decode("latin-1") if idem_raw is not None else None
         try:
@@ -776,6 +783,8 @@ class ProxyEndpoint:
         ]
         if up.api_key:
             hdrs.append((b"authorization", b"Bearer " + up.api_key.encode()))
+        if ctx.client_request_id is not None:
+            hdrs.append((b"x-request-id", ctx.client_request_id))
         payload = self._upstream_payload(ctx, up)
         pool = shim.h1.pool(up.url)
         resp: Response | None = None
@@ -1408,7 +1417,7 @@ class EmbeddingsEndpoint:
         _start_record(rec, "embeddings")
         rec["stream"] = False
         auth, declared, _idem, feature = _scan_headers(
-            scope["headers"], shim.cfg.feature_header.encode()
+            scope["headers"], shim.cfg.feature_header.encode(), ctx
         )
         rec["feature"] = (feature or shim.cfg.default_feature)[:NAME_LOG_CHARS]
         try:
