@@ -1328,3 +1328,29 @@ def test_a_clients_request_id_reaches_vllm(tmp_path, fakes):
         "t-2",
         None,
     ]
+
+
+def test_an_idempotent_replay_makes_no_routing_decision(tmp_path, fakes):
+    """A replay re-ran the router (a fresh random draw with exploration on): its record
+    said routed_tier=small beside tier=large, as if a fallback had served it."""
+    _, url = fakes()
+    ups = [f"small={url}", f"mid={url}", f"large={url}"]
+    with _serve(tmp_path, ups, exploration_rate=0.9, exploration_seed=1) as h:
+        hd = {"idempotency-key": "job-1"}
+        body = {**CHAT, "temperature": 0.9}
+        first = httpx.post(h.base_url + "/chat/completions", json=body, headers=hd)
+        tier = first.headers["x-finops-tier"]
+        for _ in range(5):
+            r = httpx.post(h.base_url + "/chat/completions", json=body, headers=hd)
+            assert r.headers["x-finops-cache"] == "hit" and r.headers["x-finops-tier"] == tier
+        decisions = sum(
+            float(line.split()[-1])
+            for line in httpx.get(h.url + "/metrics").text.splitlines()
+            if line.startswith("finops_shim_router_decisions_total{")
+        )
+        recs = _records(h.shim, 6)
+    assert decisions == 1
+    assert recs[0]["routed_tier"] == tier and recs[0]["route_propensity"] is not None
+    for rec in recs[1:]:
+        assert rec["tier"] == tier and rec["retry_of"] == recs[0]["request_id"]
+        assert rec["routed_tier"] is rec["route_propensity"] is rec["router_version"] is None

@@ -567,43 +567,6 @@ class ProxyEndpoint:
             )
         if isinstance(tier, HTTPError):
             raise tier
-        if tier == "@route":
-            routed = router.route(body, feature, tenant)
-            ctx.routed = routed
-            tier = routed.tier
-            rec["router_version"] = routed.version  # set for routed requests only
-            rec["router_score"] = routed.score
-            rec["route_propensity"] = routed.propensity
-            rec["routed_tier"] = tier
-            m = shim.metrics
-            m.router_decisions.labels(
-                tier, routed.version, "yes" if routed.explored else "no"
-            ).inc()
-            if routed.score is not None:
-                m.router_score.labels(routed.version).observe(routed.score)
-        ctx.tier = tier
-
-        # -- context caps --
-        rule = applicable_cap(cfg.caps, tier, feature, tenant)
-        if rule is not None:
-            up = shim.pool.pick_first(tier)
-            t = time.perf_counter()
-            out = await apply_cap(rule, body, self._token_counter(up))
-            ctx.waited += time.perf_counter() - t
-            ctx.input_count = out.input_tokens
-            if out.error is not None:
-                shim.metrics.cap_rejections.labels(tier).inc()
-                rec["input_tokens"] = out.input_tokens
-                raise HTTPError(400, out.error, "invalid_request_error", "context_length_exceeded")
-            if out.truncated_tokens:
-                rec["truncated_tokens"] = out.truncated_tokens
-                shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
-                body = out.body
-                rec["turn_count"] = sum(
-                    1 for m in body["messages"] if isinstance(m, dict) and m.get("role") == "user"
-                )
-        ctx.body = body
-
         # -- idempotency --
         idem_id = None
         if idem:
@@ -643,10 +606,54 @@ class ProxyEndpoint:
                 rec["retry_of"] = prior["request_id"]
                 rec["attempt"] = int(prior.get("attempts", 1)) + 1
 
-        # -- cache / coalescing --
+        # -- routing, context caps, then cache / coalescing / upstream --
+        # (after the idempotency check: a replay makes no routing decision, and a failure
+        # here is an attempt a retry with the key is logged against)
         result = None
         try:
-            result = await self._cached_or_forward(ctx, body, tier, send, receive)
+            if tier == "@route":
+                routed = router.route(body, feature, tenant)
+                ctx.routed = routed
+                tier = routed.tier
+                rec["router_version"] = routed.version  # set for routed requests only
+                rec["router_score"] = routed.score
+                rec["route_propensity"] = routed.propensity
+                rec["routed_tier"] = tier
+                m = shim.metrics
+                m.router_decisions.labels(
+                    tier, routed.version, "yes" if routed.explored else "no"
+                ).inc()
+                if routed.score is not None:
+                    m.router_score.labels(routed.version).observe(routed.score)
+            ctx.tier = tier
+
+            # -- context caps --
+            rule = applicable_cap(cfg.caps, tier, feature, tenant)
+            if rule is not None:
+                up = shim.pool.pick_first(tier)
+                t = time.perf_counter()
+                out = await apply_cap(rule, body, self._token_counter(up))
+                ctx.waited += time.perf_counter() - t
+                ctx.input_count = out.input_tokens
+                if out.error is not None:
+                    shim.metrics.cap_rejections.labels(tier).inc()
+                    rec["input_tokens"] = out.input_tokens
+                    raise HTTPError(
+                        400, out.error, "invalid_request_error", "context_length_exceeded"
+                    )
+                if out.truncated_tokens:
+                    rec["truncated_tokens"] = out.truncated_tokens
+                    shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
+                    body = out.body
+                    rec["turn_count"] = sum(
+                        1
+                        for m in body["messages"]
+                        if isinstance(m, dict) and m.get("role") == "user"
+                    )
+            ctx.body = body
+
+            # -- cache / coalescing --
+            result = await self._cached_or_forward(ctx, ctx.body, ctx.tier, send, receive)
         finally:
             if idem_id is not None:
                 try:
