@@ -1354,3 +1354,30 @@ def test_an_idempotent_replay_makes_no_routing_decision(tmp_path, fakes):
     for rec in recs[1:]:
         assert rec["tier"] == tier and rec["retry_of"] == recs[0]["request_id"]
         assert rec["routed_tier"] is rec["route_propensity"] is rec["router_version"] is None
+
+
+def test_all_circuits_open_says_when_to_retry(tmp_path, fakes):
+    _bad, bad_url = fakes("error500")
+    with _serve(tmp_path, [f"small={bad_url}"], breaker_failures=2, breaker_cooldown_s=30) as h:
+        codes = [
+            httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code for _ in range(3)
+        ]
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+    assert codes == [500, 500, 503] and r.status_code == 503
+    assert r.json()["error"]["code"] == "upstream_unavailable"
+    assert 25 <= int(r.headers["retry-after"]) <= 30
+
+
+def test_a_refused_request_keeps_its_feature(tmp_path, fakes):
+    _, url = fakes()
+    cfg = from_flags([f"small={url}"], log_dir=tmp_path / "log", api_keys=["sk-a=acme"])
+    with serve_in_thread(dataclasses.replace(cfg, max_body_bytes=1000)) as h:
+        hd = {"x-feature": "search"}
+        assert (
+            httpx.post(h.base_url + "/chat/completions", json=CHAT, headers=hd).status_code == 401
+        )
+        big = {**CHAT, "messages": [{"role": "user", "content": "x" * 2000}]}
+        hd["authorization"] = "Bearer sk-a"
+        assert httpx.post(h.base_url + "/chat/completions", json=big, headers=hd).status_code == 413
+        recs = _records(h.shim, 2)
+    assert [r["feature"] for r in recs] == ["search", "search"]

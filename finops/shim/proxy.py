@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import math
 import random
 import re
 import time
@@ -467,6 +468,8 @@ class ProxyEndpoint:
         auth, declared, idem_raw, feature = _scan_headers(
             scope["headers"], shim.cfg.feature_header.encode(), ctx
         )
+        feature = feature or shim.cfg.default_feature
+        rec["feature"] = feature[:NAME_LOG_CHARS]  # on a 401 or 413 record too
         idem = idem_raw.decode("latin-1") if idem_raw is not None else None
         try:
             t = time.perf_counter()
@@ -474,7 +477,7 @@ class ProxyEndpoint:
                 raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
             finally:  # a 408 waited for the client too
                 ctx.waited += time.perf_counter() - t
-            await self._handle(ctx, raw, feature or shim.cfg.default_feature, idem, receive, send)
+            await self._handle(ctx, raw, feature, idem, receive, send)
         except HTTPError as exc:
             await _answer_http_error(ctx, exc, send)
         except ClientGone:
@@ -496,7 +499,6 @@ class ProxyEndpoint:
         shim = self.shim
         cfg = shim.cfg
         rec = ctx.rec
-        rec["feature"] = feature[:NAME_LOG_CHARS]
         ctx.feature = feature
         tenant = rec["tenant"]
         body = _parse_json_body(raw)
@@ -955,13 +957,17 @@ class ProxyEndpoint:
         watch.stop()
         rec["tier"] = ctx.tier
         if last is None:
-            raise HTTPError(
+            err = HTTPError(
                 503,
                 f"No upstream of tier `{tier0}` or above is available (circuits open or retry budgets spent).",
                 "server_error",
                 "upstream_unavailable",
                 "upstream_unavailable",
             )
+            # when the first circuit may let a probe through: clients back off that long
+            wait = shim.pool.seconds_until_probe(tier0, time.monotonic())
+            err.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
+            raise err
         status = (
             504
             if last.reason == "timeout"
