@@ -314,6 +314,16 @@ def test_cli_flag_values_are_checked(tmp_path, monkeypatch, flags, message):
         assert "sk-s" not in res.output  # a malformed key is never echoed, not even a prefix
 
 
+def test_hash_key_reads_the_key_from_stdin():
+    from finops.cli import app
+    from finops.shim.config import hash_key
+
+    res = CliRunner().invoke(app, ["shim", "hash-key", "-"], input="sk-acme\n")
+    assert res.exit_code == 0 and res.output.strip() == hash_key("sk-acme")
+    res = CliRunner().invoke(app, ["shim", "hash-key", "-"], input="\n")
+    assert res.exit_code == 2 and "the key is empty" in res.output
+
+
 def test_empty_api_key_is_refused_in_cli_and_config():
     from finops.cli import app
     from finops.shim.config import EMPTY_KEY_SHA256

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -175,11 +176,19 @@ def serve(
 
 @shim_app.command("hash-key")
 def hash_key_cmd(
-    key: Annotated[str, typer.Argument(help="The API key to hash (for \\[auth] keys).")],
+    key: Annotated[
+        str,
+        typer.Argument(
+            help="The API key to hash (for \\[auth] keys); `-` reads it from standard input,"
+            " which keeps it out of the process list and the shell history."
+        ),
+    ],
 ) -> None:
     """Print the sha256 form an API key is stored in."""
     from finops.shim.config import hash_key
 
+    if key == "-":
+        key = sys.stdin.readline().rstrip("\r\n")
     if not key.strip():
         fail("hash-key: the key is empty; give the API key clients will send")
     typer.echo(hash_key(key))
