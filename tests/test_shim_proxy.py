@@ -351,6 +351,10 @@ def test_non_stream_client_abort_cancels_the_upstream_request(tmp_path, fakes):
         (rec,) = _records(h.shim, 1)
     assert rec["status_code"] == 499 and rec["error_type"] == "client_disconnected"
     assert rec["latency_ms"] < 3000
+    # vLLM had the prompt: where it went and its size (estimated) are on the record
+    assert rec["upstream"] == url and rec["tier"] == "small"
+    assert rec["input_tokens"] is not None and rec["input_tokens"] > 0
+    assert rec["output_tokens"] is None  # not known: nothing came back
 
 
 def _sse_tool_calls(content: bytes) -> tuple[list[dict], str | None]:

@@ -928,6 +928,16 @@ class ProxyEndpoint:
                     continue
                 except BaseException:  # client gone, or a bug: a half-open probe is not left taken
                     up.breaker.release_probe()
+                    if watch.gone and rec["input_tokens"] is None:
+                        # vLLM had the prompt (and prefilled it) before the client left:
+                        # the record says where and how much, as a stream's does
+                        rec["tier"] = up.tier
+                        rec["upstream"] = up.url
+                        rec["input_tokens"] = (
+                            ctx.input_count
+                            if ctx.input_count is not None
+                            else estimate_body_tokens(ctx.body)
+                        )
                     raise
                 t_first = time.perf_counter()
                 ctx.waited += t_first - t_send
