@@ -171,7 +171,16 @@ def serve(
         except OSError as exc:
             fail(str(exc))
         raise typer.Exit(status)
-    _serve(cfg, log_level=log_level)
+    from finops.shim.workers import bind_socket
+
+    # bound here, as for --workers: a taken port or an unknown host is an error naming
+    # them and a non-zero status (uvicorn printed the bare errno text and exited 0)
+    try:
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as exc:
+        fail(str(exc))
+    with sock:
+        _serve(cfg, log_level=log_level, sockets=[sock])
 
 
 @shim_app.command("hash-key")
