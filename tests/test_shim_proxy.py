@@ -283,13 +283,18 @@ def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):
     assert rec["output_tokens"] == 3 and rec["input_tokens"] > 0 and rec["latency_ms"] > 0
 
 
-def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path, fakes):
+@pytest.mark.parametrize("counted", [False, True])
+def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path, fakes, counted):
     f, url = fakes("slow", tokens=200, delay_s=0.02)
-    with _serve(tmp_path, [f"small={url}"]) as h:
+    # with a cap counted by vLLM's /tokenize, the record's input is that count, not a guess
+    caps = (CapRule(max_input_tokens=10_000, tier="small"),) if counted else ()
+    words = " ".join(f"w{i}" for i in range(40))
+    body = {**CHAT, "messages": [{"role": "user", "content": words}]}
+    with _serve(tmp_path, [f"small={url}"], caps=caps, token_counter="tokenize") as h:
         with httpx.stream(
             "POST",
             h.base_url + "/chat/completions",
-            json={**CHAT, "stream": True, "max_tokens": 200},
+            json={**body, "stream": True, "max_tokens": 200},
         ) as r:
             for got, _ in enumerate(r.iter_raw(), 1):
                 if got >= 3:
@@ -304,6 +309,8 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path
     (rec,) = recs
     assert rec["status_code"] == 499 and rec["error_type"] == "client_disconnected"
     assert 0 < rec["output_tokens"] < 200
+    tokenized = 40 + 4 + 3  # the fake's /tokenize: words + 4 per message + 3
+    assert (rec["input_tokens"] == tokenized) is counted, rec["input_tokens"]
 
 
 def _wait_for(cond, timeout: float = 5.0) -> None:

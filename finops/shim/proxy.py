@@ -1281,7 +1281,10 @@ class ProxyEndpoint:
             self._usage_into(rec, state["usage"])
         else:  # partial: count streamed content chunks (vLLM sends one token per chunk)
             rec["output_tokens"] = state["content_chunks"]
-            rec["input_tokens"] = estimate_body_tokens(ctx.body)
+            # the cap step's count when there was one (vLLM's /tokenize with that counter)
+            rec["input_tokens"] = (
+                ctx.input_count if ctx.input_count is not None else estimate_body_tokens(ctx.body)
+            )
             rec["cached_input_tokens"] = 0
 
     def _inspect_event(
