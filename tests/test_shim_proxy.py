@@ -290,7 +290,7 @@ def test_client_disconnect_mid_stream_cancels_upstream_and_logs_partial(tmp_path
     caps = (CapRule(max_input_tokens=10_000, tier="small"),) if counted else ()
     words = " ".join(f"w{i}" for i in range(40))
     body = {**CHAT, "messages": [{"role": "user", "content": words}]}
-    with _serve(tmp_path, [f"small={url}"], caps=caps, token_counter="tokenize") as h:
+    with _serve(tmp_path, [f"small={url}"], caps=caps, token_counter="upstream") as h:
         with httpx.stream(
             "POST",
             h.base_url + "/chat/completions",
