@@ -306,3 +306,252 @@ def test_a_single_shim_drains_and_exits_0_on_sigterm(tmp_path):
     assert files and all(p.suffix == ".jsonl" for p in files), files
     recs = [orjson.loads(line) for p in files for line in p.read_bytes().splitlines()]
     assert [r["status_code"] for r in recs] == [200]
+
+
+class _Output:
+    """A subprocess's stdout+stderr in a file, readable while it runs."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fh = path.open("wb")
+
+    def text(self) -> str:
+        return self.path.read_text(errors="replace")
+
+
+def _serve_cli(args: list[str], out: _Output) -> subprocess.Popen:
+    return subprocess.Popen(
+        [FINOPS, "shim", "serve", *args], stdout=out.fh, stderr=subprocess.STDOUT
+    )
+
+
+def _stop(proc: subprocess.Popen, out: _Output) -> str:
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        out.fh.close()
+    return out.text()
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    from finops.shim.testing import train_demo_router
+
+    return train_demo_router(tmp_path_factory.mktemp("router") / "r1", n=400, seed=1)
+
+
+def test_a_replacement_worker_serves_the_last_good_router_when_the_artifact_is_bad(
+    tmp_path, artifact
+):
+    """A tampered manifest, a refused SIGHUP, then a worker killed: its replacement must
+    serve the router the others serve (one warning line), not die in a loop with a
+    traceback."""
+    import json
+    import shutil
+
+    f = FakeUpstream()
+    f.keep_bodies = False
+    h = run_app_in_thread(f)
+    live = tmp_path / "router"
+    shutil.copytree(artifact, live)
+    port = free_port()
+    out = _Output(tmp_path / "out.txt")
+    ups = [a for t in ("small", "mid", "large") for a in ("--upstream", f"{t}={h.url}")]
+    proc = _serve_cli(["--port", str(port), "--workers", "2", "--router", str(live), *ups], out)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        wait_http(url + "/healthz", timeout=90)
+        _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
+        version = httpx.get(url + "/healthz").json()["router_version"]
+        man = json.loads((live / "manifest.json").read_text())
+        man["decision"]["thresholds"]["small"] = 0.01  # edited after export: refused
+        (live / "manifest.json").write_text(json.dumps(man))
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: out.text().count("reload refused") >= 1, what="the reload refused")
+        first = _workers(proc.pid)
+        victim = min(first)
+        os.kill(victim, signal.SIGKILL)
+        _wait(lambda: len(_workers(proc.pid) - first) == 1, what="a replacement worker")
+        (new,) = _workers(proc.pid) - first
+        _wait(
+            lambda: httpx.get(url + "/healthz").json()["pid"] == new,
+            timeout=90,
+            what="the replacement serving",
+        )
+        answers = [httpx.get(url + "/healthz").json() for _ in range(20)]
+        assert {a["router_version"] for a in answers} == {version}, answers
+        codes = _burst(url, 16)
+        assert codes == [200] * 16
+        assert new in _workers(proc.pid) and proc.poll() is None
+    finally:
+        text = _stop(proc, out)
+        h.stop(2)
+    assert proc.returncode == 0, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    lines = [ln for ln in text.splitlines() if "serving the last good" in ln]
+    assert lines and "manifest.json" in lines[0] and "modified after export" in lines[0], text
+    assert "exited with 1" not in text and "exited with 3" not in text, text[-4000:]
+
+
+def test_a_replacement_that_cannot_start_never_takes_down_a_serving_worker(tmp_path, upstream):
+    """A replacement that keeps failing at start while another worker serves: restarted
+    with backoff (said in the log), the healthy worker keeps serving, and once the cause is
+    gone (and SIGHUP asks for a retry) the replacement starts."""
+    port = free_port()
+    log_dir = tmp_path / "log"
+    out = _Output(tmp_path / "out.txt")
+    args = ["--port", str(port), "--workers", "2", "--log", str(log_dir)]
+    proc = _serve_cli([*args, "--upstream", f"small={upstream}"], out)
+    url = f"http://127.0.0.1:{port}"
+    moved = tmp_path / "log-moved"
+    try:
+        wait_http(url + "/healthz", timeout=60)
+        _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
+        first = _workers(proc.pid)
+        victim = min(first)
+        (survivor,) = first - {victim}
+        os.rename(log_dir, moved)  # a new worker cannot create its log folder now
+        log_dir.write_text("not a folder")
+        os.kill(victim, signal.SIGKILL)
+        _wait(
+            lambda: "still serving" in out.text() or proc.poll() is not None,
+            timeout=90,
+            what="the supervisor backing off",
+        )
+        assert proc.poll() is None, "the supervisor stopped (and drained the healthy worker)"
+        assert {httpx.get(url + "/healthz").json()["pid"] for _ in range(5)} == {survivor}
+        log_dir.unlink()
+        os.rename(moved, log_dir)
+        proc.send_signal(signal.SIGHUP)  # restarts the waiting worker at once
+        _wait(lambda: len(_workers(proc.pid) - first) == 1, timeout=60, what="a replacement")
+        (new,) = _workers(proc.pid) - first
+        _wait(
+            lambda: httpx.get(url + "/healthz").json()["pid"] == new,
+            timeout=60,
+            what="the replacement serving",
+        )
+    finally:
+        text = _stop(proc, out)
+    assert proc.returncode == 0, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+    failed = [ln for ln in text.splitlines() if "cannot start:" in ln]
+    assert failed and str(log_dir) in failed[0], text[-4000:]
+    assert "backoff" in text
+
+
+def test_a_restarted_shim_closes_out_the_log_a_killed_one_left_open(tmp_path, upstream):
+    """One shim process killed hard leaves its `.jsonl.open`; the next start publishes its
+    whole records (and drops a half-written one), never touching a live process's file."""
+    log_dir = tmp_path / "log"
+    log_dir.mkdir()
+    live = log_dir / f"requests-20240101T000000Z-{os.getpid()}-0001-0badcafe.jsonl.open"
+    live.write_bytes(b'{"request_id": "someone else\'s"}\n')  # a live writer: left alone
+
+    def start(port: int, name: str) -> tuple[subprocess.Popen, _Output]:
+        out = _Output(tmp_path / name)
+        args = ["--port", str(port), "--log", str(log_dir), "--upstream", f"small={upstream}"]
+        proc = _serve_cli(args, out)
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+        return proc, out
+
+    port = free_port()
+    proc, out = start(port, "out1.txt")
+    try:
+        for _ in range(3):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200
+        (left,) = log_dir.glob(f"requests-*-{proc.pid}-*.jsonl.open")
+        _wait(lambda: left.read_bytes().count(b"\n") == 3, what="three records on disk")
+    finally:
+        proc.kill()
+        proc.wait(10)
+        out.fh.close()
+    with left.open("ab") as fh:
+        fh.write(b'{"request_id": "half')  # the kill came mid-write
+    dead = proc.pid
+
+    port = free_port()
+    proc, out = start(port, "out2.txt")
+    try:
+        assert not left.exists(), "the dead shim's file is closed out at start"
+        (published,) = log_dir.glob(f"requests-*-{dead}-*.jsonl")
+        assert published.name == left.name.removesuffix(".open")
+        recs = [orjson.loads(line) for line in published.read_bytes().splitlines()]
+        assert len(recs) == 3 and all(r["status_code"] == 200 for r in recs)
+        assert live.exists() and live.read_bytes().count(b"\n") == 1
+        for _ in range(2):
+            r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT)
+            assert r.status_code == 200
+    finally:
+        text = _stop(proc, out)
+    assert proc.returncode == 0, text[-4000:]
+    warned = [ln for ln in text.splitlines() if "closed out" in ln]
+    assert len(warned) == 1 and published.name in warned[0] and "WARNING" in warned[0], text
+    assert sorted(p.name for p in log_dir.glob("*.open")) == [live.name], "SIGTERM: none left"
+    files = sorted(log_dir.glob("requests-*.jsonl"))
+    recs = [orjson.loads(line) for p in files for line in p.read_bytes().splitlines()]
+    assert len(recs) == 5 and len({r["request_id"] for r in recs}) == 5
+
+
+def test_closing_out_dead_writers_spares_live_ones_and_finishes_claims(tmp_path):
+    """The start-up close-out: dead pids' files only, a claim whose claimer died is finished,
+    a file its writer already published (hard link, then killed) is not published twice."""
+    from finops.shim.requestlog import recover_dead_writers
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    me, d = os.getpid(), dead.pid
+    own = tmp_path / f"requests-20240101T000000Z-{me}-0001-aaaa.jsonl.open"
+    own.write_bytes(b"{}\n")
+    parent = tmp_path / f"requests-20240101T000000Z-{os.getppid()}-0001-bbbb.jsonl.open"
+    parent.write_bytes(b"{}\n")
+    left = tmp_path / f"requests-20240101T000000Z-{d}-0001-cccc.jsonl.open"
+    left.write_bytes(b'{"a": 1}\n{"a": 2}\n{"a"')
+    empty = tmp_path / f"requests-20240101T000000Z-{d}-0002-dddd.jsonl.open"
+    empty.write_bytes(b'{"half')
+    claimed = tmp_path / f"requests-20240101T000000Z-{d}-0003-eeee.jsonl.open.{d}-ffff.claim"
+    claimed.write_bytes(b'{"a": 3}\n')
+    done = tmp_path / f"requests-20240101T000000Z-{d}-0004-gggg.jsonl"
+    done.write_bytes(b'{"a": 4}\n')
+    os.link(done, tmp_path / f"{done.name}.open")  # published, then killed before the unlink
+
+    out = recover_dead_writers(tmp_path)
+    assert sorted(p.name for p in out) == sorted(
+        [left.name.removesuffix(".open"), claimed.name.split(".jsonl")[0] + ".jsonl"]
+    )
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        [own.name, parent.name, done.name, *(p.name for p in out)]
+    )
+    assert (tmp_path / left.name.removesuffix(".open")).read_bytes() == b'{"a": 1}\n{"a": 2}\n'
+    # a process that has not opened a log yet: a file with its pid is an earlier process's
+    assert [p.name for p in recover_dead_writers(tmp_path, own_pid_is_stale=True)] == [
+        own.name.removesuffix(".open")
+    ]
+    assert parent.exists()
+
+
+def test_a_sighup_while_the_shim_starts_does_not_kill_it(upstream):
+    """SIGHUP's default action is to terminate; a reload asked for while the router loads
+    (seconds with a trained artifact) killed the process (status 129)."""
+    port = free_port()
+    proc = subprocess.Popen(
+        [FINOPS, "shim", "serve", "--port", str(port), "--upstream", f"small={upstream}"],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        # the banner comes after the config and router are checked, before serving
+        for line in proc.stderr:
+            if b"finops shim on" in line:
+                break
+        proc.send_signal(signal.SIGHUP)
+        wait_http(f"http://127.0.0.1:{port}/healthz", timeout=60)
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    assert proc.returncode == 0

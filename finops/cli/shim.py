@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -131,6 +132,9 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible shim (SIGHUP reloads config and router)."""
+    # a reload asked for while the router loads (seconds) must not kill the process:
+    # SIGHUP's default action is to terminate; the app installs its handler once serving
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     if log_level.lower() not in LOG_LEVELS:
         fail(f"--log-level: expected one of {'|'.join(LOG_LEVELS)}, got {log_level!r}")
     log_level = log_level.lower()

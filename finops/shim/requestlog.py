@@ -178,6 +178,56 @@ def _rename_no_replace(src: Path, final: Path) -> Path:
     raise FileExistsError(errno.EEXIST, "no free name", str(final))
 
 
+_CLAIM = ".claim"
+
+
+def _published_name(path: Path) -> Path:
+    """`requests-....jsonl` for a `.jsonl.open` file or a claim of one."""
+    return path.with_name(path.name.split(".jsonl", 1)[0] + ".jsonl")
+
+
+def _close_out(path: Path) -> Path | None:
+    """Cut `path` (a dead writer's `.jsonl.open`) after its last whole line and publish it.
+
+    The file is first renamed to a name of this process's own, `<name>.<pid>-<token>.claim`
+    (atomic: of two processes closing out the same file, one gets it, the other finds it
+    gone and skips it), so a file is never published twice. Returns the `.jsonl` name,
+    or None (empty: removed; already taken by another process: skipped).
+    """
+    base = path.name.split(".jsonl", 1)[0] + ".jsonl.open"
+    claim = path.with_name(f"{base}.{os.getpid()}-{_token()}{_CLAIM}")
+    try:
+        os.rename(path, claim)
+    except FileNotFoundError:
+        return None
+    if os.stat(claim).st_nlink > 1:  # its writer died between publishing and unlinking it
+        claim.unlink()
+        return None
+    data = claim.read_bytes()
+    keep = data[: data.rfind(b"\n") + 1]
+    if len(keep) != len(data):
+        with open(claim, "r+b") as fh:
+            fh.truncate(len(keep))
+    if not keep:
+        claim.unlink()
+        return None
+    return _rename_no_replace(claim, _published_name(path))
+
+
+def _claimer_pid(path: Path) -> int | None:
+    """The pid of the process that claimed a file (`....jsonl.open.<pid>-<token>.claim`)."""
+    head = path.name[: -len(_CLAIM)].rsplit(".", 1)[-1].split("-", 1)[0]
+    return int(head) if head.isdigit() else None
+
+
+def _writer_pid(path: Path) -> int | None:
+    """The pid in a log file's name (the third dash-separated field), or None."""
+    parts = path.name.split("-")
+    if len(parts) < 4 or not parts[2].isdigit():
+        return None
+    return int(parts[2])
+
+
 def recover_open_files(folder: Path, pid: int) -> list[Path]:
     """Close out the files a dead writer (process `pid`) left open; returns them.
 
@@ -188,17 +238,71 @@ def recover_open_files(folder: Path, pid: int) -> list[Path]:
     """
     done = []
     for path in sorted(Path(folder).glob(f"requests-*-{pid}-*.jsonl.open")):
-        if path.name.split("-")[2] != str(pid):  # the glob also matches seq/token == pid
+        if _writer_pid(path) != pid:  # the glob also matches seq/token == pid
             continue
-        data = path.read_bytes()
-        keep = data[: data.rfind(b"\n") + 1]
-        if len(keep) != len(data):
-            with open(path, "r+b") as fh:
-                fh.truncate(len(keep))
-        if keep:
-            done.append(_rename_no_replace(path, path.with_suffix("")))
-        else:
-            path.unlink()
+        final = _close_out(path)
+        if final is not None:
+            done.append(final)
+    return done
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process `pid` exists (signal 0 checks without sending anything).
+
+    A process of another user answers EPERM: it exists. Only "no such process" is dead;
+    pid 0 and negative pids (process groups) are never treated as dead.
+    """
+    if pid <= 0:
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    except OSError:
+        return True  # unsure: keep the file
+    return True
+
+
+def recover_dead_writers(folder: Path, *, own_pid_is_stale: bool = False) -> list[Path]:
+    """Close out every `.jsonl.open` file in `folder` whose writer is no longer running.
+
+    Called when a shim starts with a log folder (one process, or the supervisor of
+    several before its workers start): a shim killed hard (kill -9, OOM, power loss)
+    leaves its open file behind, and no one else would ever close it out. Files of
+    live processes (another shim sharing the folder) are never touched.
+    `own_pid_is_stale`: this process has not opened a log file yet, so a file named
+    with its pid was left by an earlier process that had the same pid (a container
+    restarted: the shim is pid 1 again). Returns the `.jsonl` files published.
+    """
+    done = []
+    me = os.getpid()
+    try:
+        paths = sorted(Path(folder).glob("requests-*.jsonl.open"))
+        # a process that died while closing out a file leaves it claimed: finish its work
+        claims = sorted(Path(folder).glob(f"requests-*.jsonl.open.*{_CLAIM}"))
+    except OSError:
+        return done
+    for path in claims:
+        pid = _claimer_pid(path)
+        if pid is not None and pid != me and not pid_alive(pid):
+            with contextlib.suppress(FileNotFoundError):
+                final = _close_out(path)
+                if final is not None:
+                    done.append(final)
+    for path in paths:
+        pid = _writer_pid(path)
+        if pid is None:
+            continue
+        if pid == me:
+            if not own_pid_is_stale:
+                continue
+        elif pid_alive(pid):
+            continue
+        final = _close_out(path)
+        if final is not None:
+            done.append(final)
     return done
 
 

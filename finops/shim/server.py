@@ -14,7 +14,9 @@ import signal
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import uvicorn
@@ -22,6 +24,8 @@ import uvicorn
 from finops.loopback import free_port
 from finops.shim.app import ShimASGI, create_app
 from finops.shim.config import ShimConfig
+
+logger = logging.getLogger("finops.shim")
 
 
 def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
@@ -56,21 +60,72 @@ def configure_logging(log_level: str, tag: str = "") -> None:
     logging.getLogger("httpx").setLevel(logging.WARNING)  # one line per upstream call is noise
 
 
+class _Server(uvicorn.Server):
+    """uvicorn's server, calling `on_started` once it accepts connections."""
+
+    on_started: Callable[[], None] | None = None
+
+    async def startup(self, sockets: list[socket.socket] | None = None) -> None:
+        await super().startup(sockets=sockets)
+        if self.started and self.on_started is not None:
+            self.on_started()
+
+
+def recover_log_folder(log_dir: Path | None, *, own_pid_is_stale: bool = False) -> list[Path]:
+    """Close out the `.jsonl.open` request-log files that processes no longer running left
+    in `log_dir` (a shim killed hard never renames its file), with a warning per file.
+
+    Done when a shim starts (one process, or a supervisor before its workers start), so
+    a restart publishes what the killed process wrote. Files of live processes (another
+    shim sharing the folder) are left alone. Errors are logged, never raised.
+    """
+    if log_dir is None:
+        return []
+    from finops.shim.requestlog import recover_dead_writers
+
+    try:
+        done = recover_dead_writers(log_dir, own_pid_is_stale=own_pid_is_stale)
+    except OSError as exc:
+        logger.error("request log %s: could not close out files left open: %s", log_dir, exc)
+        return []
+    for path in done:
+        logger.warning(
+            "request log: closed out %s, left open by process %s (no longer running)",
+            path,
+            path.name.split("-")[2],
+        )
+    return done
+
+
 def serve(
     cfg: ShimConfig,
     *,
     log_level: str = "info",
     sockets: list[socket.socket] | None = None,
     log_tag: str = "",
+    app: Any = None,
+    recover_logs: bool = True,
+    on_started: Callable[[], None] | None = None,
 ) -> None:
     """Serve in the foreground until SIGINT/SIGTERM (SIGHUP reloads).
 
-    `sockets`: listen on these already-bound sockets (a worker of `serve_workers`)
-    instead of binding cfg.host:cfg.port.
+    `sockets`: listen on these already-bound sockets (the CLI binds its port itself;
+    the workers of `serve_workers` share the supervisor's) instead of binding
+    cfg.host:cfg.port. `app`: serve this app, built from `cfg` by the caller, instead
+    of `create_app(cfg)`. `recover_logs`: first close out the request-log files that
+    processes no longer running left open in `cfg.log_dir` (a worker passes False: its
+    supervisor does it at start, and for each worker that dies).
+    `on_started`: called once the server accepts connections (a worker tells its
+    supervisor it serves).
     """
     configure_logging(log_level, log_tag)
-    app = create_app(cfg)
-    server = uvicorn.Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level))
+    if recover_logs:
+        # before this process opens a log file: one named with our pid is an earlier one's
+        recover_log_folder(cfg.log_dir, own_pid_is_stale=app is None)
+    if app is None:
+        app = create_app(cfg)
+    server = _Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level))
+    server.on_started = on_started
 
     # uvicorn re-raises a SIGTERM it caught once it has drained, under the handler that was
     # there before it; with the default one the process then dies by the signal (status

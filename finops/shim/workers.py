@@ -15,8 +15,17 @@ cores serves more by running more processes, as gunicorn and uvicorn do with
   records (the supervisor says so at start); breakers and retry budgets are per
   worker;
 - SIGHUP reloads every worker; SIGTERM or SIGINT drains them (in-flight requests
-  finish, logs are fsynced); a worker that dies is restarted, and a worker that
-  keeps dying at start stops the supervisor with an error instead of looping.
+  finish, logs are fsynced); a worker that dies is restarted (the request-log file it
+  left open is closed out; at start, so are those of processes no longer running);
+- the supervisor keeps a verified copy of the config and router artifact the workers
+  serve (checked at start, again at each SIGHUP and, with `[server] watch`, when the
+  files change): a worker restarted while the files are bad (a tampered manifest, a
+  broken config) serves that copy, as its siblings do, with one warning line, instead
+  of dying in a loop;
+- a worker that cannot start at all logs one line and exits 3. While another worker
+  serves, the supervisor keeps restarting it with a growing delay and says so; only
+  when workers keep dying at start and none is serving does it stop with status 1
+  (a bad file never makes it drain a healthy worker).
 """
 
 from __future__ import annotations
@@ -28,17 +37,38 @@ import os
 import shutil
 import signal
 import socket
+import sys
 import tempfile
 import time
+from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Any
 
-from finops.shim.config import ConfigError, ShimConfig, reread_config
+from finops.shim.config import ShimConfig, reread_config
 from finops.shim.metrics import MULTIPROC_ENV
 
 log = logging.getLogger("finops.shim.workers")
 
 CRASH_WINDOW_S = 10.0  # a worker that dies this soon after starting counts as a crash at start
 MAX_QUICK_CRASHES = 3
+BACKOFF_S = 2.0  # first delay before restarting a worker that keeps failing while others serve
+BACKOFF_MAX_S = 60.0
+WATCH_POLL_S = 2.0  # with [server] watch: how often the supervisor looks for changed files
+EXIT_CANNOT_START = 3  # a worker's exit status when it can load neither the files nor the copy
+KEEP_COPIES = 2  # verified artifact copies kept (the current one and the one before)
+
+
+@dataclass(frozen=True)
+class LastGood:
+    """The config and router the workers serve, as last verified by the supervisor.
+
+    `artifact` is a private verified copy of `cfg.router_path` (None: no artifact, the
+    rule policy). A worker that cannot load the files as they are now serves this.
+    """
+
+    cfg: ShimConfig
+    artifact: Path | None
+    version: str
 
 
 def bind_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
@@ -70,22 +100,87 @@ def _exit_with_parent(parent: int) -> None:
         os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker(cfg: ShimConfig, sock: socket.socket, index: int, log_level: str, parent: int) -> None:
+class _CannotStart(Exception):
+    """A worker can load neither the files nor the last good copy (the message says why)."""
+
+
+def _reason(exc: BaseException) -> str:
+    return f"{type(exc).__name__}: {exc}"
+
+
+def _worker_setup(cfg: ShimConfig, last_good: LastGood | None, wlog: logging.Logger) -> tuple:
+    """(config, router) for a worker starting now: the files as they are now, like its
+    siblings after a reload; if they are refused, the supervisor's last good copy.
+    Raises _CannotStart (one line: which file, why) when neither loads."""
+    from finops.shim.app import build_router
+
+    try:
+        new = reread_config(cfg)
+    except Exception as exc:  # ConfigError; OSError from a file that went away
+        problem = f"config file {cfg.source_path} refused ({_reason(exc)})"
+    else:
+        try:
+            return new, build_router(new)
+        except Exception as exc:  # ArtifactError, OSError, ValueError (tiers), ImportError
+            problem = f"router {new.router_path or 'rules'} refused ({_reason(exc)})"
+    wlog.debug("the files as they are now are refused", exc_info=True)
+    if last_good is None:
+        raise _CannotStart(f"{problem}; no verified copy to fall back to")
+    try:
+        router = build_router(replace(last_good.cfg, router_path=last_good.artifact))
+    except Exception as exc:
+        raise _CannotStart(
+            f"{problem}; the last good copy {last_good.artifact} failed too ({_reason(exc)})"
+        ) from None
+    router.path = last_good.cfg.router_path  # a later reload loads the real path again
+    wlog.warning(
+        "%s; serving the last good config and router %s (verified copy %s), as the other "
+        "workers do, until a reload succeeds",
+        problem,
+        router.version,
+        last_good.artifact or "of the rule policy",
+    )
+    return last_good.cfg, router
+
+
+def _worker(
+    cfg: ShimConfig,
+    sock: socket.socket,
+    index: int,
+    log_level: str,
+    parent: int,
+    last_good: LastGood | None = None,
+    ready: Any = None,
+) -> None:
     """One worker process: the ordinary shim app under uvicorn, on the shared socket."""
-    from finops.shim.server import serve
+    from finops.shim.app import create_app
+    from finops.shim.server import configure_logging, serve
 
     # a reload forwarded before the app installs its handler must not kill the worker
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_parent(parent)
-    # a worker restarted after a reload serves what the file says now, like its siblings
-    # (the supervisor's copy is the config at start); a file broken since keeps that copy
+    tag = f"worker-{index}"
+    configure_logging(log_level, tag)
+    wlog = logging.getLogger("finops.shim")
+    # a worker restarted after a reload serves what the files say now, like its siblings
+    # (the supervisor's copy is the config at start); files broken since: the last good copy
     try:
-        cfg = reread_config(cfg)
-    except ConfigError as exc:
-        logging.getLogger("finops.shim").error(
-            "worker-%d: config file refused, serving the config of the start: %s", index, exc
-        )
-    serve(cfg, log_level=log_level, sockets=[sock], log_tag=f"worker-{index}")
+        cfg, router = _worker_setup(cfg, last_good, wlog)
+        app = create_app(cfg, router=router)
+    except Exception as exc:  # one line, no traceback: the supervisor restarts or stops
+        wlog.debug("start failed", exc_info=True)
+        msg = str(exc) if isinstance(exc, _CannotStart) else _reason(exc)
+        wlog.error("cannot start: %s", msg)
+        sys.exit(EXIT_CANNOT_START)
+    serve(
+        cfg,
+        app=app,
+        log_level=log_level,
+        sockets=[sock],
+        log_tag=tag,
+        recover_logs=False,  # the supervisor does it (at start, and for each dead worker)
+        on_started=None if ready is None else ready.set,
+    )
 
 
 class Supervisor:
@@ -100,19 +195,37 @@ class Supervisor:
         self._ctx = multiprocessing.get_context("spawn")  # no fork after numpy/BLAS threads
         self._procs: list[Any] = []
         self._started: list[float] = []
+        self._ready: list[Any] = []  # per worker: an Event it sets once it serves
+        self._slot_crashes: list[int] = []  # per worker slot: quick deaths in a row
+        self._due: list[float | None] = []  # per slot: when a delayed restart is due
         self._quick_crashes = 0
         self._stop_signal: int | None = None
         self._reload = False
+        self.last_good: LastGood | None = None
+        self._copies_dir: Path | None = None
+        self._copies: list[Path] = []
+        self._signature: tuple = ()
 
     def _spawn(self, index: int, sock: socket.socket) -> Any:
+        ready = self._ctx.Event()
         p = self._ctx.Process(
             target=_worker,
-            args=(self.cfg, sock, index, self.log_level, os.getpid()),
+            args=(self.cfg, sock, index, self.log_level, os.getpid(), self.last_good, ready),
             name=f"finops-shim-worker-{index}",
             daemon=False,
         )
         p.start()
         log.info("worker %d started (pid %d)", index, p.pid)
+        if index < len(self._procs):
+            self._procs[index] = p
+            self._started[index] = time.monotonic()
+            self._ready[index] = ready
+        else:
+            self._procs.append(p)
+            self._started.append(time.monotonic())
+            self._ready.append(ready)
+            self._slot_crashes.append(0)
+            self._due.append(None)
         return p
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -125,6 +238,7 @@ class Supervisor:
         """Serve until SIGTERM/SIGINT; returns the exit status (0 clean, 1 crash loop)."""
         sock = bind_socket(self.cfg.host, self.cfg.port)  # first: a busy port is the usual error
         metrics_dir = tempfile.mkdtemp(prefix="finops-shim-metrics-")
+        self._copies_dir = Path(tempfile.mkdtemp(prefix="finops-shim-router-"))
         previous = os.environ.get(MULTIPROC_ENV)
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
         handlers = {
@@ -140,9 +254,21 @@ class Supervisor:
                     "and billed again)",
                     self.workers,
                 )
+            from finops.shim.server import recover_log_folder
+
+            recover_log_folder(self.cfg.log_dir)  # files earlier shims killed hard left open
+            self._signature = self._files_signature(self.cfg)
+            try:
+                self.last_good = self._verify(self.cfg)
+            except Exception as exc:
+                log.error(
+                    "router %s: cannot keep a verified copy (%s); a worker that cannot load "
+                    "the files will not start",
+                    self.cfg.router_path,
+                    _reason(exc),
+                )
             for i in range(self.workers):
-                self._procs.append(self._spawn(i, sock))
-                self._started.append(time.monotonic())
+                self._spawn(i, sock)
             status = self._watch(sock)
         finally:
             self._drain()
@@ -150,40 +276,157 @@ class Supervisor:
                 signal.signal(s, h)
             sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            shutil.rmtree(self._copies_dir, ignore_errors=True)
             if previous is None:
                 os.environ.pop(MULTIPROC_ENV, None)
             else:
                 os.environ[MULTIPROC_ENV] = previous
         return status
 
+    # -- the last good config and router --
+    def _verify(self, cfg: ShimConfig) -> LastGood:
+        """Verify cfg's router and keep a private copy of its artifact; raises if refused."""
+        from finops.shim.app import build_router
+
+        if cfg.router_path is None:
+            return LastGood(cfg, None, build_router(cfg).version)
+        from finops.router.artifact import copy_verified
+        from finops.shim.policy import Router
+
+        assert self._copies_dir is not None
+        dst = self._copies_dir / f"router-{len(self._copies) + 1}-{time.monotonic_ns()}"
+        try:
+            policy = copy_verified(cfg.router_path, dst)
+            Router(policy, cfg.tier_names)  # it routes only to tiers the config has
+        except BaseException:
+            shutil.rmtree(dst, ignore_errors=True)
+            raise
+        self._copies.append(dst)
+        for old in self._copies[:-KEEP_COPIES]:  # a worker starting now may still read the last
+            shutil.rmtree(old, ignore_errors=True)
+        self._copies = self._copies[-KEEP_COPIES:]
+        return LastGood(cfg, dst, str(policy.version))
+
+    @staticmethod
+    def _files_signature(cfg: ShimConfig) -> tuple:
+        """What the config file and the router artifact look like on disk (changes only)."""
+        out: list[Any] = []
+        for p in (cfg.source_path, cfg.router_path):
+            if p is None:
+                out.append(None)
+                continue
+            real = Path(p).resolve()
+            files = [real / "manifest.json", real / "model.skops"] if real.is_dir() else [real]
+            entry: list[Any] = [str(real)]
+            for f in files:
+                try:
+                    st = f.stat()
+                    entry.append((st.st_ino, st.st_size, st.st_mtime_ns))
+                except OSError:
+                    entry.append(None)
+            out.append(tuple(entry))
+        return tuple(out)
+
+    def _refresh_last_good(self, why: str) -> None:
+        """Verify the files as they are now (the workers reload them too); keep a copy if good."""
+        try:
+            cfg = reread_config(self.cfg)
+        except Exception as exc:  # ConfigError, OSError
+            self._signature = self._files_signature(self.cfg)
+            problem = f"config file {self.cfg.source_path} refused ({_reason(exc)})"
+        else:
+            self._signature = self._files_signature(cfg)
+            try:
+                self.last_good = self._verify(cfg)
+                return
+            except Exception as exc:  # ArtifactError, OSError, ValueError (tiers)
+                problem = f"router {cfg.router_path} refused ({_reason(exc)})"
+        log.warning(
+            "%s: %s; a worker restarted from now on serves the last good copy (router %s)",
+            why,
+            problem,
+            self.last_good.version if self.last_good else None,
+        )
+
+    # -- watching the workers --
+    def _serving(self, but: int) -> int:
+        """Workers other than `but` that are alive and serve (said so, or lived long)."""
+        now = time.monotonic()
+        return sum(
+            1
+            for j, p in enumerate(self._procs)
+            if j != but
+            and self._due[j] is None
+            and p.is_alive()
+            and (self._ready[j].is_set() or now - self._started[j] >= CRASH_WINDOW_S)
+        )
+
     def _watch(self, sock: socket.socket) -> int:
         from prometheus_client import multiprocess
 
+        next_poll = time.monotonic() + WATCH_POLL_S
         while self._stop_signal is None:
             time.sleep(0.2)
             if self._reload:
                 self._reload = False
-                log.info("SIGHUP: reloading %d workers", len(self._procs))
-                for p in self._procs:
+                alive = [p for i, p in enumerate(self._procs) if self._due[i] is None]
+                log.info("SIGHUP: reloading %d workers", len(alive))
+                for p in alive:
                     if p.is_alive():
                         with contextlib.suppress(ProcessLookupError):
                             os.kill(p.pid, signal.SIGHUP)
+                self._refresh_last_good("SIGHUP")
+                for i, due in enumerate(self._due):
+                    if due is not None:  # the files may be fixed: a waiting worker starts now
+                        self._due[i] = time.monotonic()
+            elif self.cfg.watch and time.monotonic() >= next_poll:
+                next_poll = time.monotonic() + WATCH_POLL_S
+                current = self.last_good.cfg if self.last_good else self.cfg
+                if self._files_signature(current) != self._signature:
+                    self._refresh_last_good("file change")
             for i, p in enumerate(self._procs):
-                if p.is_alive() or self._stop_signal is not None:
+                if self._stop_signal is not None:
+                    break
+                due = self._due[i]
+                if due is not None:
+                    if time.monotonic() >= due:
+                        self._due[i] = None
+                        self._spawn(i, sock)
+                    continue
+                if p.is_alive():
                     continue
                 multiprocess.mark_process_dead(p.pid)
                 lived = time.monotonic() - self._started[i]
                 log.error("worker %d (pid %d) exited with %s", i, p.pid, p.exitcode)
                 self._recover_log(p.pid)
-                self._quick_crashes = self._quick_crashes + 1 if lived < CRASH_WINDOW_S else 0
-                if self._quick_crashes >= MAX_QUICK_CRASHES:
+                quick = lived < CRASH_WINDOW_S
+                self._quick_crashes = self._quick_crashes + 1 if quick else 0
+                self._slot_crashes[i] = self._slot_crashes[i] + 1 if quick else 0
+                serving = self._serving(but=i)
+                if not serving and self._quick_crashes >= MAX_QUICK_CRASHES:
                     log.error(
-                        "workers keep dying within %.0f s of starting; stopping (see the log above)",
+                        "workers keep dying within %.0f s of starting and none is serving; "
+                        "stopping (see the log above)",
                         CRASH_WINDOW_S,
                     )
                     return 1
-                self._procs[i] = self._spawn(i, sock)
-                self._started[i] = time.monotonic()
+                crashes = self._slot_crashes[i]
+                if serving and crashes >= MAX_QUICK_CRASHES:
+                    delay = min(BACKOFF_MAX_S, BACKOFF_S * 2 ** (crashes - MAX_QUICK_CRASHES))
+                    log.error(
+                        "worker %d died within %.0f s of starting %d times in a row; %d other "
+                        "worker(s) still serving, so the supervisor keeps them and restarts "
+                        "worker %d in %.0f s (backoff; SIGHUP retries at once)",
+                        i,
+                        CRASH_WINDOW_S,
+                        crashes,
+                        serving,
+                        i,
+                        delay,
+                    )
+                    self._due[i] = time.monotonic() + delay
+                    continue
+                self._spawn(i, sock)
         log.info("signal %d: draining %d workers", self._stop_signal, len(self._procs))
         return 0
 
