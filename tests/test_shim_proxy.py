@@ -1392,3 +1392,36 @@ def test_a_refused_request_keeps_its_feature(tmp_path, fakes):
         assert httpx.post(h.base_url + "/chat/completions", json=big, headers=hd).status_code == 413
         recs = _records(h.shim, 2)
     assert [r["feature"] for r in recs] == ["search", "search"]
+
+
+@pytest.mark.parametrize("operation", ["chat", "completions"])
+def test_a_stream_keeps_vllms_fingerprint_when_the_usage_chunk_is_dropped(
+    tmp_path, fakes, operation
+):
+    """vLLM sends system_fingerprint on a stream's last chunk. The shim asks for the usage
+    chunk, which then is the last one, and drops it for a client that did not ask: the
+    fingerprint moves to the finish chunk, where vLLM would have put it."""
+    from finops.shim.fakeupstream import FINGERPRINT
+
+    _, url = fakes(tokens=3)
+    if operation == "chat":
+        body = {**CHAT, "stream": True, "max_tokens": 3}
+    else:
+        body = {"model": "auto", "prompt": "hi", "stream": True, "max_tokens": 3}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        for include_usage in (False, True):
+            req = {**body, "stream_options": {"include_usage": True}} if include_usage else body
+            r = httpx.post(
+                f"{h.base_url}/{operation.replace('chat', 'chat/completions')}", json=req
+            )
+            events = [
+                orjson.loads(e[6:]) for e in r.content.split(b"\n\n") if e.startswith(b"data: {")
+            ]
+            last = events[-1]
+            assert last["system_fingerprint"] == FINGERPRINT, events
+            if include_usage:
+                assert last["choices"] == [] and last["usage"]["completion_tokens"] == 3
+            else:
+                assert last["choices"][0]["finish_reason"] == "length" and "usage" not in last
+            assert sum("system_fingerprint" in e for e in events) == 1
+            assert r.content.endswith(b"data: [DONE]\n\n")

@@ -39,6 +39,9 @@ TOOL_CALL = {
 }
 
 
+FINGERPRINT = "fake-0.1"  # system_fingerprint, on a stream's last chunk as vLLM sends it
+
+
 class FakeUpstream:
     def __init__(
         self,
@@ -241,6 +244,8 @@ class FakeUpstream:
                         else {"tokens": [text], "token_logprobs": [-0.5], "top_logprobs": None}
                     )
                 ev = {**base, "choices": [ch]}
+                if i == ntok - 1 and not include_usage:
+                    ev["system_fingerprint"] = FINGERPRINT  # vLLM: on the last chunk only
                 if per_chunk:
                     ev["usage"] = {
                         "prompt_tokens": ptoks,
@@ -263,7 +268,9 @@ class FakeUpstream:
                     "completion_tokens": ntok,
                     "total_tokens": ptoks + ntok,
                 }
-                tail = self._event({**base, "choices": [], "usage": usage})
+                tail = self._event(
+                    {**base, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT}
+                )
             await send(
                 {
                     "type": "http.response.body",

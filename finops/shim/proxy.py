@@ -1091,6 +1091,7 @@ class ProxyEndpoint:
             "error": None,  # an error event the upstream sent in the stream
         }
         buf = b""
+        held: bytes | None = None  # a finish chunk waiting for the usage chunk we drop
         crlf = False
         eof = False
         failure: tuple[int, str, str] | None = None  # (status, error_type, message)
@@ -1120,10 +1121,31 @@ class ProxyEndpoint:
                     ev = buf[: i + 2]
                     buf = buf[i + 2 :]
                     fwd = self._inspect_event(ev, state, strip_usage, collect, ctx)
-                    if fwd:
-                        out.append(ev)
+                    finished = state.pop("finish_event", False)
+                    if held is not None:  # released before whatever comes next
+                        fp = state.pop("stripped_fp", None)
+                        if fp is not None:
+                            held = _with_fingerprint(held, fp)
+                        out.append(held)
                         if sent is not None:
-                            sent.append(ev)
+                            sent.append(held)
+                        held = None
+                    if not fwd:
+                        continue
+                    if strip_usage and finished:
+                        # vLLM puts system_fingerprint on its last chunk: with the usage we
+                        # asked for, that is the usage chunk we drop, so the finish chunk
+                        # waits for it (it follows at once) and takes its fingerprint
+                        held = ev
+                        continue
+                    out.append(ev)
+                    if sent is not None:
+                        sent.append(ev)
+                if held is not None and eof:  # the stream ended without [DONE]
+                    out.append(held)
+                    if sent is not None:
+                        sent.append(held)
+                    held = None
                 if out:
                     now = time.perf_counter()
                     if now - yielded > YIELD_EVERY_S:
@@ -1347,6 +1369,7 @@ class ProxyEndpoint:
                 fr = ch.get("finish_reason")
                 if fr:
                     rec["finish_reason"] = fr
+                    state["finish_event"] = True
             return True
         if "error" in obj or obj.get("object") == "error":
             # vLLM reports a failure mid-stream in band: an error event, then [DONE]. The
@@ -1354,7 +1377,11 @@ class ProxyEndpoint:
             state["error"] = obj.get("error") if isinstance(obj.get("error"), dict) else obj
             return True
         # no choices: the usage-only chunk we injected
-        return not (usage and strip_usage)
+        if usage and strip_usage:
+            if obj.get("system_fingerprint"):
+                state["stripped_fp"] = obj["system_fingerprint"]
+            return False
+        return True
 
     def _finish(self, ctx: Ctx) -> None:
         """Log the record and the per-request metrics (never raises)."""
@@ -1400,6 +1427,19 @@ def _sse_start(ctx: Ctx, now: float) -> dict:
         "status": 200,
         "headers": SSE_HEADERS + ctx.headers(now),
     }
+
+
+def _with_fingerprint(ev: bytes, fp: Any) -> bytes:
+    """An SSE chunk event with `system_fingerprint` set (kept as is if it has one)."""
+    j = ev.find(b"data:")
+    try:
+        obj = orjson.loads(ev[j + 5 :].strip())
+    except orjson.JSONDecodeError:
+        return ev
+    if not isinstance(obj, dict) or obj.get("system_fingerprint"):
+        return ev
+    obj["system_fingerprint"] = fp
+    return b"data: " + orjson.dumps(obj) + b"\n\n"
 
 
 def _meta_of(meta: dict) -> dict:
