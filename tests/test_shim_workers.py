@@ -239,18 +239,22 @@ def test_workers_flag_and_config_are_validated(tmp_path):
     import socket
 
     up = "small=http://127.0.0.1:9"
-    with socket.socket() as taken:
-        taken.bind(("127.0.0.1", 0))
-        taken.listen()
-        port = taken.getsockname()[1]
-        r = subprocess.run(
-            [*(FINOPS, "shim", "serve", "--workers", "2", "--port", str(port)), "--upstream", up],
-            capture_output=True,
-            text=True,
-            timeout=60,
-        )
-    assert r.returncode != 0 and f"cannot listen on 127.0.0.1:{port}" in r.stderr, r.stderr
-    assert "in use" in r.stderr
+    for workers in ("2", "1"):  # a single process binds its port the same way
+        with socket.socket() as taken:
+            taken.bind(("127.0.0.1", 0))
+            taken.listen()
+            port = taken.getsockname()[1]
+            r = subprocess.run(
+                [
+                    *(FINOPS, "shim", "serve", "--workers", workers, "--port", str(port)),
+                    *("--upstream", up),
+                ],
+                capture_output=True,
+                text=True,
+                timeout=60,
+            )
+        assert r.returncode == 2, (workers, r.stderr)
+        assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
 
 
 def test_workers_exit_when_the_supervisor_is_killed(tmp_path, upstream):
