@@ -1,7 +1,7 @@
 """Cache hits into `cache_events`, so the marts can price what each cache layer saved.
 
 Two producers live here:
-- the routing shim's response cache: each request-log record with
+- the routing shim's response cache: each served request-log record with
   `cache_status` `hit` or `coalesced` spent no upstream tokens; it becomes one
   `shim_response` event carrying the input + output tokens it avoided. The
   request-log ingest (`collectors.logs`) writes these in the same pass.
@@ -37,6 +37,21 @@ def _empty() -> pl.DataFrame:
 _HIT = pl.col("cache_status").cast(pl.String).str.to_lowercase().is_in(SHIM_CACHE_STATUSES)
 
 
+def _served(rows: pl.DataFrame) -> pl.Expr:
+    """The request was answered: status below 400 (or not logged) and no error_type.
+
+    A coalesced follower whose client left (499, client_disconnected) or a hit that
+    failed to be sent saved nothing; a failed or refused request is no original."""
+    ok = pl.lit(True)
+    if "status_code" in rows.columns:
+        code = pl.col("status_code").cast(pl.Int64, strict=False)
+        ok = ok & (code.is_null() | (code < 400))
+    if "error_type" in rows.columns:
+        err = pl.col("error_type").cast(pl.String)
+        ok = ok & (err.is_null() | (err == ""))
+    return ok.fill_null(False)
+
+
 class AvoidedTokens:
     """Finds the tokens a shim cache hit avoided.
 
@@ -57,7 +72,7 @@ class AvoidedTokens:
 
     @staticmethod
     def _candidates(rows: pl.DataFrame) -> pl.DataFrame:
-        """Non-hit rows with usage, as (request_id, ts, tenant, prompt_fingerprint, tokens)."""
+        """Served non-hit rows with usage: (request_id, ts, tenant, prompt_fingerprint, tokens)."""
 
         def text(c: str) -> pl.Expr:
             return pl.col(c).cast(pl.String) if c in rows.columns else pl.lit(None, dtype=pl.String)
@@ -66,7 +81,7 @@ class AvoidedTokens:
         out = pl.col("output_tokens") if "output_tokens" in rows.columns else pl.lit(0)
         hit = _HIT if "cache_status" in rows.columns else pl.lit(False)
         return (
-            rows.filter(~hit.fill_null(False))
+            rows.filter(~hit.fill_null(False) & _served(rows))
             .select(
                 text("request_id").alias("request_id"),
                 pl.col("ts"),
@@ -105,7 +120,10 @@ class AvoidedTokens:
                 "output_tokens",
                 "cache_status",
             ]
-            lazy = pl.scan_parquet(self.lake.files("requests")).select(cols)
+            lazy = pl.scan_parquet(self.lake.files("requests"))
+            have = lazy.collect_schema().names()
+            cols += [c for c in ("status_code", "error_type") if c in have]
+            lazy = lazy.select(cols)
             from_lake = lazy.filter(want(lazy)).collect()
             found.append(self._candidates(from_lake))
         found = [f for f in found if f.height]
@@ -199,6 +217,9 @@ def shim_cache_events(
     A hit (or a request coalesced onto an identical in-flight one) is recorded
     as event `hit`: both avoided an upstream call, and `requests.cache_status`
     keeps which it was. `tokens` is what the hit avoided (`AvoidedTokens`).
+    Only requests that were served count (status below 400, no error_type): a
+    coalesced follower whose client left (499) avoided nothing anyone received.
+    The same rule picks the shim_response line of `finops.costs.cache_savings`.
     The event id derives from the request id, so reading the same log twice
     adds nothing. Rows the requests table would reject (no id, no valid time,
     negative tokens) yield no event.
@@ -215,7 +236,7 @@ def shim_cache_events(
     )
     resolver = resolver or AvoidedTokens()
     resolver.observe(typed)
-    hits = typed.filter(_HIT.fill_null(False))
+    hits = typed.filter(_HIT.fill_null(False) & _served(typed))
     if hits.height == 0:
         return _empty()
     zero = pl.lit(0, dtype=pl.Int64)

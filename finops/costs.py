@@ -558,6 +558,17 @@ def gpu_bill(
 # ----------------------------------------------------------------------------- by dimension
 
 
+def _known(col: str, *, raw: bool = False) -> str:
+    """sum(col) over a group, NULL (unknown) when none of its requests that did GPU work
+    has a price (no GPU data for their tier-hours): requests that did no work cost 0, so
+    summing them alone would show 0 for a group whose cost is in fact unknown. A group
+    only partly priced sums what is known (`sources` notes the unpriced requests)."""
+    return (
+        f"CASE WHEN count(*) FILTER (unpriced) > 0 AND count(*) FILTER (worked AND NOT unpriced) = 0"
+        f" THEN NULL ELSE {col if raw else f'sum({col})'} END"
+    )
+
+
 def by(
     db: duckdb.DuckDBPyConnection,
     dim: str,
@@ -573,7 +584,11 @@ def by(
     cost = sum of per-request costs on `basis`; cost_per_request = cost / requests
     (all requests, failed and cache hits included: what a request really costs);
     usd_per_1k_requests = 1000 x that; usd_per_1m_input_tokens = input_cost /
-    input_tokens x 1e6 (input_tokens as logged, cached ones included);
+    input_tokens x 1e6. Token columns count the requests a model processed
+    (`processed` in sql/marts/31_costs_requests.sql: not served by the shim's cache,
+    hit or coalesced, and not refused by a context cap); prefix-cached input tokens are
+    included in input_tokens. A group whose working requests have no GPU data has cost
+    NULL (unknown), not 0;
     usd_per_1m_output_tokens likewise; leakage_cost = cost of retried/failed
     requests, aborted streams and duplicates (see `leakage`).
     """
@@ -582,6 +597,10 @@ def by(
     b = _basis(basis)
     per = _p(week, start, end, per)
     expr = DIMENSIONS[dim]
+    input_cost, output_cost, cost = (
+        _known(f"{c}_{b}") for c in ("input_cost", "output_cost", "cost")
+    )
+    leakage_cost = _known(f"coalesce(sum(cost_{b}) FILTER (leak IS NOT NULL), 0)", raw=True)
     df = _q(
         db,
         f"""
@@ -590,13 +609,14 @@ def by(
                count(*) FILTER (failed) AS failed,
                count(*) FILTER (is_retry) AS retries,
                count(*) FILTER (cache_status = 'hit') AS cache_hits,
-               CAST(sum(input_tokens) AS BIGINT) AS input_tokens,
-               CAST(sum(output_tokens) AS BIGINT) AS output_tokens,
-               CAST(sum(cached_input_tokens) AS BIGINT) AS cached_input_tokens,
-               sum(input_cost_{b}) AS input_cost,
-               sum(output_cost_{b}) AS output_cost,
-               sum(cost_{b}) AS cost,
-               sum(cost_{b}) FILTER (leak IS NOT NULL) AS leakage_cost
+               CAST(coalesce(sum(input_tokens) FILTER (processed), 0) AS BIGINT) AS input_tokens,
+               CAST(coalesce(sum(output_tokens) FILTER (processed), 0) AS BIGINT) AS output_tokens,
+               CAST(coalesce(sum(cached_input_tokens) FILTER (processed), 0) AS BIGINT)
+                   AS cached_input_tokens,
+               {input_cost} AS input_cost,
+               {output_cost} AS output_cost,
+               {cost} AS cost,
+               {leakage_cost} AS leakage_cost
         FROM marts.request_costs
         WHERE {per.where()}
         GROUP BY ALL
@@ -605,7 +625,6 @@ def by(
     total = df["cost"].sum() if df.height else 0.0
     return (
         df.with_columns(
-            pl.col("leakage_cost").fill_null(0.0),
             (pl.col("cost") / pl.col("requests")).alias("cost_per_request"),
             (pl.col("cost") / pl.col("requests") * 1000).alias("usd_per_1k_requests"),
             (pl.col("input_cost") / pl.col("input_tokens") * 1e6).alias("usd_per_1m_input_tokens"),
@@ -693,9 +712,10 @@ def totals(
         db,
         f"""
         SELECT count(*) AS requests,
-               CAST(coalesce(sum(input_tokens), 0) AS BIGINT) AS input_tokens,
-               CAST(coalesce(sum(output_tokens), 0) AS BIGINT) AS output_tokens,
-               CAST(coalesce(sum(cached_input_tokens), 0) AS BIGINT) AS cached_input_tokens,
+               CAST(coalesce(sum(input_tokens) FILTER (processed), 0) AS BIGINT) AS input_tokens,
+               CAST(coalesce(sum(output_tokens) FILTER (processed), 0) AS BIGINT) AS output_tokens,
+               CAST(coalesce(sum(cached_input_tokens) FILTER (processed), 0) AS BIGINT)
+                   AS cached_input_tokens,
                coalesce(sum(cost_{b}), 0) AS allocated_cost,
                coalesce(sum(input_cost_{b}), 0) AS input_cost,
                coalesce(sum(output_cost_{b}), 0) AS output_cost,
@@ -961,9 +981,18 @@ def cache_savings(
 
     - vllm_prefix: sum over requests of cached_input_tokens x the tier-hour's
       marginal input-token price (prefill cost / uncached input tokens);
-    - shim_response: each response-cache hit valued at what it would have cost
-      upstream: input_tokens x input price + output_tokens x output price of its
-      tier-hour (tier from the request, else the tier its model ran on);
+    - shim_response: each request the shim answered without an upstream call of its
+      own (cache_status `hit`, Idempotency-Key replays included, or `coalesced` onto an
+      identical in-flight request) and that was served (status < 400, no error: a
+      follower whose client left saved nothing), valued at what it avoided: the
+      tokens of the response it replayed x its tier-hour's input/output prices (tier
+      from the request, else the tier its model ran on). The shim logs such a request
+      with 0 tokens (nothing ran), so the avoided tokens are, in order: the record's
+      own tokens when it carries them (demo data, other producers); else those of the
+      original it replayed (`retry_of`, else the latest earlier processed, successful
+      request of the same tenant and prompt fingerprint); else the `shim_response`
+      event's tokens in `cache_events` (priced at the tier-hour's average token price).
+      One value per request: nothing is counted twice;
     - response_cache_potential: the cost of observed exact duplicates that did
       reach the GPUs (leak = 'duplicate').
     Default basis is usage: a cache frees busy GPU time; idle capacity is paid
@@ -981,7 +1010,8 @@ def cache_savings(
         tier_avg AS (
             SELECT tier,
                    sum(pool_{b} * input_share) / nullif(sum(w_in), 0) AS in_price,
-                   sum(pool_{b} * (1 - input_share)) / nullif(sum(w_out), 0) AS out_price
+                   sum(pool_{b} * (1 - input_share)) / nullif(sum(w_out), 0) AS out_price,
+                   sum(pool_{b}) / nullif(sum(w_in) + sum(w_out), 0) AS token_price
             FROM marts.tier_token_prices WHERE {per.where()} GROUP BY ALL
         ),
         r AS (
@@ -992,10 +1022,52 @@ def cache_savings(
         priced AS (
             SELECT r.*,
                    coalesce(p.usd_per_input_token_{b}, a.in_price) AS in_price,
-                   coalesce(p.usd_per_output_token_{b}, a.out_price) AS out_price
+                   coalesce(p.usd_per_output_token_{b}, a.out_price) AS out_price,
+                   coalesce(p.pool_{b} / nullif(p.w_in + p.w_out, 0), a.token_price)
+                       AS token_price
             FROM r
             LEFT JOIN marts.tier_token_prices p ON p.hour = r.hour AND p.tier = r.price_tier
             LEFT JOIN tier_avg a ON a.tier = r.price_tier
+        ),
+        -- served by the shim without an upstream call, and actually served
+        hits AS (
+            SELECT * FROM priced
+            WHERE served_by_cache AND coalesce(status_code, 200) < 400 AND error_type IS NULL
+        ),
+        -- what a hit can have replayed: a processed, successful request with usage
+        originals AS (
+            SELECT request_id, ts, coalesce(tenant, '') AS tenant, prompt_fingerprint,
+                   input_tokens, output_tokens
+            FROM marts.request_work
+            WHERE processed AND coalesce(status_code, 200) < 400 AND error_type IS NULL
+              AND input_tokens + output_tokens > 0
+        ),
+        by_fp AS (
+            SELECT h.request_id, o.input_tokens, o.output_tokens
+            FROM (SELECT request_id, ts, coalesce(tenant, '') AS tenant, prompt_fingerprint
+                  FROM hits WHERE prompt_fingerprint IS NOT NULL) h
+            ASOF JOIN (SELECT * FROM originals WHERE prompt_fingerprint IS NOT NULL) o
+              ON o.tenant = h.tenant AND o.prompt_fingerprint = h.prompt_fingerprint
+             AND h.ts >= o.ts
+        ),
+        events AS (
+            SELECT request_id, max(tokens) AS tokens FROM clean.cache_events
+            WHERE layer = 'shim_response' AND event = 'hit' AND request_id IS NOT NULL
+            GROUP BY ALL
+        ),
+        avoided AS (
+            SELECT h.request_id, h.in_price, h.out_price, h.token_price,
+                CASE WHEN h.input_tokens + h.output_tokens > 0 THEN h.input_tokens
+                     WHEN o.request_id IS NOT NULL THEN o.input_tokens
+                     ELSE f.input_tokens END AS in_tok,
+                CASE WHEN h.input_tokens + h.output_tokens > 0 THEN h.output_tokens
+                     WHEN o.request_id IS NOT NULL THEN o.output_tokens
+                     ELSE f.output_tokens END AS out_tok,
+                e.tokens AS event_tokens
+            FROM hits h
+            LEFT JOIN originals o ON o.request_id = h.retry_of
+            LEFT JOIN by_fp f ON f.request_id = h.request_id
+            LEFT JOIN events e ON e.request_id = h.request_id
         )
         SELECT 'vllm_prefix' AS layer,
                count(*) FILTER (cached_input_tokens > 0 AND worked) AS requests,
@@ -1004,12 +1076,14 @@ def cache_savings(
                'cached prompt tokens x marginal input-token price' AS how
         FROM priced
         UNION ALL
-        SELECT 'shim_response', count(*) FILTER (cache_status = 'hit'),
-               CAST(coalesce(sum(input_tokens + output_tokens) FILTER (cache_status = 'hit'), 0) AS BIGINT),
-               coalesce(sum(input_tokens * in_price + output_tokens * out_price)
-                        FILTER (cache_status = 'hit'), 0),
-               'response-cache hits x what they would have cost upstream'
-        FROM priced
+        SELECT 'shim_response', count(*),
+               CAST(coalesce(sum(coalesce(in_tok + out_tok, event_tokens)), 0) AS BIGINT),
+               coalesce(sum(CASE WHEN in_tok IS NOT NULL
+                                 THEN in_tok * in_price + out_tok * out_price
+                                 ELSE event_tokens * token_price END), 0),
+               'response-cache hits and coalesced requests served x the tokens they avoided'
+               || ' at upstream prices'
+        FROM avoided
         UNION ALL
         SELECT 'response_cache_potential', count(*),
                CAST(coalesce(sum(input_tokens + output_tokens), 0) AS BIGINT), coalesce(sum(cost_{b}), 0),

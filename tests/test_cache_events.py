@@ -235,3 +235,40 @@ def test_zero_token_hits_get_the_replayed_usage(lake: Lake, tmp_path: Path) -> N
         "r7": 122,  # idempotent replay: the original named by retry_of (from the lake)
         "r8": None,
     }
+
+
+def test_unserved_hits_and_coalesced_followers_book_no_savings(lake: Lake, tmp_path: Path) -> None:
+    """A coalesced follower whose client left (499) or a hit that failed saved nothing
+    anyone received: no shim_response event. A failed request is no original either."""
+    log = tmp_path / "shim.jsonl"
+    zero = {"input_tokens": 0, "output_tokens": 0, "prompt_fingerprint": "fpZ", "tenant": "acme"}
+    write_jsonl(
+        log,
+        [
+            _req(1, "miss", tenant="acme", prompt_fingerprint="fpZ", status_code=200),  # 122
+            _req(2, "coalesced", status_code=200, **zero),  # served by the leader
+            _req(3, "coalesced", status_code=499, error_type="client_disconnected", **zero),
+            _req(4, "hit", status_code=500, error_type="server_error", **zero),
+            _req(5, "hit", status_code=200, **zero),
+            # a failed request with usage, later than r1, must not be taken as the original
+            _req(
+                6,
+                "miss",
+                tenant="acme",
+                prompt_fingerprint="fpZ",
+                status_code=400,
+                error_type="context_length_exceeded",
+                input_tokens=90_000,
+                output_tokens=0,
+            ),
+            _req(7, "hit", status_code=200, **zero),
+        ],
+    )
+    report = ingest_file(log, lake)
+    assert report.cache_events == 3
+    got = dict(q(lake, "SELECT request_id, tokens FROM cache_events").iter_rows())
+    assert got == {"r2": 122, "r5": 122, "r7": 122}
+    rows = pl.DataFrame(
+        [_req(8, "coalesced", status_code=499, error_type="client_disconnected", **zero)]
+    ).with_columns(pl.col("ts").str.to_datetime(time_zone="UTC"))
+    assert shim_cache_events(rows, "test").height == 0

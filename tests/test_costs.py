@@ -232,7 +232,11 @@ def test_bill_matches_hand_sql(db) -> None:
 
 def test_request_totals_match_raw(db) -> None:
     t = fc.totals(db, week="2026-W47")
-    n, i, o, c = db.execute("""SELECT count(*), sum(input_tokens), sum(output_tokens),
+    # token columns count what a model processed: not the shim's cache hits (h0..h2 carry
+    # the original's tokens here), not a cap refusal (sql/marts/31_costs_requests.sql)
+    n, i, o, c = db.execute("""SELECT count(*),
+                           sum(input_tokens) FILTER (coalesce(cache_status, '') <> 'hit'),
+                           sum(output_tokens) FILTER (coalesce(cache_status, '') <> 'hit'),
                            sum(coalesce(cached_input_tokens, 0)) FROM raw.requests""").fetchall()[0]
     assert (t["requests"], t["input_tokens"], t["output_tokens"], t["cached_input_tokens"]) == (
         n,
@@ -391,6 +395,19 @@ def test_empty_period_and_missing_gpu_data(db, tmp_path: Path) -> None:
     assert any("no GPU data" in n for n in t["notes"])
     rows = fc.by_tenant(con, week="2026-W47")
     assert rows["cost"].null_count() == rows.height
+
+
+def test_cost_without_gpu_data_is_unknown_in_every_group(tmp_path: Path) -> None:
+    """No GPU data: a tier whose requests include cache hits (cost 0, no work) must not
+    show $0 while the others show NULL: every group's cost is unknown."""
+    lake = Lake(tmp_path / "lake", fsync=False)
+    lake.append("requests", _request_rows(), source="test", now=T0 + dt.timedelta(days=30))
+    con = finops.connect(lake.path)
+    for dim in ("tier", "tenant", "feature"):
+        rows = fc.by(con, dim, week="2026-W47")
+        assert rows["requests"].sum() == 51
+        for col in ("cost", "input_cost", "output_cost", "leakage_cost"):
+            assert rows[col].null_count() == rows.height, (dim, col)
 
 
 def test_cap_savings(db) -> None:
@@ -634,3 +651,70 @@ def test_gpu_util_hourly_agrees_with_gpu_hourly_and_ignores_reloads(tmp_path: Pa
     for c in ("util", "sm_active", "gpu_util"):
         assert mine[c].to_list() == pytest.approx(ref[c].to_list())
     assert mine["util_signal"].to_list() == ref["util_signal"].to_list()
+
+
+def test_shim_response_savings_are_what_hits_avoided(tmp_path: Path) -> None:
+    """The shim logs a hit (and a coalesced follower) with 0 tokens: nothing ran. The
+    shim_response line values what it avoided (the original's tokens), counts served
+    coalesced followers too, skips a follower whose client left, counts a hit that
+    carries its own tokens (demo data) once, and agrees with cache_events."""
+    from collectors.logs import ingest_file
+
+    lake = Lake(tmp_path / "lake", fsync=False)
+    assert lake.append("gpu_samples", _gpu_rows(), source="test").rejected == 0
+
+    def rec(rid: str, minute: int, status: str, fp: str, i: int = 0, o: int = 0, **kw) -> dict:
+        return {
+            "request_id": rid,
+            "ts": (T0 + dt.timedelta(minutes=minute)).isoformat().replace("+00:00", "Z"),
+            "tenant": "acme",
+            "feature": "chat",
+            "tier": "small",
+            "response_model": "model-small",
+            "input_tokens": i,
+            "output_tokens": o,
+            "status_code": 200,
+            "cache_status": status,
+            "prompt_fingerprint": fp,
+            **kw,
+        }
+
+    log = tmp_path / "requests-1.jsonl"
+    recs = [
+        rec("origA", 10, "miss", "fpA", 300, 60),
+        rec("origB", 11, "miss", "fpB", 100, 20),
+        rec("hit", 20, "hit", "fpA"),
+        rec("co", 21, "coalesced", "fpA"),
+        rec("gone", 22, "coalesced", "fpA", status_code=499, error_type="client_disconnected"),
+        rec("replay", 23, "hit", "fpB", retry_of="origB", attempt=2),
+        rec("own", 24, "hit", "fpA", 300, 60),  # a producer that logs the replayed usage
+    ]
+    log.write_text("".join(json.dumps(r) + "\n" for r in recs))
+    report = ingest_file(log, lake)
+    assert report.rejected == 0
+    con = finops.connect(lake.path)
+    cs = fc.cache_savings(con, week="2026-W47")
+    shim = cs.filter(pl.col("layer") == "shim_response").row(0, named=True)
+    assert shim["requests"] == 4  # hit, co, replay, own; not the follower that left
+    assert shim["tokens"] == 360 + 360 + 120 + 360
+    p = (
+        con.sql(
+            "SELECT usd_per_input_token_usage AS i, usd_per_output_token_usage AS o "
+            f"FROM marts.tier_token_prices WHERE tier = 'small' AND hour = TIMESTAMPTZ '{T0}'"
+        )
+        .pl()
+        .row(0, named=True)
+    )
+    assert p["i"] > 0 and p["o"] > 0
+    hand = 3 * (300 * p["i"] + 60 * p["o"]) + (100 * p["i"] + 20 * p["o"])
+    assert shim["usd_saved"] == pytest.approx(hand)
+    # the same requests and tokens as the cache_events the ingest wrote
+    ev = con.sql(
+        "SELECT request_id, tokens FROM cache_events WHERE layer = 'shim_response'"
+    ).fetchall()
+    assert dict(ev) == {"hit": 360, "co": 360, "replay": 120, "own": 360}
+    # none of them is GPU work or a duplicate
+    rc = con.sql(
+        "SELECT request_id FROM marts.request_costs WHERE worked OR is_duplicate ORDER BY 1"
+    ).fetchall()
+    assert [r[0] for r in rc] == ["origA", "origB"]

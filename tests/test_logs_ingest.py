@@ -487,6 +487,55 @@ def test_cli_ingest_reports_counts_and_exit_codes(tmp_path: Path) -> None:
     }
 
 
+def test_cli_one_shot_skips_files_the_shim_is_still_writing(tmp_path: Path) -> None:
+    """`finops ingest requests 'logs/requests-*.jsonl*'` also matches the `.jsonl.open`
+    file the shim is writing: reading it would reject its unfinished last line for good
+    and, after the shim renames it to `.jsonl`, load its records a second time."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    lake_dir = tmp_path / "lake"
+    closed = logs / "requests-20261116T000000Z-7-0001-aaaa.jsonl"
+    live = logs / "requests-20261116T000001Z-7-0002-bbbb.jsonl.open"
+    claim = logs / "requests-20261116T000002Z-9-0001-cccc.jsonl.open.123-ab.claim"
+    write_jsonl(closed, [shim_record(i) for i in range(3)])
+    write_jsonl(live, [shim_record(i) for i in range(3, 5)])
+    tail = json.dumps(shim_record(5))
+    with open(live, "a") as fh:
+        fh.write(tail[:40])  # the shim is in the middle of this record
+    write_jsonl(claim, [shim_record(9)])
+    pattern = str(logs / "requests-*.jsonl*")
+    runner = CliRunner()
+    res = runner.invoke(app, ["ingest", "requests", pattern, "--lake", str(lake_dir)])
+    assert res.exit_code == 0, res.output
+    assert "skipped 2 file(s) still being written" in res.stderr
+    assert live.name in res.stderr and "--follow" in res.stderr
+    # the shim finishes the record, closes the file and renames it
+    with open(live, "a") as fh:
+        fh.write(tail[40:] + "\n")
+    live.rename(logs / live.name.removesuffix(".open"))
+    claim.unlink()
+    res = runner.invoke(
+        app, ["ingest", "requests", pattern, "--lake", str(lake_dir), "--format", "json"]
+    )
+    assert res.exit_code == 0, res.output
+    assert "skipped" not in res.stderr
+    assert sum(r["loaded"] for r in json.loads(res.stdout)) == 6  # 3 again (a no-op) + 3 new
+    lake = Lake(lake_dir)
+    raw = q(lake, "SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM raw.requests")
+    assert raw.row(0) == (6, 6)  # no record loaded twice
+    assert rejects(lake).height == 0  # no phantom reject of a half-written line
+    # only open files: nothing to read, said so, no crash
+    only = tmp_path / "only"
+    only.mkdir()
+    write_jsonl(only / "requests-x.jsonl.open", [shim_record(1)])
+    res = runner.invoke(
+        app,
+        ["ingest", "requests", str(only / "*.jsonl*"), "--lake", str(lake_dir), "--format", "json"],
+    )
+    assert res.exit_code == 0, res.output
+    assert json.loads(res.stdout) == [] and "skipped 1 file(s)" in res.stderr
+
+
 @needs_traces
 def test_cli_azure_example_from_readme(tmp_path: Path) -> None:
     res = CliRunner().invoke(

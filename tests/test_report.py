@@ -64,9 +64,17 @@ GPU_HOURS_SQL = f"""
     SELECT s.*, p.usd_per_gpu_hour AS price
     FROM s JOIN p ON replace(s.gpu_model, 'NVIDIA ', '') = p.m
 """
+# tokens count what a model processed: not the shim's cache hits (the demo logs them with the
+# original's tokens), not cap refusals (sql/marts/31_costs_requests.sql, `processed`)
 REQ_SQL = f"""
-    SELECT request_id, any_value(tenant) AS tenant, any_value(input_tokens) AS i,
-           any_value(output_tokens) AS o, any_value(cache_status) AS cache_status
+    SELECT request_id, any_value(tenant) AS tenant,
+           any_value(CASE WHEN cache_status IN ('hit', 'coalesced')
+                           OR error_type = 'context_length_exceeded' THEN 0
+                          ELSE input_tokens END) AS i,
+           any_value(CASE WHEN cache_status IN ('hit', 'coalesced')
+                           OR error_type = 'context_length_exceeded' THEN 0
+                          ELSE output_tokens END) AS o,
+           any_value(cache_status) AS cache_status
     FROM raw.requests WHERE {IN_WEEK} GROUP BY request_id
 """
 
@@ -267,7 +275,14 @@ def test_report_without_gpu_metrics_says_so(demo_lake: Path, tmp_path: Path) -> 
     assert r["sources"]["gpu_samples"] is False
     assert any("No GPU metrics" in m for m in r["sources"]["missing"])
     assert r["headline"]["requests"]["value"] > 0
-    assert r["headline"]["spend_usd"]["value"] == 0.0
+    # unknown, not $0.00: every dollar figure of the headline, the summary and the forecast
+    for key in ("spend_usd", "usd_per_1k_requests", "usd_per_1m_tokens", "gpu_hours",
+                "idle_capacity_usd", "leakage_usd", "cache_saved_usd"):  # fmt: skip
+        assert r["headline"][key]["value"] is None, key
+    assert r["forecast"]["spend_usd"] is None
+    summary = paths.summary.read_text()
+    assert "Spend n/a" in summary and "$0.00" not in summary
+    assert all(r["breakdown"][dim] == [] for dim in ("tenant", "feature", "tier", "model"))
     assert "No GPU metrics" in paths.html.read_text()
     assert pl.read_parquet(paths.focus_parquet).height == 0
 

@@ -150,7 +150,11 @@ def test_gpu_hourly_util_signal(db, tmp_path: Path) -> None:
 
 
 def test_marts_agree_with_clean_requests(db) -> None:
-    clean = db.sql("SELECT count(*), sum(input_tokens) FROM requests").fetchall()[0]
+    # token columns: what a model processed (no shim cache hits, no cap refusals)
+    clean = db.sql(
+        "SELECT count(*), sum(input_tokens) FILTER (cache_status NOT IN ('hit', 'coalesced')"
+        " AND coalesce(error_type, '') <> 'context_length_exceeded') FROM requests"
+    ).fetchall()[0]
     hourly = db.sql("SELECT sum(requests), sum(input_tokens) FROM requests_hourly").fetchall()[0]
     daily = db.sql("SELECT sum(requests), sum(input_tokens) FROM tenant_daily").fetchall()[0]
     assert clean == hourly == daily
@@ -161,12 +165,11 @@ def test_marts_agree_with_clean_requests(db) -> None:
     assert isinstance(per_gpu, pl.DataFrame)
 
 
-def test_requests_refused_for_context_length_did_no_work(tmp_path: Path) -> None:
-    """A shim cap refusing an over-long prompt logs its size in input_tokens, but no
-    model ran: it must not take a share of the tier-hour's GPU cost."""
+def _ok_and_capped() -> list[dict]:
+    """A served request and one a context cap refused (its refused size in input_tokens)."""
     ts = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
     base = {"ts": ts, "tier": "small", "tenant": "t", "feature": "f", "operation": "chat"}
-    rows = [
+    return [
         {**base, "request_id": "ok", "status_code": 200, "input_tokens": 100, "output_tokens": 10},
         {
             **base,
@@ -177,7 +180,85 @@ def test_requests_refused_for_context_length_did_no_work(tmp_path: Path) -> None
             "output_tokens": 0,
         },
     ]
-    Lake(tmp_path / "lake").append("requests", rows, source="test")
+
+
+def test_requests_refused_for_context_length_did_no_work(tmp_path: Path) -> None:
+    """A shim cap refusing an over-long prompt logs its size in input_tokens, but no
+    model ran: it must not take a share of the tier-hour's GPU cost."""
+    Lake(tmp_path / "lake").append("requests", _ok_and_capped(), source="test")
     con = finops.connect(tmp_path / "lake")
     got = dict(con.sql("SELECT request_id, (worked, work_in) FROM marts.request_work").fetchall())
     assert got == {"ok": (True, 100), "capped": (False, 0)}
+
+
+def test_cap_refused_tokens_are_not_input_tokens(tmp_path: Path) -> None:
+    """The refused size a cap logs in input_tokens was never processed: the token marts,
+    `finops costs --by tier` and the totals (the report headline) leave it out, while the
+    request itself is counted (and failed). An upstream error that reached a model counts."""
+    import finops.costs as fc
+
+    rows = _ok_and_capped()
+    rows.append(
+        {
+            **rows[0],
+            "request_id": "upstream500",
+            "status_code": 500,
+            "error_type": "server_error",
+            "input_tokens": 40,
+            "output_tokens": 2,
+        }
+    )
+    Lake(tmp_path / "lake").append("requests", rows, source="test")
+    con = finops.connect(tmp_path / "lake")
+    for mart in ("requests_hourly", "tenant_daily"):
+        got = con.sql(f"SELECT sum(requests), sum(failed), sum(input_tokens) FROM {mart}")
+        assert got.fetchall()[0] == (3, 2, 140), mart
+    tier = fc.by_tier(con, week="2026-W48").row(0, named=True)
+    assert (tier["requests"], tier["input_tokens"], tier["output_tokens"]) == (3, 140, 12)
+    t = fc.totals(con, week="2026-W48")
+    assert (t["requests"], t["input_tokens"], t["output_tokens"]) == (3, 140, 12)
+
+
+def test_coalesced_followers_and_replays_are_not_work_nor_duplicates(tmp_path: Path) -> None:
+    """3 identical temperature-0 requests in flight make 1 upstream call: the 2 coalesced
+    followers (and an Idempotency-Key replay, logged as a hit with retry_of) ran on no
+    GPU, are not duplicates and are not what a response cache would still save."""
+    import finops.costs as fc
+
+    ts = dt.datetime(2026, 11, 23, 10, tzinfo=dt.UTC)
+    base = {"tier": "mid", "tenant": "t", "feature": "f", "operation": "chat",
+            "status_code": 200, "prompt_fingerprint": "fpC", "attempt": 1}  # fmt: skip
+    ms = dt.timedelta(milliseconds=1)
+    zero = {"input_tokens": 0, "output_tokens": 0}
+    rows = [
+        {**base, "request_id": "leader", "ts": ts, "cache_status": "miss",
+         "input_tokens": 50, "output_tokens": 8},
+        {**base, "request_id": "f1", "ts": ts + ms, "cache_status": "coalesced", **zero},
+        {**base, "request_id": "f2", "ts": ts + 2 * ms, "cache_status": "coalesced", **zero},
+        {**base, "request_id": "replay", "ts": ts + 9 * ms, "cache_status": "hit",
+         "retry_of": "leader", "attempt": 2, **zero},
+        # a real duplicate a minute later that did reach the GPU
+        {**base, "request_id": "dup", "ts": ts + 60_000 * ms, "cache_status": "miss",
+         "input_tokens": 50, "output_tokens": 8},
+    ]  # fmt: skip
+    Lake(tmp_path / "lake").append("requests", rows, source="test")
+    con = finops.connect(tmp_path / "lake")
+    got = {
+        r[0]: r[1:]
+        for r in con.sql(
+            "SELECT request_id, worked, is_duplicate, leak FROM marts.request_costs"
+        ).fetchall()
+    }
+    assert got == {
+        "leader": (True, False, None),
+        "f1": (False, False, None),
+        "f2": (False, False, None),
+        "replay": (False, False, None),
+        "dup": (True, True, "duplicate"),
+    }
+    pot = fc.cache_savings(con, week="2026-W48").filter(
+        pl.col("layer") == "response_cache_potential"
+    )
+    assert pot["requests"].to_list() == [1]  # the real duplicate only
+    hourly = con.sql("SELECT sum(requests), sum(input_tokens) FROM requests_hourly")
+    assert hourly.fetchall()[0] == (5, 100)

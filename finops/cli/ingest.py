@@ -131,7 +131,8 @@ def _run(
     started = dt.datetime.now(dt.UTC)
     reports: list[FileReport] = []
     unreadable: list[str] = []
-    for path in _expand(paths):
+    files, skipped = _skip_open(_expand(paths))
+    for path in files:
         try:
             size = path.stat().st_size if path.is_file() else 0
             if size >= PROGRESS_MIN_BYTES and fmt == "table":
@@ -158,6 +159,22 @@ def _run(
         }
         for r in reports
     ]
+    if skipped:
+        typer.echo(
+            f"skipped {len(skipped)} file(s) still being written (*.jsonl.open: the shim renames "
+            "each to .jsonl when it closes it; reading one now would reject its unfinished last "
+            "line and load its records again after the rename). Ingest them once closed, or "
+            "use --follow:",
+            err=True,
+        )
+        for p in skipped[:5]:
+            typer.echo(f"  {p}", err=True)
+        if len(skipped) > 5:
+            typer.echo(f"  ... and {len(skipped) - 5} more", err=True)
+    if not rows:
+        if fmt == "json":
+            typer.echo("[]")
+        return
     if fmt == "json":
         typer.echo(json.dumps(rows, indent=2))
     else:
@@ -196,6 +213,22 @@ def _expand(paths: list[Path]) -> list[Path]:
         else:
             out.append(p)
     return out
+
+
+def _in_progress(path: Path) -> bool:
+    """A request-log file its writer still holds: `X.jsonl.open` (renamed to `X.jsonl`
+    when closed) or `X.jsonl.open.<pid>-<token>.claim` (being closed out)."""
+    name = path.name
+    return name.endswith(".open") or (".jsonl.open." in name and name.endswith(".claim"))
+
+
+def _skip_open(paths: list[Path]) -> tuple[list[Path], list[Path]]:
+    """(files to read, files skipped because still being written)."""
+    keep: list[Path] = []
+    skipped: list[Path] = []
+    for p in paths:
+        (skipped if _in_progress(p) else keep).append(p)
+    return keep, skipped
 
 
 def _with_progress(
@@ -305,6 +338,8 @@ def requests(
 
     Prints read/loaded/rejected per file; bad lines go to the rejects table
     with file:line and the reason. Exit 1 only when a file cannot be read.
+    Files the shim is still writing (`*.jsonl.open`) are skipped and counted;
+    `--follow` reads them as they grow and across the rename to `.jsonl`.
     Example: finops ingest requests azure-llm-2023-conv.csv --mapping azure-llm-2023
     """
     _run("requests", paths, lake, mapping, follow, format, base_ts, checkpoint_dir, interval)

@@ -166,23 +166,30 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
     leak = fc.leakage(db, per=per)
     cache = fc.cache_savings(db, per=per)
     tokens = int(t["input_tokens"]) + int(t["output_tokens"])
-    spend = float(t["gpu_cost"])
     n = int(t["requests"])
+    # no GPU samples in the period: the bill and every dollar figure derived from it are
+    # unknown (None, shown as n/a), not $0.00
+    known = bool(t["gpu_hours"])
+    spend = float(t["gpu_cost"]) if known else None
     return {
         "spend_usd": spend,
         "requests": n,
         "input_tokens": int(t["input_tokens"]),
         "output_tokens": int(t["output_tokens"]),
         "tokens": tokens,
-        "usd_per_1k_requests": 1000 * spend / n if n else None,
-        "usd_per_1m_tokens": 1e6 * spend / tokens if tokens else None,
-        "gpu_hours": float(t["gpu_hours"]),
-        "gpus": int(t["gpus"]),
+        "usd_per_1k_requests": 1000 * spend / n if n and spend is not None else None,
+        "usd_per_1m_tokens": 1e6 * spend / tokens if tokens and spend is not None else None,
+        "gpu_hours": float(t["gpu_hours"]) if known else None,
+        "gpus": int(t["gpus"]) if known else None,
         "utilization": _f(t["utilization"]),
-        "idle_capacity_usd": float(t["idle_capacity_cost"]),
-        "leakage_usd": float(leak.filter(pl.col("kind") == "leak")["cost"].sum()),
-        "cache_saved_usd": float(
-            cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum()
+        "idle_capacity_usd": float(t["idle_capacity_cost"]) if known else None,
+        "leakage_usd": (
+            float(leak.filter(pl.col("kind") == "leak")["cost"].sum()) if known else None
+        ),
+        "cache_saved_usd": (
+            float(cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum())
+            if known
+            else None
         ),
     }
 
@@ -208,6 +215,11 @@ def _breakdowns(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, list
     out = {}
     for dim in ("tenant", "feature", "tier", "model"):
         df = fc.by(db, dim, per=per)
+        if df.height and df["cost"].null_count() == df.height:
+            # no GPU data for any of it: spend by dimension is unknown (fc.by says NULL,
+            # never $0 for some values and NULL for others); `missing` says why
+            out[dim] = []
+            continue
         out[dim] = _records(
             df.select(
                 dim,
@@ -520,6 +532,8 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         .sort("hour")
     )
     req, spend = float(f["requests"].sum()), float(f["spend"].sum())
+    if not s["has_gpu"].any():
+        spend = None  # no GPU samples in the history: the spend is unknown, not $0
     return {
         "method": "mean of each hour of week over up to 4 weeks x week-over-week trend "
         f"(clipped to {TREND_CLIP[0]}..{TREND_CLIP[1]})",
@@ -527,7 +541,7 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         "trend": trend,
         "requests": req,
         "spend_usd": spend,
-        "usd_per_1k_requests": 1000 * spend / req if req else None,
+        "usd_per_1k_requests": 1000 * spend / req if req and spend is not None else None,
         "hourly": _records(f),
     }
 
@@ -666,9 +680,14 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     )
     fo = r["forecast"]
     if fo.get("requests") is not None:
+        spend = (
+            f"{usd(fo['spend_usd'])} of GPU spend"
+            if fo.get("spend_usd") is not None
+            else "GPU spend unknown (no GPU metrics)"
+        )
         t["forecast"] = (
-            f"Next week: about {fo['requests']:,.0f} requests and {usd(fo['spend_usd'])} of GPU "
-            f"spend (trend x{fo['trend']['requests']:.2f})."
+            f"Next week: about {fo['requests']:,.0f} requests and {spend} "
+            f"(trend x{fo['trend']['requests']:.2f})."
         )
     if g.get("line"):
         t["growth"] = (

@@ -1,5 +1,20 @@
+-- Token columns count only tokens a model processed ("processed", defined once in
+-- 31_costs_requests.sql and used by finops.costs too): a request served by the shim's
+-- response cache (cache_status 'hit', Idempotency-Key replays included) or coalesced onto
+-- an identical in-flight request (cache_status 'coalesced') made no upstream call, and a
+-- request a context cap refused (error_type 'context_length_exceeded') logs the refused
+-- size as input_tokens but nothing ran. Their tokens are not counted; the requests are
+-- (requests, failed, retries, cache_hits). Other failed requests that reached a model
+-- (upstream errors, timeouts, aborted streams) count: they used the GPU.
+
 -- Mart: requests per hour by tier/tenant/feature/model, with latency percentiles.
 CREATE OR REPLACE VIEW marts.requests_hourly AS
+WITH r AS (
+    SELECT *,
+        (lower(coalesce(cache_status, '')) NOT IN ('hit', 'coalesced')
+         AND coalesce(error_type, '') <> 'context_length_exceeded') AS processed
+    FROM clean.requests
+)
 SELECT
     date_trunc('hour', ts) AS hour,
     tier, tenant, feature, coalesce(response_model, request_model) AS model,
@@ -7,27 +22,33 @@ SELECT
     count(*) FILTER (status_code >= 400 OR error_type IS NOT NULL) AS failed,
     count(*) FILTER (retry_of IS NOT NULL) AS retries,
     count(*) FILTER (cache_status = 'hit') AS cache_hits,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
-    sum(cached_input_tokens) AS cached_input_tokens,
+    sum(input_tokens) FILTER (processed) AS input_tokens,
+    sum(output_tokens) FILTER (processed) AS output_tokens,
+    sum(cached_input_tokens) FILTER (processed) AS cached_input_tokens,
     quantile_cont(ttft_ms, 0.5) AS ttft_p50_ms,
     quantile_cont(ttft_ms, 0.95) AS ttft_p95_ms,
     quantile_cont(latency_ms, 0.5) AS latency_p50_ms,
     quantile_cont(latency_ms, 0.95) AS latency_p95_ms
-FROM clean.requests
+FROM r
 GROUP BY ALL;
 
--- Mart: one row per tenant per day.
+-- Mart: one row per tenant per day (token columns: processed requests only, as above).
 CREATE OR REPLACE VIEW marts.tenant_daily AS
+WITH r AS (
+    SELECT *,
+        (lower(coalesce(cache_status, '')) NOT IN ('hit', 'coalesced')
+         AND coalesce(error_type, '') <> 'context_length_exceeded') AS processed
+    FROM clean.requests
+)
 SELECT
     CAST(ts AS DATE) AS date,
     tenant,
     count(*) AS requests,
     count(*) FILTER (status_code >= 400 OR error_type IS NOT NULL) AS failed,
     count(*) FILTER (retry_of IS NOT NULL) AS retries,
-    sum(input_tokens) AS input_tokens,
-    sum(output_tokens) AS output_tokens,
-    sum(cached_input_tokens) AS cached_input_tokens,
+    sum(input_tokens) FILTER (processed) AS input_tokens,
+    sum(output_tokens) FILTER (processed) AS output_tokens,
+    sum(cached_input_tokens) FILTER (processed) AS cached_input_tokens,
     count(DISTINCT feature) AS features
-FROM clean.requests
+FROM r
 GROUP BY ALL;

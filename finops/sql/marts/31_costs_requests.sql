@@ -1,7 +1,19 @@
 -- Cost marts, step 2: what each request really cost.
 --
--- Token work. A request does GPU work on its tier when it has a tier and was not
--- served by the shim's response cache (cache_status = 'hit' spends no upstream tokens):
+-- Which requests ran on a model (one definition, used by every mart and finops.costs):
+--   served_by_cache  cache_status 'hit' (the shim's response cache, or an Idempotency-Key
+--                    replay: cache_status 'hit' with retry_of set) or 'coalesced' (a
+--                    follower answered by an identical in-flight request, or one whose
+--                    client left while it waited): no upstream call of its own
+--   refused          error_type 'context_length_exceeded' (a context cap refused it; its
+--                    input_tokens is the size that was refused, never processed)
+--   processed        NOT served_by_cache AND NOT refused: its logged input/output tokens
+--                    were processed by a model, so they count as input/output tokens in
+--                    marts.requests_hourly, marts.tenant_daily and finops.costs. Failed
+--                    requests that reached a model (upstream 5xx, timeouts, aborted
+--                    streams) stay processed: they used the GPU.
+--   worked           processed AND tier IS NOT NULL: it takes a share of its tier-hour.
+-- Token work of a worked request on its tier:
 --   work_in  = max(input_tokens - cached_input_tokens, 0)   (prefill actually computed;
 --              vLLM prefix-cache hits skip prefill, so they do not draw input cost)
 --   work_out = output_tokens                                 (decode steps)
@@ -34,11 +46,11 @@ SELECT DISTINCT ON (request_id)
     coalesce(input_tokens, 0) AS input_tokens,
     coalesce(output_tokens, 0) AS output_tokens,
     coalesce(cached_input_tokens, 0) AS cached_input_tokens,
-    -- worked: a model ran for it. Not a cache hit, and not a request refused for its
-    -- context length (error_type context_length_exceeded, as the shim's caps log it:
-    -- its input_tokens is the size that was refused, never processed).
-    (tier IS NOT NULL AND coalesce(cache_status, '') <> 'hit'
-     AND coalesce(error_type, '') <> 'context_length_exceeded') AS worked,
+    -- served_by_cache / refused / processed / worked: see the top of this file.
+    (lower(coalesce(cache_status, '')) IN ('hit', 'coalesced')) AS served_by_cache,
+    (coalesce(error_type, '') = 'context_length_exceeded') AS refused,
+    (NOT served_by_cache AND NOT refused) AS processed,
+    (tier IS NOT NULL AND processed) AS worked,
     CASE WHEN worked  -- the alias above (DuckDB reuses select-list aliases)
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
          ELSE 0 END AS work_in,
@@ -88,8 +100,9 @@ FROM f;
 --   failed          status_code >= 400 or an error_type
 --   is_retry        retry_of set or attempt >= 2
 --   was_retried     a later request names it in retry_of
---   is_duplicate    not a response-cache hit, and same tenant + prompt_fingerprint as
---                   an earlier request within
+--   is_duplicate    processed (not served by the shim's cache: hit or coalesced; not
+--                   refused by a cap), and same tenant + prompt_fingerprint as an
+--                   earlier request within
 --                   finops_duplicate_window_s (default 600 s), not a retry
 --   in_storm        failed or retry inside a (tier, 5-minute) window whose retries are
 --                   >= max(finops_storm_min_retries (5),
@@ -100,6 +113,7 @@ CREATE OR REPLACE VIEW marts.request_flags AS
 WITH base AS (
     SELECT request_id, ts, tier, tenant, prompt_fingerprint, retry_of, attempt,
            status_code, error_type, finish_reason, stream, output_tokens, cache_status,
+           processed,
            (coalesce(status_code, 0) >= 400 OR error_type IS NOT NULL) AS failed,
            (retry_of IS NOT NULL OR coalesce(attempt, 1) >= 2) AS is_retry,
            time_bucket(INTERVAL 5 MINUTE, ts) AS bucket
@@ -130,7 +144,7 @@ flags AS (
     SELECT
         b.request_id, b.failed, b.is_retry,
         (r.request_id IS NOT NULL) AS was_retried,
-        (NOT b.is_retry AND coalesce(b.cache_status, '') <> 'hit' AND d.prev_same_ts IS NOT NULL
+        (NOT b.is_retry AND b.processed AND d.prev_same_ts IS NOT NULL
          AND epoch(b.ts - d.prev_same_ts)
              <= coalesce(CAST(getvariable('finops_duplicate_window_s') AS DOUBLE), 600.0::DOUBLE))
             AS is_duplicate,
@@ -157,7 +171,8 @@ CREATE OR REPLACE VIEW marts.request_costs AS
 WITH c AS (
 SELECT
     w.request_id, w.ts, w.hour, w.tenant, w.feature, w.operation, w.tier, w.model,
-    w.stream, w.status_code, w.cache_status, w.worked,
+    w.stream, w.status_code, w.cache_status, w.served_by_cache, w.refused, w.processed,
+    w.worked,
     w.input_tokens, w.output_tokens, w.cached_input_tokens, w.work_in, w.work_out,
     p.split_method, p.input_share,
     f.failed, f.is_retry, f.was_retried, f.is_duplicate, f.in_storm, f.stream_aborted, f.leak,
