@@ -76,6 +76,14 @@ def test_openai_sync_async_stream_against_vllm(tmp_path, vllm_server, lake):
             )
         )
         assert all(ch.choices for ch in comp), "the injected usage chunk is stripped"
+        # as vLLM answers it directly: its fingerprint on the last chunk
+        direct = list(
+            openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0).completions.create(
+                model="mid", prompt="GPU economics", max_tokens=5, extra_body=EXACT, stream=True
+            )
+        )
+        assert comp[-1].system_fingerprint == direct[-1].system_fingerprint
+        assert direct[-1].system_fingerprint, "vLLM sends one"
 
         async def go() -> int:
             ac = openai.AsyncOpenAI(base_url=h.base_url, api_key="x", max_retries=0)
