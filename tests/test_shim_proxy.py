@@ -1425,3 +1425,18 @@ def test_a_stream_keeps_vllms_fingerprint_when_the_usage_chunk_is_dropped(
                 assert last["choices"][0]["finish_reason"] == "length" and "usage" not in last
             assert sum("system_fingerprint" in e for e in events) == 1
             assert r.content.endswith(b"data: [DONE]\n\n")
+
+
+def test_a_finish_chunk_held_for_the_usage_chunk_is_sent_when_the_upstream_dies(tmp_path, fakes):
+    """The finish chunk waits for the usage chunk (whose fingerprint it takes); an upstream
+    gone in between must not take the finish chunk with it."""
+    _, url = fakes("die_mid_stream", tokens=3, die_after=3)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True})
+    events = [e for e in r.content.split(b"\n\n") if e]
+    parsed = [orjson.loads(e[6:]) for e in events[:-1]]
+    finish = [p for p in parsed if p.get("choices") and p["choices"][0].get("finish_reason")]
+    assert [p["choices"][0]["finish_reason"] for p in finish] == ["length"]
+    assert parsed.index(finish[0]) == len(parsed) - 2, "before the error event"
+    assert parsed[-1]["error"]["code"] == "upstream_stream_error"
+    assert events[-1] == b"data: [DONE]"

@@ -333,6 +333,7 @@ def test_redaction():
         "price 1,234,567 dollars, code 12345",
         "at 2026-12-03 10:30:00, and 03.12.2026",
         "scores 10 20 30 40 50",
+        "temperature 273.1500 K, ratio 123.4567",
     ]:
         assert redact(text) == text
 
@@ -355,7 +356,7 @@ def test_redaction_is_linear_on_long_runs():
 
 
 def test_prompt_log_text_redacts_every_prompt_and_the_cut():
-    from finops.shim.proxy import PROMPT_LOG_CHARS, _prompt_text
+    from finops.shim.proxy import PROMPT_LOG_CHARS, PROMPT_WINDOW_SLACK, _prompt_text
 
     got = _prompt_text(
         {"prompt": ["Card:\n4111 1111 1111 1111", "tab\t415-555-0100", "x\tbob@x.io"]}
@@ -364,6 +365,17 @@ def test_prompt_log_text_redacts_every_prompt_and_the_cut():
     assert _prompt_text({"prompt": [[1, 2], [3]]}) == "[[1,2],[3]]"
     tool_turn = {"role": "assistant", "content": None, "tool_calls": []}
     assert _prompt_text({"messages": [tool_turn]}) == "assistant: "
+    # redaction shortens the text (e-mails become [EMAIL]): an address the raw window's
+    # edge split must not be kept either
+    edge = PROMPT_LOG_CHARS + PROMPT_WINDOW_SLACK - 10  # john's address across the edge
+    many = ("someone.longname.here@example-company.com " * 1000)[:edge]
+    got = _prompt_text({"prompt": many + "john.smith@example.com and more text " * 2000})
+    assert "john" not in got and "smith" not in got and "@" not in got
+    assert len(got) > PROMPT_LOG_CHARS, "the whole logged length, not what the window held"
+    assert "[EMA " not in got and got.endswith("more characters]")
+    # shortened by redaction to fit: kept whole, no cut
+    fits = many + "john.smith@example.com"
+    assert _prompt_text({"prompt": fits}) == " ".join(["[EMAIL]"] * fits.count("@"))
     # a card across the cut: no part of it is kept, wherever the cut falls
     for offset in range(-20, 300, 7):
         text = "x" * (PROMPT_LOG_CHARS + offset) + " 4111 1111 1111 1111 " + "y" * 500

@@ -232,6 +232,9 @@ class Shim:
                 await t
         with contextlib.suppress(NotImplementedError, RuntimeError, ValueError):
             asyncio.get_running_loop().remove_signal_handler(signal.SIGHUP)
+            # that put back SIGHUP's default action (terminate): a reload asked for while
+            # draining must not kill the process
+            signal.signal(signal.SIGHUP, signal.SIG_IGN)
         if self.client is not None:
             await self.client.aclose()
         if self.h1 is not None:

@@ -261,6 +261,9 @@ class FakeUpstream:
                 )
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
+            if mode == "die_mid_stream" and self.die_after >= ntok:
+                # every token sent, then gone before the usage chunk and [DONE]
+                raise ConnectionAbortedError("injected death after the last token")
             tail = b""
             if include_usage:
                 usage = {

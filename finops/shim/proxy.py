@@ -221,9 +221,8 @@ def _prompt_text(body: dict) -> str:
     """The prompt for the log, redacted and cut to PROMPT_LOG_CHARS.
 
     Only the head that can be logged is redacted (redaction is linear but runs on the
-    event loop: 0.4 s for a 1 MB prompt). A number cut by the window's edge can only end
-    up at the very end of the text kept, so a trailing run of digits and separators is
-    dropped there: a cut never leaves part of a number unredacted.
+    event loop: 0.4 s for a 1 MB prompt); see the window loop below for why a cut never
+    leaves part of an address or number unredacted.
     """
     msgs = body.get("messages")
     if isinstance(msgs, list):
@@ -245,15 +244,26 @@ def _prompt_text(body: dict) -> str:
             text = p if isinstance(p, str) else orjson.dumps(p).decode()
     if len(text) <= PROMPT_LOG_CHARS:
         return redact(text)
-    head = redact(text[: PROMPT_LOG_CHARS + PROMPT_WINDOW_SLACK])[:PROMPT_LOG_CHARS]
-    head = _TRAILING_NUMBER.sub("", head)
+    # The window grows until its redacted text runs PROMPT_WINDOW_SLACK past the cut:
+    # redaction shortens text (many e-mails become [EMAIL]), and whatever the window's
+    # raw edge split (half an address, half a card) must stay beyond the cut.
+    window = PROMPT_LOG_CHARS + PROMPT_WINDOW_SLACK
+    while True:
+        red = redact(text[:window])
+        if window >= len(text) or len(red) >= PROMPT_LOG_CHARS + PROMPT_WINDOW_SLACK:
+            break
+        window *= 2
+    if window >= len(text) and len(red) <= PROMPT_LOG_CHARS:
+        return red  # redacted, it fits whole
+    head = _CUT_TAIL.sub("", red[:PROMPT_LOG_CHARS])
     return f"{head} [... {len(text) - len(head)} more characters]"
 
 
-# characters past the logged length that are redacted with it, so a number crossing the
-# cut is seen whole
-PROMPT_WINDOW_SLACK = 256
-_TRAILING_NUMBER = re.compile(r"[\d\s().+_-]+$")
+# how far past the logged length the redacted window must reach (longer than any one
+# address or number, so the one the raw edge split is never kept)
+PROMPT_WINDOW_SLACK = 1024
+# what a cut leaves hanging: digits and separators, or half a [PLACEHOLDER]
+_CUT_TAIL = re.compile(r"(?:[\d\s().+_-]+|\[[A-Z]*)$")
 
 
 class Ctx:
@@ -975,7 +985,7 @@ class ProxyEndpoint:
                 "upstream_unavailable",
             )
             # when the first circuit may let a probe through: clients back off that long
-            wait = shim.pool.seconds_until_probe(tier0, time.monotonic())
+            wait = pool.seconds_until_probe(tier0, time.monotonic())
             err.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
             raise err
         status = (
@@ -1262,14 +1272,10 @@ class ProxyEndpoint:
                     }
                 }
             )
+            # a finish chunk held for the usage chunk goes first, as it came
+            body = (held or b"") + b"data: " + err + b"\n\n" + DONE
             with contextlib.suppress(Exception):
-                await send(
-                    {
-                        "type": "http.response.body",
-                        "body": b"data: " + err + b"\n\n" + DONE,
-                        "more_body": False,
-                    }
-                )
+                await send({"type": "http.response.body", "body": body, "more_body": False})
             return None
         if rec["status_code"] == 499:
             return None

@@ -60,7 +60,8 @@ _PHONE_INTL = re.compile(
 # National: [1-3 digit prefix] (area) or area, then 3-4 and 4 digits (555-123-4567,
 # 020 7946 0958, (415) 555-0100); an area code in brackets then 2-5 digit groups
 # (8 (495) 123-45-67, (11) 91234-5678); five pairs from a trunk 0 (01 23 45 67 89,
-# 06.12.34.56.78); a trunk 0 and one long group (07700 900123); 555-0100, 555 0100.
+# 06.12.34.56.78); a trunk 0 and one long group (07700 900123); 555-0100, 555 0100
+# (not 555.0100: that is a decimal number as often).
 # The last group has 4+ digits or the pairs start with 0, so dotted quads (IP
 # addresses) and dates never match.
 _PHONE = re.compile(
@@ -69,7 +70,7 @@ _PHONE = re.compile(
     r"|(?:\d{1,3}[\s.-]?)?\(\d{2,5}\)[\s.-]?\d{2,5}(?:[\s.-]\d{2,4}){1,3}"
     r"|0\d(?:[\s.-]\d{2}){4}"
     r"|0\d{2,4}[\s-]\d{6,8}"
-    r"|\d{3}[- .]\d{4}"
+    r"|\d{3}[- ]\d{4}"
     r")(?![\w(]|[.,]\d)"
 )
 # US social security numbers: 3-2-4 digits
