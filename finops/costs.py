@@ -585,7 +585,7 @@ def by(
     (all requests, failed and cache hits included: what a request really costs);
     usd_per_1k_requests = 1000 x that; usd_per_1m_input_tokens = input_cost /
     input_tokens x 1e6. Token columns count the requests a model processed
-    (`processed` in sql/marts/31_costs_requests.sql: not served by the shim's cache,
+    (the `marts.processed` macro of sql/marts/20_requests.sql: not served by the shim's cache,
     hit or coalesced, and not refused by a context cap); prefix-cached input tokens are
     included in input_tokens. A group whose working requests have no GPU data has cost
     NULL (unknown), not 0;

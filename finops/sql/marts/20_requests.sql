@@ -1,19 +1,21 @@
--- Token columns count only tokens a model processed ("processed", defined once in
--- 31_costs_requests.sql and used by finops.costs too): a request served by the shim's
+-- Token columns count only tokens a model processed: a request served by the shim's
 -- response cache (cache_status 'hit', Idempotency-Key replays included) or coalesced onto
 -- an identical in-flight request (cache_status 'coalesced') made no upstream call, and a
 -- request a context cap refused (error_type 'context_length_exceeded') logs the refused
 -- size as input_tokens but nothing ran. Their tokens are not counted; the requests are
 -- (requests, failed, retries, cache_hits). Other failed requests that reached a model
 -- (upstream errors, timeouts, aborted streams) count: they used the GPU.
+-- The rule is these two macros, used here, by 31_costs_requests.sql and finops.costs.
+CREATE OR REPLACE MACRO marts.served_by_cache(cache_status) AS
+    lower(coalesce(cache_status, '')) IN ('hit', 'coalesced');
+CREATE OR REPLACE MACRO marts.processed(cache_status, error_type) AS
+    NOT marts.served_by_cache(cache_status)
+    AND coalesce(error_type, '') <> 'context_length_exceeded';
 
 -- Mart: requests per hour by tier/tenant/feature/model, with latency percentiles.
 CREATE OR REPLACE VIEW marts.requests_hourly AS
 WITH r AS (
-    SELECT *,
-        (lower(coalesce(cache_status, '')) NOT IN ('hit', 'coalesced')
-         AND coalesce(error_type, '') <> 'context_length_exceeded') AS processed
-    FROM clean.requests
+    SELECT *, marts.processed(cache_status, error_type) AS processed FROM clean.requests
 )
 SELECT
     date_trunc('hour', ts) AS hour,
@@ -35,10 +37,7 @@ GROUP BY ALL;
 -- Mart: one row per tenant per day (token columns: processed requests only, as above).
 CREATE OR REPLACE VIEW marts.tenant_daily AS
 WITH r AS (
-    SELECT *,
-        (lower(coalesce(cache_status, '')) NOT IN ('hit', 'coalesced')
-         AND coalesce(error_type, '') <> 'context_length_exceeded') AS processed
-    FROM clean.requests
+    SELECT *, marts.processed(cache_status, error_type) AS processed FROM clean.requests
 )
 SELECT
     CAST(ts AS DATE) AS date,

@@ -1,6 +1,7 @@
 -- Cost marts, step 2: what each request really cost.
 --
--- Which requests ran on a model (one definition, used by every mart and finops.costs):
+-- Which requests ran on a model (the macros of 20_requests.sql, used by every mart and
+-- finops.costs):
 --   served_by_cache  cache_status 'hit' (the shim's response cache, or an Idempotency-Key
 --                    replay: cache_status 'hit' with retry_of set) or 'coalesced' (a
 --                    follower answered by an identical in-flight request, or one whose
@@ -47,9 +48,9 @@ SELECT DISTINCT ON (request_id)
     coalesce(output_tokens, 0) AS output_tokens,
     coalesce(cached_input_tokens, 0) AS cached_input_tokens,
     -- served_by_cache / refused / processed / worked: see the top of this file.
-    (lower(coalesce(cache_status, '')) IN ('hit', 'coalesced')) AS served_by_cache,
+    marts.served_by_cache(cache_status) AS served_by_cache,
     (coalesce(error_type, '') = 'context_length_exceeded') AS refused,
-    (NOT served_by_cache AND NOT refused) AS processed,
+    marts.processed(cache_status, error_type) AS processed,  -- macros: 20_requests.sql
     (tier IS NOT NULL AND processed) AS worked,
     CASE WHEN worked  -- the alias above (DuckDB reuses select-list aliases)
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
