@@ -312,6 +312,11 @@ class Ctx:
         self.result: tuple[dict, bytes] | None = None
         self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
 
+    def input_tokens_known(self) -> int:
+        """Input tokens of a request vLLM did not report on (cut short): the cap step's
+        count when there was one (vLLM's /tokenize with that counter), else the estimate."""
+        return self.input_count if self.input_count is not None else estimate_body_tokens(self.body)
+
     def overhead_ms(self, now: float) -> float:
         return max(0.0, (now - self.t0 - self.waited) * 1000.0)
 
@@ -943,11 +948,7 @@ class ProxyEndpoint:
                         # the record says where and how much, as a stream's does
                         rec["tier"] = up.tier
                         rec["upstream"] = up.url
-                        rec["input_tokens"] = (
-                            ctx.input_count
-                            if ctx.input_count is not None
-                            else estimate_body_tokens(ctx.body)
-                        )
+                        rec["input_tokens"] = ctx.input_tokens_known()
                     raise
                 t_first = time.perf_counter()
                 ctx.waited += t_first - t_send
@@ -1309,10 +1310,7 @@ class ProxyEndpoint:
             self._usage_into(rec, state["usage"])
         else:  # partial: count streamed content chunks (vLLM sends one token per chunk)
             rec["output_tokens"] = state["content_chunks"]
-            # the cap step's count when there was one (vLLM's /tokenize with that counter)
-            rec["input_tokens"] = (
-                ctx.input_count if ctx.input_count is not None else estimate_body_tokens(ctx.body)
-            )
+            rec["input_tokens"] = ctx.input_tokens_known()
             rec["cached_input_tokens"] = 0
 
     def _inspect_event(
