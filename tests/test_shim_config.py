@@ -570,3 +570,25 @@ def test_model_flag_names_what_the_tier_serves(tmp_path, upstream):
             app, ["shim", "serve", "--upstream", f"small={url}", *flags, "--port", "1"]
         )
         assert res.exit_code == 2 and message in res.output, res.output
+
+
+def test_sighup_after_stop_is_ignored_not_fatal(tmp_path):
+    """Shim.stop() removes the loop's SIGHUP handler, which puts back the default action
+    (terminate); a reload asked for while the process drains and exits must not kill it."""
+    import asyncio
+    import signal
+
+    cfg = _cfg(TIER, tmp_path)
+    before = signal.getsignal(signal.SIGHUP)
+
+    async def start_and_stop() -> None:
+        shim = Shim(cfg)
+        await shim.start()
+        assert signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None)  # the app's
+        await shim.stop()
+
+    try:
+        asyncio.run(start_and_stop())
+        assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
+    finally:
+        signal.signal(signal.SIGHUP, before)
