@@ -898,8 +898,10 @@ def test_bad_requests_400_404_413_405(tmp_path, fakes):
         assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_json"
         r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "gpt-17"})
         assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["param"] == "model"  # the field at fault, as OpenAI names it
         r = httpx.post(h.base_url + "/chat/completions", json={"model": "auto"})
         assert r.status_code == 400 and "messages" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "messages"
         big = {**CHAT, "messages": [{"role": "user", "content": "x" * 20_000}]}
         r = httpx.post(h.base_url + "/chat/completions", json=big)
         assert r.status_code == 413 and r.json()["error"]["code"] == "request_too_large"
@@ -914,6 +916,7 @@ def test_bad_requests_400_404_413_405(tmp_path, fakes):
         for v in ("yes", 1, "true"):  # vLLM would take these for true and stream to us
             r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": v})
             assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_stream"
+            assert r.json()["error"]["param"] == "stream"
         r = httpx.get(h.base_url + "/chat/completions")
         assert r.status_code == 405 and r.headers["allow"] == "POST"
         assert r.json()["error"]["code"] == "method_not_allowed"
@@ -949,6 +952,7 @@ def test_caps_reject_and_truncate(tmp_path, fakes):
         )
         assert r.status_code == 400 and r.json()["error"]["code"] == "context_length_exceeded"
         assert "cap of 50" in r.json()["error"]["message"]
+        assert r.json()["error"]["param"] == "messages"
         recs = _records(h.shim, 2)
     assert recs[0]["truncated_tokens"] > 0 and recs[1]["status_code"] == 400
 
@@ -961,6 +965,7 @@ def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
             r = httpx.post(h.base_url + "/completions", json={"model": "small", "prompt": prompt})
             assert r.status_code == 400, prompt[:1]
             assert r.json()["error"]["code"] == "context_length_exceeded"
+            assert r.json()["error"]["param"] == "prompt"
         image = {"type": "image_url", "image_url": {"url": "data:image/png;base64," + "A" * 400}}
         content = [{"type": "text", "text": "what is this?"}, image]
         r = httpx.post(
@@ -979,6 +984,7 @@ def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
         assert r.status_code == 400 and "prompt_embeds" in r.json()["error"]["message"]
         r = httpx.post(h.base_url + "/completions", json={"model": "small"})
         assert r.status_code == 400 and r.json()["error"]["code"] == "missing_prompt"
+        assert r.json()["error"]["param"] == "prompt"
     with _serve(tmp_path / "nocap", [f"small={url}"]) as h:
         assert httpx.post(h.base_url + "/completions", json=embeds).status_code == 200
 
@@ -1135,8 +1141,10 @@ def test_openai_client_sync_async_stream(tmp_path, fakes):
 
         last = asyncio.run(go())
         assert last.usage.completion_tokens == 3
-        with pytest.raises(openai.NotFoundError):
+        with pytest.raises(openai.NotFoundError) as err:
             c.chat.completions.create(model="nope", messages=[{"role": "user", "content": "hi"}])
+        # the SDK reads the shim's own errors like OpenAI's: code and the field at fault
+        assert (err.value.code, err.value.param) == ("model_not_found", "model")
 
 
 def test_reload_refuses_bad_config_and_keeps_serving(tmp_path, fakes):

@@ -127,6 +127,7 @@ class Shim:
                         f"Model `{n}` may not be requested directly here; use `{cfg.alias}`.",
                         "permission_error",
                         "model_not_allowed",
+                        param="model",
                     )
         if cfg.explicit == "reroute":
             to = {

@@ -158,10 +158,12 @@ class HTTPError(Exception):
         type_: str,
         code: str | None = None,
         error_type: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
-        self.body = error_body(message, type_, code)
+        # `param` names the request field at fault, as OpenAI's errors do (the SDK's `.param`)
+        self.body = error_body(message, type_, code, param)
         self.error_type = error_type or code or type_
         self.headers: list[tuple[bytes, bytes]] = []  # extra response headers
 
@@ -528,6 +530,7 @@ class ProxyEndpoint:
                 "`model` is required (a tier name or the routing alias).",
                 "invalid_request_error",
                 "missing_model",
+                param="model",
             )
         rec["request_model"] = model[:NAME_LOG_CHARS]
         if self.operation == "chat":
@@ -538,12 +541,19 @@ class ProxyEndpoint:
                     "`messages` must be a non-empty list.",
                     "invalid_request_error",
                     "invalid_messages",
+                    param="messages",
                 )
             rec["turn_count"] = sum(
                 1 for m in msgs if isinstance(m, dict) and m.get("role") == "user"
             )
         elif "prompt" not in body and "prompt_embeds" not in body:  # the latter: vLLM's
-            raise HTTPError(400, "`prompt` is required.", "invalid_request_error", "missing_prompt")
+            raise HTTPError(
+                400,
+                "`prompt` is required.",
+                "invalid_request_error",
+                "missing_prompt",
+                param="prompt",
+            )
         rec["has_tools"] = bool(body.get("tools") or body.get("functions"))
         stream = body.get("stream")
         if stream is None:
@@ -555,6 +565,7 @@ class ProxyEndpoint:
                 f"`stream` must be true or false, not {orjson.dumps(stream).decode()[:40]}.",
                 "invalid_request_error",
                 "invalid_stream",
+                param="stream",
             )
         ctx.stream = stream
         rec["stream"] = stream
@@ -566,6 +577,7 @@ class ProxyEndpoint:
                 "`stream_options` can only be set when `stream` is true.",
                 "invalid_request_error",
                 "invalid_stream_options",
+                param="stream_options",
             )
         ctx.include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))
         rec["prompt_fingerprint"] = _fingerprint_prompt(body)
@@ -581,6 +593,7 @@ class ProxyEndpoint:
                 f"The model `{model}` does not exist here; use `{cfg.alias}` or one of {list(cfg.tiers)}.",
                 "invalid_request_error",
                 "model_not_found",
+                param="model",
             )
         if isinstance(tier, HTTPError):
             raise tier
@@ -656,7 +669,11 @@ class ProxyEndpoint:
                     shim.metrics.cap_rejections.labels(tier).inc()
                     rec["input_tokens"] = out.input_tokens
                     raise HTTPError(
-                        400, out.error, "invalid_request_error", "context_length_exceeded"
+                        400,
+                        out.error,
+                        "invalid_request_error",
+                        "context_length_exceeded",
+                        param="messages" if self.operation == "chat" else "prompt",
                     )
                 if out.truncated_tokens:
                     rec["truncated_tokens"] = out.truncated_tokens
@@ -1503,6 +1520,7 @@ class EmbeddingsEndpoint:
                     "Request body must be a JSON object with a `model`.",
                     "invalid_request_error",
                     "missing_model",
+                    param="model",
                 )
             model = body["model"]
             rec["request_model"] = model[:NAME_LOG_CHARS]
