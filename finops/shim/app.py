@@ -38,6 +38,7 @@ from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import Coalescer, MemoryCache, RedisCache, RedisUnavailable
 from finops.shim.caps import TokenizeGate
 from finops.shim.config import ConfigError, ShimConfig, load_config, reread_config
+from finops.shim.h1client import KEEPALIVE_EXPIRY_S
 from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
 from finops.shim.policy import Router, load_policy
@@ -196,7 +197,9 @@ class Shim:
             limits=httpx.Limits(
                 max_connections=cfg.max_connections,
                 max_keepalive_connections=cfg.max_connections,
-                keepalive_expiry=30,
+                # under uvicorn's 5 s (vLLM's server): /tokenize POSTs never meet a
+                # connection the upstream is closing (h1client says why)
+                keepalive_expiry=KEEPALIVE_EXPIRY_S,
             ),
             timeout=httpx.Timeout(
                 connect=cfg.connect_timeout_s,

@@ -14,19 +14,33 @@ checks, /tokenize).
 Errors are mapped by the caller: `ConnectError` (refused / unreachable /
 connect timeout), `Disconnected` (the upstream closed or reset the
 connection); timeouts are the caller's `asyncio.timeout`.
+
+A POST is never sent twice here, even when a reused keep-alive connection turns
+out dead: once written, the upstream may have it (and be generating), so the
+failure goes to the caller, whose fallback policy counts and logs it (as nginx
+and Go's transport do for non-idempotent requests). Idle connections are dropped
+before the upstream's own keep-alive timeout (uvicorn's, under vLLM, is 5 s) so
+that race stays rare. A connection is only reused when its response was framed
+exactly: bytes left over after a body, or framing RFC 9112 says to distrust
+(Transfer-Encoding with Content-Length), close it instead, so one response can
+never be read as the start of another.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 import time
 from collections.abc import AsyncIterator
 from typing import Any
 from urllib.parse import urlsplit
 
-KEEPALIVE_EXPIRY_S = 30.0
+# below uvicorn's default keep-alive (5 s, what vLLM's server runs with): the shim lets
+# go of an idle connection before the upstream can close it under a request being sent
+KEEPALIVE_EXPIRY_S = 4.0
 _STREAM_LIMIT = 1 << 20
+_STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9][0-9]{2})(?: [^\r\n]*)?")
 
 
 class ConnectError(OSError):
@@ -50,11 +64,25 @@ class _Conn:
             not self.writer.is_closing()
             and not self.reader.at_eof()
             and now - self.idle_since < KEEPALIVE_EXPIRY_S
+            # bytes that arrived after the last response ended belong to no request
+            and not _buffered(self.reader)
         )
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
             self.writer.transport.abort()
+
+
+def _buffered(reader: asyncio.StreamReader) -> int:
+    """Bytes read from the socket and not yet consumed (StreamReader keeps them in `_buffer`)."""
+    return len(getattr(reader, "_buffer", b""))
+
+
+def _content_length(value: str) -> int:
+    """A Content-Length as RFC 9110 has it (digits only); ValueError otherwise."""
+    if not value.isdigit() or not value.isascii():
+        raise ValueError(f"bad Content-Length {value[:40]!r}")
+    return int(value)
 
 
 class ReadDeadline:
@@ -128,18 +156,40 @@ class Response:
         self.reusable = reusable
         self._done = False
 
+    def _framing(self) -> tuple[bool, int | None]:
+        """(chunked, content length or None = read to the end), per RFC 9112 6.3.
+
+        Transfer-Encoding overrides Content-Length (and such a response's connection is
+        not reused); a coding other than a final `chunked` is read until the upstream
+        closes. 1xx, 204 and 304 answers have no body.
+        """
+        if self.status in (204, 304) or self.status < 200:
+            return False, 0
+        te = self.headers.get("transfer-encoding")
+        if te is not None:
+            if "content-length" in self.headers:
+                self.reusable = False
+            if te.rsplit(",", 1)[-1].strip().lower() == "chunked":
+                return True, None
+            self.reusable = False
+            return False, None
+        cl = self.headers.get("content-length")
+        if cl is not None:
+            return False, _content_length(cl)
+        self.reusable = False
+        return False, None
+
     async def read(self) -> bytes:
         r = self.conn.reader
         try:
-            cl = self.headers.get("content-length")
-            if cl is not None:
-                data = await r.readexactly(int(cl))
-            elif self.headers.get("transfer-encoding", "").lower() == "chunked":
+            chunked, length = self._framing()
+            if chunked:
                 parts = [c async for c in self._chunked()]
                 data = b"".join(parts)
+            elif length is not None:
+                data = await r.readexactly(length)
             else:
                 data = await r.read()
-                self.reusable = False
         except (
             asyncio.IncompleteReadError,
             asyncio.LimitOverrunError,
@@ -158,12 +208,17 @@ class Response:
         r = self.conn.reader
         while True:
             line = await r.readuntil(b"\r\n")
-            size = int(line.split(b";", 1)[0], 16)
+            token = line.split(b";", 1)[0].strip()
+            if not token or token.strip(b"0123456789abcdefABCDEF"):
+                raise ValueError(f"bad chunk size {line[:40]!r}")
+            size = int(token, 16)
             if size == 0:
                 while (await r.readuntil(b"\r\n")) != b"\r\n":  # trailers
                     pass
                 return
             data = await r.readexactly(size + 2)
+            if data[-2:] != b"\r\n":
+                raise ValueError("chunk data not followed by CRLF")
             yield data[:-2]
 
     async def iter_chunks(self, idle_timeout: float) -> AsyncIterator[bytes]:
@@ -172,7 +227,8 @@ class Response:
         r = self.conn.reader
         dl = ReadDeadline(idle_timeout)
         try:
-            if self.headers.get("transfer-encoding", "").lower() == "chunked":
+            chunked, left = self._framing()
+            if chunked:
                 it = self._chunked().__aiter__()
                 while True:
                     try:
@@ -181,13 +237,6 @@ class Response:
                         break
                     yield piece
             else:
-                left = (
-                    int(self.headers["content-length"])
-                    if "content-length" in self.headers
-                    else None
-                )
-                if left is None:
-                    self.reusable = False
                 while left is None or left > 0:
                     piece = await dl.read(r.read(65536 if left is None else min(65536, left)))
                     if not piece:
@@ -217,7 +266,7 @@ class Response:
         if self._done:
             return
         self._done = True
-        if self.reusable:
+        if self.reusable and not _buffered(self.conn.reader):
             self._pool.put(self.conn)
         else:
             self.conn.close()
@@ -306,17 +355,10 @@ class HostPool:
         await self._sem.acquire()
         try:
             conn = self._take_idle()
-            reused = conn is not None
             if conn is None:
                 conn = await self._connect()
-            try:
-                return await self._exchange(conn, payload)
-            except Disconnected:
-                if not reused:
-                    raise
-                # a kept-alive connection the upstream had already closed: one fresh try
-                conn = await self._connect()
-                return await self._exchange(conn, payload)
+            # once written, the request is the upstream's: no second send from here
+            return await self._exchange(conn, payload)
         except BaseException:
             self._sem.release()
             raise
@@ -324,32 +366,44 @@ class HostPool:
     async def _exchange(self, conn: _Conn, payload: bytes) -> Response:
         try:
             conn.writer.write(payload)
-            head = await conn.reader.readuntil(b"\r\n\r\n")
+            while True:
+                head = await conn.reader.readuntil(b"\r\n\r\n")
+                lines = head[:-4].split(b"\r\n")
+                m = _STATUS_LINE.fullmatch(lines[0])
+                if m is None:
+                    raise ValueError(f"a malformed status line {lines[0][:80]!r}")
+                status = int(m[2])
+                # 1xx (100 Continue, 103 Early Hints) are interim: the answer follows
+                if status >= 200 or status == 101:
+                    break
         except (asyncio.IncompleteReadError, ConnectionError, asyncio.LimitOverrunError) as exc:
             conn.close()
             self.open -= 1
             raise Disconnected(
                 f"upstream {self.host}:{self.port} closed the connection before answering: {type(exc).__name__}"
             ) from None
+        except ValueError as exc:
+            conn.close()
+            self.open -= 1
+            raise Disconnected(f"upstream {self.host}:{self.port} sent {exc}") from None
         except BaseException:
             conn.close()
             self.open -= 1
             raise
-        lines = head[:-4].split(b"\r\n")
-        parts = lines[0].split(b" ", 2)
-        try:
-            status = int(parts[1])
-        except (IndexError, ValueError):
-            conn.close()
-            self.open -= 1
-            raise Disconnected(
-                f"upstream {self.host}:{self.port} sent a malformed status line {lines[0][:80]!r}"
-            ) from None
         headers: dict[str, str] = {}
         for ln in lines[1:]:
             k, _, v = ln.partition(b":")
-            headers[k.strip().lower().decode("latin-1")] = v.strip().decode("latin-1")
-        reusable = headers.get("connection", "").lower() != "close" and parts[0] == b"HTTP/1.1"
+            name = k.strip().lower().decode("latin-1")
+            value = v.strip().decode("latin-1")
+            if name in headers and name in ("content-length", "transfer-encoding"):
+                # repeated framing headers: equal lengths are one length (RFC 9110 8.6),
+                # anything else is refused when the body is read
+                if name == "content-length" and value != headers[name]:
+                    value = "conflicting"
+                elif name == "transfer-encoding":
+                    value = headers[name] + ", " + value
+            headers[name] = value
+        reusable = headers.get("connection", "").lower() != "close" and m[1] == b"1"
         # hand over: the Response now owns the semaphore slot and the connection
         return Response(self, conn, status, headers, reusable)
 

@@ -133,7 +133,8 @@ class UpstreamFailure(Exception):
         retry_after: str | None = None,
     ) -> None:
         super().__init__(message)
-        self.reason = reason  # connect | timeout | http_5xx | rate_limited | disconnect
+        # connect | timeout | http_5xx | rate_limited | disconnect | bad_response
+        self.reason = reason
         self.status = status
         self.message = message
         self.body = body
@@ -272,6 +273,7 @@ class Ctx:
     """Per-request state that ends up in the request-log record."""
 
     __slots__ = (
+        "answer",
         "body",
         "cache_header",
         "client_request_id",
@@ -312,6 +314,7 @@ class Ctx:
         self.input_count: int | None = None  # the cap step's count, once there is one
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
+        self.answer: dict | None = None  # a non-streamed 200's body, parsed once
         self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
 
     def input_tokens_known(self) -> int:
@@ -821,6 +824,8 @@ class ProxyEndpoint:
         hdrs = [
             (b"content-type", b"application/json"),
             (b"accept", b"text/event-stream" if ctx.stream else b"application/json"),
+            # no compressed answers: the shim reads them (usage, the cache, SSE events)
+            (b"accept-encoding", b"identity"),
         ]
         if up.api_key:
             hdrs.append((b"authorization", b"Bearer " + up.api_key.encode()))
@@ -843,7 +848,20 @@ class ProxyEndpoint:
                         resp.headers.get("retry-after"),
                     )
                 if not ctx.stream or resp.status != 200:
-                    return resp, await resp.read(), None
+                    data = await resp.read()
+                    if resp.status == 200:
+                        ctx.answer = _json_object(data)
+                        if ctx.answer is None:
+                            # vLLM answers JSON: anything else (compressed, cut, not
+                            # OpenAI's) is a broken upstream, and nothing is sent yet
+                            raise UpstreamFailure(
+                                "bad_response",
+                                502,
+                                f"upstream {up.url} answered 200 with a body that is not a "
+                                f"JSON object ({len(data)} bytes, content-encoding "
+                                f"{resp.headers.get('content-encoding', 'none')})",
+                            )
+                    return resp, data, None
                 it = resp.iter_chunks(shim.cfg.read_timeout_s).__aiter__()
                 first = b""
                 while not first:
@@ -857,12 +875,15 @@ class ProxyEndpoint:
                         ) from None
                 return resp, first, it
         except TimeoutError:
+            what = "no first byte"
             if resp is not None:
                 resp.close()
+                part = "any of its stream" if ctx.stream else "its whole body"
+                what = f"a {resp.status} head but not {part}"
             raise UpstreamFailure(
                 "timeout",
                 504,
-                f"upstream {up.url} sent no first byte within {shim.cfg.first_byte_timeout_s:g} s",
+                f"upstream {up.url} sent {what} within {shim.cfg.first_byte_timeout_s:g} s",
             ) from None
         except ConnectError as exc:
             raise UpstreamFailure(
@@ -957,6 +978,7 @@ class ProxyEndpoint:
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
                     last = exc
                     ctx.tier = up.tier
+                    rec["upstream"] = up.url  # the last one tried, if none answers
                     continue
                 except BaseException:  # client gone, or a bug: a half-open probe is not left taken
                     up.breaker.release_probe()
@@ -1037,11 +1059,8 @@ class ProxyEndpoint:
         rec["status_code"] = resp.status
         meta = None
         if resp.status == 200:
-            try:
-                obj = orjson.loads(data)
-            except orjson.JSONDecodeError:
-                obj = None
-            if isinstance(obj, dict):
+            obj = ctx.answer  # parsed in _attempt: a 200 here is a JSON object
+            if obj is not None:
                 self._usage_into(rec, obj.get("usage"))
                 rec["response_model"] = obj.get("model")
                 ch = obj.get("choices")
@@ -1479,6 +1498,14 @@ def _idem_entry(rec: dict, raw: bytes, meta: dict) -> dict:
     }
 
 
+def _json_object(data: bytes) -> dict | None:
+    try:
+        obj = orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return None
+    return obj if isinstance(obj, dict) else None
+
+
 async def _send_simple(
     send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
@@ -1533,6 +1560,7 @@ class EmbeddingsEndpoint:
                     f"The model `{model}` does not exist here.",
                     "invalid_request_error",
                     "model_not_found",
+                    param="model",
                 )
             if isinstance(tier, HTTPError):
                 raise tier

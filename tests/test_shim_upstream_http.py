@@ -1,0 +1,253 @@
+"""The shim against upstreams that break HTTP/1.1 in the ways real servers and middleboxes do.
+
+A scripted raw-socket upstream on loopback answers each POST with exact bytes, and
+records which connection each POST arrived on, so the tests can see a request sent
+twice, or a connection reused after a response that was not framed exactly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gzip
+import socket
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import httpx
+import orjson
+import pytest
+
+from finops.shim import from_flags, serve_in_thread
+
+CHAT = {"model": "small", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
+ANSWER = orjson.dumps(
+    {
+        "id": "cmpl-1",
+        "object": "chat.completion",
+        "created": 1,
+        "model": "small",
+        "choices": [
+            {"index": 0, "message": {"role": "assistant", "content": "hi"}, "finish_reason": "stop"}
+        ],
+        "usage": {"prompt_tokens": 3, "completion_tokens": 1, "total_tokens": 4},
+    }
+)
+
+
+def ok(body: bytes = ANSWER, extra: bytes = b"") -> bytes:
+    return (
+        b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+        + extra
+        + b"content-length: %d\r\n\r\n" % len(body)
+        + body
+    )
+
+
+class ScriptedUpstream:
+    """Answers POST number i (0-based, over all connections) with `script(i)`.
+
+    `script` returns the bytes to send and what to do next: "keep" (read the next
+    request), "close" or a float (hold that long, then close). GETs (the shim's health
+    checks) get an empty 200 and are not counted.
+    """
+
+    def __init__(self, script: Callable[[int], tuple[bytes, str | float]]) -> None:
+        self.script = script
+        self.posts: list[tuple[int, dict]] = []  # (connection number, request headers)
+        self._lock = threading.Lock()
+        self._conns = 0
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(64)
+        self.url = f"http://127.0.0.1:{self.sock.getsockname()[1]}"
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                c, _ = self.sock.accept()
+            except OSError:
+                return
+            with self._lock:
+                self._conns += 1
+                n = self._conns
+            threading.Thread(target=self._serve, args=(c, n), daemon=True).start()
+
+    def _serve(self, c: socket.socket, n: int) -> None:
+        buf = b""
+        with c:
+            while True:
+                while b"\r\n\r\n" not in buf:
+                    data = c.recv(65536)
+                    if not data:
+                        return
+                    buf += data
+                head, _, buf = buf.partition(b"\r\n\r\n")
+                lines = head.decode("latin-1").split("\r\n")
+                headers = {
+                    k.strip().lower(): v.strip()
+                    for k, _, v in (ln.partition(":") for ln in lines[1:])
+                }
+                length = int(headers.get("content-length", "0"))
+                while len(buf) < length:
+                    buf += c.recv(65536)
+                buf = buf[length:]
+                if lines[0].startswith("GET"):
+                    c.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\n{}")
+                    continue
+                with self._lock:
+                    i = len(self.posts)
+                    self.posts.append((n, headers))
+                data, then = self.script(i)
+                c.sendall(data)
+                if then == "keep":
+                    continue
+                if isinstance(then, float):
+                    time.sleep(then)
+                return
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@pytest.fixture
+def scripted():
+    made: list[ScriptedUpstream] = []
+
+    def make(script):
+        u = ScriptedUpstream(script)
+        made.append(u)
+        return u
+
+    yield make
+    for u in made:
+        u.close()
+
+
+def _serve(tmp_path: Path, url: str, **changes):
+    cfg = from_flags([f"small={url}"], log_dir=tmp_path / "log")
+    return serve_in_thread(dataclasses.replace(cfg, first_byte_timeout_s=3.0, **changes))
+
+
+def _records(shim, n: int) -> list[dict]:
+    deadline = time.monotonic() + 5
+    while True:
+        shim.log.flush()
+        out = [
+            orjson.loads(line)
+            for p in sorted(Path(shim.cfg.log_dir).glob("requests-*.jsonl*"))
+            for line in p.read_bytes().splitlines()
+        ]
+        if len(out) >= n or time.monotonic() > deadline:
+            return sorted(out, key=lambda r: r["ts"])
+        time.sleep(0.02)
+
+
+@pytest.mark.parametrize(
+    "failure",
+    [
+        b"HTTP/1.1 200 OK\r\ncontent-type: app",  # part of a head, then the connection drops
+        b"",  # nothing, after holding the request (it was generating), then the drop
+    ],
+    ids=["partial-head", "held-then-closed"],
+)
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_request_on_a_reused_connection_is_never_sent_twice(tmp_path, scripted, failure, stream):
+    """The second POST goes out on the kept-alive connection of the first; the upstream
+    had it (a partial answer, or a long hold) before dropping the connection. Sending it
+    again would run the generation twice: the client gets the 502 instead, logged."""
+    up = scripted(lambda i: (ok(), "keep") if i == 0 else (failure, 0.3))
+    with _serve(tmp_path, up.url) as h:
+        with httpx.Client(timeout=10) as c:
+            assert c.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+            r = c.post(h.base_url + "/chat/completions", json={**CHAT, "stream": stream})
+        assert r.status_code == 502, r.text
+        assert r.json()["error"]["code"] == "upstream_disconnect"
+        recs = _records(h.shim, 2)
+    conns = [n for n, _ in up.posts]
+    assert len(conns) == 2 and conns[0] == conns[1]  # each POST once, on one connection
+    assert (recs[1]["status_code"], recs[1]["upstream"]) == (502, up.url)
+
+
+UNICODE = ANSWER.replace(b'"hi"', '"hé€"'.encode())
+# Content-Length counted in characters, not UTF-8 bytes: 3 bytes of the body are left over
+IN_CHARACTERS = ok(UNICODE).replace(
+    b"content-length: %d" % len(UNICODE), b"content-length: %d" % len(UNICODE.decode())
+)
+
+
+@pytest.mark.parametrize(
+    ("first", "status"),
+    [
+        (ok() + b"\r\n", 200),  # a stray CRLF after the body
+        (IN_CHARACTERS, 502),  # the body read is cut: no answer, never a 200 of broken JSON
+        # both framings: chunked wins (RFC 9112 6.3), and the connection is not reused
+        (
+            b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 5\r\n"
+            b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n" % (len(ANSWER), ANSWER),
+            200,
+        ),
+    ],
+    ids=["stray-crlf", "length-in-characters", "te-and-cl"],
+)
+def test_a_connection_left_with_unread_bytes_is_not_reused(tmp_path, scripted, first, status):
+    """Bytes after a response's body belong to no request: reusing the connection would
+    read them as the next client's answer (or make its request fail). The next request
+    goes out on a fresh connection and gets its own answer."""
+    assert ok(UNICODE) != IN_CHARACTERS
+    up = scripted(lambda i: (first if i == 0 else ok(), "keep"))
+    with _serve(tmp_path, up.url) as h:
+        with httpx.Client(timeout=10) as c:
+            r1 = c.post(h.base_url + "/chat/completions", json=CHAT)
+            time.sleep(0.1)  # the leftover bytes have arrived before the next request
+            r2 = c.post(h.base_url + "/chat/completions", json=CHAT)
+            r3 = c.post(h.base_url + "/chat/completions", json=CHAT)
+        recs = _records(h.shim, 3)
+    assert r1.status_code == status, r1.text
+    if status == 200:
+        assert r1.json() == orjson.loads(ANSWER)
+    assert r2.status_code == r3.status_code == 200
+    assert r2.json() == r3.json() == orjson.loads(ANSWER)
+    conns = [n for n, _ in up.posts]
+    # once each; the second on a fresh connection, which the third reuses
+    assert len(conns) == 3 and conns[0] != conns[1] == conns[2]
+    assert [r["status_code"] for r in recs] == [status, 200, 200]
+
+
+def test_interim_1xx_answers_are_skipped(tmp_path, scripted):
+    """103 Early Hints (or a stray 100 Continue) comes before the real answer: the shim
+    waits for the final one rather than taking the 1xx as the answer (and timing out)."""
+    hints = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n"
+    cont = b"HTTP/1.1 100 Continue\r\n\r\n"
+    up = scripted(lambda i: ((hints, cont)[i % 2] + ok(), "keep"))
+    with _serve(tmp_path, up.url) as h:
+        t0 = time.monotonic()
+        for stream in (False, True):
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": stream})
+            assert r.status_code == 200, r.text
+        assert time.monotonic() - t0 < 2  # not the 3 s first-byte timeout
+    assert len(up.posts) == 2
+
+
+def test_upstream_answers_are_asked_uncompressed_and_a_broken_200_is_a_502(tmp_path, scripted):
+    """The shim reads answers (usage, cache, SSE events): it asks for identity encoding,
+    and a 200 whose body is not a JSON object (compressed anyway, cut short) is the
+    upstream's failure, answered 502 like one, never passed on as a success."""
+    zipped = gzip.compress(ANSWER)
+    bodies = [
+        ok(zipped, b"content-encoding: gzip\r\n"),
+        ok(ANSWER[: len(ANSWER) // 2]),
+        ok(b"[1, 2]"),
+        ok(),
+    ]
+    up = scripted(lambda i: (bodies[i], "keep"))
+    with _serve(tmp_path, up.url) as h:
+        out = [httpx.post(h.base_url + "/chat/completions", json=CHAT) for _ in bodies]
+        recs = _records(h.shim, 4)
+    assert [r.status_code for r in out] == [502, 502, 502, 200]
+    assert "content-encoding gzip" in out[0].json()["error"]["message"]
+    assert all(r.json()["error"]["code"] == "upstream_bad_response" for r in out[:3])
+    assert [r["error_type"] for r in recs[:3]] == ["upstream_bad_response"] * 3
+    assert all(hdrs.get("accept-encoding") == "identity" for _, hdrs in up.posts)
