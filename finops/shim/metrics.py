@@ -122,6 +122,13 @@ class ShimMetrics:
             "Requests served by an identical in-flight request.",
             registry=r,
         )
+        self.refused_connections = Counter(
+            "finops_shim_refused_connections",
+            "Connections closed before a request was read (request_header_fields_too_large, "
+            "request_timeout, idle_connection, invalid_http_request).",
+            ["reason"],
+            registry=r,
+        )
         self.idempotent_replays = Counter(
             "finops_shim_idempotent_replays",
             "Requests answered from an Idempotency-Key record.",

@@ -42,6 +42,7 @@ if TYPE_CHECKING:
     from finops.shim.app import Shim
 
 JSON_CT = (b"content-type", b"application/json")
+CONNECTION_CLOSE = (b"connection", b"close")
 SSE_HEADERS = [
     (b"content-type", b"text/event-stream; charset=utf-8"),
     (b"cache-control", b"no-cache"),
@@ -171,12 +172,15 @@ class HTTPError(Exception):
 
 async def read_body(receive: Any, limit: int, timeout: float, declared: int | None) -> bytes:
     if declared is not None and declared > limit:
-        raise HTTPError(
+        exc = HTTPError(
             413,
             f"Request body of {declared} bytes exceeds the limit of {limit} bytes.",
             "invalid_request_error",
             "request_too_large",
         )
+        # refused unread: closing spares reading (and discarding) all of it, as nginx does
+        exc.headers.append(CONNECTION_CLOSE)
+        raise exc
     chunks: list[bytes] = []
     size = 0
     try:
@@ -275,8 +279,10 @@ class Ctx:
     __slots__ = (
         "answer",
         "body",
+        "body_unsent",
         "cache_header",
         "client_request_id",
+        "content_encoding",
         "fallbacks",
         "feature",
         "first_byte_at",
@@ -315,6 +321,8 @@ class Ctx:
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
         self.answer: dict | None = None  # a non-streamed 200's body, parsed once
+        self.body_unsent = False  # Expect: 100-continue, and the body not asked for yet
+        self.content_encoding: bytes | None = None
         self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
 
     def input_tokens_known(self) -> int:
@@ -373,26 +381,39 @@ def _scan_headers(
                 declared = None
         elif k == b"idempotency-key":
             idem = v
+        elif k == b"expect":
+            ctx.body_unsent = v.lower() == b"100-continue"
+        elif k == b"content-encoding":
+            ctx.content_encoding = v
         elif k == feature_header:
             feature = v.decode("latin-1")
     return auth, declared, idem, feature
 
 
 def _auth_then_read_body(
-    shim: Shim, rec: dict, auth: bytes | None, declared: int | None, receive: Any
+    shim: Shim, ctx: Ctx, auth: bytes | None, declared: int | None, receive: Any
 ) -> Coroutine[Any, Any, bytes]:
-    """Authenticate (tenant into `rec`, 401 on failure), then start reading the body.
+    """Authenticate (tenant into the record, 401 on failure), then start reading the body.
 
     Returns `read_body`'s coroutine for the caller to await, so the hot path keeps a single
     await for the body rather than gaining a wrapper coroutine.
     """
     cfg = shim.cfg
     try:
-        rec["tenant"] = tenant_for(auth, cfg.api_keys, cfg.default_tenant)
+        ctx.rec["tenant"] = tenant_for(auth, cfg.api_keys, cfg.default_tenant)
     except AuthError as exc:
         raise HTTPError(
             401, exc.message, "invalid_request_error", "invalid_api_key", "auth"
         ) from None
+    coding = ctx.content_encoding
+    if coding is not None and coding.strip().lower() != b"identity":
+        raise HTTPError(
+            415,
+            f"Content-Encoding {coding.decode('latin-1')[:40]!r} is not supported: send the "
+            "request body uncompressed.",
+            "invalid_request_error",
+            "unsupported_content_encoding",
+        )
     return read_body(receive, cfg.max_body_bytes, cfg.body_timeout_s, declared)
 
 
@@ -428,9 +449,12 @@ async def _answer_http_error(ctx: Ctx, exc: HTTPError, send: Any) -> None:
     rec = ctx.rec
     rec["status_code"] = exc.status
     rec["error_type"] = exc.error_type
-    await _send_simple(
-        send, exc.status, exc.body, [*ctx.headers(time.perf_counter()), *exc.headers]
-    )
+    headers = [*ctx.headers(time.perf_counter()), *exc.headers]
+    if ctx.body_unsent and CONNECTION_CLOSE not in headers:
+        # refused before asking for the body (Expect: 100-continue): the client may not
+        # send it, so the next bytes on this connection are not a request (RFC 9110 10.1.1)
+        headers.append(CONNECTION_CLOSE)
+    await _send_simple(send, exc.status, exc.body, headers)
 
 
 async def _answer_internal_error(ctx: Ctx, exc: Exception, path: str, send: Any) -> None:
@@ -494,7 +518,8 @@ class ProxyEndpoint:
         try:
             t = time.perf_counter()
             try:
-                raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+                raw = await _auth_then_read_body(shim, ctx, auth, declared, receive)
+                ctx.body_unsent = False
             finally:  # a 408 waited for the client too
                 ctx.waited += time.perf_counter() - t
             await self._handle(ctx, raw, feature, idem, receive, send)
@@ -1509,7 +1534,11 @@ def _json_object(data: bytes) -> dict | None:
 async def _send_simple(
     send: Any, status: int, body: bytes, headers: list[tuple[bytes, bytes]]
 ) -> None:
-    await send({"type": "http.response.start", "status": status, "headers": [JSON_CT, *headers]})
+    # a length, not chunked framing: HTTP/1.0 clients cannot read chunked (RFC 9112 6.1)
+    length = (b"content-length", str(len(body)).encode())
+    await send(
+        {"type": "http.response.start", "status": status, "headers": [JSON_CT, length, *headers]}
+    )
     await send({"type": "http.response.body", "body": body, "more_body": False})
 
 
@@ -1537,7 +1566,8 @@ class EmbeddingsEndpoint:
         try:
             t = time.perf_counter()
             try:
-                raw = await _auth_then_read_body(shim, rec, auth, declared, receive)
+                raw = await _auth_then_read_body(shim, ctx, auth, declared, receive)
+                ctx.body_unsent = False
             finally:  # a 408 waited for the client too
                 ctx.waited += time.perf_counter() - t
             body = _parse_json_body(raw)

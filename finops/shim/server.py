@@ -24,11 +24,21 @@ import uvicorn
 from finops.loopback import free_port
 from finops.shim.app import ShimASGI, create_app
 from finops.shim.config import ShimConfig
+from finops.shim.protocol import guarded_protocol
 
 logger = logging.getLogger("finops.shim")
 
 
-def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning") -> uvicorn.Config:
+def uvicorn_config(
+    app: ShimASGI, host: str, port: int, *, log_level: str = "warning"
+) -> uvicorn.Config:
+    shim = app.shim
+    # the request head's size and time limits (protocol.py): the time is the one a client
+    # has to send its body, read per connection so that a reload changes it
+    protocol = guarded_protocol(
+        lambda: shim.cfg.body_timeout_s,
+        lambda reason: shim.metrics.refused_connections.labels(reason).inc(),
+    )
     # no access log: the request log is the access log, and printing a line per request costs latency
     return uvicorn.Config(
         app,
@@ -44,7 +54,8 @@ def uvicorn_config(app: Any, host: str, port: int, *, log_level: str = "warning"
         # 32 concurrent, non-streaming). Missed mid-stream disconnects once blamed on it
         # came from the proxy's stream loop not yielding (fixed there: it yields every
         # 5 ms); both servers report a disconnect through the same receive() path.
-        http="httptools",
+        # Its protocol, with the head limits h11 has and httptools lacks (protocol.py).
+        http=protocol,
         # the shim never uses the client's address (tenants come from API keys), so
         # uvicorn's X-Forwarded-For middleware would be per-request work for nothing
         proxy_headers=False,

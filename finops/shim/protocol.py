@@ -1,0 +1,131 @@
+"""The shim's HTTP/1.1 server protocol: uvicorn's httptools one, with limits on the request head.
+
+Why: uvicorn's httptools protocol (chosen for its CPU cost, see server.py) has no
+limit on the size of a request head and no timeout for receiving one. One client
+sending an endless header line grew the shim's memory without bound and stalled
+every other client (the parser's time grows with the square of the head), and
+connections that sent nothing, or a byte now and then, were kept forever. Here:
+
+- a head over `MAX_HEAD_BYTES` gets a 431 and the connection is closed
+  (RFC 6585 5; nginx and h11 stop at 8-32 KiB, OpenAI clients send ~1 KiB);
+- a head not received within the shim's `[limits] body_timeout_s` (the time a
+  client has to send its request) gets a 408 and the connection is closed; a
+  connection idle between requests is uvicorn's keep-alive timeout's;
+- uvicorn's own refusals of malformed requests come in OpenAI's error shape.
+
+Both are counted in /metrics (`finops_shim_refused_connections_total`) and said in
+one log line each; they are not request-log records (no request was read).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from typing import Any
+
+from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+from finops.shim.proxy import error_body
+
+logger = logging.getLogger("finops.shim")
+
+MAX_HEAD_BYTES = 64 * 1024
+
+_REASONS = {
+    400: b"Bad Request",
+    408: b"Request Timeout",
+    431: b"Request Header Fields Too Large",
+}
+
+
+class GuardedHttpToolsProtocol(HttpToolsProtocol):
+    """uvicorn's httptools protocol with a head size limit and a head timeout."""
+
+    max_head_bytes = MAX_HEAD_BYTES
+    # the current timeout, read per connection (a config reload changes it)
+    head_timeout: Callable[[], float] = staticmethod(lambda: 30.0)
+    on_refused: Callable[[str], None] = staticmethod(lambda reason: None)
+
+    def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
+        super().connection_made(transport)
+        self._in_head = True
+        self._head_bytes = 0
+        self._head_timer: asyncio.TimerHandle | None = None
+        self._arm_head_timer()  # a connection that sends nothing is not kept forever
+
+    def _arm_head_timer(self) -> None:
+        self._head_timer = self.loop.call_later(self.head_timeout(), self._head_timed_out)
+
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def data_received(self, data: bytes) -> None:
+        if self._in_head:
+            self._head_bytes += len(data)
+            if self._head_timer is None:
+                self._arm_head_timer()
+        super().data_received(data)
+        if self._in_head and self._head_bytes > self.max_head_bytes:
+            self._refuse(
+                431,
+                "request_header_fields_too_large",
+                f"The request head exceeds {self.max_head_bytes} bytes.",
+            )
+
+    def on_headers_complete(self) -> None:
+        self._in_head = False
+        self._disarm_head_timer()
+        super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        super().on_message_complete()
+        # what comes next on this connection is the next request's head
+        self._in_head = True
+        self._head_bytes = 0
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._disarm_head_timer()
+        super().connection_lost(exc)
+
+    def _head_timed_out(self) -> None:
+        self._head_timer = None
+        if not self._in_head or self.transport.is_closing():
+            return
+        if self._head_bytes:
+            timeout = self.head_timeout()
+            self._refuse(408, "request_timeout", f"Request head not received within {timeout:g} s.")
+        else:  # connected and said nothing: nobody to answer
+            self.on_refused("idle_connection")
+            self.transport.close()
+
+    def send_400_response(self, msg: str) -> None:
+        """uvicorn's answer to a request it cannot parse, in OpenAI's shape."""
+        self._refuse(400, "invalid_http_request", f"{msg} (the HTTP/1.1 framing is malformed)")
+
+    def _refuse(self, status: int, code: str, message: str) -> None:
+        if self.transport.is_closing():
+            return
+        self._disarm_head_timer()
+        self._in_head = False
+        peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
+        logger.warning("refused a request from %s: %d %s", peer, status, message)
+        self.on_refused(code)
+        body = error_body(message, "invalid_request_error", code)
+        self.transport.write(
+            b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
+            b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
+        )
+        self.transport.close()
+
+
+def guarded_protocol(
+    head_timeout: Callable[[], float], on_refused: Callable[[str], None] | None = None
+) -> type[GuardedHttpToolsProtocol]:
+    """The protocol class for one server: `head_timeout()` gives the current limit."""
+    attrs: dict[str, Any] = {"head_timeout": staticmethod(head_timeout)}
+    if on_refused is not None:
+        attrs["on_refused"] = staticmethod(on_refused)
+    return type("GuardedHttpToolsProtocol", (GuardedHttpToolsProtocol,), attrs)
