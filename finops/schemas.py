@@ -109,8 +109,11 @@ REQUESTS = TableSchema(
         "retry_of": pl.String,  # request_id of the original when this is a retry
         "attempt": pl.Int32,
         "truncated_tokens": pl.Int64,
-        "turn_count": pl.Int32,
+        "turn_count": pl.Int32,  # user turns as the client sent them (before any cap)
         "has_tools": pl.Boolean,
+        # the router's prompt-token feature (prompt chars/4, or a token-id prompt's length)
+        # as the request arrived: what a router trained from the log must be given
+        "prompt_tokens_est": pl.Float64,
         "router_version": pl.String,
         "router_score": pl.Float64,
         "route_propensity": pl.Float64,  # P(logging policy picks routed_tier), exploration included
@@ -124,6 +127,7 @@ REQUESTS = TableSchema(
         "output_tokens",
         "cached_input_tokens",
         "truncated_tokens",
+        "prompt_tokens_est",
         "ttft_ms",
         "latency_ms",
     ),

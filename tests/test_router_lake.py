@@ -71,3 +71,67 @@ def test_lake_repeated_request_id_is_a_bad_row(demo_lake: Path, tmp_path: Path) 
     (b,) = ds.bad_rows
     assert (b.location, b.field) == (f"{labels}:4", "request_id")
     assert f"first labeled at {labels}:1" in b.expected and ids[0] in b.got
+
+
+def test_a_router_trained_from_the_shim_log_gets_the_features_it_serves_on(
+    tmp_path: Path,
+) -> None:
+    """Prompt capture off, a truncating cap: the log must still let training rebuild the
+    exact feature row the router computed live. vLLM's prompt_tokens (template included,
+    after the cut) and the post-cut turn count are not that row."""
+    import dataclasses
+    import math
+
+    import httpx
+
+    from collectors.logs import ingest_file
+    from finops.lake import Lake
+    from finops.router import features as F
+    from finops.shim import from_flags, serve_in_thread
+    from finops.shim.config import CapRule
+    from finops.shim.fakeupstream import FakeUpstream
+    from finops.shim.server import run_app_in_thread
+
+    long_chat = [{"role": "system", "content": "be brief"}]
+    for i in range(8):
+        long_chat += [
+            {"role": "user", "content": f"question {i} " + "word " * 40},
+            {"role": "assistant", "content": "answer " * 20},
+        ]
+    long_chat.append({"role": "user", "content": "and finally?"})
+    bodies = [
+        {"model": "small", "messages": long_chat},  # cut by the cap
+        {"model": "small", "messages": [{"role": "user", "content": "hi there"}]},
+        {"model": "small", "prompt": "Translate: the meeting moved"},
+        {"model": "small", "prompt": [[1, 2, 3], [4, 5]]},
+    ]
+    up = run_app_in_thread(FakeUpstream("ok"))
+    try:
+        cfg = from_flags([f"small={up.url}"], log_dir=tmp_path / "log")
+        cfg = dataclasses.replace(cfg, caps=(CapRule(120, "truncate"),))
+        with serve_in_thread(cfg) as h:
+            ids = []
+            for b in bodies:
+                path = "/chat/completions" if "messages" in b else "/completions"
+                r = httpx.post(
+                    h.base_url + path, json={**b, "max_tokens": 2}, headers={"x-feature": "qa"}
+                )
+                assert r.status_code == 200, r.text
+                ids.append(r.headers["x-request-id"])
+            h.shim.log.flush()
+    finally:
+        up.stop(2)
+    lake = Lake(tmp_path / "lake")
+    for f in sorted((tmp_path / "log").glob("requests-*.jsonl")):
+        ingest_file(f, lake)
+    labels = tmp_path / "labels.jsonl"
+    labels.write_text("".join(json.dumps({"request_id": i, "label": "small"}) + "\n" for i in ids))
+    db = finops.connect(tmp_path / "lake")
+    logged = db.sql("SELECT request_id, input_tokens, truncated_tokens FROM clean.requests").pl()
+    assert logged.filter(logged["truncated_tokens"] > 0).height == 1  # the cap did cut one
+    ds = D.load_lake(tmp_path / "lake", labels)
+    assert ds.frame.height == len(bodies) and not ds.has_text
+    for row, body in zip(ds.frame.iter_rows(named=True), bodies, strict=True):
+        live = F.from_body(body, feature="qa", tenant="default")
+        assert math.isclose(row["log_prompt_tokens"], live["log_prompt_tokens"], rel_tol=1e-12)
+        assert row["turn_count"] == live["turn_count"]

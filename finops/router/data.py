@@ -5,7 +5,11 @@ Contract (one row per request; JSONL, CSV or Parquet):
 - `prompt` (string) or `messages` (OpenAI chat messages; a JSON string in CSV). Both may
   be absent when prompt capture is off: the router then trains on metadata alone.
 - optional metadata: `feature`, `tenant`, `prompt_tokens`, `turn_count`, `has_tools`,
-  `output_tokens` (used for dollar figures), `request_id`.
+  `output_tokens` (used for dollar figures), `request_id`, and `prompt_tokens_est`: the
+  router's own prompt-token feature as the shim computed it when serving (the request
+  log's column of that name). When given it is the feature, with or without text, so a
+  router trained from the log sees what it will see live; `prompt_tokens` (vLLM's count,
+  chat template included) then only prices the request.
 - a target: `label` (a tier name: the cheapest tier that served the request well) and/or
   `scores` (an object tier -> quality in [0, 1], e.g. judge scores or pass/fail). With
   scores only, the label is the cheapest tier whose score reaches the quality bar.
@@ -251,12 +255,13 @@ def parse_row(
             raise _RowError("prompt", "a string", raw["prompt"])
         text = _utf8("prompt", raw["prompt"])
     prompt_tokens = _num(raw, "prompt_tokens")
+    served_estimate = _num(raw, "prompt_tokens_est")
     turn_count = _num(raw, "turn_count", integer=True, minimum=1)
     has_tools = _bool(raw, "has_tools")
     feature = _utf8("feature", _str(raw, "feature"))
     tenant = _utf8("tenant", _str(raw, "tenant"))
     output_tokens = _num(raw, "output_tokens")
-    if text is None and prompt_tokens is None and feature is None:
+    if text is None and prompt_tokens is None and served_estimate is None and feature is None:
         raise _RowError(
             "prompt", "prompt or messages (or, with capture off, prompt_tokens/feature)", "<none>"
         )
@@ -290,11 +295,12 @@ def parse_row(
         q = [1.0 if i >= label else 0.0 for i in range(k)]
     row = F.extract(
         text=text,
-        prompt_tokens=prompt_tokens,
+        prompt_tokens=served_estimate if served_estimate is not None else prompt_tokens,
         turn_count=turn_count if turn_count is not None else turns,
         has_tools=has_tools,
         feature=feature,
         tenant=tenant,
+        count_from_text=served_estimate is None,
     )
     row["label"] = label
     row["_has_text"] = text is not None
@@ -302,6 +308,8 @@ def parse_row(
     row["input_tokens"] = (
         prompt_tokens
         if prompt_tokens is not None
+        else served_estimate
+        if served_estimate is not None
         else (len(text) / F.CHARS_PER_TOKEN if text else 0.0)
     )
     row["output_tokens"] = output_tokens
@@ -514,7 +522,7 @@ def load_lake(
     db = finops.connect(lake)
     reqs = db.sql(
         "SELECT request_id, prompt_text, feature, tenant, input_tokens, output_tokens, "
-        "turn_count, has_tools FROM clean.requests WHERE request_id IN "
+        "turn_count, has_tools, prompt_tokens_est FROM clean.requests WHERE request_id IN "
         "(SELECT unnest(?::VARCHAR[]))",
         params=[list(label_rows)],
     ).pl()
@@ -533,6 +541,8 @@ def load_lake(
                     "feature": req["feature"],
                     "tenant": req["tenant"],
                     "prompt_tokens": req["input_tokens"],
+                    # the router's feature as served (logs from before it: vLLM's count)
+                    "prompt_tokens_est": req["prompt_tokens_est"],
                     "output_tokens": req["output_tokens"],
                     "turn_count": req["turn_count"] if (req["turn_count"] or 0) >= 1 else None,
                     "has_tools": req["has_tools"],

@@ -31,7 +31,10 @@ FEATURE_DOCS: dict[str, tuple[str, str]] = {
     "log_prompt_tokens": ("numeric", "log1p(prompt tokens); estimated as chars/4 when absent"),
     "turn_count": ("numeric", "user turns in the conversation (1 for a completion prompt)"),
     "has_tools": ("numeric", "1 when the request offers tools/functions, else 0"),
-    "feature": ("categorical", "the product feature the request came from (x-finops-feature)"),
+    "feature": (
+        "categorical",
+        "the product feature the request came from (the shim's feature header, X-Feature)",
+    ),
     "tenant": ("categorical", "the tenant the request came from"),
 }
 
@@ -103,14 +106,17 @@ def extract(
     has_tools: bool | None = None,
     feature: str | None = None,
     tenant: str | None = None,
+    count_from_text: bool = True,
 ) -> dict[str, Any]:
     """One feature row.
 
-    When text is present the token count is always estimated from it (chars/4), because
-    that is what the shim can compute on the request path; a logged count is used only
-    when the text is absent (prompt capture off).
+    When text is present the token count is estimated from it (chars/4), because that is
+    what the shim can compute on the request path; a given count is used only when the
+    text is absent (prompt capture off), or with `count_from_text=False`: the count is
+    then the serving-time estimate itself (the shim logs it as `prompt_tokens_est`; a
+    logged prompt text may be cut, and its length would not match).
     """
-    if text:
+    if text and (count_from_text or prompt_tokens is None):
         prompt_tokens = len(text) / CHARS_PER_TOKEN
     elif prompt_tokens is None or prompt_tokens < 0:
         prompt_tokens = 0.0
@@ -155,6 +161,19 @@ def from_body(
         feature=feature,
         tenant=tenant,
     )
+
+
+def estimate_prompt_tokens(body: Mapping[str, Any]) -> float:
+    """The prompt-token count `from_body` gives the router for this request body.
+
+    The shim logs it with every request (`prompt_tokens_est`), so a router trained from
+    the log sees the count it will see when serving, not vLLM's (which includes the chat
+    template and is only known after the answer).
+    """
+    text, _ = body_text(body)
+    if text:
+        return len(text) / CHARS_PER_TOKEN
+    return float(token_id_count(body.get("prompt")) or 0) if text is None else 0.0
 
 
 def token_id_count(prompt: Any) -> int | None:

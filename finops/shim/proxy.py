@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 
+from finops.router.features import estimate_prompt_tokens
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import assemble_stream, cache_key, is_deterministic, replay_as_sse
 from finops.shim.caps import (
@@ -583,6 +584,7 @@ class ProxyEndpoint:
                 param="prompt",
             )
         rec["has_tools"] = bool(body.get("tools") or body.get("functions"))
+        rec["prompt_tokens_est"] = estimate_prompt_tokens(body)
         stream = body.get("stream")
         if stream is None:
             stream = False
@@ -706,12 +708,9 @@ class ProxyEndpoint:
                 if out.truncated_tokens:
                     rec["truncated_tokens"] = out.truncated_tokens
                     shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
+                    # turn_count and prompt_tokens_est stay as the client sent them: what
+                    # the router decided on (a router trained from the log must see that)
                     body = out.body
-                    rec["turn_count"] = sum(
-                        1
-                        for m in body["messages"]
-                        if isinstance(m, dict) and m.get("role") == "user"
-                    )
             ctx.body = body
 
             # -- cache / coalescing --
