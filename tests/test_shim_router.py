@@ -335,3 +335,26 @@ def test_file_watch_follows_swapped_in_artifact_folders(tmp_path, artifacts, ups
         assert "manifest" in (h.shim.last_reload_error or ""), h.shim.last_reload_error
         assert h.shim.router.version == v2
         assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 200
+
+
+def test_a_router_trained_for_other_model_names_is_said_at_load(tmp_path, caplog):
+    """The artifact records which model each tier was trained for (`--upstream`); a shim
+    serving that tier under another model name says so, naming the flag that sets it."""
+    from finops.shim.app import build_router
+
+    art = train_demo_router(
+        tmp_path / "r",
+        n=400,
+        upstream_models={"small": "small", "mid": "mid", "large": "llama-70b"},
+    )
+    ups = [f"{t}=http://127.0.0.1:9" for t in TIERS]
+    with caplog.at_level("WARNING", logger="finops.shim"):
+        build_router(from_flags(ups, router=art, log_dir=tmp_path / "log"))
+    said = [r.getMessage() for r in caplog.records if "was trained with" in r.getMessage()]
+    assert len(said) == 1 and "'llama-70b'" in said[0] and "--model large=NAME" in said[0]
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="finops.shim"):
+        build_router(
+            from_flags(ups, router=art, log_dir=tmp_path / "log", models=["large=llama-70b"])
+        )
+    assert not [r for r in caplog.records if "was trained with" in r.getMessage()]

@@ -64,6 +64,22 @@ WATCH_POLL_MS = 2000
 def build_router(cfg: ShimConfig) -> Router:
     """Load (and verify) the configured router; raises on a bad artifact."""
     policy = load_policy(cfg.router_path, cfg.tier_names, cfg.rules)
+    for tier, model in sorted(getattr(policy, "upstream_models", {}).items()):
+        served = cfg.tiers[tier].model if tier in cfg.tiers else None
+        if served is not None and model and model != served:
+            # the artifact was trained for that model; the shim sends the tier's configured
+            # name upstream, which may be a different model (or a name vLLM refuses)
+            logger.warning(
+                "router %s was trained with tier %s = %r, but this shim serves %s as %r "
+                "(--model %s=NAME or [tiers.%s] model); check it is the same model",
+                policy.version,
+                tier,
+                model,
+                tier,
+                served,
+                tier,
+                tier,
+            )
     return Router(
         policy,
         cfg.tier_names,
