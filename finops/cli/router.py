@@ -8,7 +8,7 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from finops.cli._common import fail
+from finops.cli._common import LakeOption, fail, resolve_lake
 
 if TYPE_CHECKING:
     from finops.router.data import LabeledData
@@ -223,11 +223,23 @@ def evaluate_cmd(
         Path | None, typer.Option("--lake", help="Replay this lake's last week for dollars.")
     ] = None,
     format: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+    quality_bar: Annotated[
+        float | None,
+        typer.Option(
+            "--quality-bar",
+            help="Score that counts as good enough for --data scores "
+            "(default: the bar the artifact was trained with).",
+        ),
+    ] = None,
 ) -> None:
-    """Accuracy, AUC per tier, CPT(50/80), APGR, shares, quality retained, $ vs all-large."""
+    """Accuracy, AUC per tier, CPT(50/80), APGR, shares, quality retained, $ vs all-large.
+
+    Shares, quality retained and dollars are those of the served decision rule (each
+    tier's own threshold, as `route()` and the shim decide).
+    """
+    from finops.router import evaluate as E
     from finops.router.artifact import ArtifactError, _probe_frame, load_router
-    from finops.router.data import DataError, load_labeled
-    from finops.router.evaluate import replay_lake
+    from finops.router.data import DEFAULT_QUALITY_BAR, DataError, load_labeled
     from finops.router.train import evaluate_split, one_line
 
     _check_format(format)
@@ -237,24 +249,45 @@ def evaluate_cmd(
         router = load_router(artifact)
     except ArtifactError as exc:
         fail(str(exc))
+    if quality_bar is not None and not 0.0 <= quality_bar <= 1.0:
+        fail(f"--quality-bar must be in [0, 1], got {quality_bar}")
     result: dict = {"artifact": str(artifact), "version": router.version}
     if data is not None:
+        trained_bar = router.manifest["training_data"].get("quality_bar")
+        if quality_bar is not None:
+            bar, bar_source = quality_bar, "--quality-bar"
+        elif isinstance(trained_bar, int | float) and not isinstance(trained_bar, bool):
+            bar, bar_source = float(trained_bar), "the artifact's training data"
+        else:
+            bar, bar_source = DEFAULT_QUALITY_BAR, "default (the artifact records none)"
         try:
-            ds = load_labeled(data, tiers=router.tiers)
+            ds = load_labeled(data, tiers=router.tiers, quality_bar=bar)
         except DataError as exc:
             fail(str(exc))
         skipped = _report_bad_rows(ds)
-        X = ds.features(router.uses_prompt_text)
-        proba = router.pipeline.predict_proba(_probe_frame(X.to_dicts()))
+        rows = ds.features(router.uses_prompt_text).to_dicts()
+        proba = router.pipeline.predict_proba(_probe_frame(rows))
         ev = evaluate_split(proba, ds, router.thresholds[0], lake=lake)
+        # the served policy: each tier's own threshold, decided as route() decides
+        out_tok = ds.frame["output_tokens"].fill_null(0.0).to_numpy()
+        cost = E.cost_matrix(
+            ds.frame["input_tokens"].to_numpy(), out_tok, ev["prices"], router.tiers
+        )
+        idx = E.served_indices(router, rows)
+        ev["at_threshold"] = E.at_served(router, idx, ds.quality, cost)
+        ev["quality_bar"] = {"value": bar, "source": bar_source}
         ev["bad_rows"] = len(skipped)
         ev["skipped_rows"] = skipped  # `file:line: field ...`, as printed
         result["evaluation"] = ev
-        result["line"] = one_line(ev, router.tiers)
+        shown = dict(ev, at_threshold=dict(ev["at_threshold"]))
+        if shown["at_threshold"]["lambda"] is None:  # per-tier thresholds: say which
+            label = E.thresholds_label(router).removeprefix("thresholds ")
+            shown["at_threshold"]["lambda"] = f"per tier ({label})"
+        result["line"] = one_line(shown, router.tiers)
     if lake is not None:
         if not lake.exists():
             fail(f"{lake}: no lake here")
-        result["replay"] = replay_lake(router, lake)
+        result["replay"] = E.replay_lake(router, lake)
     if format == "json":
         typer.echo(_json(result))
         return
@@ -262,6 +295,8 @@ def evaluate_cmd(
         ev = result["evaluation"]
         m, at = ev["routellm"], ev["at_threshold"]
         typer.echo(f"rows {ev['rows']} (bad rows skipped: {ev['bad_rows']})")
+        qb = ev["quality_bar"]
+        typer.echo(f"quality bar {qb['value']:g} (from {qb['source']})")
         typer.echo(f"accuracy {ev['accuracy']:.3f}  log loss {ev['log_loss']:.3f}")
         typer.echo(
             "AUC per tier: " + ", ".join(f"{t} {v:.3f}" for t, v in ev["auc_per_tier"].items())
@@ -273,7 +308,10 @@ def evaluate_cmd(
             typer.echo(
                 f"  baseline {name:<12} APGR {_f(b['apgr'])}  CPT50 {_f(b['cpt50'])}  CPT80 {_f(b['cpt80'])}"
             )
-        typer.echo("shares: " + ", ".join(f"{t} {s:.1%}" for t, s in at["shares"].items()))
+        typer.echo(
+            f"served decision ({E.thresholds_label(router)}) shares: "
+            + ", ".join(f"{t} {s:.1%}" for t, s in at["shares"].items())
+        )
         typer.echo(f"quality retained {_pct(at['quality_retained'])}")
         for note in ev.get("notes", []):
             typer.echo(f"note: {note}")
@@ -281,6 +319,69 @@ def evaluate_cmd(
         typer.echo(result["line"])
     if "replay" in result:
         typer.echo(result["replay"]["line"])
+
+
+@router_app.command("offpolicy")
+def offpolicy_cmd(
+    artifact: Annotated[Path, typer.Argument(help="Candidate router artifact directory.")],
+    lake: LakeOption = None,
+    since: Annotated[
+        str | None, typer.Option("--from", help="First day (YYYY-MM-DD, inclusive).")
+    ] = None,
+    until: Annotated[
+        str | None, typer.Option("--to", help="Last day (YYYY-MM-DD, inclusive).")
+    ] = None,
+    exploration_rate: Annotated[
+        float, typer.Option(help="The candidate's own exploration rate (0: deterministic).")
+    ] = 0.0,
+    confidence: Annotated[float, typer.Option(help="Confidence of the intervals.")] = 0.95,
+    format: Annotated[str, typer.Option("--format", help="table|json")] = "table",
+) -> None:
+    """Estimate a candidate router's cost, tokens, errors and latency from the shim's logs.
+
+    Inverse propensity scoring (IPS and self-normalized SNIPS) over logged routed requests,
+    weighting each request whose logged `routed_tier` the candidate would also pick by
+    1 / route_propensity; with the logging routers' observed means, the match count, the
+    effective sample size and confidence intervals.
+    """
+    import warnings
+
+    from finops.costs import CostError
+    from finops.router.artifact import ArtifactError, load_router
+    from finops.router.offpolicy import OffPolicyError, format_table, off_policy_estimate
+
+    _check_format(format)
+    if not 0.0 <= exploration_rate < 1.0:
+        fail(f"--exploration-rate must be in [0, 1), got {exploration_rate}")
+    if not 0.0 < confidence < 1.0:
+        fail(f"--confidence must be in (0, 1), got {confidence}")
+    try:
+        router = load_router(artifact)
+    except ArtifactError as exc:
+        fail(str(exc))
+    lake_path = resolve_lake(lake)
+    try:
+        with warnings.catch_warnings():  # printed from the result's own list
+            warnings.simplefilter("ignore")
+            res = off_policy_estimate(
+                router,
+                lake_path,
+                since=since,
+                until=until,
+                exploration_rate=exploration_rate,
+                confidence=confidence,
+            )
+    except (OffPolicyError, CostError) as exc:
+        fail(str(exc))
+    if format == "json":
+        typer.echo(_json(res))
+    else:
+        for line in format_table(res):
+            typer.echo(line)
+        typer.echo(res["line"])
+        return
+    for w in res["warnings"]:
+        typer.echo(f"warning: {w}", err=True)
 
 
 @router_app.command("export")

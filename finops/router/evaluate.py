@@ -301,6 +301,105 @@ def dollars_line(saved: float, pct: float, quality: float | None) -> str:
     return f"this router would have saved ${saved:,.2f} ({pct:.1%}) {at}"
 
 
+# Columns of clean.requests that the lake replay rebuilds router features from; anything
+# else that replays logged traffic through a router (finops.router.offpolicy) selects these
+# and calls `replay_feature_rows`, so how logged counts become features lives in one place.
+REPLAY_COLUMNS: tuple[str, ...] = (
+    "prompt_text",
+    "feature",
+    "tenant",
+    "input_tokens",
+    "output_tokens",
+    "turn_count",
+    "has_tools",
+    "prompt_tokens_est",
+)
+
+
+def replay_feature_rows(router: Any, df: Any) -> list[dict[str, Any]]:
+    """Feature rows (see `features.extract`) for logged requests (a frame of `REPLAY_COLUMNS`).
+
+    As training from the lake builds them (`data.load_lake`): the prompt-token feature is
+    the shim's own serving-time estimate (`prompt_tokens_est`) when logged, else vLLM's
+    `input_tokens` (logs from before it); prompt text is used when the router uses text
+    and the request has it captured. A frame without `prompt_tokens_est` reads as logs
+    from before it.
+    """
+    from finops.router import features as F
+
+    cols = [c for c in REPLAY_COLUMNS if c in df.columns]
+    rows = []
+    for r in df.select(cols).iter_rows(named=True):
+        est = r.get("prompt_tokens_est")
+        rows.append(
+            F.extract(
+                text=r["prompt_text"] if router.uses_prompt_text else None,
+                prompt_tokens=est if est is not None else r["input_tokens"],
+                turn_count=r["turn_count"] if (r["turn_count"] or 0) >= 1 else None,
+                has_tools=r["has_tools"],
+                feature=r["feature"],
+                tenant=r["tenant"],
+                count_from_text=est is None,
+            )
+        )
+    return rows
+
+
+def served_indices(router: Any, rows: Sequence[Mapping[str, Any]]) -> np.ndarray:
+    """Tier index per feature row, decided exactly as the served router decides.
+
+    `Router.decide_row` is what `Router.route()` (and so the shim) calls: the compiled
+    scorer, then each tier's own threshold (`artifact.decide`; None = never that tier).
+    Evaluating with one lambda for every tier would judge a different policy whenever
+    the manifest's thresholds differ per tier.
+    """
+    index = {t: i for i, t in enumerate(router.tiers)}
+    return np.fromiter(
+        (index[router.decide_row(r).tier] for r in rows), dtype=np.int64, count=len(rows)
+    )
+
+
+def thresholds_label(router: Any) -> str:
+    """The served thresholds in words: one lambda, or one per tier (None = never)."""
+    th = router.thresholds
+    if len(set(th)) == 1:
+        return f"lambda={th[0]}"
+    return "thresholds " + ", ".join(
+        f"{t}={'never' if v is None else v}" for t, v in zip(router.tiers, th, strict=False)
+    )
+
+
+def at_served(
+    router: Any, idx: np.ndarray, quality: np.ndarray, cost: np.ndarray
+) -> dict[str, Any]:
+    """The `at_threshold` figures for the served decisions `idx` (see `served_indices`)."""
+    tiers = router.tiers
+    n = len(idx)
+    rows = np.arange(n)
+    strong_q = float(quality[:, -1].mean())
+    q = float(quality[rows, idx].mean())
+    c = float(cost[rows, idx].sum())
+    all_large = float(cost[:, -1].sum())
+    th = router.thresholds
+    saved = all_large - c
+    return {
+        # one number when every tier shares it (as `train` sets them), else None: see thresholds
+        "lambda": th[0] if len(set(th)) == 1 else None,
+        "thresholds": dict(zip(tiers[:-1], th, strict=True)),
+        "decision": "served rule (Router.decide_row): each tier's own threshold",
+        "shares": {
+            t: float(s)
+            for t, s in zip(tiers, np.bincount(idx, minlength=len(tiers)) / n, strict=True)
+        },
+        "quality_retained": q / strong_q if strong_q > 0 else None,
+        "quality_loss": float(losses(quality, idx).mean()),
+        "cost_usd": c,
+        "all_large_cost_usd": all_large,
+        "saved_usd": saved,
+        "saved_pct": saved / all_large if all_large else 0.0,
+    }
+
+
 def replay_lake(
     router: Any,
     lake: Any,
@@ -314,14 +413,14 @@ def replay_lake(
     requests served from the shim's response cache and embeddings are left out (they
     spend no generation tokens). Quality is the router's own calibrated estimate
     (mean P(chosen tier good enough)); the held-out test figure is in the manifest.
+    Decisions are the served ones (`served_indices`: each tier's own threshold).
     """
     import finops
-    from finops.router import features as F
 
     db = finops.connect(lake, prices=prices)
     df = db.sql(
         f"""
-        SELECT prompt_text, feature, tenant, input_tokens, output_tokens, turn_count, has_tools
+        SELECT {", ".join(REPLAY_COLUMNS)}
         FROM clean.requests
         WHERE ts >= (SELECT max(ts) FROM clean.requests) - INTERVAL {int(days)} DAY
           AND coalesce(operation, 'chat') <> 'embeddings'
@@ -332,17 +431,7 @@ def replay_lake(
     if df.height == 0:
         return {"requests": 0, "line": f"{lake}: no generation requests to replay"}
     has_text = int(df["prompt_text"].is_not_null().sum())
-    rows = [
-        F.extract(
-            text=r["prompt_text"] if router.uses_prompt_text else None,
-            prompt_tokens=r["input_tokens"],
-            turn_count=r["turn_count"] if (r["turn_count"] or 0) >= 1 else None,
-            has_tools=r["has_tools"],
-            feature=r["feature"],
-            tenant=r["tenant"],
-        )
-        for r in df.iter_rows(named=True)
-    ]
+    rows = replay_feature_rows(router, df)
     from finops.router.artifact import _probe_frame
 
     proba = router.pipeline.predict_proba(_probe_frame(rows))
@@ -355,8 +444,7 @@ def replay_lake(
         price,
         tiers,
     )
-    lam = router.thresholds[0]
-    idx = route_indices(cum, lam)
+    idx = served_indices(router, rows)
     n = len(idx)
     routed = float(cost[np.arange(n), idx].sum())
     all_large = float(cost[:, -1].sum())
@@ -403,4 +491,5 @@ def replay_lake(
             else ""
         ),
         "quality_basis": "model estimate" if q == est_quality else "held-out test split",
+        "decision": thresholds_label(router),
     }
