@@ -52,8 +52,17 @@ def _duck_type(dtype: pl.DataType) -> str:
     return _DUCK_TYPES[dtype]  # type: ignore[index]
 
 
-def _raw_view_sql(lake: Path, schema: TableSchema) -> str:
-    cols = ", ".join(f'CAST("{c}" AS {_duck_type(t)}) AS "{c}"' for c, t in schema.columns.items())
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def _raw_view_sql(db: duckdb.DuckDBPyConnection, lake: Path, schema: TableSchema) -> str:
+    """The typed raw view of one table: every schema column, NULL where no file has it.
+
+    A lake written before a column was added (an older finops) has files without it;
+    casting a column no file has would fail the whole view, so such a column reads as
+    NULL until files carrying it arrive (and `refresh` or a new connection sees them).
+    """
     files = sorted((lake / schema.name).glob("date=*/*.parquet"))
     if not files:
         nulls = ", ".join(
@@ -61,10 +70,13 @@ def _raw_view_sql(lake: Path, schema: TableSchema) -> str:
         )
         return f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {nulls} WHERE false"
     glob = str(lake / schema.name / "date=*" / "*.parquet").replace("'", "''")
-    return (
-        f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {cols} "
-        f"FROM read_parquet('{glob}', union_by_name = true, hive_partitioning = false)"
+    source = f"read_parquet('{glob}', union_by_name = true, hive_partitioning = false)"
+    present = {row[0] for row in db.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    cols = ", ".join(
+        f"CAST({_quoted(c) if c in present else 'NULL'} AS {_duck_type(t)}) AS {_quoted(c)}"
+        for c, t in schema.columns.items()
     )
+    return f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {cols} FROM {source}"
 
 
 def sql_files() -> list[Path]:
@@ -115,7 +127,7 @@ def connect(
 
 def _refresh_views(db: duckdb.DuckDBPyConnection, lake_path: Path) -> None:
     for schema in TABLES.values():
-        db.execute(_raw_view_sql(lake_path, schema))
+        db.execute(_raw_view_sql(db, lake_path, schema))
     for path in sql_files():
         try:
             db.execute(path.read_text())

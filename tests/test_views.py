@@ -262,3 +262,37 @@ def test_coalesced_followers_and_replays_are_not_work_nor_duplicates(tmp_path: P
     assert pot["requests"].to_list() == [1]  # the real duplicate only
     hourly = con.sql("SELECT sum(requests), sum(input_tokens) FROM requests_hourly")
     assert hourly.fetchall()[0] == (5, 100)
+
+
+def test_a_lake_written_before_a_column_existed_still_opens(tmp_path: Path) -> None:
+    """Files an older finops wrote lack the columns added since (prompt_tokens_est,
+    routed_tier, ...): the views read those as NULL instead of failing to open."""
+    from finops.schemas import TABLES
+
+    lake = tmp_path / "lake"
+    Lake(lake).append(
+        "requests",
+        [
+            {
+                "request_id": "r1",
+                "ts": dt.datetime(2026, 11, 16, 10, tzinfo=dt.UTC),
+                "tier": "small",
+                "input_tokens": 10,
+                "output_tokens": 5,
+                "status_code": 200,
+            }
+        ],
+        source="test",
+    )
+    (path,) = (lake / "requests").glob("date=*/*.parquet")
+    old = pl.read_parquet(path).drop("prompt_tokens_est", "routed_tier")
+    old.write_parquet(path)
+    assert "prompt_tokens_est" not in pl.read_parquet_schema(path)
+    db = finops.connect(lake)
+    row = db.sql(
+        "SELECT request_id, prompt_tokens_est, routed_tier, input_tokens FROM clean.requests"
+    ).fetchall()
+    assert row == [("r1", None, None, 10)]
+    assert db.sql("SELECT count(*) FROM marts.requests_hourly").fetchall() == [(1,)]
+    cols = [r[0] for r in db.sql("DESCRIBE raw.requests").fetchall()]
+    assert cols == list(TABLES["requests"].columns)
