@@ -204,3 +204,33 @@ def test_a_compressed_request_body_is_a_415_that_says_so(shim):
     assert err["code"] == "unsupported_content_encoding" and "uncompressed" in err["message"]
     ok = _post(shim, json=CHAT, headers={"content-encoding": "identity"})
     assert ok.status_code == 200
+
+
+def test_a_pipelined_head_during_a_long_stream_does_not_cut_the_stream(tmp_path):
+    """The next request's head, sent (slowly) while a stream longer than the head timeout
+    is still going out, must not get a 408 written into the middle of that stream."""
+    up = run_app_in_thread(FakeUpstream("slow", tokens=8, delay_s=0.15))  # ~1.2 s stream
+    cfg = dataclasses.replace(
+        from_flags([f"small={up.url}"], log_dir=tmp_path / "log"), body_timeout_s=0.4
+    )
+    try:
+        with serve_in_thread(cfg) as h:
+            s = socket.create_connection(("127.0.0.1", h.port))
+            s.settimeout(10)
+            body = orjson.dumps({**CHAT, "stream": True, "max_tokens": 8})
+            s.sendall(
+                b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: "
+                b"application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+            )
+            time.sleep(0.2)
+            s.sendall(b"POST /v1/chat/completions HTTP/1.1\r\n")  # the next head, begun
+            out = b""
+            while b"data: [DONE]" not in out:
+                data = s.recv(65536)
+                assert data, f"connection closed mid-stream: {out[-200:]!r}"
+                out += data
+            s.close()
+    finally:
+        up.stop(2)
+    assert out.startswith(b"HTTP/1.1 200") and b"408" not in out
+    assert out.count(b'"delta"') >= 8

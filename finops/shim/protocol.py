@@ -90,9 +90,17 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         super().connection_lost(exc)
 
+    def _answering(self) -> bool:
+        """A response is still going out on this connection (the head being received is
+        a pipelined next request's)."""
+        return self.cycle is not None and not self.cycle.response_complete
+
     def _head_timed_out(self) -> None:
         self._head_timer = None
         if not self._in_head or self.transport.is_closing():
+            return
+        if self._answering():  # a slow pipelined head waits for the answer in progress
+            self._arm_head_timer()
             return
         if self._head_bytes:
             timeout = self.head_timeout()
@@ -113,6 +121,11 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         peer = f"{self.client[0]}:{self.client[1]}" if self.client else "?"
         logger.warning("refused a request from %s: %d %s", peer, status, message)
         self.on_refused(code)
+        if self._answering():
+            # an answer is mid-way on this connection: a refusal written now would land
+            # inside it, so the connection just closes (the client broke it)
+            self.transport.close()
+            return
         body = error_body(message, "invalid_request_error", code)
         self.transport.write(
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
