@@ -17,6 +17,7 @@ from finops.router.artifact import (
     MANIFEST_FILE,
     MODEL_FILE,
     ArtifactError,
+    artifact_version,
     load_router,
     manifest_digest,
 )
@@ -58,7 +59,8 @@ def test_roundtrip_interface(art: Path) -> None:
     assert r.tiers == ["small", "mid", "large"]
     assert set(r.upstream_models) == set(r.tiers)
     m = r.manifest
-    assert r.version.endswith(m["files"][MODEL_FILE][:8]) and r.version.startswith(m["created"])
+    # the version names the model file AND the decision fields (see test_router_integrity.py)
+    assert r.version == m["version"] == artifact_version(m) and r.version.startswith(m["created"])
     assert m["decision"]["quality_target"] == 0.9
     assert m["training_data"]["sha256"] and m["libraries"]["sklearn"]
     assert sum(m["drift"]["score_histogram"]) == m["drift"]["rows"]

@@ -9,10 +9,29 @@ An artifact is a directory::
                      reference, library versions, sha256 of every file, probe rows
 
 `load_router(path)` refuses anything it cannot vouch for, with an `ArtifactError` that
-says what is wrong: unknown format version, a manifest edited after export, a file whose
+says what is wrong: unknown format version, a manifest whose digest does not match, a
+decision field out of range (a threshold that is not a number in [0, 1] or null, an empty
+tier or upstream model name), a version that does not match the contents, a file whose
 bytes changed or that was swapped, types in the model file outside an explicit trusted
 list, a different scikit-learn major version, or a model that does not reproduce the
 probability the manifest recorded for its probe rows.
+
+The version names what decides routing: `{created}-{16 hex}` where the hex is the sha256
+of the creation time, the model file's sha256, the tiers, the thresholds, the upstream
+model names and the feature schema (`artifact_version`). It is what the shim reports in
+its metrics and request logs, so a manifest with edited thresholds cannot report the
+version of the artifact it was edited from: it is refused on load, and were its version
+field rewritten to match, it would be a different version. Artifacts written before the
+version covered the decision (`{created}-{first 8 hex of the model sha256}`) still load;
+their `Router.version` is the one their contents imply, so it differs from the manifest's
+field and changes whenever the thresholds do.
+
+What the checks are not: every hash here (the files', `manifest_sha256`, the version)
+is an unkeyed sha256 that the artifact carries for itself. They catch corruption, a
+truncated copy, a swapped file and careless hand edits; they do not stop a determined
+forger, who can edit the manifest and recompute every hash. finops does not sign
+artifacts: trust comes from where the directory came from (write access to it is the
+ability to change routing), so keep it where only the deployer can write.
 """
 
 from __future__ import annotations
@@ -123,6 +142,64 @@ def manifest_digest(manifest: Mapping[str, Any]) -> str:
     return hashlib.sha256(_canonical(body)).hexdigest()
 
 
+def _threshold_key(v: Any) -> float | None:
+    return None if v is None else float(v)
+
+
+def artifact_version(manifest: Mapping[str, Any]) -> str:
+    """The version the contents imply: creation time + a hash of everything that decides routing.
+
+    Covers the model file's sha256, the tiers, the thresholds, the upstream model names,
+    `uses_prompt_text` and the feature schema (thresholds compared as floats, so 1 and 1.0
+    are the same decision). Expects a manifest that passed the shape checks.
+    """
+    dec = manifest["decision"]
+    body = {
+        "created": manifest["created"],
+        "model_sha256": manifest["files"][MODEL_FILE],
+        "tiers": list(manifest["tiers"]),
+        "thresholds": {t: _threshold_key(v) for t, v in dec["thresholds"].items()},
+        "upstream_models": dict(manifest["upstream_models"]),
+        "uses_prompt_text": manifest["uses_prompt_text"],
+        "feature_schema": manifest["feature_schema"],
+    }
+    return f"{manifest['created']}-{hashlib.sha256(_canonical(body)).hexdigest()[:16]}"
+
+
+def _legacy_version(manifest: Mapping[str, Any]) -> str:
+    """How versions were made before they covered the decision (model hash only)."""
+    return f"{manifest['created']}-{str(manifest['files'].get(MODEL_FILE, ''))[:8]}"
+
+
+def _check_version(m: Mapping[str, Any], where: Path) -> str:
+    """The version to report: the manifest's when it matches the contents; else refuse.
+
+    A legacy manifest (version from the model hash alone) reports the version its
+    contents imply, so edited thresholds never report the unedited artifact's version.
+    """
+    want = artifact_version(m)
+    got = m["version"]
+    if got == want:
+        return want
+    if got == _legacy_version(m):
+        warnings.warn(
+            f"{where}: field 'version' {got!r} predates versions that cover the thresholds "
+            f"(edits to them cannot be detected); reporting it as {want!r}. Retrain to "
+            "export an artifact whose version is checked",
+            stacklevel=3,
+        )
+        return want
+    raise ArtifactError(
+        f"{where}: field 'version': {got!r} does not match the artifact's contents, which "
+        f"imply {want!r} (model file hash, tiers, decision.thresholds, upstream_models, "
+        "feature schema); the manifest was edited after export"
+    )
+
+
+def _is_number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool) and math.isfinite(v)
+
+
 def library_versions() -> dict[str, str]:
     import scipy
     import sklearn
@@ -172,12 +249,19 @@ def probe_rows() -> list[dict[str, Any]]:
 class Router:
     """A verified router artifact, ready to route requests in-process."""
 
-    def __init__(self, path: Path, manifest: dict[str, Any], pipeline: Any, scorer: Any):
+    def __init__(
+        self,
+        path: Path,
+        manifest: dict[str, Any],
+        pipeline: Any,
+        scorer: Any,
+        version: str | None = None,
+    ):
         self.path = path
         self.manifest = manifest
         self.pipeline = pipeline
         self._scorer = scorer
-        self.version: str = manifest["version"]
+        self.version: str = version or manifest["version"]
         self.tiers: list[str] = list(manifest["tiers"])
         self.upstream_models: dict[str, str] = dict(manifest["upstream_models"])
         self.feature_schema: list[dict[str, str]] = list(manifest["feature_schema"])
@@ -268,11 +352,18 @@ def _check_manifest_shape(m: Any, where: Path) -> None:
         raise ArtifactError(
             f"{where}: field 'tiers': expected {MIN_TIERS}+ distinct tier names, got {tiers!r}"
         )
-    missing = [t for t in tiers if not isinstance(m["upstream_models"].get(t), str)]
+    missing = [t for t in tiers if t not in m["upstream_models"]]
     if missing:
         raise ArtifactError(
             f"{where}: field 'upstream_models': no model name for tier(s) {missing}"
         )
+    for t in tiers:
+        name = m["upstream_models"][t]
+        if not isinstance(name, str) or not name.strip():
+            raise ArtifactError(
+                f"{where}: field 'upstream_models.{t}': expected a non-empty model name "
+                f"(string), got {name!r}"
+            )
     dec = m["decision"]
     th = dec.get("thresholds")
     if not isinstance(th, dict) or set(th) != set(tiers[:-1]):
@@ -281,11 +372,17 @@ def _check_manifest_shape(m: Any, where: Path) -> None:
             f"except the last ({tiers[:-1]}), got {th!r}"
         )
     for t, v in th.items():
-        if v is not None and not (isinstance(v, int | float) and math.isfinite(v)):
-            raise ArtifactError(f"{where}: field 'decision.thresholds.{t}': expected number|null")
+        if v is not None and not (_is_number(v) and 0.0 <= v <= 1.0):
+            raise ArtifactError(
+                f"{where}: field 'decision.thresholds.{t}': expected a number in [0, 1] "
+                f"or null, got {v!r}"
+            )
     for k in ("quality_target", "confidence"):
-        if not isinstance(dec.get(k), int | float):
-            raise ArtifactError(f"{where}: field 'decision.{k}': expected a number")
+        v = dec.get(k)
+        if not (_is_number(v) and 0.0 < v < 1.0):
+            raise ArtifactError(
+                f"{where}: field 'decision.{k}': expected a number in (0, 1), got {v!r}"
+            )
     if m["model"].get("file") != MODEL_FILE or m["model"].get("format") != "skops":
         raise ArtifactError(
             f"{where}: field 'model': expected file {MODEL_FILE!r} in skops format, "
@@ -334,7 +431,12 @@ def _check_sklearn(m: dict[str, Any], where: Path) -> None:
 
 
 def load_router(path: str | os.PathLike[str]) -> Router:
-    """Load and verify an artifact directory; raise `ArtifactError` on any mismatch."""
+    """Load and verify an artifact directory; raise `ArtifactError` on any mismatch.
+
+    This is what `finops router verify` runs. The hashes are unkeyed (see the module
+    docstring): they detect corruption, swapped files and careless edits, not a forger
+    who recomputes them; artifacts are not signed.
+    """
     import skops.io as sio
 
     root = Path(path)
@@ -353,7 +455,7 @@ def load_router(path: str | os.PathLike[str]) -> Router:
             f"{mpath}: manifest was modified after export (manifest_sha256 does not match)"
         )
     files = manifest["files"]
-    if MODEL_FILE not in files:
+    if MODEL_FILE not in files or not isinstance(files[MODEL_FILE], str):
         raise ArtifactError(f"{mpath}: field 'files' does not list {MODEL_FILE}")
     for name, digest in files.items():
         fpath = root / name
@@ -396,7 +498,9 @@ def load_router(path: str | os.PathLike[str]) -> Router:
             f"{len(manifest['tiers'])} tiers"
         )
     _check_probes(manifest, pipeline, scorer, mpath)
-    return Router(root, manifest, pipeline, scorer)
+    # last, so a swapped model is named as such (probes) before its version is
+    version = _check_version(manifest, mpath)
+    return Router(root, manifest, pipeline, scorer, version)
 
 
 def _probe_frame(rows: list[dict[str, Any]]) -> Any:
@@ -510,7 +614,7 @@ def write_artifact(
             "format": FORMAT,
             "format_version": FORMAT_VERSION,
             "created": created,
-            "version": f"{created}-{files[MODEL_FILE][:8]}",
+            "version": "",  # set below, from the finished decision fields
             "tiers": list(tiers),
             "upstream_models": {t: upstream_models[t] for t in tiers},
             "decision": dict(decision),
@@ -535,6 +639,7 @@ def write_artifact(
                 f"{out}: manifest field {undefined[0]!r} is {undefined[1]} (not valid JSON); "
                 "that figure is undefined on this data"
             )
+        manifest["version"] = artifact_version(manifest)
         manifest["manifest_sha256"] = manifest_digest(manifest)
         (tmp / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
         try:
