@@ -87,12 +87,25 @@ def demo_data(
 
 @router_app.command("train")
 def train_cmd(
-    data: Annotated[Path, typer.Option("--data", help="Labeled set (JSONL/CSV/Parquet).")],
+    data: Annotated[
+        Path,
+        typer.Option(
+            "--data",
+            help="Labeled set (JSONL/CSV/Parquet); with --labels, the lake folder whose "
+            "requests the labels name.",
+        ),
+    ],
     out: Annotated[Path, typer.Option("--out", help="New artifact directory.")],
     tiers: Annotated[
         str, typer.Option(help="Tiers, cheapest first (3 or more).")
     ] = "small,mid,large",
-    quality_target: Annotated[float, typer.Option(help="Quality kept vs all-large.")] = 0.98,
+    quality_target: Annotated[
+        float,
+        typer.Option(
+            help="1 - the max mean quality loss vs all-large (absolute, 0-1 score units; "
+            "the share of quality kept when the large tier always succeeds, as with plain labels)."
+        ),
+    ] = 0.98,
     confidence: Annotated[float, typer.Option(help="Confidence of the guarantee.")] = 0.95,
     upstream: Annotated[
         list[str] | None, typer.Option(help="TIER=MODEL upstream model name (repeatable).")
@@ -439,7 +452,11 @@ def inspect_cmd(
 
 @router_app.command("verify")
 def verify_cmd(path: Annotated[Path, typer.Argument(help="Artifact directory.")]) -> None:
-    """Check hashes, schema, trusted types, library versions and probe predictions."""
+    """Check hashes, schema, trusted types, library versions and probe predictions.
+
+    Hashes are unkeyed: they catch corruption, swapped files and edits, not a forger
+    (artifacts are not signed).
+    """
     from finops.router.artifact import ArtifactError, load_router
 
     try:
