@@ -3,9 +3,12 @@
 Only deterministic requests are cached: `temperature == 0` or a fixed
 `seed`, a single choice, and no logprobs (a replay could not rebuild them).
 The key is sha256 over the tenant and the *normalized* request: keys
-sorted, chat message text with leading/trailing whitespace stripped and
-CRLF turned into LF (every other string, such as `stop` or a completions
-`prompt`, is kept as sent: a trailing space there changes the answer),
+sorted (top-level fields and chat messages; user-given JSON whose key order
+matters to the model, such as a `response_format` schema or `tools`, is kept
+as sent: vLLM's guided decoding follows the schema's order), chat message
+text with leading/trailing whitespace stripped and CRLF turned into LF
+(every other string, such as `stop` or a completions `prompt`, is kept as
+sent: a trailing space there changes the answer),
 OpenAI defaults filled in (`n=1`, penalties 0, ...; `top_p`/`top_k`/`min_p`
 dropped for greedy requests, never filled for sampled ones), and
 transport-only fields (`stream`, `stream_options`, `user`) removed, so a
@@ -45,6 +48,10 @@ DEFAULTS = {
     "echo": False,
 }
 TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
+# fields whose objects' key order means nothing (sorted in the key); every other field's
+# value is kept in the order sent: JSON schemas (`response_format`, `guided_json`,
+# `structured_outputs`, tool `parameters`) are generated in their properties' order
+ORDER_FREE = ("messages", "logit_bias")
 
 
 def is_deterministic(body: dict) -> bool:
@@ -70,13 +77,16 @@ def _norm_text(s: str) -> str:
     return s.replace("\r\n", "\n").strip()
 
 
-def _norm_numbers(v: Any) -> Any:
+def _norm_numbers(v: Any, sort: bool = False) -> Any:
+    """Floats that are integers as ints (0.0 == 0 in the key); with `sort`, every
+    object's keys sorted (for the order-insensitive parts of a request)."""
     if isinstance(v, dict):
-        return {k: _norm_numbers(x) for k, x in v.items()}
+        items = sorted(v.items()) if sort else v.items()
+        return {k: _norm_numbers(x, sort) for k, x in items}
     if isinstance(v, list):
-        return [_norm_numbers(x) for x in v]
+        return [_norm_numbers(x, sort) for x in v]
     if isinstance(v, float) and v.is_integer():
-        return int(v)  # 0.0 == 0 in the key
+        return int(v)
     return v
 
 
@@ -118,7 +128,9 @@ def normalized_request(body: dict, target: str) -> bytes:
         # call is `tool_calls` streamed, `<tool_call>` text otherwise): no sharing
         d["_stream"] = body.get("stream") is True
     d["_target"] = target  # the resolved tier: "auto" and an explicit tier share when routed alike
-    return orjson.dumps(_norm_numbers(d), option=orjson.OPT_SORT_KEYS)
+    # top-level fields sorted; inside them only ORDER_FREE ones are (not OPT_SORT_KEYS:
+    # a schema with properties b, a is another request than a, b for guided decoding)
+    return orjson.dumps({k: _norm_numbers(d[k], k in ORDER_FREE) for k in sorted(d)})
 
 
 def cache_key(tenant: str, endpoint: str, body: dict, target: str) -> str:
