@@ -22,6 +22,7 @@ import os
 import signal
 import threading
 import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
@@ -35,7 +36,14 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
 from finops.shim.auth import AuthError, tenant_for
-from finops.shim.cache import Coalescer, MemoryCache, RedisCache, RedisUnavailable
+from finops.shim.cache import (
+    SKIPPED,
+    Coalescer,
+    MemoryCache,
+    RedisCache,
+    RedisKeyError,
+    RedisUnavailable,
+)
 from finops.shim.caps import TokenizeGate
 from finops.shim.config import ConfigError, ShimConfig, load_config, reread_config
 from finops.shim.h1client import KEEPALIVE_EXPIRY_S
@@ -59,6 +67,70 @@ logger = logging.getLogger("finops.shim")
 LOG_BACKLOG_WARN = 100_000
 # the file watch also compares the watched files' signature this often (ms)
 WATCH_POLL_MS = 2000
+# An Idempotency-Key claim in Redis (one process runs a key at a time) expires this long
+# after it was taken or last refreshed. Its holder refreshes it every third of that while
+# the request runs, so a stream of any length keeps it, and a crashed worker's claim
+# frees the key within this bound (a duplicate waiting on it then runs as a retry).
+CLAIM_TTL_S = 30.0
+# keys whose bad value or per-key Redis error was logged (once each, at most this many)
+WARNED_KEYS = 1024
+
+_META_TEXT = ("tier", "upstream", "response_model", "finish_reason", "endpoint")
+
+
+def _number(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
+    """(meta, payload) of a stored value if it is what the shim writes, else None.
+
+    `store` is "cache" (meta + a JSON object answer) or "idempotency" (the record:
+    request id, body fingerprint, attempts; then an answer as JSON, the stream as SSE
+    bytes, or `failed` with no answer). Anything else under a key the shim reads (a
+    corrupt or foreign value) must be a miss, never a 500 or a 200 with garbage.
+    """
+    if not isinstance(v, bytes):
+        return None
+    i = v.find(b"\n")
+    if i < 0:
+        return None
+    try:
+        meta = orjson.loads(v[:i])
+    except orjson.JSONDecodeError:
+        return None
+    if not isinstance(meta, dict):
+        return None
+    for f in _META_TEXT:
+        x = meta.get(f)
+        if x is not None and not isinstance(x, str):
+            return None
+    payload = v[i + 1 :]
+    failed = meta.get("failed")
+    if store == "idempotency":
+        attempts = meta.get("attempts", 1)
+        if (
+            not isinstance(meta.get("request_id"), str)
+            or not isinstance(meta.get("fp"), str)
+            or not isinstance(attempts, int)
+            or isinstance(attempts, bool)
+            or attempts < 1
+            or not (meta.get("created") is None or _number(meta["created"]))
+            or failed not in (None, False, True)
+        ):
+            return None
+        if failed:
+            return meta, payload
+        if meta.get("sse"):  # the stream as the client got it
+            ok = payload.startswith(b"data:") and payload.endswith(b"\n\n")
+            return (meta, payload) if ok else None
+    elif failed or meta.get("sse"):
+        return None
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return None
+    return (meta, payload) if isinstance(obj, dict) else None
 
 
 def build_router(cfg: ShimConfig) -> Router:
@@ -118,6 +190,7 @@ class Shim:
         self._backlog_warned = False
         self.tokenize_gate = TokenizeGate()
         self._reload_lock = asyncio.Lock()
+        self._warned: OrderedDict[str, None] = OrderedDict()
 
     # -- model names --
     @staticmethod
@@ -171,20 +244,47 @@ class Shim:
     def _pack(meta: dict, payload: bytes) -> bytes:
         return orjson.dumps(meta) + b"\n" + payload
 
-    @staticmethod
-    def _unpack(v: bytes) -> tuple[dict, bytes]:
-        i = v.index(b"\n")
-        return orjson.loads(v[:i]), v[i + 1 :]
+    def _warn_once(self, key: str, msg: str, *args: Any) -> None:
+        """Log about one key once (a bad value stays bad for its whole TTL: no line per request)."""
+        seen = self._warned
+        if key in seen:
+            return
+        seen[key] = None
+        if len(seen) > WARNED_KEYS:
+            seen.popitem(last=False)
+        self.logger.warning(msg, *args)
 
-    async def _get(self, store: Any, key: str) -> tuple[dict, bytes] | None:
+    def _store_failed(self, op: str, key: str, exc: Exception) -> None:
+        if isinstance(exc, RedisKeyError):
+            self.metrics.cache_backend_errors.labels(op, "key").inc()
+            self._warn_once(key, "redis %s of key %s failed, treated as a miss: %s", op, key, exc)
+        else:
+            self.metrics.cache_backend_errors.labels(op, "unavailable").inc()
+            self.logger.warning("cache %s failed (skipped for a few seconds): %s", op, exc)
+
+    async def _get(self, store: Any, key: str, kind: str) -> Any:
         try:
             v = await store.get(key)
         except RedisUnavailable:  # said once, when it failed
-            return None
+            return SKIPPED
         except Exception as exc:  # a Redis outage must not fail requests
-            self.logger.warning("cache get failed (skipped for a few seconds): %s", exc)
+            self._store_failed("get", key, exc)
+            return None if isinstance(exc, RedisKeyError) else SKIPPED
+        if v is None:
             return None
-        return None if v is None else self._unpack(v)
+        got = unpack_entry(v, kind)
+        if got is None:
+            self.metrics.cache_invalid.labels(kind).inc()
+            self._warn_once(
+                key,
+                "%s value under %s is not one the shim wrote (%d bytes: %r...); treated as "
+                "a miss until it is replaced or expires",
+                kind,
+                key,
+                len(v) if isinstance(v, bytes) else -1,
+                v[:40] if isinstance(v, bytes) else type(v).__name__,
+            )
+        return got
 
     async def _set(self, store: Any, key: str, meta: dict, payload: bytes, ttl: float) -> None:
         try:
@@ -192,19 +292,87 @@ class Shim:
         except RedisUnavailable:
             return
         except Exception as exc:
-            self.logger.warning("cache set failed (skipped for a few seconds): %s", exc)
+            self._store_failed("set", key, exc)
 
-    async def cache_get(self, key: str) -> tuple[dict, bytes] | None:
-        return await self._get(self.cache, key)
+    async def cache_get(self, key: str) -> Any:
+        """(meta, payload), None (a miss) or SKIPPED (the shared cache is out)."""
+        return await self._get(self.cache, key, "cache")
 
     async def cache_put(self, key: str, meta: dict, payload: bytes) -> None:
         await self._set(self.cache, key, meta, payload, self.cfg.cache_ttl_s)
 
     async def idem_get(self, key: str) -> tuple[dict, bytes] | None:
-        return await self._get(self.idem, key)
+        got = await self._get(self.idem, key, "idempotency")
+        return None if got is SKIPPED else got
 
     async def idem_put(self, key: str, meta: dict, payload: bytes) -> None:
-        await self._set(self.idem, key, meta, payload, self.cfg.idempotency_ttl_s)
+        """Store an Idempotency-Key record; it lives idempotency_ttl_s from the key's first
+        request (`created`), however often it is rewritten (attempts, replays)."""
+        ttl = self.cfg.idempotency_ttl_s
+        created = meta.get("created")
+        if _number(created):
+            ttl -= time.time() - created
+            if ttl <= 0:
+                return  # past its lifetime: it has expired (or is about to)
+        await self._set(self.idem, key, meta, payload, ttl)
+
+    # -- Idempotency-Key claims (shared store only): one process runs a key at a time --
+    async def _claim_call(self, op: str, key: str, call: Any, default: Any) -> Any:
+        try:
+            return await call
+        except RedisUnavailable:
+            return default
+        except Exception as exc:
+            self._store_failed(op, key, exc)
+            return default
+
+    async def idem_claim(self, key: str, owner: str) -> bool:
+        """True if this request may run the key: claimed now for `owner`, or there is no
+        shared store or it is out (run unclaimed, as without Redis). False: another
+        request holds it."""
+        r = self.redis
+        if r is None:
+            return True
+        ck = key + ":claim"
+        for _ in range(2):
+            if await self._claim_call("claim", ck, r.claim(ck, owner, CLAIM_TTL_S), True):
+                return True
+            if await self.idem_claimed(key):
+                return False
+            # released between the two calls: try again; or a foreign value that is no
+            # claim of ours (no request id), which must not block the key
+        return True
+
+    async def idem_claimed(self, key: str) -> bool:
+        """Whether some request holds the key's claim (False when the store is out)."""
+        r = self.redis
+        if r is None:
+            return False
+        ck = key + ":claim"
+        v = await self._claim_call("holder", ck, r.holder(ck), None)
+        if v is None:
+            return False
+        if isinstance(v, bytes) and v.startswith(b"req-"):
+            return True
+        self.metrics.cache_invalid.labels("idempotency").inc()
+        self._warn_once(ck, "idempotency claim %s holds a foreign value %r; ignored", ck, v[:40])
+        return False
+
+    async def idem_keep_claim(self, key: str, owner: str) -> None:
+        """Refresh the claim until cancelled (the request is done)."""
+        r = self.redis
+        if r is None:
+            return
+        ck = key + ":claim"
+        while True:
+            await asyncio.sleep(CLAIM_TTL_S / 3)
+            await self._claim_call("refresh", ck, r.refresh(ck, owner, CLAIM_TTL_S), False)
+
+    async def idem_release(self, key: str, owner: str) -> None:
+        r = self.redis
+        if r is not None:
+            ck = key + ":claim"
+            await self._claim_call("release", ck, r.release(ck, owner), None)
 
     # -- lifecycle --
     async def start(self) -> None:

@@ -22,13 +22,15 @@ read another's entry.
 Backends: `MemoryCache` (per process; TTL, entry and byte bounds, LRU) and
 `RedisCache` (redis-py asyncio; replicas share entries; TTL via SETEX, size
 bounded by Redis' own `maxmemory` + `allkeys-lru`). Coalescing of identical
-in-flight requests is per process.
+in-flight requests is per process; an Idempotency-Key is also claimed in Redis
+(`RedisCache.claim`), so workers and hosts sharing it run a key once.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
+import logging
 import time
 from collections import OrderedDict
 from typing import Any, Protocol
@@ -52,6 +54,11 @@ TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
 # value is kept in the order sent: JSON schemas (`response_format`, `guided_json`,
 # `structured_outputs`, tool `parameters`) are generated in their properties' order
 ORDER_FREE = ("messages", "logit_bias")
+
+logger = logging.getLogger("finops.shim")
+
+# Shim.cache_get: the shared cache is out (skipped or failing), nothing was looked up
+SKIPPED: Any = object()
 
 
 def is_deterministic(body: dict) -> bool:
@@ -198,13 +205,31 @@ class RedisUnavailable(Exception):
     """Redis failed recently: calls are skipped until the cool-down ends."""
 
 
+class RedisKeyError(Exception):
+    """Redis answered, with an error about this key or command alone (WRONGTYPE on a
+    key someone else wrote, ...): a miss for that key; Redis stays in use."""
+
+
+# Lua: delete / extend a claim only while it is still ours (it may have expired and
+# been taken over by another process meanwhile)
+_RELEASE = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
+)
+_REFRESH = (
+    "if redis.call('get', KEYS[1]) == ARGV[1] then "
+    "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
+)
+
+
 class RedisCache:
     """Shared cache on Redis: values are the same bytes MemoryCache holds.
 
     Every call is on the request path, so a Redis that stops answering must cost a
-    request little: calls time out after `timeout_s`, and after a failure Redis is
-    skipped for `cooldown_s` (gets miss, sets are dropped: requests are served, just
-    without the shared cache and Idempotency-Key records), then tried again.
+    request little: calls time out after `timeout_s`, and after a connection failure
+    or a timeout Redis is skipped for `cooldown_s` (gets miss, sets are dropped:
+    requests are served, just without the shared cache and Idempotency-Key records),
+    then tried again; the first call that works after that is logged. An error Redis
+    answers about one key (`RedisKeyError`) concerns that key only: no cool-down.
     """
 
     def __init__(
@@ -216,12 +241,17 @@ class RedisCache:
         cooldown_s: float = 5.0,
     ) -> None:
         import redis.asyncio as aioredis
+        from redis.exceptions import ResponseError
 
         self.url = url
         self.prefix = prefix
         self.cooldown_s = cooldown_s
         self.skip_until = 0.0
+        self.down_since = 0.0  # when the current outage began (0: Redis is answering)
+        self._key_errors = (ResponseError,)
         self._r = aioredis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        self._release = self._r.register_script(_RELEASE)
+        self._refresh = self._r.register_script(_REFRESH)
 
     def _check(self) -> None:
         if self.skip_until and time.monotonic() < self.skip_until:
@@ -229,12 +259,26 @@ class RedisCache:
 
     async def _call(self, coro: Any) -> Any:
         try:
-            return await coro
+            v = await coro
+        except self._key_errors as exc:
+            raise RedisKeyError(str(exc)) from exc
         except Exception:
             # the cool-down runs out on its own: a slow call that succeeds meanwhile
             # must not end it early
-            self.skip_until = time.monotonic() + self.cooldown_s
+            now = time.monotonic()
+            self.skip_until = now + self.cooldown_s
+            if not self.down_since:
+                self.down_since = now
             raise
+        if self.down_since and time.monotonic() >= self.skip_until:
+            logger.warning(
+                "redis %s answers again after %.1f s out (cache and Idempotency-Key "
+                "records are shared again)",
+                self.url,
+                time.monotonic() - self.down_since,
+            )
+            self.down_since = 0.0
+        return v
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())
@@ -246,6 +290,26 @@ class RedisCache:
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self._check()
         await self._call(self._r.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000))))
+
+    # -- Idempotency-Key claims: one process runs a key at a time --
+    async def claim(self, key: str, owner: str, ttl_s: float) -> bool:
+        """Take `key` for `owner` unless someone holds it (SET NX PX)."""
+        self._check()
+        px = max(1, int(ttl_s * 1000))
+        return bool(await self._call(self._r.set(self.prefix + key, owner, nx=True, px=px)))
+
+    async def holder(self, key: str) -> bytes | None:
+        self._check()
+        return await self._call(self._r.get(self.prefix + key))
+
+    async def refresh(self, key: str, owner: str, ttl_s: float) -> bool:
+        self._check()
+        px = max(1, int(ttl_s * 1000))
+        return bool(await self._call(self._refresh(keys=[self.prefix + key], args=[owner, px])))
+
+    async def release(self, key: str, owner: str) -> None:
+        self._check()
+        await self._call(self._release(keys=[self.prefix + key], args=[owner]))
 
     async def close(self) -> None:
         await self._r.aclose()
@@ -266,7 +330,8 @@ class Coalescer:
         return None
 
     def finish(self, key: str, result: Any) -> None:
-        """Hand `result` (None = failed, followers do their own call) to waiting followers."""
+        """Hand `result` to waiting followers (None: no outcome to share, such as the
+        leader's client leaving; the first follower to wake leads in its place)."""
         fut = self._inflight.pop(key, None)
         if fut is not None and not fut.done():
             fut.set_result(result)

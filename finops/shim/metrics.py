@@ -113,8 +113,24 @@ class ShimMetrics:
         )
         self.cache = Counter(
             "finops_shim_cache",
-            "Response cache lookups by result (hit, miss, bypass).",
+            "Response cache lookups by result (hit, miss, bypass; skipped: not looked up "
+            "because the shared cache is out, answered upstream like a miss).",
             ["result"],
+            registry=r,
+        )
+        self.cache_backend_errors = Counter(
+            "finops_shim_cache_backend_errors",
+            "Failed calls to the shared cache (Redis) by operation (get, set, claim, "
+            "holder, refresh, release) and kind (unavailable: connection or timeout, "
+            "Redis then skipped for a few seconds; key: an error about one key).",
+            ["op", "kind"],
+            registry=r,
+        )
+        self.cache_invalid = Counter(
+            "finops_shim_cache_invalid_values",
+            "Values read under the shim's keys that are not what it writes (corrupt or "
+            "foreign), by store (cache, idempotency): treated as a miss / no record.",
+            ["store"],
             registry=r,
         )
         self.coalesced = Counter(

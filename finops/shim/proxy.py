@@ -26,7 +26,13 @@ import orjson
 
 from finops.router.features import estimate_prompt_tokens
 from finops.shim.auth import AuthError, tenant_for
-from finops.shim.cache import assemble_stream, cache_key, is_deterministic, replay_as_sse
+from finops.shim.cache import (
+    SKIPPED,
+    assemble_stream,
+    cache_key,
+    is_deterministic,
+    replay_as_sse,
+)
 from finops.shim.caps import (
     TokenCounter,
     applicable_cap,
@@ -54,6 +60,10 @@ DONE = b"data: [DONE]\n\n"
 YIELD_EVERY_S = 0.005
 # a request still waiting on its upstream after this long starts watching for its client leaving
 WATCH_AFTER_S = 0.02
+# a duplicate Idempotency-Key request polls the shared store this often while another
+# process runs the key (first and longest interval)
+CLAIM_POLL_S = 0.05
+CLAIM_POLL_MAX_S = 0.25
 
 
 class ClientGone(Exception):
@@ -141,6 +151,41 @@ class UpstreamFailure(Exception):
         self.message = message
         self.body = body
         self.retry_after = retry_after  # the upstream's Retry-After (429, 503)
+
+
+class LeaderFailure:
+    """What a coalescing leader's client got when the upstream failed it (a status, an
+    error body, no answer to keep): its followers get the same instead of calling again."""
+
+    __slots__ = ("body", "error_type", "headers", "status", "tier")
+
+    def __init__(
+        self,
+        status: int,
+        body: bytes,
+        error_type: str,
+        headers: list[tuple[bytes, bytes]],
+        tier: str | None,
+    ) -> None:
+        self.status = status
+        self.body = body
+        self.error_type = error_type
+        self.headers = list(headers)
+        self.tier = tier
+
+    def for_follower(self, ctx: Ctx) -> HTTPError:
+        """The error a follower answers; its record: the leader's tier, no tokens."""
+        exc = HTTPError(self.status, "", "server_error")
+        exc.body = self.body
+        exc.error_type = self.error_type
+        exc.headers = list(self.headers)
+        ctx.tier = self.tier
+        rec = ctx.rec
+        rec["tier"] = self.tier
+        rec["input_tokens"] = 0
+        rec["output_tokens"] = 0
+        rec["cached_input_tokens"] = 0
+        return exc
 
 
 def error_body(
@@ -284,6 +329,7 @@ class Ctx:
         "cache_header",
         "client_request_id",
         "content_encoding",
+        "failure",
         "fallbacks",
         "feature",
         "first_byte_at",
@@ -321,6 +367,8 @@ class Ctx:
         self.input_count: int | None = None  # the cap step's count, once there is one
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
+        # the upstream's failure as the client got it, for coalesced followers
+        self.failure: LeaderFailure | None = None
         self.answer: dict | None = None  # a non-streamed 200's body, parsed once
         self.body_unsent = False  # Expect: 100-continue, and the body not asked for yet
         self.content_encoding: bytes | None = None
@@ -629,42 +677,72 @@ class ProxyEndpoint:
             raise tier
         # -- idempotency --
         idem_id = None
+        claimed = False  # this request holds the key's claim in the shared store
+        keeper: asyncio.Task | None = None
+        created = None
         if idem:
             ctx.keep_result = True
             idem_id = "idem:" + hashlib.sha256(f"{tenant}\x00{idem}".encode()).hexdigest()
             rec["idempotency_key"] = idem[:200]
             fp = hashlib.sha256(raw).hexdigest()
-            prior = None  # the key's record of earlier attempts that got no answer
-            while True:
-                stored = await shim.idem_get(idem_id)
-                if stored is not None:
-                    meta, payload = stored
-                    if meta.get("fp") != fp:
-                        raise HTTPError(
-                            422,
-                            "This Idempotency-Key was already used with a different request body.",
-                            "invalid_request_error",
-                            "idempotency_key_reused",
-                        )
-                if stored is not None and meta.get("failed"):
-                    prior = meta  # no answer to replay: this retry runs again, as a retry
-                elif stored is not None:
-                    meta["attempts"] = int(meta.get("attempts", 1)) + 1
-                    await shim.idem_put(idem_id, meta, payload)
-                    rec["retry_of"] = meta["request_id"]
-                    rec["attempt"] = meta["attempts"]
-                    shim.metrics.idempotent_replays.inc()
-                    ctx.cache_header = b"hit"
-                    rec["cache_status"] = "hit"
-                    await self._respond_cached(ctx, meta, payload, send)
-                    return
-                waiter = shim.coalescer.join(idem_id)
-                if waiter is None:
-                    break
-                await _wait_for_leader(ctx, waiter, receive)  # then read the original's record
+            shared = shim.redis is not None
+            local = False  # this request holds the key in this process' coalescer
+            running = False
+            try:
+                while True:
+                    prior = None  # the key's record of earlier attempts that got no answer
+                    stored = await shim.idem_get(idem_id)
+                    if stored is not None:
+                        meta, payload = stored
+                        # another endpoint is another request, as another body is (the
+                        # record says which endpoint; records without it predate this)
+                        if meta.get("fp") != fp or meta.get("endpoint", self.endpoint) != (
+                            self.endpoint
+                        ):
+                            raise HTTPError(
+                                422,
+                                "This Idempotency-Key was already used with a different "
+                                "request body or endpoint.",
+                                "invalid_request_error",
+                                "idempotency_key_reused",
+                            )
+                        if meta.get("failed"):
+                            prior = meta  # no answer to replay: this retry runs again, as a retry
+                        else:
+                            meta["attempts"] = int(meta.get("attempts", 1)) + 1
+                            await shim.idem_put(idem_id, meta, payload)
+                            rec["retry_of"] = meta["request_id"]
+                            rec["attempt"] = meta["attempts"]
+                            shim.metrics.idempotent_replays.inc()
+                            ctx.cache_header = b"hit"
+                            rec["cache_status"] = "hit"
+                            await self._respond_cached(ctx, meta, payload, send)
+                            return
+                    if not local:
+                        waiter = shim.coalescer.join(idem_id)
+                        if waiter is not None:
+                            # then read the original's record
+                            await _wait_for_leader(ctx, waiter, receive)
+                            continue
+                        local = True
+                    if not shared or await shim.idem_claim(idem_id, rec["request_id"]):
+                        claimed = shared
+                        running = True
+                        break
+                    # another worker or host runs this key: wait for its record, then
+                    # replay it (or, if it failed, run as a retry)
+                    await self._wait_for_claim(ctx, idem_id, receive)
+            finally:
+                if local and not running:
+                    shim.coalescer.finish(idem_id, True)
+            if claimed:
+                keeper = asyncio.create_task(shim.idem_keep_claim(idem_id, rec["request_id"]))
             if prior is not None:
                 rec["retry_of"] = prior["request_id"]
                 rec["attempt"] = int(prior.get("attempts", 1)) + 1
+            created = prior.get("created") if prior is not None else None
+            if created is None:
+                created = time.time()
 
         # -- routing, context caps, then cache / coalescing / upstream --
         # (after the idempotency check: a replay makes no routing decision, and a failure
@@ -719,19 +797,62 @@ class ProxyEndpoint:
             if idem_id is not None:
                 try:
                     if result is not None:
-                        entry = _idem_entry(rec, raw, _meta_of(result[0]))
-                        await shim.idem_put(idem_id, entry, result[1])
+                        entry = _idem_entry(
+                            rec, raw, _meta_of(result[0]), endpoint=self.endpoint, created=created
+                        )
+                        current = await shim.idem_get(idem_id) if claimed else None
+                        if current is None or current[0].get("failed"):
+                            await shim.idem_put(idem_id, entry, result[1])
+                        else:  # our claim ran out and another request answered meanwhile
+                            shim.logger.warning(
+                                "Idempotency-Key record %s was answered by %s while %s ran; kept",
+                                idem_id,
+                                current[0].get("request_id"),
+                                rec["request_id"],
+                            )
                     else:
                         # no answer (upstream failure, client gone): the attempt is still
                         # recorded, so a retry with the key is logged as one (retry_of,
-                        # attempt), but never over an answer a concurrent retry on another
-                        # worker stored meanwhile (only this process waits on a key)
+                        # attempt), but never over an answer stored meanwhile (a request
+                        # that ran without a claim while the shared store was out)
                         current = await shim.idem_get(idem_id)
                         if current is None or current[0].get("failed"):
-                            entry = _idem_entry(rec, raw, {"failed": True})
+                            entry = _idem_entry(
+                                rec, raw, {"failed": True}, endpoint=self.endpoint, created=created
+                            )
                             await shim.idem_put(idem_id, entry, b"")
                 finally:
+                    if keeper is not None:
+                        keeper.cancel()
+                    if claimed:  # after the record: a waiting duplicate then finds it
+                        await shim.idem_release(idem_id, rec["request_id"])
                     shim.coalescer.finish(idem_id, True)
+
+    async def _wait_for_claim(self, ctx: Ctx, idem_id: str, receive: Any) -> None:
+        """Wait while another process holds the key's claim: until its record has an
+        answer or the claim is gone (released after a failure, or expired after a crash).
+
+        Polled (50 ms, growing to 250 ms): Redis has no cheap wake-up for one key, and a
+        duplicate is a rare request. Our client leaving ends the wait (ClientGone).
+        """
+        shim = self.shim
+
+        async def poll() -> None:
+            delay = CLAIM_POLL_S
+            while True:
+                await asyncio.sleep(delay)
+                stored = await shim.idem_get(idem_id)
+                if stored is not None and not stored[0].get("failed"):
+                    return
+                if not await shim.idem_claimed(idem_id):
+                    return
+                delay = min(delay * 1.5, CLAIM_POLL_MAX_S)
+
+        t = time.perf_counter()
+        try:
+            await DisconnectWatch(receive).run(poll())
+        finally:
+            ctx.waited += time.perf_counter() - t
 
     async def _cached_or_forward(
         self, ctx: Ctx, body: dict, tier: str, send: Any, receive: Any
@@ -753,7 +874,7 @@ class ProxyEndpoint:
         target = tier if t is None else f"{tier}\x00{t.model}"
         key = "resp:" + cache_key(rec["tenant"], self.endpoint, body, target)
         hit = await shim.cache_get(key)
-        if hit is not None:
+        if hit is not None and hit is not SKIPPED:
             shim.metrics.cache.labels("hit").inc()
             ctx.cache_header = b"hit"
             rec["cache_status"] = "hit"
@@ -761,26 +882,42 @@ class ProxyEndpoint:
             return hit
         leader = None
         if cfg.coalesce:
-            waiter = shim.coalescer.join(key)
-            if waiter is not None:
+            while True:
+                waiter = shim.coalescer.join(key)
+                if waiter is None:
+                    leader = key
+                    break
                 rec["cache_status"] = "coalesced"  # also if the client leaves while waiting
                 result = await _wait_for_leader(ctx, waiter, receive)
+                if isinstance(result, LeaderFailure):
+                    # the upstream failed the leader: the same answer, not another call
+                    # (a hanging upstream would otherwise be waited on once per follower)
+                    ctx.cache_header = b"miss"
+                    raise result.for_follower(ctx)
                 if result is not None:
                     shim.metrics.coalesced.inc()
                     ctx.cache_header = b"hit"
                     await self._respond_cached(ctx, result[0], result[1], send)
                     return result
-                # the leader failed: make our own call (not a leader: others do theirs too)
-            else:
-                leader = key
-        shim.metrics.cache.labels("miss").inc()
+                # the leader ended without an answer (its client left, or it was
+                # cancelled): the first follower to wake leads now, the others follow it
+        if hit is SKIPPED:
+            shim.metrics.cache.labels("skipped").inc()
+        else:
+            shim.metrics.cache.labels("miss").inc()
         ctx.cache_header = b"miss"
         rec["cache_status"] = "miss"
+        outcome: Any = None
         try:
-            return await self._forward(ctx, send, receive, key)
+            answer = await self._forward(ctx, send, receive, key)
+            outcome = ctx.result if ctx.result is not None else ctx.failure
+            return answer
+        except HTTPError as exc:
+            outcome = LeaderFailure(exc.status, exc.body, exc.error_type, exc.headers, ctx.tier)
+            raise
         finally:
             if leader is not None:
-                shim.coalescer.finish(leader, ctx.result)
+                shim.coalescer.finish(leader, outcome)
 
     # ------------------------------------------------------------------
     async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
@@ -1098,6 +1235,8 @@ class ProxyEndpoint:
                 }
         else:
             rec["error_type"] = f"upstream_{resp.status}"
+            if resp.status >= 400:  # vLLM's refusal of this request: the same for followers
+                ctx.failure = LeaderFailure(resp.status, data, rec["error_type"], [], up.tier)
         now = time.perf_counter()
         ct = resp.headers.get("content-type", "application/json").encode()
         await send(
@@ -1321,6 +1460,15 @@ class ProxyEndpoint:
             rec["status_code"] = status
             rec["error_type"] = error_type
             shim.logger.warning("%s (request %s)", message, rec["request_id"])
+            if error_type == "upstream_stream_error":
+                # followers got nothing yet: the failure as an error answer, not a stream
+                ctx.failure = LeaderFailure(
+                    502,
+                    error_body(message, "server_error", error_type),
+                    error_type,
+                    [],
+                    up.tier,
+                )
             if failure_sent:
                 return None
             err = orjson.dumps(
@@ -1510,16 +1658,28 @@ def _meta_of(meta: dict) -> dict:
     return {k: meta.get(k) for k in ("tier", "upstream", "response_model", "finish_reason", "sse")}
 
 
-def _idem_entry(rec: dict, raw: bytes, meta: dict) -> dict:
+def _idem_entry(
+    rec: dict,
+    raw: bytes,
+    meta: dict,
+    *,
+    endpoint: str | None = None,
+    created: float | None = None,
+) -> dict:
     """What an Idempotency-Key stores: the first request's id, the body's fingerprint
-    (a reuse with another body is a 422), the attempt count and the response meta
-    (`failed` when no attempt got an answer yet)."""
-    return {
+    and endpoint (a reuse with another body or endpoint is a 422), the attempt count,
+    when the first attempt came (the record's lifetime counts from it) and the response
+    meta (`failed` when no attempt got an answer yet)."""
+    entry = {
         "request_id": rec["retry_of"] or rec["request_id"],
         "fp": hashlib.sha256(raw).hexdigest(),
         "attempts": rec["attempt"] or 1,
+        "created": created if created is not None else time.time(),
         **meta,
     }
+    if endpoint is not None:
+        entry["endpoint"] = endpoint
+    return entry
 
 
 def _json_object(data: bytes) -> dict | None:
