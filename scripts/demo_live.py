@@ -179,6 +179,26 @@ async def replay(base_url: str, reqs: list[dict]) -> dict[str, int]:
     return stats
 
 
+def judge_candidate(lake: Path, candidate: Path) -> None:
+    """What the run's logs say about another router before it serves a request (IPS/SNIPS
+    over the shim's logged propensities; `finops router offpolicy` does the same)."""
+    import warnings
+
+    from finops.router.offpolicy import OffPolicyError, format_table, off_policy_estimate
+
+    print(
+        "\n=== a candidate router judged offline from this run's logs (finops router offpolicy) ==="
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # format_table prints them
+            result = off_policy_estimate(candidate, lake)
+    except OffPolicyError as exc:
+        print(f"not possible: {exc}")
+        return
+    print("\n".join(format_table(result)))
+
+
 def economics(lake: Path, shim_metrics: str) -> None:
     import polars as pl
 
@@ -390,6 +410,14 @@ def main() -> None:
         router = train_demo_router(
             run / "router", n=1500, upstream_models={t: served.get(t, t) for t in tiers}
         )
+        # a second router, not served: judged from the served one's logs at the end
+        candidate = train_demo_router(
+            run / "candidate",
+            n=1500,
+            seed=7,
+            quality_target=0.8,
+            upstream_models={t: served.get(t, t) for t in tiers},
+        )
         from finops.shim.config import hash_key
 
         port = free_port()
@@ -455,6 +483,7 @@ def main() -> None:
         collector.wait(60)
         log("collector stopped (flushed)")
         economics(lake, shim_metrics)
+        judge_candidate(lake, candidate)
     finally:
         for p in procs:
             if p.poll() is None:

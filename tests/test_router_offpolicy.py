@@ -397,3 +397,21 @@ def test_lake_replay_uses_per_tier_thresholds(routers, explored_lake, tmp_path: 
     assert rep["requests"] == len(served)
     assert rep["shares"] == pytest.approx(want)
     assert rep["decision"] == "thresholds small=0.2, mid=0.9"
+
+
+def test_warns_when_few_explored_requests_cover_the_candidates_departures(
+    routers, explored_lake, tmp_path: Path
+) -> None:
+    """At 5% exploration a candidate that departs from the logged choices is seen
+    through a handful of explored requests: the interval alone would not say that the
+    estimate mostly reflects where the two routers agree."""
+    logger = load_router(routers["logger"])
+    cand = load_router(routers["cand"])
+    rare, _ = simulate(logger, 600, 0.05, seed=9)
+    Lake(tmp_path / "rare").append("requests", rare, source="test")
+    with pytest.warns(OffPolicyWarning, match="departs from the logging router's choice"):
+        res = off_policy_estimate(cand, tmp_path / "rare")
+    assert res["departs_share"] > 0.1 and res["explored_matches"] < 50
+    # 30% exploration over 6000 requests covers them: no warning (see above), and counted
+    full = off_policy_estimate(cand, explored_lake[0])
+    assert full["explored_matches"] >= 50 and full["warnings"] == []

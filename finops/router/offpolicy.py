@@ -330,6 +330,22 @@ def off_policy_estimate(
             f"only {head['matches']} logged requests match the candidate's choice "
             f"(< {min_matches}): too few for a meaningful estimate"
         )
+    # With exploration, a logged tier whose propensity is over 1/K was the logging router's
+    # own (greedy) pick. Where the candidate picks otherwise, only explored requests show
+    # what its choice costs; with few of them the estimate mostly reflects the requests
+    # where the two routers agree, whatever its interval says.
+    greedy_logged = p > 1.0 / len(tiers) + 1e-12
+    departs = int((greedy_logged & (chosen != logged)).sum())
+    explored_matches = int((~greedy_logged & match).sum())
+    depart_share = departs / max(1, int(greedy_logged.sum()))
+    if not unsupported and depart_share > 0.10 and explored_matches < min_matches:
+        warn.append(
+            f"the candidate departs from the logging router's choice on {depart_share:.0%} "
+            f"of requests, and only {explored_matches} explored requests show what its "
+            "different choices cost (< "
+            f"{min_matches}): the estimate mostly reflects the requests where the two agree "
+            "(collect longer, or raise the shim's [router] exploration_rate)"
+        )
     if head["ess"] < min_ess:
         warn.append(
             f"effective sample size {head['ess']:.1f} < {min_ess:g}: the estimate rests on "
@@ -354,6 +370,8 @@ def off_policy_estimate(
         "match_share": float(match.mean()),
         "ess": head["ess"],
         "unsupported": unsupported,
+        "departs_share": depart_share,
+        "explored_matches": explored_matches,
         "min_propensity": float(p.min()),
         "candidate_shares": {t: float((chosen == t).mean()) for t in tiers},
         "logged_shares": logged_shares,
