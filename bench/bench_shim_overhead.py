@@ -433,7 +433,8 @@ def main() -> None:
         from finops.shim.server import uvicorn_config
 
         ucfg = uvicorn_config(None, "127.0.0.1", 0)
-        stack = f"uvicorn loop={ucfg.loop} (uvloop when installed), http={ucfg.http}, as `finops shim serve` runs"
+        http = getattr(ucfg.http, "__name__", ucfg.http)
+        stack = f"uvicorn loop={ucfg.loop} (uvloop when installed), http={http}, as `finops shim serve` runs"
         print(
             f"server stack: {stack}; load average now {os.getloadavg()[0]:.1f} on {os.cpu_count()} cpus"
         )

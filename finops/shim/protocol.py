@@ -51,22 +51,23 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._in_head = True
         self._head_bytes = 0
-        self._head_timer: asyncio.TimerHandle | None = None
-        self._arm_head_timer()  # a connection that sends nothing is not kept forever
-
-    def _arm_head_timer(self) -> None:
-        self._head_timer = self.loop.call_later(self.head_timeout(), self._head_timed_out)
-
-    def _disarm_head_timer(self) -> None:
-        if self._head_timer is not None:
-            self._head_timer.cancel()
-            self._head_timer = None
+        # when the head being waited for began: the connection's start, then each
+        # request's first bytes (a connection idle between requests is not in a head:
+        # uvicorn's keep-alive timeout closes it)
+        self._head_since = self.loop.time()
+        self._waiting = True  # a head is due: a fresh connection, or one with bytes in
+        # One timer per connection, re-armed lazily when it fires (as h1client's
+        # ReadDeadline does): a timer per request cost ~10% of the shim's CPU per request.
+        self._head_timer: asyncio.TimerHandle | None = self.loop.call_later(
+            self.head_timeout(), self._check_head
+        )
 
     def data_received(self, data: bytes) -> None:
         if self._in_head:
+            if not self._head_bytes:
+                self._head_since = self.loop.time()
+                self._waiting = True
             self._head_bytes += len(data)
-            if self._head_timer is None:
-                self._arm_head_timer()
         super().data_received(data)
         if self._in_head and self._head_bytes > self.max_head_bytes:
             self._refuse(
@@ -77,7 +78,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
 
     def on_headers_complete(self) -> None:
         self._in_head = False
-        self._disarm_head_timer()
+        self._waiting = False
         super().on_headers_complete()
 
     def on_message_complete(self) -> None:
@@ -90,20 +91,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._disarm_head_timer()
         super().connection_lost(exc)
 
+    def _disarm_head_timer(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
     def _answering(self) -> bool:
         """A response is still going out on this connection (the head being received is
         a pipelined next request's)."""
         return self.cycle is not None and not self.cycle.response_complete
 
-    def _head_timed_out(self) -> None:
+    def _check_head(self) -> None:
         self._head_timer = None
-        if not self._in_head or self.transport.is_closing():
+        if self.transport.is_closing():
             return
-        if self._answering():  # a slow pipelined head waits for the answer in progress
-            self._arm_head_timer()
+        timeout = self.head_timeout()
+        now = self.loop.time()
+        due = self._head_since + timeout
+        late = self._in_head and self._waiting and now >= due
+        if not late or self._answering():  # a slow pipelined head waits for the answer
+            self._head_timer = self.loop.call_at(
+                due if self._in_head and self._waiting and now < due else now + timeout,
+                self._check_head,
+            )
             return
         if self._head_bytes:
-            timeout = self.head_timeout()
             self._refuse(408, "request_timeout", f"Request head not received within {timeout:g} s.")
         else:  # connected and said nothing: nobody to answer
             self.on_refused("idle_connection")

@@ -24,20 +24,24 @@ import uvicorn
 from finops.loopback import free_port
 from finops.shim.app import ShimASGI, create_app
 from finops.shim.config import ShimConfig
-from finops.shim.protocol import guarded_protocol
+from finops.shim.protocol import GuardedHttpToolsProtocol, guarded_protocol
 
 logger = logging.getLogger("finops.shim")
 
 
 def uvicorn_config(
-    app: ShimASGI, host: str, port: int, *, log_level: str = "warning"
+    app: ShimASGI | None, host: str, port: int, *, log_level: str = "warning"
 ) -> uvicorn.Config:
-    shim = app.shim
+    shim = getattr(app, "shim", None)
     # the request head's size and time limits (protocol.py): the time is the one a client
     # has to send its body, read per connection so that a reload changes it
-    protocol = guarded_protocol(
-        lambda: shim.cfg.body_timeout_s,
-        lambda reason: shim.metrics.refused_connections.labels(reason).inc(),
+    protocol = (
+        guarded_protocol(
+            lambda: shim.cfg.body_timeout_s,
+            lambda reason: shim.metrics.refused_connections.labels(reason).inc(),
+        )
+        if shim is not None
+        else GuardedHttpToolsProtocol
     )
     # no access log: the request log is the access log, and printing a line per request costs latency
     return uvicorn.Config(
