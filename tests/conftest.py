@@ -91,3 +91,19 @@ def upstream() -> Iterator[tuple[FakeUpstream, str]]:
     h = run_app_in_thread(f)
     yield f, h.url
     h.stop(2)
+
+
+@pytest.fixture
+def fakes():
+    """A factory of fake upstreams on loopback: `f, url = fakes(mode, **kw)`; all stopped after."""
+    made = []
+
+    def make(mode: str = "ok", **kw):
+        f = FakeUpstream(mode, **kw)
+        h = run_app_in_thread(f)
+        made.append(h)
+        return f, h.url
+
+    yield make
+    for h in made:
+        h.stop(2)

@@ -21,7 +21,6 @@ import pytest
 from finops.loopback import free_port
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.cache import cache_key
-from finops.shim.fakeupstream import FakeUpstream
 from finops.shim.server import run_app_in_thread
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
@@ -80,21 +79,6 @@ def redis_server(tmp_path):
     r = Redis(tmp_path)
     yield r
     r.stop()
-
-
-@pytest.fixture
-def fakes():
-    made = []
-
-    def make(mode: str = "ok", **kw):
-        f = FakeUpstream(mode, **kw)
-        h = run_app_in_thread(f)
-        made.append(h)
-        return f, h.url
-
-    yield make
-    for h in made:
-        h.stop(2)
 
 
 def _cfg(tmp_path: Path, url: str, name: str = "log", **changes):

@@ -22,8 +22,6 @@ import pytest
 from finops.lake import Lake
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.config import CapRule, hash_key, parse_config
-from finops.shim.fakeupstream import FakeUpstream
-from finops.shim.server import run_app_in_thread
 from finops.shim.upstreams import STATE_NAMES
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
@@ -33,21 +31,6 @@ def _dead_url() -> str:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
-
-
-@pytest.fixture
-def fakes():
-    made = []
-
-    def make(mode: str = "ok", **kw):
-        f = FakeUpstream(mode, **kw)
-        h = run_app_in_thread(f)
-        made.append(h)
-        return f, h.url
-
-    yield make
-    for h in made:
-        h.stop(2)
 
 
 def _serve(tmp_path: Path, upstreams: list[str], **changes):

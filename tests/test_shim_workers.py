@@ -419,6 +419,15 @@ def test_a_replacement_that_cannot_start_never_takes_down_a_serving_worker(tmp_p
         first = _workers(proc.pid)
         victim = min(first)
         (survivor,) = first - {victim}
+        # the survivor must be serving, not just started: on a loaded machine its startup
+        # can outlast the replacement's quick crashes, and with none serving the
+        # supervisor rightly stops
+        answered: set[int] = set()
+        _wait(
+            lambda: answered.add(httpx.get(url + "/healthz").json()["pid"]) or survivor in answered,
+            timeout=60,
+            what="the survivor serving",
+        )
         os.rename(log_dir, moved)  # a new worker cannot create its log folder now
         log_dir.write_text("not a folder")
         os.kill(victim, signal.SIGKILL)
