@@ -22,6 +22,7 @@ from finops.loopback import free_port
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.cache import cache_key
 from finops.shim.server import run_app_in_thread
+from finops.shim.testing import wait_for_records as _records
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 1}
 SAMPLED = {**CHAT, "temperature": 0.9}  # never cached: only an idempotency record dedupes
@@ -84,18 +85,6 @@ def redis_server(tmp_path):
 def _cfg(tmp_path: Path, url: str, name: str = "log", **changes):
     cfg = from_flags([f"small={url}"], log_dir=tmp_path / name)
     return dataclasses.replace(cfg, **changes)
-
-
-def _records(shim, n: int, timeout: float = 5.0) -> list[dict]:
-    deadline = time.monotonic() + timeout
-    while True:
-        shim.log.flush()
-        out = []
-        for p in sorted(Path(shim.cfg.log_dir).glob("requests-*.jsonl*")):
-            out += [orjson.loads(line) for line in p.read_bytes().splitlines()]
-        if len(out) >= n or time.monotonic() > deadline:
-            return sorted(out, key=lambda r: r["ts"])
-        time.sleep(0.02)
 
 
 def _keys(rc, pattern: str, n: int = 1) -> list[bytes]:

@@ -22,6 +22,7 @@ import pytest
 from finops.lake import Lake
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.config import CapRule, hash_key, parse_config
+from finops.shim.testing import wait_for_records as _records
 from finops.shim.upstreams import STATE_NAMES
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
@@ -37,23 +38,6 @@ def _serve(tmp_path: Path, upstreams: list[str], **changes):
     cfg = from_flags(upstreams, log_dir=tmp_path / "log")
     cfg = dataclasses.replace(cfg, **changes)
     return serve_in_thread(cfg)
-
-
-def _records(shim, n: int | None = None, timeout: float = 5.0) -> list[dict]:
-    """The request-log records on disk; with `n`, wait until that many are there.
-
-    A record is queued right after the response is sent, so a client can see
-    its response a moment before the record exists.
-    """
-    deadline = time.monotonic() + timeout
-    while True:
-        shim.log.flush()
-        out = []
-        for p in sorted(Path(shim.cfg.log_dir).glob("requests-*.jsonl*")):
-            out += [orjson.loads(line) for line in p.read_bytes().splitlines()]
-        if n is None or len(out) >= n or time.monotonic() > deadline:
-            return sorted(out, key=lambda r: r["ts"])
-        time.sleep(0.02)
 
 
 def test_non_stream_headers_usage_and_log(tmp_path, fakes):

@@ -20,6 +20,7 @@ import orjson
 import pytest
 
 from finops.shim import from_flags, serve_in_thread
+from finops.shim.testing import wait_for_records as _records
 
 CHAT = {"model": "small", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}
 ANSWER = orjson.dumps(
@@ -129,20 +130,6 @@ def scripted():
 def _serve(tmp_path: Path, url: str, **changes):
     cfg = from_flags([f"small={url}"], log_dir=tmp_path / "log")
     return serve_in_thread(dataclasses.replace(cfg, first_byte_timeout_s=3.0, **changes))
-
-
-def _records(shim, n: int) -> list[dict]:
-    deadline = time.monotonic() + 5
-    while True:
-        shim.log.flush()
-        out = [
-            orjson.loads(line)
-            for p in sorted(Path(shim.cfg.log_dir).glob("requests-*.jsonl*"))
-            for line in p.read_bytes().splitlines()
-        ]
-        if len(out) >= n or time.monotonic() > deadline:
-            return sorted(out, key=lambda r: r["ts"])
-        time.sleep(0.02)
 
 
 @pytest.mark.parametrize(

@@ -9,6 +9,7 @@ seconds, so the shim can be exercised end to end with a trained classifier.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 TIERS = ["small", "mid", "large"]
 
@@ -48,3 +49,22 @@ def train_demo_router(
         )
     assert res.path is not None
     return Path(res.path)
+
+
+def wait_for_records(shim: Any, n: int | None = None, timeout: float = 5.0) -> list[dict]:
+    """The running shim's request-log records on disk, by time; with `n`, wait until that
+    many are there (a record is queued right after its response is sent, so a client can
+    see its response a moment before the record exists)."""
+    import time
+
+    import orjson
+
+    deadline = time.monotonic() + timeout
+    while True:
+        shim.log.flush()
+        out = []
+        for p in sorted(Path(shim.cfg.log_dir).glob("requests-*.jsonl*")):
+            out += [orjson.loads(line) for line in p.read_bytes().splitlines()]
+        if n is None or len(out) >= n or time.monotonic() > deadline:
+            return sorted(out, key=lambda r: r["ts"])
+        time.sleep(0.02)
