@@ -170,6 +170,39 @@ def test_errors_to_http_1_0_clients_are_not_chunked(shim):
         assert int(headers["content-length"]) == len(body) and orjson.loads(body)["error"]
 
 
+def test_a_stream_to_an_http_1_0_client_is_ended_by_close_not_chunked(shim):
+    """An SSE stream has no length: to an HTTP/1.0 client it goes out as it comes and
+    the connection's close ends it (uvicorn wrote chunk sizes the client read as data).
+    An HTTP/1.1 client on the same shim still gets it chunked and kept alive."""
+    body = orjson.dumps({**CHAT, "stream": True, "max_tokens": 3})
+    head = (
+        b"POST /v1/chat/completions %s\r\nauthorization: Bearer sk-good\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n"
+    )
+    s = _connect(shim)
+    s.sendall(head % (b"HTTP/1.0", len(body)) + body)
+    status, headers, sse = _split(_read_all(s))  # returns: the shim closed
+    s.close()
+    assert status == 200 and headers["content-type"].startswith("text/event-stream")
+    assert "transfer-encoding" not in headers and "content-length" not in headers
+    assert headers["connection"] == "close"
+    events = [e for e in sse.split(b"\n\n") if e]
+    assert all(e.startswith(b"data: ") for e in events), sse[:200]
+    assert events[-1] == b"data: [DONE]" and len(events) >= 4
+
+    s = _connect(shim)
+    s.sendall(head % (b"HTTP/1.1", len(body)) + body)
+    out = b""
+    while not out.endswith(b"0\r\n\r\n"):
+        data = s.recv(65536)
+        assert data, out
+        out += data
+    s.close()
+    status, headers, _ = _split(out)
+    assert status == 200 and headers["transfer-encoding"] == "chunked"
+    assert headers.get("connection") != "close"
+
+
 def test_a_refusal_before_the_body_closes_the_connection(shim):
     """Expect: 100-continue, refused (401) before the shim asks for the body: the client
     need not send it, so the shim must not read its next bytes as a request. A 413 for a

@@ -11,7 +11,10 @@ connections that sent nothing, or a byte now and then, were kept forever. Here:
 - a head not received within the shim's `[limits] body_timeout_s` (the time a
   client has to send its request) gets a 408 and the connection is closed; a
   connection idle between requests is uvicorn's keep-alive timeout's;
-- uvicorn's own refusals of malformed requests come in OpenAI's error shape.
+- uvicorn's own refusals of malformed requests come in OpenAI's error shape;
+- a response of unknown length (an SSE stream) to an HTTP/1.0 client is sent as it
+  comes and ended by closing the connection (RFC 9112 6.3): uvicorn would send it
+  chunked, which HTTP/1.0 has no notion of, so the client read chunk sizes as data.
 
 Both are counted in /metrics (`finops_shim_refused_connections_total`) and said in
 one log line each; they are not request-log records (no request was read).
@@ -80,6 +83,9 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = False
         self._waiting = False
         super().on_headers_complete()
+        if self.scope.get("http_version") == "1.0" and self.cycle is not None:
+            # the app's task has not run yet: it will call this send
+            self.cycle.send = _close_delimited_send(self.cycle)  # type: ignore[method-assign]
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -144,6 +150,31 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
         self.transport.close()
+
+
+def _close_delimited_send(cycle: Any) -> Callable[[dict], Any]:
+    """uvicorn's `send` for an HTTP/1.0 request: a response with neither a length nor
+    a transfer coding goes out as a body ended by the connection's close.
+
+    uvicorn (0.3x) has no such mode; its length-delimited one does it when told, per
+    body message, that the length is that message's (HTTP/1.0 connections are never
+    kept alive, so uvicorn closes the connection at the end).
+    """
+    send = cycle.send
+    close_delimited = False
+
+    async def send_10(message: dict) -> None:
+        nonlocal close_delimited
+        if message["type"] == "http.response.start":
+            names = {bytes(k).lower() for k, _ in message.get("headers", ())}
+            if b"content-length" not in names and b"transfer-encoding" not in names:
+                close_delimited = True
+                cycle.chunked_encoding = False
+        elif close_delimited and message["type"] == "http.response.body":
+            cycle.expected_content_length = len(message.get("body", b""))
+        await send(message)
+
+    return send_10
 
 
 def guarded_protocol(
