@@ -20,6 +20,7 @@ import pytest
 
 from finops.loopback import free_port
 from finops.shim import from_flags, serve_in_thread
+from finops.shim.app import unpack_entry
 from finops.shim.cache import cache_key
 from finops.shim.server import run_app_in_thread
 from finops.shim.testing import wait_for_records as _records
@@ -481,3 +482,61 @@ def test_a_replay_does_not_extend_the_records_lifetime(tmp_path, fakes, redis_se
         time.sleep(1.2)
         assert _post(h, SAMPLED, hd).headers["x-finops-cache"] == "hit"
         assert rc.pttl(key) < 99_000
+
+
+def test_signed_redis_values_are_shared_and_others_miss(tmp_path, fakes, redis_server, monkeypatch):
+    """With [cache] redis_secret_env, shims with the secret share entries and
+    idempotency records; a value nobody with the secret wrote (planted unsigned, or a
+    tenant's entry copied under another tenant's key) is a miss, and so is every
+    entry for a shim with another secret."""
+    from finops.shim.config import hash_key
+
+    monkeypatch.setenv("FINOPS_TEST_SECRET", "s" * 32)
+    f, url = fakes()
+    cfg = _cfg(
+        tmp_path,
+        url,
+        redis_url=redis_server.url,
+        redis_secret_env="FINOPS_TEST_SECRET",
+        api_keys={hash_key("sk-a"): "a", hash_key("sk-b"): "b"},
+    )
+    rc = redis_server.client()
+    ka, kb = {"authorization": "Bearer sk-a"}, {"authorization": "Bearer sk-b"}
+    with (
+        serve_in_thread(cfg) as w1,
+        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
+    ):
+        assert _post(w1, DET, ka).headers["x-finops-cache"] == "miss"
+        (key_a,) = _keys(rc, "finops:shim:resp:*")
+        assert _post(w2, DET, ka).headers["x-finops-cache"] == "hit"  # shared, verified
+        signed = rc.get(key_a)
+        assert unpack_entry(signed, "cache") is None  # the MAC is in front
+        assert unpack_entry(signed[32:], "cache") is not None
+
+        # a well-formed answer written without the secret: a miss, counted, replaced
+        rc.set(key_a, signed[32:])
+        r = _post(w1, DET, ka)
+        assert r.status_code == 200 and r.headers["x-finops-cache"] == "miss"
+        assert _until(lambda: rc.get(key_a) != signed[32:])
+        assert _post(w1, DET, ka).headers["x-finops-cache"] == "hit"
+
+        # tenant a's entry copied under tenant b's key: the key is in the MAC
+        assert _post(w1, DET, kb).headers["x-finops-cache"] == "miss"
+        (key_b,) = [k for k in _keys(rc, "finops:shim:resp:*", 2) if k != key_a]
+        rc.set(key_b, rc.get(key_a))
+        assert _post(w1, DET, kb).headers["x-finops-cache"] == "miss"
+        assert _metric(w1, 'finops_shim_cache_invalid_values_total{store="cache"}') == 2
+        calls = f.calls
+
+        # an Idempotency-Key record, signed too, replays on the other worker
+        hd = {**ka, "idempotency-key": "pay-9"}
+        assert _post(w1, SAMPLED, hd).headers["x-finops-cache"] == "bypass"  # sampled
+        assert _until(lambda: len(_keys(rc, "finops:shim:idem:*")) == 1)
+        assert _post(w2, SAMPLED, hd).headers["x-finops-cache"] == "hit"
+        assert f.calls == calls + 1
+
+    # a shim with another secret serves none of them
+    monkeypatch.setenv("FINOPS_TEST_SECRET", "t" * 32)
+    with serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log3")) as w3:
+        assert _post(w3, DET, ka).headers["x-finops-cache"] == "miss"
+        assert f.calls == calls + 2

@@ -268,7 +268,33 @@ def test_out_of_range_values_are_refused(extra, match):
         parse_config(tomllib.loads(text), source="shim.toml")
 
 
-def test_example_config_with_every_option_parses():
+@pytest.mark.parametrize(
+    ("env", "extra", "match"),
+    [
+        (None, 'redis_secret_env = "FINOPS_TEST_SECRET"', r"FINOPS_TEST_SECRET .* it is not set"),
+        ("short", 'redis_secret_env = "FINOPS_TEST_SECRET"', r"at least 16 bytes .* it has 5"),
+        ("x" * 32, "redis_secret_env = 7", r": expected str, got 7"),
+    ],
+)
+def test_the_redis_signing_secret_is_checked_at_load(monkeypatch, env, extra, match):
+    monkeypatch.delenv("FINOPS_TEST_SECRET", raising=False)
+    if env is not None:
+        monkeypatch.setenv("FINOPS_TEST_SECRET", env)
+    text = TIER + f'[cache]\nredis_url = "redis://127.0.0.1:1/0"\n{extra}\n'
+    with pytest.raises(ConfigError, match=rf"shim.toml: \[cache\] redis_secret_env.*{match}"):
+        parse_config(tomllib.loads(text), source="shim.toml")
+    # without redis_url there is nothing to sign
+    monkeypatch.setenv("FINOPS_TEST_SECRET", "x" * 32)
+    with pytest.raises(ConfigError, match="set redis_url too"):
+        parse_config(
+            tomllib.loads(TIER + '[cache]\nredis_secret_env = "FINOPS_TEST_SECRET"\n'), source="s"
+        )
+    ok = TIER + '[cache]\nredis_url = "redis://h:1/0"\nredis_secret_env = "FINOPS_TEST_SECRET"\n'
+    assert parse_config(tomllib.loads(ok), source="s").redis_secret_env == "FINOPS_TEST_SECRET"
+
+
+def test_example_config_with_every_option_parses(monkeypatch):
+    monkeypatch.setenv("FINOPS_SHIM_REDIS_SECRET", "0123456789abcdef")
     cfg = load_config(EXAMPLE)
     assert cfg.tier_names == ["small", "mid", "large"] and len(cfg.caps) == 2
     # the commented-out options, switched on, parse too
@@ -276,6 +302,7 @@ def test_example_config_with_every_option_parses():
     for line, on in (
         ('# path = "artifacts/router-v3"', 'path = "artifacts/router-v3"'),
         ('# redis_url = "redis://127.0.0.1:6379/0"', 'redis_url = "redis://127.0.0.1:6379/0"'),
+        ('# redis_secret_env = "FINOPS_SHIM', 'redis_secret_env = "FINOPS_SHIM'),
         ('# dir = "logs/shim"', 'dir = "logs/shim"'),
         ('# api_key = "..."', 'api_key = "..."'),
     ):

@@ -38,6 +38,7 @@ from starlette.routing import Route
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import (
     SKIPPED,
+    BadSignature,
     Coalescer,
     MemoryCache,
     RedisCache,
@@ -45,7 +46,7 @@ from finops.shim.cache import (
     RedisUnavailable,
 )
 from finops.shim.caps import TokenizeGate
-from finops.shim.config import ConfigError, ShimConfig, load_config, reread_config
+from finops.shim.config import ConfigError, ShimConfig, load_config, redis_secret, reread_config
 from finops.shim.h1client import KEEPALIVE_EXPIRY_S
 from finops.shim.h1client import Client as H1Client
 from finops.shim.metrics import ShimMetrics
@@ -175,7 +176,11 @@ class Shim:
             cfg.log_dir, rotate_bytes=cfg.log_rotate_bytes, rotate_s=cfg.log_rotate_s
         )
         self.coalescer = Coalescer()
-        self.redis: RedisCache | None = RedisCache(cfg.redis_url) if cfg.redis_url else None
+        self.redis: RedisCache | None = (
+            RedisCache(cfg.redis_url, secret=redis_secret(cfg.redis_secret_env))
+            if cfg.redis_url
+            else None
+        )
         self.cache = self.redis or MemoryCache(cfg.cache_max_entries, cfg.cache_max_bytes)
         self.idem = self.redis or MemoryCache(max(1000, cfg.cache_max_entries), cfg.cache_max_bytes)
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # control plane, made in start()
@@ -271,6 +276,17 @@ class Shim:
             self._store_failed("get", key, exc)
             return None if isinstance(exc, RedisKeyError) else SKIPPED
         if v is None:
+            return None
+        if isinstance(v, BadSignature):
+            self.metrics.cache_invalid.labels(kind).inc()
+            self._warn_once(
+                key,
+                "%s value under %s (%d bytes) does not verify with [cache] redis_secret_env: "
+                "written without it, with another secret, or not by a shim; treated as a miss",
+                kind,
+                key,
+                v.size,
+            )
             return None
         got = unpack_entry(v, kind)
         if got is None:

@@ -21,7 +21,9 @@ read another's entry.
 
 Backends: `MemoryCache` (per process; TTL, entry and byte bounds, LRU) and
 `RedisCache` (redis-py asyncio; replicas share entries; TTL via SETEX, size
-bounded by Redis' own `maxmemory` + `allkeys-lru`). Coalescing of identical
+bounded by Redis' own `maxmemory` + `allkeys-lru`; with a secret, each value is
+signed with HMAC-SHA256 over its key and bytes, so a value the shims did not write,
+or one moved to another key (another tenant's), is a miss). Coalescing of identical
 in-flight requests is per process; an Idempotency-Key is also claimed in Redis
 (`RedisCache.claim`), so workers and hosts sharing it run a key once.
 """
@@ -30,6 +32,7 @@ from __future__ import annotations
 
 import asyncio
 import hashlib
+import hmac
 import logging
 import time
 from collections import OrderedDict
@@ -201,6 +204,16 @@ class MemoryCache:
         self.bytes = 0
 
 
+class BadSignature:
+    """What `RedisCache.get` returns for a value whose signature does not verify."""
+
+    def __init__(self, size: int) -> None:
+        self.size = size  # the stored value's length, for the warning
+
+
+MAC_BYTES = 32  # HMAC-SHA256
+
+
 class RedisUnavailable(Exception):
     """Redis failed recently: calls are skipped until the cool-down ends."""
 
@@ -230,6 +243,13 @@ class RedisCache:
     requests are served, just without the shared cache and Idempotency-Key records),
     then tried again; the first call that works after that is logged. An error Redis
     answers about one key (`RedisKeyError`) concerns that key only: no cool-down.
+
+    Anyone who can write to Redis can otherwise put an answer the shim will serve.
+    With `secret`, values are stored as HMAC-SHA256(secret, key, value) + value and a
+    value that does not verify is returned as a `BadSignature` (a miss). The key is in
+    the MAC, so an entry copied under another key (another tenant's request) does not
+    verify either. Idempotency claims (owner tokens, compared by Redis scripts) are
+    not signed: a forged one can only make a request wait for its TTL.
     """
 
     def __init__(
@@ -239,12 +259,14 @@ class RedisCache:
         *,
         timeout_s: float = 0.25,
         cooldown_s: float = 5.0,
+        secret: bytes | None = None,
     ) -> None:
         import redis.asyncio as aioredis
         from redis.exceptions import ResponseError
 
         self.url = url
         self.prefix = prefix
+        self._secret = secret
         self.cooldown_s = cooldown_s
         self.skip_until = 0.0
         self.down_since = 0.0  # when the current outage began (0: Redis is answering)
@@ -283,12 +305,27 @@ class RedisCache:
     async def ping(self) -> bool:
         return bool(await self._r.ping())
 
-    async def get(self, key: str) -> bytes | None:
+    def _mac(self, key: str, value: bytes) -> bytes:
+        assert self._secret is not None
+        m = hmac.new(self._secret, (self.prefix + key).encode(), hashlib.sha256)
+        m.update(b"\0")
+        m.update(value)
+        return m.digest()
+
+    async def get(self, key: str) -> bytes | BadSignature | None:
         self._check()
-        return await self._call(self._r.get(self.prefix + key))
+        v = await self._call(self._r.get(self.prefix + key))
+        if v is None or self._secret is None:
+            return v
+        mac, value = v[:MAC_BYTES], v[MAC_BYTES:]
+        if len(v) < MAC_BYTES or not hmac.compare_digest(mac, self._mac(key, value)):
+            return BadSignature(len(v))
+        return value
 
     async def set(self, key: str, value: bytes, ttl_s: float) -> None:
         self._check()
+        if self._secret is not None:
+            value = self._mac(key, value) + value
         await self._call(self._r.set(self.prefix + key, value, px=max(1, int(ttl_s * 1000))))
 
     # -- Idempotency-Key claims: one process runs a key at a time --

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -91,6 +92,9 @@ class ShimConfig:
     cache_max_entries: int = 10_000
     cache_max_bytes: int = 256 * 1024 * 1024
     redis_url: str | None = None
+    # the environment variable holding the secret that signs Redis values (not the
+    # secret itself: config files get committed and printed)
+    redis_secret_env: str | None = None
     idempotency_ttl_s: float = 86_400.0
     coalesce: bool = True
     # upstream behaviour
@@ -157,6 +161,28 @@ def _get(
     names = typ.__name__ if isinstance(typ, type) else "/".join(t.__name__ for t in typ)
     _expect(ok, f"{where} {key}", f"expected {names}, got {v!r}")
     return v
+
+
+MIN_SECRET_BYTES = 16
+
+
+def redis_secret(env: str | None, where: str = "[cache] redis_secret_env") -> bytes | None:
+    """The Redis signing secret from environment variable `env` (None: unsigned).
+
+    Read when the config is loaded (a missing secret stops the start, naming the
+    variable) and again when the cache is built, so the secret is never in the config.
+    """
+    if env is None:
+        return None
+    value = os.environ.get(env, "")
+    _expect(
+        len(value.encode()) >= MIN_SECRET_BYTES,
+        where,
+        f"environment variable {env} must hold the signing secret, at least "
+        f"{MIN_SECRET_BYTES} bytes (e.g. `openssl rand -hex 32`); "
+        + ("it is not set" if env not in os.environ else f"it has {len(value.encode())}"),
+    )
+    return value.encode()
 
 
 def _table(d: dict[str, Any], key: str, where: str) -> dict[str, Any]:
@@ -517,6 +543,7 @@ def parse_config(
             "max_entries",
             "max_bytes",
             "redis_url",
+            "redis_secret_env",
             "idempotency_ttl_s",
             "coalesce",
         ),
@@ -535,6 +562,14 @@ def parse_config(
         f"{w} redis_url",
         f"expected redis://, rediss:// or unix:// URL, got {kw['redis_url']!r}",
     )
+    kw["redis_secret_env"] = _get(cache, "redis_secret_env", str, w, None)
+    if kw["redis_secret_env"] is not None:
+        _expect(
+            kw["redis_url"] is not None,
+            f"{w} redis_secret_env",
+            "signs Redis values; set redis_url too (the memory cache is not shared)",
+        )
+        redis_secret(kw["redis_secret_env"], f"{w} redis_secret_env")
     kw["idempotency_ttl_s"] = _get(cache, "idempotency_ttl_s", float, w, 86_400.0)
     _positive(kw["idempotency_ttl_s"], f"{w} idempotency_ttl_s")
     kw["coalesce"] = _get(cache, "coalesce", bool, w, True)
@@ -702,6 +737,7 @@ RESTART_ONLY: dict[str, str] = {
     "watch": "[server] watch",
     "log_dir": "[log] dir",
     "redis_url": "[cache] redis_url",
+    "redis_secret_env": "[cache] redis_secret_env",
     "cache_max_entries": "[cache] max_entries",
     "cache_max_bytes": "[cache] max_bytes",
     "connect_timeout_s": "[upstream] connect_timeout_s",
