@@ -708,6 +708,105 @@ def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
         assert state[bad_url] == "closed"
 
 
+def _circuit(h, url: str) -> str:
+    return next(
+        c["circuit"]
+        for c in httpx.get(h.url + "/readyz").json()["circuits"]
+        if c["upstream"] == url
+    )
+
+
+def _stream_in_thread(h, body: dict, got: list) -> threading.Thread:
+    """A streaming request in a thread; `got` collects its raw chunks, then "end"."""
+
+    def run() -> None:
+        with httpx.stream("POST", h.base_url + "/chat/completions", json=body, timeout=30) as r:
+            for chunk in r.iter_raw():
+                got.append(chunk)
+        got.append("end")
+
+    t = threading.Thread(target=run)
+    t.start()
+    return t
+
+
+def test_a_stream_probe_closes_the_circuit_at_its_first_byte(tmp_path, fakes):
+    """The half-open probe is a long stream: its first byte shows the replica answers,
+    so others are let in at once (they were refused with 503 for the whole generation)."""
+    f, url = fakes("error500", tokens=40, delay_s=0.05)  # streams take 2 s
+    with _serve(tmp_path, [f"small={url}"], breaker_failures=2, breaker_cooldown_s=30) as h:
+        for _ in range(2):
+            assert httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code == 500
+        assert _circuit(h, url) == "open"
+        f.mode = "slow"
+        next(h.shim.pool.all()).breaker.opened_at -= 30  # the cooldown has passed
+        got: list = []
+        t = _stream_in_thread(h, {**CHAT, "stream": True, "max_tokens": 40}, got)
+        _wait_for(lambda: len(got) >= 2)
+        codes = [
+            httpx.post(h.base_url + "/chat/completions", json=CHAT).status_code for _ in range(3)
+        ]
+        assert "end" not in got, "the probe stream is still going"
+        assert codes == [200, 200, 200] and _circuit(h, url) == "closed"
+        t.join(10)
+
+
+def test_a_stream_begun_before_the_circuit_opened_does_not_close_it(tmp_path, fakes):
+    """A stream let through while the replica was healthy ends fine after the replica
+    began failing and its circuit opened: that says nothing about the replica now."""
+    f, url = fakes("slow", tokens=30, delay_s=0.05)
+    _good, good_url = fakes()
+    with _serve(
+        tmp_path, [f"small={url}", f"mid={good_url}"], breaker_failures=2, breaker_cooldown_s=60
+    ) as h:
+        got: list = []
+        t = _stream_in_thread(h, {**CHAT, "model": "small", "stream": True, "max_tokens": 30}, got)
+        _wait_for(lambda: len(got) >= 2)
+        f.mode = "error500"
+        for _ in range(2):  # fall back to mid, and open small's circuit
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+            assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
+        assert _circuit(h, url) == "open"
+        t.join(10)
+        assert got[-1] == "end" and b"[DONE]" in b"".join(got[:-1])
+        assert _circuit(h, url) == "open"  # was: closed again by the old stream's success
+        calls = f.calls
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+        assert r.headers["x-finops-tier"] == "mid" and f.calls == calls
+
+
+def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path, fakes):
+    """Every connection the shim allows to a replica ([upstream] max_connections) is
+    busy: the queued request waits up to the first-byte timeout for one, then falls back.
+    It never reached the replica, so its circuit stays closed (it was a 504 "upstream
+    timeout" that opened the healthy replica's circuit)."""
+    f, url = fakes("slow", tokens=40, delay_s=0.05)  # 2 s streams hold both connections
+    _g, good_url = fakes()
+    with _serve(
+        tmp_path,
+        [f"small={url}", f"mid={good_url}"],
+        max_connections=2,
+        first_byte_timeout_s=0.8,
+        breaker_failures=1,
+    ) as h:
+        body = {**CHAT, "model": "small", "stream": True, "max_tokens": 40}
+        streams = [(got := [], _stream_in_thread(h, body, got)) for _ in range(2)]
+        _wait_for(lambda: all(len(g) >= 2 for g, _ in streams))
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+        assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
+        assert f.calls == 2 and _circuit(h, url) == "closed"
+        m = httpx.get(h.url + "/metrics").text
+        assert f'finops_shim_upstream_pool_full_total{{tier="small",upstream="{url}"}} 1.0' in m
+        assert 'reason="pool_full",to_tier="mid"' in m
+        for _, t in streams:
+            t.join(10)
+        # a slot is free again: small serves
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+        assert r.headers["x-finops-tier"] == "small"
+        (rec,) = [x for x in _records(h.shim, 4) if x["tier"] == "mid"]
+        assert rec["status_code"] == 200
+
+
 @pytest.mark.parametrize("mode", ["die_mid_stream", "error_mid_stream"])
 def test_streams_failing_partway_open_the_circuit(tmp_path, fakes, mode):
     """A replica whose streams all break after the first byte: the first byte is not a

@@ -807,3 +807,37 @@ def test_cache_fidelity_to_vllm():
     assert finish == [
         {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None, "stop_reason": "###"}
     ]
+
+
+def test_circuit_breaker_ignores_verdicts_from_before_its_last_change():
+    """A request reports with the epoch it was let through in: a stale verdict neither
+    closes an open circuit, nor frees (or fails) a probe it is not, nor counts against
+    a replica that recovered since."""
+    from finops.shim.upstreams import CLOSED, HALF_OPEN, OPEN, CircuitBreaker
+
+    b = CircuitBreaker(failures_to_open=2, cooldown_s=10)
+    assert b.allow(0)
+    old = b.ticket()  # a long stream, let through while closed
+    assert b.allow(0)
+    t = b.ticket()
+    b.failure(1, t)
+    b.failure(1, t)
+    assert b.state == OPEN and b.opened_at == 1
+    b.success(old)  # the old stream ends fine: says nothing of now
+    b.failure(5, old)  # nor does an old failure push the cooldown on
+    assert b.state == OPEN and b.opened_at == 1
+    assert not b.allow(5) and b.allow(11)  # the probe
+    probe = b.ticket()
+    assert b.state == HALF_OPEN and not b.allow(11)
+    b.release_probe(old)  # not the probe: it stays taken
+    b.failure(11, old)
+    assert b.state == HALF_OPEN and not b.allow(11)
+    b.probe_answered(probe)  # a stream probe's first byte
+    assert b.state == CLOSED and b.allow(12)
+    b.failure(12, probe)  # ... its failure at the end is from the half-open epoch
+    b.failure(12, old)
+    assert b.state == CLOSED and b.consecutive_failures == 0
+    now = b.ticket()
+    b.failure(13, now)
+    b.failure(13, now)
+    assert b.state == OPEN

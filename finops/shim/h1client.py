@@ -334,10 +334,33 @@ class HostPool:
             self.open -= 1
         return None
 
+    async def acquire(self, timeout: float) -> bool:
+        """Take a connection slot for `request(..., acquired=True)`; False if none
+        frees up within `timeout` s. (Free slots cost no timer.)"""
+        if not self._sem.locked():
+            await self._sem.acquire()  # returns at once
+            return True
+        try:
+            async with asyncio.timeout(timeout):
+                await self._sem.acquire()
+        except TimeoutError:
+            return False
+        return True
+
     async def request(
-        self, method: bytes, path: str, body: bytes, headers: list[tuple[bytes, bytes]]
+        self,
+        method: bytes,
+        path: str,
+        body: bytes,
+        headers: list[tuple[bytes, bytes]],
+        *,
+        acquired: bool = False,
     ) -> Response:
-        """Send one request; returns once status and headers are in."""
+        """Send one request; returns once status and headers are in.
+
+        `acquired`: the caller holds a slot from `acquire`, which this takes over (and
+        gives back on failure, as the Response does once done).
+        """
         head = [
             method,
             b" ",
@@ -352,7 +375,8 @@ class HostPool:
             head += [k, b": ", v, b"\r\n"]
         head.append(b"\r\n")
         payload = b"".join(head) + body
-        await self._sem.acquire()
+        if not acquired:
+            await self._sem.acquire()
         try:
             conn = self._take_idle()
             if conn is None:

@@ -162,6 +162,13 @@ class ShimMetrics:
             ["upstream"],
             registry=r,
         )
+        self.pool_full = Counter(
+            "finops_shim_upstream_pool_full",
+            "Attempts that found every connection to a replica busy ([upstream] "
+            "max_connections) for the first-byte timeout; not counted against its circuit.",
+            ["tier", "upstream"],
+            registry=r,
+        )
         self.circuit_state = Gauge(
             "finops_shim_circuit_state",
             "Circuit breaker per upstream: 0 closed, 1 open, 2 half-open.",

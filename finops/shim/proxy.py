@@ -994,10 +994,22 @@ class ProxyEndpoint:
             hdrs.append((b"x-request-id", ctx.client_request_id))
         payload = self._upstream_payload(ctx, up)
         pool = shim.h1.pool(up.url)
+        # A slot under [upstream] max_connections first: waiting for one is the shim's
+        # own queue, not the replica's slowness, so it neither runs down the first-byte
+        # timeout nor counts against the replica's circuit.
+        if not await pool.acquire(shim.cfg.first_byte_timeout_s):
+            shim.metrics.pool_full.labels(up.tier, up.url).inc()
+            raise UpstreamFailure(
+                "pool_full",
+                503,
+                f"no free connection to upstream {up.url} within "
+                f"{shim.cfg.first_byte_timeout_s:g} s ([upstream] max_connections = "
+                f"{shim.cfg.max_connections} are all busy)",
+            )
         resp: Response | None = None
         try:
             async with asyncio.timeout(shim.cfg.first_byte_timeout_s):
-                resp = await pool.request(b"POST", self.path, payload, hdrs)
+                resp = await pool.request(b"POST", self.path, payload, hdrs, acquired=True)
                 if resp.status >= 500 or resp.status == 429:
                     data = await resp.read()
                     reason = "rate_limited" if resp.status == 429 else "http_5xx"
@@ -1118,8 +1130,9 @@ class ProxyEndpoint:
             now = time.monotonic()
             if not up.breaker.allow(now):
                 continue
+            ticket = up.breaker.ticket()
             if attempts > 0 and not up.budget.try_retry(now):
-                up.breaker.release_probe()
+                up.breaker.release_probe(ticket)
                 shim.metrics.retry_budget_exhausted.labels(up.url).inc()
                 continue
             if attempts > 0 and last is not None:
@@ -1134,7 +1147,10 @@ class ProxyEndpoint:
                     resp, first, it = await self._attempt(ctx, up)
                 except UpstreamFailure as exc:
                     ctx.waited += time.perf_counter() - t_send
-                    up.breaker.failure(time.monotonic())
+                    if exc.reason == "pool_full":  # the shim's own limit, not the replica
+                        up.breaker.release_probe(ticket)
+                    else:
+                        up.breaker.failure(time.monotonic(), ticket)
                     shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
                     last = exc
@@ -1142,7 +1158,7 @@ class ProxyEndpoint:
                     rec["upstream"] = up.url  # the last one tried, if none answers
                     continue
                 except BaseException:  # client gone, or a bug: a half-open probe is not left taken
-                    up.breaker.release_probe()
+                    up.breaker.release_probe(ticket)
                     if watch.gone and rec["input_tokens"] is None:
                         # vLLM had the prompt (and prefilled it) before the client left:
                         # the record says where and how much, as a stream's does
@@ -1153,11 +1169,14 @@ class ProxyEndpoint:
                 t_first = time.perf_counter()
                 ctx.waited += t_first - t_send
                 if resp.status >= 400:
-                    up.breaker.release_probe()
+                    up.breaker.release_probe(ticket)
                 elif it is None:
-                    up.breaker.success()
-                # a stream's verdict waits for its end (_respond_stream): a replica whose
-                # streams all fail partway must still open its circuit
+                    up.breaker.success(ticket)
+                else:
+                    # a stream's verdict waits for its end (_respond_stream): a replica
+                    # whose streams all fail partway must still open its circuit; but a
+                    # probe's first byte closes it (others need not wait out a generation)
+                    up.breaker.probe_answered(ticket)
                 shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
                 ctx.tier = up.tier
                 rec["tier"] = up.tier
@@ -1170,7 +1189,7 @@ class ProxyEndpoint:
                     shim.metrics.upstream_latency.labels(up.tier).observe(t_first - t_send)
                     return await self._respond_full(ctx, up, resp, first, send, key)
                 return await self._respond_stream(
-                    ctx, up, resp, first, it, t_send, send, watch, key
+                    ctx, up, ticket, resp, first, it, t_send, send, watch, key
                 )
             finally:
                 up.outstanding -= 1
@@ -1276,6 +1295,7 @@ class ProxyEndpoint:
         self,
         ctx: Ctx,
         up: Upstream,
+        ticket: int,
         resp: Response,
         first: bytes,
         it: Any,
@@ -1446,9 +1466,9 @@ class ProxyEndpoint:
             watch.stop()
             resp.close()  # no-op when the body was read to its end; else vLLM sees the abort
             if failure is None or not blame_upstream:
-                up.breaker.success()
+                up.breaker.success(ticket)
             else:
-                up.breaker.failure(time.monotonic())
+                up.breaker.failure(time.monotonic(), ticket)
             elapsed = time.perf_counter() - t_send
             shim.metrics.upstream_latency.labels(up.tier).observe(elapsed)
         self._stream_usage(ctx, state)

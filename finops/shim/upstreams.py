@@ -27,12 +27,30 @@ STATE_NAMES = {CLOSED: "closed", OPEN: "open", HALF_OPEN: "half_open"}
 
 @dataclass
 class CircuitBreaker:
+    """Consecutive failures open the circuit; after the cooldown one probe decides.
+
+    Every state change starts a new `epoch`; a request takes the epoch it was let
+    through in (`ticket()` right after `allow`) and reports its verdict with it. A
+    verdict from an older epoch is stale: a long stream that began before the circuit
+    opened must not close it when it ends (the replica may still be failing), and a
+    failure that began before the circuit closed again must not count against the
+    recovered replica. Only the probe's verdict ends the half-open state; a stream
+    probe gives it at its first byte (`probe_answered`), so the replica is not kept
+    out for the whole generation.
+    """
+
     failures_to_open: int = 5
     cooldown_s: float = 10.0
     state: int = CLOSED
     consecutive_failures: int = 0
     opened_at: float = 0.0
     probe_in_flight: bool = False
+    epoch: int = 0
+
+    def _to(self, state: int) -> None:
+        self.state = state
+        self.epoch += 1
+        self.probe_in_flight = False
 
     def allow(self, now: float) -> bool:
         """May a request go to this replica now? (Claims the probe when half-open.)"""
@@ -41,12 +59,15 @@ class CircuitBreaker:
         if self.state == OPEN:
             if now - self.opened_at < self.cooldown_s:
                 return False
-            self.state = HALF_OPEN
-            self.probe_in_flight = False
+            self._to(HALF_OPEN)
         if self.probe_in_flight:
             return False
         self.probe_in_flight = True
         return True
+
+    def ticket(self) -> int:
+        """The epoch a request just let through by `allow` reports its verdict with."""
+        return self.epoch
 
     def would_allow(self, now: float) -> bool:
         if self.state == CLOSED:
@@ -55,23 +76,44 @@ class CircuitBreaker:
             return now - self.opened_at >= self.cooldown_s
         return not self.probe_in_flight
 
-    def success(self) -> None:
-        self.state = CLOSED
-        self.consecutive_failures = 0
-        self.probe_in_flight = False
+    def _is_probe(self, ticket: int) -> bool:
+        return self.state == HALF_OPEN and ticket == self.epoch and self.probe_in_flight
 
-    def failure(self, now: float) -> None:
+    def success(self, ticket: int) -> None:
+        if self.state == CLOSED:
+            self.consecutive_failures = 0
+        elif self._is_probe(ticket):
+            self.consecutive_failures = 0
+            self._to(CLOSED)
+        # else: stale (let through before the circuit opened), says nothing of now
+
+    def probe_answered(self, ticket: int) -> None:
+        """A stream's first byte: enough for its probe to close the circuit. (Its end
+        is then from an older epoch and not counted: whether streams break partway is
+        for the ones after it to show.)"""
+        if self._is_probe(ticket):
+            self.success(ticket)
+
+    def failure(self, now: float, ticket: int) -> None:
+        if ticket != self.epoch:
+            return  # stale: the circuit changed state since this request was let through
+        if self.state == HALF_OPEN:
+            if self.probe_in_flight:  # the probe failed: out for another cooldown
+                self.opened_at = now
+                self._to(OPEN)
+            return
+        if self.state == OPEN:
+            return
         self.consecutive_failures += 1
-        if self.state == HALF_OPEN or (
-            self.failures_to_open > 0 and self.consecutive_failures >= self.failures_to_open
-        ):
-            self.state = OPEN
+        if self.failures_to_open > 0 and self.consecutive_failures >= self.failures_to_open:
             self.opened_at = now
-            self.probe_in_flight = False
+            self._to(OPEN)
 
-    def release_probe(self) -> None:
-        """A probe that ended without a verdict (e.g. client went away) frees the slot."""
-        self.probe_in_flight = False
+    def release_probe(self, ticket: int) -> None:
+        """A probe that ended without a verdict (e.g. client went away) frees the slot;
+        anyone else's release is a no-op."""
+        if self._is_probe(ticket):
+            self.probe_in_flight = False
 
 
 @dataclass
