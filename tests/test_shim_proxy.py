@@ -23,7 +23,7 @@ from finops.lake import Lake
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.config import CapRule, hash_key, parse_config
 from finops.shim.testing import wait_for_records as _records
-from finops.shim.upstreams import STATE_NAMES
+from finops.shim.upstreams import STATE_NAMES, CircuitBreaker
 
 CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hello there"}], "max_tokens": 4}
 
@@ -113,7 +113,7 @@ def test_in_band_stream_error_is_a_failure_never_cached(tmp_path, fakes, stream_
         assert r.status_code == 200  # the stream had begun
         events = [e for e in r.content.split(b"\n\n") if e]
         assert events[-1] == b"data: [DONE]"
-        assert orjson.loads(events[-2][6:])["error"]["message"] == "injected engine failure"
+        assert orjson.loads(events[-2][6:])["error"]["message"] == "injected failure"
         assert sum(b'"error"' in e for e in events) == 1  # not a second one from the shim
         bad.mode = "ok"
         again = {**body, "stream": not stream_first}
@@ -773,6 +773,39 @@ def test_a_stream_begun_before_the_circuit_opened_does_not_close_it(tmp_path, fa
         calls = f.calls
         r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
         assert r.headers["x-finops-tier"] == "mid" and f.calls == calls
+
+
+def test_a_stream_that_begins_with_a_server_error_event_falls_back(tmp_path, fakes):
+    """vLLM reports an engine failure before any token in band: a 200 stream whose first
+    event is an error. Nothing has reached the client, so it falls back to a healthy
+    replica and counts against the failing one (clients got 200 + the error)."""
+    bad, bad_url = fakes("error_mid_stream", die_after=0)
+    good, good_url = fakes()
+    with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"], breaker_failures=2) as h:
+        for _ in range(6):
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True})
+            assert r.status_code == 200 and b'"error"' not in r.content
+            assert r.text.endswith("data: [DONE]\n\n") and '"delta"' in r.text
+        assert bad.calls == 2 and good.calls == 6 and _circuit(h, bad_url) == "open"
+        recs = _records(h.shim, 6)
+        assert all(x["status_code"] == 200 and x["upstream"] == good_url for x in recs)
+        m = httpx.get(h.url + "/metrics").text
+        assert 'reason="stream_error"' in m
+        # a 4xx in band is the request's fault: passed on as sent, no fallback
+        for f in (bad, good):
+            f.mode, f.die_after, f.error_code, f.calls = "error_mid_stream", 0, 400, 0
+        for u in h.shim.pool.all():
+            u.breaker = CircuitBreaker(2, 10)
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True})
+        assert r.status_code == 200
+        assert orjson.loads(r.text.split("data: ")[1])["error"]["code"] == 400
+        assert bad.calls + good.calls == 1
+        # every replica failing so with a server error: a plain 502 (nothing sent yet)
+        bad.error_code = good.error_code = 503
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True})
+        assert r.status_code == 502 and r.json()["error"]["code"] == "upstream_stream_error"
+        assert "injected failure" in r.json()["error"]["message"]
+        assert bad.calls + good.calls == 3
 
 
 def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path, fakes):

@@ -11,8 +11,9 @@ the shim's cost. `mode` makes it misbehave on purpose:
 - ``rate_limited``: answer 429 with ``Retry-After: 7``;
 - ``hang``: accept the request and never answer;
 - ``die_mid_stream``: stream ``die_after`` chunks, then drop the connection;
-- ``error_mid_stream``: stream ``die_after`` chunks, then an error event and
-  ``[DONE]``, as vLLM reports a failure inside a stream;
+- ``error_mid_stream``: stream ``die_after`` chunks, then an error event (code
+  ``error_code``, 500 by default) and ``[DONE]``, as vLLM reports a failure inside a
+  stream;
 - ``slow``: like ok with ``delay_s`` between chunks (for disconnect tests).
 
 ``tool_calls=True`` answers chat requests with a tool call instead of text (streamed
@@ -56,8 +57,10 @@ class FakeUpstream:
         tool_calls: bool = False,
         crlf: bool = False,
         tokenize_fails: bool = False,
+        error_code: int = 500,
     ) -> None:
         self.mode = mode
+        self.error_code = error_code
         self.tokenize_fails = tokenize_fails
         self.tokenize_calls = 0
         self.tokens = tokens
@@ -206,7 +209,13 @@ class FakeUpstream:
                 if mode == "die_mid_stream" and i >= self.die_after:
                     raise ConnectionAbortedError("injected mid-stream death")
                 if mode == "error_mid_stream" and i >= self.die_after:
-                    err = {"message": "injected engine failure", "type": "Internal", "code": 500}
+                    err = {
+                        "message": "injected failure",
+                        "type": "InternalServerError"
+                        if self.error_code >= 500
+                        else "BadRequestError",
+                        "code": self.error_code,
+                    }
                     body = self._event({"error": err}) + self._event("[DONE]")
                     await send({"type": "http.response.body", "body": body, "more_body": False})
                     return

@@ -1037,15 +1037,27 @@ class ProxyEndpoint:
                     return resp, data, None
                 it = resp.iter_chunks(shim.cfg.read_timeout_s).__aiter__()
                 first = b""
-                while not first:
+                # the first whole event: vLLM reports a failure before any token (a dead
+                # engine, a parser that cannot be built) in band, as a 200 stream whose
+                # first event is an error; nothing is sent yet, so that falls back too
+                while b"\n\n" not in first and b"\r\n\r\n" not in first:
                     try:
-                        first = await it.__anext__()
+                        first += await it.__anext__()
                     except StopAsyncIteration:
+                        if first:
+                            break  # a stream of one unterminated event: passed on as is
                         raise UpstreamFailure(
                             "disconnect",
                             502,
                             f"upstream {up.url} ended the stream before the first byte",
                         ) from None
+                err = _server_error_event(first)
+                if err is not None:
+                    raise UpstreamFailure(
+                        "stream_error",
+                        502,
+                        f"upstream {up.url} began its stream with an error: {err}",
+                    )
                 return resp, first, it
         except TimeoutError:
             what = "no first byte"
@@ -1700,6 +1712,29 @@ def _idem_entry(
     if endpoint is not None:
         entry["endpoint"] = endpoint
     return entry
+
+
+def _server_error_event(first: bytes) -> str | None:
+    """The message of a server-side error (code >= 500, or none) if the stream's first
+    event is vLLM's in-band error event; None otherwise. A 4xx there is the request's
+    fault: another replica would answer the same, so it is passed on as sent."""
+    if b'"error"' not in first:
+        return None
+    ev = first.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
+    j = ev.find(b"data:")
+    if j < 0:
+        return None
+    try:
+        obj = orjson.loads(ev[j + 5 :].strip())
+    except orjson.JSONDecodeError:
+        return None
+    err = obj.get("error") if isinstance(obj, dict) else None
+    if not isinstance(err, dict) or "choices" in obj:
+        return None
+    code = err.get("code")
+    if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 500:
+        return None
+    return f"{err.get('type') or 'error'} {code}: {str(err.get('message'))[:200]}"
 
 
 def _json_object(data: bytes) -> dict | None:
