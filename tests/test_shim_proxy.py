@@ -808,6 +808,27 @@ def test_a_stream_that_begins_with_a_server_error_event_falls_back(tmp_path, fak
         assert bad.calls + good.calls == 3
 
 
+def test_token_counts_are_asked_of_a_replica_that_is_up(tmp_path, fakes):
+    """Caps counted by vLLM's /tokenize ask a replica in rotation whose /tokenize works:
+    one with an open circuit has no requests in flight, so it won every
+    least-outstanding choice (a dead one cost each capped request the timeout), and
+    one whose /tokenize is skipped after failing left requests to the estimate."""
+    down, down_url = fakes("error500")
+    no_tok, no_tok_url = fakes(tokenize_fails=True)
+    good, good_url = fakes()
+    cap = CapRule(tier="small", feature="*", tenant="*", max_input_tokens=1000, policy="reject")
+    ups = [f"small={down_url}", f"small={no_tok_url}", f"small={good_url}"]
+    with _serve(tmp_path, ups, caps=(cap,), token_counter="upstream", breaker_failures=1) as h:
+        body = {**CHAT, "model": "small"}
+        for _ in range(6):
+            assert httpx.post(h.base_url + "/chat/completions", json=body).status_code == 200
+        assert _circuit(h, down_url) == "open"
+        # at most: the first count (all up, the first listed), then none
+        assert down.tokenize_calls <= 1
+        assert no_tok.tokenize_calls == 1  # failed once, then skipped by the gate
+        assert good.tokenize_calls >= 4
+
+
 def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path, fakes):
     """Every connection the shim allows to a replica ([upstream] max_connections) is
     busy: the queued request waits up to the first-byte timeout for one, then falls back.

@@ -768,7 +768,10 @@ class ProxyEndpoint:
             # -- context caps --
             rule = applicable_cap(cfg.caps, tier, feature, tenant)
             if rule is not None:
-                up = shim.pool.pick_first(tier)
+                gate = shim.tokenize_gate
+                up = shim.pool.pick_for_tokenize(
+                    tier, time.monotonic(), lambda url: not gate.allows(url)
+                )
                 t = time.perf_counter()
                 out = await apply_cap(rule, body, self._token_counter(up))
                 ctx.waited += time.perf_counter() - t

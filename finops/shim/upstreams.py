@@ -18,6 +18,7 @@ import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from typing import Any
 
 from finops.shim.config import ShimConfig
 
@@ -239,6 +240,16 @@ class Pool:
                 tried.add(id(best))
                 yield best
 
-    def pick_first(self, tier: str) -> Upstream:
-        """Least-outstanding replica of a tier, circuit state ignored (for /tokenize)."""
-        return min(self.tiers[tier], key=lambda u: u.outstanding)
+    def pick_for_tokenize(self, tier: str, now: float, skipped: Any) -> Upstream:
+        """The replica to ask for a token count (/tokenize): the least outstanding of
+        those up (circuit not open, not found unreachable) whose /tokenize is not
+        `skipped(url)`; else the least outstanding of all. Claims no probe: a count is
+        not traffic. (A replica out of rotation has no outstanding requests, so it won
+        every least-outstanding choice, and each capped request paid its timeout.)"""
+        reps = self.tiers[tier]
+        up = [
+            u
+            for u in reps
+            if u.breaker.would_allow(now) and u.reachable is not False and not skipped(u.url)
+        ]
+        return min(up or reps, key=lambda u: u.outstanding)
