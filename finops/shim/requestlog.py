@@ -9,9 +9,14 @@ second apart); the one being written ends in `.jsonl.open` and is renamed to
 `.jsonl` when it rotates (size or age) or the shim stops, after an fsync, so an
 ingester that reads `*.jsonl` never sees half a line. A rename never replaces a
 file: a name that is taken gets a fresh token. A write that fails (disk full)
-closes the file out after its last whole line, counts only the records that did
-not reach it as errors, and the next batch starts a new file. Every record is
-ingestible by `Lake.append("requests", ...)`.
+closes the file out after its last whole line and keeps the records that did not
+reach it in memory for the next try (every `retry_s`, or at once on `flush`), up to
+`max_backlog` records: only past that are records dropped, counted as errors and
+warned about. The folder is made again when a file is opened (a clean-up job removed
+it); a file whose name disappears while open (folder removed, moved or unmounted) is
+still readable through its descriptor and is copied into a new file, so records
+counted as written are on disk. Every record is ingestible by
+`Lake.append("requests", ...)`.
 
 Prompt text is only written when enabled, and then redacted: e-mail
 addresses, phone numbers, card/account numbers (13+ digits, in groups or not) and
@@ -23,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import logging
 import math
 import os
 import re
@@ -37,7 +43,13 @@ import orjson
 
 from finops.schemas import REQUESTS
 
+logger = logging.getLogger("finops.shim")
+
 COLUMNS: tuple[str, ...] = tuple(REQUESTS.columns)
+# Records a failing disk may hold back in memory (about 0.5-1 kB each, more with prompt
+# text); twice the backlog the shim warns about (app.LOG_BACKLOG_WARN), so the warning
+# comes first. Past it newer records are dropped and counted as errors.
+MAX_BACKLOG = 200_000
 
 # Local part: letters of any script, digits and . % + ' - (not leading '); domain labels
 # of any script; a top-level domain of letters. Starts only where a run of such
@@ -318,11 +330,15 @@ class RequestLog:
         rotate_s: float = 300.0,
         fsync: bool = True,
         interval: float = 0.05,
+        max_backlog: int = MAX_BACKLOG,
+        retry_s: float = 1.0,
     ) -> None:
         self.folder = Path(folder) if folder is not None else None
         self.rotate_bytes = rotate_bytes
         self.rotate_s = rotate_s
         self.fsync = fsync
+        self.max_backlog = max_backlog
+        self.retry_s = retry_s
         self.written = 0
         self.errors = 0
         self.last_error: str | None = None
@@ -334,9 +350,15 @@ class RequestLog:
         self._seq = 0
         self._fh: Any = None
         self._path: Path | None = None
+        self._ident: tuple[int, int] = (0, 0)  # (st_dev, st_ino) of the open file
         self._opened_at = 0.0
         self._size = 0
-        self._pending: list[tuple[Path, int]] = []  # closed, not yet renamed
+        self._nrec = 0  # records in the open file
+        # closed, not yet renamed: (path, size, still-open file, records); the file stays
+        # open so its bytes can be copied out if its name disappears before the rename
+        self._pending: list[tuple[Path, int, Any, int]] = []
+        self._retry_at = 0.0
+        self._dropped = 0  # records dropped over max_backlog since writes last worked
         self._thread: threading.Thread | None = None
         self._flushed = threading.Condition()
         self._enqueued = 0
@@ -362,7 +384,11 @@ class RequestLog:
         return max(0, self._enqueued - self.written - self.errors)
 
     def flush(self, timeout: float = 10.0) -> bool:
-        """Wait until everything enqueued so far is written (tests, shutdown)."""
+        """Wait until everything enqueued so far is written (tests, shutdown).
+
+        Records a failing disk holds back are retried at once; False if they still are not
+        written (nor dropped) by `timeout`.
+        """
         target = self._enqueued
         self._wake.set()
         deadline = time.monotonic() + timeout
@@ -384,24 +410,93 @@ class RequestLog:
         self._thread = None
 
     # -- writer thread --
-    def _open(self) -> None:
+    def _create(self) -> tuple[Any, Path]:
+        """A new empty `.jsonl.open` file under a fresh name (the folder made again if gone)."""
         assert self.folder is not None
-        self._seq += 1
+        # a clean-up job may have removed the folder: without it every later record is lost
+        self.folder.mkdir(parents=True, exist_ok=True)
+        seq = self._seq + 1
         stamp = dt.datetime.now(dt.UTC).strftime("%Y%m%dT%H%M%SZ")
-        head = f"requests-{stamp}-{os.getpid()}-{self._seq:04d}"
+        head = f"requests-{stamp}-{os.getpid()}-{seq:04d}"
         while True:  # a fresh name, never one another writer (same pid, same second) has
             path = self.folder / f"{head}-{_token()}.jsonl.open"
             try:
-                # unbuffered: one write per batch, and a failed write says how much got in
-                self._fh = open(path, "xb", buffering=0)  # noqa: SIM115 (kept open across batches)
+                # unbuffered: one write per batch, and a failed write says how much got in;
+                # readable too: if its name is gone its bytes are copied out through it
+                fh = open(path, "x+b", buffering=0)  # noqa: SIM115 (kept open across batches)
             except FileExistsError:
                 continue
-            break
-        self._path = path
+            self._seq = seq  # failed tries leave no gaps in the numbers
+            return fh, path
+
+    def _open(self) -> None:
+        self._fh, self._path = self._create()
+        st = os.fstat(self._fh.fileno())
+        self._ident = (st.st_dev, st.st_ino)
         self._opened_at = time.monotonic()
         self._size = 0
+        self._nrec = 0
         if self._pending:  # writes work again: close out what an earlier failure left
             self._finish_pending()
+
+    def _name_gone(self) -> bool:
+        """Whether the open file's name no longer leads to it (its folder removed, moved,
+        unmounted): what is written to it then would be lost with the file."""
+        try:
+            st = os.stat(self._path)  # type: ignore[arg-type]
+        except (FileNotFoundError, NotADirectoryError):
+            return True
+        except OSError:  # no permission to look: the file is still written through its fd
+            return False
+        return (st.st_dev, st.st_ino) != self._ident
+
+    def _copy_out(self, fh: Any, size: int) -> tuple[Any, Path]:
+        """Copy the first `size` bytes of `fh`, a file whose name is gone, into a new file.
+
+        Its bytes stay readable through the open file until it is closed.
+        """
+        new, path = self._create()
+        try:
+            src = fh.fileno()
+            off = 0
+            while off < size:
+                chunk = os.pread(src, min(size - off, 1 << 20), off)
+                if not chunk:
+                    raise OSError(errno.EIO, "the file ended early", str(path))
+                view = memoryview(chunk)
+                while view:
+                    n = new.write(view)
+                    if not n:
+                        raise OSError(errno.EIO, "write made no progress")
+                    view = view[n:]
+                off += len(chunk)
+        except OSError:
+            with contextlib.suppress(OSError):
+                new.close()
+                path.unlink()
+            raise
+        logger.warning(
+            "request log: a log file lost its name in %s (the folder was removed, moved or "
+            "unmounted); its %d bytes were copied into %s",
+            self.folder,
+            size,
+            path.name,
+        )
+        return new, path
+
+    def _recover_open_file(self) -> None:
+        """Move the open file whose name is gone into a new one and go on writing there."""
+        fh, path = self._copy_out(self._fh, self._size)
+        try:
+            st = os.fstat(fh.fileno())
+        except OSError:
+            with contextlib.suppress(OSError):
+                fh.close()
+                path.unlink()
+            raise
+        with contextlib.suppress(OSError):
+            self._fh.close()
+        self._fh, self._path, self._ident = fh, path, (st.st_dev, st.st_ino)
 
     def _note(self, exc: OSError) -> None:
         self.last_error = f"{type(exc).__name__}: {exc}"
@@ -410,11 +505,13 @@ class RequestLog:
         """Append `lines` to the current file (opening one if needed); returns how many got in.
 
         On an error the file is cut after its last whole line and closed out; the records
-        that did not get in whole are the caller's to count as errors.
+        that did not get in whole are the caller's to keep for the next try.
         """
         try:
             if self._fh is None:
                 self._open()
+            elif self._name_gone():  # one stat per batch, not per record
+                self._recover_open_file()
         except OSError as exc:
             self._note(exc)
             return 0
@@ -435,13 +532,35 @@ class RequestLog:
                 kept += len(line)
                 whole += 1
             self._size += kept
+            self._nrec += whole
             self._close_file(cut=True)
             return whole
         self._size += done
+        self._nrec += len(lines)
         return len(lines)
 
+    def _write_lines(self, lines: list[bytes]) -> int:
+        """Write `lines` in order, rotating by size; returns how many got in (a failure stops)."""
+        done = 0
+        # size rotation at record boundaries: a file ends once it reaches
+        # rotate_bytes, even mid-batch (it overshoots by at most one record)
+        while done < len(lines):
+            room = self.rotate_bytes - (self._size if self._fh is not None else 0)
+            end = done
+            used = 0
+            while end < len(lines) and (end == done or used + len(lines[end]) <= room):
+                used += len(lines[end])
+                end += 1
+            got = self._write_batch(lines[done:end])
+            done += got
+            if done < end:
+                break
+            if done < len(lines) and self._fh is not None:
+                self._close_file()
+        return done
+
     def _close_file(self, cut: bool = False) -> None:
-        """Fsync, close and rename the current file; a failed rename is retried later.
+        """Fsync the current file and rename it; a failed rename is retried later.
 
         `cut`: a write failed, so drop whatever is past the last whole line first.
         """
@@ -453,35 +572,50 @@ class RequestLog:
         try:
             if cut:
                 os.ftruncate(fh.fileno(), size)
-            if self.fsync:
+            if self.fsync and size:
                 os.fsync(fh.fileno())
         except OSError as exc:
             self._note(exc)  # the records are written; the rename below still publishes them
-        try:
-            fh.close()
-        except OSError as exc:
-            self._note(exc)
-        self._pending.append((path, size))
+        self._pending.append((path, size, fh, self._nrec))
         self._finish_pending()
 
     def _finish_pending(self) -> None:
-        """Rename closed `.jsonl.open` files to `.jsonl` (an empty one is removed)."""
+        """Rename closed `.jsonl.open` files to `.jsonl` (an empty one is removed).
+
+        A file whose name is gone (its folder removed) is copied into a new one first.
+        """
         left = []
         renamed = False
-        for path, size in self._pending:
+        for path, size, fh, nrec in self._pending:
+            final = None
             try:
-                if os.stat(path).st_size > size:  # the cut after a failed write did not happen
-                    os.truncate(path, size)
+                fd = fh.fileno()
+                if os.fstat(fd).st_size > size:  # the cut after a failed write did not happen
+                    os.ftruncate(fd, size)
                 if size == 0:
-                    path.unlink()
-                    continue
-                final = _rename_no_replace(path, path.with_suffix(""))  # drop ".open"
+                    with contextlib.suppress(FileNotFoundError, NotADirectoryError):
+                        path.unlink()
+                else:
+                    try:
+                        final = _rename_no_replace(path, path.with_suffix(""))  # drop ".open"
+                    except (FileNotFoundError, NotADirectoryError):
+                        new, new_path = self._copy_out(fh, size)
+                        with contextlib.suppress(OSError):
+                            fh.close()
+                        fh, path = new, new_path
+                        if self.fsync:
+                            with contextlib.suppress(OSError):
+                                os.fsync(fh.fileno())
+                        final = _rename_no_replace(path, path.with_suffix(""))
             except OSError as exc:
                 self._note(exc)
-                left.append((path, size))
+                left.append((path, size, fh, nrec))
                 continue
-            self.files.append(final)
-            renamed = True
+            with contextlib.suppress(OSError):
+                fh.close()
+            if final is not None:
+                self.files.append(final)
+                renamed = True
         self._pending = left
         if renamed and self.fsync and self.folder is not None:
             try:
@@ -493,38 +627,70 @@ class RequestLog:
             except OSError:
                 pass
 
+    def _give_up(self, held: int) -> int:
+        """At shutdown: records that never reached a file, or only one whose name is gone
+        and could not be copied out, are lost; returns how many were counted written."""
+        unwritten = 0
+        for path, _size, fh, nrec in self._pending:
+            if not os.path.lexists(path):
+                unwritten += nrec
+            with contextlib.suppress(OSError):
+                fh.close()  # a file still there is closed out when a shim next starts
+        self._pending = []
+        if held or unwritten:
+            logger.warning(
+                "request log: %d records could not be written to %s before shutdown (%s); "
+                "they are lost",
+                held + unwritten,
+                self.folder,
+                self.last_error or "unknown error",
+            )
+        return unwritten
+
     def _run(self) -> None:
+        held: list[bytes] = []  # serialized, not yet in a file: a failed write keeps them
         while True:
-            self._wake.wait(self.interval)
+            woken = self._wake.wait(self.interval)  # set by flush() and close()
             self._wake.clear()
             stop = self._stop
             batch = []
             q = self._q
             while q:
                 batch.append(q.popleft())
-            lines = []
+            lost = 0
             for r in batch:
                 try:
-                    lines.append(orjson.dumps(r) + b"\n")
+                    held.append(orjson.dumps(r) + b"\n")
                 except TypeError as exc:  # orjson.JSONEncodeError: counted as an error
+                    lost += 1
                     self.last_error = f"{type(exc).__name__}: {exc}"
             ok = 0
-            # size rotation at record boundaries: a file ends once it reaches
-            # rotate_bytes, even mid-batch (it overshoots by at most one record)
-            while lines:
-                room = self.rotate_bytes - (self._size if self._fh is not None else 0)
-                n = used = 0
-                while n < len(lines) and (n == 0 or used + len(lines[n]) <= room):
-                    used += len(lines[n])
-                    n += 1
-                got = self._write_batch(lines[:n])
-                ok += got
-                if got < n:
-                    # a failed write: the rest of this batch is lost with it (counted)
-                    break
-                lines = lines[n:]
-                if lines and self._fh is not None:
-                    self._close_file()
+            # after a failure, retry every retry_s, or at once for flush() and close()
+            if held and (woken or stop or time.monotonic() >= self._retry_at):
+                ok = self._write_lines(held)
+                del held[:ok]
+                if held:
+                    self._retry_at = time.monotonic() + self.retry_s
+                elif self._dropped:
+                    logger.warning(
+                        "request log: writes to %s work again; %d records were dropped meanwhile",
+                        self.folder,
+                        self._dropped,
+                    )
+                    self._dropped = 0
+            if len(held) > self.max_backlog:  # writes have failed for long: bound the memory
+                over = len(held) - self.max_backlog
+                del held[self.max_backlog :]
+                lost += over
+                if not self._dropped:
+                    logger.warning(
+                        "request log: %d records are held in memory waiting for the disk "
+                        "(%s), the most it keeps: newer ones are dropped and counted as "
+                        "write errors until writes work again",
+                        len(held),
+                        self.last_error or "writes fail",
+                    )
+                self._dropped += over
             if self._fh is not None and (
                 stop
                 or self._size >= self.rotate_bytes
@@ -533,9 +699,15 @@ class RequestLog:
                 self._close_file()
             if stop and self._pending:
                 self._finish_pending()
+            last = stop and not self._q
+            unwritten = 0
+            if last and (held or self._pending):
+                unwritten = self._give_up(len(held))
+                lost += len(held)
+                held.clear()
             with self._flushed:
-                self.written += ok
-                self.errors += len(batch) - ok
+                self.written += ok - unwritten
+                self.errors += lost + unwritten
                 self._flushed.notify_all()
-            if stop and not self._q:
+            if last:
                 return
