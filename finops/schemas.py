@@ -108,6 +108,10 @@ REQUESTS = TableSchema(
         "idempotency_key": pl.String,
         "retry_of": pl.String,  # request_id of the original when this is a retry
         "attempt": pl.Int32,
+        # upstream calls made for this request: 0 when answered without one (a cache hit,
+        # a refusal), 2+ after fallbacks (each may have cost a replica work)
+        "upstream_attempts": pl.Int32,
+        "fallback_reason": pl.String,  # why the last failed upstream attempt failed
         "truncated_tokens": pl.Int64,
         "turn_count": pl.Int32,  # user turns as the client sent them (before any cap)
         "has_tools": pl.Boolean,
@@ -127,6 +131,7 @@ REQUESTS = TableSchema(
         "output_tokens",
         "cached_input_tokens",
         "truncated_tokens",
+        "upstream_attempts",
         "prompt_tokens_est",
         "ttft_ms",
         "latency_ms",

@@ -526,6 +526,7 @@ def test_idempotency_key_is_kept_when_the_answer_came_from_a_coalesced_call(tmp_
         assert f.calls == 1
         recs = _records(h.shim, 3)
     assert [r["cache_status"] for r in recs] == ["miss", "coalesced", "hit"]
+    assert [r["upstream_attempts"] for r in recs] == [1, 0, 0]  # one upstream call in all
     assert recs[2]["retry_of"] == recs[1]["request_id"]
 
 
@@ -789,6 +790,9 @@ def test_a_stream_that_begins_with_a_server_error_event_falls_back(tmp_path, fak
         assert bad.calls == 2 and good.calls == 6 and _circuit(h, bad_url) == "open"
         recs = _records(h.shim, 6)
         assert all(x["status_code"] == 200 and x["upstream"] == good_url for x in recs)
+        # the log says what each request cost upstream, fallbacks included
+        tries = sorted((x["upstream_attempts"], x["fallback_reason"] or "") for x in recs)
+        assert tries == [(1, "")] * 4 + [(2, "stream_error")] * 2
         m = httpx.get(h.url + "/metrics").text
         assert 'reason="stream_error"' in m
         # a 4xx in band is the request's fault: passed on as sent, no fallback
@@ -859,6 +863,7 @@ def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path,
         assert r.headers["x-finops-tier"] == "small"
         (rec,) = [x for x in _records(h.shim, 4) if x["tier"] == "mid"]
         assert rec["status_code"] == 200
+        assert (rec["upstream_attempts"], rec["fallback_reason"]) == (2, "pool_full")
 
 
 @pytest.mark.parametrize("mode", ["die_mid_stream", "error_mid_stream"])

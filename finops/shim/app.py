@@ -553,9 +553,11 @@ class Shim:
         m.log_backlog.set(backlog)
         if backlog >= LOG_BACKLOG_WARN and not self._backlog_warned:
             self.logger.warning(
-                "request log: %d records waiting for the disk (%s); they are kept in memory",
+                "request log: %d records waiting for the disk (%s); they are kept in memory "
+                "up to %d, then newer ones are dropped and counted as write errors",
                 backlog,
                 self.log.last_error or "writes are slow",
+                self.log.max_backlog,
             )
         self._backlog_warned = backlog >= LOG_BACKLOG_WARN
 

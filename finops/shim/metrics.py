@@ -237,7 +237,8 @@ class ShimMetrics:
         self.log_backlog = Gauge(
             "finops_shim_log_backlog",
             "Request-log records queued in memory, not yet on disk (grows while the disk "
-            "is stuck or full: records are kept, not dropped).",
+            "is stuck or full: records are kept, up to 200,000, then newer ones are dropped "
+            "and counted in finops_shim_log_write_errors).",
             registry=r,
             multiprocess_mode="livesum",
         )

@@ -330,7 +330,6 @@ class Ctx:
         "client_request_id",
         "content_encoding",
         "failure",
-        "fallbacks",
         "feature",
         "first_byte_at",
         "include_usage",
@@ -362,7 +361,6 @@ class Ctx:
         self.stream = False
         self.include_usage = False
         self.routed = None
-        self.fallbacks = 0
         self.feature = ""
         self.input_count: int | None = None  # the cap step's count, once there is one
         self.body: dict = {}
@@ -402,6 +400,7 @@ def _start_record(rec: dict, operation: str) -> None:
     rec["source"] = "shim"
     rec["operation"] = operation
     rec["attempt"] = 1
+    rec["upstream_attempts"] = 0
 
 
 def _scan_headers(
@@ -1152,8 +1151,8 @@ class ProxyEndpoint:
                 continue
             if attempts > 0 and last is not None:
                 shim.metrics.fallbacks.labels(ctx.tier, up.tier, last.reason).inc()
-                ctx.fallbacks += 1
             attempts += 1
+            rec["upstream_attempts"] = attempts
             up.budget.record_request(now)
             up.outstanding += 1
             t_send = time.perf_counter()
@@ -1169,6 +1168,7 @@ class ProxyEndpoint:
                     shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
                     last = exc
+                    rec["fallback_reason"] = exc.reason
                     ctx.tier = up.tier
                     rec["upstream"] = up.url  # the last one tried, if none answers
                     continue
