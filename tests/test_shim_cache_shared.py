@@ -151,7 +151,9 @@ def test_a_duplicate_of_a_failed_original_on_another_worker_runs_as_its_retry(
     tmp_path, fakes, redis_server
 ):
     f, url = fakes("hang")
-    cfg = _cfg(tmp_path, url, redis_url=redis_server.url, first_byte_timeout_s=1.0)
+    cfg = _cfg(
+        tmp_path, url, redis_url=redis_server.url, first_byte_timeout_s=1.0, response_timeout_s=1.0
+    )
     hd = {"idempotency-key": "pay-2"}
     with (
         serve_in_thread(cfg) as w1,
@@ -282,7 +284,7 @@ def test_one_bad_key_does_not_switch_redis_off(tmp_path, fakes, redis_server):
 
 def test_followers_of_a_failed_leader_get_its_answer_not_their_own_call(tmp_path, fakes):
     f, url = fakes("hang")
-    cfg = _cfg(tmp_path, url, first_byte_timeout_s=1.0)
+    cfg = _cfg(tmp_path, url, first_byte_timeout_s=1.0, response_timeout_s=1.0)
     with serve_in_thread(cfg) as h, cf.ThreadPoolExecutor(6) as ex:
         t0 = time.monotonic()
         futs = []

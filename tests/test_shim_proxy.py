@@ -162,7 +162,12 @@ def test_fallback_before_first_byte(tmp_path, fakes, bad, stream):
     else:
         _, bad_url = fakes(bad)
     # two replicas of small: the bad one has fewer outstanding requests at the start, so it is tried first
-    with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"], first_byte_timeout_s=0.5) as h:
+    with _serve(
+        tmp_path,
+        [f"small={bad_url}", f"small={good_url}"],
+        first_byte_timeout_s=0.5,
+        response_timeout_s=0.5,
+    ) as h:
         r = httpx.post(
             h.base_url + "/chat/completions", json={**CHAT, "stream": stream}, timeout=10
         )
@@ -293,7 +298,10 @@ def test_client_gone_before_the_first_byte_is_not_retried_and_is_logged_499(
     hang, hang_url = fakes("hang")
     large, large_url = fakes()
     with _serve(
-        tmp_path, [f"small={hang_url}", f"large={large_url}"], first_byte_timeout_s=1.5
+        tmp_path,
+        [f"small={hang_url}", f"large={large_url}"],
+        first_byte_timeout_s=1.5,
+        response_timeout_s=1.5,
     ) as h:
         with pytest.raises(httpx.ReadTimeout):
             httpx.post(
@@ -483,7 +491,7 @@ def test_a_failed_attempt_never_overwrites_an_answer_stored_meanwhile(tmp_path, 
     raw = orjson.dumps({**CHAT, "temperature": 0.9})
     hdr = {"idempotency-key": "ord-1", "content-type": "application/json"}
     with (
-        _serve(tmp_path, [f"small={url}"], first_byte_timeout_s=1.0) as h,
+        _serve(tmp_path, [f"small={url}"], first_byte_timeout_s=1.0, response_timeout_s=1.0) as h,
         cf.ThreadPoolExecutor(1) as ex,
     ):
         first = ex.submit(
@@ -833,6 +841,34 @@ def test_token_counts_are_asked_of_a_replica_that_is_up(tmp_path, fakes):
         assert good.tokenize_calls >= 4
 
 
+def test_a_long_non_streamed_generation_is_not_a_first_byte_timeout(tmp_path, fakes):
+    """vLLM sends a non-streamed answer's head only once it is all generated: its limit
+    is [upstream] response_timeout_s, not the stream's first-byte one (a generation
+    longer than that was a 504, generated again on the next tier, and opened both
+    tiers' circuits)."""
+    slow, slow_url = fakes("slow", delay_s=0.1)  # 4 tokens: a 0.4 s generation
+    large, large_url = fakes()
+    with _serve(
+        tmp_path,
+        [f"small={slow_url}", f"large={large_url}"],
+        first_byte_timeout_s=0.3,
+        breaker_failures=1,
+    ) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+        assert r.status_code == 200 and r.headers["x-finops-tier"] == "small"
+        assert (slow.calls, large.calls) == (1, 0) and _circuit(h, slow_url) == "closed"
+    with _serve(
+        tmp_path,
+        [f"small={slow_url}", f"large={large_url}"],
+        response_timeout_s=0.2,
+        log_dir=tmp_path / "log2",
+    ) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+        assert r.headers["x-finops-tier"] == "large"  # past its own limit: a failure
+        (rec,) = _records(h.shim, 1)
+        assert rec["fallback_reason"] == "timeout"
+
+
 def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path, fakes):
     """Every connection the shim allows to a replica ([upstream] max_connections) is
     busy: the queued request waits up to the first-byte timeout for one, then falls back.
@@ -845,6 +881,7 @@ def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path,
         [f"small={url}", f"mid={good_url}"],
         max_connections=2,
         first_byte_timeout_s=0.8,
+        response_timeout_s=0.8,
         breaker_failures=1,
     ) as h:
         body = {**CHAT, "model": "small", "stream": True, "max_tokens": 40}

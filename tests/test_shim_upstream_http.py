@@ -129,7 +129,9 @@ def scripted():
 
 def _serve(tmp_path: Path, url: str, **changes):
     cfg = from_flags([f"small={url}"], log_dir=tmp_path / "log")
-    return serve_in_thread(dataclasses.replace(cfg, first_byte_timeout_s=3.0, **changes))
+    return serve_in_thread(
+        dataclasses.replace(cfg, first_byte_timeout_s=3.0, response_timeout_s=3.0, **changes)
+    )
 
 
 @pytest.mark.parametrize(

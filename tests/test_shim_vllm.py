@@ -149,7 +149,9 @@ def test_failover_across_real_vllm_servers(tmp_path, vllm_server, vllm_server_2,
             f"large={vllm_server_2.root_url}",
         ]
         cfg = dataclasses.replace(
-            from_flags(ups, log_dir=tmp_path / "log"), first_byte_timeout_s=1.0
+            from_flags(ups, log_dir=tmp_path / "log"),
+            first_byte_timeout_s=1.0,
+            response_timeout_s=1.0,
         )
         with serve_in_thread(cfg) as h:
             c = openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0, timeout=30)

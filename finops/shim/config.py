@@ -100,6 +100,10 @@ class ShimConfig:
     # upstream behaviour
     connect_timeout_s: float = 2.0
     first_byte_timeout_s: float = 60.0
+    # a non-streamed answer: vLLM sends nothing (not even its head) until it has
+    # generated all of it, so its limit is the whole generation's (the OpenAI SDK's
+    # own default is 600 s)
+    response_timeout_s: float = 600.0
     read_timeout_s: float = 120.0
     max_connections: int = 512
     retry_budget_ratio: float = 0.2
@@ -580,6 +584,7 @@ def parse_config(
     up_keys: tuple[tuple[str, type, Any, Any], ...] = (
         ("connect_timeout_s", float, 2.0, ">0"),
         ("first_byte_timeout_s", float, 60.0, ">0"),
+        ("response_timeout_s", float, 600.0, ">0"),
         ("read_timeout_s", float, 120.0, ">0"),
         ("max_connections", int, 512, 1),
         ("retry_budget_ratio", float, 0.2, ">=0"),

@@ -1009,8 +1009,11 @@ class ProxyEndpoint:
                 f"{shim.cfg.max_connections} are all busy)",
             )
         resp: Response | None = None
+        # a stream's first event comes after the prefill; a non-streamed answer comes
+        # whole, after the generation (a long one is not a failure)
+        limit = shim.cfg.first_byte_timeout_s if ctx.stream else shim.cfg.response_timeout_s
         try:
-            async with asyncio.timeout(shim.cfg.first_byte_timeout_s):
+            async with asyncio.timeout(limit):
                 resp = await pool.request(b"POST", self.path, payload, hdrs, acquired=True)
                 if resp.status >= 500 or resp.status == 429:
                     data = await resp.read()
@@ -1062,7 +1065,7 @@ class ProxyEndpoint:
                     )
                 return resp, first, it
         except TimeoutError:
-            what = "no first byte"
+            what = "no first byte" if ctx.stream else "no answer"
             if resp is not None:
                 resp.close()
                 part = "any of its stream" if ctx.stream else "its whole body"
@@ -1070,7 +1073,8 @@ class ProxyEndpoint:
             raise UpstreamFailure(
                 "timeout",
                 504,
-                f"upstream {up.url} sent {what} within {shim.cfg.first_byte_timeout_s:g} s",
+                f"upstream {up.url} sent {what} within {limit:g} s ([upstream] "
+                f"{'first_byte_timeout_s' if ctx.stream else 'response_timeout_s'})",
             ) from None
         except ConnectError as exc:
             raise UpstreamFailure(
