@@ -841,6 +841,16 @@ def test_token_counts_are_asked_of_a_replica_that_is_up(tmp_path, fakes):
         assert good.tokenize_calls >= 4
 
 
+@pytest.mark.parametrize("normalize", [True, False])
+def test_cache_whitespace_normalization_can_be_switched_off(tmp_path, fakes, normalize):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"], cache_normalize_whitespace=normalize) as h:
+        for text in ("hi", "hi\n", "  hi"):
+            body = {**CHAT, "temperature": 0, "messages": [{"role": "user", "content": text}]}
+            assert httpx.post(h.base_url + "/chat/completions", json=body).status_code == 200
+    assert f.calls == (1 if normalize else 3)
+
+
 def test_a_long_non_streamed_generation_is_not_a_first_byte_timeout(tmp_path, fakes):
     """vLLM sends a non-streamed answer's head only once it is all generated: its limit
     is [upstream] response_timeout_s, not the stream's first-byte one (a generation

@@ -419,6 +419,23 @@ def test_cache_key_normalization_and_determinism():
     assert is_deterministic({"temperature": 0, "logprobs": None})
 
 
+def test_cache_key_keeps_invalid_sampling_knobs_and_optionally_whitespace():
+    """Greedy requests drop top_p/top_k/min_p from the key only when vLLM would accept
+    them: an invalid one must miss and get vLLM's 400, not a warm cache's 200. With
+    normalize_whitespace off, message text is keyed as sent."""
+    a = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    plain = cache_key("t", "chat", a, "small")
+    for k, ok, bad in (("top_p", 0.5, 5), ("top_k", -1, -7), ("min_p", 0.1, 3), ("top_k", 5, 1.5)):
+        assert cache_key("t", "chat", {**a, k: ok}, "small") == plain, (k, ok)
+        assert cache_key("t", "chat", {**a, k: bad}, "small") != plain, (k, bad)
+    assert cache_key("t", "chat", {**a, "top_p": None}, "small") == plain
+    spaced = {**a, "messages": [{"role": "user", "content": "hi\n"}]}
+    assert cache_key("t", "chat", spaced, "small") == plain
+    assert cache_key("t", "chat", spaced, "small", whitespace=False) != cache_key(
+        "t", "chat", a, "small", whitespace=False
+    )
+
+
 def test_cache_key_keeps_every_string_but_message_text_as_sent():
     chat = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
     stops = [cache_key("t", "chat", {**chat, "stop": s}, "small") for s in ("\n", "\n\n", " ", "")]

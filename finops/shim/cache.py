@@ -114,19 +114,38 @@ def _norm_content(content: Any) -> Any:
     return content
 
 
-def normalized_request(body: dict, target: str) -> bytes:
-    """Canonical bytes of a request as the cache sees it (see module docstring)."""
+def _num(v: Any) -> bool:
+    return isinstance(v, int | float) and not isinstance(v, bool)
+
+
+# the values vLLM accepts for each sampling-only knob: an invalid one stays in the key,
+# so the request misses and vLLM answers its 400 (a warm cache answered 200 instead)
+_SAMPLING_VALID = {
+    "top_p": lambda v: _num(v) and 0 < v <= 1,
+    "top_k": lambda v: isinstance(v, int) and not isinstance(v, bool) and v >= -1,
+    "min_p": lambda v: _num(v) and 0 <= v <= 1,
+}
+
+
+def normalized_request(body: dict, target: str, whitespace: bool = True) -> bytes:
+    """Canonical bytes of a request as the cache sees it (see module docstring).
+
+    `whitespace=False` keeps chat message text exactly as sent, for chat templates that
+    put it in the prompt verbatim (`[cache] normalize_whitespace = false`).
+    """
     d = {k: v for k, v in body.items() if k not in TRANSPORT_ONLY}
     for k, default in DEFAULTS.items():
         d.setdefault(k, default)
     t = d.get("temperature")
-    if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
+    if _num(t) and t == 0:
         for k in SAMPLING_ONLY:  # greedy decoding: the same answer whatever they are
-            d.pop(k, None)
+            v = d.get(k)
+            if v is None or _SAMPLING_VALID[k](v):
+                d.pop(k, None)
     if d.get("seed") is None:
         d.pop("seed", None)
     msgs = d.get("messages")
-    if isinstance(msgs, list):
+    if whitespace and isinstance(msgs, list):
         d["messages"] = [
             {**m, "content": _norm_content(m["content"])}
             if isinstance(m, dict) and "content" in m
@@ -143,13 +162,13 @@ def normalized_request(body: dict, target: str) -> bytes:
     return orjson.dumps({k: _norm_numbers(d[k], k in ORDER_FREE) for k in sorted(d)})
 
 
-def cache_key(tenant: str, endpoint: str, body: dict, target: str) -> str:
+def cache_key(tenant: str, endpoint: str, body: dict, target: str, whitespace: bool = True) -> str:
     h = hashlib.sha256()
     h.update(tenant.encode())
     h.update(b"\x00")
     h.update(endpoint.encode())
     h.update(b"\x00")
-    h.update(normalized_request(body, target))
+    h.update(normalized_request(body, target, whitespace))
     return h.hexdigest()
 
 

@@ -89,6 +89,9 @@ class ShimConfig:
     # cache
     cache_enabled: bool = True
     cache_ttl_s: float = 300.0
+    # chat message text stripped of leading/trailing whitespace in the key: off for chat
+    # templates that put it in the prompt verbatim (then it changes the answer)
+    cache_normalize_whitespace: bool = True
     cache_max_entries: int = 10_000
     cache_max_bytes: int = 256 * 1024 * 1024
     redis_url: str | None = None
@@ -544,6 +547,7 @@ def parse_config(
         (
             "enabled",
             "ttl_s",
+            "normalize_whitespace",
             "max_entries",
             "max_bytes",
             "redis_url",
@@ -554,6 +558,7 @@ def parse_config(
         w,
     )
     kw["cache_enabled"] = _get(cache, "enabled", bool, w, True)
+    kw["cache_normalize_whitespace"] = _get(cache, "normalize_whitespace", bool, w, True)
     kw["cache_ttl_s"] = _get(cache, "ttl_s", float, w, 300.0)
     _positive(kw["cache_ttl_s"], f"{w} ttl_s")
     kw["cache_max_entries"] = _get(cache, "max_entries", int, w, 10_000)

@@ -874,7 +874,9 @@ class ProxyEndpoint:
         # the tier and the model it serves: a reload that changes a tier's model starts afresh
         t = cfg.tiers.get(tier)
         target = tier if t is None else f"{tier}\x00{t.model}"
-        key = "resp:" + cache_key(rec["tenant"], self.endpoint, body, target)
+        key = "resp:" + cache_key(
+            rec["tenant"], self.endpoint, body, target, self.shim.cfg.cache_normalize_whitespace
+        )
         hit = await shim.cache_get(key)
         if hit is not None and hit is not SKIPPED:
             shim.metrics.cache.labels("hit").inc()
