@@ -144,7 +144,7 @@ def test_model_aliases_key_may_not_name_a_tier_and_models_lists_each_name_once(t
     cfg = _cfg(_two_tiers(url, 'model_aliases = {"gpt-4o" = "auto"}'), tmp_path)
     cfg = dataclasses.replace(cfg, model_aliases={"small": "large", "gpt-4o": "auto"})
     with serve_in_thread(cfg) as h:
-        assert _model_ids(h) == ["auto", "small", "large", "gpt-4o"]
+        assert _model_ids(h) == ["auto", "small", "large", "llama-8b", "llama-70b", "gpt-4o"]
 
 
 def test_models_lists_only_usable_names_under_deny(tmp_path, upstream):
@@ -160,7 +160,11 @@ def test_models_lists_only_usable_names_under_deny(tmp_path, upstream):
     # allow (and reroute) keep listing the tiers
     cfg = _cfg(_two_tiers(url, routing + 'explicit = "allow"'), tmp_path)
     with serve_in_thread(cfg) as h:
-        assert _model_ids(h) == ["auto", "router", "small", "large", "gpt-4o"]
+        ids = _model_ids(h)
+        assert ids == ["auto", "router", "small", "large", "llama-8b", "llama-70b", "gpt-4o"]
+        for name in ids:  # every name listed is one the shim takes
+            r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": name})
+            assert r.status_code == 200, (name, r.text)
 
 
 # -- 3. cap precedence --

@@ -841,6 +841,26 @@ def test_token_counts_are_asked_of_a_replica_that_is_up(tmp_path, fakes):
         assert good.tokenize_calls >= 4
 
 
+def test_models_pass_on_vllm_max_model_len(tmp_path, fakes):
+    """vLLM-aware clients size prompts by /v1/models' max_model_len: each tier's is taken
+    from its replica's vLLM, and a routed name gets the smallest (a prompt under it fits
+    any tier)."""
+    _s, small_url = fakes(name="llama-8b", max_model_len=2048)
+    _l, large_url = fakes(name="llama-70b", max_model_len=8192)
+    cfg = from_flags(
+        [f"small={small_url}", f"large={large_url}"],
+        models=["small=llama-8b", "large=llama-70b"],
+        log_dir=tmp_path / "log",
+    )
+    with serve_in_thread(cfg) as h:
+        _wait_for(lambda: all(u.max_model_len for u in h.shim.pool.all()))
+        got = {
+            m["id"]: m.get("max_model_len")
+            for m in httpx.get(h.base_url + "/models").json()["data"]
+        }
+    assert got == {"auto": 2048, "small": 2048, "large": 8192, "llama-8b": 2048, "llama-70b": 8192}
+
+
 @pytest.mark.parametrize("normalize", [True, False])
 def test_cache_whitespace_normalization_can_be_switched_off(tmp_path, fakes, normalize):
     f, url = fakes()

@@ -509,15 +509,33 @@ class Shim:
 
     async def check_upstreams(self) -> None:
         async def probe(u: Any) -> None:
+            timeout = min(2.0, self.cfg.connect_timeout_s + 1)
             try:
-                r = await self.client.get(
-                    u.url + "/health", timeout=min(2.0, self.cfg.connect_timeout_s + 1)
-                )
+                r = await self.client.get(u.url + "/health", timeout=timeout)
                 u.reachable = r.status_code < 500
             except httpx.HTTPError:
                 u.reachable = False
+            if u.reachable and u.max_model_len is None:
+                u.max_model_len = await self._max_model_len(u, timeout)
 
         await asyncio.gather(*(probe(u) for u in self.pool.all()))
+
+    async def _max_model_len(self, u: Any, timeout: float) -> int | None:
+        """`max_model_len` of the model `u` serves, from vLLM's /v1/models (0: not given;
+        None: ask again at the next check)."""
+        headers = {"authorization": f"Bearer {u.api_key}"} if u.api_key else {}
+        try:
+            r = await self.client.get(u.url + "/v1/models", headers=headers, timeout=timeout)
+            data = r.json().get("data") if r.status_code == 200 else None
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return None
+        if not isinstance(data, list):
+            return 0
+        for m in data:
+            if isinstance(m, dict) and m.get("id") == u.model:
+                n = m.get("max_model_len")
+                return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
+        return 0
 
     async def _health_loop(self) -> None:
         while True:
@@ -719,40 +737,54 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
             )
         created = int(shim.started_at)
         c = shim.cfg
-        # the names a client may send: with explicit = "deny" the tiers answer 403, so only
-        # the aliases and the model_aliases that route are listed; each name once
+        names = shim._names
+        # each tier's context length, as its replicas' vLLM says (the smallest, if they
+        # differ); a name that routes gets the smallest over all tiers: it fits any
+        lens: dict[str, int] = {}
+        for u in shim.pool.all():
+            if u.max_model_len:
+                lens[u.tier] = min(lens.get(u.tier, u.max_model_len), u.max_model_len)
+        routed_len = min(lens.values()) if len(lens) == len(c.tiers) and lens else None
+        # every name a client may send (with explicit = "deny" the tiers answer 403, so
+        # only the names that route are listed); each name once
         data: list[dict] = []
         seen: set[str] = set()
 
         def add(name: str, info: dict) -> None:
-            if name not in seen:
-                seen.add(name)
-                data.append(
-                    {
-                        "id": name,
-                        "object": "model",
-                        "created": created,
-                        "owned_by": "finops-shim",
-                        "finops": info,
-                    }
-                )
+            target = names.get(name)
+            if name in seen or target is None or isinstance(target, HTTPError):
+                return
+            seen.add(name)
+            entry: dict[str, Any] = {
+                "id": name,
+                "object": "model",
+                "created": created,
+                "owned_by": "finops-shim",
+            }
+            n = routed_len if target == "@route" else lens.get(target)
+            if n:
+                entry["max_model_len"] = n
+            entry["finops"] = info
+            data.append(entry)
 
         for a in c.aliases:
             add(a, {"kind": "alias", "router_version": shim.router.version, "tiers": c.tier_names})
-        if c.explicit != "deny":
-            for name, t in c.tiers.items():
-                add(
-                    name,
-                    {
-                        "kind": "tier",
-                        "upstream_model": t.model,
-                        "replicas": len(t.upstreams),
-                        "explicit": c.explicit,
-                    },
-                )
+        for name, t in c.tiers.items():
+            add(
+                name,
+                {
+                    "kind": "tier",
+                    "upstream_model": t.model,
+                    "replicas": len(t.upstreams),
+                    "explicit": c.explicit,
+                },
+            )
+        for t in c.tiers.values():  # the name vLLM serves the tier's model under
+            add(t.model, {"kind": "upstream_model", "tier": t.name})
         for a, target in c.model_aliases.items():
-            if c.explicit != "deny" or target in c.aliases:
-                add(a, {"kind": "alias", "target": target})
+            add(a, {"kind": "alias", "target": target})
+        for src, target in c.reroute.items():
+            add(src, {"kind": "reroute", "target": target})
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )

@@ -58,8 +58,10 @@ class FakeUpstream:
         crlf: bool = False,
         tokenize_fails: bool = False,
         error_code: int = 500,
+        max_model_len: int = 4096,
     ) -> None:
         self.mode = mode
+        self.max_model_len = max_model_len
         self.error_code = error_code
         self.tokenize_fails = tokenize_fails
         self.tokenize_calls = 0
@@ -95,6 +97,10 @@ class FakeUpstream:
         path = scope["path"]
         if path == "/health":
             await _reply(send, 200, b"")
+            return
+        if path == "/v1/models":  # as vLLM lists its served name
+            entry = {"id": self.name, "object": "model", "max_model_len": self.max_model_len}
+            await _reply(send, 200, orjson.dumps({"object": "list", "data": [entry]}))
             return
         chunks = []
         while True:

@@ -147,7 +147,17 @@ class RetryBudget:
 class Upstream:
     """One vLLM replica of one tier."""
 
-    __slots__ = ("api_key", "breaker", "budget", "model", "outstanding", "reachable", "tier", "url")
+    __slots__ = (
+        "api_key",
+        "breaker",
+        "budget",
+        "max_model_len",
+        "model",
+        "outstanding",
+        "reachable",
+        "tier",
+        "url",
+    )
 
     def __init__(
         self, tier: str, url: str, model: str, cfg: ShimConfig, api_key: str | None
@@ -158,6 +168,9 @@ class Upstream:
         self.api_key = api_key
         self.outstanding = 0
         self.reachable: bool | None = None  # from the health checker; None = not yet known
+        # the context length vLLM's /v1/models gives for `model`, once asked (0: it did
+        # not say); /v1/models here passes it on, as vLLM-aware clients size prompts by it
+        self.max_model_len: int | None = None
         self.breaker = CircuitBreaker(cfg.breaker_failures, cfg.breaker_cooldown_s)
         self.budget = RetryBudget(
             cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window_s
