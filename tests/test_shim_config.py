@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import dataclasses
 import pickle
+import threading
 import time
 import tomllib
 from pathlib import Path
@@ -623,3 +624,55 @@ def test_sighup_after_stop_is_ignored_not_fatal(tmp_path):
         assert signal.getsignal(signal.SIGHUP) == signal.SIG_IGN
     finally:
         signal.signal(signal.SIGHUP, before)
+
+
+def _reload_under_a_waiting_request(tmp_path, big: str, small: str, headers: dict, n: int):
+    """`n` requests for tier `large` (its upstream hangs) are waiting when a reload to
+    config `small` removes it; returns (statuses and codes, the shim's /metrics)."""
+    hang = run_app_in_thread(FakeUpstream("hang"))
+    conf = tmp_path / "shim.toml"
+    conf.write_text(big.format(hang=hang.url))
+    out: list = []
+    try:
+        with serve_in_thread(load_config(conf)) as h:
+
+            def req() -> None:
+                body = {**CHAT, "model": "large"}
+                r = httpx.post(
+                    h.base_url + "/chat/completions", json=body, headers=headers, timeout=30
+                )
+                out.append((r.status_code, r.json()["error"]["code"]))
+
+            threads = [threading.Thread(target=req) for _ in range(n)]
+            for t in threads:
+                t.start()
+                time.sleep(0.3)
+            conf.write_text(small)
+            ok, msg = h.shim.reload()
+            assert ok, msg
+            for t in threads:
+                t.join(30)
+            metrics = httpx.get(h.url + "/metrics").text
+    finally:
+        hang.stop(2)
+    return sorted(out), metrics, hang
+
+
+def test_a_request_waiting_across_a_reload_that_removes_its_tier(tmp_path, upstream):
+    """A duplicate (Idempotency-Key) waiting for its original while a reload removes
+    their tier and its cap: the original times out (504), the duplicate gets the 503
+    that says so (it was a 500: the old config's cap looked the tier up in the new
+    pool). And the removed upstream's circuit, opened by the original's timeout after
+    the reload, is not reported by /metrics forever."""
+    _, url = upstream
+    small = f'[tiers.small]\nupstreams = ["{url}"]\n'
+    big = small + (
+        '[tiers.large]\nupstreams = ["{hang}"]\n'
+        "[upstream]\nresponse_timeout_s = 1.5\nbreaker_failures = 1\n"
+        '[caps]\n[[caps.rule]]\ntier = "large"\nmax_input_tokens = 1000\npolicy = "reject"\n'
+    )
+    got, metrics, hang = _reload_under_a_waiting_request(
+        tmp_path, big, small, {"idempotency-key": "k1"}, 2
+    )
+    assert got == [(503, "tier_unavailable"), (504, "upstream_timeout")]
+    assert hang.url not in metrics

@@ -750,6 +750,28 @@ def test_readyz_reports_unreachable_tiers(tmp_path, upstream):
         assert httpx.get(h.url + "/readyz").status_code == 200
 
 
+def test_readyz_is_ready_while_fallback_serves_and_not_when_nothing_does(tmp_path, upstream):
+    """A cheap tier down is served by the tier above it (ready, listed as degraded: a
+    readiness probe took every shim out over one tier); every circuit open is not
+    ready (it said ready with nothing serving)."""
+    _, url = upstream
+    dead = f"http://127.0.0.1:{free_port()}"
+    cfg = from_flags([f"small={dead}", f"large={url}"], log_dir=tmp_path / "log")
+    with serve_in_thread(cfg) as h:
+        deadline = time.monotonic() + 10
+        while httpx.get(h.url + "/readyz").status_code != 200:
+            assert time.monotonic() < deadline, httpx.get(h.url + "/readyz").text
+            time.sleep(0.05)
+        r = httpx.get(h.url + "/readyz").json()
+        assert r["degraded"] == ["small"] and r["tiers"]["small"]["served_by"] == "large"
+        for u in h.shim.pool.all():
+            u.breaker.failures_to_open = 1
+            u.breaker.failure(time.monotonic(), u.breaker.ticket())  # every circuit open
+        r = httpx.get(h.url + "/readyz")
+        assert r.status_code == 503 and r.json()["tiers"]["large"]["serving"] == []
+        assert r.json()["tiers"]["large"]["reachable"] == [url]
+
+
 def test_read_deadline_counts_only_time_spent_reading():
     """One lazy timer per stream: a slow reader times out, a slow consumer does not, and
     a cancel from elsewhere stays a cancel."""

@@ -682,18 +682,44 @@ class Shim:
         return sig
 
     def readiness(self) -> tuple[bool, dict]:
-        tiers = {}
-        ok = self.router is not None
+        """Ready when the router is loaded and every tier's requests can be served: by a
+        replica of its own or, through fallback, of a tier above it, counting replicas
+        that answer /health and whose circuit lets requests through.
+
+        A load balancer's readiness probe takes a shim out when it says no: one tier
+        down is served by the fallback (its tiers are listed in `degraded`), but every
+        replica's circuit open is not (it said ready, with nothing serving).
+        """
+        now = time.monotonic()
+        tiers: dict[str, dict] = {}
         for name, reps in self.pool.tiers.items():
-            up = [u.url for u in reps if u.reachable]
-            tiers[name] = {"reachable": up, "replicas": len(reps)}
-            ok = ok and bool(up)
+            tiers[name] = {
+                "reachable": [u.url for u in reps if u.reachable],
+                "serving": [u.url for u in reps if u.reachable and u.breaker.would_allow(now)],
+                "replicas": len(reps),
+            }
+        served_by = None
+        for name in reversed(self.pool.order):  # fallback goes up: the nearest serving tier
+            if tiers[name]["serving"]:
+                served_by = name
+            tiers[name]["served_by"] = served_by
+        ok = self.router is not None and all(t["served_by"] for t in tiers.values())
         return ok, {
             "ready": ok,
             "router_version": self.router.version if self.router else None,
             "tiers": tiers,
+            "degraded": [n for n, t in tiers.items() if t["served_by"] not in (n, None)],
             "last_reload_error": self.last_reload_error,
         }
+
+    def gauge_circuit(self, up: Any) -> None:
+        """Report `up`'s circuit, unless a reload removed it from the pool meanwhile (an
+        in-flight request to it would otherwise report it forever after the reload
+        stopped doing so)."""
+        with self._gauge_lock:
+            reps = self.pool.tiers.get(up.tier)
+            if reps is not None and any(u is up for u in reps):
+                self.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
 
 
 class ShimASGI:

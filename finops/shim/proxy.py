@@ -767,6 +767,8 @@ class ProxyEndpoint:
             # -- context caps --
             rule = applicable_cap(cfg.caps, tier, feature, tenant)
             if rule is not None:
+                if tier not in shim.pool.tiers:  # a reload removed it while this request waited
+                    raise _tier_removed(tier)
                 gate = shim.tokenize_gate
                 up = shim.pool.pick_for_tokenize(
                     tier, time.monotonic(), lambda url: not gate.allows(url)
@@ -1099,13 +1101,7 @@ class ProxyEndpoint:
         """Try replicas/tiers until one gives a first byte; then respond. Returns (meta, payload) if cacheable."""
         pool = self.shim.pool  # one pool for all attempts, even if a reload swaps it meanwhile
         if ctx.tier not in pool.tiers:
-            raise HTTPError(
-                503,
-                f"Tier `{ctx.tier}` was removed by a config reload; retry the request.",
-                "server_error",
-                "tier_unavailable",
-                "tier_unavailable",
-            )
+            raise _tier_removed(ctx.tier)
         watch = DisconnectWatch(receive)
         return await watch.run(self._attempts(ctx, pool, send, watch, store_key))
 
@@ -1171,7 +1167,7 @@ class ProxyEndpoint:
                         up.breaker.release_probe(ticket)
                     else:
                         up.breaker.failure(time.monotonic(), ticket)
-                    shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
+                    shim.gauge_circuit(up)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
                     last = exc
                     rec["fallback_reason"] = exc.reason
@@ -1198,7 +1194,7 @@ class ProxyEndpoint:
                     # whose streams all fail partway must still open its circuit; but a
                     # probe's first byte closes it (others need not wait out a generation)
                     up.breaker.probe_answered(ticket)
-                shim.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
+                shim.gauge_circuit(up)
                 ctx.tier = up.tier
                 rec["tier"] = up.tier
                 rec["upstream"] = up.url
@@ -1721,6 +1717,16 @@ def _idem_entry(
     if endpoint is not None:
         entry["endpoint"] = endpoint
     return entry
+
+
+def _tier_removed(tier: Any) -> HTTPError:
+    return HTTPError(
+        503,
+        f"Tier `{tier}` was removed by a config reload; retry the request.",
+        "server_error",
+        "tier_unavailable",
+        "tier_unavailable",
+    )
 
 
 def _server_error_event(first: bytes) -> str | None:
