@@ -657,35 +657,51 @@ def test_logged_prompts_and_client_names_are_cut_to_size(tmp_path, fakes):
     assert len(recs[0]["feature"]) == 200 and len(recs[1]["request_model"]) == 200
 
 
-def test_a_stream_cut_by_shutdown_is_not_logged_as_served(tmp_path, fakes):
-    _f, url = fakes("slow", tokens=200, delay_s=0.02)  # a 4 s stream
-    h = _serve(tmp_path, [f"small={url}"])
-    h.server.config.timeout_graceful_shutdown = 0.5
-    got = []
+def test_requests_cut_by_shutdown_end_cleanly_and_are_not_logged_as_served(tmp_path, fakes, caplog):
+    """Past [server] drain_timeout_s, a stream still going ends with an SSE error event
+    and [DONE] (it was a cut chunked body, and a traceback in the log), and a request
+    not answered yet gets a 503 to retry elsewhere; both are logged 503 shim_shutdown."""
+    _f, url = fakes("slow", tokens=200, delay_s=0.02)  # a 4 s answer
+    h = _serve(tmp_path, [f"small={url}"], drain_timeout_s=0.5)
+    got: list = []
+    plain: list = []
 
     def client() -> None:
-        with (
-            contextlib.suppress(httpx.HTTPError),
-            httpx.stream(
-                "POST",
-                h.base_url + "/chat/completions",
-                json={**CHAT, "stream": True, "max_tokens": 200},
-            ) as r,
-        ):
+        with httpx.stream(
+            "POST",
+            h.base_url + "/chat/completions",
+            json={**CHAT, "stream": True, "max_tokens": 200},
+        ) as r:
             for chunk in r.iter_raw():
                 got.append(chunk)
 
-    t = threading.Thread(target=client)
-    t.start()
+    def non_stream() -> None:
+        body = {**CHAT, "max_tokens": 200}
+        plain.append(httpx.post(h.base_url + "/chat/completions", json=body, timeout=30))
+
+    threads = [threading.Thread(target=client), threading.Thread(target=non_stream)]
+    for t in threads:
+        t.start()
     _wait_for(lambda: len(got) >= 3)
     h.stop()
-    t.join(10)
+    for t in threads:
+        t.join(10)
+    sse = b"".join(got)
+    assert sse.endswith(b"data: [DONE]\n\n"), sse[-300:]
+    err = orjson.loads(sse.split(b"data: ")[-2])["error"]
+    assert err["code"] == "shim_shutdown" and "drain_timeout_s" in err["message"]
+    (r,) = plain
+    assert r.status_code == 503 and r.json()["error"]["code"] == "shim_shutdown"
     recs = []
     for p in sorted((tmp_path / "log").glob("requests-*.jsonl")):
         recs += [orjson.loads(x) for x in p.read_bytes().splitlines()]
-    (rec,) = recs
-    assert (rec["status_code"], rec["error_type"]) == (503, "shim_shutdown")
-    assert 0 < rec["output_tokens"] < 200
+    assert sorted((x["stream"], x["status_code"], x["error_type"]) for x in recs) == [
+        (False, 503, "shim_shutdown"),
+        (True, 503, "shim_shutdown"),
+    ]
+    streamed = next(x for x in recs if x["stream"])
+    assert 0 < streamed["output_tokens"] < 200
+    assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()]
 
 
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):

@@ -125,6 +125,9 @@ class ShimConfig:
     log_prompts: bool = False
     # hot reload
     watch: bool = False
+    # SIGTERM: how long in-flight requests (a long generation) may run on before they
+    # are cut (a stream then ends with an SSE error event and [DONE])
+    drain_timeout_s: float = 30.0
     source_path: Path | None = None
     # command-line flags applied over the file (`with_overrides`): a reload re-reads the
     # file and applies these again, so `--api-key`/`--router`/`--log` survive SIGHUP
@@ -310,13 +313,15 @@ def parse_config(
     _expect(not unknown, source, f"unknown sections {sorted(unknown)}; expected {sorted(known)}")
     w = f"{source}: [server]"
     server = _table(data, "server", w)
-    _only(server, ("host", "port", "watch", "workers"), w)
+    _only(server, ("host", "port", "watch", "workers", "drain_timeout_s"), w)
     kw: dict[str, Any] = {}
     kw["host"] = _get(server, "host", str, w, "127.0.0.1")
     _expect(bool(kw["host"]), f"{w} host", "expected a non-empty address")
     kw["port"] = check_port(_get(server, "port", int, w, 8080), f"{w} port")
     kw["watch"] = _get(server, "watch", bool, w, False)
     kw["workers"] = check_workers(_get(server, "workers", int, w, 1), f"{w} workers")
+    kw["drain_timeout_s"] = _get(server, "drain_timeout_s", float, w, 30.0)
+    _positive(kw["drain_timeout_s"], f"{w} drain_timeout_s")
 
     tiers_raw = data.get("tiers")
     _expect(
@@ -745,6 +750,7 @@ RESTART_ONLY: dict[str, str] = {
     "port": "[server] port",
     "workers": "[server] workers",
     "watch": "[server] watch",
+    "drain_timeout_s": "[server] drain_timeout_s",
     "log_dir": "[log] dir",
     "redis_url": "[cache] redis_url",
     "redis_secret_env": "[cache] redis_secret_env",

@@ -576,10 +576,29 @@ class ProxyEndpoint:
         except ClientGone:
             _mark_client_gone(rec)
         except asyncio.CancelledError:
-            if rec["status_code"] is None:  # not the client (see DisconnectWatch): shutdown
-                rec["status_code"] = 503
-                rec["error_type"] = "shim_shutdown"
-            raise
+            if rec["status_code"] is not None:
+                raise
+            # not the client (see DisconnectWatch): the shim's drain ran out
+            rec["status_code"] = 503
+            rec["error_type"] = "shim_shutdown"
+            if ctx.first_byte_at is not None:
+                raise  # mid-answer: nothing clean can be added (streams end themselves)
+            # before any answer: a 503 the client can retry elsewhere, not a reset
+            # connection (and no traceback from uvicorn for it)
+            task = asyncio.current_task()
+            if task is not None:
+                task.uncancel()
+            err = HTTPError(
+                503,
+                "The finops shim is shutting down ([server] drain_timeout_s = "
+                f"{shim.cfg.drain_timeout_s:g}) before this request was answered; retry it.",
+                "server_error",
+                "shim_shutdown",
+                "shim_shutdown",
+            )
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    await _answer_http_error(ctx, err, send)
         except Exception as exc:  # a bug must still answer and log
             await _answer_internal_error(ctx, exc, self.path, send)
         finally:
@@ -1344,6 +1363,7 @@ class ProxyEndpoint:
         failure: tuple[int, str, str] | None = None  # (status, error_type, message)
         failure_sent = False
         blame_upstream = True
+        stopping = False  # the shim's drain ran out while this stream was going
         yielded = time.perf_counter()
         try:
             now = time.perf_counter()
@@ -1462,11 +1482,13 @@ class ProxyEndpoint:
             )
         except asyncio.CancelledError:
             if not watch.absorb():
-                # not the client: the shim is stopping (a drain past its grace period)
-                rec["status_code"] = 503
-                rec["error_type"] = "shim_shutdown"
-                self._stream_usage(ctx, state)
-                raise
+                # not the client: the shim is stopping (a drain past its grace period).
+                # The stream still ends cleanly (below), and the cancel is taken: uvicorn
+                # would log a traceback for each stream it cut.
+                stopping = True
+                task = asyncio.current_task()
+                if task is not None:
+                    task.uncancel()
             # A client that closes right after reading [DONE] (the openai client does)
             # got the whole answer: that is a served request, not an abort.
             if not state["delivered"]:
@@ -1492,6 +1514,21 @@ class ProxyEndpoint:
         if state["first_token"] is not None:
             rec["ttft_ms"] = (state["first_token"] - ctx.t0) * 1000
             shim.metrics.ttft.labels(up.tier).observe(state["first_token"] - ctx.t0)
+        if stopping:
+            rec["status_code"] = 503
+            rec["error_type"] = "shim_shutdown"
+            err = error_body(
+                "The finops shim is shutting down and cut this stream "
+                f"([server] drain_timeout_s = {shim.cfg.drain_timeout_s:g}); the response is "
+                "incomplete.",
+                "server_error",
+                "shim_shutdown",
+            )
+            with contextlib.suppress(Exception):
+                async with asyncio.timeout(1.0):
+                    body = (held or b"") + b"data: " + err + b"\n\n" + DONE
+                    await send({"type": "http.response.body", "body": body, "more_body": False})
+            return None
         if failure is not None:
             status, error_type, message = failure
             rec["status_code"] = status
