@@ -1,7 +1,7 @@
 """The shim application: shared state (`Shim`), hot reload, and the ASGI app factory.
 
 `create_app(cfg)` returns an ASGI callable. The hot paths
-(`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`) are
+(`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`) are
 dispatched by a dict lookup on the path before Starlette sees the request, so
 they skip its middleware stack; everything else (`/v1/models`, `/healthz`,
 `/readyz`, `/metrics`, lifespan) is a plain Starlette app.
@@ -59,6 +59,7 @@ from finops.shim.proxy import (
     error_body,
 )
 from finops.shim.requestlog import RequestLog
+from finops.shim.responses import ResponsesEndpoint
 from finops.shim.upstreams import Pool
 
 logger = logging.getLogger("finops.shim")
@@ -733,6 +734,7 @@ class ShimASGI:
             "/v1/chat/completions": ProxyEndpoint(shim, "chat"),
             "/v1/completions": ProxyEndpoint(shim, "text_completion"),
             "/v1/embeddings": EmbeddingsEndpoint(shim),
+            "/v1/responses": ResponsesEndpoint(shim),  # OpenAI's Responses API
         }
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
@@ -846,7 +848,7 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
         if exc.status_code == 404:
             msg, code = (
                 f"Unknown path `{path}`. The shim serves POST /v1/chat/completions, "
-                "/v1/completions, /v1/embeddings and GET /v1/models.",
+                "/v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.",
                 "not_found",
             )
         elif exc.status_code == 405:

@@ -1,7 +1,7 @@
 """A canned OpenAI-compatible upstream on loopback, for benchmarks and failure tests.
 
 It answers `/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`,
-`/tokenize` and `/health` in vLLM's shapes (usage included, one token per
+`/v1/responses`, `/tokenize` and `/health` in vLLM's shapes (usage included, one token per
 SSE chunk, a usage-only chunk when `stream_options.include_usage` is set)
 with almost no work of its own, so that measuring the shim against it shows
 the shim's cost. `mode` makes it misbehave on purpose:
@@ -165,6 +165,9 @@ class FakeUpstream:
                 ),
             )
             return
+        if path == "/v1/responses":
+            await self._responses(send, receive, body, model)
+            return
         chat = path == "/v1/chat/completions"
         ptoks = _count(body)
         ntok = int(body.get("max_tokens") or self.tokens)
@@ -307,6 +310,111 @@ class FakeUpstream:
         data = b"[DONE]" if obj == "[DONE]" else orjson.dumps(obj)
         return b"data: " + data + (b"\r\n\r\n" if self.crlf else b"\n\n")
 
+    async def _responses(self, send: Any, receive: Any, body: dict, model: str) -> None:
+        """/v1/responses as vLLM answers it: a `response` object, or a stream of typed
+        events (an `event:` line, then `data:`) ending with `response.completed`, which
+        carries the usage; no [DONE]. The modes apply as for chat: `die_mid_stream` drops
+        the connection after `die_after` text deltas, `error_mid_stream` sends an `error`
+        event there and ends the stream, `slow` paces the deltas by `delay_s`."""
+        ptoks = _count_responses(body)
+        ntok = int(body.get("max_output_tokens") or self.tokens)
+        ntok = min(ntok, self.tokens) if self.tokens else ntok
+        full = _response_obj(model, ptoks, ntok, "completed")
+        if not body.get("stream"):
+            if self.delay_s:
+                watcher = asyncio.create_task(_watch_disconnect(receive))
+                done, _ = await asyncio.wait([watcher], timeout=self.delay_s * ntok)
+                watcher.cancel()
+                if done:
+                    self.disconnects += 1
+                    return
+            await _reply(send, 200, orjson.dumps(full))
+            self.completed += 1
+            return
+        seq = 0
+
+        def event(obj: dict) -> bytes:
+            nonlocal seq
+            obj = {**obj, "sequence_number": seq}
+            seq += 1
+            nl = b"\r\n" if self.crlf else b"\n"
+            return b"event: " + obj["type"].encode() + nl + b"data: " + orjson.dumps(obj) + nl + nl
+
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [(b"content-type", b"text/event-stream; charset=utf-8")],
+            }
+        )
+        start = {**full, "status": "in_progress", "output": [], "usage": None}
+        item = {"id": "msg_fake", "type": "message", "role": "assistant", "status": "in_progress"}
+        head = (
+            event({"type": "response.created", "response": start})
+            + event({"type": "response.in_progress", "response": start})
+            + event({"type": "response.output_item.added", "output_index": 0, "item": item})
+            + event(
+                {
+                    "type": "response.content_part.added",
+                    "item_id": "msg_fake",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "part": {"type": "output_text", "text": "", "annotations": []},
+                }
+            )
+        )
+        await send({"type": "http.response.body", "body": head, "more_body": True})
+        watcher = asyncio.create_task(_watch_disconnect(receive))
+        try:
+            for i in range(ntok):
+                if self.mode == "die_mid_stream" and i >= self.die_after:
+                    raise ConnectionAbortedError("injected mid-stream death")
+                if self.mode == "error_mid_stream" and i >= self.die_after:
+                    err = {
+                        "type": "error",
+                        "code": str(self.error_code),
+                        "message": "injected failure",
+                        "param": None,
+                    }
+                    await send({"type": "http.response.body", "body": event(err)})
+                    return
+                if watcher.done():
+                    self.disconnects += 1
+                    return
+                delta = {
+                    "type": "response.output_text.delta",
+                    "item_id": "msg_fake",
+                    "output_index": 0,
+                    "content_index": 0,
+                    "delta": f"t{i} ",
+                    "logprobs": [],
+                }
+                await send({"type": "http.response.body", "body": event(delta), "more_body": True})
+                if self.delay_s:
+                    await asyncio.sleep(self.delay_s)
+            text = "".join(f"t{i} " for i in range(ntok))
+            done_item = full["output"][0]
+            tail = (
+                event(
+                    {
+                        "type": "response.output_text.done",
+                        "item_id": "msg_fake",
+                        "output_index": 0,
+                        "content_index": 0,
+                        "text": text,
+                    }
+                )
+                + event({"type": "response.output_item.done", "output_index": 0, "item": done_item})
+                + event({"type": "response.completed", "response": full})
+            )
+            await send({"type": "http.response.body", "body": tail, "more_body": self.linger_s > 0})
+            if self.linger_s > 0:
+                await asyncio.sleep(self.linger_s)
+                await send({"type": "http.response.body", "body": b"", "more_body": False})
+            self.completed += 1
+        finally:
+            watcher.cancel()
+
     async def _stream_tool_call(
         self, send: Any, receive: Any, body: dict, model: str, ptoks: int
     ) -> None:
@@ -369,6 +477,52 @@ def _count(body: dict) -> int:
         )
     p = body.get("prompt")
     return len(p.split()) if isinstance(p, str) else 1
+
+
+def _count_responses(body: dict) -> int:
+    """Input tokens of a /v1/responses request: words of `instructions` and `input`
+    (+4 per item, +3), as `_count` counts chat."""
+    n = 3
+    ins = body.get("instructions")
+    if isinstance(ins, str):
+        n += len(ins.split()) + 4
+    inp = body.get("input")
+    items = [inp] if isinstance(inp, str) else inp if isinstance(inp, list) else []
+    for it in items:
+        c = it.get("content", "") if isinstance(it, dict) else it
+        if isinstance(c, list):
+            c = " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
+        n += len(str(c).split()) + 4
+    return n
+
+
+def _response_obj(model: str, ptoks: int, ntok: int, status: str) -> dict:
+    """A Responses API `response` object as vLLM returns it (usage included)."""
+    text = "".join(f"t{i} " for i in range(ntok))
+    return {
+        "id": "resp_fake",
+        "object": "response",
+        "created_at": int(time.time()),
+        "model": model,
+        "status": status,
+        "incomplete_details": None,
+        "output": [
+            {
+                "id": "msg_fake",
+                "type": "message",
+                "role": "assistant",
+                "status": "completed",
+                "content": [{"type": "output_text", "text": text, "annotations": []}],
+            }
+        ],
+        "usage": {
+            "input_tokens": ptoks,
+            "input_tokens_details": {"cached_tokens": 2},
+            "output_tokens": ntok,
+            "output_tokens_details": {"reasoning_tokens": 0},
+            "total_tokens": ptoks + ntok,
+        },
+    }
 
 
 def _full(chat: bool, model: str, ptoks: int, ntok: int, tools: bool = False) -> bytes:

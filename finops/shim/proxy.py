@@ -1458,7 +1458,7 @@ class ProxyEndpoint:
                 failure = (
                     502,
                     "upstream_stream_error",
-                    f"upstream {up.url} ended the stream without [DONE]",
+                    f"upstream {up.url} ended the stream without {self.stream_end}",
                 )
             elif state["error"] is not None:
                 err = state["error"]
@@ -1526,7 +1526,7 @@ class ProxyEndpoint:
             )
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    body = (held or b"") + b"data: " + err + b"\n\n" + DONE
+                    body = (held or b"") + self._stream_error_end(state, err)
                     await send({"type": "http.response.body", "body": body, "more_body": False})
             return None
         if failure is not None:
@@ -1556,7 +1556,7 @@ class ProxyEndpoint:
                 }
             )
             # a finish chunk held for the usage chunk goes first, as it came
-            body = (held or b"") + b"data: " + err + b"\n\n" + DONE
+            body = (held or b"") + self._stream_error_end(state, err)
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             return None
@@ -1584,6 +1584,17 @@ class ProxyEndpoint:
             # followers (streaming or not) read
             return {**meta, "sse": True}, b"".join(sent)
         return None
+
+    # Hooks for another stream format (the Responses API, finops.shim.responses): what
+    # ends a complete stream, for the failure message (`_inspect_event` sets
+    # state["done"] when it sees it), and how the shim ends a stream it must cut. Both are
+    # used on failure paths only: a chat or completions stream pays nothing for them.
+    stream_end = "[DONE]"
+
+    def _stream_error_end(self, state: dict, err: bytes) -> bytes:
+        """The bytes that end a stream the shim cuts: `err` (an `error_body`) as an SSE
+        event, then [DONE]."""
+        return b"data: " + err + b"\n\n" + DONE
 
     def _stream_usage(self, ctx: Ctx, state: dict) -> None:
         """Tokens of a stream into the record: the upstream's usage, else what was streamed."""

@@ -1,0 +1,316 @@
+"""/v1/responses (OpenAI's Responses API) through the shim.
+
+Against loopback fake upstreams (`finops.shim.fakeupstream`, answering /v1/responses
+in vLLM's shape) for failures, routing and the record; and, marked `vllm`/`slow` like
+tests/test_shim_vllm.py, the official openai client's `responses.create` against the
+shim in front of a real vLLM server, compared with calling vLLM directly.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from finops.lake import Lake
+from finops.shim import from_flags, serve_in_thread
+from finops.shim.config import hash_key
+from finops.shim.testing import wait_for_records as _records
+
+BODY = {"model": "small", "input": "hello there", "max_output_tokens": 4}
+
+
+def _serve(tmp_path: Path, upstreams: list[str], **changes):
+    cfg = from_flags(upstreams, log_dir=tmp_path / "log")
+    cfg = dataclasses.replace(cfg, **changes)
+    return serve_in_thread(cfg)
+
+
+def _events(content: bytes) -> list[tuple[str | None, dict]]:
+    """(event name, data) of each SSE event in a Responses stream."""
+    out = []
+    for raw in content.split(b"\n\n"):
+        if not raw.strip():
+            continue
+        name = None
+        data = None
+        for line in raw.split(b"\n"):
+            if line.startswith(b"event:"):
+                name = line[6:].strip().decode()
+            elif line.startswith(b"data:"):
+                data = orjson.loads(line[5:].strip())
+        out.append((name, data))
+    return out
+
+
+def test_non_stream_answer_usage_and_record(tmp_path, fakes):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}", f"large={url}"]) as h:
+        r = httpx.post(
+            h.base_url + "/responses",
+            json=BODY,
+            headers={"X-Feature": "agent", "X-Request-Id": "c1"},
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-finops-tier"] == "small" and r.headers["x-finops-cache"] == "bypass"
+        obj = r.json()
+        assert obj["object"] == "response" and obj["output"][0]["content"][0]["text"]
+        sent = f.bodies[-1]
+        assert sent["model"] == "small" and "stream_options" not in sent
+        assert sent["input"] == "hello there"
+        assert f.headers[-1]["x-request-id"] == "c1"
+        recs = _records(h.shim, 1)
+    (rec,) = recs
+    assert rec["operation"] == "responses" and rec["status_code"] == 200
+    assert rec["tier"] == "small" and rec["upstream"] == url and rec["stream"] is False
+    assert rec["feature"] == "agent" and rec["cache_status"] == "bypass"
+    assert rec["input_tokens"] == obj["usage"]["input_tokens"] > 0
+    assert rec["output_tokens"] == obj["usage"]["output_tokens"] == 4
+    assert rec["cached_input_tokens"] == 2  # usage.input_tokens_details.cached_tokens
+    assert rec["ttft_ms"] > 0 and rec["latency_ms"] >= rec["ttft_ms"]
+    assert rec["finish_reason"] == "completed" and rec["response_model"] == "small"
+    assert rec["router_version"] is None and rec["turn_count"] == 1
+    res = Lake(tmp_path / "lake").append("requests", recs, source="shim")
+    assert (res.loaded, res.rejected) == (1, 0)
+
+
+def test_stream_is_forwarded_verbatim_and_ends_at_its_terminal_event(tmp_path, fakes, caplog):
+    """A Responses stream has no [DONE]: the shim passes the events on as sent (event:
+    lines included), injects nothing upstream, takes the usage from response.completed and
+    ends the client's response there, without waiting for the upstream's body end."""
+    f, url = fakes(linger_s=0.8)
+    caplog.set_level(logging.INFO, logger="finops.shim")
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**BODY, "stream": True}
+        direct = httpx.post(url + "/v1/responses", json=body).content
+        t0 = time.perf_counter()
+        r = httpx.post(h.base_url + "/responses", json=body, timeout=10)
+        took = time.perf_counter() - t0
+        assert r.status_code == 200
+        assert r.headers["content-type"].startswith("text/event-stream")
+        assert took < 0.6, f"the client waited {took:.2f} s for the upstream's end"
+        assert b"[DONE]" not in r.content
+        assert "stream_options" not in f.bodies[-1]
+
+        def strip_time(b: bytes) -> bytes:  # created_at differs between the two calls
+            return b"".join(
+                (ln.split(b'"created_at":')[0] + ln.split(b'"created_at":')[1].split(b",", 1)[1])
+                if b'"created_at":' in ln
+                else ln
+                for ln in b.splitlines(keepends=True)
+            )
+
+        assert strip_time(r.content) == strip_time(direct)  # byte for byte, as vLLM sent it
+        evs = _events(r.content)
+        assert all(name == data["type"] for name, data in evs)
+        assert evs[-1][0] == "response.completed"
+        usage = evs[-1][1]["response"]["usage"]
+        (rec,) = _records(h.shim, 2)[-1:]  # the direct call made no record
+    assert rec["operation"] == "responses" and rec["stream"] is True
+    assert rec["status_code"] == 200 and rec["error_type"] is None
+    assert rec["input_tokens"] == usage["input_tokens"] and rec["output_tokens"] == 4
+    assert rec["cached_input_tokens"] == 2 and rec["ttft_ms"] > 0
+    assert "without" not in caplog.text  # never "ended the stream without [DONE]"
+
+
+def test_auto_is_routed_on_instructions_and_input(tmp_path, fakes):
+    """The rules router sees the text of `instructions` and of `input` items' content
+    parts: code in an input_text part takes the request to mid (code_min_tier), a plain
+    greeting stays on small; tools go to mid too. The records carry the routing fields."""
+    f, url = fakes()
+    ups = [f"small={url}", f"mid={url}", f"large={url}"]
+    with _serve(tmp_path, ups) as h:
+        plain = {"model": "auto", "instructions": "Be brief.", "input": "hello"}
+        code = {
+            "model": "auto",
+            "input": [
+                {"role": "user", "content": [{"type": "input_text", "text": "fix: def f(x): ..."}]},
+                {"type": "message", "role": "assistant", "content": "ok"},
+                {"role": "user", "content": "and now?"},
+            ],
+        }
+        tools = {
+            "model": "auto",
+            "input": "weather?",
+            "tools": [{"type": "function", "name": "get_weather", "parameters": {}}],
+        }
+        tiers = []
+        for b in (plain, code, tools):
+            r = httpx.post(h.base_url + "/responses", json=b)
+            assert r.status_code == 200, r.text
+            tiers.append(r.headers["x-finops-tier"])
+        assert tiers == ["small", "mid", "mid"]
+        assert [b["model"] for b in f.bodies] == ["small", "mid", "mid"]
+        recs = _records(h.shim, 3)
+    for rec, tier in zip(recs, tiers, strict=True):
+        assert rec["router_version"] == "rules-v1" and rec["route_propensity"] == 1.0
+        assert rec["routed_tier"] == tier == rec["tier"] and rec["router_score"] is not None
+        assert rec["request_model"] == "auto" and rec["prompt_tokens_est"] > 0
+    assert [r["turn_count"] for r in recs] == [1, 2, 1]
+    assert [r["has_tools"] for r in recs] == [False, False, True]
+
+
+def test_stream_falls_back_before_the_first_byte(tmp_path, fakes):
+    bad, bad_url = fakes("error500")
+    good, good_url = fakes()
+    # the 500 replica is tried first (equally loaded replicas take turns from the first)
+    with _serve(tmp_path, [f"small={bad_url}", f"small={good_url}"]) as h:
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "stream": True}, timeout=10)
+        assert r.status_code == 200
+        evs = _events(r.content)
+        assert evs[-1][0] == "response.completed" and all(n != "error" for n, _ in evs)
+        assert bad.calls == 1 and good.calls == 1
+        (rec,) = _records(h.shim, 1)
+    assert rec["upstream"] == good_url and rec["status_code"] == 200
+    assert rec["upstream_attempts"] == 2 and rec["fallback_reason"] == "http_5xx"
+    assert rec["output_tokens"] == 4
+
+
+def test_client_disconnect_mid_stream_cancels_the_upstream(tmp_path, fakes):
+    f, url = fakes("slow", tokens=200, delay_s=0.02)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        with httpx.stream(
+            "POST",
+            h.base_url + "/responses",
+            json={**BODY, "stream": True, "max_output_tokens": 200},
+        ) as r:
+            deltas = 0
+            for line in r.iter_lines():
+                if line == "event: response.output_text.delta":
+                    deltas += 1
+                    if deltas >= 3:
+                        break
+        deadline = time.monotonic() + 5
+        while f.disconnects == 0 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert f.disconnects == 1, "the upstream request must be cancelled"
+        assert f.completed == 0
+        (rec,) = _records(h.shim, 1)
+    assert rec["status_code"] == 499 and rec["error_type"] == "client_disconnected"
+    assert 3 <= rec["output_tokens"] < 200  # the deltas streamed so far
+    assert rec["input_tokens"] > 0  # vLLM gave no usage: the estimate
+
+
+@pytest.mark.parametrize("mode", ["die_mid_stream", "error_mid_stream"])
+def test_a_stream_failing_partway_ends_with_a_responses_error_event(tmp_path, fakes, mode):
+    """The upstream dies after 2 deltas: the client's stream ends with the shim's `error`
+    event (the Responses shape, no [DONE]); an `error` event the upstream sent itself is
+    passed on as sent, with no second one from the shim. Both are logged as 502s."""
+    _f, url = fakes(mode, die_after=2)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "stream": True}, timeout=10)
+        assert r.status_code == 200  # the stream had begun
+        assert b"[DONE]" not in r.content
+        evs = _events(r.content)
+        name, err = evs[-1]
+        assert name == "error" and err["type"] == "error"
+        assert sum(n == "error" for n, _ in evs) == 1
+        assert err["sequence_number"] == evs[-2][1]["sequence_number"] + 1
+        if mode == "die_mid_stream":
+            assert err["code"] == "upstream_stream_error"
+            assert "incomplete" in err["message"]
+        else:
+            assert err["message"] == "injected failure"  # vLLM's own, as sent
+        assert [n for n, _ in evs].count("response.output_text.delta") == 2
+        (rec,) = _records(h.shim, 1)
+    assert (rec["status_code"], rec["error_type"]) == (502, "upstream_stream_error")
+    assert rec["output_tokens"] == 2 and rec["input_tokens"] > 0
+
+
+def test_refusals_unknown_model_auth_and_method(tmp_path, fakes):
+    f, url = fakes()
+    cfg = from_flags([f"small={url}"], api_keys=["sekret=acme"], log_dir=tmp_path / "log")
+    auth = {"authorization": "Bearer sekret"}
+    with serve_in_thread(cfg) as h:
+        r = httpx.post(h.base_url + "/responses", json=BODY)
+        assert r.status_code == 401 and r.json()["error"]["code"] == "invalid_api_key"
+        r = httpx.post(h.base_url + "/responses", json=BODY, headers={"authorization": "Bearer x"})
+        assert r.status_code == 401
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "model": "gpt-9"}, headers=auth)
+        assert r.status_code == 404
+        assert r.json()["error"]["code"] == "model_not_found"
+        assert r.json()["error"]["param"] == "model"
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "stream": "yes"}, headers=auth)
+        assert r.status_code == 400 and r.json()["error"]["param"] == "stream"
+        r = httpx.get(h.base_url + "/responses", headers=auth)
+        assert r.status_code == 405 and r.headers["allow"] == "POST"
+        r = httpx.post(h.base_url + "/responses", json=BODY, headers=auth)
+        assert r.status_code == 200
+        recs = _records(h.shim, 6)
+    assert f.calls == 1
+    assert [r["status_code"] for r in recs] == [401, 401, 404, 400, 405, 200]
+    assert all(r["operation"] == "responses" for r in recs)
+    assert recs[2]["tenant"] == "acme" and recs[2]["error_type"] == "model_not_found"
+    assert recs[5]["tenant"] == "acme"
+    assert cfg.api_keys == {hash_key("sekret"): "acme"}
+
+
+def test_explicit_policy_applies(tmp_path, fakes):
+    _f, url = fakes()
+    with _serve(tmp_path, [f"small={url}", f"large={url}"], explicit="deny") as h:
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "model": "large"})
+        assert r.status_code == 403, r.text
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "model": "auto"})
+        assert r.status_code == 200
+        recs = _records(h.shim, 2)
+    assert [r["status_code"] for r in recs] == [403, 200]
+
+
+# --------------------------------------------------------------------------- real vLLM
+
+MSG = "Say something about GPUs."
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_openai_responses_create_against_vllm(tmp_path, vllm_server):
+    """The official client's responses.create, sync and streaming, through the shim in
+    front of real vLLM: the same text and usage as vLLM answers directly (greedy), and
+    the records carry that usage."""
+    url = vllm_server.root_url
+    cfg = from_flags([f"small={url}", f"mid={url}", f"large={url}"], log_dir=tmp_path / "log")
+    kw = {
+        "input": [{"role": "user", "content": [{"type": "input_text", "text": MSG}]}],
+        "instructions": "Be brief.",
+        "max_output_tokens": 6,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},  # the tiny random model may sample EOS
+    }
+    direct_c = openai.OpenAI(base_url=url + "/v1", api_key="x", max_retries=0)
+    direct = direct_c.responses.create(model="small", **kw)
+    with serve_in_thread(cfg) as h:
+        c = openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0)
+        raw = c.responses.with_raw_response.create(model="auto", **kw)
+        assert raw.headers["x-finops-tier"] == "small"
+        r = raw.parse()
+        assert r.output_text and r.output_text == direct.output_text
+        assert r.usage.input_tokens == direct.usage.input_tokens
+        assert r.usage.output_tokens == direct.usage.output_tokens == 6
+        events = list(c.responses.create(model="large", stream=True, **kw))
+        streamed = "".join(e.delta for e in events if e.type == "response.output_text.delta")
+        assert events[-1].type == "response.completed"
+        assert streamed == direct.output_text
+        su = events[-1].response.usage
+        recs = _records(h.shim, 2)
+    sync_rec, stream_rec = recs
+    assert sync_rec["operation"] == stream_rec["operation"] == "responses"
+    assert sync_rec["status_code"] == stream_rec["status_code"] == 200
+    assert sync_rec["router_version"] == "rules-v1" and sync_rec["tier"] == "small"
+    assert (sync_rec["input_tokens"], sync_rec["output_tokens"]) == (
+        r.usage.input_tokens,
+        r.usage.output_tokens,
+    )
+    assert sync_rec["cached_input_tokens"] == r.usage.input_tokens_details.cached_tokens
+    assert stream_rec["tier"] == "large" and stream_rec["stream"] is True
+    assert (stream_rec["input_tokens"], stream_rec["output_tokens"]) == (
+        su.input_tokens,
+        su.output_tokens,
+    )
+    assert stream_rec["ttft_ms"] > 0 and stream_rec["finish_reason"] == "max_output_tokens"
+    assert stream_rec["error_type"] is None
