@@ -47,6 +47,7 @@ if TYPE_CHECKING:
     from collections.abc import Coroutine, Iterable
 
     from finops.shim.app import Shim
+    from finops.shim.policy import Router
 
 JSON_CT = (b"content-type", b"application/json")
 CONNECTION_CLOSE = (b"connection", b"close")
@@ -613,21 +614,7 @@ class ProxyEndpoint:
         rec = ctx.rec
         ctx.feature = feature
         tenant = rec["tenant"]
-        body = _parse_json_body(raw)
-        if not isinstance(body, dict):
-            raise HTTPError(
-                400, "Request body must be a JSON object.", "invalid_request_error", "invalid_json"
-            )
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise HTTPError(
-                400,
-                "`model` is required (a tier name or the routing alias).",
-                "invalid_request_error",
-                "missing_model",
-                param="model",
-            )
-        rec["request_model"] = model[:NAME_LOG_CHARS]
+        body, model = _body_and_model(raw, rec)
         if self.operation == "chat":
             msgs = body.get("messages")
             if not isinstance(msgs, list) or not msgs:
@@ -651,20 +638,7 @@ class ProxyEndpoint:
             )
         rec["has_tools"] = bool(body.get("tools") or body.get("functions"))
         rec["prompt_tokens_est"] = estimate_prompt_tokens(body)
-        stream = body.get("stream")
-        if stream is None:
-            stream = False
-        elif not isinstance(stream, bool):
-            # vLLM would read "yes" or 1 as true and stream to a shim that expects JSON
-            raise HTTPError(
-                400,
-                f"`stream` must be true or false, not {orjson.dumps(stream).decode()[:40]}.",
-                "invalid_request_error",
-                "invalid_stream",
-                param="stream",
-            )
-        ctx.stream = stream
-        rec["stream"] = stream
+        stream = ctx.stream = rec["stream"] = _stream_flag(body)
         so = body.get("stream_options")
         if so and not stream:
             # vLLM refuses this too; checked here so a cache hit cannot answer it 200
@@ -682,17 +656,7 @@ class ProxyEndpoint:
 
         # -- resolve the target tier --
         router = shim.router
-        tier = shim.resolve_model(model)
-        if tier is None:
-            raise HTTPError(
-                404,
-                f"The model `{model}` does not exist here; use `{cfg.alias}` or one of {list(cfg.tiers)}.",
-                "invalid_request_error",
-                "model_not_found",
-                param="model",
-            )
-        if isinstance(tier, HTTPError):
-            raise tier
+        tier = _resolve(shim, model)
         # -- idempotency --
         idem_id = None
         claimed = False  # this request holds the key's claim in the shared store
@@ -768,19 +732,7 @@ class ProxyEndpoint:
         result = None
         try:
             if tier == "@route":
-                routed = router.route(body, feature, tenant)
-                ctx.routed = routed
-                tier = routed.tier
-                rec["router_version"] = routed.version  # set for routed requests only
-                rec["router_score"] = routed.score
-                rec["route_propensity"] = routed.propensity
-                rec["routed_tier"] = tier
-                m = shim.metrics
-                m.router_decisions.labels(
-                    tier, routed.version, "yes" if routed.explored else "no"
-                ).inc()
-                if routed.score is not None:
-                    m.router_score.labels(routed.version).observe(routed.score)
+                tier = _route(ctx, router, body, feature)
             ctx.tier = tier
 
             # -- context caps --
@@ -1765,6 +1717,78 @@ def _idem_entry(
     if endpoint is not None:
         entry["endpoint"] = endpoint
     return entry
+
+
+def _body_and_model(raw: bytes, rec: dict) -> tuple[dict, str]:
+    """The request body (a JSON object) and its `model`, recorded; 400 otherwise."""
+    body = _parse_json_body(raw)
+    if not isinstance(body, dict):
+        raise HTTPError(
+            400, "Request body must be a JSON object.", "invalid_request_error", "invalid_json"
+        )
+    model = body.get("model")
+    if not isinstance(model, str) or not model:
+        raise HTTPError(
+            400,
+            "`model` is required (a tier name or the routing alias).",
+            "invalid_request_error",
+            "missing_model",
+            param="model",
+        )
+    rec["request_model"] = model[:NAME_LOG_CHARS]
+    return body, model
+
+
+def _stream_flag(body: dict) -> bool:
+    """`stream`, which must be a boolean: vLLM would read "yes" or 1 as true and stream
+    to a shim that expects JSON."""
+    stream = body.get("stream")
+    if stream is None:
+        return False
+    if not isinstance(stream, bool):
+        raise HTTPError(
+            400,
+            f"`stream` must be true or false, not {orjson.dumps(stream).decode()[:40]}.",
+            "invalid_request_error",
+            "invalid_stream",
+            param="stream",
+        )
+    return stream
+
+
+def _resolve(shim: Shim, model: str) -> Any:
+    """The tier or "@route" a `model` name resolves to; 404 for an unknown name, the
+    explicit policy's error (403) for a denied one."""
+    tier = shim.resolve_model(model)
+    if tier is None:
+        cfg = shim.cfg
+        raise HTTPError(
+            404,
+            f"The model `{model}` does not exist here; use `{cfg.alias}` or one of {list(cfg.tiers)}.",
+            "invalid_request_error",
+            "model_not_found",
+            param="model",
+        )
+    if isinstance(tier, HTTPError):
+        raise tier
+    return tier
+
+
+def _route(ctx: Ctx, router: Router, body: dict, feature: str) -> str:
+    """Classify a request for the routing alias: its tier, with the decision in the
+    record (routed requests only) and the metrics."""
+    rec = ctx.rec
+    routed = ctx.routed = router.route(body, feature, rec["tenant"])
+    tier = routed.tier
+    rec["router_version"] = routed.version
+    rec["router_score"] = routed.score
+    rec["route_propensity"] = routed.propensity
+    rec["routed_tier"] = tier
+    m = ctx.shim.metrics
+    m.router_decisions.labels(tier, routed.version, "yes" if routed.explored else "no").inc()
+    if routed.score is not None:
+        m.router_score.labels(routed.version).observe(routed.score)
+    return tier
 
 
 def _tier_removed(tier: Any) -> HTTPError:

@@ -33,13 +33,14 @@ import orjson
 from finops.router.features import estimate_prompt_tokens
 from finops.shim.caps import estimate_body_tokens
 from finops.shim.proxy import (
-    NAME_LOG_CHARS,
     Ctx,
-    HTTPError,
     ProxyEndpoint,
+    _body_and_model,
     _fingerprint_prompt,
-    _parse_json_body,
     _prompt_text,
+    _resolve,
+    _route,
+    _stream_flag,
 )
 from finops.shim.upstreams import Upstream
 
@@ -123,34 +124,8 @@ class ResponsesEndpoint(ProxyEndpoint):
         cfg = shim.cfg
         rec = ctx.rec
         ctx.feature = feature
-        body = _parse_json_body(raw)
-        if not isinstance(body, dict):
-            raise HTTPError(
-                400, "Request body must be a JSON object.", "invalid_request_error", "invalid_json"
-            )
-        model = body.get("model")
-        if not isinstance(model, str) or not model:
-            raise HTTPError(
-                400,
-                "`model` is required (a tier name or the routing alias).",
-                "invalid_request_error",
-                "missing_model",
-                param="model",
-            )
-        rec["request_model"] = model[:NAME_LOG_CHARS]
-        stream = body.get("stream")
-        if stream is None:
-            stream = False
-        elif not isinstance(stream, bool):
-            raise HTTPError(
-                400,
-                f"`stream` must be true or false, not {orjson.dumps(stream).decode()[:40]}.",
-                "invalid_request_error",
-                "invalid_stream",
-                param="stream",
-            )
-        ctx.stream = stream
-        rec["stream"] = stream
+        body, model = _body_and_model(raw, rec)
+        ctx.stream = rec["stream"] = _stream_flag(body)
         # the client's stream carries its own usage (in its terminal event): the shim
         # asks for nothing more and strips nothing
         ctx.include_usage = True
@@ -164,32 +139,9 @@ class ResponsesEndpoint(ProxyEndpoint):
         # the input tokens a record reports when vLLM gave no usage (a client that left)
         ctx.input_count = estimate_body_tokens(chat)
 
-        tier = shim.resolve_model(model)
-        if tier is None:
-            raise HTTPError(
-                404,
-                f"The model `{model}` does not exist here; use `{cfg.alias}` or one of {list(cfg.tiers)}.",
-                "invalid_request_error",
-                "model_not_found",
-                param="model",
-            )
-        if isinstance(tier, HTTPError):
-            raise tier
+        tier = _resolve(shim, model)
         if tier == "@route":
-            # as chat routes (ProxyEndpoint._handle), on the chat-shaped view
-            routed = shim.router.route(chat, feature, rec["tenant"])
-            ctx.routed = routed
-            tier = routed.tier
-            rec["router_version"] = routed.version
-            rec["router_score"] = routed.score
-            rec["route_propensity"] = routed.propensity
-            rec["routed_tier"] = tier
-            m = shim.metrics
-            m.router_decisions.labels(
-                tier, routed.version, "yes" if routed.explored else "no"
-            ).inc()
-            if routed.score is not None:
-                m.router_score.labels(routed.version).observe(routed.score)
+            tier = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
         ctx.tier = tier
         ctx.body = body
         rec["cache_status"] = "bypass"
