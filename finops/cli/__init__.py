@@ -7,6 +7,18 @@ command functions so `finops --help` stays fast.
 
 from __future__ import annotations
 
+import sys
+
+if sys.argv[1:3] == ["shim", "serve"]:
+    # SIGHUP (a reload) kills a process until it is ignored; the shim takes it once
+    # serving. Ignored here, before typer and every command module are imported.
+    import contextlib
+    import signal
+
+    # AttributeError: no SIGHUP (Windows); ValueError: imported off the main thread
+    with contextlib.suppress(AttributeError, ValueError):
+        signal.signal(signal.SIGHUP, signal.SIG_IGN)
+
 import importlib
 import pkgutil
 

@@ -160,30 +160,29 @@ def serve(
             bold=True,
             err=True,
         )
-    typer.echo(
-        f"finops shim on http://{cfg.host}:{cfg.port}/v1  tiers: "
-        + ", ".join(f"{n}->{list(t.upstreams)}" for n, t in cfg.tiers.items())
-        + f"  alias: {cfg.alias}  router: {cfg.router_path or 'rules-v1'}  log: {cfg.log_dir or 'off'}"
-        + f"  workers: {cfg.workers}",
-        err=True,
-    )
-    if cfg.workers > 1:
-        from finops.shim.workers import serve_workers
+    from finops.shim.workers import bind_socket, host_port, serve_workers
 
-        try:
-            status = serve_workers(cfg, cfg.workers, log_level=log_level)
-        except OSError as exc:
-            fail(str(exc))
-        raise typer.Exit(status)
-    from finops.shim.workers import bind_socket
-
-    # bound here, as for --workers: a taken port or an unknown host is an error naming
-    # them and a non-zero status (uvicorn printed the bare errno text and exited 0)
+    # bound before the banner, for one process as for --workers: a taken port or an
+    # unknown host is one line naming them and a non-zero status (uvicorn printed the
+    # bare errno text and exited 0), never after a banner saying the shim is on
     try:
         sock = bind_socket(cfg.host, cfg.port)
     except OSError as exc:
-        fail(str(exc))
+        fail(exc.strerror or str(exc))
     with sock:
+        typer.echo(
+            f"finops shim on http://{host_port(cfg.host, sock.getsockname()[1])}/v1  tiers: "
+            + ", ".join(f"{n}->{list(t.upstreams)}" for n, t in cfg.tiers.items())
+            + f"  alias: {cfg.alias}  router: {cfg.router_path or 'rules-v1'}"
+            + f"  log: {cfg.log_dir or 'off'}  workers: {cfg.workers}",
+            err=True,
+        )
+        if cfg.workers > 1:
+            try:
+                status = serve_workers(cfg, cfg.workers, log_level=log_level, sock=sock)
+            except OSError as exc:  # its temporary folders
+                fail(str(exc))
+            raise typer.Exit(status)
         _serve(cfg, log_level=log_level, sockets=[sock])
 
 

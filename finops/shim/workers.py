@@ -14,9 +14,12 @@ cores serves more by running more processes, as gunicorn and uvicorn do with
   unless `[cache] redis_url` is set, which shares the cache and the idempotency
   records (the supervisor says so at start); breakers and retry budgets are per
   worker;
-- SIGHUP reloads every worker; SIGTERM or SIGINT drains them (in-flight requests
-  finish, logs are fsynced); a worker that dies is restarted (the request-log file it
-  left open is closed out; at start, so are those of processes no longer running);
+- SIGHUP reloads every worker (one still starting is sent it once it serves: until
+  then SIGHUP would kill it); SIGTERM or SIGINT drains them (in-flight requests
+  finish, logs are fsynced; the supervisor closes its copy of the socket first, so a new
+  connection is refused at once, as by one process, and a load balancer retries
+  elsewhere); a worker that dies is restarted (the request-log file it left open is
+  closed out; at start, so are those of processes no longer running);
 - the supervisor keeps a verified copy of the config and router artifact the workers
   serve (checked at start, again at each SIGHUP and, with `[server] watch`, when the
   files change): a worker restarted while the files are bad (a tampered manifest, a
@@ -56,6 +59,8 @@ BACKOFF_MAX_S = 60.0
 WATCH_POLL_S = 2.0  # with [server] watch: how often the supervisor looks for changed files
 EXIT_CANNOT_START = 3  # a worker's exit status when it can load neither the files nor the copy
 KEEP_COPIES = 2  # verified artifact copies kept (the current one and the one before)
+# blocked from a worker's exec until _worker ignores them (their default action kills it)
+_START_BLOCKED = {signal.SIGHUP, signal.SIGINT}
 
 
 @dataclass(frozen=True)
@@ -71,8 +76,14 @@ class LastGood:
     version: str
 
 
+def host_port(host: str, port: int) -> str:
+    """host:port as in a URL (an IPv6 address in brackets)."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
 def bind_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
-    """The listening socket all workers share."""
+    """The listening socket all workers share. Refused: an OSError whose strerror says
+    which address, and why."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
     sock = socket.socket(family, socket.SOCK_STREAM)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -80,7 +91,8 @@ def bind_socket(host: str, port: int, backlog: int = 4096) -> socket.socket:
         sock.bind((host, port))
     except OSError as exc:
         sock.close()
-        raise OSError(exc.errno, f"cannot listen on {host}:{port}: {exc.strerror}") from None
+        where = host_port(host, port)
+        raise OSError(exc.errno, f"cannot listen on {where}: {exc.strerror}") from None
     sock.listen(backlog)
     sock.set_inheritable(True)
     return sock
@@ -153,11 +165,18 @@ def _worker(
     ready: Any = None,
 ) -> None:
     """One worker process: the ordinary shim app under uvicorn, on the shared socket."""
+    # SIGHUP and SIGINT were blocked from the exec (see Supervisor._spawn): ignored now,
+    # a pending one is dropped. SIGHUP: the app takes it once serving, and the supervisor
+    # sends a reload asked for meanwhile then. SIGINT (Ctrl-C reaches the whole process
+    # group): uvicorn drains on it once serving, as on SIGTERM, and re-raises it under
+    # this action, so the worker exits 0 without a KeyboardInterrupt traceback; the
+    # supervisor drains a worker still starting with SIGTERM.
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_BLOCKED)
     from finops.shim.app import create_app
     from finops.shim.server import configure_logging, serve
 
-    # a reload forwarded before the app installs its handler must not kill the worker
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
     _exit_with_parent(parent)
     tag = f"worker-{index}"
     configure_logging(log_level, tag)
@@ -198,6 +217,7 @@ class Supervisor:
         self._ready: list[Any] = []  # per worker: an Event it sets once it serves
         self._slot_crashes: list[int] = []  # per worker slot: quick deaths in a row
         self._due: list[float | None] = []  # per slot: when a delayed restart is due
+        self._hup_due: list[bool] = []  # per slot: a reload to send once the worker serves
         self._quick_crashes = 0
         self._stop_signal: int | None = None
         self._reload = False
@@ -205,27 +225,41 @@ class Supervisor:
         self._copies_dir: Path | None = None
         self._copies: list[Path] = []
         self._signature: tuple = ()
+        self._watched = cfg  # the config whose files _signature describes
 
     def _spawn(self, index: int, sock: socket.socket) -> Any:
-        ready = self._ctx.Event()
-        p = self._ctx.Process(
-            target=_worker,
-            args=(self.cfg, sock, index, self.log_level, os.getpid(), self.last_good, ready),
-            name=f"finops-shim-worker-{index}",
-            daemon=False,
-        )
-        p.start()
+        # exec resets the child's handlers: SIGHUP and SIGINT kill it until _worker ignores
+        # them, after a second of imports. Blocked here, the mask is inherited across exec,
+        # so one sent meanwhile (to the process group, say) waits, and _worker drops it.
+        old = signal.pthread_sigmask(signal.SIG_BLOCK, _START_BLOCKED)
+        try:
+            # the first Event starts multiprocessing's resource tracker, a child too, which
+            # keeps SIGHUP blocked for good (killed by a group SIGHUP, it was relaunched and
+            # printed a traceback per semaphore at exit); starting it unblocks SIGINT here
+            ready = self._ctx.Event()
+            signal.pthread_sigmask(signal.SIG_BLOCK, _START_BLOCKED)
+            p = self._ctx.Process(
+                target=_worker,
+                args=(self.cfg, sock, index, self.log_level, os.getpid(), self.last_good, ready),
+                name=f"finops-shim-worker-{index}",
+                daemon=False,
+            )
+            p.start()
+        finally:
+            signal.pthread_sigmask(signal.SIG_SETMASK, old)
         log.info("worker %d started (pid %d)", index, p.pid)
         if index < len(self._procs):
             self._procs[index] = p
             self._started[index] = time.monotonic()
             self._ready[index] = ready
+            self._hup_due[index] = False  # it reads the files as they are now
         else:
             self._procs.append(p)
             self._started.append(time.monotonic())
             self._ready.append(ready)
             self._slot_crashes.append(0)
             self._due.append(None)
+            self._hup_due.append(False)
         return p
 
     def _on_signal(self, signum: int, _frame: Any) -> None:
@@ -234,9 +268,13 @@ class Supervisor:
         else:
             self._stop_signal = signum
 
-    def run(self) -> int:
-        """Serve until SIGTERM/SIGINT; returns the exit status (0 clean, 1 crash loop)."""
-        sock = bind_socket(self.cfg.host, self.cfg.port)  # first: a busy port is the usual error
+    def run(self, sock: socket.socket | None = None) -> int:
+        """Serve until SIGTERM/SIGINT; returns the exit status (0 clean, 1 crash loop).
+
+        `sock`: the listening socket, already bound (the CLI binds it before its banner);
+        None binds cfg.host:cfg.port. Closed when the drain begins, either way."""
+        if sock is None:
+            sock = bind_socket(self.cfg.host, self.cfg.port)  # first: a busy port is usual
         metrics_dir = tempfile.mkdtemp(prefix="finops-shim-metrics-")
         self._copies_dir = Path(tempfile.mkdtemp(prefix="finops-shim-router-"))
         previous = os.environ.get(MULTIPROC_ENV)
@@ -271,10 +309,12 @@ class Supervisor:
                 self._spawn(i, sock)
             status = self._watch(sock)
         finally:
+            # before the drain: with no worker accepting any more, a connection the kernel
+            # queued on our copy would wait for the drain (up to 30 s) and then be reset
+            sock.close()
             self._drain()
             for s, h in handlers.items():
                 signal.signal(s, h)
-            sock.close()
             shutil.rmtree(metrics_dir, ignore_errors=True)
             shutil.rmtree(self._copies_dir, ignore_errors=True)
             if previous is None:
@@ -328,13 +368,17 @@ class Supervisor:
         return tuple(out)
 
     def _refresh_last_good(self, why: str) -> None:
-        """Verify the files as they are now (the workers reload them too); keep a copy if good."""
+        """Verify the files as they are now (the workers reload them too); keep a copy if good.
+
+        The files are watched from now on as this finds them (a refused config file: with
+        the router watched before), so one bad save is refused once, not every poll."""
         try:
             cfg = reread_config(self.cfg)
         except Exception as exc:  # ConfigError, OSError
-            self._signature = self._files_signature(self.cfg)
+            self._signature = self._files_signature(self._watched)
             problem = f"config file {self.cfg.source_path} refused ({_reason(exc)})"
         else:
+            self._watched = cfg
             self._signature = self._files_signature(cfg)
             try:
                 self.last_good = self._verify(cfg)
@@ -369,21 +413,19 @@ class Supervisor:
             time.sleep(0.2)
             if self._reload:
                 self._reload = False
-                alive = [p for i, p in enumerate(self._procs) if self._due[i] is None]
+                alive = [i for i, p in enumerate(self._procs) if self._due[i] is None]
                 log.info("SIGHUP: reloading %d workers", len(alive))
-                for p in alive:
-                    if p.is_alive():
-                        with contextlib.suppress(ProcessLookupError):
-                            os.kill(p.pid, signal.SIGHUP)
+                for i in alive:
+                    self._hup_due[i] = True  # sent below, once the worker serves
                 self._refresh_last_good("SIGHUP")
                 for i, due in enumerate(self._due):
                     if due is not None:  # the files may be fixed: a waiting worker starts now
                         self._due[i] = time.monotonic()
             elif self.cfg.watch and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + WATCH_POLL_S
-                current = self.last_good.cfg if self.last_good else self.cfg
-                if self._files_signature(current) != self._signature:
+                if self._files_signature(self._watched) != self._signature:
                     self._refresh_last_good("file change")
+            self._send_reloads()
             for i, p in enumerate(self._procs):
                 if self._stop_signal is not None:
                     break
@@ -399,6 +441,9 @@ class Supervisor:
                 lived = time.monotonic() - self._started[i]
                 log.error("worker %d (pid %d) exited with %s", i, p.pid, p.exitcode)
                 self._recover_log(p.pid)
+                if p.exitcode == -signal.SIGHUP:  # a reload sent by someone else, too early:
+                    self._spawn(i, sock)  # not the files' fault, not a crash at start
+                    continue
                 quick = lived < CRASH_WINDOW_S
                 self._quick_crashes = self._quick_crashes + 1 if quick else 0
                 self._slot_crashes[i] = self._slot_crashes[i] + 1 if quick else 0
@@ -430,6 +475,16 @@ class Supervisor:
         log.info("signal %d: draining %d workers", self._stop_signal, len(self._procs))
         return 0
 
+    def _send_reloads(self) -> None:
+        """SIGHUP the workers with a reload due that serve: one still starting would die of
+        it (its app takes SIGHUP once serving; until then it ignores it, after imports)."""
+        for i, p in enumerate(self._procs):
+            if self._hup_due[i] and self._ready[i].is_set():
+                self._hup_due[i] = False
+                if p.is_alive():
+                    with contextlib.suppress(ProcessLookupError):
+                        os.kill(p.pid, signal.SIGHUP)
+
     def _recover_log(self, pid: int) -> None:
         if self.cfg.log_dir is None:
             return
@@ -457,9 +512,16 @@ class Supervisor:
                 self._recover_log(p.pid)
 
 
-def serve_workers(cfg: ShimConfig, workers: int, *, log_level: str = "info") -> int:
-    """Serve with `workers` processes in the foreground; returns the exit status."""
+def serve_workers(
+    cfg: ShimConfig,
+    workers: int,
+    *,
+    log_level: str = "info",
+    sock: socket.socket | None = None,
+) -> int:
+    """Serve with `workers` processes in the foreground; returns the exit status.
+    `sock`: the listening socket, already bound (None: bind cfg.host:cfg.port)."""
     from finops.shim.server import configure_logging
 
     configure_logging(log_level)
-    return Supervisor(cfg, workers, log_level=log_level).run()
+    return Supervisor(cfg, workers, log_level=log_level).run(sock)
