@@ -501,7 +501,9 @@ class Supervisor:
             if p.is_alive():
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(p.pid, signal.SIGTERM)  # uvicorn: finish in-flight requests, then exit
-        deadline = time.monotonic() + 35  # uvicorn's graceful timeout is 30 s
+        # a worker cuts what still runs after [server] drain_timeout_s (uvicorn's graceful
+        # timeout); a fixed 35 s here killed workers mid-drain when it was set longer
+        deadline = time.monotonic() + self.cfg.drain_timeout_s + 5
         for p in self._procs:
             p.join(max(0.1, deadline - time.monotonic()))
             if p.is_alive():
