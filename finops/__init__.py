@@ -31,8 +31,15 @@ if TYPE_CHECKING:
 
 def __getattr__(name: str) -> Any:
     module = _LAZY.get(name)
-    if module is None:
-        raise AttributeError(f"module 'finops' has no attribute {name!r}")
-    value = getattr(importlib.import_module(module), name)
+    if module is not None:
+        value = getattr(importlib.import_module(module), name)
+    else:
+        # a submodule, as `finops.db` was once `import finops` had loaded it
+        try:
+            value = importlib.import_module(f"finops.{name}")
+        except ModuleNotFoundError as exc:
+            if exc.name != f"finops.{name}":
+                raise
+            raise AttributeError(f"module 'finops' has no attribute {name!r}") from None
     globals()[name] = value
     return value

@@ -316,7 +316,7 @@ class SlowError:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return
-        if scope["path"] == "/health":
+        if scope["path"] in ("/health", "/v1/models"):  # the shim's health check
             await send({"type": "http.response.start", "status": 200, "headers": []})
             await send({"type": "http.response.body", "body": b""})
             return
