@@ -32,8 +32,8 @@ A reference table puts the fast-upstream ratios in context: nginx (C, keep-alive
 upstream pool, no routing, no log) as a plain pass-through proxy with the same
 worker count, in front of the same upstream, measured the same way. It is the
 ceiling for any proxy on this machine: a proxy parses and answers like the
-upstream does and also makes the upstream call, so on shared cores it cannot
-keep 0.8x of a server that does no work. Printed when `nginx` is on PATH
+upstream does and also makes the upstream call, so on shared cores it keeps
+0.3-0.9x of a server that does no work (0.8x only at some concurrencies). Printed when `nginx` is on PATH
 (Debian: `apt-get install nginx-light`); `--no-reference` skips it.
 """
 
