@@ -85,6 +85,16 @@ class FakeUpstream:
         self.keep_bodies = True
         self._canned: dict[tuple[str, int], bytes] = {}
 
+    async def _client_left(self, receive: Any, seconds: float) -> bool:
+        """Take `seconds` to answer, as vLLM generating; True (counted) if the client
+        left meanwhile."""
+        watcher = asyncio.create_task(_watch_disconnect(receive))
+        done, _ = await asyncio.wait([watcher], timeout=seconds)
+        watcher.cancel()
+        if done:
+            self.disconnects += 1
+        return bool(done)
+
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "lifespan":
             while True:
@@ -180,13 +190,8 @@ class FakeUpstream:
                 payload = _full(chat, model, ptoks, ntok, tools)
                 if len(self._canned) < 1000:
                     self._canned[key] = payload
-            if self.delay_s:
-                watcher = asyncio.create_task(_watch_disconnect(receive))
-                done, _ = await asyncio.wait([watcher], timeout=self.delay_s * ntok)
-                watcher.cancel()
-                if done:
-                    self.disconnects += 1
-                    return
+            if self.delay_s and await self._client_left(receive, self.delay_s * ntok):
+                return
             await _reply(send, 200, payload)
             self.completed += 1
             return
@@ -321,13 +326,8 @@ class FakeUpstream:
         ntok = min(ntok, self.tokens) if self.tokens else ntok
         full = _response_obj(model, ptoks, ntok, "completed")
         if not body.get("stream"):
-            if self.delay_s:
-                watcher = asyncio.create_task(_watch_disconnect(receive))
-                done, _ = await asyncio.wait([watcher], timeout=self.delay_s * ntok)
-                watcher.cancel()
-                if done:
-                    self.disconnects += 1
-                    return
+            if self.delay_s and await self._client_left(receive, self.delay_s * ntok):
+                return
             await _reply(send, 200, orjson.dumps(full))
             self.completed += 1
             return

@@ -1791,6 +1791,17 @@ def _route(ctx: Ctx, router: Router, body: dict, feature: str) -> str:
     return tier
 
 
+def sse_json(ev: bytes) -> Any:
+    """The JSON in an SSE event's `data:` field; None when it has none or it is not JSON."""
+    j = ev.find(b"data:")
+    if j < 0:
+        return None
+    try:
+        return orjson.loads(ev[j + 5 :].strip())
+    except orjson.JSONDecodeError:
+        return None
+
+
 def _tier_removed(tier: Any) -> HTTPError:
     return HTTPError(
         503,
@@ -1807,14 +1818,7 @@ def _server_error_event(first: bytes) -> str | None:
     fault: another replica would answer the same, so it is passed on as sent."""
     if b'"error"' not in first:
         return None
-    ev = first.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0]
-    j = ev.find(b"data:")
-    if j < 0:
-        return None
-    try:
-        obj = orjson.loads(ev[j + 5 :].strip())
-    except orjson.JSONDecodeError:
-        return None
+    obj = sse_json(first.split(b"\n\n", 1)[0].split(b"\r\n\r\n", 1)[0])
     err = obj.get("error") if isinstance(obj, dict) else None
     if not isinstance(err, dict) or "choices" in obj:
         return None

@@ -41,6 +41,7 @@ from finops.shim.proxy import (
     _resolve,
     _route,
     _stream_flag,
+    sse_json,
 )
 from finops.shim.upstreams import Upstream
 
@@ -178,13 +179,7 @@ class ResponsesEndpoint(ProxyEndpoint):
         self, ev: bytes, state: dict, strip_usage: bool, collect: list | None, ctx: Ctx
     ) -> bool:
         """Read one Responses event (`event:` and `data:` lines); always forwarded."""
-        j = ev.find(b"data:")
-        if j < 0:
-            return True
-        try:
-            obj = orjson.loads(ev[j + 5 :].strip())
-        except orjson.JSONDecodeError:
-            return True
+        obj = sse_json(ev)
         if not isinstance(obj, dict):
             return True
         seq = obj.get("sequence_number")
