@@ -877,5 +877,7 @@ def test_circuit_breaker_ignores_verdicts_from_before_its_last_change():
     assert b.state == CLOSED and b.consecutive_failures == 0
     now = b.ticket()
     b.failure(13, now)
+    b.success(old)  # a stream from two epochs ago ending fine resets no count
+    assert b.consecutive_failures == 1
     b.failure(13, now)
     assert b.state == OPEN

@@ -82,7 +82,8 @@ class CircuitBreaker:
 
     def success(self, ticket: int) -> None:
         if self.state == CLOSED:
-            self.consecutive_failures = 0
+            if ticket == self.epoch:  # one from before the last closing says nothing now
+                self.consecutive_failures = 0
         elif self._is_probe(ticket):
             self.consecutive_failures = 0
             self._to(CLOSED)
