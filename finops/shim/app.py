@@ -552,7 +552,9 @@ class Shim:
 
         Called on every scrape, by the health loop and after a reload: with several
         workers a scrape reaches one of them, and the others' values must not be older
-        than one interval. Upstreams a reload removed stop being reported (they would
+        than one interval. The request path sets none of them: it would cost every
+        request, and an in-flight request to an upstream a reload removed would report
+        its circuit again after the reload stopped doing so. Upstreams a reload removed stop being reported (they would
         otherwise keep their last circuit state forever). The lock keeps a refresh from
         a reload in another thread from interleaving with one holding the old pool.
         """
@@ -712,15 +714,6 @@ class Shim:
             "degraded": [n for n, t in tiers.items() if t["served_by"] not in (n, None)],
             "last_reload_error": self.last_reload_error,
         }
-
-    def gauge_circuit(self, up: Any) -> None:
-        """Report `up`'s circuit, unless a reload removed it from the pool meanwhile (an
-        in-flight request to it would otherwise report it forever after the reload
-        stopped doing so)."""
-        with self._gauge_lock:
-            reps = self.pool.tiers.get(up.tier)
-            if reps is not None and any(u is up for u in reps):
-                self.metrics.circuit_state.labels(up.tier, up.url).set(up.breaker.state)
 
 
 class ShimASGI:

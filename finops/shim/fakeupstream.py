@@ -297,19 +297,17 @@ class FakeUpstream:
                 tail = self._event(
                     {**base, "choices": [], "usage": usage, "system_fingerprint": FINGERPRINT}
                 )
-            await send(
-                {
-                    "type": "http.response.body",
-                    "body": tail + self._event("[DONE]"),
-                    "more_body": self.linger_s > 0,
-                }
-            )
-            if self.linger_s > 0:
-                await asyncio.sleep(self.linger_s)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            self.completed += 1
+            await self._end_stream(send, tail + self._event("[DONE]"))
         finally:
             watcher.cancel()
+
+    async def _end_stream(self, send: Any, tail: bytes) -> None:
+        """The stream's last bytes; the body's end `linger_s` later, if set."""
+        await send({"type": "http.response.body", "body": tail, "more_body": self.linger_s > 0})
+        if self.linger_s > 0:
+            await asyncio.sleep(self.linger_s)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+        self.completed += 1
 
     def _event(self, obj: Any) -> bytes:
         data = b"[DONE]" if obj == "[DONE]" else orjson.dumps(obj)
@@ -407,11 +405,7 @@ class FakeUpstream:
                 + event({"type": "response.output_item.done", "output_index": 0, "item": done_item})
                 + event({"type": "response.completed", "response": full})
             )
-            await send({"type": "http.response.body", "body": tail, "more_body": self.linger_s > 0})
-            if self.linger_s > 0:
-                await asyncio.sleep(self.linger_s)
-                await send({"type": "http.response.body", "body": b"", "more_body": False})
-            self.completed += 1
+            await self._end_stream(send, tail)
         finally:
             watcher.cancel()
 

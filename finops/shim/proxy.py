@@ -1138,7 +1138,6 @@ class ProxyEndpoint:
                         up.breaker.release_probe(ticket)
                     else:
                         up.breaker.failure(time.monotonic(), ticket)
-                    shim.gauge_circuit(up)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
                     last = exc
                     rec["fallback_reason"] = exc.reason
@@ -1165,7 +1164,6 @@ class ProxyEndpoint:
                     # whose streams all fail partway must still open its circuit; but a
                     # probe's first byte closes it (others need not wait out a generation)
                     up.breaker.probe_answered(ticket)
-                shim.gauge_circuit(up)
                 ctx.tier = up.tier
                 rec["tier"] = up.tier
                 rec["upstream"] = up.url
