@@ -199,6 +199,10 @@ def start(
         "TRANSFORMERS_OFFLINE": "1",
         "VLLM_NO_USAGE_STATS": "1",
         "DO_NOT_TRACK": "1",
+        # keep Responses API answers (`store`) so follow-ups and retrievals work, as a
+        # deployment using them must (vLLM keeps them in memory, unbounded: fine for a
+        # test or demo server)
+        "VLLM_ENABLE_RESPONSES_API_STORE": os.environ.get("VLLM_ENABLE_RESPONSES_API_STORE", "1"),
     }
     if engine_cpus:
         # the worker's OpenMP threads on the engine's cores from their first instruction

@@ -59,7 +59,8 @@ from finops.shim.proxy import (
     error_body,
 )
 from finops.shim.requestlog import RequestLog
-from finops.shim.responses import ResponsesEndpoint
+from finops.shim.responses import ResponsesEndpoint, StoredResponseEndpoint
+from finops.shim.stored import ResponseIndex, StoredResponse, shared_key
 from finops.shim.upstreams import Pool
 
 logger = logging.getLogger("finops.shim")
@@ -87,9 +88,9 @@ def _number(v: Any) -> bool:
 def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
     """(meta, payload) of a stored value if it is what the shim writes, else None.
 
-    `store` is "cache" (meta + a JSON object answer) or "idempotency" (the record:
+    `store` is "cache" (meta + a JSON object answer), "idempotency" (the record:
     request id, body fingerprint, attempts; then an answer as JSON, the stream as SSE
-    bytes, or `failed` with no answer). Anything else under a key the shim reads (a
+    bytes, or `failed` with no answer) or "responses" (the response index: meta only). Anything else under a key the shim reads (a
     corrupt or foreign value) must be a miss, never a 500 or a 200 with garbage.
     """
     if not isinstance(v, bytes):
@@ -108,6 +109,8 @@ def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
         if x is not None and not isinstance(x, str):
             return None
     payload = v[i + 1 :]
+    if store == "responses":  # the response index: meta only (checked by StoredResponse)
+        return (meta, payload) if not payload else None
     failed = meta.get("failed")
     if store == "idempotency":
         attempts = meta.get("attempts", 1)
@@ -184,6 +187,9 @@ class Shim:
         )
         self.cache = self.redis or MemoryCache(cfg.cache_max_entries, cfg.cache_max_bytes)
         self.idem = self.redis or MemoryCache(max(1000, cfg.cache_max_entries), cfg.cache_max_bytes)
+        # Responses API ids -> (tenant, tier, replica): see stored.py
+        self.responses = ResponseIndex(cfg.response_index_ttl_s)
+        self._writes: set[asyncio.Task] = set()  # shared-store writes nobody awaits
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # control plane, made in start()
         self.h1: H1Client = None  # type: ignore[assignment]  # the proxy's upstream connections
         self.started_at = time.time()
@@ -333,6 +339,80 @@ class Shim:
                 return  # past its lifetime: it has expired (or is about to)
         await self._set(self.idem, key, meta, payload, ttl)
 
+    # -- stored Responses API answers: which replica has each, for which tenant --
+    def remember_response(self, response_id: str, entry: StoredResponse) -> None:
+        """Index a response id (at once in this process; in the shared store in the background)."""
+        self.responses.put(response_id, entry)
+        if self.redis is not None:
+            self._write_shared(shared_key(response_id), entry.as_meta())
+
+    def forget_response(self, response_id: str) -> None:
+        self.responses.forget(response_id)
+        if self.redis is not None:  # a tombstone (no delete in the store's API): read as a miss
+            self._write_shared(shared_key(response_id), {"deleted": True}, 60.0)
+
+    def _write_shared(self, key: str, meta: dict, ttl: float | None = None) -> None:
+        ttl = self.cfg.response_index_ttl_s if ttl is None else ttl
+        task = asyncio.get_running_loop().create_task(
+            self._set(self.redis, key, meta, b"", ttl)  # errors are logged and counted there
+        )
+        self._writes.add(task)
+        task.add_done_callback(self._writes.discard)
+
+    async def find_response(self, response_id: str, tenant: str) -> StoredResponse | None:
+        """Where `tenant`'s response `response_id` is stored; None when unknown here or
+        another tenant's (the two are not told apart: ids are never confirmed to others).
+
+        Looked up in this process, then the shared store. With auth off (one tenant) an
+        id neither knows (made before this process started, or by another worker without
+        a shared store) is looked for on every replica.
+        """
+        entry = self.responses.get(response_id)
+        if entry is None and self.redis is not None:
+            got = await self._get(self.redis, shared_key(response_id), "responses")
+            if got is not None and got is not SKIPPED:
+                entry = StoredResponse.from_meta(got[0])
+                if entry is not None:
+                    self.responses.put(response_id, entry)
+        if entry is None and not self.cfg.auth_enabled:
+            entry = await self._locate_response(response_id, tenant)
+            if entry is not None:
+                self.remember_response(response_id, entry)
+        if entry is None or entry.tenant != tenant:
+            return None
+        return entry
+
+    async def _locate_response(self, response_id: str, tenant: str) -> StoredResponse | None:
+        """Ask every replica for the id (GET /v1/responses/{id}); the one that has it."""
+        from urllib.parse import quote
+
+        by_url: dict[str, list] = {}
+        for u in self.pool.all():
+            by_url.setdefault(u.url, []).append(u)
+        path = "/v1/responses/" + quote(response_id, safe="")
+
+        async def ask(reps: list) -> StoredResponse | None:
+            u = reps[0]
+            headers = {"authorization": f"Bearer {u.api_key}"} if u.api_key else {}
+            try:
+                r = await self.client.get(
+                    u.url + path, headers=headers, timeout=self.cfg.connect_timeout_s + 3
+                )
+            except httpx.HTTPError:
+                return None
+            if r.status_code != 200:
+                return None
+            try:
+                model = r.json().get("model")
+            except (ValueError, AttributeError):
+                return None
+            # the tier whose model answered it (one vLLM may serve several tiers' names)
+            tier = next((x.tier for x in reps if x.model == model), u.tier)
+            return StoredResponse(tenant, tier, u.url)
+
+        found = await asyncio.gather(*(ask(reps) for reps in by_url.values()))
+        return next((f for f in found if f is not None), None)
+
     # -- Idempotency-Key claims (shared store only): one process runs a key at a time --
     async def _claim_call(self, op: str, key: str, call: Any, default: Any) -> Any:
         try:
@@ -444,6 +524,8 @@ class Shim:
             await self.client.aclose()
         if self.h1 is not None:
             self.h1.close()
+        if self._writes:  # shared-store writes still running: finished, not cut
+            await asyncio.wait(list(self._writes), timeout=2.0)
         if self.redis is not None:
             await self.redis.close()
         self.log.close()
@@ -469,6 +551,7 @@ class Shim:
         self.pool = Pool(cfg, previous=self.pool)
         self.log.rotate_bytes = cfg.log_rotate_bytes  # read by the writer at each batch
         self.log.rotate_s = cfg.log_rotate_s
+        self.responses.ttl_s = cfg.response_index_ttl_s  # entries put from now on
         self._names = self._model_names(cfg)
         self.cfg = cfg
         self.router = router
@@ -729,12 +812,16 @@ class ShimASGI:
             "/v1/embeddings": EmbeddingsEndpoint(shim),
             "/v1/responses": ResponsesEndpoint(shim),  # OpenAI's Responses API
         }
+        self.stored = StoredResponseEndpoint(shim)  # /v1/responses/{id}[/cancel|/input_items]
 
     async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
         if scope["type"] == "http":
             ep = self.fast.get(scope["path"].rstrip("/") or "/")
             if ep is not None:
                 await ep(scope, receive, send)
+                return
+            if scope["path"].startswith("/v1/responses/"):
+                await self.stored(scope, receive, send)
                 return
         await self.rest(scope, receive, send)
 

@@ -99,6 +99,9 @@ class ShimConfig:
     # secret itself: config files get committed and printed)
     redis_secret_env: str | None = None
     idempotency_ttl_s: float = 86_400.0
+    # how long the shim remembers which replica stored a Responses API answer and for
+    # which tenant (previous_response_id, GET /v1/responses/{id}); see stored.py
+    response_index_ttl_s: float = 86_400.0
     coalesce: bool = True
     # upstream behaviour
     connect_timeout_s: float = 2.0
@@ -558,6 +561,7 @@ def parse_config(
             "redis_url",
             "redis_secret_env",
             "idempotency_ttl_s",
+            "response_index_ttl_s",
             "coalesce",
         ),
         w,
@@ -586,6 +590,8 @@ def parse_config(
         redis_secret(kw["redis_secret_env"], f"{w} redis_secret_env")
     kw["idempotency_ttl_s"] = _get(cache, "idempotency_ttl_s", float, w, 86_400.0)
     _positive(kw["idempotency_ttl_s"], f"{w} idempotency_ttl_s")
+    kw["response_index_ttl_s"] = _get(cache, "response_index_ttl_s", float, w, 86_400.0)
+    _positive(kw["response_index_ttl_s"], f"{w} response_index_ttl_s")
     kw["coalesce"] = _get(cache, "coalesce", bool, w, True)
 
     w = f"{source}: [upstream]"

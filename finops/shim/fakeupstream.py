@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+import uuid
 from typing import Any
 
 import orjson
@@ -59,8 +60,14 @@ class FakeUpstream:
         tokenize_fails: bool = False,
         error_code: int = 500,
         max_model_len: int = 4096,
+        store_responses: bool = False,
     ) -> None:
         self.mode = mode
+        # as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1: Responses answers get their own
+        # ids and are kept (`store`, default true) for retrieval and follow-ups
+        self.store_responses = store_responses
+        self.stored: dict[str, dict] = {}
+        self.stored_calls: list[tuple[str, str]] = []  # (method, path) of retrieve/cancel/...
         self.max_model_len = max_model_len
         self.error_code = error_code
         self.tokenize_fails = tokenize_fails
@@ -131,6 +138,9 @@ class FakeUpstream:
                 200,
                 orjson.dumps({"count": n, "max_model_len": 4096, "tokens": list(range(n))}),
             )
+            return
+        if path.startswith("/v1/responses/"):
+            await self._stored_call(send, scope["method"], path)
             return
         self.calls += 1
         if self.keep_bodies:
@@ -319,10 +329,19 @@ class FakeUpstream:
         carries the usage; no [DONE]. The modes apply as for chat: `die_mid_stream` drops
         the connection after `die_after` text deltas, `error_mid_stream` sends an `error`
         event there and ends the stream, `slow` paces the deltas by `delay_s`."""
+        prev = body.get("previous_response_id")
+        if prev is not None and prev not in self.stored:
+            await _reply(send, 404, _not_found(prev))
+            return
         ptoks = _count_responses(body)
         ntok = int(body.get("max_output_tokens") or self.tokens)
         ntok = min(ntok, self.tokens) if self.tokens else ntok
         full = _response_obj(model, ptoks, ntok, "completed")
+        full["previous_response_id"] = prev
+        if self.store_responses:
+            full["id"] = "resp_" + uuid.uuid4().hex
+            if body.get("store", True):
+                self.stored[full["id"]] = full
         if not body.get("stream"):
             if self.delay_s and await self._client_left(receive, self.delay_s * ntok):
                 return
@@ -409,6 +428,30 @@ class FakeUpstream:
         finally:
             watcher.cancel()
 
+    async def _stored_call(self, send: Any, method: str, path: str) -> None:
+        """/v1/responses/{id} (GET) and /v1/responses/{id}/cancel (POST) as vLLM answers
+        them; what vLLM does not serve (DELETE, input_items) as FastAPI refuses it."""
+        self.stored_calls.append((method, path))
+        rid, _, tail = path[len("/v1/responses/") :].partition("/")
+        if tail == "" and method == "GET":
+            r = self.stored.get(rid)
+            await _reply(send, 200 if r else 404, orjson.dumps(r) if r else _not_found(rid))
+        elif tail == "cancel" and method == "POST":
+            if rid not in self.stored:
+                await _reply(send, 404, _not_found(rid))
+                return
+            err = {
+                "message": "Cannot cancel a synchronous response.",
+                "type": "invalid_request_error",
+                "param": "response_id",
+                "code": 400,
+            }
+            await _reply(send, 400, orjson.dumps({"error": err}))
+        elif tail == "":
+            await _reply(send, 405, b'{"detail":"Method Not Allowed"}')
+        else:
+            await _reply(send, 404, b'{"detail":"Not Found"}')
+
     async def _stream_tool_call(
         self, send: Any, receive: Any, body: dict, model: str, ptoks: int
     ) -> None:
@@ -488,6 +531,17 @@ def _count_responses(body: dict) -> int:
             c = " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
         n += len(str(c).split()) + 4
     return n
+
+
+def _not_found(rid: str) -> bytes:
+    """vLLM's answer for a response id it does not have."""
+    err = {
+        "message": f"Response with id '{rid}' not found.",
+        "type": "invalid_request_error",
+        "param": "response_id",
+        "code": 404,
+    }
+    return orjson.dumps({"error": err})
 
 
 def _response_obj(model: str, ptoks: int, ntok: int, status: str) -> dict:

@@ -234,6 +234,14 @@ class ShimMetrics:
             registry=r,
             multiprocess_mode="sum",
         )
+        self.stored_response_calls = Counter(
+            "finops_shim_stored_response_calls",
+            "Calls on stored Responses API answers (retrieve, cancel, delete, input_items) "
+            "by status; a 404 is an id unknown here or another tenant's. Follow-ups "
+            "(previous_response_id) count with op follow_up.",
+            ["op", "status"],
+            registry=r,
+        )
         self.log_backlog = Gauge(
             "finops_shim_log_backlog",
             "Request-log records queued in memory, not yet on disk (grows while the disk "

@@ -337,6 +337,7 @@ class Ctx:
         "input_count",
         "keep_result",
         "operation",
+        "pin",
         "rec",
         "result",
         "routed",
@@ -372,6 +373,9 @@ class Ctx:
         self.body_unsent = False  # Expect: 100-continue, and the body not asked for yet
         self.content_encoding: bytes | None = None
         self.keep_result = False  # an Idempotency-Key stores the answer, cacheable or not
+        # the one replica (URL) that may answer: the one holding what the request builds
+        # on (a Responses API follow-up's stored response); None: any
+        self.pin: str | None = None
 
     def input_tokens_known(self) -> int:
         """Input tokens of a request vLLM did not report on (cut short): the cap step's
@@ -1111,7 +1115,10 @@ class ProxyEndpoint:
         tier0 = ctx.tier
         last: UpstreamFailure | None = None
         attempts = 0
+        pin = ctx.pin
         for up in pool.candidates(tier0):
+            if pin is not None and up.url != pin:
+                continue  # another server does not have what the request builds on
             if up.tier != tier0 and await self._over_cap(ctx, up):
                 continue  # a fallback must not get round a stricter cap on another tier
             now = time.monotonic()
@@ -1183,9 +1190,14 @@ class ProxyEndpoint:
         watch.stop()
         rec["tier"] = ctx.tier
         if last is None:
+            what = (
+                f"The replica {pin} holding the stored response this request builds on is"
+                if pin is not None
+                else f"No upstream of tier `{tier0}` or above is"
+            )
             err = HTTPError(
                 503,
-                f"No upstream of tier `{tier0}` or above is available (circuits open or retry budgets spent).",
+                f"{what} available (circuits open or retry budgets spent).",
                 "server_error",
                 "upstream_unavailable",
                 "upstream_unavailable",

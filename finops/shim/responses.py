@@ -20,29 +20,44 @@ record per request (operation `responses`). What differs from chat:
   after the first byte ends with an `event: error` in the Responses shape;
 - no response cache, no coalescing, no Idempotency-Key replay (the header is not
   honoured, as vLLM does not honour it) and no context caps: every record says
-  `cache_status` "bypass".
+  `cache_status` "bypass";
+- stored responses (stored.py): each answer's id is indexed with its tenant and the
+  replica that answered; a follow-up (`previous_response_id`) goes to that replica only
+  (no routing, no fallback to a server without it) and only for that tenant (404
+  otherwise, as vLLM says for an unknown id). `StoredResponseEndpoint` forwards
+  retrieve, cancel, delete and input_items calls the same way; those are not inference
+  and write no request-log record (counted in finops_shim_stored_response_calls).
 """
 
 from __future__ import annotations
 
 import time
 from typing import Any
+from urllib.parse import quote
 
+import httpx
 import orjson
 
 from finops.router.features import estimate_prompt_tokens
+from finops.shim.auth import AuthError, tenant_for
 from finops.shim.caps import estimate_body_tokens
 from finops.shim.proxy import (
+    ClientGone,
     Ctx,
+    DisconnectWatch,
+    HTTPError,
     ProxyEndpoint,
     _body_and_model,
     _fingerprint_prompt,
     _prompt_text,
     _resolve,
     _route,
+    _send_simple,
     _stream_flag,
+    read_body,
     sse_json,
 )
+from finops.shim.stored import StoredResponse
 from finops.shim.upstreams import Upstream
 
 # the events that end a Responses stream (each carries the final `response`, usage included)
@@ -141,13 +156,76 @@ class ResponsesEndpoint(ProxyEndpoint):
         ctx.input_count = estimate_body_tokens(chat)
 
         tier = _resolve(shim, model)
-        if tier == "@route":
+        prev = body.get("previous_response_id")
+        if prev is not None:
+            # a follow-up: only the replica that stored `prev` has it (and its tenant may use it)
+            tier = await self._pin(ctx, prev, tier)
+        elif tier == "@route":
             tier = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
         ctx.tier = tier
         ctx.body = body
         rec["cache_status"] = "bypass"
         shim.metrics.cache.labels("bypass").inc()
         await self._forward(ctx, send, receive, None)
+
+    async def _pin(self, ctx: Ctx, prev: Any, tier: str) -> str:
+        """Pin a follow-up to the replica holding `prev`; the tier it goes to.
+
+        The routing alias takes the tier that answered `prev` (no classification: the
+        conversation lives on that server); an explicit name must be a tier that
+        replica serves.
+        """
+        shim = self.shim
+        metric = shim.metrics.stored_response_calls
+        if not isinstance(prev, str) or not prev:
+            raise HTTPError(
+                400,
+                "`previous_response_id` must be a non-empty string.",
+                "invalid_request_error",
+                "invalid_previous_response_id",
+                param="previous_response_id",
+            )
+        entry = await shim.find_response(prev, ctx.rec["tenant"])
+        if entry is None:
+            metric.labels("follow_up", "404").inc()
+            raise HTTPError(
+                404,
+                f"Response with id '{prev}' not found.",
+                "invalid_request_error",
+                "previous_response_not_found",
+                param="previous_response_id",
+            )
+        served = [u.tier for u in shim.pool.all() if u.url == entry.upstream]
+        if not served:
+            metric.labels("follow_up", "404").inc()
+            raise _gone(prev, entry, "previous_response_id")
+        if tier == "@route":
+            tier = entry.tier if entry.tier in served else served[0]
+        elif tier not in served:
+            metric.labels("follow_up", "400").inc()
+            raise HTTPError(
+                400,
+                f"Response '{prev}' is stored on the replica of tier `{entry.tier}`; a "
+                f"follow-up can only go there: use model `{shim.cfg.alias}` or one of "
+                f"{sorted(set(served))}.",
+                "invalid_request_error",
+                "previous_response_elsewhere",
+                param="model",
+            )
+        ctx.pin = entry.upstream
+        metric.labels("follow_up", "200").inc()
+        return tier
+
+    def _remember(self, ctx: Ctx, response: Any) -> None:
+        """Index a stored answer's id (the request's `store`, on unless false)."""
+        if ctx.body.get("store", True) is False or not isinstance(response, dict):
+            return
+        rid = response.get("id")
+        rec = ctx.rec
+        if isinstance(rid, str) and rid and rec["upstream"] and rec["tier"]:
+            self.shim.remember_response(
+                rid, StoredResponse(rec["tenant"], rec["tier"], rec["upstream"])
+            )
 
     # -- upstream --
     def _upstream_payload(self, ctx: Ctx, up: Upstream) -> bytes:
@@ -161,6 +239,8 @@ class ResponsesEndpoint(ProxyEndpoint):
     async def _respond_full(
         self, ctx: Ctx, up: Upstream, resp: Any, data: bytes, send: Any, store_key: str | None
     ) -> tuple[dict, bytes] | None:
+        if resp.status == 200 and ctx.answer is not None:
+            self._remember(ctx, ctx.answer)  # before the client has the id
         out = await super()._respond_full(ctx, up, resp, data, send, store_key)
         if resp.status == 200 and ctx.answer is not None:
             ctx.rec["finish_reason"] = _finish_reason(ctx.answer)
@@ -221,10 +301,12 @@ class ResponsesEndpoint(ProxyEndpoint):
             state["error"] = obj
             state["done"] = True
             return True
-        if kind == "response.created" and ctx.rec["response_model"] is None:
+        if kind == "response.created":
             r = obj.get("response")
             if isinstance(r, dict):
-                ctx.rec["response_model"] = r.get("model")
+                if ctx.rec["response_model"] is None:
+                    ctx.rec["response_model"] = r.get("model")
+                self._remember(ctx, r)  # before the event (the id) reaches the client
         return True
 
     def _stream_error_end(self, state: dict, err: bytes) -> bytes:
@@ -248,3 +330,162 @@ def _finish_reason(r: dict) -> Any:
     if isinstance(det, dict) and det.get("reason"):
         return det["reason"]
     return r.get("status")
+
+
+def _gone(rid: str, entry: StoredResponse, param: str) -> HTTPError:
+    return HTTPError(
+        404,
+        f"Response '{rid}' was stored on replica {entry.upstream}, which the shim no "
+        "longer has in its config.",
+        "invalid_request_error",
+        "response_replica_removed",
+        param=param,
+    )
+
+
+# (method, path after the id) -> operation; vLLM serves retrieve and cancel, the others
+# are OpenAI's and forwarded all the same (an upstream without them answers 404/405)
+STORED_OPS = {
+    ("GET", ""): "retrieve",
+    ("DELETE", ""): "delete",
+    ("POST", "/cancel"): "cancel",
+    ("GET", "/input_items"): "input_items",
+}
+PREFIX = "/v1/responses/"
+
+
+class StoredResponseEndpoint:
+    """`/v1/responses/{id}` (GET, DELETE), `.../cancel` (POST), `.../input_items` (GET).
+
+    Forwarded to the replica that stored the response, for the tenant that made it: an
+    id unknown here or another tenant's is a 404, in vLLM's words for an unknown id.
+    The query string is passed on (a background response's `?stream=true` replays its
+    events: the answer is streamed through as it comes). No request-log record (no
+    inference); counted in finops_shim_stored_response_calls.
+    """
+
+    def __init__(self, shim: Any) -> None:
+        self.shim = shim
+
+    async def __call__(self, scope: dict, receive: Any, send: Any) -> None:
+        shim = self.shim
+        rid, _, tail = scope["path"][len(PREFIX) :].partition("/")
+        tail = "/" + tail.rstrip("/") if tail.rstrip("/") else ""
+        op = STORED_OPS.get((scope["method"], tail))
+        status = 500
+        try:
+            if op is None or not rid:
+                allowed = [m for (m, t) in STORED_OPS if t == tail]
+                if rid and allowed:
+                    exc = HTTPError(
+                        405,
+                        f"Method {scope['method']} is not allowed on `{scope['path'][:200]}`.",
+                        "invalid_request_error",
+                        "method_not_allowed",
+                    )
+                    exc.headers.append((b"allow", ", ".join(allowed).encode()))
+                    raise exc
+                raise HTTPError(
+                    404,
+                    f"Unknown path `{scope['path'][:200]}`. Stored responses are at "
+                    "/v1/responses/{id} (GET, DELETE), /v1/responses/{id}/cancel (POST) "
+                    "and /v1/responses/{id}/input_items (GET).",
+                    "invalid_request_error",
+                    "not_found",
+                )
+            auth = None
+            declared = None
+            for k, v in scope["headers"]:
+                if k == b"authorization":
+                    auth = v
+                elif k == b"content-length" and v.isdigit():
+                    declared = int(v)
+            cfg = shim.cfg
+            try:
+                tenant = tenant_for(auth, cfg.api_keys, cfg.default_tenant)
+            except AuthError as e:
+                raise HTTPError(
+                    401, e.message, "invalid_request_error", "invalid_api_key"
+                ) from None
+            body = await read_body(receive, cfg.max_body_bytes, cfg.body_timeout_s, declared)
+            entry = await shim.find_response(rid, tenant)
+            if entry is None:
+                raise HTTPError(
+                    404,
+                    f"Response with id '{rid}' not found.",
+                    "invalid_request_error",
+                    "response_not_found",
+                    param="response_id",
+                )
+            reps = [u for u in shim.pool.all() if u.url == entry.upstream]
+            if not reps:
+                raise _gone(rid, entry, "response_id")
+            up = next((u for u in reps if u.tier == entry.tier), reps[0])
+            # a client that leaves (a long event replay) closes the upstream call
+            watch = DisconnectWatch(receive)
+            status = await watch.run(self._forward(scope, up, tail, rid, body, send))
+            if op == "delete" and status == 200:
+                shim.forget_response(rid)
+        except HTTPError as exc:
+            status = exc.status
+            headers = [*exc.headers]
+            await _send_simple(send, exc.status, exc.body, headers)
+        except ClientGone:
+            status = 499
+        finally:
+            shim.metrics.stored_response_calls.labels(op or "other", str(status)).inc()
+
+    async def _forward(
+        self, scope: dict, up: Upstream, tail: str, rid: str, body: bytes, send: Any
+    ) -> int:
+        """Send the call to `up` and stream its answer back; the status."""
+        shim = self.shim
+        url = up.url + PREFIX + quote(rid, safe="") + tail
+        qs = scope.get("query_string", b"")
+        if qs:
+            url += "?" + qs.decode("latin-1")
+        headers = {"accept-encoding": "identity"}
+        if body:
+            headers["content-type"] = "application/json"
+        if up.api_key:
+            headers["authorization"] = f"Bearer {up.api_key}"
+        client = shim.client
+        req = client.build_request(scope["method"], url, content=body or None, headers=headers)
+        try:
+            resp = await client.send(req, stream=True)
+        except httpx.HTTPError as exc:
+            raise HTTPError(
+                502,
+                f"The replica that stored response '{rid}' ({up.url}) did not answer: "
+                f"{type(exc).__name__}: {exc}",
+                "server_error",
+                "upstream_connect",
+            ) from None
+        try:
+            start = {
+                "type": "http.response.start",
+                "status": resp.status_code,
+                "headers": [
+                    (
+                        b"content-type",
+                        resp.headers.get("content-type", "application/json").encode(),
+                    ),
+                    (b"x-finops-tier", up.tier.encode()),
+                    (b"x-finops-cache", b"bypass"),
+                ],
+            }
+            if "content-length" in resp.headers:  # raw bytes are passed: the same length
+                start["headers"].append(
+                    (b"content-length", resp.headers["content-length"].encode("latin-1"))
+                )
+            await send(start)
+            try:
+                async for chunk in resp.aiter_raw():
+                    await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            except httpx.HTTPError as exc:
+                # mid-answer: nothing clean can be added; the client sees the body end early
+                shim.logger.warning("stored response %s from %s cut: %s", rid, up.url, exc)
+            await send({"type": "http.response.body", "body": b"", "more_body": False})
+            return resp.status_code
+        finally:
+            await resp.aclose()

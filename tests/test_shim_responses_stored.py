@@ -1,0 +1,308 @@
+"""Stored Responses API answers through the shim: follow-ups (`previous_response_id`)
+go to the replica that stored the response, retrieve/cancel/delete reach it too, and
+only the tenant that made a response can use its id.
+
+Against loopback fake upstreams that keep responses as vLLM does with
+VLLM_ENABLE_RESPONSES_API_STORE=1 (`FakeUpstream(store_responses=True)`), a shared
+Redis for the index across shims, and (marked `vllm`/`slow`) two real vLLM servers as
+two replicas of one tier with the official openai client.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from pathlib import Path
+
+import httpx
+import openai
+import orjson
+import pytest
+
+from finops.shim import from_flags, serve_in_thread
+from finops.shim.fakeupstream import FakeUpstream
+from finops.shim.server import run_app_in_thread
+from finops.shim.testing import wait_for_records as _records
+from tests.test_shim_cache_shared import redis_server  # noqa: F401 - a fixture
+
+BODY = {"model": "auto", "input": "hello there", "max_output_tokens": 4}
+
+
+def _serve(tmp_path: Path, upstreams: list[str], name: str = "log", **changes):
+    cfg = from_flags(upstreams, log_dir=tmp_path / name, api_keys=changes.pop("api_keys", None))
+    return serve_in_thread(dataclasses.replace(cfg, **changes))
+
+
+def _create(h, body=None, headers=None, stream=False) -> str:
+    """POST /v1/responses; the new response's id (from the body, or the stream's
+    response.created event)."""
+    body = {**(body or BODY), "stream": stream}
+    r = httpx.post(h.base_url + "/responses", json=body, headers=headers or {}, timeout=30)
+    assert r.status_code == 200, r.text
+    if not stream:
+        return r.json()["id"]
+    for raw in r.content.split(b"\n\n"):
+        for line in raw.split(b"\n"):
+            if line.startswith(b"data:"):
+                ev = orjson.loads(line[5:])
+                if ev.get("type") == "response.created":
+                    return ev["response"]["id"]
+    raise AssertionError("no response.created event")
+
+
+def _metric(h, prefix: str) -> float:
+    text = httpx.get(h.base_url.removesuffix("/v1") + "/metrics").text
+    return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
+
+
+def test_follow_ups_go_to_the_replica_that_stored_the_response(tmp_path, fakes):
+    """Two replicas of `small`: every follow-up (chained, streamed or not, by `auto` or
+    by name) reaches the replica holding its previous response. Was: least-outstanding
+    balancing sent about half to the other replica, which answered 404."""
+    a, url_a = fakes(store_responses=True)
+    b, url_b = fakes(store_responses=True)
+    big, url_big = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url_a}", f"small={url_b}", f"large={url_big}"]) as h:
+        rid = _create(h, {**BODY, "model": "small"})
+        home = a if rid in a.stored else b
+        other = b if home is a else a
+        n_other = other.calls
+        for i in range(8):
+            body = {**BODY, "previous_response_id": rid}
+            if i % 3 == 2:
+                body["model"] = "small"
+            rid = _create(h, body, stream=i % 2 == 1)  # each answer chains on the last
+            assert rid in home.stored
+        assert other.calls == n_other
+        assert big.calls == 0  # `auto` took the tier that answered, unclassified
+        recs = _records(h.shim, 9)
+        assert (
+            _metric(h, 'finops_shim_stored_response_calls_total{op="follow_up",status="200"}') == 8
+        )
+    follow = recs[1:]
+    assert all(r["status_code"] == 200 and r["tier"] == "small" for r in follow)
+    assert {r["upstream"] for r in recs} == {url_a if home is a else url_b}
+    assert all(r["router_version"] is None for r in follow)  # pinned, not routed
+    # the replica got each follow-up with its previous response's id, as sent
+    prevs = [b.get("previous_response_id") for b in home.bodies]
+    assert prevs[-8:] == [p for p in prevs[-8:] if p in home.stored] and None not in prevs[-8:]
+
+
+def test_tenants_cannot_use_each_others_response_ids(tmp_path, fakes):
+    """Replicas are shared by all tenants: the shim refuses another tenant's id (404,
+    the words vLLM uses for an unknown id) for follow-ups and every stored-response call,
+    without asking any replica."""
+    f, url = fakes(store_responses=True)
+    keys = ["k-acme-123=acme", "k-beta-456=beta"]
+    acme = {"authorization": "Bearer k-acme-123"}
+    beta = {"authorization": "Bearer k-beta-456"}
+    with _serve(tmp_path, [f"small={url}"], api_keys=keys) as h:
+        rid = _create(h, headers=acme)
+        calls = f.calls
+        r = httpx.post(
+            h.base_url + "/responses", json={**BODY, "previous_response_id": rid}, headers=beta
+        )
+        assert r.status_code == 404, r.text
+        err = r.json()["error"]
+        assert err["code"] == "previous_response_not_found"
+        assert err["param"] == "previous_response_id"
+        assert err["message"] == f"Response with id '{rid}' not found."
+        for method, suffix in (("GET", ""), ("POST", "/cancel"), ("DELETE", "")):
+            r = httpx.request(method, f"{h.base_url}/responses/{rid}{suffix}", headers=beta)
+            assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
+        assert f.calls == calls and f.stored_calls == []
+        r = httpx.get(f"{h.base_url}/responses/{rid}", headers={})
+        assert r.status_code == 401
+        # the owner gets it from the replica
+        r = httpx.get(f"{h.base_url}/responses/{rid}", headers=acme)
+        assert r.status_code == 200 and r.json()["id"] == rid
+        assert r.headers["x-finops-tier"] == "small"
+        r = httpx.post(
+            h.base_url + "/responses", json={**BODY, "previous_response_id": rid}, headers=acme
+        )
+        assert r.status_code == 200
+        recs = _records(h.shim, 3)
+    assert [(r["tenant"], r["status_code"]) for r in recs] == [
+        ("acme", 200),
+        ("beta", 404),
+        ("acme", 200),
+    ]
+    assert recs[1]["error_type"] == "previous_response_not_found"
+    assert ("GET", f"/v1/responses/{rid}") in f.stored_calls
+
+
+def test_retrieve_cancel_delete_and_input_items_are_forwarded_as_answered(tmp_path, fakes):
+    """The replica's answers come back as it gave them (status, body, query string
+    passed on), and the calls are counted by operation and status."""
+    f, url = fakes(store_responses=True)
+    g, url_g = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}", f"large={url_g}"]) as h:
+        rid = _create(h, {**BODY, "model": "large"})
+        base = f"{h.base_url}/responses/{rid}"
+        r = httpx.get(base + "?stream=false")
+        assert r.status_code == 200 and r.json()["id"] == rid
+        r = httpx.post(base + "/cancel")
+        assert r.status_code == 400
+        assert r.json()["error"]["message"] == "Cannot cancel a synchronous response."
+        r = httpx.delete(base)
+        assert r.status_code == 405  # vLLM has no DELETE: its answer, passed on
+        r = httpx.get(base + "/input_items")
+        assert r.status_code == 404
+        r = httpx.put(base)
+        assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "DELETE"}
+        r = httpx.get(base + "/nothing")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
+        assert f.stored_calls == []
+        assert [c[0] for c in g.stored_calls] == ["GET", "POST", "DELETE", "GET"]
+        m = 'finops_shim_stored_response_calls_total{op="retrieve",status="200"}'
+        assert _metric(h, m) == 1
+        assert _metric(h, 'finops_shim_stored_response_calls_total{op="cancel",status="400"}') == 1
+
+
+def test_explicit_model_must_be_served_by_the_replica_that_stored_it(tmp_path, fakes):
+    _f, url = fakes(store_responses=True)
+    g, url_g = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}", f"large={url_g}"]) as h:
+        rid = _create(h, {**BODY, "model": "small"})
+        r = httpx.post(
+            h.base_url + "/responses",
+            json={**BODY, "model": "large", "previous_response_id": rid},
+        )
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "previous_response_elsewhere" and err["param"] == "model"
+        assert "`small`" in err["message"]
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "previous_response_id": 7})
+        assert r.status_code == 400 and r.json()["error"]["param"] == "previous_response_id"
+        assert g.calls == 0
+
+
+def test_one_server_for_several_tiers_keeps_the_tier_asked_for(tmp_path, fakes):
+    """A vLLM serving several tiers' model names holds their responses in one store: a
+    follow-up by another of its tiers' names is allowed and goes there."""
+    _f, url = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}", f"large={url}"]) as h:
+        rid = _create(h, {**BODY, "model": "small"})
+        r = httpx.post(
+            h.base_url + "/responses", json={**BODY, "model": "large", "previous_response_id": rid}
+        )
+        assert r.status_code == 200, r.text
+        assert r.headers["x-finops-tier"] == "large"
+
+
+def test_store_false_is_not_indexed(tmp_path, fakes):
+    f, url = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}"], api_keys=["k-acme-123=acme"]) as h:
+        auth = {"authorization": "Bearer k-acme-123"}
+        rid = _create(h, {**BODY, "store": False}, headers=auth)
+        assert rid not in f.stored
+        r = httpx.get(f"{h.base_url}/responses/{rid}", headers=auth)
+        assert r.status_code == 404
+        assert len(h.shim.responses) == 0
+
+
+def test_without_auth_an_id_the_shim_never_saw_is_found_on_its_replica(tmp_path, fakes):
+    """Auth off (one tenant): ids made before the shim started (or through another
+    worker) are looked for on every replica and then remembered."""
+    f, url = fakes(store_responses=True)
+    _g, url_g = fakes(store_responses=True)
+    # made on g directly, not through the shim
+    r = httpx.post(url_g + "/v1/responses", json={**BODY, "model": "large"})
+    rid = r.json()["id"]
+    with _serve(tmp_path, [f"small={url}", f"large={url_g}"]) as h:
+        r = httpx.get(f"{h.base_url}/responses/{rid}")
+        assert r.status_code == 200 and r.json()["id"] == rid
+        assert r.headers["x-finops-tier"] == "large"
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "previous_response_id": rid})
+        assert r.status_code == 200 and r.headers["x-finops-tier"] == "large"
+        assert f.calls == 0
+        r = httpx.get(f"{h.base_url}/responses/resp_unknown")
+        assert r.status_code == 404
+        assert r.json()["error"]["message"] == "Response with id 'resp_unknown' not found."
+
+
+def test_the_pinned_replica_down_is_an_error_not_a_fallback(tmp_path):
+    """The other replica does not have the conversation: the follow-up fails (502,
+    naming the cause) rather than being sent where it would 404."""
+    a, b = FakeUpstream(store_responses=True), FakeUpstream(store_responses=True)
+    ha, hb = run_app_in_thread(a), run_app_in_thread(b)
+    try:
+        with _serve(tmp_path, [f"small={ha.url}", f"small={hb.url}"], connect_timeout_s=0.5) as h:
+            rid = _create(h)
+            home, other = (ha, b) if rid in a.stored else (hb, a)
+            calls = other.calls
+            home.stop(2)
+            r = httpx.post(h.base_url + "/responses", json={**BODY, "previous_response_id": rid})
+            assert r.status_code == 502, r.text
+            assert r.json()["error"]["code"] == "upstream_connect"
+            r = httpx.get(f"{h.base_url}/responses/{rid}")
+            assert r.status_code == 502 and home.url in r.json()["error"]["message"]
+            assert other.calls == calls and other.stored_calls == []
+    finally:
+        ha.stop(2)
+        hb.stop(2)
+
+
+def test_the_index_is_shared_through_redis(tmp_path, fakes, redis_server):  # noqa: F811
+    """Two shims (workers or hosts) with one Redis: a follow-up and a retrieval through
+    the second reach the replica the first indexed, for the same tenant only."""
+    _a, url_a = fakes(store_responses=True)
+    _b, url_b = fakes(store_responses=True)
+    keys = ["k-acme-123=acme", "k-beta-456=beta"]
+    acme = {"authorization": "Bearer k-acme-123"}
+    ups = [f"small={url_a}", f"small={url_b}"]
+    with (
+        _serve(tmp_path, ups, "l1", api_keys=keys, redis_url=redis_server.url) as h1,
+        _serve(tmp_path, ups, "l2", api_keys=keys, redis_url=redis_server.url) as h2,
+    ):
+        rids = [_create(h1, headers=acme, stream=i % 2 == 1) for i in range(4)]
+        deadline = time.monotonic() + 5
+        while len(redis_server.client().keys("resp:*")) < 4 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        for rid in rids:
+            r = httpx.post(
+                h2.base_url + "/responses",
+                json={**BODY, "previous_response_id": rid},
+                headers=acme,
+            )
+            assert r.status_code == 200, r.text
+            r = httpx.get(f"{h2.base_url}/responses/{rid}", headers=acme)
+            assert r.status_code == 200
+            r = httpx.get(
+                f"{h2.base_url}/responses/{rid}", headers={"authorization": "Bearer k-beta-456"}
+            )
+            assert r.status_code == 404
+
+
+# --------------------------------------------------------------------------- real vLLM
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_openai_follow_ups_across_two_vllm_replicas(tmp_path, vllm_server, vllm_server_2):
+    """Two real vLLM servers as replicas of one tier, the official client: every
+    follow-up and retrieval finds its stored response (each replica has only its own)."""
+    u1, u2 = vllm_server.root_url, vllm_server_2.root_url
+    probe = httpx.post(
+        u1 + "/v1/responses", json={"model": "small", "input": "hi", "max_output_tokens": 2}
+    ).json()
+    if httpx.get(f"{u1}/v1/responses/{probe['id']}").status_code != 200:
+        pytest.skip("this vLLM runs without VLLM_ENABLE_RESPONSES_API_STORE=1")
+    with _serve(tmp_path, [f"small={u1}", f"small={u2}"]) as h:
+        client = openai.OpenAI(base_url=h.base_url, api_key="unused", max_retries=0)
+        r = client.responses.create(model="auto", input="Name a GPU.", max_output_tokens=4)
+        ids = [r.id]
+        for i in range(5):
+            kw = {"model": "auto", "input": "And another?", "max_output_tokens": 4}
+            if i % 2:
+                with client.responses.stream(previous_response_id=ids[-1], **kw) as s:
+                    r = s.get_final_response()
+            else:
+                r = client.responses.create(previous_response_id=ids[-1], **kw)
+            assert r.previous_response_id == ids[-1]
+            ids.append(r.id)
+        for rid in ids:
+            assert client.responses.retrieve(rid).id == rid
+        recs = _records(h.shim, 6)
+    assert {rec["upstream"] for rec in recs} == {recs[0]["upstream"]}
+    assert all(rec["status_code"] == 200 for rec in recs)
