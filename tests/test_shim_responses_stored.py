@@ -306,3 +306,35 @@ def test_openai_follow_ups_across_two_vllm_replicas(tmp_path, vllm_server, vllm_
         recs = _records(h.shim, 6)
     assert {rec["upstream"] for rec in recs} == {recs[0]["upstream"]}
     assert all(rec["status_code"] == 200 for rec in recs)
+
+
+@pytest.mark.parametrize("stream", [False, True])
+def test_idempotency_key_replays_a_responses_answer(tmp_path, fakes, stream):
+    """An agent's retry with the same Idempotency-Key gets the first answer (the same
+    response id; a stream as it was sent), one upstream call, the retry logged as one
+    and not billed; the key with another body is a 422. Was: every retry generated and
+    stored a new response."""
+    f, url = fakes(store_responses=True)
+    key = {"idempotency-key": "agent-step-7"}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        body = {**BODY, "stream": stream}
+        r1 = httpx.post(h.base_url + "/responses", json=body, headers=key)
+        r2 = httpx.post(h.base_url + "/responses", json=body, headers=key)
+        assert r1.status_code == r2.status_code == 200
+        assert r1.content == r2.content
+        assert r2.headers["x-finops-cache"] == "hit"
+        r3 = httpx.post(h.base_url + "/responses", json={**body, "input": "other"}, headers=key)
+        assert r3.status_code == 422
+        assert r3.json()["error"]["code"] == "idempotency_key_reused"
+        r4 = httpx.post(
+            h.base_url + "/chat/completions",
+            json={"model": "small", "messages": [{"role": "user", "content": "hi"}]},
+            headers=key,
+        )
+        assert r4.status_code == 422  # another endpoint is another request
+        recs = _records(h.shim, 4)
+    assert f.calls == 1 and len(f.stored) == 1
+    first, retry = recs[0], recs[1]
+    assert retry["retry_of"] == first["request_id"] and retry["attempt"] == 2
+    assert retry["input_tokens"] == 0 and retry["output_tokens"] == 0
+    assert first["input_tokens"] > 0 and first["idempotency_key"] == "agent-step-7"

@@ -126,8 +126,8 @@ def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
             return None
         if failed:
             return meta, payload
-        if meta.get("sse"):  # the stream as the client got it
-            ok = payload.startswith(b"data:") and payload.endswith(b"\n\n")
+        if meta.get("sse"):  # the stream as the client got it (a Responses one: `event:` first)
+            ok = payload.startswith((b"data:", b"event:")) and payload.endswith(b"\n\n")
             return (meta, payload) if ok else None
     elif failed or meta.get("sse"):
         return None

@@ -617,7 +617,6 @@ class ProxyEndpoint:
         cfg = shim.cfg
         rec = ctx.rec
         ctx.feature = feature
-        tenant = rec["tenant"]
         body, model = _body_and_model(raw, rec)
         if self.operation == "chat":
             msgs = body.get("messages")
@@ -659,153 +658,182 @@ class ProxyEndpoint:
             rec["prompt_text"] = _prompt_text(body)
 
         # -- resolve the target tier --
-        router = shim.router
         tier = _resolve(shim, model)
-        # -- idempotency --
-        idem_id = None
+        # -- idempotency, then routing, context caps, cache / coalescing / upstream --
+        # (routing after the idempotency check: a replay makes no routing decision, and a
+        # failure there is an attempt a retry with the key is logged against)
+        if idem:
+            await self._idempotent(
+                ctx,
+                raw,
+                idem,
+                receive,
+                send,
+                lambda: self._answer(ctx, body, tier, feature, send, receive),
+            )
+        else:
+            await self._answer(ctx, body, tier, feature, send, receive)
+
+    async def _answer(
+        self, ctx: Ctx, body: dict, tier: Any, feature: str, send: Any, receive: Any
+    ) -> tuple[dict, bytes] | None:
+        """Route (the alias), apply the context cap, then answer from the cache, an
+        identical in-flight request or the upstream; the answer to keep, if any."""
+        shim = self.shim
+        cfg = shim.cfg
+        rec = ctx.rec
+        tenant = rec["tenant"]
+        router = shim.router
+        if tier == "@route":
+            tier = _route(ctx, router, body, feature)
+        ctx.tier = tier
+
+        # -- context caps --
+        rule = applicable_cap(cfg.caps, tier, feature, tenant)
+        if rule is not None:
+            if tier not in shim.pool.tiers:  # a reload removed it while this request waited
+                raise _tier_removed(tier)
+            gate = shim.tokenize_gate
+            up = shim.pool.pick_for_tokenize(
+                tier, time.monotonic(), lambda url: not gate.allows(url)
+            )
+            t = time.perf_counter()
+            out = await apply_cap(rule, body, self._token_counter(up))
+            ctx.waited += time.perf_counter() - t
+            ctx.input_count = out.input_tokens
+            if out.error is not None:
+                shim.metrics.cap_rejections.labels(tier).inc()
+                rec["input_tokens"] = out.input_tokens
+                raise HTTPError(
+                    400,
+                    out.error,
+                    "invalid_request_error",
+                    "context_length_exceeded",
+                    param="messages" if self.operation == "chat" else "prompt",
+                )
+            if out.truncated_tokens:
+                rec["truncated_tokens"] = out.truncated_tokens
+                shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
+                # turn_count and prompt_tokens_est stay as the client sent them: what
+                # the router decided on (a router trained from the log must see that)
+                body = out.body
+        ctx.body = body
+
+        # -- cache / coalescing --
+        return await self._cached_or_forward(ctx, ctx.body, ctx.tier, send, receive)
+
+    async def _idempotent(
+        self, ctx: Ctx, raw: bytes, idem: str, receive: Any, send: Any, work: Any
+    ) -> None:
+        """Answer a request with an `Idempotency-Key` once: a retry with the key (same
+        tenant, body and endpoint) replays the stored answer, logged as a retry and not
+        billed again; a concurrent duplicate waits for the first (across workers with a
+        shared store); an attempt that got no answer is recorded, so the next one runs as
+        a retry. `work()` answers the request and returns (meta, payload) to keep."""
+        shim = self.shim
+        rec = ctx.rec
+        tenant = rec["tenant"]
         claimed = False  # this request holds the key's claim in the shared store
         keeper: asyncio.Task | None = None
-        created = None
-        if idem:
-            ctx.keep_result = True
-            idem_id = "idem:" + hashlib.sha256(f"{tenant}\x00{idem}".encode()).hexdigest()
-            rec["idempotency_key"] = idem[:200]
-            fp = hashlib.sha256(raw).hexdigest()
-            shared = shim.redis is not None
-            local = False  # this request holds the key in this process' coalescer
-            running = False
-            try:
-                while True:
-                    prior = None  # the key's record of earlier attempts that got no answer
-                    stored = await shim.idem_get(idem_id)
-                    if stored is not None:
-                        meta, payload = stored
-                        # another endpoint is another request, as another body is (the
-                        # record says which endpoint; records without it predate this)
-                        if meta.get("fp") != fp or meta.get("endpoint", self.endpoint) != (
-                            self.endpoint
-                        ):
-                            raise HTTPError(
-                                422,
-                                "This Idempotency-Key was already used with a different "
-                                "request body or endpoint.",
-                                "invalid_request_error",
-                                "idempotency_key_reused",
-                            )
-                        if meta.get("failed"):
-                            prior = meta  # no answer to replay: this retry runs again, as a retry
-                        else:
-                            meta["attempts"] = int(meta.get("attempts", 1)) + 1
-                            await shim.idem_put(idem_id, meta, payload)
-                            rec["retry_of"] = meta["request_id"]
-                            rec["attempt"] = meta["attempts"]
-                            shim.metrics.idempotent_replays.inc()
-                            ctx.cache_header = b"hit"
-                            rec["cache_status"] = "hit"
-                            await self._respond_cached(ctx, meta, payload, send)
-                            return
-                    if not local:
-                        waiter = shim.coalescer.join(idem_id)
-                        if waiter is not None:
-                            # then read the original's record
-                            await _wait_for_leader(ctx, waiter, receive)
-                            continue
-                        local = True
-                    if not shared or await shim.idem_claim(idem_id, rec["request_id"]):
-                        claimed = shared
-                        running = True
-                        break
-                    # another worker or host runs this key: wait for its record, then
-                    # replay it (or, if it failed, run as a retry)
-                    await self._wait_for_claim(ctx, idem_id, receive)
-            finally:
-                if local and not running:
-                    shim.coalescer.finish(idem_id, True)
-            if claimed:
-                keeper = asyncio.create_task(shim.idem_keep_claim(idem_id, rec["request_id"]))
-            if prior is not None:
-                rec["retry_of"] = prior["request_id"]
-                rec["attempt"] = int(prior.get("attempts", 1)) + 1
-            created = prior.get("created") if prior is not None else None
-            if created is None:
-                created = time.time()
+        ctx.keep_result = True
+        idem_id = "idem:" + hashlib.sha256(f"{tenant}\x00{idem}".encode()).hexdigest()
+        rec["idempotency_key"] = idem[:200]
+        fp = hashlib.sha256(raw).hexdigest()
+        shared = shim.redis is not None
+        local = False  # this request holds the key in this process' coalescer
+        running = False
+        try:
+            while True:
+                prior = None  # the key's record of earlier attempts that got no answer
+                stored = await shim.idem_get(idem_id)
+                if stored is not None:
+                    meta, payload = stored
+                    # another endpoint is another request, as another body is (the
+                    # record says which endpoint; records without it predate this)
+                    if meta.get("fp") != fp or meta.get("endpoint", self.endpoint) != (
+                        self.endpoint
+                    ):
+                        raise HTTPError(
+                            422,
+                            "This Idempotency-Key was already used with a different "
+                            "request body or endpoint.",
+                            "invalid_request_error",
+                            "idempotency_key_reused",
+                        )
+                    if meta.get("failed"):
+                        prior = meta  # no answer to replay: this retry runs again, as a retry
+                    else:
+                        meta["attempts"] = int(meta.get("attempts", 1)) + 1
+                        await shim.idem_put(idem_id, meta, payload)
+                        rec["retry_of"] = meta["request_id"]
+                        rec["attempt"] = meta["attempts"]
+                        shim.metrics.idempotent_replays.inc()
+                        ctx.cache_header = b"hit"
+                        rec["cache_status"] = "hit"
+                        await self._respond_cached(ctx, meta, payload, send)
+                        return
+                if not local:
+                    waiter = shim.coalescer.join(idem_id)
+                    if waiter is not None:
+                        # then read the original's record
+                        await _wait_for_leader(ctx, waiter, receive)
+                        continue
+                    local = True
+                if not shared or await shim.idem_claim(idem_id, rec["request_id"]):
+                    claimed = shared
+                    running = True
+                    break
+                # another worker or host runs this key: wait for its record, then
+                # replay it (or, if it failed, run as a retry)
+                await self._wait_for_claim(ctx, idem_id, receive)
+        finally:
+            if local and not running:
+                shim.coalescer.finish(idem_id, True)
+        if claimed:
+            keeper = asyncio.create_task(shim.idem_keep_claim(idem_id, rec["request_id"]))
+        if prior is not None:
+            rec["retry_of"] = prior["request_id"]
+            rec["attempt"] = int(prior.get("attempts", 1)) + 1
+        created = prior.get("created") if prior is not None else None
+        if created is None:
+            created = time.time()
 
-        # -- routing, context caps, then cache / coalescing / upstream --
-        # (after the idempotency check: a replay makes no routing decision, and a failure
-        # here is an attempt a retry with the key is logged against)
         result = None
         try:
-            if tier == "@route":
-                tier = _route(ctx, router, body, feature)
-            ctx.tier = tier
-
-            # -- context caps --
-            rule = applicable_cap(cfg.caps, tier, feature, tenant)
-            if rule is not None:
-                if tier not in shim.pool.tiers:  # a reload removed it while this request waited
-                    raise _tier_removed(tier)
-                gate = shim.tokenize_gate
-                up = shim.pool.pick_for_tokenize(
-                    tier, time.monotonic(), lambda url: not gate.allows(url)
-                )
-                t = time.perf_counter()
-                out = await apply_cap(rule, body, self._token_counter(up))
-                ctx.waited += time.perf_counter() - t
-                ctx.input_count = out.input_tokens
-                if out.error is not None:
-                    shim.metrics.cap_rejections.labels(tier).inc()
-                    rec["input_tokens"] = out.input_tokens
-                    raise HTTPError(
-                        400,
-                        out.error,
-                        "invalid_request_error",
-                        "context_length_exceeded",
-                        param="messages" if self.operation == "chat" else "prompt",
-                    )
-                if out.truncated_tokens:
-                    rec["truncated_tokens"] = out.truncated_tokens
-                    shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
-                    # turn_count and prompt_tokens_est stay as the client sent them: what
-                    # the router decided on (a router trained from the log must see that)
-                    body = out.body
-            ctx.body = body
-
-            # -- cache / coalescing --
-            result = await self._cached_or_forward(ctx, ctx.body, ctx.tier, send, receive)
+            result = await work()
         finally:
-            if idem_id is not None:
-                try:
-                    if result is not None:
-                        entry = _idem_entry(
-                            rec, raw, _meta_of(result[0]), endpoint=self.endpoint, created=created
+            try:
+                if result is not None:
+                    entry = _idem_entry(
+                        rec, raw, _meta_of(result[0]), endpoint=self.endpoint, created=created
+                    )
+                    current = await shim.idem_get(idem_id) if claimed else None
+                    if current is None or current[0].get("failed"):
+                        await shim.idem_put(idem_id, entry, result[1])
+                    else:  # our claim ran out and another request answered meanwhile
+                        shim.logger.warning(
+                            "Idempotency-Key record %s was answered by %s while %s ran; kept",
+                            idem_id,
+                            current[0].get("request_id"),
+                            rec["request_id"],
                         )
-                        current = await shim.idem_get(idem_id) if claimed else None
-                        if current is None or current[0].get("failed"):
-                            await shim.idem_put(idem_id, entry, result[1])
-                        else:  # our claim ran out and another request answered meanwhile
-                            shim.logger.warning(
-                                "Idempotency-Key record %s was answered by %s while %s ran; kept",
-                                idem_id,
-                                current[0].get("request_id"),
-                                rec["request_id"],
-                            )
-                    else:
-                        # no answer (upstream failure, client gone): the attempt is still
-                        # recorded, so a retry with the key is logged as one (retry_of,
-                        # attempt), but never over an answer stored meanwhile (a request
-                        # that ran without a claim while the shared store was out)
-                        current = await shim.idem_get(idem_id)
-                        if current is None or current[0].get("failed"):
-                            entry = _idem_entry(
-                                rec, raw, {"failed": True}, endpoint=self.endpoint, created=created
-                            )
-                            await shim.idem_put(idem_id, entry, b"")
-                finally:
-                    if keeper is not None:
-                        keeper.cancel()
-                    if claimed:  # after the record: a waiting duplicate then finds it
-                        await shim.idem_release(idem_id, rec["request_id"])
-                    shim.coalescer.finish(idem_id, True)
+                else:
+                    # no answer (upstream failure, client gone): the attempt is still
+                    # recorded, so a retry with the key is logged as one (retry_of,
+                    # attempt), but never over an answer stored meanwhile (a request
+                    # that ran without a claim while the shared store was out)
+                    current = await shim.idem_get(idem_id)
+                    if current is None or current[0].get("failed"):
+                        entry = _idem_entry(
+                            rec, raw, {"failed": True}, endpoint=self.endpoint, created=created
+                        )
+                        await shim.idem_put(idem_id, entry, b"")
+            finally:
+                if keeper is not None:
+                    keeper.cancel()
+                if claimed:  # after the record: a waiting duplicate then finds it
+                    await shim.idem_release(idem_id, rec["request_id"])
+                shim.coalescer.finish(idem_id, True)
 
     async def _wait_for_claim(self, ctx: Ctx, idem_id: str, receive: Any) -> None:
         """Wait while another process holds the key's claim: until its record has an

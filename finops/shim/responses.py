@@ -18,9 +18,11 @@ record per request (operation `responses`). What differs from chat:
   ended there, without waiting for the upstream's body end), and a stream that ends
   without one is incomplete (502 `upstream_stream_error`); a stream the shim has to cut
   after the first byte ends with an `event: error` in the Responses shape;
-- no response cache, no coalescing, no Idempotency-Key replay (the header is not
-  honoured, as vLLM does not honour it) and no context caps: every record says
-  `cache_status` "bypass";
+- no response cache, no coalescing of identical requests and no context caps: every
+  record says `cache_status` "bypass" (a replay: "hit");
+- an `Idempotency-Key` is honoured as for chat (`ProxyEndpoint._idempotent`): a retry
+  with the key replays the first answer (a stream as the client got it), logged as a
+  retry and not billed again; a concurrent duplicate waits for the first;
 - stored responses (stored.py): each answer's id is indexed with its tenant and the
   replica that answered; a follow-up (`previous_response_id`) goes to that replica only
   (no routing, no fallback to a server without it) and only for that tenant (404
@@ -157,16 +159,25 @@ class ResponsesEndpoint(ProxyEndpoint):
 
         tier = _resolve(shim, model)
         prev = body.get("previous_response_id")
-        if prev is not None:
-            # a follow-up: only the replica that stored `prev` has it (and its tenant may use it)
-            tier = await self._pin(ctx, prev, tier)
-        elif tier == "@route":
-            tier = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
-        ctx.tier = tier
-        ctx.body = body
-        rec["cache_status"] = "bypass"
-        shim.metrics.cache.labels("bypass").inc()
-        await self._forward(ctx, send, receive, None)
+
+        async def answer() -> tuple[dict, bytes] | None:
+            t = tier
+            if prev is not None:
+                # a follow-up: only the replica that stored `prev` has it (and only its
+                # tenant may use it)
+                t = await self._pin(ctx, prev, t)
+            elif t == "@route":
+                t = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
+            ctx.tier = t
+            ctx.body = body
+            rec["cache_status"] = "bypass"
+            shim.metrics.cache.labels("bypass").inc()
+            return await self._forward(ctx, send, receive, None)
+
+        if idem:  # as for chat: a retry with the key replays the answer, not billed again
+            await self._idempotent(ctx, raw, idem, receive, send, answer)
+        else:
+            await answer()
 
     async def _pin(self, ctx: Ctx, prev: Any, tier: str) -> str:
         """Pin a follow-up to the replica holding `prev`; the tier it goes to.
