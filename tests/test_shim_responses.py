@@ -20,7 +20,7 @@ import pytest
 
 from finops.lake import Lake
 from finops.shim import from_flags, serve_in_thread
-from finops.shim.config import hash_key
+from finops.shim.config import CapRule, hash_key
 from finops.shim.testing import wait_for_records as _records
 
 BODY = {"model": "small", "input": "hello there", "max_output_tokens": 4}
@@ -314,3 +314,43 @@ def test_openai_responses_create_against_vllm(tmp_path, vllm_server):
     )
     assert stream_rec["ttft_ms"] > 0 and stream_rec["finish_reason"] == "max_output_tokens"
     assert stream_rec["error_type"] is None
+
+
+def test_context_caps_apply_to_responses_requests(tmp_path, fakes):
+    """A tenant capped on chat cannot send the same context through /v1/responses (was:
+    caps were skipped there). `reject`: a 400 naming `input`, no upstream call;
+    `truncate`: the oldest turns' items go (a tool call with its output), never the
+    instructions or the last turn."""
+    f, url = fakes()
+    caps = (CapRule(80, "truncate", tier="small"), CapRule(50, "reject", feature="strict"))
+    items: list = []
+    for i in range(5):
+        items += [
+            {"role": "user", "content": f"question {i} " + "word " * 20},
+            {"type": "function_call", "call_id": f"c{i}", "name": "f", "arguments": "{}"},
+            {"type": "function_call_output", "call_id": f"c{i}", "output": "result " * 10},
+            {"role": "assistant", "content": [{"type": "output_text", "text": "ok " * 10}]},
+        ]
+    items.append({"role": "user", "content": "last question"})
+    body = {**BODY, "instructions": "be brief", "input": items}
+    with _serve(tmp_path, [f"small={url}"], caps=caps) as h:
+        r = httpx.post(h.base_url + "/responses", json=body, headers={"x-feature": "strict"})
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "context_length_exceeded" and err["param"] == "input"
+        assert "cap of 50" in err["message"]
+        assert f.calls == 0
+        r = httpx.post(h.base_url + "/responses", json=body)
+        assert r.status_code == 200, r.text
+        sent = f.bodies[-1]
+        assert sent["instructions"] == "be brief"
+        assert sent["input"][-1] == {"role": "user", "content": "last question"}
+        assert len(sent["input"]) < len(items)
+        # whole turns went: every call that is left has its output
+        calls = {it["call_id"] for it in sent["input"] if it.get("type") == "function_call"}
+        outs = {it["call_id"] for it in sent["input"] if it.get("type") == "function_call_output"}
+        assert calls == outs
+        assert sent["input"] == items[len(items) - len(sent["input"]) :]
+        recs = _records(h.shim, 2)
+    assert recs[0]["status_code"] == 400 and recs[0]["error_type"] == "context_length_exceeded"
+    assert recs[1]["truncated_tokens"] > 0

@@ -18,8 +18,9 @@ record per request (operation `responses`). What differs from chat:
   ended there, without waiting for the upstream's body end), and a stream that ends
   without one is incomplete (502 `upstream_stream_error`); a stream the shim has to cut
   after the first byte ends with an `event: error` in the Responses shape;
-- no response cache, no coalescing of identical requests and no context caps: every
-  record says `cache_status` "bypass" (a replay: "hit");
+- context caps apply as for chat, counted on the chat-shaped view (`_cap`);
+- no response cache and no coalescing of identical requests: every record says
+  `cache_status` "bypass" (a replay: "hit");
 - an `Idempotency-Key` is honoured as for chat (`ProxyEndpoint._idempotent`): a retry
   with the key replays the first answer (a stream as the client got it), logged as a
   retry and not billed again; a concurrent duplicate waits for the first;
@@ -42,7 +43,7 @@ import orjson
 
 from finops.router.features import estimate_prompt_tokens
 from finops.shim.auth import AuthError, tenant_for
-from finops.shim.caps import estimate_body_tokens
+from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
 from finops.shim.proxy import (
     ClientGone,
     Ctx,
@@ -56,6 +57,7 @@ from finops.shim.proxy import (
     _route,
     _send_simple,
     _stream_flag,
+    _tier_removed,
     read_body,
     sse_json,
 )
@@ -79,26 +81,31 @@ def _item_text(content: Any) -> str | None:
     return None
 
 
-def as_chat_body(body: dict) -> dict:
-    """A chat-shaped view of a Responses request, for the router and the record.
+def as_chat_body(body: dict, sources: list[int] | None = None) -> dict:
+    """A chat-shaped view of a Responses request, for the router, the record and caps.
 
     `instructions` becomes a system message; `input` (a string, or a list of items) the
     turns: a message item keeps its role and the text of its content, a tool call's
     output is a `tool` turn, and other items (function calls, reasoning) are assistant
     turns with what text they carry. `tools` are kept (the router looks at whether there
-    are any).
+    are any). `sources`, if given, gets each message's index in `input` (-1: not an
+    item), so a truncation of the view maps back to items.
     """
     msgs: list[dict] = []
+    src: list[int] = sources if sources is not None else []
     ins = body.get("instructions")
     if isinstance(ins, str) and ins:
         msgs.append({"role": "system", "content": ins})
+        src.append(-1)
     inp = body.get("input")
     if isinstance(inp, str):
         msgs.append({"role": "user", "content": inp})
+        src.append(-1)
     elif isinstance(inp, list):
-        for item in inp:
+        for j, item in enumerate(inp):
             if isinstance(item, str):
                 msgs.append({"role": "user", "content": item})
+                src.append(j)
                 continue
             if not isinstance(item, dict):
                 continue
@@ -113,6 +120,7 @@ def as_chat_body(body: dict) -> dict:
                 role = "assistant"
                 text = _item_text(item.get("arguments")) or _item_text(item.get("summary"))
             msgs.append({"role": role, "content": text or ""})
+            src.append(j)
     chat: dict[str, Any] = {"messages": msgs}
     if body.get("tools"):
         chat["tools"] = body["tools"]
@@ -169,7 +177,7 @@ class ResponsesEndpoint(ProxyEndpoint):
             elif t == "@route":
                 t = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
             ctx.tier = t
-            ctx.body = body
+            ctx.body = await self._cap(ctx, body, t, feature) if shim.cfg.caps else body
             rec["cache_status"] = "bypass"
             shim.metrics.cache.labels("bypass").inc()
             return await self._forward(ctx, send, receive, None)
@@ -243,8 +251,57 @@ class ResponsesEndpoint(ProxyEndpoint):
         # the tier's model name only: the Responses API has no stream_options
         return orjson.dumps({**ctx.body, "model": up.model})
 
+    async def _cap(self, ctx: Ctx, body: dict, tier: str, feature: str) -> dict:
+        """The context cap that applies, counted on the chat-shaped view (what the
+        request sends: a stored conversation it continues is not counted); the body to
+        send. `truncate` drops the oldest turns' input items (a tool call with its
+        output), never `instructions` or the last turn."""
+        shim = self.shim
+        rec = ctx.rec
+        rule = applicable_cap(shim.cfg.caps, tier, feature, rec["tenant"])
+        if rule is None:
+            return body
+        if tier not in shim.pool.tiers:  # a reload removed it while this request waited
+            raise _tier_removed(tier)
+        gate = shim.tokenize_gate
+        up = shim.pool.pick_for_tokenize(tier, time.monotonic(), lambda url: not gate.allows(url))
+        sources: list[int] = []
+        chat = as_chat_body(body, sources)
+        t = time.perf_counter()
+        out = await apply_cap(rule, chat, self._token_counter(up))
+        ctx.waited += time.perf_counter() - t
+        ctx.input_count = out.input_tokens
+        if out.error is not None:
+            shim.metrics.cap_rejections.labels(tier).inc()
+            rec["input_tokens"] = out.input_tokens
+            raise HTTPError(
+                400, out.error, "invalid_request_error", "context_length_exceeded", param="input"
+            )
+        if not out.truncated_tokens:
+            return body
+        kept = {id(m) for m in out.body["messages"]}
+        drop = {
+            j
+            for m, j in zip(chat["messages"], sources, strict=True)
+            if id(m) not in kept and j >= 0
+        }
+        rec["truncated_tokens"] = out.truncated_tokens
+        shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
+        return {**body, "input": [it for j, it in enumerate(body["input"]) if j not in drop]}
+
     async def _over_cap(self, ctx: Ctx, up: Upstream) -> bool:
-        return False  # context caps are not applied to Responses requests
+        """A fallback tier's cap, against the count the cap step made (the estimate of
+        the chat-shaped view when no cap applied to the first tier)."""
+        cfg = self.shim.cfg
+        if not cfg.caps:
+            return False
+        rule = applicable_cap(cfg.caps, up.tier, ctx.feature, ctx.rec["tenant"])
+        if rule is None:
+            return False
+        n = ctx.input_count
+        if n is None:
+            n = estimate_body_tokens(as_chat_body(ctx.body))
+        return n > rule.max_input_tokens
 
     # -- answers --
     async def _respond_full(
