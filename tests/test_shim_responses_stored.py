@@ -338,3 +338,45 @@ def test_idempotency_key_replays_a_responses_answer(tmp_path, fakes, stream):
     assert retry["retry_of"] == first["request_id"] and retry["attempt"] == 2
     assert retry["input_tokens"] == 0 and retry["output_tokens"] == 0
     assert first["input_tokens"] > 0 and first["idempotency_key"] == "agent-step-7"
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_background_responses_through_the_shim_against_vllm(tmp_path, vllm_server):
+    """Background mode with the official client against real vLLM: create, poll with
+    retrieve until done, replay its events (`?stream=true`, streamed through), cancel a
+    running one; another tenant sees none of it."""
+    keys = ["k-acme-123=acme", "k-beta-456=beta"]
+    with _serve(tmp_path, [f"small={vllm_server.root_url}"], api_keys=keys) as h:
+        client = openai.OpenAI(base_url=h.base_url, api_key="k-acme-123", max_retries=0)
+        other = openai.OpenAI(base_url=h.base_url, api_key="k-beta-456", max_retries=0)
+        rid = None
+        with client.responses.create(
+            model="auto", input="Count to five.", max_output_tokens=8, background=True, stream=True
+        ) as events:
+            for ev in events:
+                if ev.type == "response.created":
+                    rid = ev.response.id
+                    break  # leaving the stream does not stop a background response
+        assert rid is not None
+        deadline = time.monotonic() + 60
+        while (r := client.responses.retrieve(rid)).status in ("queued", "in_progress"):
+            assert time.monotonic() < deadline
+            time.sleep(0.2)
+        assert r.status in ("completed", "incomplete") and r.usage.output_tokens > 0
+        replay = httpx.get(
+            f"{h.base_url}/responses/{rid}?stream=true&starting_after=1",
+            headers={"authorization": "Bearer k-acme-123"},
+            timeout=30,
+        )
+        assert replay.status_code == 200
+        assert replay.headers["content-type"].startswith("text/event-stream")
+        assert "event: response.completed" in replay.text or "response.incomplete" in replay.text
+        with pytest.raises(openai.NotFoundError):
+            other.responses.retrieve(rid)
+        with pytest.raises(openai.NotFoundError):
+            other.responses.cancel(rid)
+        running = client.responses.create(
+            model="auto", input="Count to fifty.", max_output_tokens=200, background=True
+        )
+        assert client.responses.cancel(running.id).status == "cancelled"
