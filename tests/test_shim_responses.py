@@ -354,3 +354,107 @@ def test_context_caps_apply_to_responses_requests(tmp_path, fakes):
         recs = _records(h.shim, 2)
     assert recs[0]["status_code"] == 400 and recs[0]["error_type"] == "context_length_exceeded"
     assert recs[1]["truncated_tokens"] > 0
+
+
+def _sse_events(content: bytes) -> list[dict]:
+    return [d for _name, d in _events(content) if d is not None]
+
+
+def test_deterministic_responses_are_cached_and_replayed_both_ways(tmp_path, fakes):
+    """temperature 0: one upstream call for a plain, a streamed and a plain request (was:
+    three); the streamed hit is the typed events vLLM would send, ending with the cached
+    answer; the hits are logged as hits with no tokens and the same finish."""
+    f, url = fakes()
+    body = {**BODY, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r1 = httpx.post(h.base_url + "/responses", json=body)
+        r2 = httpx.post(h.base_url + "/responses", json={**body, "stream": True})
+        r3 = httpx.post(h.base_url + "/responses", json=body)
+        assert [r.headers["x-finops-cache"] for r in (r1, r2, r3)] == ["miss", "hit", "hit"]
+        assert r3.content == r1.content
+        events = _sse_events(r2.content)
+        kinds = [e["type"] for e in events]
+        assert kinds[:3] == [
+            "response.created",
+            "response.in_progress",
+            "response.output_item.added",
+        ]
+        assert kinds[-1] == "response.completed"
+        assert [e["sequence_number"] for e in events] == list(range(len(events)))
+        assert events[-1]["response"] == r1.json()
+        text = "".join(e["delta"] for e in events if e["type"] == "response.output_text.delta")
+        assert text == r1.json()["output"][0]["content"][0]["text"]
+        recs = _records(h.shim, 3)
+    assert f.calls == 1
+    assert [r["cache_status"] for r in recs] == ["miss", "hit", "hit"]
+    assert recs[1]["output_tokens"] == 0 and recs[1]["finish_reason"] == recs[0]["finish_reason"]
+
+
+def test_a_streamed_answer_is_cached_for_plain_requests(tmp_path, fakes):
+    f, url = fakes()
+    body = {**BODY, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r1 = httpx.post(h.base_url + "/responses", json={**body, "stream": True})
+        final = _sse_events(r1.content)[-1]["response"]
+        r2 = httpx.post(h.base_url + "/responses", json=body)
+        assert r2.headers["x-finops-cache"] == "hit" and r2.json() == final
+    assert f.calls == 1
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [
+        {"temperature": 0.7},
+        {"temperature": 0, "background": True},
+        {"temperature": 0, "include": ["message.output_text.logprobs"]},
+    ],
+)
+def test_responses_that_must_not_be_cached(tmp_path, fakes, extra):
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        for _ in range(2):
+            r = httpx.post(h.base_url + "/responses", json={**BODY, **extra})
+            assert r.headers["x-finops-cache"] == "bypass"
+    assert f.calls == 2
+
+
+def test_cached_responses_stay_with_their_tenant(tmp_path, fakes):
+    f, url = fakes()
+    keys = ["k-acme-123=acme", "k-beta-456=beta"]
+    body = {**BODY, "temperature": 0}
+    cfg = from_flags([f"small={url}"], api_keys=keys, log_dir=tmp_path / "log")
+    with serve_in_thread(cfg) as h:
+        for key in ("k-acme-123", "k-beta-456", "k-acme-123"):
+            httpx.post(
+                h.base_url + "/responses", json=body, headers={"authorization": f"Bearer {key}"}
+            )
+    assert f.calls == 2
+
+
+@pytest.mark.vllm
+@pytest.mark.slow
+def test_openai_stream_helper_reads_a_cached_responses_replay(tmp_path, vllm_server):
+    """Against real vLLM: a greedy answer cached from a plain request, then read with the
+    official client's `responses.stream` helper (which rebuilds the answer from the
+    events and checks their order) and as a plain hit: the same text, id and usage."""
+    url = vllm_server.root_url
+    kw = {
+        "input": MSG,
+        "max_output_tokens": 6,
+        "temperature": 0,
+        "extra_body": {"ignore_eos": True},
+    }
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        c = openai.OpenAI(base_url=h.base_url, api_key="x", max_retries=0)
+        first = c.responses.create(model="auto", **kw)
+        with c.responses.stream(model="auto", **kw) as s:
+            deltas = [e.delta for e in s if e.type == "response.output_text.delta"]
+            replayed = s.get_final_response()
+        again = c.responses.with_raw_response.create(model="auto", **kw)
+        assert again.headers["x-finops-cache"] == "hit"
+        recs = _records(h.shim, 3)
+    assert replayed.id == first.id and replayed.output_text == first.output_text != ""
+    assert "".join(deltas) == first.output_text
+    assert replayed.usage.output_tokens == first.usage.output_tokens == 6
+    assert again.parse().output_text == first.output_text
+    assert [r["cache_status"] for r in recs] == ["miss", "hit", "hit"]

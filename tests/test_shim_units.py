@@ -881,3 +881,46 @@ def test_circuit_breaker_ignores_verdicts_from_before_its_last_change():
     assert b.consecutive_failures == 1
     b.failure(13, now)
     assert b.state == OPEN
+
+
+def test_responses_replay_rebuilds_calls_and_text_and_refuses_what_it_cannot():
+    """A cached Responses answer with a function call and a message streams back as the
+    typed events a client accumulates into the same answer; reasoning items, logprobs or
+    an unfinished answer are not replayable (not cached)."""
+    from finops.shim.cache import replay_responses, responses_replayable
+
+    call = {
+        "id": "fc_1",
+        "type": "function_call",
+        "call_id": "call_1",
+        "name": "lookup",
+        "arguments": '{"q": "gpu"}',
+        "status": "completed",
+    }
+    part = {"type": "output_text", "text": "Done.", "annotations": [], "logprobs": None}
+    msg = {"id": "msg_1", "type": "message", "role": "assistant", "status": "completed",
+           "content": [part]}  # fmt: skip
+    resp = {"id": "resp_1", "object": "response", "status": "completed", "output": [call, msg],
+            "usage": {"input_tokens": 3, "output_tokens": 4}}  # fmt: skip
+    assert responses_replayable(resp)
+    raw = replay_responses(resp)
+    evs = [orjson.loads(e.split(b"\ndata: ", 1)[1]) for e in raw]
+    assert all(
+        e.startswith(b"event: " + ev["type"].encode()) for e, ev in zip(raw, evs, strict=True)
+    )
+    assert [e["sequence_number"] for e in evs] == list(range(len(evs)))
+    assert evs[0]["type"] == "response.created" and evs[0]["response"]["output"] == []
+    assert evs[-1] == {
+        "type": "response.completed",
+        "response": resp,
+        "sequence_number": len(evs) - 1,
+    }
+    args = "".join(e["delta"] for e in evs if e["type"] == "response.function_call_arguments.delta")
+    text = "".join(e["delta"] for e in evs if e["type"] == "response.output_text.delta")
+    assert args == call["arguments"] and text == "Done."
+    done = [e["item"] for e in evs if e["type"] == "response.output_item.done"]
+    assert done == [call, msg]
+    assert not responses_replayable({**resp, "status": "in_progress"})
+    assert not responses_replayable({**resp, "output": [{"id": "rs_1", "type": "reasoning"}]})
+    with_lp = {**msg, "content": [{**part, "logprobs": [{"token": "D", "logprob": -0.1}]}]}
+    assert not responses_replayable({**resp, "output": [with_lp]})

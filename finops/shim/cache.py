@@ -405,10 +405,14 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
     Text fields are joined and tool calls merged by index (OpenAI streams a call's
     id and name once, then its arguments in pieces). A stream carrying anything this
     cannot rebuild (logprobs, a legacy `function_call`, malformed chunks) gives None:
-    it is not cached rather than replayed wrong.
+    it is not cached rather than replayed wrong. A Responses stream's events are its
+    terminal event's `response` (the whole answer already).
     """
     if not events:
         return None
+    if operation == "responses":
+        r = events[-1]
+        return r if responses_replayable(r) else None
     first = events[0]
     choices: dict[int, dict] = {}
     usage = None
@@ -523,8 +527,118 @@ def _merge_tool_calls(tools: dict[int, dict], deltas: list) -> bool:
     return True
 
 
+def responses_replayable(r: Any) -> bool:
+    """A Responses answer `replay_responses` can stream again as vLLM would: finished,
+    its output messages of text parts and function calls only (no reasoning items,
+    logprobs or other kinds, which it would replay wrong)."""
+    if not isinstance(r, dict) or r.get("status") not in ("completed", "incomplete"):
+        return False
+    out = r.get("output")
+    if not isinstance(out, list) or not isinstance(r.get("id"), str):
+        return False
+    for item in out:
+        if not isinstance(item, dict) or not isinstance(item.get("id"), str):
+            return False
+        kind = item.get("type")
+        if kind == "function_call":
+            if not isinstance(item.get("arguments"), str):
+                return False
+        elif kind == "message":
+            parts = item.get("content")
+            if not isinstance(parts, list):
+                return False
+            for part in parts:
+                if not (
+                    isinstance(part, dict)
+                    and part.get("type") == "output_text"
+                    and isinstance(part.get("text"), str)
+                    and not part.get("logprobs")
+                ):
+                    return False
+        else:
+            return False
+    return True
+
+
+def replay_responses(resp: dict) -> list[bytes]:
+    """A cached Responses answer as the stream vLLM sends: created, in_progress, each
+    output item (added, its text or arguments as one delta, done) and the terminal
+    event (vLLM ends with `response.completed` for an incomplete answer too)."""
+    out: list[bytes] = []
+
+    def ev(obj: dict) -> None:
+        obj["sequence_number"] = len(out)
+        out.append(b"event: " + obj["type"].encode() + b"\ndata: " + orjson.dumps(obj) + b"\n\n")
+
+    start = {**resp, "status": "in_progress", "output": [], "usage": None}
+    start["incomplete_details"] = None
+    ev({"type": "response.created", "response": start})
+    ev({"type": "response.in_progress", "response": start})
+    for i, item in enumerate(resp["output"]):
+        iid = item["id"]
+        if item["type"] == "function_call":
+            ev(
+                {
+                    "type": "response.output_item.added",
+                    "output_index": i,
+                    "item": {**item, "arguments": "", "status": "in_progress"},
+                }
+            )
+            base = {"item_id": iid, "output_index": i}
+            ev(
+                {
+                    "type": "response.function_call_arguments.delta",
+                    **base,
+                    "delta": item["arguments"],
+                }
+            )
+            ev(
+                {
+                    "type": "response.function_call_arguments.done",
+                    **base,
+                    "arguments": item["arguments"],
+                    "name": item.get("name"),
+                }
+            )
+        else:  # a message of output_text parts
+            ev(
+                {
+                    "type": "response.output_item.added",
+                    "output_index": i,
+                    "item": {**item, "content": [], "status": "in_progress"},
+                }
+            )
+            for k, part in enumerate(item["content"]):
+                base = {"item_id": iid, "output_index": i, "content_index": k}
+                empty = {**part, "text": "", "logprobs": []}
+                ev({"type": "response.content_part.added", **base, "part": empty})
+                ev(
+                    {
+                        "type": "response.output_text.delta",
+                        **base,
+                        "delta": part["text"],
+                        "logprobs": [],
+                    }
+                )
+                ev(
+                    {
+                        "type": "response.output_text.done",
+                        **base,
+                        "text": part["text"],
+                        "logprobs": [],
+                    }
+                )
+                ev({"type": "response.content_part.done", **base, "part": part})
+        ev({"type": "response.output_item.done", "output_index": i, "item": item})
+    ev({"type": "response.completed", "response": resp})
+    return out
+
+
 def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes]:
-    """SSE events for a cached response: role, text, tool calls, finish, optional usage, [DONE]."""
+    """SSE events for a cached response: role, text, tool calls, finish, optional usage, [DONE]
+    (a Responses answer: its typed events, `replay_responses`)."""
+    if operation == "responses":
+        return replay_responses(resp)
     base = {"id": resp.get("id"), "created": resp.get("created"), "model": resp.get("model")}
     if resp.get("system_fingerprint"):
         base["system_fingerprint"] = resp["system_fingerprint"]

@@ -19,8 +19,11 @@ record per request (operation `responses`). What differs from chat:
   without one is incomplete (502 `upstream_stream_error`); a stream the shim has to cut
   after the first byte ends with an `event: error` in the Responses shape;
 - context caps apply as for chat, counted on the chat-shaped view (`_cap`);
-- no response cache and no coalescing of identical requests: every record says
-  `cache_status` "bypass" (a replay: "hit");
+- the response cache and coalescing as for chat, for deterministic requests (not
+  background ones, nor those asking for logprobs): an answer is cached when a replay
+  can rebuild its stream (text messages and function calls: `responses_replayable`),
+  and streamed and plain requests replay each other (`replay_responses`); a hit keeps
+  the original response id, so follow-ups on it still reach its replica;
 - an `Idempotency-Key` is honoured as for chat (`ProxyEndpoint._idempotent`): a retry
   with the key replays the first answer (a stream as the client got it), logged as a
   retry and not billed again; a concurrent duplicate waits for the first;
@@ -43,6 +46,7 @@ import orjson
 
 from finops.router.features import estimate_prompt_tokens
 from finops.shim.auth import AuthError, tenant_for
+from finops.shim.cache import responses_replayable
 from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
 from finops.shim.proxy import (
     ClientGone,
@@ -178,6 +182,8 @@ class ResponsesEndpoint(ProxyEndpoint):
                 t = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
             ctx.tier = t
             ctx.body = await self._cap(ctx, body, t, feature) if shim.cfg.caps else body
+            if _cacheable(ctx.body):  # deterministic ones only: checked there, as for chat
+                return await self._cached_or_forward(ctx, ctx.body, t, send, receive)
             rec["cache_status"] = "bypass"
             shim.metrics.cache.labels("bypass").inc()
             return await self._forward(ctx, send, receive, None)
@@ -309,10 +315,10 @@ class ResponsesEndpoint(ProxyEndpoint):
     ) -> tuple[dict, bytes] | None:
         if resp.status == 200 and ctx.answer is not None:
             self._remember(ctx, ctx.answer)  # before the client has the id
-        out = await super()._respond_full(ctx, up, resp, data, send, store_key)
-        if resp.status == 200 and ctx.answer is not None:
-            ctx.rec["finish_reason"] = _finish_reason(ctx.answer)
-        return out
+            ctx.rec["finish_reason"] = _finish_reason(ctx.answer)  # also into the cache's meta
+            if not responses_replayable(ctx.answer):
+                store_key = None  # a cache hit could not stream it back as vLLM would
+        return await super()._respond_full(ctx, up, resp, data, send, store_key)
 
     def _usage_into(self, rec: dict, usage: Any) -> None:
         if not isinstance(usage, dict):
@@ -352,6 +358,8 @@ class ResponsesEndpoint(ProxyEndpoint):
             r = obj.get("response")
             if isinstance(r, dict):
                 rec = ctx.rec
+                if collect is not None:  # the whole answer, for the cache
+                    collect.append(r)
                 if r.get("usage"):
                     state["usage"] = r["usage"]
                 if rec["response_model"] is None:
@@ -389,6 +397,15 @@ class ResponsesEndpoint(ProxyEndpoint):
             "sequence_number": seq + 1 if isinstance(seq, int) else 0,
         }
         return b"event: error\ndata: " + orjson.dumps(ev) + b"\n\n"
+
+
+def _cacheable(body: dict) -> bool:
+    """May go through the response cache (which takes deterministic requests only): not
+    a background request (its answer is a placeholder) nor one asking for logprobs."""
+    if body.get("background"):
+        return False
+    inc = body.get("include")
+    return not (isinstance(inc, list) and any("logprobs" in str(x) for x in inc))
 
 
 def _finish_reason(r: dict) -> Any:
