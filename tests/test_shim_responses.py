@@ -458,3 +458,41 @@ def test_openai_stream_helper_reads_a_cached_responses_replay(tmp_path, vllm_ser
     assert replayed.usage.output_tokens == first.usage.output_tokens == 6
     assert again.parse().output_text == first.output_text
     assert [r["cache_status"] for r in recs] == ["miss", "hit", "hit"]
+
+
+def test_a_cap_never_drops_the_items_that_answer_a_stored_response(tmp_path, fakes):
+    """With `previous_response_id`, items before the first user message (a tool call's
+    output) answer the stored response: truncation that would drop them is a reject
+    (was: dropped, leaving vLLM a call without its output)."""
+    f, url = fakes(store_responses=True)
+    caps = (CapRule(40, "truncate"),)
+    with _serve(tmp_path, [f"small={url}"], caps=caps) as h:
+        first = httpx.post(h.base_url + "/responses", json=BODY).json()["id"]
+        items = [
+            {"type": "function_call_output", "call_id": "c1", "output": "result " * 60},
+            {"role": "user", "content": "and now?"},
+        ]
+        body = {**BODY, "input": items, "previous_response_id": first}
+        r = httpx.post(h.base_url + "/responses", json=body)
+        assert r.status_code == 400, r.text
+        assert r.json()["error"]["code"] == "context_length_exceeded"
+        assert "previous_response_id" in r.json()["error"]["message"]
+        # without a stored response to answer, the same input is truncated as usual
+        r = httpx.post(h.base_url + "/responses", json={**BODY, "input": items})
+        assert r.status_code == 200
+        assert f.bodies[-1]["input"] == items[1:]
+
+
+def test_reasoning_items_count_towards_the_input():
+    from finops.shim.caps import estimate_body_tokens
+    from finops.shim.responses import as_chat_body
+
+    item = {
+        "type": "reasoning",
+        "id": "rs_1",
+        "summary": [{"type": "summary_text", "text": "short"}],
+        "content": [{"type": "reasoning_text", "text": "long thinking " * 50}],
+    }
+    chat = as_chat_body({"input": [item, {"role": "user", "content": "hi"}]})
+    assert "long thinking" in chat["messages"][0]["content"]
+    assert estimate_body_tokens(chat) > 150

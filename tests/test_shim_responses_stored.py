@@ -164,6 +164,7 @@ def test_retrieve_cancel_delete_and_input_items_are_forwarded_as_answered(tmp_pa
         assert r.json()["error"]["message"] == "Cannot cancel a synchronous response."
         r = httpx.delete(base)
         assert r.status_code == 405  # vLLM has no DELETE: its answer, passed on
+        assert r.headers["allow"] == "GET"
         r = httpx.get(base + "/input_items")
         assert r.status_code == 404
         r = httpx.put(base)
@@ -402,3 +403,80 @@ def test_background_responses_through_the_shim_against_vllm(tmp_path, vllm_serve
             model="auto", input="Count to fifty.", max_output_tokens=200, background=True
         )
         assert client.responses.cancel(running.id).status == "cancelled"
+
+
+def test_a_client_chosen_request_id_is_refused(tmp_path, fakes):
+    """vLLM makes a body's `request_id` the response id: through a shared replica, tenant
+    B could take over (overwrite, read, continue) tenant A's stored response by sending
+    A's id. Was: passed on, and the index re-assigned the id to B."""
+    f, url = fakes(store_responses=True)
+    keys = ["k-acme-123=acme", "k-beta-456=beta"]
+    acme = {"authorization": "Bearer k-acme-123"}
+    beta = {"authorization": "Bearer k-beta-456"}
+    with _serve(tmp_path, [f"small={url}"], api_keys=keys) as h:
+        rid = _create(h, headers=acme)
+        calls = f.calls
+        for stream in (False, True):
+            r = httpx.post(
+                h.base_url + "/responses",
+                json={**BODY, "request_id": rid, "stream": stream},
+                headers=beta,
+            )
+            assert r.status_code == 400, r.text
+            assert r.json()["error"]["code"] == "request_id_not_allowed"
+            assert r.json()["error"]["param"] == "request_id"
+        assert f.calls == calls
+        assert httpx.get(f"{h.base_url}/responses/{rid}", headers=acme).status_code == 200
+        assert httpx.get(f"{h.base_url}/responses/{rid}", headers=beta).status_code == 404
+
+
+def test_the_index_never_hands_an_id_to_another_tenant():
+    from finops.shim.stored import ResponseIndex, StoredResponse
+
+    idx = ResponseIndex(60.0, max_entries=2)
+    a = StoredResponse("acme", "small", "http://a")
+    assert idx.put("resp_1", a)
+    assert not idx.put("resp_1", StoredResponse("beta", "small", "http://a"))
+    assert idx.get("resp_1") == a
+    assert idx.put("resp_1", StoredResponse("acme", "large", "http://b"))  # its own: updated
+    idx.put("resp_2", a)
+    idx.put("resp_3", a)
+    assert idx.get("resp_1") is None and len(idx) == 2  # least recently used dropped
+    short = ResponseIndex(0.01)
+    short.put("resp_1", a)
+    time.sleep(0.03)
+    assert short.get("resp_1") is None
+    assert short.put("resp_1", StoredResponse("beta", "small", "http://a"))  # expired: free
+
+
+def test_a_pinned_replica_with_an_open_circuit_gives_its_own_retry_after(tmp_path):
+    """Once the home replica's circuit opens, follow-ups get 503 with the wait of that
+    replica's circuit (was: 1 s, from the healthy sibling, so clients came back to
+    another 503); the follow-up metric counts them by how they ended (was: 200 each)."""
+    a, b = FakeUpstream(store_responses=True), FakeUpstream(store_responses=True)
+    ha, hb = run_app_in_thread(a), run_app_in_thread(b)
+    try:
+        with _serve(
+            tmp_path,
+            [f"small={ha.url}", f"small={hb.url}"],
+            connect_timeout_s=0.5,
+            breaker_failures=1,
+            breaker_cooldown_s=30.0,
+        ) as h:
+            rid = _create(h)
+            home = ha if rid in a.stored else hb
+            home.stop(2)
+            body = {**BODY, "previous_response_id": rid}
+            r = httpx.post(h.base_url + "/responses", json=body)
+            assert r.status_code == 502
+            r = httpx.post(h.base_url + "/responses", json=body)
+            assert r.status_code == 503, r.text
+            assert int(r.headers["retry-after"]) >= 29
+            assert "holding the stored response" in r.json()["error"]["message"]
+            m = "finops_shim_stored_response_calls_total"
+            assert _metric(h, f'{m}{{op="follow_up",status="200"}}') == 0
+            assert _metric(h, f'{m}{{op="follow_up",status="502"}}') == 1
+            assert _metric(h, f'{m}{{op="follow_up",status="503"}}') == 1
+    finally:
+        ha.stop(2)
+        hb.stop(2)

@@ -340,24 +340,34 @@ class Shim:
         await self._set(self.idem, key, meta, payload, ttl)
 
     # -- stored Responses API answers: which replica has each, for which tenant --
-    def remember_response(self, response_id: str, entry: StoredResponse) -> None:
-        """Index a response id (at once in this process; in the shared store in the background)."""
-        self.responses.put(response_id, entry)
+    def remember_response(self, response_id: str, entry: StoredResponse) -> asyncio.Task | None:
+        """Index a response id: at once in this process, and in the shared store by the
+        returned task (awaited by whoever can wait for it before the client has the id)."""
+        if not self.responses.put(response_id, entry):
+            self._warn_once(
+                response_id,
+                "response id %s is held by another tenant; not re-indexed for %s",
+                response_id,
+                entry.tenant,
+            )
+            return None
         if self.redis is not None:
-            self._write_shared(shared_key(response_id), entry.as_meta())
+            return self._write_shared(shared_key(response_id), entry.as_meta())
+        return None
 
     def forget_response(self, response_id: str) -> None:
         self.responses.forget(response_id)
         if self.redis is not None:  # a tombstone (no delete in the store's API): read as a miss
             self._write_shared(shared_key(response_id), {"deleted": True}, 60.0)
 
-    def _write_shared(self, key: str, meta: dict, ttl: float | None = None) -> None:
+    def _write_shared(self, key: str, meta: dict, ttl: float | None = None) -> asyncio.Task:
         ttl = self.cfg.response_index_ttl_s if ttl is None else ttl
         task = asyncio.get_running_loop().create_task(
             self._set(self.redis, key, meta, b"", ttl)  # errors are logged and counted there
         )
         self._writes.add(task)
         task.add_done_callback(self._writes.discard)
+        return task
 
     async def find_response(self, response_id: str, tenant: str) -> StoredResponse | None:
         """Where `tenant`'s response `response_id` is stored; None when unknown here or

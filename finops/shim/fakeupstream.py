@@ -448,7 +448,7 @@ class FakeUpstream:
             }
             await _reply(send, 400, orjson.dumps({"error": err}))
         elif tail == "":
-            await _reply(send, 405, b'{"detail":"Method Not Allowed"}')
+            await _reply(send, 405, b'{"detail":"Method Not Allowed"}', [(b"allow", b"GET")])
         else:
             await _reply(send, 404, b'{"detail":"Not Found"}')
 

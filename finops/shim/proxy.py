@@ -1231,7 +1231,7 @@ class ProxyEndpoint:
                 "upstream_unavailable",
             )
             # when the first circuit may let a probe through: clients back off that long
-            wait = pool.seconds_until_probe(tier0, time.monotonic())
+            wait = pool.seconds_until_probe(tier0, time.monotonic(), pin)
             err.headers.append((b"retry-after", str(max(1, math.ceil(wait))).encode()))
             raise err
         status = (

@@ -37,6 +37,7 @@ record per request (operation `responses`). What differs from chat:
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Any
 from urllib.parse import quote
@@ -122,7 +123,9 @@ def as_chat_body(body: dict, sources: list[int] | None = None) -> dict:
                 text = _item_text(item.get("output"))
             else:
                 role = "assistant"
-                text = _item_text(item.get("arguments")) or _item_text(item.get("summary"))
+                # a call's arguments; a reasoning item's summary and its reasoning text
+                texts = [_item_text(item.get(k)) for k in ("arguments", "summary", "content")]
+                text = " ".join(t for t in texts if t)
             msgs.append({"role": role, "content": text or ""})
             src.append(j)
     chat: dict[str, Any] = {"messages": msgs}
@@ -155,6 +158,18 @@ class ResponsesEndpoint(ProxyEndpoint):
         rec = ctx.rec
         ctx.feature = feature
         body, model = _body_and_model(raw, rec)
+        ctx.body = body  # (the cap step may change it)
+        if "request_id" in body:
+            # vLLM makes it the response's id: a client-chosen id could overwrite another
+            # tenant's stored response on a shared replica
+            raise HTTPError(
+                400,
+                "`request_id` is not accepted through the shim: response ids are the "
+                "server's. Send an `X-Request-Id` header to trace a request.",
+                "invalid_request_error",
+                "request_id_not_allowed",
+                param="request_id",
+            )
         ctx.stream = rec["stream"] = _stream_flag(body)
         # the client's stream carries its own usage (in its terminal event): the shim
         # asks for nothing more and strips nothing
@@ -201,7 +216,6 @@ class ResponsesEndpoint(ProxyEndpoint):
         replica serves.
         """
         shim = self.shim
-        metric = shim.metrics.stored_response_calls
         if not isinstance(prev, str) or not prev:
             raise HTTPError(
                 400,
@@ -212,7 +226,6 @@ class ResponsesEndpoint(ProxyEndpoint):
             )
         entry = await shim.find_response(prev, ctx.rec["tenant"])
         if entry is None:
-            metric.labels("follow_up", "404").inc()
             raise HTTPError(
                 404,
                 f"Response with id '{prev}' not found.",
@@ -222,12 +235,10 @@ class ResponsesEndpoint(ProxyEndpoint):
             )
         served = [u.tier for u in shim.pool.all() if u.url == entry.upstream]
         if not served:
-            metric.labels("follow_up", "404").inc()
             raise _gone(prev, entry, "previous_response_id")
         if tier == "@route":
             tier = entry.tier if entry.tier in served else served[0]
         elif tier not in served:
-            metric.labels("follow_up", "400").inc()
             raise HTTPError(
                 400,
                 f"Response '{prev}' is stored on the replica of tier `{entry.tier}`; a "
@@ -238,19 +249,27 @@ class ResponsesEndpoint(ProxyEndpoint):
                 param="model",
             )
         ctx.pin = entry.upstream
-        metric.labels("follow_up", "200").inc()
         return tier
 
-    def _remember(self, ctx: Ctx, response: Any) -> None:
-        """Index a stored answer's id (the request's `store`, on unless false)."""
+    def _finish(self, ctx: Ctx) -> None:
+        status = ctx.rec["status_code"]
+        if ctx.body.get("previous_response_id") is not None and status is not None:
+            # a follow-up, by how it ended (not by whether it could be pinned)
+            self.shim.metrics.stored_response_calls.labels("follow_up", str(status)).inc()
+        super()._finish(ctx)
+
+    def _remember(self, ctx: Ctx, response: Any) -> Any:
+        """Index a stored answer's id (the request's `store`, on unless false); the shared
+        store's write, if there is one to wait for."""
         if ctx.body.get("store", True) is False or not isinstance(response, dict):
-            return
+            return None
         rid = response.get("id")
         rec = ctx.rec
         if isinstance(rid, str) and rid and rec["upstream"] and rec["tier"]:
-            self.shim.remember_response(
+            return self.shim.remember_response(
                 rid, StoredResponse(rec["tenant"], rec["tier"], rec["upstream"])
             )
+        return None
 
     # -- upstream --
     def _upstream_payload(self, ctx: Ctx, up: Upstream) -> bytes:
@@ -291,6 +310,26 @@ class ResponsesEndpoint(ProxyEndpoint):
             for m, j in zip(chat["messages"], sources, strict=True)
             if id(m) not in kept and j >= 0
         }
+        if body.get("previous_response_id") is not None:
+            # items before the first user message answer the stored response (a tool
+            # call's output): without them the conversation is broken, so it is a reject
+            first_user = next(
+                (j for m, j in zip(chat["messages"], sources, strict=True) if m["role"] == "user"),
+                None,
+            )
+            if any(first_user is None or j < first_user for j in drop):
+                shim.metrics.cap_rejections.labels(tier).inc()
+                rec["input_tokens"] = out.input_tokens + out.truncated_tokens
+                raise HTTPError(
+                    400,
+                    f"This request has {out.input_tokens + out.truncated_tokens} input tokens; "
+                    f"the cap for it is {rule.max_input_tokens} (tier {rule.tier}, feature "
+                    f"{rule.feature}, tenant {rule.tenant}) and fitting it would drop the items "
+                    "that answer `previous_response_id`: shorten the input.",
+                    "invalid_request_error",
+                    "context_length_exceeded",
+                    param="input",
+                )
         rec["truncated_tokens"] = out.truncated_tokens
         shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
         return {**body, "input": [it for j, it in enumerate(body["input"]) if j not in drop]}
@@ -314,7 +353,9 @@ class ResponsesEndpoint(ProxyEndpoint):
         self, ctx: Ctx, up: Upstream, resp: Any, data: bytes, send: Any, store_key: str | None
     ) -> tuple[dict, bytes] | None:
         if resp.status == 200 and ctx.answer is not None:
-            self._remember(ctx, ctx.answer)  # before the client has the id
+            write = self._remember(ctx, ctx.answer)
+            if write is not None:  # in the shared store before the client has the id
+                await write
             ctx.rec["finish_reason"] = _finish_reason(ctx.answer)  # also into the cache's meta
             if not responses_replayable(ctx.answer):
                 store_key = None  # a cache hit could not stream it back as vLLM would
@@ -557,6 +598,12 @@ class StoredResponseEndpoint:
                     ),
                     (b"x-finops-tier", up.tier.encode()),
                     (b"x-finops-cache", b"bypass"),
+                    # what the replica says about its answer (a 405's methods, a 503's wait)
+                    *(
+                        (k.encode(), resp.headers[k].encode("latin-1"))
+                        for k in ("allow", "retry-after")
+                        if k in resp.headers
+                    ),
                 ],
             }
             if "content-length" in resp.headers:  # raw bytes are passed: the same length
@@ -569,7 +616,11 @@ class StoredResponseEndpoint:
                     await send({"type": "http.response.body", "body": chunk, "more_body": True})
             except httpx.HTTPError as exc:
                 # mid-answer: nothing clean can be added; the client sees the body end early
+                # (short of its length, when the replica gave one: the server then closes)
                 shim.logger.warning("stored response %s from %s cut: %s", rid, up.url, exc)
+                with contextlib.suppress(RuntimeError):
+                    await send({"type": "http.response.body", "body": b"", "more_body": False})
+                return 502
             await send({"type": "http.response.body", "body": b"", "more_body": False})
             return resp.status_code
         finally:

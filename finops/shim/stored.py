@@ -46,7 +46,8 @@ class StoredResponse:
 
 def shared_key(response_id: str) -> str:
     """The shared-store key of an id (hashed: ids come from clients, keys stay short and safe)."""
-    return "resp:" + hashlib.sha256(response_id.encode()).hexdigest()
+    # not the response cache's `resp:` prefix
+    return "respidx:" + hashlib.sha256(response_id.encode()).hexdigest()
 
 
 class ResponseIndex:
@@ -60,12 +61,17 @@ class ResponseIndex:
     def __len__(self) -> int:
         return len(self._d)
 
-    def put(self, response_id: str, entry: StoredResponse) -> None:
+    def put(self, response_id: str, entry: StoredResponse) -> bool:
+        """Index `response_id`; False (and nothing changed) if another tenant holds it."""
+        held = self.get(response_id)
+        if held is not None and held.tenant != entry.tenant:
+            return False
         d = self._d
         d[response_id] = (time.monotonic() + self.ttl_s, entry)
         d.move_to_end(response_id)
         while len(d) > self.max_entries:
             d.popitem(last=False)
+        return True
 
     def get(self, response_id: str) -> StoredResponse | None:
         got = self._d.get(response_id)

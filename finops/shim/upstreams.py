@@ -208,14 +208,16 @@ class Pool:
         self.order = list(self.tiers)
         self._turn = 0  # rotates the tie-break among equally loaded replicas
 
-    def seconds_until_probe(self, tier: str, now: float) -> float:
-        """Seconds until a replica of `tier` or a tier above may be tried again (0: now)."""
+    def seconds_until_probe(self, tier: str, now: float, url: str | None = None) -> float:
+        """Seconds until a replica of `tier` or a tier above (only the one at `url`, for a
+        request pinned there) may be tried again (0: now)."""
         waits = [
             max(0.0, u.breaker.cooldown_s - (now - u.breaker.opened_at))
             if u.breaker.state == OPEN
             else 0.0
             for t in self.order[self.order.index(tier) :]
             for u in self.tiers[t]
+            if url is None or u.url == url
         ]
         return min(waits, default=0.0)
 
