@@ -10,10 +10,10 @@ cores serves more by running more processes, as gunicorn and uvicorn do with
 - `/metrics` on any worker reports all of them (prometheus_client's multiprocess
   mode, in a private folder removed at exit);
 - each worker writes its own request-log files (the pid is in their names);
-- the response cache, idempotency records and in-flight coalescing are per worker
-  unless `[cache] redis_url` is set, which shares the cache and the idempotency
-  records (the supervisor says so at start); breakers and retry budgets are per
-  worker;
+- the response cache, idempotency records, the stored-response index (stored.py)
+  and in-flight coalescing are per worker unless `[cache] redis_url` is set, which
+  shares the cache, the idempotency records and the index (the supervisor says so at
+  start); breakers and retry budgets are per worker;
 - SIGHUP reloads every worker (one still starting is sent it once it serves: until
   then SIGHUP would kill it); SIGTERM or SIGINT drains them (in-flight requests
   finish, logs are fsynced; the supervisor closes its copy of the socket first, so a new
@@ -287,9 +287,10 @@ class Supervisor:
         try:
             if self.cfg.redis_url is None:
                 log.warning(
-                    "%d workers without [cache] redis_url: each keeps its own response cache "
-                    "and idempotency records (a retry that lands on another worker is served "
-                    "and billed again)",
+                    "%d workers without [cache] redis_url: each keeps its own response cache, "
+                    "idempotency records and stored-response index (a retry that lands on "
+                    "another worker is served and billed again; with auth on, a Responses "
+                    "follow-up or retrieval there is a 404)",
                     self.workers,
                 )
             from finops.shim.server import recover_log_folder
