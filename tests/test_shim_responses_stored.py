@@ -26,6 +26,10 @@ from finops.shim.testing import wait_for_records as _records
 from tests.test_shim_cache_shared import redis_server  # noqa: F401 - a fixture
 
 BODY = {"model": "auto", "input": "hello there", "max_output_tokens": 4}
+# two tenants' keys, and the headers that send them
+KEYS = ["k-acme-123=acme", "k-beta-456=beta"]
+ACME = {"authorization": "Bearer k-acme-123"}
+BETA = {"authorization": "Bearer k-beta-456"}
 
 
 def _serve(tmp_path: Path, upstreams: list[str], name: str = "log", **changes):
@@ -111,9 +115,7 @@ def test_tenants_cannot_use_each_others_response_ids(tmp_path, fakes):
     the words vLLM uses for an unknown id) for follow-ups and every stored-response call,
     without asking any replica."""
     f, url = fakes(store_responses=True)
-    keys = ["k-acme-123=acme", "k-beta-456=beta"]
-    acme = {"authorization": "Bearer k-acme-123"}
-    beta = {"authorization": "Bearer k-beta-456"}
+    keys, acme, beta = KEYS, ACME, BETA
     with _serve(tmp_path, [f"small={url}"], api_keys=keys) as h:
         rid = _create(h, headers=acme)
         calls = f.calls
@@ -410,9 +412,7 @@ def test_a_client_chosen_request_id_is_refused(tmp_path, fakes):
     B could take over (overwrite, read, continue) tenant A's stored response by sending
     A's id. Was: passed on, and the index re-assigned the id to B."""
     f, url = fakes(store_responses=True)
-    keys = ["k-acme-123=acme", "k-beta-456=beta"]
-    acme = {"authorization": "Bearer k-acme-123"}
-    beta = {"authorization": "Bearer k-beta-456"}
+    keys, acme, beta = KEYS, ACME, BETA
     with _serve(tmp_path, [f"small={url}"], api_keys=keys) as h:
         rid = _create(h, headers=acme)
         calls = f.calls

@@ -34,6 +34,7 @@ from finops.shim.cache import (
     replay_as_sse,
 )
 from finops.shim.caps import (
+    CapOutcome,
     TokenCounter,
     applicable_cap,
     apply_cap,
@@ -691,26 +692,8 @@ class ProxyEndpoint:
         # -- context caps --
         rule = applicable_cap(cfg.caps, tier, feature, tenant)
         if rule is not None:
-            if tier not in shim.pool.tiers:  # a reload removed it while this request waited
-                raise _tier_removed(tier)
-            gate = shim.tokenize_gate
-            up = shim.pool.pick_for_tokenize(
-                tier, time.monotonic(), lambda url: not gate.allows(url)
-            )
-            t = time.perf_counter()
-            out = await apply_cap(rule, body, self._token_counter(up))
-            ctx.waited += time.perf_counter() - t
-            ctx.input_count = out.input_tokens
-            if out.error is not None:
-                shim.metrics.cap_rejections.labels(tier).inc()
-                rec["input_tokens"] = out.input_tokens
-                raise HTTPError(
-                    400,
-                    out.error,
-                    "invalid_request_error",
-                    "context_length_exceeded",
-                    param="messages" if self.operation == "chat" else "prompt",
-                )
+            param = "messages" if self.operation == "chat" else "prompt"
+            out = await self._apply_cap(ctx, rule, tier, body, param)
             if out.truncated_tokens:
                 rec["truncated_tokens"] = out.truncated_tokens
                 shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
@@ -721,6 +704,28 @@ class ProxyEndpoint:
 
         # -- cache / coalescing --
         return await self._cached_or_forward(ctx, ctx.body, ctx.tier, send, receive)
+
+    async def _apply_cap(
+        self, ctx: Ctx, rule: Any, tier: str, countable: dict, param: str
+    ) -> CapOutcome:
+        """Count `countable` (the request, or a view of it) against `rule` on a replica of
+        `tier` in rotation; a 400 naming `param` when it is over and cannot be cut."""
+        shim = self.shim
+        if tier not in shim.pool.tiers:  # a reload removed it while this request waited
+            raise _tier_removed(tier)
+        gate = shim.tokenize_gate
+        up = shim.pool.pick_for_tokenize(tier, time.monotonic(), lambda url: not gate.allows(url))
+        t = time.perf_counter()
+        out = await apply_cap(rule, countable, self._token_counter(up))
+        ctx.waited += time.perf_counter() - t
+        ctx.input_count = out.input_tokens
+        if out.error is not None:
+            shim.metrics.cap_rejections.labels(tier).inc()
+            ctx.rec["input_tokens"] = out.input_tokens
+            raise HTTPError(
+                400, out.error, "invalid_request_error", "context_length_exceeded", param=param
+            )
+        return out
 
     async def _idempotent(
         self, ctx: Ctx, raw: bytes, idem: str, receive: Any, send: Any, work: Any

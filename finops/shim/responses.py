@@ -48,7 +48,7 @@ import orjson
 from finops.router.features import estimate_prompt_tokens
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import responses_replayable
-from finops.shim.caps import applicable_cap, apply_cap, estimate_body_tokens
+from finops.shim.caps import applicable_cap, estimate_body_tokens
 from finops.shim.proxy import (
     ClientGone,
     Ctx,
@@ -62,7 +62,6 @@ from finops.shim.proxy import (
     _route,
     _send_simple,
     _stream_flag,
-    _tier_removed,
     read_body,
     sse_json,
 )
@@ -181,7 +180,8 @@ class ResponsesEndpoint(ProxyEndpoint):
         rec["prompt_fingerprint"] = _fingerprint_prompt(chat)
         if cfg.log_prompts:
             rec["prompt_text"] = _prompt_text(chat)
-        # the input tokens a record reports when vLLM gave no usage (a client that left)
+        # the input tokens a record reports when vLLM gave no usage (a client that left),
+        # and what a fallback tier's cap is checked against when no cap step counted
         ctx.input_count = estimate_body_tokens(chat)
 
         tier = _resolve(shim, model)
@@ -286,22 +286,9 @@ class ResponsesEndpoint(ProxyEndpoint):
         rule = applicable_cap(shim.cfg.caps, tier, feature, rec["tenant"])
         if rule is None:
             return body
-        if tier not in shim.pool.tiers:  # a reload removed it while this request waited
-            raise _tier_removed(tier)
-        gate = shim.tokenize_gate
-        up = shim.pool.pick_for_tokenize(tier, time.monotonic(), lambda url: not gate.allows(url))
         sources: list[int] = []
         chat = as_chat_body(body, sources)
-        t = time.perf_counter()
-        out = await apply_cap(rule, chat, self._token_counter(up))
-        ctx.waited += time.perf_counter() - t
-        ctx.input_count = out.input_tokens
-        if out.error is not None:
-            shim.metrics.cap_rejections.labels(tier).inc()
-            rec["input_tokens"] = out.input_tokens
-            raise HTTPError(
-                400, out.error, "invalid_request_error", "context_length_exceeded", param="input"
-            )
+        out = await self._apply_cap(ctx, rule, tier, chat, "input")
         if not out.truncated_tokens:
             return body
         kept = {id(m) for m in out.body["messages"]}
@@ -333,20 +320,6 @@ class ResponsesEndpoint(ProxyEndpoint):
         rec["truncated_tokens"] = out.truncated_tokens
         shim.metrics.truncated_tokens.labels(tier).inc(out.truncated_tokens)
         return {**body, "input": [it for j, it in enumerate(body["input"]) if j not in drop]}
-
-    async def _over_cap(self, ctx: Ctx, up: Upstream) -> bool:
-        """A fallback tier's cap, against the count the cap step made (the estimate of
-        the chat-shaped view when no cap applied to the first tier)."""
-        cfg = self.shim.cfg
-        if not cfg.caps:
-            return False
-        rule = applicable_cap(cfg.caps, up.tier, ctx.feature, ctx.rec["tenant"])
-        if rule is None:
-            return False
-        n = ctx.input_count
-        if n is None:
-            n = estimate_body_tokens(as_chat_body(ctx.body))
-        return n > rule.max_input_tokens
 
     # -- answers --
     async def _respond_full(
