@@ -164,17 +164,24 @@ def test_retrieve_cancel_delete_and_input_items_are_forwarded_as_answered(tmp_pa
         r = httpx.post(base + "/cancel")
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "Cannot cancel a synchronous response."
+        # what vLLM does not serve: its framework's refusal, said in OpenAI's shape
         r = httpx.delete(base)
-        assert r.status_code == 405  # vLLM has no DELETE: its answer, passed on
-        assert r.headers["allow"] == "GET"
+        assert r.status_code == 405 and r.headers["allow"] == "GET"
+        err = r.json()["error"]
+        assert err["code"] == "unsupported_by_upstream" and url_g in err["message"]
         r = httpx.get(base + "/input_items")
         assert r.status_code == 404
+        assert r.json()["error"]["code"] == "unsupported_by_upstream"
+        # vLLM's own 404 (an id it no longer has) is passed on as it is
+        g.stored.clear()
+        r = httpx.get(base)
+        assert r.status_code == 404 and r.json()["error"]["message"].startswith("Response with")
         r = httpx.put(base)
         assert r.status_code == 405 and set(r.headers["allow"].split(", ")) == {"GET", "DELETE"}
         r = httpx.get(base + "/nothing")
         assert r.status_code == 404 and r.json()["error"]["code"] == "not_found"
         assert f.stored_calls == []
-        assert [c[0] for c in g.stored_calls] == ["GET", "POST", "DELETE", "GET"]
+        assert [c[0] for c in g.stored_calls] == ["GET", "POST", "DELETE", "GET", "GET"]
         m = 'finops_shim_stored_response_calls_total{op="retrieve",status="200"}'
         assert _metric(h, m) == 1
         assert _metric(h, 'finops_shim_stored_response_calls_total{op="cancel",status="400"}') == 1
@@ -402,8 +409,13 @@ def test_background_responses_through_the_shim_against_vllm(tmp_path, vllm_serve
         with pytest.raises(openai.NotFoundError):
             other.responses.cancel(rid)
         running = client.responses.create(
-            model="auto", input="Count to fifty.", max_output_tokens=200, background=True
+            model="auto",
+            input="Count to fifty.",
+            max_output_tokens=200,
+            background=True,
+            extra_headers={"X-Request-Id": rid},  # passed on: it must not name the response
         )
+        assert running.id != rid
         assert client.responses.cancel(running.id).status == "cancelled"
 
 

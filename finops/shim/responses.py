@@ -57,11 +57,13 @@ from finops.shim.proxy import (
     ProxyEndpoint,
     _body_and_model,
     _fingerprint_prompt,
+    _json_object,
     _prompt_text,
     _resolve,
     _route,
     _send_simple,
     _stream_flag,
+    error_body,
     read_body,
     sse_json,
 )
@@ -531,6 +533,14 @@ class StoredResponseEndpoint:
             await _send_simple(send, exc.status, exc.body, headers)
         except ClientGone:
             status = 499
+        except Exception:  # a bug must still answer (if nothing was sent) and be logged
+            shim.logger.exception("unexpected error in %s", scope["path"][:200])
+            status = 500
+            with contextlib.suppress(Exception):
+                body = error_body(
+                    "Internal error in the finops shim.", "server_error", "internal_error"
+                )
+                await _send_simple(send, 500, body, [])
         finally:
             shim.metrics.stored_response_calls.labels(op or "other", str(status)).inc()
 
@@ -561,6 +571,23 @@ class StoredResponseEndpoint:
                 "upstream_connect",
             ) from None
         try:
+            if resp.status_code in (404, 405) and "json" in resp.headers.get("content-type", ""):
+                # the replica's web framework refusing a route it does not serve (vLLM has
+                # no DELETE or input_items), not an OpenAI-shaped answer: say so in one
+                try:
+                    data = await resp.aread()
+                except httpx.HTTPError as exc:
+                    raise HTTPError(
+                        502,
+                        f"The replica that stored response '{rid}' ({up.url}) cut its "
+                        f"{resp.status_code} answer: {type(exc).__name__}: {exc}",
+                        "server_error",
+                        "upstream_disconnect",
+                    ) from None
+                got = _json_object(data)
+                if got is not None and "error" not in got:
+                    raise _unsupported(scope, up, resp.status_code, got, resp.headers)
+                resp = _Replayed(resp, data)
             start = {
                 "type": "http.response.start",
                 "status": resp.status_code,
@@ -598,3 +625,36 @@ class StoredResponseEndpoint:
             return resp.status_code
         finally:
             await resp.aclose()
+
+
+def _unsupported(scope: dict, up: Upstream, status: int, got: dict, headers: Any) -> HTTPError:
+    """An OpenAI-shaped error for a route the replica does not serve (FastAPI's
+    `{"detail": ...}`), naming it; its `Allow` is kept."""
+    detail = got.get("detail")
+    exc = HTTPError(
+        status,
+        f"The replica that stored this response ({up.url}) does not serve "
+        f"{scope['method']} {scope['path'][:200]} (it answered {status}: {detail!r}); vLLM "
+        "serves GET /v1/responses/{id} and POST /v1/responses/{id}/cancel.",
+        "invalid_request_error",
+        "unsupported_by_upstream",
+    )
+    if "allow" in headers:
+        exc.headers.append((b"allow", headers["allow"].encode("latin-1")))
+    return exc
+
+
+class _Replayed:
+    """A read response's status, headers and body, streamed like the original would be."""
+
+    def __init__(self, resp: Any, data: bytes) -> None:
+        self.status_code = resp.status_code
+        self.headers = resp.headers
+        self._resp = resp
+        self._data = data
+
+    async def aiter_raw(self) -> Any:
+        yield self._data
+
+    async def aclose(self) -> None:
+        await self._resp.aclose()
