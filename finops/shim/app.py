@@ -938,7 +938,8 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
         if exc.status_code == 404:
             msg, code = (
                 f"Unknown path `{path}`. The shim serves POST /v1/chat/completions, "
-                "/v1/completions, /v1/embeddings, /v1/responses and GET /v1/models.",
+                "/v1/completions, /v1/embeddings, /v1/responses, GET /v1/models and "
+                "stored responses at /v1/responses/{id}.",
                 "not_found",
             )
         elif exc.status_code == 405:
