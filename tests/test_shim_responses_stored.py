@@ -492,3 +492,19 @@ def test_a_pinned_replica_with_an_open_circuit_gives_its_own_retry_after(tmp_pat
     finally:
         ha.stop(2)
         hb.stop(2)
+
+
+def test_without_auth_an_unknown_id_is_not_looked_for_on_every_request(tmp_path, fakes):
+    """Auth off: an id no replica has costs one GET per replica, then 404s from the shim
+    for a while (was: a GET to every replica on each request, for a client polling it)."""
+    f, url = fakes(store_responses=True)
+    g, url_g = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}", f"large={url_g}"]) as h:
+        for _ in range(5):
+            r = httpx.get(f"{h.base_url}/responses/resp_nowhere")
+            assert r.status_code == 404
+        r = httpx.post(
+            h.base_url + "/responses", json={**BODY, "previous_response_id": "resp_nowhere"}
+        )
+        assert r.status_code == 404
+    assert len(f.stored_calls) == len(g.stored_calls) == 1

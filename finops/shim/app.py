@@ -85,6 +85,12 @@ def _number(v: Any) -> bool:
     return isinstance(v, int | float) and not isinstance(v, bool)
 
 
+# with auth off, an id no replica has is not looked for again for this long (a client
+# polling a wrong id would otherwise cost a GET to every replica per request)
+MISSING_ID_S = 5.0
+MISSING_IDS_MAX = 10_000
+
+
 def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
     """(meta, payload) of a stored value if it is what the shim writes, else None.
 
@@ -190,6 +196,8 @@ class Shim:
         # Responses API ids -> (tenant, tier, replica): see stored.py
         self.responses = ResponseIndex(cfg.response_index_ttl_s)
         self._writes: set[asyncio.Task] = set()  # shared-store writes nobody awaits
+        # ids no replica had when last asked (auth off): not asked again for a while
+        self._missing_ids: OrderedDict[str, float] = OrderedDict()
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # control plane, made in start()
         self.h1: H1Client = None  # type: ignore[assignment]  # the proxy's upstream connections
         self.started_at = time.time()
@@ -385,9 +393,18 @@ class Shim:
                 if entry is not None:
                     self.responses.put(response_id, entry)
         if entry is None and not self.cfg.auth_enabled:
+            missing = self._missing_ids
+            now = time.monotonic()
+            if missing.get(response_id, 0.0) > now:
+                return None  # asked every replica a moment ago: not again per request
             entry = await self._locate_response(response_id, tenant)
             if entry is not None:
                 self.remember_response(response_id, entry)
+            else:
+                missing[response_id] = now + MISSING_ID_S
+                missing.move_to_end(response_id)
+                while len(missing) > MISSING_IDS_MAX:
+                    missing.popitem(last=False)
         if entry is None or entry.tenant != tenant:
             return None
         return entry
