@@ -496,3 +496,45 @@ def test_reasoning_items_count_towards_the_input():
     chat = as_chat_body({"input": [item, {"role": "user", "content": "hi"}]})
     assert "long thinking" in chat["messages"][0]["content"]
     assert estimate_body_tokens(chat) > 150
+
+
+def test_a_stream_coalesced_on_an_answer_it_cannot_replay_runs_on_its_own(tmp_path, fakes):
+    """A plain leader's answer with a reasoning item is not cached (a replay would show
+    the reasoning as answer text); a streamed request coalesced on it must not be given
+    that replay either (was: the reasoning as output_text deltas, or a 500): it makes its
+    own call."""
+    import threading
+
+    f, url = fakes(reasoning=True, delay_s=0.1)
+    body = {**BODY, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        got: dict = {}
+
+        def plain() -> None:
+            got["plain"] = httpx.post(h.base_url + "/responses", json=body, timeout=30)
+
+        t = threading.Thread(target=plain)
+        t.start()
+        time.sleep(0.15)  # the leader is waiting on the upstream
+        r = httpx.post(h.base_url + "/responses", json={**body, "stream": True}, timeout=30)
+        t.join()
+        assert got["plain"].status_code == r.status_code == 200
+        kinds = [e["type"] for e in _sse_events(r.content)]
+        assert kinds[-1] == "response.completed"
+        deltas = [e["delta"] for e in _sse_events(r.content) if e["type"].endswith(".delta")]
+        assert "let me think" not in "".join(deltas)
+        assert r.headers["x-finops-cache"] != "hit"
+    assert f.calls == 2
+
+
+def test_responses_for_another_end_user_are_not_served_from_the_cache(tmp_path, fakes):
+    """vLLM echoes `user` in a Responses answer: a hit for bob must not say alice."""
+    f, url = fakes()
+    body = {**BODY, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        a = httpx.post(h.base_url + "/responses", json={**body, "user": "alice"}).json()
+        b = httpx.post(h.base_url + "/responses", json={**body, "user": "bob"}).json()
+        again = httpx.post(h.base_url + "/responses", json={**body, "user": "alice"})
+    assert (a["user"], b["user"]) == ("alice", "bob")
+    assert again.headers["x-finops-cache"] == "hit" and again.json()["user"] == "alice"
+    assert f.calls == 2

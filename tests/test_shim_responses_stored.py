@@ -508,3 +508,21 @@ def test_without_auth_an_unknown_id_is_not_looked_for_on_every_request(tmp_path,
         )
         assert r.status_code == 404
     assert len(f.stored_calls) == len(g.stored_calls) == 1
+
+
+def test_a_cache_hit_indexes_its_id_again(tmp_path, fakes):
+    """A cached answer outlives its index entry (other TTLs, the LRU bound): the hit
+    indexes the id again, so its follow-ups still find the replica (was: 404 with auth on)."""
+    f, url = fakes(store_responses=True)
+    body = {**BODY, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"], api_keys=KEYS) as h:
+        rid = _create(h, body, headers=ACME)
+        h.shim.responses._d.clear()  # the index let it go
+        assert _create(h, body, headers=ACME) == rid  # a hit: the same id
+        r = httpx.post(
+            h.base_url + "/responses", json={**BODY, "previous_response_id": rid}, headers=ACME
+        )
+        assert r.status_code == 200, r.text
+        # and only for its tenant: beta's identical request misses, and gets its own id
+        assert _create(h, body, headers=BETA) != rid
+    assert f.calls == 3

@@ -53,6 +53,9 @@ DEFAULTS = {
     "echo": False,
 }
 TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
+# ...except where an endpoint's answer echoes one: vLLM's Responses answer carries the
+# request's `user`, so a hit must not show another end user's
+ECHOED = {"responses": ("user",)}
 # fields whose objects' key order means nothing (sorted in the key); every other field's
 # value is kept in the order sent: JSON schemas (`response_format`, `guided_json`,
 # `structured_outputs`, tool `parameters`) are generated in their properties' order
@@ -127,13 +130,15 @@ _SAMPLING_VALID = {
 }
 
 
-def normalized_request(body: dict, target: str, whitespace: bool = True) -> bytes:
+def normalized_request(
+    body: dict, target: str, whitespace: bool = True, keep: tuple[str, ...] = ()
+) -> bytes:
     """Canonical bytes of a request as the cache sees it (see module docstring).
 
     `whitespace=False` keeps chat message text exactly as sent, for chat templates that
     put it in the prompt verbatim (`[cache] normalize_whitespace = false`).
     """
-    d = {k: v for k, v in body.items() if k not in TRANSPORT_ONLY}
+    d = {k: v for k, v in body.items() if k not in TRANSPORT_ONLY or k in keep}
     for k, default in DEFAULTS.items():
         d.setdefault(k, default)
     t = d.get("temperature")
@@ -168,7 +173,7 @@ def cache_key(tenant: str, endpoint: str, body: dict, target: str, whitespace: b
     h.update(b"\x00")
     h.update(endpoint.encode())
     h.update(b"\x00")
-    h.update(normalized_request(body, target, whitespace))
+    h.update(normalized_request(body, target, whitespace, ECHOED.get(endpoint, ())))
     return h.hexdigest()
 
 

@@ -61,11 +61,15 @@ class FakeUpstream:
         error_code: int = 500,
         max_model_len: int = 4096,
         store_responses: bool = False,
+        reasoning: bool = False,
     ) -> None:
         self.mode = mode
         # as vLLM with VLLM_ENABLE_RESPONSES_API_STORE=1: Responses answers get their own
         # ids and are kept (`store`, default true) for retrieval and follow-ups
         self.store_responses = store_responses
+        # Responses answers start with a reasoning item (a reasoning model's), in full
+        # answers and a stream's terminal event (no reasoning events are streamed)
+        self.reasoning = reasoning
         self.stored: dict[str, dict] = {}
         self.stored_calls: list[tuple[str, str]] = []  # (method, path) of retrieve/cancel/...
         self.max_model_len = max_model_len
@@ -338,6 +342,13 @@ class FakeUpstream:
         ntok = min(ntok, self.tokens) if self.tokens else ntok
         full = _response_obj(model, ptoks, ntok, "completed")
         full["previous_response_id"] = prev
+        full["user"] = body.get("user")  # vLLM echoes it
+        if self.reasoning:
+            think = {"type": "reasoning_text", "text": "let me think"}
+            full["output"] = [
+                {"id": "rs_fake", "type": "reasoning", "summary": [], "content": [think]},
+                *full["output"],
+            ]
         if self.store_responses:
             full["id"] = "resp_" + uuid.uuid4().hex
             if body.get("store", True):
@@ -410,7 +421,7 @@ class FakeUpstream:
                 if self.delay_s:
                     await asyncio.sleep(self.delay_s)
             text = "".join(f"t{i} " for i in range(ntok))
-            done_item = full["output"][0]
+            done_item = full["output"][-1]  # the message (after any reasoning item)
             tail = (
                 event(
                     {

@@ -254,11 +254,11 @@ class ResponsesEndpoint(ProxyEndpoint):
         return tier
 
     def _finish(self, ctx: Ctx) -> None:
-        status = ctx.rec["status_code"]
-        if ctx.body.get("previous_response_id") is not None and status is not None:
+        super()._finish(ctx)  # (fills in the status of a request the client left)
+        if ctx.body.get("previous_response_id") is not None:
             # a follow-up, by how it ended (not by whether it could be pinned)
-            self.shim.metrics.stored_response_calls.labels("follow_up", str(status)).inc()
-        super()._finish(ctx)
+            status = str(ctx.rec["status_code"])
+            self.shim.metrics.stored_response_calls.labels("follow_up", status).inc()
 
     def _remember(self, ctx: Ctx, response: Any) -> Any:
         """Index a stored answer's id (the request's `store`, on unless false); the shared
@@ -332,9 +332,27 @@ class ResponsesEndpoint(ProxyEndpoint):
             if write is not None:  # in the shared store before the client has the id
                 await write
             ctx.rec["finish_reason"] = _finish_reason(ctx.answer)  # also into the cache's meta
-            if not responses_replayable(ctx.answer):
+            replayable = responses_replayable(ctx.answer)
+            if not replayable:
                 store_key = None  # a cache hit could not stream it back as vLLM would
+            out = await super()._respond_full(ctx, up, resp, data, send, store_key)
+            if not replayable:
+                # nor can a coalesced follower that asked for a stream have it: followers
+                # run on their own (the answer still goes to an Idempotency-Key record)
+                ctx.result = None
+            return out
         return await super()._respond_full(ctx, up, resp, data, send, store_key)
+
+    async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
+        if not meta.get("sse"):
+            # the id is indexed again (for as long as the index keeps ids): a hit's
+            # follow-ups must find the replica even after the index let the id go
+            ctx.rec["tier"] = meta.get("tier")
+            ctx.rec["upstream"] = meta.get("upstream")
+            write = self._remember(ctx, _json_object(payload))
+            if write is not None:
+                await write
+        await super()._respond_cached(ctx, meta, payload, send)
 
     def _usage_into(self, rec: dict, usage: Any) -> None:
         if not isinstance(usage, dict):
