@@ -3,7 +3,8 @@
 `create_app(cfg)` returns an ASGI callable. The hot paths
 (`/v1/chat/completions`, `/v1/completions`, `/v1/embeddings`, `/v1/responses`) are
 dispatched by a dict lookup on the path before Starlette sees the request, so
-they skip its middleware stack; everything else (`/v1/models`, `/healthz`,
+they skip its middleware stack, as do stored responses (`/v1/responses/{id}...`,
+responses.StoredResponseEndpoint); everything else (`/v1/models`, `/healthz`,
 `/readyz`, `/metrics`, lifespan) is a plain Starlette app.
 
 Hot reload (`Shim.reload()`, SIGHUP, or a file watch with `[server] watch =
