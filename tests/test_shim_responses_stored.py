@@ -526,3 +526,50 @@ def test_a_cache_hit_indexes_its_id_again(tmp_path, fakes):
         # and only for its tenant: beta's identical request misses, and gets its own id
         assert _create(h, body, headers=BETA) != rid
     assert f.calls == 3
+
+
+def test_workers_share_the_index_through_a_file_without_redis(tmp_path, fakes, monkeypatch):
+    """Two shims given one state folder, as `--workers` gives its workers (no Redis): a
+    follow-up or retrieval through the other finds the replica, for its tenant only
+    (was: 404 on a worker that had not answered the id itself)."""
+    from finops.shim.stored import STATE_DIR_ENV
+
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path))
+    _a, url_a = fakes(store_responses=True)
+    _b, url_b = fakes(store_responses=True)
+    ups = [f"small={url_a}", f"small={url_b}"]
+    with (
+        _serve(tmp_path, ups, "l1", api_keys=KEYS) as h1,
+        _serve(tmp_path, ups, "l2", api_keys=KEYS) as h2,
+    ):
+        rids = [_create(h1, headers=ACME, stream=i % 2 == 1) for i in range(4)]
+        for rid in rids:
+            r = httpx.post(
+                h2.base_url + "/responses",
+                json={**BODY, "previous_response_id": rid},
+                headers=ACME,
+            )
+            assert r.status_code == 200, r.text
+            assert httpx.get(f"{h2.base_url}/responses/{rid}", headers=ACME).status_code == 200
+            assert httpx.get(f"{h2.base_url}/responses/{rid}", headers=BETA).status_code == 404
+    assert (tmp_path / "responses.sqlite3").exists()
+
+
+def test_the_shared_file_index_never_hands_an_id_to_another_tenant(tmp_path):
+    from finops.shim.stored import SharedFileIndex, StoredResponse
+
+    one = SharedFileIndex(tmp_path / "i.sqlite3", 60.0)
+    two = SharedFileIndex(tmp_path / "i.sqlite3", 60.0)  # another worker
+    a = StoredResponse("acme", "small", "http://a")
+    assert one.put("resp_1", a) and two.get("resp_1") == a
+    assert not two.put("resp_1", StoredResponse("beta", "small", "http://b"))
+    assert one.get("resp_1") == a
+    two.forget("resp_1")
+    assert one.get("resp_1") is None
+    short = SharedFileIndex(tmp_path / "s.sqlite3", 0.01)
+    short.put("resp_2", a)
+    time.sleep(0.03)
+    assert short.get("resp_2") is None
+    assert short.put("resp_2", StoredResponse("beta", "small", "http://b"))  # expired: free
+    for ix in (one, two, short):
+        ix.close()

@@ -568,3 +568,47 @@ def test_a_sighup_while_the_shim_starts_does_not_kill_it(upstream):
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
     assert proc.returncode == 0
+
+
+def test_workers_find_each_others_stored_responses_without_redis(tmp_path):
+    """`--workers 2` with auth and no Redis: follow-ups and retrievals on fresh
+    connections (any worker) all find the stored response; the supervisor's shared
+    folder is gone after it exits."""
+    f = FakeUpstream(store_responses=True)
+    h = run_app_in_thread(f)
+    port = free_port()
+    tmp = tmp_path / "tmp"
+    tmp.mkdir()
+    proc = subprocess.Popen(
+        [
+            *(FINOPS, "shim", "serve", "--port", str(port), "--workers", "2"),
+            *("--upstream", f"small={h.url}", "--api-key", "k-acme-123=acme"),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        env={**os.environ, "TMPDIR": str(tmp)},
+    )
+    url = f"http://127.0.0.1:{port}"
+    auth = {"authorization": "Bearer k-acme-123"}
+    try:
+        wait_http(url + "/healthz", timeout=60)
+        body = {"model": "small", "input": "hi", "max_output_tokens": 2}
+        rid = httpx.post(url + "/v1/responses", json=body, headers=auth).json()["id"]
+
+        def follow(i: int) -> tuple[int, int]:
+            r = httpx.post(
+                url + "/v1/responses", json={**body, "previous_response_id": rid}, headers=auth
+            )
+            g = httpx.get(f"{url}/v1/responses/{rid}", headers=auth)
+            return r.status_code, g.status_code
+
+        with ThreadPoolExecutor(8) as pool:
+            got = list(pool.map(follow, range(24)))
+            pids = set(pool.map(lambda _: httpx.get(url + "/healthz").json()["pid"], range(24)))
+        assert got == [(200, 200)] * 24
+        assert len(pids) == 2  # both workers answered requests
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(60)
+        h.stop(2)
+    assert not [p for p in tmp.iterdir() if p.name.startswith("finops-shim-state-")]

@@ -61,7 +61,13 @@ from finops.shim.proxy import (
 )
 from finops.shim.requestlog import RequestLog
 from finops.shim.responses import ResponsesEndpoint, StoredResponseEndpoint
-from finops.shim.stored import ResponseIndex, StoredResponse, shared_key
+from finops.shim.stored import (
+    STATE_DIR_ENV,
+    ResponseIndex,
+    SharedFileIndex,
+    StoredResponse,
+    shared_key,
+)
 from finops.shim.upstreams import Pool
 
 logger = logging.getLogger("finops.shim")
@@ -196,6 +202,13 @@ class Shim:
         self.idem = self.redis or MemoryCache(max(1000, cfg.cache_max_entries), cfg.cache_max_bytes)
         # Responses API ids -> (tenant, tier, replica): see stored.py
         self.responses = ResponseIndex(cfg.response_index_ttl_s)
+        # without Redis, the workers of one supervisor share the index through a file
+        state = os.environ.get(STATE_DIR_ENV)
+        self.shared_index: SharedFileIndex | None = (
+            SharedFileIndex(Path(state) / "responses.sqlite3", cfg.response_index_ttl_s)
+            if state and self.redis is None
+            else None
+        )
         self._writes: set[asyncio.Task] = set()  # shared-store writes nobody awaits
         # ids no replica had when last asked (auth off): not asked again for a while
         self._missing_ids: OrderedDict[str, float] = OrderedDict()
@@ -352,7 +365,10 @@ class Shim:
     def remember_response(self, response_id: str, entry: StoredResponse) -> asyncio.Task | None:
         """Index a response id: at once in this process, and in the shared store by the
         returned task (awaited by whoever can wait for it before the client has the id)."""
-        if not self.responses.put(response_id, entry):
+        shared = self.shared_index
+        if (shared is not None and not shared.put(response_id, entry)) or not self.responses.put(
+            response_id, entry
+        ):
             self._warn_once(
                 response_id,
                 "response id %s is held by another tenant; not re-indexed for %s",
@@ -366,6 +382,8 @@ class Shim:
 
     def forget_response(self, response_id: str) -> None:
         self.responses.forget(response_id)
+        if self.shared_index is not None:
+            self.shared_index.forget(response_id)
         if self.redis is not None:  # a tombstone (no delete in the store's API): read as a miss
             self._write_shared(shared_key(response_id), {"deleted": True}, 60.0)
 
@@ -382,11 +400,15 @@ class Shim:
         """Where `tenant`'s response `response_id` is stored; None when unknown here or
         another tenant's (the two are not told apart: ids are never confirmed to others).
 
-        Looked up in this process, then the shared store. With auth off (one tenant) an
-        id neither knows (made before this process started, or by another worker without
-        a shared store) is looked for on every replica.
+        Looked up in this process, then the shared store (Redis, or the workers' file).
+        With auth off (one tenant) an id neither knows (made before this process started,
+        or by another host without Redis) is looked for on every replica.
         """
         entry = self.responses.get(response_id)
+        if entry is None and self.shared_index is not None:
+            entry = self.shared_index.get(response_id)
+            if entry is not None:
+                self.responses.put(response_id, entry)
         if entry is None and self.redis is not None:
             got = await self._get(self.redis, shared_key(response_id), "responses")
             if got is not None and got is not SKIPPED:
@@ -556,6 +578,8 @@ class Shim:
             await asyncio.wait(list(self._writes), timeout=2.0)
         if self.redis is not None:
             await self.redis.close()
+        if self.shared_index is not None:
+            self.shared_index.close()
         self.log.close()
 
     def _build(self) -> tuple[ShimConfig, Router]:
@@ -580,6 +604,8 @@ class Shim:
         self.log.rotate_bytes = cfg.log_rotate_bytes  # read by the writer at each batch
         self.log.rotate_s = cfg.log_rotate_s
         self.responses.ttl_s = cfg.response_index_ttl_s  # entries put from now on
+        if self.shared_index is not None:
+            self.shared_index.ttl_s = cfg.response_index_ttl_s
         self._names = self._model_names(cfg)
         self.cfg = cfg
         self.router = router

@@ -11,15 +11,20 @@ another tenant's id.
 The index lives in each shim process (bounded, least recently used dropped first,
 entries expire after `[cache] response_index_ttl_s`) and, with `[cache] redis_url`,
 also in Redis, so another worker or host finds it; signed like every Redis value when
-`[cache] redis_secret_env` is set.
+`[cache] redis_secret_env` is set. Without Redis, the workers of one `--workers`
+supervisor share it through a SQLite file in a folder the supervisor makes
+(`SharedFileIndex`).
 """
 
 from __future__ import annotations
 
 import hashlib
+import logging
+import sqlite3
 import time
 from collections import OrderedDict
 from dataclasses import dataclass
+from pathlib import Path
 
 MAX_ENTRIES = 100_000  # about 25 MB of index at most per process
 
@@ -85,3 +90,79 @@ class ResponseIndex:
 
     def forget(self, response_id: str) -> None:
         self._d.pop(response_id, None)
+
+
+# set by the workers' supervisor (workers.py) to a folder its workers share
+STATE_DIR_ENV = "FINOPS_SHIM_STATE_DIR"
+_PRUNE_EVERY = 1000  # puts between deletions of expired rows
+
+
+class SharedFileIndex:
+    """The index in one SQLite file that the workers of one supervisor share.
+
+    Why: without Redis each worker knew only the ids it answered itself, and the kernel
+    hands a client's next connection to any worker, so with auth on a follow-up or a
+    retrieval was a 404 about half the time with two workers. One host's workers need
+    no Redis for this: a WAL-mode SQLite file takes a few tens of microseconds per
+    call, paid by Responses requests only. An error (a locked or full disk) is a miss,
+    logged once.
+    """
+
+    def __init__(self, path: Path, ttl_s: float) -> None:
+        self.ttl_s = ttl_s
+        self._puts = 0
+        self._failed = False
+        db = sqlite3.connect(path, timeout=1.0, isolation_level=None, check_same_thread=False)
+        db.execute("PRAGMA journal_mode=WAL")
+        db.execute("PRAGMA synchronous=OFF")  # an index lost with the host is rebuilt by use
+        db.execute(
+            "CREATE TABLE IF NOT EXISTS ids (id TEXT PRIMARY KEY, tenant TEXT NOT NULL, "
+            "tier TEXT NOT NULL, upstream TEXT NOT NULL, expires REAL NOT NULL)"
+        )
+        self._db = db
+
+    def _error(self, op: str, exc: sqlite3.Error) -> None:
+        if not self._failed:
+            self._failed = True
+            logging.getLogger("finops.shim").warning(
+                "shared response index: %s failed (%s); treated as a miss", op, exc
+            )
+
+    def put(self, response_id: str, entry: StoredResponse) -> bool:
+        """Index `response_id`; False if another tenant holds it (a file that fails is
+        a miss, not a refusal: True, and this process' own index still has it)."""
+        now = time.time()
+        try:
+            cur = self._db.execute(
+                "INSERT INTO ids VALUES (?, ?, ?, ?, ?) ON CONFLICT(id) DO UPDATE SET "
+                "tenant = excluded.tenant, tier = excluded.tier, upstream = excluded.upstream, "
+                "expires = excluded.expires WHERE ids.tenant = excluded.tenant OR ids.expires < ?",
+                (response_id, entry.tenant, entry.tier, entry.upstream, now + self.ttl_s, now),
+            )
+            self._puts += 1
+            if self._puts % _PRUNE_EVERY == 0:
+                self._db.execute("DELETE FROM ids WHERE expires < ?", (now,))
+            return cur.rowcount > 0
+        except sqlite3.Error as exc:
+            self._error("write", exc)
+            return True
+
+    def get(self, response_id: str) -> StoredResponse | None:
+        try:
+            row = self._db.execute(
+                "SELECT tenant, tier, upstream FROM ids WHERE id = ? AND expires >= ?",
+                (response_id, time.time()),
+            ).fetchone()
+        except sqlite3.Error as exc:
+            self._error("read", exc)
+            return None
+        return StoredResponse(*row) if row else None
+
+    def forget(self, response_id: str) -> None:
+        try:
+            self._db.execute("DELETE FROM ids WHERE id = ?", (response_id,))
+        except sqlite3.Error as exc:
+            self._error("delete", exc)
+
+    def close(self) -> None:
+        self._db.close()

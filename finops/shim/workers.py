@@ -10,10 +10,11 @@ cores serves more by running more processes, as gunicorn and uvicorn do with
 - `/metrics` on any worker reports all of them (prometheus_client's multiprocess
   mode, in a private folder removed at exit);
 - each worker writes its own request-log files (the pid is in their names);
-- the response cache, idempotency records, the stored-response index (stored.py)
-  and in-flight coalescing are per worker unless `[cache] redis_url` is set, which
-  shares the cache, the idempotency records and the index (the supervisor says so at
-  start); breakers and retry budgets are per worker;
+- the response cache, idempotency records and in-flight coalescing are per worker
+  unless `[cache] redis_url` is set, which shares the cache and the idempotency
+  records (the supervisor says so at start); the stored-response index (stored.py)
+  is shared through Redis, or else a SQLite file in a folder the supervisor makes and
+  removes; breakers and retry budgets are per worker;
 - SIGHUP reloads every worker (one still starting is sent it once it serves: until
   then SIGHUP would kill it); SIGTERM or SIGINT drains them (in-flight requests
   finish, logs are fsynced; the supervisor closes its copy of the socket first, so a new
@@ -49,6 +50,7 @@ from typing import Any
 
 from finops.shim.config import ShimConfig, reread_config
 from finops.shim.metrics import MULTIPROC_ENV
+from finops.shim.stored import STATE_DIR_ENV
 
 log = logging.getLogger("finops.shim.workers")
 
@@ -276,6 +278,10 @@ class Supervisor:
         if sock is None:
             sock = bind_socket(self.cfg.host, self.cfg.port)  # first: a busy port is usual
         metrics_dir = tempfile.mkdtemp(prefix="finops-shim-metrics-")
+        # state the workers share without Redis (the stored-response index: stored.py)
+        state_dir = tempfile.mkdtemp(prefix="finops-shim-state-")
+        previous_state = os.environ.get(STATE_DIR_ENV)
+        os.environ[STATE_DIR_ENV] = state_dir
         self._copies_dir = Path(tempfile.mkdtemp(prefix="finops-shim-router-"))
         previous = os.environ.get(MULTIPROC_ENV)
         os.environ[MULTIPROC_ENV] = metrics_dir  # inherited by the spawned workers
@@ -287,10 +293,9 @@ class Supervisor:
         try:
             if self.cfg.redis_url is None:
                 log.warning(
-                    "%d workers without [cache] redis_url: each keeps its own response cache, "
-                    "idempotency records and stored-response index (a retry that lands on "
-                    "another worker is served and billed again; with auth on, a Responses "
-                    "follow-up or retrieval there is a 404)",
+                    "%d workers without [cache] redis_url: each keeps its own response cache "
+                    "and idempotency records (a retry that lands on another worker is served "
+                    "and billed again)",
                     self.workers,
                 )
             from finops.shim.server import recover_log_folder
@@ -317,6 +322,11 @@ class Supervisor:
             for s, h in handlers.items():
                 signal.signal(s, h)
             shutil.rmtree(metrics_dir, ignore_errors=True)
+            shutil.rmtree(state_dir, ignore_errors=True)
+            if previous_state is None:
+                os.environ.pop(STATE_DIR_ENV, None)
+            else:
+                os.environ[STATE_DIR_ENV] = previous_state
             shutil.rmtree(self._copies_dir, ignore_errors=True)
             if previous is None:
                 os.environ.pop(MULTIPROC_ENV, None)
