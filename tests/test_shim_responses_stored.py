@@ -573,3 +573,16 @@ def test_the_shared_file_index_never_hands_an_id_to_another_tenant(tmp_path):
     assert short.put("resp_2", StoredResponse("beta", "small", "http://b"))  # expired: free
     for ix in (one, two, short):
         ix.close()
+
+
+def test_a_worker_that_cannot_open_the_shared_index_still_serves(tmp_path, fakes, monkeypatch):
+    from finops.shim.stored import STATE_DIR_ENV
+
+    (tmp_path / "state").mkdir()
+    (tmp_path / "state" / "responses.sqlite3").mkdir()  # not a file: cannot be opened
+    monkeypatch.setenv(STATE_DIR_ENV, str(tmp_path / "state"))
+    _f, url = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}"], api_keys=KEYS) as h:
+        assert h.shim.shared_index is None
+        rid = _create(h, headers=ACME)
+        assert httpx.get(f"{h.base_url}/responses/{rid}", headers=ACME).status_code == 200

@@ -21,6 +21,7 @@ import contextlib
 import logging
 import os
 import signal
+import sqlite3
 import threading
 import time
 from collections import OrderedDict
@@ -203,12 +204,7 @@ class Shim:
         # Responses API ids -> (tenant, tier, replica): see stored.py
         self.responses = ResponseIndex(cfg.response_index_ttl_s)
         # without Redis, the workers of one supervisor share the index through a file
-        state = os.environ.get(STATE_DIR_ENV)
-        self.shared_index: SharedFileIndex | None = (
-            SharedFileIndex(Path(state) / "responses.sqlite3", cfg.response_index_ttl_s)
-            if state and self.redis is None
-            else None
-        )
+        self.shared_index = self._open_shared_index(cfg)
         self._writes: set[asyncio.Task] = set()  # shared-store writes nobody awaits
         # ids no replica had when last asked (auth off): not asked again for a while
         self._missing_ids: OrderedDict[str, float] = OrderedDict()
@@ -225,6 +221,24 @@ class Shim:
         self.tokenize_gate = TokenizeGate()
         self._reload_lock = asyncio.Lock()
         self._warned: OrderedDict[str, None] = OrderedDict()
+
+    def _open_shared_index(self, cfg: ShimConfig) -> SharedFileIndex | None:
+        """The workers' shared index file, if this is a worker without Redis; None (with
+        a warning: each worker then keeps its own) if it cannot be opened."""
+        state = os.environ.get(STATE_DIR_ENV)
+        if not state or self.redis is not None:
+            return None
+        path = Path(state) / "responses.sqlite3"
+        try:
+            return SharedFileIndex(path, cfg.response_index_ttl_s)
+        except sqlite3.Error as exc:
+            self.logger.warning(
+                "shared response index %s cannot be opened (%s): this worker keeps its own "
+                "(a follow-up another worker answered is a 404 here with auth on)",
+                path,
+                exc,
+            )
+            return None
 
     # -- model names --
     @staticmethod
