@@ -72,6 +72,18 @@ def _text(content: bytes) -> str:
     return "".join(e["delta"] for e in _sse(content) if e["type"] == "response.output_text.delta")
 
 
+def _found_through(h, rids: list[str]) -> None:
+    """Each of acme's ids: a follow-up and a retrieval through shim `h` find it; beta's
+    retrieval is a 404."""
+    for rid in rids:
+        r = httpx.post(
+            h.base_url + "/responses", json={**BODY, "previous_response_id": rid}, headers=ACME
+        )
+        assert r.status_code == 200, r.text
+        assert httpx.get(f"{h.base_url}/responses/{rid}", headers=ACME).status_code == 200
+        assert httpx.get(f"{h.base_url}/responses/{rid}", headers=BETA).status_code == 404
+
+
 def _metric(h, prefix: str) -> float:
     text = httpx.get(h.base_url.removesuffix("/v1") + "/metrics").text
     return sum(float(ln.rsplit(" ", 1)[1]) for ln in text.splitlines() if ln.startswith(prefix))
@@ -276,30 +288,16 @@ def test_the_index_is_shared_through_redis(tmp_path, fakes, redis_server):  # no
     the second reach the replica the first indexed, for the same tenant only."""
     _a, url_a = fakes(store_responses=True)
     _b, url_b = fakes(store_responses=True)
-    keys = ["k-acme-123=acme", "k-beta-456=beta"]
-    acme = {"authorization": "Bearer k-acme-123"}
     ups = [f"small={url_a}", f"small={url_b}"]
     with (
-        _serve(tmp_path, ups, "l1", api_keys=keys, redis_url=redis_server.url) as h1,
-        _serve(tmp_path, ups, "l2", api_keys=keys, redis_url=redis_server.url) as h2,
+        _serve(tmp_path, ups, "l1", api_keys=KEYS, redis_url=redis_server.url) as h1,
+        _serve(tmp_path, ups, "l2", api_keys=KEYS, redis_url=redis_server.url) as h2,
     ):
-        rids = [_create(h1, headers=acme, stream=i % 2 == 1) for i in range(4)]
+        rids = [_create(h1, headers=ACME, stream=i % 2 == 1) for i in range(4)]
         deadline = time.monotonic() + 5
-        while len(redis_server.client().keys("resp:*")) < 4 and time.monotonic() < deadline:
+        while len(redis_server.client().keys("respidx:*")) < 4 and time.monotonic() < deadline:
             time.sleep(0.02)
-        for rid in rids:
-            r = httpx.post(
-                h2.base_url + "/responses",
-                json={**BODY, "previous_response_id": rid},
-                headers=acme,
-            )
-            assert r.status_code == 200, r.text
-            r = httpx.get(f"{h2.base_url}/responses/{rid}", headers=acme)
-            assert r.status_code == 200
-            r = httpx.get(
-                f"{h2.base_url}/responses/{rid}", headers={"authorization": "Bearer k-beta-456"}
-            )
-            assert r.status_code == 404
+        _found_through(h2, rids)
 
 
 # --------------------------------------------------------------------------- real vLLM
@@ -543,15 +541,7 @@ def test_workers_share_the_index_through_a_file_without_redis(tmp_path, fakes, m
         _serve(tmp_path, ups, "l2", api_keys=KEYS) as h2,
     ):
         rids = [_create(h1, headers=ACME, stream=i % 2 == 1) for i in range(4)]
-        for rid in rids:
-            r = httpx.post(
-                h2.base_url + "/responses",
-                json={**BODY, "previous_response_id": rid},
-                headers=ACME,
-            )
-            assert r.status_code == 200, r.text
-            assert httpx.get(f"{h2.base_url}/responses/{rid}", headers=ACME).status_code == 200
-            assert httpx.get(f"{h2.base_url}/responses/{rid}", headers=BETA).status_code == 404
+        _found_through(h2, rids)
     assert (tmp_path / "responses.sqlite3").exists()
 
 
