@@ -39,6 +39,26 @@ def upstream():
     h.stop(2)
 
 
+def serve_on_a_busy_port(workers: str, upstream: str) -> tuple[subprocess.CompletedProcess, int]:
+    """`finops shim serve` on a port another socket listens on: its run, and the port."""
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        r = subprocess.run(
+            [
+                *(FINOPS, "shim", "serve", "--workers", workers, "--port", str(port)),
+                *("--upstream", f"small={upstream}"),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+    return r, port
+
+
 def _workers(master: int) -> set[int]:
     """Pids of the supervisor's worker processes (multiprocessing spawn children)."""
     out = set()
@@ -236,23 +256,8 @@ def test_workers_flag_and_config_are_validated(tmp_path):
     )
     assert r.returncode != 0 and "request log folder" in r.stderr and "worker" not in r.stdout
     # a port already taken is named, with the reason
-    import socket
-
-    up = "small=http://127.0.0.1:9"
     for workers in ("2", "1"):  # a single process binds its port the same way
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            port = taken.getsockname()[1]
-            r = subprocess.run(
-                [
-                    *(FINOPS, "shim", "serve", "--workers", workers, "--port", str(port)),
-                    *("--upstream", up),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+        r, port = serve_on_a_busy_port(workers, "http://127.0.0.1:9")
         assert r.returncode == 2, (workers, r.stderr)
         assert f"cannot listen on 127.0.0.1:{port}" in r.stderr and "in use" in r.stderr
 

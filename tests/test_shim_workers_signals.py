@@ -15,7 +15,6 @@ import shutil
 import signal
 import socket
 import subprocess
-import sys
 import threading
 import time
 from pathlib import Path
@@ -27,14 +26,14 @@ from finops.loopback import free_port, wait_http
 from finops.shim.config import load_config
 from finops.shim.fakeupstream import FakeUpstream
 from finops.shim.server import run_app_in_thread
+from tests.test_shim_workers import CHAT, FINOPS, serve_on_a_busy_port
 
-CHAT = {"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4}
-FINOPS = str(Path(sys.executable).parent / "finops")
 TIERS = ("small", "mid", "large")
 
 
 @pytest.fixture
 def upstream():
+    """A fast fake upstream's URL (overrides conftest's (fake, url) one, as in test_shim_workers)."""
     f = FakeUpstream()
     f.keep_bodies = False
     h = run_app_in_thread(f)
@@ -97,12 +96,10 @@ def test_a_sighup_while_the_workers_start_is_a_reload_once_they_serve(tmp_path, 
             what="both workers reloading",
         )
         assert shim.proc.poll() is None, shim.text()[-4000:]
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=20)
-        assert r.status_code == 200
+        _chat_ok(port)
     finally:
         text = shim.stop()
-    assert shim.proc.returncode == 0, text[-4000:]
-    assert "exited with" not in text, text[-4000:]
+    _stopped_cleanly(shim, text)
 
 
 def test_a_sighup_to_the_whole_group_while_workers_start_kills_none(tmp_path, upstream):
@@ -119,15 +116,24 @@ def test_a_sighup_to_the_whole_group_while_workers_start_kills_none(tmp_path, up
             assert shim.proc.poll() is None, shim.text()[-4000:]
             os.killpg(shim.proc.pid, signal.SIGHUP)
             time.sleep(0.1)
-        r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=20)
-        assert r.status_code == 200
+        _chat_ok(port)
     finally:
         text = shim.stop()
-    assert shim.proc.returncode == 0, text[-4000:]
-    assert "exited with" not in text, text[-4000:]
+    _stopped_cleanly(shim, text)
     # nor multiprocessing's resource tracker (relaunched, it printed a traceback per
     # semaphore it did not know at exit)
     assert "Traceback" not in text and "resource_tracker" not in text, text[-4000:]
+
+
+def _chat_ok(port: int) -> None:
+    r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT, timeout=20)
+    assert r.status_code == 200
+
+
+def _stopped_cleanly(shim: _Shim, text: str) -> None:
+    """Exit 0 after SIGTERM, and no worker died on the way."""
+    assert shim.proc.returncode == 0, text[-4000:]
+    assert "exited with" not in text, text[-4000:]
 
 
 def _self_sighup_on_import(tmp_path: Path, module: str) -> dict:
@@ -331,19 +337,7 @@ def test_a_busy_port_is_one_error_line_and_no_banner(upstream):
     """The banner came before the port was bound: `finops shim on http://...` and then
     `error: [Errno 98] ...`. Now the error alone, naming the address."""
     for workers in ("1", "2"):
-        with socket.socket() as taken:
-            taken.bind(("127.0.0.1", 0))
-            taken.listen()
-            port = taken.getsockname()[1]
-            r = subprocess.run(
-                [
-                    *(FINOPS, "shim", "serve", "--workers", workers, "--port", str(port)),
-                    *("--upstream", f"small={upstream}"),
-                ],
-                capture_output=True,
-                text=True,
-                timeout=60,
-            )
+        r, port = serve_on_a_busy_port(workers, upstream)
         assert r.returncode == 2, (workers, r.stderr)
         assert "finops shim on" not in r.stderr and "[Errno" not in r.stderr, r.stderr
         assert f"error: cannot listen on 127.0.0.1:{port}: Address already in use" in r.stderr

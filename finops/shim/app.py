@@ -28,6 +28,7 @@ from collections import OrderedDict
 from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
 import httpx
 import orjson
@@ -448,8 +449,6 @@ class Shim:
 
     async def _locate_response(self, response_id: str, tenant: str) -> StoredResponse | None:
         """Ask every replica for the id (GET /v1/responses/{id}); the one that has it."""
-        from urllib.parse import quote
-
         by_url: dict[str, list] = {}
         for u in self.pool.all():
             by_url.setdefault(u.url, []).append(u)

@@ -327,6 +327,7 @@ class ResponsesEndpoint(ProxyEndpoint):
     async def _respond_full(
         self, ctx: Ctx, up: Upstream, resp: Any, data: bytes, send: Any, store_key: str | None
     ) -> tuple[dict, bytes] | None:
+        replayable = True
         if resp.status == 200 and ctx.answer is not None:
             write = self._remember(ctx, ctx.answer)
             if write is not None:  # in the shared store before the client has the id
@@ -335,13 +336,12 @@ class ResponsesEndpoint(ProxyEndpoint):
             replayable = responses_replayable(ctx.answer)
             if not replayable:
                 store_key = None  # a cache hit could not stream it back as vLLM would
-            out = await super()._respond_full(ctx, up, resp, data, send, store_key)
-            if not replayable:
-                # nor can a coalesced follower that asked for a stream have it: followers
-                # run on their own (the answer still goes to an Idempotency-Key record)
-                ctx.result = None
-            return out
-        return await super()._respond_full(ctx, up, resp, data, send, store_key)
+        out = await super()._respond_full(ctx, up, resp, data, send, store_key)
+        if not replayable:
+            # nor can a coalesced follower that asked for a stream have it: followers run
+            # on their own (the answer still goes to an Idempotency-Key record)
+            ctx.result = None
+        return out
 
     async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
         if not meta.get("sse"):
@@ -562,6 +562,20 @@ class StoredResponseEndpoint:
         finally:
             shim.metrics.stored_response_calls.labels(op or "other", str(status)).inc()
 
+    @staticmethod
+    def _headers(up: Upstream, resp: Any) -> list[tuple[bytes, bytes]]:
+        """The shim's headers, and what the replica says about its answer (a 405's
+        methods, a 503's wait)."""
+        return [
+            (b"x-finops-tier", up.tier.encode()),
+            (b"x-finops-cache", b"bypass"),
+            *(
+                (k.encode(), resp.headers[k].encode("latin-1"))
+                for k in ("allow", "retry-after")
+                if k in resp.headers
+            ),
+        ]
+
     async def _forward(
         self, scope: dict, up: Upstream, tail: str, rid: str, body: bytes, send: Any
     ) -> int:
@@ -605,7 +619,8 @@ class StoredResponseEndpoint:
                 got = _json_object(data)
                 if got is not None and "error" not in got:
                     raise _unsupported(scope, up, resp.status_code, got, resp.headers)
-                resp = _Replayed(resp, data)
+                await _send_simple(send, resp.status_code, data, self._headers(up, resp))
+                return resp.status_code
             start = {
                 "type": "http.response.start",
                 "status": resp.status_code,
@@ -614,14 +629,7 @@ class StoredResponseEndpoint:
                         b"content-type",
                         resp.headers.get("content-type", "application/json").encode(),
                     ),
-                    (b"x-finops-tier", up.tier.encode()),
-                    (b"x-finops-cache", b"bypass"),
-                    # what the replica says about its answer (a 405's methods, a 503's wait)
-                    *(
-                        (k.encode(), resp.headers[k].encode("latin-1"))
-                        for k in ("allow", "retry-after")
-                        if k in resp.headers
-                    ),
+                    *self._headers(up, resp),
                 ],
             }
             if "content-length" in resp.headers:  # raw bytes are passed: the same length
@@ -660,19 +668,3 @@ def _unsupported(scope: dict, up: Upstream, status: int, got: dict, headers: Any
     if "allow" in headers:
         exc.headers.append((b"allow", headers["allow"].encode("latin-1")))
     return exc
-
-
-class _Replayed:
-    """A read response's status, headers and body, streamed like the original would be."""
-
-    def __init__(self, resp: Any, data: bytes) -> None:
-        self.status_code = resp.status_code
-        self.headers = resp.headers
-        self._resp = resp
-        self._data = data
-
-    async def aiter_raw(self) -> Any:
-        yield self._data
-
-    async def aclose(self) -> None:
-        await self._resp.aclose()
