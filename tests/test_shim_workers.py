@@ -202,6 +202,8 @@ def test_a_replacement_worker_serves_the_config_file_as_it_is_now(tmp_path, upst
         wait_http(url + "/healthz", timeout=60)
         _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
         first = _workers(proc.pid)
+        # both have read the file: a worker still starting would read the change below
+        _wait(lambda: set(models_by_pid()) == first, what="both workers answering")
         conf.write_text(conf.read_text() + f'[tiers.mid]\nupstreams = ["{upstream}"]\n')
         victim = min(first)
         os.kill(victim, signal.SIGKILL)  # no reload was asked: only the replacement re-reads
