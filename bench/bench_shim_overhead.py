@@ -35,6 +35,13 @@ ceiling for any proxy on this machine: a proxy parses and answers like the
 upstream does and also makes the upstream call, so on shared cores it keeps
 0.3-0.9x of a server that does no work (0.8x only at some concurrencies). Printed when `nginx` is on PATH
 (Debian: `apt-get install nginx-light`); `--no-reference` skips it.
+
+A second reference is the LiteLLM proxy, the issue's anchor (its docs give 2-12 ms
+median added latency): `auto` served from the same upstream, one worker per shim
+worker, no database, cache or callbacks (so no spend log, which the shim writes).
+Printed when `--litellm`, $FINOPS_LITELLM or `litellm` on PATH names its command
+(`uv tool install 'litellm[proxy]'`); it answers ~100 requests/s here, so its cases
+send fewer requests.
 """
 
 from __future__ import annotations
@@ -60,14 +67,17 @@ ROOT = Path(__file__).resolve().parent.parent
 # (concurrency, requests) per case; the paced upstream takes 50 ms a request, so fewer
 FAST_SIZES = ((1, 600), (32, 4000), (128, 6000))
 PACED_SIZES = ((1, 80), (32, 2000), (128, 5000))
+# LiteLLM answers about 100 requests/s here: fewer, or a case takes minutes
+LITELLM_SIZES = ((1, 100), (32, 600), (128, 1200))
 
 
 async def _read_response(reader: asyncio.StreamReader) -> bytes:
     head = await reader.readuntil(b"\r\n\r\n")
     low = head.lower()
-    i = low.find(b"content-length:")
+    # at a line's start: LiteLLM also sends `llm_provider-content-length` (the upstream's)
+    i = low.find(b"\r\ncontent-length:")
     if i >= 0:
-        n = int(low[i + 15 : low.find(b"\r\n", i)])
+        n = int(low[i + 17 : low.find(b"\r\n", i + 2)])
         return await reader.readexactly(n)
     # chunked
     out = []
@@ -189,7 +199,7 @@ def print_rows(rows: list[dict]) -> None:
         print(
             f"{r['case']:<10}{r['c']:>5}{('yes' if r['stream'] else 'no'):>7}{r['n']:>6} | "
             f"{r['direct_p50']:>8.2f} / {r['direct_p99']:>7.2f} | {r['shim_p50']:>7.2f} / {r['shim_p99']:>6.2f} | "
-            f"{r['added_p50']:>+8.2f} / {r['added_p99']:>+6.2f} | {r['direct_rps']:>7.0f} / {r['shim_rps']:>6.0f} | {r['ratio']:.2f}x"
+            f"{r['added_p50']:>+8.2f} / {r['added_p99']:>+6.2f} | {r['direct_rps']:>7.0f} / {r['shim_rps']:>6.0f} | {r['ratio']:.{2 if r['ratio'] >= 0.1 else 3}f}x"
         )
 
 
@@ -295,6 +305,44 @@ def start_nginx(
     return p, port
 
 
+LITELLM_CONF = """
+model_list:
+  - model_name: auto
+    litellm_params:
+      model: openai/small
+      api_base: http://127.0.0.1:{up_port}/v1
+      api_key: none
+"""
+
+
+def start_litellm(
+    litellm: str, up_port: int, workers: int, folder: Path
+) -> tuple[subprocess.Popen, int]:
+    """The LiteLLM proxy (the issue's anchor) serving `auto` from the upstream: no database,
+    no cache, no callbacks, so no spend log either; its output goes to a file in `folder`."""
+    folder.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    conf = folder / "litellm.yaml"
+    conf.write_text(LITELLM_CONF.format(up_port=up_port))
+    env = {
+        **os.environ,
+        "LITELLM_LOCAL_MODEL_COST_MAP": "True",  # no fetch of the price list at start
+        "LITELLM_LOG": "ERROR",
+        # loopback only, no master key: LiteLLM refuses to start without saying so
+        "LITELLM_DANGEROUSLY_PERMIT_WEAK_OR_UNSET_MASTER_KEY": "true",
+    }
+    out = (folder / "litellm.log").open("wb")
+    cmd = [litellm, "--config", str(conf), "--host", "127.0.0.1", "--port", str(port)]
+    p = launch(
+        [*cmd, "--num_workers", str(workers)],
+        f"http://127.0.0.1:{port}/health/liveliness",
+        stdout=out,
+        stderr=subprocess.STDOUT,
+        env=env,
+    )
+    return p, port
+
+
 def stop(p: subprocess.Popen) -> None:
     p.terminate()
     try:
@@ -320,7 +368,13 @@ def main() -> None:
     ap.add_argument(
         "--no-reference",
         action="store_true",
-        help="skip the nginx pass-through reference table",
+        help="skip the nginx and LiteLLM reference tables",
+    )
+    ap.add_argument(
+        "--litellm",
+        default=os.environ.get("FINOPS_LITELLM") or shutil.which("litellm"),
+        help="the LiteLLM proxy's `litellm` command, for its reference table (default: "
+        "$FINOPS_LITELLM, else `litellm` on PATH; `uv tool install 'litellm[proxy]'`)",
     )
     ap.add_argument(
         "--workers",
@@ -382,6 +436,28 @@ def main() -> None:
             elif not a.no_reference:
                 print(
                     "\n(reference proxy skipped: nginx is not on PATH; apt-get install nginx-light)"
+                )
+            if a.litellm and not a.no_reference:
+                ll, ll_port = start_litellm(a.litellm, up_port, w, tmp / f"litellm-{w}")
+                try:
+                    lrows = grid(f"litellm w={w}", up_port, ll_port, LITELLM_SIZES, scale)
+                finally:
+                    stop(ll)
+                print(
+                    f"\n== reference: LiteLLM proxy ({w} worker{'s' if w > 1 else ''}; Python, "
+                    "no database, cache or callbacks) vs the same fast upstream: the issue's anchor"
+                )
+                print_rows(lrows)
+                for r, lr in zip(rows, lrows, strict=True):
+                    print(
+                        f"shim vs LiteLLM at {r['c']:>3} concurrent, stream={'yes' if r['stream'] else 'no':<3}: "
+                        f"{r['shim_rps'] / lr['shim_rps']:>5.1f}x the requests/s, added p50 "
+                        f"{r['added_p50']:.2f} ms vs {lr['added_p50']:.2f} ms"
+                    )
+            elif not a.no_reference:
+                print(
+                    "\n(LiteLLM reference skipped: no `litellm` on PATH or in $FINOPS_LITELLM; "
+                    "uv tool install 'litellm[proxy]')"
                 )
             pshim, pshim_port = start_shim(
                 f"http://127.0.0.1:{paced_port}", tmp / f"log-paced-{w}", router, workers=w
