@@ -22,6 +22,7 @@ import pytest
 from finops.lake import Lake
 from finops.shim import from_flags, serve_in_thread
 from finops.shim.config import CapRule, hash_key, parse_config
+from finops.shim.server import run_app_in_thread
 from finops.shim.testing import wait_for_records as _records
 from finops.shim.upstreams import STATE_NAMES, CircuitBreaker
 
@@ -220,6 +221,80 @@ def test_stream_options_without_stream_is_refused_even_when_cached(tmp_path, fak
         ok = {**body, "stream_options": None}  # null is "not set", as vLLM reads it
         assert httpx.post(h.base_url + "/chat/completions", json=ok).status_code == 200
     assert f.calls == 1
+
+
+@pytest.mark.parametrize(
+    ("stream_options", "param"),
+    [
+        ("yes", "stream_options"),
+        ([1], "stream_options"),
+        ([], "stream_options"),
+        (0, "stream_options"),
+        ({"include_usage": "maybe"}, "stream_options.include_usage"),
+        ({"continuous_usage_stats": [1]}, "stream_options.continuous_usage_stats"),
+        (
+            {"include_usage": False, "continuous_usage_stats": 2},
+            "stream_options.continuous_usage_stats",
+        ),
+    ],
+)
+def test_invalid_stream_options_are_refused_as_vllm_refuses_them(
+    tmp_path, fakes, stream_options, param
+):
+    """The shim sends its own stream options upstream (it asks for usage), so vLLM never
+    sees a client's invalid ones: the shim refuses them, cached answer or not."""
+    f, url = fakes()
+    body = {**CHAT, "temperature": 0, "stream": True}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        assert httpx.post(h.base_url + "/chat/completions", json=body).status_code == 200
+        r = httpx.post(
+            h.base_url + "/chat/completions", json={**body, "stream_options": stream_options}
+        )
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_stream_options" and err["param"] == param
+    assert f.calls == 1
+
+
+def test_stream_options_booleans_are_read_as_vllm_reads_them(tmp_path, fakes):
+    """vLLM reads "yes"/"no"/1/0 as booleans: the usage chunk is kept or dropped as vLLM
+    would have sent it, and the record has the upstream's usage either way."""
+    f, url = fakes(tokens=3)
+    body = {**CHAT, "stream": True, "max_tokens": 3}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        got = {}
+        for value in ("yes", "no", 1, 0, "False"):
+            r = httpx.post(
+                h.base_url + "/chat/completions",
+                json={**body, "stream_options": {"include_usage": value}},
+            )
+            assert r.status_code == 200
+            objs = [
+                orjson.loads(e[6:]) for e in r.content.split(b"\n\n") if e.startswith(b"data: {")
+            ]
+            got[value] = objs[-1].get("usage") is not None and objs[-1]["choices"] == []
+            assert f.bodies[-1]["stream_options"]["include_usage"] in (True, "yes", 1)
+        recs = _records(h.shim, 5)
+    assert got == {"yes": True, "no": False, 1: True, 0: False, "False": False}
+    assert [r["output_tokens"] for r in recs] == [3] * 5
+
+
+def test_a_utf8_byte_order_mark_before_the_json_is_skipped(tmp_path, fakes):
+    """Windows tools write a BOM before JSON; vLLM reads such a body, so the shim does."""
+    _, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.post(
+            h.base_url + "/chat/completions",
+            content=b"\xef\xbb\xbf" + orjson.dumps(CHAT),
+            headers={"content-type": "application/json"},
+        )
+        assert r.status_code == 200, r.text
+        bad = httpx.post(
+            h.base_url + "/chat/completions",
+            content=b"\xef\xbb\xbf\xef\xbb\xbf" + orjson.dumps(CHAT),
+            headers={"content-type": "application/json"},
+        )
+        assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
 
 
 def test_all_upstreams_rate_limited_passes_on_retry_after(tmp_path, fakes):
@@ -1641,6 +1716,76 @@ def test_a_stream_keeps_vllms_fingerprint_when_the_usage_chunk_is_dropped(
                 assert last["choices"][0]["finish_reason"] == "length" and "usage" not in last
             assert sum("system_fingerprint" in e for e in events) == 1
             assert r.content.endswith(b"data: [DONE]\n\n")
+
+
+class _TwoChoiceStream:
+    """An upstream streaming two choices as vLLM does when asked for the usage chunk:
+    choice 0 finishes first, choice 1 goes on, and system_fingerprint is on the usage
+    chunk only (without it, vLLM puts it on each choice's finish chunk)."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict] = []
+
+    async def __call__(self, scope: dict, receive, send) -> None:
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        self.bodies.append(orjson.loads(body))
+        base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": "m"}
+
+        def ev(choices: list, **extra) -> bytes:
+            return b"data: " + orjson.dumps({**base, "choices": choices, **extra}) + b"\n\n"
+
+        def ch(i: int, text: str, finish: str | None = None) -> dict:
+            return {"index": i, "delta": {"content": text}, "finish_reason": finish}
+
+        usage = {"prompt_tokens": 3, "completion_tokens": 5, "total_tokens": 8}
+        events = [
+            ev([ch(0, "a")]),
+            ev([ch(1, "b")]),
+            ev([ch(0, "c", "stop")]),
+            ev([ch(1, "d")]),
+            ev([ch(1, "e", "length")]),
+            ev([], usage=usage, system_fingerprint="vllm-fp"),
+            b"data: [DONE]\n\n",
+        ]
+        headers = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": headers})
+        for e in events:
+            await send({"type": "http.response.body", "body": e, "more_body": True})
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
+
+
+def test_every_choices_finish_chunk_gets_the_fingerprint_of_the_dropped_usage_chunk(tmp_path):
+    """With n > 1, each choice's finish chunk carries system_fingerprint when vLLM streams
+    without the usage chunk; the shim asks for that chunk and drops it, so every finish
+    chunk must take its fingerprint, not only the last one."""
+    up = run_app_in_thread(_TwoChoiceStream())
+    try:
+        with _serve(tmp_path, [f"small={up.url}"]) as h:
+            body = {**CHAT, "stream": True, "n": 2}
+            r = httpx.post(h.base_url + "/chat/completions", json=body)
+            recs = _records(h.shim, 1)
+    finally:
+        up.stop(2)
+    assert r.status_code == 200 and r.content.endswith(b"data: [DONE]\n\n")
+    objs = [orjson.loads(e[6:]) for e in r.content.split(b"\n\n") if e.startswith(b"data: {")]
+    assert all(o["choices"] for o in objs), "the usage chunk is dropped"
+    finish = {o["choices"][0]["index"]: o for o in objs if o["choices"][0].get("finish_reason")}
+    assert sorted(finish) == [0, 1]
+    assert [finish[i].get("system_fingerprint") for i in (0, 1)] == ["vllm-fp", "vllm-fp"]
+    # every chunk reached the client, each choice's text in order
+    text = {
+        i: "".join(
+            o["choices"][0]["delta"]["content"] for o in objs if o["choices"][0]["index"] == i
+        )
+        for i in (0, 1)
+    }
+    assert text == {0: "ac", 1: "bde"}
+    assert recs[0]["output_tokens"] == 5 and recs[0]["finish_reason"] == "length"
 
 
 def test_a_finish_chunk_held_for_the_usage_chunk_is_sent_when_the_upstream_dies(tmp_path, fakes):

@@ -472,7 +472,13 @@ def _auth_then_read_body(
 
 
 def _parse_json_body(raw: bytes) -> Any:
-    """Parse the request body once with orjson; invalid JSON is a 400 in OpenAI's shape."""
+    """Parse the request body once with orjson; invalid JSON is a 400 in OpenAI's shape.
+
+    A UTF-8 byte order mark before the JSON (Windows tools write one) is skipped, as
+    vLLM's own parsing does.
+    """
+    if raw[:3] == b"\xef\xbb\xbf":
+        raw = raw[3:]
     try:
         return orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
@@ -653,7 +659,7 @@ class ProxyEndpoint:
                 "invalid_stream_options",
                 param="stream_options",
             )
-        ctx.include_usage = bool(stream and isinstance(so, dict) and so.get("include_usage"))
+        ctx.include_usage = stream and _include_usage(so)
         rec["prompt_fingerprint"] = _fingerprint_prompt(body)
         if cfg.log_prompts:
             rec["prompt_text"] = _prompt_text(body)
@@ -1352,7 +1358,9 @@ class ProxyEndpoint:
             "error": None,  # an error event the upstream sent in the stream
         }
         buf = b""
-        held: bytes | None = None  # a finish chunk waiting for the usage chunk we drop
+        # finish chunks waiting for the usage chunk we drop (one per choice; n > 1 streams
+        # have several)
+        held: list[bytes] = []
         crlf = False
         eof = False
         failure: tuple[int, str, str] | None = None  # (status, error_type, message)
@@ -1384,30 +1392,35 @@ class ProxyEndpoint:
                     buf = buf[i + 2 :]
                     fwd = self._inspect_event(ev, state, strip_usage, collect, ctx)
                     finished = state.pop("finish_event", False)
-                    if held is not None:  # released before whatever comes next
+                    choice_event = state.pop("choice_event", False)
+                    if held and not (fwd and choice_event):
+                        # released before whatever is not another choice's chunk: the
+                        # usage chunk we drop, [DONE], an error event
                         fp = state.pop("stripped_fp", None)
                         if fp is not None:
-                            held = _with_fingerprint(held, fp)
-                        out.append(held)
+                            held = [_with_fingerprint(h, fp) for h in held]
+                        out += held
                         if sent is not None:
-                            sent.append(held)
-                        held = None
+                            sent += held
+                        held = []
                     if not fwd:
                         continue
                     if strip_usage and finished:
-                        # vLLM puts system_fingerprint on its last chunk: with the usage we
-                        # asked for, that is the usage chunk we drop, so the finish chunk
-                        # waits for it (it follows at once) and takes its fingerprint
-                        held = ev
+                        # Without the usage chunk, vLLM puts system_fingerprint on each
+                        # choice's finish chunk; with the usage we asked for, only on the
+                        # usage chunk we drop. So finish chunks wait for it (it follows the
+                        # last one at once; other choices' chunks pass meanwhile) and take
+                        # its fingerprint.
+                        held.append(ev)
                         continue
                     out.append(ev)
                     if sent is not None:
                         sent.append(ev)
-                if held is not None and eof:  # the stream ended without [DONE]
-                    out.append(held)
+                if held and eof:  # the stream ended without [DONE]
+                    out += held
                     if sent is not None:
-                        sent.append(held)
-                    held = None
+                        sent += held
+                    held = []
                 if out:
                     now = time.perf_counter()
                     if now - yielded > YIELD_EVERY_S:
@@ -1521,7 +1534,7 @@ class ProxyEndpoint:
             )
             with contextlib.suppress(Exception):
                 async with asyncio.timeout(1.0):
-                    body = (held or b"") + self._stream_error_end(state, err)
+                    body = b"".join(held) + self._stream_error_end(state, err)
                     await send({"type": "http.response.body", "body": body, "more_body": False})
             return None
         if failure is not None:
@@ -1550,8 +1563,8 @@ class ProxyEndpoint:
                     }
                 }
             )
-            # a finish chunk held for the usage chunk goes first, as it came
-            body = (held or b"") + self._stream_error_end(state, err)
+            # finish chunks held for the usage chunk go first, as they came
+            body = b"".join(held) + self._stream_error_end(state, err)
             with contextlib.suppress(Exception):
                 await send({"type": "http.response.body", "body": body, "more_body": False})
             return None
@@ -1628,6 +1641,7 @@ class ProxyEndpoint:
         if collect is not None:
             collect.append(obj)
         if choices and isinstance(choices, list):
+            state["choice_event"] = True
             for ch in choices:
                 if not isinstance(ch, dict):
                     continue
@@ -1797,6 +1811,59 @@ def _stream_flag(body: dict) -> bool:
             param="stream",
         )
     return stream
+
+
+# what vLLM's request models (pydantic, lax mode) read as a boolean
+_LAX_TRUE = frozenset(("1", "on", "t", "true", "y", "yes"))
+_LAX_FALSE = frozenset(("0", "off", "f", "false", "n", "no"))
+
+
+def _lax_bool(v: Any) -> bool | None:
+    """`v` as vLLM reads a boolean field; None when it is not one (vLLM answers 400)."""
+    if isinstance(v, bool):
+        return v
+    if isinstance(v, int | float) and v in (0, 1):
+        return bool(v)
+    if isinstance(v, str):
+        low = v.lower()
+        if low in _LAX_TRUE:
+            return True
+        if low in _LAX_FALSE:
+            return False
+    return None
+
+
+def _include_usage(so: Any) -> bool:
+    """Whether a stream's `stream_options` ask for the usage chunk; 400 when they are not
+    valid stream options.
+
+    Checked here, not left to vLLM: the shim sends its own stream options upstream (it
+    always asks for usage), so vLLM never sees the client's, and a cache hit never asks
+    vLLM at all. Booleans are read as vLLM reads them ("no" is false), so the shim
+    strips the usage chunk exactly when vLLM would not have sent it.
+    """
+    if so is None:
+        return False
+    if not isinstance(so, dict):
+        raise HTTPError(
+            400,
+            f"`stream_options` must be an object, not {orjson.dumps(so).decode()[:40]}.",
+            "invalid_request_error",
+            "invalid_stream_options",
+            param="stream_options",
+        )
+    for key in ("include_usage", "continuous_usage_stats"):
+        v = so.get(key)
+        if v is not None and _lax_bool(v) is None:
+            raise HTTPError(
+                400,
+                f"`stream_options.{key}` must be true or false, not "
+                f"{orjson.dumps(v).decode()[:40]}.",
+                "invalid_request_error",
+                "invalid_stream_options",
+                param=f"stream_options.{key}",
+            )
+    return bool(_lax_bool(so.get("include_usage")))
 
 
 def _resolve(shim: Shim, model: str) -> Any:
