@@ -114,6 +114,30 @@ def test_an_oversized_request_head_gets_431_and_others_are_served(shim):
     assert _refused(shim)["request_header_fields_too_large"] == 1
 
 
+@pytest.mark.parametrize("pad", [MAX_HEAD_BYTES + 4_000, 2 * MAX_HEAD_BYTES])
+def test_a_whole_oversized_head_in_one_write_gets_431(shim, pad):
+    """A head over the limit that arrives complete in one read (with its body) was
+    parsed before the size check ran, and served."""
+    body = orjson.dumps(CHAT)
+    head = (
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-good\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\nx-pad: %s\r\n\r\n"
+        % (len(body), b"a" * pad)
+    )
+    with _connect(shim) as s:
+        s.sendall(head + body)
+        status, headers, out = _split(_read_all(s))
+    assert status == 431 and headers["connection"] == "close"
+    assert orjson.loads(out)["error"]["code"] == "request_header_fields_too_large"
+    assert _refused(shim)["request_header_fields_too_large"] == 1
+    # a head just under the limit, sent the same way, is served
+    small = head.replace(b"a" * pad, b"a" * (MAX_HEAD_BYTES - 1_000))
+    with _connect(shim) as s:
+        s.sendall(small.replace(b"HTTP/1.1\r\n", b"HTTP/1.1\r\nconnection: close\r\n", 1) + body)
+        status, _, out = _split(_read_all(s))
+    assert status == 200, out
+
+
 def test_a_slow_or_silent_head_is_cut_at_the_body_timeout(shim):
     """A head dripped byte by byte gets a 408 once the client's time to send its request
     (`body_timeout_s`) is up; a connection that says nothing is closed then too. A kept-

@@ -297,6 +297,73 @@ def test_a_utf8_byte_order_mark_before_the_json_is_skipped(tmp_path, fakes):
         assert bad.status_code == 400 and bad.json()["error"]["code"] == "invalid_json"
 
 
+@pytest.mark.parametrize(
+    ("path", "body"),
+    [
+        ("/chat/completions", CHAT),
+        ("/completions", {"model": "auto", "prompt": "hi", "max_tokens": 2}),
+        ("/embeddings", {"model": "auto", "input": "hi"}),
+        ("/responses", {"model": "auto", "input": "hi"}),
+    ],
+)
+def test_json_nested_deeper_than_the_shim_writes_is_a_400(tmp_path, fakes, path, body):
+    """orjson reads 1024 levels and writes 254: a ~600-byte body nested 300 deep was a
+    500 with a traceback in the log, on every endpoint."""
+    _, url = fakes()
+
+    def nested(depth: int) -> bytes:
+        return orjson.dumps(body)[:-1] + b',"x":' + b"[" * depth + b"]" * depth + b"}"
+
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        for depth in (300, 260):
+            r = httpx.post(
+                h.base_url + path,
+                content=nested(depth),
+                headers={"content-type": "application/json"},
+            )
+            assert r.status_code == 400, (depth, r.text)
+            err = r.json()["error"]
+            assert err["code"] == "invalid_json" and "levels deep" in err["message"]
+        # as deep as the shim takes (the body is one level, "x" 251 more): served
+        r = httpx.post(
+            h.base_url + path, content=nested(251), headers={"content-type": "application/json"}
+        )
+        assert r.status_code == 200, r.text
+        recs = _records(h.shim, 3)
+    assert [r["status_code"] for r in recs] == [400, 400, 200]
+
+
+def test_a_model_that_is_not_a_string_is_named_as_such(tmp_path, fakes):
+    _, url = fakes()
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        for path, body in (
+            ("/chat/completions", {**CHAT, "model": 5}),
+            ("/embeddings", {"model": ["small"], "input": "hi"}),
+        ):
+            r = httpx.post(h.base_url + path, json=body)
+            assert r.status_code == 400
+            err = r.json()["error"]
+            assert err["code"] == "invalid_model" and err["param"] == "model"
+            assert "must be a string" in err["message"], err
+        r = httpx.post(h.base_url + "/chat/completions", json={"messages": CHAT["messages"]})
+        assert r.json()["error"]["code"] == "missing_model"
+
+
+def test_a_message_that_is_not_an_object_is_refused_not_truncated_away(tmp_path, fakes):
+    """vLLM refuses such a request; a truncate cap used to drop the bad element and send
+    on a request the client never made."""
+    f, url = fakes()
+    caps = (CapRule(max_input_tokens=50, policy="truncate"),)
+    long = " ".join(["word"] * 400)
+    with _serve(tmp_path, [f"small={url}"], caps=caps) as h:
+        body = {**CHAT, "messages": [long, {"role": "user", "content": "hi"}]}
+        r = httpx.post(h.base_url + "/chat/completions", json=body)
+        assert r.status_code == 400, r.text
+        err = r.json()["error"]
+        assert err["code"] == "invalid_messages" and err["param"] == "messages[0]"
+    assert f.calls == 0
+
+
 def test_all_upstreams_rate_limited_passes_on_retry_after(tmp_path, fakes):
     _, url = fakes("rate_limited")
     with _serve(tmp_path, [f"small={url}"]) as h:

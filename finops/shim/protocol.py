@@ -34,12 +34,17 @@ from finops.shim.proxy import error_body
 logger = logging.getLogger("finops.shim")
 
 MAX_HEAD_BYTES = 64 * 1024
+LINGER_S = 2.0  # how long a refused connection's further bytes are read and dropped
 
 _REASONS = {
     400: b"Bad Request",
     408: b"Request Timeout",
     431: b"Request Header Fields Too Large",
 }
+
+
+class HeadRefused(Exception):
+    """Raised in a parser callback to stop parsing a connection refused with a 431."""
 
 
 class GuardedHttpToolsProtocol(HttpToolsProtocol):
@@ -54,6 +59,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         super().connection_made(transport)
         self._in_head = True
         self._head_bytes = 0
+        self._discarding = False
         # when the head being waited for began: the connection's start, then each
         # request's first bytes (a connection idle between requests is not in a head:
         # uvicorn's keep-alive timeout closes it)
@@ -66,6 +72,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         )
 
     def data_received(self, data: bytes) -> None:
+        if self._discarding:  # refused: what the client still sends is dropped
+            return
         if self._in_head:
             if not self._head_bytes:
                 self._head_since = self.loop.time()
@@ -82,10 +90,30 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_headers_complete(self) -> None:
         self._in_head = False
         self._waiting = False
+        if self._head_bytes > self.max_head_bytes and self._head_size() > self.max_head_bytes:
+            # the head ended in the read that crossed the limit (data_received's check
+            # comes after the parser, when the head is already complete)
+            self._refuse(
+                431,
+                "request_header_fields_too_large",
+                f"The request head exceeds {self.max_head_bytes} bytes.",
+            )
+            # stops the parser on this read: the connection is closed, no request runs
+            raise HeadRefused
         super().on_headers_complete()
         if self.scope.get("http_version") == "1.0" and self.cycle is not None:
             # the app's task has not run yet: it will call this send
             self.cycle.send = _close_delimited_send(self.cycle)  # type: ignore[method-assign]
+
+    def _head_size(self) -> int:
+        """The parsed head's size: request line, header lines, blank line (the bytes
+        received may run on into the body)."""
+        return (
+            len(self.url)
+            + sum(len(k) + len(v) + 4 for k, v in self.headers)
+            + len(self.parser.get_method())
+            + 14  # " ", " HTTP/1.1\r\n", "\r\n"
+        )
 
     def on_message_complete(self) -> None:
         super().on_message_complete()
@@ -132,7 +160,7 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._refuse(400, "invalid_http_request", f"{msg} (the HTTP/1.1 framing is malformed)")
 
     def _refuse(self, status: int, code: str, message: str) -> None:
-        if self.transport.is_closing():
+        if self._discarding or self.transport.is_closing():
             return
         self._disarm_head_timer()
         self._in_head = False
@@ -149,7 +177,22 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             b"HTTP/1.1 %d %s\r\ncontent-type: application/json\r\ncontent-length: %d\r\n"
             b"connection: close\r\n\r\n%s" % (status, _REASONS[status], len(body), body)
         )
-        self.transport.close()
+        self._linger()
+
+    def _linger(self) -> None:
+        """Close after the answer without losing it: the write side is shut once it is
+        sent, and what the client still sends is read and dropped for up to LINGER_S.
+
+        A socket closed with bytes unread makes the kernel reset the connection, and a
+        client still sending its (oversized) request then reads the reset instead of
+        the answer (nginx's lingering_close does the same for the same reason).
+        """
+        self._discarding = True
+        if not self.transport.can_write_eof():
+            self.transport.close()
+            return
+        self.transport.write_eof()
+        self.loop.call_later(LINGER_S, self.transport.close)
 
 
 def _close_delimited_send(cycle: Any) -> Callable[[dict], Any]:

@@ -20,7 +20,7 @@ import math
 import random
 import re
 import time
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
@@ -471,6 +471,9 @@ def _auth_then_read_body(
     return read_body(receive, cfg.max_body_bytes, cfg.body_timeout_s, declared)
 
 
+MAX_JSON_DEPTH = 252  # what orjson writes (254), less the room _parse_json_body keeps
+
+
 def _parse_json_body(raw: bytes) -> Any:
     """Parse the request body once with orjson; invalid JSON is a 400 in OpenAI's shape.
 
@@ -480,7 +483,7 @@ def _parse_json_body(raw: bytes) -> Any:
     if raw[:3] == b"\xef\xbb\xbf":
         raw = raw[3:]
     try:
-        return orjson.loads(raw)
+        body = orjson.loads(raw)
     except orjson.JSONDecodeError as exc:
         raise HTTPError(
             400,
@@ -488,6 +491,20 @@ def _parse_json_body(raw: bytes) -> Any:
             "invalid_request_error",
             "invalid_json",
         ) from None
+    # orjson reads 1024 levels but writes 254, and the shim writes the body again (to the
+    # upstream, the cache key): deeper bodies were a 500. Counting brackets is C-fast; only
+    # a body with that many is written once to see.
+    if raw.count(b"[") + raw.count(b"{") > MAX_JSON_DEPTH:
+        try:
+            orjson.dumps([[body]])  # two levels of room: nothing the shim writes nests more
+        except orjson.JSONEncodeError:
+            raise HTTPError(
+                400,
+                f"Request body nests JSON more than {MAX_JSON_DEPTH} levels deep.",
+                "invalid_request_error",
+                "invalid_json",
+            ) from None
+    return body
 
 
 async def _method_not_allowed(ep: ProxyEndpoint, send: Any) -> None:
@@ -635,9 +652,22 @@ class ProxyEndpoint:
                     "invalid_messages",
                     param="messages",
                 )
-            rec["turn_count"] = sum(
-                1 for m in msgs if isinstance(m, dict) and m.get("role") == "user"
-            )
+            turns = 0
+            for i, m in enumerate(msgs):
+                if not isinstance(m, dict):
+                    # vLLM refuses it too; checked here so that a cap's truncation cannot
+                    # drop it and send on a request the client did not make
+                    raise HTTPError(
+                        400,
+                        f"`messages[{i}]` must be an object with a `role`, not "
+                        f"{orjson.dumps(m).decode()[:40]}.",
+                        "invalid_request_error",
+                        "invalid_messages",
+                        param=f"messages[{i}]",
+                    )
+                if m.get("role") == "user":
+                    turns += 1
+            rec["turn_count"] = turns
         elif "prompt" not in body and "prompt_embeds" not in body:  # the latter: vLLM's
             raise HTTPError(
                 400,
@@ -1776,6 +1806,26 @@ def _idem_entry(
     return entry
 
 
+def _bad_model(model: Any) -> NoReturn:
+    """The 400 for a `model` that is missing, empty or not a string."""
+    if model is None or model == "":
+        raise HTTPError(
+            400,
+            "`model` is required (a tier name or the routing alias).",
+            "invalid_request_error",
+            "missing_model",
+            param="model",
+        )
+    raise HTTPError(
+        400,
+        f"`model` must be a string (a tier name or the routing alias), not "
+        f"{orjson.dumps(model).decode()[:40]}.",
+        "invalid_request_error",
+        "invalid_model",
+        param="model",
+    )
+
+
 def _body_and_model(raw: bytes, rec: dict) -> tuple[dict, str]:
     """The request body (a JSON object) and its `model`, recorded; 400 otherwise."""
     body = _parse_json_body(raw)
@@ -1785,13 +1835,7 @@ def _body_and_model(raw: bytes, rec: dict) -> tuple[dict, str]:
         )
     model = body.get("model")
     if not isinstance(model, str) or not model:
-        raise HTTPError(
-            400,
-            "`model` is required (a tier name or the routing alias).",
-            "invalid_request_error",
-            "missing_model",
-            param="model",
-        )
+        _bad_model(model)
     rec["request_model"] = model[:NAME_LOG_CHARS]
     return body, model
 
@@ -1986,15 +2030,16 @@ class EmbeddingsEndpoint:
             finally:  # a 408 waited for the client too
                 ctx.waited += time.perf_counter() - t
             body = _parse_json_body(raw)
-            if not isinstance(body, dict) or not isinstance(body.get("model"), str):
+            if not isinstance(body, dict):
                 raise HTTPError(
                     400,
-                    "Request body must be a JSON object with a `model`.",
+                    "Request body must be a JSON object.",
                     "invalid_request_error",
-                    "missing_model",
-                    param="model",
+                    "invalid_json",
                 )
-            model = body["model"]
+            model = body.get("model")
+            if not isinstance(model, str) or not model:
+                _bad_model(model)
             rec["request_model"] = model[:NAME_LOG_CHARS]
             tier = shim.resolve_model(model)
             if tier == "@route":
