@@ -264,6 +264,25 @@ def test_unknown_keys_name_file_table_key_and_the_allowed_ones(tmp_path, extra, 
             r"mid_max_tokens: expected >=",
         ),
         ('[cache]\nredis_url = "localhost:6379"\n', r"\[cache\] redis_url"),
+        (
+            '[cache]\nredis_url = "redis://127.0.0.1:99999/0"\n',
+            r"\[cache\] redis_url: .*the port must be a number from 1 to 65535",
+        ),
+        ('[cache]\nredis_url = "redis://h:6379/cache"\n', r"the path is the database number"),
+        ('[cache]\nredis_url = "unix://"\n', r"expected unix:///path/to/redis.sock"),
+        ('[routing]\nmodel_aliases = {"" = "auto"}\n', r"model_aliases: a key is empty"),
+        ('[routing]\ndefault_feature = ""\n', r"default_feature: expected a non-empty name"),
+        ('[auth]\ndefault_tenant = ""\n', r"default_tenant: expected a non-empty name"),
+        ('[log]\ndir = ""\n', r"\[log\] dir: expected a folder"),
+        ('[caps]\ntoken_counter = "tiktoken"\n', r"got 'tiktoken'"),
+        (
+            '[[caps.rule]]\nmax_input_tokens = 10\ntenant = ""\n',
+            r"#1 tenant: expected a name, or \"\*\" for any",
+        ),
+        ("[router.rules]\ntools_min_tier = 9\n", r"tools_min_tier: expected a tier index 0..0"),
+        ('[routing]\nfeature_header = "Authorization"\n', r"is read by the shim for itself"),
+        ('[routing]\nfeature_header = "idempotency-key"\n', r"is read by the shim for itself"),
+        ('[routing]\nfeature_header = "x feature:"\n', r"expected an HTTP header name"),
         ("[server]\nworkers = 0\n", r"\[server\] workers: expected 1..256"),
         ("cache = 5\n", r"\[cache\]: expected a table"),
     ],
@@ -387,6 +406,10 @@ def test_help_keeps_config_table_names():
         ("http://127.0.0.1:80a", "the port must be a number from 1 to 65535"),
         ("http://127.0.0.1:8000/?x=1", "without a query or fragment"),
         ("http://admin:s3cret@10.0.0.5:8000", "credentials in the URL are not sent"),
+        ("http://127.0.0.1:8000 ", "contains whitespace"),
+        ("http://127.0.0.1:8000/v1/chat/completions", "expected the server's root URL"),
+        ("http://127.0.0.1:8000/foo/v1/chat", "expected the server's root URL"),
+        ("http://127.0.0.1:8000/v1/v1", "expected the server's root URL"),
     ],
 )
 def test_upstream_urls_are_checked(url, message):
@@ -400,6 +423,68 @@ def test_upstream_urls_are_checked(url, message):
             else:
                 parse_config(data, source="shim.toml")
         assert "s3cret" not in str(exc.value)
+
+
+def test_a_gateway_path_prefix_is_a_root_url():
+    """A vLLM behind a gateway's path prefix (without /v1 in it) is a root URL."""
+    cfg = from_flags(["small=https://gw.example.com/chat/v1"])
+    assert cfg.tiers["small"].upstreams == ("https://gw.example.com/chat",)
+
+
+def test_empty_tier_names_and_keys_are_refused():
+    for data, match in (
+        ({"tiers": {"": {"upstreams": ["http://h:1"]}}}, r"\[tiers\.\]: expected a non-empty"),
+        (
+            {"tiers": {"small": {"upstreams": ["http://h:1"], "api_key": ""}}},
+            r"\[tiers.small\] api_key: expected the upstream's key, got an empty string",
+        ),
+    ):
+        with pytest.raises(ConfigError, match=match):
+            parse_config(data, source="shim.toml")
+
+
+def test_a_config_file_that_is_not_utf8_is_named_with_the_byte_and_line(tmp_path):
+    conf = tmp_path / "shim.toml"
+    conf.write_bytes(b"# caf\xe9\n" + TIER.encode())
+    with pytest.raises(ConfigError) as exc:
+        load_config(conf)
+    assert str(exc.value) == (
+        f"{conf}: not UTF-8 text (byte 0xe9 at line 1, column 6); TOML files are UTF-8: "
+        "save it as UTF-8"
+    )
+    from finops.cli import app
+
+    res = CliRunner().invoke(app, ["shim", "check", str(conf)])
+    assert res.exit_code == 2 and "not UTF-8 text (byte 0xe9 at line 1" in res.output
+    assert "Traceback" not in res.output
+    # a byte order mark (Windows editors write one) is read past
+    conf.write_bytes(b"\xef\xbb\xbf" + TIER.encode())
+    assert list(load_config(conf).tiers) == ["small"]
+
+
+def test_api_keys_may_end_in_equals_signs():
+    """Base64 keys end in padding: KEY=TENANT splits at the last '='."""
+    from finops.shim.config import hash_key
+
+    cfg = from_flags(["small=http://h:1"], api_keys=["sk-AbC9===acme"])
+    assert cfg.api_keys == {hash_key("sk-AbC9=="): "acme"}
+
+
+def test_an_empty_host_flag_is_refused(tmp_path, monkeypatch):
+    """--host "$UNSET" used to listen on every interface with a config file."""
+    from finops.cli import app
+    from finops.shim import server, workers
+
+    def must_not_serve(*_a, **_kw):
+        raise AssertionError("an empty --host got as far as serving")
+
+    monkeypatch.setattr(server, "serve", must_not_serve)
+    monkeypatch.setattr(workers, "serve_workers", must_not_serve)
+    conf = tmp_path / "shim.toml"
+    conf.write_text(TIER)
+    for source in (["--upstream", "small=http://127.0.0.1:1"], ["--config", str(conf)]):
+        res = CliRunner().invoke(app, ["shim", "serve", *source, "--host", ""])
+        assert res.exit_code == 2 and "--host: expected a non-empty address" in res.output
 
 
 def test_an_upstream_listed_twice_in_a_tier_is_refused():

@@ -41,6 +41,9 @@ def _build_config(
         # flag values first: a bad --port must not be wrapped (70000 -> 4464) or reported late
         if port is not None:
             check_port(port, "--port")
+        if host is not None and not host.strip():
+            # "" would listen on every interface (auth may be off): never by accident
+            fail("--host: expected a non-empty address (such as 127.0.0.1 or 0.0.0.0)")
         if workers is not None:
             check_workers(workers, "--workers")
         if config is not None:
@@ -60,7 +63,7 @@ def _build_config(
             if api_key:
                 keys = {}
                 for spec in api_key:
-                    k, sep, tenant = spec.partition("=")
+                    k, sep, tenant = spec.rpartition("=")  # keys may end in "="
                     if not (sep and k and tenant):
                         # the value is a secret: say what is wrong with it, not what it is
                         fail(
@@ -115,7 +118,9 @@ def serve(
     api_key: Annotated[
         list[str] | None,
         typer.Option(
-            "--api-key", help="KEY=TENANT; repeatable. None given: auth is off, tenant 'default'."
+            "--api-key",
+            help="KEY=TENANT (split at the last '='); repeatable. None given: auth is off, "
+            "tenant 'default'.",
         ),
     ] = None,
     log: Annotated[

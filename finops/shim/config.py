@@ -256,6 +256,11 @@ def _check_url(url: Any, where: str) -> str:
         where,
         f"expected an http(s) URL of a vLLM server, got {url!r}",
     )
+    _expect(
+        not any(c.isspace() for c in url),
+        where,
+        f"{url!r} contains whitespace (a stray space or line break?)",
+    )
     u = urlsplit(url)
     if "@" in u.netloc:
         shown = f"{u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}"
@@ -277,7 +282,54 @@ def _check_url(url: Any, where: str) -> str:
     url = url.rstrip("/")
     if url.endswith("/v1"):
         url = url[:-3]
+    # an endpoint's URL pasted instead of the server's (…/v1/chat/completions): every
+    # request would go to <it>/v1/chat/completions, a 404 from vLLM at each call. A path
+    # prefix without /v1 in it (a gateway's /chat) is the server's root behind a proxy.
+    _expect(
+        "/v1/" not in urlsplit(url).path + "/",
+        where,
+        f"{url!r}: expected the server's root URL (http://host:8000 or http://host:8000/v1),"
+        " not an endpoint's; the shim adds /v1/chat/completions and the others",
+    )
     return url
+
+
+_TOKEN_CHARS = frozenset("abcdefghijklmnopqrstuvwxyz0123456789!#$%&'*+-.^_`|~")
+# headers the shim reads for itself, so a feature header of that name is never seen
+RESERVED_HEADERS = {
+    "authorization": "the API key",
+    "content-length": "the body's length",
+    "content-encoding": "the body's encoding",
+    "idempotency-key": "Idempotency-Key replays",
+    "expect": "100-continue",
+    "x-request-id": "the request id passed on to vLLM",
+}
+
+
+def _check_redis_url(url: str, where: str) -> None:
+    """A Redis URL that the client library will take: checked at load, as upstream URLs
+    are, rather than a traceback when the shim starts (or a 500 per request)."""
+    _expect(
+        url.startswith(("redis://", "rediss://", "unix://")),
+        where,
+        f"expected a redis://, rediss:// or unix:// URL, got {url!r}",
+    )
+    _expect(not any(c.isspace() for c in url), where, f"{url!r} contains whitespace")
+    u = urlsplit(url)
+    if u.scheme == "unix":
+        _expect(bool(u.path), where, f"{url!r}: expected unix:///path/to/redis.sock")
+        return
+    try:
+        u.port  # noqa: B018  (raises ValueError when out of range or not a number)
+    except ValueError:
+        raise ConfigError(f"{where}: {url!r}: the port must be a number from 1 to 65535") from None
+    _expect(u.port != 0, where, f"{url!r}: the port must be a number from 1 to 65535")
+    db = u.path.lstrip("/")
+    _expect(
+        db == "" or db.isdigit(),
+        where,
+        f"{url!r}: the path is the database number (redis://host:6379/0), got {u.path!r}",
+    )
 
 
 def _check_urls(urls: list[Any], where: str) -> tuple[str, ...]:
@@ -335,6 +387,7 @@ def parse_config(
     tiers: dict[str, TierConfig] = {}
     for name, t in tiers_raw.items():
         where = f"{source}: [tiers.{name}]"
+        _expect(name.strip() != "", where, "expected a non-empty tier name")
         _expect(isinstance(t, dict), where, "expected a table")
         _only(t, ("upstreams", "upstream", "model", "api_key"), where)
         _expect(
@@ -352,11 +405,17 @@ def parse_config(
         )
         model = _get(t, "model", str, where, name)
         _expect(bool(model), f"{where} model", "expected a non-empty model name")
+        tier_key = _get(t, "api_key", str, where, None)
+        _expect(
+            tier_key != "",
+            f"{where} api_key",
+            "expected the upstream's key, got an empty string (leave it out for none)",
+        )
         tiers[name] = TierConfig(
             name=name,
             upstreams=_check_urls(ups, f"{where} upstreams"),
             model=model,
-            api_key=_get(t, "api_key", str, where, None),
+            api_key=tier_key,
         )
     kw["tiers"] = tiers
 
@@ -405,6 +464,7 @@ def parse_config(
     valid_targets = set(tiers) | set(aliases)
     for table in ("reroute", "model_aliases"):
         for k, v in kw[table].items():
+            _expect(k.strip() != "", f"{w} {table}", "a key is empty; expected a model name")
             _expect(
                 isinstance(v, str) and v in valid_targets,
                 f"{w} {table}.{k}",
@@ -441,9 +501,20 @@ def parse_config(
             f'{dead} point at a tier, which explicit = "deny" refuses; point them at '
             f'{kw["alias"]!r} or use explicit = "allow"',
         )
-    kw["feature_header"] = _get(routing, "feature_header", str, w, "x-feature").lower()
-    _expect(bool(kw["feature_header"]), f"{w} feature_header", "expected a header name")
+    kw["feature_header"] = fh = _get(routing, "feature_header", str, w, "x-feature").lower()
+    _expect(
+        bool(fh) and all(c in _TOKEN_CHARS for c in fh),
+        f"{w} feature_header",
+        f"expected an HTTP header name (letters, digits, '-'), got {fh!r}",
+    )
+    _expect(
+        fh not in RESERVED_HEADERS,
+        f"{w} feature_header",
+        f"{fh!r} is read by the shim for itself ({RESERVED_HEADERS.get(fh)}); pick another "
+        "header, such as x-feature",
+    )
     kw["default_feature"] = _get(routing, "default_feature", str, w, "default")
+    _expect(kw["default_feature"] != "", f"{w} default_feature", "expected a non-empty name")
 
     w = f"{source}: [router]"
     router = _table(data, "router", w)
@@ -475,6 +546,13 @@ def parse_config(
     ):
         rr[key] = _get(rules, key, int, wr, default)
         _at_least(rr[key], 0, f"{wr} {key}")
+        if key.endswith("_min_tier") and key in rules:  # the default fits any tier count
+            _expect(
+                rr[key] < len(tiers),
+                f"{wr} {key}",
+                f"expected a tier index 0..{len(tiers) - 1} (tiers cheapest first: "
+                f"{list(tiers)}), got {rr[key]}",
+            )
     _expect(
         rr["mid_max_tokens"] >= rr["small_max_tokens"],
         f"{wr} mid_max_tokens",
@@ -512,6 +590,7 @@ def parse_config(
         keys[h.lower()] = tenant
     kw["api_keys"] = keys
     kw["default_tenant"] = _get(auth, "default_tenant", str, w, "default")
+    _expect(kw["default_tenant"] != "", f"{w} default_tenant", "expected a non-empty name")
 
     w = f"{source}: [caps]"
     caps = _table(data, "caps", w)
@@ -520,7 +599,7 @@ def parse_config(
     _expect(
         kw["token_counter"] in TOKEN_COUNTERS,
         f"{w} token_counter",
-        f"expected one of {TOKEN_COUNTERS}",
+        f"expected one of {TOKEN_COUNTERS}, got {kw['token_counter']!r}",
     )
     rules_out = []
     for i, r in enumerate(_get(caps, "rule", list, w, [])):
@@ -541,11 +620,10 @@ def parse_config(
             f"{wr} tier",
             f"unknown tier {tier!r}; tiers: {list(tiers)}",
         )
-        rules_out.append(
-            CapRule(
-                mx, pol, tier, _get(r, "feature", str, wr, "*"), _get(r, "tenant", str, wr, "*")
-            )
-        )
+        scope = {k: _get(r, k, str, wr, "*") for k in ("feature", "tenant")}
+        for k, v in scope.items():
+            _expect(v != "", f"{wr} {k}", 'expected a name, or "*" for any')
+        rules_out.append(CapRule(mx, pol, tier, scope["feature"], scope["tenant"]))
     kw["caps"] = tuple(rules_out)
 
     w = f"{source}: [cache]"
@@ -575,11 +653,8 @@ def parse_config(
     kw["cache_max_bytes"] = _get(cache, "max_bytes", int, w, 256 * 1024 * 1024)
     _at_least(kw["cache_max_bytes"], 1, f"{w} max_bytes")
     kw["redis_url"] = _get(cache, "redis_url", str, w, None)
-    _expect(
-        kw["redis_url"] is None or kw["redis_url"].startswith(("redis://", "rediss://", "unix://")),
-        f"{w} redis_url",
-        f"expected redis://, rediss:// or unix:// URL, got {kw['redis_url']!r}",
-    )
+    if kw["redis_url"] is not None:
+        _check_redis_url(kw["redis_url"], f"{w} redis_url")
     kw["redis_secret_env"] = _get(cache, "redis_secret_env", str, w, None)
     if kw["redis_secret_env"] is not None:
         _expect(
@@ -630,6 +705,7 @@ def parse_config(
     log = _table(data, "log", w)
     _only(log, ("dir", "rotate_bytes", "rotate_s", "prompts"), w)
     ld = _get(log, "dir", str, w, None)
+    _expect(ld != "", f"{w} dir", "expected a folder, got an empty string")
     if ld is not None:
         p = Path(ld)
         kw["log_dir"] = p if p.is_absolute() or base is None else base / p
@@ -645,9 +721,20 @@ def load_config(path: Path) -> ShimConfig:
     """Read and validate a TOML file; relative paths in it resolve against its folder."""
     path = Path(path)
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except OSError as exc:
         raise ConfigError(f"{path}: cannot read ({exc.strerror})") from None
+    if raw.startswith(b"\xef\xbb\xbf"):  # a byte order mark (Windows editors): TOML has none
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        line = raw.count(b"\n", 0, exc.start) + 1
+        col = exc.start - (raw.rfind(b"\n", 0, exc.start) + 1) + 1
+        raise ConfigError(
+            f"{path}: not UTF-8 text (byte 0x{raw[exc.start]:02x} at line {line}, column "
+            f"{col}); TOML files are UTF-8: save it as UTF-8"
+        ) from None
     try:
         data = tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -701,7 +788,8 @@ def from_flags(
         served[tier] = name
     keys = []
     for spec in api_keys or []:
-        key, sep, tenant = spec.partition("=")
+        # the last "=": keys may end in base64 padding, tenant names do not have one
+        key, sep, tenant = spec.rpartition("=")
         _expect(
             bool(sep and key and tenant),
             "--api-key",
