@@ -147,7 +147,7 @@ def test_untrusted_type_in_model_refused(art: Path) -> None:
 
 
 def test_missing_and_garbage(tmp_path: Path, art: Path) -> None:
-    with pytest.raises(ArtifactError, match="not a directory"):
+    with pytest.raises(ArtifactError, match="no such folder"):
         load_router(tmp_path / "nope")
     (art / MANIFEST_FILE).write_text("{oops")
     with pytest.raises(ArtifactError, match="not valid JSON"):

@@ -487,6 +487,34 @@ def test_an_empty_host_flag_is_refused(tmp_path, monkeypatch):
         assert res.exit_code == 2 and "--host: expected a non-empty address" in res.output
 
 
+def test_check_and_serve_name_a_missing_router_and_a_log_folder_that_is_a_file(
+    tmp_path, monkeypatch
+):
+    from finops.cli import app
+    from finops.shim import server
+
+    def must_not_serve(*_a, **_kw):
+        raise AssertionError("a bad path got as far as serving")
+
+    monkeypatch.setattr(server, "serve", must_not_serve)
+    conf = tmp_path / "shim.toml"
+    runner = CliRunner()
+    conf.write_text(TIER + f'[router]\npath = "{tmp_path / "gone"}"\n')
+    res = runner.invoke(app, ["shim", "check", str(conf)])
+    assert res.exit_code == 2
+    assert f"{conf}: [router] path: {tmp_path / 'gone'}: no such folder" in res.output
+    res = runner.invoke(
+        app, ["shim", "serve", "--upstream", "small=http://127.0.0.1:1", "--router", str(conf)]
+    )
+    assert res.exit_code == 2
+    assert f"--router: {conf}: a file, not a folder" in res.output
+    conf.write_text(TIER + f'[log]\ndir = "{conf}"\n')
+    for cmd in (["check", str(conf)], ["serve", "--config", str(conf)]):
+        res = runner.invoke(app, ["shim", *cmd])
+        assert res.exit_code == 2, res.output
+        assert f"request log folder {conf}: a file, not a folder" in res.output
+
+
 def test_an_upstream_listed_twice_in_a_tier_is_refused():
     ups = ["http://h:8000", "http://h:8000/", "http://h:8000/v1"]
     with pytest.raises(ConfigError, match=r"'http://h:8000/' is listed twice"):

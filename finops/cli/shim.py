@@ -90,6 +90,23 @@ def _build_config(
         fail(str(exc))
 
 
+def _check_router(cfg):  # -> the policy
+    """The config's router, loaded and verified; one error line naming where it came from."""
+    from finops.shim.app import build_router
+
+    try:
+        return build_router(cfg)
+    except Exception as exc:
+        from_file = cfg.source_path is not None and cfg.overrides.get("router_path") is None
+        where = f"{cfg.source_path}: [router] path" if from_file else "--router"
+        fail(f"{where}: {exc}")
+
+
+def _check_log_dir(log_dir: Path) -> None:
+    if log_dir.exists() and not log_dir.is_dir():
+        fail(f"request log folder {log_dir}: a file, not a folder")
+
+
 @shim_app.command("serve")
 def serve(
     config: Annotated[
@@ -144,16 +161,12 @@ def serve(
         fail(f"--log-level: expected one of {'|'.join(LOG_LEVELS)}, got {log_level!r}")
     log_level = log_level.lower()
     cfg = _build_config(config, upstream, router, api_key, log, host, port, workers, model)
-    from finops.shim.app import build_router
     from finops.shim.server import serve as _serve
 
-    try:
-        build_router(
-            cfg
-        )  # verify the artifact before binding the port: a clear error, not a traceback
-    except Exception as exc:
-        fail(f"router {cfg.router_path}: {exc}")
+    # the artifact and the log folder before binding the port: a clear error, not a traceback
+    _check_router(cfg)
     if cfg.log_dir is not None:
+        _check_log_dir(cfg.log_dir)
         try:
             cfg.log_dir.mkdir(parents=True, exist_ok=True)
         except OSError as exc:
@@ -215,12 +228,9 @@ def hash_key_cmd(
 def check(config: Annotated[Path, typer.Argument(help="TOML config to validate.")]) -> None:
     """Validate a config file and its router artifact without serving."""
     cfg = _build_config(config, None, None, None, None, None, None)
-    from finops.shim.app import build_router
-
-    try:
-        r = build_router(cfg)
-    except Exception as exc:
-        fail(f"router {cfg.router_path}: {exc}")
+    r = _check_router(cfg)
+    if cfg.log_dir is not None:
+        _check_log_dir(cfg.log_dir)
     typer.echo(
         f"ok: {len(cfg.tiers)} tiers {cfg.tier_names}, router {r.version}, auth {'on' if cfg.auth_enabled else 'OFF'}, {len(cfg.caps)} cap rules"
     )

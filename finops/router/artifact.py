@@ -441,8 +441,10 @@ def load_router(path: str | os.PathLike[str]) -> Router:
 
     root = Path(path)
     mpath = root / MANIFEST_FILE
+    if not root.exists():
+        raise ArtifactError(f"{root}: no such folder (expected a router artifact directory)")
     if not root.is_dir():
-        raise ArtifactError(f"{root}: not a directory (expected a router artifact directory)")
+        raise ArtifactError(f"{root}: a file, not a folder (expected a router artifact directory)")
     if not mpath.is_file():
         raise ArtifactError(f"{root}: no {MANIFEST_FILE} (not a router artifact)")
     try:
