@@ -425,6 +425,13 @@ def test_upstream_urls_are_checked(url, message):
         assert "s3cret" not in str(exc.value)
 
 
+def test_upstream_flag_errors_name_the_flag_not_a_config_table():
+    with pytest.raises(ConfigError, match=r"^--upstream: 'auto' is the routing alias"):
+        from_flags(["auto=http://127.0.0.1:1"])
+    with pytest.raises(ConfigError, match=r"^--upstream small=: expected an http\(s\) URL"):
+        from_flags(["small=127.0.0.1:18000"])
+
+
 def test_a_gateway_path_prefix_is_a_root_url():
     """A vLLM behind a gateway's path prefix (without /v1 in it) is a root URL."""
     cfg = from_flags(["small=https://gw.example.com/chat/v1"])

@@ -773,6 +773,14 @@ def from_flags(
     for spec in upstreams:
         tier, sep, url = spec.partition("=")
         _expect(bool(sep and tier and url), "--upstream", f"expected TIER=URL, got {spec!r}")
+        # said in the flag's terms here, not as the [tiers]/[routing] tables they become
+        _expect(
+            tier != "auto",
+            "--upstream",
+            "'auto' is the routing alias (routed by the router), not a tier name; name the "
+            "tier after what it serves, e.g. small=URL",
+        )
+        _check_url(url, f"--upstream {tier}=")
         tiers.setdefault(tier, []).append(url)
     _expect(bool(tiers), "--upstream", "give at least one --upstream TIER=URL (or --config FILE)")
     served: dict[str, str] = {}
