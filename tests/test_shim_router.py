@@ -227,7 +227,8 @@ def test_cli_refuses_bad_router_at_startup(tmp_path):
         text=True,
         timeout=60,
     )
-    assert p.returncode == 2 and "error: router" in p.stderr and "Traceback" not in p.stderr
+    assert p.returncode == 2 and "Traceback" not in p.stderr
+    assert f"error: --router: {tmp_path}: no manifest.json" in p.stderr
 
 
 def test_exploration_propensities_are_correct():
