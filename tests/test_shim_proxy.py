@@ -279,6 +279,36 @@ def test_stream_options_booleans_are_read_as_vllm_reads_them(tmp_path, fakes):
     assert [r["output_tokens"] for r in recs] == [3] * 5
 
 
+def test_a_cached_answer_replayed_with_continuous_usage_has_usage_on_every_chunk(tmp_path, fakes):
+    """vLLM puts usage on every chunk with include_usage and continuous_usage_stats; a
+    replayed cache hit had it on none."""
+    f, url = fakes(tokens=3)
+    body = {**CHAT, "temperature": 0, "max_tokens": 3}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        assert httpx.post(h.base_url + "/chat/completions", json=body).status_code == 200
+        for continuous in (True, False):
+            so = {"include_usage": True, "continuous_usage_stats": continuous}
+            r = httpx.post(
+                h.base_url + "/chat/completions",
+                json={**body, "stream": True, "stream_options": so},
+            )
+            assert r.headers["x-finops-cache"] == "hit"
+            objs = [
+                orjson.loads(e[6:]) for e in r.content.split(b"\n\n") if e.startswith(b"data: {")
+            ]
+            chunks, final = objs[:-1], objs[-1]
+            assert final["choices"] == [] and final["usage"]["completion_tokens"] == 3
+            if continuous:
+                done = [c["usage"]["completion_tokens"] for c in chunks]
+                assert done[0] == 0 and done[1:] == [3] * (len(chunks) - 1), done
+                assert all(
+                    c["usage"]["prompt_tokens"] == final["usage"]["prompt_tokens"] for c in chunks
+                )
+            else:
+                assert not any("usage" in c for c in chunks)
+    assert f.calls == 1
+
+
 def test_a_utf8_byte_order_mark_before_the_json_is_skipped(tmp_path, fakes):
     """Windows tools write a BOM before JSON; vLLM reads such a body, so the shim does."""
     _, url = fakes()

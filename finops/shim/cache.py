@@ -639,9 +639,16 @@ def replay_responses(resp: dict) -> list[bytes]:
     return out
 
 
-def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes]:
+def replay_as_sse(
+    resp: dict, operation: str, include_usage: bool, *, continuous: bool = False
+) -> list[bytes]:
     """SSE events for a cached response: role, text, tool calls, finish, optional usage, [DONE]
-    (a Responses answer: its typed events, `replay_responses`)."""
+    (a Responses answer: its typed events, `replay_responses`).
+
+    `continuous` (vLLM's `continuous_usage_stats`, with include_usage) puts usage on every
+    chunk as vLLM does, the completion tokens so far: none on the role chunk, all of
+    them once the text is out.
+    """
     if operation == "responses":
         return replay_responses(resp)
     base = {"id": resp.get("id"), "created": resp.get("created"), "model": resp.get("model")}
@@ -649,6 +656,13 @@ def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes
         base["system_fingerprint"] = resp["system_fingerprint"]
     out: list[bytes] = []
     obj = "chat.completion.chunk" if operation == "chat" else "text_completion"
+    usage = resp.get("usage") if include_usage and continuous else None
+    if not isinstance(usage, dict):
+        usage = None
+    start = None
+    if usage is not None:
+        prompt = usage.get("prompt_tokens") or 0
+        start = {"prompt_tokens": prompt, "total_tokens": prompt, "completion_tokens": 0}
     for ch in resp.get("choices") or ():
         i = ch.get("index", 0)
         if operation == "chat":
@@ -694,8 +708,11 @@ def replay_as_sse(resp: dict, operation: str, include_usage: bool) -> list[bytes
             ]
         if "stop_reason" in ch:  # vLLM's: the stop string or token that ended it
             chunks[-1]["stop_reason"] = ch["stop_reason"]
-        for c in chunks:
-            out.append(b"data: " + orjson.dumps({**base, "object": obj, "choices": [c]}) + b"\n\n")
+        for k, c in enumerate(chunks):
+            ev = {**base, "object": obj, "choices": [c]}
+            if usage is not None:
+                ev["usage"] = usage if k or operation != "chat" else start
+            out.append(b"data: " + orjson.dumps(ev) + b"\n\n")
     if include_usage and resp.get("usage"):
         out.append(
             b"data: "

@@ -331,6 +331,7 @@ class Ctx:
         "cache_header",
         "client_request_id",
         "content_encoding",
+        "continuous_usage",
         "failure",
         "feature",
         "first_byte_at",
@@ -363,6 +364,7 @@ class Ctx:
         self.client_request_id: bytes | None = None
         self.stream = False
         self.include_usage = False
+        self.continuous_usage = False  # usage on every chunk too (vLLM's stream option)
         self.routed = None
         self.feature = ""
         self.input_count: int | None = None  # the cap step's count, once there is one
@@ -690,6 +692,10 @@ class ProxyEndpoint:
                 param="stream_options",
             )
         ctx.include_usage = stream and _include_usage(so)
+        # vLLM adds usage to every chunk only with include_usage too
+        ctx.continuous_usage = ctx.include_usage and bool(
+            _lax_bool(so.get("continuous_usage_stats"))
+        )
         rec["prompt_fingerprint"] = _fingerprint_prompt(body)
         if cfg.log_prompts:
             rec["prompt_text"] = _prompt_text(body)
@@ -986,7 +992,12 @@ class ProxyEndpoint:
             if meta.get("sse"):  # the original stream as the client got it
                 events = [payload]
             else:
-                events = replay_as_sse(orjson.loads(payload), self.operation, ctx.include_usage)
+                events = replay_as_sse(
+                    orjson.loads(payload),
+                    self.operation,
+                    ctx.include_usage,
+                    continuous=ctx.continuous_usage,
+                )
             now = time.perf_counter()
             await send(_sse_start(ctx, now))
             rec["ttft_ms"] = (time.perf_counter() - ctx.t0) * 1000
