@@ -35,6 +35,11 @@ def _dead_url() -> str:
         return f"http://127.0.0.1:{s.getsockname()[1]}"  # closed again: connections are refused
 
 
+def _same_answer(a: dict, b: dict) -> bool:
+    """The same answer under another id (a hit or a coalesced follower gets its own)."""
+    return a["id"] != b["id"] and {**a, "id": None} == {**b, "id": None}
+
+
 def _serve(tmp_path: Path, upstreams: list[str], **changes):
     cfg = from_flags(upstreams, log_dir=tmp_path / "log")
     cfg = dataclasses.replace(cfg, **changes)
@@ -307,6 +312,46 @@ def test_a_cached_answer_replayed_with_continuous_usage_has_usage_on_every_chunk
             else:
                 assert not any("usage" in c for c in chunks)
     assert f.calls == 1
+
+
+def test_a_user_that_is_not_a_string_is_refused_even_when_cached(tmp_path, fakes):
+    """`user` is not in the cache key: a hit answered 200 where vLLM answers 400."""
+    f, url = fakes()
+    body = {**CHAT, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        assert httpx.post(h.base_url + "/chat/completions", json=body).status_code == 200
+        r = httpx.post(h.base_url + "/chat/completions", json={**body, "user": 5})
+        assert r.status_code == 400
+        assert r.json()["error"]["code"] == "invalid_user" and r.json()["error"]["param"] == "user"
+        ok = httpx.post(h.base_url + "/chat/completions", json={**body, "user": "u-1"})
+        assert ok.headers["x-finops-cache"] == "hit"
+    assert f.calls == 1
+
+
+def test_a_hit_has_its_own_id_not_the_first_clients_request_id(tmp_path, fakes):
+    """vLLM names an answer after the request's X-Request-Id (a client's trace id): a hit
+    showed the first client's to the next. It gets its own id, as vLLM would give it; an
+    Idempotency-Key replay is the same request and keeps its first id."""
+    f, url = fakes()
+    body = {**CHAT, "temperature": 0}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        post = lambda hd: httpx.post(h.base_url + "/chat/completions", json=body, headers=hd)  # noqa: E731
+        first = post({"x-request-id": "alice-7f3a"})
+        hit = post({"x-request-id": "bob-1"})
+        assert hit.headers["x-finops-cache"] == "hit"
+        assert hit.json()["id"] == "cmpl-bob-1" and "alice" not in hit.text
+        anon = post({})
+        assert anon.json()["id"].startswith("cmpl-") and anon.json()["id"] != hit.json()["id"]
+        streamed = httpx.post(
+            h.base_url + "/chat/completions",
+            json={**body, "stream": True},
+            headers={"x-request-id": "carol-2"},
+        )
+        assert b'"id":"cmpl-carol-2"' in streamed.content and b"alice" not in streamed.content
+        once = post({"idempotency-key": "k-7"})
+        again = post({"idempotency-key": "k-7"})
+        assert once.json() == again.json()
+    assert f.calls == 1 and first.status_code == 200
 
 
 def test_a_utf8_byte_order_mark_before_the_json_is_skipped(tmp_path, fakes):
@@ -775,7 +820,7 @@ def test_a_follower_that_leaves_is_499_and_the_others_still_get_the_answer(tmp_p
             stayer = ex.submit(post, 5)
             with pytest.raises(httpx.ReadTimeout):
                 quitter.result()
-            assert lead.result().json() == stayer.result().json()
+            assert _same_answer(lead.result().json(), stayer.result().json())
         assert stayer.result().headers["x-finops-cache"] == "hit"
         # waiting on the leader is upstream time, not the shim's overhead
         assert float(stayer.result().headers["x-finops-overhead-ms"]) < 100
@@ -1177,7 +1222,7 @@ def test_cache_hit_replay_stream_and_tenant_isolation(tmp_path, fakes):
             "model": "auto",
         }
         r2 = httpx.post(h.base_url + "/chat/completions", json=det2, headers=a)
-        assert r2.headers["x-finops-cache"] == "hit" and r2.json() == r1.json()
+        assert r2.headers["x-finops-cache"] == "hit" and _same_answer(r2.json(), r1.json())
         # streaming hit is replayed as SSE with the same text
         r3 = httpx.post(h.base_url + "/chat/completions", json={**det, "stream": True}, headers=a)
         assert r3.headers["x-finops-cache"] == "hit"

@@ -419,6 +419,36 @@ def test_cache_key_normalization_and_determinism():
     assert is_deterministic({"temperature": 0, "logprobs": None})
 
 
+def test_cache_key_shares_no_answer_vllm_would_give_differently():
+    """Each pair below gets different answers from vLLM, so different keys."""
+    a = {"model": "auto", "temperature": 0, "messages": [{"role": "user", "content": "hi"}]}
+    key = lambda b, op="chat": cache_key("t", op, b, "small")  # noqa: E731
+    # vLLM fills a missing penalty from the model's generation_config, not with 0
+    for pen in ("presence_penalty", "frequency_penalty"):
+        assert key({**a, pen: 0}) != key(a), pen
+    # several text parts are joined with a newline: a space inside stays in the prompt
+    parts = lambda *t: {  # noqa: E731
+        **a,
+        "messages": [{"role": "user", "content": [{"type": "text", "text": x} for x in t]}],
+    }
+    assert key(parts("Hello ", "world")) != key(parts("Hello", "world"))
+    assert key(parts(" hi ")) == key(parts("hi"))  # one part: trimmed as a string is
+    # a tool's or a schema's 2.0 is rendered "2.0" (tojson), another prompt than 2
+    tool = {"type": "function", "function": {"name": "f", "parameters": {"maximum": 2.0}}}
+    tool2 = {"type": "function", "function": {"name": "f", "parameters": {"maximum": 2}}}
+    assert key({**a, "tools": [tool]}) != key({**a, "tools": [tool2]})
+    assert key({**a, "max_tokens": 5.0}) == key({**a, "max_tokens": 5})  # a scalar is a count
+    # a number past 64 bits is keyed (it was a 500: orjson writes no such int)
+    assert key({**a, "max_tokens": 1e20}) == key({**a, "max_tokens": 1e20})
+    assert key({**a, "logit_bias": {"5": 1e30}}) != key(a)
+    # completions' logprobs is a count: vLLM reads false as 0 (logprobs asked for)
+    comp = {"model": "auto", "temperature": 0, "prompt": "hi"}
+    assert not is_deterministic({**comp, "logprobs": False}, "text_completion")
+    assert is_deterministic({**comp, "logprobs": None}, "text_completion")
+    assert is_deterministic({**a, "logprobs": False}, "chat")  # chat's is a flag
+    assert not is_deterministic({**a, "prompt_logprobs": False}, "chat")  # a count
+
+
 def test_cache_key_keeps_invalid_sampling_knobs_and_optionally_whitespace():
     """Greedy requests drop top_p/top_k/min_p from the key only when vLLM would accept
     them: an invalid one must miss and get vLLM's 400, not a warm cache's 200. With
@@ -606,7 +636,8 @@ def test_redis_backend_shares_cache_and_idempotency_across_replicas(tmp_path, up
         x = httpx.post(r1.base_url + "/chat/completions", json=det, headers=a)
         y = httpx.post(r2.base_url + "/chat/completions", json=det, headers=a)
         assert (x.headers["x-finops-cache"], y.headers["x-finops-cache"]) == ("miss", "hit")
-        assert x.json() == y.json() and f.calls == 1
+        assert x.json()["id"] != y.json()["id"]  # a hit has its own id
+        assert {**x.json(), "id": None} == {**y.json(), "id": None} and f.calls == 1
         z = httpx.post(
             r2.base_url + "/chat/completions", json=det, headers={"authorization": "Bearer k2"}
         )

@@ -9,8 +9,8 @@ as sent: vLLM's guided decoding follows the schema's order), chat message
 text with leading/trailing whitespace stripped and CRLF turned into LF
 (every other string, such as `stop` or a completions `prompt`, is kept as
 sent: a trailing space there changes the answer),
-OpenAI defaults filled in (`n=1`, penalties 0, ...; `top_p`/`top_k`/`min_p`
-dropped for greedy requests, never filled for sampled ones), and
+defaults vLLM never takes from the model filled in (`n=1`, `echo`; penalties and
+`top_p`/`top_k`/`min_p` are never filled, the latter dropped for greedy requests), and
 transport-only fields (`stream`, `stream_options`, `user`) removed, so a
 streaming and a non-streaming request share an entry (streaming hits are
 replayed as SSE) unless the request has tools (vLLM's tool parsers answer
@@ -40,18 +40,14 @@ from typing import Any, Protocol
 
 import orjson
 
-# API-level defaults. Sampling knobs such as top_p are not filled: vLLM takes a missing
-# one from the model's generation_config (its default `--generation-config auto`), so
-# "missing" and "1.0" can differ for a seeded sampled request; greedy (temperature 0)
-# requests ignore them, and their key leaves them out altogether.
+# API-level defaults, only those vLLM never takes from elsewhere. Sampling knobs and
+# penalties are not filled: vLLM takes a missing one from the model's generation_config
+# (its default `--generation-config auto`, or --override-generation-config), so
+# "missing" and "0.0" can give different answers, greedy ones too (penalties apply to
+# greedy decoding). top_p/top_k/min_p do not change a greedy answer: its key leaves
+# them out altogether.
 SAMPLING_ONLY = ("top_p", "top_k", "min_p")
-DEFAULTS = {
-    "n": 1,
-    "presence_penalty": 0.0,
-    "frequency_penalty": 0.0,
-    "logprobs": False,
-    "echo": False,
-}
+DEFAULTS = {"n": 1, "echo": False}
 TRANSPORT_ONLY = ("stream", "stream_options", "user", "model")
 # ...except where an endpoint's answer echoes one: vLLM's Responses answer carries the
 # request's `user`, so a hit must not show another end user's
@@ -67,17 +63,23 @@ logger = logging.getLogger("finops.shim")
 SKIPPED: Any = object()
 
 
-def is_deterministic(body: dict) -> bool:
+_BOOL_LOGPROBS = ("logprobs", "return_token_ids")  # chat's; completions' logprobs is a count
+
+
+def is_deterministic(body: dict, operation: str = "chat") -> bool:
     """Cacheable: one choice, no logprobs of any kind, and temperature 0 or a fixed seed."""
     n = body.get("n", 1)
     if n not in (1, None):
         return False
     # logprobs: 0 still asks for the sampled token's logprob (OpenAI and vLLM), which a
     # replay cannot rebuild; prompt_logprobs and return_token_ids are vLLM's (the ids are
-    # per token, as logprobs are)
+    # per token, as logprobs are). A completions request's `logprobs` is a number, and
+    # vLLM reads `false` there as 0: it asks for logprobs too. `false` is "no" only in
+    # the boolean fields.
+    flags = ("return_token_ids",) if operation == "text_completion" else _BOOL_LOGPROBS
     for field in ("logprobs", "top_logprobs", "prompt_logprobs", "return_token_ids"):
         v = body.get(field)
-        if v is not None and v is not False:
+        if v is not None and not (v is False and field in flags):
             return False
     t = body.get("temperature", 1.0)
     if isinstance(t, int | float) and not isinstance(t, bool) and t == 0:
@@ -98,22 +100,30 @@ def _norm_numbers(v: Any, sort: bool = False) -> Any:
         return {k: _norm_numbers(x, sort) for k, x in items}
     if isinstance(v, list):
         return [_norm_numbers(x, sort) for x in v]
-    if isinstance(v, float) and v.is_integer():
-        return int(v)
+    if isinstance(v, float) and v.is_integer() and -(2**63) <= v < 2**63:
+        return int(v)  # (a larger one stays a float: orjson writes no int past 64 bits)
     return v
 
 
 def _norm_content(content: Any) -> Any:
-    """A chat message's text, whitespace-normalized (a string or a list of text parts)."""
+    """A chat message's text, whitespace-normalized (a string, or a list with one text part).
+
+    Several text parts are kept as sent: vLLM joins them with a newline, so a space at
+    the end of one is inside the prompt, where a template's trim does not reach.
+    """
     if isinstance(content, str):
         return _norm_text(content)
     if isinstance(content, list):
-        return [
-            {**p, "text": _norm_text(p["text"])}
+        texts = [
+            i
+            for i, p in enumerate(content)
             if isinstance(p, dict) and isinstance(p.get("text"), str)
-            else p
-            for p in content
         ]
+        if len(texts) == 1:
+            i = texts[0]
+            return [
+                {**p, "text": _norm_text(p["text"])} if j == i else p for j, p in enumerate(content)
+            ]
     return content
 
 
@@ -163,8 +173,17 @@ def normalized_request(
         d["_stream"] = body.get("stream") is True
     d["_target"] = target  # the resolved tier: "auto" and an explicit tier share when routed alike
     # top-level fields sorted; inside them only ORDER_FREE ones are (not OPT_SORT_KEYS:
-    # a schema with properties b, a is another request than a, b for guided decoding)
-    return orjson.dumps({k: _norm_numbers(d[k], k in ORDER_FREE) for k in sorted(d)})
+    # a schema with properties b, a is another request than a, b for guided decoding).
+    # Numbers are normalized in scalars and ORDER_FREE fields only: a schema's or a
+    # tool's 2.0 is rendered "2.0" (templates' tojson, grammars), another prompt than 2.
+    return orjson.dumps(
+        {
+            k: _norm_numbers(d[k], True)
+            if k in ORDER_FREE or not isinstance(d[k], dict | list)
+            else d[k]
+            for k in sorted(d)
+        }
+    )
 
 
 def cache_key(tenant: str, endpoint: str, body: dict, target: str, whitespace: bool = True) -> str:

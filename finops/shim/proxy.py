@@ -20,6 +20,7 @@ import math
 import random
 import re
 import time
+import uuid
 from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
@@ -692,6 +693,17 @@ class ProxyEndpoint:
                 param="stream_options",
             )
         ctx.include_usage = stream and _include_usage(so)
+        user = body.get("user")
+        if user is not None and not isinstance(user, str):
+            # vLLM refuses it too; checked here because `user` is not in the cache key,
+            # so a hit would answer 200
+            raise HTTPError(
+                400,
+                f"`user` must be a string, not {orjson.dumps(user).decode()[:40]}.",
+                "invalid_request_error",
+                "invalid_user",
+                param="user",
+            )
         # vLLM adds usage to every chunk only with include_usage too
         ctx.continuous_usage = ctx.include_usage and bool(
             _lax_bool(so.get("continuous_usage_stats"))
@@ -919,7 +931,7 @@ class ProxyEndpoint:
         shim = self.shim
         cfg = shim.cfg
         rec = ctx.rec
-        if not (cfg.cache_enabled and is_deterministic(body)):
+        if not (cfg.cache_enabled and is_deterministic(body, self.operation)):
             shim.metrics.cache.labels("bypass").inc()
             rec["cache_status"] = "bypass"
             return await self._forward(ctx, send, receive, None)
@@ -934,8 +946,8 @@ class ProxyEndpoint:
             shim.metrics.cache.labels("hit").inc()
             ctx.cache_header = b"hit"
             rec["cache_status"] = "hit"
-            await self._respond_cached(ctx, hit[0], hit[1], send)
-            return hit
+            # what this client got (its own id) is what its Idempotency-Key keeps
+            return hit[0], await self._respond_cached(ctx, hit[0], hit[1], send, fresh_id=True)
         leader = None
         if cfg.coalesce:
             while True:
@@ -953,8 +965,10 @@ class ProxyEndpoint:
                 if result is not None:
                     shim.metrics.coalesced.inc()
                     ctx.cache_header = b"hit"
-                    await self._respond_cached(ctx, result[0], result[1], send)
-                    return result
+                    sent = await self._respond_cached(
+                        ctx, result[0], result[1], send, fresh_id=True
+                    )
+                    return result[0], sent
                 # the leader ended without an answer (its client left, or it was
                 # cancelled): the first follower to wake leads now, the others follow it
         if hit is SKIPPED:
@@ -976,9 +990,21 @@ class ProxyEndpoint:
                 shim.coalescer.finish(leader, outcome)
 
     # ------------------------------------------------------------------
-    async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
+    async def _respond_cached(
+        self, ctx: Ctx, meta: dict, payload: bytes, send: Any, *, fresh_id: bool = False
+    ) -> bytes:
+        """Answer from a kept answer: a cache hit, a coalesced leader's, an Idempotency-Key's;
+        returns the answer as given (`payload`, under its new id with `fresh_id`).
+
+        `fresh_id` (a hit or a follower: another request than the one answered) gives the
+        answer this request's own id, as vLLM would have (`chatcmpl-<X-Request-Id>`, or a
+        random one): the first client's X-Request-Id, a trace id, is not another's. An
+        Idempotency-Key replay is the same request again and keeps the first id.
+        """
         rec = ctx.rec
         shim = self.shim
+        if fresh_id and not meta.get("sse"):
+            payload = _with_fresh_id(payload, ctx.client_request_id)
         rec["tier"] = meta.get("tier")
         ctx.tier = meta.get("tier") or ctx.tier
         rec["upstream"] = meta.get("upstream")
@@ -1019,6 +1045,7 @@ class ProxyEndpoint:
         shim.metrics.added_latency.labels("yes" if ctx.stream else "no").observe(
             ctx.overhead_ms(now) / 1000
         )
+        return payload
 
     # ------------------------------------------------------------------
     def _upstream_payload(self, ctx: Ctx, up: Upstream) -> bytes:
@@ -1765,6 +1792,22 @@ class ProxyEndpoint:
             shim.log.write(rec)
         except Exception:
             shim.logger.exception("could not log request %s", rec.get("request_id"))
+
+
+def _with_fresh_id(payload: bytes, client_request_id: bytes | None) -> bytes:
+    """A chat/completions answer under a new id: `<its prefix>-<X-Request-Id>`, as vLLM
+    names answers, or a random one."""
+    try:
+        obj = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return payload
+    old = obj.get("id") if isinstance(obj, dict) else None
+    if not isinstance(old, str):
+        return payload
+    prefix = old.split("-", 1)[0] + "-" if "-" in old else ""
+    rid = client_request_id.decode("latin-1") if client_request_id else uuid.uuid4().hex
+    obj["id"] = prefix + rid
+    return orjson.dumps(obj)
 
 
 def _sse_start(ctx: Ctx, now: float) -> dict:

@@ -343,7 +343,11 @@ class ResponsesEndpoint(ProxyEndpoint):
             ctx.result = None
         return out
 
-    async def _respond_cached(self, ctx: Ctx, meta: dict, payload: bytes, send: Any) -> None:
+    async def _respond_cached(
+        self, ctx: Ctx, meta: dict, payload: bytes, send: Any, *, fresh_id: bool = False
+    ) -> bytes:
+        # (fresh_id is not used: a Responses answer's id names the stored response, which
+        # a hit's follow-ups continue)
         if not meta.get("sse"):
             # the id is indexed again (for as long as the index keeps ids): a hit's
             # follow-ups must find the replica even after the index let the id go
@@ -352,7 +356,7 @@ class ResponsesEndpoint(ProxyEndpoint):
             write = self._remember(ctx, _json_object(payload))
             if write is not None:
                 await write
-        await super()._respond_cached(ctx, meta, payload, send)
+        return await super()._respond_cached(ctx, meta, payload, send)
 
     def _usage_into(self, rec: dict, usage: Any) -> None:
         if not isinstance(usage, dict):
