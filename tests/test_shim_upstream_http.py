@@ -210,7 +210,16 @@ def test_interim_1xx_answers_are_skipped(tmp_path, scripted):
     waits for the final one rather than taking the 1xx as the answer (and timing out)."""
     hints = b"HTTP/1.1 103 Early Hints\r\nlink: </style.css>\r\n\r\n"
     cont = b"HTTP/1.1 100 Continue\r\n\r\n"
-    up = scripted(lambda i: ((hints, cont)[i % 2] + ok(), "keep"))
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "small"}
+    chunk["choices"] = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": "stop"}]
+    events = b"data: " + orjson.dumps(chunk) + b"\n\ndata: [DONE]\n\n"
+    sse = (
+        b"HTTP/1.1 200 OK\r\ncontent-type: text/event-stream\r\n"
+        + b"content-length: %d\r\n\r\n" % len(events)
+        + events
+    )
+    # POST 0 is the plain request, POST 1 the stream
+    up = scripted(lambda i: ((hints + ok(), cont + sse)[i % 2], "keep"))
     with _serve(tmp_path, up.url) as h:
         t0 = time.monotonic()
         for stream in (False, True):
@@ -240,3 +249,58 @@ def test_upstream_answers_are_asked_uncompressed_and_a_broken_200_is_a_502(tmp_p
     assert all(r.json()["error"]["code"] == "upstream_bad_response" for r in out[:3])
     assert [r["error_type"] for r in recs[:3]] == ["upstream_bad_response"] * 3
     assert all(hdrs.get("accept-encoding") == "identity" for _, hdrs in up.posts)
+
+
+def _sse_head(ctype: bytes = b"text/event-stream") -> bytes:
+    """A 200 head without a length: the body runs until the connection closes."""
+    return b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\nconnection: close\r\n\r\n"
+
+
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (_sse_head(b"text/html") + b"<html>502 from the gateway</html>", "bad_response"),
+        (_sse_head(b"application/json") + ANSWER, "bad_response"),
+        (_sse_head() + b'data: {"id": "c1", "object": "chat.compl', "disconnect"),
+    ],
+    ids=["html", "json", "cut-first-event"],
+)
+def test_a_stream_whose_200_is_no_event_stream_falls_back(
+    tmp_path, scripted, fakes, answer, reason
+):
+    """A stream request answered 200 with an HTML page, a JSON answer or a first event cut
+    short: nothing was sent to the client, so it falls back (the shim used to send those
+    bytes as an "event" of a 200 stream)."""
+    bad = scripted(lambda i: (answer, "close"))
+    _, good = fakes()
+    cfg = from_flags([f"small={bad.url}", f"mid={good}"], log_dir=tmp_path / "log")
+    with serve_in_thread(cfg) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True})
+        recs = _records(h.shim, 1)
+    assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert events[-1] == b"data: [DONE]" and all(e.startswith(b"data: ") for e in events)
+    assert b"html" not in r.content and b"chat.compl\n" not in r.content
+    assert recs[0]["upstream_attempts"] == 2 and recs[0]["fallback_reason"] == reason
+    assert recs[0]["status_code"] == 200 and recs[0]["tier"] == "mid"
+
+
+def test_an_sse_event_that_never_ends_is_cut_not_buffered_without_bound(tmp_path, scripted):
+    """An upstream sending bytes without an event's end after its first event: the shim
+    buffered all of them (memory without bound, quadratic copying) while the client got
+    nothing. Past MAX_EVENT_BYTES the stream is cut with an SSE error."""
+    from finops.shim.proxy import MAX_EVENT_BYTES
+
+    chunk = {"id": "c", "object": "chat.completion.chunk", "created": 1, "model": "small"}
+    chunk["choices"] = [{"index": 0, "delta": {"content": "hi"}, "finish_reason": None}]
+    first = b"data: " + orjson.dumps(chunk) + b"\n\n"
+    endless = first + b"data: " + b"x" * (MAX_EVENT_BYTES + 1_000_000)
+    up = scripted(lambda i: (_sse_head() + endless, 5.0))
+    with _serve(tmp_path, up.url) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": True}, timeout=30)
+        recs = _records(h.shim, 1)
+    events = [e for e in r.content.split(b"\n\n") if e]
+    assert events[0] == first.strip() and events[-1] == b"data: [DONE]"
+    assert orjson.loads(events[-2][6:])["error"]["code"] == "upstream_stream_error"
+    assert len(r.content) < 10_000
+    assert recs[0]["status_code"] == 502 and recs[0]["error_type"] == "upstream_stream_error"

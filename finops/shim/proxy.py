@@ -61,6 +61,9 @@ SSE_HEADERS = [
 DONE = b"data: [DONE]\n\n"
 # a long stream yields to the event loop at least this often, so a client disconnect is seen
 YIELD_EVERY_S = 0.005
+# one SSE event's most bytes: a Responses stream's last event holds the whole answer; an
+# upstream past this without an event's end is broken (the shim would buffer it all)
+MAX_EVENT_BYTES = 16 * 1024 * 1024
 # a request still waiting on its upstream after this long starts watching for its client leaving
 WATCH_AFTER_S = 0.02
 # a duplicate Idempotency-Key request polls the shared store this often while another
@@ -1126,21 +1129,39 @@ class ProxyEndpoint:
                                 f"{resp.headers.get('content-encoding', 'none')})",
                             )
                     return resp, data, None
+                ctype = resp.headers.get("content-type", "text/event-stream")
+                if not ctype.lower().startswith("text/event-stream"):
+                    # an HTML error page, a JSON answer: not a stream, and nothing is sent
+                    # yet, so it falls back as a non-JSON 200 does for a plain request
+                    # (the connection is closed below, as on every failure)
+                    raise UpstreamFailure(
+                        "bad_response",
+                        502,
+                        f"upstream {up.url} answered a stream request with content-type "
+                        f"{ctype[:60]!r}, not text/event-stream",
+                    )
                 it = resp.iter_chunks(shim.cfg.read_timeout_s).__aiter__()
                 first = b""
                 # the first whole event: vLLM reports a failure before any token (a dead
                 # engine, a parser that cannot be built) in band, as a 200 stream whose
                 # first event is an error; nothing is sent yet, so that falls back too
                 while b"\n\n" not in first and b"\r\n\r\n" not in first:
+                    if len(first) > MAX_EVENT_BYTES:
+                        raise UpstreamFailure(
+                            "bad_response",
+                            502,
+                            f"upstream {up.url} sent {len(first)} bytes without an SSE event's end",
+                        )
                     try:
                         first += await it.__anext__()
                     except StopAsyncIteration:
-                        if first:
+                        if first and _whole_event(first):
                             break  # a stream of one unterminated event: passed on as is
                         raise UpstreamFailure(
                             "disconnect",
                             502,
-                            f"upstream {up.url} ended the stream before the first byte",
+                            f"upstream {up.url} ended the stream "
+                            + ("inside its first event" if first else "before the first byte"),
                         ) from None
                 err = _server_error_event(first)
                 if err is not None:
@@ -1489,6 +1510,8 @@ class ProxyEndpoint:
                     if sent is not None:
                         sent += held
                     held = []
+                if len(buf) > MAX_EVENT_BYTES:
+                    raise Disconnected(f"{len(buf)} bytes without an SSE event's end")
                 if out:
                     now = time.perf_counter()
                     if now - yielded > YIELD_EVERY_S:
@@ -1792,6 +1815,21 @@ class ProxyEndpoint:
             shim.log.write(rec)
         except Exception:
             shim.logger.exception("could not log request %s", rec.get("request_id"))
+
+
+def _whole_event(ev: bytes) -> bool:
+    """An SSE event lacking only its blank line: its data is [DONE] or whole JSON (not an
+    event cut inside its JSON)."""
+    data = b"".join(line[5:].strip() for line in ev.splitlines() if line.startswith(b"data:"))
+    if not data:
+        return False
+    if data == b"[DONE]":
+        return True
+    try:
+        orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return False
+    return True
 
 
 def _with_fresh_id(payload: bytes, client_request_id: bytes | None) -> bytes:
