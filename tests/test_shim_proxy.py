@@ -314,6 +314,37 @@ def test_a_cached_answer_replayed_with_continuous_usage_has_usage_on_every_chunk
     assert f.calls == 1
 
 
+def test_idempotency_records_have_their_own_bound_and_evictions_are_counted(tmp_path, fakes):
+    """Idempotency-Key records shared the response cache's LRU bound (10,000): any
+    traffic, another tenant's too, dropped them long before idempotency_ttl_s, and a
+    retry ran and was billed again without a word. They have their own bound now, and a
+    record dropped for room is counted and logged."""
+    f, url = fakes()
+    with _serve(tmp_path, [f"small={url}"], cache_max_entries=2, idempotency_max_entries=3) as h:
+
+        def post(key: str | None, content: str = "hi") -> httpx.Response:
+            body = {**CHAT, "temperature": 0, "messages": [{"role": "user", "content": content}]}
+            hd = {"idempotency-key": key} if key else {}
+            return httpx.post(h.base_url + "/chat/completions", json=body, headers=hd)
+
+        post("k-0", "first")
+        for i in range(5):  # cache traffic past the cache's bound: no record is touched
+            post(None, f"other {i}")
+        assert post("k-0", "first").headers["x-finops-cache"] == "hit"
+        calls = f.calls
+        for i in range(1, 4):  # three more keys: k-0 is the least recently used of four
+            post(f"k-{i}", f"keyed {i}")
+        metrics = httpx.get(h.url + "/metrics").text
+        evicted = post("k-0", "first")
+    assert evicted.headers["x-finops-cache"] != "hit" and f.calls == calls + 4
+    got = [
+        ln
+        for ln in metrics.splitlines()
+        if ln.startswith("finops_shim_idempotency_evictions_total")
+    ]
+    assert got == ["finops_shim_idempotency_evictions_total 1.0"], got
+
+
 def test_a_user_that_is_not_a_string_is_refused_even_when_cached(tmp_path, fakes):
     """`user` is not in the cache key: a hit answered 200 where vLLM answers 400."""
     f, url = fakes()

@@ -201,7 +201,9 @@ class Shim:
             else None
         )
         self.cache = self.redis or MemoryCache(cfg.cache_max_entries, cfg.cache_max_bytes)
-        self.idem = self.redis or MemoryCache(max(1000, cfg.cache_max_entries), cfg.cache_max_bytes)
+        self.idem = self.redis or MemoryCache(
+            cfg.idempotency_max_entries, cfg.cache_max_bytes, on_evict=self._idem_evicted
+        )
         # Responses API ids -> (tenant, tier, replica): see stored.py
         self.responses = ResponseIndex(cfg.response_index_ttl_s)
         # without Redis, the workers of one supervisor share the index through a file
@@ -292,6 +294,19 @@ class Shim:
     @staticmethod
     def _pack(meta: dict, payload: bytes) -> bytes:
         return orjson.dumps(meta) + b"\n" + payload
+
+    def _idem_evicted(self) -> None:
+        """An Idempotency-Key record dropped for room before its TTL: a retry with that
+        key would run (and be billed) again."""
+        self.metrics.idempotency_evictions.inc()
+        self._warn_once(
+            "idempotency-evictions",
+            "Idempotency-Key records are dropped before idempotency_ttl_s to make room "
+            "([cache] idempotency_max_entries = %d): a retry with a dropped key runs again. "
+            "Raise it, or share records through [cache] redis_url "
+            "(finops_shim_idempotency_evictions_total counts them)",
+            self.cfg.idempotency_max_entries,
+        )
 
     def _warn_once(self, key: str, msg: str, *args: Any) -> None:
         """Log about one key once (a bad value stays bad for its whole TTL: no line per request)."""

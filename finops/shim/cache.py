@@ -36,6 +36,7 @@ import hmac
 import logging
 import time
 from collections import OrderedDict
+from collections.abc import Callable
 from typing import Any, Protocol
 
 import orjson
@@ -205,12 +206,18 @@ class Backend(Protocol):
 class MemoryCache:
     """LRU with per-entry expiry and entry/byte bounds (single event loop, no locks needed)."""
 
-    def __init__(self, max_entries: int = 10_000, max_bytes: int = 256 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        max_entries: int = 10_000,
+        max_bytes: int = 256 * 1024 * 1024,
+        on_evict: Callable[[], None] | None = None,
+    ) -> None:
         self.max_entries = max_entries
         self.max_bytes = max_bytes
         self.bytes = 0
         self._d: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self.evictions = 0
+        self.evictions = 0  # entries dropped before their time for room
+        self.on_evict = on_evict
 
     def __len__(self) -> int:
         return len(self._d)
@@ -239,8 +246,12 @@ class MemoryCache:
         self.bytes += len(value)
         while len(self._d) > self.max_entries or self.bytes > self.max_bytes:
             oldest = next(iter(self._d))
+            expired = self._d[oldest][0] < time.monotonic()
             self._drop(oldest)
-            self.evictions += 1
+            if not expired:
+                self.evictions += 1
+                if self.on_evict is not None:
+                    self.on_evict()
 
     async def close(self) -> None:
         self._d.clear()

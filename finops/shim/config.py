@@ -93,6 +93,9 @@ class ShimConfig:
     # templates that put it in the prompt verbatim (then it changes the answer)
     cache_normalize_whitespace: bool = True
     cache_max_entries: int = 10_000
+    # Idempotency-Key records kept per process without Redis (least recently used go
+    # first; each holds its answer): a record must outlive retries, so its own bound
+    idempotency_max_entries: int = 100_000
     cache_max_bytes: int = 256 * 1024 * 1024
     redis_url: str | None = None
     # the environment variable holding the secret that signs Redis values (not the
@@ -635,6 +638,7 @@ def parse_config(
             "ttl_s",
             "normalize_whitespace",
             "max_entries",
+            "idempotency_max_entries",
             "max_bytes",
             "redis_url",
             "redis_secret_env",
@@ -650,6 +654,8 @@ def parse_config(
     _positive(kw["cache_ttl_s"], f"{w} ttl_s")
     kw["cache_max_entries"] = _get(cache, "max_entries", int, w, 10_000)
     _at_least(kw["cache_max_entries"], 1, f"{w} max_entries")
+    kw["idempotency_max_entries"] = _get(cache, "idempotency_max_entries", int, w, 100_000)
+    _at_least(kw["idempotency_max_entries"], 1, f"{w} idempotency_max_entries")
     kw["cache_max_bytes"] = _get(cache, "max_bytes", int, w, 256 * 1024 * 1024)
     _at_least(kw["cache_max_bytes"], 1, f"{w} max_bytes")
     kw["redis_url"] = _get(cache, "redis_url", str, w, None)
@@ -857,6 +863,7 @@ RESTART_ONLY: dict[str, str] = {
     "redis_url": "[cache] redis_url",
     "redis_secret_env": "[cache] redis_secret_env",
     "cache_max_entries": "[cache] max_entries",
+    "idempotency_max_entries": "[cache] idempotency_max_entries",
     "cache_max_bytes": "[cache] max_bytes",
     "connect_timeout_s": "[upstream] connect_timeout_s",
     "max_connections": "[upstream] max_connections",

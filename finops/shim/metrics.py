@@ -150,6 +150,12 @@ class ShimMetrics:
             "Requests answered from an Idempotency-Key record.",
             registry=r,
         )
+        self.idempotency_evictions = Counter(
+            "finops_shim_idempotency_evictions",
+            "Idempotency-Key records dropped before idempotency_ttl_s for room (no Redis: "
+            "raise [cache] idempotency_max_entries, or share them through redis_url).",
+            registry=r,
+        )
         self.fallbacks = Counter(
             "finops_shim_fallbacks",
             "Attempts moved to another replica or tier before the first byte.",
