@@ -1194,7 +1194,31 @@ def test_a_full_connection_pool_falls_back_without_blaming_the_replica(tmp_path,
         assert r.headers["x-finops-tier"] == "small"
         (rec,) = [x for x in _records(h.shim, 4) if x["tier"] == "mid"]
         assert rec["status_code"] == 200
-        assert (rec["upstream_attempts"], rec["fallback_reason"]) == (2, "pool_full")
+        # the queued attempt made no call: only mid's counts
+        assert (rec["upstream_attempts"], rec["fallback_reason"]) == (1, "pool_full")
+
+
+def test_a_client_gone_while_waiting_for_a_connection_is_not_billed_input(tmp_path, fakes):
+    """The request never reached the replica: the record used to say it had (its
+    upstream, one attempt, the prompt's tokens) and the token metric counted them."""
+    f, url = fakes("slow", tokens=40, delay_s=0.05)  # a 2 s stream holds the connection
+    with _serve(tmp_path, [f"small={url}"], max_connections=1, first_byte_timeout_s=5.0) as h:
+        body = {**CHAT, "model": "small", "stream": True, "max_tokens": 40}
+        got: list = []
+        t = _stream_in_thread(h, body, got)
+        _wait_for(lambda: len(got) >= 2)
+        big = {**body, "messages": [{"role": "user", "content": "word " * 800}]}
+        with pytest.raises(httpx.ReadTimeout):
+            httpx.post(h.base_url + "/chat/completions", json=big, timeout=0.6)
+        t.join(10)
+        recs = _records(h.shim, 2)
+        m = httpx.get(h.url + "/metrics").text
+    (gone,) = [r for r in recs if r["status_code"] == 499]
+    assert gone["input_tokens"] in (None, 0) and gone["upstream_attempts"] == 0
+    assert f.calls == 1
+    (served,) = [r for r in recs if r["status_code"] == 200]
+    line = 'finops_shim_tokens_total{kind="input",tier="small"}'
+    assert f"{line} {float(served['input_tokens'])}" in m
 
 
 @pytest.mark.parametrize("mode", ["die_mid_stream", "error_mid_stream"])

@@ -32,7 +32,7 @@ import asyncio
 import contextlib
 import re
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from typing import Any
 from urllib.parse import urlsplit
 
@@ -355,11 +355,13 @@ class HostPool:
         headers: list[tuple[bytes, bytes]],
         *,
         acquired: bool = False,
+        on_write: Callable[[], None] | None = None,
     ) -> Response:
         """Send one request; returns once status and headers are in.
 
         `acquired`: the caller holds a slot from `acquire`, which this takes over (and
-        gives back on failure, as the Response does once done).
+        gives back on failure, as the Response does once done). `on_write` is called
+        once the request is written: from then on the upstream may be working on it.
         """
         head = [
             method,
@@ -382,14 +384,18 @@ class HostPool:
             if conn is None:
                 conn = await self._connect()
             # once written, the request is the upstream's: no second send from here
-            return await self._exchange(conn, payload)
+            return await self._exchange(conn, payload, on_write)
         except BaseException:
             self._sem.release()
             raise
 
-    async def _exchange(self, conn: _Conn, payload: bytes) -> Response:
+    async def _exchange(
+        self, conn: _Conn, payload: bytes, on_write: Callable[[], None] | None = None
+    ) -> Response:
         try:
             conn.writer.write(payload)
+            if on_write is not None:
+                on_write()
             while True:
                 head = await conn.reader.readuntil(b"\r\n\r\n")
                 lines = head[:-4].split(b"\r\n")

@@ -347,6 +347,7 @@ class Ctx:
         "rec",
         "result",
         "routed",
+        "sent",
         "shim",
         "stream",
         "t0",
@@ -369,6 +370,7 @@ class Ctx:
         self.stream = False
         self.include_usage = False
         self.continuous_usage = False  # usage on every chunk too (vLLM's stream option)
+        self.sent = False  # the current attempt's request is written to its replica
         self.routed = None
         self.feature = ""
         self.input_count: int | None = None  # the cap step's count, once there is one
@@ -388,6 +390,9 @@ class Ctx:
         """Input tokens of a request vLLM did not report on (cut short): the cap step's
         count when there was one (vLLM's /tokenize with that counter), else the estimate."""
         return self.input_count if self.input_count is not None else estimate_body_tokens(self.body)
+
+    def mark_sent(self) -> None:
+        self.sent = True
 
     def overhead_ms(self, now: float) -> float:
         return max(0.0, (now - self.t0 - self.waited) * 1000.0)
@@ -1103,7 +1108,9 @@ class ProxyEndpoint:
         limit = shim.cfg.first_byte_timeout_s if ctx.stream else shim.cfg.response_timeout_s
         try:
             async with asyncio.timeout(limit):
-                resp = await pool.request(b"POST", self.path, payload, hdrs, acquired=True)
+                resp = await pool.request(
+                    b"POST", self.path, payload, hdrs, acquired=True, on_write=ctx.mark_sent
+                )
                 if resp.status >= 500 or resp.status == 429:
                     data = await resp.read()
                     reason = "rate_limited" if resp.status == 429 else "http_5xx"
@@ -1257,13 +1264,14 @@ class ProxyEndpoint:
                 up.breaker.release_probe(ticket)
                 shim.metrics.retry_budget_exhausted.labels(up.url).inc()
                 continue
-            if attempts > 0 and last is not None:
+            if last is not None:
                 shim.metrics.fallbacks.labels(ctx.tier, up.tier, last.reason).inc()
             attempts += 1
             rec["upstream_attempts"] = attempts
             up.budget.record_request(now)
             up.outstanding += 1
             t_send = time.perf_counter()
+            ctx.sent = False
             try:
                 try:
                     resp, first, it = await self._attempt(ctx, up)
@@ -1271,6 +1279,9 @@ class ProxyEndpoint:
                     ctx.waited += time.perf_counter() - t_send
                     if exc.reason == "pool_full":  # the shim's own limit, not the replica
                         up.breaker.release_probe(ticket)
+                        # no call was made: not an upstream attempt (nor a retry to budget)
+                        attempts -= 1
+                        rec["upstream_attempts"] = attempts
                     else:
                         up.breaker.failure(time.monotonic(), ticket)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
@@ -1281,9 +1292,13 @@ class ProxyEndpoint:
                     continue
                 except BaseException:  # client gone, or a bug: a half-open probe is not left taken
                     up.breaker.release_probe(ticket)
-                    if watch.gone and rec["input_tokens"] is None:
+                    if not ctx.sent:  # no call was made
+                        rec["upstream_attempts"] = attempts - 1
+                    elif watch.gone and rec["input_tokens"] is None:
                         # vLLM had the prompt (and prefilled it) before the client left:
-                        # the record says where and how much, as a stream's does
+                        # the record says where and how much, as a stream's does (not
+                        # when the client left while the shim waited for a connection or
+                        # connected: the replica never had the request)
                         rec["tier"] = up.tier
                         rec["upstream"] = up.url
                         rec["input_tokens"] = ctx.input_tokens_known()
