@@ -157,6 +157,8 @@ def test_stream_ends_at_done_without_waiting_for_the_upstreams_end(tmp_path, fak
         assert [(p.open, len(p._idle)) for p in pools] in ([(1, 1)], [(2, 2)])
     assert f.completed == 2 and f.disconnects == 0  # neither upstream answer was cut short
     assert [(r["status_code"], r["output_tokens"]) for r in recs] == [(200, 4), (200, 4)]
+    # the latency is the client's, not the wait for the upstream's end
+    assert all(r["latency_ms"] < 600 for r in recs), [r["latency_ms"] for r in recs]
 
 
 @pytest.mark.parametrize("stream", [False, True])

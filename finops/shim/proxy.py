@@ -330,6 +330,7 @@ class Ctx:
 
     __slots__ = (
         "answer",
+        "answered_at",
         "body",
         "body_unsent",
         "cache_header",
@@ -371,6 +372,7 @@ class Ctx:
         self.include_usage = False
         self.continuous_usage = False  # usage on every chunk too (vLLM's stream option)
         self.sent = False  # the current attempt's request is written to its replica
+        self.answered_at: float | None = None  # a stream's last byte sent (its latency)
         self.routed = None
         self.feature = ""
         self.input_count: int | None = None  # the cap step's count, once there is one
@@ -1554,6 +1556,8 @@ class ProxyEndpoint:
                         }
                     )
                     state["delivered"] = last
+                    if last:
+                        ctx.answered_at = time.perf_counter()
                 if state["done"]:
                     # read the body's end (chunked terminator) so the connection can be reused
                     with contextlib.suppress(Exception):
@@ -1800,7 +1804,10 @@ class ProxyEndpoint:
         shim = self.shim
         rec = ctx.rec
         try:
-            rec["latency_ms"] = (time.perf_counter() - ctx.t0) * 1000
+            # a stream's ends when the client has its last byte, not when the upstream's
+            # body ends (read afterwards, up to 1 s, to keep the connection)
+            end = ctx.answered_at or time.perf_counter()
+            rec["latency_ms"] = (end - ctx.t0) * 1000
             if rec["tier"] is None:
                 rec["tier"] = ctx.tier
             if rec["status_code"] is None:
