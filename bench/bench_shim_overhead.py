@@ -343,6 +343,25 @@ def start_litellm(
     return p, port
 
 
+def reference(
+    label: str,
+    started: tuple[subprocess.Popen, int],
+    up_port: int,
+    sizes: tuple[tuple[int, int], ...],
+    scale: float,
+    title: str,
+) -> list[dict]:
+    """The fast-upstream grid through a reference proxy (stopped after), printed."""
+    proc, port = started
+    try:
+        rows = grid(label, up_port, port, sizes, scale)
+    finally:
+        stop(proc)
+    print(f"\n== reference: {title}")
+    print_rows(rows)
+    return rows
+
+
 def stop(p: subprocess.Popen) -> None:
     p.terminate()
     try:
@@ -422,32 +441,31 @@ def main() -> None:
             print_rows(rows)
             metrics = httpx.get(f"http://127.0.0.1:{shim_port}/metrics").text
             stop(shim)
+            workers = f"{w} worker{'s' if w > 1 else ''}"
             if nginx:
-                ng, ng_port = start_nginx(nginx, up_port, w, tmp / f"nginx-{w}")
-                try:
-                    nrows = grid(f"nginx w={w}", up_port, ng_port, FAST_SIZES, scale)
-                finally:
-                    stop(ng)
-                print(
-                    f"\n== reference: nginx pass-through ({w} worker{'s' if w > 1 else ''}; C, no "
-                    "routing, no log) vs the same fast upstream: the ceiling for any proxy here"
+                reference(
+                    f"nginx w={w}",
+                    start_nginx(nginx, up_port, w, tmp / f"nginx-{w}"),
+                    up_port,
+                    FAST_SIZES,
+                    scale,
+                    f"nginx pass-through ({workers}; C, no routing, no log) vs the same fast "
+                    "upstream: the ceiling for any proxy here",
                 )
-                print_rows(nrows)
             elif not a.no_reference:
                 print(
                     "\n(reference proxy skipped: nginx is not on PATH; apt-get install nginx-light)"
                 )
             if a.litellm and not a.no_reference:
-                ll, ll_port = start_litellm(a.litellm, up_port, w, tmp / f"litellm-{w}")
-                try:
-                    lrows = grid(f"litellm w={w}", up_port, ll_port, LITELLM_SIZES, scale)
-                finally:
-                    stop(ll)
-                print(
-                    f"\n== reference: LiteLLM proxy ({w} worker{'s' if w > 1 else ''}; Python, "
-                    "no database, cache or callbacks) vs the same fast upstream: the issue's anchor"
+                lrows = reference(
+                    f"litellm w={w}",
+                    start_litellm(a.litellm, up_port, w, tmp / f"litellm-{w}"),
+                    up_port,
+                    LITELLM_SIZES,
+                    scale,
+                    f"LiteLLM proxy ({workers}; Python, no database, cache or callbacks) vs "
+                    "the same fast upstream: the issue's anchor",
                 )
-                print_rows(lrows)
                 for r, lr in zip(rows, lrows, strict=True):
                     print(
                         f"shim vs LiteLLM at {r['c']:>3} concurrent, stream={'yes' if r['stream'] else 'no':<3}: "
