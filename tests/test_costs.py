@@ -718,3 +718,45 @@ def test_shim_response_savings_are_what_hits_avoided(tmp_path: Path) -> None:
         "SELECT request_id FROM marts.request_costs WHERE worked OR is_duplicate ORDER BY 1"
     ).fetchall()
     assert [r[0] for r in rc] == ["origA", "origB"]
+
+
+def test_a_streamed_responses_answer_that_completed_is_no_aborted_stream(tmp_path: Path) -> None:
+    """The shim logs a Responses request's finish as its status (`completed`) or why it is
+    incomplete (`max_output_tokens`): every streamed Responses request was counted as
+    leakage ("stream_aborted", tokens thrown away)."""
+    rows = [
+        {
+            "request_id": f"r{i}",
+            "ts": T0 + dt.timedelta(seconds=i),
+            "tenant": "a",
+            "feature": "f",
+            "operation": op,
+            "tier": "small",
+            "input_tokens": 10,
+            "output_tokens": 5,
+            "status_code": 200,
+            "stream": True,
+            "finish_reason": fr,
+            "cache_status": "miss",
+        }
+        for i, (op, fr) in enumerate(
+            [
+                ("chat", "stop"),
+                ("responses", "completed"),
+                ("responses", "max_output_tokens"),
+                ("chat", None),  # cut short: these two are aborted streams
+                ("responses", None),
+            ]
+        )
+    ]
+    assert Lake(tmp_path).append("requests", rows, source="test").rejected == 0
+    con = finops.connect(tmp_path)
+    got = con.sql("SELECT request_id, leak FROM marts.request_costs ORDER BY 1").fetchall()
+    con.close()
+    assert got == [
+        ("r0", None),
+        ("r1", None),
+        ("r2", None),
+        ("r3", "stream_aborted"),
+        ("r4", "stream_aborted"),
+    ]

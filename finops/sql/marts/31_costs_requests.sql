@@ -150,9 +150,12 @@ flags AS (
              <= coalesce(CAST(getvariable('finops_duplicate_window_s') AS DOUBLE), 600.0::DOUBLE))
             AS is_duplicate,
         ((b.failed OR b.is_retry) AND s.bucket IS NOT NULL) AS in_storm,
+        -- a normal end: chat/completions finish reasons, and the Responses API's (the
+        -- shim logs its status, `completed`, or why it is incomplete)
         (b.stream AND NOT b.failed AND b.output_tokens > 0
          AND coalesce(b.finish_reason, '') NOT IN ('stop', 'length', 'tool_calls',
-                                                    'content_filter', 'function_call'))
+                                                    'content_filter', 'function_call',
+                                                    'completed', 'max_output_tokens'))
             AS stream_aborted
     FROM base b
     LEFT JOIN retried r ON r.request_id = b.request_id
