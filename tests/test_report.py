@@ -300,6 +300,17 @@ def test_empty_week_gives_a_report_that_says_what_is_missing(
     assert pl.read_csv(paths.focus_csv).columns == list(COLUMNS)
 
 
+def test_a_relative_out_folder_works(
+    demo_lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The notebook runs in the out folder: a relative one ("report") was resolved twice
+    (report/report/...) and the HTML step died with a traceback."""
+    monkeypatch.chdir(tmp_path)
+    paths = build_report(demo_lake, "2026-W40", "report", growth=False)
+    assert paths.html == tmp_path / "report" / "report-2026-W40.html"
+    assert paths.html.exists() and paths.json.exists()
+
+
 def test_partial_week_and_compare_to(demo_lake: Path) -> None:
     r = compute(demo_lake, WEEK, compare_to="2026-W47", growth=False)
     assert any(m.startswith("Partial week: data covers 48 of 168") for m in r["sources"]["missing"])

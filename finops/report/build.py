@@ -112,7 +112,7 @@ def build_report(
     lake_path = Path(lake) if lake is not None else finops.db.default_lake_path()
     if not lake_path.exists():
         raise F.ReportError(f"{lake_path}: lake folder not found")
-    out_dir = Path(out)
+    out_dir = Path(out).resolve()  # the notebook runs in it: relative paths would double
     out_dir.mkdir(parents=True, exist_ok=True)
     db = finops.connect(lake_path)
     F.quiet(db)
