@@ -465,6 +465,7 @@ def test_cli_ingest_reports_counts_and_exit_codes(tmp_path: Path) -> None:
             "loaded": 30,
             "rejected": 1,
             "cache_events": 3,
+            "already_in_lake": False,
             "error": None,
         }
     ]
@@ -519,7 +520,10 @@ def test_cli_one_shot_skips_files_the_shim_is_still_writing(tmp_path: Path) -> N
     )
     assert res.exit_code == 0, res.output
     assert "skipped" not in res.stderr
-    assert sum(r["loaded"] for r in json.loads(res.stdout)) == 6  # 3 again (a no-op) + 3 new
+    out = json.loads(res.stdout)
+    assert sum(r["loaded"] for r in out) == 6  # 3 again (a no-op) + 3 new
+    # the file read before says so (it said "loaded 3" again, as if rows were added)
+    assert sorted(r["already_in_lake"] for r in out) == [False, True]
     lake = Lake(lake_dir)
     raw = q(lake, "SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM raw.requests")
     assert raw.row(0) == (6, 6)  # no record loaded twice

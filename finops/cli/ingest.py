@@ -155,6 +155,8 @@ def _run(
             "loaded": r.loaded,
             "rejected": r.rejected,
             **({"cache_events": r.cache_events} if kind == "requests" else {}),
+            # the same rows were loaded before (the lake keeps one copy): nothing added
+            "already_in_lake": r.duplicate_files > 0,
             "error": r.error,
         }
         for r in reports
@@ -181,6 +183,8 @@ def _run(
         df = pl.DataFrame(rows, infer_schema_length=None)
         if df["error"].null_count() == df.height:
             df = df.drop("error")
+        if not df["already_in_lake"].any():
+            df = df.drop("already_in_lake")
         print_frame(df, "table", title=f"ingest {kind} -> {lake_path}")
         total_rej = sum(r.rejected for r in reports)
         if total_rej:
