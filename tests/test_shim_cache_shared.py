@@ -465,6 +465,27 @@ def test_redis_outage_is_counted_as_skipped_and_its_return_logged(
         assert caplog.text.count("answers again") == 1
 
 
+def test_a_restarted_redis_is_not_taken_for_an_outage(tmp_path, fakes, redis_server):
+    """Each pooled connection to the old Redis failed on its next use after a restart,
+    and each failure skipped Redis for 5 s (a worker was 15 s without shared records)."""
+    _, url = fakes()
+    cfg = _cfg(tmp_path, url, redis_url=redis_server.url)
+    with serve_in_thread(cfg) as h, cf.ThreadPoolExecutor(8) as ex:
+        # several pooled connections, all to this Redis
+        list(ex.map(lambda i: _post(h, {**DET, "max_tokens": 1 + i}), range(8)))
+        redis_server.stop()
+        redis_server.start()
+        got = list(ex.map(lambda i: _post(h, {**DET, "max_tokens": 1 + i}), range(8)))
+        assert all(r.status_code == 200 for r in got)
+        assert _metric(h, 'finops_shim_cache_total{result="skipped"}') == 0
+        assert _metric(h, "finops_shim_cache_backend_errors_total") == 0
+        # and the shared cache works at once: stored, then a hit
+        _post(h, {**DET, "max_tokens": 30})
+        assert _until(
+            lambda: _post(h, {**DET, "max_tokens": 30}).headers["x-finops-cache"] == "hit"
+        )
+
+
 def test_a_replay_does_not_extend_the_records_lifetime(tmp_path, fakes, redis_server):
     _f, url = fakes()
     hd = {"idempotency-key": "k-ttl"}

@@ -316,6 +316,9 @@ class RedisCache:
         secret: bytes | None = None,
     ) -> None:
         import redis.asyncio as aioredis
+        from redis.asyncio.retry import Retry
+        from redis.backoff import NoBackoff
+        from redis.exceptions import ConnectionError as RedisConnectionError
         from redis.exceptions import ResponseError
 
         self.url = url
@@ -325,7 +328,18 @@ class RedisCache:
         self.skip_until = 0.0
         self.down_since = 0.0  # when the current outage began (0: Redis is answering)
         self._key_errors = (ResponseError,)
-        self._r = aioredis.from_url(url, socket_connect_timeout=timeout_s, socket_timeout=timeout_s)
+        # A pooled connection to a Redis that restarted fails on its next use: tried once
+        # more on a fresh connection, so a restart is not taken for an outage (which
+        # skipped Redis for cooldown_s, again and again as each old connection was used,
+        # and let Idempotency-Key duplicates run unclaimed meanwhile). Timeouts are not
+        # retried: a Redis that does not answer still costs one timeout.
+        self._r = aioredis.from_url(
+            url,
+            socket_connect_timeout=timeout_s,
+            socket_timeout=timeout_s,
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
+            retry_on_error=[RedisConnectionError],
+        )
         self._release = self._r.register_script(_RELEASE)
         self._refresh = self._r.register_script(_REFRESH)
 
