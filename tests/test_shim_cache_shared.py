@@ -147,6 +147,28 @@ def test_idempotency_key_runs_once_across_workers(tmp_path, fakes, redis_server)
         assert _until(lambda: not redis_server.client().keys("*:claim"))
 
 
+def test_concurrent_duplicates_across_workers_are_numbered_one_by_one(
+    tmp_path, fakes, redis_server
+):
+    """Duplicates waiting on another worker's claim wake together: each read the same
+    record, and all were logged as attempt 2."""
+    f, url = fakes("ok", tokens=1, delay_s=0.6)
+    cfg = _cfg(tmp_path, url, redis_url=redis_server.url)
+    hd = {"idempotency-key": "pay-9"}
+    with (
+        serve_in_thread(cfg) as w1,
+        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
+        cf.ThreadPoolExecutor(7) as ex,
+    ):
+        first = ex.submit(_post, w1, SAMPLED, hd)
+        time.sleep(0.2)  # the original holds the claim
+        dups = [ex.submit(_post, (w1, w2)[i % 2], SAMPLED, hd) for i in range(6)]
+        answers = [first.result().json()] + [d.result().json() for d in dups]
+        assert all(a == answers[0] for a in answers) and f.calls == 1
+        recs = _records(w1.shim, 4) + _records(w2.shim, 3)
+    assert sorted(r["attempt"] or 1 for r in recs) == [1, 2, 3, 4, 5, 6, 7]
+
+
 def test_a_duplicate_of_a_failed_original_on_another_worker_runs_as_its_retry(
     tmp_path, fakes, redis_server
 ):

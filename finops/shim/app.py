@@ -501,6 +501,22 @@ class Shim:
             self._store_failed(op, key, exc)
             return default
 
+    async def idem_next_attempt(self, key: str, meta: dict) -> int:
+        """This replay's attempt number. With Redis it comes from one counter per key:
+        duplicates waiting on another worker's claim wake together, and each read the
+        same record (all were logged as attempt 2)."""
+        after = int(meta.get("attempts", 1))
+        r = self.redis
+        if r is None:  # one process, one event loop: the record itself is the count
+            return after + 1
+        n = await self._claim_call(
+            "attempt",
+            key + ":attempts",
+            r.next_attempt(key + ":attempts", after, self.cfg.idempotency_ttl_s),
+            None,
+        )
+        return after + 1 if n is None else n
+
     async def idem_claim(self, key: str, owner: str) -> bool:
         """True if this request may run the key: claimed now for `owner`, or there is no
         shared store or it is out (run unclaimed, as without Redis). False: another

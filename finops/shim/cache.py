@@ -282,6 +282,11 @@ class RedisKeyError(Exception):
 _RELEASE = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then return redis.call('del', KEYS[1]) end return 0"
 )
+# the next attempt number of an Idempotency-Key: the counter starts at the record's
+# count (SET NX) and each replay takes the next one (INCR), however many run at once
+_NEXT_ATTEMPT = (
+    "redis.call('set', KEYS[1], ARGV[1], 'nx', 'px', ARGV[2]) return redis.call('incr', KEYS[1])"
+)
 _REFRESH = (
     "if redis.call('get', KEYS[1]) == ARGV[1] then "
     "return redis.call('pexpire', KEYS[1], ARGV[2]) end return 0"
@@ -342,6 +347,7 @@ class RedisCache:
         )
         self._release = self._r.register_script(_RELEASE)
         self._refresh = self._r.register_script(_REFRESH)
+        self._next_attempt = self._r.register_script(_NEXT_ATTEMPT)
 
     def _check(self) -> None:
         if self.skip_until and time.monotonic() < self.skip_until:
@@ -402,6 +408,12 @@ class RedisCache:
         self._check()
         px = max(1, int(ttl_s * 1000))
         return bool(await self._call(self._r.set(self.prefix + key, owner, nx=True, px=px)))
+
+    async def next_attempt(self, key: str, after: int, ttl_s: float) -> int:
+        """The next attempt number of a counter that starts at `after` (atomic)."""
+        self._check()
+        px = max(1, int(ttl_s * 1000))
+        return int(await self._call(self._next_attempt(keys=[self.prefix + key], args=[after, px])))
 
     async def holder(self, key: str) -> bytes | None:
         self._check()

@@ -832,7 +832,7 @@ class ProxyEndpoint:
                     if meta.get("failed"):
                         prior = meta  # no answer to replay: this retry runs again, as a retry
                     else:
-                        meta["attempts"] = int(meta.get("attempts", 1)) + 1
+                        meta["attempts"] = await shim.idem_next_attempt(idem_id, meta)
                         await shim.idem_put(idem_id, meta, payload)
                         rec["retry_of"] = meta["request_id"]
                         rec["attempt"] = meta["attempts"]
