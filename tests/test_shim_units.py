@@ -446,6 +446,7 @@ def test_cache_key_shares_no_answer_vllm_would_give_differently():
     assert not is_deterministic({**comp, "logprobs": False}, "text_completion")
     assert is_deterministic({**comp, "logprobs": None}, "text_completion")
     assert is_deterministic({**a, "logprobs": False}, "chat")  # chat's is a flag
+    assert key({**a, "logprobs": False}) == key(a)  # and false is what a missing one means
     assert not is_deterministic({**a, "prompt_logprobs": False}, "chat")  # a count
 
 

@@ -193,6 +193,9 @@ def cache_key(tenant: str, endpoint: str, body: dict, target: str, whitespace: b
     h.update(b"\x00")
     h.update(endpoint.encode())
     h.update(b"\x00")
+    if endpoint == "chat" and body.get("logprobs") is False:
+        # chat's logprobs is a flag: false is what a missing one means
+        body = {k: v for k, v in body.items() if k != "logprobs"}
     h.update(normalized_request(body, target, whitespace, ECHOED.get(endpoint, ())))
     return h.hexdigest()
 
