@@ -6,6 +6,7 @@ back, and a coalescing leader whose upstream fails."""
 from __future__ import annotations
 
 import concurrent.futures as cf
+import contextlib
 import dataclasses
 import logging
 import shutil
@@ -83,6 +84,16 @@ def redis_server(tmp_path):
     r.stop()
 
 
+@contextlib.contextmanager
+def _two_shims(tmp_path: Path, cfg):
+    """Two shims on one config, each with its own log: two workers sharing Redis."""
+    with (
+        serve_in_thread(cfg) as w1,
+        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
+    ):
+        yield w1, w2
+
+
 def _cfg(tmp_path: Path, url: str, name: str = "log", **changes):
     cfg = from_flags([f"small={url}"], log_dir=tmp_path / name)
     return dataclasses.replace(cfg, **changes)
@@ -128,8 +139,7 @@ def test_idempotency_key_runs_once_across_workers(tmp_path, fakes, redis_server)
     cfg = _cfg(tmp_path, url, redis_url=redis_server.url)
     hd = {"idempotency-key": "pay-1"}
     with (
-        serve_in_thread(cfg) as w1,
-        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
+        _two_shims(tmp_path, cfg) as (w1, w2),
         cf.ThreadPoolExecutor(2) as ex,
     ):
         a = ex.submit(_post, w1, SAMPLED, hd)
@@ -156,8 +166,7 @@ def test_concurrent_duplicates_across_workers_are_numbered_one_by_one(
     cfg = _cfg(tmp_path, url, redis_url=redis_server.url)
     hd = {"idempotency-key": "pay-9"}
     with (
-        serve_in_thread(cfg) as w1,
-        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
+        _two_shims(tmp_path, cfg) as (w1, w2),
         cf.ThreadPoolExecutor(7) as ex,
     ):
         first = ex.submit(_post, w1, SAMPLED, hd)
@@ -178,8 +187,7 @@ def test_a_duplicate_of_a_failed_original_on_another_worker_runs_as_its_retry(
     )
     hd = {"idempotency-key": "pay-2"}
     with (
-        serve_in_thread(cfg) as w1,
-        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
+        _two_shims(tmp_path, cfg) as (w1, w2),
         cf.ThreadPoolExecutor(2) as ex,
     ):
         a = ex.submit(_post, w1, SAMPLED, hd)
@@ -547,10 +555,7 @@ def test_signed_redis_values_are_shared_and_others_miss(tmp_path, fakes, redis_s
     )
     rc = redis_server.client()
     ka, kb = {"authorization": "Bearer sk-a"}, {"authorization": "Bearer sk-b"}
-    with (
-        serve_in_thread(cfg) as w1,
-        serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log2")) as w2,
-    ):
+    with _two_shims(tmp_path, cfg) as (w1, w2):
         assert _post(w1, DET, ka).headers["x-finops-cache"] == "miss"
         (key_a,) = _keys(rc, "finops:shim:resp:*")
         assert _post(w2, DET, ka).headers["x-finops-cache"] == "hit"  # shared, verified

@@ -219,8 +219,7 @@ class MemoryCache:
         self.max_bytes = max_bytes
         self.bytes = 0
         self._d: OrderedDict[str, tuple[float, bytes]] = OrderedDict()
-        self.evictions = 0  # entries dropped before their time for room
-        self.on_evict = on_evict
+        self.on_evict = on_evict  # called for each live entry dropped for room
 
     def __len__(self) -> int:
         return len(self._d)
@@ -251,10 +250,8 @@ class MemoryCache:
             oldest = next(iter(self._d))
             expired = self._d[oldest][0] < time.monotonic()
             self._drop(oldest)
-            if not expired:
-                self.evictions += 1
-                if self.on_evict is not None:
-                    self.on_evict()
+            if not expired and self.on_evict is not None:
+                self.on_evict()
 
     async def close(self) -> None:
         self._d.clear()

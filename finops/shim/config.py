@@ -16,7 +16,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
+from urllib.parse import SplitResult, urlsplit
 
 CAP_POLICIES = ("reject", "truncate")
 EXPLICIT_POLICIES = ("allow", "deny", "reroute")
@@ -248,6 +248,15 @@ def check_workers(workers: Any, where: str) -> int:
     return workers
 
 
+def _check_url_port(u: SplitResult, url: str, where: str) -> None:
+    """A URL's port, if it gives one, is a number from 1 to 65535."""
+    try:
+        port = u.port  # raises ValueError when out of range or not a number
+    except ValueError:
+        port = 0
+    _expect(port != 0, where, f"{url!r}: the port must be a number from 1 to 65535")
+
+
 def _check_url(url: Any, where: str) -> str:
     """An upstream's root URL (no trailing slash or /v1), or a ConfigError saying why not.
 
@@ -272,11 +281,7 @@ def _check_url(url: Any, where: str) -> str:
             " /metrics and the log); give the upstream's key as the tier's api_key"
         )
     _expect(bool(u.hostname), where, f"{url!r} has no host")
-    try:
-        u.port  # noqa: B018  (raises ValueError when out of range or not a number)
-    except ValueError:
-        raise ConfigError(f"{where}: {url!r}: the port must be a number from 1 to 65535") from None
-    _expect(u.port != 0, where, f"{url!r}: the port must be a number from 1 to 65535")
+    _check_url_port(u, url, where)
     _expect(
         not u.query and not u.fragment,
         where,
@@ -322,11 +327,7 @@ def _check_redis_url(url: str, where: str) -> None:
     if u.scheme == "unix":
         _expect(bool(u.path), where, f"{url!r}: expected unix:///path/to/redis.sock")
         return
-    try:
-        u.port  # noqa: B018  (raises ValueError when out of range or not a number)
-    except ValueError:
-        raise ConfigError(f"{where}: {url!r}: the port must be a number from 1 to 65535") from None
-    _expect(u.port != 0, where, f"{url!r}: the port must be a number from 1 to 65535")
+    _check_url_port(u, url, where)
     db = u.path.lstrip("/")
     _expect(
         db == "" or db.isdigit(),

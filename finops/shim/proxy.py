@@ -670,13 +670,8 @@ class ProxyEndpoint:
                 if not isinstance(m, dict):
                     # vLLM refuses it too; checked here so that a cap's truncation cannot
                     # drop it and send on a request the client did not make
-                    raise HTTPError(
-                        400,
-                        f"`messages[{i}]` must be an object with a `role`, not "
-                        f"{orjson.dumps(m).decode()[:40]}.",
-                        "invalid_request_error",
-                        "invalid_messages",
-                        param=f"messages[{i}]",
+                    raise _wrong_type(
+                        f"messages[{i}]", "an object with a `role`", m, "invalid_messages"
                     )
                 if m.get("role") == "user":
                     turns += 1
@@ -702,22 +697,13 @@ class ProxyEndpoint:
                 "invalid_stream_options",
                 param="stream_options",
             )
-        ctx.include_usage = stream and _include_usage(so)
+        if stream:
+            ctx.include_usage, ctx.continuous_usage = _usage_options(so)
         user = body.get("user")
         if user is not None and not isinstance(user, str):
             # vLLM refuses it too; checked here because `user` is not in the cache key,
             # so a hit would answer 200
-            raise HTTPError(
-                400,
-                f"`user` must be a string, not {orjson.dumps(user).decode()[:40]}.",
-                "invalid_request_error",
-                "invalid_user",
-                param="user",
-            )
-        # vLLM adds usage to every chunk only with include_usage too
-        ctx.continuous_usage = ctx.include_usage and bool(
-            _lax_bool(so.get("continuous_usage_stats"))
-        )
+            raise _wrong_type("user", "a string", user, "invalid_user")
         rec["prompt_fingerprint"] = _fingerprint_prompt(body)
         if cfg.log_prompts:
             rec["prompt_text"] = _prompt_text(body)
@@ -1842,26 +1828,15 @@ class ProxyEndpoint:
 def _whole_event(ev: bytes) -> bool:
     """An SSE event lacking only its blank line: its data is [DONE] or whole JSON (not an
     event cut inside its JSON)."""
-    data = b"".join(line[5:].strip() for line in ev.splitlines() if line.startswith(b"data:"))
-    if not data:
-        return False
-    if data == b"[DONE]":
-        return True
-    try:
-        orjson.loads(data)
-    except orjson.JSONDecodeError:
-        return False
-    return True
+    j = ev.find(b"data:")
+    return j >= 0 and (ev[j + 5 :].strip() == b"[DONE]" or sse_json(ev) is not None)
 
 
 def _with_fresh_id(payload: bytes, client_request_id: bytes | None) -> bytes:
     """A chat/completions answer under a new id: `<its prefix>-<X-Request-Id>`, as vLLM
     names answers, or a random one."""
-    try:
-        obj = orjson.loads(payload)
-    except orjson.JSONDecodeError:
-        return payload
-    old = obj.get("id") if isinstance(obj, dict) else None
+    obj = _json_object(payload)
+    old = obj.get("id") if obj is not None else None
     if not isinstance(old, str):
         return payload
     prefix = old.split("-", 1)[0] + "-" if "-" in old else ""
@@ -1930,13 +1905,8 @@ def _bad_model(model: Any) -> NoReturn:
             "missing_model",
             param="model",
         )
-    raise HTTPError(
-        400,
-        f"`model` must be a string (a tier name or the routing alias), not "
-        f"{orjson.dumps(model).decode()[:40]}.",
-        "invalid_request_error",
-        "invalid_model",
-        param="model",
+    raise _wrong_type(
+        "model", "a string (a tier name or the routing alias)", model, "invalid_model"
     )
 
 
@@ -1961,14 +1931,19 @@ def _stream_flag(body: dict) -> bool:
     if stream is None:
         return False
     if not isinstance(stream, bool):
-        raise HTTPError(
-            400,
-            f"`stream` must be true or false, not {orjson.dumps(stream).decode()[:40]}.",
-            "invalid_request_error",
-            "invalid_stream",
-            param="stream",
-        )
+        raise _wrong_type("stream", "true or false", stream, "invalid_stream")
     return stream
+
+
+def _wrong_type(param: str, expected: str, value: Any, code: str) -> HTTPError:
+    """The 400 for a field that is not what vLLM takes there: names it, shows what came."""
+    return HTTPError(
+        400,
+        f"`{param}` must be {expected}, not {orjson.dumps(value).decode()[:40]}.",
+        "invalid_request_error",
+        code,
+        param=param,
+    )
 
 
 # what vLLM's request models (pydantic, lax mode) read as a boolean
@@ -1991,9 +1966,10 @@ def _lax_bool(v: Any) -> bool | None:
     return None
 
 
-def _include_usage(so: Any) -> bool:
-    """Whether a stream's `stream_options` ask for the usage chunk; 400 when they are not
-    valid stream options.
+def _usage_options(so: Any) -> tuple[bool, bool]:
+    """Whether a stream's `stream_options` ask for the usage chunk, and for usage on every
+    chunk too (vLLM's `continuous_usage_stats`, only with the first); 400 when they are
+    not valid stream options.
 
     Checked here, not left to vLLM: the shim sends its own stream options upstream (it
     always asks for usage), so vLLM never sees the client's, and a cache hit never asks
@@ -2001,27 +1977,17 @@ def _include_usage(so: Any) -> bool:
     strips the usage chunk exactly when vLLM would not have sent it.
     """
     if so is None:
-        return False
+        return False, False
     if not isinstance(so, dict):
-        raise HTTPError(
-            400,
-            f"`stream_options` must be an object, not {orjson.dumps(so).decode()[:40]}.",
-            "invalid_request_error",
-            "invalid_stream_options",
-            param="stream_options",
-        )
+        raise _wrong_type("stream_options", "an object", so, "invalid_stream_options")
+    flags = []
     for key in ("include_usage", "continuous_usage_stats"):
         v = so.get(key)
-        if v is not None and _lax_bool(v) is None:
-            raise HTTPError(
-                400,
-                f"`stream_options.{key}` must be true or false, not "
-                f"{orjson.dumps(v).decode()[:40]}.",
-                "invalid_request_error",
-                "invalid_stream_options",
-                param=f"stream_options.{key}",
-            )
-    return bool(_lax_bool(so.get("include_usage")))
+        flag = False if v is None else _lax_bool(v)
+        if flag is None:
+            raise _wrong_type(f"stream_options.{key}", "true or false", v, "invalid_stream_options")
+        flags.append(flag)
+    return flags[0], flags[0] and flags[1]
 
 
 def _resolve(shim: Shim, model: str) -> Any:
