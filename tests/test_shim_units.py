@@ -877,6 +877,19 @@ def test_cache_fidelity_to_vllm():
     assert finish == [
         {"index": 0, "delta": {}, "finish_reason": "stop", "logprobs": None, "stop_reason": "###"}
     ]
+    # replayed plain, a rebuilt answer has the null fields vLLM's own plain answer has
+    length = {**events[1], "choices": [{"index": 0, "delta": {}, "finish_reason": "length"}]}
+    plain = assemble_stream([events[0], length], "chat")
+    choice, msg = plain["choices"][0], plain["choices"][0]["message"]
+    assert choice["stop_reason"] is None and choice["logprobs"] is None
+    assert msg["refusal"] is None and "tool_calls" not in msg
+    assert plain["system_fingerprint"] is None and plain["kv_transfer_params"] is None
+    done = {"index": 0, "text": "a", "finish_reason": "stop"}
+    text = assemble_stream(
+        [{**base, "object": "text_completion", "choices": [done]}], "completions"
+    )
+    assert text["choices"][0]["stop_reason"] is None and text["choices"][0]["logprobs"] is None
+    assert text["service_tier"] is None and "prompt_text" not in text
 
 
 def test_circuit_breaker_ignores_verdicts_from_before_its_last_change():

@@ -459,6 +459,36 @@ class Coalescer:
 
 _TEXT_FIELDS = ("content", "reasoning_content", "reasoning", "refusal")
 
+# The fields vLLM (0.32) sends as null in a non-streaming answer, so that an answer rebuilt
+# from a stream and replayed plain has the shape of one vLLM answered plain.
+_CHAT_MESSAGE_NULLS = ("refusal", "annotations", "audio", "function_call", "reasoning")
+_CHAT_CHOICE_NULLS = ("logprobs", "stop_reason", "token_ids", "routed_experts")
+_TEXT_CHOICE_NULLS = (
+    "logprobs",
+    "stop_reason",
+    "token_ids",
+    "prompt_logprobs",
+    "prompt_token_ids",
+    "routed_experts",
+)
+_CHAT_RESPONSE_NULLS = (
+    "service_tier",
+    "system_fingerprint",
+    "prompt_logprobs",
+    "prompt_token_ids",
+    "prompt_text",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "metrics",
+)
+_TEXT_RESPONSE_NULLS = (
+    "service_tier",
+    "system_fingerprint",
+    "kv_transfer_params",
+    "ec_transfer_params",
+    "metrics",
+)
+
 
 def assemble_stream(events: list[dict], operation: str) -> dict | None:
     """Rebuild the non-streaming response object from streamed chunks (for caching).
@@ -531,21 +561,17 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
             # OpenAI's shape: no text beside tool calls is a null content
             text = "".join(c["content"])
             msg["content"] = text if text or not tools else None
+            msg.update(dict.fromkeys(_CHAT_MESSAGE_NULLS))
             for f in ("reasoning_content", "reasoning", "refusal"):
                 if c[f]:
                     msg[f] = "".join(c[f])
             if tools:
                 msg["tool_calls"] = tools
-            out = {"index": i, "message": msg, "finish_reason": c["finish_reason"]}
+            out = {"index": i, "message": msg, **dict.fromkeys(_CHAT_CHOICE_NULLS)}
         else:
-            out = {
-                "index": i,
-                "text": "".join(c["text"]),
-                "finish_reason": c["finish_reason"],
-                "logprobs": None,
-            }
-        if "stop_reason" in c:
-            out["stop_reason"] = c["stop_reason"]
+            out = {"index": i, "text": "".join(c["text"]), **dict.fromkeys(_TEXT_CHOICE_NULLS)}
+        out["finish_reason"] = c["finish_reason"]
+        out["stop_reason"] = c.get("stop_reason")
         out_choices.append(out)
     out_resp = {
         "id": first.get("id"),
@@ -553,10 +579,10 @@ def assemble_stream(events: list[dict], operation: str) -> dict | None:
         "created": first.get("created"),
         "model": first.get("model"),
         "choices": out_choices,
+        **dict.fromkeys(_CHAT_RESPONSE_NULLS if operation == "chat" else _TEXT_RESPONSE_NULLS),
         "usage": usage,
     }
-    if fingerprint is not None:
-        out_resp["system_fingerprint"] = fingerprint
+    out_resp["system_fingerprint"] = fingerprint
     return out_resp
 
 
