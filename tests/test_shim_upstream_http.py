@@ -251,6 +251,51 @@ def test_upstream_answers_are_asked_uncompressed_and_a_broken_200_is_a_502(tmp_p
     assert all(hdrs.get("accept-encoding") == "identity" for _, hdrs in up.posts)
 
 
+@pytest.mark.parametrize("stream", [False, True])
+def test_a_101_204_or_redirect_is_no_answer_and_falls_back(tmp_path, scripted, fakes, stream):
+    """vLLM answers 200, 4xx or 5xx. A 101, a 204 or a redirect (an ingress moving http to
+    https) used to reach the client as the answer: an empty 204, a 101 to a client that
+    asked for no upgrade, a 308 that sends the client (and its key) past the shim."""
+    answers = [
+        b"HTTP/1.1 101 Switching Protocols\r\nupgrade: websocket\r\nconnection: upgrade\r\n\r\n",
+        b"HTTP/1.1 204 No Content\r\n\r\n",
+        b"HTTP/1.1 308 Permanent Redirect\r\nlocation: https://vllm.internal/v1/chat/"
+        b"completions\r\ncontent-length: 0\r\n\r\n",
+    ]
+    bad = scripted(lambda i: (answers[i], "close"))
+    _, good = fakes()
+    with _serve(tmp_path, bad.url) as h:  # one tier: the failure is the client's answer
+        alone = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": stream})
+    cfg = from_flags([f"small={bad.url}", f"mid={good}"], log_dir=tmp_path / "log2")
+    with serve_in_thread(cfg) as h:
+        out = [
+            httpx.post(h.base_url + "/chat/completions", json={**CHAT, "stream": stream})
+            for _ in answers[1:]
+        ]
+        recs = _records(h.shim, 2)
+    assert alone.status_code == 502 and "answered 101" in alone.json()["error"]["message"]
+    assert alone.json()["error"]["code"] == "upstream_bad_response"
+    assert [r.status_code for r in out] == [200, 200]
+    assert all(r.headers["x-finops-tier"] == "mid" for r in out)
+    assert all(r["fallback_reason"] == "bad_response" for r in recs)
+    assert [r["upstream_attempts"] for r in recs] == [2, 2]
+    assert len(bad.posts) == 3
+
+
+def test_a_redirect_names_where_to_point_the_upstream(tmp_path, scripted):
+    where = b"https://vllm.internal/v1/chat/completions"
+    up = scripted(
+        lambda i: (
+            b"HTTP/1.1 301 Moved\r\nlocation: " + where + b"\r\ncontent-length: 0\r\n\r\n",
+            "keep",
+        )
+    )
+    with _serve(tmp_path, up.url) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+    assert r.status_code == 502 and "location" not in r.headers
+    assert "redirect to 'https://vllm.internal/v1/chat/completions'" in r.json()["error"]["message"]
+
+
 def _sse_head(ctype: bytes = b"text/event-stream") -> bytes:
     """A 200 head without a length: the body runs until the connection closes."""
     return b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\nconnection: close\r\n\r\n"

@@ -1109,6 +1109,21 @@ class ProxyEndpoint:
                         data,
                         resp.headers.get("retry-after"),
                     )
+                if resp.status != 200 and resp.status < 400:
+                    # vLLM answers 200, 4xx or 5xx: a 101, a 204 or a redirect (an
+                    # ingress sending http to https, a login page) is no OpenAI answer,
+                    # and a redirect passed on would send the client past the shim
+                    where = resp.headers.get("location")
+                    raise UpstreamFailure(
+                        "bad_response",
+                        502,
+                        f"upstream {up.url} answered {resp.status}, not an OpenAI answer"
+                        + (
+                            f" (a redirect to {where[:200]!r}: point the upstream URL there)"
+                            if where and 300 <= resp.status < 400
+                            else ""
+                        ),
+                    )
                 if not ctx.stream or resp.status != 200:
                     data = await resp.read()
                     if resp.status == 200:
