@@ -954,6 +954,34 @@ def test_requests_cut_by_shutdown_end_cleanly_and_are_not_logged_as_served(tmp_p
     assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()]
 
 
+def test_a_request_cut_by_shutdown_after_a_fallback_names_the_upstream_that_had_it(tmp_path, fakes):
+    """The first tier fails, the next one is generating when shutdown cuts the request:
+    the record named the failed replica (and the tier asked for), not the one that had
+    the prompt and spent GPU time on it."""
+    _bad, bad_url = fakes("error500")
+    _slow, slow_url = fakes("slow", tokens=200, delay_s=0.02)
+    h = _serve(tmp_path, [f"small={bad_url}", f"mid={slow_url}"], drain_timeout_s=0.3)
+    out: list = []
+    t = threading.Thread(
+        target=lambda: out.append(
+            httpx.post(h.base_url + "/chat/completions", json={**CHAT, "max_tokens": 200})
+        )
+    )
+    t.start()
+    _wait_for(lambda: _slow.calls >= 1)
+    h.stop()
+    t.join(10)
+    assert out[0].status_code == 503
+    (rec,) = [
+        orjson.loads(x)
+        for p in sorted((tmp_path / "log").glob("requests-*.jsonl"))
+        for x in p.read_bytes().splitlines()
+    ]
+    assert rec["error_type"] == "shim_shutdown" and rec["upstream_attempts"] == 2
+    assert rec["upstream"] == slow_url and rec["tier"] == "mid"
+    assert rec["fallback_reason"] == "http_5xx" and rec["input_tokens"] > 0
+
+
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
     bad, bad_url = fakes("error500")
     _good, good_url = fakes()

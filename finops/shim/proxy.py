@@ -1297,14 +1297,15 @@ class ProxyEndpoint:
                     up.breaker.release_probe(ticket)
                     if not ctx.sent:  # no call was made
                         rec["upstream_attempts"] = attempts - 1
-                    elif watch.gone and rec["input_tokens"] is None:
-                        # vLLM had the prompt (and prefilled it) before the client left:
-                        # the record says where and how much, as a stream's does (not
-                        # when the client left while the shim waited for a connection or
-                        # connected: the replica never had the request)
+                    else:
+                        # this replica had the request (and prefilled it) when the client
+                        # left or shutdown cut it: the record names it and the prompt's
+                        # tokens, not an earlier failed attempt (not when the client left while the shim waited
+                        # for a connection: the replica never had the request)
                         rec["tier"] = up.tier
                         rec["upstream"] = up.url
-                        rec["input_tokens"] = ctx.input_tokens_known()
+                        if rec["input_tokens"] is None:
+                            rec["input_tokens"] = ctx.input_tokens_known()
                     raise
                 t_first = time.perf_counter()
                 ctx.waited += t_first - t_send
