@@ -296,6 +296,41 @@ def test_a_redirect_names_where_to_point_the_upstream(tmp_path, scripted):
     assert "redirect to 'https://vllm.internal/v1/chat/completions'" in r.json()["error"]["message"]
 
 
+def test_usage_that_is_no_token_count_is_logged_unknown_and_no_record_is_lost(
+    tmp_path, scripted, caplog
+):
+    """A broken or non-vLLM upstream's usage ("5", -1, 5.5, true): taken as is, a string
+    or a negative count made a metric raise and the whole record was lost, and 5.5 made a
+    record `finops ingest` refuses. Now each such count is null (unknown), with a warning;
+    7.0 is 7."""
+    from finops.lake import Lake
+
+    usages = [
+        {"prompt_tokens": "5", "completion_tokens": 2},
+        {"prompt_tokens": 5, "completion_tokens": -1},
+        {"prompt_tokens": 5.5, "completion_tokens": True},
+        {
+            "prompt_tokens": 7.0,
+            "completion_tokens": 2,
+            "prompt_tokens_details": {"cached_tokens": "x"},
+        },
+    ]
+    bodies = [ok(orjson.dumps({**orjson.loads(ANSWER), "usage": u})) for u in usages]
+    up = scripted(lambda i: (bodies[i], "keep"))
+    with _serve(tmp_path, up.url) as h:
+        out = [httpx.post(h.base_url + "/chat/completions", json=CHAT) for _ in bodies]
+        recs = _records(h.shim, 4)
+        metrics = httpx.get(h.url + "/metrics").text
+    assert [r.status_code for r in out] == [200] * 4
+    got = [(r["input_tokens"], r["output_tokens"], r["cached_input_tokens"]) for r in recs]
+    assert got == [(None, 2, 0), (5, None, 0), (None, None, 0), (7, 2, None)]
+    assert 'usage.prompt_tokens = "5", not a token count' in caplog.text
+    assert "usage.prompt_tokens_details.cached_tokens" in caplog.text
+    assert 'finops_shim_requests_total{status="200",tenant="default",tier="small"} 4.0' in metrics
+    res = Lake(tmp_path / "lake").append("requests", recs, source="shim")
+    assert (res.loaded, res.rejected) == (4, 0)
+
+
 def _sse_head(ctype: bytes = b"text/event-stream") -> bytes:
     """A 200 head without a length: the body runs until the connection closes."""
     return b"HTTP/1.1 200 OK\r\ncontent-type: " + ctype + b"\r\nconnection: close\r\n\r\n"

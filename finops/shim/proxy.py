@@ -1425,16 +1425,33 @@ class ProxyEndpoint:
             await shim.cache_put(store_key, meta, data)
         return result
 
+    # the usage object's input, output and details fields (the Responses API names its own)
+    USAGE_FIELDS = ("prompt_tokens", "completion_tokens", "prompt_tokens_details")
+
     def _usage_into(self, rec: dict, usage: Any) -> None:
+        """The upstream's token counts into the record. A count that is not a whole
+        number >= 0 (a broken or non-vLLM upstream) is logged as unknown (null) with a
+        warning: taken as is, it cost the whole record (a metric refused it) or made it
+        one `finops ingest` refuses."""
         if not isinstance(usage, dict):
             return
-        pi = usage.get("prompt_tokens")
-        co = usage.get("completion_tokens")
-        rec["input_tokens"] = pi
-        rec["output_tokens"] = co
-        det = usage.get("prompt_tokens_details")
+        fin, fout, fdet = self.USAGE_FIELDS
+        det = usage.get(fdet)
         cached = det.get("cached_tokens") if isinstance(det, dict) else None
-        rec["cached_input_tokens"] = cached if cached is not None else 0
+        counts = {"input_tokens": usage.get(fin), "output_tokens": usage.get(fout)}
+        counts["cached_input_tokens"] = 0 if cached is None else cached
+        names = {"input_tokens": fin, "output_tokens": fout}
+        names["cached_input_tokens"] = f"{fdet}.cached_tokens"
+        for field, v in counts.items():
+            n = _token_count(v)
+            if n is None and v is not None:
+                self.shim.logger.warning(
+                    "upstream %s sent usage.%s = %s, not a token count: logged as unknown",
+                    rec.get("upstream"),
+                    names[field],
+                    orjson.dumps(v)[:80].decode("utf-8", "replace"),
+                )
+            rec[field] = n
 
     async def _respond_stream(
         self,
@@ -1824,6 +1841,11 @@ class ProxyEndpoint:
                 and ctx.first_byte_at is not None
             ):
                 rec["ttft_ms"] = (ctx.first_byte_at - ctx.t0) * 1000
+            # the record first: it is the bill, a metric must never cost it
+            shim.log.write(rec)
+        except Exception:
+            shim.logger.exception("could not log request %s", rec.get("request_id"))
+        try:
             m = shim.metrics
             tier = rec["tier"] or "none"
             m.requests.labels(
@@ -1836,9 +1858,17 @@ class ProxyEndpoint:
                     m.tokens.labels(tier, "output").inc(rec["output_tokens"])
                 if rec["cached_input_tokens"]:
                     m.tokens.labels(tier, "cached_input").inc(rec["cached_input_tokens"])
-            shim.log.write(rec)
         except Exception:
-            shim.logger.exception("could not log request %s", rec.get("request_id"))
+            shim.logger.exception("could not count request %s", rec.get("request_id"))
+
+
+def _token_count(v: Any) -> int | None:
+    """`v` as a token count (a whole number >= 0; 5.0 is 5), else None."""
+    if isinstance(v, bool) or not isinstance(v, int | float):
+        return None
+    if isinstance(v, float) and not v.is_integer():
+        return None
+    return int(v) if v >= 0 else None
 
 
 def _whole_event(ev: bytes) -> bool:

@@ -145,6 +145,7 @@ class ResponsesEndpoint(ProxyEndpoint):
     """
 
     stream_end = "a terminal event (response.completed)"
+    USAGE_FIELDS = ("input_tokens", "output_tokens", "input_tokens_details")
 
     def __init__(self, shim: Any) -> None:
         super().__init__(shim, "responses")
@@ -357,15 +358,6 @@ class ResponsesEndpoint(ProxyEndpoint):
             if write is not None:
                 await write
         return await super()._respond_cached(ctx, meta, payload, send)
-
-    def _usage_into(self, rec: dict, usage: Any) -> None:
-        if not isinstance(usage, dict):
-            return
-        rec["input_tokens"] = usage.get("input_tokens")
-        rec["output_tokens"] = usage.get("output_tokens")
-        det = usage.get("input_tokens_details")
-        cached = det.get("cached_tokens") if isinstance(det, dict) else None
-        rec["cached_input_tokens"] = cached if cached is not None else 0
 
     def _inspect_event(
         self, ev: bytes, state: dict, strip_usage: bool, collect: list | None, ctx: Ctx
