@@ -306,9 +306,21 @@ def test_redaction():
         "8 (495) 123-45-67",  # Russian
         "(11) 91234-5678",  # Brazilian
         "555 0100",
+        # extensions, Unicode dashes and no-break separators (word processors), India's 5-5
+        "202-555-0143x123",
+        "(415) 555-0100 ext. 12",
+        "+1 415 555 0100 x2",
+        "415\u2013555\u20130199",
+        "415\u2011555\u20110188",
+        "415\u2212555\u22120188",
+        "415\xa0555\xa00100",
+        "91-98765-43210",
     ]
     for phone in more_phones:
         assert redact(f"call {phone} today") == "call [PHONE] today", phone
+    # a label's dot before the number (not a number's: 1.555-0100 is no phone)
+    assert redact("Tel.415.555.0100 or Ph.415-555-0100") == "Tel.[PHONE] or Ph.[PHONE]"
+    assert redact("card 4111\xa01111\u202f1111\u20091111 ok") == "card [NUMBER] ok"
     cards = ["4111 1111 1111 1111", "4111-1111-1111-1111", "4111111111111111", "3782 822463 10005"]
     cards += [
         "4111.1111.1111.1111",
@@ -333,6 +345,7 @@ def test_redaction():
         "at 2026-12-03 10:30:00, and 03.12.2026",
         "scores 10 20 30 40 50",
         "temperature 273.1500 K, ratio 123.4567",
+        "version 1.555.1234 and 2.555-0100, 10 x 20 mm",
     ]:
         assert redact(text) == text
 

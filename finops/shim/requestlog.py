@@ -58,32 +58,40 @@ MAX_BACKLOG = 200_000
 _EMAIL = re.compile(
     r"(?<![\w.%+-])[\w.%+-][\w.%+'-]{0,63}@[\w-]{1,63}(?:\.[\w-]{1,63}){0,8}\.[^\W\d_]{2,24}"
 )
+# Separators people (and word processors) put between digit groups: spaces (no-break
+# and thin ones too), a dot, a hyphen or one of Unicode's dashes and minus sign.
+_DASHES = "\u2010-\u2015\u2212"
+_S = rf"[\s.\-{_DASHES}]"
 # Digits in groups of 3+ (a short last group allowed: IBANs, 19-digit cards) split by
 # one or two spaces, or a dash, dot or underscore (spaces around it allowed); 13+ digits
 # in all (checked in `_long`) is a card or an account.
-_SEP = r"(?:[ \t]{1,2}|[ \t]?[-._][ \t]?)"
+_SEP = rf"(?:[ \t\xa0\u2009\u202f]{{1,2}}|[ \t]?[-._{_DASHES}][ \t]?)"
 _DIGIT_GROUPS = re.compile(rf"(?<![\w+])\d{{3,}}(?:{_SEP}\d{{3,}})*(?:{_SEP}\d{{1,4}})?(?!\w)")
+# An extension after a number: x123, ext. 12, extension 4
+_EXT = r"(?:[ \t]?(?:x|ext\.?|extension)[ \t]?\d{1,6})?"
 # `+` or `00` then the country code, an area code in brackets (a trunk "(0)" included)
 # and up to 5 groups; 7+ digits in all.
 _PHONE_INTL = re.compile(
-    r"(?<!\w)(?:\+|00)\d{1,3}(?:[\s.-]?\(\d{1,4}\)\d{0,8})?(?:[\s.-]\d{1,8}){1,5}"
+    rf"(?<!\w)(?:\+|00)\d{{1,3}}(?:{_S}?\(\d{{1,4}}\)\d{{0,8}})?(?:{_S}\d{{1,8}}){{1,5}}{_EXT}"
     r"(?![\w(]|[.,]\d)"
 )
 # National: [1-3 digit prefix] (area) or area, then 3-4 and 4 digits (555-123-4567,
 # 020 7946 0958, (415) 555-0100); an area code in brackets then 2-5 digit groups
 # (8 (495) 123-45-67, (11) 91234-5678); five pairs from a trunk 0 (01 23 45 67 89,
-# 06.12.34.56.78); a trunk 0 and one long group (07700 900123); 555-0100, 555 0100
-# (not 555.0100: that is a decimal number as often).
-# The last group has 4+ digits or the pairs start with 0, so dotted quads (IP
-# addresses) and dates never match.
+# 06.12.34.56.78); a trunk 0 and one long group (07700 900123); two groups of 5 (India's
+# 98765 43210); 555-0100, 555 0100 (not 555.0100: that is a decimal number as often).
+# Each may end in an extension. A label's dot may come before (Tel.415.555.0100), not a
+# number's (1.555-0100). The last group has 4+ digits or the pairs start with 0, so
+# dotted quads (IP addresses) and dates never match.
 _PHONE = re.compile(
-    r"(?<![\w.+])(?:"
-    r"(?:\d{1,3}[\s.-])?(?:\(\d{2,4}\)[\s.-]?|\d{2,5}[\s.-])\d{3,4}[\s.-]\d{4}"
-    r"|(?:\d{1,3}[\s.-]?)?\(\d{2,5}\)[\s.-]?\d{2,5}(?:[\s.-]\d{2,4}){1,3}"
-    r"|0\d(?:[\s.-]\d{2}){4}"
+    r"(?<![\w+])(?<!\d[.,])(?:"
+    rf"(?:\d{{1,3}}{_S})?(?:\(\d{{2,4}}\){_S}?|\d{{2,5}}{_S})\d{{3,4}}{_S}\d{{4}}"
+    rf"|(?:\d{{1,3}}{_S}?)?\(\d{{2,5}}\){_S}?\d{{2,5}}(?:{_S}\d{{2,4}}){{1,3}}"
+    rf"|0\d(?:{_S}\d{{2}}){{4}}"
     r"|0\d{2,4}[\s-]\d{6,8}"
-    r"|\d{3}[- ]\d{4}"
-    r")(?![\w(]|[.,]\d)"
+    rf"|(?:\d{{1,3}}{_S})?\d{{5}}{_S}\d{{5}}"
+    rf"|\d{{3}}[\- \xa0{_DASHES}]\d{{4}}"
+    rf"){_EXT}(?![\w(]|[.,]\d)"
 )
 # US social security numbers: 3-2-4 digits
 _SSN = re.compile(r"(?<![\w.+-])\d{3}([- ])\d{2}\1\d{4}(?![\w-]|[.,]\d)")
