@@ -356,6 +356,39 @@ def test_context_caps_apply_to_responses_requests(tmp_path, fakes):
     assert recs[1]["truncated_tokens"] > 0
 
 
+def test_images_and_files_in_responses_input_count_against_a_cap(tmp_path, fakes):
+    """A cap counts a Responses request's images and files as it counts a chat request's
+    (765 tokens a part): counted as text alone, 20 images or a 4 kB file passed a
+    100-token cap that one image sent through chat does not."""
+    from finops.shim.caps import MEDIA_PART, estimate_body_tokens
+    from finops.shim.responses import as_chat_body
+
+    f, url = fakes()
+    image = {"type": "input_image", "image_url": "data:image/png;base64,AAAA", "detail": "low"}
+    pdf = {"type": "input_file", "filename": "a.pdf", "file_data": "data:application/pdf;AA"}
+    text = {"type": "input_text", "text": "what is this?"}
+    images = {**BODY, "input": [{"role": "user", "content": [text] + [image] * 20}]}
+    a_file = {**BODY, "input": [{"role": "user", "content": [text, pdf]}]}
+    chat = as_chat_body(images)
+    assert chat["messages"][0]["content"][:2] == [
+        {"type": "text", "text": "what is this?"},
+        {"type": "image_url", "image_url": {"url": "data:image/png;base64,AAAA", "detail": "low"}},
+    ]
+    assert estimate_body_tokens(chat) > 20 * MEDIA_PART
+    # text alone keeps its plain shape (the router's and the fingerprint's view)
+    assert as_chat_body({"input": [{"role": "user", "content": [text]}]})["messages"] == [
+        {"role": "user", "content": "what is this?"}
+    ]
+    with _serve(tmp_path, [f"small={url}"], caps=(CapRule(100, "reject"),)) as h:
+        out = [httpx.post(h.base_url + "/responses", json=b) for b in (images, a_file)]
+        ok = httpx.post(
+            h.base_url + "/responses", json={**BODY, "input": [{"role": "user", "content": [text]}]}
+        )
+    assert [r.status_code for r in out] == [400, 400]
+    assert all(r.json()["error"]["code"] == "context_length_exceeded" for r in out)
+    assert ok.status_code == 200 and f.calls == 1
+
+
 def _sse_events(content: bytes) -> list[dict]:
     return [d for _name, d in _events(content) if d is not None]
 

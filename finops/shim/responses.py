@@ -48,7 +48,7 @@ import orjson
 from finops.router.features import estimate_prompt_tokens
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import responses_replayable
-from finops.shim.caps import applicable_cap, estimate_body_tokens
+from finops.shim.caps import TEXT_PART_TYPES, applicable_cap, estimate_body_tokens
 from finops.shim.proxy import (
     ClientGone,
     Ctx,
@@ -87,11 +87,42 @@ def _item_text(content: Any) -> str | None:
     return None
 
 
+def _chat_part(part: dict) -> dict:
+    """A Responses media part as chat's: an `input_image` by URL is chat's `image_url`
+    (what vLLM's /tokenize reads); other kinds (files, audio, an image by file id) are
+    kept as they are, which /tokenize refuses and the estimate counts as media."""
+    url = part.get("image_url")
+    if part.get("type") == "input_image" and isinstance(url, str):
+        image = {"url": url}
+        if isinstance(part.get("detail"), str):
+            image["detail"] = part["detail"]
+        return {"type": "image_url", "image_url": image}
+    return part
+
+
+def _item_content(content: Any) -> str | list | None:
+    """An input item's content for the chat view: its text, and beside it (as chat parts)
+    any images, files or audio it carries, so that caps count them as they count a chat
+    request's (text alone let any number of images past a cap)."""
+    text = _item_text(content)
+    if not isinstance(content, list):
+        return text
+    media = [
+        _chat_part(p)
+        for p in content
+        if isinstance(p, dict) and p.get("type") not in TEXT_PART_TYPES
+    ]
+    if not media:
+        return text
+    return ([{"type": "text", "text": text}] if text else []) + media
+
+
 def as_chat_body(body: dict, sources: list[int] | None = None) -> dict:
     """A chat-shaped view of a Responses request, for the router, the record and caps.
 
     `instructions` becomes a system message; `input` (a string, or a list of items) the
-    turns: a message item keeps its role and the text of its content, a tool call's
+    turns: a message item keeps its role and the text of its content (with its media
+    parts, as chat parts, when it has any), a tool call's
     output is a `tool` turn, and other items (function calls, reasoning) are assistant
     turns with what text they carry. `tools` are kept (the router looks at whether there
     are any). `sources`, if given, gets each message's index in `input` (-1: not an
@@ -117,8 +148,9 @@ def as_chat_body(body: dict, sources: list[int] | None = None) -> dict:
                 continue
             kind = item.get("type")
             role = item.get("role")
+            text: str | list | None
             if isinstance(role, str):
-                text = _item_text(item.get("content"))
+                text = _item_content(item.get("content"))
             elif kind == "function_call_output":
                 role = "tool"
                 text = _item_text(item.get("output"))
