@@ -111,7 +111,9 @@ REQUESTS = TableSchema(
         # upstream calls made for this request: 0 when answered without one (a cache hit,
         # a refusal), 2+ after fallbacks (each may have cost a replica work)
         "upstream_attempts": pl.Int32,
-        "fallback_reason": pl.String,  # why the last failed upstream attempt failed
+        # why the last failed upstream attempt failed, or context_cap: a routed request
+        # over its routed tier's cap, served by a tier up
+        "fallback_reason": pl.String,
         "truncated_tokens": pl.Int64,
         "turn_count": pl.Int32,  # user turns as the client sent them (before any cap)
         "has_tools": pl.Boolean,

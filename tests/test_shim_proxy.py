@@ -1553,6 +1553,51 @@ def test_fallback_skips_a_tier_whose_cap_the_request_exceeds(tmp_path, fakes, co
         assert r.status_code == 200 and r.headers["x-finops-tier"] == "large"
 
 
+@pytest.mark.parametrize("counter", ["estimate", "upstream"])
+def test_a_routed_request_over_its_tiers_cap_goes_up_to_a_tier_that_takes_it(
+    tmp_path, fakes, counter
+):
+    """`auto` leaves the tier to the shim: a request the router (or exploration) puts on
+    a tier whose cap it exceeds goes to the next tier up whose cap it fits, whole; it used
+    to be cut (truncate) or refused (reject) on the cheap tier. An explicit tier keeps its
+    cap. The router's pick stays the logged decision."""
+    fs = {t: fakes() for t in ("small", "mid", "large")}
+    caps = (CapRule(60, "truncate", tier="small"), CapRule(150, "reject", tier="mid"))
+    ups = [f"{t}={url}" for t, (_f, url) in fs.items()]
+    turns = [{"role": "user", "content": "w " * 40}, {"role": "assistant", "content": "ok"}]
+
+    def msgs(n: int) -> list:
+        return turns * n + [{"role": "user", "content": "last question"}]
+
+    with _serve(tmp_path, ups, caps=caps, token_counter=counter) as h:
+        post = lambda model, m: httpx.post(  # noqa: E731
+            h.base_url + "/chat/completions", json={**CHAT, "model": model, "messages": m}
+        )
+        short = post("auto", [{"role": "user", "content": "hi"}])
+        medium = post("auto", msgs(2))  # over small's 60, under mid's 150
+        long = post("auto", msgs(6))  # over both: large has no cap
+        pinned = post("small", msgs(2))  # an explicit tier keeps its cap (truncated)
+        metrics = httpx.get(h.url + "/metrics").text
+        recs = _records(h.shim, 4)
+    tiers = [r.headers["x-finops-tier"] for r in (short, medium, long, pinned)]
+    assert tiers == ["small", "mid", "large", "small"]
+    assert fs["mid"][0].bodies[-1]["messages"] == msgs(2)  # whole
+    assert fs["large"][0].bodies[-1]["messages"] == msgs(6)
+    assert len(fs["small"][0].bodies[-1]["messages"]) < len(msgs(2))
+    assert [r["routed_tier"] for r in recs] == ["small", "small", "small", None]
+    assert [r["tier"] for r in recs] == tiers
+    assert [r["fallback_reason"] for r in recs] == [None, "context_cap", "context_cap", None]
+    assert not recs[1]["truncated_tokens"] and recs[3]["truncated_tokens"] > 0
+    assert 'finops_shim_cap_reroutes_total{from_tier="small",to_tier="mid"} 1.0' in metrics
+    assert 'finops_shim_cap_reroutes_total{from_tier="small",to_tier="large"} 1.0' in metrics
+    if counter == "upstream":
+        # the routed tier's count is not asked twice when it fits there; a request moved
+        # up is counted again by the tier that takes it (its own tokenizer)
+        # short, medium, long once each; pinned: its count and the recount after the cut
+        assert fs["small"][0].tokenize_calls == 1 + 1 + 1 + 2
+        assert (fs["mid"][0].tokenize_calls, fs["large"][0].tokenize_calls) == (1, 0)
+
+
 def test_a_fallback_answer_is_not_cached_for_the_tier_asked_for(tmp_path, fakes):
     small, small_url = fakes("error500")
     _large, large_url = fakes()

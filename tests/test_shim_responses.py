@@ -389,6 +389,20 @@ def test_images_and_files_in_responses_input_count_against_a_cap(tmp_path, fakes
     assert ok.status_code == 200 and f.calls == 1
 
 
+def test_a_routed_responses_request_over_its_tiers_cap_goes_up_a_tier(tmp_path, fakes):
+    small, small_url = fakes()
+    mid, mid_url = fakes()
+    items = [{"role": "user", "content": "w " * 40}] * 3 + [{"role": "user", "content": "last"}]
+    body = {**BODY, "model": "auto", "input": items}
+    caps = (CapRule(60, "truncate", tier="small"),)
+    with _serve(tmp_path, [f"small={small_url}", f"mid={mid_url}"], caps=caps) as h:
+        r = httpx.post(h.base_url + "/responses", json=body)
+        (rec,) = _records(h.shim, 1)
+    assert r.status_code == 200 and r.headers["x-finops-tier"] == "mid"
+    assert small.calls == 0 and mid.bodies[-1]["input"] == items  # whole, not cut on small
+    assert rec["routed_tier"] == "small" and rec["fallback_reason"] == "context_cap"
+
+
 def _sse_events(content: bytes) -> list[dict]:
     return [d for _name, d in _events(content) if d is not None]
 

@@ -238,9 +238,13 @@ class TokenCounter:
     model: str | None = None
     timeout: float = 5.0
     gate: TokenizeGate | None = None
+    # (body, its exact count) already asked of this upstream: not asked twice
+    known: tuple[dict, int] | None = None
 
     async def exact(self, body: dict) -> int | None:
         """The upstream's count, or None (estimate counter, or the upstream cannot say)."""
+        if self.known is not None and self.known[0] is body:
+            return self.known[1]
         client, url, model = self.client, self.root_url, self.model
         if self.counter != "upstream" or client is None or url is None or model is None:
             return None

@@ -221,6 +221,13 @@ class ShimMetrics:
             ["tier"],
             registry=r,
         )
+        self.cap_reroutes = Counter(
+            "finops_shim_cap_reroutes",
+            "Routed requests over their routed tier's context cap, sent to a tier up whose "
+            "cap they fit (from_tier -> to_tier).",
+            ["from_tier", "to_tier"],
+            registry=r,
+        )
         self.reloads = Counter(
             "finops_shim_reloads",
             "Config/router reloads by result (ok, refused).",

@@ -343,6 +343,7 @@ class Ctx:
         "include_usage",
         "input_count",
         "keep_result",
+        "known_count",
         "operation",
         "pin",
         "rec",
@@ -376,6 +377,8 @@ class Ctx:
         self.routed = None
         self.feature = ""
         self.input_count: int | None = None  # the cap step's count, once there is one
+        # (body, exact count) the routing step already asked /tokenize for
+        self.known_count: tuple[dict, int] | None = None
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
         # the upstream's failure as the client got it, for coalesced followers
@@ -735,7 +738,8 @@ class ProxyEndpoint:
         rec = ctx.rec
         tenant = rec["tenant"]
         router = shim.router
-        if tier == "@route":
+        routed = tier == "@route"
+        if routed:
             tier = _route(ctx, router, body, feature)
         ctx.tier = tier
 
@@ -743,6 +747,9 @@ class ProxyEndpoint:
         rule = applicable_cap(cfg.caps, tier, feature, tenant)
         if rule is not None:
             param = "messages" if self.operation == "chat" else "prompt"
+            if routed:
+                tier, rule = await self._fit_routed(ctx, tier, rule, feature, body)
+                ctx.tier = tier
             out = await self._apply_cap(ctx, rule, tier, body, param)
             if out.truncated_tokens:
                 rec["truncated_tokens"] = out.truncated_tokens
@@ -755,18 +762,62 @@ class ProxyEndpoint:
         # -- cache / coalescing --
         return await self._cached_or_forward(ctx, ctx.body, ctx.tier, send, receive)
 
+    async def _fit_routed(
+        self, ctx: Ctx, tier: str, rule: Any, feature: str, countable: dict
+    ) -> tuple[str, Any]:
+        """For the routing alias: when the request exceeds the cap of the tier it was
+        routed to, the next tier up whose cap it fits (or that has none) takes it whole,
+        rather than a cheap tier cutting or refusing what the client left to the shim to
+        place. The tier and the rule that applies there; `tier` as is when none fits.
+
+        The router's pick stays the logged decision (`routed_tier`, its propensity), as
+        after a fallback: a new router evaluated offline gets the same redirect.
+        """
+        shim = self.shim
+        counter = self._counter_for(tier)
+        if counter is None:
+            raise _tier_removed(tier)
+        t = time.perf_counter()
+        exact = await counter.exact(countable)
+        ctx.waited += time.perf_counter() - t
+        count = estimate_body_tokens(countable) if exact is None else exact
+        ctx.input_count = count
+        if count <= rule.max_input_tokens:
+            if exact is not None:  # the cap step below is not asked to count again
+                ctx.known_count = (countable, exact)
+            return tier, rule
+        order = shim.pool.order
+        for up_tier in order[order.index(tier) + 1 :]:
+            other = applicable_cap(shim.cfg.caps, up_tier, feature, ctx.rec["tenant"])
+            if other is None or count <= other.max_input_tokens:
+                shim.metrics.cap_reroutes.labels(tier, up_tier).inc()
+                ctx.rec["fallback_reason"] = "context_cap"
+                return up_tier, other
+        return tier, rule
+
+    def _counter_for(self, tier: str) -> TokenCounter | None:
+        """The token counter of a replica of `tier` in rotation (None: no such tier)."""
+        shim = self.shim
+        if tier not in shim.pool.tiers:  # a reload removed it while this request waited
+            return None
+        gate = shim.tokenize_gate
+        up = shim.pool.pick_for_tokenize(tier, time.monotonic(), lambda url: not gate.allows(url))
+        return self._token_counter(up)
+
     async def _apply_cap(
         self, ctx: Ctx, rule: Any, tier: str, countable: dict, param: str
     ) -> CapOutcome:
         """Count `countable` (the request, or a view of it) against `rule` on a replica of
         `tier` in rotation; a 400 naming `param` when it is over and cannot be cut."""
         shim = self.shim
-        if tier not in shim.pool.tiers:  # a reload removed it while this request waited
+        if rule is None:  # a routed request moved to a tier with no cap
+            return CapOutcome(countable, ctx.input_count or 0)
+        counter = self._counter_for(tier)
+        if counter is None:
             raise _tier_removed(tier)
-        gate = shim.tokenize_gate
-        up = shim.pool.pick_for_tokenize(tier, time.monotonic(), lambda url: not gate.allows(url))
+        counter.known, ctx.known_count = ctx.known_count, None
         t = time.perf_counter()
-        out = await apply_cap(rule, countable, self._token_counter(up))
+        out = await apply_cap(rule, countable, counter)
         ctx.waited += time.perf_counter() - t
         ctx.input_count = out.input_tokens
         if out.error is not None:

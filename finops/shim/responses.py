@@ -228,12 +228,16 @@ class ResponsesEndpoint(ProxyEndpoint):
                 # a follow-up: only the replica that stored `prev` has it (and only its
                 # tenant may use it)
                 t = await self._pin(ctx, prev, t)
-            elif t == "@route":
+            routed = prev is None and t == "@route"
+            if routed:
                 t = _route(ctx, shim.router, chat, feature)  # on the chat-shaped view
             ctx.tier = t
-            ctx.body = await self._cap(ctx, body, t, feature) if shim.cfg.caps else body
+            if shim.cfg.caps:  # (may move a routed request up a tier: ctx.tier)
+                ctx.body = await self._cap(ctx, body, t, feature, routed=routed)
+            else:
+                ctx.body = body
             if _cacheable(ctx.body):  # deterministic ones only: checked there, as for chat
-                return await self._cached_or_forward(ctx, ctx.body, t, send, receive)
+                return await self._cached_or_forward(ctx, ctx.body, ctx.tier, send, receive)
             rec["cache_status"] = "bypass"
             shim.metrics.cache.labels("bypass").inc()
             return await self._forward(ctx, send, receive, None)
@@ -311,11 +315,14 @@ class ResponsesEndpoint(ProxyEndpoint):
         # the tier's model name only: the Responses API has no stream_options
         return orjson.dumps({**ctx.body, "model": up.model})
 
-    async def _cap(self, ctx: Ctx, body: dict, tier: str, feature: str) -> dict:
+    async def _cap(
+        self, ctx: Ctx, body: dict, tier: str, feature: str, *, routed: bool = False
+    ) -> dict:
         """The context cap that applies, counted on the chat-shaped view (what the
         request sends: a stored conversation it continues is not counted); the body to
         send. `truncate` drops the oldest turns' input items (a tool call with its
-        output), never `instructions` or the last turn."""
+        output), never `instructions` or the last turn. A `routed` request over its
+        tier's cap goes up a tier that takes it whole, as for chat (`ctx.tier`)."""
         shim = self.shim
         rec = ctx.rec
         rule = applicable_cap(shim.cfg.caps, tier, feature, rec["tenant"])
@@ -323,6 +330,11 @@ class ResponsesEndpoint(ProxyEndpoint):
             return body
         sources: list[int] = []
         chat = as_chat_body(body, sources)
+        if routed:
+            tier, rule = await self._fit_routed(ctx, tier, rule, feature, chat)
+            ctx.tier = tier
+            if rule is None:
+                return body
         out = await self._apply_cap(ctx, rule, tier, chat, "input")
         if not out.truncated_tokens:
             return body
