@@ -982,6 +982,25 @@ def test_a_request_cut_by_shutdown_after_a_fallback_names_the_upstream_that_had_
     assert rec["fallback_reason"] == "http_5xx" and rec["input_tokens"] > 0
 
 
+def test_errors_clients_get_name_replicas_not_internal_urls(tmp_path, fakes, caplog):
+    """Any tenant could read the upstreams' internal addresses from the shim's errors
+    (after fallback, mid-stream); they name the tier's replica now, and the shim's log
+    keeps the URL."""
+    _bad, bad_url = fakes("error500")
+    _dying, dying_url = fakes("die_mid_stream", die_after=2)
+    with _serve(tmp_path, [f"small={dying_url}", f"mid={bad_url}"]) as h:
+        plain = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "mid"})
+        stream = httpx.post(
+            h.base_url + "/chat/completions", json={**CHAT, "model": "small", "stream": True}
+        )
+    msg = plain.json()["error"]["message"]
+    assert plain.status_code == 500 and "`mid` replica 1 answered 500" in msg
+    assert "`small` replica 1" in stream.text and "failed mid-stream" in stream.text
+    for text in (msg, stream.text):
+        assert bad_url not in text and dying_url not in text and "127.0.0.1" not in text
+    assert bad_url in caplog.text and dying_url in caplog.text
+
+
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
     bad, bad_url = fakes("error500")
     _good, good_url = fakes()

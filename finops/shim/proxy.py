@@ -1395,7 +1395,7 @@ class ProxyEndpoint:
             )
             err = HTTPError(
                 503,
-                f"{what} available (circuits open or retry budgets spent).",
+                pool.public(f"{what} available (circuits open or retry budgets spent)."),
                 "server_error",
                 "upstream_unavailable",
                 "upstream_unavailable",
@@ -1411,7 +1411,7 @@ class ProxyEndpoint:
         )
         err = HTTPError(
             status,
-            f"All upstreams failed; last error: {last.message}",
+            pool.public(f"All upstreams failed; last error: {last.message}"),
             "server_error",
             f"upstream_{last.reason}",
             f"upstream_{last.reason}",
@@ -1722,6 +1722,7 @@ class ProxyEndpoint:
             rec["status_code"] = status
             rec["error_type"] = error_type
             shim.logger.warning("%s (request %s)", message, rec["request_id"])
+            message = shim.pool.public(message)  # the client's copy: no internal URLs
             if error_type == "upstream_stream_error":
                 # followers got nothing yet: the failure as an error answer, not a stream
                 ctx.failure = LeaderFailure(

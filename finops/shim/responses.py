@@ -635,10 +635,11 @@ class StoredResponseEndpoint:
         try:
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as exc:
+            shim.logger.warning("stored response %s: %s did not answer: %r", rid, up.url, exc)
             raise HTTPError(
                 502,
-                f"The replica that stored response '{rid}' ({up.url}) did not answer: "
-                f"{type(exc).__name__}: {exc}",
+                f"The replica that stored response '{rid}' ({shim.pool.public(up.url)}) did "
+                f"not answer: {type(exc).__name__}",
                 "server_error",
                 "upstream_connect",
             ) from None
@@ -649,16 +650,20 @@ class StoredResponseEndpoint:
                 try:
                     data = await resp.aread()
                 except httpx.HTTPError as exc:
+                    shim.logger.warning("stored response %s: %s cut: %r", rid, up.url, exc)
                     raise HTTPError(
                         502,
-                        f"The replica that stored response '{rid}' ({up.url}) cut its "
-                        f"{resp.status_code} answer: {type(exc).__name__}: {exc}",
+                        f"The replica that stored response '{rid}' "
+                        f"({shim.pool.public(up.url)}) cut its {resp.status_code} answer: "
+                        f"{type(exc).__name__}",
                         "server_error",
                         "upstream_disconnect",
                     ) from None
                 got = _json_object(data)
                 if got is not None and "error" not in got:
-                    raise _unsupported(scope, up, resp.status_code, got, resp.headers)
+                    raise _unsupported(
+                        scope, shim.pool.public(up.url), resp.status_code, got, resp.headers
+                    )
                 await _send_simple(send, resp.status_code, data, self._headers(up, resp))
                 return resp.status_code
             start = {
@@ -693,13 +698,13 @@ class StoredResponseEndpoint:
             await resp.aclose()
 
 
-def _unsupported(scope: dict, up: Upstream, status: int, got: dict, headers: Any) -> HTTPError:
+def _unsupported(scope: dict, replica: str, status: int, got: dict, headers: Any) -> HTTPError:
     """An OpenAI-shaped error for a route the replica does not serve (FastAPI's
     `{"detail": ...}`), naming it; its `Allow` is kept."""
     detail = got.get("detail")
     exc = HTTPError(
         status,
-        f"The replica that stored this response ({up.url}) does not serve "
+        f"The replica that stored this response ({replica}) does not serve "
         f"{scope['method']} {scope['path'][:200]} (it answered {status}: {detail!r}); vLLM "
         "serves GET /v1/responses/{id} and POST /v1/responses/{id}/cancel.",
         "invalid_request_error",

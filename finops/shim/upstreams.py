@@ -207,6 +207,20 @@ class Pool:
             self.tiers[name] = reps
         self.order = list(self.tiers)
         self._turn = 0  # rotates the tie-break among equally loaded replicas
+        names: dict[str, str] = {}
+        for name, reps in self.tiers.items():
+            for k, u in enumerate(reps, 1):
+                names.setdefault(u.url, f"`{name}` replica {k}")
+        # longest first: no URL is replaced inside a longer one it is the start of
+        self._public = sorted(names.items(), key=lambda kv: -len(kv[0]))
+
+    def public(self, text: str) -> str:
+        """`text` with each replica's URL as "`tier` replica N": the errors clients get
+        do not map the internal network (the shim's log keeps the URLs)."""
+        for url, name in self._public:
+            if url in text:
+                text = text.replace(url, name)
+        return text
 
     def seconds_until_probe(self, tier: str, now: float, url: str | None = None) -> float:
         """Seconds until a replica of `tier` or a tier above (only the one at `url`, for a
