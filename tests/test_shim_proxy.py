@@ -1518,6 +1518,26 @@ def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
         assert httpx.post(h.base_url + "/completions", json=embeds).status_code == 200
 
 
+def test_an_exact_counter_counts_a_prompt_list_string_by_string(tmp_path, fakes):
+    """With /tokenize counting, a completions prompt sent as a list (one string in a list,
+    as LangChain sends it, or a batch) was counted by the byte estimate: 100 one-letter
+    words are ~50 tokens to it and 100 to the (fake) tokenizer, so the list got past a
+    cap of 80 that the same text as a string did not."""
+    f, url = fakes()
+    words = "a " * 100
+    with _serve(
+        tmp_path, [f"small={url}"], caps=(CapRule(80, "reject"),), token_counter="upstream"
+    ) as h:
+        post = lambda prompt: httpx.post(  # noqa: E731
+            h.base_url + "/completions", json={"model": "small", "prompt": prompt}
+        )
+        out = [post(p) for p in (words, [words], ["a " * 50, "a " * 50], [[1, 2, 3], "a b"])]
+    assert [r.status_code for r in out] == [400, 400, 400, 200]
+    assert all("upstream tokenizer" in r.json()["error"]["message"] for r in out[:3])
+    assert "100 input tokens" in out[1].json()["error"]["message"]
+    assert f.tokenize_calls == 1 + 1 + 2 + 1
+
+
 def test_truncate_with_exact_counter_drops_more_when_the_recount_is_over(tmp_path, fakes):
     """The first turn looks big to the byte estimate (long words) and is small to the
     tokenizer; the second is the reverse. Dropping the first is not enough by the exact

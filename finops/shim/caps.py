@@ -26,6 +26,7 @@ that is still too long the request is rejected. What was cut is logged as
 
 from __future__ import annotations
 
+import asyncio
 import math
 import time
 from dataclasses import dataclass
@@ -41,6 +42,7 @@ PRIMER = 3
 MEDIA_PART = 765
 TEXT_PART_TYPES = (None, "text", "input_text", "output_text", "refusal")
 TRUNCATE_ROUNDS = 4
+TOKENIZE_CONCURRENCY = 8  # /tokenize calls at a time for one batch prompt
 
 
 def _text_bytes(content: Any) -> int:
@@ -144,14 +146,39 @@ async def upstream_token_count(
     timeout: float,
     gate: TokenizeGate | None = None,
 ) -> int | None:
-    """Exact count from vLLM's /tokenize, or None when the upstream cannot say."""
+    """Exact count from vLLM's /tokenize, or None when the upstream cannot say.
+
+    A completions prompt list (a batch, or one string in a list as some SDKs send it) is
+    counted string by string, token-ID prompts by their length: counted by the estimate
+    instead, a list got past a cap the same text as a string could not.
+    """
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and not isinstance(body.get("messages"), list):
+        if prompt and all(isinstance(t, int) for t in prompt):
+            return len(prompt)
+        if not all(isinstance(p, str | list) for p in prompt):
+            return None
+        ids = sum(len(p) for p in prompt if isinstance(p, list))
+        texts = [p for p in prompt if isinstance(p, str)]
+        limit = asyncio.Semaphore(TOKENIZE_CONCURRENCY)  # a big batch: a few calls at a time
+
+        async def one(text: str) -> int | None:
+            async with limit:
+                return await upstream_token_count(
+                    client, root_url, model, {"prompt": text}, timeout, gate
+                )
+
+        counts = await asyncio.gather(*(one(t) for t in texts))
+        if any(c is None for c in counts):
+            return None
+        return ids + sum(c for c in counts if c is not None)
     req: dict[str, Any] = {"model": model}
     if isinstance(body.get("messages"), list):
         req["messages"] = body["messages"]
         if body.get("tools"):
             req["tools"] = body["tools"]
-    elif isinstance(body.get("prompt"), str):
-        req["prompt"] = body["prompt"]
+    elif isinstance(prompt, str):
+        req["prompt"] = prompt
     else:
         return None
     if gate is not None and not gate.allows(root_url):
