@@ -994,11 +994,24 @@ def test_errors_clients_get_name_replicas_not_internal_urls(tmp_path, fakes, cap
             h.base_url + "/chat/completions", json={**CHAT, "model": "small", "stream": True}
         )
     msg = plain.json()["error"]["message"]
-    assert plain.status_code == 500 and "`mid` replica 1 answered 500" in msg
+    # vLLM's own reason is kept (it was dropped for the shim's summary)
+    assert plain.status_code == 500 and "`mid` replica 1 answered 500: injected failure" in msg
     assert "`small` replica 1" in stream.text and "failed mid-stream" in stream.text
     for text in (msg, stream.text):
         assert bad_url not in text and dying_url not in text and "127.0.0.1" not in text
     assert bad_url in caplog.text and dying_url in caplog.text
+
+
+def test_a_fallback_refused_by_a_retry_budget_is_said(tmp_path, fakes):
+    """The next tier was never tried because its retry budget was spent: the client's
+    error said only that all upstreams failed."""
+    _bad, bad_url = fakes("error500")
+    good, good_url = fakes()
+    ups = [f"small={bad_url}", f"mid={good_url}"]
+    with _serve(tmp_path, ups, retry_budget_min=0, retry_budget_ratio=0.0) as h:
+        r = httpx.post(h.base_url + "/chat/completions", json={**CHAT, "model": "small"})
+    assert r.status_code == 500 and good.calls == 0
+    assert "1 more replica(s) not tried: their retry budget" in r.json()["error"]["message"]
 
 
 def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):

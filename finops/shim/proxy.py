@@ -1153,10 +1153,11 @@ class ProxyEndpoint:
                 if resp.status >= 500 or resp.status == 429:
                     data = await resp.read()
                     reason = "rate_limited" if resp.status == 429 else "http_5xx"
+                    said = _error_message(data)  # vLLM's reason, for the client and the log
                     raise UpstreamFailure(
                         reason,
                         resp.status,
-                        f"upstream {up.url} answered {resp.status}",
+                        f"upstream {up.url} answered {resp.status}" + (f": {said}" if said else ""),
                         data,
                         resp.headers.get("retry-after"),
                     )
@@ -1304,6 +1305,7 @@ class ProxyEndpoint:
         tier0 = ctx.tier
         last: UpstreamFailure | None = None
         attempts = 0
+        budget_refused = 0  # fallbacks a replica's retry budget did not allow
         pin = ctx.pin
         for up in pool.candidates(tier0):
             if pin is not None and up.url != pin:
@@ -1317,6 +1319,7 @@ class ProxyEndpoint:
             if attempts > 0 and not up.budget.try_retry(now):
                 up.breaker.release_probe(ticket)
                 shim.metrics.retry_budget_exhausted.labels(up.url).inc()
+                budget_refused += 1
                 continue
             if last is not None:
                 shim.metrics.fallbacks.labels(ctx.tier, up.tier, last.reason).inc()
@@ -1411,7 +1414,15 @@ class ProxyEndpoint:
         )
         err = HTTPError(
             status,
-            pool.public(f"All upstreams failed; last error: {last.message}"),
+            pool.public(
+                f"All upstreams failed; last error: {last.message}"
+                + (
+                    f" ({budget_refused} more replica(s) not tried: their retry budget "
+                    "([upstream] retry_budget_ratio) was spent)"
+                    if budget_refused
+                    else ""
+                )
+            ),
             "server_error",
             f"upstream_{last.reason}",
             f"upstream_{last.reason}",
@@ -2158,6 +2169,21 @@ def _server_error_event(first: bytes) -> str | None:
     if isinstance(code, int) and not isinstance(code, bool) and 400 <= code < 500:
         return None
     return f"{err.get('type') or 'error'} {code}: {str(err.get('message'))[:200]}"
+
+
+def _error_message(data: bytes) -> str | None:
+    """The message of an OpenAI- or FastAPI-shaped error body (`error.message`,
+    `message`, `detail`), cut to 300 characters; None when it has none."""
+    obj = _json_object(data)
+    if obj is None:
+        return None
+    err = obj.get("error")
+    said = err.get("message") if isinstance(err, dict) else err
+    if not isinstance(said, str) or not said:
+        said = obj.get("message") or obj.get("detail")
+    if not isinstance(said, str) or not said:
+        return None
+    return said[:300] + ("..." if len(said) > 300 else "")
 
 
 def _json_object(data: bytes) -> dict | None:
