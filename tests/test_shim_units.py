@@ -982,3 +982,22 @@ def test_responses_replay_rebuilds_calls_and_text_and_refuses_what_it_cannot():
     assert not responses_replayable({**resp, "output": [{"id": "rs_1", "type": "reasoning"}]})
     with_lp = {**msg, "content": [{**part, "logprobs": [{"token": "D", "logprob": -0.1}]}]}
     assert not responses_replayable({**resp, "output": [with_lp]})
+
+
+def test_each_tier_takes_turns_of_its_own():
+    """Idle replicas take turns. The turn counter was one for all tiers and moved on every
+    request, so traffic alternating between two tiers (an embedding, then a chat) kept
+    each tier on one of its replicas: 20/0 and 0/20."""
+    from collections import Counter
+
+    from finops.shim.upstreams import Pool
+
+    cfg = from_flags(
+        ["small=http://a:1", "small=http://b:1", "large=http://c:1", "large=http://d:1"]
+    )
+    pool = Pool(cfg)
+    got = Counter()
+    for _ in range(20):
+        for tier in ("small", "large"):
+            got[next(pool.candidates(tier)).url] += 1
+    assert got == {"http://a:1": 10, "http://b:1": 10, "http://c:1": 10, "http://d:1": 10}

@@ -206,7 +206,7 @@ class Pool:
                 reps.append(u)
             self.tiers[name] = reps
         self.order = list(self.tiers)
-        self._turn = 0  # rotates the tie-break among equally loaded replicas
+        self._turns: dict[str, int] = {}  # per tier: rotates its equally loaded replicas
         names: dict[str, str] = {}
         for name, reps in self.tiers.items():
             for k, u in enumerate(reps, 1):
@@ -246,11 +246,13 @@ class Pool:
         """
         start = self.order.index(tier)
         tried: set[int] = set()
-        turn = self._turn
-        self._turn += 1
         for t in self.order[start:]:
             reps = self.tiers[t]
             n = len(reps)
+            # each tier takes turns of its own: one counter for all moved on every
+            # request, and traffic alternating between tiers kept each on one replica
+            turn = self._turns.get(t, 0)
+            self._turns[t] = turn + 1
             while True:
                 now = time.monotonic()
                 left = [(i, u) for i, u in enumerate(reps) if id(u) not in tried]
