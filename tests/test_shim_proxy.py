@@ -473,12 +473,17 @@ def test_a_message_that_is_not_an_object_is_refused_not_truncated_away(tmp_path,
 
 
 def test_all_upstreams_rate_limited_passes_on_retry_after(tmp_path, fakes):
+    """Every time, not only until circuits open: a 429 is back-pressure from a server
+    that answers, so it opened circuits no more (three 429s made the shim answer its own
+    503 with the breaker's cooldown, and took it out of /readyz)."""
     _, url = fakes("rate_limited")
-    with _serve(tmp_path, [f"small={url}"]) as h:
-        r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
-        assert r.status_code == 429 and r.headers["retry-after"] == "7"
-        assert r.json()["error"]["code"] == "upstream_rate_limited"
-        assert r.headers["x-finops-tier"] == "small"
+    with _serve(tmp_path, [f"small={url}"], breaker_failures=2) as h:
+        for _ in range(4):
+            r = httpx.post(h.base_url + "/chat/completions", json=CHAT)
+            assert r.status_code == 429 and r.headers["retry-after"] == "7"
+            assert r.json()["error"]["code"] == "upstream_rate_limited"
+            assert r.headers["x-finops-tier"] == "small"
+        assert httpx.get(h.url + "/readyz").status_code == 200
 
 
 def test_upstream_dies_mid_stream_gives_clean_sse_error(tmp_path, fakes):

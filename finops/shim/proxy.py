@@ -1339,6 +1339,11 @@ class ProxyEndpoint:
                         # no call was made: not an upstream attempt (nor a retry to budget)
                         attempts -= 1
                         rec["upstream_attempts"] = attempts
+                    elif exc.reason == "rate_limited":
+                        # a 429 is back-pressure from a server that answers: it falls back,
+                        # but opening circuits on it turned a busy fleet's 429 + Retry-After
+                        # into the shim's 503 and took the shim out of /readyz
+                        up.breaker.release_probe(ticket)
                     else:
                         up.breaker.failure(time.monotonic(), ticket)
                     shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
