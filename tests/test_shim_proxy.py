@@ -1048,6 +1048,23 @@ def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
         assert state[bad_url] == "closed"
 
 
+def test_an_open_circuit_past_its_cooldown_is_reported_half_open(tmp_path, fakes):
+    """With no traffic to move it, an open circuit whose cooldown has passed stayed `open`
+    in /readyz and the gauge while /readyz listed the replica as serving: a rarely used
+    tier's alert stayed up for hours after its replica recovered."""
+    bad, bad_url = fakes("error500")
+    with _serve(tmp_path, [f"small={bad_url}"], breaker_failures=1, breaker_cooldown_s=30) as h:
+        httpx.post(h.base_url + "/chat/completions", json=CHAT)
+        assert _circuit(h, bad_url) == "open"
+        rep = next(iter(h.shim.pool.all()))
+        rep.breaker.opened_at -= 30  # the cooldown has passed, and no request came
+        assert _circuit(h, bad_url) == "half_open"
+        h.shim.refresh_gauges()  # (the health loop does it every interval)
+        metrics = httpx.get(h.url + "/metrics").text
+    line = next(x for x in metrics.splitlines() if x.startswith("finops_shim_circuit_state{"))
+    assert line.endswith(" 2.0"), line
+
+
 def _circuit(h, url: str) -> str:
     return next(
         c["circuit"]

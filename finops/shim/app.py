@@ -742,9 +742,10 @@ class Shim:
         m = self.metrics
         with self._gauge_lock:
             seen = set()
+            now = time.monotonic()
             for u in self.pool.all():
                 seen.add((u.tier, u.url))
-                m.circuit_state.labels(u.tier, u.url).set(u.breaker.state)
+                m.circuit_state.labels(u.tier, u.url).set(u.breaker.shown_state(now))
                 m.outstanding.labels(u.tier, u.url).set(u.outstanding)
             for tier, url in self._gauged - seen:
                 m.drop_upstream(tier, url)

@@ -2281,11 +2281,12 @@ class EmbeddingsEndpoint:
 
 
 def circuit_snapshot(shim: Shim) -> list[dict]:
+    now = time.monotonic()
     return [
         {
             "tier": u.tier,
             "upstream": u.url,
-            "circuit": STATE_NAMES[u.breaker.state],
+            "circuit": STATE_NAMES[u.breaker.shown_state(now)],
             "outstanding": u.outstanding,
             "reachable": u.reachable,
         }

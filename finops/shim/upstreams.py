@@ -70,6 +70,15 @@ class CircuitBreaker:
         """The epoch a request just let through by `allow` reports its verdict with."""
         return self.epoch
 
+    def shown_state(self, now: float) -> int:
+        """The state to report: an open circuit whose cooldown has passed is half-open
+        (its next request is the probe), though no request has come to move it there. It
+        read `open` for as long as no traffic came: a rarely used tier's alert stayed up
+        for hours after its replica recovered."""
+        if self.state == OPEN and now - self.opened_at >= self.cooldown_s:
+            return HALF_OPEN
+        return self.state
+
     def would_allow(self, now: float) -> bool:
         if self.state == CLOSED:
             return True
