@@ -171,19 +171,28 @@ def test_retrieve_cancel_delete_and_input_items_are_forwarded_as_answered(tmp_pa
     with _serve(tmp_path, [f"small={url}", f"large={url_g}"]) as h:
         rid = _create(h, {**BODY, "model": "large"})
         base = f"{h.base_url}/responses/{rid}"
+        forwarded = []  # every answer a replica gave carries the shim's headers
         r = httpx.get(base + "?stream=false")
+        forwarded.append(r)
         assert r.status_code == 200 and r.json()["id"] == rid
         r = httpx.post(base + "/cancel")
+        forwarded.append(r)
         assert r.status_code == 400
         assert r.json()["error"]["message"] == "Cannot cancel a synchronous response."
         # what vLLM does not serve: its framework's refusal, said in OpenAI's shape
         r = httpx.delete(base)
+        forwarded.append(r)
         assert r.status_code == 405 and r.headers["allow"] == "GET"
         err = r.json()["error"]
         assert err["code"] == "unsupported_by_upstream" and "`large` replica 1" in err["message"]
         r = httpx.get(base + "/input_items")
+        forwarded.append(r)
         assert r.status_code == 404
         assert r.json()["error"]["code"] == "unsupported_by_upstream"
+        for r in forwarded:
+            assert r.headers["x-finops-tier"] == "large", r.request.url
+            assert r.headers["x-finops-cache"] == "bypass"
+            assert float(r.headers["x-finops-overhead-ms"]) >= 0
         # vLLM's own 404 (an id it no longer has) is passed on as it is
         g.stored.clear()
         r = httpx.get(base)

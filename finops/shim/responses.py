@@ -532,6 +532,8 @@ class StoredResponseEndpoint:
         tail = "/" + tail.rstrip("/") if tail.rstrip("/") else ""
         op = STORED_OPS.get((scope["method"], tail))
         status = 500
+        self_time = _SelfTime()
+        up: Upstream | None = None
         try:
             if op is None or not rid:
                 allowed = [m for (m, t) in STORED_OPS if t == tail]
@@ -582,12 +584,14 @@ class StoredResponseEndpoint:
             up = next((u for u in reps if u.tier == entry.tier), reps[0])
             # a client that leaves (a long event replay) closes the upstream call
             watch = DisconnectWatch(receive)
-            status = await watch.run(self._forward(scope, up, tail, rid, body, send))
+            status = await watch.run(self._forward(scope, up, tail, rid, body, send, self_time))
             if op == "delete" and status == 200:
                 shim.forget_response(rid)
         except HTTPError as exc:
             status = exc.status
             headers = [*exc.headers]
+            if up is not None:  # the call reached a replica: the shim's headers, as on answers
+                headers += self._headers(up, None, self_time.ms())
             await _send_simple(send, exc.status, exc.body, headers)
         except ClientGone:
             status = 499
@@ -603,21 +607,29 @@ class StoredResponseEndpoint:
             shim.metrics.stored_response_calls.labels(op or "other", str(status)).inc()
 
     @staticmethod
-    def _headers(up: Upstream, resp: Any) -> list[tuple[bytes, bytes]]:
+    def _headers(up: Upstream, resp: Any, overhead_ms: float) -> list[tuple[bytes, bytes]]:
         """The shim's headers, and what the replica says about its answer (a 405's
         methods, a 503's wait)."""
         return [
             (b"x-finops-tier", up.tier.encode()),
             (b"x-finops-cache", b"bypass"),
+            (b"x-finops-overhead-ms", f"{overhead_ms:.3f}".encode()),
             *(
                 (k.encode(), resp.headers[k].encode("latin-1"))
                 for k in ("allow", "retry-after")
-                if k in resp.headers
+                if resp is not None and k in resp.headers
             ),
         ]
 
     async def _forward(
-        self, scope: dict, up: Upstream, tail: str, rid: str, body: bytes, send: Any
+        self,
+        scope: dict,
+        up: Upstream,
+        tail: str,
+        rid: str,
+        body: bytes,
+        send: Any,
+        self_time: _SelfTime,
     ) -> int:
         """Send the call to `up` and stream its answer back; the status."""
         shim = self.shim
@@ -632,9 +644,11 @@ class StoredResponseEndpoint:
             headers["authorization"] = f"Bearer {up.api_key}"
         client = shim.client
         req = client.build_request(scope["method"], url, content=body or None, headers=headers)
+        t_send = time.perf_counter()
         try:
             resp = await client.send(req, stream=True)
         except httpx.HTTPError as exc:
+            self_time.waited += time.perf_counter() - t_send
             shim.logger.warning("stored response %s: %s did not answer: %r", rid, up.url, exc)
             raise HTTPError(
                 502,
@@ -643,6 +657,7 @@ class StoredResponseEndpoint:
                 "server_error",
                 "upstream_connect",
             ) from None
+        self_time.waited += time.perf_counter() - t_send
         try:
             if resp.status_code in (404, 405) and "json" in resp.headers.get("content-type", ""):
                 # the replica's web framework refusing a route it does not serve (vLLM has
@@ -664,7 +679,9 @@ class StoredResponseEndpoint:
                     raise _unsupported(
                         scope, shim.pool.public(up.url), resp.status_code, got, resp.headers
                     )
-                await _send_simple(send, resp.status_code, data, self._headers(up, resp))
+                await _send_simple(
+                    send, resp.status_code, data, self._headers(up, resp, self_time.ms())
+                )
                 return resp.status_code
             start = {
                 "type": "http.response.start",
@@ -674,7 +691,7 @@ class StoredResponseEndpoint:
                         b"content-type",
                         resp.headers.get("content-type", "application/json").encode(),
                     ),
-                    *self._headers(up, resp),
+                    *self._headers(up, resp, self_time.ms()),
                 ],
             }
             if "content-length" in resp.headers:  # raw bytes are passed: the same length
@@ -696,6 +713,19 @@ class StoredResponseEndpoint:
             return resp.status_code
         finally:
             await resp.aclose()
+
+
+class _SelfTime:
+    """A stored-response call's own time in the shim: since it came, less the replica's."""
+
+    __slots__ = ("t0", "waited")
+
+    def __init__(self) -> None:
+        self.t0 = time.perf_counter()
+        self.waited = 0.0
+
+    def ms(self) -> float:
+        return max(0.0, (time.perf_counter() - self.t0 - self.waited) * 1000.0)
 
 
 def _unsupported(scope: dict, replica: str, status: int, got: dict, headers: Any) -> HTTPError:
