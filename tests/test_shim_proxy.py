@@ -1553,6 +1553,19 @@ def test_cap_counts_token_id_batches_and_media_parts(tmp_path, fakes):
         assert httpx.post(h.base_url + "/completions", json=embeds).status_code == 200
 
 
+def test_a_utf8_feature_header_matches_its_rule_and_is_logged_as_sent(tmp_path, fakes):
+    _f, url = fakes()
+    caps = (CapRule(1, "reject", feature="réservation"),)
+    with _serve(tmp_path, [f"small={url}"], caps=caps) as h:
+        post = lambda value: httpx.post(  # noqa: E731
+            h.base_url + "/chat/completions", json=CHAT, headers={"x-feature": value}
+        )
+        out = [post("réservation".encode()), post(b"caf\xe9")]  # the second: not UTF-8
+        recs = _records(h.shim, 2)
+    assert [r.status_code for r in out] == [400, 200]
+    assert [r["feature"] for r in recs] == ["réservation", "café"]
+
+
 def test_an_exact_counter_counts_a_prompt_list_string_by_string(tmp_path, fakes):
     """With /tokenize counting, a completions prompt sent as a list (one string in a list,
     as LangChain sends it, or a batch) was counted by the byte estimate: 100 one-letter

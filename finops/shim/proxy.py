@@ -456,7 +456,13 @@ def _scan_headers(
         elif k == b"content-encoding":
             ctx.content_encoding = v
         elif k == feature_header:
-            feature = v.decode("latin-1")
+            # UTF-8 as clients send it (a config's feature names are UTF-8: read as
+            # latin-1, "féature" was logged "fÃ©ature" and matched no rule); bytes that
+            # are not UTF-8 are latin-1, as HTTP has it
+            try:
+                feature = v.decode()
+            except UnicodeDecodeError:
+                feature = v.decode("latin-1")
     return auth, declared, idem, feature
 
 
