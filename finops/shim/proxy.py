@@ -1511,17 +1511,32 @@ class ProxyEndpoint:
         fin, fout, fdet = self.USAGE_FIELDS
         det = usage.get(fdet)
         cached = det.get("cached_tokens") if isinstance(det, dict) else None
-        counts = {"input_tokens": usage.get(fin), "output_tokens": usage.get(fout)}
-        counts["cached_input_tokens"] = 0 if cached is None else cached
-        names = {"input_tokens": fin, "output_tokens": fout}
-        names["cached_input_tokens"] = f"{fdet}.cached_tokens"
-        for field, v in counts.items():
+        if cached is None:
+            cached = 0
+        pi, co = usage.get(fin), usage.get(fout)
+        # vLLM's: plain ints (checked by type: this runs for every request)
+        if (
+            type(pi) is int
+            and type(co) is int
+            and type(cached) is int
+            and pi >= 0
+            and co >= 0
+            and cached >= 0
+        ):
+            rec["input_tokens"], rec["output_tokens"] = pi, co
+            rec["cached_input_tokens"] = cached
+            return
+        for field, name, v in (
+            ("input_tokens", fin, pi),
+            ("output_tokens", fout, co),
+            ("cached_input_tokens", f"{fdet}.cached_tokens", cached),
+        ):
             n = _token_count(v)
             if n is None and v is not None:
                 self.shim.logger.warning(
                     "upstream %s sent usage.%s = %s, not a token count: logged as unknown",
                     rec.get("upstream"),
-                    names[field],
+                    name,
                     orjson.dumps(v)[:80].decode("utf-8", "replace"),
                 )
             rec[field] = n
