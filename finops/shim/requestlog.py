@@ -7,7 +7,10 @@ folder as `requests-<UTC start>-<pid>-<seq>-<token>.jsonl` (the pid is always th
 third dash-separated field; the random token keeps two writers of one pid in one
 second apart); the one being written ends in `.jsonl.open` and is renamed to
 `.jsonl` when it rotates (size or age) or the shim stops, after an fsync, so an
-ingester that reads `*.jsonl` never sees half a line. A rename never replaces a
+ingester that reads `*.jsonl` never sees half a line. Its writer holds an exclusive
+`flock` on it until then: that is how a shim starting on the folder tells a live
+writer's file (another shim sharing the folder, from any pid namespace) from one a dead
+writer left, which it closes out. A rename never replaces a
 file: a name that is taken gets a fresh token. A write that fails (disk full)
 closes the file out after its last whole line and keeps the records that did not
 reach it in memory for the next try (every `retry_s`, or at once on `flush`), up to
@@ -15,7 +18,9 @@ reach it in memory for the next try (every `retry_s`, or at once on `flush`), up
 warned about. The folder is made again when a file is opened (a clean-up job removed
 it); a file whose name disappears while open (folder removed, moved or unmounted) is
 still readable through its descriptor and is copied into a new file, so records
-counted as written are on disk. Every record is ingestible by
+counted as written are on disk; one that another process closed out (published under
+another name in the folder) is not copied: its records are published, and new ones go
+to a new file. Every record is ingestible by
 `Lake.append("requests", ...)`.
 
 Prompt text is only written when enabled, and then redacted: e-mail
@@ -28,6 +33,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import errno
+import fcntl
 import logging
 import math
 import os
@@ -201,6 +207,30 @@ def _rename_no_replace(src: Path, final: Path) -> Path:
 
 _CLAIM = ".claim"
 
+# flock errors that say the file system cannot lock (some network file systems; EBADF: NFS
+# wants a writable descriptor): the writer's pid alone decides then
+_NO_FLOCK = frozenset(
+    {errno.ENOLCK, errno.EOPNOTSUPP, errno.ENOTSUP, errno.EINVAL, errno.ENOSYS, errno.EBADF}
+)
+
+
+def _try_lock(fd: int) -> bool | None:
+    """Take an exclusive `flock` on `fd` without waiting.
+
+    True: taken. False: another open file holds it, in any process (this one too: a flock
+    belongs to the open file, not to the process), in any pid namespace on this kernel.
+    None: the file system cannot lock.
+    """
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    except OSError as exc:
+        if exc.errno in _NO_FLOCK:
+            return None
+        raise
+    return True
+
 
 def _published_name(path: Path) -> Path:
     """`requests-....jsonl` for a `.jsonl.open` file or a claim of one."""
@@ -235,6 +265,51 @@ def _close_out(path: Path) -> Path | None:
     return _rename_no_replace(claim, _published_name(path))
 
 
+def _close_out_unlocked(path: Path) -> Path | None:
+    """`_close_out(path)` unless a live writer holds the file's lock (then None).
+
+    The lock is taken without waiting and held until the file is published: its writer
+    is gone (a process's locks go with it), and a second closer finds it held too. Where
+    the file system cannot lock, the caller's pid check alone decided.
+    """
+    try:
+        fd = os.open(path, os.O_RDWR)
+    except PermissionError:
+        fd = os.open(path, os.O_RDONLY)
+    except FileNotFoundError:  # another process closed it out first
+        return None
+    try:
+        if _try_lock(fd) is False:  # its writer is alive (or another closer has it)
+            return None
+        return _close_out(path)
+    finally:
+        os.close(fd)
+
+
+def _taken_over(fh: Any, path: Path) -> bool:
+    """Whether the open file `fh`, made as `path`, now has another name in its folder.
+
+    Then another process closed it out (claimed and published it; only one that does not
+    see the writer's lock does that), so its records are published already. Not when
+    the file has no name left (its folder removed) or is not in the folder (the folder
+    moved or unmounted): only the open file has its bytes then.
+    """
+    try:
+        st = os.fstat(fh.fileno())
+        if st.st_nlink == 0:
+            return False
+        # claims and published names keep `requests-<stamp>-<pid>-<seq>`; the token may change
+        head = path.name.split(".jsonl", 1)[0].rsplit("-", 1)[0]
+        for other in path.parent.glob(f"{head}-*"):
+            with contextlib.suppress(OSError):
+                o = os.stat(other)
+                if (o.st_dev, o.st_ino) == (st.st_dev, st.st_ino):
+                    return True
+    except OSError:
+        return False
+    return False
+
+
 def _claimer_pid(path: Path) -> int | None:
     """The pid of the process that claimed a file (`....jsonl.open.<pid>-<token>.claim`)."""
     head = path.name[: -len(_CLAIM)].rsplit(".", 1)[-1].split("-", 1)[0]
@@ -255,13 +330,15 @@ def recover_open_files(folder: Path, pid: int) -> list[Path]:
     A process killed hard never renames its `.jsonl.open` file, so ingesters that read
     `*.jsonl` would skip every record in it. The supervisor of several workers calls
     this when one dies: the file is cut after its last complete line (a half-written
-    record is dropped; the whole ones are kept) and renamed to `.jsonl`.
+    record is dropped; the whole ones are kept) and renamed to `.jsonl`. A file whose
+    lock is held is left alone: a live writer of the same pid in another pid namespace
+    (another container sharing the folder) made it.
     """
     done = []
     for path in sorted(Path(folder).glob(f"requests-*-{pid}-*.jsonl.open")):
         if _writer_pid(path) != pid:  # the glob also matches seq/token == pid
             continue
-        final = _close_out(path)
+        final = _close_out_unlocked(path)
         if final is not None:
             done.append(final)
     return done
@@ -271,7 +348,9 @@ def pid_alive(pid: int) -> bool:
     """Whether process `pid` exists (signal 0 checks without sending anything).
 
     A process of another user answers EPERM: it exists. Only "no such process" is dead;
-    pid 0 and negative pids (process groups) are never treated as dead.
+    pid 0 and negative pids (process groups) are never treated as dead. Only this pid
+    namespace is seen: a writer in another container may look dead, or its pid be
+    another process's here.
     """
     if pid <= 0:
         return True
@@ -286,19 +365,30 @@ def pid_alive(pid: int) -> bool:
     return True
 
 
+def _maybe_dead(pid: int, own_pid_is_stale: bool) -> bool:
+    """Whether a file named with `pid` may be a dead writer's, going by the pid alone."""
+    if pid == os.getpid():
+        return own_pid_is_stale
+    return not pid_alive(pid)
+
+
 def recover_dead_writers(folder: Path, *, own_pid_is_stale: bool = False) -> list[Path]:
     """Close out every `.jsonl.open` file in `folder` whose writer is no longer running.
 
     Called when a shim starts with a log folder (one process, or the supervisor of
     several before its workers start): a shim killed hard (kill -9, OOM, power loss)
     leaves its open file behind, and no one else would ever close it out. Files of
-    live processes (another shim sharing the folder) are never touched.
+    live processes (another shim sharing the folder) are never touched: a writer holds
+    an exclusive flock on its file while it writes it, so a file is closed out only if
+    that lock can be taken; that works across pid namespaces (two containers sharing
+    the folder), where pids say nothing. A file named with a pid alive here is left alone
+    too (a writer that does not lock: an older shim, a file system without flock).
     `own_pid_is_stale`: this process has not opened a log file yet, so a file named
     with its pid was left by an earlier process that had the same pid (a container
-    restarted: the shim is pid 1 again). Returns the `.jsonl` files published.
+    restarted: the shim is pid 1 again), or is a live writer's of another pid namespace
+    (whose lock keeps it). Returns the `.jsonl` files published.
     """
     done = []
-    me = os.getpid()
     try:
         paths = sorted(Path(folder).glob("requests-*.jsonl.open"))
         # a process that died while closing out a file leaves it claimed: finish its work
@@ -307,21 +397,16 @@ def recover_dead_writers(folder: Path, *, own_pid_is_stale: bool = False) -> lis
         return done
     for path in claims:
         pid = _claimer_pid(path)
-        if pid is not None and pid != me and not pid_alive(pid):
+        if pid is not None and _maybe_dead(pid, own_pid_is_stale):
             with contextlib.suppress(FileNotFoundError):
-                final = _close_out(path)
+                final = _close_out_unlocked(path)
                 if final is not None:
                     done.append(final)
     for path in paths:
         pid = _writer_pid(path)
-        if pid is None:
+        if pid is None or not _maybe_dead(pid, own_pid_is_stale):
             continue
-        if pid == me:
-            if not own_pid_is_stale:
-                continue
-        elif pid_alive(pid):
-            continue
-        final = _close_out(path)
+        final = _close_out_unlocked(path)
         if final is not None:
             done.append(final)
     return done
@@ -434,8 +519,26 @@ class RequestLog:
                 fh = open(path, "x+b", buffering=0)  # noqa: SIM115 (kept open across batches)
             except FileExistsError:
                 continue
-            self._seq = seq  # failed tries leave no gaps in the numbers
-            return fh, path
+            try:
+                # held until the file is closed: a shim starting on the folder leaves it alone
+                locked = _try_lock(fh.fileno())
+                # a closer that took the lock first (sure this pid is dead: another pid
+                # namespace) may have taken the new, empty file away: make another
+                if locked is not False:
+                    st = os.fstat(fh.fileno())
+                    now = os.stat(path)
+                    if (st.st_dev, st.st_ino) == (now.st_dev, now.st_ino):
+                        self._seq = seq  # failed tries leave no gaps in the numbers
+                        return fh, path
+            except FileNotFoundError:
+                pass
+            except OSError:
+                with contextlib.suppress(OSError):
+                    fh.close()
+                    path.unlink()
+                raise
+            with contextlib.suppress(OSError):
+                fh.close()
 
     def _open(self) -> None:
         self._fh, self._path = self._create()
@@ -492,8 +595,34 @@ class RequestLog:
         )
         return new, path
 
+    def _taken_over_warning(self, path: Path, nrec: int) -> None:
+        logger.warning(
+            "request log: %s in %s was taken over and published by another process while "
+            "this one wrote it (a shim sharing the folder that cannot see this one's lock: "
+            "another host without working flock, or an older shim); its %d records are "
+            "published there, new ones go to a new file",
+            path.name,
+            self.folder,
+            nrec,
+        )
+
     def _recover_open_file(self) -> None:
-        """Move the open file whose name is gone into a new one and go on writing there."""
+        """Move the open file whose name is gone into a new one and go on writing there.
+
+        One another process closed out is published already: never copied (its records
+        would be published twice); new records go to a new file.
+        """
+        if _taken_over(self._fh, self._path):
+            old, path, nrec = self._fh, self._path, self._nrec
+            self._fh = self._path = None
+            if self.fsync:
+                with contextlib.suppress(OSError):
+                    os.fsync(old.fileno())
+            with contextlib.suppress(OSError):
+                old.close()
+            self._taken_over_warning(path, nrec)  # type: ignore[arg-type]
+            self._open()
+            return
         fh, path = self._copy_out(self._fh, self._size)
         try:
             st = os.fstat(fh.fileno())
@@ -607,6 +736,11 @@ class RequestLog:
                     try:
                         final = _rename_no_replace(path, path.with_suffix(""))  # drop ".open"
                     except (FileNotFoundError, NotADirectoryError):
+                        if _taken_over(fh, path):  # published by another process
+                            self._taken_over_warning(path, nrec)
+                            with contextlib.suppress(OSError):
+                                fh.close()
+                            continue
                         new, new_path = self._copy_out(fh, size)
                         with contextlib.suppress(OSError):
                             fh.close()
