@@ -176,53 +176,6 @@ def test_workers_share_the_port_reload_restart_and_drain(tmp_path, upstream):
     assert not any(tmp.iterdir()), "the metrics folder is removed at exit"
 
 
-def test_a_replacement_worker_serves_the_config_file_as_it_is_now(tmp_path, upstream):
-    """A worker restarted after the file changed must not bring the start's config back."""
-    port = free_port()
-    conf = tmp_path / "shim.toml"
-    tiers = f'[tiers.small]\nupstreams = ["{upstream}"]\n'
-    conf.write_text(f"[server]\nport = {port}\nworkers = 2\n{tiers}")
-    proc = subprocess.Popen(
-        [FINOPS, "shim", "serve", "--config", str(conf), "--api-key", "sk-a=acme"],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-    )
-    url = f"http://127.0.0.1:{port}"
-    auth = {"authorization": "Bearer sk-a"}
-
-    def models_by_pid() -> dict[int, list[str]]:
-        out = {}
-        for _ in range(30):  # new connections: the kernel spreads them over the workers
-            with httpx.Client() as c:
-                pid = c.get(url + "/healthz").json()["pid"]
-                out[pid] = [m["id"] for m in c.get(url + "/v1/models", headers=auth).json()["data"]]
-        return out
-
-    try:
-        wait_http(url + "/healthz", timeout=60)
-        _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
-        first = _workers(proc.pid)
-        # both have read the file: a worker still starting would read the change below
-        _wait(lambda: set(models_by_pid()) == first, what="both workers answering")
-        conf.write_text(conf.read_text() + f'[tiers.mid]\nupstreams = ["{upstream}"]\n')
-        victim = min(first)
-        os.kill(victim, signal.SIGKILL)  # no reload was asked: only the replacement re-reads
-        _wait(lambda: len(_workers(proc.pid) - first) == 1, what="a replacement worker")
-        (new,) = _workers(proc.pid) - first
-        (old,) = first - {victim}
-        _wait(lambda: new in models_by_pid(), what="the replacement answering")
-        seen = models_by_pid()
-        assert "mid" in seen[new], seen
-        assert "mid" not in seen.get(old, []), "the other worker was not reloaded"
-        # the command line's key is kept by the replacement: auth did not turn off
-        r = httpx.post(url + "/v1/chat/completions", json=CHAT)
-        assert r.status_code == 401
-    finally:
-        proc.send_signal(signal.SIGTERM)
-        out = proc.communicate(timeout=60)[0].decode()
-    assert proc.returncode == 0, out
-
-
 def test_workers_that_cannot_start_stop_the_supervisor(tmp_path, upstream):
     not_a_dir = tmp_path / "file"
     not_a_dir.write_text("x")
@@ -284,9 +237,11 @@ def test_workers_exit_when_the_supervisor_is_killed(tmp_path, upstream):
     _wait(gone, timeout=40, what="orphaned workers to exit")
 
 
-def test_a_single_shim_drains_and_exits_0_on_sigterm(tmp_path):
-    """Without --workers the shim is one uvicorn process: SIGTERM finishes the request in
-    flight, closes the log and exits 0 (uvicorn alone re-raises the signal: status 143)."""
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
+def test_a_single_shim_drains_and_exits_0_on_sigterm_or_ctrl_c(tmp_path, sig):
+    """Without --workers the shim is one uvicorn process: SIGTERM or Ctrl-C (SIGINT)
+    finishes the request in flight, closes the log and exits 0, as `--workers N` does
+    (uvicorn alone re-raises the signal: status 143, or 130 with a KeyboardInterrupt)."""
     f = FakeUpstream(tokens=4, delay_s=0.3)  # 1.2 s to answer
     h = run_app_in_thread(f)
     port = free_port()
@@ -305,7 +260,7 @@ def test_a_single_shim_drains_and_exits_0_on_sigterm(tmp_path):
         with ThreadPoolExecutor(1) as ex:
             pending = ex.submit(httpx.post, url + "/v1/chat/completions", json=CHAT, timeout=20)
             _wait(lambda: f.calls > 0, what="the request upstream")
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(sig)
             assert pending.result().status_code == 200, "in flight when stopped, answered"
         out = proc.communicate(timeout=60)[0].decode()
     finally:
@@ -313,6 +268,7 @@ def test_a_single_shim_drains_and_exits_0_on_sigterm(tmp_path):
             proc.kill()
         h.stop(2)
     assert proc.returncode == 0, out
+    assert "Traceback" not in out and "KeyboardInterrupt" not in out, out
     files = list(log_dir.glob("requests-*"))
     assert files and all(p.suffix == ".jsonl" for p in files), files
     recs = [orjson.loads(line) for p in files for line in p.read_bytes().splitlines()]
@@ -356,12 +312,111 @@ def artifact(tmp_path_factory):
     return train_demo_router(tmp_path_factory.mktemp("router") / "r1", n=400, seed=1)
 
 
+@pytest.fixture(scope="module")
+def artifact2(tmp_path_factory):
+    """A second router (another version) for a deploy."""
+    from finops.shim.testing import train_demo_router
+
+    return train_demo_router(tmp_path_factory.mktemp("router") / "r2", n=400, seed=2)
+
+
+def test_a_replacement_worker_serves_what_its_siblings_serve_not_a_staged_deploy(
+    tmp_path, artifact, artifact2
+):
+    """A restarted worker (a crash, the OOM killer) read the config and router files as
+    they were on disk: a deploy staged for the next SIGHUP (a new artifact in place, a
+    key revoked in the config) reached it alone, so two routers served at once and the
+    revoked key still worked on the other worker. It serves what its siblings serve now
+    (the supervisor's verified copy); after a SIGHUP, the files reloaded, never the config
+    the shim started with, and with the command line's keys."""
+    import shutil
+
+    from finops.shim.config import hash_key
+
+    f = FakeUpstream()
+    f.keep_bodies = False
+    h = run_app_in_thread(f)
+    live = tmp_path / "router"
+    shutil.copytree(artifact, live)
+    port = free_port()
+    conf = tmp_path / "shim.toml"
+    tiers = "".join(f'[tiers.{t}]\nupstreams = ["{h.url}"]\n' for t in ("small", "mid", "large"))
+    head = f'[server]\nport = {port}\nworkers = 2\n{tiers}[router]\npath = "{live}"\n'
+
+    def keys(*tenants: str) -> str:
+        entries = ", ".join(
+            f'{{ sha256 = "{hash_key("sk-" + t)}", tenant = "{t}" }}' for t in tenants
+        )
+        return f"[auth]\nkeys = [{entries}]\n"
+
+    conf.write_text(head + keys("acme", "bravo"))
+    out = _Output(tmp_path / "out.txt")
+    proc = _serve_cli(["--config", str(conf), "--api-key", "sk-cli=cli"], out)
+    url = f"http://127.0.0.1:{port}"
+
+    def answers() -> dict[int, tuple[str, int, int]]:
+        """Each worker's pid -> (router version, /v1/models status with sk-bravo, with
+        sk-cli), from new connections until every worker answered (the kernel spreads them)."""
+        seen: dict[int, tuple[str, int, int]] = {}
+        deadline = time.monotonic() + 60
+        while not _workers(proc.pid) <= set(seen) and time.monotonic() < deadline:
+            with httpx.Client(base_url=url, timeout=20) as c:
+                health = c.get("/healthz").json()
+                codes = [
+                    c.get("/v1/models", headers={"authorization": f"Bearer sk-{t}"}).status_code
+                    for t in ("bravo", "cli")
+                ]
+                seen[health["pid"]] = (health["router_version"], *codes)
+        return seen
+
+    def replace_a_worker() -> None:
+        before = _workers(proc.pid)
+        os.kill(min(before), signal.SIGKILL)
+        _wait(lambda: len(_workers(proc.pid) - before) == 1, what="a replacement worker")
+        (new,) = _workers(proc.pid) - before
+        _wait(
+            lambda: httpx.get(url + "/healthz").json()["pid"] == new,
+            timeout=90,
+            what="the replacement answering",
+        )
+
+    def versions() -> set[str]:
+        return {a[0] for a in answers().values()}
+
+    try:
+        wait_http(url + "/healthz", timeout=90)
+        _wait(lambda: len(_workers(proc.pid)) == 2, what="two workers")
+        (v1,) = versions()
+        # the next deploy, staged: a new artifact swapped in, a key revoked; no SIGHUP yet
+        conf.write_text(head + keys("acme"))
+        shutil.copytree(artifact2, tmp_path / "stage")
+        live.rename(tmp_path / "old")
+        (tmp_path / "stage").rename(live)
+        replace_a_worker()
+        seen = answers()
+        assert set(seen) == _workers(proc.pid), seen
+        assert set(seen.values()) == {(v1, 200, 200)}, seen
+        # the deploy: every worker takes it, and so does a worker restarted after it
+        proc.send_signal(signal.SIGHUP)
+        _wait(lambda: v1 not in versions(), timeout=90, what="both workers reloaded")
+        replace_a_worker()
+        seen = answers()
+        assert set(seen) == _workers(proc.pid), seen
+        (v2,) = versions()
+        assert v2 != v1 and set(seen.values()) == {(v2, 401, 200)}, seen
+    finally:
+        text = _stop(proc, out)
+        h.stop(2)
+    assert proc.returncode == 0, text[-4000:]
+    assert "Traceback" not in text, text[-4000:]
+
+
 def test_a_replacement_worker_serves_the_last_good_router_when_the_artifact_is_bad(
     tmp_path, artifact
 ):
     """A tampered manifest, a refused SIGHUP, then a worker killed: its replacement must
-    serve the router the others serve (one warning line), not die in a loop with a
-    traceback."""
+    serve the router the others serve (the supervisor's verified copy; one warning line),
+    not die in a loop with a traceback."""
     import json
     import shutil
 
@@ -404,8 +459,10 @@ def test_a_replacement_worker_serves_the_last_good_router_when_the_artifact_is_b
         h.stop(2)
     assert proc.returncode == 0, text[-4000:]
     assert "Traceback" not in text, text[-4000:]
-    lines = [ln for ln in text.splitlines() if "serving the last good" in ln]
-    assert lines and "manifest.json" in lines[0] and "modified after export" in lines[0], text
+    # one warning line (the supervisor's, at the refused SIGHUP): which file, why
+    lines = [ln for ln in text.splitlines() if "serves the last good copy" in ln]
+    assert len(lines) == 1, text[-4000:]
+    assert "manifest.json" in lines[0] and "modified after export" in lines[0], text[-4000:]
     assert "exited with 1" not in text and "exited with 3" not in text, text[-4000:]
 
 

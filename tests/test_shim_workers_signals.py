@@ -136,21 +136,35 @@ def _stopped_cleanly(shim: _Shim, text: str) -> None:
     assert "exited with" not in text, text[-4000:]
 
 
-def _self_sighup_on_import(tmp_path: Path, module: str) -> dict:
+def _self_sighup_on_import(
+    tmp_path: Path, module: str, edit: tuple[Path, str] | None = None
+) -> dict:
     """An environment in which a Python process sends itself SIGHUP as it first imports
     `module` (a sitecustomize with an audit hook): a SIGHUP at a known point of start.
     It starts with SIGHUP's default action, as from a shell (an ignored signal stays
-    ignored across exec, and this test process may ignore it: `shim serve` in-process)."""
+    ignored across exec, and this test process may ignore it: `shim serve` in-process).
+    `edit` (file, text): first append text to file (a deploy, then its reload), once for
+    all processes (a worker imports `module` too)."""
     site = tmp_path / "site"
     site.mkdir(exist_ok=True)
+    once = "True"
+    if edit is not None:
+        once = f"os.open({str(site / 'fired')!r}, os.O_CREAT | os.O_EXCL) >= 0"
+        once = f"{once} and open({str(edit[0])!r}, 'a').write({edit[1]!r}) >= 0"
     (site / "sitecustomize.py").write_text(
         "import os, signal, sys\n"
         "signal.signal(signal.SIGHUP, signal.SIG_DFL)\n"
         "sent = []\n"
+        "def once():\n"
+        "    try:\n"
+        f"        return {once}\n"
+        "    except FileExistsError:\n"
+        "        return False\n"
         "def hook(event, args):\n"
         f"    if event == 'import' and args[0] == {module!r} and not sent:\n"
         "        sent.append(1)\n"
-        "        os.kill(os.getpid(), signal.SIGHUP)\n"
+        "        if once():\n"
+        "            os.kill(os.getpid(), signal.SIGHUP)\n"
         "sys.addaudithook(hook)\n"
     )
     path = os.pathsep.join(p for p in (str(site), os.environ.get("PYTHONPATH")) if p)
@@ -176,6 +190,43 @@ def test_shim_serve_ignores_sighup_before_the_cli_loads(tmp_path, upstream):
     # other commands keep SIGHUP's default action
     r = subprocess.run([FINOPS, "shim", "hash-key", "x"], env=env, capture_output=True)
     assert r.returncode == -signal.SIGHUP, r
+
+
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_a_sighup_while_the_shim_loads_its_router_is_a_reload_once_it_serves(
+    tmp_path, upstream, artifact, workers
+):
+    """`shim serve` ignored SIGHUP until the app (or the supervisor) took it over: a reload
+    asked for while it loaded the router (seconds) was lost, and it served the config it
+    had read before the deploy. Now it is recorded, and run once the shim serves."""
+    conf = tmp_path / "shim.toml"
+    port = free_port()
+    tiers = "".join(f'[tiers.{t}]\nupstreams = ["{upstream}"]\n' for t in TIERS)
+    conf.write_text(f'[server]\nport = {port}\n{tiers}[router]\npath = "{artifact}"\n')
+    # the deploy and its SIGHUP as the command loads the router: after it read the config
+    deploy = (conf, '[routing]\nalias = "cheapest-good"\n')
+    env = _self_sighup_on_import(tmp_path, "finops.router.artifact", edit=deploy)
+    shim = _Shim(tmp_path, ["--config", str(conf), "--workers", workers], env=env)
+    url = f"http://127.0.0.1:{port}"
+
+    def aliases() -> set[str]:
+        return {m["id"] for m in httpx.get(url + "/v1/models").json()["data"]}
+
+    try:
+        wait_http(url + "/healthz", timeout=90)
+        assert (tmp_path / "site" / "fired").exists()
+        _wait(
+            lambda: (
+                shim.proc.poll() is not None
+                or shim.text().count("reloaded: router") >= int(workers)
+            ),
+            what="the reload (in each worker)",
+        )
+        for _ in range(10):  # new connections: with 2 workers, each took the reload
+            assert "cheapest-good" in aliases(), shim.text()[-4000:]
+    finally:
+        text = shim.stop()
+    _stopped_cleanly(shim, text)
 
 
 def test_new_connections_are_refused_while_the_workers_drain(tmp_path):

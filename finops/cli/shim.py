@@ -102,6 +102,24 @@ def _check_router(cfg):  # -> the policy
         fail(f"{where}: {exc}")
 
 
+class _HeldSighup:
+    """SIGHUP's handler while `shim serve` starts (seconds: the router is loaded twice).
+
+    SIGHUP's default action kills the process, and ignored, a reload asked for meanwhile
+    (a deploy right after a restart) was lost. Recorded here instead, it is run once the
+    shim serves (`take`, called then, says whether one came)."""
+
+    def __init__(self) -> None:
+        self.pending = False
+
+    def __call__(self, _signum: int, _frame: object) -> None:
+        self.pending = True
+
+    def take(self) -> bool:
+        pending, self.pending = self.pending, False
+        return pending
+
+
 def _check_log_dir(log_dir: Path) -> None:
     if log_dir.exists() and not log_dir.is_dir():
         fail(f"request log folder {log_dir}: a file, not a folder")
@@ -154,9 +172,11 @@ def serve(
     log_level: Annotated[str, typer.Option(help="debug|info|warning|error")] = "info",
 ) -> None:
     """Serve the OpenAI-compatible shim (SIGHUP reloads config and router)."""
-    # a reload asked for while the router loads (seconds) must not kill the process:
-    # SIGHUP's default action is to terminate; the app installs its handler once serving
-    signal.signal(signal.SIGHUP, signal.SIG_IGN)
+    # a reload asked for while the router loads (seconds) must neither kill the process
+    # (SIGHUP's default action) nor be lost: recorded, and run once the shim serves (the
+    # app, or the supervisor, takes SIGHUP over by then)
+    held = _HeldSighup()
+    signal.signal(signal.SIGHUP, held)
     if log_level.lower() not in LOG_LEVELS:
         fail(f"--log-level: expected one of {'|'.join(LOG_LEVELS)}, got {log_level!r}")
     log_level = log_level.lower()
@@ -197,11 +217,13 @@ def serve(
         )
         if cfg.workers > 1:
             try:
-                status = serve_workers(cfg, cfg.workers, log_level=log_level, sock=sock)
+                status = serve_workers(
+                    cfg, cfg.workers, log_level=log_level, sock=sock, reload_pending=held.take
+                )
             except OSError as exc:  # its temporary folders
                 fail(str(exc))
             raise typer.Exit(status)
-        _serve(cfg, log_level=log_level, sockets=[sock])
+        _serve(cfg, log_level=log_level, sockets=[sock], reload_pending=held.take)
 
 
 @shim_app.command("hash-key")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import signal
 import socket
 import threading
@@ -121,8 +122,10 @@ def serve(
     app: Any = None,
     recover_logs: bool = True,
     on_started: Callable[[], None] | None = None,
+    reload_pending: Callable[[], bool] | None = None,
 ) -> None:
-    """Serve in the foreground until SIGINT/SIGTERM (SIGHUP reloads).
+    """Serve in the foreground until SIGINT/SIGTERM (SIGHUP reloads); either drains
+    (in-flight requests finish) and returns, so the process exits 0.
 
     `sockets`: listen on these already-bound sockets (the CLI binds its port itself;
     the workers of `serve_workers` share the supervisor's) instead of binding
@@ -132,6 +135,8 @@ def serve(
     supervisor does it at start, and for each worker that dies).
     `on_started`: called once the server accepts connections (a worker tells its
     supervisor it serves).
+    `reload_pending`: says (once) whether a SIGHUP came while the shim started, before
+    the app took SIGHUP over (the CLI records one meanwhile): a reload, run once serving.
     """
     configure_logging(log_level, log_tag)
     if recover_logs:
@@ -140,22 +145,35 @@ def serve(
     if app is None:
         app = create_app(cfg)
     server = _Server(uvicorn_config(app, cfg.host, cfg.port, log_level=log_level))
-    server.on_started = on_started
 
-    # uvicorn re-raises a SIGTERM it caught once it has drained, under the handler that was
-    # there before it; with the default one the process then dies by the signal (status
-    # 143) after a clean shutdown. A handler of ours makes a drained stop exit 0, as the
-    # multi-worker supervisor does, so a service manager sees one answer for both.
-    # The handler also asks for a stop, so a SIGTERM before uvicorn's own handler is in
+    def started() -> None:
+        if on_started is not None:
+            on_started()
+        # the app's SIGHUP handler is in place now (its lifespan ran): send it the reload
+        # asked for meanwhile. Still ours or ignored (an app without one): nothing happens.
+        if reload_pending is not None and reload_pending():
+            logger.info("SIGHUP received while starting: reloading now")
+            if signal.getsignal(signal.SIGHUP) not in (signal.SIG_DFL, None):
+                os.kill(os.getpid(), signal.SIGHUP)
+
+    server.on_started = started
+
+    # uvicorn re-raises a SIGTERM or SIGINT it caught once it has drained, under the
+    # handler that was there before it; with the default ones the process then dies by
+    # SIGTERM (status 143) or of a KeyboardInterrupt (status 130, with a traceback) after
+    # a clean shutdown. A handler of ours makes a drained stop exit 0, as the multi-worker
+    # supervisor does, so a service manager (and Ctrl-C) sees one answer for both.
+    # The handler also asks for a stop, so a signal before uvicorn's own handler is in
     # place still stops the server (uvicorn checks should_exit after its startup).
     def stop(_signum: int, _frame: Any) -> None:
         server.should_exit = True
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    previous = {s: signal.signal(s, stop) for s in (signal.SIGTERM, signal.SIGINT)}
     try:
         server.run(sockets=sockets)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for s, handler in previous.items():
+            signal.signal(s, handler)
 
 
 @dataclass

@@ -23,9 +23,11 @@ cores serves more by running more processes, as gunicorn and uvicorn do with
   closed out; at start, so are those of processes no longer running);
 - the supervisor keeps a verified copy of the config and router artifact the workers
   serve (checked at start, again at each SIGHUP and, with `[server] watch`, when the
-  files change): a worker restarted while the files are bad (a tampered manifest, a
-  broken config) serves that copy, as its siblings do, with one warning line, instead
-  of dying in a loop;
+  files change): a restarted worker serves that copy, as its siblings do, never the
+  files as they are on disk now. A deploy staged without a reload (a new artifact or
+  config put in place, no SIGHUP yet) reaches no worker before the others; files broken
+  since the last reload (a tampered manifest, a broken config) do not make it die in a
+  loop;
 - a worker that cannot start at all logs one line and exits 3. While another worker
   serves, the supervisor keeps restarting it with a growing delay and says so; only
   when workers keep dying at start and none is serving does it stop with status 1
@@ -44,6 +46,7 @@ import socket
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -70,7 +73,9 @@ class LastGood:
     """The config and router the workers serve, as last verified by the supervisor.
 
     `artifact` is a private verified copy of `cfg.router_path` (None: no artifact, the
-    rule policy). A worker that cannot load the files as they are now serves this.
+    rule policy). A worker started (or restarted) serves this, as its siblings do, not
+    the files as they are on disk now: those may hold a deploy staged for the next
+    reload, or a bad save.
     """
 
     cfg: ShimConfig
@@ -123,34 +128,37 @@ def _reason(exc: BaseException) -> str:
 
 
 def _worker_setup(cfg: ShimConfig, last_good: LastGood | None, wlog: logging.Logger) -> tuple:
-    """(config, router) for a worker starting now: the files as they are now, like its
-    siblings after a reload; if they are refused, the supervisor's last good copy.
-    Raises _CannotStart (one line: which file, why) when neither loads."""
+    """(config, router) for a worker starting now: the supervisor's last good copy, the
+    config and router its siblings serve (the files on disk may hold a deploy staged for
+    the next reload, or a bad save). Without a copy (the supervisor could not keep one),
+    the files as they are now. Raises _CannotStart (one line: which file, why)."""
     from finops.shim.app import build_router
 
-    try:
-        new = reread_config(cfg)
-    except Exception as exc:  # ConfigError; OSError from a file that went away
-        problem = f"config file {cfg.source_path} refused ({_reason(exc)})"
-    else:
+    if last_good is None:
+        try:
+            new = reread_config(cfg)
+        except Exception as exc:  # ConfigError; OSError from a file that went away
+            raise _CannotStart(
+                f"config file {cfg.source_path} refused ({_reason(exc)}); no verified copy "
+                "to serve instead"
+            ) from None
         try:
             return new, build_router(new)
         except Exception as exc:  # ArtifactError, OSError, ValueError (tiers), ImportError
-            problem = f"router {new.router_path or 'rules'} refused ({_reason(exc)})"
-    wlog.debug("the files as they are now are refused", exc_info=True)
-    if last_good is None:
-        raise _CannotStart(f"{problem}; no verified copy to fall back to")
+            raise _CannotStart(
+                f"router {new.router_path or 'rules'} refused ({_reason(exc)}); no verified "
+                "copy to serve instead"
+            ) from None
     try:
         router = build_router(replace(last_good.cfg, router_path=last_good.artifact))
     except Exception as exc:
         raise _CannotStart(
-            f"{problem}; the last good copy {last_good.artifact} failed too ({_reason(exc)})"
+            f"the verified copy {last_good.artifact} of router {last_good.cfg.router_path} "
+            f"failed ({_reason(exc)})"
         ) from None
     router.path = last_good.cfg.router_path  # a later reload loads the real path again
-    wlog.warning(
-        "%s; serving the last good config and router %s (verified copy %s), as the other "
-        "workers do, until a reload succeeds",
-        problem,
+    wlog.debug(
+        "serving router %s (verified copy %s), as the other workers do",
         router.version,
         last_good.artifact or "of the rule policy",
     )
@@ -170,9 +178,10 @@ def _worker(
     # SIGHUP and SIGINT were blocked from the exec (see Supervisor._spawn): ignored now,
     # a pending one is dropped. SIGHUP: the app takes it once serving, and the supervisor
     # sends a reload asked for meanwhile then. SIGINT (Ctrl-C reaches the whole process
-    # group): uvicorn drains on it once serving, as on SIGTERM, and re-raises it under
-    # this action, so the worker exits 0 without a KeyboardInterrupt traceback; the
-    # supervisor drains a worker still starting with SIGTERM.
+    # group): ignored while the app is built, then serve() stops on it as on SIGTERM
+    # (uvicorn drains, and re-raises it under serve()'s handler: exit 0, without a
+    # KeyboardInterrupt traceback); the supervisor drains a worker still starting with
+    # SIGTERM.
     signal.signal(signal.SIGHUP, signal.SIG_IGN)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.pthread_sigmask(signal.SIG_UNBLOCK, _START_BLOCKED)
@@ -183,8 +192,8 @@ def _worker(
     tag = f"worker-{index}"
     configure_logging(log_level, tag)
     wlog = logging.getLogger("finops.shim")
-    # a worker restarted after a reload serves what the files say now, like its siblings
-    # (the supervisor's copy is the config at start); files broken since: the last good copy
+    # what its siblings serve: the supervisor's last good copy (refreshed at each SIGHUP,
+    # and by [server] watch), not the files on disk, which may differ until the next reload
     try:
         cfg, router = _worker_setup(cfg, last_good, wlog)
         app = create_app(cfg, router=router)
@@ -230,6 +239,8 @@ class Supervisor:
         self._watched = cfg  # the config whose files _signature describes
 
     def _spawn(self, index: int, sock: socket.socket) -> Any:
+        if self.cfg.watch:  # changed since the last poll: this worker starts from it too
+            self._poll_files()
         # exec resets the child's handlers: SIGHUP and SIGINT kill it until _worker ignores
         # them, after a second of imports. Blocked here, the mask is inherited across exec,
         # so one sent meanwhile (to the process group, say) waits, and _worker drops it.
@@ -254,7 +265,7 @@ class Supervisor:
             self._procs[index] = p
             self._started[index] = time.monotonic()
             self._ready[index] = ready
-            self._hup_due[index] = False  # it reads the files as they are now
+            self._hup_due[index] = False  # it serves the last good copy, as reloaded
         else:
             self._procs.append(p)
             self._started.append(time.monotonic())
@@ -270,11 +281,19 @@ class Supervisor:
         else:
             self._stop_signal = signum
 
-    def run(self, sock: socket.socket | None = None) -> int:
+    def run(
+        self,
+        sock: socket.socket | None = None,
+        *,
+        reload_pending: Callable[[], bool] | None = None,
+    ) -> int:
         """Serve until SIGTERM/SIGINT; returns the exit status (0 clean, 1 crash loop).
 
         `sock`: the listening socket, already bound (the CLI binds it before its banner);
-        None binds cfg.host:cfg.port. Closed when the drain begins, either way."""
+        None binds cfg.host:cfg.port. Closed when the drain begins, either way.
+        `reload_pending`: says (once) whether a SIGHUP came before this took SIGHUP over
+        (the CLI records one while it loads the router); it is a reload, run once the
+        workers serve."""
         if sock is None:
             sock = bind_socket(self.cfg.host, self.cfg.port)  # first: a busy port is usual
         metrics_dir = tempfile.mkdtemp(prefix="finops-shim-metrics-")
@@ -289,6 +308,8 @@ class Supervisor:
             s: signal.signal(s, self._on_signal)
             for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
         }
+        if reload_pending is not None and reload_pending():
+            self._reload = True  # the config the CLI read may be older than that SIGHUP
         status = 0
         try:
             if self.cfg.redis_url is None:
@@ -378,8 +399,9 @@ class Supervisor:
             out.append(tuple(entry))
         return tuple(out)
 
-    def _refresh_last_good(self, why: str) -> None:
-        """Verify the files as they are now (the workers reload them too); keep a copy if good.
+    def _refresh_last_good(self, why: str) -> bool:
+        """Verify the files as they are now (the workers reload them too); keep a copy if
+        good (True), which a worker started from now on serves.
 
         The files are watched from now on as this finds them (a refused config file: with
         the router watched before), so one bad save is refused once, not every poll."""
@@ -393,7 +415,7 @@ class Supervisor:
             self._signature = self._files_signature(cfg)
             try:
                 self.last_good = self._verify(cfg)
-                return
+                return True
             except Exception as exc:  # ArtifactError, OSError, ValueError (tiers)
                 problem = f"router {cfg.router_path} refused ({_reason(exc)})"
         log.warning(
@@ -402,6 +424,20 @@ class Supervisor:
             problem,
             self.last_good.version if self.last_good else None,
         )
+        return False
+
+    def _poll_files(self) -> None:
+        """With [server] watch: the files changed since last seen are verified and, if
+        good, become the copy a worker started from now on serves (the serving workers
+        reload them themselves: they watch the files too). A worker still starting has
+        the copy before it, and its own watch may first have looked at the files after
+        the change: it is sent a reload once it serves."""
+        if self._files_signature(self._watched) == self._signature:
+            return
+        if self._refresh_last_good("file change"):
+            for i, ready in enumerate(self._ready):
+                if self._due[i] is None and not ready.is_set():
+                    self._hup_due[i] = True
 
     # -- watching the workers --
     def _serving(self, but: int) -> int:
@@ -434,8 +470,7 @@ class Supervisor:
                         self._due[i] = time.monotonic()
             elif self.cfg.watch and time.monotonic() >= next_poll:
                 next_poll = time.monotonic() + WATCH_POLL_S
-                if self._files_signature(self._watched) != self._signature:
-                    self._refresh_last_good("file change")
+                self._poll_files()
             self._send_reloads()
             for i, p in enumerate(self._procs):
                 if self._stop_signal is not None:
@@ -531,10 +566,12 @@ def serve_workers(
     *,
     log_level: str = "info",
     sock: socket.socket | None = None,
+    reload_pending: Callable[[], bool] | None = None,
 ) -> int:
     """Serve with `workers` processes in the foreground; returns the exit status.
-    `sock`: the listening socket, already bound (None: bind cfg.host:cfg.port)."""
+    `sock`: the listening socket, already bound (None: bind cfg.host:cfg.port).
+    `reload_pending`: see Supervisor.run."""
     from finops.shim.server import configure_logging
 
     configure_logging(log_level)
-    return Supervisor(cfg, workers, log_level=log_level).run(sock)
+    return Supervisor(cfg, workers, log_level=log_level).run(sock, reload_pending=reload_pending)
