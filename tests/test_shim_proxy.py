@@ -1052,7 +1052,7 @@ def test_an_open_circuit_past_its_cooldown_is_reported_half_open(tmp_path, fakes
     """With no traffic to move it, an open circuit whose cooldown has passed stayed `open`
     in /readyz and the gauge while /readyz listed the replica as serving: a rarely used
     tier's alert stayed up for hours after its replica recovered."""
-    bad, bad_url = fakes("error500")
+    _bad, bad_url = fakes("error500")
     with _serve(tmp_path, [f"small={bad_url}"], breaker_failures=1, breaker_cooldown_s=30) as h:
         httpx.post(h.base_url + "/chat/completions", json=CHAT)
         assert _circuit(h, bad_url) == "open"

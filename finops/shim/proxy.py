@@ -245,12 +245,16 @@ async def read_body(receive: Any, limit: int, timeout: float, declared: int | No
                 if b:
                     size += len(b)
                     if size > limit:
-                        raise HTTPError(
+                        exc = HTTPError(
                             413,
                             f"Request body exceeds the limit of {limit} bytes.",
                             "invalid_request_error",
                             "request_too_large",
                         )
+                        # the rest is not read: the connection closes, or a chunked body
+                        # sent on was read and dropped for as long as the client went on
+                        exc.headers.append(CONNECTION_CLOSE)
+                        raise exc
                     chunks.append(b)
                 if not msg.get("more_body", False):
                     break
