@@ -959,6 +959,37 @@ def test_requests_cut_by_shutdown_end_cleanly_and_are_not_logged_as_served(tmp_p
     assert not [r for r in caplog.records if "Exception in ASGI" in r.getMessage()]
 
 
+def test_a_stream_cut_by_shutdown_is_logged_when_its_client_reads_nothing(tmp_path, fakes):
+    """A client that stopped reading (its window full) when the drain ran out: the cut
+    stream's end could not be sent, the log was closed under the request meanwhile, and
+    its record (the tokens streamed, unbilled) was lost."""
+    import socket
+
+    _f, url = fakes(tokens=200_000)
+    h = _serve(tmp_path, [f"small={url}"], drain_timeout_s=0.3)
+    body = orjson.dumps({**CHAT, "stream": True, "max_tokens": 200_000})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", h.port))
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        b"content-length: %d\r\n\r\n" % len(body) + body
+    )
+    assert s.recv(200).startswith(b"HTTP/1.1 200")  # then it reads no more
+    time.sleep(0.5)
+    try:
+        h.stop()
+    finally:
+        s.close()
+    recs = [
+        orjson.loads(x)
+        for p in sorted((tmp_path / "log").glob("requests-*.jsonl"))
+        for x in p.read_bytes().splitlines()
+    ]
+    assert [(r["status_code"], r["error_type"]) for r in recs] == [(503, "shim_shutdown")]
+    assert recs[0]["output_tokens"] > 0
+
+
 def test_a_request_cut_by_shutdown_after_a_fallback_names_the_upstream_that_had_it(tmp_path, fakes):
     """The first tier fails, the next one is generating when shutdown cuts the request:
     the record named the failed replica (and the tier asked for), not the one that had

@@ -97,6 +97,9 @@ def _number(v: Any) -> bool:
 # with auth off, an id no replica has is not looked for again for this long (a client
 # polling a wrong id would otherwise cost a GET to every replica per request)
 MISSING_ID_S = 5.0
+# how long a stop waits for cut requests to write their records (their answers' ends take
+# up to 1 s each)
+RECORDS_WAIT_S = 3.0
 MISSING_IDS_MAX = 10_000
 
 
@@ -209,6 +212,8 @@ class Shim:
         # without Redis, the workers of one supervisor share the index through a file
         self.shared_index = self._open_shared_index(cfg)
         self._writes: set[asyncio.Task] = set()  # shared-store writes nobody awaits
+        # requests begun whose record is not written yet: a stop waits for them (below)
+        self.open_requests = 0
         # ids no replica had when last asked (auth off): not asked again for a while
         self._missing_ids: OrderedDict[str, float] = OrderedDict()
         self.client: httpx.AsyncClient = None  # type: ignore[assignment]  # control plane, made in start()
@@ -604,6 +609,20 @@ class Shim:
         self._tasks.append(asyncio.get_running_loop().create_task(self.areload()))
 
     async def stop(self) -> None:
+        # uvicorn runs this right after it cancels the requests its drain did not finish:
+        # they still end their answers (a cut stream's error event, a 503: up to a second
+        # each, longer to a slow reader) and write their records. The log closed under
+        # them lost those records, unbilled tokens included.
+        deadline = time.monotonic() + RECORDS_WAIT_S
+        while self.open_requests > 0 and time.monotonic() < deadline:
+            await asyncio.sleep(0.02)
+        if self.open_requests > 0:
+            self.logger.warning(
+                "stopping with %d request(s) still unfinished after %g s: their records are "
+                "not written",
+                self.open_requests,
+                RECORDS_WAIT_S,
+            )
         for t in self._tasks:
             t.cancel()
         for t in self._tasks:

@@ -348,6 +348,7 @@ class Ctx:
         "input_count",
         "keep_result",
         "known_count",
+        "open",
         "operation",
         "pin",
         "rec",
@@ -365,6 +366,8 @@ class Ctx:
         self.shim = shim
         self.operation = operation
         self.t0 = time.perf_counter()
+        shim.open_requests += 1  # until _finish writes the record (a stop waits for it)
+        self.open = True
         self.rec = new_record()
         # time spent waiting on others (the client's upload, the upstream), which the
         # overhead figure leaves out: a slow upload is not the shim's cost
@@ -1720,7 +1723,7 @@ class ProxyEndpoint:
                     task.uncancel()
             # A client that closes right after reading [DONE] (the openai client does)
             # got the whole answer: that is a served request, not an abort.
-            if not state["delivered"]:
+            if not stopping and not state["delivered"]:
                 rec["status_code"] = 499
                 rec["error_type"] = "client_disconnected"
                 shim.logger.info(
@@ -1753,7 +1756,8 @@ class ProxyEndpoint:
                 "server_error",
                 "shim_shutdown",
             )
-            with contextlib.suppress(Exception):
+            # a second cancel (the loop ending) must not skip the record either
+            with contextlib.suppress(Exception, asyncio.CancelledError):
                 async with asyncio.timeout(1.0):
                     body = b"".join(held) + self._stream_error_end(state, err)
                     await send({"type": "http.response.body", "body": body, "more_body": False})
@@ -1915,6 +1919,9 @@ class ProxyEndpoint:
         """Log the record and the per-request metrics (never raises)."""
         shim = self.shim
         rec = ctx.rec
+        if ctx.open:
+            ctx.open = False
+            shim.open_requests -= 1
         try:
             # a stream's ends when the client has its last byte, not when the upstream's
             # body ends (read afterwards, up to 1 s, to keep the connection)
