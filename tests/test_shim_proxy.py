@@ -1096,6 +1096,38 @@ def test_an_open_circuit_past_its_cooldown_is_reported_half_open(tmp_path, fakes
     assert line.endswith(" 2.0"), line
 
 
+def test_the_shim_out_of_file_descriptors_blames_itself_not_the_upstream(
+    tmp_path, fakes, monkeypatch, caplog
+):
+    """EMFILE making an upstream connection was the replica's "connect" failure: five of
+    them opened a healthy replica's circuit. It is the shim's own shortage: a 503 to
+    retry, logged as an error that says what to raise, and no mark against the replica."""
+    import asyncio
+    import errno
+
+    from finops.shim import h1client
+
+    _f, url = fakes()
+
+    async def out_of_fds(*_a, **_k):
+        raise OSError(errno.EMFILE, "Too many open files")
+
+    with _serve(tmp_path, [f"small={url}"], breaker_failures=2) as h:
+        monkeypatch.setattr(h1client.asyncio, "open_connection", out_of_fds)
+        out = [httpx.post(h.base_url + "/chat/completions", json=CHAT) for _ in range(4)]
+        monkeypatch.setattr(h1client.asyncio, "open_connection", asyncio.open_connection)
+        circuit = _circuit(h, url)
+        recs = _records(h.shim, 4)
+    assert [r.status_code for r in out] == [503] * 4
+    err = out[0].json()["error"]
+    assert err["code"] == "upstream_shim_resources" and "ulimit -n" in err["message"]
+    assert circuit == "closed"
+    assert all(r["upstream_attempts"] == 0 for r in recs)
+    assert any(
+        r.levelname == "ERROR" and "Too many open files" in r.getMessage() for r in caplog.records
+    )
+
+
 def _circuit(h, url: str) -> str:
     return next(
         c["circuit"]

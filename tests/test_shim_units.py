@@ -1001,3 +1001,22 @@ def test_each_tier_takes_turns_of_its_own():
         for tier in ("small", "large"):
             got[next(pool.candidates(tier)).url] += 1
     assert got == {"http://a:1": 10, "http://b:1": 10, "http://c:1": 10, "http://d:1": 10}
+
+
+def test_the_open_files_limit_is_raised_to_the_hard_limit_and_a_low_one_is_said():
+    """A service manager's default soft limit (1024) is reached by ~500 concurrent
+    requests; the shim raises it to the hard limit, and warns when that is low."""
+    code = (
+        "import resource, logging; logging.basicConfig();"
+        "from finops.shim.server import raise_open_files_limit;"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 8192));"
+        "print(raise_open_files_limit(), resource.getrlimit(resource.RLIMIT_NOFILE)[0]);"
+        "resource.setrlimit(resource.RLIMIT_NOFILE, (256, 256));"
+        "print(raise_open_files_limit())"
+    )
+    import sys
+
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 0, p.stderr
+    assert p.stdout.split() == ["8192", "8192", "256"]
+    assert "open files limited to 256" in p.stderr and "ulimit -n" in p.stderr

@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -49,6 +50,15 @@ class ConnectError(OSError):
 
 class Disconnected(OSError):
     pass
+
+
+class OutOfResources(ConnectError):
+    """The shim's own process or host ran out (file descriptors, buffers, memory) making
+    a connection: not the upstream's failure, so not held against its circuit."""
+
+
+# errno values of socket()/connect() that say this host is short of something
+_LOCAL_SHORTAGE = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
 
 
 class _Conn:
@@ -318,6 +328,11 @@ class HostPool:
                 f"connect to {self.host}:{self.port} timed out after {self.connect_timeout:g} s"
             ) from None
         except OSError as exc:
+            if exc.errno in _LOCAL_SHORTAGE:
+                raise OutOfResources(
+                    f"connect to {self.host}:{self.port} failed in the shim itself: "
+                    f"{exc.strerror or exc} (raise `ulimit -n`, or fewer connections)"
+                ) from None
             raise ConnectError(
                 f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}"
             ) from None

@@ -16,6 +16,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import hashlib
+import logging
 import math
 import random
 import re
@@ -41,7 +42,7 @@ from finops.shim.caps import (
     apply_cap,
     estimate_body_tokens,
 )
-from finops.shim.h1client import ConnectError, Disconnected, Response
+from finops.shim.h1client import ConnectError, Disconnected, OutOfResources, Response
 from finops.shim.requestlog import iso_utc, new_record, redact
 from finops.shim.upstreams import STATE_NAMES, Pool, Upstream
 
@@ -1258,6 +1259,9 @@ class ProxyEndpoint:
                 f"upstream {up.url} sent {what} within {limit:g} s ([upstream] "
                 f"{'first_byte_timeout_s' if ctx.stream else 'response_timeout_s'})",
             ) from None
+        except OutOfResources as exc:
+            # the shim's own shortage: a 503 to retry, and no mark against the replica
+            raise UpstreamFailure("shim_resources", 503, f"{exc}") from None
         except ConnectError as exc:
             raise UpstreamFailure(
                 "connect", 502, f"upstream {up.url} refused or unreachable: {exc}"
@@ -1347,7 +1351,8 @@ class ProxyEndpoint:
                     resp, first, it = await self._attempt(ctx, up)
                 except UpstreamFailure as exc:
                     ctx.waited += time.perf_counter() - t_send
-                    if exc.reason == "pool_full":  # the shim's own limit, not the replica
+                    if exc.reason in ("pool_full", "shim_resources"):
+                        # the shim's own limit or shortage, not the replica's fault
                         up.breaker.release_probe(ticket)
                         # no call was made: not an upstream attempt (nor a retry to budget)
                         attempts -= 1
@@ -1359,7 +1364,12 @@ class ProxyEndpoint:
                         up.breaker.release_probe(ticket)
                     else:
                         up.breaker.failure(time.monotonic(), ticket)
-                    shim.logger.warning("upstream attempt failed (%s): %s", exc.reason, exc.message)
+                    shim.logger.log(
+                        logging.ERROR if exc.reason == "shim_resources" else logging.WARNING,
+                        "upstream attempt failed (%s): %s",
+                        exc.reason,
+                        exc.message,
+                    )
                     last = exc
                     rec["fallback_reason"] = exc.reason
                     ctx.tier = up.tier

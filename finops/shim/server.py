@@ -9,6 +9,7 @@ fsynced and closed).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import os
 import signal
@@ -65,6 +66,39 @@ def uvicorn_config(
         # uvicorn's X-Forwarded-For middleware would be per-request work for nothing
         proxy_headers=False,
     )
+
+
+# below this many open files a busy shim runs out (each request holds a client and an
+# upstream socket; idle keep-alive connections hold theirs for 30 s)
+FEW_OPEN_FILES = 4096
+
+
+def raise_open_files_limit() -> int:
+    """Raise this process's soft limit on open files to its hard limit; the limit now.
+
+    A service manager's default soft limit (1024 under systemd) is reached by about 500
+    concurrent requests, and past it the shim fails clients and upstream connections
+    alike. Raising the soft limit up to the hard one needs no privilege (nginx and
+    uvicorn users set `worker_rlimit_nofile` / `LimitNOFILE` for the same reason).
+    """
+    import resource
+
+    inf = resource.RLIM_INFINITY
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    # no "unlimited" for open files: the kernel's nr_open (2^20 by default) caps it
+    target = hard if hard != inf else 1 << 20
+    if soft != inf and soft < target:
+        with contextlib.suppress(ValueError, OSError):
+            resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+            soft = target
+    if soft != inf and soft < FEW_OPEN_FILES:
+        logger.warning(
+            "open files limited to %d (hard limit): about %d concurrent requests; raise it "
+            "(ulimit -n, systemd LimitNOFILE, docker --ulimit nofile) for more",
+            soft,
+            soft // 2,
+        )
+    return soft
 
 
 def configure_logging(log_level: str, tag: str = "") -> None:
@@ -139,6 +173,7 @@ def serve(
     the app took SIGHUP over (the CLI records one meanwhile): a reload, run once serving.
     """
     configure_logging(log_level, log_tag)
+    raise_open_files_limit()
     if recover_logs:
         # before this process opens a log file: one named with our pid is an earlier one's
         recover_log_folder(cfg.log_dir, own_pid_is_stale=app is None)
