@@ -519,6 +519,25 @@ def test_without_auth_an_unknown_id_is_not_looked_for_on_every_request(tmp_path,
     assert len(f.stored_calls) == len(g.stored_calls) == 1
 
 
+def test_unknown_ids_are_remembered_within_bounds(tmp_path, fakes):
+    """A client choosing ids (auth off): ids of 60 kB were each asked of every replica and
+    kept as unknown (~700 MB for 10,000), and expired ones only went by count. An id no
+    server would make is not looked up at all, and the expired go first."""
+    from finops.shim.app import MAX_RESPONSE_ID_CHARS, MISSING_ID_S
+
+    f, url = fakes(store_responses=True)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        r = httpx.get(f"{h.base_url}/responses/resp_{'x' * MAX_RESPONSE_ID_CHARS}")
+        assert r.status_code == 404 and r.json()["error"]["code"] == "response_not_found"
+        assert f.stored_calls == [] and len(h.shim._missing_ids) == 0
+        for i in range(3):
+            assert httpx.get(f"{h.base_url}/responses/resp_old{i}").status_code == 404
+        for k in h.shim._missing_ids:  # their lifetime has passed
+            h.shim._missing_ids[k] -= MISSING_ID_S + 1
+        assert httpx.get(f"{h.base_url}/responses/resp_new").status_code == 404
+        assert list(h.shim._missing_ids) == ["resp_new"]
+
+
 def test_a_cache_hit_indexes_its_id_again(tmp_path, fakes):
     """A cached answer outlives its index entry (other TTLs, the LRU bound): the hit
     indexes the id again, so its follow-ups still find the replica (was: 404 with auth on)."""

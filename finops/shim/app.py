@@ -101,6 +101,9 @@ MISSING_ID_S = 5.0
 # up to 1 s each)
 RECORDS_WAIT_S = 3.0
 MISSING_IDS_MAX = 10_000
+# response ids are ~40 characters (vLLM's resp_ + 32 hex, OpenAI's ~50): a longer one is
+# no id any server made (and, remembered as unknown, cost memory by its length)
+MAX_RESPONSE_ID_CHARS = 256
 
 
 def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
@@ -439,6 +442,8 @@ class Shim:
         With auth off (one tenant) an id neither knows (made before this process started,
         or by another host without Redis) is looked for on every replica.
         """
+        if len(response_id) > MAX_RESPONSE_ID_CHARS:
+            return None  # no server makes such ids: not looked up (nor remembered) anywhere
         entry = self.responses.get(response_id)
         if entry is None and self.shared_index is not None:
             entry = self.shared_index.get(response_id)
@@ -459,6 +464,10 @@ class Shim:
             if entry is not None:
                 self.remember_response(response_id, entry)
             else:
+                # oldest first (one lifetime for all): the expired go first, then the
+                # oldest past the bound (they were only ever dropped by count)
+                while missing and next(iter(missing.values())) <= now:
+                    missing.popitem(last=False)
                 missing[response_id] = now + MISSING_ID_S
                 missing.move_to_end(response_id)
                 while len(missing) > MISSING_IDS_MAX:
