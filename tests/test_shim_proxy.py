@@ -1495,6 +1495,55 @@ def test_coalescing_identical_in_flight_requests(tmp_path, fakes):
     assert "finops_shim_coalesced_total" in m
 
 
+def _stalled_stream(h, body: dict, headers: bytes = b"") -> socket.socket:
+    """A raw-socket streaming client that reads the head and then nothing more."""
+    raw = orjson.dumps({**body, "stream": True})
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.connect(("127.0.0.1", h.port))
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\ncontent-type: application/json\r\n"
+        + headers
+        + b"content-length: %d\r\n\r\n" % len(raw)
+        + raw
+    )
+    assert s.recv(200).startswith(b"HTTP/1.1 200")
+    return s
+
+
+def test_a_leader_held_back_by_its_stalled_client_holds_followers_only_so_long(tmp_path, fakes):
+    """An identical deterministic request waited on a leader whose client had stopped
+    reading, with no limit (no byte after 80 s). It waits as long as it would wait for
+    the upstream itself, then calls it; a duplicate Idempotency-Key gets a 409 to retry
+    rather than a second, billed run."""
+    _f, url = fakes(tokens=200_000)
+    det = {**CHAT, "temperature": 0, "max_tokens": 200_000}
+    limits = {"response_timeout_s": 1.0, "first_byte_timeout_s": 1.0}
+    with _serve(tmp_path, [f"small={url}"], **limits) as h:
+        leader = _stalled_stream(h, det)
+        try:
+            t0 = time.monotonic()
+            r = httpx.post(h.base_url + "/chat/completions", json=det, timeout=30)
+            assert r.status_code == 200 and time.monotonic() - t0 < 10
+        finally:
+            leader.close()
+        other = {**det, "max_tokens": 199_999}  # not answered from the cache meanwhile
+        idem = _stalled_stream(h, other, b"idempotency-key: k1\r\n")
+        try:
+            r2 = httpx.post(
+                h.base_url + "/chat/completions",
+                content=orjson.dumps({**other, "stream": True}),  # the same request again
+                headers={"idempotency-key": "k1", "content-type": "application/json"},
+            )
+        finally:
+            idem.close()
+        metrics = httpx.get(h.url + "/metrics").text
+    assert r.headers["x-finops-cache"] == "miss"
+    assert "finops_shim_coalesce_timeouts_total 1.0" in metrics
+    assert r2.status_code == 409 and r2.headers["retry-after"] == "5"
+    assert r2.json()["error"]["code"] == "idempotency_key_in_progress"
+
+
 def test_idempotency_key_replays_and_logs_retry(tmp_path, fakes):
     f, url = fakes()
     with _serve(tmp_path, [f"small={url}"]) as h:

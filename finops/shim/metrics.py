@@ -221,6 +221,12 @@ class ShimMetrics:
             ["tier"],
             registry=r,
         )
+        self.coalesce_timeouts = Counter(
+            "finops_shim_coalesce_timeouts",
+            "Requests that stopped waiting for an identical one in flight (held back by its "
+            "slow client) and called the upstream themselves.",
+            registry=r,
+        )
         self.cap_reroutes = Counter(
             "finops_shim_cap_reroutes",
             "Routed requests over their routed tier's context cap, sent to a tier up whose "

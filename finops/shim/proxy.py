@@ -581,16 +581,27 @@ async def _answer_internal_error(ctx: Ctx, exc: Exception, path: str, send: Any)
 
 async def _wait_for_leader(ctx: Ctx, leader: asyncio.Future, receive: Any) -> Any:
     """Wait for an identical request in flight (coalescing, or the original of an
-    Idempotency-Key); its result, or ClientGone if our client leaves meanwhile.
+    Idempotency-Key); its result, or ClientGone if our client leaves meanwhile, or
+    TimeoutError past `_follow_limit` (a leader held back by its own slow client).
 
     The wait is upstream time, not the shim's overhead. The leader's future is
     shielded: the other followers still get its result when this one leaves.
     """
     t = time.perf_counter()
     try:
-        return await DisconnectWatch(receive).run(asyncio.shield(leader))
+        async with asyncio.timeout(_follow_limit(ctx)):
+            return await DisconnectWatch(receive).run(asyncio.shield(leader))
     finally:
         ctx.waited += time.perf_counter() - t
+
+
+def _follow_limit(ctx: Ctx) -> float:
+    """How long a request waits on an identical one in flight: as long as it would wait
+    for the upstream itself (a stream's first byte, a whole plain answer). A leader
+    streams at its own client's pace, and one that stopped reading held every follower
+    with no limit."""
+    cfg = ctx.shim.cfg
+    return cfg.first_byte_timeout_s if ctx.stream else cfg.response_timeout_s
 
 
 def _mark_client_gone(rec: dict) -> None:
@@ -892,20 +903,35 @@ class ProxyEndpoint:
                         rec["cache_status"] = "hit"
                         await self._respond_cached(ctx, meta, payload, send)
                         return
-                if not local:
-                    waiter = shim.coalescer.join(idem_id)
-                    if waiter is not None:
-                        # then read the original's record
-                        await _wait_for_leader(ctx, waiter, receive)
-                        continue
-                    local = True
-                if not shared or await shim.idem_claim(idem_id, rec["request_id"]):
-                    claimed = shared
-                    running = True
-                    break
-                # another worker or host runs this key: wait for its record, then
-                # replay it (or, if it failed, run as a retry)
-                await self._wait_for_claim(ctx, idem_id, receive)
+                try:
+                    if not local:
+                        waiter = shim.coalescer.join(idem_id)
+                        if waiter is not None:
+                            # then read the original's record
+                            await _wait_for_leader(ctx, waiter, receive)
+                            continue
+                        local = True
+                    if not shared or await shim.idem_claim(idem_id, rec["request_id"]):
+                        claimed = shared
+                        running = True
+                        break
+                    # another worker or host runs this key: wait for its record, then
+                    # replay it (or, if it failed, run as a retry)
+                    async with asyncio.timeout(_follow_limit(ctx)):
+                        await self._wait_for_claim(ctx, idem_id, receive)
+                except TimeoutError:
+                    # the original still runs (its client reads slowly or not at all):
+                    # running this one too would bill the key twice
+                    err = HTTPError(
+                        409,
+                        "A request with this Idempotency-Key is still in progress (for "
+                        f"more than {_follow_limit(ctx):g} s); retry it later to get its "
+                        "answer.",
+                        "invalid_request_error",
+                        "idempotency_key_in_progress",
+                    )
+                    err.headers.append((b"retry-after", b"5"))
+                    raise err from None
         finally:
             if local and not running:
                 shim.coalescer.finish(idem_id, True)
@@ -1017,7 +1043,19 @@ class ProxyEndpoint:
                     leader = key
                     break
                 rec["cache_status"] = "coalesced"  # also if the client leaves while waiting
-                result = await _wait_for_leader(ctx, waiter, receive)
+                try:
+                    result = await _wait_for_leader(ctx, waiter, receive)
+                except TimeoutError:
+                    # the leader is held back (its client reads slowly or not at all):
+                    # this request calls the upstream itself rather than wait on it
+                    shim.metrics.coalesce_timeouts.inc()
+                    shim.logger.info(
+                        "request %s stopped waiting for an identical one in flight after "
+                        "%g s: calling the upstream itself",
+                        rec["request_id"],
+                        _follow_limit(ctx),
+                    )
+                    break
                 if isinstance(result, LeaderFailure):
                     # the upstream failed the leader: the same answer, not another call
                     # (a hanging upstream would otherwise be waited on once per follower)
