@@ -563,7 +563,8 @@ def test_reload_stops_reporting_removed_upstreams(tmp_path, upstream):
 
     write([gone, url])
     with serve_in_thread(load_config(conf)) as h:
-        h.shim.pool.tiers["small"][0].breaker.state = 1  # open
+        breaker = h.shim.pool.tiers["small"][0].breaker
+        breaker.state, breaker.opened_at = 1, time.monotonic()  # open, in its cooldown
         before = gauges(h)
         assert f'finops_shim_circuit_state{{tier="small",upstream="{gone}"}} 1.0' in before
         write([url])

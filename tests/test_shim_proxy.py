@@ -1544,6 +1544,25 @@ def test_a_leader_held_back_by_its_stalled_client_holds_followers_only_so_long(t
     assert r2.json()["error"]["code"] == "idempotency_key_in_progress"
 
 
+def test_a_stream_whose_client_takes_no_bytes_ends_at_the_send_timeout(tmp_path, fakes):
+    """A client that stopped reading held its upstream request (the GPU generating into a
+    full buffer, a pooled connection) and kept its record back for as long as its socket
+    lived. Past [limits] send_timeout_s the stream ends as if the client had left: the
+    upstream request is cancelled and the record says client_stalled."""
+    f, url = fakes(tokens=200_000)
+    body = {**CHAT, "max_tokens": 200_000}
+    with _serve(tmp_path, [f"small={url}"], send_timeout_s=1.0) as h:
+        s = _stalled_stream(h, body)
+        try:
+            (rec,) = _records(h.shim, 1, timeout=15)
+        finally:
+            s.close()
+        _wait_for(lambda: f.disconnects == 1)
+        assert h.shim.pool.tiers["small"][0].outstanding == 0
+    assert (rec["status_code"], rec["error_type"]) == (499, "client_stalled")
+    assert 0 < rec["output_tokens"] < 200_000
+
+
 def test_idempotency_key_replays_and_logs_retry(tmp_path, fakes):
     f, url = fakes()
     with _serve(tmp_path, [f"small={url}"]) as h:

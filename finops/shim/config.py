@@ -124,6 +124,8 @@ class ShimConfig:
     # request limits
     max_body_bytes: int = 4 * 1024 * 1024
     body_timeout_s: float = 30.0
+    # a stream's write the client has not taken for this long ends it (nginx send_timeout)
+    send_timeout_s: float = 60.0
     # request log
     log_dir: Path | None = None
     log_rotate_bytes: int = 64 * 1024 * 1024
@@ -702,11 +704,13 @@ def parse_config(
 
     w = f"{source}: [limits]"
     lim = _table(data, "limits", w)
-    _only(lim, ("max_body_bytes", "body_timeout_s"), w)
+    _only(lim, ("max_body_bytes", "body_timeout_s", "send_timeout_s"), w)
     kw["max_body_bytes"] = _get(lim, "max_body_bytes", int, w, 4 * 1024 * 1024)
     _at_least(kw["max_body_bytes"], 1, f"{w} max_body_bytes")
     kw["body_timeout_s"] = _get(lim, "body_timeout_s", float, w, 30.0)
     _positive(kw["body_timeout_s"], f"{w} body_timeout_s")
+    kw["send_timeout_s"] = _get(lim, "send_timeout_s", float, w, 60.0)
+    _positive(kw["send_timeout_s"], f"{w} send_timeout_s")
 
     w = f"{source}: [log]"
     log = _table(data, "log", w)

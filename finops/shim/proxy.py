@@ -77,6 +77,48 @@ class ClientGone(Exception):
     """The client disconnected before its answer was complete."""
 
 
+class SendStallGuard:
+    """Ends a stream whose client has stopped taking its bytes for `timeout` seconds, as
+    nginx's `send_timeout` does: the connection is aborted, which the server reports as
+    the client leaving, so the upstream request is cancelled (the GPU freed, the
+    connection back in the pool) and the record written. Without it a client that stopped
+    reading (a paused debugger, a phone gone to sleep) held both for as long as its socket
+    lived.
+
+    One timer per stream, re-armed only when it fires; the stream marks each write's start
+    (`since`) and end (None). Works with uvicorn's connection (`send` is a method of its
+    request cycle); with any other server it stays off.
+    """
+
+    __slots__ = ("_abort", "_handle", "_loop", "_timeout", "since", "stalled")
+
+    def __init__(self, send: Any, timeout: float) -> None:
+        transport = getattr(getattr(send, "__self__", None), "transport", None)
+        self._abort = getattr(transport, "abort", None)
+        self._timeout = timeout
+        self.since: float | None = None
+        self.stalled = False
+        self._loop = asyncio.get_running_loop()
+        self._handle: asyncio.TimerHandle | None = (
+            self._loop.call_later(timeout, self._check) if self._abort is not None else None
+        )
+
+    def _check(self) -> None:
+        since = self.since
+        waited = 0.0 if since is None else time.perf_counter() - since
+        if waited >= self._timeout and self._abort is not None:
+            self._handle = None
+            self.stalled = True
+            self._abort()
+            return
+        self._handle = self._loop.call_later(self._timeout - waited, self._check)
+
+    def stop(self) -> None:
+        if self._handle is not None:
+            self._handle.cancel()
+            self._handle = None
+
+
 class DisconnectWatch:
     """Cancel the request's task when its client disconnects while the upstream works.
 
@@ -1636,6 +1678,7 @@ class ProxyEndpoint:
         blame_upstream = True
         stopping = False  # the shim's drain ran out while this stream was going
         yielded = time.perf_counter()
+        guard = SendStallGuard(send, shim.cfg.send_timeout_s)
         try:
             now = time.perf_counter()
             await send(_sse_start(ctx, now))
@@ -1710,6 +1753,7 @@ class ProxyEndpoint:
                         # watcher goes first: once the response is complete, the server
                         # reports any receive() as a disconnect.
                         watch.stop()
+                    guard.since = now
                     await send(
                         {
                             "type": "http.response.body",
@@ -1717,6 +1761,7 @@ class ProxyEndpoint:
                             "more_body": not last,
                         }
                     )
+                    guard.since = None
                     state["delivered"] = last
                     if last:
                         ctx.answered_at = time.perf_counter()
@@ -1773,16 +1818,26 @@ class ProxyEndpoint:
             # got the whole answer: that is a served request, not an abort.
             if not stopping and not state["delivered"]:
                 rec["status_code"] = 499
-                rec["error_type"] = "client_disconnected"
-                shim.logger.info(
-                    "client disconnected mid-stream; upstream request %s cancelled",
-                    rec["request_id"],
-                )
+                if guard.stalled:
+                    rec["error_type"] = "client_stalled"
+                    shim.logger.info(
+                        "client took no bytes for %g s ([limits] send_timeout_s): stream "
+                        "ended, upstream request %s cancelled",
+                        shim.cfg.send_timeout_s,
+                        rec["request_id"],
+                    )
+                else:
+                    rec["error_type"] = "client_disconnected"
+                    shim.logger.info(
+                        "client disconnected mid-stream; upstream request %s cancelled",
+                        rec["request_id"],
+                    )
         except Exception as exc:  # a bug here must still end the stream cleanly and log
             shim.logger.exception("unexpected error while streaming %s", rec["request_id"])
             failure = (500, f"internal:{type(exc).__name__}", "internal error in the finops shim")
         finally:
             watch.stop()
+            guard.stop()
             resp.close()  # no-op when the body was read to its end; else vLLM sees the abort
             if failure is None or not blame_upstream:
                 up.breaker.success(ticket)
