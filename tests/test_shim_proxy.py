@@ -1563,6 +1563,28 @@ def test_a_stream_whose_client_takes_no_bytes_ends_at_the_send_timeout(tmp_path,
     assert 0 < rec["output_tokens"] < 200_000
 
 
+def test_a_stream_too_big_to_keep_is_not_collected_but_still_replays_its_key(
+    tmp_path, fakes, monkeypatch
+):
+    """A cacheable stream kept every chunk parsed (~1 kB a token: 300 MB for five greedy
+    100k-token streams at once). Past MAX_COLLECT_BYTES it stops: the answer is not
+    cached, and an Idempotency-Key still replays the stream as it was sent."""
+    from finops.shim import proxy
+
+    monkeypatch.setattr(proxy, "MAX_COLLECT_BYTES", 2_000)
+    f, url = fakes(tokens=50)
+    big = {**CHAT, "temperature": 0, "max_tokens": 50, "stream": True}
+    small = {**big, "max_tokens": 5}
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        post = lambda body, **kw: httpx.post(h.base_url + "/chat/completions", json=body, **kw)  # noqa: E731
+        caches = [post(b).headers["x-finops-cache"] for b in (big, big, small, small)]
+        first = post(big, headers={"idempotency-key": "k"})
+        again = post(big, headers={"idempotency-key": "k"})
+    assert caches == ["miss", "miss", "miss", "hit"]
+    assert again.headers["x-finops-cache"] == "hit" and again.content == first.content
+    assert f.calls == 4
+
+
 def test_idempotency_key_replays_and_logs_retry(tmp_path, fakes):
     f, url = fakes()
     with _serve(tmp_path, [f"small={url}"]) as h:

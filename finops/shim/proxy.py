@@ -65,6 +65,10 @@ YIELD_EVERY_S = 0.005
 # one SSE event's most bytes: a Responses stream's last event holds the whole answer; an
 # upstream past this without an event's end is broken (the shim would buffer it all)
 MAX_EVENT_BYTES = 16 * 1024 * 1024
+# A cacheable (or Idempotency-Key) stream keeps its chunks, parsed, to rebuild the answer
+# (~1 kB of memory per token); past this many bytes of events it stops and the answer is
+# not cached: five 100k-token greedy streams at once held 300 MB.
+MAX_COLLECT_BYTES = 4 * 1024 * 1024
 # a request still waiting on its upstream after this long starts watching for its client leaving
 WATCH_AFTER_S = 0.02
 # a duplicate Idempotency-Key request polls the shared store this often while another
@@ -1666,6 +1670,7 @@ class ProxyEndpoint:
             "delivered": False,
             "first_token": None,
             "error": None,  # an error event the upstream sent in the stream
+            "collected": 0,  # bytes of the events in `collect` (None past MAX_COLLECT_BYTES)
         }
         buf = b""
         # finish chunks waiting for the usage chunk we drop (one per choice; n > 1 streams
@@ -1908,7 +1913,7 @@ class ProxyEndpoint:
             "response_model": rec["response_model"],
             "finish_reason": rec["finish_reason"],
         }
-        if collect is not None:
+        if collect is not None and state["collected"] is not None:
             full = assemble_stream(collect, self.operation)
             if full is not None:
                 payload = orjson.dumps(full)
@@ -1967,8 +1972,13 @@ class ProxyEndpoint:
         usage = obj.get("usage")
         if usage:
             state["usage"] = usage
-        if collect is not None:
-            collect.append(obj)
+        if collect is not None and state["collected"] is not None:
+            state["collected"] += len(ev)
+            if state["collected"] > MAX_COLLECT_BYTES:
+                collect.clear()  # too big to keep: not cached (an Idempotency-Key keeps `sent`)
+                state["collected"] = None
+            else:
+                collect.append(obj)
         if choices and isinstance(choices, list):
             state["choice_event"] = True
             for ch in choices:
