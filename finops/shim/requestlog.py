@@ -310,6 +310,13 @@ def _taken_over(fh: Any, path: Path) -> bool:
     return False
 
 
+def _discard(fh: Any, path: Path) -> None:
+    """Close and remove a file this writer just made and cannot use (errors ignored)."""
+    with contextlib.suppress(OSError):
+        fh.close()
+        path.unlink()
+
+
 def _claimer_pid(path: Path) -> int | None:
     """The pid of the process that claimed a file (`....jsonl.open.<pid>-<token>.claim`)."""
     head = path.name[: -len(_CLAIM)].rsplit(".", 1)[-1].split("-", 1)[0]
@@ -533,9 +540,7 @@ class RequestLog:
             except FileNotFoundError:
                 pass
             except OSError:
-                with contextlib.suppress(OSError):
-                    fh.close()
-                    path.unlink()
+                _discard(fh, path)
                 raise
             with contextlib.suppress(OSError):
                 fh.close()
@@ -627,9 +632,7 @@ class RequestLog:
         try:
             st = os.fstat(fh.fileno())
         except OSError:
-            with contextlib.suppress(OSError):
-                fh.close()
-                path.unlink()
+            _discard(fh, path)
             raise
         with contextlib.suppress(OSError):
             self._fh.close()
