@@ -1474,6 +1474,26 @@ def test_auth_missing_and_unknown_key_401(tmp_path, fakes):
     assert cfg.api_keys == {hash_key("sekret"): "acme"}
 
 
+def test_two_authorization_headers_are_refused_and_every_endpoint_reads_keys_alike(tmp_path, fakes):
+    """Authorization is no list header: with two, inference billed the last key and
+    /v1/models checked the first (a gateway checking one could be walked past). And
+    /v1/models re-encoded the header, refusing a non-ASCII key the others accept."""
+    _, url = fakes()
+    keys = ["sk-alice=alice", "sk-bob=bob", "sk-\u00e9=eve"]
+    cfg = from_flags([f"small={url}"], api_keys=keys, log_dir=tmp_path / "log")
+    two = [(b"authorization", b"Bearer sk-alice"), (b"authorization", b"Bearer sk-bob")]
+    with serve_in_thread(cfg) as h, httpx.Client() as c:
+        for method, path in (("POST", "/chat/completions"), ("GET", "/models")):
+            r = c.request(method, h.base_url + path, json=CHAT, headers=two)
+            assert r.status_code == 401, path
+            assert "More than one Authorization header" in r.json()["error"]["message"]
+        r = c.get(f"{h.base_url}/responses/resp_x", headers=two)
+        assert r.status_code == 401
+        eve = {"authorization": "Bearer sk-\u00e9".encode()}
+        assert c.post(h.base_url + "/chat/completions", json=CHAT, headers=eve).status_code == 200
+        assert c.get(h.base_url + "/models", headers=eve).status_code == 200
+
+
 def test_coalescing_identical_in_flight_requests(tmp_path, fakes):
     f, url = fakes("slow", tokens=5, delay_s=0.05)
     with _serve(tmp_path, [f"small={url}"]) as h:

@@ -38,7 +38,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 
-from finops.shim.auth import AuthError, tenant_for
+from finops.shim.auth import AuthError, authorization, tenant_for
 from finops.shim.cache import (
     SKIPPED,
     BadSignature,
@@ -959,8 +959,10 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
 
     async def models(request: Request) -> Response:
         try:
+            # the raw bytes, as the other endpoints read them (Starlette's str is latin-1:
+            # re-encoded as UTF-8, a non-ASCII key was refused here and accepted there)
             tenant_for(
-                request.headers.get("authorization", "").encode() or None,
+                authorization(request.scope["headers"]),
                 shim.cfg.api_keys,
                 shim.cfg.default_tenant,
             )

@@ -27,6 +27,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 import orjson
 
 from finops.router.features import estimate_prompt_tokens
+from finops.shim.auth import DUPLICATE as AUTH_DUPLICATE
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import (
     SKIPPED,
@@ -497,7 +498,7 @@ def _scan_headers(
             ctx.client_request_id = v
             continue
         if k == b"authorization":
-            auth = v
+            auth = v if auth is None else AUTH_DUPLICATE
         elif k == b"content-length":
             try:
                 declared = int(v)

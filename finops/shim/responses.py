@@ -46,7 +46,7 @@ import httpx
 import orjson
 
 from finops.router.features import estimate_prompt_tokens
-from finops.shim.auth import AuthError, tenant_for
+from finops.shim.auth import AuthError, authorization, tenant_for
 from finops.shim.cache import responses_replayable
 from finops.shim.caps import TEXT_PART_TYPES, applicable_cap, estimate_body_tokens
 from finops.shim.proxy import (
@@ -554,12 +554,10 @@ class StoredResponseEndpoint:
                     "invalid_request_error",
                     "not_found",
                 )
-            auth = None
+            auth = authorization(scope["headers"])
             declared = None
             for k, v in scope["headers"]:
-                if k == b"authorization":
-                    auth = v
-                elif k == b"content-length" and v.isdigit():
+                if k == b"content-length" and v.isdigit():
                     declared = int(v)
             cfg = shim.cfg
             try:
