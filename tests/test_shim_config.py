@@ -389,6 +389,15 @@ def test_empty_api_key_is_refused_in_cli_and_config():
         parse_config(tomllib.loads(text), source="shim.toml")
 
 
+@pytest.mark.parametrize("key", ["sk-up\\r\\nx-injected: yes", "sk-up\\n", "sk up", "sk-\\u00e9"])
+def test_an_upstream_key_that_cannot_be_a_header_value_is_refused(key):
+    """The tier's api_key is written into every upstream request's Authorization header:
+    a line break (a key pasted with its newline) injected headers or ended the head."""
+    text = f'[tiers.small]\nupstreams = ["http://127.0.0.1:9"]\napi_key = "{key}"\n'
+    with pytest.raises(ConfigError, match=r"tiers.small\] api_key.*printable ASCII"):
+        parse_config(tomllib.loads(text), source="shim.toml")
+
+
 def test_help_keeps_config_table_names():
     """Rich reads "[server]" in a help text as markup and drops it."""
     from finops.cli import app

@@ -417,6 +417,14 @@ def parse_config(
             f"{where} api_key",
             "expected the upstream's key, got an empty string (leave it out for none)",
         )
+        # it goes into a header of every upstream request: a line break there (a key
+        # pasted with its newline) ended the header block early or injected headers
+        _expect(
+            tier_key is None or all("!" <= c <= "~" for c in tier_key),
+            f"{where} api_key",
+            "expected printable ASCII without spaces or line breaks (a key pasted with "
+            "its newline?)",
+        )
         tiers[name] = TierConfig(
             name=name,
             upstreams=_check_urls(ups, f"{where} upstreams"),
