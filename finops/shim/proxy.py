@@ -1265,15 +1265,17 @@ class ProxyEndpoint:
                     # ingress sending http to https, a login page) is no OpenAI answer,
                     # and a redirect passed on would send the client past the shim
                     where = resp.headers.get("location")
+                    if where and 300 <= resp.status < 400:
+                        # for the operator only: the target is another internal address
+                        shim.logger.warning(
+                            "upstream %s redirects to %r: point the upstream URL there",
+                            up.url,
+                            where[:200],
+                        )
                     raise UpstreamFailure(
                         "bad_response",
                         502,
-                        f"upstream {up.url} answered {resp.status}, not an OpenAI answer"
-                        + (
-                            f" (a redirect to {where[:200]!r}: point the upstream URL there)"
-                            if where and 300 <= resp.status < 400
-                            else ""
-                        ),
+                        f"upstream {up.url} answered {resp.status}, not an OpenAI answer",
                     )
                 if not ctx.stream or resp.status != 200:
                     data = await resp.read()
