@@ -2117,6 +2117,25 @@ def test_a_slow_upload_is_not_the_shims_overhead(tmp_path, fakes):
         assert sorted(r["status_code"] for r in recs) == [200, 408]
 
 
+def test_embeddings_never_fall_back_to_another_tiers_model(tmp_path, fakes):
+    """Another tier serves another embedding model: its vectors live in another space,
+    often of another length, and written to an index they corrupt it silently. A failed
+    tier's embeddings were answered 200 by the next tier's model; only the tier's own
+    replicas may answer now."""
+    _bad, bad_url = fakes("error500")
+    good, good_url = fakes()
+    _ok, ok_url = fakes()
+    ups = [f"small={bad_url}", f"small={ok_url}", f"large={good_url}"]
+    body = {"model": "small", "input": "hello"}
+    with _serve(tmp_path, ups, breaker_failures=100) as h:
+        out = [httpx.post(h.base_url + "/embeddings", json=body) for _ in range(4)]
+    assert [r.status_code for r in out] == [200] * 4  # the tier's other replica answers
+    assert all(r.headers["x-finops-tier"] == "small" for r in out)
+    with _serve(tmp_path / "alone", [f"small={bad_url}", f"large={good_url}"]) as h:
+        r = httpx.post(h.base_url + "/embeddings", json=body)
+    assert r.status_code == 500 and good.calls == 0
+
+
 def test_embeddings_refused_before_forwarding_have_no_cache_status(tmp_path, fakes):
     """Counted like chat: the cache counter and cache_status are the cache step's, which a
     request refused before it (401, unknown model) never reaches."""

@@ -396,6 +396,7 @@ class Ctx:
         "input_count",
         "keep_result",
         "known_count",
+        "one_tier",
         "open",
         "operation",
         "pin",
@@ -434,6 +435,9 @@ class Ctx:
         self.input_count: int | None = None  # the cap step's count, once there is one
         # (body, exact count) the routing step already asked /tokenize for
         self.known_count: tuple[dict, int] | None = None
+        # only the tier asked for may answer (embeddings: another tier's model gives
+        # vectors of another space, often of another length)
+        self.one_tier = False
         self.body: dict = {}
         self.result: tuple[dict, bytes] | None = None
         # the upstream's failure as the client got it, for coalesced followers
@@ -1414,6 +1418,8 @@ class ProxyEndpoint:
         for up in pool.candidates(tier0):
             if pin is not None and up.url != pin:
                 continue  # another server does not have what the request builds on
+            if ctx.one_tier and up.tier != tier0:
+                break
             if up.tier != tier0 and await self._over_cap(ctx, up):
                 continue  # a fallback must not get round a stricter cap on another tier
             now = time.monotonic()
@@ -2401,6 +2407,7 @@ class EmbeddingsEndpoint:
             tier = shim.resolve_model(model)
             if tier == "@route":
                 tier = shim.cfg.tier_names[0]  # embeddings are not classified: cheapest tier
+            ctx.one_tier = True  # another replica of its tier, never another tier's model
             if tier is None:
                 raise HTTPError(
                     404,
