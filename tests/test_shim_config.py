@@ -3,6 +3,7 @@ explicit-model policies, cap precedence, and OpenAI-shaped errors for unknown pa
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import pickle
 import threading
@@ -551,6 +552,44 @@ def test_unknown_paths_get_an_openai_shaped_404(tmp_path, upstream):
 
 
 # -- 6. metrics across reload --
+
+
+def test_a_reload_moving_a_tier_to_a_new_replica_stays_ready_and_asks_lengths_again(
+    tmp_path, fakes
+):
+    """A tier moved to a new, healthy replica read as down in /readyz between the swap and
+    its first probe (a load balancer's probe could take the shim out), and /v1/models'
+    max_model_len was asked once ever: a model redeployed longer kept its old length."""
+    old, old_url = fakes(name="m", max_model_len=8192)
+    _new, new_url = fakes(name="m", max_model_len=8192)
+    conf = tmp_path / "shim.toml"
+    conf.write_text(f'[tiers.small]\nupstreams = ["{old_url}"]\nmodel = "m"\n')
+    with serve_in_thread(load_config(conf)) as h:
+
+        def length() -> int | None:
+            return httpx.get(h.base_url + "/models").json()["data"][0].get("max_model_len")
+
+        deadline = time.monotonic() + 5
+        while length() != 8192 and time.monotonic() < deadline:
+            time.sleep(0.05)
+        old.max_model_len = 131072  # redeployed with a longer context
+        ok, msg = h.call(h.shim.areload())
+        assert ok, msg
+        assert length() == 131072
+        conf.write_text(f'[tiers.small]\nupstreams = ["{new_url}"]\nmodel = "m"\n')
+        ready = []
+
+        async def reload_and_watch() -> tuple[bool, str]:
+            task = asyncio.create_task(h.shim.areload())
+            while not task.done():
+                ready.append(h.shim.readiness()[0])
+                await asyncio.sleep(0)
+            ready.append(h.shim.readiness()[0])
+            return await task
+
+        ok, msg = h.call(reload_and_watch())
+        assert ok, msg
+    assert all(ready), ready
 
 
 def test_reload_stops_reporting_removed_upstreams(tmp_path, upstream):

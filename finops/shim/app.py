@@ -711,21 +711,42 @@ class Shim:
                 cfg, router = await asyncio.to_thread(self._build)
             except Exception as exc:
                 return self._refused(exc)
+            # replicas new to the pool are probed before the swap: swapped in unknown, a
+            # tier moved to a new (healthy) replica read as down in /readyz until the
+            # probe came back, and a load balancer's probe could take the shim out
+            known = {u.url for u in self.pool.all()}
+            fresh = {u for t in cfg.tiers.values() for u in t.upstreams if u not in known}
+            probed: dict[str, bool] = {}
+            if fresh and self.client is not None:
+                with contextlib.suppress(Exception):
+                    timeout = min(2.0, cfg.connect_timeout_s + 1)
+                    got = await asyncio.gather(*(self._healthy(u, timeout) for u in fresh))
+                    probed = dict(zip(fresh, got, strict=True))
             result = self._swap(cfg, router)
-        if any(u.reachable is None for u in self.pool.all()) and self.client is not None:
+            for u in self.pool.all():
+                if u.reachable is None and u.url in probed:
+                    u.reachable = probed[u.url]
+                u.max_model_len = None  # asked again: a redeployed model's length changes
+        if self.client is not None:
             with contextlib.suppress(Exception):  # the health loop reports failures
                 await self.check_upstreams()
         return result
 
+    async def _healthy(self, url: str, timeout: float) -> bool:
+        try:
+            r = await self.client.get(url + "/health", timeout=timeout)
+        except httpx.HTTPError:
+            return False
+        return r.status_code < 500
+
     async def check_upstreams(self) -> None:
         async def probe(u: Any) -> None:
             timeout = min(2.0, self.cfg.connect_timeout_s + 1)
-            try:
-                r = await self.client.get(u.url + "/health", timeout=timeout)
-                u.reachable = r.status_code < 500
-            except httpx.HTTPError:
-                u.reachable = False
-            if u.reachable and u.max_model_len is None:
+            was = u.reachable
+            u.reachable = await self._healthy(u.url, timeout)
+            # asked once, and again when the replica comes back (a restart may serve
+            # another length) or had not said (0: a model name it did not list yet)
+            if u.reachable and (u.max_model_len in (None, 0) or was is False):
                 u.max_model_len = await self._max_model_len(u, timeout)
 
         await asyncio.gather(*(probe(u) for u in self.pool.all()))
