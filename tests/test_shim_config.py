@@ -117,6 +117,10 @@ def test_deny_routes_aliases_of_the_alias_and_refuses_tier_names(tmp_path, upstr
         for name in ("large", "llama-70b"):
             r = httpx.post(post, json={**CHAT, "model": name})
             assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
+        # an unknown name's 404 points only at what routes, not at tiers refused with 403
+        r = httpx.post(post, json={**CHAT, "model": "gpt-5"})
+        assert r.status_code == 404 and "use `auto`." in r.json()["error"]["message"]
+        assert "large" not in r.json()["error"]["message"]
     # an alias to a tier could never be served under deny: refused at load time
     with pytest.raises(ConfigError, match=r"model_aliases: \['cheap'\] point at a tier"):
         parse_config(

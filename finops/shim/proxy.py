@@ -2264,9 +2264,11 @@ def _resolve(shim: Shim, model: str) -> Any:
     tier = shim.resolve_model(model)
     if tier is None:
         cfg = shim.cfg
+        # under `explicit = "deny"` the tiers are refused too: name only what routes
+        others = "" if cfg.explicit == "deny" else f" or one of {list(cfg.tiers)}"
         raise HTTPError(
             404,
-            f"The model `{model}` does not exist here; use `{cfg.alias}` or one of {list(cfg.tiers)}.",
+            f"The model `{model}` does not exist here; use `{cfg.alias}`{others}.",
             "invalid_request_error",
             "model_not_found",
             param="model",
