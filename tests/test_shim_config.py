@@ -130,6 +130,35 @@ def test_deny_routes_aliases_of_the_alias_and_refuses_tier_names(tmp_path, upstr
         parse_config(tomllib.loads(_two_tiers(url, 'reroute = {large = "auto"}')))
 
 
+@pytest.mark.parametrize(
+    ("routing", "small_model", "match"),
+    [
+        ('extra_aliases = ["llama-70b"]', "llama-8b", r"alias: \['llama-70b'\] is also the model"),
+        ('alias = "llama-70b"', "llama-8b", r"alias: \['llama-70b'\] is also the model"),
+        ("", "large", r"\[tiers.small\] model: 'large' is also a tier's name"),
+        ("", "auto", r"alias: \['auto'\] is also the model"),
+        (
+            'explicit = "reroute"\nmodel_aliases = {"gpt-4o" = "small"}\n'
+            'reroute = {"gpt-4o" = "large"}',
+            "llama-8b",
+            r"reroute: \['gpt-4o'\] also in model_aliases",
+        ),
+    ],
+)
+def test_a_name_two_rules_would_serve_is_refused_at_load(routing, small_model, match):
+    """An alias equal to a tier's served model name (clients may send it) went through
+    the classifier to another model; a tier serving another tier's name, or a name in
+    both model_aliases and reroute, were served by whichever rule the shim applied last,
+    and /v1/models described another. All passed `shim check`."""
+    text = (
+        f'[tiers.small]\nupstreams = ["http://127.0.0.1:9"]\nmodel = "{small_model}"\n'
+        '[tiers.large]\nupstreams = ["http://127.0.0.1:9"]\nmodel = "llama-70b"\n'
+        f"[routing]\n{routing}\n"
+    )
+    with pytest.raises(ConfigError, match=match):
+        parse_config(tomllib.loads(text), source="shim.toml")
+
+
 def _model_ids(h) -> list[str]:
     return [m["id"] for m in httpx.get(h.base_url + "/models").json()["data"]]
 

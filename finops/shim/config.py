@@ -467,6 +467,22 @@ def parse_config(
         f"{w} alias",
         f"{clash} is also a tier name; a name is either the routing alias or a tier",
     )
+    # clients may send a tier's served model name too: one that is also an alias or
+    # another tier's name was served by whichever rule the shim applied last
+    served = {t.model: n for n, t in tiers.items() if t.model != n}
+    clash = [a for a in aliases if a in served]
+    _expect(
+        not clash,
+        f"{w} alias",
+        f"{clash} is also the model name tier {[served[a] for a in clash]} serves; a name "
+        "is either the routing alias or a tier's",
+    )
+    for model, n in served.items():
+        _expect(
+            model not in tiers,
+            f"{source}: [tiers.{n}] model",
+            f"{model!r} is also a tier's name: clients sending it would get one of two tiers",
+        )
     kw["explicit"] = _get(routing, "explicit", str, w, "allow")
     _expect(
         kw["explicit"] in EXPLICIT_POLICIES,
@@ -504,6 +520,12 @@ def parse_config(
         not kw["reroute"] or kw["explicit"] == "reroute",
         f"{w} reroute",
         f'only used with explicit = "reroute" (explicit is {kw["explicit"]!r})',
+    )
+    both = sorted(set(kw["reroute"]) & set(kw["model_aliases"]))
+    _expect(
+        not both,
+        f"{w} reroute",
+        f"{both} also in model_aliases: a name goes to one place; keep it in one table",
     )
     if kw["explicit"] == "deny":
         # deny refuses every name that picks a tier, model_aliases included: such an alias
