@@ -106,6 +106,10 @@ def test_reroute_covers_the_upstream_model_name(tmp_path, upstream):
             assert r.status_code == 200, r.text
             assert r.headers["x-finops-tier"] == "small", name  # routed, not sent to large
             assert f.bodies[-1]["model"] == "llama-8b"
+        # /v1/models says where each name goes, after the reroute (it said "tier large")
+        info = {m["id"]: m["finops"] for m in httpx.get(h.base_url + "/models").json()["data"]}
+    assert info["large"]["kind"] == "reroute" and info["large"]["served_by"] == "router"
+    assert info["llama-70b"]["served_by"] == "router" and info["small"]["served_by"] == "small"
 
 
 def test_deny_routes_aliases_of_the_alias_and_refuses_tier_names(tmp_path, upstream):

@@ -1022,11 +1022,15 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
             n = routed_len if target == "@route" else lens.get(target)
             if n:
                 entry["max_model_len"] = n
-            entry["finops"] = info
+            # where a request for the name goes, after every rule (a reroute included)
+            entry["finops"] = {**info, "served_by": "router" if target == "@route" else target}
             data.append(entry)
 
         for a in c.aliases:
             add(a, {"kind": "alias", "router_version": shim.router.version, "tiers": c.tier_names})
+        if c.explicit == "reroute":  # listed as reroutes: that is what their names do
+            for src, target in c.reroute.items():
+                add(src, {"kind": "reroute", "target": target})
         for name, t in c.tiers.items():
             add(
                 name,
@@ -1041,8 +1045,6 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
             add(t.model, {"kind": "upstream_model", "tier": t.name})
         for a, target in c.model_aliases.items():
             add(a, {"kind": "alias", "target": target})
-        for src, target in c.reroute.items():
-            add(src, {"kind": "reroute", "target": target})
         return Response(
             orjson.dumps({"object": "list", "data": data}), media_type="application/json"
         )
