@@ -293,16 +293,15 @@ async def read_body(receive: Any, limit: int, timeout: float, declared: int | No
                 if b:
                     size += len(b)
                     if size > limit:
-                        exc = HTTPError(
+                        # answered at once; the rest of the body is read and dropped as
+                        # it comes, so the client reads the 413 rather than a reset (a
+                        # connection closed under an upload loses the answer)
+                        raise HTTPError(
                             413,
                             f"Request body exceeds the limit of {limit} bytes.",
                             "invalid_request_error",
                             "request_too_large",
                         )
-                        # the rest is not read: the connection closes, or a chunked body
-                        # sent on was read and dropped for as long as the client went on
-                        exc.headers.append(CONNECTION_CLOSE)
-                        raise exc
                     chunks.append(b)
                 if not msg.get("more_body", False):
                     break
