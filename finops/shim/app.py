@@ -726,10 +726,11 @@ class Shim:
             for u in self.pool.all():
                 if u.reachable is None and u.url in probed:
                     u.reachable = probed[u.url]
-                u.max_model_len = None  # asked again: a redeployed model's length changes
         if self.client is not None:
             with contextlib.suppress(Exception):  # the health loop reports failures
-                await self.check_upstreams()
+                # lengths asked again (a redeployed model's may change), the old ones
+                # listed meanwhile
+                await self.check_upstreams(refresh_lengths=True)
         return result
 
     async def _healthy(self, url: str, timeout: float) -> bool:
@@ -739,15 +740,18 @@ class Shim:
             return False
         return r.status_code < 500
 
-    async def check_upstreams(self) -> None:
+    async def check_upstreams(self, *, refresh_lengths: bool = False) -> None:
         async def probe(u: Any) -> None:
             timeout = min(2.0, self.cfg.connect_timeout_s + 1)
             was = u.reachable
             u.reachable = await self._healthy(u.url, timeout)
             # asked once, and again when the replica comes back (a restart may serve
-            # another length) or had not said (0: a model name it did not list yet)
-            if u.reachable and (u.max_model_len in (None, 0) or was is False):
-                u.max_model_len = await self._max_model_len(u, timeout)
+            # another length), had not said (0: a model name it did not list yet) or a
+            # reload asks (`refresh_lengths`)
+            if u.reachable and (refresh_lengths or u.max_model_len in (None, 0) or was is False):
+                n = await self._max_model_len(u, timeout)
+                if n is not None or u.max_model_len is None:
+                    u.max_model_len = n
 
         await asyncio.gather(*(probe(u) for u in self.pool.all()))
 
