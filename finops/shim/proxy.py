@@ -820,11 +820,11 @@ class ProxyEndpoint:
 
         # -- context caps --
         rule = applicable_cap(cfg.caps, tier, feature, tenant)
-        if rule is not None:
+        if rule is not None and routed:
+            tier, rule = await self._fit_routed(ctx, tier, rule, feature, body)
+            ctx.tier = tier
+        if rule is not None:  # (a routed request moved to a tier without a cap has none)
             param = "messages" if self.operation == "chat" else "prompt"
-            if routed:
-                tier, rule = await self._fit_routed(ctx, tier, rule, feature, body)
-                ctx.tier = tier
             out = await self._apply_cap(ctx, rule, tier, body, param)
             if out.truncated_tokens:
                 rec["truncated_tokens"] = out.truncated_tokens
@@ -885,8 +885,6 @@ class ProxyEndpoint:
         """Count `countable` (the request, or a view of it) against `rule` on a replica of
         `tier` in rotation; a 400 naming `param` when it is over and cannot be cut."""
         shim = self.shim
-        if rule is None:  # a routed request moved to a tier with no cap
-            return CapOutcome(countable, ctx.input_count or 0)
         counter = self._counter_for(tier)
         if counter is None:
             raise _tier_removed(tier)
