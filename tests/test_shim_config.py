@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import pickle
+import re
 import threading
 import time
 import tomllib
@@ -868,3 +869,82 @@ def test_a_request_waiting_across_a_reload_that_removes_its_tier(tmp_path, upstr
     )
     assert got == [(503, "tier_unavailable"), (504, "upstream_timeout")]
     assert hang.url not in metrics
+
+
+# -- operator keys: /metrics and /readyz's details off the tenants' reach --
+
+
+def test_operator_keys_guard_metrics_and_readyz_details(tmp_path, upstream):
+    """/metrics labels every tenant's traffic and /readyz names replica URLs: with
+    [auth] operator_keys, /metrics takes one of those keys (a tenant's is refused) and
+    /readyz answers anyone its status but only an operator its details. A reload that
+    drops the keys opens both again."""
+    from finops.shim.config import hash_key
+
+    _, url = upstream
+    conf = tmp_path / "shim.toml"
+    auth = (
+        f'[auth]\nkeys = [{{ sha256 = "{hash_key("sk-tenant")}", tenant = "acme" }}]\n'
+        f'operator_keys = ["{hash_key("sk-ops")}"]\n'
+    )
+    conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\n{auth}')
+    ops = {"authorization": "Bearer sk-ops"}
+    tenant = {"authorization": "Bearer sk-tenant"}
+    with serve_in_thread(dataclasses.replace(load_config(conf), log_dir=tmp_path / "log")) as h:
+        for headers in ({}, tenant, {"authorization": "Bearer nope"}):
+            r = httpx.get(h.url + "/metrics", headers=headers)
+            assert r.status_code == 401, headers
+            assert r.headers["www-authenticate"] == "Bearer"
+            assert "operator_keys" in r.json()["error"]["message"]
+        r = httpx.get(h.url + "/metrics", headers=ops)
+        assert r.status_code == 200 and "finops_shim_requests_total" in r.text
+        deadline = time.monotonic() + 10
+        while httpx.get(h.url + "/readyz").status_code != 200 and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert httpx.get(h.url + "/readyz", headers=tenant).json() == {"ready": True}
+        full = httpx.get(h.url + "/readyz", headers=ops).json()
+        assert full["ready"] is True and url in full["tiers"]["small"]["serving"]
+        # the operator's key is no tenant's: inference refuses it
+        post = h.base_url + "/chat/completions"
+        assert httpx.post(post, json=CHAT, headers=ops).status_code == 401
+        assert httpx.post(post, json=CHAT, headers=tenant).status_code == 200
+        conf.write_text(f'[tiers.small]\nupstreams = ["{url}"]\n')
+        ok, msg = h.call(h.shim.areload())
+        assert ok, msg
+        assert httpx.get(h.url + "/metrics").status_code == 200
+        assert "tiers" in httpx.get(h.url + "/readyz").json()
+
+
+@pytest.mark.parametrize(
+    ("operator_keys", "message"),
+    [
+        ('["sk-ops"]', "operator_keys[0]: expected 64 hex characters"),
+        (f'["{"e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"}"]', "empty key"),
+        ('["{t}"]', "also the API key of tenant 'acme'"),
+        ('["{o}", "{o}"]', "operator_keys[1]: the same key is listed twice"),
+        ('"{o}"', "operator_keys"),
+    ],
+)
+def test_operator_keys_are_checked_at_load(tmp_path, operator_keys, message):
+    from finops.shim.config import hash_key
+
+    ops = operator_keys.replace("{t}", hash_key("sk-tenant")).replace("{o}", hash_key("sk-o"))
+    text = (
+        TIER + f'[auth]\nkeys = [{{ sha256 = "{hash_key("sk-tenant")}", tenant = "acme" }}]\n'
+        f"operator_keys = {ops}\n"
+    )
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        _cfg(text, tmp_path)
+
+
+def test_operator_key_given_again_as_a_tenant_key_on_the_command_line_is_refused(tmp_path, capsys):
+    import typer
+
+    from finops.cli.shim import _build_config
+    from finops.shim.config import hash_key
+
+    conf = tmp_path / "shim.toml"
+    conf.write_text(TIER + f'[auth]\noperator_keys = ["{hash_key("sk-ops")}"]\n')
+    with pytest.raises(typer.Exit):
+        _build_config(conf, None, None, ["sk-ops=acme"], tmp_path / "log", None, None)
+    assert "--api-key: a key given there is also in [auth] operator_keys" in capsys.readouterr().err

@@ -231,7 +231,7 @@ def hash_key_cmd(
     key: Annotated[
         str,
         typer.Argument(
-            help="The API key to hash (for \\[auth] keys); `-` reads it from standard input,"
+            help="The API key to hash (for \\[auth] keys and operator_keys); `-` reads it from standard input,"
             " which keeps it out of the process list and the shell history."
         ),
     ],
@@ -254,7 +254,7 @@ def check(config: Annotated[Path, typer.Argument(help="TOML config to validate."
     if cfg.log_dir is not None:
         _check_log_dir(cfg.log_dir)
     typer.echo(
-        f"ok: {len(cfg.tiers)} tiers {cfg.tier_names}, router {r.version}, auth {'on' if cfg.auth_enabled else 'OFF'}, {len(cfg.caps)} cap rules"
+        f"ok: {len(cfg.tiers)} tiers {cfg.tier_names}, router {r.version}, auth {'on' if cfg.auth_enabled else 'OFF'}, /metrics {'operator keys' if cfg.operator_keys else 'open'}, {len(cfg.caps)} cap rules"
     )
 
 

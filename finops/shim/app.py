@@ -1059,14 +1059,41 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
             {"status": "ok", "router_version": shim.router.version, "pid": os.getpid()}
         )
 
+    def operator(request: Request) -> AuthError | None:
+        """Why this request may not read what only operators may (None: it may)."""
+        keys = shim.cfg.operator_keys
+        if not keys:
+            return None
+        try:
+            tenant_for(authorization(request.scope["headers"]), dict.fromkeys(keys, ""), "")
+        except AuthError as exc:
+            return exc
+        return None
+
     async def readyz(request: Request) -> Response:
         ok, detail = shim.readiness()
-        detail["circuits"] = circuit_snapshot(shim)
+        if operator(request) is not None:
+            # the probe's answer (its status) for anyone; replica URLs only for operators
+            detail = {"ready": ok}
+        else:
+            detail["circuits"] = circuit_snapshot(shim)
         return Response(orjson.dumps(detail), 200 if ok else 503, media_type="application/json")
 
     async def metrics(request: Request) -> Response:
         from prometheus_client import CONTENT_TYPE_LATEST
 
+        refused = operator(request)
+        if refused is not None:
+            return Response(
+                error_body(
+                    f"{refused.message} /metrics takes an operator key ([auth] operator_keys).",
+                    "invalid_request_error",
+                    "invalid_api_key",
+                ),
+                401,
+                headers={"www-authenticate": "Bearer"},
+                media_type="application/json",
+            )
         shim.refresh_gauges()
         return Response(shim.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 

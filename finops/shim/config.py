@@ -81,6 +81,8 @@ class ShimConfig:
     exploration_seed: int | None = None
     api_keys: dict[str, str] = field(default_factory=dict)  # sha256 hex -> tenant
     default_tenant: str = "default"
+    # sha256 hex of the keys /metrics and /readyz's details ask for (none: both open)
+    operator_keys: frozenset[str] = frozenset()
     feature_header: str = "x-feature"
     default_feature: str = "default"
     # caps
@@ -160,6 +162,21 @@ def hash_key(key: str) -> str:
 
 
 EMPTY_KEY_SHA256 = hash_key("")
+
+
+def _check_key_hash(h: Any, where: str) -> None:
+    """A key as files hold it: its sha256, never the key itself, nor the empty key's."""
+    _expect(
+        isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h.lower()),
+        where,
+        "expected 64 hex characters (make one with `finops shim hash-key KEY`); plain keys are not accepted in files",
+    )
+    _expect(
+        h.lower() != EMPTY_KEY_SHA256,
+        where,
+        "this is the hash of the empty key, which would let in any client that sends "
+        "an empty bearer token",
+    )
 
 
 def _expect(cond: bool, where: str, msg: str) -> None:
@@ -598,24 +615,14 @@ def parse_config(
 
     w = f"{source}: [auth]"
     auth = _table(data, "auth", w)
-    _only(auth, ("keys", "default_tenant"), w)
+    _only(auth, ("keys", "default_tenant", "operator_keys"), w)
     keys: dict[str, str] = {}
     for i, entry in enumerate(_get(auth, "keys", list, w, [])):
         we = f"{w} keys[{i}]"
         _expect(isinstance(entry, dict), we, 'expected {sha256 = "<hex>", tenant = "name"}')
         _only(entry, ("sha256", "tenant"), we)
         h = entry.get("sha256")
-        _expect(
-            isinstance(h, str) and len(h) == 64 and all(c in "0123456789abcdef" for c in h.lower()),
-            f"{we} sha256",
-            "expected 64 hex characters (make one with `finops shim hash-key KEY`); plain keys are not accepted in files",
-        )
-        _expect(
-            h.lower() != EMPTY_KEY_SHA256,
-            f"{we} sha256",
-            "this is the hash of the empty key, which would let in any client that sends "
-            "an empty bearer token",
-        )
+        _check_key_hash(h, f"{we} sha256")
         tenant = entry.get("tenant")
         _expect(isinstance(tenant, str) and tenant, f"{we} tenant", "expected a non-empty string")
         _expect(
@@ -625,6 +632,19 @@ def parse_config(
         )
         keys[h.lower()] = tenant
     kw["api_keys"] = keys
+    operators: set[str] = set()
+    for i, h in enumerate(_get(auth, "operator_keys", list, w, [])):
+        we = f"{w} operator_keys[{i}]"
+        _check_key_hash(h, we)
+        _expect(
+            h.lower() not in keys,
+            we,
+            f"this key is also the API key of tenant {keys.get(h.lower())!r}: a tenant must not read "
+            "/metrics (every tenant's traffic) with its own key; give operators their own",
+        )
+        _expect(h.lower() not in operators, we, "the same key is listed twice")
+        operators.add(h.lower())
+    kw["operator_keys"] = frozenset(operators)
     kw["default_tenant"] = _get(auth, "default_tenant", str, w, "default")
     _expect(kw["default_tenant"] != "", f"{w} default_tenant", "expected a non-empty name")
 
@@ -880,6 +900,11 @@ def reapply_overrides(cfg: ShimConfig, overrides: dict[str, Any]) -> ShimConfig:
     """cfg (typically just re-read from its file) with `overrides` applied and recorded."""
     fields = dict(overrides)
     extra = fields.pop("extra_api_keys", None)
+    if extra and cfg.operator_keys & set(extra):
+        raise ConfigError(
+            "--api-key: a key given there is also in [auth] operator_keys; a tenant must "
+            "not read /metrics with its own key"
+        )
     if extra:
         fields["api_keys"] = {**fields.get("api_keys", cfg.api_keys), **extra}
     return _replace(cfg, **fields, overrides=dict(overrides))
