@@ -590,3 +590,53 @@ def test_signed_redis_values_are_shared_and_others_miss(tmp_path, fakes, redis_s
     with serve_in_thread(dataclasses.replace(cfg, log_dir=tmp_path / "log3")) as w3:
         assert _post(w3, DET, ka).headers["x-finops-cache"] == "miss"
         assert f.calls == calls + 2
+
+
+def test_a_redis_refusing_every_write_is_down_and_its_password_is_never_logged(
+    tmp_path, fakes, redis_server, caplog
+):
+    """At maxmemory (noeviction) Redis answers OOM to every write: that was taken for
+    "an error about one key", logged once per request (each a new key), counted as
+    `kind="key"` (an alert on `unavailable` never fired), and tried again on every
+    request. It is an outage. And the recovery line printed the URL's password."""
+    _f, url = fakes()
+    rc = redis_server.client()
+    rc.config_set("requirepass", "s3cret-pw")  # this connection stays signed in
+    secret_url = f"redis://:s3cret-pw@127.0.0.1:{redis_server.port}/0"
+    cfg = _cfg(tmp_path, url, redis_url=secret_url)
+    with serve_in_thread(cfg) as h, caplog.at_level(logging.INFO, logger="finops.shim"):
+        h.app.shim.redis.cooldown_s = 0.5
+        assert _post(h, DET).status_code == 200
+        rc.config_set("maxmemory", "1")
+        for i in range(6):
+            r = _post(h, {**DET, "max_tokens": 2 + i})
+            assert r.status_code == 200
+        assert _metric(h, 'finops_shim_cache_backend_errors_total{kind="key"') == 0
+        assert _metric(h, 'finops_shim_cache_backend_errors_total{kind="unavailable"') >= 1
+        assert _metric(h, 'finops_shim_cache_total{result="skipped"}') >= 4
+        assert caplog.text.count("failed") <= 2, caplog.text
+        rc.config_set("maxmemory", "0")
+        time.sleep(0.6)
+        assert _until(
+            lambda: "answers again" in (_post(h, {**DET, "max_tokens": 40}), caplog.text)[1]
+        )
+    assert "s3cret-pw" not in caplog.text
+    assert f"redis://:***@127.0.0.1:{redis_server.port}/0 answers again" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("redis_url", "message"),
+    [
+        ("redis://:pw1@127.0.0.1:6379/0?socket_timeout=abc", "Invalid value for 'socket_timeout'"),
+        ("redis://:pw1@127.0.0.1:99999/0", "port must be a number"),
+        ("redis://u:pw1@127.0.0.1:6379/db", "the path is the database number"),
+    ],
+)
+def test_redis_url_options_are_checked_at_load_and_its_password_never_shown(redis_url, message):
+    from finops.shim.config import ConfigError, parse_config
+
+    text = {"tiers": {"small": {"upstreams": ["http://127.0.0.1:8000"]}}}
+    with pytest.raises(ConfigError) as err:
+        parse_config({**text, "cache": {"redis_url": redis_url}}, source="shim.toml")
+    assert message in str(err.value) and "pw1" not in str(err.value)
+    assert ":***@127.0.0.1" in str(err.value)

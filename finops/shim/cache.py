@@ -41,6 +41,8 @@ from typing import Any, Protocol
 
 import orjson
 
+from finops.shim.config import redacted_url
+
 # API-level defaults, only those vLLM never takes from elsewhere. Sampling knobs and
 # penalties are not filled: vLLM takes a missing one from the model's generation_config
 # (its default `--generation-config auto`, or --override-generation-config), so
@@ -293,6 +295,17 @@ _REFRESH = (
 )
 
 
+# what Redis says about a value (its type, a number that is not one): that key only.
+# Anything else it refuses (OOM at maxmemory, READONLY after a failover, MISCONF, NOPERM,
+# a database index out of range) refuses every write or every call: an outage.
+_ONE_KEY_ERRORS = ("WRONGTYPE", "value is not", "not an integer", "not a valid float")
+
+
+def _about_one_key(exc: Exception) -> bool:
+    msg = str(exc)
+    return any(m in msg for m in _ONE_KEY_ERRORS)
+
+
 class RedisCache:
     """Shared cache on Redis: values are the same bytes MemoryCache holds.
 
@@ -301,7 +314,8 @@ class RedisCache:
     or a timeout Redis is skipped for `cooldown_s` (gets miss, sets are dropped:
     requests are served, just without the shared cache and Idempotency-Key records),
     then tried again; the first call that works after that is logged. An error Redis
-    answers about one key (`RedisKeyError`) concerns that key only: no cool-down.
+    answers about one key's value (`RedisKeyError`: its type) concerns that key only:
+    no cool-down. A refusal of every write (OOM at maxmemory, READONLY) is an outage.
 
     Anyone who can write to Redis can otherwise put an answer the shim will serve.
     With `secret`, values are stored as HMAC-SHA256(secret, key, value) + value and a
@@ -327,12 +341,13 @@ class RedisCache:
         from redis.exceptions import ResponseError
 
         self.url = url
+        self.shown_url = redacted_url(url)  # for logs and errors: no password
         self.prefix = prefix
         self._secret = secret
         self.cooldown_s = cooldown_s
         self.skip_until = 0.0
         self.down_since = 0.0  # when the current outage began (0: Redis is answering)
-        self._key_errors = (ResponseError,)
+        self._response_error = ResponseError
         # A pooled connection to a Redis that restarted fails on its next use: tried once
         # more on a fresh connection, so a restart is not taken for an outage (which
         # skipped Redis for cooldown_s, again and again as each old connection was used,
@@ -351,30 +366,36 @@ class RedisCache:
 
     def _check(self) -> None:
         if self.skip_until and time.monotonic() < self.skip_until:
-            raise RedisUnavailable(f"redis {self.url} is skipped after a failure")
+            raise RedisUnavailable(f"redis {self.shown_url} is skipped after a failure")
 
     async def _call(self, coro: Any) -> Any:
         try:
             v = await coro
-        except self._key_errors as exc:
-            raise RedisKeyError(str(exc)) from exc
+        except self._response_error as exc:
+            if _about_one_key(exc):
+                raise RedisKeyError(str(exc)) from exc
+            self._went_down()
+            raise
         except Exception:
-            # the cool-down runs out on its own: a slow call that succeeds meanwhile
-            # must not end it early
-            now = time.monotonic()
-            self.skip_until = now + self.cooldown_s
-            if not self.down_since:
-                self.down_since = now
+            self._went_down()
             raise
         if self.down_since and time.monotonic() >= self.skip_until:
             logger.warning(
                 "redis %s answers again after %.1f s out (cache and Idempotency-Key "
                 "records are shared again)",
-                self.url,
+                self.shown_url,
                 time.monotonic() - self.down_since,
             )
             self.down_since = 0.0
         return v
+
+    def _went_down(self) -> None:
+        # the cool-down runs out on its own: a slow call that succeeds meanwhile must
+        # not end it early
+        now = time.monotonic()
+        self.skip_until = now + self.cooldown_s
+        if not self.down_since:
+            self.down_since = now
 
     async def ping(self) -> bool:
         return bool(await self._r.ping())

@@ -333,26 +333,59 @@ RESERVED_HEADERS = {
 }
 
 
+def redacted_url(url: str) -> str:
+    """`url` with its password (and a `password=` query value) as `***`: Redis URLs carry
+    credentials, and what names them (errors, the shim's log) goes to log collectors."""
+    try:
+        u = urlsplit(url)
+    except ValueError:
+        return "<a Redis URL that cannot be read>"
+    netloc = u.netloc
+    if "@" in netloc:
+        userinfo, _, hostport = netloc.rpartition("@")
+        user, colon, _ = userinfo.partition(":")
+        if colon:
+            netloc = f"{user}:***@{hostport}"
+    parts = u.query.split("&") if u.query else []
+    query = "&".join(
+        p.partition("=")[0] + "=***" if p.partition("=")[0].lower() == "password" else p
+        for p in parts
+    )
+    if (netloc, query) == (u.netloc, u.query):
+        return url
+    if not netloc:  # unix:///path: geturl() would drop the empty authority's slashes
+        return f"{u.scheme}://{u.path}?{query}"
+    return u._replace(netloc=netloc, query=query).geturl()
+
+
 def _check_redis_url(url: str, where: str) -> None:
     """A Redis URL that the client library will take: checked at load, as upstream URLs
     are, rather than a traceback when the shim starts (or a 500 per request)."""
+    shown = redacted_url(url)
     _expect(
         url.startswith(("redis://", "rediss://", "unix://")),
         where,
-        f"expected a redis://, rediss:// or unix:// URL, got {url!r}",
+        f"expected a redis://, rediss:// or unix:// URL, got {shown!r}",
     )
-    _expect(not any(c.isspace() for c in url), where, f"{url!r} contains whitespace")
+    _expect(not any(c.isspace() for c in url), where, f"{shown!r} contains whitespace")
     u = urlsplit(url)
     if u.scheme == "unix":
-        _expect(bool(u.path), where, f"{url!r}: expected unix:///path/to/redis.sock")
-        return
-    _check_url_port(u, url, where)
-    db = u.path.lstrip("/")
-    _expect(
-        db == "" or db.isdigit(),
-        where,
-        f"{url!r}: the path is the database number (redis://host:6379/0), got {u.path!r}",
-    )
+        _expect(bool(u.path), where, f"{shown!r}: expected unix:///path/to/redis.sock")
+    else:
+        _check_url_port(u, shown, where)
+        db = u.path.lstrip("/")
+        _expect(
+            db == "" or db.isdigit(),
+            where,
+            f"{shown!r}: the path is the database number (redis://host:6379/0), got {u.path!r}",
+        )
+    # the options in its query string (socket_timeout=abc) as the client will read them
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:
+        _expect(False, where, f"{shown!r}: {exc}")
 
 
 def _check_urls(urls: list[Any], where: str) -> tuple[str, ...]:
