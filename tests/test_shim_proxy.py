@@ -1515,6 +1515,36 @@ def test_coalescing_identical_in_flight_requests(tmp_path, fakes):
     assert "finops_shim_coalesced_total" in m
 
 
+def test_cache_metric_counts_what_the_log_says(tmp_path, fakes):
+    """A hit rate from /metrics was not the log's: an Idempotency-Key replay is logged
+    `hit` and coalesced followers `coalesced`, but neither was in
+    finops_shim_cache_total."""
+    f, url = fakes("slow", tokens=5, delay_s=0.05)
+    with _serve(tmp_path, [f"small={url}"]) as h:
+        post = h.base_url + "/chat/completions"
+        det = {**CHAT, "temperature": 0, "max_tokens": 5}
+        with cf.ThreadPoolExecutor(4) as ex:
+            rs = list(ex.map(lambda _: httpx.post(post, json=det, timeout=10), range(4)))
+        assert all(r.status_code == 200 for r in rs)
+        sampled = {**CHAT, "temperature": 0.9}
+        for _ in range(2):
+            r = httpx.post(post, json=sampled, headers={"Idempotency-Key": "k-1"})
+            assert r.status_code == 200
+        httpx.post(post, json=det)  # a cache hit
+        recs = _records(h.shim, 7)
+        text = httpx.get(h.url + "/metrics").text
+    counted = {
+        ln.split('"')[1]: float(ln.rsplit(" ", 1)[1])
+        for ln in text.splitlines()
+        if ln.startswith("finops_shim_cache_total{")
+    }
+    logged: dict[str, float] = {}
+    for r in recs:
+        logged[r["cache_status"]] = logged.get(r["cache_status"], 0) + 1
+    assert {k: v for k, v in counted.items() if v} == logged
+    assert logged["hit"] >= 2 and logged["bypass"] == 1
+
+
 def _stalled_stream(h, body: dict, headers: bytes = b"") -> socket.socket:
     """A raw-socket streaming client that reads the head and then nothing more."""
     raw = orjson.dumps({**body, "stream": True})

@@ -113,8 +113,9 @@ class ShimMetrics:
         )
         self.cache = Counter(
             "finops_shim_cache",
-            "Response cache lookups by result (hit, miss, bypass; skipped: not looked up "
-            "because the shared cache is out, answered upstream like a miss).",
+            "Requests by cache result, as the request log's cache_status counts them (hit:"
+            " the cache or an Idempotency-Key replay; coalesced; miss; bypass; skipped: not"
+            " looked up because the shared cache is out, logged as a miss).",
             ["result"],
             registry=r,
         )

@@ -947,6 +947,7 @@ class ProxyEndpoint:
                         rec["retry_of"] = meta["request_id"]
                         rec["attempt"] = meta["attempts"]
                         shim.metrics.idempotent_replays.inc()
+                        shim.metrics.cache.labels("hit").inc()  # as the record says
                         ctx.cache_header = b"hit"
                         rec["cache_status"] = "hit"
                         await self._respond_cached(ctx, meta, payload, send)
@@ -1107,10 +1108,12 @@ class ProxyEndpoint:
                 if isinstance(result, LeaderFailure):
                     # the upstream failed the leader: the same answer, not another call
                     # (a hanging upstream would otherwise be waited on once per follower)
+                    shim.metrics.cache.labels("coalesced").inc()
                     ctx.cache_header = b"miss"
                     raise result.for_follower(ctx)
                 if result is not None:
                     shim.metrics.coalesced.inc()
+                    shim.metrics.cache.labels("coalesced").inc()
                     ctx.cache_header = b"hit"
                     sent = await self._respond_cached(
                         ctx, result[0], result[1], send, fresh_id=True
