@@ -453,9 +453,20 @@ def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
             if spec.default is not None:
                 expr = expr.fill_null(pl.lit(spec.default))
             if isinstance(dtype, pl.Datetime) and (spec.format or spec.unit):
-                expr, bad = _timestamp(expr, sdtype, spec)
+                expr, bad, gap = _timestamp(expr, sdtype, spec)
                 errors.append(
-                    pl.when(bad).then(
+                    pl.when(gap)
+                    .then(
+                        pl.format(
+                            "field '{}': '{}' is a local time that does not exist in {} (the "
+                            "clocks skip it for daylight saving): expected a time that does",
+                            pl.lit(label),
+                            raw_text.str.slice(0, 60),
+                            pl.lit(spec.timezone),
+                        )
+                    )
+                    .when(bad)
+                    .then(
                         pl.format(
                             "field '{}': expected {}, got '{}'",
                             pl.lit(label),
@@ -541,20 +552,23 @@ def _key_series(
     return pl.Series(key_col, [prefix + h for h in stable_hash(text)], dtype=pl.String)
 
 
-def _timestamp(expr: pl.Expr, sdtype: pl.DataType, spec: ColumnSpec) -> tuple[pl.Expr, pl.Expr]:
-    """Convert per the spec; returns (UTC timestamp expr, expr flagging bad values)."""
+def _timestamp(
+    expr: pl.Expr, sdtype: pl.DataType, spec: ColumnSpec
+) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
+    """Convert per the spec; returns (UTC timestamp expr, expr flagging bad values, expr
+    flagging local times that read but do not exist in the time zone: a DST gap, which
+    is no format error and must not be reported as one)."""
     if spec.format:
         text = expr.cast(pl.String).str.strip_chars()
         has_tz = any(d in spec.format for d in ("%z", "%#z", "%Z", "%:z"))
         if has_tz:
             ts = text.str.strptime(pl.Datetime("us", "UTC"), spec.format, strict=False)
-        else:
-            ts = (
-                text.str.strptime(pl.Datetime("us"), spec.format, strict=False)
-                .dt.replace_time_zone(spec.timezone, ambiguous="earliest", non_existent="null")
-                .dt.convert_time_zone("UTC")
-            )
-        return ts, ts.is_null() & expr.is_not_null()
+            return ts, ts.is_null() & expr.is_not_null(), pl.lit(False)
+        local = text.str.strptime(pl.Datetime("us"), spec.format, strict=False)
+        ts = local.dt.replace_time_zone(
+            spec.timezone, ambiguous="earliest", non_existent="null"
+        ).dt.convert_time_zone("UTC")
+        return ts, ts.is_null() & expr.is_not_null(), ts.is_null() & local.is_not_null()
     num = (
         expr.str.strip_chars().cast(pl.Float64, strict=False)
         if sdtype == pl.String
@@ -565,4 +579,4 @@ def _timestamp(expr: pl.Expr, sdtype: pl.DataType, spec: ColumnSpec) -> tuple[pl
         base_us = int(spec.relative_to.timestamp() * 1_000_000)
         us = us + base_us
     ts = us.cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-    return ts, ts.is_null() & expr.is_not_null()
+    return ts, ts.is_null() & expr.is_not_null(), pl.lit(False)

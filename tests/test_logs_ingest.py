@@ -355,6 +355,42 @@ stream = "streamed"
     assert "input_tokens" in rej[f"{data}:5"] and "4O" in rej[f"{data}:5"]
 
 
+def test_local_times_in_a_dst_gap_are_rejected_as_such(lake: Lake, tmp_path: Path) -> None:
+    """02:30 on the night Berlin's clocks skip from 02:00 to 03:00 reads fine but does not
+    exist: its reject said "expected a time like '%Y-%m-%d %H:%M:%S'", which it is. The
+    hour the clocks repeat (autumn) takes its first occurrence; a real typo is still a
+    format error."""
+    m = _mapping(
+        tmp_path,
+        """
+[mapping]
+name = "berlin"
+[columns]
+request_id = "id"
+ts = { from = "when", format = "%Y-%m-%d %H:%M:%S", timezone = "Europe/Berlin" }
+input_tokens = "tin"
+output_tokens = "tout"
+""",
+    )
+    data = tmp_path / "b.csv"
+    data.write_text(
+        "id,when,tin,tout\n"
+        "a,2026-03-29 01:30:00,1,1\n"
+        "b,2026-03-29 02:30:00,1,1\n"
+        "c,2026-10-25 02:30:00,1,1\n"
+        "d,2026-13-01 00:00:00,1,1\n"
+    )
+    report = ingest_file(data, lake, mapping=str(m))
+    assert (report.read, report.loaded, report.rejected) == (4, 2, 2)
+    got = {r["request_id"]: r["ts"] for r in q(lake, "SELECT * FROM requests").to_dicts()}
+    assert got["a"] == dt.datetime(2026, 3, 29, 0, 30, tzinfo=UTC)
+    assert got["c"] == dt.datetime(2026, 10, 25, 0, 30, tzinfo=UTC)  # CEST, the first
+    rej = {r["location"]: r["reason"] for r in rejects(lake).to_dicts()}
+    assert "does not exist in Europe/Berlin" in rej[f"{data}:3"]
+    assert "daylight saving" in rej[f"{data}:3"] and "a time like" not in rej[f"{data}:3"]
+    assert "expected a time like" in rej[f"{data}:5"]
+
+
 def test_mapping_unknown_column_names_file_key_and_columns(lake: Lake, tmp_path: Path) -> None:
     m = _mapping(
         tmp_path,
