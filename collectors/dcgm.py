@@ -25,9 +25,11 @@ become null. Every other label (`device`, `pci_bus_id`,
 `DCGM_FI_DRIVER_VERSION`, `err_code`, custom pod labels...) goes to the
 `labels` JSON column.
 
-Blank values: DCGM reports "no data" as sentinels at or above
-9223372036854775792 (`DCGM_INT64_BLANK` and its siblings). They are not
-measurements, so they are stored with a null `value` (the raw table shows the
+Blank values: DCGM reports "no data" as sentinels: at or above
+9223372036854775792 (`DCGM_INT64_BLANK` and its siblings), and, for 32-bit and
+floating-point fields, 2147483632-2147483635 (`DCGM_INT32_BLANK`, not found, not
+supported, not permissioned) and 140737488355328-140737488355331 (`DCGM_FP64_BLANK`
+and siblings: a power reading of 1.4e14 W). They are not measurements, so they are stored with a null `value` (the raw table shows the
 field exists but was blank; `clean.gpu_samples` drops them) and counted as
 `blank` in the collection result, never as a huge number.
 """
@@ -48,6 +50,9 @@ from finops.lake import canonical_json
 
 DCGM_BLANK_MIN = 9223372036854775792.0
 """Values at or above this are DCGM 'blank' sentinels (no data), not numbers."""
+DCGM_BLANKS = tuple(float(b + i) for b in (2147483632, 140737488355328) for i in range(4))
+"""The 32-bit and FP64 fields' blank, not-found, not-supported and not-permissioned
+sentinels (dcgm_structs.h): exact values no such field measures."""
 
 DEFAULT_PORT = 9400
 
@@ -126,7 +131,7 @@ def gpu_rows(
         return GpuRows(pl.DataFrame(schema=_rows_schema()), skipped, 0)
     lab = label_table(s["labels"].unique())
     scrape_ms = int(ts.timestamp() * 1000)
-    blank = pl.col("value") >= DCGM_BLANK_MIN
+    blank = (pl.col("value") >= DCGM_BLANK_MIN) | pl.col("value").is_in(DCGM_BLANKS)
     rows = (
         s.lazy()
         .join(lab.lazy(), on="labels", how="left", maintain_order="left")

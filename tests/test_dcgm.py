@@ -200,3 +200,31 @@ def test_missing_uuid_is_rejected_with_the_line(tmp_path: Path) -> None:
 )
 def test_default_url(given: str, expected: str) -> None:
     assert default_url(given) == expected
+
+
+def test_int32_and_fp64_blank_sentinels_are_missing_too() -> None:
+    """DCGM's 32-bit and FP64 fields have blanks of their own (2147483632, 1.4e14 and the
+    three after each): an exporter that prints one wrote a 1.4e14 W power reading."""
+    import datetime as dt
+
+    from collectors.exposition import parse
+
+    labels = '{gpu="0",UUID="GPU-1",modelName="NVIDIA H100 80GB HBM3",Hostname="h"}'
+    text = "".join(
+        f"# TYPE {name} gauge\n{name}{labels} {value}\n"
+        for name, value in (
+            ("DCGM_FI_DEV_POWER_USAGE", "140737488355328.000000"),
+            ("DCGM_FI_DEV_MEMORY_TEMP", "140737488355330"),  # not supported
+            ("DCGM_FI_DEV_SM_CLOCK", "2147483632"),
+            ("DCGM_FI_DEV_MEM_CLOCK", "2147483634"),
+            ("DCGM_FI_DEV_GPU_TEMP", "41"),
+            ("DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", "140737488355327"),  # a real count
+        )
+    )
+    res = gpu_rows(parse(text), ts=dt.datetime.now(dt.UTC), target="http://h:9400/metrics")
+    got = dict(zip(res.rows["field"], res.rows["value"], strict=True))
+    assert res.blank == 4
+    assert got["DCGM_FI_DEV_POWER_USAGE"] is None and got["DCGM_FI_DEV_SM_CLOCK"] is None
+    assert got["DCGM_FI_DEV_MEMORY_TEMP"] is None and got["DCGM_FI_DEV_MEM_CLOCK"] is None
+    assert got["DCGM_FI_DEV_GPU_TEMP"] == 41
+    assert got["DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION"] == 140737488355327
