@@ -227,6 +227,68 @@ def test_a_stream_to_an_http_1_0_client_is_ended_by_close_not_chunked(shim):
     assert headers.get("connection") != "close"
 
 
+def test_a_chunked_body_over_the_limit_is_answered_then_cut_off_after_body_timeout(shim):
+    """A chunked body over max_body_bytes gets its 413 at once, and the rest was read and
+    dropped for as long as the client sent (252 MB in 20 s, without end). The client
+    now has body_timeout_s (0.6 s here) to finish, then the connection is closed after
+    a lingering wait: the 413 is read, not lost to a reset. A client that finishes its
+    body in time keeps its connection."""
+    s = _connect(shim)
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-good\r\n"
+        b"content-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n"
+    )
+    chunk = b"%x\r\n%s\r\n" % (4096, b"x" * 4096)
+    s.sendall(chunk * 4)  # over the 10,000-byte limit
+    t0 = time.monotonic()
+    got = b""
+    sent_after = 0
+    s.setblocking(False)
+    while time.monotonic() - t0 < 8:
+        try:
+            data = s.recv(65536)
+            if not data:
+                break
+            got += data
+        except BlockingIOError:
+            pass
+        except ConnectionResetError:
+            break
+        try:
+            s.sendall(chunk)
+            sent_after += 1
+        except (BlockingIOError, BrokenPipeError, ConnectionResetError):
+            pass
+        time.sleep(0.01)
+    closed_after = time.monotonic() - t0
+    s.close()
+    assert got.startswith(b"HTTP/1.1 413"), got[:100]
+    assert closed_after < 5, "the connection stayed open while the client kept sending"
+    assert sent_after > 20  # it was still sending when it was cut off
+    assert _refused(shim).get("unread_body") == 1
+    # in time: the body ends, the next request on the connection is served
+    s = _connect(shim)
+    big = b"x" * 20_000
+    body = orjson.dumps(CHAT)
+    s.sendall(
+        b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-good\r\n"
+        b"transfer-encoding: chunked\r\n\r\n%x\r\n%s\r\n0\r\n\r\n"
+        % (len(big), big)
+        + b"POST /v1/chat/completions HTTP/1.1\r\nhost: x\r\nauthorization: Bearer sk-good\r\n"
+        b"content-type: application/json\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body)
+    )
+    time.sleep(1.5)  # past body_timeout_s: the first request's timer has fired
+    s.settimeout(5)
+    data = b""
+    while data.count(b"HTTP/1.1 ") < 2:
+        chunk_in = s.recv(65536)
+        assert chunk_in, data
+        data += chunk_in
+    s.close()
+    assert data.startswith(b"HTTP/1.1 413") and b"HTTP/1.1 200" in data
+    assert _refused(shim).get("unread_body") == 1
+
+
 def test_a_refusal_before_the_body_closes_the_connection(shim):
     """Expect: 100-continue, refused (401) before the shim asks for the body: the client
     need not send it, so the shim must not read its next bytes as a request. A 413 for a

@@ -142,7 +142,8 @@ class ShimMetrics:
         self.refused_connections = Counter(
             "finops_shim_refused_connections",
             "Connections closed before a request was read (request_header_fields_too_large, "
-            "request_timeout, idle_connection, invalid_http_request).",
+            "request_timeout, idle_connection, invalid_http_request), or still sending a "
+            "body body_timeout_s after its answer (unread_body).",
             ["reason"],
             registry=r,
         )

@@ -12,6 +12,9 @@ connections that sent nothing, or a byte now and then, were kept forever. Here:
   client has to send its request) gets a 408 and the connection is closed; a
   connection idle between requests is uvicorn's keep-alive timeout's;
 - uvicorn's own refusals of malformed requests come in OpenAI's error shape;
+- a request answered before its body was read (a chunked body over the size limit
+  gets its 413 at once) has `body_timeout_s` more to finish sending it, then the
+  connection is closed, lingering so the answer is not lost to a reset;
 - a response of unknown length (an SSE stream) to an HTTP/1.0 client is sent as it
   comes and ended by closing the connection (RFC 9112 6.3): uvicorn would send it
   chunked, which HTTP/1.0 has no notion of, so the client read chunk sizes as data.
@@ -60,6 +63,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
         self._in_head = True
         self._head_bytes = 0
         self._discarding = False
+        self._messages = 0  # requests whose head was read on this connection
+        self._body_done = True  # the current request's body has been read to its end
         # when the head being waited for began: the connection's start, then each
         # request's first bytes (a connection idle between requests is not in a head:
         # uvicorn's keep-alive timeout closes it)
@@ -100,6 +105,8 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
             )
             # stops the parser on this read: the connection is closed, no request runs
             raise HeadRefused
+        self._messages += 1
+        self._body_done = False
         super().on_headers_complete()
         if self.scope.get("http_version") == "1.0" and self.cycle is not None:
             # the app's task has not run yet: it will call this send
@@ -118,8 +125,27 @@ class GuardedHttpToolsProtocol(HttpToolsProtocol):
     def on_message_complete(self) -> None:
         super().on_message_complete()
         # what comes next on this connection is the next request's head
+        self._body_done = True
         self._in_head = True
         self._head_bytes = 0
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()
+        if not self._body_done and not self.transport.is_closing():
+            # answered before its body was read (a chunked body over max_body_bytes gets
+            # its 413 at once): uvicorn drops the rest as it comes, for as long as the
+            # client sends. The client has body_timeout_s to finish, then the
+            # connection is closed the lingering way (what it sends is not read again)
+            self.loop.call_later(self.head_timeout(), self._end_unread_body, self._messages)
+
+    def _end_unread_body(self, message: int) -> None:
+        if message == self._messages and not self._body_done and not self.transport.is_closing():
+            logger.warning(
+                "closed a connection still sending a request body %g s after it was answered",
+                self.head_timeout(),
+            )
+            self.on_refused("unread_body")
+            self._linger()
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm_head_timer()
