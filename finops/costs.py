@@ -429,7 +429,7 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         f"""
         SELECT
           (SELECT count(*) FROM marts.gpu_cost_hourly WHERE {per.where()}) AS gpu_hour_rows,
-          (SELECT count(*) FROM marts.gpu_cost_hourly
+          (SELECT sum(gpu_hours) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
           (SELECT list(DISTINCT gpu_model) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_models,
@@ -457,7 +457,7 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         )
     if row["unpriced_gpu_hours"]:
         notes.append(
-            f"{row['unpriced_gpu_hours']} GPU-hours of {row['unpriced_models']} have no "
+            f"{row['unpriced_gpu_hours']:g} GPU-hours of {row['unpriced_models']} have no "
             "price in the catalog (data/prices.csv or $FINOPS_PRICES): counted as $0"
         )
     if row["untiered_gpu_hours"]:

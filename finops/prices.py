@@ -4,13 +4,18 @@ Committed as `data/prices.csv` with a source and date on every row, because
 a cost figure is only as good as the price behind it. Teams override it with
 their own negotiated rates: `finops.connect(prices="my_prices.csv")` or
 `$FINOPS_PRICES`. GPU model names match what DCGM/NVML report
-(`modelName` label / `nvmlDeviceGetName`); lookups also match on a prefix so
-`NVIDIA H100 80GB HBM3` finds `H100 80GB HBM3`.
+(`modelName` label / `nvmlDeviceGetName`). One matching rule, shared with the
+SQL cost marts (finops/sql/marts/30_costs_gpu.sql): names compare with the
+`NVIDIA ` prefix stripped, exactly, or the catalog name is a prefix of the
+reported name ending on a word boundary, so catalog `H100` finds `NVIDIA H100
+80GB HBM3` but `L4` never finds `L40S` and `A100` never finds `A10`. An exact
+match wins, then the longest catalog name; a blank name matches nothing.
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 import polars as pl
@@ -61,14 +66,42 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> pl.DataFrame:
     )
 
 
+def model_key(name: str | None) -> str:
+    """A GPU model name as the matching rule compares it (`NVIDIA ` stripped)."""
+    return re.sub(r"^NVIDIA\s+", "", (name or "").strip())
+
+
+def model_matches(catalog_name: str | None, reported_name: str | None) -> bool:
+    """Whether a catalog row prices a reported GPU; same rule as the SQL marts.
+
+    One direction only: a more specific catalog name never prices a vaguer
+    report, and the prefix must end on a word boundary (`L4` is not `L40S`)."""
+    cat, name = model_key(catalog_name), model_key(reported_name)
+    if not cat or not name:
+        return False
+    return name == cat or (
+        name.startswith(cat) and re.match(r"[A-Za-z0-9]", name[len(cat)]) is None
+    )
+
+
 def price_for(prices: pl.DataFrame, gpu_model: str, kind: str = "on_demand") -> float:
-    """$/GPU-hour for a model name as reported by DCGM/NVML (prefix-tolerant)."""
+    """$/GPU-hour for a model name as reported by DCGM/NVML (see `model_matches`)."""
     rows = prices.filter(pl.col("pricing_kind") == kind)
-    name = gpu_model.removeprefix("NVIDIA ").strip()
-    for candidate in rows.iter_rows(named=True):
-        cat = candidate["gpu_model"].removeprefix("NVIDIA ").strip()
-        if name == cat or name.startswith(cat) or cat.startswith(name):
-            return float(candidate["usd_per_gpu_hour"])
+    name = model_key(gpu_model)
+    hits = [
+        (model_key(r["gpu_model"]) == name, len(model_key(r["gpu_model"])), r["usd_per_gpu_hour"])
+        for r in rows.iter_rows(named=True)
+        if model_matches(r["gpu_model"], gpu_model)
+    ]
+    if hits:
+        # exact first, then the most specific catalog name (as the SQL ORDER BY)
+        return float(max(hits, key=lambda h: (h[0], h[1]))[2])
+    have = {
+        k: sorted(set(prices.filter(pl.col("pricing_kind") == k)["gpu_model"].drop_nulls()))
+        for k in PRICING_KINDS
+    }
+    others = "; ".join(f"{k} prices for {v}" for k, v in have.items() if k != kind and v)
     raise PriceCatalogError(
-        f"no {kind} price for GPU model {gpu_model!r}; catalog has {sorted(set(rows['gpu_model']))}"
+        f"no {kind} price for GPU model {gpu_model!r}; the catalog has {kind} prices for "
+        f"{have.get(kind, [])}" + (f"; it also has {others}" if others else "")
     )

@@ -760,3 +760,90 @@ def test_a_streamed_responses_answer_that_completed_is_no_aborted_stream(tmp_pat
         ("r3", "stream_aborted"),
         ("r4", "stream_aborted"),
     ]
+
+
+def test_price_match_is_one_rule_in_sql_and_python(tmp_path: Path) -> None:
+    """Catalog names price a reported model exactly or as a word-boundary prefix, one way:
+    L4 never prices L40S, A100 never A10, a blank name nothing; SQL and price_for agree."""
+    from finops.prices import PriceCatalogError, load_prices, model_matches, price_for
+
+    prices = tmp_path / "prices.csv"
+    prices.write_text(
+        "gpu_model,pricing_kind,usd_per_gpu_hour\n"
+        "NVIDIA L4,on_demand,0.75\nA100,on_demand,2.25\nA100 80GB PCIe,on_demand,2.50\n"
+        "H100,on_demand,3.90\nH200 141GB HBM3e,on_demand,5.00\n"
+    )
+    expect = {
+        "NVIDIA L4": 0.75,
+        "NVIDIA L40S": None,
+        "NVIDIA L40": None,
+        "NVIDIA A10": None,
+        "NVIDIA A100-SXM4-40GB": 2.25,  # 'A100' then a '-': a word boundary
+        "NVIDIA A100 80GB PCIe": 2.50,  # the exact name wins over the prefix
+        "NVIDIA H100 80GB HBM3": 3.90,
+        "NVIDIA H200": None,  # a vaguer report is not priced by a more specific row
+        " ": None,
+    }
+    rows = [
+        {"ts": T0, "source": "t", "host": "n1", "gpu_uuid": f"g{i}", "gpu_model": m,
+         "pod": f"p{i}", "labels": json.dumps({"tier": "small"}),
+         "field": "DCGM_FI_DEV_GPU_UTIL", "value": 50.0}
+        for i, m in enumerate(expect)
+    ]  # fmt: skip
+    Lake(tmp_path / "lake", fsync=False).append("gpu_samples", rows, source="t")
+    db = finops.connect(tmp_path / "lake", prices=prices)
+    sql = dict(db.sql("SELECT gpu_model, usd_per_gpu_hour FROM marts.gpu_cost_hourly").fetchall())
+    cat = load_prices(prices)
+    for model, usd in expect.items():
+        assert sql[model] == usd, model
+        if usd is None:
+            with pytest.raises(PriceCatalogError, match="no on_demand price"):
+                price_for(cat, model)
+        else:
+            assert price_for(cat, model) == usd, model
+    assert not model_matches("", "NVIDIA L4") and not model_matches("NVIDIA L4", "")
+    note = next(n for n in fc.sources(db)["notes"] if "no price in the catalog" in n)
+    for model, usd in expect.items():
+        assert (repr(model) in note) == (usd is None), model
+
+
+def test_gpu_util_hourly_reads_deduplicated_samples(tmp_path: Path) -> None:
+    """A partly re-written flush duplicates some samples only: the hourly average must not
+    weight them, and the cost mart must agree with marts.gpu_hourly."""
+    base = {"source": "dcgm", "host": "n1", "gpu_uuid": "GPU-1", "gpu_model": "NVIDIA L4",
+            "labels": json.dumps({"tier": "small"}), "field": "DCGM_FI_DEV_GPU_UTIL"}  # fmt: skip
+    first = [{**base, "ts": T0, "value": 100.0}]
+    second = [{**base, "ts": T0 + dt.timedelta(minutes=1), "value": 0.0}]
+    lake = Lake(tmp_path / "lake", fsync=False)
+    lake.append("gpu_samples", first, source="dcgm")
+    lake.append("gpu_samples", first + second, source="dcgm", now=T0 + dt.timedelta(minutes=2))
+    con = finops.connect(lake.path)
+    assert con.sql("SELECT count(*) FROM raw.gpu_samples").fetchall()[0][0] == 3
+    for view in ("marts.gpu_hourly", "marts.gpu_util_hourly", "marts.gpu_cost_hourly"):
+        assert con.sql(f"SELECT util FROM {view}").fetchall() == [(0.5,)], view
+
+
+def test_a_mig_split_gpu_is_billed_once(tmp_path: Path) -> None:
+    """One A100 with two MIG instances for an hour is one GPU-hour, not one per slice."""
+    prices = tmp_path / "prices.csv"
+    prices.write_text("gpu_model,pricing_kind,usd_per_gpu_hour\nA100-SXM4-80GB,on_demand,2.00\n")
+    rows = [
+        {"ts": T0 + dt.timedelta(minutes=m), "source": "dcgm", "host": "n1", "gpu_uuid": "GPU-1",
+         "gpu_model": "NVIDIA A100-SXM4-80GB", "mig_instance": mig, "pod": f"vllm-{mig}",
+         "labels": json.dumps({"tier": "small"}), "field": "DCGM_FI_PROF_SM_ACTIVE",
+         "value": 0.5}
+        for m in (0, 30) for mig in ("1", "2")
+    ]  # fmt: skip
+    # a plain GPU next to it still bills a full hour
+    rows += [
+        {**r, "gpu_uuid": "GPU-2", "mig_instance": None} for r in rows if r["mig_instance"] == "1"
+    ]
+    Lake(tmp_path / "lake", fsync=False).append("gpu_samples", rows, source="dcgm")
+    db = finops.connect(tmp_path / "lake", prices=prices)
+    per = db.sql(
+        "SELECT gpu_uuid, sum(gpu_hours), sum(gpu_cost), sum(busy_cost) + sum(idle_cost) "
+        "FROM marts.gpu_cost_hourly GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert per == [("GPU-1", 1.0, 2.0, 2.0), ("GPU-2", 1.0, 2.0, 2.0)]
+    t = fc.totals(db, week="2026-W47")
+    assert t["gpu_hours"] == pytest.approx(2.0) and t["gpu_cost"] == pytest.approx(4.0)

@@ -2,9 +2,13 @@
 --
 -- Formulas (one row per GPU, or MIG instance, per clock hour it reported):
 --   gpu_hours        = 1.0  (a GPU that reported any sample in an hour is billed for
---                       that hour, as an instance is billed while it is up)
+--                       that hour, as an instance is billed while it is up); a GPU split
+--                       by MIG bills its hour once, 1/n to each of its n reporting instances
 --   usd_per_gpu_hour = ref.prices for (gpu_model, pricing_kind); model names match
---                       with the 'NVIDIA ' prefix stripped, exactly or by prefix
+--                       with the 'NVIDIA ' prefix stripped, exactly, or the catalog
+--                       name is a prefix of the reported one ending on a word boundary
+--                       (L4 never prices L40S); blank never matches. Same rule as
+--                       finops.prices.model_matches; exact wins, then the longest name
 --   pricing_kind     = the deployment rule's kind (ref.deployments), else the session
 --                       variable finops_pricing_kind, else 'on_demand'
 --   gpu_cost         = gpu_hours x usd_per_gpu_hour            (the bill)
@@ -31,10 +35,9 @@ CREATE TABLE IF NOT EXISTS ref.deployments (
     pricing_kind VARCHAR
 );
 
--- Hourly GPU signals, read straight from raw.gpu_samples. Same rules as marts.gpu_hourly
--- (util = SM_ACTIVE > GR_ENGINE_ACTIVE > GPU_UTIL/100) without its dedup pass: an hourly
--- average is unchanged by exact duplicate samples (a re-loaded scrape), so skipping the
--- DISTINCT ON of clean.gpu_samples gives the same numbers several times faster.
+-- Hourly GPU signals from clean.gpu_samples, same rules as marts.gpu_hourly
+-- (util = SM_ACTIVE > GR_ENGINE_ACTIVE > GPU_UTIL/100). It reads the deduplicated layer:
+-- a partly re-written flush duplicates only some samples, which would skew the average.
 -- A GPU-hour exists when the GPU reported any field (power alone still bills the hour).
 CREATE OR REPLACE VIEW marts.gpu_util_hourly AS
 WITH per_field AS (
@@ -43,8 +46,7 @@ WITH per_field AS (
            any_value(gpu_model) AS gpu_model, any_value(namespace) AS namespace,
            any_value(pod) AS pod, any_value(labels) AS labels,
            avg(value) AS avg_value
-    FROM raw.gpu_samples
-    WHERE value IS NOT NULL AND NOT isnan(value)
+    FROM clean.gpu_samples
     GROUP BY ALL
 ),
 wide AS (
@@ -101,26 +103,42 @@ priced AS (
     LEFT JOIN (SELECT *, regexp_replace(trim(gpu_model), '^NVIDIA\s+', '') AS cat_key
                FROM ref.prices) p
       ON p.pricing_kind = r.pricing_kind
-     AND (p.cat_key = r.model_key OR starts_with(r.model_key, p.cat_key)
-          OR starts_with(p.cat_key, r.model_key))
+     AND p.cat_key <> '' AND r.model_key <> ''
+     AND (p.cat_key = r.model_key
+          OR (starts_with(r.model_key, p.cat_key)
+              AND NOT regexp_matches(substr(r.model_key, length(p.cat_key) + 1, 1), '[A-Za-z0-9]')))
     QUALIFY row_number() OVER (
         PARTITION BY r.hour, r.host, r.gpu_uuid, r.mig_instance
         ORDER BY (p.cat_key = r.model_key) DESC, length(p.cat_key) DESC) = 1
+),
+shared AS (
+    -- A MIG-partitioned GPU is one GPU on the bill: its hour is split evenly across the
+    -- instances that reported (a parent row next to them gets none), never billed per slice.
+    SELECT *,
+           count(*) FILTER (mig_instance <> '') OVER (PARTITION BY hour, host, gpu_uuid) AS n_mig,
+           least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util01
+    FROM priced
+),
+hours AS (
+    SELECT *,
+           CASE WHEN n_mig = 0 THEN 1.0::DOUBLE
+                WHEN mig_instance = '' THEN 0.0::DOUBLE
+                ELSE 1.0::DOUBLE / n_mig END AS gh
+    FROM shared
 )
 SELECT
     hour, host, gpu_uuid, mig_instance, gpu_model, namespace, pod, deployment,
     cost_tier AS tier, pricing_kind, usd_per_gpu_hour,
-    1.0::DOUBLE AS gpu_hours,
+    gh AS gpu_hours,
     util_signal,
-    least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util,
+    util01 AS util,
     sm_active, gpu_util,
-    1.0::DOUBLE * usd_per_gpu_hour AS gpu_cost,
-    least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) * usd_per_gpu_hour AS busy_cost,
-    usd_per_gpu_hour - least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) * usd_per_gpu_hour
-        AS idle_cost,
-    least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS busy_gpu_hours,
-    1.0::DOUBLE - least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS idle_gpu_hours
-FROM priced;
+    gh * usd_per_gpu_hour AS gpu_cost,
+    util01 * gh * usd_per_gpu_hour AS busy_cost,
+    gh * usd_per_gpu_hour - util01 * gh * usd_per_gpu_hour AS idle_cost,
+    util01 * gh AS busy_gpu_hours,
+    gh - util01 * gh AS idle_gpu_hours
+FROM hours;
 
 -- One row per tier per hour: the cost pool that requests of that tier-hour share.
 -- GPUs without a price are counted in unpriced_gpu_hours and cost nothing here
