@@ -296,3 +296,28 @@ def test_a_lake_written_before_a_column_existed_still_opens(tmp_path: Path) -> N
     assert db.sql("SELECT count(*) FROM marts.requests_hourly").fetchall() == [(1,)]
     cols = [r[0] for r in db.sql("DESCRIBE raw.requests").fetchall()]
     assert cols == list(TABLES["requests"].columns)
+
+
+def test_energy_counted_once_when_dcgm_and_nvml_read_the_same_gpu(tmp_path: Path) -> None:
+    """Both collectors on one host read the same joules: the hour keeps DCGM's counter."""
+    t0 = dt.datetime(2026, 11, 16, 10, tzinfo=dt.UTC)
+    rows = []
+    for k in range(3):  # 3 scrapes, 3.6e9 mJ (1 kWh) apart
+        ts = t0 + dt.timedelta(seconds=10 * k)
+        for source, field, slope in (
+            ("dcgm", "DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION", 3.6e9),
+            ("nvml", "nvml_total_energy_consumption_mj", 3.7e9),  # a slightly other reading
+        ):
+            rows.append(
+                {"ts": ts, "source": source, "host": "n1", "gpu_uuid": "GPU-1",
+                 "gpu_model": "NVIDIA L4", "field": field, "value": 1e10 + k * slope}
+            )  # fmt: skip
+    # a second GPU seen only by NVML still gets its energy
+    rows += [{**r, "gpu_uuid": "GPU-2"} for r in rows if r["source"] == "nvml"]
+    Lake(tmp_path / "lake", fsync=False).append("gpu_samples", rows, source="t")
+    got = dict(
+        finops.connect(tmp_path / "lake")
+        .sql("SELECT gpu_uuid, energy_kwh FROM marts.gpu_hourly")
+        .fetchall()
+    )
+    assert got == pytest.approx({"GPU-1": 2.0, "GPU-2": 2 * 3.7 / 3.6})

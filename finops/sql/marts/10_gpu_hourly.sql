@@ -35,11 +35,20 @@ wide AS (
     FROM per_field
     GROUP BY ALL
 ),
-energy AS (
+energy_by_source AS (
     SELECT date_trunc('hour', ts) AS hour, host, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
-           sum(increase) / 3.6e9 AS energy_kwh
+           source, field, sum(increase) / 3.6e9 AS energy_kwh
     FROM clean.gpu_counter_increase
     GROUP BY ALL
+),
+-- DCGM and NVML both reading the same GPU measure the same joules: keep one
+-- source's counter per GPU-hour (DCGM first, then NVML), never their sum.
+energy AS (
+    SELECT hour, host, gpu_uuid, mig_instance, energy_kwh
+    FROM energy_by_source
+    QUALIFY row_number() OVER (
+        PARTITION BY hour, host, gpu_uuid, mig_instance
+        ORDER BY (field = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION') DESC, source, field) = 1
 )
 SELECT
     w.hour, w.host, w.gpu_uuid, w.mig_instance, w.gpu_model, w.namespace, w.pod,
