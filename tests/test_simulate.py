@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import json
+import math
 
 import numpy as np
 import pytest
@@ -212,3 +213,58 @@ def test_simulate_cli(syn_lake, tmp_path) -> None:
     assert r.exit_code == 2 and "no lake here" in r.output
     r = runner.invoke(app, ["simulate", "--lake", str(syn_lake), "--format", "xml"])
     assert r.exit_code == 2 and "--format" in r.output
+
+
+def test_an_on_demand_catalog_plans_without_reserved_or_spot_levers(sim: Simulator) -> None:
+    """Reserved and spot prices are needed only by the levers that buy them."""
+    import dataclasses
+
+    od = sim.trace.prices.filter(sim.trace.prices["pricing_kind"] == "on_demand")
+    s = Simulator(dataclasses.replace(sim.trace, prices=od), slo_ttft_p95_ms=1000)
+    s._curves, s.tier_slo_ms = sim._curves, sim.tier_slo_ms  # reuse the fitted curves
+    assert s.plan(1).totals["cost_usd"] == pytest.approx(sim.plan(1).totals["cost_usd"])
+    assert s.plan(1, Levers(autoscale=True)).totals["cost_usd"] > 0
+    model = next(iter(sim.trace.profiles.values())).gpu_model
+    for lever, kind in (
+        (Levers(reserved_baseline=True), "reserved"),
+        (Levers(spot_share=0.5), "spot"),
+    ):
+        with pytest.raises(ValueError) as e:
+            s.plan(1, lever)
+        msg = str(e.value)
+        assert f"no {kind} price" in msg and "on_demand prices for" in msg
+        assert model in msg and ("--reserved-baseline" in msg or "--spot-share" in msg)
+
+
+def test_route_small_moves_larger_tiers_to_the_smallest_model() -> None:
+    """Tiers on the same GPU tie on price per replica-hour: the smaller model is the
+    target whatever the dict order, and its own traffic never moves."""
+    import datetime as dt
+
+    import polars as pl
+
+    from finops.models.simulate import TierProfile, Trace, model_size_b
+
+    hour = dt.datetime(2026, 11, 16, tzinfo=dt.UTC)
+    prices = pl.DataFrame(
+        {"gpu_model": ["NVIDIA L4", "H100 80GB HBM3"], "pricing_kind": ["on_demand"] * 2,
+         "usd_per_gpu_hour": [0.75, 3.90]}
+    )  # fmt: skip
+
+    def tier(name: str, gpu: str, g: int, model: str, upstream: int) -> TierProfile:
+        return TierProfile(
+            name, 100.0, 1.0, 1.0, (), (), math.inf, g, gpu, 1, np.ones(3), np.ones(3),
+            pl.DataFrame({"hour": [hour], "requests": [upstream], "upstream": [upstream]}),
+            0.0, 1, model_name=model,
+        )  # fmt: skip
+
+    profiles = {  # sorted names put 'mid' (the 8B model) before 'small'
+        "large": tier("large", "NVIDIA H100 80GB HBM3", 4, "llama-3.1-70b-instruct", 1000),
+        "mid": tier("mid", "NVIDIA L4", 1, "llama-3.1-8b-instruct", 1000),
+        "small": tier("small", "NVIDIA L4", 1, "llama-3.2-1b-instruct", 1000),
+    }
+    sim = Simulator(Trace(profiles, [hour], 3000, 0.0, prices))
+    assert sim.smallest_tier() == "small"
+    up = dict(sim.hourly_rates(1, Levers(route_small_share=0.2)).select("tier", "upstream").rows())
+    assert up == pytest.approx({"large": 800.0, "mid": 800.0, "small": 1400.0})
+    assert model_size_b("Qwen2.5-0.5B-Instruct") == 0.5 and model_size_b("gpt") == math.inf

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import math
+import re
 from dataclasses import asdict, dataclass, field, replace
 
 import duckdb
@@ -28,7 +29,7 @@ import polars as pl
 from finops.models.data import NoServingData, serving_intervals
 from finops.models.queueing import ServiceModel, simulate
 from finops.models.throughput import fit_frame, fit_step_time
-from finops.prices import price_for
+from finops.prices import PriceCatalogError, price_for
 
 DEFAULT_SLO_TTFT_P95_MS = 1000.0
 C_GRID = (1, 4, 16)
@@ -92,6 +93,7 @@ class TierProfile:
     observed_batch: int  # p99 of running sequences per replica
     notes: list[str] = field(default_factory=list)
     curve_source: str = "tokens/s curve"  # what vmax/k were read from (see load_trace)
+    model_name: str | None = None  # the model the tier serves (most common response_model)
 
     def service(self, levers: Levers, prompt: np.ndarray, output: np.ndarray) -> ServiceModel:
         """The per-replica service model under the levers' sizes and batch limit."""
@@ -161,6 +163,14 @@ def load_trace(
     ).pl()
     lo, hi = req["hour"].min(), req["hour"].max()
     hours = pl.datetime_range(lo, hi, "1h", eager=True, time_zone="UTC").to_list()
+    served_model = dict(
+        db.sql(
+            """
+            SELECT coalesce(tier, response_model) AS tier, mode(response_model)
+            FROM clean.requests WHERE response_model IS NOT NULL GROUP BY ALL
+            """
+        ).fetchall()
+    )
     hit = db.sql(
         "SELECT avg(CASE WHEN cache_status = 'hit' THEN 1.0 ELSE 0.0 END) FROM clean.requests"
     ).fetchall()[0][0]  # type: ignore[index]
@@ -243,6 +253,7 @@ def load_trace(
             ),
             notes=notes,
             curve_source=source,
+            model_name=served_model.get(tier),
         )
     return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices)
 
@@ -402,14 +413,27 @@ class Simulator:
         return cls(load_trace(db), **kw)  # type: ignore[arg-type]
 
     def smallest_tier(self) -> str:
-        """The cheapest tier per replica-hour (the routing target)."""
+        """The cheapest tier per replica-hour (the routing target).
+
+        Tiers on the same GPUs cost the same per replica-hour; the tie goes to the
+        smaller model (parameter count in the served model's name), then the tier
+        name, so the target never depends on dict order."""
         return min(
             self.trace.profiles.values(),
-            key=lambda p: self._price(p, "on_demand") * p.gpus_per_replica,
+            key=lambda p: (
+                round(self._price(p, "on_demand") * p.gpus_per_replica, 9),
+                model_size_b(p.model_name),
+                p.tier,
+            ),
         ).tier
 
-    def _price(self, p: TierProfile, kind: str) -> float:
-        return price_for(self.trace.prices, p.gpu_model, kind)
+    def _price(self, p: TierProfile, kind: str, lever: str | None = None) -> float:
+        try:
+            return price_for(self.trace.prices, p.gpu_model, kind)
+        except PriceCatalogError as e:
+            if lever is None:
+                raise
+            raise PriceCatalogError(f"tier {p.tier!r}: {lever} needs a {kind} price: {e}") from None
 
     def _sizes(self, p: TierProfile, levers: Levers) -> tuple[np.ndarray, np.ndarray]:
         prompt = p.prompt_tokens
@@ -523,7 +547,15 @@ class Simulator:
             gpu_h = float(sum(reps) * g)
             floor_h = float(min(reps) * g * len(reps))
             burst_h = gpu_h - floor_h
-            od, rsv, spot = (self._price(p, k) for k in ("on_demand", "reserved", "spot"))
+            # reserved/spot prices are needed only by the levers that buy them, so an
+            # on-demand-only catalog still plans the plain fleet
+            od = self._price(p, "on_demand")
+            rsv = (
+                self._price(p, "reserved", "--reserved-baseline")
+                if levers.reserved_baseline
+                else od
+            )
+            spot = self._price(p, "spot", "--spot-share") if levers.spot_share > 0 else od
             floor_price = rsv if levers.reserved_baseline else od
             cost = floor_h * floor_price + burst_h * (
                 levers.spot_share * spot + (1 - levers.spot_share) * od
@@ -591,6 +623,16 @@ class Simulator:
         return pl.DataFrame(out)
 
 
+def model_size_b(name: str | None) -> float:
+    """Parameter count in billions from a model name (`llama-3.1-8b-instruct` -> 8.0);
+    inf when the name carries none."""
+    m = re.findall(r"(?<![\d.])(\d+(?:\.\d+)?)([bBmM])(?![a-zA-Z])", name or "")
+    if not m:
+        return math.inf
+    size, unit = m[-1]
+    return float(size) / (1000.0 if unit in "mM" else 1.0)
+
+
 def default_levers(sim: Simulator) -> Levers:
     """The 'after' scenario, grounded in the observed week where the data allows.
 
@@ -656,5 +698,6 @@ __all__ = [
     "headline",
     "load_trace",
     "max_rate_for_slo",
+    "model_size_b",
     "replace",
 ]
