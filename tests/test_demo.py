@@ -228,3 +228,24 @@ def test_finops_demo_command(tmp_path: Path) -> None:
     res = runner.invoke(app, ["demo", "--lake", str(lake), "--start", "16/11/2026"])
     assert res.exit_code == 2 and "--start" in res.stderr
     assert dt.date(2026, 11, 16).isoformat() in res.stderr or "YYYY-MM-DD" in res.stderr
+
+
+@pytest.mark.parametrize("kind", ["file", "foreign folder"])
+def test_demo_refuses_a_router_path_it_cannot_fill_before_generating(
+    tmp_path: Path, kind: str
+) -> None:
+    """<lake parent>/router/demo-artifact that is no artifact: one error line, no half-made
+    demo (it was an ArtifactError traceback after the lake had been generated)."""
+    out = tmp_path / "router" / "demo-artifact"
+    if kind == "file":
+        out.parent.mkdir()
+        out.write_text("not an artifact")
+    else:
+        out.mkdir(parents=True)
+        (out / "notes.txt").write_text("mine")
+    lake = tmp_path / "lake"
+    res = CliRunner().invoke(app, ["demo", "--lake", str(lake), "--days", "1", "--gpus", "6"])
+    assert res.exit_code == 2, res.output
+    assert "error:" in res.output and str(out) in res.output
+    assert "Traceback" not in res.output
+    assert not lake.exists()  # refused before generating anything

@@ -506,3 +506,237 @@ def test_notebook_runs_standalone_for_analysts(demo_lake: Path, tmp_path: Path) 
     )
     page = notebook_to_html(executed, title="t")
     assert "GPU cost report 2026-W47" in page and "<svg" in page and "<script" not in page
+
+
+# ----------------------------------------------------------------------------- review fixes
+
+EVIL = "<img src=x onerror=\"document.title='PWNED'\">"
+
+
+def _tiny_lake(path: Path, feature: str, tenant: str = "acme") -> Path:
+    """Two hours, two GPUs, a few requests; the large-tier feature name is `feature`."""
+    from finops.lake import Lake
+
+    t0 = dt.datetime(2026, 11, 16, tzinfo=dt.UTC)
+    lake = Lake(path, fsync=False)
+    gpus = [
+        ("gpu-s0", "NVIDIA L4", "vllm-small-0", "small", 0.25),
+        ("gpu-l0", "NVIDIA H100 80GB HBM3", "vllm-large-0", "large", 0.5),
+    ]
+    rows = [
+        dict(
+            ts=t0 + dt.timedelta(hours=h, minutes=m),
+            source="t",
+            host="n1",
+            gpu_uuid=uuid,
+            gpu_model=model,
+            namespace="ns",
+            pod=pod,
+            labels=json.dumps({"tier": tier}),
+            field=f,
+            value=v,
+        )
+        for h in range(2)
+        for uuid, model, pod, tier, sm in gpus
+        for m in range(0, 60, 15)
+        for f, v in (("DCGM_FI_PROF_SM_ACTIVE", sm), ("DCGM_FI_DEV_GPU_UTIL", 100 * sm + 20))
+    ]
+    lake.append("gpu_samples", rows, source="t")
+    base = dict(
+        source="t", tenant=tenant, status_code=200, cache_status="miss", attempt=1, stream=False
+    )
+    lake.append(
+        "requests",
+        [
+            dict(
+                base,
+                request_id="r1",
+                ts=t0 + dt.timedelta(minutes=1),
+                tier="small",
+                feature="chat",
+                response_model="m-small",
+                input_tokens=1000,
+                output_tokens=100,
+                prompt_fingerprint="a",
+            ),
+            dict(
+                base,
+                request_id="r2",
+                ts=t0 + dt.timedelta(minutes=2),
+                tier="large",
+                feature=feature,
+                response_model="m-large",
+                input_tokens=2000,
+                output_tokens=200,
+                prompt_fingerprint="c",
+            ),
+        ],
+        source="t",
+    )
+    return path
+
+
+def _tags(page: str) -> list[tuple[str, list[str]]]:
+    """Every start tag of a page with its attribute names, as a browser's tokenizer sees them."""
+    from html.parser import HTMLParser
+
+    tags: list[tuple[str, list[str]]] = []
+
+    class P(HTMLParser):
+        def handle_starttag(self, tag: str, attrs: list) -> None:
+            tags.append((tag, [k for k, _ in attrs]))
+
+    P().feed(page)
+    return tags
+
+
+def test_names_from_the_data_never_become_markup(tmp_path: Path) -> None:
+    """A client-chosen feature name (the shim's x-feature header) ran as script in the
+    report: takeaways went through mistune.html, which passes raw HTML."""
+    lake = _tiny_lake(tmp_path / "lake", EVIL, tenant="*bold* [x](http://e.example)")
+    paths = build_report(lake, WEEK, tmp_path / "out", growth=False)
+    page = paths.html.read_text()
+    # no live tag or event attribute: the name only appears as (escaped) text
+    tags = _tags(page)
+    assert "img" not in {t for t, _ in tags}
+    assert not [a for _, attrs in tags for a in attrs if a.startswith("on")]
+    assert "&lt;img src=x onerror=" in page  # shown as text
+    assert "<strong>bold</strong>" not in page and 'href="http://e.example' not in page
+    summary = paths.summary.read_text()
+    assert EVIL not in summary.replace(f"` {EVIL} `", "")  # only as an inert code span
+    r = json.loads(paths.json.read_text())
+    assert f"` {EVIL} ` costs the most" in r["takeaways"]["feature"]
+    assert r["takeaways"]["tenant"].startswith("` *bold* [x](http://e.example) `")
+
+
+def test_markdown_renderer_escapes_raw_html_and_md_name_is_inert() -> None:
+    from finops.report.figures import md_name
+    from finops.report.render import _markdown
+
+    html_ = _markdown(f"{EVIL} and **strong**")
+    assert "<img" not in html_ and "&lt;img" in html_ and "<strong>strong</strong>" in html_
+    assert md_name("chat-bot_v2") == "chat-bot_v2"  # plain names stay plain
+    assert md_name("a`b") == "`` a`b ``"
+    assert md_name("x\ny") == "x y"  # a newline cannot start a new Markdown line
+    assert "<code>" in _markdown(md_name("*x*")) and "<em>" not in _markdown(md_name("*x*"))
+
+
+def test_out_and_router_errors_are_one_clear_line(demo_lake: Path, tmp_path: Path) -> None:
+    """--out an existing file or an unwritable place, --router a missing folder: tracebacks
+    before (the router only after every figure had been computed)."""
+    from finops.cli import app
+
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    runner = CliRunner()
+    for out in (afile, afile / "sub"):
+        res = runner.invoke(
+            app,
+            [
+                "report",
+                "--week",
+                WEEK,
+                "--lake",
+                str(demo_lake),
+                "--no-growth",
+                "--out",
+                str(out),
+            ],
+        )
+        assert res.exit_code == 2, res.output
+        assert f"error: --out {out}" in res.output and "Traceback" not in res.output
+    res = runner.invoke(
+        app,
+        [
+            "report",
+            "--week",
+            WEEK,
+            "--lake",
+            str(demo_lake),
+            "--no-growth",
+            "--out",
+            str(tmp_path / "o"),
+            "--router",
+            str(tmp_path / "nope"),
+        ],
+    )
+    assert res.exit_code == 2, res.output
+    assert "error: --router" in res.output and str(tmp_path / "nope") in res.output
+
+
+def test_a_wrong_router_fails_before_any_figure(
+    demo_lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import finops.report.figures as F
+
+    def boom(*a, **k):
+        raise AssertionError("figures computed before the router was checked")
+
+    monkeypatch.setattr(F.fc, "materialize", boom)
+    with pytest.raises(ReportError, match="no such folder"):
+        compute(demo_lake, WEEK, router=tmp_path / "nope", growth=False)
+
+
+def test_percent_changes_and_the_period_read_right(built) -> None:
+    from finops.report.figures import change, signed_pct
+
+    assert signed_pct(-1.6e-16) == "0.0%" and signed_pct(0.0) == "0.0%"
+    assert signed_pct(-0.0004) == "0.0%" and signed_pct(0.032) == "+3.2%"
+    assert signed_pct(-0.01) == "-1.0%"
+    assert change(-1.6e-16) == " (0.0% vs previous week)"
+    r = {**built[1]}
+    r["headline"] = {k: dict(v) for k, v in r["headline"].items() if isinstance(v, dict)}
+    r["headline"]["spend_usd"]["change"] = -1.6e-16
+    assert "(0.0%)" in summary_markdown(r) and "-0.0%" not in summary_markdown(r)
+    paths, r = built
+    # the end is exclusive: the header names the last day included
+    assert r["period"] == "2026-11-16 to 2026-11-22 UTC"
+    page = paths.html.read_text()
+    assert "2026-11-16 to 2026-11-22 UTC" in page and "to 2026-11-23" not in page
+
+
+def _series(start: dt.datetime, hours: int, requests: int) -> pl.DataFrame:
+    return pl.DataFrame(
+        {
+            "hour": [start + dt.timedelta(hours=h) for h in range(hours)],
+            "requests": [requests] * hours,
+            "spend": [2.0] * hours,
+            "has_gpu": [True] * hours,
+        }
+    )
+
+
+def test_forecast_of_a_week_in_progress_compares_rates(tmp_path: Path) -> None:
+    """3 days into the week at the same hourly rate as the full week before: the trend
+    was 3/7 clipped to 0.8 (a 20% drop that did not happen)."""
+    import finops.costs as fc
+    from finops.report.figures import _forecast
+
+    per = fc.period(WEEK)
+    assert per.start is not None
+    prev = _series(per.start - dt.timedelta(days=7), 168, 10)
+    cur = _series(per.start, 72, 10)
+    fo = _forecast(pl.concat([prev, cur]), per)
+    assert fo["trend"] == {"requests": 1.0, "spend": 1.0}
+    assert fo["requests"] == pytest.approx(168 * 10)
+    assert "first 72 hours" in fo["method"]
+    # a real rise within the same span is still seen
+    fo = _forecast(pl.concat([prev, _series(per.start, 72, 11)]), per)
+    assert fo["trend"]["requests"] == pytest.approx(1.1)
+
+
+def test_no_traffic_in_the_report_week_gives_no_forecast() -> None:
+    """Trend fell back to 1.0 and forecast next week from old weeks only."""
+    import finops.costs as fc
+    from finops.report.figures import _forecast
+
+    per = fc.period(WEEK)
+    assert per.start is not None
+    fo = _forecast(_series(per.start - dt.timedelta(days=7), 168, 10), per)
+    assert fo["requests"] is None and fo["spend_usd"] is None and fo["hourly"] == []
+    assert "no basis for a forecast" in fo["note"]
+    fo = _forecast(
+        pl.concat([_series(per.start - dt.timedelta(days=7), 168, 10), _series(per.start, 5, 0)]),
+        per,
+    )
+    assert fo["requests"] is None and "no requests in 2026-W47" in fo["note"]

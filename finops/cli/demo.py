@@ -79,12 +79,45 @@ def _growth(ctx: DemoContext, note: Callable[[str], None]) -> None:
 DEMO_ROUTER_ROWS = 4000
 
 
+def router_dir(lake: Path) -> Path:
+    """Where the demo writes its router artifact (next to the lake)."""
+    return lake.parent / "router" / "demo-artifact"
+
+
+def reports_dir(lake: Path) -> Path:
+    """Where the demo writes its weekly report (next to the lake)."""
+    return lake.parent / "reports"
+
+
+def preflight(ctx: DemoContext) -> None:
+    """Refuse output paths the later steps could not fill, before the lake is generated.
+
+    A file or an unrelated folder at router/demo-artifact (or a file at reports)
+    would otherwise fail minutes in, with a traceback and a half-made demo.
+    Raises DemoError with the path and what was expected.
+    """
+    from finops.demo import DemoError
+    from finops.router.artifact import ArtifactError, check_out_dir
+
+    try:
+        check_out_dir(router_dir(ctx.lake), overwrite=True)
+    except ArtifactError as exc:
+        raise DemoError(
+            f"{exc} (the demo writes its router artifact there: move it or use another --lake)"
+        ) from None
+    reports = reports_dir(ctx.lake)
+    if reports.exists() and not reports.is_dir():
+        raise DemoError(
+            f"{reports}: exists and is not a folder (the demo writes its weekly report there)"
+        )
+
+
 def _router(ctx: DemoContext, note: Callable[[str], None]) -> None:
     """Train the demo router (labeled demo prompts) and price it on the lake's tiers."""
     from finops.router.data import load_labeled, write_demo_labeled
     from finops.router.train import one_line, train
 
-    out = ctx.lake.parent / "router" / "demo-artifact"
+    out = router_dir(ctx.lake)
     data = write_demo_labeled(out.parent / "demo-labeled.jsonl", DEMO_ROUTER_ROWS, ctx.seed)
     note(f"training on {DEMO_ROUTER_ROWS} labeled requests")
     res = train(load_labeled(data), out, cv_folds=0, seed=ctx.seed, lake=ctx.lake, overwrite=True)
@@ -97,7 +130,7 @@ def _report(ctx: DemoContext, note: Callable[[str], None]) -> None:
     """The weekly report for people who never open a notebook (HTML, Markdown, JSON, FOCUS)."""
     from finops.report import build_report
 
-    paths = build_report(ctx.lake, _week(ctx), ctx.lake.parent / "reports")
+    paths = build_report(ctx.lake, _week(ctx), reports_dir(ctx.lake))
     ctx.results["report"] = paths.html
 
 
@@ -195,6 +228,8 @@ def demo(
 ) -> None:
     """Generate a realistic demo week into the lake, build the views, print a summary."""
     from finops.demo import DemoError, TracesMissing
+    from finops.report.figures import ReportError
+    from finops.router.artifact import ArtifactError
 
     try:
         first = dt.date.fromisoformat(start)
@@ -204,8 +239,9 @@ def demo(
         lake=resolve_lake(lake), days=days, seed=seed, gpus=gpus, start=first, scale=scale
     )
     try:
+        preflight(ctx)
         run_demo(ctx)
-    except (DemoError, TracesMissing) as exc:
+    except (DemoError, TracesMissing, ArtifactError, ReportError) as exc:
         fail(str(exc))
     print_summary(ctx.results["summary"])
     for key in ("economics", "growth", "router"):

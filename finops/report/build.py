@@ -47,7 +47,7 @@ def summary_markdown(r: dict[str, Any]) -> str:
     def val(key: str, fmt: Callable[[float], str]) -> str:
         v, ch = h[key]["value"], h[key]["change"]
         s = "n/a" if v is None else fmt(v)
-        return s + ("" if ch is None else f" ({'+' if ch >= 0 else ''}{100 * ch:.1f}%)")
+        return s + ("" if ch is None else f" ({F.signed_pct(ch)})")
 
     lines = [
         f"*GPU cost report {r['week']}* (vs {r['compare_to']})",
@@ -69,6 +69,26 @@ def summary_markdown(r: dict[str, Any]) -> str:
     room = 10 - len(lines) - len(tail)
     lines += [f"- {s}" for s in r["findings"][: max(room, 0)]]
     return "\n".join([*lines, *tail][:10]) + "\n"
+
+
+def prepare_out_dir(out: str | os.PathLike[str]) -> Path:
+    """The output folder, created and proven writable before any figure is computed.
+
+    A file in its place or a read-only folder would otherwise end in a traceback,
+    and only after a minute of work.
+    """
+    out_dir = Path(out).resolve()  # the notebook runs in it: relative paths would double
+    if out_dir.exists() and not out_dir.is_dir():
+        raise F.ReportError(f"--out {out_dir}: exists and is not a folder (expected a folder)")
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out_dir):
+            pass
+    except OSError as exc:
+        raise F.ReportError(
+            f"--out {out_dir}: cannot write report files there ({exc.strerror or exc})"
+        ) from None
+    return out_dir
 
 
 def execute_notebook(
@@ -112,8 +132,7 @@ def build_report(
     lake_path = Path(lake) if lake is not None else finops.db.default_lake_path()
     if not lake_path.exists():
         raise F.ReportError(f"{lake_path}: lake folder not found")
-    out_dir = Path(out).resolve()  # the notebook runs in it: relative paths would double
-    out_dir.mkdir(parents=True, exist_ok=True)
+    out_dir = prepare_out_dir(out)
     db = finops.connect(lake_path)
     F.quiet(db)
     r = F.compute(db, week, compare_to=compare_to, router=router, growth=growth, log=log)

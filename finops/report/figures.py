@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import math
+import re
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -69,6 +70,36 @@ def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
             rec[k] = v
         out.append(rec)
     return out
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9 ._:/@+-]*[A-Za-z0-9])?")
+
+
+def md_name(x: Any) -> str:
+    """A name from the data (tenant, feature, tier...: client-chosen headers) as inert Markdown.
+
+    Takeaways are Markdown in the summary and in the HTML page; a name like
+    `<img onerror=...>` or `*x* [y](z)` must read as text there, never as markup. Plain
+    names stay as they are; anything else becomes a code span (the HTML escapes it).
+    """
+    s = re.sub(r"[\x00-\x1f\x7f]+", " ", str(x)).strip()[:200] or "(blank)"
+    if _PLAIN_NAME.fullmatch(s):
+        return s
+    fence = "`" * (max((len(t) for t in re.findall(r"`+", s)), default=0) + 1)
+    return f"{fence} {s} {fence}"
+
+
+def signed_pct(x: float, digits: int = 1) -> str:
+    """+3.2%, -1.0%, 0.0%: float noise (-1.6e-16 for equal spend) never prints as -0.0%."""
+    s = f"{100 * x:+.{digits}f}%"
+    return s[1:] if float(s[1:-1]) == 0 else s
+
+
+def period_text(per: fc.Period) -> str:
+    """'2026-11-16 to 2026-11-22 UTC': the last day shown is the last one included (end is exclusive)."""
+    assert per.start is not None and per.end is not None
+    last = per.end - dt.timedelta(microseconds=1)
+    return f"{per.start:%Y-%m-%d} to {last:%Y-%m-%d} UTC"
 
 
 def previous_week(week: str) -> str:
@@ -319,8 +350,21 @@ def _psi(expected: list[float], actual: list[float]) -> float | None:
     return psi
 
 
+def load_artifact(router_dir: str | Path) -> Any:
+    """The router artifact, loaded before any figure is computed (a wrong --router fails fast)."""
+    from finops.router.artifact import ArtifactError, load_router
+
+    try:
+        return load_router(router_dir)
+    except ArtifactError as exc:
+        raise ReportError(f"--router: {exc}") from None
+
+
 def _router(
-    db: duckdb.DuckDBPyConnection, per: fc.Period, router_dir: str | Path | None
+    db: duckdb.DuckDBPyConnection,
+    per: fc.Period,
+    router_dir: str | Path | None,
+    router: Any = None,
 ) -> dict[str, Any]:
     """Tier shares and dollars vs sending everything to the priciest tier (from the log).
 
@@ -376,10 +420,9 @@ def _router(
     if router_dir is None:
         out["note"] = "no router artifact given (--router DIR): quality and drift not estimated"
         return out
-    from finops.router.artifact import load_router
     from finops.router.evaluate import replay_lake
 
-    router = load_router(router_dir)
+    router = router if router is not None else load_artifact(router_dir)
     manifest = router.manifest
     out["artifact"] = {"path": str(router_dir), "version": manifest.get("version")}
     replay = replay_lake(router, finops.db.lake_dir(db), days=int((per.hours or 168) // 24))
@@ -492,13 +535,16 @@ def _anomalies(
 def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
     """Next week = mean of each hour of week over up to 4 weeks x the week-over-week trend.
 
-    trend = this week / the week before (totals), clipped to 0.8..1.25 so one odd
-    week cannot run away; 1 when there is no earlier week. Hours of week never seen
-    fall back to the mean of the same hour of day.
+    trend = this week's rate per hour covered / the same span of the week before
+    (so a week still in progress is not read as a drop), clipped to 0.8..1.25 so one
+    odd week cannot run away; 1 when there is no earlier week. A report week without
+    requests gives no forecast (old weeks alone are no basis for next week). Hours
+    of week never seen fall back to the mean of the same hour of day.
     """
     assert per.start is not None and per.end is not None
+    none: dict[str, Any] = {"requests": None, "spend_usd": None, "hourly": [], "trend": None}
     if series.height == 0:
-        return {"requests": None, "spend_usd": None, "hourly": [], "trend": None}
+        return {**none, "note": f"no data up to {per.label}: no basis for a forecast"}
     s = series.with_columns(
         (
             (pl.col("hour").dt.weekday().cast(pl.Int32) - 1) * 24
@@ -507,13 +553,17 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         pl.col("hour").dt.hour().cast(pl.Int32).alias("hod"),
     )
     cur = s.filter(pl.col("hour") >= per.start)
-    prev = s.filter(
-        (pl.col("hour") >= per.start - dt.timedelta(days=7)) & (pl.col("hour") < per.start)
-    )
+    if not cur["requests"].sum():
+        return {**none, "note": f"no requests in {per.label}: no basis for a forecast"}
+    # the same elapsed span of the week before, each side as a rate per hour it covers
+    span = cur["hour"].max() + dt.timedelta(hours=1) - per.start
+    prev_start = per.start - dt.timedelta(days=7)
+    prev = s.filter((pl.col("hour") >= prev_start) & (pl.col("hour") < prev_start + span))
     trend = {}
     for col in ("requests", "spend"):
         a, b = float(cur[col].sum()), float(prev[col].sum())
-        trend[col] = min(max(a / b, TREND_CLIP[0]), TREND_CLIP[1]) if a and b else 1.0
+        rate = (a / cur.height) / (b / prev.height) if a and b else 1.0
+        trend[col] = min(max(rate, TREND_CLIP[0]), TREND_CLIP[1])
     by_how = s.group_by("how").agg(pl.col("requests").mean(), pl.col("spend").mean())
     by_hod = s.group_by("hod").agg(
         pl.col("requests").mean().alias("r_hod"), pl.col("spend").mean().alias("s_hod")
@@ -534,9 +584,15 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
     req, spend = float(f["requests"].sum()), float(f["spend"].sum())
     if not s["has_gpu"].any():
         spend = None  # no GPU samples in the history: the spend is unknown, not $0
+    partial = span < dt.timedelta(days=7)
     return {
         "method": "mean of each hour of week over up to 4 weeks x week-over-week trend "
-        f"(clipped to {TREND_CLIP[0]}..{TREND_CLIP[1]})",
+        f"(per hour covered, clipped to {TREND_CLIP[0]}..{TREND_CLIP[1]})"
+        + (
+            f"; the trend compares the first {span / dt.timedelta(hours=1):.0f} hours of both weeks"
+            if partial
+            else ""
+        ),
         "weeks_of_history": int(s.select(pl.col("hour").dt.truncate("1w").n_unique()).item()),
         "trend": trend,
         "requests": req,
@@ -603,7 +659,7 @@ def pct(x: float | None, digits: int = 0) -> str:
 
 
 def change(x: float | None) -> str:
-    return "" if x is None else f" ({'+' if x >= 0 else ''}{100 * x:.1f}% vs previous week)"
+    return "" if x is None else f" ({signed_pct(x)} vs previous week)"
 
 
 def _takeaways(r: dict[str, Any]) -> dict[str, str]:
@@ -619,19 +675,19 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     if b.get("tenant"):
         top = b["tenant"][0]
         t["tenant"] = (
-            f"{top['tenant']} is the largest tenant at {usd(top['cost'])} "
+            f"{md_name(top['tenant'])} is the largest tenant at {usd(top['cost'])} "
             f"({pct(top['share'])} of allocated spend)."
         )
     if b.get("feature"):
         top = b["feature"][0]
         t["feature"] = (
-            f"{top['feature']} costs the most: {usd(top['cost'])}, "
+            f"{md_name(top['feature'])} costs the most: {usd(top['cost'])}, "
             f"{usd(top['usd_per_1k_requests'])} per 1k requests."
         )
     if b.get("tier"):
         top = b["tier"][0]
         t["tier"] = (
-            f"The {top['tier']} tier carries {pct(top['share'])} of spend ({usd(top['cost'])})."
+            f"The {md_name(top['tier'])} tier carries {pct(top['share'])} of spend ({usd(top['cost'])})."
         )
     idle = r["idle"]
     if idle["troughs"]:
@@ -653,7 +709,7 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         best = max(c["layers"], key=lambda x: x["usd_saved"] or 0)
         t["cache"] = (
             f"Caches saved {usd(c['saved_usd'])}; a response cache on the duplicates would save "
-            f"{usd(c['potential_usd'])} more (largest line: {best['layer']}, {usd(best['usd_saved'])})."
+            f"{usd(c['potential_usd'])} more (largest line: {md_name(best['layer'])}, {usd(best['usd_saved'])})."
         )
     lk = r["leakage"]
     if lk["categories"]:
@@ -666,7 +722,7 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     if ro.get("saved_usd") is not None:
         t["router"] = (
             f"Routing saved {usd(ro['saved_usd'])} ({pct(ro['saved_share'])}) vs sending all "
-            f"{ro['routed_requests']:,} routed requests to {ro['reference_tier']}"
+            f"{ro['routed_requests']:,} routed requests to {md_name(ro['reference_tier'])}"
             + (
                 f", at an estimated quality of {pct(ro['quality_estimate'], 1)}."
                 if ro.get("quality_estimate") is not None
@@ -679,6 +735,8 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         "usual (robust z > 3.5)."
     )
     fo = r["forecast"]
+    if fo.get("requests") is None and fo.get("note"):
+        t["forecast"] = f"No forecast for next week: {fo['note']}."
     if fo.get("requests") is not None:
         spend = (
             f"{usd(fo['spend_usd'])} of GPU spend"
@@ -719,7 +777,7 @@ def _findings(r: dict[str, Any]) -> list[str]:
         cand.append(
             (
                 abs(x["cost"] - (x["usual"] or 0)),
-                f"Anomaly: {x['tenant']} spent {usd(x['cost'])} on {x['day']} vs a usual "
+                f"Anomaly: {md_name(x['tenant'])} spent {usd(x['cost'])} on {x['day']} vs a usual "
                 f"{usd(x['usual'])} (z = {x['z']:.1f}).",
             )
         )
@@ -754,6 +812,7 @@ def compute(
         prev_per = fc.period(prev_label)
     except fc.CostError as exc:
         raise ReportError(f"compare_to: {exc}") from None
+    artifact = load_artifact(router) if router is not None else None
     if isinstance(lake, duckdb.DuckDBPyConnection):
         db = lake
     else:
@@ -778,6 +837,7 @@ def compute(
         "week": per.label,
         "start": per.start.isoformat() if per.start else None,
         "end": per.end.isoformat() if per.end else None,
+        "period": period_text(per),
         "compare_to": prev_per.label,
         "lake": str(finops.db.lake_dir(db)),
     }
@@ -814,7 +874,7 @@ def compute(
         else _leakage(db, per)
     )
     step("sections")
-    r["router"] = _router(db, per, router)
+    r["router"] = _router(db, per, router, artifact)
     step("router")
     assert per.start is not None and per.end is not None
     series = _hourly_series(db, per.start - dt.timedelta(weeks=HISTORY_WEEKS), per.end)

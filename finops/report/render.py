@@ -95,9 +95,13 @@ def clean_svg(svg: str) -> str:
 
 
 def _markdown(text: str) -> str:
+    """Markdown -> HTML with raw HTML escaped: the text carries names from the data
+    (client-chosen feature and tenant headers), which must never become live tags.
+    Markup the notebook means goes through display(HTML(...)) with escaped values."""
     import mistune
 
-    return mistune.html(text)
+    md = mistune.create_markdown(escape=True, plugins=["strikethrough", "table"])
+    return str(md(text))
 
 
 def _output_html(out: Mapping[str, Any]) -> str | None:
