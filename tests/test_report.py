@@ -467,7 +467,20 @@ def test_router_artifact_adds_quality_and_drift(demo_lake: Path, tmp_path: Path)
     r = compute(demo_lake, WEEK, router=art, growth=False)["router"]
     assert r["artifact"]["path"] == str(art) and "note" not in r
     assert 0 < r["quality_estimate"] <= 1
-    assert r["replay"]["requests"] > 0
+    # the report week's own requests (was: the lake's last 7 days, whatever the week)
+    db = finops.connect(demo_lake)
+    in_week = one(
+        db,
+        f"""SELECT count(*) FROM clean.requests
+            WHERE strftime(ts AT TIME ZONE 'UTC', '%G-W%V') = '{WEEK}'
+              AND coalesce(operation, 'chat') <> 'embeddings'
+              AND coalesce(cache_status, 'miss') <> 'hit' AND coalesce(status_code, 200) < 400""",
+    )
+    db.close()
+    assert r["replay"]["requests"] == in_week > 0
+    y, w = WEEK.split("-W")
+    empty = compute(demo_lake, f"{int(y) - 1}-W{w}", router=art, growth=False)["router"]
+    assert empty["replay"]["requests"] == 0 and not (empty["drift"] or {}).get("share_shift")
     d = r["drift"]
     assert set(d["share_shift"]) == set(D.DEFAULT_TIERS)
     assert d["max_share_shift"] == max(abs(v) for v in d["share_shift"].values())

@@ -425,7 +425,7 @@ def _router(
     router = router if router is not None else load_artifact(router_dir)
     manifest = router.manifest
     out["artifact"] = {"path": str(router_dir), "version": manifest.get("version")}
-    replay = replay_lake(router, finops.db.lake_dir(db), days=int((per.hours or 168) // 24))
+    replay = replay_lake(router, finops.db.lake_dir(db), start=per.start, end=per.end)
     out["quality_estimate"] = _f(replay.get("estimated_quality"))
     out["replay"] = {
         k: replay.get(k)

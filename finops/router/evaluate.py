@@ -15,6 +15,7 @@ stated per-replica throughput assumption (`FALLBACK_DEPLOYMENTS`).
 
 from __future__ import annotations
 
+import datetime as dt
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -406,8 +407,11 @@ def replay_lake(
     *,
     prices: Any = None,
     days: int = 7,
+    start: dt.datetime | None = None,
+    end: dt.datetime | None = None,
 ) -> dict[str, Any]:
-    """Replay the lake's last `days` of generation traffic through the router's decision rule.
+    """Replay the lake's last `days` of generation traffic through the router's decision rule
+    (or, with `start`/`end`, the requests in [start, end): a weekly report's own week).
 
     Cost per request and tier = its logged input/output tokens at that tier's $/token;
     requests served from the shim's response cache and embeddings are left out (they
@@ -418,18 +422,27 @@ def replay_lake(
     import finops
 
     db = finops.connect(lake, prices=prices)
+    if start is None and end is None:
+        window = f"ts >= (SELECT max(ts) FROM clean.requests) - INTERVAL {int(days)} DAY"
+        span = f"the last {days} days"
+    else:
+        window = " AND ".join(
+            [f"ts >= TIMESTAMPTZ '{start.isoformat()}'"] * (start is not None)
+            + [f"ts < TIMESTAMPTZ '{end.isoformat()}'"] * (end is not None)
+        )
+        span = f"{start or 'the start'} to {end or 'the end'}"
     df = db.sql(
         f"""
         SELECT {", ".join(REPLAY_COLUMNS)}
         FROM clean.requests
-        WHERE ts >= (SELECT max(ts) FROM clean.requests) - INTERVAL {int(days)} DAY
+        WHERE {window}
           AND coalesce(operation, 'chat') <> 'embeddings'
           AND coalesce(cache_status, 'miss') <> 'hit'
           AND coalesce(status_code, 200) < 400
         """
     ).pl()
     if df.height == 0:
-        return {"requests": 0, "line": f"{lake}: no generation requests to replay"}
+        return {"requests": 0, "line": f"{lake}: no generation requests to replay in {span}"}
     has_text = int(df["prompt_text"].is_not_null().sum())
     rows = replay_feature_rows(router, df)
     from finops.router.artifact import _probe_frame
@@ -482,7 +495,7 @@ def replay_lake(
         "prices": price,
         "curve": curve,
         "line": dollars_line(saved, saved / all_large if all_large else 0.0, q)
-        + f" over the last {days} days of {lake} ({n} requests)"
+        + f" over {span} of {lake} ({n} requests)"
         + (
             f"; caution: {df.height - has_text} requests have no captured prompt text and this "
             "router uses text, so quality is the model's own estimate on degraded inputs "
