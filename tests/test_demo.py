@@ -249,3 +249,17 @@ def test_demo_refuses_a_router_path_it_cannot_fill_before_generating(
     assert "error:" in res.output and str(out) in res.output
     assert "Traceback" not in res.output
     assert not lake.exists()  # refused before generating anything
+
+
+def test_demo_refuses_to_replace_a_reports_folder_it_did_not_make(tmp_path: Path) -> None:
+    """The demo writes its weekly report next to the lake, under the names `finops
+    report` uses: a team's own report-<week>.html there was silently replaced."""
+    reports = tmp_path / "reports"
+    reports.mkdir()
+    mine = reports / "report-2026-W47.html"
+    mine.write_text("MINE")
+    lake = tmp_path / "lake"
+    res = CliRunner().invoke(app, ["demo", "--lake", str(lake), "--days", "1", "--gpus", "6"])
+    assert res.exit_code == 2, res.output
+    assert str(reports) in res.output and "not made by `finops demo`" in res.output
+    assert mine.read_text() == "MINE" and not lake.exists()

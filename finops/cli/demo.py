@@ -96,7 +96,7 @@ def preflight(ctx: DemoContext) -> None:
     would otherwise fail minutes in, with a traceback and a half-made demo.
     Raises DemoError with the path and what was expected.
     """
-    from finops.demo import DemoError
+    from finops.demo import MARKER, DemoError
     from finops.router.artifact import ArtifactError, check_out_dir
 
     try:
@@ -109,6 +109,14 @@ def preflight(ctx: DemoContext) -> None:
     if reports.exists() and not reports.is_dir():
         raise DemoError(
             f"{reports}: exists and is not a folder (the demo writes its weekly report there)"
+        )
+    if reports.is_dir() and any(reports.iterdir()) and not (reports / MARKER).is_file():
+        # `finops report` writes the same file names: a team's own report of that week
+        # would be replaced by the demo's
+        raise DemoError(
+            f"{reports}: not empty and not made by `finops demo` (no {MARKER} marker); "
+            "the demo writes its weekly report there and would replace what is there. "
+            "Choose another --lake (the report goes next to it) or move that folder."
         )
 
 
@@ -128,9 +136,12 @@ def _router(ctx: DemoContext, note: Callable[[str], None]) -> None:
 
 def _report(ctx: DemoContext, note: Callable[[str], None]) -> None:
     """The weekly report for people who never open a notebook (HTML, Markdown, JSON, FOCUS)."""
+    from finops.demo import MARKER
     from finops.report import build_report
 
-    paths = build_report(ctx.lake, _week(ctx), reports_dir(ctx.lake))
+    out = reports_dir(ctx.lake)
+    paths = build_report(ctx.lake, _week(ctx), out)
+    (out / MARKER).touch()  # the next demo may replace what this one wrote
     ctx.results["report"] = paths.html
 
 
