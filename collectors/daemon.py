@@ -2,25 +2,35 @@
 
 Design:
 - one asyncio task per target, each on its own jittered schedule; HTTP via
-  one shared `httpx.AsyncClient`; NVML reads and log polls (blocking calls)
-  run in worker threads. Every attempt is bounded by the target's timeout
-  (`asyncio.wait_for` around the whole attempt, so a server that drips one
-  byte a second is cut off too); a failed target backs off exponentially
+  one shared `httpx.AsyncClient`; blocking work (NVML reads, log polls,
+  exposition parsing) runs in the target's own thread (`_Worker`), never in
+  a shared pool: a thread cannot be cancelled, so one stuck call (NVML when
+  a GPU falls off the bus) must not use up threads the others need. While a
+  target's previous call is still running its next attempts are skipped and
+  recorded as down ("previous attempt still running after Ns");
+- every attempt is bounded by the target's timeout (`asyncio.wait_for`
+  around the whole attempt, so a server that drips one byte a second is cut
+  off too), except Prometheus, where each request (one chunk) is bounded so
+  a long catch-up can take several; a failed target backs off exponentially
   (`backoff_initial` doubling up to `backoff_max`, jittered) while the others
   keep their cadence;
 - every attempt yields one `scrape_health` row (up, duration_ms, samples,
   rejected, error);
 - rows are buffered and written in batches (every `flush_interval` or
-  `flush_rows`, whichever first) in a worker thread: few, larger Parquet
-  files; after a batch is in the lake the checkpoints that depend on it are
-  committed (Prometheus range positions);
-- log targets use `collectors.logs.LogSource`, which writes its own batches
-  and checkpoints (lake first, then checkpoint);
+  `flush_rows`, whichever first) by the lake writer thread, which nothing
+  else uses (so the final flush always gets it): few, larger Parquet files;
+- Prometheus chunks are written as they arrive (lake, then checkpoint);
+  log targets use `collectors.logs.LogSource`, which writes its own batches
+  and checkpoints (lake first, then checkpoint), taking the write lock for
+  one batch at a time, and stops at the first batch boundary after its
+  timeout (the rest follows next attempt);
 - SIGTERM/SIGINT: stop scheduling, flush what is buffered, commit
-  checkpoints, exit 0. A kill -9 loses at most the unflushed scrapes of one
-  flush interval (never a log line: those are re-read from the checkpoint),
-  and never duplicates rows: file names are content fingerprints and every
-  table has a deterministic key that the clean views deduplicate on.
+  checkpoints, exit 0, without waiting for a target stuck in a blocking call
+  (worker threads are daemon threads, abandoned at exit). A kill -9 loses at
+  most the unflushed scrapes of one flush interval (never a log line: those
+  are re-read from the checkpoint), and never duplicates rows: file names
+  are content fingerprints and every table has a deterministic key that the
+  clean views deduplicate on.
 """
 
 from __future__ import annotations
@@ -29,6 +39,7 @@ import abc
 import asyncio
 import contextlib
 import datetime as dt
+import queue
 import random
 import signal
 import sys
@@ -36,20 +47,88 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, TextIO
+from typing import TYPE_CHECKING, Any, TextIO, TypeVar
 
 import httpx
 import polars as pl
 
 from collectors.config import CollectConfig, TargetConfig
 from collectors.mapping import MappingError
-from finops.lake import Lake
+from finops.lake import AppendResult, Lake
 
+if TYPE_CHECKING:
+    from collectors.logs import LogSource
+    from collectors.prometheus_api import RangeResult
+
+T = TypeVar("T")
 ACCEPT = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1"
 
 
 class ScrapeError(RuntimeError):
     """An attempt failed; the message is what `scrape_health.error` says."""
+
+
+class _Worker:
+    """One daemon thread that runs blocking calls in order, awaited from asyncio.
+
+    Not `asyncio.to_thread`: the default pool is shared and small, and a call
+    stuck in a driver keeps its pool thread forever; a few of those and no
+    target, nor the final flush, gets a thread again. Not a ThreadPoolExecutor
+    either: its threads are joined at interpreter exit, so one stuck call
+    would keep the process alive after SIGTERM. A daemon thread is abandoned
+    at exit instead.
+    """
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._queue: queue.SimpleQueue[tuple[Callable[[], Any], Any, asyncio.Future[Any]]] = (
+            queue.SimpleQueue()
+        )
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._pending = 0
+        self._since: float | None = None
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run `fn(*args)` in this thread; cancelling the await does not stop the call."""
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[T] = loop.create_future()
+        with self._lock:
+            self._pending += 1
+            if self._since is None:
+                self._since = time.monotonic()
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._main, name=self.name, daemon=True)
+                self._thread.start()
+        self._queue.put((lambda: fn(*args), loop, fut))
+        return await fut
+
+    def busy_for(self) -> float | None:
+        """Seconds the call in progress (or queued) has been going, None when idle."""
+        with self._lock:
+            return None if self._since is None else time.monotonic() - self._since
+
+    def _main(self) -> None:
+        while True:
+            call, loop, fut = self._queue.get()
+            try:
+                ok, result = True, call()
+            except BaseException as exc:  # handed to the awaiting coroutine
+                ok, result = False, exc
+            with self._lock:
+                self._pending -= 1
+                self._since = time.monotonic() if self._pending else None
+            with contextlib.suppress(RuntimeError):  # the loop is closed: nobody waits
+                loop.call_soon_threadsafe(_settle, fut, ok, result)
+
+
+def _settle(fut: asyncio.Future[Any], ok: bool, result: Any) -> None:
+    if fut.done():  # the awaiting attempt timed out or was cancelled
+        return
+    if ok:
+        fut.set_result(result)
+    else:
+        fut.set_exception(result)
 
 
 @dataclass
@@ -66,7 +145,6 @@ class Outcome:
     error: str | None = None
     frames: dict[str, list[Any]] = field(default_factory=dict)
     rejects: list[tuple[str, dict[str, str]]] = field(default_factory=list)
-    on_flushed: list[Callable[[], None]] = field(default_factory=list)
 
     def add(self, table: str, data: Any) -> None:
         if data is None or (isinstance(data, pl.DataFrame | list) and len(data) == 0):
@@ -75,6 +153,21 @@ class Outcome:
 
     def rows(self) -> int:
         return sum(len(d) for ds in self.frames.values() for d in ds)
+
+    def absorb(self, other: Outcome) -> None:
+        """Take what a worker thread filled in on a scratch Outcome.
+
+        The thread never touches the real one: after a timeout that one is
+        already in the buffer, and rows landing in it late would be written
+        under a health row that says the attempt failed.
+        """
+        for table, datas in other.frames.items():
+            self.frames.setdefault(table, []).extend(datas)
+        self.rejects += other.rejects
+        self.samples += other.samples
+        self.rejected += other.rejected
+        self.error = other.error or self.error
+        self.up = other.up
 
     def health(self) -> dict[str, Any]:
         return {
@@ -103,10 +196,28 @@ class Target(abc.ABC):
         self.failures = 0
         self.attempts = 0
         self.last: Outcome | None = None
+        self._worker: _Worker | None = None
 
     @abc.abstractmethod
     async def attempt(self, out: Outcome) -> None:
         """One scrape/poll of this target; fills `out` or raises ScrapeError."""
+
+    def attempt_timeout(self) -> float | None:
+        """Bound on one whole attempt (None: the attempt bounds its own steps)."""
+        return self.cfg.timeout + 1.0
+
+    async def in_thread(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run blocking work in this target's own thread (see `_Worker`)."""
+        if self._worker is None:
+            self._worker = _Worker(f"collect-{self.cfg.name}")
+        return await self._worker.run(fn, *args)
+
+    def busy_for(self) -> float | None:
+        """How long this target's thread has been in its current call (None: idle)."""
+        return None if self._worker is None else self._worker.busy_for()
+
+    def interrupt(self) -> None:  # noqa: B027 - optional hook
+        """Ask a call still running in this target's thread to stop at a safe point."""
 
     async def restore(self) -> Outcome | None:
         """Rebuild state from the lake after a restart (optional)."""
@@ -168,7 +279,9 @@ class _ExpositionTarget(Target):
             max_bytes=self.cfg.max_bytes,
         )
         openmetrics = True if "openmetrics" in ctype else None
-        await asyncio.to_thread(self._process, body, openmetrics, out)
+        scratch = Outcome(out.target, out.kind, out.ts)
+        await self.in_thread(self._process, body, openmetrics, scratch)
+        out.absorb(scratch)
 
     def _process(self, body: bytes, openmetrics: bool | None, out: Outcome) -> None:
         from collectors.exposition import parse
@@ -213,7 +326,7 @@ class VllmTarget(_ExpositionTarget):
         self._lock = threading.Lock()
 
     async def restore(self) -> Outcome | None:
-        events = await asyncio.to_thread(self.tracker.restore, str(self.ctx.lake.path))
+        events = await self.in_thread(self.tracker.restore, str(self.ctx.lake.path))
         if not events:
             return None
         out = Outcome(self.cfg.name, "vllm", dt.datetime.now(dt.UTC), up=True)
@@ -248,7 +361,7 @@ class NvmlTarget(Target):
         from collectors.nvml import NvmlUnavailable
 
         try:
-            rows = await asyncio.to_thread(self.collector.read, out.ts)
+            rows = await self.in_thread(self.collector.read, out.ts)
         except NvmlUnavailable as exc:
             raise ScrapeError(str(exc)) from None
         except Exception as exc:
@@ -261,7 +374,7 @@ class NvmlTarget(Target):
 
     def close(self) -> None:
         with contextlib.suppress(Exception):
-            self.collector.close()
+            self.collector.close()  # not called while a read is stuck (see Collector._close)
 
 
 class PrometheusTarget(Target):
@@ -272,13 +385,20 @@ class PrometheusTarget(Target):
         self.checkpoint = RangeCheckpoint.for_query(
             ctx.cfg.checkpoint_dir, cfg.url or "", cfg.query or ""
         )
-        self.pending_until: dt.datetime | None = None
+        self.loaded_until: dt.datetime | None = None
+
+    def attempt_timeout(self) -> float | None:
+        """Each request is bounded by `timeout`: a catch-up may need many of them."""
+        return None
 
     async def attempt(self, out: Outcome) -> None:
-        from collectors.prometheus_api import PrometheusAPIError, query_range
+        from collectors.prometheus_api import PrometheusAPIError, iter_range
 
         cfg = self.cfg
-        loaded = self.pending_until or self.checkpoint.load()
+        try:
+            loaded = self.loaded_until or self.checkpoint.load()
+        except PrometheusAPIError as exc:
+            raise ScrapeError(str(exc)) from None
         end = out.ts - dt.timedelta(seconds=cfg.lag)
         start = (
             loaded + dt.timedelta(seconds=cfg.step)
@@ -288,38 +408,101 @@ class PrometheusTarget(Target):
         out.up = True
         if end < start:
             return
+        warnings: list[str] = []
+        done = 0
+        fetch = iter_range(
+            self.ctx.http,
+            cfg.url or "",
+            cfg.query or "",
+            start,
+            end,
+            cfg.step,
+            timeout=cfg.timeout,
+            max_points=cfg.max_points,
+        )
         try:
-            res = await query_range(
-                self.ctx.http,
-                cfg.url or "",
-                cfg.query or "",
-                start,
-                end,
-                cfg.step,
-                timeout=cfg.timeout,
-                max_points=cfg.max_points,
-            )
+            async with contextlib.aclosing(fetch) as parts:
+                async for res in parts:
+                    await self._store(res, out.kind)
+                    done += 1
+                    out.samples += res.points
+                    warnings += res.warnings
         except PrometheusAPIError as exc:
-            raise ScrapeError(str(exc)) from None
-        except httpx.TimeoutException:
-            raise ScrapeError(f"timed out after {cfg.timeout:g}s") from None
+            raise ScrapeError(self._so_far(str(exc), done, out.samples)) from None
         except httpx.ConnectError as exc:
-            raise ScrapeError(f"cannot connect: {exc or 'connection refused'}") from None
+            msg = f"cannot connect: {exc or 'connection refused'}"
+            raise ScrapeError(self._so_far(msg, done, out.samples)) from None
         except httpx.HTTPError as exc:
-            raise ScrapeError(f"HTTP failure: {type(exc).__name__}: {exc}") from None
-        out.add("gpu_samples", res.gpu)
-        out.add("serving_samples", res.serving)
-        out.samples += res.points
-        if res.warnings:
-            out.error = "warnings: " + "; ".join(res.warnings)[:500]
-        if res.end is not None:
-            until = res.end
-            self.pending_until = until
+            msg = f"HTTP failure: {type(exc).__name__}: {exc}"
+            raise ScrapeError(self._so_far(msg, done, out.samples)) from None
+        except ScrapeError as exc:
+            raise ScrapeError(self._so_far(str(exc), done, out.samples)) from None
+        if warnings:
+            out.error = "warnings: " + "; ".join(warnings)[:500]
 
-            def commit(until: dt.datetime = until) -> None:
-                self.checkpoint.save(until, url=cfg.url or "", query=cfg.query or "")
+    async def _store(self, res: RangeResult, kind: str) -> None:
+        """Write one chunk, then its checkpoint: a catch-up keeps what it fetched.
 
-            out.on_flushed.append(commit)
+        Rows wait in no buffer, so a later request failing, or the daemon
+        stopping, never sends the next attempt back over chunks already loaded.
+        """
+        cfg = self.cfg
+        until = res.end
+
+        def commit() -> None:
+            self.checkpoint.save(until, url=cfg.url or "", query=cfg.query or "")
+
+        tables = {"gpu_samples": res.gpu, "serving_samples": res.serving}
+        try:
+            await self.ctx.write_now(kind, tables, then=commit)
+        except Exception as exc:
+            raise ScrapeError(f"writing to {self.ctx.cfg.lake} failed: {exc}") from None
+        self.loaded_until = until
+
+    def _so_far(self, error: str, done: int, points: int) -> str:
+        """The error, and what this attempt loaded before it (kept: see `_store`)."""
+        if not done:
+            return error
+        return f"{error}; {done} earlier chunk(s) ({points:,} points) are in the lake"
+
+
+class _LockedLake:
+    """The lake as a log poll sees it: the write lock for one write at a time.
+
+    Holding the lock for a whole poll would hold every other target's flush
+    for as long as a backlog takes. Writes to the poll's own table are
+    counted, so a poll that stops early (or ends after its attempt was
+    reported) still has its rows in `scrape_health`.
+    """
+
+    def __init__(self, lake: Lake, lock: threading.Lock, table: str) -> None:
+        self._lake = lake
+        self._lock = lock
+        self._table = table
+        self.loaded = 0
+        self.rejected = 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._lake, name)
+
+    def append(self, table: str, data: Any, **kw: Any) -> AppendResult:
+        with self._lock:
+            res = self._lake.append(table, data, **kw)
+        if table == self._table:
+            self.loaded += res.loaded
+            self.rejected += res.rejected
+        return res
+
+    def reject(self, table: str, bad: Any, **kw: Any) -> int:
+        with self._lock:
+            n = self._lake.reject(table, bad, **kw)
+        if table == self._table:
+            self.rejected += n
+        return n
+
+
+class _PollStopped(Exception):
+    """Raised between two batches to end a log poll early (checkpoint already saved)."""
 
 
 class LogTarget(Target):
@@ -329,28 +512,67 @@ class LogTarget(Target):
         super().__init__(cfg, ctx)
         from collectors.logs import LogSource
 
-        self.source = LogSource(
-            cfg.path or "", ctx.lake, ctx.cfg.checkpoint_dir, cfg.mapping, table=cfg.table
+        self.lake = _LockedLake(ctx.lake, ctx.write_lock, cfg.table)
+        self.source: LogSource = LogSource(
+            cfg.path or "",
+            self.lake,  # type: ignore[arg-type]
+            ctx.cfg.checkpoint_dir,
+            cfg.mapping,
+            table=cfg.table,
+            progress=self._after_batch,
         )
+        self._deadline = float("inf")
+        self._stop = threading.Event()
+        self._reported = (0, 0)
+
+    def attempt_timeout(self) -> float | None:
+        """`--once` loads the whole backlog; the daemon polls in slices of `timeout`."""
+        return None if self.ctx.once else self.cfg.timeout + 1.0
+
+    def interrupt(self) -> None:
+        self._stop.set()
 
     async def attempt(self, out: Outcome) -> None:
+        self._stop.clear()
+        self._deadline = float("inf") if self.ctx.once else time.monotonic() + self.cfg.timeout
         try:
-            res = await asyncio.to_thread(self._poll)
+            stopped = await self.in_thread(self._poll)
         except (OSError, MappingError) as exc:
             # A wrong mapping is a configuration error of this target only: it is
             # reported in scrape_health and the other targets keep running.
+            self._count(out)
             raise ScrapeError(f"{self.cfg.path}: {exc}") from None
-        out.samples += res.loaded
-        out.rejected += res.rejected
+        self._count(out)
         out.up = True
+        notes = []
+        if stopped:
+            notes.append(f"backlog: {out.samples:,} rows loaded this attempt, the rest follows")
         errors = getattr(self.source, "errors", None)
         if errors:
-            out.error = "; ".join(str(e) for e in errors[-3:])[:500]
+            notes.append("; ".join(str(e) for e in errors[-3:]))
             errors.clear()
+        if notes:
+            out.error = "; ".join(notes)[:500]
 
-    def _poll(self) -> Any:
-        with self.ctx.write_lock:
-            return self.source.poll(final=self.ctx.stopping)
+    def _count(self, out: Outcome) -> None:
+        """Report the rows written since the last report (a late batch included)."""
+        loaded, rejected = self.lake.loaded, self.lake.rejected
+        out.samples += loaded - self._reported[0]
+        out.rejected += rejected - self._reported[1]
+        self._reported = (loaded, rejected)
+
+    def _poll(self) -> bool:
+        """Poll the log files; True when stopped early (time is up, or shutdown)."""
+        try:
+            self.source.poll(final=self.ctx.stopping)
+        except _PollStopped:
+            return True
+        return False
+
+    def _after_batch(self, offset: int, size: int) -> None:
+        """Called by LogSource once a batch and its checkpoint are saved: stop here?"""
+        if self._stop.is_set() or time.monotonic() > self._deadline:
+            raise _PollStopped
 
 
 TARGET_TYPES: dict[str, type[Target]] = {
@@ -399,7 +621,9 @@ class Collector:
         self.write_lock = threading.Lock()
         self.stats = Stats()
         self.stopping = False
+        self.once = False  # run_once: every target loads all it has pending
         self.stop_event: asyncio.Event | None = None
+        self._writer = _Worker("collect-lake-writer")
         self.http: httpx.AsyncClient = None  # type: ignore[assignment]
         self.targets = [TARGET_TYPES[t.kind](t, self) for t in cfg.targets]
         self._flush_lock: asyncio.Lock | None = None
@@ -417,11 +641,21 @@ class Collector:
         """One bounded attempt of one target; never raises (the outcome says what failed)."""
         out = Outcome(t.cfg.name, t.cfg.kind, dt.datetime.now(dt.UTC))
         t0 = time.perf_counter()
+        busy = t.busy_for()
+        limit = t.attempt_timeout()
         try:
-            await asyncio.wait_for(t.attempt(out), timeout=t.cfg.timeout + 1.0)
+            if busy is not None:
+                # its thread is stuck in (or still finishing) the last call: starting
+                # another would only pile up threads behind it
+                raise ScrapeError(f"previous attempt still running after {busy:.1f}s")
+            if limit is None:
+                await t.attempt(out)
+            else:
+                await asyncio.wait_for(t.attempt(out), timeout=limit)
         except TimeoutError:
             out.up, out.error = False, f"timed out after {t.cfg.timeout:g}s"
             out.frames.clear()
+            t.interrupt()
         except ScrapeError as exc:
             out.up, out.error = False, str(exc)
             out.frames.clear()
@@ -461,14 +695,14 @@ class Collector:
 
     # ---- writing
     async def flush(self) -> None:
-        """Write buffered rows (in a worker thread), then commit dependent checkpoints."""
+        """Write buffered rows (in the writer thread), then commit dependent checkpoints."""
         assert self._flush_lock is not None
         async with self._flush_lock:
             batch, self.buffer, self.buffered_rows = self.buffer, [], 0
             if not batch:
                 return
             try:
-                await asyncio.to_thread(self._write, batch)
+                await self._writer.run(self._write, batch)
             except Exception as exc:  # disk full, permissions...: keep the rows, retry later
                 self.buffer[:0] = batch
                 self.buffered_rows += sum(o.rows() + 1 for o in batch)
@@ -476,6 +710,31 @@ class Collector:
                 self._print(f"collect: writing to {self.cfg.lake} failed, will retry: {exc}")
                 if self.stopping:
                     raise
+
+    async def write_now(
+        self, kind: str, tables: dict[str, Any], *, then: Callable[[], None]
+    ) -> None:
+        """Write rows now (not via the buffer), then run `then` (a checkpoint commit)."""
+        by_table = {(t, kind): [d] for t, d in tables.items() if d is not None and len(d)}
+
+        def write() -> None:
+            with self.write_lock:
+                self.stats.files += self._append(by_table)
+            then()
+
+        await self._writer.run(write)
+
+    def _append(self, by_table: dict[tuple[str, str], list[Any]]) -> int:
+        """Append rows per (table, source); the caller holds the write lock."""
+        files = 0
+        # samples before the cache events derived from them (see collectors.vllm)
+        order = {"gpu_samples": 0, "serving_samples": 1, "cache_events": 2}
+        for (table, kind), datas in sorted(by_table.items(), key=lambda kv: order.get(kv[0][0], 9)):
+            frames = [d if isinstance(d, pl.DataFrame) else pl.DataFrame(d) for d in datas]
+            frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+            res = self.lake.append(table, frame, source=kind)
+            files += len(res.files)
+        return files
 
     def _write(self, batch: list[Outcome]) -> None:
         by_table: dict[tuple[str, str], list[Any]] = {}
@@ -485,23 +744,11 @@ class Collector:
                 by_table.setdefault((table, out.kind), []).extend(datas)
             for table, rej in out.rejects:
                 rejects.setdefault((table, out.kind), []).append(rej)
-        files = 0
         with self.write_lock:
-            # samples before the cache events derived from them (see collectors.vllm)
-            order = {"gpu_samples": 0, "serving_samples": 1, "cache_events": 2}
-            for (table, kind), datas in sorted(
-                by_table.items(), key=lambda kv: order.get(kv[0][0], 9)
-            ):
-                frames = [d if isinstance(d, pl.DataFrame) else pl.DataFrame(d) for d in datas]
-                frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-                res = self.lake.append(table, frame, source=kind)
-                files += len(res.files)
+            files = self._append(by_table)
             for (table, kind), rows in rejects.items():
                 self.lake.reject(table, rows, source=kind)
             self.lake.append("scrape_health", [o.health() for o in batch], source="collect")
-        for out in batch:
-            for commit in out.on_flushed:
-                commit()
         self.stats.flushes += 1
         self.stats.files += files
         self.stats.last_flush = time.monotonic()
@@ -552,14 +799,29 @@ class Collector:
                 self.buffer.append(restored)
 
     async def _close(self) -> None:
+        """Flush and release, without waiting for a target stuck in a blocking call.
+
+        Such a target's thread is a daemon thread, abandoned at exit; its
+        `close()` is skipped, as it would block behind the stuck call (NVML
+        serializes its calls).
+        """
         self.stopping = True
-        await self.flush()
         for t in self.targets:
-            t.close()
+            t.interrupt()
+        await self.flush()
+        stuck = []
+        for t in self.targets:
+            if t.busy_for() is None:
+                t.close()
+            else:
+                stuck.append(t.cfg.name)
+        if stuck:
+            self._print(f"collect: not waiting for {', '.join(stuck)} (a call still running)")
         await self.http.aclose()
 
     async def run_once(self) -> list[Outcome]:
         """Try every target once (concurrently), flush, return the outcomes."""
+        self.once = True
         await self._open()
         try:
             outs = await asyncio.gather(*(self.run_attempt(t) for t in self.targets))

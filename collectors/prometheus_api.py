@@ -4,7 +4,8 @@ For teams whose metrics already live in Prometheus, and the way past direct
 scraping at scale. What it handles:
 
 - Prometheus refuses ranges over 11,000 points per series, so a long range is
-  split into chunks of at most `MAX_POINTS` steps and fetched one by one;
+  split into chunks of at most `MAX_POINTS` steps and fetched one by one
+  (`iter_range` yields each as it arrives; each request has its own timeout);
 - resume: a checkpoint (one JSON file per URL + query) remembers the end of
   the last loaded chunk, committed only after that chunk reached the lake;
   the next run starts one step later;
@@ -24,11 +25,13 @@ query_range does not say).
 
 from __future__ import annotations
 
+import asyncio
 import datetime as dt
 import hashlib
 import json
 import math
 import os
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -47,6 +50,10 @@ MAX_POINTS = 11_000
 
 class PrometheusAPIError(RuntimeError):
     """The API answered `status: error`, or not in its JSON format at all."""
+
+
+class RangeTimeout(PrometheusAPIError):
+    """One query_range request did not complete within its timeout."""
 
 
 @dataclass
@@ -228,6 +235,61 @@ class RangeCheckpoint:
         )
 
 
+async def iter_range(
+    client: httpx.AsyncClient,
+    url: str,
+    query: str,
+    start: dt.datetime,
+    end: dt.datetime,
+    step: float,
+    *,
+    timeout: float = 30.0,
+    max_points: int = MAX_POINTS,
+    name: str | None = None,
+) -> AsyncIterator[RangeResult]:
+    """Fetch [start, end] chunk by chunk, yielding each chunk's rows as it arrives.
+
+    The caller can commit every chunk (lake, then checkpoint) before the next
+    request, so a long catch-up moves forward even when a later request fails
+    or the process stops. `timeout` bounds each request as a whole: httpx's
+    own timeouts apply per network read, which a server dripping its answer
+    never trips.
+    """
+    api = url.rstrip("/") + "/api/v1/query_range"
+    parts = chunks(start, end, step, max_points)
+    for i, (a, b) in enumerate(parts, start=1):
+        request = client.get(
+            api,
+            params={
+                "query": query,
+                "start": f"{a.timestamp():.3f}",
+                "end": f"{b.timestamp():.3f}",
+                "step": f"{step:g}",
+            },
+            timeout=timeout,
+        )
+        try:
+            resp = await asyncio.wait_for(request, timeout)
+        except (TimeoutError, httpx.TimeoutException):
+            where = f" (request {i} of {len(parts)})" if len(parts) > 1 else ""
+            raise RangeTimeout(f"timed out after {timeout:g}s{where}") from None
+        if resp.status_code >= 400 and not resp.headers.get("content-type", "").startswith(
+            "application/json"
+        ):
+            raise PrometheusAPIError(f"{api}: HTTP {resp.status_code}: {resp.text[:200]!r}")
+        result, warnings = parse_response(resp.content, url=api)
+        gpu, serving, points = result_to_rows(result, url=url, query=query, name=name)
+        yield RangeResult(
+            gpu=gpu,
+            serving=serving,
+            points=points,
+            series=len(result),
+            warnings=warnings,
+            chunks=1,
+            end=b,
+        )
+
+
 async def query_range(
     client: httpx.AsyncClient,
     url: str,
@@ -240,36 +302,24 @@ async def query_range(
     max_points: int = MAX_POINTS,
     name: str | None = None,
 ) -> RangeResult:
-    """Fetch [start, end] in chunks; rows of all chunks, warnings collected."""
+    """Fetch [start, end] in chunks; rows of all chunks, warnings collected.
+
+    All or nothing: use `iter_range` to keep the chunks that arrived before a failure.
+    """
     out = RangeResult()
     gpu_frames, serving_frames = [], []
-    api = url.rstrip("/") + "/api/v1/query_range"
-    for a, b in chunks(start, end, step, max_points):
-        resp = await client.get(
-            api,
-            params={
-                "query": query,
-                "start": f"{a.timestamp():.3f}",
-                "end": f"{b.timestamp():.3f}",
-                "step": f"{step:g}",
-            },
-            timeout=timeout,
-        )
-        if resp.status_code >= 400 and not resp.headers.get("content-type", "").startswith(
-            "application/json"
-        ):
-            raise PrometheusAPIError(f"{api}: HTTP {resp.status_code}: {resp.text[:200]!r}")
-        result, warnings = parse_response(resp.content, url=api)
-        out.warnings += warnings
-        gpu, serving, points = result_to_rows(result, url=url, query=query, name=name)
-        out.points += points
-        out.series += len(result)
-        if gpu is not None:
-            gpu_frames.append(gpu)
-        if serving is not None:
-            serving_frames.append(serving)
+    async for res in iter_range(
+        client, url, query, start, end, step, timeout=timeout, max_points=max_points, name=name
+    ):
+        out.warnings += res.warnings
+        out.points += res.points
+        out.series += res.series
+        if res.gpu is not None:
+            gpu_frames.append(res.gpu)
+        if res.serving is not None:
+            serving_frames.append(res.serving)
         out.chunks += 1
-        out.end = b
+        out.end = res.end
     if gpu_frames:
         out.gpu = pl.concat(gpu_frames, how="diagonal_relaxed")
     if serving_frames:

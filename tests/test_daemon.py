@@ -497,3 +497,197 @@ def test_log_target_with_a_wrong_mapping_is_down_not_fatal(tmp_path: Path) -> No
     up, error = health[0]
     assert up is False
     assert "column 'nope' not found" in error and "available columns: a, b" in error
+
+
+# --------------------------------------------------------------------------- stuck calls
+
+
+class HungNvml:
+    """A pynvml whose nvmlInit never returns (as NVML does when a GPU falls off the bus)."""
+
+    def __init__(self) -> None:
+        self.release = threading.Event()
+        self.inits = 0
+
+    def nvmlInit(self) -> None:
+        self.inits += 1
+        self.release.wait(30)
+        raise RuntimeError("released by the test")
+
+    def nvmlShutdown(self) -> None:
+        raise AssertionError("close() must not run while a call is stuck")
+
+
+def test_a_hung_nvml_call_starves_nothing_and_stop_does_not_wait_for_it(tmp_path: Path) -> None:
+    """One stuck thread, not one per attempt; the others keep writing; stop flushes at once."""
+    nvml = HungNvml()
+    threading.Timer(10, nvml.release.set).start()  # never hang the test run itself
+    with serve({"/good": reply(200, TEXT, GOOD)}) as base:
+        cfg = config(
+            tmp_path / "lake",
+            [
+                {"kind": "dcgm", "url": f"{base}/good", "interval": "0.2s", "timeout": "0.2s"},
+                {"kind": "nvml", "name": "nvml", "interval": "0.2s", "timeout": "0.2s"},
+            ],
+            flush_interval=0.2,
+            jitter=0.0,
+            backoff_initial=0.2,
+            backoff_max=0.2,
+        )
+        c = Collector(cfg, status=None, nvml_module=nvml)
+
+        async def main() -> None:
+            task = asyncio.create_task(c.run_forever(install_signals=False))
+            await asyncio.sleep(2.5)
+            c.stop()
+            await task
+
+        t0 = time.monotonic()
+        asyncio.run(main())  # asyncio.run also joins its default pool: a stuck call there hangs it
+        elapsed = time.monotonic() - t0
+    try:
+        assert elapsed < 5, elapsed
+        assert nvml.inits == 1  # later attempts did not start another stuck thread
+        good, hung = c.targets
+        assert good.attempts >= 6 and good.failures == 0
+        assert hung.busy_for() is not None  # still stuck: stop did not wait for it
+    finally:
+        nvml.release.set()
+    db = finops.connect(tmp_path / "lake")
+    errors = db.sql("SELECT error FROM scrape_health WHERE target = 'nvml' ORDER BY ts").pl()
+    assert errors["error"][0] == "timed out after 0.2s"
+    assert errors.height >= 2
+    assert all(e.startswith("previous attempt still running after ") for e in errors["error"][1:])
+    n = db.sql("SELECT count(*) FROM scrape_health WHERE target != 'nvml'").fetchall()[0][0]
+    assert n == good.attempts  # every attempt's health row, the final flush's included
+
+
+def test_a_parse_that_outlives_its_attempt_adds_nothing_to_it(tmp_path: Path) -> None:
+    """Rows of a parse finished after the timeout never land under a 'timed out' health row."""
+    from collectors.daemon import DcgmTarget
+
+    gate = threading.Event()
+    slow_map = DcgmTarget._map
+
+    def map_late(self: DcgmTarget, parsed: object, out: object) -> None:
+        gate.wait(10)
+        slow_map(self, parsed, out)
+
+    with serve({"/good": reply(200, TEXT, GOOD)}) as base:
+        cfg = config(
+            tmp_path / "lake", [{"kind": "dcgm", "url": f"{base}/good", "timeout": "0.1s"}]
+        )
+        c = Collector(cfg, status=None)
+        t = c.targets[0]
+
+        async def main() -> tuple:
+            await c._open()
+            t._map = map_late.__get__(t)  # type: ignore[method-assign]
+            first = await c.run_attempt(t)
+            second = await c.run_attempt(t)  # the parse is still going
+            gate.set()
+            await asyncio.sleep(0.5)  # the late parse ends
+            await c.http.aclose()
+            return first, second
+
+        first, second = asyncio.run(main())
+    assert not first.up and first.error == "timed out after 0.1s"
+    assert first.frames == {} and first.samples == 0  # the late parse went elsewhere
+    assert not second.up and second.error.startswith("previous attempt still running after")
+
+
+@pytest.mark.slow
+def test_sigterm_exits_0_while_an_nvml_call_hangs(tmp_path: Path) -> None:
+    """The daemon as a process: a stuck driver call keeps neither it alive nor the rows out."""
+    fake = tmp_path / "fakenvml"
+    fake.mkdir()
+    (fake / "pynvml.py").write_text(
+        "import time\ndef nvmlInit():\n    time.sleep(3600)\ndef nvmlShutdown():\n    pass\n"
+    )
+    with serve({"/metrics": reply(200, TEXT, GOOD)}) as base:
+        cfg = tmp_path / "c.toml"
+        cfg.write_text(
+            '[collect]\nlake = "lake"\nflush_interval = "1h"\njitter = 0.0\n'
+            'backoff_initial = "0.3s"\nbackoff_max = "0.3s"\n'
+            f'[[target]]\nkind = "dcgm"\nurl = "{base}/metrics"\ninterval = "0.3s"\ntimeout = "0.3s"\n'
+            '[[target]]\nkind = "nvml"\nname = "nvml"\ninterval = "0.3s"\ntimeout = "0.3s"\n'
+        )
+        env_path = os.pathsep.join([str(fake), os.environ.get("PYTHONPATH", "")])
+        proc = subprocess.Popen(
+            [sys.executable, "-c", "from finops.cli import main; main()", "collect", "--config",
+             str(cfg)],
+            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", "PYTHONPATH": env_path},
+        )  # fmt: skip
+        try:
+            head = _wait_started(proc)
+            time.sleep(2.5)
+            proc.send_signal(signal.SIGTERM)
+            out, _ = proc.communicate(timeout=15)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
+        out = "".join(head) + out
+    assert proc.returncode == 0, out
+    assert "not waiting for nvml" in out and "stopped" in out
+    db = finops.connect(tmp_path / "lake")
+    health = dict(db.sql("SELECT kind, count(*) FROM scrape_health GROUP BY kind").fetchall())
+    assert health["dcgm"] >= 4 and health["nvml"] >= 2  # only the shutdown flush wrote these
+
+
+def test_a_log_backlog_loads_in_slices_that_report_their_rows(tmp_path: Path) -> None:
+    """A long poll stops at a batch after its timeout, up with what it loaded.
+
+    It holds the write lock per batch, so other targets' flushes are not held up.
+    """
+    log = tmp_path / "requests.jsonl"
+    _write_requests(log, 0, 1200)
+    cfg = config(tmp_path / "lake", [{"kind": "log", "path": str(log), "timeout": "0.3s"}])
+    c = Collector(cfg, status=None)
+    t = c.targets[0]
+    t.source.chunk_bytes = 8192  # ~60 lines a batch: many batches
+    real_append = c.lake.append
+
+    def slow_append(table: str, data: object, **kw: object) -> object:
+        time.sleep(0.08)
+        return real_append(table, data, **kw)
+
+    c.lake.append = slow_append  # type: ignore[method-assign]
+    waits: list[float] = []
+    done = threading.Event()
+
+    def other_writer() -> None:  # what a flush of another target does meanwhile
+        while not done.is_set():
+            t0 = time.monotonic()
+            with c.write_lock:
+                waits.append(time.monotonic() - t0)
+            time.sleep(0.01)
+
+    def loaded() -> int:
+        return sum(pl.read_parquet(f).height for f in c.lake.files("requests"))
+
+    async def main() -> list:
+        await c._open()
+        outs = [await c.run_attempt(t)]
+        in_lake = loaded()
+        await asyncio.sleep(0.3)
+        assert loaded() == in_lake  # the attempt is over: its poll stopped too
+        while outs[-1].error:
+            outs.append(await c.run_attempt(t))
+        await c.http.aclose()
+        return outs
+
+    w = threading.Thread(target=other_writer)
+    w.start()
+    try:
+        outs = asyncio.run(main())
+    finally:
+        done.set()
+        w.join()
+    first = outs[0]
+    assert first.up and first.error.startswith("backlog: ") and 0 < first.samples < 1200
+    assert first.duration_ms < 1000
+    assert all(o.up for o in outs) and len(outs) >= 3
+    assert sum(o.samples for o in outs) == loaded() == 1200  # health says what loaded
+    assert max(waits) < 0.5  # one batch write at most, not a whole poll

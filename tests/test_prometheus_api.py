@@ -7,6 +7,7 @@ import contextlib
 import datetime as dt
 import json
 import threading
+import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
@@ -24,13 +25,19 @@ from collectors.prometheus_api import MAX_POINTS, PrometheusAPIError, chunks, pa
 class FakePrometheus:
     """Evaluates a few canned queries the way Prometheus' query_range answers them."""
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0, hang_at: int | None = None) -> None:
         self.requests: list[dict[str, float | str]] = []
+        self.delay = delay  # seconds before each answer
+        self.hang_at = hang_at  # this request (1-based) hangs until `release`
+        self.release = threading.Event()
 
     def answer(self, params: dict[str, str]) -> tuple[int, dict]:
         q = params["query"]
         start, end, step = float(params["start"]), float(params["end"]), float(params["step"])
         self.requests.append({"query": q, "start": start, "end": end, "step": step})
+        time.sleep(self.delay)
+        if len(self.requests) == self.hang_at:
+            self.release.wait(10)
         if q == "bad(":
             return 400, {
                 "status": "error",
@@ -102,7 +109,8 @@ def serve_prometheus(fake: FakePrometheus, html: bool = False) -> Iterator[str]:
                 self.send_header("Content-Type", "application/json")
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
+            with contextlib.suppress(BrokenPipeError):  # a client that timed out
+                self.wfile.write(body)
 
         def log_message(self, *args: object) -> None:
             pass
@@ -240,3 +248,46 @@ def test_prometheus_cli_flags(tmp_path: Path) -> None:
     assert "1/2 targets up" in res.output and "bad_data" in res.output
     gpu = pl.read_parquet(list((tmp_path / "lake" / "gpu_samples").rglob("*.parquet")))
     assert gpu.height > 0
+
+
+def test_each_request_has_the_timeout_not_the_whole_catch_up(tmp_path: Path) -> None:
+    """Six 0.3 s requests under a 0.5 s timeout: all load (1.8 s is past the attempt bound)."""
+    fake = FakePrometheus(delay=0.3)
+    with serve_prometheus(fake) as url:
+        outs = run(
+            tmp_path / "lake", url, "vllm:gpu_cache_usage_perc", timeout="0.5s",
+            step="15s", lookback="30m", lag="0s", max_points=21,
+        )  # fmt: skip
+    assert outs[0].up, outs[0].error
+    assert len(fake.requests) == 6 and outs[0].samples == 121
+    (ckpt,) = (tmp_path / "lake" / "_state").glob("prometheus-*.json")
+    until = dt.datetime.fromisoformat(json.loads(ckpt.read_text())["loaded_until"])
+    assert until.timestamp() == pytest.approx(fake.requests[-1]["end"])
+
+
+def test_a_catch_up_keeps_the_chunks_before_a_failed_request(tmp_path: Path) -> None:
+    """Lake, then checkpoint, chunk by chunk: request 3 of 5 hanging loses only itself."""
+    fake = FakePrometheus(hang_at=3)
+    lake = tmp_path / "lake"
+    opts = {"step": "15s", "lookback": "1h", "lag": "0s", "max_points": 60}
+    with serve_prometheus(fake) as url:
+        try:
+            outs = run(lake, url, "vllm:gpu_cache_usage_perc", **opts, timeout="0.3s")
+        finally:
+            fake.release.set()
+        out = outs[0]
+        assert not out.up
+        assert out.error.startswith("timed out after 0.3s (request 3 of 5)")
+        assert "2 earlier chunk(s) (120 points) are in the lake" in out.error
+        (ckpt,) = (lake / "_state").glob("prometheus-*.json")
+        until = dt.datetime.fromisoformat(json.loads(ckpt.read_text())["loaded_until"])
+        assert until.timestamp() == pytest.approx(fake.requests[1]["end"])
+        db = finops.connect(lake)
+        assert db.execute("SELECT count(*) FROM serving_samples").fetchall()[0][0] == 120
+        health = db.sql("SELECT up, samples FROM scrape_health").fetchall()
+        assert health == [(False, 120)]
+        # the next attempt starts where the lake ends
+        fake.requests.clear()
+        outs = run(lake, url, "vllm:gpu_cache_usage_perc", **opts, timeout="5s")
+    assert outs[0].up, outs[0].error
+    assert fake.requests[0]["start"] == pytest.approx(until.timestamp() + 15, abs=0.002)
