@@ -1519,7 +1519,7 @@ def test_cache_metric_counts_what_the_log_says(tmp_path, fakes):
     """A hit rate from /metrics was not the log's: an Idempotency-Key replay is logged
     `hit` and coalesced followers `coalesced`, but neither was in
     finops_shim_cache_total."""
-    f, url = fakes("slow", tokens=5, delay_s=0.05)
+    _f, url = fakes("slow", tokens=5, delay_s=0.05)
     with _serve(tmp_path, [f"small={url}"]) as h:
         post = h.base_url + "/chat/completions"
         det = {**CHAT, "temperature": 0, "max_tokens": 5}
