@@ -158,6 +158,32 @@ def test_json_sections_equal_independent_sql(built, raw) -> None:
         assert re.search(r"\d", r["takeaways"][key]), key
 
 
+def test_routing_saving_is_gpu_busy_time_and_never_more_than_the_bill(built, raw) -> None:
+    """The saving priced all routed work at the top tier's allocation $/token, idle
+    included: the demo's top tier is ~99% idle, so routing "saved" more than the whole
+    GPU bill. Both sides are now the usage basis (busy GPU time), checked here against
+    the marts computed independently."""
+    _, r = built
+    ro = r["router"]
+    top = ro["reference_tier"]
+    in_p, out_p = raw.sql(
+        f"""SELECT sum(pool_usage * input_share) / sum(w_in),
+                   sum(pool_usage * (1 - input_share)) / sum(w_out)
+            FROM marts.tier_token_prices
+            WHERE hour >= {START} AND hour < {END} AND tier = '{top}'"""
+    ).fetchall()[0]
+    all_large, actual = raw.sql(
+        f"""SELECT sum(work_in * {in_p} + work_out * {out_p}), sum(cost_usage)
+            FROM marts.request_costs WHERE hour >= {START} AND hour < {END} AND worked
+              AND request_id IN (SELECT request_id FROM clean.requests
+                                 WHERE router_version IS NOT NULL)"""
+    ).fetchall()[0]
+    assert ro["all_large_usd"] == pytest.approx(all_large)
+    assert ro["saved_usd"] == pytest.approx(all_large - actual)
+    assert 0 < ro["saved_usd"] < r["headline"]["spend_usd"]["value"]
+    assert "of GPU busy time" in r["takeaways"]["router"]
+
+
 def test_forecast_and_anomalies_are_documented_and_consistent(built) -> None:
     _, r = built
     fo = r["forecast"]

@@ -368,10 +368,12 @@ def _router(
 ) -> dict[str, Any]:
     """Tier shares and dollars vs sending everything to the priciest tier (from the log).
 
-    all_large_usd prices each request's token work at the priciest tier's average
-    $/token this week (allocation basis, from marts.tier_token_prices); saved =
-    all_large - actual allocated cost of the same requests. Quality and drift
-    need the router artifact (`--router DIR`).
+    all_large_usd prices each routed request's token work at the priciest tier's busy
+    $/token this week (usage basis, from marts.tier_token_prices: the GPU time the work
+    takes); saved = all_large - the usage-basis cost of the same requests. Idle capacity
+    is left out on both sides: it is a fixed cost of the fleet, and spreading the top
+    tier's idle hours over every routed token (the allocation basis) "saved" more than
+    the whole bill. Quality and drift need the router artifact (`--router DIR`).
     """
     w = per.where("w.hour")
     shares = sql(
@@ -393,8 +395,8 @@ def _router(
     }
     prices = sql(
         db,
-        f"""SELECT tier, sum(pool_allocation * input_share) / nullif(sum(w_in), 0) AS in_p,
-                   sum(pool_allocation * (1 - input_share)) / nullif(sum(w_out), 0) AS out_p
+        f"""SELECT tier, sum(pool_usage * input_share) / nullif(sum(w_in), 0) AS in_p,
+                   sum(pool_usage * (1 - input_share)) / nullif(sum(w_out), 0) AS out_p
             FROM marts.tier_token_prices WHERE {per.where()} AND tier IS NOT NULL
             GROUP BY ALL""",
     ).pl()
@@ -404,7 +406,7 @@ def _router(
         row = sql(
             db,
             f"""SELECT sum(work_in * {top["in_p"]} + work_out * {top["out_p"]}) AS all_large,
-                       sum(cost_allocation) AS actual
+                       sum(cost_usage) AS actual
                 FROM marts.request_costs WHERE {per.where()} AND worked
                   AND request_id IN (SELECT request_id FROM clean.requests
                                      WHERE router_version IS NOT NULL)""",
@@ -721,8 +723,9 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     ro = r["router"]
     if ro.get("saved_usd") is not None:
         t["router"] = (
-            f"Routing saved {usd(ro['saved_usd'])} ({pct(ro['saved_share'])}) vs sending all "
-            f"{ro['routed_requests']:,} routed requests to {md_name(ro['reference_tier'])}"
+            f"Routing saved {usd(ro['saved_usd'])} of GPU busy time ({pct(ro['saved_share'])}) "
+            f"vs sending all {ro['routed_requests']:,} routed requests to "
+            f"{md_name(ro['reference_tier'])}"
             + (
                 f", at an estimated quality of {pct(ro['quality_estimate'], 1)}."
                 if ro.get("quality_estimate") is not None
