@@ -401,6 +401,11 @@ def materialize(db: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
     db.execute("SET VARIABLE finops_costs_signature = ?", [sig])
 
 
+def _hour_weighted(col: str) -> str:
+    """SQL mean of `col` weighted by GPU-hours: a MIG instance counts for its share of the GPU."""
+    return f"sum({col} * gpu_hours) / nullif(sum(gpu_hours) FILTER ({col} IS NOT NULL), 0)"
+
+
 def _q(
     db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None = None
 ) -> pl.DataFrame:
@@ -539,11 +544,11 @@ def gpu_bill(
         db,
         f"""
         SELECT tier, deployment, gpu_model, pricing_kind, usd_per_gpu_hour,
-               count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus,
+               count(DISTINCT gpu_uuid) AS gpus,
                sum(gpu_hours) AS gpu_hours,
                sum(busy_gpu_hours) AS busy_gpu_hours,
                sum(busy_gpu_hours) / sum(gpu_hours) AS util,
-               avg(gpu_util) AS gpu_util,
+               {_hour_weighted("gpu_util")} AS gpu_util,
                any_value(util_signal) AS util_signal,
                sum(gpu_cost) AS gpu_cost, sum(busy_cost) AS busy_cost,
                sum(idle_cost) AS idle_cost
@@ -692,6 +697,7 @@ def totals(
     cost of tier-hours no request ran on (and GPUs of no tier), on the usage basis
     also the idle share of busy tier-hours. idle_capacity_cost: the physical idle
     capacity, sum((1 - util) x cost), the same on both bases. busy_cost: the rest.
+    gpus: physical GPUs that reported (a GPU split by MIG counts once).
     """
     b = _basis(basis)
     per = _p(week, start, end, per)
@@ -704,7 +710,7 @@ def totals(
                coalesce(sum(gpu_cost), 0) AS gpu_cost,
                coalesce(sum(busy_cost), 0) AS busy_cost,
                coalesce(sum(idle_cost), 0) AS idle_capacity_cost,
-               count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus
+               count(DISTINCT gpu_uuid) AS gpus
         FROM marts.gpu_cost_hourly WHERE {per.where()}
     """,
     ).row(0, named=True)
@@ -812,17 +818,18 @@ def utilization(
 
     GPU_UTIL counts the fraction of time *any* kernel ran, so a GPU running one
     small kernel all the time shows 100%; SM activity is the fraction of SMs busy.
-    The gap between the two is how much GPU_UTIL flatters.
+    The gap between the two is how much GPU_UTIL flatters. gpus counts physical GPUs
+    (MIG instances of one GPU count once); means are weighted by GPU-hours.
     """
     per = _p(week, start, end, per)
     return _q(
         db,
         f"""
         SELECT hour, coalesce(tier, '(none)') AS tier,
-               count(*) AS gpus,
-               avg(sm_active) AS sm_active,
-               avg(gpu_util) AS gpu_util,
-               avg(util) AS util,
+               count(DISTINCT gpu_uuid) AS gpus,
+               {_hour_weighted("sm_active")} AS sm_active,
+               {_hour_weighted("gpu_util")} AS gpu_util,
+               sum(busy_gpu_hours) / nullif(sum(gpu_hours), 0) AS util,
                sum(gpu_cost) AS gpu_cost,
                sum(idle_cost) AS idle_cost
         FROM marts.gpu_cost_hourly
@@ -844,19 +851,21 @@ def tier_utilization(
     """Per tier: SM-active share, GPU_UTIL, how much GPU_UTIL flatters, and idle dollars.
 
     util = busy GPU-hours / GPU-hours (SM activity where reported); gpu_util = mean
-    DCGM_FI_DEV_GPU_UTIL (0-1); flatter = gpu_util / util (how many times higher
-    GPU_UTIL reads); idle_share = idle_cost / gpu_cost.
+    DCGM_FI_DEV_GPU_UTIL (0-1, weighted by GPU-hours); gpus = physical GPUs;
+    flatter = gpu_util / util (how many times higher GPU_UTIL reads);
+    idle_share = idle_cost / gpu_cost.
     """
     per = _p(week, start, end, per)
     return _q(
         db,
         f"""
         SELECT coalesce(tier, '(none)') AS tier,
-               count(DISTINCT gpu_uuid || '/' || mig_instance) AS gpus,
+               count(DISTINCT gpu_uuid) AS gpus,
                sum(gpu_hours) AS gpu_hours,
                sum(busy_gpu_hours) / sum(gpu_hours) AS util,
-               avg(gpu_util) AS gpu_util,
-               avg(gpu_util) / nullif(sum(busy_gpu_hours) / sum(gpu_hours), 0) AS flatter,
+               {_hour_weighted("gpu_util")} AS gpu_util,
+               {_hour_weighted("gpu_util")}
+                   / nullif(sum(busy_gpu_hours) / sum(gpu_hours), 0) AS flatter,
                sum(gpu_cost) AS gpu_cost, sum(busy_cost) AS busy_cost,
                sum(idle_cost) AS idle_cost,
                sum(idle_cost) / nullif(sum(gpu_cost), 0) AS idle_share

@@ -847,3 +847,44 @@ def test_a_mig_split_gpu_is_billed_once(tmp_path: Path) -> None:
     assert per == [("GPU-1", 1.0, 2.0, 2.0), ("GPU-2", 1.0, 2.0, 2.0)]
     t = fc.totals(db, week="2026-W47")
     assert t["gpu_hours"] == pytest.approx(2.0) and t["gpu_cost"] == pytest.approx(4.0)
+    # the fleet is two GPUs, whatever the slices
+    assert t["gpus"] == 2
+    assert fc.tier_utilization(db, week="2026-W47")["gpus"].to_list() == [2]
+    assert set(fc.utilization(db, week="2026-W47")["gpus"]) == {2}
+
+
+def test_a_mig_gpu_hour_is_shared_by_compute_slices(tmp_path: Path) -> None:
+    """A 4g and a 2g instance of one GPU carry 4/6 and 2/6 of its hour; means weigh it too."""
+    prices = tmp_path / "prices.csv"
+    prices.write_text("gpu_model,pricing_kind,usd_per_gpu_hour\nA100-SXM4-80GB,on_demand,3.00\n")
+
+    def row(mig: str | None, profile: str | None, tier: str, util: float) -> dict:
+        return {"ts": T0, "source": "dcgm", "host": "n1", "gpu_uuid": "GPU-1",
+                "gpu_model": "NVIDIA A100-SXM4-80GB", "mig_instance": mig, "mig_profile": profile,
+                "pod": f"vllm-{tier}", "labels": json.dumps({"tier": tier}),
+                "field": "DCGM_FI_PROF_SM_ACTIVE", "value": util}  # fmt: skip
+
+    lake = Lake(tmp_path / "lake", fsync=False)
+    lake.append("gpu_samples", [row("1", "4g.40gb", "big", 1.0), row("2", "2g.20gb", "big", 0.1)],
+                source="dcgm")  # fmt: skip
+    db = finops.connect(tmp_path / "lake", prices=prices)
+    got = db.sql(
+        "SELECT mig_instance, mig_profile, gpu_hours, gpu_cost FROM marts.gpu_cost_hourly "
+        "ORDER BY 1"
+    ).fetchall()
+    assert got == [
+        ("1", "4g.40gb", pytest.approx(4 / 6), pytest.approx(2.0)),
+        ("2", "2g.20gb", pytest.approx(2 / 6), pytest.approx(1.0)),
+    ]
+    tu = fc.tier_utilization(db, week="2026-W47").row(0, named=True)
+    assert tu["gpus"] == 1 and tu["gpu_hours"] == pytest.approx(1.0)
+    assert tu["util"] == pytest.approx((4 * 1.0 + 2 * 0.1) / 6)
+    u = fc.utilization(db, week="2026-W47").row(0, named=True)
+    assert u["sm_active"] == pytest.approx(u["util"])
+    # a profile that does not name its slices: the hour is split evenly
+    lake2 = Lake(tmp_path / "lake2", fsync=False)
+    lake2.append("gpu_samples", [row("1", "4g.40gb", "big", 1.0), row("2", "odd", "big", 0.1)],
+                 source="dcgm")  # fmt: skip
+    db2 = finops.connect(tmp_path / "lake2", prices=prices)
+    got2 = db2.sql("SELECT gpu_hours FROM marts.gpu_cost_hourly ORDER BY mig_instance").fetchall()
+    assert got2 == [(0.5,), (0.5,)]

@@ -9,6 +9,7 @@ WITH per_field AS (
         date_trunc('hour', ts) AS hour,
         host, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
         any_value(gpu_model) AS gpu_model,
+        any_value(mig_profile) AS mig_profile,
         any_value(namespace) AS namespace,
         any_value(pod) AS pod,
         any_value(labels) AS labels,
@@ -22,6 +23,7 @@ wide AS (
     SELECT
         hour, host, gpu_uuid, mig_instance,
         any_value(gpu_model) AS gpu_model,
+        any_value(mig_profile) AS mig_profile,
         any_value(namespace) AS namespace,
         any_value(pod) AS pod,
         any_value(labels) AS labels,
@@ -51,7 +53,7 @@ energy AS (
         ORDER BY (field = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION') DESC, source, field) = 1
 )
 SELECT
-    w.hour, w.host, w.gpu_uuid, w.mig_instance, w.gpu_model, w.namespace, w.pod,
+    w.hour, w.host, w.gpu_uuid, w.mig_instance, w.mig_profile, w.gpu_model, w.namespace, w.pod,
     coalesce(json_extract_string(w.labels, '$.tier'), json_extract_string(w.labels, '$."finops.dev/tier"')) AS tier,
     coalesce(w.sm_active, w.gr_engine_active, w.gpu_util) AS util,
     CASE WHEN w.sm_active IS NOT NULL THEN 'DCGM_FI_PROF_SM_ACTIVE'

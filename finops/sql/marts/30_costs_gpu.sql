@@ -3,7 +3,9 @@
 -- Formulas (one row per GPU, or MIG instance, per clock hour it reported):
 --   gpu_hours        = 1.0  (a GPU that reported any sample in an hour is billed for
 --                       that hour, as an instance is billed while it is up); a GPU split
---                       by MIG bills its hour once, 1/n to each of its n reporting instances
+--                       by MIG bills its hour once, shared by its reporting instances in
+--                       proportion to their compute slices (mig_profile '3g.40gb' = 3),
+--                       evenly when a profile does not say
 --   usd_per_gpu_hour = ref.prices for (gpu_model, pricing_kind); model names match
 --                       with the 'NVIDIA ' prefix stripped, exactly, or the catalog
 --                       name is a prefix of the reported one ending on a word boundary
@@ -43,7 +45,8 @@ CREATE OR REPLACE VIEW marts.gpu_util_hourly AS
 WITH per_field AS (
     SELECT date_trunc('hour', ts) AS hour, host, gpu_uuid,
            coalesce(mig_instance, '') AS mig_instance, field,
-           any_value(gpu_model) AS gpu_model, any_value(namespace) AS namespace,
+           any_value(gpu_model) AS gpu_model, any_value(mig_profile) AS mig_profile,
+           any_value(namespace) AS namespace,
            any_value(pod) AS pod, any_value(labels) AS labels,
            avg(value) AS avg_value
     FROM clean.gpu_samples
@@ -51,7 +54,8 @@ WITH per_field AS (
 ),
 wide AS (
     SELECT hour, host, gpu_uuid, mig_instance,
-           any_value(gpu_model) AS gpu_model, any_value(namespace) AS namespace,
+           any_value(gpu_model) AS gpu_model, any_value(mig_profile) AS mig_profile,
+           any_value(namespace) AS namespace,
            any_value(pod) AS pod, any_value(labels) AS labels,
            max(avg_value) FILTER (field = 'DCGM_FI_PROF_SM_ACTIVE') AS sm_active,
            max(avg_value) FILTER (field = 'DCGM_FI_PROF_GR_ENGINE_ACTIVE') AS gr_engine_active,
@@ -111,23 +115,37 @@ priced AS (
         PARTITION BY r.hour, r.host, r.gpu_uuid, r.mig_instance
         ORDER BY (p.cat_key = r.model_key) DESC, length(p.cat_key) DESC) = 1
 ),
-shared AS (
-    -- A MIG-partitioned GPU is one GPU on the bill: its hour is split evenly across the
-    -- instances that reported (a parent row next to them gets none), never billed per slice.
+sliced AS (
+    -- A MIG profile names its compute slices first: '3g.40gb' holds 3 of the GPU's 7.
     SELECT *,
-           count(*) FILTER (mig_instance <> '') OVER (PARTITION BY hour, host, gpu_uuid) AS n_mig,
-           least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util01
+           CASE WHEN mig_instance <> ''
+                THEN TRY_CAST(regexp_extract(mig_profile, '^\s*(\d+)g\.', 1) AS DOUBLE)
+           END AS slices
     FROM priced
+),
+shared AS (
+    -- A MIG-partitioned GPU is one GPU on the bill: its hour is split across the instances
+    -- that reported (a parent row next to them gets none), never billed per slice. The
+    -- split follows the instances' compute slices when every profile names them, so a 4g
+    -- instance carries twice a 2g one; otherwise it is even.
+    SELECT *,
+           count(*) FILTER (mig_instance <> '') OVER gpu AS n_mig,
+           count(slices) FILTER (slices > 0) OVER gpu AS n_sliced,
+           sum(slices) FILTER (slices > 0) OVER gpu AS all_slices,
+           least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util01
+    FROM sliced
+    WINDOW gpu AS (PARTITION BY hour, host, gpu_uuid)
 ),
 hours AS (
     SELECT *,
            CASE WHEN n_mig = 0 THEN 1.0::DOUBLE
                 WHEN mig_instance = '' THEN 0.0::DOUBLE
+                WHEN n_sliced = n_mig THEN slices / all_slices
                 ELSE 1.0::DOUBLE / n_mig END AS gh
     FROM shared
 )
 SELECT
-    hour, host, gpu_uuid, mig_instance, gpu_model, namespace, pod, deployment,
+    hour, host, gpu_uuid, mig_instance, mig_profile, gpu_model, namespace, pod, deployment,
     cost_tier AS tier, pricing_kind, usd_per_gpu_hour,
     gh AS gpu_hours,
     util_signal,
@@ -146,7 +164,7 @@ FROM hours;
 CREATE OR REPLACE VIEW marts.tier_cost_hourly AS
 SELECT
     hour, tier,
-    count(*) AS gpus,
+    count(DISTINCT gpu_uuid) AS gpus,
     sum(gpu_hours) AS gpu_hours,
     sum(gpu_hours) FILTER (usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
     sum(busy_gpu_hours) AS busy_gpu_hours,
@@ -154,8 +172,8 @@ SELECT
     coalesce(sum(gpu_cost), 0.0::DOUBLE) AS gpu_cost,
     coalesce(sum(busy_cost), 0.0::DOUBLE) AS busy_cost,
     coalesce(sum(idle_cost), 0.0::DOUBLE) AS idle_cost,
-    avg(sm_active) AS sm_active,
-    avg(gpu_util) AS gpu_util
+    sum(sm_active * gpu_hours) / nullif(sum(gpu_hours) FILTER (sm_active IS NOT NULL), 0) AS sm_active,
+    sum(gpu_util * gpu_hours) / nullif(sum(gpu_hours) FILTER (gpu_util IS NOT NULL), 0) AS gpu_util
 FROM marts.gpu_cost_hourly
 GROUP BY ALL;
 
