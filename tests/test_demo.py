@@ -263,3 +263,17 @@ def test_demo_refuses_to_replace_a_reports_folder_it_did_not_make(tmp_path: Path
     assert res.exit_code == 2, res.output
     assert str(reports) in res.output and "not made by `finops demo`" in res.output
     assert mine.read_text() == "MINE" and not lake.exists()
+
+
+def test_the_demo_reports_its_latest_whole_week() -> None:
+    """14 days from a Monday report the second week, not the first; else the fullest week."""
+    from finops.cli.demo import report_week
+
+    assert report_week(dt.date(2026, 11, 16), 7) == "2026-W47"
+    assert report_week(dt.date(2026, 11, 9), 14) == "2026-W47"
+    assert report_week(dt.date(2026, 11, 9), 10) == "2026-W46"
+    # Wednesday to Tuesday: 5 days of W47, 2 of W48
+    assert report_week(dt.date(2026, 11, 18), 7) == "2026-W47"
+    # one day only: its week; a year boundary keeps the ISO year
+    assert report_week(dt.date(2026, 11, 20), 1) == "2026-W47"
+    assert report_week(dt.date(2026, 12, 28), 14) == "2027-W01"

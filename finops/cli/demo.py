@@ -57,10 +57,24 @@ def _summary(ctx: DemoContext, note: Callable[[str], None]) -> None:
     ctx.results["summary"] = summarize(ctx.db)
 
 
-def _week(ctx: DemoContext) -> str:
-    """The ISO week the demo starts in (2026-W47 for the default start)."""
-    year, week, _ = ctx.start.isocalendar()
+def report_week(start: dt.date, days: int) -> str:
+    """The ISO week the demo's weekly report covers (2026-W47 for the default week).
+
+    The latest week the demo fills from Monday to Sunday, as a team reports last
+    week; when none is whole (fewer than 7 days, or not from a Monday), the week
+    holding the most demo days, the later one on a tie.
+    """
+    covered: dict[tuple[int, int], int] = {}
+    for i in range(days):
+        year, week, _ = (start + dt.timedelta(days=i)).isocalendar()
+        covered[(year, week)] = covered.get((year, week), 0) + 1
+    whole = [w for w, n in covered.items() if n == 7]
+    year, week = max(whole) if whole else max(covered, key=lambda w: (covered[w], w))
     return f"{year}-W{week:02d}"
+
+
+def _week(ctx: DemoContext) -> str:
+    return report_week(ctx.start, ctx.days)
 
 
 def _economics(ctx: DemoContext, note: Callable[[str], None]) -> None:
