@@ -68,6 +68,31 @@ def test_missing_traces_fail_clearly(tmp_path: Path, monkeypatch: pytest.MonkeyP
     assert not (tmp_path / "lake").exists()  # nothing written
 
 
+def test_a_fresh_clone_without_the_shared_traces_replays_the_committed_extract(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No ../shared and no FINOPS_TRACES_DIR: data/traces gives the same numbers and lake."""
+    import finops.demo.traffic as traffic
+
+    monkeypatch.delenv("FINOPS_TRACES_DIR", raising=False)
+    originals = load_traces()
+    if traffic.traces_dir() != traffic.SHARED_TRACES or not traffic._has_traces(
+        traffic.SHARED_TRACES
+    ):
+        pytest.skip("the public traces are not in ../shared/data/traces to compare with")
+    monkeypatch.setattr(traffic, "SHARED_TRACES", tmp_path / "no-shared")
+    embedded = load_traces()
+    for key in traffic.TRACE_KEYS:
+        assert getattr(embedded, key).equals(getattr(originals, key)), key
+    generate(tmp_path / "a", days=1, gpus=6, scale=0.01)
+    monkeypatch.undo()
+    generate(tmp_path / "b", days=1, gpus=6, scale=0.01)
+    con = finops.connect(tmp_path / "a")
+    con2 = finops.connect(tmp_path / "b")
+    q = "SELECT count(*), sum(input_tokens), sum(output_tokens) FROM raw.requests"
+    assert con.sql(q).fetchall() == con2.sql(q).fetchall()
+
+
 def test_bad_arguments(tmp_path: Path) -> None:
     with pytest.raises(DemoError, match="at least 6"):
         generate(tmp_path / "x", gpus=4)

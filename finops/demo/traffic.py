@@ -1,7 +1,8 @@
 """The demo request log: real trace shapes, a working week, and the usual messes.
 
 Arrival times and prompt/output sizes are resampled from the public traces in
-`../shared/data/traces/` (Azure LLM 2023, Mooncake FAST'25): within each hour
+`../shared/data/traces/` (Azure LLM 2023, Mooncake FAST'25; a fresh clone reads the
+same numbers from `data/traces/`): within each hour
 the arrivals are a thinned, rotated copy of the Azure conversation trace (so
 real burstiness survives), and the hourly volume follows a weekday/weekend
 diurnal curve. Mooncake's `hash_ids` (512-token prompt blocks) give realistic
@@ -65,10 +66,20 @@ class TracesMissing(FileNotFoundError):
     pass
 
 
+SHARED_TRACES = PROJECT_ROOT.parent / "shared" / "data" / "traces"
+# The columns the demo reads from the four traces, committed so a fresh clone runs
+# `make demo` with no download (scripts/embed_traces.py rebuilds it from the originals).
+EMBEDDED_TRACES = PROJECT_ROOT / "data" / "traces" / "demo-traces.parquet"
+
+
 def traces_dir() -> Path:
     """`$FINOPS_TRACES_DIR`, else `../shared/data/traces` next to the project."""
     env = os.environ.get(TRACES_ENV)
-    return Path(env) if env else (PROJECT_ROOT.parent / "shared" / "data" / "traces")
+    return Path(env) if env else SHARED_TRACES
+
+
+def _has_traces(base: Path) -> bool:
+    return all((base / name).is_file() for name in TRACE_FILES.values())
 
 
 @dataclass(frozen=True)
@@ -97,9 +108,44 @@ def _prefix_hits(hash_ids: list[list[int]]) -> np.ndarray:
 def load_traces(path: str | os.PathLike[str] | None = None) -> Traces:
     """Read the four public traces; a clear error names what is missing and how to fix it.
 
-    `path` defaults to `traces_dir()`; results are cached per resolved folder.
+    `path` defaults to `traces_dir()`; when that is the default folder and it does not
+    hold the traces, the extract committed in `data/traces/` is read instead (the
+    same numbers). An explicit `path` or `$FINOPS_TRACES_DIR` must hold them.
+    Results are cached per source.
     """
+    default = path is None and TRACES_ENV not in os.environ
+    if default and not _has_traces(SHARED_TRACES) and EMBEDDED_TRACES.is_file():
+        return _load_embedded(str(EMBEDDED_TRACES))
     return _load_traces(str(Path(path) if path else traces_dir()))
+
+
+TRACE_KEYS = ("conv", "code", "mooncake_conv", "mooncake_synth")
+
+
+def traces_frame(tr: Traces) -> pl.DataFrame:
+    """The four traces as one table (a `trace` column names each), as `data/traces/` keeps them."""
+    parts = []
+    for key in TRACE_KEYS:
+        df = getattr(tr, key)
+        if "prefix_hit_tokens" not in df.columns:
+            df = df.with_columns(prefix_hit_tokens=pl.lit(None, dtype=pl.Int64))
+        parts.append(df.select(pl.lit(key).alias("trace"), pl.all()))
+    return pl.concat(parts)
+
+
+@lru_cache(maxsize=2)
+def _load_embedded(path: str) -> Traces:
+    df = pl.read_parquet(path)
+    got = {key: df.filter(pl.col("trace") == key).drop("trace") for key in TRACE_KEYS}
+    if any(g.height == 0 for g in got.values()):
+        raise TracesMissing(f"{path}: the embedded trace extract lacks a trace; rebuild it "
+                            "with scripts/embed_traces.py")  # fmt: skip
+    return Traces(
+        got["conv"].drop("prefix_hit_tokens"),
+        got["code"].drop("prefix_hit_tokens"),
+        got["mooncake_conv"],
+        got["mooncake_synth"],
+    )
 
 
 @lru_cache(maxsize=4)
@@ -109,7 +155,8 @@ def _load_traces(path: str) -> Traces:
     if missing:
         raise TracesMissing(
             f"{base}: demo traces not found ({', '.join(missing)}); the demo replays the public "
-            f"Azure LLM 2023 and Mooncake FAST'25 traces. Put them there or set {TRACES_ENV}."
+            f"Azure LLM 2023 and Mooncake FAST'25 traces. Put them there or set {TRACES_ENV} "
+            f"(unset, the demo falls back to the extract in {EMBEDDED_TRACES.parent})."
         )
     azure = {}
     for key in ("conv", "code"):
