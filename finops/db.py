@@ -68,15 +68,25 @@ def _raw_view_sql(db: duckdb.DuckDBPyConnection, lake: Path, schema: TableSchema
         nulls = ", ".join(
             f'CAST(NULL AS {_duck_type(t)}) AS "{c}"' for c, t in schema.columns.items()
         )
-        return f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {nulls} WHERE false"
+        return (
+            f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {nulls}, "
+            "CAST(NULL AS VARCHAR) AS _file WHERE false"
+        )
     glob = str(lake / schema.name / "date=*" / "*.parquet").replace("'", "''")
-    source = f"read_parquet('{glob}', union_by_name = true, hive_partitioning = false)"
+    source = (
+        f"read_parquet('{glob}', union_by_name = true, hive_partitioning = false, filename = true)"
+    )
     present = {row[0] for row in db.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
     cols = ", ".join(
         f"CAST({_quoted(c) if c in present else 'NULL'} AS {_duck_type(t)}) AS {_quoted(c)}"
         for c, t in schema.columns.items()
     )
-    return f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {cols} FROM {source}"
+    # `_file`: the lake file each row came from; its name says when it was written
+    # (finops.lake), which is how the clean views keep the latest of rows sharing a key
+    return (
+        f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {cols}, "
+        f"parse_filename(filename) AS _file FROM {source}"
+    )
 
 
 def sql_files() -> list[Path]:

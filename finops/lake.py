@@ -10,14 +10,21 @@ Guarantees of `Lake.append`:
 - validated: every row is coerced to the table's schema (`finops.schemas`);
 - lossless: a row that fails is written to `rejects` with its location and
   reason, and `read == loaded + rejected` in the returned counts;
-- idempotent: the file name is a fingerprint of its content, so appending the
-  same batch twice writes nothing new, and clean views keep one row per key.
+- idempotent: the file name carries a fingerprint of its content, so appending
+  the same batch twice writes nothing new (also after `compact`, which records the
+  fingerprints it merged), and clean views keep one row per key;
+- latest write wins: the file name also carries when it was written, so when rows
+  with one key differ (a log re-ingested with a corrected mapping), the clean views
+  keep the most recently written one, the same on every query.
 """
 
 from __future__ import annotations
 
 import datetime as dt
 import os
+import re
+import threading
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -125,6 +132,22 @@ def write_parquet_atomic(table: pa.Table, dest: Path, *, fsync: bool = True) -> 
             pq.write_table(
                 table, fh, compression="zstd", compression_level=1, write_statistics=True
             )
+            if fsync:
+                fh.flush()
+                os.fsync(fh.fileno())
+        os.replace(tmp, dest)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(dest.parent)
+
+
+def _write_text_atomic(dest: Path, text: str, fsync: bool) -> None:
+    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
+    try:
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -458,6 +481,44 @@ def _fingerprint(df: pl.DataFrame) -> str:
     return f"{total:016x}{xor:016x}{df.height:x}"
 
 
+MERGED_FILE = ".merged-fingerprints"
+"""Per partition: fingerprints of the batches `compact` merged (one per line)."""
+
+_WRITTEN = re.compile(r"^part-(\d{20})-([0-9a-z]+)\.parquet$")
+_stamp_lock = threading.Lock()
+_last_stamp = 0
+
+
+def _write_stamp() -> int:
+    """Nanoseconds since the epoch, strictly increasing within this process."""
+    global _last_stamp
+    with _stamp_lock:
+        _last_stamp = max(time.time_ns(), _last_stamp + 1)
+        return _last_stamp
+
+
+def _file_stamp(path: Path) -> int:
+    """When a lake file was written (its name says); 0 for files of older finops versions."""
+    m = _WRITTEN.match(path.name)
+    return int(m.group(1)) if m else 0
+
+
+def _merged(part_dir: Path) -> set[str]:
+    try:
+        return set((part_dir / MERGED_FILE).read_text().split())
+    except FileNotFoundError:
+        return set()
+
+
+def _holds(part_dir: Path, fingerprint: str) -> bool:
+    """Whether a batch with this fingerprint was written to the partition before."""
+    if (part_dir / f"part-{fingerprint}.parquet").exists():  # named by older versions
+        return True
+    if any(part_dir.glob(f"part-*-{fingerprint}.parquet")):
+        return True
+    return fingerprint in _merged(part_dir)
+
+
 def _date_partitions(df: pl.DataFrame, ts_column: str) -> list[tuple[dt.date, pl.DataFrame]]:
     """Split rows by event date, keeping their order.
 
@@ -590,32 +651,35 @@ class Lake:
 
     def _write_partitions(self, schema: TableSchema, df: pl.DataFrame) -> tuple[list[Path], int]:
         df = df.select(list(schema.columns))
+        if df.height > 1:
+            # one row per key in a file (the later line wins), so which row the clean
+            # views keep never depends on the order a scan meets them in
+            df = df.unique(subset=list(schema.key), keep="last", maintain_order=True)
         written: list[Path] = []
         dups = 0
         for date, body in _date_partitions(df, schema.ts_column):
             # rejects carry the time of rejection; the same bad row rejected twice
             # must still name the same file, so the fingerprint leaves ts out.
             content = body.drop("ts") if schema is REJECTS else body
-            dest = (
-                self.path
-                / schema.name
-                / f"date={date.isoformat()}"
-                / f"part-{_fingerprint(content)}.parquet"
-            )
-            if dest.exists():
+            fp = _fingerprint(content)
+            part_dir = self.path / schema.name / f"date={date.isoformat()}"
+            if _holds(part_dir, fp):
                 dups += 1
                 continue
+            dest = part_dir / f"part-{_write_stamp():020d}-{fp}.parquet"
             write_parquet_atomic(body.to_arrow(), dest, fsync=self.fsync)
             written.append(dest)
         return written, dups
 
     def compact(self, table: str | None = None, *, min_files: int = 2) -> list[CompactResult]:
-        """Merge each partition's files into one, dropping exact key duplicates.
+        """Merge each partition's files into one, keeping one row per key (the latest written).
 
         Safe while readers are open: the merged file is written and renamed
-        into place first, then the old files are removed. A reader that listed
-        files before the swap may see both for an instant; the clean views
-        dedupe by key, so query results stay the same.
+        into place first, then the fingerprints of the batches it holds are
+        recorded (so appending one of them again still adds nothing), then the
+        old files are removed. A reader that listed files before the swap may
+        see both for an instant; the clean views dedupe by key, so query
+        results stay the same.
         """
         results = []
         for name in [table] if table else list(TABLES):
@@ -630,14 +694,27 @@ class Lake:
                     res.rows_before += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
                     res.rows_after += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
                     continue
+                # newest file first: `unique(keep="first")` then keeps the latest write
+                files.sort(key=lambda f: (_file_stamp(f), f.name), reverse=True)
                 frames = [pl.read_parquet(f) for f in files]
                 merged = pl.concat(frames, how="diagonal_relaxed").select(list(schema.columns))
                 res.rows_before += merged.height
                 merged = merged.unique(subset=list(schema.key), keep="first", maintain_order=True)
                 merged = merged.sort(list(schema.key), nulls_last=True)
-                dest = part_dir / f"compact-{_fingerprint(merged)}.parquet"
+                fp = _fingerprint(merged.drop("ts") if schema is REJECTS else merged)
+                dest = part_dir / f"part-{_file_stamp(files[0]):020d}-{fp}.parquet"
                 if not dest.exists():
                     write_parquet_atomic(merged.to_arrow(), dest, fsync=self.fsync)
+                held = _merged(part_dir) | {fp}
+                for f in files:
+                    m = _WRITTEN.match(f.name)
+                    if m:
+                        held.add(m.group(2))
+                    elif f.name.startswith("part-"):
+                        held.add(f.name.removeprefix("part-").removesuffix(".parquet"))
+                _write_text_atomic(
+                    part_dir / MERGED_FILE, "".join(f"{x}\n" for x in sorted(held)), self.fsync
+                )
                 for f in files:
                     if f != dest:
                         f.unlink(missing_ok=True)

@@ -253,6 +253,67 @@ def _busy_lake(lake: Lake) -> None:
     )  # fmt: skip
 
 
+def test_rows_sharing_a_key_resolve_to_the_latest_write_on_every_query(lake: Lake) -> None:
+    """A log re-ingested with a corrected mapping: the correction wins, every time."""
+    wrong = _requests(300).with_columns(pl.col("latency_ms") / 1000.0)  # forgot the scale
+    right = _requests(300)
+    for batch in (wrong, right):
+        assert lake.append("requests", batch, source="test", now=NOW).files
+    want = float(right["latency_ms"].sum())
+    for _ in range(12):  # a fresh connection each time: no cached plan, new scan order
+        db = finops.connect(lake.path)
+        assert db.sql("SELECT sum(latency_ms) FROM clean.requests").fetchall()[0][0] == want
+        assert db.sql("SELECT count(*) FROM marts.request_work").fetchall()[0][0] == 300
+    got = (
+        finops.connect(lake.path)
+        .sql("SELECT latency_ms FROM clean.requests WHERE request_id = 'r-7'")
+        .fetchall()
+    )
+    assert got == [(1.5 * 7,)]
+    # the same in one batch: the later line wins
+    dup = pl.concat(
+        [_requests(1, prefix="d"), _requests(1, prefix="d").with_columns(latency_ms=9.0)]
+    )
+    lake.append("requests", dup, source="test", now=NOW)
+    db = finops.connect(lake.path)
+    assert db.sql("SELECT latency_ms FROM clean.requests WHERE request_id = 'd-0'").fetchall() == [
+        (9.0,)
+    ]
+    # compaction keeps the latest written too, and a correction after it still wins
+    lake.compact("requests")
+    db = finops.connect(lake.path)
+    assert db.sql("SELECT sum(latency_ms) FROM clean.requests WHERE request_id LIKE 'r-%'"
+                  ).fetchall()[0][0] == want  # fmt: skip
+    assert db.sql("SELECT count(*) FROM raw.requests").fetchall()[0][0] == 301
+    lake.append("requests", wrong.head(1), source="again", now=NOW)  # a new batch: new file
+    db = finops.connect(lake.path)
+    assert db.sql("SELECT latency_ms FROM clean.requests WHERE request_id = 'r-0'").fetchall() == [
+        (0.0,)
+    ]
+
+
+def test_a_batch_compacted_away_is_still_recognised(lake: Lake) -> None:
+    """Ingesting a file again after `finops lake compact` adds nothing, as before it."""
+    a, b = _requests(40), _requests(40, offset=40)
+    lake.append("requests", a, source="test", now=NOW)
+    lake.append("requests", b, source="test", now=NOW)
+    lake.compact("requests")
+
+    def rows() -> list[tuple]:
+        return finops.connect(lake.path).sql("SELECT count(*) FROM raw.requests").fetchall()
+
+    assert rows() == [(80,)]
+    for batch in (a, b, b.reverse()):
+        again = lake.append("requests", batch, source="test", now=NOW)
+        assert again.files == [] and again.duplicate_files == 1
+    assert rows() == [(80,)]
+    # compacting again keeps what the first compaction recorded
+    lake.append("requests", _requests(5, offset=100), source="test", now=NOW)
+    lake.compact("requests")
+    assert lake.append("requests", a, source="test", now=NOW).files == []
+    assert rows() == [(85,)]
+
+
 def test_compaction_keeps_every_view_identical(lake: Lake) -> None:
     _busy_lake(lake)
     reader = finops.connect(lake.path)  # a reader open across the compaction

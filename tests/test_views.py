@@ -295,6 +295,8 @@ def test_a_lake_written_before_a_column_existed_still_opens(tmp_path: Path) -> N
     assert row == [("r1", None, None, 10)]
     assert db.sql("SELECT count(*) FROM marts.requests_hourly").fetchall() == [(1,)]
     cols = [r[0] for r in db.sql("DESCRIBE raw.requests").fetchall()]
+    assert cols == [*TABLES["requests"].columns, "_file"]
+    cols = [r[0] for r in db.sql("DESCRIBE clean.requests").fetchall()]
     assert cols == list(TABLES["requests"].columns)
 
 

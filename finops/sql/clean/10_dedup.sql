@@ -1,27 +1,41 @@
 -- Clean layer, step 1: one row per deterministic key.
--- Loading the same scrape or log twice leaves duplicates in raw; these views
--- keep the first, so every mart above sees each sample/request once.
+-- Loading the same scrape or log twice leaves duplicates in raw; these views keep
+-- one, so every mart above sees each sample/request once.
+--
+-- Logs (requests, cache events, rejects): when rows sharing a key differ, as when a
+-- log is re-ingested with a corrected mapping, the latest written wins, the same on
+-- every query. Lake files are named part-<write time, 20 digits>-<fingerprint>.parquet
+-- (finops.lake); files of older finops versions, named without it, count as older.
+-- Telemetry samples (GPU, serving, scrape health) sharing a key are reads of one
+-- measurement (a re-scrape, a Prometheus backfill over a live scrape), so any copy
+-- will do: ordering by write time there would cost ~3x on the largest tables.
+CREATE OR REPLACE MACRO clean.write_order(f) AS
+    CASE WHEN regexp_matches(f, '^part-[0-9]{20}-') THEN '1' || f ELSE '0' || f END;
+
 CREATE OR REPLACE VIEW clean.gpu_samples AS
-SELECT DISTINCT ON (source, host, gpu_uuid, mig_instance, field, ts) *
+SELECT DISTINCT ON (source, host, gpu_uuid, mig_instance, field, ts) * EXCLUDE (_file)
 FROM raw.gpu_samples
 WHERE value IS NOT NULL AND NOT isnan(value);
 
 CREATE OR REPLACE VIEW clean.serving_samples AS
-SELECT DISTINCT ON (source, target, metric, labels, ts) *
+SELECT DISTINCT ON (source, target, metric, labels, ts) * EXCLUDE (_file)
 FROM raw.serving_samples;
 
 CREATE OR REPLACE VIEW clean.requests AS
-SELECT DISTINCT ON (request_id) *
-FROM raw.requests;
+SELECT DISTINCT ON (request_id) * EXCLUDE (_file)
+FROM raw.requests
+ORDER BY request_id, clean.write_order(_file) DESC;
 
 CREATE OR REPLACE VIEW clean.cache_events AS
-SELECT DISTINCT ON (event_id) *
-FROM raw.cache_events;
+SELECT DISTINCT ON (event_id) * EXCLUDE (_file)
+FROM raw.cache_events
+ORDER BY event_id, clean.write_order(_file) DESC;
 
 CREATE OR REPLACE VIEW clean.scrape_health AS
-SELECT DISTINCT ON (target, ts) *
+SELECT DISTINCT ON (target, ts) * EXCLUDE (_file)
 FROM raw.scrape_health;
 
 CREATE OR REPLACE VIEW clean.rejects AS
-SELECT DISTINCT ON (table_name, source, location, reason) *
-FROM raw.rejects;
+SELECT DISTINCT ON (table_name, source, location, reason) * EXCLUDE (_file)
+FROM raw.rejects
+ORDER BY table_name, source, location, reason, clean.write_order(_file) DESC;
