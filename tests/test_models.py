@@ -17,6 +17,7 @@ from finops.models.data import (
     serving_intervals,
 )
 from finops.models.latency import fit_latency
+from finops.models.queueing import ServiceModel, erlang_c, mmc_mean_wait, simulate
 from finops.models.regressors import (
     LoadLatencyRegressor,
     SaturatingRegressor,
@@ -78,6 +79,8 @@ def test_latency_regressor_recovers_power_curve() -> None:
     [
         (np.ones((2, 1)), np.ones(2), "at least 3 samples"),
         (-np.ones((5, 1)), np.ones(5), "non-negative"),
+        (np.full((50, 1), 10.0), np.full(50, 100.0), "more than one load level"),
+        (np.linspace(9.8, 10.2, 50)[:, None], np.ones(50), r"load spans 9.8-10.2"),
         (np.ones((5, 1)), np.array([1, 2, np.nan, 3, 4.0]), "NaN"),
     ],
 )
@@ -112,6 +115,7 @@ def test_step_time_regressor_is_the_michaelis_menten_curve() -> None:
         (np.ones((4, 2)), np.ones(4), None, "one load column"),
         (np.arange(4.0)[:, None], np.array([1.0, 1.0, 0.0, 1.0]), None, "positive step"),
         (np.full((4, 1), 3.0), np.ones(4), None, "more than one load level"),
+        (np.linspace(9.8, 10.2, 9)[:, None], np.ones(9), None, "more than one load level"),
         (np.arange(4.0)[:, None], np.ones(4), np.array([1.0, -1.0, 1.0, 1.0]), "sample_weight"),
     ],
 )
@@ -200,3 +204,144 @@ def test_fit_needs_enough_intervals(syn_db) -> None:
     with pytest.raises(NoServingData, match="only 5 intervals"):
         fit_frame(df, tier="small")
     assert isinstance(df, pl.DataFrame)
+
+
+@pytest.fixture(scope="module")
+def late_db(tmp_path_factory: pytest.TempPathFactory):
+    """24 h of serving that started at 23:52 UTC: the lake's first day holds 8 minutes."""
+    import datetime as dt
+
+    from finops.models.synthetic import SyntheticSpec, TierTruth
+
+    lake = Lake(tmp_path_factory.mktemp("late") / "lake")
+    start = dt.datetime(2026, 11, 16, 23, 52, tzinfo=dt.UTC)
+    write_synthetic_lake(lake, SyntheticSpec(start=start, days=1, tiers={"small": TierTruth()}))
+    return finops.connect(lake.path)
+
+
+def test_fit_holds_out_the_tail_when_the_first_day_is_minutes(late_db) -> None:
+    # holding out the last day would leave the fit 2 intervals of day one
+    fits = fit_all(late_db)
+    f = fits["small"]
+    assert f.holdout_day is None and f.n_train >= 3 * f.n_test > 0
+    assert str(f.holdout_from) > "2026-11-17 12:00"  # the last quarter, in time order
+    assert f.model.ceiling(f.model.covariate_ref_) == pytest.approx(120.0, rel=0.15)
+    assert f.model.k_ == pytest.approx(12.0, rel=0.25)
+    assert f.data.filter(pl.col("split") == "holdout")["t"].min() == f.holdout_from
+    lat = fit_latency(late_db, "small")
+    assert lat.n_train >= 3 * lat.n_test > 0
+
+
+def _frame(day_hours: list[float], conc: np.ndarray | None = None) -> pl.DataFrame:
+    """Five-minute intervals covering the last `h` hours of consecutive UTC days."""
+    import datetime as dt
+
+    t = [
+        dt.datetime(2026, 11, 16 + d, tzinfo=dt.UTC) + dt.timedelta(hours=24 - h, minutes=5 * i)
+        for d, h in enumerate(day_hours)
+        for i in range(int(h * 12))
+    ]
+    n = len(t)
+    c = np.linspace(1, 40, n) if conc is None else conc
+    return pl.DataFrame(
+        {
+            "t": t,
+            "tier": "x",
+            "concurrency": c,
+            "mean_prompt": np.full(n, 600.0),
+            "mean_output": np.full(n, 200.0),
+            "gen_tps": hill(c, 120.0, 12.0, 1.0),
+        }
+    ).with_columns(day=pl.col("t").dt.date())
+
+
+@pytest.mark.parametrize(
+    ("hours", "by_day"),
+    [
+        ([24, 24], True),  # two whole days: the last one is held out
+        ([12, 24], True),  # the earlier day keeps a third of the intervals
+        ([1, 24], False),  # one hour on day one: the last quarter instead
+        ([24, 24, 0.25], False),  # 3 intervals on the last day are too few to score
+        ([24], False),  # a single day gets a held-out quarter too
+    ],
+)
+def test_holdout_is_the_last_day_only_when_enough_remains(hours, by_day) -> None:
+    from finops.models.throughput import fit_frame
+
+    df = _frame(hours)
+    f = fit_frame(df, tier="x")
+    assert (f.holdout_day is not None) == by_day
+    assert f.n_train + f.n_test == df.height and f.n_train >= df.height / 3
+    assert f.n_test >= (df.height // 4 if not by_day else 8)
+
+
+def test_fit_needs_enough_intervals_left_after_the_holdout() -> None:
+    from finops.models.throughput import fit_frame
+
+    # 8 rows, but 4 replicas in each of 2 intervals: holding out the last leaves 4
+    df = _frame([10 / 60]).head(2)
+    df = pl.concat([df] * 4).with_columns(concurrency=pl.Series(np.linspace(1, 40, 8)))
+    with pytest.raises(NoServingData, match=r"tier 'x': only 4 of 8 intervals left to fit on"):
+        fit_frame(df, tier="x")
+
+
+def test_throughput_fit_refuses_a_single_load_level() -> None:
+    from finops.models.throughput import fit_frame
+
+    rng = np.random.default_rng(1)
+    df = _frame([24, 24], conc=rng.uniform(9.8, 10.2, 576))
+    with pytest.raises(NoServingData, match=r"tier 'x'.*more than one load level.*concurrency"):
+        fit_frame(df, tier="x")
+    assert fit_frame(_frame([24, 24], conc=rng.uniform(5, 40, 576)), tier="x").n_test == 288
+
+
+@pytest.mark.parametrize(
+    ("call", "match"),
+    [
+        (lambda: erlang_c(3, -0.5), r"offered load must be a finite number >= 0, got -0.5"),
+        (lambda: erlang_c(3, -1.0), "offered load"),
+        (lambda: erlang_c(3, float("nan")), "offered load"),
+        (lambda: erlang_c(3, float("inf")), "offered load"),
+        (lambda: erlang_c(2.5, 1.0), r"c \(servers\) must be an integer >= 1, got 2.5"),
+        (lambda: mmc_mean_wait(3, 1.0, 0.0), "service_rate must be a finite number > 0"),
+        (lambda: mmc_mean_wait(3, -1.0, 1.0), "arrival_rate must be a finite number >= 0"),
+    ],
+)
+def test_queueing_formulas_reject_bad_input(call, match) -> None:
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert erlang_c(np.int64(2), 1.0) == pytest.approx(1 / 3)
+
+
+@pytest.mark.parametrize(
+    ("output", "prompt", "match"),
+    [
+        (
+            [10.0, np.nan, 10.0],
+            None,
+            r"output_tokens must be finite non-negative.*request 1 has nan",
+        ),
+        ([10.0, np.inf, 10.0], None, r"output_tokens .* request 1 has inf"),
+        ([10.0, -1.0, 10.0], None, "output_tokens"),
+        ([10.0, 10.0], None, r"output_tokens must hold one value per arrival \(3\)"),
+        ([10.0, 10.0, 10.0], [10.0, 10.0], r"prompt_tokens must hold one value per arrival"),
+        ([10.0, 10.0, 10.0], [10.0, np.nan, 10.0], r"prompt_tokens .* request 1 has nan"),
+    ],
+)
+def test_simulate_rejects_bad_token_counts(output, prompt, match) -> None:
+    svc = ServiceModel.from_curve(100, 5, max_num_seqs=8, prefill_tokens_per_s=1000)
+    arrivals = np.array([0.0, 1.0, 2.0])
+    p = None if prompt is None else np.array(prompt)
+    with pytest.raises(ValueError, match=match):
+        simulate(arrivals, np.array(output), svc, prompt_tokens=p)
+    ok = simulate(arrivals, np.full(3, 10.0), svc, prompt_tokens=np.full(3, 10.0))
+    assert np.isfinite(ok.e2e_s).all() and (ok.e2e_s > 0).all()
+
+
+def test_empty_simulation_says_there_is_nothing_to_summarise() -> None:
+    svc = ServiceModel.from_curve(100, 5, max_num_seqs=8)
+    r = simulate(np.array([]), np.array([]), svc)
+    with pytest.raises(ValueError, match="no simulated requests left after the 10% warm-up"):
+        r.quantile("ttft", 0.95)
+    with pytest.raises(ValueError, match="no simulated requests"):
+        r.mean("e2e")

@@ -16,6 +16,7 @@ import polars as pl
 
 from finops.models.data import NoServingData, histogram_quantiles, serving_intervals
 from finops.models.regressors import LoadLatencyRegressor, mape
+from finops.models.throughput import MIN_INTERVALS, holdout_split
 
 METRICS = {
     "ttft": "vllm:time_to_first_token_seconds",
@@ -79,7 +80,7 @@ def fit_latency(
     interval_s: int = 300,
     min_count: int = 5,
 ) -> LatencyFit:
-    """Fit a latency quantile vs requests in the replica; the last day is held out."""
+    """Fit a latency quantile vs requests in the replica; the last day (or quarter) is held out."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if quantile not in ("q50", "q95"):
@@ -91,14 +92,11 @@ def fit_latency(
     rows = df.filter(
         pl.col(col).is_not_null() & (pl.col(col) > 0) & (pl.col(f"{metric}_count") >= min_count)
     )
-    if rows.height < 8:
-        raise NoServingData(f"tier {tier!r}: only {rows.height} intervals with {col}; need 8")
-    days = sorted(rows["day"].unique().to_list())
-    holdout = days[-1] if len(days) > 1 else None
-    split = (pl.col("day") == holdout) if holdout is not None else pl.lit(False)
-    rows = rows.with_columns(
-        split=pl.when(split).then(pl.lit("holdout")).otherwise(pl.lit("train"))
-    )
+    if rows.height < MIN_INTERVALS:
+        raise NoServingData(
+            f"tier {tier!r}: only {rows.height} intervals with {col}; need {MIN_INTERVALS}"
+        )
+    rows, _ = holdout_split(rows, tier)
     train = rows.filter(pl.col("split") == "train")
     model = LoadLatencyRegressor().fit(train.select("load").to_numpy(), train[col].to_numpy())
     rows = rows.with_columns(

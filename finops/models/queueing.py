@@ -80,14 +80,48 @@ class SimResult:
     busy_replica_s: float  # integral of "replica has >= 1 sequence" over time
     horizon_s: float
 
+    def _after_warmup(self, what: str, warmup: float) -> np.ndarray:
+        x = getattr(self, f"{what}_s")[int(len(self.arrival_s) * warmup) :]
+        if x.size == 0:
+            raise ValueError(
+                f"no simulated requests left after the {warmup:.0%} warm-up "
+                f"({len(self.arrival_s)} in all): nothing to summarise {what!r} over"
+            )
+        return x
+
     def quantile(self, what: str, q: float, warmup: float = 0.1) -> float:
-        x = getattr(self, f"{what}_s")
-        start = int(len(x) * warmup)
-        return float(np.quantile(x[start:], q))
+        return float(np.quantile(self._after_warmup(what, warmup), q))
 
     def mean(self, what: str, warmup: float = 0.1) -> float:
-        x = getattr(self, f"{what}_s")
-        return float(np.mean(x[int(len(x) * warmup) :]))
+        return float(np.mean(self._after_warmup(what, warmup)))
+
+
+def _token_counts(x: np.ndarray, name: str, n: int) -> np.ndarray:
+    """`x` as floats, checked to be n finite non-negative token counts (one per request)."""
+    x = np.asarray(x, float)
+    if x.shape != (n,):
+        raise ValueError(f"{name} must hold one value per arrival ({n}), got shape {x.shape}")
+    bad = np.flatnonzero(~np.isfinite(x) | (x < 0))
+    if bad.size:
+        raise ValueError(
+            f"{name} must be finite non-negative token counts; request {bad[0]} has {x[bad[0]]}"
+            + (f" ({bad.size} such requests)" if bad.size > 1 else "")
+        )
+    return x
+
+
+def _servers(c: int) -> int:
+    if isinstance(c, bool) or not isinstance(c, (int, np.integer)) or c < 1:
+        raise ValueError(f"c (servers) must be an integer >= 1, got {c!r}")
+    return int(c)
+
+
+def _rate(x: float, name: str, *, positive: bool = False) -> float:
+    x = float(x)
+    if not math.isfinite(x) or x < 0 or (positive and x == 0):
+        need = "> 0" if positive else ">= 0"
+        raise ValueError(f"{name} must be a finite number {need}, got {x}")
+    return x
 
 
 def simulate(
@@ -104,24 +138,24 @@ def simulate(
     (may be fractional); `prompt_tokens` are the uncached prompt tokens.
     """
     arrival_s = np.asarray(arrival_s, float)
-    work = np.asarray(output_tokens, float)
+    if arrival_s.ndim != 1:
+        raise ValueError(f"arrival_s must be one-dimensional, got shape {arrival_s.shape}")
     n = arrival_s.size
     if replicas < 1:
         raise ValueError(f"replicas must be >= 1, got {replicas}")
-    if work.shape != arrival_s.shape:
-        raise ValueError("arrival_s and output_tokens must have the same length")
+    if not np.all(np.isfinite(arrival_s)):
+        raise ValueError("arrival_s must be finite times in seconds")
     if n and np.any(np.diff(arrival_s) < 0):
         raise ValueError("arrival_s must be sorted")
-    if np.any(work < 0):
-        raise ValueError("output_tokens must be non-negative")
+    work = _token_counts(output_tokens, "output_tokens", n)
+    if prompt_tokens is not None:
+        prompt_tokens = _token_counts(prompt_tokens, "prompt_tokens", n)
     if service.throughput[1] <= 0:
         raise ValueError("service model has zero throughput with one running sequence")
     if prompt_tokens is None or math.isinf(service.prefill_tokens_per_s):
         pre_work = np.zeros(n)
     else:
-        pre_work = (
-            np.asarray(prompt_tokens, float) * service.throughput[1] / service.prefill_tokens_per_s
-        )
+        pre_work = prompt_tokens * service.throughput[1] / service.prefill_tokens_per_s
     tput = service.throughput
     cap = service.max_num_seqs
     wait = np.zeros(n)
@@ -197,8 +231,8 @@ def poisson_arrivals(rate: float, n: int, rng: np.random.Generator) -> np.ndarra
 
 def erlang_c(c: int, offered: float) -> float:
     """P(wait > 0) in M/M/c with offered load a = lambda/mu (Erlang C formula)."""
-    if c < 1:
-        raise ValueError(f"c must be >= 1, got {c}")
+    c = _servers(c)
+    offered = _rate(offered, "offered load")
     if offered >= c:
         return 1.0
     # numerically stable via the Erlang B recursion
@@ -211,7 +245,8 @@ def erlang_c(c: int, offered: float) -> float:
 
 def mmc_mean_wait(c: int, arrival_rate: float, service_rate: float) -> float:
     """Mean queueing delay Wq of M/M/c (seconds)."""
-    a = arrival_rate / service_rate
+    c = _servers(c)
+    a = _rate(arrival_rate, "arrival_rate") / _rate(service_rate, "service_rate", positive=True)
     if a >= c:
         return math.inf
     return erlang_c(c, a) / (c * service_rate - arrival_rate)

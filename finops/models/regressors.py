@@ -22,6 +22,29 @@ def hill(x: np.ndarray, vmax: float, k: float, h: float) -> np.ndarray:
     return vmax * xh / (np.power(k, h) + xh)
 
 
+MIN_LOAD_RATIO = 1.5  # busiest over quietest busy window (95th/5th percentile) a fit needs
+
+
+def check_load_spread(x: np.ndarray, who: str, what: str = "load") -> None:
+    """Raise ValueError unless the load column spans more than one load level.
+
+    Why: at a single load level every ceiling fits the points equally well, so
+    a curve fit would invent one (and a small held-out error would vouch for
+    it). The 5th-95th percentile of the non-zero loads must differ by
+    MIN_LOAD_RATIO, so one stray window does not count as a second level.
+    """
+    x = np.asarray(x, dtype=float)
+    pos = x[x > 0]
+    lo, hi = (float(q) for q in np.quantile(pos, [0.05, 0.95])) if pos.size else (0.0, 0.0)
+    if pos.size < 2 or hi < MIN_LOAD_RATIO * lo:
+        span = f"{x.min():.4g}-{x.max():.4g}" if x.size else "nothing"
+        raise ValueError(
+            f"{who} needs windows at more than one load level: {what} spans {span} "
+            f"(5th-95th percentile of the non-idle windows {lo:.4g}-{hi:.4g}); the busiest "
+            f"must reach {MIN_LOAD_RATIO}x the quietest to show where the curve bends"
+        )
+
+
 class SaturatingRegressor(RegressorMixin, BaseEstimator):
     """Throughput that saturates with offered load (a Hill / Michaelis-Menten curve).
 
@@ -59,6 +82,7 @@ class SaturatingRegressor(RegressorMixin, BaseEstimator):
             )
         if np.any(X < 0) or np.any(y < 0):
             raise ValueError("SaturatingRegressor expects non-negative load and throughput")
+        check_load_spread(X[:, 0], "SaturatingRegressor")
         self.covariate_ref_ = (
             np.exp(np.log(np.maximum(X[:, 1:], 1e-9)).mean(axis=0))
             if X.shape[1] > 1
@@ -130,8 +154,7 @@ class StepTimeRegressor(RegressorMixin, BaseEstimator):
         if np.any(y <= 0) or np.any(X < 0):
             raise ValueError("StepTimeRegressor expects positive step times and non-negative load")
         x = X[:, 0]
-        if np.ptp(x) <= 1e-9:
-            raise ValueError("StepTimeRegressor needs windows at more than one load level")
+        check_load_spread(x, "StepTimeRegressor")
         w = np.ones_like(y) if sample_weight is None else np.asarray(sample_weight, float)
         if w.shape != y.shape or np.any(w < 0) or w.sum() <= 0:
             raise ValueError("sample_weight must be non-negative, one per sample, not all zero")

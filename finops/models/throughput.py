@@ -16,10 +16,18 @@ import numpy as np
 import polars as pl
 
 from finops.models.data import NoServingData, serving_intervals
-from finops.models.regressors import SaturatingRegressor, StepTimeRegressor, mape
+from finops.models.regressors import (
+    SaturatingRegressor,
+    StepTimeRegressor,
+    check_load_spread,
+    mape,
+)
 
 LOAD_FEATURES = ("concurrency", "mean_prompt", "mean_output")
 TARGETS = {"tokens": "gen_tps", "sm_active": "sm_active"}
+MIN_INTERVALS = 8  # intervals a fit needs, and a held-out day needs to be worth scoring
+TAIL_HOLDOUT = 0.25  # share of intervals held out (in time order) when no day can be
+MIN_TRAIN = MIN_INTERVALS - int(MIN_INTERVALS * TAIL_HOLDOUT)  # intervals left to fit on
 
 
 @dataclass
@@ -30,12 +38,13 @@ class ThroughputFit:
     target: str  # column predicted: gen_tps (generation tokens/s) or sm_active (0-1)
     features: tuple[str, ...]
     model: SaturatingRegressor
-    holdout_day: object  # datetime.date, or None when the lake holds a single day
-    mape_holdout: float  # fraction (0.05 = 5%) on the held-out day
+    holdout_day: object  # datetime.date; None when the last intervals in time order are held out
+    mape_holdout: float  # fraction (0.05 = 5%) on the held-out intervals
     mape_train: float
     n_train: int
     n_test: int
     data: pl.DataFrame  # the rows used, with `predicted`, `residual` and `split`
+    holdout_from: object = None  # the first held-out interval (datetime), None if none is
 
     @property
     def vmax(self) -> float:
@@ -49,6 +58,7 @@ class ThroughputFit:
             "k": round(self.model.k_, 4),
             "hill": round(self.model.hill_, 4),
             "holdout_day": str(self.holdout_day),
+            "holdout_from": str(self.holdout_from),
             "mape_holdout_pct": round(100 * self.mape_holdout, 2),
             "mape_train_pct": round(100 * self.mape_train, 2),
             "n_train": self.n_train,
@@ -56,12 +66,38 @@ class ThroughputFit:
         }
 
 
-def _split(df: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame, object]:
-    days = sorted(df["day"].unique().to_list())
-    if len(days) < 2:
-        return df, df.clear(), None
-    last = days[-1]
-    return df.filter(pl.col("day") != last), df.filter(pl.col("day") == last), last
+def holdout_split(rows: pl.DataFrame, tier: str) -> tuple[pl.DataFrame, object]:
+    """Add a `split` column (train/holdout); also return the held-out day, if a day is.
+
+    Why: the held-out error is only worth reading when the fit kept most of the
+    data. The last UTC day is held out when it has MIN_INTERVALS of its own and
+    the earlier days keep a third of the intervals; a lake that starts minutes
+    before midnight would otherwise fit a handful of points (or, one that stops
+    minutes after, score a handful). Else the last TAIL_HOLDOUT of the
+    intervals in time order are held out. NoServingData when fewer than
+    MIN_TRAIN intervals would be left to fit on.
+    """
+    n = rows.height
+    days = sorted(rows["day"].unique().to_list())
+    n_last = rows.filter(pl.col("day") == days[-1]).height if days else 0
+    if len(days) > 1 and n_last >= MIN_INTERVALS and n - n_last >= n / 3:
+        is_test, day = pl.col("day") == days[-1], days[-1]
+    else:
+        ts = rows["t"].sort()
+        cut = ts[n - max(int(n * TAIL_HOLDOUT), 1)] if n > 1 else None
+        # rows of one interval stay together; with a single interval there is nothing to hold out
+        is_test = pl.col("t") >= cut if cut is not None and cut > ts[0] else pl.lit(False)
+        day = None
+    rows = rows.with_columns(
+        split=pl.when(is_test).then(pl.lit("holdout")).otherwise(pl.lit("train"))
+    )
+    n_train = rows.filter(pl.col("split") == "train").height
+    if n_train < MIN_TRAIN:
+        raise NoServingData(
+            f"tier {tier!r}: only {n_train} of {n} intervals left to fit on after holding out "
+            f"the last {n - n_train}; need at least {MIN_TRAIN}"
+        )
+    return rows, day
 
 
 def fit_frame(
@@ -71,23 +107,28 @@ def fit_frame(
     target: str = "gen_tps",
     features: tuple[str, ...] = LOAD_FEATURES,
 ) -> ThroughputFit:
-    """Fit on a `serving_intervals` frame; the last day is held out for MAPE."""
+    """Fit on a `serving_intervals` frame; the last day (or quarter) is held out for MAPE."""
     need = [*features, target]
     rows = df.filter(pl.col("tier") == tier) if "tier" in df.columns else df
     rows = rows.drop_nulls(need).filter(pl.all_horizontal(pl.col(c).is_finite() for c in need))
-    if rows.height < 8:
+    if rows.height < MIN_INTERVALS:
         raise NoServingData(
-            f"tier {tier!r}: only {rows.height} intervals with {need} present; need at least 8"
+            f"tier {tier!r}: only {rows.height} intervals with {need} present; "
+            f"need at least {MIN_INTERVALS}"
         )
-    train, _, holdout = _split(rows)
+    rows, holdout = holdout_split(rows, tier)
+    train = rows.filter(pl.col("split") == "train")
+    try:
+        check_load_spread(train[features[0]].to_numpy(), "the throughput fit", features[0])
+    except ValueError as exc:
+        raise NoServingData(
+            f"tier {tier!r}: {exc} (in the {train.height} training intervals)"
+        ) from exc
     model = SaturatingRegressor().fit(train.select(features).to_numpy(), train[target].to_numpy())
     pred = model.predict(rows.select(features).to_numpy())
-    out = rows.with_columns(
-        predicted=pl.Series(pred),
-        split=pl.when(pl.col("day") == holdout).then(pl.lit("holdout")).otherwise(pl.lit("train"))
-        if holdout is not None
-        else pl.lit("train"),
-    ).with_columns(residual=pl.col(target) - pl.col("predicted"))
+    out = rows.with_columns(predicted=pl.Series(pred)).with_columns(
+        residual=pl.col(target) - pl.col("predicted")
+    )
     tr = out.filter(pl.col("split") == "train")
     te = out.filter(pl.col("split") == "holdout")
     return ThroughputFit(
@@ -103,6 +144,7 @@ def fit_frame(
         n_train=tr.height,
         n_test=te.height,
         data=out,
+        holdout_from=te["t"].min() if te.height else None,
     )
 
 
