@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 from pathlib import Path
 
@@ -38,3 +39,26 @@ def test_notebook_03_executes(tmp_path: Path, monkeypatch) -> None:
     assert len(charts) >= 2, keys
     assert (tmp_path / "shipped" / "manifest.json").is_file()
     assert os.environ["FINOPS_ROUTER_NB_DIR"] == str(tmp_path)
+
+
+def test_notebook_03_prices_from_the_lake(demo_lake: Path, tmp_path: Path, monkeypatch) -> None:
+    """With a lake, section 5's dollars come from its cost marts, as the markdown says
+    (train() used to be called without the lake, so they came from the catalog)."""
+    monkeypatch.setenv("FINOPS_ROUTER_NB_ROWS", "1500")
+    monkeypatch.setenv("FINOPS_ROUTER_NB_DIR", str(tmp_path))
+    monkeypatch.setenv("FINOPS_LAKE", str(demo_lake))
+    nb = nbformat.read(NB, as_version=4)
+    NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NB.parent)}}
+    ).execute()
+    text = "\n".join(
+        o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
+        for c in nb.cells
+        if c.cell_type == "code"
+        for o in c.get("outputs", [])
+    )
+    assert f"lake {demo_lake} (present)" in text
+    assert f"lake cost marts ({demo_lake})" in text
+    assert "price catalog" not in text
+    m = json.loads((tmp_path / "artifact" / "manifest.json").read_text())
+    assert m["evaluation"]["prices"]["source"].startswith(f"lake cost marts ({demo_lake})")

@@ -356,3 +356,106 @@ def test_route_names_a_wrong_argument_type(art: Path) -> None:
     ):
         r.route("hi")  # type: ignore[arg-type]
     assert r.route(body, feature="chat", tenant="acme").tier in r.tiers
+
+
+def _one_error_line(r) -> str:
+    """The CLI failed with `error: ...` and no traceback; returns the output."""
+    assert r.exit_code != 0 and isinstance(r.exception, SystemExit), r.output
+    assert "Traceback" not in r.output and r.output.startswith("error: "), r.output
+    return r.output
+
+
+def test_malformed_manifests_are_named_not_tracebacks(art: Path, tmp_path: Path) -> None:
+    """NaN (which Python's json writes and reads), an over-long integer, a non-string
+    feature name and a missing decision.rule used to crash verify/inspect."""
+    runner = CliRunner()
+    base = _manifest(art)
+
+    def case(name: str, edit, rehash: bool = True) -> Path:
+        d = tmp_path / name
+        shutil.copytree(art, d)
+        m = json.loads(json.dumps(base))
+        text = edit(m)
+        if text is None:
+            if rehash:
+                m["version"] = artifact_version(m)
+                m["manifest_sha256"] = manifest_digest(m)
+            text = json.dumps(m)
+        (d / MANIFEST_FILE).write_text(text)
+        return d
+
+    def nan(m):
+        m["evaluation"]["rows"] = float("nan")
+        return json.dumps(m)
+
+    def bigint(m):
+        return json.dumps(m).replace('"format_version": 1', '"format_version": 1' + "0" * 5000)
+
+    cases = [
+        (case("nan", nan), "field 'evaluation.rows' is nan"),
+        (case("bigint", bigint), "not valid JSON: Exceeds the limit (4300 digits)"),
+        (
+            case("fname", lambda m: m["feature_schema"][0].update(name=["text"])),
+            "field 'feature_schema'",
+        ),
+        (case("norule", lambda m: m["decision"].pop("rule") and None), "field 'decision.rule'"),
+        (case("nolam", lambda m: m["decision"].update({"lambda": "high"})), "'decision.lambda'"),
+        (case("noguar", lambda m: m["decision"].pop("guarantee") and None), "'decision.guarantee'"),
+    ]
+    for d, why in cases:
+        for cmd in ("verify", "inspect"):
+            out = _one_error_line(runner.invoke(app, ["router", cmd, str(d)]))
+            assert why in out, (cmd, out)
+            assert "set_int_max_str_digits" not in out
+        with pytest.raises(ArtifactError, match=why.replace("(", r"\(").replace(")", r"\)")):
+            load_router(d)
+
+
+def test_cli_export_and_demo_refuse_bad_out(art: Path, tmp_path: Path) -> None:
+    """export/demo to a file, under a file, or over a non-artifact folder: one error line,
+    and demo checks --out before it writes its labeled set next to it."""
+    runner = CliRunner()
+    blocker = tmp_path / "afile"
+    blocker.write_text("")
+    for dst, why in [
+        (blocker, "exists and is not a directory"),
+        (blocker / "sub", "cannot create the artifact directory"),
+        (Path("/proc/finops-x"), "cannot create the artifact directory"),
+    ]:
+        out = _one_error_line(runner.invoke(app, ["router", "export", str(art), str(dst)]))
+        assert f"{dst}: " in out and why in out, out
+    nolake = str(tmp_path / "nolake")
+    notart = tmp_path / "notart"
+    notart.mkdir()
+    (notart / "x.txt").write_text("keep")
+    for out_dir, n, why in [
+        (tmp_path / "d1" / "art", "20", "fewer than 10 labeled rows"),
+        (blocker / "art", "300", "cannot create the artifact directory"),
+        (notart, "300", "not a router artifact; refusing to replace it"),
+    ]:
+        args = ["router", "demo", "--out", str(out_dir), "--n", n, "--lake", nolake]
+        out = _one_error_line(runner.invoke(app, args))
+        assert why in out, out
+    assert not (tmp_path / "demo-labeled.jsonl").exists()  # notart's parent: nothing written
+    assert [p.name for p in notart.iterdir()] == ["x.txt"]
+
+
+def test_cli_train_corrupt_parquet_and_lake_typo(tmp_path: Path) -> None:
+    runner = CliRunner()
+    bad = tmp_path / "corrupt.parquet"
+    bad.write_bytes(b"PAR1garbage")
+    out = _one_error_line(
+        runner.invoke(app, ["router", "train", "--data", str(bad), "--out", str(tmp_path / "o")])
+    )
+    assert f"{bad}: not a readable Parquet file" in out
+    data = D.write_demo_labeled(tmp_path / "d.jsonl", 700, seed=1)
+    args = ["router", "train", "--data", str(data), "--cv-folds", "0", "--quality-target", "0.9"]
+    typo = tmp_path / "lkae"
+    out = _one_error_line(
+        runner.invoke(app, [*args, "--out", str(tmp_path / "a1"), "--lake", str(typo)])
+    )
+    assert out.strip() == f"error: {typo}: no lake here"
+    assert not (tmp_path / "a1").exists()
+    r = runner.invoke(app, [*args, "--out", str(tmp_path / "a2")])
+    assert r.exit_code == 0, r.output
+    assert "prices: price catalog (ref.prices, on_demand)" in r.output

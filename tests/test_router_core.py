@@ -433,3 +433,106 @@ def test_undefined_figures_are_null_not_nan(tmp_path: Path) -> None:
 
     assert "APGR n/a (length heuristic n/a, random n/a)" in one_line(res.evaluation, TIERS)
     assert load_router(tmp_path / "art").manifest["evaluation"]["routellm"]["apgr"] is None
+
+
+def test_same_data_and_seed_give_the_same_model_file(tmp_path: Path) -> None:
+    """saga shuffles with its own RNG, and skops names arrays by id() and stamps times: the
+    seed now reaches the estimator and the file is written without addresses or times, so
+    a retrain (even in another process) reproduces the model file's sha256 and probes."""
+    import subprocess
+    import sys
+
+    from finops.router.artifact import MODEL_FILE
+
+    data = write_jsonl(tmp_path / "d.jsonl", rule_rows(500, 11))
+    ds = D.load_labeled(data)
+    a = train(ds, tmp_path / "a", cv_folds=0, seed=3)
+    b = train(ds, tmp_path / "b", cv_folds=0, seed=3)
+    np.testing.assert_array_equal(a.test_proba, b.test_proba)
+    code = (
+        "import sys; from finops.router import data as D; from finops.router.train import train; "
+        "train(D.load_labeled(sys.argv[1]), sys.argv[2], cv_folds=0, seed=3)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(data), str(tmp_path / "c")], check=True)
+    ms = [json.loads((tmp_path / d / "manifest.json").read_text()) for d in "abc"]
+    assert len({m["files"][MODEL_FILE] for m in ms}) == 1
+    assert ms[0]["probes"] == ms[1]["probes"] == ms[2]["probes"]
+    assert (tmp_path / "a" / MODEL_FILE).read_bytes() == (tmp_path / "c" / MODEL_FILE).read_bytes()
+
+
+def test_bom_and_invalid_utf8(tmp_path: Path) -> None:
+    """A byte-order mark (Excel's "CSV UTF-8") used to become part of the first column's
+    name (every CSV row refused) or break the first JSONL row; an invalid byte used to be
+    replaced silently. Now the BOM is ignored and a bad byte is a row error at file:line."""
+    rows = rule_rows(20, 4)
+    js = tmp_path / "bom.jsonl"
+    js.write_bytes(b"\xef\xbb\xbf" + "".join(json.dumps(r) + "\n" for r in rows).encode())
+    ds = D.load_labeled(js)
+    assert ds.frame.height == 20 and ds.bad_rows == []
+    csv_path = tmp_path / "excel.csv"
+    body = "label,prompt,feature\n" + "".join(
+        f"{r['label']},{r['prompt']},{r['feature']}\n" for r in rows
+    )
+    csv_path.write_bytes(b"\xef\xbb\xbf" + body.encode())
+    ds = D.load_labeled(csv_path)
+    assert ds.frame.height == 20 and ds.bad_rows == []
+    bad_js = tmp_path / "bad.jsonl"
+    lines = [json.dumps(r).encode() for r in rows[:3]]
+    lines.insert(1, b'{"prompt": "caf\xe9", "label": "small"}')  # Latin-1, not UTF-8
+    bad_js.write_bytes(b"\n".join(lines) + b"\n")
+    ds = D.load_labeled(bad_js)
+    assert ds.frame.height == 3 and ds.read == 4
+    (b,) = ds.bad_rows
+    assert (b.location, b.field) == (f"{bad_js}:2", "<line>")
+    assert b.got == "<invalid UTF-8 byte 0xe9 at character 15>"
+    bad_csv = tmp_path / "bad.csv"
+    bad_csv.write_bytes(body.encode().replace(b"\n", b"\nsmall,caf\xe9,f\n", 1))
+    ds = D.load_labeled(bad_csv)
+    assert ds.frame.height == 20
+    (b,) = ds.bad_rows
+    assert (b.location, b.field) == (f"{bad_csv}:2", "prompt")
+    assert "invalid UTF-8 byte 0xe9" in b.got
+
+
+def test_corrupt_parquet_is_a_data_error(tmp_path: Path) -> None:
+    p = tmp_path / "corrupt.parquet"
+    p.write_bytes(b"PAR1garbage")
+    with pytest.raises(D.DataError, match=rf"{p}: not a readable Parquet file"):
+        D.load_labeled(p)
+
+
+def test_min_calibration_rows_is_the_bound_calibrate_tests() -> None:
+    """The needed count comes from calibrate's own p-value: with that many perfect rows a
+    lambda is certified, with one fewer none is."""
+    from finops.router.calibrate import min_calibration_rows
+
+    need = min_calibration_rows(0.98, 0.95)
+    assert need == 149
+    cum = np.tile([1.0, 1.0, 1.0], (need, 1))
+    q = np.ones((need, 3))
+    assert calibrate(cum, q)["lambda"] is not None
+    assert calibrate(cum[:-1], q[:-1])["lambda"] is None
+    assert min_calibration_rows(0.9, 0.9, binary=False) == 22
+
+
+def test_too_small_calibration_split_is_explained(tmp_path: Path) -> None:
+    """600 rows train, but a 120-row calibration split cannot certify any threshold: the
+    result, the manifest and the CLI say so and how many rows are needed."""
+    from typer.testing import CliRunner
+
+    from finops.cli import app
+
+    data = write_jsonl(tmp_path / "d.jsonl", rule_rows(300, 12))
+    res = train(D.load_labeled(data), tmp_path / "a", cv_folds=0)
+    assert res.decision["lambda"] is None
+    (note,) = [n for n in res.evaluation["notes"] if "no threshold could be certified" in n]
+    assert "the calibration split had 60 rows" in note and "at least 149" in note
+    assert "label at least 745 rows" in note
+    m = json.loads((tmp_path / "a" / "manifest.json").read_text())
+    assert note in m["evaluation"]["notes"]
+    r = CliRunner().invoke(
+        app,
+        ["router", "train", "--data", str(data), "--out", str(tmp_path / "b"), "--cv-folds", "0"],
+    )
+    assert r.exit_code == 0, r.output
+    assert "note: no threshold could be certified" in r.output and "at least 149" in r.output

@@ -46,8 +46,12 @@ def test_lake_labels_metadata_only_and_replay(demo_lake: Path, tmp_path: Path) -
 
 
 def test_price_fallback_is_stated(tmp_path: Path) -> None:
-    p = tier_token_prices(["small", "mid", "large"], lake=tmp_path / "empty")
+    p = tier_token_prices(["small", "mid", "large"], lake=tmp_path)
     assert "price catalog" in p["source"] and "tok/s" in p["source"]
+    # and why the lake did not price the tiers
+    assert p["source"].endswith(
+        f"; the lake {tmp_path} has no cost marts for tier(s) ['small', 'mid', 'large']"
+    )
     pin = p["usd_per_input_token"]
     assert pin["small"] < pin["mid"] < pin["large"]
 
@@ -135,3 +139,21 @@ def test_a_router_trained_from_the_shim_log_gets_the_features_it_serves_on(
         live = F.from_body(body, feature="qa", tenant="default")
         assert math.isclose(row["log_prompt_tokens"], live["log_prompt_tokens"], rel_tol=1e-12)
         assert row["turn_count"] == live["turn_count"]
+
+
+def test_train_cli_states_lake_prices_and_the_fallback(demo_lake: Path, tmp_path: Path) -> None:
+    """`train --lake` prints which prices it used (it used to say nothing); a lake that
+    cannot price one of the tiers falls back to the catalog and says which tier."""
+    from typer.testing import CliRunner
+
+    from finops.cli import app
+
+    data = D.write_demo_labeled(tmp_path / "d.jsonl", 700, seed=1)
+    args = ["router", "train", "--data", str(data), "--cv-folds", "0", "--lake", str(demo_lake)]
+    r = CliRunner().invoke(app, [*args, "--out", str(tmp_path / "a")])
+    assert r.exit_code == 0, r.output
+    assert f"prices: lake cost marts ({demo_lake})" in r.output
+    p = tier_token_prices(["small", "mid", "xl"], lake=demo_lake)
+    assert p["source"].startswith("price catalog")
+    assert f"the lake {demo_lake} has no cost marts for tier(s) ['xl']" in p["source"]
+    assert "xl=3500 tok/s" in p["source"]  # the throughput it priced with, not 0

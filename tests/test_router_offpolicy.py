@@ -415,3 +415,24 @@ def test_warns_when_few_explored_requests_cover_the_candidates_departures(
     # 30% exploration over 6000 requests covers them: no warning (see above), and counted
     full = off_policy_estimate(cand, explored_lake[0])
     assert full["explored_matches"] >= 50 and full["warnings"] == []
+
+
+def test_exploring_candidate_gives_foreign_logged_tiers_no_weight() -> None:
+    """eps/K exploration applies to the candidate's own tiers only: a logged tier it does
+    not have ('xl') can never be its choice, so those requests weigh 0 (SNIPS was 28)."""
+    logged = ["small", "xl", "xl", "xl"]
+    cand = ["small"] * 4
+    r = ips_estimate(
+        logged,
+        [0.5] * 4,
+        cand,
+        [1.0, 100.0, 100.0, 100.0],
+        exploration_rate=0.3,
+        tiers=["small", "mid", "large"],
+    )
+    assert r["snips"] == pytest.approx(1.0)
+    # pi(small) = 0.7 + 0.1 -> weight 1.6; the xl rows 0
+    assert r["ips"] == pytest.approx(1.6 * 1.0 / 4)
+    # n_tiers defaults to len(tiers); an explicit one still wins
+    s = ips_estimate(logged, [0.5] * 4, cand, [1.0] * 4, exploration_rate=0.3, n_tiers=3)
+    assert s["ips"] == pytest.approx((1.6 + 3 * 0.2) / 4)

@@ -164,6 +164,7 @@ def train_cmd(
         typer.echo(f"note: {note}", err=True)
     typer.echo(f"artifact {res.path} version {res.router.version}")
     typer.echo(f"decision: {res.decision['guarantee']}; lambda={res.decision['lambda']}")
+    typer.echo(f"prices: {res.evaluation['prices']['source']}")
     typer.echo(one_line(res.evaluation, ds.tiers))
 
 
@@ -180,25 +181,32 @@ def demo_cmd(
 ) -> None:
     """Demo: train a router on the demo labeled set, print its one-line evaluation and $."""
     from finops.cli._common import resolve_lake
-    from finops.router.data import load_labeled, write_demo_labeled
+    from finops.router.artifact import ArtifactError, check_out_dir
+    from finops.router.data import DataError, load_labeled, write_demo_labeled
     from finops.router.evaluate import replay_lake
     from finops.router.train import one_line, train
 
+    if n < 1:
+        fail("--n must be >= 1")
     lake_path = resolve_lake(lake)
     has_lake = (lake_path / "requests").is_dir()
-    data = write_demo_labeled(out.parent / "demo-labeled.jsonl", n, seed)
-    res = train(
-        load_labeled(data),
-        out,
-        cv_folds=0,
-        seed=seed,
-        lake=lake_path if has_lake else None,
-        overwrite=True,
-    )
-    assert res.router is not None
-    typer.echo(f"router {res.router.version} -> {out}")
-    typer.echo(one_line(res.evaluation, res.router.tiers))
-    if has_lake:
+    try:
+        # --out first: nothing is written next to a --out that would be refused
+        check_out_dir(out, overwrite=True)
+        data = write_demo_labeled(out.parent / "demo-labeled.jsonl", n, seed)
+        res = train(
+            load_labeled(data),
+            out,
+            cv_folds=0,
+            seed=seed,
+            lake=lake_path if has_lake else None,
+            overwrite=True,
+        )
+        assert res.router is not None
+        typer.echo(f"router {res.router.version} -> {out}")
+        typer.echo(one_line(res.evaluation, res.router.tiers))
+        if not has_lake:
+            return
         import finops
 
         captured = (
@@ -226,6 +234,10 @@ def demo_cmd(
             )
             typer.echo(one_line(meta.evaluation, meta.router.tiers))
         typer.echo(replay_lake(replay_router, lake_path)["line"])
+    except (DataError, ArtifactError) as exc:
+        fail(str(exc))
+    except OSError as exc:
+        fail(f"--out {out}: cannot write: {exc.strerror or exc}")
 
 
 @router_app.command("evaluate")
@@ -409,6 +421,8 @@ def export_cmd(
         router = copy_verified(src, dst)
     except ArtifactError as exc:
         fail(str(exc))
+    except OSError as exc:
+        fail(f"{dst}: cannot write: {exc.strerror or exc}")
     typer.echo(f"exported {router.version} to {dst} (verified)")
 
 

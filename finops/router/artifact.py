@@ -37,6 +37,7 @@ ability to change routing), so keep it where only the deployer can write.
 from __future__ import annotations
 
 import hashlib
+import io
 import itertools
 import json
 import math
@@ -45,6 +46,7 @@ import platform
 import shutil
 import tempfile
 import warnings
+import zipfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -383,6 +385,17 @@ def _check_manifest_shape(m: Any, where: Path) -> None:
             raise ArtifactError(
                 f"{where}: field 'decision.{k}': expected a number in (0, 1), got {v!r}"
             )
+    for k in ("rule", "guarantee"):  # shown by `inspect`: a missing one must fail here
+        v = dec.get(k)
+        if not isinstance(v, str) or not v.strip():
+            raise ArtifactError(
+                f"{where}: field 'decision.{k}': expected a non-empty string, got {v!r}"
+            )
+    lam = dec.get("lambda", "<missing>")
+    if lam is not None and not (_is_number(lam) and 0.0 <= lam <= 1.0):
+        raise ArtifactError(
+            f"{where}: field 'decision.lambda': expected a number in [0, 1] or null, got {lam!r}"
+        )
     if m["model"].get("file") != MODEL_FILE or m["model"].get("format") != "skops":
         raise ArtifactError(
             f"{where}: field 'model': expected file {MODEL_FILE!r} in skops format, "
@@ -390,7 +403,11 @@ def _check_manifest_shape(m: Any, where: Path) -> None:
         )
     names = [c.get("name") for c in m["feature_schema"] if isinstance(c, dict)]
     allowed = set(F.FEATURE_DOCS)
-    if len(names) != len(m["feature_schema"]) or not set(names) <= allowed:
+    if (
+        len(names) != len(m["feature_schema"])
+        or not all(isinstance(n, str) for n in names)
+        or not set(names) <= allowed
+    ):
         raise ArtifactError(
             f"{where}: field 'feature_schema': expected features among {sorted(allowed)}, "
             f"got {names}"
@@ -449,8 +466,15 @@ def load_router(path: str | os.PathLike[str]) -> Router:
         raise ArtifactError(f"{root}: no {MANIFEST_FILE} (not a router artifact)")
     try:
         manifest = json.loads(mpath.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{mpath}: not valid JSON: {exc}") from None
+    except (ValueError, UnicodeDecodeError) as exc:  # ValueError: also a 4300+ digit integer
+        why = str(exc).split("; use sys.set_int_max_str_digits")[0]
+        raise ArtifactError(f"{mpath}: not valid JSON: {why}") from None
+    undefined = _non_finite(manifest)
+    if undefined:  # Python's json reads NaN/Infinity, which are not JSON (nor hashable)
+        raise ArtifactError(
+            f"{mpath}: field {undefined[0]!r} is {undefined[1]} (not valid JSON: expected a "
+            "finite number)"
+        )
     _check_manifest_shape(manifest, mpath)
     if manifest_digest(manifest) != manifest["manifest_sha256"]:
         raise ArtifactError(
@@ -569,6 +593,53 @@ def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> bo
     return False
 
 
+def stable_skops_bytes(pipeline: Any) -> bytes:
+    """skops bytes of `pipeline` that depend only on the fitted model.
+
+    skops names arrays and shared objects by `id()` (a memory address) and stamps the
+    zip entries with the time, so the same model would hash differently on every export
+    and the same data + seed could not reproduce an artifact's sha256. Ids are renumbered
+    in the schema's own (deterministic) order, times fixed, and HashingVectorizer's
+    cached `_stop_words_id` (an address sklearn recomputes when absent) left out; `write_artifact` loads the
+    result back and checks its probes, so a rewrite that changed the model is refused.
+    """
+    import skops.io as sio
+
+    src = zipfile.ZipFile(io.BytesIO(sio.dumps(pipeline)))
+    state = json.loads(src.read("schema.json"))
+    ids: dict[int, int] = {}
+
+    def renumber(obj: Any) -> Any:
+        if isinstance(obj, list):
+            return [renumber(v) for v in obj]
+        if not isinstance(obj, dict):
+            return obj
+        out = {}
+        for k, v in obj.items():
+            if k == "_stop_words_id":  # a vectorizer's cached id(); recomputed when missing
+                continue
+            if k == "__id__" and isinstance(v, int):
+                v = ids.setdefault(v, len(ids))
+            elif k == "file" and isinstance(v, str) and v.endswith(".npy") and v[:-4].isdigit():
+                v = f"{ids.setdefault(int(v[:-4]), len(ids))}.npy"
+            out[k] = renumber(v)
+        return out
+
+    state = renumber(state)
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as dst:
+        for info in src.infolist():
+            name = info.filename
+            if name == "schema.json":
+                data = json.dumps(state, indent=2).encode()
+            else:
+                data = src.read(info)
+                if name.endswith(".npy") and name[:-4].isdigit():
+                    name = f"{ids.setdefault(int(name[:-4]), len(ids))}.npy"
+            dst.writestr(zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0)), data)
+    return buf.getvalue()
+
+
 def write_artifact(
     out: str | os.PathLike[str],
     pipeline: Any,
@@ -603,7 +674,7 @@ def write_artifact(
             f"{out}: cannot create the artifact directory here: {exc.strerror or exc}"
         ) from None
     try:
-        sio.dump(pipeline, tmp / MODEL_FILE)
+        (tmp / MODEL_FILE).write_bytes(stable_skops_bytes(pipeline))
         untrusted = set(sio.get_untrusted_types(file=tmp / MODEL_FILE)) - set(TRUSTED_TYPES)
         if untrusted:
             raise ArtifactError(f"model contains types outside TRUSTED_TYPES: {sorted(untrusted)}")
@@ -686,10 +757,14 @@ def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> R
     """Verify `src` and copy exactly its listed files to `dst` (atomically); return `dst` loaded."""
     router = load_router(src)
     dst = Path(dst)
-    if dst.exists() and any(dst.iterdir()):
-        raise ArtifactError(f"{dst}: exists and is not empty; choose a new directory")
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    check_out_dir(dst)  # a file, a path under a file, a non-empty or unwritable directory
+    try:
+        dst.parent.mkdir(parents=True, exist_ok=True)
+        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
+    except OSError as exc:
+        raise ArtifactError(
+            f"{dst}: cannot create the artifact directory here: {exc.strerror or exc}"
+        ) from None
     try:
         for name in [*router.manifest["files"], MANIFEST_FILE]:
             shutil.copy2(Path(src) / name, tmp / name)

@@ -74,6 +74,22 @@ def p_value(loss: np.ndarray, alpha: float, binary: bool) -> float:
     return min(hoeffding, bentkus, 1.0)
 
 
+def min_calibration_rows(quality_target: float, confidence: float, binary: bool = True) -> int:
+    """Fewest calibration rows that can certify any lambda (if none of them has a loss).
+
+    Found with `p_value` itself, so it is the bound `calibrate` tests: below this many
+    rows even a flawless calibration split cannot reject "risk > alpha" at level delta,
+    and the decision is lambda=None (everything to the last tier).
+    """
+    alpha, delta = 1.0 - quality_target, 1.0 - confidence
+    n = max(1, math.ceil(math.log(delta) / math.log1p(-alpha)))  # (1 - alpha)^n <= delta
+    while p_value(np.zeros(n), alpha, binary) > delta:
+        n += 1
+    while n > 1 and p_value(np.zeros(n - 1), alpha, binary) <= delta:
+        n -= 1
+    return n
+
+
 def calibrate(
     cum: np.ndarray,
     quality: np.ndarray,

@@ -26,6 +26,7 @@ import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -318,12 +319,34 @@ def parse_row(
     return row
 
 
+# What `errors="surrogateescape"` turns an undecodable byte into (0x80-0xff -> U+DC80-U+DCFF);
+# decoded UTF-8 never contains these, so finding one means the file had an invalid byte.
+_BAD_BYTE = re.compile("[\udc80-\udcff]")
+
+
+def _invalid_utf8(s: str) -> str | None:
+    """'<invalid UTF-8 byte 0x.. at character N>' for text read with surrogateescape, else None.
+
+    Files are read this way (not with errors="replace") so a row with a bad byte is
+    reported, as a lone surrogate is, instead of training on U+FFFD in its place.
+    """
+    m = _BAD_BYTE.search(s)
+    if m is None:
+        return None
+    return f"<invalid UTF-8 byte 0x{ord(m.group()) - 0xDC00:02x} at character {m.start()}>"
+
+
 def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", errors="replace") as fh:
+    # utf-8-sig: a byte-order mark (Windows editors, Excel) is not part of the first row
+    with open(path, encoding="utf-8-sig", errors="surrogateescape") as fh:
         for n, line in enumerate(fh, 1):
             if not line.strip():
                 continue
             loc = f"{path}:{n}"
+            bad = _invalid_utf8(line)
+            if bad:
+                yield loc, _RowError("<line>", "UTF-8 text", bad)
+                continue
             try:
                 obj = json.loads(line)
             except json.JSONDecodeError as exc:
@@ -340,7 +363,9 @@ def _iter_jsonl(path: Path) -> Iterator[tuple[str, Any]]:
 
 
 def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
-    with open(path, encoding="utf-8", errors="replace", newline="") as fh:
+    # utf-8-sig: Excel's "CSV UTF-8" starts with a byte-order mark, which would otherwise
+    # become part of the first column's name
+    with open(path, encoding="utf-8-sig", errors="surrogateescape", newline="") as fh:
         reader = csv.DictReader(fh)
         if reader.fieldnames is None:
             return
@@ -353,11 +378,18 @@ def _iter_csv(path: Path) -> Iterator[tuple[str, Any]]:
                     _RowError("<line>", f"{len(reader.fieldnames)} cells", f"<{cells} cells>"),
                 )
                 continue
+            bad = next(((k, b) for k, v in row.items() if (b := _invalid_utf8(v))), None)
+            if bad:
+                yield loc, _RowError(bad[0], "UTF-8 text", bad[1])
+                continue
             yield loc, row
 
 
 def _iter_parquet(path: Path) -> Iterator[tuple[str, Any]]:
-    df = pl.read_parquet(path)
+    try:
+        df = pl.read_parquet(path)
+    except (pl.exceptions.PolarsError, OSError) as exc:  # truncated, corrupt, not Parquet
+        raise DataError(f"{path}: not a readable Parquet file: {exc}") from None
     for n, row in enumerate(df.iter_rows(named=True), 1):
         yield f"{path}:row {n}", row
 

@@ -243,10 +243,14 @@ def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None
     """$/input token and $/output token per tier, and where the figures came from.
 
     Prefers the lake's cost marts (finops.costs: measured GPU cost shared by token work,
-    idle included), else the price catalog with `FALLBACK_DEPLOYMENTS` throughputs.
+    idle included), else the price catalog with `FALLBACK_DEPLOYMENTS` throughputs; the
+    source then says why the lake could not price the tiers.
     """
+    import duckdb
+
     import finops
 
+    why = ""
     if lake is not None:
         try:
             db = finops.connect(lake, prices=prices)
@@ -255,20 +259,23 @@ def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None
                 "sum(pool_allocation * (1 - input_share)) / nullif(sum(w_out), 0) AS pout "
                 "FROM marts.tier_token_prices WHERE pool_allocation IS NOT NULL GROUP BY tier"
             ).pl()
+        except duckdb.Error as exc:  # no cost marts in this lake/build: fall back, and say so
+            why = f"; the lake {lake} has no usable cost marts ({str(exc).splitlines()[0]})"
+        else:
             got = {r["tier"]: (r["pin"], r["pout"]) for r in df.iter_rows(named=True)}
-            if all(t in got and got[t][0] and got[t][1] for t in tiers):
+            unpriced = [t for t in tiers if not (t in got and got[t][0] and got[t][1])]
+            if not unpriced:
                 return {
                     "source": f"lake cost marts ({lake}): marts.tier_token_prices, allocation "
                     "basis (idle included), averaged over the lake's period",
                     "usd_per_input_token": {t: float(got[t][0]) for t in tiers},
                     "usd_per_output_token": {t: float(got[t][1]) for t in tiers},
                 }
-        except Exception:  # no cost marts in this lake/build: fall back, and say so
-            pass
+            why = f"; the lake {lake} has no cost marts for tier(s) {unpriced}"
     from finops.prices import load_prices, price_for
 
     cat = load_prices(prices)
-    pin, pout = {}, {}
+    pin, pout, assumed = {}, {}, {}
     for i, t in enumerate(tiers):
         gpu, count, tps = FALLBACK_DEPLOYMENTS.get(
             t, list(FALLBACK_DEPLOYMENTS.values())[min(i, 2)]
@@ -276,10 +283,12 @@ def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None
         usd_s = price_for(cat, gpu, "on_demand") * count / 3600.0
         pin[t] = usd_s / tps
         pout[t] = usd_s * OUTPUT_TOKEN_WEIGHT / tps
+        assumed[t] = tps
     return {
         "source": "price catalog (ref.prices, on_demand) with assumed throughput per replica: "
-        + ", ".join(f"{t}={FALLBACK_DEPLOYMENTS.get(t, ('?', 0, 0))[2]:g} tok/s" for t in tiers)
-        + f" (output tokens weigh {OUTPUT_TOKEN_WEIGHT:g}x)",
+        + ", ".join(f"{t}={tps:g} tok/s" for t, tps in assumed.items())
+        + f" (output tokens weigh {OUTPUT_TOKEN_WEIGHT:g}x)"
+        + why,
         "usd_per_input_token": pin,
         "usd_per_output_token": pout,
     }

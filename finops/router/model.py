@@ -92,7 +92,7 @@ def build_pipeline(
     )
     features = ColumnTransformer(parts, remainder="drop", sparse_threshold=1.0)
     clf = CalibratedClassifierCV(
-        LogisticRegression(C=C, max_iter=max_iter, tol=2e-3, solver="saga"),
+        LogisticRegression(C=C, max_iter=max_iter, tol=2e-3, solver="saga", random_state=seed),
         method="temperature",
         cv=StratifiedKFold(n_splits=cv, shuffle=True, random_state=seed),
         ensemble=False,

@@ -75,13 +75,16 @@ def ips_estimate(
     n_tiers: int | None = None,
     exploration_rate: float = 0.0,
     confidence: float = 0.95,
+    tiers: Sequence[str] | None = None,
 ) -> dict[str, Any]:
     """IPS and SNIPS of one outcome, with normal-approximation confidence intervals.
 
     `logged[i]` is the logged decision, `propensity[i]` its logged probability,
     `candidate[i]` the candidate's greedy decision and `outcome[i]` what was observed.
     With `exploration_rate` eps_c > 0 the candidate is stochastic:
-    pi_c(a) = (1 - eps_c) 1[a == candidate] + eps_c / n_tiers.
+    pi_c(a) = (1 - eps_c) 1[a == candidate] + eps_c / n_tiers for a among the candidate's
+    `tiers` (n_tiers defaults to their count), and 0 for a logged tier it does not have:
+    it can never pick that one, exploring or not.
     """
     from scipy.stats import norm
 
@@ -99,9 +102,12 @@ def ips_estimate(
     match = a == c
     pi = match.astype(float)
     if exploration_rate:
+        n_tiers = n_tiers or (len(tiers) if tiers is not None else None)
         if not n_tiers:
-            raise ValueError("exploration_rate needs n_tiers")
+            raise ValueError("exploration_rate needs n_tiers (or tiers)")
         pi = (1.0 - exploration_rate) * pi + exploration_rate / n_tiers
+    if tiers is not None:
+        pi = np.where(np.isin(a, np.asarray(list(tiers), dtype=object)), pi, 0.0)
     w = pi / p
     z = float(norm.ppf(0.5 + confidence / 2))
     wy = w * y
@@ -320,6 +326,7 @@ def off_policy_estimate(
             n_tiers=len(tiers),
             exploration_rate=exploration_rate,
             confidence=confidence,
+            tiers=tiers,
         )
         r["unit"], r["what"] = OUTCOMES[name]
         est[name] = r

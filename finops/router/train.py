@@ -8,6 +8,7 @@ number in an artifact was measured on requests the model and the threshold never
 
 from __future__ import annotations
 
+import math
 import os
 import warnings
 from collections.abc import Mapping
@@ -20,7 +21,7 @@ import polars as pl
 
 from finops.router import evaluate as E
 from finops.router.artifact import Router, check_out_dir, load_router, write_artifact
-from finops.router.calibrate import calibrate, route_indices
+from finops.router.calibrate import calibrate, min_calibration_rows, route_indices
 from finops.router.data import DataError, LabeledData, parse_tiers
 from finops.router.model import build_pipeline
 
@@ -115,6 +116,8 @@ def train(
     unknown = sorted(set(upstream or {}) - set(tiers))
     if unknown:  # a typo (lrage=...) would otherwise leave that tier on its default model
         raise DataError(f"--upstream: unknown tier(s) {unknown}; the tiers are {tiers}")
+    if lake is not None and not Path(lake).exists():  # a typo must not price from the catalog
+        raise DataError(f"{lake}: no lake here")
     if out is not None:
         check_out_dir(out, overwrite=overwrite)
     if text not in ("auto", "on", "off"):
@@ -146,6 +149,10 @@ def train(
     decision["thresholds"] = {t: lam for t in tiers[:-1]}
     test = data.take(te)
     evaluation = evaluate_split(p_test, test, lam, lake=lake, prices=prices)
+    if lam is None:
+        evaluation["notes"].append(
+            _uncertified_note(decision, len(cal), fractions[1], quality_target, confidence)
+        )
     if cv is not None:
         evaluation["cross_validation"] = cv
     if conv:
@@ -183,6 +190,29 @@ def train(
         path,
         p_cal,
         data.take(cal),
+    )
+
+
+def _uncertified_note(
+    decision: Mapping[str, Any], n_cal: int, cal_share: float, target: float, confidence: float
+) -> str:
+    """Why lambda is None (every request to the last tier, nothing saved), and what would help."""
+    binary = decision["loss"].startswith("0/1")
+    need = min_calibration_rows(target, confidence, binary)
+    head = (
+        f"no threshold could be certified (lambda=None: every request goes to the last tier, "
+        f"so nothing is saved): the calibration split had {n_cal} rows"
+    )
+    if n_cal < need:
+        return (
+            f"{head}, and quality target {target:g} at {confidence:.0%} confidence needs at "
+            f"least {need} (even with no request routed below its needed tier); with "
+            f"{cal_share:.0%} of the rows for calibration, label at least "
+            f"{math.ceil(need / cal_share)} rows"
+        )
+    return (
+        f"{head} (>= the {need} the target needs), but even the strictest threshold lost too "
+        "much quality on them; more labeled rows or a lower --quality-target would help"
     )
 
 
