@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import yaml
 from typer.testing import CliRunner
@@ -91,3 +92,59 @@ def test_recommend_cli(syn_lake, tmp_path) -> None:
     assert len(docs) == 4
     r = CliRunner().invoke(app, ["recommend", "autoscaling", "--lake", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no lake here" in r.output
+
+
+def test_tier_names_become_valid_kubernetes_names(advice) -> None:
+    """Object names are DNS-1123 (sanitized deterministically), PromQL label values are
+    escaped, and what Kubernetes cannot take is refused naming the tier."""
+    import dataclasses
+
+    from finops.models.autoscaling import object_name, promql_string
+
+    assert object_name("Small_Tier.v2") == "vllm-small-tier-v2"
+    assert promql_string('a"b\\c') == '"a\\"b\\\\c"'
+    odd = [dataclasses.replace(advice.tiers[0], tier="Small_Tier.v2")]
+    docs = validate_manifests(dataclasses.replace(advice, tiers=odd).to_yaml())
+    assert {d["metadata"]["name"] for d in docs} == {"vllm-small-tier-v2"}
+    so = next(d for d in docs if d["kind"] == "ScaledObject")
+    assert 'tier="Small_Tier.v2"' in so["spec"]["triggers"][0]["metadata"]["query"]
+    hpa = next(d for d in docs if d["kind"] == "HorizontalPodAutoscaler")
+    assert hpa["spec"]["metrics"][0]["external"]["metric"]["selector"]["matchLabels"] == {
+        "tier": "Small_Tier.v2"
+    }
+    quoted = [dataclasses.replace(advice.tiers[0], tier='large "x"')]
+    with pytest.raises(ValueError, match="tier 'large \"x\"' is not a valid Kubernetes label"):
+        dataclasses.replace(advice, tiers=quoted).to_yaml()
+    clash = [dataclasses.replace(advice.tiers[0], tier=t) for t in ("a_b", "a.b")]
+    with pytest.raises(ValueError, match=r"tiers 'a_b' and 'a\.b' both map to .*'vllm-a-b'"):
+        dataclasses.replace(advice, tiers=clash).to_yaml()
+    with pytest.raises(ValueError, match="--namespace 'Bad_NS'"):
+        dataclasses.replace(advice, namespace="Bad_NS").to_yaml()
+    bad = advice.to_yaml().replace("name: vllm-small", "name: vllm-Small_x", 1)
+    with pytest.raises(ValueError, match=r"metadata\.name 'vllm-Small_x' is not a valid"):
+        validate_manifests(bad)
+
+
+def test_recommend_cli_refuses_bad_namespace(syn_lake) -> None:
+    r = CliRunner().invoke(
+        app, ["recommend", "autoscaling", "--lake", str(syn_lake), "--namespace", "a b"]
+    )
+    assert r.exit_code == 2 and "error: --namespace 'a b'" in r.output
+    assert "Traceback" not in r.output
+
+
+def test_a_replica_count_that_misses_the_slo_idle_is_never_a_rate(syn_lake) -> None:
+    """When one replica misses the SLO even unloaded but 4 meet it, the advice starts at 4
+    replicas instead of dividing by a zero rate."""
+    from finops.models.simulate import CapacityCurve, Levers
+
+    sim = Simulator.from_lake(finops.connect(syn_lake), slo_ttft_p95_ms=1000)
+    real = sim.curve("small", Levers())
+    sim._curves[("small", None, None)] = CapacityCurve(
+        real.c, np.concatenate([[0.0], real.per_replica[1:]])
+    )
+    adv = {a.tier: a for a in recommend(sim).tiers}
+    assert adv["small"].min_replicas >= 4 and adv["small"].drain_rps > 0
+    assert any("minimum replicas raised to 4" in n for n in sim.trace.profiles["small"].notes)
+    curve = CapacityCurve(np.array([1.0, 4.0, 16.0]), np.array([0.0, 0.5, 0.6]))
+    assert curve.replicas_for(0.1) == 4  # 2 replicas were never shown to meet the SLO

@@ -60,3 +60,18 @@ def test_notebook_02_executes(demo_lake: Path, artifacts_dir: Path) -> None:
         )
     ]
     assert len(charts) >= 4
+
+
+def test_notebook_02_names_the_service_curve_the_simulation_uses() -> None:
+    """The simulation's service model is the decode step-time fit where vLLM reports
+    inter-token latency, not necessarily the tokens/s curve plotted above it: the prose
+    must not claim otherwise and the notebook shows the curve each tier uses."""
+    nb = nbformat.read(NB, as_version=4)
+    md = "\n".join(c.source for c in nb.cells if c.cell_type == "markdown")
+    code = "\n".join(c.source for c in nb.cells if c.cell_type == "code")
+    assert "from the curves above" not in md
+    assert "decode step time" in md
+    assert "p.curve_source" in code
+    # the observed bill is the simulated period's, not the whole lake's
+    assert "observed_week_cost(db, sim.trace.period)" in code
+    assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")

@@ -268,3 +268,203 @@ def test_route_small_moves_larger_tiers_to_the_smallest_model() -> None:
     up = dict(sim.hourly_rates(1, Levers(route_small_share=0.2)).select("tier", "upstream").rows())
     assert up == pytest.approx({"large": 800.0, "mid": 800.0, "small": 1400.0})
     assert model_size_b("Qwen2.5-0.5B-Instruct") == 0.5 and model_size_b("gpt") == math.inf
+
+
+# ----------------------------------------------------------------------------- derived lakes
+
+
+def _derive(src, dst, **change) -> Lake:
+    """Copy lake `src` to `dst` (real Parquet files), passing each raw table through
+    change[table] (a function of the Polars frame) where given."""
+    db = finops.connect(src)
+    out = Lake(dst)
+    for table in ("gpu_samples", "serving_samples", "requests"):
+        df = db.sql(f"SELECT * FROM raw.{table}").pl()
+        df = df.select([c for c in df.columns if c != "date"])
+        out.append(table, change.get(table, lambda d: d)(df), source="copy")
+    return out
+
+
+def _relabel(df, fn):
+    import polars as pl
+
+    return df.with_columns(
+        labels=pl.col("labels").map_elements(
+            lambda s: json.dumps(fn(json.loads(s)), sort_keys=True), return_dtype=pl.String
+        )
+    )
+
+
+def test_a_tier_without_serving_metrics_is_named_and_carried_as_observed(
+    syn_lake, tmp_path
+) -> None:
+    """Its observed requests and GPU cost stay in the totals; it is never silently dropped."""
+    import polars as pl
+
+    import finops.costs as fc
+
+    d = _derive(
+        syn_lake,
+        tmp_path / "lake",
+        serving_samples=lambda df: df.filter(pl.col("model_name") != "large"),
+    )
+    db = finops.connect(d.path)
+    tr = load_trace(db)
+    assert list(tr.profiles) == ["small"]
+    un = tr.unsimulated.to_dicts()
+    assert [r["tier"] for r in un] == ["large"]
+    bill = fc.by(db, "tier").filter(pl.col("tier") == "large").row(0, named=True)
+    assert un[0]["requests"] == bill["requests"] and un[0]["cost_usd"] == pytest.approx(
+        bill["cost"]
+    )
+    assert any("'large'" in n and "NOT simulated" in n for n in tr.notes)
+    plan = Simulator(tr, slo_ttft_p95_ms=1000).plan(2.0)
+    small = plan.tiers.filter(pl.col("tier") == "small").row(0, named=True)
+    assert plan.totals["cost_usd"] == pytest.approx(small["cost_usd"] + un[0]["cost_usd"])
+    assert plan.totals["requests"] == pytest.approx(small["requests"] + un[0]["requests"])
+    r = CliRunner().invoke(app, ["simulate", "--lake", str(d.path), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert "'large'" in r.stderr and "NOT simulated" in r.stderr
+    assert out["before"]["unsimulated_cost_usd"] == pytest.approx(un[0]["cost_usd"])
+
+
+def test_data_parallel_engines_are_one_replica(syn_lake, tmp_path) -> None:
+    """The same work split over two vLLM engines (label engine, --data-parallel-size 2)
+    gives the same per-replica intervals, fit and plan as one engine."""
+    import polars as pl
+
+    from finops.models.data import serving_intervals
+    from finops.models.throughput import fit_frame
+
+    def split(df):
+        # each engine does half the work; KV usage is a share of each engine's own cache
+        half = pl.when(pl.col("metric") == "vllm:kv_cache_usage_perc").then(1.0).otherwise(0.5)
+        halves = [
+            _relabel(df, lambda x, e=e: {**x, "engine": e}).with_columns(
+                value=pl.col("value") * half
+            )
+            for e in ("0", "1")
+        ]
+        return pl.concat(halves)
+
+    d = _derive(syn_lake, tmp_path / "lake", serving_samples=split)
+    one, two = finops.connect(syn_lake), finops.connect(d.path)
+    a, b = serving_intervals(one, tier="small"), serving_intervals(two, tier="small")
+    for col in ("seconds", "gen_tps", "concurrency", "running", "waiting", "kv_usage"):
+        assert b[col].to_list() == pytest.approx(a[col].to_list(), rel=1e-6), col
+    fa, fb = fit_frame(a, tier="small").model, fit_frame(b, tier="small").model
+    assert fb.vmax_ == pytest.approx(fa.vmax_, rel=1e-6) and fb.k_ == pytest.approx(fa.k_, rel=1e-6)
+    pa = load_trace(one, tiers=["small"]).profiles["small"]
+    pb = load_trace(two, tiers=["small"]).profiles["small"]
+    assert (pb.vmax, pb.k, pb.observed_batch) == pytest.approx((pa.vmax, pa.k, pa.observed_batch))
+
+
+def test_the_period_is_the_latest_week_and_empty_hours_are_not_billed(
+    syn_lake, sim, tmp_path
+) -> None:
+    """Requests from an older log do not stretch the fleet's period; hours without GPU
+    samples are never billed, whatever period is asked for."""
+    import datetime as dt
+
+    import polars as pl
+
+    import finops.costs as fc
+
+    def early(df):
+        old = df.sort("request_id").head(20)
+        old = old.with_columns(
+            request_id=pl.col("request_id") + "-old", ts=pl.col("ts") - pl.duration(days=7)
+        )
+        return pl.concat([df, old])
+
+    d = _derive(syn_lake, tmp_path / "lake", requests=early)
+    db = finops.connect(d.path)
+    tr = load_trace(db)
+    assert tr.period.label == "2026-W47"
+    start = dt.datetime(2026, 11, 16, tzinfo=dt.UTC)
+    assert min(tr.hours) >= start and len(tr.hours) == 48
+    assert tr.total_requests == sim.trace.total_requests
+    both = load_trace(db, per=fc.period(None, "2026-11-09", "2026-11-22"))
+    assert both.hours == tr.hours  # the older week has requests but no GPUs: no fleet
+    assert any("20 requests fell in hours with no GPU samples" in n
+               for p in both.profiles.values() for n in p.notes)  # fmt: skip
+    gpu_h = fc.totals(db, per=both.period)["gpu_hours"]
+    fixed = Simulator(both, slo_ttft_p95_ms=1000)
+    fixed._curves, fixed.tier_slo_ms = sim._curves, sim.tier_slo_ms
+    plan = fixed.plan(1.0)
+    assert plan.hourly["hour"].n_unique() == 48  # no phantom fleet in the GPU-less week
+    assert plan.totals["gpu_hours"] <= gpu_h * 1.5
+    r = CliRunner().invoke(
+        app, ["recommend", "autoscaling", "--lake", str(d.path), "--format", "json"]
+    )
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    assert out["period"] == "2026-W47"
+    assert out["cost"]["observed_cost_usd"] == pytest.approx(
+        fc.totals(db, week="2026-W47")["gpu_cost"]
+    )
+    r = CliRunner().invoke(
+        app, ["recommend", "autoscaling", "--lake", str(d.path), "--week", "2026-W46"]
+    )
+    assert r.exit_code == 2 and "no vLLM token counters" in r.output and "2026-W46" in r.output
+    r = CliRunner().invoke(app, ["simulate", "--lake", str(d.path), "--week", "nope"])
+    assert r.exit_code == 2 and "expected an ISO week" in r.output
+
+
+def test_deployments_map_gpus_to_tiers_and_price_kinds(syn_lake, tmp_path) -> None:
+    """GPU samples without a tier label: --deployments (as in `finops costs`) names the
+    tiers, and a deployment bought as reserved prices its fixed fleet as reserved."""
+    d = _derive(
+        syn_lake,
+        tmp_path / "lake",
+        gpu_samples=lambda df: _relabel(df, lambda x: {k: v for k, v in x.items() if k != "tier"}),
+    )
+    toml = tmp_path / "deployments.toml"
+    toml.write_text(
+        '[[deployment]]\nname = "chat-small"\ntier = "small"\npricing_kind = "reserved"\n'
+        'match = { pod = "vllm-small-*" }\n\n'
+        '[[deployment]]\nname = "chat-large"\ntier = "large"\nmatch = { pod = "vllm-large-*" }\n'
+    )
+    args = ["simulate", "--lake", str(d.path), "--growth", "1", "--format", "json"]
+    r = CliRunner().invoke(app, [*args, "--deployments", str(toml)])
+    assert r.exit_code == 0, r.output
+    tiers = {t["tier"]: t for t in json.loads(r.stdout)["before"]["tiers"]}
+    prices = finops.connect(d.path).sql("SELECT * FROM ref.prices").pl()
+    from finops.prices import price_for
+
+    reserved = price_for(prices, "NVIDIA L4", "reserved")
+    assert reserved != price_for(prices, "NVIDIA L4", "on_demand")
+    assert tiers["small"]["cost_usd"] == pytest.approx(tiers["small"]["gpu_hours"] * reserved)
+    assert tiers["large"]["cost_usd"] == pytest.approx(tiers["large"]["gpu_hours"] * 3.90)
+    r = CliRunner().invoke(
+        app, ["recommend", "autoscaling", "--lake", str(d.path), "--deployments", str(toml)]
+    )
+    assert r.exit_code == 0, r.output
+
+
+def test_direct_vllm_scrape_matches_requests_by_served_model(syn_lake, tmp_path) -> None:
+    """`finops collect --vllm URL`: series carry vLLM's model_name and no tier label, the
+    shim log names its own tier: requests join on the model that answered them."""
+    import polars as pl
+
+    model = "llama-3.1-8b-instruct"
+
+    def serving(df):
+        df = df.filter(pl.col("model_name") == "small").with_columns(model_name=pl.lit(model))
+        return _relabel(df, lambda x: {**{k: v for k, v in x.items() if k != "tier"},
+                                       "model_name": model})  # fmt: skip
+
+    def requests(df):
+        return df.with_columns(
+            response_model=pl.when(pl.col("tier") == "small").then(pl.lit(model))
+            .otherwise(pl.col("response_model"))
+        )  # fmt: skip
+
+    d = _derive(syn_lake, tmp_path / "lake", serving_samples=serving, requests=requests)
+    db = finops.connect(d.path)
+    tr = load_trace(db)
+    assert list(tr.profiles) == [model]
+    n_small = db.sql("SELECT count(*) FROM clean.requests WHERE tier = 'small'").fetchall()[0][0]
+    assert tr.profiles[model].hourly["requests"].sum() == n_small
+    assert tr.profiles[model].gpus_per_replica == 1  # its GPUs found by pod

@@ -15,13 +15,45 @@ recommend_app = typer.Typer(
 )
 
 
-def _open(lake: Path | None):
+WeekOption = Annotated[
+    str | None, typer.Option(help="ISO week, e.g. 2026-W47 (default: the lake's latest week).")
+]
+FromOption = Annotated[
+    str | None, typer.Option("--from", help="First day (YYYY-MM-DD, inclusive).")
+]
+ToOption = Annotated[str | None, typer.Option("--to", help="Last day (YYYY-MM-DD, inclusive).")]
+DeploymentsOption = Annotated[
+    Path | None,
+    typer.Option(help="TOML mapping of pods/labels to deployments, tiers, pricing kinds."),
+]
+
+
+def _open(lake: Path | None, deployments: Path | None = None):
     import finops
+    import finops.costs as fc
 
     path = resolve_lake(lake)
     if not path.exists():
         fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
-    return finops.connect(path)
+    db = finops.connect(path)
+    if deployments is not None:
+        fc.load_deployments(db, deployments)  # as `finops costs --deployments` does
+    return db
+
+
+def _period(db, week: str | None, from_: str | None, to: str | None):
+    """The period asked for, like `finops costs`; nothing given: the lake's latest ISO week."""
+    import finops.costs as fc
+
+    if week is None and from_ is None and to is None:
+        return fc.period(fc.latest_week(db))
+    return fc.period(week, from_, to)
+
+
+def _warn_unsimulated(sim) -> None:
+    """Tiers the simulation could not model are named on stderr in every format."""
+    for note in sim.trace.notes:
+        typer.echo(f"warning: {note}", err=True)
 
 
 def simulate(
@@ -48,8 +80,18 @@ def simulate(
     ] = False,
     spot_share: Annotated[float, typer.Option(help="Share of burst GPU-hours on spot.")] = 0.0,
     format: str = typer.Option("table", "--format", help="table|json"),
+    week: WeekOption = None,
+    from_: FromOption = None,
+    to: ToOption = None,
+    deployments: DeploymentsOption = None,
 ) -> None:
-    """Replicas, GPU-hours and cost per request at a growth factor, before vs with levers."""
+    """Replicas, GPU-hours and cost per request at a growth factor, before vs with levers.
+
+    The observed period is the lake's latest ISO week unless --week or --from/--to say
+    otherwise. A tier with requests or GPUs but no vLLM serving metrics cannot be
+    simulated: it is named in a warning and its observed requests and GPU cost are
+    carried into the totals as observed (no growth, no levers).
+    """
     if format not in ("table", "json"):
         fail(f"--format must be table or json, got {format!r}")
     from finops.models.data import NoServingData
@@ -67,20 +109,27 @@ def simulate(
         )
         if not growth > 0:
             raise ValueError(f"--growth must be a positive factor, got {growth}")
-        sim = Simulator.from_lake(_open(lake), slo_ttft_p95_ms=slo_ttft_p95_ms)
+        db = _open(lake, deployments)
+        sim = Simulator.from_lake(
+            db, per=_period(db, week, from_, to), slo_ttft_p95_ms=slo_ttft_p95_ms
+        )
         before = sim.plan(growth)
         after = sim.plan(growth, levers)
     except (ValueError, NoServingData) as exc:
         fail(str(exc))
         return
     b, a = before.cost_per_1k(), after.cost_per_1k()
+    _warn_unsimulated(sim)
+    label = sim.trace.period.label if sim.trace.period else "all data"
     if format == "json":
         out = {
+            "period": label,
             "growth": growth,
             "levers": levers.__dict__,
             "before": {**before.totals, "tiers": before.tiers.to_dicts()},
             "after": {**after.totals, "tiers": after.tiers.to_dicts()},
             "notes": {t: p.notes for t, p in sim.trace.profiles.items() if p.notes},
+            "unsimulated": sim.trace.notes,
         }
         typer.echo(json.dumps(out, default=str, indent=2))
         return
@@ -97,15 +146,23 @@ def simulate(
         ),
         on="tier",
     )
-    print_frame(view, "table", title=f"{growth:g}x growth: per tier, no levers vs these levers")
+    print_frame(
+        view,
+        "table",
+        title=f"{growth:g}x growth of {label}: per tier, no levers vs these levers",
+    )
     typer.echo(
-        f"{growth:g}x growth: ${b:,.2f}/1k requests with no levers "
+        f"{growth:g}x growth of {label}: ${b:,.2f}/1k requests with no levers "
         f"({before.totals['gpu_hours']:,.0f} GPU-h), ${a:,.2f} with these levers "
-        f"({after.totals['gpu_hours']:,.0f} GPU-h, idle {100 * after.totals['idle_share']:.0f}%)"
+        f"({after.totals['gpu_hours']:,.0f} GPU-h, idle {100 * after.totals['idle_share']:.0f}%"
+        + (" of the simulated tiers'" if sim.trace.notes else "")
+        + ")"
     )
     for t, p in sim.trace.profiles.items():
         for note in p.notes:
             typer.echo(f"note ({t}): {note}")
+    for note in sim.trace.notes:
+        typer.echo(f"note: {note}")
 
 
 @recommend_app.command("autoscaling")
@@ -115,8 +172,16 @@ def autoscaling(
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "llm-serving",
     prometheus: Annotated[str | None, typer.Option(help="Prometheus URL for KEDA.")] = None,
     format: str = typer.Option("table", "--format", help="table|yaml|json"),
+    week: WeekOption = None,
+    from_: FromOption = None,
+    to: ToOption = None,
+    deployments: DeploymentsOption = None,
 ) -> None:
-    """Queue-depth targets per tier as KEDA ScaledObject / HPA YAML, and last week's cost."""
+    """Queue-depth targets per tier as KEDA ScaledObject / HPA YAML, and the period's cost.
+
+    The period is the lake's latest ISO week unless --week or --from/--to say otherwise;
+    requests, serving metrics and the observed bill are all read for that period.
+    """
     if format not in ("table", "yaml", "json"):
         fail(f"--format must be table, yaml or json, got {format!r}")
     from finops.models.autoscaling import (
@@ -129,32 +194,42 @@ def autoscaling(
     from finops.models.simulate import Simulator
 
     try:
-        db = _open(lake)
-        sim = Simulator.from_lake(db, slo_ttft_p95_ms=slo_ttft_p95_ms)
+        db = _open(lake, deployments)
+        per = _period(db, week, from_, to)
+        sim = Simulator.from_lake(db, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms)
         adv = recommend(
             sim,
             namespace=namespace,
             prometheus=prometheus or PROMETHEUS_DEFAULT,
-            observed_cost_usd=observed_week_cost(db),
+            observed_cost_usd=observed_week_cost(db, per),
         )
+        text = adv.to_yaml() if format == "yaml" else ""
+        if text:
+            validate_manifests(text)
     except (ValueError, NoServingData) as exc:
         fail(str(exc))
         return
+    _warn_unsimulated(sim)
+    for t, p in sim.trace.profiles.items():
+        for note in p.notes:
+            typer.echo(f"note ({t}): {note}", err=True)
     if format == "yaml":
-        text = adv.to_yaml()
-        validate_manifests(text)
         typer.echo(text, nl=False)
         return
     cmp_ = adv.cost_comparison()
     if format == "json":
-        typer.echo(json.dumps({"tiers": adv.table().to_dicts(), "cost": cmp_}, indent=2))
+        doc = {"period": per.label, "tiers": adv.table().to_dicts(), "cost": cmp_,
+               "unsimulated": sim.trace.notes}  # fmt: skip
+        typer.echo(json.dumps(doc, indent=2))
         return
     print_frame(adv.table(), "table", title="target vllm:num_requests_waiting per replica")
+    observed = cmp_["observed_cost_usd"]
     typer.echo(
-        f"last week: fixed fleet ${cmp_['fixed_fleet_usd']:,.0f} "
+        f"{per.label}: fixed fleet ${cmp_['fixed_fleet_usd']:,.0f} "
         f"({cmp_['fixed_gpu_hours']:,.0f} GPU-h) vs queue-depth autoscaling "
         f"${cmp_['autoscaled_usd']:,.0f} ({cmp_['autoscaled_gpu_hours']:,.0f} GPU-h): "
         f"saves ${cmp_['saving_usd']:,.0f} ({cmp_['saving_pct']:.0f}%)"
+        + (f"; observed GPU bill ${observed:,.0f}" if observed is not None else "")
     )
     typer.echo("YAML: finops recommend autoscaling --format yaml")
 

@@ -14,16 +14,46 @@ current replicas (AverageValue), so the target is per replica.
 from __future__ import annotations
 
 import math
+import re
 from dataclasses import dataclass
 
 import numpy as np
 import polars as pl
 import yaml
 
+from finops.costs import Period
 from finops.models.queueing import simulate
 from finops.models.simulate import Levers, Plan, Simulator
 
 PROMETHEUS_DEFAULT = "http://prometheus-operated.monitoring.svc:9090"
+_DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+_LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
+
+
+def object_name(tier: str) -> str:
+    """`vllm-<tier>` as a valid Kubernetes object name (DNS-1123 label, <= 63 chars).
+
+    Deterministic: lowercase, every character outside [a-z0-9-] becomes '-', runs of
+    '-' collapse and the ends are trimmed ('Small_Tier.v2' -> 'vllm-small-tier-v2')."""
+    slug = re.sub(r"-+", "-", re.sub(r"[^a-z0-9-]", "-", tier.lower())).strip("-")
+    name = f"vllm-{slug}"[:63].rstrip("-")
+    if not slug or not _DNS_LABEL.match(name):
+        raise ValueError(f"tier {tier!r} gives no valid Kubernetes object name")
+    return name
+
+
+def check_namespace(namespace: str) -> None:
+    """A Kubernetes namespace is a DNS-1123 label: refuse anything else up front."""
+    if len(namespace) > 63 or not _DNS_LABEL.match(namespace):
+        raise ValueError(
+            f"--namespace {namespace!r}: expected a Kubernetes namespace (lowercase letters,"
+            " digits and '-', starting and ending with a letter or digit, at most 63 chars)"
+        )
+
+
+def promql_string(value: str) -> str:
+    """A PromQL double-quoted string literal (backslash and quote escaped)."""
+    return '"' + value.replace("\\", "\\\\").replace('"', '\\"').replace("\n", "\\n") + '"'
 
 
 @dataclass
@@ -63,7 +93,26 @@ class AutoscalingAdvice:
         }
 
     def manifests(self) -> list[dict]:
-        """One KEDA ScaledObject and one HPA (external metric) per tier."""
+        """One KEDA ScaledObject and one HPA (external metric) per tier.
+
+        Object names are `object_name(tier)`; two tiers that map to one name, or a tier
+        that is no valid label value (the HPA selects on `tier`), are refused by name."""
+        check_namespace(self.namespace)
+        seen: dict[str, str] = {}
+        for t in self.tiers:
+            name = object_name(t.tier)
+            if name in seen:
+                raise ValueError(
+                    f"tiers {seen[name]!r} and {t.tier!r} both map to Kubernetes name {name!r};"
+                    " rename one tier"
+                )
+            seen[name] = t.tier
+            if len(t.tier) > 63 or not _LABEL_VALUE.match(t.tier):
+                raise ValueError(
+                    f"tier {t.tier!r} is not a valid Kubernetes label value (letters, digits,"
+                    " '-', '_', '.', starting and ending alphanumeric, at most 63 chars); the"
+                    " HPA selects on tier=<value>: relabel the tier"
+                )
         docs: list[dict] = []
         for t in self.tiers:
             docs.append(keda_scaled_object(t, self.namespace, self.prometheus))
@@ -87,9 +136,9 @@ def keda_scaled_object(t: TierAdvice, namespace: str, prometheus: str) -> dict:
     return {
         "apiVersion": "keda.sh/v1alpha1",
         "kind": "ScaledObject",
-        "metadata": {"name": f"vllm-{t.tier}", "namespace": namespace},
+        "metadata": {"name": object_name(t.tier), "namespace": namespace},
         "spec": {
-            "scaleTargetRef": {"name": f"vllm-{t.tier}"},
+            "scaleTargetRef": {"name": object_name(t.tier)},
             "minReplicaCount": t.min_replicas,
             "maxReplicaCount": t.max_replicas,
             "pollingInterval": 15,
@@ -101,8 +150,8 @@ def keda_scaled_object(t: TierAdvice, namespace: str, prometheus: str) -> dict:
                     "metadata": {
                         "serverAddress": prometheus,
                         "query": (
-                            f'sum(vllm:num_requests_waiting{{namespace="{namespace}",'
-                            f'tier="{t.tier}"}})'
+                            f"sum(vllm:num_requests_waiting{{namespace={promql_string(namespace)},"
+                            f"tier={promql_string(t.tier)}}})"
                         ),
                         "threshold": f"{t.target_waiting:g}",
                     },
@@ -117,7 +166,7 @@ def hpa_external(t: TierAdvice, namespace: str) -> dict:
         "apiVersion": "autoscaling/v2",
         "kind": "HorizontalPodAutoscaler",
         "metadata": {
-            "name": f"vllm-{t.tier}",
+            "name": object_name(t.tier),
             "namespace": namespace,
             "annotations": {
                 "finops.dev/metric-source": "prometheus-adapter rule exposing "
@@ -128,7 +177,7 @@ def hpa_external(t: TierAdvice, namespace: str) -> dict:
             "scaleTargetRef": {
                 "apiVersion": "apps/v1",
                 "kind": "Deployment",
-                "name": f"vllm-{t.tier}",
+                "name": object_name(t.tier),
             },
             "minReplicas": t.min_replicas,
             "maxReplicas": t.max_replicas,
@@ -181,8 +230,16 @@ def validate_manifests(text: str) -> list[dict]:
                 raise ValueError(f"{where}: minReplicas > maxReplicas")
         else:
             raise ValueError(f"{where}: unexpected kind")
-        if not d.get("metadata", {}).get("name"):
+        meta = d.get("metadata", {})
+        if not meta.get("name"):
             raise ValueError(f"{where}: metadata.name missing")
+        names = [("metadata.name", meta["name"]), ("metadata.namespace", meta.get("namespace"))]
+        names.append(("spec.scaleTargetRef.name", spec.get("scaleTargetRef", {}).get("name")))
+        for field_, value in names:
+            if value is not None and (len(str(value)) > 63 or not _DNS_LABEL.match(str(value))):
+                raise ValueError(
+                    f"{where}: {field_} {value!r} is not a valid Kubernetes name (DNS-1123 label)"
+                )
     return docs
 
 
@@ -194,7 +251,8 @@ def recommend(
     max_growth: float = 2.0,
     observed_cost_usd: float | None = None,
 ) -> AutoscalingAdvice:
-    """Per-tier queue-depth targets and the week's cost with vs without autoscaling."""
+    """Per-tier queue-depth targets and the period's cost with vs without autoscaling."""
+    check_namespace(namespace)
     fixed = sim.plan(1.0, Levers(autoscale=False))
     auto = sim.plan(1.0, Levers(autoscale=True))
     peak = sim.plan(max_growth, Levers(autoscale=False)) if max_growth > 1 else fixed
@@ -204,12 +262,21 @@ def recommend(
         curve = sim.curve(tier, lv)
         prompt, output = sim._sizes(p, lv)
         svc = p.service(lv, prompt, output)
-        rate = float(curve.per_replica[0])  # one replica at its SLO-limited rate
+        # the fewest replicas that meet the SLO at some load, at their SLO-limited rate: a
+        # count whose capacity is 0 (p95 TTFT over the SLO even idle) is never a rate
+        c0 = curve.min_feasible()
+        rate = float(curve.capacity(c0))
+        if c0 > 1:
+            p.notes.append(
+                f"p95 TTFT <= {sim.slo_for(tier):g} ms is met only with {c0} or more replicas "
+                "behind one queue (fewer miss it even unloaded): minimum replicas raised to "
+                f"{c0}"
+            )
         rng = np.random.default_rng(sim.seed)
         n = 4000
         arr = np.cumsum(rng.exponential(1.0 / rate, n))
         pick = rng.integers(0, len(output), n)
-        res = simulate(arr, output[pick], svc, replicas=1, prompt_tokens=prompt[pick])
+        res = simulate(arr, output[pick], svc, replicas=c0, prompt_tokens=prompt[pick])
         keep = slice(n // 5, None)
         no_queue = res.wait_s[keep] <= 1e-12
         prefill_p95 = (
@@ -217,7 +284,8 @@ def recommend(
             if no_queue.any()
             else float(np.quantile((res.ttft_s - res.wait_s)[keep], 0.95))
         )
-        drain = float(len(res.e2e_s[keep]) / max(res.arrival_s[-1] - res.arrival_s[n // 5], 1e-9))
+        span = max(res.arrival_s[-1] - res.arrival_s[n // 5], 1e-9)
+        drain = float(len(res.e2e_s[keep]) / span) / c0  # completions/s per replica
         slo_ms = sim.slo_for(tier)
         raw = max(slo_ms / 1000.0 - prefill_p95, 0.0) * drain
         target = max(round(raw * 2) / 2, 0.5)
@@ -228,7 +296,7 @@ def recommend(
                 tier=tier,
                 target_waiting=target,
                 raw_target_waiting=raw,
-                min_replicas=max(1, int(hourly["replicas"].min())),
+                min_replicas=max(c0, int(hourly["replicas"].min())),
                 max_replicas=max(max_reps, int(hourly["replicas"].max()), 1),
                 drain_rps=drain,
                 ttft_p95_no_queue_ms=1000 * prefill_p95,
@@ -238,12 +306,13 @@ def recommend(
     return AutoscalingAdvice(advice, namespace, prometheus, fixed, auto, observed_cost_usd)
 
 
-def observed_week_cost(db) -> float | None:
-    """The lake's GPU bill via finops.costs when that module can answer, else None."""
+def observed_week_cost(db, per: Period | None = None) -> float | None:
+    """The GPU bill of `per` (the simulated period; None: all data) via finops.costs when
+    that module can answer, else None."""
     try:
         import finops.costs as fc
 
-        tot = fc.totals(db)
+        tot = fc.totals(db, per=per)
         return float(tot["gpu_cost"]) if tot.get("gpu_cost") is not None else None
     except Exception:  # costs marts missing or no prices for a GPU: report without it
         return None

@@ -4,7 +4,9 @@ The models fit on what Prometheus would compute: counter increases (with
 reset handling, from `clean.serving_increase`) over an interval, averaged
 gauges, and histogram bucket increases turned into quantiles the way
 `histogram_quantile()` does. One row = one replica (scrape target + served
-model) in one interval.
+model) in one interval. vLLM's data-parallel engines (series split by an
+`engine` label, `--data-parallel-size`) are one replica: their counters and
+running/waiting gauges add up, and the interval's length is counted once.
 """
 
 from __future__ import annotations
@@ -29,6 +31,20 @@ SM_FIELDS = ("DCGM_FI_PROF_SM_ACTIVE", "DCGM_FI_PROF_GR_ENGINE_ACTIVE")
 
 TIER_SQL = "coalesce(json_extract_string(labels, '$.tier'), model_name, target)"
 POD_SQL = "coalesce(json_extract_string(labels, '$.pod'), target)"
+ENGINE_SQL = "coalesce(json_extract_string(labels, '$.engine'), '')"
+
+
+def request_tier_sql(served: str = "$served") -> str:
+    """SQL tier of a clean.requests row, matched to the serving tiers (TIER_SQL) in `served`.
+
+    Serving series are keyed by their `tier` label, else vLLM's `model_name` (a direct
+    scrape); a request joins on its own tier where that names a serving tier, else on
+    the model that answered it, so both sides of the join use one definition."""
+    return (
+        f"CASE WHEN list_contains({served}, tier) THEN tier "
+        f"WHEN list_contains({served}, response_model) THEN response_model "
+        "ELSE coalesce(tier, response_model) END"
+    )
 
 
 class NoServingData(ValueError):
@@ -60,7 +76,11 @@ def check_tier(db: duckdb.DuckDBPyConnection, tier: str | None) -> None:
 
 
 def serving_intervals(
-    db: duckdb.DuckDBPyConnection, *, interval_s: int = 300, tier: str | None = None
+    db: duckdb.DuckDBPyConnection,
+    *,
+    interval_s: int = 300,
+    tier: str | None = None,
+    where: str = "true",
 ) -> pl.DataFrame:
     """Offered load and throughput per replica per interval.
 
@@ -71,23 +91,32 @@ def serving_intervals(
     mean_output, running, waiting, kv_usage, sm_active (None without DCGM
     profiling metrics), prefill_s_per_request, itl_s (mean time between two
     tokens of one sequence: the decode step time; None without the histogram),
-    day.
+    day. `where`: an extra SQL predicate on `ts` (e.g. finops.costs.Period.where("ts")).
     """
     check_tier(db, tier)
     b = _bucket(interval_s)
     tier_filter = f"AND {TIER_SQL} = $tier" if tier is not None else ""
+    tier_filter += f" AND ({where})"
     params: dict[str, object] = {"tier": tier} if tier is not None else {}
     sql = f"""
     WITH inc AS (
-        SELECT {b} AS t, target, {TIER_SQL} AS tier, {POD_SQL} AS pod, metric, increase, seconds
+        SELECT {b} AS t, target, {TIER_SQL} AS tier, {POD_SQL} AS pod, {ENGINE_SQL} AS engine,
+               metric, increase, seconds
         FROM clean.serving_increase
         WHERE metric IN ('{GEN}', '{PROMPT}', '{DONE}', '{PREFILL_SUM}', '{PREFILL_COUNT}', '{E2E_SUM}', '{QUEUE_SUM}',
                          '{ITL_SUM}', '{ITL_COUNT}')
         {tier_filter}
     ),
+    per_engine AS (
+        -- one engine's series of a metric: its increases and the time they cover
+        SELECT t, target, tier, engine, metric, any_value(pod) AS pod,
+            sum(increase) AS increase, sum(seconds) AS seconds
+        FROM inc GROUP BY t, target, tier, engine, metric
+    ),
     counters AS (
+        -- a replica's engines add up their work; the interval's length is counted once
         SELECT t, target, tier, any_value(pod) AS pod,
-            sum(seconds) FILTER (metric = '{GEN}') AS seconds,
+            max(seconds) FILTER (metric = '{GEN}') AS seconds,
             sum(increase) FILTER (metric = '{GEN}') AS generation_tokens,
             sum(increase) FILTER (metric = '{PROMPT}') AS prompt_tokens,
             sum(increase) FILTER (metric = '{DONE}') AS requests,
@@ -97,16 +126,23 @@ def serving_intervals(
             sum(increase) FILTER (metric = '{QUEUE_SUM}') AS queue_seconds,
             sum(increase) FILTER (metric = '{ITL_SUM}') AS itl_seconds,
             sum(increase) FILTER (metric = '{ITL_COUNT}') AS itl_count
-        FROM inc GROUP BY ALL
+        FROM per_engine GROUP BY t, target, tier
     ),
-    gauges AS (
-        SELECT {b} AS t, target, {TIER_SQL} AS tier,
+    gauges_engine AS (
+        SELECT {b} AS t, target, {TIER_SQL} AS tier, {ENGINE_SQL} AS engine,
             avg(value) FILTER (metric = '{RUNNING}') AS running,
             avg(value) FILTER (metric = '{WAITING}') AS waiting,
             avg(value) FILTER (metric = '{KV}') AS kv_usage
         FROM clean.serving_samples
         WHERE metric IN ('{RUNNING}', '{WAITING}', '{KV}') AND NOT isnan(value) {tier_filter}
         GROUP BY ALL
+    ),
+    gauges AS (
+        -- sequences in the replica = the sum over its engines; KV usage is a share of each
+        -- engine's own cache, so the replica's is their mean
+        SELECT t, target, tier, sum(running) AS running, sum(waiting) AS waiting,
+            avg(kv_usage) AS kv_usage
+        FROM gauges_engine GROUP BY t, target, tier
     ),
     sm AS (
         SELECT {b} AS t, pod, avg(value) AS sm_active
@@ -130,9 +166,9 @@ def serving_intervals(
     """
     df = db.sql(sql, params=params).pl()
     if df.height == 0:
-        where = f" for tier {tier!r}" if tier else ""
+        scope = f" for tier {tier!r}" if tier else ""
         raise NoServingData(
-            f"no vLLM token counters ({GEN}) with at least two samples{where} in the lake"
+            f"no vLLM token counters ({GEN}) with at least two samples{scope} in the lake"
         )
     return df.with_columns(
         gen_tps=pl.col("generation_tokens") / pl.col("seconds"),

@@ -6,7 +6,9 @@ a per-replica service model; the continuous-batching simulation
 Poisson arrival rate whose p95 TTFT meets the SLO. The observed week's hourly
 request counts (its diurnal shape), scaled by the growth factor and reshaped
 by the levers, then say how many replicas each hour needs; GPU-hours x prices
-from `ref.prices` give the cost per request.
+from `ref.prices` give the cost per request. The observed period is the lake's
+latest ISO week unless one is given (`load_trace(per=...)`); tiers without vLLM
+serving metrics are carried at their observed cost, never silently dropped.
 
 Assumptions, stated because they drive the numbers: arrivals within an hour
 are Poisson at that hour's mean rate; request sizes are resampled from the
@@ -26,7 +28,8 @@ import duckdb
 import numpy as np
 import polars as pl
 
-from finops.models.data import NoServingData, serving_intervals
+from finops.costs import Period
+from finops.models.data import NoServingData, request_tier_sql, serving_intervals
 from finops.models.queueing import ServiceModel, simulate
 from finops.models.throughput import fit_frame, fit_step_time
 from finops.prices import PriceCatalogError, price_for
@@ -94,6 +97,8 @@ class TierProfile:
     notes: list[str] = field(default_factory=list)
     curve_source: str = "tokens/s curve"  # what vmax/k were read from (see load_trace)
     model_name: str | None = None  # the model the tier serves (most common response_model)
+    pricing_kind: str = "on_demand"  # how its GPUs are bought (deployment mapping / default)
+    active_hours: list | None = None  # hours its GPUs reported (None: every trace hour)
 
     def service(self, levers: Levers, prompt: np.ndarray, output: np.ndarray) -> ServiceModel:
         """The per-replica service model under the levers' sizes and batch limit."""
@@ -115,27 +120,41 @@ class TierProfile:
 
 @dataclass
 class Trace:
-    """The observed traffic the simulation replays, plus the observed fleet."""
+    """The observed traffic the simulation replays, plus the observed fleet.
+
+    `unsimulated`: tiers of the period with requests or GPU cost but no vLLM serving
+    metrics to fit (columns tier, requests, upstream, gpu_hours, cost_usd; a tier of
+    None holds requests and GPUs of no tier). Their observed figures are carried into
+    every plan's totals as they were (not grown, no levers), so the totals are the
+    whole fleet's and never a silent subset; `notes` says so.
+    """
 
     profiles: dict[str, TierProfile]
-    hours: list  # every hour of the trace window (datetime)
+    hours: list  # every hour of the period in which some GPU reported (datetime)
     total_requests: int
     observed_hit_rate: float
     prices: pl.DataFrame
+    period: Period | None = None
+    unsimulated: pl.DataFrame | None = None
+    notes: list[str] = field(default_factory=list)
 
     @property
     def tiers(self) -> list[str]:
         return list(self.profiles)
 
 
-def _inventory(db: duckdb.DuckDBPyConnection) -> pl.DataFrame:
-    return db.sql(
-        """
-        SELECT tier, any_value(gpu_model) AS gpu_model,
-               count(DISTINCT gpu_uuid) AS gpus, count(DISTINCT pod) AS replicas
-        FROM marts.gpu_hourly WHERE tier IS NOT NULL GROUP BY tier
-        """
-    ).pl()
+def _gpu_rows(db: duckdb.DuckDBPyConnection, per: Period) -> pl.DataFrame:
+    """GPU-hours of the period from the cost mart (deployment mapping and pricing kind
+    resolved, as `finops costs` bills them)."""
+    import finops.costs as fc
+
+    return fc._q(
+        db,
+        f"""
+        SELECT hour, tier, pod, gpu_uuid, gpu_model, pricing_kind, gpu_hours, gpu_cost
+        FROM marts.gpu_cost_hourly WHERE {per.where()}
+        """,
+    )
 
 
 def load_trace(
@@ -145,62 +164,85 @@ def load_trace(
     sample: int = 20000,
     seed: int = 0,
     tiers: list[str] | None = None,
+    per: Period | None = None,
 ) -> Trace:
-    """Read the week (requests, serving metrics, GPU inventory, prices) and fit each tier."""
-    n_req = db.sql("SELECT count(*) FROM clean.requests").fetchall()[0][0]  # type: ignore[index]
-    if not n_req:
+    """Read one period (requests, serving metrics, GPU inventory, prices) and fit each tier.
+
+    `per` defaults to the lake's latest ISO week (finops.costs.latest_week), the
+    week `finops costs` reports, so "the observed week" is a calendar week and not
+    the span from the oldest request ever ingested to the newest. A tier's fleet is
+    billed only for the hours its GPUs reported in the period.
+    """
+    import finops.costs as fc
+
+    if not db.sql("SELECT count(*) FROM clean.requests").fetchall()[0][0]:  # type: ignore[index]
         raise NoServingData("the lake has no requests; the simulation replays the request log")
-    intervals = serving_intervals(db, interval_s=interval_s)
-    inv = _inventory(db)
+    per = per or fc.period(fc.latest_week(db))
+    at = per.where("ts")
+    n_req = db.sql(f"SELECT count(*) FROM clean.requests WHERE {at}").fetchall()[0][0]  # type: ignore[index]
+    if not n_req:
+        raise NoServingData(
+            f"the lake has no requests in {per.label}; the simulation replays the request log"
+        )
+    try:
+        intervals = serving_intervals(db, interval_s=interval_s, where=at)
+    except NoServingData as e:
+        raise NoServingData(f"{per.label}: {e}") from None
+    served = sorted(t for t in intervals["tier"].unique().to_list() if t is not None)
+    gpu = _gpu_rows(db, per)
     prices = db.sql("SELECT * FROM ref.prices").pl()
+    req_tier = request_tier_sql()
+    params = {"served": served}
     req = db.sql(
-        """
-        SELECT date_trunc('hour', ts) AS hour, coalesce(tier, response_model) AS tier,
+        f"""
+        SELECT date_trunc('hour', ts) AS hour, {req_tier} AS tier,
                count(*) AS requests,
                count(*) FILTER (coalesce(cache_status, '') <> 'hit') AS upstream
-        FROM clean.requests GROUP BY ALL
-        """
+        FROM clean.requests WHERE {at} GROUP BY ALL
+        """,
+        params=params,
     ).pl()
-    lo, hi = req["hour"].min(), req["hour"].max()
-    hours = pl.datetime_range(lo, hi, "1h", eager=True, time_zone="UTC").to_list()
     served_model = dict(
         db.sql(
-            """
-            SELECT coalesce(tier, response_model) AS tier, mode(response_model)
-            FROM clean.requests WHERE response_model IS NOT NULL GROUP BY ALL
-            """
+            f"""
+            SELECT {req_tier} AS tier, mode(response_model)
+            FROM clean.requests WHERE response_model IS NOT NULL AND {at} GROUP BY ALL
+            """,
+            params=params,
         ).fetchall()
     )
     hit = db.sql(
-        "SELECT avg(CASE WHEN cache_status = 'hit' THEN 1.0 ELSE 0.0 END) FROM clean.requests"
+        "SELECT avg(CASE WHEN cache_status = 'hit' THEN 1.0 ELSE 0.0 END) "
+        f"FROM clean.requests WHERE {at}"
     ).fetchall()[0][0]  # type: ignore[index]
-    served = sorted(t for t in intervals["tier"].unique().to_list() if t is not None)
     if tiers:
         unknown = [t for t in tiers if t not in served]
         if unknown:
             raise ValueError(
                 f"unknown tier(s) {unknown}; the lake has serving metrics for {served}"
             )
-        served = tiers
     rng = np.random.default_rng(seed)
     profiles: dict[str, TierProfile] = {}
-    for tier in served:
+    claimed: set[str] = set()  # gpu_uuids priced by a simulated tier
+    for tier in tiers or served:
         fit = fit_frame(intervals, tier=tier)
         rows = intervals.filter(pl.col("tier") == tier)
         notes: list[str] = []
         sizes = db.sql(
-            """
+            f"""
             SELECT greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0) AS p,
                    coalesce(output_tokens, 0) AS o
             FROM clean.requests
-            WHERE coalesce(tier, response_model) = $tier AND coalesce(cache_status, '') <> 'hit'
-              AND coalesce(status_code, 200) < 400
+            WHERE {req_tier} = $tier AND coalesce(cache_status, '') <> 'hit'
+              AND coalesce(status_code, 200) < 400 AND {at}
             ORDER BY request_id  -- a seeded sample must see rows in the same order every run
             """,
-            params={"tier": tier},
+            params={"tier": tier, **params},
         ).pl()
         if sizes.height == 0:
-            raise NoServingData(f"tier {tier!r} has serving metrics but no requests in the log")
+            raise NoServingData(
+                f"tier {tier!r} has serving metrics but no requests in the log in {per.label}"
+            )
         pick = rng.choice(sizes.height, min(sample, sizes.height), replace=False)
         prompt = sizes["p"].to_numpy()[pick].astype(float)
         output = sizes["o"].to_numpy()[pick].astype(float)
@@ -208,13 +250,31 @@ def load_trace(
         prefill = _prefill_speed(rows)
         if math.isinf(prefill):
             notes.append("no prefill-time histogram: TTFT modelled as queueing delay only")
-        inv_row = inv.filter(pl.col("tier") == tier)
-        if inv_row.height == 0:
+        # the tier's GPUs: those the cost mart gives this tier (label or deployment
+        # mapping), else those of the pods its vLLM series came from
+        inv_rows = gpu.filter(pl.col("tier") == tier)
+        if inv_rows.height == 0:
+            inv_rows = gpu.filter(pl.col("pod").is_in(rows["pod"].unique().to_list()))
+        if inv_rows.height == 0:
             raise NoServingData(
-                f"tier {tier!r}: no GPU inventory (gpu_samples with a tier label) to price it"
+                f"tier {tier!r}: no GPU inventory in {per.label} (GPU samples whose tier label,"
+                " deployment mapping (--deployments) or pod names this tier) to price it"
             )
-        gpus = int(inv_row["gpus"][0])
-        reps = max(int(inv_row["replicas"][0]), 1)
+        claimed.update(inv_rows["gpu_uuid"].to_list())
+        gpus = inv_rows["gpu_uuid"].n_unique()
+        reps = max(inv_rows["pod"].drop_nulls().n_unique(), 1)
+        kinds = inv_rows["pricing_kind"].unique().sort().to_list()
+        kind = str(inv_rows["pricing_kind"].mode().sort()[0])
+        if len(kinds) > 1:
+            notes.append(f"GPUs on several pricing kinds {kinds}: the fleet is priced as {kind}")
+        active = inv_rows["hour"].unique().sort().to_list()
+        tier_req = req.filter(pl.col("tier") == tier)
+        outside = int(tier_req.filter(~pl.col("hour").is_in(active))["requests"].sum())
+        if outside:
+            notes.append(
+                f"{outside} requests fell in hours with no GPU samples of this tier and are "
+                "left out (the fleet is billed only for hours its GPUs reported)"
+            )
         mean_p = float(rows["mean_prompt"].drop_nulls().mean() or 1.0)
         mean_o = float(rows["mean_output"].drop_nulls().mean() or 1.0)
         m = fit.model
@@ -242,11 +302,11 @@ def load_trace(
             length_ref=tuple(float(c) for c in m.covariate_ref_),
             prefill_tokens_per_s=prefill,
             gpus_per_replica=max(1, round(gpus / reps)),
-            gpu_model=str(inv_row["gpu_model"][0]),
+            gpu_model=str(inv_rows["gpu_model"].mode().sort()[0]),
             observed_replicas=reps,
             prompt_tokens=prompt,
             output_tokens=output,
-            hourly=req.filter(pl.col("tier") == tier).select("hour", "requests", "upstream"),
+            hourly=tier_req.select("hour", "requests", "upstream"),
             mape_holdout=fit.mape_holdout,
             observed_batch=max(
                 1, math.ceil(float(rows["running"].drop_nulls().quantile(0.99) or 1))
@@ -254,8 +314,53 @@ def load_trace(
             notes=notes,
             curve_source=source,
             model_name=served_model.get(tier),
+            pricing_kind=kind,
+            active_hours=active,
         )
-    return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices)
+    unsim, trace_notes = _unsimulated(req, gpu, set(profiles), claimed)
+    hours = sorted({h for p in profiles.values() for h in p.active_hours or []})
+    return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices, per, unsim, trace_notes)
+
+
+def _unsimulated(
+    req: pl.DataFrame, gpu: pl.DataFrame, simulated: set[str], claimed: set[str]
+) -> tuple[pl.DataFrame, list[str]]:
+    """Observed requests and GPU cost of what the simulation cannot model (no vLLM
+    serving metrics), per tier, and a note naming each such tier."""
+    r = (
+        req.filter(~pl.col("tier").is_in(list(simulated)) | pl.col("tier").is_null())
+        .group_by("tier")
+        .agg(requests=pl.col("requests").sum(), upstream=pl.col("upstream").sum())
+    )
+    g = (
+        gpu.filter(~pl.col("gpu_uuid").is_in(list(claimed)))
+        .group_by("tier")
+        .agg(
+            gpu_hours=pl.col("gpu_hours").sum(),
+            cost_usd=pl.col("gpu_cost").sum(),
+            unpriced=pl.col("gpu_cost").is_null().sum(),
+        )
+    )
+    out = (
+        r.join(g, on="tier", how="full", coalesce=True, nulls_equal=True)
+        .with_columns(
+            pl.col("requests", "upstream").fill_null(0).cast(pl.Float64),
+            pl.col("gpu_hours", "cost_usd").fill_null(0.0),
+            pl.col("unpriced").fill_null(0),
+        )
+        .sort("tier", nulls_last=True)
+    )
+    notes = []
+    for row in out.iter_rows(named=True):
+        who = f"tier {row['tier']!r}" if row["tier"] is not None else "requests/GPUs of no tier"
+        notes.append(
+            f"{who} has no vLLM serving metrics and is NOT simulated: its observed "
+            f"{row['requests']:,.0f} requests and {row['gpu_hours']:,.1f} GPU-h "
+            f"(${row['cost_usd']:,.2f}) are carried into the totals as observed "
+            "(no growth, no levers)"
+            + (f"; {row['unpriced']} of its GPU-hours have no price" if row["unpriced"] else "")
+        )
+    return out.drop("unpriced"), notes
 
 
 def _observed_batch(rows: pl.DataFrame) -> int:
@@ -334,12 +439,18 @@ class CapacityCurve:
         pr = float(np.interp(math.log(c), np.log(self.c), self.per_replica))
         return c * pr
 
+    def min_feasible(self) -> int:
+        """The fewest replicas known to meet the SLO at some load: a count whose
+        simulated capacity is 0 (p95 TTFT over the SLO even when idle) never serves."""
+        ok = np.flatnonzero(self.per_replica > 0)
+        if ok.size == 0:
+            raise ValueError("no replica count meets the SLO at any load")
+        return int(self.c[ok[0]])
+
     def replicas_for(self, rate: float, min_replicas: int = 1) -> int:
         if rate <= 0:
             return min_replicas
-        if self.per_replica.max() <= 0:
-            raise ValueError("no replica count meets the SLO at any load")
-        c = max(min_replicas, math.floor(rate / self.per_replica.max()))
+        c = max(min_replicas, self.min_feasible(), math.floor(rate / self.per_replica.max()))
         while self.capacity(c) < rate:
             c += 1
         return c
@@ -409,8 +520,11 @@ class Simulator:
         self._curves: dict[tuple, CapacityCurve] = {}
 
     @classmethod
-    def from_lake(cls, db: duckdb.DuckDBPyConnection, **kw: object) -> Simulator:
-        return cls(load_trace(db), **kw)  # type: ignore[arg-type]
+    def from_lake(
+        cls, db: duckdb.DuckDBPyConnection, *, per: Period | None = None, **kw: object
+    ) -> Simulator:
+        """Simulator over one period of the lake (default: its latest ISO week)."""
+        return cls(load_trace(db, per=per), **kw)  # type: ignore[arg-type]
 
     def smallest_tier(self) -> str:
         """The cheapest tier per replica-hour (the routing target).
@@ -492,9 +606,11 @@ class Simulator:
         if not growth > 0 or not math.isfinite(growth):
             raise ValueError(f"growth must be a positive factor (e.g. 5 for 5x), got {growth}")
         tr = self.trace
-        grid = pl.DataFrame({"hour": tr.hours}).with_columns(pl.col("hour").dt.cast_time_unit("us"))
         frames = []
         for tier, p in tr.profiles.items():
+            # a tier's fleet exists in the hours its GPUs reported, never in a phantom hour
+            hours = p.active_hours if p.active_hours is not None else tr.hours
+            grid = pl.DataFrame({"hour": hours}, schema={"hour": pl.Datetime("us", "UTC")})
             h = p.hourly.with_columns(pl.col("hour").dt.cast_time_unit("us"))
             frames.append(
                 grid.join(h, on="hour", how="left").fill_null(0).with_columns(tier=pl.lit(tier))
@@ -548,8 +664,9 @@ class Simulator:
             floor_h = float(min(reps) * g * len(reps))
             burst_h = gpu_h - floor_h
             # reserved/spot prices are needed only by the levers that buy them, so an
-            # on-demand-only catalog still plans the plain fleet
-            od = self._price(p, "on_demand")
+            # on-demand-only catalog still plans the plain fleet; with no lever the fleet
+            # is bought the way its GPUs are (deployment mapping, else on demand)
+            od = self._price(p, p.pricing_kind)
             rsv = (
                 self._price(p, "reserved", "--reserved-baseline")
                 if levers.reserved_baseline
@@ -586,19 +703,42 @@ class Simulator:
                     "max_num_seqs": svc.max_num_seqs,
                     "slo_ttft_p95_ms": self.slo_for(tier),
                     "replica_capacity_rps": curve.per_replica.max(),
+                    "simulated": True,
                 }
             )
         requests = float(rates["requests"].sum())
+        idle = 1 - busy_gpu_h / total_gpu_h if total_gpu_h else 0.0
+        un = self.trace.unsimulated
+        un_req = un_gpu_h = un_cost = 0.0
+        if un is not None and un.height:
+            # tiers without serving metrics: carried as observed, so totals are the fleet's
+            un_req, un_gpu_h = float(un["requests"].sum()), float(un["gpu_hours"].sum())
+            un_cost = float(un["cost_usd"].sum())
+            for row in un.iter_rows(named=True):
+                tier_rows.append({"tier": row["tier"], "requests": row["requests"],
+                                  "upstream": row["upstream"], "gpu_hours": row["gpu_hours"],
+                                  "cost_usd": row["cost_usd"], "simulated": False})  # fmt: skip
+        requests += un_req
+        total_gpu_h += un_gpu_h
+        total_cost += un_cost
         totals = {
             "growth": growth,
             "requests": requests,
             "gpu_hours": total_gpu_h,
             "cost_usd": total_cost,
             "cost_per_1k_requests": 1000 * total_cost / requests if requests else math.nan,
-            "idle_share": 1 - busy_gpu_h / total_gpu_h if total_gpu_h else 0.0,
+            "idle_share": idle,  # of the simulated tiers' GPU-hours
+            "unsimulated_requests": un_req,
+            "unsimulated_gpu_hours": un_gpu_h,
+            "unsimulated_cost_usd": un_cost,
         }
         return Plan(
-            growth, levers, self.slo_ttft_p95_ms, pl.concat(rows), pl.DataFrame(tier_rows), totals
+            growth,
+            levers,
+            self.slo_ttft_p95_ms,
+            pl.concat(rows),
+            pl.from_dicts(tier_rows, infer_schema_length=None),
+            totals,
         )
 
     def growth_table(
