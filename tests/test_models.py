@@ -345,3 +345,24 @@ def test_empty_simulation_says_there_is_nothing_to_summarise() -> None:
         r.quantile("ttft", 0.95)
     with pytest.raises(ValueError, match="no simulated requests"):
         r.mean("e2e")
+
+
+def test_fit_charts_of_a_long_lake_stay_under_altairs_row_limit() -> None:
+    """Two weeks of replica-intervals (~8,000) used to raise MaxRowsError in notebook 02."""
+    from finops.models.charts import latency_fit_chart, throughput_fit_chart
+    from finops.models.latency import LatencyFit
+    from finops.models.throughput import fit_frame
+
+    rng = np.random.default_rng(0)
+    # two replicas of one tier over 14 days
+    df = pl.concat([_frame([24.0] * 14, conc=rng.uniform(1, 40, 14 * 288)) for _ in range(2)])
+    assert df.height > 5000
+    fit = fit_frame(df, tier="x")
+    spec = throughput_fit_chart(fit).to_dict()  # raised altair MaxRowsError
+    assert "1 in 3 of 8,064 intervals shown" in str(spec)
+    lat = LatencyFit(
+        tier="x", metric="ttft", quantile="q95", model=None, mape_holdout=0.1, n_train=1, n_test=1,  # type: ignore[arg-type]
+        data=df.select("t", load="concurrency", observed=pl.lit(0.1), predicted=pl.lit(0.1),
+                       split=pl.lit("train")),
+    )  # fmt: skip
+    assert "intervals shown" in str(latency_fit_chart(lat).to_dict())

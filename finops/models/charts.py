@@ -14,11 +14,26 @@ from finops.models.latency import LatencyFit
 from finops.models.simulate import Plan
 from finops.models.throughput import ThroughputFit
 
+MAX_POINTS = 4000  # Altair refuses to embed more than 5,000 rows in a chart
+
+
+def thin(df: pl.DataFrame, limit: int = MAX_POINTS) -> tuple[pl.DataFrame, str]:
+    """At most `limit` rows, every k-th in time order, and a title note saying so.
+
+    Why: a two-week lake has ~8,000 replica-intervals per tier, past Altair's embed
+    limit (MaxRowsError); every k-th interval keeps the spread over time and load.
+    """
+    if df.height <= limit:
+        return df, ""
+    k = -(-df.height // limit)
+    out = df.sort("t").gather_every(k)
+    return out, f"; 1 in {k} of {df.height:,} intervals shown"
+
 
 def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcatChart:
     """Observed vs fitted tokens/s against concurrency, and the residuals by split."""
     load = fit.features[0]
-    d = fit.data.select("t", load, fit.target, "predicted", "residual", "split")
+    d, shown = thin(fit.data.select("t", load, fit.target, "predicted", "residual", "split"))
     grid_x = np.linspace(0, float(fit.data[load].max()) * 1.2 + 1e-9, 80)
     cov = np.tile(fit.model.covariate_ref_, (grid_x.size, 1))
     curve = pl.DataFrame(
@@ -38,7 +53,8 @@ def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcat
     left = (pts + line).properties(
         width=width,
         height=240,
-        title=f"{fit.tier}: {fit.target} vs load (held-out MAPE {100 * fit.mape_holdout:.1f}%)",
+        title=f"{fit.tier}: {fit.target} vs load "
+        f"(held-out MAPE {100 * fit.mape_holdout:.1f}%{shown})",
     )
     right = (
         alt.Chart(d)
@@ -55,8 +71,10 @@ def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcat
 
 
 def latency_fit_chart(fit: LatencyFit, *, width: int = 360) -> alt.LayerChart:
-    d = fit.data.with_columns(
-        observed_ms=pl.col("observed") * 1000, predicted_ms=pl.col("predicted") * 1000
+    d, shown = thin(
+        fit.data.with_columns(
+            observed_ms=pl.col("observed") * 1000, predicted_ms=pl.col("predicted") * 1000
+        )
     )
     pts = (
         alt.Chart(d)
@@ -73,7 +91,7 @@ def latency_fit_chart(fit: LatencyFit, *, width: int = 360) -> alt.LayerChart:
         width=width,
         height=240,
         title=f"{fit.tier}: {fit.metric} {fit.quantile} vs load "
-        f"(held-out MAPE {100 * fit.mape_holdout:.0f}%)",
+        f"(held-out MAPE {100 * fit.mape_holdout:.0f}%{shown})",
     )
 
 
