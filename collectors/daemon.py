@@ -189,6 +189,7 @@ class Target(abc.ABC):
     """Base: one configured source; `attempt()` fills an Outcome or raises ScrapeError."""
 
     blocking = False
+    final_poll = False  # attempted once more at shutdown (a log's unterminated last line)
 
     def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
         self.cfg = cfg
@@ -507,6 +508,7 @@ class _PollStopped(Exception):
 
 class LogTarget(Target):
     blocking = True
+    final_poll = True
 
     def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
         super().__init__(cfg, ctx)
@@ -562,9 +564,14 @@ class LogTarget(Target):
         self._reported = (loaded, rejected)
 
     def _poll(self) -> bool:
-        """Poll the log files; True when stopped early (time is up, or shutdown)."""
+        """Poll the log files; True when stopped early (time is up, or shutdown).
+
+        `--once` and the shutdown poll are final: a settled last line without
+        its newline is taken then (and its checkpoint advanced past it), as
+        `finops ingest` takes it; a running daemon leaves it for its writer.
+        """
         try:
-            self.source.poll(final=self.ctx.stopping)
+            self.source.poll(final=self.ctx.once or self.ctx.stopping)
         except _PollStopped:
             return True
         return False
@@ -808,6 +815,11 @@ class Collector:
         self.stopping = True
         for t in self.targets:
             t.interrupt()
+        if not self.once:
+            # one last, final poll of each idle log (bounded by its timeout): the
+            # daemon's polls leave a last line without its newline to its writer
+            finals = [t for t in self.targets if t.final_poll and t.busy_for() is None]
+            await asyncio.gather(*(self.run_attempt(t) for t in finals))
         await self.flush()
         stuck = []
         for t in self.targets:

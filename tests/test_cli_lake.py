@@ -109,3 +109,37 @@ def test_sql_bad_format_is_a_clean_error(small_lake: Path) -> None:
     res = runner.invoke(app, ["sql", "SELECT 1", "--lake", str(small_lake), "--format", "xml"])
     assert res.exit_code == 2
     assert "--format must be table, csv or json" in res.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [["sql", "SELECT count(*) AS n FROM requests"], ["lake", "compact"]],
+    ids=["sql", "compact"],
+)
+def test_a_missing_lake_is_an_error_not_an_empty_answer(tmp_path: Path, args: list[str]) -> None:
+    """As `lake info`: a typo in --lake must not read as "no requests"."""
+    missing = tmp_path / "no-such-lake"
+    res = runner.invoke(app, [*args, "--lake", str(missing)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr == (
+        f"error: {missing}: no lake here (run `finops demo` or `finops collect` first)\n"
+    )
+    assert res.stdout == "" and not missing.exists()
+
+
+@pytest.mark.parametrize("query", ["", "   ", "/* only a comment */"])
+def test_sql_without_a_statement_is_one_error_line(small_lake: Path, query: str) -> None:
+    res = runner.invoke(app, ["sql", query, "--lake", str(small_lake)])
+    assert res.exit_code == 2, res.output
+    assert res.stderr.startswith("error: SQL: no statement to run")
+    assert res.stderr.count("\n") == 1 and "Traceback" not in res.output
+
+
+@pytest.mark.parametrize(
+    "query",
+    ["SET threads = 1", "CREATE TEMP VIEW v AS SELECT 1 AS x", "SELECT 1 AS x; SET threads = 1"],
+)
+def test_sql_statements_without_a_result_set_run(small_lake: Path, query: str) -> None:
+    res = runner.invoke(app, ["sql", query, "--lake", str(small_lake), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    assert isinstance(json.loads(res.stdout), list)

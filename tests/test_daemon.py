@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import glob
 import io
 import json
 import os
@@ -255,6 +256,47 @@ def test_example_config_is_valid_and_errors_name_the_option(tmp_path: Path) -> N
         assert str(bad) in str(err.value)
 
 
+def test_the_example_collector_tails_the_example_shims_request_log(tmp_path: Path) -> None:
+    """examples/collectors.toml's log target reads what examples/shim.toml's log writes.
+
+    Both copied side by side (relative paths resolve against their folder), with the
+    shim's `[log] dir` switched on; the file names come from the shim's own RequestLog.
+    """
+    import shutil
+
+    from finops.shim.config import load_config
+    from finops.shim.requestlog import RequestLog
+
+    ex = tmp_path / "examples"
+    ex.mkdir()
+    shim_text = (ROOT / "examples" / "shim.toml").read_text()
+    assert '# dir = "logs/shim"' in shim_text
+    (ex / "shim.toml").write_text(shim_text.replace('# dir = "logs/shim"', 'dir = "logs/shim"'))
+    shutil.copy(ROOT / "examples" / "collectors.toml", ex / "collectors.toml")
+    log_dir = load_config(ex / "shim.toml").log_dir
+    assert log_dir is not None
+    cfg = load(ex / "collectors.toml", lake=tmp_path / "lake")
+    cfg.targets = [t for t in cfg.targets if t.kind == "log"]
+    pattern = cfg.targets[0].path
+    assert pattern is not None
+
+    rlog = RequestLog(log_dir, fsync=False, interval=0.01)
+    for i in range(3):
+        rlog.write({"request_id": f"req-{i}", "ts": f"2026-11-28T10:00:0{i}Z", "tenant": "acme"})
+    assert rlog.flush()
+    (open_file,) = log_dir.iterdir()
+    assert open_file.name.endswith(".jsonl.open")
+    assert [Path(p) for p in glob.glob(pattern)] == [open_file]  # followed while open
+    outs = asyncio.run(Collector(cfg, status=None).run_once())
+    assert [(o.up, o.samples) for o in outs] == [(True, 3)]
+    rlog.close()
+    (closed,) = log_dir.iterdir()
+    assert closed.suffix == ".jsonl" and [Path(p) for p in glob.glob(pattern)] == [closed]
+    outs = asyncio.run(Collector(cfg, status=None).run_once())
+    assert [(o.up, o.samples) for o in outs] == [(True, 0)]  # the same file, renamed
+    assert _requests_in(tmp_path / "lake") == ["req-0", "req-1", "req-2"]
+
+
 def test_cli_usage_errors_are_one_line(tmp_path: Path) -> None:
     runner = CliRunner()
     res = runner.invoke(app, ["collect", "--once", "--lake", str(tmp_path)])
@@ -454,6 +496,68 @@ def test_log_flag_tails_a_request_log_once_and_resumes(tmp_path: Path) -> None:
     assert db.execute("SELECT count(*) FROM requests").fetchall()[0][0] == 25
     health = db.sql("SELECT kind, up, samples, rejected FROM scrape_health ORDER BY ts").pl()
     assert health.rows() == [("log", True, 20, 1), ("log", True, 5, 0)]
+
+
+def _requests_in(lake: Path) -> list[str]:
+    ids = finops.connect(lake).sql("SELECT request_id FROM requests ORDER BY 1").pl()
+    return ids["request_id"].to_list()
+
+
+def _settle(path: Path) -> None:
+    """Age the file past the log source's settle time (no writer touched it lately)."""
+    old = time.time() - 3600
+    os.utime(path, (old, old))
+
+
+def test_once_takes_a_settled_last_line_without_newline_once(tmp_path: Path) -> None:
+    """As `finops ingest` does; a later append loads only what follows it."""
+    log = tmp_path / "requests.jsonl"
+    _write_requests(log, 0, 3)
+    log.write_bytes(log.read_bytes().rstrip(b"\n"))  # the last line has no newline
+    lake_dir = tmp_path / "lake"
+    args = ["collect", "--once", "--lake", str(lake_dir), "--log", str(log)]
+    runner = CliRunner()
+    res = runner.invoke(app, args)  # just written: its writer may be mid-line, it waits
+    assert res.exit_code == 0 and "2 samples" in res.output, res.output
+    _settle(log)
+    res = runner.invoke(app, args)
+    assert res.exit_code == 0 and "1 samples" in res.output, res.output
+    assert "0 samples" in runner.invoke(app, args).output  # taken once, not again
+    with open(log, "a") as fh:
+        fh.write("\n")  # the writer ends that line after all, then goes on
+    _write_requests(log, 3, 2)
+    res = runner.invoke(app, args)
+    assert "2 samples" in res.output and "rejected" not in res.output, res.output
+    assert _requests_in(lake_dir) == [f"req-{i:05d}" for i in range(5)]
+    assert finops.connect(lake_dir).execute("SELECT count(*) FROM rejects").fetchall()[0][0] == 0
+
+
+def test_shutdown_takes_a_settled_last_line_without_newline(tmp_path: Path) -> None:
+    """The running daemon leaves it to its writer; the last poll at stop takes it."""
+    log = tmp_path / "requests.jsonl"
+    _write_requests(log, 0, 3)
+    log.write_bytes(log.read_bytes().rstrip(b"\n"))
+    _settle(log)
+    lake_dir = tmp_path / "lake"
+    cfg = config(
+        lake_dir, [{"kind": "log", "path": str(log), "interval": "0.2s", "timeout": "0.2s"}]
+    )
+    c = Collector(cfg, status=None)
+    seen: list[list[str]] = []
+
+    async def main() -> None:
+        run = asyncio.create_task(c.run_forever(install_signals=False))
+        await asyncio.sleep(1.0)  # a few polls
+        seen.append(_requests_in(lake_dir))
+        c.stop()
+        await run
+
+    asyncio.run(main())
+    assert seen == [["req-00000", "req-00001"]]
+    assert _requests_in(lake_dir) == ["req-00000", "req-00001", "req-00002"]
+    c2 = Collector(cfg, status=None)  # a restart does not load it again
+    asyncio.run(c2.run_once())
+    assert len(_requests_in(lake_dir)) == 3
 
 
 def test_a_failed_write_keeps_the_rows_for_the_next_flush(tmp_path: Path) -> None:

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
+import shlex
 import sys
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
 import typer
+
+if TYPE_CHECKING:
+    import duckdb
 
 LakeOption = Annotated[
     Path | None,
@@ -23,7 +29,46 @@ def resolve_lake(lake: Path | None) -> Path:
     return lake if lake is not None else default_lake_path()
 
 
-def fail(message: str, code: int = 2) -> None:
+def existing_lake(lake: Path | None) -> Path:
+    """The lake folder asked for; a missing one is an error, not an empty answer."""
+    path = resolve_lake(lake)
+    if not path.exists():
+        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
+    return path
+
+
+def connect_lake(lake: Path | None) -> duckdb.DuckDBPyConnection:
+    """`finops.connect()` for a command: a missing lake or a bad price catalog
+    ($FINOPS_PRICES) is one `error:` line, never a traceback."""
+    import finops
+
+    path = existing_lake(lake)
+    with price_catalog_errors():
+        return finops.connect(path)
+
+
+@contextlib.contextmanager
+def price_catalog_errors() -> Iterator[None]:
+    """Turn a bad price catalog (a missing file, column or price) into one error line."""
+    from finops.prices import PriceCatalogError
+
+    try:
+        yield
+    except PriceCatalogError as exc:
+        fail(str(exc))
+
+
+def lake_flag(lake: Path | None) -> str:
+    """` --lake <path>` for a hint line, when the lake is not the default one."""
+    from finops.db import default_lake_path
+
+    path = resolve_lake(lake)
+    if path.resolve() == default_lake_path().resolve():
+        return ""
+    return f" --lake {shlex.quote(str(path))}"
+
+
+def fail(message: str, code: int = 2) -> NoReturn:
     """Print one clear line to stderr and exit (no traceback for user errors)."""
     typer.echo(f"error: {message}", err=True)
     raise typer.Exit(code)

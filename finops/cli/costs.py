@@ -9,7 +9,7 @@ from typing import Annotated
 
 import typer
 
-from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+from finops.cli._common import LakeOption, connect_lake, fail, print_frame
 
 _TOTAL_KEYS = (
     "gpu_cost",
@@ -64,7 +64,6 @@ def costs(
     requests by token work, so allocated + idle = the bill. Usage basis: only busy
     (SM-active) GPU time is shared.
     """
-    import finops
     import finops.costs as fc
 
     if format not in ("table", "csv", "json"):
@@ -73,12 +72,9 @@ def costs(
         fail(f"--by must be one of {'|'.join(fc.DIMENSIONS)}, got {by!r}")
     if basis not in fc.BASES:
         fail(f"--basis must be allocation or usage, got {basis!r}")
-    path = resolve_lake(lake)
-    if not path.exists():
-        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
+    db = connect_lake(lake)
     try:
         per = fc.period(week, from_, to)
-        db = finops.connect(path)
         if deployments is not None:
             fc.load_deployments(db, deployments)
         if pricing_kind is not None:

@@ -15,7 +15,7 @@ from typing import Annotated, Any
 
 import typer
 
-from finops.cli._common import LakeOption, fail, resolve_lake
+from finops.cli._common import LakeOption, fail, lake_flag, resolve_lake
 
 
 @dataclass
@@ -276,7 +276,8 @@ def demo(
         typer.echo(f"router artifact: {ctx.results['router_path']} (finops router inspect ...)")
     if "report" in ctx.results:
         typer.echo(f"weekly report: {ctx.results['report']}")
-    typer.echo(f'lake: {ctx.lake}  (try: finops sql "SELECT * FROM marts.tenant_daily")')
+    hint = f'finops sql "SELECT * FROM marts.tenant_daily"{lake_flag(ctx.lake)}'
+    typer.echo(f"lake: {ctx.lake}  (try: {hint})")
 
 
 def register(app: typer.Typer) -> None:

@@ -16,7 +16,7 @@ from typing import Annotated, Any
 
 import typer
 
-from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+from finops.cli._common import LakeOption, fail, lake_flag, print_frame, resolve_lake
 
 ingest_app = typer.Typer(
     help="Load request logs (shim JSONL, OpenAI usage, mapped CSV/JSONL/Parquet) and cache "
@@ -196,7 +196,8 @@ def _run(
                 for loc, reason in sample.iter_rows():
                     typer.echo(f"  {loc}: {reason}", err=True)
             typer.echo(
-                '  finops sql "SELECT location, reason FROM rejects ORDER BY ts DESC LIMIT 50"',
+                '  finops sql "SELECT location, reason FROM rejects ORDER BY ts DESC LIMIT 50"'
+                + lake_flag(lake_path),
                 err=True,
             )
     for message in unreadable:

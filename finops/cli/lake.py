@@ -6,7 +6,7 @@ from typing import Annotated
 
 import typer
 
-from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+from finops.cli._common import LakeOption, connect_lake, existing_lake, fail, print_frame
 
 lake_app = typer.Typer(help="Inspect and maintain the Parquet lake.", no_args_is_help=True)
 
@@ -18,9 +18,7 @@ def info(
     """Tables, rows, files, bytes and the date range each covers."""
     from finops.lake import Lake
 
-    path = resolve_lake(lake)
-    if not path.exists():
-        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
+    path = existing_lake(lake)
     print_frame(Lake(path).info(), format, title=f"lake {path}")
 
 
@@ -35,9 +33,9 @@ def compact(
     from finops.lake import Lake
     from finops.schemas import TABLES
 
-    path = resolve_lake(lake)
     if table is not None and table not in TABLES:
         fail(f"--table: unknown table {table!r}; expected one of {sorted(TABLES)}")
+    path = existing_lake(lake)
     results = Lake(path).compact(table)
     print_frame(pl.DataFrame([r.__dict__ for r in results]), "table", title="compaction")
 
@@ -51,11 +49,12 @@ def sql(
     """Run SQL against the lake, e.g. finops sql "SELECT * FROM marts.tenant_daily"."""
     import duckdb
 
-    import finops
-
-    db = finops.connect(resolve_lake(lake))
+    db = connect_lake(lake)
     try:
-        df = db.sql(query).pl()
+        rel = db.sql(query)
+        if rel is None:  # blank, or comments only: DuckDB has nothing to run
+            fail('SQL: no statement to run (expected e.g. "SELECT * FROM requests LIMIT 5")')
+        df = rel.pl()
     except duckdb.Error as exc:
         fail(f"SQL error: {exc}")
     if format == "table" and limit and df.height > limit:

@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from finops.cli._common import LakeOption, fail, resolve_lake
+from finops.cli._common import LakeOption, fail, price_catalog_errors, resolve_lake
 
 
 def report(
@@ -32,15 +32,16 @@ def report(
     from finops.report.figures import ReportError
 
     try:
-        paths = build_report(
-            resolve_lake(lake),
-            week,
-            out,
-            compare_to=compare_to,
-            router=router,
-            growth=not no_growth,
-            log=(lambda m: typer.echo(m, err=True)) if verbose else None,
-        )
+        with price_catalog_errors():
+            paths = build_report(
+                resolve_lake(lake),
+                week,
+                out,
+                compare_to=compare_to,
+                router=router,
+                growth=not no_growth,
+                log=(lambda m: typer.echo(m, err=True)) if verbose else None,
+            )
     except (ReportError, CostError) as exc:
         fail(str(exc))
         return
