@@ -177,6 +177,22 @@ def make_target(
     return TargetConfig(**kw)
 
 
+def _mapping_near(base: Path, mapping: str, where: str) -> str:
+    """A relative mapping: a file next to the config, else a shipped mapping's name."""
+    from collectors.mapping import shipped_mappings
+
+    near = base / mapping
+    if near.is_file():
+        return str(near)
+    shipped = shipped_mappings()
+    if mapping in shipped:
+        return mapping
+    raise ConfigError(
+        f"{where}: {mapping!r} is no file in {base} and not a shipped mapping "
+        f"(shipped: {', '.join(shipped) or 'none'})"
+    )
+
+
 def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectConfig:
     """Read and validate a collectors.toml; `lake` (from --lake) overrides the file's."""
     p = Path(path)
@@ -235,7 +251,7 @@ def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectCo
         if t.kind == "log":
             t.path = str(base / t.path) if not os.path.isabs(t.path or "") else t.path
             if t.mapping and not os.path.isabs(t.mapping):
-                t.mapping = str(base / t.mapping)
+                t.mapping = _mapping_near(base, t.mapping, f"{p} target #{i} mapping")
         cfg.targets.append(t)
     names = [t.name for t in cfg.targets]
     dup = sorted({n for n in names if names.count(n) > 1})

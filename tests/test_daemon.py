@@ -603,6 +603,32 @@ def test_log_target_with_a_wrong_mapping_is_down_not_fatal(tmp_path: Path) -> No
     assert "column 'nope' not found" in error and "available columns: a, b" in error
 
 
+def test_a_config_names_a_shipped_mapping_from_anywhere(tmp_path: Path) -> None:
+    """`mapping = "azure-llm-2023"` in a config outside the working directory was joined
+    to the config's folder and ended in a MappingError traceback."""
+    from finops.cli import app
+
+    conf = tmp_path / "conf"
+    conf.mkdir()
+    data = conf / "trace.csv"
+    data.write_text("TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                    "2023-11-16 18:15:46.6805900,374,44\n2023-11-16 18:15:50.1,10,2\n")  # fmt: skip
+    cfg = conf / "collect.toml"
+    body = '[[target]]\nkind = "log"\npath = "trace.csv"\nmapping = "{}"\n'
+    cfg.write_text(body.format("azure-llm-2023"))
+    lake_dir = tmp_path / "lake"
+    args = ["collect", "--once", "--config", str(cfg), "--lake", str(lake_dir)]
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 0, result.output
+    assert finops.connect(lake_dir).sql("SELECT count(*) FROM requests").fetchall() == [(2,)]
+    # a name that is neither a file next to the config nor shipped: one error line
+    cfg.write_text(body.format("azure-llm-2032"))
+    result = CliRunner().invoke(app, args)
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'azure-llm-2032' is no file in" in result.stderr
+    assert "not a shipped mapping" in result.stderr and "azure-llm-2023" in result.stderr
+
+
 # --------------------------------------------------------------------------- stuck calls
 
 
