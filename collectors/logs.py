@@ -940,7 +940,10 @@ def _read_from(
             block = next(blocks, None)
             if block is not None:
                 data, new_offset = block
-                nlines = data.count(b"\n") + (0 if data.endswith(b"\n") else 1)
+                # a final block may end in a line without its newline: it is parsed as a
+                # line, but the count stops before it, so the newline its writer may add
+                # later reads as a blank remainder of that line (skipped), not a new line
+                nlines = data.count(b"\n")
                 first = line <= header_lines or plan.format == "csv"
                 queue.append((pool.submit(parse, data, line, first), nlines, new_offset))
                 line += nlines

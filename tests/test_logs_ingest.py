@@ -885,3 +885,10 @@ def test_final_poll_takes_a_partial_line_only_once_settled(lake: Lake, tmp_path:
     res = src.poll(final=True)
     assert (res.read, res.loaded, res.rejected) == (1, 1, 0)
     assert q(lake, "SELECT count(*) FROM requests").item() == 2
+    # the writer comes back: its newline ends line 2, and what follows is line 3 on
+    with open(log, "a") as fh:
+        fh.write("\n{broken\n" + json.dumps(shim_record(3)) + "\n")
+    res = src.poll()
+    assert (res.read, res.loaded, res.rejected) == (2, 1, 1)
+    assert q(lake, "SELECT location FROM rejects").to_series().to_list() == [f"{log}:3"]
+    assert q(lake, "SELECT count(*) FROM requests").item() == 3
