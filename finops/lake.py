@@ -27,6 +27,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -119,19 +120,23 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomic(table: pa.Table, dest: Path, *, fsync: bool = True) -> None:
+def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: bool = True) -> None:
     """Write to a temporary name in the same folder, fsync, then rename.
 
     The temporary name does not end in `.parquet`, so globs never match it;
     a writer killed mid-way leaves only a `*.tmp-*` file that readers ignore.
+    A Polars frame is written by Polars itself (no copy to Arrow first).
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, "wb") as fh:
-            pq.write_table(
-                table, fh, compression="zstd", compression_level=1, write_statistics=True
-            )
+            if isinstance(table, pl.DataFrame):
+                table.write_parquet(fh, compression="zstd", compression_level=1, statistics=True)
+            else:
+                pq.write_table(
+                    table, fh, compression="zstd", compression_level=1, write_statistics=True
+                )
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -519,6 +524,14 @@ def _holds(part_dir: Path, fingerprint: str) -> bool:
     return fingerprint in _merged(part_dir)
 
 
+def _has_repeated_keys(df: pl.DataFrame, key: Sequence[str]) -> bool:
+    """Whether some key appears twice (a cheap count first: most batches have none)."""
+    if df.height < 2:
+        return False
+    keys = df.select(pl.struct(list(key)) if len(key) > 1 else pl.col(key[0]))
+    return keys.to_series().n_unique() < df.height
+
+
 def _date_partitions(df: pl.DataFrame, ts_column: str) -> list[tuple[dt.date, pl.DataFrame]]:
     """Split rows by event date, keeping their order.
 
@@ -651,11 +664,11 @@ class Lake:
 
     def _write_partitions(self, schema: TableSchema, df: pl.DataFrame) -> tuple[list[Path], int]:
         df = df.select(list(schema.columns))
-        if df.height > 1:
+        if _has_repeated_keys(df, schema.key):
             # one row per key in a file (the later line wins), so which row the clean
             # views keep never depends on the order a scan meets them in
             df = df.unique(subset=list(schema.key), keep="last", maintain_order=True)
-        written: list[Path] = []
+        todo: list[tuple[Path, pl.DataFrame]] = []
         dups = 0
         for date, body in _date_partitions(df, schema.ts_column):
             # rejects carry the time of rejection; the same bad row rejected twice
@@ -666,10 +679,17 @@ class Lake:
             if _holds(part_dir, fp):
                 dups += 1
                 continue
-            dest = part_dir / f"part-{_write_stamp():020d}-{fp}.parquet"
-            write_parquet_atomic(body.to_arrow(), dest, fsync=self.fsync)
-            written.append(dest)
-        return written, dups
+            todo.append((part_dir / f"part-{_write_stamp():020d}-{fp}.parquet", body))
+        if len(todo) > 1:  # Parquet encoding releases the GIL: partitions use every core
+            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+                list(
+                    pool.map(
+                        lambda job: write_parquet_atomic(job[1], job[0], fsync=self.fsync), todo
+                    )
+                )
+        elif todo:
+            write_parquet_atomic(todo[0][1], todo[0][0], fsync=self.fsync)
+        return [dest for dest, _ in todo], dups
 
     def compact(self, table: str | None = None, *, min_files: int = 2) -> list[CompactResult]:
         """Merge each partition's files into one, keeping one row per key (the latest written).
