@@ -250,14 +250,26 @@ def test_focus_export_follows_the_column_rules(built, raw) -> None:
     assert set(df["ConsumedUnit"]) == {"Tokens", "GPU-Hours"}
     assert (df["ConsumedQuantity"] >= 0).all()
     assert df.filter(pl.col("x_IdleCapacity"))["ConsumedUnit"].unique().to_list() == ["GPU-Hours"]
-    for t in df["Tags"]:
-        assert set(json.loads(t)) == {"tenant", "feature", "tier"}
+    for t in df["Tags"].drop_nulls():  # only the keys a row has, no placeholder values
+        tags = json.loads(t)
+        assert set(tags) <= {"tenant", "feature", "tier"} and None not in tags.values()
+    assert (paths.focus_csv.parent / f"focus-{WEEK}.metadata.json").exists()
     for c in df.columns:
         assert c in COLUMNS and (c[0].isupper() or c.startswith("x_")), c
     # costs reconcile: the rows add up to the week's GPU bill, to the cent
     bill = one(raw, f"SELECT sum(price) FROM ({GPU_HOURS_SQL})")
     assert round(df["BilledCost"].sum(), 2) == round(bill, 2)
     assert (df["BilledCost"] == df["EffectiveCost"]).all()
+    # tenants on the usage basis + idle capacity rows = the bill; the idle rows hold the
+    # report's idle capacity (busy GPU time no request carried adds to it)
+    idle = df.filter(pl.col("x_IdleCapacity"))["BilledCost"].sum()
+    idle_cost = (
+        f"SELECT sum(idle_cost) FROM marts.gpu_cost_hourly WHERE hour >= {START} AND hour < {END}"
+    )
+    assert idle >= one(raw, idle_cost) - 0.005
+    assert df["ListCost"].to_list() == pytest.approx(
+        (df["ListUnitPrice"] * df["PricingQuantity"]).to_list(), abs=1e-6
+    )
     assert df["PricingQuantity"].sum() == pytest.approx(
         one(raw, f"SELECT count(*) FROM ({GPU_HOURS_SQL})"), rel=1e-9
     )

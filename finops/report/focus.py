@@ -1,26 +1,43 @@
 """The week's GPU costs as FOCUS 1.3 rows (FinOps Open Cost and Usage Specification).
 
-One row per day x tier x tenant x feature for cost allocated to requests (token
-work, ConsumedUnit "Tokens"), and one row per day x tier for idle capacity (the
-part of the GPU bill no request carried, ConsumedUnit "GPU-Hours"). Costs come
-from `marts.request_costs` (allocation basis) and `marts.gpu_cost_hourly`, so the
-rows add up to the GPU bill to the cent. The fleet is self-hosted: list, billed,
-effective and contracted cost are the same catalog price x GPU-hours.
+Rows are per day x tier x GPU model x pricing kind (one real SKU and price each):
+one per tenant x feature for the GPU work its requests did (ConsumedUnit "Tokens"),
+and one for the idle capacity no request carried (x_IdleCapacity, ConsumedUnit
+"GPU-Hours"). Tenant rows use the usage basis (`cost_usage` of `marts.request_costs`:
+the busy share of the GPU bill, split by token work), so idle capacity is its own
+line, never spread over tenants (as DESIGN.md asks, and as OpenCost reports it by
+default); tenants + idle add up to the GPU bill to the cent. GPU-hours come from the
+GPU marts, never from cost / price, so free GPUs keep theirs. GPUs with no tier are
+idle rows named by their deployment (x_Tier null).
+
+Prices: BilledCost = EffectiveCost = what was paid (catalog price of the GPU's pricing
+kind); ListUnitPrice is the catalog's on-demand price of the GPU model (the paid price
+when the catalog has none). Reserved GPUs are PricingCategory "Committed" with the
+CommitmentDiscount* columns (Status "Used", Category "Usage", GPU-hours) and, as the
+spec excludes commitment discounts from it, ContractedUnitPrice = the list price; spot
+GPUs are "Dynamic" and on-demand ones "Standard", with ContractedUnitPrice = the price paid.
 """
 
 from __future__ import annotations
 
+import datetime as dt
+import hashlib
+import json
 from pathlib import Path
 
 import duckdb
 import polars as pl
 
 import finops.costs as fc
+from finops.prices import PriceCatalogError, price_for
 from finops.report.figures import sql
 
 FOCUS_VERSION = "1.3"
+DATA_GENERATOR = "finops"
 PROVIDER = "Self-hosted (finops)"
 SERVICE_NAME = "vLLM inference"
+PRICE_DECIMALS = 6  # unit prices: catalog prices have cents, 6 decimals drops float residue
+PRICING_CATEGORY = {"on_demand": "Standard", "reserved": "Committed", "spot": "Dynamic"}
 # Columns in output order: the FOCUS ones this dataset carries, then x_ extensions.
 COLUMNS = (
     "BillingAccountId",
@@ -46,6 +63,13 @@ COLUMNS = (
     "PricingCurrency",
     "ConsumedQuantity",
     "ConsumedUnit",
+    "CommitmentDiscountCategory",
+    "CommitmentDiscountId",
+    "CommitmentDiscountName",
+    "CommitmentDiscountQuantity",
+    "CommitmentDiscountStatus",
+    "CommitmentDiscountType",
+    "CommitmentDiscountUnit",
     "ServiceCategory",
     "ServiceSubcategory",
     "ServiceName",
@@ -68,6 +92,7 @@ COLUMNS = (
     "x_Feature",
     "x_Tier",
     "x_GpuModel",
+    "x_PricingKind",
     "x_GpuHours",
     "x_Requests",
     "x_InputTokens",
@@ -81,65 +106,112 @@ COLUMNS = (
 def focus_rows(
     db: duckdb.DuckDBPyConnection, week: str, *, account: str = "finops"
 ) -> pl.DataFrame:
-    """FOCUS rows for `week` (empty frame with all columns when the week has no GPU data)."""
+    """FOCUS rows for `week` (empty frame with all columns when the week has no GPU data).
+
+    A tier-hour's GPUs of several models or pricing kinds give one row each: a tenant's
+    usage cost and GPU-hours follow its share of the tier-hour's work
+    (`marts.request_costs.pool_share`) times each GPU row's busy cost and
+    busy GPU-hours; its requests and tokens split by the rows' busy GPU-hours."""
     per = fc.period(week)
     assert per.start is not None and per.end is not None
     where = per.where()
     df = sql(
         db,
         f"""
-        WITH tierday AS (
-            SELECT CAST(hour AS DATE) AS day, coalesce(tier, '(untiered)') AS tier,
-                   string_agg(DISTINCT gpu_model, ', ' ORDER BY gpu_model) AS gpu_model,
+        WITH gpu AS (
+            SELECT hour, tier,
+                   CASE WHEN tier IS NULL
+                        THEN coalesce('deployment/' || deployment, 'host/' || host) END
+                       AS resource,
+                   gpu_model, pricing_kind, max(usd_per_gpu_hour) AS unit_price,
                    sum(gpu_hours) AS gpu_hours, sum(gpu_cost) AS gpu_cost,
-                   sum(busy_gpu_hours) AS busy_gpu_hours,
-                   any_value(pricing_kind) AS pricing_kind
+                   sum(busy_gpu_hours) AS busy_gpu_hours, sum(busy_cost) AS busy_cost
             FROM marts.gpu_cost_hourly WHERE {where} AND usd_per_gpu_hour IS NOT NULL
             GROUP BY ALL
         ),
-        alloc AS (
-            SELECT CAST(hour AS DATE) AS day, tier, tenant, feature,
-                   count(*) AS requests,
+        work AS (  -- each request's share of its tier-hour (marts.request_costs)
+            SELECT hour, tier, tenant, feature, input_tokens, output_tokens,
+                   cached_input_tokens, work_in + work_out AS work_tokens,
+                   pool_share AS share
+            FROM marts.request_costs WHERE {where} AND worked AND NOT unpriced
+        ),
+        tenant_hour AS (
+            SELECT hour, tier, tenant, feature, count(*) AS requests,
                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                    sum(cached_input_tokens) AS cached_input_tokens,
-                   sum(work_in + work_out) AS work_tokens,
-                   sum(cost_allocation) AS cost
-            FROM marts.request_costs
-            WHERE {where} AND worked AND NOT unpriced AND tier IS NOT NULL
+                   sum(work_tokens) AS work_tokens, sum(share) AS share
+            FROM work GROUP BY ALL
+        ),
+        carried AS (SELECT hour, tier, sum(share) AS share FROM tenant_hour GROUP BY ALL),
+        gw AS (
+            SELECT g.*, coalesce(c.share, 0.0) AS carried,
+                   coalesce(g.busy_gpu_hours / nullif(sum(g.busy_gpu_hours) OVER th, 0),
+                            g.gpu_hours / nullif(sum(g.gpu_hours) OVER th, 0)) AS w
+            FROM gpu g LEFT JOIN carried c ON c.hour = g.hour AND c.tier = g.tier
+            WINDOW th AS (PARTITION BY g.hour, g.tier)
+        ),
+        usage_rows AS (
+            SELECT CAST(g.hour AS DATE) AS day, g.tier, g.resource, g.gpu_model,
+                   g.pricing_kind, g.unit_price, t.tenant, t.feature,
+                   sum(t.requests * g.w) AS requests,
+                   sum(t.input_tokens * g.w) AS input_tokens,
+                   sum(t.output_tokens * g.w) AS output_tokens,
+                   sum(t.cached_input_tokens * g.w) AS cached_input_tokens,
+                   sum(t.work_tokens * g.w) AS work_tokens,
+                   sum(t.share * g.busy_gpu_hours) AS gpu_hours,
+                   sum(t.share * g.busy_cost) AS cost, false AS idle
+            FROM tenant_hour t JOIN gw g ON g.hour = t.hour AND g.tier = t.tier
             GROUP BY ALL
         ),
-        alloc_day AS (SELECT day, tier, sum(cost) AS cost FROM alloc GROUP BY ALL),
-        usage_rows AS (
-            SELECT a.day, a.tier, a.tenant, a.feature, t.gpu_model, t.pricing_kind,
-                   a.requests, a.input_tokens, a.output_tokens, a.cached_input_tokens,
-                   a.work_tokens, a.cost, t.gpu_cost / t.gpu_hours AS unit_price,
-                   false AS idle
-            FROM alloc a JOIN tierday t USING (day, tier)
-        ),
         idle_rows AS (
-            SELECT t.day, t.tier, NULL AS tenant, NULL AS feature, t.gpu_model, t.pricing_kind,
-                   0 AS requests, 0 AS input_tokens, 0 AS output_tokens,
-                   0 AS cached_input_tokens, 0 AS work_tokens,
-                   t.gpu_cost - coalesce(d.cost, 0) AS cost,
-                   t.gpu_cost / t.gpu_hours AS unit_price, true AS idle
-            FROM tierday t LEFT JOIN alloc_day d USING (day, tier)
+            SELECT CAST(hour AS DATE) AS day, tier, resource, gpu_model, pricing_kind,
+                   unit_price, NULL AS tenant, NULL AS feature, 0.0 AS requests,
+                   0.0 AS input_tokens, 0.0 AS output_tokens, 0.0 AS cached_input_tokens,
+                   0.0 AS work_tokens,
+                   sum(gpu_hours - carried * busy_gpu_hours) AS gpu_hours,
+                   sum(gpu_cost - carried * busy_cost) AS cost, true AS idle
+            FROM gw GROUP BY ALL
         )
         SELECT * FROM usage_rows
-        UNION ALL
-        SELECT * FROM idle_rows WHERE cost > 1e-6  -- drop float residue of fully used tier-days
-        ORDER BY day, tier, idle, tenant, feature
+        UNION ALL BY NAME
+        -- GPU-hours, not cost: a free GPU's idle hours stay; float residue of a fully
+        -- used tier-day goes
+        SELECT * FROM idle_rows WHERE gpu_hours > 1e-9
+        ORDER BY day, tier NULLS LAST, resource, gpu_model, pricing_kind, idle,
+                 tenant NULLS FIRST, feature NULLS FIRST
         """,
     ).pl()
     if df.height == 0:
         return pl.DataFrame(schema={c: _dtype(c) for c in COLUMNS})
+    df = df.join(_list_prices(db, df), on=["gpu_model", "unit_price"], how="left")
     day_start = pl.col("day").cast(pl.Datetime("us", "UTC"))
-    gpu_hours = pl.col("cost") / pl.col("unit_price")
+    gpu_hours = pl.col("gpu_hours").clip(lower_bound=0.0).round(10)
+    committed = pl.col("pricing_kind") == "reserved"
+    list_price = pl.col("list_price").round(PRICE_DECIMALS)
+    contracted_price = (
+        pl.when(committed).then(pl.col("list_price")).otherwise(pl.col("unit_price"))
+    ).round(PRICE_DECIMALS)
+    tiered = pl.col("tier").is_not_null()
     tags = pl.struct(
         pl.col("tenant").alias("tenant"),
         pl.col("feature").alias("feature"),
         pl.col("tier").alias("tier"),
-    ).struct.json_encode()
+    ).map_elements(_tags, return_dtype=pl.String)
+    where_ = (
+        pl.when(tiered)
+        .then(pl.format("tier {}", "tier"))
+        .otherwise(pl.format("{} (no tier)", "resource"))
+    )
     cost = pl.col("cost").round(10)
+    commit = {
+        "CommitmentDiscountCategory": pl.lit("Usage"),
+        "CommitmentDiscountId": pl.format("{}/reserved/{}", pl.lit(account), "gpu_model"),
+        "CommitmentDiscountName": pl.format("Reserved {} GPUs", "gpu_model"),
+        "CommitmentDiscountQuantity": gpu_hours,
+        "CommitmentDiscountStatus": pl.lit("Used"),
+        "CommitmentDiscountType": pl.lit("Reserved GPU capacity"),
+        "CommitmentDiscountUnit": pl.lit("GPU-Hours"),
+    }
     out = df.select(
         pl.lit(account).alias("BillingAccountId"),
         pl.lit(account).alias("BillingAccountName"),
@@ -151,12 +223,13 @@ def focus_rows(
         pl.lit("Usage").alias("ChargeCategory"),
         pl.lit(None, dtype=pl.String).alias("ChargeClass"),
         pl.when(pl.col("idle"))
-        .then(pl.format("Idle GPU capacity of tier {} ({})", "tier", "gpu_model"))
+        .then(pl.format("Idle GPU capacity of {} ({}, {})", where_, "gpu_model", "pricing_kind"))
         .otherwise(
             pl.format(
-                "LLM inference on tier {} ({}) for {} / {}",
-                "tier",
+                "LLM inference on {} ({}, {}) for {} / {}",
+                where_,
                 "gpu_model",
+                "pricing_kind",
                 pl.col("tenant").fill_null("(none)"),
                 pl.col("feature").fill_null("(none)"),
             )
@@ -165,22 +238,25 @@ def focus_rows(
         pl.lit("Usage-Based").alias("ChargeFrequency"),
         cost.alias("BilledCost"),
         cost.alias("EffectiveCost"),
-        cost.alias("ListCost"),
-        cost.alias("ContractedCost"),
-        pl.col("unit_price").alias("ListUnitPrice"),
-        pl.col("unit_price").alias("ContractedUnitPrice"),
-        pl.lit("Standard").alias("PricingCategory"),
+        (list_price * gpu_hours).round(10).alias("ListCost"),
+        (contracted_price * gpu_hours).round(10).alias("ContractedCost"),
+        list_price.alias("ListUnitPrice"),
+        contracted_price.alias("ContractedUnitPrice"),
+        pl.col("pricing_kind")
+        .replace_strict(PRICING_CATEGORY, default="Other", return_dtype=pl.String)
+        .alias("PricingCategory"),
         gpu_hours.alias("PricingQuantity"),
         pl.lit("GPU-Hours").alias("PricingUnit"),
         pl.lit("USD").alias("PricingCurrency"),
         pl.when(pl.col("idle"))
         .then(gpu_hours)
-        .otherwise(pl.col("work_tokens").cast(pl.Float64))
+        .otherwise(pl.col("work_tokens").cast(pl.Float64).round(6))
         .alias("ConsumedQuantity"),
         pl.when(pl.col("idle"))
         .then(pl.lit("GPU-Hours"))
         .otherwise(pl.lit("Tokens"))
         .alias("ConsumedUnit"),
+        *(pl.when(committed).then(v).alias(k) for k, v in commit.items()),
         pl.lit("AI and Machine Learning").alias("ServiceCategory"),
         pl.lit("Generative AI").alias("ServiceSubcategory"),
         pl.lit(SERVICE_NAME).alias("ServiceName"),
@@ -189,12 +265,18 @@ def focus_rows(
         pl.lit(PROVIDER).alias("ProviderName"),
         pl.lit(PROVIDER).alias("PublisherName"),
         pl.lit(PROVIDER).alias("InvoiceIssuerName"),
-        pl.format("vllm/{}", "tier").alias("ResourceId"),
-        pl.format("vLLM {} tier", "tier").alias("ResourceName"),
+        pl.when(tiered)
+        .then(pl.format("vllm/{}", "tier"))
+        .otherwise(pl.col("resource"))
+        .alias("ResourceId"),
+        pl.when(tiered)
+        .then(pl.format("vLLM {} tier", "tier"))
+        .otherwise(pl.col("resource").str.replace(r"^[a-z]+/", ""))
+        .alias("ResourceName"),
         pl.lit("GPU inference deployment").alias("ResourceType"),
         pl.lit(None, dtype=pl.String).alias("RegionId"),
         pl.lit(None, dtype=pl.String).alias("RegionName"),
-        pl.format("gpu/{}/{}", "gpu_model", "pricing_kind").alias("SkuId"),
+        pl.format("gpu/{}", "gpu_model").alias("SkuId"),
         pl.format("gpu/{}/{}", "gpu_model", "pricing_kind").alias("SkuPriceId"),
         pl.col("tenant").alias("SubAccountId"),
         pl.col("tenant").alias("SubAccountName"),
@@ -203,15 +285,43 @@ def focus_rows(
         pl.col("feature").alias("x_Feature"),
         pl.col("tier").alias("x_Tier"),
         pl.col("gpu_model").alias("x_GpuModel"),
+        pl.col("pricing_kind").alias("x_PricingKind"),
         gpu_hours.alias("x_GpuHours"),
-        pl.col("requests").cast(pl.Int64).alias("x_Requests"),
-        pl.col("input_tokens").cast(pl.Int64).alias("x_InputTokens"),
-        pl.col("output_tokens").cast(pl.Int64).alias("x_OutputTokens"),
-        pl.col("cached_input_tokens").cast(pl.Int64).alias("x_CachedInputTokens"),
+        *(
+            pl.col(c).round(0).cast(pl.Int64).alias(x)
+            for c, x in (
+                ("requests", "x_Requests"),
+                ("input_tokens", "x_InputTokens"),
+                ("output_tokens", "x_OutputTokens"),
+                ("cached_input_tokens", "x_CachedInputTokens"),
+            )
+        ),
         pl.col("idle").alias("x_IdleCapacity"),
-        pl.lit("allocation").alias("x_CostBasis"),
+        pl.lit("usage").alias("x_CostBasis"),
     )
     return out.select(COLUMNS)
+
+
+def _tags(row: dict[str, str | None]) -> str | None:
+    """The row's tenant / feature / tier as a JSON object, only the ones it has (no
+    placeholder values); null when it has none."""
+    tags = {k: v for k, v in row.items() if v is not None}
+    return json.dumps(tags, separators=(",", ":")) if tags else None
+
+
+def _list_prices(db: duckdb.DuckDBPyConnection, df: pl.DataFrame) -> pl.DataFrame:
+    """The catalog's on-demand $/GPU-hour per GPU model (`price_for`'s matching rule);
+    the price paid where the catalog has no on-demand price for the model."""
+    prices = db.sql("SELECT * FROM ref.prices").pl()
+    rows = []
+    for model, paid in df.select("gpu_model", "unit_price").unique().iter_rows():
+        try:
+            rows.append((model, paid, price_for(prices, model, "on_demand")))
+        except PriceCatalogError:
+            rows.append((model, paid, paid))
+    return pl.DataFrame(rows, schema=["gpu_model", "unit_price", "list_price"], orient="row").cast(
+        {"unit_price": pl.Float64, "list_price": pl.Float64}
+    )
 
 
 def _dtype(col: str) -> pl.DataType:
@@ -226,15 +336,69 @@ def _dtype(col: str) -> pl.DataType:
     return pl.String()
 
 
+def _focus_type(col: str, dtype: pl.DataType) -> str:
+    """A column's FOCUS data type name (as in the spec's ColumnDefinition examples)."""
+    if col == "Tags":
+        return "JSON"
+    if dtype == pl.Datetime("us", "UTC"):
+        return "DATETIME"
+    if dtype == pl.Float64:
+        return "DECIMAL"
+    if dtype == pl.Int64:
+        return "INTEGER"
+    if dtype == pl.Boolean:
+        return "BOOLEAN"
+    return "STRING"
+
+
+def focus_metadata(df: pl.DataFrame, week: str) -> dict[str, object]:
+    """FOCUS schema metadata for the export: FocusVersion, DataGenerator, CreationDate and
+    the ColumnDefinition list; SchemaId hashes the columns, so it changes with them."""
+    columns = [
+        {"ColumnName": c, "DataType": _focus_type(c, t)}
+        for c, t in zip(df.columns, df.dtypes, strict=True)
+    ]
+    schema_id = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:32]
+    now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+    return {
+        "SchemaId": schema_id,
+        "FocusVersion": FOCUS_VERSION,
+        "DataGenerator": DATA_GENERATOR,
+        "CreationDate": now,
+        "DatasetInstanceName": f"focus-{week}",
+        "ColumnDefinition": columns,
+    }
+
+
+def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
+    """Text cells that start with = + - @ get a leading ' so a spreadsheet shows them
+    as text instead of running them as a formula (tenant and feature names are client input)."""
+    return df.with_columns(
+        pl.when(pl.col(c).str.contains(r"^[=+\-@]"))
+        .then(pl.lit("'") + pl.col(c))
+        .otherwise(pl.col(c))
+        .alias(c)
+        for c, t in zip(df.columns, df.dtypes, strict=True)
+        if t == pl.String
+    )
+
+
 def write_focus(df: pl.DataFrame, out_dir: Path, week: str) -> tuple[Path, Path]:
-    """Write `focus-<week>.csv` (ISO 8601 UTC 'Z' datetimes) and `.parquet`."""
+    """Write `focus-<week>.csv` (ISO 8601 UTC 'Z' datetimes, formula-safe text),
+    `.parquet` (FocusVersion etc. in its key-value metadata) and `.metadata.json`
+    (the FOCUS schema metadata, retrievable without the data)."""
     csv, parquet = out_dir / f"focus-{week}.csv", out_dir / f"focus-{week}.parquet"
-    df.write_parquet(parquet)
+    meta = focus_metadata(df, week)
+    df.write_parquet(
+        parquet,
+        metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
+    )
+    (out_dir / f"focus-{week}.metadata.json").write_text(json.dumps(meta, indent=2) + "\n")
     iso = "%Y-%m-%dT%H:%M:%SZ"
-    df.with_columns(
+    _csv_safe(df).with_columns(
         pl.col(c).dt.strftime(iso) for c in df.columns if c.endswith(("Start", "End"))
     ).write_csv(csv)
     return csv, parquet
 
 
-__all__ = ["COLUMNS", "FOCUS_VERSION", "focus_rows", "write_focus"]
+__all__ = ["COLUMNS", "FOCUS_VERSION", "focus_metadata", "focus_rows", "write_focus"]

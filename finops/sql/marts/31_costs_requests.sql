@@ -199,6 +199,13 @@ SELECT
          WHEN p.split_method = 'per_request' THEN p.pool_usage * 0.0::DOUBLE
          ELSE p.pool_usage * (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
     END AS output_cost_usage,
+    -- the request's share of its tier-hour's pool (the same on both bases); the shares
+    -- of a tier-hour's worked requests sum to 1
+    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+         WHEN p.split_method = 'per_request' THEN 1.0::DOUBLE / p.n_work
+         ELSE p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
+              + (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
+    END AS pool_share,
     (w.worked AND p.pool_allocation IS NULL) AS unpriced
 FROM marts.request_work w
 LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier

@@ -1,0 +1,212 @@
+"""The FOCUS 1.3 export (finops/report/focus.py) on a real demo lake: pricing kinds and
+commitment columns, one SKU per row, free GPUs, idle capacity on the usage basis, the
+schema metadata, untiered GPUs and formula-safe CSV text."""
+
+from __future__ import annotations
+
+import glob
+import json
+import shutil
+from pathlib import Path
+
+import polars as pl
+import pyarrow.parquet as pq
+import pytest
+
+import finops
+import finops.costs as fc
+from finops.prices import load_prices, price_for
+from finops.report.focus import COLUMNS, FOCUS_VERSION, focus_rows, write_focus
+
+WEEK = "2026-W47"
+IN_WEEK = (
+    "hour >= TIMESTAMPTZ '2026-11-16 00:00:00+00' AND hour < TIMESTAMPTZ '2026-11-23 00:00:00+00'"
+)
+EXAMPLE_DEPLOYMENTS = Path(__file__).resolve().parent.parent / "data" / "deployments.example.toml"
+
+
+def one(db, sql: str):
+    return db.sql(sql).fetchall()[0][0]
+
+
+def _copy(src: Path, dst: Path, table: str, change) -> Path:
+    """A copy of the lake with `change` applied to every Parquet file of `table`."""
+    shutil.copytree(src, dst)
+    for f in glob.glob(f"{dst}/{table}/*/*.parquet"):
+        pl.read_parquet(f).pipe(change).write_parquet(f)
+    return dst
+
+
+def test_reserved_and_spot_gpus_are_committed_and_dynamic(demo_lake: Path) -> None:
+    db = finops.connect(demo_lake)
+    fc.load_deployments(db, EXAMPLE_DEPLOYMENTS)  # large reserved, mid on-demand, small spot
+    df = focus_rows(db, WEEK)
+    prices = load_prices()
+    by_tier = {t: df.filter(pl.col("x_Tier") == t) for t in ("large", "mid", "small")}
+    assert set(by_tier["large"]["PricingCategory"]) == {"Committed"}
+    assert set(by_tier["mid"]["PricingCategory"]) == {"Standard"}
+    assert set(by_tier["small"]["PricingCategory"]) == {"Dynamic"}
+    for tier, kind in (("large", "reserved"), ("mid", "on_demand"), ("small", "spot")):
+        rows = by_tier[tier]
+        model = rows["x_GpuModel"][0]
+        paid, listed = price_for(prices, model, kind), price_for(prices, model, "on_demand")
+        assert set(rows["ListUnitPrice"]) == {listed}, tier
+        assert rows["ListCost"].to_list() == pytest.approx(
+            (rows["PricingQuantity"] * listed).to_list(), abs=1e-6
+        )
+        assert rows["BilledCost"].to_list() == pytest.approx(
+            (rows["PricingQuantity"] * paid).to_list(), abs=1e-6
+        )
+        assert (rows["BilledCost"] == rows["EffectiveCost"]).all()
+        if kind == "reserved":  # the spec: ContractedUnitPrice excludes commitment discounts
+            assert set(rows["ContractedUnitPrice"]) == {listed}
+            assert rows["ListCost"].sum() > rows["EffectiveCost"].sum()
+        else:
+            assert set(rows["ContractedUnitPrice"]) == {paid}
+    committed = by_tier["large"]
+    assert committed["CommitmentDiscountId"].null_count() == 0
+    assert set(committed["CommitmentDiscountStatus"]) == {"Used"}
+    assert set(committed["CommitmentDiscountCategory"]) == {"Usage"}
+    assert committed["CommitmentDiscountType"].null_count() == 0
+    assert set(committed["CommitmentDiscountUnit"]) == {"GPU-Hours"}
+    assert (
+        committed["CommitmentDiscountQuantity"].to_list() == committed["PricingQuantity"].to_list()
+    )
+    others = df.filter(pl.col("PricingCategory") != "Committed")
+    for c in COLUMNS:
+        if c.startswith("CommitmentDiscount"):
+            assert others[c].null_count() == others.height, c
+
+
+def test_a_tier_of_mixed_gpus_gets_one_real_sku_per_row(demo_lake: Path, tmp_path: Path) -> None:
+    rules = tmp_path / "mixed.toml"
+    rules.write_text(
+        '[[deployment]]\nname = "large-reserved"\ntier = "large"\npricing_kind = "reserved"\n'
+        'match = { namespace = "llm-serving", pod = "vllm-large-0" }\n\n'
+        '[[deployment]]\nname = "mid-as-large"\ntier = "large"\n'
+        'match = { namespace = "llm-serving", pod = "vllm-mid-0" }\n'
+    )
+    db = finops.connect(demo_lake)
+    fc.load_deployments(db, rules)
+    df = focus_rows(db, WEEK)
+    large = df.filter(pl.col("x_Tier") == "large")
+    catalog = {
+        (m, k): p
+        for m, k, p in db.sql(
+            f"SELECT DISTINCT gpu_model, pricing_kind, usd_per_gpu_hour FROM marts.gpu_cost_hourly"
+            f" WHERE tier = 'large' AND {IN_WEEK}"
+        ).fetchall()
+    }
+    assert len(catalog) == 3  # H100 reserved, H100 on-demand, L4 on-demand
+    assert set(large["SkuPriceId"]) == {f"gpu/{m}/{k}" for m, k in catalog}
+    for (m, k), paid in catalog.items():
+        rows = large.filter((pl.col("x_GpuModel") == m) & (pl.col("x_PricingKind") == k))
+        assert rows["BilledCost"].to_list() == pytest.approx(
+            (rows["PricingQuantity"] * paid).to_list(), abs=1e-6
+        )
+        gpu_hours = one(
+            db,
+            f"SELECT sum(gpu_hours) FROM marts.gpu_cost_hourly WHERE tier = 'large'"
+            f" AND gpu_model = '{m}' AND pricing_kind = '{k}' AND {IN_WEEK}",
+        )
+        assert rows["PricingQuantity"].sum() == pytest.approx(gpu_hours)
+    again = focus_rows(db, WEEK)  # deterministic (floats up to summation order)
+    for c in df.columns:
+        if df[c].dtype == pl.Float64:
+            assert again[c].fill_null(-1).to_list() == pytest.approx(
+                df[c].fill_null(-1).to_list(), rel=1e-12
+            ), c
+        else:
+            assert again[c].equals(df[c]), c
+
+
+def test_a_free_gpu_keeps_its_gpu_hours(demo_lake: Path, tmp_path: Path) -> None:
+    prices = tmp_path / "prices.csv"
+    catalog = load_prices().with_columns(
+        pl.when(pl.col("gpu_model") == "NVIDIA L4")
+        .then(0.0)
+        .otherwise(pl.col("usd_per_gpu_hour"))
+        .alias("usd_per_gpu_hour")
+    )
+    catalog.write_csv(prices)
+    db = finops.connect(demo_lake, prices=prices)
+    df = focus_rows(db, WEEK)
+    assert df["PricingQuantity"].is_finite().all() and df["x_GpuHours"].is_finite().all()
+    free = df.filter(pl.col("x_GpuModel") == "NVIDIA L4")
+    assert free.filter(pl.col("x_IdleCapacity")).height > 0
+    assert (free["BilledCost"] == 0).all() and (free["ListUnitPrice"] == 0).all()
+    gpu_hours = one(db, f"SELECT sum(gpu_hours) FROM marts.gpu_cost_hourly WHERE {IN_WEEK}")
+    assert df["PricingQuantity"].sum() == pytest.approx(gpu_hours, rel=1e-9)
+
+
+def test_idle_capacity_is_its_own_rows_on_the_usage_basis(demo_lake: Path) -> None:
+    db = finops.connect(demo_lake)
+    df = focus_rows(db, WEEK)
+    assert set(df["x_CostBasis"]) == {"usage"}
+    bill = one(db, f"SELECT sum(gpu_cost) FROM marts.gpu_cost_hourly WHERE {IN_WEEK}")
+    usage = one(
+        db, f"SELECT sum(cost_usage) FROM marts.request_costs WHERE {IN_WEEK} AND NOT unpriced"
+    )
+    idle = one(db, f"SELECT sum(idle_cost) FROM marts.gpu_cost_hourly WHERE {IN_WEEK}")
+    tenants = df.filter(~pl.col("x_IdleCapacity"))["BilledCost"].sum()
+    idle_rows = df.filter(pl.col("x_IdleCapacity"))["BilledCost"].sum()
+    assert round(tenants, 2) == round(usage, 2)
+    assert round(tenants + idle_rows, 2) == round(bill, 2)
+    assert idle_rows >= idle - 0.005  # the report's idle capacity is all in the idle rows
+
+
+def test_the_export_carries_focus_schema_metadata(demo_lake: Path, tmp_path: Path) -> None:
+    df = focus_rows(finops.connect(demo_lake), WEEK)
+    _csv, parquet = write_focus(df, tmp_path, WEEK)
+    kv = {k.decode(): v.decode() for k, v in pq.read_metadata(parquet).metadata.items()}
+    assert kv["FocusVersion"] == FOCUS_VERSION == "1.3"
+    assert kv["DataGenerator"] == "finops"
+    meta = json.loads((tmp_path / f"focus-{WEEK}.metadata.json").read_text())
+    assert meta["FocusVersion"] == "1.3" and meta["DataGenerator"] == "finops"
+    assert meta["CreationDate"].endswith("Z") and meta["SchemaId"] == kv["SchemaId"]
+    assert [c["ColumnName"] for c in meta["ColumnDefinition"]] == list(COLUMNS)
+    types = {c["ColumnName"]: c["DataType"] for c in meta["ColumnDefinition"]}
+    assert types["BilledCost"] == "DECIMAL" and types["ChargePeriodStart"] == "DATETIME"
+    assert types["Tags"] == "JSON" and types["BillingAccountId"] == "STRING"
+
+
+def test_untiered_gpus_get_no_placeholder(demo_lake: Path, tmp_path: Path) -> None:
+    def untier(df: pl.DataFrame) -> pl.DataFrame:
+        return df.with_columns(
+            pl.when(pl.col("pod") == "vllm-mid-3")
+            .then(pl.lit("{}"))
+            .otherwise(pl.col("labels"))
+            .alias("labels")
+        )
+
+    lake = _copy(demo_lake, tmp_path / "lake", "gpu_samples", untier)
+    df = focus_rows(finops.connect(lake), WEEK)
+    untiered = df.filter(pl.col("x_Tier").is_null())
+    assert untiered.height > 0 and untiered["x_IdleCapacity"].all()
+    assert set(untiered["ResourceId"]) == {"deployment/vllm-mid-3"}
+    assert set(untiered["ResourceName"]) == {"vllm-mid-3"}
+    assert untiered["Tags"].null_count() == untiered.height
+    for c in df.columns:
+        if df[c].dtype == pl.String:
+            assert not df[c].str.contains("untiered").any(), c
+    for t in df["Tags"].drop_nulls():
+        assert None not in json.loads(t).values()
+
+
+def test_the_csv_neutralises_formulas(demo_lake: Path, tmp_path: Path) -> None:
+    def rename(df: pl.DataFrame) -> pl.DataFrame:
+        return df.with_columns(
+            pl.col("tenant").replace({"acme-support": "=1+1"}),
+            pl.col("feature").replace({"chat-assistant": "@SUM(A1)"}),
+        )
+
+    lake = _copy(demo_lake, tmp_path / "lake", "requests", rename)
+    df = focus_rows(finops.connect(lake), WEEK)
+    assert "=1+1" in set(df["x_Tenant"])  # the Parquet keeps the real name
+    csv, parquet = write_focus(df, tmp_path, WEEK)
+    text = pl.read_csv(csv, infer_schema_length=0)
+    assert "'=1+1" in set(text["x_Tenant"]) and "'=1+1" in set(text["SubAccountId"])
+    assert "'@SUM(A1)" in set(text["x_Feature"])
+    for c in text.columns:
+        assert not text[c].drop_nulls().str.contains(r"^[=+\-@]").any(), c
+    assert "=1+1" in set(pl.read_parquet(parquet)["x_Tenant"])
