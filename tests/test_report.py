@@ -253,7 +253,8 @@ def test_focus_export_follows_the_column_rules(built, raw) -> None:
     for t in df["Tags"].drop_nulls():  # only the keys a row has, no placeholder values
         tags = json.loads(t)
         assert set(tags) <= {"tenant", "feature", "tier"} and None not in tags.values()
-    assert (paths.focus_csv.parent / f"focus-{WEEK}.metadata.json").exists()
+    assert paths.focus_metadata == paths.focus_csv.parent / f"focus-{WEEK}.metadata.json"
+    assert paths.focus_metadata.exists() and "focus_metadata" in paths.as_dict()
     for c in df.columns:
         assert c in COLUMNS and (c[0].isupper() or c.startswith("x_")), c
     # costs reconcile: the rows add up to the week's GPU bill, to the cent

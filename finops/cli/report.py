@@ -26,7 +26,7 @@ def report(
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print step timings.")] = False,
 ) -> None:
     """Write report-<week>.html (self-contained, inline SVG), summary-<week>.md,
-    report-<week>.json and focus-<week>.csv/.parquet (FOCUS 1.3 rows)."""
+    report-<week>.json and focus-<week>.csv/.parquet/.metadata.json (FOCUS 1.3 rows)."""
     from finops.costs import CostError
     from finops.report.build import build_report
     from finops.report.figures import ReportError
@@ -45,8 +45,10 @@ def report(
     except (ReportError, CostError) as exc:
         fail(str(exc))
         return
-    for p in (paths.html, paths.summary, paths.json, paths.focus_csv, paths.focus_parquet):
-        typer.echo(str(p))
+    for p in (paths.html, paths.summary, paths.json, paths.focus_csv, paths.focus_parquet,
+              paths.focus_metadata):  # fmt: skip
+        if p is not None:
+            typer.echo(str(p))
     typer.echo(f"report built in {paths.seconds:.1f}s", err=True)
 
 

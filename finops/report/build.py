@@ -35,6 +35,7 @@ class ReportPaths:
     focus_csv: Path
     focus_parquet: Path
     seconds: float
+    focus_metadata: Path | None = None  # the FOCUS schema metadata (FocusVersion, columns)
 
     def as_dict(self) -> dict[str, str]:
         return {k: str(v) for k, v in self.__dict__.items() if isinstance(v, Path)}
@@ -122,7 +123,7 @@ def build_report(
     notebook: Path = NOTEBOOK,
     log: Callable[[str], None] | None = None,
 ) -> ReportPaths:
-    """Write report-<week>.html, summary-<week>.md, report-<week>.json and focus-<week>.csv/.parquet.
+    """Write report-<week>.html, summary-<week>.md, report-<week>.json and focus-<week>.*.
 
     Returns their paths. Missing sources (no GPU metrics, no previous week, no
     router, a partial or empty week) are stated in the report, never an error;
@@ -155,4 +156,5 @@ def build_report(
     seconds = time.perf_counter() - t0
     if log:
         log(f"report: {seconds:.1f}s")
-    return ReportPaths(html_path, summary, json_path, csv, parquet, seconds)
+    meta = out_dir / f"focus-{label}.metadata.json"
+    return ReportPaths(html_path, summary, json_path, csv, parquet, seconds, meta)
