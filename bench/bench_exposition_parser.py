@@ -23,6 +23,9 @@ from prometheus_client.parser import text_string_to_metric_families
 from collectors.dcgm import render_payload
 from collectors.exposition import parse
 
+GOAL = 20.0
+GOAL_GPUS = 64  # the payload the goal is set on
+
 
 def reference(text: str) -> list[tuple]:
     return [s for fam in text_string_to_metric_families(text) for s in fam.samples]
@@ -60,10 +63,19 @@ def timed(fn, text: str) -> tuple[float, float]:
     return time.perf_counter() - t0, time.process_time() - c0
 
 
+def verdict(ratio: float, gpus: int, quick: bool) -> str:
+    """Met/missed only for the full run on the goal's payload: a smaller payload weighs fixed
+    costs differently, and a 5-round median on shared cores can read well off the full run."""
+    if gpus == GOAL_GPUS and not quick:
+        return f"{'meets' if ratio >= GOAL else 'misses'} the {GOAL:g}x goal"
+    run = f"{'quick: 5 rounds, ' if quick else ''}{gpus} GPUs"
+    return f"{run}; the {GOAL:g}x goal is judged on {GOAL_GPUS} GPUs, 25 rounds"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--quick", action="store_true", help="fewer rounds (CI smoke)")
-    ap.add_argument("--gpus", type=int, default=64)
+    ap.add_argument("--gpus", type=int, default=GOAL_GPUS)
     args = ap.parse_args()
     rounds = 5 if args.quick else 25
     text = render_payload(
@@ -90,7 +102,8 @@ def main() -> None:
     print(f"{'':18}  {'wall ms':>8}  {'samples/s':>12}  {'CPU ms':>8}")
     print(f"prometheus_client   {ref_s * 1e3:8.2f}  {n / ref_s:12,.0f}  {ref_c * 1e3:8.2f}")
     print(f"collectors.parse    {ours_s * 1e3:8.2f}  {n / ours_s:12,.0f}  {ours_c * 1e3:8.2f}")
-    print(f"ratio (wall)        {ref_s / ours_s:8.1f}x  (goal >= 20x)")
+    said = verdict(ref_s / ours_s, args.gpus, args.quick)
+    print(f"ratio (wall)        {ref_s / ours_s:8.1f}x  ({said})")
     print(f"ratio (CPU)         {ref_c / ours_c:8.1f}x")
 
 

@@ -24,6 +24,7 @@ import polars as pl
 from finops.lake import Lake
 
 GOAL = 0.5
+GOAL_ROWS = 1_000_000  # the size the goal is judged at: DuckDB's fixed per-call cost weighs less
 
 
 def request_rows(n: int, seed: int = 0) -> pl.DataFrame:
@@ -117,8 +118,15 @@ def main() -> None:
     print(
         f"raw DuckDB COPY (SELECT ...) TO parquet:                        {duck_rate:,.0f} rows/s"
     )
-    verdict = "meets" if ratio >= GOAL else "misses"
-    print(f"ratio Lake/DuckDB: {ratio:.2f}x ({verdict} the {GOAL}x goal)")
+    print(f"ratio Lake/DuckDB: {ratio:.2f}x ({verdict(ratio, rows, args.quick)})")
+
+
+def verdict(ratio: float, rows: int, quick: bool) -> str:
+    """Met/missed only at the goal's size: smaller runs overweight DuckDB's fixed cost."""
+    if rows == GOAL_ROWS:
+        return f"{'meets' if ratio >= GOAL else 'misses'} the {GOAL}x goal"
+    mode = "quick: " if quick else ""
+    return f"{mode}{rows / 1000:,.0f}k rows; the {GOAL}x goal is judged at {GOAL_ROWS / 1e6:g}M"
 
 
 if __name__ == "__main__":

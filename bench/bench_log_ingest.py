@@ -4,10 +4,12 @@ The file is a realistic shim request log (the `requests` columns, ISO
 timestamps, mostly-null error/retry fields, a few percent cache hits). The
 baseline is the least a loader can do: DuckDB parsing the JSON and writing
 Parquet, with no validation. Ours also validates every value, splits rows by
-date, fingerprints files, fsyncs, writes rejects and cache events. Goal: >= 0.5x.
+date, fingerprints files, fsyncs, writes rejects and cache events. Goal: >= 0.5x
+on 1M lines (best of 3, sides interleaved; smaller runs print the ratio without
+a met/missed verdict, as DuckDB's fixed per-call cost weighs more there).
 
     uv run python bench/bench_log_ingest.py            # ~1M lines
-    uv run python bench/bench_log_ingest.py --quick    # 200k lines
+    uv run python bench/bench_log_ingest.py --quick    # 200k lines, best of 2
 """
 
 from __future__ import annotations
@@ -25,6 +27,9 @@ import polars as pl
 
 from collectors.logs import ingest_file
 from finops.lake import Lake
+
+GOAL = 0.5
+GOAL_LINES = 1_000_000  # the size the goal is judged at: DuckDB's fixed per-call cost weighs less
 
 
 def make_log(path: Path, n: int, seed: int = 42) -> None:
@@ -117,12 +122,41 @@ def make_log(path: Path, n: int, seed: int = 42) -> None:
     df.write_ndjson(path)
 
 
+def run_baseline(log: Path, out: Path, n: int) -> float:
+    """Seconds for DuckDB read_json -> Parquet; checks every line arrived."""
+    t0 = time.perf_counter()
+    duckdb.sql(f"COPY (SELECT * FROM read_json('{log}')) TO '{out}' (FORMAT parquet)")
+    elapsed = time.perf_counter() - t0
+    ((rows,),) = duckdb.sql(f"SELECT count(*) FROM '{out}'").fetchall()
+    assert rows == n, (rows, n)
+    return elapsed
+
+
+def run_ours(log: Path, lake: Path, n: int) -> tuple[float, int]:
+    """(seconds, cache events) for a validated ingest into a fresh lake; checks nothing lost."""
+    t0 = time.perf_counter()
+    report = ingest_file(log, Lake(lake))
+    elapsed = time.perf_counter() - t0
+    assert report.read == n and report.loaded == n and report.rejected == 0, report
+    return elapsed, report.cache_events
+
+
+def verdict(ratio: float, n: int, quick: bool) -> str:
+    """Met/missed only at the goal's size: smaller runs overweight DuckDB's fixed cost."""
+    if n == GOAL_LINES:
+        return f"{'meets' if ratio >= GOAL else 'misses'} the {GOAL}x goal"
+    mode = "quick: " if quick else ""
+    return f"{mode}{n / 1000:,.0f}k lines; the {GOAL}x goal is judged at {GOAL_LINES / 1e6:g}M"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="200k lines instead of 1M")
+    ap.add_argument("--quick", action="store_true", help="200k lines instead of 1M, best of 2")
     ap.add_argument("--lines", type=int, default=None)
+    ap.add_argument("--repeat", type=int, default=None, help="best of K runs each (default 3)")
     args = ap.parse_args()
-    n = args.lines or (200_000 if args.quick else 1_000_000)
+    n = args.lines or (200_000 if args.quick else GOAL_LINES)
+    repeat = max(1, args.repeat or (2 if args.quick else 3))
     work = Path(tempfile.mkdtemp(prefix="bench-log-ingest-"))
     try:
         log = work / "shim.jsonl"
@@ -131,28 +165,25 @@ def main() -> None:
         size = log.stat().st_size
         print(f"log: {n:,} lines, {size / 1e6:,.0f} MB (made in {time.perf_counter() - t0:.1f}s)")
 
-        t0 = time.perf_counter()
-        duckdb.sql(
-            f"COPY (SELECT * FROM read_json('{log}')) TO '{work / 'baseline.parquet'}' "
-            "(FORMAT parquet)"
-        )
-        base_s = time.perf_counter() - t0
-        out = work / "baseline.parquet"
-        ((base_rows,),) = duckdb.sql(f"SELECT count(*) FROM '{out}'").fetchall()
-
-        t0 = time.perf_counter()
-        report = ingest_file(log, Lake(work / "lake"))
-        ours_s = time.perf_counter() - t0
-        assert report.read == n and report.loaded == n and report.rejected == 0, report
-        assert base_rows == n
+        base_t, ours_t, cache_events = [], [], 0
+        for i in range(repeat):  # interleaved, so machine load hits both alike
+            out, lake = work / f"baseline-{i}.parquet", work / f"lake-{i}"
+            base_t.append(run_baseline(log, out, n))
+            out.unlink()
+            ours_s, cache_events = run_ours(log, lake, n)
+            ours_t.append(ours_s)
+            shutil.rmtree(lake, ignore_errors=True)
+        base_s, ours_s = min(base_t), min(ours_t)
 
         base_rate, ours_rate = n / base_s, n / ours_s
+        ratio = ours_rate / base_rate
+        print(f"best of {repeat}, sides interleaved, every run checked (all lines loaded)")
         print(f"duckdb read_json -> parquet : {base_s:6.2f}s  {base_rate:12,.0f} rows/s")
         print(
             f"finops ingest (validated)   : {ours_s:6.2f}s  {ours_rate:12,.0f} rows/s  "
-            f"(+{report.cache_events:,} cache events)"
+            f"(+{cache_events:,} cache events)"
         )
-        print(f"ratio ours/duckdb: {ours_rate / base_rate:.2f}x (goal >= 0.5x)")
+        print(f"ratio ours/duckdb: {ratio:.2f}x ({verdict(ratio, n, args.quick)})")
     finally:
         shutil.rmtree(work, ignore_errors=True)
 

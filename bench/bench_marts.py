@@ -26,6 +26,7 @@ import shutil
 import tempfile
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import pyarrow as pa
@@ -33,6 +34,9 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from finops.schemas import TABLES
+
+if TYPE_CHECKING:
+    import polars as pl
 
 START = dt.datetime(2026, 11, 16, tzinfo=dt.UTC)
 WEEK = "2026-W47"
@@ -323,6 +327,50 @@ GROUP BY tenant ORDER BY tenant
 """
 
 
+def tenant_mismatch(got: pl.DataFrame, base: pl.DataFrame, tol: float) -> str | None:
+    """How `got`'s per-tenant costs differ from `base`'s, or None if they agree.
+
+    Matched by tenant name, not row position, so a missing, extra or repeated tenant is
+    named as such instead of shifting every later row (or crashing on unequal lengths)."""
+    import polars as pl
+
+    out = []
+    for label, df in (("result", got), ("baseline", base)):
+        dup = df.filter(pl.col("tenant").is_duplicated())["tenant"].unique().sort().to_list()
+        if dup:
+            out.append(f"{label} repeats {len(dup)} tenant(s), e.g. {dup[:3]}")
+    j = (
+        got.select("tenant", "cost", ours=pl.lit(True))
+        .unique("tenant", keep="first")
+        .join(
+            base.select("tenant", base_cost="cost", theirs=pl.lit(True)).unique(
+                "tenant", keep="first"
+            ),
+            on="tenant",
+            how="full",
+            coalesce=True,
+        )
+        .sort("tenant")
+    )
+    missing = j.filter(pl.col("ours").is_null())["tenant"].to_list()
+    extra = j.filter(pl.col("theirs").is_null())["tenant"].to_list()
+    if missing:
+        out.append(f"{len(missing)} baseline tenant(s) missing, e.g. {missing[:3]}")
+    if extra:
+        out.append(f"{len(extra)} tenant(s) not in the baseline, e.g. {extra[:3]}")
+    both = j.filter(pl.col("ours") & pl.col("theirs")).with_columns(
+        diff=(pl.col("cost") - pl.col("base_cost"))
+        .abs()
+        .fill_null(float("inf"))
+        .fill_nan(float("inf"))
+    )
+    off = both.filter(pl.col("diff") > tol).sort("diff", descending=True)
+    if off.height:
+        t, c, b = off["tenant"][0], off["cost"][0], off["base_cost"][0]
+        out.append(f"{off.height} tenant(s) differ by more than {tol:.3g}; worst {t}: {c} vs {b}")
+    return "; ".join(out) or None
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="1M requests, 16 GPUs")
@@ -384,11 +432,9 @@ def main() -> None:
         marts, t_marts = timed(run_marts)
         api, t_api = timed(run_api)
         for name, df in (("marts", marts), ("api", api)):
-            diff = np.abs(df["cost"].to_numpy() - base["cost"].to_numpy()).max()
-            if df.height != base.height or diff > 1e-6 * max(1.0, base["cost"].sum()):
+            if problem := tenant_mismatch(df, base, tol=1e-6 * max(1.0, base["cost"].sum())):
                 raise SystemExit(
-                    f"MISMATCH: {name} per-tenant costs differ from the baseline "
-                    f"(max abs diff {diff})"
+                    f"MISMATCH: {name} per-tenant costs differ from the baseline ({problem})"
                 )
         print(f"per-tenant costs agree ({base.height} tenants, total ${base['cost'].sum():,.2f})")
         print(f"baseline (one hand-written DuckDB query): {t_base:7.2f} s")

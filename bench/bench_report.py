@@ -26,6 +26,20 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench_marts import WEEK, synthesize
 
+GOAL_S = 60.0
+GOAL_SIZE = (10_000_000, 64)  # requests, GPUs: the week the one-minute goal is set for
+
+
+def verdict(seconds: float, n_req: int, gpus: int, quick: bool, growth: bool) -> str:
+    """Under/over the minute only for the goal's week and whole report: else it says little."""
+    if (n_req, gpus) == GOAL_SIZE and growth:
+        return f"{'under' if seconds < GOAL_S else 'OVER'} one minute"
+    run = f"{'quick: ' if quick else ''}{n_req / 1e6:g}M requests/{gpus} GPUs"
+    if not growth:
+        run += ", no growth simulation"
+    goal = f"{GOAL_SIZE[0] / 1e6:g}M/{GOAL_SIZE[1]} with growth"
+    return f"({run}; the one-minute goal is judged at {goal})"
+
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -65,12 +79,13 @@ def main() -> None:
         paths = build_report(lake, WEEK, out, growth=not args.no_growth)
         t_rep = time.perf_counter() - t0
         size = paths.html.stat().st_size / 1024
+        said = verdict(t_rep, n_req, gpus, args.quick, growth=not args.no_growth)
         print(
             f"baseline (one DuckDB scan, requests by tenant, {len(base)} tenants): {t_base:.2f} s"
         )
         print(
             f"report   (finops report {WEEK}, {size:,.0f} KiB HTML): {t_rep:.2f} s   "
-            f"ratio {t_rep / t_base:.1f}x   {'under' if t_rep < 60 else 'OVER'} one minute"
+            f"ratio {t_rep / t_base:.1f}x   {said}"
         )
     finally:
         if not args.keep:
