@@ -542,7 +542,11 @@ def test_a_restarted_shim_closes_out_the_log_a_killed_one_left_open(tmp_path, up
         for _ in range(3):
             r = httpx.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=CHAT)
             assert r.status_code == 200
-        (left,) = log_dir.glob(f"requests-*-{proc.pid}-*.jsonl.open")
+        # the background writer opens its file with its first record, maybe after the
+        # response went out (it never holds one back)
+        mine = f"requests-*-{proc.pid}-*.jsonl.open"
+        _wait(lambda: len(list(log_dir.glob(mine))) == 1, what="the shim's open log file")
+        (left,) = log_dir.glob(mine)
         _wait(lambda: left.read_bytes().count(b"\n") == 3, what="three records on disk")
     finally:
         proc.kill()
