@@ -20,13 +20,14 @@ Guarantees of `Lake.append`:
 
 from __future__ import annotations
 
+import contextlib
 import datetime as dt
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -120,23 +121,18 @@ def _fsync_dir(path: Path) -> None:
         os.close(fd)
 
 
-def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: bool = True) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename.
+@contextlib.contextmanager
+def _atomic_file(dest: Path, mode: str, *, fsync: bool) -> Iterator[Any]:
+    """A file handle on a temporary name next to `dest`, renamed into place when done.
 
-    The temporary name does not end in `.parquet`, so globs never match it;
-    a writer killed mid-way leaves only a `*.tmp-*` file that readers ignore.
-    A Polars frame is written by Polars itself (no copy to Arrow first).
+    The temporary name does not end like the real one, so globs never match it; a
+    writer killed mid-way leaves only a `*.tmp-*` file that readers ignore.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
     tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
-        with open(tmp, "wb") as fh:
-            if isinstance(table, pl.DataFrame):
-                table.write_parquet(fh, compression="zstd", compression_level=1, statistics=True)
-            else:
-                pq.write_table(
-                    table, fh, compression="zstd", compression_level=1, write_statistics=True
-                )
+        with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
+            yield fh
             if fsync:
                 fh.flush()
                 os.fsync(fh.fileno())
@@ -148,20 +144,18 @@ def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: b
         _fsync_dir(dest.parent)
 
 
-def _write_text_atomic(dest: Path, text: str, fsync: bool) -> None:
-    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
-    try:
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            if fsync:
-                fh.flush()
-                os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    if fsync:
-        _fsync_dir(dest.parent)
+def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: bool = True) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename.
+
+    A Polars frame is written by Polars itself (no copy to Arrow first).
+    """
+    with _atomic_file(dest, "wb", fsync=fsync) as fh:
+        if isinstance(table, pl.DataFrame):
+            table.write_parquet(fh, compression="zstd", compression_level=1, statistics=True)
+        else:
+            pq.write_table(
+                table, fh, compression="zstd", compression_level=1, write_statistics=True
+            )
 
 
 def _to_frame(data: Any) -> pl.DataFrame:
@@ -732,9 +726,8 @@ class Lake:
                         held.add(m.group(2))
                     elif f.name.startswith("part-"):
                         held.add(f.name.removeprefix("part-").removesuffix(".parquet"))
-                _write_text_atomic(
-                    part_dir / MERGED_FILE, "".join(f"{x}\n" for x in sorted(held)), self.fsync
-                )
+                with _atomic_file(part_dir / MERGED_FILE, "w", fsync=self.fsync) as fh:
+                    fh.write("".join(f"{x}\n" for x in sorted(held)))
                 for f in files:
                     if f != dest:
                         f.unlink(missing_ok=True)

@@ -12,10 +12,11 @@ from nbclient import NotebookClient
 NB = Path(__file__).resolve().parent.parent / "notebooks" / "03_train_router.ipynb"
 
 
-def test_notebook_03_executes(tmp_path: Path, monkeypatch) -> None:
-    monkeypatch.setenv("FINOPS_ROUTER_NB_ROWS", "2000")
+def _run(monkeypatch, tmp_path: Path, *, rows: int, lake: Path) -> tuple:
+    """Execute the notebook on `rows` demo rows with `lake`; the notebook and its text output."""
+    monkeypatch.setenv("FINOPS_ROUTER_NB_ROWS", str(rows))
     monkeypatch.setenv("FINOPS_ROUTER_NB_DIR", str(tmp_path))
-    monkeypatch.setenv("FINOPS_LAKE", str(tmp_path / "no-lake"))
+    monkeypatch.setenv("FINOPS_LAKE", str(lake))
     nb = nbformat.read(NB, as_version=4)
     NotebookClient(
         nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NB.parent)}}
@@ -26,6 +27,11 @@ def test_notebook_03_executes(tmp_path: Path, monkeypatch) -> None:
         if c.cell_type == "code"
         for o in c.get("outputs", [])
     )
+    return nb, text
+
+
+def test_notebook_03_executes(tmp_path: Path, monkeypatch) -> None:
+    nb, text = _run(monkeypatch, tmp_path, rows=2000, lake=tmp_path / "no-lake")
     assert "this router would have saved $" in text
     assert "with 95% confidence" in text
     charts = [
@@ -44,19 +50,7 @@ def test_notebook_03_executes(tmp_path: Path, monkeypatch) -> None:
 def test_notebook_03_prices_from_the_lake(demo_lake: Path, tmp_path: Path, monkeypatch) -> None:
     """With a lake, section 5's dollars come from its cost marts, as the markdown says
     (train() used to be called without the lake, so they came from the catalog)."""
-    monkeypatch.setenv("FINOPS_ROUTER_NB_ROWS", "1500")
-    monkeypatch.setenv("FINOPS_ROUTER_NB_DIR", str(tmp_path))
-    monkeypatch.setenv("FINOPS_LAKE", str(demo_lake))
-    nb = nbformat.read(NB, as_version=4)
-    NotebookClient(
-        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NB.parent)}}
-    ).execute()
-    text = "\n".join(
-        o.get("text", "") or str(o.get("data", {}).get("text/plain", ""))
-        for c in nb.cells
-        if c.cell_type == "code"
-        for o in c.get("outputs", [])
-    )
+    _nb, text = _run(monkeypatch, tmp_path, rows=1500, lake=demo_lake)
     assert f"lake {demo_lake} (present)" in text
     assert f"lake cost marts ({demo_lake})" in text
     assert "price catalog" not in text

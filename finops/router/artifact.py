@@ -593,6 +593,17 @@ def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> bo
     return False
 
 
+def _staging_dir(out: Path) -> Path:
+    """A fresh hidden directory next to `out`, renamed onto it once the artifact checks out."""
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    except OSError as exc:
+        raise ArtifactError(
+            f"{out}: cannot create the artifact directory here: {exc.strerror or exc}"
+        ) from None
+
+
 def stable_skops_bytes(pipeline: Any) -> bytes:
     """skops bytes of `pipeline` that depend only on the fitted model.
 
@@ -666,13 +677,7 @@ def write_artifact(
 
     out = Path(out)
     replace = check_out_dir(out, overwrite=overwrite)
-    try:
-        out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
-    except OSError as exc:
-        raise ArtifactError(
-            f"{out}: cannot create the artifact directory here: {exc.strerror or exc}"
-        ) from None
+    tmp = _staging_dir(out)
     try:
         (tmp / MODEL_FILE).write_bytes(stable_skops_bytes(pipeline))
         untrusted = set(sio.get_untrusted_types(file=tmp / MODEL_FILE)) - set(TRUSTED_TYPES)
@@ -758,13 +763,7 @@ def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> R
     router = load_router(src)
     dst = Path(dst)
     check_out_dir(dst)  # a file, a path under a file, a non-empty or unwritable directory
-    try:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.", dir=dst.parent))
-    except OSError as exc:
-        raise ArtifactError(
-            f"{dst}: cannot create the artifact directory here: {exc.strerror or exc}"
-        ) from None
+    tmp = _staging_dir(dst)
     try:
         for name in [*router.manifest["files"], MANIFEST_FILE]:
             shutil.copy2(Path(src) / name, tmp / name)
