@@ -518,6 +518,26 @@ def _holds(part_dir: Path, fingerprint: str) -> bool:
     return fingerprint in _merged(part_dir)
 
 
+LATEST_WINS = ("requests", "cache_events", "rejects")
+"""Tables whose clean views keep the latest written of rows sharing a key (10_dedup.sql)."""
+
+_STAMP = "__written"
+
+
+def _keys_in_several_partitions(root: Path, key: Sequence[str]) -> pl.DataFrame | None:
+    """Keys with rows in more than one date partition of a table (None: no files)."""
+    files = sorted(root.glob("date=*/*.parquet")) if root.exists() else []
+    if not files:
+        return None
+    keys = pl.concat(
+        [pl.read_parquet(f, columns=list(key)).with_columns(_part=pl.lit(f.parent.name))
+         for f in files],
+        how="vertical_relaxed",
+    )  # fmt: skip
+    spread = keys.group_by(list(key)).agg(pl.col("_part").n_unique().alias("_n"))
+    return spread.filter(pl.col("_n") > 1).select(list(key))
+
+
 def _has_repeated_keys(df: pl.DataFrame, key: Sequence[str]) -> bool:
     """Whether some key appears twice (a cheap count first: most batches have none)."""
     if df.height < 2:
@@ -700,6 +720,9 @@ class Lake:
             schema = schema_for(name)
             res = CompactResult(table=name)
             root = self.path / name
+            # a key with copies in several dates: its rows keep their own write time, or
+            # a merge would promote an old copy past a newer one in another partition
+            spread = _keys_in_several_partitions(root, schema.key) if name in LATEST_WINS else None
             for part_dir in sorted(root.glob("date=*")) if root.exists() else []:
                 files = sorted(part_dir.glob("*.parquet"))
                 res.files_before += len(files)
@@ -710,30 +733,52 @@ class Lake:
                     continue
                 # newest file first: `unique(keep="first")` then keeps the latest write
                 files.sort(key=lambda f: (_file_stamp(f), f.name), reverse=True)
-                frames = [pl.read_parquet(f) for f in files]
-                merged = pl.concat(frames, how="diagonal_relaxed").select(list(schema.columns))
+                frames = [
+                    pl.read_parquet(f).with_columns(pl.lit(_file_stamp(f)).alias(_STAMP))
+                    for f in files
+                ]
+                merged = pl.concat(frames, how="diagonal_relaxed").select(*schema.columns, _STAMP)
                 res.rows_before += merged.height
                 merged = merged.unique(subset=list(schema.key), keep="first", maintain_order=True)
-                merged = merged.sort(list(schema.key), nulls_last=True)
-                fp = _fingerprint(merged.drop("ts") if schema is REJECTS else merged)
-                dest = part_dir / f"part-{_file_stamp(files[0]):020d}-{fp}.parquet"
-                if not dest.exists():
-                    write_parquet_atomic(merged.to_arrow(), dest, fsync=self.fsync)
-                held = _merged(part_dir) | {fp}
+                newest = _file_stamp(files[0])
+                groups = {newest: merged}
+                if spread is not None and spread.height:
+                    pinned = merged.filter(pl.col(_STAMP) < newest).join(
+                        spread, on=list(schema.key), how="semi", nulls_equal=True
+                    )
+                    if pinned.height:
+                        groups[newest] = merged.join(
+                            pinned.select(schema.key), on=list(schema.key), how="anti",
+                            nulls_equal=True,
+                        )  # fmt: skip
+                        for (stamp,), rows in pinned.group_by(_STAMP):
+                            groups[int(stamp)] = rows
+                held = _merged(part_dir)
                 for f in files:
                     m = _WRITTEN.match(f.name)
                     if m:
                         held.add(m.group(2))
                     elif f.name.startswith("part-"):
                         held.add(f.name.removeprefix("part-").removesuffix(".parquet"))
+                kept: set[Path] = set()
+                for stamp, rows in sorted(groups.items()):
+                    if not rows.height:
+                        continue
+                    rows = rows.drop(_STAMP).sort(list(schema.key), nulls_last=True)
+                    fp = _fingerprint(rows.drop("ts") if schema is REJECTS else rows)
+                    dest = part_dir / f"part-{stamp:020d}-{fp}.parquet"
+                    if not dest.exists():
+                        write_parquet_atomic(rows, dest, fsync=self.fsync)
+                    held.add(fp)
+                    kept.add(dest)
+                    res.files_after += 1
+                    res.rows_after += rows.height
                 with _atomic_file(part_dir / MERGED_FILE, "w", fsync=self.fsync) as fh:
                     fh.write("".join(f"{x}\n" for x in sorted(held)))
                 for f in files:
-                    if f != dest:
+                    if f not in kept:
                         f.unlink(missing_ok=True)
-                res.partitions += 1
-                res.files_after += 1
-                res.rows_after += merged.height
+                res.partitions += kept != set(files)  # already compact: nothing changed
             results.append(res)
         return results
 

@@ -292,6 +292,27 @@ def test_rows_sharing_a_key_resolve_to_the_latest_write_on_every_query(lake: Lak
     ]
 
 
+def test_compaction_keeps_the_latest_write_when_a_correction_moved_dates(lake: Lake) -> None:
+    """A corrected request whose ts moved to the next day still wins after compaction, even
+    when a later, unrelated append makes its old day's merged file newer than the fix."""
+    base = {"request_id": "X", "tenant": "t"}
+    lake.append("requests", [{**base, "ts": "2026-11-16T23:30:00Z", "latency_ms": 1.0}])
+    lake.append("requests", [{**base, "ts": "2026-11-17T01:30:00Z", "latency_ms": 2.0}])
+    lake.append("requests", [{"request_id": "Y", "ts": "2026-11-16T10:00:00Z"}])
+
+    def x() -> list[tuple]:
+        q = "SELECT latency_ms FROM clean.requests WHERE request_id = 'X'"
+        return finops.connect(lake.path).sql(q).fetchall()
+
+    assert x() == [(2.0,)]
+    lake.compact("requests")
+    assert x() == [(2.0,)]
+    work = "SELECT ts FROM marts.request_work WHERE request_id = 'X'"
+    assert finops.connect(lake.path).sql(work).fetchall()[0][0].day == 17
+    assert all(r.partitions == 0 for r in lake.compact("requests"))  # nothing left to do
+    assert x() == [(2.0,)]
+
+
 def test_a_batch_compacted_away_is_still_recognised(lake: Lake) -> None:
     """Ingesting a file again after `finops lake compact` adds nothing, as before it."""
     a, b = _requests(40), _requests(40, offset=40)
