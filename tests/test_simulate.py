@@ -329,6 +329,42 @@ def test_a_tier_without_serving_metrics_is_named_and_carried_as_observed(
     assert out["before"]["unsimulated_cost_usd"] == pytest.approx(un[0]["cost_usd"])
 
 
+def test_an_unsimulated_tier_on_a_shared_mig_gpu_keeps_its_cost(syn_lake, tmp_path) -> None:
+    """'large' runs on a MIG instance of a GPU whose other instance serves 'small': its
+    GPU-hours there are carried as observed, not dropped with the simulated tier's GPU."""
+    import polars as pl
+
+    import finops.costs as fc
+
+    tier = pl.col("labels").str.json_path_match("$.tier")
+    g = finops.connect(syn_lake).sql("SELECT * FROM raw.gpu_samples").pl()
+    small = sorted(g.filter(tier == "small")["gpu_uuid"].unique().to_list())[0]
+    large = sorted(g.filter(tier == "large")["gpu_uuid"].unique().to_list())[0]
+
+    def share(df: pl.DataFrame) -> pl.DataFrame:
+        df = df.drop("_file")
+        mine = pl.col("gpu_uuid").is_in([small, large])
+        return df.with_columns(
+            mig_instance=pl.when(pl.col("gpu_uuid") == small).then(pl.lit("1"))
+            .when(pl.col("gpu_uuid") == large).then(pl.lit("2"))
+            .otherwise(pl.col("mig_instance")),
+            mig_profile=pl.when(mine).then(pl.lit("3g.40gb")).otherwise(pl.col("mig_profile")),
+            gpu_uuid=pl.when(mine).then(pl.lit(small)).otherwise(pl.col("gpu_uuid")),
+        )  # fmt: skip
+
+    d = _derive(
+        syn_lake,
+        tmp_path / "lake",
+        gpu_samples=share,
+        serving_samples=lambda df: df.filter(pl.col("model_name") != "large"),
+    )
+    db = finops.connect(d.path)
+    tr = load_trace(db)
+    bill = fc.by(db, "tier", per=tr.period).filter(pl.col("tier") == "large").row(0, named=True)
+    (carried,) = tr.unsimulated.filter(pl.col("tier") == "large").to_dicts()
+    assert carried["cost_usd"] == pytest.approx(bill["cost"])  # was 3/4 of it
+
+
 def test_data_parallel_engines_are_one_replica(syn_lake, tmp_path) -> None:
     """The same work split over two vLLM engines (label engine, --data-parallel-size 2)
     gives the same per-replica intervals, fit and plan as one engine."""

@@ -151,7 +151,8 @@ def _gpu_rows(db: duckdb.DuckDBPyConnection, per: Period) -> pl.DataFrame:
     return fc._q(
         db,
         f"""
-        SELECT hour, tier, pod, gpu_uuid, gpu_model, pricing_kind, gpu_hours, gpu_cost
+        SELECT hour, tier, pod, gpu_uuid, gpu_uuid || '/' || mig_instance AS device,
+               gpu_model, pricing_kind, gpu_hours, gpu_cost
         FROM marts.gpu_cost_hourly WHERE {per.where()}
         """,
     )
@@ -223,7 +224,7 @@ def load_trace(
             )
     rng = np.random.default_rng(seed)
     profiles: dict[str, TierProfile] = {}
-    claimed: set[str] = set()  # gpu_uuids priced by a simulated tier
+    claimed: set[str] = set()  # devices (a GPU, or one MIG instance) a simulated tier prices
     for tier in tiers or served:
         fit = fit_frame(intervals, tier=tier)
         rows = intervals.filter(pl.col("tier") == tier)
@@ -260,7 +261,7 @@ def load_trace(
                 f"tier {tier!r}: no GPU inventory in {per.label} (GPU samples whose tier label,"
                 " deployment mapping (--deployments) or pod names this tier) to price it"
             )
-        claimed.update(inv_rows["gpu_uuid"].to_list())
+        claimed.update(inv_rows["device"].to_list())
         gpus = inv_rows["gpu_uuid"].n_unique()
         reps = max(inv_rows["pod"].drop_nulls().n_unique(), 1)
         kinds = inv_rows["pricing_kind"].unique().sort().to_list()
@@ -333,7 +334,7 @@ def _unsimulated(
         .agg(requests=pl.col("requests").sum(), upstream=pl.col("upstream").sum())
     )
     g = (
-        gpu.filter(~pl.col("gpu_uuid").is_in(list(claimed)))
+        gpu.filter(~pl.col("device").is_in(list(claimed)))
         .group_by("tier")
         .agg(
             gpu_hours=pl.col("gpu_hours").sum(),
