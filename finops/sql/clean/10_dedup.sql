@@ -21,10 +21,18 @@ CREATE OR REPLACE VIEW clean.serving_samples AS
 SELECT DISTINCT ON (source, target, metric, labels, ts) * EXCLUDE (_file)
 FROM raw.serving_samples;
 
+-- Ordering every request by write time costs ~3x a plain dedup; only the few ids that
+-- occur more than once need it.
 CREATE OR REPLACE VIEW clean.requests AS
-SELECT DISTINCT ON (request_id) * EXCLUDE (_file)
-FROM raw.requests
-ORDER BY request_id, clean.write_order(_file) DESC;
+WITH repeated AS (
+    SELECT request_id FROM raw.requests GROUP BY request_id HAVING count(*) > 1
+)
+SELECT * EXCLUDE (_file)
+FROM raw.requests ANTI JOIN repeated USING (request_id)
+UNION ALL
+(SELECT DISTINCT ON (request_id) * EXCLUDE (_file)
+ FROM raw.requests SEMI JOIN repeated USING (request_id)
+ ORDER BY request_id, clean.write_order(_file) DESC);
 
 CREATE OR REPLACE VIEW clean.cache_events AS
 SELECT DISTINCT ON (event_id) * EXCLUDE (_file)

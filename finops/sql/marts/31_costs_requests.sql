@@ -35,11 +35,10 @@
 --   cost_i        = input_cost_i + output_cost_i
 -- So sum(cost_i) over a tier-hour = C exactly: the allocation basis reconciles to the bill.
 -- Requests whose tier-hour has no GPU data get NULL cost (stated by finops.costs).
--- Reads raw.requests with the same one-row-per-request_id rule as clean.requests (the
--- latest written wins), but
--- only the columns the cost marts use (a narrower dedup is markedly cheaper).
+-- One row per request (clean.requests: the latest written wins), only the columns the
+-- cost marts use.
 CREATE OR REPLACE VIEW marts.request_work AS
-SELECT DISTINCT ON (request_id)
+SELECT
     request_id, ts, date_trunc('hour', ts) AS hour,
     tenant, feature, coalesce(operation, 'chat') AS operation, tier,
     coalesce(response_model, request_model) AS model,
@@ -57,8 +56,7 @@ SELECT DISTINCT ON (request_id)
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
          ELSE 0 END AS work_in,
     CASE WHEN worked THEN coalesce(output_tokens, 0) ELSE 0 END AS work_out
-FROM raw.requests
-ORDER BY request_id, clean.write_order(_file) DESC;
+FROM clean.requests;
 
 -- Per tier-hour pools and the marginal (average) price of one token of work.
 CREATE OR REPLACE VIEW marts.tier_token_prices AS
