@@ -681,36 +681,13 @@ def test_out_and_router_errors_are_one_clear_line(demo_lake: Path, tmp_path: Pat
     afile = tmp_path / "afile"
     afile.write_text("x")
     runner = CliRunner()
+    base = ["report", "--week", WEEK, "--lake", str(demo_lake), "--no-growth"]
     for out in (afile, afile / "sub"):
-        res = runner.invoke(
-            app,
-            [
-                "report",
-                "--week",
-                WEEK,
-                "--lake",
-                str(demo_lake),
-                "--no-growth",
-                "--out",
-                str(out),
-            ],
-        )
+        res = runner.invoke(app, [*base, "--out", str(out)])
         assert res.exit_code == 2, res.output
         assert f"error: --out {out}" in res.output and "Traceback" not in res.output
     res = runner.invoke(
-        app,
-        [
-            "report",
-            "--week",
-            WEEK,
-            "--lake",
-            str(demo_lake),
-            "--no-growth",
-            "--out",
-            str(tmp_path / "o"),
-            "--router",
-            str(tmp_path / "nope"),
-        ],
+        app, [*base, "--out", str(tmp_path / "o"), "--router", str(tmp_path / "nope")]
     )
     assert res.exit_code == 2, res.output
     assert "error: --router" in res.output and str(tmp_path / "nope") in res.output

@@ -8,7 +8,7 @@ from typing import Annotated
 
 import typer
 
-from finops.cli._common import LakeOption, fail, print_frame, resolve_lake
+from finops.cli._common import LakeOption, connect_lake, fail, print_frame
 
 recommend_app = typer.Typer(
     help="Recommendations derived from the fitted models.", no_args_is_help=True
@@ -29,13 +29,9 @@ DeploymentsOption = Annotated[
 
 
 def _open(lake: Path | None, deployments: Path | None = None):
-    import finops
     import finops.costs as fc
 
-    path = resolve_lake(lake)
-    if not path.exists():
-        fail(f"{path}: no lake here (run `finops demo` or `finops collect` first)")
-    db = finops.connect(path)
+    db = connect_lake(lake)
     if deployments is not None:
         fc.load_deployments(db, deployments)  # as `finops costs --deployments` does
     return db
