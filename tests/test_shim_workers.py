@@ -145,8 +145,11 @@ def test_workers_share_the_port_reload_restart_and_drain(tmp_path, upstream):
             lambda: len(_workers(proc.pid)) == 2 and victim not in _workers(proc.pid),
             what="a replacement worker",
         )
-        assert not list(log_dir.glob(f"requests-*-{victim}-*.jsonl.open")), (
-            "the dead worker's open log file is closed out"
+        # the supervisor closes it out once it has reaped the dead worker, which may come
+        # a moment after the process list already shows two workers
+        _wait(
+            lambda: not list(log_dir.glob(f"requests-*-{victim}-*.jsonl.open")),
+            what="the dead worker's open log file closed out",
         )
         (new,) = _workers(proc.pid) - first
         _wait(
