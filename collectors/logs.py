@@ -282,11 +282,11 @@ def _parse_ndjson(text: bytes, schema: dict[str, pl.DataType] | None) -> tuple[p
     Returns the frame and whether the typed read succeeded.
     """
     if schema is None:
-        return pl.read_ndjson(io.BytesIO(text), infer_schema_length=None), True
+        return pl.read_ndjson(text, infer_schema_length=None), True
     try:
-        return pl.read_ndjson(io.BytesIO(text), schema=schema), True
+        return pl.read_ndjson(text, schema=schema), True
     except pl.exceptions.PolarsError:
-        return pl.read_ndjson(io.BytesIO(text), schema=dict.fromkeys(schema, pl.String)), False
+        return pl.read_ndjson(text, schema=dict.fromkeys(schema, pl.String)), False
 
 
 def _value_series(name: str, values: list[Any]) -> pl.Series:
