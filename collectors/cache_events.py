@@ -17,6 +17,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 from collections import deque
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import polars as pl
@@ -109,8 +110,9 @@ class AvoidedTokens:
         def want(f: pl.DataFrame | pl.LazyFrame) -> pl.Expr:
             return pl.col("request_id").is_in(ids) | pl.col("prompt_fingerprint").is_in(fps)
 
-        found = [f.filter(want(f)) for f in self._frames]
-        if self.lake is not None and self.lake.files("requests"):
+        def scan(files: list[Path]) -> pl.DataFrame | None:
+            if not files:
+                return None
             cols = [
                 "request_id",
                 "ts",
@@ -120,11 +122,16 @@ class AvoidedTokens:
                 "output_tokens",
                 "cache_status",
             ]
-            lazy = pl.scan_parquet(self.lake.files("requests"))
+            lazy = pl.scan_parquet(files)
             have = lazy.collect_schema().names()
             cols += [c for c in ("status_code", "error_type") if c in have]
             lazy = lazy.select(cols)
-            from_lake = lazy.filter(want(lazy)).collect()
+            return lazy.filter(want(lazy)).collect()
+
+        found = [f.filter(want(f)) for f in self._frames]
+        # listed again if a compaction in another process replaces files meanwhile
+        from_lake = self.lake.read_files("requests", scan) if self.lake is not None else None
+        if from_lake is not None:
             found.append(self._candidates(from_lake))
         found = [f for f in found if f.height]
         if not found:

@@ -22,16 +22,17 @@ from __future__ import annotations
 
 import contextlib
 import datetime as dt
+import fcntl
 import os
 import re
 import threading
 import time
 import uuid
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import numpy as np
 import orjson
@@ -48,6 +49,8 @@ RAW_COLUMN = "_raw"
 """Optional input column with the original text of each row, kept for rejects."""
 
 MAX_RAW_CHARS = 500
+STALE_TMP_AGE = dt.timedelta(minutes=15)
+"""A hidden temporary file this old is a killed writer's leftover; `compact` removes it."""
 FUTURE_TOLERANCE = dt.timedelta(minutes=10)
 EARLIEST_TS = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _TS_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
@@ -125,11 +128,12 @@ def _fsync_dir(path: Path) -> None:
 def _atomic_file(dest: Path, mode: str, *, fsync: bool) -> Iterator[Any]:
     """A file handle on a temporary name next to `dest`, renamed into place when done.
 
-    The temporary name does not end like the real one, so globs never match it; a
-    writer killed mid-way leaves only a `*.tmp-*` file that readers ignore.
+    The temporary name starts with '.' and does not end like the real one: finops'
+    globs never match it, and dataset readers (pyarrow.dataset, Spark, Trino) skip
+    hidden files, so a writer killed mid-way leaves nothing any reader trips on.
     """
     dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f"{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
+    tmp = dest.with_name(f".{dest.name}.tmp-{uuid.uuid4().hex[:12]}")
     try:
         with open(tmp, mode, encoding=None if "b" in mode else "utf-8") as fh:
             yield fh
@@ -142,6 +146,29 @@ def _atomic_file(dest: Path, mode: str, *, fsync: bool) -> Iterator[Any]:
         raise
     if fsync:
         _fsync_dir(dest.parent)
+
+
+def _remove_stale_tmp(part_dir: Path, now: float) -> None:
+    """Remove killed writers' hidden temporary files; a young one may be a write in progress."""
+    for tmp in part_dir.glob(".*.tmp-*"):
+        with contextlib.suppress(FileNotFoundError):
+            if now - tmp.stat().st_mtime > STALE_TMP_AGE.total_seconds():
+                tmp.unlink()
+
+
+@contextlib.contextmanager
+def _compact_lock(root: Path) -> Iterator[None]:
+    """One compaction of a table at a time, across processes.
+
+    A second one would merge and delete files the first is deleting under it. The
+    OS releases a `flock` when its process dies, so a crash leaves no stale lock.
+    """
+    with open(root / ".compact.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: bool = True) -> None:
@@ -213,11 +240,18 @@ def _parse_ts_strings(s: pl.Series) -> pl.Series:
 
 
 def _epoch_to_ts(s: pl.Series) -> pl.Series:
-    """Numbers as epoch time; the unit follows from the magnitude (s, ms, us)."""
+    """Numbers as epoch time; the unit follows from the magnitude (s, ms, us, ns).
+
+    Nanoseconds (OTel `time_unix_nano`) are >= 1e17; integers among them are divided
+    exactly, as a float has too few digits for them.
+    """
     f = s.cast(pl.Float64, strict=False)
+    exact = s.cast(pl.Int64, strict=False)
     us = (
         pl.select(
-            pl.when(f.abs() >= 1e14)
+            pl.when(f.abs() >= 1e17)
+            .then(pl.when(exact.is_not_null()).then(exact // 1000).otherwise(f / 1e3))
+            .when(f.abs() >= 1e14)
             .then(f)
             .when(f.abs() >= 1e11)
             .then(f * 1e3)
@@ -253,9 +287,7 @@ def coerce(s: pl.Series, target: pl.DataType) -> pl.Series:
         if src.is_numeric():
             return _epoch_to_ts(s)
         if src == pl.String:
-            parsed = _parse_ts_strings(s)
-            numeric = s.cast(pl.Float64, strict=False)
-            return parsed.fill_null(_epoch_to_ts(numeric))
+            return _parse_ts_strings(s).fill_null(_epoch_to_ts(s))
         return pl.Series(s.name, [None] * len(s), dtype=target)
     if target == pl.Boolean:
         if src.is_numeric():
@@ -316,7 +348,7 @@ def coerce(s: pl.Series, target: pl.DataType) -> pl.Series:
 
 def _describe(dtype: pl.DataType) -> str:
     if isinstance(dtype, pl.Datetime):
-        return "a timestamp (ISO 8601 or epoch s/ms/us)"
+        return "a timestamp (ISO 8601 or epoch s/ms/us/ns)"
     return _TYPE_WORDS.get(dtype, str(dtype))  # type: ignore[call-overload]
 
 
@@ -522,6 +554,7 @@ LATEST_WINS = ("requests", "cache_events", "rejects")
 """Tables whose clean views keep the latest written of rows sharing a key (10_dedup.sql)."""
 
 _STAMP = "__written"
+_T = TypeVar("_T")
 
 
 def _keys_in_several_partitions(root: Path, key: Sequence[str]) -> pl.DataFrame | None:
@@ -596,6 +629,20 @@ class Lake:
         if not root.exists():
             return []
         return sorted(root.glob("date=*/*.parquet"))
+
+    def read_files(self, table: str, read: Callable[[list[Path]], _T], *, tries: int = 3) -> _T:
+        """`read(self.files(table))`, listed again if a file vanished meanwhile.
+
+        A compaction in another process replaces files between a listing and the
+        reading; a fresh listing holds its merged file instead, so the result stays exact.
+        """
+        for attempt in range(tries):
+            try:
+                return read(self.files(table))
+            except FileNotFoundError:
+                if attempt == tries - 1:
+                    raise
+        raise AssertionError("unreachable")
 
     def tables(self) -> list[str]:
         return [t for t in TABLES if self.files(t)]
@@ -713,89 +760,99 @@ class Lake:
         recorded (so appending one of them again still adds nothing), then the
         old files are removed. A reader that listed files before the swap may
         see both for an instant; the clean views dedupe by key, so query
-        results stay the same.
+        results stay the same. Compactions of one table run one at a time (a
+        `.compact.lock` in its folder), and each removes the hidden temporary files
+        that killed writers left, once they are older than `STALE_TMP_AGE`.
         """
         results = []
         for name in [table] if table else list(TABLES):
-            schema = schema_for(name)
-            res = CompactResult(table=name)
+            schema_for(name)
             root = self.path / name
-            # a key with copies in several dates: its rows keep their own write time, or
-            # a merge would promote an old copy past a newer one in another partition
-            spread = _keys_in_several_partitions(root, schema.key) if name in LATEST_WINS else None
-            for part_dir in sorted(root.glob("date=*")) if root.exists() else []:
-                files = sorted(part_dir.glob("*.parquet"))
-                res.files_before += len(files)
-                if len(files) < min_files:
-                    res.files_after += len(files)
-                    res.rows_before += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-                    res.rows_after += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
-                    continue
-                # newest file first: `unique(keep="first")` then keeps the latest write
-                files.sort(key=lambda f: (_file_stamp(f), f.name), reverse=True)
-                frames = [
-                    pl.read_parquet(f).with_columns(pl.lit(_file_stamp(f)).alias(_STAMP))
-                    for f in files
-                ]
-                merged = pl.concat(frames, how="diagonal_relaxed").select(*schema.columns, _STAMP)
-                res.rows_before += merged.height
-                merged = merged.unique(subset=list(schema.key), keep="first", maintain_order=True)
-                newest = _file_stamp(files[0])
-                groups = {newest: merged}
-                if spread is not None and spread.height:
-                    pinned = merged.filter(pl.col(_STAMP) < newest).join(
-                        spread, on=list(schema.key), how="semi", nulls_equal=True
-                    )
-                    if pinned.height:
-                        groups[newest] = merged.join(
-                            pinned.select(schema.key), on=list(schema.key), how="anti",
-                            nulls_equal=True,
-                        )  # fmt: skip
-                        for (stamp,), rows in pinned.group_by(_STAMP):
-                            groups[int(stamp)] = rows
-                held = _merged(part_dir)
-                for f in files:
-                    m = _WRITTEN.match(f.name)
-                    if m:
-                        held.add(m.group(2))
-                    elif f.name.startswith("part-"):
-                        held.add(f.name.removeprefix("part-").removesuffix(".parquet"))
-                kept: set[Path] = set()
-                for stamp, rows in sorted(groups.items()):
-                    if not rows.height:
-                        continue
-                    rows = rows.drop(_STAMP).sort(list(schema.key), nulls_last=True)
-                    fp = _fingerprint(rows.drop("ts") if schema is REJECTS else rows)
-                    dest = part_dir / f"part-{stamp:020d}-{fp}.parquet"
-                    if not dest.exists():
-                        write_parquet_atomic(rows, dest, fsync=self.fsync)
-                    held.add(fp)
-                    kept.add(dest)
-                    res.files_after += 1
-                    res.rows_after += rows.height
-                with _atomic_file(part_dir / MERGED_FILE, "w", fsync=self.fsync) as fh:
-                    fh.write("".join(f"{x}\n" for x in sorted(held)))
-                for f in files:
-                    if f not in kept:
-                        f.unlink(missing_ok=True)
-                res.partitions += kept != set(files)  # already compact: nothing changed
-            results.append(res)
+            if not root.exists():
+                results.append(CompactResult(table=name))
+                continue
+            with _compact_lock(root):
+                results.append(self._compact_table(name, min_files))
         return results
+
+    def _compact_table(self, name: str, min_files: int) -> CompactResult:
+        """`compact` of one table; the caller holds its lock."""
+        schema = schema_for(name)
+        res = CompactResult(table=name)
+        root = self.path / name
+        now = time.time()
+        # a key with copies in several dates: its rows keep their own write time, or
+        # a merge would promote an old copy past a newer one in another partition
+        spread = _keys_in_several_partitions(root, schema.key) if name in LATEST_WINS else None
+        for part_dir in sorted(root.glob("date=*")):
+            _remove_stale_tmp(part_dir, now)
+            files = sorted(part_dir.glob("*.parquet"))
+            res.files_before += len(files)
+            if len(files) < min_files:
+                res.files_after += len(files)
+                res.rows_before += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+                res.rows_after += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
+                continue
+            # newest file first: `unique(keep="first")` then keeps the latest write
+            files.sort(key=lambda f: (_file_stamp(f), f.name), reverse=True)
+            frames = [
+                pl.read_parquet(f).with_columns(pl.lit(_file_stamp(f)).alias(_STAMP)) for f in files
+            ]
+            merged = pl.concat(frames, how="diagonal_relaxed").select(*schema.columns, _STAMP)
+            res.rows_before += merged.height
+            merged = merged.unique(subset=list(schema.key), keep="first", maintain_order=True)
+            newest = _file_stamp(files[0])
+            groups = {newest: merged}
+            if spread is not None and spread.height:
+                pinned = merged.filter(pl.col(_STAMP) < newest).join(
+                    spread, on=list(schema.key), how="semi", nulls_equal=True
+                )
+                if pinned.height:
+                    groups[newest] = merged.join(
+                        pinned.select(schema.key), on=list(schema.key), how="anti",
+                        nulls_equal=True,
+                    )  # fmt: skip
+                    for (stamp,), rows in pinned.group_by(_STAMP):
+                        groups[int(stamp)] = rows
+            held = _merged(part_dir)
+            for f in files:
+                m = _WRITTEN.match(f.name)
+                if m:
+                    held.add(m.group(2))
+                elif f.name.startswith("part-"):
+                    held.add(f.name.removeprefix("part-").removesuffix(".parquet"))
+            kept: set[Path] = set()
+            for stamp, rows in sorted(groups.items()):
+                if not rows.height:
+                    continue
+                rows = rows.drop(_STAMP).sort(list(schema.key), nulls_last=True)
+                fp = _fingerprint(rows.drop("ts") if schema is REJECTS else rows)
+                dest = part_dir / f"part-{stamp:020d}-{fp}.parquet"
+                if not dest.exists():
+                    write_parquet_atomic(rows, dest, fsync=self.fsync)
+                held.add(fp)
+                kept.add(dest)
+                res.files_after += 1
+                res.rows_after += rows.height
+            with _atomic_file(part_dir / MERGED_FILE, "w", fsync=self.fsync) as fh:
+                fh.write("".join(f"{x}\n" for x in sorted(held)))
+            for f in files:
+                if f not in kept:
+                    f.unlink(missing_ok=True)
+            res.partitions += kept != set(files)  # already compact: nothing changed
+        return res
 
     def info(self) -> pl.DataFrame:
         """Tables, rows, files, bytes and the date range they cover."""
-        rows = []
-        for name in TABLES:
-            files = self.files(name)
+
+        def summary(files: list[Path]) -> dict[str, Any]:
             dates = sorted({f.parent.name.removeprefix("date=") for f in files})
-            rows.append(
-                {
-                    "table": name,
-                    "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
-                    "files": len(files),
-                    "bytes": sum(f.stat().st_size for f in files),
-                    "first_date": dates[0] if dates else None,
-                    "last_date": dates[-1] if dates else None,
-                }
-            )
-        return pl.DataFrame(rows)
+            return {
+                "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
+                "files": len(files),
+                "bytes": sum(f.stat().st_size for f in files),
+                "first_date": dates[0] if dates else None,
+                "last_date": dates[-1] if dates else None,
+            }
+
+        return pl.DataFrame([{"table": name, **self.read_files(name, summary)} for name in TABLES])
