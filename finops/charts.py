@@ -19,6 +19,10 @@ import polars as pl
 
 _DOW = ["Mon", "Tue", "Wed", "Thu", "Fri", "Sat", "Sun"]
 _USD = "$,.2f"
+# Vega-Lite draws times in the viewer's local zone unless told UTC: a utc scale for
+# axes, a utc time unit for tooltips (a utc scale does not reach the tooltip text)
+_UTC = alt.Scale(type="utc")
+_UTC_HOUR = "utcyearmonthdatehours"
 
 
 def _require(df: pl.DataFrame, cols: Sequence[str], what: str) -> None:
@@ -54,7 +58,7 @@ def utilization_over_time(util: pl.DataFrame, *, width: int = 640) -> alt.Chart:
         alt.Chart(long.drop_nulls("value"))
         .mark_line(strokeWidth=1.5)
         .encode(
-            x=alt.X("hour:T", title="hour (UTC)"),
+            x=alt.X("hour:T", title="hour (UTC)", scale=_UTC),
             y=alt.Y(
                 "value:Q",
                 title="utilization",
@@ -64,7 +68,7 @@ def utilization_over_time(util: pl.DataFrame, *, width: int = 640) -> alt.Chart:
             color=alt.Color("tier:N", title="tier"),
             strokeDash=alt.StrokeDash("signal:N", title="signal"),
             tooltip=[
-                alt.Tooltip("hour:T", format="%a %d %H:00"),
+                alt.Tooltip("hour:T", timeUnit=_UTC_HOUR, format="%a %d %H:00 UTC", title="hour"),
                 "tier:N",
                 "signal:N",
                 alt.Tooltip("value:Q", format=".1%"),

@@ -15,6 +15,15 @@ from finops.models.simulate import Plan
 from finops.models.throughput import ThroughputFit
 
 MAX_POINTS = 4000  # Altair refuses to embed more than 5,000 rows in a chart
+# times in UTC whatever the viewer's zone (Vega-Lite defaults to local time):
+# a utc scale for axes, a utc time unit for tooltips
+_UTC = alt.Scale(type="utc")
+_T_TIP = alt.Tooltip(
+    "t:T", timeUnit="utcyearmonthdatehoursminutes", format="%Y-%m-%d %H:%M UTC", title="t"
+)
+_HOUR_TIP = alt.Tooltip(
+    "hour:T", timeUnit="utcyearmonthdatehours", format="%a %d %H:00 UTC", title="hour"
+)
 
 
 def thin(df: pl.DataFrame, limit: int = MAX_POINTS) -> tuple[pl.DataFrame, str]:
@@ -46,7 +55,7 @@ def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcat
             x=alt.X(f"{load}:Q", title=f"{load} (requests in replica)"),
             y=alt.Y(f"{fit.target}:Q", title=fit.target),
             color=alt.Color("split:N"),
-            tooltip=["t:T", f"{load}:Q", f"{fit.target}:Q", "predicted:Q", "split:N"],
+            tooltip=[_T_TIP, f"{load}:Q", f"{fit.target}:Q", "predicted:Q", "split:N"],
         )
     )
     line = alt.Chart(curve).mark_line(color="black").encode(x=f"{load}:Q", y="fitted:Q")
@@ -63,7 +72,7 @@ def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcat
             x=alt.X("predicted:Q"),
             y=alt.Y("residual:Q"),
             color="split:N",
-            tooltip=["t:T", "predicted:Q", "residual:Q"],
+            tooltip=[_T_TIP, "predicted:Q", "residual:Q"],
         )
         .properties(width=width, height=240, title=f"{fit.tier}: residuals")
     )
@@ -83,7 +92,7 @@ def latency_fit_chart(fit: LatencyFit, *, width: int = 360) -> alt.LayerChart:
             x=alt.X("load:Q", title="requests in replica (running + waiting)"),
             y=alt.Y("observed_ms:Q", title=f"{fit.metric} {fit.quantile} (ms)"),
             color="split:N",
-            tooltip=["t:T", "load:Q", "observed_ms:Q", "predicted_ms:Q"],
+            tooltip=[_T_TIP, "load:Q", "observed_ms:Q", "predicted_ms:Q"],
         )
     )
     line = alt.Chart(d.sort("load")).mark_line(color="black").encode(x="load:Q", y="predicted_ms:Q")
@@ -125,11 +134,11 @@ def replicas_chart(plan: Plan) -> alt.Chart:
         alt.Chart(plan.hourly)
         .mark_line(interpolate="step-after")
         .encode(
-            x=alt.X("hour:T"),
+            x=alt.X("hour:T", title="hour (UTC)", scale=_UTC),
             y=alt.Y("replicas:Q"),
             color="tier:N",
             tooltip=[
-                "hour:T",
+                _HOUR_TIP,
                 "tier:N",
                 "replicas:Q",
                 alt.Tooltip("rate_rps:Q", format=".2f"),
