@@ -574,6 +574,17 @@ def _known(col: str, *, raw: bool = False) -> str:
     )
 
 
+def sum_known(values: pl.Series) -> float | None:
+    """Sum of cost lines that may be NULL (unknown: no GPU data), for totals of `leakage`
+    or `cache_savings` lines: None when some line is unknown and the known ones are all 0,
+    so that a week without GPU data never reads as $0; else the sum of the known lines
+    (partly priced, like `_known`)."""
+    known = values.drop_nulls()
+    if values.null_count() and not (known != 0).any():
+        return None
+    return float(known.sum())
+
+
 def by(
     db: duckdb.DuckDBPyConnection,
     dim: str,
@@ -723,10 +734,16 @@ def totals(
                CAST(coalesce(sum(cached_input_tokens) FILTER (processed), 0) AS BIGINT)
                    AS cached_input_tokens,
                coalesce(sum(cost_{b}), 0) AS allocated_cost,
-               coalesce(sum(input_cost_{b}), 0) AS input_cost,
-               coalesce(sum(output_cost_{b}), 0) AS output_cost,
-               coalesce(sum(cost_{b}) FILTER (leak IS NOT NULL), 0) AS leakage_cost,
-               count(*) FILTER (failed) AS failed_requests
+               {_known(f"coalesce(sum(input_cost_{b}), 0)", raw=True)} AS input_cost,
+               {_known(f"coalesce(sum(output_cost_{b}), 0)", raw=True)} AS output_cost,
+               {_known(f"coalesce(sum(cost_{b}) FILTER (leak IS NOT NULL), 0)", raw=True)}
+                   AS leakage_cost,
+               count(*) FILTER (failed) AS failed_requests,
+               count(*) FILTER (unpriced) AS unpriced_requests,
+               CAST(coalesce(sum(input_tokens) FILTER (processed AND NOT unpriced), 0) AS BIGINT)
+                   AS priced_input_tokens,
+               CAST(coalesce(sum(output_tokens) FILTER (processed AND NOT unpriced), 0) AS BIGINT)
+                   AS priced_output_tokens
         FROM marts.request_costs WHERE {per.where()}
     """,
     ).row(0, named=True)
@@ -754,16 +771,27 @@ def totals(
         "output_tokens": r["output_tokens"],
         "cached_input_tokens": r["cached_input_tokens"],
     }
-    n = out["requests"]
-    out["cost_per_request"] = out["gpu_cost"] / n if n else None
-    out["usd_per_1k_requests"] = 1000 * out["gpu_cost"] / n if n else None
+    # per-request and per-token figures count only priced requests (a request on a
+    # tier-hour without GPU data has cost NULL): the bill over all requests would
+    # understate them; no GPU data at all: unknown (None), not $0
+    n = out["requests"] - r["unpriced_requests"]
+    out["unpriced_requests"] = r["unpriced_requests"]
+    priced = bool(n and g["gpu_hours"])
+    out["cost_per_request"] = out["gpu_cost"] / n if priced else None
+    out["usd_per_1k_requests"] = 1000 * out["gpu_cost"] / n if priced else None
+    i, o = r["priced_input_tokens"], r["priced_output_tokens"]
     out["usd_per_1m_input_tokens"] = (
-        out["input_cost"] / out["input_tokens"] * 1e6 if out["input_tokens"] else None
+        out["input_cost"] / i * 1e6 if i and out["input_cost"] is not None else None
     )
     out["usd_per_1m_output_tokens"] = (
-        out["output_cost"] / out["output_tokens"] * 1e6 if out["output_tokens"] else None
+        out["output_cost"] / o * 1e6 if o and out["output_cost"] is not None else None
     )
-    out["notes"] = src["notes"]
+    out["notes"] = list(src["notes"])
+    if priced and r["unpriced_requests"]:
+        out["notes"].append(
+            f"cost per request and per token count only the {n:,} priced requests "
+            f"({r['unpriced_requests']:,} have no GPU data)"
+        )
     return out
 
 
@@ -907,23 +935,24 @@ def leakage(
     b = _basis(basis)
     per = _p(week, start, end, per)
     t = totals(db, per=per, basis=b)
+    cost = _known(f"coalesce(sum(cost_{b}), 0)", raw=True)  # NULL: no GPU data for its work
     df = _q(
         db,
         f"""
         SELECT coalesce(leak, 'useful') AS category, count(*) AS requests,
-               coalesce(sum(cost_{b}), 0) AS cost
+               {cost} AS cost
         FROM marts.request_costs WHERE {per.where()} GROUP BY ALL
         UNION ALL
-        SELECT 'retry_storm', count(*), coalesce(sum(cost_{b}), 0)
+        SELECT 'retry_storm', count(*), {cost}
         FROM marts.request_costs WHERE {per.where()} AND in_storm
         UNION ALL
-        SELECT 'retries', count(*), coalesce(sum(cost_{b}), 0)
+        SELECT 'retries', count(*), {cost}
         FROM marts.request_costs WHERE {per.where()} AND is_retry
         UNION ALL
-        SELECT 'embeddings', count(*), coalesce(sum(cost_{b}), 0)
+        SELECT 'embeddings', count(*), {cost}
         FROM marts.request_costs WHERE {per.where()} AND operation = 'embeddings'
         UNION ALL
-        SELECT 'streaming', count(*), coalesce(sum(cost_{b}), 0)
+        SELECT 'streaming', count(*), {cost}
         FROM marts.request_costs WHERE {per.where()} AND stream
     """,
     )
@@ -939,7 +968,12 @@ def leakage(
         + (", and idle time of busy tier-hours)" if b == "usage" else ")"),
     }
     idle_row = pl.DataFrame(
-        {"category": ["idle"], "requests": [0], "cost": [t["idle_cost"]]}, schema=df.schema
+        {
+            "category": ["idle"],
+            "requests": [0],
+            "cost": [t["idle_cost"] if t["gpu_hours"] else None],
+        },
+        schema=df.schema,
     )
     df = pl.concat([df, idle_row])
     order = [
@@ -1005,10 +1039,20 @@ def cache_savings(
     - response_cache_potential: the cost of observed exact duplicates that did
       reach the GPUs (leak = 'duplicate').
     Default basis is usage: a cache frees busy GPU time; idle capacity is paid
-    for either way until the fleet shrinks.
+    for either way until the fleet shrinks. usd_saved is NULL (unknown), not 0, for a
+    line whose tokens have no price at all (no GPU data for their tier-hours).
     """
     b = _basis(basis)
     per = _p(week, start, end, per)
+
+    def unknown(value: str, needs_price: str) -> str:
+        # NULL when rows needed a price and none had one (no GPU data), as `_known`
+        return (
+            f"CASE WHEN count(*) FILTER ({needs_price} AND ({value}) IS NULL) > 0"
+            f" AND count(*) FILTER ({needs_price} AND ({value}) IS NOT NULL) = 0"
+            f" THEN NULL ELSE coalesce(sum({value}) FILTER ({needs_price}), 0) END"
+        )
+
     return _q(
         db,
         f"""
@@ -1081,21 +1125,27 @@ def cache_savings(
         SELECT 'vllm_prefix' AS layer,
                count(*) FILTER (cached_input_tokens > 0 AND worked) AS requests,
                CAST(coalesce(sum(cached_input_tokens) FILTER (worked), 0) AS BIGINT) AS tokens,
-               coalesce(sum(cached_input_tokens * in_price) FILTER (worked), 0) AS usd_saved,
+               {unknown("cached_input_tokens * in_price", "worked AND cached_input_tokens > 0")}
+                   AS usd_saved,
                'cached prompt tokens x marginal input-token price' AS how
         FROM priced
         UNION ALL
         SELECT 'shim_response', count(*),
                CAST(coalesce(sum(coalesce(in_tok + out_tok, event_tokens)), 0) AS BIGINT),
-               coalesce(sum(CASE WHEN in_tok IS NOT NULL
-                                 THEN in_tok * in_price + out_tok * out_price
-                                 ELSE event_tokens * token_price END), 0),
+               {
+            unknown(
+                "CASE WHEN in_tok IS NOT NULL THEN in_tok * in_price + out_tok * out_price"
+                " ELSE event_tokens * token_price END",
+                "coalesce(in_tok + out_tok, event_tokens) > 0",
+            )
+        },
                'response-cache hits and coalesced requests served x the tokens they avoided'
                || ' at upstream prices'
         FROM avoided
         UNION ALL
         SELECT 'response_cache_potential', count(*),
-               CAST(coalesce(sum(input_tokens + output_tokens), 0) AS BIGINT), coalesce(sum(cost_{b}), 0),
+               CAST(coalesce(sum(input_tokens + output_tokens), 0) AS BIGINT),
+               {_known(f"coalesce(sum(cost_{b}), 0)", raw=True)},
                'exact duplicates that reached the GPUs (a response cache would answer them)'
         FROM marts.request_costs WHERE {per.where()} AND leak = 'duplicate'
     """,
@@ -1269,15 +1319,16 @@ class CapSavings:
     touched: int
     touched_share: float
     tokens_saved: int
-    usd_saved: float
-    feature_cost: float
+    usd_saved: float | None  # None: no GPU data to price the cut tokens
+    feature_cost: float | None
     basis: str
     period: str
 
     def sentence(self) -> str:
         return (
             f"a cap of {self.cap:,} tokens on {self.feature} would have saved "
-            f"${self.usd_saved:,.2f} ({self.basis} basis, {self.period}) and touched "
+            f"{'an unknown amount (no GPU data)' if self.usd_saved is None else f'${self.usd_saved:,.2f}'}"
+            f" ({self.basis} basis, {self.period}) and touched "
             f"{100 * self.touched_share:.1f}% of requests ({self.touched:,} of {self.requests:,})"
         )
 
@@ -1314,9 +1365,11 @@ def cap_savings(
         SELECT count(*) AS requests,
                count(*) FILTER (w.input_tokens > $cap) AS touched,
                CAST(coalesce(sum(w.input_tokens - $cap) FILTER (w.input_tokens > $cap), 0) AS BIGINT) AS tokens,
-               coalesce(sum((w.input_tokens - $cap) * p.usd_per_input_token_{b})
-                        FILTER (w.input_tokens > $cap), 0) AS usd,
-               (SELECT coalesce(sum(cost_{b}), 0) FROM marts.request_costs
+               CASE WHEN count(p.usd_per_input_token_{b}) FILTER (w.input_tokens > $cap) = 0
+                         AND count(*) FILTER (w.input_tokens > $cap) > 0 THEN NULL  -- no GPU data
+                    ELSE coalesce(sum((w.input_tokens - $cap) * p.usd_per_input_token_{b})
+                                  FILTER (w.input_tokens > $cap), 0) END AS usd,
+               (SELECT {_known(f"coalesce(sum(cost_{b}), 0)", raw=True)} FROM marts.request_costs
                  WHERE feature = $feature AND {per.where()}) AS feature_cost
         FROM marts.request_work w
         LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier
@@ -1345,8 +1398,8 @@ def cap_savings(
         touched,
         touched / requests,
         int(tokens),
-        float(usd),
-        float(fcost),
+        None if usd is None else float(usd),
+        None if fcost is None else float(fcost),
         b,
         per.label,
     )
@@ -1369,42 +1422,48 @@ def headline(
     u = totals(db, per=per, basis="usage")
     leak = leakage(db, per=per)
     cache = cache_savings(db, per=per)
-    leak_cost = float(leak.filter(pl.col("kind") == "leak")["cost"].sum())
+    leak_cost = sum_known(leak.filter(pl.col("kind") == "leak")["cost"])
+    # no GPU samples: the bill is unknown (None, printed as unknown), not $0
+    known = bool(t["gpu_hours"])
+    priced = u["requests"] - u["unpriced_requests"]
     return {
         "period": t["period"],
         "gpus": t["gpus"],
         "gpu_hours": t["gpu_hours"],
-        "gpu_cost": t["gpu_cost"],
+        "gpu_cost": t["gpu_cost"] if known else None,
         "utilization": t["utilization"],
-        "idle_capacity_cost": t["idle_capacity_cost"],
+        "idle_capacity_cost": t["idle_capacity_cost"] if known else None,
         "idle_capacity_share": t["idle_capacity_cost"] / t["gpu_cost"] if t["gpu_cost"] else None,
         "requests": t["requests"],
         "cost_per_1k_requests": t["usd_per_1k_requests"],
         "usage_cost_per_1k_requests": (
-            1000 * u["allocated_cost"] / u["requests"] if u["requests"] else None
+            1000 * u["allocated_cost"] / priced if known and priced else None
         ),
         "usd_per_1m_input_tokens": t["usd_per_1m_input_tokens"],
         "usd_per_1m_output_tokens": t["usd_per_1m_output_tokens"],
         "leakage_cost": leak_cost,
-        "leakage_share": leak_cost / t["gpu_cost"] if t["gpu_cost"] else None,
-        "cache_saved": float(
-            cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum()
+        "leakage_share": leak_cost / t["gpu_cost"]
+        if leak_cost is not None and t["gpu_cost"]
+        else None,
+        "cache_saved": sum_known(
+            cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"]
         ),
-        "response_cache_potential": float(
-            cache.filter(pl.col("layer") == "response_cache_potential")["usd_saved"].sum()
+        "response_cache_potential": sum_known(
+            cache.filter(pl.col("layer") == "response_cache_potential")["usd_saved"]
         ),
         "notes": t["notes"],
     }
 
 
 def format_headline(h: Mapping[str, Any]) -> str:
-    """One line: the week's bill, idle share, cost per 1k requests, leakage, cache savings."""
+    """One line: the week's bill, idle share, cost per 1k requests, leakage, cache savings
+    (dollars without GPU data read "unknown", never $0.00)."""
 
     def pct(x: float | None) -> str:
         return "n/a" if x is None else f"{100 * x:.0f}%"
 
     def usd(x: float | None) -> str:
-        return "n/a" if x is None else f"${x:,.2f}"
+        return "unknown" if x is None else f"${x:,.2f}"
 
     return (
         f"{h['period']}: GPU bill {usd(h['gpu_cost'])} for {h['gpu_hours']:,.0f} GPU-hours "

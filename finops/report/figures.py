@@ -215,10 +215,10 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
         "utilization": _f(t["utilization"]),
         "idle_capacity_usd": float(t["idle_capacity_cost"]) if known else None,
         "leakage_usd": (
-            float(leak.filter(pl.col("kind") == "leak")["cost"].sum()) if known else None
+            fc.sum_known(leak.filter(pl.col("kind") == "leak")["cost"]) if known else None
         ),
         "cache_saved_usd": (
-            float(cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum())
+            fc.sum_known(cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"])
             if known
             else None
         ),
@@ -304,7 +304,7 @@ def _context_leak(db: duckdb.DuckDBPyConnection, per: fc.Period) -> list[dict[st
             continue
         cs = fc.cap_savings(db, r["feature"], cap, per=per)
         rows.append({**cs.as_dict(), "p50": _f(r["p50"]), "max": int(r["max"])})
-    rows.sort(key=lambda x: -x["usd_saved"])
+    rows.sort(key=lambda x: -(x["usd_saved"] or 0))
     return rows
 
 
@@ -312,16 +312,18 @@ def _leakage(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     df = fc.leakage(db, per=per)
     ctx = _context_leak(db, per)
     leak = df.filter(pl.col("kind") == "leak")
+    known = fc.sum_known  # None (unknown: no GPU data), never $0.00
     return {
-        "categories": _records(df),
-        "leak_usd": float(leak["cost"].sum()),
-        "duplicates_usd": float(leak.filter(pl.col("category") == "duplicate")["cost"].sum()),
-        "retries_usd": float(df.filter(pl.col("category") == "retries")["cost"].sum()),
-        "failed_usd": float(
-            leak.filter(pl.col("category").is_in(["retried_failure", "failed"]))["cost"].sum()
+        # no GPU data for any of it: every line is unknown, as in _breakdowns
+        "categories": [] if df["cost"].null_count() == df.height else _records(df),
+        "leak_usd": known(leak["cost"]),
+        "duplicates_usd": known(leak.filter(pl.col("category") == "duplicate")["cost"]),
+        "retries_usd": known(df.filter(pl.col("category") == "retries")["cost"]),
+        "failed_usd": known(
+            leak.filter(pl.col("category").is_in(["retried_failure", "failed"]))["cost"]
         ),
         "context": ctx,
-        "context_usd": float(sum(r["usd_saved"] for r in ctx)),
+        "context_usd": known(pl.Series([r["usd_saved"] for r in ctx], dtype=pl.Float64)),
     }
 
 
@@ -329,11 +331,11 @@ def _cache(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     df = fc.cache_savings(db, per=per)
     return {
         "layers": _records(df),
-        "saved_usd": float(
-            df.filter(pl.col("layer") != "response_cache_potential")["usd_saved"].sum()
+        "saved_usd": fc.sum_known(
+            df.filter(pl.col("layer") != "response_cache_potential")["usd_saved"]
         ),
-        "potential_usd": float(
-            df.filter(pl.col("layer") == "response_cache_potential")["usd_saved"].sum()
+        "potential_usd": fc.sum_known(
+            df.filter(pl.col("layer") == "response_cache_potential")["usd_saved"]
         ),
     }
 
@@ -707,14 +709,21 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             f"saving {usd(a['saved_usd'])}."
         )
     c = r["cache"]
-    if c["layers"]:
+    if c["layers"] and c["saved_usd"] is None and c["potential_usd"] is None:
+        t["cache"] = (
+            "Cache savings are unknown: no GPU data this week to price the tokens the caches "
+            "avoided."
+        )
+    elif c["layers"]:
         best = max(c["layers"], key=lambda x: x["usd_saved"] or 0)
         t["cache"] = (
             f"Caches saved {usd(c['saved_usd'])}; a response cache on the duplicates would save "
             f"{usd(c['potential_usd'])} more (largest line: {md_name(best['layer'])}, {usd(best['usd_saved'])})."
         )
     lk = r["leakage"]
-    if lk["categories"]:
+    if lk["categories"] and lk["leak_usd"] is None:
+        t["leakage"] = "Leakage cost is unknown: no GPU data this week for the leaked requests."
+    elif lk["categories"]:
         t["leakage"] = (
             f"Leakage cost {usd(lk['leak_usd'])}: failed and retried work {usd(lk['failed_usd'])}, "
             f"duplicates {usd(lk['duplicates_usd'])}; capping each feature's context at its p90 would save "
