@@ -63,6 +63,14 @@ def test_cli_headline_says_unknown_not_zero(tmp_path: Path) -> None:
     assert "caches saved unknown" in line
 
 
+def test_cli_bill_line_says_unknown_not_zero(tmp_path: Path) -> None:
+    lake = _lake(tmp_path / "lake", gpu_rows=None)
+    res = CliRunner().invoke(app, ["costs", "--lake", str(lake), "--week", WEEK])
+    assert res.exit_code == 0, res.output
+    last = res.stdout.strip().splitlines()[-1]
+    assert last == f"GPU bill unknown (no GPU samples in {WEEK}); 51 requests", last
+
+
 def test_per_1k_counts_only_priced_requests(tmp_path: Path) -> None:
     """The large tier's GPUs were not scraped: its requests have cost NULL; the bill of
     the small tier (and the untiered GPU) is divided by the priced requests only."""

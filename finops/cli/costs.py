@@ -129,6 +129,11 @@ def costs(
         "table",
         title=f"cost by {by}, {tot['period']} ({basis} basis)",
     )
+    if not tot["gpu_hours"]:  # no GPU samples: the bill is unknown, not $0.00
+        typer.echo(
+            f"GPU bill unknown (no GPU samples in {tot['period']}); {tot['requests']:,} requests"
+        )
+        return
     typer.echo(
         f"GPU bill ${tot['gpu_cost']:,.2f} ({tot['gpu_hours']:,.0f} GPU-hours, {tot['gpus']} GPUs)"
         f" = allocated ${tot['allocated_cost']:,.2f} + idle ${tot['idle_cost']:,.2f}; "
