@@ -25,6 +25,10 @@ from typing import Any
 FINGERPRINT_BYTES = 1024
 
 
+class CheckpointError(ValueError):
+    """A checkpoint file that cannot be used; the message names it and says what to do."""
+
+
 @dataclass
 class FileState:
     """Where reading of one physical file stands."""
@@ -73,17 +77,22 @@ class Checkpoint:
 
     @classmethod
     def load(cls, path: Path, pattern: str) -> Checkpoint:
+        """Read a checkpoint; a damaged one raises CheckpointError naming it (never a
+        bare TypeError), since guessing positions could skip or re-read lines."""
         try:
-            doc: dict[str, Any] = json.loads(path.read_text())
+            doc: Any = json.loads(path.read_text())
         except FileNotFoundError:
             return cls(path=path, pattern=pattern)
         except (OSError, ValueError) as exc:
-            raise ValueError(
-                f"{path}: checkpoint unreadable ({exc}); move it away to re-read from the start "
-                "(duplicates are dropped by the lake's keys)"
-            ) from exc
+            raise _unusable(path, f"unreadable ({exc})") from exc
+        raws = doc.get("files", []) if isinstance(doc, dict) else None
+        if not isinstance(raws, list):
+            raise _unusable(path, 'expected a JSON object with a "files" list')
         files = {}
-        for raw in doc.get("files", []):
+        for i, raw in enumerate(raws):
+            problem = _file_state_problem(raw)
+            if problem:
+                raise _unusable(path, f"files[{i}]: {problem}")
             state = FileState(**raw)
             files[state.key] = state
         return cls(path=path, pattern=pattern, files=files)
@@ -114,3 +123,42 @@ class Checkpoint:
             os.fsync(fd)
         finally:
             os.close(fd)
+
+
+# field -> accepted types of a FileState entry (bool is not an int here)
+_FIELD_TYPES: dict[str, tuple[type, ...]] = {
+    "path": (str,),
+    "dev": (int,),
+    "ino": (int,),
+    "offset": (int,),
+    "line": (int,),
+    "fp": (str,),
+    "fp_len": (int,),
+    "header": (str, type(None)),
+    "done": (bool,),
+}
+
+
+def _file_state_problem(raw: Any) -> str | None:
+    """What is wrong with one stored file state, or None when it is usable."""
+    if not isinstance(raw, dict):
+        return f"expected an object, got {type(raw).__name__}"
+    missing = [k for k in ("path", "dev", "ino") if k not in raw]
+    if missing:
+        return f"missing field(s) {missing}"
+    unknown = sorted(set(raw) - set(_FIELD_TYPES))
+    if unknown:
+        return f"unknown field(s) {unknown}"
+    for name, value in raw.items():
+        types = _FIELD_TYPES[name]
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in types):
+            want = " or ".join("null" if t is type(None) else t.__name__ for t in types)
+            return f"field {name!r}: expected {want}, got {value!r}"
+    return None
+
+
+def _unusable(path: Path, problem: str) -> CheckpointError:
+    return CheckpointError(
+        f"{path}: checkpoint {problem}; move it away to re-read from the start "
+        "(duplicates are dropped by the lake's keys)"
+    )

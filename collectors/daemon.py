@@ -714,9 +714,9 @@ class Collector:
                 self.buffer[:0] = batch
                 self.buffered_rows += sum(o.rows() + 1 for o in batch)
                 self.stats.write_errors += 1
-                self._print(f"collect: writing to {self.cfg.lake} failed, will retry: {exc}")
-                if self.stopping:
+                if self.stopping:  # the last flush (--once, shutdown): nothing retries it
                     raise
+                self._print(f"collect: writing to {self.cfg.lake} failed, will retry: {exc}")
 
     async def write_now(
         self, kind: str, tables: dict[str, Any], *, then: Callable[[], None]

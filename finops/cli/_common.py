@@ -24,9 +24,14 @@ LakeOption = Annotated[
 
 
 def resolve_lake(lake: Path | None) -> Path:
+    """The lake folder asked for (or the default); a file in its place is an error,
+    since writing there fails half-way and reading it shows an empty lake."""
     from finops.db import default_lake_path
 
-    return lake if lake is not None else default_lake_path()
+    path = lake if lake is not None else default_lake_path()
+    if path.exists() and not path.is_dir():
+        fail(f"{path}: not a lake folder (it is a file); give --lake a folder")
+    return path
 
 
 def existing_lake(lake: Path | None) -> Path:

@@ -55,7 +55,10 @@ def collect(
     """
     import asyncio
 
+    import polars as pl
+
     from collectors import config as cfgmod
+    from collectors.checkpoint import CheckpointError
     from collectors.daemon import Collector
 
     flags = any([dcgm, vllm, nvml, prometheus, log])
@@ -109,9 +112,16 @@ def collect(
             cfg.checkpoint_dir = checkpoint_dir
     except cfgmod.ConfigError as exc:
         fail(str(exc))
-    collector = Collector(cfg)
+    resolve_lake(cfg.lake)  # a file where the lake folder should be: one error line
+    try:
+        collector = Collector(cfg)
+    except CheckpointError as exc:
+        fail(str(exc))
     if once:
-        outcomes = asyncio.run(collector.run_once())
+        try:
+            outcomes = asyncio.run(collector.run_once())
+        except (OSError, pl.exceptions.ComputeError) as exc:
+            fail(f"writing to {cfg.lake} failed: {exc} (--once: not retrying)", code=1)
         for o in outcomes:
             state = "up  " if o.up else "DOWN"
             msg = f"{state} {o.kind:<10} {o.target}  {o.samples:,} samples"
@@ -124,7 +134,10 @@ def collect(
         up = sum(o.up for o in outcomes)
         typer.echo(f"{up}/{len(outcomes)} targets up; lake: {cfg.lake}")
         return
-    asyncio.run(collector.run_forever())
+    try:
+        asyncio.run(collector.run_forever())
+    except (OSError, pl.exceptions.ComputeError) as exc:  # the final flush, at shutdown
+        fail(f"writing to {cfg.lake} failed: {exc}", code=1)
 
 
 def register(app: typer.Typer) -> None:

@@ -146,6 +146,10 @@ def _run(
         except MappingError as exc:
             fail(str(exc))
             return
+        except (OSError, pl.exceptions.ComputeError) as exc:
+            # disk full, file too large, permissions: what was written stays; a rerun
+            # adds only the rest (the lake's keys drop what is already there)
+            fail(f"writing to {lake_path} failed while loading {path}: {exc}", code=1)
         reports.append(report)
     rows = [
         {
@@ -278,10 +282,18 @@ def _follow(
     interval: float,
 ) -> None:
     """Tail until SIGTERM/SIGINT; each poll's batch is written, then its checkpoint."""
+    import polars as pl
+
+    from collectors.checkpoint import CheckpointError
     from collectors.logs import LogSource
     from collectors.mapping import MappingError
 
-    sources = [LogSource(p, store, checkpoint_dir, mapped, table=kind, base_ts=base) for p in paths]
+    try:
+        sources = [
+            LogSource(p, store, checkpoint_dir, mapped, table=kind, base_ts=base) for p in paths
+        ]
+    except CheckpointError as exc:
+        fail(str(exc))
     stopping = False
 
     def _stop(signum: int, frame: Any) -> None:
@@ -303,6 +315,9 @@ def _follow(
             except MappingError as exc:
                 fail(str(exc))
                 return
+            except (OSError, pl.exceptions.ComputeError) as exc:
+                # each batch's checkpoint follows its write: a restart resumes from here
+                fail(f"writing to {store.path} failed: {exc}; stopped", code=1)
             for err in src.errors:
                 if err not in seen_errors:
                     typer.echo(f"warning: {err} (will retry)", err=True)
