@@ -160,6 +160,10 @@ def make_target(
         from collectors.dcgm import default_url
 
         kw["url"] = default_url(kw["url"])
+    if kind in ("dcgm", "vllm") and kw["url"].endswith("/metrics/"):
+        # `/metrics/` reaches vLLM's prometheus_client mount, which answers
+        # OpenMetrics with escaped names; `/metrics` is the exporters' own route
+        kw["url"] = kw["url"].rstrip("/")
     if kind == "vllm" and not kw["url"].rstrip("/").endswith("/metrics"):
         kw["url"] = kw["url"].rstrip("/").removesuffix("/v1") + "/metrics"
     if kw.get("timeout", 5.0) > kw.get("interval", 10.0) and kind != "prometheus":

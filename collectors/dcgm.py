@@ -16,14 +16,17 @@ read the same:
 | gpu_model     | `modelName`                                     |
 | mig_profile   | `GPU_I_PROFILE`                                 |
 | mig_instance  | `GPU_I_ID`                                      |
-| namespace     | `namespace`, `pod_namespace`                    |
-| pod           | `pod`, `pod_name`                               |
-| container     | `container`, `container_name`                   |
+| namespace     | `exported_namespace`, `namespace`, `pod_namespace` |
+| pod           | `exported_pod`, `pod`, `pod_name`               |
+| container     | `exported_container`, `container`, `container_name` |
 
 Empty Kubernetes labels (the exporter prints `pod=""` for GPUs no pod holds)
-become null. Every other label (`device`, `pci_bus_id`,
-`DCGM_FI_DRIVER_VERSION`, `err_code`, custom pod labels...) goes to the
-`labels` JSON column.
+become null. `exported_*` come through Prometheus: scraped by a ServiceMonitor
+without `honorLabels`, the exporter's pod/namespace/container are renamed
+`exported_*` and `pod`/`namespace`/`container` name the exporter's own pod, so
+the `exported_*` one wins the column and the target's label stays in `labels`.
+Every other label (`device`, `pci_bus_id`, `DCGM_FI_DRIVER_VERSION`,
+`err_code`, custom pod labels...) goes to the `labels` JSON column.
 
 Blank values: DCGM reports "no data" as sentinels: at or above
 9223372036854775792 (`DCGM_INT64_BLANK` and its siblings), and, for 32-bit and
@@ -63,9 +66,9 @@ _COLUMN_LABELS: dict[str, tuple[str, ...]] = {
     "gpu_model": ("modelName",),
     "mig_profile": ("GPU_I_PROFILE",),
     "mig_instance": ("GPU_I_ID",),
-    "namespace": ("namespace", "pod_namespace"),
-    "pod": ("pod", "pod_name"),
-    "container": ("container", "container_name"),
+    "namespace": ("exported_namespace", "namespace", "pod_namespace"),
+    "pod": ("exported_pod", "pod", "pod_name"),
+    "container": ("exported_container", "container", "container_name"),
 }
 _KNOWN = {lab for labs in _COLUMN_LABELS.values() for lab in labs}
 
@@ -171,9 +174,12 @@ def label_table(labels: pl.Series) -> pl.DataFrame:
     for lab in labels.to_list():
         d = orjson.loads(lab) if lab else {}
         cols: dict[str, str | None] = {}
+        shadowed: set[str] = set()  # Prometheus' target labels under an exported_* one
         for col, names in _COLUMN_LABELS.items():
             cols[col] = next((d[n] for n in names if d.get(n)), None)
-        extra = {k: v for k, v in d.items() if k not in _KNOWN}
+            if d.get(names[0]) and names[0].startswith("exported_"):
+                shadowed.update(names[1:])
+        extra = {k: v for k, v in d.items() if k not in _KNOWN or (k in shadowed and v)}
         rows.append({"labels": lab, **cols, "extra": canonical_json(extra)})
     return pl.DataFrame(
         rows,

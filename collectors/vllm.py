@@ -11,7 +11,10 @@ lake:
 | `vllm:gpu_prefix_cache_hits[_total]`      | `vllm:prefix_cache_hits[_total]`  |
 | `vllm:time_per_output_token_seconds_*`    | `vllm:inter_token_latency_seconds_*` |
 
-When a release exports both names, the current one wins. Histogram buckets
+When a release exports both names, the current one wins. OpenMetrics output
+with escaped names (prometheus_client's `/metrics/` mount answers with
+`escaping=underscores`: `vllm_prompt_tokens_total` under `# TYPE
+vllm:prompt_tokens counter`) is read under the family's real name. Histogram buckets
 are taken as exported (`le` stays in the labels): nothing assumes bucket
 bounds. Labels keep `model_name` and `engine` and are stored as canonical
 JSON; `model_name` is also lifted into its own column.
@@ -31,12 +34,13 @@ from __future__ import annotations
 
 import datetime as dt
 import hashlib
+import re
 from dataclasses import dataclass, field
 
 import orjson
 import polars as pl
 
-from collectors.exposition import ParseResult
+from collectors.exposition import ParseResult, _sample_type
 
 RENAMES: dict[str, str] = {
     "vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc",
@@ -51,6 +55,8 @@ QUERIES = "vllm:prefix_cache_queries_total"
 
 SERVING_COLUMNS = ("ts", "source", "target", "metric", "type", "labels", "model_name", "value")
 
+_ESCAPED = re.compile(r"[^A-Za-z0-9_]")
+
 
 def normalize_names(names: pl.Expr) -> pl.Expr:
     """Rename old vLLM metric names (any suffix) to the current ones."""
@@ -62,6 +68,40 @@ def normalize_names(names: pl.Expr) -> pl.Expr:
             .otherwise(out)
         )
     return out
+
+
+def unescape_names(parsed: ParseResult) -> pl.DataFrame:
+    """The payload's samples, OpenMetrics-escaped names read back as their family's.
+
+    prometheus_client's ASGI app (vLLM's `/metrics/` mount) answers an Accept
+    that offers OpenMetrics with `escaping=underscores`: `vllm:prompt_tokens_total`
+    arrives as `vllm_prompt_tokens_total` while TYPE/HELP keep `vllm:prompt_tokens`,
+    so no sample would match `vllm:`. A sample the parser could not type whose
+    name is an escaped family name plus a suffix of that family's type gets the
+    family's name and type back.
+    """
+    s = parsed.samples
+    fams: dict[str, tuple[str, str | None]] = {}
+    for fam, typ in parsed.metadata.select("name", "type").iter_rows():
+        esc = _ESCAPED.sub("_", fam or "")
+        if esc != fam:
+            fams[esc] = (fam, typ)
+    if not fams or s.height == 0:
+        return s
+    names: dict[str, str] = {}
+    types: dict[str, str] = {}
+    for n in s.filter(pl.col("type") == "untyped")["name"].unique().to_list():
+        for esc, (fam, typ) in fams.items():
+            new = fam + n[len(esc) :]
+            if n.startswith(esc) and (new == fam or _sample_type(new, fam, typ) != "untyped"):
+                names[n], types[n] = new, _sample_type(new, fam, typ)
+                break
+    if not names:
+        return s
+    return s.with_columns(
+        name=pl.col("name").replace(names),
+        type=pl.col("name").replace_strict(types, default=pl.col("type")),
+    )
 
 
 def serving_rows(
@@ -78,7 +118,7 @@ def serving_rows(
     and Python runtime metrics are the exporter's, not serving's); pass `("",)`
     to keep all.
     """
-    s = parsed.samples
+    s = unescape_names(parsed)
     if prefixes and prefixes != ("",):
         keep = pl.any_horizontal([pl.col("name").str.starts_with(p) for p in prefixes])
         s = s.filter(keep)

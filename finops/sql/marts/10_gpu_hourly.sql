@@ -2,12 +2,15 @@
 -- Utilization means SM activity when the exporter has it: DCGM_FI_PROF_SM_ACTIVE,
 -- else DCGM_FI_PROF_GR_ENGINE_ACTIVE, else DCGM_FI_DEV_GPU_UTIL (which only says
 -- a kernel was running, so it flatters). `util_signal` says which one was used;
--- `util` is a 0-1 ratio whatever the signal.
+-- `util` is a 0-1 ratio whatever the signal. A GPU is its UUID: one row per (hour,
+-- gpu_uuid, mig_instance) even when its `host` label changed within the hour (an
+-- exporter pod replaced mid-hour); `host` is the latest one seen.
 CREATE OR REPLACE VIEW marts.gpu_hourly AS
 WITH per_field AS (
     SELECT
         date_trunc('hour', ts) AS hour,
-        host, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
+        gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
+        arg_max(host, ts) AS host, max(ts) AS last_ts,
         any_value(gpu_model) AS gpu_model,
         any_value(mig_profile) AS mig_profile,
         any_value(namespace) AS namespace,
@@ -17,11 +20,11 @@ WITH per_field AS (
         avg(value) AS avg_value,
         count(*) AS samples
     FROM clean.gpu_samples
-    GROUP BY ALL
+    GROUP BY hour, gpu_uuid, coalesce(mig_instance, ''), field
 ),
 wide AS (
     SELECT
-        hour, host, gpu_uuid, mig_instance,
+        hour, arg_max(host, last_ts) AS host, gpu_uuid, mig_instance,
         any_value(gpu_model) AS gpu_model,
         any_value(mig_profile) AS mig_profile,
         any_value(namespace) AS namespace,
@@ -35,10 +38,10 @@ wide AS (
         max(avg_value) FILTER (field IN ('DCGM_FI_DEV_POWER_USAGE', 'nvml_power_w')) AS power_w,
         sum(samples) AS samples
     FROM per_field
-    GROUP BY ALL
+    GROUP BY hour, gpu_uuid, mig_instance
 ),
 energy_by_source AS (
-    SELECT date_trunc('hour', ts) AS hour, host, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
+    SELECT date_trunc('hour', ts) AS hour, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
            source, field, sum(increase) / 3.6e9 AS energy_kwh
     FROM clean.gpu_counter_increase
     GROUP BY ALL
@@ -46,15 +49,16 @@ energy_by_source AS (
 -- DCGM and NVML both reading the same GPU measure the same joules: keep one
 -- source's counter per GPU-hour (DCGM first, then NVML), never their sum.
 energy AS (
-    SELECT hour, host, gpu_uuid, mig_instance, energy_kwh
+    SELECT hour, gpu_uuid, mig_instance, energy_kwh
     FROM energy_by_source
     QUALIFY row_number() OVER (
-        PARTITION BY hour, host, gpu_uuid, mig_instance
+        PARTITION BY hour, gpu_uuid, mig_instance
         ORDER BY (field = 'DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION') DESC, source, field) = 1
 )
 SELECT
     w.hour, w.host, w.gpu_uuid, w.mig_instance, w.mig_profile, w.gpu_model, w.namespace, w.pod,
-    coalesce(json_extract_string(w.labels, '$.tier'), json_extract_string(w.labels, '$."finops.dev/tier"')) AS tier,
+    coalesce(json_extract_string(w.labels, '$.tier'), json_extract_string(w.labels, '$."finops.dev/tier"'),
+             json_extract_string(w.labels, '$.finops_dev_tier')) AS tier,
     coalesce(w.sm_active, w.gr_engine_active, w.gpu_util) AS util,
     CASE WHEN w.sm_active IS NOT NULL THEN 'DCGM_FI_PROF_SM_ACTIVE'
          WHEN w.gr_engine_active IS NOT NULL THEN 'DCGM_FI_PROF_GR_ENGINE_ACTIVE'
@@ -63,4 +67,4 @@ SELECT
     w.sm_active, w.gr_engine_active, w.tensor_active, w.gpu_util,
     w.fb_used_mib, w.power_w, e.energy_kwh, w.samples
 FROM wide w
-LEFT JOIN energy e USING (hour, host, gpu_uuid, mig_instance);
+LEFT JOIN energy e USING (hour, gpu_uuid, mig_instance);

@@ -19,7 +19,8 @@
 --   busy_cost        = util x gpu_cost                          (usage basis)
 --   idle_cost        = gpu_cost - busy_cost                     (idle capacity)
 -- Tier: the first matching ref.deployments rule (lowest priority number), else the
--- pod label `tier` (or `finops.dev/tier`), else the `app` label, else no tier
+-- pod label `tier` (or `finops.dev/tier`, or `finops_dev_tier` as dcgm-exporter's
+-- --kubernetes-enable-pod-labels sanitises it), else the `app` label, else no tier
 -- (such GPUs are never allocated to requests: their cost stays unallocated).
 
 -- User mapping from pods/labels to deployments and tiers (finops.costs.load_deployments
@@ -41,19 +42,23 @@ CREATE TABLE IF NOT EXISTS ref.deployments (
 -- (util = SM_ACTIVE > GR_ENGINE_ACTIVE > GPU_UTIL/100). It reads the deduplicated layer:
 -- a partly re-written flush duplicates only some samples, which would skew the average.
 -- A GPU-hour exists when the GPU reported any field (power alone still bills the hour).
+-- A GPU is its UUID: one row per (hour, gpu_uuid, mig_instance) whatever `host` said
+-- (dcgm-exporter's Hostname is often its own pod name, which a DaemonSet rollout changes
+-- mid-hour; billing per host would bill that hour twice). `host` is the latest one seen.
 CREATE OR REPLACE VIEW marts.gpu_util_hourly AS
 WITH per_field AS (
-    SELECT date_trunc('hour', ts) AS hour, host, gpu_uuid,
+    SELECT date_trunc('hour', ts) AS hour, gpu_uuid,
            coalesce(mig_instance, '') AS mig_instance, field,
+           arg_max(host, ts) AS host, max(ts) AS last_ts,
            any_value(gpu_model) AS gpu_model, any_value(mig_profile) AS mig_profile,
            any_value(namespace) AS namespace,
            any_value(pod) AS pod, any_value(labels) AS labels,
            avg(value) AS avg_value
     FROM clean.gpu_samples
-    GROUP BY ALL
+    GROUP BY hour, gpu_uuid, coalesce(mig_instance, ''), field
 ),
 wide AS (
-    SELECT hour, host, gpu_uuid, mig_instance,
+    SELECT hour, arg_max(host, last_ts) AS host, gpu_uuid, mig_instance,
            any_value(gpu_model) AS gpu_model, any_value(mig_profile) AS mig_profile,
            any_value(namespace) AS namespace,
            any_value(pod) AS pod, any_value(labels) AS labels,
@@ -62,11 +67,12 @@ wide AS (
            max(avg_value) FILTER (field IN ('DCGM_FI_DEV_GPU_UTIL', 'nvml_gpu_util_percent'))
                / 100.0::DOUBLE AS gpu_util
     FROM per_field
-    GROUP BY ALL
+    GROUP BY hour, gpu_uuid, mig_instance
 )
 SELECT *,
     coalesce(json_extract_string(labels, '$.tier'),
-             json_extract_string(labels, '$."finops.dev/tier"')) AS tier,
+             json_extract_string(labels, '$."finops.dev/tier"'),
+             json_extract_string(labels, '$.finops_dev_tier')) AS tier,
     coalesce(sm_active, gr_engine_active, gpu_util) AS util,
     CASE WHEN sm_active IS NOT NULL THEN 'DCGM_FI_PROF_SM_ACTIVE'
          WHEN gr_engine_active IS NOT NULL THEN 'DCGM_FI_PROF_GR_ENGINE_ACTIVE'
@@ -89,7 +95,7 @@ matched AS (
      AND (d.label_key IS NULL
           OR json_extract_string(g.labels, '$."' || d.label_key || '"') = d.label_value)
     QUALIFY row_number() OVER (
-        PARTITION BY g.hour, g.host, g.gpu_uuid, g.mig_instance
+        PARTITION BY g.hour, g.gpu_uuid, g.mig_instance
         ORDER BY d.priority NULLS LAST) = 1
 ),
 resolved AS (
@@ -112,7 +118,7 @@ priced AS (
           OR (starts_with(r.model_key, p.cat_key)
               AND NOT regexp_matches(substr(r.model_key, length(p.cat_key) + 1, 1), '[A-Za-z0-9]')))
     QUALIFY row_number() OVER (
-        PARTITION BY r.hour, r.host, r.gpu_uuid, r.mig_instance
+        PARTITION BY r.hour, r.gpu_uuid, r.mig_instance
         ORDER BY (p.cat_key = r.model_key) DESC, length(p.cat_key) DESC) = 1
 ),
 sliced AS (
@@ -134,7 +140,7 @@ shared AS (
            sum(slices) FILTER (slices > 0) OVER gpu AS all_slices,
            least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util01
     FROM sliced
-    WINDOW gpu AS (PARTITION BY hour, host, gpu_uuid)
+    WINDOW gpu AS (PARTITION BY hour, gpu_uuid)
 ),
 hours AS (
     SELECT *,
@@ -188,7 +194,8 @@ WITH pods AS (
 s AS (
     SELECT date_trunc('hour', ts) AS hour, metric, increase,
            coalesce(json_extract_string(labels, '$.tier'),
-                    json_extract_string(labels, '$."finops.dev/tier"')) AS label_tier,
+                    json_extract_string(labels, '$."finops.dev/tier"'),
+                    json_extract_string(labels, '$.finops_dev_tier')) AS label_tier,
            coalesce(json_extract_string(labels, '$.pod'), target) AS pod
     FROM clean.serving_increase
     WHERE metric IN ('vllm:request_prefill_time_seconds_sum',
