@@ -298,8 +298,8 @@ def load_deployments(db: duckdb.DuckDBPyConnection, path: str | os.PathLike[str]
     return frame
 
 
-def _ensure(db: duckdb.DuckDBPyConnection) -> None:
-    """Load $FINOPS_DEPLOYMENTS once per connection, when set."""
+def ensure_deployments(db: duckdb.DuckDBPyConnection) -> None:
+    """Load $FINOPS_DEPLOYMENTS once per connection, when set (the API and `finops sql`)."""
     env = os.environ.get("FINOPS_DEPLOYMENTS")
     if not env:
         return
@@ -383,7 +383,7 @@ def materialize(db: duckdb.DuckDBPyConnection, *, force: bool = False) -> None:
     copies are rebuilt when the lake's files, the prices, the deployment rules or
     the knobs of `configure` change.
     """
-    _ensure(db)
+    ensure_deployments(db)
     sig = _signature(db)
     current = db.execute("SELECT getvariable('finops_costs_signature')").fetchall()[0][0]
     if current == sig and not force:

@@ -888,3 +888,23 @@ def test_a_mig_gpu_hour_is_shared_by_compute_slices(tmp_path: Path) -> None:
     db2 = finops.connect(tmp_path / "lake2", prices=prices)
     got2 = db2.sql("SELECT gpu_hours FROM marts.gpu_cost_hourly ORDER BY mig_instance").fetchall()
     assert got2 == [(0.5,), (0.5,)]
+
+
+def test_finops_sql_applies_finops_deployments(
+    cost_lake: Path, tmp_path: Path, monkeypatch
+) -> None:
+    """`finops sql` over the marts assigns GPUs as `finops costs` does ($FINOPS_DEPLOYMENTS)."""
+    from typer.testing import CliRunner
+
+    from finops.cli import app
+
+    f = tmp_path / "deploy.toml"
+    f.write_text('[[deployment]]\nname = "nb"\ntier = "small"\nmatch = { pod = "notebook-*" }\n')
+    monkeypatch.setenv("FINOPS_DEPLOYMENTS", str(f))
+    query = "SELECT DISTINCT deployment FROM marts.gpu_cost_hourly ORDER BY 1"
+    res = CliRunner().invoke(app, ["sql", query, "--lake", str(cost_lake), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    assert "nb" in res.stdout.split(), res.stdout
+    f.write_text("nonsense = [")
+    res = CliRunner().invoke(app, ["sql", query, "--lake", str(cost_lake)])
+    assert res.exit_code == 2 and "not valid TOML" in res.output, res.output

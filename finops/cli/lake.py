@@ -49,7 +49,13 @@ def sql(
     """Run SQL against the lake, e.g. finops sql "SELECT * FROM marts.tenant_daily"."""
     import duckdb
 
+    import finops.costs as fc
+
     db = connect_lake(lake)
+    try:  # the marts assign GPUs to tiers as `finops costs` does, $FINOPS_DEPLOYMENTS included
+        fc.ensure_deployments(db)
+    except fc.CostError as exc:
+        fail(str(exc))
     try:
         rel = db.sql(query)
         if rel is None:  # blank, or comments only: DuckDB has nothing to run
