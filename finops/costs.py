@@ -157,6 +157,39 @@ def latest_week(db: duckdb.DuckDBPyConnection) -> str:
     return f"{year}-W{week:02d}"
 
 
+def _week_of_days(days: Iterable[dt.date]) -> str:
+    """The latest ISO week holding all seven of `days`' weekdays; when none is whole,
+    the week holding the most of them (the later one on a tie)."""
+    covered: dict[tuple[int, int], int] = {}
+    for day in set(days):
+        year, week, _ = day.isocalendar()
+        covered[(year, week)] = covered.get((year, week), 0) + 1
+    whole = [w for w, n in covered.items() if n == 7]
+    year, week = max(whole) if whole else max(covered, key=lambda w: (covered[w], w))
+    return f"{year}-W{week:02d}"
+
+
+def whole_week(start: dt.date, days: int) -> str:
+    """`_week_of_days` of `days` consecutive days from `start` (the demo's report week)."""
+    return _week_of_days(start + dt.timedelta(days=i) for i in range(days))
+
+
+def latest_whole_week(db: duckdb.DuckDBPyConnection) -> str:
+    """The latest ISO week with requests or GPU samples on each of its seven days.
+
+    What a team reports as "last week": a lake that runs a few minutes into a new
+    week would otherwise default to a week of minutes, and a few stray requests in
+    an older week do not make it whole. No whole week: the week with most days.
+    """
+    days = db.execute(
+        "SELECT DISTINCT CAST(hour AS DATE) FROM (SELECT hour FROM marts.request_work"
+        " UNION ALL SELECT hour FROM marts.gpu_cost_hourly)"
+    ).fetchall()
+    if not days:
+        raise CostError("the lake holds no requests and no GPU samples")
+    return _week_of_days(d for (d,) in days)
+
+
 # ----------------------------------------------------------------------------- settings
 
 

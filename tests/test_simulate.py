@@ -504,3 +504,28 @@ def test_direct_vllm_scrape_matches_requests_by_served_model(syn_lake, tmp_path)
     n_small = db.sql("SELECT count(*) FROM clean.requests WHERE tier = 'small'").fetchall()[0][0]
     assert tr.profiles[model].hourly["requests"].sum() == n_small
     assert tr.profiles[model].gpus_per_replica == 1  # its GPUs found by pod
+
+
+def test_default_period_is_not_a_week_of_minutes(syn_lake, tmp_path) -> None:
+    """One request minutes into the next week does not make `simulate` default to that
+    week (which has no vLLM counters): it reads the latest whole (or fullest) week."""
+    import datetime as dt
+
+    import polars as pl
+
+    import finops.costs as fc
+
+    def stray(df):
+        one = df.sort("request_id").head(1)
+        one = one.with_columns(
+            request_id=pl.lit("stray"), ts=pl.lit(dt.datetime(2026, 11, 23, 0, 5, tzinfo=dt.UTC))
+        )
+        return pl.concat([df, one])
+
+    d = _derive(syn_lake, tmp_path / "lake", requests=stray)
+    db = finops.connect(d.path)
+    assert fc.latest_week(db) == "2026-W48"
+    assert fc.latest_whole_week(db) == "2026-W47"
+    r = CliRunner().invoke(app, ["simulate", "--lake", str(d.path), "--format", "json"])
+    assert r.exit_code == 0, r.output
+    assert json.loads(r.stdout)["period"] == "2026-W47"

@@ -58,19 +58,11 @@ def _summary(ctx: DemoContext, note: Callable[[str], None]) -> None:
 
 
 def report_week(start: dt.date, days: int) -> str:
-    """The ISO week the demo's weekly report covers (2026-W47 for the default week).
+    """The ISO week the demo's weekly report covers (2026-W47 for the default week):
+    the latest week the demo fills from Monday to Sunday, as a team reports last week."""
+    import finops.costs as fc
 
-    The latest week the demo fills from Monday to Sunday, as a team reports last
-    week; when none is whole (fewer than 7 days, or not from a Monday), the week
-    holding the most demo days, the later one on a tie.
-    """
-    covered: dict[tuple[int, int], int] = {}
-    for i in range(days):
-        year, week, _ = (start + dt.timedelta(days=i)).isocalendar()
-        covered[(year, week)] = covered.get((year, week), 0) + 1
-    whole = [w for w, n in covered.items() if n == 7]
-    year, week = max(whole) if whole else max(covered, key=lambda w: (covered[w], w))
-    return f"{year}-W{week:02d}"
+    return fc.whole_week(start, days)
 
 
 def _week(ctx: DemoContext) -> str:

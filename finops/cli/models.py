@@ -38,11 +38,11 @@ def _open(lake: Path | None, deployments: Path | None = None):
 
 
 def _period(db, week: str | None, from_: str | None, to: str | None):
-    """The period asked for, like `finops costs`; nothing given: the lake's latest ISO week."""
+    """The period asked for, like `finops costs`; nothing given: the lake's latest whole week."""
     import finops.costs as fc
 
     if week is None and from_ is None and to is None:
-        return fc.period(fc.latest_week(db))
+        return fc.period(fc.latest_whole_week(db))
     return fc.period(week, from_, to)
 
 
