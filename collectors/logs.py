@@ -969,9 +969,11 @@ class LogSource:
 
     `poll()` reads the complete lines added since the checkpoint, writes the
     lake batch, then the checkpoint. A file renamed away by rotation
-    (`shim.log` -> `shim.log.1`) with unread lines is finished first, found by
-    its inode among its siblings; a file truncated or replaced in place starts
-    over (its head fingerprint no longer matches).
+    (`shim.log` -> `shim.log.1`, `app-20261116.jsonl`) with unread lines is
+    finished first, found by its inode among the files of its folder. A file
+    truncated in place (logrotate `copytruncate`) has its copy's unread tail read
+    first (the copy is found by the checkpoint's head fingerprint), then starts
+    over. Unread lines that cannot be found are reported in `self.errors`.
     """
 
     def __init__(
@@ -999,6 +1001,7 @@ class LogSource:
         self.reports: dict[str, FileReport] = {}
         self.errors: list[str] = []
         self.resolver = AvoidedTokens(lake)  # remembers originals of later cache hits
+        self._seen_size: dict[str, int] = {}  # file key -> size at the last poll
 
     def __repr__(self) -> str:
         return f"LogSource({self.pattern!r}, table={self.table!r})"
@@ -1009,7 +1012,11 @@ class LogSource:
         return [Path(self.pattern)] if os.path.isfile(self.pattern) else []
 
     def _find_moved(self, state: FileState) -> Path | None:
-        """Where a tracked file went (rotation renames it next to the original)."""
+        """Where a tracked file went (rotation renames it within its folder).
+
+        Any name is checked, not only ones starting with the original's: logrotate's
+        `dateext` + `extension` turns `app.jsonl` into `app-20261116.jsonl`.
+        """
         old = Path(state.path)
         try:
             st = old.stat()
@@ -1017,15 +1024,11 @@ class LogSource:
                 return old
         except OSError:
             pass
-        base = Path(self.pattern).name if not globlib.has_magic(self.pattern) else ""
-        folder = old.parent
         try:
-            entries = list(os.scandir(folder))
+            entries = list(os.scandir(old.parent))
         except OSError:
             return None
         for entry in entries:
-            if base and not entry.name.startswith(base):
-                continue
             try:
                 st = entry.stat()
             except OSError:
@@ -1033,6 +1036,44 @@ class LogSource:
             if (st.st_dev, st.st_ino) == (state.dev, state.ino) and entry.is_file():
                 return Path(entry.path)
         return None
+
+    def _find_copy(self, p: Path, state: FileState) -> tuple[Path, os.stat_result] | None:
+        """The copy `copytruncate` made of `p` before truncating it, if it is next to it.
+
+        It is the newest other file whose head matches the checkpoint's fingerprint
+        and that holds at least the bytes already read, and is not followed on its own.
+        """
+        if not state.fp_len:
+            return None
+        found: tuple[Path, os.stat_result] | None = None
+        try:
+            entries = list(os.scandir(p.parent))
+        except OSError:
+            return None
+        for entry in entries:
+            try:
+                if not entry.is_file():
+                    continue
+                st = entry.stat()
+                key = f"{st.st_dev}:{st.st_ino}"
+                if key == state.key or key in self.checkpoint.files or st.st_size < state.offset:
+                    continue
+                if head_fingerprint(Path(entry.path), state.fp_len) != state.fp:
+                    continue
+            except OSError:
+                continue
+            if found is None or st.st_mtime_ns > found[1].st_mtime_ns:
+                found = (Path(entry.path), st)
+        return found
+
+    def _lost(self, state: FileState, what: str) -> None:
+        """Report lines that cannot be read any more (never drop them silently)."""
+        seen = self._seen_size.get(state.key, state.offset)
+        if seen > state.offset:
+            unread = f"{seen - state.offset:,} unread bytes (from line {state.line + 1})"
+        else:
+            unread = f"anything written after byte {state.offset:,} (line {state.line})"
+        self.errors.append(f"{state.path}: {what}; {unread} not loaded")
 
     def poll(self, *, final: bool = False) -> AppendResult:
         """Load everything new; returns the `requests` (or cache_events) counts of this poll.
@@ -1062,22 +1103,51 @@ class LogSource:
         # 1. files rotated away with unread data: finish them first
         for key, state in list(cp.files.items()):
             if key in current:
+                if not state.done and self._stale(current[key][0], current[key][1], state):
+                    # truncated in place (copytruncate): the copy holds the unread tail
+                    del cp.files[key]  # the live file starts over
+                    copy = self._find_copy(current[key][0], state)
+                    if copy is None:
+                        self._lost(state, "truncated in place and no copy of it found next to it")
+                        continue
+                    cst = copy[1]
+                    cp.files[f"{cst.st_dev}:{cst.st_ino}"] = FileState(
+                        path=str(copy[0]),
+                        dev=cst.st_dev,
+                        ino=cst.st_ino,
+                        offset=state.offset,
+                        line=state.line,
+                        fp=state.fp,
+                        fp_len=state.fp_len,
+                        header=state.header,
+                    )
+                    order.append((copy[0], cst, True))
                 continue
             moved = self._find_moved(state)
             if moved is None:
-                del cp.files[key]  # deleted: nothing left to read
+                del cp.files[key]
+                if not state.done and (state.path == self.pattern or key in self._seen_size):
+                    self._lost(state, "moved out of its folder or deleted before it was read")
                 continue
             st = moved.stat()
+            state.path = str(moved)
             if st.st_size > state.offset and not state.done:
                 order.append((moved, st, True))
-        # 2. the live files, oldest first
+        # 2. the live files, oldest first (a copy queued above is read there)
+        queued = {str(p) for p, _, _ in order}
         for p, st in sorted(current.values(), key=lambda x: (x[1].st_mtime_ns, str(x[0]))):
-            order.append((p, st, False))
+            if str(p) not in queued:
+                order.append((p, st, False))
         for p, st, rotated in order:
             try:
                 total += self._poll_file(p, st, final=(final or rotated) and self._settled(st))
             except LogError as exc:
                 self.errors.append(str(exc))
+        self._seen_size = {
+            key: current[key][1].st_size
+            for key, state in cp.files.items()
+            if key in current and current[key][1].st_size > state.offset
+        }
         if cp.files:
             cp.save()
         return total
@@ -1085,16 +1155,19 @@ class LogSource:
     def _settled(self, st: os.stat_result) -> bool:
         return time.time() - st.st_mtime >= self.settle_seconds
 
+    @staticmethod
+    def _stale(p: Path, st: os.stat_result, state: FileState) -> bool:
+        """Truncated in place, or a new file on a reused inode: the state no longer fits."""
+        return st.st_size < state.offset or bool(
+            state.fp_len and head_fingerprint(p, state.fp_len) != state.fp
+        )
+
     def _poll_file(self, p: Path, st: os.stat_result, *, final: bool) -> AppendResult:
         cp = self.checkpoint
         key = f"{st.st_dev}:{st.st_ino}"
         state = cp.files.get(key)
-        if state is not None:
-            stale = st.st_size < state.offset or (
-                state.fp_len and head_fingerprint(p, state.fp_len) != state.fp
-            )
-            if stale:  # truncated in place, or a new file on a reused inode
-                state = None
+        if state is not None and self._stale(p, st, state):
+            state = None
         if state is None:
             state = FileState(path=str(p), dev=st.st_dev, ino=st.st_ino)
         state.path = str(p)

@@ -320,7 +320,7 @@ def _follow(
                 fail(f"writing to {store.path} failed: {exc}; stopped", code=1)
             for err in src.errors:
                 if err not in seen_errors:
-                    typer.echo(f"warning: {err} (will retry)", err=True)
+                    typer.echo(f"warning: {err}", err=True)
                     seen_errors.add(err)
             if res.read:
                 totals["read"] += res.read
