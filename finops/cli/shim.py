@@ -64,13 +64,19 @@ def _build_config(
                 keys = {}
                 for spec in api_key:
                     k, sep, tenant = spec.rpartition("=")  # keys may end in "="
-                    if not (sep and k and tenant):
+                    if not (sep and k.strip() and tenant):
                         # the value is a secret: say what is wrong with it, not what it is
                         fail(
                             "--api-key: expected KEY=TENANT (the key is hashed in memory, "
                             "never stored); one value has no '=' or an empty side"
                         )
-                    keys[hash_key(k)] = tenant
+                    h = hash_key(k)
+                    if h in keys:  # refused as in the file and with flags only
+                        fail(
+                            f"--api-key: the same key is given twice (tenants {keys[h]!r} and "
+                            f"{tenant!r}); a key bills one tenant"
+                        )
+                    keys[h] = tenant
                 # added to the file's keys, and again after every reload (cfg.overrides)
                 changes["extra_api_keys"] = keys
             return with_overrides(cfg, **changes)
@@ -237,13 +243,14 @@ def hash_key_cmd(
     ],
 ) -> None:
     """Print the sha256 form an API key is stored in."""
-    from finops.shim.config import hash_key
+    from finops.shim.config import EMPTY_KEY_SHA256, hash_key
 
-    if key == "-":
-        key = sys.stdin.readline().rstrip("\r\n")
-    if not key.strip():
+    # the bytes as given, whitespace stripped as auth strips the bearer token (hash_key):
+    # a key that is not UTF-8 is hashed as a client sends it, not a UnicodeEncodeError
+    digest = hash_key(sys.stdin.buffer.readline() if key == "-" else key)
+    if digest == EMPTY_KEY_SHA256:
         fail("hash-key: the key is empty; give the API key clients will send")
-    typer.echo(hash_key(key))
+    typer.echo(digest)
 
 
 @shim_app.command("check")

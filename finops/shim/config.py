@@ -156,9 +156,14 @@ class ShimConfig:
         return (self.alias, *self.extra_aliases)
 
 
-def hash_key(key: str) -> str:
-    """The form API keys are stored in: hex sha256 of the key's UTF-8 bytes."""
-    return hashlib.sha256(key.encode()).hexdigest()
+def hash_key(key: str | bytes) -> str:
+    """The form API keys are stored in: hex sha256 of the key's bytes (UTF-8 for a str).
+
+    Without surrounding whitespace, as auth strips it from the bearer token: a key hashed
+    with a stray space or line break could never log in. A str from the command line that
+    is not valid UTF-8 (surrogate escapes) is hashed as the bytes a client would send."""
+    raw = key if isinstance(key, bytes) else key.encode("utf-8", "surrogateescape")
+    return hashlib.sha256(raw.strip()).hexdigest()
 
 
 EMPTY_KEY_SHA256 = hash_key("")
@@ -276,6 +281,14 @@ def _check_url_port(u: SplitResult, url: str, where: str) -> None:
     _expect(port != 0, where, f"{url!r}: the port must be a number from 1 to 65535")
 
 
+def _split_url(url: str, shown: str, where: str) -> SplitResult:
+    """urlsplit, with its ValueError (a '[' without its ']') as a ConfigError naming `where`."""
+    try:
+        return urlsplit(url)
+    except ValueError as exc:
+        raise ConfigError(f"{where}: {shown!r} cannot be read as a URL ({exc})") from None
+
+
 def _check_url(url: Any, where: str) -> str:
     """An upstream's root URL (no trailing slash or /v1), or a ConfigError saying why not.
 
@@ -292,7 +305,7 @@ def _check_url(url: Any, where: str) -> str:
         where,
         f"{url!r} contains whitespace (a stray space or line break?)",
     )
-    u = urlsplit(url)
+    u = _split_url(url, url, where)
     if "@" in u.netloc:
         shown = f"{u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}"
         raise ConfigError(
@@ -368,7 +381,7 @@ def _check_redis_url(url: str, where: str) -> None:
         f"expected a redis://, rediss:// or unix:// URL, got {shown!r}",
     )
     _expect(not any(c.isspace() for c in url), where, f"{shown!r} contains whitespace")
-    u = urlsplit(url)
+    u = _split_url(url, shown, where)
     if u.scheme == "unix":
         _expect(bool(u.path), where, f"{shown!r}: expected unix:///path/to/redis.sock")
     else:
@@ -622,6 +635,11 @@ def parse_config(
     )
     feats = dict(_get(rules, "features", dict, wr, {}))
     for f, tier in feats.items():
+        _expect(
+            isinstance(tier, str),
+            f"{wr} features.{f}",
+            f"expected a tier name (one of {list(tiers)}), got {tier!r}",
+        )
         _expect(tier in tiers, f"{wr} features.{f}", f"unknown tier {tier!r}; tiers: {list(tiers)}")
     rr: dict[str, int] = {}
     for key, default in (
@@ -893,7 +911,7 @@ def from_flags(
         # the last "=": keys may end in base64 padding, tenant names do not have one
         key, sep, tenant = spec.rpartition("=")
         _expect(
-            bool(sep and key and tenant),
+            bool(sep and key.strip() and tenant),
             "--api-key",
             "expected KEY=TENANT (the key is hashed in memory, never stored)",
         )
@@ -939,7 +957,16 @@ def reapply_overrides(cfg: ShimConfig, overrides: dict[str, Any]) -> ShimConfig:
             "not read /metrics with its own key"
         )
     if extra:
-        fields["api_keys"] = {**fields.get("api_keys", cfg.api_keys), **extra}
+        base = fields.get("api_keys", cfg.api_keys)
+        moved = sorted({(base[h], t) for h, t in extra.items() if base.get(h, t) != t})
+        if moved:
+            # the flag silently billed the file's key to another tenant
+            raise ConfigError(
+                f"--api-key: a key given there is also in {cfg.source_path} [auth] keys, for "
+                f"another tenant ({moved[0][0]!r} in the file, {moved[0][1]!r} on the command "
+                "line); a key bills one tenant: give it in one place"
+            )
+        fields["api_keys"] = {**base, **extra}
     return _replace(cfg, **fields, overrides=dict(overrides))
 
 
@@ -963,17 +990,39 @@ RESTART_ONLY: dict[str, str] = {
 }
 
 
+def check_auth_kept(old: ShimConfig, new: ShimConfig) -> None:
+    """Refuse a reload that would turn auth off, or open /metrics, in a running shim.
+
+    A file that lost its keys (commented out, a bad merge, the wrong ConfigMap) let
+    every request in as the default tenant after a reload logged only at INFO; turning
+    either off is a restart, where the AUTH IS OFF warning is printed."""
+    where = f"{new.source_path}: [auth]"
+    if old.auth_enabled and not new.auth_enabled:
+        raise ConfigError(
+            f"{where} keys: the file now lists no API key, which would turn auth off (every "
+            f"request let in as tenant {new.default_tenant!r}); a reload never does that: "
+            "restart the shim to turn auth off"
+        )
+    if old.operator_keys and not new.operator_keys:
+        raise ConfigError(
+            f"{where} operator_keys: the file now lists no operator key, which would open "
+            "/metrics to anyone; a reload never does that: restart the shim to open it"
+        )
+
+
 def reread_config(old: ShimConfig) -> ShimConfig:
     """The config as its file says now, with the command-line flags applied again.
 
     Used by a reload and by a worker (re)started after one, so both serve what the
     file says now. RESTART_ONLY settings stay as the process started with them, with a
     warning naming those the file changed (a reload used to report success while they
-    silently did not apply). Raises ConfigError if the file is bad.
+    silently did not apply). Raises ConfigError if the file is bad, or if it
+    would turn auth off (check_auth_kept).
     """
     if old.source_path is None:
         return old
     cfg = reapply_overrides(load_config(old.source_path), old.overrides)
+    check_auth_kept(old, cfg)
     changed = [key for f, key in RESTART_ONLY.items() if getattr(cfg, f) != getattr(old, f)]
     if changed:
         logging.getLogger("finops.shim").warning(

@@ -51,7 +51,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from finops.shim.config import ShimConfig, reread_config
+from finops.shim.config import ShimConfig, check_auth_kept, reread_config
 from finops.shim.metrics import MULTIPROC_ENV
 from finops.shim.stored import STATE_DIR_ENV
 
@@ -407,6 +407,9 @@ class Supervisor:
         the router watched before), so one bad save is refused once, not every poll."""
         try:
             cfg = reread_config(self.cfg)
+            # and against what a restarted worker serves now: a reload that turned auth
+            # on since the start must not be undone by the next one
+            check_auth_kept(self.last_good.cfg if self.last_good else self.cfg, cfg)
         except Exception as exc:  # ConfigError, OSError
             self._signature = self._files_signature(self._watched)
             problem = f"config file {self.cfg.source_path} refused ({_reason(exc)})"
