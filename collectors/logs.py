@@ -961,6 +961,22 @@ def _read_from(
 # --------------------------------------------------------------------------- following
 
 
+def _folder_files(folder: Path) -> list[tuple[Path, os.stat_result]]:
+    """The regular files of `folder` with their stat (where rotation leaves a log)."""
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return []
+    out = []
+    for entry in entries:
+        try:
+            if entry.is_file():
+                out.append((Path(entry.path), entry.stat()))
+        except OSError:
+            continue
+    return out
+
+
 class LogSource:
     """Follow log files (a path or a glob) into the lake with durable checkpoints.
 
@@ -1024,17 +1040,9 @@ class LogSource:
                 return old
         except OSError:
             pass
-        try:
-            entries = list(os.scandir(old.parent))
-        except OSError:
-            return None
-        for entry in entries:
-            try:
-                st = entry.stat()
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (state.dev, state.ino) and entry.is_file():
-                return Path(entry.path)
+        for path, st in _folder_files(old.parent):
+            if (st.st_dev, st.st_ino) == (state.dev, state.ino):
+                return path
         return None
 
     def _find_copy(self, p: Path, state: FileState) -> tuple[Path, os.stat_result] | None:
@@ -1046,24 +1054,17 @@ class LogSource:
         if not state.fp_len:
             return None
         found: tuple[Path, os.stat_result] | None = None
-        try:
-            entries = list(os.scandir(p.parent))
-        except OSError:
-            return None
-        for entry in entries:
+        for path, st in _folder_files(p.parent):
+            key = f"{st.st_dev}:{st.st_ino}"
+            if key == state.key or key in self.checkpoint.files or st.st_size < state.offset:
+                continue
             try:
-                if not entry.is_file():
-                    continue
-                st = entry.stat()
-                key = f"{st.st_dev}:{st.st_ino}"
-                if key == state.key or key in self.checkpoint.files or st.st_size < state.offset:
-                    continue
-                if head_fingerprint(Path(entry.path), state.fp_len) != state.fp:
+                if head_fingerprint(path, state.fp_len) != state.fp:
                     continue
             except OSError:
                 continue
             if found is None or st.st_mtime_ns > found[1].st_mtime_ns:
-                found = (Path(entry.path), st)
+                found = (path, st)
         return found
 
     def _lost(self, state: FileState, what: str) -> None:

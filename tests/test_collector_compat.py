@@ -7,12 +7,11 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import json
-import threading
 from collections.abc import Iterator
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
+from test_dcgm import serve as serve_routes
 from typer.testing import CliRunner
 
 import finops
@@ -57,27 +56,10 @@ vllm_e2e_request_latency_seconds_sum{engine="0",model_name="small"} 4.5
 
 @contextlib.contextmanager
 def serve(routes: dict[str, tuple[str, bytes]]) -> Iterator[str]:
-    """A real HTTP server on 127.0.0.1; `routes` maps a path to (Content-Type, body)."""
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            ctype, body = routes.get(self.path, ("text/plain", b"not found"))
-            self.send_response(200 if self.path in routes else 404)
-            self.send_header("Content-Type", ctype)
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+    """test_dcgm's loopback server; `routes` maps a path to (Content-Type, body)."""
+    answers = {path: (lambda a=answer: (200, *a)) for path, answer in routes.items()}
+    with serve_routes(answers) as base:
+        yield base
 
 
 def collect(lake: Path, *args: str) -> str:
