@@ -51,6 +51,13 @@ RAW_COLUMN = "_raw"
 MAX_RAW_CHARS = 500
 STALE_TMP_AGE = dt.timedelta(minutes=15)
 """A hidden temporary file this old is a killed writer's leftover; `compact` removes it."""
+SUPERSEDED_GRACE = dt.timedelta(minutes=30)
+"""How long the files a compaction merged stay on disk before a later compaction deletes them.
+
+DuckDB expands a view's glob when it binds a query and opens the files later (a long
+`finops sql`, a notebook cell, another process's query), so deleting them at once fails
+such a query with "Cannot open file". Half an hour outlasts any query over the lake.
+"""
 FUTURE_TOLERANCE = dt.timedelta(minutes=10)
 EARLIEST_TS = dt.datetime(2000, 1, 1, tzinfo=dt.UTC)
 _TS_FORMATS_TZ = ("%Y-%m-%dT%H:%M:%S%.f%#z", "%Y-%m-%d %H:%M:%S%.f%#z")
@@ -157,32 +164,55 @@ def _remove_stale_tmp(part_dir: Path, now: float) -> None:
 
 
 @contextlib.contextmanager
-def _compact_lock(root: Path) -> Iterator[None]:
-    """One compaction of a table at a time, across processes.
-
-    A second one would merge and delete files the first is deleting under it. The
-    OS releases a `flock` when its process dies, so a crash leaves no stale lock.
-    """
-    with open(root / ".compact.lock", "a") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
+def _flock(path: Path, kind: int) -> Iterator[None]:
+    """Hold a `flock` on `path`; the OS releases it when its process dies (no stale lock)."""
+    with open(path, "a") as fh:
+        fcntl.flock(fh, kind)
         try:
             yield
         finally:
             fcntl.flock(fh, fcntl.LOCK_UN)
 
 
-def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: bool = True) -> None:
-    """Write to a temporary name in the same folder, fsync, then rename.
+def _compact_lock(root: Path) -> contextlib.AbstractContextManager[None]:
+    """One compaction of a table at a time, across processes.
 
-    A Polars frame is written by Polars itself (no copy to Arrow first).
+    A second one would merge the files the first is merging and superseding under it.
     """
+    return _flock(root / ".compact.lock", fcntl.LOCK_EX)
+
+
+def _publish_lock(root: Path, *, exclusive: bool) -> contextlib.AbstractContextManager[None]:
+    """Writers (shared) take their file's stamp and rename it in; a compaction (exclusive) lists.
+
+    So a file a compaction's listing misses is stamped later than every file it merges,
+    and the merged file, stamped as its newest input, never outranks a later write.
+    """
+    return _flock(root / ".publish.lock", fcntl.LOCK_EX if exclusive else fcntl.LOCK_SH)
+
+
+def _encode_parquet(table: pa.Table | pl.DataFrame, fh: Any) -> None:
+    """zstd level 1 with statistics; a Polars frame is written by Polars (no copy to Arrow)."""
+    if isinstance(table, pl.DataFrame):
+        table.write_parquet(fh, compression="zstd", compression_level=1, statistics=True)
+    else:
+        pq.write_table(table, fh, compression="zstd", compression_level=1, write_statistics=True)
+
+
+def write_parquet_atomic(table: pa.Table | pl.DataFrame, dest: Path, *, fsync: bool = True) -> None:
+    """Write to a temporary name in the same folder, fsync, then rename."""
     with _atomic_file(dest, "wb", fsync=fsync) as fh:
-        if isinstance(table, pl.DataFrame):
-            table.write_parquet(fh, compression="zstd", compression_level=1, statistics=True)
-        else:
-            pq.write_table(
-                table, fh, compression="zstd", compression_level=1, write_statistics=True
-            )
+        _encode_parquet(table, fh)
+
+
+def _write_pending(table: pl.DataFrame, tmp: Path, *, fsync: bool) -> None:
+    """Write a batch to its hidden temporary name; `_write_partitions` names and renames it."""
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    with open(tmp, "wb") as fh:
+        _encode_parquet(table, fh)
+        if fsync:
+            fh.flush()
+            os.fsync(fh.fileno())
 
 
 def _to_frame(data: Any) -> pl.DataFrame:
@@ -515,6 +545,9 @@ def _fingerprint(df: pl.DataFrame) -> str:
 MERGED_FILE = ".merged-fingerprints"
 """Per partition: fingerprints of the batches `compact` merged (one per line)."""
 
+SUPERSEDED_FILE = ".superseded"
+"""Per partition: files `compact` merged and will delete, each with when (`name<TAB>epoch s`)."""
+
 _WRITTEN = re.compile(r"^part-(\d{20})-([0-9a-z]+)\.parquet$")
 _stamp_lock = threading.Lock()
 _last_stamp = 0
@@ -541,6 +574,39 @@ def _merged(part_dir: Path) -> set[str]:
         return set()
 
 
+def _superseded(part_dir: Path) -> dict[str, float]:
+    """The partition's merged-away files still on disk (name -> when merged away)."""
+    try:
+        text = (part_dir / SUPERSEDED_FILE).read_text()
+    except FileNotFoundError:
+        return {}
+    out = {}
+    for line in text.splitlines():
+        name, _, when = line.partition("\t")
+        with contextlib.suppress(ValueError):
+            out[name] = float(when)
+    return out
+
+
+def _write_superseded(part_dir: Path, entries: Mapping[str, float], *, fsync: bool) -> None:
+    if not entries:
+        (part_dir / SUPERSEDED_FILE).unlink(missing_ok=True)
+        return
+    with _atomic_file(part_dir / SUPERSEDED_FILE, "w", fsync=fsync) as fh:
+        fh.write("".join(f"{name}\t{when:.3f}\n" for name, when in sorted(entries.items())))
+
+
+def _live_files(part_dir: Path) -> list[Path]:
+    """A partition's Parquet files, less those a compaction merged away.
+
+    The list is read before the folder: a compaction writes its merged file before it
+    lists the files it replaces, so no row is ever missing (for an instant a row may
+    be counted twice, in a file and the merged file).
+    """
+    gone = _superseded(part_dir)
+    return [f for f in sorted(part_dir.glob("*.parquet")) if f.name not in gone]
+
+
 def _holds(part_dir: Path, fingerprint: str) -> bool:
     """Whether a batch with this fingerprint was written to the partition before."""
     if (part_dir / f"part-{fingerprint}.parquet").exists():  # named by older versions
@@ -557,9 +623,8 @@ _STAMP = "__written"
 _T = TypeVar("_T")
 
 
-def _keys_in_several_partitions(root: Path, key: Sequence[str]) -> pl.DataFrame | None:
-    """Keys with rows in more than one date partition of a table (None: no files)."""
-    files = sorted(root.glob("date=*/*.parquet")) if root.exists() else []
+def _keys_in_several_partitions(files: list[Path], key: Sequence[str]) -> pl.DataFrame | None:
+    """Keys with rows in more than one date partition of these files (None: no files)."""
     if not files:
         return None
     keys = pl.concat(
@@ -624,17 +689,18 @@ class Lake:
         return self.path / table
 
     def files(self, table: str) -> list[Path]:
-        """The visible (fully written) Parquet files of one table."""
+        """The fully written Parquet files of one table, less those a compaction merged away."""
         root = self.table_path(table)
         if not root.exists():
             return []
-        return sorted(root.glob("date=*/*.parquet"))
+        return [f for part_dir in sorted(root.glob("date=*")) for f in _live_files(part_dir)]
 
     def read_files(self, table: str, read: Callable[[list[Path]], _T], *, tries: int = 3) -> _T:
         """`read(self.files(table))`, listed again if a file vanished meanwhile.
 
-        A compaction in another process replaces files between a listing and the
-        reading; a fresh listing holds its merged file instead, so the result stays exact.
+        A compaction in another process deletes the files it merged away once they
+        are `SUPERSEDED_GRACE` old, maybe between a listing and the reading; a fresh
+        listing holds the merged file instead, so the result stays exact.
         """
         for attempt in range(tries):
             try:
@@ -729,41 +795,68 @@ class Lake:
             # one row per key in a file (the later line wins), so which row the clean
             # views keep never depends on the order a scan meets them in
             df = df.unique(subset=list(schema.key), keep="last", maintain_order=True)
-        todo: list[tuple[Path, pl.DataFrame]] = []
+        root = self.path / schema.name
+        todo: list[tuple[Path, str, pl.DataFrame]] = []  # (temporary name, fingerprint, rows)
         dups = 0
         for date, body in _date_partitions(df, schema.ts_column):
             # rejects carry the time of rejection; the same bad row rejected twice
             # must still name the same file, so the fingerprint leaves ts out.
             content = body.drop("ts") if schema is REJECTS else body
             fp = _fingerprint(content)
-            part_dir = self.path / schema.name / f"date={date.isoformat()}"
+            part_dir = root / f"date={date.isoformat()}"
             if _holds(part_dir, fp):
                 dups += 1
                 continue
-            todo.append((part_dir / f"part-{_write_stamp():020d}-{fp}.parquet", body))
-        if len(todo) > 1:  # Parquet encoding releases the GIL: partitions use every core
-            with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
-                list(
-                    pool.map(
-                        lambda job: write_parquet_atomic(job[1], job[0], fsync=self.fsync), todo
-                    )
-                )
-        elif todo:
-            write_parquet_atomic(todo[0][1], todo[0][0], fsync=self.fsync)
-        return [dest for dest, _ in todo], dups
+            todo.append((part_dir / f".part-{fp}.parquet.tmp-{uuid.uuid4().hex[:12]}", fp, body))
+        if not todo:
+            return [], dups
+        written: list[Path] = []
+        try:
+            if len(todo) > 1:  # Parquet encoding releases the GIL: partitions use every core
+                with ThreadPoolExecutor(max_workers=min(len(todo), os.cpu_count() or 1)) as pool:
+                    list(pool.map(lambda j: _write_pending(j[2], j[0], fsync=self.fsync), todo))
+            else:
+                _write_pending(todo[0][2], todo[0][0], fsync=self.fsync)
+            # the write time is taken at the rename, not before the encoding: a compaction
+            # that ran meanwhile stamped its merged file as its newest input, and a
+            # correction stamped earlier than that would lose to the rows it corrects
+            with _publish_lock(root, exclusive=False):
+                for tmp, fp, _ in todo:
+                    dest = tmp.with_name(f"part-{_write_stamp():020d}-{fp}.parquet")
+                    os.replace(tmp, dest)
+                    written.append(dest)
+        except BaseException:
+            for tmp, _, _ in todo:
+                tmp.unlink(missing_ok=True)
+            raise
+        if self.fsync:
+            for part_dir in {dest.parent for dest in written}:
+                _fsync_dir(part_dir)
+        return written, dups
 
-    def compact(self, table: str | None = None, *, min_files: int = 2) -> list[CompactResult]:
+    def compact(
+        self,
+        table: str | None = None,
+        *,
+        min_files: int = 2,
+        grace: dt.timedelta | None = None,
+    ) -> list[CompactResult]:
         """Merge each partition's files into one, keeping one row per key (the latest written).
 
-        Safe while readers are open: the merged file is written and renamed
-        into place first, then the fingerprints of the batches it holds are
-        recorded (so appending one of them again still adds nothing), then the
-        old files are removed. A reader that listed files before the swap may
-        see both for an instant; the clean views dedupe by key, so query
-        results stay the same. Compactions of one table run one at a time (a
-        `.compact.lock` in its folder), and each removes the hidden temporary files
-        that killed writers left, once they are older than `STALE_TMP_AGE`.
+        Safe while readers are open: the merged file is written and renamed into
+        place first, then the fingerprints of the batches it holds are recorded (so
+        appending one of them again still adds nothing), then the files it replaces
+        are listed as superseded (a hidden `.superseded` per partition) but left in
+        place, as a query that started before may still open them. A later
+        compaction deletes them once superseded for longer than `grace` (default
+        `SUPERSEDED_GRACE`). Until then `files`, `info` and further compactions skip
+        them, and the clean views (deduped by key, the latest written winning) read
+        the same with or without them; `raw.*` shows their rows beside the merged
+        file's, as it shows any duplicate. Compactions of one table run one at a
+        time (a `.compact.lock` in its folder), and each removes the hidden
+        temporary files that killed writers left, once older than `STALE_TMP_AGE`.
         """
+        keep_for = SUPERSEDED_GRACE if grace is None else grace
         results = []
         for name in [table] if table else list(TABLES):
             schema_for(name)
@@ -772,21 +865,44 @@ class Lake:
                 results.append(CompactResult(table=name))
                 continue
             with _compact_lock(root):
-                results.append(self._compact_table(name, min_files))
+                results.append(self._compact_table(name, min_files, keep_for))
         return results
 
-    def _compact_table(self, name: str, min_files: int) -> CompactResult:
+    def _delete_superseded(self, part_dir: Path, now: float, grace: dt.timedelta) -> None:
+        """Delete the partition's files superseded for longer than `grace`; forget them."""
+        entries = _superseded(part_dir)
+        if not entries:
+            return
+        left = {}
+        for name, when in entries.items():
+            if now - when >= grace.total_seconds():
+                (part_dir / name).unlink(missing_ok=True)
+            elif (part_dir / name).exists():
+                left[name] = when
+        if left != entries:
+            _write_superseded(part_dir, left, fsync=self.fsync)
+
+    def _compact_table(self, name: str, min_files: int, grace: dt.timedelta) -> CompactResult:
         """`compact` of one table; the caller holds its lock."""
         schema = schema_for(name)
         res = CompactResult(table=name)
         root = self.path / name
         now = time.time()
-        # a key with copies in several dates: its rows keep their own write time, or
-        # a merge would promote an old copy past a newer one in another partition
-        spread = _keys_in_several_partitions(root, schema.key) if name in LATEST_WINS else None
         for part_dir in sorted(root.glob("date=*")):
             _remove_stale_tmp(part_dir, now)
-            files = sorted(part_dir.glob("*.parquet"))
+            self._delete_superseded(part_dir, now, grace)
+        # writers stamp and rename under the shared side: a file written meanwhile is
+        # either listed here or stamped later than every listed file
+        with _publish_lock(root, exclusive=True):
+            listing = {part_dir: _live_files(part_dir) for part_dir in sorted(root.glob("date=*"))}
+        # a key with copies in several dates: its rows keep their own write time, or
+        # a merge would promote an old copy past a newer one in another partition
+        spread = (
+            _keys_in_several_partitions([f for fs in listing.values() for f in fs], schema.key)
+            if name in LATEST_WINS
+            else None
+        )
+        for part_dir, files in listing.items():
             res.files_before += len(files)
             if len(files) < min_files:
                 res.files_after += len(files)
@@ -836,10 +952,13 @@ class Lake:
                 res.rows_after += rows.height
             with _atomic_file(part_dir / MERGED_FILE, "w", fsync=self.fsync) as fh:
                 fh.write("".join(f"{x}\n" for x in sorted(held)))
-            for f in files:
-                if f not in kept:
-                    f.unlink(missing_ok=True)
-            res.partitions += kept != set(files)  # already compact: nothing changed
+            if kept != set(files):  # already compact: nothing changed
+                res.partitions += 1
+                gone = _superseded(part_dir)
+                gone.update({f.name: time.time() for f in files if f not in kept})
+                for dest in kept:  # a merged file named as one merged away before: keep it
+                    gone.pop(dest.name, None)
+                _write_superseded(part_dir, gone, fsync=self.fsync)
         return res
 
     def info(self) -> pl.DataFrame:
