@@ -346,6 +346,7 @@ def ensure_deployments(db: duckdb.DuckDBPyConnection) -> None:
 
 COST_VIEWS: tuple[str, ...] = (
     "gpu_util_hourly",
+    "gpu_pod_share_hourly",
     "gpu_cost_hourly",
     "tier_cost_hourly",
     "tier_phase_hourly",
@@ -471,9 +472,9 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
             WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
           (SELECT list(DISTINCT gpu_model) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_models,
-          (SELECT count(*) FROM marts.gpu_cost_hourly
+          (SELECT round(sum(gpu_hours), 2) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND tier IS NULL) AS untiered_gpu_hours,
-          (SELECT count(*) FROM marts.gpu_cost_hourly
+          (SELECT round(sum(gpu_hours), 2) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND util_signal IS NULL) AS no_util_gpu_hours,
           (SELECT count(*) FROM marts.request_work WHERE {per.where()}) AS requests,
           (SELECT count(*) FROM marts.request_costs WHERE {per.where()} AND unpriced)
@@ -500,12 +501,12 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         )
     if row["untiered_gpu_hours"]:
         notes.append(
-            f"{row['untiered_gpu_hours']} GPU-hours carry no tier label and match no "
+            f"{row['untiered_gpu_hours']:g} GPU-hours carry no tier label and match no "
             "deployment rule: their cost stays unallocated"
         )
     if row["no_util_gpu_hours"]:
         notes.append(
-            f"{row['no_util_gpu_hours']} GPU-hours have no utilization signal: "
+            f"{row['no_util_gpu_hours']:g} GPU-hours have no utilization signal: "
             "counted as idle on the usage basis"
         )
     if row["requests"] == 0:

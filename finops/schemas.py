@@ -57,7 +57,20 @@ GPU_SAMPLES = TableSchema(
         "field": pl.String,  # the exporter's own name, e.g. DCGM_FI_PROF_SM_ACTIVE
         "value": pl.Float64,
     },
-    key=("source", "host", "gpu_uuid", "mig_instance", "field", "ts"),
+    # a series is all of its labels: a GPU shared by pods (time-slicing, MPS) is
+    # exported once per pod, and per-XID / per-clock-event counters once per code
+    key=(
+        "source",
+        "host",
+        "gpu_uuid",
+        "mig_instance",
+        "namespace",
+        "pod",
+        "container",
+        "labels",
+        "field",
+        "ts",
+    ),
     required=("ts", "source", "gpu_uuid", "field"),
     doc={
         "value": "unit per field: *_UTIL percent 0-100, DCGM_FI_PROF_* ratio 0-1, "

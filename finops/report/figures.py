@@ -138,7 +138,7 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     src = fc.sources(db, per)
     signals = sql(
         db,
-        f"""SELECT util_signal, count(*) AS n FROM marts.gpu_cost_hourly
+        f"""SELECT util_signal, sum(gpu_hours) AS n FROM marts.gpu_cost_hourly
             WHERE {per.where()} GROUP BY ALL ORDER BY n DESC""",
     ).fetchall()
     req_hours = sql(
@@ -176,7 +176,7 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     return {
         "gpu_samples": bool(src["gpu_hour_rows"]),
         "requests": bool(src["requests"]),
-        "util_signals": {str(s): int(n) for s, n in signals},
+        "util_signals": {str(s): round(float(n), 2) for s, n in signals},
         "util_signal": sig[0] if sig else None,
         "hours_with_requests": int(req_hours),
         "hours_with_gpu_samples": int(gpu_hours),

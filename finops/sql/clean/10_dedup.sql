@@ -12,8 +12,15 @@
 CREATE OR REPLACE MACRO clean.write_order(f) AS
     CASE WHEN regexp_matches(f, '^part-[0-9]{20}-') THEN '1' || f ELSE '0' || f END;
 
+-- A GPU sample's key is its whole series (finops.schemas.GPU_SAMPLES): a GPU shared by
+-- pods through time-slicing or MPS is exported once per pod, identical device values
+-- under each pod's labels, and XID / clock-event counters once per code; each is kept.
+-- The series columns are compared through one 64-bit hash, which dedupes this largest
+-- table faster than the six columns of the narrower key did (two different series of one
+-- instant colliding is a ~1e-19 chance).
 CREATE OR REPLACE VIEW clean.gpu_samples AS
-SELECT DISTINCT ON (source, host, gpu_uuid, mig_instance, field, ts) * EXCLUDE (_file)
+SELECT DISTINCT ON (hash(source, host, gpu_uuid, mig_instance, namespace, pod, container,
+                         labels, field), ts) * EXCLUDE (_file)
 FROM raw.gpu_samples
 WHERE value IS NOT NULL AND NOT isnan(value);
 

@@ -29,6 +29,8 @@ FROM s
 WHERE prev_value IS NOT NULL;
 
 -- GPU counters (DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, mJ) with the same reset rule.
+-- A GPU shared by pods exports its counter once per pod: the copies of one instant read
+-- the same, so between them the increase is 0 and the device's energy is counted once.
 CREATE OR REPLACE VIEW clean.gpu_counter_increase AS
 WITH s AS (
     SELECT

@@ -5,6 +5,9 @@
 -- `util` is a 0-1 ratio whatever the signal. A GPU is its UUID: one row per (hour,
 -- gpu_uuid, mig_instance) even when its `host` label changed within the hour (an
 -- exporter pod replaced mid-hour); `host` is the latest one seen.
+-- A GPU shared by pods (time-slicing) is exported once per pod with the same device
+-- values: the averages are unchanged, `samples` counts every copy, and `pod`/`tier` name
+-- one of the pods; marts.gpu_cost_hourly splits the hour between them.
 CREATE OR REPLACE VIEW marts.gpu_hourly AS
 WITH per_field AS (
     SELECT

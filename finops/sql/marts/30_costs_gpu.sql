@@ -1,11 +1,14 @@
 -- Cost marts, step 1: what the GPUs cost, hour by hour.
 --
--- Formulas (one row per GPU, or MIG instance, per clock hour it reported):
+-- Formulas (one row per GPU, or MIG instance, and pod holding it, per clock hour it
+-- reported):
 --   gpu_hours        = 1.0  (a GPU that reported any sample in an hour is billed for
 --                       that hour, as an instance is billed while it is up); a GPU split
 --                       by MIG bills its hour once, shared by its reporting instances in
 --                       proportion to their compute slices (mig_profile '3g.40gb' = 3),
---                       evenly when a profile does not say
+--                       evenly when a profile does not say; then times the pod's share
+--                       of the hour (marts.gpu_pod_share_hourly: pods sharing a GPU by
+--                       time-slicing split it), so a GPU-hour's rows sum to 1.0
 --   usd_per_gpu_hour = ref.prices for (gpu_model, pricing_kind); model names match
 --                       with the 'NVIDIA ' prefix stripped, exactly, or the catalog
 --                       name is a prefix of the reported one ending on a word boundary
@@ -80,9 +83,92 @@ SELECT *,
     END AS util_signal
 FROM wide;
 
+-- Who held each GPU-hour: a GPU shared by pods (time-slicing, MPS; dcgm-exporter repeats
+-- the device's fields under each pod's labels) is split between them, evenly at each sample
+-- instant among the pods it was exported for then, and those instants weigh alike:
+--   share(pod) = sum over the hour's instants where the pod held the GPU of 1 / holders
+--                / instants in the hour
+-- so a pod present the whole hour next to one present half of it carries 0.75. A pod that
+-- replaced another mid-hour on an unshared GPU carries its part of the hour. The shares of
+-- a GPU-hour sum to 1; a GPU no pod held is one row with a null pod. The device's
+-- utilization is not split: DCGM cannot tell which pod kept the SMs busy.
+CREATE OR REPLACE VIEW marts.gpu_pod_share_hourly AS
+-- Read from raw (with clean's value rule): a sample loaded twice changes nobody's presence,
+-- and skipping the dedup keeps this view cheap. Most GPU-hours have one holder and take
+-- the first branch; only shared ones are weighed instant by instant.
+WITH samples AS (
+    SELECT date_trunc('hour', ts) AS hour, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
+           ts, namespace, pod, labels
+    FROM raw.gpu_samples
+    WHERE value IS NOT NULL AND NOT isnan(value)
+),
+holders AS (
+    SELECT *, count(*) OVER (PARTITION BY hour, gpu_uuid, mig_instance) AS n_holders
+    FROM (SELECT hour, gpu_uuid, mig_instance, namespace, pod, any_value(labels) AS labels
+          FROM samples GROUP BY hour, gpu_uuid, mig_instance, namespace, pod)
+),
+seen AS (  -- shared GPU-hours only: who held the GPU at each instant
+    SELECT s.hour, s.gpu_uuid, s.mig_instance, s.ts, s.namespace, s.pod
+    FROM samples s
+    SEMI JOIN (SELECT * FROM holders WHERE n_holders > 1) h
+        USING (hour, gpu_uuid, mig_instance)
+    GROUP BY ALL
+),
+held AS (
+    -- a row without a pod next to rows with one at the same instant is no holder (a
+    -- field the exporter does not attribute to pods)
+    SELECT * EXCLUDE (pods_then), greatest(pods_then, 1) AS at_once,
+           count(DISTINCT ts) OVER (PARTITION BY hour, gpu_uuid, mig_instance) AS instants
+    FROM (SELECT *, count(pod) OVER (PARTITION BY gpu_uuid, mig_instance, ts) AS pods_then
+          FROM seen)
+    WHERE pod IS NOT NULL OR pods_then = 0
+),
+shared AS (
+    SELECT hour, gpu_uuid, mig_instance, namespace, pod,
+           sum(1.0::DOUBLE / at_once) / any_value(instants) AS share
+    FROM held GROUP BY ALL
+)
+SELECT h.hour, h.gpu_uuid, h.mig_instance, h.namespace, h.pod, h.labels,
+       CASE WHEN h.n_holders = 1 THEN 1.0::DOUBLE ELSE s.share END AS share
+FROM holders h
+LEFT JOIN shared s
+    ON s.hour = h.hour AND s.gpu_uuid = h.gpu_uuid AND s.mig_instance = h.mig_instance
+   AND s.namespace IS NOT DISTINCT FROM h.namespace AND s.pod IS NOT DISTINCT FROM h.pod
+WHERE h.n_holders = 1 OR s.share IS NOT NULL;
+
 CREATE OR REPLACE VIEW marts.gpu_cost_hourly AS
-WITH g AS (
-    SELECT * FROM marts.gpu_util_hourly
+WITH sliced AS (
+    -- A MIG profile names its compute slices first: '3g.40gb' holds 3 of the GPU's 7.
+    SELECT * EXCLUDE (namespace, pod, labels, tier),
+           CASE WHEN mig_instance <> ''
+                THEN TRY_CAST(regexp_extract(mig_profile, '^\s*(\d+)g\.', 1) AS DOUBLE)
+           END AS slices
+    FROM marts.gpu_util_hourly
+),
+instance_hours AS (
+    -- A MIG-partitioned GPU is one GPU on the bill: its hour is split across the instances
+    -- that reported (a parent row next to them gets none), never billed per slice. The
+    -- split follows the instances' compute slices when every profile names them, so a 4g
+    -- instance carries twice a 2g one; otherwise it is even.
+    SELECT *,
+           count(*) FILTER (mig_instance <> '') OVER gpu AS n_mig,
+           count(slices) FILTER (slices > 0) OVER gpu AS n_sliced,
+           sum(slices) FILTER (slices > 0) OVER gpu AS all_slices
+    FROM sliced
+    WINDOW gpu AS (PARTITION BY hour, gpu_uuid)
+),
+g AS (
+    -- then each instance's (or whole GPU's) hour is split between the pods that held it
+    SELECT i.*, s.namespace, s.pod, s.labels, s.share,
+           CASE WHEN n_mig = 0 THEN 1.0::DOUBLE
+                WHEN i.mig_instance = '' THEN 0.0::DOUBLE
+                WHEN n_sliced = n_mig THEN slices / all_slices
+                ELSE 1.0::DOUBLE / n_mig END * s.share AS gh,
+           coalesce(json_extract_string(s.labels, '$.tier'),
+                    json_extract_string(s.labels, '$."finops.dev/tier"'),
+                    json_extract_string(s.labels, '$.finops_dev_tier')) AS tier
+    FROM instance_hours i
+    JOIN marts.gpu_pod_share_hourly s USING (hour, gpu_uuid, mig_instance)
 ),
 matched AS (
     SELECT g.*,
@@ -95,7 +181,7 @@ matched AS (
      AND (d.label_key IS NULL
           OR json_extract_string(g.labels, '$."' || d.label_key || '"') = d.label_value)
     QUALIFY row_number() OVER (
-        PARTITION BY g.hour, g.gpu_uuid, g.mig_instance
+        PARTITION BY g.hour, g.gpu_uuid, g.mig_instance, g.namespace, g.pod
         ORDER BY d.priority NULLS LAST) = 1
 ),
 resolved AS (
@@ -107,8 +193,9 @@ resolved AS (
            regexp_replace(trim(gpu_model), '^NVIDIA\s+', '') AS model_key
     FROM matched
 ),
-priced AS (
-    SELECT r.*, p.usd_per_gpu_hour
+hours AS (
+    SELECT r.*, p.usd_per_gpu_hour,
+           least(greatest(coalesce(r.util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util01
     FROM resolved r
     LEFT JOIN (SELECT *, regexp_replace(trim(gpu_model), '^NVIDIA\s+', '') AS cat_key
                FROM ref.prices) p
@@ -118,37 +205,8 @@ priced AS (
           OR (starts_with(r.model_key, p.cat_key)
               AND NOT regexp_matches(substr(r.model_key, length(p.cat_key) + 1, 1), '[A-Za-z0-9]')))
     QUALIFY row_number() OVER (
-        PARTITION BY r.hour, r.gpu_uuid, r.mig_instance
+        PARTITION BY r.hour, r.gpu_uuid, r.mig_instance, r.namespace, r.pod
         ORDER BY (p.cat_key = r.model_key) DESC, length(p.cat_key) DESC) = 1
-),
-sliced AS (
-    -- A MIG profile names its compute slices first: '3g.40gb' holds 3 of the GPU's 7.
-    SELECT *,
-           CASE WHEN mig_instance <> ''
-                THEN TRY_CAST(regexp_extract(mig_profile, '^\s*(\d+)g\.', 1) AS DOUBLE)
-           END AS slices
-    FROM priced
-),
-shared AS (
-    -- A MIG-partitioned GPU is one GPU on the bill: its hour is split across the instances
-    -- that reported (a parent row next to them gets none), never billed per slice. The
-    -- split follows the instances' compute slices when every profile names them, so a 4g
-    -- instance carries twice a 2g one; otherwise it is even.
-    SELECT *,
-           count(*) FILTER (mig_instance <> '') OVER gpu AS n_mig,
-           count(slices) FILTER (slices > 0) OVER gpu AS n_sliced,
-           sum(slices) FILTER (slices > 0) OVER gpu AS all_slices,
-           least(greatest(coalesce(util, 0.0::DOUBLE), 0.0::DOUBLE), 1.0::DOUBLE) AS util01
-    FROM sliced
-    WINDOW gpu AS (PARTITION BY hour, gpu_uuid)
-),
-hours AS (
-    SELECT *,
-           CASE WHEN n_mig = 0 THEN 1.0::DOUBLE
-                WHEN mig_instance = '' THEN 0.0::DOUBLE
-                WHEN n_sliced = n_mig THEN slices / all_slices
-                ELSE 1.0::DOUBLE / n_mig END AS gh
-    FROM shared
 )
 SELECT
     hour, host, gpu_uuid, mig_instance, mig_profile, gpu_model, namespace, pod, deployment,
