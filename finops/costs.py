@@ -488,6 +488,26 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
           (SELECT max(hour) FROM marts.gpu_cost_hourly) AS last_gpu_hour
     """,
     ).row(0, named=True)
+    # GPU-hours that reported before and after but not in between (marts.gpu_gap_hourly),
+    # over this connection's materialized gpu_cost_hourly, and the GPU scrapes that failed
+    gaps = _cached(_view_bodies()["gpu_gap_hourly"])
+    row |= _q(
+        db,
+        f"""
+        WITH gaps AS MATERIALIZED (SELECT * FROM ({gaps}) WHERE {per.where()})
+        SELECT
+          (SELECT round(coalesce(sum(est_gpu_hours), 0), 2) FROM gaps) AS gap_gpu_hours,
+          (SELECT round(coalesce(sum(est_cost), 0), 2) FROM gaps) AS gap_cost,
+          (SELECT round(coalesce(sum(est_gpu_hours), 0), 2) FROM gaps
+            WHERE usd_per_gpu_hour IS NULL) AS gap_unpriced_gpu_hours,
+          (SELECT CAST(coalesce(sum(down_attempts), 0) AS BIGINT)
+             FROM (SELECT DISTINCT hour, down_attempts FROM gaps WHERE est_gpu_hours > 0))
+              AS gap_down_attempts,
+          (SELECT count(*) FROM clean.scrape_health
+            WHERE {per.where("ts")} AND NOT up AND kind IN ('dcgm', 'nvml', 'prometheus'))
+              AS gpu_down_attempts
+    """,
+    ).row(0, named=True)
     notes: list[str] = []
     if row["gpu_hour_rows"] == 0:
         notes.append(
@@ -508,6 +528,23 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         notes.append(
             f"{row['no_util_gpu_hours']:g} GPU-hours have no utilization signal: "
             "counted as idle on the usage basis"
+        )
+    if row["gap_gpu_hours"]:
+        why = (
+            f"; GPU exporters failed {row['gap_down_attempts']} scrape attempts in those hours"
+            if row["gap_down_attempts"]
+            else ""
+        )
+        unpriced = (
+            f" (and {row['gap_unpriced_gpu_hours']:g} of them have no price)"
+            if row["gap_unpriced_gpu_hours"]
+            else ""
+        )
+        notes.append(
+            f"{row['gap_gpu_hours']:g} GPU-hours inside the period have no GPU samples "
+            "although the GPU reported before and after (exporter or collector down?): "
+            f"spend leaves out about ${row['gap_cost']:,.2f}{unpriced}{why}; "
+            "see marts.gpu_gap_hourly"
         )
     if row["requests"] == 0:
         notes.append("no requests in this period: cost cannot be allocated to tenants/features")

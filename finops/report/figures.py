@@ -180,6 +180,9 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
         "util_signal": sig[0] if sig else None,
         "hours_with_requests": int(req_hours),
         "hours_with_gpu_samples": int(gpu_hours),
+        # GPU-hours with no samples between reporting ones (marts.gpu_gap_hourly): unbilled
+        "gpu_gap_hours": float(src["gap_gpu_hours"]),
+        "gpu_gap_cost": float(src["gap_cost"]),
         "hours_in_period": hours,
         "missing": missing,
     }
