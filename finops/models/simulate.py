@@ -6,9 +6,12 @@ a per-replica service model; the continuous-batching simulation
 Poisson arrival rate whose p95 TTFT meets the SLO. The observed week's hourly
 request counts (its diurnal shape), scaled by the growth factor and reshaped
 by the levers, then say how many replicas each hour needs; GPU-hours x prices
-from `ref.prices` give the cost per request. The observed period is the lake's
-latest ISO week unless one is given (`load_trace(per=...)`); tiers without vLLM
-serving metrics are carried at their observed cost, never silently dropped.
+from `ref.prices` give the cost per request. A replica costs the GPU-hours the cost
+mart bills its pod per hour (whole GPUs, a MIG instance's slice share, a time-sliced
+pod's share), so the plain 1x plan of a steady fleet costs what `finops costs` bills.
+The observed period is the lake's latest ISO week unless one is given
+(`load_trace(per=...)`); tiers without vLLM serving metrics are carried at their
+observed cost, never silently dropped.
 
 Assumptions, stated because they drive the numbers: arrivals within an hour
 are Poisson at that hour's mean rate; request sizes are resampled from the
@@ -86,7 +89,7 @@ class TierProfile:
     length_coef: tuple[float, ...]  # fitted exponents for (mean_prompt, mean_output)
     length_ref: tuple[float, ...]
     prefill_tokens_per_s: float
-    gpus_per_replica: int
+    gpus_per_replica: float  # GPU-hours a replica is billed per hour (see _replica_footprint)
     gpu_model: str
     observed_replicas: int
     prompt_tokens: np.ndarray  # uncached prompt tokens of a sample of upstream requests
@@ -151,7 +154,7 @@ def _gpu_rows(db: duckdb.DuckDBPyConnection, per: Period) -> pl.DataFrame:
     return fc._q(
         db,
         f"""
-        SELECT hour, tier, pod, gpu_uuid, gpu_uuid || '/' || mig_instance AS device,
+        SELECT hour, tier, namespace, pod, gpu_uuid, gpu_uuid || '/' || mig_instance AS device,
                gpu_model, pricing_kind, gpu_hours, gpu_cost
         FROM marts.gpu_cost_hourly WHERE {per.where()}
         """,
@@ -262,8 +265,7 @@ def load_trace(
                 " deployment mapping (--deployments) or pod names this tier) to price it"
             )
         claimed.update(inv_rows["device"].to_list())
-        gpus = inv_rows["gpu_uuid"].n_unique()
-        reps = max(inv_rows["pod"].drop_nulls().n_unique(), 1)
+        footprint, reps = _replica_footprint(inv_rows, f"tier {tier!r} in {per.label}")
         kinds = inv_rows["pricing_kind"].unique().sort().to_list()
         kind = str(inv_rows["pricing_kind"].mode().sort()[0])
         if len(kinds) > 1:
@@ -302,7 +304,7 @@ def load_trace(
             length_coef=tuple(float(c) for c in m.coef_),
             length_ref=tuple(float(c) for c in m.covariate_ref_),
             prefill_tokens_per_s=prefill,
-            gpus_per_replica=max(1, round(gpus / reps)),
+            gpus_per_replica=footprint,
             gpu_model=str(inv_rows["gpu_model"].mode().sort()[0]),
             observed_replicas=reps,
             prompt_tokens=prompt,
@@ -321,6 +323,35 @@ def load_trace(
     unsim, trace_notes = _unsimulated(req, gpu, set(profiles), claimed)
     hours = sorted({h for p in profiles.values() for h in p.active_hours or []})
     return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices, per, unsim, trace_notes)
+
+
+def _replica_footprint(inv: pl.DataFrame, who: str) -> tuple[float, int]:
+    """GPU-hours one replica is billed per hour, and the observed fleet in replicas.
+
+    A replica is a pod (GPU rows without a pod: one replica). The cost mart already gives
+    each pod-hour its GPU-hours: whole GPUs, a MIG instance's share of its GPU by compute
+    slices, a time-sliced pod's share; counting GPUs would bill a 3g.40gb instance or a
+    shared GPU as a whole GPU per replica. The footprint is the median pod-hour, so a pod
+    that held its GPUs for part of an hour (a restart) does not shrink it; the fleet is
+    the busiest hour's GPU-hours in footprints, so neither rows nor a pod replaced
+    mid-hour count as extra replicas. `who` names the tier in errors.
+    """
+    pod_hours = (
+        inv.group_by("hour", "namespace", "pod")
+        .agg(gpu_hours=pl.col("gpu_hours").sum())
+        .filter(pl.col("gpu_hours") > 0)  # a MIG GPU's parent row carries none of its hour
+    )
+    if pod_hours.height == 0:
+        raise NoServingData(
+            f"{who}: its GPU rows in marts.gpu_cost_hourly carry no gpu_hours (only the "
+            "parent rows of MIG GPUs?), so a replica has no GPU-hours to be priced by"
+        )
+    held = pod_hours.filter(pl.col("pod").is_not_null())
+    held = held if held.height else pod_hours
+    footprint = float(held["gpu_hours"].median())  # type: ignore[arg-type]
+    per_hour = pod_hours.group_by("hour").agg(pl.col("gpu_hours").sum())["gpu_hours"]
+    peak = float(per_hour.max())  # type: ignore[arg-type]
+    return footprint, max(1, math.ceil(round(peak / footprint, 6)))
 
 
 def _unsimulated(
@@ -756,8 +787,12 @@ class Simulator:
                         "growth": g,
                         "scenario": name,
                         **{k: v for k, v in pl_.totals.items() if k != "growth"},
-                        "peak_gpus": int(
-                            pl_.hourly.group_by("hour").agg(pl.col("gpus").sum())["gpus"].max()
+                        # GPU-equivalents (MIG and time-sliced replicas hold a share): whole GPUs
+                        "peak_gpus": math.ceil(
+                            round(
+                                pl_.hourly.group_by("hour").agg(pl.col("gpus").sum())["gpus"].max(),
+                                6,
+                            )
                         ),
                     }
                 )
