@@ -29,6 +29,7 @@ import glob as globlib
 import io
 import os
 import time
+import warnings
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -44,6 +45,8 @@ from collectors.cache_events import AvoidedTokens, shim_cache_events
 from collectors.checkpoint import FINGERPRINT_BYTES, Checkpoint, FileState, head_fingerprint
 from collectors.mapping import (
     LINE_COLUMN,
+    AmbiguousTimeWarning,
+    FoldTracker,
     Mapping,
     MappingError,
     apply_mapping,
@@ -83,6 +86,7 @@ class FileReport:
     duplicate_files: int = 0
     error: str | None = None
     files: list[Path] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # loaded, but a person should check
 
     def add(self, read: int, loaded: int, rejected: int) -> None:
         self.read += read
@@ -700,6 +704,7 @@ def _prepare(
     *,
     check: bool,
     resolver: AvoidedTokens | None,
+    folds: FoldTracker | None = None,
 ) -> _Prepared:
     """Map/convert a parsed chunk and derive its cache events; writes nothing.
 
@@ -713,7 +718,7 @@ def _prepare(
                 c for c in src.columns if c not in (LINE_COLUMN, LOCATION_COLUMN, RAW_COLUMN)
             ]
             check_columns(plan.mapping, available, file, shown=chunk.columns)
-        applied = apply_mapping(plan.mapping, chunk.with_raw(), file=file)
+        applied = apply_mapping(plan.mapping, chunk.with_raw(), file=file, folds=folds)
         rows, mapped_rejects = applied.frame, applied.rejects
     else:
         rows = _prepare_native(src, plan.table, file) if src.height else src
@@ -823,6 +828,9 @@ def ingest_file(
 
     Raises `LogError` when the file cannot be read at all and `MappingError`
     when the mapping does not fit it; bad records are rejected, not raised.
+    Rows that loaded but need a look (local times in a repeated DST hour that
+    the file's order cannot place) are in `report.warnings`, each also issued
+    as an `AmbiguousTimeWarning`.
     """
     p = Path(path)
     if isinstance(mapping, str):
@@ -833,6 +841,7 @@ def ingest_file(
         state = FileState(path=str(p), dev=0, ino=0)
         size = os.fstat(fh.fileno()).st_size
         resolver = AvoidedTokens(lake)
+        folds = FoldTracker(str(p))
         for _ in _read_from(
             fh,
             p,
@@ -844,9 +853,13 @@ def ingest_file(
             final=True,
             chunk_bytes=chunk_bytes,
             resolver=resolver,
+            folds=folds,
         ):
             if progress:
                 progress(state.offset, size)
+    report.warnings += folds.warnings()
+    for message in report.warnings:
+        warnings.warn(message, AmbiguousTimeWarning, stacklevel=2)
     return report
 
 
@@ -862,8 +875,13 @@ def _read_from(
     final: bool,
     chunk_bytes: int,
     resolver: AvoidedTokens | None = None,
+    folds: FoldTracker | None = None,
 ) -> Iterator[AppendResult]:
-    """Load what follows `state.offset`, advancing `state` after each written batch."""
+    """Load what follows `state.offset`, advancing `state` after each written batch.
+
+    `folds` (one per file, kept across calls) carries the file's pass through
+    repeated DST hours from chunk to chunk and poll to poll.
+    """
     label = str(p)
     if plan.format == "parquet":
         if state.done:
@@ -894,6 +912,7 @@ def _read_from(
             label,
             check=True,
             resolver=resolver or AvoidedTokens(lake),
+            folds=folds,
         )
         res = _load_chunk(prep, plan, lake, report)
         state.done = True
@@ -926,7 +945,7 @@ def _read_from(
             chunk = parse_jsonl_chunk(
                 data, first_line=first_line, label=label, schema=native, paths=paths
             )
-        return _prepare(chunk, plan, label, check=check, resolver=resolver)
+        return _prepare(chunk, plan, label, check=check, resolver=resolver, folds=folds)
 
     # parse and prepare the next block while the current one is validated and written:
     # Polars and Arrow release the GIL, so the two stages overlap on separate cores.
@@ -989,7 +1008,8 @@ class LogSource:
     finished first, found by its inode among the files of its folder. A file
     truncated in place (logrotate `copytruncate`) has its copy's unread tail read
     first (the copy is found by the checkpoint's head fingerprint), then starts
-    over. Unread lines that cannot be found are reported in `self.errors`.
+    over. Unread lines that cannot be found are reported in `self.errors`, and so
+    are rows loaded with a warning (`FileReport.warnings`), each once.
     """
 
     def __init__(
@@ -1017,6 +1037,9 @@ class LogSource:
         self.reports: dict[str, FileReport] = {}
         self.errors: list[str] = []
         self.resolver = AvoidedTokens(lake)  # remembers originals of later cache hits
+        # per file (dev:ino): where it went back through repeated DST hours, across polls;
+        # in memory only, so after a restart inside such an hour its rows may be warned of
+        self._folds: dict[str, FoldTracker] = {}
         self._seen_size: dict[str, int] = {}  # file key -> size at the last poll
 
     def __repr__(self) -> str:
@@ -1149,6 +1172,7 @@ class LogSource:
             for key, state in cp.files.items()
             if key in current and current[key][1].st_size > state.offset
         }
+        self._folds = {key: f for key, f in self._folds.items() if key in cp.files}
         if cp.files:
             cp.save()
         return total
@@ -1181,6 +1205,10 @@ class LogSource:
             report = self.reports.setdefault(
                 str(p), FileReport(path=str(p), format=plan.format, mapping=plan.label)
             )
+            folds = self._folds.setdefault(key, FoldTracker(str(p)))
+            if state.offset == 0 and not state.line:
+                folds.folds.clear()  # the file starts over (truncated, or a reused inode)
+            folds.file = str(p)
             for res in _read_from(
                 fh,
                 p,
@@ -1192,6 +1220,7 @@ class LogSource:
                 final=final,
                 chunk_bytes=self.chunk_bytes,
                 resolver=self.resolver,
+                folds=folds,
             ):
                 result += res
                 if state.fp_len < FINGERPRINT_BYTES:
@@ -1201,6 +1230,9 @@ class LogSource:
                 cp.save()  # after the lake batch: a crash re-reads, never skips
                 if self.progress:
                     self.progress(state.offset, st.st_size)
+            new = folds.warnings()
+            report.warnings += new
+            self.errors += new
         cp.files[key] = state
         return result
 

@@ -34,6 +34,17 @@ hex digest), `scale` (multiply numbers, e.g. 1000 for s -> ms), `map` (value
 -> value), `default` (fills nulls), and for timestamps `format` (strftime
 pattern), `timezone` (for naive times), `unit` (`s|ms|us|ns` epoch numbers)
 and `relative_to` (an ISO base time for offsets counted in `unit`).
+
+Local clock times (`format` without an offset, read in `timezone`): a time the
+clocks skip in spring (02:30 on a spring-forward night) does not exist and is
+a reject naming the line. A time in the hour the clocks repeat in autumn is
+placed by the file's order, since logs are written in time order: once the
+local times of that hour go back (by at least half the clock change, so the
+seconds-long disorder of concurrent writers does not count), the rows of that
+hour from there on are its later occurrence. Rows the order cannot place (the
+file never goes back through the hour after them) are read as the earlier
+occurrence, and the ingest says so with a warning naming the lines
+(`FoldTracker.warnings`).
 """
 
 from __future__ import annotations
@@ -42,11 +53,13 @@ import datetime as dt
 import hashlib
 import string
 import tomllib
+import zoneinfo
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import polars as pl
 
 from finops.schemas import TABLES, schema_for
@@ -75,6 +88,10 @@ _SPECIAL = {"line", "file", "stem"}
 
 class MappingError(ValueError):
     """A mapping file that is wrong, or does not fit the file it is applied to."""
+
+
+class AmbiguousTimeWarning(UserWarning):
+    """Local times in a repeated (DST fall-back) hour that the file's order cannot place."""
 
 
 @dataclass(frozen=True)
@@ -351,6 +368,103 @@ class Applied:
 
     frame: pl.DataFrame
     rejects: pl.DataFrame  # location, raw, reason
+    warnings: list[str] = field(default_factory=list)  # only when no FoldTracker was given
+
+
+@dataclass
+class _Fold:
+    """One file's rows in one repeated local hour (one column, one zone, one night)."""
+
+    max_local_us: int  # the latest local time read before the clocks went back
+    went_back_line: int | None = None  # where the file's times went back through the hour
+    early_first: int = 0  # rows read as the earlier occurrence: first/last line, count
+    early_last: int = 0
+    early_rows: int = 0
+    early_min_us: int = 0
+    early_max_us: int = 0
+    warned: bool = False
+
+
+@dataclass
+class FoldTracker:
+    """Places local times of DST fall-back hours by the file's order, chunk after chunk.
+
+    A log is read in chunks (and a follower reads an hour's lines over many
+    polls), so where the file went back through a repeated hour must be carried
+    from one chunk to the next: keep one tracker per file, in file order.
+    """
+
+    file: str
+    folds: dict[tuple[str, str, dt.date], _Fold] = field(default_factory=dict)
+
+    def choose(self, target: str, tz: str, local: pl.Series, lines: pl.Series) -> pl.Series | None:
+        """Per row 'earliest'/'latest' for `replace_time_zone`; None when no row is ambiguous."""
+        early = local.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
+        late = local.dt.replace_time_zone(tz, ambiguous="latest", non_existent="null")
+        amb = (early != late).fill_null(False).to_numpy()
+        if not amb.any():
+            return None
+        idx = np.flatnonzero(amb)
+        local_us = local.cast(pl.Int64).to_numpy()
+        half = ((late - early).dt.total_microseconds() // 2).to_numpy()
+        days = local.dt.date().to_list()
+        line_no = lines.to_numpy()
+        choice = np.zeros(len(local), dtype=bool)  # True: the later occurrence
+        by_day: dict[dt.date, list[int]] = {}
+        for i in idx:
+            by_day.setdefault(days[i], []).append(int(i))
+        for day, rows in by_day.items():
+            sel = np.asarray(rows)
+            v = local_us[sel]
+            fold = self.folds.get((target, tz, day))
+            if fold is None:
+                fold = self.folds[(target, tz, day)] = _Fold(max_local_us=int(v[0]))
+            prior = np.maximum.accumulate(np.concatenate([[fold.max_local_us], v]))[:-1]
+            back = (prior - v) >= half[sel]
+            later = np.logical_or.accumulate(back) | (fold.went_back_line is not None)
+            if fold.went_back_line is None and back.any():
+                fold.went_back_line = int(line_no[sel[int(np.argmax(back))]])
+            fold.max_local_us = max(fold.max_local_us, int(v.max()))
+            choice[sel] = later
+            kept = sel[~later]
+            if len(kept):
+                if not fold.early_rows:
+                    fold.early_first = int(line_no[kept[0]])
+                    fold.early_min_us = int(local_us[kept].min())
+                    fold.early_max_us = int(local_us[kept].max())
+                fold.early_last = int(line_no[kept[-1]])
+                fold.early_rows += len(kept)
+                fold.early_min_us = min(fold.early_min_us, int(local_us[kept].min()))
+                fold.early_max_us = max(fold.early_max_us, int(local_us[kept].max()))
+        return pl.Series(np.where(choice, "latest", "earliest"), dtype=pl.String)
+
+    def warnings(self) -> list[str]:
+        """New warnings: rows read as the earlier occurrence that the order did not place.
+
+        Call at the end of a file (one-shot) or of a poll (a follower): a fold the
+        file went back through by then needs none. Each fold warns once.
+        """
+        out = []
+        for (target, tz, day), fold in self.folds.items():
+            if fold.warned or fold.went_back_line is not None or not fold.early_rows:
+                continue
+            fold.warned = True
+            first = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=fold.early_min_us)
+            last = dt.datetime(1970, 1, 1) + dt.timedelta(microseconds=fold.early_max_us)
+            offset = first.replace(tzinfo=zoneinfo.ZoneInfo(tz), fold=0).strftime("%z")
+            if fold.early_first == fold.early_last:
+                lines, times = f"line {fold.early_first}", f"local time {day} {first:%H:%M:%S}"
+            else:
+                lines = f"lines {fold.early_first}-{fold.early_last}"
+                times = f"local times {day} {first:%H:%M:%S}-{last:%H:%M:%S}"
+            out.append(
+                f"{self.file}: {lines} ({fold.early_rows} row(s)), column {target}: {times} "
+                f"falls in the hour {tz} repeats when its clocks go back, and the file's order "
+                f"cannot tell which occurrence (the file does not go back through that hour "
+                f"after these rows): read as the earlier one (UTC{offset[:3]}:{offset[3:]}); "
+                f"if the later one was meant, these rows are an hour early"
+            )
+        return out
 
 
 def check_columns(
@@ -385,14 +499,21 @@ def check_columns(
                 )
 
 
-def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
+def apply_mapping(
+    mapping: Mapping, src: pl.DataFrame, *, file: str, folds: FoldTracker | None = None
+) -> Applied:
     """Compute the lake columns from a frame of source columns.
 
     `src` holds one column per source path (as named in the mapping) plus
     `__line`, `_location` and `_raw`. Values a transform cannot convert (a
     non-number to scale, a time that does not match `format`) make the row a
-    reject naming the column, the source column and the value.
+    reject naming the column, the source column and the value. `folds` carries
+    the file's pass through DST fall-back hours from the previous chunks (one
+    tracker per file, chunks in file order); without one, `src` is taken as the
+    whole file and its warnings come back in `Applied.warnings`.
     """
+    own_folds = folds is None
+    tracker = FoldTracker(file) if folds is None else folds
     schema = schema_for(mapping.table)
     available = [c for c in src.columns if c not in (LINE_COLUMN, "_location", "_raw")]
     exprs: dict[str, pl.Expr] = {}
@@ -453,7 +574,19 @@ def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
             if spec.default is not None:
                 expr = expr.fill_null(pl.lit(spec.default))
             if isinstance(dtype, pl.Datetime) and (spec.format or spec.unit):
-                expr, bad, gap = _timestamp(expr, sdtype, spec)
+                local: pl.Expr | None = None
+                ambiguous: pl.Expr | str = "earliest"
+                if _is_local_format(spec):
+                    # parse once; the repeated DST hour needs the file's order (a pass in
+                    # row order), not a per-value rule
+                    name = f"__local_{target}"
+                    src = src.with_columns(_local_time(expr, spec).alias(name))
+                    local = pl.col(name)
+                    choice = tracker.choose(target, spec.timezone, src[name], src[LINE_COLUMN])
+                    if choice is not None:
+                        src = src.with_columns(choice.alias(f"__ambiguous_{target}"))
+                        ambiguous = pl.col(f"__ambiguous_{target}")
+                expr, bad, gap = _timestamp(expr, sdtype, spec, local=local, ambiguous=ambiguous)
                 errors.append(
                     pl.when(gap)
                     .then(
@@ -524,7 +657,7 @@ def apply_mapping(mapping: Mapping, src: pl.DataFrame, *, file: str) -> Applied:
     good = out.filter(~bad).drop("__error", LINE_COLUMN)
     if mapping.source is not None and "source" not in mapping.columns:
         good = good.with_columns(pl.lit(substitute(mapping.source, file)).alias("source"))
-    return Applied(good, rejects)
+    return Applied(good, rejects, tracker.warnings() if own_folds else [])
 
 
 def _key_series(
@@ -552,21 +685,42 @@ def _key_series(
     return pl.Series(key_col, [prefix + h for h in stable_hash(text)], dtype=pl.String)
 
 
+def _is_local_format(spec: ColumnSpec) -> bool:
+    """A `format` without an offset: wall-clock times in `spec.timezone`."""
+    return bool(spec.format) and not any(
+        d in (spec.format or "") for d in ("%z", "%#z", "%Z", "%:z")
+    )
+
+
+def _local_time(expr: pl.Expr, spec: ColumnSpec) -> pl.Expr:
+    return (
+        expr.cast(pl.String)
+        .str.strip_chars()
+        .str.strptime(pl.Datetime("us"), spec.format, strict=False)
+    )
+
+
 def _timestamp(
-    expr: pl.Expr, sdtype: pl.DataType, spec: ColumnSpec
+    expr: pl.Expr,
+    sdtype: pl.DataType,
+    spec: ColumnSpec,
+    *,
+    local: pl.Expr | None = None,
+    ambiguous: pl.Expr | str = "earliest",
 ) -> tuple[pl.Expr, pl.Expr, pl.Expr]:
     """Convert per the spec; returns (UTC timestamp expr, expr flagging bad values, expr
     flagging local times that read but do not exist in the time zone: a DST gap, which
-    is no format error and must not be reported as one)."""
+    is no format error and must not be reported as one). `local` is the already parsed
+    wall-clock time and `ambiguous` the per-row choice in a repeated hour
+    (`FoldTracker.choose`)."""
     if spec.format:
-        text = expr.cast(pl.String).str.strip_chars()
-        has_tz = any(d in spec.format for d in ("%z", "%#z", "%Z", "%:z"))
-        if has_tz:
+        if not _is_local_format(spec):
+            text = expr.cast(pl.String).str.strip_chars()
             ts = text.str.strptime(pl.Datetime("us", "UTC"), spec.format, strict=False)
             return ts, ts.is_null() & expr.is_not_null(), pl.lit(False)
-        local = text.str.strptime(pl.Datetime("us"), spec.format, strict=False)
+        local = _local_time(expr, spec) if local is None else local
         ts = local.dt.replace_time_zone(
-            spec.timezone, ambiguous="earliest", non_existent="null"
+            spec.timezone, ambiguous=ambiguous, non_existent="null"
         ).dt.convert_time_zone("UTC")
         return ts, ts.is_null() & expr.is_not_null(), ts.is_null() & local.is_not_null()
     num = (

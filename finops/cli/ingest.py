@@ -11,6 +11,7 @@ import json
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -104,7 +105,7 @@ def _run(
     import polars as pl
 
     from collectors.logs import FileReport, LogError, ingest_file
-    from collectors.mapping import MappingError, load_mapping
+    from collectors.mapping import AmbiguousTimeWarning, MappingError, load_mapping
     from finops.lake import Lake
 
     if fmt not in ("table", "json"):
@@ -135,10 +136,12 @@ def _run(
     for path in files:
         try:
             size = path.stat().st_size if path.is_file() else 0
-            if size >= PROGRESS_MIN_BYTES and fmt == "table":
-                report = _with_progress(path, size, store, kind, mapped, base, ingest_file)
-            else:
-                report = ingest_file(path, store, table=kind, mapping=mapped, base_ts=base)
+            with warnings.catch_warnings():  # printed from the report's own list
+                warnings.simplefilter("ignore", AmbiguousTimeWarning)
+                if size >= PROGRESS_MIN_BYTES and fmt == "table":
+                    report = _with_progress(path, size, store, kind, mapped, base, ingest_file)
+                else:
+                    report = ingest_file(path, store, table=kind, mapping=mapped, base_ts=base)
         except LogError as exc:
             unreadable.append(str(exc))
             reports.append(FileReport(path=str(path), error=str(exc)))
@@ -151,6 +154,8 @@ def _run(
             # adds only the rest (the lake's keys drop what is already there)
             fail(f"writing to {lake_path} failed while loading {path}: {exc}", code=1)
         reports.append(report)
+        for w in report.warnings:
+            typer.echo(f"warning: {w}", err=True)
     rows = [
         {
             "file": r.path,
