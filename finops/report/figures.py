@@ -28,6 +28,7 @@ import finops.costs as fc
 # Robust z-score threshold (Iglewicz & Hoaglin): |0.6745 (x - median) / MAD| > 3.5 is an outlier.
 Z_THRESHOLD = 3.5
 HISTORY_WEEKS = 4
+MIN_BASELINE = 3  # fewer comparable points than this: too little history to judge
 TREND_CLIP = (0.8, 1.25)
 HEADLINE_KEYS = (
     "spend_usd",
@@ -485,32 +486,60 @@ def _robust_z(x: pl.Expr, group: str | list[str]) -> pl.Expr:
     return pl.when(mad > 0).then(0.6745 * (x - med) / mad).otherwise(None)
 
 
+def _like_with_like(
+    df: pl.DataFrame, value: str, same_weekday: list[str], same_kind: list[str]
+) -> pl.DataFrame:
+    """z, usual and the baseline used per row: the same weekday (or hour of week) when it
+    has MIN_BASELINE points, else the same kind of day (weekend vs weekend, weekday vs
+    weekday), else none (`basis` null: too little history to judge)."""
+    x = pl.col(value).cast(pl.Float64)
+    n_fine = pl.len().over(same_weekday)
+    n_kind = pl.len().over(same_kind)
+    return df.with_columns(
+        pl.when(n_fine >= MIN_BASELINE)
+        .then(_robust_z(x, same_weekday))
+        .when(n_kind >= MIN_BASELINE)
+        .then(_robust_z(x, same_kind))
+        .alias("z"),
+        pl.when(n_fine >= MIN_BASELINE)
+        .then(x.median().over(same_weekday))
+        .when(n_kind >= MIN_BASELINE)
+        .then(x.median().over(same_kind))
+        .alias("usual"),
+        pl.when(n_fine >= MIN_BASELINE)
+        .then(pl.lit("same weekday"))
+        .when(n_kind >= MIN_BASELINE)
+        .then(pl.lit("same kind of day"))
+        .alias("basis"),
+    )
+
+
 def _anomalies(
     db: duckdb.DuckDBPyConnection, per: fc.Period, series: pl.DataFrame
 ) -> dict[str, Any]:
     """Hours and tenant-days far off their usual (robust z-score, |z| > 3.5).
 
-    Hours: each hour's requests vs the same hour of day over the report week and up
-    to four weeks before it (hour of week when three or more weeks are present).
-    Tenants: each tenant's daily cost vs its own median day over the same window.
+    Hours: each hour's requests vs the same hour of week over the report week and up
+    to four weeks before it; tenants: each tenant's daily cost vs its own same weekday.
+    Weekends are quiet, so a baseline mixing them with weekdays flags every weekend:
+    with fewer than MIN_BASELINE (3) same-weekday points (under three weeks of
+    history) an item is compared with the same kind of day only (a Saturday hour with
+    weekend hours at that hour of day, a Wednesday with the tenant's weekdays); with
+    fewer than 3 of those either (a single weekend), it is not judged and counted in
+    `not_judged`, never flagged against the other kind of day.
     """
     assert per.start is not None and per.end is not None
-    weeks = (
-        series.select(pl.col("hour").dt.truncate("1w").n_unique()).item() if series.height else 0
-    )
-    use_how = weeks >= 3
+    in_week = (pl.col("hour") >= per.start) & (pl.col("hour") < per.end)
     s = series.with_columns(
         pl.col("hour").dt.hour().alias("hour_of_day"),
+        (pl.col("hour").dt.weekday() >= 6).alias("weekend"),
         (
             (pl.col("hour").dt.weekday().cast(pl.Int32) - 1) * 24
             + pl.col("hour").dt.hour().cast(pl.Int32)
         ).alias("hour_of_week"),
     )
-    key = "hour_of_week" if use_how else "hour_of_day"
-    s = s.with_columns(
-        _robust_z(pl.col("requests").cast(pl.Float64), key).alias("z"),
-        pl.col("requests").median().over(key).alias("usual"),
-    ).filter((pl.col("hour") >= per.start) & (pl.col("hour") < per.end))
+    s = _like_with_like(s, "requests", ["hour_of_week"], ["weekend", "hour_of_day"])
+    s = s.filter(in_week)
     hours = s.filter(pl.col("z").abs() > Z_THRESHOLD).sort(pl.col("z").abs(), descending=True)
     t = sql(
         db,
@@ -521,21 +550,31 @@ def _anomalies(
               AND hour < TIMESTAMPTZ '{per.end.isoformat()}'
             GROUP BY ALL""",
     ).pl()
-    tenants = (
-        t.with_columns(
-            _robust_z(pl.col("cost"), "tenant").alias("z"),
-            pl.col("cost").median().over("tenant").alias("usual"),
-        )
-        .filter(pl.col("day") >= per.start.date())
-        .filter(pl.col("z").abs() > Z_THRESHOLD)
-        .sort(pl.col("z").abs(), descending=True)
+    t = t.with_columns(
+        pl.col("day").dt.weekday().alias("weekday"),
+        (pl.col("day").dt.weekday() >= 6).alias("weekend"),
     )
+    t = _like_with_like(t, "cost", ["tenant", "weekday"], ["tenant", "weekend"])
+    t = t.filter(pl.col("day") >= per.start.date())
+    tenants = t.filter(pl.col("z").abs() > Z_THRESHOLD).sort(pl.col("z").abs(), descending=True)
+    unjudged_hours = s.filter(pl.col("basis").is_null())
+    unjudged_days = t.filter(pl.col("basis").is_null())
     return {
-        "method": f"robust z-score 0.6745 (x - median) / MAD > {Z_THRESHOLD}; hours vs the same "
-        f"{'hour of week' if use_how else 'hour of day'} over up to {HISTORY_WEEKS + 1} weeks, "
-        "tenants' daily cost vs their median day",
+        "method": f"robust z-score 0.6745 (x - median) / MAD > {Z_THRESHOLD} over up to "
+        f"{HISTORY_WEEKS + 1} weeks; hours vs the same hour of week, tenants' daily cost vs "
+        f"their same weekday; with fewer than {MIN_BASELINE} of those, vs the same kind of day "
+        f"only (weekend vs weekend, weekday vs weekday), never a mix of both; with fewer than "
+        f"{MIN_BASELINE} of those either, too little history to judge",
         "hours": _records(hours.select("hour", "requests", "usual", "z").head(20)),
         "tenants": _records(tenants.select("day", "tenant", "cost", "usual", "z").head(20)),
+        "not_judged": {
+            "hours": unjudged_hours.height,
+            "tenant_days": unjudged_days.height,
+            "days": sorted(
+                {str(d) for d in unjudged_hours["hour"].dt.date()}
+                | {str(d) for d in unjudged_days["day"]}
+            ),
+        },
     }
 
 
@@ -749,6 +788,13 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         f"{len(an['hours'])} hours and {len(an['tenants'])} tenant-days were far off their "
         "usual (robust z > 3.5)."
     )
+    nj = an.get("not_judged") or {}
+    if nj.get("hours") or nj.get("tenant_days"):
+        t["anomalies"] += (
+            f" {nj['hours']} hours and {nj['tenant_days']} tenant-days "
+            f"({', '.join(nj['days'])}) had too little history to judge: fewer than "
+            f"{MIN_BASELINE} days of the same kind (weekend or weekday) in the lake to compare."
+        )
     fo = r["forecast"]
     if fo.get("requests") is None and fo.get("note"):
         t["forecast"] = f"No forecast for next week: {fo['note']}."
