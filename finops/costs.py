@@ -455,6 +455,11 @@ def _row(db: duckdb.DuckDBPyConnection, sql: str, params: dict[str, Any] | None 
 # ----------------------------------------------------------------------------- sources
 
 
+def _hours(x: float) -> str:
+    """GPU-hours for a sentence: thousands separated, at most 2 decimals (1,752,000; 0.43)."""
+    return f"{x:,.2f}".rstrip("0").rstrip(".")
+
+
 def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[str, Any]:
     """What the lake holds for a period, and sentences for what is missing.
 
@@ -516,17 +521,17 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         )
     if row["unpriced_gpu_hours"]:
         notes.append(
-            f"{row['unpriced_gpu_hours']:g} GPU-hours of {row['unpriced_models']} have no "
+            f"{_hours(row['unpriced_gpu_hours'])} GPU-hours of {row['unpriced_models']} have no "
             "price in the catalog (data/prices.csv or $FINOPS_PRICES): counted as $0"
         )
     if row["untiered_gpu_hours"]:
         notes.append(
-            f"{row['untiered_gpu_hours']:g} GPU-hours carry no tier label and match no "
+            f"{_hours(row['untiered_gpu_hours'])} GPU-hours carry no tier label and match no "
             "deployment rule: their cost stays unallocated"
         )
     if row["no_util_gpu_hours"]:
         notes.append(
-            f"{row['no_util_gpu_hours']:g} GPU-hours have no utilization signal: "
+            f"{_hours(row['no_util_gpu_hours'])} GPU-hours have no utilization signal: "
             "counted as idle on the usage basis"
         )
     if row["gap_gpu_hours"]:
@@ -536,12 +541,12 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
             else ""
         )
         unpriced = (
-            f" (and {row['gap_unpriced_gpu_hours']:g} of them have no price)"
+            f" (and {_hours(row['gap_unpriced_gpu_hours'])} of them have no price)"
             if row["gap_unpriced_gpu_hours"]
             else ""
         )
         notes.append(
-            f"{row['gap_gpu_hours']:g} GPU-hours inside the period have no GPU samples "
+            f"{_hours(row['gap_gpu_hours'])} GPU-hours inside the period have no GPU samples "
             "although the GPU reported before and after (exporter or collector down?): "
             f"spend leaves out about ${row['gap_cost']:,.2f}{unpriced}{why}; "
             "see marts.gpu_gap_hourly"

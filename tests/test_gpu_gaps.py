@@ -218,3 +218,13 @@ def test_the_demo_lake_has_no_false_gaps(demo_lake: Path) -> None:
     src = fc.sources(db, fc.period(week="2026-W47"))
     assert src["gap_gpu_hours"] == 0 and src["gpu_down_attempts"] > 0
     assert not [n for n in src["notes"] if NOTE in n], src["notes"]
+
+
+def test_gpu_hours_in_notes_read_as_numbers_not_exponents() -> None:
+    """A year of a 200-GPU fleet is 1,752,000 GPU-hours, not '1.752e+06'."""
+    assert [fc._hours(x) for x in (1_752_000.0, 1_234_567.891, 3.0, 0.43)] == [
+        "1,752,000",
+        "1,234,567.89",
+        "3",
+        "0.43",
+    ]

@@ -153,3 +153,25 @@ def test_a_sample_loaded_twice_changes_no_share(tmp_path: Path) -> None:
     lake.append("gpu_samples", _rows(t0, held))
     lake.append("gpu_samples", _rows(t0, held[:10]))  # a partial re-send of the first scrapes
     assert _shares(finops.connect(tmp_path)) == [("large-b", 0.25), ("small-a", 0.75)]
+
+
+def test_nvml_next_to_dcgm_names_no_holder(tmp_path: Path) -> None:
+    """`finops collect --nvml` beside dcgm-exporter: NVML rows never name a pod, at their
+    own instants; the pod dcgm-exporter names holds the whole hour whatever NVML's rate."""
+    t0 = dt.datetime(2026, 11, 16, 10, tzinfo=dt.UTC)
+    lake = Lake(tmp_path, fsync=False)
+    dcgm = _rows(t0, [["small-a"]] * 60)
+    nvml = [
+        {
+            "ts": t0 + dt.timedelta(seconds=10 * i + 1),
+            "source": "nvml",
+            "host": "node-a",
+            "gpu_uuid": UUID,
+            "gpu_model": H100,
+            "field": "nvml_gpu_util_percent",
+            "value": 50.0,
+        }
+        for i in range(360)
+    ]
+    lake.append("gpu_samples", dcgm + nvml)
+    assert _shares(finops.connect(tmp_path)) == [("small-a", 1.0)]

@@ -98,7 +98,7 @@ CREATE OR REPLACE VIEW marts.gpu_pod_share_hourly AS
 -- the first branch; only shared ones are weighed instant by instant.
 WITH samples AS (
     SELECT date_trunc('hour', ts) AS hour, gpu_uuid, coalesce(mig_instance, '') AS mig_instance,
-           ts, namespace, pod, labels
+           ts, source, field, namespace, pod, labels
     FROM raw.gpu_samples
     WHERE value IS NOT NULL AND NOT isnan(value)
 ),
@@ -107,12 +107,25 @@ holders AS (
     FROM (SELECT hour, gpu_uuid, mig_instance, namespace, pod, any_value(labels) AS labels
           FROM samples GROUP BY hour, gpu_uuid, mig_instance, namespace, pod)
 ),
-seen AS (  -- shared GPU-hours only: who held the GPU at each instant
-    SELECT s.hour, s.gpu_uuid, s.mig_instance, s.ts, s.namespace, s.pod
+series AS (  -- shared GPU-hours only: which series saw which pod at each instant
+    SELECT s.hour, s.gpu_uuid, s.mig_instance, s.source, s.field, s.ts, s.namespace, s.pod
     FROM samples s
     SEMI JOIN (SELECT * FROM holders WHERE n_holders > 1) h
         USING (hour, gpu_uuid, mig_instance)
     GROUP BY ALL
+),
+seen AS (
+    -- only series that attribute the GPU to pods say who held it: NVML next to
+    -- dcgm-exporter, or an XID counter, never name a pod, and their instants would
+    -- otherwise hand the hour to nobody at whatever rate they are sampled
+    SELECT DISTINCT hour, gpu_uuid, mig_instance, ts, namespace, pod
+    FROM (SELECT *, bool_or(names_pods) OVER (PARTITION BY hour, gpu_uuid, mig_instance)
+                        AS any_names_pods
+          FROM (SELECT *, bool_or(pod IS NOT NULL) OVER (
+                              PARTITION BY hour, gpu_uuid, mig_instance, source, field)
+                              AS names_pods
+                FROM series))
+    WHERE names_pods OR NOT any_names_pods
 ),
 held AS (
     -- a row without a pod next to rows with one at the same instant is no holder (a
