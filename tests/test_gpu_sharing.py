@@ -175,3 +175,17 @@ def test_nvml_next_to_dcgm_names_no_holder(tmp_path: Path) -> None:
     ]
     lake.append("gpu_samples", dcgm + nvml)
     assert _shares(finops.connect(tmp_path)) == [("small-a", 1.0)]
+
+
+def test_device_utilization_weighs_each_instant_once(tmp_path: Path) -> None:
+    """Two pods at SM 0.8 for the first half hour, one at 0.2 after: the device averaged
+    0.5, not 0.6 (its copies weighted by how many pods held it)."""
+    t0 = dt.datetime(2026, 11, 16, 10, tzinfo=dt.UTC)
+    lake = Lake(tmp_path, fsync=False)
+    busy = [r | {"value": 0.8} for r in _rows(t0, [["small-a", "large-b"]] * 30)]
+    quiet = _rows(t0 + dt.timedelta(minutes=30), [["small-a"]] * 30, value=0.2)
+    lake.append("gpu_samples", busy + quiet)
+    db = finops.connect(tmp_path)
+    assert db.sql("SELECT round(util, 6), samples FROM marts.gpu_hourly").fetchall() == [(0.5, 60)]
+    got = db.sql("SELECT DISTINCT round(util, 6) FROM marts.gpu_cost_hourly").fetchall()
+    assert got == [(0.5,)]

@@ -24,6 +24,16 @@ SELECT DISTINCT ON (hash(source, host, gpu_uuid, mig_instance, namespace, pod, c
 FROM raw.gpu_samples
 WHERE value IS NOT NULL AND NOT isnan(value);
 
+-- One reading per device field and instant, for device figures (utilization, power,
+-- memory, energy): a shared GPU's per-pod copies are one measurement, and averaging all
+-- of them would weigh an instant by how many pods held the GPU then. The pod columns are
+-- those of one copy. (Per-code series such as XID counts collapse too: read those from
+-- clean.gpu_samples.)
+CREATE OR REPLACE VIEW clean.gpu_device_samples AS
+SELECT DISTINCT ON (source, host, gpu_uuid, mig_instance, field, ts) * EXCLUDE (_file)
+FROM raw.gpu_samples
+WHERE value IS NOT NULL AND NOT isnan(value);
+
 CREATE OR REPLACE VIEW clean.serving_samples AS
 SELECT DISTINCT ON (source, target, metric, labels, ts) * EXCLUDE (_file)
 FROM raw.serving_samples;

@@ -29,15 +29,15 @@ FROM s
 WHERE prev_value IS NOT NULL;
 
 -- GPU counters (DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION, mJ) with the same reset rule.
--- A GPU shared by pods exports its counter once per pod: the copies of one instant read
--- the same, so between them the increase is 0 and the device's energy is counted once.
+-- A GPU shared by pods exports its counter once per pod: one reading per instant is kept
+-- (clean.gpu_device_samples), so the device's energy is counted once.
 CREATE OR REPLACE VIEW clean.gpu_counter_increase AS
 WITH s AS (
     SELECT
         ts, source, host, gpu_uuid, gpu_model, mig_instance, namespace, pod, field, value,
         lag(value) OVER w AS prev_value,
         lag(ts) OVER w AS prev_ts
-    FROM clean.gpu_samples
+    FROM clean.gpu_device_samples
     WHERE field IN ('DCGM_FI_DEV_TOTAL_ENERGY_CONSUMPTION', 'nvml_total_energy_consumption_mj')
     WINDOW w AS (PARTITION BY source, host, gpu_uuid, mig_instance, field ORDER BY ts)
 )

@@ -6,8 +6,8 @@
 -- gpu_uuid, mig_instance) even when its `host` label changed within the hour (an
 -- exporter pod replaced mid-hour); `host` is the latest one seen.
 -- A GPU shared by pods (time-slicing) is exported once per pod with the same device
--- values: the averages are unchanged, `samples` counts every copy, and `pod`/`tier` name
--- one of the pods; marts.gpu_cost_hourly splits the hour between them.
+-- values: one reading per instant is averaged (clean.gpu_device_samples), and `pod`/`tier`
+-- name one of the pods; marts.gpu_cost_hourly splits the hour between them.
 CREATE OR REPLACE VIEW marts.gpu_hourly AS
 WITH per_field AS (
     SELECT
@@ -22,7 +22,7 @@ WITH per_field AS (
         field,
         avg(value) AS avg_value,
         count(*) AS samples
-    FROM clean.gpu_samples
+    FROM clean.gpu_device_samples
     GROUP BY hour, gpu_uuid, coalesce(mig_instance, ''), field
 ),
 wide AS (

@@ -41,7 +41,7 @@ CREATE TABLE IF NOT EXISTS ref.deployments (
     pricing_kind VARCHAR
 );
 
--- Hourly GPU signals from clean.gpu_samples, same rules as marts.gpu_hourly
+-- Hourly GPU signals from clean.gpu_device_samples, same rules as marts.gpu_hourly
 -- (util = SM_ACTIVE > GR_ENGINE_ACTIVE > GPU_UTIL/100). It reads the deduplicated layer:
 -- a partly re-written flush duplicates only some samples, which would skew the average.
 -- A GPU-hour exists when the GPU reported any field (power alone still bills the hour).
@@ -57,7 +57,7 @@ WITH per_field AS (
            any_value(namespace) AS namespace,
            any_value(pod) AS pod, any_value(labels) AS labels,
            avg(value) AS avg_value
-    FROM clean.gpu_samples
+    FROM clean.gpu_device_samples
     GROUP BY hour, gpu_uuid, coalesce(mig_instance, ''), field
 ),
 wide AS (
