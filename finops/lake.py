@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import datetime as dt
 import fcntl
+import math
 import os
 import re
 import threading
@@ -51,6 +52,8 @@ RAW_COLUMN = "_raw"
 MAX_RAW_CHARS = 500
 STALE_TMP_AGE = dt.timedelta(minutes=15)
 """A hidden temporary file this old is a killed writer's leftover; `compact` removes it."""
+SWEEP_EVERY = dt.timedelta(minutes=1)
+"""How often a writing `Lake` deletes merged-away files past their grace (`sweep_superseded`)."""
 SUPERSEDED_GRACE = dt.timedelta(minutes=30)
 """How long the files a compaction merged stay on disk before a later compaction deletes them.
 
@@ -107,6 +110,7 @@ class CompactResult:
     files_after: int = 0
     rows_before: int = 0
     rows_after: int = 0
+    deleted: int = 0  # files merged away by an earlier compaction, now past their grace
 
 
 def canonical_json(value: Any) -> str | None:
@@ -680,6 +684,7 @@ class Lake:
     def __init__(self, path: str | os.PathLike[str], *, fsync: bool = True) -> None:
         self.path = Path(path)
         self.fsync = fsync
+        self._swept: dict[str, float] = {}  # table -> time.monotonic() of its last sweep
 
     def __repr__(self) -> str:
         return f"Lake({str(self.path)!r})"
@@ -749,7 +754,45 @@ class Lake:
             result.duplicate_files += dups
         if checked.bad.height:
             self.reject(table, checked.bad, source=src, now=now)
+        if result.files:
+            self._sweep_now_and_then(table)
         return result
+
+    def _sweep_now_and_then(self, table: str) -> None:
+        """`sweep_superseded` at most once per `SWEEP_EVERY` per table; never fails a write."""
+        now = time.monotonic()
+        if now - self._swept.get(table, -math.inf) < SWEEP_EVERY.total_seconds():
+            return
+        self._swept[table] = now
+        with contextlib.suppress(OSError):
+            self.sweep_superseded(table)
+
+    def sweep_superseded(self, table: str, *, grace: dt.timedelta | None = None) -> int:
+        """Delete the table's files a compaction merged away once `grace` has passed.
+
+        Until they go, `raw.*` reads their rows beside the merged file's and the clean
+        views dedupe twice the rows. A lake being written (collectors, ingest) calls
+        this from `append` about once a minute, so it never waits for the next
+        `finops lake compact`. Skipped, returning 0, while a compaction holds the table.
+        Returns how many files were deleted.
+        """
+        root = self.table_path(table)
+        if not any(root.glob(f"date=*/{SUPERSEDED_FILE}")):
+            return 0
+        with open(root / ".compact.lock", "a") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return 0
+            try:
+                keep_for = SUPERSEDED_GRACE if grace is None else grace
+                now = time.time()
+                return sum(
+                    self._delete_superseded(part.parent, now, keep_for)
+                    for part in sorted(root.glob(f"date=*/{SUPERSEDED_FILE}"))
+                )
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
 
     def reject(
         self,
@@ -848,8 +891,8 @@ class Lake:
         appending one of them again still adds nothing), then the files it replaces
         are listed as superseded (a hidden `.superseded` per partition) but left in
         place, as a query that started before may still open them. A later
-        compaction deletes them once superseded for longer than `grace` (default
-        `SUPERSEDED_GRACE`). Until then `files`, `info` and further compactions skip
+        compaction, or a later write (`sweep_superseded`), deletes them once
+        superseded for longer than `grace` (default `SUPERSEDED_GRACE`). Until then `files`, `info` and further compactions skip
         them, and the clean views (deduped by key, the latest written winning) read
         the same with or without them; `raw.*` shows their rows beside the merged
         file's, as it shows any duplicate. Compactions of one table run one at a
@@ -868,19 +911,26 @@ class Lake:
                 results.append(self._compact_table(name, min_files, keep_for))
         return results
 
-    def _delete_superseded(self, part_dir: Path, now: float, grace: dt.timedelta) -> None:
-        """Delete the partition's files superseded for longer than `grace`; forget them."""
+    def _delete_superseded(self, part_dir: Path, now: float, grace: dt.timedelta) -> int:
+        """Delete the partition's files superseded for longer than `grace`; forget them.
+
+        The caller holds the table's compaction lock. Returns how many were deleted.
+        """
         entries = _superseded(part_dir)
         if not entries:
-            return
+            return 0
         left = {}
+        deleted = 0
         for name, when in entries.items():
             if now - when >= grace.total_seconds():
-                (part_dir / name).unlink(missing_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    (part_dir / name).unlink()
+                    deleted += 1
             elif (part_dir / name).exists():
                 left[name] = when
         if left != entries:
             _write_superseded(part_dir, left, fsync=self.fsync)
+        return deleted
 
     def _compact_table(self, name: str, min_files: int, grace: dt.timedelta) -> CompactResult:
         """`compact` of one table; the caller holds its lock."""
@@ -890,7 +940,7 @@ class Lake:
         now = time.time()
         for part_dir in sorted(root.glob("date=*")):
             _remove_stale_tmp(part_dir, now)
-            self._delete_superseded(part_dir, now, grace)
+            res.deleted += self._delete_superseded(part_dir, now, grace)
         # writers stamp and rename under the shared side: a file written meanwhile is
         # either listed here or stamped later than every listed file
         with _publish_lock(root, exclusive=True):

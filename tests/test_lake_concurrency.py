@@ -276,7 +276,7 @@ def test_merged_away_files_are_deleted_by_a_later_compaction_past_the_grace(
     assert all(f.exists() for f in before)
     # a later compaction once they are older than the grace deletes them and the list
     (res,) = lake.compact("requests", grace=dt.timedelta(0))
-    assert (res.partitions, res.files_before, res.files_after) == (0, 1, 1)
+    assert (res.partitions, res.files_before, res.files_after, res.deleted) == (0, 1, 1, 5)
     assert not any(f.exists() for f in before)
     assert not (part / ".superseded").exists()
     assert sorted(part.glob("*.parquet")) == [merged]
@@ -377,3 +377,31 @@ def test_a_compaction_lists_no_file_while_a_writer_stamps_and_renames(
     assert not compaction.is_alive()
     assert _latency_of_r(lake) == [(2.0,)]
     assert len(lake.files("requests")) == 1  # it merged the correction too
+
+
+def test_a_writing_lake_deletes_merged_away_files_past_their_grace(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Collectors and ingest write all the time: their appends delete what a compaction
+    merged away once its grace is over, so raw.* does not read every row twice until
+    someone runs `finops lake compact` again."""
+    lake = _corrected_lake(tmp_path / "lake")
+    before = set(lake.files("requests"))
+    lake.compact("requests")
+    writer = Lake(lake.path, fsync=False)
+    writer.append("requests", _requests(3, offset=500), source="t", now=NOW)
+    assert all(f.exists() for f in before)  # within the grace: queries may still read them
+    # while a compaction holds the table a sweep waits for no one and deletes nothing
+    with open(lake.path / "requests" / ".compact.lock", "a") as fh:
+        fcntl.flock(fh, fcntl.LOCK_EX)
+        assert writer.sweep_superseded("requests", grace=dt.timedelta(0)) == 0
+    assert all(f.exists() for f in before)
+    monkeypatch.setattr(lake_module, "SUPERSEDED_GRACE", dt.timedelta(0))
+    writer.append("requests", _requests(3, offset=600), source="t", now=NOW)
+    assert all(f.exists() for f in before)  # this Lake swept under a minute ago
+    monkeypatch.setattr(lake_module, "SWEEP_EVERY", dt.timedelta(0))
+    writer.append("requests", _requests(3, offset=700), source="t", now=NOW)
+    assert not any(f.exists() for f in before)
+    db = finops.connect(lake.path)
+    raw = db.sql("SELECT count(*) FROM raw.requests").fetchall()
+    assert raw == db.sql("SELECT count(*) FROM clean.requests").fetchall() == [(65 + 9,)]
