@@ -1,6 +1,7 @@
 """The FOCUS 1.3 export (finops/report/focus.py) on a real demo lake: pricing kinds and
 commitment columns, one SKU per row, free GPUs, idle capacity on the usage basis, the
-schema metadata, untiered GPUs and formula-safe CSV text."""
+schema metadata, untiered GPUs, formula-safe CSV text and the FOCUS 1.3 split cost allocation
+columns (Allocated*)."""
 
 from __future__ import annotations
 
@@ -16,13 +17,27 @@ import pytest
 import finops
 import finops.costs as fc
 from finops.prices import load_prices, price_for
-from finops.report.focus import COLUMNS, FOCUS_VERSION, focus_rows, write_focus
+from finops.report.focus import (
+    ALLOCATED_METHOD_ID,
+    COLUMNS,
+    FOCUS_VERSION,
+    focus_rows,
+    write_focus,
+)
 
 WEEK = "2026-W47"
 IN_WEEK = (
     "hour >= TIMESTAMPTZ '2026-11-16 00:00:00+00' AND hour < TIMESTAMPTZ '2026-11-23 00:00:00+00'"
 )
 EXAMPLE_DEPLOYMENTS = Path(__file__).resolve().parent.parent / "data" / "deployments.example.toml"
+ALLOCATION_COLUMNS = (
+    "AllocatedMethodId",
+    "AllocatedMethodDetails",
+    "AllocatedResourceId",
+    "AllocatedResourceName",
+    "AllocatedTags",
+)
+ORIGIN = ["ChargePeriodStart", "x_Tier", "x_GpuModel", "x_PricingKind"]  # one origin charge
 
 
 def one(db, sql: str):
@@ -186,6 +201,8 @@ def test_untiered_gpus_get_no_placeholder(demo_lake: Path, tmp_path: Path) -> No
     assert set(untiered["ResourceId"]) == {"deployment/vllm-mid-3"}
     assert set(untiered["ResourceName"]) == {"vllm-mid-3"}
     assert untiered["Tags"].null_count() == untiered.height
+    for c in ALLOCATION_COLUMNS:  # no split of an untiered GPU: not an allocation at all
+        assert untiered[c].null_count() == untiered.height, c
     for c in df.columns:
         if df[c].dtype == pl.String:
             assert not df[c].str.contains("untiered").any(), c
@@ -210,3 +227,116 @@ def test_the_csv_neutralises_formulas(demo_lake: Path, tmp_path: Path) -> None:
     for c in text.columns:
         assert not text[c].drop_nulls().str.contains(r"^[=+\-@]").any(), c
     assert "=1+1" in set(pl.read_parquet(parquet)["x_Tenant"])
+
+
+def _ratios(details: str | None, unit: str | None = None) -> float:
+    """The sum of a row's AllocatedRatio values (of one UsageUnit when given)."""
+    if details is None:
+        return 0.0
+    elements = json.loads(details)["Elements"]
+    return float(
+        sum(e["AllocatedRatio"] for e in elements if unit is None or e["UsageUnit"] == unit)
+    )
+
+
+def test_tenant_rows_carry_the_split_cost_allocation_columns(
+    demo_lake: Path, tmp_path: Path
+) -> None:
+    db = finops.connect(demo_lake)
+    df = focus_rows(db, WEEK)
+    csv, parquet = write_focus(df, tmp_path, WEEK)
+    pq_df = pl.read_parquet(parquet)
+    text = pl.read_csv(csv, infer_schema_length=0)
+    meta = json.loads((tmp_path / f"focus-{WEEK}.metadata.json").read_text())
+    types = {c["ColumnName"]: c["DataType"] for c in meta["ColumnDefinition"]}
+    for c in ALLOCATION_COLUMNS:  # FOCUS 1.3: String, or JSON (serialized as a String)
+        assert c in COLUMNS and c in text.columns, c
+        assert pq_df[c].dtype == pl.String, c
+        assert types[c] == (
+            "JSON" if c in ("AllocatedMethodDetails", "AllocatedTags") else "STRING"
+        )
+    for frame, name in ((pq_df, "parquet"), (text, "csv")):
+        tenants = frame.filter(
+            pl.col("x_IdleCapacity").cast(pl.String).str.to_lowercase() == "false"
+        )
+        idle = frame.filter(pl.col("x_IdleCapacity").cast(pl.String).str.to_lowercase() == "true")
+        idle_tiered = idle.filter(pl.col("x_Tier").is_not_null())
+        assert tenants.height > 0 and idle_tiered.height > 0, name
+        for c in ALLOCATION_COLUMNS:  # allocated charges: all five set
+            assert tenants[c].null_count() == 0, f"{name}: {c} null on a tenant row"
+        assert set(tenants["AllocatedMethodId"]) == {ALLOCATED_METHOD_ID}, name
+        # the idle row is the unallocated portion of the same split: method and details,
+        # no allocated resource (the spec: AllocatedResourceId MUST be null there)
+        assert set(idle_tiered["AllocatedMethodId"]) == {ALLOCATED_METHOD_ID}, name
+        assert idle_tiered["AllocatedMethodDetails"].null_count() == 0, name
+        for c in ("AllocatedResourceId", "AllocatedResourceName", "AllocatedTags"):
+            assert idle_tiered[c].null_count() == idle_tiered.height, f"{name}: {c} on idle"
+        for row in tenants.iter_rows(named=True):
+            tags = json.loads(row["AllocatedTags"])
+            assert isinstance(tags, dict), f"{name}: AllocatedTags {row['AllocatedTags']!r}"
+            want = {"tenant": row["x_Tenant"], "feature": row["x_Feature"]}
+            assert tags == {k: v for k, v in want.items() if v is not None}, (name, tags)
+            assert row["AllocatedResourceName"] == f"{row['x_Tenant']} / {row['x_Feature']}"
+        for d in frame["AllocatedMethodDetails"].drop_nulls():
+            details = json.loads(d)
+            assert isinstance(details, dict) and details["Elements"], (name, d)
+            for e in details["Elements"]:
+                assert 0 <= e["AllocatedRatio"] <= 1 and isinstance(e["UsageUnit"], str), e
+                assert isinstance(e["UsageQuantity"], int | float), e
+            assert all(k == "Elements" or k.startswith("x_") for k in details), details
+    tenants = df.filter(~pl.col("x_IdleCapacity"))
+    # the cost goes to a tenant x feature; the charge's resource stays the shared tier
+    assert (tenants["ResourceId"] == "vllm/" + tenants["x_Tier"]).all()
+    assert (
+        tenants.group_by(*ORIGIN, "AllocatedResourceId").len()["len"].max() == 1
+    )  # locally unique within the origin charge
+    details = json.loads(tenants["AllocatedMethodDetails"][0])
+    assert details["x_Basis"] == "usage" and details["x_OutputTokenWeight"] == 4.0
+    assert set(details["x_SplitMethods"]) <= {"prefill_decode_time", "token_ratio", "per_request"}
+    # AllocatedRatio: the row's share of its origin charge; an origin charge's add up to 1
+    tiered = df.filter(pl.col("x_Tier").is_not_null()).with_columns(
+        ratio=pl.col("AllocatedMethodDetails").map_elements(_ratios, return_dtype=pl.Float64),
+        origin_cost=pl.col("BilledCost").sum().over(ORIGIN),
+        origin_hours=pl.col("PricingQuantity").sum().over(ORIGIN),
+    )
+    sums = tiered.group_by(ORIGIN).agg(pl.col("ratio").sum())["ratio"]
+    assert sums.to_list() == pytest.approx([1.0] * len(sums), abs=1e-9)
+    assert tiered["ratio"].to_list() == pytest.approx(
+        (tiered["PricingQuantity"] / tiered["origin_hours"]).to_list(), abs=1e-9
+    )
+    # the prefill / decode parts are the request-level split of marts.request_costs
+    part = {
+        u: (
+            tiered["AllocatedMethodDetails"].map_elements(
+                lambda d, u=u: _ratios(d, u), return_dtype=pl.Float64
+            )
+            * tiered["origin_cost"]
+        ).sum()
+        for u in ("Prefill Tokens", "Decode Tokens", "Requests")
+    }
+    priced = f"{IN_WEEK} AND worked AND NOT unpriced"
+    input_cost = one(db, f"SELECT sum(input_cost_usage) FROM marts.request_costs WHERE {priced}")
+    output_cost = one(db, f"SELECT sum(output_cost_usage) FROM marts.request_costs WHERE {priced}")
+    assert part["Prefill Tokens"] + part["Requests"] == pytest.approx(input_cost, rel=1e-6)
+    assert part["Decode Tokens"] == pytest.approx(output_cost, rel=1e-6)
+
+    def quantity(unit: str) -> float:
+        return sum(
+            e["UsageQuantity"]
+            for d in tenants["AllocatedMethodDetails"]
+            for e in json.loads(d)["Elements"]
+            if e["UsageUnit"] == unit
+        )
+
+    work_in = one(db, f"SELECT sum(work_in) FROM marts.request_costs WHERE {priced}")
+    work_out = one(db, f"SELECT sum(work_out) FROM marts.request_costs WHERE {priced}")
+    assert quantity("Prefill Tokens") == pytest.approx(work_in, rel=1e-6)
+    assert quantity("Decode Tokens") == pytest.approx(work_out, rel=1e-6)
+    # the method's parameters are the ones the costs were computed with
+    db2 = finops.connect(demo_lake)
+    fc.configure(db2, output_token_weight=2.0)
+    weights = {
+        json.loads(d)["x_OutputTokenWeight"]
+        for d in focus_rows(db2, WEEK).filter(~pl.col("x_IdleCapacity"))["AllocatedMethodDetails"]
+    }
+    assert weights == {2.0}

@@ -16,6 +16,19 @@ when the catalog has none). Reserved GPUs are PricingCategory "Committed" with t
 CommitmentDiscount* columns (Status "Used", Category "Usage", GPU-hours) and, as the
 spec excludes commitment discounts from it, ContractedUnitPrice = the list price; spot
 GPUs are "Dynamic" and on-demand ones "Standard", with ContractedUnitPrice = the price paid.
+
+Split cost allocation (FOCUS 1.3 Allocated* columns): a tier's GPU-day of one SKU is the
+origin charge, split by the data generator's method ALLOCATED_METHOD_ID
+("finops-token-work-usage-v1": each tier-hour's busy GPU cost split over its requests by
+token work, `marts.request_costs.pool_share`; prefill / decode split by the measured
+vLLM phase times, else R = finops_output_token_weight; idle capacity not allocated). Its
+tenant rows are allocated charges: AllocatedResourceId / Name name the tenant x feature
+the cost went to (ResourceId stays the shared tier), AllocatedTags hold its tenant /
+feature. The idle row is the unallocated portion: it keeps AllocatedMethodId and its
+AllocatedMethodDetails (its ratio), with AllocatedResourceId, AllocatedResourceName and
+AllocatedTags null, as the spec asks. AllocatedMethodDetails' Elements (AllocatedRatio: the row's share of the
+origin charge's GPU-hours, = its cost share as one SKU has one price) add up to 1 per
+origin charge. Untiered GPUs are split by nothing: all five columns null.
 """
 
 from __future__ import annotations
@@ -24,6 +37,8 @@ import datetime as dt
 import hashlib
 import json
 from pathlib import Path
+from typing import Any
+from urllib.parse import quote
 
 import duckdb
 import polars as pl
@@ -38,6 +53,11 @@ PROVIDER = "Self-hosted (finops)"
 SERVICE_NAME = "vLLM inference"
 PRICE_DECIMALS = 6  # unit prices: catalog prices have cents, 6 decimals drops float residue
 PRICING_CATEGORY = {"on_demand": "Standard", "reserved": "Committed", "spot": "Dynamic"}
+# FOCUS 1.3 split cost allocation: the one method the tenant rows come from (documented in
+# the module docstring and the README); a new id for any change to what it splits or how.
+ALLOCATED_METHOD_ID = "finops-token-work-usage-v1"
+RATIO_DECIMALS = 12  # AllocatedRatio: the ratios of an origin charge still sum to 1
+JSON_COLUMNS = ("Tags", "AllocatedMethodDetails", "AllocatedTags")
 # Columns in output order: the FOCUS ones this dataset carries, then x_ extensions.
 COLUMNS = (
     "BillingAccountId",
@@ -88,6 +108,11 @@ COLUMNS = (
     "SubAccountId",
     "SubAccountName",
     "Tags",
+    "AllocatedMethodId",
+    "AllocatedMethodDetails",
+    "AllocatedResourceId",
+    "AllocatedResourceName",
+    "AllocatedTags",
     "x_Tenant",
     "x_Feature",
     "x_Tier",
@@ -129,17 +154,33 @@ def focus_rows(
             FROM marts.gpu_cost_hourly WHERE {where} AND usd_per_gpu_hour IS NOT NULL
             GROUP BY ALL
         ),
-        work AS (  -- each request's share of its tier-hour (marts.request_costs)
+        work AS (  -- each request's share of its tier-hour (marts.request_costs), and
+                   -- its prefill / decode / per-request parts (31_costs_requests.sql)
             SELECT hour, tier, tenant, feature, input_tokens, output_tokens,
-                   cached_input_tokens, work_in + work_out AS work_tokens,
-                   pool_share AS share
+                   cached_input_tokens, work_in, work_out, work_in + work_out AS work_tokens,
+                   pool_share AS share, split_method,
+                   CASE WHEN split_method = 'per_request' THEN 0.0
+                        ELSE input_share
+                             * coalesce(work_in / nullif(sum(work_in) OVER th, 0), 0.0)
+                   END AS share_in,
+                   CASE WHEN split_method = 'per_request' THEN 0.0
+                        ELSE (1 - input_share)
+                             * coalesce(work_out / nullif(sum(work_out) OVER th, 0), 0.0)
+                   END AS share_out,
+                   CASE WHEN split_method = 'per_request' THEN pool_share ELSE 0.0 END
+                       AS share_req
             FROM marts.request_costs WHERE {where} AND worked AND NOT unpriced
+            WINDOW th AS (PARTITION BY hour, tier)
         ),
         tenant_hour AS (
-            SELECT hour, tier, tenant, feature, count(*) AS requests,
+            SELECT hour, tier, tenant, feature, split_method, count(*) AS requests,
                    sum(input_tokens) AS input_tokens, sum(output_tokens) AS output_tokens,
                    sum(cached_input_tokens) AS cached_input_tokens,
-                   sum(work_tokens) AS work_tokens, sum(share) AS share
+                   sum(work_tokens) AS work_tokens, sum(share) AS share,
+                   sum(work_in) AS work_in, sum(work_out) AS work_out,
+                   count(*) FILTER (split_method = 'per_request') AS req_n,
+                   sum(share_in) AS share_in, sum(share_out) AS share_out,
+                   sum(share_req) AS share_req
             FROM work GROUP BY ALL
         ),
         carried AS (SELECT hour, tier, sum(share) AS share FROM tenant_hour GROUP BY ALL),
@@ -159,7 +200,13 @@ def focus_rows(
                    sum(t.cached_input_tokens * g.w) AS cached_input_tokens,
                    sum(t.work_tokens * g.w) AS work_tokens,
                    sum(t.share * g.busy_gpu_hours) AS gpu_hours,
-                   sum(t.share * g.busy_cost) AS cost, false AS idle
+                   sum(t.share * g.busy_cost) AS cost, false AS idle,
+                   sum(t.work_in * g.w) AS work_in, sum(t.work_out * g.w) AS work_out,
+                   sum(t.req_n * g.w) AS req_n,
+                   sum(t.share_in * g.busy_gpu_hours) AS gpu_in,
+                   sum(t.share_out * g.busy_gpu_hours) AS gpu_out,
+                   sum(t.share_req * g.busy_gpu_hours) AS gpu_req,
+                   list_sort(list_distinct(list(t.split_method))) AS split_methods
             FROM tenant_hour t JOIN gw g ON g.hour = t.hour AND g.tier = t.tier
             GROUP BY ALL
         ),
@@ -169,7 +216,9 @@ def focus_rows(
                    0.0 AS input_tokens, 0.0 AS output_tokens, 0.0 AS cached_input_tokens,
                    0.0 AS work_tokens,
                    sum(gpu_hours - carried * busy_gpu_hours) AS gpu_hours,
-                   sum(gpu_cost - carried * busy_cost) AS cost, true AS idle
+                   sum(gpu_cost - carried * busy_cost) AS cost, true AS idle,
+                   0.0 AS work_in, 0.0 AS work_out, 0.0 AS req_n, 0.0 AS gpu_in,
+                   0.0 AS gpu_out, 0.0 AS gpu_req, CAST(NULL AS VARCHAR[]) AS split_methods
             FROM gw GROUP BY ALL
         )
         SELECT * FROM usage_rows
@@ -192,6 +241,26 @@ def focus_rows(
         pl.when(committed).then(pl.col("list_price")).otherwise(pl.col("unit_price"))
     ).round(PRICE_DECIMALS)
     tiered = pl.col("tier").is_not_null()
+    allocated = ~pl.col("idle")
+    # the origin charge: the day's GPU-hours of one SKU of a tier (tenant rows + idle row)
+    origin = gpu_hours.sum().over("day", "tier", "resource", "gpu_model", "pricing_kind")
+    weight = db.execute(
+        "SELECT coalesce(CAST(getvariable('finops_output_token_weight') AS DOUBLE), 4.0)"
+    ).fetchall()[0][0]
+    details = pl.struct(
+        "idle",
+        "work_in",
+        "work_out",
+        "req_n",
+        "split_methods",
+        *(
+            (pl.col(c).clip(lower_bound=0.0) / origin).fill_nan(0.0).alias(f"r_{c}")
+            for c in ("gpu_in", "gpu_out", "gpu_req")
+        ),
+        (gpu_hours / origin).fill_nan(0.0).alias("r_idle"),
+        gpu_hours.alias("gpu_hours"),
+    ).map_elements(lambda r: _method_details(r, weight), return_dtype=pl.String)
+    tenant_feature = pl.struct(pl.col("tenant").alias("tenant"), pl.col("feature").alias("feature"))
     tags = pl.struct(
         pl.col("tenant").alias("tenant"),
         pl.col("feature").alias("feature"),
@@ -281,6 +350,23 @@ def focus_rows(
         pl.col("tenant").alias("SubAccountId"),
         pl.col("tenant").alias("SubAccountName"),
         tags.alias("Tags"),
+        pl.when(tiered).then(pl.lit(ALLOCATED_METHOD_ID)).alias("AllocatedMethodId"),
+        pl.when(tiered).then(details).alias("AllocatedMethodDetails"),
+        pl.when(allocated)
+        .then(tenant_feature.map_elements(_allocated_id, return_dtype=pl.String))
+        .alias("AllocatedResourceId"),
+        pl.when(allocated)
+        .then(
+            pl.format(
+                "{} / {}",
+                pl.col("tenant").fill_null("(none)"),
+                pl.col("feature").fill_null("(none)"),
+            )
+        )
+        .alias("AllocatedResourceName"),
+        pl.when(allocated)
+        .then(tenant_feature.map_elements(_tags, return_dtype=pl.String))
+        .alias("AllocatedTags"),
         pl.col("tenant").alias("x_Tenant"),
         pl.col("feature").alias("x_Feature"),
         pl.col("tier").alias("x_Tier"),
@@ -307,6 +393,46 @@ def _tags(row: dict[str, str | None]) -> str | None:
     placeholder values); null when it has none."""
     tags = {k: v for k, v in row.items() if v is not None}
     return json.dumps(tags, separators=(",", ":")) if tags else None
+
+
+def _allocated_id(row: dict[str, str | None]) -> str:
+    """The tenant x feature a tenant row's cost went to, as `tenant/<t>/feature/<f>` (the
+    names percent-encoded, so a / in one cannot fake another); never null on such a row."""
+    parts = [f"{k}/{quote(v, safe='')}" for k, v in row.items() if v is not None]
+    return "/".join(parts) or "unattributed"
+
+
+def _method_details(row: dict[str, Any], weight: float) -> str:
+    """AllocatedMethodDetails: the FOCUS 1.3 object (Elements of AllocatedRatio, UsageUnit,
+    UsageQuantity; the ratios of an origin charge's rows sum to 1) plus x_ keys saying how
+    the method ran. Tenant rows: one element per part of their share (prefill tokens,
+    decode tokens, and requests of tier-hours without tokens, split equally); the idle row:
+    its unallocated GPU-hours."""
+
+    def element(ratio: float, unit: str, quantity: float) -> dict[str, Any]:
+        return {
+            "AllocatedRatio": round(ratio, RATIO_DECIMALS),
+            "UsageUnit": unit,
+            "UsageQuantity": round(quantity, 6),
+        }
+
+    if row["idle"]:
+        elements = [element(row["r_idle"], "GPU-Hours", row["gpu_hours"])]
+    else:
+        elements = [
+            element(row["r_gpu_in"], "Prefill Tokens", row["work_in"]),
+            element(row["r_gpu_out"], "Decode Tokens", row["work_out"]),
+        ]
+        if row["r_gpu_req"]:
+            elements.append(element(row["r_gpu_req"], "Requests", row["req_n"]))
+    details: dict[str, Any] = {"Elements": elements, "x_Basis": "usage"}
+    if row["idle"]:
+        details["x_Unallocated"] = "idle capacity: GPU time no request carried"
+    else:
+        details["x_Pool"] = "busy GPU cost of each tier-hour"
+        details["x_SplitMethods"] = row["split_methods"]
+        details["x_OutputTokenWeight"] = weight
+    return json.dumps(details, separators=(",", ":"))
 
 
 def _list_prices(db: duckdb.DuckDBPyConnection, df: pl.DataFrame) -> pl.DataFrame:
@@ -338,7 +464,7 @@ def _dtype(col: str) -> pl.DataType:
 
 def _focus_type(col: str, dtype: pl.DataType) -> str:
     """A column's FOCUS data type name (as in the spec's ColumnDefinition examples)."""
-    if col == "Tags":
+    if col in JSON_COLUMNS:
         return "JSON"
     if dtype == pl.Datetime("us", "UTC"):
         return "DATETIME"
@@ -401,4 +527,11 @@ def write_focus(df: pl.DataFrame, out_dir: Path, week: str) -> tuple[Path, Path]
     return csv, parquet
 
 
-__all__ = ["COLUMNS", "FOCUS_VERSION", "focus_metadata", "focus_rows", "write_focus"]
+__all__ = [
+    "ALLOCATED_METHOD_ID",
+    "COLUMNS",
+    "FOCUS_VERSION",
+    "focus_metadata",
+    "focus_rows",
+    "write_focus",
+]
