@@ -102,30 +102,38 @@ WITH samples AS (
     FROM raw.gpu_samples
     WHERE value IS NOT NULL AND NOT isnan(value)
 ),
-holders AS (
-    SELECT *, count(*) OVER (PARTITION BY hour, gpu_uuid, mig_instance) AS n_holders
-    FROM (SELECT hour, gpu_uuid, mig_instance, namespace, pod, any_value(labels) AS labels
-          FROM samples GROUP BY hour, gpu_uuid, mig_instance, namespace, pod)
-),
-series AS (  -- shared GPU-hours only: which series saw which pod at each instant
-    SELECT s.hour, s.gpu_uuid, s.mig_instance, s.source, s.field, s.ts, s.namespace, s.pod
-    FROM samples s
-    SEMI JOIN (SELECT * FROM holders WHERE n_holders > 1) h
-        USING (hour, gpu_uuid, mig_instance)
+per_series AS (  -- each series' pods in each GPU-hour (a series: source and field)
+    SELECT hour, gpu_uuid, mig_instance, source, field, namespace, pod,
+           any_value(labels) AS labels
+    FROM samples
     GROUP BY ALL
 ),
-seen AS (
+naming AS (
     -- only series that attribute the GPU to pods say who held it: NVML next to
     -- dcgm-exporter, or an XID counter, never name a pod, and their instants would
     -- otherwise hand the hour to nobody at whatever rate they are sampled
-    SELECT DISTINCT hour, gpu_uuid, mig_instance, ts, namespace, pod
+    SELECT * EXCLUDE (any_names_pods)
     FROM (SELECT *, bool_or(names_pods) OVER (PARTITION BY hour, gpu_uuid, mig_instance)
                         AS any_names_pods
           FROM (SELECT *, bool_or(pod IS NOT NULL) OVER (
                               PARTITION BY hour, gpu_uuid, mig_instance, source, field)
                               AS names_pods
-                FROM series))
+                FROM per_series))
     WHERE names_pods OR NOT any_names_pods
+),
+holders AS (
+    SELECT *, count(*) OVER (PARTITION BY hour, gpu_uuid, mig_instance) AS n_holders
+    FROM (SELECT hour, gpu_uuid, mig_instance, namespace, pod, any_value(labels) AS labels
+          FROM naming GROUP BY hour, gpu_uuid, mig_instance, namespace, pod)
+),
+seen AS (  -- shared GPU-hours only: who held the GPU at each instant, by the naming series
+    SELECT DISTINCT s.hour, s.gpu_uuid, s.mig_instance, s.ts, s.namespace, s.pod
+    FROM samples s
+    SEMI JOIN (SELECT DISTINCT n.hour, n.gpu_uuid, n.mig_instance, n.source, n.field
+               FROM naming n
+               SEMI JOIN (SELECT * FROM holders WHERE n_holders > 1) h
+                   USING (hour, gpu_uuid, mig_instance)) k
+        USING (hour, gpu_uuid, mig_instance, source, field)
 ),
 held AS (
     -- a row without a pod next to rows with one at the same instant is no holder (a
