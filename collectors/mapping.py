@@ -90,6 +90,10 @@ class MappingError(ValueError):
     """A mapping file that is wrong, or does not fit the file it is applied to."""
 
 
+_NO_DST = frozenset({"UTC", "Etc/UTC", "Etc/GMT", "GMT", "Zulu", "Etc/Zulu", "Universal"})
+"""Zones whose clocks never go back: no local time in them is ambiguous."""
+
+
 class AmbiguousTimeWarning(UserWarning):
     """Local times in a repeated (DST fall-back) hour that the file's order cannot place."""
 
@@ -399,6 +403,8 @@ class FoldTracker:
 
     def choose(self, target: str, tz: str, local: pl.Series, lines: pl.Series) -> pl.Series | None:
         """Per row 'earliest'/'latest' for `replace_time_zone`; None when no row is ambiguous."""
+        if tz in _NO_DST:  # the common case: two conversions per chunk saved
+            return None
         early = local.dt.replace_time_zone(tz, ambiguous="earliest", non_existent="null")
         late = local.dt.replace_time_zone(tz, ambiguous="latest", non_existent="null")
         amb = (early != late).fill_null(False).to_numpy()
