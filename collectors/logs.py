@@ -60,6 +60,11 @@ from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake
 from finops.schemas import schema_for
 
 CHUNK_BYTES = 32 * 1024 * 1024
+PEEK_BYTES = 64 * 1024
+"""How much of a block's end is read first to find its last newline (see `_iter_blocks`)."""
+_SCAN_BYTES = 1 << 20  # newlines are searched in pieces this big (see `_newline_positions`)
+PARSE_WORKERS = 2
+"""Blocks parsed at once while earlier ones are prepared and written (each holds a block)."""
 MAX_LINE_BYTES = 1024 * 1024
 """Longer lines are rejected (a request-log record is a few hundred bytes;
 a multi-megabyte line is a bug upstream, and loading it would hurt every query)."""
@@ -380,6 +385,34 @@ def _with_meta(df: pl.DataFrame, line_no: np.ndarray, label: str) -> pl.DataFram
     return df.with_columns(lines, pl.format("{}:{}", pl.lit(label), lines).alias(LOCATION_COLUMN))
 
 
+def _newline_positions(data: bytes) -> np.ndarray:
+    """Offsets of every b"\\n" in `data`, searched 1 MiB at a time.
+
+    One comparison over a whole 32 MB chunk allocates (and page-faults) a
+    chunk-sized mask; pieces that stay in cache take half the time.
+    """
+    buf = np.frombuffer(data, dtype=np.uint8)
+    if len(buf) <= _SCAN_BYTES:
+        return np.flatnonzero(buf == 10)
+    return np.concatenate(
+        [
+            np.flatnonzero(buf[i : i + _SCAN_BYTES] == 10) + i
+            for i in range(0, len(buf), _SCAN_BYTES)
+        ]
+    )
+
+
+def _count_newlines(data: bytes) -> int:
+    """`data.count(b"\\n")`, about three times faster on large blocks (NumPy, in pieces)."""
+    if len(data) <= _SCAN_BYTES:
+        return data.count(b"\n")
+    buf = np.frombuffer(data, dtype=np.uint8)
+    return sum(
+        int(np.count_nonzero(buf[i : i + _SCAN_BYTES] == 10))
+        for i in range(0, len(buf), _SCAN_BYTES)
+    )
+
+
 class _Lines:
     """Line boundaries of a chunk, found with NumPy; text is materialized only on demand.
 
@@ -389,7 +422,7 @@ class _Lines:
 
     def __init__(self, data: bytes) -> None:
         self.data = data
-        nl = np.flatnonzero(np.frombuffer(data, dtype=np.uint8) == 10)
+        nl = _newline_positions(data)
         ends = nl if data.endswith(b"\n") or not data else np.append(nl, len(data))
         starts = np.zeros(len(ends), dtype=np.int64)
         if len(ends) > 1:
@@ -661,8 +694,8 @@ def _prepare_native(df: pl.DataFrame, table: str, file: str) -> pl.DataFrame:
     schema = schema_for(table)
     ts = schema.ts_column
     if ts in df.columns and df.schema[ts] == pl.String:
-        parsed = df[ts].str.strptime(
-            pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.f%#z", strict=False
+        parsed = df[ts].str.strptime(  # cache=False: log timestamps are nearly all distinct
+            pl.Datetime("us", "UTC"), "%Y-%m-%dT%H:%M:%S%.f%#z", strict=False, cache=False
         )
         if parsed.null_count() == df[ts].null_count():
             df = df.with_columns(parsed.alias(ts))
@@ -786,8 +819,7 @@ def _iter_blocks(
     pos = offset
     want = chunk_bytes
     while pos < size:
-        fh.seek(pos)
-        block = fh.read(min(want, size - pos))
+        block = _read_block(fh, pos, min(want, size - pos), last=pos + want >= size)
         if not block:
             break
         cut = block.rfind(b"\n")
@@ -805,6 +837,25 @@ def _iter_blocks(
         else:
             pos += cut + 1
             yield block[: cut + 1], pos  # the partial line is read again next time
+
+
+def _read_block(fh: Any, pos: int, n: int, *, last: bool) -> bytes:
+    """Up to `n` bytes at `pos`, ending at the last newline among them where one is near the end.
+
+    Cutting the partial last line off a block that was read would copy the
+    whole block (32 MB); so the block's last `PEEK_BYTES` are read first to find
+    that newline, and then the block exactly up to it. The caller still cuts at
+    the last newline of what it got (a file rewritten in between, or no newline
+    in the peeked end: then the full `n` bytes are read here).
+    """
+    peek = min(PEEK_BYTES, n // 8)
+    if not last and peek > 0:
+        fh.seek(pos + n - peek)
+        nl = fh.read(peek).rfind(b"\n")
+        if nl >= 0:
+            n = n - peek + nl + 1
+    fh.seek(pos)
+    return fh.read(n)
 
 
 def _read_header(fh: Any) -> tuple[str, int, bool]:
@@ -936,24 +987,28 @@ def _read_from(
 
     resolver = resolver or AvoidedTokens(lake)
 
-    def parse(data: bytes, first_line: int, check: bool) -> _Prepared:
+    def parse(data: bytes, first_line: int) -> _Chunk:
         if plan.format == "csv":
-            chunk = parse_csv_chunk(
+            return parse_csv_chunk(
                 data, header=state.header or "", first_line=first_line, label=label, separator=sep
             )
-        else:
-            chunk = parse_jsonl_chunk(
-                data, first_line=first_line, label=label, schema=native, paths=paths
-            )
-        return _prepare(chunk, plan, label, check=check, resolver=resolver, folds=folds)
+        return parse_jsonl_chunk(
+            data, first_line=first_line, label=label, schema=native, paths=paths
+        )
 
-    # parse and prepare the next block while the current one is validated and written:
-    # Polars and Arrow release the GIL, so the two stages overlap on separate cores.
-    # Batches are still written, and the state advanced, strictly in file order (one
-    # worker: cache-hit resolution also sees the chunks in order).
+    def prepare(parsed: Future[_Chunk], check: bool) -> _Prepared:
+        return _prepare(parsed.result(), plan, label, check=check, resolver=resolver, folds=folds)
+
+    # three stages overlap: PARSE_WORKERS blocks are parsed at once (Polars parses one
+    # buffer on one core, and releases the GIL), one thread prepares the parsed blocks
+    # in file order (cache-hit resolution and DST folds must see them in order), and
+    # this thread writes them, also in order, advancing the state after each batch.
     line = state.line
     queue: deque[tuple[Future[_Prepared], int, int]] = deque()
-    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-parse") as pool:
+    with (
+        ThreadPoolExecutor(max_workers=PARSE_WORKERS, thread_name_prefix="log-parse") as parsers,
+        ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-prepare") as preparer,
+    ):
         blocks = _iter_blocks(fh, state.offset, size, final=final, chunk_bytes=chunk_bytes)
         while True:
             block = next(blocks, None)
@@ -962,11 +1017,12 @@ def _read_from(
                 # a final block may end in a line without its newline: it is parsed as a
                 # line, but the count stops before it, so the newline its writer may add
                 # later reads as a blank remainder of that line (skipped), not a new line
-                nlines = data.count(b"\n")
+                nlines = _count_newlines(data)
                 first = line <= header_lines or plan.format == "csv"
-                queue.append((pool.submit(parse, data, line, first), nlines, new_offset))
+                parsed = parsers.submit(parse, data, line)
+                queue.append((preparer.submit(prepare, parsed, first), nlines, new_offset))
                 line += nlines
-                if len(queue) < 2:
+                if len(queue) <= PARSE_WORKERS:  # one batch being written, the next parsing
                     continue
             if not queue:
                 break

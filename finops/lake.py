@@ -409,9 +409,10 @@ def validate(
     cols: dict[str, pl.Series] = {}
     reason_exprs: list[pl.Expr] = []
     checks: dict[str, pl.Series] = {}
+    flagged = False  # whether any row failed any check (else no reason is built at all)
     for name, dtype in schema.columns.items():
         if name not in df.columns:
-            cols[name] = pl.Series(name, [None] * n, dtype=dtype)
+            cols[name] = pl.repeat(None, n, dtype=dtype, eager=True).alias(name)
             continue
         raw = df[name]
         try:
@@ -421,8 +422,11 @@ def validate(
                 f"{schema.name}.{name}: cannot read column of type {raw.dtype}: {exc}"
             ) from exc
         cols[name] = cast.alias(name)
+        if cast is raw:  # already of the schema's type: no value was lost to the cast
+            continue
         bad = cast.is_null() & raw.is_not_null()
         if bad.any():
+            flagged = True
             flag = f"__bad_{name}"
             checks[flag] = bad
             shown = (
@@ -447,6 +451,7 @@ def validate(
         checks[flag] = out[name].is_null() & ~checks.get(
             f"__bad_{name}", pl.repeat(False, n, eager=True)
         )
+        flagged = flagged or bool(checks[flag].any())
         reason_exprs.append(
             pl.when(pl.col(flag)).then(pl.lit(f"field '{name}': required, missing or null"))
         )
@@ -457,6 +462,7 @@ def validate(
         negative = (out[name] < 0).fill_null(False)
         if not negative.any():
             continue
+        flagged = True
         checks[flag] = negative
         checks[f"__negval_{name}"] = out[name].cast(pl.String)
         reason_exprs.append(
@@ -472,6 +478,7 @@ def validate(
         future = (ts > (now + FUTURE_TOLERANCE)).fill_null(False)
         ancient = (ts < EARLIEST_TS).fill_null(False)
     if schema.name != REJECTS.name and (future.any() or ancient.any()):
+        flagged = True
         checks["__future"] = future
         checks["__ancient"] = ancient
         checks["__tsval"] = ts.dt.to_string("%Y-%m-%dT%H:%M:%SZ")
@@ -491,7 +498,7 @@ def validate(
                 )
             )
         )
-    if not reason_exprs or n == 0:
+    if not flagged or n == 0:
         return _Validated(out, _empty_bad()), ignored
     check_df = (
         pl.DataFrame(list(checks.values()), schema=list(checks)) if checks else pl.DataFrame()
