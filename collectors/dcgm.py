@@ -50,6 +50,7 @@ import polars as pl
 
 from collectors.exposition import ParseResult
 from finops.lake import canonical_json
+from finops.schemas import GPU_SAMPLES
 
 DCGM_BLANK_MIN = 9223372036854775792.0
 """Values at or above this are DCGM 'blank' sentinels (no data), not numbers."""
@@ -72,22 +73,8 @@ _COLUMN_LABELS: dict[str, tuple[str, ...]] = {
 }
 _KNOWN = {lab for labs in _COLUMN_LABELS.values() for lab in labs}
 
-GPU_SAMPLE_COLUMNS = (
-    "ts",
-    "source",
-    "host",
-    "gpu_uuid",
-    "gpu_index",
-    "gpu_model",
-    "mig_profile",
-    "mig_instance",
-    "namespace",
-    "pod",
-    "container",
-    "labels",
-    "field",
-    "value",
-)
+GPU_SAMPLE_COLUMNS = tuple(GPU_SAMPLES.columns)
+"""The `gpu_samples` columns, in the lake's order (the rows carry them all)."""
 
 
 @dataclass
