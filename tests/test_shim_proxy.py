@@ -2382,3 +2382,41 @@ def test_a_finish_chunk_held_for_the_usage_chunk_is_sent_when_the_upstream_dies(
     assert parsed.index(finish[0]) == len(parsed) - 2, "before the error event"
     assert parsed[-1]["error"]["code"] == "upstream_stream_error"
     assert events[-1] == b"data: [DONE]"
+
+
+def test_a_replica_failing_its_health_check_comes_last_in_its_tier(tmp_path, fakes):
+    """A frozen replica (its kernel still accepts connections, nothing answers) kept its
+    turns after /health timed out: every other request waited for the first-byte timeout
+    until five of them opened its circuit. It now comes after the replicas that passed."""
+    good, good_url = fakes()
+    frozen = socket.socket()
+    frozen.bind(("127.0.0.1", 0))
+    frozen.listen(64)  # never accepted: connects succeed, no byte ever comes back
+    frozen_url = f"http://127.0.0.1:{frozen.getsockname()[1]}"
+    try:
+        with _serve(
+            tmp_path,
+            [f"small={frozen_url}", f"small={good_url}"],
+            health_interval_s=0.2,
+            connect_timeout_s=0.3,
+            first_byte_timeout_s=30,
+            response_timeout_s=30,
+        ) as h:
+            deadline = time.monotonic() + 10
+            seen: dict = {}
+            while time.monotonic() < deadline:
+                seen = {u.url: u.reachable for u in h.shim.pool.all()}
+                if seen == {frozen_url: False, good_url: True}:
+                    break
+                time.sleep(0.1)
+            else:
+                pytest.fail(f"the frozen replica was never found unreachable: {seen}")
+            for _ in range(6):
+                body = {**CHAT, "stream": _ % 2 == 1}
+                r = httpx.post(h.base_url + "/chat/completions", json=body, timeout=5)
+                assert r.status_code == 200, r.text
+            recs = _records(h.shim, 6)
+    finally:
+        frozen.close()
+    assert good.calls == 6
+    assert {r["upstream"] for r in recs} == {good_url}

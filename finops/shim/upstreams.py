@@ -3,7 +3,8 @@
 Why each piece:
 - least-outstanding (not round-robin): vLLM latency depends on how many
   sequences a replica is already decoding, so the replica with the fewest
-  requests in flight from this shim is the best cheap guess;
+  requests in flight from this shim is the best cheap guess; replicas whose
+  last /health check failed come after the others of their tier;
 - retry budget: a fallback attempt sent to a replica is allowed only while
   retries are at most `ratio` of that replica's recent requests (plus a small
   floor), so an outage cannot turn into a retry storm on the survivors;
@@ -267,13 +268,18 @@ class Pool:
                 left = [(i, u) for i, u in enumerate(reps) if id(u) not in tried]
                 if not left:
                     break
-                # closed circuits first, then least outstanding, then taking turns (with
-                # one request at a time every replica has 0 outstanding: without turns the
-                # first would get them all); open circuits still get skipped by allow()
+                # closed circuits first, then those whose last health check passed,
+                # then least outstanding, then taking turns (with one request at a time
+                # every replica has 0 outstanding: without turns the first would get them
+                # all); open circuits still get skipped by allow(). A replica whose /health
+                # timed out (a frozen process: its kernel still accepts connections) kept
+                # its turns, and each request sent there waited for the first-byte timeout
+                # until five of them opened its circuit; it now comes last in its tier
                 _, best = min(
                     left,
                     key=lambda iu: (
                         not iu[1].breaker.would_allow(now),
+                        iu[1].reachable is False,
                         iu[1].outstanding,
                         (iu[0] - turn) % n,
                     ),
