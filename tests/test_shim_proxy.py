@@ -2420,3 +2420,65 @@ def test_a_replica_failing_its_health_check_comes_last_in_its_tier(tmp_path, fak
         frozen.close()
     assert good.calls == 6
     assert {r["upstream"] for r in recs} == {good_url}
+
+
+class _TwoChoices:
+    """An upstream answering n=2: choice 0 ends `stop`, choice 1 (finishing last) `length`."""
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] == "lifespan":
+            while (await receive())["type"] != "lifespan.shutdown":
+                await send({"type": "lifespan.startup.complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            m = await receive()
+            body += m.get("body", b"")
+            if not m.get("more_body"):
+                break
+        req = orjson.loads(body) if body else {}
+        usage = {"prompt_tokens": 5, "completion_tokens": 4, "total_tokens": 9}
+        base = {"id": "x", "created": 1, "model": req.get("model")}
+        ends = [("stop", "a"), ("length", "b")]
+        if not req.get("stream"):
+            choices = [
+                {"index": i, "message": {"role": "assistant", "content": t}, "finish_reason": f}
+                for i, (f, t) in enumerate(ends)
+            ]
+            out = {**base, "object": "chat.completion", "choices": choices, "usage": usage}
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": orjson.dumps(out)})
+            return
+        sse = [(b"content-type", b"text/event-stream")]
+        await send({"type": "http.response.start", "status": 200, "headers": sse})
+        events = [
+            {"index": i, "delta": {"role": "assistant", "content": t}, "finish_reason": None}
+            for i, (_, t) in enumerate(ends)
+        ] + [{"index": i, "delta": {}, "finish_reason": f} for i, (f, _) in enumerate(ends)]
+        chunks = [{**base, "object": "chat.completion.chunk", "choices": [c]} for c in events]
+        if (req.get("stream_options") or {}).get("include_usage"):
+            chunks.append(
+                {**base, "object": "chat.completion.chunk", "choices": [], "usage": usage}
+            )
+        for c in chunks:
+            ev = b"data: " + orjson.dumps(c) + b"\n\n"
+            await send({"type": "http.response.body", "body": ev, "more_body": True})
+        await send({"type": "http.response.body", "body": b"data: [DONE]\n\n"})
+
+
+def test_n_choices_log_choice_zeros_finish_reason_streamed_or_not(tmp_path):
+    """With n > 1 a stream's record took the finish reason of whichever choice finished
+    last, a full answer's that of choice 0: the same answer was logged `stop` unstreamed
+    and `length` streamed. Both now log choice 0's."""
+    up = run_app_in_thread(_TwoChoices())
+    try:
+        with _serve(tmp_path, [f"small={up.url}"]) as h:
+            for stream in (False, True):
+                body = {**CHAT, "n": 2, "stream": stream}
+                r = httpx.post(h.base_url + "/chat/completions", json=body, timeout=10)
+                assert r.status_code == 200, r.text
+            recs = _records(h.shim, 2)
+    finally:
+        up.stop(2)
+    assert [(r["stream"], r["finish_reason"]) for r in recs] == [(False, "stop"), (True, "stop")]

@@ -2022,7 +2022,11 @@ class ProxyEndpoint:
                         state["first_token"] = time.perf_counter()
                 fr = ch.get("finish_reason")
                 if fr:
-                    rec["finish_reason"] = fr
+                    # the record keeps choice 0's, as a full answer's does: with n > 1 (or a
+                    # prompt list) it was whichever choice finished last, so the same answer
+                    # logged `stop` unstreamed and `length` streamed
+                    if ch.get("index", 0) == 0:
+                        rec["finish_reason"] = fr
                     state["finish_event"] = True
             return True
         if "error" in obj or obj.get("object") == "error":
