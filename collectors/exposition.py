@@ -11,6 +11,8 @@ resilience, so this parser
   characters in label values, plain metric/label names) and sends the rare rest
   to a careful per-line slow path that understands escapes and quoted names;
 - rejects one malformed line with its number and a reason, and loads the rest;
+- refuses a body that was cut off in transit: OpenMetrics without `# EOF`
+  raises, a 0.0.4 last line without its line feed is rejected;
 - parses each distinct label block once (and remembers it, bounded, for the
   next scrape of the same target) and maps blocks, names and types back to
   rows with dict lookups: at scrape sizes fixed per-call costs dominate.
@@ -86,7 +88,7 @@ MAX_RAW = 500
 
 
 class ExpositionError(ValueError):
-    """A line that is not valid exposition text; the message says why."""
+    """Not valid exposition text (one line, or a whole OpenMetrics body); the message says why."""
 
 
 @dataclass
@@ -296,9 +298,17 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     `openmetrics=None` detects the format from a `# EOF` line (pass the HTTP
     Content-Type's verdict when you have it). The difference that matters:
     OpenMetrics timestamps are seconds, 0.0.4 timestamps are milliseconds.
+
+    A body cut off in transit (a close-delimited HTTP response whose connection
+    dropped) must not load as complete: `... 1050.0` cut to `... 10` reads as a
+    counter reset. So `openmetrics=True` without `# EOF` raises ExpositionError
+    (OpenMetrics ends every body with it; Prometheus refuses one without), and
+    in 0.0.4 text, where the last line must end with a line feed, a last line
+    without one becomes a reject; every complete line before it still loads.
     """
     lines, bad = _decode(payload)
-    if lines and lines[-1] == "":
+    cut = lines[-1] != ""  # no final line feed ('' also stands in for a non-UTF-8 line)
+    if not cut:
         lines.pop()
     n_lines = len(lines)
 
@@ -308,6 +318,24 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     eof = next((i for i in comment_at if lines[i].strip() == "# EOF"), None)
     if openmetrics is None:
         openmetrics = eof is not None
+    if eof is None and openmetrics:
+        raise ExpositionError(
+            f"OpenMetrics body has no '# EOF' line after {n_lines:,} "
+            f"line{'s' if n_lines != 1 else ''}: probably cut off in transit; nothing loaded"
+        )
+    if eof is None and cut and lines[-1].strip():
+        # a sample cut mid-number would load as a smaller value: trust nothing on it
+        bad.append(
+            (
+                n_lines,
+                lines[-1][:MAX_RAW],
+                f"line {n_lines}: the body ended without a line feed after this line "
+                "(truncated?); the text format ends every line with one",
+            )
+        )
+        lines[-1] = ""
+        if comment_at and comment_at[-1] == n_lines - 1:
+            comment_at.pop()
     end = n_lines
     if eof is not None:
         end = eof
