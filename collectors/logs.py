@@ -70,6 +70,8 @@ MAX_LINE_BYTES = 1024 * 1024
 a multi-megabyte line is a bug upstream, and loading it would hurt every query)."""
 
 MAX_RAW = 500
+UTF8_BOM = b"\xef\xbb\xbf"
+"""What Windows tools (PowerShell 5's `-Encoding utf8`) put before a file's first line."""
 ProgressFn = Callable[[int, int], None]
 
 
@@ -151,8 +153,10 @@ def _first_records(path: Path, limit: int = 20) -> list[dict[str, Any]]:
     """The first few JSON objects of a file (bad lines skipped), for detection."""
     out = []
     with open(path, "rb") as fh:
-        for _ in range(limit * 5):
+        for n in range(limit * 5):
             line = fh.readline(MAX_LINE_BYTES + 1)
+            if n == 0:
+                line = line.removeprefix(UTF8_BOM)
             if not line:
                 break
             if not line.strip() or len(line) > MAX_LINE_BYTES:
@@ -1014,6 +1018,10 @@ def _read_from(
             block = next(blocks, None)
             if block is not None:
                 data, new_offset = block
+                if new_offset == len(data) and plan.format == "jsonl":
+                    # the file's first block: a BOM (PowerShell's utf8) is no part of line 1;
+                    # no newline is dropped, so line numbers and the byte offsets stay right
+                    data = data.removeprefix(UTF8_BOM)
                 # a final block may end in a line without its newline: it is parsed as a
                 # line, but the count stops before it, so the newline its writer may add
                 # later reads as a blank remainder of that line (skipped), not a new line

@@ -220,13 +220,40 @@ class RangeCheckpoint:
         return cls(Path(checkpoint_dir) / f"prometheus-{digest}.json")
 
     def load(self) -> dt.datetime | None:
+        """The saved end, or None with no file; a damaged file raises PrometheusAPIError.
+
+        The error names the file and the remedy (the target reports it in
+        scrape_health), not a bare KeyError from deep inside the collector.
+        """
         try:
             doc = json.loads(self.path.read_text())
         except FileNotFoundError:
             return None
         except (OSError, ValueError) as exc:
-            raise PrometheusAPIError(f"{self.path}: unreadable checkpoint ({exc})") from None
-        return dt.datetime.fromisoformat(doc["loaded_until"])
+            raise self._unusable(f"unreadable ({exc})") from None
+        if not isinstance(doc, dict):
+            raise self._unusable(f"expected a JSON object, got {type(doc).__name__}")
+        until = doc.get("loaded_until")
+        if not isinstance(until, str):
+            got = "missing" if "loaded_until" not in doc else repr(until)
+            raise self._unusable(f'field "loaded_until": expected an ISO 8601 time, got {got}')
+        try:
+            loaded = dt.datetime.fromisoformat(until)
+        except ValueError:
+            raise self._unusable(
+                f'field "loaded_until": expected an ISO 8601 time, got {until!r}'
+            ) from None
+        if loaded.tzinfo is None:
+            raise self._unusable(
+                f'field "loaded_until": expected a time with a UTC offset, got {until!r}'
+            )
+        return loaded
+
+    def _unusable(self, problem: str) -> PrometheusAPIError:
+        return PrometheusAPIError(
+            f"{self.path}: checkpoint {problem}; move it away to re-read the lookback "
+            "window (duplicates are dropped by the lake's keys)"
+        )
 
     def save(self, until: dt.datetime, *, url: str, query: str) -> None:
         atomic_write_text(

@@ -2,7 +2,9 @@
 -- A counter that goes down was reset (exporter or vLLM restart): the increase
 -- over that interval is the new value itself, never a negative number, and
 -- a restart never double counts. Histogram _bucket/_sum/_count series are
--- counters too. `seconds` is the interval the increase covers.
+-- counters too, and so are a summary's _sum/_count; its quantile series
+-- (labelled `quantile`) are gauges and are left out. `seconds` is the
+-- interval the increase covers.
 CREATE OR REPLACE VIEW clean.serving_increase AS
 WITH s AS (
     SELECT
@@ -16,6 +18,7 @@ WITH s AS (
            OR metric LIKE '%\_count' ESCAPE '\'
            OR metric LIKE '%\_sum' ESCAPE '\')
       AND metric NOT LIKE '%\_created' ESCAPE '\'
+      AND NOT (type = 'summary' AND json_extract_string(labels, '$.quantile') IS NOT NULL)
       AND NOT isnan(value)
     WINDOW w AS (PARTITION BY source, target, metric, labels ORDER BY ts)
 )
