@@ -15,7 +15,8 @@ Design:
   (`backoff_initial` doubling up to `backoff_max`, jittered) while the others
   keep their cadence;
 - every attempt yields one `scrape_health` row (up, duration_ms, samples,
-  rejected, error);
+  rejected, error); rows a restart rebuilds (vLLM's re-emitted cache events)
+  are no attempt and yield none;
 - rows are buffered and written in batches (every `flush_interval` or
   `flush_rows`, whichever first) by the lake writer thread, which nothing
   else uses (so the final flush always gets it): few, larger Parquet files;
@@ -145,6 +146,9 @@ class Outcome:
     error: str | None = None
     frames: dict[str, list[Any]] = field(default_factory=dict)
     rejects: list[tuple[str, dict[str, str]]] = field(default_factory=list)
+    attempt: bool = True  # False: rows rebuilt at startup (`restore`), no health row
+    commits: list[Callable[[], None]] = field(default_factory=list)
+    """State changes a worker computed, kept only if its attempt counts (`commit`)."""
 
     def add(self, table: str, data: Any) -> None:
         if data is None or (isinstance(data, pl.DataFrame | list) and len(data) == 0):
@@ -168,6 +172,16 @@ class Outcome:
         self.rejected += other.rejected
         self.error = other.error or self.error
         self.up = other.up
+
+    def commit(self) -> None:
+        """Keep the target state this (scratch) Outcome's rows lead to.
+
+        Called by the attempt after `absorb`: an attempt that timed out never
+        gets there, so a late worker's state changes are dropped with its rows.
+        """
+        commits, self.commits = self.commits, []
+        for fn in commits:
+            fn()
 
     def health(self) -> dict[str, Any]:
         return {
@@ -283,6 +297,7 @@ class _ExpositionTarget(Target):
         scratch = Outcome(out.target, out.kind, out.ts)
         await self.in_thread(self._process, body, openmetrics, scratch)
         out.absorb(scratch)
+        scratch.commit()
 
     def _process(self, body: bytes, openmetrics: bool | None, out: Outcome) -> None:
         from collectors.exposition import parse
@@ -330,7 +345,7 @@ class VllmTarget(_ExpositionTarget):
         events = await self.in_thread(self.tracker.restore, str(self.ctx.lake.path))
         if not events:
             return None
-        out = Outcome(self.cfg.name, "vllm", dt.datetime.now(dt.UTC), up=True)
+        out = Outcome(self.cfg.name, "vllm", dt.datetime.now(dt.UTC), up=True, attempt=False)
         out.add("cache_events", events)
         return out
 
@@ -343,10 +358,22 @@ class VllmTarget(_ExpositionTarget):
         out.add("serving_samples", rows)
         out.samples += rows.height
         with self._lock:
-            events = self.tracker.update(rows)
+            events, state = self.tracker.step(rows)
         out.add("cache_events", events)
+        out.commits.append(lambda: self._commit(state))
         if rows.height == 0 and parsed.samples.height:
             out.error = f"no metrics starting with {list(self.cfg.metric_prefixes)}: is this vLLM?"
+
+    def _commit(self, state: dict[str, Any]) -> None:
+        """The tracker moves on only with an attempt that counts (see `Outcome.commit`).
+
+        A target's attempts never overlap (the next one is skipped while its
+        thread is busy), so the state a step started from is still the
+        committed one: the next good attempt's interval starts where the
+        lake's last kept rows end.
+        """
+        with self._lock:
+            self.tracker.commit(state)
 
 
 class NvmlTarget(Target):
@@ -712,7 +739,7 @@ class Collector:
                 await self._writer.run(self._write, batch)
             except Exception as exc:  # disk full, permissions...: keep the rows, retry later
                 self.buffer[:0] = batch
-                self.buffered_rows += sum(o.rows() + 1 for o in batch)
+                self.buffered_rows += sum(o.rows() + o.attempt for o in batch)
                 self.stats.write_errors += 1
                 if self.stopping:  # the last flush (--once, shutdown): nothing retries it
                     raise
@@ -755,7 +782,9 @@ class Collector:
             files = self._append(by_table)
             for (table, kind), rows in rejects.items():
                 self.lake.reject(table, rows, source=kind)
-            self.lake.append("scrape_health", [o.health() for o in batch], source="collect")
+            health = [o.health() for o in batch if o.attempt]  # a restore is no attempt
+            if health:
+                self.lake.append("scrape_health", health, source="collect")
         self.stats.flushes += 1
         self.stats.files += files
         self.stats.last_flush = time.monotonic()
@@ -802,8 +831,9 @@ class Collector:
         )
         for t in self.targets:
             restored = await t.restore()
-            if restored is not None:
+            if restored is not None:  # written with the first flush, under no health row
                 self.buffer.append(restored)
+                self.buffered_rows += restored.rows()
 
     async def _close(self) -> None:
         """Flush and release, without waiting for a target stuck in a blocking call.

@@ -21,10 +21,10 @@ JSON; `model_name` is also lifted into its own column.
 
 Prefix-cache savings: vLLM counts prefix-cache *queried* and *hit* tokens.
 Between two consecutive scrapes of a target, the increase of each (a
-decrease means vLLM restarted: the increase is the new value, as Prometheus'
-`increase()` reads it) becomes two `cache_events` rows of layer
-`vllm_prefix`: `hit` (tokens served from the cache) and `miss` (queried but
-not cached). Event ids are deterministic (target, labels, event, scrape
+decrease of either means vLLM restarted, which resets both: the increase is
+the new value, as Prometheus' `increase()` reads it) becomes two
+`cache_events` rows of layer `vllm_prefix`: `hit` (tokens served from the
+cache) and `miss` (queried but not cached). Event ids are deterministic (target, labels, event, scrape
 time), and after a restart the collector takes its baseline from the lake
 itself and re-emits the last interval's events (idempotent), so a crash
 between writing samples and events neither loses nor doubles tokens.
@@ -162,15 +162,37 @@ class PrefixCacheTracker:
 
     def update(self, rows: pl.DataFrame) -> list[dict]:
         """Feed one scrape's serving rows; return the cache_events of the interval."""
+        events, state = self.step(rows)
+        self.commit(state)
+        return events
+
+    def step(
+        self, rows: pl.DataFrame
+    ) -> tuple[list[dict], dict[str, tuple[dt.datetime, float, float]]]:
+        """The events of one scrape and the state it leads to, changing nothing.
+
+        The daemon parses in a thread that can outlive its attempt: a timed-out
+        attempt's rows are dropped, so its state must not be kept either, or
+        the next attempt's interval would start after rows the lake never got
+        and its events would be lost. `commit` keeps it once the attempt counts.
+        """
         cur = _prefix_values(rows)
         events: list[dict] = []
+        state: dict[str, tuple[dt.datetime, float, float]] = {}
         for labels, (ts, hits, queries) in cur.items():
             prev = self.last.get(labels)
             if prev is not None and ts > prev[0]:
                 events += self._events(labels, prev, (ts, hits, queries))
             if prev is None or ts >= prev[0]:
-                self.last[labels] = (ts, hits, queries)
-        return events
+                state[labels] = (ts, hits, queries)
+        return events, state
+
+    def commit(self, state: dict[str, tuple[dt.datetime, float, float]]) -> None:
+        """Keep the state a `step` computed (never moving a series back in time)."""
+        for labels, cur in state.items():
+            prev = self.last.get(labels)
+            if prev is None or cur[0] >= prev[0]:
+                self.last[labels] = cur
 
     def restore(self, lake_path: str | None, days: int = 2) -> list[dict]:
         """Baseline from the lake's last two samples per series; re-emit their events.
@@ -218,8 +240,11 @@ class PrefixCacheTracker:
         cur: tuple[dt.datetime, float, float],
     ) -> list[dict]:
         ts, hits, queries = cur
-        d_hits = hits if hits < prev[1] else hits - prev[1]
-        d_queries = queries if queries < prev[2] else queries - prev[2]
+        # vLLM resets both counters together on a restart; hits never outrun
+        # queries, so either one going down means both start over
+        reset = hits < prev[1] or queries < prev[2]
+        d_hits = hits if reset else hits - prev[1]
+        d_queries = queries if reset else queries - prev[2]
         lab = orjson.loads(labels)
         model = lab.get("model_name")
         tier = lab.get("tier")
