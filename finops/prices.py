@@ -9,11 +9,13 @@ SQL cost marts (finops/sql/marts/30_costs_gpu.sql): names compare with the
 `NVIDIA ` prefix stripped, exactly, or the catalog name is a prefix of the
 reported name ending on a word boundary, so catalog `H100` finds `NVIDIA H100
 80GB HBM3` but `L4` never finds `L40S` and `A100` never finds `A10`. An exact
-match wins, then the longest catalog name; a blank name matches nothing.
+match wins, then the longest catalog name; a blank name matches nothing. So the
+catalog holds one row per (model, pricing kind): `load_prices` refuses a second one.
 """
 
 from __future__ import annotations
 
+import math
 import os
 import re
 from pathlib import Path
@@ -36,15 +38,31 @@ class PriceCatalogError(ValueError):
     pass
 
 
+EXPECTED = (
+    "a CSV or Parquet file with columns gpu_model,pricing_kind,usd_per_gpu_hour"
+    "[,provider,source,as_of]"
+)
+
+
 def load_prices(path: str | os.PathLike[str] | None = None) -> pl.DataFrame:
-    """Read and check a price catalog (CSV or Parquet); errors name the row."""
+    """Read and check a price catalog (CSV or Parquet); errors name the row.
+
+    Every reader of prices (`finops.connect`'s `ref.prices`, the router's fallback)
+    comes through here, so a catalog the matching rule cannot price one way is refused
+    before any dollar is computed: no rows, a price that is not a finite non-negative
+    number, or two rows for one (GPU model, pricing kind)."""
     p = Path(path or os.environ.get("FINOPS_PRICES") or DEFAULT_PRICES)
     if not p.exists():
         raise PriceCatalogError(f"{p}: price catalog not found")
-    df = pl.read_parquet(p) if p.suffix == ".parquet" else pl.read_csv(p, infer_schema_length=0)
+    df = _read(p)
     missing = [c for c in ("gpu_model", "pricing_kind", "usd_per_gpu_hour") if c not in df.columns]
     if missing:
         raise PriceCatalogError(f"{p}: missing column(s) {missing}; expected {list(COLUMNS)}")
+    if df.height == 0:
+        raise PriceCatalogError(
+            f"{p}: the price catalog has no prices (no rows below the header); expected one "
+            "row per GPU model and pricing kind, e.g. 'H100 80GB HBM3,on_demand,3.90'"
+        )
     for col in COLUMNS:
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=pl.String).alias(col))
@@ -53,7 +71,7 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> pl.DataFrame:
         zip(df["usd_per_gpu_hour"], price, df["pricing_kind"], strict=True)
     ):
         line = i + 2  # header is line 1
-        if val is None or val < 0:
+        if val is None or not math.isfinite(val) or val < 0:
             raise PriceCatalogError(
                 f"{p}:{line}: field 'usd_per_gpu_hour': expected a non-negative number, got {raw!r}"
             )
@@ -61,9 +79,64 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> pl.DataFrame:
             raise PriceCatalogError(
                 f"{p}:{line}: field 'pricing_kind': expected one of {PRICING_KINDS}, got {kind!r}"
             )
-    return df.with_columns(price.alias("usd_per_gpu_hour")).select(
+    out = df.with_columns(price.alias("usd_per_gpu_hour")).select(
         [pl.col(c).cast(t) for c, t in COLUMNS.items()]
     )
+    _check_one_price_each(p, out)
+    return out
+
+
+def _read(p: Path) -> pl.DataFrame:
+    """The catalog file as read, all CSV fields as text; an unreadable file (empty, a
+    broken quote, not Parquet after all) is a PriceCatalogError, never a traceback."""
+
+    def unreadable(reason: str) -> PriceCatalogError:
+        return PriceCatalogError(
+            f"{p}: cannot read the price catalog ({reason}); expected {EXPECTED}"
+        )
+
+    if not p.is_file():
+        raise unreadable("not a file")
+    try:
+        if p.suffix == ".parquet":
+            return pl.read_parquet(p)
+        return pl.read_csv(p, infer_schema_length=0)
+    except (pl.exceptions.PolarsError, OSError, UnicodeDecodeError) as exc:
+        # polars appends tuning advice (infer_schema_length, ignore_errors) that does
+        # not apply to a catalog; its original error is the reason
+        msg = str(exc).split("Original error:", 1)[-1].replace("`" * 3, "")
+        msg = re.sub(r"`([^`]*?)\s+`", r"`\1`", msg)  # a quoted field's own newline
+        msg = " ".join(msg.split())
+        raise unreadable(msg or type(exc).__name__) from None
+
+
+def _check_one_price_each(p: Path, prices: pl.DataFrame) -> None:
+    """Refuse two rows for one (model key, pricing kind): the matching rule (exact, then the
+    longest name) cannot choose between them, so each GPU-hour would take either price."""
+    seen: dict[tuple[str, str], int] = {}
+    for i, (model, kind) in enumerate(
+        zip(prices["gpu_model"], prices["pricing_kind"], strict=True)
+    ):
+        key = model_key(model)
+        if not key:
+            continue  # a blank name prices nothing, so it cannot compete
+        first = seen.setdefault((key, kind), i)
+        if first == i:
+            continue
+        raise PriceCatalogError(
+            f"{p}:{i + 2}: GPU model {model!r} has a second {kind} price "
+            f"({_describe(prices, i)}); line {first + 2} already prices it "
+            f"({_describe(prices, first)}). Keep one row per GPU model and pricing kind "
+            "(names compare without the 'NVIDIA ' prefix): the catalog has no effective "
+            "dates, so remove or edit the older price"
+        )
+
+
+def _describe(prices: pl.DataFrame, i: int) -> str:
+    """A catalog row as a duplicate error quotes it: name, price, as_of when given."""
+    as_of = prices["as_of"][i]
+    head = f"{prices['gpu_model'][i]!r} at ${prices['usd_per_gpu_hour'][i]:g}/GPU-hour"
+    return head + (f", as_of {as_of}" if as_of else "")
 
 
 def model_key(name: str | None) -> str:
