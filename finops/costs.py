@@ -89,9 +89,14 @@ class Period:
         return (self.end - self.start).total_seconds() / 3600.0
 
 
+def _utc(value: dt.datetime) -> dt.datetime:
+    """A naive datetime is UTC; an aware one is moved to UTC (the marts' clock hours)."""
+    return value.replace(tzinfo=dt.UTC) if value.tzinfo is None else value.astimezone(dt.UTC)
+
+
 def _as_date(value: str | dt.date | dt.datetime, name: str) -> dt.datetime:
     if isinstance(value, dt.datetime):
-        return value if value.tzinfo else value.replace(tzinfo=dt.UTC)
+        return _utc(value)
     if isinstance(value, dt.date):
         return dt.datetime(value.year, value.month, value.day, tzinfo=dt.UTC)
     try:
@@ -109,7 +114,9 @@ def period(
     """Parse an ISO week ("2026-W47") or from/to dates (both inclusive) into a Period.
 
     `end` as a date is inclusive (the whole day counts), as people say "from the
-    16th to the 22nd"; a datetime `end` is exclusive. Nothing given: all data.
+    16th to the 22nd"; a datetime `end` is exclusive. Nothing given: all data. The
+    cost functions take datetimes on whole UTC hours only (`_p`); a Period filtering
+    a per-request `ts` column (`where("ts")`) may cut hours.
     """
     if week is not None and (start is not None or end is not None):
         raise CostError("give either a week or from/to dates, not both")
@@ -136,12 +143,49 @@ def period(
         raise CostError(
             f"from/to: the period is empty ({start} .. {end}); 'to' must not precede 'from'"
         )
-    label = f"{s.date() if s else '…'}..{(e - dt.timedelta(days=1)).date() if e else '…'}"
-    return Period(s, e, label if (s or e) else "all data")
+    return Period(s, e, _label(s, e))
+
+
+def _stamp(t: dt.datetime) -> str:
+    """A UTC time as 2026-11-17T10:00Z (seconds only when there are any)."""
+    if t.second or t.microsecond:
+        return t.strftime("%Y-%m-%dT%H:%M:%S.%f" if t.microsecond else "%Y-%m-%dT%H:%M:%S") + "Z"
+    return t.strftime("%Y-%m-%dT%H:%MZ")
+
+
+def _label(s: dt.datetime | None, e: dt.datetime | None) -> str:
+    """The period as people read it: midnight bounds as dates (the end date inclusive,
+    "2026-11-16..2026-11-22"), other bounds as times (the end exclusive)."""
+    if s is None and e is None:
+        return "all data"
+    left = right = "…"
+    if s is not None:
+        left = str(s.date()) if s.time() == dt.time(0) else _stamp(s)
+    if e is not None:
+        right = str((e - dt.timedelta(days=1)).date()) if e.time() == dt.time(0) else _stamp(e)
+    return f"{left}..{right}"
 
 
 def _p(week: str | None, start: Any, end: Any, per: Period | None = None) -> Period:
-    return per if per is not None else period(week, start, end)
+    """The Period a cost function asks about. Costs are hourly (the marts hold clock
+    hours), so a bound inside an hour would silently widen to the whole hour: refused."""
+    if per is None:
+        per = period(week, start, end)
+        names = ("start", "end")
+    else:
+        names = ("per.start", "per.end")
+    for name, bound in zip(names, (per.start, per.end), strict=True):
+        if bound is None:
+            continue
+        t = _utc(bound)
+        if t.minute or t.second or t.microsecond:
+            hour = t.replace(minute=0, second=0, microsecond=0)
+            raise CostError(
+                f"{name}: costs are counted per clock hour, so a time must fall on a whole "
+                f"hour (UTC), e.g. {_stamp(hour)} or {_stamp(hour + dt.timedelta(hours=1))}, "
+                f"or be a date; got {bound.isoformat()}"
+            )
+    return per
 
 
 def latest_week(db: duckdb.DuckDBPyConnection) -> str:
@@ -784,7 +828,9 @@ def totals(
     cost of tier-hours no request ran on (and GPUs of no tier), on the usage basis
     also the idle share of busy tier-hours. idle_capacity_cost: the physical idle
     capacity, sum((1 - util) x cost), the same on both bases. busy_cost: the rest.
-    gpus: physical GPUs that reported (a GPU split by MIG counts once).
+    gpus: physical GPUs that reported (a GPU split by MIG counts once). Per request
+    and per token figures are on `basis`: per request, the bill (allocation) or the
+    allocated busy cost (usage) over the priced requests.
     """
     b = _basis(basis)
     per = _p(week, start, end, per)
@@ -853,8 +899,12 @@ def totals(
     n = out["requests"] - r["unpriced_requests"]
     out["unpriced_requests"] = r["unpriced_requests"]
     priced = bool(n and g["gpu_hours"])
-    out["cost_per_request"] = out["gpu_cost"] / n if priced else None
-    out["usd_per_1k_requests"] = 1000 * out["gpu_cost"] / n if priced else None
+    # per request on the totals' own basis: the whole bill on the allocation basis (idle
+    # capacity is part of what serving costs), only the busy share on the usage basis,
+    # as the per-token figures and `by()` rows are
+    unit_cost = out["gpu_cost"] if b == "allocation" else out["allocated_cost"]
+    out["cost_per_request"] = unit_cost / n if priced else None
+    out["usd_per_1k_requests"] = 1000 * unit_cost / n if priced else None
     i, o = r["priced_input_tokens"], r["priced_output_tokens"]
     out["usd_per_1m_input_tokens"] = (
         out["input_cost"] / i * 1e6 if i and out["input_cost"] is not None else None
@@ -1492,7 +1542,11 @@ def headline(
     end: str | dt.date | None = None,
     per: Period | None = None,
 ) -> dict[str, Any]:
-    """The numbers `make demo` prints: bill, idle, cost per request, leakage, cache savings."""
+    """The numbers `make demo` prints: bill, idle, cost per request, leakage, cache savings.
+
+    idle_time_share is idle GPU time (1 - utilization, the report's idle share);
+    idle_capacity_share is the idle dollars' share of the bill.
+    """
     per = _p(week, start, end, per)
     t = totals(db, per=per, basis="allocation")
     u = totals(db, per=per, basis="usage")
@@ -1510,6 +1564,10 @@ def headline(
         "utilization": t["utilization"],
         "idle_capacity_cost": t["idle_capacity_cost"] if known else None,
         "idle_capacity_share": t["idle_capacity_cost"] / t["gpu_cost"] if t["gpu_cost"] else None,
+        # the report's "N% of GPU time was idle": idle GPU-hours over GPU-hours
+        "idle_time_share": (
+            (t["gpu_hours"] - t["busy_gpu_hours"]) / t["gpu_hours"] if known else None
+        ),
         "requests": t["requests"],
         "cost_per_1k_requests": t["usd_per_1k_requests"],
         "usage_cost_per_1k_requests": (
@@ -1543,8 +1601,8 @@ def format_headline(h: Mapping[str, Any]) -> str:
 
     return (
         f"{h['period']}: GPU bill {usd(h['gpu_cost'])} for {h['gpu_hours']:,.0f} GPU-hours "
-        f"({h['gpus']} GPUs, SM-active {pct(h['utilization'])}, idle {pct(h['idle_capacity_share'])}"
-        f" = {usd(h['idle_capacity_cost'])}); {h['requests']:,} requests at "
+        f"({h['gpus']} GPUs, SM-active {pct(h['utilization'])}, idle {pct(h['idle_time_share'])}"
+        f" of GPU time = {usd(h['idle_capacity_cost'])}); {h['requests']:,} requests at "
         f"{usd(h['cost_per_1k_requests'])}/1k (busy-time only {usd(h['usage_cost_per_1k_requests'])}"
         f"/1k); leakage {usd(h['leakage_cost'])} ({pct(h['leakage_share'])}); caches saved "
         f"{usd(h['cache_saved'])}, a response cache would save {usd(h['response_cache_potential'])}"
