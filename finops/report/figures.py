@@ -30,6 +30,8 @@ Z_THRESHOLD = 3.5
 HISTORY_WEEKS = 4
 MIN_BASELINE = 3  # fewer comparable points than this: too little history to judge
 TREND_CLIP = (0.8, 1.25)
+# where a missing GPU price goes (finops.prices.load_prices reads $FINOPS_PRICES first)
+PRICES_HINT = "data/prices.csv or the catalog file $FINOPS_PRICES names"
 HEADLINE_KEYS = (
     "spend_usd",
     "requests",
@@ -464,17 +466,29 @@ def _router(
 def _hourly_series(
     db: duckdb.DuckDBPyConnection, start: dt.datetime, end: dt.datetime
 ) -> pl.DataFrame:
-    """Requests and GPU spend per hour over [start, end) (hours without data omitted)."""
+    """Requests and GPU spend per hour over [start, end) (hours without data omitted).
+
+    has_gpu: the hour has GPU-hour rows; priced: some of them have a catalog price.
+    An hour whose GPUs are all unpriced has GPU metrics but a NULL sum(gpu_cost), so
+    the two differ; unpriced_models names them ('on_demand NVIDIA L4': a catalog row is
+    per pricing kind and model), for the sentence that says why a spend is unknown.
+    """
     where = f"hour >= TIMESTAMPTZ '{start.isoformat()}' AND hour < TIMESTAMPTZ '{end.isoformat()}'"
     return sql(
         db,
         f"""
         WITH r AS (SELECT hour, count(*) AS requests FROM marts.request_work WHERE {where}
                    GROUP BY ALL),
-             g AS (SELECT hour, sum(gpu_cost) AS spend FROM marts.gpu_cost_hourly
-                   WHERE {where} GROUP BY ALL)
+             g AS (SELECT hour, sum(gpu_cost) AS spend,
+                          sum(gpu_hours) FILTER (usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
+                          list(DISTINCT coalesce(pricing_kind, '?') || ' '
+                               || coalesce(gpu_model, '(no model name)'))
+                              FILTER (usd_per_gpu_hour IS NULL) AS unpriced_models
+                   FROM marts.gpu_cost_hourly WHERE {where} GROUP BY ALL)
         SELECT hour, coalesce(r.requests, 0) AS requests, coalesce(g.spend, 0.0) AS spend,
-               g.spend IS NOT NULL AS has_gpu
+               g.hour IS NOT NULL AS has_gpu, g.spend IS NOT NULL AS priced,
+               coalesce(g.unpriced_gpu_hours, 0.0) AS unpriced_gpu_hours,
+               coalesce(g.unpriced_models, []) AS unpriced_models
         FROM r FULL JOIN g USING (hour) ORDER BY hour
         """,
     ).pl()
@@ -598,6 +612,13 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         ).alias("how"),
         pl.col("hour").dt.hour().cast(pl.Int32).alias("hod"),
     )
+    # a series without the price columns (built by hand) has every GPU hour priced
+    defaults = {
+        "priced": pl.col("has_gpu"),
+        "unpriced_gpu_hours": pl.lit(0.0),
+        "unpriced_models": pl.lit([], dtype=pl.List(pl.String)),
+    }
+    s = s.with_columns(v.alias(k) for k, v in defaults.items() if k not in s.columns)
     cur = s.filter(pl.col("hour") >= per.start)
     if not cur["requests"].sum():
         return {**none, "note": f"no requests in {per.label}: no basis for a forecast"}
@@ -628,8 +649,24 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         .sort("hour")
     )
     req, spend = float(f["requests"].sum()), float(f["spend"].sum())
+    unpriced = sorted(set(s["unpriced_models"].explode().drop_nulls().to_list()))
+    unpriced_h = float(s["unpriced_gpu_hours"].sum())
+    spend_note = None
     if not s["has_gpu"].any():
         spend = None  # no GPU samples in the history: the spend is unknown, not $0
+        spend_note = "no GPU metrics"
+    elif not s["priced"].any():
+        # GPU-hours were measured, but the catalog prices none of them: unknown, not $0
+        spend = None
+        spend_note = (
+            f"the price catalog has no price for {', '.join(unpriced)} (add one to {PRICES_HINT})"
+        )
+    elif unpriced:
+        hours = f"{unpriced_h:,.2f}".rstrip("0").rstrip(".")
+        spend_note = (
+            f"counts {hours} GPU-hours of {', '.join(unpriced)} in its history as $0 "
+            f"(no price in {PRICES_HINT})"
+        )
     partial = span < dt.timedelta(days=7)
     return {
         "method": "mean of each hour of week over up to 4 weeks x week-over-week trend "
@@ -643,6 +680,8 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         "trend": trend,
         "requests": req,
         "spend_usd": spend,
+        # why spend_usd is unknown (None), or what a known one leaves out
+        "spend_note": spend_note,
         "usd_per_1k_requests": 1000 * spend / req if req and spend is not None else None,
         "hourly": _records(f),
     }
@@ -799,15 +838,15 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     if fo.get("requests") is None and fo.get("note"):
         t["forecast"] = f"No forecast for next week: {fo['note']}."
     if fo.get("requests") is not None:
-        spend = (
-            f"{usd(fo['spend_usd'])} of GPU spend"
-            if fo.get("spend_usd") is not None
-            else "GPU spend unknown (no GPU metrics)"
-        )
-        t["forecast"] = (
-            f"Next week: about {fo['requests']:,.0f} requests and {spend} "
-            f"(trend x{fo['trend']['requests']:.2f})."
-        )
+        note = fo.get("spend_note")
+        head = f"Next week: about {fo['requests']:,.0f} requests"
+        trend = f"(trend x{fo['trend']['requests']:.2f})"
+        if fo.get("spend_usd") is not None:
+            t["forecast"] = f"{head} and {usd(fo['spend_usd'])} of GPU spend {trend}." + (
+                f" The spend {note}." if note else ""
+            )
+        else:  # unknown: no GPU metrics, or GPU-hours the catalog has no price for
+            t["forecast"] = f"{head} {trend}; GPU spend unknown: {note or 'no GPU metrics'}."
     if g.get("line"):
         t["growth"] = (
             f"At 5x traffic a request would cost {usd(g['before_usd_per_1k'])}/1k before the "
