@@ -840,6 +840,8 @@ def totals(
         f"""
         SELECT coalesce(sum(gpu_hours), 0) AS gpu_hours,
                coalesce(sum(busy_gpu_hours), 0) AS busy_gpu_hours,
+               coalesce(sum(gpu_hours) FILTER (usd_per_gpu_hour IS NOT NULL), 0)
+                   AS priced_gpu_hours,
                coalesce(sum(gpu_cost), 0) AS gpu_cost,
                coalesce(sum(busy_cost), 0) AS busy_cost,
                coalesce(sum(idle_cost), 0) AS idle_capacity_cost,
@@ -877,6 +879,9 @@ def totals(
         "gpus": g["gpus"],
         "gpu_hours": g["gpu_hours"],
         "busy_gpu_hours": g["busy_gpu_hours"],
+        # GPU-hours the catalog has a price for: none (GPUs measured, none priced) makes
+        # every dollar figure unknown, not $0 (headline, report)
+        "priced_gpu_hours": g["priced_gpu_hours"],
         "utilization": g["busy_gpu_hours"] / g["gpu_hours"] if g["gpu_hours"] else None,
         "gpu_cost": g["gpu_cost"],
         "busy_cost": g["busy_cost"],
@@ -898,7 +903,7 @@ def totals(
     # understate them; no GPU data at all: unknown (None), not $0
     n = out["requests"] - r["unpriced_requests"]
     out["unpriced_requests"] = r["unpriced_requests"]
-    priced = bool(n and g["gpu_hours"])
+    priced = bool(n and g["priced_gpu_hours"])
     # per request on the totals' own basis: the whole bill on the allocation basis (idle
     # capacity is part of what serving costs), only the busy share on the usage basis,
     # as the per-token figures and `by()` rows are
@@ -1553,8 +1558,12 @@ def headline(
     leak = leakage(db, per=per)
     cache = cache_savings(db, per=per)
     leak_cost = sum_known(leak.filter(pl.col("kind") == "leak")["cost"])
-    # no GPU samples: the bill is unknown (None, printed as unknown), not $0
-    known = bool(t["gpu_hours"])
+    # no GPU samples, or none of them priced by the catalog: the bill is unknown (None,
+    # printed as unknown), not $0
+    measured = bool(t["gpu_hours"])
+    known = bool(t["priced_gpu_hours"])
+    if not known:
+        leak_cost = None
     priced = u["requests"] - u["unpriced_requests"]
     return {
         "period": t["period"],
@@ -1566,7 +1575,7 @@ def headline(
         "idle_capacity_share": t["idle_capacity_cost"] / t["gpu_cost"] if t["gpu_cost"] else None,
         # the report's "N% of GPU time was idle": idle GPU-hours over GPU-hours
         "idle_time_share": (
-            (t["gpu_hours"] - t["busy_gpu_hours"]) / t["gpu_hours"] if known else None
+            (t["gpu_hours"] - t["busy_gpu_hours"]) / t["gpu_hours"] if measured else None
         ),
         "requests": t["requests"],
         "cost_per_1k_requests": t["usd_per_1k_requests"],
@@ -1581,10 +1590,14 @@ def headline(
         else None,
         "cache_saved": sum_known(
             cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"]
-        ),
+        )
+        if known
+        else None,
         "response_cache_potential": sum_known(
             cache.filter(pl.col("layer") == "response_cache_potential")["usd_saved"]
-        ),
+        )
+        if known
+        else None,
         "notes": t["notes"],
     }
 

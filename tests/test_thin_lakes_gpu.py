@@ -198,3 +198,23 @@ def test_forecast_with_some_gpus_unpriced_says_what_its_spend_leaves_out() -> No
     }
     line = _takeaways(r)["forecast"]
     assert "of GPU spend (trend x1.00). The spend counts 12 GPU-hours" in line, line
+
+
+def test_headline_and_report_dollars_are_unknown_when_no_gpu_is_priced(tmp_path: Path) -> None:
+    """GPU-hours measured but none priced by the catalog: the headline and the report's
+    headline said 'GPU bill $0.00' and '$0.00/1k' next to a forecast saying the spend is
+    unknown. Every dollar figure is now unknown; the GPU-hours and utilization stay."""
+    lake = _lake(tmp_path / "lake", sm=0.25, gpu_util=60.0, requests=3)
+    db = finops.connect(lake, prices=_h100_only(tmp_path))
+    h = fc.headline(db, week=WEEK)
+    assert h["gpu_hours"] == pytest.approx(1.0) and h["utilization"] == pytest.approx(0.25)
+    assert h["idle_time_share"] == pytest.approx(0.75)
+    for key in ("gpu_cost", "idle_capacity_cost", "cost_per_1k_requests"):
+        assert h[key] is None, f"headline[{key!r}]: expected None (unpriced), got {h[key]!r}"
+    line = fc.format_headline(h)
+    assert "GPU bill unknown for 1 GPU-hours" in line and "$0.00" not in line, line
+    r = compute(db, WEEK, growth=False)
+    head = r["headline"]
+    assert head["spend_usd"]["value"] is None, head["spend_usd"]
+    assert head["usd_per_1k_requests"]["value"] is None, head["usd_per_1k_requests"]
+    assert head["gpu_hours"]["value"] == pytest.approx(1.0), head["gpu_hours"]

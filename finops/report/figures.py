@@ -204,9 +204,10 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
     cache = fc.cache_savings(db, per=per)
     tokens = int(t["input_tokens"]) + int(t["output_tokens"])
     n = int(t["requests"])
-    # no GPU samples in the period: the bill and every dollar figure derived from it are
-    # unknown (None, shown as n/a), not $0.00
-    known = bool(t["gpu_hours"])
+    # no GPU samples in the period, or none the price catalog prices: the bill and every
+    # dollar figure derived from it are unknown (None, shown as n/a), not $0.00
+    measured = bool(t["gpu_hours"])
+    known = bool(t["priced_gpu_hours"])
     spend = float(t["gpu_cost"]) if known else None
     return {
         "spend_usd": spend,
@@ -216,8 +217,8 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
         "tokens": tokens,
         "usd_per_1k_requests": 1000 * spend / n if n and spend is not None else None,
         "usd_per_1m_tokens": 1e6 * spend / tokens if tokens and spend is not None else None,
-        "gpu_hours": float(t["gpu_hours"]) if known else None,
-        "gpus": int(t["gpus"]) if known else None,
+        "gpu_hours": float(t["gpu_hours"]) if measured else None,
+        "gpus": int(t["gpus"]) if measured else None,
         "utilization": _f(t["utilization"]),
         "idle_capacity_usd": float(t["idle_capacity_cost"]) if known else None,
         "leakage_usd": (
