@@ -2314,6 +2314,11 @@ class _TwoChoiceStream:
             body += m.get("body", b"")
             if not m.get("more_body"):
                 break
+        if scope["type"] != "http" or not body:
+            # the shim's health probe (GET, no body) is not a completion request
+            await send({"type": "http.response.start", "status": 200, "headers": []})
+            await send({"type": "http.response.body", "body": b""})
+            return
         self.bodies.append(orjson.loads(body))
         base = {"id": "chatcmpl-2", "object": "chat.completion.chunk", "created": 1, "model": "m"}
 
@@ -2366,7 +2371,8 @@ def test_every_choices_finish_chunk_gets_the_fingerprint_of_the_dropped_usage_ch
         for i in (0, 1)
     }
     assert text == {0: "ac", 1: "bde"}
-    assert recs[0]["output_tokens"] == 5 and recs[0]["finish_reason"] == "length"
+    # the record logs choice 0's finish reason, as the non-streamed record does
+    assert recs[0]["output_tokens"] == 5 and recs[0]["finish_reason"] == "stop"
 
 
 def test_a_finish_chunk_held_for_the_usage_chunk_is_sent_when_the_upstream_dies(tmp_path, fakes):
