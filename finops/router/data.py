@@ -234,6 +234,11 @@ def _str(raw: Mapping[str, Any], key: str) -> str | None:
     return str(v)
 
 
+# set by load_lake on rows whose prompt_text is not null: capture was on, so an empty
+# prompt_text is text "" (the name keeps it out of any file's columns)
+_CAPTURED = "\x00prompt_captured"
+
+
 def parse_row(
     raw: Mapping[str, Any], tiers: Sequence[str], quality_bar: float = DEFAULT_QUALITY_BAR
 ) -> dict[str, Any]:
@@ -255,6 +260,10 @@ def parse_row(
         if not isinstance(raw["prompt"], str):
             raise _RowError("prompt", "a string", raw["prompt"])
         text = _utf8("prompt", raw["prompt"])
+    elif raw.get(_CAPTURED) is True and raw.get("prompt") == "":
+        # the shim captured the prompt and it had no text (a token-ID prompt, an image):
+        # that is text "", as route() saw it, not capture off
+        text = ""
     prompt_tokens = _num(raw, "prompt_tokens")
     served_estimate = _num(raw, "prompt_tokens_est")
     turn_count = _num(raw, "turn_count", integer=True, minimum=1)
@@ -570,6 +579,7 @@ def load_lake(
                 loc,
                 {
                     "prompt": req["prompt_text"],
+                    _CAPTURED: req["prompt_text"] is not None,
                     "feature": req["feature"],
                     "tenant": req["tenant"],
                     "prompt_tokens": req["input_tokens"],

@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, NoReturn
 
 import orjson
 
-from finops.router.features import estimate_prompt_tokens
+from finops.router.features import body_text, estimate_prompt_tokens
 from finops.shim.auth import DUPLICATE as AUTH_DUPLICATE
 from finops.shim.auth import AuthError, tenant_for
 from finops.shim.cache import (
@@ -320,60 +320,70 @@ def _fingerprint_prompt(body: dict) -> str:
     return hashlib.sha256(orjson.dumps(src, option=orjson.OPT_SORT_KEYS)).hexdigest()[:32]
 
 
-# a logged prompt is cut to this many characters: a record must stay loadable (the log
-# ingester refuses lines over 1 MiB) and the log is for looking, not for replaying
+# a logged prompt is cut to about this many characters: a record must stay loadable (the
+# log ingester refuses lines over 1 MiB). A cut keeps the head and the tail, which are
+# what the router reads (features.clip_words), so a router trained from the log sees the
+# text it is served, redaction aside; the middle of a long paste is dropped.
 PROMPT_LOG_CHARS = 32_768
+# of those, the tail's share: many times the router's tail window, so what a cut leaves
+# hanging (trimmed below) never reaches into the part the router reads
+PROMPT_LOG_TAIL_CHARS = 4096
 # names a client chooses (model, feature header) are cut to this in the record
 NAME_LOG_CHARS = 200
 
 
 def _prompt_text(body: dict) -> str:
-    """The prompt for the log, redacted and cut to PROMPT_LOG_CHARS.
+    """The prompt as the router reads it (features.body_text), redacted, for the log.
 
-    Only the head that can be logged is redacted (redaction is linear but runs on the
-    event loop: 0.4 s for a 1 MB prompt); see the window loop below for why a cut never
-    leaves part of an address or number unredacted.
+    The same function as `route()`: a router trained from the log must see the text it
+    is served (a token-ID prompt has none: ""). Over PROMPT_LOG_CHARS it keeps the head
+    and the last PROMPT_LOG_TAIL_CHARS. Only what is logged is redacted (redaction is
+    linear but runs on the event loop: 0.4 s for a 1 MB prompt); see `_redacted_end`
+    for why a cut never leaves part of an address or number unredacted.
     """
-    msgs = body.get("messages")
-    if isinstance(msgs, list):
-        parts = []
-        for m in msgs:
-            if isinstance(m, dict):
-                c = m.get("content")
-                if isinstance(c, list):
-                    c = " ".join(str(p.get("text", "")) for p in c if isinstance(p, dict))
-                parts.append(f"{m.get('role')}: {'' if c is None else c}")
-        text = "\n".join(parts)
-    else:
-        p = body.get("prompt")
-        if isinstance(p, list) and any(isinstance(x, str) for x in p):
-            # each prompt on its own line, redacted as text: JSON escapes (\n, \t) glued to
-            # a number hid it from the patterns
-            text = "\n".join(x if isinstance(x, str) else orjson.dumps(x).decode() for x in p)
-        else:
-            text = p if isinstance(p, str) else orjson.dumps(p).decode()
+    text, _ = body_text(body)
+    if not text:
+        return ""
     if len(text) <= PROMPT_LOG_CHARS:
         return redact(text)
-    # The window grows until its redacted text runs PROMPT_WINDOW_SLACK past the cut:
-    # redaction shortens text (many e-mails become [EMAIL]), and whatever the window's
-    # raw edge split (half an address, half a card) must stay beyond the cut.
-    window = PROMPT_LOG_CHARS + PROMPT_WINDOW_SLACK
-    while True:
-        red = redact(text[:window])
-        if window >= len(text) or len(red) >= PROMPT_LOG_CHARS + PROMPT_WINDOW_SLACK:
-            break
-        window *= 2
-    if window >= len(text) and len(red) <= PROMPT_LOG_CHARS:
+    red, whole = _redacted_end(text, PROMPT_LOG_CHARS, tail=False)
+    if whole and len(red) <= PROMPT_LOG_CHARS:
         return red  # redacted, it fits whole
-    head = _CUT_TAIL.sub("", red[:PROMPT_LOG_CHARS])
-    return f"{head} [... {len(text) - len(head)} more characters]"
+    end = red if whole else _redacted_end(text, PROMPT_LOG_TAIL_CHARS, tail=True)[0]
+    head = red[: PROMPT_LOG_CHARS - PROMPT_LOG_TAIL_CHARS]
+    head = head[:-_TRIM] + _CUT_TAIL.sub("", head[-_TRIM:])
+    end = end[-PROMPT_LOG_TAIL_CHARS:]
+    end = _CUT_HEAD.sub("", end[:_TRIM]) + end[_TRIM:]
+    return (
+        f"{head}\n[... the middle is not logged: the prompt has {len(text)} characters ...]\n{end}"
+    )
+
+
+def _redacted_end(text: str, n: int, *, tail: bool) -> tuple[str, bool]:
+    """The redacted head (or tail) of `text`, at least n + PROMPT_WINDOW_SLACK long where
+    the text allows, and whether it is the whole text.
+
+    The raw window grows until its redacted text runs PROMPT_WINDOW_SLACK past the cut:
+    redaction shortens text (many e-mails become [EMAIL]), and whatever the window's raw
+    edge split (half an address, half a card) must stay beyond the cut.
+    """
+    window = n + PROMPT_WINDOW_SLACK
+    while True:
+        red = redact(text[-window:] if tail else text[:window])
+        if window >= len(text) or len(red) >= n + PROMPT_WINDOW_SLACK:
+            return red, window >= len(text)
+        window *= 2
 
 
 # how far past the logged length the redacted window must reach (longer than any one
 # address or number, so the one the raw edge split is never kept)
 PROMPT_WINDOW_SLACK = 1024
-# what a cut leaves hanging: digits and separators, or half a [PLACEHOLDER]
+# what a cut leaves hanging: digits and separators, or part of a [PLACEHOLDER]; looked
+# for only in the last (first) _TRIM characters: an unanchored run ending in `$` is
+# quadratic (9 s for a head of 32k spaces and an "x")
+_TRIM = 80
 _CUT_TAIL = re.compile(r"(?:[\d\s().+_-]+|\[[A-Z]*)$")
+_CUT_HEAD = re.compile(r"^(?:[\d\s().+_-]+|[A-Z]*\])")
 
 
 class Ctx:
