@@ -110,7 +110,7 @@ def test_fast_scorer_matches_sklearn_on_tricky_text(rule_artifact, piece_limit: 
         for t in TRICKY_TEXTS
         for f in ("f", "never-seen-feature")
     ]
-    via_sklearn = router.pipeline.predict_proba(_probe_frame(rows))
+    via_sklearn = router.pipeline.predict_proba(_probe_frame([router.as_served(r) for r in rows]))
     for _ in range(3):
         fast = np.vstack([router.probabilities_for_row(r) for r in rows])
         np.testing.assert_allclose(fast, via_sklearn, atol=1e-9)

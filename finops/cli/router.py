@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -49,6 +50,54 @@ def _report_bad_rows(ds: LabeledData) -> list[str]:
             f"{len(bad)} bad row(s) skipped of {ds.read} read; {ds.frame.height} loaded", err=True
         )
     return bad
+
+
+def _training_overlap(router: Any, data: Path, sha256: str, lake: Path | None) -> str | None:
+    """Why `data` is the artifact's own training data, or None when its hash says it is not.
+
+    Compared with the manifest's `training_data.sha256`: the file's own sha256, or, for an
+    artifact trained on a lake + labels file, the same combination `load_lake` hashes
+    (the labels file with the recorded lake, or with --lake).
+    """
+    from finops.router.data import _lake_fingerprint
+
+    td = router.manifest["training_data"]
+    want = td.get("sha256")
+    if not isinstance(want, str) or not want:
+        return None
+    if sha256 == want:
+        return f"{data} is this artifact's training data (its sha256 equals training_data.sha256)"
+    source = td.get("source")
+    if not (isinstance(source, str) and source.startswith("lake ")):
+        return None
+    parts = source.removeprefix("lake ").split(" + ")  # "lake {lake} + {labels}"
+    lakes = [Path(" + ".join(parts[:i])) for i in range(1, len(parts))]
+    for lk in [*lakes, *([lake] if lake is not None else [])]:
+        if not (lk / "requests").is_dir():
+            continue
+        combined = hashlib.sha256((sha256 + _lake_fingerprint(lk)).encode()).hexdigest()
+        if combined == want:
+            return (
+                f"{data} with lake {lk} is this artifact's training data (their combined "
+                f"sha256 equals training_data.sha256, source {source!r})"
+            )
+    return None
+
+
+def _overlap_warning(reason: str, training_data: dict[str, Any]) -> str:
+    """The stderr line for `evaluate` on the training data: which rows were not held out."""
+    sp = training_data.get("splits")
+    counts = ""
+    if isinstance(sp, dict) and all(isinstance(sp.get(k), int) for k in ("train", "test")):
+        counts = (
+            f" ({sp['train']} rows were fitted on and {sp.get('calibration', '?')} calibrated "
+            f"the thresholds; only {sp['test']} were held out)"
+        )
+    return (
+        f"warning: {reason}{counts}: these rows include the training rows, so accuracy, "
+        "APGR, savings and quality retained are optimistic, not held-out figures; evaluate "
+        "on labeled requests the artifact never saw"
+    )
 
 
 def _f(x: float | None) -> str:
@@ -132,6 +181,8 @@ def train_cmd(
     except DataError as exc:
         fail(str(exc))
     up = _parse_upstream(upstream, tier_list)  # options first: no minutes lost to a typo
+    if not 0.0 <= quality_bar <= 1.0:  # a score in [0, 1] counts as good enough at the bar
+        fail(f"--quality-bar must be in [0, 1], got {quality_bar}")
     try:
         if labels is not None:
             ds = load_lake(data, labels, tiers=tier_list, quality_bar=quality_bar)
@@ -290,8 +341,12 @@ def evaluate_cmd(
         except DataError as exc:
             fail(str(exc))
         skipped = _report_bad_rows(ds)
+        overlap = _training_overlap(router, data, ds.sha256, lake)
+        if overlap is not None:
+            typer.echo(_overlap_warning(overlap, router.manifest["training_data"]), err=True)
         rows = ds.features(router.uses_prompt_text).to_dicts()
-        proba = router.pipeline.predict_proba(_probe_frame(rows))
+        # as route() scores them: a name the model never saw counts as missing
+        proba = router.pipeline.predict_proba(_probe_frame([router.as_served(r) for r in rows]))
         ev = evaluate_split(proba, ds, router.thresholds[0], lake=lake)
         # the served policy: each tier's own threshold, decided as route() decides
         out_tok = ds.frame["output_tokens"].fill_null(0.0).to_numpy()
@@ -303,12 +358,14 @@ def evaluate_cmd(
         ev["quality_bar"] = {"value": bar, "source": bar_source}
         ev["bad_rows"] = len(skipped)
         ev["skipped_rows"] = skipped  # `file:line: field ...`, as printed
+        ev["includes_training_rows"] = overlap is not None
+        ev["training_overlap"] = overlap
         result["evaluation"] = ev
         shown = dict(ev, at_threshold=dict(ev["at_threshold"]))
         if shown["at_threshold"]["lambda"] is None:  # per-tier thresholds: say which
             label = E.thresholds_label(router).removeprefix("thresholds ")
             shown["at_threshold"]["lambda"] = f"per tier ({label})"
-        result["line"] = one_line(shown, router.tiers)
+        result["line"] = one_line(shown, router.tiers, held_out=overlap is None)
     if lake is not None:
         if not lake.exists():
             fail(f"{lake}: no lake here")

@@ -274,11 +274,25 @@ class Router:
         self.confidence: float = float(manifest["decision"]["confidence"])
         # scorer classes are tier indices 0..K-1 (cheapest first)
         self._order = [int(c) for c in scorer.classes]
+        # categorical columns trained with a missing value: a value unknown at serving
+        # scores as that missing value (see `features.unknown_as_missing`)
+        self._missing_known: dict[str, frozenset[Any]] = {
+            c: frozenset(known)
+            for c, known in zip(scorer.cat_cols, scorer.cat_index, strict=True)
+            if F.MISSING in known
+        }
+
+    def as_served(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
+        """The feature row as this router scores it (`pipeline.predict_proba` on it gives
+        what `route()` gives): a name it never saw counts as missing when it learned one."""
+        if self._missing_known:
+            return F.unknown_as_missing(row, self._missing_known)
+        return row
 
     def _tier_probabilities(self, row: Mapping[str, Any]) -> list[float]:
         # plain floats: on the request path, NumPy calls on three values cost more than
         # the arithmetic
-        p = self._scorer.proba_list(row)
+        p = self._scorer.proba_list(self.as_served(row))
         probs = [0.0] * len(self.tiers)
         for i, o in enumerate(self._order):
             probs[o] = p[i]
@@ -512,10 +526,16 @@ def load_router(path: str | os.PathLike[str]) -> Router:
         raise ArtifactError(f"{model_path}: could not be loaded: {exc}") from None
     from finops.router.model import CompiledScorer, CompileError
 
+    _check_model_arrays(pipeline, model_path)
     try:
         scorer = CompiledScorer(pipeline)
     except CompileError as exc:
         raise ArtifactError(f"{model_path}: not a finops router model: {exc}") from None
+    except Exception as exc:  # NumPy/sklearn errors of a model whose parts do not fit together
+        raise ArtifactError(
+            f"{model_path}: internally inconsistent model: building the scorer failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     if scorer.uses_text != manifest["uses_prompt_text"]:
         raise ArtifactError(f"{model_path}: model text use disagrees with the manifest")
     if [int(c) for c in scorer.classes] != list(range(len(manifest["tiers"]))):
@@ -523,7 +543,15 @@ def load_router(path: str | os.PathLike[str]) -> Router:
             f"{model_path}: model predicts {len(scorer.classes)} classes, manifest has "
             f"{len(manifest['tiers'])} tiers"
         )
-    _check_probes(manifest, pipeline, scorer, mpath)
+    try:
+        _check_probes(manifest, pipeline, scorer, mpath)
+    except ArtifactError:
+        raise
+    except Exception as exc:  # scoring the probe rows crashed: the model cannot serve
+        raise ArtifactError(
+            f"{model_path}: internally inconsistent model: scoring the probe rows failed "
+            f"({type(exc).__name__}: {exc})"
+        ) from None
     # last, so a swapped model is named as such (probes) before its version is
     version = _check_version(manifest, mpath)
     return Router(root, manifest, pipeline, scorer, version)
@@ -543,6 +571,69 @@ def _FRAME_SCHEMA() -> dict[str, Any]:
         **{c: pl.Float64 for c in F.NUMERIC_COLUMNS},
         **{c: pl.String for c in F.CATEGORICAL_COLUMNS},
     }
+
+
+def _model_arrays(pipeline: Any) -> list[tuple[str, Any, int | None]]:
+    """(name, array, expected length or None) of the fitted numbers the scorer reads.
+
+    Walks only the parts that are there: a pipeline of another shape is refused by
+    `CompiledScorer` (CompileError) with its own message.
+    """
+    steps = getattr(pipeline, "named_steps", None) or {}
+    found: list[tuple[str, Any, int | None]] = []
+    for name, trans, cols in getattr(steps.get("features"), "transformers_", None) or []:
+        width = None if isinstance(cols, str) else len(cols)
+        for attr in ("mean_", "scale_", "var_"):
+            if getattr(trans, attr, None) is not None:
+                found.append((f"features.{name}.{attr}", getattr(trans, attr), width))
+    clf = steps.get("clf")
+    for i, cc in enumerate(getattr(clf, "calibrated_classifiers_", None) or []):
+        where = f"clf.calibrated_classifiers_[{i}]"
+        est = getattr(cc, "estimator", None)
+        coef = getattr(est, "coef_", None)
+        if coef is not None:
+            found.append((f"{where}.estimator.coef_", coef, None))
+        if getattr(est, "intercept_", None) is not None:
+            rows = int(np.shape(coef)[0]) if coef is not None and np.ndim(coef) == 2 else None
+            found.append((f"{where}.estimator.intercept_", est.intercept_, rows))
+        for j, cal in enumerate(getattr(cc, "calibrators", None) or []):
+            if getattr(cal, "beta_", None) is not None:
+                found.append((f"{where}.calibrators[{j}].beta_", cal.beta_, None))
+    return found
+
+
+def _check_model_arrays(pipeline: Any, where: Path) -> None:
+    """Refuse fitted numbers that are not finite or do not fit their columns.
+
+    The hashes only prove the file is the one the manifest lists: a model re-exported by
+    a buggy tool can still carry a NaN weight (dormant until a request hits that column,
+    then NaN scores route silently to the last tier) or a scaler of another width (a
+    NumPy error that names neither the file nor the part).
+    """
+    for name, value, width in _model_arrays(pipeline):
+        try:
+            arr = np.asarray(value, dtype=np.float64)
+        except (TypeError, ValueError):
+            raise ArtifactError(
+                f"{where}: internally inconsistent model: {name} is not an array of numbers"
+            ) from None
+        if width is not None and (arr.ndim != 1 or arr.shape[0] != width):
+            raise ArtifactError(
+                f"{where}: internally inconsistent model: {name} has shape {arr.shape}, "
+                f"expected ({width},) (one value per column it applies to)"
+            )
+        bad = ~np.isfinite(arr)
+        if bad.any():
+            first = tuple(int(i) for i in np.argwhere(bad)[0])
+            raise ArtifactError(
+                f"{where}: model array {name} has {int(bad.sum())} non-finite value(s) "
+                f"(first at index {first}: {arr[first]}); expected finite numbers"
+            )
+        if name.endswith(".scale_") and (arr == 0).any():
+            raise ArtifactError(
+                f"{where}: internally inconsistent model: {name} has a zero (features "
+                "would be divided by it); expected non-zero scales"
+            )
 
 
 def _check_probes(manifest: dict[str, Any], pipeline: Any, scorer: Any, where: Path) -> None:

@@ -456,7 +456,8 @@ def replay_lake(
     rows = replay_feature_rows(router, df)
     from finops.router.artifact import _probe_frame
 
-    proba = router.pipeline.predict_proba(_probe_frame(rows))
+    # as route() scores them: a name the model never saw counts as missing
+    proba = router.pipeline.predict_proba(_probe_frame([router.as_served(r) for r in rows]))
     tiers = router.tiers
     cum = cumulative(proba)
     price = tier_token_prices(tiers, lake=lake, prices=prices)

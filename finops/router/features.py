@@ -13,7 +13,7 @@ code file) mostly adds cost. Lengths are measured on the full text.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from typing import Any
 
 WORD_HEAD_CHARS = 1200
@@ -24,6 +24,10 @@ CHARS_PER_TOKEN = 4.0  # the usual English estimate when a request carries no to
 TEXT_COLUMNS = ("text", "text_head")
 NUMERIC_COLUMNS = ("log_prompt_tokens", "turn_count", "has_tools")
 CATEGORICAL_COLUMNS = ("feature", "tenant")
+# The value `extract` gives a categorical feature a row does not carry (a labeled set
+# without `feature`/`tenant` columns). The one-hot encoder learns it as a category like
+# any other; `unknown_as_missing` makes a value the model never saw score the same way.
+MISSING = ""
 
 FEATURE_DOCS: dict[str, tuple[str, str]] = {
     "text": ("text", "prompt text (all message contents), head+tail clipped; word n-grams"),
@@ -133,9 +137,30 @@ def extract(
         "log_prompt_tokens": math.log1p(float(prompt_tokens)),
         "turn_count": float(turn_count if turn_count is not None else 1),
         "has_tools": 1.0 if has_tools else 0.0,
-        "feature": feature or "",
-        "tenant": tenant or "",
+        "feature": feature or MISSING,
+        "tenant": tenant or MISSING,
     }
+
+
+def unknown_as_missing(
+    row: Mapping[str, Any], missing_known: Mapping[str, Collection[str]]
+) -> Mapping[str, Any]:
+    """`row` with a categorical value the model never saw replaced by `MISSING`.
+
+    `missing_known` maps each categorical column whose trained categories include
+    `MISSING` to those categories. A model trained on rows without `feature`/`tenant`
+    learned a weight for the missing value; the shim always sends a name (its
+    `default_feature`/`default_tenant`, or the X-Feature header), which the encoder would
+    score as all zeros, dropping that weight: the served router would not be the one
+    that was evaluated. Missing at training and unknown at serving mean the same thing
+    (no name the model knows), so they get the same encoding. Columns whose categories
+    lack `MISSING` are left alone: there an unknown value scores as all zeros, as in
+    scikit-learn.
+    """
+    swap = [c for c, known in missing_known.items() if row[c] not in known]
+    if not swap:
+        return row
+    return {**row, **dict.fromkeys(swap, MISSING)}
 
 
 def _utf8_safe(s: str) -> str:

@@ -287,6 +287,18 @@ def off_policy_estimate(
     logged = np.asarray(usable["routed_tier"].to_list(), dtype=object)
     p = usable["route_propensity"].to_numpy().astype(float)
     warn: list[str] = []
+    no_text = _rows_without_text(usable) if getattr(candidate, "uses_prompt_text", False) else 0
+    if no_text:
+        # replayed on empty text, a text model picks other tiers than it would serve:
+        # the estimate is for a different policy, however narrow its interval
+        warn.append(
+            f"{no_text} of {usable.height} requests have no captured prompt text "
+            "(prompt_text null: capture off, the privacy default) and this "
+            "router uses text: it is replayed on empty text there, so the estimate is for "
+            "the router without its text features, not the one it would serve (turn on "
+            "the shim's prompt capture, [log] prompts = true, and collect again, or "
+            "evaluate a metadata-only candidate: finops router train --text off)"
+        )
     foreign = sorted(set(logged) - set(tiers))
     if foreign:
         warn.append(
@@ -403,6 +415,15 @@ def off_policy_estimate(
         + " ".join(f"{t}={result['candidate_shares'][t]:.0%}" for t in tiers)
     )
     return result
+
+
+def _rows_without_text(df: Any) -> int:
+    """Logged requests whose prompt text was not captured (null).
+
+    An empty prompt_text is captured text: the shim logs "" for a prompt the router reads
+    no text from (token IDs, an image), and replaying it on "" is what serving did.
+    """
+    return int(df["prompt_text"].is_null().sum())
 
 
 def _observed(s: Any) -> tuple[np.ndarray, np.ndarray]:

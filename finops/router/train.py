@@ -122,6 +122,8 @@ def train(
         check_out_dir(out, overwrite=overwrite)
     if text not in ("auto", "on", "off"):
         raise DataError(f"text must be auto, on or off, got {text!r}")
+    if cv_folds < 0 or cv_folds == 1:  # 1 used to switch cross-validation off silently
+        raise DataError(f"--cv-folds must be 0 (no cross-validation) or >= 2, got {cv_folds}")
     if text == "on" and not data.has_text:
         raise DataError(f"{data.source}: --text on, but not every row has prompt text")
     uses_text = data.has_text if text == "auto" else text == "on"
@@ -136,6 +138,8 @@ def train(
     tr, cal, te = _split(data.labels, seed, fractions)
     X = data.features(uses_text)
     y = data.labels
+    if cv_folds >= 2:
+        _check_cv_folds(cv_folds, y[tr], tiers, fractions[0])
     cv = cross_validate(data.take(tr), uses_text, cv_folds, seed) if cv_folds >= 2 else None
     pipeline = build_pipeline(uses_text, seed=seed)
     conv = _fit(pipeline, X[tr], y[tr])
@@ -191,6 +195,25 @@ def train(
         p_cal,
         data.take(cal),
     )
+
+
+def _check_cv_folds(folds: int, y_fit: np.ndarray, tiers: list[str], fit_share: float) -> None:
+    """Refuse more folds than the fitting split's rarest tier has rows, naming --cv-folds.
+
+    Stratified k-fold needs a row of every tier in each fold; scikit-learn's own error
+    ("n_splits=10 cannot be greater than the number of members in each class") names
+    neither the option nor the counts, and fewer rows than folds only warns.
+    """
+    counts = np.bincount(y_fit, minlength=len(tiers))
+    smallest = int(counts.min())
+    if folds > smallest:
+        rarest = tiers[int(counts.argmin())]
+        raise DataError(
+            f"--cv-folds {folds}: the fitting split ({fit_share:.0%} of the rows, "
+            f"{len(y_fit)}) has only {smallest} row(s) of tier {rarest!r} (counts "
+            f"{dict(zip(tiers, counts.tolist(), strict=True))}), and every fold needs one "
+            f"of each tier; use --cv-folds {smallest} or fewer (0 turns it off)"
+        )
 
 
 def _uncertified_note(
@@ -298,9 +321,18 @@ def evaluate_split(
     }
 
 
-def one_line(evaluation: Mapping[str, Any], tiers: list[str]) -> str:
-    """The headline of an evaluation, e.g. for `make demo`."""
+def one_line(evaluation: Mapping[str, Any], tiers: list[str], *, held_out: bool = True) -> str:
+    """The headline of an evaluation, e.g. for `make demo`.
+
+    `held_out=False` when the rows include the artifact's own training rows (`evaluate`
+    on its training file): the figures are then optimistic and must not be called held-out.
+    """
     at = evaluation["at_threshold"]
+    rows = (
+        "held-out requests"
+        if held_out
+        else "requests that include the artifact's training rows (optimistic, not held-out)"
+    )
     m = evaluation["routellm"]
     shares = " ".join(f"{t}={at['shares'][t]:.0%}" for t in tiers)
     return (
@@ -309,7 +341,7 @@ def one_line(evaluation: Mapping[str, Any], tiers: list[str]) -> str:
         f"{_num(evaluation['baselines']['random']['apgr'])}), CPT50 {_pct(m['cpt50'])} CPT80 "
         f"{_pct(m['cpt80'])}; at lambda={at['lambda']}: {shares}; "
         + E.dollars_line(at["saved_usd"], at["saved_pct"], at["quality_retained"])
-        + f" on {evaluation['rows']} held-out requests"
+        + f" on {evaluation['rows']} {rows}"
     )
 
 
