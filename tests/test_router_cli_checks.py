@@ -274,4 +274,3 @@ def test_train_names_cv_folds_and_the_largest_usable_value(tmp_path) -> None:
     r = runner.invoke(app, [*args, "--cv-folds", "6"])  # the value it names does work
     assert r.exit_code == 0, r.output
     assert load_router(out).manifest["evaluation"]["cross_validation"]["folds"] == 6
-
