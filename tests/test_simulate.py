@@ -529,3 +529,5 @@ def test_default_period_is_not_a_week_of_minutes(syn_lake, tmp_path) -> None:
     r = CliRunner().invoke(app, ["simulate", "--lake", str(d.path), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert json.loads(r.stdout)["period"] == "2026-W47"
+    # the library's default too (notebook 02 and the demo's growth line), not only the CLI's
+    assert load_trace(db).period.label == "2026-W47"

@@ -16,7 +16,8 @@ recommend_app = typer.Typer(
 
 
 WeekOption = Annotated[
-    str | None, typer.Option(help="ISO week, e.g. 2026-W47 (default: the lake's latest week).")
+    str | None,
+    typer.Option(help="ISO week, e.g. 2026-W47 (default: the lake's latest whole week)."),
 ]
 FromOption = Annotated[
     str | None, typer.Option("--from", help="First day (YYYY-MM-DD, inclusive).")
@@ -83,10 +84,10 @@ def simulate(
 ) -> None:
     """Replicas, GPU-hours and cost per request at a growth factor, before vs with levers.
 
-    The observed period is the lake's latest ISO week unless --week or --from/--to say
-    otherwise. A tier with requests or GPUs but no vLLM serving metrics cannot be
-    simulated: it is named in a warning and its observed requests and GPU cost are
-    carried into the totals as observed (no growth, no levers).
+    The observed period is the lake's latest whole ISO week (traffic on all seven days)
+    unless --week or --from/--to say otherwise. A tier with requests or GPUs but no vLLM
+    serving metrics cannot be simulated: it is named in a warning and its observed
+    requests and GPU cost are carried into the totals as observed (no growth, no levers).
     """
     if format not in ("table", "json"):
         fail(f"--format must be table or json, got {format!r}")
@@ -123,7 +124,7 @@ def simulate(
             "growth": growth,
             "levers": levers.__dict__,
             "before": {**before.totals, "tiers": before.tiers.to_dicts()},
-            "after": {**after.totals, "tiers": after.tiers.to_dicts()},
+            "after": {**after.totals, "tiers": after.tiers.to_dicts(), "notes": after.notes},
             "notes": {t: p.notes for t, p in sim.trace.profiles.items() if p.notes},
             "unsimulated": sim.trace.notes,
         }
@@ -154,6 +155,8 @@ def simulate(
         + (" of the simulated tiers'" if sim.trace.notes else "")
         + ")"
     )
+    for note in after.notes:  # levers asked for that change nothing here
+        typer.echo(f"note: {note}")
     for t, p in sim.trace.profiles.items():
         for note in p.notes:
             typer.echo(f"note ({t}): {note}")
@@ -175,7 +178,7 @@ def autoscaling(
 ) -> None:
     """Queue-depth targets per tier as KEDA ScaledObject / HPA YAML, and the period's cost.
 
-    The period is the lake's latest ISO week unless --week or --from/--to say otherwise;
+    The period is the lake's latest whole ISO week unless --week or --from/--to say otherwise;
     requests, serving metrics and the observed bill are all read for that period.
     """
     if format not in ("table", "yaml", "json"):

@@ -3,13 +3,15 @@
 For each tier: the fitted throughput curve (finops.models.throughput) becomes
 a per-replica service model; the continuous-batching simulation
 (finops.models.queueing) finds, for c replicas behind one queue, the highest
-Poisson arrival rate whose p95 TTFT meets the SLO. The observed week's hourly
+Poisson arrival rate whose p95 TTFT meets the SLO (pooled over runs of thousands of
+requests: near the SLO a short run's p95 is noise). The observed week's hourly
 request counts (its diurnal shape), scaled by the growth factor and reshaped
-by the levers, then say how many replicas each hour needs; GPU-hours x prices
+by the levers, then say how many replicas each hour needs, each count checked by
+simulating it at the highest rate it is planned for; GPU-hours x prices
 from `ref.prices` give the cost per request. A replica costs the GPU-hours the cost
 mart bills its pod per hour (whole GPUs, a MIG instance's slice share, a time-sliced
 pod's share), so the plain 1x plan of a steady fleet costs what `finops costs` bills.
-The observed period is the lake's latest ISO week unless one is given
+The observed period is the lake's latest whole ISO week unless one is given
 (`load_trace(per=...)`); tiers without vLLM serving metrics are carried at their
 observed cost, never silently dropped.
 
@@ -47,7 +49,8 @@ class Levers:
     """What-if settings; the defaults change nothing (the observed week as it ran).
 
     route_small_share: share of the requests on larger tiers moved to the smallest tier.
-    cache_hit_rate: share of all requests answered by the response cache (None: as observed).
+    cache_hit_rate: share of all requests answered by the response cache, the same share of
+        every tier's requests each hour (None: as observed; 0: no hits).
     token_cap: cap on input tokens per request (context discipline; None: no cap).
     max_num_seqs: vLLM batch limit per replica (None: 256, vLLM's default); a lower limit
         trades throughput for decode speed.
@@ -172,16 +175,17 @@ def load_trace(
 ) -> Trace:
     """Read one period (requests, serving metrics, GPU inventory, prices) and fit each tier.
 
-    `per` defaults to the lake's latest ISO week (finops.costs.latest_week), the
-    week `finops costs` reports, so "the observed week" is a calendar week and not
-    the span from the oldest request ever ingested to the newest. A tier's fleet is
+    `per` defaults to the lake's latest whole ISO week (finops.costs.latest_whole_week),
+    the week `finops simulate` and the weekly report plan from, so "the observed week" is
+    a calendar week with traffic on all seven days: not the span from the oldest request
+    ever ingested to the newest, and not the few days of a week still running. A tier's fleet is
     billed only for the hours its GPUs reported in the period.
     """
     import finops.costs as fc
 
     if not db.sql("SELECT count(*) FROM clean.requests").fetchall()[0][0]:  # type: ignore[index]
         raise NoServingData("the lake has no requests; the simulation replays the request log")
-    per = per or fc.period(fc.latest_week(db))
+    per = per or fc.period(fc.latest_whole_week(db))
     at = per.where("ts")
     n_req = db.sql(f"SELECT count(*) FROM clean.requests WHERE {at}").fetchall()[0][0]  # type: ignore[index]
     if not n_req:
@@ -417,6 +421,106 @@ def _prefill_speed(rows: pl.DataFrame) -> float:
 
 # ----------------------------------------------------------------------------- capacity
 
+SEARCH_RUNS = 3  # independent arrival/size draws pooled into each p95 estimate
+
+
+def _requests_per_run(replicas: int) -> int:
+    """Requests per simulated run. Near the SLO one run's p95 swings by about 4% at 5,000
+    requests (more at the 2,000 of earlier versions, which moved the searched rate by 15%
+    or more); pooling SEARCH_RUNS such runs brings it to about 2%."""
+    return int(min(8000, 5000 + 1000 * replicas))
+
+
+class TtftProbe:
+    """p95 TTFT (s) of `replicas` behind one queue at a Poisson rate, pooled over `runs`
+    independent runs of `n_requests` each (the first 20% of each run is warm-up).
+
+    Common random numbers: each run's unit-rate arrivals and sampled sizes are drawn once
+    and time-scaled, so the estimate is a smooth function of the rate and two rates are
+    compared on the same requests. Results are cached per rate.
+    """
+
+    def __init__(
+        self,
+        service: ServiceModel,
+        prompt: np.ndarray,
+        output: np.ndarray,
+        *,
+        replicas: int,
+        n_requests: int | None = None,
+        runs: int = SEARCH_RUNS,
+        seed: int = 0,
+    ) -> None:
+        if runs < 1:
+            raise ValueError(f"runs must be >= 1, got {runs}")
+        n = n_requests or _requests_per_run(replicas)
+        self.service, self.replicas, self.n = service, replicas, n
+        self.draws = []
+        for r in range(runs):
+            # draws differ by replica count too: one lucky arrival sequence shared by every
+            # count would bias the whole curve the same way
+            rng = np.random.default_rng([seed, replicas, r])
+            base = np.cumsum(rng.exponential(1.0, n))
+            pick = rng.integers(0, len(output), n)
+            self.draws.append((base, prompt[pick], output[pick]))
+        mean_o = max(float(np.mean([d[2].mean() for d in self.draws])), 1e-9)
+        self.saturation_rps = replicas * service.saturation_tokens_per_s() / mean_o
+        self._seen: dict[float, float] = {}
+
+    def __call__(self, rate: float) -> float:
+        if rate not in self._seen:
+            ttft = [
+                simulate(b / rate, o, self.service, replicas=self.replicas, prompt_tokens=p).ttft_s[
+                    int(self.n * 0.2) :
+                ]
+                for b, p, o in self.draws
+            ]
+            self._seen[rate] = float(np.quantile(np.concatenate(ttft), 0.95))
+        return self._seen[rate]
+
+
+def _refine(
+    probe: TtftProbe,
+    slo_s: float,
+    start: float,
+    *,
+    floor: float,
+    top: float,
+    step: float = 1.1,
+    rel_tol: float = 0.025,
+) -> float:
+    """Highest rate in [floor, top] whose probed p95 meets `slo_s`, searched from `start`:
+    widening steps until the SLO boundary is bracketed, then bisection in log rate to
+    `rel_tol`. 0.0 when even `floor` misses the SLO."""
+    r = min(max(start, floor), top)
+    if probe(r) <= slo_s:
+        ok = r
+        while True:
+            if ok >= top:
+                return top
+            r = min(ok * step, top)
+            if probe(r) > slo_s:
+                bad = r
+                break
+            ok, step = r, step * step
+    else:
+        bad = r
+        while True:
+            if bad <= floor:
+                return 0.0
+            r = max(bad / step, floor)
+            if probe(r) <= slo_s:
+                ok = r
+                break
+            bad, step = r, step * step
+    while bad / ok > 1 + rel_tol:
+        mid = math.sqrt(ok * bad)
+        if probe(mid) <= slo_s:
+            ok = mid
+        else:
+            bad = mid
+    return ok
+
 
 def max_rate_for_slo(
     service: ServiceModel,
@@ -428,44 +532,48 @@ def max_rate_for_slo(
     n_requests: int | None = None,
     seed: int = 0,
     steps: int = 8,
+    runs: int = SEARCH_RUNS,
+    probe: TtftProbe | None = None,
 ) -> float:
     """Highest Poisson rate (req/s) at which p95 TTFT stays within the SLO.
 
-    Bisection with common random numbers (same inter-arrival draws and sizes,
-    time-scaled), so the p95 is a smooth function of the rate.
+    A coarse bisection on one short run finds the neighbourhood; the answer is then
+    bracketed and refined to 2.5% on `probe` (default: `runs` pooled runs of `n_requests`),
+    because one short run's p95 near the SLO is too noisy to plan replicas on.
     """
-    n = n_requests or int(min(8000, 2000 + 400 * replicas))
-    rng = np.random.default_rng(seed)
-    base = np.cumsum(rng.exponential(1.0, n))
-    pick = rng.integers(0, len(output), n)
-    p, o = prompt[pick], output[pick]
-    mean_o = max(float(o.mean()), 1e-9)
-    hi = replicas * service.saturation_tokens_per_s() / mean_o
-
-    def p95(rate: float) -> float:
-        r = simulate(base / rate, o, service, replicas=replicas, prompt_tokens=p)
-        return r.quantile("ttft", 0.95, warmup=0.2)
-
-    lo = hi * 1e-3
-    if p95(lo) > slo_ttft_p95_s:
-        return 0.0
-    if p95(hi * 0.999) <= slo_ttft_p95_s:
-        return hi * 0.999
-    for _ in range(steps):
-        mid = math.sqrt(lo * hi) if hi / lo > 4 else 0.5 * (lo + hi)
-        if p95(mid) <= slo_ttft_p95_s:
-            lo = mid
+    probe = probe or TtftProbe(
+        service, prompt, output, replicas=replicas, n_requests=n_requests, runs=runs, seed=seed
+    )
+    coarse = TtftProbe(
+        service, prompt, output, replicas=replicas, n_requests=int(min(8000, 2000 + 400 * replicas)),
+        runs=1, seed=seed + 1,
+    )  # fmt: skip
+    hi = probe.saturation_rps
+    floor, top = hi * 1e-3, hi * 0.999
+    lo, start = floor, floor
+    if coarse(floor) <= slo_ttft_p95_s:
+        if coarse(top) <= slo_ttft_p95_s:
+            start = top
         else:
-            hi = mid
-    return lo
+            for _ in range(steps):
+                mid = math.sqrt(lo * hi) if hi / lo > 4 else 0.5 * (lo + hi)
+                if coarse(mid) <= slo_ttft_p95_s:
+                    lo = mid
+                else:
+                    hi = mid
+            start = lo
+    return _refine(probe, slo_ttft_p95_s, start, floor=floor, top=top)
 
 
 @dataclass
 class CapacityCurve:
-    """Sustainable req/s per replica for c replicas (interpolated in log c)."""
+    """Sustainable req/s per replica for c replicas (interpolated in log c).
+
+    `raw`: the searched values before they were made monotone (see capacity_curve)."""
 
     c: np.ndarray
     per_replica: np.ndarray
+    raw: np.ndarray | None = None
 
     def capacity(self, c: int) -> float:
         pr = float(np.interp(math.log(c), np.log(self.c), self.per_replica))
@@ -488,6 +596,21 @@ class CapacityCurve:
         return c
 
 
+def conservative_per_replica(per: np.ndarray) -> np.ndarray:
+    """Searched per-replica capacities made non-increasing towards fewer replicas (one queue
+    over more replicas never serves less per replica), conservatively: each value is
+    lowered to the smallest at any larger count, so a lucky high value at a small count is
+    never carried up to larger ones. A zero after a feasible count is sampling noise in the
+    idle p95 (it does not depend on the count) and takes the smallest feasible value."""
+    per = np.asarray(per, float).copy()
+    ok = np.flatnonzero(per > 0)
+    if ok.size:
+        tail = per[ok[0] :]
+        tail[tail <= 0] = tail[tail > 0].min()
+        per[ok[0] :] = np.minimum.accumulate(tail[::-1])[::-1]
+    return per
+
+
 def capacity_curve(
     service: ServiceModel,
     prompt: np.ndarray,
@@ -496,16 +619,21 @@ def capacity_curve(
     *,
     c_grid: tuple[int, ...] = C_GRID,
     seed: int = 0,
+    probes: dict[int, TtftProbe] | None = None,
 ) -> CapacityCurve:
-    per = [
-        max_rate_for_slo(
-            service, prompt, output, replicas=c, slo_ttft_p95_s=slo_ttft_p95_s, seed=seed
-        )
-        / c
-        for c in c_grid
-    ]
-    per_arr = np.maximum.accumulate(np.array(per))  # pooling never hurts; removes noise dips
-    return CapacityCurve(np.array(c_grid, float), per_arr)
+    """Per-replica SLO capacity at each count of `c_grid` (`probes`: the p95 estimators
+    to search on, by count; default one per count from `seed`)."""
+    probes = probes or {}
+    raw = np.array(
+        [
+            max_rate_for_slo(
+                service, prompt, output, replicas=c, slo_ttft_p95_s=slo_ttft_p95_s, seed=seed,
+                probe=probes.get(c),
+            ) / c
+            for c in c_grid
+        ]
+    )  # fmt: skip
+    return CapacityCurve(np.array(c_grid, float), conservative_per_replica(raw), raw)
 
 
 # ----------------------------------------------------------------------------- growth plan
@@ -521,6 +649,7 @@ class Plan:
     hourly: pl.DataFrame  # hour, tier, rate_rps, replicas, gpus, util
     tiers: pl.DataFrame  # per tier totals
     totals: dict[str, float]
+    notes: list[str] = field(default_factory=list)  # levers that changed nothing, and why
 
     def cost_per_1k(self) -> float:
         return self.totals["cost_per_1k_requests"]
@@ -530,7 +659,10 @@ class Simulator:
     """Plans capacity for growth factors and lever settings over one observed trace.
 
     Capacity curves are cached per (tier, sizes, batch limit), so a growth table
-    over 1x..10x costs one set of simulations per lever setting.
+    over 1x..10x costs one set of simulations per lever setting. The curve is
+    interpolated between a few replica counts; every count a plan picks is then
+    simulated directly at the curve's rate for it (`capacity`), and the plan adds
+    replicas where that misses the SLO.
     """
 
     def __init__(
@@ -550,12 +682,14 @@ class Simulator:
         self.seed = seed
         self.c_grid = c_grid
         self._curves: dict[tuple, CapacityCurve] = {}
+        self._probes: dict[tuple, TtftProbe] = {}
+        self._capacity: dict[tuple, float] = {}
 
     @classmethod
     def from_lake(
         cls, db: duckdb.DuckDBPyConnection, *, per: Period | None = None, **kw: object
     ) -> Simulator:
-        """Simulator over one period of the lake (default: its latest ISO week)."""
+        """Simulator over one period of the lake (default: its latest whole ISO week)."""
         return cls(load_trace(db, per=per), **kw)  # type: ignore[arg-type]
 
     def smallest_tier(self) -> str:
@@ -587,6 +721,17 @@ class Simulator:
             prompt = np.minimum(prompt, levers.token_cap)
         return prompt, p.output_tokens
 
+    def _probe(self, tier: str, levers: Levers, replicas: int) -> TtftProbe:
+        """The p95 TTFT estimator of `replicas` of the tier under the levers' sizes and
+        batch limit; the curve's search and the direct check of a count share it."""
+        key = (tier, levers.token_cap, levers.max_num_seqs, replicas)
+        if key not in self._probes:
+            p = self.trace.profiles[tier]
+            prompt, output = self._sizes(p, levers)
+            svc = p.service(levers, prompt, output)
+            self._probes[key] = TtftProbe(svc, prompt, output, replicas=replicas, seed=self.seed)
+        return self._probes[key]
+
     def curve(self, tier: str, levers: Levers) -> CapacityCurve:
         p = self.trace.profiles[tier]
         prompt, output = self._sizes(p, levers)
@@ -595,7 +740,13 @@ class Simulator:
             svc = p.service(levers, prompt, output)
             slo = self.slo_for(tier)
             curve = capacity_curve(
-                svc, prompt, output, slo / 1000.0, c_grid=self.c_grid, seed=self.seed
+                svc,
+                prompt,
+                output,
+                slo / 1000.0,
+                c_grid=self.c_grid,
+                seed=self.seed,
+                probes={c: self._probe(tier, levers, c) for c in self.c_grid},
             )
             if curve.per_replica.max() <= 0:
                 raise ValueError(
@@ -605,6 +756,40 @@ class Simulator:
                 )
             self._curves[key] = curve
         return self._curves[key]
+
+    def capacity(self, tier: str, levers: Levers, replicas: int) -> float:
+        """Req/s `replicas` of the tier serve within its p95 TTFT SLO, checked directly.
+
+        The curve's rate for the count is simulated on that count; where the p95 there
+        misses the SLO (the curve interpolates between a few counts, and its points are
+        estimates), the count's own highest rate meeting it is searched below it."""
+        key = (tier, levers.token_cap, levers.max_num_seqs, replicas)
+        if key not in self._capacity:
+            claim = self.curve(tier, levers).capacity(replicas)
+            probe = self._probe(tier, levers, replicas)
+            slo = self.slo_for(tier) / 1000.0
+            cap = claim
+            if claim > 0 and probe(claim) > slo:
+                cap = _refine(probe, slo, claim, floor=probe.saturation_rps * 1e-3, top=claim)
+            self._capacity[key] = cap
+        return self._capacity[key]
+
+    def replicas_for(self, tier: str, levers: Levers, rate: float) -> int:
+        """The fewest replicas, from the curve's count up, whose directly checked capacity
+        (`capacity`) covers `rate` within the tier's p95 TTFT SLO."""
+        curve = self.curve(tier, levers)
+        c = curve.replicas_for(rate)
+        if rate <= 0:
+            return c
+        limit = 4 * c + 16
+        while self.capacity(tier, levers, c) < rate:
+            c += 1
+            if c > limit:
+                raise ValueError(
+                    f"tier {tier!r}: no replica count up to {limit} simulates {rate:.3g} req/s"
+                    f" within p95 TTFT <= {self.slo_for(tier):g} ms"
+                )
+        return c
 
     def ttft_floor_ms(self, tier: str) -> float:
         """p95 TTFT of an idle replica: prefill of the tier's observed prompts."""
@@ -652,10 +837,10 @@ class Simulator:
             upstream=pl.col("upstream").cast(pl.Float64) * growth,
         )
         if levers.cache_hit_rate is not None:
-            keep = (1 - levers.cache_hit_rate) / max(1 - tr.observed_hit_rate, 1e-9)
-            df = df.with_columns(
-                upstream=pl.min_horizontal(pl.col("upstream") * keep, pl.col("requests"))
-            )
+            # the cache answers that share of every tier-hour's requests, so the simulated
+            # hit rate is the one asked for (0: no hits); scaling the observed misses by one
+            # ratio and capping at each tier's requests lost the excess of low-hit tiers
+            df = df.with_columns(upstream=pl.col("requests") * (1 - levers.cache_hit_rate))
         if levers.route_small_share > 0 and len(tr.profiles) > 1:
             small = self.smallest_tier()
             moved = (
@@ -680,14 +865,14 @@ class Simulator:
         rates = self.hourly_rates(growth, levers)
         rows = []
         tier_rows = []
-        total_cost = total_gpu_h = busy_gpu_h = 0.0
+        total_cost = total_gpu_h = busy_gpu_h = total_burst_h = 0.0
         for tier, p in self.trace.profiles.items():
             curve = self.curve(tier, levers)
             prompt, output = self._sizes(p, levers)
             svc = p.service(levers, prompt, output)
             sat_rps = svc.saturation_tokens_per_s() / max(float(output.mean()), 1e-9)
             r = rates.filter(pl.col("tier") == tier)
-            need = [curve.replicas_for(x) for x in r["rate_rps"].to_list()]
+            need = [self.replicas_for(tier, levers, x) for x in r["rate_rps"].to_list()]
             fixed = max(max(need), p.observed_replicas)
             reps = need if levers.autoscale else [fixed] * len(need)
             util = [min(x / (c * sat_rps), 1.0) for x, c in zip(r["rate_rps"], reps, strict=True)]
@@ -710,6 +895,7 @@ class Simulator:
                 levers.spot_share * spot + (1 - levers.spot_share) * od
             )
             busy = float(sum(u * c * g for u, c in zip(util, reps, strict=True)))
+            total_burst_h += burst_h
             total_cost += cost
             total_gpu_h += gpu_h
             busy_gpu_h += busy
@@ -771,7 +957,30 @@ class Simulator:
             pl.concat(rows),
             pl.from_dicts(tier_rows, infer_schema_length=None),
             totals,
+            self._lever_notes(levers, total_burst_h),
         )
+
+    def _lever_notes(self, levers: Levers, burst_gpu_h: float) -> list[str]:
+        """Levers asked for that cannot change this plan, named so none is ignored silently."""
+        notes = []
+        if levers.spot_share > 0 and burst_gpu_h <= 0:
+            notes.append(
+                f"spot share {levers.spot_share:g} changes nothing: spot buys only the GPU-hours"
+                " above the always-on floor, and "
+                + (
+                    "a fixed fleet has none (add --autoscale)"
+                    if not levers.autoscale
+                    else "the autoscaled fleet never rises above its floor in this period"
+                )
+            )
+        if levers.route_small_share > 0 and len(self.trace.profiles) < 2:
+            only = ", ".join(self.trace.profiles)
+            notes.append(
+                f"route-small share {levers.route_small_share:g} changes nothing: routing moves"
+                f" requests between simulated tiers and needs at least two (only {only} is"
+                " simulated)"
+            )
+        return notes
 
     def growth_table(
         self, growths: tuple[float, ...] = (1, 2, 5, 10), after: Levers | None = None
@@ -838,13 +1047,16 @@ def headline(
     slo_ttft_p95_ms: float | None = None,
     after: Levers | None = None,
     simulator: Simulator | None = None,
+    per: Period | None = None,
 ) -> dict[str, object]:
     """Cost per 1k requests at `growth`, before and after the levers (the first question).
+
+    Planned from `per` (default: the lake's latest whole week, as `finops simulate`).
 
     >>> h = headline(finops.connect(), 5)
     >>> print(h["line"])   # 5x growth: $X/1k requests before levers, $Y after
     """
-    sim = simulator or Simulator.from_lake(db, slo_ttft_p95_ms=slo_ttft_p95_ms)
+    sim = simulator or Simulator.from_lake(db, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms)
     after = after or default_levers(sim)
     before_plan = sim.plan(growth, Levers())
     after_plan = sim.plan(growth, after)
@@ -869,7 +1081,9 @@ __all__ = [
     "Simulator",
     "TierProfile",
     "Trace",
+    "TtftProbe",
     "capacity_curve",
+    "conservative_per_replica",
     "default_levers",
     "headline",
     "load_trace",
