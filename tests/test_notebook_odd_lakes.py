@@ -47,11 +47,12 @@ def _copy(src: Path, dest: Path, **keep: pl.Expr | None) -> Path:
     return dest
 
 
-def _run(nb_path: Path, lake: Path) -> tuple[list, str]:
-    """Execute the notebook on `lake`: (error outputs, all text it printed or displayed)."""
+def _run(nb_path: Path, lake: Path, **extra: str) -> tuple[list, str]:
+    """Execute the notebook on `lake` (with `extra` environment variables; FINOPS_WEEK and
+    FINOPS_PRICES only from there): (error outputs, all text it printed or displayed)."""
     nb = nbformat.read(nb_path, as_version=4)
-    env = {**os.environ, "FINOPS_LAKE": str(lake)}
-    env.pop("FINOPS_WEEK", None)
+    env = {k: v for k, v in os.environ.items() if k not in ("FINOPS_WEEK", "FINOPS_PRICES")}
+    env.update(FINOPS_LAKE=str(lake), **extra)
     client = NotebookClient(
         nb,
         timeout=600,

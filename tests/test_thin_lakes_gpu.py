@@ -8,19 +8,17 @@ instead of dividing by zero or blaming missing GPU metrics.
 from __future__ import annotations
 
 import datetime as dt
-import os
 from pathlib import Path
 
-import nbformat
 import polars as pl
 import pytest
-from nbclient import NotebookClient
 
 import finops
 import finops.costs as fc
 from finops import Lake
 from finops.report.build import summary_markdown
 from finops.report.figures import _forecast, _takeaways, compute
+from tests.test_notebook_odd_lakes import _run
 
 NB01 = Path(__file__).resolve().parent.parent / "notebooks" / "01_gpu_utilization.ipynb"
 WEEK = "2026-W49"
@@ -81,26 +79,7 @@ def _h100_only(tmp_path: Path) -> Path:
 
 def _run_nb01(lake: Path, **env: str) -> tuple[list[str], str]:
     """Execute notebook 01 on `lake` as the other notebook tests do: (errors, printed text)."""
-    nb = nbformat.read(NB01, as_version=4)
-    full_env = {**os.environ, "FINOPS_LAKE": str(lake), **env}
-    full_env.pop("FINOPS_WEEK", None)
-    if "FINOPS_PRICES" not in env:
-        full_env.pop("FINOPS_PRICES", None)
-    client = NotebookClient(
-        nb,
-        timeout=300,
-        kernel_name="python3",
-        allow_errors=True,
-        resources={"metadata": {"path": str(NB01.parent)}},
-    )
-    client.execute(env=full_env)
-    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    errors = [f"{o['ename']}: {o['evalue']}" for o in outs if o.get("output_type") == "error"]
-    text = "\n".join(
-        [o["text"] for o in outs if "text" in o]
-        + [o["data"]["text/markdown"] for o in outs if "text/markdown" in o.get("data", {})]
-    )
-    return errors, text
+    return _run(NB01, lake, **env)
 
 
 @pytest.mark.slow
