@@ -67,23 +67,40 @@ def load_prices(path: str | os.PathLike[str] | None = None) -> pl.DataFrame:
         if col not in df.columns:
             df = df.with_columns(pl.lit(None, dtype=pl.String).alias(col))
     price = df["usd_per_gpu_hour"].cast(pl.Float64, strict=False)
-    for i, (raw, val, kind) in enumerate(
-        zip(df["usd_per_gpu_hour"], price, df["pricing_kind"], strict=True)
+    for i, (raw, val, kind, model) in enumerate(
+        zip(df["usd_per_gpu_hour"], price, df["pricing_kind"], df["gpu_model"], strict=True)
     ):
-        line = i + 2  # header is line 1
+        at = _at(p, i)
+        if not isinstance(model, str) or not model_key(model):
+            # a blank name matches no GPU: the row would price nothing, silently
+            raise PriceCatalogError(
+                f"{at}: field 'gpu_model': expected a GPU model name as the exporter reports "
+                f"it (e.g. 'H100 80GB HBM3'), got {model!r}"
+            )
         if val is None or not math.isfinite(val) or val < 0:
             raise PriceCatalogError(
-                f"{p}:{line}: field 'usd_per_gpu_hour': expected a non-negative number, got {raw!r}"
+                f"{at}: field 'usd_per_gpu_hour': expected a non-negative number, got {raw!r}"
             )
         if kind not in PRICING_KINDS:
             raise PriceCatalogError(
-                f"{p}:{line}: field 'pricing_kind': expected one of {PRICING_KINDS}, got {kind!r}"
+                f"{at}: field 'pricing_kind': expected one of {PRICING_KINDS}, got {kind!r}"
             )
     out = df.with_columns(price.alias("usd_per_gpu_hour")).select(
         [pl.col(c).cast(t) for c, t in COLUMNS.items()]
     )
     _check_one_price_each(p, out)
     return out
+
+
+def _row_name(p: Path, i: int) -> str:
+    """Row i (0-based) of the catalog as a person finds it: a CSV's line (the header is
+    line 1), a Parquet file's row (1-based: it has no header line)."""
+    return f"row {i + 1}" if p.suffix == ".parquet" else f"line {i + 2}"
+
+
+def _at(p: Path, i: int) -> str:
+    """`file:line` for a CSV row, `file: row N` for a Parquet one."""
+    return f"{p}: row {i + 1}" if p.suffix == ".parquet" else f"{p}:{i + 2}"
 
 
 def _read(p: Path) -> pl.DataFrame:
@@ -117,15 +134,12 @@ def _check_one_price_each(p: Path, prices: pl.DataFrame) -> None:
     for i, (model, kind) in enumerate(
         zip(prices["gpu_model"], prices["pricing_kind"], strict=True)
     ):
-        key = model_key(model)
-        if not key:
-            continue  # a blank name prices nothing, so it cannot compete
-        first = seen.setdefault((key, kind), i)
+        first = seen.setdefault((model_key(model), kind), i)
         if first == i:
             continue
         raise PriceCatalogError(
-            f"{p}:{i + 2}: GPU model {model!r} has a second {kind} price "
-            f"({_describe(prices, i)}); line {first + 2} already prices it "
+            f"{_at(p, i)}: GPU model {model!r} has a second {kind} price "
+            f"({_describe(prices, i)}); {_row_name(p, first)} already prices it "
             f"({_describe(prices, first)}). Keep one row per GPU model and pricing kind "
             "(names compare without the 'NVIDIA ' prefix): the catalog has no effective "
             "dates, so remove or edit the older price"

@@ -54,18 +54,50 @@ def test_two_prices_for_one_model_and_kind_are_refused(
 
 
 def test_one_model_at_several_kinds_or_names_is_one_price_each(tmp_path: Path) -> None:
-    """Not duplicates: other pricing kinds, a longer name (the more specific row wins),
-    and blank names, which price nothing."""
+    """Not duplicates: other pricing kinds, and a longer name (the more specific row wins)."""
     p = _csv(
         tmp_path,
         "H100,on_demand,3.90",
         "H100,reserved,2.45",
         "H100,spot,2.25",
         "H100 80GB HBM3,on_demand,4.10",
-        ",on_demand,1.00",
-        ",on_demand,2.00",
     )
-    assert load_prices(p).height == 6
+    assert load_prices(p).height == 4
+
+
+@pytest.mark.parametrize("name", ["", "  "])
+def test_a_row_without_a_gpu_model_name_is_refused(tmp_path: Path, name: str) -> None:
+    """A blank name matches no GPU: the row's price would be dropped without a word."""
+    p = _csv(tmp_path, "H100,on_demand,3.90", f"{name},on_demand,1.00")
+    with pytest.raises(PriceCatalogError) as e:
+        load_prices(p)
+    assert str(e.value).startswith(f"{p}:3: field 'gpu_model': expected a GPU model name"), e.value
+
+
+def test_parquet_catalog_errors_name_the_row_not_a_line(tmp_path: Path) -> None:
+    """A Parquet file has no header line: its first row is row 1, not line 2."""
+    p = tmp_path / "prices.parquet"
+    pl.DataFrame(
+        {
+            "gpu_model": ["H100", "L4", "NVIDIA H100"],
+            "pricing_kind": ["on_demand", "on_demand", "on_demand"],
+            "usd_per_gpu_hour": [3.9, 0.8, 4.0],
+        }
+    ).write_parquet(p)
+    with pytest.raises(PriceCatalogError) as e:
+        load_prices(p)
+    msg = str(e.value)
+    assert msg.startswith(f"{p}: row 3: GPU model 'NVIDIA H100' has a second"), msg
+    assert "row 1 already prices it" in msg, msg
+    pl.DataFrame(
+        {
+            "gpu_model": ["H100", None],
+            "pricing_kind": ["on_demand"] * 2,
+            "usd_per_gpu_hour": [1.0, 2.0],
+        }
+    ).write_parquet(p)
+    with pytest.raises(PriceCatalogError, match=r": row 2: field 'gpu_model'"):
+        load_prices(p)
 
 
 def test_the_committed_catalog_has_one_price_per_model_and_kind() -> None:
@@ -92,7 +124,10 @@ def test_a_parquet_nan_price_is_refused(tmp_path: Path) -> None:
     pl.DataFrame(
         {"gpu_model": ["H100"], "pricing_kind": ["on_demand"], "usd_per_gpu_hour": [math.nan]}
     ).write_parquet(p)
-    with pytest.raises(PriceCatalogError, match="expected a non-negative number, got nan"):
+    with pytest.raises(
+        PriceCatalogError,
+        match=r"prices.parquet: row 1: field 'usd_per_gpu_hour': expected a non-negative number, got nan",
+    ):
         load_prices(p)
 
 
