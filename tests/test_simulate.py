@@ -531,3 +531,11 @@ def test_default_period_is_not_a_week_of_minutes(syn_lake, tmp_path) -> None:
     assert json.loads(r.stdout)["period"] == "2026-W47"
     # the library's default too (notebook 02 and the demo's growth line), not only the CLI's
     assert load_trace(db).period.label == "2026-W47"
+    # a Period built by hand must fall on whole hours, as the cost functions require
+    half = fc.Period(
+        dt.datetime(2026, 11, 16, 10, 30, tzinfo=dt.UTC),
+        dt.datetime(2026, 11, 18, tzinfo=dt.UTC),
+        "half an hour in",
+    )
+    with pytest.raises(fc.CostError, match=r"per.start: costs are counted per clock hour"):
+        load_trace(db, per=half)

@@ -185,7 +185,9 @@ def load_trace(
 
     if not db.sql("SELECT count(*) FROM clean.requests").fetchall()[0][0]:  # type: ignore[index]
         raise NoServingData("the lake has no requests; the simulation replays the request log")
-    per = per or fc.period(fc.latest_whole_week(db))
+    # a hand-built Period inside an hour would bill whole GPU-hours for part of their
+    # requests: refused, as every cost function refuses it
+    per = fc._p(None, None, None, per) if per is not None else fc.period(fc.latest_whole_week(db))
     at = per.where("ts")
     n_req = db.sql(f"SELECT count(*) FROM clean.requests WHERE {at}").fetchall()[0][0]  # type: ignore[index]
     if not n_req:
