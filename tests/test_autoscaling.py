@@ -88,7 +88,7 @@ def test_recommend_cli(syn_lake, tmp_path) -> None:
         app, ["recommend", "autoscaling", "--lake", str(syn_lake), "--format", "yaml"]
     )
     assert r.exit_code == 0, r.output
-    docs = validate_manifests(r.output)
+    docs = validate_manifests(r.stdout)  # notes go to stderr: stdout is the YAML alone
     assert len(docs) == 4
     r = CliRunner().invoke(app, ["recommend", "autoscaling", "--lake", str(tmp_path / "x")])
     assert r.exit_code == 2 and "no lake here" in r.output

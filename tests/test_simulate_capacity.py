@@ -181,3 +181,18 @@ def test_autoscaling_operating_point_and_a_note_when_it_misses_the_slo(large: Si
     assert adv.ttft_p95_no_queue_ms > adv.slo_ttft_p95_ms
     notes = [n for n in over.trace.profiles["large"].notes if "even with no queue" in n]
     assert notes, over.trace.profiles["large"].notes
+
+
+def test_a_queue_target_floored_above_what_the_slo_allows_is_noted(large: Simulator) -> None:
+    """A derived queue depth below 0.25 rounds to 0 and is floored at 0.5, which lets the
+    queue wait far longer than the SLO leaves: the advice says so, with the figures. The
+    demo week's large tier is such a tier (its SLO is its idle prefill p95 x 1.5)."""
+    adv = recommend(large).tiers[0]
+    assert 0 < adv.raw_target_waiting < 0.25 and adv.target_waiting == 0.5, adv
+    notes = [n for n in large.trace.profiles["large"].notes if "floored at" in n]
+    assert len(notes) == 1, large.trace.profiles["large"].notes
+    budget = adv.slo_ttft_p95_ms - adv.ttft_p95_no_queue_ms
+    assert f"the SLO leaves {budget:.0f} ms of queueing" in notes[0], notes
+    assert f"about {500 / adv.drain_rps:.0f} ms" in notes[0], notes
+    assert recommend(large).notes == {"large": notes}, "on the advice too, and said once"
+    assert len([n for n in large.trace.profiles["large"].notes if "floored at" in n]) == 1

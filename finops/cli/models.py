@@ -218,7 +218,7 @@ def autoscaling(
     cmp_ = adv.cost_comparison()
     if format == "json":
         doc = {"period": per.label, "tiers": adv.table().to_dicts(), "cost": cmp_,
-               "unsimulated": sim.trace.notes}  # fmt: skip
+               "notes": adv.notes, "unsimulated": sim.trace.notes}  # fmt: skip
         typer.echo(json.dumps(doc, indent=2))
         return
     print_frame(adv.table(), "table", title="target vllm:num_requests_waiting per replica")

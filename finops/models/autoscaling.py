@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import polars as pl
@@ -76,6 +76,8 @@ class AutoscalingAdvice:
     fixed: Plan  # the observed week on a fixed, peak-sized fleet
     autoscaled: Plan  # the same week, replicas following the hourly need
     observed_cost_usd: float | None  # what the lake's GPUs cost (finops.costs), if available
+    # per tier, what the targets cannot promise (floored targets, a raised minimum)
+    notes: dict[str, list[str]] = field(default_factory=dict)
 
     def table(self) -> pl.DataFrame:
         return pl.DataFrame([t.__dict__ for t in self.tiers])
@@ -257,8 +259,10 @@ def recommend(
     auto = sim.plan(1.0, Levers(autoscale=True))
     peak = sim.plan(max_growth, Levers(autoscale=False)) if max_growth > 1 else fixed
     advice = []
+    notes: dict[str, list[str]] = {}
     for tier, p in sim.trace.profiles.items():
         lv = Levers()
+        said: list[str] = []  # this tier's advice notes
         curve = sim.curve(tier, lv)
         prompt, output = sim._sizes(p, lv)
         svc = p.service(lv, prompt, output)
@@ -275,10 +279,10 @@ def recommend(
                 f"{sim.slo_for(tier):g} ms at any simulated load"
             )
         if c0 > 1:
-            p.notes.append(
+            said.append(
                 f"p95 TTFT <= {sim.slo_for(tier):g} ms is met only with {c0} or more replicas "
                 "behind one queue (fewer miss it even unloaded): minimum replicas raised to "
-                f"{c0}"
+                f"{c0}",
             )
         # the operating point is simulated on the draws its capacity was checked on
         # (several pooled runs: one short run's p95 near the SLO is noise)
@@ -298,14 +302,30 @@ def recommend(
         raw = max(slo_ms / 1000.0 - prefill_p95, 0.0) * drain
         target = max(round(raw * 2) / 2, 0.5)
         if raw <= 0:
-            p.notes.append(
+            said.append(
                 f"at its SLO-limited operating point ({rate:.3g} req/s on {c0} replica"
                 f"{'s' if c0 > 1 else ''}) the p95 TTFT of requests that never queued is "
                 f"{1000 * prefill_p95:.0f} ms, over the {slo_ms:.0f} ms SLO: the operating "
                 "point misses the SLO even with no queue (prefill in a busy batch, not "
                 "queueing, sets TTFT), so no queue depth is derived; target_waiting "
-                f"{target:g} is the floor, and replicas must be added before a queue forms"
+                f"{target:g} is the floor, and replicas must be added before a queue forms",
             )
+        elif target > raw and round(raw * 2) == 0:
+            # floored, not rounded: the SLO leaves room for far less than the target's
+            # queue, so scale-out comes after the SLO is already missed
+            budget_ms = 1000 * raw / drain
+            said.append(
+                f"the SLO leaves {budget_ms:.0f} ms of queueing after the p95 prefill "
+                f"({1000 * prefill_p95:.0f} of {slo_ms:.0f} ms), a queue of {raw:.2g} "
+                f"waiting requests per replica; target_waiting is floored at {target:g}, "
+                f"whose queue waits about {1000 * target / drain:.0f} ms, so p95 TTFT "
+                "can exceed the SLO before the autoscaler adds a replica: scale ahead of "
+                "demand (min_replicas for the busy hours) or relax the SLO",
+            )
+        for text in said:  # on the trace too, with the simulation's own notes
+            _note(p.notes, text)
+        if said:
+            notes[tier] = said
         hourly = auto.hourly.filter(pl.col("tier") == tier)
         max_reps = int(peak.hourly.filter(pl.col("tier") == tier)["replicas"].max())
         advice.append(
@@ -320,7 +340,16 @@ def recommend(
                 slo_ttft_p95_ms=slo_ms,
             )
         )
-    return AutoscalingAdvice(advice, namespace, prometheus, fixed, auto, observed_cost_usd)
+    return AutoscalingAdvice(
+        advice, namespace, prometheus, fixed, auto, observed_cost_usd, notes=notes
+    )
+
+
+def _note(notes: list[str], text: str) -> None:
+    """Add a note to a tier's notes once: `recommend` may run again on the same trace
+    (a notebook cell re-run, the CLI after a plan), and the notes live on the trace."""
+    if text not in notes:
+        notes.append(text)
 
 
 def observed_week_cost(db, per: Period | None = None) -> float | None:
