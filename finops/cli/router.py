@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -59,7 +58,7 @@ def _training_overlap(router: Any, data: Path, sha256: str, lake: Path | None) -
     artifact trained on a lake + labels file, the same combination `load_lake` hashes
     (the labels file with the recorded lake, or with --lake).
     """
-    from finops.router.data import _lake_fingerprint
+    from finops.router.data import lake_labels_sha256
 
     td = router.manifest["training_data"]
     want = td.get("sha256")
@@ -75,8 +74,7 @@ def _training_overlap(router: Any, data: Path, sha256: str, lake: Path | None) -
     for lk in [*lakes, *([lake] if lake is not None else [])]:
         if not (lk / "requests").is_dir():
             continue
-        combined = hashlib.sha256((sha256 + _lake_fingerprint(lk)).encode()).hexdigest()
-        if combined == want:
+        if lake_labels_sha256(sha256, lk) == want:
             return (
                 f"{data} with lake {lk} is this artifact's training data (their combined "
                 f"sha256 equals training_data.sha256, source {source!r})"
@@ -314,7 +312,7 @@ def evaluate_cmd(
     tier's own threshold, as `route()` and the shim decide).
     """
     from finops.router import evaluate as E
-    from finops.router.artifact import ArtifactError, _probe_frame, load_router
+    from finops.router.artifact import ArtifactError, load_router
     from finops.router.data import DEFAULT_QUALITY_BAR, DataError, load_labeled
     from finops.router.train import evaluate_split, one_line
 
@@ -345,8 +343,7 @@ def evaluate_cmd(
         if overlap is not None:
             typer.echo(_overlap_warning(overlap, router.manifest["training_data"]), err=True)
         rows = ds.features(router.uses_prompt_text).to_dicts()
-        # as route() scores them: a name the model never saw counts as missing
-        proba = router.pipeline.predict_proba(_probe_frame([router.as_served(r) for r in rows]))
+        proba = router.probabilities_for_rows(rows)
         ev = evaluate_split(proba, ds, router.thresholds[0], lake=lake)
         # the served policy: each tier's own threshold, decided as route() decides
         out_tok = ds.frame["output_tokens"].fill_null(0.0).to_numpy()

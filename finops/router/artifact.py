@@ -298,6 +298,11 @@ class Router:
             probs[o] = p[i]
         return probs
 
+    def probabilities_for_rows(self, rows: list[dict[str, Any]]) -> np.ndarray:
+        """P(needed tier) per row, in tier order, for many rows at once (evaluation and
+        replay): the pipeline on the rows as `route()` scores them (`as_served`)."""
+        return self.pipeline.predict_proba(_probe_frame([self.as_served(r) for r in rows]))
+
     def probabilities_for_row(self, row: Mapping[str, Any]) -> np.ndarray:
         """P(needed tier == t) in tier order for a feature row (see `features.extract`)."""
         return np.array(self._tier_probabilities(row))

@@ -597,14 +597,18 @@ def load_lake(
         records(),
         tiers=tiers,
         source=f"lake {lake} + {lp}",
-        sha256=hashlib.sha256(
-            (sha256_path(lp) + _lake_fingerprint(Path(lake))).encode()
-        ).hexdigest(),
+        sha256=lake_labels_sha256(sha256_path(lp), Path(lake)),
         quality_bar=quality_bar,
     )
     data.bad_rows = bad + data.bad_rows
     data.read += read
     return data
+
+
+def lake_labels_sha256(labels_sha256: str, lake: Path) -> str:
+    """The training-data hash of a labels file joined with a lake (`load_lake`); `evaluate`
+    recomputes it to tell an artifact's own training data."""
+    return hashlib.sha256((labels_sha256 + _lake_fingerprint(lake)).encode()).hexdigest()
 
 
 def _lake_fingerprint(lake: Path) -> str:

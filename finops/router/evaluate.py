@@ -454,10 +454,7 @@ def replay_lake(
         return {"requests": 0, "line": f"{lake}: no generation requests to replay in {span}"}
     has_text = int(df["prompt_text"].is_not_null().sum())
     rows = replay_feature_rows(router, df)
-    from finops.router.artifact import _probe_frame
-
-    # as route() scores them: a name the model never saw counts as missing
-    proba = router.pipeline.predict_proba(_probe_frame([router.as_served(r) for r in rows]))
+    proba = router.probabilities_for_rows(rows)
     tiers = router.tiers
     cum = cumulative(proba)
     price = tier_token_prices(tiers, lake=lake, prices=prices)
