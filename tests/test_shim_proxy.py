@@ -1080,6 +1080,53 @@ def test_breaker_opens_and_half_open_probe_closes(tmp_path, fakes):
         assert state[bad_url] == "closed"
 
 
+@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize("hung_after_s", [0.5, 0.0])
+def test_a_hung_replica_behind_impatient_clients_leaves_rotation(
+    tmp_path, fakes, stream, hung_after_s
+):
+    """A hung engine whose /health answers, behind clients that give up before the shim's
+    own timeouts: each give-up said nothing of the replica, and with nothing outstanding
+    there it won every least-outstanding turn, so it kept about half the traffic for good.
+    Once it has held requests for `hung_after_s` without answering any, give-ups count
+    against its circuit; a replica that answers others is not blamed (0: never)."""
+    hung, hung_url = fakes("hang")
+    good, good_url = fakes()
+    with _serve(
+        tmp_path,
+        [f"small={hung_url}", f"small={good_url}"],
+        breaker_failures=2,
+        breaker_cooldown_s=60,
+        hung_after_s=hung_after_s,
+    ) as h:
+        gave_up = 0
+        for _ in range(12):
+            try:
+                r = httpx.post(
+                    h.base_url + "/chat/completions", json={**CHAT, "stream": stream}, timeout=0.3
+                )
+                assert r.status_code == 200, r.text
+            except httpx.TimeoutException:
+                gave_up += 1
+        metrics = httpx.get(h.url + "/metrics").text
+        state = _circuit(h, hung_url)
+        recs = _records(h.shim, 12)
+    assert good.calls == 12 - gave_up
+    abandoned = [r for r in recs if r["upstream"] == hung_url]
+    assert len(abandoned) == gave_up == hung.calls
+    assert all(r["status_code"] == 499 for r in abandoned)
+    if hung_after_s:
+        # 0.3 s a give-up: silent 0.6 s after the second, so the 2nd and 3rd count
+        assert state == "open" and gave_up == 3, (state, gave_up)
+        assert (
+            f'finops_shim_upstream_hung_abandons_total{{tier="small",upstream="{hung_url}"}} 2.0'
+            in metrics
+        )
+    else:
+        assert state == "closed" and gave_up == 6, (state, gave_up)  # every other turn
+        assert "finops_shim_upstream_hung_abandons_total{" not in metrics
+
+
 def test_an_open_circuit_past_its_cooldown_is_reported_half_open(tmp_path, fakes):
     """With no traffic to move it, an open circuit whose cooldown has passed stayed `open`
     in /readyz and the gauge while /readyz listed the replica as serving: a rarely used

@@ -1023,3 +1023,26 @@ def test_the_open_files_limit_is_raised_to_the_hard_limit_and_a_low_one_is_said(
     assert p.returncode == 0, p.stderr
     assert p.stdout.split() == ["8192", "8192", "256"]
     assert "open files limited to 256" in p.stderr and "ulimit -n" in p.stderr
+
+
+def test_replica_silence_counts_only_time_holding_requests_since_the_last_answer():
+    """`Upstream.silence`: what says a replica is hung rather than its clients impatient."""
+    from finops.shim.config import ShimConfig
+    from finops.shim.upstreams import Upstream
+
+    up = Upstream("small", "http://127.0.0.1:1", "small", ShimConfig(tiers={}), None)
+    assert up.silence(100.0) == 0.0
+    up.awaiting(100.0)
+    up.unanswered(102.0)  # a client gave up after 2 s
+    assert up.silence(5000.0) == 2.0  # idle time does not count
+    up.awaiting(5000.0)
+    up.awaiting(5001.0)
+    assert up.silence(5003.0) == 5.0  # 2 s before, 3 s now (held requests, no answer)
+    up.answered(5003.0)  # one of them answered: the replica works
+    assert up.silence(5003.0) == 0.0
+    assert up.silence(5004.5) == 1.5  # the other still waits, counted from that answer
+    up.unanswered(5004.5)
+    assert up.silence(9000.0) == 1.5
+    up.awaiting(9000.0)
+    up.answered(9000.25)
+    assert up.silence(9999.0) == 0.0

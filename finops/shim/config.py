@@ -122,6 +122,9 @@ class ShimConfig:
     retry_budget_window_s: float = 10.0
     breaker_failures: int = 5
     breaker_cooldown_s: float = 10.0
+    # a replica that has held requests this long without answering any is hung: clients
+    # giving up on it count against its circuit (0: never; a give-up then says nothing)
+    hung_after_s: float = 30.0
     health_interval_s: float = 5.0
     # request limits
     max_body_bytes: int = 4 * 1024 * 1024
@@ -793,6 +796,7 @@ def parse_config(
         ("retry_budget_window_s", float, 10.0, ">0"),
         ("breaker_failures", int, 5, 0),  # 0: no breaker
         ("breaker_cooldown_s", float, 10.0, ">=0"),
+        ("hung_after_s", float, 30.0, ">=0"),  # 0: a client giving up never counts
         ("health_interval_s", float, 5.0, ">0"),
     )
     _only(up, tuple(k for k, *_ in up_keys), w)

@@ -170,6 +170,13 @@ class ShimMetrics:
             ["upstream"],
             registry=r,
         )
+        self.hung_abandons = Counter(
+            "finops_shim_upstream_hung_abandons",
+            "Clients that gave up on a replica which had answered none of the requests it "
+            "held for [upstream] hung_after_s; each counts against its circuit.",
+            ["tier", "upstream"],
+            registry=r,
+        )
         self.pool_full = Counter(
             "finops_shim_upstream_pool_full",
             "Attempts that found every connection to a replica busy ([upstream] "

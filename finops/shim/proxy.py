@@ -1258,6 +1258,8 @@ class ProxyEndpoint:
         # a stream's first event comes after the prefill; a non-streamed answer comes
         # whole, after the generation (a long one is not a failure)
         limit = shim.cfg.first_byte_timeout_s if ctx.stream else shim.cfg.response_timeout_s
+        up.awaiting(time.monotonic())
+        waiting = True  # until the replica answers (see Upstream.silence)
         try:
             async with asyncio.timeout(limit):
                 resp = await pool.request(
@@ -1305,6 +1307,8 @@ class ProxyEndpoint:
                                 f"JSON object ({len(data)} bytes, content-encoding "
                                 f"{resp.headers.get('content-encoding', 'none')})",
                             )
+                        waiting = False
+                        up.answered(time.monotonic())
                     return resp, data, None
                 ctype = resp.headers.get("content-type", "text/event-stream")
                 if not ctype.lower().startswith("text/event-stream"):
@@ -1347,6 +1351,8 @@ class ProxyEndpoint:
                         502,
                         f"upstream {up.url} began its stream with an error: {err}",
                     )
+                waiting = False
+                up.answered(time.monotonic())
                 return resp, first, it
         except TimeoutError:
             what = "no first byte" if ctx.stream else "no answer"
@@ -1377,6 +1383,9 @@ class ProxyEndpoint:
             if resp is not None:
                 resp.close()
             raise
+        finally:
+            if waiting:
+                up.unanswered(time.monotonic())
 
     async def _forward(
         self, ctx: Ctx, send: Any, receive: Any, store_key: str | None
@@ -1414,6 +1423,25 @@ class ProxyEndpoint:
             shim.cfg.connect_timeout_s + 3,
             shim.tokenize_gate,
         )
+
+    def _silent_too_long(self, up: Upstream) -> bool:
+        """Whether a client giving up on `up` counts against its circuit: only when the
+        replica has held requests for `[upstream] hung_after_s` without answering any (a
+        hung engine whose /health still answers). Otherwise the client was impatient."""
+        shim = self.shim
+        limit = shim.cfg.hung_after_s
+        silent = up.silence(time.monotonic())
+        if limit <= 0 or silent < limit:
+            return False
+        shim.metrics.hung_abandons.labels(up.tier, up.url).inc()
+        shim.logger.warning(
+            "a client gave up on upstream %s, which has answered none of the requests it "
+            "held for %.1f s ([upstream] hung_after_s = %g): counted against its circuit",
+            up.url,
+            silent,
+            limit,
+        )
+        return True
 
     async def _attempts(
         self, ctx: Ctx, pool: Pool, send: Any, watch: DisconnectWatch, store_key: str | None
@@ -1479,7 +1507,10 @@ class ProxyEndpoint:
                     rec["upstream"] = up.url  # the last one tried, if none answers
                     continue
                 except BaseException:  # client gone, or a bug: a half-open probe is not left taken
-                    up.breaker.release_probe(ticket)
+                    if ctx.sent and watch.gone and self._silent_too_long(up):
+                        up.breaker.failure(time.monotonic(), ticket)
+                    else:
+                        up.breaker.release_probe(ticket)
                     if not ctx.sent:  # no call was made
                         rec["upstream_attempts"] = attempts - 1
                     else:

@@ -10,7 +10,13 @@ Why each piece:
   floor), so an outage cannot turn into a retry storm on the survivors;
 - circuit breaker: after `failures` consecutive failures a replica is taken
   out for `cooldown` seconds, then exactly one live request probes it
-  (half-open); success closes the circuit, failure re-opens it.
+  (half-open); success closes the circuit, failure re-opens it;
+- silence: how long a replica has held requests without answering any. A client
+  giving up says nothing of a replica that answers others (the client may be
+  impatient), but one that has answered nobody for `hung_after_s` of holding
+  requests is a hung engine whose /health still answers: those give-ups count
+  against its circuit, or it stays in rotation for as long as clients give up
+  before the shim's own timeouts.
 """
 
 from __future__ import annotations
@@ -159,6 +165,9 @@ class Upstream:
     """One vLLM replica of one tier."""
 
     __slots__ = (
+        "_awaiting",
+        "_silent_s",
+        "_silent_since",
         "api_key",
         "breaker",
         "budget",
@@ -186,6 +195,36 @@ class Upstream:
         self.budget = RetryBudget(
             cfg.retry_budget_ratio, cfg.retry_budget_min, cfg.retry_budget_window_s
         )
+        # requests sent and not yet answered; the silence before now (seconds of holding
+        # requests since the last answer) and when the current stretch of it began
+        self._awaiting = 0
+        self._silent_s = 0.0
+        self._silent_since = 0.0
+
+    def awaiting(self, now: float) -> None:
+        """A request was sent here and waits for its answer (a stream's first event, a
+        plain request's whole body)."""
+        if self._awaiting == 0:
+            self._silent_since = now
+        self._awaiting += 1
+
+    def answered(self, now: float) -> None:
+        """A request waiting here got its answer: the replica works, its silence is over."""
+        self._awaiting -= 1
+        self._silent_s = 0.0
+        self._silent_since = now
+
+    def unanswered(self, now: float) -> None:
+        """A request waiting here ended without an answer (failed, timed out, abandoned)."""
+        self._awaiting -= 1
+        if self._awaiting == 0:
+            self._silent_s += now - self._silent_since
+
+    def silence(self, now: float) -> float:
+        """Seconds this replica has held requests since it last answered one. Idle time
+        does not count: a replica nobody asked is not silent."""
+        running = now - self._silent_since if self._awaiting > 0 else 0.0
+        return self._silent_s + running
 
     def __repr__(self) -> str:
         return f"Upstream({self.tier}, {self.url}, out={self.outstanding}, {STATE_NAMES[self.breaker.state]})"
