@@ -564,9 +564,14 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
             "collect DCGM/NVML metrics (finops collect) or run finops demo"
         )
     if row["unpriced_gpu_hours"]:
+        # quoted: the exact name is what a catalog row must match (a stray space, a suffix)
+        models = ", ".join(
+            sorted(repr(m) if m else "(no model name)" for m in row["unpriced_models"])
+        )
         notes.append(
-            f"{_hours(row['unpriced_gpu_hours'])} GPU-hours of {row['unpriced_models']} have no "
-            "price in the catalog (data/prices.csv or $FINOPS_PRICES): counted as $0"
+            f"{_hours(row['unpriced_gpu_hours'])} GPU-hours of {models} have no price in the "
+            "catalog (data/prices.csv or $FINOPS_PRICES): the bill leaves them out, and the "
+            "requests they served have an unknown cost"
         )
     if row["untiered_gpu_hours"]:
         notes.append(
@@ -599,8 +604,8 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         notes.append("no requests in this period: cost cannot be allocated to tenants/features")
     if row["unpriced_requests"]:
         notes.append(
-            f"{row['unpriced_requests']} requests ran on tier-hours with no GPU data: "
-            "their cost is NULL"
+            f"{row['unpriced_requests']:,} requests ran on tier-hours with no GPU data or no "
+            "GPU price: their cost is unknown (NULL)"
         )
     if row["tier_hours"] and row["measured_tier_hours"] < row["tier_hours"]:
         notes.append(
@@ -911,6 +916,8 @@ def totals(
     out["cost_per_request"] = unit_cost / n if priced else None
     out["usd_per_1k_requests"] = 1000 * unit_cost / n if priced else None
     i, o = r["priced_input_tokens"], r["priced_output_tokens"]
+    # the tokens those per-token figures divide by (all of them when every request is priced)
+    out["priced_tokens"] = int(i) + int(o)
     out["usd_per_1m_input_tokens"] = (
         out["input_cost"] / i * 1e6 if i and out["input_cost"] is not None else None
     )
@@ -921,7 +928,7 @@ def totals(
     if priced and r["unpriced_requests"]:
         out["notes"].append(
             f"cost per request and per token count only the {n:,} priced requests "
-            f"({r['unpriced_requests']:,} have no GPU data)"
+            f"({r['unpriced_requests']:,} have no GPU data or price)"
         )
     return out
 

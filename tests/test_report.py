@@ -331,10 +331,15 @@ def test_empty_week_gives_a_report_that_says_what_is_missing(
 ) -> None:
     paths = build_report(demo_lake, "2026-W40", tmp_path, growth=False)
     r = json.loads(paths.json.read_text())
-    assert r["sources"]["missing"][0] == "The lake holds no data for 2026-W40."
+    # and says which days it does hold (the demo lake: 2 days from 2026-11-16)
+    said = "The lake holds no data for 2026-W40 (it holds 2026-11-16 to 2026-11-17 UTC)."
+    assert r["sources"]["missing"][0] == said
     assert r["headline"]["spend_usd"]["value"] is None
+    # nothing to judge, and nothing said to be $0: caches and leakage are unknown
+    assert r["takeaways"]["anomalies"] == "Anomalies not judged: no requests this week."
+    assert r["cache"]["saved_usd"] is None and r["leakage"]["leak_usd"] is None
     page = paths.html.read_text()
-    assert "The lake holds no data for 2026-W40." in page and "<script" not in page
+    assert said in page and "<script" not in page
     assert "Traceback" not in page
     assert pl.read_csv(paths.focus_csv).columns == list(COLUMNS)
 
@@ -503,9 +508,19 @@ def test_router_artifact_adds_quality_and_drift(demo_lake: Path, tmp_path: Path)
     labels.write_text("\n".join(lines) + "\n")
     art = tmp_path / "art"
     train(D.load_lake(demo_lake, labels), art, cv_folds=0, lake=demo_lake, quality_target=0.9)
-    r = compute(demo_lake, WEEK, router=art, growth=False)["router"]
+    full = compute(demo_lake, WEEK, router=art, growth=False)
+    r = full["router"]
     assert r["artifact"]["path"] == str(art) and "note" not in r
     assert 0 < r["quality_estimate"] <= 1
+    # the quality is the artifact's, replayed; the logged saving is the serving routers':
+    # one sentence gave the one next to the other as if they were the same router's
+    t = full["takeaways"]
+    assert "quality" not in t["router"] and r["logged_versions"]
+    assert r["artifact"]["version"] not in r["logged_versions"]
+    assert f"would keep an estimated {100 * r['quality_estimate']:.1f}% of quality" in (
+        t["router_replay"]
+    )
+    assert "it did not serve this week (logged: " in t["router_replay"]
     # the report week's own requests (was: the lake's last 7 days, whatever the week)
     db = finops.connect(demo_lake)
     in_week = one(

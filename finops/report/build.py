@@ -51,7 +51,7 @@ def summary_markdown(r: dict[str, Any]) -> str:
         return s + ("" if ch is None else f" ({F.signed_pct(ch)})")
 
     lines = [
-        f"*GPU cost report {r['week']}* (vs {r['compare_to']})",
+        f"*GPU cost report {r['week']}* (vs {r.get('compare_text') or r['compare_to']})",
         f"- Spend {val('spend_usd', lambda v: f'${v:,.2f}')}, "
         f"requests {val('requests', lambda v: f'{v:,.0f}')}, "
         f"tokens {val('tokens', lambda v: f'{v / 1e6:,.1f}M')}",
@@ -131,8 +131,7 @@ def build_report(
     """
     t0 = time.perf_counter()
     lake_path = Path(lake) if lake is not None else finops.db.default_lake_path()
-    if not lake_path.exists():
-        raise F.ReportError(f"{lake_path}: lake folder not found")
+    F.check_lake_folder(lake_path)
     out_dir = prepare_out_dir(out)
     db = finops.connect(lake_path)
     F.quiet(db)

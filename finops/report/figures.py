@@ -29,6 +29,11 @@ import finops.costs as fc
 Z_THRESHOLD = 3.5
 HISTORY_WEEKS = 4
 MIN_BASELINE = 3  # fewer comparable points than this: too little history to judge
+# the spread an anomaly is judged against is never below this share of the usual value
+# (so |z| > 3.5 needs a 35% move), and for counts never below Poisson noise, sqrt(usual):
+# with three same-weekday points the MAD can be near 0, and a steady week flagged +5%
+# hours at z = 8.8
+MIN_RELATIVE_SPREAD = 0.10
 TREND_CLIP = (0.8, 1.25)
 # where a missing GPU price goes (finops.prices.load_prices reads $FINOPS_PRICES first)
 PRICES_HINT = "data/prices.csv or the catalog file $FINOPS_PRICES names"
@@ -59,6 +64,10 @@ def _f(x: Any) -> float | None:
         return None
     x = float(x)
     return x if math.isfinite(x) else None
+
+
+def _iso(x: dt.datetime | None) -> str | None:
+    return None if x is None else x.isoformat()
 
 
 def _records(df: pl.DataFrame) -> list[dict[str, Any]]:
@@ -154,7 +163,7 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     if src["gpu_hour_rows"] == 0:
         missing.append(
             "No GPU metrics (DCGM/NVML) this week: spend, GPU-hours, utilization, idle "
-            "capacity and the FOCUS rows are unknown. Collect them with `finops collect`."
+            "capacity and the FOCUS rows are unknown. Collect them with finops collect."
         )
     if src["requests"] == 0:
         missing.append(
@@ -169,16 +178,24 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     hours = per.hours or 168
     covered = max(req_hours, gpu_hours)
     if 0 < covered < hours:
-        missing.append(
-            f"Partial week: data covers {covered} of {hours:.0f} hours; week-over-week "
-            "changes compare unequal spans."
-        )
+        missing.append(f"Partial week: data covers {covered} of {hours:.0f} hours.")
     for note in src["notes"]:
         if not note.startswith(("no GPU samples", "no requests")):
             missing.append(note[0].upper() + note[1:] + ".")
     return {
         "gpu_samples": bool(src["gpu_hour_rows"]),
         "requests": bool(src["requests"]),
+        # a bill that is known but partial: GPU-hours the catalog has no price for
+        "unpriced_gpu_hours": float(src["unpriced_gpu_hours"] or 0.0),
+        "unpriced_models": sorted(str(m) for m in (src["unpriced_models"] or []) if m),
+        "unpriced_requests": int(src["unpriced_requests"] or 0),
+        # the lake's extent (all tables the costs read), for "no data for this week"
+        "lake_first_hour": _iso(
+            min((x for x in (src["first_request_hour"], src["first_gpu_hour"]) if x), default=None)
+        ),
+        "lake_last_hour": _iso(
+            max((x for x in (src["last_request_hour"], src["last_gpu_hour"]) if x), default=None)
+        ),
         "util_signals": {str(s): round(float(n), 2) for s, n in signals},
         "util_signal": sig[0] if sig else None,
         "hours_with_requests": int(req_hours),
@@ -209,24 +226,33 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
     measured = bool(t["gpu_hours"])
     known = bool(t["priced_gpu_hours"])
     spend = float(t["gpu_cost"]) if known else None
+    # per request and per token over the priced requests only (finops.costs.totals): a
+    # tier on a GPU model the catalog has no price for carries no part of the bill, so
+    # dividing the bill by its requests too understated both
+    priced_tokens = int(t["priced_tokens"])
     return {
         "spend_usd": spend,
         "requests": n,
         "input_tokens": int(t["input_tokens"]),
         "output_tokens": int(t["output_tokens"]),
         "tokens": tokens,
-        "usd_per_1k_requests": 1000 * spend / n if n and spend is not None else None,
-        "usd_per_1m_tokens": 1e6 * spend / tokens if tokens and spend is not None else None,
+        "usd_per_1k_requests": _f(t["usd_per_1k_requests"]) if known else None,
+        "usd_per_1m_tokens": (
+            1e6 * spend / priced_tokens if priced_tokens and spend is not None else None
+        ),
+        "unpriced_requests": int(t["unpriced_requests"]),
+        "unpriced_gpu_hours": float(t["gpu_hours"] - t["priced_gpu_hours"]) if measured else 0.0,
         "gpu_hours": float(t["gpu_hours"]) if measured else None,
         "gpus": int(t["gpus"]) if measured else None,
         "utilization": _f(t["utilization"]),
         "idle_capacity_usd": float(t["idle_capacity_cost"]) if known else None,
+        # no request logs: nothing says what leaked or what the caches saved (not $0)
         "leakage_usd": (
-            fc.sum_known(leak.filter(pl.col("kind") == "leak")["cost"]) if known else None
+            fc.sum_known(leak.filter(pl.col("kind") == "leak")["cost"]) if known and n else None
         ),
         "cache_saved_usd": (
             fc.sum_known(cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"])
-            if known
+            if known and n
             else None
         ),
     }
@@ -249,10 +275,29 @@ def _headline(cur: dict[str, Any] | None, prev: dict[str, Any] | None) -> dict[s
 # ----------------------------------------------------------------------------- sections
 
 
+def _gpu_tiers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> list[dict[str, Any]]:
+    """Spend by tier from the GPU metrics alone (their tier labels): what a week without
+    request logs can still say about where the bill went."""
+    df = sql(
+        db,
+        f"""SELECT coalesce(tier, '(no tier label)') AS tier, sum(gpu_hours) AS gpu_hours,
+                   sum(gpu_cost) AS cost
+            FROM marts.gpu_cost_hourly WHERE {per.where()} GROUP BY ALL""",
+    ).pl()
+    if df.height == 0 or df["cost"].null_count() == df.height:
+        return []
+    total = float(df["cost"].sum())
+    df = df.with_columns((pl.col("cost") / total if total else pl.lit(None)).alias("share"))
+    return _records(df.sort("cost", descending=True, nulls_last=True))
+
+
 def _breakdowns(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, list[dict]]:
     out = {}
     for dim in ("tenant", "feature", "tier", "model"):
         df = fc.by(db, dim, per=per)
+        if df.height == 0 and dim == "tier":
+            out[dim] = _gpu_tiers(db, per)  # no request logs: the GPUs' own tier labels
+            continue
         if df.height and df["cost"].null_count() == df.height:
             # no GPU data for any of it: spend by dimension is unknown (fc.by says NULL,
             # never $0 for some values and NULL for others); `missing` says why
@@ -291,10 +336,12 @@ def _idle(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     )
     troughs = by_hour.sort("idle_share", descending=True).head(3)
     total_h = float(by_hour["gpu_hours"].sum())
+    # no GPU-hour priced: the idle share is measured, its cost unknown (not $0)
+    priced = df["idle_cost"].null_count() < df.height
     return {
-        "by_hour": _records(by_hour),
+        "by_hour": _records(by_hour if priced else by_hour.drop("idle_cost")),
         "troughs": _records(troughs),
-        "idle_cost": float(by_hour["idle_cost"].sum()),
+        "idle_cost": float(by_hour["idle_cost"].sum()) if priced else None,
         "idle_share": float(by_hour["idle_gpu_hours"].sum()) / total_h if total_h else None,
     }
 
@@ -393,7 +440,15 @@ def _router(
             WHERE {w} AND w.worked GROUP BY ALL ORDER BY requests DESC""",
     ).pl()
     routed_n = int(shares["routed"].sum()) if shares.height else 0
+    logged = sql(
+        db,
+        f"""SELECT DISTINCT router_version FROM clean.requests
+            WHERE {per.where("date_trunc('hour', ts)")} AND router_version IS NOT NULL
+            ORDER BY 1""",
+    ).fetchall()
     out: dict[str, Any] = {
+        # the routers that served the week (the logged saving is theirs, not --router's)
+        "logged_versions": [v for (v,) in logged],
         "tier_shares": _records(
             shares.with_columns((pl.col("requests") / pl.col("requests").sum()).alias("share"))
         ),
@@ -495,37 +550,86 @@ def _hourly_series(
     ).pl()
 
 
-def _robust_z(x: pl.Expr, group: str | list[str]) -> pl.Expr:
-    med = x.median().over(group)
-    mad = (x - med).abs().median().over(group)
-    return pl.when(mad > 0).then(0.6745 * (x - med) / mad).otherwise(None)
+def _baseline(week: pl.DataFrame, pool: pl.DataFrame, value: str, keys: list[str]) -> pl.DataFrame:
+    """Per report-week row (`_id`): median, MAD and count of `value` over the other rows of
+    `pool` with the same `keys`, the row itself left out. With three same-weekday points
+    and the point judged among them, one outlier moved its own baseline: a tenant's
+    Wednesday at $0 against $6.65 and $8.90 read z = -2."""
+    pairs = week.select("_id", *keys).join(
+        pool.select(pl.col("_id").alias("_other"), *keys, pl.col(value).cast(pl.Float64)),
+        on=keys,
+    )
+    pairs = pairs.filter(pl.col("_id") != pl.col("_other")).drop_nulls(value)
+    med = pairs.group_by("_id").agg(pl.col(value).median().alias("med"), pl.len().alias("n"))
+    mad = (
+        pairs.join(med, on="_id")
+        .group_by("_id")
+        .agg((pl.col(value) - pl.col("med")).abs().median().alias("mad"))
+    )
+    return med.join(mad, on="_id")
 
 
-def _like_with_like(
-    df: pl.DataFrame, value: str, same_weekday: list[str], same_kind: list[str]
+def _judge(
+    df: pl.DataFrame,
+    in_week: pl.Expr,
+    value: str,
+    same_weekday: list[str],
+    same_kind: list[str],
+    *,
+    counts: bool = False,
+    suffix: str = "",
 ) -> pl.DataFrame:
-    """z, usual and the baseline used per row: the same weekday (or hour of week) when it
-    has MIN_BASELINE points, else the same kind of day (weekend vs weekend, weekday vs
-    weekday), else none (`basis` null: too little history to judge)."""
+    """The report week's rows of `df` with z, usual and the baseline used: the same
+    weekday (or hour of week) when it has MIN_BASELINE other points, else the same kind
+    of day (weekend vs weekend, weekday vs weekday), else none (`basis` null: too little
+    history to judge). z = (x - median) / spread, spread = MAD / 0.6745 (a normal's sd)
+    but at least MIN_RELATIVE_SPREAD of the median, and sqrt(median) for counts (Poisson
+    noise): with three points the MAD can be near 0, and a steady week flagged +5% hours."""
+    pool = df.with_row_index("_id")
+    week = pool.filter(in_week)
+    fine = _baseline(week, pool, value, same_weekday)
+    kind = _baseline(week, pool, value, same_kind)
+    out = week.join(fine, on="_id", how="left").join(kind, on="_id", how="left", suffix="_kind")
+    use_fine = pl.col("n").fill_null(0) >= MIN_BASELINE
+    use_kind = pl.col("n_kind").fill_null(0) >= MIN_BASELINE
+    med = pl.when(use_fine).then(pl.col("med")).when(use_kind).then(pl.col("med_kind"))
+    mad = pl.when(use_fine).then(pl.col("mad")).when(use_kind).then(pl.col("mad_kind"))
+    floor = MIN_RELATIVE_SPREAD * med.abs()
+    if counts:
+        floor = pl.max_horizontal(floor, med.abs().sqrt())
+    spread = pl.max_horizontal(mad / 0.6745, floor)
     x = pl.col(value).cast(pl.Float64)
-    n_fine = pl.len().over(same_weekday)
-    n_kind = pl.len().over(same_kind)
-    return df.with_columns(
-        pl.when(n_fine >= MIN_BASELINE)
-        .then(_robust_z(x, same_weekday))
-        .when(n_kind >= MIN_BASELINE)
-        .then(_robust_z(x, same_kind))
-        .alias("z"),
-        pl.when(n_fine >= MIN_BASELINE)
-        .then(x.median().over(same_weekday))
-        .when(n_kind >= MIN_BASELINE)
-        .then(x.median().over(same_kind))
-        .alias("usual"),
-        pl.when(n_fine >= MIN_BASELINE)
+    return out.with_columns(
+        pl.when(spread > 0).then((x - med) / spread).alias("z" + suffix),
+        med.alias("usual" + suffix),
+        pl.when(use_fine)
         .then(pl.lit("same weekday"))
-        .when(n_kind >= MIN_BASELINE)
+        .when(use_kind)
         .then(pl.lit("same kind of day"))
-        .alias("basis"),
+        .alias("basis" + suffix),
+    ).drop("_id", "med", "n", "mad", "med_kind", "n_kind", "mad_kind")
+
+
+def _zero_days(t: pl.DataFrame) -> pl.DataFrame:
+    """Tenant-days with no requests, from each tenant's first day on, on days the lake has
+    requests at all: a tenant going silent had no row, so it was never judged (days with
+    no requests from anyone are a collection gap, not a tenant's silence)."""
+    if t.height == 0:
+        return t
+    days = t.select("day").unique()
+    first = t.group_by("tenant").agg(pl.col("day").min().alias("first_day"))
+    grid = first.join(days, how="cross").filter(pl.col("day") >= pl.col("first_day"))
+    filled = grid.select("day", "tenant").join(t, on=["day", "tenant"], how="left")
+    # a zero-request day costs 0 where the tenant's costs are known at all
+    known = t.group_by("tenant").agg(pl.col("cost").is_not_null().any().alias("known"))
+    return (
+        filled.join(known, on="tenant")
+        .with_columns(
+            pl.col("requests").fill_null(0),
+            pl.when(pl.col("known")).then(pl.col("cost").fill_null(0.0)).otherwise(pl.col("cost")),
+        )
+        .drop("known")
+        .select(t.columns)
     )
 
 
@@ -553,35 +657,58 @@ def _anomalies(
             + pl.col("hour").dt.hour().cast(pl.Int32)
         ).alias("hour_of_week"),
     )
-    s = _like_with_like(s, "requests", ["hour_of_week"], ["weekend", "hour_of_day"])
-    s = s.filter(in_week)
+    s = _judge(s, in_week, "requests", ["hour_of_week"], ["weekend", "hour_of_day"], counts=True)
     hours = s.filter(pl.col("z").abs() > Z_THRESHOLD).sort(pl.col("z").abs(), descending=True)
     t = sql(
         db,
         f"""SELECT CAST(hour AS DATE) AS day, coalesce(tenant, '(none)') AS tenant,
-                   sum(cost_allocation) AS cost, count(*) AS requests
+                   {fc._known("cost_allocation")} AS cost, count(*) AS requests
             FROM marts.request_costs
             WHERE hour >= TIMESTAMPTZ '{(per.start - dt.timedelta(weeks=HISTORY_WEEKS)).isoformat()}'
               AND hour < TIMESTAMPTZ '{per.end.isoformat()}'
             GROUP BY ALL""",
     ).pl()
+    t = _zero_days(t)
     t = t.with_columns(
         pl.col("day").dt.weekday().alias("weekday"),
         (pl.col("day").dt.weekday() >= 6).alias("weekend"),
     )
-    t = _like_with_like(t, "cost", ["tenant", "weekday"], ["tenant", "weekend"])
-    t = t.filter(pl.col("day") >= per.start.date())
-    tenants = t.filter(pl.col("z").abs() > Z_THRESHOLD).sort(pl.col("z").abs(), descending=True)
+    # a tenant-day is judged on its cost and on its request count: costs of a steady
+    # tenant swing by a third from day to day, so a tenant gone silent ($0) was within
+    # its cost's noise, while its request count falls far outside its own
+    t_week = pl.col("day") >= per.start.date()
+    by_requests = _judge(
+        t,
+        t_week,
+        "requests",
+        ["tenant", "weekday"],
+        ["tenant", "weekend"],
+        counts=True,
+        suffix="_requests",
+    ).select("day", "tenant", "z_requests", "usual_requests")
+    t = _judge(t, t_week, "cost", ["tenant", "weekday"], ["tenant", "weekend"]).join(
+        by_requests, on=["day", "tenant"], how="left"
+    )
+    tenants = t.filter(
+        (pl.col("z").abs() > Z_THRESHOLD) | (pl.col("z_requests").abs() > Z_THRESHOLD)
+    ).sort(pl.max_horizontal(pl.col("z").abs(), pl.col("z_requests").abs()), descending=True)
     unjudged_hours = s.filter(pl.col("basis").is_null())
     unjudged_days = t.filter(pl.col("basis").is_null())
     return {
-        "method": f"robust z-score 0.6745 (x - median) / MAD > {Z_THRESHOLD} over up to "
-        f"{HISTORY_WEEKS + 1} weeks; hours vs the same hour of week, tenants' daily cost vs "
-        f"their same weekday; with fewer than {MIN_BASELINE} of those, vs the same kind of day "
+        "method": f"robust z-score |x - median| / max(MAD / 0.6745, "
+        f"{MIN_RELATIVE_SPREAD:.0%} of the median, and sqrt(median) for request counts) > "
+        f"{Z_THRESHOLD} over up to "
+        f"{HISTORY_WEEKS + 1} weeks, each item against the others (itself left out); hours "
+        f"vs the same hour of week, tenants' daily cost and request count vs their same "
+        f"weekday; with fewer than {MIN_BASELINE} of those, vs the same kind of day "
         f"only (weekend vs weekend, weekday vs weekday), never a mix of both; with fewer than "
         f"{MIN_BASELINE} of those either, too little history to judge",
         "hours": _records(hours.select("hour", "requests", "usual", "z").head(20)),
-        "tenants": _records(tenants.select("day", "tenant", "cost", "usual", "z").head(20)),
+        "tenants": _records(
+            tenants.select(
+                "day", "tenant", "cost", "usual", "z", "requests", "usual_requests", "z_requests"
+            ).head(20)
+        ),
         "not_judged": {
             "hours": unjudged_hours.height,
             "tenant_days": unjudged_days.height,
@@ -712,8 +839,10 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     from finops.models.simulate import Levers, Simulator, headline
 
     db = week_connection(finops.db.lake_dir(db), per)
-    sim = Simulator.from_lake(db)
-    h = headline(db, 5.0, simulator=sim)
+    # the report week itself: the default (the lake's latest whole week) is another week
+    # when the report is for an older or a partial one
+    sim = Simulator.from_lake(db, per=per)
+    h = headline(db, 5.0, simulator=sim, per=per)
     fixed = sim.plan(1.0, Levers(autoscale=False)).totals
     auto = sim.plan(1.0, Levers(autoscale=True)).totals
     return {
@@ -744,43 +873,95 @@ def pct(x: float | None, digits: int = 0) -> str:
     return "n/a" if x is None else f"{100 * x:.{digits}f}%"
 
 
-def change(x: float | None) -> str:
-    return "" if x is None else f" ({signed_pct(x)} vs previous week)"
+def change(x: float | None, vs: str = "previous week") -> str:
+    return "" if x is None else f" ({signed_pct(x)} vs {vs})"
+
+
+def share_text(x: float | None) -> str:
+    """A share that is not exactly 0 or 1 never reads as 0% or 100% (99.6% idle is not 100%)."""
+    if x is None:
+        return "n/a"
+    if 0.995 <= x < 1 or 0 < x < 0.005:
+        return f"{100 * x:.1f}%"
+    return pct(x)
+
+
+def _unpriced_clause(src: dict[str, Any]) -> str:
+    """What a known but partial bill leaves out (GPU-hours the catalog has no price for)."""
+    h = src.get("unpriced_gpu_hours") or 0.0
+    if not h:
+        return ""
+    models = ", ".join(src.get("unpriced_models") or []) or "some GPUs"
+    n = src.get("unpriced_requests") or 0
+    return (
+        f" It leaves out {h:,.0f} GPU-hours of {models}, which the price catalog has no "
+        f"price for"
+        + (f" (the {n:,} requests they served have an unknown cost)" if n else "")
+        + "."
+    )
 
 
 def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     h = r["headline"]
+    src = r["sources"]
+    vs = r.get("compare_text") or "previous week"
     t: dict[str, str] = {}
-    if h["spend_usd"]["value"] is not None and r["sources"]["gpu_samples"]:
-        t["headline"] = (
-            f"The GPU bill was {usd(h['spend_usd']['value'])}{change(h['spend_usd']['change'])} "
-            f"for {h['requests']['value']:,} requests, {usd(h['usd_per_1k_requests']['value'])} "
-            f"per 1k requests and {usd(h['usd_per_1m_tokens']['value'])} per 1M tokens."
+    if h["spend_usd"]["value"] is not None and src["gpu_samples"]:
+        bill = (
+            f"The GPU bill was {usd(h['spend_usd']['value'])}{change(h['spend_usd']['change'], vs)}"
         )
+        if not h["requests"]["value"]:
+            t["headline"] = f"{bill}; no request logs this week, so there is no cost per request."
+        else:
+            t["headline"] = (
+                f"{bill} for {h['requests']['value']:,} requests, "
+                f"{usd(h['usd_per_1k_requests']['value'])} per 1k requests and "
+                f"{usd(h['usd_per_1m_tokens']['value'])} per 1M tokens."
+            )
+        t["headline"] += _unpriced_clause(src)
     b = r["breakdown"]
-    if b.get("tenant"):
-        top = b["tenant"][0]
-        t["tenant"] = (
-            f"{md_name(top['tenant'])} is the largest tenant at {usd(top['cost'])} "
-            f"({pct(top['share'])} of allocated spend)."
+    for dim in ("tenant", "feature", "tier"):
+        rows = b.get(dim) or []
+        if not rows or rows[0].get("cost") is None:
+            continue
+        top = rows[0]
+        # some rows unknown (their GPUs have no price): shares are of what is priced
+        of = (
+            "of the priced allocated spend"
+            if any(x.get("cost") is None for x in rows)
+            else "of allocated spend"
         )
-    if b.get("feature"):
-        top = b["feature"][0]
-        t["feature"] = (
-            f"{md_name(top['feature'])} costs the most: {usd(top['cost'])}, "
-            f"{usd(top['usd_per_1k_requests'])} per 1k requests."
-        )
-    if b.get("tier"):
-        top = b["tier"][0]
-        t["tier"] = (
-            f"The {md_name(top['tier'])} tier carries {pct(top['share'])} of spend ({usd(top['cost'])})."
-        )
+        if "requests" not in top:  # from the GPU metrics alone (no request logs)
+            t[dim] = (
+                f"The {md_name(top[dim])} tier's GPUs cost {usd(top['cost'])} "
+                f"({pct(top['share'])} of the bill); no request logs to split it further."
+            )
+        elif dim == "tenant":
+            t[dim] = (
+                f"{md_name(top['tenant'])} is the largest tenant at {usd(top['cost'])} "
+                f"({pct(top['share'])} {of})."
+            )
+        elif dim == "feature":
+            t[dim] = (
+                f"{md_name(top['feature'])} costs the most: {usd(top['cost'])}, "
+                f"{usd(top['usd_per_1k_requests'])} per 1k requests."
+            )
+        else:
+            t[dim] = (
+                f"The {md_name(top['tier'])} tier carries {pct(top['share'])} {of} "
+                f"({usd(top['cost'])})."
+            )
     idle = r["idle"]
     if idle["troughs"]:
         tr = idle["troughs"][0]
+        cost = (
+            usd(idle["idle_cost"])
+            if idle["idle_cost"] is not None
+            else "its cost unknown: no GPU price"
+        )
         t["idle"] = (
-            f"{pct(idle['idle_share'])} of GPU time was idle ({usd(idle['idle_cost'])}); the "
-            f"deepest trough is {tr['hour_of_day']:02d}:00 UTC at {pct(tr['idle_share'])} idle."
+            f"{share_text(idle['idle_share'])} of GPU time was idle ({cost}); the deepest "
+            f"trough is {tr['hour_of_day']:02d}:00 UTC at {share_text(tr['idle_share'])} idle."
         )
     g = r.get("growth") or {}
     if g.get("autoscaling") and g["autoscaling"].get("saved_usd") is not None:
@@ -791,43 +972,86 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             f"saving {usd(a['saved_usd'])}."
         )
     c = r["cache"]
-    if c["layers"] and c["saved_usd"] is None and c["potential_usd"] is None:
+    no_logs = src["gpu_samples"] and not src["requests"]
+    if no_logs:
+        t["cache"] = "Cache savings are unknown: no request logs this week."
+        t["leakage"] = "Leakage is unknown: no request logs this week."
+    elif c["layers"] and c["saved_usd"] is None and c["potential_usd"] is None:
         t["cache"] = (
-            "Cache savings are unknown: no GPU data this week to price the tokens the caches "
-            "avoided."
+            "Cache savings are unknown: no priced GPU data this week to price the tokens the "
+            "caches avoided."
         )
     elif c["layers"]:
         best = max(c["layers"], key=lambda x: x["usd_saved"] or 0)
+        # cache lines are marginal (the GPU busy time the tokens take); the leakage line
+        # for the same duplicates is their allocated cost, idle capacity included
         t["cache"] = (
-            f"Caches saved {usd(c['saved_usd'])}; a response cache on the duplicates would save "
-            f"{usd(c['potential_usd'])} more (largest line: {md_name(best['layer'])}, {usd(best['usd_saved'])})."
+            f"Caches saved {usd(c['saved_usd'])} of GPU busy time; a response cache on the "
+            f"duplicates would save {usd(c['potential_usd'])} more (largest line: "
+            f"{md_name(best['layer'])}, {usd(best['usd_saved'])}). These are the marginal "
+            "cost of the tokens avoided; the leakage figures below are allocated cost, idle "
+            "capacity included."
         )
     lk = r["leakage"]
-    if lk["categories"] and lk["leak_usd"] is None:
-        t["leakage"] = "Leakage cost is unknown: no GPU data this week for the leaked requests."
+    if no_logs:
+        pass
+    elif lk["categories"] and lk["leak_usd"] is None:
+        t["leakage"] = (
+            "Leakage cost is unknown: no priced GPU data this week for the leaked requests."
+        )
     elif lk["categories"]:
         t["leakage"] = (
-            f"Leakage cost {usd(lk['leak_usd'])}: failed and retried work {usd(lk['failed_usd'])}, "
-            f"duplicates {usd(lk['duplicates_usd'])}; capping each feature's context at its p90 would save "
-            f"{usd(lk['context_usd'])}."
+            f"Leakage cost {usd(lk['leak_usd'])} of allocated spend (idle capacity included): "
+            f"failed and retried work {usd(lk['failed_usd'])}, duplicates "
+            f"{usd(lk['duplicates_usd'])}; capping each feature's context at its p90 would "
+            f"save {usd(lk['context_usd'])}."
         )
     ro = r["router"]
     if ro.get("saved_usd") is not None:
+        # a counterfactual on busy time: on a fixed fleet it is capacity freed, which
+        # becomes money only when the fleet shrinks to match (see autoscaling)
         t["router"] = (
-            f"Routing saved {usd(ro['saved_usd'])} of GPU busy time ({pct(ro['saved_share'])}) "
-            f"vs sending all {ro['routed_requests']:,} routed requests to "
-            f"{md_name(ro['reference_tier'])}"
+            f"Routing kept {usd(ro['saved_usd'])} of GPU busy time ({pct(ro['saved_share'])}) "
+            f"off {md_name(ro['reference_tier'])}: the {ro['routed_requests']:,} routed "
+            f"requests took {usd(ro['routed_usd'])} of busy time where all on "
+            f"{md_name(ro['reference_tier'])} would have taken {usd(ro['all_large_usd'])}. "
+            "On a fixed fleet that is capacity freed, not yet money saved."
+        )
+    elif ro.get("routed_requests"):
+        t["router"] = (
+            f"{ro['routed_requests']:,} requests were routed; what routing saved is unknown: "
+            "it needs priced GPU data for at least two tiers this week."
+        )
+    if ro.get("quality_estimate") is not None and ro.get("artifact"):
+        # the --router artifact replayed on the week: its own figures, never mixed with
+        # the logged routers' saving above (a different router served the week)
+        rep = ro.get("replay") or {}
+        version = ro["artifact"].get("version") or "?"
+        served = version in (ro.get("logged_versions") or [])
+        saved = rep.get("saved_usd")
+        t["router_replay"] = (
+            f"The router given with --router ({md_name(version)}), replayed on this week's "
+            f"{rep.get('requests') or 0:,} requests, would keep an estimated "
+            f"{pct(ro['quality_estimate'], 1)} of quality"
+            + (f" and save {usd(saved)}" if saved is not None else "")
+            + "; "
             + (
-                f", at an estimated quality of {pct(ro['quality_estimate'], 1)}."
-                if ro.get("quality_estimate") is not None
-                else "."
+                "it is the router that served this week."
+                if served
+                else "it did not serve this week (logged: "
+                + (", ".join(md_name(v) for v in ro.get("logged_versions") or []) or "none")
+                + ")."
             )
         )
     an = r["anomalies"]
-    t["anomalies"] = (
-        f"{len(an['hours'])} hours and {len(an['tenants'])} tenant-days were far off their "
-        "usual (robust z > 3.5)."
-    )
+    if not src["requests"]:
+        t["anomalies"] = "Anomalies not judged: no requests this week."
+        an = {**an, "not_judged": {}}
+    else:
+        t["anomalies"] = (
+            f"{len(an['hours'])} hours and {len(an['tenants'])} tenant-days were far off "
+            f"their usual (robust |z| > {Z_THRESHOLD})."
+        )
     nj = an.get("not_judged") or {}
     if nj.get("hours") or nj.get("tenant_days"):
         t["anomalies"] += (
@@ -875,18 +1099,56 @@ def _findings(r: dict[str, Any]) -> list[str]:
     if a.get("saved_usd"):
         cand.append((a["saved_usd"], r["takeaways"].get("autoscaling", "")))
     for x in r["anomalies"]["tenants"][:1]:
-        cand.append(
-            (
-                abs(x["cost"] - (x["usual"] or 0)),
-                f"Anomaly: {md_name(x['tenant'])} spent {usd(x['cost'])} on {x['day']} vs a usual "
-                f"{usd(x['usual'])} (z = {x['z']:.1f}).",
+        zc, zr = abs(x.get("z") or 0.0), abs(x.get("z_requests") or 0.0)
+        gap = abs((x["cost"] or 0.0) - (x["usual"] or 0.0))
+        if zc >= zr:
+            text = (
+                f"Anomaly: {md_name(x['tenant'])} spent {usd(x['cost'])} on {x['day']} vs a "
+                f"usual {usd(x['usual'])} (z = {x['z']:.2f})."
             )
-        )
+        else:  # its request count is what stands out (a tenant gone silent, a flood)
+            text = (
+                f"Anomaly: {md_name(x['tenant'])} sent {x['requests']:,} requests on "
+                f"{x['day']} vs a usual {x['usual_requests']:,.0f} (z = {x['z_requests']:.2f})."
+            )
+        cand.append((gap, text))
     cand.sort(key=lambda x: -x[0])
     return [s for _, s in cand if s]
 
 
 # ----------------------------------------------------------------------------- entry point
+
+
+def check_lake_folder(path: Path) -> None:
+    """A lake folder that exists and, unless empty, holds lake tables: a wrong --lake (a
+    report folder, the project root) gave a full report of n/a instead of an error."""
+    from finops.schemas import TABLES
+
+    if not path.exists():
+        raise ReportError(f"{path}: lake folder not found")
+    if not path.is_dir():
+        raise ReportError(f"{path}: not a lake folder (it is a file)")
+    entries = [e for e in path.iterdir() if not e.name.startswith(".")]
+    if entries and not any(e.is_dir() and e.name in TABLES for e in entries):
+        raise ReportError(
+            f"{path}: not a finops lake (no table folder such as requests/ or gpu_samples/ "
+            "in it); give --lake the folder finops collect or finops demo writes"
+        )
+
+
+def _compare_span(src: dict[str, Any], per: fc.Period, prev: fc.Period) -> fc.Period:
+    """The comparison period: the whole week before, or, when the lake ends inside the
+    report week, the same first hours of it (48 hours against 168 read as a 70% drop)."""
+    last = src.get("lake_last_hour")
+    assert per.start is not None and per.end is not None and prev.start is not None
+    if last is None:
+        return prev
+    end = dt.datetime.fromisoformat(last) + dt.timedelta(hours=1)
+    if not per.start < end < per.end:
+        return prev
+    span = end - per.start
+    hours = span / dt.timedelta(hours=1)
+    return fc.Period(prev.start, prev.start + span, f"{prev.label} (first {hours:.0f} hours)")
 
 
 def compute(
@@ -912,13 +1174,12 @@ def compute(
     try:
         prev_per = fc.period(prev_label)
     except fc.CostError as exc:
-        raise ReportError(f"compare_to: {exc}") from None
+        raise ReportError(f"compare_to (--compare-to): {exc}") from None
     artifact = load_artifact(router) if router is not None else None
     if isinstance(lake, duckdb.DuckDBPyConnection):
         db = lake
     else:
-        if not Path(lake).exists():
-            raise ReportError(f"{lake}: lake folder not found")
+        check_lake_folder(Path(lake))
         db = finops.connect(lake)
     quiet(db)
     timings: dict[str, float] = {}
@@ -944,34 +1205,51 @@ def compute(
     }
     r["sources"] = _sources(db, per)
     cur = _week_numbers(db, per)
-    prev = _week_numbers(db, prev_per)
+    span = _compare_span(r["sources"], per, prev_per)
+    prev = _week_numbers(db, span)
     r["sources"]["previous_week"] = prev is not None
+    r["compare_text"] = prev_per.label
+    if span is not prev_per and prev is not None:
+        hours = f"{span.hours:.0f}"
+        r["compare_text"] = f"the same first {hours} hours of {prev_per.label}"
+        r["sources"]["missing"].append(
+            f"The lake ends {hours} hours into {per.label}: changes compare them with the "
+            f"first {hours} hours of {prev_per.label}."
+        )
     if prev is None:
         r["sources"]["missing"].append(
             f"No data for the comparison week {prev_per.label}: changes are not shown."
         )
     if cur is None:
-        r["sources"]["missing"].insert(0, f"The lake holds no data for {per.label}.")
+        first, last = r["sources"]["lake_first_hour"], r["sources"]["lake_last_hour"]
+        held = (
+            f" (it holds {first[:10]} to {last[:10]} UTC)"
+            if first and last
+            else " (it holds no requests or GPU metrics at all)"
+        )
+        r["sources"]["missing"].insert(0, f"The lake holds no data for {per.label}{held}.")
     r["headline"] = _headline(cur, prev)
     r["headline"]["util_signal"] = r["sources"]["util_signal"]
     step("headline")
     empty = cur is None
     r["breakdown"] = {} if empty else _breakdowns(db, per)
     r["idle"] = _idle(db, per)
+    # no request logs: what caches saved and what leaked are unknown (None), not $0
+    no_logs = empty or not r["sources"]["requests"]
     r["cache"] = (
-        {"layers": [], "saved_usd": 0.0, "potential_usd": 0.0} if empty else _cache(db, per)
+        {"layers": [], "saved_usd": None, "potential_usd": None} if no_logs else _cache(db, per)
     )
     r["leakage"] = (
         {
             "categories": [],
-            "leak_usd": 0.0,
-            "duplicates_usd": 0.0,
-            "retries_usd": 0.0,
-            "failed_usd": 0.0,
+            "leak_usd": None,
+            "duplicates_usd": None,
+            "retries_usd": None,
+            "failed_usd": None,
             "context": [],
-            "context_usd": 0.0,
+            "context_usd": None,
         }
-        if empty
+        if no_logs
         else _leakage(db, per)
     )
     step("sections")

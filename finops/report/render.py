@@ -46,8 +46,10 @@ def _fmt(v: Any, col: str) -> str:
     if isinstance(v, float):
         if col in ("share", "touched_share", "idle_share") or col.endswith("_share"):
             return f"{100 * v:.1f}%"
-        if col == "z":
-            return f"{v:.1f}"
+        if col in ("z", "z_requests"):
+            return f"{v:.2f}"  # 3.5 is the threshold: a flagged 3.504 must not read 3.5
+        if col == "usual_requests":
+            return f"{v:,.0f}"
         if "cost" in col or "usd" in col or col in ("usual",):
             return f"${v:,.2f}"
         return f"{v:,.2f}"

@@ -244,8 +244,11 @@ SELECT
 FROM hours;
 
 -- One row per tier per hour: the cost pool that requests of that tier-hour share.
--- GPUs without a price are counted in unpriced_gpu_hours and cost nothing here
--- (finops.costs states them as a missing source).
+-- GPUs without a price are counted in unpriced_gpu_hours. A tier-hour none of whose GPUs
+-- has a price has an unknown cost (NULL), as one without GPU data has: its requests get
+-- NULL cost and finops.costs counts them as unpriced, so a tier on an unpriced GPU model
+-- never reads as $0 per request. One partly priced sums the priced GPUs (finops.costs
+-- states the unpriced GPU-hours as a missing source).
 CREATE OR REPLACE VIEW marts.tier_cost_hourly AS
 SELECT
     hour, tier,
@@ -254,9 +257,12 @@ SELECT
     sum(gpu_hours) FILTER (usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
     sum(busy_gpu_hours) AS busy_gpu_hours,
     sum(idle_gpu_hours) AS idle_gpu_hours,
-    coalesce(sum(gpu_cost), 0.0::DOUBLE) AS gpu_cost,
-    coalesce(sum(busy_cost), 0.0::DOUBLE) AS busy_cost,
-    coalesce(sum(idle_cost), 0.0::DOUBLE) AS idle_cost,
+    CASE WHEN count(usd_per_gpu_hour) > 0 THEN coalesce(sum(gpu_cost), 0.0::DOUBLE) END
+        AS gpu_cost,
+    CASE WHEN count(usd_per_gpu_hour) > 0 THEN coalesce(sum(busy_cost), 0.0::DOUBLE) END
+        AS busy_cost,
+    CASE WHEN count(usd_per_gpu_hour) > 0 THEN coalesce(sum(idle_cost), 0.0::DOUBLE) END
+        AS idle_cost,
     sum(sm_active * gpu_hours) / nullif(sum(gpu_hours) FILTER (sm_active IS NOT NULL), 0) AS sm_active,
     sum(gpu_util * gpu_hours) / nullif(sum(gpu_hours) FILTER (gpu_util IS NOT NULL), 0) AS gpu_util
 FROM marts.gpu_cost_hourly
