@@ -517,9 +517,8 @@ def test_router_artifact_adds_quality_and_drift(demo_lake: Path, tmp_path: Path)
     t = full["takeaways"]
     assert "quality" not in t["router"] and r["logged_versions"]
     assert r["artifact"]["version"] not in r["logged_versions"]
-    assert f"would keep an estimated {100 * r['quality_estimate']:.1f}% of quality" in (
-        t["router_replay"]
-    )
+    quality = f"would keep an estimated {100 * r['quality_estimate']:.1f}% of quality"
+    assert quality in t["router_replay"]
     assert "it did not serve this week (logged: " in t["router_replay"]
     # the report week's own requests (was: the lake's last 7 days, whatever the week)
     db = finops.connect(demo_lake)
