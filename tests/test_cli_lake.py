@@ -93,6 +93,24 @@ def test_sql_csv_and_json(small_lake: Path) -> None:
     assert table.exit_code == 0 and "r-16-0-0" in table.stdout
 
 
+def test_sql_csv_writes_nested_values_as_json(small_lake: Path) -> None:
+    """A list or struct column (list(...), SHOW ALL TABLES) ended the CSV in a 40-line
+    traceback ("CSV format does not support nested data"); it is JSON text in its cell."""
+    q = (
+        "SELECT 'a' AS k, [1, 2] AS xs, {'n': 1, 'tags': ['x']} AS s, NULL::INT[] AS none "
+        "FROM requests LIMIT 1"
+    )
+    res = runner.invoke(app, ["sql", q, "--lake", str(small_lake), "--format", "csv"])
+    assert res.exit_code == 0, res.output
+    row = pl.read_csv(res.stdout.encode()).row(0, named=True)
+    assert row["k"] == "a" and json.loads(row["xs"]) == [1, 2]
+    assert json.loads(row["s"]) == {"n": 1, "tags": ["x"]} and row["none"] is None
+    tables = runner.invoke(
+        app, ["sql", "SHOW ALL TABLES", "--lake", str(small_lake), "--format", "csv"]
+    )
+    assert tables.exit_code == 0 and "Traceback" not in tables.output
+
+
 @pytest.mark.parametrize(
     ("query", "needle"),
     [("SELEC 1", "syntax error"), ("SELECT * FROM no_such_table", "no_such_table")],

@@ -84,6 +84,18 @@ def print_frame(df: Any, fmt: str = "table", *, title: str | None = None) -> Non
     import polars as pl
 
     if fmt == "csv":
+        # CSV has no nested values: a list or struct column (list(...), SHOW ALL TABLES)
+        # is written as JSON text in its cell, not a traceback
+        nested = [c for c, t in zip(df.columns, df.dtypes, strict=True) if t.is_nested()]
+        if nested:
+            df = df.with_columns(
+                pl.Series(
+                    c,
+                    [None if v is None else json.dumps(v, default=str) for v in df[c].to_list()],
+                    dtype=pl.String,
+                )
+                for c in nested
+            )
         sys.stdout.write(df.write_csv())
         return
     if fmt == "json":
