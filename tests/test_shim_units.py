@@ -1046,3 +1046,17 @@ def test_replica_silence_counts_only_time_holding_requests_since_the_last_answer
     up.awaiting(9000.0)
     up.answered(9000.25)
     assert up.silence(9999.0) == 0.0
+
+
+def test_errors_name_a_server_shared_by_tiers_for_all_of_them():
+    """One vLLM serving two tiers' models: a `mid` request's failure was reported as
+    "`small` replica 1" (the URL was named for the first tier that listed it)."""
+    from finops.shim.upstreams import Pool
+
+    cfg = from_flags(["small=http://a:1", "mid=http://a:1", "large=http://b:2"])
+    pool = Pool(cfg)
+    said = pool.public("upstream http://a:1 answered 500; http://b:2 refused")
+    assert (
+        said
+        == "upstream `small` replica 1 = `mid` replica 1 answered 500; `large` replica 1 refused"
+    )

@@ -256,10 +256,13 @@ class Pool:
             self.tiers[name] = reps
         self.order = list(self.tiers)
         self._turns: dict[str, int] = {}  # per tier: rotates its equally loaded replicas
-        names: dict[str, str] = {}
+        # a server several tiers share (one vLLM serving two model names) is named for
+        # all of them: named for the first only, a `mid` failure read as `small`'s
+        held: dict[str, list[str]] = {}
         for name, reps in self.tiers.items():
             for k, u in enumerate(reps, 1):
-                names.setdefault(u.url, f"`{name}` replica {k}")
+                held.setdefault(u.url, []).append(f"`{name}` replica {k}")
+        names = {url: " = ".join(dict.fromkeys(n)) for url, n in held.items()}
         # longest first: no URL is replaced inside a longer one it is the start of
         self._public = sorted(names.items(), key=lambda kv: -len(kv[0]))
 
