@@ -344,6 +344,16 @@ def test_empty_week_gives_a_report_that_says_what_is_missing(
     assert pl.read_csv(paths.focus_csv).columns == list(COLUMNS)
 
 
+def test_the_report_kernel_prints_no_warning(
+    demo_lake: Path, tmp_path: Path, capfd: pytest.CaptureFixture[str]
+) -> None:
+    """The notebook's kernel ran over loopback TCP without encryption, and every `finops
+    report` and `finops demo` printed ipykernel's eavesdropping warning to the user."""
+    build_report(demo_lake, "2026-W40", tmp_path, growth=False)
+    err = capfd.readouterr().err
+    assert "without encryption" not in err and "WARNING" not in err
+
+
 def test_a_relative_out_folder_works(
     demo_lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

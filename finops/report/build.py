@@ -108,8 +108,25 @@ def execute_notebook(
         kernel_name="python3",
         progress_bar=False,
         cwd=str(out_dir),
+        kernel_manager_class=_local_kernel_manager(out_dir),
     )
     return executed
+
+
+def _local_kernel_manager(folder: Path) -> type:
+    """A kernel manager talking to its kernel over Unix sockets in `folder`.
+
+    The default, TCP on loopback without encryption, made every `finops report` and
+    `finops demo` print ipykernel's warning that the traffic "is susceptible to
+    eavesdropping"; a socket file only this user can open has nothing to warn about.
+    """
+    from jupyter_client import AsyncKernelManager
+
+    class LocalKernelManager(AsyncKernelManager):
+        def __init__(self, **kw: Any) -> None:
+            super().__init__(transport="ipc", ip=str(folder / "kernel"), **kw)
+
+    return LocalKernelManager
 
 
 def build_report(
