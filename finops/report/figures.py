@@ -972,7 +972,7 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             f"saving {usd(a['saved_usd'])}."
         )
     c = r["cache"]
-    no_logs = src["gpu_samples"] and not src["requests"]
+    no_logs = src["gpu_samples"] and not src.get("requests", True)
     if no_logs:
         t["cache"] = "Cache savings are unknown: no request logs this week."
         t["leakage"] = "Leakage is unknown: no request logs this week."
@@ -1044,7 +1044,7 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             )
         )
     an = r["anomalies"]
-    if not src["requests"]:
+    if not src.get("requests", True):
         t["anomalies"] = "Anomalies not judged: no requests this week."
         an = {**an, "not_judged": {}}
     else:
