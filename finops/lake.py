@@ -473,6 +473,24 @@ def validate(
                 )
             )
         )
+    for name, values in schema.allowed.items():
+        flag = f"__notallowed_{name}"
+        wrong = (~out[name].is_in(list(values))).fill_null(False)
+        if not wrong.any():
+            continue
+        flagged = True
+        checks[flag] = wrong
+        checks[f"__allowedval_{name}"] = out[name].str.slice(0, 60)
+        reason_exprs.append(
+            pl.when(pl.col(flag)).then(
+                pl.format(
+                    "field '{}': expected one of {}, got '{}'",
+                    pl.lit(name),
+                    pl.lit(", ".join(values)),
+                    pl.col(f"__allowedval_{name}"),
+                )
+            )
+        )
     ts_col = schema.ts_column
     if schema.name != REJECTS.name:
         ts = out[ts_col]

@@ -22,7 +22,8 @@ class TableSchema:
 
     `key` names the columns that identify a row: loading the same row twice
     yields the same key, so clean views keep one. `required` columns must be
-    non-null; `non_negative` numeric columns must be >= 0. `ts_column` is the
+    non-null; `non_negative` numeric columns must be >= 0; `allowed` columns must hold
+    one of their listed values (or be null where not required). `ts_column` is the
     event time that picks the `date=` partition.
     """
 
@@ -32,6 +33,9 @@ class TableSchema:
     required: tuple[str, ...]
     ts_column: str = "ts"
     non_negative: tuple[str, ...] = ()
+    # columns whose value must be one of a fixed set (the marts match on them: a typo
+    # such as event "hitt" would load and never be counted)
+    allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
     doc: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -159,7 +163,7 @@ CACHE_EVENTS = TableSchema(
         "event_id": pl.String,
         "ts": TS,
         "source": pl.String,
-        "layer": pl.String,  # vllm_prefix | shim_response | generic
+        "layer": pl.String,  # vllm_prefix | shim_response | generic | a generic log's own name
         "event": pl.String,  # hit | miss | store | evict
         "tenant": pl.String,
         "tier": pl.String,
@@ -170,6 +174,9 @@ CACHE_EVENTS = TableSchema(
     },
     key=("event_id",),
     required=("event_id", "ts", "layer", "event"),
+    # layer is open (a generic log names its own cache: redis, cdn, ...); the event kinds
+    # are what the views count
+    allowed={"event": ("hit", "miss", "store", "evict")},
     non_negative=("tokens", "requests"),
 )
 

@@ -87,6 +87,8 @@ def test_generic_cache_log_native_columns(lake: Lake, tmp_path: Path) -> None:
         {"ts": "2026-11-16T10:00:01Z", "event": "miss", "tokens": 0, "tenant": "acme"},
         {"ts": "2026-11-16T10:00:02Z", "layer": "redis", "event": "hit", "tokens": -3},
         {"ts": "2026-11-16T10:00:03Z", "layer": "redis", "tokens": 7, "event": None},
+        # a typo'd event kind loaded and was never counted: refused, naming the kinds
+        {"ts": "2026-11-16T10:00:03.5Z", "layer": "redis", "tokens": 7, "event": "hitt"},
         {
             "ts": "2026-11-16T10:00:04Z",
             "layer": "redis",
@@ -97,7 +99,7 @@ def test_generic_cache_log_native_columns(lake: Lake, tmp_path: Path) -> None:
     ]
     write_jsonl(log, recs)
     report = ingest_cache_events(log, lake)
-    assert (report.read, report.loaded, report.rejected) == (5, 3, 2)
+    assert (report.read, report.loaded, report.rejected) == (6, 3, 3)
     got = q(lake, "SELECT * FROM cache_events ORDER BY ts").to_dicts()
     assert [g["layer"] for g in got] == ["redis", "generic", "redis"]
     assert [g["tokens"] for g in got] == [512, 0, 64]
@@ -106,6 +108,10 @@ def test_generic_cache_log_native_columns(lake: Lake, tmp_path: Path) -> None:
     reasons = q(lake, "SELECT location, reason FROM rejects ORDER BY location").to_dicts()
     assert reasons[0]["location"] == f"{log}:3" and "tokens" in reasons[0]["reason"]
     assert reasons[1]["location"] == f"{log}:4" and "'event'" in reasons[1]["reason"]
+    assert reasons[2]["location"] == f"{log}:5"
+    assert (
+        reasons[2]["reason"] == "field 'event': expected one of hit, miss, store, evict, got 'hitt'"
+    )
     ids = [g["event_id"] for g in got]
     ingest_cache_events(log, lake)
     assert q(lake, "SELECT event_id FROM cache_events ORDER BY ts")["event_id"].to_list() == ids
