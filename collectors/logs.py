@@ -197,7 +197,9 @@ def plan_for(
     if fmt != "jsonl":
         raise MappingError(
             f"{path}: a {fmt.upper()} file needs --mapping (shipped mappings: "
-            f"{', '.join(shipped_mappings())}; or write one, see `finops ingest --help`)"
+            f"{', '.join(shipped_mappings())}; or write a TOML mapping of your columns, as "
+            f"{next(iter(shipped_mappings().values()), 'the shipped ones')} does: README, "
+            "'Any CSV/JSONL/Parquet loads with a TOML column mapping')"
         )
     records = _first_records(path)
     if not records:

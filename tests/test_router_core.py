@@ -283,13 +283,15 @@ def test_overwrite_only_replaces_artifacts(rule_artifact, tmp_path: Path) -> Non
         evaluation={},
         drift={},
     )
-    with pytest.raises(ArtifactError, match="not empty"):
-        write_artifact(other, res.pipeline, **kw)
+    with pytest.raises(ArtifactError, match=r"not empty; choose a new directory$"):
+        write_artifact(other, res.pipeline, **kw)  # not an artifact: no --force hint
     with pytest.raises(ArtifactError, match="not a router artifact"):
         write_artifact(other, res.pipeline, overwrite=True, **kw)
     assert (other / "keep.txt").read_text() == "mine"
     a = write_artifact(tmp_path / "a", res.pipeline, **kw)
     v1 = load_router(a).version
+    with pytest.raises(ArtifactError, match=r"replace the router artifact there: --force"):
+        write_artifact(a, res.pipeline, **kw)  # an artifact: the error says how to replace it
     write_artifact(a, res.pipeline, overwrite=True, created="2030-01-01T00:00:00Z", **kw)
     assert load_router(a).version != v1 and sorted(p.name for p in a.iterdir()) == [
         "manifest.json",

@@ -191,6 +191,21 @@ def test_ips_by_hand_on_a_tiny_log() -> None:
     assert s["snips"] == pytest.approx(24 / 11)
 
 
+def test_intervals_stay_within_what_the_estimate_can_be() -> None:
+    """A rare error (one 1 among zeros) had a SNIPS interval below 0 ([-0.004, 0.018] in
+    the README walk-through): a weighted mean of 0/1 outcomes lies in [0, 1]."""
+    n = 40
+    logged = ["small"] * n
+    p = [0.5] * n
+    y = [0.0] * (n - 1) + [1.0]
+    r = ips_estimate(logged, p, logged, y)
+    lo, hi = r["snips_ci"]
+    assert lo == 0.0 and 0 < r["snips"] < hi <= 1.0
+    assert r["ips_ci"][0] == 0.0  # outcomes >= 0: IPS is >= 0 too
+    signed = ips_estimate(logged, p, logged, [-1.0] + [0.0] * (n - 1))
+    assert signed["ips_ci"][0] < 0  # outcomes that can be negative are not clipped at 0
+
+
 def test_estimates_recover_the_candidates_true_mean(routers, explored_lake) -> None:
     lake, truth = explored_lake
     cand = load_router(routers["cand"])

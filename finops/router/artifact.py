@@ -664,7 +664,9 @@ def utc_now() -> str:
     return datetime.now(UTC).replace(microsecond=0).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
-def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> bool:
+def check_out_dir(
+    out: str | os.PathLike[str], *, overwrite: bool = False, replaceable: bool = True
+) -> bool:
     """Refuse an `out` that `write_artifact` could not fill; True when it would replace one.
 
     Cheap, so `train` calls it before fitting: a wrong --out fails in a second, not after
@@ -675,7 +677,14 @@ def check_out_dir(out: str | os.PathLike[str], *, overwrite: bool = False) -> bo
         raise ArtifactError(f"{out}: exists and is not a directory; choose a new directory")
     if out.is_dir() and any(out.iterdir()):
         if not overwrite:
-            raise ArtifactError(f"{out}: exists and is not empty; choose a new directory")
+            # `replaceable`: the caller can overwrite (train's --force); say so when it
+            # would work, i.e. the folder holds a router artifact
+            hint = (
+                " (or replace the router artifact there: --force, overwrite=True)"
+                if replaceable and (out / MANIFEST_FILE).is_file()
+                else ""
+            )
+            raise ArtifactError(f"{out}: exists and is not empty; choose a new directory{hint}")
         if not (out / MANIFEST_FILE).is_file():
             raise ArtifactError(f"{out}: not a router artifact; refusing to replace it")
         return True
@@ -858,7 +867,8 @@ def copy_verified(src: str | os.PathLike[str], dst: str | os.PathLike[str]) -> R
     """Verify `src` and copy exactly its listed files to `dst` (atomically); return `dst` loaded."""
     router = load_router(src)
     dst = Path(dst)
-    check_out_dir(dst)  # a file, a path under a file, a non-empty or unwritable directory
+    # a file, a path under a file, a non-empty or unwritable directory (never replaced)
+    check_out_dir(dst, replaceable=False)
     tmp = _staging_dir(dst)
     try:
         for name in [*router.manifest["files"], MANIFEST_FILE]:

@@ -120,15 +120,22 @@ def ips_estimate(
         ess = sw**2 / float((w**2).sum())
     else:
         snips, snips_se, ess = None, math.inf, 0.0
+    # the normal intervals are clipped to what the estimate can be: SNIPS is a weighted
+    # mean of the outcomes, so it lies within their range; IPS of outcomes >= 0 is >= 0
+    # (an error rate's interval read [-0.004, 0.018])
+    lo_y, hi_y = float(y.min()), float(y.max())
+    ips_floor = 0.0 if lo_y >= 0 else -math.inf
     return {
         "n": n,
         "matches": int(match.sum()),
         "ess": float(ess),
         "ips": ips,
-        "ips_ci": [ips - z * ips_se, ips + z * ips_se] if math.isfinite(ips_se) else None,
+        "ips_ci": (
+            [max(ips - z * ips_se, ips_floor), ips + z * ips_se] if math.isfinite(ips_se) else None
+        ),
         "snips": snips,
         "snips_ci": (
-            [snips - z * snips_se, snips + z * snips_se]
+            [max(snips - z * snips_se, lo_y), min(snips + z * snips_se, hi_y)]
             if snips is not None and math.isfinite(snips_se)
             else None
         ),
