@@ -129,6 +129,7 @@ def test_gpu_metrics_without_request_logs(nine_days: Path, tmp_path: Path) -> No
     t = r["takeaways"]
     assert t["cache"] == "Cache savings are unknown: no request logs this week."
     assert t["anomalies"] == "Anomalies not judged: no requests this week."
+    assert t["router"] == "Router impact is unknown: no request logs this week."
     assert "for 0 requests" not in t["headline"] and "no request logs" in t["headline"]
     tiers = {x["tier"]: x for x in r["breakdown"]["tier"]}
     assert set(tiers) == {"small", "mid", "large"}

@@ -1017,6 +1017,8 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             f"{md_name(ro['reference_tier'])} would have taken {usd(ro['all_large_usd'])}. "
             "On a fixed fleet that is capacity freed, not yet money saved."
         )
+    elif no_logs:
+        t["router"] = "Router impact is unknown: no request logs this week."
     elif ro.get("routed_requests"):
         t["router"] = (
             f"{ro['routed_requests']:,} requests were routed; what routing saved is unknown: "
