@@ -240,8 +240,6 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
         "usd_per_1m_tokens": (
             1e6 * spend / priced_tokens if priced_tokens and spend is not None else None
         ),
-        "unpriced_requests": int(t["unpriced_requests"]),
-        "unpriced_gpu_hours": float(t["gpu_hours"] - t["priced_gpu_hours"]) if measured else 0.0,
         "gpu_hours": float(t["gpu_hours"]) if measured else None,
         "gpus": int(t["gpus"]) if measured else None,
         "utilization": _f(t["utilization"]),
@@ -975,7 +973,6 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     no_logs = src["gpu_samples"] and not src.get("requests", True)
     if no_logs:
         t["cache"] = "Cache savings are unknown: no request logs this week."
-        t["leakage"] = "Leakage is unknown: no request logs this week."
     elif c["layers"] and c["saved_usd"] is None and c["potential_usd"] is None:
         t["cache"] = (
             "Cache savings are unknown: no priced GPU data this week to price the tokens the "
@@ -994,7 +991,7 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         )
     lk = r["leakage"]
     if no_logs:
-        pass
+        t["leakage"] = "Leakage is unknown: no request logs this week."
     elif lk["categories"] and lk["leak_usd"] is None:
         t["leakage"] = (
             "Leakage cost is unknown: no priced GPU data this week for the leaked requests."
