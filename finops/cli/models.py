@@ -151,9 +151,10 @@ def simulate(
     typer.echo(
         f"{growth:g}x growth of {label}: ${b:,.2f}/1k requests with no levers "
         f"({before.totals['gpu_hours']:,.0f} GPU-h), ${a:,.2f} with these levers "
-        f"({after.totals['gpu_hours']:,.0f} GPU-h, idle {100 * after.totals['idle_share']:.0f}%"
+        f"({after.totals['gpu_hours']:,.0f} GPU-h, simulated idle "
+        f"{100 * after.totals['idle_share']:.0f}%"
         + (" of the simulated tiers'" if sim.trace.notes else "")
-        + ")"
+        + " GPU time: modelled busy time, where `finops costs` reports measured SM idle)"
     )
     for note in after.notes:  # levers asked for that change nothing here
         typer.echo(f"note: {note}")

@@ -120,7 +120,8 @@ def growth_chart(table: pl.DataFrame) -> alt.Chart:
                 "scenario:N",
                 alt.Tooltip("cost_per_1k_requests:Q", format="$.2f"),
                 alt.Tooltip("gpu_hours:Q", format=",.0f"),
-                alt.Tooltip("idle_share:Q", format=".0%"),
+                # modelled idle (1 - simulated busy time), not the measured SM-activity idle
+                alt.Tooltip("idle_share:Q", format=".0%", title="simulated idle share"),
                 "peak_gpus:Q",
             ],
         )

@@ -11,9 +11,13 @@ running/waiting gauges add up, and the interval's length is counted once.
 
 from __future__ import annotations
 
+import datetime as dt
+
 import duckdb
 import numpy as np
 import polars as pl
+
+from finops.costs import Period
 
 GEN = "vllm:generation_tokens_total"
 PROMPT = "vllm:prompt_tokens_total"
@@ -49,6 +53,32 @@ def request_tier_sql(served: str = "$served") -> str:
 
 class NoServingData(ValueError):
     """The lake has no usable vLLM serving metrics for what was asked."""
+
+
+def model_period(
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> Period:
+    """The period a model reads, named as `finops.costs` names it: an ISO week
+    (`week="2026-W47"`), from/to dates (`start`/`end`, both inclusive) or a `Period`
+    (`per`, e.g. `finops.costs.period(...)` or a simulation's `trace.period`).
+    Nothing given: all data in the lake."""
+    import finops.costs as fc
+
+    if per is not None:
+        if week is not None or start is not None or end is not None:
+            raise ValueError("give either per or week/start/end, not both")
+        return per
+    return fc.period(week, start, end)
+
+
+def in_period(exc: NoServingData, per: Period) -> NoServingData:
+    """`exc` with the period named, unless the period is all data."""
+    if per.start is None and per.end is None:
+        return exc
+    return NoServingData(f"{per.label}: {exc}")
 
 
 def _bucket(interval_s: int) -> str:
@@ -187,6 +217,7 @@ def histogram_quantiles(
     *,
     interval_s: int = 300,
     tier: str | None = None,
+    where: str = "true",
 ) -> pl.DataFrame:
     """Quantiles of a vLLM histogram per replica per interval (Prometheus semantics).
 
@@ -195,6 +226,7 @@ def histogram_quantiles(
     bucket holding the rank, like `histogram_quantile(q, increase(..._bucket))`;
     a rank in the +Inf bucket returns the highest finite bound.
     Columns: t, tier, target, count, q50, q95 (one per quantile, named q<100*q>).
+    `where`: an extra SQL predicate on `ts`, as in `serving_intervals`.
     """
     check_tier(db, tier)
     for q in quantiles:
@@ -202,6 +234,7 @@ def histogram_quantiles(
             raise ValueError(f"quantiles must lie strictly between 0 and 1, got {q}")
     b = _bucket(interval_s)
     tier_filter = f"AND {TIER_SQL} = $tier" if tier is not None else ""
+    tier_filter += f" AND ({where})"
     params: dict[str, object] = {"tier": tier} if tier is not None else {}
     sql = f"""
     SELECT {b} AS t, {TIER_SQL} AS tier, target,

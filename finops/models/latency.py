@@ -8,13 +8,21 @@ requests in the replica (running + waiting) captures the queueing knee.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 import polars as pl
 
-from finops.models.data import NoServingData, histogram_quantiles, serving_intervals
+from finops.costs import Period
+from finops.models.data import (
+    NoServingData,
+    histogram_quantiles,
+    in_period,
+    model_period,
+    serving_intervals,
+)
 from finops.models.regressors import LoadLatencyRegressor, mape
 from finops.models.throughput import MIN_INTERVALS, holdout_split
 
@@ -54,16 +62,30 @@ class LatencyFit:
 
 
 def latency_frame(
-    db: duckdb.DuckDBPyConnection, tier: str | None = None, *, interval_s: int = 300
+    db: duckdb.DuckDBPyConnection,
+    tier: str | None = None,
+    *,
+    interval_s: int = 300,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
 ) -> pl.DataFrame:
-    """Per replica-interval load with TTFT/ITL quantiles (seconds) side by side."""
-    load = serving_intervals(db, interval_s=interval_s, tier=tier).select(
-        "t", "tier", "target", "day", "running", "waiting", "request_rate"
-    )
+    """Per replica-interval load with TTFT/ITL quantiles (seconds) side by side, in the
+    period (`week`, `start`/`end` or `per`, as in `finops.costs`; nothing: all data)."""
+    p = model_period(week, start, end, per)
+    at = p.where("ts")
+    try:
+        load = serving_intervals(db, interval_s=interval_s, tier=tier, where=at)
+    except NoServingData as e:
+        raise in_period(e, p) from None
+    load = load.select("t", "tier", "target", "day", "running", "waiting", "request_rate")
     out = load.with_columns(load=pl.col("running").fill_null(0) + pl.col("waiting").fill_null(0))
     for short, metric in METRICS.items():
         try:
-            q = histogram_quantiles(db, metric, (0.5, 0.95), interval_s=interval_s, tier=tier)
+            q = histogram_quantiles(
+                db, metric, (0.5, 0.95), interval_s=interval_s, tier=tier, where=at
+            )
         except NoServingData:
             continue
         q = q.rename({"q50": f"{short}_p50", "q95": f"{short}_p95", "count": f"{short}_count"})
@@ -79,22 +101,35 @@ def fit_latency(
     quantile: str = "q95",
     interval_s: int = 300,
     min_count: int = 5,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
 ) -> LatencyFit:
-    """Fit a latency quantile vs requests in the replica; the last day (or quarter) is held out."""
+    """Fit a latency quantile vs requests in the replica; the last day (or quarter) is held out.
+
+    The period is named as in `finops.costs` (`week`, `start`/`end` or `per`); nothing
+    given: all data in the lake."""
     if metric not in METRICS:
         raise ValueError(f"metric must be one of {sorted(METRICS)}, got {metric!r}")
     if quantile not in ("q50", "q95"):
         raise ValueError(f"quantile must be q50 or q95, got {quantile!r}")
-    df = latency_frame(db, tier, interval_s=interval_s)
+    p = model_period(week, start, end, per)
+    df = latency_frame(db, tier, interval_s=interval_s, per=p)
     col = f"{metric}_{quantile.replace('q', 'p')}"
     if col not in df.columns:
-        raise NoServingData(f"no {METRICS[metric]} histogram for tier {tier!r} in the lake")
+        raise in_period(
+            NoServingData(f"no {METRICS[metric]} histogram for tier {tier!r} in the lake"), p
+        )
     rows = df.filter(
         pl.col(col).is_not_null() & (pl.col(col) > 0) & (pl.col(f"{metric}_count") >= min_count)
     )
     if rows.height < MIN_INTERVALS:
-        raise NoServingData(
-            f"tier {tier!r}: only {rows.height} intervals with {col}; need {MIN_INTERVALS}"
+        raise in_period(
+            NoServingData(
+                f"tier {tier!r}: only {rows.height} intervals with {col}; need {MIN_INTERVALS}"
+            ),
+            p,
         )
     rows, _ = holdout_split(rows, tier)
     train = rows.filter(pl.col("split") == "train")

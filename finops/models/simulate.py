@@ -643,7 +643,16 @@ def capacity_curve(
 
 @dataclass
 class Plan:
-    """A capacity plan: per tier per hour replicas, and the week's totals."""
+    """A capacity plan: per tier per hour replicas, and the week's totals.
+
+    `idle_share` (in `tiers` and `totals`) is *simulated* idle: 1 - the modelled busy
+    time, each hour's planned arrival rate over what the replicas serve at the
+    saturation of their fitted service curve (`hourly.util`). It is not the measured
+    idle of `finops costs` (1 - SM activity, or GPU_UTIL, from DCGM): a lightly loaded
+    replica runs kernels on every decode step, so its SMs are active far more of the
+    time than its share of the throughput ceiling; the simulated share is usually the
+    higher of the two.
+    """
 
     growth: float
     levers: Levers
@@ -918,6 +927,8 @@ class Simulator:
                     "observed_replicas": p.observed_replicas,
                     "gpus_per_replica": g,
                     "gpu_hours": gpu_h,
+                    # simulated idle: 1 - modelled busy time (rate / saturation rate of the
+                    # fitted service curve), not the measured SM-activity idle of finops costs
                     "idle_share": 1 - busy / gpu_h if gpu_h else 0.0,
                     "cost_usd": cost,
                     "max_num_seqs": svc.max_num_seqs,
@@ -947,7 +958,8 @@ class Simulator:
             "gpu_hours": total_gpu_h,
             "cost_usd": total_cost,
             "cost_per_1k_requests": 1000 * total_cost / requests if requests else math.nan,
-            "idle_share": idle,  # of the simulated tiers' GPU-hours
+            # simulated (modelled busy time, see Plan), of the simulated tiers' GPU-hours
+            "idle_share": idle,
             "unsimulated_requests": un_req,
             "unsimulated_gpu_hours": un_gpu_h,
             "unsimulated_cost_usd": un_cost,

@@ -9,13 +9,15 @@ simulation needs; the held-out-day MAPE says how far to trust them.
 
 from __future__ import annotations
 
+import datetime as dt
 from dataclasses import dataclass
 
 import duckdb
 import numpy as np
 import polars as pl
 
-from finops.models.data import NoServingData, serving_intervals
+from finops.costs import Period
+from finops.models.data import NoServingData, in_period, model_period, serving_intervals
 from finops.models.regressors import (
     SaturatingRegressor,
     StepTimeRegressor,
@@ -155,15 +157,26 @@ def fit_throughput(
     target: str = "tokens",
     interval_s: int = 300,
     features: tuple[str, ...] = LOAD_FEATURES,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
 ) -> ThroughputFit:
     """Fit generation tokens/s (`target="tokens"`) or SM activity (`"sm_active"`) vs load.
 
-    >>> fit = fit_throughput(finops.connect(), "small")
+    The period is named as in `finops.costs` (`week`, or `start`/`end`, or `per`; see
+    `finops.models.data.model_period`); nothing given: all data in the lake.
+
+    >>> fit = fit_throughput(finops.connect(), "small", week="2026-W47")
     >>> fit.summary()["mape_holdout_pct"]
     """
     if target not in TARGETS:
         raise ValueError(f"target must be one of {sorted(TARGETS)}, got {target!r}")
-    df = serving_intervals(db, interval_s=interval_s, tier=tier)
+    p = model_period(week, start, end, per)
+    try:
+        df = serving_intervals(db, interval_s=interval_s, tier=tier, where=p.where("ts"))
+    except NoServingData as e:
+        raise in_period(e, p) from None
     col = TARGETS[target]
     if target == "sm_active" and df["sm_active"].drop_nulls().len() == 0:
         raise NoServingData(
@@ -174,10 +187,25 @@ def fit_throughput(
 
 
 def fit_all(
-    db: duckdb.DuckDBPyConnection, *, target: str = "tokens", interval_s: int = 300
+    db: duckdb.DuckDBPyConnection,
+    *,
+    target: str = "tokens",
+    interval_s: int = 300,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
 ) -> dict[str, ThroughputFit]:
-    """One fit per tier that has enough data; tiers without are skipped."""
-    df = serving_intervals(db, interval_s=interval_s)
+    """One fit per tier that has enough data in the period; tiers without are skipped.
+
+    The period is named as in `finops.costs` (`week="2026-W47"`, or `start`/`end` dates,
+    or a `Period` as `per`, e.g. a simulation's `trace.period`); nothing given: all data.
+    """
+    p = model_period(week, start, end, per)
+    try:
+        df = serving_intervals(db, interval_s=interval_s, where=p.where("ts"))
+    except NoServingData as e:
+        raise in_period(e, p) from None
     col = TARGETS[target]
     out = {}
     for tier in sorted(df["tier"].unique().to_list()):
