@@ -521,12 +521,19 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
             WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_gpu_hours,
           (SELECT list(DISTINCT gpu_model) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_models,
+          (SELECT list(DISTINCT pricing_kind) FROM marts.gpu_cost_hourly
+            WHERE {per.where()} AND usd_per_gpu_hour IS NULL) AS unpriced_kinds,
+          (SELECT list(DISTINCT gpu_model) FROM ref.prices) AS catalog_models,
+          (SELECT list(DISTINCT tier) FROM marts.gpu_cost_hourly
+            WHERE {per.where()} AND tier IS NOT NULL) AS gpu_tiers,
+          (SELECT list(DISTINCT tier) FROM marts.request_work
+            WHERE {per.where()} AND tier IS NOT NULL AND worked) AS request_tiers,
           (SELECT round(sum(gpu_hours), 2) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND tier IS NULL) AS untiered_gpu_hours,
           (SELECT round(sum(gpu_hours), 2) FROM marts.gpu_cost_hourly
             WHERE {per.where()} AND util_signal IS NULL) AS no_util_gpu_hours,
           (SELECT count(*) FROM marts.request_work WHERE {per.where()}) AS requests,
-          (SELECT count(*) FROM marts.request_costs WHERE {per.where()} AND unpriced)
+          (SELECT count(*) FROM marts.request_costs WHERE {per.where()} AND unpriced_tier_hour)
               AS unpriced_requests,
           (SELECT count(*) FROM marts.tier_token_prices
             WHERE {per.where()} AND split_method = 'prefill_decode_time') AS measured_tier_hours,
@@ -568,16 +575,28 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         models = ", ".join(
             sorted(repr(m) if m else "(no model name)" for m in row["unpriced_models"])
         )
+        kinds = sorted(k for k in row["unpriced_kinds"] or [] if k)
+        # a model priced for another kind only (`--pricing-kind spot` on an on-demand
+        # catalog): the kind is what is missing, not the model
+        from finops.prices import model_matches
+
+        listed = any(
+            model_matches(c, m) for c in row["catalog_models"] or [] for m in row["unpriced_models"]
+        )
+        kind = f" for pricing kind {', '.join(map(repr, kinds))}" if listed and kinds else ""
         notes.append(
-            f"{_hours(row['unpriced_gpu_hours'])} GPU-hours of {models} have no price in the "
-            "catalog (data/prices.csv or $FINOPS_PRICES): the bill leaves them out, and the "
-            "requests they served have an unknown cost"
+            f"{_hours(row['unpriced_gpu_hours'])} GPU-hours of {models} have no price{kind} "
+            "in the catalog (data/prices.csv or $FINOPS_PRICES): the bill leaves them out, "
+            "and the requests they served have an unknown cost"
         )
     if row["untiered_gpu_hours"]:
         notes.append(
             f"{_hours(row['untiered_gpu_hours'])} GPU-hours carry no tier label and match no "
             "deployment rule: their cost stays unallocated"
         )
+    orphan = _tier_mismatch(row["gpu_tiers"] or [], row["request_tiers"] or [])
+    if orphan:
+        notes.append(orphan)
     if row["no_util_gpu_hours"]:
         notes.append(
             f"{_hours(row['no_util_gpu_hours'])} GPU-hours have no utilization signal: "
@@ -604,7 +623,7 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         notes.append("no requests in this period: cost cannot be allocated to tenants/features")
     if row["unpriced_requests"]:
         notes.append(
-            f"{row['unpriced_requests']:,} requests ran on tier-hours with no GPU data or no "
+            f"{row['unpriced_requests']:,} requests were on tier-hours with no GPU data or no "
             "GPU price: their cost is unknown (NULL)"
         )
     if row["tier_hours"] and row["measured_tier_hours"] < row["tier_hours"]:
@@ -615,6 +634,32 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         )
     row["notes"] = notes
     return row
+
+
+def _tier_mismatch(gpu_tiers: list[str], request_tiers: list[str]) -> str | None:
+    """A tier that served requests but has no GPUs next to a GPU tier without requests:
+    most often one name spelled two ways (a `--deployments` rule's `tier = "Large"`, a pod
+    label `lg`), which would read as idle capacity plus requests of unknown cost."""
+    import difflib
+
+    no_gpus = sorted(set(request_tiers) - set(gpu_tiers))
+    no_requests = sorted(set(gpu_tiers) - set(request_tiers))
+    if not no_gpus or not no_requests:
+        return None
+    pairs = []
+    for t in no_gpus:
+        near = [g for g in no_requests if g.lower() == t.lower()] or difflib.get_close_matches(
+            t, no_requests, n=1, cutoff=0.5
+        )
+        if near:
+            pairs.append(f"GPU tier {near[0]!r} vs requests' {t!r}")
+    hint = f" (the same tier spelled two ways? {'; '.join(pairs)})" if pairs else ""
+    return (
+        f"requests ran on tier(s) {', '.join(map(repr, no_gpus))} that no GPU carries, while "
+        f"GPU tier(s) {', '.join(map(repr, no_requests))} served no requests{hint}: their "
+        "GPU cost shows as idle and those requests' cost as unknown; tiers come from the GPU "
+        "pods' tier label or a --deployments rule and must match the requests' tier exactly"
+    )
 
 
 def _coverage(src: Mapping[str, Any]) -> str:
@@ -689,12 +734,14 @@ def gpu_bill(
 
 
 def _known(col: str, *, raw: bool = False) -> str:
-    """sum(col) over a group, NULL (unknown) when none of its requests that did GPU work
-    has a price (no GPU data for their tier-hours): requests that did no work cost 0, so
-    summing them alone would show 0 for a group whose cost is in fact unknown. A group
-    only partly priced sums what is known (`sources` notes the unpriced requests)."""
+    """sum(col) over a group, NULL (unknown) when some of its requests are on tier-hours
+    without a GPU cost (no GPU data or no price) and none of those that did GPU work has
+    a price: requests that did no work (cache hits, refusals) cost 0, so summing them
+    alone would show 0 for a group whose cost is in fact unknown. A group only partly
+    priced sums what is known (`sources` notes the unpriced requests)."""
     return (
-        f"CASE WHEN count(*) FILTER (unpriced) > 0 AND count(*) FILTER (worked AND NOT unpriced) = 0"
+        "CASE WHEN count(*) FILTER (unpriced_tier_hour) > 0"
+        " AND count(*) FILTER (worked AND NOT unpriced) = 0"
         f" THEN NULL ELSE {col if raw else f'sum({col})'} END"
     )
 
@@ -723,9 +770,10 @@ def by(
     """Requests, tokens and cost per value of `dim` (tenant|feature|tier|model|operation|hour|day).
 
     cost = sum of per-request costs on `basis`; cost_per_request = cost / requests
-    (all requests, failed and cache hits included: what a request really costs);
+    (all requests, failed and cache hits included: what a request really costs; only
+    those on priced tier-hours when some are not, as cost counts only what is priced);
     usd_per_1k_requests = 1000 x that; usd_per_1m_input_tokens = input_cost /
-    input_tokens x 1e6. Token columns count the requests a model processed
+    input_tokens x 1e6 (priced tokens likewise). Token columns count the requests a model processed
     (the `marts.processed` macro of sql/marts/20_requests.sql: not served by the shim's cache,
     hit or coalesced, and not refused by a context cap); prefix-cached input tokens are
     included in input_tokens. A group whose working requests have no GPU data has cost
@@ -757,19 +805,28 @@ def by(
                {input_cost} AS input_cost,
                {output_cost} AS output_cost,
                {cost} AS cost,
-               {leakage_cost} AS leakage_cost
+               {leakage_cost} AS leakage_cost,
+               count(*) FILTER (NOT unpriced_tier_hour) AS _priced_requests,
+               coalesce(sum(input_tokens) FILTER (processed AND NOT unpriced_tier_hour), 0)
+                   AS _priced_input_tokens,
+               coalesce(sum(output_tokens) FILTER (processed AND NOT unpriced_tier_hour), 0)
+                   AS _priced_output_tokens
         FROM marts.request_costs
         WHERE {per.where()}
         GROUP BY ALL
     """,
     )
     total = df["cost"].sum() if df.height else 0.0
+    # the known cost over the requests and tokens it is the cost of: a group partly on
+    # unpriced tier-hours would otherwise read as cheaper per request than it is
     return (
         df.with_columns(
-            (pl.col("cost") / pl.col("requests")).alias("cost_per_request"),
-            (pl.col("cost") / pl.col("requests") * 1000).alias("usd_per_1k_requests"),
-            (pl.col("input_cost") / pl.col("input_tokens") * 1e6).alias("usd_per_1m_input_tokens"),
-            (pl.col("output_cost") / pl.col("output_tokens") * 1e6).alias(
+            (pl.col("cost") / pl.col("_priced_requests")).alias("cost_per_request"),
+            (pl.col("cost") / pl.col("_priced_requests") * 1000).alias("usd_per_1k_requests"),
+            (pl.col("input_cost") / pl.col("_priced_input_tokens") * 1e6).alias(
+                "usd_per_1m_input_tokens"
+            ),
+            (pl.col("output_cost") / pl.col("_priced_output_tokens") * 1e6).alias(
                 "usd_per_1m_output_tokens"
             ),
             (pl.col("cost") / total if total else pl.lit(None, dtype=pl.Float64)).alias("share"),
@@ -779,8 +836,14 @@ def by(
             .then(None)
             .otherwise(pl.col(c))
             .alias(c)
-            for c in ("usd_per_1m_input_tokens", "usd_per_1m_output_tokens")
+            for c in (
+                "cost_per_request",
+                "usd_per_1k_requests",
+                "usd_per_1m_input_tokens",
+                "usd_per_1m_output_tokens",
+            )
         )
+        .drop("_priced_requests", "_priced_input_tokens", "_priced_output_tokens")
         .sort(
             dim if dim in ("hour", "day") else "cost",
             descending=dim not in ("hour", "day"),
@@ -868,11 +931,11 @@ def totals(
                {_known(f"coalesce(sum(cost_{b}) FILTER (leak IS NOT NULL), 0)", raw=True)}
                    AS leakage_cost,
                count(*) FILTER (failed) AS failed_requests,
-               count(*) FILTER (unpriced) AS unpriced_requests,
-               CAST(coalesce(sum(input_tokens) FILTER (processed AND NOT unpriced), 0) AS BIGINT)
-                   AS priced_input_tokens,
-               CAST(coalesce(sum(output_tokens) FILTER (processed AND NOT unpriced), 0) AS BIGINT)
-                   AS priced_output_tokens
+               count(*) FILTER (unpriced_tier_hour) AS unpriced_requests,
+               CAST(coalesce(sum(input_tokens) FILTER (processed AND NOT unpriced_tier_hour), 0)
+                    AS BIGINT) AS priced_input_tokens,
+               CAST(coalesce(sum(output_tokens) FILTER (processed AND NOT unpriced_tier_hour), 0)
+                    AS BIGINT) AS priced_output_tokens
         FROM marts.request_costs WHERE {per.where()}
     """,
     ).row(0, named=True)

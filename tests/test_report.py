@@ -65,14 +65,17 @@ GPU_HOURS_SQL = f"""
     FROM s JOIN p ON replace(s.gpu_model, 'NVIDIA ', '') = p.m
 """
 # tokens count what a model processed: not the shim's cache hits (the demo logs them with the
-# original's tokens), not cap refusals (sql/marts/31_costs_requests.sql, `processed`)
+# original's tokens), not refusals: a cap's, or any 4xx but 408/499 such as vLLM's 400 for
+# a prompt over max_model_len (sql/marts/20_requests.sql, `processed`)
+REFUSED = (
+    "(coalesce(error_type, '') = 'context_length_exceeded' "
+    "OR (coalesce(status_code, 0) BETWEEN 400 AND 498 AND status_code <> 408))"
+)
 REQ_SQL = f"""
     SELECT request_id, any_value(tenant) AS tenant,
-           any_value(CASE WHEN cache_status IN ('hit', 'coalesced')
-                           OR error_type = 'context_length_exceeded' THEN 0
+           any_value(CASE WHEN cache_status IN ('hit', 'coalesced') OR {REFUSED} THEN 0
                           ELSE input_tokens END) AS i,
-           any_value(CASE WHEN cache_status IN ('hit', 'coalesced')
-                           OR error_type = 'context_length_exceeded' THEN 0
+           any_value(CASE WHEN cache_status IN ('hit', 'coalesced') OR {REFUSED} THEN 0
                           ELSE output_tokens END) AS o,
            any_value(cache_status) AS cache_status
     FROM raw.requests WHERE {IN_WEEK} GROUP BY request_id
@@ -149,7 +152,7 @@ def test_json_sections_equal_independent_sql(built, raw) -> None:
         raw,
         f"""SELECT count(DISTINCT request_id) FROM raw.requests WHERE {IN_WEEK}
             AND router_version IS NOT NULL AND tier IS NOT NULL
-            AND coalesce(cache_status, '') <> 'hit'""",
+            AND coalesce(cache_status, '') NOT IN ('hit', 'coalesced') AND NOT {REFUSED}""",
     )
     assert r["router"]["routed_requests"] == routed
     assert r["router"]["artifact"] is None and "no router" in r["router"]["note"]

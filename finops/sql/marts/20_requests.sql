@@ -1,21 +1,28 @@
 -- Token columns count only tokens a model processed: a request served by the shim's
 -- response cache (cache_status 'hit', Idempotency-Key replays included) or coalesced onto
 -- an identical in-flight request (cache_status 'coalesced') made no upstream call, and a
--- request a context cap refused (error_type 'context_length_exceeded') logs the refused
--- size as input_tokens but nothing ran. Their tokens are not counted; the requests are
--- (requests, failed, retries, cache_hits). Other failed requests that reached a model
--- (upstream errors, timeouts, aborted streams) count: they used the GPU.
--- The rule is these two macros, used here, by 31_costs_requests.sql and finops.costs.
+-- refused request never reached the engine: a context cap's refusal (error_type
+-- 'context_length_exceeded') or any other 4xx answer (vLLM validates a request, its
+-- length against max_model_len included, before scheduling it, and answers a plain 400
+-- 'BadRequestError'; 401/404/413/422/429 are refused before any model call). Such a
+-- request logs the refused size as input_tokens, but nothing ran. Their tokens are not
+-- counted; the requests are (requests, failed, retries, cache_hits). 499 (the client left)
+-- and 408 (a timeout) may have run part of the way, and every 5xx, timeout and aborted
+-- stream that reached a model counts: they used the GPU.
+-- The rule is these macros, used here, by 31_costs_requests.sql and finops.costs.
 CREATE OR REPLACE MACRO marts.served_by_cache(cache_status) AS
     lower(coalesce(cache_status, '')) IN ('hit', 'coalesced');
-CREATE OR REPLACE MACRO marts.processed(cache_status, error_type) AS
+CREATE OR REPLACE MACRO marts.refused(error_type, status_code) AS
+    coalesce(error_type, '') = 'context_length_exceeded'
+    OR (coalesce(status_code, 0) BETWEEN 400 AND 498 AND status_code <> 408);
+CREATE OR REPLACE MACRO marts.processed(cache_status, error_type, status_code) AS
     NOT marts.served_by_cache(cache_status)
-    AND coalesce(error_type, '') <> 'context_length_exceeded';
+    AND NOT marts.refused(error_type, status_code);
 
 -- Mart: requests per hour by tier/tenant/feature/model, with latency percentiles.
 CREATE OR REPLACE VIEW marts.requests_hourly AS
 WITH r AS (
-    SELECT *, marts.processed(cache_status, error_type) AS processed FROM clean.requests
+    SELECT *, marts.processed(cache_status, error_type, status_code) AS processed FROM clean.requests
 )
 SELECT
     date_trunc('hour', ts) AS hour,
@@ -37,7 +44,7 @@ GROUP BY ALL;
 -- Mart: one row per tenant per day (token columns: processed requests only, as above).
 CREATE OR REPLACE VIEW marts.tenant_daily AS
 WITH r AS (
-    SELECT *, marts.processed(cache_status, error_type) AS processed FROM clean.requests
+    SELECT *, marts.processed(cache_status, error_type, status_code) AS processed FROM clean.requests
 )
 SELECT
     CAST(ts AS DATE) AS date,

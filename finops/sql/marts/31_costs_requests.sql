@@ -6,8 +6,10 @@
 --                    replay: cache_status 'hit' with retry_of set) or 'coalesced' (a
 --                    follower answered by an identical in-flight request, or one whose
 --                    client left while it waited): no upstream call of its own
---   refused          error_type 'context_length_exceeded' (a context cap refused it; its
---                    input_tokens is the size that was refused, never processed)
+--   refused          error_type 'context_length_exceeded' (a context cap refused it) or
+--                    any other 4xx but 408 and 499 (refused before the engine scheduled
+--                    it, as vLLM's 400 for a prompt over max_model_len): its input_tokens
+--                    is the size that was refused, never processed
 --   processed        NOT served_by_cache AND NOT refused: its logged input/output tokens
 --                    were processed by a model, so they count as input/output tokens in
 --                    marts.requests_hourly, marts.tenant_daily and finops.costs. Failed
@@ -49,8 +51,8 @@ SELECT
     coalesce(cached_input_tokens, 0) AS cached_input_tokens,
     -- served_by_cache / refused / processed / worked: see the top of this file.
     marts.served_by_cache(cache_status) AS served_by_cache,
-    (coalesce(error_type, '') = 'context_length_exceeded') AS refused,
-    marts.processed(cache_status, error_type) AS processed,  -- macros: 20_requests.sql
+    marts.refused(error_type, status_code) AS refused,
+    marts.processed(cache_status, error_type, status_code) AS processed,  -- macros: 20_requests.sql
     (tier IS NOT NULL AND processed) AS worked,
     CASE WHEN worked  -- the alias above (DuckDB reuses select-list aliases)
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
@@ -204,7 +206,11 @@ SELECT
          ELSE p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
               + (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
     END AS pool_share,
-    (w.worked AND p.pool_allocation IS NULL) AS unpriced
+    (w.worked AND p.pool_allocation IS NULL) AS unpriced,
+    -- its tier-hour has no GPU cost (no GPU data or no price), whether or not it did work:
+    -- per-request and per-token figures leave these out of their denominators, or a cache
+    -- hit or refusal on an unpriced tier would dilute a priced tier's cost per request
+    ((w.worked OR w.tier IS NOT NULL) AND p.pool_allocation IS NULL) AS unpriced_tier_hour
 FROM marts.request_work w
 LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier
 LEFT JOIN marts.request_flags f ON f.request_id = w.request_id
