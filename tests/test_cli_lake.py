@@ -111,6 +111,22 @@ def test_sql_csv_writes_nested_values_as_json(small_lake: Path) -> None:
     assert tables.exit_code == 0 and "Traceback" not in tables.output
 
 
+@pytest.mark.parametrize("fmt", ["table", "csv", "json"])
+def test_sql_interval_results_are_text(small_lake: Path, fmt: str) -> None:
+    """`max(ts) - min(ts)`, a coverage check's first query, ended in a Polars traceback
+    ("could not import from month_day_nano_interval type"); intervals read as text."""
+    q = 'SELECT INTERVAL 1 DAY AS "a day", INTERVAL 90 MINUTE AS m, 2 AS n FROM requests LIMIT 1'
+    res = runner.invoke(app, ["sql", q, "--lake", str(small_lake), "--format", fmt])
+    assert res.exit_code == 0 and "Traceback" not in res.output, res.output
+    assert "1 day" in res.stdout and "01:30:00" in res.stdout
+
+
+def test_sql_table_keeps_cents_on_large_values(small_lake: Path) -> None:
+    res = runner.invoke(app, ["sql", "SELECT 6249.6::DOUBLE AS bill", "--lake", str(small_lake)])
+    assert res.exit_code == 0, res.output
+    assert "6,249.60" in res.stdout
+
+
 @pytest.mark.parametrize(
     ("query", "needle"),
     [("SELEC 1", "syntax error"), ("SELECT * FROM no_such_table", "no_such_table")],

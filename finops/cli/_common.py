@@ -122,5 +122,6 @@ def _cell(v: Any) -> str:
     if v is None:
         return ""
     if isinstance(v, float):
-        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.0f}"
+        # 4 significant digits below 1,000; cents above (a bill of 6,249.60 is not 6,250)
+        return f"{v:,.4g}" if abs(v) < 1000 else f"{v:,.2f}"
     return escape(str(v))  # a value like "[columns]" is text, not rich markup

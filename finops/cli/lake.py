@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
 from finops.cli._common import LakeOption, connect_lake, existing_lake, fail, print_frame
+
+if TYPE_CHECKING:
+    import polars as pl
 
 lake_app = typer.Typer(help="Inspect and maintain the Parquet lake.", no_args_is_help=True)
 
@@ -60,7 +63,7 @@ def sql(
         rel = db.sql(query)
         if rel is None:  # blank, or comments only: DuckDB has nothing to run
             fail('SQL: no statement to run (expected e.g. "SELECT * FROM requests LIMIT 5")')
-        df = rel.pl()
+        df = _frame(rel)
     except duckdb.Error as exc:
         fail(f"SQL error: {exc}")
     if format == "table" and limit and df.height > limit:
@@ -69,6 +72,18 @@ def sql(
         )
         df = df.head(limit)
     print_frame(df, format)
+
+
+def _frame(rel: Any) -> pl.DataFrame:
+    """The relation as a Polars frame; INTERVAL columns (`max(ts) - min(ts)`) as text
+    such as `02:30:00`, which Polars cannot import from Arrow."""
+    if any("INTERVAL" in str(t) for t in rel.types):
+        cols = [
+            f'CAST("{c}" AS VARCHAR) AS "{c}"' if "INTERVAL" in str(t) else f'"{c}"'
+            for c, t in zip([c.replace('"', '""') for c in rel.columns], rel.types, strict=True)
+        ]
+        rel = rel.project(", ".join(cols))
+    return rel.pl()
 
 
 def register(app: typer.Typer) -> None:
