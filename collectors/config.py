@@ -13,7 +13,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finops.schemas import CACHE_EVENTS, REQUESTS
+
 KINDS = ("dcgm", "vllm", "nvml", "prometheus", "log")
+LOG_TABLES = (REQUESTS.name, CACHE_EVENTS.name)
+"""The lake tables a log target loads (what `finops ingest requests|cache-events` loads)."""
 
 
 class ConfigError(ValueError):
@@ -53,6 +57,8 @@ class TargetConfig:
     timeout: float = 5.0
     # vllm
     metric_prefixes: tuple[str, ...] = ("vllm:",)
+    tier: str | None = None  # stored as labels.tier: the cost split finds the tier by it
+    pod: str | None = None  # stored as labels.pod: the tier of the GPU pod of that name
     # prometheus
     query: str | None = None
     step: float = 15.0
@@ -101,6 +107,8 @@ _TARGET_KEYS = {
     "interval",
     "timeout",
     "metric_prefixes",
+    "tier",
+    "pod",
     "query",
     "step",
     "lookback",
@@ -113,6 +121,9 @@ _TARGET_KEYS = {
     "max_bytes",
 }
 _DURATIONS = ("interval", "timeout", "step", "lookback", "lag")
+_VLLM_ONLY = ("tier", "pod")
+# `--vllm mid=http://host:8000`: a tier name, '=', then the URL (a URL never starts so)
+_TIER_URL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$")
 
 
 def make_target(
@@ -129,10 +140,15 @@ def make_target(
     if kind not in KINDS:
         raise ConfigError(f"{where}: kind must be one of {list(KINDS)}, got {kind!r}")
     kw: dict[str, Any] = {"kind": kind}
+    for key in _VLLM_ONLY:
+        if key in raw and kind != "vllm":
+            raise ConfigError(f"{where}.{key}: only a vllm target takes {key}, this one is {kind}")
+        if kind != "vllm":
+            merged.pop(key, None)  # a [collect.defaults] tier is meant for the vllm targets
     for key in _DURATIONS:
         if key in merged:
             kw[key] = duration(merged[key], f"{where}.{key}", allow_zero=key == "lag")
-    for key in ("url", "query", "path", "mapping", "table", "host"):
+    for key in ("url", "query", "path", "mapping", "table", "host", "tier", "pod"):
         if key in merged:
             if not isinstance(merged[key], str) or not merged[key]:
                 raise ConfigError(
@@ -150,6 +166,16 @@ def make_target(
         if not isinstance(v, list) or not all(isinstance(x, str) for x in v):
             raise ConfigError(f"{where}.metric_prefixes: expected a list of strings, got {v!r}")
         kw["metric_prefixes"] = tuple(v)
+    if kind == "vllm" and (m := _TIER_URL.match(kw.get("url", ""))):
+        if kw.get("tier", m.group(1)) != m.group(1):
+            raise ConfigError(
+                f"{where}: url names tier {m.group(1)!r} but tier = {kw['tier']!r}; give one"
+            )
+        kw["tier"], kw["url"] = m.group(1), m.group(2)
+    if kind == "log" and kw.get("table", "requests") not in LOG_TABLES:
+        raise ConfigError(
+            f"{where}.table: a log target loads one of {list(LOG_TABLES)}, got {kw['table']!r}"
+        )
     if kind in ("dcgm", "vllm", "prometheus") and not kw.get("url"):
         raise ConfigError(f"{where}: a {kind} target needs url")
     if kind == "prometheus" and not kw.get("query"):

@@ -285,6 +285,8 @@ async def fetch_exposition(
 class _ExpositionTarget(Target):
     source = ""
     table = ""
+    prefixes: tuple[str, ...] = ()  # metric names this target loads
+    hint = ""  # what to check when a payload has none of them
 
     async def attempt(self, out: Outcome) -> None:
         body, ctype = await fetch_exposition(
@@ -308,31 +310,81 @@ class _ExpositionTarget(Target):
                 (self.table, {"location": f"{self.cfg.url}:{line}", "raw": raw, "reason": reason})
             )
         out.rejected += parsed.rejects.height
-        self._map(parsed, out)
+        found = self._map(parsed, out)
+        if not found and not self._listed(parsed):
+            # a 200 with nothing of ours (an empty body, JSON, another exporter): the
+            # URL is wrong, and "up, 0 samples" would hide it
+            raise ScrapeError(f"{self._nothing()} ({_what_came(body, parsed)}): {self.hint}")
         out.up = True
 
+    def _nothing(self) -> str:
+        return f"no metrics starting with {list(self.prefixes)}"
+
+    def _listed(self, parsed: Any) -> bool:
+        """Whether the payload names one of our families (TYPE/HELP) without samples of it."""
+        names = parsed.metadata["name"].drop_nulls().to_list()
+        return any(n.startswith(p) for n in names for p in self.prefixes)
+
+    def _keep(self, rows: pl.DataFrame, out: Outcome) -> pl.DataFrame:
+        """Rows the lake will take; the rest go to rejects now, with the lake's reasons.
+
+        scrape_health and the `--once` summary are written from this attempt's
+        counts: counting rows the lake then rejects (no GPU UUID, a timestamp
+        before 2000) would report samples that no table holds.
+        """
+        from finops.lake import validate
+        from finops.schemas import schema_for
+
+        if rows.height == 0:
+            return rows
+        checked, _ = validate(rows, schema_for(self.table), source=self.source)
+        for location, raw, reason in checked.bad.iter_rows():
+            out.rejects.append((self.table, {"location": location, "raw": raw, "reason": reason}))
+        out.rejected += checked.bad.height
+        out.samples += checked.good.height
+        out.add(self.table, checked.good)
+        return checked.good
+
     @abc.abstractmethod
-    def _map(self, parsed: Any, out: Outcome) -> None:
-        """Turn a parsed exposition payload into this target's lake rows."""
+    def _map(self, parsed: Any, out: Outcome) -> int:
+        """Turn a parsed payload into this target's lake rows; how many it found."""
+
+
+def _what_came(body: bytes, parsed: Any) -> str:
+    """What a payload held instead, for an error message."""
+    if not body.strip():
+        return "the body is empty"
+    if parsed.samples.height:
+        n = parsed.samples.height
+        return f"{n:,} sample{'s' if n != 1 else ''} of other metrics"
+    return f"no sample parsed; it starts {body[:60].decode('utf-8', 'replace')!r}"
 
 
 class DcgmTarget(_ExpositionTarget):
     source = "dcgm"
     table = "gpu_samples"
+    prefixes = ("DCGM_",)
+    hint = "is this a dcgm-exporter?"
 
-    def _map(self, parsed: Any, out: Outcome) -> None:
+    def _nothing(self) -> str:
+        return "no DCGM_* metrics in the payload"
+
+    def _map(self, parsed: Any, out: Outcome) -> int:
         from collectors.dcgm import gpu_rows
 
         res = gpu_rows(parsed, ts=out.ts, target=self.cfg.url or "", source="dcgm")
-        out.add("gpu_samples", res.rows)
-        out.samples += res.rows.height
-        if res.rows.height == 0 and parsed.samples.height:
-            out.error = "no DCGM_* metrics in the payload: is this a dcgm-exporter?"
+        self._keep(res.rows, out)
+        return res.rows.height
 
 
 class VllmTarget(_ExpositionTarget):
     source = "vllm"
     table = "serving_samples"
+    hint = "is this vLLM?"
+
+    @property
+    def prefixes(self) -> tuple[str, ...]:  # type: ignore[override]
+        return self.cfg.metric_prefixes
 
     def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
         super().__init__(cfg, ctx)
@@ -349,20 +401,23 @@ class VllmTarget(_ExpositionTarget):
         out.add("cache_events", events)
         return out
 
-    def _map(self, parsed: Any, out: Outcome) -> None:
+    def _map(self, parsed: Any, out: Outcome) -> int:
         from collectors.vllm import serving_rows
 
+        labels = {k: v for k in ("tier", "pod") if (v := getattr(self.cfg, k))}
         rows = serving_rows(
-            parsed, ts=out.ts, target=self.cfg.url or "", prefixes=self.cfg.metric_prefixes
+            parsed,
+            ts=out.ts,
+            target=self.cfg.url or "",
+            prefixes=self.cfg.metric_prefixes,
+            labels=labels,
         )
-        out.add("serving_samples", rows)
-        out.samples += rows.height
+        good = self._keep(rows, out)
         with self._lock:
-            events, state = self.tracker.step(rows)
+            events, state = self.tracker.step(good)
         out.add("cache_events", events)
         out.commits.append(lambda: self._commit(state))
-        if rows.height == 0 and parsed.samples.height:
-            out.error = f"no metrics starting with {list(self.cfg.metric_prefixes)}: is this vLLM?"
+        return rows.height
 
     def _commit(self, state: dict[str, Any]) -> None:
         """The tracker moves on only with an attempt that counts (see `Outcome.commit`).
@@ -451,9 +506,10 @@ class PrometheusTarget(Target):
         try:
             async with contextlib.aclosing(fetch) as parts:
                 async for res in parts:
-                    await self._store(res, out.kind)
+                    loaded, rejected = await self._store(res, out.kind)
                     done += 1
-                    out.samples += res.points
+                    out.samples += loaded
+                    out.rejected += rejected
                     warnings += res.warnings
         except PrometheusAPIError as exc:
             raise ScrapeError(self._so_far(str(exc), done, out.samples)) from None
@@ -468,8 +524,8 @@ class PrometheusTarget(Target):
         if warnings:
             out.error = "warnings: " + "; ".join(warnings)[:500]
 
-    async def _store(self, res: RangeResult, kind: str) -> None:
-        """Write one chunk, then its checkpoint: a catch-up keeps what it fetched.
+    async def _store(self, res: RangeResult, kind: str) -> tuple[int, int]:
+        """Write one chunk, then its checkpoint; return (loaded, rejected) rows.
 
         Rows wait in no buffer, so a later request failing, or the daemon
         stopping, never sends the next attempt back over chunks already loaded.
@@ -482,10 +538,11 @@ class PrometheusTarget(Target):
 
         tables = {"gpu_samples": res.gpu, "serving_samples": res.serving}
         try:
-            await self.ctx.write_now(kind, tables, then=commit)
+            results = await self.ctx.write_now(kind, tables, then=commit)
         except Exception as exc:
             raise ScrapeError(f"writing to {self.ctx.cfg.lake} failed: {exc}") from None
         self.loaded_until = until
+        return sum(r.loaded for r in results), sum(r.rejected for r in results)
 
     def _so_far(self, error: str, done: int, points: int) -> str:
         """The error, and what this attempt loaded before it (kept: see `_store`)."""
@@ -747,28 +804,33 @@ class Collector:
 
     async def write_now(
         self, kind: str, tables: dict[str, Any], *, then: Callable[[], None]
-    ) -> None:
-        """Write rows now (not via the buffer), then run `then` (a checkpoint commit)."""
+    ) -> list[AppendResult]:
+        """Write rows now (not via the buffer), then run `then` (a checkpoint commit).
+
+        Returns what the lake did with them: the caller's health row counts
+        the rows loaded and rejected, not the rows it handed over.
+        """
         by_table = {(t, kind): [d] for t, d in tables.items() if d is not None and len(d)}
 
-        def write() -> None:
+        def write() -> list[AppendResult]:
             with self.write_lock:
-                self.stats.files += self._append(by_table)
+                results = self._append(by_table)
+                self.stats.files += sum(len(r.files) for r in results)
             then()
+            return results
 
-        await self._writer.run(write)
+        return await self._writer.run(write)
 
-    def _append(self, by_table: dict[tuple[str, str], list[Any]]) -> int:
+    def _append(self, by_table: dict[tuple[str, str], list[Any]]) -> list[AppendResult]:
         """Append rows per (table, source); the caller holds the write lock."""
-        files = 0
+        results = []
         # samples before the cache events derived from them (see collectors.vllm)
         order = {"gpu_samples": 0, "serving_samples": 1, "cache_events": 2}
         for (table, kind), datas in sorted(by_table.items(), key=lambda kv: order.get(kv[0][0], 9)):
             frames = [d if isinstance(d, pl.DataFrame) else pl.DataFrame(d) for d in datas]
             frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-            res = self.lake.append(table, frame, source=kind)
-            files += len(res.files)
-        return files
+            results.append(self.lake.append(table, frame, source=kind))
+        return results
 
     def _write(self, batch: list[Outcome]) -> None:
         by_table: dict[tuple[str, str], list[Any]] = {}
@@ -779,7 +841,7 @@ class Collector:
             for table, rej in out.rejects:
                 rejects.setdefault((table, out.kind), []).append(rej)
         with self.write_lock:
-            files = self._append(by_table)
+            files = sum(len(r.files) for r in self._append(by_table))
             for (table, kind), rows in rejects.items():
                 self.lake.reject(table, rows, source=kind)
             health = [o.health() for o in batch if o.attempt]  # a restore is no attempt

@@ -25,6 +25,9 @@ become null. `exported_*` come through Prometheus: scraped by a ServiceMonitor
 without `honorLabels`, the exporter's pod/namespace/container are renamed
 `exported_*` and `pod`/`namespace`/`container` name the exporter's own pod, so
 the `exported_*` one wins the column and the target's label stays in `labels`.
+A GPU no pod holds has no `exported_*` (Prometheus drops empty labels), only
+the exporter's own pod/namespace/container: those are recognized (see
+`_exporters_own`) and stay in `labels` too, so an idle GPU is no one's.
 Every other label (`device`, `pci_bus_id`, `DCGM_FI_DRIVER_VERSION`,
 `err_code`, custom pod labels...) goes to the `labels` JSON column.
 
@@ -155,15 +158,21 @@ def label_table(labels: pl.Series) -> pl.DataFrame:
     """Lake columns for each distinct label set (an exporter repeats a few per GPU).
 
     Empty strings (`pod=""`) become null; labels without a column go to
-    `extra` as canonical JSON.
+    `extra` as canonical JSON. Prometheus' labels for the exporter's own pod are
+    no GPU's workload (see `_exporters_own`).
     """
+    dicts = [orjson.loads(lab) if lab else {} for lab in labels.to_list()]
+    exporters = {
+        (d.get("namespace"), d.get("pod")) for d in dicts if any(d.get(n) for n in _EXPORTED)
+    }
     rows = []
-    for lab in labels.to_list():
-        d = orjson.loads(lab) if lab else {}
+    for lab, d in zip(labels.to_list(), dicts, strict=True):
         cols: dict[str, str | None] = {}
         shadowed: set[str] = set()  # Prometheus' target labels under an exported_* one
+        if _exporters_own(d, exporters):
+            shadowed.update(_TARGET_LABELS)
         for col, names in _COLUMN_LABELS.items():
-            cols[col] = next((d[n] for n in names if d.get(n)), None)
+            cols[col] = next((d[n] for n in names if d.get(n) and n not in shadowed), None)
             if d.get(names[0]) and names[0].startswith("exported_"):
                 shadowed.update(names[1:])
         extra = {k: v for k, v in d.items() if k not in _KNOWN or (k in shadowed and v)}
@@ -176,6 +185,40 @@ def label_table(labels: pl.Series) -> pl.DataFrame:
             "extra": pl.String,
         },
     )
+
+
+_EXPORTED = ("exported_namespace", "exported_pod", "exported_container")
+_TARGET_LABELS = ("namespace", "pod", "container")
+"""The labels Prometheus' Kubernetes discovery attaches for the scraped pod."""
+
+
+def _exporters_own(d: dict[str, str], exporters: set[tuple[str | None, str | None]]) -> bool:
+    """Whether a series' `pod`/`namespace`/`container` name the dcgm-exporter, not a workload.
+
+    Through Prometheus (the series has `job`/`instance`), `pod`, `namespace`
+    and `container` may be the scrape target's: the exporter's own pod. With
+    `honor_labels: false` (the default) the exporter's own labels for the GPU's
+    workload are renamed `exported_*` (handled in `label_table`); with `true` they
+    are kept as `pod`/... . Either way, a GPU no pod holds is printed with
+    `pod=""`, which Prometheus drops, so the target's labels are all that is
+    left and would bill an idle GPU to the exporter. They are the exporter's
+    when, with no `exported_*` on the series:
+    - another series of the payload carries `exported_*` under the same
+      namespace/pod (the target's labels, seen shadowed there);
+    - `pod` or `container` names a dcgm-exporter (`nvidia-dcgm-exporter-x7k2p`,
+      the GPU operator's and the Helm chart's names);
+    - `pod` is the exporter's `Hostname` (its pod name, unless hostNetwork).
+    A direct scrape (no `job`/`instance`) carries only the exporter's labels.
+    """
+    if not ("job" in d or "instance" in d) or any(d.get(n) for n in _EXPORTED):
+        return False
+    ns, pod, container = (d.get(n) or "" for n in _TARGET_LABELS)
+    if not (ns or pod or container):
+        return False
+    seen_shadowed = (d.get("namespace"), d.get("pod")) in exporters
+    named = "dcgm-exporter" in pod or "dcgm-exporter" in container
+    is_host = bool(pod) and pod in (d.get("Hostname"), d.get("hostname"))
+    return seen_shadowed or named or is_host
 
 
 def _rows_schema() -> dict[str, pl.DataType]:

@@ -10,7 +10,8 @@ resilience, so this parser
 - takes a fast path only for lines it can prove correct (no escapes, no control
   characters in label values, plain metric/label names) and sends the rare rest
   to a careful per-line slow path that understands escapes and quoted names;
-- rejects one malformed line with its number and a reason, and loads the rest;
+- rejects one malformed line with its number and a reason, and loads the rest
+  (a sample repeating an earlier line's series and timestamp is such a line);
 - refuses a body that was cut off in transit: OpenMetrics without `# EOF`
   raises, a 0.0.4 last line without its line feed is rejected;
 - parses each distinct label block once (and remembers it, bounded, for the
@@ -433,6 +434,7 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     if slow_rows:
         extra = pl.DataFrame(slow_rows, schema=out.schema, orient="row")
         out = pl.concat([out, extra]).sort("line")
+    out = _drop_repeats(out, lines, bad)
     rej = (
         pl.DataFrame(sorted(bad), schema=REJECTS_SCHEMA, orient="row")
         if bad
@@ -441,6 +443,34 @@ def parse(payload: str | bytes, *, openmetrics: bool | None = None) -> ParseResu
     return ParseResult(
         samples=out, rejects=rej, metadata=metadata, openmetrics=bool(openmetrics), lines=n_lines
     )
+
+
+def _drop_repeats(
+    out: pl.DataFrame, lines: list[str], bad: list[tuple[int, str, str]]
+) -> pl.DataFrame:
+    """Keep the first of samples repeating a series (name, labels, timestamp); reject the rest.
+
+    Prometheus refuses such a scrape ("duplicate sample for timestamp"). Loaded
+    as is, the lake would keep one of them silently (one row per key), and
+    which value a sum or a counter increase saw would depend on line order.
+    """
+    series = pl.struct("name", "labels", "timestamp_ms")
+    first = out.select(series.is_first_distinct()).to_series()
+    if first.all():
+        return out
+    firsts = out.select(
+        "line", first_line=pl.col("line").min().over("name", "labels", "timestamp_ms")
+    )
+    for line, first_line in firsts.filter(~first).iter_rows():
+        bad.append(
+            (
+                line,
+                lines[line - 1][:MAX_RAW],
+                f"duplicate sample: the same metric, labels and timestamp as line {first_line} "
+                "(kept; Prometheus refuses the repeat too)",
+            )
+        )
+    return out.filter(first)
 
 
 def _sample_type(name: str, fam: str, ftype: str | None) -> str:

@@ -41,6 +41,7 @@ import orjson
 import polars as pl
 
 from collectors.exposition import ParseResult, _sample_type
+from finops.lake import canonical_json
 
 RENAMES: dict[str, str] = {
     "vllm:gpu_cache_usage_perc": "vllm:kv_cache_usage_perc",
@@ -111,12 +112,15 @@ def serving_rows(
     target: str,
     source: str = "vllm",
     prefixes: tuple[str, ...] = ("vllm:",),
+    labels: dict[str, str] | None = None,
 ) -> pl.DataFrame:
     """`serving_samples` rows of one payload (plus `_location`/`_raw` for rejects).
 
     Only metrics whose names start with one of `prefixes` are kept (process
     and Python runtime metrics are the exporter's, not serving's); pass `("",)`
-    to keep all.
+    to keep all. `labels` (the target's configured `tier`/`pod`) are added to
+    every series, over the exporter's own: vLLM exports neither, and the cost
+    split (`marts.tier_phase_hourly`) finds a series' tier only through them.
     """
     s = unescape_names(parsed)
     if prefixes and prefixes != ("",):
@@ -132,6 +136,14 @@ def serving_rows(
         subset=["metric", "labels"], keep="first", maintain_order=True
     )
     rows = rows.sort("line")
+    if labels:
+        merged = {
+            lab: canonical_json({**(orjson.loads(lab) if lab else {}), **labels})
+            for lab in rows["labels"].unique().to_list()
+        }
+        rows = rows.with_columns(labels_out=pl.col("labels").replace_strict(merged))
+    else:
+        rows = rows.with_columns(labels_out=pl.col("labels"))
     return rows.select(
         ts=pl.from_epoch(pl.col("timestamp_ms").fill_null(scrape_ms), time_unit="ms")
         .dt.cast_time_unit("us")
@@ -140,7 +152,7 @@ def serving_rows(
         target=pl.lit(target),
         metric="metric",
         type="type",
-        labels="labels",
+        labels="labels_out",
         model_name=pl.col("labels").str.json_path_match("$.model_name"),
         value="value",
         _location=pl.format("{}:{}", pl.lit(target), pl.col("line")),

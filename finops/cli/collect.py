@@ -22,7 +22,13 @@ def collect(
         list[str] | None, typer.Option("--dcgm", help="dcgm-exporter URL or host[:port].")
     ] = None,
     vllm: Annotated[
-        list[str] | None, typer.Option("--vllm", help="vLLM base or /metrics URL.")
+        list[str] | None,
+        typer.Option(
+            "--vllm",
+            help="vLLM base or /metrics URL; TIER=URL (e.g. mid=http://vllm-mid-0:8000) "
+            "names its tier, which the prefill/decode cost split needs when no GPU pod "
+            "shares the URL's host name.",
+        ),
     ] = None,
     nvml: Annotated[bool, typer.Option("--nvml", help="Read this host's GPUs via NVML.")] = False,
     prometheus: Annotated[

@@ -271,7 +271,11 @@ GROUP BY ALL;
 -- Measured prefill vs decode seconds per tier-hour, from vLLM's
 -- vllm:request_prefill_time_seconds / vllm:request_decode_time_seconds histograms
 -- (increase of _sum, resets handled by clean.serving_increase). Tier: the series'
--- `tier` label, else the tier of the GPU pod named by its `pod` label or target.
+-- `tier` label (a Prometheus pod label, or a vllm target's `tier` in collectors.toml),
+-- else the tier of the GPU pod named by its `pod` label, else by the first DNS label of
+-- its target's host: a scraped vLLM's target is its URL, and a pod's DNS name (or a
+-- headless service's) starts with the pod name (http://vllm-mid-0.vllm.ns.svc:8000/metrics
+-- -> vllm-mid-0). An IP address names no pod.
 CREATE OR REPLACE VIEW marts.tier_phase_hourly AS
 WITH pods AS (
     SELECT DISTINCT pod, tier FROM marts.gpu_cost_hourly WHERE pod IS NOT NULL AND tier IS NOT NULL
@@ -281,7 +285,11 @@ s AS (
            coalesce(json_extract_string(labels, '$.tier'),
                     json_extract_string(labels, '$."finops.dev/tier"'),
                     json_extract_string(labels, '$.finops_dev_tier')) AS label_tier,
-           coalesce(json_extract_string(labels, '$.pod'), target) AS pod
+           coalesce(nullif(json_extract_string(labels, '$.pod'), ''),
+                    CASE WHEN NOT regexp_matches(target, '(?i)^(?:[a-z][a-z0-9+.-]*://)?(?:[^@/]*@)?(?:\[|[0-9.]+(?:[:/]|$))')
+                         THEN nullif(lower(regexp_extract(
+                             target, '(?i)^(?:[a-z][a-z0-9+.-]*://)?(?:[^@/]*@)?([^./:?#@]*)', 1)), '')
+                    END) AS pod
     FROM clean.serving_increase
     WHERE metric IN ('vllm:request_prefill_time_seconds_sum',
                      'vllm:request_decode_time_seconds_sum')
@@ -291,6 +299,6 @@ SELECT
     sum(s.increase) FILTER (s.metric = 'vllm:request_prefill_time_seconds_sum') AS prefill_s,
     sum(s.increase) FILTER (s.metric = 'vllm:request_decode_time_seconds_sum') AS decode_s
 FROM s
-LEFT JOIN pods p ON p.pod = s.pod
+LEFT JOIN pods p ON lower(p.pod) = lower(s.pod)
 WHERE coalesce(s.label_tier, p.tier) IS NOT NULL
 GROUP BY ALL;
