@@ -52,10 +52,26 @@ def trained(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
             (D.sha256_path(data) + D._lake_fingerprint(d / "lake")).encode()
         ).hexdigest()
         train(lake_ds, d / "lake_art", cv_folds=0, quality_target=0.9)
+    # section 1 checks the file-hash fallback: artifacts from before training_rows.npy
+    legacy_artifact(d / "art")
+    legacy_artifact(d / "lake_art")
     return {"data": data, "other": other, "art": d / "art", "lake_art": d / "lake_art"}
 
 
-# -- 1. evaluate on the artifact's own training data --
+def legacy_artifact(art: Path) -> Path:
+    """`art` as written before artifacts recorded their training rows (in place)."""
+    m = json.loads((art / "manifest.json").read_text())
+    name = m["training_data"].pop("row_fingerprint")["file"]
+    del m["files"][name]
+    (art / name).unlink()
+    m["manifest_sha256"] = manifest_digest(m)
+    (art / "manifest.json").write_text(json.dumps(m, indent=2) + "\n")
+    load_router(art)
+    return art
+
+
+# -- 1. evaluate on the artifact's own training data (an artifact without training_rows.npy:
+# the file's hash tells; see test_router_training_rows.py for the row-level check) --
 
 
 def test_evaluate_on_the_training_file_warns_and_does_not_say_held_out(trained) -> None:

@@ -365,12 +365,15 @@ def test_evaluate_uses_the_artifacts_quality_bar(tmp_path: Path) -> None:
 
 
 def test_evaluate_shares_match_route_with_per_tier_thresholds(tmp_path: Path) -> None:
-    ds = D.load_labeled(write_jsonl(tmp_path / "tr.jsonl", text_rows(900, 1)))
+    fit = text_rows(900, 1)
+    ds = D.load_labeled(write_jsonl(tmp_path / "tr.jsonl", fit))
     res = train(ds, tmp_path / "art", cv_folds=0, quality_target=0.9, confidence=0.9)
     assert res.router is not None
     art = with_thresholds(tmp_path / "art", tmp_path / "uneq", {"small": 0.3, "mid": 0.99})
     router = load_router(art)
-    rows = text_rows(600, 4)
+    # new prompts only: evaluate leaves out a row whose prompt it trained on
+    seen = {r["prompt"] for r in fit}
+    rows = [r for r in text_rows(600, 4) if r["prompt"] not in seen]
     hold = write_jsonl(tmp_path / "hold.jsonl", rows)
     served = [
         router.route({"messages": [{"role": "user", "content": r["prompt"]}]}, feature="f").tier

@@ -82,6 +82,35 @@ def _training_overlap(router: Any, data: Path, sha256: str, lake: Path | None) -
     return None
 
 
+def _drop_training_rows(
+    ds: LabeledData, trained: Any, data: Path
+) -> tuple[LabeledData, int, str | None]:
+    """(the rows the artifact never saw, how many were left out, why all of them are its
+    own or None).
+
+    Rows are matched by `data.row_hash` against the artifact's training-rows file, so a
+    file that mixes training rows with new ones is scored on the new ones only. When every
+    row was a training row there is nothing held out: the set is kept whole, and the
+    caller warns as it does for the training file itself.
+    """
+    import numpy as np
+
+    seen = np.isin(ds.frame["row_hash"].to_numpy(), trained)
+    n = int(seen.sum())
+    if n == 0:
+        return ds, 0, None
+    if n == ds.frame.height:
+        return (
+            ds,
+            0,
+            (
+                f"all {n} rows of {data} were in this artifact's training set (fitted on or "
+                "calibrated with; matched by request_id, else prompt text)"
+            ),
+        )
+    return ds.take(np.flatnonzero(~seen)), n, None
+
+
 def _overlap_warning(reason: str, training_data: dict[str, Any]) -> str:
     """The stderr line for `evaluate` on the training data: which rows were not held out."""
     sp = training_data.get("splits")
@@ -292,7 +321,17 @@ def demo_cmd(
 @router_app.command("evaluate")
 def evaluate_cmd(
     artifact: Annotated[Path, typer.Option("--artifact", help="Artifact directory.")],
-    data: Annotated[Path | None, typer.Option("--data", help="Labeled set to evaluate on.")] = None,
+    data: Annotated[
+        Path | None,
+        typer.Option(
+            "--data",
+            help="Labeled set (JSONL/CSV/Parquet); with --labels, the lake folder whose "
+            "requests the labels name.",
+        ),
+    ] = None,
+    labels: Annotated[
+        Path | None, typer.Option(help="With --data lake: labels file keyed by request_id.")
+    ] = None,
     lake: Annotated[
         Path | None, typer.Option("--lake", help="Replay this lake's last week for dollars.")
     ] = None,
@@ -313,12 +352,14 @@ def evaluate_cmd(
     """
     from finops.router import evaluate as E
     from finops.router.artifact import ArtifactError, load_router
-    from finops.router.data import DEFAULT_QUALITY_BAR, DataError, load_labeled
+    from finops.router.data import DEFAULT_QUALITY_BAR, DataError, load_labeled, load_lake
     from finops.router.train import evaluate_split, one_line
 
     _check_format(format)
     if data is None and lake is None:
         fail("give --data (labeled set) and/or --lake (traffic to replay)")
+    if labels is not None and data is None:
+        fail("--labels needs --data LAKE: the lake folder whose requests the labels name")
     try:
         router = load_router(artifact)
     except ArtifactError as exc:
@@ -335,13 +376,29 @@ def evaluate_cmd(
         else:
             bar, bar_source = DEFAULT_QUALITY_BAR, "default (the artifact records none)"
         try:
-            ds = load_labeled(data, tiers=router.tiers, quality_bar=bar)
-        except DataError as exc:
+            if labels is not None:
+                ds = load_lake(data, labels, tiers=router.tiers, quality_bar=bar)
+            else:
+                ds = load_labeled(data, tiers=router.tiers, quality_bar=bar)
+            trained_rows = router.training_row_hashes()
+        except (DataError, ArtifactError) as exc:
             fail(str(exc))
         skipped = _report_bad_rows(ds)
-        overlap = _training_overlap(router, data, ds.sha256, lake)
+        loaded = ds.frame.height
+        excluded = 0
+        if trained_rows is None:  # an artifact from before row fingerprints: the file hash
+            overlap = _training_overlap(router, data, ds.sha256, lake)
+        else:
+            ds, excluded, overlap = _drop_training_rows(ds, trained_rows, data)
         if overlap is not None:
             typer.echo(_overlap_warning(overlap, router.manifest["training_data"]), err=True)
+        elif excluded:
+            typer.echo(
+                f"note: {excluded} of {loaded} rows of {data} were in the artifact's "
+                f"training set (fitted on or calibrated with); evaluating on the other "
+                f"{ds.frame.height}, which it never saw",
+                err=True,
+            )
         rows = ds.features(router.uses_prompt_text).to_dicts()
         proba = router.probabilities_for_rows(rows)
         ev = evaluate_split(proba, ds, router.thresholds[0], lake=lake)
@@ -357,6 +414,8 @@ def evaluate_cmd(
         ev["skipped_rows"] = skipped  # `file:line: field ...`, as printed
         ev["includes_training_rows"] = overlap is not None
         ev["training_overlap"] = overlap
+        ev["training_rows_excluded"] = excluded
+        ev["rows_loaded"] = loaded
         result["evaluation"] = ev
         shown = dict(ev, at_threshold=dict(ev["at_threshold"]))
         if shown["at_threshold"]["lambda"] is None:  # per-tier thresholds: say which
@@ -373,7 +432,12 @@ def evaluate_cmd(
     if "evaluation" in result:
         ev = result["evaluation"]
         m, at = ev["routellm"], ev["at_threshold"]
-        typer.echo(f"rows {ev['rows']} (bad rows skipped: {ev['bad_rows']})")
+        left_out = (
+            f"; training rows left out: {ev['training_rows_excluded']}"
+            if ev["training_rows_excluded"]
+            else ""
+        )
+        typer.echo(f"rows {ev['rows']} (bad rows skipped: {ev['bad_rows']}{left_out})")
         qb = ev["quality_bar"]
         typer.echo(f"quality bar {qb['value']:g} (from {qb['source']})")
         typer.echo(f"accuracy {ev['accuracy']:.3f}  log loss {ev['log_loss']:.3f}")

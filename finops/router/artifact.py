@@ -3,6 +3,10 @@
 An artifact is a directory::
 
     model.skops      the fitted sklearn Pipeline, in skops' format (no pickle)
+    training_rows.npy  sorted uint64 hashes of the rows the model was fitted on and the
+                     thresholds calibrated with (`data.row_hash`; a plain .npy, read with
+                     allow_pickle=False), so `evaluate` can leave them out; older
+                     artifacts have none
     manifest.json    format version, tiers, upstream models, decision thresholds with the
                      quality target and confidence they were calibrated to, feature
                      schema, training-data fingerprint, evaluation figures, drift
@@ -63,6 +67,7 @@ FORMAT_VERSION = 1
 SUPPORTED_FORMAT_VERSIONS = (1,)
 MODEL_FILE = "model.skops"
 MANIFEST_FILE = "manifest.json"
+TRAINING_ROWS_FILE = "training_rows.npy"
 PROBE_TOLERANCE = 1e-6
 
 # Every type the model file may contain beyond skops' own safe defaults. Loading refuses
@@ -124,6 +129,13 @@ class Decision:
     score: float
     probabilities: dict[str, float]
     cumulative: dict[str, float] = field(default_factory=dict)
+
+
+def training_rows_bytes(hashes: np.ndarray) -> bytes:
+    """The training-rows file: sorted unique uint64 row hashes as a plain .npy (no pickle)."""
+    buf = io.BytesIO()
+    np.save(buf, np.unique(np.asarray(hashes, dtype=np.uint64)), allow_pickle=False)
+    return buf.getvalue()
 
 
 def sha256_file(path: str | os.PathLike[str]) -> str:
@@ -281,6 +293,40 @@ class Router:
             for c, known in zip(scorer.cat_cols, scorer.cat_index, strict=True)
             if F.MISSING in known
         }
+
+    def training_row_hashes(self) -> np.ndarray | None:
+        """Sorted uint64 hashes of the rows this artifact was fitted and calibrated on
+        (`data.row_hash`), or None for an artifact written before it recorded them.
+
+        The file is hashed again here: it is read after `load_router` verified it.
+        """
+        fp = self.manifest["training_data"].get("row_fingerprint")
+        if fp is None:
+            return None
+        name = fp.get("file") if isinstance(fp, dict) else None
+        files = self.manifest["files"]
+        where = self.path / MANIFEST_FILE
+        if not isinstance(name, str) or name not in files or Path(name).name != name:
+            raise ArtifactError(
+                f"{where}: field 'training_data.row_fingerprint': expected a file listed in "
+                f"'files', got {fp!r}"
+            )
+        path = self.path / name
+        if not path.is_file() or sha256_file(path) != files[name]:
+            raise ArtifactError(
+                f"{path}: missing, or its sha256 no longer matches the manifest (changed "
+                "after the artifact was loaded)"
+            )
+        try:
+            arr = np.load(path, allow_pickle=False)
+        except ValueError as exc:
+            raise ArtifactError(f"{path}: not a plain .npy array: {exc}") from None
+        if arr.dtype != np.uint64 or arr.ndim != 1:
+            raise ArtifactError(
+                f"{path}: expected a 1-D uint64 array of row hashes, got {arr.dtype} "
+                f"with shape {arr.shape}"
+            )
+        return arr
 
     def as_served(self, row: Mapping[str, Any]) -> Mapping[str, Any]:
         """The feature row as this router scores it (`pipeline.predict_proba` on it gives

@@ -63,7 +63,7 @@ class LabeledData:
 
     `frame` has the feature columns of `features.extract`, `label` (tier index, cheapest
     first), `q_<tier>` (quality of serving the request with that tier), `input_tokens`,
-    `output_tokens` and `location`.
+    `output_tokens`, `row_hash` (see `row_hash`) and `location`.
     """
 
     frame: pl.DataFrame
@@ -325,7 +325,27 @@ def parse_row(
     row["output_tokens"] = output_tokens
     for t, v in zip(tiers, q, strict=True):
         row[f"q_{t}"] = v
+    row["row_hash"] = row_hash(raw.get("request_id"), text, row)
     return row
+
+
+def row_hash(request_id: Any, text: str | None, row: Mapping[str, Any]) -> int:
+    """A uint64 that names a request across files, so `evaluate` can tell training rows.
+
+    The key is the `request_id` when the row has one, else the prompt text with its
+    whitespace collapsed, else (capture off) the metadata features the model reads: two
+    rows with the same key are the same request to the router. The hash is the first 8
+    bytes of the key's sha256.
+    """
+    if not _missing(request_id):
+        key = f"id\0{str(request_id).strip()}"
+    elif text is not None:
+        key = "text\0" + " ".join(text.split())
+    else:
+        meta = {c: row.get(c) for c in (*F.NUMERIC_COLUMNS, *F.CATEGORICAL_COLUMNS)}
+        key = "row\0" + json.dumps(meta, sort_keys=True, default=str)
+    digest = hashlib.sha256(key.encode("utf-8", "surrogatepass")).digest()
+    return int.from_bytes(digest[:8], "big")
 
 
 # What `errors="surrogateescape"` turns an undecodable byte into (0x80-0xff -> U+DC80-U+DCFF);
@@ -471,6 +491,7 @@ def from_records(
         "input_tokens": pl.Float64,
         "output_tokens": pl.Float64,
         **{f"q_{t}": pl.Float64 for t in tiers},
+        "row_hash": pl.UInt64,
         "location": pl.String,
     }
     frame = pl.DataFrame(rows, schema=schema)
@@ -578,6 +599,7 @@ def load_lake(
             yield (
                 loc,
                 {
+                    "request_id": rid,
                     "prompt": req["prompt_text"],
                     _CAPTURED: req["prompt_text"] is not None,
                     "feature": req["feature"],

@@ -16,6 +16,7 @@ stated per-replica throughput assumption (`FALLBACK_DEPLOYMENTS`).
 from __future__ import annotations
 
 import datetime as dt
+import math
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -306,9 +307,17 @@ def cost_matrix(
     return input_tokens[:, None] * pin[None, :] + output_tokens[:, None] * pout[None, :]
 
 
+def usd(x: float) -> str:
+    """Dollars with cents, and two significant digits below a cent ($0.0042, not $0.00):
+    a small labeled set saves fractions of a cent, and "$0.00 (59.9%)" reads as a bug."""
+    if x == 0 or abs(x) >= 0.01 or not math.isfinite(x):
+        return f"${x:,.2f}"
+    return f"${x:,.{min(8, 1 - math.floor(math.log10(abs(x))))}f}"
+
+
 def dollars_line(saved: float, pct: float, quality: float | None) -> str:
     at = f"at {quality:.1%} quality" if quality is not None else "(quality retained n/a)"
-    return f"this router would have saved ${saved:,.2f} ({pct:.1%}) {at}"
+    return f"this router would have saved {usd(saved)} ({pct:.1%}) {at}"
 
 
 # Columns of clean.requests that the lake replay rebuilds router features from; anything

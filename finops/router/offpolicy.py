@@ -40,8 +40,8 @@ MIN_ESS = 30.0
 # outcome name -> (unit, what it is)
 OUTCOMES: dict[str, tuple[str, str]] = {
     "cost_usd": ("USD", "cost per request"),
-    "input_tokens": ("tokens", "input tokens per request"),
-    "output_tokens": ("tokens", "output tokens per request"),
+    "input_tokens": ("tokens", "input tokens processed per request (cache hits and refusals: 0)"),
+    "output_tokens": ("tokens", "output tokens generated per request (cache hits and refusals: 0)"),
     "error_rate": ("share", "share of requests with status >= 400"),
     "latency_ms": ("ms", "latency per request"),
 }
@@ -163,7 +163,7 @@ def _load_logs(
     try:
         df = db.sql(
             f"""
-            SELECT {select}, w.work_in, w.work_out, c.cost_allocation
+            SELECT {select}, w.work_in, w.work_out, w.worked, c.cost_allocation
             FROM clean.requests r
             LEFT JOIN marts.request_work w USING (request_id)
             LEFT JOIN marts.request_costs c USING (request_id)
@@ -324,8 +324,8 @@ def off_policy_estimate(
     status = usable["status_code"]
     outcomes: dict[str, tuple[np.ndarray, np.ndarray]] = {
         "cost_usd": (cost, np.ones(usable.height, dtype=bool)),
-        "input_tokens": _observed(usable["input_tokens"]),
-        "output_tokens": _observed(usable["output_tokens"]),
+        "input_tokens": _work(usable, "input_tokens", "work_in"),
+        "output_tokens": _work(usable, "output_tokens", "work_out"),
         "error_rate": (
             (status.fill_null(0).to_numpy() >= 400).astype(float),
             status.is_not_null().to_numpy(),
@@ -431,6 +431,30 @@ def _rows_without_text(df: Any) -> int:
     no text from (token IDs, an image), and replaying it on "" is what serving did.
     """
     return int(df["prompt_text"].is_null().sum())
+
+
+def _work(df: Any, logged: str, work: str) -> tuple[np.ndarray, np.ndarray]:
+    """Tokens of work per request, as the cost outcome counts them (`_tier_costs`).
+
+    With the cost marts' `work_in`/`work_out` (marts.request_work), a cache hit (logged 0)
+    and a refusal such as a context-cap 400 (logged with the shim's estimate of a prompt
+    that never reached a GPU) are 0 tokens, and prefix-cached input tokens are left out.
+    Observed: a logged count, or a request that did no work (`worked` false); a request
+    the marts do not cover keeps its logged count. Without the marts (a frame, an older
+    build), the logged counts.
+    """
+    import polars as pl
+
+    if work not in df.columns:
+        return _observed(df[logged])
+    raw = pl.col(logged)
+    covered = pl.col(work).is_not_null()
+    idle = ~pl.col("worked").fill_null(True) if "worked" in df.columns else pl.lit(False)
+    out = df.select(
+        y=pl.when(covered).then(pl.col(work)).otherwise(raw).fill_null(0).cast(pl.Float64),
+        ok=raw.is_not_null() | (covered & idle),
+    )
+    return out["y"].to_numpy(), out["ok"].to_numpy()
 
 
 def _observed(s: Any) -> tuple[np.ndarray, np.ndarray]:

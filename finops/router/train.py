@@ -8,6 +8,7 @@ number in an artifact was measured on requests the model and the threshold never
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 import warnings
@@ -20,7 +21,14 @@ import numpy as np
 import polars as pl
 
 from finops.router import evaluate as E
-from finops.router.artifact import Router, check_out_dir, load_router, write_artifact
+from finops.router.artifact import (
+    TRAINING_ROWS_FILE,
+    Router,
+    check_out_dir,
+    load_router,
+    training_rows_bytes,
+    write_artifact,
+)
 from finops.router.calibrate import calibrate, min_calibration_rows, route_indices
 from finops.router.data import DataError, LabeledData, parse_tiers
 from finops.router.model import build_pipeline
@@ -135,6 +143,9 @@ def train(
             f"(counts {dict(zip(tiers, counts.tolist(), strict=True))}); need examples of every tier"
         )
     up = {t: (upstream or {}).get(t) or DEFAULT_UPSTREAM.get(t, t) for t in tiers}
+    # before fitting: a tier order the prices contradict is refused in a second
+    price = E.tier_token_prices(tiers, lake=lake, prices=prices)
+    order_notes = check_price_order(price, tiers)
     tr, cal, te = _split(data.labels, seed, fractions)
     X = data.features(uses_text)
     y = data.labels
@@ -152,7 +163,8 @@ def train(
     lam = decision["lambda"]
     decision["thresholds"] = {t: lam for t in tiers[:-1]}
     test = data.take(te)
-    evaluation = evaluate_split(p_test, test, lam, lake=lake, prices=prices)
+    evaluation = evaluate_split(p_test, test, lam, price=price)
+    evaluation["notes"][:0] = order_notes
     if lam is None:
         evaluation["notes"].append(
             _uncertified_note(decision, len(cal), fractions[1], quality_target, confidence)
@@ -166,6 +178,15 @@ def train(
     summary["splits"] = {"train": len(tr), "calibration": len(cal), "test": len(te), "seed": seed}
     summary["bad_row_examples"] = [str(b) for b in data.bad_rows[:5]]
     summary["notes"] = data.notes
+    fitted = np.concatenate([tr, cal])
+    rows_file = training_rows_bytes(data.frame["row_hash"].to_numpy()[fitted])
+    summary["row_fingerprint"] = {
+        "file": TRAINING_ROWS_FILE,
+        "rows": len(fitted),
+        "splits": ["train", "calibration"],
+        "key": "data.row_hash: sha256 (first 8 bytes, uint64) of the request_id, else the "
+        "whitespace-collapsed prompt text, else the metadata features",
+    }
     path = None
     router = None
     if out is not None:
@@ -179,6 +200,7 @@ def train(
             training_data=summary,
             evaluation=evaluation,
             drift=drift,
+            extra_files={TRAINING_ROWS_FILE: rows_file},
             overwrite=overwrite,
         )
         router = load_router(path)
@@ -195,6 +217,40 @@ def train(
         p_cal,
         data.take(cal),
     )
+
+
+def check_price_order(price: Mapping[str, Any], tiers: list[str]) -> list[str]:
+    """Refuse tiers the catalog prices say are not cheapest first; notes for lake prices.
+
+    Routing sends a request to the first tier good enough for it, so a reversed --tiers
+    (large,mid,small) trains a router that "saves" by picking the dearest tier. Catalog
+    prices are assumptions that fix the order, so a contradiction is an error. Lake
+    prices are measured with idle GPU time included, so an under-used pool can cost more
+    per token than the next tier up in a correct order: that is a note, not an error.
+    """
+    pin, pout = price["usd_per_input_token"], price["usd_per_output_token"]
+    bad = [(a, b) for a, b in itertools.pairwise(tiers) if pin[a] > pin[b] or pout[a] > pout[b]]
+    if not bad:
+        return []
+
+    def usd(t: str) -> str:
+        return f"${pin[t]:.3g}/input token, ${pout[t]:.3g}/output token"
+
+    pairs = "; ".join(
+        f"{a!r} ({usd(a)}) costs more than the next tier {b!r} ({usd(b)})" for a, b in bad
+    )
+    if not str(price["source"]).startswith("lake "):
+        by_price = sorted(tiers, key=lambda t: (pin[t] + pout[t], tiers.index(t)))
+        raise DataError(
+            f"--tiers {','.join(tiers)}: expected tiers cheapest first, but {pairs} "
+            f"(prices from {price['source']}); list them cheapest first, e.g. "
+            f"--tiers {','.join(by_price)}"
+        )
+    return [
+        f"tier order: --tiers {','.join(tiers)} must be cheapest first, but in the lake's "
+        f"measured prices {pairs}; check the order (idle GPU time is included, so an "
+        "under-used pool can cost more per token than the next tier up)"
+    ]
 
 
 def _check_cv_folds(folds: int, y_fit: np.ndarray, tiers: list[str], fit_share: float) -> None:
@@ -265,18 +321,34 @@ def evaluate_split(
     *,
     lake: str | os.PathLike[str] | None = None,
     prices: str | os.PathLike[str] | None = None,
+    price: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
-    """All evaluation figures of a router's probabilities on a labeled split."""
+    """All evaluation figures of a router's probabilities on a labeled split.
+
+    `price`: per-tier token prices already looked up (`tier_token_prices`), else they
+    are looked up from `lake` / `prices`.
+    """
     tiers = data.tiers
     Q = data.quality
     y = data.labels
     cum = E.cumulative(proba)
-    price = E.tier_token_prices(tiers, lake=lake, prices=prices)
+    if price is None:
+        price = E.tier_token_prices(tiers, lake=lake, prices=prices)
+    price = dict(price)
     out_tok = data.frame["output_tokens"].fill_null(0.0).to_numpy()
     cost = E.cost_matrix(data.frame["input_tokens"].to_numpy(), out_tok, price, tiers)
     curve = E.sweep(cum, Q, cost)
     metrics = E.routellm_metrics(curve, Q)
     notes = []
+    no_out = int(data.frame["output_tokens"].null_count())
+    if no_out:
+        # a missing count is priced as 0 output tokens, which changes every dollar figure
+        notes.append(
+            f"dollar figures count prompt tokens only for {no_out} of {len(y)} rows: they "
+            "have no output_tokens, so their output tokens (priced higher than input "
+            "tokens) are left out of the costs and savings; add output_tokens to the "
+            "labeled rows to count them"
+        )
     if metrics["apgr"] is None:
         notes.append(
             f"APGR n/a: always-{tiers[0]} is as good as always-{tiers[-1]} on these "

@@ -159,12 +159,19 @@ def unpack_entry(v: Any, store: str) -> tuple[dict, bytes] | None:
     return (meta, payload) if isinstance(obj, dict) else None
 
 
+# model-mismatch warnings already given in this process (and, forked, its workers):
+# `finops shim serve` checks the router before binding, then the app loads it again
+_WARNED: set[tuple[str, str, str, str]] = set()
+
+
 def build_router(cfg: ShimConfig) -> Router:
     """Load (and verify) the configured router; raises on a bad artifact."""
     policy = load_policy(cfg.router_path, cfg.tier_names, cfg.rules)
     for tier, model in sorted(getattr(policy, "upstream_models", {}).items()):
         served = cfg.tiers[tier].model if tier in cfg.tiers else None
-        if served is not None and model and model != served:
+        key = (str(policy.version), tier, str(model), str(served))
+        if served is not None and model and model != served and key not in _WARNED:
+            _WARNED.add(key)
             # the artifact was trained for that model; the shim sends the tier's configured
             # name upstream, which may be a different model (or a name vLLM refuses)
             logger.warning(

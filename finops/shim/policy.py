@@ -104,6 +104,8 @@ class Routed:
 
     tier: str
     greedy_tier: str
+    # the policy's score of `greedy_tier`, also when exploration picked `tier`: drift
+    # monitoring compares it with the artifact's reference, which exploration must not move
     score: float | None
     propensity: float
     version: str
@@ -128,11 +130,22 @@ class Router:
         self.exploration_rate = exploration_rate
         self.path = path
         self._rng = random.Random(seed)
-        unknown = [t for t in getattr(policy, "tiers", []) if t not in self.tiers]
+        own = list(getattr(policy, "tiers", []))
+        unknown = [t for t in own if t not in self.tiers]
         if unknown:
             raise ValueError(
                 f"router {self.version} routes to tiers {unknown} that the shim has no upstreams for "
                 f"(configured tiers: {self.tiers})"
+            )
+        # the config's order is cost order: the cheapest tier (embeddings for the alias)
+        # and "next tier up" (fallback, context caps) come from it, and the router's
+        # tiers are cheapest first too; two orders would walk to cheaper tiers
+        if [t for t in self.tiers if t in own] != own:
+            raise ValueError(
+                f"router {self.version} ranks its tiers {own} (cheapest first), but the "
+                f"shim's [tiers] tables are in the order {self.tiers}, which the shim takes "
+                "as cheapest first; list the [tiers.*] tables (or --upstream flags) in the "
+                "router's order"
             )
 
     def route(self, body: dict, feature: str, tenant: str) -> Routed:
