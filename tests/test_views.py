@@ -150,10 +150,13 @@ def test_gpu_hourly_util_signal(db, tmp_path: Path) -> None:
 
 
 def test_marts_agree_with_clean_requests(db) -> None:
-    # token columns: what a model processed (no shim cache hits, no cap refusals)
+    # token columns: what a model processed (no shim cache hits, no refusals: a cap's, or
+    # a 4xx but 408/499, such as vLLM's 400 for a prompt over max_model_len)
     clean = db.sql(
         "SELECT count(*), sum(input_tokens) FILTER (cache_status NOT IN ('hit', 'coalesced')"
-        " AND coalesce(error_type, '') <> 'context_length_exceeded') FROM requests"
+        " AND coalesce(error_type, '') <> 'context_length_exceeded'"
+        " AND NOT (coalesce(status_code, 0) BETWEEN 400 AND 498 AND status_code <> 408))"
+        " FROM requests"
     ).fetchall()[0]
     hourly = db.sql("SELECT sum(requests), sum(input_tokens) FROM requests_hourly").fetchall()[0]
     daily = db.sql("SELECT sum(requests), sum(input_tokens) FROM tenant_daily").fetchall()[0]
