@@ -205,9 +205,12 @@ def _exporters_own(d: dict[str, str], exporters: set[tuple[str | None, str | Non
     when, with no `exported_*` on the series:
     - another series of the payload carries `exported_*` under the same
       namespace/pod (the target's labels, seen shadowed there);
-    - `pod` or `container` names a dcgm-exporter (`nvidia-dcgm-exporter-x7k2p`,
-      the GPU operator's and the Helm chart's names);
-    - `pod` is the exporter's `Hostname` (its pod name, unless hostNetwork).
+    - `pod` names a dcgm-exporter (`nvidia-dcgm-exporter-x7k2p`, the GPU
+      operator's and the Helm chart's DaemonSet pods).
+    Not the container name, nor `pod` equal to `Hostname`: a dcgm-exporter run as
+    a sidecar in the vLLM pod (scraped by a PodMonitor) has both, and there the
+    target's pod *is* the GPU's workload. So an exporter DaemonSet under a custom
+    pod name whose payload holds only idle GPUs still bills them to its own pod.
     A direct scrape (no `job`/`instance`) carries only the exporter's labels.
     """
     if not ("job" in d or "instance" in d) or any(d.get(n) for n in _EXPORTED):
@@ -216,9 +219,7 @@ def _exporters_own(d: dict[str, str], exporters: set[tuple[str | None, str | Non
     if not (ns or pod or container):
         return False
     seen_shadowed = (d.get("namespace"), d.get("pod")) in exporters
-    named = "dcgm-exporter" in pod or "dcgm-exporter" in container
-    is_host = bool(pod) and pod in (d.get("Hostname"), d.get("hostname"))
-    return seen_shadowed or named or is_host
+    return seen_shadowed or "dcgm-exporter" in pod
 
 
 def _rows_schema() -> dict[str, pl.DataType]:

@@ -381,10 +381,13 @@ def test_an_idle_gpu_through_prometheus_is_not_the_exporters_workload() -> None:
         ("GPU-0", "llm", "vllm-mid-0", None, "nvidia-dcgm-exporter-abcde"),
         ("GPU-1", None, None, None, "nvidia-dcgm-exporter-abcde"),
     ]
-    # only idle GPUs: the exporter's pod (its Hostname) or container name it
-    own = {"namespace": "gpu-operator", "pod": "exp-1", "Hostname": "exp-1"}
-    ctr = {"namespace": "monitoring", "pod": "gpu-metrics-7", "container": "nvidia-dcgm-exporter"}
-    assert [r[1:4] for r in _via_prometheus(EXPORTER, own, ctr)] == [(None, None, None)] * 3
+    # only idle GPUs: the exporter DaemonSet's pod name says it
+    assert [r[1:4] for r in _via_prometheus(EXPORTER)] == [(None, None, None)]
+    # a sidecar exporter in the vLLM pod (a PodMonitor): the target's pod is the workload,
+    # though its Hostname is the pod's name and its container is called dcgm-exporter
+    sidecar = {"namespace": "llm", "pod": "vllm-mid-0", "container": "dcgm-exporter",
+               "Hostname": "vllm-mid-0"}  # fmt: skip
+    assert _via_prometheus(sidecar)[0][1:4] == ("llm", "vllm-mid-0", "dcgm-exporter")
     # honor_labels true: a workload's own labels stay its own
     workload = {"namespace": "llm", "pod": "vllm-small-0", "container": "vllm"}
     assert _via_prometheus(workload, EXPORTER)[0][1:4] == ("llm", "vllm-small-0", "vllm")

@@ -264,6 +264,25 @@ def test_measured_prices_out_of_order_are_a_note(monkeypatch) -> None:
     assert T.check_price_order(price, ["small", "mid", "large"]) == []
 
 
+def test_tier_names_of_ones_own_are_priced_by_position() -> None:
+    """tiny,mini,small (cheapest first): the assumed deployments were taken by name for
+    'small' and by position for the others, so 'mini' read dearer than 'small' and a
+    correct order was refused, with a wrong order suggested."""
+    from finops.router import evaluate as E
+
+    price = E.tier_token_prices(["tiny", "mini", "small"])
+    assert "by position" in price["source"]
+    assert T.check_price_order(price, ["tiny", "mini", "small"]) == []
+    pin = price["usd_per_input_token"]
+    assert pin["tiny"] < pin["mini"] < pin["small"]
+    named = E.tier_token_prices(["small", "mid", "large"])
+    assert "by position" not in named["source"]
+    with pytest.raises(D.DataError):  # the assumed deployments' own names still count
+        T.check_price_order(
+            E.tier_token_prices(["large", "mid", "small"]), ["large", "mid", "small"]
+        )
+
+
 # -- polish: sub-cent dollars --
 
 

@@ -277,10 +277,13 @@ def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None
 
     cat = load_prices(prices)
     pin, pout, assumed = {}, {}, {}
+    # the assumed deployments by tier name when every name is one of theirs, else all by
+    # position (the given order taken as cheapest first): mixing the two would price
+    # tiny,mini,small as small,mid,small and call a cheapest-first order inverted
+    by_name = all(t in FALLBACK_DEPLOYMENTS for t in tiers)
+    fallback = list(FALLBACK_DEPLOYMENTS.values())
     for i, t in enumerate(tiers):
-        gpu, count, tps = FALLBACK_DEPLOYMENTS.get(
-            t, list(FALLBACK_DEPLOYMENTS.values())[min(i, 2)]
-        )
+        gpu, count, tps = FALLBACK_DEPLOYMENTS[t] if by_name else fallback[min(i, 2)]
         usd_s = price_for(cat, gpu, "on_demand") * count / 3600.0
         pin[t] = usd_s / tps
         pout[t] = usd_s * OUTPUT_TOKEN_WEIGHT / tps
@@ -288,7 +291,9 @@ def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None
     return {
         "source": "price catalog (ref.prices, on_demand) with assumed throughput per replica: "
         + ", ".join(f"{t}={tps:g} tok/s" for t, tps in assumed.items())
-        + f" (output tokens weigh {OUTPUT_TOKEN_WEIGHT:g}x)"
+        + f" (output tokens weigh {OUTPUT_TOKEN_WEIGHT:g}x"
+        + ("" if by_name else "; assumed by position, cheapest first")
+        + ")"
         + why,
         "usd_per_input_token": pin,
         "usd_per_output_token": pout,

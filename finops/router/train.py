@@ -239,13 +239,20 @@ def check_price_order(price: Mapping[str, Any], tiers: list[str]) -> list[str]:
     pairs = "; ".join(
         f"{a!r} ({usd(a)}) costs more than the next tier {b!r} ({usd(b)})" for a, b in bad
     )
-    if not str(price["source"]).startswith("lake "):
+    source = str(price["source"])
+    if not source.startswith("lake ") and "by position" not in source:
         by_price = sorted(tiers, key=lambda t: (pin[t] + pout[t], tiers.index(t)))
         raise DataError(
             f"--tiers {','.join(tiers)}: expected tiers cheapest first, but {pairs} "
             f"(prices from {price['source']}); list them cheapest first, e.g. "
             f"--tiers {','.join(by_price)}"
         )
+    if not source.startswith("lake "):  # tiers named unlike the assumed deployments
+        return [
+            f"tier order: --tiers {','.join(tiers)} must be cheapest first, but the price "
+            f"catalog, with the assumed deployments taken by position, says {pairs}; check "
+            "the order, or price the tiers from a lake (--lake)"
+        ]
     return [
         f"tier order: --tiers {','.join(tiers)} must be cheapest first, but in the lake's "
         f"measured prices {pairs}; check the order (idle GPU time is included, so an "
