@@ -144,3 +144,18 @@ def test_a_lake_path_that_is_a_file_is_refused(tmp_path: Path, args: list[str]) 
     assert isinstance(result.exception, SystemExit)
     _one_error_line(result.output, f"{not_a_folder}: not a lake folder (it is a file)")
     assert not_a_folder.read_text() == "x\n"
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (["--prometheus", "http://127.0.0.1:9", "--query", "up", "--since", "1dd"], "--since: "),
+        (["--dcgm", "http://127.0.0.1:9", "--interval", "0"], "--interval: must be > 0"),
+        (["--prometheus", "http://127.0.0.1:9", "--query", "up", "--step", "0"], "--step: "),
+    ],
+)
+def test_collect_flag_errors_name_the_flag(tmp_path: Path, args: list[str], said: str) -> None:
+    """A typo in a flag was reported under its config key (`target #1 (prometheus).lookback`)."""
+    res = runner.invoke(app, ["collect", "--once", "--lake", str(tmp_path / "lake"), *args])
+    assert res.exit_code != 0
+    assert f"error: {said}" in res.output and "target #1" not in res.output, res.output

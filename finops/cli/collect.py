@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 
@@ -110,7 +110,7 @@ def collect(
                 for p in log or []
             ]
             for i, r in enumerate(raw, start=1):
-                cfg.targets.append(cfgmod.make_target(r, f"target #{i} ({r['kind']})"))
+                cfg.targets.append(_flag_target(cfgmod, r, f"target #{i} ({r['kind']})"))
             names = [t.name for t in cfg.targets]
             if len(set(names)) != len(names):
                 fail(f"the same target is given twice: {sorted(names)}")
@@ -148,3 +148,26 @@ def collect(
 
 def register(app: typer.Typer) -> None:
     app.command("collect")(collect)
+
+
+# the config keys the flags set: an error about one names the flag that was typed
+_FLAG_OF = {
+    "lookback": "--since",
+    "interval": "--interval",
+    "timeout": "--timeout",
+    "step": "--step",
+    "mapping": "--mapping",
+    "query": "--query",
+}
+
+
+def _flag_target(cfgmod: Any, raw: dict, where: str) -> Any:
+    """`make_target` for a target built from flags, its errors worded as flags."""
+    try:
+        return cfgmod.make_target(raw, where)
+    except cfgmod.ConfigError as exc:
+        msg = str(exc)
+        for key, flag in _FLAG_OF.items():
+            if msg.startswith(f"{where}.{key}: "):
+                raise cfgmod.ConfigError(f"{flag}: {msg[len(where) + len(key) + 3 :]}") from None
+        raise
