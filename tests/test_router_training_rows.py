@@ -18,6 +18,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_router_offpolicy import write_jsonl
 from typer.testing import CliRunner
 
 from finops.cli import app
@@ -37,11 +38,6 @@ runner = CliRunner()
 
 def _rows(path: Path) -> list[dict]:
     return [json.loads(x) for x in path.read_text().splitlines()]
-
-
-def _write(path: Path, rows: list[dict]) -> Path:
-    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
-    return path
 
 
 @pytest.fixture(scope="module")
@@ -99,7 +95,9 @@ def test_row_hash_keys_request_id_else_prompt_text_else_metadata() -> None:
 def test_evaluate_leaves_out_training_rows_mixed_with_new_ones(trained) -> None:
     rows = _rows(trained["data"]) + _rows(trained["other"])
     rng = np.random.default_rng(0)
-    mixed = _write(trained["dir"] / "mixed.jsonl", [rows[i] for i in rng.permutation(len(rows))])
+    mixed = write_jsonl(
+        trained["dir"] / "mixed.jsonl", [rows[i] for i in rng.permutation(len(rows))]
+    )
     r, ev = _evaluate(trained["art"], "--data", str(mixed))
     assert (
         f"note: 480 of 900 rows of {mixed} were in the artifact's training set (fitted on or "
@@ -116,7 +114,7 @@ def test_evaluate_on_training_rows_only_is_not_called_held_out(trained) -> None:
     trained_rows = set(load_router(trained["art"]).training_row_hashes().tolist())
     ds = D.load_labeled(trained["data"])
     seen = [h in trained_rows for h in ds.frame["row_hash"].to_list()]
-    only = _write(
+    only = write_jsonl(
         trained["dir"] / "only.jsonl",
         [r for r, s in zip(_rows(trained["data"]), seen, strict=True) if s],
     )
@@ -146,7 +144,7 @@ def test_dollar_figures_say_when_output_tokens_are_missing(trained) -> None:
     rows = _rows(trained["other"])
     for r in rows[:200]:
         del r["output_tokens"]
-    part = _write(trained["dir"] / "no_out.jsonl", rows)
+    part = write_jsonl(trained["dir"] / "no_out.jsonl", rows)
     r, ev = _evaluate(trained["art"], "--data", str(part))
     want = "dollar figures count prompt tokens only for 200 of 300 rows"
     assert f"note: {want}" in r.stdout
@@ -186,7 +184,7 @@ def test_evaluate_takes_a_lake_and_its_labels_as_train_does(trained, tmp_path) -
     ]
     lake = tmp_path / "lake"
     Lake(lake).append("requests", records, source="test")
-    labels = _write(
+    labels = write_jsonl(
         tmp_path / "labels.jsonl",
         [{"request_id": r["request_id"], "label": r["label"]} for r in rows],
     )
