@@ -206,11 +206,11 @@ SELECT
          ELSE p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
               + (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
     END AS pool_share,
-    (w.worked AND p.pool_allocation IS NULL) AS unpriced,
     -- its tier-hour has no GPU cost (no GPU data or no price), whether or not it did work:
     -- per-request and per-token figures leave these out of their denominators, or a cache
     -- hit or refusal on an unpriced tier would dilute a priced tier's cost per request
-    ((w.worked OR w.tier IS NOT NULL) AND p.pool_allocation IS NULL) AS unpriced_tier_hour
+    (w.tier IS NOT NULL AND p.pool_allocation IS NULL) AS unpriced_tier_hour,
+    (w.worked AND unpriced_tier_hour) AS unpriced  -- worked implies a tier
 FROM marts.request_work w
 LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier
 LEFT JOIN marts.request_flags f ON f.request_id = w.request_id
