@@ -238,6 +238,27 @@ class Target(abc.ABC):
         """Rebuild state from the lake after a restart (optional)."""
         return None
 
+    def keep(self, table: str, rows: Any, out: Outcome) -> pl.DataFrame:
+        """Rows the lake will take go to `out`; the rest go to rejects now, with the lake's reasons.
+
+        scrape_health and the `--once` summary are written from this attempt's
+        counts: counting rows the lake then rejects (no GPU UUID, a timestamp
+        before 2000) would report samples that no table holds.
+        """
+        from finops.lake import to_frame, validate
+        from finops.schemas import schema_for
+
+        rows = to_frame(rows)
+        if rows.height == 0:
+            return rows
+        checked, _ = validate(rows, schema_for(table), source=out.kind)
+        for location, raw, reason in checked.bad.iter_rows():
+            out.rejects.append((table, {"location": location, "raw": raw, "reason": reason}))
+        out.rejected += checked.bad.height
+        out.samples += checked.good.height
+        out.add(table, checked.good)
+        return checked.good
+
     def close(self) -> None:  # noqa: B027 - optional hook; most targets hold nothing
         """Release resources at shutdown (optional)."""
 
@@ -325,26 +346,6 @@ class _ExpositionTarget(Target):
         names = parsed.metadata["name"].drop_nulls().to_list()
         return any(n.startswith(p) for n in names for p in self.prefixes)
 
-    def _keep(self, rows: pl.DataFrame, out: Outcome) -> pl.DataFrame:
-        """Rows the lake will take; the rest go to rejects now, with the lake's reasons.
-
-        scrape_health and the `--once` summary are written from this attempt's
-        counts: counting rows the lake then rejects (no GPU UUID, a timestamp
-        before 2000) would report samples that no table holds.
-        """
-        from finops.lake import validate
-        from finops.schemas import schema_for
-
-        if rows.height == 0:
-            return rows
-        checked, _ = validate(rows, schema_for(self.table), source=self.source)
-        for location, raw, reason in checked.bad.iter_rows():
-            out.rejects.append((self.table, {"location": location, "raw": raw, "reason": reason}))
-        out.rejected += checked.bad.height
-        out.samples += checked.good.height
-        out.add(self.table, checked.good)
-        return checked.good
-
     @abc.abstractmethod
     def _map(self, parsed: Any, out: Outcome) -> int:
         """Turn a parsed payload into this target's lake rows; how many it found."""
@@ -373,7 +374,7 @@ class DcgmTarget(_ExpositionTarget):
         from collectors.dcgm import gpu_rows
 
         res = gpu_rows(parsed, ts=out.ts, target=self.cfg.url or "", source="dcgm")
-        self._keep(res.rows, out)
+        self.keep(self.table, res.rows, out)
         return res.rows.height
 
 
@@ -412,7 +413,7 @@ class VllmTarget(_ExpositionTarget):
             prefixes=self.cfg.metric_prefixes,
             labels=labels,
         )
-        good = self._keep(rows, out)
+        good = self.keep(self.table, rows, out)
         with self._lock:
             events, state = self.tracker.step(good)
         out.add("cache_events", events)
@@ -443,17 +444,20 @@ class NvmlTarget(Target):
     async def attempt(self, out: Outcome) -> None:
         from collectors.nvml import NvmlUnavailable
 
+        scratch = Outcome(out.target, out.kind, out.ts)
         try:
-            rows = await self.in_thread(self.collector.read, out.ts)
+            await self.in_thread(self._read, scratch)
         except NvmlUnavailable as exc:
             raise ScrapeError(str(exc)) from None
         except Exception as exc:
             from collectors.nvml import explain
 
             raise ScrapeError(explain(exc)) from None
-        out.add("gpu_samples", rows)
-        out.samples += len(rows)
+        out.absorb(scratch)
         out.up = True
+
+    def _read(self, out: Outcome) -> None:
+        self.keep("gpu_samples", self.collector.read(out.ts), out)
 
     def close(self) -> None:
         with contextlib.suppress(Exception):

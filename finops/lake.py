@@ -220,7 +220,7 @@ def _write_pending(table: pl.DataFrame, tmp: Path, *, fsync: bool) -> None:
             os.fsync(fh.fileno())
 
 
-def _to_frame(data: Any) -> pl.DataFrame:
+def to_frame(data: Any) -> pl.DataFrame:
     """Accept Polars, Arrow, pandas-like or an iterable of dict rows."""
     if isinstance(data, pl.DataFrame):
         return data
@@ -761,7 +761,7 @@ class Lake:
         """
         schema = schema_for(table)
         src = source or table
-        df = _to_frame(data)
+        df = to_frame(data)
         result = AppendResult(table=table, read=df.height)
         if df.height == 0:
             return result

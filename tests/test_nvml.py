@@ -255,3 +255,28 @@ def test_real_nvml_reads_devices() -> None:
     assert all(r["gpu_uuid"].startswith(("GPU-", "MIG-")) for r in rows)
     power = [r["value"] for r in rows if r["field"] == "nvml_power_w"]
     assert all(0 < p < 2000 for p in power)  # watts, not milliwatts
+
+
+def test_nvml_rows_the_lake_refuses_are_not_counted_as_samples(tmp_path: Path) -> None:
+    """scrape_health counts what the lake holds: an NVML row without a GPU UUID goes to
+    rejects with the lake's reason, and is not in `samples`. Was: counted before the lake
+    validated it (samples 23 over 22 loaded rows)."""
+    cfg = CollectConfig(lake=tmp_path / "lake", checkpoint_dir=tmp_path / "state")
+    cfg.targets.append(make_target({"kind": "nvml", "host": "node-x"}, "t"))
+    c = Collector(cfg, status=None, nvml_module=FakePynvmlModule())
+    target = c.targets[0]
+    read = target.collector.read
+
+    def one_row_without_uuid(ts: dt.datetime | None = None) -> list[dict]:
+        rows = read(ts)
+        rows[0]["gpu_uuid"] = None
+        return rows
+
+    target.collector.read = one_row_without_uuid
+    out = asyncio.run(c.run_once())[0]
+    assert out.up and out.rejected == 1
+    db = finops.connect(tmp_path / "lake")
+    loaded = db.execute("SELECT count(*) FROM raw.gpu_samples").fetchone()[0]
+    assert db.execute("SELECT samples, rejected FROM scrape_health").fetchall() == [(loaded, 1)]
+    reason = db.execute("SELECT reason FROM rejects").fetchone()[0]
+    assert "gpu_uuid" in reason
