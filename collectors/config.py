@@ -12,6 +12,7 @@ import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from finops.schemas import CACHE_EVENTS, REQUESTS
 
@@ -123,7 +124,9 @@ _TARGET_KEYS = {
 _DURATIONS = ("interval", "timeout", "step", "lookback", "lag")
 _VLLM_ONLY = ("tier", "pod")
 # `--vllm mid=http://host:8000`: a tier name, '=', then the URL (a URL never starts so)
-_TIER_URL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.+)$")
+_TIER_URL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.*)$")
+# the servers' own default ports, for a URL given as `host` (dcgm-exporter's: 9400)
+_DEFAULT_PORT = {"vllm": 8000, "prometheus": 9090}
 
 
 def make_target(
@@ -171,6 +174,8 @@ def make_target(
             raise ConfigError(
                 f"{where}: url names tier {m.group(1)!r} but tier = {kw['tier']!r}; give one"
             )
+        if not m.group(2):
+            raise ConfigError(f"{where}.url: {m.group(0)!r} names tier {m.group(1)!r} but no URL")
         kw["tier"], kw["url"] = m.group(1), m.group(2)
     if kind == "log" and kw.get("table", "requests") not in LOG_TABLES:
         raise ConfigError(
@@ -183,9 +188,11 @@ def make_target(
     if kind == "log" and not kw.get("path"):
         raise ConfigError(f"{where}: a log target needs path (a file or a glob)")
     if kind == "dcgm":
-        from collectors.dcgm import default_url
+        from collectors.dcgm import DEFAULT_PORT, default_url
 
-        kw["url"] = default_url(kw["url"])
+        kw["url"] = default_url(_http_url(kw["url"], DEFAULT_PORT, f"{where}.url"))
+    elif kind in _DEFAULT_PORT:
+        kw["url"] = _http_url(kw["url"], _DEFAULT_PORT[kind], f"{where}.url")
     if kind in ("dcgm", "vllm") and kw["url"].endswith("/metrics/"):
         # `/metrics/` reaches vLLM's prometheus_client mount, which answers
         # OpenMetrics with escaped names; `/metrics` is the exporters' own route
@@ -288,3 +295,20 @@ def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectCo
     if dup:
         raise ConfigError(f"{p}: target names must be unique, repeated: {dup} (set name = ...)")
     return cfg
+
+
+def _http_url(url: str, port: int, where: str) -> str:
+    """`host` or `host:port` -> `http://host:port` (as `--dcgm` takes them); a full URL
+    must be http(s) with a host, or every scrape fails with the same transport error."""
+    parts = urlsplit(url if "://" in url else f"http://{url}")
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ConfigError(f"{where}: expected http(s)://host[:port][/path], got {url!r}")
+    try:
+        has_port = parts.port is not None
+    except ValueError:
+        raise ConfigError(f"{where}: bad port in {url!r}") from None
+    if "://" in url:
+        return url
+    return f"http://{parts.netloc}{'' if has_port else f':{port}'}{parts.path}" + (
+        f"?{parts.query}" if parts.query else ""
+    )

@@ -405,3 +405,40 @@ def test_a_direct_scrape_keeps_the_exporters_pod_labels() -> None:
     )
     row = label_table(pl.Series([lab])).row(0, named=True)
     assert (row["namespace"], row["pod"]) == ("llm", "vllm-mid-0")
+
+
+@pytest.mark.parametrize(
+    ("kind", "given", "url"),
+    [
+        ("vllm", "localhost", "http://localhost:8000/metrics"),
+        ("vllm", "vllm-mid-0:9000/v1", "http://vllm-mid-0:9000/metrics"),
+        ("vllm", "https://h/vllm/metrics", "https://h/vllm/metrics"),
+        ("prometheus", "prom", "http://prom:9090"),
+        ("prometheus", "prom:80", "http://prom:80"),
+        ("dcgm", "node-a", "http://node-a:9400/metrics"),
+    ],
+)
+def test_a_url_without_scheme_gets_the_servers_default(kind: str, given: str, url: str) -> None:
+    """`--vllm localhost:8000` and `--prometheus prom:9090` failed every scrape with httpx's
+    'missing an http:// protocol' while `--dcgm node-a:9400` worked."""
+    extra = {"query": "up"} if kind == "prometheus" else {}
+    assert make_target({"kind": kind, "url": given, **extra}, "t").url == url
+
+
+@pytest.mark.parametrize(
+    ("flag", "given", "says"),
+    [
+        ("--vllm", "mid=", "--vllm: 'mid=' names tier 'mid' but no URL"),
+        ("--vllm", "ftp://h/metrics", "--vllm: expected http(s)://host[:port][/path], got 'ftp"),
+        ("--dcgm", "http://", "--dcgm: expected http(s)://host[:port][/path], got 'http://'"),
+        ("--vllm", "http://h:99999", "--vllm: bad port in 'http://h:99999'"),
+    ],
+)
+def test_a_url_that_cannot_be_scraped_is_refused_naming_the_flag(
+    tmp_path: Path, flag: str, given: str, says: str
+) -> None:
+    """Was: started, and every attempt was DOWN with a transport error (`mid=` was a URL)."""
+    res = CliRunner().invoke(app, ["collect", "--once", "--lake", str(tmp_path), flag, given])
+    assert res.exit_code != 0
+    assert says in res.output, res.output
+    assert "Traceback" not in res.output

@@ -25,14 +25,15 @@ def collect(
         list[str] | None,
         typer.Option(
             "--vllm",
-            help="vLLM base or /metrics URL; TIER=URL (e.g. mid=http://vllm-mid-0:8000) "
+            help="vLLM base or /metrics URL, or host[:port] (port 8000); TIER=URL (e.g. mid=http://vllm-mid-0:8000) "
             "names its tier, which the prefill/decode cost split needs when no GPU pod "
             "shares the URL's host name.",
         ),
     ] = None,
     nvml: Annotated[bool, typer.Option("--nvml", help="Read this host's GPUs via NVML.")] = False,
     prometheus: Annotated[
-        list[str] | None, typer.Option("--prometheus", help="Prometheus/Thanos base URL.")
+        list[str] | None,
+        typer.Option("--prometheus", help="Prometheus/Thanos base URL or host[:port] (9090)."),
     ] = None,
     query: Annotated[
         list[str] | None, typer.Option("--query", help="PromQL for each --prometheus URL.")
@@ -167,7 +168,7 @@ def _flag_target(cfgmod: Any, raw: dict, where: str) -> Any:
         return cfgmod.make_target(raw, where)
     except cfgmod.ConfigError as exc:
         msg = str(exc)
-        for key, flag in _FLAG_OF.items():
+        for key, flag in {**_FLAG_OF, "url": f"--{raw.get('kind')}"}.items():
             if msg.startswith(f"{where}.{key}: "):
                 raise cfgmod.ConfigError(f"{flag}: {msg[len(where) + len(key) + 3 :]}") from None
         raise
