@@ -155,7 +155,7 @@ def test_a_week_the_lake_ends_inside_is_compared_with_the_same_hours(
     assert "vs the same first 48 hours of 2026-W47" in r["takeaways"]["headline"]
     assert any("changes compare them with the first 48 hours" in m for m in r["sources"]["missing"])
     whole = compute(nine_days, "2026-W47", growth=False)  # a whole week: the whole week before
-    assert whole["compare_text"] == "2026-W46"
+    assert whole["compare_text"] == "2026-W46 (no data: changes are not shown)"  # none here
     db.close()
 
 

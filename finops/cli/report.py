@@ -23,6 +23,14 @@ def report(
     no_growth: Annotated[
         bool, typer.Option("--no-growth", help="Skip the growth/autoscaling simulation.")
     ] = False,
+    allow_empty: Annotated[
+        bool,
+        typer.Option(
+            "--allow-empty",
+            help="Write a report (all n/a) for a week outside the lake's data instead of "
+            "failing: by default a mistyped week is an error, not an empty report.",
+        ),
+    ] = False,
     verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Print step timings.")] = False,
 ) -> None:
     """Write report-<week>.html (self-contained, inline SVG), summary-<week>.md,
@@ -41,6 +49,7 @@ def report(
                 router=router,
                 growth=not no_growth,
                 log=(lambda m: typer.echo(m, err=True)) if verbose else None,
+                allow_empty=allow_empty,
             )
     except (ReportError, CostError) as exc:
         fail(str(exc))

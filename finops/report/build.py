@@ -45,10 +45,13 @@ def summary_markdown(r: dict[str, Any]) -> str:
     """Ten lines for Slack or e-mail: headline numbers, then the top findings."""
     h, t = r["headline"], r["takeaways"]
 
-    def val(key: str, fmt: Callable[[float], str]) -> str:
-        v, ch = h[key]["value"], h[key]["change"]
+    def val(key: str, fmt: Callable[[float], str], points: bool = False) -> str:
+        v, ch, prev = h[key]["value"], h[key]["change"], h[key]["previous"]
         s = "n/a" if v is None else fmt(v)
-        return s + ("" if ch is None else f" ({F.signed_pct(ch)})")
+        if ch is None:
+            return s
+        # a share's change in percentage points, as the report's cards show it
+        return s + (f" ({100 * (v - prev):+.1f} pp)" if points else f" ({F.signed_pct(ch)})")
 
     lines = [
         f"*GPU cost report {r['week']}* (vs {r.get('compare_text') or r['compare_to']})",
@@ -58,7 +61,7 @@ def summary_markdown(r: dict[str, Any]) -> str:
         f"- Cost per 1k requests {val('usd_per_1k_requests', lambda v: f'${v:,.2f}')}, "
         f"per 1M tokens {val('usd_per_1m_tokens', lambda v: f'${v:,.2f}')}",
         f"- GPU-hours {val('gpu_hours', lambda v: f'{v:,.0f}')}, utilization "
-        f"{val('utilization', lambda v: f'{100 * v:.1f}%')} "
+        f"{val('utilization', lambda v: f'{100 * v:.1f}%', points=True)} "
         f"({h.get('util_signal') or 'no signal'})",
     ]
     tail = [f"- {t[k]}" for k in ("forecast", "growth") if t.get(k)]
@@ -139,12 +142,14 @@ def build_report(
     growth: bool = True,
     notebook: Path = NOTEBOOK,
     log: Callable[[str], None] | None = None,
+    allow_empty: bool = True,
 ) -> ReportPaths:
     """Write report-<week>.html, summary-<week>.md, report-<week>.json and focus-<week>.*.
 
     Returns their paths. Missing sources (no GPU metrics, no previous week, no
     router, a partial or empty week) are stated in the report, never an error;
-    a malformed week or a lake folder that does not exist raise ReportError.
+    a malformed week or a lake folder that does not exist raise ReportError, and so
+    does a week outside the lake's data with `allow_empty=False` (`compute`).
     """
     t0 = time.perf_counter()
     lake_path = Path(lake) if lake is not None else finops.db.default_lake_path()
@@ -152,13 +157,23 @@ def build_report(
     out_dir = prepare_out_dir(out)
     db = finops.connect(lake_path)
     F.quiet(db)
-    r = F.compute(db, week, compare_to=compare_to, router=router, growth=growth, log=log)
+    r = F.compute(
+        db,
+        week,
+        compare_to=compare_to,
+        router=router,
+        growth=growth,
+        log=log,
+        allow_empty=allow_empty,
+    )
     label = r["week"]
     json_path = out_dir / f"report-{label}.json"
     json_path.write_text(json.dumps(r, indent=2, default=str))
     summary = out_dir / f"summary-{label}.md"
     summary.write_text(summary_markdown(r))
-    csv, parquet = write_focus(focus_rows(db, label), out_dir, label)
+    src = r["sources"]
+    unpriced = {"gpu_hours": src["unpriced_gpu_hours"], "models": src["unpriced_models"]}
+    csv, parquet = write_focus(focus_rows(db, label), out_dir, label, unpriced)
     db.close()
     if log:
         log(f"figures, json, focus: {time.perf_counter() - t0:.1f}s")

@@ -167,7 +167,8 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
         )
     if src["requests"] == 0:
         missing.append(
-            "No requests this week: cost cannot be allocated to tenants, features or tiers."
+            "No request logs this week (none collected, or no traffic): requests and tokens "
+            "are unknown, and cost cannot be allocated to tenants, features or tiers."
         )
     sig = [s for s, _ in signals if s is not None]
     if src["gpu_hour_rows"] and "DCGM_FI_PROF_SM_ACTIVE" not in sig:
@@ -230,12 +231,15 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
     # tier on a GPU model the catalog has no price for carries no part of the bill, so
     # dividing the bill by its requests too understated both
     priced_tokens = int(t["priced_tokens"])
+    # no request rows at all: the logs are missing (or not collected), which "0 requests"
+    # beside busy GPUs would misstate; unknown counts show as n/a
+    logged = n > 0
     return {
         "spend_usd": spend,
-        "requests": n,
-        "input_tokens": int(t["input_tokens"]),
-        "output_tokens": int(t["output_tokens"]),
-        "tokens": tokens,
+        "requests": n if logged else None,
+        "input_tokens": int(t["input_tokens"]) if logged else None,
+        "output_tokens": int(t["output_tokens"]) if logged else None,
+        "tokens": tokens if logged else None,
         "usd_per_1k_requests": _f(t["usd_per_1k_requests"]) if known else None,
         "usd_per_1m_tokens": (
             1e6 * spend / priced_tokens if priced_tokens and spend is not None else None
@@ -462,8 +466,16 @@ def _router(
             FROM marts.tier_token_prices WHERE {per.where()} AND tier IS NOT NULL
             GROUP BY ALL""",
     ).pl()
+    # a tier that served routed requests without a GPU price: neither its own cost nor
+    # what "all on the priciest tier" would be is known (it may be the priciest), so the
+    # saving is unknown; pricing the rest against the next tier down overstated it
+    unpriced = sorted(
+        set(shares.filter(pl.col("routed") > 0)["tier"].drop_nulls().to_list())
+        - set(prices.drop_nulls()["tier"].to_list())
+    )
+    out["unpriced_tiers"] = unpriced
     prices = prices.drop_nulls()
-    if prices.height >= 2 and routed_n:
+    if prices.height >= 2 and routed_n and not unpriced:
         top = prices.sort("out_p", descending=True).row(0, named=True)
         row = sql(
             db,
@@ -753,6 +765,8 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
     prev_start = per.start - dt.timedelta(days=7)
     prev = s.filter((pl.col("hour") >= prev_start) & (pl.col("hour") < prev_start + span))
     trend = {}
+    # no requests in the span before: no trend to measure (1 is an assumption, said so)
+    trend_measured = bool(prev["requests"].sum())
     for col in ("requests", "spend"):
         a, b = float(cur[col].sum()), float(prev[col].sum())
         rate = (a / cur.height) / (b / prev.height) if a and b else 1.0
@@ -803,7 +817,13 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
             else ""
         ),
         "weeks_of_history": int(s.select(pl.col("hour").dt.truncate("1w").n_unique()).item()),
+        # weekdays with traffic in the history: the hours of the others are the same hours
+        # of the days seen, so a forecast from one Wednesday says so
+        "weekdays_seen": int(
+            s.filter(pl.col("requests") > 0).select(pl.col("hour").dt.weekday().n_unique()).item()
+        ),
         "trend": trend,
+        "trend_measured": trend_measured,
         "requests": req,
         "spend_usd": spend,
         # why spend_usd is unknown (None), or what a known one leaves out
@@ -1016,6 +1036,12 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         )
     elif no_logs:
         t["router"] = "Router impact is unknown: no request logs this week."
+    elif ro.get("routed_requests") and ro.get("unpriced_tiers"):
+        names = ", ".join(md_name(x) for x in ro["unpriced_tiers"])
+        t["router"] = (
+            f"{ro['routed_requests']:,} requests were routed; what routing saved is unknown: "
+            f"tier {names} served some of them on GPUs the price catalog has no price for."
+        )
     elif ro.get("routed_requests"):
         t["router"] = (
             f"{ro['routed_requests']:,} requests were routed; what routing saved is unknown: "
@@ -1064,7 +1090,18 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     if fo.get("requests") is not None:
         note = fo.get("spend_note")
         head = f"Next week: about {fo['requests']:,.0f} requests"
-        trend = f"(trend x{fo['trend']['requests']:.2f})"
+        trend = (
+            f"(trend x{fo['trend']['requests']:.2f})"
+            if fo.get("trend_measured", True)
+            else "(no earlier week to measure a trend: none applied)"
+        )
+        seen = fo.get("weekdays_seen", 7)
+        if seen < 7:
+            head = (
+                f"From {seen} day{'s' if seen != 1 else ''} of the week with traffic "
+                f"(the other days repeat their hours), next week: about "
+                f"{fo['requests']:,.0f} requests"
+            )
         if fo.get("spend_usd") is not None:
             t["forecast"] = f"{head} and {usd(fo['spend_usd'])} of GPU spend {trend}." + (
                 f" The spend {note}." if note else ""
@@ -1158,12 +1195,16 @@ def compute(
     router: str | Path | None = None,
     growth: bool = True,
     log: Callable[[str], None] | None = None,
+    allow_empty: bool = True,
 ) -> dict[str, Any]:
     """All figures of the weekly report for `week` as a JSON-ready dict.
 
     compare_to defaults to the ISO week before. An empty or partial week, missing
     GPU metrics, a missing previous week or no router still give a report: the
-    `sources.missing` sentences say what is absent.
+    `sources.missing` sentences say what is absent. With `allow_empty=False` a week
+    the lake holds nothing of and that lies outside its data (a mistyped week, an
+    empty lake) raises ReportError instead: a scheduled report must not mail a page
+    of n/a.
     """
     try:
         per = fc.period(week)
@@ -1216,6 +1257,7 @@ def compute(
             f"first {hours} hours of {prev_per.label}."
         )
     if prev is None:
+        r["compare_text"] = f"{prev_per.label} (no data: changes are not shown)"
         r["sources"]["missing"].append(
             f"No data for the comparison week {prev_per.label}: changes are not shown."
         )
@@ -1226,6 +1268,15 @@ def compute(
             if first and last
             else " (it holds no requests or GPU metrics at all)"
         )
+        outside = not (first and last) or not (
+            per.start < dt.datetime.fromisoformat(last) + dt.timedelta(hours=1)
+            and dt.datetime.fromisoformat(first) < per.end
+        )
+        if outside and not allow_empty:
+            raise ReportError(
+                f"the lake holds no data for {per.label}{held}: check --week, or give "
+                "--allow-empty for a report that says so"
+            )
         r["sources"]["missing"].insert(0, f"The lake holds no data for {per.label}{held}.")
     r["headline"] = _headline(cur, prev)
     r["headline"]["util_signal"] = r["sources"]["util_signal"]

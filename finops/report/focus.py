@@ -36,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
@@ -477,9 +478,15 @@ def _focus_type(col: str, dtype: pl.DataType) -> str:
     return "STRING"
 
 
-def focus_metadata(df: pl.DataFrame, week: str) -> dict[str, object]:
+def focus_metadata(
+    df: pl.DataFrame, week: str, unpriced: Mapping[str, object] | None = None
+) -> dict[str, object]:
     """FOCUS schema metadata for the export: FocusVersion, DataGenerator, CreationDate and
-    the ColumnDefinition list; SchemaId hashes the columns, so it changes with them."""
+    the ColumnDefinition list; SchemaId hashes the columns, so it changes with them.
+
+    `unpriced` ({"gpu_hours": ..., "models": [...]}) names GPU-hours the price catalog
+    has no price for: they have no rows (FOCUS costs are never null), and without this
+    a consumer would read a complete-looking, smaller bill."""
     columns = [
         {"ColumnName": c, "DataType": _focus_type(c, t)}
         for c, t in zip(df.columns, df.dtypes, strict=True)
@@ -493,7 +500,16 @@ def focus_metadata(df: pl.DataFrame, week: str) -> dict[str, object]:
         "CreationDate": now,
         "DatasetInstanceName": f"focus-{week}",
         "ColumnDefinition": columns,
-    }
+    } | (
+        {
+            "x_UnpricedGpuHours": unpriced["gpu_hours"],
+            "x_UnpricedGpuModels": unpriced.get("models") or [],
+            "x_Note": "GPU-hours without a catalog price are not in these rows: the "
+            "BilledCost total is the priced part of the bill only.",
+        }
+        if unpriced and unpriced.get("gpu_hours")
+        else {}
+    )
 
 
 def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
@@ -509,12 +525,14 @@ def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
     )
 
 
-def write_focus(df: pl.DataFrame, out_dir: Path, week: str) -> tuple[Path, Path]:
+def write_focus(
+    df: pl.DataFrame, out_dir: Path, week: str, unpriced: Mapping[str, object] | None = None
+) -> tuple[Path, Path]:
     """Write `focus-<week>.csv` (ISO 8601 UTC 'Z' datetimes, formula-safe text),
     `.parquet` (FocusVersion etc. in its key-value metadata) and `.metadata.json`
-    (the FOCUS schema metadata, retrievable without the data)."""
+    (the FOCUS schema metadata, retrievable without the data; `focus_metadata`)."""
     csv, parquet = out_dir / f"focus-{week}.csv", out_dir / f"focus-{week}.parquet"
-    meta = focus_metadata(df, week)
+    meta = focus_metadata(df, week, unpriced)
     df.write_parquet(
         parquet,
         metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
