@@ -535,6 +535,8 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
           (SELECT count(*) FROM marts.request_work WHERE {per.where()}) AS requests,
           (SELECT count(*) FROM marts.request_costs WHERE {per.where()} AND unpriced_tier_hour)
               AS unpriced_requests,
+          (SELECT count(*) FROM marts.request_work
+            WHERE {per.where()} AND tier IS NULL AND processed) AS tierless_requests,
           (SELECT count(*) FROM marts.tier_token_prices
             WHERE {per.where()} AND split_method = 'prefill_decode_time') AS measured_tier_hours,
           (SELECT count(*) FROM marts.tier_token_prices WHERE {per.where()}) AS tier_hours,
@@ -621,10 +623,18 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         )
     if row["requests"] == 0:
         notes.append("no requests in this period: cost cannot be allocated to tenants/features")
-    if row["unpriced_requests"]:
+    on_tiers = row["unpriced_requests"] - row["tierless_requests"]
+    if on_tiers:
         notes.append(
-            f"{row['unpriced_requests']:,} requests were on tier-hours with no GPU data or no "
+            f"{on_tiers:,} requests were on tier-hours with no GPU data or no "
             "GPU price: their cost is unknown (NULL)"
+        )
+    if row["tierless_requests"]:
+        notes.append(
+            f"{row['tierless_requests']:,} requests that ran on a model have no tier: which "
+            "GPUs served them is unknown, so their cost is unknown (NULL) and per-request "
+            "figures leave them out; give their log a tier in its mapping "
+            '(tier = "its column", or tier = { value = "large" })'
         )
     if row["tier_hours"] and row["measured_tier_hours"] < row["tier_hours"]:
         notes.append(

@@ -182,35 +182,42 @@ SELECT
     w.input_tokens, w.output_tokens, w.cached_input_tokens, w.work_in, w.work_out,
     p.split_method, p.input_share,
     f.failed, f.is_retry, f.was_retried, f.is_duplicate, f.in_storm, f.stream_aborted, f.leak,
-    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+    CASE WHEN w.processed AND w.tier IS NULL THEN NULL  -- ran on GPUs nobody named
+         WHEN NOT w.worked THEN 0.0::DOUBLE
          WHEN p.split_method = 'per_request' THEN p.pool_allocation / p.n_work
          ELSE p.pool_allocation * p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
     END AS input_cost_allocation,
-    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+    CASE WHEN w.processed AND w.tier IS NULL THEN NULL  -- ran on GPUs nobody named
+         WHEN NOT w.worked THEN 0.0::DOUBLE
          WHEN p.split_method = 'per_request' THEN p.pool_allocation * 0.0::DOUBLE
          ELSE p.pool_allocation * (1 - p.input_share)
               * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
     END AS output_cost_allocation,
-    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+    CASE WHEN w.processed AND w.tier IS NULL THEN NULL  -- ran on GPUs nobody named
+         WHEN NOT w.worked THEN 0.0::DOUBLE
          WHEN p.split_method = 'per_request' THEN p.pool_usage / p.n_work
          ELSE p.pool_usage * p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
     END AS input_cost_usage,
-    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+    CASE WHEN w.processed AND w.tier IS NULL THEN NULL  -- ran on GPUs nobody named
+         WHEN NOT w.worked THEN 0.0::DOUBLE
          WHEN p.split_method = 'per_request' THEN p.pool_usage * 0.0::DOUBLE
          ELSE p.pool_usage * (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
     END AS output_cost_usage,
     -- the request's share of its tier-hour's pool (the same on both bases); the shares
     -- of a tier-hour's worked requests sum to 1
-    CASE WHEN NOT w.worked THEN 0.0::DOUBLE
+    CASE WHEN w.processed AND w.tier IS NULL THEN NULL  -- ran on GPUs nobody named
+         WHEN NOT w.worked THEN 0.0::DOUBLE
          WHEN p.split_method = 'per_request' THEN 1.0::DOUBLE / p.n_work
          ELSE p.input_share * coalesce(w.work_in / nullif(p.w_in, 0), 0.0::DOUBLE)
               + (1 - p.input_share) * coalesce(w.work_out / nullif(p.w_out, 0), 0.0::DOUBLE)
     END AS pool_share,
-    -- its tier-hour has no GPU cost (no GPU data or no price), whether or not it did work:
-    -- per-request and per-token figures leave these out of their denominators, or a cache
-    -- hit or refusal on an unpriced tier would dilute a priced tier's cost per request
-    (w.tier IS NOT NULL AND p.pool_allocation IS NULL) AS unpriced_tier_hour,
-    (w.worked AND unpriced_tier_hour) AS unpriced  -- worked implies a tier
+    -- its tier-hour has no GPU cost (no GPU data or no price), whether or not it did work,
+    -- or it did work with no tier logged (a mapped gateway log without one: which GPUs
+    -- served it is unknown): per-request and per-token figures leave these out of their
+    -- denominators, or they would dilute a priced tier's cost per request as $0
+    ((w.tier IS NOT NULL AND p.pool_allocation IS NULL) OR (w.tier IS NULL AND w.processed))
+        AS unpriced_tier_hour,
+    (w.processed AND unpriced_tier_hour) AS unpriced
 FROM marts.request_work w
 LEFT JOIN marts.tier_token_prices p ON p.hour = w.hour AND p.tier = w.tier
 LEFT JOIN marts.request_flags f ON f.request_id = w.request_id
