@@ -302,3 +302,16 @@ def test_the_demo_reports_its_latest_whole_week() -> None:
     # one day only: its week; a year boundary keeps the ISO year
     assert report_week(dt.date(2026, 11, 20), 1) == "2026-W47"
     assert report_week(dt.date(2026, 12, 28), 14) == "2027-W01"
+
+
+def test_the_demo_summary_counts_tokens_as_costs_does(demo_lake: Path) -> None:
+    """Was: raw sums with cache hits and refusals (1,948M input tokens against the 1,801M
+    of `finops costs` and the report for the same week)."""
+    import finops.costs as fc
+    from finops.demo.summary import summarize
+
+    db = finops.connect(demo_lake)
+    s, t = summarize(db), fc.totals(db)
+    assert (s["input_tokens"], s["output_tokens"]) == (t["input_tokens"], t["output_tokens"])
+    raw = db.sql("SELECT sum(input_tokens) FROM clean.requests").fetchall()[0][0]
+    assert raw > s["input_tokens"]  # the demo has hits and refusals

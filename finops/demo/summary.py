@@ -42,11 +42,13 @@ def summarize(db: duckdb.DuckDBPyConnection, *, pricing_kind: str = "on_demand")
         """
         SELECT count(*) AS requests,
                count(*) FILTER (status_code >= 400) AS failed,
-               coalesce(sum(input_tokens), 0) AS input_tokens,
-               coalesce(sum(output_tokens), 0) AS output_tokens,
-               coalesce(sum(cached_input_tokens), 0) AS cached_input_tokens,
+               -- tokens a model processed (no cache hits nor refusals), as finops costs
+               -- and the report count them
+               coalesce(sum(input_tokens) FILTER (processed), 0) AS input_tokens,
+               coalesce(sum(output_tokens) FILTER (processed), 0) AS output_tokens,
+               coalesce(sum(cached_input_tokens) FILTER (processed), 0) AS cached_input_tokens,
                min(ts) AS first_ts, max(ts) AS last_ts
-        FROM clean.requests
+        FROM marts.request_work
         """
     ).fetchall()[0]
     n_req = int(req[0]) if req else 0
