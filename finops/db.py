@@ -114,8 +114,17 @@ def connect(
 
     >>> db = finops.connect()                  # data/lake of this project
     >>> db.sql("SELECT * FROM marts.tenant_daily").pl()
+
+    A lake folder that does not exist raises FileNotFoundError: a mistyped path read
+    as an empty lake, every figure zero (an existing empty folder is an empty lake).
     """
     lake_path = Path(lake) if lake is not None else default_lake_path()
+    if not lake_path.is_dir():
+        what = "is a file, not a lake folder" if lake_path.exists() else "no lake here"
+        raise FileNotFoundError(
+            f"{lake_path}: {what} (`finops demo` or `finops collect` writes one; "
+            "$FINOPS_LAKE or finops.connect(PATH) names another)"
+        )
     db = duckdb.connect(database)
     db.execute("SET TimeZone = 'UTC'")
     # DuckDB's progress bar writes into CLI output and notebook cells alike.
