@@ -584,7 +584,13 @@ def test_cli_costs_missing_lake_and_gpu_data(tmp_path: Path) -> None:
     r = CliRunner().invoke(app, ["costs", "--lake", str(lake.path), "--format", "json"])
     assert r.exit_code == 0, r.output
     assert "no GPU samples" in r.stderr
-    assert json.loads(r.stdout)["totals"]["gpu_cost"] == 0
+    totals = json.loads(r.stdout)["totals"]
+    assert totals["gpu_cost"] == 0
+    # what the per-request figures divide by is in the JSON, not only in the notes
+    assert totals["unpriced_requests"] == 5 and totals["priced_gpu_hours"] == 0
+    r = CliRunner().invoke(app, ["costs", "--lake", str(lake.path), "--pricing-kind", "bogus"])
+    assert r.exit_code == 2
+    assert "error: --pricing-kind: expected one of ('on_demand'" in r.output  # the flag typed
 
 
 def test_materialized_copies_equal_views_and_follow_the_lake(tmp_path: Path) -> None:

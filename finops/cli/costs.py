@@ -18,10 +18,15 @@ _TOTAL_KEYS = (
     "idle_capacity_cost",
     "busy_cost",
     "requests",
+    "failed_requests",
+    # the per-request and per-token figures divide by the priced requests and tokens only
+    "unpriced_requests",
     "input_tokens",
     "output_tokens",
     "cached_input_tokens",
+    "priced_tokens",
     "gpu_hours",
+    "priced_gpu_hours",
     "gpus",
     "utilization",
     "usd_per_1k_requests",
@@ -78,7 +83,10 @@ def costs(
         if deployments is not None:
             fc.load_deployments(db, deployments)
         if pricing_kind is not None:
-            fc.configure(db, pricing_kind=pricing_kind)
+            try:
+                fc.configure(db, pricing_kind=pricing_kind)
+            except fc.CostError as exc:  # worded as the flag typed, not the setting
+                fail(f"--pricing-kind: {str(exc).removeprefix('pricing_kind: ')}")
         if headline:
             head = fc.headline(db, per=per)
             if format == "json":
