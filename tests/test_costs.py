@@ -551,6 +551,14 @@ def test_cli_costs_table_and_csv(cost_lake: Path) -> None:
     )
     assert r.exit_code == 0, r.output
     assert "large" in r.stdout and "GPU bill" in r.stdout
+    # money with cents, counts with separators, unknown as n/a, nothing cut to "…"
+    # (was: 4 significant digits, "504", and "309359…" in a 100-column terminal)
+    rows = fc.by(
+        finops.connect(cost_lake), "tier", start="2026-11-16", end="2026-11-16", basis="usage"
+    )
+    large = rows.filter(pl.col("tier") == "large").row(0, named=True)
+    assert f"${large['cost']:,.2f}" in r.stdout and f"{large['share']:.1%}" in r.stdout
+    assert "$/1k requests" in r.stdout and "…" not in r.stdout
     r = CliRunner().invoke(
         app, ["costs", "--lake", str(cost_lake), "--by", "hour", "--format", "csv"]
     )

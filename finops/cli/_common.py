@@ -6,7 +6,7 @@ import contextlib
 import json
 import shlex
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 
@@ -79,8 +79,22 @@ def fail(message: str, code: int = 2) -> NoReturn:
     raise typer.Exit(code)
 
 
-def print_frame(df: Any, fmt: str = "table", *, title: str | None = None) -> None:
-    """Print a Polars frame as a rich table, CSV or JSON rows."""
+def print_frame(
+    df: Any,
+    fmt: str = "table",
+    *,
+    title: str | None = None,
+    headers: dict[str, str] | None = None,
+    cells: dict[str, Callable[[Any], str]] | None = None,
+    missing: str = "",
+) -> None:
+    """Print a Polars frame as a rich table, CSV or JSON rows.
+
+    For the table only, `headers` renames columns, `cells` formats a column's values
+    (money with cents, shares as percentages) and `missing` shows a null ("n/a" where
+    null means unknown); CSV and JSON keep names and raw values. The table is as wide as
+    its values need (at least 120 columns): a number is never cut to "12345…" or folded.
+    """
     import polars as pl
 
     if fmt == "csv":
@@ -106,12 +120,22 @@ def print_frame(df: Any, fmt: str = "table", *, title: str | None = None) -> Non
     from rich.console import Console
     from rich.table import Table
 
+    headers, cells = headers or {}, cells or {}
+    fmts = [cells.get(c, _cell) for c in df.columns]
+    rows = [
+        [missing if v is None else f(v) for f, v in zip(fmts, row, strict=True)]
+        for row in df.iter_rows()
+    ]
     table = Table(title=title, show_lines=False)
-    for name, dtype in zip(df.columns, df.dtypes, strict=True):
-        table.add_column(name, justify="right" if dtype.is_numeric() else "left")
-    for row in df.iter_rows():
-        table.add_row(*[_cell(v) for v in row])
-    Console(width=max(120, Console().width)).print(table)
+    widths = []
+    for i, (name, dtype) in enumerate(zip(df.columns, df.dtypes, strict=True)):
+        head = headers.get(name, name)
+        table.add_column(head, justify="right" if dtype.is_numeric() else "left", no_wrap=True)
+        widths.append(max([len(head), *(len(r[i]) for r in rows)]))
+    for row in rows:
+        table.add_row(*row)
+    needed = sum(widths) + 3 * len(widths) + 1  # cells, their padding and borders
+    Console(width=max(120, Console().width, needed)).print(table)
     if isinstance(df, pl.DataFrame) and df.height == 0:
         typer.echo("(no rows)")
 

@@ -36,6 +36,35 @@ _TOTAL_KEYS = (
 )
 
 
+# the table's (a person's) names and units; CSV and JSON keep the columns' names and values
+_HEADERS = {
+    "input_tokens": "input tokens",
+    "output_tokens": "output tokens",
+    "usd_per_1k_requests": "$/1k requests",
+    "usd_per_1m_input_tokens": "$/1M input",
+    "usd_per_1m_output_tokens": "$/1M output",
+    "leakage_cost": "leakage",
+}
+
+
+def _usd(v: float) -> str:
+    return f"${v:,.2f}"
+
+
+_CELLS = {
+    "requests": "{:,}".format,
+    "failed": "{:,}".format,
+    "input_tokens": "{:,}".format,
+    "output_tokens": "{:,}".format,
+    "cost": _usd,
+    "share": "{:.1%}".format,
+    "usd_per_1k_requests": _usd,
+    "usd_per_1m_input_tokens": _usd,
+    "usd_per_1m_output_tokens": _usd,
+    "leakage_cost": _usd,
+}
+
+
 def costs(
     lake: LakeOption = None,
     week: Annotated[str | None, typer.Option(help="ISO week, e.g. 2026-W47.")] = None,
@@ -128,7 +157,6 @@ def costs(
             "output_tokens",
             "cost",
             "share",
-            "cost_per_request",
             "usd_per_1k_requests",
             "usd_per_1m_input_tokens",
             "usd_per_1m_output_tokens",
@@ -136,16 +164,23 @@ def costs(
         ),
         "table",
         title=f"cost by {by}, {tot['period']} ({basis} basis)",
+        headers=_HEADERS,
+        cells=_CELLS,
+        missing="n/a",  # unknown (no GPU data or price), not $0
     )
     if not tot["gpu_hours"]:  # no GPU samples: the bill is unknown, not $0.00
         typer.echo(
             f"GPU bill unknown (no GPU samples in {tot['period']}); {tot['requests']:,} requests"
         )
         return
+    hours = f"{tot['gpu_hours']:,.0f} GPU-hours"
+    if tot["priced_gpu_hours"] < tot["gpu_hours"]:  # the bill covers the priced ones only
+        hours = f"{tot['priced_gpu_hours']:,.0f} priced of {hours}"
     typer.echo(
-        f"GPU bill ${tot['gpu_cost']:,.2f} ({tot['gpu_hours']:,.0f} GPU-hours, {tot['gpus']} GPUs)"
-        f" = allocated ${tot['allocated_cost']:,.2f} + idle ${tot['idle_cost']:,.2f}; "
-        f"idle capacity ${tot['idle_capacity_cost']:,.2f}; {tot['requests']:,} requests"
+        f"GPU bill ${tot['gpu_cost']:,.2f} ({hours}, {tot['gpus']} GPUs) = "
+        f"${tot['allocated_cost']:,.2f} allocated to requests + ${tot['idle_cost']:,.2f} on "
+        f"GPU-hours without requests; ${tot['idle_capacity_cost']:,.2f} of the bill is idle "
+        f"capacity (GPU time not busy); {tot['requests']:,} requests"
     )
 
 
