@@ -558,6 +558,10 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
           (SELECT round(coalesce(sum(est_cost), 0), 2) FROM gaps) AS gap_cost,
           (SELECT round(coalesce(sum(est_gpu_hours), 0), 2) FROM gaps
             WHERE usd_per_gpu_hour IS NULL) AS gap_unpriced_gpu_hours,
+          (SELECT list(DISTINCT coalesce(tier, '(no tier)') ORDER BY coalesce(tier, '(no tier)'))
+             FROM gaps WHERE est_gpu_hours > 0) AS gap_tiers,
+          (SELECT min(hour) FROM gaps WHERE est_gpu_hours > 0) AS gap_first_hour,
+          (SELECT max(hour) FROM gaps WHERE est_gpu_hours > 0) AS gap_last_hour,
           (SELECT CAST(coalesce(sum(down_attempts), 0) AS BIGINT)
              FROM (SELECT DISTINCT hour, down_attempts FROM gaps WHERE est_gpu_hours > 0))
               AS gap_down_attempts,
@@ -615,8 +619,18 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
             if row["gap_unpriced_gpu_hours"]
             else ""
         )
+        first, last = row["gap_first_hour"], row["gap_last_hour"]
+        when = (
+            f"{first:%Y-%m-%d %H:00}"
+            + ("" if last == first else f" to {last + dt.timedelta(hours=1):%Y-%m-%d %H:00}")
+            + " UTC"
+            if first is not None and last is not None
+            else "?"
+        )
+        tiers = ", ".join(row["gap_tiers"] or [])
         notes.append(
-            f"{_hours(row['gap_gpu_hours'])} GPU-hours inside the period have no GPU samples "
+            f"{_hours(row['gap_gpu_hours'])} GPU-hours inside the period "
+            f"({'tier ' + tiers + ', ' if tiers else ''}{when}) have no GPU samples "
             "although the GPU reported before and after (exporter or collector down?): "
             f"spend leaves out about ${row['gap_cost']:,.2f}{unpriced}{why}; "
             "see marts.gpu_gap_hourly"

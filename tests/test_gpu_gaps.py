@@ -119,7 +119,12 @@ def test_an_exporter_outage_is_listed_costed_and_said(tmp_path: Path) -> None:
     assert src["gap_cost"] == pytest.approx(3 * H100)
     assert src["gap_down_attempts"] == 6 and src["gpu_down_attempts"] == 6
     note = _gap_note(src["notes"])
-    assert note.startswith("3 GPU-hours inside the period")
+    # which tier and when: a reader can tell an outage from a collector restart
+    start, end = T0 + dt.timedelta(hours=3), T0 + dt.timedelta(hours=6)
+    assert note.startswith(
+        f"3 GPU-hours inside the period (tier large, {start:%Y-%m-%d %H:00} to "
+        f"{end:%Y-%m-%d %H:00} UTC) {NOTE}"
+    )
     assert "spend leaves out about $12.00" in note
     assert "failed 6 scrape attempts in those hours" in note
     # a period that does not hold the gap hours says nothing of them
@@ -139,7 +144,8 @@ def test_an_exporter_outage_is_listed_costed_and_said(tmp_path: Path) -> None:
         env={"FINOPS_PRICES": str(prices)},
     )
     assert res.exit_code == 0, res.output
-    assert f"warning: 3 GPU-hours inside the period {NOTE}" in res.stderr
+    assert "warning: 3 GPU-hours inside the period (tier large, " in res.stderr
+    assert NOTE in res.stderr
 
 
 def test_a_stopped_collector_leaves_a_gap_without_scrape_health(tmp_path: Path) -> None:
