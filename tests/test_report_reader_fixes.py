@@ -120,3 +120,9 @@ def test_the_focus_metadata_names_unpriced_gpu_hours(tmp_path: Path) -> None:
     write_focus(df, tmp_path, "2026-W48", {"gpu_hours": 0.0, "models": []})
     meta = json.loads((tmp_path / "focus-2026-W48.metadata.json").read_text())
     assert not any(k.startswith("x_") for k in meta)
+
+
+def test_comparing_a_week_with_itself_is_refused(nine_days: Path) -> None:  # noqa: F811
+    """Was: accepted, every change 0.0%."""
+    with pytest.raises(ReportError, match="'2026-W47' is the report week itself"):
+        compute(nine_days, "2026-W47", compare_to="2026-W47", growth=False)

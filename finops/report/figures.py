@@ -1215,6 +1215,11 @@ def compute(
         prev_per = fc.period(prev_label)
     except fc.CostError as exc:
         raise ReportError(f"compare_to (--compare-to): {exc}") from None
+    if prev_per.label == per.label:  # every change would read 0.0%
+        raise ReportError(
+            f"compare_to (--compare-to): {prev_label!r} is the report week itself; "
+            "give an earlier week"
+        )
     artifact = load_artifact(router) if router is not None else None
     if isinstance(lake, duckdb.DuckDBPyConnection):
         db = lake
