@@ -102,6 +102,8 @@ def test_no_price_at_all_leaves_no_dollar_figure_on_the_page(
     assert "what routing saved is unknown" in r["takeaways"]["router"]
     page = paths.html.read_text()
     assert "$0.00" not in page and "Spend by tenant is unknown" in page
+    # the per-request cards are over priced requests (none here: n/a), and say so
+    assert "Cost / 1k priced requests" in page and "Cost / 1M priced tokens" in page
 
 
 def test_requests_without_gpu_metrics_say_routing_is_unknown(
