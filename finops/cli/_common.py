@@ -93,7 +93,8 @@ def print_frame(
     For the table only, `headers` renames columns, `cells` formats a column's values
     (money with cents, shares as percentages) and `missing` shows a null ("n/a" where
     null means unknown); CSV and JSON keep names and raw values. The table is as wide as
-    its values need (at least 120 columns): a number is never cut to "12345…" or folded.
+    its numbers need (at least 120 columns): a number is never cut to "12345…" or folded;
+    text wraps in its cell.
     """
     import polars as pl
 
@@ -130,8 +131,11 @@ def print_frame(
     widths = []
     for i, (name, dtype) in enumerate(zip(df.columns, df.dtypes, strict=True)):
         head = headers.get(name, name)
-        table.add_column(head, justify="right" if dtype.is_numeric() else "left", no_wrap=True)
-        widths.append(max([len(head), *(len(r[i]) for r in rows)]))
+        numeric = dtype.is_numeric() or name in cells  # a formatted number ($1,234.56, 5.0%)
+        # numbers stay whole on one line; text (names, error messages) wraps in its cell
+        table.add_column(head, justify="right" if numeric else "left", no_wrap=numeric)
+        longest = max([len(head), *(len(r[i]) for r in rows)])
+        widths.append(longest if numeric else min(longest, 40))
     for row in rows:
         table.add_row(*row)
     needed = sum(widths) + 3 * len(widths) + 1  # cells, their padding and borders
