@@ -22,9 +22,18 @@ class TableSchema:
 
     `key` names the columns that identify a row: loading the same row twice
     yields the same key, so clean views keep one. `required` columns must be
-    non-null; `non_negative` numeric columns must be >= 0; `allowed` columns must hold
-    one of their listed values (or be null where not required). `ts_column` is the
-    event time that picks the `date=` partition.
+    non-null, and a required string column non-blank (an empty or whitespace-only id is
+    missing, not a key every such row would share); `non_negative` numeric columns must
+    be >= 0; `allowed` columns must hold one of their listed values (or be null where
+    not required). Float columns must hold finite numbers (NaN and infinities are
+    rejected: one would turn a mart's mean or percentile into NaN or inf) unless listed
+    in `non_finite_ok`. `lowercase` columns (enumerations such as a cache status) are
+    stored stripped and lower-cased, as are `allowed` columns, so "HIT" and "hit" are
+    one value to every view. `ts_column` is the event time that picks the `date=`
+    partition.
+
+    Within one append, a row whose key appears again later in the batch is superseded
+    by the later one: an exact copy is loaded once, a differing one is rejected.
     """
 
     name: str
@@ -36,6 +45,11 @@ class TableSchema:
     # columns whose value must be one of a fixed set (the marts match on them: a typo
     # such as event "hitt" would load and never be counted)
     allowed: dict[str, tuple[str, ...]] = field(default_factory=dict)
+    # open enumerations, matched by the views in lower case (see the class docstring)
+    lowercase: tuple[str, ...] = ()
+    # float columns that may hold NaN or +-Inf as data (exported metric samples: an
+    # empty Prometheus summary's quantile is NaN; the clean views drop NaN samples)
+    non_finite_ok: tuple[str, ...] = ()
     doc: dict[str, str] = field(default_factory=dict)
 
     @property
@@ -76,6 +90,7 @@ GPU_SAMPLES = TableSchema(
         "ts",
     ),
     required=("ts", "source", "gpu_uuid", "field"),
+    non_finite_ok=("value",),
     doc={
         "value": "unit per field: *_UTIL percent 0-100, DCGM_FI_PROF_* ratio 0-1, "
         "FB_* MiB, POWER_USAGE W, TOTAL_ENERGY_CONSUMPTION mJ, TEMP C, CLOCK MHz",
@@ -96,6 +111,7 @@ SERVING_SAMPLES = TableSchema(
     },
     key=("source", "target", "metric", "labels", "ts"),
     required=("ts", "source", "target", "metric"),
+    non_finite_ok=("value",),
 )
 
 REQUESTS = TableSchema(
@@ -155,6 +171,7 @@ REQUESTS = TableSchema(
         "ttft_ms",
         "latency_ms",
     ),
+    lowercase=("cache_status",),
 )
 
 CACHE_EVENTS = TableSchema(
@@ -177,6 +194,7 @@ CACHE_EVENTS = TableSchema(
     # layer is open (a generic log names its own cache: redis, cdn, ...); the event kinds
     # are what the views count
     allowed={"event": ("hit", "miss", "store", "evict")},
+    lowercase=("layer",),
     non_negative=("tokens", "requests"),
 )
 

@@ -30,7 +30,9 @@ SELECT
     count(*) AS requests,
     count(*) FILTER (status_code >= 400 OR error_type IS NOT NULL) AS failed,
     count(*) FILTER (retry_of IS NOT NULL) AS retries,
-    count(*) FILTER (cache_status = 'hit') AS cache_hits,
+    -- the lake stores cache_status lower-cased (finops.schemas); lower() also reads lakes
+    -- written before it did, as served_by_cache does
+    count(*) FILTER (lower(cache_status) = 'hit') AS cache_hits,
     sum(input_tokens) FILTER (processed) AS input_tokens,
     sum(output_tokens) FILTER (processed) AS output_tokens,
     sum(cached_input_tokens) FILTER (processed) AS cached_input_tokens,
