@@ -23,13 +23,20 @@ content-fingerprinted Parquet files mean it never duplicates one either.
 
 from __future__ import annotations
 
+import bz2
+import codecs
+import contextlib
 import csv
 import datetime as dt
 import glob as globlib
+import gzip
 import io
+import lzma
 import os
+import re
 import time
 import warnings
+import zlib
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -56,7 +63,7 @@ from collectors.mapping import (
     stable_hash,
     substitute,
 )
-from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake
+from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake, coerce, validate
 from finops.schemas import schema_for
 
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -76,7 +83,21 @@ ProgressFn = Callable[[int, int], None]
 
 
 class LogError(OSError):
-    """A file that cannot be read at all (missing, unreadable, unknown format)."""
+    """A file that cannot be read at all (missing, unreadable, unknown format).
+
+    Raised part way through a file (a truncated archive), `report` says what
+    was loaded before.
+    """
+
+    report: FileReport | None = None
+
+
+class LogFormatError(LogError, MappingError):
+    """No mapping was given and the file's format cannot be told (or needs one).
+
+    A `LogError`, so that one such file among many is that file's error (the
+    others still load); a `MappingError` too, as it was before it was per file.
+    """
 
 
 @dataclass
@@ -94,11 +115,45 @@ class FileReport:
     error: str | None = None
     files: list[Path] = field(default_factory=list)
     warnings: list[str] = field(default_factory=list)  # loaded, but a person should check
+    table: str = "requests"
+    location: str = ""  # the file as rejects name it (`_location_label`): one spelling
+    # of the rows loaded, how many keys the lake held already (counted when
+    # `count_existing`: a one-shot ingest; a follower reads each line once)
+    already_in_lake: int = 0
+    count_existing: bool = False
+    # fields of the file the table has no column for: dropped, which a person should know
+    ignored_columns: list[str] = field(default_factory=list)
+    _told_ignored: int = field(default=0, repr=False)
 
     def add(self, read: int, loaded: int, rejected: int) -> None:
         self.read += read
         self.loaded += loaded
         self.rejected += rejected
+
+    @property
+    def new(self) -> int:
+        """Rows loaded that the lake did not hold before (loaded = new + already_in_lake)."""
+        return self.loaded - self.already_in_lake
+
+    def ignore(self, columns: list[str]) -> None:
+        self.ignored_columns += [c for c in columns if c not in self.ignored_columns]
+
+    def ignored_message(self) -> str | None:
+        """What the summary says of the file's dropped fields (None: nothing dropped)."""
+        if not self.ignored_columns:
+            return None
+        return (
+            f"{self.path}: ignored columns not in the {self.table} schema: "
+            f"{', '.join(self.ignored_columns)} — use --mapping (see collectors/mappings/, "
+            "`finops ingest mappings`)"
+        )
+
+    def untold(self) -> list[str]:
+        """`ignored_message` once per new set of ignored columns (a follower's errors)."""
+        if len(self.ignored_columns) <= self._told_ignored:
+            return []
+        self._told_ignored = len(self.ignored_columns)
+        return [self.ignored_message() or ""]
 
 
 # --------------------------------------------------------------------------- formats
@@ -141,6 +196,8 @@ class _Plan:
     mapping: Mapping | None  # None: the file already uses the table's column names
     source: str
     shim: bool = False  # shim request log: also derive cache events
+    # native plans: fields of the first records the table has no column for (dropped)
+    ignored: list[str] = field(default_factory=list)
 
     @property
     def label(self) -> str:
@@ -152,7 +209,8 @@ class _Plan:
 def _first_records(path: Path, limit: int = 20) -> list[dict[str, Any]]:
     """The first few JSON objects of a file (bad lines skipped), for detection."""
     out = []
-    with open(path, "rb") as fh:
+    with _open_log(path) as log:  # a compressed file: its decompressed lines
+        fh = log.fh
         for n in range(limit * 5):
             line = fh.readline(MAX_LINE_BYTES + 1)
             if n == 0:
@@ -170,6 +228,73 @@ def _first_records(path: Path, limit: int = 20) -> list[dict[str, Any]]:
                 if len(out) >= limit:
                     break
     return out
+
+
+TOKEN_COLUMNS = ("input_tokens", "output_tokens", "cached_input_tokens")
+_FOREIGN_TOKENS = re.compile(
+    r"^(usage|(prompt|completion|input|output|total|context|generated|cached)_?tokens?)$",
+    re.IGNORECASE,
+)
+_HINTS = {  # a gateway's field -> the requests column it most likely is (for the error's hint)
+    "prompt_tokens": "input_tokens",
+    "completion_tokens": "output_tokens",
+    "usage.prompt_tokens": "input_tokens",
+    "usage.completion_tokens": "output_tokens",
+    "usage.prompt_tokens_details.cached_tokens": "cached_input_tokens",
+    "model": "response_model",
+    "user": "tenant",
+}
+
+
+def _foreign_usage(keys: list[str]) -> list[str]:
+    """Fields that hold token counts under another name (`prompt_tokens`, `usage`, ...)."""
+    return [k for k in keys if _FOREIGN_TOKENS.match(k)]
+
+
+def _record_paths(records: list[dict[str, Any]]) -> list[str]:
+    """Every field of the records, nested ones also as dotted paths (`usage.prompt_tokens`)."""
+    out: dict[str, None] = {}
+
+    def walk(obj: dict[str, Any], prefix: str) -> None:
+        for k, v in obj.items():
+            out[prefix + k] = None
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+
+    for r in records:
+        walk(r, "")
+    return list(out)
+
+
+def _foreign_plan(
+    path: Path, table: str, records: list[dict[str, Any]], ignored: list[str]
+) -> _Plan:
+    """A log with the table's id and time but foreign token fields: a shipped mapping that
+    reads it, else a `MappingError` naming its fields and the mapping it needs."""
+    available = _record_paths(records)
+    for origin in shipped_mappings().values():
+        m = load_mapping(origin)
+        if m.table != table or m.format not in (None, "jsonl"):
+            continue
+        try:
+            check_columns(m, available, str(path))
+        except MappingError:
+            continue
+        return _Plan("jsonl", table, m, substitute(m.source or "ingest:{file}", path.name))
+    hint = [
+        f'{col} = "{field_}"'
+        for field_, col in _HINTS.items()
+        if field_ in available and col not in available
+    ]
+    raise MappingError(
+        f"{path}: has request_id and ts but none of the token columns "
+        f"({', '.join(TOKEN_COLUMNS)}); its fields {', '.join(ignored)} are not {table} "
+        "columns, so every row would load with null tokens. Pass --mapping FILE: a TOML "
+        'mapping whose [columns] say request_id = "request_id", ts = "ts"'
+        + (f", {', '.join(hint)}" if hint else "")
+        + " (README: 'Any CSV/JSONL/Parquet loads with a TOML column mapping'; shipped: "
+        f"{', '.join(shipped_mappings())})"
+    )
 
 
 def plan_for(
@@ -209,15 +334,21 @@ def plan_for(
         return _Plan("jsonl", table, None, "shim" if shim else f"ingest:{path.name}", shim)
     keys = set().union(*(r.keys() for r in records))
     cols = set(schema_for(table).columns)
+    # fields the table has no column for, in the order the records show them
+    ignored = list(dict.fromkeys(k for r in records for k in r if k not in cols))
     if table == "requests" and {"request_id", "ts"} <= keys:
-        return _Plan("jsonl", table, None, "shim", shim=True)
+        if not keys & set(TOKEN_COLUMNS) and _foreign_usage(ignored):
+            # a gateway's log with the shim's id and time but its own token fields:
+            # read natively, every token count would load as null
+            return _foreign_plan(path, table, records, ignored)
+        return _Plan("jsonl", table, None, "shim", shim=True, ignored=ignored)
     if table == "cache_events" and {"request_id", "ts", "cache_status"} <= keys:
         raise MappingError(
             f"{path}: this is a shim request log; ingest it with `finops ingest requests`, "
             "which writes its response-cache hits to cache_events in the same pass"
         )
     if table == "cache_events" and {"ts", "event"} <= keys:
-        return _Plan("jsonl", table, None, f"ingest:{path.name}")
+        return _Plan("jsonl", table, None, f"ingest:{path.name}", ignored=ignored)
     if table == "requests" and (
         "usage" in keys or str(records[0].get("object", "")).endswith("completion")
     ):
@@ -734,6 +865,15 @@ class _Prepared:
     rows: pl.DataFrame
     mapped_rejects: pl.DataFrame | None = None
     events: pl.DataFrame | None = None
+    # the rows the lake will accept (validated with `now`, as Lake.append then is);
+    # None where not worked out (a mapped chunk: `_accepted` does it when needed)
+    accepted: pl.DataFrame | None = None
+    now: dt.datetime = field(default_factory=lambda: dt.datetime.now(dt.UTC))
+
+
+def _accepted(rows: pl.DataFrame, table: str, source: str, now: dt.datetime) -> pl.DataFrame:
+    """The rows `Lake.append(..., now=now)` accepts, typed as the table's columns."""
+    return validate(rows, schema_for(table), source=source, now=now)[0].good
 
 
 def _prepare(
@@ -751,6 +891,8 @@ def _prepare(
     chunk is written.
     """
     src = chunk.src
+    now = dt.datetime.now(dt.UTC)
+    may_reject = True
     if plan.mapping is not None:
         if check:
             available = [
@@ -761,14 +903,20 @@ def _prepare(
         rows, mapped_rejects = applied.frame, applied.rejects
     else:
         rows = _prepare_native(src, plan.table, file) if src.height else src
-        if chunk.suspicious or _may_reject(rows, plan.table):
+        may_reject = chunk.suspicious or _may_reject(rows, plan.table)
+        if may_reject:
             rows = rows.with_columns(chunk.with_raw()[RAW_COLUMN])
         mapped_rejects = None
     rows = rows.drop(LINE_COLUMN, strict=False)
+    accepted = None if may_reject else rows  # typed rows the lake's checks all pass
     events = None
     if plan.shim and rows.height:
-        events = shim_cache_events(rows, plan.source, resolver)
-    return _Prepared(chunk, rows, mapped_rejects, events)
+        # only requests the lake keeps are hits (or originals of hits): a rejected row
+        # is in no table, so an event for it would claim savings nobody can trace
+        if accepted is None:
+            accepted = _accepted(rows, plan.table, plan.source, now)
+        events = shim_cache_events(accepted, plan.source, resolver)
+    return _Prepared(chunk, rows, mapped_rejects, events, accepted, now)
 
 
 def _load_chunk(prep: _Prepared, plan: _Plan, lake: Lake, report: FileReport) -> AppendResult:
@@ -781,19 +929,70 @@ def _load_chunk(prep: _Prepared, plan: _Plan, lake: Lake, report: FileReport) ->
         rejected += lake.reject(table, chunk.rejects, source=plan.source)
     if prep.mapped_rejects is not None and prep.mapped_rejects.height:
         rejected += lake.reject(table, prep.mapped_rejects, source=plan.source)
-    appended = lake.append(table, prep.rows, source=plan.source)
+    appended = lake.append(table, prep.rows, source=plan.source, now=prep.now)
     result.read = chunk.records
     result.loaded = appended.loaded
+    result.duplicates = appended.duplicates
     result.rejected = rejected + appended.rejected
     result.files = appended.files
     result.duplicate_files = appended.duplicate_files
+    result.ignored_columns = appended.ignored_columns
+    report.table = table
     report.add(result.read, result.loaded, result.rejected)
     report.duplicate_files += appended.duplicate_files
     report.files += appended.files
+    report.ignore(plan.ignored + [c for c in appended.ignored_columns if c != LINE_COLUMN])
+    if report.count_existing and appended.loaded:
+        if not appended.files:  # every date's batch was written before: all rows were there
+            report.already_in_lake += appended.loaded
+        else:
+            good = prep.accepted
+            if good is None:
+                good = (
+                    prep.rows
+                    if not appended.rejected
+                    else _accepted(prep.rows, table, plan.source, prep.now)
+                )
+            # the files this ingest wrote (this chunk's too) held nothing before it
+            found = _count_existing(lake, table, good, set(report.files))
+            report.already_in_lake += min(found, appended.loaded)
     if prep.events is not None and prep.events.height:
         ev = lake.append("cache_events", prep.events, source=plan.source)
         report.cache_events += ev.loaded
     return result
+
+
+def _count_existing(lake: Lake, table: str, rows: pl.DataFrame, skip: set[Path]) -> int:
+    """How many of `rows` (accepted ones) have a key the lake held before this write.
+
+    Only the key columns of the rows' own date partitions are read, less the files
+    this ingest wrote (`skip`): a re-read row has the same time, so the same partition.
+    """
+    schema = schema_for(table)
+    key = list(schema.key)
+    if not rows.height or any(c not in rows.columns for c in key):
+        return 0
+    ts = rows[schema.ts_column]
+    if not isinstance(ts.dtype, pl.Datetime):
+        ts = coerce(ts, schema.columns[schema.ts_column])
+    dates = {f"date={d.isoformat()}" for d in ts.dt.date().drop_nulls().unique().to_list()}
+    keys = rows.select(coerce(rows[c], schema.columns[c]).alias(c) for c in key)
+
+    def count(files: list[Path]) -> int:
+        files = [f for f in files if f.parent.name in dates and f not in skip]
+        if not files:
+            return 0
+        wanted = keys.unique()
+        found = (
+            pl.scan_parquet(files)
+            .select(key)
+            .join(wanted.lazy(), on=key, how="semi", nulls_equal=True)
+            .unique()
+            .collect()
+        )
+        return keys.join(found, on=key, how="semi", nulls_equal=True).height if found.height else 0
+
+    return lake.read_files(table, count)
 
 
 # --------------------------------------------------------------------------- reading files
@@ -812,16 +1011,267 @@ def _open_checked(path: Path) -> Any:
         raise LogError(f"{path}: cannot read: {exc.strerror or exc}") from None
 
 
+_COMPRESSED = (  # leading bytes of a compressed file -> its compression
+    (b"\x1f\x8b", "gzip"),
+    (b"\xfd7zXZ\x00", "xz"),
+    (b"\x28\xb5\x2f\xfd", "zstd"),
+    (b"PK\x03\x04", "zip"),
+)
+_DECOMPRESSORS: dict[str, Callable[[Any], Any]] = {
+    "gzip": lambda raw: gzip.GzipFile(fileobj=raw, mode="rb"),
+    "bzip2": bz2.BZ2File,
+    "xz": lzma.LZMAFile,
+}
+_CAT = {"gzip": "zcat", "bzip2": "bzcat", "xz": "xzcat", "zstd": "zstdcat", "zip": "unzip -p"}
+_STREAMS = (gzip.GzipFile, bz2.BZ2File, lzma.LZMAFile)
+_READ_ERRORS = (OSError, EOFError, zlib.error, lzma.LZMAError)
+"""What reading a damaged or truncated file raises (gzip's end of data is an EOFError)."""
+
+
+def _compression(head: bytes) -> str | None:
+    """The compression a file's first bytes say it has (logrotate's `compress`: gzip)."""
+    for magic, name in _COMPRESSED:
+        if head.startswith(magic):
+            return name
+    if head[:3] == b"BZh" and head[4:10] in (b"1AY&SY", b"\x17rE8P\x90"):
+        return "bzip2"
+    return None
+
+
+def _head(path: Path, n: int = 16) -> bytes:
+    """The first `n` bytes of a file (b"" when it cannot be read: the reader says why)."""
+    try:
+        with open(path, "rb") as fh:
+            return fh.read(n)
+    except OSError:
+        return b""
+
+
+@dataclass
+class _LogFile:
+    """An open log file: `fh` reads its text, decompressed where it is compressed."""
+
+    fh: Any
+    raw: Any  # the file itself: its position is how far a compressed one was read
+    compression: str | None = None
+
+
+@contextlib.contextmanager
+def _open_log(path: Path) -> Iterator[_LogFile]:
+    """Open a log file; a gzip/bzip2/xz one (a rotated archive) reads decompressed."""
+    with _open_checked(path) as raw:
+        try:
+            kind = _compression(raw.read(16))
+            raw.seek(0)
+        except OSError as exc:
+            raise LogError(f"{path}: cannot read: {exc.strerror or exc}") from None
+        if kind is None:
+            yield _LogFile(raw, raw)
+            return
+        if kind not in _DECOMPRESSORS:
+            raise LogError(
+                f"{path}: {kind}-compressed, which finops does not read; decompress it "
+                f"first ({_CAT[kind]} '{path}' > '{_plain_name(path)}')"
+            )
+        with _DECOMPRESSORS[kind](raw) as fh:
+            yield _LogFile(fh, raw, kind)
+
+
+def _plain_name(path: Path, infix: str = "") -> Path:
+    """`path` without its compression suffix, `infix` before its own (for advice)."""
+    name = path.name
+    for suffix in (".gz", ".bz2", ".xz", ".zst", ".zip"):
+        name = name.removesuffix(suffix)
+    stem, dot, ext = name.rpartition(".")
+    if infix:
+        name = f"{stem}{infix}.{ext}" if dot and stem else f"{name}{infix}"
+    return path.with_name(name)
+
+
+_WIDE_BOMS = (  # longest first: UTF-32 LE's mark begins with UTF-16 LE's
+    (b"\xff\xfe\x00\x00", "UTF-32", "UTF-32 text (little-endian, byte-order mark FF FE 00 00)"),
+    (b"\x00\x00\xfe\xff", "UTF-32", "UTF-32 text (big-endian, byte-order mark 00 00 FE FF)"),
+    (
+        b"\xff\xfe",
+        "UTF-16",
+        "UTF-16 text (little-endian, byte-order mark FF FE: what PowerShell 5's `>` and "
+        "Out-File write)",
+    ),
+    (b"\xfe\xff", "UTF-16", "UTF-16 text (big-endian, byte-order mark FE FF)"),
+)
+
+
+def _wide_encoding(head: bytes) -> tuple[str, str] | None:
+    """(iconv's name, a description) when text is UTF-16/UTF-32, not UTF-8: a byte-order
+    mark, or ASCII with a NUL in every other byte (UTF-16 written without a mark)."""
+    for bom, name, what in _WIDE_BOMS:
+        if head.startswith(bom):
+            return name, what
+    if len(head) >= 8 and b"\x00" in head:
+        even, odd = head[0::2], head[1::2]
+        for nuls, text, name, end in (
+            (odd, even, "UTF-16LE", "little"),
+            (even, odd, "UTF-16BE", "big"),
+        ):
+            if nuls.count(0) >= 0.4 * len(nuls) and text.count(0) <= 0.05 * len(text):
+                return name, f"UTF-16 text ({end}-endian, no byte-order mark: NUL every other byte)"
+    return None
+
+
+def _check_encoding(path: Path, log: _LogFile) -> None:
+    """Refuse UTF-16/UTF-32 text with one error that says how to convert it.
+
+    Read as UTF-8, every line of it would be rejected as invalid JSON (and a
+    CSV's header would not match), with no word of the encoding.
+    """
+    try:
+        head = log.fh.read(4096)
+        log.fh.seek(0)
+    except _READ_ERRORS as exc:
+        raise LogError(f"{path}: cannot read: {exc}") from None
+    if head.startswith(b"PAR1"):
+        return  # Parquet: binary, its own encoding
+    found = _wide_encoding(head)
+    if found is None:
+        return
+    name, what = found
+    out = _plain_name(path, ".utf8")
+    src = f"{_CAT[log.compression]} '{path}' | " if log.compression else ""
+    file = "" if log.compression else f" '{path}'"
+    raise LogError(
+        f"{path}: {what}, expected UTF-8; convert it and ingest the copy: "
+        f"{src}iconv -f {name} -t UTF-8{file} > '{out}'"
+    )
+
+
+def _json_line_complete(line: bytes) -> bool:
+    """Whether a last line without its newline is a whole JSON record.
+
+    Not valid JSON: its writer is most likely still writing it (a record
+    cut off mid-write never parses: objects end in `}`). A bare number
+    might yet grow digits.
+    """
+    text = line.removeprefix(UTF8_BOM).strip()
+    if not text:
+        return True
+    try:
+        value = orjson.loads(text.decode("utf-8", "replace"))
+    except orjson.JSONDecodeError:
+        return False
+    return isinstance(value, bool) or not isinstance(value, int | float)
+
+
+def _csv_line_complete(line: bytes, header: str, separator: str) -> bool:
+    """Whether a last CSV line without its newline is a whole row.
+
+    Incomplete: fewer fields than the header, or a quoted field opened and not
+    closed. (A row with all its fields may still lack the end of its last one;
+    nothing can tell, so it is taken, as a file's last line often has no newline.)
+    """
+    text = line.decode("utf-8", "replace").rstrip("\r")
+    if not text.strip():
+        return True
+    ncols = len(next(csv.reader([header], delimiter=separator), []))
+    if text.count('"') % 2:
+        # a quote left open: a field opened here (cut off) unless this line ends a
+        # quoted field begun on an earlier line (its first quote then closes it)
+        first = text.index('"')
+        return not (first == 0 or text[first - 1] == separator)
+    return len(next(csv.reader([text], delimiter=separator), [])) >= ncols
+
+
+def _invalid_utf8(data: bytes, first_line: int) -> tuple[int, int]:
+    """(lines with invalid UTF-8, the first one's number; 0 when none) of a block.
+
+    They load with U+FFFD in place of the bad bytes (the readers decode
+    lossily); this counts them so that a person hears of it. Pure ASCII
+    (nearly every log) is told by `bytes.isascii` at memory speed, other text
+    is validated by Polars, and only a block with bad bytes is searched.
+    """
+    if data.isascii():
+        return 0, 0
+    try:
+        pl.Series([data], dtype=pl.Binary).cast(pl.String)
+        return 0, 0
+    except pl.exceptions.PolarsError:
+        pass
+    view = memoryview(data)
+    count = first = 0
+    pos = counted = 0  # lines are counted up to `counted`
+    line = first_line + 1
+    while pos < len(data):
+        try:
+            codecs.utf_8_decode(view[pos:], "strict", True)
+            break
+        except UnicodeDecodeError as exc:
+            bad = pos + exc.start
+        line += data.count(b"\n", counted, bad)
+        count += 1
+        first = first or line
+        nl = data.find(b"\n", bad)
+        if nl < 0:
+            break
+        pos = counted = nl + 1
+        line += 1
+    return count, first
+
+
+def _utf8_note(path: Path, count: int, first: int) -> str:
+    return (
+        f"{path}: {count:,} line(s) with invalid UTF-8 (first: line {first:,}) loaded with "
+        "U+FFFD (\ufffd) in place of the bad bytes; if the file is Latin-1/Windows-1252, "
+        "convert it before ingesting (iconv -f WINDOWS-1252 -t UTF-8)"
+    )
+
+
+def _plan_checked(
+    path: Path, table: str, mapping: Mapping | None, base_ts: dt.datetime | None
+) -> _Plan:
+    """`plan_for`; without a mapping its errors are the file's (`LogFormatError`).
+
+    One file whose format cannot be told, among files that can, is that
+    file's error; a mapping that does not fit stays an error of the command,
+    and so does a shim request log given to `ingest cache-events` (the
+    command is wrong: `ingest requests` writes its cache events).
+    """
+    try:
+        return plan_for(path, table, mapping, base_ts=base_ts)
+    except LogFormatError:
+        raise
+    except MappingError as exc:
+        if mapping is not None or base_ts is not None:
+            raise
+        if table == "cache_events" and any(
+            {"request_id", "ts", "cache_status"} <= r.keys() for r in _first_records(path)
+        ):
+            raise
+        raise LogFormatError(str(exc)) from None
+
+
 def _iter_blocks(
-    fh: Any, offset: int, size: int, *, final: bool, chunk_bytes: int
+    fh: Any,
+    offset: int,
+    size: int,
+    *,
+    final: bool,
+    chunk_bytes: int,
+    complete: Callable[[bytes], bool] | None = None,
 ) -> Iterator[tuple[bytes, int]]:
     """Blocks of complete lines from `offset`; yields (data, new_offset).
 
     A partial last line waits for its newline unless `final` (a file that is
-    complete, as in a one-shot ingest). A line longer than a block grows the
-    read until its newline. Each block is read once and cut at its last
-    newline; the next read starts right after it (no buffer concatenation).
+    complete, as in a one-shot ingest), and then also unless `complete(line)`
+    says it is cut off (its writer is still writing it: it is left unread).
+    A line longer than a block grows the read until its newline. Each block
+    is read once and cut at its last newline; the next read starts right
+    after it (no buffer concatenation). A decompressing reader (a compressed
+    file) is read in order instead, offsets counting decompressed bytes.
     """
+    if isinstance(fh, _STREAMS):
+        yield from _iter_stream_blocks(
+            fh, offset, final=final, chunk_bytes=chunk_bytes, complete=complete
+        )
+        return
     pos = offset
     want = chunk_bytes
     while pos < size:
@@ -831,7 +1281,7 @@ def _iter_blocks(
         cut = block.rfind(b"\n")
         if cut < 0:
             if pos + len(block) >= size:
-                if final:
+                if final and (complete is None or complete(block)):
                     yield block, pos + len(block)
                 return
             want *= 2  # one line longer than the block: read more
@@ -843,6 +1293,51 @@ def _iter_blocks(
         else:
             pos += cut + 1
             yield block[: cut + 1], pos  # the partial line is read again next time
+
+
+def _iter_stream_blocks(
+    fh: Any,
+    offset: int,
+    *,
+    final: bool,
+    chunk_bytes: int,
+    complete: Callable[[bytes], bool] | None,
+) -> Iterator[tuple[bytes, int]]:
+    """`_iter_blocks` over a decompressing reader: read in order to its end.
+
+    Read in small pieces, so that an archive cut short (still being written
+    by logrotate, or damaged) yields every line before the damage, then raises.
+    """
+    fh.seek(offset)  # forward from where the reader is (a CSV's header was read)
+    pos = offset
+    pieces: list[bytes] = []
+    have = 0
+    want = chunk_bytes
+    failed: BaseException | None = None
+    while True:
+        try:
+            data = fh.read1(_SCAN_BYTES)
+        except _READ_ERRORS as exc:
+            failed, data = exc, b""
+        if data:
+            pieces.append(data)
+            have += len(data)
+            if have < want:
+                continue
+        buf = pieces[0] if len(pieces) == 1 else b"".join(pieces)
+        cut = buf.rfind(b"\n")
+        rest = buf[cut + 1 :] if cut + 1 < len(buf) else b""
+        if cut >= 0:
+            pos += cut + 1
+            yield (buf[: cut + 1] if rest else buf), pos
+        pieces, have = ([rest], len(rest)) if rest else ([], 0)
+        want = chunk_bytes if cut >= 0 else 2 * have  # one line longer than a block: read on
+        if not data:
+            break
+    if failed is not None:
+        raise failed
+    if pieces and final and (complete is None or complete(pieces[0])):
+        yield pieces[0], pos + len(pieces[0])
 
 
 def _read_block(fh: Any, pos: int, n: int, *, last: bool) -> bytes:
@@ -888,36 +1383,69 @@ def ingest_file(
     Rows that loaded but need a look (local times in a repeated DST hour that
     the file's order cannot place) are in `report.warnings`, each also issued
     as an `AmbiguousTimeWarning`.
+
+    A gzip/bzip2/xz file (a rotated archive, `requests-x.jsonl.1.gz`) is read
+    decompressed. Without a mapping, a file whose format cannot be told raises
+    `LogFormatError` (a `LogError` and a `MappingError`: one file's error); so
+    does UTF-16/UTF-32 text, with the command that converts it. A file that
+    fails part way (a truncated archive) raises `LogError` with what was
+    loaded before in `exc.report`. Also in `report.warnings`, not issued as
+    warnings: a last line without its newline that is not a whole record
+    (left unread: its writer may still be writing it; a whole one loads), and
+    how many lines had invalid UTF-8 (loaded with U+FFFD for the bad bytes).
     """
     p = Path(path)
     if isinstance(mapping, str):
         mapping = load_mapping(mapping)
-    with _open_checked(p) as fh:
-        plan = plan_for(p, table, mapping, base_ts=base_ts)
-        report = FileReport(path=str(p), format=plan.format, mapping=plan.label)
+    with _open_log(p) as log:
+        fh = log.fh
+        _check_encoding(p, log)
+        plan = _plan_checked(p, table, mapping, base_ts)
+        report = FileReport(
+            path=str(p), format=plan.format, mapping=plan.label, count_existing=True
+        )
         state = FileState(path=str(p), dev=0, ino=0)
-        size = os.fstat(fh.fileno()).st_size
+        size = os.fstat(log.raw.fileno()).st_size
         resolver = AvoidedTokens(lake)
         folds = FoldTracker(str(p))
-        for _ in _read_from(
-            fh,
-            p,
-            plan,
-            lake,
-            state,
-            report,
-            size,
-            final=True,
-            chunk_bytes=chunk_bytes,
-            resolver=resolver,
-            folds=folds,
-        ):
-            if progress:
-                progress(state.offset, size)
+        notes: list[str] = []
+        try:
+            for _ in _read_from(
+                fh,
+                p,
+                plan,
+                lake,
+                state,
+                report,
+                size,
+                final=True,
+                chunk_bytes=chunk_bytes,
+                resolver=resolver,
+                folds=folds,
+                check_tail=True,
+                notes=notes,
+            ):
+                if progress:  # a compressed file: how much of it was decompressed
+                    progress(log.raw.tell() if log.compression else state.offset, size)
+        except LogError as exc:
+            report.error = str(exc)
+            report.warnings += notes
+            exc.report = report  # type: ignore[attr-defined]
+            raise
     report.warnings += folds.warnings()
     for message in report.warnings:
         warnings.warn(message, AmbiguousTimeWarning, stacklevel=2)
+    report.warnings += notes
     return report
+
+
+def _location_label(p: Path) -> str:
+    """The file part of a row's location (`file:line`): its absolute path, symlinks resolved.
+
+    One spelling whichever way the file was named (`x.jsonl`, `./x.jsonl`, an absolute
+    path, `finops ingest` or `finops collect --log`): the same bad line is one reject.
+    """
+    return os.path.realpath(p)
 
 
 def _read_from(
@@ -933,13 +1461,21 @@ def _read_from(
     chunk_bytes: int,
     resolver: AvoidedTokens | None = None,
     folds: FoldTracker | None = None,
+    check_tail: bool = False,
+    notes: list[str] | None = None,
 ) -> Iterator[AppendResult]:
     """Load what follows `state.offset`, advancing `state` after each written batch.
 
     `folds` (one per file, kept across calls) carries the file's pass through
-    repeated DST hours from chunk to chunk and poll to poll.
+    repeated DST hours from chunk to chunk and poll to poll. With `final` and
+    `check_tail`, a last line without its newline that is not a whole record is
+    left unread. `notes` gets what a person should hear of: that line, and the
+    lines with invalid UTF-8 (loaded with U+FFFD). A file that cannot be read
+    on (damaged, a truncated archive) raises `LogError` once the batches read
+    before are written.
     """
-    label = str(p)
+    notes = [] if notes is None else notes
+    label = report.location = _location_label(p)
     if plan.format == "parquet":
         if state.done:
             return
@@ -1005,19 +1541,44 @@ def _read_from(
     def prepare(parsed: Future[_Chunk], check: bool) -> _Prepared:
         return _prepare(parsed.result(), plan, label, check=check, resolver=resolver, folds=folds)
 
+    def tail_complete(tail: bytes) -> bool:
+        """A last line without its newline: a whole record, or one still being written?"""
+        if plan.format == "csv":
+            whole = _csv_line_complete(tail, state.header or "", sep)
+        else:
+            whole = _json_line_complete(tail)
+        if not whole:
+            notes.append(
+                f"last line of {p} (line {line + 1:,}) unterminated and incomplete: left "
+                "unread, still being written?"
+            )
+        return whole
+
     # three stages overlap: PARSE_WORKERS blocks are parsed at once (Polars parses one
     # buffer on one core, and releases the GIL), one thread prepares the parsed blocks
     # in file order (cache-hit resolution and DST folds must see them in order), and
     # this thread writes them, also in order, advancing the state after each batch.
     line = state.line
-    queue: deque[tuple[Future[_Prepared], int, int]] = deque()
+    queue: deque[tuple[Future[_Prepared], int, int, Future[tuple[int, int]]]] = deque()
+    bad_utf8, first_bad, note_at = 0, 0, -1
+    failed: BaseException | None = None
     with (
         ThreadPoolExecutor(max_workers=PARSE_WORKERS, thread_name_prefix="log-parse") as parsers,
         ThreadPoolExecutor(max_workers=1, thread_name_prefix="log-prepare") as preparer,
     ):
-        blocks = _iter_blocks(fh, state.offset, size, final=final, chunk_bytes=chunk_bytes)
+        blocks = _iter_blocks(
+            fh,
+            state.offset,
+            size,
+            final=final,
+            chunk_bytes=chunk_bytes,
+            complete=tail_complete if check_tail else None,
+        )
         while True:
-            block = next(blocks, None)
+            try:
+                block = next(blocks, None)
+            except _READ_ERRORS as exc:  # write what was read, then say where it stopped
+                failed, block = exc, None
             if block is not None:
                 data, new_offset = block
                 if new_offset == len(data) and plan.format == "jsonl":
@@ -1030,17 +1591,31 @@ def _read_from(
                 nlines = _count_newlines(data)
                 first = line <= header_lines or plan.format == "csv"
                 parsed = parsers.submit(parse, data, line)
-                queue.append((preparer.submit(prepare, parsed, first), nlines, new_offset))
+                utf8 = parsers.submit(_invalid_utf8, data, line)
+                queue.append((preparer.submit(prepare, parsed, first), nlines, new_offset, utf8))
                 line += nlines
                 if len(queue) <= PARSE_WORKERS:  # one batch being written, the next parsing
                     continue
             if not queue:
                 break
-            fut, nlines, new_offset = queue.popleft()
+            fut, nlines, new_offset, utf8 = queue.popleft()
             res = _load_chunk(fut.result(), plan, lake, report)
             state.line += nlines
             state.offset = new_offset
+            count, first_line = utf8.result()
+            if count:  # one note per file (per poll), kept up to date batch by batch
+                bad_utf8, first_bad = bad_utf8 + count, first_bad or first_line
+                if note_at < 0:
+                    note_at = len(notes)
+                    notes.append("")
+                notes[note_at] = _utf8_note(p, bad_utf8, first_bad)
             yield res
+    if failed is not None:
+        kind = {gzip.GzipFile: "gzip", bz2.BZ2File: "bzip2", lzma.LZMAFile: "xz"}.get(type(fh))
+        why = f"{kind} data truncated or damaged: {failed}" if kind else str(failed)
+        raise LogError(
+            f"{p}: cannot read past line {state.line:,} ({why}); what precedes it was read"
+        )
 
 
 # --------------------------------------------------------------------------- following
@@ -1076,6 +1651,12 @@ class LogSource:
     first (the copy is found by the checkpoint's head fingerprint), then starts
     over. Unread lines that cannot be found are reported in `self.errors`, and so
     are rows loaded with a warning (`FileReport.warnings`), each once.
+
+    A compressed file matching the glob (`requests-x.jsonl.1.gz`: logrotate's
+    `compress`) is a copy of a file followed under its plain name, so it is not
+    read: one note in `self.errors`, and the checkpoint marks it done. (A
+    one-shot `ingest_file` reads archives.) A file that cannot be read (UTF-16,
+    a format that cannot be told) is an error of that file only, each poll.
     """
 
     def __init__(
@@ -1175,6 +1756,9 @@ class LogSource:
 
         Unreadable files are recorded in `self.errors` (and skipped) instead of
         raising, so one bad file never stops a follower; a wrong mapping raises.
+        Even with `final`, a live file's last line that is not a whole record (not
+        valid JSON, too few CSV fields) is left for its writer, with a note in
+        `self.errors`; a rotated file's is read (and rejected).
         """
         self.errors = []
         total = AppendResult(table=self.table)
@@ -1230,7 +1814,9 @@ class LogSource:
                 order.append((p, st, False))
         for p, st, rotated in order:
             try:
-                total += self._poll_file(p, st, final=(final or rotated) and self._settled(st))
+                total += self._poll_file(
+                    p, st, final=(final or rotated) and self._settled(st), rotated=rotated
+                )
             except LogError as exc:
                 self.errors.append(str(exc))
         self._seen_size = {
@@ -1253,7 +1839,12 @@ class LogSource:
             state.fp_len and head_fingerprint(p, state.fp_len) != state.fp
         )
 
-    def _poll_file(self, p: Path, st: os.stat_result, *, final: bool) -> AppendResult:
+    def _poll_file(
+        self, p: Path, st: os.stat_result, *, final: bool, rotated: bool = False
+    ) -> AppendResult:
+        """Read what is new in one file. A compressed one is skipped (`_skip_compressed`);
+        a live file's last line without its newline that is not a whole record is
+        left for its writer even when `final` (a rotated file's is taken)."""
         cp = self.checkpoint
         key = f"{st.st_dev}:{st.st_ino}"
         state = cp.files.get(key)
@@ -1266,8 +1857,15 @@ class LogSource:
         if st.st_size <= state.offset or state.done:
             cp.files[key] = state
             return result
-        with _open_checked(p) as fh:
-            plan = plan_for(p, self.table, self.mapping, base_ts=self.base_ts)
+        if state.offset == 0 and (kind := _compression(_head(p))) is not None:
+            self._skip_compressed(p, st, state, kind)
+            cp.files[key] = state
+            return result
+        with _open_log(p) as log:
+            fh = log.fh
+            if state.offset == 0:
+                _check_encoding(p, log)
+            plan = _plan_checked(p, self.table, self.mapping, self.base_ts)
             report = self.reports.setdefault(
                 str(p), FileReport(path=str(p), format=plan.format, mapping=plan.label)
             )
@@ -1287,6 +1885,8 @@ class LogSource:
                 chunk_bytes=self.chunk_bytes,
                 resolver=self.resolver,
                 folds=folds,
+                check_tail=not rotated,
+                notes=self.errors,  # as they happen: a poll may stop between batches
             ):
                 result += res
                 if state.fp_len < FINGERPRINT_BYTES:
@@ -1298,9 +1898,28 @@ class LogSource:
                     self.progress(state.offset, st.st_size)
             new = folds.warnings()
             report.warnings += new
-            self.errors += new
+            self.errors += new + report.untold()
         cp.files[key] = state
         return result
+
+    def _skip_compressed(self, p: Path, st: os.stat_result, state: FileState, kind: str) -> None:
+        """Mark a compressed file done, unread, with one note (it stays done in the checkpoint).
+
+        In a followed glob (`'requests-*.jsonl*'`), `requests-x.jsonl.1.gz` is
+        logrotate's `compress` of a file this source followed under its plain
+        name: its lines were read from that file. An archive that was never
+        followed loads with a one-shot `finops ingest` (idempotent).
+        """
+        state.done = True
+        state.offset = st.st_size
+        state.fp_len = min(FINGERPRINT_BYTES, st.st_size)  # a reused inode reads as new
+        state.fp = head_fingerprint(p, state.fp_len)
+        command = "cache-events" if self.table == "cache_events" else "requests"
+        self.errors.append(
+            f"{p}: {kind}-compressed, not followed: a rotated copy (logrotate `compress`) of "
+            "a log read under its uncompressed name; to load an archive that was never "
+            f"followed, ingest it once: finops ingest {command} '{p}'"
+        )
 
     def follow(self, interval: float = 1.0, stop: Callable[[], bool] | None = None) -> None:
         """Poll until `stop()` says so (or forever); the CLI's `--follow`."""

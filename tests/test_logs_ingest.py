@@ -501,9 +501,11 @@ def test_cli_ingest_reports_counts_and_exit_codes(tmp_path: Path) -> None:
             "mapping": "shim",
             "read": 31,
             "loaded": 30,
+            "new": 30,
+            "already_in_lake": 0,
             "rejected": 1,
             "cache_events": 3,
-            "already_in_lake": False,
+            "ignored_columns": [],
             "error": None,
         }
     ]
@@ -561,7 +563,8 @@ def test_cli_one_shot_skips_files_the_shim_is_still_writing(tmp_path: Path) -> N
     out = json.loads(res.stdout)
     assert sum(r["loaded"] for r in out) == 6  # 3 again (a no-op) + 3 new
     # the file read before says so (it said "loaded 3" again, as if rows were added)
-    assert sorted(r["already_in_lake"] for r in out) == [False, True]
+    assert sorted(r["already_in_lake"] for r in out) == [0, 3]
+    assert sorted(r["new"] for r in out) == [0, 3]
     lake = Lake(lake_dir)
     raw = q(lake, "SELECT count(*) AS n, count(DISTINCT request_id) AS d FROM raw.requests")
     assert raw.row(0) == (6, 6)  # no record loaded twice

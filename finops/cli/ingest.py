@@ -144,7 +144,8 @@ def _run(
                     report = ingest_file(path, store, table=kind, mapping=mapped, base_ts=base)
         except LogError as exc:
             unreadable.append(str(exc))
-            reports.append(FileReport(path=str(path), error=str(exc)))
+            # failed part way (a truncated archive): what it read before is in exc.report
+            reports.append(exc.report or FileReport(path=str(path), error=str(exc)))
             continue
         except MappingError as exc:
             fail(str(exc))
@@ -162,10 +163,13 @@ def _run(
             "mapping": r.mapping,
             "read": r.read,
             "loaded": r.loaded,
+            # of the rows loaded, those the lake held already (by key: the lake keeps
+            # one copy, so they added nothing) and those it did not
+            "new": r.new,
+            "already_in_lake": r.already_in_lake,
             "rejected": r.rejected,
             **({"cache_events": r.cache_events} if kind == "requests" else {}),
-            # the same rows were loaded before (the lake keeps one copy): nothing added
-            "already_in_lake": r.duplicate_files > 0,
+            "ignored_columns": r.ignored_columns,
             "error": r.error,
         }
         for r in reports
@@ -192,17 +196,28 @@ def _run(
         df = pl.DataFrame(rows, infer_schema_length=None)
         if df["error"].null_count() == df.height:
             df = df.drop("error")
-        if not df["already_in_lake"].any():
-            df = df.drop("already_in_lake")
+        if not (df["already_in_lake"] > 0).any():  # all new: `loaded` says it
+            df = df.drop("new", "already_in_lake")
+        df = df.drop("ignored_columns")  # said below the table, one line per file
         print_frame(df, "table", title=f"ingest {kind} -> {lake_path}")
+        for r in reports:
+            message = r.ignored_message()
+            if message:
+                typer.echo(f"warning: {message}", err=True)
         total_rej = sum(r.rejected for r in reports)
         if total_rej:
-            sample = _recent_rejects(lake_path, started, {r.path for r in reports})
+            # rejects name each file by its absolute path; shown here as it was typed
+            typed = {r.location: r.path for r in reports if r.location}
+            sample = _recent_rejects(lake_path, started, set(typed))
             typer.echo(
                 f"{total_rej} rejected; each is in the rejects table with its reason:", err=True
             )
             if sample is not None:
                 for loc, reason in sample.iter_rows():
+                    for full, name in typed.items():
+                        if loc.startswith((f"{full}:", f"{full} row ")):
+                            loc = name + loc[len(full) :]
+                            break
                     typer.echo(f"  {loc}: {reason}", err=True)
             typer.echo(
                 '  finops sql "SELECT location, reason FROM rejects ORDER BY ts DESC LIMIT 50"'
