@@ -1030,7 +1030,8 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         t["router"] = (
             f"Routing kept {usd(ro['saved_usd'])} of GPU busy time ({pct(ro['saved_share'])}) "
             f"off {md_name(ro['reference_tier'])}: the {ro['routed_requests']:,} routed "
-            f"requests took {usd(ro['routed_usd'])} of busy time where all on "
+            "requests that ran on a model (cache hits and refusals left out, which `finops "
+            f"router offpolicy` counts) took {usd(ro['routed_usd'])} of busy time where all on "
             f"{md_name(ro['reference_tier'])} would have taken {usd(ro['all_large_usd'])}. "
             "On a fixed fleet that is capacity freed, not yet money saved."
         )
