@@ -59,7 +59,11 @@ def vllm_server_2(tmp_path_factory: pytest.TempPathFactory) -> Iterator[VLLMServ
 
 @pytest.fixture
 def lake(tmp_path: Path) -> Lake:
-    """An empty lake in a temporary folder (real Parquet files on disk)."""
+    """An empty lake in a temporary folder (real Parquet files on disk).
+
+    The folder exists, as after `finops collect` or `ingest` started: `finops.connect` on
+    a folder that does not exist is an error, not an empty lake."""
+    (tmp_path / "lake").mkdir()
     return Lake(tmp_path / "lake")
 
 

@@ -84,8 +84,9 @@ def test_the_forecast_says_what_it_rests_on(nine_days: Path, tmp_path: Path) -> 
         one, days=1, start=dt.date(2026, 11, 18), seed=3, gpus=6, scale=0.03, vllm_interval_s=3600
     )
     text = compute(one, "2026-W47", growth=False)["takeaways"]["forecast"]
-    assert text.startswith(
-        "From 1 day of the week with traffic (the other days repeat their hours), next week:"
+    assert text.startswith("Next week: about ")
+    assert text.endswith(
+        "It rests on 1 day of the week with traffic: the other days repeat their hours."
     )
 
 

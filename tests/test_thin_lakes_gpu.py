@@ -137,9 +137,8 @@ def test_forecast_without_gpu_samples_still_says_no_gpu_metrics(tmp_path: Path) 
     r = compute(_lake(tmp_path / "lake", sm=None, requests=3), WEEK, growth=False)
     assert r["sources"]["gpu_samples"] is False
     assert r["forecast"]["spend_usd"] is None
-    assert r["takeaways"]["forecast"].endswith("GPU spend unknown: no GPU metrics."), r[
-        "takeaways"
-    ]["forecast"]
+    line = r["takeaways"]["forecast"]
+    assert "; GPU spend unknown: no GPU metrics." in line, line
 
 
 def test_forecast_with_some_gpus_unpriced_says_what_its_spend_leaves_out() -> None:
@@ -176,7 +175,13 @@ def test_forecast_with_some_gpus_unpriced_says_what_its_spend_leaves_out() -> No
         "forecast": fo,
     }
     line = _takeaways(r)["forecast"]
-    assert "of GPU spend (trend x1.00). The spend counts 12 GPU-hours" in line, line
+    # one day, no week before it: no trend to apply, and the day's hours stand for the week
+    assert (
+        "of GPU spend (no earlier week to measure a trend: none applied). "
+        "The spend counts 12 GPU-hours" in line
+    ), line
+    assert line.endswith("It rests on 1 day of the week with traffic: the other days repeat "
+                         "their hours."), line  # fmt: skip
 
 
 def test_headline_and_report_dollars_are_unknown_when_no_gpu_is_priced(tmp_path: Path) -> None:

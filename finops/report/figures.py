@@ -1096,19 +1096,18 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             if fo.get("trend_measured", True)
             else "(no earlier week to measure a trend: none applied)"
         )
-        seen = fo.get("weekdays_seen", 7)
-        if seen < 7:
-            head = (
-                f"From {seen} day{'s' if seen != 1 else ''} of the week with traffic "
-                f"(the other days repeat their hours), next week: about "
-                f"{fo['requests']:,.0f} requests"
-            )
         if fo.get("spend_usd") is not None:
             t["forecast"] = f"{head} and {usd(fo['spend_usd'])} of GPU spend {trend}." + (
                 f" The spend {note}." if note else ""
             )
         else:  # unknown: no GPU metrics, or GPU-hours the catalog has no price for
             t["forecast"] = f"{head} {trend}; GPU spend unknown: {note or 'no GPU metrics'}."
+        seen = fo.get("weekdays_seen", 7)
+        if seen < 7:  # the hours of the days never seen are those of the days seen
+            t["forecast"] += (
+                f" It rests on {seen} day{'s' if seen != 1 else ''} of the week with traffic: "
+                "the other days repeat their hours."
+            )
     if g.get("line"):
         t["growth"] = (
             f"At 5x traffic a request would cost {usd(g['before_usd_per_1k'])}/1k before the "
