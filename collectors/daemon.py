@@ -304,7 +304,6 @@ async def fetch_exposition(
 
 
 class _ExpositionTarget(Target):
-    source = ""
     table = ""
     prefixes: tuple[str, ...] = ()  # metric names this target loads
     hint = ""  # what to check when a payload has none of them
@@ -362,7 +361,6 @@ def _what_came(body: bytes, parsed: Any) -> str:
 
 
 class DcgmTarget(_ExpositionTarget):
-    source = "dcgm"
     table = "gpu_samples"
     prefixes = ("DCGM_",)
     hint = "is this a dcgm-exporter?"
@@ -379,7 +377,6 @@ class DcgmTarget(_ExpositionTarget):
 
 
 class VllmTarget(_ExpositionTarget):
-    source = "vllm"
     table = "serving_samples"
     hint = "is this vLLM?"
 

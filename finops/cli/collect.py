@@ -25,8 +25,8 @@ def collect(
         list[str] | None,
         typer.Option(
             "--vllm",
-            help="vLLM base or /metrics URL, or host[:port] (port 8000); TIER=URL (e.g. mid=http://vllm-mid-0:8000) "
-            "names its tier, which the prefill/decode cost split needs when no GPU pod "
+            help="vLLM base or /metrics URL, or host[:port] (port 8000); TIER=URL "
+            "(e.g. mid=http://vllm-mid-0:8000) names its tier, which the prefill/decode cost split needs when no GPU pod "
             "shares the URL's host name.",
         ),
     ] = None,
