@@ -63,7 +63,7 @@ from collectors.mapping import (
     stable_hash,
     substitute,
 )
-from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake, coerce, validate
+from finops.lake import LOCATION_COLUMN, RAW_COLUMN, AppendResult, Lake, validate
 from finops.schemas import schema_for
 
 CHUNK_BYTES = 32 * 1024 * 1024
@@ -117,8 +117,9 @@ class FileReport:
     warnings: list[str] = field(default_factory=list)  # loaded, but a person should check
     table: str = "requests"
     location: str = ""  # the file as rejects name it (`_location_label`): one spelling
-    # of the rows loaded, how many keys the lake held already (counted when
-    # `count_existing`: a one-shot ingest; a follower reads each line once)
+    # of the rows loaded, how many keys the lake held already, unchanged (not written
+    # again) or with other values (written: the later one wins); counted when
+    # `count_existing`: a one-shot ingest; a follower reads each line once
     already_in_lake: int = 0
     count_existing: bool = False
     # fields of the file the table has no column for: dropped, which a person should know
@@ -929,7 +930,11 @@ def _load_chunk(prep: _Prepared, plan: _Plan, lake: Lake, report: FileReport) ->
         rejected += lake.reject(table, chunk.rejects, source=plan.source)
     if prep.mapped_rejects is not None and prep.mapped_rejects.height:
         rejected += lake.reject(table, prep.mapped_rejects, source=plan.source)
-    appended = lake.append(table, prep.rows, source=plan.source, now=prep.now)
+    # a one-shot ingest may re-read a file (it grew, or is read again): rows the lake
+    # holds unchanged are not written twice
+    appended = lake.append(
+        table, prep.rows, source=plan.source, now=prep.now, skip_unchanged=report.count_existing
+    )
     result.read = chunk.records
     result.loaded = appended.loaded
     result.duplicates = appended.duplicates
@@ -942,57 +947,11 @@ def _load_chunk(prep: _Prepared, plan: _Plan, lake: Lake, report: FileReport) ->
     report.duplicate_files += appended.duplicate_files
     report.files += appended.files
     report.ignore(plan.ignored + [c for c in appended.ignored_columns if c != LINE_COLUMN])
-    if report.count_existing and appended.loaded:
-        if not appended.files:  # every date's batch was written before: all rows were there
-            report.already_in_lake += appended.loaded
-        else:
-            good = prep.accepted
-            if good is None:
-                good = (
-                    prep.rows
-                    if not appended.rejected
-                    else _accepted(prep.rows, table, plan.source, prep.now)
-                )
-            # the files this ingest wrote (this chunk's too) held nothing before it
-            found = _count_existing(lake, table, good, set(report.files))
-            report.already_in_lake += min(found, appended.loaded)
+    report.already_in_lake += appended.unchanged + appended.replaced
     if prep.events is not None and prep.events.height:
         ev = lake.append("cache_events", prep.events, source=plan.source)
         report.cache_events += ev.loaded
     return result
-
-
-def _count_existing(lake: Lake, table: str, rows: pl.DataFrame, skip: set[Path]) -> int:
-    """How many of `rows` (accepted ones) have a key the lake held before this write.
-
-    Only the key columns of the rows' own date partitions are read, less the files
-    this ingest wrote (`skip`): a re-read row has the same time, so the same partition.
-    """
-    schema = schema_for(table)
-    key = list(schema.key)
-    if not rows.height or any(c not in rows.columns for c in key):
-        return 0
-    ts = rows[schema.ts_column]
-    if not isinstance(ts.dtype, pl.Datetime):
-        ts = coerce(ts, schema.columns[schema.ts_column])
-    dates = {f"date={d.isoformat()}" for d in ts.dt.date().drop_nulls().unique().to_list()}
-    keys = rows.select(coerce(rows[c], schema.columns[c]).alias(c) for c in key)
-
-    def count(files: list[Path]) -> int:
-        files = [f for f in files if f.parent.name in dates and f not in skip]
-        if not files:
-            return 0
-        wanted = keys.unique()
-        found = (
-            pl.scan_parquet(files)
-            .select(key)
-            .join(wanted.lazy(), on=key, how="semi", nulls_equal=True)
-            .unique()
-            .collect()
-        )
-        return keys.join(found, on=key, how="semi", nulls_equal=True).height if found.height else 0
-
-    return lake.read_files(table, count)
 
 
 # --------------------------------------------------------------------------- reading files

@@ -19,6 +19,9 @@ Guarantees of `Lake.append`:
   later row of a key is kept: an earlier exact copy counts as loaded once (and in
   `AppendResult.duplicates`), an earlier row that differs is rejected with a reason
   that names where the kept row is.
+- re-reads write nothing twice: with `skip_unchanged` (one-shot log ingest), a row
+  whose key the partition already holds with the same values in every column is
+  not written again, so a log read again after it grew adds only its new lines.
 """
 
 from __future__ import annotations
@@ -108,6 +111,9 @@ class AppendResult:
     batch (same key, same value in every column): the row is written once, so the
     batch's files hold `loaded - duplicates` rows.
     `duplicate_files`: partitions not written because the same batch was written before.
+    With `skip_unchanged`, of `loaded`: `unchanged` rows the lake held already with the
+    same values (not written again), `replaced` rows whose key it held with other values
+    (written: they win); the rest are new.
     """
 
     table: str
@@ -118,12 +124,16 @@ class AppendResult:
     duplicate_files: int = 0
     ignored_columns: list[str] = field(default_factory=list)
     duplicates: int = 0
+    unchanged: int = 0
+    replaced: int = 0
 
     def __iadd__(self, other: AppendResult) -> AppendResult:
         self.read += other.read
         self.loaded += other.loaded
         self.rejected += other.rejected
         self.duplicates += other.duplicates
+        self.unchanged += other.unchanged
+        self.replaced += other.replaced
         self.files += other.files
         self.duplicate_files += other.duplicate_files
         self.ignored_columns = sorted(set(self.ignored_columns) | set(other.ignored_columns))
@@ -481,8 +491,9 @@ class _Validated:
     good: pl.DataFrame
     bad: pl.DataFrame  # columns: location, raw, reason
     # earlier copies of a row repeated later in the batch (same key, same values): not in
-    # `good`, as the later copy is (see `_resolve_repeated_keys`)
+    # `good`, as the later copy is (see `_resolve_repeated_keys`); their keys, one row each
     duplicates: int = 0
+    duplicate_keys: pl.DataFrame | None = None
 
 
 def validate(
@@ -746,7 +757,12 @@ def _resolve_repeated_keys(
     )
     differ = ~same.to_series()
     superseded = pl.repeat(False, good.height, eager=True).scatter(earlier, True)
-    out = _Validated(good.filter(~superseded), bad, duplicates=earlier.len() - int(differ.sum()))
+    out = _Validated(
+        good.filter(~superseded),
+        bad,
+        duplicates=earlier.len() - int(differ.sum()),
+        duplicate_keys=a.filter(~differ).select(key),
+    )
     if not differ.any():
         return out
     lost = earlier.filter(differ) if rows is None else rows.gather(earlier.filter(differ))
@@ -866,6 +882,84 @@ def _holds(part_dir: Path, fingerprint: str) -> bool:
     return fingerprint in _merged(part_dir)
 
 
+@dataclass
+class _Written:
+    """What `_write_partitions` did; with `skip_unchanged`, the keys of rows it left out
+    (the latest write holds them with the same values) and of rows it wrote over others."""
+
+    files: list[Path] = field(default_factory=list)
+    duplicate_files: int = 0
+    unchanged: pl.DataFrame | None = None
+    replaced: pl.DataFrame | None = None
+
+
+def _write_order(path: Path) -> str:
+    """The clean views' order of writes (`clean.write_order` in 10_dedup.sql)."""
+    return ("1" if _WRITTEN.match(path.name) else "0") + path.name
+
+
+def _split_unchanged(
+    part_dir: Path, body: pl.DataFrame, key: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """(rows to write, keys held with the same values, keys held with other values).
+
+    Held means in the partition's latest written row of that key, the one the clean
+    views keep: a row equal to an older version is written again, so it wins again.
+    Only key columns are read, and whole rows only of the files holding one of them.
+    """
+    for attempt in range(3):
+        try:
+            return _compare_with_held(_live_files(part_dir), body, key)
+        except FileNotFoundError:  # a compaction deleted a file after the listing
+            if attempt == 2:
+                raise
+    raise AssertionError("unreachable")
+
+
+def _compare_with_held(
+    files: list[Path], body: pl.DataFrame, key: list[str]
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    none = body.clear().select(key)
+    if not files:
+        return body, none, none
+    wanted = body.select(key)
+    found = (
+        pl.scan_parquet(files, include_file_paths="__file")
+        .select(*key, "__file")
+        .join(wanted.lazy(), on=key, how="semi", nulls_equal=True)
+        .collect()
+    )
+    if not found.height:
+        return body, none, none
+    old = pl.concat(
+        [
+            pl.read_parquet(f).with_columns(pl.lit(_write_order(Path(f))).alias("__order"))
+            for f in found["__file"].unique().to_list()
+        ],
+        how="diagonal_relaxed",
+    ).join(wanted, on=key, how="semi", nulls_equal=True)
+    # an older file may lack a column added since: null there, as the views read it
+    old = old.select(
+        *(
+            pl.col(c).cast(t) if c in old.columns else pl.lit(None, dtype=t).alias(c)
+            for c, t in body.schema.items()
+        ),
+        "__order",
+    )
+    latest = old.sort("__order").unique(subset=key, keep="last").drop("__order")
+    # rows compared through one 64-bit hash of every column, as clean.gpu_samples does
+    compared = wanted.with_columns(body.hash_rows(seed=0).alias("__h")).join(
+        latest.select(key).with_columns(latest.hash_rows(seed=0).alias("__held")),
+        on=key,
+        how="left",
+        nulls_equal=True,
+        maintain_order="left",
+    )
+    same = (compared["__h"] == compared["__held"]).fill_null(False)
+    replaced = compared["__held"].is_not_null() & ~same
+    return body.filter(~same), wanted.filter(same), wanted.filter(replaced)
+
+
 LATEST_WINS = ("requests", "cache_events", "rejects")
 """Tables whose clean views keep the latest written of rows sharing a key (10_dedup.sql)."""
 
@@ -971,6 +1065,7 @@ class Lake:
         *,
         source: str | None = None,
         now: dt.datetime | None = None,
+        skip_unchanged: bool = False,
     ) -> AppendResult:
         """Validate and write rows; rejected rows go to `rejects` with a reason.
 
@@ -978,6 +1073,10 @@ class Lake:
         input columns help reporting: `_location` (e.g. `file.jsonl:12`) and
         `_raw` (the original text). When `source` is given and the table has a
         `source` column that the rows leave empty, it is filled in.
+        `skip_unchanged`: rows whose key the lake's latest write already holds with the
+        same values are not written again (`AppendResult.unchanged`). It reads the key
+        columns of the rows' date partitions, which a re-read log is worth and a
+        collector's fresh samples are not.
         """
         schema = schema_for(table)
         src = source or table
@@ -997,9 +1096,21 @@ class Lake:
         result.rejected = checked.bad.height
         if checked.good.height:
             # `validate` left one row per key
-            written, dups = self._write_partitions(schema, checked.good, keys_unique=True)
-            result.files += written
-            result.duplicate_files += dups
+            written = self._write_partitions(
+                schema, checked.good, keys_unique=True, skip_unchanged=skip_unchanged
+            )
+            result.files += written.files
+            result.duplicate_files += written.duplicate_files
+            # an exact copy in the batch (`duplicates`) counts as its kept row does
+            copies = checked.duplicate_keys
+            for held, attr in ((written.unchanged, "unchanged"), (written.replaced, "replaced")):
+                if held is not None and held.height:
+                    n = held.height
+                    if copies is not None and copies.height:
+                        n += copies.join(
+                            held, on=list(schema.key), how="semi", nulls_equal=True
+                        ).height
+                    setattr(result, attr, n)
         if checked.bad.height:
             self.reject(table, checked.bad, source=src, now=now)
         if result.files:
@@ -1077,28 +1188,46 @@ class Lake:
         return rows.height
 
     def _write_partitions(
-        self, schema: TableSchema, df: pl.DataFrame, *, keys_unique: bool = False
-    ) -> tuple[list[Path], int]:
+        self,
+        schema: TableSchema,
+        df: pl.DataFrame,
+        *,
+        keys_unique: bool = False,
+        skip_unchanged: bool = False,
+    ) -> _Written:
         df = df.select(list(schema.columns))
-        if not keys_unique and _has_repeated_keys(df, schema.key):
+        key = list(schema.key)
+        if not keys_unique and _has_repeated_keys(df, key):
             # one row per key in a file (the later line wins), so which row the clean
             # views keep never depends on the order a scan meets them in
-            df = df.unique(subset=list(schema.key), keep="last", maintain_order=True)
+            df = df.unique(subset=key, keep="last", maintain_order=True)
         root = self.path / schema.name
         todo: list[tuple[Path, str, pl.DataFrame]] = []  # (temporary name, fingerprint, rows)
-        dups = 0
+        out = _Written()
+        held: list[tuple[pl.DataFrame, pl.DataFrame]] = []  # (unchanged keys, replaced keys)
         for date, body in _date_partitions(df, schema.ts_column):
             # rejects carry the time of rejection; the same bad row rejected twice
             # must still name the same file, so the fingerprint leaves ts out.
             content = body.drop("ts") if schema is REJECTS else body
             fp = _fingerprint(content)
             part_dir = root / f"date={date.isoformat()}"
-            if _holds(part_dir, fp):
-                dups += 1
+            if skip_unchanged:
+                # row by row: a batch written before may have been overwritten since
+                body, unchanged, replaced = _split_unchanged(part_dir, body, key)
+                held.append((unchanged, replaced))
+                if not body.height:
+                    out.duplicate_files += 1
+                    continue
+                fp = _fingerprint(body)
+            elif _holds(part_dir, fp):
+                out.duplicate_files += 1
                 continue
             todo.append((part_dir / f".part-{fp}.parquet.tmp-{uuid.uuid4().hex[:12]}", fp, body))
+        if held:
+            out.unchanged = pl.concat([u for u, _ in held])
+            out.replaced = pl.concat([r for _, r in held])
         if not todo:
-            return [], dups
+            return out
         written: list[Path] = []
         try:
             if len(todo) > 1:  # Parquet encoding releases the GIL: partitions use every core
@@ -1121,7 +1250,8 @@ class Lake:
         if self.fsync:
             for part_dir in {dest.parent for dest in written}:
                 _fsync_dir(part_dir)
-        return written, dups
+        out.files = written
+        return out
 
     def compact(
         self,

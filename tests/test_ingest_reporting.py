@@ -199,6 +199,8 @@ def test_rerun_summary_separates_new_rows_from_rows_already_in_the_lake(tmp_path
     grown = ingest_file(log, Lake(lake), chunk_bytes=4096)  # a write per chunk: mixed ones
     assert (grown.loaded, grown.new, grown.already_in_lake) == (1005, 5, 1000)
     assert _q(lake, "SELECT count(*) FROM requests") == [(1005,)]
+    # only the 5 new lines were written: the raw rows did not double (were 2,005)
+    assert _q(lake, "SELECT count(*) FROM raw.requests") == [(1005,)]
     code, out, err = _ingest(str(log), "--lake", str(lake), "--format", "json")
     assert code == 0, err
     row = json.loads(out)[0]
@@ -219,6 +221,33 @@ def test_new_rows_count_across_dates_and_a_changed_row(tmp_path: Path) -> None:
     _write(log, recs)
     report = ingest_file(log, Lake(lake))
     assert (report.loaded, report.new, report.already_in_lake) == (31, 1, 30)
+    # the changed row and the new one are written; the 29 others are not written again
+    assert _q(lake, "SELECT count(*) FROM raw.requests") == [(32,)]
+    assert _q(lake, "SELECT output_tokens FROM requests WHERE request_id = 'req-00018000'") == [
+        (999,)
+    ]
+    # changed back: the first version is written again, so it is the latest one again
+    recs[5] = {**recs[5], "output_tokens": _rec(5 * 3600)["output_tokens"]}
+    _write(log, recs)
+    back = ingest_file(log, Lake(lake))
+    assert (back.loaded, back.new, back.already_in_lake) == (31, 0, 31)
+    assert _q(lake, "SELECT output_tokens FROM requests WHERE request_id = 'req-00018000'") == [
+        (recs[5]["output_tokens"],)
+    ]
+    assert _q(lake, "SELECT count(*) FROM raw.requests") == [(33,)]
+
+
+def test_a_reread_file_with_repeated_lines_counts_them_as_held(tmp_path: Path) -> None:
+    """An exact repeated line is loaded once; read again, it and its copy were both there."""
+    recs = [_rec(i) for i in range(10)]
+    log = _write(tmp_path / "dup.jsonl", [*recs, recs[3], _rec(20)])
+    lake = tmp_path / "lake"
+    first = ingest_file(log, Lake(lake))
+    assert (first.loaded, first.new, first.already_in_lake) == (12, 12, 0)
+    _write(log, [_rec(21)], mode="a")
+    again = ingest_file(log, Lake(lake))
+    assert (again.loaded, again.new, again.already_in_lake) == (13, 1, 12)
+    assert _q(lake, "SELECT count(*) FROM raw.requests") == [(12,)]
 
 
 # --------------------------------------------------------------------------- rejects

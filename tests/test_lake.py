@@ -371,3 +371,36 @@ def test_unknown_table_and_bad_input_are_clear(lake: Lake) -> None:
     with pytest.raises(ValueError, match="not a single dict"):
         lake.append("requests", {"request_id": "x"})
     assert lake.append("requests", []).read == 0
+
+
+def test_skip_unchanged_writes_only_rows_the_latest_write_lacks(lake: Lake) -> None:
+    """A log read again after it grew: only the new and changed rows are written, across
+    a compaction and files written before a column existed."""
+    first = _requests(100, days=2)
+    lake.append("requests", first, source="test", now=NOW)
+    lake.compact("requests", grace=dt.timedelta(0))
+    # a file of an older finops version: no `feature` column; its rows read feature NULL
+    old = _requests(10, offset=200)
+    other = Lake(lake.path.parent / "other")
+    (written,) = other.append("requests", old, source="test", now=NOW).files
+    write_parquet_atomic(
+        pl.read_parquet(written).drop("feature"),
+        lake.path / "requests/date=2026-11-16/part-old.parquet",
+    )
+    changed = first.with_columns(
+        pl.when(pl.col("request_id") == "r-7").then(7000).otherwise(pl.col("output_tokens"))
+        .alias("output_tokens")
+    )  # fmt: skip
+    grown = pl.concat([changed, old, _requests(5, offset=300)])
+    res = lake.append("requests", grown, source="test", now=NOW, skip_unchanged=True)
+    assert (res.loaded, res.unchanged, res.replaced) == (115, 109, 1)
+    raw = finops.connect(lake.path).sql("SELECT count(*) FROM raw.requests").fetchall()
+    assert raw == [(116,)]  # 110 + the changed row + 5 new
+    db = finops.connect(lake.path)
+    q = "SELECT output_tokens FROM clean.requests WHERE request_id = 'r-7'"
+    assert db.sql(q).fetchall() == [(7000,)]
+    # the same batch again: nothing to write
+    again = lake.append("requests", grown, source="test", now=NOW, skip_unchanged=True)
+    assert (again.files, again.unchanged, again.replaced) == ([], 115, 0)
+    # without it, a batch written before is still recognised by its fingerprint alone
+    assert lake.append("requests", first, source="test", now=NOW).files == []
