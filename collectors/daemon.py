@@ -132,6 +132,16 @@ def _settle(fut: asyncio.Future[Any], ok: bool, result: Any) -> None:
         fut.set_exception(result)
 
 
+@dataclass(frozen=True)
+class Validated:
+    """Rows `Target.keep` validated against their table: the flush writes them as they are."""
+
+    rows: pl.DataFrame
+
+    def __len__(self) -> int:
+        return self.rows.height
+
+
 @dataclass
 class Outcome:
     """What one attempt produced: rows per table, rejects, and its health row."""
@@ -151,7 +161,7 @@ class Outcome:
     """State changes a worker computed, kept only if its attempt counts (`commit`)."""
 
     def add(self, table: str, data: Any) -> None:
-        if data is None or (isinstance(data, pl.DataFrame | list) and len(data) == 0):
+        if data is None or (isinstance(data, pl.DataFrame | list | Validated) and len(data) == 0):
             return
         self.frames.setdefault(table, []).append(data)
 
@@ -256,7 +266,7 @@ class Target(abc.ABC):
             out.rejects.append((table, {"location": location, "raw": raw, "reason": reason}))
         out.rejected += checked.bad.height
         out.samples += checked.good.height
-        out.add(table, checked.good)
+        out.add(table, Validated(checked.good))
         return checked.good
 
     def close(self) -> None:  # noqa: B027 - optional hook; most targets hold nothing
@@ -828,9 +838,18 @@ class Collector:
         # samples before the cache events derived from them (see collectors.vllm)
         order = {"gpu_samples": 0, "serving_samples": 1, "cache_events": 2}
         for (table, kind), datas in sorted(by_table.items(), key=lambda kv: order.get(kv[0][0], 9)):
-            frames = [d if isinstance(d, pl.DataFrame) else pl.DataFrame(d) for d in datas]
-            frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
-            results.append(self.lake.append(table, frame, source=kind))
+            valid = [d.rows for d in datas if isinstance(d, Validated)]
+            if valid:  # `Target.keep` validated them: not again
+                frame = pl.concat(valid) if len(valid) > 1 else valid[0]
+                results.append(self.lake.append_validated(table, frame, source=kind))
+            frames = [
+                d if isinstance(d, pl.DataFrame) else pl.DataFrame(d)
+                for d in datas
+                if not isinstance(d, Validated)
+            ]
+            if frames:
+                frame = pl.concat(frames, how="diagonal_relaxed") if len(frames) > 1 else frames[0]
+                results.append(self.lake.append(table, frame, source=kind))
         return results
 
     def _write(self, batch: list[Outcome]) -> None:

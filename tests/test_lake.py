@@ -404,3 +404,24 @@ def test_skip_unchanged_writes_only_rows_the_latest_write_lacks(lake: Lake) -> N
     assert (again.files, again.unchanged, again.replaced) == ([], 115, 0)
     # without it, a batch written before is still recognised by its fingerprint alone
     assert lake.append("requests", first, source="test", now=NOW).files == []
+
+
+def test_append_validated_writes_what_append_writes(lake: Lake, tmp_path: Path) -> None:
+    """The collector's flush path: rows `validate` passed, written without a second check."""
+    from finops.lake import validate
+    from finops.schemas import schema_for
+
+    rows = _requests(50, days=2).with_columns(source=pl.lit(None, dtype=pl.String))
+    good = validate(rows, schema_for("requests"), source="x")[0].good
+    # two payloads sharing a key: written once, the last kept
+    res = lake.append_validated("requests", pl.concat([good, good.tail(1)]), source="shim")
+    assert (res.read, res.loaded, res.rejected, len(res.files)) == (51, 51, 0, 2)
+    other = Lake(tmp_path / "other")
+    other.append("requests", rows, source="shim")
+
+    def clean(path: Path) -> pl.DataFrame:
+        return finops.connect(path).sql("SELECT * FROM clean.requests ORDER BY request_id").pl()
+
+    assert_frame_equal(clean(lake.path), clean(other.path))
+    assert finops.connect(lake.path).sql("SELECT count(*) FROM raw.requests").fetchall() == [(50,)]
+    assert lake.append_validated("requests", good, source="shim").files == []  # same batch
