@@ -126,7 +126,7 @@ _VLLM_ONLY = ("tier", "pod")
 # `--vllm mid=http://host:8000`: a tier name, '=', then the URL (a URL never starts so)
 _TIER_URL = re.compile(r"^([A-Za-z0-9][A-Za-z0-9_.-]*)=(.*)$")
 # the servers' own default ports, for a URL given as `host` (dcgm-exporter's: 9400)
-_DEFAULT_PORT = {"vllm": 8000, "prometheus": 9090}
+_DEFAULT_PORT = {"dcgm": 9400, "vllm": 8000, "prometheus": 9090}
 
 
 def make_target(
@@ -187,12 +187,8 @@ def make_target(
         raise ConfigError(f"{where}: a prometheus target needs query (PromQL)")
     if kind == "log" and not kw.get("path"):
         raise ConfigError(f"{where}: a log target needs path (a file or a glob)")
-    if kind == "dcgm":
-        from collectors.dcgm import DEFAULT_PORT, default_url
-
-        kw["url"] = default_url(_http_url(kw["url"], DEFAULT_PORT, f"{where}.url"))
-    elif kind in _DEFAULT_PORT:
-        kw["url"] = _http_url(kw["url"], _DEFAULT_PORT[kind], f"{where}.url")
+    if kind in _DEFAULT_PORT:
+        kw["url"] = target_url(kind, kw["url"], f"{where}.url")
     if kind in ("dcgm", "vllm") and kw["url"].endswith("/metrics/"):
         # `/metrics/` reaches vLLM's prometheus_client mount, which answers
         # OpenMetrics with escaped names; `/metrics` is the exporters' own route
@@ -297,9 +293,21 @@ def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectCo
     return cfg
 
 
+def target_url(kind: str, url: str, where: str = "url") -> str:
+    """A target's URL as given (`host`, `host:port` or a full URL) -> the one to scrape.
+
+    `host[:port]` gets http:// and the server's default port (dcgm-exporter 9400, vLLM
+    8000, Prometheus 9090); a dcgm-exporter URL without a path gets `/metrics`. A full
+    URL must be http(s) with a host, or every scrape fails with the same transport error.
+    """
+    url = _http_url(url, _DEFAULT_PORT[kind], where)
+    if kind == "dcgm":
+        parts = urlsplit(url)
+        url = parts._replace(path=parts.path or "/metrics").geturl()
+    return url
+
+
 def _http_url(url: str, port: int, where: str) -> str:
-    """`host` or `host:port` -> `http://host:port` (as `--dcgm` takes them); a full URL
-    must be http(s) with a host, or every scrape fails with the same transport error."""
     parts = urlsplit(url if "://" in url else f"http://{url}")
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise ConfigError(f"{where}: expected http(s)://host[:port][/path], got {url!r}")

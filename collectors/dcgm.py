@@ -61,8 +61,6 @@ DCGM_BLANKS = tuple(float(b + i) for b in (2147483632, 140737488355328) for i in
 """The 32-bit and FP64 fields' blank, not-found, not-supported and not-permissioned
 sentinels (dcgm_structs.h): exact values no such field measures."""
 
-DEFAULT_PORT = 9400
-
 _COLUMN_LABELS: dict[str, tuple[str, ...]] = {
     "host": ("Hostname", "hostname"),
     "gpu_uuid": ("UUID", "uuid"),
@@ -87,20 +85,6 @@ class GpuRows:
     rows: pl.DataFrame  # gpu_samples columns + _location, _raw
     skipped: int  # samples that are not DCGM fields (exporter/process metrics)
     blank: int  # DCGM blank sentinels, stored with a null value
-
-
-def default_url(url: str) -> str:
-    """`host` or `host:port` -> `http://host:9400/metrics` (the exporter's defaults).
-
-    A full URL keeps its scheme and port (a proxy may serve it); only a
-    missing path becomes `/metrics`.
-    """
-    if "://" not in url:
-        parts = urlsplit(f"http://{url}")
-        netloc = parts.netloc if parts.port else f"{parts.netloc}:{DEFAULT_PORT}"
-        return f"http://{netloc}{parts.path or '/metrics'}"
-    parts = urlsplit(url)
-    return f"{parts.scheme}://{parts.netloc}{parts.path or '/metrics'}"
 
 
 def gpu_rows(

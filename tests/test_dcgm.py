@@ -13,9 +13,9 @@ import polars as pl
 import pytest
 
 import finops
-from collectors.config import CollectConfig, make_target
+from collectors.config import CollectConfig, make_target, target_url
 from collectors.daemon import Collector
-from collectors.dcgm import DCGM_BLANK_MIN, default_url, gpu_rows, render_payload
+from collectors.dcgm import DCGM_BLANK_MIN, gpu_rows, render_payload
 
 DATA = Path(__file__).parent / "data" / "exposition"
 
@@ -199,7 +199,7 @@ def test_missing_uuid_is_rejected_with_the_line(tmp_path: Path) -> None:
     ],
 )
 def test_default_url(given: str, expected: str) -> None:
-    assert default_url(given) == expected
+    assert target_url("dcgm", given) == expected
 
 
 def test_int32_and_fp64_blank_sentinels_are_missing_too() -> None:
