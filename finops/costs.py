@@ -636,7 +636,15 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
             "see marts.gpu_gap_hourly"
         )
     if row["requests"] == 0:
-        notes.append("no requests in this period: cost cannot be allocated to tenants/features")
+        notes.append(
+            "no request logs in this period (none collected, or no traffic): requests, cost "
+            "per request, leakage and cache savings are unknown, and cost cannot be allocated "
+            "to tenants or features; load them with finops ingest requests or "
+            "finops collect --log"
+        )
+    partial = _partial_period(db, per)
+    if partial:
+        notes.append(partial)
     on_tiers = row["unpriced_requests"] - row["tierless_requests"]
     if on_tiers:
         notes.append(
@@ -658,6 +666,35 @@ def sources(db: duckdb.DuckDBPyConnection, per: Period | None = None) -> dict[st
         )
     row["notes"] = notes
     return row
+
+
+def _partial_period(db: duckdb.DuckDBPyConnection, per: Period) -> str | None:
+    """A bounded period the data covers only part of (a lake of two days read as its
+    week): its totals are those hours' only, which a weekly figure must not hide."""
+    if per.start is None or per.end is None:
+        return None
+    hours = (per.end - per.start).total_seconds() / 3600
+    first, last, covered = _row(
+        db,
+        f"""
+        WITH h AS (
+            SELECT hour FROM marts.gpu_cost_hourly WHERE {per.where()}
+            UNION SELECT hour FROM marts.request_work WHERE {per.where()}
+        )
+        SELECT min(hour), max(hour), count(*) FROM h
+    """,
+    )
+    # data ending early or starting late: a gap inside the period is the GPU-gap note's
+    if first is None or (
+        first <= _utc(per.start) and last >= _utc(per.end) - dt.timedelta(hours=1)
+    ):
+        return None
+    days = (last.date() - first.date()).days + 1
+    return (
+        f"partial period: data covers {covered:,} of {hours:,.0f} hours of {per.label} "
+        f"({first:%a %Y-%m-%d %H:00} to {last + dt.timedelta(hours=1):%a %Y-%m-%d %H:00} UTC, "
+        f"{days} day{'s' if days != 1 else ''}): its totals are those hours' only"
+    )
 
 
 def _tier_mismatch(gpu_tiers: list[str], request_tiers: list[str]) -> str | None:
@@ -803,7 +840,8 @@ def by(
     included in input_tokens. A group whose working requests have no GPU data has cost
     NULL (unknown), not 0;
     usd_per_1m_output_tokens likewise; leakage_cost = cost of retried/failed
-    requests, aborted streams and duplicates (see `leakage`).
+    requests, aborted streams and duplicates (see `leakage`). priced_requests: the
+    requests on priced tier-hours, which cost, share and the per-request figures cover.
     """
     if dim not in DIMENSIONS:
         raise CostError(f"by: expected one of {list(DIMENSIONS)}, got {dim!r}")
@@ -830,7 +868,7 @@ def by(
                {output_cost} AS output_cost,
                {cost} AS cost,
                {leakage_cost} AS leakage_cost,
-               count(*) FILTER (NOT unpriced_tier_hour) AS _priced_requests,
+               count(*) FILTER (NOT unpriced_tier_hour) AS priced_requests,
                coalesce(sum(input_tokens) FILTER (processed AND NOT unpriced_tier_hour), 0)
                    AS _priced_input_tokens,
                coalesce(sum(output_tokens) FILTER (processed AND NOT unpriced_tier_hour), 0)
@@ -845,8 +883,8 @@ def by(
     # unpriced tier-hours would otherwise read as cheaper per request than it is
     return (
         df.with_columns(
-            (pl.col("cost") / pl.col("_priced_requests")).alias("cost_per_request"),
-            (pl.col("cost") / pl.col("_priced_requests") * 1000).alias("usd_per_1k_requests"),
+            (pl.col("cost") / pl.col("priced_requests")).alias("cost_per_request"),
+            (pl.col("cost") / pl.col("priced_requests") * 1000).alias("usd_per_1k_requests"),
             (pl.col("input_cost") / pl.col("_priced_input_tokens") * 1e6).alias(
                 "usd_per_1m_input_tokens"
             ),
@@ -867,7 +905,7 @@ def by(
                 "usd_per_1m_output_tokens",
             )
         )
-        .drop("_priced_requests", "_priced_input_tokens", "_priced_output_tokens")
+        .drop("_priced_input_tokens", "_priced_output_tokens")
         .sort(
             dim if dim in ("hour", "day") else "cost",
             descending=dim not in ("hour", "day"),
@@ -1656,7 +1694,10 @@ def headline(
     # printed as unknown), not $0
     measured = bool(t["gpu_hours"])
     known = bool(t["priced_gpu_hours"])
-    if not known:
+    # no request logs: how many requests, what leaked and what caches saved are
+    # unknown (None, printed n/a), not 0 and $0.00
+    logged = bool(t["requests"])
+    if not known or not logged:
         leak_cost = None
     priced = u["requests"] - u["unpriced_requests"]
     return {
@@ -1671,7 +1712,7 @@ def headline(
         "idle_time_share": (
             (t["gpu_hours"] - t["busy_gpu_hours"]) / t["gpu_hours"] if measured else None
         ),
-        "requests": t["requests"],
+        "requests": t["requests"] if logged else None,
         "cost_per_1k_requests": t["usd_per_1k_requests"],
         "usage_cost_per_1k_requests": (
             1000 * u["allocated_cost"] / priced if known and priced else None
@@ -1685,12 +1726,12 @@ def headline(
         "cache_saved": sum_known(
             cache.filter(pl.col("layer") != "response_cache_potential")["usd_saved"]
         )
-        if known
+        if known and logged
         else None,
         "response_cache_potential": sum_known(
             cache.filter(pl.col("layer") == "response_cache_potential")["usd_saved"]
         )
-        if known
+        if known and logged
         else None,
         "notes": t["notes"],
     }
@@ -1709,11 +1750,15 @@ def format_headline(h: Mapping[str, Any]) -> str:
     return (
         f"{h['period']}: GPU bill {usd(h['gpu_cost'])} for {h['gpu_hours']:,.0f} GPU-hours "
         f"({h['gpus']} GPUs, SM-active {pct(h['utilization'])}, idle {pct(h['idle_time_share'])}"
-        f" of GPU time = {usd(h['idle_capacity_cost'])}); {h['requests']:,} requests at "
-        f"{usd(h['cost_per_1k_requests'])}/1k (busy-time only {usd(h['usage_cost_per_1k_requests'])}"
-        f"/1k); leakage {usd(h['leakage_cost'])} ({pct(h['leakage_share'])}); caches saved "
-        f"{usd(h['cache_saved'])}, a response cache would save {usd(h['response_cache_potential'])}"
-        " more"
+        f" of GPU time = {usd(h['idle_capacity_cost'])}); "
+        + (
+            "no request logs: cost per request, leakage and cache savings unknown"
+            if h["requests"] is None
+            else f"{h['requests']:,} requests at {usd(h['cost_per_1k_requests'])}/1k (busy-time "
+            f"only {usd(h['usage_cost_per_1k_requests'])}/1k); leakage {usd(h['leakage_cost'])} "
+            f"({pct(h['leakage_share'])}); caches saved {usd(h['cache_saved'])}, a response "
+            f"cache would save {usd(h['response_cache_potential'])} more"
+        )
     )
 
 

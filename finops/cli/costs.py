@@ -38,6 +38,7 @@ _TOTAL_KEYS = (
 
 # the table's (a person's) names and units; CSV and JSON keep the columns' names and values
 _HEADERS = {
+    "priced_requests": "priced requests",
     "input_tokens": "input tokens",
     "output_tokens": "output tokens",
     "usd_per_1k_requests": "$/1k requests",
@@ -53,6 +54,7 @@ def _usd(v: float) -> str:
 
 _CELLS = {
     "requests": "{:,}".format,
+    "priced_requests": "{:,}".format,
     "failed": "{:,}".format,
     "input_tokens": "{:,}".format,
     "output_tokens": "{:,}".format,
@@ -148,10 +150,14 @@ def costs(
     if format == "csv":
         print_frame(rows, "csv")
         return
+    # some requests unpriced: cost, share and $/1k cover the priced ones, which the table
+    # then counts beside all requests
+    unpriced = bool(tot["unpriced_requests"])
     print_frame(
         rows.select(
             by,
             "requests",
+            *(["priced_requests"] if unpriced else []),
             "failed",
             "input_tokens",
             "output_tokens",
@@ -163,7 +169,8 @@ def costs(
             "leakage_cost",
         ),
         "table",
-        title=f"cost by {by}, {tot['period']} ({basis} basis)",
+        title=f"cost by {by}, {tot['period']} ({basis} basis"
+        + ("; cost, share and $/1k over priced requests only)" if unpriced else ")"),
         headers=_HEADERS,
         cells=_CELLS,
         missing="n/a",  # unknown (no GPU data or price), not $0

@@ -181,7 +181,8 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     if 0 < covered < hours:
         missing.append(f"Partial week: data covers {covered} of {hours:.0f} hours.")
     for note in src["notes"]:
-        if not note.startswith(("no GPU samples", "no requests")):
+        # said above in the report's own words
+        if not note.startswith(("no GPU samples", "no request logs", "partial period")):
             missing.append(note[0].upper() + note[1:] + ".")
     return {
         "gpu_samples": bool(src["gpu_hour_rows"]),
