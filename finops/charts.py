@@ -102,9 +102,16 @@ def idle_heatmap(
             known = sorted(set(df["tier"])) if "tier" in df.columns else []
             raise ValueError(f"idle_heatmap: no tier {tier!r}; the frame has {known}")
         df = df.filter(pl.col("tier") == tier)
+    # GPUs the catalog has no price for have idle_cost NULL: unknown, not $0 (a cell of
+    # only such GPUs stays empty), and a sum over some of them is the priced ones' only
+    partial = bool(df["idle_cost"].null_count())
     df = (
         df.group_by("dow", "hour_of_day")
-        .agg(pl.col("gpu_hours").sum(), pl.col("idle_gpu_hours").sum(), pl.col("idle_cost").sum())
+        .agg(
+            pl.col("gpu_hours").sum(),
+            pl.col("idle_gpu_hours").sum(),
+            pl.when(pl.col("idle_cost").is_not_null().any()).then(pl.col("idle_cost").sum()),
+        )
         .with_columns(
             (pl.col("idle_gpu_hours") / pl.col("gpu_hours")).alias("idle_share"),
             pl.col("dow").map_elements(lambda d: _DOW[d - 1], return_dtype=pl.String).alias("day"),
@@ -126,13 +133,18 @@ def idle_heatmap(
             tooltip=[
                 "day:N",
                 alt.Tooltip("hour_of_day:O", title="hour"),
-                alt.Tooltip("idle_cost:Q", format=_USD, title="idle $"),
+                alt.Tooltip(
+                    "idle_cost:Q",
+                    format=_USD,
+                    title="idle $ (priced GPUs)" if partial else "idle $",
+                ),
                 alt.Tooltip("idle_gpu_hours:Q", format=",.1f", title="idle GPU-hours"),
                 alt.Tooltip("idle_share:Q", format=".0%", title="idle share"),
             ],
         )
         .properties(
             title=f"Idle capacity{'' if tier is None else f' ({tier})'}: hour of day x day of week"
+            + (" (dollars: priced GPUs only)" if partial and value == "idle_cost" else "")
         )
     )
 
