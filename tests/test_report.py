@@ -533,6 +533,11 @@ def test_router_artifact_adds_quality_and_drift(demo_lake: Path, tmp_path: Path)
     quality = f"would keep an estimated {100 * r['quality_estimate']:.1f}% of quality"
     assert quality in t["router_replay"]
     assert "it did not serve this week (logged: " in t["router_replay"]
+    # its dollars against the routing the log shows, not against all on large
+    vs = r["replay"]["vs_logged_usd"]
+    assert vs is not None and r["replay"]["logged_requests"] > 0
+    said = "against the routing the log shows" if vs >= 0 else "more than the routing the log shows"
+    assert said in t["router_replay"], t["router_replay"]
     # the report week's own requests (was: the lake's last 7 days, whatever the week)
     db = finops.connect(demo_lake)
     in_week = one(

@@ -40,7 +40,19 @@ def test_lake_labels_metadata_only_and_replay(demo_lake: Path, tmp_path: Path) -
     rep = replay_lake(res.router, demo_lake)
     assert rep["requests"] > 0
     assert rep["routed_cost_usd"] <= rep["all_large_cost_usd"] + 1e-9
-    assert rep["line"].startswith("this router would have saved $")
+    # compared with the routing the log shows first; "saved" only when cheaper than it
+    left_out = rep["no_logged_tier"] + sum(rep["other_tier"].values())
+    assert rep["logged_requests"] + left_out == rep["requests"]
+    if rep["costs_more_than_logged"]:
+        assert rep["line"].startswith("warning: this router would cost $")
+        assert "saved" not in rep["line"]
+    else:
+        assert rep["line"].startswith("this router would")
+        assert "the routing the log shows" in rep["line"]
+    assert rep["line"].index("the routing the log shows") < rep["line"].index("all on large")
+    # metadata-only: it sees the inputs it was tested on, so the held-out figure applies
+    assert rep["quality_basis"] == "held-out test split"
+    assert "retained on its held-out test split" in rep["line"]
     costs = [p["cost_usd"] for p in rep["curve"]]
     assert costs[-1] == max(costs)  # all-large (lambda None) is the most expensive point
 

@@ -288,4 +288,6 @@ def test_sub_cent_savings_keep_their_digits() -> None:
     assert E.usd(0.0042) == "$0.0042" and E.usd(-0.00042) == "$-0.00042"
     assert E.usd(0.16) == "$0.16" and E.usd(1234.5) == "$1,234.50" and E.usd(0) == "$0.00"
     line = E.dollars_line(0.0042, 0.599, 0.99)
-    assert line == "this router would have saved $0.0042 (59.9%) at 99.0% quality"
+    assert line == (
+        "this router would have saved $0.0042 (59.9%) vs all on the largest tier at 99.0% quality"
+    )

@@ -345,7 +345,8 @@ def evaluate_cmd(
         ),
     ] = None,
 ) -> None:
-    """Accuracy, AUC per tier, CPT(50/80), APGR, shares, quality retained, $ vs all-large.
+    """Accuracy, AUC per tier, CPT(50/80), APGR, shares, quality retained, $ vs all-large;
+    with --lake, the replay's $ vs the routing the log shows first, then vs all-large.
 
     Shares, quality retained and dollars are those of the served decision rule (each
     tier's own threshold, as `route()` and the shim decide).
@@ -462,6 +463,40 @@ def evaluate_cmd(
         typer.echo(result["line"])
     if "replay" in result:
         typer.echo(result["replay"]["line"])
+        for line in _replay_costs(result["replay"]):
+            typer.echo(line)
+
+
+def _replay_costs(rep: dict[str, Any]) -> list[str]:
+    """The lake replay's three routings side by side: logged, this router, all-large."""
+    from finops.router.evaluate import usd
+
+    if not rep.get("requests"):
+        return []
+
+    def shares(s: dict[str, float] | None) -> str:
+        return " ".join(f"{t} {v:.0%}" for t, v in (s or {}).items())
+
+    out = []
+    if rep.get("logged_requests"):
+        out.append(
+            f"replay on {rep['logged_requests']:,} requests with a logged tier: logged routing "
+            f"{usd(rep['logged_cost_usd'])} ({shares(rep['logged_shares'])}), this router "
+            f"{usd(rep['routed_cost_on_logged_usd'])} ({shares(rep['shares_on_logged'])})"
+        )
+    why = [f"{rep['no_logged_tier']:,} with no logged tier"] if rep.get("no_logged_tier") else []
+    why += [f"{k:,} logged on tier {t!r}" for t, k in (rep.get("other_tier") or {}).items()]
+    if why:
+        left = rep.get("no_logged_tier", 0) + sum((rep.get("other_tier") or {}).values())
+        out.append(
+            f"replay: {left:,} requests left out of the logged comparison ({', '.join(why)})"
+        )
+    out.append(
+        f"replay on all {rep['requests']:,} requests: this router "
+        f"{usd(rep['routed_cost_usd'])} ({shares(rep['shares'])}), all on the strongest tier "
+        f"{usd(rep['all_large_cost_usd'])}; quality: {rep.get('quality_note', 'n/a')}"
+    )
+    return out
 
 
 @router_app.command("offpolicy")

@@ -506,7 +506,17 @@ def _router(
     out["quality_estimate"] = _f(replay.get("estimated_quality"))
     out["replay"] = {
         k: replay.get(k)
-        for k in ("requests", "saved_usd", "saved_pct", "shares", "test_quality_retained", "line")
+        for k in (
+            "requests",
+            "saved_usd",
+            "saved_pct",
+            "shares",
+            "test_quality_retained",
+            "line",
+            "vs_logged_usd",
+            "vs_logged_pct",
+            "logged_requests",
+        )
     }
     ref = manifest.get("drift") or {}
     drift: dict[str, Any] = {}
@@ -1055,12 +1065,21 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         rep = ro.get("replay") or {}
         version = ro["artifact"].get("version") or "?"
         served = version in (ro.get("logged_versions") or [])
-        saved = rep.get("saved_usd")
+        # against the routing the week's log shows (all-on-the-largest-tier saving is no
+        # saving if the log sent most requests to cheaper tiers)
+        vs = rep.get("vs_logged_usd")
         t["router_replay"] = (
             f"The router given with --router ({md_name(version)}), replayed on this week's "
             f"{rep.get('requests') or 0:,} requests, would keep an estimated "
             f"{pct(ro['quality_estimate'], 1)} of quality"
-            + (f" and save {usd(saved)}" if saved is not None else "")
+            + (
+                ""
+                if vs is None
+                else f" and save {usd(vs)} against the routing the log shows"
+                if vs >= 0
+                else f" and cost {usd(-vs)} ({pct(-(rep.get('vs_logged_pct') or 0), 1)}) more "
+                "than the routing the log shows"
+            )
             + "; "
             + (
                 "it is the router that served this week."

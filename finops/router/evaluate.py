@@ -320,9 +320,13 @@ def usd(x: float) -> str:
     return f"${x:,.{min(8, 1 - math.floor(math.log10(abs(x))))}f}"
 
 
-def dollars_line(saved: float, pct: float, quality: float | None) -> str:
+def dollars_line(
+    saved: float, pct: float, quality: float | None, versus: str = "all on the largest tier"
+) -> str:
+    """The saving against a named baseline: a labeled set has no logged routing, so its
+    saving is against sending everything to the largest tier, and must say so."""
     at = f"at {quality:.1%} quality" if quality is not None else "(quality retained n/a)"
-    return f"this router would have saved {usd(saved)} ({pct:.1%}) {at}"
+    return f"this router would have saved {usd(saved)} ({pct:.1%}) vs {versus} {at}"
 
 
 # Columns of clean.requests that the lake replay rebuilds router features from; anything
@@ -438,9 +442,22 @@ def replay_lake(
 
     Cost per request and tier = its logged input/output tokens at that tier's $/token;
     requests served from the shim's response cache and embeddings are left out (they
-    spend no generation tokens). Quality is the router's own calibrated estimate
-    (mean P(chosen tier good enough)); the held-out test figure is in the manifest.
-    Decisions are the served ones (`served_indices`: each tier's own threshold).
+    spend no generation tokens), and so are failed requests. Two baselines, at the same
+    $/token so that the difference is the routing alone:
+
+    - the routing the log shows (`logged_*`, `vs_logged_*`): each request at the tier the
+      log says served it (`tier`, else the router's logged pick `routed_tier`). Requests
+      with no logged tier, or one the router does not have, are counted
+      (`no_logged_tier`, `other_tier`) and left out of this comparison, on both sides;
+    - every request on the strongest (last) tier (`all_large_cost_usd`, `saved_usd`,
+      `saved_pct`: positive = cheaper than all-large).
+
+    The `line` puts the logged routing first and never says "saved" for a router that
+    would cost more than it. Quality is the held-out test figure from the manifest when
+    the router sees the inputs it was tested on, else the router's own calibrated estimate
+    (mean P(chosen tier good enough)): the logged requests have no quality labels, and
+    `quality_basis`/`quality_note` say which. Decisions are the served ones
+    (`served_indices`: each tier's own threshold).
     """
     import finops
 
@@ -456,7 +473,7 @@ def replay_lake(
         span = f"{start or 'the start'} to {end or 'the end'}"
     df = db.sql(
         f"""
-        SELECT {", ".join(REPLAY_COLUMNS)}
+        SELECT {", ".join(REPLAY_COLUMNS)}, coalesce(tier, routed_tier) AS logged_tier
         FROM clean.requests
         WHERE {window}
           AND coalesce(operation, 'chat') <> 'embeddings'
@@ -480,33 +497,70 @@ def replay_lake(
     )
     idx = served_indices(router, rows)
     n = len(idx)
-    routed = float(cost[np.arange(n), idx].sum())
+    at = np.arange(n)
+    routed = float(cost[at, idx].sum())
     all_large = float(cost[:, -1].sum())
-    est_quality = float(cum[np.arange(n), idx].mean())
+    vs = logged_comparison(cost, idx, df["logged_tier"].to_list(), tiers)
+    est_quality = float(cum[at, idx].mean())
     test_q = router.manifest["evaluation"].get("at_threshold", {}).get("quality_retained")
-    text_missing = router.uses_prompt_text and has_text < df.height
+    no_text = df.height - has_text
+    text_missing = router.uses_prompt_text and no_text > 0
     # The held-out figure only applies when the router sees the inputs it was tested on.
-    q = test_q if test_q is not None and not text_missing else est_quality
+    held_out = test_q is not None and not text_missing
+    q = test_q if held_out else est_quality
+    basis = "held-out test split" if held_out else "model estimate"
+    if basis == "model estimate":
+        quality_note = "the router's own estimate: these requests have no quality labels"
+        if text_missing:
+            quality_note += (
+                " nor captured prompt text"
+                if has_text == 0
+                else f", and {no_text:,} of them no captured prompt text"
+            )
+    else:
+        quality_note = "retained on its held-out test split; these requests have no quality labels"
     curve = []
     for lam_i in [*GRID[::10], None]:
         ii = route_indices(cum, lam_i)
         curve.append(
             {
                 "lambda": lam_i,
-                "cost_usd": float(cost[np.arange(n), ii].sum()),
+                "cost_usd": float(cost[at, ii].sum()),
                 "share_large": float((ii == len(tiers) - 1).mean()),
-                "estimated_quality": float(cum[np.arange(n), ii].mean()),
+                "estimated_quality": float(cum[at, ii].mean()),
             }
         )
     saved = all_large - routed
+    saved_pct = saved / all_large if all_large else 0.0
+    line = (
+        replay_sentence(
+            vs,
+            saved,
+            saved_pct,
+            q,
+            quality_note,
+            strongest=tiers[-1],
+            requests=n,
+        )
+        + f" over {span} of {lake}"
+    )
+    if text_missing:
+        line += (
+            f"; caution: this router uses prompt text and {no_text:,} of these requests have "
+            "none captured, so its tier picks here, and so the costs above, come from "
+            "degraded inputs (train with --text off for capture-off traffic)"
+        )
     return {
         "requests": n,
         "with_prompt_text": has_text,
         "text_used": router.uses_prompt_text and has_text > 0,
         "all_large_cost_usd": all_large,
         "routed_cost_usd": routed,
+        # vs all-large (positive: cheaper than every request on the strongest tier)
         "saved_usd": saved,
-        "saved_pct": saved / all_large if all_large else 0.0,
+        "saved_pct": saved_pct,
+        # vs the routing the log shows, on the requests with a logged tier (logged_comparison)
+        **vs,
         "shares": {
             t: float(s)
             for t, s in zip(tiers, np.bincount(idx, minlength=len(tiers)) / n, strict=True)
@@ -515,15 +569,130 @@ def replay_lake(
         "test_quality_retained": test_q,
         "prices": price,
         "curve": curve,
-        "line": dollars_line(saved, saved / all_large if all_large else 0.0, q)
-        + f" over {span} of {lake} ({n} requests)"
-        + (
-            f"; caution: {df.height - has_text} requests have no captured prompt text and this "
-            "router uses text, so quality is the model's own estimate on degraded inputs "
-            "(train with --text off for capture-off traffic)"
-            if text_missing
-            else ""
-        ),
-        "quality_basis": "model estimate" if q == est_quality else "held-out test split",
+        "line": line,
+        "quality_basis": basis,
+        "quality_note": quality_note,
         "decision": thresholds_label(router),
     }
+
+
+def logged_comparison(
+    cost: np.ndarray, idx: np.ndarray, logged: Sequence[str | None], tiers: Sequence[str]
+) -> dict[str, Any]:
+    """The router's picks `idx` vs the logged tiers, both priced by the same `cost` matrix.
+
+    Only requests whose logged tier is one of `tiers` are compared (on both sides): a
+    request without one is counted in `no_logged_tier`, one logged on a tier the router
+    does not have in `other_tier` (per tier), never priced at $0. `vs_logged_usd` is
+    logged minus router: positive = the router is cheaper, negative = it costs more.
+    """
+    index = {t: i for i, t in enumerate(tiers)}
+    li = np.array([index.get(t, -1) if t is not None else -1 for t in logged], dtype=np.int64)
+    has = li >= 0
+    other: dict[str, int] = {}
+    for t in logged:
+        if t is not None and t not in index:
+            other[t] = other.get(t, 0) + 1
+    rows = np.nonzero(has)[0]
+    n = len(rows)
+    logged_cost = float(cost[rows, li[has]].sum())
+    router_cost = float(cost[rows, idx[has]].sum())
+    diff = logged_cost - router_cost
+    return {
+        "logged_requests": n,
+        "no_logged_tier": int(sum(t is None for t in logged)),
+        "other_tier": other,
+        "logged_cost_usd": logged_cost if n else None,
+        "routed_cost_on_logged_usd": router_cost if n else None,
+        "vs_logged_usd": diff if n else None,
+        "vs_logged_pct": diff / logged_cost if n and logged_cost else None,
+        "costs_more_than_logged": bool(n and diff < -_TIE * max(1.0, logged_cost)),
+        "logged_shares": (
+            {
+                t: float(s)
+                for t, s in zip(tiers, np.bincount(li[has], minlength=len(tiers)) / n, strict=True)
+            }
+            if n
+            else None
+        ),
+        "shares_on_logged": (
+            {
+                t: float(s)
+                for t, s in zip(tiers, np.bincount(idx[has], minlength=len(tiers)) / n, strict=True)
+            }
+            if n
+            else None
+        ),
+        "logged_basis": "each request's logged tier (tier, else routed_tier) at the same "
+        "per-tier $/token as the router's picks",
+    }
+
+
+# below this relative difference two costs are the same (float noise, not a saving)
+_TIE = 1e-9
+
+
+def replay_sentence(
+    vs: Mapping[str, Any],
+    saved_vs_large: float,
+    saved_vs_large_pct: float,
+    quality: float | None,
+    quality_note: str,
+    *,
+    strongest: str = "large",
+    requests: int | None = None,
+) -> str:
+    """The replay in one sentence: vs the logged routing first, vs all-strongest second.
+
+    "saved" only when the router is cheaper than the routing the log shows; a router
+    that would cost more starts with "warning:".
+    """
+    at = (
+        f"at {quality:.1%} quality ({quality_note})"
+        if quality is not None
+        else f"quality retained n/a ({quality_note})"
+    )
+    pct = f" ({abs(saved_vs_large_pct):.1%})" if saved_vs_large else ""
+    if saved_vs_large > 0:
+        large = f"{usd(saved_vs_large)}{pct} less than all on {strongest}"
+    elif saved_vs_large < 0:
+        large = f"{usd(-saved_vs_large)}{pct} more than all on {strongest}"
+    else:
+        large = f"the same as all on {strongest}"
+    n, diff = vs["logged_requests"], vs["vs_logged_usd"]
+    # all-large is over every replayed request; say so when the logged comparison is not
+    total = f" on all {requests:,} requests" if requests is not None and requests != n else ""
+    left = []
+    if vs["no_logged_tier"]:
+        left.append(f"{vs['no_logged_tier']:,} with no logged tier")
+    if vs["other_tier"]:
+        left.append(
+            f"{sum(vs['other_tier'].values()):,} logged on tier(s) "
+            f"{sorted(vs['other_tier'])} the router does not have"
+        )
+    out = f", leaving out {' and '.join(left)}" if left else ""
+    if not n or diff is None:
+        return (
+            f"this router's cost vs the routing the log shows is unknown: none of its "
+            f"{requests or 0:,} requests has a logged tier it could be compared on; it "
+            f"would cost {large}, {at}"
+        )
+    logged, mine = vs["logged_cost_usd"], vs["routed_cost_on_logged_usd"]
+    pct_l = vs["vs_logged_pct"]
+    on = f"{usd(mine)} vs {usd(logged)} logged, on {n:,} requests{out}"
+    if vs["costs_more_than_logged"]:
+        rel = f" (+{-pct_l:.1%})" if pct_l is not None else ""
+        return (
+            f"warning: this router would cost {usd(-diff)}{rel} more than the routing the "
+            f"log shows ({on}); it would cost {large}{total}, {at}"
+        )
+    if abs(diff) <= _TIE * max(1.0, logged):
+        return (
+            f"this router would cost the same as the routing the log shows ({on}); it "
+            f"would cost {large}{total}, {at}"
+        )
+    rel = f" ({pct_l:.1%})" if pct_l is not None else ""
+    return (
+        f"this router would have saved {usd(diff)}{rel} vs the routing the log shows "
+        f"({on}); it would cost {large}{total}, {at}"
+    )

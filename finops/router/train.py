@@ -419,7 +419,9 @@ def one_line(evaluation: Mapping[str, Any], tiers: list[str], *, held_out: bool 
         f"(length heuristic {_num(evaluation['baselines']['length']['apgr'])}, random "
         f"{_num(evaluation['baselines']['random']['apgr'])}), CPT50 {_pct(m['cpt50'])} CPT80 "
         f"{_pct(m['cpt80'])}; at lambda={at['lambda']}: {shares}; "
-        + E.dollars_line(at["saved_usd"], at["saved_pct"], at["quality_retained"])
+        + E.dollars_line(
+            at["saved_usd"], at["saved_pct"], at["quality_retained"], f"all on {tiers[-1]}"
+        )
         + f" on {evaluation['rows']} {rows}"
     )
 
