@@ -9,6 +9,7 @@ requests in the replica (running + waiting) captures the queueing knee.
 from __future__ import annotations
 
 import datetime as dt
+import warnings
 from dataclasses import dataclass
 
 import duckdb
@@ -23,7 +24,7 @@ from finops.models.data import (
     model_period,
     serving_intervals,
 )
-from finops.models.regressors import LoadLatencyRegressor, mape
+from finops.models.regressors import LoadLatencyRegressor, check_load_spread, mape
 from finops.models.throughput import MIN_INTERVALS, holdout_split
 
 METRICS = {
@@ -33,8 +34,21 @@ METRICS = {
 }
 
 
+class ExtrapolationWarning(UserWarning):
+    """A latency was predicted at a load above any the fit measured."""
+
+
 @dataclass
 class LatencyFit:
+    """A latency quantile vs load for one tier, with its held-out error.
+
+    `load_range`: the lowest and highest load (requests in the replica) of the
+    windows behind the fit, train and held out. Above it the power curve is an
+    extrapolation (fitted on loads 0.5-3 it says 539 s at 100): `predict_ms` warns
+    (ExtrapolationWarning) and `beyond_range` tells which loads are, so a caller
+    can flag them; predictions inside the range are unaffected.
+    """
+
     tier: str
     metric: str  # ttft | itl | e2e
     quantile: str  # q50 | q95
@@ -43,6 +57,11 @@ class LatencyFit:
     n_train: int
     n_test: int
     data: pl.DataFrame  # t, target, load, observed (s), predicted, residual, split
+    load_range: tuple[float, float] = (float("nan"), float("nan"))
+
+    @property
+    def n_windows(self) -> int:
+        return self.n_train + self.n_test
 
     def summary(self) -> dict[str, object]:
         return {
@@ -54,11 +73,32 @@ class LatencyFit:
             "mape_holdout_pct": round(100 * self.mape_holdout, 2),
             "n_train": self.n_train,
             "n_test": self.n_test,
+            "load_min": round(self.load_range[0], 4),
+            "load_max": round(self.load_range[1], 4),
         }
 
-    def predict_ms(self, load: float | np.ndarray) -> np.ndarray:
+    def beyond_range(self, load: float | np.ndarray) -> np.ndarray:
+        """True for each load above the highest the fit measured (`load_range`)."""
+        x = np.atleast_1d(np.asarray(load, float))
+        hi = self.load_range[1]
+        return x > hi * (1 + 1e-9) if np.isfinite(hi) else np.zeros(x.shape, dtype=bool)
+
+    def predict_ms(self, load: float | np.ndarray, *, warn: bool = True) -> np.ndarray:
+        """The latency quantile (ms) at each load; an ExtrapolationWarning (unless `warn`
+        is False) when some load lies above the measured range (see `beyond_range`)."""
         x = np.atleast_1d(np.asarray(load, float)).reshape(-1, 1)
-        return 1000 * self.model.predict(x)
+        out = 1000 * self.model.predict(x)
+        far = self.beyond_range(x[:, 0])
+        if warn and far.any():
+            warnings.warn(
+                f"tier {self.tier!r}: {self.metric} {self.quantile} predicted at load up to "
+                f"{x[far, 0].max():.3g} ({int(far.sum())} of {far.size} loads), above the "
+                f"highest measured ({self.load_range[1]:.3g} requests in the replica): a "
+                "power-law extrapolation, not a measurement",
+                ExtrapolationWarning,
+                stacklevel=2,
+            )
+        return out
 
 
 def latency_frame(
@@ -133,6 +173,12 @@ def fit_latency(
         )
     rows, _ = holdout_split(rows, tier)
     train = rows.filter(pl.col("split") == "train")
+    try:  # at one load level any exponent fits: refused, as the throughput fit refuses it
+        check_load_spread(train["load"].to_numpy(), "the latency fit", zero_is_a_level=True)
+    except ValueError as exc:
+        raise in_period(
+            NoServingData(f"tier {tier!r}: {exc} (in the {train.height} training intervals)"), p
+        ) from exc
     model = LoadLatencyRegressor().fit(train.select("load").to_numpy(), train[col].to_numpy())
     rows = rows.with_columns(
         observed=pl.col(col), predicted=pl.Series(model.predict(rows.select("load").to_numpy()))
@@ -151,4 +197,5 @@ def fit_latency(
         data=rows.select(
             "t", "tier", "target", "split", "load", "observed", "predicted", "residual"
         ),
+        load_range=(float(rows["load"].min()), float(rows["load"].max())),  # type: ignore[arg-type]
     )

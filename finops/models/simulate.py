@@ -302,6 +302,10 @@ def load_trace(
                 f"concurrent requests, the lake never saw more than {max_load:.1f}; capacity "
                 "at high growth is uncertain until busier hours are observed"
             )
+        # fit quality: a held-out error above 30%, windows set aside as counter glitches
+        notes.extend(
+            fit.quality_notes(capacity_from=None if source == "tokens/s curve" else source)
+        )
         profiles[tier] = TierProfile(
             tier=tier,
             vmax=float(vmax),
@@ -934,6 +938,10 @@ class Simulator:
                     "max_num_seqs": svc.max_num_seqs,
                     "slo_ttft_p95_ms": self.slo_for(tier),
                     "replica_capacity_rps": curve.per_replica.max(),
+                    # how far to trust that capacity: the curve it came from, and the
+                    # tokens/s fit's held-out error
+                    "curve_source": p.curve_source,
+                    "fit_mape_holdout_pct": round(100 * p.mape_holdout, 2),
                     "simulated": True,
                 }
             )

@@ -30,11 +30,19 @@ TARGETS = {"tokens": "gen_tps", "sm_active": "sm_active"}
 MIN_INTERVALS = 8  # intervals a fit needs, and a held-out day needs to be worth scoring
 TAIL_HOLDOUT = 0.25  # share of intervals held out (in time order) when no day can be
 MIN_TRAIN = MIN_INTERVALS - int(MIN_INTERVALS * TAIL_HOLDOUT)  # intervals left to fit on
+MAPE_WARN = 0.30  # held-out error above which a fit's figures come with a warning note
 
 
 @dataclass
 class ThroughputFit:
-    """A fitted curve for one tier, with its held-out error and the data behind it."""
+    """A fitted curve for one tier, with its held-out error and the data behind it.
+
+    Fit quality, for whoever plans from it: `mape_holdout` (the held-out error),
+    `load_range` (the lowest and highest load of the windows, train and held out),
+    `n_windows` (how many), `curve` (which curve was fitted), `n_outliers` (windows
+    far off the curve, e.g. a counter glitch, which the robust fit gave no weight) and
+    `ceiling_bounded`; `quality_notes()` turns them into the warnings a plan carries.
+    """
 
     tier: str
     target: str  # column predicted: gen_tps (generation tokens/s) or sm_active (0-1)
@@ -47,10 +55,69 @@ class ThroughputFit:
     n_test: int
     data: pl.DataFrame  # the rows used, with `predicted`, `residual` and `split`
     holdout_from: object = None  # the first held-out interval (datetime), None if none is
+    load_range: tuple[float, float] = (float("nan"), float("nan"))  # features[0], all windows
+    n_outliers: int = 0  # windows (training or held out) far off the curve: no weight in the fit
 
     @property
     def vmax(self) -> float:
         return self.model.vmax_
+
+    @property
+    def n_windows(self) -> int:
+        """Windows (replica-intervals) behind the fit, training and held out."""
+        return self.n_train + self.n_test
+
+    @property
+    def curve(self) -> str:
+        """The curve fitted: a Hill curve (or Michaelis-Menten, h = 1) of target vs load."""
+        kind = "Hill" if getattr(self.model, "hill_exponent", True) else "Michaelis-Menten"
+        return f"{kind} curve of {self.target} vs {self.features[0]}"
+
+    @property
+    def ceiling_bounded(self) -> bool:
+        """The ceiling sits at its bound (SaturatingRegressor.MAX_CEILING_RATIO times the
+        highest observed rate): the data do not pin it."""
+        return bool(getattr(self.model, "ceiling_bounded_", False))
+
+    def quality_notes(
+        self, mape_warn: float = MAPE_WARN, *, capacity_from: str | None = None
+    ) -> list[str]:
+        """Warnings about this fit, worded for a plan's notes (none for a good fit).
+
+        A held-out error above `mape_warn`, windows the robust fit set aside as far off
+        the curve (a counter glitch, a scrape gap), and a ceiling the data cannot pin.
+        `capacity_from`: what else set the capacity (e.g. "decode step time"), when this
+        fit only scales it with request lengths; the held-out warning then says so.
+        """
+        name = {"gen_tps": "tokens/s", "sm_active": "SM-activity"}.get(self.target, self.target)
+        what = f"the {name} fit ({self.curve})"
+        lo, hi = self.load_range
+        notes = []
+        if self.mape_holdout > mape_warn:
+            notes.append(
+                f"{what} is off by {100 * self.mape_holdout:.0f}% on held-out windows (above "
+                f"{100 * mape_warn:.0f}%; {self.n_windows} windows, load {lo:.3g}-{hi:.3g}): "
+                + (
+                    f"capacity comes from the {capacity_from}, but its scaling with request "
+                    "lengths is uncertain"
+                    if capacity_from
+                    else "capacity read from it is uncertain"
+                )
+                + "; check the tier's serving metrics for gaps or counter glitches"
+            )
+        if self.n_outliers:
+            n = self.n_outliers
+            notes.append(
+                f"{n} of the {self.n_windows} windows of {what} "
+                + ("lies" if n == 1 else "lie")
+                + " far off the curve (a counter glitch or scrape gap?) and got no weight"
+            )
+        if self.ceiling_bounded and not capacity_from:
+            notes.append(
+                f"{what} does not pin the ceiling: it sits at its bound, "
+                f"{self.model.MAX_CEILING_RATIO:g}x the highest rate observed"
+            )
+        return notes
 
     def summary(self) -> dict[str, object]:
         return {
@@ -65,6 +132,10 @@ class ThroughputFit:
             "mape_train_pct": round(100 * self.mape_train, 2),
             "n_train": self.n_train,
             "n_test": self.n_test,
+            "n_windows": self.n_windows,
+            "load_min": round(self.load_range[0], 4),
+            "load_max": round(self.load_range[1], 4),
+            "n_outliers": self.n_outliers,
         }
 
 
@@ -147,6 +218,10 @@ def fit_frame(
         n_test=te.height,
         data=out,
         holdout_from=te["t"].min() if te.height else None,
+        load_range=(float(rows[features[0]].min()), float(rows[features[0]].max())),  # type: ignore[arg-type]
+        n_outliers=int(
+            model.outlier_mask(rows.select(features).to_numpy(), rows[target].to_numpy()).sum()
+        ),
     )
 
 
