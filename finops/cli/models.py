@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -47,15 +48,50 @@ def _period(db, week: str | None, from_: str | None, to: str | None):
     return fc.period(week, from_, to)
 
 
-def _warn_unsimulated(sim) -> None:
-    """Tiers the simulation could not model are named on stderr in every format."""
-    for note in sim.trace.notes:
+def _warn_unsimulated(sim, *, data: bool = True) -> None:
+    """Tiers the simulation could not model are named on stderr in every format; with
+    `data`, so are days of the period without data and tiers whose cost is unknown (the
+    JSON of `finops simulate` carries those in its plan notes instead)."""
+    for note in [*sim.trace.notes, *(sim.data_notes() if data else [])]:
         typer.echo(f"warning: {note}", err=True)
+
+
+def _check_growth(growth: float) -> None:
+    """--growth is a positive, finite factor; a tiny one is planned but warned about."""
+    if not (growth > 0 and math.isfinite(growth)):
+        raise ValueError(
+            f"--growth must be a positive factor (a finite number, e.g. 5 for 5x), got {growth}"
+        )
+    if growth < 0.01:
+        typer.echo(
+            f"warning: --growth {growth:g} is below 0.01: the plan keeps at least one replica"
+            " per tier (a fixed fleet: the observed one) for almost no requests, so its cost"
+            " per 1k requests says little",
+            err=True,
+        )
+
+
+def _usd(x: float | None, digits: int = 2) -> str:
+    """Dollars, or n/a where the amount is unknown (no price), never $nan."""
+    return "n/a" if x is None or not math.isfinite(x) else f"${x:,.{digits}f}"
+
+
+def _finite(v):
+    """JSON values with NaN/inf (an unknown cost) as null: `NaN` is not JSON."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: _finite(x) for k, x in v.items()}
+    if isinstance(v, list):
+        return [_finite(x) for x in v]
+    return v
 
 
 def simulate(
     lake: LakeOption = None,
-    growth: Annotated[float, typer.Option(help="Traffic growth factor (5 = 5x the week).")] = 5.0,
+    growth: Annotated[
+        float, typer.Option(help="Traffic growth factor (5 = 5x the week; default 5).")
+    ] = 5.0,
     slo_ttft_p95_ms: Annotated[
         float | None, typer.Option(help="p95 time-to-first-token SLO (default 1000 ms).")
     ] = None,
@@ -104,8 +140,7 @@ def simulate(
             reserved_baseline=reserved_baseline,
             spot_share=spot_share,
         )
-        if not growth > 0:
-            raise ValueError(f"--growth must be a positive factor, got {growth}")
+        _check_growth(growth)
         db = _open(lake, deployments)
         sim = Simulator.from_lake(
             db, per=_period(db, week, from_, to), slo_ttft_p95_ms=slo_ttft_p95_ms
@@ -115,9 +150,12 @@ def simulate(
     except (ValueError, NoServingData) as exc:
         fail(str(exc))
         return
+    from finops.models.simulate import unpriced_tiers
+
     b, a = before.cost_per_1k(), after.cost_per_1k()
-    _warn_unsimulated(sim)
+    _warn_unsimulated(sim, data=format != "json")  # JSON: in after.notes
     label = sim.trace.period.label if sim.trace.period else "all data"
+    unpriced = unpriced_tiers(sim)
     if format == "json":
         out = {
             "period": label,
@@ -128,7 +166,7 @@ def simulate(
             "notes": {t: p.notes for t, p in sim.trace.profiles.items() if p.notes},
             "unsimulated": sim.trace.notes,
         }
-        typer.echo(json.dumps(out, default=str, indent=2))
+        typer.echo(json.dumps(_finite(out), default=str, indent=2))
         return
     import polars as pl
 
@@ -147,16 +185,22 @@ def simulate(
         view,
         "table",
         title=f"{growth:g}x growth of {label}: per tier, no levers vs these levers",
+        missing="n/a" if unpriced else "",  # an unknown cost
     )
     typer.echo(
-        f"{growth:g}x growth of {label}: ${b:,.2f}/1k requests with no levers "
-        f"({before.totals['gpu_hours']:,.0f} GPU-h), ${a:,.2f} with these levers "
+        f"{growth:g}x growth of {label}: {_usd(b)}/1k requests with no levers "
+        f"({before.totals['gpu_hours']:,.0f} GPU-h), {_usd(a)} with these levers "
         f"({after.totals['gpu_hours']:,.0f} GPU-h, simulated idle "
         f"{100 * after.totals['idle_share']:.0f}%"
         + (" of the simulated tiers'" if sim.trace.notes else "")
         + " GPU time: modelled busy time, where `finops costs` reports measured SM idle)"
+        + (
+            f"; cost figures: priced tiers only (unknown cost: {', '.join(unpriced)})"
+            * bool(unpriced)
+        )
     )
-    for note in after.notes:  # levers asked for that change nothing here
+    # days without data, unpriced tiers, levers asked for that change nothing here
+    for note in dict.fromkeys([*before.notes, *after.notes]):
         typer.echo(f"note: {note}")
     for t, p in sim.trace.profiles.items():
         for note in p.notes:
@@ -171,6 +215,22 @@ def autoscaling(
     slo_ttft_p95_ms: Annotated[float | None, typer.Option(help="p95 TTFT SLO, ms.")] = None,
     namespace: Annotated[str, typer.Option(help="Kubernetes namespace.")] = "llm-serving",
     prometheus: Annotated[str | None, typer.Option(help="Prometheus URL for KEDA.")] = None,
+    growth: Annotated[
+        float,
+        typer.Option(
+            help="Traffic growth the manifests must absorb: maxReplicas is at least the busiest"
+            " hour's replica need at this multiple of the period's traffic, as `finops simulate"
+            " --growth G --autoscale` plans it (default 2 = twice the observed week)."
+        ),
+    ] = 2.0,
+    max_replicas: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Cap on each tier's maxReplicas (default: none); a cap below the need at"
+            " --growth is kept and named in a note.",
+        ),
+    ] = None,
     format: str = typer.Option("table", "--format", help="table|yaml|json"),
     week: WeekOption = None,
     from_: FromOption = None,
@@ -180,7 +240,8 @@ def autoscaling(
     """Queue-depth targets per tier as KEDA ScaledObject / HPA YAML, and the period's cost.
 
     The period is the lake's latest whole ISO week unless --week or --from/--to say otherwise;
-    requests, serving metrics and the observed bill are all read for that period.
+    requests, serving metrics and the observed bill are all read for that period. maxReplicas
+    covers the busiest hour at --growth (default 2x) times the period's traffic.
     """
     if format not in ("table", "yaml", "json"):
         fail(f"--format must be table, yaml or json, got {format!r}")
@@ -194,6 +255,7 @@ def autoscaling(
     from finops.models.simulate import Simulator
 
     try:
+        _check_growth(growth)
         db = _open(lake, deployments)
         per = _period(db, week, from_, to)
         sim = Simulator.from_lake(db, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms)
@@ -201,6 +263,8 @@ def autoscaling(
             sim,
             namespace=namespace,
             prometheus=prometheus or PROMETHEUS_DEFAULT,
+            growth=growth,
+            max_replicas=max_replicas,
             observed_cost_usd=observed_week_cost(db, per),
         )
         text = adv.to_yaml() if format == "yaml" else ""
@@ -211,25 +275,35 @@ def autoscaling(
         return
     _warn_unsimulated(sim)
     for t, p in sim.trace.profiles.items():
-        for note in p.notes:
+        for note in dict.fromkeys([*p.notes, *adv.notes.get(t, [])]):  # maxReplicas notes
             typer.echo(f"note ({t}): {note}", err=True)
     if format == "yaml":
         typer.echo(text, nl=False)
         return
     cmp_ = adv.cost_comparison()
     if format == "json":
-        doc = {"period": per.label, "tiers": adv.table().to_dicts(), "cost": cmp_,
-               "notes": adv.notes, "unsimulated": sim.trace.notes}  # fmt: skip
+        doc = {"period": per.label, "growth": growth, "max_replicas": max_replicas,
+               "tiers": adv.table().to_dicts(), "cost": cmp_, "notes": adv.notes,
+               "data_notes": adv.data_notes, "unsimulated": sim.trace.notes}  # fmt: skip
         typer.echo(json.dumps(doc, indent=2))
         return
     print_frame(adv.table(), "table", title="target vllm:num_requests_waiting per replica")
-    observed = cmp_["observed_cost_usd"]
+    from finops.models.simulate import unpriced_tiers
+
+    observed, pct = cmp_["observed_cost_usd"], cmp_["saving_pct"]
+    unpriced = unpriced_tiers(sim)
     typer.echo(
-        f"{per.label}: fixed fleet ${cmp_['fixed_fleet_usd']:,.0f} "
+        f"{per.label}: fixed fleet {_usd(cmp_['fixed_fleet_usd'], 0)} "
         f"({cmp_['fixed_gpu_hours']:,.0f} GPU-h) vs queue-depth autoscaling "
-        f"${cmp_['autoscaled_usd']:,.0f} ({cmp_['autoscaled_gpu_hours']:,.0f} GPU-h): "
-        f"saves ${cmp_['saving_usd']:,.0f} ({cmp_['saving_pct']:.0f}%)"
+        f"{_usd(cmp_['autoscaled_usd'], 0)} ({cmp_['autoscaled_gpu_hours']:,.0f} GPU-h): "
+        f"saves {_usd(cmp_['saving_usd'], 0)} ({'n/a' if pct is None else f'{pct:.0f}%'})"
         + (f"; observed GPU bill ${observed:,.0f}" if observed is not None else "")
+        + f"; cost figures: priced tiers only (unknown cost: {', '.join(unpriced)})"
+        * bool(unpriced)
+    )
+    typer.echo(
+        f"maxReplicas: the busiest hour's replica need at {growth:g}x the period's traffic"
+        " (--growth)" + (f", capped at {max_replicas} (--max-replicas)" if max_replicas else "")
     )
     typer.echo("YAML: finops recommend autoscaling --format yaml")
 

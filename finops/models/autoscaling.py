@@ -9,6 +9,10 @@ the extra wait is about q / r (Little's law). The TTFT headroom left after
 prefill at that operating point, times r, is the queue a replica may hold
 before it needs help. KEDA and HPA both divide the summed metric by the
 current replicas (AverageValue), so the target is per replica.
+
+maxReplicas is the busiest hour's replica need at `growth` times the observed traffic
+(default 2x; `finops recommend autoscaling --growth`), never below the observed fleet;
+a cap (`max_replicas`) below that need is kept and named in a note.
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from finops.models.queueing import simulate
 from finops.models.simulate import Levers, Plan, Simulator
 
 PROMETHEUS_DEFAULT = "http://prometheus-operated.monitoring.svc:9090"
+DEFAULT_GROWTH = 2.0  # the traffic growth maxReplicas absorbs, unless told otherwise
 _DNS_LABEL = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 _LABEL_VALUE = re.compile(r"^(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?$")
 
@@ -66,6 +71,7 @@ class TierAdvice:
     drain_rps: float  # completions/s per replica at the operating point
     ttft_p95_no_queue_ms: float
     slo_ttft_p95_ms: float
+    peak_need_replicas: int = 0  # the busiest hour's need at the advice's growth
 
 
 @dataclass
@@ -76,19 +82,29 @@ class AutoscalingAdvice:
     fixed: Plan  # the observed week on a fixed, peak-sized fleet
     autoscaled: Plan  # the same week, replicas following the hourly need
     observed_cost_usd: float | None  # what the lake's GPUs cost (finops.costs), if available
-    # per tier, what the targets cannot promise (floored targets, a raised minimum)
+    # per tier, what the targets cannot promise (floored targets, a raised minimum,
+    # a maxReplicas below the need at `growth`)
     notes: dict[str, list[str]] = field(default_factory=dict)
+    growth: float = DEFAULT_GROWTH  # the traffic growth maxReplicas is sized for
+    max_replicas_cap: int | None = None  # the cap asked for (None: none)
+    # what the period's data and prices leave out (Simulator.data_notes): days without
+    # data, tiers whose cost is unknown (the cost comparison is then the priced tiers')
+    data_notes: list[str] = field(default_factory=list)
 
     def table(self) -> pl.DataFrame:
         return pl.DataFrame([t.__dict__ for t in self.tiers])
 
     def cost_comparison(self) -> dict[str, float | None]:
+        """Fixed fleet vs autoscaled over the period; an unknown amount is None (no price
+        for any simulated tier's GPUs), and with some tiers unpriced the dollars are the
+        priced tiers' (see `data_notes`)."""
         f, a = self.fixed.totals, self.autoscaled.totals
+        fc_, ac = _known(f["cost_usd"]), _known(a["cost_usd"])
         return {
-            "fixed_fleet_usd": f["cost_usd"],
-            "autoscaled_usd": a["cost_usd"],
-            "saving_usd": f["cost_usd"] - a["cost_usd"],
-            "saving_pct": 100 * (1 - a["cost_usd"] / f["cost_usd"]) if f["cost_usd"] else None,
+            "fixed_fleet_usd": fc_,
+            "autoscaled_usd": ac,
+            "saving_usd": fc_ - ac if fc_ is not None and ac is not None else None,
+            "saving_pct": 100 * (1 - ac / fc_) if fc_ and ac is not None else None,
             "fixed_gpu_hours": f["gpu_hours"],
             "autoscaled_gpu_hours": a["gpu_hours"],
             "observed_cost_usd": self.observed_cost_usd,
@@ -122,11 +138,21 @@ class AutoscalingAdvice:
         return docs
 
     def to_yaml(self) -> str:
+        cap = self.max_replicas_cap
         head = (
             "# finops recommend autoscaling: scale vLLM on queue depth (vllm:num_requests_waiting)\n"
             "# Apply EITHER the KEDA ScaledObject OR the HPA of a tier, not both.\n"
+            f"# maxReplicas: the busiest hour's need at {self.growth:g}x the observed traffic"
+            " (--growth)"
+            + (f", capped at {cap} (--max-replicas)" if cap is not None else "")
+            + "\n"
         )
         return head + yaml.safe_dump_all(self.manifests(), sort_keys=False)
+
+
+def _known(x: float | None) -> float | None:
+    """A dollar amount, or None where it is unknown (NaN: no priced tier)."""
+    return None if x is None or not math.isfinite(x) else x
 
 
 def _qty(x: float) -> str:
@@ -250,14 +276,29 @@ def recommend(
     *,
     namespace: str = "llm-serving",
     prometheus: str = PROMETHEUS_DEFAULT,
-    max_growth: float = 2.0,
+    growth: float = DEFAULT_GROWTH,
+    max_replicas: int | None = None,
     observed_cost_usd: float | None = None,
+    max_growth: float | None = None,
 ) -> AutoscalingAdvice:
-    """Per-tier queue-depth targets and the period's cost with vs without autoscaling."""
+    """Per-tier queue-depth targets and the period's cost with vs without autoscaling.
+
+    `growth`: the traffic growth the manifests must absorb: maxReplicas is at least the
+    busiest hour's replica need at `growth` times the period's traffic (what `finops
+    simulate --growth G --autoscale` plans as its peak), and never below the observed
+    fleet. `max_replicas`: a cap on maxReplicas; where it is below that need, the tier's
+    notes say so. `max_growth`: the former name of `growth`.
+    """
     check_namespace(namespace)
+    if max_growth is not None:
+        growth = max_growth
+    if not (growth > 0 and math.isfinite(growth)):
+        raise ValueError(f"growth must be a positive factor (e.g. 5 for 5x), got {growth}")
+    if max_replicas is not None and max_replicas < 1:
+        raise ValueError(f"max_replicas must be at least 1, got {max_replicas}")
     fixed = sim.plan(1.0, Levers(autoscale=False))
     auto = sim.plan(1.0, Levers(autoscale=True))
-    peak = sim.plan(max_growth, Levers(autoscale=False)) if max_growth > 1 else fixed
+    peak = sim.plan(growth, Levers(autoscale=False)) if growth > 1 else fixed
     advice = []
     notes: dict[str, list[str]] = {}
     for tier, p in sim.trace.profiles.items():
@@ -327,22 +368,55 @@ def recommend(
         if said:
             notes[tier] = said
         hourly = auto.hourly.filter(pl.col("tier") == tier)
-        max_reps = int(peak.hourly.filter(pl.col("tier") == tier)["replicas"].max())
+        at_peak = peak.hourly.filter(pl.col("tier") == tier)
+        min_reps = max(c0, int(hourly["replicas"].min()))
+        # the busiest hour's need at `growth` (at 1x where growth < 1); the fixed plan's
+        # replicas add the observed fleet, which the autoscaler may always return to
+        need = max(int(at_peak["needed"].max()), int(hourly["replicas"].max()), 1)
+        max_reps = max(int(at_peak["replicas"].max()), need, min_reps)
+        if max_replicas is not None and max_replicas < max_reps:
+            max_reps = max(max_replicas, min_reps)
+        if max_replicas is not None and max_replicas < min_reps:
+            said.append(
+                f"--max-replicas {max_replicas} is below the minimum of {min_reps} replicas"
+                " (the fewest that meet the SLO, or the quietest hour's need): maxReplicas is"
+                f" {min_reps}"
+            )
+            notes[tier] = said
+        if max_reps < need:
+            capped = (
+                f" (capped by --max-replicas {max_replicas}"
+                + (f", raised to the minimum of {min_reps}" if max_replicas < min_reps else "")
+                + ")"
+                if max_replicas is not None
+                else ""
+            )
+            said.append(
+                f"maxReplicas {max_reps}{capped} is below the {need} replicas the busiest hour"
+                f" needs at {max(growth, 1.0):g}x the observed traffic"
+                f" ({float(at_peak['rate_rps'].max()):.3g} req/s) within p95 TTFT <="
+                f" {slo_ms:.0f} ms: {max_reps} replica{'s serve' if max_reps > 1 else ' serves'}"
+                f" {sim.capacity(tier, lv, max_reps):.3g} req/s, so in such hours the"
+                " autoscaler stops short of the need and p95 TTFT exceeds the SLO",
+            )
+            notes[tier] = said  # on the advice only: it depends on growth and the cap
         advice.append(
             TierAdvice(
                 tier=tier,
                 target_waiting=target,
                 raw_target_waiting=raw,
-                min_replicas=max(c0, int(hourly["replicas"].min())),
-                max_replicas=max(max_reps, int(hourly["replicas"].max()), 1),
+                min_replicas=min_reps,
+                max_replicas=max_reps,
                 drain_rps=drain,
                 ttft_p95_no_queue_ms=1000 * prefill_p95,
                 slo_ttft_p95_ms=slo_ms,
+                peak_need_replicas=need,
             )
         )
     return AutoscalingAdvice(
-        advice, namespace, prometheus, fixed, auto, observed_cost_usd, notes=notes
-    )
+        advice, namespace, prometheus, fixed, auto, observed_cost_usd, notes=notes,
+        growth=growth, max_replicas_cap=max_replicas, data_notes=sim.data_notes(),
+    )  # fmt: skip
 
 
 def _note(notes: list[str], text: str) -> None:

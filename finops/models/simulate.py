@@ -25,6 +25,7 @@ raise the ceiling through the fitted length coefficients).
 from __future__ import annotations
 
 import contextlib
+import datetime as dt
 import math
 import re
 from dataclasses import asdict, dataclass, field, replace
@@ -133,6 +134,11 @@ class Trace:
     None holds requests and GPUs of no tier). Their observed figures are carried into
     every plan's totals as they were (not grown, no levers), so the totals are the
     whole fleet's and never a silent subset; `notes` says so.
+
+    `no_gpu`: tiers with vLLM serving metrics but no GPU samples in the period (columns
+    tier, requests, upstream): nothing says what a replica holds or costs, so they are
+    carried with their observed requests, no GPU-hours and an unknown cost; `notes`
+    names each. `period_notes`: what the period's data leaves out (days without data).
     """
 
     profiles: dict[str, TierProfile]
@@ -143,6 +149,8 @@ class Trace:
     period: Period | None = None
     unsimulated: pl.DataFrame | None = None
     notes: list[str] = field(default_factory=list)
+    no_gpu: pl.DataFrame | None = None
+    period_notes: list[str] = field(default_factory=list)
 
     @property
     def tiers(self) -> list[str]:
@@ -233,6 +241,7 @@ def load_trace(
             )
     rng = np.random.default_rng(seed)
     profiles: dict[str, TierProfile] = {}
+    no_gpu: list[str] = []  # tiers with serving metrics but no GPU samples in the period
     claimed: set[str] = set()  # devices (a GPU, or one MIG instance) a simulated tier prices
     for tier in tiers or served:
         fit = fit_frame(intervals, tier=tier)
@@ -266,10 +275,10 @@ def load_trace(
         if inv_rows.height == 0:
             inv_rows = gpu.filter(pl.col("pod").is_in(rows["pod"].unique().to_list()))
         if inv_rows.height == 0:
-            raise NoServingData(
-                f"tier {tier!r}: no GPU inventory in {per.label} (GPU samples whose tier label,"
-                " deployment mapping (--deployments) or pod names this tier) to price it"
-            )
+            # no GPU samples: nothing says what a replica holds or costs; carried with its
+            # observed requests and named (see _no_gpu), the other tiers still planned
+            no_gpu.append(tier)
+            continue
         claimed.update(inv_rows["device"].to_list())
         footprint, reps = _replica_footprint(inv_rows, f"tier {tier!r} in {per.label}")
         kinds = inv_rows["pricing_kind"].unique().sort().to_list()
@@ -330,9 +339,81 @@ def load_trace(
             pricing_kind=kind,
             active_hours=active,
         )
-    unsim, trace_notes = _unsimulated(req, gpu, set(profiles), claimed)
+    bare, bare_notes = _no_gpu(req, no_gpu, per)
+    if not profiles:
+        raise NoServingData(" ".join(bare_notes))
+    unsim, trace_notes = _unsimulated(req, gpu, set(profiles) | set(no_gpu), claimed)
     hours = sorted({h for p in profiles.values() for h in p.active_hours or []})
-    return Trace(profiles, hours, int(n_req), float(hit or 0.0), prices, per, unsim, trace_notes)
+    return Trace(
+        profiles, hours, int(n_req), float(hit or 0.0), prices, per, unsim,
+        trace_notes + bare_notes, no_gpu=bare, period_notes=_days_seen(req, gpu, per),
+    )  # fmt: skip
+
+
+def _no_gpu(
+    req: pl.DataFrame, tiers: list[str], per: Period
+) -> tuple[pl.DataFrame | None, list[str]]:
+    """Observed requests of the tiers with serving metrics but no GPU samples, and a note
+    naming each with what is missing and how to add it."""
+    if not tiers:
+        return None, []
+    out = (
+        pl.DataFrame({"tier": tiers}, schema={"tier": pl.String})
+        .join(
+            req.filter(pl.col("tier").is_in(tiers))
+            .group_by("tier")
+            .agg(requests=pl.col("requests").sum(), upstream=pl.col("upstream").sum()),
+            on="tier",
+            how="left",
+        )
+        .with_columns(pl.col("requests", "upstream").fill_null(0).cast(pl.Float64))
+    )
+    notes = [
+        f"tier {row['tier']!r} has vLLM serving metrics but no GPU samples in {per.label}"
+        " (none whose tier label, deployment mapping or pod names it), so nothing says what"
+        " a replica holds or costs: it is NOT simulated; its observed"
+        f" {row['requests']:,.0f} requests are carried into the totals with no GPU-hours"
+        " and an unknown cost (no growth, no levers; cost figures cover the other tiers"
+        " only). To plan it, collect DCGM GPU samples from its nodes (`finops collect"
+        " --dcgm`); --deployments maps sampled GPUs to tiers but cannot declare GPUs the"
+        " lake never sampled"
+        for row in out.iter_rows(named=True)
+    ]
+    return out, notes
+
+
+def _days_seen(req: pl.DataFrame, gpu: pl.DataFrame, per: Period) -> list[str]:
+    """A note when the period's requests and GPU samples cover only some of its days
+    (a lake of Mon and Tue planned as a whole week); none when every day has data."""
+    if per.start is None or per.end is None:
+        return []
+    first, last = per.start.date(), (per.end - dt.timedelta(microseconds=1)).date()
+    n_days = (last - first).days + 1
+    seen = sorted(
+        {h.date() for h in req["hour"].to_list() if h is not None}
+        | {h.date() for h in gpu["hour"].to_list() if h is not None}
+    )
+    seen = [d for d in seen if first <= d <= last]
+    if not seen or len(seen) >= n_days:
+        return []
+    runs: list[list[dt.date]] = []
+    for d in seen:
+        if runs and (d - runs[-1][-1]).days == 1:
+            runs[-1].append(d)
+        else:
+            runs.append([d])
+    name = (lambda d: d.strftime("%a")) if n_days <= 7 else (lambda d: d.isoformat())
+    days = ", ".join(
+        name(r[0]) if len(r) == 1 else f"{name(r[0])}\u2013{name(r[-1])}" for r in runs
+    )
+    week = re.fullmatch(r"\d{4}-W\d{2}", per.label or "") is not None
+    return [
+        f"{len(seen)} of {n_days} days of {per.label} seen: {days}"
+        f" ({seen[0].isoformat()} to {seen[-1].isoformat()}); the plan's"
+        f"{' weekly' if week else ''} totals cover those days only, and its cost per request"
+        f" is theirs, not a whole {'week' if week else 'period'}'s"
+        f" ({n_days - len(seen)} days without data)"
+    ]
 
 
 def _replica_footprint(inv: pl.DataFrame, who: str) -> tuple[float, int]:
@@ -712,15 +793,31 @@ class Simulator:
 
         Tiers on the same GPUs cost the same per replica-hour; the tie goes to the
         smaller model (parameter count in the served model's name), then the tier
-        name, so the target never depends on dict order."""
+        name, so the target never depends on dict order. Where a tier's GPUs have no
+        on-demand price, prices cannot rank the tiers: the smaller model is the target."""
+        gaps = self.price_gaps("on_demand")
         return min(
             self.trace.profiles.values(),
             key=lambda p: (
-                round(self._price(p, "on_demand") * p.gpus_per_replica, 9),
+                0.0 if gaps else round(self._price(p, "on_demand") * p.gpus_per_replica, 9),
                 model_size_b(p.model_name),
                 p.tier,
             ),
         ).tier
+
+    def price_gaps(self, kind: str | None = None) -> dict[str, str]:
+        """Simulated tiers whose GPUs the price list has no price for (tier -> why), for
+        the way each tier's GPUs are bought (`kind`: one pricing kind for every tier).
+
+        Such a tier is still planned (replicas, GPU-hours); its cost is unknown (None),
+        and a plan's cost totals and cost per request cover the priced tiers only."""
+        gaps = {}
+        for t, p in self.trace.profiles.items():
+            try:
+                self._price(p, kind or p.pricing_kind)
+            except PriceCatalogError as e:
+                gaps[t] = str(e)
+        return gaps
 
     def _price(self, p: TierProfile, kind: str, lever: str | None = None) -> float:
         try:
@@ -881,6 +978,10 @@ class Simulator:
         rows = []
         tier_rows = []
         total_cost = total_gpu_h = busy_gpu_h = total_burst_h = 0.0
+        gaps = self.price_gaps()  # tiers planned with an unknown cost
+        unpriced_req = 0.0
+        # a batch limit that changes no hour's replicas is named (see _lever_notes)
+        same_reps = levers.max_num_seqs is not None
         for tier, p in self.trace.profiles.items():
             curve = self.curve(tier, levers)
             prompt, output = self._sizes(p, levers)
@@ -890,6 +991,11 @@ class Simulator:
             need = [self.replicas_for(tier, levers, x) for x in r["rate_rps"].to_list()]
             fixed = max(max(need), p.observed_replicas)
             reps = need if levers.autoscale else [fixed] * len(need)
+            if same_reps:
+                base = replace(levers, max_num_seqs=None)
+                was = [self.replicas_for(tier, base, x) for x in r["rate_rps"]]
+                was = was if levers.autoscale else [max(max(was), p.observed_replicas)] * len(was)
+                same_reps = reps == was
             util = [min(x / (c * sat_rps), 1.0) for x, c in zip(r["rate_rps"], reps, strict=True)]
             g = p.gpus_per_replica
             gpu_h = float(sum(reps) * g)
@@ -898,20 +1004,24 @@ class Simulator:
             # reserved/spot prices are needed only by the levers that buy them, so an
             # on-demand-only catalog still plans the plain fleet; with no lever the fleet
             # is bought the way its GPUs are (deployment mapping, else on demand)
-            od = self._price(p, p.pricing_kind)
-            rsv = (
-                self._price(p, "reserved", "--reserved-baseline")
-                if levers.reserved_baseline
-                else od
-            )
-            spot = self._price(p, "spot", "--spot-share") if levers.spot_share > 0 else od
-            floor_price = rsv if levers.reserved_baseline else od
-            cost = floor_h * floor_price + burst_h * (
-                levers.spot_share * spot + (1 - levers.spot_share) * od
-            )
+            cost = None  # unknown where the price list has no price for its GPUs
+            if tier in gaps:
+                unpriced_req += float(r["requests"].sum())
+            else:
+                od = self._price(p, p.pricing_kind)
+                rsv = (
+                    self._price(p, "reserved", "--reserved-baseline")
+                    if levers.reserved_baseline
+                    else od
+                )
+                spot = self._price(p, "spot", "--spot-share") if levers.spot_share > 0 else od
+                floor_price = rsv if levers.reserved_baseline else od
+                cost = floor_h * floor_price + burst_h * (
+                    levers.spot_share * spot + (1 - levers.spot_share) * od
+                )
+                total_cost += cost
             busy = float(sum(u * c * g for u, c in zip(util, reps, strict=True)))
             total_burst_h += burst_h
-            total_cost += cost
             total_gpu_h += gpu_h
             busy_gpu_h += busy
             rows.append(
@@ -957,21 +1067,39 @@ class Simulator:
                 tier_rows.append({"tier": row["tier"], "requests": row["requests"],
                                   "upstream": row["upstream"], "gpu_hours": row["gpu_hours"],
                                   "cost_usd": row["cost_usd"], "simulated": False})  # fmt: skip
+        bare = self.trace.no_gpu
+        if bare is not None and bare.height:
+            # tiers without GPU samples: their requests are the fleet's, their cost unknown
+            for row in bare.iter_rows(named=True):
+                tier_rows.append({"tier": row["tier"], "requests": row["requests"],
+                                  "upstream": row["upstream"], "gpu_hours": None,
+                                  "cost_usd": None, "simulated": False})  # fmt: skip
+            un_req += float(bare["requests"].sum())
+            unpriced_req += float(bare["requests"].sum())
         requests += un_req
         total_gpu_h += un_gpu_h
         total_cost += un_cost
+        per_1k = 1000 * total_cost / requests if requests else math.nan
+        if gaps or unpriced_req:
+            # cost figures of the priced tiers only: an unknown cost is no $0
+            priced = requests - unpriced_req
+            per_1k = 1000 * total_cost / priced if priced > 0 else math.nan
+            if len(gaps) == len(self.trace.profiles) and not (un is not None and un.height):
+                total_cost = math.nan
         totals = {
             "growth": growth,
             "requests": requests,
             "gpu_hours": total_gpu_h,
             "cost_usd": total_cost,
-            "cost_per_1k_requests": 1000 * total_cost / requests if requests else math.nan,
+            "cost_per_1k_requests": per_1k,
             # simulated (modelled busy time, see Plan), of the simulated tiers' GPU-hours
             "idle_share": idle,
             "unsimulated_requests": un_req,
             "unsimulated_gpu_hours": un_gpu_h,
             "unsimulated_cost_usd": un_cost,
         }
+        if gaps or unpriced_req:
+            totals["unpriced_requests"] = unpriced_req  # left out of cost_per_1k_requests
         return Plan(
             growth,
             levers,
@@ -979,12 +1107,70 @@ class Simulator:
             pl.concat(rows),
             pl.from_dicts(tier_rows, infer_schema_length=None),
             totals,
-            self._lever_notes(levers, total_burst_h),
+            [
+                *self.trace.period_notes,
+                *self._price_notes(gaps),
+                *self._lever_notes(levers, total_burst_h, same_reps=same_reps),
+            ],
         )
 
-    def _lever_notes(self, levers: Levers, burst_gpu_h: float) -> list[str]:
-        """Levers asked for that cannot change this plan, named so none is ignored silently."""
+    def data_notes(self) -> list[str]:
+        """What every plan of this trace leaves out, as its notes say: days of the period
+        without data, tiers whose cost is unknown (no price, no GPU samples)."""
+        return [*self.trace.period_notes, *self._price_notes(self.price_gaps())]
+
+    def _price_notes(self, gaps: dict[str, str]) -> list[str]:
+        """What the cost figures leave out: tiers whose GPUs have no price, tiers with no
+        GPU samples (named in the trace's notes too)."""
+        bare = self.trace.no_gpu
+        bare_tiers = bare["tier"].to_list() if bare is not None else []
+        if not gaps and not bare_tiers:
+            return []
+        why: dict[str, list[str]] = {}
+        for t, reason in gaps.items():
+            why.setdefault(reason.split(";")[0], []).append(t)
+        if bare_tiers:
+            why["no GPU samples in the period"] = bare_tiers
+        priced = [t for t in self.trace.profiles if t not in gaps]
+        unknown = [t for ts in why.values() for t in ts]
+        parts = "; ".join(
+            r if len(why) == 1 else f"{', '.join(map(repr, ts))}: {r}" for r, ts in why.items()
+        )
+        return [
+            "cost figures cover the priced tiers only"
+            + (f" ({', '.join(priced)})" if priced else " (none is priced)")
+            + f": the cost of {', '.join(map(repr, unknown))} is unknown (n/a: {parts}) and"
+            " their requests are left out of the cost per 1k requests"
+            + (
+                f"; the replicas and GPU-hours of {', '.join(map(repr, gaps))} are planned: add"
+                " the price to the price list ($FINOPS_PRICES, else data/prices.csv) to cost"
+                " them"
+                if gaps
+                else ""
+            )
+        ]
+
+    def _lever_notes(
+        self, levers: Levers, burst_gpu_h: float, *, same_reps: bool = False
+    ) -> list[str]:
+        """Levers asked for that cannot change this plan, named so none is ignored silently.
+
+        `same_reps`: with the plan's batch limit every tier runs the replicas of every hour
+        that vLLM's default limit gives it."""
         notes = []
+        if levers.max_num_seqs is not None and same_reps:
+            notes.append(
+                f"max-num-seqs {levers.max_num_seqs} changes nothing: every hour runs the same"
+                f" replicas as with vLLM's default batch limit ({DEFAULT_MAX_NUM_SEQS}), so"
+                " GPU-hours and cost do not move (only the simulated idle share, measured"
+                " against the batch-limited ceiling)"
+                + (
+                    "; a fixed fleet is sized by its busiest hour and the observed fleet"
+                    " (with --autoscale the limit may move the hourly need)"
+                    if not levers.autoscale
+                    else ""
+                )
+            )
         if levers.spot_share > 0 and burst_gpu_h <= 0:
             notes.append(
                 f"spot share {levers.spot_share:g} changes nothing: spot buys only the GPU-hours"
@@ -994,6 +1180,14 @@ class Simulator:
                     if not levers.autoscale
                     else "the autoscaled fleet never rises above its floor in this period"
                 )
+            )
+        gaps = self.price_gaps("on_demand") if levers.route_small_share > 0 else {}
+        if gaps and len(self.trace.profiles) > 1:
+            notes.append(
+                f"route-small share {levers.route_small_share:g}: the target tier is"
+                f" {self.smallest_tier()!r}, the smallest model, not the cheapest per"
+                f" replica-hour: {', '.join(map(repr, gaps))} have no on_demand price to"
+                " compare"
             )
         if levers.route_small_share > 0 and len(self.trace.profiles) < 2:
             only = ", ".join(self.trace.profiles)
@@ -1083,6 +1277,10 @@ def headline(
     before_plan = sim.plan(growth, Levers())
     after_plan = sim.plan(growth, after)
     b, a = before_plan.cost_per_1k(), after_plan.cost_per_1k()
+    line = f"{growth:g}x growth: {_usd(b)}/1k requests before levers, {_usd(a)} after"
+    unpriced = unpriced_tiers(sim)
+    if unpriced:
+        line += f" (priced tiers only; unknown cost: {', '.join(unpriced)})"
     return {
         "growth": growth,
         "slo_ttft_p95_ms": sim.slo_ttft_p95_ms,
@@ -1092,8 +1290,21 @@ def headline(
         "before_gpu_hours": before_plan.totals["gpu_hours"],
         "after_gpu_hours": after_plan.totals["gpu_hours"],
         "levers": asdict(after),
-        "line": f"{growth:g}x growth: ${b:,.2f}/1k requests before levers, ${a:,.2f} after",
+        "line": line,
+        # what the figures leave out (days without data, unpriced tiers, idle levers)
+        "notes": list(dict.fromkeys([*before_plan.notes, *after_plan.notes])),
     }
+
+
+def unpriced_tiers(sim: Simulator) -> list[str]:
+    """Tiers whose cost a plan cannot give: GPUs without a price, or no GPU samples."""
+    bare = sim.trace.no_gpu
+    return [*sim.price_gaps(), *(bare["tier"].to_list() if bare is not None else [])]
+
+
+def _usd(x: float | None) -> str:
+    """Dollars with cents; an unknown amount (None, NaN) reads n/a, never $nan."""
+    return "n/a" if x is None or not math.isfinite(x) else f"${x:,.2f}"
 
 
 __all__ = [
@@ -1112,4 +1323,5 @@ __all__ = [
     "max_rate_for_slo",
     "model_size_b",
     "replace",
+    "unpriced_tiers",
 ]
