@@ -168,3 +168,16 @@ def test_nb02_clean_lake_has_no_leakage_and_states_the_holdout(base: Path, tmp_p
     assert "**No leakage**" in text
     assert "held-out last quarter of the intervals" in text
     assert "Held-out-day MAPE" not in text
+
+
+def test_nb02_without_request_logs_says_what_is_unknown(base: Path, tmp_path: Path) -> None:
+    """GPU and vLLM metrics but no request logs: notebook 02 said "**No leakage**", blamed
+    missing GPU data for the cost per request and vLLM metrics for the growth section."""
+    lake = _copy(base, tmp_path / "lake", gpu_samples=None, serving_samples=None)
+    errors, text = _run(NB02, lake)
+    assert not errors, errors
+    assert "has no request logs, so requests and what each cost are unknown" in text
+    assert "**Leakage unknown**" in text and "**No leakage**" not in text
+    assert "cache savings unknown" in text
+    assert "it needs vLLM serving metrics and request logs" in text
+    assert "it needs GPU data priced" not in text
