@@ -12,16 +12,9 @@ import finops
 import finops.charts as ch
 import finops.costs as fc
 from tests.test_notebook_odd_lakes import _run
+from tests.test_planner_fixes import _no_l4
 
-ROOT = Path(__file__).resolve().parent.parent
-NB01 = ROOT / "notebooks" / "01_gpu_utilization.ipynb"
-
-
-def _no_l4(tmp_path: Path) -> Path:
-    p = tmp_path / "prices_no_l4.csv"
-    lines = (ROOT / "data" / "prices.csv").read_text().splitlines(keepends=True)
-    p.write_text("".join(line for line in lines if "NVIDIA L4" not in line))
-    return p
+NB01 = Path(__file__).resolve().parent.parent / "notebooks" / "01_gpu_utilization.ipynb"
 
 
 @pytest.mark.slow

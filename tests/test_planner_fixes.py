@@ -14,14 +14,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import os
 from pathlib import Path
 
-import nbformat
 import polars as pl
 import pytest
 import yaml
-from nbclient import NotebookClient
 from typer.testing import CliRunner
 
 import finops
@@ -38,6 +35,7 @@ from finops.models.simulate import (
     unpriced_tiers,
 )
 from finops.models.synthetic import SyntheticSpec, write_synthetic_lake
+from tests.test_notebook_odd_lakes import _run
 
 PARTIAL = (
     "2 of 7 days of 2026-W47 seen: Mon\u2013Tue (2026-11-16 to 2026-11-17); the plan's weekly"
@@ -300,23 +298,8 @@ def test_a_batch_limit_that_changes_no_replica_says_so(sim: Simulator) -> None:
 def test_notebook_02_runs_with_an_unpriced_gpu_model(demo_lake: Path, tmp_path: Path) -> None:
     """The demo's L4 tiers (small, mid) without a price: the notebook runs to the end and
     says which tiers its dollars leave out."""
-    nb = nbformat.read(NB, as_version=4)
-    env = {k: v for k, v in os.environ.items() if k not in ("FINOPS_WEEK", "FINOPS_PRICES")}
-    env.update(FINOPS_LAKE=str(demo_lake), FINOPS_PRICES=str(_no_l4(tmp_path)))
-    NotebookClient(
-        nb,
-        timeout=600,
-        kernel_name="python3",
-        allow_errors=True,
-        resources={"metadata": {"path": str(NB.parent)}},
-    ).execute(env=env)
-    outs = [o for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])]
-    errors = [f"{o['ename']}: {o['evalue']}" for o in outs if o.get("output_type") == "error"]
+    errors, text = _run(NB, demo_lake, FINOPS_PRICES=str(_no_l4(tmp_path)))
     assert not errors, errors
-    text = "\n".join(
-        [o["text"] for o in outs if "text" in o]
-        + [o["data"]["text/markdown"] for o in outs if "text/markdown" in o.get("data", {})]
-    )
     assert "note: cost figures cover the priced tiers only (large)" in text
     assert "**Cost figures cover the priced tiers only**: the cost of mid, small" in text
     assert "queue-depth autoscaling would have cost" in text
