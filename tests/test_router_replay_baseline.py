@@ -197,7 +197,8 @@ def test_cli_evaluate_reports_the_logged_baseline(arts, mostly_small_lake: Path)
     assert "warning: this router would cost $" in t.output
     assert "would have saved" not in t.output
     logged = E.usd(rep["logged_cost_usd"])
-    assert f"with a logged tier: logged routing {logged} (small " in t.output
+    assert f"with a logged tier: the routing the log shows {logged} (small " in t.output
+    assert f"replayed: all on large {E.usd(rep['all_large_cost_usd'])} (small 0%" in t.output
     assert f"{NO_TIER + OTHER} requests left out of the logged comparison" in t.output
 
 

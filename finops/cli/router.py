@@ -468,22 +468,13 @@ def evaluate_cmd(
 
 
 def _replay_costs(rep: dict[str, Any]) -> list[str]:
-    """The lake replay's three routings side by side: logged, this router, all-large."""
-    from finops.router.evaluate import usd
-
-    if not rep.get("requests"):
-        return []
-
-    def shares(s: dict[str, float] | None) -> str:
-        return " ".join(f"{t} {v:.0%}" for t, v in (s or {}).items())
+    """The lake replay's routings side by side (`replay_routings`), and what was left out."""
+    from finops.router.evaluate import replay_routings, usd
 
     out = []
-    if rep.get("logged_requests"):
-        out.append(
-            f"replay on {rep['logged_requests']:,} requests with a logged tier: logged routing "
-            f"{usd(rep['logged_cost_usd'])} ({shares(rep['logged_shares'])}), this router "
-            f"{usd(rep['routed_cost_on_logged_usd'])} ({shares(rep['shares_on_logged'])})"
-        )
+    for r in replay_routings(rep):
+        shares = " ".join(f"{t} {v:.0%}" for t, v in (r["shares"] or {}).items())
+        out.append(f"replay, {r['requests']}: {r['routing']} {usd(r['cost_usd'])} ({shares})")
     why = [f"{rep['no_logged_tier']:,} with no logged tier"] if rep.get("no_logged_tier") else []
     why += [f"{k:,} logged on tier {t!r}" for t, k in (rep.get("other_tier") or {}).items()]
     if why:
@@ -491,11 +482,8 @@ def _replay_costs(rep: dict[str, Any]) -> list[str]:
         out.append(
             f"replay: {left:,} requests left out of the logged comparison ({', '.join(why)})"
         )
-    out.append(
-        f"replay on all {rep['requests']:,} requests: this router "
-        f"{usd(rep['routed_cost_usd'])} ({shares(rep['shares'])}), all on the strongest tier "
-        f"{usd(rep['all_large_cost_usd'])}; quality: {rep.get('quality_note', 'n/a')}"
-    )
+    if out:
+        out.append(f"replay quality: {rep.get('quality_note', 'n/a')}")
     return out
 
 

@@ -576,6 +576,33 @@ def replay_lake(
     }
 
 
+def replay_routings(replay: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """The replay's routings side by side, one row each: the routing the log shows and this
+    router on the requests with a logged tier, then this router and all on the strongest
+    tier on every replayed request (routing, requests, cost_usd, shares per tier)."""
+    if not replay.get("requests"):
+        return []
+    tiers = list(replay["shares"])
+    logged = f"{replay['logged_requests']:,} with a logged tier"
+    every = f"all {replay['requests']:,} replayed"
+    rows = [
+        ("the routing the log shows", logged, "logged_cost_usd", replay["logged_shares"]),
+        ("this router", logged, "routed_cost_on_logged_usd", replay["shares_on_logged"]),
+        ("this router", every, "routed_cost_usd", replay["shares"]),
+        (
+            f"all on {tiers[-1]}",
+            every,
+            "all_large_cost_usd",
+            {t: float(t == tiers[-1]) for t in tiers},
+        ),
+    ]
+    return [
+        {"routing": name, "requests": on, "cost_usd": replay[cost], "shares": shares}
+        for name, on, cost, shares in rows
+        if replay["logged_requests"] or on == every
+    ]
+
+
 def logged_comparison(
     cost: np.ndarray, idx: np.ndarray, logged: Sequence[str | None], tiers: Sequence[str]
 ) -> dict[str, Any]:
