@@ -1008,20 +1008,27 @@ class Simulator:
             # ratio and capping at each tier's requests lost the excess of low-hit tiers
             df = df.with_columns(upstream=pl.col("requests") * (1 - levers.cache_hit_rate))
         if levers.route_small_share > 0 and len(tr.profiles) > 1:
-            small = self.smallest_tier()
+            # the routed requests move to the small tier, counted there as requests too
+            # (a tier's requests and its upstream calls stay the same requests)
+            small, share = self.smallest_tier(), levers.route_small_share
             moved = (
                 df.filter(pl.col("tier") != small)
                 .group_by("hour")
-                .agg(moved=(pl.col("upstream") * levers.route_small_share).sum())
+                .agg(
+                    moved=(pl.col("upstream") * share).sum(),
+                    moved_req=(pl.col("requests") * share).sum(),
+                )
             )
             df = (
                 df.join(moved, on="hour", how="left")
                 .with_columns(
-                    upstream=pl.when(pl.col("tier") == small)
-                    .then(pl.col("upstream") + pl.col("moved").fill_null(0))
-                    .otherwise(pl.col("upstream") * (1 - levers.route_small_share))
+                    pl.when(pl.col("tier") == small)
+                    .then(pl.col(c) + pl.col(m).fill_null(0))
+                    .otherwise(pl.col(c) * (1 - share))
+                    .alias(c)
+                    for c, m in (("upstream", "moved"), ("requests", "moved_req"))
                 )
-                .drop("moved")
+                .drop("moved", "moved_req")
             )
         return df.with_columns(rate_rps=pl.col("upstream") / 3600.0).sort("tier", "hour")
 
