@@ -1166,6 +1166,51 @@ def tier_utilization(
     )
 
 
+def util_signal_gap(
+    db: duckdb.DuckDBPyConnection,
+    *,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
+    per: Period | None = None,
+) -> pl.DataFrame:
+    """How much DCGM_FI_DEV_GPU_UTIL overstates SM activity, per tier and for the fleet.
+
+    A dashboard on GPU_UTIL reads a GPU as busy whenever any kernel runs; SM activity
+    says how much of it worked. Only GPU-hours that report both signals are compared,
+    so GPUs with one signal never skew the ratio (tier_utilization's `flatter` mixes
+    them). Columns: tier ('(all)' last: the whole fleet), gpu_hours (reporting both),
+    share (of all the tier's GPU-hours), gpu_util and sm (0-1, weighted by GPU-hours),
+    flatter = gpu_util / sm: inf where GPU_UTIL reads above 0 without SM work, null where
+    both read 0. Empty when no GPU-hour reports both (no profiling metrics collected).
+    """
+    per = _p(week, start, end, per)
+    return _q(
+        db,
+        f"""
+        WITH h AS (
+            SELECT coalesce(tier, '(none)') AS tier, gpu_hours,
+                   gpu_util IS NOT NULL AND util_signal = 'DCGM_FI_PROF_SM_ACTIVE' AS both_,
+                   gpu_util, busy_gpu_hours
+            FROM marts.gpu_cost_hourly WHERE {per.where()}
+        ), g AS (
+            SELECT coalesce(tier, '(all)') AS tier, grouping(tier) AS is_all,
+                   sum(gpu_hours) FILTER (both_) AS gpu_hours,
+                   sum(gpu_hours) FILTER (both_) / sum(gpu_hours) AS share,
+                   sum(gpu_util * gpu_hours) FILTER (both_)
+                       / sum(gpu_hours) FILTER (both_) AS gpu_util,
+                   sum(busy_gpu_hours) FILTER (both_) / sum(gpu_hours) FILTER (both_) AS sm
+            FROM h GROUP BY ROLLUP (tier)
+        )
+        SELECT tier, gpu_hours, share, gpu_util, sm,
+               CASE WHEN sm > 0 THEN gpu_util / sm
+                    WHEN gpu_util > 0 THEN 'inf'::DOUBLE END AS flatter
+        FROM g WHERE gpu_hours > 0
+        ORDER BY is_all, flatter DESC NULLS LAST, tier
+    """,
+    )
+
+
 # ----------------------------------------------------------------------------- leakage
 
 

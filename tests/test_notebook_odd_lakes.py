@@ -116,6 +116,33 @@ def test_nb01_mixed_fleet_compares_only_gpus_with_both_signals(base: Path, tmp_p
     assert re.search(r"report both signals \(\d+% of the fleet's\)", text)
 
 
+def test_util_signal_gap_compares_only_gpu_hours_with_both(base: Path, tmp_path: Path) -> None:
+    """The API behind the notebook's sentence: a tier without GPU_UTIL has no row, the
+    fleet row covers the others' share, and tier_utilization (all GPU-hours) differs."""
+    from finops import costs as fc
+
+    db = finops.connect(
+        _copy(
+            base, tmp_path / "lake", gpu_samples=~(GPU_UTIL & pl.col("pod").str.contains("large"))
+        )
+    )
+    gap = fc.util_signal_gap(db)
+    assert gap["tier"].to_list()[-1] == "(all)" and "large" not in gap["tier"].to_list()
+    tiers = fc.tier_utilization(db)
+    fleet = gap.row(-1, named=True)
+    assert fleet["gpu_hours"] == pytest.approx(gap["gpu_hours"][:-1].sum())
+    large = tiers.filter(pl.col("tier") == "large")["gpu_hours"].sum()
+    assert fleet["share"] == pytest.approx(1 - large / tiers["gpu_hours"].sum())
+    for row in gap.iter_rows(named=True):
+        assert row["flatter"] == pytest.approx(row["gpu_util"] / row["sm"])
+    assert gap["flatter"][:-1].to_list() == sorted(gap["flatter"][:-1], reverse=True)
+    # on a fleet without profiling metrics there is nothing to compare
+    bare = _copy(
+        base, tmp_path / "bare", gpu_samples=~pl.col("field").str.starts_with("DCGM_FI_PROF")
+    )
+    assert fc.util_signal_gap(finops.connect(bare)).is_empty()
+
+
 @pytest.mark.parametrize(
     ("kind", "said"),
     [
