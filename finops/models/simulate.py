@@ -17,9 +17,11 @@ observed cost, never silently dropped.
 
 Assumptions, stated because they drive the numbers: arrivals within an hour
 are Poisson at that hour's mean rate; request sizes are resampled from the
-tier's observed requests; a replica's service curve is the one fitted at the
-tier's observed mean prompt/output lengths (shorter prompts after a token cap
-raise the ceiling through the fitted length coefficients).
+tier's observed requests, and requests routed to the smallest tier keep theirs (its
+sample becomes a mixture of its own and the moved requests); a replica's service curve
+is the one fitted at the tier's observed mean prompt/output lengths, scaled through the
+fitted length coefficients where a lever changes them (a token cap's shorter prompts
+never lower the ceiling; routed longer outputs and prompts may).
 """
 
 from __future__ import annotations
@@ -123,6 +125,20 @@ class TierProfile:
         return ServiceModel.from_curve(
             vmax, self.k, self.hill, max_num_seqs=b, prefill_tokens_per_s=self.prefill_tokens_per_s
         )
+
+
+@dataclass(frozen=True)
+class RoutedSizes:
+    """The routing target's request sizes under a routing lever (`Simulator.routed_sizes`):
+    a seeded mixture of its own requests and the requests moved to it, which keep their
+    uncached prompt and output lengths. `weights`: each source tier's share of the mixture
+    (its upstream calls on the target); `key`: the levers it depends on (share, cache)."""
+
+    tier: str
+    prompt: np.ndarray
+    output: np.ndarray
+    weights: dict[str, float]
+    key: tuple
 
 
 @dataclass
@@ -808,7 +824,8 @@ class Plan:
 class Simulator:
     """Plans capacity for growth factors and lever settings over one observed trace.
 
-    Capacity curves are cached per (tier, sizes, batch limit), so a growth table
+    Capacity curves are cached per (tier, sizes, batch limit), where the sizes are the
+    token cap and, on the routing target, the routing settings, so a growth table
     over 1x..10x costs one set of simulations per lever setting. The curve is
     interpolated between a few replica counts; every count a plan picks is then
     simulated directly at the curve's rate for it (`capacity`), and the plan adds
@@ -834,6 +851,7 @@ class Simulator:
         self._curves: dict[tuple, CapacityCurve] = {}
         self._probes: dict[tuple, TtftProbe] = {}
         self._capacity: dict[tuple, float] = {}
+        self._mixes: dict[tuple, RoutedSizes] = {}
 
     @classmethod
     def from_lake(
@@ -881,16 +899,80 @@ class Simulator:
                 raise
             raise PriceCatalogError(f"tier {p.tier!r}: {lever} needs a {kind} price: {e}") from None
 
+    def routed_sizes(self, levers: Levers) -> RoutedSizes | None:
+        """The smallest tier's request sizes once routing lands other tiers' requests on it
+        (None when the levers route nothing).
+
+        Routed requests keep their prompt and output lengths, so the tier's sample becomes a
+        mixture: its own requests and each other tier's moved ones, in proportion to the
+        upstream calls each brings over the period (after the cache lever, as
+        `hourly_rates` moves them; growth cancels). The draw is seeded, so plans repeat; the
+        other tiers lose a random share and keep their own size distribution."""
+        share = levers.route_small_share
+        if share <= 0 or len(self.trace.profiles) < 2:
+            return None
+        key = (share, levers.cache_hit_rate)
+        if key not in self._mixes:
+            small = self.smallest_tier()
+            plain = self.hourly_rates(1.0, replace(levers, route_small_share=0.0))
+            up = dict(plain.group_by("tier").agg(pl.col("upstream").sum()).rows())
+            profiles = self.trace.profiles
+            weights = {t: up.get(t, 0.0) * (1.0 if t == small else share) for t in profiles}
+            total = sum(weights.values())
+            if total <= 0:  # no upstream calls anywhere: nothing moves, the sample stays
+                weights, total = {small: 1.0}, 1.0
+            n = max(len(p.prompt_tokens) for p in profiles.values())
+            # counts by largest remainder, so the mixture holds each source's exact share
+            raw = {t: n * w / total for t, w in weights.items()}
+            counts = {t: math.floor(x) for t, x in raw.items()}
+            for t in sorted(raw, key=lambda t: counts[t] - raw[t])[: n - sum(counts.values())]:
+                counts[t] += 1
+            rng = np.random.default_rng([self.seed, 1])
+            parts = []
+            for t, k in counts.items():
+                p = profiles[t]
+                if k and len(p.prompt_tokens):
+                    pick = rng.choice(len(p.prompt_tokens), k, replace=k > len(p.prompt_tokens))
+                    parts.append((p.prompt_tokens[pick], p.output_tokens[pick]))
+            self._mixes[key] = RoutedSizes(
+                small,
+                np.concatenate([a for a, _ in parts]),
+                np.concatenate([b for _, b in parts]),
+                {t: w / total for t, w in weights.items()},
+                key,
+            )
+        return self._mixes[key]
+
+    def _routed_to(self, tier: str, levers: Levers) -> RoutedSizes | None:
+        mix = self.routed_sizes(levers)
+        return mix if mix is not None and mix.tier == tier else None
+
+    def _key(self, tier: str, levers: Levers, *more: int) -> tuple:
+        """Cache key of everything searched on a tier's sizes and batch limit: the plain
+        sample's key is (tier, token_cap, max_num_seqs, *more); a routed mixture adds its
+        routing settings, so a plan with routing never reuses the plain sample's entries."""
+        mix = self._routed_to(tier, levers)
+        return (
+            tier,
+            levers.token_cap,
+            levers.max_num_seqs,
+            *more,
+            *([("routed", *mix.key)] if mix else []),
+        )
+
     def _sizes(self, p: TierProfile, levers: Levers) -> tuple[np.ndarray, np.ndarray]:
-        prompt = p.prompt_tokens
+        """Uncached prompt and output tokens the tier serves under the levers: its own
+        sample, or the routed mixture on the routing target, capped by the token cap."""
+        mix = self._routed_to(p.tier, levers)
+        prompt, output = (mix.prompt, mix.output) if mix else (p.prompt_tokens, p.output_tokens)
         if levers.token_cap is not None:
             prompt = np.minimum(prompt, levers.token_cap)
-        return prompt, p.output_tokens
+        return prompt, output
 
     def _probe(self, tier: str, levers: Levers, replicas: int) -> TtftProbe:
         """The p95 TTFT estimator of `replicas` of the tier under the levers' sizes and
         batch limit; the curve's search and the direct check of a count share it."""
-        key = (tier, levers.token_cap, levers.max_num_seqs, replicas)
+        key = self._key(tier, levers, replicas)
         if key not in self._probes:
             p = self.trace.profiles[tier]
             prompt, output = self._sizes(p, levers)
@@ -901,7 +983,7 @@ class Simulator:
     def curve(self, tier: str, levers: Levers) -> CapacityCurve:
         p = self.trace.profiles[tier]
         prompt, output = self._sizes(p, levers)
-        key = (tier, levers.token_cap, levers.max_num_seqs)
+        key = self._key(tier, levers)
         if key not in self._curves:
             svc = p.service(levers, prompt, output)
             slo = self.slo_for(tier)
@@ -915,10 +997,16 @@ class Simulator:
                 probes={c: self._probe(tier, levers, c) for c in self.c_grid},
             )
             if curve.per_replica.max() <= 0:
+                why = self._routing_why(tier, levers)
                 raise ValueError(
-                    f"tier {tier!r}: no replica count meets p95 TTFT <= {slo:g} ms even at "
-                    f"near-zero load (unloaded p95 prefill is {self.ttft_floor_ms(tier):.0f} ms);"
-                    " relax --slo-ttft-p95-ms"
+                    f"tier {tier!r}: no replica count meets p95 TTFT <= {slo:g} ms even at"
+                    " near-zero load"
+                    + (
+                        f": {why}"
+                        if why
+                        else f" (unloaded p95 prefill is {self.ttft_floor_ms(tier):.0f} ms);"
+                        " relax --slo-ttft-p95-ms"
+                    )
                 )
             self._curves[key] = curve
         return self._curves[key]
@@ -929,7 +1017,7 @@ class Simulator:
         The curve's rate for the count is simulated on that count; where the p95 there
         misses the SLO (the curve interpolates between a few counts, and its points are
         estimates), the count's own highest rate meeting it is searched below it."""
-        key = (tier, levers.token_cap, levers.max_num_seqs, replicas)
+        key = self._key(tier, levers, replicas)
         if key not in self._capacity:
             claim = self.curve(tier, levers).capacity(replicas)
             probe = self._probe(tier, levers, replicas)
@@ -954,15 +1042,33 @@ class Simulator:
                 raise ValueError(
                     f"tier {tier!r}: no replica count up to {limit} simulates {rate:.3g} req/s"
                     f" within p95 TTFT <= {self.slo_for(tier):g} ms"
+                    + (f": {why}" if (why := self._routing_why(tier, levers)) else "")
                 )
         return c
 
-    def ttft_floor_ms(self, tier: str) -> float:
-        """p95 TTFT of an idle replica: prefill of the tier's observed prompts."""
+    def _routing_why(self, tier: str, levers: Levers) -> str:
+        """Why the SLO fails on the routing target, for errors ('' where routing moves
+        nothing onto the tier): routed requests bring their prompts, and the SLO stays the
+        one set by the tier's own requests."""
+        if self._routed_to(tier, levers) is None:
+            return ""
+        prompt, _ = self._sizes(self.trace.profiles[tier], levers)
+        return (
+            f"the routing lever (--route-small-share {levers.route_small_share:g}) moves larger"
+            " tiers' requests here with their own prompts, and their prefill on this tier puts"
+            f" its unloaded p95 TTFT at {self.ttft_floor_ms(tier, prompt):.0f} ms (its own"
+            f" requests': {self.ttft_floor_ms(tier):.0f} ms); lower the routed share, cap"
+            " prompts (--token-cap) or relax --slo-ttft-p95-ms"
+        )
+
+    def ttft_floor_ms(self, tier: str, prompt: np.ndarray | None = None) -> float:
+        """p95 TTFT of an idle replica: prefill of the tier's observed prompts (or of
+        `prompt`, e.g. the routed mixture's)."""
         p = self.trace.profiles[tier]
         if math.isinf(p.prefill_tokens_per_s):
             return 0.0
-        return 1000.0 * float(np.quantile(p.prompt_tokens, 0.95)) / p.prefill_tokens_per_s
+        prompt = p.prompt_tokens if prompt is None else prompt
+        return 1000.0 * float(np.quantile(prompt, 0.95)) / p.prefill_tokens_per_s
 
     def slo_for(self, tier: str) -> float:
         """The tier's p95 TTFT SLO in ms.
@@ -1250,6 +1356,20 @@ class Simulator:
                 f" replica-hour: {', '.join(map(repr, gaps))} have no on_demand price to"
                 " compare"
             )
+        mix = self.routed_sizes(levers)
+        if mix is not None:
+            p = self.trace.profiles[mix.tier]
+            own_p, own_o = self._sizes(p, replace(levers, route_small_share=0.0))
+            new_p, new_o = self._sizes(p, levers)
+            came = {t: w for t, w in mix.weights.items() if t != mix.tier and w > 0}
+            cap = f" (prompts capped at {levers.token_cap:,} tokens)" if levers.token_cap else ""
+            notes.append(
+                f"route-small share {levers.route_small_share:g}: routed requests keep their"
+                f" sizes on {mix.tier!r}, where they make {sum(came.values()):.0%} of the"
+                f" upstream calls ({', '.join(f'{t} {w:.0%}' for t, w in came.items())}): its"
+                f" mean uncached prompt grows from {own_p.mean():,.0f} to {new_p.mean():,.0f}"
+                f" tokens{cap}, its mean output from {own_o.mean():,.0f} to {new_o.mean():,.0f}"
+            )
         if levers.route_small_share > 0 and len(self.trace.profiles) < 2:
             only = ", ".join(self.trace.profiles)
             notes.append(
@@ -1372,6 +1492,7 @@ __all__ = [
     "CapacityCurve",
     "Levers",
     "Plan",
+    "RoutedSizes",
     "Simulator",
     "TierProfile",
     "Trace",
