@@ -1,6 +1,7 @@
 """Altair charts over `finops.costs` frames, shared by the notebooks and the weekly report.
 
-Every function takes the Polars frame a `finops.costs` function returns and
+Every function takes the Polars frame a `finops.costs` function returns (or, for
+`lever_waterfall_chart`, the frame of `finops.models.waterfall.lever_waterfall`) and
 gives back an `alt.Chart` (or a layered/concatenated chart) with tooltips.
 `to_svg(chart)` renders offline through vl-convert (no browser, no network),
 which is how the report embeds them.
@@ -244,6 +245,91 @@ def leakage_waterfall(leak: pl.DataFrame) -> alt.Chart:
             tooltip=["category:N", "kind:N", alt.Tooltip("cost:Q", format=_USD)],
         )
         .properties(title="Where the GPU bill went", width=420)
+    )
+
+
+_WATERFALL_VALUES = {
+    "cost_usd": ("USD over the planned period", "$,.0f", _USD),
+    "gpu_hours": ("GPU-hours", ",.0f", ",.1f"),
+    "cost_per_1k_requests": ("$ per 1k requests", "$,.2f", "$,.3f"),
+}
+
+
+def lever_waterfall_chart(wf: pl.DataFrame, value: str = "cost_usd") -> alt.Chart:
+    """The growth plan's saving lever by lever (from `finops.models.waterfall.lever_waterfall`).
+
+    A bar for the plan with no levers, one floating bar per lever step (green: what it
+    saved, red: what it added), a bar for the plan with every lever. The steps are
+    cumulative, in the waterfall's fixed order: each bar is measured after the ones to
+    its left, so their heights add up to before - after. `value`: cost_usd, gpu_hours or
+    cost_per_1k_requests (cost needs prices: an unknown cost is refused, use gpu_hours).
+    """
+    if value not in _WATERFALL_VALUES:
+        raise ValueError(f"lever_waterfall_chart: value must be one of {list(_WATERFALL_VALUES)}")
+    _require(wf, ["step", "lever", "setting", value], "lever_waterfall_chart")
+    title, axis_fmt, tip_fmt = _WATERFALL_VALUES[value]
+    if wf.height == 0 or wf[value].null_count():
+        raise ValueError(
+            f"lever_waterfall_chart: {value} is unknown for some step (no price for a tier's"
+            " GPUs?); chart value='gpu_hours' instead"
+        )
+    d = wf.sort("step")
+    vals = d[value].to_list()
+    bars = [
+        {"label": "no levers", "setting": d["setting"][0], "kind": "before",
+         "start": 0.0, "end": vals[0], "change": None}
+    ]  # fmt: skip
+    for i, r in enumerate(d.iter_rows(named=True)):
+        if i == 0:
+            continue
+        prev = vals[i - 1]
+        bars.append(
+            {
+                "label": f"{r['step']}. {r['lever'].replace('_', ' ')}",
+                "setting": r["setting"],
+                "kind": "saving" if r[value] <= prev else "increase",
+                "start": prev,
+                "end": r[value],
+                "change": prev - r[value],  # vs the step before
+            }
+        )
+    if d.height > 1:  # the whole saving
+        bars.append({"label": "with levers", "setting": "every lever above", "kind": "after",
+                     "start": 0.0, "end": vals[-1], "change": vals[0] - vals[-1]})  # fmt: skip
+    df = pl.DataFrame(bars, schema_overrides={"change": pl.Float64})
+    return (
+        alt.Chart(df)
+        .mark_bar()
+        .encode(
+            x=alt.X(
+                "label:N",
+                sort=df["label"].to_list(),
+                title=None,
+                axis=alt.Axis(labelAngle=-30, labelLimit=160),
+            ),
+            y=alt.Y("start:Q", title=title, axis=alt.Axis(format=axis_fmt)),
+            y2="end:Q",
+            color=alt.Color(
+                "kind:N",
+                title=None,
+                scale=alt.Scale(
+                    domain=["before", "saving", "increase", "after"],
+                    range=["#4c78a8", "#54a24b", "#e45756", "#72b7b2"],
+                ),
+            ),
+            tooltip=[
+                alt.Tooltip("label:N", title="step"),
+                "setting:N",
+                alt.Tooltip("end:Q", format=tip_fmt, title=value),
+                # a step: vs the step before; "with levers": in all
+                alt.Tooltip("change:Q", format=tip_fmt, title="saved"),
+            ],
+        )
+        .properties(
+            width=420,
+            height=260,
+            title="Where the saving comes from (levers added in order, each after those left of it)",
+        )
     )
 
 

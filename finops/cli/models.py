@@ -87,6 +87,96 @@ def _finite(v):
     return v
 
 
+def _lever_error(message: str) -> str:
+    """A Levers validation message in the flags' words (route_small_share ->
+    --route-small-share): the user sees the option they typed."""
+    from finops.models.waterfall import LEVER_FLAGS
+
+    for name, flag in LEVER_FLAGS.items():
+        message = message.replace(name, flag)
+    return message
+
+
+# how to turn a lever of --default-levers off again, for its error messages
+_LEVER_OFF = {
+    "--route-small-share": "--route-small-share 0",
+    "--autoscale": "--fixed",
+    "--reserved-baseline": "--no-reserved-baseline",
+    "--spot-share": "--spot-share 0",
+}
+
+
+def _default_lever_hint(message: str, given: dict[str, object]) -> str:
+    """An error of a lever that --default-levers set (not one the user gave) says so, and
+    how to plan without it."""
+    from finops.models.waterfall import LEVER_FLAGS
+
+    set_by_default = [
+        f for n, f in LEVER_FLAGS.items() if n not in given and f in message and f in _LEVER_OFF
+    ]
+    if not set_by_default:
+        return message
+    return (
+        f"{message} ({', '.join(set_by_default)} set by --default-levers: override with "
+        f"{', '.join(_LEVER_OFF[f] for f in set_by_default)})"
+    )
+
+
+def _print_waterfall(wf, growth: float, label: str, unpriced: list[str]) -> None:
+    """The lever waterfall as a table, then one line on how to read it."""
+    import polars as pl
+
+    from finops.models.waterfall import LEVER_FLAGS
+
+    view = wf.select(
+        "step",
+        pl.col("lever").replace_strict(LEVER_FLAGS, default="").alias("flag"),
+        "setting",
+        "gpu_hours",
+        "cost_usd",
+        "cost_per_1k_requests",
+        "saved_usd",
+        "saved_per_1k",
+        "share_of_saving",
+    )
+    usd = {c: _usd for c in ("cost_usd", "saved_usd")}
+    per_1k = {c: (lambda x: _usd(x, 3)) for c in ("cost_per_1k_requests", "saved_per_1k")}
+    print_frame(
+        view,
+        "table",
+        title=f"{growth:g}x growth of {label}: where the saving comes from, levers added one at"
+        " a time in a fixed order",
+        headers={
+            "gpu_hours": "GPU-h",
+            "cost_usd": "cost",
+            "cost_per_1k_requests": "$/1k req",
+            "saved_usd": "saved",
+            "saved_per_1k": "saved $/1k",
+            "share_of_saving": "share",
+        },
+        cells={
+            "gpu_hours": lambda x: f"{x:,.0f}",
+            **usd,
+            **per_1k,
+            "share_of_saving": lambda x: f"{100 * x:.1f}%",
+        },
+        missing="n/a",  # a saving of a step with an unknown cost; step 0 saves nothing
+    )
+    first, last = wf.row(0, named=True), wf.row(-1, named=True)
+    c0, c1 = first["cost_usd"], last["cost_usd"]
+    saved = None if c0 is None or c1 is None else c0 - c1
+    g0, g1 = first["gpu_hours"], last["gpu_hours"]
+    typer.echo(
+        f"waterfall: the steps add up to the whole saving, {_usd(c0)} - {_usd(c1)} ="
+        f" {_usd(saved)} and {g0:,.0f} - {g1:,.0f} = {g0 - g1:,.0f} GPU-h; each step is"
+        " measured after the levers above it, so its saving depends on the order (traffic,"
+        " serving, fleet, buying): applied alone the levers overlap and their savings add up"
+        " to more than the whole"
+        + f"; cost figures: priced tiers only (unknown cost: {', '.join(unpriced)})"
+        * bool(unpriced)
+    )
+
+
 def simulate(
     lake: LakeOption = None,
     growth: Annotated[
@@ -95,9 +185,20 @@ def simulate(
     slo_ttft_p95_ms: Annotated[
         float | None, typer.Option(help="p95 time-to-first-token SLO (default 1000 ms).")
     ] = None,
+    default_levers: Annotated[
+        bool,
+        typer.Option(
+            "--default-levers",
+            help="Plan the default lever scenario (the demo's and weekly report's 'after':"
+            " autoscaling, reserved floor, 30% spot, p95 token cap, observed cache hit rate"
+            " + 5 points, 20% routed to the small tier); a lever flag given as well overrides"
+            " that lever.",
+        ),
+    ] = False,
     route_small_share: Annotated[
-        float, typer.Option(help="Share of larger-tier requests routed to the smallest tier.")
-    ] = 0.0,
+        float | None,
+        typer.Option(help="Share of larger-tier requests routed to the smallest tier (default 0)."),
+    ] = None,
     cache_hit_rate: Annotated[
         float | None, typer.Option(help="Response-cache hit rate (default: as observed).")
     ] = None,
@@ -106,12 +207,18 @@ def simulate(
         int | None, typer.Option(help="vLLM batch limit (default 256).")
     ] = None,
     autoscale: Annotated[
-        bool, typer.Option("--autoscale/--fixed", help="Queue-depth autoscaling vs fixed fleet.")
-    ] = False,
+        bool | None,
+        typer.Option(
+            "--autoscale/--fixed", help="Queue-depth autoscaling vs fixed fleet (default fixed)."
+        ),
+    ] = None,
     reserved_baseline: Annotated[
-        bool, typer.Option(help="Buy the always-on floor at reserved prices.")
-    ] = False,
-    spot_share: Annotated[float, typer.Option(help="Share of burst GPU-hours on spot.")] = 0.0,
+        bool | None,
+        typer.Option(help="Buy the always-on floor at reserved prices (default: no)."),
+    ] = None,
+    spot_share: Annotated[
+        float | None, typer.Option(help="Share of burst GPU-hours on spot (default 0).")
+    ] = None,
     format: str = typer.Option("table", "--format", help="table|json"),
     week: WeekOption = None,
     from_: FromOption = None,
@@ -124,31 +231,52 @@ def simulate(
     unless --week or --from/--to say otherwise. A tier with requests or GPUs but no vLLM
     serving metrics cannot be simulated: it is named in a warning and its observed
     requests and GPU cost are carried into the totals as observed (no growth, no levers).
+
+    With any lever set, a waterfall says where the saving comes from: the levers added
+    one at a time in a fixed order (cache, routing, token cap, batch limit, autoscaling,
+    reserved floor, spot), each step's saving measured after the levers above it, the
+    steps adding up to the whole saving (JSON: "waterfall").
     """
     if format not in ("table", "json"):
         fail(f"--format must be table or json, got {format!r}")
+    from dataclasses import replace
+
     from finops.models.data import NoServingData
     from finops.models.simulate import Levers, Simulator
+    from finops.models.simulate import default_levers as scenario
+    from finops.models.waterfall import describe_levers, lever_waterfall, set_levers
 
+    given = {
+        k: v
+        for k, v in {
+            "route_small_share": route_small_share,
+            "cache_hit_rate": cache_hit_rate,
+            "token_cap": token_cap,
+            "max_num_seqs": max_num_seqs,
+            "autoscale": autoscale,
+            "reserved_baseline": reserved_baseline,
+            "spot_share": spot_share,
+        }.items()
+        if v is not None
+    }
     try:
-        levers = Levers(
-            route_small_share=route_small_share,
-            cache_hit_rate=cache_hit_rate,
-            token_cap=token_cap,
-            max_num_seqs=max_num_seqs,
-            autoscale=autoscale,
-            reserved_baseline=reserved_baseline,
-            spot_share=spot_share,
-        )
+        levers = Levers(**given)  # checked before the (slow) simulation is set up
+    except ValueError as exc:
+        fail(_lever_error(str(exc)))
+    try:
         _check_growth(growth)
         db = _open(lake, deployments)
         sim = Simulator.from_lake(
             db, per=_period(db, week, from_, to), slo_ttft_p95_ms=slo_ttft_p95_ms
         )
+        if default_levers:  # the lake's default scenario, the flags given overriding it
+            levers = replace(scenario(sim), **given)
         before = sim.plan(growth)
         after = sim.plan(growth, levers)
+        # where the saving comes from: only when some lever is set (no empty waterfall)
+        wf = lever_waterfall(sim, growth, levers) if set_levers(levers) else None
     except (ValueError, NoServingData) as exc:
-        fail(str(exc))
+        fail(_default_lever_hint(str(exc), given) if default_levers else str(exc))
         return
     from finops.models.simulate import unpriced_tiers
 
@@ -166,6 +294,11 @@ def simulate(
             "notes": {t: p.notes for t, p in sim.trace.profiles.items() if p.notes},
             "unsimulated": sim.trace.notes,
         }
+        if wf is not None:
+            out["scenario"] = describe_levers(sim, levers)
+            # steps in a fixed order, each measured after those above it; they add up
+            # to before - after (null: an unknown cost, see the notes)
+            out["waterfall"] = wf.to_dicts()
         typer.echo(json.dumps(_finite(out), default=str, indent=2))
         return
     import polars as pl
@@ -181,15 +314,16 @@ def simulate(
         ),
         on="tier",
     )
+    these = "the default levers" if default_levers else "these levers"
     print_frame(
         view,
         "table",
-        title=f"{growth:g}x growth of {label}: per tier, no levers vs these levers",
+        title=f"{growth:g}x growth of {label}: per tier, no levers vs {these}",
         missing="n/a" if unpriced else "",  # an unknown cost
     )
     typer.echo(
         f"{growth:g}x growth of {label}: {_usd(b)}/1k requests with no levers "
-        f"({before.totals['gpu_hours']:,.0f} GPU-h), {_usd(a)} with these levers "
+        f"({before.totals['gpu_hours']:,.0f} GPU-h), {_usd(a)} with {these} "
         f"({after.totals['gpu_hours']:,.0f} GPU-h, simulated idle "
         f"{100 * after.totals['idle_share']:.0f}%"
         + (" of the simulated tiers'" if sim.trace.notes else "")
@@ -199,6 +333,9 @@ def simulate(
             * bool(unpriced)
         )
     )
+    if wf is not None:
+        typer.echo(f"levers: {describe_levers(sim, levers)}")
+        _print_waterfall(wf, growth, label, unpriced)
     # days without data, unpriced tiers, levers asked for that change nothing here
     for note in dict.fromkeys([*before.notes, *after.notes]):
         typer.echo(f"note: {note}")

@@ -8,9 +8,13 @@
   and Erlang C;
 - `finops.models.simulate`: capacity and growth plans with the cost levers
   (`Simulator`, `Levers`, `headline`);
+- `finops.models.waterfall`: where a plan's saving comes from, the levers applied one at
+  a time in a fixed order (`lever_waterfall`, `describe_levers`);
 - `finops.models.autoscaling`: queue-depth targets as KEDA / HPA YAML;
 - `finops.models.charts`: Altair charts for all of the above.
 
 >>> from finops.models.simulate import headline
 >>> print(headline(finops.connect(), 5)["line"])
+>>> from finops.models.waterfall import lever_waterfall
+>>> lever_waterfall(Simulator.from_lake(finops.connect()), 5)
 """
