@@ -188,6 +188,26 @@ def test_simulate_cli_with_an_unpriced_gpu_model_exits_0(
     assert out["before"]["unpriced_requests"] == pytest.approx(small["requests"])
 
 
+def test_simulate_json_has_the_hourly_plan_and_the_needed_peak(syn_lake: Path) -> None:
+    """A script sizing its own fleet needs each hour's replicas, and what the SLO needs at
+    the peak apart from the observed floor a fixed fleet keeps."""
+    r = CliRunner().invoke(app, ["simulate", "--lake", str(syn_lake), "--growth", "1",
+                                 "--autoscale", "--format", "json"])  # fmt: skip
+    assert r.exit_code == 0, r.output
+    out = json.loads(r.stdout)
+    for side in ("before", "after"):
+        hourly = pl.DataFrame(out[side]["hourly"])
+        assert {"hour", "tier", "rate_rps", "replicas", "gpus", "util"} <= set(hourly.columns)
+        for t in out[side]["tiers"]:
+            reps = hourly.filter(pl.col("tier") == t["tier"])["replicas"]
+            assert t["needed_peak_replicas"] <= t["peak_replicas"] == reps.max()
+            if side == "after":  # autoscaled: the peak is what the SLO needs
+                assert t["needed_peak_replicas"] == t["peak_replicas"]
+            else:  # fixed: the need or the observed fleet, whichever is larger
+                want = max(t["needed_peak_replicas"], t["observed_replicas"])
+                assert t["peak_replicas"] == want
+
+
 # ----------------------------------------------------------------------------- 2. no GPUs
 
 

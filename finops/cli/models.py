@@ -289,8 +289,18 @@ def simulate(
             "period": label,
             "growth": growth,
             "levers": levers.__dict__,
-            "before": {**before.totals, "tiers": before.tiers.to_dicts()},
-            "after": {**after.totals, "tiers": after.tiers.to_dicts(), "notes": after.notes},
+            # hourly: each tier-hour's planned rate, replicas, GPUs and modelled utilisation
+            "before": {
+                **before.totals,
+                "tiers": before.tiers.to_dicts(),
+                "hourly": before.hourly.to_dicts(),
+            },
+            "after": {
+                **after.totals,
+                "tiers": after.tiers.to_dicts(),
+                "hourly": after.hourly.to_dicts(),
+                "notes": after.notes,
+            },
             "notes": {t: p.notes for t, p in sim.trace.profiles.items() if p.notes},
             "unsimulated": sim.trace.notes,
         }

@@ -1205,6 +1205,9 @@ class Simulator:
                     "requests": float(r["requests"].sum()),
                     "upstream": float(r["upstream"].sum()),
                     "peak_replicas": max(reps),
+                    # what the SLO needs at the busiest hour; a fixed fleet keeps at least
+                    # the observed replicas, so peak_replicas may be above it
+                    "needed_peak_replicas": max(need),
                     "observed_replicas": p.observed_replicas,
                     "gpus_per_replica": g,
                     "gpu_hours": gpu_h,
