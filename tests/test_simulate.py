@@ -157,6 +157,10 @@ def test_headline_before_and_after(syn_lake, sim: Simulator) -> None:
     h = headline(finops.connect(syn_lake), 5, simulator=sim)
     assert h["after_usd_per_1k"] < h["before_usd_per_1k"]
     assert h["line"].startswith("5x growth: $") and "before levers" in h["line"]
+    # what "after" assumes is said in words, from the levers it planned
+    assert h["scenario"].startswith("response cache hit rate")
+    assert "autoscaling on queue depth" in h["scenario"]
+    assert f"input capped at {h['levers']['token_cap']:,} tokens" in h["scenario"]
 
 
 @pytest.mark.parametrize("g", [0, -1, float("nan")])

@@ -81,7 +81,11 @@ def _growth(ctx: DemoContext, note: Callable[[str], None]) -> None:
     from finops.models.simulate import headline
 
     # the report's week, so the growth line, `finops simulate` and the report agree
-    ctx.results["growth"] = headline(ctx.db, 5, per=fc.period(_week(ctx)))["line"]
+    h = headline(ctx.db, 5, per=fc.period(_week(ctx)))
+    ctx.results["growth"] = (
+        f"{h['line']}\n  after = {h['scenario']}"
+        f"\n  (finops simulate --default-levers{lake_flag(ctx.lake)} shows what each lever earns)"
+    )
 
 
 DEMO_ROUTER_ROWS = 4000

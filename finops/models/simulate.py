@@ -1456,6 +1456,8 @@ def headline(
     >>> h = headline(finops.connect(), 5)
     >>> print(h["line"])   # 5x growth: $X/1k requests before levers, $Y after
     """
+    from finops.models.waterfall import describe_levers  # it builds on this module
+
     sim = simulator or Simulator.from_lake(db, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms)
     after = after or default_levers(sim)
     before_plan = sim.plan(growth, Levers())
@@ -1474,6 +1476,8 @@ def headline(
         "before_gpu_hours": before_plan.totals["gpu_hours"],
         "after_gpu_hours": after_plan.totals["gpu_hours"],
         "levers": asdict(after),
+        # the "after" scenario in words: a reader of the line can see what it assumes
+        "scenario": describe_levers(sim, after),
         "line": line,
         # what the figures leave out (days without data, unpriced tiers, idle levers)
         "notes": list(dict.fromkeys([*before_plan.notes, *after_plan.notes])),
