@@ -164,7 +164,8 @@ def _print_waterfall(wf, growth: float, label: str, unpriced: list[str]) -> None
     )
     first, last = wf.row(0, named=True), wf.row(-1, named=True)
     c0, c1 = first["cost_usd"], last["cost_usd"]
-    saved = None if c0 is None or c1 is None else c0 - c1
+    # from the cents shown, so the line adds up as printed (2,123.805 shows as $2,123.80)
+    saved = None if c0 is None or c1 is None else round(c0, 2) - round(c1, 2)
     g0, g1 = first["gpu_hours"], last["gpu_hours"]
     typer.echo(
         f"waterfall: the steps add up to the whole saving, {_usd(c0)} - {_usd(c1)} ="
