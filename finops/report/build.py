@@ -48,28 +48,40 @@ def summary_markdown(r: dict[str, Any]) -> str:
     def val(key: str, fmt: Callable[[float], str], points: bool = False) -> str:
         v, ch, prev = h[key]["value"], h[key]["change"], h[key]["previous"]
         s = "n/a" if v is None else fmt(v)
+        if h[key].get("not_comparable"):
+            return s + " (change not comparable)"
         if ch is None:
             return s
+        # weeks with gaps: the change is over the hours both have data for
+        v = h[key].get("compared_value", v)
         # a share's change in percentage points, as the report's cards show it
-        return s + (f" ({100 * (v - prev):+.1f} pp)" if points else f" ({F.signed_pct(ch)})")
+        return s + (f" ({F.signed_pp(v - prev)})" if points else f" ({F.signed_pct(ch)})")
 
+    # some requests on GPUs without a price: the per-request figures divide by the others
+    n, unpriced = h["requests"]["value"], r["sources"].get("unpriced_requests") or 0
+    priced = f" priced requests ({n - unpriced:,} of {n:,})" if n and unpriced else " requests"
     lines = [
         f"*GPU cost report {r['week']}* (vs {r.get('compare_text') or r['compare_to']})",
         f"- Spend {val('spend_usd', lambda v: f'${v:,.2f}')}, "
         f"requests {val('requests', lambda v: f'{v:,.0f}')}, "
         f"tokens {val('tokens', lambda v: f'{v / 1e6:,.1f}M')}",
-        f"- Cost per 1k requests {val('usd_per_1k_requests', lambda v: f'${v:,.2f}')}, "
-        f"per 1M tokens {val('usd_per_1m_tokens', lambda v: f'${v:,.2f}')}",
+        f"- Cost per 1k{priced} {val('usd_per_1k_requests', lambda v: f'${v:,.2f}')}, "
+        f"per 1M{' priced' if priced != ' requests' else ''} tokens "
+        f"{val('usd_per_1m_tokens', lambda v: f'${v:,.2f}')}",
         f"- GPU-hours {val('gpu_hours', lambda v: f'{v:,.0f}')}, utilization "
         f"{val('utilization', lambda v: f'{100 * v:.1f}%', points=True)} "
         f"({h.get('util_signal') or 'no signal'})",
     ]
-    tail = [f"- {t[k]}" for k in ("forecast", "growth") if t.get(k)]
-    if r["sources"]["missing"]:
-        more = len(r["sources"]["missing"]) - 1
-        tail.append(
-            f"- Missing: {r['sources']['missing'][0]}" + (f" (+{more} more)" if more else "")
-        )
+    tail = [f"- {t[k]}" for k in ("reconciliation", "forecast", "growth") if t.get(k)]
+    # what the changes above compare (a week with a day missing, a comparison week with a
+    # gap): said whole, never behind "(+N more)", as it decides how the deltas read
+    notes = r["sources"].get("comparison_notes") or []
+    if notes:
+        tail.append("- Changes: " + " ".join(notes))
+    missing = [m for m in r["sources"]["missing"] if m not in notes]
+    if missing:
+        more = len(missing) - 1
+        tail.append(f"- Missing: {missing[0]}" + (f" (+{more} more)" if more else ""))
     room = 10 - len(lines) - len(tail)
     lines += [f"- {s}" for s in r["findings"][: max(room, 0)]]
     return "\n".join([*lines, *tail][:10]) + "\n"

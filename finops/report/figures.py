@@ -16,6 +16,7 @@ import math
 import re
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -105,6 +106,12 @@ def signed_pct(x: float, digits: int = 1) -> str:
     """+3.2%, -1.0%, 0.0%: float noise (-1.6e-16 for equal spend) never prints as -0.0%."""
     s = f"{100 * x:+.{digits}f}%"
     return s[1:] if float(s[1:-1]) == 0 else s
+
+
+def signed_pp(x: float) -> str:
+    """A share's change in percentage points (+0.6 pp); float noise never reads -0.0 pp."""
+    s = f"{100 * x:+.1f}"
+    return f"{s[1:] if float(s[1:]) == 0 else s} pp"
 
 
 def period_text(per: fc.Period) -> str:
@@ -204,6 +211,10 @@ def _sources(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
         "hours_with_gpu_samples": int(gpu_hours),
         # GPU-hours with no samples between reporting ones (marts.gpu_gap_hourly): unbilled
         "gpu_gap_hours": float(src["gap_gpu_hours"]),
+        # tier-hours whose prefill/decode split comes from vLLM's phase histograms; the
+        # others use the token-ratio fallback (per-token prices there are estimates)
+        "phase_split_tier_hours": int(src["measured_tier_hours"] or 0),
+        "tier_hours": int(src["tier_hours"] or 0),
         "gpu_gap_cost": float(src["gap_cost"]),
         "hours_in_period": hours,
         "missing": missing,
@@ -261,17 +272,34 @@ def _week_numbers(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, An
     }
 
 
-def _headline(cur: dict[str, Any] | None, prev: dict[str, Any] | None) -> dict[str, Any]:
+def _headline(
+    cur: dict[str, Any] | None,
+    prev: dict[str, Any] | None,
+    compared: dict[str, Any] | None = None,
+    not_comparable: dict[str, str] | None = None,
+) -> dict[str, Any]:
+    """value: the report week's figure; previous and change: against the comparison span.
+
+    compared: the report week's figures over the hours both weeks have data for (when
+    one has gaps): the change is compared / previous, never a whole week against a week
+    with a day missing, and `compared_value` keeps what was compared. not_comparable:
+    key -> why its change is not shown (None)."""
     out = {}
     for k in HEADLINE_KEYS:
         v = cur.get(k) if cur else None
         p = prev.get(k) if prev else None
-        change = (v - p) / p if (v is not None and p not in (None, 0)) else None
+        c = compared.get(k) if compared else v
+        change = (c - p) / p if (c is not None and p not in (None, 0)) else None
         out[k] = {
             "value": _f(v) if isinstance(v, float) else v,
             "previous": p,
             "change": _f(change),
         }
+        if compared is not None:
+            out[k]["compared_value"] = _f(c) if isinstance(c, float) else c
+        if not_comparable and k in not_comparable:
+            out[k]["change"] = None
+            out[k]["not_comparable"] = not_comparable[k]
     return out
 
 
@@ -306,10 +334,14 @@ def _breakdowns(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, list
             # never $0 for some values and NULL for others); `missing` says why
             out[dim] = []
             continue
+        # priced_requests (those on priced GPU-hours: what cost, share and per-1k cover)
+        # only when some requests are unpriced, as `finops costs --by` shows it
+        partial = bool(df.height) and bool((df["priced_requests"] < df["requests"]).any())
         out[dim] = _records(
             df.select(
                 dim,
                 "requests",
+                *(["priced_requests"] if partial else []),
                 "failed",
                 "cache_hits",
                 "input_tokens",
@@ -359,7 +391,10 @@ def _context_leak(db: duckdb.DuckDBPyConnection, per: fc.Period) -> list[dict[st
         cap = math.ceil(r["p90"])
         if cap <= 0 or r["max"] <= cap:
             continue
-        cs = fc.cap_savings(db, r["feature"], cap, per=per)
+        # usage basis: the GPU busy time the cut tokens take (idle capacity is paid
+        # whatever the context length); the allocation basis priced them with their
+        # hours' idle capacity, 5x the busy time freed
+        cs = fc.cap_savings(db, r["feature"], cap, per=per, basis="usage")
         rows.append({**cs.as_dict(), "p50": _f(r["p50"]), "max": int(r["max"])})
     rows.sort(key=lambda x: -(x["usd_saved"] or 0))
     return rows
@@ -371,6 +406,7 @@ def _leakage(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     leak = df.filter(pl.col("kind") == "leak")
     known = fc.sum_known  # None (unknown: no GPU data), never $0.00
     return {
+        "chart": _bill_chart(db, per, df),
         # no GPU data for any of it: every line is unknown, as in _breakdowns
         "categories": [] if df["cost"].null_count() == df.height else _records(df),
         "leak_usd": known(leak["cost"]),
@@ -381,6 +417,105 @@ def _leakage(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
         ),
         "context": ctx,
         "context_usd": known(pl.Series([r["usd_saved"] for r in ctx], dtype=pl.Float64)),
+    }
+
+
+BILL_CHART_LABELS = {
+    "useful_busy": "useful work: GPU busy time",
+    "useful_idle": "idle capacity in hours with requests (allocated to useful work)",
+    "idle": "idle tier-hours (no requests)",
+    "retried_failure": "failed, then retried (incl. its idle share)",
+    "failed": "failed (incl. its idle share)",
+    "stream_aborted": "aborted streams (incl. their idle share)",
+    "duplicate": "duplicates (incl. their idle share)",
+}
+
+
+def _bill_chart(
+    db: duckdb.DuckDBPyConnection, per: fc.Period, df: pl.DataFrame
+) -> list[dict[str, Any]]:
+    """Where the bill went, for the chart: fc.leakage's allocation-basis lines, with
+    'useful' split into its GPU busy time (usage basis) and the idle capacity of its
+    hours the allocation basis spreads over it. Shown whole, 'useful work' was 97% of
+    the bill beside an idle-capacity card of 86%; the bars add up to the bill."""
+    if df.height == 0 or df["cost"].null_count() == df.height:
+        return []
+    busy = sql(
+        db,
+        f"""SELECT {fc._known("cost_usage")} FROM marts.request_costs
+            WHERE {per.where()} AND leak IS NULL""",
+    ).fetchall()[0][0]
+    rows = []
+    for x in df.filter(pl.col("kind").is_in(["leak", "idle", "useful"])).iter_rows(named=True):
+        if x["category"] == "useful" and busy is not None and x["cost"] is not None:
+            rows.append(
+                {
+                    "category": "useful_busy",
+                    "kind": "useful",
+                    "requests": x["requests"],
+                    "cost": float(busy),
+                    "note": "GPU busy time of requests that did useful, "
+                    "non-duplicate work (usage basis)",
+                }
+            )
+            rows.append(
+                {
+                    "category": "useful_idle",
+                    "kind": "idle",
+                    "requests": 0,
+                    "cost": float(x["cost"]) - float(busy),
+                    "note": "idle GPU time of the tier-hours those requests ran in, which the "
+                    "allocation basis charges to them",
+                }
+            )
+        else:
+            rows.append({k: x[k] for k in ("category", "kind", "requests", "cost", "note")})
+    for x in rows:
+        x["label"] = BILL_CHART_LABELS.get(x["category"], x["category"])
+        x["cost"] = _f(x["cost"])
+    return rows
+
+
+def _reconciliation(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
+    """The FOCUS export's figures (finops.report.focus.focus_rows) against the report's.
+
+    The report's tenant, feature and tier tables are on the allocation basis (each
+    tier-hour's idle capacity spread over its requests); the FOCUS rows are on the usage
+    basis: tenants carry their busy GPU time, idle capacity is rows without a tenant
+    (x_IdleCapacity). Both add up to the priced bill. The export's x_Requests counts the
+    requests that ran on a priced GPU: not those the shim's cache served, nor refusals,
+    nor requests on unpriced or untiered GPU-hours, which the report's count includes.
+    """
+    w = per.where()
+    row = sql(
+        db,
+        f"""SELECT
+            (SELECT sum(gpu_cost) FROM marts.gpu_cost_hourly
+              WHERE {w} AND usd_per_gpu_hour IS NOT NULL) AS bill,
+            (SELECT coalesce(sum(cost_usage) FILTER (worked AND NOT unpriced), 0)
+               FROM marts.request_costs WHERE {w}) AS usage,
+            (SELECT count(*) FILTER (worked AND NOT unpriced) FROM marts.request_costs
+              WHERE {w}) AS focus_requests,
+            (SELECT count(*) FROM marts.request_costs WHERE {w}) AS requests,
+            (SELECT count(*) FILTER (served_by_cache) FROM marts.request_costs WHERE {w})
+                AS cache_served,
+            (SELECT count(*) FILTER (refused AND NOT served_by_cache) FROM marts.request_costs
+              WHERE {w}) AS refused,
+            (SELECT count(*) FILTER (processed AND (unpriced OR NOT worked))
+               FROM marts.request_costs WHERE {w}) AS unpriced""",
+    ).fetchall()[0]
+    bill, usage, focus_n, n, cached, refused, unpriced = row
+    if bill is None:
+        return {}
+    return {
+        "bill_usd": float(bill),
+        "usage_usd": float(usage),
+        "idle_usd": float(bill) - float(usage),
+        "focus_requests": int(focus_n),
+        "requests": int(n),
+        "cache_served_requests": int(cached),
+        "refused_requests": int(refused),
+        "unpriced_requests": int(unpriced),
     }
 
 
@@ -930,22 +1065,69 @@ def _unpriced_clause(src: dict[str, Any]) -> str:
     )
 
 
+def _estimate_clause(src: dict[str, Any]) -> str:
+    """Input-token prices from the token-ratio fallback (no vLLM phase histograms)."""
+    measured, total = src.get("phase_split_tier_hours"), src.get("tier_hours")
+    if not total or measured is None or measured >= total:
+        return ""
+    if not measured:
+        return " (an estimate from token ratios: no vLLM prefill/decode histograms this week)"
+    return (
+        f" (partly an estimate from token ratios: {total - measured} of {total} tier-hours "
+        "lack vLLM prefill/decode histograms)"
+    )
+
+
+def _reconciliation_text(week: str, rc: dict[str, Any]) -> str:
+    """Why the FOCUS export's tenant costs and request counts differ from the tables'."""
+    text = (
+        f"The FOCUS export (focus-{week}.parquet) charges tenants on the usage basis: "
+        f"{usd(rc['usage_usd'])} of busy GPU time plus {usd(rc['idle_usd'])} of idle "
+        f"capacity on rows without a tenant (x_IdleCapacity) = the {usd(rc['bill_usd'])} "
+        "bill; the tables here spread idle capacity over tenants, features and tiers "
+        "(allocation basis), so their costs are higher than the export's."
+    )
+    gone = rc["requests"] - rc["focus_requests"]
+    if gone:
+        why = [
+            f"{n:,} {what}"
+            for n, what in (
+                (rc["cache_served_requests"], "served by the shim's cache"),
+                (rc["refused_requests"], "refused before reaching a model"),
+                (rc["unpriced_requests"], "on GPUs without a price or tier"),
+            )
+            if n
+        ]
+        text += (
+            f" Its x_Requests counts the {rc['focus_requests']:,} requests that ran on a "
+            f"priced GPU, not the report's {rc['requests']:,}: the other {gone:,} used no "
+            f"priced GPU time ({', '.join(why)})."
+        )
+    return text
+
+
 def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     h = r["headline"]
     src = r["sources"]
     vs = r.get("compare_text") or "previous week"
     t: dict[str, str] = {}
     if h["spend_usd"]["value"] is not None and src["gpu_samples"]:
-        bill = (
-            f"The GPU bill was {usd(h['spend_usd']['value'])}{change(h['spend_usd']['change'], vs)}"
+        nc = h["spend_usd"].get("not_comparable")
+        bill = f"The GPU bill was {usd(h['spend_usd']['value'])}" + (
+            f" (no change shown: {nc})" if nc else change(h["spend_usd"]["change"], vs)
         )
         if not h["requests"]["value"]:
             t["headline"] = f"{bill}; no request logs this week, so there is no cost per request."
         else:
+            n = h["requests"]["value"]
+            priced = n - (src.get("unpriced_requests") or 0)
+            # some requests on unpriced GPUs: the per-request figures divide by the others
+            of = f" priced requests ({priced:,} of {n:,})" if priced < n else " requests"
+            tokens = " priced tokens" if priced < n else " tokens"
             t["headline"] = (
-                f"{bill} for {h['requests']['value']:,} requests, "
-                f"{usd(h['usd_per_1k_requests']['value'])} per 1k requests and "
-                f"{usd(h['usd_per_1m_tokens']['value'])} per 1M tokens."
+                f"{bill} for {n:,} requests, "
+                f"{usd(h['usd_per_1k_requests']['value'])} per 1k{of} and "
+                f"{usd(h['usd_per_1m_tokens']['value'])} per 1M{tokens}."
             )
         t["headline"] += _unpriced_clause(src)
     b = r["breakdown"]
@@ -980,6 +1162,9 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
                 f"The {md_name(top['tier'])} tier carries {pct(top['share'])} {of} "
                 f"({usd(top['cost'])})."
             )
+    rc = r.get("reconciliation") or {}
+    if rc and src.get("requests", True):
+        t["reconciliation"] = _reconciliation_text(r["week"], rc)
     idle = r["idle"]
     if idle["troughs"]:
         tr = idle["troughs"][0]
@@ -1031,9 +1216,14 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         t["leakage"] = (
             f"Leakage cost {usd(lk['leak_usd'])} of allocated spend (idle capacity included): "
             f"failed and retried work {usd(lk['failed_usd'])}, duplicates "
-            f"{usd(lk['duplicates_usd'])}; capping each feature's context at its p90 would "
-            f"save {usd(lk['context_usd'])}."
+            f"{usd(lk['duplicates_usd'])}."
         )
+        if lk["context"]:
+            t["leakage"] += (
+                " Capping each feature's context at its p90 would free "
+                f"{usd(lk['context_usd'])} of GPU busy time{_estimate_clause(src)}; on a "
+                "fixed fleet that is capacity freed, not yet money saved."
+            )
     ro = r["router"]
     if ro.get("saved_usd") is not None:
         # a counterfactual on busy time: on a fixed fleet it is capacity freed, which
@@ -1207,6 +1397,161 @@ def _compare_span(src: dict[str, Any], per: fc.Period, prev: fc.Period) -> fc.Pe
     return fc.Period(prev.start, prev.start + span, f"{prev.label} (first {hours:.0f} hours)")
 
 
+# headline figures that come from the GPU samples: a GPU-hour gap inside the hours compared
+# makes their change a collection artefact, not a move
+GPU_KEYS = (
+    "spend_usd",
+    "usd_per_1k_requests",
+    "usd_per_1m_tokens",
+    "gpu_hours",
+    "gpus",
+    "utilization",
+    "idle_capacity_usd",
+    "leakage_usd",
+    "cache_saved_usd",
+)
+# a GPU gap (marts.gpu_gap_hourly) of under this share of a side's GPU-hours is noise
+GAP_TOLERANCE = 0.005
+
+
+@dataclass(frozen=True)
+class HourSet(fc.Period):
+    """A Period restricted to some hours of it (offsets in hours from `start`): the hours
+    of the week both compared weeks have data for. Every cost function filters through
+    `where`, so the totals of both weeks are over the same hours of week."""
+
+    offsets: tuple[int, ...] = ()
+
+    def where(self, column: str = "hour") -> str:
+        assert self.start is not None
+        offs = ", ".join(str(o) for o in self.offsets) or "NULL"
+        return (
+            f"{super().where(column)} AND CAST(floor((epoch({column}) - "
+            f"epoch(TIMESTAMPTZ '{self.start.isoformat()}')) / 3600) AS INTEGER) IN ({offs})"
+        )
+
+
+def _offset(per: fc.Period) -> str:
+    assert per.start is not None
+    return (
+        f"CAST(floor((epoch(hour) - epoch(TIMESTAMPTZ '{per.start.isoformat()}')) / 3600) "
+        "AS INTEGER)"
+    )
+
+
+def _coverage(db: duckdb.DuckDBPyConnection, per: fc.Period) -> tuple[set[int], set[int]]:
+    """Hours of `per` (offsets from its start) with GPU samples, and days (0 = its first)
+    with requests: a quiet hour without requests is traffic, a day without any is a gap."""
+    gpu = sql(
+        db, f"SELECT DISTINCT {_offset(per)} FROM marts.gpu_cost_hourly WHERE {per.where()}"
+    ).fetchall()
+    req = sql(
+        db,
+        f"SELECT DISTINCT {_offset(per)} // 24 FROM marts.request_work WHERE {per.where()}",
+    ).fetchall()
+    return {int(x) for (x,) in gpu}, {int(x) for (x,) in req}
+
+
+def _gap_gpu_hours(db: duckdb.DuckDBPyConnection, per: fc.Period) -> tuple[float, float]:
+    """(GPU-hours with no samples between reporting ones, GPU-hours measured) over `per`."""
+    gaps = fc._cached(fc._view_bodies()["gpu_gap_hourly"])
+    row = sql(
+        db,
+        f"""SELECT (SELECT coalesce(sum(est_gpu_hours), 0) FROM ({gaps}) WHERE {per.where()}),
+                   (SELECT coalesce(sum(gpu_hours), 0) FROM marts.gpu_cost_hourly
+                     WHERE {per.where()})""",
+    ).fetchall()[0]
+    return float(row[0]), float(row[1])
+
+
+def _hours_text(per: fc.Period, offsets: set[int]) -> str:
+    """'Wed 2026-11-18 (24 h), Thu 2026-11-19 (3 h)': the days of `per` the offsets fall on."""
+    assert per.start is not None
+    days: dict[int, int] = {}
+    for o in sorted(offsets):
+        days[o // 24] = days.get(o // 24, 0) + 1
+    parts = [
+        f"{per.start + dt.timedelta(days=d):%a %Y-%m-%d}" + ("" if n == 24 else f" ({n} h)")
+        for d, n in days.items()
+    ]
+    return ", ".join(parts[:4]) + (f" and {len(parts) - 4} more days" if len(parts) > 4 else "")
+
+
+def _comparison(
+    db: duckdb.DuckDBPyConnection, per: fc.Period, span: fc.Period, prev_label: str
+) -> dict[str, Any]:
+    """Like-for-like periods for the week-over-week changes, and what the report says.
+
+    Hours one week has GPU samples for and the other has not (an exporter down for a
+    day), and days one week has requests on and the other has none (logs not collected),
+    are left out of both sides: the changes compare the same hours of week. A GPU gap
+    left inside those hours (some GPUs silent, marts.gpu_gap_hourly) makes the changes
+    of the GPU figures not comparable (None, with `reason`) rather than a move.
+    """
+    assert per.start is not None and span.start is not None and span.hours is not None
+    n = round(span.hours)
+    all_hours = set(range(n))
+    cur_g, cur_r = _coverage(db, per)
+    prev_g, prev_r = _coverage(db, span)
+    cur_g &= all_hours
+    keep = set(all_hours)
+    cur_lacks: set[int] = set()
+    prev_lacks: set[int] = set()
+    if cur_g and prev_g:
+        keep &= cur_g & prev_g
+        cur_lacks |= prev_g - cur_g
+        prev_lacks |= cur_g - prev_g
+    if cur_r and prev_r:
+        for d in cur_r ^ prev_r:
+            day = {h for h in all_hours if h // 24 == d}
+            keep -= day
+            (cur_lacks if d in prev_r else prev_lacks).update(day)
+    out: dict[str, Any] = {"cur": per, "prev": span, "notes": [], "not_comparable": {}}
+    if keep != all_hours or cur_lacks or prev_lacks:
+        hours = tuple(sorted(keep))
+        out["cur"] = HourSet(per.start, per.end, f"{per.label} (hours both weeks have)", hours)
+        out["prev"] = HourSet(span.start, span.end, f"{prev_label} (hours both weeks have)", hours)
+        out["hours"] = len(hours)
+        out["compare_text"] = f"the {len(hours)} hours of {prev_label} both weeks have data for"
+        lacks = []
+        if cur_lacks:
+            lacks.append(
+                f"{per.label} has no GPU samples or no requests in {len(cur_lacks)} hours "
+                f"{prev_label} has ({_hours_text(per, cur_lacks)})"
+            )
+        if prev_lacks:
+            lacks.append(
+                f"the comparison week {prev_label} has no GPU samples or no requests in "
+                f"{len(prev_lacks)} hours {per.label} has ({_hours_text(span, prev_lacks)})"
+            )
+        text = "; ".join(lacks)
+        out["notes"].append(
+            (text[0].upper() + text[1:] + ": " if text else "")
+            + f"changes compare only the {len(hours)} hours of the week both have data for, "
+            "not the whole weeks."
+        )
+        if not hours:
+            reason = f"{per.label} and {prev_label} have no hours of data in common"
+            out["not_comparable"] = dict.fromkeys(HEADLINE_KEYS, reason)
+            out["notes"][-1] = (
+                f"{text[0].upper() + text[1:]}: no hours in common, changes are not shown."
+            )
+            return out
+    gaps = []
+    for label, p in ((per.label, out["cur"]), (prev_label, out["prev"])):
+        gap, measured = _gap_gpu_hours(db, p)
+        if gap > GAP_TOLERANCE * max(measured, 1.0):
+            gaps.append(f"{label} misses GPU samples for {gap:,.0f} GPU-hours")
+    if gaps:
+        reason = " and ".join(gaps) + " in the hours compared (see marts.gpu_gap_hourly)"
+        out["not_comparable"] = dict.fromkeys(GPU_KEYS, reason)
+        out["notes"].append(
+            reason[0].upper() + reason[1:] + ": changes of the GPU figures (spend, cost per "
+            "request and token, GPU-hours, utilization) are not comparable and not shown."
+        )
+    return out
+
+
 def compute(
     lake: str | Path | duckdb.DuckDBPyConnection,
     week: str,
@@ -1274,18 +1619,32 @@ def compute(
     prev = _week_numbers(db, span)
     r["sources"]["previous_week"] = prev is not None
     r["compare_text"] = prev_per.label
+    # sentences about what the changes compare: the summary shows them whole
+    notes: list[str] = []
     if span is not prev_per and prev is not None:
         hours = f"{span.hours:.0f}"
         r["compare_text"] = f"the same first {hours} hours of {prev_per.label}"
-        r["sources"]["missing"].append(
+        notes.append(
             f"The lake ends {hours} hours into {per.label}: changes compare them with the "
             f"first {hours} hours of {prev_per.label}."
         )
+    compared: dict[str, Any] | None = None
+    not_comparable: dict[str, str] = {}
+    if prev is not None and cur is not None:
+        cmp = _comparison(db, per, span, prev_per.label)
+        not_comparable = cmp["not_comparable"]
+        notes += cmp["notes"]
+        if "hours" in cmp:  # gaps: both sides over the hours both weeks have data for
+            r["compare_text"] = cmp["compare_text"]
+            r["compared_hours"] = cmp["hours"]
+            if cmp["hours"]:
+                compared = _week_numbers(db, cmp["cur"])
+                prev = _week_numbers(db, cmp["prev"])
     if prev is None:
         r["compare_text"] = f"{prev_per.label} (no data: changes are not shown)"
-        r["sources"]["missing"].append(
-            f"No data for the comparison week {prev_per.label}: changes are not shown."
-        )
+        notes.append(f"No data for the comparison week {prev_per.label}: changes are not shown.")
+    r["sources"]["comparison_notes"] = notes
+    r["sources"]["missing"] += notes
     if cur is None:
         first, last = r["sources"]["lake_first_hour"], r["sources"]["lake_last_hour"]
         held = (
@@ -1303,7 +1662,7 @@ def compute(
                 "--allow-empty for a report that says so"
             )
         r["sources"]["missing"].insert(0, f"The lake holds no data for {per.label}{held}.")
-    r["headline"] = _headline(cur, prev)
+    r["headline"] = _headline(cur, prev, compared, not_comparable)
     r["headline"]["util_signal"] = r["sources"]["util_signal"]
     step("headline")
     empty = cur is None
@@ -1323,9 +1682,13 @@ def compute(
             "failed_usd": None,
             "context": [],
             "context_usd": None,
+            "chart": [],
         }
         if no_logs
         else _leakage(db, per)
+    )
+    r["reconciliation"] = (
+        {} if empty or not r["sources"]["gpu_samples"] else _reconciliation(db, per)
     )
     step("sections")
     r["router"] = _router(db, per, router, artifact)
