@@ -570,6 +570,18 @@ def test_growth_and_autoscaling_cover_the_report_week(demo_lake: Path) -> None:
     assert a["fixed_fleet_usd"] == pytest.approx(r["headline"]["spend_usd"]["value"], rel=0.01)
     assert f"${g['before_usd_per_1k']:,.2f}/1k" in r["takeaways"]["growth"]
     assert f"${a['saved_usd']:,.2f}" in r["takeaways"]["autoscaling"]
+    # which levers earn the 5x saving (the waterfall's biggest steps) and the SLO kept
+    top = g["top_levers"]
+    assert 1 <= len(top) <= 2 and top[0]["saved_usd"] >= top[-1]["saved_usd"] > 0
+    for x in top:
+        assert f"{x['setting']}: ${x['saved_usd']:,.0f}" in r["takeaways"]["growth"]
+    assert "finops simulate --default-levers" in r["takeaways"]["growth"]
+    assert g["scenario"].startswith("response cache hit rate")
+    slo = f"p95 time to first token within {g['slo_ttft_p95_ms']:,.0f} ms"
+    assert slo in r["takeaways"]["autoscaling"]
+    for tier, ms in g["tier_slo_ms"].items():
+        if ms > g["slo_ttft_p95_ms"]:
+            assert f"{tier} {ms:,.0f} ms" in r["takeaways"]["autoscaling"]
 
 
 def test_notebook_runs_standalone_for_analysts(demo_lake: Path, tmp_path: Path) -> None:

@@ -72,7 +72,15 @@ def summary_markdown(r: dict[str, Any]) -> str:
         f"{val('utilization', lambda v: f'{100 * v:.1f}%', points=True)} "
         f"({h.get('util_signal') or 'no signal'})",
     ]
-    tail = [f"- {t[k]}" for k in ("reconciliation", "forecast", "growth") if t.get(k)]
+    tail = [f"- {t[k]}" for k in ("forecast", "growth") if t.get(k)]
+    rc = r.get("reconciliation") or {}
+    if t.get("reconciliation") and rc:  # the report says it whole, under the tenant table
+        tail.insert(
+            0,
+            f"- FOCUS export: tenants {F.usd(rc['usage_usd'])} busy time + "
+            f"{F.usd(rc['idle_usd'])} idle capacity on untenanted rows = "
+            f"{F.usd(rc['bill_usd'])}; the report's tables spread idle over tenants",
+        )
     # what the changes above compare (a week with a day missing, a comparison week with a
     # gap): said whole, never behind "(+N more)", as it decides how the deltas read
     notes = r["sources"].get("comparison_notes") or []

@@ -1000,7 +1000,8 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
 
     Runs on the report week only (see `week_connection`).
     """
-    from finops.models.simulate import Levers, Simulator, headline
+    from finops.models.simulate import Levers, Simulator, default_levers, headline
+    from finops.models.waterfall import lever_waterfall
 
     db = week_connection(finops.db.lake_dir(db), per)
     # the report week itself: the default (the lake's latest whole week) is another week
@@ -1009,9 +1010,17 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     h = headline(db, 5.0, simulator=sim, per=per)
     fixed = sim.plan(1.0, Levers(autoscale=False)).totals
     auto = sim.plan(1.0, Levers(autoscale=True)).totals
+    # which levers earn the saving (each measured after those before it; the CLI's
+    # `finops simulate --default-levers` prints every step)
+    wf = lever_waterfall(sim, 5.0, default_levers(sim)).filter(pl.col("step") > 0)
+    top = wf.filter(pl.col("saved_usd") > 0).sort("saved_usd", descending=True).head(2)
     return {
         "growth": h["growth"],
         "line": h["line"],
+        "scenario": h["scenario"],
+        "top_levers": _records(top.select("lever", "setting", "saved_usd", "share_of_saving")),
+        # the SLO both fleets keep: the default, raised for tiers whose prompts need longer
+        "tier_slo_ms": {t: _f(sim.slo_for(t)) for t in sim.trace.profiles},
         "before_usd_per_1k": _f(h["before_usd_per_1k"]),
         "after_usd_per_1k": _f(h["after_usd_per_1k"]),
         "saving_pct": _f(h["saving_pct"]),
@@ -1183,7 +1192,7 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         t["autoscaling"] = (
             f"Queue-depth autoscaling would have cost {usd(a['autoscaled_usd'])} instead of "
             f"{usd(a['fixed_fleet_usd'])} for the fixed fleet in the simulation, "
-            f"saving {usd(a['saved_usd'])}."
+            f"saving {usd(a['saved_usd'])}{_slo_clause(g)}."
         )
     c = r["cache"]
     no_logs = src["gpu_samples"] and not src.get("requests", True)
@@ -1319,11 +1328,34 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
                 "the other days repeat their hours."
             )
     if g.get("line"):
+        top = g.get("top_levers") or []
+        most = " and ".join(
+            f"{x['setting']}: {usd(x['saved_usd'], 0)} or {pct(x['share_of_saving'])}"
+            for x in top
+            if x["saved_usd"] is not None and x["share_of_saving"] is not None
+        )
         t["growth"] = (
             f"At 5x traffic a request would cost {usd(g['before_usd_per_1k'])}/1k before the "
-            f"levers and {usd(g['after_usd_per_1k'])}/1k after ({g['saving_pct']:.0f}% less)."
+            f"levers and {usd(g['after_usd_per_1k'])}/1k after ({g['saving_pct']:.0f}% less)"
+            + (f"; most of the saving comes from {most}" if most else "")
+            + "; every lever's share: finops simulate --default-levers."
         )
     return t
+
+
+def _slo_clause(g: dict[str, Any]) -> str:
+    """The p95 TTFT SLO both simulated fleets keep, with the tiers whose prompts raised it."""
+    slo = g.get("slo_ttft_p95_ms")
+    if slo is None:
+        return ""
+    raised = {t: v for t, v in (g.get("tier_slo_ms") or {}).items() if v and v > slo}
+    return f", both keeping p95 time to first token within {slo:,.0f} ms" + (
+        " ("
+        + ", ".join(f"{t} {v:,.0f} ms" for t, v in raised.items())
+        + ": their prompts' prefill needs longer)"
+        if raised
+        else ""
+    )
 
 
 def _findings(r: dict[str, Any]) -> list[str]:
