@@ -198,3 +198,22 @@ def test_the_page_shows_the_fixes(demo_lake: Path, tmp_path: Path) -> None:
     assert "useful work: GPU busy time" in page
     assert "useful work (with its hours" not in page
     assert "context at its p90 would free" in page and "p90 would save" not in page
+
+
+def test_the_focus_metadata_names_gpu_hours_lost_to_a_gap(two_weeks: Path, tmp_path: Path) -> None:
+    """Was: a day the exporter missed left the export ~$900 short with no x_ field saying
+    so (unpriced GPU-hours had one, gaps none)."""
+    import json
+
+    lake = _without_day(two_weeks, tmp_path, "2026-11-25")
+    paths = build_report(lake, "2026-W48", tmp_path / "out", growth=False)
+    src = json.loads(paths.json.read_text())["sources"]
+    assert src["gpu_gap_hours"] > 0
+    meta = json.loads(paths.focus_parquet.with_suffix(".metadata.json").read_text())
+    assert meta["x_GapGpuHours"] == pytest.approx(src["gpu_gap_hours"], abs=1e-3)
+    assert meta["x_GapCostEstimate"] == pytest.approx(src["gpu_gap_cost"], abs=0.01)
+    assert f"${src['gpu_gap_cost']:,.2f} of spend" in meta["x_Note"]
+    billed = pl.read_parquet(paths.focus_parquet)["BilledCost"].sum()
+    # what the export holds plus what the note says is missing is the whole week's bill
+    whole = fc.totals(finops.connect(two_weeks), week="2026-W48")["gpu_cost"]
+    assert billed + meta["x_GapCostEstimate"] == pytest.approx(whole, rel=0.01)

@@ -193,7 +193,8 @@ def build_report(
     summary.write_text(summary_markdown(r))
     src = r["sources"]
     unpriced = {"gpu_hours": src["unpriced_gpu_hours"], "models": src["unpriced_models"]}
-    csv, parquet = write_focus(focus_rows(db, label), out_dir, label, unpriced)
+    gaps = {"gpu_hours": src["gpu_gap_hours"], "cost": src["gpu_gap_cost"]}
+    csv, parquet = write_focus(focus_rows(db, label), out_dir, label, unpriced, gaps)
     db.close()
     if log:
         log(f"figures, json, focus: {time.perf_counter() - t0:.1f}s")

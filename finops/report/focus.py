@@ -479,37 +479,52 @@ def _focus_type(col: str, dtype: pl.DataType) -> str:
 
 
 def focus_metadata(
-    df: pl.DataFrame, week: str, unpriced: Mapping[str, object] | None = None
+    df: pl.DataFrame,
+    week: str,
+    unpriced: Mapping[str, object] | None = None,
+    gaps: Mapping[str, float] | None = None,
 ) -> dict[str, object]:
     """FOCUS schema metadata for the export: FocusVersion, DataGenerator, CreationDate and
     the ColumnDefinition list; SchemaId hashes the columns, so it changes with them.
 
     `unpriced` ({"gpu_hours": ..., "models": [...]}) names GPU-hours the price catalog
-    has no price for: they have no rows (FOCUS costs are never null), and without this
-    a consumer would read a complete-looking, smaller bill."""
+    has no price for, and `gaps` ({"gpu_hours": ..., "cost": ...}) GPU-hours with no
+    samples between reporting ones (marts.gpu_gap_hourly: an exporter or collector down):
+    neither has rows, and without these a consumer would read a complete-looking,
+    smaller bill."""
     columns = [
         {"ColumnName": c, "DataType": _focus_type(c, t)}
         for c, t in zip(df.columns, df.dtypes, strict=True)
     ]
     schema_id = hashlib.sha256(json.dumps(columns).encode()).hexdigest()[:32]
     now = dt.datetime.now(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
-    return {
+    meta: dict[str, object] = {
         "SchemaId": schema_id,
         "FocusVersion": FOCUS_VERSION,
         "DataGenerator": DATA_GENERATOR,
         "CreationDate": now,
         "DatasetInstanceName": f"focus-{week}",
         "ColumnDefinition": columns,
-    } | (
-        {
-            "x_UnpricedGpuHours": unpriced["gpu_hours"],
-            "x_UnpricedGpuModels": unpriced.get("models") or [],
-            "x_Note": "GPU-hours without a catalog price are not in these rows: the "
-            "BilledCost total is the priced part of the bill only.",
-        }
-        if unpriced and unpriced.get("gpu_hours")
-        else {}
-    )
+    }
+    notes = []
+    if unpriced and unpriced.get("gpu_hours"):
+        meta["x_UnpricedGpuHours"] = unpriced["gpu_hours"]
+        meta["x_UnpricedGpuModels"] = unpriced.get("models") or []
+        notes.append(
+            "GPU-hours without a catalog price are not in these rows: the BilledCost total "
+            "is the priced part of the bill only."
+        )
+    if gaps and gaps.get("gpu_hours"):
+        meta["x_GapGpuHours"] = round(float(gaps["gpu_hours"]), 3)
+        meta["x_GapCostEstimate"] = round(float(gaps.get("cost") or 0.0), 2)
+        notes.append(
+            f"{gaps['gpu_hours']:,.0f} GPU-hours had no samples between reporting ones (an "
+            "exporter or collector gap) and are not in these rows: about "
+            f"${gaps.get('cost') or 0:,.2f} of spend at their GPUs' prices is missing."
+        )
+    if notes:
+        meta["x_Note"] = " ".join(notes)
+    return meta
 
 
 def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
@@ -526,13 +541,17 @@ def _csv_safe(df: pl.DataFrame) -> pl.DataFrame:
 
 
 def write_focus(
-    df: pl.DataFrame, out_dir: Path, week: str, unpriced: Mapping[str, object] | None = None
+    df: pl.DataFrame,
+    out_dir: Path,
+    week: str,
+    unpriced: Mapping[str, object] | None = None,
+    gaps: Mapping[str, float] | None = None,
 ) -> tuple[Path, Path]:
     """Write `focus-<week>.csv` (ISO 8601 UTC 'Z' datetimes, formula-safe text),
     `.parquet` (FocusVersion etc. in its key-value metadata) and `.metadata.json`
     (the FOCUS schema metadata, retrievable without the data; `focus_metadata`)."""
     csv, parquet = out_dir / f"focus-{week}.csv", out_dir / f"focus-{week}.parquet"
-    meta = focus_metadata(df, week, unpriced)
+    meta = focus_metadata(df, week, unpriced, gaps)
     df.write_parquet(
         parquet,
         metadata={k: v if isinstance(v, str) else json.dumps(v) for k, v in meta.items()},
