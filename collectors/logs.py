@@ -172,19 +172,24 @@ def _format_of(path: Path, mapping: Mapping | None) -> str:
     return by_name or "jsonl"
 
 
+_FORMAT_BY_EXTENSION = {
+    "parquet": "parquet",
+    "pq": "parquet",
+    "csv": "csv",
+    "tsv": "csv",
+    "jsonl": "jsonl",
+    "ndjson": "jsonl",
+    "json": "jsonl",
+}
+
+
 def _format_by_name(path: Path) -> str | None:
-    name = path.name.lower()
-    for suffix, fmt in (
-        (".parquet", "parquet"),
-        (".pq", "parquet"),
-        (".csv", "csv"),
-        (".tsv", "csv"),
-        (".jsonl", "jsonl"),
-        (".ndjson", "jsonl"),
-        (".json", "jsonl"),
-    ):
-        if name.endswith(suffix) or suffix + "." in name:
-            return fmt
+    """The format of the name's rightmost known extension: `x.csv.1.gz` (rotated and
+    compressed) is CSV, `gw.csv.jsonl` is JSONL (the first known one anywhere in the
+    name took it for CSV and read no rows)."""
+    for part in reversed(path.name.lower().split(".")[1:]):
+        if part in _FORMAT_BY_EXTENSION:
+            return _FORMAT_BY_EXTENSION[part]
     return None
 
 

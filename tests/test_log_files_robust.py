@@ -100,6 +100,21 @@ def test_one_shot_reads_a_compressed_archive(
     assert reject_count(lake) == 0
 
 
+@pytest.mark.parametrize("name", ["gw.csv.jsonl", "export.parquet.jsonl.1.gz", "a.tsv.jsonl.open"])
+def test_the_rightmost_extension_says_the_format(lake: Lake, tmp_path: Path, name: str) -> None:
+    """Was: a JSONL file with `.csv.` (or `.parquet.`) anywhere in its name was read as
+    that format: read 0, loaded 0, exit 0."""
+    path = tmp_path / name
+    body = jsonl([record(i) for i in range(5)])
+    if name.endswith(".gz"):
+        with gzip.open(path, "wt") as fh:
+            fh.write(body)
+    else:
+        path.write_text(body)
+    report = ingest_file(path, lake)
+    assert (report.read, report.loaded, report.error) == (5, 5, None)
+
+
 def test_one_shot_reads_a_gzipped_csv_and_its_bad_lines_keep_their_numbers(
     lake: Lake, tmp_path: Path
 ) -> None:
