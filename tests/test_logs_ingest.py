@@ -528,6 +528,27 @@ def test_cli_ingest_reports_counts_and_exit_codes(tmp_path: Path) -> None:
     }
 
 
+def test_cli_glob_matching_only_open_files_says_they_are_still_being_written(
+    tmp_path: Path,
+) -> None:
+    """Was: with the shim up, the README's `'logs/requests-*.jsonl'` matched nothing
+    (only `.jsonl.open` exists yet) and failed 'no such file', exit 1."""
+    logs = tmp_path / "logs"
+    logs.mkdir()
+    live = logs / "requests-20261116T000001Z-7-0002-bbbb.jsonl.open"
+    write_jsonl(live, [shim_record(i) for i in range(2)])
+    pattern = str(logs / "requests-*.jsonl")
+    res = CliRunner().invoke(app, ["ingest", "requests", pattern, "--lake", str(tmp_path / "l")])
+    assert res.exit_code == 0, res.output
+    assert "skipped 1 file(s) still being written" in res.stderr and live.name in res.stderr
+    assert "no such file" not in res.output
+    # a glob matching nothing at all still says so
+    res = CliRunner().invoke(
+        app, ["ingest", "requests", str(logs / "nope-*.jsonl"), "--lake", str(tmp_path / "l")]
+    )
+    assert res.exit_code == 1 and "nope-*.jsonl" in res.output
+
+
 def test_cli_one_shot_skips_files_the_shim_is_still_writing(tmp_path: Path) -> None:
     """`finops ingest requests 'logs/requests-*.jsonl*'` also matches the `.jsonl.open`
     file the shim is writing: reading it would reject its unfinished last line for good

@@ -231,13 +231,15 @@ def _run(
 
 
 def _expand(paths: list[Path]) -> list[Path]:
-    """Quoted globs (`'logs/requests-*.jsonl'`) expand here, as a shell would."""
+    """Quoted globs (`'logs/requests-*.jsonl'`) expand here, as a shell would. A glob
+    that matches only files the shim still writes (`X.jsonl.open`) gives those, so they
+    are skipped with the reason instead of 'no such file'."""
     import glob
 
     out: list[Path] = []
     for p in paths:
         if not p.exists() and glob.has_magic(str(p)):
-            matches = sorted(glob.glob(str(p)))
+            matches = sorted(glob.glob(str(p))) or sorted(glob.glob(f"{p}.open"))
             out += [Path(m) for m in matches] if matches else [p]
         else:
             out.append(p)
