@@ -140,7 +140,7 @@ def test_descriptions_carry_the_real_values(sim: Simulator, wf: pl.DataFrame) ->
     prompts = np.concatenate([p.prompt_tokens for p in sim.trace.profiles.values()])
     longer = 100 * float((prompts > dl.token_cap).mean())
     assert said["token_cap"] == (
-        f"input capped at {dl.token_cap:,} tokens ({longer:.4g}% of sampled prompts are longer)"
+        f"input capped at {dl.token_cap:,} tokens ({longer:.3g}% of sampled prompts are longer)"
     )
     assert said["autoscale"] == "autoscaling on queue depth"
     assert said["reserved_baseline"] == "always-on floor at reserved prices"
@@ -247,6 +247,7 @@ def test_cli_table_prints_the_waterfall_only_with_levers(syn_lake: Path, cli_sim
     code, out, err = _cli("--lake", str(syn_lake))
     assert code == 0, err
     assert "where the saving comes from" not in out and "levers:" not in out
+    assert "no lever set, so both sides are the same plan: --default-levers" in out
     code, out, err = _cli("--lake", str(syn_lake), "--format", "json")
     assert code == 0 and "waterfall" not in json.loads(out)
 
@@ -263,6 +264,9 @@ def test_cli_flags_override_the_default_levers(syn_lake: Path, cli_sim, sim) -> 
     steps = {s["lever"]: s["setting"] for s in doc["waterfall"]}
     assert "autoscale" not in steps and steps["spot_share"] == "50% of burst GPU-hours on spot"
     assert any("spot share 0.5 changes nothing" in n for n in doc["after"]["notes"])
+    code, out, err = _cli(*args)
+    assert code == 0, err
+    assert "no levers vs the default levers (--autoscale, --spot-share overridden)" in out
     # without --default-levers the flags alone are the scenario, as before
     code, out, err = _cli("--lake", str(syn_lake), "--autoscale", "--route-small-share", "0.2",
                           "--format", "json")  # fmt: skip
@@ -287,7 +291,8 @@ def test_cli_errors_name_the_flag(syn_lake: Path, cli_sim, sim) -> None:
     assert "set by --default-levers: override with --no-reserved-baseline" in err
     code, out, err = _cli(*lake, "--default-levers", "--no-reserved-baseline", "--spot-share", "0")
     assert code == 0, err
-    assert "--reserved-baseline" not in out and "--spot-share" not in out
+    steps = out[out.index("where the saving comes from") :]  # the waterfall: no such step
+    assert "--reserved-baseline" not in steps and "--spot-share" not in steps
     assert "--token-cap" in out  # the rest of the scenario is still planned
 
 

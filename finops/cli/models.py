@@ -325,7 +325,12 @@ def simulate(
         ),
         on="tier",
     )
-    these = "the default levers" if default_levers else "these levers"
+    these = "these levers"
+    if default_levers:
+        from finops.models.waterfall import LEVER_FLAGS
+
+        over = [LEVER_FLAGS[k] for k in given]  # flags given on top of the default scenario
+        these = "the default levers" + (f" ({', '.join(over)} overridden)" if over else "")
     print_frame(
         view,
         "table",
@@ -347,6 +352,12 @@ def simulate(
     if wf is not None:
         typer.echo(f"levers: {describe_levers(sim, levers)}")
         _print_waterfall(wf, growth, label, unpriced)
+    else:  # both sides are the same plan: say how to get a comparison
+        typer.echo(
+            "no lever set, so both sides are the same plan: --default-levers plans the "
+            "demo's and weekly report's scenario; or set levers (--autoscale, "
+            "--route-small-share, --token-cap, ...)"
+        )
     # days without data, unpriced tiers, levers asked for that change nothing here
     for note in dict.fromkeys([*before.notes, *after.notes]):
         typer.echo(f"note: {note}")

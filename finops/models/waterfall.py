@@ -79,8 +79,9 @@ def set_levers(levers: Levers) -> list[str]:
 
 
 def _pct(share: float) -> str:
-    """A share as a percentage with no needless digits: 0.2 -> 20%, 0.125 -> 12.5%."""
-    return f"{100 * share:.4g}%"
+    """A share as a percentage with no needless digits: 0.2 -> 20%, 0.125 -> 12.5%,
+    0.05001 -> 5% (three significant digits)."""
+    return f"{100 * share:.3g}%"
 
 
 def describe_lever(sim: Simulator, name: str, value: float | int | bool) -> str:
