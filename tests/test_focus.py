@@ -9,6 +9,7 @@ import glob
 import json
 import shutil
 from pathlib import Path
+from urllib.parse import unquote
 
 import polars as pl
 import pyarrow.parquet as pq
@@ -22,6 +23,8 @@ from finops.report.focus import (
     COLUMNS,
     FOCUS_VERSION,
     focus_rows,
+    origin_charges,
+    split_allocation_problems,
     write_focus,
 )
 
@@ -222,7 +225,10 @@ def test_the_csv_neutralises_formulas(demo_lake: Path, tmp_path: Path) -> None:
     assert "=1+1" in set(df["x_Tenant"])  # the Parquet keeps the real name
     csv, parquet = write_focus(df, tmp_path, WEEK)
     text = pl.read_csv(csv, infer_schema_length=0)
-    assert "'=1+1" in set(text["x_Tenant"]) and "'=1+1" in set(text["SubAccountId"])
+    assert "'=1+1" in set(text["x_Tenant"])
+    # the tenant is in the allocated resource now (SubAccountId is the origin's: null)
+    assert text["AllocatedResourceName"].drop_nulls().str.starts_with("'=1+1 / ").any()
+    assert text["SubAccountId"].null_count() == text.height
     assert "'@SUM(A1)" in set(text["x_Feature"])
     for c in text.columns:
         assert not text[c].drop_nulls().str.contains(r"^[=+\-@]").any(), c
@@ -340,3 +346,169 @@ def test_tenant_rows_carry_the_split_cost_allocation_columns(
         for d in focus_rows(db2, WEEK).filter(~pl.col("x_IdleCapacity"))["AllocatedMethodDetails"]
     }
     assert weights == {2.0}
+
+
+# ------------------------------------------- FOCUS 1.3 split cost allocation handling
+# The spec (Data Generator-Calculated Split Cost Allocation Handling): in the allocated
+# charges of one origin charge (a tier's GPU-day of one SKU price), dimensions and
+# non-summable metrics match the origin's, summable metrics add up to the origin's.
+
+SUMMABLE = ("BilledCost", "EffectiveCost", "ListCost", "ContractedCost", "PricingQuantity")
+SPLIT_KEY = ["ChargePeriodStart", "ResourceId", "SkuPriceId"]  # the origin charge
+
+
+@pytest.fixture(scope="module")
+def split(demo_lake: Path):
+    """(db, focus rows) of the demo lake with reserved, on-demand and spot tiers."""
+    db = finops.connect(demo_lake)
+    fc.load_deployments(db, EXAMPLE_DEPLOYMENTS)  # large reserved, mid on-demand, small spot
+    return db, focus_rows(db, WEEK)
+
+
+def _marts_origins(db) -> pl.DataFrame:
+    """marts.gpu_cost_hourly per origin charge: GPU-hours and cost of a tier-day's SKU."""
+    return (
+        db.sql(
+            f"""SELECT CAST(CAST(hour AS DATE) AS TIMESTAMP) AS ChargePeriodStart,
+                   CASE WHEN tier IS NULL THEN coalesce('deployment/' || deployment,
+                        'host/' || host) ELSE 'vllm/' || tier END AS ResourceId,
+                   'gpu/' || gpu_model || '/' || pricing_kind AS SkuPriceId,
+                   sum(gpu_hours) AS gpu_hours, sum(gpu_cost) AS gpu_cost
+            FROM marts.gpu_cost_hourly WHERE {IN_WEEK} AND usd_per_gpu_hour IS NOT NULL
+            GROUP BY ALL"""
+        )
+        .pl()
+        .with_columns(pl.col("ChargePeriodStart").dt.replace_time_zone("UTC"))
+    )
+
+
+def _dimensions() -> list[str]:
+    """Every FOCUS column but the summable metrics and the allocation's own: dimensions
+    and unit prices (non-summable), one value per origin charge."""
+    metrics = {*SUMMABLE, "ConsumedQuantity", "CommitmentDiscountQuantity"}
+    allocation = set(ALLOCATION_COLUMNS) - {"AllocatedMethodId"}
+    return [c for c in COLUMNS if not c.startswith("x_") and c not in metrics | allocation]
+
+
+def test_allocated_rows_carry_their_origin_charges_dimensions(split) -> None:
+    _db, df = split
+    tiered = df.filter(pl.col("x_Tier").is_not_null())
+    assert tiered.group_by(SPLIT_KEY).len()["len"].max() > 2  # tenants + idle per origin
+    dimensions = _dimensions()
+    assert {"ChargeDescription", "SubAccountId", "SubAccountName", "ConsumedUnit", "Tags"} <= set(
+        dimensions
+    )
+    assert {"ListUnitPrice", "ContractedUnitPrice"} <= set(dimensions)  # non-summable: same
+    dimensions = [c for c in dimensions if c not in SPLIT_KEY]
+    n = df.group_by(SPLIT_KEY).agg(pl.col(c).n_unique() for c in dimensions)
+    for c in dimensions:
+        assert n[c].max() == 1, f"{c} differs within an origin charge"
+    assert split_allocation_problems(df) == []
+    # the tenant is in no FOCUS dimension: not a sub account, not in Tags
+    assert df["SubAccountId"].null_count() == df["SubAccountName"].null_count() == df.height
+    for t in df["Tags"].drop_nulls():
+        assert set(json.loads(t)) == {"tier"}
+    # the check finds a row that differs from its origin
+    broken = df.with_columns(
+        pl.when(pl.int_range(pl.len()) == 0)
+        .then(pl.lit("something else"))
+        .otherwise(pl.col("ChargeDescription"))
+        .alias("ChargeDescription")
+    )
+    assert [p.split(":")[0] for p in split_allocation_problems(broken)] == ["ChargeDescription"]
+
+
+def test_consumed_quantity_is_gpu_hours_that_add_up_to_the_origin(split) -> None:
+    db, df = split
+    units = df.group_by("SkuId").agg(pl.col("ConsumedUnit").unique())
+    for sku, unit in units.iter_rows():
+        assert unit == ["GPU-Hours"], sku  # one unit per SKU: its quantities add up
+    assert set(df["PricingUnit"]) == {"GPU-Hours"}
+    assert (df["ConsumedQuantity"] == df["PricingQuantity"]).all()
+    assert (df["ConsumedQuantity"] >= 0).all()
+    # the origin charge rebuilt from its allocated rows = the marts' tier-day of that SKU
+    got = origin_charges(df).join(_marts_origins(db), on=SPLIT_KEY, how="full", coalesce=True)
+    assert got.height == origin_charges(df).height > 0  # no origin charge missing either side
+    assert got["ConsumedQuantity"].to_list() == pytest.approx(got["gpu_hours"].to_list(), abs=1e-6)
+    assert got["PricingQuantity"].to_list() == pytest.approx(got["gpu_hours"].to_list(), abs=1e-6)
+    by_sku = df.group_by("SkuId").agg(pl.col("ConsumedQuantity").sum()).sort("SkuId")
+    want = db.sql(
+        f"SELECT 'gpu/' || gpu_model AS SkuId, sum(gpu_hours) AS h FROM marts.gpu_cost_hourly"
+        f" WHERE {IN_WEEK} AND usd_per_gpu_hour IS NOT NULL GROUP BY ALL ORDER BY 1"
+    ).fetchall()
+    assert by_sku["SkuId"].to_list() == [s for s, _ in want]
+    assert by_sku["ConsumedQuantity"].to_list() == pytest.approx([h for _, h in want], rel=1e-9)
+    # the tokens are x_ columns: x_Tokens = the computed (uncached input + output) tokens
+    priced = f"{IN_WEEK} AND worked AND NOT unpriced"
+    tokens = one(db, f"SELECT sum(work_in + work_out) FROM marts.request_costs WHERE {priced}")
+    assert abs(df["x_Tokens"].sum() - tokens) <= df.height  # per-row rounding aside
+    assert (df.filter(pl.col("x_IdleCapacity"))["x_Tokens"] == 0).all()
+
+
+def test_billed_cost_adds_up_to_the_origin_charges_cost(split) -> None:
+    db, df = split
+    marts = _marts_origins(db)
+    # a consumer rebuilds the origin charges by grouping on the dimensions: one group each
+    grouped = df.group_by(_dimensions(), maintain_order=True).agg(pl.col(c).sum() for c in SUMMABLE)
+    assert grouped.height == marts.height > 0
+    got = grouped.join(marts, on=SPLIT_KEY, how="inner")
+    assert got.height == marts.height
+    assert got["BilledCost"].to_list() == pytest.approx(got["gpu_cost"].to_list(), abs=1e-6)
+    assert got["PricingQuantity"].to_list() == pytest.approx(got["gpu_hours"].to_list(), abs=1e-6)
+    # origin_charges rebuilds the same (and the commitment quantity)
+    origins = origin_charges(df)
+    got = origins.join(marts, on=SPLIT_KEY, how="inner")
+    assert got.height == origins.height == marts.height
+    assert got["BilledCost"].to_list() == pytest.approx(got["gpu_cost"].to_list(), abs=1e-6)
+    assert (got["EffectiveCost"] == got["BilledCost"]).all()
+    for c, price in (("ListCost", "ListUnitPrice"), ("ContractedCost", "ContractedUnitPrice")):
+        assert got[c].to_list() == pytest.approx(
+            (got[price] * got["PricingQuantity"]).to_list(), abs=1e-6
+        ), c
+    committed = got.filter(pl.col("PricingCategory") == "Committed")
+    assert committed.height > 0
+    assert committed["CommitmentDiscountQuantity"].to_list() == pytest.approx(
+        committed["PricingQuantity"].to_list()
+    )
+    assert (
+        got.filter(pl.col("PricingCategory") != "Committed")["CommitmentDiscountQuantity"]
+        .is_null()
+        .all()
+    )
+
+
+def test_tenants_are_recoverable_from_the_allocated_columns(split) -> None:
+    db, df = split
+    tenants = df.filter(pl.col("AllocatedResourceId").is_not_null())
+    idle = df.filter(pl.col("AllocatedResourceId").is_null())
+    assert tenants.height > 0 and idle.height > 0
+    assert not tenants["x_IdleCapacity"].any() and idle["x_IdleCapacity"].all()
+    for origin_tags, allocated in tenants.select("Tags", "AllocatedTags").iter_rows():
+        # the spec: AllocatedTags MUST NOT include the tags already present in Tags
+        assert not set(json.loads(origin_tags)) & set(json.loads(allocated)), allocated
+    tags = tenants["AllocatedTags"].map_elements(
+        lambda t: json.loads(t).get("tenant"), return_dtype=pl.String
+    )
+    assert tags.to_list() == tenants["x_Tenant"].to_list()
+    ids = tenants["AllocatedResourceId"].str.extract(r"^tenant/([^/]+)")
+    assert ids.map_elements(unquote, return_dtype=pl.String).equals(tenants["x_Tenant"])
+    by_tenant = dict(
+        tenants.with_columns(tenant=tags).group_by("tenant").agg(pl.col("BilledCost").sum()).rows()
+    )
+    want = dict(
+        db.sql(
+            f"SELECT tenant, sum(cost_usage) FROM marts.request_costs"
+            f" WHERE {IN_WEEK} AND worked AND NOT unpriced GROUP BY ALL"
+        ).fetchall()
+    )
+    assert by_tenant.keys() == want.keys()
+    for t, cost in want.items():
+        assert by_tenant[t] == pytest.approx(cost, abs=1e-6), t
+    bill = one(
+        db,
+        f"SELECT sum(gpu_cost) FROM marts.gpu_cost_hourly"
+        f" WHERE {IN_WEEK} AND usd_per_gpu_hour IS NOT NULL",
+    )
+    busy, idle_cost = tenants["BilledCost"].sum(), idle["BilledCost"].sum()
+    assert busy + idle_cost == pytest.approx(bill, abs=1e-6)
+    assert round(busy + idle_cost, 2) == round(bill, 2)

@@ -250,12 +250,13 @@ def test_focus_export_follows_the_column_rules(built, raw) -> None:
     assert (df["ChargePeriodEnd"] > df["ChargePeriodStart"]).all()
     assert (df["ChargePeriodStart"] >= df["BillingPeriodStart"]).all()
     assert (df["ChargePeriodEnd"] <= df["BillingPeriodEnd"]).all()
-    assert set(df["ConsumedUnit"]) == {"Tokens", "GPU-Hours"}
+    # FOCUS 1.3 split cost allocation: every row of a tier-day's SKU in its unit, GPU-hours
+    assert set(df["ConsumedUnit"]) == {"GPU-Hours"}
     assert (df["ConsumedQuantity"] >= 0).all()
-    assert df.filter(pl.col("x_IdleCapacity"))["ConsumedUnit"].unique().to_list() == ["GPU-Hours"]
-    for t in df["Tags"].drop_nulls():  # only the keys a row has, no placeholder values
+    assert (df["ConsumedQuantity"] == df["PricingQuantity"]).all()
+    for t in df["Tags"].drop_nulls():  # the origin charge's tier, no placeholder values
         tags = json.loads(t)
-        assert set(tags) <= {"tenant", "feature", "tier"} and None not in tags.values()
+        assert set(tags) == {"tier"} and None not in tags.values()
     assert paths.focus_metadata == paths.focus_csv.parent / f"focus-{WEEK}.metadata.json"
     assert paths.focus_metadata.exists() and "focus_metadata" in paths.as_dict()
     for c in df.columns:

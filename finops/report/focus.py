@@ -1,10 +1,13 @@
 """The week's GPU costs as FOCUS 1.3 rows (FinOps Open Cost and Usage Specification).
 
 Rows are per day x tier x GPU model x pricing kind (one real SKU and price each):
-one per tenant x feature for the GPU work its requests did (ConsumedUnit "Tokens"),
-and one for the idle capacity no request carried (x_IdleCapacity, ConsumedUnit
-"GPU-Hours"). Tenant rows use the usage basis (`cost_usage` of `marts.request_costs`:
-the busy share of the GPU bill, split by token work), so idle capacity is its own
+one per tenant x feature for the GPU time its requests' work took, and one for the idle
+capacity no request carried (x_IdleCapacity). Every row is priced and consumed in
+GPU-hours (PricingUnit = ConsumedUnit "GPU-Hours"); the tokens behind a tenant row are
+x_ columns (x_Tokens: the uncached input + output tokens the GPUs computed, x_InputTokens
+...) and the UsageQuantity of its AllocatedMethodDetails. Tenant rows use the usage basis
+(`cost_usage` of `marts.request_costs`: the busy share of the GPU bill, split by token
+work), so idle capacity is its own
 line, never spread over tenants (as DESIGN.md asks, and as OpenCost reports it by
 default); tenants + idle add up to the GPU bill to the cent. GPU-hours come from the
 GPU marts, never from cost / price, so free GPUs keep theirs. GPUs with no tier are
@@ -18,7 +21,8 @@ spec excludes commitment discounts from it, ContractedUnitPrice = the list price
 GPUs are "Dynamic" and on-demand ones "Standard", with ContractedUnitPrice = the price paid.
 
 Split cost allocation (FOCUS 1.3 Allocated* columns): a tier's GPU-day of one SKU is the
-origin charge, split by the data generator's method ALLOCATED_METHOD_ID
+origin charge (ORIGIN_KEY: ChargePeriodStart x ResourceId x SkuPriceId), split by the
+data generator's method ALLOCATED_METHOD_ID
 ("finops-token-work-usage-v1": each tier-hour's busy GPU cost split over its requests by
 token work, `marts.request_costs.pool_share`; prefill / decode split by the measured
 vLLM phase times, else R = finops_output_token_weight; idle capacity not allocated). Its
@@ -29,6 +33,16 @@ AllocatedMethodDetails (its ratio), with AllocatedResourceId, AllocatedResourceN
 AllocatedTags null, as the spec asks. AllocatedMethodDetails' Elements (AllocatedRatio: the row's share of the
 origin charge's GPU-hours, = its cost share as one SKU has one price) add up to 1 per
 origin charge. Untiered GPUs are split by nothing: all five columns null.
+
+The spec's Data Generator-Calculated Split Cost Allocation Handling: every allocated row
+of an origin charge carries the origin's dimensions (ChargeDescription names the tier-day's
+SKU, not the tenant; SubAccountId / SubAccountName are null throughout, the fleet having
+no sub-account construct; Tags are the origin's, {"tier": ...}; ConsumedUnit "GPU-Hours")
+and unit prices, and its summable metrics (costs, PricingQuantity, ConsumedQuantity,
+CommitmentDiscountQuantity) add up to the origin's, so `origin_charges` rebuilds the
+tier-day from its rows; `split_allocation_problems` lists where they do not. The tenant
+and feature are in AllocatedResourceId / AllocatedResourceName / AllocatedTags (and
+x_Tenant / x_Feature), never in a FOCUS dimension the origin charge has.
 """
 
 from __future__ import annotations
@@ -59,6 +73,28 @@ PRICING_CATEGORY = {"on_demand": "Standard", "reserved": "Committed", "spot": "D
 ALLOCATED_METHOD_ID = "finops-token-work-usage-v1"
 RATIO_DECIMALS = 12  # AllocatedRatio: the ratios of an origin charge still sum to 1
 JSON_COLUMNS = ("Tags", "AllocatedMethodDetails", "AllocatedTags")
+# One origin charge of the split: a tier's (or an untiered deployment's) GPU-day of one SKU price.
+ORIGIN_KEY = ("ChargePeriodStart", "ResourceId", "SkuPriceId")
+# FOCUS metrics: summable ones add up over an origin's allocated rows, non-summable ones
+# (unit prices) repeat the origin's; every other FOCUS column but the allocation's own
+# (ALLOCATION_COLUMNS) is a dimension, one value per origin charge.
+SUMMABLE_METRICS = (
+    "BilledCost",
+    "EffectiveCost",
+    "ListCost",
+    "ContractedCost",
+    "PricingQuantity",
+    "ConsumedQuantity",
+    "CommitmentDiscountQuantity",
+)
+NON_SUMMABLE_METRICS = ("ListUnitPrice", "ContractedUnitPrice")
+ALLOCATION_COLUMNS = (
+    "AllocatedMethodId",
+    "AllocatedMethodDetails",
+    "AllocatedResourceId",
+    "AllocatedResourceName",
+    "AllocatedTags",
+)
 # Columns in output order: the FOCUS ones this dataset carries, then x_ extensions.
 COLUMNS = (
     "BillingAccountId",
@@ -121,6 +157,7 @@ COLUMNS = (
     "x_PricingKind",
     "x_GpuHours",
     "x_Requests",
+    "x_Tokens",
     "x_InputTokens",
     "x_OutputTokens",
     "x_CachedInputTokens",
@@ -262,11 +299,9 @@ def focus_rows(
         gpu_hours.alias("gpu_hours"),
     ).map_elements(lambda r: _method_details(r, weight), return_dtype=pl.String)
     tenant_feature = pl.struct(pl.col("tenant").alias("tenant"), pl.col("feature").alias("feature"))
-    tags = pl.struct(
-        pl.col("tenant").alias("tenant"),
-        pl.col("feature").alias("feature"),
-        pl.col("tier").alias("tier"),
-    ).map_elements(_tags, return_dtype=pl.String)
+    # the origin charge's tags (its tier); the tenant / feature are AllocatedTags, which the
+    # spec keeps apart from Tags
+    tags = pl.struct(pl.col("tier").alias("tier")).map_elements(_tags, return_dtype=pl.String)
     where_ = (
         pl.when(tiered)
         .then(pl.format("tier {}", "tier"))
@@ -292,16 +327,20 @@ def focus_rows(
         (day_start + pl.duration(days=1)).alias("ChargePeriodEnd"),
         pl.lit("Usage").alias("ChargeCategory"),
         pl.lit(None, dtype=pl.String).alias("ChargeClass"),
-        pl.when(pl.col("idle"))
-        .then(pl.format("Idle GPU capacity of {} ({}, {})", where_, "gpu_model", "pricing_kind"))
-        .otherwise(
+        # the origin charge's: the same on its tenant rows and its idle row
+        pl.when(tiered)
+        .then(
             pl.format(
-                "LLM inference on {} ({}, {}) for {} / {}",
+                "GPU-hours of vLLM {} ({}, {}): LLM inference, split over tenant x feature "
+                "by token work, idle capacity apart",
                 where_,
                 "gpu_model",
                 "pricing_kind",
-                pl.col("tenant").fill_null("(none)"),
-                pl.col("feature").fill_null("(none)"),
+            )
+        )
+        .otherwise(
+            pl.format(
+                "GPU-hours of {} ({}, {}): idle capacity", where_, "gpu_model", "pricing_kind"
             )
         )
         .alias("ChargeDescription"),
@@ -318,14 +357,8 @@ def focus_rows(
         gpu_hours.alias("PricingQuantity"),
         pl.lit("GPU-Hours").alias("PricingUnit"),
         pl.lit("USD").alias("PricingCurrency"),
-        pl.when(pl.col("idle"))
-        .then(gpu_hours)
-        .otherwise(pl.col("work_tokens").cast(pl.Float64).round(6))
-        .alias("ConsumedQuantity"),
-        pl.when(pl.col("idle"))
-        .then(pl.lit("GPU-Hours"))
-        .otherwise(pl.lit("Tokens"))
-        .alias("ConsumedUnit"),
+        gpu_hours.alias("ConsumedQuantity"),  # the origin's unit: its rows add up to it
+        pl.lit("GPU-Hours").alias("ConsumedUnit"),
         *(pl.when(committed).then(v).alias(k) for k, v in commit.items()),
         pl.lit("AI and Machine Learning").alias("ServiceCategory"),
         pl.lit("Generative AI").alias("ServiceSubcategory"),
@@ -348,8 +381,10 @@ def focus_rows(
         pl.lit(None, dtype=pl.String).alias("RegionName"),
         pl.format("gpu/{}", "gpu_model").alias("SkuId"),
         pl.format("gpu/{}/{}", "gpu_model", "pricing_kind").alias("SkuPriceId"),
-        pl.col("tenant").alias("SubAccountId"),
-        pl.col("tenant").alias("SubAccountName"),
+        # no sub-account construct: a tenant is where the cost went (Allocated*), not a
+        # grouping the origin charge's GPUs belong to
+        pl.lit(None, dtype=pl.String).alias("SubAccountId"),
+        pl.lit(None, dtype=pl.String).alias("SubAccountName"),
         tags.alias("Tags"),
         pl.when(tiered).then(pl.lit(ALLOCATED_METHOD_ID)).alias("AllocatedMethodId"),
         pl.when(tiered).then(details).alias("AllocatedMethodDetails"),
@@ -378,6 +413,7 @@ def focus_rows(
             pl.col(c).round(0).cast(pl.Int64).alias(x)
             for c, x in (
                 ("requests", "x_Requests"),
+                ("work_tokens", "x_Tokens"),
                 ("input_tokens", "x_InputTokens"),
                 ("output_tokens", "x_OutputTokens"),
                 ("cached_input_tokens", "x_CachedInputTokens"),
@@ -389,8 +425,77 @@ def focus_rows(
     return out.select(COLUMNS)
 
 
+# x_ columns that describe the origin charge (one value per origin, like its dimensions)
+ORIGIN_EXTENSIONS = ("x_Tier", "x_GpuModel", "x_PricingKind", "x_CostBasis")
+
+
+def _origin_columns(columns: list[str]) -> list[str]:
+    """The columns an origin charge has one value of: FOCUS dimensions, non-summable
+    metrics and ORIGIN_EXTENSIONS (not the allocation's own columns)."""
+    return [
+        c
+        for c in columns
+        if c not in ORIGIN_KEY
+        and c not in SUMMABLE_METRICS
+        and c not in ALLOCATION_COLUMNS
+        and (not c.startswith("x_") or c in ORIGIN_EXTENSIONS)
+    ]
+
+
+def origin_charges(df: pl.DataFrame) -> pl.DataFrame:
+    """The origin charges rebuilt from `focus_rows`' allocated charges: one row per
+    ORIGIN_KEY with its dimensions and unit prices (the first row's: `split_allocation_problems`
+    says when the rows disagree), its summable metrics summed over the rows (null where all
+    are null) and x_AllocatedCharges, how many rows it was split into."""
+    return df.group_by(ORIGIN_KEY, maintain_order=True).agg(
+        *(pl.col(c).first() for c in _origin_columns(df.columns)),
+        *(
+            pl.when(pl.col(c).is_null().all()).then(None).otherwise(pl.col(c).sum()).alias(c)
+            for c in SUMMABLE_METRICS
+            if c in df.columns
+        ),
+        pl.len().alias("x_AllocatedCharges"),
+    )
+
+
+def split_allocation_problems(df: pl.DataFrame) -> list[str]:
+    """Where `focus_rows`' output breaks FOCUS 1.3 Data Generator-Calculated Split Cost
+    Allocation Handling (empty when it conforms): per origin charge (ORIGIN_KEY), every
+    dimension, unit price, ORIGIN_EXTENSIONS column and AllocatedMethodId has one value
+    (null counts as one), and the AllocatedRatio values of a split origin add up to 1.
+    The summable metrics add up to the origin's by construction (`origin_charges`); compare
+    those with the GPU marts to check the amounts."""
+    if df.height == 0:
+        return []
+    cols = [*_origin_columns(df.columns), "AllocatedMethodId"]
+    n = df.group_by(ORIGIN_KEY).agg(pl.col(c).n_unique() for c in cols)
+    problems = []
+    for c in cols:
+        bad = n.filter(pl.col(c) > 1)
+        if bad.height:
+            key = dict(zip(ORIGIN_KEY, bad.row(0)[: len(ORIGIN_KEY)], strict=True))
+            problems.append(
+                f"{c}: several values in {bad.height} of {n.height} origin charges (e.g. {key})"
+            )
+    ratios = (
+        df.filter(pl.col("AllocatedMethodId").is_not_null())
+        .with_columns(
+            r=pl.col("AllocatedMethodDetails").map_elements(
+                lambda d: float(sum(e["AllocatedRatio"] for e in json.loads(d)["Elements"])),
+                return_dtype=pl.Float64,
+            )
+        )
+        .group_by(ORIGIN_KEY)
+        .agg(pl.col("r").sum())
+        .filter((pl.col("r") - 1).abs() > 1e-9)
+    )
+    if ratios.height:
+        problems.append(f"AllocatedRatio: does not add up to 1 in {ratios.height} origin charges")
+    return problems
+
+
 def _tags(row: dict[str, str | None]) -> str | None:
-    """The row's tenant / feature / tier as a JSON object, only the ones it has (no
+    """The row's tier (Tags) or tenant / feature (AllocatedTags) as a JSON object, only the ones it has (no
     placeholder values); null when it has none."""
     tags = {k: v for k, v in row.items() if v is not None}
     return json.dumps(tags, separators=(",", ":")) if tags else None
@@ -454,7 +559,7 @@ def _list_prices(db: duckdb.DuckDBPyConnection, df: pl.DataFrame) -> pl.DataFram
 def _dtype(col: str) -> pl.DataType:
     if col.endswith(("Start", "End")):
         return pl.Datetime("us", "UTC")
-    if col in ("x_Requests", "x_InputTokens", "x_OutputTokens", "x_CachedInputTokens"):
+    if col in ("x_Requests", "x_Tokens", "x_InputTokens", "x_OutputTokens", "x_CachedInputTokens"):
         return pl.Int64()
     if col == "x_IdleCapacity":
         return pl.Boolean()
@@ -566,9 +671,16 @@ def write_focus(
 
 __all__ = [
     "ALLOCATED_METHOD_ID",
+    "ALLOCATION_COLUMNS",
     "COLUMNS",
     "FOCUS_VERSION",
+    "NON_SUMMABLE_METRICS",
+    "ORIGIN_EXTENSIONS",
+    "ORIGIN_KEY",
+    "SUMMABLE_METRICS",
     "focus_metadata",
     "focus_rows",
+    "origin_charges",
+    "split_allocation_problems",
     "write_focus",
 ]
