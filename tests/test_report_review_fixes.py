@@ -198,6 +198,8 @@ def test_the_page_shows_the_fixes(demo_lake: Path, tmp_path: Path) -> None:
     assert "useful work: GPU busy time" in page
     assert "useful work (with its hours" not in page
     assert "context at its p90 would free" in page and "p90 would save" not in page
+    # the router table counts only requests that ran: its rows differ from the tier table's
+    assert "Requests that ran on a GPU (cache hits and refusals left out" in page
 
 
 def test_the_focus_metadata_names_gpu_hours_lost_to_a_gap(two_weeks: Path, tmp_path: Path) -> None:
