@@ -13,12 +13,17 @@ Fields and units (names are read by `marts.gpu_hourly` and
 | `nvml_total_energy_consumption_mj`  | mJ      | nvmlDeviceGetTotalEnergyConsumption() (mJ)   |
 | `nvml_temperature_c`                | C       | nvmlDeviceGetTemperature(GPU)                |
 | `nvml_sm_clock_mhz`, `nvml_mem_clock_mhz` | MHz | nvmlDeviceGetClockInfo(SM / MEM)         |
-| `nvml_process_memory_used_mib`      | MiB     | sum over nvmlDeviceGetComputeRunningProcesses; the per-process list (pid, MiB) goes to `labels` |
+| `nvml_process_memory_used_mib`      | MiB     | sum over nvmlDeviceGetComputeRunningProcesses |
+| `nvml_process_used_mib`             | MiB     | one row per process, `labels.pid` = its pid (null value: NVML does not say) |
 
 MIG: with MIG mode on, each MIG device gets its own rows (`mig_instance` =
 GPU instance id, `mig_profile` from the device name, e.g. `3g.40gb`,
 `gpu_uuid` = the parent GPU's, the MIG UUID in `labels`): memory and
 processes per instance (NVML has no utilization per MIG device; DCGM has).
+
+`labels` holds only what identifies the device (and, on per-process rows,
+the process): it is part of the series key, so a value that changes from one
+read to the next (a process' memory) is a row's value, never a label.
 
 A call the device does not support (`NVMLError_NotSupported`) skips that field
 only. No driver: `NvmlUnavailable` with one line saying why, never a traceback.
@@ -128,17 +133,14 @@ class NvmlCollector:
                 "mig_profile": None,
                 "mig_instance": None,
             }
-            labels: dict[str, Any] = {}
-            fields = self._device_fields(h, labels)
-            for name, value in fields.items():
-                rows.append({**base, "field": name, "value": value, "labels": _json(labels)})
+            for name, value, extra in self._device_fields(h):
+                rows.append({**base, "field": name, "value": value, "labels": _json(extra)})
             for mig in self._mig_devices(h):
                 mh, gi = mig
                 mname = _str(n.nvmlDeviceGetName(mh))
                 profile = mname.rsplit("MIG ", 1)[1].strip() if "MIG " in mname else mname
                 mlabels: dict[str, Any] = {"mig_uuid": _str(n.nvmlDeviceGetUUID(mh))}
-                mfields = self._device_fields(mh, mlabels, mig=True)
-                for name, value in mfields.items():
+                for name, value, extra in self._device_fields(mh, mig=True):
                     rows.append(
                         {
                             **base,
@@ -146,7 +148,7 @@ class NvmlCollector:
                             "mig_instance": str(gi),
                             "field": name,
                             "value": value,
-                            "labels": _json(mlabels),
+                            "labels": _json({**mlabels, **extra}),
                         }
                     )
         return rows
@@ -165,7 +167,10 @@ class NvmlCollector:
                 return None
             raise
 
-    def _device_fields(self, h: Any, labels: dict[str, Any], *, mig: bool = False) -> dict:
+    def _device_fields(
+        self, h: Any, *, mig: bool = False
+    ) -> list[tuple[str, float | None, dict[str, str]]]:
+        """(field, value, labels beyond the device's) for each field this device has."""
         n = self.nvml
         out: dict[str, float] = {}
         if not mig:
@@ -193,18 +198,26 @@ class NvmlCollector:
             memclk = self._call("nvmlDeviceGetClockInfo", h, n.NVML_CLOCK_MEM)
             if memclk is not None:
                 out["nvml_mem_clock_mhz"] = float(memclk)
+        rows: list[tuple[str, float | None, dict[str, str]]] = [
+            (name, value, {}) for name, value in out.items()
+        ]
         procs = self._call("nvmlDeviceGetComputeRunningProcesses", h)
         if procs is not None:
-            detail = []
-            total = 0.0
+            # per process: its own row, the pid its identity (a label, stable for
+            # the process' life); its memory is the value, which changes every read
+            per_pid: dict[int, float | None] = {}
             for p in procs:
                 used = getattr(p, "usedGpuMemory", None)
                 mib = None if used is None else used / MIB
-                total += mib or 0.0
-                detail.append({"pid": int(p.pid), "used_mib": mib})
-            out["nvml_process_memory_used_mib"] = total
-            labels["processes"] = sorted(detail, key=lambda d: d["pid"])
-        return out
+                pid = int(p.pid)
+                if pid in per_pid and per_pid[pid] is not None:  # listed twice: add up
+                    mib = per_pid[pid] + (mib or 0.0)  # type: ignore[operator]
+                per_pid[pid] = mib
+            total = sum(v for v in per_pid.values() if v is not None)
+            rows.append(("nvml_process_memory_used_mib", float(total), {}))
+            for pid in sorted(per_pid):
+                rows.append(("nvml_process_used_mib", per_pid[pid], {"pid": str(pid)}))
+        return rows
 
     def _mig_devices(self, h: Any) -> list[tuple[Any, int]]:
         mode = self._call("nvmlDeviceGetMigMode", h)

@@ -3,12 +3,20 @@
 For teams whose metrics already live in Prometheus, and the way past direct
 scraping at scale. What it handles:
 
-- Prometheus refuses ranges over 11,000 points per series, so a long range is
-  split into chunks of at most `MAX_POINTS` steps and fetched one by one
-  (`iter_range` yields each as it arrives; each request has its own timeout);
+- a long range is split into requests bounded two ways: at most `max_points`
+  steps per series (Prometheus refuses more than 11,000), and at most
+  `max_samples` samples (series x steps) in all, the series count learnt from
+  the previous answer (the first request assumes `FIRST_CHUNK_SERIES`); each
+  chunk is fetched, turned into rows and yielded before the next request
+  (`iter_range`; each request has its own timeout). A server refusing a chunk
+  as too many samples (`--query.max-samples`) gets the same start with half the
+  span, down to one step;
+- steps lie on one grid for every run: multiples of `step` since the epoch.
+  Each chunk reports as loaded-until the last grid point Prometheus evaluated
+  (not the end asked for), so the next run, starting one step later, neither
+  skips nor repeats a point;
 - resume: a checkpoint (one JSON file per URL + query) remembers the end of
   the last loaded chunk, committed only after that chunk reached the lake;
-  the next run starts one step later;
 - `warnings` (and Thanos' partial responses, which come as warnings) keep the
   data and are reported in `scrape_health.error`; `status: error` responses
   name the `errorType` and `error`;
@@ -31,12 +39,14 @@ import hashlib
 import json
 import math
 import os
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx
+import numpy as np
 import orjson
 import polars as pl
 
@@ -47,6 +57,24 @@ from collectors.vllm import normalize_names
 MAX_POINTS = 11_000
 """Prometheus' limit of points per series in one query_range answer."""
 
+MAX_SAMPLES = 2_000_000
+"""Samples (series x steps) one request may ask for: bounds what one answer costs
+the collector (a few hundred bytes a sample while it becomes rows) and stays far
+below Prometheus' own `--query.max-samples` (50 million by default)."""
+
+FIRST_CHUNK_SERIES = 10_000
+"""Series a query is assumed to have until its first answer says how many."""
+
+_TOO_MANY = re.compile(
+    r"too many samples|maxSamplesPerQuery|exceeded maximum resolution", re.IGNORECASE
+)
+"""A server refusing a request for its size: Prometheus/Thanos' `--query.max-samples`
+("query processing would load too many samples into memory"), VictoriaMetrics'
+`-search.maxSamplesPerQuery`, the 11,000-points-per-series limit."""
+
+_EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
+_MS = dt.timedelta(milliseconds=1)
+
 
 class PrometheusAPIError(RuntimeError):
     """The API answered `status: error`, or not in its JSON format at all."""
@@ -54,6 +82,10 @@ class PrometheusAPIError(RuntimeError):
 
 class RangeTimeout(PrometheusAPIError):
     """One query_range request did not complete within its timeout."""
+
+
+class TooManySamples(PrometheusAPIError):
+    """The server refused a request as too large (samples or points per series)."""
 
 
 @dataclass
@@ -66,7 +98,42 @@ class RangeResult:
     series: int = 0
     warnings: list[str] = field(default_factory=list)
     chunks: int = 0
-    end: dt.datetime | None = None  # end of the last chunk fetched
+    end: dt.datetime | None = None  # the last step the last chunk evaluated (on the grid)
+
+
+def _step_ms(step: float) -> int:
+    if not step > 0:
+        raise ValueError(f"step must be > 0 seconds, got {step}")
+    ms = round(step * 1000)
+    if ms < 1:
+        raise ValueError(f"step must be at least 1 ms (Prometheus' resolution), got {step}")
+    return ms
+
+
+def _epoch_ms(t: dt.datetime, *, up: bool) -> int:
+    """`t` in whole milliseconds since the epoch, rounded up or down (naive = local time)."""
+    delta = (t if t.tzinfo else t.astimezone()) - _EPOCH
+    return -(-delta // _MS) if up else delta // _MS
+
+
+def _at(ms: int) -> dt.datetime:
+    return _EPOCH + ms * _MS
+
+
+def _api_time(ms: int) -> str:
+    return f"{ms // 1000}.{ms % 1000:03d}"
+
+
+def grid_bounds(start: dt.datetime, end: dt.datetime, step: float) -> tuple[int, int, int]:
+    """(first, last, step) in epoch milliseconds: the grid points in [start, end].
+
+    The grid is every multiple of `step` since the epoch, the same for every run
+    and restart. `first > last` when no grid point lies in the range.
+    """
+    step_ms = _step_ms(step)
+    first = -(-_epoch_ms(start, up=True) // step_ms) * step_ms
+    last = _epoch_ms(end, up=False) // step_ms * step_ms
+    return first, last, step_ms
 
 
 def chunks(
@@ -74,20 +141,23 @@ def chunks(
 ) -> list[tuple[dt.datetime, dt.datetime]]:
     """Split [start, end] so no chunk has more than `max_points` points per series.
 
-    Chunks do not overlap: each starts one step after the previous one ends.
+    Chunks start and end on the step grid (see `grid_bounds`) and do not overlap:
+    each starts one step after the previous one ends. (`iter_range` sizes its
+    chunks as it goes, by series count too.)
     """
-    if step <= 0:
-        raise ValueError(f"step must be > 0 seconds, got {step}")
-    if end < start:
-        return []
-    span = dt.timedelta(seconds=step * (max_points - 1))
+    first, last, step_ms = grid_bounds(start, end, step)
     out = []
-    cur = start
-    while cur <= end:
-        stop = min(cur + span, end)
-        out.append((cur, stop))
-        cur = stop + dt.timedelta(seconds=step)
+    cur = first
+    while cur <= last:
+        stop = min(cur + (max(max_points, 1) - 1) * step_ms, last)
+        out.append((_at(cur), _at(stop)))
+        cur = stop + step_ms
     return out
+
+
+def points_per_series(series: int, max_points: int, max_samples: int) -> int:
+    """Steps one request may span: `max_points`, fewer when many series share the budget."""
+    return max(1, min(max_points, max_samples // max(series, 1)))
 
 
 def parse_response(body: bytes, *, url: str) -> tuple[list[dict[str, Any]], list[str]]:
@@ -103,9 +173,10 @@ def parse_response(body: bytes, *, url: str) -> tuple[list[dict[str, Any]], list
         raise PrometheusAPIError(f"{url}: JSON without a 'status' field: not a Prometheus API")
     warnings = [str(w) for w in doc.get("warnings") or []]
     if doc["status"] != "success":
-        raise PrometheusAPIError(
-            f"{url}: Prometheus error {doc.get('errorType', '?')}: {doc.get('error', '?')}"
-        )
+        error = f"{url}: Prometheus error {doc.get('errorType', '?')}: {doc.get('error', '?')}"
+        if _TOO_MANY.search(str(doc.get("error", ""))):
+            raise TooManySamples(error)
+        raise PrometheusAPIError(error)
     data = doc.get("data") or {}
     rtype = data.get("resultType")
     if rtype not in ("matrix", "vector"):
@@ -121,71 +192,185 @@ def _infer_type(name: str) -> str:
     return "gauge"
 
 
+def _type_expr(metric: pl.Expr) -> pl.Expr:
+    """`_infer_type`, vectorized."""
+    return (
+        pl.when(metric.str.ends_with("_total"))
+        .then(pl.lit("counter"))
+        .when(
+            metric.str.ends_with("_bucket")
+            | metric.str.ends_with("_sum")
+            | metric.str.ends_with("_count")
+        )
+        .then(pl.lit("histogram"))
+        .otherwise(pl.lit("gauge"))
+    )
+
+
+def _columns(points: list[Any]) -> tuple[np.ndarray, np.ndarray]:
+    """One series' `[[t, "v"], ...]` as (timestamps, values) float arrays.
+
+    numpy reads the pairs in one pass (Prometheus' value strings, `"NaN"`,
+    `"+Inf"`, included); a value it cannot read becomes NaN, as `_num` makes it.
+    """
+    try:
+        pairs = np.array(points, dtype=np.float64)
+    except (TypeError, ValueError):
+        pairs = None
+    if pairs is not None and pairs.ndim == 2 and pairs.shape[1] == 2:
+        return pairs[:, 0], pairs[:, 1]
+    n = len(points)
+    ts = np.fromiter((float(p[0]) for p in points), np.float64, n)
+    return ts, np.fromiter((_num(p[1]) for p in points), np.float64, n)
+
+
 def result_to_rows(
-    result: list[dict[str, Any]], *, url: str, query: str, name: str | None = None
+    result: list[dict[str, Any]],
+    *,
+    url: str,
+    query: str,
+    name: str | None = None,
+    consume: bool = False,
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None, int]:
-    """Turn a matrix result into gpu_samples and serving_samples frames."""
+    """Turn a matrix result into gpu_samples and serving_samples frames.
+
+    Built column-wise: one row per series for the names and labels (and what
+    is derived from them), one float array per series for the points, joined
+    at the end. No Python object per point beyond what the JSON parser made;
+    with `consume`, each series of `result` is dropped (set to None) once read,
+    so the parsed answer is freed before the rows are built.
+    """
     names: list[str] = []
     labels: list[str] = []
-    ts: list[float] = []
-    values: list[float] = []
-    for series in result:
-        metric = dict(series.get("metric") or {})
-        mname = metric.pop("__name__", None) or name or query
-        lab = orjson.dumps(metric, option=orjson.OPT_SORT_KEYS).decode()
+    counts: list[int] = []
+    pending: list[list[Any] | None] = []
+    series: dict[str, Any] | None = None
+    points: list[Any] | None = None
+    for k, series in enumerate(result):
+        if consume:
+            result[k] = None  # type: ignore[call-overload]
         points = series.get("values")
         if points is None and "value" in series:
             points = [series["value"]]
-        for t, v in points or []:
-            names.append(mname)
-            labels.append(lab)
-            ts.append(float(t))
-            values.append(_num(v))
+        if not points:
+            continue
+        metric = dict(series.get("metric") or {})
+        names.append(metric.pop("__name__", None) or name or query)
+        labels.append(orjson.dumps(metric, option=orjson.OPT_SORT_KEYS).decode())
+        counts.append(len(points))
+        pending.append(points)
+    del series, points
     if not names:
         return None, None, 0
-    df = pl.DataFrame(
-        {
-            "name": names,
-            "labels": labels,
-            "ts_s": ts,
-            "value": values,
-        },
-        schema={"name": pl.String, "labels": pl.String, "ts_s": pl.Float64, "value": pl.Float64},
+    n = int(sum(counts))
+    ts_all = np.empty(n, dtype=np.float64)
+    values_all = np.empty(n, dtype=np.float64)
+    offset = 0
+    for j, count in enumerate(counts):
+        points, pending[j] = pending[j], None  # with `consume`, its last reference
+        assert points is not None
+        ts_all[offset : offset + count], values_all[offset : offset + count] = _columns(points)
+        offset += count
+    del points, pending
+    sids = pl.Series("sid", np.arange(len(names), dtype=np.uint32))
+    per_series = pl.DataFrame(
+        [sids, pl.Series("name", names, pl.String), pl.Series("labels", labels, pl.String)]
     )
-    df = df.with_columns(
+    points_df = pl.DataFrame(
+        [
+            pl.Series("sid", np.repeat(sids.to_numpy(), counts)),
+            pl.Series("ts_s", ts_all),
+            pl.Series("value", values_all),
+        ]
+    )
+    del ts_all, values_all
+    points_df = points_df.select(
+        "sid",
+        "value",
         timestamp_ms=(pl.col("ts_s") * 1000).round(0).cast(pl.Int64),
         line=pl.int_range(1, pl.len() + 1, dtype=pl.Int64),
     )
-    is_dcgm = pl.col("name").str.starts_with("DCGM_")
-    gpu_part = df.filter(is_dcgm)
-    serving_part = df.filter(~is_dcgm)
+    is_dcgm = per_series["name"].str.starts_with("DCGM_")
     gpu = serving = None
-    now = dt.datetime.now(dt.UTC)
-    if gpu_part.height:
-        parsed = ParseResult(
-            samples=gpu_part.select(
-                "name", "labels", "value", "timestamp_ms", type=pl.lit("gauge"), line="line"
-            ),
-            rejects=pl.DataFrame(),
-        )
-        gpu = dcgm_mod.gpu_rows(parsed, ts=now, target=url, source="prometheus").rows
-        gpu = gpu.with_columns(pl.lit(f"{url} query {query!r}").alias("_location"))
-    if serving_part.height:
+    location = f"{url} query {query!r}"
+    if is_dcgm.any():
+        gpu = _gpu_rows(points_df, per_series.filter(is_dcgm), url=url, location=location)
+    if not is_dcgm.all():
         metric = normalize_names(pl.col("name"))
-        serving = serving_part.select(
+        meta = per_series.filter(~is_dcgm).select(
+            "sid",
+            "labels",
+            target=pl.coalesce(pl.col("labels").str.json_path_match("$.instance"), pl.lit(url)),
+            metric=metric,
+            type=_type_expr(metric),
+            model_name=pl.col("labels").str.json_path_match("$.model_name"),
+        )
+        serving = _points_of(points_df, meta).select(
             ts=pl.from_epoch("timestamp_ms", time_unit="ms")
             .dt.cast_time_unit("us")
             .dt.replace_time_zone("UTC"),
             source=pl.lit("prometheus"),
-            target=pl.coalesce(pl.col("labels").str.json_path_match("$.instance"), pl.lit(url)),
-            metric=metric,
-            type=metric.map_elements(_infer_type, return_dtype=pl.String),
+            target="target",
+            metric="metric",
+            type="type",
             labels="labels",
-            model_name=pl.col("labels").str.json_path_match("$.model_name"),
+            model_name="model_name",
             value="value",
-            _location=pl.lit(f"{url} query {query!r}"),
+            _location=pl.lit(location),
         )
-    return gpu, serving, len(names)
+    return gpu, serving, n
+
+
+_PER_POINT = ("ts", "value", "_location", "_raw")
+"""The columns of `dcgm.gpu_rows` that differ from one point of a series to the next."""
+
+
+def _gpu_rows(
+    points: pl.DataFrame, series: pl.DataFrame, *, url: str, location: str
+) -> pl.DataFrame:
+    """gpu_samples rows: the exporter's label rules (`dcgm.gpu_rows`) once per series,
+    then joined to the series' points (the per-point columns as `gpu_rows` makes them)."""
+    one_each = ParseResult(
+        samples=series.select(
+            "name",
+            "labels",
+            value=pl.lit(0.0),
+            timestamp_ms=pl.lit(0, dtype=pl.Int64),
+            type=pl.lit("gauge"),
+            line=pl.col("sid").cast(pl.Int64),
+        ),
+        rejects=pl.DataFrame(),
+    )
+    now = dt.datetime.now(dt.UTC)
+    per_series = dcgm_mod.gpu_rows(one_each, ts=now, target=url, source="prometheus").rows
+    if per_series.height != series.height:  # gpu_rows keeps each DCGM_ sample, in order
+        raise AssertionError("dcgm.gpu_rows dropped or added rows")
+    order = per_series.columns
+    per_series = per_series.select(pl.exclude(_PER_POINT)).with_columns(
+        sid=series["sid"], _name=series["name"], _labels=series["labels"]
+    )
+    blank = (pl.col("value") >= dcgm_mod.DCGM_BLANK_MIN) | pl.col("value").is_in(
+        dcgm_mod.DCGM_BLANKS
+    )
+    return (
+        _points_of(points, per_series)
+        .with_columns(
+            ts=pl.from_epoch("timestamp_ms", time_unit="ms")
+            .dt.cast_time_unit("us")
+            .dt.replace_time_zone("UTC"),
+            _location=pl.lit(location),
+            _raw=pl.format("{}{} {}", pl.col("_name"), pl.col("_labels"), pl.col("value")),
+            value=pl.when(blank).then(None).otherwise(pl.col("value")),
+        )
+        .select(order)
+    )
+
+
+def _points_of(points: pl.DataFrame, per_series: pl.DataFrame) -> pl.DataFrame:
+    """The points of these series (in result order), with the series' columns."""
+    if per_series.height != points["sid"].n_unique():
+        points = points.filter(pl.col("sid").is_in(per_series["sid"].implode()))
+    return points.join(per_series, on="sid", how="left", maintain_order="left")
 
 
 def _num(v: Any) -> float:
@@ -272,9 +457,17 @@ async def iter_range(
     *,
     timeout: float = 30.0,
     max_points: int = MAX_POINTS,
+    max_samples: int | None = None,
     name: str | None = None,
 ) -> AsyncIterator[RangeResult]:
     """Fetch [start, end] chunk by chunk, yielding each chunk's rows as it arrives.
+
+    Steps lie on the epoch-aligned grid of `step` (see `grid_bounds`); each
+    result's `end` is the last grid point its request evaluated, so a caller
+    resuming at `end + step` continues on the same grid and loses no point.
+    A chunk spans at most `max_points` steps and `max_samples` (default
+    `MAX_SAMPLES`) samples, with the series count of the previous answer; a
+    server refusing a chunk as too many samples is asked again for half of it.
 
     The caller can commit every chunk (lake, then checkpoint) before the next
     request, so a long catch-up moves forward even when a later request fails
@@ -282,36 +475,63 @@ async def iter_range(
     own timeouts apply per network read, which a server dripping its answer
     never trips.
     """
+    budget = MAX_SAMPLES if max_samples is None else max_samples
     api = url.rstrip("/") + "/api/v1/query_range"
-    parts = chunks(start, end, step, max_points)
-    for i, (a, b) in enumerate(parts, start=1):
+    cur, last, step_ms = grid_bounds(start, end, step)
+    span = points_per_series(FIRST_CHUNK_SERIES, max_points, budget)
+    cap = max(max_points, 1)  # lowered when the server refuses a span as too large
+    i = 0
+    while cur <= last:
+        i += 1
+        b = min(cur + (min(span, cap) - 1) * step_ms, last)
         request = client.get(
             api,
             params={
                 "query": query,
-                "start": f"{a.timestamp():.3f}",
-                "end": f"{b.timestamp():.3f}",
-                "step": f"{step:g}",
+                "start": _api_time(cur),
+                "end": _api_time(b),
+                "step": _api_time(step_ms),
             },
             timeout=timeout,
         )
         try:
             resp = await asyncio.wait_for(request, timeout)
         except (TimeoutError, httpx.TimeoutException):
-            where = f" (request {i} of {len(parts)})" if len(parts) > 1 else ""
+            total = i + -(-(last - b) // (step_ms * min(span, cap)))
+            where = f" (request {i} of {total})" if total > 1 else ""
             raise RangeTimeout(f"timed out after {timeout:g}s{where}") from None
-        if resp.status_code >= 400 and not resp.headers.get("content-type", "").startswith(
-            "application/json"
-        ):
-            raise PrometheusAPIError(f"{api}: HTTP {resp.status_code}: {resp.text[:200]!r}")
-        result, warnings = parse_response(resp.content, url=api)
-        gpu, serving, points = result_to_rows(result, url=url, query=query, name=name)
+        try:
+            if resp.status_code >= 400 and not resp.headers.get("content-type", "").startswith(
+                "application/json"
+            ):
+                error = f"{api}: HTTP {resp.status_code}: {resp.text[:200]!r}"
+                if _TOO_MANY.search(resp.text[:2000]):
+                    raise TooManySamples(error)
+                raise PrometheusAPIError(error)
+            result, warnings = parse_response(resp.content, url=api)
+        except TooManySamples as exc:
+            steps = (b - cur) // step_ms + 1
+            if steps <= 1:
+                raise TooManySamples(
+                    f"query {query!r} is refused as too large even for a single step "
+                    f"at {_at(cur).isoformat()} ({exc}); split the query (e.g. by a "
+                    "label matcher) or raise the server's --query.max-samples"
+                ) from None
+            cap = steps // 2  # same start, half the span
+            continue
+        del resp
+        series = len(result)
+        # the parsed answer is freed series by series as it becomes columns
+        gpu, serving, points = result_to_rows(result, url=url, query=query, name=name, consume=True)
+        del result
+        span = points_per_series(series, max_points, budget)
         yield RangeResult(
             gpu=gpu,
             serving=serving,
             points=points,
-            series=len(result),
+            series=series,
             warnings=warnings,
             chunks=1,
-            end=b,
+            end=_at(b),
         )
+        cur = b + step_ms

@@ -180,7 +180,9 @@ def test_reading_path_converts_units_and_handles_mig() -> None:
     assert by[(l4, None, "nvml_sm_clock_mhz")]["value"] == 2040.0
     proc = by[(l4, None, "nvml_process_memory_used_mib")]
     assert proc["value"] == 11 * 1024.0
-    assert proc["labels"] == '{"processes":[{"pid":4242,"used_mib":11264.0}]}'
+    assert proc["labels"] == "{}"  # the device's identity only: no changing process list
+    (pid,) = [r for r in rows if r["gpu_uuid"] == l4 and r["field"] == "nvml_process_used_mib"]
+    assert pid["labels"] == '{"pid":"4242"}' and pid["value"] == 11 * 1024.0
     assert by[(l4, None, "nvml_gpu_util_percent")]["gpu_model"] == "NVIDIA L4"
     a100 = "GPU-22222222-bbbb"
     # NotSupported fields are skipped, not zero
@@ -195,6 +197,40 @@ def test_reading_path_converts_units_and_handles_mig() -> None:
     assert all(r["ts"] == ts and r["host"] == "node-x" and r["source"] == "nvml" for r in rows)
     c.close()
     assert fake.inited == 0
+
+
+def test_process_memory_is_a_value_never_a_label() -> None:
+    """`labels` is part of gpu_samples' series key: a process' memory, which changes every
+    read, in it made every read a new series. Was: labels["processes"] = [{pid, used_mib}]
+    on every row of the device."""
+    fake = FakePynvmlModule()
+    c = NvmlCollector(nvml=fake, host="node-x")
+    t0 = dt.datetime(2026, 11, 28, 12, 0, tzinfo=dt.UTC)
+    reads = []
+    for k in range(3):
+        fake.gpus[0]["procs"][0].usedGpuMemory = (10 + k) * 1024 * MIB
+        fake.gpus[1]["mig"][0]["procs"][0].usedGpuMemory = (5 + k) * 1024 * MIB
+        reads.append(c.read(t0 + dt.timedelta(seconds=10 * k)))
+
+    def series(rows: list[dict]) -> set[tuple]:
+        return {(r["gpu_uuid"], r["mig_instance"], r["field"], r["labels"]) for r in rows}
+
+    assert series(reads[0]) == series(reads[1]) == series(reads[2])  # same series each read
+    assert all("used_mib" not in r["labels"] for rows in reads for r in rows)
+    # per-process memory is still there, as values of a row per pid
+    l4, a100 = "GPU-11111111-aaaa", "GPU-22222222-bbbb"
+    per_pid = [
+        [(r["gpu_uuid"], r["mig_instance"], r["labels"], r["value"]) for r in rows
+         if r["field"] == "nvml_process_used_mib"]
+        for rows in reads
+    ]  # fmt: skip
+    assert per_pid[2] == [
+        (l4, None, '{"pid":"4242"}', 12 * 1024.0),
+        (a100, "1", '{"mig_uuid":"MIG-aaaa","pid":"7"}', 7 * 1024.0),
+    ]
+    totals = [r["value"] for r in reads[1] if r["field"] == "nvml_process_memory_used_mib"]
+    assert totals == [11 * 1024.0, 0.0, 6 * 1024.0, 0.0]  # L4, A100, MIG 1, MIG 2
+    c.close()
 
 
 def test_fake_nvml_through_the_daemon_feeds_the_marts(tmp_path: Path) -> None:
