@@ -66,6 +66,7 @@ class TargetConfig:
     lookback: float = 3600.0
     lag: float = 60.0
     max_points: int = 11_000
+    max_samples: int = 2_000_000  # series x steps per request (prometheus_api.MAX_SAMPLES)
     # log
     path: str | None = None
     mapping: str | None = None
@@ -84,6 +85,8 @@ class CollectConfig:
     targets: list[TargetConfig] = field(default_factory=list)
     flush_interval: float = 10.0
     flush_rows: int = 200_000
+    # rows held in memory while the lake cannot be written; past it the oldest are dropped
+    max_buffered_rows: int = 2_000_000
     status_interval: float = 30.0
     jitter: float = 0.1
     backoff_initial: float = 1.0
@@ -95,6 +98,7 @@ _GLOBAL_KEYS = {
     "checkpoint_dir",
     "flush_interval",
     "flush_rows",
+    "max_buffered_rows",
     "status_interval",
     "jitter",
     "backoff_initial",
@@ -115,6 +119,7 @@ _TARGET_KEYS = {
     "lookback",
     "lag",
     "max_points",
+    "max_samples",
     "path",
     "mapping",
     "table",
@@ -158,7 +163,7 @@ def make_target(
                     f"{where}.{key}: expected a non-empty string, got {merged[key]!r}"
                 )
             kw[key] = merged[key]
-    for key in ("max_points", "max_bytes"):
+    for key in ("max_points", "max_samples", "max_bytes"):
         if key in merged:
             v = merged[key]
             if not isinstance(v, int) or isinstance(v, bool) or v < 2:
@@ -261,11 +266,12 @@ def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectCo
     for key in ("flush_interval", "status_interval", "backoff_initial", "backoff_max"):
         if key in glob:
             setattr(cfg, key, duration(glob[key], f"{p} [collect].{key}"))
-    if "flush_rows" in glob:
-        v = glob["flush_rows"]
-        if not isinstance(v, int) or isinstance(v, bool) or v < 1:
-            raise ConfigError(f"{p} [collect].flush_rows: expected an integer >= 1, got {v!r}")
-        cfg.flush_rows = v
+    for key in ("flush_rows", "max_buffered_rows"):
+        if key in glob:
+            v = glob[key]
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                raise ConfigError(f"{p} [collect].{key}: expected an integer >= 1, got {v!r}")
+            setattr(cfg, key, v)
     if "jitter" in glob:
         v = glob["jitter"]
         if not isinstance(v, int | float) or isinstance(v, bool) or not 0 <= v < 1:

@@ -69,6 +69,10 @@ class ScrapeError(RuntimeError):
     """An attempt failed; the message is what `scrape_health.error` says."""
 
 
+class LakeWriteError(RuntimeError):
+    """The last flush (--once, shutdown) could not write the lake; nothing retries it."""
+
+
 class _Worker:
     """One daemon thread that runs blocking calls in order, awaited from asyncio.
 
@@ -222,6 +226,8 @@ class Target(abc.ABC):
         self.attempts = 0
         self.last: Outcome | None = None
         self._worker: _Worker | None = None
+        self.note: str | None = None  # said once, in the next attempt's health row
+        self.dropped = 0  # buffered rows dropped (lake unwritable, buffer full), all told
 
     @abc.abstractmethod
     async def attempt(self, out: Outcome) -> None:
@@ -400,34 +406,55 @@ class VllmTarget(_ExpositionTarget):
 
         self.tracker = PrefixCacheTracker(target=cfg.url or cfg.name)
         self._lock = threading.Lock()
+        self._several = False  # last committed scrape: the URL reaches several processes
 
     async def restore(self) -> Outcome | None:
         events = await self.in_thread(self.tracker.restore, str(self.ctx.lake.path))
+        self._several = bool(self.tracker.several_processes())
         if not events:
             return None
         out = Outcome(self.cfg.name, "vllm", dt.datetime.now(dt.UTC), up=True, attempt=False)
         out.add("cache_events", events)
         return out
 
+    def _process(self, body: bytes, openmetrics: bool | None, out: Outcome) -> None:
+        super()._process(body, openmetrics, out)
+        if out.error is not None and out.error.startswith(SEVERAL_PROCESSES):
+            out.up = False  # its samples are kept: each is a true reading of one process
+
     def _map(self, parsed: Any, out: Outcome) -> int:
-        from collectors.vllm import serving_rows
+        from collectors.vllm import (
+            PROCESS_START,
+            describe_processes,
+            process_identity,
+            serving_rows,
+        )
 
         labels = {k: v for k in ("tier", "pod") if (v := getattr(self.cfg, k))}
-        rows = serving_rows(
-            parsed,
-            ts=out.ts,
-            target=self.cfg.url or "",
-            prefixes=self.cfg.metric_prefixes,
-            labels=labels,
-        )
+        kw = {"ts": out.ts, "target": self.cfg.url or "", "labels": labels}
+        rows = serving_rows(parsed, prefixes=self.cfg.metric_prefixes, **kw)
+        found = rows.height
+        if found and process_identity(rows) is None:
+            # no `_created` samples: keep the process start time, the identity the
+            # lake's increases (clean.serving_increase) then go by
+            start = serving_rows(parsed, prefixes=(PROCESS_START,), **kw)
+            start = start.filter(pl.col("metric") == PROCESS_START)
+            if start.height:
+                rows = pl.concat([rows, start])
         good = self.keep(self.table, rows, out)
         with self._lock:
             events, state = self.tracker.step(good)
+            several = self.tracker.several_processes(state)
         out.add("cache_events", events)
-        out.commits.append(lambda: self._commit(state))
-        return rows.height
+        if several:
+            out.error = (
+                f"{SEVERAL_PROCESSES} ({describe_processes(several)}): scrape each pod "
+                "(headless Service or pod IPs); increases are taken per process, never across"
+            )
+        out.commits.append(lambda: self._commit(state, bool(several)))
+        return found
 
-    def _commit(self, state: dict[str, Any]) -> None:
+    def _commit(self, state: Any, several: bool) -> None:
         """The tracker moves on only with an attempt that counts (see `Outcome.commit`).
 
         A target's attempts never overlap (the next one is skipped while its
@@ -437,6 +464,15 @@ class VllmTarget(_ExpositionTarget):
         """
         with self._lock:
             self.tracker.commit(state)
+        if several and not self._several:
+            self.ctx._print(
+                f"collect: warning: {self.cfg.name}: {SEVERAL_PROCESSES}: each scrape may "
+                "reach another replica; scrape each pod (headless Service or pod IPs)"
+            )
+        self._several = several
+
+
+SEVERAL_PROCESSES = "URL reaches more than one vLLM process"
 
 
 class NvmlTarget(Target):
@@ -513,6 +549,7 @@ class PrometheusTarget(Target):
             cfg.step,
             timeout=cfg.timeout,
             max_points=cfg.max_points,
+            max_samples=cfg.max_samples,
         )
         try:
             async with contextlib.aclosing(fetch) as parts:
@@ -699,6 +736,7 @@ class Stats:
     flushes: int = 0
     files: int = 0
     write_errors: int = 0
+    dropped_rows: int = 0
     last_flush: float | None = None
 
 
@@ -729,6 +767,12 @@ class Collector:
         self.http: httpx.AsyncClient = None  # type: ignore[assignment]
         self.targets = [TARGET_TYPES[t.kind](t, self) for t in cfg.targets]
         self._flush_lock: asyncio.Lock | None = None
+        # at most this many rows wait in memory; past it the oldest are dropped
+        self.max_buffered_rows = cfg.max_buffered_rows
+        self._retry_at = 0.0  # time.monotonic() before which no flush retries a failed one
+        self._write_failures = 0  # consecutive failed flushes
+        self._drop_said = -float("inf")  # time.monotonic() of the last drop said on stderr
+        self._unreported: dict[str, int] = {}  # target -> dropped rows no health row says yet
 
     # ---- scheduling
     def _delay(self, t: Target) -> float:
@@ -767,6 +811,9 @@ class Collector:
             out.up, out.error = False, f"{type(exc).__name__}: {exc}"
             out.frames.clear()
         out.duration_ms = (time.perf_counter() - t0) * 1000
+        if t.note:
+            out.error = f"{t.note}; {out.error}" if out.error else t.note
+            t.note = None
         t.attempts += 1
         t.failures = 0 if out.up else t.failures + 1
         t.last = out
@@ -777,7 +824,9 @@ class Collector:
         self.stats.rejected += out.rejected
         self.buffer.append(out)
         self.buffered_rows += out.rows() + 1
-        if self.buffered_rows >= self.cfg.flush_rows:
+        self._cap()
+        # while writes fail, only the flush timer retries (with backoff): not every attempt
+        if self.buffered_rows >= self.cfg.flush_rows and time.monotonic() >= self._retry_at:
             await self.flush()
         return out
 
@@ -796,22 +845,83 @@ class Collector:
             await asyncio.wait_for(self.stop_event.wait(), timeout=seconds)
 
     # ---- writing
+    def _cap(self) -> None:
+        """Drop the oldest buffered outcomes past `max_buffered_rows` (the lake is unwritable).
+
+        A fleet makes millions of rows an hour: a weekend of disk-full would
+        otherwise end in an out-of-memory kill that loses everything. What is
+        dropped is counted per target, said on stderr, and in the target's next
+        health row that reaches the lake (`_write`). The newest outcome is kept.
+        """
+        dropped: dict[str, int] = {}
+        while self.buffered_rows > self.max_buffered_rows and len(self.buffer) > 1:
+            old = self.buffer.pop(0)
+            n = old.rows() + old.attempt
+            self.buffered_rows -= n
+            dropped[old.target] = dropped.get(old.target, 0) + n
+        if not dropped:
+            return
+        total = sum(dropped.values())
+        self.stats.dropped_rows += total
+        by_name = {t.cfg.name: t for t in self.targets}
+        for name, n in dropped.items():
+            self._unreported[name] = self._unreported.get(name, 0) + n
+            if name in by_name:
+                by_name[name].dropped += n
+        now = time.monotonic()
+        if now - self._drop_said < self.cfg.status_interval:
+            return  # said at most once a status interval (the status line counts them)
+        self._drop_said = now
+        self._print(
+            f"collect: DROPPED {total:,} buffered rows ({self.stats.dropped_rows:,} so far): "
+            f"the lake {self.cfg.lake} cannot be written and the buffer is full "
+            f"(max_buffered_rows={self.max_buffered_rows:,}); oldest rows go first"
+        )
+
     async def flush(self) -> None:
-        """Write buffered rows (in the writer thread), then commit dependent checkpoints."""
+        """Write buffered rows (in the writer thread), then commit dependent checkpoints.
+
+        A failed write keeps the rows (up to `max_buffered_rows`) and sets the
+        next retry `flush_interval` later, doubling per consecutive failure up to
+        `backoff_max`; until then only the flush timer (or the last flush) tries.
+        """
         assert self._flush_lock is not None
         async with self._flush_lock:
             batch, self.buffer, self.buffered_rows = self.buffer, [], 0
             if not batch:
                 return
+            # a target's drops are said in its newest health row of the batch
+            attempted = {o.target for o in batch if o.attempt}
+            notes = {k: n for k, n in self._unreported.items() if k in attempted}
             try:
-                await self._writer.run(self._write, batch)
+                await self._writer.run(self._write, batch, notes)
             except Exception as exc:  # disk full, permissions...: keep the rows, retry later
                 self.buffer[:0] = batch
                 self.buffered_rows += sum(o.rows() + o.attempt for o in batch)
                 self.stats.write_errors += 1
+                self._write_failures += 1
                 if self.stopping:  # the last flush (--once, shutdown): nothing retries it
-                    raise
-                self._print(f"collect: writing to {self.cfg.lake} failed, will retry: {exc}")
+                    raise LakeWriteError(f"writing to {self.cfg.lake} failed: {exc}") from exc
+                wait = min(
+                    self.cfg.flush_interval * 2 ** (self._write_failures - 1),
+                    max(self.cfg.backoff_max, self.cfg.flush_interval),
+                )
+                self._retry_at = time.monotonic() + wait
+                self._cap()
+                self._print(
+                    f"collect: writing to {self.cfg.lake} failed, will retry: {exc} "
+                    f"(next try in {wait:.3g}s; {self.buffered_rows:,} rows buffered, "
+                    f"at most {self.max_buffered_rows:,})"
+                )
+                return
+            self._write_failures = 0
+            self._retry_at = 0.0
+            for name, n in notes.items():  # said in the health rows just written
+                left = self._unreported.get(name, 0) - n
+                if left > 0:
+                    self._unreported[name] = left
+                else:
+                    self._unreported.pop(name, None)
 
     async def write_now(
         self, kind: str, tables: dict[str, Any], *, then: Callable[[], None]
@@ -852,7 +962,7 @@ class Collector:
                 results.append(self.lake.append(table, frame, source=kind))
         return results
 
-    def _write(self, batch: list[Outcome]) -> None:
+    def _write(self, batch: list[Outcome], notes: dict[str, int] | None = None) -> None:
         by_table: dict[tuple[str, str], list[Any]] = {}
         rejects: dict[tuple[str, str], list[dict[str, str]]] = {}
         for out in batch:
@@ -865,6 +975,15 @@ class Collector:
             for (table, kind), rows in rejects.items():
                 self.lake.reject(table, rows, source=kind)
             health = [o.health() for o in batch if o.attempt]  # a restore is no attempt
+            for name, n in (notes or {}).items():
+                # the target's newest health row says what the full buffer dropped
+                rows = [h for h in health if h["target"] == name]
+                said = (
+                    f"{n:,} buffered rows of this target dropped: the lake could not be "
+                    f"written and the buffer reached max_buffered_rows={self.max_buffered_rows:,}"
+                )
+                h = rows[-1]
+                h["error"] = f"{said}; {h['error']}" if h["error"] else said
             if health:
                 self.lake.append("scrape_health", health, source="collect")
         self.stats.flushes += 1
@@ -882,6 +1001,8 @@ class Collector:
             f"{self.stats.rejected:,} rejected",
             f"{self.stats.flushes} flushes",
         ]
+        if self.stats.dropped_rows:
+            parts.append(f"{self.stats.dropped_rows:,} rows DROPPED (lake unwritable)")
         line = "collect: " + ", ".join(parts)
         if down:
             t = down[0]
@@ -902,7 +1023,8 @@ class Collector:
         assert self.stop_event is not None
         while not self.stop_event.is_set():
             await self._sleep(self.cfg.flush_interval)
-            await self.flush()
+            if time.monotonic() >= self._retry_at:  # a failed write backs off
+                await self.flush()
 
     # ---- entry points
     async def _open(self) -> None:
@@ -912,7 +1034,13 @@ class Collector:
             follow_redirects=True, limits=httpx.Limits(max_connections=256)
         )
         for t in self.targets:
-            restored = await t.restore()
+            try:
+                restored = await t.restore()
+            except Exception as exc:  # an unreadable file: this target starts without it
+                msg = str(exc) or type(exc).__name__
+                t.note = f"started without its state from the lake: {msg}"
+                self._print(f"collect: {t.cfg.name}: {t.note}")
+                continue
             if restored is not None:  # written with the first flush, under no health row
                 self.buffer.append(restored)
                 self.buffered_rows += restored.rows()

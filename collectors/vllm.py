@@ -28,6 +28,19 @@ cache) and `miss` (queried but not cached). Event ids are deterministic (target,
 time), and after a restart the collector takes its baseline from the lake
 itself and re-emits the last interval's events (idempotent), so a crash
 between writing samples and events neither loses nor doubles tokens.
+
+Which process answered: a scrape's *process identity* is the earliest of its
+counters' creation times (the `vllm:*_created` samples prometheus_client
+exports, stored in `serving_samples` with the rest), else
+`process_start_time_seconds` (then kept as a row too). Increases are taken
+within one process only, exactly as `clean.serving_increase` takes them
+(finops/sql/clean/20_counters.sql): a process first seen counts from zero if
+its counters were created after the target's previous scrape (a restart),
+otherwise it gives no increase until its next reading. A URL that
+load-balances across replicas (a Kubernetes Service) reaches another process
+on each scrape: its identities flip back (A -> B -> A), which a restart never
+does; `PrefixCacheTracker.several_processes` tells, and the daemon marks the
+target down for it.
 """
 
 from __future__ import annotations
@@ -35,7 +48,9 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import orjson
 import polars as pl
@@ -53,6 +68,10 @@ RENAMES: dict[str, str] = {
 
 HITS = "vllm:prefix_cache_hits_total"
 QUERIES = "vllm:prefix_cache_queries_total"
+PROCESS_START = "process_start_time_seconds"
+"""The exporter's process metric: the identity of a scrape without `_created` samples."""
+HISTORY = 16
+"""Scrapes of a target whose process identities are remembered (flip-back detection)."""
 
 SERVING_COLUMNS = ("ts", "source", "target", "metric", "type", "labels", "model_name", "value")
 
@@ -160,17 +179,68 @@ def serving_rows(
     )
 
 
+def _is_identity(metric: pl.Expr) -> pl.Expr:
+    return (metric.str.starts_with("vllm:") & metric.str.ends_with("_created")) | (
+        metric == PROCESS_START
+    )
+
+
+def process_identity(rows: pl.DataFrame) -> float | None:
+    """The identity of the process one scrape reached (see the module doc), None if unknown.
+
+    The earliest `vllm:*_created` value: when this process began counting (a
+    series created later, say a new label set, never changes it); else
+    `process_start_time_seconds`. `clean.serving_increase` computes the same.
+    """
+    if rows.height == 0:
+        return None
+    ok = pl.col("value").is_not_nan() & pl.col("value").is_not_null()
+    metric = pl.col("metric")
+    created = rows.filter(metric.str.starts_with("vllm:") & metric.str.ends_with("_created") & ok)
+    if created.height:
+        return float(created["value"].min())  # type: ignore[arg-type]
+    start = rows.filter((metric == PROCESS_START) & ok)
+    if start.height:
+        return float(start["value"].max())  # type: ignore[arg-type]
+    return None
+
+
+def describe_processes(identities: list[float]) -> str:
+    """`process start times 2026-11-28T10:00:00Z, ...` for an error message."""
+    stamps = [
+        dt.datetime.fromtimestamp(p, dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        for p in sorted(set(identities))
+    ]
+    return "process start times " + ", ".join(stamps)
+
+
+Reading = tuple[dt.datetime, float, float]
+
+
+@dataclass
+class TrackerStep:
+    """What one scrape leads to (see `PrefixCacheTracker.step`): kept by `commit`."""
+
+    ts: dt.datetime | None
+    process: float | None
+    readings: dict[str, Reading]
+
+
 @dataclass
 class PrefixCacheTracker:
     """Turns prefix-cache counters into `cache_events` rows, scrape after scrape.
 
-    State is `labels -> (ts, hits, queries)` of the last scrape; `restore()`
-    rebuilds it from the lake after a restart.
+    State: `last` (labels -> (ts, hits, queries) of the series' latest
+    reading), the latest reading of each series per process, and the recent
+    scrapes' process identities; `restore()` rebuilds it from the lake after
+    a restart. Increases are never taken across two processes (module doc).
     """
 
     target: str
     source: str = "vllm"
-    last: dict[str, tuple[dt.datetime, float, float]] = field(default_factory=dict)
+    last: dict[str, Reading] = field(default_factory=dict)
+    by_process: dict[tuple[str, float | None], Reading] = field(default_factory=dict)
+    history: list[tuple[dt.datetime, float | None]] = field(default_factory=list)
 
     def update(self, rows: pl.DataFrame) -> list[dict]:
         """Feed one scrape's serving rows; return the cache_events of the interval."""
@@ -178,9 +248,7 @@ class PrefixCacheTracker:
         self.commit(state)
         return events
 
-    def step(
-        self, rows: pl.DataFrame
-    ) -> tuple[list[dict], dict[str, tuple[dt.datetime, float, float]]]:
+    def step(self, rows: pl.DataFrame) -> tuple[list[dict], TrackerStep]:
         """The events of one scrape and the state it leads to, changing nothing.
 
         The daemon parses in a thread that can outlive its attempt: a timed-out
@@ -189,67 +257,129 @@ class PrefixCacheTracker:
         and its events would be lost. `commit` keeps it once the attempt counts.
         """
         cur = _prefix_values(rows)
+        process = process_identity(rows)
+        prev_scrape = self.history[-1][0] if self.history else None
         events: list[dict] = []
-        state: dict[str, tuple[dt.datetime, float, float]] = {}
-        for labels, (ts, hits, queries) in cur.items():
-            prev = self.last.get(labels)
-            if prev is not None and ts > prev[0]:
-                events += self._events(labels, prev, (ts, hits, queries))
-            if prev is None or ts >= prev[0]:
-                state[labels] = (ts, hits, queries)
-        return events, state
+        state: dict[str, Reading] = {}
+        for labels, reading in cur.items():
+            ts = reading[0]
+            newest = self.last.get(labels)
+            if newest is not None and ts < newest[0]:
+                continue  # older than what the series already has
+            prev = self.by_process.get((labels, process))
+            if prev is not None:
+                if ts > prev[0]:
+                    events += self._events(labels, prev, reading)
+            elif (
+                process is not None
+                and prev_scrape is not None
+                and ts > prev_scrape
+                and process > prev_scrape.timestamp()
+            ):
+                # a process whose counters began after the previous scrape (vLLM
+                # restarted): all it counted falls in this interval
+                events += self._events(labels, (prev_scrape, 0.0, 0.0), reading)
+            # else: a series' first reading, or a process first seen that was already
+            # running (another replica behind the same URL): a baseline only
+            state[labels] = reading
+        scrape_ts = rows["ts"].max() if rows.height and "ts" in rows.columns else None
+        return events, TrackerStep(scrape_ts, process, state)  # type: ignore[arg-type]
 
-    def commit(self, state: dict[str, tuple[dt.datetime, float, float]]) -> None:
+    def commit(self, state: TrackerStep) -> None:
         """Keep the state a `step` computed (never moving a series back in time)."""
-        for labels, cur in state.items():
+        for labels, cur in state.readings.items():
             prev = self.last.get(labels)
             if prev is None or cur[0] >= prev[0]:
                 self.last[labels] = cur
+            mine = self.by_process.get((labels, state.process))
+            if mine is None or cur[0] >= mine[0]:
+                self.by_process[(labels, state.process)] = cur
+        if state.ts is not None and (not self.history or state.ts > self.history[-1][0]):
+            self.history = [*self.history, (state.ts, state.process)][-HISTORY:]
+            recent = {p for _, p in self.history}
+            # forget processes no recent scrape reached (replicas come and go)
+            self.by_process = {k: v for k, v in self.by_process.items() if k[1] in recent}
+
+    def several_processes(self, step: TrackerStep | None = None) -> list[float]:
+        """Identities of the recent scrapes when they flip back (A -> B -> A), else [].
+
+        A restart changes the identity once (A -> B); only a URL that reaches
+        several processes in turn (a load-balancing Service) returns to one
+        it left. `step`: count a scrape not committed yet too.
+        """
+        history = list(self.history)
+        if step is not None and step.ts is not None and (not history or step.ts > history[-1][0]):
+            history = [*history, (step.ts, step.process)][-HISTORY:]
+        runs: list[float] = []
+        for _, p in history:
+            if p is not None and (not runs or runs[-1] != p):
+                runs.append(p)
+        return sorted(set(runs)) if len(set(runs)) < len(runs) else []
 
     def restore(self, lake_path: str | None, days: int = 2) -> list[dict]:
-        """Baseline from the lake's last two samples per series; re-emit their events.
+        """Baseline from the lake's recent samples; re-emit the last interval's events.
 
-        Re-emitting is idempotent (same event ids, same content), and it
-        repairs a crash that wrote the samples but not their events.
+        The last `HISTORY` scrapes of the last `days` date partitions are
+        replayed (their process identities too), read through the lake's
+        reader (`Lake.read_files`: files a compaction merged away are skipped,
+        a listing that lost a file is taken again). Re-emitting is idempotent
+        (same event ids, same content), and it repairs a crash that wrote the
+        samples but not their events. A file that cannot be read raises
+        `RestoreError` naming it.
         """
         if lake_path is None:
             return []
-        from pathlib import Path
+        from finops.lake import Lake
 
-        root = Path(lake_path) / "serving_samples"
-        parts = sorted(root.glob("date=*"))[-days:] if root.exists() else []
-        files = [f for p in parts for f in sorted(p.glob("*.parquet"))]
-        if not files:
+        lake = Lake(lake_path)
+
+        def recent(files: list[Path]) -> list[Path]:
+            days_kept = sorted({f.parent.name for f in files})[-days:]
+            return [f for f in files if f.parent.name in days_kept]
+
+        def read(files: list[Path]) -> pl.DataFrame:
+            files = recent(files)
+            if not files:
+                return pl.DataFrame()
+            try:
+                return self._scan(files)
+            except FileNotFoundError:
+                raise
+            except Exception as exc:  # a corrupt file: say which
+                bad = _unreadable(files, self._scan)
+                if bad is None:
+                    raise RestoreError(f"cannot read serving_samples: {exc}") from None
+                raise RestoreError(f"cannot read {bad[0]}: {bad[1]}") from None
+
+        df = lake.read_files("serving_samples", read)
+        if df.height == 0:
             return []
-        df = (
+        stamps = df["ts"].unique().sort()[-HISTORY:]
+        df = df.filter(pl.col("ts").is_in(stamps.implode()))
+        events: list[dict] = []
+        for ts in stamps:
+            events = self.update(df.filter(pl.col("ts") == ts))
+        return events if stamps.len() >= 2 else []
+
+    def _scan(self, files: list[Path]) -> pl.DataFrame:
+        return (
             pl.scan_parquet(files)
             .filter(
                 (pl.col("target") == self.target)
                 & (pl.col("source") == self.source)
-                & pl.col("metric").is_in([HITS, QUERIES])
+                & (pl.col("metric").is_in([HITS, QUERIES]) | _is_identity(pl.col("metric")))
             )
             .select("ts", "metric", "labels", "value")
             .unique()
             .sort("ts")
             .collect()
         )
-        if df.height == 0:
-            return []
-        ts_list = df["ts"].unique().sort()
-        prev_ts = ts_list[-2] if ts_list.len() >= 2 else None
-        events: list[dict] = []
-        if prev_ts is not None:
-            self.update(df.filter(pl.col("ts") == prev_ts))
-            events = self.update(df.filter(pl.col("ts") == ts_list[-1]))
-        else:
-            self.update(df.filter(pl.col("ts") == ts_list[-1]))
-        return events
 
     def _events(
         self,
         labels: str,
-        prev: tuple[dt.datetime, float, float],
-        cur: tuple[dt.datetime, float, float],
+        prev: Reading,
+        cur: Reading,
     ) -> list[dict]:
         ts, hits, queries = cur
         # vLLM resets both counters together on a restart; hits never outrun
@@ -280,6 +410,24 @@ class PrefixCacheTracker:
                 }
             )
         return out
+
+
+class RestoreError(RuntimeError):
+    """The lake's recent samples could not be read back (the message names the file)."""
+
+
+def _unreadable(
+    files: list[Path], scan: Callable[[list[Path]], pl.DataFrame]
+) -> tuple[Path, str] | None:
+    """The first file that fails on its own, with its error (None: none does)."""
+    for f in files:
+        try:
+            scan([f])
+        except FileNotFoundError:
+            continue  # merged away meanwhile: not the culprit
+        except Exception as exc:
+            return f, str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+    return None
 
 
 def _prefix_values(rows: pl.DataFrame) -> dict[str, tuple[dt.datetime, float, float]]:

@@ -235,7 +235,17 @@ def test_example_config_is_valid_and_errors_name_the_option(tmp_path: Path) -> N
     cfg = load(ROOT / "examples" / "collectors.toml", lake=tmp_path / "lake")
     assert {t.kind for t in cfg.targets} == {"dcgm", "vllm", "nvml", "prometheus", "log"}
     assert cfg.lake == tmp_path / "lake"
+    # the example shows every option with its default: the limits reach the settings
+    assert cfg.max_buffered_rows == 2_000_000
+    prom = next(t for t in cfg.targets if t.kind == "prometheus")
+    assert prom.max_samples == 2_000_000
     bad = tmp_path / "bad.toml"
+    bad.write_text(
+        '[collect]\nmax_buffered_rows = 750\n[[target]]\nkind = "prometheus"\n'
+        'url = "http://p"\nquery = "up"\nmax_samples = 5000\n'
+    )
+    set_ = load(bad)
+    assert (set_.max_buffered_rows, set_.targets[0].max_samples) == (750, 5000)
     cases = {
         '[[target]]\nkind = "dcgm"\nurl = "h"\nintervall = "10s"\n': "unknown option(s) ['intervall']",
         '[[target]]\nkind = "dcgm"\nurl = "h"\ninterval = "ten"\n': "target #1.interval: expected a duration",
@@ -245,6 +255,8 @@ def test_example_config_is_valid_and_errors_name_the_option(tmp_path: Path) -> N
         '[[target]]\nkind = "dcgm"\nurl = "h"\n[[target]]\nkind = "dcgm"\nurl = "h"\n': "target names must be unique",
         '[collect]\njitter = 2\n[[target]]\nkind = "nvml"\n': "jitter: expected a fraction",
         "[collect]\n": "no [[target]] entries",
+        '[collect]\nmax_buffered_rows = 0\n[[target]]\nkind = "nvml"\n': "max_buffered_rows: expected an integer >= 1",
+        '[[target]]\nkind = "prometheus"\nurl = "http://p"\nquery = "up"\nmax_samples = 1\n': "max_samples: expected an integer >= 2",
         "not toml ==": "not valid TOML",
         '[[target]]\nkind = "dcgm"\nurl = "h"\ninterval = "2s"\ntimeout = "5s"\n': "must not exceed interval",
     }
@@ -821,3 +833,86 @@ def test_a_log_backlog_loads_in_slices_that_report_their_rows(tmp_path: Path) ->
     assert all(o.up for o in outs) and len(outs) >= 3
     assert sum(o.samples for o in outs) == loaded() == 1200  # health says what loaded
     assert max(waits) < 0.5  # one batch write at most, not a whole poll
+
+
+VLLM_REAL = (ROOT / "tests" / "data" / "exposition" / "vllm_real.txt").read_bytes()
+
+
+def test_an_unreadable_serving_file_stops_no_target(tmp_path: Path) -> None:
+    """A corrupt file under serving_samples: the vLLM target starts without its baseline,
+    saying which file; the other targets run; nothing is called a write failure."""
+    lake = tmp_path / "lake"
+    with serve({"/metrics": reply(200, TEXT, VLLM_REAL), "/dcgm": reply(200, TEXT, GOOD)}) as base:
+        flags = ["--vllm", f"mid={base}", "--dcgm", f"{base}/dcgm", "--lake", str(lake)]
+        first = CliRunner().invoke(app, ["collect", "--once", *flags])
+        assert first.exit_code == 0, first.output
+        (part,) = (lake / "serving_samples").glob("date=*")
+        bad = part / "zz.parquet"
+        bad.write_text("garbage\n")
+        res = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                "from finops.cli import main; main()",
+                "collect",
+                "--once",
+                *flags,
+            ],
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
+    assert res.returncode == 0, res.stderr
+    assert "writing to" not in res.stderr and "Traceback" not in res.stderr, res.stderr
+    assert f"started without its state from the lake: cannot read {bad}" in res.stderr
+    assert "2/2 targets up" in res.stdout, res.stdout
+    vllm_line = next(line for line in res.stdout.splitlines() if " vllm " in line)
+    assert f"cannot read {bad}" in vllm_line, vllm_line
+    bad.unlink()
+    db = finops.connect(lake)
+    n = db.sql("SELECT count(*) FROM scrape_health WHERE up").fetchall()[0][0]
+    assert n == 4  # both runs, both targets
+
+
+def test_a_full_buffer_drops_the_oldest_and_retries_only_on_the_flush_timer(
+    tmp_path: Path,
+) -> None:
+    """Lake unwritable: the buffer stays under max_buffered_rows (the drop counted and said),
+    a failed flush is retried after flush_interval with backoff, not by every attempt."""
+    with serve({"/metrics": reply(200, TEXT, GOOD)}) as base:
+        cfg = config(
+            tmp_path / "lake", [{"kind": "dcgm", "url": f"{base}/metrics"}], flush_rows=200
+        )
+        cfg.max_buffered_rows = 500
+        err = io.StringIO()
+        c = Collector(cfg, status=err)
+        real = c.lake.append_validated
+        calls = []
+
+        def boom(*a: object, **k: object) -> object:
+            calls.append(1)
+            raise OSError(28, "No space left on device")
+
+        async def main() -> None:
+            await c._open()
+            c.lake.append_validated = boom  # type: ignore[method-assign]
+            for _ in range(30):  # 105 rows each: 3,150 rows, a flush due every 2 attempts
+                await c.run_attempt(c.targets[0])
+                assert c.buffered_rows <= 500
+            assert len(calls) == 1, f"{len(calls)} inline retries of the whole buffer"
+            assert c.stats.dropped_rows > 2000 and c.targets[0].dropped == c.stats.dropped_rows
+            c.lake.append_validated = real  # type: ignore[method-assign]
+            c._retry_at = 0.0  # the flush timer's turn
+            await c.run_attempt(c.targets[0])
+            assert c.buffer == []
+            await c.http.aclose()
+
+        asyncio.run(main())
+    out = err.getvalue()
+    assert "will retry: [Errno 28] No space left on device (next try in 10s" in out, out
+    assert "collect: DROPPED " in out and "max_buffered_rows=500" in out, out
+    assert "rows DROPPED (lake unwritable)" in c.status_line()
+    db = finops.connect(tmp_path / "lake")
+    ((err_msg,),) = db.sql("SELECT error FROM scrape_health WHERE error IS NOT NULL").fetchall()
+    assert err_msg.startswith(f"{c.stats.dropped_rows:,} buffered rows of this target dropped")

@@ -196,3 +196,154 @@ def test_token_counters_in_the_lake_match_the_usage_of_real_requests(vllm_server
     assert hits > 0
     health = db.sql("SELECT up, samples FROM scrape_health").pl()
     assert health["up"].all() and (health["samples"] > 50).all()
+
+
+# --------------------------------------------------------------------------- one URL, several processes
+
+
+def _replica(
+    hits: float, queries: float, gen: float, created: float, ts: dt.datetime
+) -> pl.DataFrame:
+    """One scrape of a replica whose counters were created at `created` (epoch seconds)."""
+    lab = '{engine="0",model_name="m"}'
+    text = (
+        f"vllm:prefix_cache_hits_total{lab} {hits}\n"
+        f"vllm:prefix_cache_queries_total{lab} {queries}\n"
+        f"vllm:prefix_cache_queries_created{lab} {created}\n"
+        f"vllm:generation_tokens_total{lab} {gen}\n"
+    )
+    return serving_rows(parse(text), ts=ts, target="http://vllm-mid.llm.svc:8000/metrics")
+
+
+OLD_START = (T0 - dt.timedelta(days=30)).timestamp()
+YOUNG_START = (T0 - dt.timedelta(hours=1)).timestamp()
+
+
+def _alternating(n: int = 6) -> list[pl.DataFrame]:
+    """A Service's round robin: the old replica (huge counters), then the young one, +100 each."""
+    out = []
+    for i in range(n):
+        k, ts = i // 2, T0 + dt.timedelta(seconds=10 * i)
+        if i % 2 == 0:
+            out.append(_replica(1e6 + 100 * k, 2e6 + 200 * k, 5e6 + 100 * k, OLD_START, ts))
+        else:
+            out.append(_replica(10 + 100 * k, 20 + 200 * k, 50 + 100 * k, YOUNG_START, ts))
+    return out
+
+
+def test_a_url_reaching_two_replicas_gives_no_increase_across_them(tmp_path: Path) -> None:
+    """Each switch of process looked like a reset: 2,000,510 hit tokens out of ~400."""
+    tr = PrefixCacheTracker(target="http://vllm-mid.llm.svc:8000/metrics")
+    lake = Lake(tmp_path / "lake")
+    hits = 0
+    flagged = []
+    for rows in _alternating():
+        lake.append("serving_samples", rows, source="vllm")
+        events, state = tr.step(rows)
+        flagged.append(bool(tr.several_processes(state)))
+        tr.commit(state)
+        hits += sum(e["tokens"] for e in events if e["event"] == "hit")
+    assert hits == 400, f"per process: 2 x (+100, +100) hit tokens, got {hits:,}"
+    assert flagged == [False, False, True, True, True, True], (
+        "A -> B is a restart; A -> B -> A is not"
+    )
+    db = finops.connect(lake.path)
+    got = dict(
+        db.sql("SELECT metric, sum(increase) FROM clean.serving_increase GROUP BY 1").fetchall()
+    )
+    assert got == {
+        HITS: 400.0,
+        QUERIES: 800.0,
+        "vllm:generation_tokens_total": 400.0,
+    }, f"increases are taken per process, never across: {got}"
+    assert db.sql("SELECT count(*) FROM clean.serving_increase WHERE reset").fetchall() == [(0,)]
+    # a fresh tracker restored from the lake knows the URL flips, and its events match
+    again = PrefixCacheTracker(target="http://vllm-mid.llm.svc:8000/metrics")
+    last = again.restore(str(lake.path))
+    assert again.several_processes()
+    assert sum(e["tokens"] for e in last if e["event"] == "hit") == 100
+
+
+def test_a_single_restart_with_created_samples_counts_from_zero(tmp_path: Path) -> None:
+    """A -> B once (a restart): B's counters began after the last scrape, all of them count."""
+    ts = [T0 + dt.timedelta(seconds=10 * i) for i in range(4)]
+    restarted = (T0 + dt.timedelta(seconds=15)).timestamp()
+    scrapes = [
+        _replica(100, 400, 1000, OLD_START, ts[0]),
+        _replica(160, 500, 1100, OLD_START, ts[1]),
+        _replica(30, 50, 70, restarted, ts[2]),  # smaller: a restart, read as before
+        _replica(130, 250, 170, restarted, ts[3]),
+    ]
+    tr = PrefixCacheTracker(target="r")
+    lake = Lake(tmp_path / "lake")
+    hits = []
+    for rows in scrapes:
+        lake.append("serving_samples", rows, source="vllm")
+        hits.append(sum(e["tokens"] for e in tr.update(rows) if e["event"] == "hit"))
+        assert not tr.several_processes()
+    assert hits == [0, 60, 30, 100]
+    inc = (
+        finops.connect(lake.path)
+        .sql(
+            "SELECT increase, reset FROM clean.serving_increase "
+            "WHERE metric = 'vllm:generation_tokens_total' ORDER BY ts"
+        )
+        .fetchall()
+    )
+    assert inc == [(100.0, False), (70.0, True), (100.0, False)]
+
+
+def test_the_collector_marks_a_load_balanced_url_down(tmp_path: Path) -> None:
+    """scrape_health says why, stderr warns, and the cache events are per process."""
+    import io
+
+    from test_daemon import TEXT, reply, serve
+
+    payloads = iter(_alternating_text())
+
+    def route(h) -> None:  # type: ignore[no-untyped-def]
+        reply(200, TEXT, next(payloads).encode())(h)
+
+    err = io.StringIO()
+    with serve({"/metrics": route}) as base:
+        cfg = CollectConfig(lake=tmp_path / "lake", checkpoint_dir=tmp_path / "lake" / "_state")
+        cfg.targets.append(make_target({"kind": "vllm", "url": base, "name": "mid"}, "t"))
+        outs = []
+        for _ in range(4):
+            c = Collector(cfg, status=err)
+            outs += asyncio.run(c.run_once())
+            time.sleep(0.01)
+    assert [o.up for o in outs] == [True, True, False, False]
+    assert outs[-1].error is not None and outs[-1].error.startswith(
+        "URL reaches more than one vLLM process (process start times "
+    ), outs[-1].error
+    assert "scrape each pod (headless Service or pod IPs)" in outs[-1].error
+    assert "warning: mid: URL reaches more than one vLLM process" in err.getvalue()
+    db = finops.connect(tmp_path / "lake")
+    assert db.sql(
+        "SELECT count(*) FILTER (NOT up), count(*) FROM clean.scrape_health"
+    ).fetchall() == [(2, 4)]
+    hits = db.sql("SELECT sum(tokens) FROM clean.cache_events WHERE event = 'hit'").fetchall()
+    # A's and B's second readings, +100 each against their own first: never B - A
+    assert hits == [(200,)], hits
+
+
+def _alternating_text() -> list[str]:
+    out = []
+    for i in range(4):
+        k = i // 2
+        old = i % 2 == 0
+        h, q, c = (
+            (1e6 + 100 * k, 2e6 + 200 * k, OLD_START)
+            if old
+            else (10 + 100 * k, 20 + 200 * k, YOUNG_START)
+        )
+        out.append(
+            "# TYPE vllm:prefix_cache_hits counter\n"
+            f'vllm:prefix_cache_hits_total{{engine="0",model_name="m"}} {h}\n'
+            f'vllm:prefix_cache_hits_created{{engine="0",model_name="m"}} {c}\n'
+            "# TYPE vllm:prefix_cache_queries counter\n"
+            f'vllm:prefix_cache_queries_total{{engine="0",model_name="m"}} {q}\n'
+            f'vllm:prefix_cache_queries_created{{engine="0",model_name="m"}} {c}\n'
+        )
+    return out

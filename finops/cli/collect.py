@@ -53,12 +53,27 @@ def collect(
     checkpoint_dir: Annotated[
         Path | None, typer.Option(help="Checkpoints (default: <lake>/_state).")
     ] = None,
+    max_buffered_rows: Annotated[
+        int | None,
+        typer.Option(
+            min=1,
+            help="Rows held in memory while the lake cannot be written (disk full...); past "
+            "it the oldest are dropped, counted on stderr and in scrape_health "
+            "(default: 2000000, about 1 GB). Failed writes are retried every flush "
+            "interval, doubling to backoff_max.",
+        ),
+    ] = None,
 ) -> None:
     """Collect into the lake: from a config file, or ad hoc from flags.
 
     With --once every target is tried once and the command exits 0 even when
     some were down (their scrape_health rows say why); otherwise it runs until
     SIGTERM/SIGINT, then flushes and exits 0.
+
+    Scrape each vLLM replica individually (pod IPs or a headless Service's
+    per-pod names): a URL that load-balances across replicas reaches another
+    process on each scrape; such a target is reported down ("URL reaches more
+    than one vLLM process") and no increase is taken across two processes.
     """
     import asyncio
 
@@ -66,7 +81,7 @@ def collect(
 
     from collectors import config as cfgmod
     from collectors.checkpoint import CheckpointError
-    from collectors.daemon import Collector
+    from collectors.daemon import Collector, LakeWriteError
 
     flags = any([dcgm, vllm, nvml, prometheus, log])
     if query and not prometheus:
@@ -117,6 +132,8 @@ def collect(
                 fail(f"the same target is given twice: {sorted(names)}")
         if checkpoint_dir is not None:
             cfg.checkpoint_dir = checkpoint_dir
+        if max_buffered_rows is not None:
+            cfg.max_buffered_rows = max_buffered_rows
     except cfgmod.ConfigError as exc:
         fail(str(exc))
     resolve_lake(cfg.lake)  # a file where the lake folder should be: one error line
@@ -127,8 +144,10 @@ def collect(
     if once:
         try:
             outcomes = asyncio.run(collector.run_once())
-        except (OSError, pl.exceptions.ComputeError) as exc:
-            fail(f"writing to {cfg.lake} failed: {exc} (--once: not retrying)", code=1)
+        except LakeWriteError as exc:
+            fail(f"{exc} (--once: not retrying)", code=1)
+        except (OSError, pl.exceptions.ComputeError) as exc:  # never a write: see flush
+            fail(f"collect failed: {exc}", code=1)
         for o in outcomes:
             state = "up  " if o.up else "DOWN"
             msg = f"{state} {o.kind:<10} {o.target}  {o.samples:,} samples"
@@ -143,8 +162,10 @@ def collect(
         return
     try:
         asyncio.run(collector.run_forever())
-    except (OSError, pl.exceptions.ComputeError) as exc:  # the final flush, at shutdown
-        fail(f"writing to {cfg.lake} failed: {exc}", code=1)
+    except LakeWriteError as exc:  # the final flush, at shutdown
+        fail(str(exc), code=1)
+    except (OSError, pl.exceptions.ComputeError) as exc:
+        fail(f"collect failed: {exc}", code=1)
 
 
 def register(app: typer.Typer) -> None:
