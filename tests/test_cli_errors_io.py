@@ -159,3 +159,36 @@ def test_collect_flag_errors_name_the_flag(tmp_path: Path, args: list[str], said
     res = runner.invoke(app, ["collect", "--once", "--lake", str(tmp_path / "lake"), *args])
     assert res.exit_code != 0
     assert f"error: {said}" in res.output and "target #1" not in res.output, res.output
+
+
+@pytest.mark.parametrize(
+    "command", [["sql", "SELECT count(*) FROM requests"], ["costs", "--headline"]]
+)
+def test_an_unreadable_lake_file_is_one_error_line_naming_it(
+    tmp_path: Path, command: list[str]
+) -> None:
+    """Was: a truncated or foreign .parquet in the lake ended every command in a DuckDB
+    traceback."""
+    lake = tmp_path / "lake"
+    ok = runner.invoke(
+        app, ["ingest", "requests", str(_log(tmp_path / "log.jsonl")), "--lake", str(lake)]
+    )
+    assert ok.exit_code == 0, ok.output
+    bad = lake / "requests" / "date=2026-11-16" / "zz-truncated.parquet"
+    bad.write_bytes(b"not parquet")
+    res = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "from finops.cli import main; main()",
+            *command,
+            "--lake",
+            str(lake),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert res.returncode == 1, res.stderr
+    _one_error_line(res.stderr, "error: a lake file cannot be read (")
+    assert f"move {bad} out of the lake folder" in res.stderr

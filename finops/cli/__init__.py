@@ -21,6 +21,7 @@ if sys.argv[1:3] == ["shim", "serve"]:
 
 import importlib
 import pkgutil
+import re
 
 import typer
 
@@ -47,5 +48,23 @@ _register_all()
 
 
 def main() -> None:
-    """Console-script entry point."""
-    app()
+    """Console-script entry point.
+
+    A lake file DuckDB cannot read (truncated by a full disk, not Parquet at all) would
+    end any command in a traceback: it ends in one error line naming the file instead.
+    """
+    import duckdb
+
+    try:
+        app()
+    except (duckdb.InvalidInputException, duckdb.IOException) as exc:
+        bad = re.search(r"File '([^']+\.parquet)'", str(exc))
+        if bad is None:
+            raise
+        first = str(exc).splitlines()[0]
+        typer.echo(
+            f"error: a lake file cannot be read ({first}): move {bad.group(1)} out of the "
+            "lake folder and run the command again",
+            err=True,
+        )
+        raise SystemExit(1) from None
