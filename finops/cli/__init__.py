@@ -53,13 +53,11 @@ def main() -> None:
     A lake file DuckDB cannot read (truncated by a full disk, not Parquet at all) would
     end any command in a traceback: it ends in one error line naming the file instead.
     """
-    import duckdb
-
     try:
         app()
-    except (duckdb.InvalidInputException, duckdb.IOException) as exc:
+    except Exception as exc:  # duckdb's own types, without importing it for --help
         bad = re.search(r"File '([^']+\.parquet)'", str(exc))
-        if bad is None:
+        if bad is None or not type(exc).__module__.lstrip("_").startswith("duckdb"):
             raise
         first = str(exc).splitlines()[0]
         typer.echo(
