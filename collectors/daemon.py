@@ -60,6 +60,7 @@ from finops.lake import AppendResult, Lake
 if TYPE_CHECKING:
     from collectors.logs import LogSource
     from collectors.prometheus_api import RangeResult
+    from collectors.vllm import PrefixCacheTracker
 
 T = TypeVar("T")
 ACCEPT = "text/plain;version=0.0.4;q=1,application/openmetrics-text;version=1.0.0;q=0.5,*/*;q=0.1"
@@ -508,6 +509,17 @@ class NvmlTarget(Target):
 
 
 class PrometheusTarget(Target):
+    """`query_range` chunks -> gpu_samples and serving_samples, and cache_events.
+
+    vLLM prefix-cache counters among the serving rows become `cache_events`
+    as a direct vLLM target makes them (same schema, deterministic ids, with
+    the series' `instance` as target): one `PrefixCacheTracker` per instance,
+    fed point by point in time order. Prometheus rows carry no process
+    identity, so a restart shows only as a counter going down (counted from
+    zero). The trackers' state follows the checkpoint (`restore`), so a
+    resumed or re-fetched range makes the same events, never more.
+    """
+
     def __init__(self, cfg: TargetConfig, ctx: Collector) -> None:
         super().__init__(cfg, ctx)
         from collectors.prometheus_api import RangeCheckpoint
@@ -516,6 +528,98 @@ class PrometheusTarget(Target):
             ctx.cfg.checkpoint_dir, cfg.url or "", cfg.query or ""
         )
         self.loaded_until: dt.datetime | None = None
+        # vLLM prefix-cache counters -> cache_events: one tracker per vLLM instance
+        # (a serving row's `target`: the series' `instance` label, else the API URL)
+        self.trackers: dict[str, PrefixCacheTracker] = {}
+
+    def _tracker(self, target: str) -> PrefixCacheTracker:
+        from collectors.vllm import PrefixCacheTracker
+
+        if target not in self.trackers:
+            self.trackers[target] = PrefixCacheTracker(target=target, source="prometheus")
+        return self.trackers[target]
+
+    async def restore(self) -> Outcome | None:
+        """The prefix-cache trackers' state as of the checkpoint, from the lake.
+
+        Each instance's series get their latest hits/queries reading at or
+        before `loaded_until` (the last two date partitions up to it), so the
+        first point of the resumed range counts its increase from there: no
+        point is lost to a baseline after a restart, and none counts twice
+        (every point up to the checkpoint has its events, written with its
+        samples before the checkpoint moved). Nothing is re-emitted: a crash
+        between the samples and their events left the checkpoint behind, so
+        that range is fetched, and its events made, again (same ids).
+        """
+        from collectors.vllm import TrackerStep
+
+        until = self.checkpoint.load()
+        if until is None:
+            return None
+        readings = await self.in_thread(self._last_readings, until)
+        for target, states in readings.items():
+            ts = max(r[0] for r in states.values())
+            self._tracker(target).commit(TrackerStep(ts, None, states))
+        return None
+
+    def _last_readings(self, until: dt.datetime) -> dict[str, dict[str, Any]]:
+        """target -> labels -> (ts, hits, queries): each series' last reading up to `until`."""
+        from collectors.vllm import HITS, QUERIES
+
+        days = {f"date={(until.date() - dt.timedelta(days=d)).isoformat()}" for d in (0, 1)}
+
+        def read(files: list[Any]) -> pl.DataFrame:
+            files = [f for f in files if f.parent.name in days]
+            if not files:
+                return pl.DataFrame()
+            return (
+                pl.scan_parquet(files)
+                .filter(
+                    (pl.col("source") == "prometheus")
+                    & pl.col("metric").is_in([HITS, QUERIES])
+                    & (pl.col("ts") <= until)
+                    & pl.col("value").is_not_null()
+                    & pl.col("value").is_not_nan()
+                )
+                .select("ts", "target", "metric", "labels", "value")
+                .collect()
+            )
+
+        df = self.ctx.lake.read_files("serving_samples", read)
+        if df.height == 0:
+            return {}
+        wide = df.pivot(
+            on="metric", index=["target", "labels", "ts"], values="value", aggregate_function="last"
+        )
+        if HITS not in wide.columns or QUERIES not in wide.columns:
+            return {}
+        last = wide.drop_nulls([HITS, QUERIES]).sort("ts").group_by("target", "labels").last()
+        out: dict[str, dict[str, Any]] = {}
+        for target, labels, ts, hits, queries in last.select(
+            "target", "labels", "ts", HITS, QUERIES
+        ).iter_rows():
+            out.setdefault(target, {})[labels] = (ts, float(hits), float(queries))
+        return out
+
+    def _cache_events(self, serving: pl.DataFrame | None) -> tuple[list[dict], list[Any]]:
+        """One chunk's prefix-cache events, per instance, and the tracker states to commit.
+
+        Points go in time order per series (`PrefixCacheTracker.step_points`);
+        the states are kept only once the chunk is in the lake (see `_store`).
+        """
+        from collectors.vllm import HITS, QUERIES
+
+        if serving is None or serving.height == 0:
+            return [], []
+        rows = serving.filter(pl.col("metric").is_in([HITS, QUERIES]))
+        events: list[dict] = []
+        states: list[Any] = []
+        for (target,), part in rows.partition_by("target", as_dict=True).items():
+            tracker = self._tracker(target)
+            got, state = tracker.step_points(part)
+            events += got
+            states.append((tracker, state))
+        return events, states
 
     def attempt_timeout(self) -> float | None:
         """Each request is bounded by `timeout`: a catch-up may need many of them."""
@@ -584,13 +688,19 @@ class PrometheusTarget(Target):
         def commit() -> None:
             self.checkpoint.save(until, url=cfg.url or "", query=cfg.query or "")
 
-        tables = {"gpu_samples": res.gpu, "serving_samples": res.serving}
+        events, states = await self.in_thread(self._cache_events, res.serving)
+        tables = {"gpu_samples": res.gpu, "serving_samples": res.serving, "cache_events": events}
         try:
             results = await self.ctx.write_now(kind, tables, then=commit)
         except Exception as exc:
             raise ScrapeError(f"writing to {self.ctx.cfg.lake} failed: {exc}") from None
+        # the trackers move on with the checkpoint: a chunk that failed is fetched
+        # again from the same state, and makes the same events
+        for tracker, state in states:
+            tracker.commit(state)
         self.loaded_until = until
-        return sum(r.loaded for r in results), sum(r.rejected for r in results)
+        loaded = sum(r.loaded for r in results if r.table != "cache_events")
+        return loaded, sum(r.rejected for r in results)
 
     def _so_far(self, error: str, done: int, points: int) -> str:
         """The error, and what this attempt loaded before it (kept: see `_store`)."""

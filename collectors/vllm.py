@@ -285,6 +285,43 @@ class PrefixCacheTracker:
         scrape_ts = rows["ts"].max() if rows.height and "ts" in rows.columns else None
         return events, TrackerStep(scrape_ts, process, state)  # type: ignore[arg-type]
 
+    def step_points(self, rows: pl.DataFrame) -> tuple[list[dict], TrackerStep]:
+        """`step` for many readings per series (a range query's points), changing nothing.
+
+        For rows with no process identity (Prometheus' `query_range` answers):
+        each point's increase is taken from the series' previous point, in time
+        order (a decrease of either counter is a restart: counted from zero, as
+        `_events` does); a series' first point with no earlier reading here or
+        in the state is a baseline only; points not newer than the series'
+        latest reading are skipped (a re-fetched overlap). Same events, ids
+        included, as one `step` per point would give.
+        """
+        metric = pl.col("metric")
+        sub = rows.filter(
+            metric.is_in([HITS, QUERIES])
+            & pl.col("value").is_not_null()
+            & pl.col("value").is_not_nan()
+        )
+        if sub.height == 0:
+            return [], TrackerStep(None, None, {})
+        wide = sub.pivot(
+            on="metric", index=["labels", "ts"], values="value", aggregate_function="last"
+        )
+        if HITS not in wide.columns or QUERIES not in wide.columns:
+            return [], TrackerStep(None, None, {})
+        wide = wide.drop_nulls([HITS, QUERIES]).sort("labels", "ts")
+        events: list[dict] = []
+        state: dict[str, Reading] = {}
+        for labels, ts, hits, queries in wide.select("labels", "ts", HITS, QUERIES).iter_rows():
+            prev = state.get(labels) or self.last.get(labels)
+            if prev is not None and ts <= prev[0]:
+                continue
+            reading = (ts, float(hits), float(queries))
+            if prev is not None:
+                events += self._events(labels, prev, reading)
+            state[labels] = reading
+        return events, TrackerStep(wide["ts"].max(), None, state)  # type: ignore[arg-type]
+
     def commit(self, state: TrackerStep) -> None:
         """Keep the state a `step` computed (never moving a series back in time)."""
         for labels, cur in state.readings.items():

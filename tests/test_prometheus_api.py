@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import ClassVar
 from urllib.parse import parse_qs, urlsplit
 
 import httpx
@@ -52,6 +53,7 @@ class FakePrometheus:
         self.gpus = gpus  # series of a DCGM_ query
         self.max_samples = max_samples  # Prometheus' --query.max-samples (series x steps)
         self.refused: list[dict[str, float | str]] = []  # requests over max_samples
+        self.prefix_reset: float | None = None  # vllm-b restarts at this time (epoch s)
 
     def answer(self, params: dict[str, str]) -> tuple[int, dict]:
         q = params["query"]
@@ -74,7 +76,7 @@ class FakePrometheus:
                 "error": "exceeded maximum resolution of 11,000 points per timeseries. "
                 "Try decreasing the query resolution (?step=XX)",
             }
-        series = self.gpus if q.startswith("DCGM_") else 1
+        series = self.gpus if q.startswith("DCGM_") else 4 if "prefix_cache" in q else 1
         if self.max_samples is not None and series * points > self.max_samples:
             self.refused.append(self.requests[-1])
             return 422, {
@@ -117,10 +119,41 @@ class FakePrometheus:
                     "values": [[t, "NaN" if i == 0 else "0.25"] for i, t in enumerate(stamps)],
                 }
             )
+        elif "prefix_cache" in q:
+            result += self._prefix_cache(stamps, step)
         body = {"status": "success", "data": {"resultType": "matrix", "result": result}}
         if "warn" in q:
             body["warnings"] = ["PromQL info: partial response: store 10.0.0.9:10901 unavailable"]
         return 200, body
+
+    PREFIX_RATES: ClassVar[dict[str, tuple[int, int]]] = {
+        "vllm-a:8000": (3, 5),
+        "vllm-b:8000": (2, 7),
+    }
+    """Prefix-cache tokens (hits, queries) each instance counts per step."""
+
+    def _prefix_cache(self, stamps: list[float], step: float) -> list[dict]:
+        """vLLM's prefix-cache counters of two instances (V0 names for vllm-b).
+
+        Counter values are a function of the grid step `k` alone, so a range
+        fetched again answers the same; vllm-b restarts at `prefix_reset`:
+        from there it counts `(k - k_reset + 1)` steps' worth again.
+        """
+        reset = None if self.prefix_reset is None else int(self.prefix_reset // step)
+        out = []
+        for instance, rates in self.PREFIX_RATES.items():
+            old = instance == "vllm-b:8000"
+            for metric, rate in zip(("hits", "queries"), rates, strict=True):
+                values = []
+                for t in stamps:
+                    k = round(t / step)
+                    if old and reset is not None and k >= reset:
+                        k = k - reset + 1
+                    values.append([t, str(rate * k)])
+                name = f"vllm:{'gpu_' if old else ''}prefix_cache_{metric}_total"
+                labels = {"model_name": "mid", "instance": instance, "job": "vllm"}
+                out.append({"metric": {"__name__": name, **labels}, "values": values})
+        return out
 
 
 @contextlib.contextmanager
@@ -608,3 +641,100 @@ def test_rows_built_column_wise_match_the_point_by_point_build() -> None:
             tracemalloc.stop()
     assert peaks[result_to_rows] < peaks[_rows_point_by_point] / 2
     assert peaks[result_to_rows] < 32  # less than one boxed float + list slot a point
+
+
+PREFIX_QUERY = '{__name__=~"vllm:(gpu_)?prefix_cache_(hits|queries)_total"}'
+
+
+def _increases(lake: Path) -> dict[tuple[str, str], float]:
+    """(instance, metric) -> the counter's increase over the lake's points (resets from zero)."""
+    s = (
+        finops.connect(lake)
+        .sql("SELECT target, metric, ts, value FROM clean.serving_samples ORDER BY ts")
+        .pl()
+    )
+    out: dict[tuple[str, str], float] = {}
+    for (target, metric), part in s.group_by("target", "metric"):
+        v = part["value"].to_list()
+        out[(target, metric)] = sum(b - a if b >= a else b for a, b in itertools.pairwise(v))
+    return out
+
+
+def _event_tokens(events: pl.DataFrame) -> dict[tuple[str, str], int]:
+    """(instance, hit|miss) -> tokens."""
+    inst = events["event_id"].str.extract(r"^vllm_prefix:(vllm-[ab]:8000):")
+    per = events.with_columns(instance=inst).group_by("instance", "event").agg(pl.sum("tokens"))
+    return {(i, e): t for i, e, t in per.iter_rows()}
+
+
+def test_prefix_cache_counters_become_cache_events_per_instance(tmp_path: Path) -> None:
+    """vLLM's prefix-cache counters pulled through query_range: each instance's hit/miss
+    tokens equal its counters' increases, a reset counts from zero, and a re-fetched
+    overlap (after a restart) writes the same events again, never more. Was: the
+    counters were stored in serving_samples and no cache_events were made at all."""
+    fake = FakePrometheus()
+    lake = tmp_path / "lake"
+    fake.prefix_reset = time.time() - 420  # vllm-b restarts 7 minutes ago
+    opts = {"step": "15s", "lookback": "30m", "lag": "0s", "max_points": 21}
+    with serve_prometheus(fake) as url:
+        outs = run(lake, url, PREFIX_QUERY, **opts)
+        assert outs[0].up, outs[0].error
+        assert len(fake.requests) == 6  # the points cross five chunk boundaries
+        db = finops.connect(lake)
+        first = db.sql("SELECT * FROM clean.cache_events ORDER BY ts").pl()
+        inc = _increases(lake)
+        hits, queries = "vllm:prefix_cache_hits_total", "vllm:prefix_cache_queries_total"
+        tokens = _event_tokens(first)
+        n = db.sql("SELECT count(DISTINCT ts) FROM clean.serving_samples").fetchall()[0][0]
+        assert n in (120, 121)
+        for inst, (h, q) in FakePrometheus.PREFIX_RATES.items():
+            assert tokens[(inst, "hit")] == inc[(inst, hits)] == h * (n - 1)
+            assert tokens[(inst, "miss")] == inc[(inst, queries)] - inc[(inst, hits)]
+            assert tokens[(inst, "miss")] == (q - h) * (n - 1)
+        # 2 instances x (hit, miss) x every point after each series' first
+        assert first.height == 4 * (n - 1)
+        assert set(first["source"]) == {"prometheus"} and set(first["layer"]) == {"vllm_prefix"}
+        assert set(first["model"]) == {"mid"}
+        # the restart: vllm-b's counters drop to one step's worth, counted from zero
+        at = dt.datetime.fromtimestamp(fake.prefix_reset // 15 * 15, dt.UTC)
+        b = first.filter(pl.col("event_id").str.contains("vllm-b:8000") & (pl.col("ts") == at))
+        assert dict(b.select("event", "tokens").iter_rows()) == {"hit": 2, "miss": 5}
+        # restart the daemon with its checkpoint 10 minutes back: the overlap is fetched
+        # again, the trackers start from the lake's readings at the checkpoint
+        (ckpt,) = (lake / "_state").glob("prometheus-*.json")
+        doc = json.loads(ckpt.read_text())
+        last = dt.datetime.fromisoformat(doc["loaded_until"])
+        resumed = last - dt.timedelta(seconds=600)
+        doc["loaded_until"] = resumed.isoformat()
+        ckpt.write_text(json.dumps(doc))
+        fake.requests.clear()
+        outs = run(lake, url, PREFIX_QUERY, **opts)
+        assert outs[0].up, outs[0].error
+    assert fake.requests[0]["start"] == pytest.approx(resumed.timestamp() + 15, abs=0.002)
+    after = db.sql("SELECT * FROM clean.cache_events ORDER BY ts").pl()
+    raw = db.sql("SELECT event_id, ts, tokens FROM raw.cache_events").pl()
+    # every event of the overlap was written again, from its first point on (the
+    # restored state, not a baseline), with the same id and tokens
+    again = (
+        raw.filter(pl.col("ts") > resumed)
+        .group_by("event_id")
+        .agg(pl.len(), pl.col("tokens").n_unique().alias("values"))
+    )
+    old = first.filter(pl.col("ts") > resumed)
+    assert old.height == 4 * 40 and set(old["event_id"]) <= set(again["event_id"])
+    assert (
+        again.filter(pl.col("event_id").is_in(old["event_id"].implode()))["len"].to_list()
+        == [2] * old.height
+    )
+    assert set(again["values"]) == {1}
+    # so the clean view holds the first run's events unchanged, plus only the points
+    # newer than the first run's last (a second's worth at most)
+    assert first.join(after, on="event_id", how="anti").height == 0
+    same = first.join(after, on="event_id").filter(pl.col("tokens") != pl.col("tokens_right"))
+    assert same.height == 0
+    new_points = after.filter(pl.col("ts") > last)["ts"].n_unique()
+    assert new_points <= 1 and after.height == first.height + 4 * new_points
+    tokens, inc = _event_tokens(after), _increases(lake)
+    for inst in FakePrometheus.PREFIX_RATES:
+        assert tokens[(inst, "hit")] == inc[(inst, hits)]
+        assert tokens[(inst, "miss")] == inc[(inst, queries)] - inc[(inst, hits)]
