@@ -136,25 +136,6 @@ def grid_bounds(start: dt.datetime, end: dt.datetime, step: float) -> tuple[int,
     return first, last, step_ms
 
 
-def chunks(
-    start: dt.datetime, end: dt.datetime, step: float, max_points: int = MAX_POINTS
-) -> list[tuple[dt.datetime, dt.datetime]]:
-    """Split [start, end] so no chunk has more than `max_points` points per series.
-
-    Chunks start and end on the step grid (see `grid_bounds`) and do not overlap:
-    each starts one step after the previous one ends. (`iter_range` sizes its
-    chunks as it goes, by series count too.)
-    """
-    first, last, step_ms = grid_bounds(start, end, step)
-    out = []
-    cur = first
-    while cur <= last:
-        stop = min(cur + (max(max_points, 1) - 1) * step_ms, last)
-        out.append((_at(cur), _at(stop)))
-        cur = stop + step_ms
-    return out
-
-
 def points_per_series(series: int, max_points: int, max_samples: int) -> int:
     """Steps one request may span: `max_points`, fewer when many series share the budget."""
     return max(1, min(max_points, max_samples // max(series, 1)))

@@ -29,7 +29,7 @@ from collectors.prometheus_api import (
     MAX_SAMPLES,
     PrometheusAPIError,
     TooManySamples,
-    chunks,
+    grid_bounds,
     iter_range,
     parse_response,
     result_to_rows,
@@ -195,23 +195,20 @@ def run(lake: Path, url: str, query: str, **opts: object) -> list:
     return asyncio.run(Collector(cfg, status=None).run_once())
 
 
-def test_chunks_never_exceed_the_point_limit_and_never_overlap() -> None:
+def test_the_step_grid_is_aligned_to_the_epoch() -> None:
+    """Every run and restart uses the same grid: the first point is the next multiple of
+    `step` since the epoch, the last the last multiple in the range."""
     start = dt.datetime(2026, 11, 1, tzinfo=dt.UTC)
     end = start + dt.timedelta(days=3)
-    parts = chunks(start, end, 15.0)
-    assert len(parts) == 2  # 17,281 points at 15 s
-    for a, b in parts:
-        assert (b - a).total_seconds() / 15 + 1 <= MAX_POINTS
-    assert parts[0][0] == start and parts[-1][1] == end
-    assert parts[1][0] == parts[0][1] + dt.timedelta(seconds=15)
-    assert chunks(end, start, 15) == []
+    first, last, step_ms = grid_bounds(start, end, 15.0)
+    assert (first, last, step_ms) == (start.timestamp() * 1000, end.timestamp() * 1000, 15_000)
+    off = grid_bounds(start + dt.timedelta(seconds=4.5), end - dt.timedelta(seconds=1), 15.0)
+    assert off[0] == (start + dt.timedelta(seconds=15)).timestamp() * 1000
+    assert off[1] == (end - dt.timedelta(seconds=15)).timestamp() * 1000
+    empty = grid_bounds(start + dt.timedelta(seconds=1), start + dt.timedelta(seconds=2), 15.0)
+    assert empty[0] > empty[1]
     with pytest.raises(ValueError, match="step"):
-        chunks(start, end, 0)
-    # off the step grid: the first chunk starts at the next multiple of `step` since
-    # the epoch, the last one ends at the last multiple in the range
-    off = chunks(start + dt.timedelta(seconds=4.5), end - dt.timedelta(seconds=1), 15.0)
-    assert off[0][0] == start + dt.timedelta(seconds=15)
-    assert off[-1][1] == end - dt.timedelta(seconds=15)
+        grid_bounds(start, end, 0)
 
 
 def test_long_range_is_split_loaded_with_gaps_and_resumed(tmp_path: Path) -> None:
