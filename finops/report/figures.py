@@ -1431,16 +1431,8 @@ def _compare_span(src: dict[str, Any], per: fc.Period, prev: fc.Period) -> fc.Pe
 
 # headline figures that come from the GPU samples: a GPU-hour gap inside the hours compared
 # makes their change a collection artefact, not a move
-GPU_KEYS = (
-    "spend_usd",
-    "usd_per_1k_requests",
-    "usd_per_1m_tokens",
-    "gpu_hours",
-    "gpus",
-    "utilization",
-    "idle_capacity_usd",
-    "leakage_usd",
-    "cache_saved_usd",
+GPU_KEYS = tuple(
+    k for k in HEADLINE_KEYS if k not in ("requests", "input_tokens", "output_tokens", "tokens")
 )
 # a GPU gap (marts.gpu_gap_hourly) of under this share of a side's GPU-hours is noise
 GAP_TOLERANCE = 0.005
