@@ -512,3 +512,27 @@ def test_tenants_are_recoverable_from_the_allocated_columns(split) -> None:
     busy, idle_cost = tenants["BilledCost"].sum(), idle["BilledCost"].sum()
     assert busy + idle_cost == pytest.approx(bill, abs=1e-6)
     assert round(busy + idle_cost, 2) == round(bill, 2)
+
+
+def test_build_report_refuses_an_export_that_breaks_the_split(
+    demo_lake: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A tier-day whose rows disagree on a dimension would be written as FOCUS 1.3 that
+    cannot rebuild its origin charge: the report stops, naming the column."""
+    from finops.report import build
+    from finops.report.figures import ReportError
+
+    real = build.focus_rows
+
+    def broken(db, week):  # one row's description differs from its origin's
+        rows = real(db, week)
+        return rows.with_columns(
+            pl.when(pl.int_range(pl.len()) == 0)
+            .then(pl.lit("something else"))
+            .otherwise(pl.col("ChargeDescription"))
+            .alias("ChargeDescription")
+        )
+
+    monkeypatch.setattr(build, "focus_rows", broken)
+    with pytest.raises(ReportError, match="breaks split cost allocation: ChargeDescription"):
+        build.build_report(demo_lake, WEEK, tmp_path / "out", growth=False)

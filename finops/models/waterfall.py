@@ -62,12 +62,6 @@ LEVER_FLAGS: dict[str, str] = {
     "spot_share": "--spot-share",
 }
 
-ORDER_NOTE = (
-    "levers applied one at a time, cumulatively, in a fixed order (cache, routing, token cap,"
-    " batch limit, autoscaling, reserved floor, spot); each step's saving is measured after"
-    " the levers above it, so it depends on the order; the steps add up to before - after"
-)
-
 
 def set_levers(levers: Levers) -> list[str]:
     """The levers a scenario sets (differ from `Levers()`, which changes nothing), in
@@ -242,7 +236,6 @@ def top_levers(wf: pl.DataFrame, n: int = 2, *, context: str = "") -> str:
 __all__ = [
     "LEVER_FLAGS",
     "LEVER_ORDER",
-    "ORDER_NOTE",
     "describe_lever",
     "describe_levers",
     "lever_waterfall",

@@ -19,7 +19,7 @@ from typing import Any
 
 import finops
 from finops.report import figures as F
-from finops.report.focus import focus_rows, write_focus
+from finops.report.focus import focus_rows, split_allocation_problems, write_focus
 from finops.report.render import notebook_to_html
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "04_weekly_report.ipynb"
@@ -194,7 +194,12 @@ def build_report(
     src = r["sources"]
     unpriced = {"gpu_hours": src["unpriced_gpu_hours"], "models": src["unpriced_models"]}
     gaps = {"gpu_hours": src["gpu_gap_hours"], "cost": src["gpu_gap_cost"]}
-    csv, parquet = write_focus(focus_rows(db, label), out_dir, label, unpriced, gaps)
+    rows = focus_rows(db, label)
+    # FOCUS 1.3 split cost allocation: each tier-day's rows rebuild it (a bug otherwise)
+    problems = split_allocation_problems(rows)
+    if problems:
+        raise F.ReportError("FOCUS export breaks split cost allocation: " + "; ".join(problems))
+    csv, parquet = write_focus(rows, out_dir, label, unpriced, gaps)
     db.close()
     if log:
         log(f"figures, json, focus: {time.perf_counter() - t0:.1f}s")
