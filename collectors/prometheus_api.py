@@ -9,8 +9,10 @@ scraping at scale. What it handles:
   the previous answer (the first request assumes `FIRST_CHUNK_SERIES`); each
   chunk is fetched, turned into rows and yielded before the next request
   (`iter_range`; each request has its own timeout). A server refusing a chunk
-  as too many samples (`--query.max-samples`) gets the same start with half the
-  span, down to one step;
+  as too many samples (`--query.max-samples`), or timing out (the server's own
+  query timeout, or this request's), gets the same start with half the span: a
+  refusal for size down to one step, a timeout `TIMEOUT_SPLITS` times in a row
+  (a server that hangs for every request costs that many timeouts, no more);
 - steps lie on one grid for every run: multiples of `step` since the epoch.
   Each chunk reports as loaded-until the last grid point Prometheus evaluated
   (not the end asked for), so the next run, starting one step later, neither
@@ -72,6 +74,16 @@ _TOO_MANY = re.compile(
 ("query processing would load too many samples into memory"), VictoriaMetrics'
 `-search.maxSamplesPerQuery`, the 11,000-points-per-series limit."""
 
+_SERVER_TIMEOUT = re.compile(r"query timed out|timeout exceeded|deadline exceeded", re.IGNORECASE)
+"""A server giving up on a request for its cost: Prometheus/Thanos' `--query.timeout`
+("query timed out in expression evaluation", `errorType: timeout`, HTTP 503),
+VictoriaMetrics' `-search.maxQueryDuration` ("timeout exceeded")."""
+
+TIMEOUT_SPLITS = 2
+"""Times in a row a timed-out request is asked again for half its span before the
+attempt fails: a heavy range gets a quarter of the span; a dead server costs three
+timeouts, not log2(span)."""
+
 _EPOCH = dt.datetime(1970, 1, 1, tzinfo=dt.UTC)
 _MS = dt.timedelta(milliseconds=1)
 
@@ -86,6 +98,10 @@ class RangeTimeout(PrometheusAPIError):
 
 class TooManySamples(PrometheusAPIError):
     """The server refused a request as too large (samples or points per series)."""
+
+
+class ServerTimeout(PrometheusAPIError):
+    """The server gave up evaluating a request within its own query timeout."""
 
 
 @dataclass
@@ -157,6 +173,8 @@ def parse_response(body: bytes, *, url: str) -> tuple[list[dict[str, Any]], list
         error = f"{url}: Prometheus error {doc.get('errorType', '?')}: {doc.get('error', '?')}"
         if _TOO_MANY.search(str(doc.get("error", ""))):
             raise TooManySamples(error)
+        if doc.get("errorType") == "timeout" or _SERVER_TIMEOUT.search(str(doc.get("error", ""))):
+            raise ServerTimeout(error)
         raise PrometheusAPIError(error)
     data = doc.get("data") or {}
     rtype = data.get("resultType")
@@ -448,7 +466,9 @@ async def iter_range(
     resuming at `end + step` continues on the same grid and loses no point.
     A chunk spans at most `max_points` steps and `max_samples` (default
     `MAX_SAMPLES`) samples, with the series count of the previous answer; a
-    server refusing a chunk as too many samples is asked again for half of it.
+    server refusing a chunk as too many samples is asked again for half of it,
+    and so is a chunk that times out (on the server or here), at most
+    `TIMEOUT_SPLITS` times in a row. Later chunks keep the smaller span.
 
     The caller can commit every chunk (lake, then checkpoint) before the next
     request, so a long catch-up moves forward even when a later request fails
@@ -460,7 +480,8 @@ async def iter_range(
     api = url.rstrip("/") + "/api/v1/query_range"
     cur, last, step_ms = grid_bounds(start, end, step)
     span = points_per_series(FIRST_CHUNK_SERIES, max_points, budget)
-    cap = max(max_points, 1)  # lowered when the server refuses a span as too large
+    cap = max(max_points, 1)  # lowered when the server refuses a span as too large or slow
+    timeouts = 0  # consecutive timed-out requests (each halves the span)
     i = 0
     while cur <= last:
         i += 1
@@ -475,12 +496,20 @@ async def iter_range(
             },
             timeout=timeout,
         )
+        steps = (b - cur) // step_ms + 1
         try:
             resp = await asyncio.wait_for(request, timeout)
         except (TimeoutError, httpx.TimeoutException):
+            if timeouts < TIMEOUT_SPLITS and steps > 1:
+                timeouts += 1
+                cap = steps // 2  # same start, half the span
+                continue
             total = i + -(-(last - b) // (step_ms * min(span, cap)))
             where = f" (request {i} of {total})" if total > 1 else ""
-            raise RangeTimeout(f"timed out after {timeout:g}s{where}") from None
+            again = (
+                f", {timeouts + 1} times in a row, the span halved each time" if timeouts else ""
+            )
+            raise RangeTimeout(f"timed out after {timeout:g}s{where}{again}") from None
         try:
             if resp.status_code >= 400 and not resp.headers.get("content-type", "").startswith(
                 "application/json"
@@ -488,10 +517,23 @@ async def iter_range(
                 error = f"{api}: HTTP {resp.status_code}: {resp.text[:200]!r}"
                 if _TOO_MANY.search(resp.text[:2000]):
                     raise TooManySamples(error)
+                if resp.status_code == 504 or _SERVER_TIMEOUT.search(resp.text[:2000]):
+                    raise ServerTimeout(error)  # a gateway in front giving up, or the server
                 raise PrometheusAPIError(error)
             result, warnings = parse_response(resp.content, url=api)
+        except ServerTimeout as exc:
+            if timeouts < TIMEOUT_SPLITS and steps > 1:
+                timeouts += 1
+                cap = steps // 2
+                continue
+            again = (
+                f", {timeouts + 1} times in a row, the span halved each time" if timeouts else ""
+            )
+            raise ServerTimeout(
+                f"query {query!r} timed out on the server at {_at(cur).isoformat()}{again} "
+                f"({exc}); make the query cheaper, or raise the server's --query.timeout"
+            ) from None
         except TooManySamples as exc:
-            steps = (b - cur) // step_ms + 1
             if steps <= 1:
                 raise TooManySamples(
                     f"query {query!r} is refused as too large even for a single step "
@@ -501,6 +543,7 @@ async def iter_range(
             cap = steps // 2  # same start, half the span
             continue
         del resp
+        timeouts = 0
         series = len(result)
         # the parsed answer is freed series by series as it becomes columns
         gpu, serving, points = result_to_rows(result, url=url, query=query, name=name, consume=True)

@@ -28,10 +28,12 @@ from collectors.prometheus_api import (
     MAX_POINTS,
     MAX_SAMPLES,
     PrometheusAPIError,
+    ServerTimeout,
     TooManySamples,
     grid_bounds,
     iter_range,
     parse_response,
+    points_per_series,
     result_to_rows,
 )
 
@@ -45,12 +47,16 @@ class FakePrometheus:
         hang_at: int | None = None,
         gpus: int = 2,
         max_samples: int | None = None,
+        hang_from: int | None = None,
+        timeout_over: int | None = None,
     ) -> None:
         self.requests: list[dict[str, float | str]] = []
         self.delay = delay  # seconds before each answer
         self.hang_at = hang_at  # this request (1-based) hangs until `release`
         self.release = threading.Event()
         self.gpus = gpus  # series of a DCGM_ query
+        self.hang_from = hang_from  # every request from this one (1-based) on hangs
+        self.timeout_over = timeout_over  # steps past which --query.timeout gives up (503)
         self.max_samples = max_samples  # Prometheus' --query.max-samples (series x steps)
         self.refused: list[dict[str, float | str]] = []  # requests over max_samples
         self.prefix_reset: float | None = None  # vllm-b restarts at this time (epoch s)
@@ -60,7 +66,9 @@ class FakePrometheus:
         start, end, step = float(params["start"]), float(params["end"]), float(params["step"])
         self.requests.append({"query": q, "start": start, "end": end, "step": step})
         time.sleep(self.delay)
-        if len(self.requests) == self.hang_at:
+        if len(self.requests) == self.hang_at or (
+            self.hang_from is not None and len(self.requests) >= self.hang_from
+        ):
             self.release.wait(10)
         if q == "bad(":
             return 400, {
@@ -69,6 +77,12 @@ class FakePrometheus:
                 "error": "1:5: parse error: unclosed left parenthesis",
             }
         points = int((end - start) // step) + 1
+        if self.timeout_over is not None and points > self.timeout_over:
+            return 503, {
+                "status": "error",
+                "errorType": "timeout",
+                "error": "query timed out in expression evaluation",
+            }
         if points > MAX_POINTS:
             return 400, {
                 "status": "error",
@@ -337,9 +351,35 @@ def test_each_request_has_the_timeout_not_the_whole_catch_up(tmp_path: Path) -> 
     assert until.timestamp() == pytest.approx(fake.requests[-1]["end"])
 
 
-def test_a_catch_up_keeps_the_chunks_before_a_failed_request(tmp_path: Path) -> None:
-    """Lake, then checkpoint, chunk by chunk: request 3 of 4 hanging loses only itself."""
+def test_a_timed_out_request_is_asked_again_for_half_its_span(tmp_path: Path) -> None:
+    """A request past the timeout (a heavy range) gets the same start with half the steps,
+    and later chunks keep the smaller span. Was: the attempt failed, and every retry asked
+    for the same heavy chunk."""
     fake = FakePrometheus(hang_at=3)
+    lake = tmp_path / "lake"
+    opts = {"step": "15s", "lookback": "59m", "lag": "0s", "max_points": 60}
+    with serve_prometheus(fake) as url:
+        try:
+            outs = run(lake, url, "vllm:gpu_cache_usage_perc", **opts, timeout="0.3s")
+        finally:
+            fake.release.set()
+    assert outs[0].up, outs[0].error
+    hung, again = fake.requests[2], fake.requests[3]
+    assert again["start"] == hung["start"] and _steps(again) == _steps(hung) // 2 == 30
+    loaded = [r for i, r in enumerate(fake.requests) if i != 2]
+    assert all(_steps(r) <= 30 for r in loaded[2:])
+    for prev, r in itertools.pairwise(loaded):
+        assert r["start"] == prev["end"] + 15  # every step once
+    points = sum(_steps(r) for r in loaded)
+    assert points in (236, 237)
+    db = finops.connect(lake)
+    assert db.execute("SELECT count(*) FROM serving_samples").fetchall()[0][0] == points
+
+
+def test_a_catch_up_keeps_the_chunks_before_a_failed_request(tmp_path: Path) -> None:
+    """Lake, then checkpoint, chunk by chunk: a server hanging from request 3 on loses
+    only what was not loaded yet, after the span was halved twice (three timeouts)."""
+    fake = FakePrometheus(hang_from=3)
     lake = tmp_path / "lake"
     # 59 minutes: 236 or 237 points of the 15 s grid, 4 chunks of up to 60 either way
     opts = {"step": "15s", "lookback": "59m", "lag": "0s", "max_points": 60}
@@ -350,7 +390,9 @@ def test_a_catch_up_keeps_the_chunks_before_a_failed_request(tmp_path: Path) -> 
             fake.release.set()
         out = outs[0]
         assert not out.up
-        assert out.error.startswith("timed out after 0.3s (request 3 of 4)")
+        assert out.error.startswith("timed out after 0.3s (request 5 of ")
+        assert "3 times in a row, the span halved each time" in out.error
+        assert [_steps(r) for r in fake.requests] == [60, 60, 60, 30, 15]
         assert "2 earlier chunk(s) (120 points) are in the lake" in out.error
         (ckpt,) = (lake / "_state").glob("prometheus-*.json")
         until = dt.datetime.fromisoformat(json.loads(ckpt.read_text())["loaded_until"])
@@ -361,6 +403,7 @@ def test_a_catch_up_keeps_the_chunks_before_a_failed_request(tmp_path: Path) -> 
         assert health == [(False, 120)]
         # the next attempt starts where the lake ends
         fake.requests.clear()
+        fake.hang_from = None
         outs = run(lake, url, "vllm:gpu_cache_usage_perc", **opts, timeout="5s")
     assert outs[0].up, outs[0].error
     assert fake.requests[0]["start"] == pytest.approx(until.timestamp() + 15, abs=0.002)
@@ -487,6 +530,46 @@ def test_too_many_samples_for_one_step_fails_naming_the_query(tmp_path: Path) ->
     assert steps == [200, 100, 50, 25, 12, 6, 3, 1]  # halved down to one step
     assert len({r["start"] for r in fake.requests}) == 1
     assert not list((lake / "_state").glob("prometheus-*.json"))
+
+
+def test_a_server_query_timeout_halves_the_span_then_loads_everything(tmp_path: Path) -> None:
+    """Prometheus' `--query.timeout` (503, errorType timeout) on a heavy range: half the span,
+    twice at most in a row; a query that times out even then fails naming it."""
+    fake = FakePrometheus(timeout_over=70)
+    lake = tmp_path / "lake"
+    opts = {"step": "15s", "lookback": "1h", "lag": "0s"}
+    with serve_prometheus(fake) as url:
+        outs = run(lake, url, "vllm:gpu_cache_usage_perc", **opts)
+        assert outs[0].up, outs[0].error
+        steps = [_steps(r) for r in fake.requests]
+        first = points_per_series(FIRST_CHUNK_SERIES, MAX_POINTS, MAX_SAMPLES)
+        assert steps[:3] == [first, first // 2, first // 4] and first // 4 <= 70 < first // 2
+        loaded = fake.requests[2:]
+        assert all(_steps(r) <= first // 4 for r in loaded)  # later chunks keep the span
+        for prev, r in itertools.pairwise(loaded):
+            assert r["start"] == prev["end"] + 15
+        db = finops.connect(lake)
+        rows = db.execute("SELECT count(*) FROM serving_samples").fetchall()[0][0]
+        assert rows == sum(_steps(r) for r in loaded)
+
+        fake.requests.clear()
+        fake.timeout_over = 10
+        outs = run(tmp_path / "lake2", url, "vllm:gpu_cache_usage_perc", **opts)
+    assert not outs[0].up
+    err = outs[0].error
+    assert "query 'vllm:gpu_cache_usage_perc' timed out on the server" in err
+    assert "3 times in a row, the span halved each time" in err
+    assert "query timed out in expression evaluation" in err and "--query.timeout" in err
+    assert len(fake.requests) == 3 and len({r["start"] for r in fake.requests}) == 1
+
+
+def test_parse_response_names_a_timeout() -> None:
+    body = json.dumps(
+        {"status": "error", "errorType": "timeout", "error": "query timed out in query execution"}
+    ).encode()
+    with pytest.raises(ServerTimeout, match="timed out"):
+        parse_response(body, url="u")
+    assert issubclass(ServerTimeout, PrometheusAPIError)
 
 
 def test_parse_response_names_a_refusal_for_size() -> None:
