@@ -791,6 +791,9 @@ def test_readyz_reports_unreachable_tiers(tmp_path, upstream):
         assert r.status_code == 503 and r.json()["ready"] is False
         assert r.json()["router_version"] == "rules-v1"
         assert httpx.get(h.url + "/healthz").status_code == 200
+        # vLLM's liveness path answers the same (probes written for vLLM keep working)
+        health = httpx.get(h.url + "/health")
+        assert health.status_code == 200 and health.json()["status"] == "ok"
     with serve_in_thread(from_flags([f"small={url}"], log_dir=tmp_path / "log2")) as h:
         deadline = time.monotonic() + 10
         while httpx.get(h.url + "/readyz").status_code != 200 and time.monotonic() < deadline:

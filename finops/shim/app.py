@@ -1138,6 +1138,8 @@ def create_app(cfg: ShimConfig, *, router: Router | None = None) -> ShimASGI:
         routes=[
             Route("/v1/models", models, methods=["GET"]),
             Route("/healthz", healthz, methods=["GET"]),
+            # vLLM's own liveness path: probes written for the vLLM the shim now fronts
+            Route("/health", healthz, methods=["GET"]),
             Route("/readyz", readyz, methods=["GET"]),
             Route("/metrics", metrics, methods=["GET"]),
         ],
