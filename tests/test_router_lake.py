@@ -55,6 +55,13 @@ def test_lake_labels_metadata_only_and_replay(demo_lake: Path, tmp_path: Path) -
     assert "retained on its held-out test split" in rep["line"]
     costs = [p["cost_usd"] for p in rep["curve"]]
     assert costs[-1] == max(costs)  # all-large (lambda None) is the most expensive point
+    # the logged routing is priced at the lake's own $/token (per prefill-computed token),
+    # so it cannot cost more than the GPU-hours its tiers were billed. Was: full prompts
+    # (prefix-cache hits included) at that price, above the whole bill on the demo week
+    bill = db.execute(
+        "SELECT sum(gpu_cost) FROM marts.gpu_cost_hourly WHERE tier IN ('small', 'mid', 'large')"
+    ).fetchone()[0]
+    assert 0 < rep["logged_cost_usd"] <= bill
 
 
 def test_price_fallback_is_stated(tmp_path: Path) -> None:

@@ -243,6 +243,9 @@ def classification_report(
 def tier_token_prices(tiers: Sequence[str], lake: Any = None, prices: Any = None) -> dict[str, Any]:
     """$/input token and $/output token per tier, and where the figures came from.
 
+    From the lake, an input token is one vLLM computed (prompt less prefix-cache hits),
+    as the cost marts share the bill: price a logged request's uncached input with it.
+
     Prefers the lake's cost marts (finops.costs: measured GPU cost shared by token work,
     idle included), else the price catalog with `FALLBACK_DEPLOYMENTS` throughputs; the
     source then says why the lake could not price the tiers.
@@ -440,7 +443,10 @@ def replay_lake(
     """Replay the lake's last `days` of generation traffic through the router's decision rule
     (or, with `start`/`end`, the requests in [start, end): a weekly report's own week).
 
-    Cost per request and tier = its logged input/output tokens at that tier's $/token;
+    Cost per request and tier = its logged uncached input tokens (those vLLM computed:
+    the lake's $/input token is per prefill-computed token, so pricing full prompts with
+    it counted prefix-cache hits as work and put the logged routing above the GPU bill)
+    and output tokens at that tier's $/token;
     requests served from the shim's response cache and embeddings are left out (they
     spend no generation tokens), and so are failed requests. Two baselines, at the same
     $/token so that the difference is the routing alone:
@@ -473,7 +479,9 @@ def replay_lake(
         span = f"{start or 'the start'} to {end or 'the end'}"
     df = db.sql(
         f"""
-        SELECT {", ".join(REPLAY_COLUMNS)}, coalesce(tier, routed_tier) AS logged_tier
+        SELECT {", ".join(REPLAY_COLUMNS)}, coalesce(tier, routed_tier) AS logged_tier,
+               greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
+                   AS uncached_input_tokens
         FROM clean.requests
         WHERE {window}
           AND coalesce(operation, 'chat') <> 'embeddings'
@@ -490,7 +498,7 @@ def replay_lake(
     cum = cumulative(proba)
     price = tier_token_prices(tiers, lake=lake, prices=prices)
     cost = cost_matrix(
-        df["input_tokens"].fill_null(0).to_numpy().astype(float),
+        df["uncached_input_tokens"].to_numpy().astype(float),
         df["output_tokens"].fill_null(0).to_numpy().astype(float),
         price,
         tiers,
