@@ -922,3 +922,34 @@ def test_finops_sql_applies_finops_deployments(
     f.write_text("nonsense = [")
     res = CliRunner().invoke(app, ["sql", query, "--lake", str(cost_lake)])
     assert res.exit_code == 2 and "not valid TOML" in res.output, res.output
+
+
+def test_a_failed_request_is_listed_under_its_tiers_model(lake: Lake) -> None:
+    """A request that failed before a model answered logs no response model: `--by model`
+    lists it under the model its tier served, not under the name it asked for. Was: 'auto'
+    and the tier aliases showed as models of their own, every request of them failed."""
+    ok = {"tenant": "acme", "status_code": 200, "request_model": "auto", "tier": "large"}
+    rows = [
+        {**ok, "request_id": f"ok{i}", "ts": T0 + dt.timedelta(minutes=i),
+         "response_model": "llama-70b", "input_tokens": 100, "output_tokens": 10}
+        for i in range(3)
+    ]  # fmt: skip
+    rows.append({**ok, "request_id": "older", "ts": T0, "response_model": "llama-65b"})
+    rows.append(
+        {**ok, "request_id": "failed", "ts": T0 + dt.timedelta(minutes=5), "status_code": 503,
+         "error_type": "upstream_unavailable"}
+    )  # fmt: skip
+    rows.append(
+        {"request_id": "refused", "ts": T0 + dt.timedelta(minutes=6), "tenant": "acme",
+         "request_model": "auto", "status_code": 401, "error_type": "invalid_api_key"}
+    )  # fmt: skip
+    assert lake.append("requests", rows, source="test").rejected == 0
+    db = finops.connect(lake.path)
+    work = dict(db.execute("SELECT request_id, model FROM marts.request_work").fetchall())
+    assert work["failed"] == "llama-70b"  # the model the tier served most often
+    assert work["refused"] == "auto"  # no tier: the name it asked for
+    assert work["older"] == "llama-65b"  # an answered request keeps its own
+    hourly = db.execute(
+        "SELECT model, sum(requests), sum(failed) FROM marts.requests_hourly GROUP BY 1 ORDER BY 1"
+    ).fetchall()
+    assert hourly == [("auto", 1, 1), ("llama-65b", 1, 0), ("llama-70b", 4, 1)]

@@ -19,6 +19,17 @@ CREATE OR REPLACE MACRO marts.processed(cache_status, error_type, status_code) A
     NOT marts.served_by_cache(cache_status)
     AND NOT marts.refused(error_type, status_code);
 
+-- The model each tier served most often. A request that failed before a model answered
+-- (a 5xx, a timeout, a refusal) logs no response model: its `model` below is its tier's
+-- (read here), so `--by model` lists it beside that model's other requests, not under the
+-- name it asked for ('auto', a tier alias) as a model of its own; one with no tier
+-- (refused before routing) keeps the name it asked for.
+CREATE OR REPLACE VIEW marts.tier_models AS
+SELECT tier, mode(response_model) AS model
+FROM raw.requests
+WHERE tier IS NOT NULL AND response_model IS NOT NULL
+GROUP BY tier;
+
 -- Mart: requests per hour by tier/tenant/feature/model, with latency percentiles.
 CREATE OR REPLACE VIEW marts.requests_hourly AS
 WITH r AS (
@@ -26,7 +37,10 @@ WITH r AS (
 )
 SELECT
     date_trunc('hour', ts) AS hour,
-    tier, tenant, feature, coalesce(response_model, request_model) AS model,
+    tier, tenant, feature,
+    coalesce(
+        response_model, (SELECT m.model FROM marts.tier_models m WHERE m.tier = r.tier), request_model
+    ) AS model,
     count(*) AS requests,
     count(*) FILTER (status_code >= 400 OR error_type IS NOT NULL) AS failed,
     count(*) FILTER (retry_of IS NOT NULL) AS retries,

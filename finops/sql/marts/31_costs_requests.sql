@@ -43,7 +43,9 @@ CREATE OR REPLACE VIEW marts.request_work AS
 SELECT
     request_id, ts, date_trunc('hour', ts) AS hour,
     tenant, feature, coalesce(operation, 'chat') AS operation, tier,
-    coalesce(response_model, request_model) AS model,
+    coalesce(  -- a failed request's model: its tier's (marts.tier_models, 20_requests.sql)
+        response_model, (SELECT m.model FROM marts.tier_models m WHERE m.tier = q.tier), request_model
+    ) AS model,
     coalesce(stream, false) AS stream, status_code, error_type, finish_reason,
     retry_of, attempt, cache_status, prompt_fingerprint,
     coalesce(input_tokens, 0) AS input_tokens,
@@ -58,7 +60,7 @@ SELECT
          THEN greatest(coalesce(input_tokens, 0) - coalesce(cached_input_tokens, 0), 0)
          ELSE 0 END AS work_in,
     CASE WHEN worked THEN coalesce(output_tokens, 0) ELSE 0 END AS work_out
-FROM clean.requests;
+FROM clean.requests AS q;
 
 -- Per tier-hour pools and the marginal (average) price of one token of work.
 CREATE OR REPLACE VIEW marts.tier_token_prices AS
