@@ -31,6 +31,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import os
 import re
 import time
 from collections.abc import AsyncIterator, Callable
@@ -291,6 +292,15 @@ class Response:
         self._pool.forget()
 
 
+def _reason(exc: OSError) -> str:
+    """The OS's reason, without the address asyncio puts in its `strerror` ("Connect
+    call failed ('10.0.0.1', 8000)"): the caller names the replica its own way."""
+    if exc.errno:
+        with contextlib.suppress(ValueError):
+            return os.strerror(exc.errno)
+    return exc.strerror or str(exc)
+
+
 class HostPool:
     """Keep-alive connections to one upstream, at most `max_connections` at a time."""
 
@@ -324,18 +334,15 @@ class HostPool:
                     self.host, self.port, ssl=self.ssl or None, limit=_STREAM_LIMIT
                 )
         except TimeoutError:
-            raise ConnectError(
-                f"connect to {self.host}:{self.port} timed out after {self.connect_timeout:g} s"
-            ) from None
+            # the caller names the replica (its URL in the log, its name to clients)
+            raise ConnectError(f"connect timed out after {self.connect_timeout:g} s") from None
         except OSError as exc:
             if exc.errno in _LOCAL_SHORTAGE:
                 raise OutOfResources(
                     f"connect to {self.host}:{self.port} failed in the shim itself: "
-                    f"{exc.strerror or exc} (raise `ulimit -n`, or fewer connections)"
+                    f"{_reason(exc)} (raise `ulimit -n`, or fewer connections)"
                 ) from None
-            raise ConnectError(
-                f"connect to {self.host}:{self.port} failed: {exc.strerror or exc}"
-            ) from None
+            raise ConnectError(f"connect failed: {_reason(exc)}") from None
         self.open += 1
         return _Conn(reader, writer)
 

@@ -21,11 +21,13 @@ Why each piece:
 
 from __future__ import annotations
 
+import re
 import time
 from collections import deque
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 from finops.shim.config import ShimConfig
 
@@ -230,6 +232,24 @@ class Upstream:
         return f"Upstream({self.tier}, {self.url}, out={self.outstanding}, {STATE_NAMES[self.breaker.state]})"
 
 
+def _address_forms(url: str) -> list[str]:
+    """The ways other than `url` itself that errors name the server at `url`: its
+    netloc, "host:port" as the HTTP client writes it (default port filled in), the
+    socket address as Python prints it, and last the bare host."""
+    try:
+        u = urlsplit(url)
+        host = u.hostname
+        port = u.port or (443 if u.scheme == "https" else 80)
+    except ValueError:  # a URL the config check let through but urlsplit does not parse
+        return []
+    if not host:
+        return []
+    forms = [u.netloc.rpartition("@")[2], f"{host}:{port}", f"('{host}', {port})"]
+    if ":" in host:  # IPv6: the bracketed form, and the 4-tuple socket address
+        forms += [f"[{host}]:{port}", f"('{host}', {port}, 0, 0)", f"[{host}]"]
+    return [f for f in dict.fromkeys(forms) if f and f != host] + [host]
+
+
 class Pool:
     """All replicas by tier, in cost order (cheapest tier first)."""
 
@@ -262,17 +282,38 @@ class Pool:
         for name, reps in self.tiers.items():
             for k, u in enumerate(reps, 1):
                 held.setdefault(u.url, []).append(f"`{name}` replica {k}")
-        names = {url: " = ".join(dict.fromkeys(n)) for url, n in held.items()}
+        # every way an error names a replica: its URL, then the address forms the HTTP
+        # client's and the OS's errors use (no scheme); a bare host several servers
+        # share names none of them
+        forms: dict[str, list[str]] = {}
+        hosts: dict[str, set[str]] = {}
+        for url, n in held.items():
+            forms.setdefault(url, []).extend(n)
+            *addresses, host = _address_forms(url) or [None]
+            for form in addresses:
+                forms.setdefault(form, []).extend(n)
+            if host is not None:
+                hosts.setdefault(host, set()).add(url)
+        names = {form: " = ".join(dict.fromkeys(n)) for form, n in forms.items()}
+        for host, urls in hosts.items():
+            if host not in names:
+                names[host] = names[next(iter(urls))] if len(urls) == 1 else "an upstream host"
         # longest first: no URL is replaced inside a longer one it is the start of
-        self._public = sorted(names.items(), key=lambda kv: -len(kv[0]))
+        ordered = sorted(names, key=lambda f: -len(f))
+        self._names = names
+        # not inside a longer host or number (`10.0.0.1` in `10.0.0.12`)
+        self._public_re = (
+            re.compile("|".join(rf"(?<![\w.-]){re.escape(f)}(?![\w-]|\.\w)" for f in ordered))
+            if ordered
+            else None
+        )
 
     def public(self, text: str) -> str:
-        """`text` with each replica's URL as "`tier` replica N": the errors clients get
-        do not map the internal network (the shim's log keeps the URLs)."""
-        for url, name in self._public:
-            if url in text:
-                text = text.replace(url, name)
-        return text
+        """`text` with each replica's URL, host:port and host as "`tier` replica N": the
+        errors clients get do not map the internal network (the shim's log keeps them)."""
+        if self._public_re is None:
+            return text
+        return self._public_re.sub(lambda m: self._names[m.group(0)], text)
 
     def seconds_until_probe(self, tier: str, now: float, url: str | None = None) -> float:
         """Seconds until a replica of `tier` or a tier above (only the one at `url`, for a
