@@ -124,7 +124,9 @@ def test_deny_routes_aliases_of_the_alias_and_refuses_tier_names(tmp_path, upstr
             assert r.status_code == 403 and r.json()["error"]["code"] == "model_not_allowed"
         # an unknown name's 404 points only at what routes, not at tiers refused with 403
         r = httpx.post(post, json={**CHAT, "model": "gpt-5"})
-        assert r.status_code == 404 and "use `auto`." in r.json()["error"]["message"]
+        assert (
+            r.status_code == 404 and "use one of `auto`, `gpt-4o`." in r.json()["error"]["message"]
+        )
         assert "large" not in r.json()["error"]["message"]
     # an alias to a tier could never be served under deny: refused at load time
     with pytest.raises(ConfigError, match=r"model_aliases: \['cheap'\] point at a tier"):
@@ -478,7 +480,11 @@ def test_upstream_urls_are_checked(url, message):
 def test_upstream_flag_errors_name_the_flag_not_a_config_table():
     with pytest.raises(ConfigError, match=r"^--upstream: 'auto' is the routing alias"):
         from_flags(["auto=http://127.0.0.1:1"])
-    with pytest.raises(ConfigError, match=r"^--upstream small=: expected an http\(s\) URL"):
+    with pytest.raises(
+        ConfigError,
+        match=r"^--upstream small=127.0.0.1:18000: expected an http:// or https:// URL of a "
+        r"vLLM server, got '127.0.0.1:18000' \(did you mean 'http://127.0.0.1:18000'\?\)$",
+    ):
         from_flags(["small=127.0.0.1:18000"])
 
 

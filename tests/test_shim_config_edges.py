@@ -160,7 +160,9 @@ def test_an_ipv6_url_missing_its_bracket_is_a_config_error(tmp_path, text, where
     res = CliRunner().invoke(app, ["shim", "check", str(conf)])
     assert res.exit_code != 0 and isinstance(res.exception, SystemExit), res.exception
     assert f"{where}" in res.output and "cannot be read as a URL (Invalid IPv6 URL)" in res.output
-    with pytest.raises(ConfigError, match=r"--upstream small=: 'http://\[fd00::5:8000'"):
+    with pytest.raises(
+        ConfigError, match=r"--upstream small=http://\[fd00::5:8000: 'http://\[fd00::5:8000'"
+    ):
         from_flags(["small=http://[fd00::5:8000"])
     with pytest.raises(ConfigError, match="cannot be read as a URL"):
         parse_config(tomllib.loads(text), source="shim.toml")

@@ -12,6 +12,7 @@ import hashlib
 import logging
 import math
 import os
+import re
 import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,6 +188,14 @@ def _check_key_hash(h: Any, where: str) -> None:
     )
 
 
+# requests name the model; two tiers serving one name would send all of it to the first
+_SAME_MODEL = (
+    "a model name goes to one tier (requests for it would all go to the first). Give "
+    "each tier's vLLM its own --served-model-name (it takes several) and, for another "
+    "name clients may send, a config file's [routing] model_aliases"
+)
+
+
 def _expect(cond: bool, where: str, msg: str) -> None:
     if not cond:
         raise ConfigError(f"{where}: {msg}")
@@ -301,7 +310,8 @@ def _check_url(url: Any, where: str) -> str:
     _expect(
         isinstance(url, str) and url.startswith(("http://", "https://")),
         where,
-        f"expected an http(s) URL of a vLLM server, got {url!r}",
+        f"expected an http:// or https:// URL of a vLLM server, got {url!r}"
+        + (f" (did you mean 'http://{url}'?)" if isinstance(url, str) and "://" not in url else ""),
     )
     _expect(
         not any(c.isspace() for c in url),
@@ -472,11 +482,17 @@ def parse_config(
             ups = [ups]
         _expect(
             isinstance(ups, list) and len(ups) > 0,
-            where,
-            "upstreams: expected a non-empty list of URLs",
+            f"{where} upstreams",
+            "expected a non-empty list of URLs",
         )
         model = _get(t, "model", str, where, name)
         _expect(bool(model), f"{where} model", "expected a non-empty model name")
+        other = next((o.name for o in tiers.values() if o.model == model), None)
+        _expect(
+            other is None,
+            f"{where} model",
+            f"{model!r} is also the model [tiers.{other}] serves; {_SAME_MODEL}",
+        )
         tier_key = _get(t, "api_key", str, where, None)
         _expect(
             tier_key != "",
@@ -896,7 +912,9 @@ def from_flags(
             "'auto' is the routing alias (routed by the router), not a tier name; name the "
             "tier after what it serves, e.g. small=URL",
         )
-        _check_url(url, f"--upstream {tier}=")
+        # the value as given, less any password in it (the error is printed)
+        shown = re.sub(r"(?<=://)[^/@]*@", "***@", url)
+        _check_url(url, f"--upstream {tier}={shown}")
         tiers.setdefault(tier, []).append(url)
     _expect(bool(tiers), "--upstream", "give at least one --upstream TIER=URL (or --config FILE)")
     served: dict[str, str] = {}
@@ -909,6 +927,12 @@ def from_flags(
             f"tier {tier!r} has no --upstream (tiers: {', '.join(tiers)})",
         )
         _expect(tier not in served, "--model", f"tier {tier!r} is given twice")
+        other = next((t for t, n in served.items() if n == name), None)
+        _expect(
+            other is None,
+            "--model",
+            f"--model {other}={name} and --model {tier}={name}: {_SAME_MODEL}",
+        )
         served[tier] = name
     keys = []
     for spec in api_keys or []:
