@@ -737,7 +737,7 @@ class Shim:
             with contextlib.suppress(Exception):  # the health loop reports failures
                 # lengths asked again (a redeployed model's may change), the old ones
                 # listed meanwhile
-                await self.check_upstreams(refresh_lengths=True)
+                await self.check_upstreams(refresh_lengths=True, report=True)
         return result
 
     async def _healthy(self, url: str, timeout: float) -> bool:
@@ -747,42 +747,74 @@ class Shim:
             return False
         return r.status_code < 500
 
-    async def check_upstreams(self, *, refresh_lengths: bool = False) -> None:
+    async def check_upstreams(self, *, refresh_lengths: bool = False, report: bool = False) -> None:
+        """Probe every replica's /health (and /v1/models for its context length).
+
+        `report` (at start and after a reload): a WARNING for each replica that is
+        unreachable or does not serve its tier's model, so a typo in a URL or a model
+        name is seen when it is made, not at the first failed request. Start does not
+        fail on it: the replica may come up later (the health loop keeps probing).
+        """
+        problems: dict[tuple[str, str], str] = {}
+
         async def probe(u: Any) -> None:
             timeout = min(2.0, self.cfg.connect_timeout_s + 1)
             was = u.reachable
             u.reachable = await self._healthy(u.url, timeout)
+            if not u.reachable:
+                problems[(u.tier, u.url)] = "is unreachable (its /health did not answer)"
             # asked once, and again when the replica comes back (a restart may serve
             # another length), had not said (0: a model name it did not list yet) or a
-            # reload asks (`refresh_lengths`)
-            if u.reachable and (refresh_lengths or u.max_model_len in (None, 0) or was is False):
-                n = await self._max_model_len(u, timeout)
+            # reload asks (`refresh_lengths`, `report`)
+            asked = refresh_lengths or report or u.max_model_len in (None, 0) or was is False
+            if u.reachable and asked:
+                n, listed = await self._max_model_len(u, timeout)
                 if n is not None or u.max_model_len is None:
                     u.max_model_len = n
+                if listed is not None and u.model not in listed:
+                    problems[(u.tier, u.url)] = (
+                        f"serves models {listed}, not `{u.model}`: requests for this tier will fail"
+                    )
 
         await asyncio.gather(*(probe(u) for u in self.pool.all()))
+        if report:
+            for tier, reps in self.pool.tiers.items():
+                for k, u in enumerate(reps, 1):
+                    if (tier, u.url) in problems:
+                        self.logger.warning(
+                            "upstream check: tier `%s` replica %d (%s) %s",
+                            tier,
+                            k,
+                            u.url,
+                            problems[(tier, u.url)],
+                        )
 
-    async def _max_model_len(self, u: Any, timeout: float) -> int | None:
+    async def _max_model_len(self, u: Any, timeout: float) -> tuple[int | None, list | None]:
         """`max_model_len` of the model `u` serves, from vLLM's /v1/models (0: not given;
-        None: ask again at the next check)."""
+        None: ask again at the next check), and the model ids listed there (None: no
+        list came back)."""
         headers = {"authorization": f"Bearer {u.api_key}"} if u.api_key else {}
         try:
             r = await self.client.get(u.url + "/v1/models", headers=headers, timeout=timeout)
             data = r.json().get("data") if r.status_code == 200 else None
         except (httpx.HTTPError, ValueError, AttributeError):
-            return None
+            return None, None
         if not isinstance(data, list):
-            return 0
+            return 0, None
+        listed = [m.get("id") for m in data if isinstance(m, dict)]
         for m in data:
             if isinstance(m, dict) and m.get("id") == u.model:
                 n = m.get("max_model_len")
-                return n if isinstance(n, int) and not isinstance(n, bool) and n > 0 else 0
-        return 0
+                ok = isinstance(n, int) and not isinstance(n, bool) and n > 0
+                return (n if ok else 0), listed
+        return 0, listed
 
     async def _health_loop(self) -> None:
+        first = True  # the start's probe: its problems are reported
         while True:
             try:
-                await self.check_upstreams()
+                await self.check_upstreams(report=first)
+                first = False
             except Exception as exc:
                 self.logger.warning("health check failed: %s", exc)
             self.refresh_gauges()
