@@ -473,12 +473,18 @@ class Ctx:
     def headers(self, now: float) -> list[tuple[bytes, bytes]]:
         ov = self.overhead_ms(now)
         self.first_byte_at = now
-        return [
+        out = [
             (b"x-finops-tier", (self.tier or "none").encode()),
             (b"x-finops-cache", self.cache_header),
             (b"x-finops-overhead-ms", f"{ov:.3f}".encode()),
             (b"x-request-id", self.rec["request_id"].encode()),
         ]
+        # a context cap cut the prompt: said to the client, whose answer is to less
+        # than it sent (only then: no header, and no cost, on the usual request)
+        cut = self.rec.get("truncated_tokens")
+        if cut:
+            out.append((b"x-finops-truncated-tokens", str(cut).encode()))
+        return out
 
 
 def _start_record(rec: dict, operation: str) -> None:
@@ -2303,21 +2309,34 @@ def _usage_options(so: Any) -> tuple[bool, bool]:
     return flags[0], flags[0] and flags[1]
 
 
+_NAMES_SHOWN = 20  # a 404 lists this many names; /v1/models has them all
+
+
+def _model_not_found(shim: Shim, model: str) -> HTTPError:
+    """The 404 for a name the shim does not take, listing the names it does: the
+    aliases, tiers, the model names they serve and `model_aliases` (a denied name is
+    not one to use: under `explicit = "deny"` only the routed ones are listed)."""
+    aliases = set(shim.cfg.aliases)
+    usable = [n for n, v in shim._names.items() if not isinstance(v, HTTPError)]
+    usable.sort(key=lambda n: n not in aliases)  # stable: aliases first, then config order
+    shown = ", ".join(f"`{n}`" for n in usable[:_NAMES_SHOWN])
+    if len(usable) > _NAMES_SHOWN:
+        shown += f" and {len(usable) - _NAMES_SHOWN} more (GET /v1/models lists them)"
+    return HTTPError(
+        404,
+        f"The model `{model}` does not exist here; use one of {shown}.",
+        "invalid_request_error",
+        "model_not_found",
+        param="model",
+    )
+
+
 def _resolve(shim: Shim, model: str) -> Any:
     """The tier or "@route" a `model` name resolves to; 404 for an unknown name, the
     explicit policy's error (403) for a denied one."""
     tier = shim.resolve_model(model)
     if tier is None:
-        cfg = shim.cfg
-        # under `explicit = "deny"` the tiers are refused too: name only what routes
-        others = "" if cfg.explicit == "deny" else f" or one of {list(cfg.tiers)}"
-        raise HTTPError(
-            404,
-            f"The model `{model}` does not exist here; use `{cfg.alias}`{others}.",
-            "invalid_request_error",
-            "model_not_found",
-            param="model",
-        )
+        raise _model_not_found(shim, model)
     if isinstance(tier, HTTPError):
         raise tier
     return tier
@@ -2456,13 +2475,7 @@ class EmbeddingsEndpoint:
                 tier = shim.cfg.tier_names[0]  # embeddings are not classified: cheapest tier
             ctx.one_tier = True  # another replica of its tier, never another tier's model
             if tier is None:
-                raise HTTPError(
-                    404,
-                    f"The model `{model}` does not exist here.",
-                    "invalid_request_error",
-                    "model_not_found",
-                    param="model",
-                )
+                raise _model_not_found(shim, model)
             if isinstance(tier, HTTPError):
                 raise tier
             ctx.tier = tier
