@@ -76,7 +76,16 @@ def _raw_view_sql(db: duckdb.DuckDBPyConnection, lake: Path, schema: TableSchema
     source = (
         f"read_parquet('{glob}', union_by_name = true, hive_partitioning = false, filename = true)"
     )
-    present = {row[0] for row in db.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()}
+    try:
+        described = db.execute(f"DESCRIBE SELECT * FROM {source}").fetchall()
+    except duckdb.Error as exc:  # a file cut short or not Parquet: name it, not DuckDB's words
+        _refuse_unreadable(files, schema, exc)
+        raise
+    present = {row[0]: row[1] for row in described}
+    if any(c in present and not _reads_as(present[c], t) for c, t in schema.columns.items()):
+        # a hand-placed file with text where a number belongs fails every query later,
+        # naming no file ("Could not convert string"): refuse now, naming the file
+        _refuse_unreadable(files, schema, None)
     cols = ", ".join(
         f"CAST({_quoted(c) if c in present else 'NULL'} AS {_duck_type(t)}) AS {_quoted(c)}"
         for c, t in schema.columns.items()
@@ -87,6 +96,43 @@ def _raw_view_sql(db: duckdb.DuckDBPyConnection, lake: Path, schema: TableSchema
         f"CREATE OR REPLACE VIEW raw.{schema.name} AS SELECT {cols}, "
         f"parse_filename(filename) AS _file FROM {source}"
     )
+
+
+_INTEGERS = frozenset(
+    {"TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT"}
+    | {"UTINYINT", "USMALLINT", "UINTEGER", "UBIGINT", "UHUGEINT"}
+)
+
+
+def _reads_as(found: str, want: pl.DataType) -> bool:
+    """Whether DuckDB's type for a column (all files together) casts to the schema's
+    type without a guess; the lake's own files always do (`lake._fits`, per file)."""
+    if found in ('"NULL"', "NULL"):
+        return True
+    if want == pl.String:
+        return not found.endswith("]") and not found.startswith(("STRUCT", "MAP", "UNION"))
+    if want in (pl.Int32, pl.Int64):
+        return found in _INTEGERS
+    if want == pl.Float64:
+        return found in _INTEGERS or found in ("FLOAT", "DOUBLE") or found.startswith("DECIMAL")
+    if want == pl.Boolean:
+        return found == "BOOLEAN"
+    if isinstance(want, pl.Datetime):
+        return found.startswith("TIMESTAMP")
+    return True
+
+
+def _refuse_unreadable(files: list[Path], schema: TableSchema, exc: Exception | None) -> None:
+    """Raise LakeFileError naming the table's files that cannot be read, if any.
+
+    Checked only once DuckDB has failed or found a column of another type, so a
+    sound lake pays nothing for it.
+    """
+    from finops.lake import LakeFileError, unreadable_files
+
+    bad = unreadable_files(files, schema)
+    if bad:
+        raise LakeFileError(bad) from exc
 
 
 def sql_files() -> list[Path]:

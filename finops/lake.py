@@ -100,6 +100,33 @@ class LakeError(ValueError):
     """Input the lake cannot take at all (as opposed to a row it rejects)."""
 
 
+class LakeFileError(LakeError, OSError):
+    """Files in the lake that cannot be read as their table: cut short (a full disk, a
+    killed copy), not Parquet at all, or a hand-placed file whose column has another type.
+
+    Readers refuse such a lake rather than skip the file: a day's requests missing
+    would show a smaller bill, not an error. `problems` holds (file, reason) pairs.
+    An OSError too (as `gzip.BadGzipFile`), so a writer's handler of failed file I/O
+    reports it as it reports a full disk.
+    """
+
+    def __init__(self, problems: Sequence[tuple[Path, str]]) -> None:
+        self.problems = list(problems)
+        shown = "; ".join(f"{path}: {why}" for path, why in self.problems[:3])
+        if len(self.problems) > 3:
+            shown += f"; and {len(self.problems) - 3} more"
+        one = len(self.problems) == 1
+        super().__init__(
+            (
+                "a lake file cannot be read"
+                if one
+                else f"{len(self.problems)} lake files cannot be read"
+            )
+            + f": {shown}; move {'it' if one else 'them'} out of the lake folder "
+            "(`finops lake info` lists every such file) and run again"
+        )
+
+
 @dataclass
 class AppendResult:
     """What one append did; `read == loaded + rejected` always holds.
@@ -149,6 +176,8 @@ class CompactResult:
     rows_before: int = 0
     rows_after: int = 0
     deleted: int = 0  # files merged away by an earlier compaction, now past their grace
+    # files left as they are, neither merged nor deleted: they cannot be read (file, why)
+    unreadable: list[tuple[Path, str]] = field(default_factory=list)
 
 
 def canonical_json(value: Any) -> str | None:
@@ -893,6 +922,78 @@ class _Written:
     replaced: pl.DataFrame | None = None
 
 
+def _fits(got: pa.DataType, want: pl.DataType) -> bool:
+    """Whether a file's column type reads as the schema's without guessing: any integer
+    width for an integer, any number for a float, any timestamp for a timestamp."""
+    if pa.types.is_dictionary(got):
+        got = got.value_type
+    if pa.types.is_null(got):  # a column with no values at all
+        return True
+    if want == pl.String:  # any plain value has a text form
+        return not pa.types.is_nested(got)
+    if want in (pl.Int32, pl.Int64):
+        return pa.types.is_integer(got)
+    if want == pl.Float64:
+        return pa.types.is_integer(got) or pa.types.is_floating(got) or pa.types.is_decimal(got)
+    if want == pl.Boolean:
+        return pa.types.is_boolean(got)
+    if isinstance(want, pl.Datetime):
+        return pa.types.is_timestamp(got)
+    return True
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+
+
+def file_problem(path: Path, schema: TableSchema) -> str | None:
+    """Why a lake file cannot be read as `schema`'s table, or None when it can.
+
+    Reads the file's footer only (its schema and row counts). A file that vanished
+    (a compaction's sweep) raises FileNotFoundError: gone is not unreadable.
+    """
+    try:
+        arrow = pq.read_schema(path)
+    except FileNotFoundError:
+        raise
+    except (pa.ArrowException, OSError, ValueError) as exc:
+        return f"not a readable Parquet file ({_first_line(exc)})"
+    wrong = [
+        f"column {name} is {arrow.field(name).type}, expected {_column_words(want)}"
+        for name, want in schema.columns.items()
+        if arrow.get_field_index(name) >= 0 and not _fits(arrow.field(name).type, want)
+    ]
+    if not wrong:
+        return None
+    # the lake's own writers always write the schema's types: this file came from elsewhere
+    return (
+        ", ".join(wrong)
+        + f" (not written by finops: load such a file with `finops ingest {schema.name} FILE`)"
+    )
+
+
+def _column_words(dtype: pl.DataType) -> str:
+    if isinstance(dtype, pl.Datetime):
+        return "a timestamp column"
+    return {
+        pl.Int32: "an integer column",
+        pl.Int64: "an integer column",
+        pl.Float64: "a number column",
+        pl.Boolean: "a boolean column",
+    }.get(dtype, "a text column")  # type: ignore[call-overload]
+
+
+def unreadable_files(files: Sequence[Path], schema: TableSchema) -> list[tuple[Path, str]]:
+    """(file, why) for each of these files of `schema`'s table that cannot be read as it."""
+    out = []
+    for f in files:
+        with contextlib.suppress(FileNotFoundError):
+            why = file_problem(f, schema)
+            if why is not None:
+                out.append((f, why))
+    return out
+
+
 def _write_order(path: Path) -> str:
     """The clean views' order of writes (`clean.write_order` in 10_dedup.sql)."""
     return ("1" if _WRITTEN.match(path.name) else "0") + path.name
@@ -996,15 +1097,34 @@ _STAMP = "__written"
 _T = TypeVar("_T")
 
 
-def _keys_in_several_partitions(files: list[Path], key: Sequence[str]) -> pl.DataFrame | None:
-    """Keys with rows in more than one date partition of these files (None: no files)."""
-    if not files:
+def _read_or_why(path: Path, columns: list[str] | None = None) -> pl.DataFrame | str:
+    """The file's rows, or why they cannot be read: a sound footer over damaged pages
+    shows only when the pages are read. A vanished file raises FileNotFoundError."""
+    try:
+        return pl.read_parquet(path, columns=columns)
+    except FileNotFoundError:
+        raise
+    except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+        return f"not a readable Parquet file ({_first_line(exc)})"
+
+
+def _keys_in_several_partitions(
+    files: list[Path], key: Sequence[str], unreadable: list[tuple[Path, str]]
+) -> pl.DataFrame | None:
+    """Keys with rows in more than one date partition of these files (None: no files).
+
+    A file whose keys cannot be read is left out and added to `unreadable`.
+    """
+    frames = []
+    for f in files:
+        got = _read_or_why(f, list(key))
+        if isinstance(got, str):
+            unreadable.append((f, got))
+        else:
+            frames.append(got.with_columns(_part=pl.lit(f.parent.name)))
+    if not frames:
         return None
-    keys = pl.concat(
-        [pl.read_parquet(f, columns=list(key)).with_columns(_part=pl.lit(f.parent.name))
-         for f in files],
-        how="vertical_relaxed",
-    )  # fmt: skip
+    keys = pl.concat(frames, how="vertical_relaxed")
     spread = keys.group_by(list(key)).agg(pl.col("_part").n_unique().alias("_n"))
     return spread.filter(pl.col("_n") > 1).select(list(key))
 
@@ -1266,7 +1386,14 @@ class Lake:
             part_dir = root / f"date={date.isoformat()}"
             if skip_unchanged:
                 # row by row: a batch written before may have been overwritten since
-                body, unchanged, replaced = _split_unchanged(part_dir, body, key, fp)
+                try:
+                    body, unchanged, replaced = _split_unchanged(part_dir, body, key, fp)
+                except (pl.exceptions.PolarsError, pa.ArrowException, OSError) as exc:
+                    # held rows cannot be compared: refuse, naming the file, not the library
+                    bad = unreadable_files(_live_files(part_dir), schema)
+                    if bad:
+                        raise LakeFileError(bad) from exc
+                    raise
                 held.append((unchanged, replaced))
                 if not body.height:
                     out.duplicate_files += 1
@@ -1374,25 +1501,43 @@ class Lake:
         # either listed here or stamped later than every listed file
         with _publish_lock(root, exclusive=True):
             listing = {part_dir: _live_files(part_dir) for part_dir in sorted(root.glob("date=*"))}
+        # a file that cannot be read stays as it is: merging would drop its rows for good
+        res.unreadable = unreadable_files([f for fs in listing.values() for f in fs], schema)
+        footer_bad = {f for f, _ in res.unreadable}
         # a key with copies in several dates: its rows keep their own write time, or
         # a merge would promote an old copy past a newer one in another partition
         spread = (
-            _keys_in_several_partitions([f for fs in listing.values() for f in fs], schema.key)
+            _keys_in_several_partitions(
+                [f for fs in listing.values() for f in fs if f not in footer_bad],
+                schema.key,
+                res.unreadable,
+            )
             if name in LATEST_WINS
             else None
         )
+        bad = {f for f, _ in res.unreadable}
+        res.files_after += len(bad)
+        res.files_before += len(bad)
+        listing = {d: [f for f in fs if f not in bad] for d, fs in listing.items()}
         for part_dir, files in listing.items():
             res.files_before += len(files)
+            frames: list[pl.DataFrame] = []
+            if len(files) >= min_files:
+                # newest file first: `unique(keep="first")` then keeps the latest write
+                files.sort(key=lambda f: (_file_stamp(f), f.name), reverse=True)
+                for f in list(files):
+                    frame = _read_or_why(f)
+                    if isinstance(frame, str):
+                        res.unreadable.append((f, frame))
+                        res.files_after += 1
+                        files.remove(f)
+                    else:
+                        frames.append(frame.with_columns(pl.lit(_file_stamp(f)).alias(_STAMP)))
             if len(files) < min_files:
                 res.files_after += len(files)
                 res.rows_before += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
                 res.rows_after += sum(pq.ParquetFile(f).metadata.num_rows for f in files)
                 continue
-            # newest file first: `unique(keep="first")` then keeps the latest write
-            files.sort(key=lambda f: (_file_stamp(f), f.name), reverse=True)
-            frames = [
-                pl.read_parquet(f).with_columns(pl.lit(_file_stamp(f)).alias(_STAMP)) for f in files
-            ]
             merged = pl.concat(frames, how="diagonal_relaxed").select(*schema.columns, _STAMP)
             res.rows_before += merged.height
             merged = merged.unique(subset=list(schema.key), keep="first", maintain_order=True)
@@ -1441,16 +1586,39 @@ class Lake:
         return res
 
     def info(self) -> pl.DataFrame:
-        """Tables, rows, files, bytes and the date range they cover."""
+        """Tables, rows, files, bytes and the date range they cover.
 
-        def summary(files: list[Path]) -> dict[str, Any]:
+        `unreadable` counts files that cannot be read as the table (`unreadable()` names
+        them); `rows` counts the readable files' rows only.
+        """
+
+        def summary(files: list[Path], schema: TableSchema) -> dict[str, Any]:
+            bad = {f for f, _ in unreadable_files(files, schema)}
             dates = sorted({f.parent.name.removeprefix("date=") for f in files})
             return {
-                "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files),
+                "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files if f not in bad),
                 "files": len(files),
                 "bytes": sum(f.stat().st_size for f in files),
                 "first_date": dates[0] if dates else None,
                 "last_date": dates[-1] if dates else None,
+                "unreadable": len(bad),
             }
 
-        return pl.DataFrame([{"table": name, **self.read_files(name, summary)} for name in TABLES])
+        return pl.DataFrame(
+            [
+                {"table": name, **self.read_files(name, lambda fs, s=schema: summary(fs, s))}
+                for name, schema in TABLES.items()
+            ]
+        )
+
+    def unreadable(self, table: str | None = None) -> list[tuple[Path, str]]:
+        """The lake's files that cannot be read as their table, each with the reason.
+
+        Checks each file's footer (its schema), not every page: a file whose pages
+        alone are damaged shows when a query or `compact` reads it.
+        """
+        return [
+            bad
+            for name in ([table] if table else list(TABLES))
+            for bad in self.read_files(name, lambda fs, s=schema_for(name): unreadable_files(fs, s))
+        ]

@@ -190,5 +190,5 @@ def test_an_unreadable_lake_file_is_one_error_line_naming_it(
         timeout=300,
     )
     assert res.returncode == 1, res.stderr
-    _one_error_line(res.stderr, "error: a lake file cannot be read (")
-    assert f"move {bad} out of the lake folder" in res.stderr
+    _one_error_line(res.stderr, f"error: a lake file cannot be read: {bad}: not a readable")
+    assert "move it out of the lake folder" in res.stderr

@@ -177,3 +177,15 @@ def test_sql_statements_without_a_result_set_run(small_lake: Path, query: str) -
     res = runner.invoke(app, ["sql", query, "--lake", str(small_lake), "--format", "json"])
     assert res.exit_code == 0, res.output
     assert isinstance(json.loads(res.stdout), list)
+
+
+def test_sql_json_writes_nan_and_infinity_as_null(small_lake: Path) -> None:
+    """`NaN` and `Infinity` are not JSON: jq and JSON.parse rejected the whole output."""
+    q = (
+        "SELECT 'nan'::DOUBLE AS a, 'inf'::DOUBLE AS b, ['-inf'::DOUBLE, 1.5] AS c, "
+        "{'x': 'nan'::DOUBLE} AS d, 2.5::DOUBLE AS e"
+    )
+    res = runner.invoke(app, ["sql", q, "--lake", str(small_lake), "--format", "json"])
+    assert res.exit_code == 0, res.output
+    rows = json.loads(res.stdout, parse_constant=lambda c: pytest.fail(f"not JSON: {c}"))
+    assert rows == [{"a": None, "b": None, "c": [None, 1.5], "d": {"x": None}, "e": 2.5}]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import shlex
 import sys
 from collections.abc import Callable, Iterator
@@ -43,8 +44,8 @@ def existing_lake(lake: Path | None) -> Path:
 
 
 def connect_lake(lake: Path | None) -> duckdb.DuckDBPyConnection:
-    """`finops.connect()` for a command: a missing lake or a bad price catalog
-    ($FINOPS_PRICES) is one `error:` line, never a traceback."""
+    """`finops.connect()` for a command: a missing lake, a bad price catalog
+    ($FINOPS_PRICES) or an unreadable lake file is one `error:` line, never a traceback."""
     import finops
 
     path = existing_lake(lake)
@@ -54,13 +55,18 @@ def connect_lake(lake: Path | None) -> duckdb.DuckDBPyConnection:
 
 @contextlib.contextmanager
 def price_catalog_errors() -> Iterator[None]:
-    """Turn a bad price catalog (a missing file, column or price) into one error line."""
+    """Turn a bad price catalog (a missing file, column or price) into one error line,
+    and a lake file that cannot be read too: both are inputs every `finops.connect()`
+    opens, so each command that connects wraps it in this."""
+    from finops.lake import LakeFileError
     from finops.prices import PriceCatalogError
 
     try:
         yield
     except PriceCatalogError as exc:
         fail(str(exc))
+    except LakeFileError as exc:  # the lake's data, not the command line: exit 1
+        fail(str(exc), code=1)
 
 
 def lake_flag(lake: Path | None) -> str:
@@ -90,7 +96,8 @@ def print_frame(
 ) -> None:
     """Print a Polars frame as a rich table, CSV or JSON rows.
 
-    For the table only, `headers` renames columns, `cells` formats a column's values
+    JSON writes NaN and ±inf as null (strict JSON has neither). For the table only,
+    `headers` renames columns, `cells` formats a column's values
     (money with cents, shares as percentages) and `missing` shows a null ("n/a" where
     null means unknown); CSV and JSON keep names and raw values. The table is as wide as
     its numbers need (at least 120 columns): a number is never cut to "12345…" or folded;
@@ -106,7 +113,10 @@ def print_frame(
             df = df.with_columns(
                 pl.Series(
                     c,
-                    [None if v is None else json.dumps(v, default=str) for v in df[c].to_list()],
+                    [
+                        None if v is None else json.dumps(finite(v), default=str)
+                        for v in df[c].to_list()
+                    ],
                     dtype=pl.String,
                 )
                 for c in nested
@@ -114,7 +124,7 @@ def print_frame(
         sys.stdout.write(df.write_csv())
         return
     if fmt == "json":
-        typer.echo(json.dumps(df.to_dicts(), default=str, indent=2))
+        typer.echo(json.dumps(finite(df.to_dicts()), default=str, indent=2))
         return
     if fmt != "table":
         fail(f"--format must be table, csv or json, got {fmt!r}")
@@ -142,6 +152,18 @@ def print_frame(
     Console(width=max(120, Console().width, needed)).print(table)
     if isinstance(df, pl.DataFrame) and df.height == 0:
         typer.echo("(no rows)")
+
+
+def finite(v: Any) -> Any:
+    """A value for JSON with NaN and ±inf as null: `NaN` and `Infinity` are not JSON,
+    and strict parsers (jq, JSON.parse, serde) reject the whole document for one."""
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    if isinstance(v, dict):
+        return {k: finite(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [finite(x) for x in v]
+    return v
 
 
 def _cell(v: Any) -> str:

@@ -18,11 +18,29 @@ lake_app = typer.Typer(help="Inspect and maintain the Parquet lake.", no_args_is
 def info(
     lake: LakeOption = None, format: str = typer.Option("table", "--format", help="table|csv|json")
 ) -> None:
-    """Tables, rows, files, bytes and the date range each covers."""
+    """Tables, rows, files, bytes and the date range each covers.
+
+    Files that cannot be read (cut short, not Parquet, a column of another type) are
+    counted under `unreadable` and named on stderr, one `warning:` line each.
+    """
     from finops.lake import Lake
 
     path = existing_lake(lake)
-    print_frame(Lake(path).info(), format, title=f"lake {path}")
+    the_lake = Lake(path)
+    frame = the_lake.info()
+    print_frame(frame, format, title=f"lake {path}")
+    if frame["unreadable"].sum():
+        _warn_unreadable(the_lake.unreadable(), "queries over the lake refuse to run")
+
+
+def _warn_unreadable(bad: list[tuple[Any, str]], effect: str) -> None:
+    for file, why in bad:
+        typer.echo(f"warning: {file}: {why}", err=True)
+    typer.echo(
+        f"warning: {len(bad)} lake file(s) cannot be read and {effect}; move them out of "
+        "the lake folder (keep them if they may be repaired or written again)",
+        err=True,
+    )
 
 
 @lake_app.command("compact")
@@ -30,7 +48,11 @@ def compact(
     lake: LakeOption = None,
     table: Annotated[str | None, typer.Option(help="Only this table.")] = None,
 ) -> None:
-    """Merge each partition's small files into one; query results stay the same."""
+    """Merge each partition's small files into one; query results stay the same.
+
+    A file that cannot be read is left as it is (neither merged nor deleted) and named
+    on stderr; the command then exits 1.
+    """
     import polars as pl
 
     from finops.lake import Lake
@@ -40,13 +62,20 @@ def compact(
         fail(f"--table: unknown table {table!r}; expected one of {sorted(TABLES)}")
     path = existing_lake(lake)
     results = Lake(path).compact(table)
-    print_frame(pl.DataFrame([r.__dict__ for r in results]), "table", title="compaction")
+    rows = [{**r.__dict__, "unreadable": len(r.unreadable)} for r in results]
+    print_frame(pl.DataFrame(rows), "table", title="compaction")
+    bad = [b for r in results for b in r.unreadable]
+    if bad:
+        _warn_unreadable(bad, "were left as they are")
+        raise typer.Exit(1)
 
 
 def sql(
     query: Annotated[str, typer.Argument(help="SQL over the lake's views (raw., clean., marts.)")],
     lake: LakeOption = None,
-    format: str = typer.Option("table", "--format", help="table|csv|json"),
+    format: str = typer.Option(
+        "table", "--format", help="table|csv|json (JSON writes NaN and ±inf as null)"
+    ),
     limit: int = typer.Option(1000, help="At most this many rows in table format (0: all)."),
 ) -> None:
     """Run SQL against the lake, e.g. finops sql "SELECT * FROM marts.tenant_daily"."""
