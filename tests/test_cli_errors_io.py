@@ -192,3 +192,44 @@ def test_an_unreadable_lake_file_is_one_error_line_naming_it(
     assert res.returncode == 1, res.stderr
     _one_error_line(res.stderr, f"error: a lake file cannot be read: {bad}: not a readable")
     assert "move it out of the lake folder" in res.stderr
+
+
+def test_damaged_pages_under_a_sound_footer_are_one_error_line(tmp_path: Path) -> None:
+    """A file whose footer reads but whose data pages are garbage (bit rot) passes the
+    footer checks; DuckDB's error then names no file. Was: a traceback ending in
+    `_duckdb.Error: ...`; now one line naming the file, or saying how to find it."""
+    import pyarrow.parquet as pq
+
+    from finops.lake import Lake
+
+    lake = Lake(tmp_path / "lake")
+    rows = [
+        {"request_id": f"r{i}", "ts": f"2026-11-17T10:{i % 60:02d}:00Z", "tenant": "acme",
+         "input_tokens": 100 + i, "output_tokens": 10}
+        for i in range(300)
+    ]  # fmt: skip
+    lake.append("requests", rows, source="test")
+    (bad,) = lake.files("requests")
+    chunk = next(
+        c
+        for c in (pq.ParquetFile(bad).metadata.row_group(0).column(j) for j in range(20))
+        if c.path_in_schema == "input_tokens"
+    )
+    data = bytearray(bad.read_bytes())
+    for i in range(
+        chunk.data_page_offset + 8, chunk.data_page_offset + chunk.total_compressed_size
+    ):
+        data[i] = (data[i] * 31 + 7) & 255
+    bad.write_bytes(bytes(data))
+    res = subprocess.run(
+        [sys.executable, "-c", "from finops.cli import main; main()", "costs", "--lake",
+         str(lake.path)],
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert res.returncode == 1, res.stderr
+    _one_error_line(res.stderr, "error: a lake file cannot be read (")
+    # DuckDB names the file for some damage ("Could not read enough bytes from file
+    # \"...\""), not for other ("don't know what type"): the line names it, or says how
+    assert str(bad) in res.stderr or (
+        "`finops lake compact` reads every page and names each damaged file" in res.stderr
+    )

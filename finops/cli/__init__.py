@@ -50,19 +50,35 @@ _register_all()
 def main() -> None:
     """Console-script entry point.
 
-    A lake file DuckDB cannot read (truncated by a full disk, not Parquet at all) would
-    end any command in a traceback: it ends in one error line naming the file instead.
+    A lake file that cannot be read (truncated by a full disk, not Parquet at all,
+    damaged pages under a sound footer) would end any command in a traceback: it ends
+    in one error line naming the file where DuckDB or finops.lake names it, else
+    saying how to find it.
     """
     try:
         app()
     except Exception as exc:  # duckdb's own types, without importing it for --help
-        bad = re.search(r"File '([^']+\.parquet)'", str(exc))
-        if bad is None or not type(exc).__module__.lstrip("_").startswith("duckdb"):
+        if type(exc).__name__ == "LakeFileError":  # finops.lake's: already names the files
+            typer.echo(f"error: {exc}", err=True)
+            raise SystemExit(1) from None
+        if not type(exc).__module__.lstrip("_").startswith("duckdb"):
             raise
-        first = str(exc).splitlines()[0]
-        typer.echo(
-            f"error: a lake file cannot be read ({first}): move {bad.group(1)} out of the "
-            "lake folder and run the command again",
-            err=True,
-        )
+        text = str(exc)
+        first = text.splitlines()[0] if text else type(exc).__name__
+        bad = re.search(r"""file ['"]([^'"]+\.parquet)['"]""", text, re.IGNORECASE)
+        if bad is not None:
+            where = f"move {bad.group(1)} out of the lake folder and run the command again"
+        elif re.search(
+            r"TProtocolException|thrift|don't know what type|decompression|parquet|magic bytes",
+            text,
+            re.IGNORECASE,
+        ):
+            # a damaged page's error names no file: compaction reads every page and does
+            where = (
+                "`finops lake compact` reads every page and names each damaged file (it "
+                "leaves them as they are): move those out of the lake folder"
+            )
+        else:
+            raise
+        typer.echo(f"error: a lake file cannot be read ({first}): {where}", err=True)
         raise SystemExit(1) from None
