@@ -6,6 +6,7 @@ name the file, the target and the option, and say what was expected.
 
 from __future__ import annotations
 
+import math
 import os
 import re
 import tomllib
@@ -35,6 +36,11 @@ def duration(value: Any, what: str, *, allow_zero: bool = False) -> float:
         raise ConfigError(f"{what}: expected a duration like '10s', got {value!r}")
     if isinstance(value, int | float):
         seconds = float(value)
+        if not math.isfinite(seconds):  # TOML's nan/inf: no interval to wait
+            raise ConfigError(
+                f"{what}: expected a finite duration like '10s' or a number of seconds, "
+                f"got {value!r}"
+            )
     else:
         m = _DURATION.match(str(value))
         if not m:
@@ -252,6 +258,11 @@ def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectCo
     if extra_top:
         raise ConfigError(f"{p}: unknown section(s) {extra_top}; expected [collect] and [[target]]")
     base = p.parent
+    for key in ("lake", "checkpoint_dir"):
+        if key in glob and (not isinstance(glob[key], str) or not glob[key].strip()):
+            raise ConfigError(
+                f"{p} [collect].{key}: expected a path (a non-empty string), got {glob[key]!r}"
+            )
     lake_path = lake or (base / glob["lake"] if "lake" in glob else None)
     if lake_path is None:
         from finops.db import default_lake_path
@@ -286,6 +297,11 @@ def load(path: str | os.PathLike[str], *, lake: Path | None = None) -> CollectCo
     if not isinstance(targets, list) or not targets:
         raise ConfigError(f"{p}: no [[target]] entries: nothing to collect")
     for i, raw in enumerate(targets, start=1):
+        if not isinstance(raw, dict):
+            raise ConfigError(
+                f"{p} target #{i}: expected a table ([[target]] with kind = ..., url = ...), "
+                f"got {raw!r}"
+            )
         t = make_target(raw, f"{p} target #{i}", defaults)
         if t.kind == "log":
             t.path = str(base / t.path) if not os.path.isabs(t.path or "") else t.path

@@ -56,6 +56,7 @@ import polars as pl
 from collectors.config import CollectConfig, TargetConfig
 from collectors.mapping import MappingError
 from finops.lake import AppendResult, Lake
+from finops.schemas import schema_for
 
 if TYPE_CHECKING:
     from collectors.logs import LogSource
@@ -263,12 +264,16 @@ class Target(abc.ABC):
         before 2000) would report samples that no table holds.
         """
         from finops.lake import to_frame, validate
-        from finops.schemas import schema_for
 
         rows = to_frame(rows)
         if rows.height == 0:
             return rows
-        checked, _ = validate(rows, schema_for(table), source=out.kind)
+        schema = schema_for(table)
+        rows, impossible = split_impossible(rows, schema)
+        for rej in impossible:
+            out.rejects.append((table, rej))
+        out.rejected += len(impossible)
+        checked, _ = validate(rows, schema, source=out.kind)
         for location, raw, reason in checked.bad.iter_rows():
             out.rejects.append((table, {"location": location, "raw": raw, "reason": reason}))
         out.rejected += checked.bad.height
@@ -278,6 +283,40 @@ class Target(abc.ABC):
 
     def close(self) -> None:  # noqa: B027 - optional hook; most targets hold nothing
         """Release resources at shutdown (optional)."""
+
+
+def split_impossible(
+    rows: pl.DataFrame, schema: Any, *, at_ts: bool = False
+) -> tuple[pl.DataFrame, list[dict[str, str]]]:
+    """Rows whose values are possible, and rejects for the rest (`schemas.impossible_values`).
+
+    A negative utilization or counter, a ratio above 1, a bucket `le` that is
+    no number: never a measurement, so it goes to `rejects` (location, raw
+    text, reason) and the samples around it load. `at_ts`: add each row's time
+    to its location (a query_range answer shares one location for all points).
+    """
+    from finops.schemas import impossible_values
+
+    reasons = impossible_values(rows, schema)
+    if reasons is None:
+        return rows, []
+    bad = reasons.is_not_null()
+    worse = rows.filter(bad).with_columns(_reason=reasons.filter(bad))
+    location = (
+        pl.col("_location").cast(pl.String) if "_location" in worse.columns else pl.lit(schema.name)
+    )
+    if at_ts or "_location" not in worse.columns:
+        location = pl.format(
+            "{} at {}", location, pl.col("ts").dt.to_string("%Y-%m-%dT%H:%M:%S%.3fZ")
+        )
+    name = pl.col(schema.metric_column)
+    raw = (
+        pl.col("_raw")
+        if "_raw" in worse.columns
+        else pl.format("{}{} {}", name, pl.col("labels").fill_null(""), pl.col("value"))
+    )
+    rejects = worse.select(location=location, raw=raw, reason="_reason").to_dicts()
+    return rows.filter(~bad), rejects
 
 
 async def fetch_exposition(
@@ -601,6 +640,31 @@ class PrometheusTarget(Target):
             out.setdefault(target, {})[labels] = (ts, float(hits), float(queries))
         return out
 
+    def _prepare(
+        self, res: RangeResult
+    ) -> tuple[
+        dict[str, pl.DataFrame | None], dict[str, list[dict[str, str]]], list[dict], list[Any]
+    ]:
+        """One chunk's rows without impossible values, its rejects, and its cache events.
+
+        Rejects: points the answer held that are no number (`RangeResult.rejects`),
+        and values impossible by definition (`split_impossible`), each at its time.
+        """
+        rejects: dict[str, list[dict[str, str]]] = {}
+        for table, rows in res.rejects.items():
+            rejects.setdefault(table, []).extend(rows)
+        frames: dict[str, pl.DataFrame | None] = {
+            "gpu_samples": res.gpu,
+            "serving_samples": res.serving,
+        }
+        for table, rows in frames.items():
+            if rows is not None and rows.height:
+                frames[table], bad = split_impossible(rows, schema_for(table), at_ts=True)
+                if bad:
+                    rejects.setdefault(table, []).extend(bad)
+        events, states = self._cache_events(frames["serving_samples"])
+        return frames, rejects, events, states
+
     def _cache_events(self, serving: pl.DataFrame | None) -> tuple[list[dict], list[Any]]:
         """One chunk's prefix-cache events, per instance, and the tracker states to commit.
 
@@ -688,10 +752,10 @@ class PrometheusTarget(Target):
         def commit() -> None:
             self.checkpoint.save(until, url=cfg.url or "", query=cfg.query or "")
 
-        events, states = await self.in_thread(self._cache_events, res.serving)
-        tables = {"gpu_samples": res.gpu, "serving_samples": res.serving, "cache_events": events}
+        frames, rejects, events, states = await self.in_thread(self._prepare, res)
+        tables = {**frames, "cache_events": events}
         try:
-            results = await self.ctx.write_now(kind, tables, then=commit)
+            results = await self.ctx.write_now(kind, tables, then=commit, rejects=rejects)
         except Exception as exc:
             raise ScrapeError(f"writing to {self.ctx.cfg.lake} failed: {exc}") from None
         # the trackers move on with the checkpoint: a chunk that failed is fetched
@@ -700,7 +764,7 @@ class PrometheusTarget(Target):
             tracker.commit(state)
         self.loaded_until = until
         loaded = sum(r.loaded for r in results if r.table != "cache_events")
-        return loaded, sum(r.rejected for r in results)
+        return loaded, sum(r.rejected for r in results) + sum(map(len, rejects.values()))
 
     def _so_far(self, error: str, done: int, points: int) -> str:
         """The error, and what this attempt loaded before it (kept: see `_store`)."""
@@ -1034,17 +1098,26 @@ class Collector:
                     self._unreported.pop(name, None)
 
     async def write_now(
-        self, kind: str, tables: dict[str, Any], *, then: Callable[[], None]
+        self,
+        kind: str,
+        tables: dict[str, Any],
+        *,
+        then: Callable[[], None],
+        rejects: dict[str, list[dict[str, str]]] | None = None,
     ) -> list[AppendResult]:
         """Write rows now (not via the buffer), then run `then` (a checkpoint commit).
 
         Returns what the lake did with them: the caller's health row counts
-        the rows loaded and rejected, not the rows it handed over.
+        the rows loaded and rejected, not the rows it handed over. `rejects`
+        (table -> location/raw/reason rows the caller refused) go to `rejects`.
         """
         by_table = {(t, kind): [d] for t, d in tables.items() if d is not None and len(d)}
 
         def write() -> list[AppendResult]:
             with self.write_lock:
+                for table, rows in (rejects or {}).items():
+                    if rows:
+                        self.lake.reject(table, rows, source=kind)
                 results = self._append(by_table)
                 self.stats.files += sum(len(r.files) for r in results)
             then()

@@ -264,12 +264,17 @@ def _labels_json(labels: dict[str, str]) -> str:
 
 
 def _decode(payload: str | bytes) -> tuple[list[str], list[tuple[int, str, str]]]:
-    """Split into lines; a line that is not UTF-8 becomes a reject, not a crash."""
+    """Split into lines; a line that is not UTF-8 becomes a reject, not a crash.
+
+    A leading byte-order mark (an exporter or proxy that writes files with one)
+    is dropped: it is no part of the first line's metric name or comment.
+    """
     if isinstance(payload, bytes):
         try:
             payload = payload.decode("utf-8")
         except UnicodeDecodeError:
-            return _decode_lines(payload)
+            return _decode_lines(payload.removeprefix(b"\xef\xbb\xbf"))
+    payload = payload.removeprefix("\ufeff")
     if "\r" in payload:
         payload = payload.replace("\r\n", "\n")
     return payload.split("\n"), []

@@ -23,7 +23,9 @@ scraping at scale. What it handles:
   data and are reported in `scrape_health.error`; `status: error` responses
   name the `errorType` and `error`;
 - values arrive as strings (`"1.5"`, `"NaN"`, `"+Inf"`); gaps simply have no
-  points: nothing is filled in.
+  points: nothing is filled in. A point that is no pair of numbers (a timestamp
+  `"x"`, a value `"abc"`) or a series of the wrong shape is left out and
+  reported (`RangeResult.rejects`, naming the series); the rest loads.
 
 Mapping: `DCGM_*` series go to `gpu_samples` (same label rules as the
 exporter, `source = "prometheus"`); everything else goes to
@@ -115,6 +117,8 @@ class RangeResult:
     warnings: list[str] = field(default_factory=list)
     chunks: int = 0
     end: dt.datetime | None = None  # the last step the last chunk evaluated (on the grid)
+    # series and points the answer held that are no data (table -> location/raw/reason)
+    rejects: dict[str, list[dict[str, str]]] = field(default_factory=dict)
 
 
 def _step_ms(step: float) -> int:
@@ -177,10 +181,17 @@ def parse_response(body: bytes, *, url: str) -> tuple[list[dict[str, Any]], list
             raise ServerTimeout(error)
         raise PrometheusAPIError(error)
     data = doc.get("data") or {}
+    if not isinstance(data, dict):
+        raise PrometheusAPIError(f"{url}: 'data' must be an object, got {_excerpt(data)}")
     rtype = data.get("resultType")
     if rtype not in ("matrix", "vector"):
         raise PrometheusAPIError(f"{url}: expected resultType matrix, got {rtype!r}")
-    return list(data.get("result") or []), warnings
+    result = data.get("result") or []
+    if not isinstance(result, list):
+        raise PrometheusAPIError(
+            f"{url}: 'data.result' must be a list of series, got {_excerpt(result)}"
+        )
+    return result, warnings
 
 
 def _infer_type(name: str) -> str:
@@ -206,21 +217,47 @@ def _type_expr(metric: pl.Expr) -> pl.Expr:
     )
 
 
-def _columns(points: list[Any]) -> tuple[np.ndarray, np.ndarray]:
-    """One series' `[[t, "v"], ...]` as (timestamps, values) float arrays.
+def _columns(points: list[Any]) -> tuple[np.ndarray, np.ndarray, list[tuple[int, str]]]:
+    """One series' `[[t, "v"], ...]` as (timestamps, values) float arrays, and its bad points.
 
     numpy reads the pairs in one pass (Prometheus' value strings, `"NaN"`,
-    `"+Inf"`, included); a value it cannot read becomes NaN, as `_num` makes it.
+    `"+Inf"`, included). When it cannot, each point is read on its own: one
+    that is no `[timestamp, "value"]` pair of numbers is left out and returned
+    as (index, reason), so the rest of the series still loads.
     """
     try:
         pairs = np.array(points, dtype=np.float64)
     except (TypeError, ValueError):
         pairs = None
-    if pairs is not None and pairs.ndim == 2 and pairs.shape[1] == 2:
-        return pairs[:, 0], pairs[:, 1]
-    n = len(points)
-    ts = np.fromiter((float(p[0]) for p in points), np.float64, n)
-    return ts, np.fromiter((_num(p[1]) for p in points), np.float64, n)
+    ok = pairs is not None and pairs.ndim == 2 and pairs.shape[1] == 2
+    if ok and np.isfinite(pairs[:, 0]).all():  # type: ignore[index]
+        return pairs[:, 0], pairs[:, 1], []  # type: ignore[index]
+    ts: list[float] = []
+    values: list[float] = []
+    bad: list[tuple[int, str]] = []
+    for i, p in enumerate(points):
+        if not isinstance(p, list | tuple) or len(p) != 2:
+            bad.append((i, f'expected a [timestamp, "value"] pair, got {_excerpt(p)}'))
+            continue
+        t, v = _num(p[0]), _num(p[1])
+        if not math.isfinite(t) or isinstance(p[0], bool):
+            bad.append((i, f"timestamp {_excerpt(p[0])} is not a number of seconds"))
+        elif math.isnan(v) and not _is_nan_text(p[1]):
+            bad.append((i, f"value {_excerpt(p[1])} is not a number"))
+        else:
+            ts.append(t)
+            values.append(v)
+    return np.array(ts, dtype=np.float64), np.array(values, dtype=np.float64), bad
+
+
+def _is_nan_text(v: Any) -> bool:
+    """Whether a value that reads as NaN says NaN (Prometheus' "NaN"), not garbage."""
+    return isinstance(v, float) or (isinstance(v, str) and v.strip().lower() == "nan")
+
+
+def _excerpt(v: Any) -> str:
+    text = orjson.dumps(v, default=str).decode()
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def result_to_rows(
@@ -230,6 +267,7 @@ def result_to_rows(
     query: str,
     name: str | None = None,
     consume: bool = False,
+    rejects: dict[str, list[dict[str, str]]] | None = None,
 ) -> tuple[pl.DataFrame | None, pl.DataFrame | None, int]:
     """Turn a matrix result into gpu_samples and serving_samples frames.
 
@@ -238,23 +276,65 @@ def result_to_rows(
     at the end. No Python object per point beyond what the JSON parser made;
     with `consume`, each series of `result` is dropped (set to None) once read,
     so the parsed answer is freed before the rows are built.
+
+    A series that is no `{"metric": {...}, "values": [...]}` object, and a
+    point that is no pair of numbers, is left out; the rest loads. What was
+    left out and why goes to `rejects` (table -> location/raw/reason rows)
+    when given.
     """
+    where: list[int] = []  # each kept series' index in `result`
     names: list[str] = []
     labels: list[str] = []
     counts: list[int] = []
     pending: list[list[Any] | None] = []
-    series: dict[str, Any] | None = None
-    points: list[Any] | None = None
+    series: Any = None
+    points: Any = None
+    location = f"{url} query {query!r}"
+
+    def refuse(k: int, series_name: str | None, raw: Any, reason: str) -> None:
+        if rejects is None:
+            return
+        table = "gpu_samples" if (series_name or "").startswith("DCGM_") else "serving_samples"
+        rejects.setdefault(table, []).append(
+            {"location": f"{location} result[{k}]", "raw": _excerpt(raw), "reason": reason}
+        )
+
     for k, series in enumerate(result):
         if consume:
             result[k] = None  # type: ignore[call-overload]
+        if not isinstance(series, dict):
+            refuse(
+                k, name, series, f"result[{k}]: expected a series object, got {_excerpt(series)}"
+            )
+            continue
+        metric = series.get("metric") or {}
+        if not isinstance(metric, dict):
+            refuse(
+                k,
+                name,
+                series,
+                f"result[{k}]: 'metric' must be an object of labels, got {_excerpt(metric)}",
+            )
+            continue
+        metric = dict(metric)
+        series_name = metric.pop("__name__", None) or name or query
+        what = f"result[{k}] ({series_name}{_excerpt(metric) if metric else ''})"
         points = series.get("values")
         if points is None and "value" in series:
             points = [series["value"]]
+        if points is not None and not isinstance(points, list):
+            refuse(
+                k,
+                series_name,
+                series,
+                f"{what}: 'values' must be a list of [timestamp, \"value\"] pairs, "
+                f"got {_excerpt(points)}",
+            )
+            continue
         if not points:
             continue
-        metric = dict(series.get("metric") or {})
-        names.append(metric.pop("__name__", None) or name or query)
+        where.append(k)
+        names.append(series_name)
         labels.append(orjson.dumps(metric, option=orjson.OPT_SORT_KEYS).decode())
         counts.append(len(points))
         pending.append(points)
@@ -265,12 +345,20 @@ def result_to_rows(
     ts_all = np.empty(n, dtype=np.float64)
     values_all = np.empty(n, dtype=np.float64)
     offset = 0
-    for j, count in enumerate(counts):
+    for j, k in enumerate(where):
         points, pending[j] = pending[j], None  # with `consume`, its last reference
         assert points is not None
-        ts_all[offset : offset + count], values_all[offset : offset + count] = _columns(points)
-        offset += count
+        ts, values, bad = _columns(points)
+        for i, reason in bad:
+            raw = {"metric": {"__name__": names[j], **orjson.loads(labels[j])}, "point": points[i]}
+            refuse(k, names[j], raw, f"result[{k}] ({names[j]}{labels[j]}): point {i}: {reason}")
+        counts[j] = len(ts)
+        ts_all[offset : offset + counts[j]], values_all[offset : offset + counts[j]] = ts, values
+        offset += counts[j]
     del points, pending
+    if offset < n:  # bad points left out
+        n = offset
+        ts_all, values_all = ts_all[:n], values_all[:n]
     sids = pl.Series("sid", np.arange(len(names), dtype=np.uint32))
     per_series = pl.DataFrame(
         [sids, pl.Series("name", names, pl.String), pl.Series("labels", labels, pl.String)]
@@ -291,7 +379,6 @@ def result_to_rows(
     )
     is_dcgm = per_series["name"].str.starts_with("DCGM_")
     gpu = serving = None
-    location = f"{url} query {query!r}"
     if is_dcgm.any():
         gpu = _gpu_rows(points_df, per_series.filter(is_dcgm), url=url, location=location)
     if not is_dcgm.all():
@@ -546,7 +633,10 @@ async def iter_range(
         timeouts = 0
         series = len(result)
         # the parsed answer is freed series by series as it becomes columns
-        gpu, serving, points = result_to_rows(result, url=url, query=query, name=name, consume=True)
+        rejects: dict[str, list[dict[str, str]]] = {}
+        gpu, serving, points = result_to_rows(
+            result, url=url, query=query, name=name, consume=True, rejects=rejects
+        )
         del result
         span = points_per_series(series, max_points, budget)
         yield RangeResult(
@@ -557,5 +647,6 @@ async def iter_range(
             warnings=warnings,
             chunks=1,
             end=_at(b),
+            rejects=rejects,
         )
         cur = b + step_ms

@@ -602,6 +602,8 @@ def _rows_point_by_point(
         if points is None and "value" in series:
             points = [series["value"]]
         for t, v in points or []:
+            if v == "not a number":  # left out and reported (see the test below)
+                continue
             names.append(mname)
             labels.append(lab)
             ts.append(float(t))
@@ -687,8 +689,14 @@ def test_rows_built_column_wise_match_the_point_by_point_build() -> None:
 
     query = "sum by (instance) (rate(x[5m]))"
     expect = _rows_point_by_point(_mixed_result(), url="http://prom:9090", query=query)
-    got = result_to_rows(_mixed_result(), url="http://prom:9090", query=query)
-    assert got[2] == expect[2] == 11
+    rejects: dict[str, list[dict[str, str]]] = {}
+    got = result_to_rows(_mixed_result(), url="http://prom:9090", query=query, rejects=rejects)
+    assert got[2] == expect[2] == 10
+    # the point whose value is no number is left out, and said why
+    assert [r["reason"] for r in rejects["serving_samples"]] == [
+        'result[4] (vllm:e2e_request_latency_seconds_bucket{"le":"0.5"}): point 1: '
+        'value "not a number" is not a number'
+    ]
     assert_frame_equal(got[0], expect[0])
     assert_frame_equal(got[1], expect[1])
     # consume: the same rows, the parsed answer released series by series

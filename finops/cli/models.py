@@ -56,6 +56,27 @@ def _warn_unsimulated(sim, *, data: bool = True) -> None:
         typer.echo(f"warning: {note}", err=True)
 
 
+def _check_prometheus_url(url: str) -> None:
+    """--prometheus goes verbatim into each KEDA trigger's serverAddress: an http(s) URL."""
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url.strip())
+    try:
+        port_ok = parts.port is None or parts.port > 0
+    except ValueError:
+        port_ok = False
+    if (
+        parts.scheme not in ("http", "https")
+        or not parts.hostname
+        or not port_ok
+        or any(c.isspace() for c in url)
+    ):
+        raise ValueError(
+            "--prometheus must be an http(s) URL with a host, e.g. "
+            f"http://prometheus.monitoring.svc:9090 (KEDA's serverAddress), got {url!r}"
+        )
+
+
 def _check_growth(growth: float) -> None:
     """--growth is a positive, finite factor; a tiny one is planned but warned about."""
     if not (growth > 0 and math.isfinite(growth)):
@@ -415,6 +436,8 @@ def autoscaling(
 
     try:
         _check_growth(growth)
+        if prometheus is not None:
+            _check_prometheus_url(prometheus)
         db = _open(lake, deployments)
         per = _period(db, week, from_, to)
         sim = Simulator.from_lake(db, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms)
