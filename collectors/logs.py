@@ -111,6 +111,8 @@ class FileReport:
     loaded: int = 0
     rejected: int = 0
     cache_events: int = 0
+    # of `cache_events`, those the lake held already (a file read again): the rest are new
+    cache_events_in_lake: int = 0
     duplicate_files: int = 0
     error: str | None = None
     files: list[Path] = field(default_factory=list)
@@ -637,8 +639,8 @@ def parse_jsonl_chunk(
     if records and not too_long.any():
         try:
             df, typed = _parse_ndjson(data, schema)
-            if df.height != len(kept_idx):
-                df = None
+            if df.height != len(kept_idx) or (paths is not None and _mixed_paths(df, paths)):
+                df = None  # the per-line pass finds the records whose types differ
         except pl.exceptions.PolarsError:
             df = None
     if df is None and len(kept_idx):
@@ -706,13 +708,146 @@ def _parse_slow(
     joined = "\n".join(good_texts).encode()
     try:
         df, _ = _parse_ndjson(joined, schema)
-        if df.height == len(objs):
+        if df.height == len(objs) and (paths is None or not _mixed_paths(df, paths)):
             return df, good, bad
     except pl.exceptions.PolarsError:
         pass
-    names = list(schema) if schema is not None else (paths or [])
+    if paths is not None:
+        # mapped records: each path read per record, so a record whose field has
+        # another type than in the rest (`"usage": "none"`) is rejected on its own
+        # and the others keep their values
+        df, keep_rows, mixed = _records_frame(objs, paths)
+        for j, reason in mixed:
+            i = good_idx[j]
+            bad.append(
+                {
+                    "location": f"{label}:{line_no[i]}",
+                    "raw": good_texts[j][:MAX_RAW],
+                    "reason": reason,
+                }
+            )
+        return df, good[keep_rows], bad
+    names = list(schema or {})
     df = pl.DataFrame([_value_series(c, [_get_path(o, c) for o in objs]) for c in names])
     return df, good, bad
+
+
+_MISSING = object()
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, dict):
+        return "an object"
+    if isinstance(value, list):
+        return "a list"
+    if isinstance(value, bool):
+        return "true/false"
+    if isinstance(value, int | float):
+        return "a number"
+    return "text"
+
+
+def _walk(obj: Any, path: str) -> tuple[Any, str | None]:
+    """The value at a dotted path: (value or `_MISSING`, None), or (None, why not) when
+    a field on the way is no object/list (`"usage": "none"` for `usage.prompt_tokens`)."""
+    if isinstance(obj, dict) and path in obj:
+        return obj[path], None
+    cur, done = obj, []
+    for part in path.split("."):
+        if cur is None:
+            return _MISSING, None
+        if isinstance(cur, dict):
+            cur = cur.get(part, _MISSING)
+            if cur is _MISSING:
+                return _MISSING, None
+        elif isinstance(cur, list) and part.isdigit():
+            idx = int(part)
+            cur = cur[idx] if idx < len(cur) else None
+        elif isinstance(cur, list) and not cur:
+            return _MISSING, None  # `[]` for an empty object: some writers do that
+        else:
+            where = ".".join(done) or path
+            want = "a list" if part.isdigit() else f"an object with {part!r}"
+            shown = orjson.dumps(cur).decode()[:60]
+            return None, (
+                f"field '{where}': expected {want} (for '{path}'), got {_json_kind(cur)} {shown}"
+            )
+        done.append(part)
+    return cur, None
+
+
+def _records_frame(
+    objs: list[dict[str, Any]], paths: list[str]
+) -> tuple[pl.DataFrame, np.ndarray, list[tuple[int, str]]]:
+    """The paths' values per record, the records kept, and (record index, reason) of those
+    rejected: a field on a path that is no object, or a value that is an object/list
+    where the other records have plain values (or plain where they have objects)."""
+    n = len(objs)
+    values: dict[str, list[Any]] = {}
+    reasons: dict[int, str] = {}
+    present: set[str] = set()
+    for p in paths:
+        col: list[Any] = []
+        odd_way: list[tuple[int, str]] = []
+        for j, o in enumerate(objs):
+            v, why = _walk(o, p)
+            if why is not None:
+                odd_way.append((j, why))
+            elif v is not _MISSING:
+                present.add(p)
+            col.append(None if v is _MISSING else v)
+        if p in present:  # a field in the way of the path in every record is no conflict
+            for j, why in odd_way:
+                reasons.setdefault(j, why)
+        nested = [j for j, v in enumerate(col) if isinstance(v, dict | list)]
+        plain = [j for j, v in enumerate(col) if v is not None and not isinstance(v, dict | list)]
+        if nested and plain:  # the minority kind is the odd one out
+            odd = nested if len(nested) <= len(plain) else plain
+            want = "an object or list" if odd is plain else "a number or text"
+            for j in odd:
+                shown = orjson.dumps(col[j]).decode()[:60]
+                reasons.setdefault(
+                    j,
+                    f"field '{p}': expected {want} as in the other records, "
+                    f"got {_json_kind(col[j])} {shown}",
+                )
+        values[p] = col
+    keep = np.asarray([j for j in range(n) if j not in reasons], dtype=np.int64)
+    frame = pl.DataFrame(
+        [_value_series(p, [values[p][j] for j in keep]) for p in paths if p in present]
+    )
+    if not frame.width:
+        frame = pl.DataFrame({"__n": [None] * len(keep)}).drop("__n")
+    return frame, keep, sorted(reasons.items())
+
+
+def _mixed_paths(df: pl.DataFrame, paths: list[str]) -> bool:
+    """Whether a dotted path runs into a plain column: the reader made a field text
+    because its type differs between records (an object in most, `"none"` in one)."""
+    schema = df.schema
+    for path in paths:
+        if path in schema or "." not in path:
+            continue
+        parts = path.split(".")
+        for cut in range(len(parts) - 1, 0, -1):
+            head = ".".join(parts[:cut])
+            if head not in schema:
+                continue
+            dtype: Any = schema[head]
+            for part in parts[cut:]:
+                if isinstance(dtype, pl.Struct):
+                    fields = {f.name: f.dtype for f in dtype.fields}
+                    if part not in fields:
+                        break  # absent in every record: not a conflict
+                    dtype = fields[part]
+                elif isinstance(dtype, pl.List) and part.isdigit():
+                    dtype = dtype.inner
+                elif dtype == pl.String:  # what the reader makes of mixed types
+                    return True
+                else:
+                    break
+            break
+    return False
 
 
 def parse_csv_chunk(
@@ -755,40 +890,73 @@ def parse_csv_chunk(
         return _Chunk(_with_meta(df, line_no[keep], label), rejects, records, names, lambda: kept)
     # quoted fields (maybe spanning lines): the csv module tracks physical lines
     text = data.decode("utf-8", "replace")
-    reader = csv.reader(io.StringIO(text), delimiter=separator)
+    phys = re.findall(r"[^\n]*\n|[^\n]+$", text)
     rows: list[list[str]] = []
     nums: list[int] = []
     raws: list[str] = []
     records = 0
-    prev = 0
-    try:
-        for row in reader:
-            start, prev = prev, reader.line_num
-            if not row or all(not c.strip() for c in row):
-                continue
+    pos = 0  # the physical line (0-based, in this chunk) the reader starts at
+    while pos < len(phys):
+        reader = csv.reader(iter(phys[pos:]), delimiter=separator)
+        prev = 0
+        restart: int | None = None
+        try:
+            for row in reader:
+                start, prev = prev, reader.line_num
+                if not row or all(not c.strip() for c in row):
+                    continue
+                records += 1
+                raw = separator.join(row)
+                line = first_line + pos + start + 1
+                span = prev - start
+                if span > 1 and (
+                    len(row) != ncols
+                    or (pos + prev >= len(phys) and "".join(phys[pos + start :]).count('"') % 2)
+                ):
+                    # a quote left open swallows the lines after it: reject the line it
+                    # opens on, and read the lines after it as rows of their own
+                    how = (
+                        "to the end of the file"
+                        if pos + prev >= len(phys)
+                        else f"and the row has {len(row)} fields, expected {ncols}"
+                    )
+                    rejects.append(
+                        {
+                            "location": f"{label}:{line}",
+                            "raw": phys[pos + start].rstrip("\r\n")[:MAX_RAW],
+                            "reason": f"unterminated quote: a quoted field opened on this "
+                            f"line runs over the next {span - 1} line(s) "
+                            f"({how}); "
+                            "expected a closing '\"' on this line (the lines after it are "
+                            "read as rows of their own)",
+                        }
+                    )
+                    restart = pos + start + 1
+                    break
+                if len(row) != ncols:
+                    rejects.append(
+                        {
+                            "location": f"{label}:{line}",
+                            "raw": raw[:MAX_RAW],
+                            "reason": f"expected {ncols} fields ({header.strip()}), got {len(row)}",
+                        }
+                    )
+                    continue
+                rows.append(row)
+                nums.append(line)
+                raws.append(raw)
+        except csv.Error as exc:
             records += 1
-            raw = separator.join(row)
-            if len(row) != ncols:
-                rejects.append(
-                    {
-                        "location": f"{label}:{first_line + start + 1}",
-                        "raw": raw[:MAX_RAW],
-                        "reason": f"expected {ncols} fields ({header.strip()}), got {len(row)}",
-                    }
-                )
-                continue
-            rows.append(row)
-            nums.append(first_line + start + 1)
-            raws.append(raw)
-    except csv.Error as exc:
-        records += 1
-        rejects.append(
-            {
-                "location": f"{label}:{first_line + prev + 1}",
-                "raw": "",
-                "reason": f"CSV error: {exc}; the rest of this chunk was not read",
-            }
-        )
+            rejects.append(
+                {
+                    "location": f"{label}:{first_line + pos + prev + 1}",
+                    "raw": "",
+                    "reason": f"CSV error: {exc}; the rest of this chunk was not read",
+                }
+            )
+        if restart is None:
+            break
+        pos = restart
     df = pl.DataFrame(
         {n_: [r[j] or None for r in rows] for j, n_ in enumerate(names)},  # "" is null
         schema=dict.fromkeys(names, pl.String),
@@ -954,8 +1122,14 @@ def _load_chunk(prep: _Prepared, plan: _Plan, lake: Lake, report: FileReport) ->
     report.ignore(plan.ignored + [c for c in appended.ignored_columns if c != LINE_COLUMN])
     report.already_in_lake += appended.unchanged + appended.replaced
     if prep.events is not None and prep.events.height:
-        ev = lake.append("cache_events", prep.events, source=plan.source)
+        ev = lake.append(
+            "cache_events",
+            prep.events,
+            source=plan.source,
+            skip_unchanged=report.count_existing,
+        )
         report.cache_events += ev.loaded
+        report.cache_events_in_lake += ev.unchanged + ev.replaced
     return result
 
 
@@ -1105,6 +1279,32 @@ def _check_encoding(path: Path, log: _LogFile) -> None:
     raise LogError(
         f"{path}: {what}, expected UTF-8; convert it and ingest the copy: "
         f"{src}iconv -f {name} -t UTF-8{file} > '{out}'"
+    )
+
+
+def _check_json_array(path: Path, log: _LogFile, mapping: Mapping | None) -> None:
+    """Refuse a JSON array (`[` then objects): read as JSON Lines, every line of a
+    pretty-printed one would be rejected as invalid JSON, with no word of the cause."""
+    fmt = (mapping.format if mapping is not None else None) or _format_by_name(path) or "jsonl"
+    if fmt != "jsonl":
+        return
+    try:
+        head = log.fh.read(4096)
+        log.fh.seek(0)
+    except _READ_ERRORS:
+        return  # the reader says why
+    text = head.removeprefix(UTF8_BOM).lstrip()
+    if not text.startswith(b"[") or text[1:].lstrip()[:1] not in (b"{", b"]", b""):
+        return
+    out = _plain_name(path, ".lines")
+    src = (
+        f"{_CAT[log.compression]} '{path}' | jq -c '.[]'"
+        if log.compression
+        else (f"jq -c '.[]' '{path}'")
+    )
+    raise LogError(
+        f"{path}: a JSON array (the file starts with '['), expected JSON Lines (one JSON "
+        f"object per line); convert it and ingest the copy: {src} > '{out}'"
     )
 
 
@@ -1364,6 +1564,7 @@ def ingest_file(
     with _open_log(p) as log:
         fh = log.fh
         _check_encoding(p, log)
+        _check_json_array(p, log, mapping)
         plan = _plan_checked(p, table, mapping, base_ts)
         report = FileReport(
             path=str(p), format=plan.format, mapping=plan.label, count_existing=True
@@ -1483,6 +1684,16 @@ def _read_from(
             return  # the header itself is still being written
         if not header.strip():
             raise LogError(f"{p}: empty CSV file (no header line)")
+        sep_ = plan.mapping.csv_separator if plan.mapping else ","
+        names = next(csv.reader([header], delimiter=sep_), [])
+        seen: dict[str, int] = {}
+        for i, name in enumerate(names, 1):
+            if name in seen:  # the reader would fail with a message about its schema
+                raise LogError(
+                    f"duplicate column {name!r} in the header of {p} (columns {seen[name]} "
+                    f"and {i}); expected each column name once: rename one of them"
+                )
+            seen[name] = i
         state.header = header
         state.offset = consumed
         state.line = 1
@@ -1829,6 +2040,7 @@ class LogSource:
             fh = log.fh
             if state.offset == 0:
                 _check_encoding(p, log)
+                _check_json_array(p, log, self.mapping)
             plan = _plan_checked(p, self.table, self.mapping, self.base_ts)
             report = self.reports.setdefault(
                 str(p), FileReport(path=str(p), format=plan.format, mapping=plan.label)

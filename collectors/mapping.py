@@ -27,13 +27,19 @@ operation = { value = "chat" }
 Column spec keys: `from` (a source column, a dotted path into nested JSON such
 as `usage.prompt_tokens` or `choices.0.finish_reason`, or a list of
 alternatives: the first non-null wins), `optional` (absent source column ->
-null instead of an error), `value` (a constant; `{file}` and `{stem}` are
+null instead of an error), `required` (a row whose value is null, after
+`default`, is a reject naming its line and the field), `value` (a constant; `{file}` and `{stem}` are
 replaced by the file name and stem), `template` (`"{colA}-{colB}"`, plus
 `{line}`, `{file}`, `{stem}`), `hash` (a list of source columns -> a stable
 hex digest), `scale` (multiply numbers, e.g. 1000 for s -> ms), `map` (value
 -> value), `default` (fills nulls), and for timestamps `format` (strftime
 pattern), `timezone` (for naive times), `unit` (`s|ms|us|ns` epoch numbers)
 and `relative_to` (an ISO base time for offsets counted in `unit`).
+
+`timezone` applies to every time without an offset, with or without `format`:
+`ts = { from = "time", timezone = "America/New_York" }` reads
+`2026-11-20 01:00:00` as 06:00 UTC. A time in the data that has its own
+offset (`...+02:00`) keeps it, as it names the instant; epoch numbers are UTC.
 
 Local clock times (`format` without an offset, read in `timezone`): a time the
 clocks skip in spring (02:30 on a spring-forward night) does not exist and is
@@ -62,6 +68,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from finops.lake import coerce
 from finops.schemas import TABLES, schema_for
 
 SHIPPED_DIR = Path(__file__).parent / "mappings"
@@ -81,6 +88,7 @@ _SPEC_KEYS = {
     "timezone",
     "unit",
     "relative_to",
+    "required",
 }
 _UNIT_US = {"s": 1_000_000, "ms": 1_000, "us": 1, "ns": 0.001}
 _SPECIAL = {"line", "file", "stem"}
@@ -115,6 +123,7 @@ class ColumnSpec:
     timezone: str = "UTC"
     unit: str | None = None
     relative_to: dt.datetime | None = None
+    required: bool = False  # a row whose value is null (after `default`) is a reject
 
     def source_columns(self) -> list[str]:
         cols = list(self.sources) + [c for c in self.hash if c not in _SPECIAL]
@@ -223,6 +232,20 @@ def load_mapping(name_or_path: str | Path) -> Mapping:
             f"{origin}: unknown section(s) {sorted(unknown)}; expected [mapping], [columns], [key]"
         )
     meta = doc.get("mapping", {})
+    if not isinstance(meta, dict):
+        raise MappingError(f"{origin}: mapping = {meta!r}; expected a [mapping] table")
+    unknown = set(meta) - set(_MAPPING_KEYS)
+    if unknown:
+        raise MappingError(
+            f"{origin}: [mapping] unknown key(s) {sorted(unknown)}; expected some of "
+            f"{', '.join(_MAPPING_KEYS)}"
+        )
+    for k in _MAPPING_KEYS:
+        if k in meta and not isinstance(meta[k], str):
+            raise MappingError(f"{origin}: [mapping] {k} = {meta[k]!r}; expected a string")
+    sep = meta.get("csv_separator", ",")
+    if len(sep) != 1:
+        raise MappingError(f"{origin}: [mapping] csv_separator = {sep!r}; expected one character")
     table = meta.get("table", "requests")
     if table not in TABLES or table in ("rejects", "scrape_health"):
         raise MappingError(
@@ -250,6 +273,8 @@ def load_mapping(name_or_path: str | Path) -> Mapping:
     if "key" in doc:
         k = doc["key"]
         where = f"{origin}: [key]"
+        if not isinstance(k, dict):
+            raise MappingError(f"{origin}: key = {k!r}; expected a [key] table")
         if set(k) - {"hash", "line", "prefix"}:
             raise MappingError(
                 f"{where}: unknown key(s) {sorted(set(k) - {'hash', 'line', 'prefix'})}"
@@ -257,7 +282,11 @@ def load_mapping(name_or_path: str | Path) -> Mapping:
         hash_cols = k.get("hash", [])
         if not isinstance(hash_cols, list) or not all(isinstance(c, str) for c in hash_cols):
             raise MappingError(f"{where} hash: expected a list of column names")
-        key = KeySpec(tuple(hash_cols), bool(k.get("line", True)), str(k.get("prefix", "")))
+        if not isinstance(k.get("line", True), bool):
+            raise MappingError(f"{where} line = {k['line']!r}; expected true or false")
+        if not isinstance(k.get("prefix", ""), str):
+            raise MappingError(f"{where} prefix = {k['prefix']!r}; expected a string")
+        key = KeySpec(tuple(hash_cols), k.get("line", True), k.get("prefix", ""))
     return Mapping(
         name=str(meta.get("name", path.stem)),
         origin=origin,
@@ -267,8 +296,29 @@ def load_mapping(name_or_path: str | Path) -> Mapping:
         description=str(meta.get("description", "")),
         columns=columns,
         key=key,
-        csv_separator=str(meta.get("csv_separator", ",")),
+        csv_separator=sep,
     )
+
+
+_MAPPING_KEYS = ("name", "format", "table", "source", "description", "csv_separator")
+
+
+def _check_constant(value: Any, dtype: pl.DataType, where: str) -> None:
+    """A `value`/`default` that the column's type cannot hold fails here, not in the lake."""
+    if isinstance(value, str) and ("{file}" in value or "{stem}" in value):
+        return
+    if isinstance(value, dt.date) and isinstance(dtype, pl.Datetime):
+        return
+    try:
+        pl.Series([value]).cast(dtype, strict=True)
+    except (pl.exceptions.PolarsError, TypeError, ValueError, OverflowError):
+        if isinstance(dtype, pl.Datetime) and isinstance(value, str):
+            try:
+                dt.datetime.fromisoformat(value)
+                return
+            except ValueError:
+                pass
+        raise MappingError(f"{where} = {value!r}: expected a value of type {dtype}") from None
 
 
 def _parse_spec(target: str, spec: Any, where: str, dtype: pl.DataType) -> ColumnSpec:
@@ -286,10 +336,29 @@ def _parse_spec(target: str, spec: Any, where: str, dtype: pl.DataType) -> Colum
         raise MappingError(
             f"{where}: give exactly one of from, value, template, hash (got {kinds or 'none'})"
         )
-    src = spec.get("from", ())
-    sources = (src,) if isinstance(src, str) else tuple(src)
-    if not all(isinstance(s, str) for s in sources):
-        raise MappingError(f"{where} from: expected a column name or a list of them")
+    src = spec.get("from", [])
+    sources = (src,) if isinstance(src, str) else tuple(src) if isinstance(src, list) else None
+    if sources is None or not all(isinstance(s, str) and s for s in sources):
+        raise MappingError(f"{where} from = {src!r}: expected a column name or a list of them")
+    if "from" in spec and not sources:
+        raise MappingError(f"{where} from = []: expected at least one column name")
+    for opt in ("optional", "required"):
+        if not isinstance(spec.get(opt, False), bool):
+            raise MappingError(f"{where} {opt} = {spec[opt]!r}: expected true or false")
+    required = spec.get("required", False)
+    for opt in ("template", "format", "timezone", "unit"):
+        if opt in spec and not isinstance(spec[opt], str):
+            raise MappingError(f"{where} {opt} = {spec[opt]!r}: expected a string")
+    for opt in ("value", "default"):
+        if isinstance(spec.get(opt), dict | list):
+            raise MappingError(
+                f"{where} {opt} = {spec[opt]!r}: expected one plain value (text, a number, "
+                "true/false or a time)"
+            )
+    if "value" in spec:
+        _check_constant(spec["value"], dtype, f"{where} value")
+    if "default" in spec:
+        _check_constant(spec["default"], dtype, f"{where} default")
     unit = spec.get("unit")
     if unit is not None and unit not in _UNIT_US:
         raise MappingError(f"{where} unit: {unit!r}; expected one of {sorted(_UNIT_US)}")
@@ -305,14 +374,19 @@ def _parse_spec(target: str, spec: Any, where: str, dtype: pl.DataType) -> Colum
     if (spec.get("format") or unit) and not is_ts:
         raise MappingError(f"{where}: format/unit/relative_to apply to timestamp columns only")
     scale = spec.get("scale")
-    if scale is not None and not isinstance(scale, int | float):
+    if scale is not None and (isinstance(scale, bool) or not isinstance(scale, int | float)):
         raise MappingError(f"{where} scale: expected a number, got {scale!r}")
     hash_cols = spec.get("hash", ())
     if isinstance(hash_cols, str):
         hash_cols = (hash_cols,)
+    if not isinstance(hash_cols, list | tuple) or not all(isinstance(c, str) for c in hash_cols):
+        raise MappingError(f"{where} hash = {hash_cols!r}: expected a list of column names")
     mapping = spec.get("map")
     if mapping is not None and not isinstance(mapping, dict):
         raise MappingError(f"{where} map: expected a table of value = replacement")
+    for k_, v_ in (mapping or {}).items():
+        if isinstance(v_, dict | list):
+            raise MappingError(f"{where} map {k_!r} = {v_!r}: expected one plain value")
     try:
         tz = str(spec.get("timezone", "UTC"))
         dt.datetime.now(dt.UTC).astimezone(__import__("zoneinfo").ZoneInfo(tz))
@@ -332,6 +406,7 @@ def _parse_spec(target: str, spec: Any, where: str, dtype: pl.DataType) -> Colum
         timezone=tz,
         unit=unit,
         relative_to=relative,
+        required=required,
     )
 
 
@@ -557,6 +632,8 @@ def apply_mapping(
         else:
             present = [s for s in spec.sources if s in available]
             if not present:
+                if spec.required:
+                    errors.append(_missing_error(spec, list(spec.sources)))
                 exprs[target] = (
                     pl.lit(spec.default).cast(dtype)
                     if spec.default is not None
@@ -579,14 +656,17 @@ def apply_mapping(
                 sdtype = pl.String
             if spec.default is not None:
                 expr = expr.fill_null(pl.lit(spec.default))
-            if isinstance(dtype, pl.Datetime) and (spec.format or spec.unit):
+            if spec.required:
+                errors.append(pl.when(expr.is_null()).then(_missing_error(spec, present)))
+            zoned = _zoned_naive(spec, sdtype)
+            if isinstance(dtype, pl.Datetime) and (spec.format or spec.unit or zoned):
                 local: pl.Expr | None = None
                 ambiguous: pl.Expr | str = "earliest"
-                if _is_local_format(spec):
+                if _is_local_format(spec) or zoned:
                     # parse once; the repeated DST hour needs the file's order (a pass in
                     # row order), not a per-value rule
                     name = f"__local_{target}"
-                    src = src.with_columns(_local_time(expr, spec).alias(name))
+                    src = src.with_columns(_local_time(expr, spec, sdtype).alias(name))
                     local = pl.col(name)
                     choice = tracker.choose(target, spec.timezone, src[name], src[LINE_COLUMN])
                     if choice is not None:
@@ -613,6 +693,9 @@ def apply_mapping(
                                 f"a time like {spec.format!r}"
                                 if spec.format
                                 else f"a number of {spec.unit}"
+                                if spec.unit
+                                else "an ISO-8601 time (read in "
+                                f"{spec.timezone} when it has no offset)"
                             ),
                             raw_text.str.slice(0, 60),
                         )
@@ -666,6 +749,14 @@ def apply_mapping(
     return Applied(good, rejects, tracker.warnings() if own_folds else [])
 
 
+def _missing_error(spec: ColumnSpec, sources: list[str]) -> pl.Expr:
+    """The reason for a row without a value in a `required` column."""
+    return pl.lit(
+        f"field '{spec.target} (from {' or '.join(sources)})': missing or null; expected a "
+        "value (the mapping marks it required)"
+    )
+
+
 def _key_series(
     mapping: Mapping,
     src: pl.DataFrame,
@@ -698,12 +789,57 @@ def _is_local_format(spec: ColumnSpec) -> bool:
     )
 
 
-def _local_time(expr: pl.Expr, spec: ColumnSpec) -> pl.Expr:
-    return (
-        expr.cast(pl.String)
-        .str.strip_chars()
-        .str.strptime(pl.Datetime("us"), spec.format, strict=False)
+_NAIVE_FORMATS = (
+    "%Y-%m-%dT%H:%M:%S%.f",
+    "%Y-%m-%d %H:%M:%S%.f",
+    "%Y-%m-%dT%H:%M",
+    "%Y-%m-%d %H:%M",
+    "%Y-%m-%d",
+)
+"""Spellings of a time without an offset that a `timezone` without `format` reads as local."""
+
+
+def _zoned_naive(spec: ColumnSpec, sdtype: pl.DataType) -> bool:
+    """A `timezone` without `format`/`unit`: naive times in the data are read in that zone.
+
+    Without this the zone was ignored and naive times loaded as UTC. Times with an
+    offset keep it (the data says which instant it is); epoch numbers are UTC.
+    """
+    if spec.format or spec.unit or spec.timezone in _NO_DST:
+        return False
+    return sdtype in (pl.String, pl.Date) or isinstance(sdtype, pl.Datetime)
+
+
+def _local_time(expr: pl.Expr, spec: ColumnSpec, sdtype: pl.DataType = pl.String) -> pl.Expr:
+    """The wall-clock (naive) time of each value; null where it has an offset or no time."""
+    if spec.format:
+        return (
+            expr.cast(pl.String)
+            .str.strip_chars()
+            .str.strptime(pl.Datetime("us"), spec.format, strict=False)
+        )
+    if isinstance(sdtype, pl.Datetime):
+        if sdtype.time_zone is not None:
+            return pl.lit(None, dtype=pl.Datetime("us"))
+        return expr.dt.cast_time_unit("us")
+    if sdtype == pl.Date:
+        return expr.cast(pl.Datetime("us"))
+    text = expr.cast(pl.String).str.strip_chars()
+    return pl.coalesce(
+        [text.str.strptime(pl.Datetime("us"), f, strict=False) for f in _NAIVE_FORMATS]
     )
+
+
+def _as_utc(expr: pl.Expr, sdtype: pl.DataType) -> pl.Expr:
+    """Values read as the lake reads them (offsets, epoch numbers): for times with an offset."""
+    utc = pl.Datetime("us", "UTC")
+    if isinstance(sdtype, pl.Datetime):
+        if sdtype.time_zone is None:
+            return pl.lit(None, dtype=utc)
+        return expr.dt.convert_time_zone("UTC").dt.cast_time_unit("us")
+    if sdtype == pl.Date:
+        return pl.lit(None, dtype=utc)
+    return expr.cast(pl.String).map_batches(lambda s: coerce(s, utc), return_dtype=utc)
 
 
 def _timestamp(
@@ -719,6 +855,13 @@ def _timestamp(
     is no format error and must not be reported as one). `local` is the already parsed
     wall-clock time and `ambiguous` the per-row choice in a repeated hour
     (`FoldTracker.choose`)."""
+    if not spec.format and not spec.unit:  # `timezone` alone (`_zoned_naive`)
+        local = _local_time(expr, spec, sdtype) if local is None else local
+        zoned = local.dt.replace_time_zone(
+            spec.timezone, ambiguous=ambiguous, non_existent="null"
+        ).dt.convert_time_zone("UTC")
+        ts = pl.when(local.is_not_null()).then(zoned).otherwise(_as_utc(expr, sdtype))
+        return ts, ts.is_null() & expr.is_not_null(), zoned.is_null() & local.is_not_null()
     if spec.format:
         if not _is_local_format(spec):
             text = expr.cast(pl.String).str.strip_chars()

@@ -155,3 +155,21 @@ def test_ingest_into_a_partition_with_an_unreadable_file_names_it(lake: Lake) ->
     assert isinstance(err.value, OSError)
     assert str(bad) in str(err.value)
     assert sorted(bad.parent.iterdir()) == before
+
+
+def test_the_ingest_command_says_reading_the_lake_failed_not_writing(
+    lake: Lake, tmp_path: Path
+) -> None:
+    """`finops ingest` into a partition holding a cut-short file: one error line naming it,
+    saying it could not be read (was: "writing to LAKE failed ...")."""
+    bad = _cut_short(lake)
+    log = tmp_path / "log.jsonl"
+    log.write_text(
+        '{"request_id": "r-new", "ts": "2026-11-17T12:00:00Z", "tenant": "acme", '
+        '"input_tokens": 5, "output_tokens": 1}\n'
+    )
+    res = runner.invoke(app, ["ingest", "requests", str(log), "--lake", str(lake.path)])
+    assert res.exit_code == 1, res.output
+    errors = [line for line in res.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and errors[0].startswith(f"error: loading {log}: a lake file")
+    assert str(bad) in errors[0] and "writing to" not in errors[0]

@@ -505,6 +505,8 @@ def test_cli_ingest_reports_counts_and_exit_codes(tmp_path: Path) -> None:
             "already_in_lake": 0,
             "rejected": 1,
             "cache_events": 3,
+            "cache_events_new": 3,
+            "cache_events_already_in_lake": 0,
             "ignored_columns": [],
             "error": None,
         }

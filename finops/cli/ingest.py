@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import datetime as dt
 import json
+import math
 import signal
 import sys
 import time
@@ -106,10 +107,12 @@ def _run(
 
     from collectors.logs import FileReport, LogError, ingest_file
     from collectors.mapping import AmbiguousTimeWarning, MappingError, load_mapping
-    from finops.lake import Lake
+    from finops.lake import Lake, LakeFileError
 
     if fmt not in ("table", "json"):
         fail(f"--format must be table or json, got {fmt!r}")
+    if not (math.isfinite(interval) and interval > 0):  # 0, <0 or nan: a busy loop
+        fail(f"--interval: expected a number of seconds > 0, got {interval}")
     lake_path = resolve_lake(lake)
     store = Lake(lake_path)
     base = _parse_base(base_ts)
@@ -150,6 +153,8 @@ def _run(
         except MappingError as exc:
             fail(str(exc))
             return
+        except LakeFileError as exc:  # a lake file it had to read, not the write, failed
+            fail(f"loading {path}: {exc}", code=1)
         except (OSError, pl.exceptions.ComputeError) as exc:
             # disk full, file too large, permissions: what was written stays; a rerun
             # adds only the rest (the lake's keys drop what is already there)
@@ -168,7 +173,15 @@ def _run(
             "new": r.new,
             "already_in_lake": r.already_in_lake,
             "rejected": r.rejected,
-            **({"cache_events": r.cache_events} if kind == "requests" else {}),
+            **(
+                {
+                    "cache_events": r.cache_events,
+                    "cache_events_new": r.cache_events - r.cache_events_in_lake,
+                    "cache_events_already_in_lake": r.cache_events_in_lake,
+                }
+                if kind == "requests"
+                else {}
+            ),
             "ignored_columns": r.ignored_columns,
             "error": r.error,
         }
@@ -198,6 +211,8 @@ def _run(
             df = df.drop("error")
         if not (df["already_in_lake"] > 0).any():  # all new: `loaded` says it
             df = df.drop("new", "already_in_lake")
+        if "cache_events" in df.columns and not (df["cache_events_already_in_lake"] > 0).any():
+            df = df.drop("cache_events_new", "cache_events_already_in_lake")
         df = df.drop("ignored_columns")  # said below the table, one line per file
         print_frame(df, "table", title=f"ingest {kind} -> {lake_path}")
         for r in reports:
@@ -309,6 +324,7 @@ def _follow(
     from collectors.checkpoint import CheckpointError
     from collectors.logs import LogSource
     from collectors.mapping import MappingError
+    from finops.lake import LakeFileError
 
     try:
         sources = [
@@ -337,6 +353,8 @@ def _follow(
             except MappingError as exc:
                 fail(str(exc))
                 return
+            except LakeFileError as exc:
+                fail(f"{exc}; stopped", code=1)
             except (OSError, pl.exceptions.ComputeError) as exc:
                 # each batch's checkpoint follows its write: a restart resumes from here
                 fail(f"writing to {store.path} failed: {exc}; stopped", code=1)
