@@ -13,8 +13,9 @@ formulas are documented in those files; in short:
   prefill share, output tokens for the decode share, the shares split by the
   measured prefill/decode time when vLLM reports it);
 - two bases, as OpenCost names them: **allocation** (the whole GPU cost of a
-  tier-hour, idle included, goes to its requests; `allocated + idle = bill` to
-  the cent, where idle is the cost no request could carry) and **usage** (only
+  tier-hour, idle included, goes to its requests; `allocated + unallocated = bill`
+  to the cent, where unallocated is the cost no request could carry, GPU-hours
+  without requests, not the idle capacity) and **usage** (only
   the busy share, SM activity x cost, goes to requests).
 
 One line from a notebook::
@@ -158,11 +159,15 @@ def _label(s: dt.datetime | None, e: dt.datetime | None) -> str:
     "2026-11-16..2026-11-22"), other bounds as times (the end exclusive)."""
     if s is None and e is None:
         return "all data"
-    left = right = "…"
+    left = right = None
     if s is not None:
         left = str(s.date()) if s.time() == dt.time(0) else _stamp(s)
     if e is not None:
         right = str((e - dt.timedelta(days=1)).date()) if e.time() == dt.time(0) else _stamp(e)
+    if right is None:  # "2026-11-16..…" read as a cut-off label
+        return f"from {left} to the end of the data"
+    if left is None:
+        return f"up to {right} (from the start of the data)"
     return f"{left}..{right}"
 
 
@@ -951,13 +956,16 @@ def totals(
     basis: Basis = "allocation",
     per: Period | None = None,
 ) -> dict[str, Any]:
-    """The period's bill and how it splits; allocated_cost + idle_cost == gpu_cost.
+    """The period's bill and how it splits; allocated_cost + unallocated_cost == gpu_cost.
 
     gpu_cost: GPU-hours x price. allocated_cost: the sum of per-request costs on
-    `basis`. idle_cost: gpu_cost - allocated_cost, i.e. on the allocation basis the
-    cost of tier-hours no request ran on (and GPUs of no tier), on the usage basis
-    also the idle share of busy tier-hours. idle_capacity_cost: the physical idle
-    capacity, sum((1 - util) x cost), the same on both bases. busy_cost: the rest.
+    `basis`. unallocated_cost: gpu_cost - allocated_cost, i.e. on the allocation basis
+    the cost of GPU-hours without requests (tier-hours no request ran on, GPUs of no
+    tier), on the usage basis also the idle share of busy tier-hours. idle_cost is its
+    older name, kept for existing callers: it is *not* the idle capacity.
+    idle_capacity_cost: the physical idle capacity, sum((1 - util) x cost), the same on
+    both bases (what `idle`, `tier_utilization` and `gpu_bill` call idle_cost); on the
+    allocation basis most of it sits inside the requests' cost. busy_cost: the rest.
     gpus: physical GPUs that reported (a GPU split by MIG counts once). Per request
     and per token figures are on `basis`: per request, the bill (allocation) or the
     allocated busy cost (usage) over the priced requests.
@@ -1018,6 +1026,8 @@ def totals(
         "idle_capacity_cost": g["idle_capacity_cost"],
         "allocated_cost": r["allocated_cost"],
         # float sums leave ~1e-10 crumbs where everything was allocated: show 0, not -0.00
+        "unallocated_cost": _crumb(g["gpu_cost"] - r["allocated_cost"]),
+        # the old name of unallocated_cost (the CLI and reports read it); not idle capacity
         "idle_cost": _crumb(g["gpu_cost"] - r["allocated_cost"]),
         "input_cost": r["input_cost"],
         "output_cost": r["output_cost"],
@@ -1236,7 +1246,10 @@ def leakage(
 
     kind 'leak' lines are disjoint (a request is counted under the first of
     retried_failure, failed, stream_aborted, duplicate) and add up with 'useful'
-    to the allocated cost; 'idle' is the unallocated GPU cost (totals' idle_cost);
+    to the allocated cost; 'unallocated' (kind 'idle') is the GPU cost no request
+    carried, totals' unallocated_cost: GPU-hours without requests (on the usage basis
+    also the idle time of busy hours). It is not totals' idle_capacity_cost: on the
+    allocation basis the idle capacity of hours with requests is inside their lines;
     kind 'info' lines overlap the others: retry_storm (failed/retry requests in a
     storm window), retries (all attempt >= 2), embeddings, streaming.
     """
@@ -1267,17 +1280,23 @@ def leakage(
     kinds = {"useful": "useful", **{k: "leak" for k in _LEAK_NOTES}}
     notes = {
         **_LEAK_NOTES,
-        "useful": "requests that did useful, non-duplicate work",
+        "useful": "requests that did useful, non-duplicate work"
+        + (", with the idle capacity of the hours they ran in" if b == "allocation" else ""),
         "retry_storm": "failures and retries inside retry-storm windows (subset of the above)",
         "retries": "all retry attempts (attempt >= 2), whatever their outcome",
         "embeddings": "embeddings calls (input tokens only)",
         "streaming": "streamed requests (all outcomes)",
-        "idle": "GPU cost no request carried (tier-hours without traffic, untiered GPUs"
-        + (", and idle time of busy tier-hours)" if b == "usage" else ")"),
+        "unallocated": "GPU cost no request carried: GPU-hours without requests (tier-hours "
+        "without traffic, untiered GPUs"
+        + (
+            "), and the idle time of busy tier-hours"
+            if b == "usage"
+            else "); the idle capacity of hours with requests is in those requests' lines"
+        ),
     }
     idle_row = pl.DataFrame(
         {
-            "category": ["idle"],
+            "category": ["unallocated"],
             "requests": [0],
             "cost": [t["idle_cost"] if t["gpu_hours"] else None],
         },
@@ -1289,7 +1308,7 @@ def leakage(
         "failed",
         "stream_aborted",
         "duplicate",
-        "idle",
+        "unallocated",
         "useful",
         "retry_storm",
         "retries",
@@ -1300,7 +1319,7 @@ def leakage(
     return (
         df.with_columns(
             pl.col("category")
-            .replace_strict({**kinds, "idle": "idle"}, default="info")
+            .replace_strict({**kinds, "unallocated": "idle"}, default="info")
             .alias("kind"),
             pl.col("category").replace_strict(notes, default="").alias("note"),
             (pl.col("cost") / gpu if gpu else pl.lit(None, dtype=pl.Float64)).alias(

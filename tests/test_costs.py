@@ -343,6 +343,31 @@ def test_leakage_lines(db) -> None:
     assert t["leakage_cost"] == pytest.approx(lk.filter(pl.col("kind") == "leak")["cost"].sum())
 
 
+@pytest.mark.parametrize("basis", ["allocation", "usage"])
+def test_unallocated_cost_is_not_called_idle(db, basis: str) -> None:
+    """The leakage line for GPU cost no request carried read 'idle: $0' next to an idle
+    capacity of 83% of the bill: it is 'unallocated' (GPU-hours without requests), and
+    totals name it unallocated_cost (idle_cost kept as the old name)."""
+    t = fc.totals(db, week="2026-W47", basis=basis)
+    assert t["unallocated_cost"] == t["idle_cost"]  # the old key, for existing callers
+    assert abs(t["allocated_cost"] + t["unallocated_cost"] - t["gpu_cost"]) < 0.005
+    lk = fc.leakage(db, week="2026-W47", basis=basis)
+    cat = {r["category"]: r for r in lk.iter_rows(named=True)}
+    assert "idle" not in cat
+    line = cat["unallocated"]
+    assert line["kind"] == "idle" and line["requests"] == 0
+    assert line["cost"] == pytest.approx(t["unallocated_cost"], abs=1e-9)
+    assert "GPU-hours without requests" in line["note"]
+    if basis == "allocation":
+        # untiered GPU (4 h) and hour 3 of both tiers: less than the physical idle capacity
+        assert line["cost"] == pytest.approx(4 * L4 + L4 + H100, abs=0.005)
+        assert line["cost"] < t["idle_capacity_cost"]
+        assert "idle capacity of hours with requests" in line["note"]
+        assert "idle capacity" in cat["useful"]["note"]
+    else:
+        assert "idle time of busy tier-hours" in line["note"]
+
+
 def test_idle_by_hour_and_dow(db) -> None:
     idl = fc.idle(db, week="2026-W47")
     assert set(idl["tier"]) == {"small", "large", "jupyter"}  # app label fallback

@@ -111,12 +111,14 @@ def test_period_labels_show_the_real_bounds() -> None:
         "2026-11-16T10:00Z..2026-11-16T13:00Z"
     )
     assert fc.period(start=T0 + 10 * H, end="2026-11-16").label == "2026-11-16T10:00Z..2026-11-16"
-    assert fc.period(end=T0 + 5 * H).label == "…..2026-11-16T05:00Z"
+    # one open side says so in words (was "…..2026-11-16T05:00Z", "2026-11-16..…")
+    assert fc.period(end=T0 + 5 * H).label == "up to 2026-11-16T05:00Z (from the start of the data)"
+    assert fc.period(start="2026-11-16").label == "from 2026-11-16 to the end of the data"
     assert fc.period(week=WEEK).label == WEEK and fc.period().label == "all data"
     # period() itself still takes any instant: a Period on the per-request ts column
     # (the router's off-policy logs) may cut hours; only the hourly cost functions refuse
     cut = fc.period(start=T0 + dt.timedelta(minutes=30))
-    assert cut.label == "2026-11-16T00:30Z..…"
+    assert cut.label == "from 2026-11-16T00:30Z to the end of the data"
     assert "2026-11-16T00:30:00+00:00" in cut.where("ts")
 
 
