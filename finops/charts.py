@@ -150,6 +150,28 @@ def idle_heatmap(
     )
 
 
+# cost_bars' value axis formats other than dollars: shares in percent, counts as numbers
+_BAR_FORMATS = {
+    "idle_share": ".0%",
+    "util": ".0%",
+    "gpu_util": ".0%",
+    "share": ".0%",
+    "requests": ",",
+    "gpus": ",",
+}
+
+
+def _value_axis(value: str) -> dict[str, object]:
+    """Title and number format of a cost_bars value axis: a column of dollars (its name
+    says cost or usd) reads "(USD)" on a $ axis, a share in %, a count as a number."""
+    title = value.replace("_", " ")
+    if value in _BAR_FORMATS:
+        return {"title": title, "axis": alt.Axis(format=_BAR_FORMATS[value])}
+    if "cost" in value or "usd" in value:
+        return {"title": f"{title} (USD)", "axis": alt.Axis(format="$,.0f")}
+    return {"title": title}
+
+
 def cost_bars(
     by: pl.DataFrame, dim: str | None = None, *, value: str = "cost", top: int = 15
 ) -> alt.Chart:
@@ -175,7 +197,7 @@ def cost_bars(
         x = alt.X("sum(usd):Q", title="cost (USD)", axis=alt.Axis(format="$,.0f"))
     else:
         long, color = df.with_columns(pl.col(value).alias("usd")), alt.value("#4c78a8")
-        x = alt.X("usd:Q", title=value.replace("_", " "))
+        x = alt.X("usd:Q", **_value_axis(value))
     tips = [alt.Tooltip(f"{dim}:N")]
     for c, f in (
         ("requests", ","),
@@ -202,7 +224,7 @@ def cost_bars(
 
 
 def leakage_waterfall(leak: pl.DataFrame) -> alt.Chart:
-    """The GPU bill as a waterfall: leakage lines, idle, then useful work (from `finops.costs.leakage`).
+    """The GPU bill as a waterfall: leakage lines, unallocated, then useful work (`fc.leakage`).
 
     Only the disjoint lines (kind leak/idle/useful) stack to the bill; the
     overlapping 'info' lines are left out.
@@ -328,7 +350,12 @@ def lever_waterfall_chart(wf: pl.DataFrame, value: str = "cost_usd") -> alt.Char
         .properties(
             width=420,
             height=260,
-            title="Where the saving comes from (levers added in order, each after those left of it)",
+            title=alt.TitleParams(
+                "Where the saving comes from (levers added in order, each after those left of it)",
+                # a step's height is replicas freed, not tokens avoided (REPLICA_NOTE)
+                subtitle="Steps are whole replicas the TTFT SLO needs: a lever's share depends "
+                "on the order and on replica boundaries",
+            ),
         )
     )
 

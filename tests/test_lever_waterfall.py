@@ -30,6 +30,7 @@ from finops.models.simulate import Levers, Simulator, default_levers
 from finops.models.synthetic import SyntheticSpec, write_synthetic_lake
 from finops.models.waterfall import (
     LEVER_ORDER,
+    REPLICA_NOTE,
     describe_lever,
     describe_levers,
     lever_waterfall,
@@ -158,6 +159,10 @@ def test_descriptions_carry_the_real_values(sim: Simulator, wf: pl.DataFrame) ->
     text = top_levers(wf)
     assert f"**{best['setting']}** (${best['saved_usd']:,.0f}" in text
     assert "measured after the levers above it" in text
+    # a share is replicas freed under the SLO, not tokens avoided: the sentence says so
+    assert REPLICA_NOTE in text and "whole replicas" in text
+    title = ch.lever_waterfall_chart(wf).to_dict()["title"]
+    assert "whole replicas" in title["subtitle"]
 
 
 def test_unknown_costs_are_null_never_nan(sim: Simulator) -> None:

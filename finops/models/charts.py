@@ -26,6 +26,13 @@ _HOUR_TIP = alt.Tooltip(
 )
 
 
+# axis titles with units for the throughput fit's targets (finops.models.throughput.TARGETS)
+TARGET_TITLES = {
+    "gen_tps": "generation tokens/s per replica",
+    "sm_active": "SM activity (share of time)",
+}
+
+
 def thin(df: pl.DataFrame, limit: int = MAX_POINTS) -> tuple[pl.DataFrame, str]:
     """At most `limit` rows, every k-th in time order, and a title note saying so.
 
@@ -42,6 +49,7 @@ def thin(df: pl.DataFrame, limit: int = MAX_POINTS) -> tuple[pl.DataFrame, str]:
 def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcatChart:
     """Observed vs fitted tokens/s against concurrency, and the residuals by split."""
     load = fit.features[0]
+    what = TARGET_TITLES.get(fit.target, fit.target)
     d, shown = thin(fit.data.select("t", load, fit.target, "predicted", "residual", "split"))
     grid_x = np.linspace(0, float(fit.data[load].max()) * 1.2 + 1e-9, 80)
     cov = np.tile(fit.model.covariate_ref_, (grid_x.size, 1))
@@ -53,7 +61,7 @@ def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcat
         .mark_circle(size=18, opacity=0.5)
         .encode(
             x=alt.X(f"{load}:Q", title=f"{load} (requests in replica)"),
-            y=alt.Y(f"{fit.target}:Q", title=fit.target),
+            y=alt.Y(f"{fit.target}:Q", title=what),
             color=alt.Color("split:N"),
             tooltip=[_T_TIP, f"{load}:Q", f"{fit.target}:Q", "predicted:Q", "split:N"],
         )
@@ -62,19 +70,20 @@ def throughput_fit_chart(fit: ThroughputFit, *, width: int = 360) -> alt.HConcat
     left = (pts + line).properties(
         width=width,
         height=240,
-        title=f"{fit.tier}: {fit.target} vs load "
-        f"(held-out MAPE {100 * fit.mape_holdout:.1f}%{shown})",
+        title=f"{fit.tier}: {what} vs load (held-out MAPE {100 * fit.mape_holdout:.1f}%{shown})",
     )
     right = (
         alt.Chart(d)
         .mark_circle(size=18, opacity=0.5)
         .encode(
-            x=alt.X("predicted:Q"),
-            y=alt.Y("residual:Q"),
+            x=alt.X("predicted:Q", title=f"predicted {what}"),
+            y=alt.Y("residual:Q", title=f"residual: observed - predicted {what}"),
             color="split:N",
             tooltip=[_T_TIP, "predicted:Q", "residual:Q"],
         )
-        .properties(width=width, height=240, title=f"{fit.tier}: residuals")
+        .properties(
+            width=width, height=240, title=f"{fit.tier}: residuals of the fit (train and held out)"
+        )
     )
     return alt.hconcat(left, right)
 

@@ -37,7 +37,12 @@ import numpy as np
 import polars as pl
 
 from finops.costs import Period
-from finops.models.data import NoServingData, request_tier_sql, serving_intervals
+from finops.models.data import (
+    NoServingData,
+    model_period,
+    request_tier_sql,
+    serving_intervals,
+)
 from finops.models.queueing import ServiceModel, simulate
 from finops.models.throughput import fit_frame, fit_step_time
 from finops.prices import PriceCatalogError, price_for
@@ -855,10 +860,19 @@ class Simulator:
 
     @classmethod
     def from_lake(
-        cls, db: duckdb.DuckDBPyConnection, *, per: Period | None = None, **kw: object
+        cls,
+        db: duckdb.DuckDBPyConnection,
+        *,
+        week: str | None = None,
+        start: str | dt.date | None = None,
+        end: str | dt.date | None = None,
+        per: Period | None = None,
+        **kw: object,
     ) -> Simulator:
-        """Simulator over one period of the lake (default: its latest whole ISO week)."""
-        return cls(load_trace(db, per=per), **kw)  # type: ignore[arg-type]
+        """Simulator over one period of the lake, named as `finops.costs` names it
+        (`week="2026-W47"`, `start`/`end` dates, or a `Period` as `per`); nothing given:
+        the lake's latest whole ISO week, the week `finops simulate` plans from."""
+        return cls(load_trace(db, per=_sim_period(week, start, end, per)), **kw)  # type: ignore[arg-type]
 
     def smallest_tier(self) -> str:
         """The cheapest tier per replica-hour (the routing target).
@@ -1447,18 +1461,25 @@ def headline(
     slo_ttft_p95_ms: float | None = None,
     after: Levers | None = None,
     simulator: Simulator | None = None,
+    week: str | None = None,
+    start: str | dt.date | None = None,
+    end: str | dt.date | None = None,
     per: Period | None = None,
 ) -> dict[str, object]:
     """Cost per 1k requests at `growth`, before and after the levers (the first question).
 
-    Planned from `per` (default: the lake's latest whole week, as `finops simulate`).
+    Planned from the period named as in `finops.costs` (`week=`, `start`/`end` or `per`;
+    default: the lake's latest whole week, as `finops simulate`). A `simulator` given
+    plans from the period it was built on.
 
     >>> h = headline(finops.connect(), 5)
     >>> print(h["line"])   # 5x growth: $X/1k requests before levers, $Y after
     """
     from finops.models.waterfall import describe_levers  # it builds on this module
 
-    sim = simulator or Simulator.from_lake(db, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms)
+    sim = simulator or Simulator.from_lake(
+        db, week=week, start=start, end=end, per=per, slo_ttft_p95_ms=slo_ttft_p95_ms
+    )
     after = after or default_levers(sim)
     before_plan = sim.plan(growth, Levers())
     after_plan = sim.plan(growth, after)
@@ -1482,6 +1503,17 @@ def headline(
         # what the figures leave out (days without data, unpriced tiers, idle levers)
         "notes": list(dict.fromkeys([*before_plan.notes, *after_plan.notes])),
     }
+
+
+def _sim_period(
+    week: str | None, start: str | dt.date | None, end: str | dt.date | None, per: Period | None
+) -> Period | None:
+    """The period a simulation plans from, named as `finops.costs` names it (same parsing
+    and errors); None (nothing named) leaves load_trace its default, the latest whole week,
+    where the model fits' "nothing named" means all data."""
+    if (week, start, end, per) == (None, None, None, None):
+        return None
+    return model_period(week, start, end, per)
 
 
 def unpriced_tiers(sim: Simulator) -> list[str]:

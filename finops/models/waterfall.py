@@ -17,7 +17,11 @@ limit), then the fleet (autoscaling), then buying (reserved floor, spot burst):
 7. ``spot_share``: part of the GPU-hours above the floor on spot.
 
 A different order gives the same total but different steps (a lever's saving depends on
-what is left to save when it is applied). Cost figures are the plans' own: priced tiers
+what is left to save when it is applied). The steps also come in whole replicas: each hour
+runs the fewest replicas that keep p95 TTFT within the SLO, so a lever saves only where it
+takes a tier below a replica boundary. A share of the saving is therefore not the tokens a
+lever avoids: a small change (5 points of cache hits, a cap that shortens prefill) can free
+one large replica and earn most of the saving, a bigger one nothing (`REPLICA_NOTE`). Cost figures are the plans' own: priced tiers
 only where some tier has no price (`unpriced_tiers`), unknown (null, never NaN) where no
 tier is priced.
 
@@ -49,6 +53,14 @@ LEVER_ORDER: tuple[str, ...] = (
     "autoscale",
     "reserved_baseline",
     "spot_share",
+)
+
+# why a step's share is not "tokens avoided" (top_levers, the chart, notebook 02)
+REPLICA_NOTE = (
+    "The steps are whole replicas: each hour runs the fewest replicas that keep p95 TTFT "
+    "within the SLO, so a lever saves only where it takes a tier below a replica boundary, "
+    "and its share depends on the order and on those boundaries, not only on the work it "
+    "avoids."
 )
 
 # the `finops simulate` flag of each lever, for error messages
@@ -137,7 +149,7 @@ def lever_waterfall(
     `cost_per_1k_requests`, and what the step saved vs the one above (`saved_gpu_hours`,
     `saved_usd`, `saved_per_1k`; null on step 0) plus `share_of_saving` (of the whole
     cost saving). A step's saving depends on the order: it is measured after the levers
-    above it. Unknown costs (unpriced tiers) are null. A step whose plan fails raises a
+    above it, and on replica boundaries (`REPLICA_NOTE`). Unknown costs (unpriced tiers) are null. A step whose plan fails raises a
     ValueError naming the lever.
     """
     levers = default_levers(sim) if levers is None else levers
@@ -200,7 +212,8 @@ def lever_waterfall(
 
 def top_levers(wf: pl.DataFrame, n: int = 2, *, context: str = "") -> str:
     """One sentence naming the steps that earn the most (dollars where known, else
-    GPU-hours), for the notebook and reports; the order caveat included. `context` says
+    GPU-hours), for the notebook and reports; the order and replica caveats included
+    (`REPLICA_NOTE`). `context` says
     which plan ("at 5x growth of 2026-W47")."""
     steps = wf.filter(pl.col("step") > 0)
     if not steps.height:
@@ -229,13 +242,15 @@ def top_levers(wf: pl.DataFrame, n: int = 2, *, context: str = "") -> str:
         + (f" {context}" if context else "")
         + ("" if by_usd else " (costs unknown: GPU-hours instead)")
         + f", most comes from {' and '.join(parts)}, each measured after the levers above it"
-        " in the waterfall (applied in another order a lever would earn a different share)."
+        " in the waterfall (applied in another order a lever would earn a different share). "
+        + REPLICA_NOTE
     )
 
 
 __all__ = [
     "LEVER_FLAGS",
     "LEVER_ORDER",
+    "REPLICA_NOTE",
     "describe_lever",
     "describe_levers",
     "lever_waterfall",
