@@ -48,6 +48,19 @@ def test_notebook_02_executes(demo_lake: Path, artifacts_dir: Path) -> None:
     assert re.search(r"\$[\d,.]+ per 1k requests", md)
     assert "Held-out-day MAPE" in md
     assert "queue-depth autoscaling would have cost" in md
+    # "idle" means one thing: the idle capacity, reconciled with the leakage table's
+    # 'unallocated' line (GPU-hours without requests), never "$0 idle" beside "83% idle"
+    assert re.search(
+        r"Idle capacity \(GPU time not busy\) costs \$[\d,.]+ \(\d+% of the bill\)", md
+    )
+    assert re.search(r"\$[\d,.]+ of it sits inside the request lines", md)
+    assert re.search(r"\*unallocated\* line, the GPU-hours without any request, is \$[\d,.]+", md)
+    # a waterfall share is replicas under the SLO, not tokens avoided
+    assert "The steps are whole replicas" in md
+    text = "\n".join(
+        o.get("text", "") for c in nb.cells if c.cell_type == "code" for o in c.get("outputs", [])
+    )
+    assert "after = response cache hit rate" in text  # the scenario's levers, computed
     charts = [
         o
         for c in nb.cells
@@ -75,3 +88,6 @@ def test_notebook_02_names_the_service_curve_the_simulation_uses() -> None:
     # the observed bill is the simulated period's, not the whole lake's
     assert "observed_week_cost(db, sim.trace.period)" in code
     assert all(not c.get("outputs") for c in nb.cells if c.cell_type == "code")
+    # no figure typed into the prose: the scenario's levers are printed, not listed by hand
+    assert "four levers" not in md and "tens of milliseconds" not in md
+    assert "The steps are whole replicas" in md
