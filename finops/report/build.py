@@ -127,7 +127,7 @@ def execute_notebook(
     pm.execute_notebook(
         str(notebook),
         str(executed),
-        parameters={"week": week, "out": str(out_dir), "figures_json": str(figures_json)},
+        parameters={"week": week, "figures_json": str(figures_json)},
         kernel_name="python3",
         progress_bar=False,
         cwd=str(out_dir),

@@ -424,6 +424,7 @@ BILL_CHART_LABELS = {
     "useful_busy": "useful work: GPU busy time",
     "useful_idle": "idle capacity in hours with requests (allocated to useful work)",
     "idle": "idle tier-hours (no requests)",
+    "unallocated": "idle tier-hours (no requests)",  # fc.leakage's newer name for "idle"
     "retried_failure": "failed, then retried (incl. its idle share)",
     "failed": "failed (incl. its idle share)",
     "stream_aborted": "aborted streams (incl. their idle share)",
@@ -680,7 +681,8 @@ def _hourly_series(
 ) -> pl.DataFrame:
     """Requests and GPU spend per hour over [start, end) (hours without data omitted).
 
-    has_gpu: the hour has GPU-hour rows; priced: some of them have a catalog price.
+    spend is NULL where the hour has no priced GPU data (no GPU metrics, or none with a
+    price): unknown, not $0, which the forecast averaged in. has_gpu: the hour has GPU-hour rows; priced: some of them have a catalog price.
     An hour whose GPUs are all unpriced has GPU metrics but a NULL sum(gpu_cost), so
     the two differ; unpriced_models names them ('on_demand NVIDIA L4': a catalog row is
     per pricing kind and model), for the sentence that says why a spend is unknown.
@@ -697,7 +699,7 @@ def _hourly_series(
                                || coalesce(gpu_model, '(no model name)'))
                               FILTER (usd_per_gpu_hour IS NULL) AS unpriced_models
                    FROM marts.gpu_cost_hourly WHERE {where} GROUP BY ALL)
-        SELECT hour, coalesce(r.requests, 0) AS requests, coalesce(g.spend, 0.0) AS spend,
+        SELECT hour, coalesce(r.requests, 0) AS requests, g.spend AS spend,
                g.hour IS NOT NULL AS has_gpu, g.spend IS NOT NULL AS priced,
                coalesce(g.unpriced_gpu_hours, 0.0) AS unpriced_gpu_hours,
                coalesce(g.unpriced_models, []) AS unpriced_models
@@ -903,6 +905,8 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         "unpriced_models": pl.lit([], dtype=pl.List(pl.String)),
     }
     s = s.with_columns(v.alias(k) for k, v in defaults.items() if k not in s.columns)
+    # an hour without priced GPU data has an unknown spend: left out of every mean below
+    s = s.with_columns(pl.when(pl.col("priced")).then(pl.col("spend")).alias("spend"))
     cur = s.filter(pl.col("hour") >= per.start)
     if not cur["requests"].sum():
         return {**none, "note": f"no requests in {per.label}: no basis for a forecast"}
@@ -914,8 +918,10 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
     # no requests in the span before: no trend to measure (1 is an assumption, said so)
     trend_measured = bool(prev["requests"].sum())
     for col in ("requests", "spend"):
+        # each side per hour it knows the value of (spend: the hours with priced GPU data)
+        n_a, n_b = cur[col].count(), prev[col].count()
         a, b = float(cur[col].sum()), float(prev[col].sum())
-        rate = (a / cur.height) / (b / prev.height) if a and b else 1.0
+        rate = (a / n_a) / (b / n_b) if a and b else 1.0
         trend[col] = min(max(rate, TREND_CLIP[0]), TREND_CLIP[1])
     by_how = s.group_by("how").agg(pl.col("requests").mean(), pl.col("spend").mean())
     by_hod = s.group_by("hod").agg(
@@ -928,7 +934,10 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         .join(by_hod, on="hod", how="left")
         .with_columns(
             (pl.coalesce("requests", "r_hod").fill_null(0) * trend["requests"]).alias("requests"),
-            (pl.coalesce("spend", "s_hod").fill_null(0) * trend["spend"]).alias("spend"),
+            # an hour of day never priced: the mean of the priced hours (never $0)
+            (pl.coalesce("spend", "s_hod", pl.lit(s["spend"].mean())) * trend["spend"]).alias(
+                "spend"
+            ),
         )
         .with_columns((pl.lit(per.end) + pl.duration(hours=pl.col("how"))).alias("hour"))
         .select("hour", "requests", "spend")
@@ -947,12 +956,31 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         spend_note = (
             f"the price catalog has no price for {', '.join(unpriced)} (add one to {PRICES_HINT})"
         )
-    elif unpriced:
-        hours = f"{unpriced_h:,.2f}".rstrip("0").rstrip(".")
+    elif not cur["priced"].any():
+        # the week's own spend is unknown: a figure from earlier weeks alone would read as
+        # this week's forecast, with no trend from this week behind it
+        spend = None
         spend_note = (
-            f"counts {hours} GPU-hours of {', '.join(unpriced)} in its history as $0 "
-            f"(no price in {PRICES_HINT})"
+            f"no {'priced ' if cur['has_gpu'].any() else ''}GPU data in {per.label} itself "
+            "(earlier weeks' spend alone is no basis)"
         )
+    else:
+        said = []
+        if unpriced:
+            hours = f"{unpriced_h:,.2f}".rstrip("0").rstrip(".")
+            said.append(
+                f"counts {hours} GPU-hours of {', '.join(unpriced)} in its history as $0 "
+                f"(no price in {PRICES_HINT})"
+            )
+        # hours with requests but no priced GPU data: their spend is unknown, left out
+        blind = s.filter(pl.col("spend").is_null() & (pl.col("requests") > 0)).height
+        if blind:
+            said.append(
+                f"rests on the {s['spend'].count():,} hours of its history with priced GPU "
+                f"data ({blind:,} hours with requests had none: their spend is unknown, not "
+                "counted as $0)"
+            )
+        spend_note = "; ".join(said) or None
     partial = span < dt.timedelta(days=7)
     return {
         "method": "mean of each hour of week over up to 4 weeks x week-over-week trend "
@@ -1000,6 +1028,7 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
 
     Runs on the report week only (see `week_connection`).
     """
+    from finops.models.autoscaling import recommend
     from finops.models.simulate import Levers, Simulator, default_levers, headline
     from finops.models.waterfall import lever_waterfall
 
@@ -1014,6 +1043,21 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     # `finops simulate --default-levers` prints every step)
     wf = lever_waterfall(sim, 5.0, default_levers(sim)).filter(pl.col("step") > 0)
     top = wf.filter(pl.col("saved_usd") > 0).sort("saved_usd", descending=True).head(2)
+    # the queue-depth targets notebook 02 and `finops simulate --autoscale` emit: where the
+    # advice notes that target_waiting is floored (the SLO leaves less queue than its 0.5
+    # step), the simulated fleet keeps the SLO but a real queue-depth autoscaler may not
+    adv = recommend(sim)
+    caveats = [
+        {
+            "tier": t.tier,
+            "target_waiting": _f(t.target_waiting),
+            "queue_wait_ms": _f(1000 * t.target_waiting / t.drain_rps) if t.drain_rps else None,
+            "slo_ms": _f(t.slo_ttft_p95_ms),
+            "note": next(n for n in adv.notes[t.tier] if "target_waiting" in n),
+        }
+        for t in adv.tiers
+        if any("target_waiting" in n for n in adv.notes.get(t.tier, []))
+    ]
     return {
         "growth": h["growth"],
         "line": h["line"],
@@ -1021,6 +1065,7 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
         "top_levers": _records(top.select("lever", "setting", "saved_usd", "share_of_saving")),
         # the SLO both fleets keep: the default, raised for tiers whose prompts need longer
         "tier_slo_ms": {t: _f(sim.slo_for(t)) for t in sim.trace.profiles},
+        "queue_target_caveats": caveats,
         "before_usd_per_1k": _f(h["before_usd_per_1k"]),
         "after_usd_per_1k": _f(h["after_usd_per_1k"]),
         "saving_pct": _f(h["saving_pct"]),
@@ -1198,7 +1243,8 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     no_logs = src["gpu_samples"] and not src.get("requests", True)
     if no_logs:
         t["cache"] = "Cache savings are unknown: no request logs this week."
-    elif c["layers"] and c["saved_usd"] is None and c["potential_usd"] is None:
+    elif c["layers"] and c["saved_usd"] is None and not c["potential_usd"]:
+        # (a potential of $0: no duplicates reached the GPUs; "n/a ... $0.00 more" misread)
         t["cache"] = (
             "Cache savings are unknown: no priced GPU data this week to price the tokens the "
             "caches avoided."
@@ -1247,6 +1293,11 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
         )
     elif no_logs:
         t["router"] = "Router impact is unknown: no request logs this week."
+    elif ro.get("routed_requests") and not src["gpu_samples"]:
+        t["router"] = (
+            f"{ro['routed_requests']:,} requests were routed; what routing saved is unknown: "
+            "no GPU metrics this week."
+        )
     elif ro.get("routed_requests") and ro.get("unpriced_tiers"):
         names = ", ".join(md_name(x) for x in ro["unpriced_tiers"])
         t["router"] = (
@@ -1329,10 +1380,11 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
             )
     if g.get("line"):
         top = g.get("top_levers") or []
+        shown = [x for x in top if x["saved_usd"] is not None and x["share_of_saving"] is not None]
         most = " and ".join(
             f"{x['setting']}: {usd(x['saved_usd'], 0)} or {pct(x['share_of_saving'])}"
-            for x in top
-            if x["saved_usd"] is not None and x["share_of_saving"] is not None
+            + _replica_clause(shown, i)
+            for i, x in enumerate(shown)
         )
         t["growth"] = (
             f"At 5x traffic a request would cost {usd(g['before_usd_per_1k'])}/1k before the "
@@ -1343,19 +1395,62 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     return t
 
 
+# levers that change what each GPU-hour costs, not how many replicas the SLO needs
+PRICE_LEVERS = ("reserved_baseline", "spot_share")
+
+
+def _replica_clause(top: list[dict[str, Any]], i: int) -> str:
+    """What a traffic or serving lever's dollars are (finops.models.waterfall.REPLICA_NOTE),
+    said after the last such lever of `top` (i: the one being written): a 5x plan buys
+    whole replicas for the TTFT SLO, so "input capped: 43%" is replicas no longer needed,
+    where the report's context-cap line is GPU busy time freed. Price levers have none."""
+    which = [j for j, x in enumerate(top) if x.get("lever") not in (*PRICE_LEVERS, None)]
+    if not which or i != which[-1]:
+        return ""
+    levers = {top[j].get("lever") for j in which}
+    return (
+        f" ({'both: ' if len(which) > 1 else ''}replicas the p95 TTFT SLO no longer "
+        "needs, in whole-replica steps, not GPU work avoided"
+        + (
+            "; a capped prompt's shorter prefill lets fewer replicas meet the SLO"
+            if "token_cap" in levers
+            else ""
+        )
+        + ")"
+    )
+
+
 def _slo_clause(g: dict[str, Any]) -> str:
-    """The p95 TTFT SLO both simulated fleets keep, with the tiers whose prompts raised it."""
+    """The p95 TTFT SLO both simulated fleets keep, with the tiers whose prompts raised it,
+    and the tiers where a queue-depth target cannot promise it (notebook 02's caveat)."""
     slo = g.get("slo_ttft_p95_ms")
     if slo is None:
         return ""
     raised = {t: v for t, v in (g.get("tier_slo_ms") or {}).items() if v and v > slo}
-    return f", both keeping p95 time to first token within {slo:,.0f} ms" + (
+    text = f", both keeping p95 time to first token within {slo:,.0f} ms" + (
         " ("
-        + ", ".join(f"{t} {v:,.0f} ms" for t, v in raised.items())
+        + ", ".join(f"{md_name(t)} {v:,.0f} ms" for t, v in raised.items())
         + ": their prompts' prefill needs longer)"
         if raised
         else ""
     )
+    caveats = g.get("queue_target_caveats") or []
+    if caveats:
+        waits = ", ".join(
+            f"{x['queue_wait_ms']:,.0f} ms on {md_name(x['tier'])}"
+            for x in caveats
+            if x.get("queue_wait_ms") is not None
+        )
+        floor = ", ".join(sorted({f"{x['target_waiting']:g}" for x in caveats}))
+        text += (
+            f". That is the simulation's hourly fleet: a queue-depth autoscaler's "
+            f"target_waiting is floored at {floor} on "
+            f"{', '.join(md_name(x['tier']) for x in caveats)}"
+            + (f", whose queue waits about {waits}" if waits else "")
+            + ", so there p95 TTFT can exceed the SLO before it adds a replica (scale ahead "
+            "of the busy hours or relax the SLO)"
+        )
+    return text
 
 
 def _findings(r: dict[str, Any]) -> list[str]:

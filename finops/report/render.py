@@ -13,7 +13,7 @@ import base64
 import html
 import json
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,61 @@ def chart_theme() -> dict[str, Any]:
             "legend": {"labelColor": "#4a5568", "titleColor": "#4a5568"},
         }
     }
+
+
+def frame(rows: Sequence[Mapping[str, Any]]) -> Any:
+    """Records as a polars DataFrame for a chart, every all-null column typed Float64.
+
+    A column that is null in every row (a cost with no priced GPU data) has polars'
+    Null dtype, which Altair cannot type ("Unexpected DtypeKind: Unknown"): the report
+    failed instead of saying the spend is unknown.
+    """
+    import polars as pl
+
+    df = pl.DataFrame(list(rows)) if rows else pl.DataFrame()
+    nulls = [c for c, t in df.schema.items() if t == pl.Null]
+    return df.with_columns(pl.col(nulls).cast(pl.Float64)) if nulls else df
+
+
+def known(df: Any, col: str) -> bool:
+    """Whether `df` has a non-null value in `col` (a chart of nothing but unknowns is none)."""
+    return col in df.columns and df[col].null_count() < df.height
+
+
+def kpi_card(
+    label: str,
+    h: Mapping[str, Any],
+    fmt: Callable[[float], str],
+    *,
+    good_when_down: bool = True,
+    points: bool = False,
+) -> str:
+    """One headline card (HTML): the value (n/a when unknown) and its change vs the
+    compared week, red when it moved the wrong way; `h` is a `headline` entry."""
+    from finops.report.figures import signed_pct, signed_pp
+
+    v, ch = h["value"], h["change"]
+    cls = ""
+    if ch is not None:
+        cls = "bad" if (ch > 0) == good_when_down and abs(ch) > 0.005 else "good"
+    # weeks with gaps: the change is over the hours both weeks have data for
+    base = h.get("compared_value", v)
+    if ch is not None and points and h["previous"] is not None:
+        # a share's change in percentage points (3.5% -> 4.1% is +0.6 pp, not +16.6%)
+        text = signed_pp(base - h["previous"])
+    else:
+        text = "" if ch is None else signed_pct(ch)
+    delta = "" if ch is None else f"<span class='delta {cls}'>{text}</span>"
+    if h.get("not_comparable"):  # a gap in one week's data: no move to show
+        delta = (
+            f"<span class='delta' title='{html.escape(h['not_comparable'], quote=True)}'>"
+            "not comparable</span>"
+        )
+    val = "n/a" if v is None else fmt(v)
+    return (
+        f"<div class='kpi'><div class='label'>{html.escape(label)}</div>"
+        f"<div class='value'>{val}</div>{delta}</div>"
+    )
 
 
 def _fmt(v: Any, col: str) -> str:
