@@ -202,6 +202,11 @@ def resolve_mapping(name_or_path: str | Path) -> Path:
     shipped = shipped_mappings()
     if str(name_or_path) in shipped:
         return shipped[str(name_or_path)]
+    if path.is_dir():
+        raise MappingError(
+            f"mapping {str(name_or_path)!r}: a folder, expected a mapping file (TOML) or the "
+            f"name of a shipped mapping (shipped: {', '.join(shipped) or 'none'})"
+        )
     raise MappingError(
         f"mapping {str(name_or_path)!r}: no such file, and not a shipped mapping "
         f"(shipped: {', '.join(shipped) or 'none'})"

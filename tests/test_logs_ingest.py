@@ -522,6 +522,11 @@ def test_cli_ingest_reports_counts_and_exit_codes(tmp_path: Path) -> None:
         app, ["ingest", "requests", str(good), "--lake", str(lake_dir), "-m", "nope"]
     )
     assert res.exit_code == 2 and "not a shipped mapping" in res.stderr
+    # a folder given as the mapping says so (was: "no such file")
+    res = runner.invoke(
+        app, ["ingest", "requests", str(good), "--lake", str(lake_dir), "-m", str(tmp_path)]
+    )
+    assert res.exit_code == 2 and "a folder, expected a mapping file (TOML)" in res.stderr
     res = runner.invoke(app, ["ingest", "mappings", "--format", "json"])
     assert {r["name"] for r in json.loads(res.stdout)} >= {
         "azure-llm-2023",

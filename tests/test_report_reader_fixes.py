@@ -127,3 +127,6 @@ def test_comparing_a_week_with_itself_is_refused(nine_days: Path) -> None:  # no
     """Was: accepted, every change 0.0%."""
     with pytest.raises(ReportError, match="'2026-W47' is the report week itself"):
         compute(nine_days, "2026-W47", compare_to="2026-W47", growth=False)
+    # a later week too (was: a report "vs 2026-W48", a week after it with no data)
+    with pytest.raises(ReportError, match="'2026-W48' comes after the report week 2026-W47"):
+        compute(nine_days, "2026-W47", compare_to="2026-W48", growth=False)

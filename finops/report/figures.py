@@ -1704,6 +1704,12 @@ def compute(
             f"compare_to (--compare-to): {prev_label!r} is the report week itself; "
             "give an earlier week"
         )
+    if prev_per.start is not None and per.start is not None and prev_per.start > per.start:
+        # "vs" a later week reads every change backwards (and that week may hold no data)
+        raise ReportError(
+            f"compare_to (--compare-to): {prev_label!r} comes after the report week "
+            f"{per.label}; give an earlier week"
+        )
     artifact = load_artifact(router) if router is not None else None
     if isinstance(lake, duckdb.DuckDBPyConnection):
         db = lake
