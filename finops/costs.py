@@ -338,6 +338,11 @@ def load_deployments(db: duckdb.DuckDBPyConnection, path: str | os.PathLike[str]
             raise CostError(
                 f"{where}: match: unknown key(s) {sorted(bad)}; expected {sorted(known_match)}"
             )
+        for k, v in match.items():
+            if not isinstance(v, str) or not v:
+                raise CostError(
+                    f"{where}: match.{k}: expected a non-empty string (a glob for pod), got {v!r}"
+                )
         label_key = label_value = None
         if "label" in match:
             lab = match["label"]

@@ -478,6 +478,8 @@ match = { pod = "notebook-*" }
         ("[[deployment]]\nname='x'\n", "match"),
         ("[[deployment]]\nname='x'\npricing_kind='free'\nmatch={pod='a'}\n", "pricing_kind"),
         ("[[deployment]]\nname='x'\nmatch={label='novalue'}\n", "key=value"),
+        # was: accepted (a number never matches a pod name)
+        ("[[deployment]]\nname='x'\nmatch={pod=5}\n", r"match.pod: expected a non-empty string"),
         ("nonsense = [", "not valid TOML"),
     ):
         f.write_text(text)
