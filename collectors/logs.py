@@ -779,46 +779,39 @@ def _walk(obj: Any, path: str) -> tuple[Any, str | None]:
 def _records_frame(
     objs: list[dict[str, Any]], paths: list[str]
 ) -> tuple[pl.DataFrame, np.ndarray, list[tuple[int, str]]]:
-    """The paths' values per record, the records kept, and (record index, reason) of those
-    rejected: a field on a path that is no object, or a value that is an object/list
-    where the other records have plain values (or plain where they have objects)."""
-    n = len(objs)
+    """The paths' values per record, read record by record: a field on a path that is
+    no object (`"usage": "none"` for `usage.prompt_tokens`) reads as absent in that
+    record only, so the others keep their values and the mapping's alternatives,
+    `optional` and `required` decide about it, as for a missing field; a path holding
+    objects in some records and plain values in others is JSON text in all of them, as
+    the whole-chunk reader makes it (the lake then rejects an object where a number
+    belongs, naming the field). Returns (frame, records kept, rejects): every record is
+    kept; the rejects list stays for the caller's shape."""
     values: dict[str, list[Any]] = {}
-    reasons: dict[int, str] = {}
     present: set[str] = set()
     for p in paths:
         col: list[Any] = []
-        odd_way: list[tuple[int, str]] = []
-        for j, o in enumerate(objs):
+        for o in objs:
             v, why = _walk(o, p)
-            if why is not None:
-                odd_way.append((j, why))
-            elif v is not _MISSING:
+            if why is None and v is not _MISSING:
                 present.add(p)
-            col.append(None if v is _MISSING else v)
-        if p in present:  # a field in the way of the path in every record is no conflict
-            for j, why in odd_way:
-                reasons.setdefault(j, why)
-        nested = [j for j, v in enumerate(col) if isinstance(v, dict | list)]
-        plain = [j for j, v in enumerate(col) if v is not None and not isinstance(v, dict | list)]
-        if nested and plain:  # the minority kind is the odd one out
-            odd = nested if len(nested) <= len(plain) else plain
-            want = "an object or list" if odd is plain else "a number or text"
-            for j in odd:
-                shown = orjson.dumps(col[j]).decode()[:60]
-                reasons.setdefault(
-                    j,
-                    f"field '{p}': expected {want} as in the other records, "
-                    f"got {_json_kind(col[j])} {shown}",
-                )
+            col.append(None if why is not None or v is _MISSING else v)
+        kinds = {isinstance(v, dict | list) for v in col if v is not None}
+        if len(kinds) == 2:
+            col = [
+                None
+                if v is None
+                else v
+                if isinstance(v, str)
+                else orjson.dumps(v, option=orjson.OPT_SORT_KEYS).decode()
+                for v in col
+            ]
         values[p] = col
-    keep = np.asarray([j for j in range(n) if j not in reasons], dtype=np.int64)
-    frame = pl.DataFrame(
-        [_value_series(p, [values[p][j] for j in keep]) for p in paths if p in present]
-    )
+    keep = np.arange(len(objs), dtype=np.int64)
+    frame = pl.DataFrame([_value_series(p, values[p]) for p in paths if p in present])
     if not frame.width:
-        frame = pl.DataFrame({"__n": [None] * len(keep)}).drop("__n")
-    return frame, keep, sorted(reasons.items())
+        frame = pl.DataFrame({"__n": [None] * len(objs)}).drop("__n")
+    return frame, keep, []
 
 
 def _mixed_paths(df: pl.DataFrame, paths: list[str]) -> bool:
@@ -834,16 +827,25 @@ def _mixed_paths(df: pl.DataFrame, paths: list[str]) -> bool:
             if head not in schema:
                 continue
             dtype: Any = schema[head]
+            expr = pl.col(head)
             for part in parts[cut:]:
                 if isinstance(dtype, pl.Struct):
                     fields = {f.name: f.dtype for f in dtype.fields}
                     if part not in fields:
                         break  # absent in every record: not a conflict
                     dtype = fields[part]
+                    expr = expr.struct.field(part)
                 elif isinstance(dtype, pl.List) and part.isdigit():
                     dtype = dtype.inner
-                elif dtype == pl.String:  # what the reader makes of mixed types
-                    return True
+                    expr = expr.list.get(int(part), null_on_oob=True)
+                elif dtype == pl.String:
+                    # what the reader makes of an object in some records and text in
+                    # others: the objects as JSON text. Text in every record (a legacy
+                    # `"metadata": "..."`) is no conflict: the path is absent in all
+                    text = df.select(expr.str.strip_chars_start()).to_series()
+                    if (text.str.starts_with("{") | text.str.starts_with("[")).any():
+                        return True
+                    break
                 else:
                     break
             break
@@ -888,7 +890,11 @@ def parse_csv_chunk(
         else:
             df = pl.DataFrame(schema=dict.fromkeys(names, pl.String))
         return _Chunk(_with_meta(df, line_no[keep], label), rejects, records, names, lambda: kept)
-    # quoted fields (maybe spanning lines): the csv module tracks physical lines
+    # quoted fields (maybe spanning lines): the csv module tracks physical lines. Strict
+    # quoting: a quote that never closes, or text after a closing quote, is an error
+    # (lenient reading would swallow the lines after it into one field, or merge two rows
+    # silently); the malformed record's first line is rejected and reading goes on from
+    # the line after it, so the rows a stray quote swallowed load as rows of their own
     text = data.decode("utf-8", "replace")
     phys = re.findall(r"[^\n]*\n|[^\n]+$", text)
     rows: list[list[str]] = []
@@ -897,9 +903,11 @@ def parse_csv_chunk(
     records = 0
     pos = 0  # the physical line (0-based, in this chunk) the reader starts at
     while pos < len(phys):
-        reader = csv.reader(iter(phys[pos:]), delimiter=separator)
+        # lines from `pos` on without copying or skipping the ones before (a restart per
+        # stray quote stays linear)
+        lines = (phys[i] for i in range(pos, len(phys)))
+        reader = csv.reader(lines, delimiter=separator, strict=True)
         prev = 0
-        restart: int | None = None
         try:
             for row in reader:
                 start, prev = prev, reader.line_num
@@ -908,31 +916,6 @@ def parse_csv_chunk(
                 records += 1
                 raw = separator.join(row)
                 line = first_line + pos + start + 1
-                span = prev - start
-                if span > 1 and (
-                    len(row) != ncols
-                    or (pos + prev >= len(phys) and "".join(phys[pos + start :]).count('"') % 2)
-                ):
-                    # a quote left open swallows the lines after it: reject the line it
-                    # opens on, and read the lines after it as rows of their own
-                    how = (
-                        "to the end of the file"
-                        if pos + prev >= len(phys)
-                        else f"and the row has {len(row)} fields, expected {ncols}"
-                    )
-                    rejects.append(
-                        {
-                            "location": f"{label}:{line}",
-                            "raw": phys[pos + start].rstrip("\r\n")[:MAX_RAW],
-                            "reason": f"unterminated quote: a quoted field opened on this "
-                            f"line runs over the next {span - 1} line(s) "
-                            f"({how}); "
-                            "expected a closing '\"' on this line (the lines after it are "
-                            "read as rows of their own)",
-                        }
-                    )
-                    restart = pos + start + 1
-                    break
                 if len(row) != ncols:
                     rejects.append(
                         {
@@ -945,18 +928,31 @@ def parse_csv_chunk(
                 rows.append(row)
                 nums.append(line)
                 raws.append(raw)
+            break
         except csv.Error as exc:
             records += 1
+            bad = pos + prev  # the malformed record's first line
+            span = reader.line_num - prev
+            if "unexpected end of data" in str(exc) or "field limit" in str(exc):
+                what = (
+                    "a quoted field opened on this line is never closed (it runs to the "
+                    f"end of the data read, {span} line(s))"
+                    if "unexpected end" in str(exc)
+                    else f"a quoted field opened on this line runs over {span} line(s), past "
+                    f"the {csv.field_size_limit():,}-character field limit"
+                )
+            else:
+                what = f"malformed quoting ({exc}) in the record starting on this line"
             rejects.append(
                 {
-                    "location": f"{label}:{first_line + pos + prev + 1}",
-                    "raw": "",
-                    "reason": f"CSV error: {exc}; the rest of this chunk was not read",
+                    "location": f"{label}:{first_line + bad + 1}",
+                    "raw": phys[bad].rstrip("\r\n")[:MAX_RAW],
+                    "reason": f"{what}; expected a quoted field to end with '\"' followed by "
+                    f"'{separator}' or the end of the line (the lines after this one are read "
+                    "as rows of their own)",
                 }
             )
-        if restart is None:
-            break
-        pos = restart
+            pos = bad + 1
     df = pl.DataFrame(
         {n_: [r[j] or None for r in rows] for j, n_ in enumerate(names)},  # "" is null
         schema=dict.fromkeys(names, pl.String),
