@@ -99,3 +99,36 @@ def test_an_unknown_model_404_lists_every_name_clients_may_send(tmp_path, fakes)
             assert msg.startswith("The model `gpt-5` does not exist here; use one of `auto`, ")
             for name in ("router", "small", "large", "llama-8b", "llama-70b", "gpt-4o-mini"):
                 assert f"`{name}`" in msg, msg
+
+
+def test_two_tiers_may_share_a_model_name_when_explicit_is_deny():
+    """Under deny no request picks a tier by model name, so one name is not ambiguous."""
+    cfg = parse_config(
+        tomllib.loads(TWO_TIERS_ONE_MODEL + '[routing]\nexplicit = "deny"\n'), source="shim.toml"
+    )
+    assert [t.model for t in cfg.tiers.values()] == ["fake", "fake"]
+    with pytest.raises(ConfigError, match=r'or \[routing\] explicit = "deny"'):
+        parse_config(tomllib.loads(TWO_TIERS_ONE_MODEL + '[routing]\nexplicit = "allow"\n'))
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        "user:s3cret@localhost:8000",  # no scheme: the masking needed `://`
+        "http://user:s3cret@local host:8000",  # the whitespace message
+        "ftp://user:s3cret@localhost:8000",  # the wrong scheme's "got ..."
+    ],
+)
+def test_a_password_in_an_upstream_flag_never_shows(value):
+    with pytest.raises(ConfigError) as exc:
+        from_flags([f"small={value}"])
+    assert "s3cret" not in str(exc.value) and "***@" in str(exc.value), str(exc.value)
+    with pytest.raises(ConfigError) as exc:
+        parse_config({"tiers": {"small": {"upstreams": [value]}}})
+    assert "s3cret" not in str(exc.value) and "***@" in str(exc.value), str(exc.value)
+
+
+def test_a_password_in_a_malformed_upstream_flag_never_shows():
+    with pytest.raises(ConfigError) as exc:
+        from_flags(["http://user:s3cret@localhost:8000"])  # no TIER=
+    assert "s3cret" not in str(exc.value) and "***@" in str(exc.value), str(exc.value)

@@ -301,29 +301,42 @@ def _split_url(url: str, shown: str, where: str) -> SplitResult:
         raise ConfigError(f"{where}: {shown!r} cannot be read as a URL ({exc})") from None
 
 
+def _masked(url: Any) -> Any:
+    """`url` with any `user:password@` as `***@`, scheme or not (`user:pw@host:8000`): a
+    ConfigError is printed, and goes to logs."""
+    if not isinstance(url, str):
+        return url
+    return re.sub(r"^((?:[A-Za-z][A-Za-z0-9+.-]*:)?//)?[^/@?#]*@", r"\1***@", url, count=1)
+
+
 def _check_url(url: Any, where: str) -> str:
     """An upstream's root URL (no trailing slash or /v1), or a ConfigError saying why not.
 
     The host and port are checked here: an empty host used to send the traffic to
     127.0.0.1:80, and a port out of range failed every request with a 500.
     """
+    shown = _masked(url)  # every message: the value as given, less any password
     _expect(
         isinstance(url, str) and url.startswith(("http://", "https://")),
         where,
-        f"expected an http:// or https:// URL of a vLLM server, got {url!r}"
-        + (f" (did you mean 'http://{url}'?)" if isinstance(url, str) and "://" not in url else ""),
+        f"expected an http:// or https:// URL of a vLLM server, got {shown!r}"
+        + (
+            f" (did you mean 'http://{shown}'?)"
+            if isinstance(url, str) and "://" not in url
+            else ""
+        ),
     )
     _expect(
         not any(c.isspace() for c in url),
         where,
-        f"{url!r} contains whitespace (a stray space or line break?)",
+        f"{shown!r} contains whitespace (a stray space or line break?)",
     )
-    u = _split_url(url, url, where)
+    u = _split_url(url, shown, where)
     if "@" in u.netloc:
-        shown = f"{u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}"
         raise ConfigError(
-            f"{where}: {shown}: credentials in the URL are not sent (they would also show in"
-            " /metrics and the log); give the upstream's key as the tier's api_key"
+            f"{where}: {u.scheme}://***@{u.netloc.rpartition('@')[2]}{u.path}: credentials "
+            "in the URL are not sent (they would also show in /metrics and the log); give "
+            "the upstream's key as the tier's api_key"
         )
     _expect(bool(u.hostname), where, f"{url!r} has no host")
     _check_url_port(u, url, where)
@@ -487,12 +500,6 @@ def parse_config(
         )
         model = _get(t, "model", str, where, name)
         _expect(bool(model), f"{where} model", "expected a non-empty model name")
-        other = next((o.name for o in tiers.values() if o.model == model), None)
-        _expect(
-            other is None,
-            f"{where} model",
-            f"{model!r} is also the model [tiers.{other}] serves; {_SAME_MODEL}",
-        )
         tier_key = _get(t, "api_key", str, where, None)
         _expect(
             tier_key != "",
@@ -571,6 +578,16 @@ def parse_config(
         f"{w} explicit",
         f"expected one of {EXPLICIT_POLICIES}, got {kw['explicit']!r}",
     )
+    if kw["explicit"] != "deny":  # deny refuses requests by model name: none is ambiguous
+        seen: dict[str, str] = {}
+        for name, t in tiers.items():
+            other = seen.setdefault(t.model, name)
+            _expect(
+                other == name,
+                f"{source}: [tiers.{name}] model",
+                f"{t.model!r} is also the model [tiers.{other}] serves; {_SAME_MODEL} (or "
+                '[routing] explicit = "deny")',
+            )
     kw["reroute"] = dict(_get(routing, "reroute", dict, w, {}))
     kw["model_aliases"] = dict(_get(routing, "model_aliases", dict, w, {}))
     valid_targets = set(tiers) | set(aliases)
@@ -904,7 +921,8 @@ def from_flags(
     tiers: dict[str, list[str]] = {}
     for spec in upstreams:
         tier, sep, url = spec.partition("=")
-        _expect(bool(sep and tier and url), "--upstream", f"expected TIER=URL, got {spec!r}")
+        given = f"{tier}{sep}{_masked(url)}" if sep else _masked(spec)  # less any password
+        _expect(bool(sep and tier and url), "--upstream", f"expected TIER=URL, got {given!r}")
         # said in the flag's terms here, not as the [tiers]/[routing] tables they become
         _expect(
             tier != "auto",
@@ -912,9 +930,7 @@ def from_flags(
             "'auto' is the routing alias (routed by the router), not a tier name; name the "
             "tier after what it serves, e.g. small=URL",
         )
-        # the value as given, less any password in it (the error is printed)
-        shown = re.sub(r"(?<=://)[^/@]*@", "***@", url)
-        _check_url(url, f"--upstream {tier}={shown}")
+        _check_url(url, f"--upstream {given}")
         tiers.setdefault(tier, []).append(url)
     _expect(bool(tiers), "--upstream", "give at least one --upstream TIER=URL (or --config FILE)")
     served: dict[str, str] = {}

@@ -33,6 +33,7 @@ import contextlib
 import errno
 import os
 import re
+import socket
 import time
 from collections.abc import AsyncIterator, Callable
 from typing import Any
@@ -295,9 +296,16 @@ class Response:
 def _reason(exc: OSError) -> str:
     """The OS's reason, without the address asyncio puts in its `strerror` ("Connect
     call failed ('10.0.0.1', 8000)"): the caller names the replica its own way."""
-    if exc.errno:
-        with contextlib.suppress(ValueError):
-            return os.strerror(exc.errno)
+    if isinstance(exc, socket.gaierror) or not exc.errno or exc.errno < 0:
+        # a name lookup's errno is an EAI_* code (negative): os.strerror reads
+        # "Unknown error -2"; its own text ("Name or service not known") names no host
+        if exc.errno is None and "Multiple exceptions" in str(exc):
+            # asyncio tried each address the name resolves to and lists them all
+            # ("('10.1.2.3', 8000)"): pod IPs are not for tenants
+            return "connect failed to every address the name resolves to"
+        return exc.strerror or str(exc)
+    with contextlib.suppress(ValueError):
+        return os.strerror(exc.errno)
     return exc.strerror or str(exc)
 
 

@@ -287,31 +287,51 @@ class Pool:
         # share names none of them
         forms: dict[str, list[str]] = {}
         hosts: dict[str, set[str]] = {}
+        all_hosts: set[str] = set()
         for url, n in held.items():
             forms.setdefault(url, []).extend(n)
             *addresses, host = _address_forms(url) or [None]
             for form in addresses:
                 forms.setdefault(form, []).extend(n)
             if host is not None:
-                hosts.setdefault(host, set()).add(url)
+                all_hosts.add(host)
+                # a bare host only when it is an FQDN or IP: a plain word (`small`,
+                # `server`, `model`) is also a tier, model or English word, and its
+                # URL and host:port forms already cover the errors that name it
+                if "." in host or ":" in host:
+                    hosts.setdefault(host, set()).add(url)
         names = {form: " = ".join(dict.fromkeys(n)) for form, n in forms.items()}
+        bare = set()
         for host, urls in hosts.items():
             if host not in names:
+                bare.add(host)
                 names[host] = names[next(iter(urls))] if len(urls) == 1 else "an upstream host"
         # longest first: no URL is replaced inside a longer one it is the start of
         ordered = sorted(names, key=lambda f: -len(f))
         self._names = names
-        # not inside a longer host or number (`10.0.0.1` in `10.0.0.12`)
+        # not inside a longer host or number (`10.0.0.1` in `10.0.0.12`); a bare host
+        # not inside backticks either (a name the shim quotes, not an address)
         self._public_re = (
-            re.compile("|".join(rf"(?<![\w.-]){re.escape(f)}(?![\w-]|\.\w)" for f in ordered))
+            re.compile(
+                "|".join(
+                    rf"(?<![\w.`-]){re.escape(f)}(?![\w`-]|\.\w)"
+                    if f in bare
+                    else rf"(?<![\w.-]){re.escape(f)}(?![\w-]|\.\w)"
+                    for f in ordered
+                )
+            )
             if ordered
             else None
         )
+        # a text the regex could match holds one of these (each form's host, or the
+        # form itself where its case differs): most errors hold none and skip the
+        # regex, which is tried at every character of the text
+        self._needles = {next((h for h in all_hosts if h in f), f) for f in names}
 
     def public(self, text: str) -> str:
         """`text` with each replica's URL, host:port and host as "`tier` replica N": the
         errors clients get do not map the internal network (the shim's log keeps them)."""
-        if self._public_re is None:
+        if self._public_re is None or not any(h in text for h in self._needles):
             return text
         return self._public_re.sub(lambda m: self._names[m.group(0)], text)
 
