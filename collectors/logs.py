@@ -714,7 +714,7 @@ def _parse_slow(
         pass
     if paths is not None:
         # mapped records: each path read per record, so a record whose field has
-        # another type than in the rest (`"usage": "none"`) is rejected on its own
+        # another type than in the rest (`"usage": "none"`) reads as absent there
         # and the others keep their values
         df, keep_rows, mixed = _records_frame(objs, paths)
         for j, reason in mixed:
