@@ -13,6 +13,7 @@ import json
 import shutil
 from pathlib import Path
 
+import polars as pl
 import pytest
 from typer.testing import CliRunner
 
@@ -143,3 +144,53 @@ def test_a_week_without_gpu_metrics_forecasts_no_spend_from_other_weeks(
     line = r["takeaways"]["forecast"]
     assert "GPU spend unknown: no GPU data in 2026-W48 itself" in line, line
     assert "$" not in line, line
+    # no hourly figures under an unknown total either
+    assert fo["hourly"] and all(h["spend"] is None for h in fo["hourly"])
+
+
+def _daytime_weeks(start: dt.datetime, weeks: int, priced: bool = True) -> pl.DataFrame:
+    """A fleet on 08:00-20:00 only, $10 an hour: the night hours have no rows at all."""
+    hours = [start + dt.timedelta(days=d, hours=h) for d in range(7 * weeks) for h in range(8, 20)]
+    n = len(hours)
+    return pl.DataFrame(
+        {
+            "hour": hours,
+            "requests": [100] * n,
+            "spend": [10.0 if priced else None] * n,
+            "has_gpu": [True] * n,
+            "priced": [priced] * n,
+        }
+    )
+
+
+def test_forecast_of_a_fleet_off_overnight_costs_nothing_overnight() -> None:
+    """Hours of day never seen (the fleet scaled to zero) got the mean of the priced hours:
+    a $840 week was forecast at $1,680."""
+    import finops.costs as fc
+    from finops.report.figures import _forecast
+
+    start = dt.datetime(2026, 11, 9, tzinfo=dt.UTC)
+    per = fc.Period(start + dt.timedelta(days=7), start + dt.timedelta(days=14), "2026-W47")
+    fo = _forecast(_daytime_weeks(start, 2), per)
+    assert fo["spend_usd"] == pytest.approx(840.0)
+    night = [h for h in fo["hourly"] if not 8 <= int(h["hour"][11:13]) < 20]
+    assert night and all(h["spend"] == 0 for h in night)
+
+
+def test_forecast_of_an_hour_of_day_with_unpriced_gpus_uses_the_priced_mean() -> None:
+    """An hour of day whose GPU rows are never priced is unknown, not $0: the mean of the
+    priced hours stands in for it."""
+    import finops.costs as fc
+    from finops.report.figures import _forecast
+
+    start = dt.datetime(2026, 11, 9, tzinfo=dt.UTC)
+    per = fc.Period(start + dt.timedelta(days=7), start + dt.timedelta(days=14), "2026-W47")
+    day = _daytime_weeks(start, 2)
+    # the same fleet also ran 20:00-22:00, on GPUs the catalog has no price for
+    late = (
+        _daytime_weeks(start, 2, priced=False)
+        .with_columns(pl.col("hour") + dt.timedelta(hours=12))
+        .filter(pl.col("hour").dt.hour().is_between(20, 21))
+    )
+    fo = _forecast(pl.concat([day, late]).sort("hour"), per)
+    assert fo["spend_usd"] == pytest.approx(840.0 + 7 * 2 * 10.0)

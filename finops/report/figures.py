@@ -423,8 +423,9 @@ def _leakage(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
 BILL_CHART_LABELS = {
     "useful_busy": "useful work: GPU busy time",
     "useful_idle": "idle capacity in hours with requests (allocated to useful work)",
-    "idle": "idle tier-hours (no requests)",
-    "unallocated": "idle tier-hours (no requests)",  # fc.leakage's newer name for "idle"
+    "idle": "GPU-hours without requests",
+    # fc.leakage's newer name for "idle": it also covers GPUs of no tier
+    "unallocated": "GPU-hours without requests",
     "retried_failure": "failed, then retried (incl. its idle share)",
     "failed": "failed (incl. its idle share)",
     "stream_aborted": "aborted streams (incl. their idle share)",
@@ -925,7 +926,9 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         trend[col] = min(max(rate, TREND_CLIP[0]), TREND_CLIP[1])
     by_how = s.group_by("how").agg(pl.col("requests").mean(), pl.col("spend").mean())
     by_hod = s.group_by("hod").agg(
-        pl.col("requests").mean().alias("r_hod"), pl.col("spend").mean().alias("s_hod")
+        pl.col("requests").mean().alias("r_hod"),
+        pl.col("spend").mean().alias("s_hod"),
+        pl.col("has_gpu").any().alias("gpu_hod"),
     )
     grid = pl.DataFrame({"how": pl.int_range(0, 168, eager=True).cast(pl.Int32)})
     grid = grid.with_columns((pl.col("how") % 24).alias("hod"))
@@ -934,10 +937,19 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
         .join(by_hod, on="hod", how="left")
         .with_columns(
             (pl.coalesce("requests", "r_hod").fill_null(0) * trend["requests"]).alias("requests"),
-            # an hour of day never priced: the mean of the priced hours (never $0)
-            (pl.coalesce("spend", "s_hod", pl.lit(s["spend"].mean())) * trend["spend"]).alias(
-                "spend"
-            ),
+            # an hour of day with GPU rows but never priced: the mean of the priced hours
+            # (its spend is unknown, not $0); one with no GPU rows at all (a fleet scaled to
+            # zero overnight) cost nothing
+            (
+                pl.coalesce(
+                    "spend",
+                    "s_hod",
+                    pl.when(pl.col("gpu_hod").fill_null(False))
+                    .then(pl.lit(s["spend"].mean()))
+                    .otherwise(pl.lit(0.0)),
+                )
+                * trend["spend"]
+            ).alias("spend"),
         )
         .with_columns((pl.lit(per.end) + pl.duration(hours=pl.col("how"))).alias("hour"))
         .select("hour", "requests", "spend")
@@ -981,6 +993,9 @@ def _forecast(series: pl.DataFrame, per: fc.Period) -> dict[str, Any]:
                 "counted as $0)"
             )
         spend_note = "; ".join(said) or None
+    if spend is None:
+        # an unknown week's spend has no hourly figures either (they would read as a forecast)
+        f = f.with_columns(pl.lit(None, dtype=pl.Float64).alias("spend"))
     partial = span < dt.timedelta(days=7)
     return {
         "method": "mean of each hour of week over up to 4 weeks x week-over-week trend "
@@ -1046,19 +1061,27 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
     # the queue-depth targets notebook 02 and `finops simulate --autoscale` emit: where the
     # advice notes that target_waiting is floored (the SLO leaves less queue than its 0.5
     # step), the simulated fleet keeps the SLO but a real queue-depth autoscaler may not
-    adv = recommend(sim)
-    caveats = [
-        {
-            "tier": t.tier,
-            "target_waiting": _f(t.target_waiting),
-            "queue_wait_ms": _f(1000 * t.target_waiting / t.drain_rps) if t.drain_rps else None,
-            "slo_ms": _f(t.slo_ttft_p95_ms),
-            "note": next(n for n in adv.notes[t.tier] if "target_waiting" in n),
-        }
-        for t in adv.tiers
-        if any("target_waiting" in n for n in adv.notes.get(t.tier, []))
-    ]
+    # a caveat is a footnote to the growth line: its failure must not cost the line itself
+    caveats: list[dict[str, Any]] = []
+    caveats_error = None
+    try:
+        adv = recommend(sim)
+        caveats = [
+            {
+                "tier": t.tier,
+                "target_waiting": _f(t.target_waiting),
+                "queue_wait_ms": _f(1000 * t.target_waiting / t.drain_rps) if t.drain_rps else None,
+                "slo_ms": _f(t.slo_ttft_p95_ms),
+                "note": next(n for n in adv.notes[t.tier] if "target_waiting" in n),
+            }
+            for t in adv.tiers
+            if any("target_waiting" in n for n in adv.notes.get(t.tier, []))
+        ]
+    except Exception as exc:
+        caveats_error = f"Queue-depth autoscaling targets unavailable: {exc}"
     return {
+        # why queue_target_caveats is empty when the advice could not be computed
+        "queue_target_caveats_error": caveats_error,
         "growth": h["growth"],
         "line": h["line"],
         "scenario": h["scenario"],
@@ -1830,6 +1853,8 @@ def compute(
     if growth and not empty and r["sources"]["requests"]:
         try:
             r["growth"] = _growth(db, per)
+            if r["growth"]["queue_target_caveats_error"]:
+                r["sources"]["missing"].append(r["growth"]["queue_target_caveats_error"])
         except Exception as exc:  # the simulator needs serving metrics; say why it is absent
             r["sources"]["missing"].append(f"Growth simulation unavailable: {exc}")
     elif growth:
