@@ -980,3 +980,38 @@ def test_a_failed_request_is_listed_under_its_tiers_model(lake: Lake) -> None:
         "SELECT model, sum(requests), sum(failed) FROM marts.requests_hourly GROUP BY 1 ORDER BY 1"
     ).fetchall()
     assert hourly == [("auto", 1, 1), ("llama-65b", 1, 0), ("llama-70b", 4, 1)]
+
+
+def test_a_tie_for_a_tiers_model_goes_to_the_first_name(lake: Lake) -> None:
+    """Two models served a tier equally often: mode() picked one by scan order, so a failed
+    request's model could change between runs. The alphabetically first name wins."""
+    ok = {"tenant": "acme", "status_code": 200, "request_model": "auto", "tier": "large"}
+    rows = [
+        {**ok, "request_id": f"{m}{i}", "ts": T0 + dt.timedelta(minutes=i),
+         "response_model": m, "input_tokens": 100, "output_tokens": 10}
+        for i in range(2) for m in ("qwen-72b", "llama-70b")
+    ]  # fmt: skip
+    rows.append(
+        {**ok, "request_id": "failed", "ts": T0 + dt.timedelta(minutes=5), "status_code": 503,
+         "error_type": "upstream_unavailable"}
+    )  # fmt: skip
+    assert lake.append("requests", rows, source="test").rejected == 0
+    db = finops.connect(lake.path)
+    assert db.execute("SELECT tier, model FROM marts.tier_models").fetchall() == [
+        ("large", "llama-70b")
+    ]
+    work = dict(db.execute("SELECT request_id, model FROM marts.request_work").fetchall())
+    assert work["failed"] == "llama-70b"
+
+
+@pytest.mark.parametrize("basis", ["allocation", "usage"])
+def test_cli_costs_names_the_unallocated_cost_per_basis(cost_lake: Path, basis: str) -> None:
+    """The summary line called idle_cost "on GPU-hours without requests" on the usage basis
+    too, where it also holds the idle time of hours with requests."""
+    args = ["costs", "--lake", str(cost_lake), "--basis", basis]
+    tot = json.loads(CliRunner().invoke(app, [*args, "--format", "json"]).stdout)["totals"]
+    assert tot["unallocated_cost"] == pytest.approx(tot["gpu_cost"] - tot["allocated_cost"])
+    out = CliRunner().invoke(app, args).stdout
+    idle_of_busy = "and the idle time of hours with requests" in out
+    assert f"${tot['unallocated_cost']:,.2f} unallocated (GPU-hours without requests" in out
+    assert idle_of_busy == (basis == "usage"), out

@@ -14,7 +14,8 @@ from finops.cli._common import LakeOption, connect_lake, fail, print_frame
 _TOTAL_KEYS = (
     "gpu_cost",
     "allocated_cost",
-    "idle_cost",
+    "unallocated_cost",
+    "idle_cost",  # the old name of unallocated_cost, kept for readers of the JSON
     "idle_capacity_cost",
     "busy_cost",
     "requests",
@@ -183,10 +184,18 @@ def costs(
     hours = f"{tot['gpu_hours']:,.0f} GPU-hours"
     if tot["priced_gpu_hours"] < tot["gpu_hours"]:  # the bill covers the priced ones only
         hours = f"{tot['priced_gpu_hours']:,.0f} priced of {hours}"
+    # what no request carried: on the usage basis requests carry only their busy time,
+    # so the idle time of hours with requests is left over too
+    left = (
+        "GPU-hours without requests"
+        if tot["basis"] == "allocation"
+        else "GPU-hours without requests and the idle time of hours with requests"
+    )
     typer.echo(
         f"GPU bill ${tot['gpu_cost']:,.2f} ({hours}, {tot['gpus']} GPUs) = "
-        f"${tot['allocated_cost']:,.2f} allocated to requests + ${tot['idle_cost']:,.2f} on "
-        f"GPU-hours without requests; ${tot['idle_capacity_cost']:,.2f} of the bill is idle "
+        f"${tot['allocated_cost']:,.2f} allocated to requests + "
+        f"${tot['unallocated_cost']:,.2f} unallocated ({left}); "
+        f"${tot['idle_capacity_cost']:,.2f} of the bill is idle "
         f"capacity (GPU time not busy); {tot['requests']:,} requests"
     )
 

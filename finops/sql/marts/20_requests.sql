@@ -24,11 +24,14 @@ CREATE OR REPLACE MACRO marts.processed(cache_status, error_type, status_code) A
 -- (read here), so `--by model` lists it beside that model's other requests, not under the
 -- name it asked for ('auto', a tier alias) as a model of its own; one with no tier
 -- (refused before routing) keeps the name it asked for.
+-- The most frequent model per tier; a tie goes to the alphabetically first model name
+-- (mode() picked by scan order, so the name could change between runs of the same lake).
 CREATE OR REPLACE VIEW marts.tier_models AS
-SELECT tier, mode(response_model) AS model
+SELECT tier, response_model AS model
 FROM raw.requests
 WHERE tier IS NOT NULL AND response_model IS NOT NULL
-GROUP BY tier;
+GROUP BY tier, response_model
+QUALIFY row_number() OVER (PARTITION BY tier ORDER BY count(*) DESC, response_model) = 1;
 
 -- Mart: requests per hour by tier/tenant/feature/model, with latency percentiles.
 CREATE OR REPLACE VIEW marts.requests_hourly AS
