@@ -163,12 +163,19 @@ _BAR_FORMATS = {
 
 def _value_axis(value: str) -> dict[str, object]:
     """Title and number format of a cost_bars value axis: a column of dollars (its name
-    says cost or usd) reads "(USD)" on a $ axis, a share in %, a count as a number."""
+    says cost or usd) reads "(USD)" on a $ axis, a share in %, a count as a number.
+
+    A share (cost_share) is a fraction whatever its name says; a per-unit price
+    (usd_per_1m_input_tokens, cost_per_request) is cents or less, which whole dollars
+    would show as "$0" on every tick, so it keeps 3 significant digits."""
     title = value.replace("_", " ")
     if value in _BAR_FORMATS:
         return {"title": title, "axis": alt.Axis(format=_BAR_FORMATS[value])}
+    if value.endswith("share"):
+        return {"title": title, "axis": alt.Axis(format=".0%")}
     if "cost" in value or "usd" in value:
-        return {"title": f"{title} (USD)", "axis": alt.Axis(format="$,.0f")}
+        fmt = "$,.3~r" if "per_" in value else "$,.0f"
+        return {"title": f"{title} (USD)", "axis": alt.Axis(format=fmt)}
     return {"title": title}
 
 

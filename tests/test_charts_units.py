@@ -27,6 +27,27 @@ def test_cost_bars_value_axis_is_in_dollars_or_its_unit() -> None:
     assert share["title"] == "idle share" and share["axis"]["format"] == ".0%"
 
 
+def test_cost_bars_per_unit_dollars_and_cost_shares_keep_their_scale() -> None:
+    """Per-unit prices (cents or less) read "$0" on every tick of a whole-dollar axis, and
+    cost_share was formatted as dollars."""
+    tiers = pl.DataFrame(
+        {
+            "tier": ["small", "large"],
+            "usd_per_1m_input_tokens": [0.12, 0.32],
+            "cost_per_request": [0.0002, 0.064],
+            "cost_share": [0.2, 0.8],
+            "cost": [120.0, 4800.0],
+        }
+    )
+    for col in ("usd_per_1m_input_tokens", "cost_per_request"):
+        x = _x(ch.cost_bars(tiers, "tier", value=col))
+        assert x["title"].endswith("(USD)") and x["axis"]["format"] == "$,.3~r", x
+    share = _x(ch.cost_bars(tiers, "tier", value="cost_share"))
+    assert share["title"] == "cost share" and share["axis"]["format"] == ".0%"
+    # whole-dollar totals stay whole dollars
+    assert _x(ch.cost_bars(tiers, "tier", value="cost"))["axis"]["format"] == "$,.0f"
+
+
 @pytest.fixture(scope="module")
 def fit(tmp_path_factory: pytest.TempPathFactory):
     lake = Lake(tmp_path_factory.mktemp("chart_units") / "lake")

@@ -312,3 +312,33 @@ def test_cli_unknown_costs_read_na(syn_lake: Path, cli_sim, sim) -> None:
     assert code == 0, err
     steps = json.loads(out)["waterfall"]
     assert all(s["cost_usd"] is None and s["gpu_hours"] > 0 for s in steps)
+
+
+def _waterfall(saved: dict[str, float]) -> pl.DataFrame:
+    """A hand-built waterfall: the baseline, then one step per lever saving `saved`."""
+    cost, rows = 1000.0, [("baseline", "", 1000.0, 0.0)]
+    for lever, usd in saved.items():
+        cost -= usd
+        rows.append((lever, f"{lever} setting", cost, usd))
+    return pl.DataFrame(
+        {
+            "step": list(range(len(rows))),
+            "lever": [r[0] for r in rows],
+            "setting": [r[1] for r in rows],
+            "gpu_hours": [r[2] / 2 for r in rows],
+            "cost_usd": [r[2] for r in rows],
+            "saved_gpu_hours": [r[3] / 2 for r in rows],
+            "saved_usd": [r[3] for r in rows],
+        }
+    )
+
+
+def test_the_replica_caveat_only_with_a_lever_that_changes_replicas() -> None:
+    """Reserved and spot pricing save on the same GPU-hours whatever the replica boundaries:
+    the sentence carried the replica caveat when those two were the top levers."""
+    prices = _waterfall({"cache_hit_rate": 10.0, "reserved_baseline": 300.0, "spot_share": 200.0})
+    text = top_levers(prices)
+    assert "**reserved_baseline setting**" in text and "**spot_share setting**" in text
+    assert REPLICA_NOTE not in text and "measured after the levers above it" in text
+    mixed = _waterfall({"autoscale": 250.0, "reserved_baseline": 300.0, "spot_share": 10.0})
+    assert REPLICA_NOTE in top_levers(mixed)

@@ -63,6 +63,10 @@ REPLICA_NOTE = (
     "avoids."
 )
 
+# levers that change the price of the same GPU-hours, not the replicas run: their saving
+# does not hinge on replica boundaries, so REPLICA_NOTE does not apply to them
+PRICE_LEVERS: frozenset[str] = frozenset({"reserved_baseline", "spot_share"})
+
 # the `finops simulate` flag of each lever, for error messages
 LEVER_FLAGS: dict[str, str] = {
     "cache_hit_rate": "--cache-hit-rate",
@@ -212,8 +216,8 @@ def lever_waterfall(
 
 def top_levers(wf: pl.DataFrame, n: int = 2, *, context: str = "") -> str:
     """One sentence naming the steps that earn the most (dollars where known, else
-    GPU-hours), for the notebook and reports; the order and replica caveats included
-    (`REPLICA_NOTE`). `context` says
+    GPU-hours), for the notebook and reports; the order caveat included, and the replica
+    one (`REPLICA_NOTE`) where a lever named changes replicas (not only prices). `context` says
     which plan ("at 5x growth of 2026-W47")."""
     steps = wf.filter(pl.col("step") > 0)
     if not steps.height:
@@ -242,14 +246,15 @@ def top_levers(wf: pl.DataFrame, n: int = 2, *, context: str = "") -> str:
         + (f" {context}" if context else "")
         + ("" if by_usd else " (costs unknown: GPU-hours instead)")
         + f", most comes from {' and '.join(parts)}, each measured after the levers above it"
-        " in the waterfall (applied in another order a lever would earn a different share). "
-        + REPLICA_NOTE
+        " in the waterfall (applied in another order a lever would earn a different share)."
+        + (f" {REPLICA_NOTE}" if set(best["lever"]) - PRICE_LEVERS else "")
     )
 
 
 __all__ = [
     "LEVER_FLAGS",
     "LEVER_ORDER",
+    "PRICE_LEVERS",
     "REPLICA_NOTE",
     "describe_lever",
     "describe_levers",
