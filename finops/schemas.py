@@ -392,9 +392,9 @@ def impossible_values(df: pl.DataFrame, schema: TableSchema) -> pl.Series | None
 _LE = r'"le":"(?:[^"\\]|\\.)*"'
 
 
-def _histogram_problems(df: pl.DataFrame, value: pl.Series) -> list[pl.Series]:
-    """Buckets whose `le` is not a number, and buckets below a smaller bucket of their series."""
-    frame = pl.DataFrame(
+def _series_frame(df: pl.DataFrame, value: pl.Series) -> pl.DataFrame:
+    """The columns the across-row checks compare (series, time, value), with row numbers."""
+    return pl.DataFrame(
         {
             "metric": df["metric"],
             "labels": df["labels"],
@@ -403,6 +403,11 @@ def _histogram_problems(df: pl.DataFrame, value: pl.Series) -> list[pl.Series]:
             "v": value,
         }
     ).with_row_index("i")
+
+
+def _histogram_problems(df: pl.DataFrame, value: pl.Series) -> list[pl.Series]:
+    """Buckets whose `le` is not a number, and buckets below a smaller bucket of their series."""
+    frame = _series_frame(df, value)
     buckets = frame.filter(
         pl.col("metric").str.ends_with("_bucket")
         & pl.col("labels").str.contains('"le":', literal=True)
@@ -481,15 +486,7 @@ def _ids(column: str) -> pl.Expr:
 
 def _prefix_problems(df: pl.DataFrame, value: pl.Series) -> list[pl.Series]:
     """Prefix-cache hits above the queried tokens of the same series and time (both rows)."""
-    frame = pl.DataFrame(
-        {
-            "metric": df["metric"],
-            "labels": df["labels"],
-            "target": df["target"],
-            "ts": df["ts"],
-            "v": value,
-        }
-    ).with_row_index("i")
+    frame = _series_frame(df, value)
     key = ["target", "labels", "ts"]
     hits = frame.filter(pl.col("metric") == PREFIX_HITS)
     if hits.height == 0:
