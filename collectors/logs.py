@@ -461,20 +461,25 @@ def _value_series(name: str, values: list[Any]) -> pl.Series:
         )
 
 
-def _get_path(obj: Any, path: str) -> Any:
+def _get_path(obj: Any, path: str, missing: Any = None) -> Any:
+    """The value at a dotted path (a flat key of that name first). `missing` when a field
+    on the way is absent or no object/list (`"usage": "none"` for `usage.prompt_tokens`);
+    an explicit null at the end is None."""
     if isinstance(obj, dict) and path in obj:
         return obj[path]
     cur = obj
     for part in path.split("."):
+        if cur is None:
+            return missing
         if isinstance(cur, dict):
-            cur = cur.get(part)
+            if part not in cur:
+                return missing
+            cur = cur[part]
         elif isinstance(cur, list) and part.isdigit():
             idx = int(part)
             cur = cur[idx] if idx < len(cur) else None
         else:
-            return None
-        if cur is None:
-            return None
+            return missing
     return cur
 
 
@@ -716,17 +721,7 @@ def _parse_slow(
         # mapped records: each path read per record, so a record whose field has
         # another type than in the rest (`"usage": "none"`) reads as absent there
         # and the others keep their values
-        df, keep_rows, mixed = _records_frame(objs, paths)
-        for j, reason in mixed:
-            i = good_idx[j]
-            bad.append(
-                {
-                    "location": f"{label}:{line_no[i]}",
-                    "raw": good_texts[j][:MAX_RAW],
-                    "reason": reason,
-                }
-            )
-        return df, good[keep_rows], bad
+        return _records_frame(objs, paths), good, bad
     names = list(schema or {})
     df = pl.DataFrame([_value_series(c, [_get_path(o, c) for o in objs]) for c in names])
     return df, good, bad
@@ -735,67 +730,23 @@ def _parse_slow(
 _MISSING = object()
 
 
-def _json_kind(value: Any) -> str:
-    if isinstance(value, dict):
-        return "an object"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, bool):
-        return "true/false"
-    if isinstance(value, int | float):
-        return "a number"
-    return "text"
-
-
-def _walk(obj: Any, path: str) -> tuple[Any, str | None]:
-    """The value at a dotted path: (value or `_MISSING`, None), or (None, why not) when
-    a field on the way is no object/list (`"usage": "none"` for `usage.prompt_tokens`)."""
-    if isinstance(obj, dict) and path in obj:
-        return obj[path], None
-    cur, done = obj, []
-    for part in path.split("."):
-        if cur is None:
-            return _MISSING, None
-        if isinstance(cur, dict):
-            cur = cur.get(part, _MISSING)
-            if cur is _MISSING:
-                return _MISSING, None
-        elif isinstance(cur, list) and part.isdigit():
-            idx = int(part)
-            cur = cur[idx] if idx < len(cur) else None
-        elif isinstance(cur, list) and not cur:
-            return _MISSING, None  # `[]` for an empty object: some writers do that
-        else:
-            where = ".".join(done) or path
-            want = "a list" if part.isdigit() else f"an object with {part!r}"
-            shown = orjson.dumps(cur).decode()[:60]
-            return None, (
-                f"field '{where}': expected {want} (for '{path}'), got {_json_kind(cur)} {shown}"
-            )
-        done.append(part)
-    return cur, None
-
-
-def _records_frame(
-    objs: list[dict[str, Any]], paths: list[str]
-) -> tuple[pl.DataFrame, np.ndarray, list[tuple[int, str]]]:
+def _records_frame(objs: list[dict[str, Any]], paths: list[str]) -> pl.DataFrame:
     """The paths' values per record, read record by record: a field on a path that is
     no object (`"usage": "none"` for `usage.prompt_tokens`) reads as absent in that
     record only, so the others keep their values and the mapping's alternatives,
     `optional` and `required` decide about it, as for a missing field; a path holding
     objects in some records and plain values in others is JSON text in all of them, as
     the whole-chunk reader makes it (the lake then rejects an object where a number
-    belongs, naming the field). Returns (frame, records kept, rejects): every record is
-    kept; the rejects list stays for the caller's shape."""
+    belongs, naming the field). One row per record: every record is kept."""
     values: dict[str, list[Any]] = {}
     present: set[str] = set()
     for p in paths:
         col: list[Any] = []
         for o in objs:
-            v, why = _walk(o, p)
-            if why is None and v is not _MISSING:
+            v = _get_path(o, p, _MISSING)
+            if v is not _MISSING:
                 present.add(p)
-            col.append(None if why is not None or v is _MISSING else v)
+            col.append(None if v is _MISSING else v)
         kinds = {isinstance(v, dict | list) for v in col if v is not None}
         if len(kinds) == 2:
             col = [
@@ -807,11 +758,10 @@ def _records_frame(
                 for v in col
             ]
         values[p] = col
-    keep = np.arange(len(objs), dtype=np.int64)
     frame = pl.DataFrame([_value_series(p, values[p]) for p in paths if p in present])
     if not frame.width:
         frame = pl.DataFrame({"__n": [None] * len(objs)}).drop("__n")
-    return frame, keep, []
+    return frame
 
 
 def _mixed_paths(df: pl.DataFrame, paths: list[str]) -> bool:
