@@ -72,6 +72,10 @@ class TierAdvice:
     ttft_p95_no_queue_ms: float
     slo_ttft_p95_ms: float
     peak_need_replicas: int = 0  # the busiest hour's need at the advice's growth
+    queue_wait_ms: float = 0.0  # how long a queue of target_waiting requests waits
+    # why target_waiting cannot promise the SLO (it is a floor, not the headroom's
+    # queue), also in the tier's notes; None where it can
+    queue_note: str | None = None
 
 
 @dataclass
@@ -342,27 +346,31 @@ def recommend(
         slo_ms = sim.slo_for(tier)
         raw = max(slo_ms / 1000.0 - prefill_p95, 0.0) * drain
         target = max(round(raw * 2) / 2, 0.5)
+        wait_ms = 1000 * target / drain
+        queue_note = None  # why the target cannot promise the SLO, if it cannot
         if raw <= 0:
-            said.append(
+            queue_note = (
                 f"at its SLO-limited operating point ({rate:.3g} req/s on {c0} replica"
                 f"{'s' if c0 > 1 else ''}) the p95 TTFT of requests that never queued is "
                 f"{1000 * prefill_p95:.0f} ms, over the {slo_ms:.0f} ms SLO: the operating "
                 "point misses the SLO even with no queue (prefill in a busy batch, not "
                 "queueing, sets TTFT), so no queue depth is derived; target_waiting "
-                f"{target:g} is the floor, and replicas must be added before a queue forms",
+                f"{target:g} is the floor, and replicas must be added before a queue forms"
             )
         elif target > raw and round(raw * 2) == 0:
             # floored, not rounded: the SLO leaves room for far less than the target's
             # queue, so scale-out comes after the SLO is already missed
             budget_ms = 1000 * raw / drain
-            said.append(
+            queue_note = (
                 f"the SLO leaves {budget_ms:.0f} ms of queueing after the p95 prefill "
                 f"({1000 * prefill_p95:.0f} of {slo_ms:.0f} ms), a queue of {raw:.2g} "
                 f"waiting requests per replica; target_waiting is floored at {target:g}, "
-                f"whose queue waits about {1000 * target / drain:.0f} ms, so p95 TTFT "
+                f"whose queue waits about {wait_ms:.0f} ms, so p95 TTFT "
                 "can exceed the SLO before the autoscaler adds a replica: scale ahead of "
-                "demand (min_replicas for the busy hours) or relax the SLO",
+                "demand (min_replicas for the busy hours) or relax the SLO"
             )
+        if queue_note is not None:
+            said.append(queue_note)
         for text in said:  # on the trace too, with the simulation's own notes
             _note(p.notes, text)
         if said:
@@ -411,6 +419,8 @@ def recommend(
                 ttft_p95_no_queue_ms=1000 * prefill_p95,
                 slo_ttft_p95_ms=slo_ms,
                 peak_need_replicas=need,
+                queue_wait_ms=wait_ms,
+                queue_note=queue_note,
             )
         )
     return AutoscalingAdvice(

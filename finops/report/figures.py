@@ -1070,12 +1070,12 @@ def _growth(db: duckdb.DuckDBPyConnection, per: fc.Period) -> dict[str, Any]:
             {
                 "tier": t.tier,
                 "target_waiting": _f(t.target_waiting),
-                "queue_wait_ms": _f(1000 * t.target_waiting / t.drain_rps) if t.drain_rps else None,
+                "queue_wait_ms": _f(t.queue_wait_ms),
                 "slo_ms": _f(t.slo_ttft_p95_ms),
-                "note": next(n for n in adv.notes[t.tier] if "target_waiting" in n),
+                "note": t.queue_note,
             }
             for t in adv.tiers
-            if any("target_waiting" in n for n in adv.notes.get(t.tier, []))
+            if t.queue_note is not None
         ]
     except Exception as exc:
         caveats_error = f"Queue-depth autoscaling targets unavailable: {exc}"
