@@ -8,9 +8,11 @@ import contextlib
 import datetime as dt
 import json
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import TypeAlias
+from urllib.parse import parse_qs, urlsplit
 
 import polars as pl
 import pytest
@@ -51,14 +53,22 @@ vllm:prefix_cache_hits_total{engine="0",model_name="m"} 200
 """
 
 
+Page: TypeAlias = tuple[str, bytes] | Callable[[dict[str, str]], tuple[str, bytes]]
+
+
 @contextlib.contextmanager
-def serve(pages: dict[str, tuple[str, bytes]]) -> Iterator[str]:
-    """A loopback server answering each path with (content type, body)."""
+def serve(pages: dict[str, Page]) -> Iterator[str]:
+    """A loopback server answering each path with (content type, body), or with what a
+    function of the query's parameters gives."""
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
-            ctype, body = pages.get(self.path.split("?")[0], ("text/plain", b""))
-            self.send_response(200 if self.path.split("?")[0] in pages else 404)
+            parts = urlsplit(self.path)
+            page = pages.get(parts.path, ("text/plain", b""))
+            if callable(page):
+                page = page({k: v[0] for k, v in parse_qs(parts.query).items()})
+            ctype, body = page
+            self.send_response(200 if parts.path in pages else 404)
             self.send_header("Content-Type", ctype)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -213,30 +223,8 @@ def _range_answer(params: dict[str, str]) -> dict:
     }
 
 
-@contextlib.contextmanager
-def serve_range() -> Iterator[str]:
-    from urllib.parse import parse_qs, urlsplit
-
-    class Handler(BaseHTTPRequestHandler):
-        def do_GET(self) -> None:
-            params = {k: v[0] for k, v in parse_qs(urlsplit(self.path).query).items()}
-            body = json.dumps(_range_answer(params)).encode()
-            self.send_response(200)
-            self.send_header("Content-Type", "application/json")
-            self.send_header("Content-Length", str(len(body)))
-            self.end_headers()
-            self.wfile.write(body)
-
-        def log_message(self, *args: object) -> None:
-            pass
-
-    server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    try:
-        yield f"http://127.0.0.1:{server.server_address[1]}"
-    finally:
-        server.shutdown()
-        server.server_close()
+def _range_page(params: dict[str, str]) -> tuple[str, bytes]:
+    return "application/json", json.dumps(_range_answer(params)).encode()
 
 
 def test_bad_query_range_points_are_reported_and_the_rest_loads(tmp_path: Path) -> None:
@@ -244,7 +232,7 @@ def test_bad_query_range_points_are_reported_and_the_rest_loads(tmp_path: Path) 
     float: 'x'"), "abc" loaded as a null value unreported, and `"values": 5` raised a bare
     ValueError. Now each bad point or series is a reject naming it; the rest loads."""
     lake = tmp_path / "lake"
-    with serve_range() as url:
+    with serve({"/api/v1/query_range": _range_page}) as url:
         outs = _collect(
             lake,
             [
