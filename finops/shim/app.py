@@ -768,7 +768,7 @@ class Shim:
             # reload asks (`refresh_lengths`, `report`)
             asked = refresh_lengths or report or u.max_model_len in (None, 0) or was is False
             if u.reachable and asked:
-                n, listed = await self._max_model_len(u, timeout)
+                n, listed = await self._model_listing(u, timeout)
                 if n is not None or u.max_model_len is None:
                     u.max_model_len = n
                 if listed is not None and u.model not in listed:
@@ -789,7 +789,7 @@ class Shim:
                             problems[(tier, u.url)],
                         )
 
-    async def _max_model_len(self, u: Any, timeout: float) -> tuple[int | None, list | None]:
+    async def _model_listing(self, u: Any, timeout: float) -> tuple[int | None, list | None]:
         """`max_model_len` of the model `u` serves, from vLLM's /v1/models (0: not given;
         None: ask again at the next check), and the model ids listed there (None: no
         list came back)."""
