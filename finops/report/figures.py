@@ -1418,15 +1418,13 @@ def _takeaways(r: dict[str, Any]) -> dict[str, str]:
     return t
 
 
-# levers that change what each GPU-hour costs, not how many replicas the SLO needs
-PRICE_LEVERS = ("reserved_baseline", "spot_share")
-
-
 def _replica_clause(top: list[dict[str, Any]], i: int) -> str:
     """What a traffic or serving lever's dollars are (finops.models.waterfall.REPLICA_NOTE),
     said after the last such lever of `top` (i: the one being written): a 5x plan buys
     whole replicas for the TTFT SLO, so "input capped: 43%" is replicas no longer needed,
     where the report's context-cap line is GPU busy time freed. Price levers have none."""
+    from finops.models.waterfall import PRICE_LEVERS  # what each GPU-hour costs, not how many
+
     which = [j for j, x in enumerate(top) if x.get("lever") not in (*PRICE_LEVERS, None)]
     if not which or i != which[-1]:
         return ""
