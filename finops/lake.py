@@ -952,21 +952,27 @@ def file_problem(path: Path, schema: TableSchema) -> str | None:
     Reads the file's footer only (its schema and row counts). A file that vanished
     (a compaction's sweep) raises FileNotFoundError: gone is not unreadable.
     """
+    return _footer(path, schema)[1]
+
+
+def _footer(path: Path, schema: TableSchema) -> tuple[int, str | None]:
+    """(rows, why the file cannot be read as the table or None) from one footer read."""
     try:
-        arrow = pq.read_schema(path)
+        f = pq.ParquetFile(path)
+        arrow, rows = f.schema_arrow, f.metadata.num_rows
     except FileNotFoundError:
         raise
     except (pa.ArrowException, OSError, ValueError) as exc:
-        return f"not a readable Parquet file ({_first_line(exc)})"
+        return 0, f"not a readable Parquet file ({_first_line(exc)})"
     wrong = [
         f"column {name} is {arrow.field(name).type}, expected {_column_words(want)}"
         for name, want in schema.columns.items()
         if arrow.get_field_index(name) >= 0 and not _fits(arrow.field(name).type, want)
     ]
     if not wrong:
-        return None
+        return rows, None
     # the lake's own writers always write the schema's types: this file came from elsewhere
-    return (
+    return rows, (
         ", ".join(wrong)
         + f" (not written by finops: load such a file with `finops ingest {schema.name} FILE`)"
     )
@@ -1593,15 +1599,21 @@ class Lake:
         """
 
         def summary(files: list[Path], schema: TableSchema) -> dict[str, Any]:
-            bad = {f for f, _ in unreadable_files(files, schema)}
+            rows = bad = 0
+            for f in files:  # one footer read per file: its rows, and whether it is readable
+                n, why = _footer(f, schema)
+                if why is None:
+                    rows += n
+                else:
+                    bad += 1
             dates = sorted({f.parent.name.removeprefix("date=") for f in files})
             return {
-                "rows": sum(pq.ParquetFile(f).metadata.num_rows for f in files if f not in bad),
+                "rows": rows,
                 "files": len(files),
                 "bytes": sum(f.stat().st_size for f in files),
                 "first_date": dates[0] if dates else None,
                 "last_date": dates[-1] if dates else None,
-                "unreadable": len(bad),
+                "unreadable": bad,
             }
 
         return pl.DataFrame(
