@@ -58,7 +58,8 @@ def main() -> None:
     try:
         app()
     except Exception as exc:  # duckdb's own types, without importing it for --help
-        if type(exc).__name__ == "LakeFileError":  # finops.lake's: already names the files
+        lake = sys.modules.get("finops.lake")  # imported by whatever raised it, if it did
+        if lake is not None and isinstance(exc, lake.LakeFileError):  # names the files
             typer.echo(f"error: {exc}", err=True)
             raise SystemExit(1) from None
         if not type(exc).__module__.lstrip("_").startswith("duckdb"):
